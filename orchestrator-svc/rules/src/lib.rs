@@ -1,0 +1,1 @@
+//! Rule engine (see issue: rules). Placeholder until the engine lands.

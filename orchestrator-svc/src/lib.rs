@@ -1,0 +1,1 @@
+//! Orchestrator (see issue: orchestrator). Placeholder until the service lands.
