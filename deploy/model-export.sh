@@ -1,0 +1,70 @@
+#!/bin/sh
+# One-shot model export into the model volume (the `model-export` target of segmenter-svc/Dockerfile).
+#
+# Does nothing when "$MODEL_DIR/manifest.json" already exists (unless FORCE_EXPORT=1). Otherwise exports
+# $SAM3_SOURCE_MODEL (default facebook/sam3, a gated repository: needs a token) into a new versioned folder next to
+# it and then switches the MODEL_DIR symlink to that folder in one rename, so a segmenter never sees a half-written
+# export and the previous export stays on disk for a rollback (see docs/operations.md, "Model export and upgrade").
+#
+# Environment:
+#   MODEL_CACHE_DIR   volume root (default /models)
+#   MODEL_DIR         where the segmenter reads the model (default $MODEL_CACHE_DIR/sam3); becomes a symlink
+#   SAM3_SOURCE_MODEL Hugging Face repository id (default facebook/sam3)
+#   HF_TOKEN          token with access to it; or HF_TOKEN_FILE (default /run/secrets/hf_token) holding it
+#   EXPORT_ARGS       extra arguments for export_sam3.py (e.g. "--revision <sha> --fp16"), split on spaces
+#   FORCE_EXPORT      1: export even when a model is already there (an upgrade)
+set -eu
+
+MODEL_CACHE_DIR="${MODEL_CACHE_DIR:-/models}"
+MODEL_DIR="${MODEL_DIR:-$MODEL_CACHE_DIR/sam3}"
+SAM3_SOURCE_MODEL="${SAM3_SOURCE_MODEL:-facebook/sam3}"
+HF_TOKEN_FILE="${HF_TOKEN_FILE:-/run/secrets/hf_token}"
+EXPORT_ARGS="${EXPORT_ARGS:-}"
+FORCE_EXPORT="${FORCE_EXPORT:-0}"
+EXPORTER="${EXPORTER:-/opt/export/export_sam3.py}"
+
+log() { printf '%s model-export: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
+
+if [ -f "$MODEL_DIR/manifest.json" ] && [ "$FORCE_EXPORT" != "1" ]; then
+    log "model already present at $MODEL_DIR (manifest.json found); nothing to do (FORCE_EXPORT=1 re-exports)"
+    exit 0
+fi
+
+if [ -z "${HF_TOKEN:-}" ] && [ -s "$HF_TOKEN_FILE" ]; then
+    HF_TOKEN="$(cat "$HF_TOKEN_FILE")"
+fi
+if [ -z "${HF_TOKEN:-}" ]; then
+    log "no HF_TOKEN (nor $HF_TOKEN_FILE): $SAM3_SOURCE_MODEL is gated; request access and set HF_TOKEN"
+    exit 2
+fi
+export HF_TOKEN
+
+parent="$(dirname "$MODEL_DIR")"
+name="$(basename "$MODEL_DIR")"
+stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+target="$parent/$name-$stamp"
+partial="$parent/.$name-$stamp.partial"
+mkdir -p "$parent"
+rm -rf "$partial"
+trap 'rm -rf "$partial"' EXIT INT TERM
+
+log "exporting $SAM3_SOURCE_MODEL to $target"
+# shellcheck disable=SC2086 # EXPORT_ARGS is a list of arguments on purpose
+python "$EXPORTER" --model "$SAM3_SOURCE_MODEL" --out "$partial" $EXPORT_ARGS
+
+for f in vision.onnx text.onnx decoder.onnx tokenizer.json manifest.json; do
+    if [ ! -s "$partial/$f" ]; then
+        log "export incomplete: $partial/$f is missing or empty"
+        exit 1
+    fi
+done
+mv "$partial" "$target"
+trap - EXIT INT TERM
+
+if [ -e "$MODEL_DIR" ] && [ ! -L "$MODEL_DIR" ]; then
+    # A plain folder from an earlier manual export: keep it, under a dated name.
+    mv "$MODEL_DIR" "$parent/$name-previous-$stamp"
+fi
+ln -s "$name-$stamp" "$parent/.$name.link-$stamp"
+mv -T "$parent/.$name.link-$stamp" "$MODEL_DIR"
+log "done: $MODEL_DIR -> $name-$stamp (restart the segmenter to load it)"
