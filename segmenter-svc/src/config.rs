@@ -1,0 +1,162 @@
+//! Configuration: every field from a flag or an environment variable (the seed's names where the seed had one).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Where the graphs run. `auto` picks CUDA when it registers and says so in the log; `cuda` fails loudly when it
+/// cannot register: there is never a silent fallback from a requested GPU to the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    Cuda,
+    Cpu,
+    Auto,
+}
+
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "segmenter-svc",
+    version,
+    about = "SAM3 concept segmentation over gRPC"
+)]
+pub struct Config {
+    /// gRPC listen address (Segment, health, reflection).
+    #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Prometheus metrics listen address; empty disables the exporter.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9091")]
+    pub metrics_addr: String,
+
+    /// The seed's model cache root. The model folder defaults to `$MODEL_CACHE_DIR/sam3`.
+    #[arg(long, env = "MODEL_CACHE_DIR", default_value = "/models")]
+    pub model_cache_dir: PathBuf,
+
+    /// Folder with manifest.json, the three graphs and tokenizer.json (written by export_sam3.py).
+    /// Default: `$MODEL_CACHE_DIR/sam3`.
+    #[arg(long, env = "MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
+
+    /// Execution provider: cuda | cpu | auto.
+    #[arg(long, env = "SEGMENTER_DEVICE", value_enum, default_value = "auto")]
+    pub device: Device,
+
+    /// CUDA device ordinal.
+    #[arg(long, env = "CUDA_DEVICE_ID", default_value_t = 0)]
+    pub cuda_device_id: i32,
+
+    /// Path of libonnxruntime.so. A relative path is resolved against the current directory.
+    #[arg(long, env = "ORT_DYLIB_PATH", default_value = "libonnxruntime.so")]
+    pub ort_dylib_path: PathBuf,
+
+    /// Folder with the CUDA 13 runtime libraries (pip layout) to preload; unset: the system loader's search path.
+    #[arg(long, env = "ORT_GPU_CUDA_LIB_DIR")]
+    pub cuda_lib_dir: Option<PathBuf>,
+
+    /// Folder with the cuDNN 9 libraries (pip layout) to preload; unset: the system loader's search path.
+    #[arg(long, env = "ORT_GPU_CUDNN_LIB_DIR")]
+    pub cudnn_lib_dir: Option<PathBuf>,
+
+    /// ONNX Runtime intra-op threads per session; 0 = ONNX Runtime's default (one per core).
+    #[arg(long, env = "ORT_INTRA_THREADS", default_value_t = 0)]
+    pub intra_threads: usize,
+
+    /// Verify the graphs' SHA-256 against the manifest at startup (a few seconds for the full-size model).
+    #[arg(long, env = "VERIFY_MODEL_CHECKSUMS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub verify_checksums: bool,
+
+    /// Most images one vision-encoder run takes from concurrent requests.
+    #[arg(long, env = "MAX_BATCH_IMAGES", default_value_t = 4)]
+    pub max_batch_images: usize,
+
+    /// How long the batcher waits for more images after the first one arrives, in milliseconds.
+    #[arg(long, env = "MAX_QUEUE_DELAY_MS", default_value_t = 2)]
+    pub max_queue_delay_ms: u64,
+
+    /// Requests waiting for the inference thread beyond which new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 32)]
+    pub queue_capacity: usize,
+
+    /// Phrases per decoder run. The decoder's memory grows with it (≈3.7 GB per phrase on the CPU at full size),
+    /// so the CPU default is small; on a GPU 8 or 16 is fine. 0: 2 on the CPU, 16 on CUDA.
+    #[arg(long, env = "DECODER_CHUNK", default_value_t = 0)]
+    pub decoder_chunk: usize,
+
+    /// Distinct phrases whose text features are kept (32 x 256 floats = 32 KB each at full size).
+    #[arg(long, env = "TEXT_CACHE_ENTRIES", default_value_t = 4096)]
+    pub text_cache_entries: usize,
+
+    /// Most concept phrases per request.
+    #[arg(long, env = "MAX_CONCEPTS", default_value_t = 32)]
+    pub max_concepts: usize,
+
+    /// Most characters per concept phrase (the model sees at most 30 tokens of it).
+    #[arg(long, env = "MAX_CONCEPT_CHARS", default_value_t = 200)]
+    pub max_concept_chars: usize,
+
+    /// Largest decoded image, in pixels (decompression-bomb guard). 50 MP by default.
+    #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
+    pub max_image_pixels: u64,
+
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Default score threshold when a request does not set one (Meta's reference uses 0.5).
+    #[arg(long, env = "DEFAULT_SCORE_THRESHOLD", default_value_t = 0.5)]
+    pub default_score_threshold: f32,
+
+    /// Default and maximum instances returned per concept.
+    #[arg(long, env = "MAX_INSTANCES_PER_CONCEPT", default_value_t = 20)]
+    pub max_instances_per_concept: u32,
+
+    /// Requests decoding and pre-processing images at once (CPU work before the inference thread).
+    #[arg(long, env = "PREPROCESS_CONCURRENCY", default_value_t = 4)]
+    pub preprocess_concurrency: usize,
+
+    /// Deadline applied when the client sends none, in seconds.
+    #[arg(long, env = "DEFAULT_DEADLINE_SEC", default_value_t = 120)]
+    pub default_deadline_sec: u64,
+
+    /// How long graceful shutdown waits for in-flight requests, in seconds.
+    #[arg(long, env = "SHUTDOWN_GRACE_SEC", default_value_t = 30)]
+    pub shutdown_grace_sec: u64,
+
+    /// Log level or tracing filter (the seed's LOG_LEVEL: DEBUG, INFO, WARNING, ERROR).
+    #[arg(long, env = "LOG_LEVEL", default_value = "INFO")]
+    pub log_level: String,
+
+    /// Log format: json | text.
+    #[arg(long, env = "LOG_FORMAT", default_value = "json")]
+    pub log_format: String,
+}
+
+impl Config {
+    pub fn model_dir(&self) -> PathBuf {
+        self.model_dir
+            .clone()
+            .unwrap_or_else(|| self.model_cache_dir.join("sam3"))
+    }
+
+    pub fn max_queue_delay(&self) -> Duration {
+        Duration::from_millis(self.max_queue_delay_ms)
+    }
+
+    pub fn default_deadline(&self) -> Duration {
+        Duration::from_secs(self.default_deadline_sec)
+    }
+
+    /// A configuration for tests and tools: the defaults, then the given model folder and ONNX Runtime library, the
+    /// CPU provider, port 0 and no metrics listener (the fields a test must not inherit from its environment).
+    pub fn for_tests(model_dir: PathBuf, ort_dylib_path: PathBuf) -> Self {
+        let mut config = Self::parse_from(["segmenter-svc"]);
+        config.model_dir = Some(model_dir);
+        config.ort_dylib_path = ort_dylib_path;
+        config.device = Device::Cpu;
+        config.metrics_addr = String::new();
+        config.grpc_addr = "127.0.0.1:0".parse().expect("literal address");
+        config
+    }
+}

@@ -1,0 +1,107 @@
+//! The inference engine: one dedicated thread owns the ONNX Runtime sessions (`Session::run` needs `&mut`) and is
+//! fed by a bounded queue. Requests that arrive together share one vision-encoder run (dynamic batching with a
+//! maximum batch and a maximum queue delay); each image's concepts go through the decoder together, in chunks.
+//!
+//! Admission is fail-fast: a full queue answers RESOURCE_EXHAUSTED at once instead of growing latency without bound.
+//! Requests whose client has gone or whose deadline has passed are dropped before any compute is spent on them.
+
+mod text_cache;
+mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, watch};
+
+use crate::error::Error;
+use crate::model::tokenizer::Tokens;
+use crate::postprocess::{FilterParams, KeptConcept};
+
+pub use worker::{EngineSettings, spawn};
+
+/// One image and its distinct phrases, ready for the model.
+pub struct Job {
+    /// [3, S, S] normalised pixels.
+    pub pixels: Vec<f32>,
+    pub image_size: (u32, u32),
+    /// Distinct phrases with their tokens, in first-seen order.
+    pub phrases: Vec<(String, Tokens)>,
+    pub filter: FilterParams,
+    pub deadline: Instant,
+    pub enqueued: Instant,
+    pub reply: oneshot::Sender<Result<JobOutput, Error>>,
+}
+
+/// What the engine hands back: kept instances per phrase (same order as `Job::phrases`) and what it cost.
+#[derive(Debug)]
+pub struct JobOutput {
+    pub concepts: Vec<KeptConcept>,
+    pub cache_hits: Vec<bool>,
+    pub queue: Duration,
+    pub text: Duration,
+    pub vision: Duration,
+    pub decoder: Duration,
+    pub filter: Duration,
+    pub vision_batch: usize,
+}
+
+/// Cheap to clone; every gRPC handler holds one.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: SyncSender<Job>,
+    depth: Arc<AtomicUsize>,
+    capacity: usize,
+    health: watch::Receiver<Health>,
+}
+
+/// What the engine knows about its own state; health checks and the gRPC service read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    WarmingUp,
+    Serving,
+    /// The execution provider failed a probe after a run error (e.g. a CUDA fault): requests are refused.
+    Failed(String),
+    Stopped,
+}
+
+impl EngineHandle {
+    /// Queues a job or refuses it at once.
+    pub fn submit(&self, job: Job) -> Result<(), Error> {
+        match &*self.health.borrow() {
+            Health::Serving => {}
+            Health::WarmingUp => return Err(Error::NotServing("the model is warming up".into())),
+            Health::Failed(why) => return Err(Error::NotServing(why.clone())),
+            Health::Stopped => return Err(Error::NotServing("the server is shutting down".into())),
+        }
+        self.depth.fetch_add(1, Ordering::SeqCst);
+        let result = self.tx.try_send(job);
+        match result {
+            Ok(()) => {
+                metrics::gauge!("segmenter_queue_depth")
+                    .set(self.depth.load(Ordering::SeqCst) as f64);
+                Ok(())
+            }
+            Err(e) => {
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                match e {
+                    TrySendError::Full(_) => Err(Error::Overloaded {
+                        capacity: self.capacity,
+                    }),
+                    TrySendError::Disconnected(_) => {
+                        Err(Error::NotServing("the inference thread has stopped".into()))
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn health(&self) -> watch::Receiver<Health> {
+        self.health.clone()
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.depth.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,48 @@
+//! Text features by phrase. A phrase's features do not depend on the image, so each distinct phrase goes through
+//! the text encoder once for the life of the process (or until evicted).
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use lru::LruCache;
+
+pub struct TextCache {
+    entries: LruCache<String, Arc<[f32]>>,
+}
+
+impl TextCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: LruCache::new(NonZeroUsize::new(capacity.max(1)).expect("max(1) is non-zero")),
+        }
+    }
+
+    pub fn get(&mut self, phrase: &str) -> Option<Arc<[f32]>> {
+        let hit = self.entries.get(phrase).cloned();
+        metrics::counter!("segmenter_text_cache_total", "result" => if hit.is_some() { "hit" } else { "miss" })
+            .increment(1);
+        hit
+    }
+
+    pub fn insert(&mut self, phrase: String, features: Arc<[f32]>) {
+        self.entries.put(phrase, features);
+        metrics::gauge!("segmenter_text_cache_entries").set(self.entries.len() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_least_recently_used() {
+        let mut cache = TextCache::new(2);
+        cache.insert("wall".into(), Arc::from(vec![1.0]));
+        cache.insert("floor".into(), Arc::from(vec![2.0]));
+        assert!(cache.get("wall").is_some());
+        cache.insert("sofa".into(), Arc::from(vec![3.0]));
+        assert!(cache.get("floor").is_none());
+        assert!(cache.get("wall").is_some() && cache.get("sofa").is_some());
+        assert_eq!(cache.entries.len(), 2);
+    }
+}

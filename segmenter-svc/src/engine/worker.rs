@@ -1,0 +1,336 @@
+//! The inference thread: batching loop, text cache, vision batch, per-image decoder chunks, filtering.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
+use std::time::{Duration, Instant};
+
+use ort::value::TensorRef;
+use tokio::sync::watch;
+
+use super::text_cache::TextCache;
+use super::{EngineHandle, Health, Job, JobOutput};
+use crate::error::Error;
+use crate::model::runtime::{Provider, Sessions};
+use crate::model::tokenizer::Tokens;
+use crate::postprocess::{ConceptOutputs, FilterParams, KeptConcept, filter_concept};
+
+/// Everything the inference thread needs besides the sessions.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    pub image_size: usize,
+    pub mask_size: usize,
+    pub context: usize,
+    pub feature_dim: usize,
+    pub max_batch_images: usize,
+    pub max_queue_delay: Duration,
+    pub queue_capacity: usize,
+    pub decoder_chunk: usize,
+    pub text_cache_entries: usize,
+    /// Tokens of a phrase used for warm-up and health probes.
+    pub probe_tokens: Tokens,
+}
+
+/// Starts the inference thread. It warms the sessions up first (health stays WarmingUp until then) and stops when
+/// every handle has been dropped.
+pub fn spawn(sessions: Sessions, settings: EngineSettings) -> std::io::Result<EngineHandle> {
+    let (tx, rx) = sync_channel(settings.queue_capacity.max(1));
+    let (health_tx, health_rx) = watch::channel(Health::WarmingUp);
+    let depth = Arc::new(AtomicUsize::new(0));
+    let handle = EngineHandle {
+        tx,
+        depth: depth.clone(),
+        capacity: settings.queue_capacity,
+        health: health_rx,
+    };
+    std::thread::Builder::new()
+        .name("inference".into())
+        .spawn(move || {
+            let mut worker = Worker {
+                cache: TextCache::new(settings.text_cache_entries),
+                sessions,
+                settings,
+                health: health_tx,
+            };
+            worker.run(rx, depth);
+        })?;
+    Ok(handle)
+}
+
+struct Worker {
+    sessions: Sessions,
+    settings: EngineSettings,
+    cache: TextCache,
+    health: watch::Sender<Health>,
+}
+
+impl Worker {
+    fn run(&mut self, rx: Receiver<Job>, depth: Arc<AtomicUsize>) {
+        let started = Instant::now();
+        match self.probe() {
+            Ok(()) => {
+                tracing::info!(provider = %self.sessions.provider, warmup_ms = started.elapsed().as_millis() as u64, "model warm, serving");
+                self.health.send_replace(Health::Serving);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "warm-up failed; the segmenter will not serve");
+                self.health
+                    .send_replace(Health::Failed(format!("warm-up failed: {e}")));
+            }
+        }
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            let until = Instant::now() + self.settings.max_queue_delay;
+            while batch.len() < self.settings.max_batch_images {
+                let left = until.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(job) => batch.push(job),
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            depth.fetch_sub(batch.len(), Ordering::SeqCst);
+            metrics::gauge!("segmenter_queue_depth").set(depth.load(Ordering::SeqCst) as f64);
+            self.process(batch);
+        }
+        self.health.send_replace(Health::Stopped);
+        tracing::info!("inference thread stopped");
+    }
+
+    /// Runs a batch; a run error fails the batch, then a probe decides whether the provider itself is broken.
+    fn process(&mut self, batch: Vec<Job>) {
+        let now = Instant::now();
+        let mut live = Vec::with_capacity(batch.len());
+        for job in batch {
+            if job.reply.is_closed() {
+                metrics::counter!("segmenter_dropped_total", "reason" => "cancelled").increment(1);
+            } else if job.deadline <= now {
+                metrics::counter!("segmenter_dropped_total", "reason" => "deadline").increment(1);
+                let _ = job.reply.send(Err(Error::DeadlineExceeded));
+            } else {
+                live.push(job);
+            }
+        }
+        if live.is_empty() {
+            return;
+        }
+        metrics::histogram!("segmenter_vision_batch_size").record(live.len() as f64);
+        match self.compute(&live, now) {
+            Ok(outputs) => {
+                for (job, out) in live.into_iter().zip(outputs) {
+                    let _ = job.reply.send(Ok(out));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, images = live.len(), "inference run failed");
+                for job in live {
+                    let _ = job.reply.send(Err(Error::Inference(e.to_string())));
+                }
+                if let Err(probe) = self.probe() {
+                    tracing::error!(error = %probe, "health probe failed after a run error: NOT_SERVING");
+                    self.health.send_replace(Health::Failed(format!(
+                        "execution provider failed: {probe}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// A one-image, one-phrase pass through all three graphs. Used for warm-up and to tell a bad request from a
+    /// broken execution provider.
+    fn probe(&mut self) -> ort::Result<()> {
+        let s = self.settings.image_size;
+        let pixels = vec![0f32; 3 * s * s];
+        let tokens = self.settings.probe_tokens.clone();
+        let features = self.encode_text(std::slice::from_ref(&tokens))?;
+        let fpn = self.run_vision(&pixels, 1)?;
+        let params = FilterParams {
+            threshold: 1.0,
+            max_instances: 0,
+            keep_semantic: false,
+        };
+        self.run_decoder(&fpn, 0, &[features[0].clone()], &[tokens], (1, 1), params)?;
+        Ok(())
+    }
+
+    fn compute(&mut self, jobs: &[Job], start: Instant) -> ort::Result<Vec<JobOutput>> {
+        // Text: every phrase of the batch that is not cached goes through the encoder in one run.
+        let t0 = Instant::now();
+        let mut hits: Vec<Vec<bool>> = Vec::with_capacity(jobs.len());
+        let mut missing: Vec<(String, Tokens)> = Vec::new();
+        for job in jobs {
+            let mut job_hits = Vec::with_capacity(job.phrases.len());
+            for (phrase, tokens) in &job.phrases {
+                let hit = self.cache.get(phrase).is_some();
+                if !hit && !missing.iter().any(|(p, _)| p == phrase) {
+                    missing.push((phrase.clone(), tokens.clone()));
+                }
+                job_hits.push(hit);
+            }
+            hits.push(job_hits);
+        }
+        for chunk in missing.chunks(32) {
+            let tokens: Vec<Tokens> = chunk.iter().map(|(_, t)| t.clone()).collect();
+            let features = self.encode_text(&tokens)?;
+            for ((phrase, _), f) in chunk.iter().zip(features) {
+                self.cache.insert(phrase.clone(), f);
+            }
+        }
+        let text = t0.elapsed();
+
+        // Vision: one run for the whole batch.
+        let t1 = Instant::now();
+        let s = self.settings.image_size;
+        let mut pixels = Vec::with_capacity(jobs.len() * 3 * s * s);
+        for job in jobs {
+            pixels.extend_from_slice(&job.pixels);
+        }
+        let fpn = self.run_vision(&pixels, jobs.len())?;
+        let vision = t1.elapsed();
+        metrics::histogram!("segmenter_stage_seconds", "stage" => "vision")
+            .record(vision.as_secs_f64());
+        metrics::histogram!("segmenter_stage_seconds", "stage" => "text")
+            .record(text.as_secs_f64());
+
+        // Decoder: per image, its phrases in chunks.
+        let mut outputs = Vec::with_capacity(jobs.len());
+        for (index, (job, job_hits)) in jobs.iter().zip(hits).enumerate() {
+            let t2 = Instant::now();
+            let features: Vec<Arc<[f32]>> = job
+                .phrases
+                .iter()
+                .map(|(phrase, _)| self.cache.get(phrase).expect("just encoded"))
+                .collect();
+            let tokens: Vec<Tokens> = job.phrases.iter().map(|(_, t)| t.clone()).collect();
+            let mut concepts = Vec::with_capacity(tokens.len());
+            let mut filter_time = Duration::ZERO;
+            let chunk = self.settings.decoder_chunk.max(1);
+            for (f, t) in features.chunks(chunk).zip(tokens.chunks(chunk)) {
+                let (kept, spent) =
+                    self.run_decoder(&fpn, index, f, t, job.image_size, job.filter)?;
+                concepts.extend(kept);
+                filter_time += spent;
+            }
+            let decoder = t2.elapsed().saturating_sub(filter_time);
+            metrics::histogram!("segmenter_stage_seconds", "stage" => "decoder")
+                .record(decoder.as_secs_f64());
+            outputs.push(JobOutput {
+                concepts,
+                cache_hits: job_hits,
+                queue: start.saturating_duration_since(job.enqueued),
+                text,
+                vision,
+                decoder,
+                filter: filter_time,
+                vision_batch: jobs.len(),
+            });
+        }
+        Ok(outputs)
+    }
+
+    fn encode_text(&mut self, tokens: &[Tokens]) -> ort::Result<Vec<Arc<[f32]>>> {
+        let n = tokens.len();
+        let l = self.settings.context;
+        let ids: Vec<i64> = tokens.iter().flat_map(|t| t.ids.iter().copied()).collect();
+        let mask: Vec<i64> = tokens.iter().flat_map(|t| t.mask.iter().copied()).collect();
+        let outputs = self.sessions.text.run(ort::inputs![
+            "input_ids" => TensorRef::from_array_view(([n, l], &ids[..]))?,
+            "attention_mask" => TensorRef::from_array_view(([n, l], &mask[..]))?,
+        ])?;
+        let (_, data) = outputs["text_features"].try_extract_tensor::<f32>()?;
+        let per = data.len() / n.max(1);
+        Ok(data.chunks_exact(per).map(Arc::from).collect())
+    }
+
+    /// Runs the vision encoder on `count` images and keeps the FPN levels (owned: the decoder runs on another session).
+    fn run_vision(&mut self, pixels: &[f32], count: usize) -> ort::Result<Fpn> {
+        let s = self.settings.image_size;
+        let outputs = self.sessions.vision.run(
+            ort::inputs!["pixel_values" => TensorRef::from_array_view(([count, 3, s, s], pixels))?],
+        )?;
+        let mut levels = Vec::with_capacity(3);
+        for name in ["fpn_0", "fpn_1", "fpn_2"] {
+            let (shape, data) = outputs[name].try_extract_tensor::<f32>()?;
+            let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            levels.push(FpnLevel {
+                per_image: dims[1..].to_vec(),
+                data: data.to_vec(),
+            });
+        }
+        Ok(Fpn { levels })
+    }
+
+    fn run_decoder(
+        &mut self,
+        fpn: &Fpn,
+        image: usize,
+        features: &[Arc<[f32]>],
+        tokens: &[Tokens],
+        image_size: (u32, u32),
+        params: FilterParams,
+    ) -> ort::Result<(Vec<KeptConcept>, Duration)> {
+        let n = features.len();
+        let l = self.settings.context;
+        let text: Vec<f32> = features.iter().flat_map(|f| f.iter().copied()).collect();
+        let mask: Vec<i64> = tokens.iter().flat_map(|t| t.mask.iter().copied()).collect();
+        let level = |i: usize| fpn.levels[i].image(image);
+        let d = text.len() / (n * l);
+        let outputs = self.sessions.decoder.run(ort::inputs![
+            "fpn_0" => TensorRef::from_array_view(level(0))?,
+            "fpn_1" => TensorRef::from_array_view(level(1))?,
+            "fpn_2" => TensorRef::from_array_view(level(2))?,
+            "text_features" => TensorRef::from_array_view(([n, l, d], &text[..]))?,
+            "text_mask" => TensorRef::from_array_view(([n, l], &mask[..]))?,
+        ])?;
+        let t = Instant::now();
+        let (_, masks) = outputs["pred_masks"].try_extract_tensor::<f32>()?;
+        let (_, boxes) = outputs["pred_boxes"].try_extract_tensor::<f32>()?;
+        let (_, logits) = outputs["pred_logits"].try_extract_tensor::<f32>()?;
+        let (_, presence) = outputs["presence_logits"].try_extract_tensor::<f32>()?;
+        let (_, semantic) = outputs["semantic_seg"].try_extract_tensor::<f32>()?;
+        let m = self.settings.mask_size;
+        let q = logits.len() / n;
+        let kept = (0..n)
+            .map(|i| {
+                let view = ConceptOutputs {
+                    masks: &masks[i * q * m * m..(i + 1) * q * m * m],
+                    boxes: &boxes[i * q * 4..(i + 1) * q * 4],
+                    logits: &logits[i * q..(i + 1) * q],
+                    presence_logit: presence[i],
+                    semantic: &semantic[i * m * m..(i + 1) * m * m],
+                };
+                filter_concept(&view, m, image_size, params)
+            })
+            .collect();
+        Ok((kept, t.elapsed()))
+    }
+}
+
+/// The vision encoder's output for a batch, owned so the decoder session can read it.
+struct Fpn {
+    levels: Vec<FpnLevel>,
+}
+
+struct FpnLevel {
+    /// [C, H, W] of one image.
+    per_image: Vec<usize>,
+    data: Vec<f32>,
+}
+
+impl FpnLevel {
+    /// One image's level as a [1, C, H, W] view.
+    fn image(&self, index: usize) -> (Vec<usize>, &[f32]) {
+        let per: usize = self.per_image.iter().product();
+        let mut shape = vec![1];
+        shape.extend_from_slice(&self.per_image);
+        (shape, &self.data[index * per..(index + 1) * per])
+    }
+}
+
+impl Provider {
+    pub fn default_decoder_chunk(&self) -> usize {
+        match self {
+            Provider::Cuda(_) => 16,
+            Provider::Cpu => 2,
+        }
+    }
+}

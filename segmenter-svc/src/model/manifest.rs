@@ -1,0 +1,251 @@
+//! manifest.json, written by `export/export_sam3.py`: what the graphs are, how to feed them, and their checksums.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::ModelError;
+
+pub const FORMAT: &str = "palette-sam3-onnx";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub source_model: String,
+    pub source_revision: String,
+    pub random_init: Option<String>,
+    pub precision: String,
+    pub image_size: u32,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+    pub mask_size: u32,
+    pub num_queries: u32,
+    pub text_context_length: u32,
+    pub text_feature_dim: u32,
+    #[serde(default)]
+    pub session_hints: SessionHints,
+    pub tokenizer: TokenizerSpec,
+    pub graphs: Graphs,
+}
+
+/// Switches the exporter found necessary for a graph set (the fp16 vision graph on the CUDA EP needs memory pattern
+/// off, see the notes); the server applies them to every session.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct SessionHints {
+    #[serde(default)]
+    pub disable_memory_pattern: bool,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct TokenizerSpec {
+    pub file: String,
+    pub sha256: String,
+    pub bos_id: u32,
+    pub eos_id: u32,
+    pub pad_id: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Graphs {
+    pub vision: GraphSpec,
+    pub text: GraphSpec,
+    pub decoder: GraphSpec,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct GraphSpec {
+    pub file: String,
+    pub sha256: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    #[serde(default)]
+    pub external_data: Vec<FileSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct FileSpec {
+    pub file: String,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: String,
+}
+
+/// The names the server feeds and reads. The exporter writes exactly these; a manifest that differs is refused at
+/// startup rather than failing on the first request.
+pub const VISION_INPUTS: &[&str] = &["pixel_values"];
+pub const VISION_OUTPUTS: &[&str] = &["fpn_0", "fpn_1", "fpn_2"];
+pub const TEXT_INPUTS: &[&str] = &["input_ids", "attention_mask"];
+pub const TEXT_OUTPUTS: &[&str] = &["text_features"];
+pub const DECODER_INPUTS: &[&str] = &["fpn_0", "fpn_1", "fpn_2", "text_features", "text_mask"];
+pub const DECODER_OUTPUTS: &[&str] = &[
+    "pred_masks",
+    "pred_boxes",
+    "pred_logits",
+    "presence_logits",
+    "semantic_seg",
+];
+
+impl Manifest {
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Missing {
+            dir: dir.to_path_buf(),
+            detail: format!("{}: {source}", path.display()),
+        })?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    fn validate(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::Invalid(m));
+        if self.format != FORMAT || self.format_version != FORMAT_VERSION {
+            return bad(format!(
+                "manifest format {} v{} is not {FORMAT} v{FORMAT_VERSION}; re-export with this version's export_sam3.py",
+                self.format, self.format_version
+            ));
+        }
+        if self.image_size == 0 || self.mask_size == 0 || self.num_queries == 0 {
+            return bad("image_size, mask_size and num_queries must be positive".into());
+        }
+        if self.text_context_length < 3 {
+            return bad("text_context_length must leave room for BOS, one token and EOS".into());
+        }
+        if self.image_std.iter().any(|s| *s <= 0.0) {
+            return bad("image_std must be positive".into());
+        }
+        check_names("vision", "input", &self.graphs.vision.inputs, VISION_INPUTS)?;
+        check_names(
+            "vision",
+            "output",
+            &self.graphs.vision.outputs,
+            VISION_OUTPUTS,
+        )?;
+        check_names("text", "input", &self.graphs.text.inputs, TEXT_INPUTS)?;
+        check_names("text", "output", &self.graphs.text.outputs, TEXT_OUTPUTS)?;
+        check_names(
+            "decoder",
+            "input",
+            &self.graphs.decoder.inputs,
+            DECODER_INPUTS,
+        )?;
+        check_names(
+            "decoder",
+            "output",
+            &self.graphs.decoder.outputs,
+            DECODER_OUTPUTS,
+        )?;
+        Ok(())
+    }
+
+    /// Every file the model folder must hold, with its expected checksum.
+    pub fn files(&self) -> Vec<(&str, &str)> {
+        let mut files = vec![(self.tokenizer.file.as_str(), self.tokenizer.sha256.as_str())];
+        for g in [&self.graphs.vision, &self.graphs.text, &self.graphs.decoder] {
+            files.push((g.file.as_str(), g.sha256.as_str()));
+            files.extend(
+                g.external_data
+                    .iter()
+                    .map(|f| (f.file.as_str(), f.sha256.as_str())),
+            );
+        }
+        files
+    }
+
+    /// Checks that every file exists and, when asked, that its SHA-256 matches.
+    pub fn verify_files(&self, dir: &Path, checksums: bool) -> Result<(), ModelError> {
+        for (file, expected) in self.files() {
+            let path = safe_join(dir, file)?;
+            if !path.is_file() {
+                return Err(ModelError::Missing {
+                    dir: dir.to_path_buf(),
+                    detail: format!("{file} is missing"),
+                });
+            }
+            if checksums {
+                let actual = sha256_file(&path)?;
+                if !actual.eq_ignore_ascii_case(expected) {
+                    return Err(ModelError::Invalid(format!(
+                        "{file}: SHA-256 {actual} does not match the manifest's {expected} (corrupt or partial copy?)"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A short stable id: clients key caches by it (masks from one export are not reusable with another).
+    pub fn model_id(&self) -> String {
+        let source = self.source_model.rsplit('/').next().unwrap_or("sam3");
+        let kind = self
+            .random_init
+            .as_deref()
+            .map(|r| format!("random-{r}"))
+            .unwrap_or_else(|| source.to_string());
+        let digest = self
+            .graphs
+            .decoder
+            .sha256
+            .get(..12)
+            .unwrap_or(&self.graphs.decoder.sha256);
+        format!("{kind}-{}-{}", self.precision, digest)
+    }
+}
+
+fn check_names(
+    graph: &str,
+    kind: &str,
+    actual: &[TensorSpec],
+    expected: &[&str],
+) -> Result<(), ModelError> {
+    let names: Vec<&str> = actual.iter().map(|t| t.name.as_str()).collect();
+    if names != expected {
+        return Err(ModelError::Invalid(format!(
+            "{graph} graph {kind}s are {names:?}, expected {expected:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Joins a manifest-relative file name, refusing anything that would leave the model folder.
+pub fn safe_join(dir: &Path, file: &str) -> Result<PathBuf, ModelError> {
+    let rel = Path::new(file);
+    let plain = rel
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !plain {
+        return Err(ModelError::Invalid(format!(
+            "manifest file name {file:?} must be a plain relative path"
+        )));
+    }
+    Ok(dir.join(rel))
+}
+
+fn sha256_file(path: &Path) -> Result<String, ModelError> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}

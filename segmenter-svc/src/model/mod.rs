@@ -1,0 +1,4 @@
+//! The exported SAM3 split: its manifest, the runtime that runs it, and the tokenizer that feeds it.
+pub mod manifest;
+pub mod runtime;
+pub mod tokenizer;

@@ -1,0 +1,300 @@
+//! From the decoder's dense outputs to a few kept instances, and from kept instances to wire formats.
+//!
+//! Filtering happens first and on the inference thread: of the decoder's [N, Q, M, M] mask logits only the kept
+//! instances' planes are copied out (at full size, 66 MB per phrase would otherwise be copied per request). Encoding
+//! (probabilities, COCO RLE at the photo's resolution) happens later, off the inference thread.
+
+/// Decoder outputs of one concept, borrowed from the session's output buffers.
+pub struct ConceptOutputs<'a> {
+    /// [Q, M, M]
+    pub masks: &'a [f32],
+    /// [Q, 4], xyxy normalised to [0, 1]
+    pub boxes: &'a [f32],
+    /// [Q]
+    pub logits: &'a [f32],
+    pub presence_logit: f32,
+    /// [M, M]
+    pub semantic: &'a [f32],
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct FilterParams {
+    pub threshold: f32,
+    pub max_instances: usize,
+    pub keep_semantic: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct KeptInstance {
+    pub query: u32,
+    pub score: f32,
+    /// xyxy in original pixels, clamped.
+    pub bbox: [f32; 4],
+    /// [M, M] logits.
+    pub mask_logits: Vec<f32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct KeptConcept {
+    pub presence: f32,
+    pub instances: Vec<KeptInstance>,
+    pub semantic_logits: Option<Vec<f32>>,
+}
+
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// score = σ(logit) · σ(presence); keep score > threshold, best first, at most `max_instances`. No NMS, as in both
+/// references.
+pub fn filter_concept(
+    out: &ConceptOutputs,
+    mask_size: usize,
+    image: (u32, u32),
+    p: FilterParams,
+) -> KeptConcept {
+    let presence = sigmoid(out.presence_logit);
+    let mut scored: Vec<(usize, f32)> = out
+        .logits
+        .iter()
+        .enumerate()
+        .map(|(q, &l)| (q, sigmoid(l) * presence))
+        .filter(|&(_, s)| s > p.threshold)
+        .collect();
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    scored.truncate(p.max_instances);
+    let plane = mask_size * mask_size;
+    let (w, h) = (image.0 as f32, image.1 as f32);
+    let instances = scored
+        .into_iter()
+        .map(|(q, score)| {
+            let b = &out.boxes[q * 4..q * 4 + 4];
+            let bbox = [
+                (b[0] * w).clamp(0.0, w),
+                (b[1] * h).clamp(0.0, h),
+                (b[2] * w).clamp(0.0, w),
+                (b[3] * h).clamp(0.0, h),
+            ];
+            KeptInstance {
+                query: q as u32,
+                score,
+                bbox,
+                mask_logits: out.masks[q * plane..(q + 1) * plane].to_vec(),
+            }
+        })
+        .collect();
+    KeptConcept {
+        presence,
+        instances,
+        semantic_logits: p.keep_semantic.then(|| out.semantic.to_vec()),
+    }
+}
+
+/// σ(logit) · 255, rounded: a quarter of the bytes of f32 logits and plenty for soft edges.
+pub fn to_probability_u8(logits: &[f32]) -> Vec<u8> {
+    logits
+        .iter()
+        .map(|&l| (sigmoid(l) * 255.0).round() as u8)
+        .collect()
+}
+
+pub fn to_le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Half-pixel-centre bilinear sampling positions of `dst` output pixels over `src` input pixels.
+fn sample_axis(dst: u32, src: usize) -> Vec<(usize, usize, f32)> {
+    let scale = src as f32 / dst as f32;
+    (0..dst)
+        .map(|i| {
+            let x = ((i as f32 + 0.5) * scale - 0.5).clamp(0.0, (src - 1) as f32);
+            let x0 = x.floor() as usize;
+            let x1 = (x0 + 1).min(src - 1);
+            (x0, x1, x - x0 as f32)
+        })
+        .collect()
+}
+
+/// COCO RLE (column-major, background run first) of `logits > 0` after bilinear upsampling from M×M to the photo's
+/// size. Only pixels inside the instance's box, grown by two model pixels, are evaluated: outside it the mask is
+/// taken as background, which keeps the cost proportional to the object rather than the photo.
+pub fn rle_from_logits(
+    logits: &[f32],
+    mask_size: usize,
+    bbox: [f32; 4],
+    width: u32,
+    height: u32,
+) -> Vec<u32> {
+    let margin_x = 2.0 * width as f32 / mask_size as f32;
+    let margin_y = 2.0 * height as f32 / mask_size as f32;
+    let x_lo = (bbox[0] - margin_x).floor().max(0.0) as u32;
+    let x_hi = ((bbox[2] + margin_x).ceil() as u32).min(width);
+    let y_lo = (bbox[1] - margin_y).floor().max(0.0) as u32;
+    let y_hi = ((bbox[3] + margin_y).ceil() as u32).min(height);
+    let xs = sample_axis(width, mask_size);
+    let ys = sample_axis(height, mask_size);
+    let mut counts = Vec::new();
+    let mut current = false;
+    let mut run: u64 = 0;
+    let push = |value: bool, n: u64, counts: &mut Vec<u32>, current: &mut bool, run: &mut u64| {
+        if n == 0 {
+            return;
+        }
+        if value != *current {
+            counts.push(*run as u32);
+            *run = 0;
+            *current = value;
+        }
+        *run += n;
+    };
+    for x in 0..width {
+        if x < x_lo || x >= x_hi || y_lo >= y_hi {
+            push(
+                false,
+                u64::from(height),
+                &mut counts,
+                &mut current,
+                &mut run,
+            );
+            continue;
+        }
+        push(false, u64::from(y_lo), &mut counts, &mut current, &mut run);
+        let (x0, x1, fx) = xs[x as usize];
+        for &(y0, y1, fy) in &ys[y_lo as usize..y_hi as usize] {
+            let top = logits[y0 * mask_size + x0] * (1.0 - fx) + logits[y0 * mask_size + x1] * fx;
+            let bottom =
+                logits[y1 * mask_size + x0] * (1.0 - fx) + logits[y1 * mask_size + x1] * fx;
+            let v = top * (1.0 - fy) + bottom * fy;
+            push(v > 0.0, 1, &mut counts, &mut current, &mut run);
+        }
+        push(
+            false,
+            u64::from(height - y_hi),
+            &mut counts,
+            &mut current,
+            &mut run,
+        );
+    }
+    counts.push(run as u32);
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_rle(counts: &[u32], w: u32, h: u32) -> Vec<bool> {
+        let mut col_major = Vec::new();
+        for (i, &c) in counts.iter().enumerate() {
+            col_major.extend(std::iter::repeat_n(i % 2 == 1, c as usize));
+        }
+        assert_eq!(col_major.len(), (w * h) as usize);
+        let mut row_major = vec![false; (w * h) as usize];
+        for x in 0..w {
+            for y in 0..h {
+                row_major[(y * w + x) as usize] = col_major[(x * h + y) as usize];
+            }
+        }
+        row_major
+    }
+
+    #[test]
+    fn filter_applies_presence_threshold_order_and_cap() {
+        let m = 2;
+        let masks: Vec<f32> = (0..3 * m * m).map(|i| i as f32).collect();
+        let boxes = [0.1, 0.2, 0.5, 0.6, 0.0, 0.0, 1.0, 1.0, -0.1, 0.5, 1.2, 0.9];
+        let logits = [2.0, 5.0, -5.0];
+        let out = ConceptOutputs {
+            masks: &masks,
+            boxes: &boxes,
+            logits: &logits,
+            presence_logit: 10.0,
+            semantic: &[0.0; 4],
+        };
+        let kept = filter_concept(
+            &out,
+            m,
+            (200, 100),
+            FilterParams {
+                threshold: 0.5,
+                max_instances: 10,
+                keep_semantic: false,
+            },
+        );
+        assert_eq!(
+            kept.instances.iter().map(|i| i.query).collect::<Vec<_>>(),
+            vec![1, 0]
+        );
+        assert_eq!(kept.instances[1].bbox, [20.0, 20.0, 100.0, 60.0]);
+        assert_eq!(kept.instances[0].mask_logits, vec![4.0, 5.0, 6.0, 7.0]);
+        assert!(kept.semantic_logits.is_none());
+        let capped = filter_concept(
+            &out,
+            m,
+            (200, 100),
+            FilterParams {
+                threshold: 0.0,
+                max_instances: 1,
+                keep_semantic: true,
+            },
+        );
+        assert_eq!(capped.instances.len(), 1);
+        assert_eq!(capped.semantic_logits.as_deref(), Some(&[0.0; 4][..]));
+        let absent = ConceptOutputs {
+            presence_logit: -10.0,
+            ..out
+        };
+        let none = filter_concept(
+            &absent,
+            m,
+            (200, 100),
+            FilterParams {
+                threshold: 0.5,
+                max_instances: 10,
+                keep_semantic: false,
+            },
+        );
+        assert!(none.instances.is_empty());
+    }
+
+    #[test]
+    fn rle_matches_a_dense_upsample() {
+        // A 4x4 logit map with a positive 2x2 block, upsampled to 10x6.
+        let m = 4;
+        let mut logits = vec![-4.0f32; m * m];
+        for (y, x) in [(1, 1), (1, 2), (2, 1), (2, 2)] {
+            logits[y * m + x] = 4.0;
+        }
+        let (w, h) = (10u32, 6u32);
+        let counts = rle_from_logits(&logits, m, [0.0, 0.0, w as f32, h as f32], w, h);
+        let mask = decode_rle(&counts, w, h);
+        let xs = sample_axis(w, m);
+        let ys = sample_axis(h, m);
+        for y in 0..h as usize {
+            for x in 0..w as usize {
+                let (x0, x1, fx) = xs[x];
+                let (y0, y1, fy) = ys[y];
+                let v = (logits[y0 * m + x0] * (1.0 - fx) + logits[y0 * m + x1] * fx) * (1.0 - fy)
+                    + (logits[y1 * m + x0] * (1.0 - fx) + logits[y1 * m + x1] * fx) * fy;
+                assert_eq!(mask[y * w as usize + x], v > 0.0, "pixel {x},{y}");
+            }
+        }
+        assert!(mask.iter().any(|&b| b) && mask.iter().any(|&b| !b));
+    }
+
+    #[test]
+    fn rle_outside_the_box_is_background_and_starts_with_background() {
+        let logits = vec![5.0f32; 16];
+        let counts = rle_from_logits(&logits, 4, [0.0, 0.0, 2.0, 2.0], 8, 8);
+        let mask = decode_rle(&counts, 8, 8);
+        assert!(mask[0], "inside the box");
+        assert!(!mask[7 * 8 + 7], "far outside the box");
+        let all = rle_from_logits(&logits, 4, [0.0, 0.0, 8.0, 8.0], 8, 8);
+        assert_eq!(all, vec![0, 64]);
+    }
+
+    #[test]
+    fn probabilities_round_trip_the_sigmoid() {
+        assert_eq!(to_probability_u8(&[-100.0, 0.0, 100.0]), vec![0, 128, 255]);
+    }
+}

@@ -1,0 +1,219 @@
+//! From request bytes to the vision encoder's input: decode, EXIF orientation, antialiased resize, normalisation.
+//!
+//! Matches the reference pipeline (PIL `exif_transpose`, `resize((S, S), BILINEAR)`, `(x / 255 - 0.5) / 0.5`, CHW):
+//! the aspect ratio is NOT kept, and the resize is a convolution whose support widens on downscale (antialiasing),
+//! which a plain 4-tap bilinear would not match on large photos.
+
+use std::io::Cursor;
+
+use fast_image_resize::{
+    FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image as FirImage,
+};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
+
+use crate::error::{Error, Violation};
+
+/// The model's view of one photo.
+pub struct Prepared {
+    /// [3, S, S] normalised pixels.
+    pub pixels: Vec<f32>,
+    /// Size after EXIF orientation: boxes and RLE masks are in these pixels.
+    pub width: u32,
+    pub height: u32,
+}
+
+pub struct Preprocessor {
+    pub size: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub max_pixels: u64,
+}
+
+impl Preprocessor {
+    pub fn from_encoded(&self, bytes: &[u8]) -> Result<Prepared, Error> {
+        let rgb = self.decode(bytes)?;
+        self.prepare(rgb)
+    }
+
+    pub fn from_rgb(&self, width: u32, height: u32, data: Vec<u8>) -> Result<Prepared, Error> {
+        let mut violations = Vec::new();
+        if width == 0 || height == 0 {
+            violations.push(Violation::new(
+                "image.rgb.width",
+                "width and height must be positive",
+            ));
+        }
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > self.max_pixels {
+            violations.push(Violation::new(
+                "image.rgb",
+                format!(
+                    "{width}x{height} is {pixels} pixels, over the limit of {}",
+                    self.max_pixels
+                ),
+            ));
+        }
+        if violations.is_empty() && data.len() as u64 != pixels * 3 {
+            violations.push(Violation::new(
+                "image.rgb.data",
+                format!(
+                    "{} bytes given, {width}x{height} RGB needs {}",
+                    data.len(),
+                    pixels * 3
+                ),
+            ));
+        }
+        if !violations.is_empty() {
+            return Err(Error::InvalidArgument(violations));
+        }
+        let rgb = RgbImage::from_raw(width, height, data)
+            .ok_or_else(|| Error::invalid("image.rgb.data", "bad size"))?;
+        self.prepare(rgb)
+    }
+
+    /// Decodes JPEG, PNG or WebP with the pixel limit checked from the header, before any pixel buffer exists.
+    pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage, Error> {
+        let bad = |m: String| Error::invalid("image.encoded", m);
+        if bytes.is_empty() {
+            return Err(bad("no image bytes".into()));
+        }
+        let format = image::guess_format(bytes)
+            .map_err(|_| bad("not a JPEG, PNG or WebP image (unrecognised header)".into()))?;
+        if !matches!(
+            format,
+            ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP
+        ) {
+            return Err(bad(format!(
+                "{format:?} is not supported; send JPEG, PNG or WebP"
+            )));
+        }
+        let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+        let mut limits = image::Limits::default();
+        // Headroom for the decoder's own buffers: RGBA at the pixel limit plus a little.
+        limits.max_alloc = Some(self.max_pixels.saturating_mul(4).saturating_add(64 << 20));
+        reader.limits(limits);
+        let mut decoder = reader
+            .into_decoder()
+            .map_err(|e| bad(format!("cannot read the {format:?} header: {e}")))?;
+        let (w, h) = decoder.dimensions();
+        let pixels = u64::from(w) * u64::from(h);
+        if pixels > self.max_pixels {
+            return Err(bad(format!(
+                "{w}x{h} is {pixels} pixels, over the limit of {}",
+                self.max_pixels
+            )));
+        }
+        let orientation = decoder
+            .orientation()
+            .unwrap_or(image::metadata::Orientation::NoTransforms);
+        let mut image = DynamicImage::from_decoder(decoder)
+            .map_err(|e| bad(format!("corrupt or truncated {format:?} image: {e}")))?;
+        image.apply_orientation(orientation);
+        Ok(image.into_rgb8())
+    }
+
+    pub fn prepare(&self, rgb: RgbImage) -> Result<Prepared, Error> {
+        let (width, height) = rgb.dimensions();
+        let s = self.size;
+        let src = FirImage::from_vec_u8(width, height, rgb.into_raw(), PixelType::U8x3)
+            .map_err(|e| Error::Inference(format!("resize source: {e}")))?;
+        let mut dst = FirImage::new(s, s, PixelType::U8x3);
+        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+        Resizer::new()
+            .resize(&src, &mut dst, &options)
+            .map_err(|e| Error::Inference(format!("resize: {e}")))?;
+        Ok(Prepared {
+            pixels: self.normalise(dst.buffer()),
+            width,
+            height,
+        })
+    }
+
+    /// HWC u8 -> CHW f32, (x / 255 - mean) / std, through a 256-entry table per channel.
+    fn normalise(&self, hwc: &[u8]) -> Vec<f32> {
+        let plane = (self.size * self.size) as usize;
+        let tables: [[f32; 256]; 3] = std::array::from_fn(|c| {
+            std::array::from_fn(|v| (v as f32 / 255.0 - self.mean[c]) / self.std[c])
+        });
+        let mut out = vec![0f32; plane * 3];
+        let (r, rest) = out.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        for (i, px) in hwc.chunks_exact(3).enumerate() {
+            r[i] = tables[0][px[0] as usize];
+            g[i] = tables[1][px[1] as usize];
+            b[i] = tables[2][px[2] as usize];
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pre() -> Preprocessor {
+        Preprocessor {
+            size: 16,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            max_pixels: 10_000,
+        }
+    }
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage::from_pixel(w, h, image::Rgb([255, 0, 128]));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn uniform_image_normalises_exactly() {
+        let p = pre().from_encoded(&png(40, 30)).unwrap();
+        assert_eq!((p.width, p.height), (40, 30));
+        assert_eq!(p.pixels.len(), 3 * 16 * 16);
+        assert!(p.pixels[..256].iter().all(|v| (*v - 1.0).abs() < 1e-6));
+        assert!(p.pixels[256..512].iter().all(|v| (*v + 1.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn pixel_limit_is_checked_from_the_header() {
+        let err = pre().from_encoded(&png(200, 100)).unwrap_err();
+        assert!(err.to_string().contains("over the limit"), "{err}");
+    }
+
+    #[test]
+    fn truncated_and_foreign_bytes_are_invalid_arguments() {
+        let mut bytes = png(40, 30);
+        bytes.truncate(bytes.len() / 2);
+        assert!(matches!(
+            pre().from_encoded(&bytes),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            pre().from_encoded(b"GIF89a........"),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            pre().from_encoded(b"hello"),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            pre().from_encoded(&[]),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn raw_rgb_length_must_match() {
+        assert!(pre().from_rgb(4, 4, vec![0; 48]).is_ok());
+        assert!(matches!(
+            pre().from_rgb(4, 4, vec![0; 47]),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            pre().from_rgb(0, 4, vec![]),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+}

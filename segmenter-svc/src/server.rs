@@ -1,0 +1,231 @@
+//! Startup and serving: model load, warm-up, gRPC (Segment, health, reflection), metrics, graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use palette_proto::segmenter::v1 as pb;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::config::Config;
+use crate::engine::{self, EngineSettings, Health};
+use crate::model::manifest::{self, Manifest};
+use crate::model::runtime;
+use crate::model::tokenizer::PhraseTokenizer;
+use crate::preprocess::Preprocessor;
+use crate::service::{SegmenterService, Shared};
+
+const SERVICE_NAME: &str = "palette.segmenter.v1.Segmenter";
+
+/// Loads the model, starts the inference thread and serves on `listener` until `shutdown` resolves; then reports
+/// NOT_SERVING, stops accepting, and waits up to the grace period for requests in flight.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let shared = load(&config).await?;
+    let engine = shared.engine.clone();
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    tokio::spawn(follow_health(engine.health(), reporter.clone()));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(palette_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(palette_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let segmenter = pb::segmenter_server::SegmenterServer::new(SegmenterService::new(shared))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, model_dir = %config.model_dir().display(), "segmenter listening");
+    let grace = Duration::from_secs(config.shutdown_grace_sec);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal_reporter = reporter.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: NOT_SERVING, draining in-flight requests");
+        signal_reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        signal_reporter
+            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+            .await;
+        let _ = stop_tx.send(());
+    });
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(segmenter)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stop_rx.await;
+            let _ = drained_tx.send(());
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result?,
+        _ = async { let _ = drained_rx.await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_sec = grace.as_secs(), "grace period over; closing with requests still in flight");
+        }
+    }
+    drop(engine);
+    tracing::info!("segmenter stopped");
+    Ok(())
+}
+
+/// Everything up to a warm engine. Blocking work (checksums, session builds) runs off the async runtime.
+pub async fn load(config: &Config) -> anyhow::Result<Arc<Shared>> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || load_blocking(&config))
+        .await
+        .context("model loading task")?
+}
+
+fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
+    let dir = config.model_dir();
+    let manifest = Manifest::load(&dir)?;
+    manifest.verify_files(&dir, config.verify_checksums)?;
+    let tokenizer = PhraseTokenizer::load(
+        &manifest::safe_join(&dir, &manifest.tokenizer.file)?,
+        &manifest.tokenizer,
+        manifest.text_context_length as usize,
+    )?;
+    let sessions = runtime::build_sessions(config, &manifest, &dir)?;
+    let provider = sessions.provider.clone();
+    tracing::info!(
+        provider = %provider,
+        model = %manifest.model_id(),
+        random_init = manifest.random_init.as_deref().unwrap_or("none"),
+        "sessions ready"
+    );
+    if manifest.random_init.is_some() {
+        tracing::warn!(
+            "this model has RANDOM weights: shapes and speed are real, masks are meaningless"
+        );
+    }
+    let decoder_chunk = match config.decoder_chunk {
+        0 => provider.default_decoder_chunk(),
+        n => n,
+    };
+    let probe_tokens = tokenizer
+        .encode("object")
+        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    let engine = engine::spawn(
+        sessions,
+        EngineSettings {
+            image_size: manifest.image_size as usize,
+            mask_size: manifest.mask_size as usize,
+            context: manifest.text_context_length as usize,
+            feature_dim: manifest.text_feature_dim as usize,
+            max_batch_images: config.max_batch_images.max(1),
+            max_queue_delay: config.max_queue_delay(),
+            queue_capacity: config.queue_capacity,
+            decoder_chunk,
+            text_cache_entries: config.text_cache_entries,
+            probe_tokens,
+        },
+    )?;
+    let info = pb::ModelInfo {
+        model_id: manifest.model_id(),
+        source_model: manifest.source_model.clone(),
+        source_revision: manifest.source_revision.clone(),
+        random_init: manifest.random_init.clone().unwrap_or_default(),
+        precision: manifest.precision.clone(),
+        image_size: manifest.image_size,
+        mask_size: manifest.mask_size,
+        num_queries: manifest.num_queries,
+        max_text_tokens: manifest.text_context_length,
+        execution_provider: provider.to_string(),
+        limits: Some(pb::Limits {
+            max_concepts: config.max_concepts as u32,
+            max_image_pixels: config.max_image_pixels,
+            max_message_bytes: config.max_message_bytes as u64,
+            max_batch_images: config.max_batch_images as u32,
+            queue_capacity: config.queue_capacity as u32,
+            max_instances_per_concept: config.max_instances_per_concept,
+        }),
+    };
+    Ok(Arc::new(Shared {
+        engine,
+        preprocessor: Preprocessor {
+            size: manifest.image_size,
+            mean: manifest.image_mean,
+            std: manifest.image_std,
+            max_pixels: config.max_image_pixels,
+        },
+        tokenizer,
+        info,
+        mask_size: manifest.mask_size as usize,
+        max_concepts: config.max_concepts,
+        max_concept_chars: config.max_concept_chars,
+        default_threshold: config.default_score_threshold,
+        max_instances: config.max_instances_per_concept,
+        default_deadline: config.default_deadline(),
+        preprocess_permits: Arc::new(Semaphore::new(config.preprocess_concurrency.max(1))),
+    }))
+}
+
+/// Mirrors the engine's health into grpc.health.v1: NOT_SERVING until warm, and again after a provider failure.
+async fn follow_health(
+    mut health: tokio::sync::watch::Receiver<Health>,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    loop {
+        let status = match &*health.borrow_and_update() {
+            Health::Serving => ServingStatus::Serving,
+            _ => ServingStatus::NotServing,
+        };
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status(SERVICE_NAME, status).await;
+        if health.changed().await.is_err() {
+            reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            reporter
+                .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+                .await;
+            return;
+        }
+    }
+}
+
+/// Exits non-zero unless the server on `addr` (port taken from it, host forced to loopback) reports SERVING.
+pub async fn healthcheck(addr: &str) -> anyhow::Result<()> {
+    let port = addr.rsplit(':').next().unwrap_or("50051");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(3))
+        .connect()
+        .await?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: SERVICE_NAME.into(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    anyhow::ensure!(
+        status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+        "not serving"
+    );
+    Ok(())
+}

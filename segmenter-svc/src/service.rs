@@ -1,0 +1,395 @@
+//! The `palette.segmenter.v1.Segmenter` gRPC service: request validation, pre-processing off the async runtime,
+//! submission to the engine, and encoding of the kept instances.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use palette_proto::segmenter::v1 as pb;
+use tokio::sync::{Semaphore, oneshot};
+use tonic::{Request, Response, Status};
+
+use crate::engine::{EngineHandle, Job, JobOutput};
+use crate::error::{Error, Violation};
+use crate::model::tokenizer::{PhraseTokenizer, Tokens};
+use crate::postprocess::{
+    FilterParams, KeptConcept, rle_from_logits, to_le_bytes, to_probability_u8,
+};
+use crate::preprocess::{Prepared, Preprocessor};
+
+/// Everything a request needs, shared by all handlers.
+pub struct Shared {
+    pub engine: EngineHandle,
+    pub preprocessor: Preprocessor,
+    pub tokenizer: PhraseTokenizer,
+    pub info: pb::ModelInfo,
+    pub mask_size: usize,
+    pub max_concepts: usize,
+    pub max_concept_chars: usize,
+    pub default_threshold: f32,
+    pub max_instances: u32,
+    pub default_deadline: Duration,
+    /// Bounds the CPU work (decode + resize) done before a request reaches the engine.
+    pub preprocess_permits: Arc<Semaphore>,
+}
+
+#[derive(Clone)]
+pub struct SegmenterService {
+    shared: Arc<Shared>,
+}
+
+impl SegmenterService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::segmenter_server::Segmenter for SegmenterService {
+    async fn segment(
+        &self,
+        request: Request<pb::SegmentRequest>,
+    ) -> Result<Response<pb::SegmentResponse>, Status> {
+        let started = Instant::now();
+        let deadline = started + grpc_timeout(&request).unwrap_or(self.shared.default_deadline);
+        let request = request.into_inner();
+        let span = tracing::info_span!("segment", request_id = %request.request_id, concepts = request.concepts.len());
+        let _enter = span.enter();
+        drop(_enter);
+        let result = segment(self.shared.clone(), request, started, deadline).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        match &result {
+            Ok(_) => {
+                metrics::counter!("segmenter_requests_total", "outcome" => "ok").increment(1);
+                metrics::histogram!("segmenter_request_seconds").record(elapsed);
+            }
+            Err(e) => {
+                metrics::counter!("segmenter_requests_total", "outcome" => e.kind()).increment(1);
+                tracing::warn!(parent: &span, error = %e, "segment failed");
+            }
+        }
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    async fn get_model_info(
+        &self,
+        _request: Request<pb::GetModelInfoRequest>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        Ok(Response::new(self.shared.info.clone()))
+    }
+}
+
+/// Validated request, before pre-processing.
+struct Checked {
+    /// Normalised phrase of every requested concept, in request order (duplicates kept).
+    requested: Vec<String>,
+    /// Distinct phrases with tokens, first-seen order.
+    distinct: Vec<(String, Tokens)>,
+    filter: FilterParams,
+    format: pb::MaskFormat,
+    include_rle: bool,
+}
+
+async fn segment(
+    shared: Arc<Shared>,
+    request: pb::SegmentRequest,
+    started: Instant,
+    deadline: Instant,
+) -> Result<pb::SegmentResponse, Error> {
+    let checked = check(&shared, &request)?;
+    let t_decode = Instant::now();
+    let prepared = prepare(shared.clone(), request.image, deadline).await?;
+    let decode = t_decode.elapsed();
+
+    let (reply, answer) = oneshot::channel();
+    let image_size = (prepared.width, prepared.height);
+    shared.engine.submit(Job {
+        pixels: prepared.pixels,
+        image_size,
+        phrases: checked.distinct.clone(),
+        filter: checked.filter,
+        deadline,
+        enqueued: Instant::now(),
+        reply,
+    })?;
+    let output = match tokio::time::timeout_at(deadline.into(), answer).await {
+        Err(_) => return Err(Error::DeadlineExceeded),
+        Ok(Err(_)) => {
+            return Err(Error::NotServing(
+                "the inference thread dropped the request".into(),
+            ));
+        }
+        Ok(Ok(result)) => result?,
+    };
+
+    let t_encode = Instant::now();
+    let mask_size = shared.mask_size;
+    let concepts =
+        tokio::task::spawn_blocking(move || encode(&checked, output, mask_size, image_size))
+            .await
+            .map_err(|e| Error::Inference(format!("encoding task failed: {e}")))?;
+    let (concepts, mut timings) = concepts;
+    timings.decode_ms = ms(decode);
+    timings.postprocess_ms += ms(t_encode.elapsed());
+    timings.total_ms = ms(started.elapsed());
+    Ok(pb::SegmentResponse {
+        concepts,
+        image_width: image_size.0,
+        image_height: image_size.1,
+        mask_height: mask_size as u32,
+        mask_width: mask_size as u32,
+        timings: Some(timings),
+        model_id: shared.info.model_id.clone(),
+    })
+}
+
+/// Every field is checked and every violation reported, so a caller fixes a request in one round trip.
+fn check(shared: &Shared, request: &pb::SegmentRequest) -> Result<Checked, Error> {
+    let mut violations = Vec::new();
+    match request.image.as_ref().and_then(|i| i.source.as_ref()) {
+        None => violations.push(Violation::new(
+            "image",
+            "an image (encoded bytes or raw RGB) is required",
+        )),
+        Some(pb::image::Source::Encoded(bytes)) if bytes.is_empty() => {
+            violations.push(Violation::new("image.encoded", "no image bytes"))
+        }
+        Some(_) => {}
+    }
+    if request.concepts.is_empty() {
+        violations.push(Violation::new(
+            "concepts",
+            "at least one concept phrase is required",
+        ));
+    }
+    if request.concepts.len() > shared.max_concepts {
+        violations.push(Violation::new(
+            "concepts",
+            format!(
+                "{} concepts given, at most {} per request",
+                request.concepts.len(),
+                shared.max_concepts
+            ),
+        ));
+    }
+    let mut requested = Vec::with_capacity(request.concepts.len());
+    let mut distinct: Vec<(String, Tokens)> = Vec::new();
+    for (i, raw) in request.concepts.iter().enumerate() {
+        let field = format!("concepts[{i}]");
+        let phrase = raw
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase();
+        if phrase.is_empty() {
+            violations.push(Violation::new(field, "empty phrase"));
+            continue;
+        }
+        if phrase.chars().count() > shared.max_concept_chars {
+            violations.push(Violation::new(
+                field,
+                format!("longer than {} characters", shared.max_concept_chars),
+            ));
+            continue;
+        }
+        if !distinct.iter().any(|(p, _)| *p == phrase) {
+            match shared.tokenizer.encode(&phrase) {
+                Err(e) => violations.push(Violation::new(field, format!("cannot tokenise: {e}"))),
+                Ok(tokens) if tokens.truncated() => violations.push(Violation::new(
+                    field,
+                    format!(
+                        "{} tokens with BOS/EOS; the model reads at most {}: shorten the phrase",
+                        tokens.full_len,
+                        shared.tokenizer.context()
+                    ),
+                )),
+                Ok(tokens) => distinct.push((phrase.clone(), tokens)),
+            }
+        }
+        requested.push(phrase);
+    }
+    let threshold = request.score_threshold.unwrap_or(shared.default_threshold);
+    if !(0.0..1.0).contains(&threshold) {
+        violations.push(Violation::new("score_threshold", "must be within [0, 1)"));
+    }
+    if request.max_instances_per_concept > shared.max_instances {
+        violations.push(Violation::new(
+            "max_instances_per_concept",
+            format!(
+                "at most {} (0 means the server default)",
+                shared.max_instances
+            ),
+        ));
+    }
+    let format = pb::MaskFormat::try_from(request.mask_format).unwrap_or_else(|_| {
+        violations.push(Violation::new(
+            "mask_format",
+            format!("unknown value {}", request.mask_format),
+        ));
+        pb::MaskFormat::Unspecified
+    });
+    if !violations.is_empty() {
+        return Err(Error::InvalidArgument(violations));
+    }
+    let max_instances = match request.max_instances_per_concept {
+        0 => shared.max_instances,
+        n => n,
+    } as usize;
+    Ok(Checked {
+        requested,
+        distinct,
+        filter: FilterParams {
+            threshold,
+            max_instances,
+            keep_semantic: request.include_semantic,
+        },
+        format,
+        include_rle: request.include_rle,
+    })
+}
+
+async fn prepare(
+    shared: Arc<Shared>,
+    image: Option<pb::Image>,
+    deadline: Instant,
+) -> Result<Prepared, Error> {
+    let source = image
+        .and_then(|i| i.source)
+        .ok_or_else(|| Error::invalid("image", "required"))?;
+    let permit = tokio::time::timeout_at(
+        deadline.into(),
+        shared.preprocess_permits.clone().acquire_owned(),
+    )
+    .await
+    .map_err(|_| Error::DeadlineExceeded)?
+    .map_err(|_| Error::NotServing("shutting down".into()))?;
+    let prepared = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        match source {
+            pb::image::Source::Encoded(bytes) => shared.preprocessor.from_encoded(&bytes),
+            pb::image::Source::Rgb(rgb) => {
+                shared
+                    .preprocessor
+                    .from_rgb(rgb.width, rgb.height, rgb.data.to_vec())
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::Inference(format!("pre-processing task failed: {e}")))?;
+    prepared
+}
+
+fn encode(
+    checked: &Checked,
+    output: JobOutput,
+    mask_size: usize,
+    (width, height): (u32, u32),
+) -> (Vec<pb::ConceptResult>, pb::StageTimings) {
+    let started = Instant::now();
+    let tensor = |values: &[f32]| -> Option<pb::Tensor> {
+        let shape = vec![mask_size as u32, mask_size as u32];
+        match checked.format {
+            pb::MaskFormat::None => None,
+            pb::MaskFormat::LogitsF32 => Some(pb::Tensor {
+                shape,
+                dtype: pb::DataType::Float32 as i32,
+                data: to_le_bytes(values).into(),
+            }),
+            pb::MaskFormat::Unspecified | pb::MaskFormat::ProbabilityU8 => Some(pb::Tensor {
+                shape,
+                dtype: pb::DataType::Uint8 as i32,
+                data: to_probability_u8(values).into(),
+            }),
+        }
+    };
+    let encode_concept = |phrase: &str, kept: &KeptConcept, hit: bool| pb::ConceptResult {
+        concept: phrase.to_string(),
+        presence_score: kept.presence,
+        instances: kept
+            .instances
+            .iter()
+            .map(|inst| pb::Instance {
+                score: inst.score,
+                r#box: Some(pb::Box {
+                    x0: inst.bbox[0],
+                    y0: inst.bbox[1],
+                    x1: inst.bbox[2],
+                    y1: inst.bbox[3],
+                }),
+                mask: tensor(&inst.mask_logits),
+                rle: checked.include_rle.then(|| pb::CocoRle {
+                    height,
+                    width,
+                    counts: rle_from_logits(&inst.mask_logits, mask_size, inst.bbox, width, height),
+                }),
+                query_index: inst.query,
+            })
+            .collect(),
+        semantic: kept.semantic_logits.as_deref().and_then(tensor),
+        text_cache_hit: hit,
+    };
+    let concepts = checked
+        .requested
+        .iter()
+        .map(|phrase| {
+            let i = checked
+                .distinct
+                .iter()
+                .position(|(p, _)| p == phrase)
+                .expect("every requested phrase is distinct-listed");
+            encode_concept(phrase, &output.concepts[i], output.cache_hits[i])
+        })
+        .collect();
+    let timings = pb::StageTimings {
+        queue_ms: ms(output.queue),
+        decode_ms: 0.0,
+        preprocess_ms: 0.0,
+        vision_ms: ms(output.vision),
+        text_ms: ms(output.text),
+        decoder_ms: ms(output.decoder),
+        postprocess_ms: ms(output.filter + started.elapsed()),
+        total_ms: 0.0,
+        vision_batch_size: output.vision_batch as u32,
+    };
+    (concepts, timings)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The client's deadline from the `grpc-timeout` header ("100m", "5S", ...), as the gRPC spec encodes it.
+fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(value)
+}
+
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+    }
+}
