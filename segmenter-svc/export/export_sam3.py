@@ -1,0 +1,574 @@
+#!/usr/bin/env python3
+"""Export SAM3 (HF transformers `Sam3Model`) to three ONNX graphs + tokenizer.json + manifest.json.
+
+Graphs (opset 17, legacy TorchScript exporter, fp32 inputs/outputs in every precision):
+  vision.onnx   pixel_values f32 [B,3,S,S]                     -> fpn_0 [B,C,M,M], fpn_1 [B,C,M/2,M/2], fpn_2 [B,C,M/4,M/4]
+  text.onnx     input_ids, attention_mask i64 [N,32]           -> text_features f32 [N,32,D]
+  decoder.onnx  fpn_0..2 of ONE image (batch 1), text_features [N,32,D], text_mask i64 [N,32]
+                -> pred_masks [N,Q,M,M] (logits), pred_boxes [N,Q,4] (xyxy in [0,1]), pred_logits [N,Q],
+                   presence_logits [N,1], semantic_seg [N,1,M,M]
+with S = image size, M = 4*S/14, C = FPN channels, D = text feature dim, Q = queries.
+
+Usage:
+  # the real model (gated: HF_TOKEN must hold a token with access), or a local snapshot directory
+  HF_TOKEN=hf_... python export_sam3.py --model facebook/sam3 --revision main --out /models/sam3
+  python export_sam3.py --model /path/to/sam3-snapshot --out /models/sam3 --precision fp16
+
+  # random weights, no download (tiny = the committed test model; full = Sam3Config() defaults)
+  python export_sam3.py --random-init tiny --seed 0 --out ../models/sam3-tiny
+
+  # parity: PyTorch vs ONNX Runtime (CPU) on real images; writes reference fixtures, fails on disagreement
+  python export_sam3.py --random-init tiny --seed 0 --out ../models/sam3-tiny \
+      --parity-out /tmp/parity --images a.jpg b.png --concepts wall floor sofa --score-threshold 0.5
+  python export_sam3.py ... --parity-out ../tests/fixtures/reference --cases fixture_cases.json
+
+The CLIP BPE merges file (bpe_simple_vocab_16e6.txt.gz) is needed to build tokenizer.json. Pass --clip-bpe PATH, or
+let the script find it: it looks next to this script, then in /tmp/oc for the open-clip-torch wheel fetched with
+    pip download --no-deps open-clip-torch==3.3.0 -d /tmp/oc
+and reads open_clip/bpe_simple_vocab_16e6.txt.gz out of the wheel (a zip). open-clip-torch itself is NOT installed:
+it drags in heavy dependencies and only this one data file is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+import check_onnx
+import sam3_common as common
+
+HERE = Path(__file__).resolve().parent
+TINY_IMAGE_SIZE = 168
+BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+OPEN_CLIP_WHEEL_GLOB = "open_clip_torch-3.3.0-*.whl"
+
+
+# ----------------------------------------------------------------------------------------------------------- tokenizer
+
+def find_clip_bpe(explicit: str | None) -> bytes:
+    if explicit:
+        return Path(explicit).read_bytes()
+    local = HERE / BPE_NAME
+    if local.exists():
+        return local.read_bytes()
+    for wheel_dir in (Path("/tmp/oc"), HERE / ".oc"):
+        for wheel in sorted(wheel_dir.glob(OPEN_CLIP_WHEEL_GLOB)):
+            with zipfile.ZipFile(wheel) as zf:
+                return zf.read(f"open_clip/{BPE_NAME}")
+    raise SystemExit(
+        f"CLIP BPE vocab not found: pass --clip-bpe PATH/{BPE_NAME}, or run\n"
+        "  pip download --no-deps open-clip-torch==3.3.0 -d /tmp/oc\n"
+        "and the script reads it out of the wheel."
+    )
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode char table (same as CLIP's simple_tokenizer)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_clip_tokenizer(bpe_gz: bytes):
+    """A `tokenizers` CLIP BPE tokenizer equivalent to CLIP's SimpleTokenizer (minus ftfy's mojibake repair).
+
+    Vocab layout (49408): 256 byte chars, the same + '</w>', 48894 merges, <|startoftext|>, <|endoftext|>.
+    No truncation or padding is configured: the consumer truncates to 32 keeping EOS last and pads.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    lines = gzip.decompress(bpe_gz).decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_chars = list(bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == common.VOCAB_SIZE, len(vocab)
+    vocab_ids = {tok: i for i, tok in enumerate(vocab)}
+
+    tok = Tokenizer(BPE(vocab=vocab_ids, merges=merges, unk_token="<|endoftext|>", continuing_subword_prefix="",
+                        end_of_word_suffix="</w>", fuse_unk=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase(), normalizers.Strip()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"),
+                             behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", common.BOS_ID), ("<|endoftext|>", common.EOS_ID)])
+    tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace("</w>", " "), decoders.Strip(" ", 0, 1)])
+    # BOS/EOS are NOT registered as added tokens: a concept containing the literal text "<|endoftext|>" must be
+    # split as plain text (as CLIP's own tokenizer does), not smuggle an EOS into the middle of the prompt.
+    return tok
+
+
+# --------------------------------------------------------------------------------------------------------------- model
+
+def tiny_config():
+    from transformers import Sam3Config, Sam3ViTConfig, Sam3VisionConfig
+
+    d = 32  # DETR / FPN / mask-decoder width
+    m = common.mask_size(TINY_IMAGE_SIZE)
+    # 12x12 patches, 6x6 pretrain position table tiled 2x2 and 6x6 windows: the same structure as the real
+    # 72x72 / 24x24 / 24 (tiling, windowed + global layers), at 1/6 the side.
+    vit = Sam3ViTConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+                        image_size=TINY_IMAGE_SIZE, patch_size=14, pretrain_image_size=84, window_size=6,
+                        global_attn_indexes=[1, 3])
+    return Sam3Config(
+        vision_config=Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=d,
+                                       backbone_feature_sizes=[[m, m], [m // 2, m // 2], [m // 4, m // 4]]),
+        # Real vocab (49408 rows) so the real tokenizer drives it; 32-d keeps the embedding at 6 MB.
+        text_config={
+            "vocab_size": common.VOCAB_SIZE, "hidden_size": 32, "intermediate_size": 128, "projection_dim": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": common.CONTEXT_LENGTH,
+            "hidden_act": "gelu",
+        },
+        geometry_encoder_config={"hidden_size": d, "num_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
+        detr_encoder_config={"hidden_size": d, "num_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+        detr_decoder_config={"hidden_size": d, "num_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                             "num_queries": 20},
+        mask_decoder_config={"hidden_size": d, "num_attention_heads": 2},
+    )
+
+
+def fan_in_reinit(model, seed: int) -> None:
+    """Replace HF's std-0.02 init (mask logits ~1e-3) with fan-in scaled weights so every output is O(1).
+
+    Linear/conv weights ~ N(0, 1/fan_in), biases 0, norms identity, embeddings N(0, 1). Three nudges make the
+    scores look like a detector's instead of a constant per concept (measured on the tiny config):
+    - the DETR decoder is post-LN, so full-size residual branches wash out the query identity within two layers
+      (pred_logits std across queries 0.1); branches (attention o_proj, MLP fc2) at 1/4 keep it (std ~0.6);
+    - the scoring query projection x3 spreads pred_logits to std ~1.5-2;
+    - the presence head's last bias +2 puts σ(presence) near 0.8, so some σ(logit)·σ(presence) clear 0.5
+      (otherwise about half the concepts would be "absent" and nothing kept).
+    """
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal_(t, std):
+        with torch.no_grad():
+            t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * std)
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            fan_in = module.weight[0].numel()
+            normal_(module.weight, fan_in ** -0.5)
+        elif isinstance(module, nn.ConvTranspose2d):
+            # weight [in, out, k, k] with stride == kernel: each output pixel sees in_channels inputs.
+            normal_(module.weight, module.weight.shape[0] ** -0.5)
+        elif isinstance(module, nn.Embedding):
+            normal_(module.weight, 1.0)
+        elif isinstance(module, nn.LayerNorm):
+            with torch.no_grad():
+                module.weight.fill_(1.0)
+                module.bias.fill_(0.0)
+        else:
+            continue
+        if getattr(module, "bias", None) is not None and not isinstance(module, nn.LayerNorm):
+            with torch.no_grad():
+                module.bias.zero_()
+    # Free-standing parameters (the ViT's absolute position table).
+    emb = model.vision_encoder.backbone.embeddings
+    normal_(emb.position_embeddings, 0.5)
+    with torch.no_grad():
+        for name, module in model.detr_decoder.layers.named_modules():
+            if name.endswith("o_proj") or name.endswith("mlp.fc2"):
+                module.weight.mul_(0.25)
+        model.dot_product_scoring.query_proj.weight.mul_(3.0)
+        model.detr_decoder.presence_head.layer3.bias.fill_(2.0)
+
+
+def load_model(args):
+    """Returns (model, info) with info = source_model, source_revision, random_init, seed."""
+    import torch
+    from transformers import Sam3Config, Sam3Model
+
+    if args.random_init:
+        torch.manual_seed(args.seed)
+        config = tiny_config() if args.random_init == "tiny" else Sam3Config()
+        config._attn_implementation = "eager"
+        model = Sam3Model(config)
+        fan_in_reinit(model, args.seed)
+        info = {"source_model": "random", "source_revision": "", "random_init": args.random_init, "seed": args.seed}
+    else:
+        token = os.environ.get("HF_TOKEN") or None
+        model = Sam3Model.from_pretrained(args.model, revision=args.revision, token=token, attn_implementation="eager",
+                                          torch_dtype=torch.float32)
+        revision = args.revision or ""
+        commit = getattr(model.config, "_commit_hash", None)
+        if commit:
+            revision = commit
+        info = {"source_model": args.model, "source_revision": revision, "random_init": None, "seed": None}
+    model.eval()
+    return model, info
+
+
+def model_dims(model) -> dict:
+    cfg = model.config
+    return {
+        "image_size": int(cfg.vision_config.backbone_config.image_size),
+        "fpn_channels": int(cfg.vision_config.fpn_hidden_size),
+        "text_feature_dim": int(cfg.detr_encoder_config.hidden_size),
+        "num_queries": int(cfg.detr_decoder_config.num_queries),
+    }
+
+
+def wrappers(model):
+    import torch
+    from torch import nn
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.sam3.modeling_sam3 import Sam3SinePositionEmbedding, Sam3VisionEncoderOutput
+
+    # HF caches this function on the shape tuple; under tracing a cached tensor would be baked in as a constant with
+    # the example batch size. Call the uncached function so the graph computes the encoding for the runtime N.
+    build_pos = getattr(Sam3SinePositionEmbedding.build_sine_position_embedding, "__wrapped__",
+                        Sam3SinePositionEmbedding.build_sine_position_embedding)
+
+    class Vision(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = model.vision_encoder
+
+        def forward(self, pixel_values):
+            fpn = self.encoder(pixel_values).fpn_hidden_states
+            return fpn[0], fpn[1], fpn[2]  # the 4th (0.5x) level is unused by the detector
+
+    class Text(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            pe = model.vision_encoder.neck.position_encoding
+            self.pe_args = (pe.num_position_features, pe.normalize, pe.scale, pe.temperature)
+
+        def forward(self, fpn_0, fpn_1, fpn_2, text_features, text_mask):
+            n = text_features.shape[0]
+            fpn = [f.expand(n, -1, -1, -1) for f in (fpn_0, fpn_1, fpn_2)]
+            pos = [build_pos(f.shape, f.device, f.dtype, *self.pe_args) for f in fpn]
+            # Sam3Model.forward drops the last FPN level ([:-1]); pass a placeholder 4th level it never reads.
+            vision = Sam3VisionEncoderOutput(fpn_hidden_states=tuple(fpn) + (fpn[-1],),
+                                             fpn_position_encoding=tuple(pos) + (pos[-1],))
+            out = self.model(vision_embeds=vision, text_embeds=BaseModelOutputWithPooling(pooler_output=text_features),
+                             attention_mask=text_mask)
+            return out.pred_masks, out.pred_boxes, out.pred_logits, out.presence_logits, out.semantic_seg
+
+    return Vision().eval(), Text().eval(), Decoder().eval()
+
+
+# -------------------------------------------------------------------------------------------------------------- export
+
+def _fix_io_shapes(onnx_model, spec: dict) -> None:
+    """Write the contract's names/shapes onto graph inputs/outputs (the tracer leaves symbols like 'Addfpn_0_dim_2')."""
+    graph = onnx_model.graph
+    for kind, values in (("inputs", graph.input), ("outputs", graph.output)):
+        by_name = {v.name: v for v in values}
+        assert list(by_name) == [x["name"] for x in spec[kind]], (kind, list(by_name))
+        for x in spec[kind]:
+            shape = by_name[x["name"]].type.tensor_type.shape
+            del shape.dim[:]
+            for d in x["shape"]:
+                dim = shape.dim.add()
+                if isinstance(d, str):
+                    dim.dim_param = d
+                else:
+                    dim.dim_value = d
+
+
+def _save_onnx(onnx_model, path: Path) -> list[Path]:
+    import onnx
+
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    if onnx_model.ByteSize() > 1_800_000_000:  # protobuf's 2 GB cap: weights go to an external file
+        onnx.save_model(onnx_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+        return [path.with_name(path.name + ".data")]
+    onnx.save_model(onnx_model, str(path))
+    return []
+
+
+def export_graphs(model, out: Path, precision: str, opset: int) -> dict:
+    import onnx
+    import torch
+
+    dims = model_dims(model)
+    contract = common.graph_contract(**dims)
+    s, t = dims["image_size"], common.CONTEXT_LENGTH
+    vision, text, decoder = wrappers(model)
+
+    # Example size 2 for every dynamic dim (size 1 gets specialised away by the exporters).
+    gen = torch.Generator().manual_seed(1234)
+    pixel_values = torch.rand(2, 3, s, s, generator=gen) * 2 - 1
+    input_ids = torch.full((2, t), common.PAD_ID, dtype=torch.long)
+    input_ids[:, 0] = common.BOS_ID
+    input_ids[0, 1:3] = torch.tensor([2569, common.EOS_ID])
+    input_ids[1, 1:4] = torch.tensor([4125, 15723, common.EOS_ID])
+    attention_mask = (torch.arange(t)[None, :] < torch.tensor([[3], [4]])).long()
+    with torch.no_grad():
+        fpn = vision(pixel_values[:1])
+        text_features = text(input_ids, attention_mask)
+
+    jobs = {
+        "vision": (vision, (pixel_values,), {"pixel_values": {0: "B"}, "fpn_0": {0: "B"}, "fpn_1": {0: "B"},
+                                             "fpn_2": {0: "B"}}),
+        "text": (text, (input_ids, attention_mask), {"input_ids": {0: "N"}, "attention_mask": {0: "N"},
+                                                    "text_features": {0: "N"}}),
+        "decoder": (decoder, (*fpn, text_features, attention_mask),
+                    {"text_features": {0: "N"}, "text_mask": {0: "N"},
+                     **{name: {0: "N"} for name in common.OUTPUT_NAMES}}),
+    }
+    graphs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (module, example, dynamic_axes) in jobs.items():
+            spec = contract[name]
+            raw = Path(tmp) / f"{name}.onnx"
+            t0 = time.time()
+            with torch.no_grad():
+                torch.onnx.export(module, example, str(raw), input_names=[x["name"] for x in spec["inputs"]],
+                                  output_names=[x["name"] for x in spec["outputs"]], dynamic_axes=dynamic_axes,
+                                  opset_version=opset, do_constant_folding=True, dynamo=False)
+            onnx_model = onnx.load(str(raw))  # pulls in external data if the exporter wrote any
+            if precision == "fp16":
+                from onnxruntime.transformers.float16 import convert_float_to_float16
+
+                # Shape inference on the full-size vision graph needs > 24 GB RAM; the converter works without it.
+                onnx_model = convert_float_to_float16(onnx_model, keep_io_types=True,
+                                                      disable_shape_infer=(name == "vision"))
+            _fix_io_shapes(onnx_model, spec)
+            path = out / f"{name}.onnx"
+            external = _save_onnx(onnx_model, path)
+            del onnx_model
+            entry = {"file": path.name, "sha256": common.sha256_file(path), **spec}
+            if external:
+                entry["external_data"] = [{"file": p.name, "sha256": common.sha256_file(p)} for p in external]
+            graphs[name] = entry
+            print(f"exported {name}.onnx ({path.stat().st_size / 1e6:.2f} MB, {time.time() - t0:.1f} s)", flush=True)
+    return graphs
+
+
+def session_hints(precision: str) -> dict:
+    # fp16 vision on the CUDA EP failed with "Shape mismatch attempting to re-use buffer" until the memory pattern
+    # and memory reuse were disabled (measured on an H200). Unverified beyond that: keep the switch in the manifest so
+    # the server applies it to the vision session only, instead of slowing every session.
+    if precision == "fp16":
+        return {"vision": {"disable_memory_pattern": True, "disable_memory_reuse": True}}
+    return {}
+
+
+def write_manifest(out: Path, info: dict, dims: dict, precision: str, opset: int, graphs: dict) -> dict:
+    import torch
+    import transformers
+
+    tok = out / "tokenizer.json"
+    manifest = {
+        "format": common.FORMAT,
+        "format_version": common.FORMAT_VERSION,
+        **info,
+        "precision": precision,
+        "opset": opset,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "image_size": dims["image_size"],
+        "image_mean": common.IMAGE_MEAN,
+        "image_std": common.IMAGE_STD,
+        "resize": common.RESIZE,
+        "mask_size": common.mask_size(dims["image_size"]),
+        "num_queries": dims["num_queries"],
+        "text_context_length": common.CONTEXT_LENGTH,
+        "text_feature_dim": dims["text_feature_dim"],
+        "fpn_channels": dims["fpn_channels"],
+        "session_hints": session_hints(precision),
+        "tokenizer": {"file": tok.name, "sha256": common.sha256_file(tok), "bos_id": common.BOS_ID,
+                      "eos_id": common.EOS_ID, "pad_id": common.PAD_ID},
+        "graphs": graphs,
+    }
+    common.write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+# -------------------------------------------------------------------------------------------------------------- parity
+
+def torch_reference(model, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict:
+    """The unmodified HF path: vision features once, expanded to N prompts, then Sam3Model.forward with input_ids."""
+    import torch
+    from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+    n = input_ids.shape[0]
+    with torch.no_grad():
+        vis = model.get_vision_features(pixel_values=torch.from_numpy(pixel_values))
+        vis = Sam3VisionEncoderOutput(
+            fpn_hidden_states=tuple(f.expand(n, -1, -1, -1) for f in vis.fpn_hidden_states),
+            fpn_position_encoding=tuple(p.expand(n, -1, -1, -1) for p in vis.fpn_position_encoding),
+        )
+        out = model(vision_embeds=vis, input_ids=torch.from_numpy(input_ids),
+                    attention_mask=torch.from_numpy(attention_mask))
+    return {k: getattr(out, k).float().numpy() for k in common.OUTPUT_NAMES}
+
+
+def ort_sessions(model_dir: Path) -> dict:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return {g: ort.InferenceSession(str(model_dir / f"{g}.onnx"), opts, providers=["CPUExecutionProvider"])
+            for g in ("vision", "text", "decoder")}
+
+
+def ort_run(sessions: dict, pixel_values, input_ids, attention_mask) -> dict:
+    fpn = sessions["vision"].run(list(common.FPN_NAMES), {"pixel_values": pixel_values})
+    (text_features,) = sessions["text"].run(["text_features"], {"input_ids": input_ids,
+                                                               "attention_mask": attention_mask})
+    feeds = dict(zip(common.FPN_NAMES, fpn), text_features=text_features, text_mask=attention_mask)
+    return dict(zip(common.OUTPUT_NAMES, sessions["decoder"].run(list(common.OUTPUT_NAMES), feeds)))
+
+
+def tolerance(precision: str, ref: np.ndarray) -> float:
+    # fp32 ORT vs PyTorch differ by kernel order only; fp16 graphs carry ~1e-3 relative rounding per op.
+    atol, rtol = (1e-4, 1e-4) if precision == "fp32" else (5e-2, 5e-2)
+    return atol + rtol * float(np.abs(ref).max())
+
+
+def run_parity(model, model_dir: Path, cases: list[dict], parity_out: Path, precision: str) -> bool:
+    tokenizer = common.load_tokenizer(model_dir / "tokenizer.json")
+    size = model_dims(model)["image_size"]
+    sessions = ort_sessions(model_dir)
+    ok = True
+    parity_out.mkdir(parents=True, exist_ok=True)
+    for i, case in enumerate(cases, start=1):
+        image_path = Path(case["image"]).resolve()
+        image = common.load_oriented_rgb(image_path)
+        pixel_values = common.preprocess(image, size)
+        input_ids, attention_mask, lengths = common.tokenize(tokenizer, case["concepts"])
+        ref = torch_reference(model, pixel_values, input_ids, attention_mask)
+        got = ort_run(sessions, pixel_values, input_ids, attention_mask)
+
+        case_dir = parity_out / f"case_{i}"
+        case_dir.mkdir(parents=True, exist_ok=True)
+        print(f"case_{i}: {image_path.name} {image.size[0]}x{image.size[1]} concepts={case['concepts']} "
+              f"tokens={lengths}")
+        for name in common.OUTPUT_NAMES:
+            delta = float(np.abs(ref[name] - got[name]).max())
+            tol = tolerance(precision, ref[name])
+            flag = "ok" if delta <= tol else "FAIL"
+            ok &= delta <= tol
+            print(f"  {name:16s} shape={list(ref[name].shape)} max|ref|={np.abs(ref[name]).max():9.4f} "
+                  f"max|Δ|={delta:.3e} tol={tol:.1e} {flag}")
+
+        threshold = float(case.get("score_threshold", 0.5))
+        rel_image = os.path.relpath(image_path, case_dir.resolve())
+        common.write_json(case_dir / "case.json", {
+            "image": rel_image, "concepts": case["concepts"], "score_threshold": threshold,
+            "oriented_width": image.size[0], "oriented_height": image.size[1]})
+        for name, arr in (("pixel_values", pixel_values), ("input_ids", input_ids),
+                          ("attention_mask", attention_mask), *ref.items()):
+            np.save(case_dir / f"{name}.npy", np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"))))
+        expected = common.expected_instances(ref, case["concepts"], threshold, image.size[0], image.size[1])
+        common.write_json(case_dir / "expected.json", expected)
+        kept = [len(c["instances"]) for c in expected["concepts"]]
+        scores = common.sigmoid(ref["pred_logits"]) * common.sigmoid(ref["presence_logits"])
+        margin = float(np.abs(scores - threshold).min())
+        print(f"  presence={[round(c['presence_score'], 3) for c in expected['concepts']]} kept={kept} "
+              f"(threshold {threshold}, of {ref['pred_logits'].shape[1]} queries each; "
+              f"closest score is {margin:.3f} from the threshold)")
+        if margin < 1e-3:
+            print("  WARNING: a score sits within 1e-3 of the threshold; pick another so the kept set is stable")
+        checker = check_onnx.Checker()
+        worst = check_onnx.check_batching(sessions, pixel_values, input_ids, attention_mask, checker)
+        print(f"  ORT batched vs single runs: max |Δ| {worst:.2e}")
+        ok &= not checker.failures
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF repo id (e.g. facebook/sam3; token from HF_TOKEN) or a local snapshot dir")
+    src.add_argument("--random-init", choices=["tiny", "full"], help="random weights, no download")
+    ap.add_argument("--revision", default=None, help="HF revision (branch, tag or commit) for --model")
+    ap.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
+    ap.add_argument("--out", type=Path, required=True, help="output directory for the 5 model files")
+    ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    ap.add_argument("--opset", type=int, default=common.OPSET, help=argparse.SUPPRESS)
+    ap.add_argument("--clip-bpe", default=None, help=f"path to {BPE_NAME} (default: found automatically, see above)")
+    ap.add_argument("--parity-out", type=Path, default=None, help="run PyTorch vs ORT and write reference outputs here")
+    ap.add_argument("--images", nargs="+", default=[], help="parity images (all get the same --concepts)")
+    ap.add_argument("--concepts", nargs="+", default=[], help="parity concepts")
+    ap.add_argument("--score-threshold", type=float, default=0.5)
+    ap.add_argument("--cases", type=Path, default=None,
+                    help='JSON list of {"image", "concepts", "score_threshold"}; image paths relative to the file')
+    args = ap.parse_args(argv)
+    if args.model is None and args.revision:
+        ap.error("--revision needs --model")
+    if args.parity_out and not (args.cases or (args.images and args.concepts)):
+        ap.error("--parity-out needs --cases FILE or --images ... --concepts ...")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_clip_tokenizer(find_clip_bpe(args.clip_bpe))
+    checks = common.check_tokenizer(tokenizer)
+    tokenizer.save(str(args.out / "tokenizer.json"), pretty=False)
+    print(f"tokenizer.json written; checks {checks}")
+
+    t0 = time.time()
+    model, info = load_model(args)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model ready: {n_params:,} parameters ({time.time() - t0:.1f} s) {info}", flush=True)
+
+    graphs = export_graphs(model, args.out, args.precision, args.opset)
+    manifest = write_manifest(args.out, info, model_dims(model), args.precision, args.opset, graphs)
+    print(f"manifest.json written: image_size={manifest['image_size']} mask_size={manifest['mask_size']} "
+          f"queries={manifest['num_queries']} D={manifest['text_feature_dim']} C={manifest['fpn_channels']}")
+
+    if args.parity_out:
+        if args.cases:
+            base = args.cases.resolve().parent
+            cases = json.loads(args.cases.read_text())
+            for c in cases:
+                c["image"] = str(base / c["image"])
+        else:
+            cases = [{"image": img, "concepts": args.concepts, "score_threshold": args.score_threshold}
+                     for img in args.images]
+        if not run_parity(model, args.out, cases, args.parity_out, args.precision):
+            print("PARITY FAILED: ONNX Runtime and PyTorch disagree beyond tolerance", file=sys.stderr)
+            return 1
+        print("parity ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Torch-free pieces shared by export_sam3.py and check_onnx.py: the graph contract, preprocessing, token padding,
+post-processing into expected.json, and file hashing.
+
+Only numpy and Pillow are needed here (plus `tokenizers` for the functions that build or use tokenizer.json), so CI
+can check the committed fixtures without installing torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+FORMAT = "palette-sam3-onnx"
+FORMAT_VERSION = 1
+OPSET = 17
+CONTEXT_LENGTH = 32
+BOS_ID = 49406
+EOS_ID = 49407
+PAD_ID = EOS_ID
+VOCAB_SIZE = 49408
+IMAGE_MEAN = [0.5, 0.5, 0.5]
+IMAGE_STD = [0.5, 0.5, 0.5]
+RESIZE = "bilinear_antialias"
+OUTPUT_NAMES = ("pred_masks", "pred_boxes", "pred_logits", "presence_logits", "semantic_seg")
+FPN_NAMES = ("fpn_0", "fpn_1", "fpn_2")
+
+# Known ids from the CLIP BPE vocabulary; a tokenizer.json that disagrees is built from the wrong files.
+TOKENIZER_CHECKS = {
+    "wall": [BOS_ID, 2569, EOS_ID],
+    "floor": [BOS_ID, 4125, EOS_ID],
+    "sofa": [BOS_ID, 15723, EOS_ID],
+}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def graph_contract(image_size: int, fpn_channels: int, text_feature_dim: int, num_queries: int) -> dict:
+    """Names, dtypes and shapes of the three graphs; symbols are the dynamic dims (B images, N phrases)."""
+    s, c, d, q = image_size, fpn_channels, text_feature_dim, num_queries
+    m = mask_size(image_size)
+    t = CONTEXT_LENGTH
+
+    def io(name, dtype, shape):
+        return {"name": name, "dtype": dtype, "shape": shape}
+
+    fpn_b = [io("fpn_0", "float32", ["B", c, m, m]), io("fpn_1", "float32", ["B", c, m // 2, m // 2]),
+             io("fpn_2", "float32", ["B", c, m // 4, m // 4])]
+    fpn_1 = [dict(x, shape=[1] + x["shape"][1:]) for x in fpn_b]
+    return {
+        "vision": {"inputs": [io("pixel_values", "float32", ["B", 3, s, s])], "outputs": fpn_b},
+        "text": {
+            "inputs": [io("input_ids", "int64", ["N", t]), io("attention_mask", "int64", ["N", t])],
+            "outputs": [io("text_features", "float32", ["N", t, d])],
+        },
+        "decoder": {
+            "inputs": fpn_1 + [io("text_features", "float32", ["N", t, d]), io("text_mask", "int64", ["N", t])],
+            "outputs": [
+                io("pred_masks", "float32", ["N", q, m, m]),
+                io("pred_boxes", "float32", ["N", q, 4]),
+                io("pred_logits", "float32", ["N", q]),
+                io("presence_logits", "float32", ["N", 1]),
+                io("semantic_seg", "float32", ["N", 1, m, m]),
+            ],
+        },
+    }
+
+
+def mask_size(image_size: int) -> int:
+    # The ViT has patch 14 and the highest FPN level is upsampled 4x: M = 4 * S / 14.
+    return 4 * image_size // 14
+
+
+def load_oriented_rgb(path: Path) -> Image.Image:
+    """Decode, apply the EXIF orientation, convert to RGB (what the Rust side must do first)."""
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
+def preprocess(image: Image.Image, image_size: int) -> np.ndarray:
+    """RGB PIL image -> f32 [1,3,S,S]. PIL's BILINEAR filter antialiases on downscale (support grows with scale)."""
+    resized = image.resize((image_size, image_size), Image.BILINEAR)
+    x = np.asarray(resized, dtype=np.float32) / 255.0
+    x = (x - np.float32(0.5)) / np.float32(0.5)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def pad_token_ids(ids_list: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """[BOS, ..., EOS] lists -> (input_ids, attention_mask) i64 [N,32]: truncate keeping EOS last, pad with EOS."""
+    n = len(ids_list)
+    input_ids = np.full((n, CONTEXT_LENGTH), PAD_ID, dtype=np.int64)
+    attention_mask = np.zeros((n, CONTEXT_LENGTH), dtype=np.int64)
+    for i, ids in enumerate(ids_list):
+        if len(ids) > CONTEXT_LENGTH:
+            ids = ids[: CONTEXT_LENGTH - 1] + [EOS_ID]
+        input_ids[i, : len(ids)] = ids
+        attention_mask[i, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def load_tokenizer(path: Path):
+    from tokenizers import Tokenizer  # optional for check_onnx.py
+
+    return Tokenizer.from_file(str(path))
+
+
+def tokenize(tokenizer, concepts: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Returns input_ids, attention_mask and the untruncated token count per concept."""
+    raw = [tokenizer.encode(c).ids for c in concepts]
+    ids, mask = pad_token_ids(raw)
+    return ids, mask, [len(r) for r in raw]
+
+
+def check_tokenizer(tokenizer) -> dict:
+    got = {word: tokenizer.encode(word).ids for word in TOKENIZER_CHECKS}
+    bad = {w: ids for w, ids in got.items() if ids != TOKENIZER_CHECKS[w]}
+    if bad:
+        raise SystemExit(f"tokenizer check failed: {bad} (expected {TOKENIZER_CHECKS})")
+    return got
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+
+
+def expected_instances(outputs: dict, concepts: list[str], threshold: float, width: int, height: int) -> dict:
+    """Per concept: presence score and kept instances (score = σ(logit)·σ(presence) > threshold), best first."""
+    presence = sigmoid(outputs["presence_logits"][:, 0])
+    scores = sigmoid(outputs["pred_logits"]) * presence[:, None]
+    scale = np.array([width, height, width, height], dtype=np.float64)
+    result = []
+    for n, concept in enumerate(concepts):
+        keep = np.nonzero(scores[n] > threshold)[0]
+        keep = keep[np.argsort(-scores[n][keep], kind="stable")]
+        instances = []
+        for q in keep:
+            box = outputs["pred_boxes"][n, q].astype(np.float64) * scale
+            box = np.clip(box, 0, scale)
+            instances.append({"query": int(q), "score": float(scores[n, q]), "box": [float(v) for v in box]})
+        result.append({"concept": concept, "presence_score": float(presence[n]), "instances": instances})
+    return {"score_threshold": threshold, "image_width": width, "image_height": height, "concepts": result}
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
