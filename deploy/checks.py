@@ -1,0 +1,482 @@
+#!/usr/bin/env python3
+"""Structural checks of the deployment files that no schema expresses. Called by deploy/validate.sh.
+
+    checks.py compose   RENDERED_DIR   # JSON renders of docker-compose.yml, one per profile set
+    checks.py env                      # docker-compose.yml <-> .env.example
+    checks.py k8s       RENDERED_DIR   # kustomize renders, one YAML file per overlay
+    checks.py otel                     # deploy/otel-collector.yaml references
+    checks.py dockerfiles              # Dockerfile stages, users, health checks, build-context sources
+
+Prints one line per failed check and exits 1 when any failed. Stdlib + PyYAML (+ docker for .dockerignore).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+FAILURES: list[str] = []
+WARNINGS: list[str] = []
+
+
+def fail(msg: str) -> None:
+    FAILURES.append(msg)
+    print(f"FAIL {msg}")
+
+
+def warn(msg: str) -> None:
+    WARNINGS.append(msg)
+    print(f"WARN {msg}")
+
+
+def check(cond: bool, msg: str) -> bool:
+    if not cond:
+        fail(msg)
+    return cond
+
+
+# --------------------------------------------------------------------------------------------------- compose
+APP_SERVICES = {"segmenter", "segmenter-cpu", "orchestrator"}
+
+
+def compose(rendered_dir: Path) -> None:
+    renders = sorted(rendered_dir.glob("*.json"))
+    check(bool(renders), f"no compose renders in {rendered_dir}")
+    for path in renders:
+        profiles = path.stem
+        cfg = json.loads(path.read_text())
+        services = cfg.get("services", {})
+        active = set(services)
+        if "gpu" in profiles.split("+"):
+            check("segmenter" in active, f"[{profiles}] gpu profile must start `segmenter`")
+        if "cpu" in profiles.split("+"):
+            check("segmenter-cpu" in active, f"[{profiles}] cpu profile must start `segmenter-cpu`")
+        check(not {"segmenter", "segmenter-cpu"} <= active, f"[{profiles}] GPU and CPU segmenter both active")
+        for name, svc in services.items():
+            if name in APP_SERVICES:
+                hc = svc.get("healthcheck", {})
+                test = hc.get("test", [])
+                check(
+                    isinstance(test, list) and test[:1] == ["CMD"] and test[-1:] == ["healthcheck"],
+                    f"[{profiles}] {name}: healthcheck must be [CMD, <binary>, healthcheck], got {test}",
+                )
+                check(svc.get("init") is True, f"[{profiles}] {name}: init: true (signal forwarding)")
+            if name in ("segmenter", "segmenter-cpu"):
+                env = svc.get("environment", {})
+                check(env.get("MODEL_CACHE_DIR") == "/models", f"[{profiles}] {name}: MODEL_CACHE_DIR=/models")
+                vols = svc.get("volumes", [])
+                check(
+                    any(v.get("target") == "/models" and v.get("source") == "models" for v in vols),
+                    f"[{profiles}] {name}: the `models` volume must be mounted at /models",
+                )
+                aliases = (svc.get("networks", {}).get("default") or {}).get("aliases") or []
+                check("segmenter" in aliases or name == "segmenter", f"[{profiles}] {name}: network alias segmenter")
+                devices = (
+                    svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+                )
+                if name == "segmenter":
+                    check(
+                        any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices),
+                        f"[{profiles}] segmenter: needs an nvidia GPU device reservation",
+                    )
+                    check(svc.get("build", {}).get("target") == "runtime-gpu", f"[{profiles}] segmenter: target")
+                else:
+                    check(not devices, f"[{profiles}] segmenter-cpu must not reserve GPUs")
+                    check(svc.get("build", {}).get("target") == "runtime-cpu", f"[{profiles}] segmenter-cpu: target")
+            if name == "orchestrator":
+                env = svc.get("environment", {})
+                for key in (
+                    "SEGMENTER_URL STORAGE_BACKEND LOCAL_STORAGE_DIR PRESETS_DIR R2_ACCOUNT_ID R2_ACCESS_KEY_ID "
+                    "R2_SECRET_ACCESS_KEY R2_BUCKET_NAME WORKERS_API_URL GPU_CALLBACK_SECRET BATCH_CONCURRENCY "
+                    "CALLBACK_TIMEOUT_SEC LOG_LEVEL ADAPTER AWS_ENDPOINT_URL_S3 GRPC_ADDR METRICS_ADDR"
+                ).split():
+                    check(key in env, f"[{profiles}] orchestrator: environment lacks {key}")
+                check(
+                    env.get("SEGMENTER_URL", "").startswith("http://segmenter:"),
+                    f"[{profiles}] orchestrator: SEGMENTER_URL should name the `segmenter` network alias",
+                )
+            if name == "model-export":
+                check(profiles != "default", "model-export must sit behind a profile")
+                check(
+                    any(s.get("source") == "hf_token" for s in svc.get("secrets", [])),
+                    f"[{profiles}] model-export: HF token as the hf_token secret",
+                )
+        if profiles == "default":
+            check("model-export" not in active, "[default] model-export must not start without its profile")
+
+
+def env_example() -> None:
+    compose_text = (ROOT / "docker-compose.yml").read_text()
+    used = set(re.findall(r"\$\{([A-Z0-9_]+)", compose_text))
+    used |= set(re.findall(r"environment:\s*([A-Z0-9_]+)\s*$", compose_text, re.M))  # secrets from environment
+    documented = set()
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        m = re.match(r"^([A-Z0-9_]+)=", line)
+        if m:
+            check(m.group(1) not in documented, f".env.example: {m.group(1)} defined twice")
+            documented.add(m.group(1))
+    for var in sorted(used - documented):
+        fail(f".env.example does not cover ${{{var}}} used in docker-compose.yml")
+    compose_own = {"COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME"}
+    for var in sorted(documented - used - compose_own):
+        fail(f".env.example has {var}, which docker-compose.yml never reads")
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        m = re.match(r"^([A-Z0-9_]*(SECRET|TOKEN|PASSWORD)[A-Z0-9_]*)=(.*)$", line)
+        if m and m.group(3) and "local" not in m.group(3):
+            fail(f".env.example: {m.group(1)} must be empty or a local-only placeholder")
+
+
+# --------------------------------------------------------------------------------------------------- k8s
+def _load(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _index(docs: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def _seconds(probe: dict) -> int:
+    return probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+
+
+SCALEDOBJECT_REQUIRED = {
+    "apiVersion": str,
+    "kind": str,
+    "metadata": dict,
+    "spec": dict,
+}
+SCALEDOBJECT_SPEC_KEYS = {
+    "scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod", "idleReplicaCount",
+    "minReplicaCount", "maxReplicaCount", "fallback", "advanced", "triggers",
+}
+PROMETHEUS_TRIGGER_KEYS = {
+    "serverAddress", "query", "threshold", "activationThreshold", "namespace", "customHeaders",
+    "ignoreNullValues", "queryParameters", "unsafeSsl", "timeout",
+}
+
+
+def _scaledobject(so: dict, idx: dict, where: str) -> None:
+    """KEDA v2 ScaledObject, checked against the fields KEDA documents (no CRD schema ships in a registry package)."""
+    name = so["metadata"]["name"]
+    for key, typ in SCALEDOBJECT_REQUIRED.items():
+        check(isinstance(so.get(key), typ), f"{where}: ScaledObject/{name}: {key} must be a {typ.__name__}")
+    check(so.get("apiVersion") == "keda.sh/v1alpha1", f"{where}: ScaledObject/{name}: apiVersion keda.sh/v1alpha1")
+    spec = so.get("spec", {})
+    for key in spec:
+        check(key in SCALEDOBJECT_SPEC_KEYS, f"{where}: ScaledObject/{name}: unknown spec.{key}")
+    ref = spec.get("scaleTargetRef", {})
+    target = idx.get((ref.get("kind", "Deployment"), ref.get("name", "")))
+    check(target is not None, f"{where}: ScaledObject/{name}: scaleTargetRef {ref} names no object")
+    lo, hi = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+    check(isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi, f"{where}: ScaledObject/{name}: replicas")
+    fb = spec.get("fallback")
+    if fb is not None:
+        check(
+            isinstance(fb.get("failureThreshold"), int) and isinstance(fb.get("replicas"), int),
+            f"{where}: ScaledObject/{name}: fallback needs integer failureThreshold and replicas",
+        )
+    triggers = spec.get("triggers", [])
+    check(bool(triggers), f"{where}: ScaledObject/{name}: no triggers")
+    for trig in triggers:
+        check(trig.get("type") == "prometheus", f"{where}: ScaledObject/{name}: expected a prometheus trigger")
+        meta = trig.get("metadata", {})
+        for key in meta:
+            check(key in PROMETHEUS_TRIGGER_KEYS, f"{where}: ScaledObject/{name}: unknown trigger metadata {key}")
+        for key in ("serverAddress", "query", "threshold"):
+            check(isinstance(meta.get(key), str) and meta.get(key), f"{where}: ScaledObject/{name}: {key}")
+        try:
+            check(float(meta.get("threshold", "x")) > 0, f"{where}: ScaledObject/{name}: threshold > 0")
+        except ValueError:
+            fail(f"{where}: ScaledObject/{name}: threshold must be a number in a string")
+        query = meta.get("query", "")
+        check(query.count("(") == query.count(")"), f"{where}: ScaledObject/{name}: unbalanced query")
+        expected = {
+            "segmenter": ("segmenter_queue_depth", "segmenter_inflight_requests"),
+            "orchestrator": ("orchestrator_items_in_flight",),
+        }.get(ref.get("name"), ())
+        for metric in expected:
+            check(metric in query, f"{where}: ScaledObject/{name}: query should use {metric}")
+
+
+def _pod_spec(dep: dict) -> dict:
+    return dep["spec"]["template"]["spec"]
+
+
+def k8s(rendered_dir: Path) -> None:
+    renders = sorted(rendered_dir.glob("*.yaml"))
+    check(bool(renders), f"no kustomize renders in {rendered_dir}")
+    external = {("Secret", "palette-secrets"), ("Secret", "palette-hf-token")}
+    for path in renders:
+        where = path.stem
+        docs = _load(path)
+        idx = _index(docs)
+        for doc in docs:
+            ns = doc["metadata"].get("namespace")
+            if doc["kind"] != "Namespace":
+                check(ns == "palette", f"{where}: {doc['kind']}/{doc['metadata']['name']} not in namespace palette")
+        if where == "model-export":
+            job = idx.get(("Job", "model-export"))
+            if check(job is not None, "model-export: Job missing"):
+                c = job["spec"]["template"]["spec"]["containers"][0]
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+                check("/models" in mounts, "model-export: /models mount")
+                tf = env.get("HF_TOKEN_FILE", "")
+                check(any(tf.startswith(p + "/") for p in mounts), "model-export: HF_TOKEN_FILE under a mount")
+            continue
+
+        seg = idx.get(("Deployment", "segmenter"))
+        orch = idx.get(("Deployment", "orchestrator"))
+        if not (check(seg is not None, f"{where}: Deployment/segmenter missing")
+                and check(orch is not None, f"{where}: Deployment/orchestrator missing")):
+            continue
+
+        # Headless segmenter Service, selecting the segmenter pods, exposing the container's gRPC port.
+        svc = idx.get(("Service", "segmenter"))
+        if check(svc is not None, f"{where}: Service/segmenter missing"):
+            check(svc["spec"].get("clusterIP") == "None", f"{where}: Service/segmenter must be headless")
+            labels = seg["spec"]["template"]["metadata"]["labels"]
+            check(
+                all(labels.get(k) == v for k, v in svc["spec"]["selector"].items()),
+                f"{where}: Service/segmenter selector does not match the segmenter pods",
+            )
+        cm = next((d for (k, _), d in idx.items() if k == "ConfigMap" and _.startswith("palette-config")), None)
+        if check(cm is not None, f"{where}: palette-config ConfigMap missing"):
+            url = cm["data"].get("SEGMENTER_URL", "")
+            check(
+                url.startswith("http://segmenter.") or url.startswith("http://segmenter:"),
+                f"{where}: SEGMENTER_URL must name the headless Service, got {url!r}",
+            )
+
+        for dep, port, min_start in ((seg, 50051, 600), (orch, 50052, 60)):
+            name = dep["metadata"]["name"]
+            pod = _pod_spec(dep)
+            c = pod["containers"][0]
+            ports = {p["containerPort"] for p in c.get("ports", [])}
+            check(port in ports, f"{where}: {name}: containerPort {port}")
+            for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+                probe = c.get(probe_name)
+                if check(probe is not None, f"{where}: {name}: {probe_name} missing"):
+                    check(probe.get("grpc", {}).get("port") == port, f"{where}: {name}: {probe_name} grpc:{port}")
+            if c.get("startupProbe"):
+                check(
+                    _seconds(c["startupProbe"]) >= min_start,
+                    f"{where}: {name}: startupProbe allows {_seconds(c['startupProbe'])} s < {min_start} s",
+                )
+            check(pod.get("securityContext", {}).get("runAsNonRoot") is True, f"{where}: {name}: runAsNonRoot")
+            check(
+                c.get("securityContext", {}).get("allowPrivilegeEscalation") is False,
+                f"{where}: {name}: allowPrivilegeEscalation false",
+            )
+            check("memory" in c.get("resources", {}).get("limits", {}), f"{where}: {name}: memory limit")
+            check("cpu" in c.get("resources", {}).get("requests", {}), f"{where}: {name}: cpu request (HPA)")
+            for src in c.get("envFrom", []):
+                for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+                    if key in src:
+                        ref = src[key]["name"]
+                        check(
+                            (kind, ref) in idx or (kind, ref) in external,
+                            f"{where}: {name}: {kind} {ref} is neither rendered nor a documented external Secret",
+                        )
+            vols = {v["name"]: v for v in pod.get("volumes", [])}
+            for m in c.get("volumeMounts", []):
+                check(m["name"] in vols, f"{where}: {name}: volumeMount {m['name']} has no volume")
+
+        seg_c = _pod_spec(seg)["containers"][0]
+        gpu_limit = seg_c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+        env_cm = cm["data"] if cm else {}
+        if where.startswith("gpu"):
+            check(gpu_limit in (1, "1"), f"{where}: segmenter needs limits nvidia.com/gpu: 1")
+            check(seg_c["image"].endswith(":gpu"), f"{where}: segmenter image tag gpu, got {seg_c['image']}")
+            check(env_cm.get("SEGMENTER_DEVICE") == "cuda", f"{where}: SEGMENTER_DEVICE=cuda")
+            check(
+                any(t.get("key") == "nvidia.com/gpu" for t in _pod_spec(seg).get("tolerations", [])),
+                f"{where}: segmenter should tolerate the nvidia.com/gpu taint",
+            )
+        else:
+            check(gpu_limit is None, f"{where}: cpu overlay must not request GPUs")
+            check(seg_c["image"].endswith(":cpu"), f"{where}: segmenter image tag cpu, got {seg_c['image']}")
+            check(env_cm.get("SEGMENTER_DEVICE") == "cpu", f"{where}: SEGMENTER_DEVICE=cpu")
+
+        # Disruption budgets select existing pods.
+        for dep in (seg, orch):
+            name = dep["metadata"]["name"]
+            pdb = idx.get(("PodDisruptionBudget", name))
+            if check(pdb is not None, f"{where}: PodDisruptionBudget/{name} missing"):
+                labels = dep["spec"]["template"]["metadata"]["labels"]
+                sel = pdb["spec"]["selector"]["matchLabels"]
+                check(all(labels.get(k) == v for k, v in sel.items()), f"{where}: PDB/{name} selects nothing")
+
+        # Autoscaling: exactly one mechanism per overlay, targeting existing Deployments.
+        sos = [d for d in docs if d["kind"] == "ScaledObject"]
+        hpas = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+        check(bool(sos) != bool(hpas), f"{where}: exactly one of KEDA ScaledObjects / HPAs expected")
+        for so in sos:
+            _scaledobject(so, idx, where)
+        for hpa in hpas:
+            ref = hpa["spec"]["scaleTargetRef"]
+            check((ref["kind"], ref["name"]) in idx, f"{where}: HPA/{hpa['metadata']['name']} targets nothing")
+        if where == "gpu":
+            check(len(sos) == 2, f"{where}: expected KEDA ScaledObjects for segmenter and orchestrator")
+
+
+# --------------------------------------------------------------------------------------------------- otel
+def otel() -> None:
+    cfg = yaml.safe_load((ROOT / "deploy/otel-collector.yaml").read_text())
+    sections = {k: set((cfg.get(k) or {}).keys()) for k in ("receivers", "processors", "exporters", "extensions")}
+    check("otlp" in sections["receivers"], "otel: an otlp receiver")
+    service = cfg.get("service", {})
+    for ext in service.get("extensions", []):
+        check(ext in sections["extensions"], f"otel: service extension {ext} is not defined")
+    pipelines = service.get("pipelines", {})
+    check(bool(pipelines), "otel: no pipelines")
+    for name, p in pipelines.items():
+        check(name.split("/")[0] in ("traces", "metrics", "logs"), f"otel: pipeline type {name}")
+        for kind in ("receivers", "processors", "exporters"):
+            for comp in p.get(kind, []):
+                check(comp in sections[kind], f"otel: pipeline {name} uses undefined {kind[:-1]} {comp}")
+        check(bool(p.get("receivers")) and bool(p.get("exporters")), f"otel: pipeline {name} needs in and out")
+        procs = p.get("processors", [])
+        if "memory_limiter" in procs:
+            check(procs[0] == "memory_limiter", f"otel: {name}: memory_limiter must come first")
+    used = {c for p in pipelines.values() for k in ("receivers", "processors", "exporters") for c in p.get(k, [])}
+    for kind in ("receivers", "processors", "exporters"):
+        for comp in sections[kind] - used:
+            warn(f"otel: {kind[:-1]} {comp} is defined but unused")
+    prom = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    targets = {t for sc in prom["scrape_configs"] for s in sc.get("static_configs", []) for t in s["targets"]}
+    for t in ("segmenter:9091", "orchestrator:9092"):
+        check(t in targets, f"prometheus.yml: scrape target {t}")
+
+
+# --------------------------------------------------------------------------------------------------- dockerfiles
+def _stages(text: str) -> dict[str, list[str]]:
+    """Stage name -> its instructions (continuation lines joined)."""
+    joined = re.sub(r"\\\n", " ", text)
+    stages: dict[str, list[str]] = {}
+    current = None
+    for line in joined.splitlines():
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        m = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", s, re.I)
+        if m:
+            current = m.group(1) or f"stage{len(stages)}"
+            stages[current] = [s]
+        elif current:
+            stages[current].append(s)
+    return stages
+
+
+def _context_files() -> set[str] | None:
+    try:
+        from docker.utils.build import exclude_paths  # the Docker SDK's own .dockerignore semantics
+    except ImportError:
+        warn("python package `docker` missing: .dockerignore not evaluated")
+        return None
+    patterns = [
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
+    return set(exclude_paths(str(ROOT), patterns))
+
+
+def dockerfiles() -> None:
+    context = _context_files()
+    if context is not None:
+        for must_not in (".env", "target", ".git", ".tools"):
+            check(must_not not in context, f".dockerignore must exclude {must_not}")
+    expected = {
+        "segmenter-svc/Dockerfile": {
+            "runtime": {"runtime-cpu": "segmenter-svc", "runtime-gpu": "segmenter-svc"},
+            "last": "runtime-gpu",
+        },
+        "orchestrator-svc/Dockerfile": {"runtime": {"runtime": "orchestrator-svc"}, "last": "runtime"},
+    }
+    for rel, exp in expected.items():
+        text = (ROOT / rel).read_text()
+        stages = _stages(text)
+        check(list(stages)[-1] == exp["last"], f"{rel}: default (last) stage should be {exp['last']}")
+        check(any("--mount=type=cache" in i for s in stages.values() for i in s), f"{rel}: cargo cache mounts")
+        check(any("cargo chef cook" in i for s in stages.values() for i in s), f"{rel}: cargo-chef cook step")
+        for stage, binary in exp["runtime"].items():
+            instrs = _stages_with_parents(stages, stage)
+            users = [i.split()[1] for i in instrs if i.upper().startswith("USER ")]
+            check(bool(users) and not users[-1].startswith(("0", "root")), f"{rel}[{stage}]: non-root USER")
+            hc = [i for i in instrs if i.upper().startswith("HEALTHCHECK")]
+            check(
+                bool(hc) and binary in hc[-1] and '"healthcheck"' in hc[-1],
+                f"{rel}[{stage}]: HEALTHCHECK must run `{binary} healthcheck`",
+            )
+            check(any(i.upper().startswith("ENTRYPOINT") and binary in i for i in instrs), f"{rel}[{stage}]: entry")
+        # COPY sources from the build context exist and survive .dockerignore.
+        for stage_instrs in stages.values():
+            for instr in stage_instrs:
+                if not instr.upper().startswith("COPY") or "--from=" in instr:
+                    continue
+                args = [a for a in instr.split()[1:] if not a.startswith("--")]
+                for src in args[:-1]:
+                    src = src.strip('"[],').rstrip("/")
+                    if src == ".":
+                        continue
+                    if not (ROOT / src).exists():
+                        warn(f"{rel}: COPY source {src} does not exist yet (another issue's deliverable?)")
+                    elif context is not None and not any(f == src or f.startswith(src + "/") for f in context):
+                        fail(f"{rel}: COPY source {src} is excluded by .dockerignore")
+    seg = (ROOT / "segmenter-svc/Dockerfile").read_text()
+    ort = re.search(r"ARG ORT_VERSION=(\S+)", seg)
+    if check(ort is not None, "segmenter Dockerfile: ARG ORT_VERSION"):
+        for m in re.finditer(r"ORT_DYLIB_PATH=(\S+)", seg):
+            check(m.group(1).endswith(f"libonnxruntime.so.{ort.group(1)}"), f"ORT_DYLIB_PATH {m.group(1)} vs ORT")
+    for lib in ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13", "libnvrtc.so.13", "libcurand.so.10",
+                "libcufft.so.12", "libcudnn.so.9"):
+        check(lib in seg, f"segmenter Dockerfile: GPU stage should check for {lib}")
+    for var in ("ORT_GPU_CUDA_LIB_DIR", "ORT_GPU_CUDNN_LIB_DIR", "NVIDIA_VISIBLE_DEVICES"):
+        check(var in seg, f"segmenter Dockerfile: {var}")
+    for rel in ("segmenter-svc/Cargo.toml", "orchestrator-svc/Cargo.toml"):
+        name = rel.split("/")[0]
+        crate = ROOT / name / "src" / "main.rs"
+        if not crate.exists() and "[[bin]]" not in (ROOT / rel).read_text():
+            warn(f"{name}: no src/main.rs yet; the image build needs the `{name}` binary")
+
+
+def _stages_with_parents(stages: dict[str, list[str]], stage: str) -> list[str]:
+    """Instructions of a stage and of the stages it is built FROM (for inherited USER/HEALTHCHECK)."""
+    out: list[str] = []
+    seen = set()
+    while stage in stages and stage not in seen:
+        seen.add(stage)
+        instrs = stages[stage]
+        out = instrs[1:] + out
+        stage = instrs[0].split()[1]
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "compose":
+        compose(Path(rest[0]))
+    elif cmd == "env":
+        env_example()
+    elif cmd == "k8s":
+        k8s(Path(rest[0]))
+    elif cmd == "otel":
+        otel()
+    elif cmd == "dockerfiles":
+        dockerfiles()
+    else:
+        print(__doc__)
+        return 2
+    print(f"{cmd}: {len(FAILURES)} failed, {len(WARNINGS)} warnings")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

