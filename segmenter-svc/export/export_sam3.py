@@ -373,12 +373,15 @@ def export_graphs(model, out: Path, precision: str, opset: int) -> dict:
 
 
 def session_hints(precision: str) -> dict:
-    # fp16 vision on the CUDA EP failed with "Shape mismatch attempting to re-use buffer" until the memory pattern
-    # and memory reuse were disabled (measured on an H200). Unverified beyond that: keep the switch in the manifest so
-    # the server applies it to the vision session only, instead of slowing every session.
-    if precision == "fp16":
-        return {"vision": {"disable_memory_pattern": True, "disable_memory_reuse": True}}
-    return {}
+    """Session options the server applies to every session of this graph set (flat keys, read by the Rust side).
+
+    fp16: the converted vision graph failed on the CUDA EP with "Shape mismatch attempting to re-use buffer" until the
+    memory pattern was disabled (measured on an H200 with the full-size graph; memory reuse was switched off in the same
+    run, and ORT's C API has no separate switch for it). Not re-verified here (no GPU): a real fix (for example
+    re-running shape inference on the converted graph, or keeping the offending nodes in fp32) needs a GPU to check.
+    fp32 graphs need no hint.
+    """
+    return {"disable_memory_pattern": precision == "fp16"}
 
 
 def write_manifest(out: Path, info: dict, dims: dict, precision: str, opset: int, graphs: dict) -> dict:
@@ -516,6 +519,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
     ap.add_argument("--out", type=Path, required=True, help="output directory for the 5 model files")
     ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    ap.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="same as --precision fp16")
     ap.add_argument("--opset", type=int, default=common.OPSET, help=argparse.SUPPRESS)
     ap.add_argument("--clip-bpe", default=None, help=f"path to {BPE_NAME} (default: found automatically, see above)")
     ap.add_argument("--parity-out", type=Path, default=None, help="run PyTorch vs ORT and write reference outputs here")
