@@ -213,13 +213,27 @@ def load_model(args):
         token = os.environ.get("HF_TOKEN") or None
         model = Sam3Model.from_pretrained(args.model, revision=args.revision, token=token, attn_implementation="eager",
                                           torch_dtype=torch.float32)
-        revision = args.revision or ""
-        commit = getattr(model.config, "_commit_hash", None)
-        if commit:
-            revision = commit
-        info = {"source_model": args.model, "source_revision": revision, "random_init": None, "seed": None}
+        info = {"source_model": args.model, "source_revision": resolve_revision(model, args, token),
+                "random_init": None, "seed": None}
     model.eval()
     return model, info
+
+
+def resolve_revision(model, args, token) -> str:
+    """The commit the weights came from: HF's commit hash, a cache snapshot folder's name, or what was asked for."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return commit
+    local = Path(args.model)
+    if local.is_dir():
+        return local.resolve().name if local.resolve().parent.name == "snapshots" else (args.revision or "")
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(args.model, revision=args.revision, token=token).sha or (args.revision or "")
+    except Exception as e:  # offline or no access: the export itself already succeeded
+        print(f"could not resolve the commit of {args.model}@{args.revision}: {e}", file=sys.stderr)
+        return args.revision or ""
 
 
 def model_dims(model) -> dict:
