@@ -1,0 +1,82 @@
+//! A directory as object store: for development and tests. Content types are not stored (the extension says it).
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{ObjectMeta, ObjectStore, StorageError, check_key};
+
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    pub fn new(root: impl AsRef<Path>) -> Result<Self, StorageError> {
+        let root = root.as_ref();
+        std::fs::create_dir_all(root).map_err(|e| {
+            StorageError::Unavailable(format!("cannot create {}: {e}", root.display()))
+        })?;
+        Ok(LocalStore {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf, StorageError> {
+        check_key(key)?;
+        Ok(self.root.join(key))
+    }
+}
+
+fn unavailable(what: &str, path: &Path, e: std::io::Error) -> StorageError {
+    StorageError::Unavailable(format!("{what} {}: {e}", path.display()))
+}
+
+#[async_trait]
+impl ObjectStore for LocalStore {
+    async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+        let path = self.path_of(key)?;
+        match tokio::fs::read(&path).await {
+            Ok(data) => Ok(Bytes::from(data)),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                Err(StorageError::NotFound(key.to_string()))
+            }
+            Err(e) => Err(unavailable("read", &path, e)),
+        }
+    }
+
+    async fn put(&self, key: &str, body: Bytes, _content_type: &str) -> Result<(), StorageError> {
+        let path = self.path_of(key)?;
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| unavailable("create", &dir, e))?;
+        // Write beside the target and rename: readers see the old object or the whole new one, never a torn write.
+        let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
+        if let Err(e) = tokio::fs::write(&tmp, &body).await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(unavailable("write", &tmp, e));
+        }
+        if let Err(e) = tokio::fs::rename(&tmp, &path).await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(unavailable("rename to", &path, e));
+        }
+        Ok(())
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
+        let path = self.path_of(key)?;
+        match tokio::fs::metadata(&path).await {
+            Ok(meta) if meta.is_file() => Ok(Some(ObjectMeta { size: meta.len() })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable("stat", &path, e)),
+        }
+    }
+}

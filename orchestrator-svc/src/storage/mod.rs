@@ -1,0 +1,100 @@
+//! Object storage behind one trait, so the pipeline does not care whether bytes live in R2, another S3 service or
+//! a local directory.
+
+mod local;
+mod s3;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use local::LocalStore;
+pub use s3::{S3Settings, S3Store};
+
+use crate::config::{Config, StorageBackend};
+use crate::error::Error;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The key does not exist; distinct so an input that was never uploaded is not reported as an outage.
+    #[error("no object at {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidKey(String),
+    /// Anything else: network, credentials, a full disk. Already retried by the backend where that makes sense.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<StorageError> for Error {
+    fn from(err: StorageError) -> Error {
+        match err {
+            StorageError::NotFound(key) => Error::ObjectNotFound(key),
+            StorageError::InvalidKey(msg) => Error::InvalidKey(msg),
+            StorageError::Unavailable(msg) => Error::StorageUnavailable(msg),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub size: u64,
+}
+
+#[async_trait]
+pub trait ObjectStore: Send + Sync + std::fmt::Debug {
+    async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
+    async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StorageError>;
+    /// None when the key does not exist.
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError>;
+
+    async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        Ok(self.head(key).await?.is_some())
+    }
+}
+
+pub type SharedStore = Arc<dyn ObjectStore>;
+
+/// Keys are relative, '/'-separated, and no segment is empty, "." or "..": the same rule for every backend, so a key
+/// that works locally works in R2 and none can climb out of a local root.
+pub fn check_key(key: &str) -> Result<(), StorageError> {
+    let bad = key.is_empty()
+        || key.len() > 1024
+        || key.starts_with('/')
+        || key.contains('\\')
+        || key.contains('\0')
+        || key
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..");
+    if bad {
+        Err(StorageError::InvalidKey(format!(
+            "object key {key:?} is not a plain relative path"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// Builds the backend named by STORAGE_BACKEND.
+pub async fn from_config(config: &Config) -> Result<SharedStore, Error> {
+    match config.storage_backend {
+        StorageBackend::Local => Ok(Arc::new(LocalStore::new(&config.local_storage_dir)?)),
+        StorageBackend::R2 | StorageBackend::S3 => {
+            Ok(Arc::new(S3Store::new(S3Settings::from_config(config)?)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_must_be_plain_relative_paths() {
+        for bad in ["", "/abs", "a//b", "a/../b", "..", "a/./b", "a\\b", "a/"] {
+            assert!(check_key(bad).is_err(), "{bad:?} accepted");
+        }
+        check_key("inputs/u/j/0.jpg").unwrap();
+    }
+}

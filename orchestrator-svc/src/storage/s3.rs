@@ -1,0 +1,254 @@
+//! S3-compatible storage through aws-sdk-s3: Cloudflare R2 and any other S3 service.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
+
+use super::{ObjectMeta, ObjectStore, StorageError, check_key};
+use crate::config::{Config, StorageBackend};
+use crate::error::Error;
+
+/// Everything the S3 client needs, resolved from Config (tests build it directly).
+#[derive(Clone)]
+pub struct S3Settings {
+    /// None: the SDK's default AWS endpoint for the region.
+    pub endpoint_url: Option<String>,
+    pub region: String,
+    pub bucket: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// Per attempt; the SDK retries (standard mode) on top.
+    pub attempt_timeout: Duration,
+    pub max_attempts: u32,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint_url", &self.endpoint_url)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .finish()
+    }
+}
+
+fn required(value: &Option<String>, name: &str) -> Result<String, Error> {
+    match value.as_deref().map(str::trim) {
+        Some(v) if !v.is_empty() => Ok(v.to_string()),
+        _ => Err(Error::Config(format!(
+            "{name} must be set for STORAGE_BACKEND=r2|s3"
+        ))),
+    }
+}
+
+impl S3Settings {
+    pub fn from_config(config: &Config) -> Result<Self, Error> {
+        let (endpoint_url, region) = match config.storage_backend {
+            StorageBackend::R2 => {
+                let account = required(&config.r2_account_id, "R2_ACCOUNT_ID")?;
+                (
+                    Some(format!("https://{account}.r2.cloudflarestorage.com")),
+                    "auto".to_string(),
+                )
+            }
+            StorageBackend::S3 | StorageBackend::Local => {
+                let endpoint = config
+                    .s3_endpoint_url
+                    .clone()
+                    .or_else(|| config.aws_endpoint_url.clone());
+                (
+                    endpoint.filter(|e| !e.trim().is_empty()),
+                    config.aws_region.clone(),
+                )
+            }
+        };
+        Ok(S3Settings {
+            endpoint_url,
+            region,
+            bucket: required(&config.r2_bucket_name, "R2_BUCKET_NAME")?,
+            access_key_id: required(&config.r2_access_key_id, "R2_ACCESS_KEY_ID")?,
+            secret_access_key: required(&config.r2_secret_access_key, "R2_SECRET_ACCESS_KEY")?,
+            attempt_timeout: Duration::from_secs(config.storage_timeout_sec.max(1)),
+            max_attempts: 4,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+}
+
+impl S3Store {
+    pub fn new(settings: S3Settings) -> Self {
+        let credentials = Credentials::new(
+            settings.access_key_id,
+            settings.secret_access_key,
+            None,
+            None,
+            "palette-static",
+        );
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .operation_attempt_timeout(settings.attempt_timeout)
+            .operation_timeout(settings.attempt_timeout * settings.max_attempts.max(1) * 2)
+            .build();
+        let mut builder = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(settings.region))
+            .credentials_provider(credentials)
+            // R2 and most self-hosted services do not resolve virtual-host bucket names.
+            .force_path_style(true)
+            // Since SDK 1.69 every PUT carries a CRC32 checksum by default, which R2 rejects ("not implemented").
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .timeout_config(timeouts)
+            .retry_config(RetryConfig::standard().with_max_attempts(settings.max_attempts.max(1)));
+        if let Some(endpoint) = settings.endpoint_url {
+            builder = builder.endpoint_url(endpoint);
+        }
+        S3Store {
+            client: Client::from_conf(builder.build()),
+            bucket: settings.bucket,
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+fn status_of<E, R>(err: &SdkError<E, R>) -> Option<u16>
+where
+    R: HasStatus,
+{
+    match err {
+        SdkError::ServiceError(e) => Some(e.raw().status_code()),
+        SdkError::ResponseError(e) => Some(e.raw().status_code()),
+        _ => None,
+    }
+}
+
+/// The raw HTTP response type of the SDK, reduced to what we read from it.
+trait HasStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+fn describe<E: ProvideErrorMetadata + std::error::Error + 'static, R>(
+    op: &str,
+    key: &str,
+    err: &SdkError<E, R>,
+) -> String
+where
+    R: std::fmt::Debug,
+{
+    let detail = match err {
+        SdkError::ServiceError(e) => {
+            let e = e.err();
+            format!(
+                "{}: {}",
+                e.code().unwrap_or("unknown"),
+                e.message().unwrap_or("no message")
+            )
+        }
+        other => {
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text
+        }
+    };
+    format!("{op} {key}: {detail}")
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+        check_key(key)?;
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(err) => {
+                let not_found = matches!(&err, SdkError::ServiceError(e) if e.err().is_no_such_key())
+                    || status_of(&err) == Some(404);
+                return Err(if not_found {
+                    StorageError::NotFound(key.to_string())
+                } else {
+                    StorageError::Unavailable(describe("GET", key, &err))
+                });
+            }
+        };
+        let body =
+            out.body.collect().await.map_err(|e| {
+                StorageError::Unavailable(format!("GET {key}: reading the body: {e}"))
+            })?;
+        Ok(body.into_bytes())
+    }
+
+    async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StorageError> {
+        check_key(key)?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|err| StorageError::Unavailable(describe("PUT", key, &err)))?;
+        Ok(())
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
+        check_key(key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(ObjectMeta {
+                size: out.content_length().unwrap_or(0).max(0) as u64,
+            })),
+            Err(err) => {
+                let not_found = matches!(&err, SdkError::ServiceError(e) if e.err().is_not_found())
+                    || status_of(&err) == Some(404);
+                if not_found {
+                    Ok(None)
+                } else {
+                    Err(StorageError::Unavailable(describe("HEAD", key, &err)))
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Callback delivery against a real HTTP receiver.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::receiver::Receiver;
+use orchestrator_svc::callback::{
+    CallbackBody, CallbackSender, Clock, OutputRef, RetryPolicy, idempotency_key,
+};
+
+const SECRET: &str = "supersecret123";
+
+fn body(idx: u32) -> CallbackBody {
+    CallbackBody {
+        idx,
+        status: "completed",
+        output_key: Some("outputs/test-user/test-job/rule1/0.jpg".into()),
+        preview_key: Some("previews/test-user/test-job/0_preview.jpg".into()),
+        error: None,
+        error_code: None,
+        outputs: vec![OutputRef {
+            rule_id: "rule1".into(),
+            output_key: "outputs/test-user/test-job/rule1/0.jpg".into(),
+        }],
+        masks: vec![],
+    }
+}
+
+fn sender(url: &str, max_attempts: u32) -> CallbackSender {
+    sender_with(url, max_attempts, Duration::from_millis(50))
+}
+
+fn sender_with(url: &str, max_attempts: u32, max_delay: Duration) -> CallbackSender {
+    let policy = RetryPolicy {
+        max_attempts,
+        base_delay: Duration::from_millis(5),
+        max_delay,
+        attempt_timeout: Duration::from_secs(2),
+    };
+    CallbackSender::new(url, SECRET, policy)
+        .unwrap()
+        .with_rng_seed(1)
+}
+
+#[tokio::test]
+async fn retries_a_500_with_the_same_id_and_a_valid_signature() {
+    let receiver = Receiver::start(SECRET, vec![(500, None)]).await;
+    let outcome = sender(&receiver.url(), 6)
+        .deliver("test-job", &body(0))
+        .await;
+    assert!(outcome.delivered, "{outcome:?}");
+    assert_eq!(outcome.attempts, 2);
+    let deliveries = receiver.deliveries();
+    assert_eq!(deliveries.len(), 2);
+    assert!(
+        deliveries
+            .iter()
+            .all(|d| d.verified && d.job_id == "test-job" && d.seed_secret == SECRET)
+    );
+    let id = idempotency_key("test-job", 0, "completed");
+    assert!(
+        deliveries
+            .iter()
+            .all(|d| d.webhook_id == id && d.idempotency_key == id)
+    );
+    assert_eq!(receiver.per_id()[&id], 2);
+    assert_eq!(
+        deliveries[1].body["output_key"],
+        "outputs/test-user/test-job/rule1/0.jpg"
+    );
+    assert_eq!(deliveries[1].body["status"], "completed");
+}
+
+#[tokio::test]
+async fn gone_stops_at_once() {
+    let receiver = Receiver::start(SECRET, vec![(410, None)]).await;
+    let outcome = sender(&receiver.url(), 6)
+        .deliver("test-job", &body(0))
+        .await;
+    assert!(!outcome.delivered);
+    assert_eq!(outcome.attempts, 1);
+    assert!(outcome.error.unwrap().contains("410"));
+}
+
+#[tokio::test]
+async fn other_4xx_is_final_but_429_is_retried_after_retry_after() {
+    let receiver = Receiver::start(SECRET, vec![(422, None)]).await;
+    let outcome = sender(&receiver.url(), 6)
+        .deliver("test-job", &body(0))
+        .await;
+    assert_eq!((outcome.delivered, outcome.attempts), (false, 1));
+
+    let receiver = Receiver::start(SECRET, vec![(429, Some(1))]).await;
+    let s = sender_with(&receiver.url(), 3, Duration::from_secs(5));
+    let started = Instant::now();
+    let outcome = s.deliver("test-job", &body(1)).await;
+    assert!(outcome.delivered);
+    assert_eq!(outcome.attempts, 2);
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "Retry-After ignored: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn attempts_are_bounded_and_unreachable_receivers_do_not_hang() {
+    let receiver = Receiver::start(SECRET, vec![(503, None); 10]).await;
+    let outcome = sender(&receiver.url(), 3)
+        .deliver("test-job", &body(0))
+        .await;
+    assert_eq!((outcome.delivered, outcome.attempts), (false, 3));
+    assert_eq!(receiver.deliveries().len(), 3);
+
+    // Nothing listens on port 9 of loopback.
+    let outcome = sender("http://127.0.0.1:9", 2)
+        .deliver("test-job", &body(0))
+        .await;
+    assert_eq!((outcome.delivered, outcome.attempts), (false, 2));
+}
+
+struct FixedClock(u64);
+impl Clock for FixedClock {
+    fn now_unix(&self) -> u64 {
+        self.0
+    }
+}
+
+#[tokio::test]
+async fn a_sender_with_a_skewed_clock_is_rejected_by_the_receiver() {
+    let receiver = Receiver::start(SECRET, vec![]).await;
+    let outcome = sender(&receiver.url(), 1)
+        .with_clock(Arc::new(FixedClock(1_000)))
+        .deliver("j", &body(0))
+        .await;
+    assert!(!outcome.delivered);
+    assert!(!receiver.deliveries()[0].verified);
+}

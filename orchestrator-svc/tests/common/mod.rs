@@ -1,0 +1,5 @@
+// Each test binary uses only some of these helpers.
+#![allow(dead_code)]
+
+pub mod receiver;
+pub mod seaweed;
