@@ -1,0 +1,235 @@
+//! Rust outputs against the PyTorch reference outputs committed with the tiny model (export_sam3.py --parity-out).
+//!
+//! Three layers, so a failure says where it comes from: the tokenizer (exact ids), pre-processing (pixels within
+//! one 8-bit step of PIL's antialiased bilinear resize), and the model through the engine fed the reference's own
+//! pixels and tokens (same kept instances; scores, boxes and mask logits within tolerance).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ndarray::{Array2, Array4, ArrayD, Ix2};
+use ndarray_npy::read_npy;
+use segmenter_svc::engine::{Health, Job};
+use segmenter_svc::model::tokenizer::Tokens;
+use segmenter_svc::postprocess::FilterParams;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Case {
+    image: String,
+    concepts: Vec<String>,
+    score_threshold: f32,
+    oriented_width: u32,
+    oriented_height: u32,
+}
+
+#[derive(Deserialize)]
+struct Expected {
+    concepts: Vec<ExpectedConcept>,
+}
+
+#[derive(Deserialize)]
+struct ExpectedConcept {
+    presence_score: f32,
+    instances: Vec<ExpectedInstance>,
+}
+
+#[derive(Deserialize)]
+struct ExpectedInstance {
+    query: u32,
+    score: f32,
+    #[serde(rename = "box")]
+    bbox: [f32; 4],
+}
+
+fn cases() -> Vec<std::path::PathBuf> {
+    let mut dirs: Vec<_> = std::fs::read_dir(common::fixtures_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("case.json").is_file())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 3, "reference cases missing");
+    dirs
+}
+
+fn load_case(dir: &Path) -> (Case, Expected) {
+    let case: Case =
+        serde_json::from_slice(&std::fs::read(dir.join("case.json")).unwrap()).unwrap();
+    let expected: Expected =
+        serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+    (case, expected)
+}
+
+#[tokio::test]
+async fn tokenizer_matches_the_reference_ids() {
+    let shared = segmenter_svc::server::load(&common::test_config())
+        .await
+        .unwrap();
+    for dir in cases() {
+        let (case, _) = load_case(&dir);
+        let ids: Array2<i64> = read_npy(dir.join("input_ids.npy")).unwrap();
+        let mask: Array2<i64> = read_npy(dir.join("attention_mask.npy")).unwrap();
+        for (i, phrase) in case.concepts.iter().enumerate() {
+            let tokens = shared.tokenizer.encode(phrase).unwrap();
+            assert_eq!(
+                tokens.ids,
+                ids.row(i).to_vec(),
+                "{}: ids of {phrase:?}",
+                dir.display()
+            );
+            assert_eq!(
+                tokens.mask,
+                mask.row(i).to_vec(),
+                "{}: mask of {phrase:?}",
+                dir.display()
+            );
+        }
+    }
+    let wall = shared.tokenizer.encode("wall").unwrap();
+    assert_eq!(&wall.ids[..3], &[49406, 2569, 49407]);
+}
+
+#[tokio::test]
+async fn preprocessing_matches_pil_within_two_levels() {
+    let shared = segmenter_svc::server::load(&common::test_config())
+        .await
+        .unwrap();
+    for dir in cases() {
+        let (case, _) = load_case(&dir);
+        let bytes = std::fs::read(dir.join(&case.image)).unwrap();
+        let prepared = shared.preprocessor.from_encoded(&bytes).unwrap();
+        assert_eq!(
+            (prepared.width, prepared.height),
+            (case.oriented_width, case.oriented_height),
+            "EXIF orientation"
+        );
+        let reference: Array4<f32> = read_npy(dir.join("pixel_values.npy")).unwrap();
+        let reference = reference.as_slice().unwrap();
+        assert_eq!(reference.len(), prepared.pixels.len());
+        let diffs: Vec<f32> = reference
+            .iter()
+            .zip(&prepared.pixels)
+            .map(|(a, b)| (a - b).abs())
+            .collect();
+        let max = diffs.iter().cloned().fold(0.0, f32::max);
+        let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+        // One 8-bit step is 2/255 after normalisation. The JPEG decoders (libjpeg in PIL, zune-jpeg here) may differ
+        // by one step, and the two resamplers' rounding by another: at most two steps anywhere, tiny on average.
+        assert!(
+            max <= 4.0 / 255.0 + 1e-4 && mean < 2e-3,
+            "{}: max |Δ| {max}, mean {mean}",
+            dir.display()
+        );
+        eprintln!("{}: pixels max |Δ| {max:.4}, mean {mean:.5}", dir.display());
+    }
+}
+
+#[tokio::test]
+async fn model_outputs_match_pytorch() {
+    let shared = segmenter_svc::server::load(&common::test_config())
+        .await
+        .unwrap();
+    let mut health = shared.engine.health();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        health.wait_for(|h| *h == Health::Serving),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    for dir in cases() {
+        let (case, expected) = load_case(&dir);
+        let pixels: Array4<f32> = read_npy(dir.join("pixel_values.npy")).unwrap();
+        let ids: Array2<i64> = read_npy(dir.join("input_ids.npy")).unwrap();
+        let mask: Array2<i64> = read_npy(dir.join("attention_mask.npy")).unwrap();
+        let pred_masks: ArrayD<f32> = read_npy(dir.join("pred_masks.npy")).unwrap();
+        // Distinct phrases only, as the service sends them; keep a map back to the reference rows.
+        let mut phrases: Vec<(String, Tokens)> = Vec::new();
+        let mut rows = Vec::new();
+        for (i, phrase) in case.concepts.iter().enumerate() {
+            if !phrases.iter().any(|(p, _)| p == phrase) {
+                let tokens = Tokens {
+                    ids: ids.row(i).to_vec(),
+                    mask: mask.row(i).to_vec(),
+                    full_len: 0,
+                };
+                phrases.push((phrase.clone(), tokens));
+                rows.push(i);
+            }
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        shared
+            .engine
+            .submit(Job {
+                pixels: pixels.as_slice().unwrap().to_vec(),
+                image_size: (case.oriented_width, case.oriented_height),
+                phrases,
+                filter: FilterParams {
+                    threshold: case.score_threshold,
+                    max_instances: 100,
+                    keep_semantic: true,
+                },
+                deadline: Instant::now() + Duration::from_secs(60),
+                enqueued: Instant::now(),
+                reply,
+            })
+            .unwrap();
+        let output = answer.await.unwrap().unwrap();
+        let mut worst_mask = 0f32;
+        for (k, &row) in rows.iter().enumerate() {
+            let got = &output.concepts[k];
+            let want = &expected.concepts[row];
+            assert!(
+                (got.presence - want.presence_score).abs() < 1e-3,
+                "{}: presence",
+                dir.display()
+            );
+            let got_q: Vec<u32> = got.instances.iter().map(|i| i.query).collect();
+            let want_q: Vec<u32> = want.instances.iter().map(|i| i.query).collect();
+            assert_eq!(
+                got_q,
+                want_q,
+                "{}: kept queries of concept {row}",
+                dir.display()
+            );
+            assert!(!got_q.is_empty(), "each reference case keeps instances");
+            for (g, w) in got.instances.iter().zip(&want.instances) {
+                assert!(
+                    (g.score - w.score).abs() < 1e-3,
+                    "score {} vs {}",
+                    g.score,
+                    w.score
+                );
+                for c in 0..4 {
+                    assert!(
+                        (g.bbox[c] - w.bbox[c]).abs() < 0.5,
+                        "box {:?} vs {:?}",
+                        g.bbox,
+                        w.bbox
+                    );
+                }
+                let plane = pred_masks
+                    .index_axis(ndarray::Axis(0), row)
+                    .index_axis(ndarray::Axis(0), g.query as usize)
+                    .into_dimensionality::<Ix2>()
+                    .unwrap()
+                    .to_owned();
+                for (a, b) in g.mask_logits.iter().zip(plane.iter()) {
+                    worst_mask = worst_mask.max((a - b).abs());
+                }
+            }
+        }
+        assert!(
+            worst_mask < 1e-2,
+            "{}: mask logits max |Δ| {worst_mask}",
+            dir.display()
+        );
+        eprintln!(
+            "{}: model parity ok, mask logits max |Δ| {worst_mask:.2e}",
+            dir.display()
+        );
+    }
+}
