@@ -66,6 +66,9 @@ def compose(rendered_dir: Path) -> None:
                     f"[{profiles}] {name}: healthcheck must be [CMD, <binary>, healthcheck], got {test}",
                 )
                 check(svc.get("init") is True, f"[{profiles}] {name}: init: true (signal forwarding)")
+                # clap takes a set-but-empty variable as a given (and for paths/numbers invalid) value.
+                for key, value in (svc.get("environment") or {}).items():
+                    check(value != "", f"[{profiles}] {name}: {key} is set to an empty string; leave it unset")
             if name in ("segmenter", "segmenter-cpu"):
                 env = svc.get("environment", {})
                 check(env.get("MODEL_CACHE_DIR") == "/models", f"[{profiles}] {name}: MODEL_CACHE_DIR=/models")
@@ -114,12 +117,27 @@ def env_example() -> None:
     compose_text = (ROOT / "docker-compose.yml").read_text()
     used = set(re.findall(r"\$\{([A-Z0-9_]+)", compose_text))
     used |= set(re.findall(r"environment:\s*([A-Z0-9_]+)\s*$", compose_text, re.M))  # secrets from environment
-    documented = set()
+    # Value-less environment entries are passed from .env/the shell when set and left out when unset.
+    passthrough = set()
+    for svc in (yaml.safe_load(compose_text).get("services") or {}).values():
+        env = svc.get("environment") or {}
+        if isinstance(env, dict):
+            passthrough |= {k for k, v in env.items() if v is None}
+    used |= passthrough
+    documented, optional = set(), set()
     for line in (ROOT / ".env.example").read_text().splitlines():
         m = re.match(r"^([A-Z0-9_]+)=", line)
+        o = re.match(r"^# ([A-Z0-9_]+)=\S", line)  # an optional setting, commented out on purpose
         if m:
             check(m.group(1) not in documented, f".env.example: {m.group(1)} defined twice")
             documented.add(m.group(1))
+        elif o:
+            optional.add(o.group(1))
+    for var in sorted(passthrough - optional - documented):
+        fail(f".env.example: pass-through {var} should be documented as '# {var}=<example>'")
+    for var in sorted(passthrough & documented):
+        fail(f".env.example: {var} is set (possibly empty) although compose passes it only when set; comment it out")
+    documented |= optional
     for var in sorted(used - documented):
         fail(f".env.example does not cover ${{{var}}} used in docker-compose.yml")
     compose_own = {"COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME"}
