@@ -14,6 +14,7 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 use crate::error::{Error, Violation};
 
 /// The model's view of one photo.
+#[derive(Debug)]
 pub struct Prepared {
     /// [3, S, S] normalised pixels.
     pub pixels: Vec<f32>,
@@ -87,6 +88,12 @@ impl Preprocessor {
                 "{format:?} is not supported; send JPEG, PNG or WebP"
             )));
         }
+        if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+            return Err(bad(
+                "corrupt or truncated Jpeg image: no end-of-image marker after the last scan"
+                    .into(),
+            ));
+        }
         let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
         let mut limits = image::Limits::default();
         // Headroom for the decoder's own buffers: RGBA at the pixel limit plus a little.
@@ -144,6 +151,18 @@ impl Preprocessor {
             b[i] = tables[2][px[2] as usize];
         }
         out
+    }
+}
+
+/// The JPEG decoder fills a truncated scan with grey and reports success; a cut-off upload must be refused instead.
+/// Entropy-coded data cannot contain FF DA (an FF there is always followed by 00 or a restart marker), so the last
+/// SOS marker starts the last scan, and a complete file has an EOI after it. Trailing data after the EOI (an MPF
+/// second image, a vendor trailer) is fine.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    match last_scan {
+        None => false,
+        Some(at) => bytes[at..].windows(2).any(|w| w == [0xFF, 0xD9]),
     }
 }
 

@@ -262,20 +262,17 @@ async fn prepare(
     .await
     .map_err(|_| Error::DeadlineExceeded)?
     .map_err(|_| Error::NotServing("shutting down".into()))?;
-    let prepared = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let _permit = permit;
         match source {
             pb::image::Source::Encoded(bytes) => shared.preprocessor.from_encoded(&bytes),
-            pb::image::Source::Rgb(rgb) => {
-                shared
-                    .preprocessor
-                    .from_rgb(rgb.width, rgb.height, rgb.data.to_vec())
-            }
+            pb::image::Source::Rgb(rgb) => shared
+                .preprocessor
+                .from_rgb(rgb.width, rgb.height, rgb.data),
         }
     })
     .await
-    .map_err(|e| Error::Inference(format!("pre-processing task failed: {e}")))?;
-    prepared
+    .map_err(|e| Error::Inference(format!("pre-processing task failed: {e}")))?
 }
 
 fn encode(
@@ -292,12 +289,12 @@ fn encode(
             pb::MaskFormat::LogitsF32 => Some(pb::Tensor {
                 shape,
                 dtype: pb::DataType::Float32 as i32,
-                data: to_le_bytes(values).into(),
+                data: to_le_bytes(values),
             }),
             pb::MaskFormat::Unspecified | pb::MaskFormat::ProbabilityU8 => Some(pb::Tensor {
                 shape,
                 dtype: pb::DataType::Uint8 as i32,
-                data: to_probability_u8(values).into(),
+                data: to_probability_u8(values),
             }),
         }
     };

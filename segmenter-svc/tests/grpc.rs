@@ -97,7 +97,7 @@ async fn raw_rgb_input_gives_the_same_answer_as_png() {
         source: Some(pb::image::Source::Rgb(pb::RgbImage {
             width: rgb.width(),
             height: rgb.height(),
-            data: rgb.into_raw().into(),
+            data: rgb.into_raw(),
         })),
     });
     let a = client.segment(by_png).await.unwrap().into_inner();

@@ -111,7 +111,7 @@ pub fn image_bytes(name: &str) -> Vec<u8> {
 pub fn request(image: Vec<u8>, concepts: &[&str]) -> pb::SegmentRequest {
     pb::SegmentRequest {
         image: Some(pb::Image {
-            source: Some(pb::image::Source::Encoded(image.into())),
+            source: Some(pb::image::Source::Encoded(image)),
         }),
         concepts: concepts.iter().map(|c| c.to_string()).collect(),
         ..Default::default()
