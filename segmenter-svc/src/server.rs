@@ -40,14 +40,19 @@ pub async fn run(
         .await;
     tokio::spawn(follow_health(engine.health(), reporter.clone()));
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(palette_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(palette_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    // Both reflection versions: grpcurl and many older clients speak only v1alpha. The descriptor set holds every
+    // package of the workspace, so list only what this server serves.
+    let reflection = |reflection_name: &str| {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(palette_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(SERVICE_NAME)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name(reflection_name)
+    };
+    let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection").build_v1()?;
+    let reflection_v1alpha =
+        reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha()?;
 
     let segmenter = pb::segmenter_server::SegmenterServer::new(SegmenterService::new(shared))
         .max_decoding_message_size(config.max_message_bytes)
