@@ -1,1 +1,81 @@
-//! Rule engine (see issue: rules). Placeholder until the engine lands.
+//! Rule engine: recolour, tone, texture and remove on soft, edge-aware masks. Pure functions on image buffers:
+//! masks in (model-resolution probabilities), a region out (`region::build_region`), an edited image out (`apply`).
+
+pub mod color;
+pub mod contact;
+pub mod filter;
+pub mod guided;
+pub mod inpaint;
+pub mod mask;
+pub mod ops;
+pub mod preset;
+pub mod region;
+pub mod rule;
+pub mod swatch;
+pub mod synth;
+
+pub use image::{GrayImage, RgbImage, RgbaImage};
+pub use region::RegionParams;
+
+use rule::{FieldError, RemoveMode, Rule, SwatchSource};
+
+/// The result of a rule: RGB, or RGBA for a cut-out.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Edited {
+    Rgb(RgbImage),
+    Rgba(RgbaImage),
+}
+
+impl Edited {
+    pub fn dimensions(&self) -> (u32, u32) {
+        match self {
+            Edited::Rgb(i) => i.dimensions(),
+            Edited::Rgba(i) => i.dimensions(),
+        }
+    }
+}
+
+/// Applies a rule within the soft region (same size as the photo). `swatch`: the decoded texture when the rule
+/// names one by object key.
+pub fn apply(
+    photo: &RgbImage,
+    region: &GrayImage,
+    rule: &Rule,
+    swatch: Option<&RgbImage>,
+) -> Result<Edited, FieldError> {
+    if region.dimensions() != photo.dimensions() {
+        return Err(FieldError::new(
+            "region",
+            format!(
+                "region is {:?} but the photo is {:?}",
+                region.dimensions(),
+                photo.dimensions()
+            ),
+        ));
+    }
+    Ok(match rule {
+        Rule::Recolor(p) => Edited::Rgb(ops::recolor::recolor(photo, region, p)),
+        Rule::Tone(p) => Edited::Rgb(ops::tone::tone(photo, region, p)),
+        Rule::Texture(p) => {
+            let generated;
+            let sw = match (&p.source, swatch) {
+                (SwatchSource::Builtin(b), _) => {
+                    generated = swatch::generate(*b);
+                    &generated
+                }
+                (SwatchSource::Key(_), Some(s)) if s.width() > 0 && s.height() > 0 => s,
+                (SwatchSource::Key(k), _) => {
+                    return Err(FieldError::new(
+                        "params.swatch",
+                        format!("swatch {k:?} was not supplied or is empty"),
+                    ));
+                }
+            };
+            Edited::Rgb(ops::texture::texture(photo, region, p, sw))
+        }
+        Rule::Remove(p) => match p.mode {
+            RemoveMode::Cutout => Edited::Rgba(ops::remove::cutout(photo, region, p)),
+            RemoveMode::Fill => Edited::Rgb(ops::remove::fill(photo, region, p)),
+        },
+    })
+}

@@ -1,0 +1,190 @@
+//! Model-resolution instance masks to photo-resolution soft alpha.
+
+use image::GrayImage;
+use rayon::prelude::*;
+
+/// Model-resolution soft mask covering the whole image: u8 probabilities, row-major [height, width].
+pub struct ModelMask<'a> {
+    pub width: u32,
+    pub height: u32,
+    pub probs: &'a [u8],
+}
+
+/// An instance's box in original-image pixels.
+#[derive(Clone, Copy, Debug)]
+pub struct PixelBox {
+    pub x0: f32,
+    pub y0: f32,
+    pub x1: f32,
+    pub y1: f32,
+}
+
+/// Pixel rectangle [x0, x1) x [y0, y1) clamped to an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rect {
+    pub x0: u32,
+    pub y0: u32,
+    pub x1: u32,
+    pub y1: u32,
+}
+
+impl Rect {
+    pub fn is_empty(&self) -> bool {
+        self.x0 >= self.x1 || self.y0 >= self.y1
+    }
+    pub fn width(&self) -> u32 {
+        self.x1.saturating_sub(self.x0)
+    }
+    pub fn height(&self) -> u32 {
+        self.y1.saturating_sub(self.y0)
+    }
+    /// Grown by `m` on every side, clamped to w x h.
+    pub fn grown(&self, m: u32, w: u32, h: u32) -> Rect {
+        Rect {
+            x0: self.x0.saturating_sub(m),
+            y0: self.y0.saturating_sub(m),
+            x1: (self.x1 + m).min(w),
+            y1: (self.y1 + m).min(h),
+        }
+    }
+}
+
+/// Bounding rectangle of the non-zero pixels (empty rect when all zero). Rules use it to skip untouched rows.
+pub fn nonzero_bounds(img: &GrayImage) -> Rect {
+    let (w, h) = img.dimensions();
+    let rows: Vec<Option<(u32, u32)>> = img
+        .as_raw()
+        .par_chunks(w.max(1) as usize)
+        .map(|row| {
+            let first = row.iter().position(|&v| v != 0)?;
+            let last = row.iter().rposition(|&v| v != 0)?;
+            Some((first as u32, last as u32 + 1))
+        })
+        .collect();
+    let mut r = Rect {
+        x0: w,
+        y0: h,
+        x1: 0,
+        y1: 0,
+    };
+    for (y, span) in rows.iter().enumerate() {
+        if let Some((a, b)) = span {
+            r.x0 = r.x0.min(*a);
+            r.x1 = r.x1.max(*b);
+            r.y0 = r.y0.min(y as u32);
+            r.y1 = y as u32 + 1;
+        }
+    }
+    if r.x1 == 0 {
+        Rect {
+            x0: 0,
+            y0: 0,
+            x1: 0,
+            y1: 0,
+        }
+    } else {
+        r
+    }
+}
+
+/// Bilinear (half-pixel centres) upsample to out_w x out_h, computed only inside the box grown by a small margin;
+/// 0 elsewhere. The margin (two model pixels) keeps the soft edge that SAM puts just outside its own box.
+pub fn upsample_instance(mask: &ModelMask, bbox: PixelBox, out_w: u32, out_h: u32) -> GrayImage {
+    let mut out = GrayImage::new(out_w, out_h);
+    let (mw, mh) = (mask.width as usize, mask.height as usize);
+    if mw == 0 || mh == 0 || out_w == 0 || out_h == 0 || mask.probs.len() < mw * mh {
+        return out;
+    }
+    let sx = mw as f32 / out_w as f32;
+    let sy = mh as f32 / out_h as f32;
+    let margin_x = 2.0 / sx + 2.0;
+    let margin_y = 2.0 / sy + 2.0;
+    let clampf = |v: f32, hi: u32| v.max(0.0).min(hi as f32) as u32;
+    let x0 = clampf((bbox.x0.min(bbox.x1) - margin_x).floor(), out_w);
+    let x1 = clampf((bbox.x1.max(bbox.x0) + margin_x).ceil(), out_w);
+    let y0 = clampf((bbox.y0.min(bbox.y1) - margin_y).floor(), out_h);
+    let y1 = clampf((bbox.y1.max(bbox.y0) + margin_y).ceil(), out_h);
+    if x0 >= x1 || y0 >= y1 {
+        return out;
+    }
+    // Horizontal taps are the same for every row: precompute them once.
+    let taps: Vec<(usize, usize, f32)> = (x0..x1)
+        .map(|x| {
+            let fx = ((x as f32 + 0.5) * sx - 0.5).clamp(0.0, (mw - 1) as f32);
+            let i = fx.floor() as usize;
+            (i, (i + 1).min(mw - 1), fx - i as f32)
+        })
+        .collect();
+    let p = mask.probs;
+    out.as_mut()
+        .par_chunks_mut(out_w as usize)
+        .enumerate()
+        .skip(y0 as usize)
+        .take((y1 - y0) as usize)
+        .for_each(|(y, row)| {
+            let fy = ((y as f32 + 0.5) * sy - 0.5).clamp(0.0, (mh - 1) as f32);
+            let j = fy.floor() as usize;
+            let j1 = (j + 1).min(mh - 1);
+            let wy = fy - j as f32;
+            let (r0, r1) = (&p[j * mw..(j + 1) * mw], &p[j1 * mw..(j1 + 1) * mw]);
+            for (dst, &(i, i1, wx)) in row[x0 as usize..x1 as usize].iter_mut().zip(&taps) {
+                let top = r0[i] as f32 + wx * (r0[i1] as f32 - r0[i] as f32);
+                let bot = r1[i] as f32 + wx * (r1[i1] as f32 - r1[i] as f32);
+                *dst = (top + wy * (bot - top) + 0.5) as u8;
+            }
+        });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upsample_is_zero_outside_box_and_interpolates_inside() {
+        // 40 model px over 100 output px: the margin is two model pixels (5 px) plus 2.
+        let probs: Vec<u8> = vec![255; 1600];
+        let m = ModelMask {
+            width: 40,
+            height: 40,
+            probs: &probs,
+        };
+        let b = PixelBox {
+            x0: 10.0,
+            y0: 10.0,
+            x1: 20.0,
+            y1: 20.0,
+        };
+        let out = upsample_instance(&m, b, 100, 100);
+        assert_eq!(out.get_pixel(15, 15)[0], 255);
+        assert_eq!(out.get_pixel(28, 15)[0], 0);
+        assert_eq!(out.get_pixel(26, 15)[0], 255);
+        // A half-on model mask gives a ramp across the boundary, not a step.
+        let probs: Vec<u8> = (0..16).map(|i| if i % 4 < 2 { 0 } else { 255 }).collect();
+        let m = ModelMask {
+            width: 4,
+            height: 4,
+            probs: &probs,
+        };
+        let full = PixelBox {
+            x0: 0.0,
+            y0: 0.0,
+            x1: 100.0,
+            y1: 100.0,
+        };
+        let out = upsample_instance(&m, full, 100, 100);
+        assert_eq!(out.get_pixel(5, 50)[0], 0);
+        assert_eq!(out.get_pixel(95, 50)[0], 255);
+        let mid = out.get_pixel(50, 50)[0];
+        assert!((100..=155).contains(&mid), "{mid}");
+        assert_eq!(
+            nonzero_bounds(&out),
+            Rect {
+                x0: 38,
+                y0: 0,
+                x1: 100,
+                y1: 100
+            }
+        );
+    }
+}

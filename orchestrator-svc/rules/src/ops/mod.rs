@@ -1,0 +1,91 @@
+//! Per-pixel rule kernels and the row-parallel driver they share: it visits only the region's bounding box, skips
+//! alpha-0 pixels without touching them, and blends out = in + alpha * strength * (edited - in) in sRGB.
+
+pub mod recolor;
+pub mod remove;
+pub mod texture;
+pub mod tone;
+
+use crate::mask::{Rect, nonzero_bounds};
+use image::{GrayImage, RgbImage};
+use rayon::prelude::*;
+
+/// Runs `edit(x, y, pixel) -> edited sRGB (0..255 floats)` on every pixel with non-zero weight and blends it in.
+pub fn blend_masked<F>(
+    photo: &RgbImage,
+    region: &GrayImage,
+    bounds: Rect,
+    strength: f32,
+    edit: F,
+) -> RgbImage
+where
+    F: Fn(u32, u32, [u8; 3]) -> [f32; 3] + Sync,
+{
+    let mut out = photo.clone();
+    if bounds.is_empty() || strength <= 0.0 {
+        return out;
+    }
+    let w = photo.width() as usize;
+    let (x0, x1) = (bounds.x0 as usize, bounds.x1 as usize);
+    let k = strength / 255.0;
+    out.as_mut()
+        .par_chunks_mut(w * 3)
+        .zip(region.as_raw().par_chunks(w))
+        .enumerate()
+        .skip(bounds.y0 as usize)
+        .take(bounds.height() as usize)
+        .for_each(|(y, (row, alpha))| {
+            for x in x0..x1 {
+                let a = alpha[x];
+                if a == 0 {
+                    continue;
+                }
+                let px = &mut row[x * 3..x * 3 + 3];
+                let src = [px[0], px[1], px[2]];
+                let e = edit(x as u32, y as u32, src);
+                let wgt = a as f32 * k;
+                for c in 0..3 {
+                    let v = src[c] as f32 + wgt * (e[c] - src[c] as f32);
+                    px[c] = (v + 0.5).clamp(0.0, 255.0) as u8;
+                }
+            }
+        });
+    out
+}
+
+/// Alpha-weighted mean of `f(pixel)` over the region (None when the region is empty).
+pub fn weighted_mean<F>(photo: &RgbImage, region: &GrayImage, bounds: Rect, f: F) -> Option<f32>
+where
+    F: Fn([u8; 3]) -> f32 + Sync,
+{
+    if bounds.is_empty() {
+        return None;
+    }
+    let w = photo.width() as usize;
+    let (x0, x1) = (bounds.x0 as usize, bounds.x1 as usize);
+    let (sum, wsum) = photo
+        .as_raw()
+        .par_chunks(w * 3)
+        .zip(region.as_raw().par_chunks(w))
+        .skip(bounds.y0 as usize)
+        .take(bounds.height() as usize)
+        .map(|(row, alpha)| {
+            let (mut s, mut n) = (0.0f64, 0.0f64);
+            for x in x0..x1 {
+                let a = alpha[x];
+                if a != 0 {
+                    let v = f([row[x * 3], row[x * 3 + 1], row[x * 3 + 2]]);
+                    s += (a as f32 * v) as f64;
+                    n += a as f64;
+                }
+            }
+            (s, n)
+        })
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    (wsum > 0.0).then(|| (sum / wsum) as f32)
+}
+
+/// The region's non-zero bounding box.
+pub fn bounds(region: &GrayImage) -> Rect {
+    nonzero_bounds(region)
+}

@@ -1,0 +1,36 @@
+//! Brightness, contrast, saturation and warmth inside the region, in Oklab (perceptually even steps, and hue stays
+//! put when chroma is scaled), gamut-mapped in Oklch.
+
+use super::{blend_masked, bounds, weighted_mean};
+use crate::color::{gamut_map, lin_to_oklab, oklab_to_lin, to_linear, to_srgb};
+use crate::rule::ToneParams;
+use image::{GrayImage, RgbImage};
+
+/// Oklab L shift at brightness 1.
+const BRIGHT: f32 = 0.2;
+/// Oklab b (yellow) and a (red) shift at warmth 1: warm light is mostly yellower, slightly redder.
+const WARM_B: f32 = 0.035;
+const WARM_A: f32 = 0.01;
+
+#[inline]
+fn oklab(p: [u8; 3]) -> [f32; 3] {
+    lin_to_oklab(to_linear(p[0]), to_linear(p[1]), to_linear(p[2]))
+}
+
+pub fn tone(photo: &RgbImage, region: &GrayImage, p: &ToneParams) -> RgbImage {
+    let b = bounds(region);
+    // Contrast pivots on the region's own mean so a dark sofa does not get brighter when contrast rises.
+    let Some(mean_l) = weighted_mean(photo, region, b, |px| oklab(px)[0]) else {
+        return photo.clone();
+    };
+    let gain = 1.0 + p.contrast;
+    let sat = 1.0 + p.saturation;
+    let shift = p.brightness * BRIGHT;
+    let (wa, wb) = (p.warmth * WARM_A, p.warmth * WARM_B);
+    blend_masked(photo, region, b, p.common.strength, |_, _, px| {
+        let [l, a, bb] = oklab(px);
+        let l = (mean_l + (l - mean_l) * gain + shift).clamp(0.0, 1.0);
+        let c = gamut_map(l, a * sat + wa, bb * sat + wb, oklab_to_lin);
+        [to_srgb(c[0]), to_srgb(c[1]), to_srgb(c[2])]
+    })
+}
