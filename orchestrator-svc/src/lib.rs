@@ -4,9 +4,14 @@
 pub mod callback;
 pub mod config;
 pub mod error;
+pub mod grpc;
+pub mod jobs;
 pub mod keys;
 pub mod segmenter;
+pub mod server;
 pub mod storage;
+pub mod telemetry;
 
 pub use config::Config;
 pub use error::{Error, Result};
+pub use server::run;

@@ -1,5 +1,7 @@
 // Each test binary uses only some of these helpers.
 #![allow(dead_code)]
 
+pub mod fake_segmenter;
+pub mod orchestrator;
 pub mod receiver;
 pub mod seaweed;

@@ -1,0 +1,95 @@
+//! The `palette.orchestrator.v1.Jobs` service: a thin layer over `jobs::JobService`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use palette_proto::orchestrator::v1::jobs_server::Jobs;
+use palette_proto::orchestrator::v1::{
+    CancelJobRequest, GetJobRequest, Job, JobEvent, JobSpec, WatchJobRequest,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::jobs::JobService;
+use crate::jobs::registry::job_is_terminal;
+
+/// Events queued per WatchJob stream before the sender waits for the client.
+const WATCH_BUFFER: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct JobsApi {
+    service: Arc<JobService>,
+}
+
+impl JobsApi {
+    pub fn new(service: Arc<JobService>) -> Self {
+        JobsApi { service }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Jobs for JobsApi {
+    async fn submit_job(&self, request: Request<JobSpec>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(self.service.submit(request.get_ref())?))
+    }
+
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(
+            self.service.get(&request.get_ref().job_id)?.snapshot(),
+        ))
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(
+        &self,
+        request: Request<WatchJobRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let job = self.service.get(&request.get_ref().job_id)?;
+        let (snapshot, mut events) = job.subscribe();
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(async move {
+            let done = job_is_terminal(&snapshot);
+            if tx
+                .send(Ok(JobEvent {
+                    job: Some(snapshot),
+                    changed_idx: None,
+                }))
+                .await
+                .is_err()
+                || done
+            {
+                return;
+            }
+            loop {
+                let event = match events.recv().await {
+                    Ok(event) => event,
+                    // Too slow for the buffer: skip ahead to the present.
+                    Err(broadcast::error::RecvError::Lagged(_)) => JobEvent {
+                        job: Some(job.snapshot()),
+                        changed_idx: None,
+                    },
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let done = event.job.as_ref().is_some_and(job_is_terminal);
+                if tx.send(Ok(event)).await.is_err() || done {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<CancelJobRequest>,
+    ) -> Result<Response<Job>, Status> {
+        Ok(Response::new(
+            self.service.cancel(&request.get_ref().job_id)?,
+        ))
+    }
+}

@@ -1,0 +1,162 @@
+//! Decoding (with limits and EXIF orientation) and encoding of the pipeline's images. CPU-bound: call from
+//! `spawn_blocking`.
+
+use std::io::Cursor;
+
+use image::codecs::jpeg::JpegEncoder;
+use image::codecs::png::PngEncoder;
+use image::{DynamicImage, GrayImage, ImageEncoder, ImageReader, RgbImage, RgbaImage, imageops};
+
+use crate::error::Error;
+
+pub const JPEG_QUALITY: u8 = 90;
+pub const PREVIEW_SIZE: u32 = 256;
+
+/// Decodes `bytes` to RGB, upright: the pixel limit is checked from the header before any pixel is decoded, then
+/// the EXIF orientation (1..=8) is applied, as the segmenter does, so masks and photo line up.
+pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Error> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::InputCorrupt(format!("cannot read the image header: {e}")))?;
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| Error::InputCorrupt(format!("cannot read the image size: {e}")))?;
+    if u64::from(w) * u64::from(h) > max_pixels {
+        return Err(Error::InputTooLarge(format!(
+            "{w}x{h} is {} pixels; the limit is {max_pixels}",
+            u64::from(w) * u64::from(h)
+        )));
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::InputCorrupt(e.to_string()))?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(4).max(64 << 20));
+    reader.limits(limits);
+    let decoded = reader
+        .decode()
+        .map_err(|e| Error::InputCorrupt(format!("cannot decode: {e}")))?;
+    Ok(orient(decoded, exif_orientation(bytes)).into_rgb8())
+}
+
+/// EXIF orientation tag (1 = upright) of JPEG/PNG/WebP bytes; 1 when absent or unreadable.
+pub fn exif_orientation(bytes: &[u8]) -> u32 {
+    let Ok(exif) = exif::Reader::new().read_from_container(&mut Cursor::new(bytes)) else {
+        return 1;
+    };
+    exif.get_field(exif::Tag::Orientation, exif::In::PRIMARY)
+        .and_then(|f| f.value.get_uint(0))
+        .filter(|o| (1..=8).contains(o))
+        .unwrap_or(1)
+}
+
+fn orient(img: DynamicImage, orientation: u32) -> DynamicImage {
+    match orientation {
+        2 => img.fliph(),
+        3 => img.rotate180(),
+        4 => img.flipv(),
+        5 => img.rotate90().fliph(),
+        6 => img.rotate90(),
+        7 => img.rotate270().fliph(),
+        8 => img.rotate270(),
+        _ => img,
+    }
+}
+
+pub fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::with_capacity(img.as_raw().len() / 8);
+    JpegEncoder::new_with_quality(&mut out, JPEG_QUALITY)
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            image::ExtendedColorType::Rgb8,
+        )
+        .map_err(|e| Error::Internal(format!("JPEG encode: {e}")))?;
+    Ok(out)
+}
+
+pub fn encode_png_rgba(img: &RgbaImage) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    PngEncoder::new(&mut out)
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            image::ExtendedColorType::Rgba8,
+        )
+        .map_err(|e| Error::Internal(format!("PNG encode: {e}")))?;
+    Ok(out)
+}
+
+pub fn encode_png_gray(img: &GrayImage) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    PngEncoder::new(&mut out)
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            image::ExtendedColorType::L8,
+        )
+        .map_err(|e| Error::Internal(format!("PNG encode: {e}")))?;
+    Ok(out)
+}
+
+/// Fits the image inside 256x256 (aspect kept) and encodes it as JPEG.
+pub fn preview_jpeg(img: &RgbImage) -> Result<Vec<u8>, Error> {
+    let (w, h) = img.dimensions();
+    let scale = (PREVIEW_SIZE as f64 / w.max(1) as f64)
+        .min(PREVIEW_SIZE as f64 / h.max(1) as f64)
+        .min(1.0);
+    let tw = ((w as f64 * scale).round() as u32).max(1);
+    let th = ((h as f64 * scale).round() as u32).max(1);
+    encode_jpeg(&imageops::thumbnail(img, tw, th))
+}
+
+/// A cut-out seen on white, for its JPEG preview.
+pub fn flatten_on_white(img: &RgbaImage) -> RgbImage {
+    RgbImage::from_fn(img.width(), img.height(), |x, y| {
+        let [r, g, b, a] = img.get_pixel(x, y).0;
+        let blend = |c: u8| ((c as u32 * a as u32 + 255 * (255 - a as u32) + 127) / 255) as u8;
+        image::Rgb([blend(r), blend(g), blend(b)])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pixel_limit_is_checked_before_decoding() {
+        let img = RgbImage::from_pixel(40, 30, image::Rgb([10, 20, 30]));
+        let jpeg = encode_jpeg(&img).unwrap();
+        assert!(matches!(
+            decode_upright(&jpeg, 1000),
+            Err(Error::InputTooLarge(_))
+        ));
+        let back = decode_upright(&jpeg, 1200).unwrap();
+        assert_eq!(back.dimensions(), (40, 30));
+    }
+
+    #[test]
+    fn garbage_is_corrupt() {
+        assert!(matches!(
+            decode_upright(b"not an image", 1000),
+            Err(Error::InputCorrupt(_))
+        ));
+    }
+
+    #[test]
+    fn orientation_six_turns_landscape_into_portrait() {
+        let img = DynamicImage::ImageRgb8(RgbImage::new(4, 2));
+        assert_eq!(orient(img, 6).into_rgb8().dimensions(), (2, 4));
+    }
+
+    #[test]
+    fn preview_fits_256() {
+        let img = RgbImage::new(1000, 500);
+        let jpeg = preview_jpeg(&img).unwrap();
+        let back = image::load_from_memory(&jpeg).unwrap();
+        assert_eq!((back.width(), back.height()), (256, 128));
+    }
+}

@@ -1,0 +1,70 @@
+//! Jobs: validation, the in-memory registry and the per-item pipeline, behind one service the gRPC layer calls.
+
+mod imaging;
+mod mask_cache;
+pub mod pipeline;
+pub mod registry;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use palette_proto::orchestrator::v1::{Job, JobSpec};
+use palette_rules::preset::Preset;
+
+pub use pipeline::{InputLimits, Pipeline};
+pub use registry::{JobHandle, JobRegistry, Submitted};
+pub use validate::{JobLimits, JobPlan};
+
+use crate::error::Error;
+
+#[derive(Debug)]
+pub struct JobService {
+    registry: JobRegistry,
+    pipeline: Arc<Pipeline>,
+    presets: BTreeMap<String, Arc<Preset>>,
+    limits: JobLimits,
+}
+
+impl JobService {
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        presets: BTreeMap<String, Arc<Preset>>,
+        limits: JobLimits,
+    ) -> Self {
+        JobService {
+            registry: JobRegistry::default(),
+            pipeline,
+            presets,
+            limits,
+        }
+    }
+
+    /// Validates, registers (idempotent on job id) and starts the job; returns its current state.
+    pub fn submit(&self, spec: &JobSpec) -> Result<Job, Error> {
+        let plan = validate::validate(spec, &self.presets, self.limits)?;
+        match self.registry.submit(plan)? {
+            Submitted::Created(job) => {
+                metrics::counter!("orchestrator_jobs_submitted_total").increment(1);
+                tracing::info!(job_id = %job.plan.job_id, images = job.plan.image_count, "job accepted");
+                self.pipeline.spawn_job(job.clone());
+                Ok(job.snapshot())
+            }
+            Submitted::Existing(job) => Ok(job.snapshot()),
+        }
+    }
+
+    pub fn get(&self, job_id: &str) -> Result<Arc<JobHandle>, Error> {
+        self.registry.get(job_id)
+    }
+
+    pub fn cancel(&self, job_id: &str) -> Result<Job, Error> {
+        let job = self.registry.get(job_id)?;
+        self.pipeline.cancel(&job);
+        Ok(job.snapshot())
+    }
+
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.pipeline
+    }
+}

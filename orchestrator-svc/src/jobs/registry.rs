@@ -1,0 +1,285 @@
+//! Jobs in memory: each job's state is the proto `Job` itself (what GetJob returns), guarded by a mutex, with a
+//! broadcast channel that carries one event per item change to WatchJob streams.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use palette_proto::orchestrator::v1::{
+    CallbackState, Item, ItemState, Job, JobEvent, JobState, MaskKey, RuleOutput,
+};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::validate::JobPlan;
+use crate::error::Error;
+use crate::keys;
+
+/// Events buffered per job for slow watchers; one that falls further behind gets a fresh snapshot instead.
+const EVENT_BUFFER: usize = 256;
+
+/// How one item ended.
+#[derive(Debug, Clone)]
+pub enum ItemOutcome {
+    Completed(ItemResult),
+    Failed { code: &'static str, message: String },
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ItemResult {
+    pub outputs: Vec<RuleOutput>,
+    pub masks: Vec<MaskKey>,
+    pub preview_key: String,
+    pub masks_reused: bool,
+}
+
+pub fn is_terminal(state: i32) -> bool {
+    state == ItemState::Completed as i32
+        || state == ItemState::Failed as i32
+        || state == ItemState::Cancelled as i32
+}
+
+#[derive(Debug)]
+pub struct JobHandle {
+    pub plan: Arc<JobPlan>,
+    pub cancel: CancellationToken,
+    state: Mutex<Job>,
+    events: broadcast::Sender<JobEvent>,
+}
+
+impl JobHandle {
+    fn new(plan: JobPlan) -> Self {
+        let items = (0..plan.image_count)
+            .map(|idx| Item {
+                idx,
+                state: ItemState::Pending as i32,
+                input_key: keys::input(&plan.user_id, &plan.job_id, idx),
+                ..Default::default()
+            })
+            .collect();
+        let job = Job {
+            user_id: plan.user_id.clone(),
+            job_id: plan.job_id.clone(),
+            state: JobState::Queued as i32,
+            items,
+            completed: 0,
+            failed: 0,
+            cancelled: 0,
+            effective_spec: Some(plan.effective_spec.clone()),
+        };
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        JobHandle {
+            plan: Arc::new(plan),
+            cancel: CancellationToken::new(),
+            state: Mutex::new(job),
+            events,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Job> {
+        // A panic while holding the lock left a consistent proto value behind: keep serving it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Job {
+        self.lock().clone()
+    }
+
+    /// The current state and a receiver of every later change, taken atomically so no event falls in between.
+    pub fn subscribe(&self) -> (Job, broadcast::Receiver<JobEvent>) {
+        let job = self.lock();
+        (job.clone(), self.events.subscribe())
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        job_is_terminal(&self.lock())
+    }
+
+    /// Applies `change` to item `idx` (if `applies` says so), recomputes counters and job state, and publishes
+    /// one event. Returns the item after the change, or None when nothing changed.
+    fn change_item(
+        &self,
+        idx: u32,
+        applies: impl FnOnce(&Item) -> bool,
+        change: impl FnOnce(&mut Item),
+    ) -> Option<Item> {
+        let mut job = self.lock();
+        let item = job.items.get_mut(idx as usize)?;
+        if !applies(item) {
+            return None;
+        }
+        change(item);
+        let item = item.clone();
+        recount(&mut job, self.cancel.is_cancelled());
+        // No receiver is fine: nobody watches.
+        let _ = self.events.send(JobEvent {
+            job: Some(job.clone()),
+            changed_idx: Some(idx),
+        });
+        Some(item)
+    }
+
+    /// PENDING -> RUNNING; false when the item is no longer pending (cancelled meanwhile).
+    pub fn start_item(&self, idx: u32) -> bool {
+        self.change_item(
+            idx,
+            |i| i.state == ItemState::Pending as i32,
+            |i| i.state = ItemState::Running as i32,
+        )
+        .is_some()
+    }
+
+    /// Moves the item to its one terminal state. Returns the final item only for the caller that made the
+    /// transition: that caller, and no other, sends the item's callback.
+    pub fn finish_item(&self, idx: u32, outcome: ItemOutcome, callbacks_on: bool) -> Option<Item> {
+        self.change_item(
+            idx,
+            |i| !is_terminal(i.state),
+            |item| {
+                item.callback_state = if callbacks_on {
+                    CallbackState::Pending as i32
+                } else {
+                    CallbackState::NotConfigured as i32
+                };
+                match outcome {
+                    ItemOutcome::Completed(result) => {
+                        item.state = ItemState::Completed as i32;
+                        item.output_key = result
+                            .outputs
+                            .first()
+                            .map(|o| o.output_key.clone())
+                            .unwrap_or_default();
+                        item.outputs = result.outputs;
+                        item.masks = result.masks;
+                        item.preview_key = result.preview_key;
+                        item.masks_reused = result.masks_reused;
+                    }
+                    ItemOutcome::Failed { code, message } => {
+                        item.state = ItemState::Failed as i32;
+                        item.error_code = code.to_string();
+                        item.error = message;
+                    }
+                    ItemOutcome::Cancelled => {
+                        item.state = ItemState::Cancelled as i32;
+                        item.error_code = "cancelled".to_string();
+                        item.error = "the job was cancelled before this image finished".to_string();
+                    }
+                }
+            },
+        )
+    }
+
+    /// Marks the job cancelled and every non-terminal item CANCELLED; returns those items (for their callbacks).
+    pub fn cancel_pending(&self, callbacks_on: bool) -> Vec<Item> {
+        if self.is_terminal() {
+            // A finished job stays as it finished.
+            return Vec::new();
+        }
+        self.cancel.cancel();
+        let open: Vec<u32> = self
+            .lock()
+            .items
+            .iter()
+            .filter(|i| !is_terminal(i.state))
+            .map(|i| i.idx)
+            .collect();
+        open.into_iter()
+            .filter_map(|idx| self.finish_item(idx, ItemOutcome::Cancelled, callbacks_on))
+            .collect()
+    }
+
+    pub fn record_callback(&self, idx: u32, delivered: bool, attempts: u32, error: Option<String>) {
+        self.change_item(
+            idx,
+            |_| true,
+            |item| {
+                item.callback_state = if delivered {
+                    CallbackState::Delivered as i32
+                } else {
+                    CallbackState::Failed as i32
+                };
+                item.callback_attempts = attempts;
+                item.callback_error = error.unwrap_or_default();
+            },
+        );
+    }
+}
+
+pub fn job_is_terminal(job: &Job) -> bool {
+    job.state == JobState::Done as i32 || job.state == JobState::Cancelled as i32
+}
+
+fn recount(job: &mut Job, cancel_requested: bool) {
+    let count = |s: ItemState| job.items.iter().filter(|i| i.state == s as i32).count() as u32;
+    job.completed = count(ItemState::Completed);
+    job.failed = count(ItemState::Failed);
+    job.cancelled = count(ItemState::Cancelled);
+    let terminal = job.completed + job.failed + job.cancelled;
+    job.state = if terminal as usize == job.items.len() {
+        if cancel_requested {
+            JobState::Cancelled
+        } else {
+            JobState::Done
+        }
+    } else if terminal > 0
+        || job
+            .items
+            .iter()
+            .any(|i| i.state == ItemState::Running as i32)
+    {
+        JobState::Running
+    } else {
+        JobState::Queued
+    } as i32;
+}
+
+/// Every job this process has seen, by job id.
+#[derive(Debug, Default)]
+pub struct JobRegistry {
+    jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+}
+
+/// What `JobRegistry::submit` did.
+pub enum Submitted {
+    Created(Arc<JobHandle>),
+    /// The same spec was submitted before: nothing new to run.
+    Existing(Arc<JobHandle>),
+}
+
+impl JobRegistry {
+    pub fn get(&self, job_id: &str) -> Result<Arc<JobHandle>, Error> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(job_id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no job {job_id:?}")))
+    }
+
+    /// Registers the plan under its job id: idempotent for the same effective spec, ALREADY_EXISTS otherwise.
+    pub fn submit(&self, plan: JobPlan) -> Result<Submitted, Error> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = jobs.get(&plan.job_id) {
+            return if existing.plan.effective_spec == plan.effective_spec {
+                Ok(Submitted::Existing(existing.clone()))
+            } else {
+                Err(Error::AlreadyExists(format!(
+                    "job {:?} exists with a different spec; use a new job id",
+                    plan.job_id
+                )))
+            };
+        }
+        let handle = Arc::new(JobHandle::new(plan));
+        jobs.insert(handle.plan.job_id.clone(), handle.clone());
+        Ok(Submitted::Created(handle))
+    }
+
+    pub fn all(&self) -> Vec<Arc<JobHandle>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}

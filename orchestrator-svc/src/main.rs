@@ -1,0 +1,33 @@
+use clap::Parser;
+use orchestrator_svc::{Config, run, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    telemetry::init_logging(&config.log_level)?;
+    let listener = tokio::net::TcpListener::bind(config.grpc_addr).await?;
+    run(config, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// SIGINT or SIGTERM (what Docker and Kubernetes send).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,152 @@
+//! Wiring: storage, segmenter client, callbacks, pipeline, gRPC (jobs, health, reflection), metrics, shutdown.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use palette_proto::orchestrator::v1::jobs_server::JobsServer;
+use palette_rules::preset::Preset;
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::callback::{CallbackSender, RetryPolicy};
+use crate::config::{Adapter, Config};
+use crate::error::Error;
+use crate::grpc::JobsApi;
+use crate::jobs::{InputLimits, JobLimits, JobService, Pipeline};
+use crate::segmenter::Segmenter;
+use crate::{storage, telemetry};
+
+/// How long shutdown waits for items in flight and their callbacks before giving up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Jobs are small; images never travel through this API.
+const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+fn load_presets(config: &Config) -> Result<BTreeMap<String, Arc<Preset>>, Error> {
+    if !config.presets_dir.is_dir() {
+        tracing::warn!(dir = %config.presets_dir.display(), "presets directory missing: no presets");
+        return Ok(BTreeMap::new());
+    }
+    let presets = palette_rules::preset::load_dir(&config.presets_dir)
+        .map_err(|e| Error::Config(format!("PRESETS_DIR: {e}")))?;
+    Ok(presets
+        .into_iter()
+        .map(|(name, p)| (name, Arc::new(p)))
+        .collect())
+}
+
+fn callback_sender(config: &Config) -> Result<Option<Arc<CallbackSender>>, Error> {
+    let Some(url) = config
+        .workers_api_url
+        .as_deref()
+        .filter(|u| !u.trim().is_empty())
+    else {
+        tracing::warn!("WORKERS_API_URL unset: items are reported through GetJob/WatchJob only");
+        return Ok(None);
+    };
+    let secret = config
+        .gpu_callback_secret
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            Error::Config("GPU_CALLBACK_SECRET must be set with WORKERS_API_URL".into())
+        })?;
+    let policy = RetryPolicy {
+        max_attempts: config.callback_max_attempts.max(1),
+        base_delay: Duration::from_millis(config.callback_base_delay_ms),
+        max_delay: Duration::from_secs(config.callback_max_delay_sec),
+        attempt_timeout: config.callback_timeout(),
+    };
+    let sender = CallbackSender::new(url, secret, policy)
+        .map_err(|e| Error::Config(format!("callback client: {e}")))?;
+    Ok(Some(Arc::new(sender)))
+}
+
+/// Serves until `shutdown` resolves, then stops taking requests and waits (bounded) for items in flight.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    match config.adapter {
+        Adapter::Grpc => {}
+        Adapter::Runpod | Adapter::QueuePull => {
+            return Err(Error::NotImplemented(format!(
+                "ADAPTER={:?} is reserved and not implemented yet; use ADAPTER=grpc",
+                config.adapter
+            )));
+        }
+    }
+    if let Some(addr) = config.metrics_socket().map_err(Error::Config)? {
+        telemetry::install_metrics(addr);
+    }
+    let store = storage::from_config(&config).await?;
+    let segmenter = Arc::new(Segmenter::new(
+        &config.segmenter_url,
+        Duration::from_secs(config.segmenter_timeout_sec.max(1)),
+        config.segmenter_attempts,
+    )?);
+    let pipeline = Arc::new(Pipeline::new(
+        store,
+        segmenter,
+        callback_sender(&config)?,
+        config.batch_concurrency as usize,
+        InputLimits {
+            max_bytes: config.max_input_bytes,
+            max_pixels: config.max_input_pixels,
+        },
+        config.mask_cache_entries,
+    ));
+    let limits = JobLimits {
+        max_images: config.max_images_per_job,
+        max_rules: config.max_rules_per_job,
+        max_concepts: config.max_concepts_per_job,
+    };
+    let service = Arc::new(JobService::new(
+        pipeline.clone(),
+        load_presets(&config)?,
+        limits,
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<JobsServer<JobsApi>>().await;
+    let reflection = |builder: tonic_reflection::server::Builder<'static>| {
+        builder
+            .register_encoded_file_descriptor_set(palette_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let jobs = JobsServer::new(JobsApi::new(service))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(64 * MAX_MESSAGE_BYTES);
+
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    tracing::info!(addr = %local, config = ?config, "orchestrator listening");
+    Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(jobs)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .await
+        .map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
+
+    tracing::info!("shutting down: waiting for items in flight");
+    pipeline.tasks().close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, pipeline.tasks().wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("items still in flight after {DRAIN_TIMEOUT:?}; leaving them");
+    }
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! A stand-in segmenter for FAULT INJECTION only (down, UNAVAILABLE, slow) and for counting calls; real masks
+//! come from segmenter-svc in the workspace's end-to-end tests (tests/). Each concept gets one instance whose
+//! mask covers the left half of the image, at 32x32 "model resolution".
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use palette_proto::segmenter::v1::segmenter_server::{Segmenter, SegmenterServer};
+use palette_proto::segmenter::v1::{
+    Box as PixelBox, ConceptResult, GetModelInfoRequest, Instance, ModelInfo, SegmentRequest,
+    SegmentResponse, Tensor, image::Source,
+};
+use tonic::{Request, Response, Status};
+
+pub const MODEL_ID: &str = "fake-model-1";
+const MASK: u32 = 32;
+
+#[derive(Default)]
+pub struct Faults {
+    /// Answer UNAVAILABLE to this many Segment calls first.
+    pub unavailable_first: AtomicU32,
+    /// Sleep this long (ms) in every Segment call.
+    pub delay_ms: AtomicU32,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub segment_calls: AtomicUsize,
+    pub in_flight: AtomicUsize,
+    pub max_in_flight: AtomicUsize,
+}
+
+#[derive(Clone)]
+pub struct FakeSegmenter {
+    pub faults: Arc<Faults>,
+    pub counters: Arc<Counters>,
+    pub url: String,
+}
+
+struct Service(FakeSegmenter);
+
+#[tonic::async_trait]
+impl Segmenter for Service {
+    async fn segment(
+        &self,
+        request: Request<SegmentRequest>,
+    ) -> Result<Response<SegmentResponse>, Status> {
+        let fake = &self.0;
+        fake.counters.segment_calls.fetch_add(1, Ordering::SeqCst);
+        let now = fake.counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        fake.counters.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let result = answer(fake, request.into_inner()).await;
+        fake.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+        result.map(Response::new)
+    }
+
+    async fn get_model_info(
+        &self,
+        _: Request<GetModelInfoRequest>,
+    ) -> Result<Response<ModelInfo>, Status> {
+        Ok(Response::new(ModelInfo {
+            model_id: MODEL_ID.into(),
+            mask_size: MASK,
+            ..Default::default()
+        }))
+    }
+}
+
+async fn answer(fake: &FakeSegmenter, req: SegmentRequest) -> Result<SegmentResponse, Status> {
+    let delay = fake.faults.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay.into())).await;
+    }
+    let left = fake.faults.unavailable_first.load(Ordering::SeqCst);
+    if left > 0 {
+        fake.faults
+            .unavailable_first
+            .store(left - 1, Ordering::SeqCst);
+        return Err(Status::unavailable("fake: warming up"));
+    }
+    let Some(Source::Encoded(bytes)) = req.image.and_then(|i| i.source) else {
+        return Err(Status::invalid_argument("fake: encoded images only"));
+    };
+    let img =
+        image::load_from_memory(&bytes).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let (w, h) = (img.width(), img.height());
+    let probs: Vec<u8> = (0..MASK * MASK)
+        .map(|i| if i % MASK < MASK / 2 { 255 } else { 0 })
+        .collect();
+    let concepts = req
+        .concepts
+        .iter()
+        .map(|c| ConceptResult {
+            concept: c.clone(),
+            presence_score: 0.9,
+            instances: vec![Instance {
+                score: 0.9,
+                r#box: Some(PixelBox {
+                    x0: 0.0,
+                    y0: 0.0,
+                    x1: w as f32 / 2.0,
+                    y1: h as f32,
+                }),
+                mask: Some(Tensor {
+                    shape: vec![MASK, MASK],
+                    dtype: 1,
+                    data: probs.clone(),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .collect();
+    Ok(SegmentResponse {
+        concepts,
+        image_width: w,
+        image_height: h,
+        mask_height: MASK,
+        mask_width: MASK,
+        model_id: MODEL_ID.into(),
+        ..Default::default()
+    })
+}
+
+pub async fn start() -> FakeSegmenter {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake = FakeSegmenter {
+        faults: Arc::default(),
+        counters: Arc::default(),
+        url: format!("http://{}", listener.local_addr().unwrap()),
+    };
+    let server = SegmenterServer::new(Service(fake.clone())).max_decoding_message_size(64 << 20);
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+            .unwrap()
+    });
+    fake
+}

@@ -1,0 +1,158 @@
+//! The orchestrator in-process on 127.0.0.1:0, with a gRPC client and its local storage.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use orchestrator_svc::Config;
+use orchestrator_svc::storage::{LocalStore, ObjectStore};
+use palette_proto::orchestrator::v1::jobs_client::JobsClient;
+use palette_proto::orchestrator::v1::{
+    GetJobRequest, Job, JobSpec, JobState, Rule, WatchJobRequest,
+};
+use prost_types::{Struct, Value, value::Kind};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+pub struct Orchestrator {
+    pub client: JobsClient<Channel>,
+    pub channel: Channel,
+    pub store: LocalStore,
+    pub addr: std::net::SocketAddr,
+    _stop: oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts `run` with `Config::for_tests` adjusted by `tweak`.
+pub async fn start(segmenter_url: &str, tweak: impl FnOnce(&mut Config)) -> Orchestrator {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(dir.path().join("storage"), segmenter_url);
+    config.presets_dir = dir.path().join("no-presets");
+    tweak(&mut config);
+    let store = LocalStore::new(&config.local_storage_dir).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        orchestrator_svc::run(config, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap()
+    });
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    Orchestrator {
+        client: JobsClient::new(channel.clone()),
+        channel,
+        store,
+        addr,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+impl Orchestrator {
+    pub async fn put_input(&self, user: &str, job: &str, idx: u32, bytes: Vec<u8>) {
+        let key = format!("inputs/{user}/{job}/{idx}.jpg");
+        self.store
+            .put(&key, Bytes::from(bytes), "image/jpeg")
+            .await
+            .unwrap();
+    }
+
+    /// Follows WatchJob to its end and returns every event's job.
+    pub async fn watch_to_end(&mut self, job_id: &str) -> Vec<(Job, Option<u32>)> {
+        let mut stream = self
+            .client
+            .watch_job(WatchJobRequest {
+                job_id: job_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut events = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while let Some(event) = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .expect("watch timed out")
+            .unwrap()
+        {
+            events.push((event.job.unwrap(), event.changed_idx));
+        }
+        events
+    }
+
+    /// Polls GetJob until `done(job)`.
+    pub async fn wait_for(&mut self, job_id: &str, done: impl Fn(&Job) -> bool) -> Job {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let job = self
+                .client
+                .get_job(GetJobRequest {
+                    job_id: job_id.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if done(&job) {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job never reached the state: {job:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+pub fn is_terminal(job: &Job) -> bool {
+    job.state == JobState::Done as i32 || job.state == JobState::Cancelled as i32
+}
+
+pub fn string_struct(pairs: &[(&str, &str)]) -> Struct {
+    Struct {
+        fields: pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue(v.to_string())),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// The seed's example job, verbatim.
+pub fn seed_spec(job_id: &str, image_count: u32) -> JobSpec {
+    JobSpec {
+        user_id: "test-user".into(),
+        job_id: job_id.into(),
+        concepts: vec!["wall".into(), "floor".into(), "furniture".into()],
+        rules: vec![Rule {
+            rule_id: "rule1".into(),
+            concept: "wall".into(),
+            r#type: "recolor".into(),
+            params: Some(string_struct(&[("color", "#FF5733")])),
+        }],
+        image_count,
+        preset: String::new(),
+    }
+}
+
+/// A small JPEG photo: a grey gradient "wall".
+pub fn photo_jpeg(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let v = (120 + (x * 60 / w.max(1)) + (y * 40 / h.max(1))) as u8;
+        image::Rgb([v, v, v.saturating_sub(10)])
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92)
+        .encode_image(&img)
+        .unwrap();
+    out
+}

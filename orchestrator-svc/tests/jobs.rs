@@ -1,0 +1,369 @@
+//! Jobs end to end inside this crate: gRPC in, local storage, a fault-injecting segmenter, a real callback receiver.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use common::orchestrator::{is_terminal, photo_jpeg, seed_spec, start};
+use common::receiver::Receiver;
+use common::{fake_segmenter, orchestrator};
+use orchestrator_svc::callback::idempotency_key;
+use orchestrator_svc::storage::ObjectStore;
+use palette_proto::orchestrator::v1::{CallbackState, CancelJobRequest, ItemState, JobState};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const SECRET: &str = "supersecret123";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_job_completes_with_outputs_masks_preview_and_one_signed_callback() {
+    let segmenter = fake_segmenter::start().await;
+    let receiver = Receiver::start(SECRET, vec![(500, None)]).await;
+    let mut orch = start(&segmenter.url, |c| {
+        c.workers_api_url = Some(receiver.url());
+        c.gpu_callback_secret = Some(SECRET.into());
+    })
+    .await;
+    orch.put_input("test-user", "test-job", 0, photo_jpeg(96, 64))
+        .await;
+
+    let job = orch
+        .client
+        .submit_job(seed_spec("test-job", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.items.len(), 1);
+    assert_eq!(job.items[0].input_key, "inputs/test-user/test-job/0.jpg");
+
+    let events = orch.watch_to_end("test-job").await;
+    assert_eq!(events[0].1, None, "the first event is the snapshot");
+    let (last, _) = events.last().unwrap();
+    assert_eq!(last.state, JobState::Done as i32);
+    let item = &last.items[0];
+    assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+    assert_eq!(item.output_key, "outputs/test-user/test-job/rule1/0.jpg");
+    assert_eq!(
+        item.preview_key,
+        "previews/test-user/test-job/0_preview.jpg"
+    );
+    let mask_keys: Vec<&str> = item.masks.iter().map(|m| m.key.as_str()).collect();
+    for key in [
+        "masks/test-user/test-job/wall/0_1.png",
+        "masks/test-user/test-job/floor/0_1.png",
+        "masks/test-user/test-job/furniture/0_1.png",
+    ] {
+        assert!(mask_keys.contains(&key), "{key} not in {mask_keys:?}");
+        let png = image::load_from_memory(&orch.store.get(key).await.unwrap()).unwrap();
+        assert_eq!((png.width(), png.height()), (96, 64));
+    }
+    let output = image::load_from_memory(&orch.store.get(&item.output_key).await.unwrap())
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(output.dimensions(), (96, 64));
+    // The left half (the fake "wall") turned orange-ish, the right half kept its grey.
+    let painted = output.get_pixel(10, 32).0;
+    let kept = output.get_pixel(90, 32).0;
+    assert!(
+        painted[0] > painted[2] + 30,
+        "wall not recoloured: {painted:?}"
+    );
+    assert!(
+        (kept[0] as i32 - kept[2] as i32).abs() < 30,
+        "outside the mask changed: {kept:?}"
+    );
+    let preview =
+        image::load_from_memory(&orch.store.get(&item.preview_key).await.unwrap()).unwrap();
+    assert_eq!(
+        (preview.width(), preview.height()),
+        (96, 64),
+        "small images are not upscaled"
+    );
+
+    let job = orch
+        .wait_for("test-job", |j| {
+            j.items[0].callback_state == CallbackState::Delivered as i32
+        })
+        .await;
+    assert_eq!(job.items[0].callback_attempts, 2);
+    let id = idempotency_key("test-job", 0, "completed");
+    assert_eq!(
+        receiver.per_id().get(&id),
+        Some(&2),
+        "one 500, then the same event again"
+    );
+    let deliveries = receiver.deliveries();
+    assert!(
+        deliveries
+            .iter()
+            .all(|d| d.verified && d.job_id == "test-job")
+    );
+    let body = &deliveries.last().unwrap().body;
+    assert_eq!(body["idx"], 0);
+    assert_eq!(body["status"], "completed");
+    assert_eq!(body["output_key"], "outputs/test-user/test-job/rule1/0.jpg");
+    assert_eq!(
+        body["preview_key"],
+        "previews/test-user/test-job/0_preview.jpg"
+    );
+    assert!(body["error"].is_null());
+    assert_eq!(body["outputs"][0]["rule_id"], "rule1");
+    assert_eq!(body["masks"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_is_idempotent_and_a_different_spec_is_already_exists() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    orch.put_input("test-user", "idem", 0, photo_jpeg(32, 32))
+        .await;
+    orch.client.submit_job(seed_spec("idem", 1)).await.unwrap();
+    orch.client.submit_job(seed_spec("idem", 1)).await.unwrap();
+    orch.watch_to_end("idem").await;
+    orch.client.submit_job(seed_spec("idem", 1)).await.unwrap();
+    assert_eq!(
+        segmenter.counters.segment_calls.load(Ordering::SeqCst),
+        1,
+        "duplicate work"
+    );
+
+    let mut other = seed_spec("idem", 1);
+    other.concepts.push("ceiling".into());
+    let err = orch.client.submit_job(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_reports_every_bad_field() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    let mut spec = seed_spec("../../etc", 0);
+    spec.user_id = String::new();
+    spec.concepts.push(" ".into());
+    spec.rules[0].r#type = "paint".into();
+    let err = orch.client.submit_job(spec).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let bad = err.get_details_bad_request().expect("BadRequest details");
+    let fields: Vec<&str> = bad
+        .field_violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect();
+    for f in [
+        "user_id",
+        "job_id",
+        "image_count",
+        "concepts[3]",
+        "rules[0].type",
+    ] {
+        assert!(fields.contains(&f), "{f} missing in {fields:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_input_fails_only_its_item() {
+    let segmenter = fake_segmenter::start().await;
+    let receiver = Receiver::start(SECRET, vec![]).await;
+    let mut orch = start(&segmenter.url, |c| {
+        c.workers_api_url = Some(receiver.url());
+        c.gpu_callback_secret = Some(SECRET.into());
+    })
+    .await;
+    orch.put_input("test-user", "partial", 0, photo_jpeg(32, 32))
+        .await;
+    orch.put_input("test-user", "partial", 2, b"not a jpeg".to_vec())
+        .await;
+    orch.client
+        .submit_job(seed_spec("partial", 3))
+        .await
+        .unwrap();
+    let job = orch
+        .wait_for("partial", |j| {
+            is_terminal(j)
+                && j.items
+                    .iter()
+                    .all(|i| i.callback_state == CallbackState::Delivered as i32)
+        })
+        .await;
+    assert_eq!(job.state, JobState::Done as i32);
+    assert_eq!((job.completed, job.failed), (1, 2));
+    assert_eq!(job.items[1].error_code, "input_missing");
+    assert_eq!(job.items[2].error_code, "input_corrupt");
+    let mut statuses: Vec<String> = receiver
+        .deliveries()
+        .iter()
+        .map(|d| format!("{}:{}", d.body["idx"], d.body["status"]))
+        .collect();
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        ["0:\"completed\"", "1:\"failed\"", "2:\"failed\""]
+    );
+    assert!(
+        receiver
+            .deliveries()
+            .iter()
+            .any(|d| d.body["error_code"] == "input_missing")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segmenter_that_is_down_fails_items_as_segmenter_unavailable() {
+    let mut orch = start("http://127.0.0.1:9", |_| {}).await;
+    orch.put_input("test-user", "down", 0, photo_jpeg(32, 32))
+        .await;
+    orch.client.submit_job(seed_spec("down", 1)).await.unwrap();
+    let events = orch.watch_to_end("down").await;
+    let item = &events.last().unwrap().0.items[0];
+    assert_eq!(item.state, ItemState::Failed as i32);
+    assert_eq!(item.error_code, "segmenter_unavailable");
+    assert_eq!(item.callback_state, CallbackState::NotConfigured as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_segmenter_calls_are_retried() {
+    let segmenter = fake_segmenter::start().await;
+    segmenter
+        .faults
+        .unavailable_first
+        .store(2, Ordering::SeqCst);
+    let mut orch = start(&segmenter.url, |c| c.segmenter_attempts = 3).await;
+    orch.put_input("test-user", "flaky", 0, photo_jpeg(32, 32))
+        .await;
+    orch.client.submit_job(seed_spec("flaky", 1)).await.unwrap();
+    let item = orch.watch_to_end("flaky").await.last().unwrap().0.items[0].clone();
+    assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+    assert_eq!(segmenter.counters.segment_calls.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_ends_every_open_item_once_with_one_callback_each() {
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(1500, Ordering::SeqCst);
+    let receiver = Receiver::start(SECRET, vec![]).await;
+    let mut orch = start(&segmenter.url, |c| {
+        c.batch_concurrency = 1;
+        c.workers_api_url = Some(receiver.url());
+        c.gpu_callback_secret = Some(SECRET.into());
+    })
+    .await;
+    for idx in 0..3 {
+        orch.put_input("test-user", "cancel-me", idx, photo_jpeg(32, 32))
+            .await;
+    }
+    orch.client
+        .submit_job(seed_spec("cancel-me", 3))
+        .await
+        .unwrap();
+    orch.wait_for("cancel-me", |j| {
+        j.items[0].state == ItemState::Running as i32
+    })
+    .await;
+    let job = orch
+        .client
+        .cancel_job(CancelJobRequest {
+            job_id: "cancel-me".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state, JobState::Cancelled as i32);
+    assert_eq!(job.cancelled, 3);
+    assert!(job.items.iter().all(|i| i.error_code == "cancelled"));
+
+    let job = orch
+        .wait_for("cancel-me", |j| {
+            j.items
+                .iter()
+                .all(|i| i.callback_state == CallbackState::Delivered as i32)
+        })
+        .await;
+    // Give a late pipeline a chance to (wrongly) finish item 0 and call back again.
+    tokio::time::sleep(std::time::Duration::from_millis(1800)).await;
+    assert!(
+        job.items
+            .iter()
+            .all(|i| i.state == ItemState::Cancelled as i32)
+    );
+    let per_id = receiver.per_id();
+    assert_eq!(per_id.len(), 3, "{per_id:?}");
+    assert!(per_id.values().all(|n| *n == 1), "{per_id:?}");
+    assert_eq!(
+        segmenter.counters.segment_calls.load(Ordering::SeqCst),
+        1,
+        "items after the cancel never started"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masks_are_reused_for_the_same_input_bytes() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    let photo = photo_jpeg(48, 32);
+    orch.put_input("test-user", "first", 0, photo.clone()).await;
+    orch.put_input("test-user", "second", 0, photo).await;
+    orch.client.submit_job(seed_spec("first", 1)).await.unwrap();
+    let first = orch.watch_to_end("first").await.last().unwrap().0.clone();
+    orch.client
+        .submit_job(seed_spec("second", 1))
+        .await
+        .unwrap();
+    let second = orch.watch_to_end("second").await.last().unwrap().0.clone();
+    assert!(!first.items[0].masks_reused);
+    assert!(second.items[0].masks_reused);
+    assert_eq!(second.items[0].state, ItemState::Completed as i32);
+    assert_eq!(segmenter.counters.segment_calls.load(Ordering::SeqCst), 1);
+    assert!(
+        orch.store
+            .exists("masks/test-user/second/wall/0_1.png")
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_in_flight_are_bounded_by_batch_concurrency() {
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(150, Ordering::SeqCst);
+    let mut orch = start(&segmenter.url, |c| c.batch_concurrency = 2).await;
+    for job in ["bound-a", "bound-b"] {
+        for idx in 0..4 {
+            // Different bytes per image so no mask is reused.
+            orch.put_input(
+                "test-user",
+                job,
+                idx,
+                photo_jpeg(32 + idx, 32 + (job == "bound-b") as u32),
+            )
+            .await;
+        }
+    }
+    orch.client
+        .submit_job(seed_spec("bound-a", 4))
+        .await
+        .unwrap();
+    orch.client
+        .submit_job(seed_spec("bound-b", 4))
+        .await
+        .unwrap();
+    let a = orch.watch_to_end("bound-a").await.last().unwrap().0.clone();
+    let b = orch.watch_to_end("bound-b").await.last().unwrap().0.clone();
+    assert_eq!((a.completed, b.completed), (4, 4));
+    assert!(segmenter.counters.max_in_flight.load(Ordering::SeqCst) <= 2);
+    assert_eq!(segmenter.counters.segment_calls.load(Ordering::SeqCst), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_jobs_are_not_found() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    let err = orch
+        .client
+        .get_job(palette_proto::orchestrator::v1::GetJobRequest {
+            job_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let _ = orchestrator::is_terminal;
+}
