@@ -6,6 +6,7 @@
     checks.py k8s       RENDERED_DIR   # kustomize renders, one YAML file per overlay
     checks.py otel                     # deploy/otel-collector.yaml references
     checks.py dockerfiles              # Dockerfile stages, users, health checks, build-context sources
+    checks.py stage-script DOCKERFILE STAGE ROOT   # print a stage's RUN steps as sh, paths re-rooted under ROOT
 
 Prints one line per failed check and exits 1 when any failed. Stdlib + PyYAML (+ docker for .dockerignore).
 """
@@ -474,6 +475,40 @@ def _stages_with_parents(stages: dict[str, list[str]], stage: str) -> list[str]:
     return out
 
 
+def stage_script(dockerfile: Path, stage: str, root: str) -> str:
+    """A POSIX sh script that runs a stage's RUN instructions on this machine, with the stage's (and the global)
+    ARG defaults exported and the absolute paths /wheels and /opt re-rooted under `root`. Lets validate.sh execute
+    the Dockerfiles' own pip/cp/test commands (ONNX Runtime and NVIDIA wheels) without Docker."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    lines = [ln.strip() for ln in text.splitlines()]
+    global_args: dict[str, str] = {}
+    out = ["set -eu"]
+    current = None
+    for ln in lines:
+        if not ln or ln.startswith("#"):
+            continue
+        m = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", ln, re.I)
+        if m:
+            current = m.group(1)
+            continue
+        a = re.match(r"ARG\s+(\w+)(?:=(\S+))?", ln)
+        if a and current is None and a.group(2) is not None:
+            global_args[a.group(1)] = a.group(2)
+        if current != stage:
+            continue
+        if a:
+            value = a.group(2) if a.group(2) is not None else global_args.get(a.group(1))
+            if value is not None:
+                out.append(f"export {a.group(1)}='{value}'")
+        elif ln.upper().startswith("RUN "):
+            cmd = ln[4:]
+            cmd = re.sub(r"(?<![\w.$/])/(wheels|opt)(?=[/\s\"']|$)", lambda mm: f"{root}/{mm.group(1)}", cmd)
+            out.append(cmd)
+    if len(out) == 1:
+        raise SystemExit(f"stage {stage} not found or has no RUN in {dockerfile}")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
@@ -489,6 +524,9 @@ def main(argv: list[str]) -> int:
         otel()
     elif cmd == "dockerfiles":
         dockerfiles()
+    elif cmd == "stage-script":
+        sys.stdout.write(stage_script(ROOT / rest[0], rest[1], rest[2]))
+        return 0
     else:
         print(__doc__)
         return 2

