@@ -283,6 +283,33 @@ mod tests {
     }
 
     #[test]
+    fn env_example_names_only_known_variables() {
+        use clap::CommandFactory;
+        let known: Vec<String> = Config::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect();
+        let example = include_str!("../.env.example");
+        let listed: Vec<&str> = example
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#') && l.contains('='))
+            .map(|l| l.split('=').next().unwrap().trim())
+            .collect();
+        for name in &listed {
+            assert!(
+                known.iter().any(|k| k == name),
+                "{name} is in .env.example but not in Config"
+            );
+        }
+        for name in &known {
+            assert!(
+                listed.contains(&name.as_str()),
+                "{name} is in Config but not in .env.example"
+            );
+        }
+    }
+
+    #[test]
     fn empty_metrics_addr_turns_metrics_off() {
         let c = Config::for_tests("/tmp/x", "http://127.0.0.1:1");
         assert_eq!(c.metrics_socket().unwrap(), None);

@@ -367,3 +367,36 @@ async fn unknown_jobs_are_not_found() {
     assert_eq!(err.code(), Code::NotFound);
     let _ = orchestrator::is_terminal;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutout_is_stored_as_png_with_alpha() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    orch.put_input("test-user", "cut", 0, photo_jpeg(64, 40))
+        .await;
+    let mut spec = seed_spec("cut", 1);
+    spec.rules.push(palette_proto::orchestrator::v1::Rule {
+        rule_id: "cutout".into(),
+        concept: "furniture".into(),
+        r#type: "remove".into(),
+        params: Some(orchestrator::string_struct(&[("mode", "cutout")])),
+    });
+    orch.client.submit_job(spec).await.unwrap();
+    let job = orch.watch_to_end("cut").await.last().unwrap().0.clone();
+    let item = &job.items[0];
+    assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+    let keys: Vec<&str> = item.outputs.iter().map(|o| o.output_key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "outputs/test-user/cut/rule1/0.jpg",
+            "outputs/test-user/cut/cutout/0.png"
+        ]
+    );
+    let png = image::load_from_memory(&orch.store.get(keys[1]).await.unwrap()).unwrap();
+    assert!(png.color().has_alpha());
+    assert_eq!(
+        item.output_key, keys[0],
+        "output_key is the first rule's output"
+    );
+}

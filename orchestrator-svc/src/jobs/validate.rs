@@ -300,7 +300,16 @@ fn check_rule(
     let params = r.params.as_ref().map(struct_to_json).unwrap_or_default();
     let defaults = preset.and_then(|p| p.rule_defaults.get(&rule_type));
     match parse_rule(&rule_type, &params, defaults) {
-        Ok(rule) if ok => Some((r.rule_id.clone(), concept, rule)),
+        Ok(rule) if ok => {
+            // The swatch is read from storage: refuse keys that could not be stored under the same rules.
+            if let Some(key) = rule.texture_key()
+                && let Err(e) = crate::storage::check_key(key)
+            {
+                violation(format!("rules[{i}].params.swatch"), e.to_string());
+                return None;
+            }
+            Some((r.rule_id.clone(), concept, rule))
+        }
         Ok(_) => None,
         Err(errors) => {
             for e in errors {
@@ -461,5 +470,64 @@ mod tests {
         let json = struct_to_json(&s);
         assert_eq!(json["n"], serde_json::json!(3));
         assert_eq!(json["f"], serde_json::json!(0.5));
+    }
+
+    fn preset() -> BTreeMap<String, Arc<Preset>> {
+        let p = Preset {
+            name: "home".into(),
+            concepts: vec!["wall".into(), "sofa".into(), "floor".into()],
+            priorities: [
+                ("wall".to_string(), 0),
+                ("floor".to_string(), 0),
+                ("sofa".to_string(), 3),
+            ]
+            .into_iter()
+            .collect(),
+            rule_defaults: BTreeMap::new(),
+        };
+        [("home".to_string(), Arc::new(p))].into_iter().collect()
+    }
+
+    #[test]
+    fn a_preset_supplies_concepts_and_occluders() {
+        let mut spec = seed_spec();
+        spec.concepts.clear();
+        spec.preset = "home".into();
+        let plan = validate(&spec, &preset(), limits()).unwrap();
+        assert_eq!(plan.concepts, ["wall", "sofa", "floor"]);
+        assert_eq!(plan.rules[0].occluders, ["sofa"]);
+        assert_eq!(plan.effective_spec.concepts, plan.concepts);
+        assert_eq!(plan.concepts_used_by_rules(), ["wall", "sofa"]);
+    }
+
+    #[test]
+    fn explicit_occluders_are_segmented_too() {
+        let mut spec = seed_spec();
+        let mut params = params(&[("color", "#FF5733")]).unwrap();
+        params.fields.insert(
+            "occluded_by".into(),
+            PValue {
+                kind: Some(Kind::ListValue(prost_types::ListValue {
+                    values: vec![PValue {
+                        kind: Some(Kind::StringValue("Lamp".into())),
+                    }],
+                })),
+            },
+        );
+        spec.rules[0].params = Some(params);
+        let plan = validate(&spec, &BTreeMap::new(), limits()).unwrap();
+        assert_eq!(plan.rules[0].occluders, ["lamp"]);
+        assert!(plan.concepts.contains(&"lamp".to_string()));
+    }
+
+    #[test]
+    fn swatch_keys_must_be_plain_keys() {
+        let mut spec = seed_spec();
+        spec.rules[0].r#type = "texture".into();
+        spec.rules[0].params = params(&[("swatch", "../../etc/passwd")]);
+        let Err(Error::InvalidArgument(v)) = validate(&spec, &BTreeMap::new(), limits()) else {
+            panic!("accepted")
+        };
+        assert_eq!(v[0].field, "rules[0].params.swatch");
     }
 }
