@@ -130,8 +130,24 @@ step_otel() {
 }
 
 step_dockerfiles() {
-  log "Dockerfiles (structure, build context)"
+  log "Dockerfiles (structure, build context, what their cargo commands need)"
   python deploy/checks.py dockerfiles
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "SKIP cargo checks: no cargo on PATH"
+    return 0
+  fi
+  # The images build with `cargo build --locked -p <svc> --bin <svc>`: the lock file must be current and the
+  # binaries must exist under those names.
+  cargo metadata --locked --format-version 1 >"$RENDER/cargo-metadata.json"
+  python - "$RENDER/cargo-metadata.json" <<'PY'
+import json, sys
+meta = json.load(open(sys.argv[1]))
+bins = {(p["name"], t["name"]) for p in meta["packages"] if p["id"] in meta["workspace_members"]
+        for t in p["targets"] if "bin" in t["kind"]}
+missing = [f"{pkg}:{b}" for pkg, b in (("segmenter-svc",) * 2, ("orchestrator-svc",) * 2) if (pkg, b) not in bins]
+print("cargo: Cargo.lock current (--locked); binaries:", ", ".join(sorted(b for _, b in bins)))
+sys.exit(f"missing binaries the Dockerfiles build: {missing}" if missing else 0)
+PY
 }
 
 step_k8s() {
