@@ -402,17 +402,30 @@ step_gpu-layout() {
   return 1
 }
 
+PASSED=0
+SKIPPED=0
+
+summary() { # one closing line in the form CI recognises: "deploy: N passed, N failed"
+  echo
+  ((${#FAILED[@]})) && echo "FAILED steps: ${FAILED[*]}" >&2
+  echo "deploy: $PASSED passed, ${#FAILED[@]} failed, $SKIPPED skipped"
+}
+
 run() {
   # A subshell outside any `if`, so that `set -e` stays in force inside the step (it is ignored in conditions).
   local s="$1" rc
+  if ! declare -F "step_$s" >/dev/null; then
+    echo "unknown step: $s" >&2
+    FAILED+=("$s"); summary; exit 2
+  fi
   set +e
   (set -e; "step_$s")
   rc=$?
   set -e
-  ((rc == 0)) && return 0
+  if ((rc == 0)); then PASSED=$((PASSED + 1)); return 0; fi
   FAILED+=("$s")
   if [[ "${VALIDATE_KEEP_GOING:-0}" != 1 ]]; then
-    echo "FAILED: $s" >&2
+    summary
     exit 1
   fi
 }
@@ -422,12 +435,10 @@ STEPS=("$@")
 step_tools
 for s in "${STEPS[@]}"; do
   [[ "$s" == tools ]] && continue
-  if [[ " ${VALIDATE_SKIP:-} " == *" $s "* ]]; then echo; echo "=== $s: SKIPPED (VALIDATE_SKIP)"; continue; fi
+  if [[ " ${VALIDATE_SKIP:-} " == *" $s "* ]]; then
+    echo; echo "=== $s: SKIPPED (VALIDATE_SKIP)"; SKIPPED=$((SKIPPED + 1)); continue
+  fi
   run "$s"
 done
-if ((${#FAILED[@]})); then
-  echo "FAILED: ${FAILED[*]}" >&2
-  exit 1
-fi
-echo
-echo "deploy/validate.sh: all ${#STEPS[@]} steps passed"
+summary
+((${#FAILED[@]} == 0))
