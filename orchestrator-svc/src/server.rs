@@ -141,6 +141,7 @@ pub async fn run(
         .map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
 
     tracing::info!("shutting down: waiting for items in flight");
+    pipeline.stop_starting();
     pipeline.tasks().close();
     if tokio::time::timeout(DRAIN_TIMEOUT, pipeline.tasks().wait())
         .await

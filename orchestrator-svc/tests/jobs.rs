@@ -288,9 +288,8 @@ async fn cancel_ends_every_open_item_once_with_one_callback_each() {
     let per_id = receiver.per_id();
     assert_eq!(per_id.len(), 3, "{per_id:?}");
     assert!(per_id.values().all(|n| *n == 1), "{per_id:?}");
-    assert_eq!(
-        segmenter.counters.segment_calls.load(Ordering::SeqCst),
-        1,
+    assert!(
+        segmenter.counters.segment_calls.load(Ordering::SeqCst) <= 1,
         "items after the cancel never started"
     );
 }

@@ -70,3 +70,57 @@ async fn reserved_adapters_fail_clearly() {
     assert!(matches!(err, Error::NotImplemented(_)));
     assert!(err.to_string().contains("not implemented yet"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_items_in_flight_and_ends_unstarted_ones_with_a_callback() {
+    use std::sync::atomic::Ordering;
+
+    use palette_proto::orchestrator::v1::ItemState;
+
+    let segmenter = common::fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(600, Ordering::SeqCst);
+    let receiver = common::receiver::Receiver::start("s", vec![]).await;
+    let mut orch = common::orchestrator::start(&segmenter.url, |c| {
+        c.batch_concurrency = 1;
+        c.workers_api_url = Some(receiver.url());
+        c.gpu_callback_secret = Some("s".into());
+    })
+    .await;
+    for idx in 0..3 {
+        orch.put_input(
+            "test-user",
+            "drain",
+            idx,
+            common::orchestrator::photo_jpeg(32, 32),
+        )
+        .await;
+    }
+    orch.client
+        .submit_job(common::orchestrator::seed_spec("drain", 3))
+        .await
+        .unwrap();
+    orch.wait_for("drain", |j| j.items[0].state == ItemState::Running as i32)
+        .await;
+    orch.shutdown().await;
+
+    let mut seen: Vec<(u64, String, String)> = receiver
+        .deliveries()
+        .iter()
+        .map(|d| {
+            (
+                d.body["idx"].as_u64().unwrap(),
+                d.body["status"].as_str().unwrap().to_string(),
+                d.body["error_code"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (0, "completed".to_string(), String::new()),
+            (1, "failed".to_string(), "internal".to_string()),
+            (2, "failed".to_string(), "internal".to_string()),
+        ]
+    );
+}

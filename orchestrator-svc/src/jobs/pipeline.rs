@@ -16,7 +16,9 @@ use palette_rules::{Edited, GrayImage, RgbImage};
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::imaging;
 use super::mask_cache::{MaskCache, MaskCacheKey};
@@ -44,6 +46,8 @@ pub struct Pipeline {
     mask_cache: MaskCache,
     /// Every job runner and callback task, so shutdown can wait for them.
     tasks: TaskTracker,
+    /// Fired at shutdown: no new item starts; items not started end FAILED so each still gets its callback.
+    stopping: CancellationToken,
 }
 
 /// Runs blocking (CPU) work off the async threads.
@@ -53,6 +57,22 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| Error::Internal(format!("worker task: {e}")))?
+}
+
+/// Counts items between start and end, whatever way they end.
+struct InFlight;
+
+impl InFlight {
+    fn new() -> Self {
+        metrics::gauge!("orchestrator_items_in_flight").increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("orchestrator_items_in_flight").decrement(1.0);
+    }
 }
 
 fn record_stage(stage: &'static str, since: Instant) {
@@ -77,7 +97,13 @@ impl Pipeline {
             limits,
             mask_cache: MaskCache::new(mask_cache_entries),
             tasks: TaskTracker::new(),
+            stopping: CancellationToken::new(),
         }
+    }
+
+    /// Shutdown: starts no further item; the runner of each job ends its unstarted items (see `abandon_pending`).
+    pub fn stop_starting(&self) {
+        self.stopping.cancel();
     }
 
     pub fn tasks(&self) -> &TaskTracker {
@@ -102,6 +128,10 @@ impl Pipeline {
             let permit = tokio::select! {
                 biased;
                 _ = job.cancel.cancelled() => break,
+                _ = self.stopping.cancelled() => {
+                    self.abandon_pending(&job);
+                    break;
+                }
                 permit = self.permits.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
@@ -109,16 +139,33 @@ impl Pipeline {
             };
             let this = self.clone();
             let job = job.clone();
-            items.spawn(async move { this.run_item(job, idx, permit).await });
+            let span = tracing::info_span!("item", job_id = %job.plan.job_id, idx);
+            items.spawn(async move { this.run_item(job, idx, permit).await }.instrument(span));
             while items.try_join_next().is_some() {}
         }
         while items.join_next().await.is_some() {}
+    }
+
+    /// Items this process will not start (it is shutting down) end FAILED, with their callback, so the caller can
+    /// resubmit them; the registry is in memory and does not survive a restart.
+    fn abandon_pending(&self, job: &Arc<JobHandle>) {
+        for idx in 0..job.plan.image_count {
+            let outcome = ItemOutcome::Failed {
+                code: "internal",
+                message: "the orchestrator shut down before this image was processed; submit it again in a new job"
+                    .to_string(),
+            };
+            if let Some(item) = job.finish_item_if_pending(idx, outcome, self.callbacks.is_some()) {
+                self.after_terminal(job, item);
+            }
+        }
     }
 
     async fn run_item(&self, job: Arc<JobHandle>, idx: u32, permit: OwnedSemaphorePermit) {
         if !job.start_item(idx) {
             return;
         }
+        let _in_flight = InFlight::new();
         let started = Instant::now();
         let result = tokio::select! {
             result = self.process(&job.plan, idx) => result,
@@ -127,7 +174,15 @@ impl Pipeline {
         drop(permit);
         record_stage("item", started);
         let outcome = match result {
-            Ok(result) => ItemOutcome::Completed(result),
+            Ok(result) => {
+                tracing::info!(
+                    outputs = result.outputs.len(),
+                    masks = result.masks.len(),
+                    reused = result.masks_reused,
+                    "item completed"
+                );
+                ItemOutcome::Completed(result)
+            }
             Err(Error::Cancelled) => ItemOutcome::Cancelled,
             Err(err) => {
                 tracing::warn!(job_id = %job.plan.job_id, idx, error = %err, "item failed");
@@ -291,13 +346,21 @@ impl Pipeline {
         let used = plan.concepts_used_by_rules();
         let mut keys_out = Vec::new();
         let mut full: HashMap<String, Vec<GrayImage>> = HashMap::new();
-        for (c, result) in response.concepts.iter().enumerate() {
+        // Results come in request order; the concept names used in keys are ours (validated), never the reply's.
+        if response.concepts.len() != plan.concepts.len() {
+            return Err(Error::SegmenterRejected(format!(
+                "asked for {} concepts, got {} results",
+                plan.concepts.len(),
+                response.concepts.len()
+            )));
+        }
+        for (c, (result, concept)) in response.concepts.iter().zip(&plan.concepts).enumerate() {
             for (n, instance) in result.instances.iter().enumerate() {
                 let probs_len = instance.mask.as_ref().map_or(0, |m| m.data.len());
                 if probs_len != (mw as usize) * (mh as usize) || mw == 0 || mh == 0 {
                     return Err(Error::SegmenterRejected(format!(
                         "{} instance {} mask has {probs_len} bytes, expected {mw}x{mh} probabilities",
-                        result.concept,
+                        concept,
                         n + 1
                     )));
                 }
@@ -337,16 +400,16 @@ impl Pipeline {
                 })
                 .await?;
                 let number = n as u32 + 1;
-                let key = keys::mask(&plan.user_id, &plan.job_id, &result.concept, idx, number);
+                let key = keys::mask(&plan.user_id, &plan.job_id, concept, idx, number);
                 self.store.put(&key, Bytes::from(png), "image/png").await?;
                 keys_out.push(MaskKey {
-                    concept: result.concept.clone(),
+                    concept: concept.clone(),
                     instance: number,
                     key,
                     score: instance.score,
                 });
-                if used.contains(&result.concept.as_str()) {
-                    full.entry(result.concept.clone()).or_default().push(gray);
+                if used.contains(&concept.as_str()) {
+                    full.entry(concept.clone()).or_default().push(gray);
                 }
             }
         }

@@ -132,9 +132,20 @@ impl JobHandle {
     /// Moves the item to its one terminal state. Returns the final item only for the caller that made the
     /// transition: that caller, and no other, sends the item's callback.
     pub fn finish_item(&self, idx: u32, outcome: ItemOutcome, callbacks_on: bool) -> Option<Item> {
+        self.finish_if(idx, outcome, callbacks_on, |i| !is_terminal(i.state))
+    }
+
+    fn finish_if(
+        &self,
+        idx: u32,
+        outcome: ItemOutcome,
+        callbacks_on: bool,
+        applies: impl FnOnce(&Item) -> bool,
+    ) -> Option<Item> {
+        // `applies` runs under the same lock as the change: check and transition are one step.
         self.change_item(
             idx,
-            |i| !is_terminal(i.state),
+            |i| !is_terminal(i.state) && applies(i),
             |item| {
                 item.callback_state = if callbacks_on {
                     CallbackState::Pending as i32
@@ -167,6 +178,18 @@ impl JobHandle {
                 }
             },
         )
+    }
+
+    /// Like `finish_item`, but only for an item that never started.
+    pub fn finish_item_if_pending(
+        &self,
+        idx: u32,
+        outcome: ItemOutcome,
+        callbacks_on: bool,
+    ) -> Option<Item> {
+        self.finish_if(idx, outcome, callbacks_on, |i| {
+            i.state == ItemState::Pending as i32
+        })
     }
 
     /// Marks the job cancelled and every non-terminal item CANCELLED; returns those items (for their callbacks).

@@ -18,7 +18,8 @@ pub struct Orchestrator {
     pub channel: Channel,
     pub store: LocalStore,
     pub addr: std::net::SocketAddr,
-    _stop: oneshot::Sender<()>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<Result<(), orchestrator_svc::Error>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -32,12 +33,11 @@ pub async fn start(segmenter_url: &str, tweak: impl FnOnce(&mut Config)) -> Orch
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
+    let server = tokio::spawn(async move {
         orchestrator_svc::run(config, listener, async {
             let _ = stopped.await;
         })
         .await
-        .unwrap()
     });
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -47,12 +47,23 @@ pub async fn start(segmenter_url: &str, tweak: impl FnOnce(&mut Config)) -> Orch
         channel,
         store,
         addr,
-        _stop: stop,
+        stop: Some(stop),
+        server: Some(server),
         _dir: dir,
     }
 }
 
 impl Orchestrator {
+    /// Signals shutdown and waits until `run` returns.
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap().unwrap();
+        }
+    }
+
     pub async fn put_input(&self, user: &str, job: &str, idx: u32, bytes: Vec<u8>) {
         let key = format!("inputs/{user}/{job}/{idx}.jpg");
         self.store

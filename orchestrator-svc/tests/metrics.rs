@@ -1,0 +1,49 @@
+//! The Prometheus exporter (process-global, hence its own test binary).
+
+mod common;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_jobs_items_stages_and_callbacks() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let segmenter = common::fake_segmenter::start().await;
+    let receiver = common::receiver::Receiver::start("s", vec![]).await;
+    let mut orch = common::orchestrator::start(&segmenter.url, |c| {
+        c.metrics_addr = format!("127.0.0.1:{port}");
+        c.workers_api_url = Some(receiver.url());
+        c.gpu_callback_secret = Some("s".into());
+    })
+    .await;
+    orch.put_input(
+        "test-user",
+        "metered",
+        0,
+        common::orchestrator::photo_jpeg(32, 32),
+    )
+    .await;
+    orch.client
+        .submit_job(common::orchestrator::seed_spec("metered", 2))
+        .await
+        .unwrap();
+    orch.wait_for("metered", |j| j.items.iter().all(|i| i.callback_state == 3))
+        .await;
+
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "orchestrator_jobs_submitted_total 1",
+        "orchestrator_items_total{state=\"ITEM_STATE_COMPLETED\"} 1",
+        "orchestrator_items_total{state=\"ITEM_STATE_FAILED\"} 1",
+        "orchestrator_callbacks_total{outcome=\"delivered\"} 2",
+        "orchestrator_stage_seconds_bucket{stage=\"segment\"",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+}
