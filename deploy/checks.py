@@ -547,8 +547,9 @@ def dockerfiles() -> None:
     for lib in ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13", "libnvrtc.so.13", "libcurand.so.10",
                 "libcufft.so.12", "libcudnn.so.9"):
         check(lib in seg, f"segmenter Dockerfile: GPU stage should check for {lib}")
-    for var in ("ORT_GPU_CUDA_LIB_DIR", "ORT_GPU_CUDNN_LIB_DIR", "NVIDIA_VISIBLE_DEVICES"):
+    for var in ("ORT_GPU_CUDA_LIB_DIR", "ORT_GPU_CUDNN_LIB_DIR", "NVIDIA_DRIVER_CAPABILITIES=compute"):
         check(var in seg, f"segmenter Dockerfile: {var}")
+    check("NVIDIA_VISIBLE_DEVICES=" not in seg, "segmenter Dockerfile: leave NVIDIA_VISIBLE_DEVICES to the runtime")
     for rel in ("segmenter-svc/Cargo.toml", "orchestrator-svc/Cargo.toml"):
         name = rel.split("/")[0]
         crate = ROOT / name / "src" / "main.rs"
