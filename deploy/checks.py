@@ -71,6 +71,11 @@ def compose(rendered_dir: Path) -> None:
                 # clap takes a set-but-empty variable as a given (and for paths/numbers invalid) value.
                 for key, value in (svc.get("environment") or {}).items():
                     check(value != "", f"[{profiles}] {name}: {key} is set to an empty string; leave it unset")
+            for port in svc.get("ports", []):
+                check(
+                    port.get("host_ip") == "127.0.0.1",
+                    f"[{profiles}] {name}: port {port.get('target')} published beyond 127.0.0.1 by default",
+                )
             if name in ("segmenter", "segmenter-cpu"):
                 env = svc.get("environment", {})
                 check(env.get("MODEL_CACHE_DIR") == "/models", f"[{profiles}] {name}: MODEL_CACHE_DIR=/models")
