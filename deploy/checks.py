@@ -328,6 +328,23 @@ def k8s(rendered_dir: Path) -> None:
             check(seg_c["image"].endswith(":cpu"), f"{where}: segmenter image tag cpu, got {seg_c['image']}")
             check(env_cm.get("SEGMENTER_DEVICE") == "cpu", f"{where}: SEGMENTER_DEVICE=cpu")
 
+        # Only the orchestrator reaches the segmenter's gRPC port.
+        np = idx.get(("NetworkPolicy", "segmenter"))
+        if check(np is not None, f"{where}: NetworkPolicy/segmenter missing"):
+            seg_labels = seg["spec"]["template"]["metadata"]["labels"]
+            orch_labels = orch["spec"]["template"]["metadata"]["labels"]
+            sel = np["spec"]["podSelector"]["matchLabels"]
+            check(all(seg_labels.get(k) == v for k, v in sel.items()), f"{where}: NetworkPolicy selects no segmenter")
+            grpc_rules = [r for r in np["spec"].get("ingress", []) if any(p.get("port") == 50051 for p in r.get("ports", []))]
+            check(
+                bool(grpc_rules) and all(
+                    all(orch_labels.get(k) == v for k, v in f.get("podSelector", {}).get("matchLabels", {}).items())
+                    and "podSelector" in f and "namespaceSelector" not in f
+                    for r in grpc_rules for f in r.get("from", [])
+                ),
+                f"{where}: segmenter gRPC ingress must come from the orchestrator pods only",
+            )
+
         # Disruption budgets select existing pods.
         for dep in (seg, orch):
             name = dep["metadata"]["name"]
