@@ -136,8 +136,9 @@ pub struct Config {
     /// Most rules per job. Default 16.
     #[arg(long, env = "MAX_RULES_PER_JOB", default_value_t = 16)]
     pub max_rules_per_job: usize,
-    /// Most concepts segmented per job (listed, rule and occluder concepts together). Default 16.
-    #[arg(long, env = "MAX_CONCEPTS_PER_JOB", default_value_t = 16)]
+    /// Most concepts segmented per job (listed, rule and occluder concepts together). Default 32: the segmenter's
+    /// own limit, and the interior preset alone lists 17.
+    #[arg(long, env = "MAX_CONCEPTS_PER_JOB", default_value_t = 32)]
     pub max_concepts_per_job: usize,
     /// Largest input object, in bytes. Default 40000000 (40 MB).
     #[arg(long, env = "MAX_INPUT_BYTES", default_value_t = 40_000_000)]
@@ -180,7 +181,7 @@ impl Config {
             presets_dir: PathBuf::from("presets"),
             max_images_per_job: 500,
             max_rules_per_job: 16,
-            max_concepts_per_job: 16,
+            max_concepts_per_job: 32,
             max_input_bytes: 40_000_000,
             max_input_pixels: 50_000_000,
         }

@@ -31,6 +31,16 @@ fn load_presets(config: &Config) -> Result<BTreeMap<String, Arc<Preset>>, Error>
     }
     let presets = palette_rules::preset::load_dir(&config.presets_dir)
         .map_err(|e| Error::Config(format!("PRESETS_DIR: {e}")))?;
+    for preset in presets.values() {
+        if preset.concepts.len() > config.max_concepts_per_job {
+            tracing::warn!(
+                preset = %preset.name,
+                concepts = preset.concepts.len(),
+                limit = config.max_concepts_per_job,
+                "preset lists more concepts than MAX_CONCEPTS_PER_JOB: its jobs must name their concepts"
+            );
+        }
+    }
     Ok(presets
         .into_iter()
         .map(|(name, p)| (name, Arc::new(p)))
@@ -112,10 +122,15 @@ pub async fn run(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobsServer<JobsApi>>().await;
+    // The descriptor set also holds the segmenter's package: advertise only what this server serves.
     let reflection = |builder: tonic_reflection::server::Builder<'static>| {
         builder
             .register_encoded_file_descriptor_set(palette_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("palette.orchestrator.v1.Jobs")
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
     };
     let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
         .build_v1()

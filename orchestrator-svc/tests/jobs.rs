@@ -399,3 +399,38 @@ async fn a_cutout_is_stored_as_png_with_alpha() {
         "output_key is the first rule's output"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_interior_preset_supplies_concepts_and_occluders() {
+    let segmenter = fake_segmenter::start().await;
+    let presets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../presets");
+    let mut orch = start(&segmenter.url, move |c| c.presets_dir = presets).await;
+    orch.put_input("test-user", "interior", 0, photo_jpeg(48, 32))
+        .await;
+    let mut spec = seed_spec("interior", 1);
+    spec.concepts.clear();
+    spec.preset = "interior".into();
+    let job = orch.client.submit_job(spec).await.unwrap().into_inner();
+    let effective = job.effective_spec.unwrap();
+    assert!(effective.concepts.len() >= 17, "{:?}", effective.concepts);
+    assert!(effective.concepts.iter().any(|c| c == "sofa"));
+    let done = orch
+        .watch_to_end("interior")
+        .await
+        .last()
+        .unwrap()
+        .0
+        .clone();
+    assert_eq!(
+        done.items[0].state,
+        ItemState::Completed as i32,
+        "{:?}",
+        done.items[0]
+    );
+    assert!(
+        done.items[0]
+            .masks
+            .iter()
+            .any(|m| m.key == "masks/test-user/interior/picture_frame/0_1.png")
+    );
+}

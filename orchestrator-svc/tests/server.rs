@@ -56,6 +56,10 @@ async fn reflection_lists_the_services() {
             "{expected} not in {names:?}"
         );
     }
+    assert!(
+        !names.iter().any(|n| n.contains("Segmenter")),
+        "the segmenter is not served here: {names:?}"
+    );
 }
 
 #[tokio::test]
