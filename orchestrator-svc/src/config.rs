@@ -140,6 +140,10 @@ pub struct Config {
     /// own limit, and the interior preset alone lists 17.
     #[arg(long, env = "MAX_CONCEPTS_PER_JOB", default_value_t = 32)]
     pub max_concepts_per_job: usize,
+    /// Jobs kept in memory (for GetJob, WatchJob and idempotency); beyond it the oldest finished ones are
+    /// forgotten, and when none is finished SubmitJob answers RESOURCE_EXHAUSTED. Default 10000.
+    #[arg(long, env = "MAX_RETAINED_JOBS", default_value_t = 10_000)]
+    pub max_retained_jobs: usize,
     /// Largest input object, in bytes. Default 40000000 (40 MB).
     #[arg(long, env = "MAX_INPUT_BYTES", default_value_t = 40_000_000)]
     pub max_input_bytes: u64,
@@ -182,6 +186,7 @@ impl Config {
             max_images_per_job: 500,
             max_rules_per_job: 16,
             max_concepts_per_job: 32,
+            max_retained_jobs: 10_000,
             max_input_bytes: 40_000_000,
             max_input_pixels: 50_000_000,
         }
@@ -244,6 +249,7 @@ impl fmt::Debug for Config {
             .field("max_images_per_job", &self.max_images_per_job)
             .field("max_rules_per_job", &self.max_rules_per_job)
             .field("max_concepts_per_job", &self.max_concepts_per_job)
+            .field("max_retained_jobs", &self.max_retained_jobs)
             .field("max_input_bytes", &self.max_input_bytes)
             .field("max_input_pixels", &self.max_input_pixels)
             .finish()

@@ -50,6 +50,9 @@ pub enum Error {
     RuleFailed(String),
     #[error("cancelled")]
     Cancelled,
+    /// Too much work already accepted; retry later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
     /// Startup configuration that cannot work.
     #[error("configuration: {0}")]
     Config(String),
@@ -87,6 +90,7 @@ impl Error {
             | Error::InvalidKey(_)
             | Error::Config(_)
             | Error::NotImplemented(_)
+            | Error::Overloaded(_)
             | Error::Internal(_) => "internal",
         }
     }
@@ -114,6 +118,7 @@ impl From<Error> for Status {
             }
             Error::SegmenterRejected(_) => Status::failed_precondition(message),
             Error::Cancelled => Status::cancelled(message),
+            Error::Overloaded(_) => Status::resource_exhausted(message),
             Error::NotImplemented(_) => Status::unimplemented(message),
             Error::Config(_) | Error::Internal(_) => Status::internal(message),
         }

@@ -118,6 +118,7 @@ pub async fn run(
         pipeline.clone(),
         load_presets(&config)?,
         limits,
+        config.max_retained_jobs,
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -1,6 +1,7 @@
 //! Jobs: validation, the in-memory registry and the per-item pipeline, behind one service the gRPC layer calls.
 
 mod imaging;
+mod item;
 mod mask_cache;
 pub mod pipeline;
 pub mod registry;
@@ -31,9 +32,10 @@ impl JobService {
         pipeline: Arc<Pipeline>,
         presets: BTreeMap<String, Arc<Preset>>,
         limits: JobLimits,
+        max_retained_jobs: usize,
     ) -> Self {
         JobService {
-            registry: JobRegistry::default(),
+            registry: JobRegistry::new(max_retained_jobs),
             pipeline,
             presets,
             limits,

@@ -42,13 +42,15 @@ pub fn is_terminal(state: i32) -> bool {
 #[derive(Debug)]
 pub struct JobHandle {
     pub plan: Arc<JobPlan>,
+    /// Submission order, for forgetting the oldest finished jobs first.
+    seq: u64,
     pub cancel: CancellationToken,
     state: Mutex<Job>,
     events: broadcast::Sender<JobEvent>,
 }
 
 impl JobHandle {
-    fn new(plan: JobPlan) -> Self {
+    fn new(plan: JobPlan, seq: u64) -> Self {
         let items = (0..plan.image_count)
             .map(|idx| Item {
                 idx,
@@ -70,6 +72,7 @@ impl JobHandle {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         JobHandle {
             plan: Arc::new(plan),
+            seq,
             cancel: CancellationToken::new(),
             state: Mutex::new(job),
             events,
@@ -256,10 +259,12 @@ fn recount(job: &mut Job, cancel_requested: bool) {
     } as i32;
 }
 
-/// Every job this process has seen, by job id.
-#[derive(Debug, Default)]
+/// The jobs this process knows, by job id: at most `capacity`, the oldest finished ones forgotten first.
+#[derive(Debug)]
 pub struct JobRegistry {
     jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+    next_seq: std::sync::atomic::AtomicU64,
+    capacity: usize,
 }
 
 /// What `JobRegistry::submit` did.
@@ -270,6 +275,39 @@ pub enum Submitted {
 }
 
 impl JobRegistry {
+    pub fn new(capacity: usize) -> Self {
+        JobRegistry {
+            jobs: Mutex::default(),
+            next_seq: std::sync::atomic::AtomicU64::new(0),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Makes room for one more job by forgetting the oldest finished ones.
+    fn make_room(&self, jobs: &mut HashMap<String, Arc<JobHandle>>) -> Result<(), Error> {
+        if jobs.len() < self.capacity {
+            return Ok(());
+        }
+        let mut finished: Vec<(u64, String)> = jobs
+            .values()
+            .filter(|j| j.is_terminal())
+            .map(|j| (j.seq, j.plan.job_id.clone()))
+            .collect();
+        finished.sort_unstable();
+        let excess = jobs.len() + 1 - self.capacity;
+        for (_, job_id) in finished.into_iter().take(excess) {
+            jobs.remove(&job_id);
+        }
+        if jobs.len() < self.capacity {
+            Ok(())
+        } else {
+            Err(Error::Overloaded(format!(
+                "{} jobs are still running (MAX_RETAINED_JOBS); retry later",
+                jobs.len()
+            )))
+        }
+    }
+
     pub fn get(&self, job_id: &str) -> Result<Arc<JobHandle>, Error> {
         self.jobs
             .lock()
@@ -292,7 +330,11 @@ impl JobRegistry {
                 )))
             };
         }
-        let handle = Arc::new(JobHandle::new(plan));
+        self.make_room(&mut jobs)?;
+        let seq = self
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let handle = Arc::new(JobHandle::new(plan, seq));
         jobs.insert(handle.plan.job_id.clone(), handle.clone());
         Ok(Submitted::Created(handle))
     }
@@ -304,5 +346,67 @@ impl JobRegistry {
             .values()
             .cloned()
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palette_proto::orchestrator::v1::JobSpec;
+
+    fn plan(job_id: &str) -> JobPlan {
+        JobPlan {
+            user_id: "u".into(),
+            job_id: job_id.into(),
+            image_count: 2,
+            concepts: vec!["wall".into()],
+            rules: vec![],
+            effective_spec: JobSpec {
+                job_id: job_id.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn created(s: Submitted) -> Arc<JobHandle> {
+        match s {
+            Submitted::Created(j) => j,
+            Submitted::Existing(_) => panic!("not created"),
+        }
+    }
+
+    #[test]
+    fn each_item_ends_once() {
+        let registry = JobRegistry::new(10);
+        let job = created(registry.submit(plan("j")).unwrap());
+        assert!(job.start_item(0));
+        let done = ItemOutcome::Completed(ItemResult::default());
+        assert!(job.finish_item(0, done.clone(), true).is_some());
+        assert!(job.finish_item(0, ItemOutcome::Cancelled, true).is_none());
+        let cancelled = job.cancel_pending(true);
+        assert_eq!(cancelled.iter().map(|i| i.idx).collect::<Vec<_>>(), [1]);
+        assert!(!job.start_item(1));
+        let snapshot = job.snapshot();
+        assert_eq!((snapshot.completed, snapshot.cancelled), (1, 1));
+        assert_eq!(snapshot.state, JobState::Cancelled as i32);
+        assert!(
+            job.cancel_pending(true).is_empty(),
+            "a finished job stays finished"
+        );
+    }
+
+    #[test]
+    fn forgets_the_oldest_finished_jobs_and_refuses_when_all_run() {
+        let registry = JobRegistry::new(2);
+        let a = created(registry.submit(plan("a")).unwrap());
+        created(registry.submit(plan("b")).unwrap());
+        assert!(matches!(
+            registry.submit(plan("c")),
+            Err(Error::Overloaded(_))
+        ));
+        a.cancel_pending(false);
+        created(registry.submit(plan("c")).unwrap());
+        assert!(matches!(registry.get("a"), Err(Error::NotFound(_))));
+        assert!(registry.get("b").is_ok() && registry.get("c").is_ok());
     }
 }

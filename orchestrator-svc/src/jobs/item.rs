@@ -1,0 +1,323 @@
+//! The steps of one item: download -> size check -> decode upright -> one Segment call (or reused masks) ->
+//! full-resolution masks stored -> each rule's region, edit and output stored -> preview.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use palette_proto::orchestrator::v1::{MaskKey, RuleOutput};
+use palette_proto::segmenter::v1::SegmentResponse;
+use palette_rules::mask::{ModelMask, PixelBox, upsample_instance};
+use palette_rules::{Edited, GrayImage, RgbImage};
+use sha2::{Digest, Sha256};
+
+use super::imaging;
+use super::mask_cache::MaskCacheKey;
+use super::pipeline::Pipeline;
+use super::registry::ItemResult;
+use super::validate::JobPlan;
+use crate::error::Error;
+use crate::keys;
+use crate::storage::StorageError;
+
+/// Runs blocking (CPU) work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Internal(format!("worker task: {e}")))?
+}
+
+pub(super) fn record_stage(stage: &'static str, since: Instant) {
+    metrics::histogram!("orchestrator_stage_seconds", "stage" => stage)
+        .record(since.elapsed().as_secs_f64());
+}
+
+impl Pipeline {
+    pub(super) async fn process(&self, plan: &Arc<JobPlan>, idx: u32) -> Result<ItemResult, Error> {
+        let t = Instant::now();
+        let input_key = keys::input(&plan.user_id, &plan.job_id, idx);
+        let bytes = self.download_input(&input_key).await?;
+        record_stage("download", t);
+
+        let t = Instant::now();
+        let max_pixels = self.limits.max_pixels;
+        let encoded = bytes.clone();
+        let photo =
+            Arc::new(blocking(move || imaging::decode_upright(&encoded, max_pixels)).await?);
+        record_stage("decode", t);
+
+        let t = Instant::now();
+        let (response, masks_reused) = self.segment(plan, &bytes, idx).await?;
+        drop(bytes);
+        record_stage("segment", t);
+
+        let t = Instant::now();
+        let (masks, full_masks) = self.store_masks(plan, idx, &response, &photo).await?;
+        record_stage("masks", t);
+
+        let t = Instant::now();
+        let (outputs, preview) = self
+            .apply_rules(plan, idx, &photo, Arc::new(full_masks))
+            .await?;
+        record_stage("rules", t);
+
+        let preview = match preview {
+            Some(p) => p,
+            None => {
+                let photo = photo.clone();
+                blocking(move || imaging::preview_jpeg(&photo)).await?
+            }
+        };
+        let preview_key = keys::preview(&plan.user_id, &plan.job_id, idx);
+        self.store
+            .put(&preview_key, Bytes::from(preview), "image/jpeg")
+            .await?;
+        Ok(ItemResult {
+            outputs,
+            masks,
+            preview_key,
+            masks_reused,
+        })
+    }
+
+    async fn download_input(&self, key: &str) -> Result<Bytes, Error> {
+        let max = self.limits.max_bytes;
+        let meta = self
+            .store
+            .head(key)
+            .await?
+            .ok_or_else(|| Error::ObjectNotFound(key.to_string()))?;
+        let too_large =
+            |size: u64| Error::InputTooLarge(format!("{key} is {size} bytes; the limit is {max}"));
+        if meta.size > max {
+            return Err(too_large(meta.size));
+        }
+        let bytes = self.store.get(key).await?;
+        if bytes.len() as u64 > max {
+            return Err(too_large(bytes.len() as u64));
+        }
+        Ok(bytes)
+    }
+
+    /// One Segment call with every concept of the job, unless the same bytes were segmented by the same model for
+    /// the same concepts before (then the stored response is reused).
+    async fn segment(
+        &self,
+        plan: &JobPlan,
+        bytes: &Bytes,
+        idx: u32,
+    ) -> Result<(Arc<SegmentResponse>, bool), Error> {
+        let model_id = self.segmenter.model_id().await?;
+        let key = MaskCacheKey {
+            input_sha256: Sha256::digest(bytes).into(),
+            model_id,
+            concepts: plan.concepts.clone(),
+        };
+        if let Some(hit) = self.mask_cache.get(&key) {
+            metrics::counter!("orchestrator_mask_cache_total", "result" => "hit").increment(1);
+            return Ok((hit, true));
+        }
+        metrics::counter!("orchestrator_mask_cache_total", "result" => "miss").increment(1);
+        let request_id = format!("{}/{idx}", plan.job_id);
+        let response = Arc::new(
+            self.segmenter
+                .segment(bytes, &plan.concepts, &request_id)
+                .await?,
+        );
+        let model_id = if response.model_id.is_empty() {
+            key.model_id.clone()
+        } else {
+            response.model_id.clone()
+        };
+        self.mask_cache
+            .insert(MaskCacheKey { model_id, ..key }, response.clone());
+        Ok((response, false))
+    }
+
+    /// Upsamples every instance inside its box to full resolution and stores it as PNG; keeps in memory only the
+    /// masks a rule needs.
+    async fn store_masks(
+        &self,
+        plan: &JobPlan,
+        idx: u32,
+        response: &Arc<SegmentResponse>,
+        photo: &Arc<RgbImage>,
+    ) -> Result<(Vec<MaskKey>, HashMap<String, Vec<GrayImage>>), Error> {
+        let (w, h) = photo.dimensions();
+        let (mw, mh) = (response.mask_width, response.mask_height);
+        // Boxes are in the segmenter's view of the image; both apply EXIF orientation, so only a scale can differ.
+        let sx = if response.image_width > 0 {
+            w as f32 / response.image_width as f32
+        } else {
+            1.0
+        };
+        let sy = if response.image_height > 0 {
+            h as f32 / response.image_height as f32
+        } else {
+            1.0
+        };
+        let used = plan.concepts_used_by_rules();
+        let mut keys_out = Vec::new();
+        let mut full: HashMap<String, Vec<GrayImage>> = HashMap::new();
+        // Results come in request order; the concept names used in keys are ours (validated), never the reply's.
+        if response.concepts.len() != plan.concepts.len() {
+            return Err(Error::SegmenterRejected(format!(
+                "asked for {} concepts, got {} results",
+                plan.concepts.len(),
+                response.concepts.len()
+            )));
+        }
+        for (c, (result, concept)) in response.concepts.iter().zip(&plan.concepts).enumerate() {
+            for (n, instance) in result.instances.iter().enumerate() {
+                let probs_len = instance.mask.as_ref().map_or(0, |m| m.data.len());
+                if probs_len != (mw as usize) * (mh as usize) || mw == 0 || mh == 0 {
+                    return Err(Error::SegmenterRejected(format!(
+                        "{} instance {} mask has {probs_len} bytes, expected {mw}x{mh} probabilities",
+                        concept,
+                        n + 1
+                    )));
+                }
+                let bbox = instance.r#box.map_or(
+                    PixelBox {
+                        x0: 0.0,
+                        y0: 0.0,
+                        x1: w as f32,
+                        y1: h as f32,
+                    },
+                    |b| PixelBox {
+                        x0: b.x0 * sx,
+                        y0: b.y0 * sy,
+                        x1: b.x1 * sx,
+                        y1: b.y1 * sy,
+                    },
+                );
+                let response = response.clone();
+                let (gray, png) = blocking(move || {
+                    let probs = &response.concepts[c].instances[n]
+                        .mask
+                        .as_ref()
+                        .map(|m| &m.data[..])
+                        .unwrap_or(&[]);
+                    let gray = upsample_instance(
+                        &ModelMask {
+                            width: mw,
+                            height: mh,
+                            probs,
+                        },
+                        bbox,
+                        w,
+                        h,
+                    );
+                    let png = imaging::encode_png_gray(&gray)?;
+                    Ok((gray, png))
+                })
+                .await?;
+                let number = n as u32 + 1;
+                let key = keys::mask(&plan.user_id, &plan.job_id, concept, idx, number);
+                self.store.put(&key, Bytes::from(png), "image/png").await?;
+                keys_out.push(MaskKey {
+                    concept: concept.clone(),
+                    instance: number,
+                    key,
+                    score: instance.score,
+                });
+                if used.contains(&concept.as_str()) {
+                    full.entry(concept.clone()).or_default().push(gray);
+                }
+            }
+        }
+        Ok((keys_out, full))
+    }
+
+    /// Each rule: region (target minus occluders, refined), edit, encode, store. Returns the outputs and the
+    /// preview of the first one.
+    async fn apply_rules(
+        &self,
+        plan: &Arc<JobPlan>,
+        idx: u32,
+        photo: &Arc<RgbImage>,
+        masks: Arc<HashMap<String, Vec<GrayImage>>>,
+    ) -> Result<(Vec<RuleOutput>, Option<Vec<u8>>), Error> {
+        let mut outputs = Vec::new();
+        let mut preview = None;
+        for r in 0..plan.rules.len() {
+            let swatch = match plan.rules[r].rule.texture_key() {
+                Some(key) => Some(Arc::new(
+                    self.load_swatch(&plan.rules[r].rule_id, key).await?,
+                )),
+                None => None,
+            };
+            let (plan2, photo, masks, want_preview) =
+                (plan.clone(), photo.clone(), masks.clone(), r == 0);
+            let (encoded, has_alpha, rule_preview) = blocking(move || {
+                let rule = &plan2.rules[r];
+                let pick = |concepts: &[String]| -> Vec<GrayImage> {
+                    concepts
+                        .iter()
+                        .flat_map(|c| masks.get(c).into_iter().flatten().cloned())
+                        .collect()
+                };
+                let target = pick(std::slice::from_ref(&rule.concept));
+                let occluders = pick(&rule.occluders);
+                let region = palette_rules::region::build_region(
+                    &photo,
+                    &target,
+                    &occluders,
+                    &rule.rule.region_params(),
+                );
+                let edited =
+                    palette_rules::apply(&photo, &region, &rule.rule, swatch.as_deref())
+                        .map_err(|e| Error::RuleFailed(format!("rule {}: {e}", rule.rule_id)))?;
+                Ok(match edited {
+                    Edited::Rgb(img) => {
+                        let preview = if want_preview {
+                            Some(imaging::preview_jpeg(&img)?)
+                        } else {
+                            None
+                        };
+                        (imaging::encode_jpeg(&img)?, false, preview)
+                    }
+                    Edited::Rgba(img) => {
+                        let preview = if want_preview {
+                            Some(imaging::preview_jpeg(&imaging::flatten_on_white(&img))?)
+                        } else {
+                            None
+                        };
+                        (imaging::encode_png_rgba(&img)?, true, preview)
+                    }
+                })
+            })
+            .await?;
+            let rule_id = &plan.rules[r].rule_id;
+            let key = keys::output(&plan.user_id, &plan.job_id, rule_id, idx, has_alpha);
+            let content_type = if has_alpha { "image/png" } else { "image/jpeg" };
+            self.store
+                .put(&key, Bytes::from(encoded), content_type)
+                .await?;
+            outputs.push(RuleOutput {
+                rule_id: rule_id.clone(),
+                output_key: key,
+            });
+            if preview.is_none() {
+                preview = rule_preview;
+            }
+        }
+        Ok((outputs, preview))
+    }
+
+    async fn load_swatch(&self, rule_id: &str, key: &str) -> Result<RgbImage, Error> {
+        let bytes = self.store.get(key).await.map_err(|e| match e {
+            StorageError::NotFound(_) | StorageError::InvalidKey(_) => {
+                Error::RuleFailed(format!("rule {rule_id}: texture swatch {key:?}: {e}"))
+            }
+            StorageError::Unavailable(msg) => Error::StorageUnavailable(msg),
+        })?;
+        let max_pixels = self.limits.max_pixels;
+        blocking(move || imaging::decode_upright(&bytes, max_pixels))
+            .await
+            .map_err(|e| Error::RuleFailed(format!("rule {rule_id}: texture swatch {key:?}: {e}")))
+    }
+}
