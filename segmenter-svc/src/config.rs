@@ -63,6 +63,10 @@ pub struct Config {
     #[arg(long, env = "ORT_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
 
+    /// Let ONNX Runtime's threads spin between runs (lower latency when nothing else needs the cores).
+    #[arg(long, env = "ORT_ALLOW_SPINNING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub ort_allow_spinning: bool,
+
     /// Verify the graphs' SHA-256 against the manifest at startup (a few seconds for the full-size model).
     #[arg(long, env = "VERIFY_MODEL_CHECKSUMS", default_value_t = true, action = clap::ArgAction::Set)]
     pub verify_checksums: bool,

@@ -8,7 +8,7 @@ use anyhow::Context;
 use palette_proto::segmenter::v1 as pb;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
@@ -80,7 +80,9 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(segmenter)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        // Nagle's algorithm with delayed ACKs held small responses for ~40 ms (measured with segmenter-bench):
+        // NODELAY on every accepted connection.
+        .serve_with_incoming_shutdown(incoming(listener), async move {
             let _ = stop_rx.await;
             let _ = drained_tx.send(());
         });
@@ -233,4 +235,11 @@ pub async fn healthcheck(addr: &str) -> anyhow::Result<()> {
         "not serving"
     );
     Ok(())
+}
+
+/// Accepted connections with TCP_NODELAY and keepalive, as a gRPC server wants them.
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
 }

@@ -55,6 +55,9 @@ impl pb::segmenter_server::Segmenter for SegmenterService {
         let span = tracing::info_span!("segment", request_id = %request.request_id, concepts = request.concepts.len());
         let _enter = span.enter();
         drop(_enter);
+        // What autoscalers read (deploy/k8s: KEDA on segmenter_inflight_requests): calls inside the server now.
+        metrics::gauge!("segmenter_inflight_requests").increment(1.0);
+        let _inflight = InflightGuard;
         let result = segment(self.shared.clone(), request, started, deadline).await;
         let elapsed = started.elapsed().as_secs_f64();
         match &result {
@@ -75,6 +78,15 @@ impl pb::segmenter_server::Segmenter for SegmenterService {
         _request: Request<pb::GetModelInfoRequest>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
         Ok(Response::new(self.shared.info.clone()))
+    }
+}
+
+/// Decrements the in-flight gauge however the handler ends (including a client cancelling mid-request).
+struct InflightGuard;
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        metrics::gauge!("segmenter_inflight_requests").decrement(1.0);
     }
 }
 
