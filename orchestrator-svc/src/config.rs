@@ -64,9 +64,9 @@ pub struct Config {
     /// Attempts per Segment call while the segmenter answers UNAVAILABLE. Default 4.
     #[arg(long, env = "SEGMENTER_ATTEMPTS", default_value_t = 4)]
     pub segmenter_attempts: u32,
-    /// Segment responses kept for reuse across jobs on the same input bytes (entries). Default 64.
-    #[arg(long, env = "MASK_CACHE_ENTRIES", default_value_t = 64)]
-    pub mask_cache_entries: usize,
+    /// Memory for segmentation results reused across jobs on the same input bytes, in MiB. Default 256; 0 = off.
+    #[arg(long, env = "MASK_CACHE_MB", default_value_t = 256)]
+    pub mask_cache_mb: usize,
 
     /// Object storage: r2 | s3 | local. Default local.
     #[arg(
@@ -164,7 +164,7 @@ impl Config {
             segmenter_url: segmenter_url.into(),
             segmenter_timeout_sec: 30,
             segmenter_attempts: 3,
-            mask_cache_entries: 16,
+            mask_cache_mb: 16,
             storage_backend: StorageBackend::Local,
             local_storage_dir: storage_dir.into(),
             r2_account_id: None,
@@ -227,7 +227,7 @@ impl fmt::Debug for Config {
             .field("segmenter_url", &self.segmenter_url)
             .field("segmenter_timeout_sec", &self.segmenter_timeout_sec)
             .field("segmenter_attempts", &self.segmenter_attempts)
-            .field("mask_cache_entries", &self.mask_cache_entries)
+            .field("mask_cache_mb", &self.mask_cache_mb)
             .field("storage_backend", &self.storage_backend)
             .field("local_storage_dir", &self.local_storage_dir)
             .field("r2_account_id", &self.r2_account_id)

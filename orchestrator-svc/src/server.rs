@@ -107,7 +107,7 @@ pub async fn run(
             max_bytes: config.max_input_bytes,
             max_pixels: config.max_input_pixels,
         },
-        config.mask_cache_entries,
+        config.mask_cache_mb.saturating_mul(1024 * 1024),
     ));
     let limits = JobLimits {
         max_images: config.max_images_per_job,

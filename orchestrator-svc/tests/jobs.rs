@@ -434,3 +434,34 @@ async fn the_shipped_interior_preset_supplies_concepts_and_occluders() {
             .any(|m| m.key == "masks/test-user/interior/picture_frame/0_1.png")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_concepts_not_seen_before_are_segmented_again() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    let photo = photo_jpeg(40, 30);
+    orch.put_input("test-user", "seen", 0, photo.clone()).await;
+    orch.put_input("test-user", "partly-new", 0, photo).await;
+    orch.client.submit_job(seed_spec("seen", 1)).await.unwrap();
+    orch.watch_to_end("seen").await;
+    let mut spec = seed_spec("partly-new", 1);
+    spec.concepts = vec!["ceiling".into(), "wall".into()];
+    orch.client.submit_job(spec).await.unwrap();
+    let job = orch
+        .watch_to_end("partly-new")
+        .await
+        .last()
+        .unwrap()
+        .0
+        .clone();
+    let item = &job.items[0];
+    assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+    assert!(item.masks_reused);
+    let requests = segmenter.counters.requests.lock().unwrap().clone();
+    assert_eq!(
+        requests,
+        [vec!["wall", "floor", "furniture"], vec!["ceiling"]]
+    );
+    let concepts: Vec<&str> = item.masks.iter().map(|m| m.concept.as_str()).collect();
+    assert_eq!(concepts, ["ceiling", "wall"]);
+}

@@ -7,13 +7,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use palette_proto::orchestrator::v1::{MaskKey, RuleOutput};
-use palette_proto::segmenter::v1::SegmentResponse;
 use palette_rules::mask::{ModelMask, PixelBox, upsample_instance};
 use palette_rules::{Edited, GrayImage, RgbImage};
 use sha2::{Digest, Sha256};
 
 use super::imaging;
-use super::mask_cache::MaskCacheKey;
+use super::mask_cache::{ConceptMasks, MaskCacheKey};
 use super::pipeline::Pipeline;
 use super::registry::ItemResult;
 use super::validate::JobPlan;
@@ -50,12 +49,12 @@ impl Pipeline {
         record_stage("decode", t);
 
         let t = Instant::now();
-        let (response, masks_reused) = self.segment(plan, &bytes, idx).await?;
+        let (concept_masks, masks_reused) = self.segment(plan, &bytes, idx).await?;
         drop(bytes);
         record_stage("segment", t);
 
         let t = Instant::now();
-        let (masks, full_masks) = self.store_masks(plan, idx, &response, &photo).await?;
+        let (masks, full_masks) = self.store_masks(plan, idx, &concept_masks, &photo).await?;
         record_stage("masks", t);
 
         let t = Instant::now();
@@ -102,39 +101,75 @@ impl Pipeline {
         Ok(bytes)
     }
 
-    /// One Segment call with every concept of the job, unless the same bytes were segmented by the same model for
-    /// the same concepts before (then the stored response is reused).
+    /// Every concept of the job for this image, in plan order: from the cache where the same bytes were segmented
+    /// by the same model before, the rest in ONE Segment call. The flag says whether any came from the cache.
     async fn segment(
         &self,
         plan: &JobPlan,
         bytes: &Bytes,
         idx: u32,
-    ) -> Result<(Arc<SegmentResponse>, bool), Error> {
+    ) -> Result<(Vec<Arc<ConceptMasks>>, bool), Error> {
         let model_id = self.segmenter.model_id().await?;
-        let key = MaskCacheKey {
-            input_sha256: Sha256::digest(bytes).into(),
-            model_id,
-            concepts: plan.concepts.clone(),
+        let sha: [u8; 32] = Sha256::digest(bytes).into();
+        let key = |concept: &str, model_id: &str| MaskCacheKey {
+            input_sha256: sha,
+            model_id: model_id.to_string(),
+            concept: concept.to_string(),
         };
-        if let Some(hit) = self.mask_cache.get(&key) {
-            metrics::counter!("orchestrator_mask_cache_total", "result" => "hit").increment(1);
-            return Ok((hit, true));
+        let mut found: Vec<Option<Arc<ConceptMasks>>> = plan
+            .concepts
+            .iter()
+            .map(|c| self.mask_cache.get(&key(c, &model_id)))
+            .collect();
+        let missing: Vec<String> = plan
+            .concepts
+            .iter()
+            .zip(&found)
+            .filter(|(_, hit)| hit.is_none())
+            .map(|(c, _)| c.clone())
+            .collect();
+        let hits = (plan.concepts.len() - missing.len()) as u64;
+        metrics::counter!("orchestrator_mask_cache_total", "result" => "hit").increment(hits);
+        metrics::counter!("orchestrator_mask_cache_total", "result" => "miss")
+            .increment(missing.len() as u64);
+        if !missing.is_empty() {
+            let request_id = format!("{}/{idx}", plan.job_id);
+            let response = self.segmenter.segment(bytes, &missing, &request_id).await?;
+            // Results come in request order, one per concept asked.
+            if response.concepts.len() != missing.len() {
+                return Err(Error::SegmenterRejected(format!(
+                    "asked for {} concepts, got {} results",
+                    missing.len(),
+                    response.concepts.len()
+                )));
+            }
+            let model_id = if response.model_id.is_empty() {
+                model_id
+            } else {
+                response.model_id.clone()
+            };
+            let (image_width, image_height) = (response.image_width, response.image_height);
+            let (mask_width, mask_height) = (response.mask_width, response.mask_height);
+            let mut fresh = response.concepts.into_iter();
+            for (slot, concept) in found.iter_mut().zip(&plan.concepts) {
+                if slot.is_none()
+                    && let Some(result) = fresh.next()
+                {
+                    let masks = Arc::new(ConceptMasks {
+                        result,
+                        image_width,
+                        image_height,
+                        mask_width,
+                        mask_height,
+                    });
+                    self.mask_cache
+                        .insert(key(concept, &model_id), masks.clone());
+                    *slot = Some(masks);
+                }
+            }
         }
-        metrics::counter!("orchestrator_mask_cache_total", "result" => "miss").increment(1);
-        let request_id = format!("{}/{idx}", plan.job_id);
-        let response = Arc::new(
-            self.segmenter
-                .segment(bytes, &plan.concepts, &request_id)
-                .await?,
-        );
-        let model_id = if response.model_id.is_empty() {
-            key.model_id.clone()
-        } else {
-            response.model_id.clone()
-        };
-        self.mask_cache
-            .insert(MaskCacheKey { model_id, ..key }, response.clone());
-        Ok((response, false))
+        let masks: Vec<Arc<ConceptMasks>> = found.into_iter().flatten().collect();
+        Ok((masks, hits > 0))
     }
 
     /// Upsamples every instance inside its box to full resolution and stores it as PNG; keeps in memory only the
@@ -143,40 +178,25 @@ impl Pipeline {
         &self,
         plan: &JobPlan,
         idx: u32,
-        response: &Arc<SegmentResponse>,
+        concepts: &[Arc<ConceptMasks>],
         photo: &Arc<RgbImage>,
     ) -> Result<(Vec<MaskKey>, HashMap<String, Vec<GrayImage>>), Error> {
         let (w, h) = photo.dimensions();
-        let (mw, mh) = (response.mask_width, response.mask_height);
-        // Boxes are in the segmenter's view of the image; both apply EXIF orientation, so only a scale can differ.
-        let sx = if response.image_width > 0 {
-            w as f32 / response.image_width as f32
-        } else {
-            1.0
-        };
-        let sy = if response.image_height > 0 {
-            h as f32 / response.image_height as f32
-        } else {
-            1.0
-        };
         let used = plan.concepts_used_by_rules();
         let mut keys_out = Vec::new();
         let mut full: HashMap<String, Vec<GrayImage>> = HashMap::new();
-        // Results come in request order; the concept names used in keys are ours (validated), never the reply's.
-        if response.concepts.len() != plan.concepts.len() {
-            return Err(Error::SegmenterRejected(format!(
-                "asked for {} concepts, got {} results",
-                plan.concepts.len(),
-                response.concepts.len()
-            )));
-        }
-        for (c, (result, concept)) in response.concepts.iter().zip(&plan.concepts).enumerate() {
-            for (n, instance) in result.instances.iter().enumerate() {
+        // The concept names used in keys are ours (validated), never the reply's.
+        for (masks, concept) in concepts.iter().zip(&plan.concepts) {
+            let (mw, mh) = (masks.mask_width, masks.mask_height);
+            // Boxes are in the segmenter's view of the image; both apply EXIF orientation, so only a scale can
+            // differ.
+            let sx = w as f32 / masks.image_width.max(1) as f32;
+            let sy = h as f32 / masks.image_height.max(1) as f32;
+            for (n, instance) in masks.result.instances.iter().enumerate() {
                 let probs_len = instance.mask.as_ref().map_or(0, |m| m.data.len());
                 if probs_len != (mw as usize) * (mh as usize) || mw == 0 || mh == 0 {
                     return Err(Error::SegmenterRejected(format!(
-                        "{} instance {} mask has {probs_len} bytes, expected {mw}x{mh} probabilities",
-                        concept,
+                        "{concept} instance {} mask has {probs_len} bytes, expected {mw}x{mh} probabilities",
                         n + 1
                     )));
                 }
@@ -194,23 +214,18 @@ impl Pipeline {
                         y1: b.y1 * sy,
                     },
                 );
-                let response = response.clone();
+                let masks = masks.clone();
                 let (gray, png) = blocking(move || {
-                    let probs = &response.concepts[c].instances[n]
+                    let probs = masks.result.instances[n]
                         .mask
                         .as_ref()
-                        .map(|m| &m.data[..])
-                        .unwrap_or(&[]);
-                    let gray = upsample_instance(
-                        &ModelMask {
-                            width: mw,
-                            height: mh,
-                            probs,
-                        },
-                        bbox,
-                        w,
-                        h,
-                    );
+                        .map_or(&[][..], |m| &m.data[..]);
+                    let model = ModelMask {
+                        width: mw,
+                        height: mh,
+                        probs,
+                    };
+                    let gray = upsample_instance(&model, bbox, w, h);
                     let png = imaging::encode_png_gray(&gray)?;
                     Ok((gray, png))
                 })
@@ -254,18 +269,21 @@ impl Pipeline {
                 (plan.clone(), photo.clone(), masks.clone(), r == 0);
             let (encoded, has_alpha, rule_preview) = blocking(move || {
                 let rule = &plan2.rules[r];
-                let pick = |concepts: &[String]| -> Vec<GrayImage> {
-                    concepts
-                        .iter()
-                        .flat_map(|c| masks.get(c).into_iter().flatten().cloned())
-                        .collect()
+                // Full-resolution masks are large: borrow them; copy only to join several occluder concepts.
+                let of = |c: &String| masks.get(c).map_or(&[][..], Vec::as_slice);
+                let joined: Vec<GrayImage>;
+                let occluders: &[GrayImage] = match rule.occluders.as_slice() {
+                    [] => &[],
+                    [one] => of(one),
+                    many => {
+                        joined = many.iter().flat_map(|c| of(c).iter().cloned()).collect();
+                        &joined
+                    }
                 };
-                let target = pick(std::slice::from_ref(&rule.concept));
-                let occluders = pick(&rule.occluders);
                 let region = palette_rules::region::build_region(
                     &photo,
-                    &target,
-                    &occluders,
+                    of(&rule.concept),
+                    occluders,
                     &rule.rule.region_params(),
                 );
                 let edited =

@@ -64,7 +64,7 @@ impl Pipeline {
         callbacks: Option<Arc<CallbackSender>>,
         concurrency: usize,
         limits: InputLimits,
-        mask_cache_entries: usize,
+        mask_cache_bytes: usize,
     ) -> Self {
         Pipeline {
             store,
@@ -72,7 +72,7 @@ impl Pipeline {
             callbacks,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             limits,
-            mask_cache: MaskCache::new(mask_cache_entries),
+            mask_cache: MaskCache::new(mask_cache_bytes),
             tasks: TaskTracker::new(),
             stopping: CancellationToken::new(),
         }

@@ -27,6 +27,8 @@ pub struct Faults {
 #[derive(Default)]
 pub struct Counters {
     pub segment_calls: AtomicUsize,
+    /// The concepts of each Segment call, in order.
+    pub requests: std::sync::Mutex<Vec<Vec<String>>>,
     pub in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
 }
@@ -48,6 +50,11 @@ impl Segmenter for Service {
     ) -> Result<Response<SegmentResponse>, Status> {
         let fake = &self.0;
         fake.counters.segment_calls.fetch_add(1, Ordering::SeqCst);
+        fake.counters
+            .requests
+            .lock()
+            .unwrap()
+            .push(request.get_ref().concepts.clone());
         let now = fake.counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         fake.counters.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let result = answer(fake, request.into_inner()).await;
