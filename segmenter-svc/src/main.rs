@@ -9,10 +9,14 @@ async fn main() -> anyhow::Result<()> {
         return segmenter_svc::server::healthcheck(&addr).await;
     }
     let config = Config::parse();
-    telemetry::init_logs(&config.log_level, &config.log_format);
+    let traces = telemetry::init_from_env(&config.log_level, &config.log_format)?;
     telemetry::init_metrics(&config.metrics_addr)?;
     let listener = tokio::net::TcpListener::bind(config.grpc_addr).await?;
-    segmenter_svc::run(config, listener, shutdown_signal()).await
+    let result = segmenter_svc::run(config, listener, shutdown_signal()).await;
+    if let Some(provider) = traces {
+        let _ = provider.shutdown();
+    }
+    result
 }
 
 async fn shutdown_signal() {

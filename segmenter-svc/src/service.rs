@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use palette_proto::segmenter::v1 as pb;
 use tokio::sync::{Semaphore, oneshot};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::engine::{EngineHandle, Job, JobOutput};
 use crate::error::{Error, Violation};
@@ -51,14 +52,21 @@ impl pb::segmenter_server::Segmenter for SegmenterService {
     ) -> Result<Response<pb::SegmentResponse>, Status> {
         let started = Instant::now();
         let deadline = started + grpc_timeout(&request).unwrap_or(self.shared.default_deadline);
+        let span = tracing::info_span!(
+            "segment",
+            request_id = tracing::field::Empty,
+            concepts = tracing::field::Empty
+        );
+        crate::telemetry::adopt_remote_parent(&span, request.metadata());
         let request = request.into_inner();
-        let span = tracing::info_span!("segment", request_id = %request.request_id, concepts = request.concepts.len());
-        let _enter = span.enter();
-        drop(_enter);
+        span.record("request_id", request.request_id.as_str());
+        span.record("concepts", request.concepts.len());
         // What autoscalers read (deploy/k8s: KEDA on segmenter_inflight_requests): calls inside the server now.
         metrics::gauge!("segmenter_inflight_requests").increment(1.0);
         let _inflight = InflightGuard;
-        let result = segment(self.shared.clone(), request, started, deadline).await;
+        let result = segment(self.shared.clone(), request, started, deadline)
+            .instrument(span.clone())
+            .await;
         let elapsed = started.elapsed().as_secs_f64();
         match &result {
             Ok(_) => {

@@ -1,6 +1,16 @@
-//! Logs (JSON or text, filtered by the seed's LOG_LEVEL) and the Prometheus exporter.
+//! Logs (JSON or text, filtered by the seed's LOG_LEVEL), traces (OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set,
+//! parented on the caller's W3C `traceparent`), and the Prometheus exporter.
 
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+pub const SERVICE: &str = "segmenter-svc";
 
 /// The seed's LOG_LEVEL names (DEBUG, INFO, WARNING, ERROR) or any tracing filter directive.
 pub fn filter_from(level: &str) -> EnvFilter {
@@ -14,15 +24,87 @@ pub fn filter_from(level: &str) -> EnvFilter {
     EnvFilter::try_new(directive).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
+/// Logs only (tools and tests).
 pub fn init_logs(level: &str, format: &str) {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter_from(level))
-        .with_target(false);
-    let _ = if format == "text" {
-        builder.try_init()
-    } else {
-        builder.json().flatten_event(true).try_init()
+    let _ = init(level, format, None::<opentelemetry_otlp::SpanExporter>);
+}
+
+/// Logs, plus OTLP traces when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the SDK reads the standard OTEL_* variables).
+/// Keep the returned provider alive and shut it down at exit so buffered spans are flushed.
+pub fn init_from_env(level: &str, format: &str) -> anyhow::Result<Option<SdkTracerProvider>> {
+    let exporter = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Ok(endpoint) if !endpoint.is_empty() => Some(
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()?,
+        ),
+        _ => None,
     };
+    Ok(init(level, format, exporter))
+}
+
+/// Installs the global subscriber with an optional span exporter (tests pass an in-memory one).
+pub fn init<E: SpanExporter + 'static>(
+    level: &str,
+    format: &str,
+    exporter: Option<E>,
+) -> Option<SdkTracerProvider> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let provider = exporter.map(|exporter| {
+        SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(SERVICE)
+                    .build(),
+            )
+            .build()
+    });
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(SERVICE)));
+    let registry = tracing_subscriber::registry()
+        .with(filter_from(level))
+        .with(otel);
+    let _ = if format == "text" {
+        registry
+            .with(tracing_subscriber::fmt::layer().with_target(false))
+            .try_init()
+    } else {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_target(false),
+            )
+            .try_init()
+    };
+    provider
+}
+
+/// Parents `span` on the W3C trace context in the request's metadata, so the orchestrator's trace continues here.
+pub fn adopt_remote_parent(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
+    let context = TraceContextPropagator::new().extract(&MetadataExtractor(metadata));
+    let _ = span.set_parent(context);
+}
+
+struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
 }
 
 /// Starts the Prometheus exporter on `addr` ("" disables it).
@@ -58,6 +140,14 @@ fn describe() {
     metrics::describe_gauge!(
         "segmenter_queue_depth",
         "Requests waiting for the inference thread"
+    );
+    metrics::describe_gauge!(
+        "segmenter_inflight_requests",
+        "Segment calls inside the server (autoscaling signal)"
+    );
+    metrics::describe_gauge!(
+        "segmenter_text_cache_entries",
+        "Phrases whose text features are cached"
     );
     metrics::describe_counter!(
         "segmenter_text_cache_total",
