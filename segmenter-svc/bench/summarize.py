@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""One table from gpu-run.sh's JSON files (stdlib only): segmenter-bench results per precision against the HF
+PyTorch reference measured in the same run, and the issue's goal (1 image + 3 concepts through gRPC, p50).
+
+  python3 summarize.py --hf OUT/hf_reference.json --bench fp32=OUT/bench_fp32.json --bench fp16=OUT/bench_fp16.json \
+      --goal-ms 35 --out OUT/summary.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def fmt(v, spec=".1f", suffix=""):
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    return f"{v:{spec}}{suffix}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hf", type=Path, default=None, help="hf_reference.py's JSON")
+    ap.add_argument("--bench", action="append", default=[], help="LABEL=segmenter-bench --json-out file")
+    ap.add_argument("--goal-ms", type=float, default=35.0)
+    ap.add_argument("--goal-concepts", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    lines = []
+    hf = None
+    if args.hf and args.hf.exists():
+        hf = json.loads(args.hf.read_text())
+    benches = []
+    for spec in args.bench:
+        label, _, path = spec.partition("=")
+        p = Path(path)
+        if p.exists():
+            benches.append((label, json.loads(p.read_text())))
+        else:
+            lines.append(f"({label}: {path} missing: that step failed or was skipped, see log.txt)")
+
+    if hf:
+        lines.append(f"HF reference: {hf['name']}")
+        lines.append(f"  versions {hf.get('versions')}, {hf['config'].get('runs')} runs after "
+                     f"{hf['config'].get('warmup')} warm-up, image {hf['config'].get('image')} "
+                     f"{hf['config'].get('image_size_orig')}")
+        for mode, r in hf["modes"].items():
+            stages = "  ".join(f"{k} {v['p50']:.1f}" for k, v in r.items() if isinstance(v, dict) and "p50" in v)
+            e2e = "  ".join(f"n{k} {v['p50']:.1f}" for k, v in r["e2e"].items())
+            cached = "  ".join(f"n{k} {v['p50']:.1f}" for k, v in r["e2e_cached_text"].items())
+            lines.append(f"  [{mode}] {stages} | e2e {e2e} | e2e without text encoder {cached}")
+        if hf.get("skipped_modes"):
+            lines.append(f"  skipped modes (time budget): {hf['skipped_modes']}")
+    else:
+        lines.append("HF reference: missing (hf_reference.py failed or was skipped; see log.txt)")
+
+    hf_e2e = (hf or {}).get("e2e_ms", {})
+    hf_cached = (hf or {}).get("e2e_cached_text_ms", {})
+    header = ("| graphs | concepts | conc | e2e p50 | e2e p99 | vision | text | decoder | queue+decode+post | img/s "
+              "| engine p50 | x engine | HF e2e | x HF | HF e2e no-text | x HF no-text |")
+    lines += ["", header, "|" + "---|" * (header.count("|") - 1)]
+    goal_rows = []
+    for label, b in benches:
+        for r in b["results"]:
+            n = str(r["concepts"])
+            p50 = r["e2e_ms"]["p50"]
+            st = r["stage_p50_ms"]
+            other = sum(st.get(k) or 0.0 for k in ("queue", "decode", "post"))
+            ref = hf_e2e.get(n)
+            ref_c = hf_cached.get(n)
+            lines.append(
+                f"| {label} | {n} | {r['concurrency']} | {fmt(p50)} | {fmt(r['e2e_ms']['p99'])} | {fmt(st.get('vision'))} "
+                f"| {fmt(st.get('text'))} | {fmt(st.get('decoder'))} | {fmt(other)} | {fmt(r.get('images_per_s'))} "
+                f"| {fmt(r.get('engine_reference_p50_ms'))} | {fmt(r.get('ratio_vs_engine'), '.2f', 'x')} "
+                f"| {fmt(ref)} | {fmt(p50 / ref if ref else None, '.2f', 'x')} "
+                f"| {fmt(ref_c)} | {fmt(p50 / ref_c if ref_c else None, '.2f', 'x')} |")
+            if r["concepts"] == args.goal_concepts and r["concurrency"] == 1:
+                goal_rows.append((label, p50, b.get("provider")))
+    lines.append("")
+    lines.append("x engine: gRPC p50 / the same engine called in-process (service overhead). x HF: gRPC p50 / HF "
+                 "PyTorch e2e p50 (HF runs the text encoder every time; the segmenter caches text features per "
+                 "phrase, so 'x HF no-text' is the like-for-like compute comparison, 'x HF' the user-visible one).")
+    for label, p50, provider in goal_rows:
+        verdict = "MET" if p50 <= args.goal_ms else "MISSED"
+        ref = hf_e2e.get(str(args.goal_concepts))
+        lines.append(f"GOAL ({label}, provider {provider}): 1 image + {args.goal_concepts} concepts via gRPC p50 "
+                     f"{p50:.1f} ms vs goal <= {args.goal_ms:.0f} ms: {verdict}"
+                     + (f"; HF reference {ref:.1f} ms -> {p50 / ref:.2f}x" if ref else ""))
+    if not goal_rows:
+        lines.append(f"GOAL: no {args.goal_concepts}-concept concurrency-1 result to judge")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
