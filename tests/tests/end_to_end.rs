@@ -1,0 +1,384 @@
+//! The product's main job with every real part: the segmenter (tiny SAM3 model, real ONNX Runtime) over gRPC, the
+//! orchestrator over gRPC, SeaweedFS as the S3 server, and an HTTP server receiving signed callbacks.
+
+#[path = "../../orchestrator-svc/tests/common/receiver.rs"]
+#[allow(dead_code)]
+mod receiver;
+#[path = "../../orchestrator-svc/tests/common/seaweed.rs"]
+mod seaweed;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use orchestrator_svc::config::StorageBackend;
+use palette_e2e::{example_photos, start_orchestrator, start_segmenter};
+use palette_proto::orchestrator::v1::jobs_client::JobsClient;
+use palette_proto::orchestrator::v1::{ItemState, Job, JobSpec, JobState, Rule, WatchJobRequest};
+use prost_types::value::Kind;
+use prost_types::{Struct, Value};
+
+const SECRET: &str = "e2e-callback-secret";
+
+fn params(pairs: &[(&str, Kind)]) -> Option<Struct> {
+    Some(Struct {
+        fields: pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    Value {
+                        kind: Some(v.clone()),
+                    },
+                )
+            })
+            .collect(),
+    })
+}
+
+fn text(s: &str) -> Kind {
+    Kind::StringValue(s.into())
+}
+
+async fn s3_client(weed: &seaweed::Seaweed) -> aws_sdk_s3::Client {
+    let creds = aws_sdk_s3::config::Credentials::new(
+        seaweed::ACCESS_KEY,
+        seaweed::SECRET_KEY,
+        None,
+        None,
+        "e2e",
+    );
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(&weed.endpoint)
+        .credentials_provider(creds)
+        .force_path_style(true)
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+async fn put(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, body: Vec<u8>) {
+    // weed mini creates its bucket a moment after the port opens: retry briefly.
+    for _ in 0..150 {
+        let r = s3
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(body.clone().into())
+            .send()
+            .await;
+        if r.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("could not upload {key}");
+}
+
+async fn list(s3: &aws_sdk_s3::Client, bucket: &str) -> BTreeSet<String> {
+    let out = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .max_keys(1000)
+        .send()
+        .await
+        .unwrap();
+    out.contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_string))
+        .collect()
+}
+
+async fn watch_to_end(url: &str, job_id: &str) -> Job {
+    let mut client = JobsClient::connect(url.to_string()).await.unwrap();
+    let mut stream = client
+        .watch_job(WatchJobRequest {
+            job_id: job_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, stream.message())
+        .await
+        .expect("job finished in time")
+    {
+        last = event.job;
+    }
+    let job = last.expect("at least one event");
+    assert!(
+        job.state == JobState::Done as i32 || job.state == JobState::Cancelled as i32,
+        "{job:?}"
+    );
+    job
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_keys() {
+    let Some(weed) = seaweed::start("palette-e2e") else {
+        return;
+    };
+    let s3 = s3_client(&weed).await;
+    let mut segmenter = start_segmenter(None).await;
+    let hooks = receiver::Receiver::start(SECRET, vec![(500, None)]).await;
+
+    // Items 0..2: the example photos; 3: missing; 4: not an image.
+    let photos = example_photos();
+    for (idx, (_, bytes)) in photos.iter().enumerate() {
+        put(
+            &s3,
+            &weed.bucket,
+            &format!("inputs/e2e-user/e2e-job/{idx}.jpg"),
+            bytes.clone(),
+        )
+        .await;
+    }
+    put(
+        &s3,
+        &weed.bucket,
+        "inputs/e2e-user/e2e-job/4.jpg",
+        b"this is not a jpeg".to_vec(),
+    )
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config =
+        orchestrator_svc::Config::for_tests(dir.path().join("unused"), segmenter.url());
+    config.storage_backend = StorageBackend::S3;
+    config.s3_endpoint_url = Some(weed.endpoint.clone());
+    config.r2_bucket_name = Some(weed.bucket.clone());
+    config.r2_access_key_id = Some(seaweed::ACCESS_KEY.into());
+    config.r2_secret_access_key = Some(seaweed::SECRET_KEY.into());
+    config.workers_api_url = Some(hooks.url());
+    config.gpu_callback_secret = Some(SECRET.into());
+    config.presets_dir = palette_e2e::repo_root().join("presets");
+    let mut orchestrator = start_orchestrator(config).await;
+
+    let spec = JobSpec {
+        user_id: "e2e-user".into(),
+        job_id: "e2e-job".into(),
+        concepts: vec!["wall".into(), "floor".into(), "sofa".into()],
+        rules: vec![
+            Rule {
+                rule_id: "paint".into(),
+                concept: "wall".into(),
+                r#type: "recolor".into(),
+                params: params(&[("color", text("#1F3A5F"))]),
+            },
+            Rule {
+                rule_id: "floor-tone".into(),
+                concept: "floor".into(),
+                r#type: "tone".into(),
+                params: params(&[
+                    ("brightness", Kind::NumberValue(-0.2)),
+                    ("warmth", Kind::NumberValue(0.3)),
+                ]),
+            },
+            Rule {
+                rule_id: "sofa-linen".into(),
+                concept: "sofa".into(),
+                r#type: "texture".into(),
+                params: params(&[("builtin", text("linen"))]),
+            },
+            Rule {
+                rule_id: "cutout".into(),
+                concept: "sofa".into(),
+                r#type: "remove".into(),
+                params: params(&[("mode", text("cutout"))]),
+            },
+        ],
+        image_count: 5,
+        preset: "interior".into(),
+    };
+    let mut client = JobsClient::connect(orchestrator.url()).await.unwrap();
+    client.submit_job(spec.clone()).await.unwrap();
+    // Idempotent: the same spec again is the same job, not new work.
+    client.submit_job(spec.clone()).await.unwrap();
+    watch_to_end(&orchestrator.url(), "e2e-job").await;
+    // Items end before their callbacks do (outputs first, then the callback): wait for every callback's outcome.
+    let job = wait_callbacks_settled(&mut client, "e2e-job").await;
+
+    let states: Vec<i32> = job.items.iter().map(|i| i.state).collect();
+    let done = ItemState::Completed as i32;
+    let failed = ItemState::Failed as i32;
+    assert_eq!(states, vec![done, done, done, failed, failed], "{job:#?}");
+    assert_eq!(job.items[3].error_code, "input_missing");
+    assert_eq!(job.items[4].error_code, "input_corrupt");
+
+    // Exactly the seed's keys: inputs, one output per rule and image (.png for the cut-out), one preview per image,
+    // and the masks the items report.
+    let mut expected: BTreeSet<String> = (0..5)
+        .filter(|i| *i != 3)
+        .map(|i| format!("inputs/e2e-user/e2e-job/{i}.jpg"))
+        .collect();
+    for item in &job.items[..3] {
+        let i = item.idx;
+        for (rule, ext) in [
+            ("paint", "jpg"),
+            ("floor-tone", "jpg"),
+            ("sofa-linen", "jpg"),
+            ("cutout", "png"),
+        ] {
+            expected.insert(format!("outputs/e2e-user/e2e-job/{rule}/{i}.{ext}"));
+        }
+        expected.insert(format!("previews/e2e-user/e2e-job/{i}_preview.jpg"));
+        assert!(
+            !item.masks.is_empty(),
+            "the tiny model keeps instances for item {i}"
+        );
+        for mask in &item.masks {
+            assert!(
+                mask.key.starts_with("masks/e2e-user/e2e-job/"),
+                "{}",
+                mask.key
+            );
+            assert!(
+                mask.key.ends_with(&format!("/{i}_{}.png", mask.instance)),
+                "{}",
+                mask.key
+            );
+            expected.insert(mask.key.clone());
+        }
+        assert_eq!(item.outputs.len(), 4);
+        assert_eq!(
+            item.output_key,
+            format!("outputs/e2e-user/e2e-job/paint/{i}.jpg")
+        );
+    }
+    let stored: BTreeSet<String> = list(&s3, &weed.bucket)
+        .await
+        .into_iter()
+        .filter(|k| !k.starts_with("masks-cache/"))
+        .collect();
+    assert_eq!(stored, expected);
+
+    // Outputs are real images of the photo's size (after EXIF orientation); previews fit 256x256.
+    for (idx, (_, bytes)) in photos.iter().enumerate() {
+        let (w, h) = oriented_size(bytes);
+        let out = s3
+            .get_object()
+            .bucket(&weed.bucket)
+            .key(format!("outputs/e2e-user/e2e-job/paint/{idx}.jpg"))
+            .send()
+            .await
+            .unwrap();
+        let img = image::load_from_memory(&out.body.collect().await.unwrap().into_bytes()).unwrap();
+        assert_eq!((img.width(), img.height()), (w, h));
+        let cut = s3
+            .get_object()
+            .bucket(&weed.bucket)
+            .key(format!("outputs/e2e-user/e2e-job/cutout/{idx}.png"))
+            .send()
+            .await
+            .unwrap();
+        let cut = image::load_from_memory(&cut.body.collect().await.unwrap().into_bytes()).unwrap();
+        assert!(cut.color().has_alpha());
+        let preview = s3
+            .get_object()
+            .bucket(&weed.bucket)
+            .key(format!("previews/e2e-user/e2e-job/{idx}_preview.jpg"))
+            .send()
+            .await
+            .unwrap();
+        let preview =
+            image::load_from_memory(&preview.body.collect().await.unwrap().into_bytes()).unwrap();
+        assert!(
+            preview.width() <= 256
+                && preview.height() <= 256
+                && preview.width().max(preview.height()) == 256
+        );
+    }
+
+    // One callback per item (the first attempt got a 500 and was retried with the same webhook-id), all signed.
+    let deliveries = hooks.deliveries();
+    assert!(
+        deliveries.iter().all(|d| d.verified),
+        "every callback verifies with the shared secret"
+    );
+    assert!(
+        deliveries.iter().all(|d| d.seed_secret == SECRET),
+        "the seed's X-GPU-Callback-Secret is kept"
+    );
+    let mut per_idx = std::collections::BTreeMap::new();
+    for d in deliveries
+        .iter()
+        .filter(|d| d.body["status"] != serde_json::Value::Null)
+    {
+        per_idx
+            .entry(d.body["idx"].as_u64().unwrap())
+            .or_insert_with(BTreeSet::new)
+            .insert(d.webhook_id.clone());
+    }
+    assert_eq!(
+        per_idx.keys().copied().collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4]
+    );
+    assert!(
+        per_idx.values().all(|ids| ids.len() == 1),
+        "one event per item: {per_idx:?}"
+    );
+    assert_eq!(
+        deliveries.len(),
+        6,
+        "5 items + 1 retry of the answer-500 attempt"
+    );
+    let first = deliveries
+        .iter()
+        .find(|d| d.body["idx"] == 0 && d.body["status"] == "completed")
+        .unwrap();
+    assert_eq!(
+        first.body["output_key"],
+        "outputs/e2e-user/e2e-job/paint/0.jpg"
+    );
+    assert_eq!(
+        first.body["preview_key"],
+        "previews/e2e-user/e2e-job/0_preview.jpg"
+    );
+    assert!(first.body["error"].is_null());
+    assert!(
+        job.items.iter().all(|i| i.callback_state == 3),
+        "every callback DELIVERED"
+    );
+
+    orchestrator.stop().await;
+    segmenter.stop().await;
+}
+
+async fn wait_callbacks_settled(
+    client: &mut JobsClient<tonic::transport::Channel>,
+    job_id: &str,
+) -> Job {
+    use palette_proto::orchestrator::v1::{CallbackState, GetJobRequest};
+    for _ in 0..200 {
+        let job = client
+            .get_job(GetJobRequest {
+                job_id: job_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let pending = job
+            .items
+            .iter()
+            .any(|i| i.callback_state == CallbackState::Pending as i32);
+        if !pending {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("callbacks of {job_id} never settled");
+}
+
+fn oriented_size(jpeg: &[u8]) -> (u32, u32) {
+    use image::ImageDecoder;
+    let mut decoder = image::codecs::jpeg::JpegDecoder::new(std::io::Cursor::new(jpeg)).unwrap();
+    let (w, h) = decoder.dimensions();
+    match decoder.orientation().unwrap() {
+        image::metadata::Orientation::Rotate90
+        | image::metadata::Orientation::Rotate270
+        | image::metadata::Orientation::Rotate90FlipH
+        | image::metadata::Orientation::Rotate270FlipH => (h, w),
+        _ => (w, h),
+    }
+}
