@@ -465,3 +465,48 @@ async fn only_concepts_not_seen_before_are_segmented_again() {
     let concepts: Vec<&str> = item.masks.iter().map(|m| m.concept.as_str()).collect();
     assert_eq!(concepts, ["ceiling", "wall"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_edits_the_union_of_its_concept_instances() {
+    let segmenter = fake_segmenter::start().await;
+    segmenter
+        .faults
+        .second_instance
+        .store(true, Ordering::SeqCst);
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    orch.put_input("test-user", "two", 0, photo_jpeg(96, 64))
+        .await;
+    orch.client.submit_job(seed_spec("two", 1)).await.unwrap();
+    let job = orch.watch_to_end("two").await.last().unwrap().0.clone();
+    let item = &job.items[0];
+    assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+    let wall: Vec<&str> = item
+        .masks
+        .iter()
+        .filter(|m| m.concept == "wall")
+        .map(|m| m.key.as_str())
+        .collect();
+    assert_eq!(
+        wall,
+        [
+            "masks/test-user/two/wall/0_1.png",
+            "masks/test-user/two/wall/0_2.png"
+        ]
+    );
+    let output = image::load_from_memory(&orch.store.get(&item.output_key).await.unwrap())
+        .unwrap()
+        .to_rgb8();
+    let orange = |p: [u8; 3]| p[0] as i32 > p[2] as i32 + 30;
+    assert!(
+        orange(output.get_pixel(10, 20).0),
+        "first instance (left half) not edited"
+    );
+    assert!(
+        orange(output.get_pixel(85, 60).0),
+        "second instance (bottom right) not edited"
+    );
+    assert!(
+        !orange(output.get_pixel(85, 20).0),
+        "outside both instances edited"
+    );
+}

@@ -4,7 +4,7 @@
 use std::io::Cursor;
 
 use image::codecs::jpeg::JpegEncoder;
-use image::codecs::png::PngEncoder;
+use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::{DynamicImage, GrayImage, ImageEncoder, ImageReader, RgbImage, RgbaImage, imageops};
 
 use crate::error::Error;
@@ -76,9 +76,15 @@ pub fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
+/// Masks are mostly flat: zlib's default level makes them about 3x smaller than `Fast` in the same time
+/// (measured: 12 MP mask, 88 ms either way).
+fn png_encoder(out: &mut Vec<u8>) -> PngEncoder<&mut Vec<u8>> {
+    PngEncoder::new_with_quality(out, CompressionType::Default, FilterType::Adaptive)
+}
+
 pub fn encode_png_rgba(img: &RgbaImage) -> Result<Vec<u8>, Error> {
     let mut out = Vec::new();
-    PngEncoder::new(&mut out)
+    png_encoder(&mut out)
         .write_image(
             img.as_raw(),
             img.width(),
@@ -91,7 +97,7 @@ pub fn encode_png_rgba(img: &RgbaImage) -> Result<Vec<u8>, Error> {
 
 pub fn encode_png_gray(img: &GrayImage) -> Result<Vec<u8>, Error> {
     let mut out = Vec::new();
-    PngEncoder::new(&mut out)
+    png_encoder(&mut out)
         .write_image(
             img.as_raw(),
             img.width(),

@@ -172,19 +172,20 @@ impl Pipeline {
         Ok((masks, hits > 0))
     }
 
-    /// Upsamples every instance inside its box to full resolution and stores it as PNG; keeps in memory only the
-    /// masks a rule needs.
+    /// Upsamples every instance inside its box to full resolution and stores it as PNG. Keeps in memory only what a
+    /// rule needs: the union (max) of each rule concept's instances, which is what a region is built from, so memory
+    /// is one plane per concept whatever the number of instances.
     async fn store_masks(
         &self,
         plan: &JobPlan,
         idx: u32,
         concepts: &[Arc<ConceptMasks>],
         photo: &Arc<RgbImage>,
-    ) -> Result<(Vec<MaskKey>, HashMap<String, Vec<GrayImage>>), Error> {
+    ) -> Result<(Vec<MaskKey>, HashMap<String, GrayImage>), Error> {
         let (w, h) = photo.dimensions();
         let used = plan.concepts_used_by_rules();
         let mut keys_out = Vec::new();
-        let mut full: HashMap<String, Vec<GrayImage>> = HashMap::new();
+        let mut full: HashMap<String, GrayImage> = HashMap::new();
         // The concept names used in keys are ours (validated), never the reply's.
         for (masks, concept) in concepts.iter().zip(&plan.concepts) {
             let (mw, mh) = (masks.mask_width, masks.mask_height);
@@ -215,7 +216,9 @@ impl Pipeline {
                     },
                 );
                 let masks = masks.clone();
-                let (gray, png) = blocking(move || {
+                let keep = used.contains(&concept.as_str());
+                let union_so_far = full.remove(concept);
+                let (union, png) = blocking(move || {
                     let probs = masks.result.instances[n]
                         .mask
                         .as_ref()
@@ -227,7 +230,16 @@ impl Pipeline {
                     };
                     let gray = upsample_instance(&model, bbox, w, h);
                     let png = imaging::encode_png_gray(&gray)?;
-                    Ok((gray, png))
+                    let union = keep.then(|| match union_so_far {
+                        Some(mut union) => {
+                            for (u, g) in union.iter_mut().zip(gray.iter()) {
+                                *u = (*u).max(*g);
+                            }
+                            union
+                        }
+                        None => gray,
+                    });
+                    Ok((union, png))
                 })
                 .await?;
                 let number = n as u32 + 1;
@@ -239,8 +251,8 @@ impl Pipeline {
                     key,
                     score: instance.score,
                 });
-                if used.contains(&concept.as_str()) {
-                    full.entry(concept.clone()).or_default().push(gray);
+                if let Some(union) = union {
+                    full.insert(concept.clone(), union);
                 }
             }
         }
@@ -254,7 +266,7 @@ impl Pipeline {
         plan: &Arc<JobPlan>,
         idx: u32,
         photo: &Arc<RgbImage>,
-        masks: Arc<HashMap<String, Vec<GrayImage>>>,
+        masks: Arc<HashMap<String, GrayImage>>,
     ) -> Result<(Vec<RuleOutput>, Option<Vec<u8>>), Error> {
         let mut outputs = Vec::new();
         let mut preview = None;
@@ -270,7 +282,7 @@ impl Pipeline {
             let (encoded, has_alpha, rule_preview) = blocking(move || {
                 let rule = &plan2.rules[r];
                 // Full-resolution masks are large: borrow them; copy only to join several occluder concepts.
-                let of = |c: &String| masks.get(c).map_or(&[][..], Vec::as_slice);
+                let of = |c: &String| masks.get(c).map_or(&[][..], std::slice::from_ref);
                 let joined: Vec<GrayImage>;
                 let occluders: &[GrayImage] = match rule.occluders.as_slice() {
                     [] => &[],

@@ -22,6 +22,8 @@ pub struct Faults {
     pub unavailable_first: AtomicU32,
     /// Sleep this long (ms) in every Segment call.
     pub delay_ms: AtomicU32,
+    /// Also return a second instance per concept: the bottom quarter of the image.
+    pub second_instance: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -95,13 +97,17 @@ async fn answer(fake: &FakeSegmenter, req: SegmentRequest) -> Result<SegmentResp
     let probs: Vec<u8> = (0..MASK * MASK)
         .map(|i| if i % MASK < MASK / 2 { 255 } else { 0 })
         .collect();
+    let bottom: Vec<u8> = (0..MASK * MASK)
+        .map(|i| if i / MASK >= MASK * 3 / 4 { 255 } else { 0 })
+        .collect();
+    let second = fake.faults.second_instance.load(Ordering::SeqCst);
     let concepts = req
         .concepts
         .iter()
         .map(|c| ConceptResult {
             concept: c.clone(),
             presence_score: 0.9,
-            instances: vec![Instance {
+            instances: [Instance {
                 score: 0.9,
                 r#box: Some(PixelBox {
                     x0: 0.0,
@@ -115,7 +121,24 @@ async fn answer(fake: &FakeSegmenter, req: SegmentRequest) -> Result<SegmentResp
                     data: probs.clone(),
                 }),
                 ..Default::default()
-            }],
+            }]
+            .into_iter()
+            .chain(second.then(|| Instance {
+                score: 0.8,
+                r#box: Some(PixelBox {
+                    x0: 0.0,
+                    y0: h as f32 * 0.75,
+                    x1: w as f32,
+                    y1: h as f32,
+                }),
+                mask: Some(Tensor {
+                    shape: vec![MASK, MASK],
+                    dtype: 1,
+                    data: bottom.clone(),
+                }),
+                ..Default::default()
+            }))
+            .collect(),
             ..Default::default()
         })
         .collect();
