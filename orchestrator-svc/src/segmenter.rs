@@ -1,7 +1,7 @@
 //! The segmenter client: one lazily connected channel, a deadline per call, a few retries while the segmenter is
 //! starting or overloaded, and the model id (cached) that keys mask reuse.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use palette_proto::segmenter::v1::segmenter_client::SegmenterClient;
 use palette_proto::segmenter::v1::{
@@ -15,6 +15,8 @@ use crate::error::Error;
 
 /// Responses carry model-resolution masks for every instance: generous, but bounded.
 const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+/// How long a learnt model id is trusted before GetModelInfo is asked again.
+const MODEL_ID_TTL: Duration = Duration::from_secs(60);
 /// Inputs are sent encoded (at most MAX_INPUT_BYTES, 40 MB by default) plus a little framing.
 const MAX_REQUEST_BYTES: usize = 128 * 1024 * 1024;
 
@@ -23,7 +25,8 @@ pub struct Segmenter {
     client: SegmenterClient<Channel>,
     attempts: u32,
     first_backoff: Duration,
-    model_id: RwLock<Option<String>>,
+    /// The model id and when it was learnt.
+    model_id: RwLock<Option<(String, Instant)>>,
 }
 
 impl Segmenter {
@@ -45,9 +48,12 @@ impl Segmenter {
         })
     }
 
-    /// The loaded model's id (GetModelInfo, asked once and remembered; refreshed when a Segment reply disagrees).
+    /// The loaded model's id (GetModelInfo, remembered for MODEL_ID_TTL; refreshed sooner when a Segment reply
+    /// names another). It keys mask reuse, so a segmenter upgraded in place is noticed within the TTL.
     pub async fn model_id(&self) -> Result<String, Error> {
-        if let Some(id) = self.model_id.read().await.clone() {
+        if let Some((id, learnt)) = self.model_id.read().await.clone()
+            && learnt.elapsed() < MODEL_ID_TTL
+        {
             return Ok(id);
         }
         let info = self
@@ -58,7 +64,7 @@ impl Segmenter {
                     .map(|r| r.into_inner())
             })
             .await?;
-        *self.model_id.write().await = Some(info.model_id.clone());
+        *self.model_id.write().await = Some((info.model_id.clone(), Instant::now()));
         Ok(info.model_id)
     }
 
@@ -88,10 +94,7 @@ impl Segmenter {
             })
             .await?;
         if !response.model_id.is_empty() {
-            let mut cached = self.model_id.write().await;
-            if cached.as_deref() != Some(response.model_id.as_str()) {
-                *cached = Some(response.model_id.clone());
-            }
+            *self.model_id.write().await = Some((response.model_id.clone(), Instant::now()));
         }
         Ok(response)
     }
