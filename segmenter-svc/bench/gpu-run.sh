@@ -110,7 +110,7 @@ rm -rf "$MODELS/sam3-$SIZE-fp32" "$MODELS/sam3-$SIZE-fp16"
 timeout -k 10 "$(cap 300)" bash -c "$(declare -f export_one); NCPU=$NCPU PY=$PY SIZE=$SIZE BPE=$BPE MODELS=$MODELS export_one fp32 0-$((half - 1))" \
   > /tmp/export_fp32.log 2>&1 & P32=$!
 if ((FP16)); then
-  timeout -k 10 "$(cap 330)" bash -c "$(declare -f export_one); NCPU=$NCPU PY=$PY SIZE=$SIZE BPE=$BPE MODELS=$MODELS export_one fp16 $half-$((NCPU - 1))" \
+  timeout -k 10 "$(cap 240)" bash -c "$(declare -f export_one); NCPU=$NCPU PY=$PY SIZE=$SIZE BPE=$BPE MODELS=$MODELS export_one fp16 $half-$((NCPU - 1))" \
     > /tmp/export_fp16.log 2>&1 & P16=$!
 fi
 rc32=0; wait "$P32" || rc32=$?
@@ -124,9 +124,9 @@ du -sh "$MODELS"/* || true
 
 # ---- 2. HF PyTorch reference on the same GPU ------------------------------------------------------------------------
 HF_JSON=$OUT/hf_reference.json
-step hf_reference 240 "$PY" segmenter-svc/bench/hf_reference.py --device "$DEVICE" --random-init "$SIZE" --seed 0 \
+step hf_reference 180 "$PY" segmenter-svc/bench/hf_reference.py --device "$DEVICE" --random-init "$SIZE" --seed 0 \
   --modes "$HF_MODES" --image "$IMG" --concepts "$CONCEPTS" --runs "$HF_RUNS" --warmup "$HF_WARMUP" \
-  --clip-bpe "$BPE" --budget-s 100 --out "$HF_JSON" || true
+  --clip-bpe "$BPE" --budget-s 90 --out "$HF_JSON" || true
 REF=()
 [[ -s $HF_JSON ]] && REF=(--reference-json "$HF_JSON")
 
