@@ -17,7 +17,8 @@
 # Time: ~6.5 min expected (exports ~2 min with fp32 and fp16 side by side on the CPUs, HF reference ~1.5 min, bench
 # ~1.5 min per precision), bounded at GPU_RUN_BUDGET_S (default 540 s): every step has a timeout and fp16 is skipped
 # when too little time is left. Knobs (env): GPU_RUN_BUDGET_S, FP16=0|1, REQUESTS (20), WARMUP (3), HF_RUNS (20),
-# HF_MODES (bf16,tf32), CONCEPTS (1,3,8), CONCURRENCY (1,4).
+# HF_MODES (bf16,tf32), CONCEPTS (1,3,8), CONCURRENCY (1,4); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the
+# GPU-mode path (assemble, env.sh, the GPU ORT library) on a machine without a GPU.
 #
 # HERE, test the plumbing without a GPU (tiny model, CPU, no assemble; OUT defaults to /tmp/gpu-run-dry/out):
 #   bash segmenter-svc/bench/gpu-run.sh --cpu-dry-run
@@ -42,7 +43,7 @@ else
   : "${OUT:?OUT is not set: run this on the device machine (or with --cpu-dry-run here)}"
   PY=${PY:-python3}
   MODELS=${MODELS:-/tmp/models}
-  SIZE=full DEVICE=cuda
+  SIZE=${BENCH_SIZE:-full} DEVICE=${BENCH_DEVICE:-cuda}   # overridable only to test this path without a GPU
   REQUESTS=${REQUESTS:-20} WARMUP=${WARMUP:-3} HF_RUNS=${HF_RUNS:-20} HF_WARMUP=${HF_WARMUP:-5}
   HF_MODES=${HF_MODES:-bf16,tf32}
 fi
@@ -126,7 +127,7 @@ du -sh "$MODELS"/* || true
 HF_JSON=$OUT/hf_reference.json
 step hf_reference 180 "$PY" segmenter-svc/bench/hf_reference.py --device "$DEVICE" --random-init "$SIZE" --seed 0 \
   --modes "$HF_MODES" --image "$IMG" --concepts "$CONCEPTS" --runs "$HF_RUNS" --warmup "$HF_WARMUP" \
-  --clip-bpe "$BPE" --budget-s 90 --out "$HF_JSON" || true
+  --clip-bpe "$BPE" --budget-s 110 --out "$HF_JSON" || true
 REF=()
 [[ -s $HF_JSON ]] && REF=(--reference-json "$HF_JSON")
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import platform
 import statistics
 import sys
@@ -76,6 +75,8 @@ def parse_args(argv=None):
     ap.add_argument("--threshold", type=float, default=0.5, help="score threshold in e2e post-processing")
     ap.add_argument("--max-instances", type=int, default=20, help="instances kept per concept (segmenter default 20)")
     ap.add_argument("--clip-bpe", default=None, help="bpe_simple_vocab_16e6.txt.gz (as export_sam3.py --clip-bpe)")
+    ap.add_argument("--cpu-threads", type=int, default=1,
+                    help="torch threads with --device cpu (default 1: steadier on a shared machine)")
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="skip the remaining modes once this many seconds have passed (0 = no limit)")
     ap.add_argument("--out", type=Path, required=True, help="reference JSON to write")
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
     if not cuda:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        torch.set_num_threads(max(1, args.cpu_threads))
 
     tokenizer = export_sam3.build_clip_tokenizer(export_sam3.find_clip_bpe(args.clip_bpe))
     common.check_tokenizer(tokenizer)
