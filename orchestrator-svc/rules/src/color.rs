@@ -21,6 +21,11 @@ static LIN_TO_SRGB: LazyLock<Vec<f32>> = LazyLock::new(|| {
         .collect()
 });
 
+/// sRGB-encoded value in 0..1 to linear light (exact; for table nodes between 8-bit codes).
+pub fn srgb_decode_f(c: f32) -> f32 {
+    srgb_decode(c)
+}
+
 fn srgb_decode(c: f32) -> f32 {
     if c <= 0.04045 {
         c / 12.92
@@ -41,6 +46,23 @@ fn srgb_encode(l: f32) -> f32 {
 #[inline]
 pub fn to_linear(c: u8) -> f32 {
     SRGB_TO_LIN[c as usize]
+}
+
+/// The decoding table itself, for inner loops (one lookup of the lazy static per row, not per pixel).
+pub fn linear_table() -> &'static [f32; 256] {
+    &SRGB_TO_LIN
+}
+
+/// The encoding table, for inner loops; use with [`encode_with`].
+pub fn encode_table() -> &'static [f32] {
+    &LIN_TO_SRGB
+}
+
+/// [`to_srgb`] with the table already in hand.
+#[inline]
+pub fn encode_with(table: &[f32], l: f32) -> f32 {
+    let i = (l.clamp(0.0, 1.0) * ENC_N as f32 + 0.5) as usize;
+    table[i.min(ENC_N)]
 }
 
 /// Forces both tables to be built (benchmarks call this so they time pixels, not table set-up).

@@ -3,6 +3,7 @@
 //! diffusing colours inward (Telea/Navier-Stokes), so periodic and stochastic textures stay sharp. It cannot invent
 //! what was never visible: a large object on a structured background needs a learned model (LaMa-class).
 
+use crate::filter::{Plane, gaussian};
 use crate::mask::nonzero_bounds;
 use image::{GrayImage, RgbImage};
 
@@ -11,6 +12,7 @@ const PR: i32 = 3;
 
 type Px = [f32; 3];
 
+#[derive(Clone)]
 struct Level {
     w: i32,
     h: i32,
@@ -117,7 +119,76 @@ fn shrink(l: &Level) -> Level {
     out
 }
 
+/// Exemplar fill, then its low frequencies swapped for a smooth membrane's: copied patches carry their source's
+/// brightness, which shows as a lighter or darker block on a wall with a light gradient.
 fn complete(fine: Level) -> Level {
+    let smooth = membrane(&fine);
+    let mut out = exemplar(fine);
+    let (gm, ge) = (lowpass(&out, &smooth), lowpass(&out, &out.img));
+    for i in 0..out.img.len() {
+        if out.hole[i] {
+            out.img[i] = std::array::from_fn(|k| out.img[i][k] + gm[k].data[i] - ge[k].data[i]);
+        }
+    }
+    out
+}
+
+/// Gaussian low-pass of each channel of `img` (laid out like `l`).
+fn lowpass(l: &Level, img: &[Px]) -> [Plane; 3] {
+    std::array::from_fn(|k| {
+        let p = Plane {
+            w: l.w as usize,
+            h: l.h as usize,
+            data: img.iter().map(|v| v[k]).collect(),
+        };
+        gaussian(&p, LOWPASS_SIGMA)
+    })
+}
+
+const LOWPASS_SIGMA: f32 = 8.0;
+
+/// Smooth (membrane) fill: coarse-to-fine, each level seeded from the coarser one and relaxed by Jacobi steps.
+fn membrane(fine: &Level) -> Vec<Px> {
+    let mut pyr = vec![fine.clone()];
+    loop {
+        let last = pyr.last().expect("non-empty");
+        if hole_extent(last) <= 2 || last.w.min(last.h) < 8 {
+            break;
+        }
+        let next = shrink(last);
+        pyr.push(next);
+    }
+    let coarsest = pyr.len() - 1;
+    onion_fill(&mut pyr[coarsest]);
+    for li in (0..pyr.len()).rev() {
+        if li < coarsest {
+            let (f, rest) = pyr[li..].split_at_mut(1);
+            upsample_into(&rest[0], &mut f[0]);
+        }
+        relax(&mut pyr[li], 30);
+    }
+    pyr.swap_remove(0).img
+}
+
+/// Jacobi iterations of Laplace's equation on the hole pixels (known pixels are the boundary condition).
+fn relax(l: &mut Level, iters: usize) {
+    for _ in 0..iters {
+        let prev = l.img.clone();
+        for y in 0..l.h {
+            for x in 0..l.w {
+                let i = l.idx(x, y);
+                if !l.hole[i] {
+                    continue;
+                }
+                let n = [(x - 1, y), (x + 1, y), (x, y - 1), (x, y + 1)]
+                    .map(|(a, b)| prev[l.idx(a.clamp(0, l.w - 1), b.clamp(0, l.h - 1))]);
+                l.img[i] = std::array::from_fn(|k| 0.25 * (n[0][k] + n[1][k] + n[2][k] + n[3][k]));
+            }
+        }
+    }
+}
+
+fn exemplar(fine: Level) -> Level {
     let mut pyr = vec![fine];
     loop {
         let last = pyr.last().expect("non-empty");

@@ -6,6 +6,7 @@ pub mod contact;
 pub mod filter;
 pub mod guided;
 pub mod inpaint;
+pub mod lut;
 pub mod mask;
 pub mod ops;
 pub mod preset;

@@ -53,14 +53,22 @@ where
     out
 }
 
-/// Alpha-weighted mean of `f(pixel)` over the region (None when the region is empty).
-pub fn weighted_mean<F>(photo: &RgbImage, region: &GrayImage, bounds: Rect, f: F) -> Option<f32>
+/// Alpha-weighted mean of `f(pixel)` over the region (None when the region is empty). `stride` > 1 samples every
+/// stride-th row and column, for statistics whose `f` is costly; it falls back to every pixel if that finds none.
+pub fn weighted_mean<F>(
+    photo: &RgbImage,
+    region: &GrayImage,
+    bounds: Rect,
+    stride: usize,
+    f: F,
+) -> Option<f32>
 where
     F: Fn([u8; 3]) -> f32 + Sync,
 {
     if bounds.is_empty() {
         return None;
     }
+    let stride = stride.max(1);
     let w = photo.width() as usize;
     let (x0, x1) = (bounds.x0 as usize, bounds.x1 as usize);
     let (sum, wsum) = photo
@@ -69,9 +77,10 @@ where
         .zip(region.as_raw().par_chunks(w))
         .skip(bounds.y0 as usize)
         .take(bounds.height() as usize)
+        .step_by(stride)
         .map(|(row, alpha)| {
             let (mut s, mut n) = (0.0f64, 0.0f64);
-            for x in x0..x1 {
+            for x in (x0..x1).step_by(stride) {
                 let a = alpha[x];
                 if a != 0 {
                     let v = f([row[x * 3], row[x * 3 + 1], row[x * 3 + 2]]);
@@ -82,6 +91,9 @@ where
             (s, n)
         })
         .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    if wsum == 0.0 && stride > 1 {
+        return weighted_mean(photo, region, bounds, 1, f);
+    }
     (wsum > 0.0).then(|| (sum / wsum) as f32)
 }
 

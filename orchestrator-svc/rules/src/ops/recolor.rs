@@ -2,15 +2,24 @@
 //! transfer on L*), take hue and chroma from the paint, and gamut-map by reducing chroma.
 
 use super::{blend_masked, bounds};
-use crate::color::{gamut_map, l_from_y, lab_to_lin, luminance, to_linear, to_srgb};
+use crate::color::{gamut_map, l_from_y, lab_to_lin, linear_table, luminance, to_srgb};
+use crate::lut::Lut1;
 use crate::mask::Rect;
 use crate::rule::RecolorParams;
 use image::{GrayImage, RgbImage};
 use rayon::prelude::*;
+use std::sync::LazyLock;
+
+/// Y -> L* table: the cube root near black is steep, so 4k nodes keep interpolation error under 0.001 L*.
+static Y_TO_L: LazyLock<Lut1<1>> = LazyLock::new(|| Lut1::build(0.0, 1.0, 4097, |y| [l_from_y(y)]));
 
 #[inline]
-fn lightness(p: [u8; 3]) -> f32 {
-    l_from_y(luminance(to_linear(p[0]), to_linear(p[1]), to_linear(p[2])))
+fn lightness_with(lin: &[f32; 256], ytol: &Lut1<1>, p: [u8; 3]) -> f32 {
+    ytol.eval(luminance(
+        lin[p[0] as usize],
+        lin[p[1] as usize],
+        lin[p[2] as usize],
+    ))[0]
 }
 
 /// Shading scale k in out L = L_target + (L - mean_L) * k. Shading multiplies reflected light, and L* is roughly a
@@ -40,10 +49,15 @@ pub fn recolor(photo: &RgbImage, region: &GrayImage, p: &RecolorParams) -> RgbIm
         k = k.min((p.lab[0] - BOTTOM).max(0.0) / (mean_l - stats.p01));
     }
     let [lt, at, bt] = p.lab;
-    blend_masked(photo, region, b, p.common.strength, |_, _, px| {
-        let l = soft_clip(lt + (lightness(px) - mean_l) * k);
-        let c = gamut_map(l, at, bt, lab_to_lin);
+    // The edited colour depends on the input's L* alone (hue and chroma come from the paint), so evaluate the
+    // exact map, gamut mapping included, at 0.05 L* steps and interpolate.
+    let paint = Lut1::build(0.0, 100.0, 2001, |l_in| {
+        let c = gamut_map(soft_clip(lt + (l_in - mean_l) * k), at, bt, lab_to_lin);
         [to_srgb(c[0]), to_srgb(c[1]), to_srgb(c[2])]
+    });
+    let (lin, ytol) = (linear_table(), &*Y_TO_L);
+    blend_masked(photo, region, b, p.common.strength, |_, _, px| {
+        paint.eval(lightness_with(lin, ytol, px))
     })
 }
 
@@ -80,6 +94,7 @@ pub fn lightness_stats(photo: &RgbImage, region: &GrayImage, b: Rect) -> Option<
     }
     let w = photo.width() as usize;
     let (x0, x1) = (b.x0 as usize, b.x1 as usize);
+    let (lin, ytol) = (linear_table(), &*Y_TO_L);
     let (hist, sum) = photo
         .as_raw()
         .par_chunks(w * 3)
@@ -92,7 +107,8 @@ pub fn lightness_stats(photo: &RgbImage, region: &GrayImage, b: Rect) -> Option<
                 for x in x0..x1 {
                     let a = alpha[x];
                     if a != 0 {
-                        let l = lightness([row[x * 3], row[x * 3 + 1], row[x * 3 + 2]]);
+                        let l =
+                            lightness_with(lin, ytol, [row[x * 3], row[x * 3 + 1], row[x * 3 + 2]]);
                         h[((l * 10.0) as usize).min(BINS - 1)] += a as u64;
                         s += (a as f32 * l) as f64;
                     }

@@ -4,15 +4,25 @@ use super::{blend_masked, bounds};
 use crate::inpaint::inpaint;
 use crate::rule::RemoveParams;
 use image::{GrayImage, RgbImage, RgbaImage};
+use rayon::prelude::*;
 
 /// RGBA copy of the photo with alpha = 255 - region * strength: the object becomes transparent.
 pub fn cutout(photo: &RgbImage, region: &GrayImage, p: &RemoveParams) -> RgbaImage {
+    let (w, h) = photo.dimensions();
+    // alpha as a 256-entry table: strength is fixed for the whole image.
     let s = p.common.strength;
-    RgbaImage::from_fn(photo.width(), photo.height(), |x, y| {
-        let [r, g, b] = photo.get_pixel(x, y).0;
-        let a = region.get_pixel(x, y)[0] as f32 * s;
-        image::Rgba([r, g, b, (255.0 - a + 0.5).clamp(0.0, 255.0) as u8])
-    })
+    let alpha: [u8; 256] =
+        std::array::from_fn(|a| (255.0 - a as f32 * s + 0.5).clamp(0.0, 255.0) as u8);
+    let mut out = vec![0u8; w as usize * h as usize * 4];
+    out.par_chunks_mut(w as usize * 4)
+        .zip(photo.as_raw().par_chunks(w as usize * 3))
+        .zip(region.as_raw().par_chunks(w as usize))
+        .for_each(|((dst, src), a)| {
+            for ((d, s), a) in dst.chunks_exact_mut(4).zip(src.chunks_exact(3)).zip(a) {
+                d.copy_from_slice(&[s[0], s[1], s[2], alpha[*a as usize]]);
+            }
+        });
+    RgbaImage::from_raw(w, h, out).expect("buffer sized for w x h")
 }
 
 /// Fills the region from its surroundings, then blends the fill in by min(1, 2 * alpha) * strength. Doubling alpha

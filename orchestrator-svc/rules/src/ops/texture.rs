@@ -2,14 +2,9 @@
 //! (Y / mean Y) so the room's shadows and light fall-off carry over, mix by opacity.
 
 use super::{blend_masked, bounds, weighted_mean};
-use crate::color::{luminance, to_linear, to_srgb};
+use crate::color::{encode_table, encode_with, linear_table, luminance, to_linear};
 use crate::rule::TextureParams;
 use image::{GrayImage, RgbImage};
-
-#[inline]
-fn lum(p: [u8; 3]) -> f32 {
-    luminance(to_linear(p[0]), to_linear(p[1]), to_linear(p[2]))
-}
 
 /// Tile size at scale 1, as a fraction of the image's long side: ~8 tiles across a room shot.
 const TILES_ACROSS: f32 = 8.0;
@@ -21,8 +16,11 @@ pub fn texture(
     swatch: &RgbImage,
 ) -> RgbImage {
     let b = bounds(region);
+    let (lt, enc) = (linear_table(), encode_table());
     let (sw, sh) = swatch.dimensions();
-    let Some(mean_y) = weighted_mean(photo, region, b, lum) else {
+    let Some(mean_y) = weighted_mean(photo, region, b, 1, |q| {
+        luminance(lt[q[0] as usize], lt[q[1] as usize], lt[q[2] as usize])
+    }) else {
         return photo.clone();
     };
     if sw == 0 || sh == 0 {
@@ -35,11 +33,16 @@ pub fn texture(
     let (sin, cos) = p.rotation_deg.to_radians().sin_cos();
     let inv_mean = if mean_y > 1e-4 { 1.0 / mean_y } else { 1.0 };
     let (fw, fh) = (sw as f32, sh as f32);
+    let (inv_w, inv_h) = (1.0 / fw, 1.0 / fh);
+    // Wrap by floor-multiply, not `%`/rem_euclid: f32 remainder is a libm call and dominated the loop.
+    let wrap = |u: f32, n: f32, inv: f32, size: u32| {
+        let u = u - (u * inv).floor() * n;
+        let i = (u as u32).min(size - 1);
+        (i, if i + 1 == size { 0 } else { i + 1 }, u - i as f32)
+    };
     let sample = |u: f32, v: f32| -> [f32; 3] {
-        let (u, v) = (u.rem_euclid(fw), v.rem_euclid(fh));
-        let (i, j) = (u as u32 % sw, v as u32 % sh);
-        let (i1, j1) = ((i + 1) % sw, (j + 1) % sh);
-        let (fx, fy) = (u - u.floor(), v - v.floor());
+        let (i, i1, fx) = wrap(u, fw, inv_w, sw);
+        let (j, j1, fy) = wrap(v, fh, inv_h, sh);
         let at = |x: u32, y: u32| lin[(y * sw + x) as usize];
         let (a, bb, c, d) = (at(i, j), at(i1, j), at(i, j1), at(i1, j1));
         std::array::from_fn(|k| {
@@ -55,7 +58,7 @@ pub fn texture(
             (cos * xf + sin * yf) * per_px,
             (-sin * xf + cos * yf) * per_px,
         );
-        let inp = px.map(to_linear);
+        let inp = px.map(|c| lt[c as usize]);
         let shade = (luminance(inp[0], inp[1], inp[2]) * inv_mean).min(4.0);
         let mut t = s.map(|v| v * shade);
         // Over-bright highlights: scale all channels together so the swatch's hue survives.
@@ -63,6 +66,6 @@ pub fn texture(
         if m > 1.0 {
             t = t.map(|v| v / m);
         }
-        std::array::from_fn(|k| to_srgb(inp[k] + opacity * (t[k] - inp[k])))
+        std::array::from_fn(|k| encode_with(enc, inp[k] + opacity * (t[k] - inp[k])))
     })
 }

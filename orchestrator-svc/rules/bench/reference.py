@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""NumPy/OpenCV reference for the palette-rules benchmark: the same maths as the Rust rules, written the way a
+careful NumPy user would (vectorised, OpenCV for colour conversion and box filters, work limited to the region's
+bounding box). The Rust bench (examples/bench_rules.rs) writes raw inputs, runs this script and prints the ratio.
+
+Input files (raw bytes, row-major): photo.rgb (h*w*3), region.gray, wall.gray, sofa.gray (h*w each).
+Output: one JSON object per line: {"rule": ..., "seconds": best-of-reps}.
+"""
+import argparse
+import json
+import time
+
+import cv2
+import numpy as np
+
+# sRGB code -> linear light, as in the Rust LUT.
+_c = np.arange(256, dtype=np.float32) / 255.0
+SRGB_TO_LIN = np.where(_c <= 0.04045, _c / 12.92, ((_c + 0.055) / 1.055) ** 2.4).astype(np.float32)
+
+
+def encode(lin):
+    lin = np.clip(lin, 0.0, 1.0)
+    return np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * np.power(lin, 1 / 2.4) - 0.055) * 255.0
+
+
+def bounds(region):
+    ys, xs = np.nonzero(region.any(axis=1))[0], np.nonzero(region.any(axis=0))[0]
+    return ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
+
+
+def blend(photo, region, edited_srgb, strength, box):
+    y0, y1, x0, x1 = box
+    out = photo.copy()
+    src = photo[y0:y1, x0:x1].astype(np.float32)
+    w = region[y0:y1, x0:x1].astype(np.float32)[..., None] * (strength / 255.0)
+    out[y0:y1, x0:x1] = np.clip(src + w * (edited_srgb - src) + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def recolor(photo, region, target_lab=(24.0, -1.0, -22.0), k_finish=0.9, strength=1.0):
+    box = bounds(region)
+    y0, y1, x0, x1 = box
+    crop = photo[y0:y1, x0:x1]
+    lab = cv2.cvtColor(SRGB_TO_LIN[crop], cv2.COLOR_LRGB2Lab)
+    L = lab[..., 0]
+    a = region[y0:y1, x0:x1].astype(np.float32)
+    mean = float((L * a).sum() / a.sum())
+    hist, edges = np.histogram(L, bins=1024, range=(0, 102.4), weights=a)
+    cdf = np.cumsum(hist) / hist.sum()
+    p01, p99 = edges[np.searchsorted(cdf, 0.01)], edges[np.searchsorted(cdf, 0.99)]
+    lt, at, bt = target_lab
+    k = k_finish * np.clip((lt + 16) / (mean + 16), 0.35, 1.5)
+    if p99 > mean:
+        k = min(k, max(98 - lt, 0) / (p99 - mean))
+    if p01 < mean:
+        k = min(k, max(lt - 3, 0) / (mean - p01))
+    out_lab = np.empty_like(lab)
+    out_lab[..., 0] = np.clip(lt + (L - mean) * k, 0, 100)
+    out_lab[..., 1] = at
+    out_lab[..., 2] = bt
+    lin = cv2.cvtColor(out_lab, cv2.COLOR_Lab2LRGB)
+    return blend(photo, region, encode(lin), strength, box)
+
+
+M1 = np.array([[0.4122214708, 0.5363325363, 0.0514459929],
+               [0.2119034982, 0.6806995451, 0.1073969566],
+               [0.0883024619, 0.2817188376, 0.6299787005]], np.float32)
+M2 = np.array([[0.2104542553, 0.7936177850, -0.0040720468],
+               [1.9779984951, -2.4285922050, 0.4505937099],
+               [0.0259040371, 0.7827717662, -0.8086757660]], np.float32)
+M1I, M2I = np.linalg.inv(M1).astype(np.float32), np.linalg.inv(M2).astype(np.float32)
+
+
+def tone(photo, region, brightness=0.3, contrast=0.2, saturation=0.1, warmth=0.5, strength=1.0):
+    box = bounds(region)
+    y0, y1, x0, x1 = box
+    lin = SRGB_TO_LIN[photo[y0:y1, x0:x1]]
+    ok = np.cbrt(lin @ M1.T) @ M2.T
+    a = region[y0:y1, x0:x1].astype(np.float32)
+    mean = float((ok[..., 0] * a).sum() / a.sum())
+    ok[..., 0] = np.clip(mean + (ok[..., 0] - mean) * (1 + contrast) + 0.2 * brightness, 0, 1)
+    ok[..., 1] = ok[..., 1] * (1 + saturation) + 0.01 * warmth
+    ok[..., 2] = ok[..., 2] * (1 + saturation) + 0.035 * warmth
+    out = ((ok @ M2I.T) ** 3) @ M1I.T
+    return blend(photo, region, encode(out), strength, box)
+
+
+def texture(photo, region, swatch, scale=1.0, rotation=20.0, opacity=1.0, strength=1.0):
+    box = bounds(region)
+    y0, y1, x0, x1 = box
+    h, w = photo.shape[:2]
+    tile = max(w, h) / 8 * scale
+    per_px = swatch.shape[1] / tile
+    c, s = np.cos(np.radians(rotation)), np.sin(np.radians(rotation))
+    # Affine from output pixel to swatch coordinates; BORDER_WRAP tiles the swatch.
+    m = np.array([[c * per_px, s * per_px, (c * x0 + s * y0) * per_px],
+                  [-s * per_px, c * per_px, (-s * x0 + c * y0) * per_px]], np.float32)
+    sw_lin = SRGB_TO_LIN[swatch]
+    tex = cv2.warpAffine(sw_lin, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_WRAP)
+    lin = SRGB_TO_LIN[photo[y0:y1, x0:x1]]
+    Y = lin @ np.array([0.2126729, 0.7151522, 0.072175], np.float32)
+    a = region[y0:y1, x0:x1].astype(np.float32)
+    mean = float((Y * a).sum() / a.sum())
+    t = tex * np.minimum(Y / mean, 4.0)[..., None]
+    mx = t.max(axis=2, keepdims=True)
+    t = np.where(mx > 1, t / np.maximum(mx, 1e-6), t)
+    return blend(photo, region, encode(lin + opacity * (t - lin)), strength, box)
+
+
+def cutout(photo, region):
+    return np.dstack([photo, 255 - region])
+
+
+def guided(guide, p, r, eps=0.01):
+    s = max(r // 4, 1)
+    rs = max(r // s, 1)
+    h, w = p.shape
+    small = (int(np.ceil(w / s)), int(np.ceil(h / s)))
+    I = cv2.resize(guide, small, interpolation=cv2.INTER_AREA)
+    ps = cv2.resize(p, small, interpolation=cv2.INTER_AREA)
+    box = lambda x: cv2.boxFilter(x, -1, (2 * rs + 1, 2 * rs + 1))
+    mi, mp = box(I), box(ps)
+    cov_ip = box(I * ps[..., None]) - mi * mp[..., None]
+    var = np.empty(I.shape[:2] + (3, 3), np.float32)
+    for i in range(3):
+        for j in range(i, 3):
+            v = box(I[..., i] * I[..., j]) - mi[..., i] * mi[..., j]
+            var[..., i, j] = var[..., j, i] = v
+    var += eps * np.eye(3, dtype=np.float32)
+    a = np.linalg.solve(var, cov_ip[..., None])[..., 0]
+    b = mp - (a * mi).sum(axis=2)
+    ma = cv2.resize(box(a), (w, h), interpolation=cv2.INTER_LINEAR)
+    mb = cv2.resize(box(b), (w, h), interpolation=cv2.INTER_LINEAR)
+    q = (ma * guide).sum(axis=2) + mb
+    return np.clip(0.5 + (q - 0.5) * 2.0, 0, 1)
+
+
+def build_region(photo, wall, sofa, feather=1.0):
+    h, w = wall.shape
+    r = int(np.clip(round(5 * max(w, h) / 1024), 2, 40))
+    guide = photo.astype(np.float32) / 255.0
+    a = guided(guide, wall.astype(np.float32) / 255.0, r)
+    a = cv2.GaussianBlur(a, (0, 0), feather / 2)
+    o = guided(guide, sofa.astype(np.float32) / 255.0, r)
+    return (np.clip(a * (1 - o), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def timed(fn, reps):
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--width", type=int, required=True)
+    ap.add_argument("--height", type=int, required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    cv2.setNumThreads(args.threads)
+    w, h = args.width, args.height
+    rd = lambda n, c: np.fromfile(f"{args.dir}/{n}", np.uint8).reshape((h, w, c) if c > 1 else (h, w))
+    photo, region, wall, sofa = rd("photo.rgb", 3), rd("region.gray", 1), rd("wall.gray", 1), rd("sofa.gray", 1)
+    swatch = np.fromfile(f"{args.dir}/swatch.rgb", np.uint8).reshape(256, 256, 3)
+    cases = {
+        "recolor": lambda: recolor(photo, region),
+        "tone": lambda: tone(photo, region),
+        "texture": lambda: texture(photo, region, swatch),
+        "cutout": lambda: cutout(photo, region),
+        "region": lambda: build_region(photo, wall, sofa),
+    }
+    if max(w, h) <= 1200:
+        hole = (sofa > 0).astype(np.uint8)
+        cases["fill"] = lambda: cv2.inpaint(photo, hole, 3, cv2.INPAINT_TELEA)
+    for name, fn in cases.items():
+        print(json.dumps({"rule": name, "seconds": timed(fn, args.reps)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
