@@ -52,6 +52,7 @@ FP16=${FP16:-1}
 CONCEPTS=${CONCEPTS:-1,3,8}
 CONCURRENCY=${CONCURRENCY:-1,4}
 mkdir -p "$OUT" "$MODELS"
+rm -f "$OUT"/log.txt "$OUT"/summary.md "$OUT"/hf_reference.json "$OUT"/bench_fp32.json "$OUT"/bench_fp16.json
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
 left() { echo $((BUDGET - (SECONDS - T0))); }
@@ -75,6 +76,7 @@ for f in "$BIN/segmenter-bench" "$BPE" "$IMG"; do
 done
 
 # ---- ONNX Runtime GPU libraries ---------------------------------------------------------------------------------
+LD0=${LD_LIBRARY_PATH:-}   # the machine's own setting: the Python steps (torch, exporter) keep it
 if ((DRY)); then
   export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$ROOT/.tools/onnxruntime/libonnxruntime.so.1.31.1}
 else
@@ -83,49 +85,50 @@ else
     step assemble 120 bash /tmp/gpu-parts/assemble.sh
   fi
   # shellcheck disable=SC1091
-  . /tmp/ort-gpu/env.sh
+  . /tmp/ort-gpu/env.sh   # ORT_DYLIB_PATH, ORT_GPU_CUDA_LIB_DIR, ORT_GPU_CUDNN_LIB_DIR, LD_LIBRARY_PATH for the Rust binary
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.max.sm --format=csv || true
 fi
+# Python runs with the LD_LIBRARY_PATH it had before env.sh: env.sh puts ORT 1.31.1's libraries first, and the
+# image's torch / onnxruntime 1.30 were verified without them.
+if [[ -n $LD0 ]]; then PYCMD=(env "LD_LIBRARY_PATH=$LD0" "$PY"); else PYCMD=(env -u LD_LIBRARY_PATH "$PY"); fi
 log "ORT_DYLIB_PATH=$ORT_DYLIB_PATH CUDA=${ORT_GPU_CUDA_LIB_DIR:-} CUDNN=${ORT_GPU_CUDNN_LIB_DIR:-}"
-"$PY" -c 'import torch, transformers, onnx, onnxruntime as o; print("python", __import__("sys").version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__, "onnx", onnx.__version__, "onnxruntime", o.__version__)' || true
+"${PYCMD[@]}" -c 'import torch, transformers, onnx, onnxruntime as o; print("python", __import__("sys").version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__, "onnx", onnx.__version__, "onnxruntime", o.__version__)' || true
 nproc; free -g | head -2 || true
 
 # ---- 1. export fp32 and fp16 side by side (CPU only; nothing is timed meanwhile) -------------------------------------
 # Each exporter gets half the cores (taskset) and sees that many (os.cpu_count is what export_sam3.main sizes torch's
 # thread pool by); OMP_WAIT_POLICY=PASSIVE keeps idle OpenMP threads from spinning on the other half.
-NCPU=$(nproc)
-half=$((NCPU / 2)); ((half < 1)) && half=1
-export_one() {  # export_one PRECISION CPUSET
-  local prec=$1 cpus=$2 pin=()
-  if command -v taskset >/dev/null && ((NCPU >= 2)); then pin=(taskset -c "$cpus"); fi
-  OMP_WAIT_POLICY=PASSIVE "${pin[@]}" "$PY" -c '
+EXPORT_PY='
 import os, sys
 os.cpu_count = lambda: len(os.sched_getaffinity(0))
 sys.path.insert(0, "segmenter-svc/export")
 import export_sam3
-sys.exit(export_sam3.main(sys.argv[1:]))' \
-    --random-init "$SIZE" --seed 0 --precision "$prec" --clip-bpe "$BPE" --out "$MODELS/sam3-$SIZE-$prec"
+sys.exit(export_sam3.main(sys.argv[1:]))'
+NCPU=$(nproc)
+half=$((NCPU / 2)); ((half < 1)) && half=1
+((FP16)) || half=$NCPU
+export_bg() {  # export_bg PRECISION CPUSET TIMEOUT: starts one export in the background, its pid in $!
+  local pin=()
+  if command -v taskset >/dev/null; then pin=(taskset -c "$2"); fi
+  timeout -k 10 "$3" "${pin[@]}" env OMP_WAIT_POLICY=PASSIVE "${PYCMD[@]}" -c "$EXPORT_PY" --random-init "$SIZE" \
+    --seed 0 --precision "$1" --clip-bpe "$BPE" --out "$MODELS/sam3-$SIZE-$1" > "$MODELS/export_$1.log" 2>&1 &
 }
 log "START export fp32$( ((FP16)) && echo ' + fp16') ($SIZE)"
 rm -rf "$MODELS/sam3-$SIZE-fp32" "$MODELS/sam3-$SIZE-fp16"
-timeout -k 10 "$(cap 300)" bash -c "$(declare -f export_one); NCPU=$NCPU PY=$PY SIZE=$SIZE BPE=$BPE MODELS=$MODELS export_one fp32 0-$((half - 1))" \
-  > /tmp/export_fp32.log 2>&1 & P32=$!
-if ((FP16)); then
-  timeout -k 10 "$(cap 240)" bash -c "$(declare -f export_one); NCPU=$NCPU PY=$PY SIZE=$SIZE BPE=$BPE MODELS=$MODELS export_one fp16 $half-$((NCPU - 1))" \
-    > /tmp/export_fp16.log 2>&1 & P16=$!
-fi
+export_bg fp32 "0-$((half - 1))" "$(cap 300)"; P32=$!
+if ((FP16)); then export_bg fp16 "$((half < NCPU ? half : 0))-$((NCPU - 1))" "$(cap 240)"; P16=$!; fi
 rc32=0; wait "$P32" || rc32=$?
-log "END export fp32 rc=$rc32"; sed 's/^/  [export fp32] /' /tmp/export_fp32.log; STATUS+=("export_fp32=$rc32")
+log "END export fp32 rc=$rc32$( ((rc32 == 124 || rc32 == 137)) && echo ' (TIMED OUT)')"; sed 's/^/  [export fp32] /' "$MODELS/export_fp32.log"; STATUS+=("export_fp32=$rc32")
 if ((FP16)); then
   rc16=0; wait "$P16" || rc16=$?
-  log "END export fp16 rc=$rc16"; sed 's/^/  [export fp16] /' /tmp/export_fp16.log; STATUS+=("export_fp16=$rc16")
+  log "END export fp16 rc=$rc16$( ((rc16 == 124 || rc16 == 137)) && echo ' (TIMED OUT)')"; sed 's/^/  [export fp16] /' "$MODELS/export_fp16.log"; STATUS+=("export_fp16=$rc16")
   ((rc16 == 0)) || FP16=0
 fi
 du -sh "$MODELS"/* || true
 
 # ---- 2. HF PyTorch reference on the same GPU ------------------------------------------------------------------------
 HF_JSON=$OUT/hf_reference.json
-step hf_reference 180 "$PY" segmenter-svc/bench/hf_reference.py --device "$DEVICE" --random-init "$SIZE" --seed 0 \
+step hf_reference 180 "${PYCMD[@]}" segmenter-svc/bench/hf_reference.py --device "$DEVICE" --random-init "$SIZE" --seed 0 \
   --modes "$HF_MODES" --image "$IMG" --concepts "$CONCEPTS" --runs "$HF_RUNS" --warmup "$HF_WARMUP" \
   --clip-bpe "$BPE" --budget-s 110 --out "$HF_JSON" || true
 REF=()
@@ -146,7 +149,7 @@ if ! ((DRY)); then nvidia-smi --query-gpu=memory.used,temperature.gpu,clocks.sm 
 
 # ---- 4. one table ---------------------------------------------------------------------------------------------------
 log "steps: ${STATUS[*]}"
-"$PY" segmenter-svc/bench/summarize.py --hf "$HF_JSON" --bench "fp32=$OUT/bench_fp32.json" \
+"${PYCMD[@]}" segmenter-svc/bench/summarize.py --hf "$HF_JSON" --bench "fp32=$OUT/bench_fp32.json" \
   --bench "fp16=$OUT/bench_fp16.json" --out "$OUT/summary.md" || true
 log "done in $((SECONDS - T0))s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 }
