@@ -3,6 +3,15 @@ use orchestrator_svc::{Config, run, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // `orchestrator-svc healthcheck`: for container HEALTHCHECKs, which have no grpc_health_probe.
+    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+        let addr = std::env::var("GRPC_ADDR").unwrap_or_else(|_| "0.0.0.0:50052".into());
+        if let Err(e) = orchestrator_svc::server::healthcheck(&addr).await {
+            eprintln!("unhealthy: {e:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let config = Config::parse();
     telemetry::init_logging(&config.log_level)?;
     let listener = tokio::net::TcpListener::bind(config.grpc_addr).await?;

@@ -74,6 +74,43 @@ fn callback_sender(config: &Config) -> Result<Option<Arc<CallbackSender>>, Error
     Ok(Some(Arc::new(sender)))
 }
 
+/// Accepted connections with TCP_NODELAY (no Nagle / delayed-ACK stalls on small gRPC frames) and TCP keepalive
+/// (dead peers behind NAT or a load balancer are noticed).
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
+}
+
+/// The container HEALTHCHECK (`orchestrator-svc healthcheck`): grpc.health.v1 Check of the Jobs service on
+/// 127.0.0.1 at the port of `addr` (GRPC_ADDR). Ok only when SERVING.
+pub async fn healthcheck(addr: &str) -> anyhow::Result<()> {
+    let port = addr
+        .trim()
+        .rsplit(':')
+        .next()
+        .filter(|p| !p.is_empty())
+        .unwrap_or("50052");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(3))
+        .connect()
+        .await?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "palette.orchestrator.v1.Jobs".into(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    anyhow::ensure!(
+        status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+        "not serving (status {status})"
+    );
+    Ok(())
+}
+
 /// Serves until `shutdown` resolves, then stops taking requests and waits (bounded) for items in flight.
 pub async fn run(
     config: Config,
@@ -152,7 +189,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(jobs)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
         .map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
 

@@ -128,3 +128,42 @@ async fn shutdown_finishes_items_in_flight_and_ends_unstarted_ones_with_a_callba
         ]
     );
 }
+
+fn healthcheck_binary(grpc_addr: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator-svc"))
+        .arg("healthcheck")
+        .env("GRPC_ADDR", grpc_addr)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_subcommand_exits_zero_when_serving() {
+    let segmenter = common::fake_segmenter::start().await;
+    let orch = common::orchestrator::start(&segmenter.url, |_| {}).await;
+    let addr = format!("0.0.0.0:{}", orch.addr.port());
+    let out = tokio::task::spawn_blocking(move || healthcheck_binary(&addr))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_subcommand_fails_on_a_closed_port() {
+    // Bind and drop: the port was free a moment ago and nothing listens on it now.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("0.0.0.0:{port}");
+    let out = tokio::task::spawn_blocking(move || healthcheck_binary(&addr))
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "{:?}", out.status);
+}
