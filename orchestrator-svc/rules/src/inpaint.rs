@@ -127,7 +127,16 @@ fn complete(fine: Level) -> Level {
     let (gm, ge) = (lowpass(&out, &smooth), lowpass(&out, &out.img));
     for i in 0..out.img.len() {
         if out.hole[i] {
-            out.img[i] = std::array::from_fn(|k| out.img[i][k] + gm[k].data[i] - ge[k].data[i]);
+            let d: [f32; 3] = std::array::from_fn(|k| gm[k].data[i] - ge[k].data[i]);
+            // Only shading-sized corrections: a large difference means the membrane smeared a real edge (a wall
+            // meeting the floor) that the exemplar fill got right, so trust the exemplar there.
+            let norm = (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt();
+            let keep = if norm > MAX_CORRECTION {
+                MAX_CORRECTION / norm
+            } else {
+                1.0
+            };
+            out.img[i] = std::array::from_fn(|k| out.img[i][k] + keep * d[k]);
         }
     }
     out
@@ -146,6 +155,8 @@ fn lowpass(l: &Level, img: &[Px]) -> [Plane; 3] {
 }
 
 const LOWPASS_SIGMA: f32 = 8.0;
+/// Largest low-frequency correction applied, in 8-bit codes (RGB distance).
+const MAX_CORRECTION: f32 = 12.0;
 
 /// Smooth (membrane) fill: coarse-to-fine, each level seeded from the coarser one and relaxed by Jacobi steps.
 fn membrane(fine: &Level) -> Vec<Px> {
