@@ -18,6 +18,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("palette_descriptor.bin"))
-        .compile_with_config(config, PROTOS, &[".", include.to_str().ok_or("non-UTF-8 include path")?])?;
+        .compile_with_config(
+            config,
+            PROTOS,
+            &[".", include.to_str().ok_or("non-UTF-8 include path")?],
+        )?;
     Ok(())
 }
