@@ -2,14 +2,18 @@
 //! they are solved at 1/s resolution and applied at full resolution. It snaps a blurry upsampled mask onto the
 //! photo's own edges, including edges between regions of equal brightness but different hue.
 
-use crate::filter::{Plane, box_mean, downsample, upsample};
+use crate::filter::{Plane, box_mean, downsample};
+use crate::mask::Rect;
+use image::RgbImage;
 use rayon::prelude::*;
 
-/// Filters `p` (the mask, 0..1) guided by the RGB planes `guide` (0..1). `r` is the full-resolution radius.
-pub fn guided_filter(guide: &[Plane; 3], p: &Plane, r: usize, eps: f32) -> Plane {
+/// Filters `p` (the mask over `crop`, 0..1) guided by the photo's sRGB values (0..1) in `crop`. `r` is the
+/// full-resolution radius. The guide is read straight from the 8-bit photo: at full resolution it is only needed in
+/// the last step, fused with the upsampling of the coefficients, so no full-resolution float copies are made.
+pub fn guided_filter(photo: &RgbImage, crop: Rect, p: &Plane, r: usize, eps: f32) -> Plane {
     let s = (r / 4).max(1);
     let rs = (r / s).max(1);
-    let i: Vec<Plane> = guide.iter().map(|g| downsample(g, s)).collect();
+    let i = guide_small(photo, crop, s);
     let ps = downsample(p, s);
     let (w, h) = (ps.w, ps.h);
     let n = w * h;
@@ -52,25 +56,93 @@ pub fn guided_filter(guide: &[Plane; 3], p: &Plane, r: usize, eps: f32) -> Plane
         let a2 = (c02 * cov_ip[0] + c12 * cov_ip[1] + c22 * cov_ip[2]) * inv;
         *c = [a0, a1, a2, mp.data[k] - a0 * m[0] - a1 * m[1] - a2 * m[2]];
     });
-    let (fw, fh) = (p.w, p.h);
-    let coef_planes: Vec<Plane> = (0..4)
+    let cp: Vec<Plane> = (0..4)
         .map(|ch| {
-            let pl = Plane {
+            mean(&Plane {
                 w,
                 h,
                 data: coef.iter().map(|c| c[ch]).collect(),
-            };
-            upsample(&mean(&pl), s, fw, fh)
+            })
         })
         .collect();
-    let mut out = Plane::new(fw, fh);
-    out.data.par_iter_mut().enumerate().for_each(|(k, q)| {
-        let v = coef_planes[0].data[k] * guide[0].data[k]
-            + coef_planes[1].data[k] * guide[1].data[k]
-            + coef_planes[2].data[k] * guide[2].data[k]
-            + coef_planes[3].data[k];
-        *q = v.clamp(0.0, 1.0);
+    apply_upsampled(photo, crop, &cp, s, p.w, p.h)
+}
+
+/// The crop's sRGB planes (0..1), area-averaged by s, read directly from the 8-bit photo.
+fn guide_small(photo: &RgbImage, crop: Rect, s: usize) -> Vec<Plane> {
+    let (cw, ch) = (crop.width() as usize, crop.height() as usize);
+    let (w, h) = (cw.div_ceil(s), ch.div_ceil(s));
+    let stride = photo.width() as usize * 3;
+    let raw = photo.as_raw();
+    let mut rows: Vec<Vec<[f32; 3]>> = vec![Vec::new(); h];
+    rows.par_iter_mut().enumerate().for_each(|(y, row)| {
+        let (y0, y1) = (y * s, ((y + 1) * s).min(ch));
+        *row = (0..w)
+            .map(|x| {
+                let (x0, x1) = (x * s, ((x + 1) * s).min(cw));
+                let mut acc = [0u32; 3];
+                for yy in y0..y1 {
+                    let base = (crop.y0 as usize + yy) * stride + (crop.x0 as usize) * 3;
+                    for px in raw[base + x0 * 3..base + x1 * 3].chunks_exact(3) {
+                        (0..3).for_each(|k| acc[k] += px[k] as u32);
+                    }
+                }
+                let inv = 1.0 / (255.0 * ((y1 - y0) * (x1 - x0)) as f32);
+                acc.map(|v| v as f32 * inv)
+            })
+            .collect();
     });
+    (0..3)
+        .map(|k| Plane {
+            w,
+            h,
+            data: rows
+                .iter()
+                .flat_map(|r| r.iter().map(move |v| v[k]))
+                .collect(),
+        })
+        .collect()
+}
+
+/// q = a . I + b at full resolution, with a and b bilinearly upsampled (half-pixel centres) on the fly.
+fn apply_upsampled(
+    photo: &RgbImage,
+    crop: Rect,
+    cp: &[Plane],
+    s: usize,
+    fw: usize,
+    fh: usize,
+) -> Plane {
+    let (w, h) = (cp[0].w, cp[0].h);
+    let coord = |i: usize, n: usize| {
+        let f = ((i as f32 + 0.5) / s as f32 - 0.5).clamp(0.0, (n - 1) as f32);
+        let k = f.floor() as usize;
+        (k, (k + 1).min(n - 1), f - k as f32)
+    };
+    let xs: Vec<_> = (0..fw).map(|x| coord(x, w)).collect();
+    let stride = photo.width() as usize * 3;
+    let raw = photo.as_raw();
+    let mut out = Plane::new(fw, fh);
+    out.data
+        .par_chunks_mut(fw)
+        .enumerate()
+        .for_each(|(y, dst)| {
+            let (j, j1, wy) = coord(y, h);
+            // This row's coefficients, interpolated vertically once, then horizontally per pixel.
+            let rows: Vec<Vec<f32>> = cp
+                .iter()
+                .map(|pl| {
+                    let (r0, r1) = (&pl.data[j * w..(j + 1) * w], &pl.data[j1 * w..(j1 + 1) * w]);
+                    r0.iter().zip(r1).map(|(a, b)| a + wy * (b - a)).collect()
+                })
+                .collect();
+            let src = &raw[(crop.y0 as usize + y) * stride + crop.x0 as usize * 3..];
+            for (x, (d, &(i, i1, wx))) in dst.iter_mut().zip(&xs).enumerate() {
+                let c = |k: usize| rows[k][i] + wx * (rows[k][i1] - rows[k][i]);
+                let g = |k: usize| src[x * 3 + k] as f32 * (1.0 / 255.0);
+                *d = (c(0) * g(0) + c(1) * g(1) + c(2) * g(2) + c(3)).clamp(0.0, 1.0);
+            }
+        });
     out
 }
 
@@ -80,20 +152,25 @@ mod tests {
 
     #[test]
     fn snaps_a_blurred_mask_to_the_photo_edge() {
-        // Photo: red left half, blue right half (same brightness-ish). Mask: a blurry ramp across the edge.
-        let (w, h) = (64, 32);
-        let mk = |f: &dyn Fn(usize) -> f32| Plane {
+        // Photo: red left half, blue right half. Mask: a blurry ramp across the edge.
+        let (w, h) = (64usize, 32usize);
+        let photo = RgbImage::from_fn(w as u32, h as u32, |x, _| {
+            image::Rgb(if x < 32 { [204, 51, 25] } else { [25, 51, 204] })
+        });
+        let p = Plane {
             w,
             h,
-            data: (0..w * h).map(|k| f(k % w)).collect(),
+            data: (0..w * h)
+                .map(|k| (1.0 - ((k % w) as f32 - 24.0) / 16.0).clamp(0.0, 1.0))
+                .collect(),
         };
-        let guide = [
-            mk(&|x| if x < 32 { 0.8 } else { 0.1 }),
-            mk(&|_| 0.2),
-            mk(&|x| if x < 32 { 0.1 } else { 0.8 }),
-        ];
-        let p = mk(&|x| (1.0 - (x as f32 - 24.0) / 16.0).clamp(0.0, 1.0));
-        let q = guided_filter(&guide, &p, 6, 1e-3);
+        let crop = Rect {
+            x0: 0,
+            y0: 0,
+            x1: w as u32,
+            y1: h as u32,
+        };
+        let q = guided_filter(&photo, crop, &p, 6, 1e-3);
         // The blurry ramp (1/16 per pixel) becomes a step at the colour edge, and values move away from 0.5 on
         // either side of it.
         let step = q.at(31, 16) - q.at(32, 16);

@@ -56,11 +56,10 @@ pub fn build_region(
     let reach =
         2 * r + grow.max(0) as usize + (1.5 * params.feather_px.max(0.0)).ceil() as usize + 2;
     let crop = bounds.grown(reach as u32, w, h);
-    let guide = params.refine_edges.then(|| guide_planes(photo, crop));
 
     let mut a = union_plane(&target, crop);
-    if let Some(g) = &guide {
-        a = refine(g, &a, r);
+    if params.refine_edges {
+        a = refine(photo, crop, &a, r);
     }
     if grow != 0 {
         a = morph(&a, grow.unsigned_abs() as usize, grow > 0);
@@ -70,8 +69,8 @@ pub fn build_region(
     }
     if !occluders.is_empty() {
         let mut o = union_plane(&occluders, crop);
-        if let Some(g) = &guide {
-            o = refine(g, &o, r);
+        if params.refine_edges {
+            o = refine(photo, crop, &o, r);
         }
         a.data
             .par_iter_mut()
@@ -86,8 +85,8 @@ pub fn build_region(
 /// photo but, where a window holds only a few pixels of the other surface, eps pulls it toward the window mean and
 /// leaves 10-20 % tails a few pixels long; painted walls then show a pale rim around the sofa. The stretch removes
 /// tails under 25 % / over 75 % and keeps mid-range softness (anti-aliasing, hair) at half its width.
-fn refine(guide: &[Plane; 3], p: &Plane, r: usize) -> Plane {
-    let mut q = guided_filter(guide, p, r, EPS);
+fn refine(photo: &RgbImage, crop: Rect, p: &Plane, r: usize) -> Plane {
+    let mut q = guided_filter(photo, crop, p, r, EPS);
     q.data
         .par_iter_mut()
         .for_each(|v| *v = (0.5 + (*v - 0.5) * STRETCH).clamp(0.0, 1.0));
@@ -130,23 +129,6 @@ fn union_plane(masks: &[&GrayImage], c: Rect) -> Plane {
         }
     });
     p
-}
-
-/// The photo's crop as three planes of sRGB values in 0..1: gamma-encoded values are roughly perceptual, so eps
-/// 0.01 means a similar edge strength in shadows and highlights.
-fn guide_planes(photo: &RgbImage, c: Rect) -> [Plane; 3] {
-    let (cw, ch) = (c.width() as usize, c.height() as usize);
-    let stride = photo.width() as usize * 3;
-    std::array::from_fn(|k| {
-        let mut p = Plane::new(cw, ch);
-        p.data.par_chunks_mut(cw).enumerate().for_each(|(j, row)| {
-            let src = &photo.as_raw()[(c.y0 as usize + j) * stride + c.x0 as usize * 3..];
-            for (i, d) in row.iter_mut().enumerate() {
-                *d = src[i * 3 + k] as f32 * (1.0 / 255.0);
-            }
-        });
-        p
-    })
 }
 
 fn write_plane(out: &mut GrayImage, p: &Plane, c: Rect) {
