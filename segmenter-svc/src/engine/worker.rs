@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
 use std::time::{Duration, Instant};
 
+use ort::session::{Session, SessionOutputs};
 use ort::value::TensorRef;
 use tokio::sync::watch;
 
@@ -142,13 +143,26 @@ impl Worker {
         let pixels = vec![0f32; 3 * s * s];
         let tokens = self.settings.probe_tokens.clone();
         let features = self.encode_text(std::slice::from_ref(&tokens))?;
-        let fpn = self.run_vision(&pixels, 1)?;
         let params = FilterParams {
             threshold: 1.0,
             max_instances: 0,
             keep_semantic: false,
         };
-        self.run_decoder(&fpn, 0, &[features[0].clone()], &[tokens], (1, 1), params)?;
+        let Sessions {
+            vision, decoder, ..
+        } = &mut self.sessions;
+        let vision_out = run_vision(vision, &pixels, 1, s)?;
+        let fpn = fpn_views(&vision_out)?;
+        decode_chunk(
+            decoder,
+            &self.settings,
+            &fpn,
+            0,
+            &[features[0].clone()],
+            &[tokens],
+            (1, 1),
+            params,
+        )?;
         Ok(())
     }
 
@@ -177,14 +191,22 @@ impl Worker {
         }
         let text = t0.elapsed();
 
-        // Vision: one run for the whole batch.
+        // Vision: one run for the whole batch. Its outputs stay in ONNX Runtime's buffers and the decoder reads
+        // each image's slice from there: no copy of the FPN levels (about 110 MB per image at full size).
         let t1 = Instant::now();
         let s = self.settings.image_size;
         let mut pixels = Vec::with_capacity(jobs.len() * 3 * s * s);
         for job in jobs {
             pixels.extend_from_slice(&job.pixels);
         }
-        let fpn = self.run_vision(&pixels, jobs.len())?;
+        let Worker {
+            sessions,
+            settings,
+            cache,
+            ..
+        } = self;
+        let vision_out = run_vision(&mut sessions.vision, &pixels, jobs.len(), s)?;
+        let fpn = fpn_views(&vision_out)?;
         let vision = t1.elapsed();
         metrics::histogram!("segmenter_stage_seconds", "stage" => "vision")
             .record(vision.as_secs_f64());
@@ -198,15 +220,23 @@ impl Worker {
             let features: Vec<Arc<[f32]>> = job
                 .phrases
                 .iter()
-                .map(|(phrase, _)| self.cache.get(phrase).expect("just encoded"))
+                .map(|(phrase, _)| cache.get(phrase).expect("just encoded"))
                 .collect();
             let tokens: Vec<Tokens> = job.phrases.iter().map(|(_, t)| t.clone()).collect();
             let mut concepts = Vec::with_capacity(tokens.len());
             let mut filter_time = Duration::ZERO;
-            let chunk = self.settings.decoder_chunk.max(1);
+            let chunk = settings.decoder_chunk.max(1);
             for (f, t) in features.chunks(chunk).zip(tokens.chunks(chunk)) {
-                let (kept, spent) =
-                    self.run_decoder(&fpn, index, f, t, job.image_size, job.filter)?;
+                let (kept, spent) = decode_chunk(
+                    &mut sessions.decoder,
+                    settings,
+                    &fpn,
+                    index,
+                    f,
+                    t,
+                    job.image_size,
+                    job.filter,
+                )?;
                 concepts.extend(kept);
                 filter_time += spent;
             }
@@ -240,83 +270,85 @@ impl Worker {
         let per = data.len() / n.max(1);
         Ok(data.chunks_exact(per).map(Arc::from).collect())
     }
+}
 
-    /// Runs the vision encoder on `count` images and keeps the FPN levels (owned: the decoder runs on another session).
-    fn run_vision(&mut self, pixels: &[f32], count: usize) -> ort::Result<Fpn> {
-        let s = self.settings.image_size;
-        let outputs = self.sessions.vision.run(
-            ort::inputs!["pixel_values" => TensorRef::from_array_view(([count, 3, s, s], pixels))?],
-        )?;
-        let mut levels = Vec::with_capacity(3);
-        for name in ["fpn_0", "fpn_1", "fpn_2"] {
+/// Runs the vision encoder on `count` images; the outputs borrow the session until dropped.
+fn run_vision<'s>(
+    vision: &'s mut Session,
+    pixels: &[f32],
+    count: usize,
+    size: usize,
+) -> ort::Result<SessionOutputs<'s>> {
+    vision.run(ort::inputs!["pixel_values" => TensorRef::from_array_view(([count, 3, size, size], pixels))?])
+}
+
+/// The three FPN levels of a vision batch, borrowed from the session's output buffers.
+fn fpn_views<'a>(outputs: &'a SessionOutputs<'_>) -> ort::Result<Vec<FpnLevel<'a>>> {
+    ["fpn_0", "fpn_1", "fpn_2"]
+        .into_iter()
+        .map(|name| {
             let (shape, data) = outputs[name].try_extract_tensor::<f32>()?;
-            let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-            levels.push(FpnLevel {
-                per_image: dims[1..].to_vec(),
-                data: data.to_vec(),
-            });
-        }
-        Ok(Fpn { levels })
-    }
-
-    fn run_decoder(
-        &mut self,
-        fpn: &Fpn,
-        image: usize,
-        features: &[Arc<[f32]>],
-        tokens: &[Tokens],
-        image_size: (u32, u32),
-        params: FilterParams,
-    ) -> ort::Result<(Vec<KeptConcept>, Duration)> {
-        let n = features.len();
-        let l = self.settings.context;
-        let text: Vec<f32> = features.iter().flat_map(|f| f.iter().copied()).collect();
-        let mask: Vec<i64> = tokens.iter().flat_map(|t| t.mask.iter().copied()).collect();
-        let level = |i: usize| fpn.levels[i].image(image);
-        let d = text.len() / (n * l);
-        let outputs = self.sessions.decoder.run(ort::inputs![
-            "fpn_0" => TensorRef::from_array_view(level(0))?,
-            "fpn_1" => TensorRef::from_array_view(level(1))?,
-            "fpn_2" => TensorRef::from_array_view(level(2))?,
-            "text_features" => TensorRef::from_array_view(([n, l, d], &text[..]))?,
-            "text_mask" => TensorRef::from_array_view(([n, l], &mask[..]))?,
-        ])?;
-        let t = Instant::now();
-        let (_, masks) = outputs["pred_masks"].try_extract_tensor::<f32>()?;
-        let (_, boxes) = outputs["pred_boxes"].try_extract_tensor::<f32>()?;
-        let (_, logits) = outputs["pred_logits"].try_extract_tensor::<f32>()?;
-        let (_, presence) = outputs["presence_logits"].try_extract_tensor::<f32>()?;
-        let (_, semantic) = outputs["semantic_seg"].try_extract_tensor::<f32>()?;
-        let m = self.settings.mask_size;
-        let q = logits.len() / n;
-        let kept = (0..n)
-            .map(|i| {
-                let view = ConceptOutputs {
-                    masks: &masks[i * q * m * m..(i + 1) * q * m * m],
-                    boxes: &boxes[i * q * 4..(i + 1) * q * 4],
-                    logits: &logits[i * q..(i + 1) * q],
-                    presence_logit: presence[i],
-                    semantic: &semantic[i * m * m..(i + 1) * m * m],
-                };
-                filter_concept(&view, m, image_size, params)
-            })
-            .collect();
-        Ok((kept, t.elapsed()))
-    }
+            let per_image = shape.iter().skip(1).map(|&d| d as usize).collect();
+            Ok(FpnLevel { per_image, data })
+        })
+        .collect()
 }
 
-/// The vision encoder's output for a batch, owned so the decoder session can read it.
-struct Fpn {
-    levels: Vec<FpnLevel>,
+/// Runs the decoder on one image's FPN levels for a chunk of phrases and keeps the instances that pass the filter.
+#[allow(clippy::too_many_arguments)]
+fn decode_chunk(
+    decoder: &mut Session,
+    settings: &EngineSettings,
+    fpn: &[FpnLevel<'_>],
+    image: usize,
+    features: &[Arc<[f32]>],
+    tokens: &[Tokens],
+    image_size: (u32, u32),
+    params: FilterParams,
+) -> ort::Result<(Vec<KeptConcept>, Duration)> {
+    let n = features.len();
+    let l = settings.context;
+    let text: Vec<f32> = features.iter().flat_map(|f| f.iter().copied()).collect();
+    let mask: Vec<i64> = tokens.iter().flat_map(|t| t.mask.iter().copied()).collect();
+    let d = text.len() / (n * l);
+    let outputs = decoder.run(ort::inputs![
+        "fpn_0" => TensorRef::from_array_view(fpn[0].image(image))?,
+        "fpn_1" => TensorRef::from_array_view(fpn[1].image(image))?,
+        "fpn_2" => TensorRef::from_array_view(fpn[2].image(image))?,
+        "text_features" => TensorRef::from_array_view(([n, l, d], &text[..]))?,
+        "text_mask" => TensorRef::from_array_view(([n, l], &mask[..]))?,
+    ])?;
+    let t = Instant::now();
+    let (_, masks) = outputs["pred_masks"].try_extract_tensor::<f32>()?;
+    let (_, boxes) = outputs["pred_boxes"].try_extract_tensor::<f32>()?;
+    let (_, logits) = outputs["pred_logits"].try_extract_tensor::<f32>()?;
+    let (_, presence) = outputs["presence_logits"].try_extract_tensor::<f32>()?;
+    let (_, semantic) = outputs["semantic_seg"].try_extract_tensor::<f32>()?;
+    let m = settings.mask_size;
+    let q = logits.len() / n;
+    let kept = (0..n)
+        .map(|i| {
+            let view = ConceptOutputs {
+                masks: &masks[i * q * m * m..(i + 1) * q * m * m],
+                boxes: &boxes[i * q * 4..(i + 1) * q * 4],
+                logits: &logits[i * q..(i + 1) * q],
+                presence_logit: presence[i],
+                semantic: &semantic[i * m * m..(i + 1) * m * m],
+            };
+            filter_concept(&view, m, image_size, params)
+        })
+        .collect();
+    Ok((kept, t.elapsed()))
 }
 
-struct FpnLevel {
+/// One FPN level of a vision batch.
+struct FpnLevel<'a> {
     /// [C, H, W] of one image.
     per_image: Vec<usize>,
-    data: Vec<f32>,
+    data: &'a [f32],
 }
 
-impl FpnLevel {
+impl FpnLevel<'_> {
     /// One image's level as a [1, C, H, W] view.
     fn image(&self, index: usize) -> (Vec<usize>, &[f32]) {
         let per: usize = self.per_image.iter().product();
