@@ -55,9 +55,16 @@ pub struct Config {
     #[arg(long, env = "LOG_LEVEL", default_value = "INFO")]
     pub log_level: String,
 
-    /// Segmenter gRPC endpoint. Default http://127.0.0.1:50051.
+    /// Segmenter gRPC endpoint(s): comma-separated `http://host:port` or `dns:///host:port`. A host name is
+    /// resolved to ALL its addresses (a Kubernetes headless Service gives one per ready Pod) and calls are balanced
+    /// over them; a replica that stops answering is left out until it accepts connections again. Default
+    /// http://127.0.0.1:50051.
     #[arg(long, env = "SEGMENTER_URL", default_value = "http://127.0.0.1:50051")]
     pub segmenter_url: String,
+    /// How often SEGMENTER_URL's host names are looked up again (replicas added or gone), in seconds; 0 = only at
+    /// start and after a failed call. Default 10.
+    #[arg(long, env = "SEGMENTER_RESOLVE_INTERVAL_SEC", default_value_t = 10)]
+    pub segmenter_resolve_interval_sec: u64,
     /// Deadline of one Segment call, in seconds. Default 120.
     #[arg(long, env = "SEGMENTER_TIMEOUT_SEC", default_value_t = 120)]
     pub segmenter_timeout_sec: u64,
@@ -163,6 +170,7 @@ impl Config {
             adapter: Adapter::Grpc,
             log_level: "INFO".into(),
             segmenter_url: segmenter_url.into(),
+            segmenter_resolve_interval_sec: 1,
             segmenter_timeout_sec: 30,
             segmenter_attempts: 3,
             mask_cache_mb: 16,
@@ -226,6 +234,10 @@ impl fmt::Debug for Config {
             .field("adapter", &self.adapter)
             .field("log_level", &self.log_level)
             .field("segmenter_url", &self.segmenter_url)
+            .field(
+                "segmenter_resolve_interval_sec",
+                &self.segmenter_resolve_interval_sec,
+            )
             .field("segmenter_timeout_sec", &self.segmenter_timeout_sec)
             .field("segmenter_attempts", &self.segmenter_attempts)
             .field("mask_cache_mb", &self.mask_cache_mb)
@@ -269,6 +281,7 @@ mod tests {
         assert_eq!(c.callback_timeout_sec, 30);
         assert_eq!(c.batch_concurrency, 4);
         assert_eq!(c.adapter, Adapter::Grpc);
+        assert_eq!(c.segmenter_resolve_interval_sec, 10);
     }
 
     #[test]

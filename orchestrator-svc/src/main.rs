@@ -13,9 +13,13 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::parse();
-    telemetry::init_logging(&config.log_level)?;
+    let traces = telemetry::init_from_env(&config.log_level)?;
     let listener = tokio::net::TcpListener::bind(config.grpc_addr).await?;
-    run(config, listener, shutdown_signal()).await?;
+    let result = run(config, listener, shutdown_signal()).await;
+    if let Some(provider) = traces {
+        let _ = provider.shutdown();
+    }
+    result?;
     Ok(())
 }
 

@@ -134,6 +134,7 @@ pub async fn run(
         &config.segmenter_url,
         Duration::from_secs(config.segmenter_timeout_sec.max(1)),
         config.segmenter_attempts,
+        Duration::from_secs(config.segmenter_resolve_interval_sec),
     )?);
     let pipeline = Arc::new(Pipeline::new(
         store,

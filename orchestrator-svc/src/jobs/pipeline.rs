@@ -89,7 +89,14 @@ impl Pipeline {
 
     pub fn spawn_job(self: &Arc<Self>, job: Arc<JobHandle>) {
         let this = self.clone();
-        self.tasks.spawn(async move { this.run_job(job).await });
+        let span = tracing::info_span!(
+            parent: None,
+            "job",
+            job_id = %job.plan.job_id,
+            images = job.plan.image_count
+        );
+        self.tasks
+            .spawn(async move { this.run_job(job).await }.instrument(span));
     }
 
     /// Ends every item not yet terminal as CANCELLED (each with its callback) and stops work in flight.

@@ -31,6 +31,8 @@ pub struct Counters {
     pub segment_calls: AtomicUsize,
     /// The concepts of each Segment call, in order.
     pub requests: std::sync::Mutex<Vec<Vec<String>>>,
+    /// The `traceparent` metadata of each Segment call ("" when absent), in order.
+    pub traceparents: std::sync::Mutex<Vec<String>>,
     pub in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
 }
@@ -40,6 +42,21 @@ pub struct FakeSegmenter {
     pub faults: Arc<Faults>,
     pub counters: Arc<Counters>,
     pub url: String,
+    stop: Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
+    server: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl FakeSegmenter {
+    /// Stops serving: the listener closes (new connections are refused), calls in flight finish, open
+    /// connections are closed.
+    pub async fn stop(&self) {
+        if let Some(stop) = self.stop.lock().unwrap().take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.lock().await.take() {
+            server.await.unwrap();
+        }
+    }
 }
 
 struct Service(FakeSegmenter);
@@ -52,6 +69,13 @@ impl Segmenter for Service {
     ) -> Result<Response<SegmentResponse>, Status> {
         let fake = &self.0;
         fake.counters.segment_calls.fetch_add(1, Ordering::SeqCst);
+        let traceparent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        fake.counters.traceparents.lock().unwrap().push(traceparent);
         fake.counters
             .requests
             .lock()
@@ -155,18 +179,27 @@ async fn answer(fake: &FakeSegmenter, req: SegmentRequest) -> Result<SegmentResp
 
 pub async fn start() -> FakeSegmenter {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let fake = FakeSegmenter {
         faults: Arc::default(),
         counters: Arc::default(),
         url: format!("http://{}", listener.local_addr().unwrap()),
+        stop: Arc::new(std::sync::Mutex::new(Some(stop))),
+        server: Arc::default(),
     };
     let server = SegmenterServer::new(Service(fake.clone())).max_decoding_message_size(64 << 20);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(server)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            )
             .await
             .unwrap()
     });
+    *fake.server.lock().await = Some(task);
     fake
 }

@@ -1,0 +1,118 @@
+//! Client-side balancing over several segmenter replicas: calls spread over all of them, a replica that goes away
+//! mid-job costs no item, and items fail only when every replica refuses.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::fake_segmenter;
+use common::orchestrator::{is_terminal, photo_jpeg, seed_spec, start};
+use palette_proto::orchestrator::v1::ItemState;
+
+fn calls(fake: &fake_segmenter::FakeSegmenter) -> usize {
+    fake.counters.segment_calls.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_mid_job_costs_no_item() {
+    let a = fake_segmenter::start().await;
+    let b = fake_segmenter::start().await;
+    for fake in [&a, &b] {
+        fake.faults.delay_ms.store(40, Ordering::SeqCst);
+    }
+    let mut orch = start(&format!("{},{}", a.url, b.url), |c| {
+        c.batch_concurrency = 2;
+        c.mask_cache_mb = 0;
+        c.segmenter_attempts = 4;
+        c.segmenter_resolve_interval_sec = 60;
+    })
+    .await;
+    const IMAGES: u32 = 24;
+    for idx in 0..IMAGES {
+        orch.put_input("test-user", "two-replicas", idx, photo_jpeg(32, 32))
+            .await;
+    }
+    orch.client
+        .submit_job(seed_spec("two-replicas", IMAGES))
+        .await
+        .unwrap();
+
+    // Both replicas take calls; then one goes away while the job runs.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while calls(&a) == 0 || calls(&b) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "calls never reached both replicas: a={} b={}",
+            calls(&a),
+            calls(&b)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let done_before = calls(&a) + calls(&b);
+    assert!(
+        (done_before as u32) < IMAGES,
+        "the job finished before the stop"
+    );
+    a.stop().await;
+    let a_at_stop = calls(&a);
+
+    let job = orch.wait_for("two-replicas", is_terminal).await;
+    for item in &job.items {
+        assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+    }
+    assert_eq!(calls(&a), a_at_stop, "a stopped replica took no call");
+    assert!(calls(&b) > 0);
+    assert_eq!(
+        calls(&a) + calls(&b),
+        IMAGES as usize,
+        "every image segmented once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_fail_only_when_every_replica_refuses() {
+    let closed: Vec<String> = (0..2)
+        .map(|_| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            format!("http://127.0.0.1:{port}")
+        })
+        .collect();
+    let mut orch = start(&closed.join(","), |c| c.segmenter_attempts = 2).await;
+    orch.put_input("test-user", "all-down", 0, photo_jpeg(32, 32))
+        .await;
+    orch.client
+        .submit_job(seed_spec("all-down", 1))
+        .await
+        .unwrap();
+    let job = orch.wait_for("all-down", is_terminal).await;
+    let item = &job.items[0];
+    assert_eq!(item.state, ItemState::Failed as i32, "{item:?}");
+    assert_eq!(item.error_code, "segmenter_unavailable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_name_is_resolved_to_its_replicas() {
+    // `localhost` may resolve to ::1 as well, where nothing listens: that address is left out.
+    let fake = fake_segmenter::start().await;
+    let port = fake.url.rsplit(':').next().unwrap().to_string();
+    let mut orch = start(&format!("dns:///localhost:{port}"), |_| {}).await;
+    orch.put_input("test-user", "by-name", 0, photo_jpeg(32, 32))
+        .await;
+    orch.client
+        .submit_job(seed_spec("by-name", 1))
+        .await
+        .unwrap();
+    let job = orch.wait_for("by-name", is_terminal).await;
+    assert_eq!(
+        job.items[0].state,
+        ItemState::Completed as i32,
+        "{:?}",
+        job.items[0]
+    );
+    assert_eq!(calls(&fake), 1);
+}
