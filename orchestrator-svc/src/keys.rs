@@ -7,6 +7,10 @@
 //!   `_` ("wooden floor" -> `wooden_floor`).
 //! - `previews/{userId}/{jobId}/{idx}_preview.jpg`
 //!
+//! Texture swatches are READ from `swatches/...` (an operator-curated library) or from the job's own user's
+//! `inputs/{userId}/...`; no other key may be named (see `swatch_problem`), so a job cannot read another user's
+//! objects or this service's outputs.
+//!
 //! Every id is checked against `^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$` without `..`, so no key can leave its prefix
 //! or climb out of a local storage root.
 
@@ -32,6 +36,21 @@ pub fn id_problem(id: &str) -> Option<&'static str> {
         return Some("must not contain '..'");
     }
     None
+}
+
+/// Prefix of the operator-curated swatch library.
+pub const SWATCH_LIBRARY: &str = "swatches/";
+
+/// Why `key` may not be a texture swatch of a job of `user_id`: only `swatches/...` and `inputs/{user_id}/...`
+/// are readable. The key's shape (relative, no `..`) is checked separately (`storage::check_key`).
+pub fn swatch_problem(user_id: &str, key: &str) -> Option<String> {
+    let own_inputs = format!("inputs/{user_id}/");
+    let allowed = [SWATCH_LIBRARY, own_inputs.as_str()]
+        .iter()
+        .any(|prefix| key.len() > prefix.len() && key.starts_with(prefix));
+    (!allowed).then(|| {
+        format!("swatch key {key:?} must be under {SWATCH_LIBRARY} (the swatch library) or {own_inputs} (this user's uploads)")
+    })
 }
 
 pub fn is_valid_id(id: &str) -> bool {

@@ -134,6 +134,42 @@ async fn submit_is_idempotent_and_a_different_spec_is_already_exists() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swatch_outside_the_library_and_the_users_inputs_is_refused_at_submit() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    for (n, key) in [
+        "inputs/another-user/job/0.jpg",
+        "outputs/test-user/job/rule1/0.jpg",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut spec = seed_spec(&format!("bad-swatch-{n}"), 1);
+        spec.rules[0].r#type = "texture".into();
+        spec.rules[0].params = Some(orchestrator::string_struct(&[("swatch", key)]));
+        let err = orch.client.submit_job(spec).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{key}");
+        let bad = err.get_details_bad_request().expect("BadRequest details");
+        let fields: Vec<&str> = bad
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(fields, ["rules[0].params.swatch"], "{key}");
+    }
+    // The swatch library and the user's own uploads are accepted.
+    for (n, key) in ["swatches/oak.jpg", "inputs/test-user/swatch/oak.jpg"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut spec = seed_spec(&format!("good-swatch-{n}"), 1);
+        spec.rules[0].r#type = "texture".into();
+        spec.rules[0].params = Some(orchestrator::string_struct(&[("swatch", key)]));
+        orch.client.submit_job(spec).await.expect(key);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_spec_reports_every_bad_field() {
     let segmenter = fake_segmenter::start().await;
     let mut orch = start(&segmenter.url, |_| {}).await;

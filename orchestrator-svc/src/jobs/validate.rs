@@ -184,8 +184,14 @@ pub fn validate(
     }
     let mut parsed: Vec<(String, String, Rule)> = Vec::new();
     for (i, r) in spec.rules.iter().enumerate() {
-        if let Some(planned) = check_rule(i, r, &spec.rules[..i], preset.as_deref(), &mut violation)
-        {
+        if let Some(planned) = check_rule(
+            i,
+            r,
+            &spec.rules[..i],
+            &spec.user_id,
+            preset.as_deref(),
+            &mut violation,
+        ) {
             push_unique(&mut concepts, &planned.1);
             parsed.push(planned);
         }
@@ -266,6 +272,7 @@ fn check_rule(
     i: usize,
     r: &RuleSpec,
     earlier: &[RuleSpec],
+    user_id: &str,
     preset: Option<&Preset>,
     violation: &mut impl FnMut(String, String),
 ) -> Option<(String, String, Rule)> {
@@ -301,12 +308,17 @@ fn check_rule(
     let defaults = preset.and_then(|p| p.rule_defaults.get(&rule_type));
     match parse_rule(&rule_type, &params, defaults) {
         Ok(rule) if ok => {
-            // The swatch is read from storage: refuse keys that could not be stored under the same rules.
-            if let Some(key) = rule.texture_key()
-                && let Err(e) = crate::storage::check_key(key)
-            {
-                violation(format!("rules[{i}].params.swatch"), e.to_string());
-                return None;
+            // The swatch is read from storage: refuse keys that could not be stored under the same rules, and any
+            // key outside the swatch library and this user's own uploads.
+            if let Some(key) = rule.texture_key() {
+                let problem = match crate::storage::check_key(key) {
+                    Err(e) => Some(e.to_string()),
+                    Ok(()) => keys::swatch_problem(user_id, key),
+                };
+                if let Some(problem) = problem {
+                    violation(format!("rules[{i}].params.swatch"), problem);
+                    return None;
+                }
             }
             Some((r.rule_id.clone(), concept, rule))
         }
@@ -529,5 +541,43 @@ mod tests {
             panic!("accepted")
         };
         assert_eq!(v[0].field, "rules[0].params.swatch");
+    }
+
+    #[test]
+    fn swatch_keys_name_the_library_or_the_users_own_inputs() {
+        let user = seed_spec().user_id;
+        for key in [
+            "swatches/oak.jpg".to_string(),
+            "swatches/woods/walnut.png".to_string(),
+            format!("inputs/{user}/job-1/swatch.jpg"),
+        ] {
+            let mut spec = seed_spec();
+            spec.rules[0].r#type = "texture".into();
+            spec.rules[0].params = params(&[("swatch", key.as_str())]);
+            let plan = validate(&spec, &BTreeMap::new(), limits());
+            assert!(plan.is_ok(), "{key}: {plan:?}");
+        }
+        for key in [
+            "inputs/someone-else/job-1/0.jpg",
+            "outputs/test-user/job-1/rule1/0.jpg",
+            "masks/test-user/job-1/wall/0_1.png",
+            "swatches",
+            "swatches/",
+            "inputs/test-user",
+            "inputs/test-user/",
+            "inputs/test-user-2/x.jpg",
+            "private/swatches/oak.jpg",
+            "Swatches/oak.jpg",
+        ] {
+            let key = key.replace("test-user", &user);
+            let mut spec = seed_spec();
+            spec.rules[0].r#type = "texture".into();
+            spec.rules[0].params = params(&[("swatch", key.as_str())]);
+            let Err(Error::InvalidArgument(v)) = validate(&spec, &BTreeMap::new(), limits()) else {
+                panic!("{key} accepted")
+            };
+            assert_eq!(v.len(), 1, "{key}: {v:?}");
+            assert_eq!(v[0].field, "rules[0].params.swatch", "{key}");
+        }
     }
 }
