@@ -1,6 +1,10 @@
 //! Process configuration: every field comes from a flag or the environment variable named beside it. The seed's
 //! variable names (R2_*, WORKERS_API_URL, GPU_CALLBACK_SECRET, BATCH_CONCURRENCY, CALLBACK_TIMEOUT_SEC, LOG_LEVEL,
 //! ADAPTER) are kept so an existing `.env` keeps working.
+//!
+//! Not here: the OpenTelemetry variables (`OTEL_EXPORTER_OTLP_ENDPOINT` turns OTLP span export on; the other
+//! standard `OTEL_EXPORTER_OTLP_*` / `OTEL_BSP_*` tune it), read by the SDK itself (`telemetry::init_from_env`), and
+//! `GRPC_ADDR` as read by `orchestrator-svc healthcheck` (only its port is used, against 127.0.0.1).
 
 use std::fmt;
 use std::net::SocketAddr;
