@@ -238,6 +238,10 @@ impl Segmenter {
         let mut backoff = self.first_backoff;
         let mut attempt = 1;
         loop {
+            if self.replicas() == 0 {
+                // At start the first lookup may still be running; otherwise look again now.
+                self.refresh_replicas().await;
+            }
             let result = if self.replicas() == 0 {
                 Err(Status::unavailable("no segmenter replica resolved"))
             } else {
@@ -405,6 +409,7 @@ impl Resolver {
             self.current.insert(addr, ());
         }
         self.replicas.store(self.current.len(), Ordering::SeqCst);
+        metrics::gauge!("orchestrator_segmenter_replicas").set(self.current.len() as f64);
         true
     }
 }
