@@ -16,7 +16,9 @@ use crate::jobs::JobService;
 use crate::jobs::registry::job_is_terminal;
 
 /// Events queued per WatchJob stream before the sender waits for the client.
-const WATCH_BUFFER: usize = 64;
+/// Snapshots queued for one slow WatchJob client (each is the whole job): small, so a watcher costs at most a few
+/// snapshots of memory; a client that falls further behind skips ahead to the present.
+const WATCH_BUFFER: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct JobsApi {
@@ -67,7 +69,10 @@ impl Jobs for JobsApi {
             }
             loop {
                 let event = match events.recv().await {
-                    Ok(event) => event,
+                    Ok(idx) => JobEvent {
+                        job: Some(job.snapshot()),
+                        changed_idx: Some(idx),
+                    },
                     // Too slow for the buffer: skip ahead to the present.
                     Err(broadcast::error::RecvError::Lagged(_)) => JobEvent {
                         job: Some(job.snapshot()),

@@ -12,6 +12,7 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    telemetry::fix_mmap_threshold();
     let config = Config::parse();
     let traces = telemetry::init_from_env(&config.log_level)?;
     let listener = tokio::net::TcpListener::bind(config.grpc_addr).await?;

@@ -8,6 +8,7 @@ async fn main() -> anyhow::Result<()> {
         let addr = std::env::var("GRPC_ADDR").unwrap_or_else(|_| "0.0.0.0:50051".into());
         return segmenter_svc::server::healthcheck(&addr).await;
     }
+    telemetry::fix_mmap_threshold();
     let config = Config::parse();
     let traces = telemetry::init_from_env(&config.log_level, &config.log_format)?;
     telemetry::init_metrics(&config.metrics_addr)?;

@@ -158,3 +158,17 @@ fn describe() {
         "Requests dropped before compute (cancelled, deadline)"
     );
 }
+
+/// Pins glibc's mmap threshold at 128 KiB. By default glibc raises it after large frees, so image-sized buffers
+/// (decoded photos, masks, tensors) move into the heap arenas, fragment them, and the peak RSS then grows with the
+/// number of images processed: measured with orchestrator-bench (both services, 1008x756 photos): 329 -> 651 MB from
+/// a 10-image to a 100-image job by default, 226 -> 237 MB with the threshold pinned (jemalloc and mimalloc stayed
+/// above 500 MB). Large buffers are then mapped and unmapped, returning memory to the system when freed.
+pub fn fix_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: mallopt only sets an allocator parameter; called once at startup before threads allocate heavily.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}

@@ -1,0 +1,261 @@
+//! Orchestrator benchmark: what one image costs around the model (download, decode, mask upsampling, rules, encode,
+//! upload, callback) against the segmenter's own time, images per second per core, and peak memory for a large job
+//! against a small one (flat memory whatever the job size is a requirement).
+//!
+//!   cargo run --release -p palette-e2e --bin orchestrator-bench -- --images 100
+//!
+//! Both services run in this process (segmenter on the bundled tiny model, CPU; orchestrator on local storage), so
+//! the peak-memory figures are for the pair. With the tiny model the segmenter's share is far smaller than with the
+//! real one (about 70 ms per image and 3 concepts on an H200): read the ratio as "orchestration cost per image".
+
+use std::time::Instant;
+
+use clap::Parser;
+
+use palette_proto::orchestrator::v1::jobs_client::JobsClient;
+use palette_proto::orchestrator::v1::{JobSpec, JobState, Rule, WatchJobRequest};
+use prost_types::value::Kind;
+use prost_types::{Struct, Value};
+
+#[derive(Parser)]
+struct Args {
+    /// Images in the large job.
+    #[arg(long, default_value_t = 100)]
+    images: u32,
+    /// Images in the small job the large one's peak memory is compared with.
+    #[arg(long, default_value_t = 10)]
+    small: u32,
+    #[arg(long, default_value_t = 1008)]
+    width: u32,
+    #[arg(long, default_value_t = 756)]
+    height: u32,
+    /// Orchestrator BATCH_CONCURRENCY.
+    #[arg(long, default_value_t = 2)]
+    batch_concurrency: u32,
+}
+
+fn photo(w: u32, h: u32, seed: u32) -> Vec<u8> {
+    // A distinct "room" per image so no mask reuse kicks in: a shaded wall, a floor, a block of furniture.
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let wall = y < h * 3 / 5;
+        let sofa = x > w / 4 + seed % 50 && x < w * 3 / 4 && y > h / 2 && y < h * 4 / 5;
+        let shade = ((x + seed * 7) % 97) as u8 / 4;
+        if sofa {
+            image::Rgb([40 + shade, 60, 110])
+        } else if wall {
+            image::Rgb([200 - shade, 196 - shade, 186])
+        } else {
+            image::Rgb([120 + shade, 80, 50])
+        }
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+        .encode_image(&img)
+        .unwrap();
+    out
+}
+
+fn rules() -> Vec<Rule> {
+    let params = |pairs: &[(&str, Kind)]| {
+        Some(Struct {
+            fields: pairs
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        Value {
+                            kind: Some(v.clone()),
+                        },
+                    )
+                })
+                .collect(),
+        })
+    };
+    vec![
+        Rule {
+            rule_id: "paint".into(),
+            concept: "wall".into(),
+            r#type: "recolor".into(),
+            params: params(&[("color", Kind::StringValue("#1F3A5F".into()))]),
+        },
+        Rule {
+            rule_id: "tone".into(),
+            concept: "floor".into(),
+            r#type: "tone".into(),
+            params: params(&[("warmth", Kind::NumberValue(0.3))]),
+        },
+        Rule {
+            rule_id: "linen".into(),
+            concept: "sofa".into(),
+            r#type: "texture".into(),
+            params: params(&[("builtin", Kind::StringValue("linen".into()))]),
+        },
+    ]
+}
+
+/// (peak resident set, CPU seconds of this process so far).
+fn process_stats() -> (u64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let hwm_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of /proc/self/stat; after the ")" they are at 11 and 12.
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    (hwm_kb * 1024, cpu)
+}
+
+fn stage_sums(metrics: &str, name: &str) -> Vec<(String, f64)> {
+    let prefix = format!("{name}_sum{{stage=\"");
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (stage, value) = rest.split_once("\"} ")?;
+            Some((stage.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+async fn run_job(url: &str, storage: &std::path::Path, job_id: &str, n: u32, args: &Args) -> f64 {
+    for i in 0..n {
+        let dir = storage.join(format!("inputs/bench-user/{job_id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("{i}.jpg")),
+            photo(args.width, args.height, i),
+        )
+        .unwrap();
+    }
+    let mut client = JobsClient::connect(url.to_string()).await.unwrap();
+    let started = Instant::now();
+    client
+        .submit_job(JobSpec {
+            user_id: "bench-user".into(),
+            job_id: job_id.into(),
+            concepts: vec!["wall".into(), "floor".into(), "sofa".into()],
+            rules: rules(),
+            image_count: n,
+            preset: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut stream = client
+        .watch_job(WatchJobRequest {
+            job_id: job_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(event) = stream.message().await.unwrap() {
+        last = event.job;
+    }
+    let job = last.unwrap();
+    assert_eq!(job.state, JobState::Done as i32);
+    assert_eq!(job.completed, n, "every image completes");
+    started.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // As both services' binaries do at startup (see their main.rs).
+    segmenter_svc::telemetry::fix_mmap_threshold();
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    let mut segmenter = palette_e2e::start_segmenter(None).await;
+    let storage = tempfile::tempdir()?;
+    let mut config = orchestrator_svc::Config::for_tests(storage.path(), segmenter.url());
+    config.batch_concurrency = args.batch_concurrency;
+    config.presets_dir = palette_e2e::repo_root().join("presets");
+    let mut orchestrator = palette_e2e::start_orchestrator(config).await;
+    let url = orchestrator.url();
+
+    let (_, cpu0) = process_stats();
+    let small_wall = run_job(&url, storage.path(), "small", args.small, &args).await;
+    let (small_peak, cpu1) = process_stats();
+    let before = recorder.render();
+    let large_wall = run_job(&url, storage.path(), "large", args.images, &args).await;
+    let (large_peak, cpu2) = process_stats();
+    let after = recorder.render();
+
+    let delta = |name: &str| -> Vec<(String, f64)> {
+        let b = stage_sums(&before, name);
+        stage_sums(&after, name)
+            .into_iter()
+            .map(|(s, v)| {
+                let prev = b
+                    .iter()
+                    .find(|(t, _)| *t == s)
+                    .map(|(_, p)| *p)
+                    .unwrap_or(0.0);
+                (s, v - prev)
+            })
+            .collect()
+    };
+    let n = f64::from(args.images);
+    let orch = delta("orchestrator_stage_seconds");
+    let stage = |name: &str| {
+        orch.iter()
+            .find(|(s, _)| s == name)
+            .map(|(_, v)| *v)
+            .unwrap_or(0.0)
+    };
+    let segment = stage("segment");
+    // "item" is the whole item (download to callback); everything in it but the Segment call is orchestration.
+    let around = stage("item") - segment;
+    println!(
+        "{} images of {}x{}, 3 concepts, 3 rules, BATCH_CONCURRENCY {}, tiny model on the CPU",
+        args.images, args.width, args.height, args.batch_concurrency
+    );
+    println!("\nper image (ms, mean over the large job; stages overlap across images in flight):");
+    for (stage, secs) in &orch {
+        println!("  {stage:<10} {:>8.2}", secs / n * 1e3);
+    }
+    let seg_own = delta("segmenter_stage_seconds");
+    for (stage, secs) in &seg_own {
+        println!(
+            "  segmenter {stage:<8} {:>6.2}  (inside the segmenter)",
+            secs / n * 1e3
+        );
+    }
+    println!(
+        "\norchestration cost / segment call: {:.2}x  ({:.1} ms around the model vs {:.1} ms waiting for it)",
+        around / segment.max(1e-9),
+        around / n * 1e3,
+        segment / n * 1e3
+    );
+    let cpu = cpu2 - cpu1;
+    println!(
+        "throughput: {:.2} images/s wall, {:.2} images per CPU-second (per core), both services",
+        n / large_wall,
+        n / cpu.max(1e-9)
+    );
+    println!(
+        "peak RSS: {:.0} MB after {} images, {:.0} MB after {} more: ratio {:.2} (1.00 = flat)",
+        small_peak as f64 / 1e6,
+        args.small,
+        large_peak as f64 / 1e6,
+        args.images,
+        large_peak as f64 / small_peak.max(1) as f64
+    );
+    let _ = (cpu0, small_wall);
+    orchestrator.stop().await;
+    segmenter.stop().await;
+    Ok(())
+}
