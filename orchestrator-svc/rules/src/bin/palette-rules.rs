@@ -61,10 +61,24 @@ enum Cmd {
     },
 }
 
+/// Opens an image by content (not extension) and applies its EXIF orientation, as the services do: a phone photo
+/// shows upright, and a PNG stored under a .jpg key still opens.
+fn open_upright(p: &Path) -> Result<image::DynamicImage> {
+    use image::ImageDecoder;
+    let read = || -> image::ImageResult<image::DynamicImage> {
+        let mut decoder = image::ImageReader::open(p)?
+            .with_guessed_format()?
+            .into_decoder()?;
+        let orientation = decoder.orientation()?;
+        let mut img = image::DynamicImage::from_decoder(decoder)?;
+        img.apply_orientation(orientation);
+        Ok(img)
+    };
+    read().with_context(|| format!("reading {}", p.display()))
+}
+
 fn load_gray(p: &Path, w: u32, h: u32) -> Result<GrayImage> {
-    let m = image::open(p)
-        .with_context(|| format!("reading {}", p.display()))?
-        .to_luma8();
+    let m = open_upright(p)?.to_luma8();
     Ok(if m.dimensions() == (w, h) {
         m
     } else {
@@ -213,9 +227,7 @@ fn main() -> Result<()> {
             preset,
             out,
         } => {
-            let photo = image::open(&image)
-                .with_context(|| format!("reading {}", image.display()))?
-                .to_rgb8();
+            let photo = open_upright(&image)?.to_rgb8();
             let (w, h) = photo.dimensions();
             let presets = match &presets_dir {
                 Some(d) => Some(preset::load_dir(d)?),
@@ -241,11 +253,7 @@ fn main() -> Result<()> {
                 .map(|p| load_gray(p, w, h))
                 .collect::<Result<Vec<_>>>()?;
             let sw = match &swatch {
-                Some(p) => Some(
-                    image::open(p)
-                        .with_context(|| format!("reading {}", p.display()))?
-                        .to_rgb8(),
-                ),
+                Some(p) => Some(open_upright(p)?.to_rgb8()),
                 None => None,
             };
             let reg = region::build_region(&photo, &[target], &occ, &r.region_params());
@@ -265,11 +273,8 @@ fn main() -> Result<()> {
                     before.len()
                 );
             }
-            let open = |p: &PathBuf| -> Result<RgbImage> {
-                Ok(contact::flatten(
-                    &image::open(p).with_context(|| format!("reading {}", p.display()))?,
-                ))
-            };
+            let open =
+                |p: &PathBuf| -> Result<RgbImage> { Ok(contact::flatten(&open_upright(p)?)) };
             let pairs = before
                 .iter()
                 .zip(&after)
