@@ -12,7 +12,55 @@ pub struct Seaweed {
     child: Child,
     pub endpoint: String,
     pub bucket: String,
-    _dir: tempfile::TempDir,
+    program: std::path::PathBuf,
+    args: Vec<String>,
+    s3_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Seaweed {
+    /// Kills the server (an outage); its data stays in the folder.
+    #[allow(dead_code)]
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same ports and folder, and waits for the S3 port.
+    #[allow(dead_code)]
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn(&self.program, &self.args, self.dir.path());
+        wait_port(self.s3_port);
+    }
+}
+
+fn spawn(program: &std::path::Path, args: &[String], dir: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("weed.log"))
+        .unwrap();
+    Command::new(program)
+        .args(args)
+        // weed mini makes these the admin identity of its S3 gateway.
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn weed mini")
+}
+
+fn wait_port(port: u16) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "weed mini did not open port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 impl Drop for Seaweed {
@@ -84,43 +132,31 @@ pub fn start(bucket: &str) -> Option<Seaweed> {
         ("-admin.port", free_port()),
         ("-admin.port.grpc", free_port()),
     ];
-    let mut cmd = Command::new(weed);
-    cmd.arg("mini")
-        .arg(format!("-dir={}", dir.path().display()))
-        .args([
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            "-webdav=false",
-            "-admin.ui=false",
-        ])
-        .args([
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            "-master.telemetry=false",
-        ])
-        .arg(format!("-bucket={bucket}"));
+    let mut args: Vec<String> = vec![
+        "mini".into(),
+        format!("-dir={}", dir.path().display()),
+        "-ip=127.0.0.1".into(),
+        "-ip.bind=127.0.0.1".into(),
+        "-webdav=false".into(),
+        "-admin.ui=false".into(),
+        "-s3.port.iceberg=0".into(),
+        "-s3.port.lance=0".into(),
+        "-master.telemetry=false".into(),
+        format!("-bucket={bucket}"),
+    ];
     for (flag, port) in ports {
-        cmd.arg(format!("{flag}={port}"));
+        args.push(format!("{flag}={port}"));
     }
-    // weed mini makes these the admin identity of its S3 gateway.
-    cmd.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("weed.log")).unwrap());
-    let child = cmd.spawn().expect("spawn weed mini");
+    let child = spawn(&weed, &args, dir.path());
     let endpoint = format!("http://127.0.0.1:{s3_port}");
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", s3_port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "weed mini did not open {endpoint}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_port(s3_port);
     Some(Seaweed {
         child,
         endpoint,
         bucket: bucket.to_string(),
-        _dir: dir,
+        program: weed,
+        args,
+        s3_port,
+        dir,
     })
 }
