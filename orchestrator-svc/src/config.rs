@@ -24,7 +24,8 @@ pub enum StorageBackend {
     Local,
 }
 
-/// How jobs reach this process. Only gRPC exists today; the seed's adapters are reserved names.
+/// How jobs reach this process. The gRPC server always runs; `runpod` also takes jobs from a Runpod serverless queue
+/// (`adapters::runpod`). `queue_pull` is a reserved name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Adapter {
     Grpc,
@@ -46,7 +47,8 @@ pub struct Config {
     /// Prometheus scrape address (`/metrics`). Default 0.0.0.0:9092; empty turns the exporter off.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9092")]
     pub metrics_addr: String,
-    /// Job intake adapter: grpc (default) | runpod | queue_pull (reserved, not implemented yet).
+    /// Job intake adapter: grpc (default) | runpod (also a Runpod serverless queue worker; needs the RUNPOD_*
+    /// variables) | queue_pull (reserved, not implemented yet).
     #[arg(
         long,
         env = "ADAPTER",
@@ -161,6 +163,26 @@ pub struct Config {
     /// Largest input image, in pixels (width x height after decoding). Default 50000000 (50 MP).
     #[arg(long, env = "MAX_INPUT_PIXELS", default_value_t = 50_000_000)]
     pub max_input_pixels: u64,
+
+    /// ADAPTER=runpod: the job-take URL (GET); `$ID` is replaced by RUNPOD_POD_ID. Set by Runpod.
+    #[arg(long, env = "RUNPOD_WEBHOOK_GET_JOB")]
+    pub runpod_webhook_get_job: Option<String>,
+    /// ADAPTER=runpod: the result URL (POST, progress and final output); `$ID` is replaced by the Runpod job id and
+    /// `$RUNPOD_POD_ID` by RUNPOD_POD_ID. Set by Runpod.
+    #[arg(long, env = "RUNPOD_WEBHOOK_POST_OUTPUT")]
+    pub runpod_webhook_post_output: Option<String>,
+    /// ADAPTER=runpod: the heartbeat URL (GET); `$RUNPOD_POD_ID` is replaced. Unset: no heartbeat. Set by Runpod.
+    #[arg(long, env = "RUNPOD_WEBHOOK_PING")]
+    pub runpod_webhook_ping: Option<String>,
+    /// ADAPTER=runpod: this worker's id. Set by Runpod.
+    #[arg(long, env = "RUNPOD_POD_ID")]
+    pub runpod_pod_id: Option<String>,
+    /// ADAPTER=runpod: sent as `Authorization` on every Runpod request. Set by Runpod.
+    #[arg(long, env = "RUNPOD_AI_API_KEY", hide_env_values = true)]
+    pub runpod_ai_api_key: Option<String>,
+    /// ADAPTER=runpod: heartbeat interval, in milliseconds. Default 10000.
+    #[arg(long, env = "RUNPOD_PING_INTERVAL", default_value_t = 10_000)]
+    pub runpod_ping_interval: u64,
 }
 
 impl Config {
@@ -202,6 +224,12 @@ impl Config {
             max_retained_jobs: 10_000,
             max_input_bytes: 40_000_000,
             max_input_pixels: 50_000_000,
+            runpod_webhook_get_job: None,
+            runpod_webhook_post_output: None,
+            runpod_webhook_ping: None,
+            runpod_pod_id: None,
+            runpod_ai_api_key: None,
+            runpod_ping_interval: 10_000,
         }
     }
 
@@ -269,6 +297,15 @@ impl fmt::Debug for Config {
             .field("max_retained_jobs", &self.max_retained_jobs)
             .field("max_input_bytes", &self.max_input_bytes)
             .field("max_input_pixels", &self.max_input_pixels)
+            .field("runpod_webhook_get_job", &self.runpod_webhook_get_job)
+            .field(
+                "runpod_webhook_post_output",
+                &self.runpod_webhook_post_output,
+            )
+            .field("runpod_webhook_ping", &self.runpod_webhook_ping)
+            .field("runpod_pod_id", &self.runpod_pod_id)
+            .field("runpod_ai_api_key", &redact(&self.runpod_ai_api_key))
+            .field("runpod_ping_interval", &self.runpod_ping_interval)
             .finish()
     }
 }
@@ -301,9 +338,11 @@ mod tests {
         let mut c = Config::for_tests("/tmp/x", "http://127.0.0.1:1");
         c.gpu_callback_secret = Some("supersecret123".into());
         c.r2_secret_access_key = Some("wJalrXUtnFEMI".into());
+        c.runpod_ai_api_key = Some("rpa_KEY42".into());
         let shown = format!("{c:?}");
         assert!(!shown.contains("supersecret123"), "{shown}");
         assert!(!shown.contains("wJalrXUtnFEMI"), "{shown}");
+        assert!(!shown.contains("rpa_KEY42"), "{shown}");
         assert!(shown.contains("<redacted>"));
     }
 

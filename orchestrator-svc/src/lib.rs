@@ -1,6 +1,7 @@
 //! Orchestrator: takes jobs over gRPC, runs each input image through object storage, the segmenter and the rule
 //! engine, stores outputs, masks and previews under the seed's keys, and reports every item with a signed callback.
 
+pub mod adapters;
 pub mod callback;
 pub mod config;
 pub mod error;

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use crate::adapters::runpod::{self, RunpodSettings};
 use crate::callback::{CallbackSender, RetryPolicy};
 use crate::config::{Adapter, Config};
 use crate::error::Error;
@@ -117,15 +118,15 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    match config.adapter {
-        Adapter::Grpc => {}
-        Adapter::Runpod | Adapter::QueuePull => {
-            return Err(Error::NotImplemented(format!(
-                "ADAPTER={:?} is reserved and not implemented yet; use ADAPTER=grpc",
-                config.adapter
-            )));
+    let runpod = match config.adapter {
+        Adapter::Grpc => None,
+        Adapter::Runpod => Some(RunpodSettings::from_config(&config)?),
+        Adapter::QueuePull => {
+            return Err(Error::NotImplemented(
+                "ADAPTER=queue_pull is reserved and not implemented yet; use ADAPTER=grpc or runpod".into(),
+            ));
         }
-    }
+    };
     if let Some(addr) = config.metrics_socket().map_err(Error::Config)? {
         telemetry::install_metrics(addr);
     }
@@ -177,7 +178,7 @@ pub async fn run(
     let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let jobs = JobsServer::new(JobsApi::new(service))
+    let jobs = JobsServer::new(JobsApi::new(service.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(64 * MAX_MESSAGE_BYTES);
 
@@ -185,6 +186,14 @@ pub async fn run(
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;
     tracing::info!(addr = %local, config = ?config, "orchestrator listening");
+    // ADAPTER=runpod: the queue worker runs beside the gRPC server (operators keep GetJob/WatchJob/CancelJob).
+    let (stop_adapter, adapter_stopped) = tokio::sync::watch::channel(false);
+    let worker =
+        runpod.map(|settings| tokio::spawn(runpod::run(settings, service, adapter_stopped)));
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_adapter.send(true);
+    };
     Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -194,6 +203,12 @@ pub async fn run(
         .await
         .map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
 
+    if let Some(worker) = worker {
+        tracing::info!("shutting down: the Runpod worker finishes its job in progress");
+        if tokio::time::timeout(DRAIN_TIMEOUT, worker).await.is_err() {
+            tracing::warn!("Runpod job still in progress after {DRAIN_TIMEOUT:?}; leaving it");
+        }
+    }
     tracing::info!("shutting down: waiting for items in flight");
     pipeline.stop_starting();
     pipeline.tasks().close();

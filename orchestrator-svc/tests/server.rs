@@ -66,7 +66,7 @@ async fn reflection_lists_the_services() {
 async fn reserved_adapters_fail_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::for_tests(dir.path(), "http://127.0.0.1:9");
-    config.adapter = Adapter::Runpod;
+    config.adapter = Adapter::QueuePull;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let err = orchestrator_svc::run(config, listener, std::future::ready(()))
         .await

@@ -1,0 +1,3 @@
+//! Job intake besides gRPC: adapters that take jobs from elsewhere and run them through the same `JobService`.
+
+pub mod runpod;

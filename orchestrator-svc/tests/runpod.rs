@@ -1,0 +1,297 @@
+//! ADAPTER=runpod against a local HTTP server that speaks the Runpod serverless queue protocol (runpod-python's
+//! rp_job.py / rp_http.py / rp_ping.py): job-take serves scripted jobs then 204, progress and results are recorded,
+//! pings are counted, and every request must carry the API key in `Authorization`.
+
+mod common;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use common::fake_segmenter;
+use common::orchestrator::{photo_jpeg, start};
+use palette_proto::orchestrator::v1::{GetJobRequest, JobState};
+use serde_json::{Value, json};
+
+const API_KEY: &str = "rpa_test_key_123";
+const POD: &str = "pod-7";
+
+#[derive(Default)]
+struct Inner {
+    /// Jobs are served only once open (the inputs are in place).
+    open: bool,
+    jobs: VecDeque<Value>,
+    takes: usize,
+    take_queries: Vec<HashMap<String, String>>,
+    posts: Vec<(String, Value)>,
+    pings: usize,
+    unauthorized: usize,
+    wrong_pod: usize,
+}
+
+#[derive(Clone)]
+struct FakeRunpod {
+    addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl FakeRunpod {
+    async fn start(jobs: Vec<Value>) -> FakeRunpod {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake = FakeRunpod {
+            addr: listener.local_addr().unwrap(),
+            inner: Arc::new(Mutex::new(Inner {
+                jobs: jobs.into(),
+                ..Inner::default()
+            })),
+        };
+        let app = Router::new()
+            .route("/v2/take/{pod}", get(take))
+            .route("/v2/done/{pod}/{job}", post(done))
+            .route("/v2/ping/{pod}", get(ping))
+            .with_state(fake.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        fake
+    }
+
+    fn base(&self) -> String {
+        format!("http://{}/v2", self.addr)
+    }
+
+    fn posts_for(&self, job: &str) -> Vec<Value> {
+        self.inner
+            .lock()
+            .unwrap()
+            .posts
+            .iter()
+            .filter(|(j, _)| j == job)
+            .map(|(_, b)| b.clone())
+            .collect()
+    }
+
+    fn results_for(&self, job: &str) -> Vec<Value> {
+        self.posts_for(job)
+            .into_iter()
+            .filter(|b| b.get("status").is_none())
+            .collect()
+    }
+}
+
+impl FakeRunpod {
+    fn check(&self, headers: &HeaderMap, pod: &str) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        if pod != POD {
+            inner.wrong_pod += 1;
+        }
+        let ok = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == API_KEY);
+        if !ok {
+            inner.unauthorized += 1;
+        }
+        ok
+    }
+}
+
+async fn take(
+    State(fake): State<FakeRunpod>,
+    Path(pod): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if !fake.check(&headers, &pod) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let mut inner = fake.inner.lock().unwrap();
+    inner.take_queries.push(query);
+    let next = if inner.open {
+        inner.jobs.pop_front()
+    } else {
+        None
+    };
+    match next {
+        Some(job) => {
+            inner.takes += 1;
+            axum::Json(job).into_response()
+        }
+        None => StatusCode::NO_CONTENT.into_response(),
+    }
+}
+
+async fn done(
+    State(fake): State<FakeRunpod>,
+    Path((pod, job)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    if !fake.check(&headers, &pod) {
+        return StatusCode::UNAUTHORIZED;
+    }
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    fake.inner.lock().unwrap().posts.push((job, body));
+    StatusCode::OK
+}
+
+async fn ping(
+    State(fake): State<FakeRunpod>,
+    Path(pod): Path<String>,
+    headers: HeaderMap,
+) -> StatusCode {
+    if !fake.check(&headers, &pod) {
+        return StatusCode::UNAUTHORIZED;
+    }
+    fake.inner.lock().unwrap().pings += 1;
+    StatusCode::OK
+}
+
+fn seed_input(job_id: &str, image_count: u32) -> Value {
+    json!({
+        "userId": "test-user",
+        "jobId": job_id,
+        "concepts": ["wall", "floor", "furniture"],
+        "rules": [{"ruleId": "rule1", "concept": "wall", "type": "recolor", "params": {"color": "#FF5733"}}],
+        "imageCount": image_count,
+    })
+}
+
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runpod_worker_runs_the_seed_job_and_survives_a_malformed_one() {
+    let segmenter = fake_segmenter::start().await;
+    let fake = FakeRunpod::start(vec![
+        json!({"id": "rp-bad", "input": {"userId": "test-user", "jobId": 42}}),
+        json!({"id": "rp-1", "input": seed_input("test-job", 2)}),
+    ])
+    .await;
+    let base = fake.base();
+    let mut orch = start(&segmenter.url, |c| {
+        c.adapter = orchestrator_svc::config::Adapter::Runpod;
+        c.runpod_pod_id = Some(POD.into());
+        c.runpod_ai_api_key = Some(API_KEY.into());
+        c.runpod_webhook_get_job = Some(format!("{base}/take/$ID?gpu=test"));
+        c.runpod_webhook_post_output = Some(format!("{base}/done/$RUNPOD_POD_ID/$ID"));
+        c.runpod_webhook_ping = Some(format!("{base}/ping/$RUNPOD_POD_ID"));
+        c.runpod_ping_interval = 100;
+    })
+    .await;
+    orch.put_input("test-user", "test-job", 0, photo_jpeg(96, 64))
+        .await;
+    orch.put_input("test-user", "test-job", 1, photo_jpeg(64, 48))
+        .await;
+    fake.inner.lock().unwrap().open = true;
+
+    wait_until("the seed job's result", || {
+        !fake.results_for("rp-1").is_empty()
+    })
+    .await;
+
+    // The malformed job got an error result and the worker went on to the next job.
+    let bad = fake.results_for("rp-bad");
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert!(
+        bad[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("invalid job input")),
+        "{bad:?}"
+    );
+    assert!(bad[0].get("output").is_none(), "{bad:?}");
+
+    // Progress at least once, then exactly one final output.
+    let posts = fake.posts_for("rp-1");
+    assert!(
+        posts
+            .iter()
+            .any(|b| b["status"] == "IN_PROGRESS" && b["output"]["jobId"] == "test-job"),
+        "{posts:?}"
+    );
+    let results = fake.results_for("rp-1");
+    assert_eq!(results.len(), 1, "{results:?}");
+    let output = &results[0]["output"];
+    assert_eq!(output["jobId"], "test-job");
+    assert_eq!(output["state"], "DONE");
+    assert_eq!(output["completed"], 2);
+    let items = output["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    for (idx, item) in items.iter().enumerate() {
+        assert_eq!(item["state"], "COMPLETED", "{item}");
+        assert_eq!(
+            item["outputKey"],
+            format!("outputs/test-user/test-job/rule1/{idx}.jpg")
+        );
+        assert_eq!(
+            item["previewKey"],
+            format!("previews/test-user/test-job/{idx}_preview.jpg")
+        );
+        let masks: Vec<&str> = item["masks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["key"].as_str().unwrap())
+            .collect();
+        assert!(
+            masks.contains(&format!("masks/test-user/test-job/wall/{idx}_1.png").as_str()),
+            "{masks:?}"
+        );
+        assert_eq!(item["error"], "");
+    }
+
+    // The same job is visible over gRPC.
+    let job = orch
+        .client
+        .get_job(GetJobRequest {
+            job_id: "test-job".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state, JobState::Done as i32);
+
+    wait_until("pings", || fake.inner.lock().unwrap().pings >= 2).await;
+    // The worker keeps polling after the scripted jobs.
+    let polls = fake.inner.lock().unwrap().take_queries.len();
+    wait_until("another poll", || {
+        fake.inner.lock().unwrap().take_queries.len() > polls
+    })
+    .await;
+    orch.shutdown().await;
+
+    let inner = fake.inner.lock().unwrap();
+    assert_eq!(inner.takes, 2);
+    assert_eq!(inner.unauthorized, 0);
+    assert_eq!(inner.wrong_pod, 0);
+    assert!(inner.take_queries.iter().all(|q| {
+        q.get("gpu").is_some_and(|v| v == "test")
+            && q.get("job_in_progress")
+                .is_some_and(|v| v == "0" || v == "1")
+    }));
+    drop(inner);
+    assert_eq!(fake.results_for("rp-1").len(), 1, "no second result");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runpod_adapter_without_its_variables_refuses_to_start() {
+    let segmenter = fake_segmenter::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = orchestrator_svc::Config::for_tests(dir.path(), &segmenter.url);
+    config.adapter = orchestrator_svc::config::Adapter::Runpod;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = orchestrator_svc::run(config, listener, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("RUNPOD_POD_ID"), "{err}");
+}
