@@ -27,6 +27,9 @@ const POD: &str = "pod-7";
 struct Inner {
     /// Jobs are served only once open (the inputs are in place).
     open: bool,
+    /// Answer 500 to this many take requests first (once open).
+    fail_takes: usize,
+    failed_takes: usize,
     jobs: VecDeque<Value>,
     takes: usize,
     take_queries: Vec<HashMap<String, String>>,
@@ -112,6 +115,11 @@ async fn take(
     }
     let mut inner = fake.inner.lock().unwrap();
     inner.take_queries.push(query);
+    if inner.open && inner.fail_takes > 0 {
+        inner.fail_takes -= 1;
+        inner.failed_takes += 1;
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
     let next = if inner.open {
         inner.jobs.pop_front()
     } else {
@@ -175,6 +183,8 @@ async fn runpod_worker_runs_the_seed_job_and_survives_a_malformed_one() {
     let segmenter = fake_segmenter::start().await;
     let fake = FakeRunpod::start(vec![
         json!({"id": "rp-bad", "input": {"userId": "test-user", "jobId": 42}}),
+        json!({"id": "rp-invalid", "input": seed_input("zero-images", 0)}),
+        json!({"id": "rp-empty"}),
         json!({"id": "rp-1", "input": seed_input("test-job", 2)}),
     ])
     .await;
@@ -210,6 +220,16 @@ async fn runpod_worker_runs_the_seed_job_and_survives_a_malformed_one() {
         "{bad:?}"
     );
     assert!(bad[0].get("output").is_none(), "{bad:?}");
+    // Readable but refused by validation (as SubmitJob would): an error result too.
+    let invalid = fake.results_for("rp-invalid");
+    assert_eq!(invalid.len(), 1, "{invalid:?}");
+    assert!(
+        invalid[0]["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{invalid:?}"
+    );
+    let empty = fake.results_for("rp-empty");
+    assert_eq!(empty.len(), 1, "{empty:?}");
+    assert_eq!(empty[0]["error"], "job has no input");
 
     // Progress at least once, then exactly one final output.
     let posts = fake.posts_for("rp-1");
@@ -271,7 +291,7 @@ async fn runpod_worker_runs_the_seed_job_and_survives_a_malformed_one() {
     orch.shutdown().await;
 
     let inner = fake.inner.lock().unwrap();
-    assert_eq!(inner.takes, 2);
+    assert_eq!(inner.takes, 4);
     assert_eq!(inner.unauthorized, 0);
     assert_eq!(inner.wrong_pod, 0);
     assert!(inner.take_queries.iter().all(|q| {
@@ -281,6 +301,60 @@ async fn runpod_worker_runs_the_seed_job_and_survives_a_malformed_one() {
     }));
     drop(inner);
     assert_eq!(fake.results_for("rp-1").len(), 1, "no second result");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runpod_worker_backs_off_take_errors_and_finishes_its_job_on_shutdown() {
+    use std::sync::atomic::Ordering;
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(600, Ordering::SeqCst);
+    let fake = FakeRunpod::start(vec![
+        json!({"id": "rp-slow", "input": seed_input("slow-job", 2)}),
+    ])
+    .await;
+    let base = fake.base();
+    let mut orch = start(&segmenter.url, |c| {
+        c.adapter = orchestrator_svc::config::Adapter::Runpod;
+        c.runpod_pod_id = Some(POD.into());
+        c.runpod_ai_api_key = Some(API_KEY.into());
+        c.runpod_webhook_get_job = Some(format!("{base}/take/$ID"));
+        c.runpod_webhook_post_output = Some(format!("{base}/done/$RUNPOD_POD_ID/$ID"));
+        c.runpod_webhook_ping = None;
+    })
+    .await;
+    orch.put_input("test-user", "slow-job", 0, photo_jpeg(96, 64))
+        .await;
+    orch.put_input("test-user", "slow-job", 1, photo_jpeg(96, 64))
+        .await;
+    {
+        let mut inner = fake.inner.lock().unwrap();
+        inner.fail_takes = 2;
+        inner.open = true;
+    }
+
+    // Two failed takes, then the job; shut down while its images are at the segmenter.
+    wait_until("segmentation started", || {
+        segmenter.counters.segment_calls.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    assert!(fake.results_for("rp-slow").is_empty());
+    let takes_before = fake.inner.lock().unwrap().take_queries.len();
+    orch.shutdown().await;
+
+    let inner = fake.inner.lock().unwrap();
+    assert_eq!(inner.failed_takes, 2);
+    assert_eq!(inner.takes, 1);
+    assert_eq!(
+        inner.take_queries.len(),
+        takes_before,
+        "no job taken during shutdown"
+    );
+    assert_eq!(inner.pings, 0, "no ping URL, no heartbeat");
+    drop(inner);
+    let results = fake.results_for("rp-slow");
+    assert_eq!(results.len(), 1, "{results:?}");
+    let items = results[0]["output"]["items"].as_array().unwrap();
+    assert!(items.iter().all(|i| i["state"] == "COMPLETED"), "{items:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
