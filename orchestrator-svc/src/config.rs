@@ -25,7 +25,7 @@ pub enum StorageBackend {
 }
 
 /// How jobs reach this process. The gRPC server always runs; `runpod` also takes jobs from a Runpod serverless queue
-/// (`adapters::runpod`). `queue_pull` is a reserved name.
+/// (`adapters::runpod`); `queue_pull` also takes them from a NATS JetStream work queue (`adapters::queue_pull`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Adapter {
     Grpc,
@@ -48,7 +48,7 @@ pub struct Config {
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9092")]
     pub metrics_addr: String,
     /// Job intake adapter: grpc (default) | runpod (also a Runpod serverless queue worker; needs the RUNPOD_*
-    /// variables) | queue_pull (reserved, not implemented yet).
+    /// variables) | queue_pull (also takes jobs from a NATS JetStream work queue; needs NATS_URL).
     #[arg(
         long,
         env = "ADAPTER",
@@ -183,6 +183,24 @@ pub struct Config {
     /// ADAPTER=runpod: heartbeat interval, in milliseconds. Default 10000.
     #[arg(long, env = "RUNPOD_PING_INTERVAL", default_value_t = 10_000)]
     pub runpod_ping_interval: u64,
+
+    /// ADAPTER=queue_pull: the NATS server(s), e.g. `nats://127.0.0.1:4222` (comma-separated for several).
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+    /// ADAPTER=queue_pull: the JetStream stream of jobs, created (work-queue retention) if missing. Default
+    /// palette-jobs.
+    #[arg(long, env = "NATS_STREAM", default_value = "palette-jobs")]
+    pub nats_stream: String,
+    /// ADAPTER=queue_pull: the subject jobs are published on (the stream's subject). Default palette.jobs.
+    #[arg(long, env = "NATS_SUBJECT", default_value = "palette.jobs")]
+    pub nats_subject: String,
+    /// ADAPTER=queue_pull: the durable pull consumer every orchestrator shares. Default orchestrators.
+    #[arg(long, env = "NATS_CONSUMER", default_value = "orchestrators")]
+    pub nats_consumer: String,
+    /// ADAPTER=queue_pull: seconds without an ack (or in-progress ack, sent every third of this while a job runs)
+    /// before JetStream redelivers a job to another orchestrator. Applied when the consumer is created. Default 60.
+    #[arg(long, env = "NATS_ACK_WAIT_SEC", default_value_t = 60)]
+    pub nats_ack_wait_sec: u64,
 }
 
 impl Config {
@@ -230,6 +248,11 @@ impl Config {
             runpod_pod_id: None,
             runpod_ai_api_key: None,
             runpod_ping_interval: 10_000,
+            nats_url: None,
+            nats_stream: "palette-jobs".into(),
+            nats_subject: "palette.jobs".into(),
+            nats_consumer: "orchestrators".into(),
+            nats_ack_wait_sec: 60,
         }
     }
 
@@ -254,6 +277,16 @@ fn redact(secret: &Option<String>) -> &'static str {
         "<redacted>"
     } else {
         "<unset>"
+    }
+}
+
+/// A URL without its user info (`nats://user:pass@host` carries credentials).
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}<redacted>@{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -306,6 +339,11 @@ impl fmt::Debug for Config {
             .field("runpod_pod_id", &self.runpod_pod_id)
             .field("runpod_ai_api_key", &redact(&self.runpod_ai_api_key))
             .field("runpod_ping_interval", &self.runpod_ping_interval)
+            .field("nats_url", &self.nats_url.as_deref().map(redact_url))
+            .field("nats_stream", &self.nats_stream)
+            .field("nats_subject", &self.nats_subject)
+            .field("nats_consumer", &self.nats_consumer)
+            .field("nats_ack_wait_sec", &self.nats_ack_wait_sec)
             .finish()
     }
 }

@@ -6,6 +6,8 @@
 //! - `masks/{userId}/{jobId}/{concept}/{idx}_{instance}.png`, instance 1-based, spaces in the concept phrase become
 //!   `_` ("wooden floor" -> `wooden_floor`).
 //! - `previews/{userId}/{jobId}/{idx}_preview.jpg`
+//! - `jobs-state/{userId}/{jobId}/{idx}.json`: ADAPTER=queue_pull's record that an item ended and was called back
+//!   (`jobs::durable`).
 //!
 //! Texture swatches are READ from `swatches/...` (an operator-curated library) or from the job's own user's
 //! `inputs/{userId}/...`; no other key may be named (see `swatch_problem`), so a job cannot read another user's
@@ -78,6 +80,11 @@ pub fn mask(user_id: &str, job_id: &str, concept: &str, idx: u32, instance: u32)
 
 pub fn preview(user_id: &str, job_id: &str, idx: u32) -> String {
     format!("previews/{user_id}/{job_id}/{idx}_preview.jpg")
+}
+
+/// ADAPTER=queue_pull: the record of an item that ended (and whose callback was sent).
+pub fn item_marker(user_id: &str, job_id: &str, idx: u32) -> String {
+    format!("jobs-state/{user_id}/{job_id}/{idx}.json")
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use crate::adapters::queue_pull::{self, QueueSettings};
 use crate::adapters::runpod::{self, RunpodSettings};
 use crate::callback::{CallbackSender, RetryPolicy};
 use crate::config::{Adapter, Config};
@@ -118,14 +119,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    let runpod = match config.adapter {
-        Adapter::Grpc => None,
-        Adapter::Runpod => Some(RunpodSettings::from_config(&config)?),
-        Adapter::QueuePull => {
-            return Err(Error::NotImplemented(
-                "ADAPTER=queue_pull is reserved and not implemented yet; use ADAPTER=grpc or runpod".into(),
-            ));
-        }
+    let (runpod, queue) = match config.adapter {
+        Adapter::Grpc => (None, None),
+        Adapter::Runpod => (Some(RunpodSettings::from_config(&config)?), None),
+        Adapter::QueuePull => (None, Some(QueueSettings::from_config(&config)?)),
     };
     if let Some(addr) = config.metrics_socket().map_err(Error::Config)? {
         telemetry::install_metrics(addr);
@@ -186,10 +183,22 @@ pub async fn run(
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;
     tracing::info!(addr = %local, config = ?config, "orchestrator listening");
-    // ADAPTER=runpod: the queue worker runs beside the gRPC server (operators keep GetJob/WatchJob/CancelJob).
+    // ADAPTER=runpod|queue_pull: the queue worker runs beside the gRPC server (operators keep
+    // GetJob/WatchJob/CancelJob).
     let (stop_adapter, adapter_stopped) = tokio::sync::watch::channel(false);
-    let worker =
-        runpod.map(|settings| tokio::spawn(runpod::run(settings, service, adapter_stopped)));
+    let worker = match (runpod, queue) {
+        (Some(settings), _) => Some(tokio::spawn(runpod::run(
+            settings,
+            service,
+            adapter_stopped,
+        ))),
+        (None, Some(settings)) => Some(tokio::spawn(queue_pull::run(
+            settings,
+            service,
+            adapter_stopped,
+        ))),
+        (None, None) => None,
+    };
     let shutdown = async move {
         shutdown.await;
         let _ = stop_adapter.send(true);
@@ -204,9 +213,9 @@ pub async fn run(
         .map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
 
     if let Some(worker) = worker {
-        tracing::info!("shutting down: the Runpod worker finishes its job in progress");
+        tracing::info!("shutting down: the queue worker finishes its job in progress");
         if tokio::time::timeout(DRAIN_TIMEOUT, worker).await.is_err() {
-            tracing::warn!("Runpod job still in progress after {DRAIN_TIMEOUT:?}; leaving it");
+            tracing::warn!("queue job still in progress after {DRAIN_TIMEOUT:?}; leaving it");
         }
     }
     tracing::info!("shutting down: waiting for items in flight");

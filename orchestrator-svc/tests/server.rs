@@ -63,7 +63,7 @@ async fn reflection_lists_the_services() {
 }
 
 #[tokio::test]
-async fn reserved_adapters_fail_clearly() {
+async fn queue_pull_without_nats_url_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::for_tests(dir.path(), "http://127.0.0.1:9");
     config.adapter = Adapter::QueuePull;
@@ -71,8 +71,8 @@ async fn reserved_adapters_fail_clearly() {
     let err = orchestrator_svc::run(config, listener, std::future::ready(()))
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::NotImplemented(_)));
-    assert!(err.to_string().contains("not implemented yet"), "{err}");
+    assert!(matches!(err, Error::Config(_)));
+    assert!(err.to_string().contains("NATS_URL"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

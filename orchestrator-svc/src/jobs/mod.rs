@@ -1,5 +1,6 @@
 //! Jobs: validation, the in-memory registry and the per-item pipeline, behind one service the gRPC layer calls.
 
+pub mod durable;
 mod imaging;
 mod item;
 mod mask_cache;
@@ -45,6 +46,10 @@ impl JobService {
     /// Validates, registers (idempotent on job id) and starts the job; returns its current state.
     pub fn submit(&self, spec: &JobSpec) -> Result<Job, Error> {
         let plan = validate::validate(spec, &self.presets, self.limits)?;
+        self.register(plan)
+    }
+
+    fn register(&self, plan: JobPlan) -> Result<Job, Error> {
         match self.registry.submit(plan)? {
             Submitted::Created(job) => {
                 metrics::counter!("orchestrator_jobs_submitted_total").increment(1);
@@ -54,6 +59,14 @@ impl JobService {
             }
             Submitted::Existing(job) => Ok(job.snapshot()),
         }
+    }
+
+    /// Like `submit`, for a job that may run again elsewhere (ADAPTER=queue_pull): items are recorded in storage
+    /// when they end, and items already recorded are skipped (see `durable`).
+    pub fn submit_durable(&self, spec: &JobSpec) -> Result<Job, Error> {
+        let mut plan = validate::validate(spec, &self.presets, self.limits)?;
+        plan.durable_items = true;
+        self.register(plan)
     }
 
     pub fn get(&self, job_id: &str) -> Result<Arc<JobHandle>, Error> {

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::durable;
 use super::item::record_stage;
 use super::mask_cache::MaskCache;
 use super::registry::{ItemOutcome, JobHandle};
@@ -133,6 +134,11 @@ impl Pipeline {
     /// Items this process will not start (it is shutting down) end FAILED, with their callback, so the caller can
     /// resubmit them; the registry is in memory and does not survive a restart.
     fn abandon_pending(&self, job: &Arc<JobHandle>) {
+        if job.plan.durable_items {
+            // The queue redelivers the job to another orchestrator, which runs these items: no failure callback.
+            tracing::info!(job_id = %job.plan.job_id, "shutting down: unstarted items left to the job's redelivery");
+            return;
+        }
         for idx in 0..job.plan.image_count {
             let outcome = ItemOutcome::Failed {
                 code: "internal",
@@ -146,6 +152,16 @@ impl Pipeline {
     }
 
     async fn run_item(&self, job: Arc<JobHandle>, idx: u32, permit: OwnedSemaphorePermit) {
+        // A job run again (durable jobs): an item an earlier run finished and called back is taken from its record.
+        if job.plan.durable_items
+            && let Some(recorded) = durable::read(&self.store, &job.plan, idx).await
+        {
+            drop(permit);
+            if job.restore_item(idx, recorded) {
+                tracing::info!("item already finished by an earlier run; not run again");
+            }
+            return;
+        }
         if !job.start_item(idx) {
             return;
         }
@@ -190,7 +206,13 @@ impl Pipeline {
         if job.is_terminal() {
             metrics::counter!("orchestrator_jobs_finished_total").increment(1);
         }
+        let store = job.plan.durable_items.then(|| self.store.clone());
         let Some(sender) = self.callbacks.clone() else {
+            if let Some(store) = store {
+                let job = job.clone();
+                self.tasks
+                    .spawn(async move { durable::write(&store, &job, item.idx).await });
+            }
             return;
         };
         let job = job.clone();
@@ -201,6 +223,10 @@ impl Pipeline {
                 tracing::warn!(job_id = %job.plan.job_id, idx = item.idx, error = ?outcome.error, "callback not delivered");
             }
             job.record_callback(item.idx, outcome.delivered, outcome.attempts, outcome.error);
+            // Durable jobs: recorded only once the callback is settled, so a rerun never sends it again.
+            if let Some(store) = store {
+                durable::write(&store, &job, item.idx).await;
+            }
         });
     }
 }

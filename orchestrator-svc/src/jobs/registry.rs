@@ -214,6 +214,17 @@ impl JobHandle {
             .collect()
     }
 
+    /// An item that a previous run of this job already finished (durable jobs, see `JobPlan::durable_items`): takes
+    /// the recorded item as it is, callback included. False when the item was no longer pending or running.
+    pub fn restore_item(&self, idx: u32, recorded: Item) -> bool {
+        self.change_item(
+            idx,
+            |i| !is_terminal(i.state),
+            |item| *item = Item { idx, ..recorded },
+        )
+        .is_some()
+    }
+
     pub fn record_callback(&self, idx: u32, delivered: bool, attempts: u32, error: Option<String>) {
         self.change_item(
             idx,
@@ -365,6 +376,7 @@ mod tests {
                 job_id: job_id.into(),
                 ..Default::default()
             },
+            durable_items: false,
         }
     }
 

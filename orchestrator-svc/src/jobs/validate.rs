@@ -42,6 +42,9 @@ pub struct JobPlan {
     pub rules: Vec<PlannedRule>,
     /// The spec after normalisation and the preset: compared for idempotency and reported as `effective_spec`.
     pub effective_spec: JobSpec,
+    /// ADAPTER=queue_pull: the job may run more than once (a redelivered queue message), so each item's end is
+    /// recorded in storage (`keys::item_marker`) and an item already recorded is not run nor called back again.
+    pub durable_items: bool,
 }
 
 impl JobPlan {
@@ -264,6 +267,7 @@ pub fn validate(
         concepts,
         rules,
         effective_spec,
+        durable_items: false,
     })
 }
 

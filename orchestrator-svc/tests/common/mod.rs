@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fake_segmenter;
+pub mod nats;
 pub mod orchestrator;
 pub mod receiver;
 pub mod seaweed;

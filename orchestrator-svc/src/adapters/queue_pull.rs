@@ -1,0 +1,247 @@
+//! ADAPTER=queue_pull: durable job intake from a NATS JetStream work queue.
+//!
+//! - Stream NATS_STREAM (subjects [NATS_SUBJECT], work-queue retention: a message is gone once acknowledged) and the
+//!   durable pull consumer NATS_CONSUMER (explicit acks, NATS_ACK_WAIT_SEC) are created if missing. Every
+//!   orchestrator binds to the same consumer, so the stream's jobs are shared among them.
+//! - A message is the seed's job JSON (as the Runpod `input`, see `runpod::spec_from_input`). One message is fetched
+//!   at a time, so no job waits in one orchestrator while another is idle.
+//! - A message that is not a valid job is terminated (`Term`: logged, never redelivered).
+//! - A valid job is submitted to the same `JobService` as gRPC SubmitJob (GetJob/WatchJob/CancelJob work on it)
+//!   with durable items (`jobs::durable`), followed until every item is terminal and its callback settled, then
+//!   acknowledged (double ack: the server confirms). While it runs an in-progress ack goes out every third of the
+//!   ack wait, so a long job is not redelivered.
+//! - An orchestrator that dies mid-job sends no more in-progress acks: after the ack wait JetStream redelivers the
+//!   message to another orchestrator, which skips the items the first one recorded (no second callback) and runs
+//!   the rest; outputs are written under fixed keys, so a rerun item overwrites them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use futures::StreamExt;
+use palette_proto::orchestrator::v1::{CallbackState, Job};
+use tokio::sync::{broadcast, watch};
+
+use super::runpod::spec_from_input;
+use crate::config::Config;
+use crate::error::Error;
+use crate::jobs::JobService;
+
+/// How long one fetch waits for a message before asking again (and checking for shutdown).
+const FETCH_WAIT: Duration = Duration::from_secs(5);
+/// Pause after a failed connection, setup or fetch.
+const RETRY_PAUSE: Duration = Duration::from_secs(2);
+/// Delay before a job this orchestrator cannot take now (too many jobs retained) is offered again.
+const BUSY_DELAY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    pub url: String,
+    pub stream: String,
+    pub subject: String,
+    pub consumer: String,
+    pub ack_wait: Duration,
+}
+
+impl QueueSettings {
+    pub fn from_config(config: &Config) -> Result<Self, Error> {
+        let url = config
+            .nats_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| Error::Config("ADAPTER=queue_pull needs NATS_URL".into()))?
+            .to_string();
+        let non_empty = |value: &str, name: &str| {
+            let value = value.trim();
+            if value.is_empty() {
+                Err(Error::Config(format!("{name} must not be empty")))
+            } else {
+                Ok(value.to_string())
+            }
+        };
+        Ok(QueueSettings {
+            url,
+            stream: non_empty(&config.nats_stream, "NATS_STREAM")?,
+            subject: non_empty(&config.nats_subject, "NATS_SUBJECT")?,
+            consumer: non_empty(&config.nats_consumer, "NATS_CONSUMER")?,
+            ack_wait: Duration::from_secs(config.nats_ack_wait_sec.max(1)),
+        })
+    }
+
+    /// In-progress acks go out this often while a job runs.
+    fn progress_every(&self) -> Duration {
+        (self.ack_wait / 3).max(Duration::from_millis(100))
+    }
+}
+
+/// Connects, and creates the stream and the shared consumer if missing.
+async fn connect(settings: &QueueSettings) -> Result<PullConsumer, String> {
+    let client = async_nats::connect(settings.url.as_str())
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let js = jetstream::new(client);
+    let stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: settings.stream.clone(),
+            subjects: vec![settings.subject.clone()],
+            retention: jetstream::stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("stream {}: {e}", settings.stream))?;
+    stream
+        .get_or_create_consumer(
+            &settings.consumer,
+            jetstream::consumer::pull::Config {
+                durable_name: Some(settings.consumer.clone()),
+                filter_subject: settings.subject.clone(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: settings.ack_wait,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("consumer {}: {e}", settings.consumer))
+}
+
+/// Every item terminal and no callback still being sent (durable items are recorded once theirs is settled).
+fn finished(job: &Job) -> bool {
+    crate::jobs::registry::job_is_terminal(job)
+        && job
+            .items
+            .iter()
+            .all(|i| i.callback_state != CallbackState::Pending as i32)
+}
+
+async fn acknowledge(message: &jetstream::Message, kind: AckKind, job_id: &str) {
+    let sent = if matches!(kind, AckKind::Ack) {
+        message.double_ack().await
+    } else {
+        message.ack_with(kind).await
+    };
+    if let Err(e) = sent {
+        tracing::warn!(%job_id, error = %e, "queue_pull: acknowledgement failed; the job may be redelivered");
+    }
+}
+
+/// Runs one message's job to its end, then acknowledges it.
+async fn handle(settings: &QueueSettings, service: &JobService, message: jetstream::Message) {
+    let spec = serde_json::from_slice(&message.payload)
+        .map_err(|e| format!("job is not JSON: {e}"))
+        .and_then(|input| spec_from_input(&input));
+    let spec = match spec {
+        Ok(spec) => spec,
+        Err(e) => {
+            tracing::error!(error = %e, "queue_pull: invalid job dropped");
+            acknowledge(&message, AckKind::Term, "").await;
+            return;
+        }
+    };
+    let job_id = spec.job_id.clone();
+    if let Ok(info) = message.info()
+        && info.delivered > 1
+    {
+        tracing::info!(%job_id, delivered = info.delivered, "queue_pull: job redelivered; recorded items are skipped");
+    }
+    match service.submit_durable(&spec) {
+        Ok(_) => {}
+        Err(Error::Overloaded(e)) => {
+            tracing::warn!(%job_id, error = %e, "queue_pull: no room for the job now; offered again later");
+            acknowledge(&message, AckKind::Nak(Some(BUSY_DELAY)), &job_id).await;
+            return;
+        }
+        Err(e) => {
+            tracing::error!(%job_id, error = %e, "queue_pull: job rejected and dropped");
+            acknowledge(&message, AckKind::Term, &job_id).await;
+            return;
+        }
+    }
+    let handle = match service.get(&job_id) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(%job_id, error = %e, "queue_pull: job vanished; offered again");
+            acknowledge(&message, AckKind::Nak(None), &job_id).await;
+            return;
+        }
+    };
+    tracing::info!(%job_id, "queue_pull: job taken");
+    let (mut job, mut events) = handle.subscribe();
+    let mut progress = tokio::time::interval(settings.progress_every());
+    progress.tick().await;
+    while !finished(&job) {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => job = handle.snapshot(),
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            _ = progress.tick() => acknowledge(&message, AckKind::Progress, &job_id).await,
+        }
+    }
+    acknowledge(&message, AckKind::Ack, &job_id).await;
+    tracing::info!(%job_id, completed = job.completed, failed = job.failed, cancelled = job.cancelled, "queue_pull: job acknowledged");
+}
+
+/// Takes jobs one at a time until `stop` turns true; the job in progress is finished (and acknowledged) before
+/// returning.
+pub async fn run(settings: QueueSettings, service: Arc<JobService>, stop: watch::Receiver<bool>) {
+    tracing::info!(stream = %settings.stream, subject = %settings.subject, consumer = %settings.consumer, "queue_pull worker started");
+    let mut stop_wait = stop.clone();
+    let mut consumer: Option<PullConsumer> = None;
+    while !*stop.borrow() {
+        let Some(current) = consumer.as_ref() else {
+            tokio::select! {
+                connected = connect(&settings) => match connected {
+                    Ok(c) => consumer = Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "queue_pull: NATS not ready");
+                        tokio::select! {
+                            _ = tokio::time::sleep(RETRY_PAUSE) => {}
+                            _ = stop_wait.changed() => break,
+                        }
+                    }
+                },
+                _ = stop_wait.changed() => break,
+            }
+            continue;
+        };
+        let fetched = tokio::select! {
+            batch = async {
+                let mut batch = current.fetch().max_messages(1).expires(FETCH_WAIT).messages().await?;
+                batch.next().await.transpose()
+            } => batch.map_err(|e: async_nats::Error| e.to_string()),
+            _ = stop_wait.changed() => break,
+        };
+        match fetched {
+            Ok(Some(message)) => handle(&settings, &service, message).await,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "queue_pull: fetch failed");
+                consumer = None;
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_PAUSE) => {}
+                    _ = stop_wait.changed() => break,
+                }
+            }
+        }
+    }
+    tracing::info!("queue_pull worker stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_need_a_url() {
+        let mut c = Config::for_tests("/tmp/x", "http://127.0.0.1:1");
+        assert!(QueueSettings::from_config(&c).is_err());
+        c.nats_url = Some("nats://127.0.0.1:4222".into());
+        c.nats_ack_wait_sec = 30;
+        let s = QueueSettings::from_config(&c).unwrap();
+        assert_eq!(s.stream, "palette-jobs");
+        assert_eq!(s.subject, "palette.jobs");
+        assert_eq!(s.consumer, "orchestrators");
+        assert_eq!(s.progress_every(), Duration::from_secs(10));
+    }
+}

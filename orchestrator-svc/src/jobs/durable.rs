@@ -1,0 +1,217 @@
+//! Durable item records for jobs that may run more than once (ADAPTER=queue_pull: a queue message is redelivered
+//! when the worker that held it died).
+//!
+//! When an item of such a job ends, its callback is sent (if callbacks are on) and THEN the item is written to
+//! `jobs-state/{userId}/{jobId}/{idx}.json` (`keys::item_marker`). A later run of the same job reads the record
+//! before starting the item: a recorded item is taken as it ended, neither processed nor called back again. Outputs
+//! need no record: they are written under fixed keys, so a rerun overwrites them with the same objects.
+//!
+//! The one window left: a worker dying between the callback's delivery and the record's write; the rerun then
+//! sends that item's callback once more (callbacks carry a stable webhook id, so receivers can drop it).
+
+use bytes::Bytes;
+use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState, MaskKey, RuleOutput};
+use serde::{Deserialize, Serialize};
+
+use super::registry::JobHandle;
+use super::validate::JobPlan;
+use crate::keys;
+use crate::storage::{SharedStore, StorageError};
+
+/// The recorded item `idx` of the job, if an earlier run recorded it. A record that cannot be read (storage down)
+/// counts as none: the item runs again, and outputs are overwritten with the same objects.
+pub async fn read(store: &SharedStore, plan: &JobPlan, idx: u32) -> Option<Item> {
+    let key = keys::item_marker(&plan.user_id, &plan.job_id, idx);
+    match store.get(&key).await {
+        Ok(bytes) => {
+            let item = decode(&bytes);
+            if item.is_none() {
+                tracing::warn!(%key, "unreadable item record; the item runs again");
+            }
+            item
+        }
+        Err(StorageError::NotFound(_)) => None,
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "item record not readable; the item runs again");
+            None
+        }
+    }
+}
+
+/// Records item `idx` of the job as it is now (terminal, callback settled).
+pub async fn write(store: &SharedStore, job: &JobHandle, idx: u32) {
+    let Some(item) = job.snapshot().items.into_iter().nth(idx as usize) else {
+        return;
+    };
+    let key = keys::item_marker(&job.plan.user_id, &job.plan.job_id, idx);
+    if let Err(e) = store
+        .put(&key, Bytes::from(encode(&item)), "application/json")
+        .await
+    {
+        tracing::warn!(%key, error = %e, "item record not written; a rerun of the job would run the item again");
+    }
+}
+
+/// The stored form of a terminal item.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Record {
+    idx: u32,
+    state: String,
+    #[serde(default)]
+    input_key: String,
+    #[serde(default)]
+    output_key: String,
+    #[serde(default)]
+    outputs: Vec<OutputRecord>,
+    #[serde(default)]
+    preview_key: String,
+    #[serde(default)]
+    masks: Vec<MaskRecord>,
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    error_code: String,
+    #[serde(default)]
+    masks_reused: bool,
+    #[serde(default)]
+    callback_state: String,
+    #[serde(default)]
+    callback_attempts: u32,
+    #[serde(default)]
+    callback_error: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OutputRecord {
+    rule_id: String,
+    output_key: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MaskRecord {
+    concept: String,
+    instance: u32,
+    key: String,
+    score: f32,
+}
+
+/// The record of a terminal item, as JSON.
+pub fn encode(item: &Item) -> Vec<u8> {
+    let record = Record {
+        idx: item.idx,
+        state: ItemState::try_from(item.state)
+            .unwrap_or(ItemState::Unspecified)
+            .as_str_name()
+            .to_string(),
+        input_key: item.input_key.clone(),
+        output_key: item.output_key.clone(),
+        outputs: item
+            .outputs
+            .iter()
+            .map(|o| OutputRecord {
+                rule_id: o.rule_id.clone(),
+                output_key: o.output_key.clone(),
+            })
+            .collect(),
+        preview_key: item.preview_key.clone(),
+        masks: item
+            .masks
+            .iter()
+            .map(|m| MaskRecord {
+                concept: m.concept.clone(),
+                instance: m.instance,
+                key: m.key.clone(),
+                score: m.score,
+            })
+            .collect(),
+        error: item.error.clone(),
+        error_code: item.error_code.clone(),
+        masks_reused: item.masks_reused,
+        callback_state: CallbackState::try_from(item.callback_state)
+            .unwrap_or(CallbackState::Unspecified)
+            .as_str_name()
+            .to_string(),
+        callback_attempts: item.callback_attempts,
+        callback_error: item.callback_error.clone(),
+    };
+    serde_json::to_vec(&record).unwrap_or_default()
+}
+
+/// A record back as the item; None when it is not a record of a terminal item.
+pub fn decode(bytes: &[u8]) -> Option<Item> {
+    let record: Record = serde_json::from_slice(bytes).ok()?;
+    let state = ItemState::from_str_name(&record.state)? as i32;
+    if !super::registry::is_terminal(state) {
+        return None;
+    }
+    Some(Item {
+        idx: record.idx,
+        state,
+        input_key: record.input_key,
+        output_key: record.output_key,
+        outputs: record
+            .outputs
+            .into_iter()
+            .map(|o| RuleOutput {
+                rule_id: o.rule_id,
+                output_key: o.output_key,
+            })
+            .collect(),
+        preview_key: record.preview_key,
+        masks: record
+            .masks
+            .into_iter()
+            .map(|m| MaskKey {
+                concept: m.concept,
+                instance: m.instance,
+                key: m.key,
+                score: m.score,
+            })
+            .collect(),
+        error: record.error,
+        error_code: record.error_code,
+        callback_state: CallbackState::from_str_name(&record.callback_state)
+            .unwrap_or(CallbackState::Delivered) as i32,
+        callback_attempts: record.callback_attempts,
+        callback_error: record.callback_error,
+        masks_reused: record.masks_reused,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let item = Item {
+            idx: 3,
+            state: ItemState::Completed as i32,
+            input_key: "inputs/u/j/3.jpg".into(),
+            output_key: "outputs/u/j/r/3.jpg".into(),
+            outputs: vec![RuleOutput {
+                rule_id: "r".into(),
+                output_key: "outputs/u/j/r/3.jpg".into(),
+            }],
+            masks: vec![MaskKey {
+                concept: "wall".into(),
+                instance: 1,
+                key: "masks/u/j/wall/3_1.png".into(),
+                score: 0.5,
+            }],
+            callback_state: CallbackState::Delivered as i32,
+            callback_attempts: 1,
+            ..Default::default()
+        };
+        assert_eq!(decode(&encode(&item)), Some(item.clone()));
+        let running = Item {
+            state: ItemState::Running as i32,
+            ..item
+        };
+        assert_eq!(decode(&encode(&running)), None);
+        assert_eq!(decode(b"not json"), None);
+    }
+}

@@ -1,0 +1,354 @@
+//! ADAPTER=queue_pull against a real nats-server (JetStream): orchestrators sharing one work-queue stream, local
+//! storage shared by all of them, the fake segmenter (slowed down so a job can be interrupted), and a real callback
+//! receiver per orchestrator (so each callback tells which orchestrator sent it).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::fake_segmenter::{self, FakeSegmenter};
+use common::nats::{self, Nats};
+use common::orchestrator::photo_jpeg;
+use common::receiver::{Delivery, Receiver};
+use orchestrator_svc::Config;
+use orchestrator_svc::config::Adapter;
+use orchestrator_svc::storage::{LocalStore, ObjectStore};
+use serde_json::json;
+
+const SECRET: &str = "queue-pull-callback-secret";
+const USER: &str = "test-user";
+const STREAM: &str = "palette-jobs";
+const SUBJECT: &str = "palette.jobs";
+
+/// An orchestrator in its own runtime, so that `kill` can end it abruptly: every task (items in flight, callbacks,
+/// the NATS connection) is dropped at once, with no drain and no acknowledgement.
+struct Worker {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Worker {
+    fn start(config: Config) -> Worker {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            orchestrator_svc::run(config, listener, std::future::pending())
+                .await
+                .unwrap();
+        });
+        Worker {
+            runtime: Some(runtime),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Setup {
+    nats: Nats,
+    segmenter: FakeSegmenter,
+    store: LocalStore,
+    dir: tempfile::TempDir,
+}
+
+async fn setup() -> Option<Setup> {
+    let nats = nats::start()?;
+    let segmenter = fake_segmenter::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::new(dir.path().join("storage")).unwrap();
+    Some(Setup {
+        nats,
+        segmenter,
+        store,
+        dir,
+    })
+}
+
+impl Setup {
+    fn config(&self, receiver: &Receiver, ack_wait_sec: u64) -> Config {
+        let mut config = Config::for_tests(self.dir.path().join("storage"), &self.segmenter.url);
+        config.presets_dir = self.dir.path().join("no-presets");
+        config.adapter = Adapter::QueuePull;
+        config.nats_url = Some(self.nats.url.clone());
+        config.nats_ack_wait_sec = ack_wait_sec;
+        config.workers_api_url = Some(receiver.url());
+        config.gpu_callback_secret = Some(SECRET.into());
+        config.batch_concurrency = 1;
+        config
+    }
+
+    async fn jetstream(&self) -> jetstream::Context {
+        let client = async_nats::connect(self.nats.url.as_str()).await.unwrap();
+        jetstream::new(client)
+    }
+
+    async fn put_inputs(&self, job: &str, count: u32) {
+        for idx in 0..count {
+            self.store
+                .put(
+                    &format!("inputs/{USER}/{job}/{idx}.jpg"),
+                    bytes::Bytes::from(photo_jpeg(64, 48)),
+                    "image/jpeg",
+                )
+                .await
+                .unwrap();
+        }
+    }
+
+    fn output_exists(&self, job: &str, idx: u32) -> bool {
+        let path = format!("storage/outputs/{USER}/{job}/rule1/{idx}.jpg");
+        Path::new(&self.dir.path().join(path)).is_file()
+    }
+
+    fn marker_exists(&self, job: &str, idx: u32) -> bool {
+        let path = format!("storage/jobs-state/{USER}/{job}/{idx}.json");
+        Path::new(&self.dir.path().join(path)).is_file()
+    }
+}
+
+/// The seed's job JSON.
+fn seed_job(job_id: &str, image_count: u32) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "userId": USER,
+        "jobId": job_id,
+        "concepts": ["wall", "floor", "furniture"],
+        "rules": [{"ruleId": "rule1", "concept": "wall", "type": "recolor", "params": {"color": "#FF5733"}}],
+        "imageCount": image_count,
+    }))
+    .unwrap()
+}
+
+/// Creates the stream as the orchestrators do (so a publish cannot precede it) and publishes, confirmed.
+async fn publish(js: &jetstream::Context, payloads: Vec<Vec<u8>>) {
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec![SUBJECT.into()],
+        retention: jetstream::stream::RetentionPolicy::WorkQueue,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for payload in payloads {
+        js.publish(SUBJECT, payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
+
+/// Waits until the stream holds no message (work-queue retention: every one acknowledged) and nothing awaits an ack.
+async fn wait_queue_drained(js: &jetstream::Context) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut stream = js.get_stream(STREAM).await.unwrap();
+        let messages = stream.info().await.unwrap().state.messages;
+        let pending = match stream
+            .get_consumer::<jetstream::consumer::pull::Config>("orchestrators")
+            .await
+        {
+            Ok(mut consumer) => {
+                let info = consumer.info().await.unwrap();
+                info.num_ack_pending + info.num_pending as usize
+            }
+            Err(_) => usize::MAX,
+        };
+        if messages == 0 && pending == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue never drained: {messages} messages, {pending} pending"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Callbacks per (job, idx).
+fn per_item(deliveries: &[Delivery]) -> HashMap<(String, u64), usize> {
+    let mut counts = HashMap::new();
+    for d in deliveries {
+        assert!(d.verified, "unverified callback: {d:?}");
+        let idx = d.body["idx"].as_u64().expect("callback without idx");
+        *counts.entry((d.job_id.clone(), idx)).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn of_job(receiver: &Receiver, job_id: &str) -> Vec<Delivery> {
+    receiver
+        .deliveries()
+        .into_iter()
+        .filter(|d| d.job_id == job_id)
+        .collect()
+}
+
+async fn wait_deliveries(receivers: &[&Receiver], count: usize) -> Vec<Delivery> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let all: Vec<Delivery> = receivers.iter().flat_map(|r| r.deliveries()).collect();
+        if all.len() >= count {
+            return all;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {count} callbacks",
+            all.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_job_is_run_called_back_and_acknowledged() {
+    let Some(s) = setup().await else { return };
+    let receiver = Receiver::start(SECRET, vec![]).await;
+    s.put_inputs("qp-seed", 2).await;
+    let _worker = Worker::start(s.config(&receiver, 30));
+    let js = s.jetstream().await;
+    publish(&js, vec![seed_job("qp-seed", 2)]).await;
+
+    let deliveries = wait_deliveries(&[&receiver], 2).await;
+    wait_queue_drained(&js).await;
+    let counts = per_item(&deliveries);
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    for d in &deliveries {
+        assert_eq!(d.body["status"], "completed", "{d:?}");
+    }
+    for idx in 0..2 {
+        assert!(s.output_exists("qp-seed", idx));
+        assert!(s.marker_exists("qp-seed", idx));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_messages_are_dropped_not_redelivered() {
+    let Some(s) = setup().await else { return };
+    let receiver = Receiver::start(SECRET, vec![]).await;
+    s.put_inputs("qp-after-poison", 1).await;
+    let _worker = Worker::start(s.config(&receiver, 2));
+    let js = s.jetstream().await;
+    publish(
+        &js,
+        vec![
+            b"not json".to_vec(),
+            serde_json::to_vec(&json!({"jobId": 3})).unwrap(),
+            seed_job("qp-after-poison", 1),
+        ],
+    )
+    .await;
+    wait_deliveries(&[&receiver], 1).await;
+    wait_queue_drained(&js).await;
+    assert_eq!(receiver.deliveries().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_orchestrators_share_the_stream() {
+    let Some(s) = setup().await else { return };
+    s.segmenter.faults.delay_ms.store(300, Ordering::SeqCst);
+    let (receiver_a, receiver_b) = (
+        Receiver::start(SECRET, vec![]).await,
+        Receiver::start(SECRET, vec![]).await,
+    );
+    let jobs: Vec<String> = (0..6).map(|i| format!("qp-shared-{i}")).collect();
+    for job in &jobs {
+        s.put_inputs(job, 1).await;
+    }
+    let _a = Worker::start(s.config(&receiver_a, 30));
+    let _b = Worker::start(s.config(&receiver_b, 30));
+    let js = s.jetstream().await;
+    publish(&js, jobs.iter().map(|j| seed_job(j, 1)).collect()).await;
+
+    let deliveries = wait_deliveries(&[&receiver_a, &receiver_b], jobs.len()).await;
+    wait_queue_drained(&js).await;
+    let counts = per_item(&deliveries);
+    assert_eq!(counts.len(), jobs.len(), "{counts:?}");
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    assert!(
+        !receiver_a.deliveries().is_empty() && !receiver_b.deliveries().is_empty(),
+        "one orchestrator took every job: A {} B {}",
+        receiver_a.deliveries().len(),
+        receiver_b.deliveries().len()
+    );
+    for job in &jobs {
+        assert!(s.output_exists(job, 0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_of_a_killed_orchestrator_is_finished_by_another_without_duplicates() {
+    let Some(s) = setup().await else { return };
+    const JOB: &str = "qp-killed";
+    const IMAGES: u32 = 4;
+    s.segmenter.faults.delay_ms.store(700, Ordering::SeqCst);
+    let (receiver_a, receiver_b) = (
+        Receiver::start(SECRET, vec![]).await,
+        Receiver::start(SECRET, vec![]).await,
+    );
+    s.put_inputs(JOB, IMAGES).await;
+    let mut a = Worker::start(s.config(&receiver_a, 2));
+    let js = s.jetstream().await;
+    publish(&js, vec![seed_job(JOB, IMAGES)]).await;
+
+    // A finishes (and records) its first item, then dies mid-job.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !s.marker_exists(JOB, 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A never finished an item"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.kill();
+    let done_by_a = of_job(&receiver_a, JOB).len();
+    assert!(
+        (1..IMAGES as usize).contains(&done_by_a),
+        "A did {done_by_a} items: {:?}",
+        receiver_a.deliveries()
+    );
+
+    // B gets the message once the ack wait (2 s) has passed and finishes the job.
+    let _b = Worker::start(s.config(&receiver_b, 2));
+    wait_deliveries(&[&receiver_a, &receiver_b], IMAGES as usize).await;
+    wait_queue_drained(&js).await;
+    // Late duplicates would arrive now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all: Vec<Delivery> = [&receiver_a, &receiver_b]
+        .iter()
+        .flat_map(|r| of_job(r, JOB))
+        .collect();
+    let counts = per_item(&all);
+    assert_eq!(counts.len(), IMAGES as usize, "{counts:?}");
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "an item was called back twice: {counts:?}"
+    );
+    assert!(!receiver_b.deliveries().is_empty(), "B finished nothing");
+    assert_eq!(
+        receiver_a.deliveries().len(),
+        done_by_a,
+        "A sent callbacks after its death"
+    );
+    for idx in 0..IMAGES {
+        assert!(s.output_exists(JOB, idx), "output {idx} missing");
+        assert!(s.marker_exists(JOB, idx), "record {idx} missing");
+    }
+}
