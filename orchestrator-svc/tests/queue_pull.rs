@@ -104,7 +104,8 @@ impl Setup {
             self.store
                 .put(
                     &format!("inputs/{USER}/{job}/{idx}.jpg"),
-                    bytes::Bytes::from(photo_jpeg(64, 48)),
+                    // Distinct images: identical ones would reuse masks and skip the (slow) segmenter.
+                    bytes::Bytes::from(photo_jpeg(64 + idx, 48)),
                     "image/jpeg",
                 )
                 .await

@@ -1,8 +1,10 @@
 //! A real NATS server with JetStream for tests: `nats-server` (Debian package `nats-server`) on a free loopback
 //! port. Skipped with a loud message when it is missing, unless PALETTE_REQUIRE_NATS=1 (CI), which makes it fail.
 
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub struct Nats {
@@ -50,25 +52,44 @@ pub fn start() -> Option<Nats> {
     for _ in 0..10 {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "palette-test-{}-{}",
+            std::process::id(),
+            STARTED.fetch_add(1, Ordering::SeqCst)
+        );
         let mut child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-n",
+                &name,
+                "-sd",
+            ])
             .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server did not start");
+        // Ready when the port greets with THIS server's INFO (not another test's server, nor another listener).
         let deadline = Instant::now() + Duration::from_secs(15);
-        let mut exited = false;
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        let mut ready = false;
+        while Instant::now() < deadline {
             if child.try_wait().unwrap().is_some() {
-                exited = true;
                 break;
             }
-            assert!(Instant::now() < deadline, "nats-server never listened");
+            if greets_as(port, &name) {
+                ready = true;
+                break;
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(100));
-        if exited || child.try_wait().unwrap().is_some() {
+        if !ready {
+            let _ = child.kill();
+            let _ = child.wait();
             continue;
         }
         return Some(Nats {
@@ -78,4 +99,22 @@ pub fn start() -> Option<Nats> {
         });
     }
     panic!("nats-server did not start on any free port");
+}
+
+/// Whether 127.0.0.1:`port` answers with the INFO of the NATS server named `name`.
+fn greets_as(port: u16, name: &str) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut greeting = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !greeting.ends_with(b"\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => greeting.extend_from_slice(&buf[..n]),
+        }
+    }
+    let greeting = String::from_utf8_lossy(&greeting);
+    greeting.starts_with("INFO ") && greeting.contains(&format!("\"server_name\":\"{name}\""))
 }
