@@ -39,42 +39,6 @@ fn text(s: &str) -> Kind {
     Kind::StringValue(s.into())
 }
 
-async fn s3_client(weed: &seaweed::Seaweed) -> aws_sdk_s3::Client {
-    let creds = aws_sdk_s3::config::Credentials::new(
-        seaweed::ACCESS_KEY,
-        seaweed::SECRET_KEY,
-        None,
-        None,
-        "e2e",
-    );
-    let config = aws_sdk_s3::Config::builder()
-        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-        .region(aws_sdk_s3::config::Region::new("us-east-1"))
-        .endpoint_url(&weed.endpoint)
-        .credentials_provider(creds)
-        .force_path_style(true)
-        .build();
-    aws_sdk_s3::Client::from_conf(config)
-}
-
-async fn put(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, body: Vec<u8>) {
-    // weed mini creates its bucket a moment after the port opens: retry briefly.
-    for _ in 0..150 {
-        let r = s3
-            .put_object()
-            .bucket(bucket)
-            .key(key)
-            .body(body.clone().into())
-            .send()
-            .await;
-        if r.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("could not upload {key}");
-}
-
 async fn list(s3: &aws_sdk_s3::Client, bucket: &str) -> BTreeSet<String> {
     let out = s3
         .list_objects_v2()
@@ -119,14 +83,14 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
     let Some(weed) = seaweed::start("palette-e2e") else {
         return;
     };
-    let s3 = s3_client(&weed).await;
+    let s3 = palette_e2e::s3::client(&weed.endpoint, seaweed::ACCESS_KEY, seaweed::SECRET_KEY);
     let mut segmenter = start_segmenter(None).await;
     let hooks = receiver::Receiver::start(SECRET, vec![(500, None)]).await;
 
     // Items 0..2: the example photos; 3: missing; 4: not an image.
     let photos = example_photos();
     for (idx, (_, bytes)) in photos.iter().enumerate() {
-        put(
+        palette_e2e::s3::put(
             &s3,
             &weed.bucket,
             &format!("inputs/e2e-user/e2e-job/{idx}.jpg"),
@@ -134,7 +98,7 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
         )
         .await;
     }
-    put(
+    palette_e2e::s3::put(
         &s3,
         &weed.bucket,
         "inputs/e2e-user/e2e-job/4.jpg",

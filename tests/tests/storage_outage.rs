@@ -46,43 +46,6 @@ fn spec(job_id: &str, images: u32) -> JobSpec {
     }
 }
 
-async fn s3_client(weed: &seaweed::Seaweed) -> aws_sdk_s3::Client {
-    let creds = aws_sdk_s3::config::Credentials::new(
-        seaweed::ACCESS_KEY,
-        seaweed::SECRET_KEY,
-        None,
-        None,
-        "e2e",
-    );
-    aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::Config::builder()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .endpoint_url(&weed.endpoint)
-            .credentials_provider(creds)
-            .force_path_style(true)
-            .build(),
-    )
-}
-
-async fn put(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, body: Vec<u8>) {
-    for _ in 0..150 {
-        if s3
-            .put_object()
-            .bucket(bucket)
-            .key(key)
-            .body(body.clone().into())
-            .send()
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("could not upload {key}");
-}
-
 async fn settled(client: &mut JobsClient<tonic::transport::Channel>, job_id: &str) -> Job {
     for _ in 0..1200 {
         let job = client
@@ -110,21 +73,21 @@ async fn an_s3_outage_mid_job_loses_nothing_and_the_service_keeps_serving() {
     let Some(mut weed) = seaweed::start("palette-outage") else {
         return;
     };
-    let s3 = s3_client(&weed).await;
+    let s3 = palette_e2e::s3::client(&weed.endpoint, seaweed::ACCESS_KEY, seaweed::SECRET_KEY);
     let mut segmenter = start_segmenter(None).await;
     let hooks = receiver::Receiver::start(SECRET, vec![]).await;
     let photos = example_photos();
     let images = 8u32;
     for idx in 0..images {
         let photo = &photos[idx as usize % photos.len()].1;
-        put(
+        palette_e2e::s3::put(
             &s3,
             &weed.bucket,
             &format!("inputs/outage-user/outage-job/{idx}.jpg"),
             photo.clone(),
         )
         .await;
-        put(
+        palette_e2e::s3::put(
             &s3,
             &weed.bucket,
             &format!("inputs/outage-user/after-job/{idx}.jpg"),
