@@ -58,13 +58,13 @@ pub fn apply(
         Rule::Recolor(p) => Edited::Rgb(ops::recolor::recolor(photo, region, p)),
         Rule::Tone(p) => Edited::Rgb(ops::tone::tone(photo, region, p)),
         Rule::Texture(p) => {
-            let generated;
+            let decoded;
             let sw = match (&p.source, swatch) {
-                (SwatchSource::Builtin(b), _) => {
-                    generated = swatch::generate(*b);
-                    &generated
+                (SwatchSource::Builtin(b), _) => swatch::builtin(*b),
+                (SwatchSource::Key(_), Some(s)) if s.width() > 0 && s.height() > 0 => {
+                    decoded = swatch::LinearSwatch::from_rgb(s);
+                    &decoded
                 }
-                (SwatchSource::Key(_), Some(s)) if s.width() > 0 && s.height() > 0 => s,
                 (SwatchSource::Key(k), _) => {
                     return Err(FieldError::new(
                         "params.swatch",

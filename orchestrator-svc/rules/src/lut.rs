@@ -2,6 +2,8 @@
 //! table's nodes (gamut mapping included) and interpolated per pixel, which turns ~100 flops and a bisection into a
 //! few loads and multiply-adds.
 
+use std::sync::OnceLock;
+
 /// A 1-D table of N-vectors over [lo, hi], linearly interpolated, clamped at the ends.
 pub struct Lut1<const N: usize> {
     lo: f32,
@@ -31,28 +33,59 @@ impl<const N: usize> Lut1<N> {
     }
 }
 
-/// A 3-D table over 8-bit RGB (33 nodes a side: ~8 codes apart), interpolated tetrahedrally.
-pub struct Lut3 {
-    data: Vec<[f32; 3]>,
+/// A 3-D table over 8-bit RGB (33 nodes a side: ~8 codes apart), interpolated tetrahedrally. Nodes are evaluated
+/// on first use: a photo region touches a small part of the colour cube, and evaluating all 36k nodes (each a
+/// colour conversion and often a gamut-mapping bisection) cost more than interpolating a megapixel.
+pub struct Lut3<F> {
+    f: F,
+    nodes: Vec<OnceLock<[f32; 3]>>,
 }
 
-const N3: usize = 33;
+pub const N3: usize = 33;
 const STEP: f32 = 255.0 / (N3 - 1) as f32;
 
-impl Lut3 {
-    pub fn build(f: impl Fn([f32; 3]) -> [f32; 3] + Sync) -> Self {
-        use rayon::prelude::*;
-        let data = (0..N3 * N3 * N3)
-            .into_par_iter()
-            .map(|i| {
-                let (r, g, b) = (i / (N3 * N3), (i / N3) % N3, i % N3);
-                f([r as f32 * STEP, g as f32 * STEP, b as f32 * STEP])
-            })
-            .collect();
-        Lut3 { data }
+/// The 8-bit code (as a float) of each node along an axis, for callers that precompute per-axis terms.
+pub fn node_code(i: usize) -> f32 {
+    i as f32 * STEP
+}
+
+// Node offsets along each axis in the flattened table.
+const DR: usize = N3 * N3;
+const DG: usize = N3;
+const DB: usize = 1;
+
+/// The tetrahedron holding a point is fixed by the order of its three fractions: step first along the axis with the
+/// largest, then the middle one. Indexed by (fr >= fg) | (fg >= fb) << 1 | (fr >= fb) << 2; entries 3 and 4 are
+/// impossible orders (filled with a valid pair so the lookup stays branch-free).
+const FIRST: [usize; 8] = [DB, DB, DG, DR, DG, DR, DG, DR];
+const SECOND: [usize; 8] = [
+    DG + DB,
+    DR + DB,
+    DG + DB,
+    DR + DG,
+    DG + DB,
+    DR + DB,
+    DR + DG,
+    DR + DG,
+];
+
+impl<F: Fn([usize; 3]) -> [f32; 3] + Sync> Lut3<F> {
+    /// A table of `f(node indices)`; [`node_code`] gives each index's 8-bit code.
+    pub fn new(f: F) -> Self {
+        Lut3 {
+            f,
+            nodes: (0..N3 * N3 * N3).map(|_| OnceLock::new()).collect(),
+        }
     }
 
-    /// Tetrahedral interpolation: 4 nodes per pixel instead of trilinear's 8, and exact on the grey axis.
+    #[inline]
+    fn node(&self, i: usize) -> [f32; 3] {
+        *self.nodes[i].get_or_init(|| (self.f)([i / (N3 * N3), (i / N3) % N3, i % N3]))
+    }
+
+    /// Tetrahedral interpolation: 4 nodes per pixel instead of trilinear's 8, exact on the grey axis, and without
+    /// data-dependent branches (photo noise makes the fraction order random, and mispredicted branches used to cost
+    /// more than the arithmetic).
     #[inline]
     pub fn eval(&self, p: [u8; 3]) -> [f32; 3] {
         // Node index and fraction per channel from precomputed per-code tables (no float->int per pixel).
@@ -60,32 +93,27 @@ impl Lut3 {
         let (g, fg) = SPLIT[p[1] as usize];
         let (b, fb) = SPLIT[p[2] as usize];
         let base = (r as usize * N3 + g as usize) * N3 + b as usize;
-        let (dr, dg, db) = (N3 * N3, N3, 1);
-        // The tetrahedron holding the point is fixed by the order of the fractions: step first along the axis with
-        // the largest, then the middle one.
-        let (o1, o2, w0, w1, w2) = if fr >= fg {
-            if fg >= fb {
-                (dr, dr + dg, fr, fg, fb)
-            } else if fr >= fb {
-                (dr, dr + db, fr, fb, fg)
-            } else {
-                (db, dr + db, fb, fr, fg)
-            }
-        } else if fb > fg {
-            (db, dg + db, fb, fg, fr)
-        } else if fb > fr {
-            (dg, dg + db, fg, fb, fr)
-        } else {
-            (dg, dr + dg, fg, fr, fb)
-        };
-        let d = &self.data[base..base + dr + dg + db + 1];
-        let (c0, c1, c2, c3) = (d[0], d[o1], d[o2], d[dr + dg + db]);
-        [
-            c0[0] + w0 * (c1[0] - c0[0]) + w1 * (c2[0] - c1[0]) + w2 * (c3[0] - c2[0]),
-            c0[1] + w0 * (c1[1] - c0[1]) + w1 * (c2[1] - c1[1]) + w2 * (c3[1] - c2[1]),
-            c0[2] + w0 * (c1[2] - c0[2]) + w1 * (c2[2] - c1[2]) + w2 * (c3[2] - c2[2]),
-        ]
+        let case = (fr >= fg) as usize | ((fg >= fb) as usize) << 1 | ((fr >= fb) as usize) << 2;
+        let hi = fr.max(fg).max(fb);
+        let lo = fr.min(fg).min(fb);
+        let mid = fr + fg + fb - hi - lo;
+        let (c0, c1, c2, c3) = (
+            self.node(base),
+            self.node(base + FIRST[case]),
+            self.node(base + SECOND[case]),
+            self.node(base + DR + DG + DB),
+        );
+        std::array::from_fn(|k| {
+            c0[k] + hi * (c1[k] - c0[k]) + mid * (c2[k] - c1[k]) + lo * (c3[k] - c2[k])
+        })
     }
+}
+
+/// A table of `f(8-bit codes as floats)`.
+pub fn lut3_from_codes(
+    f: impl Fn([f32; 3]) -> [f32; 3] + Sync,
+) -> Lut3<impl Fn([usize; 3]) -> [f32; 3] + Sync> {
+    Lut3::new(move |n: [usize; 3]| f(n.map(node_code)))
 }
 
 /// Per 8-bit code: the lower node index (at most N3 - 2) and the fraction toward the next node.
@@ -106,7 +134,7 @@ mod tests {
         let sq = Lut1::build(0.0, 1.0, 257, |x| [x * x]);
         assert!((sq.eval(0.3)[0] - 0.09).abs() < 1e-5);
         assert_eq!(sq.eval(2.0)[0], 1.0);
-        let id = Lut3::build(|c| c);
+        let id = lut3_from_codes(|c| c);
         for p in [
             [17u8, 200, 255],
             [200, 17, 90],
@@ -129,7 +157,7 @@ mod tests {
                 c[2],
             ]
         };
-        let m = Lut3::build(f);
+        let m = lut3_from_codes(f);
         for p in [[33u8, 77, 200], [250, 3, 100]] {
             let (a, b) = (m.eval(p), f(p.map(f32::from)));
             assert!(

@@ -125,6 +125,34 @@ fn velvet(x: f32, y: f32) -> Rgb<u8> {
 }
 
 /// The built-in swatch as a seamless TILE x TILE image.
+/// A swatch decoded to linear light once, ready for sampling (shading multiplies light, not gamma-encoded codes).
+pub struct LinearSwatch {
+    pub width: u32,
+    pub height: u32,
+    pub texels: Vec<[f32; 3]>,
+}
+
+impl LinearSwatch {
+    pub fn from_rgb(img: &RgbImage) -> Self {
+        LinearSwatch {
+            width: img.width(),
+            height: img.height(),
+            texels: img
+                .pixels()
+                .map(|q| q.0.map(crate::color::to_linear))
+                .collect(),
+        }
+    }
+}
+
+/// The built-in swatch in linear light, generated on first use and kept: 0.8 MB each, and generating one cost more
+/// than texturing a 1 MP wall.
+pub fn builtin(b: Builtin) -> &'static LinearSwatch {
+    static CACHE: [std::sync::OnceLock<LinearSwatch>; Builtin::ALL.len()] =
+        [const { std::sync::OnceLock::new() }; Builtin::ALL.len()];
+    CACHE[b as usize].get_or_init(|| LinearSwatch::from_rgb(&generate(b)))
+}
+
 pub fn generate(b: Builtin) -> RgbImage {
     let f: fn(f32, f32) -> Rgb<u8> = match b {
         Builtin::Linen => linen,

@@ -21,6 +21,25 @@ pub fn blend_masked<F>(
 where
     F: Fn(u32, u32, [u8; 3]) -> [f32; 3] + Sync,
 {
+    blend_masked_rows(photo, region, bounds, strength, |y| {
+        let edit = &edit;
+        move |x, px| edit(x, y, px)
+    })
+}
+
+/// [`blend_masked`] for edits that carry state along a row: `row(y)` makes the row's editor, which is called with
+/// increasing x for the row's pixels of non-zero weight (so it can step incrementally, and must cope with gaps).
+pub fn blend_masked_rows<R, F>(
+    photo: &RgbImage,
+    region: &GrayImage,
+    bounds: Rect,
+    strength: f32,
+    row: R,
+) -> RgbImage
+where
+    R: Fn(u32) -> F + Sync,
+    F: FnMut(u32, [u8; 3]) -> [f32; 3],
+{
     let mut out = photo.clone();
     if bounds.is_empty() || strength <= 0.0 {
         return out;
@@ -34,19 +53,21 @@ where
         .enumerate()
         .skip(bounds.y0 as usize)
         .take(bounds.height() as usize)
-        .for_each(|(y, (row, alpha))| {
+        .for_each(|(y, (pixels, alpha))| {
+            let mut edit = row(y as u32);
             for x in x0..x1 {
                 let a = alpha[x];
                 if a == 0 {
                     continue;
                 }
-                let px = &mut row[x * 3..x * 3 + 3];
+                let px = &mut pixels[x * 3..x * 3 + 3];
                 let src = [px[0], px[1], px[2]];
-                let e = edit(x as u32, y as u32, src);
+                let e = edit(x as u32, src);
                 let wgt = a as f32 * k;
                 for c in 0..3 {
                     let v = src[c] as f32 + wgt * (e[c] - src[c] as f32);
-                    px[c] = (v + 0.5).clamp(0.0, 255.0) as u8;
+                    // Float-to-int `as` saturates (and maps NaN to 0): the clamp is built in.
+                    px[c] = (v + 0.5) as u8;
                 }
             }
         });

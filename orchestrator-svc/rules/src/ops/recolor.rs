@@ -2,7 +2,7 @@
 //! transfer on L*), take hue and chroma from the paint, and gamut-map by reducing chroma.
 
 use super::{blend_masked, bounds};
-use crate::color::{gamut_map, l_from_y, lab_to_lin, linear_table, luminance, to_srgb};
+use crate::color::{gamut_map, l_from_y, lab_to_lin, linear_table, to_srgb};
 use crate::lut::Lut1;
 use crate::mask::Rect;
 use crate::rule::RecolorParams;
@@ -10,16 +10,34 @@ use image::{GrayImage, RgbImage};
 use rayon::prelude::*;
 use std::sync::LazyLock;
 
-/// Y -> L* table: the cube root near black is steep, so 4k nodes keep interpolation error under 0.001 L*.
-static Y_TO_L: LazyLock<Lut1<1>> = LazyLock::new(|| Lut1::build(0.0, 1.0, 4097, |y| [l_from_y(y)]));
+/// Steps of the uniform luminance grid every recolour pixel is mapped through. The edited colour depends on the
+/// input's luminance alone, so one table lookup per pixel replaces the Y -> L* -> paint chain; at 16k steps the
+/// grid's coarsest L* spacing (near black, where L* is steepest) is 0.055, far below what an 8-bit output shows.
+const Y_STEPS: usize = 1 << 14;
+
+/// Fixed-point bits of the per-channel luminance tables.
+const FRAC: u32 = 8;
+
+/// Per channel, each 8-bit code's contribution to the grid index in 1/2^FRAC steps: a pixel's index is three
+/// loads, two adds and a shift, with no float work at all.
+static Y_INDEX: LazyLock<[[u32; 256]; 3]> = LazyLock::new(|| {
+    let lin = linear_table();
+    let scale = ((Y_STEPS - 1) << FRAC) as f32;
+    let w = [0.212_672_9f32, 0.715_152_2, 0.072_175];
+    std::array::from_fn(|c| std::array::from_fn(|code| (w[c] * lin[code] * scale) as u32))
+});
+
+/// L* at each grid step.
+static STEP_L: LazyLock<Vec<f32>> = LazyLock::new(|| {
+    (0..Y_STEPS)
+        .map(|i| l_from_y(i as f32 / (Y_STEPS - 1) as f32))
+        .collect()
+});
 
 #[inline]
-fn lightness_with(lin: &[f32; 256], ytol: &Lut1<1>, p: [u8; 3]) -> f32 {
-    ytol.eval(luminance(
-        lin[p[0] as usize],
-        lin[p[1] as usize],
-        lin[p[2] as usize],
-    ))[0]
+fn y_index(t: &[[u32; 256]; 3], p: [u8; 3]) -> usize {
+    let sum = t[0][p[0] as usize] + t[1][p[1] as usize] + t[2][p[2] as usize];
+    (((sum + (1 << (FRAC - 1))) >> FRAC) as usize).min(Y_STEPS - 1)
 }
 
 /// Shading scale k in out L = L_target + (L - mean_L) * k. Shading multiplies reflected light, and L* is roughly a
@@ -49,15 +67,16 @@ pub fn recolor(photo: &RgbImage, region: &GrayImage, p: &RecolorParams) -> RgbIm
         k = k.min((p.lab[0] - BOTTOM).max(0.0) / (mean_l - stats.p01));
     }
     let [lt, at, bt] = p.lab;
-    // The edited colour depends on the input's L* alone (hue and chroma come from the paint), so evaluate the
-    // exact map, gamut mapping included, at 0.05 L* steps and interpolate.
+    // The exact map, gamut mapping included, at 0.05 L* steps; then resampled onto the luminance grid so each
+    // pixel costs one lookup.
     let paint = Lut1::build(0.0, 100.0, 2001, |l_in| {
         let c = gamut_map(soft_clip(lt + (l_in - mean_l) * k), at, bt, lab_to_lin);
         [to_srgb(c[0]), to_srgb(c[1]), to_srgb(c[2])]
     });
-    let (lin, ytol) = (linear_table(), &*Y_TO_L);
+    let by_step: Vec<[f32; 3]> = STEP_L.iter().map(|&l| paint.eval(l)).collect();
+    let t = &*Y_INDEX;
     blend_masked(photo, region, b, p.common.strength, |_, _, px| {
-        paint.eval(lightness_with(lin, ytol, px))
+        by_step[y_index(t, px)]
     })
 }
 
@@ -85,55 +104,57 @@ pub struct LightnessStats {
     pub p99: f32,
 }
 
-const BINS: usize = 1024;
-
-/// Alpha-weighted mean and 1st/99th percentiles of L* over the region, from one pass (histogram of 0.1 L* bins).
+/// Alpha-weighted mean and 1st/99th percentiles of L* over the region, from one pass that histograms the pixels
+/// on the luminance grid (exact to the grid's 0.055 L*; the old 0.1 L* bins were coarser).
 pub fn lightness_stats(photo: &RgbImage, region: &GrayImage, b: Rect) -> Option<LightnessStats> {
     if b.is_empty() {
         return None;
     }
     let w = photo.width() as usize;
     let (x0, x1) = (b.x0 as usize, b.x1 as usize);
-    let (lin, ytol) = (linear_table(), &*Y_TO_L);
-    let (hist, sum) = photo
+    let t = &*Y_INDEX;
+    let hist = photo
         .as_raw()
         .par_chunks(w * 3)
         .zip(region.as_raw().par_chunks(w))
         .skip(b.y0 as usize)
         .take(b.height() as usize)
         .fold(
-            || (vec![0u64; BINS], 0.0f64),
-            |(mut h, mut s), (row, alpha)| {
+            || vec![0u64; Y_STEPS],
+            |mut h, (row, alpha)| {
                 for x in x0..x1 {
                     let a = alpha[x];
                     if a != 0 {
-                        let l =
-                            lightness_with(lin, ytol, [row[x * 3], row[x * 3 + 1], row[x * 3 + 2]]);
-                        h[((l * 10.0) as usize).min(BINS - 1)] += a as u64;
-                        s += (a as f32 * l) as f64;
+                        h[y_index(t, [row[x * 3], row[x * 3 + 1], row[x * 3 + 2]])] += a as u64;
                     }
                 }
-                (h, s)
+                h
             },
         )
         .reduce(
-            || (vec![0u64; BINS], 0.0),
-            |(mut h, s), (h2, s2)| {
+            || vec![0u64; Y_STEPS],
+            |mut h, h2| {
                 h.iter_mut().zip(&h2).for_each(|(a, b)| *a += b);
-                (h, s + s2)
+                h
             },
         );
     let total: u64 = hist.iter().sum();
     if total == 0 {
         return None;
     }
+    let step_l = &*STEP_L;
+    let sum: f64 = hist
+        .iter()
+        .zip(step_l)
+        .map(|(&c, &l)| c as f64 * l as f64)
+        .sum();
     let pct = |q: f64| {
         let want = (q * total as f64) as u64;
         let mut acc = 0;
         for (i, &c) in hist.iter().enumerate() {
             acc += c;
             if acc > want {
-                return (i as f32 + 0.5) / 10.0;
+                return step_l[i];
             }
         }
         100.0

@@ -1,9 +1,10 @@
 //! Put a material on a surface: tile the swatch (scaled, rotated), multiply it by the region's normalised luminance
 //! (Y / mean Y) so the room's shadows and light fall-off carry over, mix by opacity.
 
-use super::{blend_masked, bounds, weighted_mean};
-use crate::color::{encode_table, encode_with, linear_table, luminance, to_linear};
+use super::{blend_masked_rows, bounds, weighted_mean};
+use crate::color::{encode_table, encode_with, linear_table, luminance};
 use crate::rule::TextureParams;
+use crate::swatch::LinearSwatch;
 use image::{GrayImage, RgbImage};
 
 /// Tile size at scale 1, as a fraction of the image's long side: ~8 tiles across a room shot.
@@ -13,12 +14,13 @@ pub fn texture(
     photo: &RgbImage,
     region: &GrayImage,
     p: &TextureParams,
-    swatch: &RgbImage,
+    swatch: &LinearSwatch,
 ) -> RgbImage {
     let b = bounds(region);
     let (lt, enc) = (linear_table(), encode_table());
-    let (sw, sh) = swatch.dimensions();
-    let Some(mean_y) = weighted_mean(photo, region, b, 1, |q| {
+    let (sw, sh) = (swatch.width, swatch.height);
+    // The mean only normalises the shading: one pixel in four is plenty.
+    let Some(mean_y) = weighted_mean(photo, region, b, 2, |q| {
         luminance(lt[q[0] as usize], lt[q[1] as usize], lt[q[2] as usize])
     }) else {
         return photo.clone();
@@ -26,46 +28,140 @@ pub fn texture(
     if sw == 0 || sh == 0 {
         return photo.clone();
     }
-    // Linear-light swatch so shading multiplies light, not gamma-encoded codes.
-    let lin: Vec<[f32; 3]> = swatch.pixels().map(|q| q.0.map(to_linear)).collect();
-    let tile_px = photo.width().max(photo.height()) as f32 / TILES_ACROSS * p.scale;
-    let per_px = sw as f32 / tile_px;
-    let (sin, cos) = p.rotation_deg.to_radians().sin_cos();
+    let lin = &swatch.texels;
+    let tile_px = photo.width().max(photo.height()) as f64 / TILES_ACROSS as f64 * p.scale as f64;
+    let per_px = sw as f64 / tile_px;
+    let (sin, cos) = (p.rotation_deg as f64).to_radians().sin_cos();
     let inv_mean = if mean_y > 1e-4 { 1.0 / mean_y } else { 1.0 };
-    let (fw, fh) = (sw as f32, sh as f32);
-    let (inv_w, inv_h) = (1.0 / fw, 1.0 / fh);
-    // Wrap by floor-multiply, not `%`/rem_euclid: f32 remainder is a libm call and dominated the loop.
-    let wrap = |u: f32, n: f32, inv: f32, size: u32| {
-        let u = u - (u * inv).floor() * n;
-        let i = (u as u32).min(size - 1);
-        (i, if i + 1 == size { 0 } else { i + 1 }, u - i as f32)
-    };
-    let sample = |u: f32, v: f32| -> [f32; 3] {
-        let (i, i1, fx) = wrap(u, fw, inv_w, sw);
-        let (j, j1, fy) = wrap(v, fh, inv_h, sh);
-        let at = |x: u32, y: u32| lin[(y * sw + x) as usize];
-        let (a, bb, c, d) = (at(i, j), at(i1, j), at(i, j1), at(i1, j1));
-        std::array::from_fn(|k| {
-            let top = a[k] + fx * (bb[k] - a[k]);
-            let bot = c[k] + fx * (d[k] - c[k]);
-            top + fy * (bot - top)
-        })
-    };
+    // Swatch coordinates are affine in the pixel position: u = (cos x + sin y) per_px, v = (-sin x + cos y) per_px
+    // at pixel centres. Each row walks them by a constant step and wraps by one compare, instead of a floor and a
+    // multiply per coordinate per pixel (f64 so 4000 steps drift by far less than a texel).
+    let (u_axis, v_axis) = (Axis::new(cos * per_px, sw), Axis::new(-sin * per_px, sh));
     let opacity = p.opacity;
-    blend_masked(photo, region, b, p.common.strength, |x, y, px| {
-        let (xf, yf) = (x as f32 + 0.5, y as f32 + 0.5);
-        let s = sample(
-            (cos * xf + sin * yf) * per_px,
-            (-sin * xf + cos * yf) * per_px,
+    blend_masked_rows(photo, region, b, p.common.strength, |y| {
+        let yc = y as f64 + 0.5;
+        let (mut u, mut v) = (
+            u_axis.walker(sin * per_px * yc),
+            v_axis.walker(cos * per_px * yc),
         );
-        let inp = px.map(|c| lt[c as usize]);
-        let shade = (luminance(inp[0], inp[1], inp[2]) * inv_mean).min(4.0);
-        let mut t = s.map(|v| v * shade);
-        // Over-bright highlights: scale all channels together so the swatch's hue survives.
-        let m = t[0].max(t[1]).max(t[2]);
-        if m > 1.0 {
-            t = t.map(|v| v / m);
+        move |x, px| {
+            let (i, i1, fx) = u.at(x);
+            let (j, j1, fy) = v.at(x);
+            let at = |x: u32, y: u32| lin[(y * sw + x) as usize];
+            let (a, bb, c, d) = (at(i, j), at(i1, j), at(i, j1), at(i1, j1));
+            let s: [f32; 3] = std::array::from_fn(|k| {
+                let top = a[k] + fx * (bb[k] - a[k]);
+                let bot = c[k] + fx * (d[k] - c[k]);
+                top + fy * (bot - top)
+            });
+            let inp = px.map(|c| lt[c as usize]);
+            let shade = (luminance(inp[0], inp[1], inp[2]) * inv_mean).min(4.0);
+            let mut t = s.map(|v| v * shade);
+            // Over-bright highlights: scale all channels together so the swatch's hue survives.
+            let m = t[0].max(t[1]).max(t[2]);
+            if m > 1.0 {
+                t = t.map(|v| v / m);
+            }
+            std::array::from_fn(|k| encode_with(enc, inp[k] + opacity * (t[k] - inp[k])))
         }
-        std::array::from_fn(|k| encode_with(enc, inp[k] + opacity * (t[k] - inp[k])))
     })
+}
+
+/// One swatch axis: texel coordinate = offset + step * (x + 0.5), wrapped into [0, size).
+struct Axis {
+    step: f64,
+    /// The step reduced into [0, size): walking by it wraps the same way and needs at most one subtraction.
+    step_wrapped: f64,
+    size: u32,
+}
+
+impl Axis {
+    fn new(step: f64, size: u32) -> Self {
+        Axis {
+            step,
+            step_wrapped: wrap(step, size as f64),
+            size,
+        }
+    }
+
+    fn walker(&self, offset: f64) -> Walker<'_> {
+        Walker {
+            axis: self,
+            offset,
+            next_x: u32::MAX,
+            pos: 0.0,
+        }
+    }
+}
+
+/// A row's position along one axis, stepped by one pixel at a time and recomputed after a gap.
+struct Walker<'a> {
+    axis: &'a Axis,
+    offset: f64,
+    next_x: u32,
+    pos: f64,
+}
+
+impl Walker<'_> {
+    /// (texel, next texel with wrap, fraction) at pixel x.
+    #[inline]
+    fn at(&mut self, x: u32) -> (u32, u32, f32) {
+        let n = self.axis.size as f64;
+        if x == self.next_x {
+            self.pos += self.axis.step_wrapped;
+            if self.pos >= n {
+                self.pos -= n;
+            }
+        } else {
+            self.pos = wrap(self.offset + self.axis.step * (x as f64 + 0.5), n);
+        }
+        self.next_x = x + 1;
+        let size = self.axis.size;
+        let i = (self.pos as u32).min(size - 1);
+        let i1 = if i + 1 == size { 0 } else { i + 1 };
+        (i, i1, (self.pos - i as f64) as f32)
+    }
+}
+
+/// x mod n into [0, n).
+fn wrap(x: f64, n: f64) -> f64 {
+    let r = x - (x / n).floor() * n;
+    if r >= n { r - n } else { r.max(0.0) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walking_a_row_matches_direct_coordinates_across_gaps_and_wraps() {
+        // Steps below, near and above a whole tile per pixel, both signs; x sequences with gaps.
+        for (step, size) in [
+            (0.37, 256),
+            (-1.9, 256),
+            (255.6, 256),
+            (-700.25, 97),
+            (3.0, 5),
+        ] {
+            let axis = Axis::new(step, size);
+            for offset in [0.0, -1234.5, 987.25] {
+                let mut w = axis.walker(offset);
+                let xs = (0..300u32)
+                    .chain(310..320)
+                    .chain([400, 401, 999, 1000, 1001]);
+                for x in xs {
+                    let (i, i1, f) = w.at(x);
+                    let want = wrap(offset + step * (x as f64 + 0.5), size as f64);
+                    let got = i as f64 + f as f64;
+                    // Equal up to float error, modulo the wrap point.
+                    let d = (got - want).abs();
+                    assert!(
+                        d.min(size as f64 - d) < 1e-4,
+                        "step {step} x {x}: {got} vs {want}"
+                    );
+                    assert!(i < size && i1 == (i + 1) % size && (0.0..1.0).contains(&f));
+                }
+            }
+        }
+    }
 }

@@ -3,7 +3,7 @@
 
 use super::{blend_masked, bounds, weighted_mean};
 use crate::color::{gamut_map, lin_to_oklab, oklab_to_lin, srgb_decode_f, to_linear, to_srgb};
-use crate::lut::Lut3;
+use crate::lut::{Lut3, N3, node_code};
 use crate::rule::ToneParams;
 use image::{GrayImage, RgbImage};
 
@@ -29,8 +29,10 @@ pub fn tone(photo: &RgbImage, region: &GrayImage, p: &ToneParams) -> RgbImage {
     let shift = p.brightness * BRIGHT;
     let (wa, wb) = (p.warmth * WARM_A, p.warmth * WARM_B);
     // The map is a smooth function of the input RGB: evaluate it exactly on a 33^3 grid, interpolate per pixel.
-    let map = Lut3::build(|c| {
-        let lin = c.map(|v| srgb_decode_f(v / 255.0));
+    // Nodes sit between 8-bit codes, so decode each axis value once here rather than 3 powf per node.
+    let axis: [f32; N3] = std::array::from_fn(|i| srgb_decode_f(node_code(i) / 255.0));
+    let map = Lut3::new(|n: [usize; 3]| {
+        let lin = n.map(|i| axis[i]);
         let [l, a, bb] = lin_to_oklab(lin[0], lin[1], lin[2]);
         let l = (mean_l + (l - mean_l) * gain + shift).clamp(0.0, 1.0);
         let c = gamut_map(l, a * sat + wa, bb * sat + wb, oklab_to_lin);
