@@ -4,6 +4,10 @@ Telea inpainting on synthetic textures with known ground truth, PSNR over the ho
 
   cargo build --release -p palette-rules
   .venv-bench/bin/python orchestrator-svc/rules/bench/inpaint_compare.py [--bin target/release/palette-rules]
+      [--reference]
+
+--reference adds a column for bench/fill_reference.py (the NumPy port of the same fill that bench_rules times), to
+show that port is faithful: it should land within noise of "ours".
 """
 import argparse
 import json
@@ -57,7 +61,13 @@ def psnr(a, b, m):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/palette-rules")
+    ap.add_argument("--reference", action="store_true")
     args = ap.parse_args()
+    if args.reference:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        import fill_reference
     h, w = 192, 256
     holes = {
         "square 40": lambda m: cv2.rectangle(m, (108, 76), (147, 115), 255, -1),
@@ -82,11 +92,17 @@ def main():
                                 "--rule", rule, "--out", str(tmp / "out.png")], check=True)
                 ours = cv2.imread(str(tmp / "out.png"))
                 telea = cv2.inpaint(holed, mask, 3, cv2.INPAINT_TELEA)
-                rows.append((tname, hname, psnr(ours, truth, mask), psnr(telea, truth, mask)))
-    print(f"{'texture':<9} {'hole':<10} {'ours dB':>8} {'Telea dB':>9} {'gain':>6}")
-    for t, hn, a, b in rows:
-        print(f"{t:<9} {hn:<10} {a:8.2f} {b:9.2f} {a - b:+6.2f}")
-    gains = [a - b for *_, a, b in rows]
+                port = fill_reference.fill(holed, mask) if args.reference else None
+                rows.append((tname, hname, psnr(ours, truth, mask), psnr(telea, truth, mask),
+                             psnr(port, truth, mask) if port is not None else None))
+    extra = f" {'NumPy port dB':>14}" if args.reference else ""
+    print(f"{'texture':<9} {'hole':<10} {'ours dB':>8} {'Telea dB':>9} {'gain':>6}{extra}")
+    for t, hn, a, b, c in rows:
+        extra = f" {c:14.2f}" if c is not None else ""
+        print(f"{t:<9} {hn:<10} {a:8.2f} {b:9.2f} {a - b:+6.2f}{extra}")
+    gains = [a - b for _, _, a, b, _ in rows]
+    if args.reference:
+        print(f"NumPy port mean {np.mean([c for *_, c in rows]):.2f} dB vs ours {np.mean([r[2] for r in rows]):.2f} dB")
     print(f"mean gain {np.mean(gains):+.2f} dB; ours better in {sum(g > 0 for g in gains)}/{len(gains)} cases")
 
 

@@ -1,11 +1,14 @@
 //! Exemplar-based hole filling: coarse-to-fine patch-based completion (Wexler, Shechtman & Irani 2007) with a
-//! PatchMatch nearest-neighbour field (Barnes et al. 2009). It copies real texture from around the hole instead of
+//! PatchMatch nearest-neighbour field (Barnes et al. 2009), propagated in red-black (checkerboard) passes as GPU
+//! PatchMatch does: every pixel of one colour reads only neighbours of the other, so a pass runs on all cores and
+//! the result does not depend on the thread count (each pixel's random search is seeded by its position). It copies real texture from around the hole instead of
 //! diffusing colours inward (Telea/Navier-Stokes), so periodic and stochastic textures stay sharp. It cannot invent
 //! what was never visible: a large object on a structured background needs a learned model (LaMa-class).
 
 use crate::filter::{Plane, gaussian};
 use crate::mask::nonzero_bounds;
 use image::{GrayImage, RgbImage};
+use rayon::prelude::*;
 
 /// Patch radius: 7x7 patches.
 const PR: i32 = 3;
@@ -29,6 +32,14 @@ impl Level {
 /// Xorshift: deterministic, so the same request gives the same fill.
 struct Rng(u64);
 impl Rng {
+    /// A generator for one (level, iteration, pass, pixel): splitmix64 of the key, so neighbouring keys give
+    /// unrelated streams.
+    fn keyed(key: u64) -> Self {
+        let mut z = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Rng((z ^ (z >> 31)) | 1)
+    }
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -183,19 +194,27 @@ fn membrane(fine: &Level) -> Vec<Px> {
 
 /// Jacobi iterations of Laplace's equation on the hole pixels (known pixels are the boundary condition).
 fn relax(l: &mut Level, iters: usize) {
+    let (w, h) = (l.w, l.h);
+    let mut prev = l.img.clone();
     for _ in 0..iters {
-        let prev = l.img.clone();
-        for y in 0..l.h {
-            for x in 0..l.w {
-                let i = l.idx(x, y);
-                if !l.hole[i] {
-                    continue;
+        prev.copy_from_slice(&l.img);
+        let (prev, hole) = (&prev, &l.hole);
+        l.img
+            .par_chunks_mut(w as usize)
+            .enumerate()
+            .for_each(|(y, row)| {
+                let y = y as i32;
+                for x in 0..w {
+                    let i = (y * w + x) as usize;
+                    if !hole[i] {
+                        continue;
+                    }
+                    let n = [(x - 1, y), (x + 1, y), (x, y - 1), (x, y + 1)]
+                        .map(|(a, b)| prev[(b.clamp(0, h - 1) * w + a.clamp(0, w - 1)) as usize]);
+                    row[x as usize] =
+                        std::array::from_fn(|k| 0.25 * (n[0][k] + n[1][k] + n[2][k] + n[3][k]));
                 }
-                let n = [(x - 1, y), (x + 1, y), (x, y - 1), (x, y + 1)]
-                    .map(|(a, b)| prev[l.idx(a.clamp(0, l.w - 1), b.clamp(0, l.h - 1))]);
-                l.img[i] = std::array::from_fn(|k| 0.25 * (n[0][k] + n[1][k] + n[2][k] + n[3][k]));
-            }
-        }
+            });
     }
 }
 
@@ -224,9 +243,18 @@ fn exemplar(fine: Level) -> Level {
             continue;
         }
         nnf = init_nnf(l, &src_ok, &nnf, li < coarsest, &mut rng);
-        let iters = if li == coarsest { 8 } else { 4 };
+        let iters = if li == coarsest {
+            8
+        } else if li == 0 {
+            2
+        } else {
+            4
+        };
         for it in 0..iters {
-            patchmatch(l, &src_ok, &mut nnf, it % 2 == 1, &mut rng);
+            for colour in 0..2 {
+                let key = ((li as u64) << 40) | ((it as u64) << 32) | ((colour as u64) << 31);
+                patchmatch(l, &src_ok, &mut nnf, colour, key);
+            }
             vote(l, &nnf);
         }
     }
@@ -374,16 +402,28 @@ fn init_nnf(
     nnf
 }
 
-/// Sum of squared differences between the patch at t (clamped at the border) and the interior patch at s.
+/// Sum of squared differences between the patch at t (clamped at the border) and the interior patch at s, stopping
+/// once it reaches `best`. A patch row is 7 pixels x 3 channels = 21 contiguous floats on both sides, so the common
+/// case (target away from the border) is a straight-line loop over two slices.
 #[inline]
 fn dist(l: &Level, t: (i32, i32), s: (i32, i32), best: f32) -> f32 {
+    let flat = l.img.as_flattened();
+    let row = (2 * PR + 1) as usize * 3;
+    let interior = t.0 >= PR && t.0 < l.w - PR;
     let mut d = 0.0;
     for dy in -PR..=PR {
         let ty = (t.1 + dy).clamp(0, l.h - 1);
-        for dx in -PR..=PR {
-            let tx = (t.0 + dx).clamp(0, l.w - 1);
-            let (a, b) = (l.img[l.idx(tx, ty)], l.img[l.idx(s.0 + dx, s.1 + dy)]);
-            d += (a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2);
+        let so = l.idx(s.0 - PR, s.1 + dy) * 3;
+        let src = &flat[so..so + row];
+        if interior {
+            let to = l.idx(t.0 - PR, ty) * 3;
+            d += ssd(&flat[to..to + row], src);
+        } else {
+            for (k, dx) in (-PR..=PR).enumerate() {
+                let a = l.img[l.idx((t.0 + dx).clamp(0, l.w - 1), ty)];
+                let b = &src[k * 3..k * 3 + 3];
+                d += (a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2);
+            }
         }
         if d >= best {
             return d;
@@ -392,91 +432,182 @@ fn dist(l: &Level, t: (i32, i32), s: (i32, i32), best: f32) -> f32 {
     d
 }
 
-/// One PatchMatch sweep: propagate good offsets from the previous neighbour, then random search in shrinking windows.
-fn patchmatch(l: &Level, ok: &[bool], nnf: &mut [(i32, i32)], reverse: bool, rng: &mut Rng) {
-    let step: i32 = if reverse { -1 } else { 1 };
-    let order: Vec<i32> = if reverse {
-        (0..l.w * l.h).rev().collect()
-    } else {
-        (0..l.w * l.h).collect()
-    };
-    for i in order {
-        let (x, y) = (i % l.w, i / l.w);
-        let cur = nnf[i as usize];
-        if cur.0 < 0 {
-            continue;
+/// Sum of squared differences of two equal-length rows, in four independent lanes so it compiles to SIMD (a single
+/// running float sum is a dependency chain the compiler may not reorder).
+#[inline]
+fn ssd(a: &[f32], b: &[f32]) -> f32 {
+    let (ac, bc) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum();
+    let mut acc = [0.0f32; 4];
+    for (x, y) in ac.zip(bc) {
+        for k in 0..4 {
+            let d = x[k] - y[k];
+            acc[k] += d * d;
         }
-        let mut best = cur;
-        let mut best_d = dist(l, (x, y), cur, f32::INFINITY);
-        let try_cand = |c: (i32, i32), best: &mut (i32, i32), best_d: &mut f32| {
-            if c.0 >= 0 && c.1 >= 0 && c.0 < l.w && c.1 < l.h && ok[l.idx(c.0, c.1)] {
-                let d = dist(l, (x, y), c, *best_d);
-                if d < *best_d {
-                    (*best, *best_d) = (c, d);
-                }
-            }
-        };
-        for (nx, ny) in [(x - step, y), (x, y - step)] {
-            if nx >= 0 && ny >= 0 && nx < l.w && ny < l.h {
-                let n = nnf[l.idx(nx, ny)];
-                if n.0 >= 0 {
-                    try_cand((n.0 + (x - nx), n.1 + (y - ny)), &mut best, &mut best_d);
-                }
-            }
-        }
-        let mut r = l.w.max(l.h);
-        while r >= 1 {
-            let c = (
-                best.0 + rng.below(2 * r + 1) - r,
-                best.1 + rng.below(2 * r + 1) - r,
-            );
-            try_cand(c, &mut best, &mut best_d);
-            r /= 2;
-        }
-        nnf[i as usize] = best;
     }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
+/// One red-black PatchMatch pass over the pixels with (x + y) % 2 == colour: propagate the offsets of the four
+/// neighbours (all of the other colour, so not written in this pass), then random search in shrinking windows.
+fn patchmatch(l: &Level, ok: &[bool], nnf: &mut [(i32, i32)], colour: i32, key: u64) {
+    let prev = nnf.to_vec();
+    let w = l.w as usize;
+    nnf.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
+        let y = y as i32;
+        for x in ((y + colour) % 2..l.w).step_by(2) {
+            let cur = row[x as usize];
+            if cur.0 < 0 {
+                continue;
+            }
+            let mut best = cur;
+            let mut best_d = dist(l, (x, y), cur, f32::INFINITY);
+            let try_cand = |c: (i32, i32), best: &mut (i32, i32), best_d: &mut f32| {
+                if c.0 >= 0
+                    && c.1 >= 0
+                    && c.0 < l.w
+                    && c.1 < l.h
+                    && ok[l.idx(c.0, c.1)]
+                    && c != *best
+                {
+                    let d = dist(l, (x, y), c, *best_d);
+                    if d < *best_d {
+                        (*best, *best_d) = (c, d);
+                    }
+                }
+            };
+            for (nx, ny) in [(x - 1, y), (x + 1, y), (x, y - 1), (x, y + 1)] {
+                if nx >= 0 && ny >= 0 && nx < l.w && ny < l.h {
+                    let n = prev[l.idx(nx, ny)];
+                    if n.0 >= 0 {
+                        try_cand((n.0 + (x - nx), n.1 + (y - ny)), &mut best, &mut best_d);
+                    }
+                }
+            }
+            let mut rng = Rng::keyed(key ^ l.idx(x, y) as u64);
+            let mut r = l.w.max(l.h);
+            while r >= 1 {
+                let c = (
+                    best.0 + rng.below(2 * r + 1) - r,
+                    best.1 + rng.below(2 * r + 1) - r,
+                );
+                try_cand(c, &mut best, &mut best_d);
+                r /= 2;
+            }
+            row[x as usize] = best;
+        }
+    });
 }
 
 /// Re-estimates hole pixels as the weighted mean of what every overlapping patch's match says they should be.
-/// Weights favour well-matched patches (Wexler's similarity weight) so good copies win over poor averages.
+/// Weights favour well-matched patches (Wexler's similarity weight) so good copies win over poor averages. Written
+/// as a gather (each hole pixel visits the patches covering it) so rows run in parallel without write conflicts.
 fn vote(l: &mut Level, nnf: &[(i32, i32)]) {
-    let mut ds: Vec<f32> = Vec::new();
-    for (i, &s) in nnf.iter().enumerate() {
-        if s.0 >= 0 {
-            ds.push(dist(l, (i as i32 % l.w, i as i32 / l.w), s, f32::INFINITY));
-        }
-    }
-    if ds.is_empty() {
+    let w = l.w as usize;
+    let ds: Vec<f32> = nnf
+        .par_iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            if s.0 >= 0 {
+                dist(l, (i as i32 % l.w, i as i32 / l.w), s, f32::INFINITY)
+            } else {
+                f32::NAN
+            }
+        })
+        .collect();
+    let mut valid: Vec<f32> = ds.iter().copied().filter(|d| !d.is_nan()).collect();
+    if valid.is_empty() {
         return;
     }
-    let mut sorted = ds.clone();
-    let q = sorted.len() * 3 / 4;
-    let sigma2 = sorted.select_nth_unstable_by(q, f32::total_cmp).1.max(1.0);
-    let mut acc = vec![[0.0f32; 4]; l.img.len()];
-    let mut k = 0;
-    for (i, &s) in nnf.iter().enumerate() {
-        if s.0 < 0 {
-            continue;
-        }
-        let wgt = (-ds[k] / (2.0 * sigma2)).exp().max(1e-6);
-        k += 1;
-        let (tx, ty) = (i as i32 % l.w, i as i32 / l.w);
-        for dy in -PR..=PR {
-            for dx in -PR..=PR {
-                let (px, py) = (tx + dx, ty + dy);
-                if px < 0 || py < 0 || px >= l.w || py >= l.h || !l.hole[l.idx(px, py)] {
+    let q = valid.len() * 3 / 4;
+    let sigma2 = valid.select_nth_unstable_by(q, f32::total_cmp).1.max(1.0);
+    let wgt: Vec<f32> = ds
+        .par_iter()
+        .map(|&d| {
+            if d.is_nan() {
+                0.0
+            } else {
+                (-d / (2.0 * sigma2)).exp().max(1e-6)
+            }
+        })
+        .collect();
+    let lv = &*l;
+    let mut next = l.img.clone();
+    next.par_chunks_mut(w).enumerate().for_each(|(py, row)| {
+        let py = py as i32;
+        for px in 0..lv.w {
+            if !lv.hole[lv.idx(px, py)] {
+                continue;
+            }
+            let mut a = [0.0f32; 4];
+            for dy in -PR..=PR {
+                let ty = py - dy;
+                if ty < 0 || ty >= lv.h {
                     continue;
                 }
-                let v = l.img[l.idx(s.0 + dx, s.1 + dy)];
-                let a = &mut acc[l.idx(px, py)];
-                (0..3).for_each(|c| a[c] += wgt * v[c]);
-                a[3] += wgt;
+                for dx in -PR..=PR {
+                    let tx = px - dx;
+                    if tx < 0 || tx >= lv.w {
+                        continue;
+                    }
+                    let t = lv.idx(tx, ty);
+                    let s = nnf[t];
+                    if s.0 < 0 {
+                        continue;
+                    }
+                    let v = lv.img[lv.idx(s.0 + dx, s.1 + dy)];
+                    let k = wgt[t];
+                    (0..3).for_each(|c| a[c] += k * v[c]);
+                    a[3] += k;
+                }
+            }
+            if a[3] > 0.0 {
+                row[px as usize] = [a[0] / a[3], a[1] / a[3], a[2] / a[3]];
+            }
+        }
+    });
+    l.img = next;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_is_identical_for_any_thread_count() {
+        let room = crate::synth::room(160, 120);
+        let run = |threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| inpaint(&room.photo, &room.sofa))
+        };
+        let one = run(1);
+        assert_eq!(one, run(3));
+        assert_eq!(one, run(1), "same request, same fill");
+        // Only hole pixels change.
+        for ((a, b), h) in one
+            .pixels()
+            .zip(room.photo.pixels())
+            .zip(room.sofa.pixels())
+        {
+            if h[0] == 0 {
+                assert_eq!(a, b);
             }
         }
     }
-    for (i, a) in acc.iter().enumerate() {
-        if l.hole[i] && a[3] > 0.0 {
-            l.img[i] = [a[0] / a[3], a[1] / a[3], a[2] / a[3]];
-        }
+
+    #[test]
+    fn row_ssd_matches_the_plain_sum() {
+        let a: Vec<f32> = (0..21).map(|i| (i * 7 % 13) as f32).collect();
+        let b: Vec<f32> = (0..21).map(|i| (i * 5 % 11) as f32).collect();
+        let plain: f32 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
+        assert_eq!(ssd(&a, &b), plain);
     }
 }
