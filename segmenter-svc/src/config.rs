@@ -124,6 +124,11 @@ pub struct Config {
     #[arg(long, env = "DEFAULT_DEADLINE_SEC", default_value_t = 120)]
     pub default_deadline_sec: u64,
 
+    /// After a provider failure (NOT_SERVING), seconds between probes that bring the segmenter back to SERVING when
+    /// the fault was transient. 0 disables them: stay NOT_SERVING until restarted.
+    #[arg(long, env = "REPROBE_INTERVAL_SEC", default_value_t = 15)]
+    pub reprobe_interval_sec: u64,
+
     /// How long graceful shutdown waits for in-flight requests, in seconds.
     #[arg(long, env = "SHUTDOWN_GRACE_SEC", default_value_t = 30)]
     pub shutdown_grace_sec: u64,
@@ -135,6 +140,10 @@ pub struct Config {
     /// Log format: json | text.
     #[arg(long, env = "LOG_FORMAT", default_value = "json")]
     pub log_format: String,
+
+    /// Test-only fault injection; not settable from flags or the environment.
+    #[arg(skip)]
+    pub faults: crate::engine::Faults,
 }
 
 impl Config {
@@ -146,6 +155,10 @@ impl Config {
 
     pub fn max_queue_delay(&self) -> Duration {
         Duration::from_millis(self.max_queue_delay_ms)
+    }
+
+    pub fn reprobe_interval(&self) -> Option<Duration> {
+        (self.reprobe_interval_sec > 0).then(|| Duration::from_secs(self.reprobe_interval_sec))
     }
 
     pub fn default_deadline(&self) -> Duration {

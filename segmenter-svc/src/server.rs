@@ -148,6 +148,8 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
             decoder_chunk,
             text_cache_entries: config.text_cache_entries,
             probe_tokens,
+            reprobe_interval: config.reprobe_interval(),
+            faults: config.faults.clone(),
         },
     )?;
     let info = pb::ModelInfo {

@@ -5,6 +5,7 @@
 //! Admission is fail-fast: a full queue answers RESOURCE_EXHAUSTED at once instead of growing latency without bound.
 //! Requests whose client has gone or whose deadline has passed are dropped before any compute is spent on them.
 
+mod faults;
 mod text_cache;
 mod worker;
 
@@ -19,6 +20,7 @@ use crate::error::Error;
 use crate::model::tokenizer::Tokens;
 use crate::postprocess::{FilterParams, KeptConcept};
 
+pub use faults::Faults;
 pub use worker::{EngineSettings, spawn};
 
 /// One image and its distinct phrases, ready for the model.
@@ -61,7 +63,8 @@ pub struct EngineHandle {
 pub enum Health {
     WarmingUp,
     Serving,
-    /// The execution provider failed a probe after a run error (e.g. a CUDA fault): requests are refused.
+    /// The execution provider failed a probe after a run error (e.g. a CUDA fault): requests are refused, and the
+    /// engine probes again every `reprobe_interval` until one passes.
     Failed(String),
     Stopped,
 }

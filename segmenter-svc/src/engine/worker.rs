@@ -30,6 +30,10 @@ pub struct EngineSettings {
     pub text_cache_entries: usize,
     /// Tokens of a phrase used for warm-up and health probes.
     pub probe_tokens: Tokens,
+    /// While NOT_SERVING, how often to probe for recovery (None: never).
+    pub reprobe_interval: Option<Duration>,
+    /// Test-only fault injection, checked before every session run.
+    pub faults: super::Faults,
 }
 
 /// Starts the inference thread. It warms the sessions up first (health stays WarmingUp until then) and stops when
@@ -79,7 +83,22 @@ impl Worker {
                     .send_replace(Health::Failed(format!("warm-up failed: {e}")));
             }
         }
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = match (self.is_failed(), self.settings.reprobe_interval) {
+                // Refused requests never reach this queue while NOT_SERVING, so time out and probe instead.
+                (true, Some(every)) => match rx.recv_timeout(every) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.reprobe();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+                _ => match rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+            };
             let mut batch = vec![first];
             let until = Instant::now() + self.settings.max_queue_delay;
             while batch.len() < self.settings.max_batch_images {
@@ -95,6 +114,23 @@ impl Worker {
         }
         self.health.send_replace(Health::Stopped);
         tracing::info!("inference thread stopped");
+    }
+
+    fn is_failed(&self) -> bool {
+        matches!(*self.health.borrow(), Health::Failed(_))
+    }
+
+    /// A recovery probe while NOT_SERVING: a transient provider fault (memory taken by a co-tenant, a driver hiccup)
+    /// should not need a restart; a fault that persists keeps failing here and the liveness probe restarts the pod.
+    fn reprobe(&mut self) {
+        match self.probe() {
+            Ok(()) => {
+                tracing::warn!("health probe passed again: SERVING");
+                metrics::counter!("segmenter_recoveries_total").increment(1);
+                self.health.send_replace(Health::Serving);
+            }
+            Err(e) => tracing::warn!(error = %e, "recovery probe failed: still NOT_SERVING"),
+        }
     }
 
     /// Runs a batch; a run error fails the batch, then a probe decides whether the provider itself is broken.
@@ -151,8 +187,11 @@ impl Worker {
         let Sessions {
             vision, decoder, ..
         } = &mut self.sessions;
+        let faults = &self.settings.faults;
+        faults.check("vision")?;
         let vision_out = run_vision(vision, &pixels, 1, s)?;
         let fpn = fpn_views(&vision_out)?;
+        faults.check("decoder")?;
         decode_chunk(
             decoder,
             &self.settings,
@@ -205,6 +244,7 @@ impl Worker {
             cache,
             ..
         } = self;
+        settings.faults.check("vision")?;
         let vision_out = run_vision(&mut sessions.vision, &pixels, jobs.len(), s)?;
         let fpn = fpn_views(&vision_out)?;
         let vision = t1.elapsed();
@@ -227,6 +267,7 @@ impl Worker {
             let mut filter_time = Duration::ZERO;
             let chunk = settings.decoder_chunk.max(1);
             for (f, t) in features.chunks(chunk).zip(tokens.chunks(chunk)) {
+                settings.faults.check("decoder")?;
                 let (kept, spent) = decode_chunk(
                     &mut sessions.decoder,
                     settings,
@@ -262,6 +303,7 @@ impl Worker {
         let l = self.settings.context;
         let ids: Vec<i64> = tokens.iter().flat_map(|t| t.ids.iter().copied()).collect();
         let mask: Vec<i64> = tokens.iter().flat_map(|t| t.mask.iter().copied()).collect();
+        self.settings.faults.check("text")?;
         let outputs = self.sessions.text.run(ort::inputs![
             "input_ids" => TensorRef::from_array_view(([n, l], &ids[..]))?,
             "attention_mask" => TensorRef::from_array_view(([n, l], &mask[..]))?,

@@ -1,0 +1,61 @@
+//! Fault injection for tests: makes the engine's ONNX Runtime calls fail the way a broken execution provider does (a
+//! lost CUDA context, device memory exhausted by a co-tenant). Nothing in the configuration or the environment can
+//! arm it: only code that builds a `Config` (the integration tests) holds the handle.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+#[derive(Clone, Debug, Default)]
+pub struct Faults(Arc<State>);
+
+#[derive(Debug, Default)]
+struct State {
+    fail_next: AtomicUsize,
+    broken: AtomicBool,
+}
+
+impl Faults {
+    /// The next `n` session runs fail, then runs succeed again (a transient fault).
+    pub fn fail_next_runs(&self, n: usize) {
+        self.0.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Every session run fails until this is called with `false` (a provider that stays broken, or recovers).
+    pub fn set_broken(&self, broken: bool) {
+        self.0.broken.store(broken, Ordering::SeqCst);
+    }
+
+    /// Called before each session run.
+    pub(crate) fn check(&self, stage: &str) -> ort::Result<()> {
+        let transient = self
+            .0
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if transient || self.0.broken.load(Ordering::SeqCst) {
+            return Err(ort::Error::new(format!(
+                "injected fault in the {stage} run"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_faults_count_down_and_broken_holds() {
+        let f = Faults::default();
+        assert!(f.check("vision").is_ok());
+        f.fail_next_runs(2);
+        assert!(f.check("vision").is_err());
+        assert!(f.check("decoder").is_err());
+        assert!(f.check("vision").is_ok());
+        f.set_broken(true);
+        assert!(f.check("text").is_err() && f.check("text").is_err());
+        f.set_broken(false);
+        assert!(f.check("text").is_ok());
+    }
+}

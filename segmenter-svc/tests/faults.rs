@@ -1,0 +1,105 @@
+//! Execution-provider failures, injected (a CPU run cannot be made to fail like a lost CUDA context otherwise): a
+//! transient fault fails only the request it hit; a provider that stays broken turns health NOT_SERVING and requests
+//! UNAVAILABLE; when it works again a recovery probe brings the segmenter back to SERVING without a restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, image_bytes, request, test_config};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const SERVING: i32 = ServingStatus::Serving as i32;
+const NOT_SERVING: i32 = ServingStatus::NotServing as i32;
+
+async fn wait_health(server: &TestServer, want: i32) {
+    for _ in 0..200 {
+        if server.health().await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("health never became {want} (now {})", server.health().await);
+}
+
+#[tokio::test]
+async fn a_transient_fault_fails_only_its_request() {
+    let config = test_config();
+    let faults = config.faults.clone();
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let req = || request(image_bytes("room_640x480.jpg"), &["wall"]);
+
+    faults.fail_next_runs(1);
+    let err = client.segment(req()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message().contains("injected fault"),
+        "{}",
+        err.message()
+    );
+    // The probe after the error passed: still serving, and the next request is answered.
+    assert_eq!(server.health().await, SERVING);
+    let ok = client.segment(req()).await.unwrap().into_inner();
+    assert_eq!(ok.concepts.len(), 1);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_broken_provider_goes_not_serving_and_recovers_by_probe() {
+    let mut config = test_config();
+    config.reprobe_interval_sec = 1;
+    let faults = config.faults.clone();
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let req = || request(image_bytes("room_640x480.jpg"), &["wall", "floor"]);
+
+    faults.set_broken(true);
+    let err = client.segment(req()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "the request that hit the fault");
+    wait_health(&server, NOT_SERVING).await;
+    // Refused at admission now, with the reason, instead of queueing work on a broken device.
+    let err = client.segment(req()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("execution provider failed"),
+        "{}",
+        err.message()
+    );
+    // Model info stays available for operators while NOT_SERVING.
+    client
+        .get_model_info(palette_proto::segmenter::v1::GetModelInfoRequest {})
+        .await
+        .unwrap();
+
+    // Still broken at the next recovery probe: stays NOT_SERVING.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(server.health().await, NOT_SERVING);
+
+    faults.set_broken(false);
+    wait_health(&server, SERVING).await;
+    let ok = client.segment(req()).await.unwrap().into_inner();
+    assert_eq!(ok.concepts.len(), 2);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_reprobes_a_broken_provider_stays_not_serving() {
+    let mut config = test_config();
+    config.reprobe_interval_sec = 0;
+    let faults = config.faults.clone();
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+
+    faults.set_broken(true);
+    let _ = client
+        .segment(request(image_bytes("room_640x480.jpg"), &["wall"]))
+        .await
+        .unwrap_err();
+    wait_health(&server, NOT_SERVING).await;
+    faults.set_broken(false);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.health().await, NOT_SERVING, "no probe, no recovery");
+    server.stop().await.unwrap();
+}
