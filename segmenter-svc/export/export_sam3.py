@@ -5,20 +5,23 @@ Graphs (opset 17, legacy TorchScript exporter, fp32 inputs/outputs in every prec
   vision.onnx   pixel_values f32 [B,3,S,S]                     -> fpn_0 [B,C,M,M], fpn_1 [B,C,M/2,M/2], fpn_2 [B,C,M/4,M/4]
   text.onnx     input_ids, attention_mask i64 [N,32]           -> text_features f32 [N,32,D]
   decoder.onnx  fpn_0..2 of ONE image (batch 1), text_features [N,32,D], text_mask i64 [N,32]
-                -> pred_masks [N,Q,M,M] (logits), pred_boxes [N,Q,4] (xyxy in [0,1]), pred_logits [N,Q],
-                   presence_logits [N,1], semantic_seg [N,1,M,M]
-with S = image size, M = 4*S/14, C = FPN channels, D = text feature dim, Q = queries.
+                -> topk_masks [N,K,M,M] (logits), topk_boxes [N,K,4] (xyxy in [0,1]), topk_logits [N,K],
+                   topk_queries i64 [N,K], presence_logits [N,1], semantic_seg [N,1,M,M]
+with S = image size, M = 4*S/14, C = FPN channels, D = text feature dim, Q = queries, K = min(--topk, Q) (default 32):
+the decoder keeps its best K queries by logit, best first, so the dense [N,Q,M,M] masks (66 MB per phrase at full
+size) stay inside ONNX Runtime. --topk 0 exports the dense outputs instead (pred_masks [N,Q,M,M], pred_boxes,
+pred_logits [N,Q]); the server reads both forms.
 
 Usage:
   # the real model (gated: HF_TOKEN must hold a token with access), or a local snapshot directory
   HF_TOKEN=hf_... python export_sam3.py --model facebook/sam3 --revision main --out /models/sam3
   python export_sam3.py --model /path/to/sam3-snapshot --out /models/sam3 --precision fp16
 
-  # random weights, no download (tiny = the committed test model; full = Sam3Config() defaults)
-  python export_sam3.py --random-init tiny --seed 0 --out ../models/sam3-tiny
+  # random weights, no download (tiny = the committed test model, exported with --topk 16; full = Sam3Config())
+  python export_sam3.py --random-init tiny --seed 0 --topk 16 --out ../models/sam3-tiny
 
   # parity: PyTorch vs ONNX Runtime (CPU) on real images; writes reference fixtures, fails on disagreement
-  python export_sam3.py --random-init tiny --seed 0 --out ../models/sam3-tiny \
+  python export_sam3.py --random-init tiny --seed 0 --topk 16 --out ../models/sam3-tiny \
       --parity-out /tmp/parity --images a.jpg b.png --concepts wall floor sofa --score-threshold 0.5
   python export_sam3.py ... --parity-out ../tests/fixtures/reference --cases fixture_cases.json
 
@@ -247,7 +250,7 @@ def model_dims(model) -> dict:
     }
 
 
-def wrappers(model):
+def wrappers(model, topk: int = 0):
     import torch
     from torch import nn
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -279,6 +282,7 @@ def wrappers(model):
         def __init__(self):
             super().__init__()
             self.model = model
+            self.topk = topk
             pe = model.vision_encoder.neck.position_encoding
             self.pe_args = (pe.num_position_features, pe.normalize, pe.scale, pe.temperature)
 
@@ -291,7 +295,18 @@ def wrappers(model):
                                              fpn_position_encoding=tuple(pos) + (pos[-1],))
             out = self.model(vision_embeds=vision, text_embeds=BaseModelOutputWithPooling(pooler_output=text_features),
                              attention_mask=text_mask)
-            return out.pred_masks, out.pred_boxes, out.pred_logits, out.presence_logits, out.semantic_seg
+            if not self.topk:
+                return out.pred_masks, out.pred_boxes, out.pred_logits, out.presence_logits, out.semantic_seg
+            # Ranking by logit ranks by score too: σ(presence) is one positive factor per phrase.
+            q = out.pred_logits.shape[1]
+            logits, idx = torch.topk(out.pred_logits, self.topk, dim=1)
+            # Gather as rows of [N*Q, ...] (ONNX Gather with an [N*K] index) rather than torch.gather, whose ONNX
+            # GatherElements needs an index as large as the [N,K,M,M] result.
+            flat = (idx + torch.arange(n, device=idx.device)[:, None] * q).reshape(-1)
+            m = out.pred_masks.shape[2:]
+            masks = out.pred_masks.reshape(n * q, -1).index_select(0, flat).reshape(n, self.topk, *m)
+            boxes = out.pred_boxes.reshape(n * q, 4).index_select(0, flat).reshape(n, self.topk, 4)
+            return masks, boxes, logits, idx, out.presence_logits, out.semantic_seg
 
     return Vision().eval(), Text().eval(), Decoder().eval()
 
@@ -328,14 +343,14 @@ def _save_onnx(onnx_model, path: Path) -> list[Path]:
     return []
 
 
-def export_graphs(model, out: Path, precision: str, opset: int) -> dict:
+def export_graphs(model, out: Path, precision: str, opset: int, topk: int) -> dict:
     import onnx
     import torch
 
     dims = model_dims(model)
-    contract = common.graph_contract(**dims)
+    contract = common.graph_contract(**dims, topk=topk)
     s, t = dims["image_size"], common.CONTEXT_LENGTH
-    vision, text, decoder = wrappers(model)
+    vision, text, decoder = wrappers(model, topk)
 
     # Example size 2 for every dynamic dim (size 1 gets specialised away by the exporters).
     gen = torch.Generator().manual_seed(1234)
@@ -356,7 +371,7 @@ def export_graphs(model, out: Path, precision: str, opset: int) -> dict:
                                                     "text_features": {0: "N"}}),
         "decoder": (decoder, (*fpn, text_features, attention_mask),
                     {"text_features": {0: "N"}, "text_mask": {0: "N"},
-                     **{name: {0: "N"} for name in common.OUTPUT_NAMES}}),
+                     **{name: {0: "N"} for name in common.decoder_output_names(topk)}}),
     }
     graphs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -402,7 +417,7 @@ def session_hints(precision: str) -> dict:
     return {"disable_memory_pattern": precision == "fp16"}
 
 
-def write_manifest(out: Path, info: dict, dims: dict, precision: str, opset: int, graphs: dict) -> dict:
+def write_manifest(out: Path, info: dict, dims: dict, precision: str, opset: int, graphs: dict, topk: int) -> dict:
     import torch
     import transformers
 
@@ -421,6 +436,7 @@ def write_manifest(out: Path, info: dict, dims: dict, precision: str, opset: int
         "resize": common.RESIZE,
         "mask_size": common.mask_size(dims["image_size"]),
         "num_queries": dims["num_queries"],
+        "decoder_topk": topk,
         "text_context_length": common.CONTEXT_LENGTH,
         "text_feature_dim": dims["text_feature_dim"],
         "fpn_channels": dims["fpn_channels"],
@@ -465,8 +481,7 @@ def ort_run(sessions: dict, pixel_values, input_ids, attention_mask) -> dict:
     fpn = sessions["vision"].run(list(common.FPN_NAMES), {"pixel_values": pixel_values})
     (text_features,) = sessions["text"].run(["text_features"], {"input_ids": input_ids,
                                                                "attention_mask": attention_mask})
-    feeds = dict(zip(common.FPN_NAMES, fpn), text_features=text_features, text_mask=attention_mask)
-    return dict(zip(common.OUTPUT_NAMES, sessions["decoder"].run(list(common.OUTPUT_NAMES), feeds)))
+    return check_onnx.run_decoder(sessions, fpn, text_features, attention_mask)
 
 
 def tolerance(precision: str, ref: np.ndarray) -> float:
@@ -475,7 +490,7 @@ def tolerance(precision: str, ref: np.ndarray) -> float:
     return atol + rtol * float(np.abs(ref).max())
 
 
-def run_parity(model, model_dir: Path, cases: list[dict], parity_out: Path, precision: str) -> bool:
+def run_parity(model, model_dir: Path, cases: list[dict], parity_out: Path, precision: str, topk: int) -> bool:
     tokenizer = common.load_tokenizer(model_dir / "tokenizer.json")
     size = model_dims(model)["image_size"]
     sessions = ort_sessions(model_dir)
@@ -488,17 +503,19 @@ def run_parity(model, model_dir: Path, cases: list[dict], parity_out: Path, prec
         input_ids, attention_mask, lengths = common.tokenize(tokenizer, case["concepts"])
         ref = torch_reference(model, pixel_values, input_ids, attention_mask)
         got = ort_run(sessions, pixel_values, input_ids, attention_mask)
+        # The fixtures keep PyTorch's dense outputs; a top-k graph is compared with their top-k form.
+        want = common.to_topk(ref, topk) if topk else ref
 
         case_dir = parity_out / f"case_{i}"
         case_dir.mkdir(parents=True, exist_ok=True)
         print(f"case_{i}: {image_path.name} {image.size[0]}x{image.size[1]} concepts={case['concepts']} "
               f"tokens={lengths}")
-        for name in common.OUTPUT_NAMES:
-            delta = float(np.abs(ref[name] - got[name]).max())
-            tol = tolerance(precision, ref[name])
+        for name in common.decoder_output_names(topk):
+            delta = float(np.abs(want[name] - got[name]).max())
+            tol = tolerance(precision, want[name])
             flag = "ok" if delta <= tol else "FAIL"
             ok &= delta <= tol
-            print(f"  {name:16s} shape={list(ref[name].shape)} max|ref|={np.abs(ref[name]).max():9.4f} "
+            print(f"  {name:16s} shape={list(want[name].shape)} max|ref|={np.abs(want[name]).max():9.4f} "
                   f"max|Δ|={delta:.3e} tol={tol:.1e} {flag}")
 
         threshold = float(case.get("score_threshold", 0.5))
@@ -539,6 +556,9 @@ def parse_args(argv=None):
     ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="same as --precision fp16")
     ap.add_argument("--opset", type=int, default=common.OPSET, help=argparse.SUPPRESS)
+    ap.add_argument("--topk", type=int, default=common.DEFAULT_TOPK,
+                    help="queries the decoder returns per phrase, best first (capped at the model's; 0: all, dense "
+                         f"outputs). Bounds MAX_INSTANCES_PER_CONCEPT. Default {common.DEFAULT_TOPK}")
     ap.add_argument("--clip-bpe", default=None, help=f"path to {BPE_NAME} (default: found automatically, see above)")
     ap.add_argument("--parity-out", type=Path, default=None, help="run PyTorch vs ORT and write reference outputs here")
     ap.add_argument("--images", nargs="+", default=[], help="parity images (all get the same --concepts)")
@@ -571,8 +591,9 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model ready: {n_params:,} parameters ({time.time() - t0:.1f} s) {info}", flush=True)
 
-    graphs = export_graphs(model, args.out, args.precision, args.opset)
-    manifest = write_manifest(args.out, info, model_dims(model), args.precision, args.opset, graphs)
+    topk = min(max(args.topk, 0), model_dims(model)["num_queries"])
+    graphs = export_graphs(model, args.out, args.precision, args.opset, topk)
+    manifest = write_manifest(args.out, info, model_dims(model), args.precision, args.opset, graphs, topk)
     print(f"manifest.json written: image_size={manifest['image_size']} mask_size={manifest['mask_size']} "
           f"queries={manifest['num_queries']} D={manifest['text_feature_dim']} C={manifest['fpn_channels']}")
 
@@ -585,7 +606,7 @@ def main(argv=None) -> int:
         else:
             cases = [{"image": img, "concepts": args.concepts, "score_threshold": args.score_threshold}
                      for img in args.images]
-        if not run_parity(model, args.out, cases, args.parity_out, args.precision):
+        if not run_parity(model, args.out, cases, args.parity_out, args.precision, topk):
             print("PARITY FAILED: ONNX Runtime and PyTorch disagree beyond tolerance", file=sys.stderr)
             return 1
         print("parity ok")

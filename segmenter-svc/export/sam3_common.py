@@ -26,6 +26,14 @@ IMAGE_MEAN = [0.5, 0.5, 0.5]
 IMAGE_STD = [0.5, 0.5, 0.5]
 RESIZE = "bilinear_antialias"
 OUTPUT_NAMES = ("pred_masks", "pred_boxes", "pred_logits", "presence_logits", "semantic_seg")
+# The decoder's outputs when it selects its best K queries itself (--topk K): the dense [N, Q, M, M] mask tensor then
+# never leaves ONNX Runtime (on CUDA: never crosses to the host; 66 MB per phrase at full size).
+TOPK_OUTPUT_NAMES = ("topk_masks", "topk_boxes", "topk_logits", "topk_queries", "presence_logits", "semantic_seg")
+DEFAULT_TOPK = 32
+
+
+def decoder_output_names(topk: int) -> tuple:
+    return TOPK_OUTPUT_NAMES if topk else OUTPUT_NAMES
 FPN_NAMES = ("fpn_0", "fpn_1", "fpn_2")
 
 # Known ids from the CLIP BPE vocabulary; a tokenizer.json that disagrees is built from the wrong files.
@@ -44,8 +52,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def graph_contract(image_size: int, fpn_channels: int, text_feature_dim: int, num_queries: int) -> dict:
-    """Names, dtypes and shapes of the three graphs; symbols are the dynamic dims (B images, N phrases)."""
+def graph_contract(image_size: int, fpn_channels: int, text_feature_dim: int, num_queries: int,
+                   topk: int = 0) -> dict:
+    """Names, dtypes and shapes of the three graphs; symbols are the dynamic dims (B images, N phrases). With topk > 0
+    the decoder returns its best `topk` queries per phrase (by logit, best first) instead of all of them."""
     s, c, d, q = image_size, fpn_channels, text_feature_dim, num_queries
     m = mask_size(image_size)
     t = CONTEXT_LENGTH
@@ -65,6 +75,13 @@ def graph_contract(image_size: int, fpn_channels: int, text_feature_dim: int, nu
         "decoder": {
             "inputs": fpn_1 + [io("text_features", "float32", ["N", t, d]), io("text_mask", "int64", ["N", t])],
             "outputs": [
+                io("topk_masks", "float32", ["N", topk, m, m]),
+                io("topk_boxes", "float32", ["N", topk, 4]),
+                io("topk_logits", "float32", ["N", topk]),
+                io("topk_queries", "int64", ["N", topk]),
+                io("presence_logits", "float32", ["N", 1]),
+                io("semantic_seg", "float32", ["N", 1, m, m]),
+            ] if topk else [
                 io("pred_masks", "float32", ["N", q, m, m]),
                 io("pred_boxes", "float32", ["N", q, 4]),
                 io("pred_logits", "float32", ["N", q]),
@@ -72,6 +89,19 @@ def graph_contract(image_size: int, fpn_channels: int, text_feature_dim: int, nu
                 io("semantic_seg", "float32", ["N", 1, m, m]),
             ],
         },
+    }
+
+
+def to_topk(dense: dict, k: int) -> dict:
+    """The dense (PyTorch reference) outputs in the decoder's top-k form: best k queries by logit, best first."""
+    order = np.argsort(-dense["pred_logits"], axis=1, kind="stable")[:, :k]
+    return {
+        "topk_masks": np.take_along_axis(dense["pred_masks"], order[:, :, None, None], axis=1),
+        "topk_boxes": np.take_along_axis(dense["pred_boxes"], order[:, :, None], axis=1),
+        "topk_logits": np.take_along_axis(dense["pred_logits"], order, axis=1),
+        "topk_queries": order.astype(np.int64),
+        "presence_logits": dense["presence_logits"],
+        "semantic_seg": dense["semantic_seg"],
     }
 
 
@@ -135,17 +165,23 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 def expected_instances(outputs: dict, concepts: list[str], threshold: float, width: int, height: int) -> dict:
     """Per concept: presence score and kept instances (score = σ(logit)·σ(presence) > threshold), best first."""
     presence = sigmoid(outputs["presence_logits"][:, 0])
-    scores = sigmoid(outputs["pred_logits"]) * presence[:, None]
+    if "topk_queries" in outputs:  # positions are ranks; the query index comes with them
+        logits, boxes, queries = outputs["topk_logits"], outputs["topk_boxes"], outputs["topk_queries"]
+    else:
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        queries = np.broadcast_to(np.arange(logits.shape[1]), logits.shape)
+    scores = sigmoid(logits) * presence[:, None]
     scale = np.array([width, height, width, height], dtype=np.float64)
     result = []
     for n, concept in enumerate(concepts):
         keep = np.nonzero(scores[n] > threshold)[0]
         keep = keep[np.argsort(-scores[n][keep], kind="stable")]
         instances = []
-        for q in keep:
-            box = outputs["pred_boxes"][n, q].astype(np.float64) * scale
+        for pos in keep:
+            box = boxes[n, pos].astype(np.float64) * scale
             box = np.clip(box, 0, scale)
-            instances.append({"query": int(q), "score": float(scores[n, q]), "box": [float(v) for v in box]})
+            instances.append({"query": int(queries[n, pos]), "score": float(scores[n, pos]),
+                              "box": [float(v) for v in box]})
         result.append({"concept": concept, "presence_score": float(presence[n]), "instances": instances})
     return {"score_threshold": threshold, "image_width": width, "image_height": height, "concepts": result}
 

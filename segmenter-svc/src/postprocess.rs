@@ -1,17 +1,21 @@
-//! From the decoder's dense outputs to a few kept instances, and from kept instances to wire formats.
+//! From the decoder's outputs to a few kept instances, and from kept instances to wire formats.
 //!
-//! Filtering happens first and on the inference thread: of the decoder's [N, Q, M, M] mask logits only the kept
-//! instances' planes are copied out (at full size, 66 MB per phrase would otherwise be copied per request). Encoding
-//! (probabilities, COCO RLE at the photo's resolution) happens later, off the inference thread.
+//! The exported decoder already keeps its best K queries per phrase (top-k inside the graph, so the dense
+//! [N, Q, M, M] mask tensor, 66 MB per phrase at full size, never leaves ONNX Runtime); older dense exports return all
+//! Q. Filtering (threshold, cap) happens first and on the inference thread, and only the kept instances' planes are
+//! copied out. Encoding (probabilities, COCO RLE at the photo's resolution) happens later, off the inference thread.
 
-/// Decoder outputs of one concept, borrowed from the session's output buffers.
+/// Decoder outputs of one concept, borrowed from the session's output buffers. Rows are the decoder's candidates:
+/// every query (dense export), or its best K by logit with their query indices (top-k export).
 pub struct ConceptOutputs<'a> {
-    /// [Q, M, M]
+    /// [R, M, M]
     pub masks: &'a [f32],
-    /// [Q, 4], xyxy normalised to [0, 1]
+    /// [R, 4], xyxy normalised to [0, 1]
     pub boxes: &'a [f32],
-    /// [Q]
+    /// [R]
     pub logits: &'a [f32],
+    /// [R] query index of each row; None when row r is query r.
+    pub queries: Option<&'a [i64]>,
     pub presence_logit: f32,
     /// [M, M]
     pub semantic: &'a [f32],
@@ -61,7 +65,9 @@ pub fn filter_concept(
         .map(|(q, &l)| (q, sigmoid(l) * presence))
         .filter(|&(_, s)| s > p.threshold)
         .collect();
-    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let query = |row: usize| out.queries.map_or(row, |q| q[row] as usize);
+    // Best first; equal scores in query order, whichever order the graph listed them in.
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(query(a.0).cmp(&query(b.0))));
     scored.truncate(p.max_instances);
     let plane = mask_size * mask_size;
     let (w, h) = (image.0 as f32, image.1 as f32);
@@ -76,7 +82,7 @@ pub fn filter_concept(
                 (b[3] * h).clamp(0.0, h),
             ];
             KeptInstance {
-                query: q as u32,
+                query: query(q) as u32,
                 score,
                 bbox,
                 mask_logits: out.masks[q * plane..(q + 1) * plane].to_vec(),
@@ -208,6 +214,7 @@ mod tests {
             masks: &masks,
             boxes: &boxes,
             logits: &logits,
+            queries: None,
             presence_logit: 10.0,
             semantic: &[0.0; 4],
         };
@@ -262,6 +269,40 @@ mod tests {
             },
         );
         assert!(none.instances.is_empty());
+    }
+
+    #[test]
+    fn top_k_rows_report_their_query_and_break_ties_by_it() {
+        // A top-k decoder's rows: best logit first, each with its query index. Rows 1 and 2 tie.
+        let m = 1;
+        let masks = [10.0, 11.0, 12.0];
+        let boxes = [0.0; 12];
+        let logits = [4.0, 1.0, 1.0];
+        let queries = [17i64, 9, 3];
+        let out = ConceptOutputs {
+            masks: &masks,
+            boxes: &boxes,
+            logits: &logits,
+            queries: Some(&queries),
+            presence_logit: 10.0,
+            semantic: &[0.0],
+        };
+        let kept = filter_concept(
+            &out,
+            m,
+            (10, 10),
+            FilterParams {
+                threshold: 0.5,
+                max_instances: 10,
+                keep_semantic: false,
+            },
+        );
+        let got: Vec<(u32, f32)> = kept
+            .instances
+            .iter()
+            .map(|i| (i.query, i.mask_logits[0]))
+            .collect();
+        assert_eq!(got, vec![(17, 10.0), (3, 12.0), (9, 11.0)]);
     }
 
     #[test]

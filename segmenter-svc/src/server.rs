@@ -128,6 +128,20 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
             "this model has RANDOM weights: shapes and speed are real, masks are meaningless"
         );
     }
+    // A top-k decoder cannot return more than K instances per phrase: the configured limit is capped there (and the
+    // capped value is what GetModelInfo reports and requests are validated against).
+    let max_instances = match manifest.decoder_topk {
+        0 => config.max_instances_per_concept,
+        k if config.max_instances_per_concept > k => {
+            tracing::info!(
+                configured = config.max_instances_per_concept,
+                decoder_topk = k,
+                "MAX_INSTANCES_PER_CONCEPT capped at what this export's decoder returns (re-export with a larger --topk to raise it)"
+            );
+            k
+        }
+        _ => config.max_instances_per_concept,
+    };
     let decoder_chunk = match config.decoder_chunk {
         0 => provider.default_decoder_chunk(),
         n => n,
@@ -150,6 +164,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
             probe_tokens,
             reprobe_interval: config.reprobe_interval(),
             faults: config.faults.clone(),
+            decoder_topk: manifest.decoder_topk as usize,
         },
     )?;
     let info = pb::ModelInfo {
@@ -169,7 +184,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
             max_message_bytes: config.max_message_bytes as u64,
             max_batch_images: config.max_batch_images as u32,
             queue_capacity: config.queue_capacity as u32,
-            max_instances_per_concept: config.max_instances_per_concept,
+            max_instances_per_concept: max_instances,
         }),
     };
     Ok(Arc::new(Shared {
@@ -186,7 +201,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
         max_concepts: config.max_concepts,
         max_concept_chars: config.max_concept_chars,
         default_threshold: config.default_score_threshold,
-        max_instances: config.max_instances_per_concept,
+        max_instances,
         default_deadline: config.default_deadline(),
         preprocess_permits: Arc::new(Semaphore::new(config.preprocess_concurrency.max(1))),
     }))

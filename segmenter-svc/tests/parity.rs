@@ -129,9 +129,51 @@ async fn preprocessing_matches_pil_within_two_levels() {
 
 #[tokio::test]
 async fn model_outputs_match_pytorch() {
-    let shared = segmenter_svc::server::load(&common::test_config())
-        .await
-        .unwrap();
+    let shared = check_parity(common::test_config()).await;
+    // The bundled export's decoder returns its best 16 of 20 queries: the configured 20 is capped there.
+    assert_eq!(
+        shared
+            .info
+            .limits
+            .as_ref()
+            .unwrap()
+            .max_instances_per_concept,
+        16
+    );
+    assert_eq!(shared.max_instances, 16);
+}
+
+/// A model exported before the decoder selected its top-k queries (or with `--topk 0`): dense outputs, read the
+/// old way. Same weights, so the same references.
+#[tokio::test]
+async fn dense_decoder_exports_still_match_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    let dense = common::fixtures_dir().join("../dense-decoder");
+    for file in ["decoder.onnx", "manifest.json"] {
+        std::fs::copy(dense.join(file), dir.path().join(file)).unwrap();
+    }
+    for file in ["vision.onnx", "text.onnx", "tokenizer.json"] {
+        std::fs::copy(common::tiny_model_dir().join(file), dir.path().join(file)).unwrap();
+    }
+    let mut config = common::test_config();
+    config.model_dir = Some(dir.path().to_path_buf());
+    let shared = check_parity(config).await;
+    assert_eq!(
+        shared
+            .info
+            .limits
+            .as_ref()
+            .unwrap()
+            .max_instances_per_concept,
+        20,
+        "no top-k cap on a dense export"
+    );
+}
+
+async fn check_parity(
+    config: segmenter_svc::Config,
+) -> std::sync::Arc<segmenter_svc::service::Shared> {
+    let shared = segmenter_svc::server::load(&config).await.unwrap();
     let mut health = shared.engine.health();
     tokio::time::timeout(
         Duration::from_secs(60),
@@ -232,4 +274,5 @@ async fn model_outputs_match_pytorch() {
             dir.display()
         );
     }
+    shared
 }

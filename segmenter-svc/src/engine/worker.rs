@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
 use std::time::{Duration, Instant};
 
-use ort::session::{Session, SessionOutputs};
-use ort::value::TensorRef;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session, SessionOutputs};
+use ort::value::{Shape, Tensor, TensorRef, TensorRefMut};
 use tokio::sync::watch;
 
 use super::text_cache::TextCache;
@@ -34,6 +35,8 @@ pub struct EngineSettings {
     pub reprobe_interval: Option<Duration>,
     /// Test-only fault injection, checked before every session run.
     pub faults: super::Faults,
+    /// The decoder returns its best K queries per phrase (0: all of them, dense outputs).
+    pub decoder_topk: usize,
 }
 
 /// Starts the inference thread. It warms the sessions up first (health stays WarmingUp until then) and stops when
@@ -185,11 +188,16 @@ impl Worker {
             keep_semantic: false,
         };
         let Sessions {
-            vision, decoder, ..
+            vision,
+            decoder,
+            provider,
+            ..
         } = &mut self.sessions;
         let faults = &self.settings.faults;
         faults.check("vision")?;
-        let vision_out = run_vision(vision, &pixels, 1, s)?;
+        let binding = bind_vision(vision, pixels, 1, s, provider)?;
+        let vision_out = vision.run_binding(&binding)?;
+        binding.synchronize_outputs()?;
         let fpn = fpn_views(&vision_out)?;
         faults.check("decoder")?;
         decode_chunk(
@@ -230,8 +238,9 @@ impl Worker {
         }
         let text = t0.elapsed();
 
-        // Vision: one run for the whole batch. Its outputs stay in ONNX Runtime's buffers and the decoder reads
-        // each image's slice from there: no copy of the FPN levels (about 110 MB per image at full size).
+        // Vision: one run for the whole batch. Its outputs are bound to the execution provider's device and the
+        // decoder reads each image's slice there: the FPN levels (about 110 MB per image at full size) are neither
+        // copied on the host nor, with CUDA, sent across PCIe and back.
         let t1 = Instant::now();
         let s = self.settings.image_size;
         let mut pixels = Vec::with_capacity(jobs.len() * 3 * s * s);
@@ -245,7 +254,9 @@ impl Worker {
             ..
         } = self;
         settings.faults.check("vision")?;
-        let vision_out = run_vision(&mut sessions.vision, &pixels, jobs.len(), s)?;
+        let binding = bind_vision(&sessions.vision, pixels, jobs.len(), s, &sessions.provider)?;
+        let vision_out = sessions.vision.run_binding(&binding)?;
+        binding.synchronize_outputs()?;
         let fpn = fpn_views(&vision_out)?;
         let vision = t1.elapsed();
         metrics::histogram!("segmenter_stage_seconds", "stage" => "vision")
@@ -314,24 +325,56 @@ impl Worker {
     }
 }
 
-/// Runs the vision encoder on `count` images; the outputs borrow the session until dropped.
-fn run_vision<'s>(
-    vision: &'s mut Session,
-    pixels: &[f32],
+/// Binds a vision run: the batch's pixels in (moved, not copied), the three FPN levels out to the provider's device.
+fn bind_vision(
+    vision: &Session,
+    pixels: Vec<f32>,
     count: usize,
     size: usize,
-) -> ort::Result<SessionOutputs<'s>> {
-    vision.run(ort::inputs!["pixel_values" => TensorRef::from_array_view(([count, 3, size, size], pixels))?])
+    provider: &Provider,
+) -> ort::Result<IoBinding> {
+    let mut binding = vision.create_binding()?;
+    binding.bind_input(
+        "pixel_values",
+        &Tensor::from_array(([count, 3, size, size], pixels))?,
+    )?;
+    let memory = match provider {
+        Provider::Cuda(id) => MemoryInfo::new(
+            AllocationDevice::CUDA,
+            *id,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )?,
+        Provider::Cpu => MemoryInfo::default(),
+    };
+    for name in ["fpn_0", "fpn_1", "fpn_2"] {
+        binding.bind_output_to_device(name, &memory)?;
+    }
+    Ok(binding)
 }
 
-/// The three FPN levels of a vision batch, borrowed from the session's output buffers.
+/// The three FPN levels of a vision batch, where the run left them (host or device memory).
 fn fpn_views<'a>(outputs: &'a SessionOutputs<'_>) -> ort::Result<Vec<FpnLevel<'a>>> {
     ["fpn_0", "fpn_1", "fpn_2"]
         .into_iter()
         .map(|name| {
-            let (shape, data) = outputs[name].try_extract_tensor::<f32>()?;
-            let per_image = shape.iter().skip(1).map(|&d| d as usize).collect();
-            Ok(FpnLevel { per_image, data })
+            let tensor = outputs[name]
+                .view()
+                .downcast::<ort::value::DynTensorValueType>()?;
+            let shape = tensor.shape();
+            if shape.len() != 4 || tensor.data_type() != &ort::value::TensorElementType::Float32 {
+                return Err(ort::Error::new(format!(
+                    "vision output {name}: expected f32 [B, C, H, W], got {:?} {shape:?}",
+                    tensor.data_type()
+                )));
+            }
+            Ok(FpnLevel {
+                batch: shape[0] as usize,
+                per_image: shape.iter().skip(1).map(|&d| d as usize).collect(),
+                data: tensor.data_ptr().cast::<f32>(),
+                memory: tensor.memory_info().to_owned(),
+                outputs: std::marker::PhantomData,
+            })
         })
         .collect()
 }
@@ -354,16 +397,24 @@ fn decode_chunk(
     let mask: Vec<i64> = tokens.iter().flat_map(|t| t.mask.iter().copied()).collect();
     let d = text.len() / (n * l);
     let outputs = decoder.run(ort::inputs![
-        "fpn_0" => TensorRef::from_array_view(fpn[0].image(image))?,
-        "fpn_1" => TensorRef::from_array_view(fpn[1].image(image))?,
-        "fpn_2" => TensorRef::from_array_view(fpn[2].image(image))?,
+        "fpn_0" => fpn[0].image(image)?,
+        "fpn_1" => fpn[1].image(image)?,
+        "fpn_2" => fpn[2].image(image)?,
         "text_features" => TensorRef::from_array_view(([n, l, d], &text[..]))?,
         "text_mask" => TensorRef::from_array_view(([n, l], &mask[..]))?,
     ])?;
     let t = Instant::now();
-    let (_, masks) = outputs["pred_masks"].try_extract_tensor::<f32>()?;
-    let (_, boxes) = outputs["pred_boxes"].try_extract_tensor::<f32>()?;
-    let (_, logits) = outputs["pred_logits"].try_extract_tensor::<f32>()?;
+    // Top-k exports return R = K rows per phrase with their query indices; dense ones return every query.
+    let topk = settings.decoder_topk > 0;
+    let name = |dense: &'static str, top: &'static str| if topk { top } else { dense };
+    let (_, masks) = outputs[name("pred_masks", "topk_masks")].try_extract_tensor::<f32>()?;
+    let (_, boxes) = outputs[name("pred_boxes", "topk_boxes")].try_extract_tensor::<f32>()?;
+    let (_, logits) = outputs[name("pred_logits", "topk_logits")].try_extract_tensor::<f32>()?;
+    let queries = if topk {
+        Some(outputs["topk_queries"].try_extract_tensor::<i64>()?.1)
+    } else {
+        None
+    };
     let (_, presence) = outputs["presence_logits"].try_extract_tensor::<f32>()?;
     let (_, semantic) = outputs["semantic_seg"].try_extract_tensor::<f32>()?;
     let m = settings.mask_size;
@@ -374,6 +425,7 @@ fn decode_chunk(
                 masks: &masks[i * q * m * m..(i + 1) * q * m * m],
                 boxes: &boxes[i * q * 4..(i + 1) * q * 4],
                 logits: &logits[i * q..(i + 1) * q],
+                queries: queries.map(|all| &all[i * q..(i + 1) * q]),
                 presence_logit: presence[i],
                 semantic: &semantic[i * m * m..(i + 1) * m * m],
             };
@@ -383,20 +435,38 @@ fn decode_chunk(
     Ok((kept, t.elapsed()))
 }
 
-/// One FPN level of a vision batch.
+/// One FPN level of a vision batch: a tensor in the vision run's output buffer, possibly in device memory.
 struct FpnLevel<'a> {
+    batch: usize,
     /// [C, H, W] of one image.
     per_image: Vec<usize>,
-    data: &'a [f32],
+    data: *const f32,
+    memory: MemoryInfo<'static>,
+    /// Borrows the run's outputs, which own `data`.
+    outputs: std::marker::PhantomData<&'a SessionOutputs<'a>>,
 }
 
-impl FpnLevel<'_> {
-    /// One image's level as a [1, C, H, W] view.
-    fn image(&self, index: usize) -> (Vec<usize>, &[f32]) {
+impl<'a> FpnLevel<'a> {
+    /// One image's level as a [1, C, H, W] tensor viewing the batch output in place (same device, no copy).
+    #[allow(unsafe_code)] // the one place that needs it: ort has no safe sub-tensor view of device memory
+    fn image(&self, index: usize) -> ort::Result<TensorRefMut<'a, f32>> {
+        assert!(
+            index < self.batch,
+            "image {index} of a batch of {}",
+            self.batch
+        );
         let per: usize = self.per_image.iter().product();
-        let mut shape = vec![1];
-        shape.extend_from_slice(&self.per_image);
-        (shape, &self.data[index * per..(index + 1) * per])
+        let shape = Shape::new(std::iter::once(1).chain(self.per_image.iter().map(|&d| d as i64)));
+        // SAFETY: `data` is the start of a [batch, C, H, W] f32 tensor owned by the vision run's outputs, which
+        // outlive 'a; image `index` < batch occupies the `per` elements from `index * per`. Pointer arithmetic
+        // is valid for device addresses too (nothing is dereferenced here), and the view is only read.
+        unsafe {
+            TensorRefMut::from_raw(
+                self.memory.clone(),
+                self.data.add(index * per).cast_mut().cast(),
+                shape,
+            )
+        }
     }
 }
 

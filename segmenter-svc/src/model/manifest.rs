@@ -24,6 +24,9 @@ pub struct Manifest {
     pub image_std: [f32; 3],
     pub mask_size: u32,
     pub num_queries: u32,
+    /// Queries the decoder returns per phrase, best first (0: all of them, the dense outputs of older exports).
+    #[serde(default)]
+    pub decoder_topk: u32,
     pub text_context_length: u32,
     pub text_feature_dim: u32,
     #[serde(default)]
@@ -87,10 +90,21 @@ pub const VISION_OUTPUTS: &[&str] = &["fpn_0", "fpn_1", "fpn_2"];
 pub const TEXT_INPUTS: &[&str] = &["input_ids", "attention_mask"];
 pub const TEXT_OUTPUTS: &[&str] = &["text_features"];
 pub const DECODER_INPUTS: &[&str] = &["fpn_0", "fpn_1", "fpn_2", "text_features", "text_mask"];
-pub const DECODER_OUTPUTS: &[&str] = &[
+/// Dense decoder outputs (`--topk 0`, and exports from before top-k): every query's mask leaves the graph.
+pub const DECODER_OUTPUTS_DENSE: &[&str] = &[
     "pred_masks",
     "pred_boxes",
     "pred_logits",
+    "presence_logits",
+    "semantic_seg",
+];
+/// Top-k decoder outputs (the exporter's default): the graph keeps its best K queries per phrase, so the dense
+/// [N, Q, M, M] mask tensor stays inside ONNX Runtime (on the device, with CUDA).
+pub const DECODER_OUTPUTS_TOPK: &[&str] = &[
+    "topk_masks",
+    "topk_boxes",
+    "topk_logits",
+    "topk_queries",
     "presence_logits",
     "semantic_seg",
 ];
@@ -144,9 +158,24 @@ impl Manifest {
             "decoder",
             "output",
             &self.graphs.decoder.outputs,
-            DECODER_OUTPUTS,
+            self.decoder_outputs(),
         )?;
+        if self.decoder_topk > self.num_queries {
+            return bad(format!(
+                "decoder_topk {} exceeds num_queries {}",
+                self.decoder_topk, self.num_queries
+            ));
+        }
         Ok(())
+    }
+
+    /// The decoder outputs this export has (dense or top-k).
+    pub fn decoder_outputs(&self) -> &'static [&'static str] {
+        if self.decoder_topk > 0 {
+            DECODER_OUTPUTS_TOPK
+        } else {
+            DECODER_OUTPUTS_DENSE
+        }
     }
 
     /// Every file the model folder must hold, with its expected checksum.

@@ -92,7 +92,7 @@ pub fn build_sessions(
         "decoder",
         &sessions.decoder,
         manifest::DECODER_INPUTS,
-        manifest::DECODER_OUTPUTS,
+        manifest.decoder_outputs(),
     )?;
     Ok(sessions)
 }
