@@ -8,6 +8,7 @@
 //!   segmenter-bench --model-dir segmenter-svc/models/sam3-tiny --concepts 1,3,8 --concurrency 1,4 --requests 40
 //!   segmenter-bench --addr http://127.0.0.1:50051 ...   (an already running server; no in-process reference)
 
+use anyhow::Context;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -96,11 +97,12 @@ fn concepts(n: usize) -> Vec<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let image = std::fs::read(&args.image)?;
-    let mut config = Config::for_tests(
-        args.model_dir.clone(),
-        std::env::var("ORT_DYLIB_PATH")?.into(),
-    );
+    let image = std::fs::read(&args.image)
+        .with_context(|| format!("reading --image {}", args.image.display()))?;
+    let ort = std::env::var("ORT_DYLIB_PATH").context(
+        "ORT_DYLIB_PATH must name libonnxruntime.so (bash .ci/setup installs one under .tools/)",
+    )?;
+    let mut config = Config::for_tests(args.model_dir.clone(), ort.into());
     config.device = match args.device.as_str() {
         "cuda" => segmenter_svc::Device::Cuda,
         "auto" => segmenter_svc::Device::Auto,
@@ -111,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
     config.queue_capacity = 256;
     segmenter_svc::telemetry::init_logs("warn", "text");
 
-    let (addr, _server) = match &args.addr {
+    let (addr, mut server) = match &args.addr {
         Some(addr) => (addr.clone(), None),
         None => {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -123,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
             (addr, Some((stop, task)))
         }
     };
-    let channel = connect_when_serving(&addr).await?;
+    let channel = connect_when_serving(&addr, server.as_mut().map(|(_, task)| task)).await?;
     let client = pb::segmenter_client::SegmenterClient::new(channel)
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
@@ -274,7 +276,7 @@ async fn main() -> anyhow::Result<()> {
                          "reference": external, "results": results});
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)?;
     }
-    if let Some((stop, task)) = _server {
+    if let Some((stop, task)) = server {
         let _ = stop.send(());
         task.await??;
     }
@@ -340,9 +342,25 @@ async fn run_config(
     Ok((all, started.elapsed().as_secs_f64()))
 }
 
-async fn connect_when_serving(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
+/// Waits until `addr` answers SERVING. With the in-process server's task, fails as soon as that task ends: a model
+/// that cannot load must stop the bench with its error, not leave it polling for ten minutes (on a device session
+/// that burnt the whole step's budget in silence).
+async fn connect_when_serving(
+    addr: &str,
+    mut server: Option<&mut tokio::task::JoinHandle<anyhow::Result<()>>>,
+) -> anyhow::Result<tonic::transport::Channel> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
+        if let Some(task) = server.as_mut()
+            && task.is_finished()
+        {
+            return match (&mut **task).await? {
+                Err(e) => Err(e.context("the in-process segmenter failed to start")),
+                Ok(()) => Err(anyhow::anyhow!(
+                    "the in-process segmenter stopped before serving"
+                )),
+            };
+        }
         if let Ok(channel) = tonic::transport::Endpoint::from_shared(addr.to_string())?
             .connect()
             .await
