@@ -74,6 +74,14 @@ log "mode: $( ((DRY)) && echo 'CPU DRY RUN (tiny model)' || echo 'GPU') root=$RO
 for f in "$BIN/segmenter-bench" "$BPE" "$IMG"; do
   [[ -e $f ]] || { log "missing $f: run segmenter-svc/bench/prepare-device.sh here and carry .gpu-bin"; exit 2; }
 done
+log "binaries built from: $(head -1 "$BIN/BUILD_INFO" 2>/dev/null || echo unknown)"
+# Where git is available (here, not on the device), a binary older than the segmenter's sources is stale.
+if git rev-parse --git-dir >/dev/null 2>&1 && [[ -s $BIN/BUILD_INFO ]]; then
+  newest=$(git log -1 --format=%H -- segmenter-svc/src proto Cargo.lock)
+  if ! git merge-base --is-ancestor "$newest" "$(head -1 "$BIN/BUILD_INFO")" 2>/dev/null; then
+    log "STALE: .gpu-bin was built before the last change to segmenter-svc/src ($newest): run prepare-device.sh"; exit 2
+  fi
+fi
 
 # ---- ONNX Runtime GPU libraries ---------------------------------------------------------------------------------
 LD0=${LD_LIBRARY_PATH:-}   # the machine's own setting: the Python steps (torch, exporter) keep it

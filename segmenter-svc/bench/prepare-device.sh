@@ -35,6 +35,9 @@ for b in segmenter-bench segmenter-svc; do
   strip -o ".gpu-bin/$b" "$TARGET/release/$b"   # the release profile keeps line tables: 78 MB -> ~20 MB
 done
 .gpu-bin/segmenter-bench --help >/dev/null
+# What the binaries were built from: gpu-run.sh logs it, and refuses binaries older than the sources here (a stale
+# binary cannot load a model exported by newer scripts).
+{ git rev-parse HEAD; git status --porcelain -- segmenter-svc proto Cargo.lock | head -20; } > .gpu-bin/BUILD_INFO
 
 # ---- CLIP BPE vocab ---------------------------------------------------------------------------------------------------
 BPE=.gpu-bin/bpe_simple_vocab_16e6.txt.gz
