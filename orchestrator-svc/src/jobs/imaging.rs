@@ -76,15 +76,14 @@ pub fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
-/// Masks are mostly flat: zlib's default level makes them about 3x smaller than `Fast` in the same time
-/// (measured: 12 MP mask, 88 ms either way).
-fn png_encoder(out: &mut Vec<u8>) -> PngEncoder<&mut Vec<u8>> {
-    PngEncoder::new_with_quality(out, CompressionType::Default, FilterType::Adaptive)
+fn png_encoder(out: &mut Vec<u8>, compression: CompressionType) -> PngEncoder<&mut Vec<u8>> {
+    PngEncoder::new_with_quality(out, compression, FilterType::Adaptive)
 }
 
+/// A deliverable (a cut-out): zlib's default level, the size users download matters more than the encode time.
 pub fn encode_png_rgba(img: &RgbaImage) -> Result<Vec<u8>, Error> {
     let mut out = Vec::new();
-    png_encoder(&mut out)
+    png_encoder(&mut out, CompressionType::Default)
         .write_image(
             img.as_raw(),
             img.width(),
@@ -95,9 +94,13 @@ pub fn encode_png_rgba(img: &RgbaImage) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
+/// Instance masks (one per detected instance, full resolution): `Fast` (fdeflate). With zlib's default level mask
+/// encoding was a third of the orchestrator's CPU; orchestrator-bench (25 photos of 1008x756, 23 masks each): masks stage
+/// 343 -> 66 ms per image, files 35 % larger (1.1 -> 1.5 MB per image of the random model's noisy masks; a clean
+/// 1008x756 mask is 2 KB vs 5 KB).
 pub fn encode_png_gray(img: &GrayImage) -> Result<Vec<u8>, Error> {
     let mut out = Vec::new();
-    png_encoder(&mut out)
+    png_encoder(&mut out, CompressionType::Fast)
         .write_image(
             img.as_raw(),
             img.width(),

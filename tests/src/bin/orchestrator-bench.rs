@@ -172,6 +172,23 @@ async fn run_job(url: &str, storage: &std::path::Path, job_id: &str, n: u32, arg
     started.elapsed().as_secs_f64()
 }
 
+/// Files and bytes under `dir`, recursively (0 when it does not exist).
+fn dir_usage(dir: &std::path::Path) -> (u64, u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (0, 0);
+    };
+    entries
+        .flatten()
+        .fold((0, 0), |(n, b), e| match e.metadata() {
+            Ok(m) if m.is_dir() => {
+                let (n2, b2) = dir_usage(&e.path());
+                (n + n2, b + b2)
+            }
+            Ok(m) => (n + 1, b + m.len()),
+            Err(_) => (n, b),
+        })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -254,6 +271,15 @@ async fn main() -> anyhow::Result<()> {
         args.images,
         large_peak as f64 / small_peak.max(1) as f64
     );
+    // What the job leaves in storage, per image: masks are one full-resolution PNG per instance, so their encoding
+    // (speed vs size) shows up here and in the "masks" stage above.
+    for prefix in ["masks", "outputs", "previews"] {
+        let (files, bytes) = dir_usage(&storage.path().join(prefix));
+        println!(
+            "stored {prefix:<8}: {files:>5} files, {:>8.1} KB per image",
+            bytes as f64 / 1e3 / f64::from(args.small + args.images)
+        );
+    }
     let _ = (cpu0, small_wall);
     orchestrator.stop().await;
     segmenter.stop().await;
