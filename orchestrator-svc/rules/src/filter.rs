@@ -36,19 +36,7 @@ pub fn box_mean(src: &Plane, r: usize) -> Plane {
     let mut tmp = vec![0.0f32; w * h];
     tmp.par_chunks_mut(w)
         .zip(src.data.par_chunks(w))
-        .for_each(|(dst, row)| {
-            let mut acc: f32 = row[..r.min(w)].iter().sum();
-            for x in 0..w {
-                if x + r < w {
-                    acc += row[x + r];
-                }
-                if x > r {
-                    acc -= row[x - r - 1];
-                }
-                let n = (x + r).min(w - 1) + 1 - x.saturating_sub(r);
-                dst[x] = acc / n as f32;
-            }
-        });
+        .for_each(|(dst, row)| box_row(row, dst, r));
     let mut out = Plane::new(w, h);
     out.data
         .par_chunks_mut(w * BAND)
@@ -76,6 +64,36 @@ pub fn box_mean(src: &Plane, r: usize) -> Plane {
             }
         });
     out
+}
+
+/// One row of the horizontal pass. Split into the two edges, where the window is clipped and divides by its true
+/// count, and the interior, where it is a running sum times one constant: no branches or divisions per pixel there.
+fn box_row(row: &[f32], dst: &mut [f32], r: usize) {
+    let w = row.len();
+    let mut acc: f32 = row[..r.min(w)].iter().sum();
+    // Invariant before pixel x: acc = sum of row[x-r-1+1 ..= x+r-1], clipped.
+    let edge = |x: usize, acc: &mut f32| {
+        if x + r < w {
+            *acc += row[x + r];
+        }
+        if x > r {
+            *acc -= row[x - r - 1];
+        }
+        let n = (x + r).min(w - 1) + 1 - x.saturating_sub(r);
+        *acc / n as f32
+    };
+    let (lo, hi) = ((r + 1).min(w), w.saturating_sub(r).max((r + 1).min(w)));
+    for (x, d) in dst.iter_mut().enumerate().take(lo) {
+        *d = edge(x, &mut acc);
+    }
+    let inv = 1.0 / (2 * r + 1) as f32;
+    for (x, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
+        acc += row[x + r] - row[x - r - 1];
+        *d = acc * inv;
+    }
+    for (x, d) in dst.iter_mut().enumerate().skip(hi) {
+        *d = edge(x, &mut acc);
+    }
 }
 
 #[inline]

@@ -271,7 +271,14 @@ fn fill_reconstructs_texture_better_than_diffusion() {
 
 #[test]
 fn refined_region_follows_the_photo_edge() {
-    let room = synth::room(504, 378);
+    // Sizes where the guided filter runs at full resolution (r = 2) and subsampled (r = 5, s = 2; r = 10, s = 5).
+    for (w, h) in [(504, 378), (1008, 756), (2016, 1512)] {
+        refined_region_follows_the_photo_edge_at(w, h);
+    }
+}
+
+fn refined_region_follows_the_photo_edge_at(w: u32, h: u32) {
+    let room = synth::room(w, h);
     let (w, h) = room.photo.dimensions();
     let probs = synth::to_model(&room.sofa, 72, 72);
     let m = mask::ModelMask {
@@ -315,6 +322,6 @@ fn refined_region_follows_the_photo_edge() {
         },
     );
     let (e0, e1) = (err(&plain), err(&refined));
-    println!("mean |alpha - truth|: upsampled {e0:.2}, refined {e1:.2}");
-    assert!(e1 < 0.5 * e0, "refined {e1:.2} vs plain {e0:.2}");
+    println!("{w}x{h}: mean |alpha - truth|: upsampled {e0:.2}, refined {e1:.2}");
+    assert!(e1 < 0.5 * e0, "{w}x{h}: refined {e1:.2} vs plain {e0:.2}");
 }
