@@ -37,6 +37,37 @@ pub fn box_mean(src: &Plane, r: usize) -> Plane {
     tmp.par_chunks_mut(w)
         .zip(src.data.par_chunks(w))
         .for_each(|(dst, row)| box_row(row, dst, r));
+    vertical_pass(&tmp, w, h, r)
+}
+
+/// box_mean(a * b) without materialising the product plane (the guided filter takes ten of these per call).
+pub fn box_mean_product(a: &Plane, b: &Plane, r: usize) -> Plane {
+    let (w, h) = (a.w, a.h);
+    debug_assert_eq!((b.w, b.h), (w, h));
+    let mut tmp = vec![0.0f32; w * h];
+    tmp.par_chunks_mut(w)
+        .zip(a.data.par_chunks(w).zip(b.data.par_chunks(w)))
+        .for_each_init(
+            || vec![0.0f32; w],
+            |prod, (dst, (ra, rb))| {
+                for ((p, x), y) in prod.iter_mut().zip(ra).zip(rb) {
+                    *p = x * y;
+                }
+                if r == 0 {
+                    dst.copy_from_slice(prod);
+                } else {
+                    box_row(prod, dst, r);
+                }
+            },
+        );
+    if r == 0 {
+        return Plane { w, h, data: tmp };
+    }
+    vertical_pass(&tmp, w, h, r)
+}
+
+/// The vertical half of a box mean, over the horizontal pass's output, in bands of rows run in parallel.
+fn vertical_pass(tmp: &[f32], w: usize, h: usize, r: usize) -> Plane {
     let mut out = Plane::new(w, h);
     out.data
         .par_chunks_mut(w * BAND)
@@ -254,6 +285,30 @@ mod tests {
                 .map(|(x, y)| (x - y).abs())
                 .fold(0.0, f32::max);
             assert!(err < 1e-4, "r={r} err={err}");
+        }
+    }
+
+    #[test]
+    fn box_mean_of_a_product_equals_box_mean_of_the_product_plane() {
+        let (w, h) = (41, 70);
+        let a = Plane {
+            w,
+            h,
+            data: (0..w * h).map(|i| ((i * 31) % 17) as f32 / 16.0).collect(),
+        };
+        let b = Plane {
+            w,
+            h,
+            data: (0..w * h).map(|i| ((i * 13) % 23) as f32 / 22.0).collect(),
+        };
+        let prod = Plane {
+            w,
+            h,
+            data: a.data.iter().zip(&b.data).map(|(x, y)| x * y).collect(),
+        };
+        for r in [0, 1, 4, 50] {
+            let (got, want) = (box_mean_product(&a, &b, r), box_mean(&prod, r));
+            assert_eq!(got.data, want.data, "r={r}");
         }
     }
 

@@ -2,7 +2,7 @@
 //! they are solved at 1/s resolution and applied at full resolution. It snaps a blurry upsampled mask onto the
 //! photo's own edges, including edges between regions of equal brightness but different hue.
 
-use crate::filter::{Plane, box_mean, downsample};
+use crate::filter::{Plane, box_mean, box_mean_product, downsample};
 use crate::mask::Rect;
 use image::RgbImage;
 use rayon::prelude::*;
@@ -21,19 +21,14 @@ pub fn guided_filter(photo: &RgbImage, crop: Rect, p: &Plane, r: usize, eps: f32
     let (w, h) = (ps.w, ps.h);
     let n = w * h;
     let mean = |pl: &Plane| box_mean(pl, rs);
-    let prod = |a: &Plane, b: &Plane| Plane {
-        w,
-        h,
-        data: a.data.par_iter().zip(&b.data).map(|(x, y)| x * y).collect(),
-    };
     let mi: Vec<Plane> = i.iter().map(mean).collect();
     let mp = mean(&ps);
-    let mip: Vec<Plane> = i.iter().map(|c| mean(&prod(c, &ps))).collect();
+    let mip: Vec<Plane> = i.iter().map(|c| box_mean_product(c, &ps, rs)).collect();
     // Second moments of the guide: rr, rg, rb, gg, gb, bb.
     let pairs = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)];
     let mii: Vec<Plane> = pairs
         .iter()
-        .map(|&(a, b)| mean(&prod(&i[a], &i[b])))
+        .map(|&(a, b)| box_mean_product(&i[a], &i[b], rs))
         .collect();
 
     let mut coef = vec![[0.0f32; 4]; n];
