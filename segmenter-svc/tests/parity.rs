@@ -131,16 +131,18 @@ async fn preprocessing_matches_pil_within_two_levels() {
 async fn model_outputs_match_pytorch() {
     let shared = check_parity(common::test_config()).await;
     // The bundled export's decoder returns its best 16 of 20 queries: the configured 20 is capped there.
-    assert_eq!(
-        shared
-            .info
-            .limits
-            .as_ref()
-            .unwrap()
-            .max_instances_per_concept,
-        16
-    );
+    assert_eq!(reported_instance_cap(&shared), 16);
     assert_eq!(shared.max_instances, 16);
+}
+
+/// The per-concept instance limit GetModelInfo reports.
+fn reported_instance_cap(shared: &segmenter_svc::service::Shared) -> u32 {
+    shared
+        .info
+        .limits
+        .as_ref()
+        .unwrap()
+        .max_instances_per_concept
 }
 
 /// A model exported before the decoder selected its top-k queries (or with `--topk 0`): dense outputs, read the
@@ -159,12 +161,7 @@ async fn dense_decoder_exports_still_match_pytorch() {
     config.model_dir = Some(dir.path().to_path_buf());
     let shared = check_parity(config).await;
     assert_eq!(
-        shared
-            .info
-            .limits
-            .as_ref()
-            .unwrap()
-            .max_instances_per_concept,
+        reported_instance_cap(&shared),
         20,
         "no top-k cap on a dense export"
     );
