@@ -10,6 +10,23 @@ use tokio::task::JoinHandle;
 
 pub mod s3;
 
+/// A rule's `params` as the protobuf Struct the Jobs API takes, from (name, value) pairs.
+pub fn rule_params(pairs: &[(&str, prost_types::value::Kind)]) -> Option<prost_types::Struct> {
+    Some(prost_types::Struct {
+        fields: pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    prost_types::Value {
+                        kind: Some(v.clone()),
+                    },
+                )
+            })
+            .collect(),
+    })
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }

@@ -11,29 +11,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use orchestrator_svc::config::StorageBackend;
-use palette_e2e::{example_photos, start_orchestrator, start_segmenter};
+use palette_e2e::{example_photos, rule_params, start_orchestrator, start_segmenter};
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{ItemState, Job, JobSpec, JobState, Rule, WatchJobRequest};
 use prost_types::value::Kind;
-use prost_types::{Struct, Value};
 
 const SECRET: &str = "e2e-callback-secret";
-
-fn params(pairs: &[(&str, Kind)]) -> Option<Struct> {
-    Some(Struct {
-        fields: pairs
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    Value {
-                        kind: Some(v.clone()),
-                    },
-                )
-            })
-            .collect(),
-    })
-}
 
 fn text(s: &str) -> Kind {
     Kind::StringValue(s.into())
@@ -128,13 +111,13 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
                 rule_id: "paint".into(),
                 concept: "wall".into(),
                 r#type: "recolor".into(),
-                params: params(&[("color", text("#1F3A5F"))]),
+                params: rule_params(&[("color", text("#1F3A5F"))]),
             },
             Rule {
                 rule_id: "floor-tone".into(),
                 concept: "floor".into(),
                 r#type: "tone".into(),
-                params: params(&[
+                params: rule_params(&[
                     ("brightness", Kind::NumberValue(-0.2)),
                     ("warmth", Kind::NumberValue(0.3)),
                 ]),
@@ -143,13 +126,13 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
                 rule_id: "sofa-linen".into(),
                 concept: "sofa".into(),
                 r#type: "texture".into(),
-                params: params(&[("builtin", text("linen"))]),
+                params: rule_params(&[("builtin", text("linen"))]),
             },
             Rule {
                 rule_id: "cutout".into(),
                 concept: "sofa".into(),
                 r#type: "remove".into(),
-                params: params(&[("mode", text("cutout"))]),
+                params: rule_params(&[("mode", text("cutout"))]),
             },
         ],
         image_count: 5,

@@ -15,7 +15,6 @@ use clap::Parser;
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{JobSpec, JobState, Rule, WatchJobRequest};
 use prost_types::value::Kind;
-use prost_types::{Struct, Value};
 
 #[derive(Parser)]
 struct Args {
@@ -56,39 +55,24 @@ fn photo(w: u32, h: u32, seed: u32) -> Vec<u8> {
 }
 
 fn rules() -> Vec<Rule> {
-    let params = |pairs: &[(&str, Kind)]| {
-        Some(Struct {
-            fields: pairs
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        Value {
-                            kind: Some(v.clone()),
-                        },
-                    )
-                })
-                .collect(),
-        })
-    };
     vec![
         Rule {
             rule_id: "paint".into(),
             concept: "wall".into(),
             r#type: "recolor".into(),
-            params: params(&[("color", Kind::StringValue("#1F3A5F".into()))]),
+            params: palette_e2e::rule_params(&[("color", Kind::StringValue("#1F3A5F".into()))]),
         },
         Rule {
             rule_id: "tone".into(),
             concept: "floor".into(),
             r#type: "tone".into(),
-            params: params(&[("warmth", Kind::NumberValue(0.3))]),
+            params: palette_e2e::rule_params(&[("warmth", Kind::NumberValue(0.3))]),
         },
         Rule {
             rule_id: "linen".into(),
             concept: "sofa".into(),
             r#type: "texture".into(),
-            params: params(&[("builtin", Kind::StringValue("linen".into()))]),
+            params: palette_e2e::rule_params(&[("builtin", Kind::StringValue("linen".into()))]),
         },
     ]
 }
