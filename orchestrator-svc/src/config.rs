@@ -157,6 +157,11 @@ pub struct Config {
     /// forgotten, and when none is finished SubmitJob answers RESOURCE_EXHAUSTED. Default 10000.
     #[arg(long, env = "MAX_RETAINED_JOBS", default_value_t = 10_000)]
     pub max_retained_jobs: usize,
+    /// Memory for the job records kept in memory, in MB (estimated from what they hold: a finished image's record
+    /// is mostly its mask keys, ~5 KB with 20-odd instances). Beyond it the oldest finished jobs are forgotten,
+    /// when a job ends or another is submitted; running jobs are never forgotten. Default 256.
+    #[arg(long, env = "RETAINED_JOBS_MB", default_value_t = 256)]
+    pub retained_jobs_mb: usize,
     /// Largest input object, in bytes. Default 40000000 (40 MB).
     #[arg(long, env = "MAX_INPUT_BYTES", default_value_t = 40_000_000)]
     pub max_input_bytes: u64,
@@ -240,6 +245,7 @@ impl Config {
             max_rules_per_job: 16,
             max_concepts_per_job: 32,
             max_retained_jobs: 10_000,
+            retained_jobs_mb: 256,
             max_input_bytes: 40_000_000,
             max_input_pixels: 50_000_000,
             runpod_webhook_get_job: None,
@@ -328,6 +334,7 @@ impl fmt::Debug for Config {
             .field("max_rules_per_job", &self.max_rules_per_job)
             .field("max_concepts_per_job", &self.max_concepts_per_job)
             .field("max_retained_jobs", &self.max_retained_jobs)
+            .field("retained_jobs_mb", &self.retained_jobs_mb)
             .field("max_input_bytes", &self.max_input_bytes)
             .field("max_input_pixels", &self.max_input_pixels)
             .field("runpod_webhook_get_job", &self.runpod_webhook_get_job)

@@ -17,7 +17,7 @@ use crate::callback::{CallbackSender, RetryPolicy};
 use crate::config::{Adapter, Config};
 use crate::error::Error;
 use crate::grpc::JobsApi;
-use crate::jobs::{InputLimits, JobLimits, JobService, Pipeline};
+use crate::jobs::{InputLimits, JobLimits, JobService, Pipeline, Retention};
 use crate::segmenter::Segmenter;
 use crate::{storage, telemetry};
 
@@ -154,7 +154,10 @@ pub async fn run(
         pipeline.clone(),
         load_presets(&config)?,
         limits,
-        config.max_retained_jobs,
+        Retention {
+            max_jobs: config.max_retained_jobs,
+            max_bytes: config.retained_jobs_mb.saturating_mul(1024 * 1024),
+        },
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();

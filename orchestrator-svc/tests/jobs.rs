@@ -404,6 +404,53 @@ async fn unknown_jobs_are_not_found() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_beyond_the_memory_budget_are_forgotten_when_they_end() {
+    let segmenter = fake_segmenter::start().await;
+    // No memory for finished jobs at all: each is forgotten as soon as it ends, with no other submit to prompt it.
+    let mut orch = start(&segmenter.url, |c| c.retained_jobs_mb = 0).await;
+    orch.put_input("test-user", "kept-while-running", 0, photo_jpeg(32, 32))
+        .await;
+    segmenter.faults.delay_ms.store(500, Ordering::SeqCst);
+    orch.client
+        .submit_job(seed_spec("kept-while-running", 1))
+        .await
+        .unwrap();
+    // Running: over the budget, yet kept (and GetJob answers).
+    let running = orch
+        .client
+        .get_job(palette_proto::orchestrator::v1::GetJobRequest {
+            job_id: "kept-while-running".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!is_terminal(&running));
+    let events = orch.watch_to_end("kept-while-running").await;
+    assert_eq!(
+        events.last().unwrap().0.items[0].state,
+        ItemState::Completed as i32,
+        "a watcher still sees the job end"
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let answer = orch
+            .client
+            .get_job(palette_proto::orchestrator::v1::GetJobRequest {
+                job_id: "kept-while-running".into(),
+            })
+            .await;
+        match answer {
+            Err(status) if status.code() == Code::NotFound => break,
+            _ => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the finished job was never forgotten"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cutout_is_stored_as_png_with_alpha() {
     let segmenter = fake_segmenter::start().await;
     let mut orch = start(&segmenter.url, |_| {}).await;

@@ -15,14 +15,14 @@ use palette_proto::orchestrator::v1::{Job, JobSpec};
 use palette_rules::preset::Preset;
 
 pub use pipeline::{InputLimits, Pipeline};
-pub use registry::{JobHandle, JobRegistry, Submitted};
+pub use registry::{JobHandle, JobRegistry, Retention, Submitted};
 pub use validate::{JobLimits, JobPlan};
 
 use crate::error::Error;
 
 #[derive(Debug)]
 pub struct JobService {
-    registry: JobRegistry,
+    registry: Arc<JobRegistry>,
     pipeline: Arc<Pipeline>,
     presets: BTreeMap<String, Arc<Preset>>,
     limits: JobLimits,
@@ -33,10 +33,10 @@ impl JobService {
         pipeline: Arc<Pipeline>,
         presets: BTreeMap<String, Arc<Preset>>,
         limits: JobLimits,
-        max_retained_jobs: usize,
+        retention: Retention,
     ) -> Self {
         JobService {
-            registry: JobRegistry::new(max_retained_jobs),
+            registry: Arc::new(JobRegistry::new(retention)),
             pipeline,
             presets,
             limits,
@@ -54,7 +54,10 @@ impl JobService {
             Submitted::Created(job) => {
                 metrics::counter!("orchestrator_jobs_submitted_total").increment(1);
                 tracing::info!(job_id = %job.plan.job_id, images = job.plan.image_count, "job accepted");
-                self.pipeline.spawn_job(job.clone());
+                // A finished job's record is at its largest: that is when the registry may have to forget old ones.
+                let registry = self.registry.clone();
+                self.pipeline
+                    .spawn_job(job.clone(), move || registry.trim());
                 Ok(job.snapshot())
             }
             Submitted::Existing(job) => Ok(job.snapshot()),

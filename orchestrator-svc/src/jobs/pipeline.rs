@@ -88,7 +88,12 @@ impl Pipeline {
         &self.tasks
     }
 
-    pub fn spawn_job(self: &Arc<Self>, job: Arc<JobHandle>) {
+    /// Runs the job's items in the background; `on_end` runs once every item it started has ended.
+    pub fn spawn_job(
+        self: &Arc<Self>,
+        job: Arc<JobHandle>,
+        on_end: impl FnOnce() + Send + 'static,
+    ) {
         let this = self.clone();
         let span = tracing::info_span!(
             parent: None,
@@ -96,8 +101,13 @@ impl Pipeline {
             job_id = %job.plan.job_id,
             images = job.plan.image_count
         );
-        self.tasks
-            .spawn(async move { this.run_job(job).await }.instrument(span));
+        self.tasks.spawn(
+            async move {
+                this.run_job(job).await;
+                on_end();
+            }
+            .instrument(span),
+        );
     }
 
     /// Ends every item not yet terminal as CANCELLED (each with its callback) and stops work in flight.

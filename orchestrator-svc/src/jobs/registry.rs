@@ -2,6 +2,7 @@
 //! broadcast channel that carries one event per item change to WatchJob streams.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use palette_proto::orchestrator::v1::{
@@ -46,6 +47,9 @@ pub struct JobHandle {
     seq: u64,
     pub cancel: CancellationToken,
     state: Mutex<Job>,
+    /// What `state` holds on the heap, roughly (see `approx_item_bytes`), kept up to date by every item change so
+    /// the registry can weigh its jobs without walking their items.
+    approx_bytes: AtomicUsize,
     /// Which item changed. Only the index travels: a full Job per event, kept in the channel's ring of
     /// EVENT_BUFFER slots, made a job's memory grow with the square of its size (measured: +50 MB over 160 images);
     /// WatchJob streams take the snapshot when they forward the event.
@@ -73,11 +77,15 @@ impl JobHandle {
             effective_spec: Some(plan.effective_spec.clone()),
         };
         let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let approx_bytes = JOB_OVERHEAD_BYTES
+            + 2 * prost::Message::encoded_len(&plan.effective_spec)
+            + job.items.iter().map(approx_item_bytes).sum::<usize>();
         JobHandle {
             plan: Arc::new(plan),
             seq,
             cancel: CancellationToken::new(),
             state: Mutex::new(job),
+            approx_bytes: AtomicUsize::new(approx_bytes),
             events,
         }
     }
@@ -101,6 +109,11 @@ impl JobHandle {
         job_is_terminal(&self.lock())
     }
 
+    /// Roughly what this job's record holds in memory, in bytes.
+    pub fn approx_bytes(&self) -> usize {
+        self.approx_bytes.load(Ordering::Relaxed)
+    }
+
     /// Applies `change` to item `idx` (if `applies` says so), recomputes counters and job state, and publishes
     /// one event. Returns the item after the change, or None when nothing changed.
     fn change_item(
@@ -114,7 +127,12 @@ impl JobHandle {
         if !applies(item) {
             return None;
         }
+        let before = approx_item_bytes(item);
         change(item);
+        let after = approx_item_bytes(item);
+        // Under the job's lock: the counter moves in the same order as the items do.
+        self.approx_bytes.fetch_add(after, Ordering::Relaxed);
+        self.approx_bytes.fetch_sub(before, Ordering::Relaxed);
         let item = item.clone();
         recount(&mut job, self.cancel.is_cancelled());
         // No receiver is fine: nobody watches.
@@ -242,6 +260,43 @@ impl JobHandle {
     }
 }
 
+/// Heap bytes of a job record outside its items: the handle, its event ring, the plan's fixed parts.
+const JOB_OVERHEAD_BYTES: usize = 4096;
+
+/// What one item's record holds in memory, roughly: the structs and every string's buffer. A finished item is
+/// dominated by its mask keys (one per instance: ~23 on the benchmark's photos, up to
+/// MAX_INSTANCES_PER_CONCEPT x concepts), which is why the registry weighs jobs instead of counting them.
+fn approx_item_bytes(item: &Item) -> usize {
+    use std::mem::size_of;
+    // Allocators round small allocations up; 16 bytes per string is about what glibc adds.
+    let text = |s: &String| {
+        if s.capacity() == 0 {
+            0
+        } else {
+            s.capacity() + 16
+        }
+    };
+    size_of::<Item>()
+        + text(&item.input_key)
+        + text(&item.output_key)
+        + text(&item.preview_key)
+        + text(&item.error)
+        + text(&item.error_code)
+        + text(&item.callback_error)
+        + item.outputs.capacity() * size_of::<RuleOutput>()
+        + item
+            .outputs
+            .iter()
+            .map(|o| text(&o.rule_id) + text(&o.output_key))
+            .sum::<usize>()
+        + item.masks.capacity() * size_of::<MaskKey>()
+        + item
+            .masks
+            .iter()
+            .map(|m| text(&m.concept) + text(&m.key))
+            .sum::<usize>()
+}
+
 pub fn job_is_terminal(job: &Job) -> bool {
     job.state == JobState::Done as i32 || job.state == JobState::Cancelled as i32
 }
@@ -270,12 +325,23 @@ fn recount(job: &mut Job, cancel_requested: bool) {
     } as i32;
 }
 
-/// The jobs this process knows, by job id: at most `capacity`, the oldest finished ones forgotten first.
+/// How many job records, and how much memory for them, the registry may keep.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Most jobs kept, running ones included (MAX_RETAINED_JOBS).
+    pub max_jobs: usize,
+    /// Most bytes of job records kept, running ones included (RETAINED_JOBS_MB); finished jobs are forgotten,
+    /// oldest first, to stay under it. Running jobs are never forgotten, so they alone may exceed it.
+    pub max_bytes: usize,
+}
+
+/// The jobs this process knows, by job id: at most `Retention::max_jobs` of them in at most
+/// `Retention::max_bytes`, the oldest finished ones forgotten first.
 #[derive(Debug)]
 pub struct JobRegistry {
     jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
-    next_seq: std::sync::atomic::AtomicU64,
-    capacity: usize,
+    next_seq: AtomicU64,
+    retention: Retention,
 }
 
 /// What `JobRegistry::submit` did.
@@ -286,43 +352,57 @@ pub enum Submitted {
 }
 
 impl JobRegistry {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(retention: Retention) -> Self {
         JobRegistry {
             jobs: Mutex::default(),
-            next_seq: std::sync::atomic::AtomicU64::new(0),
-            capacity: capacity.max(1),
+            next_seq: AtomicU64::new(0),
+            retention: Retention {
+                max_jobs: retention.max_jobs.max(1),
+                max_bytes: retention.max_bytes,
+            },
         }
     }
 
-    /// Makes room for one more job by forgetting the oldest finished ones.
-    fn make_room(&self, jobs: &mut HashMap<String, Arc<JobHandle>>) -> Result<(), Error> {
-        if jobs.len() < self.capacity {
-            return Ok(());
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<JobHandle>>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets the oldest finished jobs until `jobs` + `extra_jobs` fit both limits (or nothing finished is
+    /// left), and publishes what is retained.
+    fn forget_finished(&self, jobs: &mut HashMap<String, Arc<JobHandle>>, extra_jobs: usize) {
+        let mut bytes: usize = jobs.values().map(|j| j.approx_bytes()).sum();
+        let over = |count: usize, bytes: usize| {
+            count + extra_jobs > self.retention.max_jobs || bytes > self.retention.max_bytes
+        };
+        if over(jobs.len(), bytes) {
+            let mut finished: Vec<(u64, String, usize)> = jobs
+                .values()
+                .filter(|j| j.is_terminal())
+                .map(|j| (j.seq, j.plan.job_id.clone(), j.approx_bytes()))
+                .collect();
+            finished.sort_unstable();
+            let mut forgotten = 0u64;
+            for (_, job_id, job_bytes) in finished {
+                if !over(jobs.len(), bytes) {
+                    break;
+                }
+                jobs.remove(&job_id);
+                bytes -= job_bytes;
+                forgotten += 1;
+            }
+            metrics::counter!("orchestrator_jobs_forgotten_total").increment(forgotten);
         }
-        let mut finished: Vec<(u64, String)> = jobs
-            .values()
-            .filter(|j| j.is_terminal())
-            .map(|j| (j.seq, j.plan.job_id.clone()))
-            .collect();
-        finished.sort_unstable();
-        let excess = jobs.len() + 1 - self.capacity;
-        for (_, job_id) in finished.into_iter().take(excess) {
-            jobs.remove(&job_id);
-        }
-        if jobs.len() < self.capacity {
-            Ok(())
-        } else {
-            Err(Error::Overloaded(format!(
-                "{} jobs are still running (MAX_RETAINED_JOBS); retry later",
-                jobs.len()
-            )))
-        }
+        metrics::gauge!("orchestrator_retained_jobs").set(jobs.len() as f64);
+        metrics::gauge!("orchestrator_retained_job_bytes").set(bytes as f64);
+    }
+
+    /// Keeps the registry within its limits after a job finished (its record grew while it ran).
+    pub fn trim(&self) {
+        self.forget_finished(&mut self.lock(), 0);
     }
 
     pub fn get(&self, job_id: &str) -> Result<Arc<JobHandle>, Error> {
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.lock()
             .get(job_id)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("no job {job_id:?}")))
@@ -330,7 +410,7 @@ impl JobRegistry {
 
     /// Registers the plan under its job id: idempotent for the same effective spec, ALREADY_EXISTS otherwise.
     pub fn submit(&self, plan: JobPlan) -> Result<Submitted, Error> {
-        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut jobs = self.lock();
         if let Some(existing) = jobs.get(&plan.job_id) {
             return if existing.plan.effective_spec == plan.effective_spec {
                 Ok(Submitted::Existing(existing.clone()))
@@ -341,22 +421,21 @@ impl JobRegistry {
                 )))
             };
         }
-        self.make_room(&mut jobs)?;
-        let seq = self
-            .next_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.forget_finished(&mut jobs, 1);
+        if jobs.len() >= self.retention.max_jobs {
+            return Err(Error::Overloaded(format!(
+                "{} jobs are still running (MAX_RETAINED_JOBS); retry later",
+                jobs.len()
+            )));
+        }
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(JobHandle::new(plan, seq));
         jobs.insert(handle.plan.job_id.clone(), handle.clone());
         Ok(Submitted::Created(handle))
     }
 
     pub fn all(&self) -> Vec<Arc<JobHandle>> {
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.lock().values().cloned().collect()
     }
 }
 
@@ -380,6 +459,31 @@ mod tests {
         }
     }
 
+    fn jobs_only(max_jobs: usize) -> Retention {
+        Retention {
+            max_jobs,
+            max_bytes: usize::MAX,
+        }
+    }
+
+    /// Finishes every item of `job` with `masks` mask keys each, as a segmentation with that many instances does.
+    fn complete_with_masks(job: &JobHandle, masks: usize) {
+        for idx in 0..job.plan.image_count {
+            let result = ItemResult {
+                masks: (0..masks)
+                    .map(|i| MaskKey {
+                        concept: "wall".into(),
+                        instance: i as u32,
+                        key: format!("masks/u/{}/{idx}/wall_{i}.png", job.plan.job_id),
+                        score: 0.9,
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            job.finish_item(idx, ItemOutcome::Completed(result), false);
+        }
+    }
+
     fn created(s: Submitted) -> Arc<JobHandle> {
         match s {
             Submitted::Created(j) => j,
@@ -389,7 +493,7 @@ mod tests {
 
     #[test]
     fn each_item_ends_once() {
-        let registry = JobRegistry::new(10);
+        let registry = JobRegistry::new(jobs_only(10));
         let job = created(registry.submit(plan("j")).unwrap());
         assert!(job.start_item(0));
         let done = ItemOutcome::Completed(ItemResult::default());
@@ -409,7 +513,7 @@ mod tests {
 
     #[test]
     fn forgets_the_oldest_finished_jobs_and_refuses_when_all_run() {
-        let registry = JobRegistry::new(2);
+        let registry = JobRegistry::new(jobs_only(2));
         let a = created(registry.submit(plan("a")).unwrap());
         created(registry.submit(plan("b")).unwrap());
         assert!(matches!(
@@ -420,5 +524,50 @@ mod tests {
         created(registry.submit(plan("c")).unwrap());
         assert!(matches!(registry.get("a"), Err(Error::NotFound(_))));
         assert!(registry.get("b").is_ok() && registry.get("c").is_ok());
+    }
+
+    #[test]
+    fn a_job_weighs_what_its_items_hold() {
+        let registry = JobRegistry::new(jobs_only(10));
+        let job = created(registry.submit(plan("j")).unwrap());
+        let pending = job.approx_bytes();
+        complete_with_masks(&job, 30);
+        let done = job.approx_bytes();
+        // 2 items x 30 mask keys of ~30 characters: each key's struct and buffer, at least.
+        assert!(done >= pending + 2 * 30 * (30 + 16), "{pending} -> {done}");
+        assert!(done < pending + 2 * 30 * 400, "{pending} -> {done}");
+    }
+
+    #[test]
+    fn forgets_the_oldest_finished_jobs_beyond_the_byte_budget() {
+        let probe = JobRegistry::new(jobs_only(10));
+        let sample = created(probe.submit(plan("sample")).unwrap());
+        complete_with_masks(&sample, 50);
+        // Room for two finished jobs of this weight, not three.
+        let budget = sample.approx_bytes() * 5 / 2;
+        let registry = JobRegistry::new(Retention {
+            max_jobs: 100,
+            max_bytes: budget,
+        });
+        let jobs: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|id| created(registry.submit(plan(id)).unwrap()))
+            .collect();
+        for job in &jobs {
+            complete_with_masks(job, 50);
+        }
+        // Over the budget only because the jobs grew while running: the pipeline trims when a job ends.
+        registry.trim();
+        assert!(matches!(registry.get("a"), Err(Error::NotFound(_))));
+        assert!(registry.get("b").is_ok() && registry.get("c").is_ok());
+        // Running jobs are never forgotten, even when they alone exceed the budget.
+        let tight = JobRegistry::new(Retention {
+            max_jobs: 100,
+            max_bytes: 1,
+        });
+        created(tight.submit(plan("x")).unwrap());
+        created(tight.submit(plan("y")).unwrap());
+        tight.trim();
+        assert!(tight.get("x").is_ok() && tight.get("y").is_ok());
     }
 }

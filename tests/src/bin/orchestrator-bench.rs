@@ -31,6 +31,13 @@ struct Args {
     /// Orchestrator BATCH_CONCURRENCY.
     #[arg(long, default_value_t = 2)]
     batch_concurrency: u32,
+    /// Further large jobs after the measured one, each printing the peak and current resident set: a memory leak or
+    /// allocator creep keeps climbing round after round, a bounded process levels off.
+    #[arg(long, default_value_t = 0)]
+    extra_rounds: u32,
+    /// Orchestrator RETAINED_JOBS_MB (finished jobs' records beyond it are forgotten).
+    #[arg(long, default_value_t = 256)]
+    retained_jobs_mb: usize,
 }
 
 fn photo(w: u32, h: u32, seed: u32) -> Vec<u8> {
@@ -77,15 +84,20 @@ fn rules() -> Vec<Rule> {
     ]
 }
 
-/// (peak resident set, CPU seconds of this process so far).
-fn process_stats() -> (u64, f64) {
+/// A "Vm...:  123 kB" field of /proc/self/status, in bytes (0 where it cannot be read).
+fn status_bytes(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let hwm_kb = status
+    status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
+        .unwrap_or(0)
+        * 1024
+}
+
+/// (peak resident set, CPU seconds of this process so far).
+fn process_stats() -> (u64, f64) {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit(')')
@@ -101,7 +113,7 @@ fn process_stats() -> (u64, f64) {
     };
     // utime and stime are fields 14 and 15 of /proc/self/stat; after the ")" they are at 11 and 12.
     let cpu = (ticks(11) + ticks(12)) / 100.0;
-    (hwm_kb * 1024, cpu)
+    (status_bytes("VmHWM:"), cpu)
 }
 
 fn stage_sums(metrics: &str, name: &str) -> Vec<(String, f64)> {
@@ -114,6 +126,15 @@ fn stage_sums(metrics: &str, name: &str) -> Vec<(String, f64)> {
             Some((stage.to_string(), value.trim().parse().ok()?))
         })
         .collect()
+}
+
+/// An unlabelled gauge's value in Prometheus text (0 when absent).
+fn gauge(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .find_map(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 async fn run_job(url: &str, storage: &std::path::Path, job_id: &str, n: u32, args: &Args) -> f64 {
@@ -183,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
     let storage = tempfile::tempdir()?;
     let mut config = orchestrator_svc::Config::for_tests(storage.path(), segmenter.url());
     config.batch_concurrency = args.batch_concurrency;
+    config.retained_jobs_mb = args.retained_jobs_mb;
     config.presets_dir = palette_e2e::repo_root().join("presets");
     let mut orchestrator = palette_e2e::start_orchestrator(config).await;
     let url = orchestrator.url();
@@ -262,6 +284,23 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "stored {prefix:<8}: {files:>5} files, {:>8.1} KB per image",
             bytes as f64 / 1e3 / f64::from(args.small + args.images)
+        );
+    }
+    for round in 1..=args.extra_rounds {
+        run_job(
+            &url,
+            storage.path(),
+            &format!("extra-{round}"),
+            args.images,
+            &args,
+        )
+        .await;
+        println!(
+            "extra round {round}: {} more images, peak RSS {:.0} MB, RSS now {:.0} MB, job records {:.2} MB (estimate)",
+            args.images,
+            status_bytes("VmHWM:") as f64 / 1e6,
+            status_bytes("VmRSS:") as f64 / 1e6,
+            gauge(&recorder.render(), "orchestrator_retained_job_bytes") / 1e6
         );
     }
     let _ = (cpu0, small_wall);
