@@ -71,16 +71,9 @@ async fn a_replica_stopped_mid_job_costs_no_item() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn items_fail_only_when_every_replica_refuses() {
-    let closed: Vec<String> = (0..2)
-        .map(|_| {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            format!("http://127.0.0.1:{port}")
-        })
-        .collect();
+    // The discard port on two loopback addresses: nothing listens there, and unlike a probed free port no other
+    // test's server can be handed it meanwhile.
+    let closed = ["http://127.0.0.1:9", "http://127.0.0.2:9"];
     let mut orch = start(&closed.join(","), |c| c.segmenter_attempts = 2).await;
     orch.put_input("test-user", "all-down", 0, photo_jpeg(32, 32))
         .await;

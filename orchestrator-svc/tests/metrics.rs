@@ -4,11 +4,8 @@ mod common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_jobs_items_stages_and_callbacks() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // The exporter binds an address, not a listener (see common::ports for why not a probed port-0 one).
+    let port = common::ports::free_port();
     let segmenter = common::fake_segmenter::start().await;
     let receiver = common::receiver::Receiver::start("s", vec![]).await;
     let mut orch = common::orchestrator::start(&segmenter.url, |c| {

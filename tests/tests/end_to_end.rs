@@ -1,6 +1,8 @@
 //! The product's main job with every real part: the segmenter (tiny SAM3 model, real ONNX Runtime) over gRPC, the
 //! orchestrator over gRPC, SeaweedFS as the S3 server, and an HTTP server receiving signed callbacks.
 
+#[path = "../../orchestrator-svc/tests/common/ports.rs"]
+mod ports;
 #[path = "../../orchestrator-svc/tests/common/receiver.rs"]
 #[allow(dead_code)]
 mod receiver;

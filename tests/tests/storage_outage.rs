@@ -2,6 +2,8 @@
 //! one terminal state with exactly one callback, what completed before the outage is still there afterwards, and
 //! the orchestrator keeps serving (a job after the restart completes).
 
+#[path = "../../orchestrator-svc/tests/common/ports.rs"]
+mod ports;
 #[path = "../../orchestrator-svc/tests/common/receiver.rs"]
 #[allow(dead_code)]
 mod receiver;

