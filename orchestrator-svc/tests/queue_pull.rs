@@ -138,14 +138,22 @@ fn seed_job(job_id: &str, image_count: u32) -> Vec<u8> {
 
 /// Creates the stream as the orchestrators do (so a publish cannot precede it) and publishes, confirmed.
 async fn publish(js: &jetstream::Context, payloads: Vec<Vec<u8>>) {
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: STREAM.into(),
-        subjects: vec![SUBJECT.into()],
-        retention: jetstream::stream::RetentionPolicy::WorkQueue,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    // Created at the same moment by an orchestrator, the server may refuse one of the two identical creations
+    // ("subjects overlap with an existing stream"); the orchestrators retry, and so does this.
+    let mut attempts = 0;
+    while let Err(e) = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: STREAM.into(),
+            subjects: vec![SUBJECT.into()],
+            retention: jetstream::stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+    {
+        attempts += 1;
+        assert!(attempts < 20, "stream {STREAM}: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for payload in payloads {
         js.publish(SUBJECT, payload.into())
             .await
@@ -312,10 +320,23 @@ async fn a_job_of_a_killed_orchestrator_is_finished_by_another_without_duplicate
     // A finishes (and records) its first item, then dies mid-job.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !s.marker_exists(JOB, 0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "A never finished an item"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            // Seen once in many runs, not reproduced since: say where the job stood.
+            let mut stream = js.get_stream(STREAM).await.unwrap();
+            let messages = stream.info().await.unwrap().state.messages;
+            let consumer = match stream
+                .get_consumer::<jetstream::consumer::pull::Config>("orchestrators")
+                .await
+            {
+                Ok(mut c) => format!("{:?}", c.info().await.map(|i| i.num_ack_pending)),
+                Err(e) => format!("missing: {e}"),
+            };
+            panic!(
+                "A never finished an item: stream holds {messages} messages; consumer {consumer}; callbacks to A: \
+                 {:?}",
+                receiver_a.deliveries()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     a.kill();
