@@ -5,6 +5,7 @@ pub mod color;
 pub mod contact;
 pub mod filter;
 pub mod guided;
+pub mod icc;
 pub mod inpaint;
 pub mod lut;
 pub mod mask;

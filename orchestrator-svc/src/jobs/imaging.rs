@@ -5,15 +5,20 @@ use std::io::Cursor;
 
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
-use image::{DynamicImage, GrayImage, ImageEncoder, ImageReader, RgbImage, RgbaImage, imageops};
+use image::{
+    DynamicImage, GrayImage, ImageDecoder, ImageEncoder, ImageReader, RgbImage, RgbaImage, imageops,
+};
+use palette_rules::icc::Conversion;
 
 use crate::error::Error;
 
 pub const JPEG_QUALITY: u8 = 90;
 pub const PREVIEW_SIZE: u32 = 256;
 
-/// Decodes `bytes` to RGB, upright: the pixel limit is checked from the header before any pixel is decoded, then
-/// the EXIF orientation (1..=8) is applied, as the segmenter does, so masks and photo line up.
+/// Decodes `bytes` to sRGB, upright: the pixel limit is checked from the header before any pixel is decoded, then
+/// an embedded ICC profile (Display P3 from phones, Adobe RGB from cameras) is converted to sRGB (see
+/// `palette_rules::icc`) and the EXIF orientation (1..=8) is applied, as the segmenter does, so masks and photo
+/// line up.
 pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Error> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -32,11 +37,27 @@ pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Error> 
         .map_err(|e| Error::InputCorrupt(e.to_string()))?;
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(max_pixels.saturating_mul(4).max(64 << 20));
-    reader.limits(limits);
-    let decoded = reader
-        .decode()
-        .map_err(|e| Error::InputCorrupt(format!("cannot decode: {e}")))?;
-    Ok(orient(decoded, exif_orientation(bytes)).into_rgb8())
+    reader.limits(limits.clone());
+    let corrupt = |e: image::ImageError| Error::InputCorrupt(format!("cannot decode: {e}"));
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    // As ImageReader::decode does: the decoded buffer itself must fit the allocation limit.
+    limits.reserve(decoder.total_bytes()).map_err(corrupt)?;
+    // A profile that cannot be read is no reason to refuse the photo: viewers show it as sRGB, and so do we.
+    let icc = decoder.icc_profile().ok().flatten();
+    let decoded = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    let mut rgb = orient(decoded, exif_orientation(bytes)).into_rgb8();
+    if let Some(icc) = icc {
+        let result = match palette_rules::icc::to_srgb(&mut rgb, &icc) {
+            Conversion::Converted => "converted",
+            Conversion::AlreadySrgb => "srgb",
+            Conversion::Ignored(reason) => {
+                tracing::warn!(%reason, "embedded colour profile ignored; the image is read as sRGB");
+                "ignored"
+            }
+        };
+        metrics::counter!("orchestrator_color_profiles_total", "result" => result).increment(1);
+    }
+    Ok(rgb)
 }
 
 /// EXIF orientation tag (1 = upright) of JPEG/PNG/WebP bytes; 1 when absent or unreadable.
@@ -153,6 +174,43 @@ mod tests {
             decode_upright(b"not an image", 1000),
             Err(Error::InputCorrupt(_))
         ));
+    }
+
+    fn jpeg_with_profile(img: &RgbImage, icc: Vec<u8>) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut encoder = JpegEncoder::new_with_quality(&mut out, 100);
+        encoder.set_icc_profile(icc).unwrap();
+        encoder
+            .write_image(
+                img.as_raw(),
+                img.width(),
+                img.height(),
+                image::ExtendedColorType::Rgb8,
+            )
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn an_embedded_display_p3_profile_is_converted_to_srgb() {
+        // A phone's P3 orange: the same numbers in sRGB are a duller colour, so the decoded pixels must move.
+        let img = RgbImage::from_pixel(32, 16, image::Rgb([220, 120, 40]));
+        let plain = decode_upright(&encode_jpeg(&img).unwrap(), 1 << 20).unwrap();
+        let icc = moxcms::ColorProfile::new_display_p3().encode().unwrap();
+        let tagged = decode_upright(&jpeg_with_profile(&img, icc), 1 << 20).unwrap();
+        let [r0, g0, b0] = plain.get_pixel(8, 8).0;
+        let [r, g, b] = tagged.get_pixel(8, 8).0;
+        // Display P3 (220, 120, 40) is sRGB (235, 113, 0) by the book (blue clipped): redder, less blue.
+        assert!(
+            r > r0 + 10 && b + 15 < b0,
+            "{:?} -> {:?}",
+            [r0, g0, b0],
+            [r, g, b]
+        );
+        let srgb = moxcms::ColorProfile::new_srgb().encode().unwrap();
+        let tagged_srgb = decode_upright(&jpeg_with_profile(&img, srgb), 1 << 20).unwrap();
+        let plain_100 = decode_upright(&jpeg_with_profile(&img, Vec::new()), 1 << 20).unwrap();
+        assert_eq!(tagged_srgb, plain_100, "an sRGB profile changes nothing");
     }
 
     #[test]

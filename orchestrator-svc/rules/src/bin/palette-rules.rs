@@ -2,7 +2,9 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use palette_rules::{Edited, GrayImage, RgbImage, apply, contact, preset, region, rule, synth};
+use palette_rules::{
+    Edited, GrayImage, RgbImage, apply, contact, icc, preset, region, rule, synth,
+};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -61,8 +63,9 @@ enum Cmd {
     },
 }
 
-/// Opens an image by content (not extension) and applies its EXIF orientation, as the services do: a phone photo
-/// shows upright, and a PNG stored under a .jpg key still opens.
+/// Opens an image by content (not extension), converts an embedded ICC profile to sRGB and applies its EXIF
+/// orientation, as the services do: a phone photo shows upright and in its colours, and a PNG stored under a .jpg
+/// key still opens.
 fn open_upright(p: &Path) -> Result<image::DynamicImage> {
     use image::ImageDecoder;
     let read = || -> image::ImageResult<image::DynamicImage> {
@@ -70,8 +73,17 @@ fn open_upright(p: &Path) -> Result<image::DynamicImage> {
             .with_guessed_format()?
             .into_decoder()?;
         let orientation = decoder.orientation()?;
+        let icc = decoder.icc_profile().ok().flatten();
         let mut img = image::DynamicImage::from_decoder(decoder)?;
         img.apply_orientation(orientation);
+        // Photos only: masks are grey, and a cut-out's alpha would be lost going through RGB.
+        if let Some(icc) = icc.filter(|_| !img.color().has_alpha() && img.color().has_color()) {
+            let mut rgb = img.into_rgb8();
+            if let icc::Conversion::Ignored(reason) = icc::to_srgb(&mut rgb, &icc) {
+                eprintln!("{}: colour profile ignored ({reason})", p.display());
+            }
+            img = image::DynamicImage::ImageRgb8(rgb);
+        }
         Ok(img)
     };
     read().with_context(|| format!("reading {}", p.display()))
