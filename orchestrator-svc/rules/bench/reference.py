@@ -94,10 +94,19 @@ def texture(photo, region, swatch, scale=1.0, rotation=20.0, opacity=1.0, streng
     tile = max(w, h) / 8 * scale
     per_px = swatch.shape[1] / tile
     c, s = np.cos(np.radians(rotation)), np.sin(np.radians(rotation))
-    # Affine from output pixel to swatch coordinates; BORDER_WRAP tiles the swatch.
-    m = np.array([[c * per_px, s * per_px, (c * x0 + s * y0) * per_px],
-                  [-s * per_px, c * per_px, (-s * x0 + c * y0) * per_px]], np.float32)
     sw_lin = SRGB_TO_LIN[swatch]
+    # As texture.rs: the mip level whose texels come closest to a pixel (2x2 means in linear light, wrapping).
+    for _ in range(max(0, int(round(np.log2(per_px))))):
+        if sw_lin.shape[0] == 1 and sw_lin.shape[1] == 1:
+            break
+        p = np.pad(sw_lin, ((0, sw_lin.shape[0] % 2), (0, sw_lin.shape[1] % 2), (0, 0)), mode="wrap")
+        sw_lin = 0.25 * (p[0::2, 0::2] + p[1::2, 0::2] + p[0::2, 1::2] + p[1::2, 1::2])
+    pu = per_px * sw_lin.shape[1] / swatch.shape[1]
+    pv = per_px * sw_lin.shape[0] / swatch.shape[0]
+    # Affine from output pixel to swatch coordinates (at pixel centres, as texture.rs); BORDER_WRAP tiles the swatch.
+    xc, yc = x0 + 0.5, y0 + 0.5
+    m = np.array([[c * pu, s * pu, (c * xc + s * yc) * pu],
+                  [-s * pv, c * pv, (-s * xc + c * yc) * pv]], np.float32)
     tex = cv2.warpAffine(sw_lin, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                          borderMode=cv2.BORDER_WRAP)
     lin = SRGB_TO_LIN[photo[y0:y1, x0:x1]]

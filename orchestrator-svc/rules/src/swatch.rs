@@ -130,6 +130,15 @@ pub struct LinearSwatch {
     pub width: u32,
     pub height: u32,
     pub texels: Vec<[f32; 3]>,
+    /// Halved copies down to 1x1, built on first use (perspective texturing samples far tiles from them).
+    mips: std::sync::OnceLock<Vec<Mip>>,
+}
+
+/// One level of a swatch's mip chain: each texel the mean of 2x2 of the level above, wrapping (swatches tile).
+pub struct Mip {
+    pub width: u32,
+    pub height: u32,
+    pub texels: Vec<[f32; 3]>,
 }
 
 impl LinearSwatch {
@@ -141,7 +150,41 @@ impl LinearSwatch {
                 .pixels()
                 .map(|q| q.0.map(crate::color::to_linear))
                 .collect(),
+            mips: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Levels 1.. of the mip chain (level 0 is the swatch itself), each half the size of the one above (rounded
+    /// up), down to 1x1. Averaging happens in linear light, so a far floor keeps the swatch's mean brightness.
+    pub fn mips(&self) -> &[Mip] {
+        self.mips.get_or_init(|| {
+            let mut levels: Vec<Mip> = Vec::new();
+            let (mut w, mut h) = (self.width, self.height);
+            while w > 1 || h > 1 {
+                let src = levels.last().map_or(&self.texels, |m| &m.texels);
+                let (nw, nh) = (w.div_ceil(2), h.div_ceil(2));
+                let at = |x: u32, y: u32| src[((y % h) * w + (x % w)) as usize];
+                let texels = (0..nh)
+                    .flat_map(|y| (0..nw).map(move |x| (x, y)))
+                    .map(|(x, y)| {
+                        let q = [
+                            at(2 * x, 2 * y),
+                            at(2 * x + 1, 2 * y),
+                            at(2 * x, 2 * y + 1),
+                            at(2 * x + 1, 2 * y + 1),
+                        ];
+                        std::array::from_fn(|c| 0.25 * (q[0][c] + q[1][c] + q[2][c] + q[3][c]))
+                    })
+                    .collect();
+                levels.push(Mip {
+                    width: nw,
+                    height: nh,
+                    texels,
+                });
+                (w, h) = (nw, nh);
+            }
+            levels
+        })
     }
 }
 

@@ -169,7 +169,7 @@ fn demo(dir: &Path, width: u32) -> Result<()> {
     };
     let (wall, floor, sofa) = (model(&room.wall), model(&room.floor), model(&room.sofa));
     room.photo.save(dir.join("room.png"))?;
-    let cases: [(&str, &GrayImage, &[GrayImage], &str); 6] = [
+    let cases: [(&str, &GrayImage, &[GrayImage], &str); 7] = [
         (
             "recolor_navy_wall",
             &wall,
@@ -199,6 +199,14 @@ fn demo(dir: &Path, width: u32) -> Result<()> {
             &floor,
             std::slice::from_ref(&sofa),
             r#"{"type":"texture","params":{"builtin":"herringbone","scale":0.5,"rotation":0}}"#,
+        ),
+        (
+            // The floor as a plane receding from the horizon (68 % down) to the bottom edge.
+            "texture_herringbone_floor_perspective",
+            &floor,
+            std::slice::from_ref(&sofa),
+            r#"{"type":"texture","params":{"builtin":"herringbone","scale":2,
+                "perspective":[[0.25,0.68],[0.75,0.68],[1.0,1.0],[0.0,1.0]],"perspective_aspect":2.0}}"#,
         ),
         (
             "remove_sofa_fill",

@@ -1,6 +1,7 @@
 //! Per-pixel rule kernels and the row-parallel driver they share: it visits only the region's bounding box, skips
 //! alpha-0 pixels without touching them, and blends out = in + alpha * strength * (edited - in) in sRGB.
 
+pub mod perspective;
 pub mod recolor;
 pub mod remove;
 pub mod texture;

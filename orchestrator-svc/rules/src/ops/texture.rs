@@ -1,7 +1,8 @@
 //! Put a material on a surface: tile the swatch (scaled, rotated), multiply it by the region's normalised luminance
-//! (Y / mean Y) so the room's shadows and light fall-off carry over, mix by opacity.
+//! (Y / mean Y) so the room's shadows and light fall-off carry over, mix by opacity. Flat by default; on the plane
+//! of a marked rectangle with `perspective` (see `perspective.rs`).
 
-use super::{blend_masked_rows, bounds, weighted_mean};
+use super::{blend_masked_rows, bounds, perspective, weighted_mean};
 use crate::color::{encode_table, encode_with, linear_table, luminance};
 use crate::rule::TextureParams;
 use crate::swatch::LinearSwatch;
@@ -28,41 +29,68 @@ pub fn texture(
     if sw == 0 || sh == 0 {
         return photo.clone();
     }
-    let lin = &swatch.texels;
     let tile_px = photo.width().max(photo.height()) as f64 / TILES_ACROSS as f64 * p.scale as f64;
-    let per_px = sw as f64 / tile_px;
     let (sin, cos) = (p.rotation_deg as f64).to_radians().sin_cos();
     let inv_mean = if mean_y > 1e-4 { 1.0 / mean_y } else { 1.0 };
+    let opacity = p.opacity;
+    // Swatch colour (linear) -> shaded by the photo's light, mixed by opacity, encoded.
+    let shade_mix = move |s: [f32; 3], px: [u8; 3]| -> [f32; 3] {
+        let inp = px.map(|c| lt[c as usize]);
+        let shade = (luminance(inp[0], inp[1], inp[2]) * inv_mean).min(4.0);
+        let mut t = s.map(|v| v * shade);
+        // Over-bright highlights: scale all channels together so the swatch's hue survives.
+        let m = t[0].max(t[1]).max(t[2]);
+        if m > 1.0 {
+            t = t.map(|v| v / m);
+        }
+        std::array::from_fn(|k| encode_with(enc, inp[k] + opacity * (t[k] - inp[k])))
+    };
+    if let Some(plane) = &p.perspective {
+        let map =
+            perspective::pixel_to_texel(plane, photo.dimensions(), tile_px, (sin, cos), (sw, sh));
+        // Corners degenerate in pixels (a sliver quadrilateral on a tiny photo): tile flat rather than fail.
+        if let Some(map) = map {
+            let sampler = perspective::Sampler::new(map, swatch);
+            return blend_masked_rows(photo, region, b, p.common.strength, |y| {
+                let sampler = &sampler;
+                move |x, px| shade_mix(sampler.at(x, y), px)
+            });
+        }
+    }
+    let per_px = sw as f64 / tile_px;
+    // Small tiles put several texels under a pixel; sampling them from the full swatch aliases (thin lines break
+    // up, patterns shimmer into moiré). Flat tiling has one scale everywhere, so one mip level serves the whole
+    // image: the one whose texels come closest to a pixel.
+    let level = (per_px.log2().round().max(0.0) as usize).min(swatch.mips().len());
+    let (lw, lh, lin) = match level {
+        0 => (sw, sh, &swatch.texels),
+        l => {
+            let m = &swatch.mips()[l - 1];
+            (m.width, m.height, &m.texels)
+        }
+    };
+    let (pu, pv) = (
+        per_px * lw as f64 / sw as f64,
+        per_px * lh as f64 / sh as f64,
+    );
     // Swatch coordinates are affine in the pixel position: u = (cos x + sin y) per_px, v = (-sin x + cos y) per_px
     // at pixel centres. Each row walks them by a constant step and wraps by one compare, instead of a floor and a
     // multiply per coordinate per pixel (f64 so 4000 steps drift by far less than a texel).
-    let (u_axis, v_axis) = (Axis::new(cos * per_px, sw), Axis::new(-sin * per_px, sh));
-    let opacity = p.opacity;
+    let (u_axis, v_axis) = (Axis::new(cos * pu, lw), Axis::new(-sin * pv, lh));
     blend_masked_rows(photo, region, b, p.common.strength, |y| {
         let yc = y as f64 + 0.5;
-        let (mut u, mut v) = (
-            u_axis.walker(sin * per_px * yc),
-            v_axis.walker(cos * per_px * yc),
-        );
+        let (mut u, mut v) = (u_axis.walker(sin * pu * yc), v_axis.walker(cos * pv * yc));
         move |x, px| {
             let (i, i1, fx) = u.at(x);
             let (j, j1, fy) = v.at(x);
-            let at = |x: u32, y: u32| lin[(y * sw + x) as usize];
+            let at = |x: u32, y: u32| lin[(y * lw + x) as usize];
             let (a, bb, c, d) = (at(i, j), at(i1, j), at(i, j1), at(i1, j1));
             let s: [f32; 3] = std::array::from_fn(|k| {
                 let top = a[k] + fx * (bb[k] - a[k]);
                 let bot = c[k] + fx * (d[k] - c[k]);
                 top + fy * (bot - top)
             });
-            let inp = px.map(|c| lt[c as usize]);
-            let shade = (luminance(inp[0], inp[1], inp[2]) * inv_mean).min(4.0);
-            let mut t = s.map(|v| v * shade);
-            // Over-bright highlights: scale all channels together so the swatch's hue survives.
-            let m = t[0].max(t[1]).max(t[2]);
-            if m > 1.0 {
-                t = t.map(|v| v / m);
-            }
-            std::array::from_fn(|k| encode_with(enc, inp[k] + opacity * (t[k] - inp[k])))
+            shade_mix(s, px)
         }
     })
 }

@@ -111,6 +111,17 @@ pub struct TextureParams {
     pub scale: f32,
     pub rotation_deg: f32,
     pub opacity: f32,
+    /// The surface's plane, when the swatch should recede with it (a floor, a wall seen at an angle).
+    pub perspective: Option<Perspective>,
+}
+
+/// A rectangle lying on the surface, as it appears in the photo: its corners far-left, far-right, near-right,
+/// near-left (clockwise on screen), as fractions of the upright photo's width and height. Its real width / height
+/// is `aspect`; tiles keep their flat size along its near edge and shrink toward the far one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Perspective {
+    pub corners: [[f32; 2]; 4],
+    pub aspect: f32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -97,12 +97,21 @@ impl Reader<'_> {
                 let scale = self.num("scale", 0.05, 20.0, Some(1.0));
                 let rotation_deg = self.num("rotation", -360.0, 360.0, Some(0.0));
                 let opacity = self.num("opacity", 0.0, 1.0, Some(1.0));
+                let corners = self.corners("perspective");
+                let aspect = self.num("perspective_aspect", 0.05, 20.0, Some(1.0));
                 Some(Rule::Texture(TextureParams {
                     common,
                     source: source?,
                     scale: scale?,
                     rotation_deg: rotation_deg?,
                     opacity: opacity?,
+                    perspective: match corners? {
+                        Some(corners) => Some(Perspective {
+                            corners,
+                            aspect: aspect?,
+                        }),
+                        None => None,
+                    },
                 }))
             }
             "remove" => {
@@ -298,6 +307,51 @@ impl Reader<'_> {
             ok = false;
         }
         ok.then_some(lab)
+    }
+
+    /// Four [x, y] points in 0..1 forming a convex quadrilateral listed clockwise on screen (y down). Some(None)
+    /// when absent; None after an error.
+    fn corners(&mut self, key: &'static str) -> Option<Option<[[f32; 2]; 4]>> {
+        const SHAPE: &str = "expected four [x, y] corners (fractions of the photo's width and height, 0..1): \
+                             far-left, far-right, near-right, near-left";
+        let Some(v) = self.get(key).cloned() else {
+            return Some(None);
+        };
+        let points: Option<Vec<[f64; 2]>> = v.as_array().filter(|a| a.len() == 4).and_then(|a| {
+            a.iter()
+                .map(|p| match p.as_array().map(|xy| xy.as_slice()) {
+                    Some([x, y]) => Some([x.as_f64()?, y.as_f64()?]),
+                    _ => None,
+                })
+                .collect()
+        });
+        let Some(points) = points else {
+            self.err(key, format!("{SHAPE}; got {v}"));
+            return None;
+        };
+        if points.iter().flatten().any(|c| !(0.0..=1.0).contains(c)) {
+            self.err(
+                key,
+                format!("corners must lie inside the photo (0..1); got {v}"),
+            );
+            return None;
+        }
+        // Clockwise on screen (y down) means every turn has a positive cross product; a zero one is degenerate.
+        let turns_right = (0..4).all(|i| {
+            let [a, b, c] = [points[i], points[(i + 1) % 4], points[(i + 2) % 4]];
+            (b[0] - a[0]) * (c[1] - b[1]) - (b[1] - a[1]) * (c[0] - b[0]) > 1e-6
+        });
+        if !turns_right {
+            self.err(
+                key,
+                format!(
+                    "the corners must form a convex quadrilateral listed clockwise on screen (far-left, \
+                     far-right, near-right, near-left); got {v}"
+                ),
+            );
+            return None;
+        }
+        Some(Some(std::array::from_fn(|i| points[i].map(|c| c as f32))))
     }
 
     fn swatch_source(&mut self) -> Option<SwatchSource> {
