@@ -165,7 +165,8 @@ pub struct Config {
     /// Largest input object, in bytes. Default 40000000 (40 MB).
     #[arg(long, env = "MAX_INPUT_BYTES", default_value_t = 40_000_000)]
     pub max_input_bytes: u64,
-    /// Largest input image, in pixels (width x height after decoding). Default 50000000 (50 MP).
+    /// Largest input image, in pixels (width x height after decoding). Default 50000000 (50 MP). Sides are also
+    /// limited to 65535 px, JPEG's limit (the outputs are JPEGs).
     #[arg(long, env = "MAX_INPUT_PIXELS", default_value_t = 50_000_000)]
     pub max_input_pixels: u64,
 

