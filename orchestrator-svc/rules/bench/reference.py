@@ -4,7 +4,8 @@ careful NumPy user would (vectorised, OpenCV for colour conversion and box filte
 bounding box). The Rust bench (examples/bench_rules.rs) writes raw inputs, runs this script and prints the ratio.
 
 Input files (raw bytes, row-major): photo.rgb (h*w*3), region.gray, wall.gray, sofa.gray (h*w each).
-Output: one JSON object per line: {"rule": ..., "seconds": best-of-reps}.
+Output: one JSON object per line: {"rule": ..., "seconds": best-of-reps}; with --write-outputs also each
+deterministic rule's result as ref_<rule>.raw (same layout), which the bench compares with its own.
 """
 import argparse
 import json
@@ -39,7 +40,14 @@ def blend(photo, region, edited_srgb, strength, box):
     return out
 
 
-def recolor(photo, region, target_lab=(24.0, -1.0, -22.0), k_finish=0.9, strength=1.0):
+def hex_to_lab(hex_color):
+    rgb = np.array([[[int(hex_color[i:i + 2], 16) for i in (1, 3, 5)]]], np.uint8)
+    return tuple(float(v) for v in cv2.cvtColor(SRGB_TO_LIN[rgb], cv2.COLOR_LRGB2Lab)[0, 0])
+
+
+def recolor(photo, region, target="#1f3a5f", k_finish=0.9, strength=1.0):
+    # The bench's rule is {"color": "#1f3a5f"} (eggshell finish: k 0.9).
+    target_lab = hex_to_lab(target)
     box = bounds(region)
     y0, y1, x0, x1 = box
     crop = photo[y0:y1, x0:x1]
@@ -174,6 +182,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--fill-any-size", action="store_true", help="time the NumPy fill at 12 MP too (minutes a run)")
+    ap.add_argument("--write-outputs", action="store_true",
+                    help="also write each rule's output as ref_<rule>.raw, for the bench's agreement check")
     args = ap.parse_args()
     cv2.setNumThreads(args.threads)
     w, h = args.width, args.height
@@ -196,6 +206,10 @@ def main():
     for name, fn in cases.items():
         reps = 1 if name == "fill" else args.reps
         print(json.dumps({"rule": name, "seconds": timed(fn, reps)}), flush=True)
+    if args.write_outputs:
+        # Deterministic rules only (the fill's random search differs by design; Telea is another algorithm).
+        for name in ["recolor", "tone", "texture", "cutout", "region"]:
+            np.ascontiguousarray(cases[name]()).tofile(f"{args.dir}/ref_{name}.raw")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ fn reference(
     threads: usize,
     reps: usize,
     full_fill: bool,
+    write_outputs: bool,
 ) -> BTreeMap<String, f64> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/reference.py");
     let out = Command::new(python)
@@ -114,6 +115,7 @@ fn reference(
             &reps.to_string(),
         ])
         .args(full_fill.then_some("--fill-any-size"))
+        .args(write_outputs.then_some("--write-outputs"))
         .env("OMP_NUM_THREADS", threads.to_string())
         .env("OPENBLAS_NUM_THREADS", threads.to_string())
         .output();
@@ -133,6 +135,65 @@ fn reference(
         Err(e) => eprintln!("reference not run ({}): {e}", python.display()),
     }
     m
+}
+
+/// How far the reference's outputs are from ours, in 8-bit codes: the ratios compare like with like only if the
+/// two compute the same thing. Over the edited pixels (region > 0), every channel; the region over all pixels.
+fn print_agreement(dir: &Path, s: &Scene) {
+    let mut rows = Vec::new();
+    let edited: Vec<bool> = s.region.as_raw().iter().map(|&a| a > 0).collect();
+    for (name, rule) in rules().into_iter().filter(|(n, _)| *n != "fill") {
+        let ours = match apply(&s.photo, &s.region, &rule, None).unwrap() {
+            palette_rules::Edited::Rgb(i) => i.into_raw(),
+            palette_rules::Edited::Rgba(i) => i.into_raw(),
+        };
+        rows.push((name, ours, Some(&edited)));
+    }
+    let region = region::build_region(
+        &s.photo,
+        std::slice::from_ref(&s.wall),
+        std::slice::from_ref(&s.sofa),
+        &RegionParams::default(),
+    );
+    rows.push(("region", region.into_raw(), None));
+    let mut printed_header = false;
+    for (name, ours, mask) in rows {
+        let Ok(theirs) = std::fs::read(dir.join(format!("ref_{name}.raw"))) else {
+            continue;
+        };
+        if theirs.len() != ours.len() {
+            println!(
+                "agreement {name}: reference output has {} bytes, ours {}",
+                theirs.len(),
+                ours.len()
+            );
+            continue;
+        }
+        let channels = ours.len() / edited.len();
+        let mut diffs: Vec<u8> = ours
+            .iter()
+            .zip(&theirs)
+            .enumerate()
+            .filter(|(i, _)| mask.is_none_or(|m| m[i / channels]))
+            .map(|(_, (a, b))| a.abs_diff(*b))
+            .collect();
+        if diffs.is_empty() {
+            continue;
+        }
+        diffs.sort_unstable();
+        let mean = diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
+        let p99 = diffs[(diffs.len() - 1) * 99 / 100];
+        if !printed_header {
+            println!(
+                "agreement with the reference (|Rust - reference| in codes, edited pixels): mean / p99 / max"
+            );
+            printed_header = true;
+        }
+        println!(
+            "  {name:<8} {mean:>6.2} / {p99:>3} / {:>3}",
+            diffs[diffs.len() - 1]
+        );
+    }
 }
 
 fn main() {
@@ -201,7 +262,15 @@ fn main() {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            let refs = reference(&python, &tmp, (w, h), threads, reps, full_fill);
+            let refs = reference(
+                &python,
+                &tmp,
+                (w, h),
+                threads,
+                reps,
+                full_fill,
+                threads == 1,
+            );
             if let Some(&t) = refs.get("fill-telea") {
                 telea.push((threads, t));
             }
@@ -256,6 +325,7 @@ fn main() {
                 bw
             );
         }
+        print_agreement(&tmp, &scene);
         if let Some(fill) = results.get("fill") {
             for ((threads, t), (secs, _)) in telea.iter().zip(fill) {
                 println!(
