@@ -134,7 +134,7 @@ pub struct LinearSwatch {
     mips: std::sync::OnceLock<Vec<Mip>>,
 }
 
-/// One level of a swatch's mip chain: each texel the mean of 2x2 of the level above, wrapping (swatches tile).
+/// One level of a swatch's mip chain: half the size of the level above (rounded up), averaged by area.
 pub struct Mip {
     pub width: u32,
     pub height: u32,
@@ -155,7 +155,8 @@ impl LinearSwatch {
     }
 
     /// Levels 1.. of the mip chain (level 0 is the swatch itself), each half the size of the one above (rounded
-    /// up), down to 1x1. Averaging happens in linear light, so a far floor keeps the swatch's mean brightness.
+    /// up), down to 1x1. Each texel is the area-weighted mean of the texels it covers, in linear light: a far floor
+    /// keeps the swatch's mean brightness and colour exactly, odd sizes included.
     pub fn mips(&self) -> &[Mip] {
         self.mips.get_or_init(|| {
             let mut levels: Vec<Mip> = Vec::new();
@@ -163,19 +164,8 @@ impl LinearSwatch {
             while w > 1 || h > 1 {
                 let src = levels.last().map_or(&self.texels, |m| &m.texels);
                 let (nw, nh) = (w.div_ceil(2), h.div_ceil(2));
-                let at = |x: u32, y: u32| src[((y % h) * w + (x % w)) as usize];
-                let texels = (0..nh)
-                    .flat_map(|y| (0..nw).map(move |x| (x, y)))
-                    .map(|(x, y)| {
-                        let q = [
-                            at(2 * x, 2 * y),
-                            at(2 * x + 1, 2 * y),
-                            at(2 * x, 2 * y + 1),
-                            at(2 * x + 1, 2 * y + 1),
-                        ];
-                        std::array::from_fn(|c| 0.25 * (q[0][c] + q[1][c] + q[2][c] + q[3][c]))
-                    })
-                    .collect();
+                let rows = shrink_rows(src, w, h, nw);
+                let texels = transpose(&shrink_rows(&transpose(&rows, nw, h), h, nw, nh), nh, nw);
                 levels.push(Mip {
                     width: nw,
                     height: nh,
@@ -186,6 +176,38 @@ impl LinearSwatch {
             levels
         })
     }
+}
+
+/// Each row of a w x h image resampled to `nw` texels by area: output x covers source [x s, (x+1) s), s = w / nw,
+/// each source texel weighted by how much of it lies inside.
+fn shrink_rows(src: &[[f32; 3]], w: u32, h: u32, nw: u32) -> Vec<[f32; 3]> {
+    let s = f64::from(w) / f64::from(nw);
+    let mut out = Vec::with_capacity((nw * h) as usize);
+    for row in src.chunks_exact(w as usize) {
+        for x in 0..nw {
+            let (a, b) = (f64::from(x) * s, f64::from(x + 1) * s);
+            let mut acc = [0f64; 3];
+            for (j, t) in row
+                .iter()
+                .enumerate()
+                .take(b.ceil() as usize)
+                .skip(a.floor() as usize)
+            {
+                let weight = b.min(j as f64 + 1.0) - a.max(j as f64);
+                for c in 0..3 {
+                    acc[c] += weight * f64::from(t[c]);
+                }
+            }
+            out.push(acc.map(|v| (v / s) as f32));
+        }
+    }
+    out
+}
+
+fn transpose(src: &[[f32; 3]], w: u32, h: u32) -> Vec<[f32; 3]> {
+    (0..w)
+        .flat_map(|x| (0..h).map(move |y| src[(y * w + x) as usize]))
+        .collect()
 }
 
 /// The built-in swatch in linear light, generated on first use and kept: 0.8 MB each, and generating one cost more
@@ -210,6 +232,28 @@ pub fn generate(b: Builtin) -> RgbImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mip_levels_halve_down_to_one_texel_and_keep_the_mean() {
+        // An odd, non-square swatch (uploads are any size): 5x3 -> 3x2 -> 2x1 -> 1x1.
+        let img = RgbImage::from_fn(5, 3, |x, y| Rgb([(x * 50) as u8, (y * 100) as u8, 128]));
+        let sw = LinearSwatch::from_rgb(&img);
+        let sizes: Vec<(u32, u32)> = sw.mips().iter().map(|m| (m.width, m.height)).collect();
+        assert_eq!(sizes, [(3, 2), (2, 1), (1, 1)]);
+        let mean = |t: &[[f32; 3]]| -> [f32; 3] {
+            std::array::from_fn(|c| t.iter().map(|p| p[c]).sum::<f32>() / t.len() as f32)
+        };
+        let (m0, last) = (mean(&sw.texels), sw.mips().last().unwrap().texels[0]);
+        for c in 0..3 {
+            assert!((m0[c] - last[c]).abs() < 1e-5, "{m0:?} vs {last:?}");
+        }
+        // A power-of-two swatch keeps its mean exactly (up to float rounding).
+        let sw = builtin(Builtin::Linen);
+        let (m0, last) = (mean(&sw.texels), sw.mips().last().unwrap().texels[0]);
+        for c in 0..3 {
+            assert!((m0[c] - last[c]).abs() < 1e-4, "{m0:?} vs {last:?}");
+        }
+    }
 
     #[test]
     fn builtins_are_deterministic_and_textured() {
