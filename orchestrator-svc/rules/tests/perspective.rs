@@ -153,3 +153,37 @@ fn bad_corners_are_refused_naming_the_field() {
     let errs = parse_rule("texture", params.as_object().unwrap(), None).unwrap_err();
     assert_eq!(errs[0].field, "params.perspective_aspect");
 }
+
+#[test]
+fn a_per_image_perspective_resolves_per_image_and_names_bad_entries() {
+    use palette_rules::rule::Rule;
+    let floor = json!([[0.3, 0.5], [0.7, 0.5], [1.0, 1.0], [0.0, 1.0]]);
+    let params = json!({"builtin": "wood", "perspective_aspect": 2.0, "perspective": {"2": floor}});
+    let rule = parse_rule("texture", params.as_object().unwrap(), None).unwrap();
+    assert_eq!(rule.perspective_images(), [2]);
+    let plane = |idx| match rule.for_image(idx).into_owned() {
+        Rule::Texture(p) => p.perspective,
+        _ => unreachable!(),
+    };
+    let two = plane(2).unwrap();
+    assert_eq!((two.corners[1], two.aspect), ([0.7, 0.5], 2.0));
+    assert!(plane(0).is_none(), "images without an entry are tiled flat");
+    // Unresolved (apply without for_image): flat, never another image's plane.
+    match &rule {
+        Rule::Texture(p) => assert!(p.perspective.is_none()),
+        _ => unreachable!(),
+    }
+
+    let bad = json!({"builtin": "wood", "perspective": {"x": floor, "01": floor, "1": [[0, 0]]}});
+    let errs = parse_rule("texture", bad.as_object().unwrap(), None).unwrap_err();
+    let mut fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "params.perspective.01",
+            "params.perspective.1",
+            "params.perspective.x"
+        ]
+    );
+}

@@ -298,9 +298,13 @@ impl Pipeline {
                     occluders,
                     &rule.rule.region_params(),
                 );
-                let edited =
-                    palette_rules::apply(&photo, &region, &rule.rule, swatch.as_deref())
-                        .map_err(|e| Error::RuleFailed(format!("rule {}: {e}", rule.rule_id)))?;
+                let edited = palette_rules::apply(
+                    &photo,
+                    &region,
+                    &rule.rule.for_image(idx),
+                    swatch.as_deref(),
+                )
+                .map_err(|e| Error::RuleFailed(format!("rule {}: {e}", rule.rule_id)))?;
                 Ok(match edited {
                     Edited::Rgb(img) => {
                         let preview = if want_preview {

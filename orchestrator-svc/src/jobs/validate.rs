@@ -195,6 +195,18 @@ pub fn validate(
             preset.as_deref(),
             &mut violation,
         ) {
+            // A per-image perspective names images by index: each must be one of this job's.
+            for idx in planned.2.perspective_images() {
+                if idx >= spec.image_count {
+                    violation(
+                        format!("rules[{i}].params.perspective.{idx}"),
+                        format!(
+                            "image {idx} is not in this job (image_count {})",
+                            spec.image_count
+                        ),
+                    );
+                }
+            }
             push_unique(&mut concepts, &planned.1);
             parsed.push(planned);
         }
@@ -388,6 +400,54 @@ mod tests {
         assert_eq!(plan.rules.len(), 1);
         assert_eq!(plan.rules[0].concept, "wall");
         assert!(plan.rules[0].occluders.is_empty());
+    }
+
+    #[test]
+    fn a_per_image_perspective_names_only_this_jobs_images() {
+        let floor = serde_json::json!([[0.3, 0.5], [0.7, 0.5], [1.0, 1.0], [0.0, 1.0]]);
+        let spec = |planes: serde_json::Value| {
+            crate::adapters::runpod::spec_from_input(&serde_json::json!({
+                "userId": "u", "jobId": "j", "imageCount": 2, "concepts": ["floor"],
+                "rules": [{"ruleId": "oak", "concept": "floor", "type": "texture",
+                           "params": {"builtin": "wood", "perspective": planes}}],
+            }))
+            .unwrap()
+        };
+        let plan = validate(
+            &spec(serde_json::json!({"1": floor})),
+            &BTreeMap::new(),
+            limits(),
+        )
+        .unwrap();
+        let rule = &plan.rules[0].rule;
+        let plane = |idx| match rule.for_image(idx).as_ref() {
+            Rule::Texture(p) => p.perspective.clone(),
+            _ => unreachable!(),
+        };
+        assert!(plane(0).is_none(), "image 0 has no plane: flat tiling");
+        assert_eq!(plane(1).unwrap().corners[0], [0.3, 0.5]);
+        let Err(Error::InvalidArgument(v)) = validate(
+            &spec(serde_json::json!({"5": floor, "one": floor})),
+            &BTreeMap::new(),
+            limits(),
+        ) else {
+            panic!("accepted")
+        };
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["rules[0].params.perspective.one"],
+            "a bad key fails the rule before its indices are checked"
+        );
+        let Err(Error::InvalidArgument(v)) = validate(
+            &spec(serde_json::json!({"5": floor})),
+            &BTreeMap::new(),
+            limits(),
+        ) else {
+            panic!("accepted")
+        };
+        assert_eq!(v[0].field, "rules[0].params.perspective.5");
+        assert!(v[0].description.contains("image_count 2"), "{:?}", v[0]);
     }
 
     #[test]

@@ -277,7 +277,8 @@ fn main() -> Result<()> {
                 None => None,
             };
             let reg = region::build_region(&photo, &[target], &occ, &r.region_params());
-            let e = apply(&photo, &reg, &r, sw.as_ref())?;
+            // One photo: a per-image perspective applies with its entry "0".
+            let e = apply(&photo, &reg, &r.for_image(0), sw.as_ref())?;
             save(&e, &out)
         }
         Cmd::ContactSheet {

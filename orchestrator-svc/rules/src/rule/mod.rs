@@ -111,8 +111,12 @@ pub struct TextureParams {
     pub scale: f32,
     pub rotation_deg: f32,
     pub opacity: f32,
-    /// The surface's plane, when the swatch should recede with it (a floor, a wall seen at an angle).
+    /// The surface's plane, when the swatch should recede with it (a floor, a wall seen at an angle). This is
+    /// what `apply` uses; a per-image `perspective` lands in `perspective_by_image` until `Rule::for_image`.
     pub perspective: Option<Perspective>,
+    /// One plane per image index (JSON: `perspective` as an object), for a job of several photos. Images without
+    /// an entry are tiled flat.
+    pub perspective_by_image: std::collections::BTreeMap<u32, Perspective>,
 }
 
 /// A rectangle lying on the surface, as it appears in the photo: its corners far-left, far-right, near-right,
@@ -166,6 +170,29 @@ impl Rule {
     /// The rule's explicit occluder list, overriding the preset's priorities, when given.
     pub fn occluded_by(&self) -> Option<&[String]> {
         self.common().occluded_by.as_deref()
+    }
+
+    /// The rule as it applies to image `idx` of a job: a per-image perspective resolved to that image's plane
+    /// (or flat tiling when it has none). Other rules are returned as they are.
+    pub fn for_image(&self, idx: u32) -> std::borrow::Cow<'_, Rule> {
+        match self {
+            Rule::Texture(p) if !p.perspective_by_image.is_empty() => {
+                std::borrow::Cow::Owned(Rule::Texture(TextureParams {
+                    perspective: p.perspective_by_image.get(&idx).cloned(),
+                    perspective_by_image: Default::default(),
+                    ..p.clone()
+                }))
+            }
+            _ => std::borrow::Cow::Borrowed(self),
+        }
+    }
+
+    /// Image indices a per-image perspective names (the caller checks them against the job's images).
+    pub fn perspective_images(&self) -> Vec<u32> {
+        match self {
+            Rule::Texture(p) => p.perspective_by_image.keys().copied().collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// The swatch object key the caller must load, for texture rules that name one.

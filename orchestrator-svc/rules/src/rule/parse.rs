@@ -3,7 +3,7 @@
 
 use super::*;
 use serde_json::{Map, Value};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Message of the error for a missing required field (preset validation ignores these: defaults are partial).
 pub const REQUIRED: &str = "is required";
@@ -97,7 +97,7 @@ impl Reader<'_> {
                 let scale = self.num("scale", 0.05, 20.0, Some(1.0));
                 let rotation_deg = self.num("rotation", -360.0, 360.0, Some(0.0));
                 let opacity = self.num("opacity", 0.0, 1.0, Some(1.0));
-                let corners = self.corners("perspective");
+                let planes = self.perspective("perspective");
                 let aspect = self.num("perspective_aspect", 0.05, 20.0, Some(1.0));
                 Some(Rule::Texture(TextureParams {
                     common,
@@ -105,12 +105,20 @@ impl Reader<'_> {
                     scale: scale?,
                     rotation_deg: rotation_deg?,
                     opacity: opacity?,
-                    perspective: match corners? {
+                    perspective: match planes.as_ref()?.0 {
                         Some(corners) => Some(Perspective {
                             corners,
                             aspect: aspect?,
                         }),
                         None => None,
+                    },
+                    perspective_by_image: {
+                        let aspect = aspect?;
+                        planes?
+                            .1
+                            .into_iter()
+                            .map(|(i, corners)| (i, Perspective { corners, aspect }))
+                            .collect()
                     },
                 }))
             }
@@ -309,13 +317,51 @@ impl Reader<'_> {
         ok.then_some(lab)
     }
 
-    /// Four [x, y] points in 0..1 forming a convex quadrilateral listed clockwise on screen (y down). Some(None)
-    /// when absent; None after an error.
-    fn corners(&mut self, key: &'static str) -> Option<Option<[[f32; 2]; 4]>> {
+    /// `perspective`: one rectangle for every image (a list of four corners), or one per image (an object whose
+    /// keys are image indices). Some((every, by_image)) when valid or absent; None after an error.
+    #[allow(clippy::type_complexity)]
+    fn perspective(
+        &mut self,
+        key: &'static str,
+    ) -> Option<(Option<[[f32; 2]; 4]>, BTreeMap<u32, [[f32; 2]; 4]>)> {
+        let Some(v) = self.get(key).cloned() else {
+            return Some((None, BTreeMap::new()));
+        };
+        let Value::Object(per_image) = v else {
+            let corners = self.corners(&format!("params.{key}"), &v)?;
+            return Some((Some(corners), BTreeMap::new()));
+        };
+        let mut out = BTreeMap::new();
+        let mut ok = true;
+        for (idx, corners) in &per_image {
+            let field = format!("params.{key}.{idx}");
+            match idx.parse::<u32>() {
+                Ok(i) if i.to_string() == *idx => match self.corners(&field, corners) {
+                    Some(c) => {
+                        out.insert(i, c);
+                    }
+                    None => ok = false,
+                },
+                _ => {
+                    self.errors.push(FieldError::new(
+                        field,
+                        "keys of a per-image perspective are image indices (0, 1, ...)",
+                    ));
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some((None, out))
+    }
+
+    /// Four [x, y] points in 0..1 forming a convex quadrilateral listed clockwise on screen (y down); None after
+    /// an error (reported under `field`).
+    fn corners(&mut self, field: &str, v: &Value) -> Option<[[f32; 2]; 4]> {
         const SHAPE: &str = "expected four [x, y] corners (fractions of the photo's width and height, 0..1): \
                              far-left, far-right, near-right, near-left";
-        let Some(v) = self.get(key).cloned() else {
-            return Some(None);
+        let mut fail = |msg: String| {
+            self.errors.push(FieldError::new(field, msg));
+            None
         };
         let points: Option<Vec<[f64; 2]>> = v.as_array().filter(|a| a.len() == 4).and_then(|a| {
             a.iter()
@@ -326,15 +372,10 @@ impl Reader<'_> {
                 .collect()
         });
         let Some(points) = points else {
-            self.err(key, format!("{SHAPE}; got {v}"));
-            return None;
+            return fail(format!("{SHAPE}; got {v}"));
         };
         if points.iter().flatten().any(|c| !(0.0..=1.0).contains(c)) {
-            self.err(
-                key,
-                format!("corners must lie inside the photo (0..1); got {v}"),
-            );
-            return None;
+            return fail(format!("corners must lie inside the photo (0..1); got {v}"));
         }
         // Clockwise on screen (y down) means every turn has a positive cross product; a zero one is degenerate.
         let turns_right = (0..4).all(|i| {
@@ -342,16 +383,12 @@ impl Reader<'_> {
             (b[0] - a[0]) * (c[1] - b[1]) - (b[1] - a[1]) * (c[0] - b[0]) > 1e-6
         });
         if !turns_right {
-            self.err(
-                key,
-                format!(
-                    "the corners must form a convex quadrilateral listed clockwise on screen (far-left, \
-                     far-right, near-right, near-left); got {v}"
-                ),
-            );
-            return None;
+            return fail(format!(
+                "the corners must form a convex quadrilateral listed clockwise on screen (far-left, far-right, \
+                 near-right, near-left); got {v}"
+            ));
         }
-        Some(Some(std::array::from_fn(|i| points[i].map(|c| c as f32))))
+        Some(std::array::from_fn(|i| points[i].map(|c| c as f32)))
     }
 
     fn swatch_source(&mut self) -> Option<SwatchSource> {
