@@ -134,6 +134,17 @@ pub struct LinearSwatch {
     mips: std::sync::OnceLock<Vec<Mip>>,
 }
 
+/// Bilinear blend of four neighbouring texels (`[top-left, top-right, bottom-left, bottom-right]`) at fractions
+/// (fx, fy): how every texture path samples a swatch.
+#[inline]
+pub fn bilerp([p, q, r, s]: [[f32; 3]; 4], fx: f32, fy: f32) -> [f32; 3] {
+    std::array::from_fn(|c| {
+        let top = p[c] + fx * (q[c] - p[c]);
+        let bot = r[c] + fx * (s[c] - r[c]);
+        top + fy * (bot - top)
+    })
+}
+
 /// One level of a swatch's mip chain: half the size of the level above (rounded up), averaged by area.
 pub struct Mip {
     pub width: u32,
@@ -164,8 +175,7 @@ impl LinearSwatch {
             while w > 1 || h > 1 {
                 let src = levels.last().map_or(&self.texels, |m| &m.texels);
                 let (nw, nh) = (w.div_ceil(2), h.div_ceil(2));
-                let rows = shrink_rows(src, w, h, nw);
-                let texels = transpose(&shrink_rows(&transpose(&rows, nw, h), h, nw, nh), nh, nw);
+                let texels = halve(src, (w, h), (nw, nh));
                 levels.push(Mip {
                     width: nw,
                     height: nh,
@@ -178,36 +188,45 @@ impl LinearSwatch {
     }
 }
 
-/// Each row of a w x h image resampled to `nw` texels by area: output x covers source [x s, (x+1) s), s = w / nw,
-/// each source texel weighted by how much of it lies inside.
-fn shrink_rows(src: &[[f32; 3]], w: u32, h: u32, nw: u32) -> Vec<[f32; 3]> {
-    let s = f64::from(w) / f64::from(nw);
-    let mut out = Vec::with_capacity((nw * h) as usize);
-    for row in src.chunks_exact(w as usize) {
-        for x in 0..nw {
-            let (a, b) = (f64::from(x) * s, f64::from(x + 1) * s);
-            let mut acc = [0f64; 3];
-            for (j, t) in row
-                .iter()
-                .enumerate()
-                .take(b.ceil() as usize)
-                .skip(a.floor() as usize)
-            {
-                let weight = b.min(j as f64 + 1.0) - a.max(j as f64);
+/// For each of `n` outputs covering a source axis of `len` texels: the source texels it overlaps and the share of
+/// the output each one makes up (output i covers [i s, (i+1) s), s = len / n). Even sizes: two halves.
+fn area_weights(len: u32, n: u32) -> Vec<Vec<(usize, f32)>> {
+    let s = f64::from(len) / f64::from(n);
+    (0..n)
+        .map(|i| {
+            let (a, b) = (f64::from(i) * s, f64::from(i + 1) * s);
+            (a.floor() as usize..b.ceil() as usize)
+                .map(|j| (j, ((b.min(j as f64 + 1.0) - a.max(j as f64)) / s) as f32))
+                .collect()
+        })
+        .collect()
+}
+
+/// A w x h level resampled by area to nw x nh: rows first, then whole rows blended into each output row.
+fn halve(src: &[[f32; 3]], (w, h): (u32, u32), (nw, nh): (u32, u32)) -> Vec<[f32; 3]> {
+    let (wx, wy) = (area_weights(w, nw), area_weights(h, nh));
+    let narrow: Vec<[f32; 3]> = src
+        .chunks_exact(w as usize)
+        .flat_map(|row| {
+            wx.iter().map(move |taps| {
+                taps.iter().fold([0.0; 3], |acc, &(j, k)| {
+                    std::array::from_fn(|c| acc[c] + k * row[j][c])
+                })
+            })
+        })
+        .collect();
+    let mut out = vec![[0.0f32; 3]; (nw * nh) as usize];
+    for (dst, taps) in out.chunks_exact_mut(nw as usize).zip(&wy) {
+        for &(j, k) in taps {
+            let row = &narrow[j * nw as usize..(j + 1) * nw as usize];
+            for (d, s) in dst.iter_mut().zip(row) {
                 for c in 0..3 {
-                    acc[c] += weight * f64::from(t[c]);
+                    d[c] += k * s[c];
                 }
             }
-            out.push(acc.map(|v| (v / s) as f32));
         }
     }
     out
-}
-
-fn transpose(src: &[[f32; 3]], w: u32, h: u32) -> Vec<[f32; 3]> {
-    (0..w)
-        .flat_map(|x| (0..h).map(move |y| src[(y * w + x) as usize]))
-        .collect()
 }
 
 /// The built-in swatch in linear light, generated on first use and kept: 0.8 MB each, and generating one cost more

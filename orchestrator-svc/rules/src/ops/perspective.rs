@@ -3,7 +3,7 @@
 //! swatch would alias into moiré, so each pixel reads the mip level its footprint calls for (trilinear).
 
 use crate::rule::Perspective;
-use crate::swatch::LinearSwatch;
+use crate::swatch::{LinearSwatch, bilerp};
 
 pub type Mat3 = [[f64; 3]; 3];
 
@@ -39,17 +39,6 @@ pub fn homography(from: [[f64; 2]; 4], to: [[f64; 2]; 4]) -> Option<Mat3> {
     }
     let h: [f64; 8] = std::array::from_fn(|i| a[i][8]);
     Some([[h[0], h[1], h[2]], [h[3], h[4], h[5]], [h[6], h[7], 1.0]])
-}
-
-/// `m` applied to the point `p` (projectively); None beyond the horizon (w <= 0).
-pub fn project(m: &Mat3, [x, y]: [f64; 2]) -> Option<[f64; 2]> {
-    let w = m[2][0] * x + m[2][1] * y + m[2][2];
-    (w > 1e-12).then(|| {
-        [
-            (m[0][0] * x + m[0][1] * y + m[0][2]) / w,
-            (m[1][0] * x + m[1][1] * y + m[1][2]) / w,
-        ]
-    })
 }
 
 fn det(m: &Mat3) -> f64 {
@@ -189,18 +178,24 @@ impl<'a> Sampler<'a> {
         let (fx, fy) = ((u - fu) as f32, (v - fv) as f32);
         let row = lv.width as usize;
         let at = |x: usize, y: usize| lv.texels[y * row + x];
-        let (p, q, r, s) = (at(i, j), at(i1, j), at(i, j1), at(i1, j1));
-        std::array::from_fn(|c| {
-            let top = p[c] + fx * (q[c] - p[c]);
-            let bot = r[c] + fx * (s[c] - r[c]);
-            top + fy * (bot - top)
-        })
+        bilerp([at(i, j), at(i1, j), at(i, j1), at(i1, j1)], fx, fy)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `m` applied to the point `p` (projectively); None beyond the horizon (w <= 0).
+    fn project(m: &Mat3, [x, y]: [f64; 2]) -> Option<[f64; 2]> {
+        let w = m[2][0] * x + m[2][1] * y + m[2][2];
+        (w > 1e-12).then(|| {
+            [
+                (m[0][0] * x + m[0][1] * y + m[0][2]) / w,
+                (m[1][0] * x + m[1][1] * y + m[1][2]) / w,
+            ]
+        })
+    }
 
     #[test]
     fn the_homography_takes_each_corner_where_it_was_asked() {

@@ -5,7 +5,7 @@
 use super::{blend_masked_rows, bounds, perspective, weighted_mean};
 use crate::color::{encode_table, encode_with, linear_table, luminance};
 use crate::rule::TextureParams;
-use crate::swatch::LinearSwatch;
+use crate::swatch::{LinearSwatch, bilerp};
 use image::{GrayImage, RgbImage};
 
 /// Tile size at scale 1, as a fraction of the image's long side: ~8 tiles across a room shot.
@@ -84,12 +84,7 @@ pub fn texture(
             let (i, i1, fx) = u.at(x);
             let (j, j1, fy) = v.at(x);
             let at = |x: u32, y: u32| lin[(y * lw + x) as usize];
-            let (a, bb, c, d) = (at(i, j), at(i1, j), at(i, j1), at(i1, j1));
-            let s: [f32; 3] = std::array::from_fn(|k| {
-                let top = a[k] + fx * (bb[k] - a[k]);
-                let bot = c[k] + fx * (d[k] - c[k]);
-                top + fy * (bot - top)
-            });
+            let s = bilerp([at(i, j), at(i1, j), at(i, j1), at(i1, j1)], fx, fy);
             shade_mix(s, px)
         }
     })

@@ -59,6 +59,13 @@ pub fn validate_defaults(rule_type: &str, defaults: &Map<String, Value>) -> Vec<
     }
 }
 
+/// What a texture's `perspective` parameter gave.
+enum Planes {
+    Flat,
+    Every([[f32; 2]; 4]),
+    ByImage(BTreeMap<u32, [[f32; 2]; 4]>),
+}
+
 struct Reader<'a> {
     map: &'a Map<String, Value>,
     seen: BTreeSet<&'static str>,
@@ -99,27 +106,28 @@ impl Reader<'_> {
                 let opacity = self.num("opacity", 0.0, 1.0, Some(1.0));
                 let planes = self.perspective("perspective");
                 let aspect = self.num("perspective_aspect", 0.05, 20.0, Some(1.0));
+                // Every field is read above, so each error is already reported when a `?` returns.
+                let (perspective, perspective_by_image) = match (planes?, aspect?) {
+                    (Planes::Flat, _) => (None, BTreeMap::new()),
+                    (Planes::Every(corners), aspect) => {
+                        (Some(Perspective { corners, aspect }), BTreeMap::new())
+                    }
+                    (Planes::ByImage(by_image), aspect) => (
+                        None,
+                        by_image
+                            .into_iter()
+                            .map(|(i, corners)| (i, Perspective { corners, aspect }))
+                            .collect(),
+                    ),
+                };
                 Some(Rule::Texture(TextureParams {
                     common,
                     source: source?,
                     scale: scale?,
                     rotation_deg: rotation_deg?,
                     opacity: opacity?,
-                    perspective: match planes.as_ref()?.0 {
-                        Some(corners) => Some(Perspective {
-                            corners,
-                            aspect: aspect?,
-                        }),
-                        None => None,
-                    },
-                    perspective_by_image: {
-                        let aspect = aspect?;
-                        planes?
-                            .1
-                            .into_iter()
-                            .map(|(i, corners)| (i, Perspective { corners, aspect }))
-                            .collect()
-                    },
+                    perspective,
+                    perspective_by_image,
                 }))
             }
             "remove" => {
@@ -318,18 +326,15 @@ impl Reader<'_> {
     }
 
     /// `perspective`: one rectangle for every image (a list of four corners), or one per image (an object whose
-    /// keys are image indices). Some((every, by_image)) when valid or absent; None after an error.
-    #[allow(clippy::type_complexity)]
-    fn perspective(
-        &mut self,
-        key: &'static str,
-    ) -> Option<(Option<[[f32; 2]; 4]>, BTreeMap<u32, [[f32; 2]; 4]>)> {
+    /// keys are image indices). None after an error.
+    fn perspective(&mut self, key: &'static str) -> Option<Planes> {
         let Some(v) = self.get(key).cloned() else {
-            return Some((None, BTreeMap::new()));
+            return Some(Planes::Flat);
         };
         let Value::Object(per_image) = v else {
-            let corners = self.corners(&format!("params.{key}"), &v)?;
-            return Some((Some(corners), BTreeMap::new()));
+            return self
+                .corners(&format!("params.{key}"), &v)
+                .map(Planes::Every);
         };
         let mut out = BTreeMap::new();
         let mut ok = true;
@@ -351,7 +356,7 @@ impl Reader<'_> {
                 }
             }
         }
-        ok.then_some((None, out))
+        ok.then_some(Planes::ByImage(out))
     }
 
     /// Four [x, y] points in 0..1 forming a convex quadrilateral listed clockwise on screen (y down); None after
