@@ -20,6 +20,18 @@ use crate::error::Error;
 use crate::keys;
 use crate::storage::StorageError;
 
+/// `RuleOutput.not_applied_reason`: the segmenter found no instance of the rule's concept in the photo.
+pub const NOT_APPLIED_CONCEPT_NOT_FOUND: &str = "concept_not_found";
+/// `RuleOutput.not_applied_reason`: instances were found, but occluders in front cover (nearly) all of them.
+pub const NOT_APPLIED_REGION_EMPTY: &str = "region_empty";
+
+/// Whether the occluders leave less than 2 % of the target's mask (by alpha) in the rule's region: soft edges keep a
+/// rim where an occluder's edge meets the target's (1.5 % of a 64x48 photo's half, measured), so not exactly 0.
+fn hidden_by_occluders(target: &GrayImage, region: &GrayImage) -> bool {
+    let sum = |img: &GrayImage| img.iter().map(|&a| a as u64).sum::<u64>();
+    sum(region) * 50 < sum(target)
+}
+
 /// Runs blocking (CPU) work off the async threads.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, Error> + Send + 'static,
@@ -279,7 +291,7 @@ impl Pipeline {
             };
             let (plan2, photo, masks, want_preview) =
                 (plan.clone(), photo.clone(), masks.clone(), r == 0);
-            let (encoded, has_alpha, rule_preview) = blocking(move || {
+            let (encoded, has_alpha, rule_preview, not_applied) = blocking(move || {
                 let rule = &plan2.rules[r];
                 // Full-resolution masks are large: borrow them; copy only to join several occluder concepts.
                 let of = |c: &String| masks.get(c).map_or(&[][..], std::slice::from_ref);
@@ -292,12 +304,23 @@ impl Pipeline {
                         &joined
                     }
                 };
-                let region = palette_rules::region::build_region(
+                let mut region = palette_rules::region::build_region(
                     &photo,
                     of(&rule.concept),
                     occluders,
                     &rule.rule.region_params(),
                 );
+                // A rule with nothing to edit still writes its output (the photo as it was), and says why.
+                let not_applied = match masks.get(&rule.concept) {
+                    None => Some(NOT_APPLIED_CONCEPT_NOT_FOUND),
+                    Some(target) if hidden_by_occluders(target, &region) => {
+                        // Soft edges leave a faint rim where the occluder's edge meets the target's: not an edit
+                        // anyone asked for. Nothing at all, then, and the output type stays the rule's.
+                        region.fill(0);
+                        Some(NOT_APPLIED_REGION_EMPTY)
+                    }
+                    Some(_) => None,
+                };
                 let edited = palette_rules::apply(
                     &photo,
                     &region,
@@ -305,7 +328,7 @@ impl Pipeline {
                     swatch.as_deref(),
                 )
                 .map_err(|e| Error::RuleFailed(format!("rule {}: {e}", rule.rule_id)))?;
-                Ok(match edited {
+                let (encoded, has_alpha, preview) = match edited {
                     Edited::Rgb(img) => {
                         let preview = if want_preview {
                             Some(imaging::preview_jpeg(&img)?)
@@ -322,7 +345,8 @@ impl Pipeline {
                         };
                         (imaging::encode_png_rgba(&img)?, true, preview)
                     }
-                })
+                };
+                Ok((encoded, has_alpha, preview, not_applied))
             })
             .await?;
             let rule_id = &plan.rules[r].rule_id;
@@ -334,6 +358,8 @@ impl Pipeline {
             outputs.push(RuleOutput {
                 rule_id: rule_id.clone(),
                 output_key: key,
+                applied: not_applied.is_none(),
+                not_applied_reason: not_applied.unwrap_or_default().to_string(),
             });
             if preview.is_none() {
                 preview = rule_preview;
