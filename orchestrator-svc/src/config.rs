@@ -13,6 +13,43 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::error::BoxError;
+
+/// A setting that cannot work; names the environment variable, so the operator knows what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Required by another setting's choice (`reason`: "for ADAPTER=runpod", "with WORKERS_API_URL").
+    #[error("{setting} must be set {reason}")]
+    Missing {
+        setting: &'static str,
+        reason: &'static str,
+    },
+    #[error("{setting} must not be empty")]
+    Empty { setting: &'static str },
+    /// Set, but unusable; `source` says why.
+    #[error("{setting} {value:?}")]
+    Invalid {
+        setting: &'static str,
+        value: String,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl ConfigError {
+    pub fn invalid(
+        setting: &'static str,
+        value: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        ConfigError::Invalid {
+            setting,
+            value: value.into(),
+            source: source.into(),
+        }
+    }
+}
+
 /// Where objects live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum StorageBackend {
@@ -268,14 +305,14 @@ impl Config {
     }
 
     /// The metrics address, or None when the exporter is switched off (empty METRICS_ADDR).
-    pub fn metrics_socket(&self) -> Result<Option<SocketAddr>, String> {
+    pub fn metrics_socket(&self) -> Result<Option<SocketAddr>, ConfigError> {
         let addr = self.metrics_addr.trim();
         if addr.is_empty() {
             return Ok(None);
         }
         addr.parse()
             .map(Some)
-            .map_err(|e| format!("METRICS_ADDR {addr:?}: {e}"))
+            .map_err(|e| ConfigError::invalid("METRICS_ADDR", addr, e))
     }
 }
 

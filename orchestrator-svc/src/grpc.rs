@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::jobs::JobService;
-use crate::jobs::registry::job_is_terminal;
+use crate::jobs::job::job_is_terminal;
 
 /// Events queued per WatchJob stream before the sender waits for the client.
 /// Snapshots queued for one slow WatchJob client (each is the whole job): small, so a watcher costs at most a few

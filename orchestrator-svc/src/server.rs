@@ -14,25 +14,52 @@ use tonic::transport::server::TcpIncoming;
 use crate::adapters::queue_pull::{self, QueueSettings};
 use crate::adapters::runpod::{self, RunpodSettings};
 use crate::callback::{CallbackSender, RetryPolicy};
-use crate::config::{Adapter, Config};
-use crate::error::Error;
+use crate::config::{Adapter, Config, ConfigError};
 use crate::grpc::JobsApi;
-use crate::jobs::{InputLimits, JobLimits, JobService, Pipeline, Retention};
+use crate::jobs::{InputLimits, ItemRunner, JobLimits, JobService, Pipeline, Retention};
 use crate::segmenter::Segmenter;
+use crate::storage::StoreSetupError;
 use crate::{storage, telemetry};
+
+/// Why the orchestrator did not start, or stopped serving. Only `run` and `main` see it.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("local storage")]
+    Storage(#[source] crate::storage::StorageError),
+    #[error("callback HTTP client")]
+    CallbackClient(#[source] reqwest::Error),
+    #[error("server reflection")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    #[error("the listener's address")]
+    Listener(#[source] std::io::Error),
+    #[error("gRPC server")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+impl From<StoreSetupError> for StartupError {
+    fn from(err: StoreSetupError) -> Self {
+        match err {
+            StoreSetupError::Config(e) => StartupError::Config(e),
+            StoreSetupError::Local(e) => StartupError::Storage(e),
+        }
+    }
+}
 
 /// How long shutdown waits for items in flight and their callbacks before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Jobs are small; images never travel through this API.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
-fn load_presets(config: &Config) -> Result<BTreeMap<String, Arc<Preset>>, Error> {
+fn load_presets(config: &Config) -> Result<BTreeMap<String, Arc<Preset>>, ConfigError> {
     if !config.presets_dir.is_dir() {
         tracing::warn!(dir = %config.presets_dir.display(), "presets directory missing: no presets");
         return Ok(BTreeMap::new());
     }
-    let presets = palette_rules::preset::load_dir(&config.presets_dir)
-        .map_err(|e| Error::Config(format!("PRESETS_DIR: {e}")))?;
+    let presets = palette_rules::preset::load_dir(&config.presets_dir).map_err(|e| {
+        ConfigError::invalid("PRESETS_DIR", config.presets_dir.display().to_string(), e)
+    })?;
     for preset in presets.values() {
         if preset.concepts.len() > config.max_concepts_per_job {
             tracing::warn!(
@@ -49,7 +76,7 @@ fn load_presets(config: &Config) -> Result<BTreeMap<String, Arc<Preset>>, Error>
         .collect())
 }
 
-fn callback_sender(config: &Config) -> Result<Option<Arc<CallbackSender>>, Error> {
+fn callback_sender(config: &Config) -> Result<Option<Arc<CallbackSender>>, StartupError> {
     let Some(url) = config
         .workers_api_url
         .as_deref()
@@ -62,8 +89,9 @@ fn callback_sender(config: &Config) -> Result<Option<Arc<CallbackSender>>, Error
         .gpu_callback_secret
         .as_deref()
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| {
-            Error::Config("GPU_CALLBACK_SECRET must be set with WORKERS_API_URL".into())
+        .ok_or(ConfigError::Missing {
+            setting: "GPU_CALLBACK_SECRET",
+            reason: "with WORKERS_API_URL",
         })?;
     let policy = RetryPolicy {
         max_attempts: config.callback_max_attempts.max(1),
@@ -71,8 +99,7 @@ fn callback_sender(config: &Config) -> Result<Option<Arc<CallbackSender>>, Error
         max_delay: Duration::from_secs(config.callback_max_delay_sec),
         attempt_timeout: config.callback_timeout(),
     };
-    let sender = CallbackSender::new(url, secret, policy)
-        .map_err(|e| Error::Config(format!("callback client: {e}")))?;
+    let sender = CallbackSender::new(url, secret, policy).map_err(StartupError::CallbackClient)?;
     Ok(Some(Arc::new(sender)))
 }
 
@@ -118,13 +145,13 @@ pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), Error> {
+) -> Result<(), StartupError> {
     let (runpod, queue) = match config.adapter {
         Adapter::Grpc => (None, None),
         Adapter::Runpod => (Some(RunpodSettings::from_config(&config)?), None),
         Adapter::QueuePull => (None, Some(QueueSettings::from_config(&config)?)),
     };
-    if let Some(addr) = config.metrics_socket().map_err(Error::Config)? {
+    if let Some(addr) = config.metrics_socket()? {
         telemetry::install_metrics(addr);
     }
     let store = storage::from_config(&config).await?;
@@ -134,16 +161,19 @@ pub async fn run(
         config.segmenter_attempts,
         Duration::from_secs(config.segmenter_resolve_interval_sec),
     )?);
-    let pipeline = Arc::new(Pipeline::new(
+    let runner = ItemRunner::new(
         store,
         segmenter,
-        callback_sender(&config)?,
-        config.batch_concurrency as usize,
         InputLimits {
             max_bytes: config.max_input_bytes,
             max_pixels: config.max_input_pixels,
         },
         config.mask_cache_mb.saturating_mul(1024 * 1024),
+    );
+    let pipeline = Arc::new(Pipeline::new(
+        runner,
+        callback_sender(&config)?,
+        config.batch_concurrency as usize,
     ));
     let limits = JobLimits {
         max_images: config.max_images_per_job,
@@ -174,17 +204,15 @@ pub async fn run(
     };
     let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
         .build_v1()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+        .map_err(StartupError::Reflection)?;
     let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+        .map_err(StartupError::Reflection)?;
     let jobs = JobsServer::new(JobsApi::new(service.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(64 * MAX_MESSAGE_BYTES);
 
-    let local = listener
-        .local_addr()
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let local = listener.local_addr().map_err(StartupError::Listener)?;
     tracing::info!(addr = %local, config = ?config, "orchestrator listening");
     // ADAPTER=runpod|queue_pull: the queue worker runs beside the gRPC server (operators keep
     // GetJob/WatchJob/CancelJob).
@@ -213,7 +241,7 @@ pub async fn run(
         .add_service(jobs)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
-        .map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
+        .map_err(StartupError::Serve)?;
 
     if let Some(worker) = worker {
         tracing::info!("shutting down: the queue worker finishes its job in progress");

@@ -3,7 +3,7 @@
 mod common;
 
 use orchestrator_svc::config::Adapter;
-use orchestrator_svc::{Config, Error};
+use orchestrator_svc::{Config, StartupError};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -71,7 +71,7 @@ async fn queue_pull_without_nats_url_fails_clearly() {
     let err = orchestrator_svc::run(config, listener, std::future::ready(()))
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Config(_)));
+    assert!(matches!(err, StartupError::Config(_)));
     assert!(err.to_string().contains("NATS_URL"), "{err}");
 }
 

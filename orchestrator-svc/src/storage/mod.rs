@@ -12,8 +12,8 @@ use bytes::Bytes;
 pub use local::LocalStore;
 pub use s3::{S3Settings, S3Store};
 
-use crate::config::{Config, StorageBackend};
-use crate::error::Error;
+use crate::config::{Config, ConfigError, StorageBackend};
+use crate::error::BoxError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -23,18 +23,32 @@ pub enum StorageError {
     #[error("{0}")]
     InvalidKey(String),
     /// Anything else: network, credentials, a full disk. Already retried by the backend where that makes sense.
-    #[error("{0}")]
-    Unavailable(String),
+    /// `context` names the operation and key (and the service's error code where it gave one); `source` is the
+    /// backend's own error.
+    #[error("{context}")]
+    Unavailable {
+        context: String,
+        #[source]
+        source: BoxError,
+    },
 }
 
-impl From<StorageError> for Error {
-    fn from(err: StorageError) -> Error {
-        match err {
-            StorageError::NotFound(key) => Error::ObjectNotFound(key),
-            StorageError::InvalidKey(msg) => Error::InvalidKey(msg),
-            StorageError::Unavailable(msg) => Error::StorageUnavailable(msg),
+impl StorageError {
+    pub fn unavailable(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StorageError::Unavailable {
+            context: context.into(),
+            source: source.into(),
         }
     }
+}
+
+/// Why the configured backend could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreSetupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("local storage")]
+    Local(#[source] StorageError),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,9 +91,11 @@ pub fn check_key(key: &str) -> Result<(), StorageError> {
 }
 
 /// Builds the backend named by STORAGE_BACKEND.
-pub async fn from_config(config: &Config) -> Result<SharedStore, Error> {
+pub async fn from_config(config: &Config) -> Result<SharedStore, StoreSetupError> {
     match config.storage_backend {
-        StorageBackend::Local => Ok(Arc::new(LocalStore::new(&config.local_storage_dir)?)),
+        StorageBackend::Local => Ok(Arc::new(
+            LocalStore::new(&config.local_storage_dir).map_err(StoreSetupError::Local)?,
+        )),
         StorageBackend::R2 | StorageBackend::S3 => {
             Ok(Arc::new(S3Store::new(S3Settings::from_config(config)?)))
         }

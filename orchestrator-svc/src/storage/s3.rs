@@ -14,8 +14,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 
 use super::{ObjectMeta, ObjectStore, StorageError, check_key};
-use crate::config::{Config, StorageBackend};
-use crate::error::Error;
+use crate::config::{Config, ConfigError, StorageBackend};
 
 /// Everything the S3 client needs, resolved from Config (tests build it directly).
 #[derive(Clone)]
@@ -43,17 +42,18 @@ impl std::fmt::Debug for S3Settings {
     }
 }
 
-fn required(value: &Option<String>, name: &str) -> Result<String, Error> {
+fn required(value: &Option<String>, setting: &'static str) -> Result<String, ConfigError> {
     match value.as_deref().map(str::trim) {
         Some(v) if !v.is_empty() => Ok(v.to_string()),
-        _ => Err(Error::Config(format!(
-            "{name} must be set for STORAGE_BACKEND=r2|s3"
-        ))),
+        _ => Err(ConfigError::Missing {
+            setting,
+            reason: "for STORAGE_BACKEND=r2|s3",
+        }),
     }
 }
 
 impl S3Settings {
-    pub fn from_config(config: &Config) -> Result<Self, Error> {
+    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
         let (endpoint_url, region) = match config.storage_backend {
             StorageBackend::R2 => {
                 let account = required(&config.r2_account_id, "R2_ACCOUNT_ID")?;
@@ -152,35 +152,22 @@ impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
     }
 }
 
-fn describe<E: ProvideErrorMetadata + std::error::Error + 'static, R>(
-    op: &str,
-    key: &str,
-    err: &SdkError<E, R>,
-) -> String
+/// The operation and key, plus the service's error code and message where it answered with one (the SDK's own
+/// Display says only "service error"); transport failures are described by the error kept as the source.
+fn unavailable<E, R>(op: &str, key: &str, err: SdkError<E, R>) -> StorageError
 where
-    R: std::fmt::Debug,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let detail = match err {
-        SdkError::ServiceError(e) => {
-            let e = e.err();
-            format!(
-                "{}: {}",
-                e.code().unwrap_or("unknown"),
-                e.message().unwrap_or("no message")
-            )
-        }
-        other => {
-            let mut text = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            text
-        }
+    let context = match &err {
+        SdkError::ServiceError(e) => format!(
+            "{op} {key}: {}: {}",
+            e.err().code().unwrap_or("unknown"),
+            e.err().message().unwrap_or("no message")
+        ),
+        _ => format!("{op} {key}"),
     };
-    format!("{op} {key}: {detail}")
+    StorageError::unavailable(context, err)
 }
 
 #[async_trait]
@@ -202,13 +189,13 @@ impl ObjectStore for S3Store {
                 return Err(if not_found {
                     StorageError::NotFound(key.to_string())
                 } else {
-                    StorageError::Unavailable(describe("GET", key, &err))
+                    unavailable("GET", key, err)
                 });
             }
         };
         let body =
             out.body.collect().await.map_err(|e| {
-                StorageError::Unavailable(format!("GET {key}: reading the body: {e}"))
+                StorageError::unavailable(format!("GET {key}: reading the body"), e)
             })?;
         Ok(body.into_bytes())
     }
@@ -223,7 +210,7 @@ impl ObjectStore for S3Store {
             .body(ByteStream::from(body))
             .send()
             .await
-            .map_err(|err| StorageError::Unavailable(describe("PUT", key, &err)))?;
+            .map_err(|err| unavailable("PUT", key, err))?;
         Ok(())
     }
 
@@ -246,7 +233,7 @@ impl ObjectStore for S3Store {
                 if not_found {
                     Ok(None)
                 } else {
-                    Err(StorageError::Unavailable(describe("HEAD", key, &err)))
+                    Err(unavailable("HEAD", key, err))
                 }
             }
         }

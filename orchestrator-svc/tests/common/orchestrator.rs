@@ -19,7 +19,7 @@ pub struct Orchestrator {
     pub store: LocalStore,
     pub addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<Result<(), orchestrator_svc::Error>>>,
+    server: Option<tokio::task::JoinHandle<Result<(), orchestrator_svc::StartupError>>>,
     _dir: tempfile::TempDir,
 }
 
