@@ -11,14 +11,13 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
-use crate::adapters::queue_pull::{self, QueueSettings};
-use crate::adapters::runpod::{self, RunpodSettings};
+use crate::adapters::queue_pull;
+use crate::adapters::runpod;
 use crate::callback::{CallbackSender, RetryPolicy};
-use crate::config::{Adapter, Config, ConfigError};
+use crate::config::{Adapter, CallbackSettings, Config, ConfigError, LimitArgs};
 use crate::grpc::JobsApi;
 use crate::jobs::{InputLimits, ItemRunner, JobLimits, JobService, Pipeline, Retention};
 use crate::segmenter::Segmenter;
-use crate::storage::StoreSetupError;
 use crate::{storage, telemetry};
 
 /// Why the orchestrator did not start, or stopped serving. Only `run` and `main` see it.
@@ -38,21 +37,12 @@ pub enum StartupError {
     Serve(#[source] tonic::transport::Error),
 }
 
-impl From<StoreSetupError> for StartupError {
-    fn from(err: StoreSetupError) -> Self {
-        match err {
-            StoreSetupError::Config(e) => StartupError::Config(e),
-            StoreSetupError::Local(e) => StartupError::Storage(e),
-        }
-    }
-}
-
 /// How long shutdown waits for items in flight and their callbacks before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Jobs are small; images never travel through this API.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
-fn load_presets(config: &Config) -> Result<BTreeMap<String, Arc<Preset>>, ConfigError> {
+fn load_presets(config: &LimitArgs) -> Result<BTreeMap<String, Arc<Preset>>, ConfigError> {
     if !config.presets_dir.is_dir() {
         tracing::warn!(dir = %config.presets_dir.display(), "presets directory missing: no presets");
         return Ok(BTreeMap::new());
@@ -76,30 +66,21 @@ fn load_presets(config: &Config) -> Result<BTreeMap<String, Arc<Preset>>, Config
         .collect())
 }
 
-fn callback_sender(config: &Config) -> Result<Option<Arc<CallbackSender>>, StartupError> {
-    let Some(url) = config
-        .workers_api_url
-        .as_deref()
-        .filter(|u| !u.trim().is_empty())
-    else {
+fn callback_sender(
+    settings: Option<CallbackSettings>,
+) -> Result<Option<Arc<CallbackSender>>, StartupError> {
+    let Some(settings) = settings else {
         tracing::warn!("WORKERS_API_URL unset: items are reported through GetJob/WatchJob only");
         return Ok(None);
     };
-    let secret = config
-        .gpu_callback_secret
-        .as_deref()
-        .filter(|s| !s.is_empty())
-        .ok_or(ConfigError::Missing {
-            setting: "GPU_CALLBACK_SECRET",
-            reason: "with WORKERS_API_URL",
-        })?;
     let policy = RetryPolicy {
-        max_attempts: config.callback_max_attempts.max(1),
-        base_delay: Duration::from_millis(config.callback_base_delay_ms),
-        max_delay: Duration::from_secs(config.callback_max_delay_sec),
-        attempt_timeout: config.callback_timeout(),
+        max_attempts: settings.max_attempts,
+        base_delay: settings.base_delay,
+        max_delay: settings.max_delay,
+        attempt_timeout: settings.attempt_timeout,
     };
-    let sender = CallbackSender::new(url, secret, policy).map_err(StartupError::CallbackClient)?;
+    let sender = CallbackSender::new(&settings.base_url, settings.secret.expose(), policy)
+        .map_err(StartupError::CallbackClient)?;
     Ok(Some(Arc::new(sender)))
 }
 
@@ -148,45 +129,48 @@ pub async fn run(
 ) -> Result<(), StartupError> {
     let (runpod, queue) = match config.adapter {
         Adapter::Grpc => (None, None),
-        Adapter::Runpod => (Some(RunpodSettings::from_config(&config)?), None),
-        Adapter::QueuePull => (None, Some(QueueSettings::from_config(&config)?)),
+        Adapter::Runpod => (Some(config.runpod.settings()?), None),
+        Adapter::QueuePull => (None, Some(config.nats.settings()?)),
     };
     if let Some(addr) = config.metrics_socket()? {
         telemetry::install_metrics(addr);
     }
-    let store = storage::from_config(&config).await?;
+    let store =
+        storage::from_settings(config.storage.settings()?).map_err(StartupError::Storage)?;
+    let callbacks = callback_sender(config.callbacks.settings()?)?;
+    let args = &config.limits;
     let segmenter = Arc::new(Segmenter::new(
-        &config.segmenter_url,
-        Duration::from_secs(config.segmenter_timeout_sec.max(1)),
-        config.segmenter_attempts,
-        Duration::from_secs(config.segmenter_resolve_interval_sec),
+        &config.segmenter.segmenter_url,
+        Duration::from_secs(config.segmenter.segmenter_timeout_sec.max(1)),
+        config.segmenter.segmenter_attempts,
+        Duration::from_secs(config.segmenter.segmenter_resolve_interval_sec),
     )?);
     let runner = ItemRunner::new(
         store,
         segmenter,
         InputLimits {
-            max_bytes: config.max_input_bytes,
-            max_pixels: config.max_input_pixels,
+            max_bytes: args.max_input_bytes,
+            max_pixels: args.max_input_pixels,
         },
-        config.mask_cache_mb.saturating_mul(1024 * 1024),
+        config.segmenter.mask_cache_mb.saturating_mul(1024 * 1024),
     );
     let pipeline = Arc::new(Pipeline::new(
         runner,
-        callback_sender(&config)?,
-        config.batch_concurrency as usize,
+        callbacks,
+        args.batch_concurrency as usize,
     ));
     let limits = JobLimits {
-        max_images: config.max_images_per_job,
-        max_rules: config.max_rules_per_job,
-        max_concepts: config.max_concepts_per_job,
+        max_images: args.max_images_per_job,
+        max_rules: args.max_rules_per_job,
+        max_concepts: args.max_concepts_per_job,
     };
     let service = Arc::new(JobService::new(
         pipeline.clone(),
-        load_presets(&config)?,
+        load_presets(args)?,
         limits,
         Retention {
-            max_jobs: config.max_retained_jobs,
-            max_bytes: config.retained_jobs_mb.saturating_mul(1024 * 1024),
+            max_jobs: args.max_retained_jobs,
+            max_bytes: args.retained_jobs_mb.saturating_mul(1024 * 1024),
         },
     ));
 

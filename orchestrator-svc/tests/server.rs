@@ -85,9 +85,9 @@ async fn shutdown_finishes_items_in_flight_and_ends_unstarted_ones_with_a_callba
     segmenter.faults.delay_ms.store(600, Ordering::SeqCst);
     let receiver = common::receiver::Receiver::start("s", vec![]).await;
     let mut orch = common::orchestrator::start(&segmenter.url, |c| {
-        c.batch_concurrency = 1;
-        c.workers_api_url = Some(receiver.url());
-        c.gpu_callback_secret = Some("s".into());
+        c.limits.batch_concurrency = 1;
+        c.callbacks.workers_api_url = Some(receiver.url());
+        c.callbacks.gpu_callback_secret = Some("s".into());
     })
     .await;
     for idx in 0..3 {

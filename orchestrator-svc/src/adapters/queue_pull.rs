@@ -22,7 +22,7 @@ use futures::StreamExt;
 use palette_proto::orchestrator::v1::{CallbackState, Job};
 use tokio::sync::{broadcast, watch};
 
-use crate::config::{Config, ConfigError};
+pub use crate::config::QueueSettings;
 use crate::error::{ApiError, BoxError, Report};
 use crate::jobs::JobService;
 use crate::spec_json::spec_from_bytes;
@@ -31,50 +31,6 @@ use crate::spec_json::spec_from_bytes;
 const FETCH_WAIT: Duration = Duration::from_secs(5);
 /// Pause after a failed connection, setup or fetch.
 const RETRY_PAUSE: Duration = Duration::from_secs(2);
-
-#[derive(Debug, Clone)]
-pub struct QueueSettings {
-    pub url: String,
-    pub stream: String,
-    pub subject: String,
-    pub consumer: String,
-    pub ack_wait: Duration,
-}
-
-impl QueueSettings {
-    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
-        let url = config
-            .nats_url
-            .as_deref()
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .ok_or(ConfigError::Missing {
-                setting: "NATS_URL",
-                reason: "for ADAPTER=queue_pull",
-            })?
-            .to_string();
-        let non_empty = |value: &str, setting: &'static str| {
-            let value = value.trim();
-            if value.is_empty() {
-                Err(ConfigError::Empty { setting })
-            } else {
-                Ok(value.to_string())
-            }
-        };
-        Ok(QueueSettings {
-            url,
-            stream: non_empty(&config.nats_stream, "NATS_STREAM")?,
-            subject: non_empty(&config.nats_subject, "NATS_SUBJECT")?,
-            consumer: non_empty(&config.nats_consumer, "NATS_CONSUMER")?,
-            ack_wait: Duration::from_secs(config.nats_ack_wait_sec.max(1)),
-        })
-    }
-
-    /// In-progress acks go out this often while a job runs.
-    fn progress_every(&self) -> Duration {
-        (self.ack_wait / 3).max(Duration::from_millis(100))
-    }
-}
 
 /// Why the queue cannot be read now (retried after RETRY_PAUSE).
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +55,7 @@ enum QueueError {
 
 /// Connects, and creates the stream and the shared consumer if missing.
 async fn connect(settings: &QueueSettings) -> Result<PullConsumer, QueueError> {
-    let client = async_nats::connect(settings.url.as_str())
+    let client = async_nats::connect(settings.url.expose())
         .await
         .map_err(QueueError::Connect)?;
     let js = jetstream::new(client);
@@ -251,22 +207,4 @@ pub async fn run(settings: QueueSettings, service: Arc<JobService>, stop: watch:
         }
     }
     tracing::info!("queue_pull worker stopped");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn settings_need_a_url() {
-        let mut c = Config::for_tests("/tmp/x", "http://127.0.0.1:1");
-        assert!(QueueSettings::from_config(&c).is_err());
-        c.nats_url = Some("nats://127.0.0.1:4222".into());
-        c.nats_ack_wait_sec = 30;
-        let s = QueueSettings::from_config(&c).unwrap();
-        assert_eq!(s.stream, "palette-jobs");
-        assert_eq!(s.subject, "palette.jobs");
-        assert_eq!(s.consumer, "orchestrators");
-        assert_eq!(s.progress_every(), Duration::from_secs(10));
-    }
 }

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use crate::config::S3Settings;
 pub use local::LocalStore;
-pub use s3::{S3Settings, S3Store};
+pub use s3::S3Store;
 
-use crate::config::{Config, ConfigError, StorageBackend};
+use crate::config::StorageSettings;
 use crate::error::BoxError;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,15 +41,6 @@ impl StorageError {
             source: source.into(),
         }
     }
-}
-
-/// Why the configured backend could not be built.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreSetupError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("local storage")]
-    Local(#[source] StorageError),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,15 +82,11 @@ pub fn check_key(key: &str) -> Result<(), StorageError> {
     }
 }
 
-/// Builds the backend named by STORAGE_BACKEND.
-pub async fn from_config(config: &Config) -> Result<SharedStore, StoreSetupError> {
-    match config.storage_backend {
-        StorageBackend::Local => Ok(Arc::new(
-            LocalStore::new(&config.local_storage_dir).map_err(StoreSetupError::Local)?,
-        )),
-        StorageBackend::R2 | StorageBackend::S3 => {
-            Ok(Arc::new(S3Store::new(S3Settings::from_config(config)?)))
-        }
+/// Builds the backend STORAGE_BACKEND names (a local root is created if missing).
+pub fn from_settings(settings: StorageSettings) -> Result<SharedStore, StorageError> {
+    match settings {
+        StorageSettings::Local(dir) => Ok(Arc::new(LocalStore::new(dir)?)),
+        StorageSettings::S3(s3) => Ok(Arc::new(S3Store::new(s3))),
     }
 }
 

@@ -14,76 +14,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 
 use super::{ObjectMeta, ObjectStore, StorageError, check_key};
-use crate::config::{Config, ConfigError, StorageBackend};
-
-/// Everything the S3 client needs, resolved from Config (tests build it directly).
-#[derive(Clone)]
-pub struct S3Settings {
-    /// None: the SDK's default AWS endpoint for the region.
-    pub endpoint_url: Option<String>,
-    pub region: String,
-    pub bucket: String,
-    pub access_key_id: String,
-    pub secret_access_key: String,
-    /// Per attempt; the SDK retries (standard mode) on top.
-    pub attempt_timeout: Duration,
-    pub max_attempts: u32,
-}
-
-impl std::fmt::Debug for S3Settings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Settings")
-            .field("endpoint_url", &self.endpoint_url)
-            .field("region", &self.region)
-            .field("bucket", &self.bucket)
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &"<redacted>")
-            .finish()
-    }
-}
-
-fn required(value: &Option<String>, setting: &'static str) -> Result<String, ConfigError> {
-    match value.as_deref().map(str::trim) {
-        Some(v) if !v.is_empty() => Ok(v.to_string()),
-        _ => Err(ConfigError::Missing {
-            setting,
-            reason: "for STORAGE_BACKEND=r2|s3",
-        }),
-    }
-}
-
-impl S3Settings {
-    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
-        let (endpoint_url, region) = match config.storage_backend {
-            StorageBackend::R2 => {
-                let account = required(&config.r2_account_id, "R2_ACCOUNT_ID")?;
-                (
-                    Some(format!("https://{account}.r2.cloudflarestorage.com")),
-                    "auto".to_string(),
-                )
-            }
-            StorageBackend::S3 | StorageBackend::Local => {
-                let endpoint = config
-                    .s3_endpoint_url
-                    .clone()
-                    .or_else(|| config.aws_endpoint_url.clone());
-                (
-                    endpoint.filter(|e| !e.trim().is_empty()),
-                    config.aws_region.clone(),
-                )
-            }
-        };
-        Ok(S3Settings {
-            endpoint_url,
-            region,
-            bucket: required(&config.r2_bucket_name, "R2_BUCKET_NAME")?,
-            access_key_id: required(&config.r2_access_key_id, "R2_ACCESS_KEY_ID")?,
-            secret_access_key: required(&config.r2_secret_access_key, "R2_SECRET_ACCESS_KEY")?,
-            attempt_timeout: Duration::from_secs(config.storage_timeout_sec.max(1)),
-            max_attempts: 4,
-        })
-    }
-}
+use crate::config::S3Settings;
 
 #[derive(Debug, Clone)]
 pub struct S3Store {
@@ -95,7 +26,7 @@ impl S3Store {
     pub fn new(settings: S3Settings) -> Self {
         let credentials = Credentials::new(
             settings.access_key_id,
-            settings.secret_access_key,
+            settings.secret_access_key.expose().to_string(),
             None,
             None,
             "palette-static",

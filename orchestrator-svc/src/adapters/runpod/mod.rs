@@ -16,7 +16,6 @@
 //! a time (its images still run BATCH_CONCURRENCY at once).
 
 mod output;
-mod settings;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,8 +26,8 @@ use serde_json::{Value as Json, json};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
+pub use crate::config::RunpodSettings;
 pub use output::job_json;
-pub use settings::RunpodSettings;
 
 use crate::error::Report;
 use crate::jobs::JobService;
@@ -93,7 +92,7 @@ impl Worker {
         let response = self
             .http
             .get(self.settings.take_url(in_progress))
-            .header("Authorization", &self.settings.api_key)
+            .header("Authorization", self.settings.api_key.expose())
             .timeout(TAKE_TIMEOUT)
             .send()
             .await
@@ -139,7 +138,7 @@ impl Worker {
         let response = self
             .http
             .post(self.settings.output_url(job_id))
-            .header("Authorization", &self.settings.api_key)
+            .header("Authorization", self.settings.api_key.expose())
             .header("Content-Type", "application/x-www-form-urlencoded")
             .header("charset", "utf-8")
             .timeout(POST_TIMEOUT)
@@ -255,7 +254,7 @@ impl Worker {
             let sent = self
                 .http
                 .get(&url)
-                .header("Authorization", &self.settings.api_key)
+                .header("Authorization", self.settings.api_key.expose())
                 .query(&query)
                 .timeout(self.settings.ping_interval.saturating_mul(2))
                 .send()
