@@ -12,6 +12,7 @@ pub mod segmenter;
 pub mod server;
 pub mod spec_json;
 pub mod storage;
+pub mod tasks;
 pub mod telemetry;
 
 pub use config::Config;

@@ -18,7 +18,7 @@ use crate::config::{Adapter, CallbackSettings, Config, ConfigError, LimitArgs};
 use crate::grpc::JobsApi;
 use crate::jobs::{InputLimits, ItemRunner, JobLimits, JobService, Pipeline, Retention};
 use crate::segmenter::Segmenter;
-use crate::{storage, telemetry};
+use crate::{storage, tasks, telemetry};
 
 /// Why the orchestrator did not start, or stopped serving. Only `run` and `main` see it.
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +192,8 @@ pub async fn run(
     let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .map_err(StartupError::Reflection)?;
-    let jobs = JobsServer::new(JobsApi::new(service.clone()))
+    let api = JobsApi::new(service.clone());
+    let jobs = JobsServer::new(api.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(64 * MAX_MESSAGE_BYTES);
 
@@ -202,16 +203,14 @@ pub async fn run(
     // GetJob/WatchJob/CancelJob).
     let (stop_adapter, adapter_stopped) = tokio::sync::watch::channel(false);
     let worker = match (runpod, queue) {
-        (Some(settings), _) => Some(tokio::spawn(runpod::run(
-            settings,
-            service,
-            adapter_stopped,
-        ))),
-        (None, Some(settings)) => Some(tokio::spawn(queue_pull::run(
-            settings,
-            service,
-            adapter_stopped,
-        ))),
+        (Some(settings), _) => Some(tasks::spawn(
+            "runpod_worker",
+            runpod::run(settings, service, adapter_stopped),
+        )),
+        (None, Some(settings)) => Some(tasks::spawn(
+            "queue_pull_worker",
+            queue_pull::run(settings, service, adapter_stopped),
+        )),
         (None, None) => None,
     };
     let shutdown = async move {
@@ -233,6 +232,7 @@ pub async fn run(
             tracing::warn!("queue job still in progress after {DRAIN_TIMEOUT:?}; leaving it");
         }
     }
+    api.stop_watchers(Duration::from_secs(1)).await;
     tracing::info!("shutting down: waiting for items in flight");
     pipeline.stop_starting();
     pipeline.tasks().close();

@@ -10,6 +10,7 @@ use super::durable;
 use super::job::JobHandle;
 use crate::callback::{CallbackBody, CallbackSender, MaskRef, OutputRef};
 use crate::storage::SharedStore;
+use crate::tasks::spawn_tracked;
 
 /// Reports items that became terminal. Callback deliveries and record writes run as tasks of the pipeline's
 /// tracker, so shutdown waits for them.
@@ -50,13 +51,14 @@ impl Reporter {
         let Some(sender) = self.callbacks.clone() else {
             if let Some(store) = store {
                 let job = job.clone();
-                self.tasks
-                    .spawn(async move { durable::write(&store, &job, item.idx).await });
+                spawn_tracked(&self.tasks, "item_record", async move {
+                    durable::write(&store, &job, item.idx).await
+                });
             }
             return;
         };
         let job = job.clone();
-        self.tasks.spawn(async move {
+        spawn_tracked(&self.tasks, "callback", async move {
             let body = callback_body(&item);
             let outcome = sender.deliver(&job.plan.job_id, &body).await;
             if !outcome.delivered {

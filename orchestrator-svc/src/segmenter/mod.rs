@@ -73,6 +73,14 @@ pub struct Segmenter {
     refresh: mpsc::Sender<oneshot::Sender<()>>,
     /// The model id and when it was learnt.
     model_id: RwLock<Option<(String, Instant)>>,
+    /// The resolver task: it ends with the client (aborted on drop; idle between rounds anyway).
+    resolver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Segmenter {
+    fn drop(&mut self) {
+        self.resolver.abort();
+    }
 }
 
 impl Segmenter {
@@ -99,7 +107,8 @@ impl Segmenter {
             current: BTreeMap::new(),
             known: BTreeMap::new(),
         };
-        tokio::spawn(resolver.run(resolve_every, requests));
+        let resolver =
+            crate::tasks::spawn("segmenter_resolver", resolver.run(resolve_every, requests));
         let client = SegmenterClient::new(channel)
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .max_encoding_message_size(MAX_REQUEST_BYTES);
@@ -111,6 +120,7 @@ impl Segmenter {
             replicas,
             refresh,
             model_id: RwLock::new(None),
+            resolver,
         })
     }
 

@@ -276,11 +276,10 @@ pub async fn run(settings: RunpodSettings, service: Arc<JobService>, stop: watch
         service,
         current: Arc::new(Mutex::new(Vec::new())),
     });
-    let pinger = worker
-        .settings
-        .ping_url
-        .clone()
-        .map(|url| tokio::spawn(worker.clone().ping_loop(url, stop.clone())));
+    let pinger =
+        worker.settings.ping_url.clone().map(|url| {
+            crate::tasks::spawn("runpod_ping", worker.clone().ping_loop(url, stop.clone()))
+        });
     let mut stop_take = stop.clone();
     let mut failures = 0u32;
     while !*stop.borrow() {
