@@ -1,4 +1,14 @@
-//! The crate's one error type and its one mapping to gRPC status codes.
+//! Errors a gRPC caller sees (`ApiError`) and their one mapping to status codes, with no `_` arm: a new variant
+//! must choose its code.
+//!
+//! The other audiences have their own errors, next to their code: why one image failed is `jobs::ItemError` (its
+//! `code()` becomes `Item.error_code`, never a status: the job was accepted); what keeps the process from starting
+//! is `server::StartupError`. The clients underneath (storage, the segmenter, callbacks) have typed errors too,
+//! carried as `#[source]` rather than flattened into text. Display never repeats a source: `Report` prints the
+//! whole chain, for logs and for an item's `error` text.
+
+use std::fmt;
+use std::time::Duration;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -20,47 +30,21 @@ impl FieldViolation {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum ApiError {
     /// The request is wrong; every bad field is listed.
     #[error("invalid request: {}", summarize(.0))]
     InvalidArgument(Vec<FieldViolation>),
-    #[error("not found: {0}")]
-    NotFound(String),
+    #[error("not found: no job {job_id:?}")]
+    JobNotFound { job_id: String },
     /// The job id is taken by a different spec.
-    #[error("already exists: {0}")]
-    AlreadyExists(String),
-    /// An object that should be there is not (e.g. an input image).
-    #[error("object not found: {0}")]
-    ObjectNotFound(String),
-    /// A key or id that would escape its prefix.
-    #[error("invalid object key: {0}")]
-    InvalidKey(String),
-    #[error("storage unavailable: {0}")]
-    StorageUnavailable(String),
-    #[error("segmenter unavailable: {0}")]
-    SegmenterUnavailable(String),
-    /// The segmenter answered, but with an error that retrying will not fix.
-    #[error("segmenter rejected the image: {0}")]
-    SegmenterRejected(String),
-    #[error("input too large: {0}")]
-    InputTooLarge(String),
-    #[error("input is not a readable image: {0}")]
-    InputCorrupt(String),
-    #[error("rule failed: {0}")]
-    RuleFailed(String),
-    #[error("cancelled")]
-    Cancelled,
-    /// Too much work already accepted; retry later.
-    #[error("overloaded: {0}")]
-    Overloaded(String),
-    /// Startup configuration that cannot work.
-    #[error("configuration: {0}")]
-    Config(String),
-    /// A reserved option (ADAPTER=runpod|queue_pull).
-    #[error("not implemented yet: {0}")]
-    NotImplemented(String),
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error("already exists: job {job_id:?} exists with a different spec; use a new job id")]
+    JobExists { job_id: String },
+    /// Too many jobs still running to keep another; `retry_after` is a hint, sent as RetryInfo.
+    #[error("overloaded: {running} jobs are still running (MAX_RETAINED_JOBS); retry later")]
+    Overloaded {
+        running: usize,
+        retry_after: Duration,
+    },
 }
 
 fn summarize(violations: &[FieldViolation]) -> String {
@@ -71,59 +55,50 @@ fn summarize(violations: &[FieldViolation]) -> String {
         .join("; ")
 }
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl Error {
-    /// The machine-readable reason reported on a failed item (see `Item.error_code` in orchestrator.proto).
-    pub fn item_error_code(&self) -> &'static str {
-        match self {
-            Error::ObjectNotFound(_) => "input_missing",
-            Error::InputCorrupt(_) => "input_corrupt",
-            Error::InputTooLarge(_) => "input_too_large",
-            Error::SegmenterUnavailable(_) | Error::SegmenterRejected(_) => "segmenter_unavailable",
-            Error::StorageUnavailable(_) => "storage_unavailable",
-            Error::RuleFailed(_) => "rule_failed",
-            Error::Cancelled => "cancelled",
-            Error::InvalidArgument(_)
-            | Error::NotFound(_)
-            | Error::AlreadyExists(_)
-            | Error::InvalidKey(_)
-            | Error::Config(_)
-            | Error::NotImplemented(_)
-            | Error::Overloaded(_)
-            | Error::Internal(_) => "internal",
-        }
-    }
-}
-
-impl From<Error> for Status {
-    fn from(err: Error) -> Status {
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Status {
         let message = err.to_string();
         match err {
-            Error::InvalidArgument(violations) => {
+            ApiError::InvalidArgument(violations) => {
                 let mut details = ErrorDetails::new();
                 for v in violations {
                     details.add_bad_request_violation(v.field, v.description);
                 }
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
-            Error::NotFound(_) | Error::ObjectNotFound(_) => Status::not_found(message),
-            Error::AlreadyExists(_) => Status::already_exists(message),
-            Error::InvalidKey(_)
-            | Error::InputTooLarge(_)
-            | Error::InputCorrupt(_)
-            | Error::RuleFailed(_) => Status::invalid_argument(message),
-            Error::StorageUnavailable(_) | Error::SegmenterUnavailable(_) => {
-                Status::unavailable(message)
-            }
-            Error::SegmenterRejected(_) => Status::failed_precondition(message),
-            Error::Cancelled => Status::cancelled(message),
-            Error::Overloaded(_) => Status::resource_exhausted(message),
-            Error::NotImplemented(_) => Status::unimplemented(message),
-            Error::Config(_) | Error::Internal(_) => Status::internal(message),
+            ApiError::JobNotFound { .. } => Status::not_found(message),
+            ApiError::JobExists { .. } => Status::already_exists(message),
+            ApiError::Overloaded { retry_after, .. } => Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
         }
     }
 }
+
+/// An error and every source under it, joined by ": " (what logs and an item's `error` say).
+pub struct Report<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+/// `Report` as a String.
+pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
+    Report(err).to_string()
+}
+
+/// A lower layer's error, boxed where its concrete type matters to nobody above (I/O, SDK internals).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[cfg(test)]
 mod tests {
@@ -131,7 +106,7 @@ mod tests {
 
     #[test]
     fn invalid_argument_carries_every_violation() {
-        let err = Error::InvalidArgument(vec![
+        let err = ApiError::InvalidArgument(vec![
             FieldViolation::new("user_id", "must not be empty"),
             FieldViolation::new("image_count", "must be 1..=500"),
         ]);
@@ -149,15 +124,45 @@ mod tests {
     }
 
     #[test]
-    fn error_codes_for_items() {
-        assert_eq!(
-            Error::ObjectNotFound("k".into()).item_error_code(),
-            "input_missing"
-        );
-        assert_eq!(Error::Cancelled.item_error_code(), "cancelled");
-        assert_eq!(
-            Status::from(Error::SegmenterUnavailable("x".into())).code(),
-            Code::Unavailable
-        );
+    fn every_variant_has_its_code() {
+        let job_id = || "j".to_string();
+        let cases = [
+            (ApiError::InvalidArgument(vec![]), Code::InvalidArgument),
+            (ApiError::JobNotFound { job_id: job_id() }, Code::NotFound),
+            (
+                ApiError::JobExists { job_id: job_id() },
+                Code::AlreadyExists,
+            ),
+            (
+                ApiError::Overloaded {
+                    running: 3,
+                    retry_after: Duration::from_secs(5),
+                },
+                Code::ResourceExhausted,
+            ),
+        ];
+        for (err, code) in cases {
+            assert_eq!(Status::from(err).code(), code);
+        }
+    }
+
+    #[test]
+    fn overloaded_says_when_to_retry() {
+        let status = Status::from(ApiError::Overloaded {
+            running: 3,
+            retry_after: Duration::from_secs(5),
+        });
+        let retry = status.get_details_retry_info().expect("RetryInfo");
+        assert_eq!(retry.retry_delay, Some(Duration::from_secs(5)));
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn report_walks_the_sources() {
+        let err = Outer(std::io::Error::other("inner"));
+        assert_eq!(report(&err), "outer: inner");
     }
 }

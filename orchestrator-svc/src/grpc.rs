@@ -10,10 +10,13 @@ use palette_proto::orchestrator::v1::{
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::jobs::JobService;
-use crate::jobs::registry::job_is_terminal;
+use crate::jobs::job::job_is_terminal;
+use crate::tasks::spawn_tracked;
 
 /// Events queued per WatchJob stream before the sender waits for the client.
 /// Snapshots queued for one slow WatchJob client (each is the whole job): small, so a watcher costs at most a few
@@ -23,11 +26,26 @@ const WATCH_BUFFER: usize = 4;
 #[derive(Debug, Clone)]
 pub struct JobsApi {
     service: Arc<JobService>,
+    /// The WatchJob streams' forwarding tasks.
+    watchers: TaskTracker,
+    /// Fired at shutdown: every WatchJob stream ends.
+    stopping: CancellationToken,
 }
 
 impl JobsApi {
     pub fn new(service: Arc<JobService>) -> Self {
-        JobsApi { service }
+        JobsApi {
+            service,
+            watchers: TaskTracker::new(),
+            stopping: CancellationToken::new(),
+        }
+    }
+
+    /// Shutdown: ends every WatchJob stream and waits (at most `timeout`) for their tasks.
+    pub async fn stop_watchers(&self, timeout: std::time::Duration) {
+        self.stopping.cancel();
+        self.watchers.close();
+        let _ = tokio::time::timeout(timeout, self.watchers.wait()).await;
     }
 }
 
@@ -54,7 +72,8 @@ impl Jobs for JobsApi {
         let job = self.service.get(&request.get_ref().job_id)?;
         let (snapshot, mut events) = job.subscribe();
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(async move {
+        let stopping = self.stopping.clone();
+        let forward = async move {
             let done = job_is_terminal(&snapshot);
             if tx
                 .send(Ok(JobEvent {
@@ -84,6 +103,12 @@ impl Jobs for JobsApi {
                 if tx.send(Ok(event)).await.is_err() || done {
                     return;
                 }
+            }
+        };
+        spawn_tracked(&self.watchers, "watch_job", async move {
+            tokio::select! {
+                () = forward => {}
+                () = stopping.cancelled() => {}
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

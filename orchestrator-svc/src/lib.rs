@@ -10,9 +10,10 @@ pub mod jobs;
 pub mod keys;
 pub mod segmenter;
 pub mod server;
+pub mod spec_json;
 pub mod storage;
+pub mod tasks;
 pub mod telemetry;
 
 pub use config::Config;
-pub use error::{Error, Result};
-pub use server::run;
+pub use server::{StartupError, run};

@@ -11,28 +11,45 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
-use crate::adapters::queue_pull::{self, QueueSettings};
-use crate::adapters::runpod::{self, RunpodSettings};
+use crate::adapters::queue_pull;
+use crate::adapters::runpod;
 use crate::callback::{CallbackSender, RetryPolicy};
-use crate::config::{Adapter, Config};
-use crate::error::Error;
+use crate::config::{Adapter, CallbackSettings, Config, ConfigError, LimitArgs};
 use crate::grpc::JobsApi;
-use crate::jobs::{InputLimits, JobLimits, JobService, Pipeline, Retention};
+use crate::jobs::{InputLimits, ItemRunner, JobLimits, JobService, Pipeline, Retention};
 use crate::segmenter::Segmenter;
-use crate::{storage, telemetry};
+use crate::{storage, tasks, telemetry};
+
+/// Why the orchestrator did not start, or stopped serving. Only `run` and `main` see it.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("local storage")]
+    Storage(#[source] crate::storage::StorageError),
+    #[error("callback HTTP client")]
+    CallbackClient(#[source] reqwest::Error),
+    #[error("server reflection")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    #[error("the listener's address")]
+    Listener(#[source] std::io::Error),
+    #[error("gRPC server")]
+    Serve(#[source] tonic::transport::Error),
+}
 
 /// How long shutdown waits for items in flight and their callbacks before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Jobs are small; images never travel through this API.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
-fn load_presets(config: &Config) -> Result<BTreeMap<String, Arc<Preset>>, Error> {
+fn load_presets(config: &LimitArgs) -> Result<BTreeMap<String, Arc<Preset>>, ConfigError> {
     if !config.presets_dir.is_dir() {
         tracing::warn!(dir = %config.presets_dir.display(), "presets directory missing: no presets");
         return Ok(BTreeMap::new());
     }
-    let presets = palette_rules::preset::load_dir(&config.presets_dir)
-        .map_err(|e| Error::Config(format!("PRESETS_DIR: {e}")))?;
+    let presets = palette_rules::preset::load_dir(&config.presets_dir).map_err(|e| {
+        ConfigError::invalid("PRESETS_DIR", config.presets_dir.display().to_string(), e)
+    })?;
     for preset in presets.values() {
         if preset.concepts.len() > config.max_concepts_per_job {
             tracing::warn!(
@@ -49,30 +66,21 @@ fn load_presets(config: &Config) -> Result<BTreeMap<String, Arc<Preset>>, Error>
         .collect())
 }
 
-fn callback_sender(config: &Config) -> Result<Option<Arc<CallbackSender>>, Error> {
-    let Some(url) = config
-        .workers_api_url
-        .as_deref()
-        .filter(|u| !u.trim().is_empty())
-    else {
+fn callback_sender(
+    settings: Option<CallbackSettings>,
+) -> Result<Option<Arc<CallbackSender>>, StartupError> {
+    let Some(settings) = settings else {
         tracing::warn!("WORKERS_API_URL unset: items are reported through GetJob/WatchJob only");
         return Ok(None);
     };
-    let secret = config
-        .gpu_callback_secret
-        .as_deref()
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| {
-            Error::Config("GPU_CALLBACK_SECRET must be set with WORKERS_API_URL".into())
-        })?;
     let policy = RetryPolicy {
-        max_attempts: config.callback_max_attempts.max(1),
-        base_delay: Duration::from_millis(config.callback_base_delay_ms),
-        max_delay: Duration::from_secs(config.callback_max_delay_sec),
-        attempt_timeout: config.callback_timeout(),
+        max_attempts: settings.max_attempts,
+        base_delay: settings.base_delay,
+        max_delay: settings.max_delay,
+        attempt_timeout: settings.attempt_timeout,
     };
-    let sender = CallbackSender::new(url, secret, policy)
-        .map_err(|e| Error::Config(format!("callback client: {e}")))?;
+    let sender = CallbackSender::new(&settings.base_url, settings.secret.expose(), policy)
+        .map_err(StartupError::CallbackClient)?;
     Ok(Some(Arc::new(sender)))
 }
 
@@ -118,45 +126,51 @@ pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), Error> {
+) -> Result<(), StartupError> {
     let (runpod, queue) = match config.adapter {
         Adapter::Grpc => (None, None),
-        Adapter::Runpod => (Some(RunpodSettings::from_config(&config)?), None),
-        Adapter::QueuePull => (None, Some(QueueSettings::from_config(&config)?)),
+        Adapter::Runpod => (Some(config.runpod.settings()?), None),
+        Adapter::QueuePull => (None, Some(config.nats.settings()?)),
     };
-    if let Some(addr) = config.metrics_socket().map_err(Error::Config)? {
+    if let Some(addr) = config.metrics_socket()? {
         telemetry::install_metrics(addr);
     }
-    let store = storage::from_config(&config).await?;
+    let store =
+        storage::from_settings(config.storage.settings()?).map_err(StartupError::Storage)?;
+    let callbacks = callback_sender(config.callbacks.settings()?)?;
+    let args = &config.limits;
     let segmenter = Arc::new(Segmenter::new(
-        &config.segmenter_url,
-        Duration::from_secs(config.segmenter_timeout_sec.max(1)),
-        config.segmenter_attempts,
-        Duration::from_secs(config.segmenter_resolve_interval_sec),
+        &config.segmenter.segmenter_url,
+        Duration::from_secs(config.segmenter.segmenter_timeout_sec.max(1)),
+        config.segmenter.segmenter_attempts,
+        Duration::from_secs(config.segmenter.segmenter_resolve_interval_sec),
     )?);
-    let pipeline = Arc::new(Pipeline::new(
+    let runner = ItemRunner::new(
         store,
         segmenter,
-        callback_sender(&config)?,
-        config.batch_concurrency as usize,
         InputLimits {
-            max_bytes: config.max_input_bytes,
-            max_pixels: config.max_input_pixels,
+            max_bytes: args.max_input_bytes,
+            max_pixels: args.max_input_pixels,
         },
-        config.mask_cache_mb.saturating_mul(1024 * 1024),
+        config.segmenter.mask_cache_mb.saturating_mul(1024 * 1024),
+    );
+    let pipeline = Arc::new(Pipeline::new(
+        runner,
+        callbacks,
+        args.batch_concurrency as usize,
     ));
     let limits = JobLimits {
-        max_images: config.max_images_per_job,
-        max_rules: config.max_rules_per_job,
-        max_concepts: config.max_concepts_per_job,
+        max_images: args.max_images_per_job,
+        max_rules: args.max_rules_per_job,
+        max_concepts: args.max_concepts_per_job,
     };
     let service = Arc::new(JobService::new(
         pipeline.clone(),
-        load_presets(&config)?,
+        load_presets(args)?,
         limits,
         Retention {
-            max_jobs: config.max_retained_jobs,
-            max_bytes: config.retained_jobs_mb.saturating_mul(1024 * 1024),
+            max_jobs: args.max_retained_jobs,
+            max_bytes: args.retained_jobs_mb.saturating_mul(1024 * 1024),
         },
     ));
 
@@ -174,32 +188,29 @@ pub async fn run(
     };
     let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
         .build_v1()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+        .map_err(StartupError::Reflection)?;
     let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let jobs = JobsServer::new(JobsApi::new(service.clone()))
+        .map_err(StartupError::Reflection)?;
+    let api = JobsApi::new(service.clone());
+    let jobs = JobsServer::new(api.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(64 * MAX_MESSAGE_BYTES);
 
-    let local = listener
-        .local_addr()
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let local = listener.local_addr().map_err(StartupError::Listener)?;
     tracing::info!(addr = %local, config = ?config, "orchestrator listening");
     // ADAPTER=runpod|queue_pull: the queue worker runs beside the gRPC server (operators keep
     // GetJob/WatchJob/CancelJob).
     let (stop_adapter, adapter_stopped) = tokio::sync::watch::channel(false);
     let worker = match (runpod, queue) {
-        (Some(settings), _) => Some(tokio::spawn(runpod::run(
-            settings,
-            service,
-            adapter_stopped,
-        ))),
-        (None, Some(settings)) => Some(tokio::spawn(queue_pull::run(
-            settings,
-            service,
-            adapter_stopped,
-        ))),
+        (Some(settings), _) => Some(tasks::spawn(
+            "runpod_worker",
+            runpod::run(settings, service, adapter_stopped),
+        )),
+        (None, Some(settings)) => Some(tasks::spawn(
+            "queue_pull_worker",
+            queue_pull::run(settings, service, adapter_stopped),
+        )),
         (None, None) => None,
     };
     let shutdown = async move {
@@ -213,7 +224,7 @@ pub async fn run(
         .add_service(jobs)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
-        .map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
+        .map_err(StartupError::Serve)?;
 
     if let Some(worker) = worker {
         tracing::info!("shutting down: the queue worker finishes its job in progress");
@@ -221,6 +232,7 @@ pub async fn run(
             tracing::warn!("queue job still in progress after {DRAIN_TIMEOUT:?}; leaving it");
         }
     }
+    api.stop_watchers(Duration::from_secs(1)).await;
     tracing::info!("shutting down: waiting for items in flight");
     pipeline.stop_starting();
     pipeline.tasks().close();

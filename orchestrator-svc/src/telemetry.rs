@@ -14,7 +14,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 pub const SERVICE: &str = "orchestrator-svc";
 
-use crate::error::Error;
+use crate::config::ConfigError;
 
 /// The seed's LOG_LEVEL names (DEBUG, INFO, WARNING, ERROR) or any tracing filter directive.
 pub fn log_filter(level: &str) -> String {
@@ -29,20 +29,20 @@ pub fn log_filter(level: &str) -> String {
 }
 
 /// JSON lines on stdout, no traces (tools and tests). Once per process; a second call is ignored.
-pub fn init_logging(level: &str) -> Result<(), Error> {
+pub fn init_logging(level: &str) -> Result<(), ConfigError> {
     init(level, None::<opentelemetry_otlp::SpanExporter>).map(|_| ())
 }
 
 /// JSON logs, plus OTLP traces when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the exporter reads the standard OTEL_*
 /// variables: OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_TIMEOUT,
 /// OTEL_EXPORTER_OTLP_HEADERS, ...). Keep the returned provider and shut it down at exit to flush buffered spans.
-pub fn init_from_env(level: &str) -> Result<Option<SdkTracerProvider>, Error> {
+pub fn init_from_env(level: &str) -> Result<Option<SdkTracerProvider>, ConfigError> {
     let exporter = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Ok(endpoint) if !endpoint.trim().is_empty() => Some(
             opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .build()
-                .map_err(|e| Error::Config(format!("OTEL_EXPORTER_OTLP_ENDPOINT: {e}")))?,
+                .map_err(|e| ConfigError::invalid("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint, e))?,
         ),
         _ => None,
     };
@@ -54,9 +54,9 @@ pub fn init_from_env(level: &str) -> Result<Option<SdkTracerProvider>, Error> {
 pub fn init<E: SpanExporter + 'static>(
     level: &str,
     exporter: Option<E>,
-) -> Result<Option<SdkTracerProvider>, Error> {
+) -> Result<Option<SdkTracerProvider>, ConfigError> {
     let filter = EnvFilter::try_new(log_filter(level))
-        .map_err(|e| Error::Config(format!("LOG_LEVEL {level:?}: {e}")))?;
+        .map_err(|e| ConfigError::invalid("LOG_LEVEL", level, e))?;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = exporter.map(|exporter| {
         SdkTracerProvider::builder()

@@ -22,10 +22,10 @@ async fn a_replica_stopped_mid_job_costs_no_item() {
         fake.faults.delay_ms.store(40, Ordering::SeqCst);
     }
     let mut orch = start(&format!("{},{}", a.url, b.url), |c| {
-        c.batch_concurrency = 2;
-        c.mask_cache_mb = 0;
-        c.segmenter_attempts = 4;
-        c.segmenter_resolve_interval_sec = 60;
+        c.limits.batch_concurrency = 2;
+        c.segmenter.mask_cache_mb = 0;
+        c.segmenter.segmenter_attempts = 4;
+        c.segmenter.segmenter_resolve_interval_sec = 60;
     })
     .await;
     const IMAGES: u32 = 24;
@@ -74,7 +74,7 @@ async fn items_fail_only_when_every_replica_refuses() {
     // The discard port on two loopback addresses: nothing listens there, and unlike a probed free port no other
     // test's server can be handed it meanwhile.
     let closed = ["http://127.0.0.1:9", "http://127.0.0.2:9"];
-    let mut orch = start(&closed.join(","), |c| c.segmenter_attempts = 2).await;
+    let mut orch = start(&closed.join(","), |c| c.segmenter.segmenter_attempts = 2).await;
     orch.put_input("test-user", "all-down", 0, photo_jpeg(32, 32))
         .await;
     orch.client

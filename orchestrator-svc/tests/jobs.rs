@@ -20,8 +20,8 @@ async fn seed_job_completes_with_outputs_masks_preview_and_one_signed_callback()
     let segmenter = fake_segmenter::start().await;
     let receiver = Receiver::start(SECRET, vec![(500, None)]).await;
     let mut orch = start(&segmenter.url, |c| {
-        c.workers_api_url = Some(receiver.url());
-        c.gpu_callback_secret = Some(SECRET.into());
+        c.callbacks.workers_api_url = Some(receiver.url());
+        c.callbacks.gpu_callback_secret = Some(SECRET.into());
     })
     .await;
     orch.put_input("test-user", "test-job", 0, photo_jpeg(96, 64))
@@ -201,8 +201,8 @@ async fn a_missing_input_fails_only_its_item() {
     let segmenter = fake_segmenter::start().await;
     let receiver = Receiver::start(SECRET, vec![]).await;
     let mut orch = start(&segmenter.url, |c| {
-        c.workers_api_url = Some(receiver.url());
-        c.gpu_callback_secret = Some(SECRET.into());
+        c.callbacks.workers_api_url = Some(receiver.url());
+        c.callbacks.gpu_callback_secret = Some(SECRET.into());
     })
     .await;
     orch.put_input("test-user", "partial", 0, photo_jpeg(32, 32))
@@ -263,7 +263,7 @@ async fn unavailable_segmenter_calls_are_retried() {
         .faults
         .unavailable_first
         .store(2, Ordering::SeqCst);
-    let mut orch = start(&segmenter.url, |c| c.segmenter_attempts = 3).await;
+    let mut orch = start(&segmenter.url, |c| c.segmenter.segmenter_attempts = 3).await;
     orch.put_input("test-user", "flaky", 0, photo_jpeg(32, 32))
         .await;
     orch.client.submit_job(seed_spec("flaky", 1)).await.unwrap();
@@ -278,9 +278,9 @@ async fn cancel_ends_every_open_item_once_with_one_callback_each() {
     segmenter.faults.delay_ms.store(1500, Ordering::SeqCst);
     let receiver = Receiver::start(SECRET, vec![]).await;
     let mut orch = start(&segmenter.url, |c| {
-        c.batch_concurrency = 1;
-        c.workers_api_url = Some(receiver.url());
-        c.gpu_callback_secret = Some(SECRET.into());
+        c.limits.batch_concurrency = 1;
+        c.callbacks.workers_api_url = Some(receiver.url());
+        c.callbacks.gpu_callback_secret = Some(SECRET.into());
     })
     .await;
     for idx in 0..3 {
@@ -360,7 +360,7 @@ async fn masks_are_reused_for_the_same_input_bytes() {
 async fn images_in_flight_are_bounded_by_batch_concurrency() {
     let segmenter = fake_segmenter::start().await;
     segmenter.faults.delay_ms.store(150, Ordering::SeqCst);
-    let mut orch = start(&segmenter.url, |c| c.batch_concurrency = 2).await;
+    let mut orch = start(&segmenter.url, |c| c.limits.batch_concurrency = 2).await;
     for job in ["bound-a", "bound-b"] {
         for idx in 0..4 {
             // Different bytes per image so no mask is reused.
@@ -407,7 +407,7 @@ async fn unknown_jobs_are_not_found() {
 async fn finished_jobs_beyond_the_memory_budget_are_forgotten_when_they_end() {
     let segmenter = fake_segmenter::start().await;
     // No memory for finished jobs at all: each is forgotten as soon as it ends, with no other submit to prompt it.
-    let mut orch = start(&segmenter.url, |c| c.retained_jobs_mb = 0).await;
+    let mut orch = start(&segmenter.url, |c| c.limits.retained_jobs_mb = 0).await;
     orch.put_input("test-user", "kept-while-running", 0, photo_jpeg(32, 32))
         .await;
     segmenter.faults.delay_ms.store(500, Ordering::SeqCst);
@@ -487,7 +487,7 @@ async fn a_cutout_is_stored_as_png_with_alpha() {
 async fn the_shipped_interior_preset_supplies_concepts_and_occluders() {
     let segmenter = fake_segmenter::start().await;
     let presets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../presets");
-    let mut orch = start(&segmenter.url, move |c| c.presets_dir = presets).await;
+    let mut orch = start(&segmenter.url, move |c| c.limits.presets_dir = presets).await;
     orch.put_input("test-user", "interior", 0, photo_jpeg(48, 32))
         .await;
     let mut spec = seed_spec("interior", 1);
@@ -605,8 +605,8 @@ async fn a_rule_with_nothing_to_edit_says_so_in_the_item_and_the_callback() {
         .push("ceiling".into());
     let receiver = Receiver::start(SECRET, vec![]).await;
     let mut orch = start(&segmenter.url, |c| {
-        c.workers_api_url = Some(receiver.url());
-        c.gpu_callback_secret = Some(SECRET.into());
+        c.callbacks.workers_api_url = Some(receiver.url());
+        c.callbacks.gpu_callback_secret = Some(SECRET.into());
     })
     .await;
     let photo = photo_jpeg(128, 96);

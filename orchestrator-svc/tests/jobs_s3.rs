@@ -47,11 +47,11 @@ async fn a_job_reads_and_writes_through_s3() {
     let endpoint = weed.endpoint.clone();
     let bucket = weed.bucket.clone();
     let mut orch = start(&segmenter.url, move |c| {
-        c.storage_backend = StorageBackend::S3;
-        c.s3_endpoint_url = Some(endpoint);
-        c.r2_bucket_name = Some(bucket);
-        c.r2_access_key_id = Some(ACCESS_KEY.into());
-        c.r2_secret_access_key = Some(SECRET_KEY.into());
+        c.storage.storage_backend = StorageBackend::S3;
+        c.storage.s3_endpoint_url = Some(endpoint);
+        c.storage.r2_bucket_name = Some(bucket);
+        c.storage.r2_access_key_id = Some(ACCESS_KEY.into());
+        c.storage.r2_secret_access_key = Some(SECRET_KEY.into());
     })
     .await;
     orch.client

@@ -84,13 +84,13 @@ async fn setup() -> Option<Setup> {
 impl Setup {
     fn config(&self, receiver: &Receiver, ack_wait_sec: u64) -> Config {
         let mut config = Config::for_tests(self.dir.path().join("storage"), &self.segmenter.url);
-        config.presets_dir = self.dir.path().join("no-presets");
+        config.limits.presets_dir = self.dir.path().join("no-presets");
         config.adapter = Adapter::QueuePull;
-        config.nats_url = Some(self.nats.url.clone());
-        config.nats_ack_wait_sec = ack_wait_sec;
-        config.workers_api_url = Some(receiver.url());
-        config.gpu_callback_secret = Some(SECRET.into());
-        config.batch_concurrency = 1;
+        config.nats.nats_url = Some(self.nats.url.clone().into());
+        config.nats.nats_ack_wait_sec = ack_wait_sec;
+        config.callbacks.workers_api_url = Some(receiver.url());
+        config.callbacks.gpu_callback_secret = Some(SECRET.into());
+        config.limits.batch_concurrency = 1;
         config
     }
 

@@ -191,12 +191,12 @@ async fn runpod_worker_runs_the_seed_job_and_survives_a_malformed_one() {
     let base = fake.base();
     let mut orch = start(&segmenter.url, |c| {
         c.adapter = orchestrator_svc::config::Adapter::Runpod;
-        c.runpod_pod_id = Some(POD.into());
-        c.runpod_ai_api_key = Some(API_KEY.into());
-        c.runpod_webhook_get_job = Some(format!("{base}/take/$ID?gpu=test"));
-        c.runpod_webhook_post_output = Some(format!("{base}/done/$RUNPOD_POD_ID/$ID"));
-        c.runpod_webhook_ping = Some(format!("{base}/ping/$RUNPOD_POD_ID"));
-        c.runpod_ping_interval = 100;
+        c.runpod.runpod_pod_id = Some(POD.into());
+        c.runpod.runpod_ai_api_key = Some(API_KEY.into());
+        c.runpod.runpod_webhook_get_job = Some(format!("{base}/take/$ID?gpu=test"));
+        c.runpod.runpod_webhook_post_output = Some(format!("{base}/done/$RUNPOD_POD_ID/$ID"));
+        c.runpod.runpod_webhook_ping = Some(format!("{base}/ping/$RUNPOD_POD_ID"));
+        c.runpod.runpod_ping_interval = 100;
     })
     .await;
     orch.put_input("test-user", "test-job", 0, photo_jpeg(96, 64))
@@ -315,11 +315,11 @@ async fn runpod_worker_backs_off_take_errors_and_finishes_its_job_on_shutdown() 
     let base = fake.base();
     let mut orch = start(&segmenter.url, |c| {
         c.adapter = orchestrator_svc::config::Adapter::Runpod;
-        c.runpod_pod_id = Some(POD.into());
-        c.runpod_ai_api_key = Some(API_KEY.into());
-        c.runpod_webhook_get_job = Some(format!("{base}/take/$ID"));
-        c.runpod_webhook_post_output = Some(format!("{base}/done/$RUNPOD_POD_ID/$ID"));
-        c.runpod_webhook_ping = None;
+        c.runpod.runpod_pod_id = Some(POD.into());
+        c.runpod.runpod_ai_api_key = Some(API_KEY.into());
+        c.runpod.runpod_webhook_get_job = Some(format!("{base}/take/$ID"));
+        c.runpod.runpod_webhook_post_output = Some(format!("{base}/done/$RUNPOD_POD_ID/$ID"));
+        c.runpod.runpod_webhook_ping = None;
     })
     .await;
     orch.put_input("test-user", "slow-job", 0, photo_jpeg(96, 64))

@@ -3,7 +3,7 @@
 mod common;
 
 use orchestrator_svc::config::Adapter;
-use orchestrator_svc::{Config, Error};
+use orchestrator_svc::{Config, StartupError};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -71,7 +71,7 @@ async fn queue_pull_without_nats_url_fails_clearly() {
     let err = orchestrator_svc::run(config, listener, std::future::ready(()))
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Config(_)));
+    assert!(matches!(err, StartupError::Config(_)));
     assert!(err.to_string().contains("NATS_URL"), "{err}");
 }
 
@@ -85,9 +85,9 @@ async fn shutdown_finishes_items_in_flight_and_ends_unstarted_ones_with_a_callba
     segmenter.faults.delay_ms.store(600, Ordering::SeqCst);
     let receiver = common::receiver::Receiver::start("s", vec![]).await;
     let mut orch = common::orchestrator::start(&segmenter.url, |c| {
-        c.batch_concurrency = 1;
-        c.workers_api_url = Some(receiver.url());
-        c.gpu_callback_secret = Some("s".into());
+        c.limits.batch_concurrency = 1;
+        c.callbacks.workers_api_url = Some(receiver.url());
+        c.callbacks.gpu_callback_secret = Some("s".into());
     })
     .await;
     for idx in 0..3 {

@@ -91,6 +91,6 @@ async fn wrong_credentials_are_unavailable_not_not_found() {
     });
     assert!(matches!(
         bad.get("inputs/u/j/0.jpg").await,
-        Err(StorageError::Unavailable(_))
+        Err(StorageError::Unavailable { .. })
     ));
 }

@@ -16,7 +16,7 @@ async fn segment_calls_carry_the_item_spans_trace_context() {
         .unwrap()
         .expect("a tracer provider");
     let segmenter = fake_segmenter::start().await;
-    let mut orch = start(&segmenter.url, |c| c.mask_cache_mb = 0).await;
+    let mut orch = start(&segmenter.url, |c| c.segmenter.mask_cache_mb = 0).await;
     for idx in 0..2 {
         orch.put_input("test-user", "traced", idx, photo_jpeg(40 + idx * 8, 32))
             .await;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 /// Where the graphs run. `auto` picks CUDA when it registers and says so in the log; `cuda` fails loudly when it
 /// cannot register: there is never a silent fallback from a requested GPU to the CPU.
@@ -166,9 +166,14 @@ impl Config {
     }
 
     /// A configuration for tests and tools: the defaults, then the given model folder and ONNX Runtime library, the
-    /// CPU provider, port 0 and no metrics listener (the fields a test must not inherit from its environment).
+    /// CPU provider, port 0 and no metrics listener. Reads no environment variable.
     pub fn for_tests(model_dir: PathBuf, ort_dylib_path: PathBuf) -> Self {
-        let mut config = Self::parse_from(["segmenter-svc"]);
+        // Every flag at its default, whatever the environment says: tests must not depend on the shell they run in.
+        let command = Self::command().mut_args(|arg| arg.env(None::<&str>));
+        let matches = command
+            .try_get_matches_from(["segmenter-svc"])
+            .expect("every flag has a default or is optional");
+        let mut config = Self::from_arg_matches(&matches).expect("defaults are valid");
         config.model_dir = Some(model_dir);
         config.ort_dylib_path = ort_dylib_path;
         config.device = Device::Cpu;

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::engine::{self, EngineSettings, Health};
@@ -30,6 +31,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let shared = load(&config).await?;
     let engine = shared.engine.clone();
+    let engine_thread = shared
+        .engine_thread
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter
@@ -38,7 +44,10 @@ pub async fn run(
     reporter
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
-    tokio::spawn(follow_health(engine.health(), reporter.clone()));
+    let health_task = tokio::spawn(
+        follow_health(engine.health(), reporter.clone())
+            .instrument(tracing::info_span!("task", task = "follow_health")),
+    );
 
     // Both reflection versions: grpcurl and many older clients speak only v1alpha. The descriptor set holds every
     // package of the workspace, so list only what this server serves.
@@ -63,17 +72,20 @@ pub async fn run(
     let grace = Duration::from_secs(config.shutdown_grace_sec);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let signal_reporter = reporter.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutdown requested: NOT_SERVING, draining in-flight requests");
-        signal_reporter
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        signal_reporter
-            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-            .await;
-        let _ = stop_tx.send(());
-    });
+    let signal_task = tokio::spawn(
+        async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: NOT_SERVING, draining in-flight requests");
+            signal_reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            signal_reporter
+                .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+                .await;
+            let _ = stop_tx.send(());
+        }
+        .instrument(tracing::info_span!("task", task = "shutdown_signal")),
+    );
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -94,6 +106,16 @@ pub async fn run(
         }
     }
     drop(engine);
+    // Stop and join the inference thread (off the async threads: it finishes the batch in progress first).
+    tokio::task::spawn_blocking(move || drop(engine_thread)).await?;
+    // Both end on their own by now: the signal has fired, and the engine's health channel closed with the thread.
+    signal_task.await?;
+    if tokio::time::timeout(Duration::from_secs(5), health_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the health task did not end with the inference thread");
+    }
     tracing::info!("segmenter stopped");
     Ok(())
 }
@@ -149,7 +171,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
     let probe_tokens = tokenizer
         .encode("object")
         .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
-    let engine = engine::spawn(
+    let (engine, engine_thread) = engine::spawn(
         sessions,
         EngineSettings {
             image_size: manifest.image_size as usize,
@@ -189,6 +211,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
     };
     Ok(Arc::new(Shared {
         engine,
+        engine_thread: std::sync::Mutex::new(Some(engine_thread)),
         preprocessor: Preprocessor {
             size: manifest.image_size,
             mean: manifest.image_mean,

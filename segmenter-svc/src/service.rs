@@ -9,7 +9,7 @@ use tokio::sync::{Semaphore, oneshot};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::engine::{EngineHandle, Job, JobOutput};
+use crate::engine::{EngineHandle, EngineThread, Job, JobOutput};
 use crate::error::{Error, Violation};
 use crate::model::tokenizer::{PhraseTokenizer, Tokens};
 use crate::postprocess::{
@@ -20,6 +20,8 @@ use crate::preprocess::{Prepared, Preprocessor};
 /// Everything a request needs, shared by all handlers.
 pub struct Shared {
     pub engine: EngineHandle,
+    /// The inference thread, joined by `run` at shutdown (or when the last `Shared` is dropped).
+    pub engine_thread: std::sync::Mutex<Option<EngineThread>>,
     pub preprocessor: Preprocessor,
     pub tokenizer: PhraseTokenizer,
     pub info: pb::ModelInfo,
@@ -130,6 +132,7 @@ async fn segment(
         deadline,
         enqueued: Instant::now(),
         reply,
+        span: tracing::Span::current(),
     })?;
     let output = match tokio::time::timeout_at(deadline.into(), answer).await {
         Err(_) => return Err(Error::DeadlineExceeded),

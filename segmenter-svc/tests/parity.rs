@@ -214,6 +214,7 @@ async fn check_parity(
                 deadline: Instant::now() + Duration::from_secs(60),
                 enqueued: Instant::now(),
                 reply,
+                span: tracing::Span::none(),
             })
             .unwrap();
         let output = answer.await.unwrap().unwrap();

@@ -31,5 +31,15 @@ async fn the_callers_trace_continues_in_the_segmenter() {
         TraceId::from_hex(trace_id).unwrap()
     );
     assert_eq!(segment.parent_span_id, SpanId::from_hex(parent_id).unwrap());
+    // The request's span crosses into the inference thread with its job.
+    let decode = spans
+        .iter()
+        .find(|s| s.name == "decode")
+        .expect("a decode span was exported");
+    assert_eq!(decode.parent_span_id, segment.span_context.span_id());
+    assert_eq!(
+        decode.span_context.trace_id(),
+        TraceId::from_hex(trace_id).unwrap()
+    );
     server.stop().await.unwrap();
 }

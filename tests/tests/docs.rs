@@ -48,7 +48,7 @@ async fn every_api_example_runs() {
         std::fs::write(dir.join("0.jpg"), &photo).unwrap();
     }
     let mut config = orchestrator_svc::Config::for_tests(storage.path(), segmenter.url());
-    config.presets_dir = repo_root().join("presets");
+    config.limits.presets_dir = repo_root().join("presets");
     let mut orchestrator = start_orchestrator(config).await;
 
     let doc = std::fs::read_to_string(repo_root().join("docs/api.md")).unwrap();

@@ -94,14 +94,14 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
     let dir = tempfile::tempdir().unwrap();
     let mut config =
         orchestrator_svc::Config::for_tests(dir.path().join("unused"), segmenter.url());
-    config.storage_backend = StorageBackend::S3;
-    config.s3_endpoint_url = Some(weed.endpoint.clone());
-    config.r2_bucket_name = Some(weed.bucket.clone());
-    config.r2_access_key_id = Some(seaweed::ACCESS_KEY.into());
-    config.r2_secret_access_key = Some(seaweed::SECRET_KEY.into());
-    config.workers_api_url = Some(hooks.url());
-    config.gpu_callback_secret = Some(SECRET.into());
-    config.presets_dir = palette_e2e::repo_root().join("presets");
+    config.storage.storage_backend = StorageBackend::S3;
+    config.storage.s3_endpoint_url = Some(weed.endpoint.clone());
+    config.storage.r2_bucket_name = Some(weed.bucket.clone());
+    config.storage.r2_access_key_id = Some(seaweed::ACCESS_KEY.into());
+    config.storage.r2_secret_access_key = Some(seaweed::SECRET_KEY.into());
+    config.callbacks.workers_api_url = Some(hooks.url());
+    config.callbacks.gpu_callback_secret = Some(SECRET.into());
+    config.limits.presets_dir = palette_e2e::repo_root().join("presets");
     let mut orchestrator = start_orchestrator(config).await;
 
     let spec = JobSpec {

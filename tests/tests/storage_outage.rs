@@ -100,15 +100,15 @@ async fn an_s3_outage_mid_job_loses_nothing_and_the_service_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let mut config =
         orchestrator_svc::Config::for_tests(dir.path().join("unused"), segmenter.url());
-    config.storage_backend = StorageBackend::S3;
-    config.s3_endpoint_url = Some(weed.endpoint.clone());
-    config.r2_bucket_name = Some(weed.bucket.clone());
-    config.r2_access_key_id = Some(seaweed::ACCESS_KEY.into());
-    config.r2_secret_access_key = Some(seaweed::SECRET_KEY.into());
-    config.storage_timeout_sec = 2;
-    config.batch_concurrency = 1;
-    config.workers_api_url = Some(hooks.url());
-    config.gpu_callback_secret = Some(SECRET.into());
+    config.storage.storage_backend = StorageBackend::S3;
+    config.storage.s3_endpoint_url = Some(weed.endpoint.clone());
+    config.storage.r2_bucket_name = Some(weed.bucket.clone());
+    config.storage.r2_access_key_id = Some(seaweed::ACCESS_KEY.into());
+    config.storage.r2_secret_access_key = Some(seaweed::SECRET_KEY.into());
+    config.storage.storage_timeout_sec = 2;
+    config.limits.batch_concurrency = 1;
+    config.callbacks.workers_api_url = Some(hooks.url());
+    config.callbacks.gpu_callback_secret = Some(SECRET.into());
     let mut orchestrator = start_orchestrator(config).await;
     let mut client = JobsClient::connect(orchestrator.url()).await.unwrap();
 

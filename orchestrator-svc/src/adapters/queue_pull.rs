@@ -3,7 +3,7 @@
 //! - Stream NATS_STREAM (subjects [NATS_SUBJECT], work-queue retention: a message is gone once acknowledged) and the
 //!   durable pull consumer NATS_CONSUMER (explicit acks, NATS_ACK_WAIT_SEC) are created if missing. Every
 //!   orchestrator binds to the same consumer, so the stream's jobs are shared among them.
-//! - A message is the seed's job JSON (as the Runpod `input`, see `runpod::spec_from_input`). One message is fetched
+//! - A message is the seed's job JSON (as the Runpod `input`, see `spec_json::spec_from_input`). One message is fetched
 //!   at a time, so no job waits in one orchestrator while another is idle.
 //! - A message that is not a valid job is terminated (`Term`: logged, never redelivered).
 //! - A valid job is submitted to the same `JobService` as gRPC SubmitJob (GetJob/WatchJob/CancelJob work on it)
@@ -22,64 +22,42 @@ use futures::StreamExt;
 use palette_proto::orchestrator::v1::{CallbackState, Job};
 use tokio::sync::{broadcast, watch};
 
-use super::runpod::spec_from_input;
-use crate::config::Config;
-use crate::error::Error;
+pub use crate::config::QueueSettings;
+use crate::error::{ApiError, BoxError, Report};
 use crate::jobs::JobService;
+use crate::spec_json::spec_from_bytes;
 
 /// How long one fetch waits for a message before asking again (and checking for shutdown).
 const FETCH_WAIT: Duration = Duration::from_secs(5);
 /// Pause after a failed connection, setup or fetch.
 const RETRY_PAUSE: Duration = Duration::from_secs(2);
-/// Delay before a job this orchestrator cannot take now (too many jobs retained) is offered again.
-const BUSY_DELAY: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone)]
-pub struct QueueSettings {
-    pub url: String,
-    pub stream: String,
-    pub subject: String,
-    pub consumer: String,
-    pub ack_wait: Duration,
-}
-
-impl QueueSettings {
-    pub fn from_config(config: &Config) -> Result<Self, Error> {
-        let url = config
-            .nats_url
-            .as_deref()
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| Error::Config("ADAPTER=queue_pull needs NATS_URL".into()))?
-            .to_string();
-        let non_empty = |value: &str, name: &str| {
-            let value = value.trim();
-            if value.is_empty() {
-                Err(Error::Config(format!("{name} must not be empty")))
-            } else {
-                Ok(value.to_string())
-            }
-        };
-        Ok(QueueSettings {
-            url,
-            stream: non_empty(&config.nats_stream, "NATS_STREAM")?,
-            subject: non_empty(&config.nats_subject, "NATS_SUBJECT")?,
-            consumer: non_empty(&config.nats_consumer, "NATS_CONSUMER")?,
-            ack_wait: Duration::from_secs(config.nats_ack_wait_sec.max(1)),
-        })
-    }
-
-    /// In-progress acks go out this often while a job runs.
-    fn progress_every(&self) -> Duration {
-        (self.ack_wait / 3).max(Duration::from_millis(100))
-    }
+/// Why the queue cannot be read now (retried after RETRY_PAUSE).
+#[derive(Debug, thiserror::Error)]
+enum QueueError {
+    #[error("connect")]
+    Connect(#[source] async_nats::ConnectError),
+    #[error("stream {name}")]
+    Stream {
+        name: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("consumer {name}")]
+    Consumer {
+        name: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("fetch")]
+    Fetch(#[source] BoxError),
 }
 
 /// Connects, and creates the stream and the shared consumer if missing.
-async fn connect(settings: &QueueSettings) -> Result<PullConsumer, String> {
-    let client = async_nats::connect(settings.url.as_str())
+async fn connect(settings: &QueueSettings) -> Result<PullConsumer, QueueError> {
+    let client = async_nats::connect(settings.url.expose())
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(QueueError::Connect)?;
     let js = jetstream::new(client);
     let stream = js
         .get_or_create_stream(jetstream::stream::Config {
@@ -89,7 +67,10 @@ async fn connect(settings: &QueueSettings) -> Result<PullConsumer, String> {
             ..Default::default()
         })
         .await
-        .map_err(|e| format!("stream {}: {e}", settings.stream))?;
+        .map_err(|e| QueueError::Stream {
+            name: settings.stream.clone(),
+            source: e.into(),
+        })?;
     stream
         .get_or_create_consumer(
             &settings.consumer,
@@ -102,12 +83,15 @@ async fn connect(settings: &QueueSettings) -> Result<PullConsumer, String> {
             },
         )
         .await
-        .map_err(|e| format!("consumer {}: {e}", settings.consumer))
+        .map_err(|e| QueueError::Consumer {
+            name: settings.consumer.clone(),
+            source: e.into(),
+        })
 }
 
 /// Every item terminal and no callback still being sent (durable items are recorded once theirs is settled).
 fn finished(job: &Job) -> bool {
-    crate::jobs::registry::job_is_terminal(job)
+    crate::jobs::job::job_is_terminal(job)
         && job
             .items
             .iter()
@@ -127,13 +111,10 @@ async fn acknowledge(message: &jetstream::Message, kind: AckKind, job_id: &str) 
 
 /// Runs one message's job to its end, then acknowledges it.
 async fn handle(settings: &QueueSettings, service: &JobService, message: jetstream::Message) {
-    let spec = serde_json::from_slice(&message.payload)
-        .map_err(|e| format!("job is not JSON: {e}"))
-        .and_then(|input| spec_from_input(&input));
-    let spec = match spec {
+    let spec = match spec_from_bytes(&message.payload) {
         Ok(spec) => spec,
         Err(e) => {
-            tracing::error!(error = %e, "queue_pull: invalid job dropped");
+            tracing::error!(error = %Report(&e), "queue_pull: invalid job dropped");
             acknowledge(&message, AckKind::Term, "").await;
             return;
         }
@@ -146,9 +127,9 @@ async fn handle(settings: &QueueSettings, service: &JobService, message: jetstre
     }
     match service.submit_durable(&spec) {
         Ok(_) => {}
-        Err(Error::Overloaded(e)) => {
+        Err(e @ ApiError::Overloaded { retry_after, .. }) => {
             tracing::warn!(%job_id, error = %e, "queue_pull: no room for the job now; offered again later");
-            acknowledge(&message, AckKind::Nak(Some(BUSY_DELAY)), &job_id).await;
+            acknowledge(&message, AckKind::Nak(Some(retry_after)), &job_id).await;
             return;
         }
         Err(e) => {
@@ -194,7 +175,7 @@ pub async fn run(settings: QueueSettings, service: Arc<JobService>, stop: watch:
                 connected = connect(&settings) => match connected {
                     Ok(c) => consumer = Some(c),
                     Err(e) => {
-                        tracing::warn!(error = %e, "queue_pull: NATS not ready");
+                        tracing::warn!(error = %Report(&e), "queue_pull: NATS not ready");
                         tokio::select! {
                             _ = tokio::time::sleep(RETRY_PAUSE) => {}
                             _ = stop_wait.changed() => break,
@@ -209,14 +190,14 @@ pub async fn run(settings: QueueSettings, service: Arc<JobService>, stop: watch:
             batch = async {
                 let mut batch = current.fetch().max_messages(1).expires(FETCH_WAIT).messages().await?;
                 batch.next().await.transpose()
-            } => batch.map_err(|e: async_nats::Error| e.to_string()),
+            } => batch.map_err(QueueError::Fetch),
             _ = stop_wait.changed() => break,
         };
         match fetched {
             Ok(Some(message)) => handle(&settings, &service, message).await,
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "queue_pull: fetch failed");
+                tracing::warn!(error = %Report(&e), "queue_pull: fetch failed");
                 consumer = None;
                 tokio::select! {
                     _ = tokio::time::sleep(RETRY_PAUSE) => {}
@@ -226,22 +207,4 @@ pub async fn run(settings: QueueSettings, service: Arc<JobService>, stop: watch:
         }
     }
     tracing::info!("queue_pull worker stopped");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn settings_need_a_url() {
-        let mut c = Config::for_tests("/tmp/x", "http://127.0.0.1:1");
-        assert!(QueueSettings::from_config(&c).is_err());
-        c.nats_url = Some("nats://127.0.0.1:4222".into());
-        c.nats_ack_wait_sec = 30;
-        let s = QueueSettings::from_config(&c).unwrap();
-        assert_eq!(s.stream, "palette-jobs");
-        assert_eq!(s.subject, "palette.jobs");
-        assert_eq!(s.consumer, "orchestrators");
-        assert_eq!(s.progress_every(), Duration::from_secs(10));
-    }
 }

@@ -13,8 +13,9 @@ use bytes::Bytes;
 use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState, MaskKey, RuleOutput};
 use serde::{Deserialize, Serialize};
 
-use super::registry::JobHandle;
+use super::job::JobHandle;
 use super::validate::JobPlan;
+use crate::error::Report;
 use crate::keys;
 use crate::storage::{SharedStore, StorageError};
 
@@ -32,7 +33,7 @@ pub async fn read(store: &SharedStore, plan: &JobPlan, idx: u32) -> Option<Item>
         }
         Err(StorageError::NotFound(_)) => None,
         Err(e) => {
-            tracing::warn!(%key, error = %e, "item record not readable; the item runs again");
+            tracing::warn!(%key, error = %Report(&e), "item record not readable; the item runs again");
             None
         }
     }
@@ -48,7 +49,7 @@ pub async fn write(store: &SharedStore, job: &JobHandle, idx: u32) {
         .put(&key, Bytes::from(encode(&item)), "application/json")
         .await
     {
-        tracing::warn!(%key, error = %e, "item record not written; a rerun of the job would run the item again");
+        tracing::warn!(%key, error = %Report(&e), "item record not written; a rerun of the job would run the item again");
     }
 }
 
@@ -155,7 +156,7 @@ pub fn encode(item: &Item) -> Vec<u8> {
 pub fn decode(bytes: &[u8]) -> Option<Item> {
     let record: Record = serde_json::from_slice(bytes).ok()?;
     let state = ItemState::from_str_name(&record.state)? as i32;
-    if !super::registry::is_terminal(state) {
+    if !super::job::is_terminal(state) {
         return None;
     }
     Some(Item {

@@ -17,7 +17,7 @@ impl LocalStore {
     pub fn new(root: impl AsRef<Path>) -> Result<Self, StorageError> {
         let root = root.as_ref();
         std::fs::create_dir_all(root).map_err(|e| {
-            StorageError::Unavailable(format!("cannot create {}: {e}", root.display()))
+            StorageError::unavailable(format!("cannot create {}", root.display()), e)
         })?;
         Ok(LocalStore {
             root: root.to_path_buf(),
@@ -35,7 +35,7 @@ impl LocalStore {
 }
 
 fn unavailable(what: &str, path: &Path, e: std::io::Error) -> StorageError {
-    StorageError::Unavailable(format!("{what} {}: {e}", path.display()))
+    StorageError::unavailable(format!("{what} {}", path.display()), e)
 }
 
 #[async_trait]

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use crate::config::S3Settings;
 pub use local::LocalStore;
-pub use s3::{S3Settings, S3Store};
+pub use s3::S3Store;
 
-use crate::config::{Config, StorageBackend};
-use crate::error::Error;
+use crate::config::StorageSettings;
+use crate::error::BoxError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -23,16 +24,21 @@ pub enum StorageError {
     #[error("{0}")]
     InvalidKey(String),
     /// Anything else: network, credentials, a full disk. Already retried by the backend where that makes sense.
-    #[error("{0}")]
-    Unavailable(String),
+    /// `context` names the operation and key (and the service's error code where it gave one); `source` is the
+    /// backend's own error.
+    #[error("{context}")]
+    Unavailable {
+        context: String,
+        #[source]
+        source: BoxError,
+    },
 }
 
-impl From<StorageError> for Error {
-    fn from(err: StorageError) -> Error {
-        match err {
-            StorageError::NotFound(key) => Error::ObjectNotFound(key),
-            StorageError::InvalidKey(msg) => Error::InvalidKey(msg),
-            StorageError::Unavailable(msg) => Error::StorageUnavailable(msg),
+impl StorageError {
+    pub fn unavailable(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StorageError::Unavailable {
+            context: context.into(),
+            source: source.into(),
         }
     }
 }
@@ -76,13 +82,11 @@ pub fn check_key(key: &str) -> Result<(), StorageError> {
     }
 }
 
-/// Builds the backend named by STORAGE_BACKEND.
-pub async fn from_config(config: &Config) -> Result<SharedStore, Error> {
-    match config.storage_backend {
-        StorageBackend::Local => Ok(Arc::new(LocalStore::new(&config.local_storage_dir)?)),
-        StorageBackend::R2 | StorageBackend::S3 => {
-            Ok(Arc::new(S3Store::new(S3Settings::from_config(config)?)))
-        }
+/// Builds the backend STORAGE_BACKEND names (a local root is created if missing).
+pub fn from_settings(settings: StorageSettings) -> Result<SharedStore, StorageError> {
+    match settings {
+        StorageSettings::Local(dir) => Ok(Arc::new(LocalStore::new(dir)?)),
+        StorageSettings::S3(s3) => Ok(Arc::new(S3Store::new(s3))),
     }
 }
 

@@ -14,76 +14,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 
 use super::{ObjectMeta, ObjectStore, StorageError, check_key};
-use crate::config::{Config, StorageBackend};
-use crate::error::Error;
-
-/// Everything the S3 client needs, resolved from Config (tests build it directly).
-#[derive(Clone)]
-pub struct S3Settings {
-    /// None: the SDK's default AWS endpoint for the region.
-    pub endpoint_url: Option<String>,
-    pub region: String,
-    pub bucket: String,
-    pub access_key_id: String,
-    pub secret_access_key: String,
-    /// Per attempt; the SDK retries (standard mode) on top.
-    pub attempt_timeout: Duration,
-    pub max_attempts: u32,
-}
-
-impl std::fmt::Debug for S3Settings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Settings")
-            .field("endpoint_url", &self.endpoint_url)
-            .field("region", &self.region)
-            .field("bucket", &self.bucket)
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &"<redacted>")
-            .finish()
-    }
-}
-
-fn required(value: &Option<String>, name: &str) -> Result<String, Error> {
-    match value.as_deref().map(str::trim) {
-        Some(v) if !v.is_empty() => Ok(v.to_string()),
-        _ => Err(Error::Config(format!(
-            "{name} must be set for STORAGE_BACKEND=r2|s3"
-        ))),
-    }
-}
-
-impl S3Settings {
-    pub fn from_config(config: &Config) -> Result<Self, Error> {
-        let (endpoint_url, region) = match config.storage_backend {
-            StorageBackend::R2 => {
-                let account = required(&config.r2_account_id, "R2_ACCOUNT_ID")?;
-                (
-                    Some(format!("https://{account}.r2.cloudflarestorage.com")),
-                    "auto".to_string(),
-                )
-            }
-            StorageBackend::S3 | StorageBackend::Local => {
-                let endpoint = config
-                    .s3_endpoint_url
-                    .clone()
-                    .or_else(|| config.aws_endpoint_url.clone());
-                (
-                    endpoint.filter(|e| !e.trim().is_empty()),
-                    config.aws_region.clone(),
-                )
-            }
-        };
-        Ok(S3Settings {
-            endpoint_url,
-            region,
-            bucket: required(&config.r2_bucket_name, "R2_BUCKET_NAME")?,
-            access_key_id: required(&config.r2_access_key_id, "R2_ACCESS_KEY_ID")?,
-            secret_access_key: required(&config.r2_secret_access_key, "R2_SECRET_ACCESS_KEY")?,
-            attempt_timeout: Duration::from_secs(config.storage_timeout_sec.max(1)),
-            max_attempts: 4,
-        })
-    }
-}
+use crate::config::S3Settings;
 
 #[derive(Debug, Clone)]
 pub struct S3Store {
@@ -95,7 +26,7 @@ impl S3Store {
     pub fn new(settings: S3Settings) -> Self {
         let credentials = Credentials::new(
             settings.access_key_id,
-            settings.secret_access_key,
+            settings.secret_access_key.expose().to_string(),
             None,
             None,
             "palette-static",
@@ -152,35 +83,22 @@ impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
     }
 }
 
-fn describe<E: ProvideErrorMetadata + std::error::Error + 'static, R>(
-    op: &str,
-    key: &str,
-    err: &SdkError<E, R>,
-) -> String
+/// The operation and key, plus the service's error code and message where it answered with one (the SDK's own
+/// Display says only "service error"); transport failures are described by the error kept as the source.
+fn unavailable<E, R>(op: &str, key: &str, err: SdkError<E, R>) -> StorageError
 where
-    R: std::fmt::Debug,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let detail = match err {
-        SdkError::ServiceError(e) => {
-            let e = e.err();
-            format!(
-                "{}: {}",
-                e.code().unwrap_or("unknown"),
-                e.message().unwrap_or("no message")
-            )
-        }
-        other => {
-            let mut text = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            text
-        }
+    let context = match &err {
+        SdkError::ServiceError(e) => format!(
+            "{op} {key}: {}: {}",
+            e.err().code().unwrap_or("unknown"),
+            e.err().message().unwrap_or("no message")
+        ),
+        _ => format!("{op} {key}"),
     };
-    format!("{op} {key}: {detail}")
+    StorageError::unavailable(context, err)
 }
 
 #[async_trait]
@@ -202,13 +120,13 @@ impl ObjectStore for S3Store {
                 return Err(if not_found {
                     StorageError::NotFound(key.to_string())
                 } else {
-                    StorageError::Unavailable(describe("GET", key, &err))
+                    unavailable("GET", key, err)
                 });
             }
         };
         let body =
             out.body.collect().await.map_err(|e| {
-                StorageError::Unavailable(format!("GET {key}: reading the body: {e}"))
+                StorageError::unavailable(format!("GET {key}: reading the body"), e)
             })?;
         Ok(body.into_bytes())
     }
@@ -223,7 +141,7 @@ impl ObjectStore for S3Store {
             .body(ByteStream::from(body))
             .send()
             .await
-            .map_err(|err| StorageError::Unavailable(describe("PUT", key, &err)))?;
+            .map_err(|err| unavailable("PUT", key, err))?;
         Ok(())
     }
 
@@ -246,7 +164,7 @@ impl ObjectStore for S3Store {
                 if not_found {
                     Ok(None)
                 } else {
-                    Err(StorageError::Unavailable(describe("HEAD", key, &err)))
+                    Err(unavailable("HEAD", key, err))
                 }
             }
         }

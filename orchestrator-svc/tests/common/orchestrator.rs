@@ -19,7 +19,7 @@ pub struct Orchestrator {
     pub store: LocalStore,
     pub addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<Result<(), orchestrator_svc::Error>>>,
+    server: Option<tokio::task::JoinHandle<Result<(), orchestrator_svc::StartupError>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -27,9 +27,9 @@ pub struct Orchestrator {
 pub async fn start(segmenter_url: &str, tweak: impl FnOnce(&mut Config)) -> Orchestrator {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::for_tests(dir.path().join("storage"), segmenter_url);
-    config.presets_dir = dir.path().join("no-presets");
+    config.limits.presets_dir = dir.path().join("no-presets");
     tweak(&mut config);
-    let store = LocalStore::new(&config.local_storage_dir).unwrap();
+    let store = LocalStore::new(&config.storage.local_storage_dir).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();

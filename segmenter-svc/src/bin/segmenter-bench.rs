@@ -188,6 +188,7 @@ async fn main() -> anyhow::Result<()> {
                     deadline: Instant::now() + Duration::from_secs(600),
                     enqueued: Instant::now(),
                     reply,
+                    span: tracing::Span::none(),
                 })?;
                 answer.await?.map_err(|e| anyhow::anyhow!("{e}"))?;
                 if i >= args.warmup {

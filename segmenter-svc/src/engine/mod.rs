@@ -21,7 +21,7 @@ use crate::model::tokenizer::Tokens;
 use crate::postprocess::{FilterParams, KeptConcept};
 
 pub use faults::Faults;
-pub use worker::{EngineSettings, spawn};
+pub use worker::{EngineSettings, EngineThread, spawn};
 
 /// One image and its distinct phrases, ready for the model.
 pub struct Job {
@@ -34,6 +34,8 @@ pub struct Job {
     pub deadline: Instant,
     pub enqueued: Instant,
     pub reply: oneshot::Sender<Result<JobOutput, Error>>,
+    /// The request's span: the inference thread works on this job inside it, so its trace shows the compute.
+    pub span: tracing::Span,
 }
 
 /// What the engine hands back: kept instances per phrase (same order as `Job::phrases`) and what it cost.

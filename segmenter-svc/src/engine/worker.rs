@@ -1,8 +1,9 @@
 //! The inference thread: batching loop, text cache, vision batch, per-image decoder chunks, filtering.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
@@ -39,9 +40,42 @@ pub struct EngineSettings {
     pub decoder_topk: usize,
 }
 
+/// Replies to a job. Its span handle goes first: the request's span closes (and is exported) when its handler
+/// ends, not whenever this thread gets round to dropping the job.
+fn answer(job: Job, result: Result<JobOutput, Error>) {
+    let Job { reply, span, .. } = job;
+    drop(span);
+    let _ = reply.send(result);
+}
+
+/// How often an idle inference thread looks at its stop flag.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// The inference thread itself: stopped and joined when dropped (as TEI's `BackendThread`), so the sessions are
+/// released before `run` returns, even while a request task still holds an `EngineHandle`. The join waits for at
+/// most the batch in progress.
+pub struct EngineThread {
+    stop: Arc<AtomicBool>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(join) = self.join.take()
+            && join.join().is_err()
+        {
+            tracing::error!("the inference thread panicked");
+        }
+    }
+}
+
 /// Starts the inference thread. It warms the sessions up first (health stays WarmingUp until then) and stops when
-/// every handle has been dropped.
-pub fn spawn(sessions: Sessions, settings: EngineSettings) -> std::io::Result<EngineHandle> {
+/// every handle has been dropped or the `EngineThread` is.
+pub fn spawn(
+    sessions: Sessions,
+    settings: EngineSettings,
+) -> std::io::Result<(EngineHandle, EngineThread)> {
     let (tx, rx) = sync_channel(settings.queue_capacity.max(1));
     let (health_tx, health_rx) = watch::channel(Health::WarmingUp);
     let depth = Arc::new(AtomicUsize::new(0));
@@ -51,7 +85,9 @@ pub fn spawn(sessions: Sessions, settings: EngineSettings) -> std::io::Result<En
         capacity: settings.queue_capacity,
         health: health_rx,
     };
-    std::thread::Builder::new()
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
+    let join = std::thread::Builder::new()
         .name("inference".into())
         .spawn(move || {
             let mut worker = Worker {
@@ -59,10 +95,17 @@ pub fn spawn(sessions: Sessions, settings: EngineSettings) -> std::io::Result<En
                 sessions,
                 settings,
                 health: health_tx,
+                stop: stopping,
             };
             worker.run(rx, depth);
         })?;
-    Ok(handle)
+    Ok((
+        handle,
+        EngineThread {
+            stop,
+            join: Some(join),
+        },
+    ))
 }
 
 struct Worker {
@@ -70,6 +113,7 @@ struct Worker {
     settings: EngineSettings,
     cache: TextCache,
     health: watch::Sender<Health>,
+    stop: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -86,21 +130,23 @@ impl Worker {
                     .send_replace(Health::Failed(format!("warm-up failed: {e}")));
             }
         }
-        loop {
-            let first = match (self.is_failed(), self.settings.reprobe_interval) {
-                // Refused requests never reach this queue while NOT_SERVING, so time out and probe instead.
-                (true, Some(every)) => match rx.recv_timeout(every) {
-                    Ok(job) => job,
-                    Err(RecvTimeoutError::Timeout) => {
+        // Idle since the last batch or probe: a failed engine probes again after `reprobe_interval` of it.
+        let mut idle_since = Instant::now();
+        while !self.stop.load(Ordering::SeqCst) {
+            let first = match rx.recv_timeout(STOP_POLL) {
+                Ok(job) => job,
+                Err(RecvTimeoutError::Timeout) => {
+                    // Refused requests never reach this queue while NOT_SERVING: probe when idle instead.
+                    if let Some(every) = self.settings.reprobe_interval
+                        && self.is_failed()
+                        && idle_since.elapsed() >= every
+                    {
                         self.reprobe();
-                        continue;
+                        idle_since = Instant::now();
                     }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                },
-                _ => match rx.recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                },
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
             };
             let mut batch = vec![first];
             let until = Instant::now() + self.settings.max_queue_delay;
@@ -114,6 +160,7 @@ impl Worker {
             depth.fetch_sub(batch.len(), Ordering::SeqCst);
             metrics::gauge!("segmenter_queue_depth").set(depth.load(Ordering::SeqCst) as f64);
             self.process(batch);
+            idle_since = Instant::now();
         }
         self.health.send_replace(Health::Stopped);
         tracing::info!("inference thread stopped");
@@ -145,7 +192,7 @@ impl Worker {
                 metrics::counter!("segmenter_dropped_total", "reason" => "cancelled").increment(1);
             } else if job.deadline <= now {
                 metrics::counter!("segmenter_dropped_total", "reason" => "deadline").increment(1);
-                let _ = job.reply.send(Err(Error::DeadlineExceeded));
+                answer(job, Err(Error::DeadlineExceeded));
             } else {
                 live.push(job);
             }
@@ -157,13 +204,13 @@ impl Worker {
         match self.compute(&live, now) {
             Ok(outputs) => {
                 for (job, out) in live.into_iter().zip(outputs) {
-                    let _ = job.reply.send(Ok(out));
+                    answer(job, Ok(out));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, images = live.len(), "inference run failed");
                 for job in live {
-                    let _ = job.reply.send(Err(Error::Inference(e.to_string())));
+                    answer(job, Err(Error::Inference(e.to_string())));
                 }
                 if let Err(probe) = self.probe() {
                     tracing::error!(error = %probe, "health probe failed after a run error: NOT_SERVING");
@@ -214,6 +261,12 @@ impl Worker {
     }
 
     fn compute(&mut self, jobs: &[Job], start: Instant) -> ort::Result<Vec<JobOutput>> {
+        // Text and vision run once for the whole batch: one span that follows from every request in it.
+        let batch = tracing::info_span!(parent: None, "inference_batch", images = jobs.len());
+        for job in jobs {
+            batch.follows_from(&job.span);
+        }
+        let batch = batch.entered();
         // Text: every phrase of the batch that is not cached goes through the encoder in one run.
         let t0 = Instant::now();
         let mut hits: Vec<Vec<bool>> = Vec::with_capacity(jobs.len());
@@ -264,9 +317,13 @@ impl Worker {
         metrics::histogram!("segmenter_stage_seconds", "stage" => "text")
             .record(text.as_secs_f64());
 
-        // Decoder: per image, its phrases in chunks.
+        drop(batch);
+        // Decoder: per image, its phrases in chunks, inside the request's span.
         let mut outputs = Vec::with_capacity(jobs.len());
         for (index, (job, job_hits)) in jobs.iter().zip(hits).enumerate() {
+            let _span =
+                tracing::info_span!(parent: &job.span, "decode", phrases = job.phrases.len())
+                    .entered();
             let t2 = Instant::now();
             let features: Vec<Arc<[f32]>> = job
                 .phrases

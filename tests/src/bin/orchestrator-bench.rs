@@ -285,9 +285,9 @@ async fn main() -> anyhow::Result<()> {
     let mut segmenter = palette_e2e::start_segmenter(None).await;
     let storage = tempfile::tempdir()?;
     let mut config = orchestrator_svc::Config::for_tests(storage.path(), segmenter.url());
-    config.batch_concurrency = args.batch_concurrency;
-    config.retained_jobs_mb = args.retained_jobs_mb;
-    config.presets_dir = palette_e2e::repo_root().join("presets");
+    config.limits.batch_concurrency = args.batch_concurrency;
+    config.limits.retained_jobs_mb = args.retained_jobs_mb;
+    config.limits.presets_dir = palette_e2e::repo_root().join("presets");
     let mut orchestrator = palette_e2e::start_orchestrator(config).await;
     let url = orchestrator.url();
 

@@ -9,7 +9,7 @@ use image::{
 };
 use palette_rules::icc::Conversion;
 
-use crate::error::Error;
+use super::error::ItemError;
 
 pub const JPEG_QUALITY: u8 = 90;
 pub const PREVIEW_SIZE: u32 = 256;
@@ -20,32 +20,32 @@ pub const MAX_SIDE: u32 = 65_535;
 /// an embedded ICC profile (Display P3 from phones, Adobe RGB from cameras) is converted to sRGB (see
 /// `palette_rules::icc`) and the EXIF orientation (1..=8) is applied, as the segmenter does, so masks and photo
 /// line up.
-pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Error> {
+pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemError> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| Error::InputCorrupt(format!("cannot read the image header: {e}")))?;
+        .map_err(|e| ItemError::InputCorrupt(format!("cannot read the image header: {e}")))?;
     let (w, h) = reader
         .into_dimensions()
-        .map_err(|e| Error::InputCorrupt(format!("cannot read the image size: {e}")))?;
+        .map_err(|e| ItemError::InputCorrupt(format!("cannot read the image size: {e}")))?;
     if u64::from(w) * u64::from(h) > max_pixels {
-        return Err(Error::InputTooLarge(format!(
+        return Err(ItemError::InputTooLarge(format!(
             "{w}x{h} is {} pixels; the limit is {max_pixels}",
             u64::from(w) * u64::from(h)
         )));
     }
     if w.max(h) > MAX_SIDE {
         // Outputs are JPEGs, whose sides stop at 65535: say so now rather than fail after the work.
-        return Err(Error::InputTooLarge(format!(
+        return Err(ItemError::InputTooLarge(format!(
             "{w}x{h}: sides are limited to {MAX_SIDE} px (the JPEG format's limit)"
         )));
     }
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| Error::InputCorrupt(e.to_string()))?;
+        .map_err(|e| ItemError::InputCorrupt(e.to_string()))?;
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(max_pixels.saturating_mul(4).max(64 << 20));
     reader.limits(limits.clone());
-    let corrupt = |e: image::ImageError| Error::InputCorrupt(format!("cannot decode: {e}"));
+    let corrupt = |e: image::ImageError| ItemError::InputCorrupt(format!("cannot decode: {e}"));
     let mut decoder = reader.into_decoder().map_err(corrupt)?;
     // As ImageReader::decode does: the decoded buffer itself must fit the allocation limit.
     limits.reserve(decoder.total_bytes()).map_err(corrupt)?;
@@ -94,21 +94,28 @@ fn orient(img: DynamicImage, orientation: u32) -> DynamicImage {
 /// Baseline JPEG, 4:4:4, standard Huffman tables: with jpeg-encoder that is 2.2x faster than image's encoder at the
 /// same PSNR (measured at 1008x756, 7 vs 15 ms), for files ~3 % larger; optimised tables would take the size back
 /// and most of the time with it.
-pub fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>, Error> {
+pub fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>, ItemError> {
     let (Ok(w), Ok(h)) = (u16::try_from(img.width()), u16::try_from(img.height())) else {
         // decode_upright refuses such inputs first; this is the last line of defence.
-        return Err(Error::Internal(format!(
-            "JPEG encode: {}x{} is beyond JPEG's 65535 px sides",
-            img.width(),
-            img.height()
-        )));
+        return Err(ItemError::Encode {
+            what: "JPEG encode",
+            source: format!(
+                "{}x{} is beyond JPEG's 65535 px sides",
+                img.width(),
+                img.height()
+            )
+            .into(),
+        });
     };
     let mut out = Vec::with_capacity(img.as_raw().len() / 8);
     let mut encoder = jpeg_encoder::Encoder::new(&mut out, JPEG_QUALITY);
     encoder.set_sampling_factor(jpeg_encoder::SamplingFactor::F_1_1);
     encoder
         .encode(img.as_raw(), w, h, jpeg_encoder::ColorType::Rgb)
-        .map_err(|e| Error::Internal(format!("JPEG encode: {e}")))?;
+        .map_err(|e| ItemError::Encode {
+            what: "JPEG encode",
+            source: e.into(),
+        })?;
     Ok(out)
 }
 
@@ -117,7 +124,7 @@ fn png_encoder(out: &mut Vec<u8>, compression: CompressionType) -> PngEncoder<&m
 }
 
 /// A deliverable (a cut-out): zlib's default level, the size users download matters more than the encode time.
-pub fn encode_png_rgba(img: &RgbaImage) -> Result<Vec<u8>, Error> {
+pub fn encode_png_rgba(img: &RgbaImage) -> Result<Vec<u8>, ItemError> {
     let mut out = Vec::new();
     png_encoder(&mut out, CompressionType::Default)
         .write_image(
@@ -126,7 +133,10 @@ pub fn encode_png_rgba(img: &RgbaImage) -> Result<Vec<u8>, Error> {
             img.height(),
             image::ExtendedColorType::Rgba8,
         )
-        .map_err(|e| Error::Internal(format!("PNG encode: {e}")))?;
+        .map_err(|e| ItemError::Encode {
+            what: "PNG encode",
+            source: e.into(),
+        })?;
     Ok(out)
 }
 
@@ -134,7 +144,7 @@ pub fn encode_png_rgba(img: &RgbaImage) -> Result<Vec<u8>, Error> {
 /// encoding was a third of the orchestrator's CPU; orchestrator-bench (25 photos of 1008x756, 23 masks each): masks stage
 /// 343 -> 66 ms per image, files 35 % larger (1.1 -> 1.5 MB per image of the random model's noisy masks; a clean
 /// 1008x756 mask is 2 KB vs 5 KB).
-pub fn encode_png_gray(img: &GrayImage) -> Result<Vec<u8>, Error> {
+pub fn encode_png_gray(img: &GrayImage) -> Result<Vec<u8>, ItemError> {
     let mut out = Vec::new();
     png_encoder(&mut out, CompressionType::Fast)
         .write_image(
@@ -143,12 +153,15 @@ pub fn encode_png_gray(img: &GrayImage) -> Result<Vec<u8>, Error> {
             img.height(),
             image::ExtendedColorType::L8,
         )
-        .map_err(|e| Error::Internal(format!("PNG encode: {e}")))?;
+        .map_err(|e| ItemError::Encode {
+            what: "PNG encode",
+            source: e.into(),
+        })?;
     Ok(out)
 }
 
 /// Fits the image inside 256x256 (aspect kept) and encodes it as JPEG.
-pub fn preview_jpeg(img: &RgbImage) -> Result<Vec<u8>, Error> {
+pub fn preview_jpeg(img: &RgbImage) -> Result<Vec<u8>, ItemError> {
     let (w, h) = img.dimensions();
     let scale = (PREVIEW_SIZE as f64 / w.max(1) as f64)
         .min(PREVIEW_SIZE as f64 / h.max(1) as f64)
@@ -177,7 +190,7 @@ mod tests {
         let jpeg = encode_jpeg(&img).unwrap();
         assert!(matches!(
             decode_upright(&jpeg, 1000),
-            Err(Error::InputTooLarge(_))
+            Err(ItemError::InputTooLarge(_))
         ));
         let back = decode_upright(&jpeg, 1200).unwrap();
         assert_eq!(back.dimensions(), (40, 30));
@@ -187,7 +200,7 @@ mod tests {
     fn garbage_is_corrupt() {
         assert!(matches!(
             decode_upright(b"not an image", 1000),
-            Err(Error::InputCorrupt(_))
+            Err(ItemError::InputCorrupt(_))
         ));
     }
 
@@ -204,7 +217,7 @@ mod tests {
             )
             .unwrap();
         match decode_upright(&png, 1 << 30) {
-            Err(Error::InputTooLarge(msg)) => assert!(msg.contains("65535"), "{msg}"),
+            Err(ItemError::InputTooLarge(msg)) => assert!(msg.contains("65535"), "{msg}"),
             other => panic!("{other:?}"),
         }
     }

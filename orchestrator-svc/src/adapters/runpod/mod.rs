@@ -1,0 +1,325 @@
+//! ADAPTER=runpod: the orchestrator as a Runpod serverless queue worker.
+//!
+//! The protocol follows runpod-python (`runpod/serverless/modules/rp_job.py` for taking jobs, `rp_http.py` for
+//! posting results, `rp_ping.py` for the heartbeat):
+//! - take: GET `RUNPOD_WEBHOOK_GET_JOB` (`$ID` = `RUNPOD_POD_ID`) plus `job_in_progress=0|1`; 204 (and 400, which
+//!   FlashBoot answers) = no job, 200 = `{"id": "...", "input": {...}}`;
+//! - progress: POST `RUNPOD_WEBHOOK_POST_OUTPUT` (`$ID` = the Runpod job id) `{"status":"IN_PROGRESS","output":{..}}`;
+//! - result: POST the same URL `{"output": {...}}` or `{"error": "..."}`; the body is JSON sent as
+//!   `application/x-www-form-urlencoded`, as rp_http.py does;
+//! - heartbeat: GET `RUNPOD_WEBHOOK_PING` (`$RUNPOD_POD_ID` replaced) with `job_id` = the jobs in progress, every
+//!   `RUNPOD_PING_INTERVAL` ms;
+//! - every request carries `Authorization: <RUNPOD_AI_API_KEY>`.
+//!
+//! A job's `input` is the seed's job JSON (`userId`, `jobId`, `concepts`, `rules`, `imageCount`, `preset`), submitted
+//! to the same `JobService` as SubmitJob, so GetJob/WatchJob/CancelJob keep working on it over gRPC. One job runs at
+//! a time (its images still run BATCH_CONCURRENCY at once).
+
+mod output;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use palette_proto::orchestrator::v1::Job;
+use rand::Rng;
+use serde_json::{Value as Json, json};
+use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
+
+pub use crate::config::RunpodSettings;
+pub use output::job_json;
+
+use crate::error::Report;
+use crate::jobs::JobService;
+use crate::spec_json::spec_from_input;
+use output::progress_json;
+
+/// Pause after an empty answer (no job), as rp_job.py's `asyncio.sleep(1)`.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// At most one progress post per this interval per job.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// Backoff of failed Runpod requests: base and cap (full jitter).
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Attempts of the final result post.
+const RESULT_ATTEMPTS: u32 = 6;
+/// Timeout of one take request (Runpod may hold it open while the queue is empty).
+const TAKE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Timeout of one post or ping.
+const POST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A Runpod request that failed.
+#[derive(Debug, thiserror::Error)]
+enum RunpodError {
+    #[error("{request}")]
+    Http {
+        request: &'static str,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{request}: status {status}")]
+    Status { request: &'static str, status: u16 },
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let cap = BACKOFF_BASE
+        .saturating_mul(1u32 << attempt.min(10))
+        .min(BACKOFF_MAX);
+    Duration::from_millis(rand::rng().random_range(0..=cap.as_millis() as u64))
+}
+
+struct Worker {
+    settings: RunpodSettings,
+    http: reqwest::Client,
+    service: Arc<JobService>,
+    /// Runpod job ids in progress (reported by the heartbeat).
+    current: Arc<Mutex<Vec<String>>>,
+}
+
+enum Taken {
+    Job { id: String, input: Json },
+    Bad { id: String, error: String },
+    Nothing,
+}
+
+impl Worker {
+    async fn take(&self) -> Result<Taken, RunpodError> {
+        let http = |source| RunpodError::Http {
+            request: "take",
+            source,
+        };
+        let in_progress = !self.current.lock().expect("lock").is_empty();
+        let response = self
+            .http
+            .get(self.settings.take_url(in_progress))
+            .header("Authorization", self.settings.api_key.expose())
+            .timeout(TAKE_TIMEOUT)
+            .send()
+            .await
+            .map_err(http)?;
+        let status = response.status().as_u16();
+        if status == 204 || status == 400 {
+            return Ok(Taken::Nothing);
+        }
+        if status != 200 {
+            return Err(RunpodError::Status {
+                request: "take",
+                status,
+            });
+        }
+        let body = response.bytes().await.map_err(http)?;
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Taken::Nothing);
+        }
+        let value: Json = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "runpod: job is not JSON; skipped");
+                return Ok(Taken::Nothing);
+            }
+        };
+        let Some(id) = value.get("id").and_then(Json::as_str).map(str::to_string) else {
+            tracing::error!("runpod: job has no id; skipped");
+            return Ok(Taken::Nothing);
+        };
+        match value.get("input") {
+            Some(input) if !input.is_null() => Ok(Taken::Job {
+                id,
+                input: input.clone(),
+            }),
+            _ => Ok(Taken::Bad {
+                id,
+                error: "job has no input".into(),
+            }),
+        }
+    }
+
+    async fn post_once(&self, job_id: &str, body: &Json) -> Result<(), RunpodError> {
+        let response = self
+            .http
+            .post(self.settings.output_url(job_id))
+            .header("Authorization", self.settings.api_key.expose())
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .header("charset", "utf-8")
+            .timeout(POST_TIMEOUT)
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|source| RunpodError::Http {
+                request: "post",
+                source,
+            })?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(RunpodError::Status {
+                request: "post",
+                status: response.status().as_u16(),
+            })
+        }
+    }
+
+    /// The final result, retried with backoff; a result that cannot be delivered is logged.
+    async fn post_result(&self, job_id: &str, body: &Json) {
+        for attempt in 0..RESULT_ATTEMPTS {
+            match self.post_once(job_id, body).await {
+                Ok(()) => {
+                    tracing::info!(runpod_job = %job_id, "runpod: result sent");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(runpod_job = %job_id, attempt, error = %Report(&e), "runpod: result post failed");
+                    if attempt + 1 < RESULT_ATTEMPTS {
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                }
+            }
+        }
+        tracing::error!(runpod_job = %job_id, "runpod: result not delivered");
+    }
+
+    /// Progress is best effort: one attempt, logged on failure.
+    async fn post_progress(&self, job_id: &str, job: &Job) {
+        let body = json!({"status": "IN_PROGRESS", "output": progress_json(job)});
+        if let Err(e) = self.post_once(job_id, &body).await {
+            tracing::warn!(runpod_job = %job_id, error = %Report(&e), "runpod: progress post failed");
+        }
+    }
+
+    /// Runs one Runpod job to its end and posts its result.
+    async fn run_job(&self, runpod_id: &str, input: &Json) {
+        let spec = match spec_from_input(input) {
+            Ok(spec) => spec,
+            Err(e) => {
+                let error = Report(&e).to_string();
+                tracing::warn!(runpod_job = %runpod_id, %error, "runpod: job rejected");
+                self.post_result(runpod_id, &json!({ "error": error }))
+                    .await;
+                return;
+            }
+        };
+        if let Err(e) = self.service.submit(&spec) {
+            tracing::warn!(runpod_job = %runpod_id, error = %e, "runpod: job rejected");
+            self.post_result(runpod_id, &json!({"error": e.to_string()}))
+                .await;
+            return;
+        }
+        let handle = match self.service.get(&spec.job_id) {
+            Ok(h) => h,
+            Err(e) => {
+                self.post_result(runpod_id, &json!({"error": e.to_string()}))
+                    .await;
+                return;
+            }
+        };
+        let (mut job, mut events) = handle.subscribe();
+        let mut dirty = true;
+        let mut next_post = Instant::now();
+        while !crate::jobs::job::job_is_terminal(&job) {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        job = handle.snapshot();
+                        dirty = true;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = tokio::time::sleep_until(next_post), if dirty => {
+                    self.post_progress(runpod_id, &job).await;
+                    dirty = false;
+                    next_post = Instant::now() + PROGRESS_EVERY;
+                }
+            }
+        }
+        let job = handle.snapshot();
+        self.post_result(runpod_id, &json!({"output": job_json(&job)}))
+            .await;
+    }
+
+    async fn ping_loop(self: Arc<Self>, url: String, mut stop: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(self.settings.ping_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let jobs = self.current.lock().expect("lock").clone();
+            let mut query: Vec<(&str, &str)> =
+                jobs.iter().map(|j| ("job_id", j.as_str())).collect();
+            query.push((
+                "runpod_version",
+                concat!("orchestrator-svc/", env!("CARGO_PKG_VERSION")),
+            ));
+            let sent = self
+                .http
+                .get(&url)
+                .header("Authorization", self.settings.api_key.expose())
+                .query(&query)
+                .timeout(self.settings.ping_interval.saturating_mul(2))
+                .send()
+                .await;
+            if let Err(e) = sent {
+                tracing::warn!(error = %Report(&e), "runpod: ping failed");
+            }
+        }
+    }
+}
+
+/// Takes Runpod jobs one at a time until `stop` turns true; the job in progress is finished (and its result
+/// posted) before returning.
+pub async fn run(settings: RunpodSettings, service: Arc<JobService>, stop: watch::Receiver<bool>) {
+    tracing::info!(settings = ?settings, "runpod worker started");
+    let worker = Arc::new(Worker {
+        http: reqwest::Client::new(),
+        settings,
+        service,
+        current: Arc::new(Mutex::new(Vec::new())),
+    });
+    let pinger =
+        worker.settings.ping_url.clone().map(|url| {
+            crate::tasks::spawn("runpod_ping", worker.clone().ping_loop(url, stop.clone()))
+        });
+    let mut stop_take = stop.clone();
+    let mut failures = 0u32;
+    while !*stop.borrow() {
+        let taken = tokio::select! {
+            taken = worker.take() => taken,
+            _ = stop_take.changed() => break,
+        };
+        let pause = match taken {
+            Ok(Taken::Job { id, input }) => {
+                failures = 0;
+                tracing::info!(runpod_job = %id, "runpod: job taken");
+                worker.current.lock().expect("lock").push(id.clone());
+                worker.run_job(&id, &input).await;
+                worker.current.lock().expect("lock").retain(|j| j != &id);
+                None
+            }
+            Ok(Taken::Bad { id, error }) => {
+                failures = 0;
+                worker.post_result(&id, &json!({"error": error})).await;
+                None
+            }
+            Ok(Taken::Nothing) => {
+                failures = 0;
+                Some(IDLE_POLL)
+            }
+            Err(e) => {
+                tracing::warn!(error = %Report(&e), failures, "runpod: take failed");
+                failures = failures.saturating_add(1);
+                Some(backoff(failures))
+            }
+        };
+        if let Some(pause) = pause {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop_take.changed() => break,
+            }
+        }
+    }
+    if let Some(pinger) = pinger {
+        pinger.abort();
+    }
+    tracing::info!("runpod worker stopped");
+}

@@ -1,0 +1,82 @@
+//! Values that must not reach logs: their `Debug` redacts them, so every settings struct can derive `Debug`.
+
+use std::fmt;
+
+/// A credential (API key, shared secret). `expose` is the one way to read it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret(value.to_string())
+    }
+}
+
+/// A URL that may carry credentials (`nats://user:pass@host`): `Debug` shows it without its user info.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UrlWithCredentials(String);
+
+impl UrlWithCredentials {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for UrlWithCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = &self.0;
+        match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                write!(
+                    f,
+                    "{:?}",
+                    format!("{}<redacted>@{}", &url[..scheme + 3], &url[at + 1..])
+                )
+            }
+            _ => write!(f, "{url:?}"),
+        }
+    }
+}
+
+impl From<String> for UrlWithCredentials {
+    fn from(value: String) -> Self {
+        UrlWithCredentials(value)
+    }
+}
+
+impl From<&str> for UrlWithCredentials {
+    fn from(value: &str) -> Self {
+        UrlWithCredentials(value.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        assert_eq!(format!("{:?}", Secret::from("hunter2")), "<redacted>");
+        let url = UrlWithCredentials::from("nats://user:pass@host:4222");
+        assert_eq!(format!("{url:?}"), "\"nats://<redacted>@host:4222\"");
+        assert_eq!(url.expose(), "nats://user:pass@host:4222");
+    }
+}

@@ -1,0 +1,131 @@
+//! Object storage: the backend and, for R2 and S3, where and with which credentials.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use super::ConfigError;
+use super::secret::Secret;
+
+/// Where objects live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StorageBackend {
+    /// Cloudflare R2 (`https://{R2_ACCOUNT_ID}.r2.cloudflarestorage.com`, region `auto`).
+    R2,
+    /// Any S3-compatible endpoint (`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, region `AWS_REGION`).
+    S3,
+    /// A directory on this machine (development and tests).
+    Local,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct StorageArgs {
+    /// Object storage: r2 | s3 | local. Default local.
+    #[arg(
+        long,
+        env = "STORAGE_BACKEND",
+        value_enum,
+        default_value = "local",
+        ignore_case = true
+    )]
+    pub storage_backend: StorageBackend,
+    /// Root directory of the local backend. Default ./.data/storage.
+    #[arg(long, env = "LOCAL_STORAGE_DIR", default_value = "./.data/storage")]
+    pub local_storage_dir: PathBuf,
+    /// Cloudflare account id (r2 only; builds the endpoint URL).
+    #[arg(long, env = "R2_ACCOUNT_ID")]
+    pub r2_account_id: Option<String>,
+    /// Access key id (r2 and s3).
+    #[arg(long, env = "R2_ACCESS_KEY_ID")]
+    pub r2_access_key_id: Option<String>,
+    /// Secret access key (r2 and s3).
+    #[arg(long, env = "R2_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub r2_secret_access_key: Option<Secret>,
+    /// Bucket name (r2 and s3).
+    #[arg(long, env = "R2_BUCKET_NAME")]
+    pub r2_bucket_name: Option<String>,
+    /// S3 endpoint URL (s3 only). Falls back to AWS_ENDPOINT_URL, then to the SDK's AWS endpoint.
+    #[arg(long, env = "AWS_ENDPOINT_URL_S3")]
+    pub s3_endpoint_url: Option<String>,
+    /// Generic endpoint URL, used when AWS_ENDPOINT_URL_S3 is unset (s3 only).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub aws_endpoint_url: Option<String>,
+    /// S3 region (s3 only). Default us-east-1.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub aws_region: String,
+    /// Timeout of one storage request attempt, in seconds. Default 30.
+    #[arg(long, env = "STORAGE_TIMEOUT_SEC", default_value_t = 30)]
+    pub storage_timeout_sec: u64,
+}
+
+/// The backend to build, validated.
+#[derive(Clone, Debug)]
+pub enum StorageSettings {
+    Local(PathBuf),
+    S3(S3Settings),
+}
+
+/// Everything the S3 client needs (tests build it directly).
+#[derive(Clone, Debug)]
+pub struct S3Settings {
+    /// None: the SDK's default AWS endpoint for the region.
+    pub endpoint_url: Option<String>,
+    pub region: String,
+    pub bucket: String,
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
+    /// Per attempt; the SDK retries (standard mode) on top.
+    pub attempt_timeout: Duration,
+    pub max_attempts: u32,
+}
+
+fn required(value: &Option<String>, setting: &'static str) -> Result<String, ConfigError> {
+    match value.as_deref().map(str::trim) {
+        Some(v) if !v.is_empty() => Ok(v.to_string()),
+        _ => Err(ConfigError::Missing {
+            setting,
+            reason: "for STORAGE_BACKEND=r2|s3",
+        }),
+    }
+}
+
+impl StorageArgs {
+    pub fn settings(&self) -> Result<StorageSettings, ConfigError> {
+        let (endpoint_url, region) = match self.storage_backend {
+            StorageBackend::Local => {
+                return Ok(StorageSettings::Local(self.local_storage_dir.clone()));
+            }
+            StorageBackend::R2 => {
+                let account = required(&self.r2_account_id, "R2_ACCOUNT_ID")?;
+                (
+                    Some(format!("https://{account}.r2.cloudflarestorage.com")),
+                    "auto".to_string(),
+                )
+            }
+            StorageBackend::S3 => {
+                let endpoint = self
+                    .s3_endpoint_url
+                    .clone()
+                    .or_else(|| self.aws_endpoint_url.clone());
+                (
+                    endpoint.filter(|e| !e.trim().is_empty()),
+                    self.aws_region.clone(),
+                )
+            }
+        };
+        let secret = self
+            .r2_secret_access_key
+            .as_ref()
+            .map(|s| s.expose().trim().to_string());
+        Ok(StorageSettings::S3(S3Settings {
+            endpoint_url,
+            region,
+            bucket: required(&self.r2_bucket_name, "R2_BUCKET_NAME")?,
+            access_key_id: required(&self.r2_access_key_id, "R2_ACCESS_KEY_ID")?,
+            secret_access_key: required(&secret, "R2_SECRET_ACCESS_KEY")?.into(),
+            attempt_timeout: Duration::from_secs(self.storage_timeout_sec.max(1)),
+            max_attempts: 4,
+        }))
+    }
+}

@@ -1,0 +1,106 @@
+//! Why one image failed. The job it belongs to was accepted, so this never becomes a gRPC status: `code()` is the
+//! machine-readable reason on the item (`Item.error_code`, the callback's `error_code`) and `Report` of the error
+//! its text.
+
+use palette_rules::rule::FieldError;
+
+use crate::error::BoxError;
+use crate::segmenter::SegmenterError;
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ItemError {
+    /// The input object is not in storage.
+    #[error("object not found: {key}")]
+    InputMissing { key: String },
+    #[error("input too large: {0}")]
+    InputTooLarge(String),
+    #[error("input is not a readable image: {0}")]
+    InputCorrupt(String),
+    /// Reading or writing an object failed (other than a missing input).
+    #[error("object storage")]
+    Storage(#[source] StorageError),
+    #[error("segmenter")]
+    Segmenter(#[from] SegmenterError),
+    /// The rule could not be applied to this image.
+    #[error("rule {rule_id}")]
+    Rule {
+        rule_id: String,
+        #[source]
+        source: FieldError,
+    },
+    /// A texture rule's swatch is missing or not an image.
+    #[error("rule {rule_id}: texture swatch {key:?}")]
+    Swatch {
+        rule_id: String,
+        key: String,
+        #[source]
+        source: BoxError,
+    },
+    /// Encoding an output failed: a bug or a resource limit, not the caller's input.
+    #[error("{what}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    /// A CPU task panicked or was cancelled by the runtime.
+    #[error("worker task")]
+    Worker(#[source] tokio::task::JoinError),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<StorageError> for ItemError {
+    /// A missing object is the caller's missing input; anything else is storage's.
+    fn from(err: StorageError) -> Self {
+        match err {
+            StorageError::NotFound(key) => ItemError::InputMissing { key },
+            other => ItemError::Storage(other),
+        }
+    }
+}
+
+impl ItemError {
+    /// The machine-readable reason reported on a failed item (see `Item.error_code` in orchestrator.proto).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ItemError::InputMissing { .. } => "input_missing",
+            ItemError::InputCorrupt(_) => "input_corrupt",
+            ItemError::InputTooLarge(_) => "input_too_large",
+            ItemError::Segmenter(_) => "segmenter_unavailable",
+            ItemError::Storage(StorageError::Unavailable { .. }) => "storage_unavailable",
+            ItemError::Storage(StorageError::NotFound(_) | StorageError::InvalidKey(_)) => {
+                "internal"
+            }
+            ItemError::Rule { .. } | ItemError::Swatch { .. } => "rule_failed",
+            ItemError::Cancelled => "cancelled",
+            ItemError::Encode { .. } | ItemError::Worker(_) => "internal",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::report;
+
+    #[test]
+    fn codes_for_items() {
+        let missing = ItemError::from(StorageError::NotFound("k".into()));
+        assert_eq!(missing.code(), "input_missing");
+        assert_eq!(ItemError::Cancelled.code(), "cancelled");
+        let outage = ItemError::from(StorageError::unavailable(
+            "GET k",
+            std::io::Error::other("reset"),
+        ));
+        assert_eq!(outage.code(), "storage_unavailable");
+        assert_eq!(report(&outage), "object storage: GET k: reset");
+        let refused = ItemError::from(SegmenterError::Rejected {
+            call: "Segment",
+            attempts: 1,
+            status: tonic::Status::invalid_argument("bad image"),
+        });
+        assert_eq!(refused.code(), "segmenter_unavailable");
+    }
+}

@@ -1,0 +1,296 @@
+//! One item, start to finish: download -> size check -> decode upright -> one Segment call (or reused masks) ->
+//! full-resolution masks stored -> each rule's region, edit and output stored -> preview. `ItemRunner` owns what
+//! an item needs and does the I/O; the CPU work is in `cpu`, run on the blocking pool.
+
+mod cpu;
+mod error;
+mod imaging;
+mod mask_cache;
+mod segment;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use palette_proto::orchestrator::v1::{MaskKey, RuleOutput};
+use palette_rules::mask::{ModelMask, PixelBox};
+use palette_rules::{GrayImage, RgbImage};
+
+pub use error::ItemError;
+pub use mask_cache::MaskCache;
+
+use super::job::ItemResult;
+use super::stage::Stage;
+use super::validate::JobPlan;
+use crate::keys;
+use crate::segmenter::Segmenter;
+use crate::storage::{SharedStore, StorageError};
+use cpu::{RuleInput, instance_mask, render_rule};
+use mask_cache::ConceptMasks;
+
+/// Limits on one input, checked before its pixels are decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct InputLimits {
+    pub max_bytes: u64,
+    pub max_pixels: u64,
+}
+
+/// Runs items: storage, the segmenter, the mask cache and the input limits, shared by every item of every job.
+#[derive(Debug)]
+pub struct ItemRunner {
+    store: SharedStore,
+    segmenter: Arc<Segmenter>,
+    limits: InputLimits,
+    mask_cache: MaskCache,
+}
+
+/// Runs blocking (CPU) work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ItemError> + Send + 'static,
+) -> Result<T, ItemError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(ItemError::Worker)?
+}
+
+impl ItemRunner {
+    pub fn new(
+        store: SharedStore,
+        segmenter: Arc<Segmenter>,
+        limits: InputLimits,
+        mask_cache_bytes: usize,
+    ) -> Self {
+        ItemRunner {
+            store,
+            segmenter,
+            limits,
+            mask_cache: MaskCache::new(mask_cache_bytes),
+        }
+    }
+
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    /// Item `idx` of the job, every output stored.
+    pub async fn run(&self, plan: &Arc<JobPlan>, idx: u32) -> Result<ItemResult, ItemError> {
+        let stage = Stage::start("download");
+        let input_key = keys::input(&plan.user_id, &plan.job_id, idx);
+        let bytes = self.download_input(&input_key).await?;
+        stage.finish();
+
+        let stage = Stage::start("decode");
+        let max_pixels = self.limits.max_pixels;
+        let encoded = bytes.clone();
+        let photo =
+            Arc::new(blocking(move || imaging::decode_upright(&encoded, max_pixels)).await?);
+        stage.finish();
+
+        let stage = Stage::start("segment");
+        let segmented = self.segment(plan, &bytes, idx).await?;
+        drop(bytes);
+        stage.finish();
+
+        let stage = Stage::start("masks");
+        let (masks, full_masks) = self
+            .store_masks(plan, idx, &segmented.concepts, &photo)
+            .await?;
+        stage.finish();
+
+        let stage = Stage::start("rules");
+        let (outputs, preview) = self
+            .apply_rules(plan, idx, &photo, Arc::new(full_masks))
+            .await?;
+        stage.finish();
+
+        let preview = match preview {
+            Some(p) => p,
+            None => {
+                let photo = photo.clone();
+                blocking(move || imaging::preview_jpeg(&photo)).await?
+            }
+        };
+        let preview_key = keys::preview(&plan.user_id, &plan.job_id, idx);
+        self.store
+            .put(&preview_key, Bytes::from(preview), "image/jpeg")
+            .await?;
+        Ok(ItemResult {
+            outputs,
+            masks,
+            preview_key,
+            masks_reused: segmented.reused,
+        })
+    }
+
+    async fn download_input(&self, key: &str) -> Result<Bytes, ItemError> {
+        let max = self.limits.max_bytes;
+        let meta = self
+            .store
+            .head(key)
+            .await?
+            .ok_or_else(|| ItemError::InputMissing {
+                key: key.to_string(),
+            })?;
+        let too_large = |size: u64| {
+            ItemError::InputTooLarge(format!("{key} is {size} bytes; the limit is {max}"))
+        };
+        if meta.size > max {
+            return Err(too_large(meta.size));
+        }
+        let bytes = self.store.get(key).await?;
+        if bytes.len() as u64 > max {
+            return Err(too_large(bytes.len() as u64));
+        }
+        Ok(bytes)
+    }
+
+    /// Upsamples every instance inside its box to full resolution and stores it as PNG. Keeps in memory only what a
+    /// rule needs: the union of each rule concept's instances (see `cpu::instance_mask`).
+    async fn store_masks(
+        &self,
+        plan: &JobPlan,
+        idx: u32,
+        concepts: &[Arc<ConceptMasks>],
+        photo: &Arc<RgbImage>,
+    ) -> Result<(Vec<MaskKey>, HashMap<String, GrayImage>), ItemError> {
+        let (w, h) = photo.dimensions();
+        let used = plan.concepts_used_by_rules();
+        let mut keys_out = Vec::new();
+        let mut full: HashMap<String, GrayImage> = HashMap::new();
+        // The concept names used in keys are ours (validated), never the reply's.
+        for (masks, concept) in concepts.iter().zip(&plan.concepts) {
+            let (mw, mh) = (masks.mask_width, masks.mask_height);
+            // Boxes are in the segmenter's view of the image; both apply EXIF orientation, so only a scale can
+            // differ.
+            let sx = w as f32 / masks.image_width.max(1) as f32;
+            let sy = h as f32 / masks.image_height.max(1) as f32;
+            for (n, instance) in masks.result.instances.iter().enumerate() {
+                let probs_len = instance.mask.as_ref().map_or(0, |m| m.data.len());
+                if probs_len != (mw as usize) * (mh as usize) || mw == 0 || mh == 0 {
+                    return Err(crate::segmenter::SegmenterError::BadReply(format!(
+                        "{concept} instance {} mask has {probs_len} bytes, expected {mw}x{mh} probabilities",
+                        n + 1
+                    ))
+                    .into());
+                }
+                let bbox = instance.r#box.map_or(
+                    PixelBox {
+                        x0: 0.0,
+                        y0: 0.0,
+                        x1: w as f32,
+                        y1: h as f32,
+                    },
+                    |b| PixelBox {
+                        x0: b.x0 * sx,
+                        y0: b.y0 * sy,
+                        x1: b.x1 * sx,
+                        y1: b.y1 * sy,
+                    },
+                );
+                let masks = masks.clone();
+                let keep = used.contains(&concept.as_str());
+                let union_so_far = full.remove(concept);
+                let mask = blocking(move || {
+                    let probs = masks.result.instances[n]
+                        .mask
+                        .as_ref()
+                        .map_or(&[][..], |m| &m.data[..]);
+                    let model = ModelMask {
+                        width: mw,
+                        height: mh,
+                        probs,
+                    };
+                    instance_mask(&model, bbox, (w, h), union_so_far, keep)
+                })
+                .await?;
+                let number = n as u32 + 1;
+                let key = keys::mask(&plan.user_id, &plan.job_id, concept, idx, number);
+                self.store
+                    .put(&key, Bytes::from(mask.png), "image/png")
+                    .await?;
+                keys_out.push(MaskKey {
+                    concept: concept.clone(),
+                    instance: number,
+                    key,
+                    score: instance.score,
+                });
+                if let Some(union) = mask.union {
+                    full.insert(concept.clone(), union);
+                }
+            }
+        }
+        Ok((keys_out, full))
+    }
+
+    /// Each rule: region, edit, encode (`cpu::render_rule`), store. Returns the outputs and the preview of the first
+    /// one.
+    async fn apply_rules(
+        &self,
+        plan: &Arc<JobPlan>,
+        idx: u32,
+        photo: &Arc<RgbImage>,
+        masks: Arc<HashMap<String, GrayImage>>,
+    ) -> Result<(Vec<RuleOutput>, Option<Vec<u8>>), ItemError> {
+        let mut outputs = Vec::new();
+        let mut preview = None;
+        for r in 0..plan.rules.len() {
+            let rule_id = &plan.rules[r].rule_id;
+            let swatch = match plan.rules[r].rule.texture_key() {
+                Some(key) => Some(Arc::new(self.load_swatch(rule_id, key).await?)),
+                None => None,
+            };
+            let (plan2, photo, masks) = (plan.clone(), photo.clone(), masks.clone());
+            let rendered = blocking(move || {
+                render_rule(RuleInput {
+                    photo: &photo,
+                    masks: &masks,
+                    rule: &plan2.rules[r],
+                    idx,
+                    swatch: swatch.as_deref(),
+                    want_preview: r == 0,
+                })
+            })
+            .await?;
+            let key = keys::output(
+                &plan.user_id,
+                &plan.job_id,
+                rule_id,
+                idx,
+                rendered.format.has_alpha(),
+            );
+            self.store
+                .put(
+                    &key,
+                    Bytes::from(rendered.encoded),
+                    rendered.format.content_type(),
+                )
+                .await?;
+            outputs.push(RuleOutput {
+                rule_id: rule_id.clone(),
+                output_key: key,
+                applied: rendered.not_applied.is_none(),
+                not_applied_reason: rendered.not_applied.map_or("", |n| n.as_str()).to_string(),
+            });
+            if preview.is_none() {
+                preview = rendered.preview;
+            }
+        }
+        Ok((outputs, preview))
+    }
+
+    async fn load_swatch(&self, rule_id: &str, key: &str) -> Result<RgbImage, ItemError> {
+        let unusable = |source| ItemError::Swatch {
+            rule_id: rule_id.to_string(),
+            key: key.to_string(),
+            source,
+        };
+        let bytes = self.store.get(key).await.map_err(|e| match e {
+            StorageError::NotFound(_) | StorageError::InvalidKey(_) => unusable(e.into()),
+            StorageError::Unavailable { .. } => ItemError::Storage(e),
+        })?;
+        let max_pixels = self.limits.max_pixels;
+        blocking(move || imaging::decode_upright(&bytes, max_pixels))
+            .await
+            .map_err(|e| unusable(e.into()))
+    }
+}

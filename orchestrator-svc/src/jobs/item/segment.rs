@@ -1,0 +1,94 @@
+//! The masks of every concept of a job on one image: from the cache where the same bytes were segmented by the same
+//! model before, the rest in ONE Segment call.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::ItemRunner;
+use super::error::ItemError;
+use super::mask_cache::{ConceptMasks, MaskCacheKey};
+use crate::jobs::validate::JobPlan;
+use crate::segmenter::SegmenterError;
+
+/// Every concept's masks, in plan order.
+pub struct Segmented {
+    pub concepts: Vec<Arc<ConceptMasks>>,
+    /// Whether any concept came from the cache.
+    pub reused: bool,
+}
+
+impl ItemRunner {
+    pub(super) async fn segment(
+        &self,
+        plan: &JobPlan,
+        bytes: &Bytes,
+        idx: u32,
+    ) -> Result<Segmented, ItemError> {
+        let model_id = self.segmenter.model_id().await?;
+        let sha: [u8; 32] = Sha256::digest(bytes).into();
+        let key = |concept: &str, model_id: &str| MaskCacheKey {
+            input_sha256: sha,
+            model_id: model_id.to_string(),
+            concept: concept.to_string(),
+        };
+        let mut found: Vec<Option<Arc<ConceptMasks>>> = plan
+            .concepts
+            .iter()
+            .map(|c| self.mask_cache.get(&key(c, &model_id)))
+            .collect();
+        let missing: Vec<String> = plan
+            .concepts
+            .iter()
+            .zip(&found)
+            .filter(|(_, hit)| hit.is_none())
+            .map(|(c, _)| c.clone())
+            .collect();
+        let hits = (plan.concepts.len() - missing.len()) as u64;
+        metrics::counter!("orchestrator_mask_cache_total", "result" => "hit").increment(hits);
+        metrics::counter!("orchestrator_mask_cache_total", "result" => "miss")
+            .increment(missing.len() as u64);
+        if !missing.is_empty() {
+            let request_id = format!("{}/{idx}", plan.job_id);
+            let response = self.segmenter.segment(bytes, &missing, &request_id).await?;
+            // Results come in request order, one per concept asked.
+            if response.concepts.len() != missing.len() {
+                return Err(SegmenterError::BadReply(format!(
+                    "asked for {} concepts, got {} results",
+                    missing.len(),
+                    response.concepts.len()
+                ))
+                .into());
+            }
+            let model_id = if response.model_id.is_empty() {
+                model_id
+            } else {
+                response.model_id.clone()
+            };
+            let (image_width, image_height) = (response.image_width, response.image_height);
+            let (mask_width, mask_height) = (response.mask_width, response.mask_height);
+            let mut fresh = response.concepts.into_iter();
+            for (slot, concept) in found.iter_mut().zip(&plan.concepts) {
+                if slot.is_none()
+                    && let Some(result) = fresh.next()
+                {
+                    let masks = Arc::new(ConceptMasks {
+                        result,
+                        image_width,
+                        image_height,
+                        mask_width,
+                        mask_height,
+                    });
+                    self.mask_cache
+                        .insert(key(concept, &model_id), masks.clone());
+                    *slot = Some(masks);
+                }
+            }
+        }
+        Ok(Segmented {
+            concepts: found.into_iter().flatten().collect(),
+            reused: hits > 0,
+        })
+    }
+}

@@ -1,0 +1,325 @@
+//! One job in memory: its state is the proto `Job` itself (what GetJob returns), guarded by a mutex, with a
+//! broadcast channel that carries one event per item change to WatchJob streams. Every item change goes through
+//! here, so the counters, the job state and the events never disagree.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use palette_proto::orchestrator::v1::{
+    CallbackState, Item, ItemState, Job, JobState, MaskKey, RuleOutput,
+};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::validate::JobPlan;
+use crate::keys;
+
+/// Events buffered per job for slow watchers; one that falls further behind gets a fresh snapshot instead.
+const EVENT_BUFFER: usize = 256;
+
+/// How one item ended.
+#[derive(Debug, Clone)]
+pub enum ItemOutcome {
+    Completed(ItemResult),
+    Failed { code: &'static str, message: String },
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ItemResult {
+    pub outputs: Vec<RuleOutput>,
+    pub masks: Vec<MaskKey>,
+    pub preview_key: String,
+    pub masks_reused: bool,
+}
+
+pub fn is_terminal(state: i32) -> bool {
+    state == ItemState::Completed as i32
+        || state == ItemState::Failed as i32
+        || state == ItemState::Cancelled as i32
+}
+
+#[derive(Debug)]
+pub struct JobHandle {
+    pub plan: Arc<JobPlan>,
+    /// Submission order, for forgetting the oldest finished jobs first.
+    pub(super) seq: u64,
+    pub cancel: CancellationToken,
+    state: Mutex<Job>,
+    /// What `state` holds on the heap, roughly (see `approx_item_bytes`), kept up to date by every item change so
+    /// the registry can weigh its jobs without walking their items.
+    approx_bytes: AtomicUsize,
+    /// Which item changed. Only the index travels: a full Job per event, kept in the channel's ring of
+    /// EVENT_BUFFER slots, made a job's memory grow with the square of its size (measured: +50 MB over 160 images);
+    /// WatchJob streams take the snapshot when they forward the event.
+    events: broadcast::Sender<u32>,
+}
+
+impl JobHandle {
+    pub(super) fn new(plan: JobPlan, seq: u64) -> Self {
+        let items = (0..plan.image_count)
+            .map(|idx| Item {
+                idx,
+                state: ItemState::Pending as i32,
+                input_key: keys::input(&plan.user_id, &plan.job_id, idx),
+                ..Default::default()
+            })
+            .collect();
+        let job = Job {
+            user_id: plan.user_id.clone(),
+            job_id: plan.job_id.clone(),
+            state: JobState::Queued as i32,
+            items,
+            completed: 0,
+            failed: 0,
+            cancelled: 0,
+            effective_spec: Some(plan.effective_spec.clone()),
+        };
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let approx_bytes = JOB_OVERHEAD_BYTES
+            + 2 * prost::Message::encoded_len(&plan.effective_spec)
+            + job.items.iter().map(approx_item_bytes).sum::<usize>();
+        JobHandle {
+            plan: Arc::new(plan),
+            seq,
+            cancel: CancellationToken::new(),
+            state: Mutex::new(job),
+            approx_bytes: AtomicUsize::new(approx_bytes),
+            events,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Job> {
+        // A panic while holding the lock left a consistent proto value behind: keep serving it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Job {
+        self.lock().clone()
+    }
+
+    /// The current state and a receiver of every later change, taken atomically so no event falls in between.
+    pub fn subscribe(&self) -> (Job, broadcast::Receiver<u32>) {
+        let job = self.lock();
+        (job.clone(), self.events.subscribe())
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        job_is_terminal(&self.lock())
+    }
+
+    /// Roughly what this job's record holds in memory, in bytes.
+    pub fn approx_bytes(&self) -> usize {
+        self.approx_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Applies `change` to item `idx` (if `applies` says so), recomputes counters and job state, and publishes
+    /// one event. Returns the item after the change, or None when nothing changed.
+    fn change_item(
+        &self,
+        idx: u32,
+        applies: impl FnOnce(&Item) -> bool,
+        change: impl FnOnce(&mut Item),
+    ) -> Option<Item> {
+        let mut job = self.lock();
+        let item = job.items.get_mut(idx as usize)?;
+        if !applies(item) {
+            return None;
+        }
+        let before = approx_item_bytes(item);
+        change(item);
+        let after = approx_item_bytes(item);
+        // Under the job's lock: the counter moves in the same order as the items do.
+        self.approx_bytes.fetch_add(after, Ordering::Relaxed);
+        self.approx_bytes.fetch_sub(before, Ordering::Relaxed);
+        let item = item.clone();
+        recount(&mut job, self.cancel.is_cancelled());
+        // No receiver is fine: nobody watches.
+        let _ = self.events.send(idx);
+        Some(item)
+    }
+
+    /// PENDING -> RUNNING; false when the item is no longer pending (cancelled meanwhile).
+    pub fn start_item(&self, idx: u32) -> bool {
+        self.change_item(
+            idx,
+            |i| i.state == ItemState::Pending as i32,
+            |i| i.state = ItemState::Running as i32,
+        )
+        .is_some()
+    }
+
+    /// Moves the item to its one terminal state. Returns the final item only for the caller that made the
+    /// transition: that caller, and no other, sends the item's callback.
+    pub fn finish_item(&self, idx: u32, outcome: ItemOutcome, callbacks_on: bool) -> Option<Item> {
+        self.finish_if(idx, outcome, callbacks_on, |i| !is_terminal(i.state))
+    }
+
+    fn finish_if(
+        &self,
+        idx: u32,
+        outcome: ItemOutcome,
+        callbacks_on: bool,
+        applies: impl FnOnce(&Item) -> bool,
+    ) -> Option<Item> {
+        // `applies` runs under the same lock as the change: check and transition are one step.
+        self.change_item(
+            idx,
+            |i| !is_terminal(i.state) && applies(i),
+            |item| {
+                item.callback_state = if callbacks_on {
+                    CallbackState::Pending as i32
+                } else {
+                    CallbackState::NotConfigured as i32
+                };
+                match outcome {
+                    ItemOutcome::Completed(result) => {
+                        item.state = ItemState::Completed as i32;
+                        item.output_key = result
+                            .outputs
+                            .first()
+                            .map(|o| o.output_key.clone())
+                            .unwrap_or_default();
+                        item.outputs = result.outputs;
+                        item.masks = result.masks;
+                        item.preview_key = result.preview_key;
+                        item.masks_reused = result.masks_reused;
+                    }
+                    ItemOutcome::Failed { code, message } => {
+                        item.state = ItemState::Failed as i32;
+                        item.error_code = code.to_string();
+                        item.error = message;
+                    }
+                    ItemOutcome::Cancelled => {
+                        item.state = ItemState::Cancelled as i32;
+                        item.error_code = "cancelled".to_string();
+                        item.error = "the job was cancelled before this image finished".to_string();
+                    }
+                }
+            },
+        )
+    }
+
+    /// Like `finish_item`, but only for an item that never started.
+    pub fn finish_item_if_pending(
+        &self,
+        idx: u32,
+        outcome: ItemOutcome,
+        callbacks_on: bool,
+    ) -> Option<Item> {
+        self.finish_if(idx, outcome, callbacks_on, |i| {
+            i.state == ItemState::Pending as i32
+        })
+    }
+
+    /// Marks the job cancelled and every non-terminal item CANCELLED; returns those items (for their callbacks).
+    pub fn cancel_pending(&self, callbacks_on: bool) -> Vec<Item> {
+        if self.is_terminal() {
+            // A finished job stays as it finished.
+            return Vec::new();
+        }
+        self.cancel.cancel();
+        let open: Vec<u32> = self
+            .lock()
+            .items
+            .iter()
+            .filter(|i| !is_terminal(i.state))
+            .map(|i| i.idx)
+            .collect();
+        open.into_iter()
+            .filter_map(|idx| self.finish_item(idx, ItemOutcome::Cancelled, callbacks_on))
+            .collect()
+    }
+
+    /// An item that a previous run of this job already finished (durable jobs, see `JobPlan::durable_items`): takes
+    /// the recorded item as it is, callback included. False when the item was no longer pending or running.
+    pub fn restore_item(&self, idx: u32, recorded: Item) -> bool {
+        self.change_item(
+            idx,
+            |i| !is_terminal(i.state),
+            |item| *item = Item { idx, ..recorded },
+        )
+        .is_some()
+    }
+
+    pub fn record_callback(&self, idx: u32, delivered: bool, attempts: u32, error: Option<String>) {
+        self.change_item(
+            idx,
+            |_| true,
+            |item| {
+                item.callback_state = if delivered {
+                    CallbackState::Delivered as i32
+                } else {
+                    CallbackState::Failed as i32
+                };
+                item.callback_attempts = attempts;
+                item.callback_error = error.unwrap_or_default();
+            },
+        );
+    }
+}
+
+/// Heap bytes of a job record outside its items: the handle, its event ring, the plan's fixed parts.
+const JOB_OVERHEAD_BYTES: usize = 4096;
+
+/// What one item's record holds in memory, roughly: the structs and every string's buffer. A finished item is
+/// dominated by its mask keys (one per instance: ~23 on the benchmark's photos, up to
+/// MAX_INSTANCES_PER_CONCEPT x concepts), which is why the registry weighs jobs instead of counting them.
+fn approx_item_bytes(item: &Item) -> usize {
+    use std::mem::size_of;
+    // Allocators round small allocations up; 16 bytes per string is about what glibc adds.
+    let text = |s: &String| {
+        if s.capacity() == 0 {
+            0
+        } else {
+            s.capacity() + 16
+        }
+    };
+    size_of::<Item>()
+        + text(&item.input_key)
+        + text(&item.output_key)
+        + text(&item.preview_key)
+        + text(&item.error)
+        + text(&item.error_code)
+        + text(&item.callback_error)
+        + item.outputs.capacity() * size_of::<RuleOutput>()
+        + item
+            .outputs
+            .iter()
+            .map(|o| text(&o.rule_id) + text(&o.output_key) + text(&o.not_applied_reason))
+            .sum::<usize>()
+        + item.masks.capacity() * size_of::<MaskKey>()
+        + item
+            .masks
+            .iter()
+            .map(|m| text(&m.concept) + text(&m.key))
+            .sum::<usize>()
+}
+
+pub fn job_is_terminal(job: &Job) -> bool {
+    job.state == JobState::Done as i32 || job.state == JobState::Cancelled as i32
+}
+
+fn recount(job: &mut Job, cancel_requested: bool) {
+    let count = |s: ItemState| job.items.iter().filter(|i| i.state == s as i32).count() as u32;
+    job.completed = count(ItemState::Completed);
+    job.failed = count(ItemState::Failed);
+    job.cancelled = count(ItemState::Cancelled);
+    let terminal = job.completed + job.failed + job.cancelled;
+    job.state = if terminal as usize == job.items.len() {
+        if cancel_requested {
+            JobState::Cancelled
+        } else {
+            JobState::Done
+        }
+    } else if terminal > 0
+        || job
+            .items
+            .iter()
+            .any(|i| i.state == ItemState::Running as i32)
+    {
+        JobState::Running
+    } else {
+        JobState::Queued
+    } as i32;
+}

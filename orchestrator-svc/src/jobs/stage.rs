@@ -1,0 +1,42 @@
+//! Item metrics: how long each stage of an item took (`orchestrator_stage_seconds{stage}`) and how many items are
+//! between start and end (`orchestrator_items_in_flight`).
+
+use std::time::Instant;
+
+/// One stage's timer: records the time since `start` when `finish` is called. A stage that fails is not recorded,
+/// so the histogram describes work that completed.
+#[must_use = "call finish() when the stage is done"]
+pub struct Stage {
+    name: &'static str,
+    started: Instant,
+}
+
+impl Stage {
+    pub fn start(name: &'static str) -> Self {
+        Stage {
+            name,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn finish(self) {
+        metrics::histogram!("orchestrator_stage_seconds", "stage" => self.name)
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Counts items between start and end, whatever way they end (dropped at the end).
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn start() -> Self {
+        metrics::gauge!("orchestrator_items_in_flight").increment(1.0);
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("orchestrator_items_in_flight").decrement(1.0);
+    }
+}

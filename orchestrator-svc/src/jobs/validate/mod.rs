@@ -1,0 +1,224 @@
+//! Job spec validation: every bad field is reported at once, and the spec is turned into the plan that runs
+//! (normalised concepts, parsed rules, occluders resolved, preset applied).
+//!
+//! One concern per file, all adding to one `Violations`: `concepts` (phrases), `rules` (`impl Validate for Rule`),
+//! `occluders` (what a rule's region leaves out). This file checks the spec's own fields and puts the plan
+//! together.
+
+mod concepts;
+mod occluders;
+mod rules;
+mod violations;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use palette_proto::orchestrator::v1::{JobSpec, Rule as RuleSpec};
+use palette_rules::preset::Preset;
+use palette_rules::rule::Rule;
+
+pub use concepts::{MAX_CONCEPT_CHARS, normalize_concept};
+pub use violations::{Validate, Violations};
+
+use crate::error::ApiError;
+use crate::keys;
+use concepts::ConceptList;
+use rules::{ParsedRule, RuleContext};
+
+#[derive(Debug, Clone, Copy)]
+pub struct JobLimits {
+    pub max_images: u32,
+    pub max_rules: usize,
+    pub max_concepts: usize,
+}
+
+/// One rule, ready to run.
+#[derive(Debug)]
+pub struct PlannedRule {
+    pub rule_id: String,
+    pub concept: String,
+    pub rule: Rule,
+    /// Concepts whose masks are subtracted from the target (the sofa in front of the wall).
+    pub occluders: Vec<String>,
+}
+
+/// A validated job: what the pipeline runs.
+#[derive(Debug)]
+pub struct JobPlan {
+    pub user_id: String,
+    pub job_id: String,
+    pub image_count: u32,
+    /// Every concept segmented, in one Segment call per image: listed, then rule targets, then occluders.
+    pub concepts: Vec<String>,
+    pub rules: Vec<PlannedRule>,
+    /// The spec after normalisation and the preset: compared for idempotency and reported as `effective_spec`.
+    pub effective_spec: JobSpec,
+    /// ADAPTER=queue_pull: the job may run more than once (a redelivered queue message), so each item's end is
+    /// recorded in storage (`keys::item_marker`) and an item already recorded is not run nor called back again.
+    pub durable_items: bool,
+}
+
+impl JobPlan {
+    /// Concepts whose full-resolution masks a rule needs (targets and occluders); others are only stored.
+    pub fn concepts_used_by_rules(&self) -> Vec<&str> {
+        let mut used: Vec<&str> = Vec::new();
+        for r in &self.rules {
+            for c in std::iter::once(&r.concept).chain(&r.occluders) {
+                if !used.contains(&c.as_str()) {
+                    used.push(c);
+                }
+            }
+        }
+        used
+    }
+}
+
+/// What a job spec is checked against.
+#[derive(Clone, Copy)]
+pub struct JobContext<'a> {
+    pub presets: &'a BTreeMap<String, Arc<Preset>>,
+    pub limits: JobLimits,
+}
+
+/// The spec as a plan, or every problem it has.
+pub fn validate(
+    spec: &JobSpec,
+    presets: &BTreeMap<String, Arc<Preset>>,
+    limits: JobLimits,
+) -> Result<JobPlan, ApiError> {
+    let mut v = Violations::default();
+    let plan = spec.validate(JobContext { presets, limits }, &mut v);
+    v.finish()?;
+    Ok(plan.expect("a spec without violations has a plan"))
+}
+
+impl Validate<JobContext<'_>> for JobSpec {
+    type Valid = JobPlan;
+
+    fn validate(&self, cx: JobContext<'_>, v: &mut Violations) -> Option<JobPlan> {
+        for (field, id) in [("user_id", &self.user_id), ("job_id", &self.job_id)] {
+            if let Some(problem) = keys::id_problem(id) {
+                v.add(field, problem);
+            }
+        }
+        if self.image_count == 0 || self.image_count > cx.limits.max_images {
+            v.add(
+                "image_count",
+                format!("must be between 1 and {}", cx.limits.max_images),
+            );
+        }
+        let preset = preset_of(self, cx.presets, v);
+        let preset = preset.as_deref();
+        let mut concepts = concepts::listed(&self.concepts, preset, v);
+        let parsed = parsed_rules(self, cx.limits, preset, v);
+        for rule in &parsed {
+            concepts.add(&rule.concept);
+        }
+        if concepts.is_empty() && self.rules.is_empty() {
+            v.add(
+                "concepts",
+                "name at least one concept or rule (or a preset with concepts)",
+            );
+        }
+        let rules = occluders::plan_rules(parsed, preset, &mut concepts);
+        if concepts.len() > cx.limits.max_concepts {
+            v.add(
+                "concepts",
+                format!(
+                    "{} concepts to segment (listed, rule targets and occluders: {}) exceed the limit of {}",
+                    concepts.len(),
+                    concepts.as_slice().join(", "),
+                    cx.limits.max_concepts
+                ),
+            );
+        }
+        if !v.is_empty() {
+            return None;
+        }
+        Some(plan(self, concepts, rules))
+    }
+}
+
+/// The named preset (None when none is named, or when the name is unknown: a violation).
+fn preset_of(
+    spec: &JobSpec,
+    presets: &BTreeMap<String, Arc<Preset>>,
+    v: &mut Violations,
+) -> Option<Arc<Preset>> {
+    let name = spec.preset.trim();
+    if name.is_empty() {
+        return None;
+    }
+    let found = presets.get(name).cloned();
+    if found.is_none() {
+        let known: Vec<&str> = presets.keys().map(String::as_str).collect();
+        v.add(
+            "preset",
+            format!("unknown preset {name:?}; known: [{}]", known.join(", ")),
+        );
+    }
+    found
+}
+
+/// Every rule without problems; a job has at most `max_rules`.
+fn parsed_rules(
+    spec: &JobSpec,
+    limits: JobLimits,
+    preset: Option<&Preset>,
+    v: &mut Violations,
+) -> Vec<ParsedRule> {
+    if spec.rules.len() > limits.max_rules {
+        v.add(
+            "rules",
+            format!(
+                "at most {} rules per job, got {}",
+                limits.max_rules,
+                spec.rules.len()
+            ),
+        );
+    }
+    let mut parsed = Vec::new();
+    for (index, rule) in spec.rules.iter().enumerate() {
+        let cx = RuleContext {
+            index,
+            earlier: &spec.rules[..index],
+            user_id: &spec.user_id,
+            image_count: spec.image_count,
+            preset,
+        };
+        parsed.extend(rule.validate(cx, v));
+    }
+    parsed
+}
+
+/// The plan of a spec without violations; its `effective_spec` is the spec as it will run.
+fn plan(spec: &JobSpec, concepts: ConceptList, rules: Vec<PlannedRule>) -> JobPlan {
+    let effective_spec = JobSpec {
+        user_id: spec.user_id.clone(),
+        job_id: spec.job_id.clone(),
+        concepts: concepts.as_slice().to_vec(),
+        rules: spec
+            .rules
+            .iter()
+            .zip(&rules)
+            .map(|(r, planned)| RuleSpec {
+                concept: planned.concept.clone(),
+                ..r.clone()
+            })
+            .collect(),
+        image_count: spec.image_count,
+        preset: spec.preset.trim().to_string(),
+    };
+    JobPlan {
+        user_id: spec.user_id.clone(),
+        job_id: spec.job_id.clone(),
+        image_count: spec.image_count,
+        concepts: concepts.into_vec(),
+        rules,
+        effective_spec,
+        durable_items: false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

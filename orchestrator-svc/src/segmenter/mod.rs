@@ -1,0 +1,277 @@
+//! The segmenter client: calls balanced over every segmenter replica (SEGMENTER_URL entries, host names resolved
+//! to all their addresses and re-resolved periodically), a deadline per call, a few retries while a replica is
+//! starting, gone or overloaded (each retry through the balancer again), W3C trace context on every Segment call,
+//! and the model id (cached) that keys mask reuse.
+
+mod resolver;
+mod targets;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use palette_proto::segmenter::v1::segmenter_client::SegmenterClient;
+use palette_proto::segmenter::v1::{
+    GetModelInfoRequest, Image, MaskFormat, SegmentRequest, SegmentResponse, image::Source,
+};
+use tokio::sync::{RwLock, mpsc, oneshot};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tracing::Instrument;
+
+pub use targets::{Target, TargetError, parse_targets};
+
+use crate::config::ConfigError;
+use crate::telemetry;
+use resolver::Resolver;
+
+/// Responses carry model-resolution masks for every instance: generous, but bounded.
+const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+/// How long a learnt model id is trusted before GetModelInfo is asked again.
+const MODEL_ID_TTL: Duration = Duration::from_secs(60);
+/// Inputs are sent encoded (at most MAX_INPUT_BYTES, 40 MB by default) plus a little framing.
+const MAX_REQUEST_BYTES: usize = 128 * 1024 * 1024;
+/// How long a retry waits for the resolver's fresh view of the replicas.
+const REFRESH_WAIT: Duration = Duration::from_secs(2);
+
+/// A call that did not give a usable answer. Every kind ends the item as `segmenter_unavailable`; the status is
+/// kept for whoever wants its code.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmenterError {
+    /// Gone, overloaded, too slow or cancelled, after every attempt.
+    #[error("{call} unavailable after {attempts} attempt(s)")]
+    Unavailable {
+        call: &'static str,
+        attempts: u32,
+        #[source]
+        status: Status,
+    },
+    /// Answered with an error that retrying will not fix.
+    #[error("{call} refused after {attempts} attempt(s)")]
+    Rejected {
+        call: &'static str,
+        attempts: u32,
+        #[source]
+        status: Status,
+    },
+    /// Answered, but not what was asked for.
+    #[error("bad reply: {0}")]
+    BadReply(String),
+}
+
+#[derive(Debug)]
+pub struct Segmenter {
+    client: SegmenterClient<Channel>,
+    attempts: u32,
+    first_backoff: Duration,
+    deadline: Duration,
+    /// Replicas currently in the balancer.
+    replicas: Arc<AtomicUsize>,
+    /// Asks the resolver for a fresh round (answered when its changes are in the balancer).
+    refresh: mpsc::Sender<oneshot::Sender<()>>,
+    /// The model id and when it was learnt.
+    model_id: RwLock<Option<(String, Instant)>>,
+    /// The resolver task: it ends with the client (aborted on drop; idle between rounds anyway).
+    resolver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Segmenter {
+    fn drop(&mut self) {
+        self.resolver.abort();
+    }
+}
+
+impl Segmenter {
+    /// Never connects here: the first call does, so the orchestrator starts (and serves health) before the segmenter.
+    /// Calls are balanced (power of two choices) over every replica the resolver task finds: the addresses of every
+    /// entry of `urls`, looked up again every `resolve_every` (zero: only at start and after failed calls), and
+    /// only those accepting TCP connections while at least one does. Needs a Tokio runtime (spawns the resolver).
+    pub fn new(
+        urls: &str,
+        deadline: Duration,
+        attempts: u32,
+        resolve_every: Duration,
+    ) -> Result<Self, ConfigError> {
+        let targets =
+            parse_targets(urls).map_err(|e| ConfigError::invalid("SEGMENTER_URL", urls, e))?;
+        let (channel, changes) = Channel::balance_channel::<SocketAddr>(64);
+        let replicas = Arc::new(AtomicUsize::new(0));
+        let (refresh, requests) = mpsc::channel(64);
+        let resolver = Resolver {
+            targets,
+            deadline,
+            changes,
+            replicas: replicas.clone(),
+            current: BTreeMap::new(),
+            known: BTreeMap::new(),
+        };
+        let resolver =
+            crate::tasks::spawn("segmenter_resolver", resolver.run(resolve_every, requests));
+        let client = SegmenterClient::new(channel)
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+            .max_encoding_message_size(MAX_REQUEST_BYTES);
+        Ok(Segmenter {
+            client,
+            attempts: attempts.max(1),
+            first_backoff: Duration::from_millis(200),
+            deadline,
+            replicas,
+            refresh,
+            model_id: RwLock::new(None),
+            resolver,
+        })
+    }
+
+    /// Replicas the balancer currently holds.
+    pub fn replicas(&self) -> usize {
+        self.replicas.load(Ordering::SeqCst)
+    }
+
+    /// The loaded model's id (GetModelInfo, remembered for MODEL_ID_TTL; refreshed sooner when a Segment reply
+    /// names another). It keys mask reuse, so a segmenter upgraded in place is noticed within the TTL.
+    pub async fn model_id(&self) -> Result<String, SegmenterError> {
+        if let Some((id, learnt)) = self.model_id.read().await.clone()
+            && learnt.elapsed() < MODEL_ID_TTL
+        {
+            return Ok(id);
+        }
+        let info = self
+            .with_retries("GetModelInfo", |mut client| async move {
+                client
+                    .get_model_info(GetModelInfoRequest {})
+                    .await
+                    .map(|r| r.into_inner())
+            })
+            .await?;
+        *self.model_id.write().await = Some((info.model_id.clone(), Instant::now()));
+        Ok(info.model_id)
+    }
+
+    /// One Segment call for all `concepts` of one image, masks as 8-bit probabilities at model resolution. Each
+    /// attempt carries the W3C trace context of a `segment` span (a child of the caller's span).
+    pub async fn segment(
+        &self,
+        encoded: &[u8],
+        concepts: &[String],
+        request_id: &str,
+    ) -> Result<SegmentResponse, SegmenterError> {
+        let request = SegmentRequest {
+            image: Some(Image {
+                source: Some(Source::Encoded(encoded.to_vec())),
+            }),
+            concepts: concepts.to_vec(),
+            score_threshold: None,
+            max_instances_per_concept: 0,
+            mask_format: MaskFormat::ProbabilityU8 as i32,
+            include_rle: false,
+            include_semantic: false,
+            request_id: request_id.to_string(),
+        };
+        let span = tracing::info_span!("segment", request_id, concepts = concepts.len());
+        let response = self
+            .with_retries("Segment", |mut client| {
+                let mut request = tonic::Request::new(request.clone());
+                telemetry::inject_context(&tracing::Span::current(), request.metadata_mut());
+                async move { client.segment(request).await.map(|r| r.into_inner()) }
+            })
+            .instrument(span)
+            .await?;
+        if !response.model_id.is_empty() {
+            *self.model_id.write().await = Some((response.model_id.clone(), Instant::now()));
+        }
+        Ok(response)
+    }
+
+    /// Retries UNAVAILABLE and RESOURCE_EXHAUSTED with backoff. Every attempt goes through the balancer again, and
+    /// after a failure the resolver first re-checks the replicas, so a retry lands on one that still answers.
+    async fn with_retries<T, F, Fut>(
+        &self,
+        what: &'static str,
+        call: F,
+    ) -> Result<T, SegmenterError>
+    where
+        F: Fn(SegmenterClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut backoff = self.first_backoff;
+        let mut attempt = 1;
+        loop {
+            if self.replicas() == 0 {
+                // At start the first lookup may still be running; otherwise look again now.
+                self.refresh_replicas().await;
+            }
+            let result = if self.replicas() == 0 {
+                Err(Status::unavailable("no segmenter replica resolved"))
+            } else {
+                // The balancer queues a call while no replica is ready: bound the wait as well as the call.
+                match tokio::time::timeout(
+                    self.deadline + Duration::from_secs(5),
+                    call(self.client.clone()),
+                )
+                .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(Status::deadline_exceeded("no segmenter answer in time")),
+                }
+            };
+            match result {
+                Ok(value) => return Ok(value),
+                Err(status) if retryable(status.code()) && attempt < self.attempts => {
+                    tracing::warn!(what, attempt, code = ?status.code(), message = status.message(), "segmenter call failed, retrying");
+                    if status.code() == Code::Unavailable {
+                        self.refresh_replicas().await;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                Err(status) => return Err(map_status(what, attempt, status)),
+            }
+        }
+    }
+
+    /// One resolver round now; returns when its changes are queued for the balancer (or after REFRESH_WAIT).
+    async fn refresh_replicas(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.refresh.try_send(done).is_ok() {
+            let _ = tokio::time::timeout(REFRESH_WAIT, wait).await;
+        }
+    }
+}
+
+/// Starting, restarting or a full queue: worth another try shortly.
+fn retryable(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::ResourceExhausted)
+}
+
+fn map_status(call: &'static str, attempts: u32, status: Status) -> SegmenterError {
+    match status.code() {
+        Code::Unavailable
+        | Code::ResourceExhausted
+        | Code::DeadlineExceeded
+        | Code::Cancelled
+        | Code::Unknown => SegmenterError::Unavailable {
+            call,
+            attempts,
+            status,
+        },
+        Code::Ok
+        | Code::InvalidArgument
+        | Code::OutOfRange
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::FailedPrecondition
+        | Code::Aborted
+        | Code::Unimplemented
+        | Code::Internal
+        | Code::DataLoss
+        | Code::Unauthenticated => SegmenterError::Rejected {
+            call,
+            attempts,
+            status,
+        },
+    }
+}

@@ -1,0 +1,168 @@
+//! The replica set: resolves every SEGMENTER_URL entry, probes the addresses and keeps the balancer's endpoints
+//! equal to the ones that accept connections.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::Uri;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Endpoint;
+use tonic::transport::channel::Change;
+
+use super::targets::Target;
+use crate::error::{BoxError, Report};
+
+/// How long a replica gets to accept a TCP connection before the resolver leaves it out for a round.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Keeps the balancer's replica set equal to the resolved addresses that accept connections (all of them when
+/// none does, so that calls fail fast rather than wait).
+pub(super) struct Resolver {
+    pub(super) targets: Vec<Target>,
+    pub(super) deadline: Duration,
+    pub(super) changes: mpsc::Sender<Change<SocketAddr, Endpoint>>,
+    pub(super) replicas: Arc<AtomicUsize>,
+    /// In the balancer now.
+    pub(super) current: BTreeMap<SocketAddr, ()>,
+    /// The last addresses each target resolved to (kept when a lookup fails).
+    pub(super) known: BTreeMap<usize, BTreeSet<SocketAddr>>,
+}
+
+impl Resolver {
+    pub(super) async fn run(
+        mut self,
+        every: Duration,
+        mut requests: mpsc::Receiver<oneshot::Sender<()>>,
+    ) {
+        let mut tick = (!every.is_zero()).then(|| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        if !self.round().await {
+            return;
+        }
+        loop {
+            let waiter = tokio::select! {
+                request = requests.recv() => match request {
+                    Some(done) => Some(done),
+                    // The Segmenter is gone.
+                    None => return,
+                },
+                _ = async {
+                    match tick.as_mut() {
+                        Some(t) => { t.tick().await; }
+                        None => std::future::pending::<()>().await,
+                    }
+                } => None,
+            };
+            // Requests queued meanwhile are answered by this same round.
+            let mut waiters: Vec<_> = waiter.into_iter().collect();
+            while let Ok(done) = requests.try_recv() {
+                waiters.push(done);
+            }
+            if !self.round().await {
+                return;
+            }
+            for done in waiters {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Resolves, probes and updates the balancer. False when the balancer is gone.
+    async fn round(&mut self) -> bool {
+        let mut resolved = BTreeSet::new();
+        for (i, target) in self.targets.iter().enumerate() {
+            let addrs: Option<BTreeSet<SocketAddr>> = match target.host.parse::<IpAddr>() {
+                Ok(ip) => Some([SocketAddr::new(ip, target.port)].into()),
+                Err(_) => {
+                    match tokio::net::lookup_host((target.host.as_str(), target.port)).await {
+                        Ok(addrs) => Some(addrs.collect()),
+                        Err(e) => {
+                            tracing::warn!(host = %target.host, error = %e, "segmenter lookup failed; keeping the last addresses");
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(addrs) = addrs {
+                self.known.insert(i, addrs);
+            }
+            if let Some(addrs) = self.known.get(&i) {
+                resolved.extend(addrs.iter().map(|a| (*a, i)));
+            }
+        }
+        let probes = resolved.iter().map(|(addr, _)| async move {
+            let up = matches!(
+                tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
+                Ok(Ok(_))
+            );
+            (*addr, up)
+        });
+        let up: BTreeSet<SocketAddr> = futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .filter_map(|(addr, up)| up.then_some(addr))
+            .collect();
+        let wanted: BTreeMap<SocketAddr, usize> = resolved
+            .iter()
+            .filter(|(addr, _)| up.is_empty() || up.contains(addr))
+            .map(|(addr, i)| (*addr, *i))
+            .collect();
+        let removed: Vec<SocketAddr> = self
+            .current
+            .keys()
+            .filter(|a| !wanted.contains_key(a))
+            .copied()
+            .collect();
+        for addr in removed {
+            tracing::info!(%addr, "segmenter replica removed");
+            if self.changes.send(Change::Remove(addr)).await.is_err() {
+                return false;
+            }
+            self.current.remove(&addr);
+        }
+        for (addr, i) in wanted {
+            if self.current.contains_key(&addr) {
+                continue;
+            }
+            let target = &self.targets[i];
+            let endpoint = match endpoint(target, addr, self.deadline) {
+                Ok(endpoint) => endpoint,
+                Err(e) => {
+                    tracing::warn!(%addr, error = %Report(e.as_ref()), "segmenter replica skipped");
+                    continue;
+                }
+            };
+            tracing::info!(%addr, host = %target.host, "segmenter replica added");
+            if self
+                .changes
+                .send(Change::Insert(addr, endpoint))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            self.current.insert(addr, ());
+        }
+        self.replicas.store(self.current.len(), Ordering::SeqCst);
+        metrics::gauge!("orchestrator_segmenter_replicas").set(self.current.len() as f64);
+        true
+    }
+}
+
+/// A replica: connects to `addr`, but calls it by the configured name (`:authority`).
+fn endpoint(target: &Target, addr: SocketAddr, deadline: Duration) -> Result<Endpoint, BoxError> {
+    let origin: Uri = target.origin().parse()?;
+    Ok(
+        Endpoint::from_shared(format!("{}://{addr}", target.scheme))?
+            .origin(origin)
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(deadline)
+            .tcp_nodelay(true),
+    )
+}
