@@ -110,6 +110,13 @@ def compose(rendered_dir: Path) -> None:
                     env.get("SEGMENTER_URL", "").startswith("http://segmenter:"),
                     f"[{profiles}] orchestrator: SEGMENTER_URL should name the `segmenter` network alias",
                 )
+            if name in ("segmenter", "segmenter-cpu"):
+                dep = (svc.get("depends_on") or {}).get("model-export", {})
+                check(
+                    dep.get("condition") == "service_completed_successfully",
+                    f"[{profiles}] {name}: must wait for model-export (service_completed_successfully)",
+                )
+                check("model-export" in active, f"[{profiles}] {name}: model-export must be active with it")
             if name == "model-export":
                 check(profiles != "default", "model-export must sit behind a profile")
                 check(
@@ -311,6 +318,32 @@ def k8s(rendered_dir: Path) -> None:
             vols = {v["name"]: v for v in pod.get("volumes", [])}
             for m in c.get("volumeMounts", []):
                 check(m["name"] in vols, f"{where}: {name}: volumeMount {m['name']} has no volume")
+
+        # First start provisions the model: an init container runs the exporter into the models volume, which the
+        # segmenter itself mounts read-only; the token's Secret is optional (not needed once the model is there).
+        seg_pod = _pod_spec(seg)
+        init = {c["name"]: c for c in seg_pod.get("initContainers", [])}
+        if check("model-export" in init, f"{where}: segmenter needs the model-export init container"):
+            ic = init["model-export"]
+            check("sam3-export" in ic["image"], f"{where}: model-export init container image, got {ic['image']}")
+            mounts = {m["mountPath"]: m for m in ic.get("volumeMounts", [])}
+            check("/models" in mounts and not mounts["/models"].get("readOnly"), f"{where}: init writes /models")
+            env = {e["name"]: e for e in ic.get("env", [])}
+            tf = env.get("HF_TOKEN_FILE", {}).get("value", "")
+            check(any(tf.startswith(p + "/") for p in mounts), f"{where}: init HF_TOKEN_FILE under a mount")
+            check("memory" in ic.get("resources", {}).get("limits", {}), f"{where}: init memory limit")
+            check(
+                ic.get("securityContext", {}).get("allowPrivilegeEscalation") is False,
+                f"{where}: init allowPrivilegeEscalation false",
+            )
+            vols = {v["name"]: v for v in seg_pod.get("volumes", [])}
+            for m in ic.get("volumeMounts", []):
+                check(m["name"] in vols, f"{where}: init volumeMount {m['name']} has no volume")
+            token_vol = next((v for v in vols.values() if v.get("secret", {}).get("secretName") == "palette-hf-token"), None)
+            check(token_vol is not None and token_vol["secret"].get("optional") is True,
+                  f"{where}: palette-hf-token volume must be optional")
+        seg_models = {m["mountPath"]: m for m in seg_pod["containers"][0].get("volumeMounts", [])}.get("/models", {})
+        check(seg_models.get("readOnly") is True, f"{where}: the segmenter mounts /models read-only")
 
         seg_c = _pod_spec(seg)["containers"][0]
         gpu_limit = seg_c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")

@@ -178,15 +178,16 @@ step_export() {
   local t="$RENDER/export" rc
   mkdir -p "$t/models"
   cat >"$t/stub.py" <<'PY'
-import pathlib, sys
+import json, pathlib, sys
 args = sys.argv[1:]
 out = pathlib.Path(args[args.index("--out") + 1])
 assert args[args.index("--model") + 1] == "facebook/sam3"
 out.mkdir(parents=True)
 for f in ("vision.onnx", "text.onnx", "decoder.onnx", "tokenizer.json"):
     (out / f).write_text("x")
+graphs = {g: {"file": f"{g}.onnx"} for g in ("vision", "text", "decoder")}
 if "--broken" not in args:
-    (out / "manifest.json").write_text("{}")
+    (out / "manifest.json").write_text(json.dumps({"tokenizer": {"file": "tokenizer.json"}, "graphs": graphs}))
 PY
   export EXPORTER="$t/stub.py" MODEL_CACHE_DIR="$t/models" HF_TOKEN_FILE="$t/none"
   HF_TOKEN="" deploy/model-export.sh 2>/dev/null && rc=0 || rc=$?
@@ -195,6 +196,15 @@ PY
   [[ -L "$t/models/sam3" && -f "$t/models/sam3/manifest.json" ]] || { echo "no sam3 symlink"; return 1; }
   local first; first="$(readlink "$t/models/sam3")"
   HF_TOKEN=x deploy/model-export.sh 2>&1 | grep -q 'nothing to do' || { echo "second run must be a no-op"; return 1; }
+  HF_TOKEN="" deploy/model-export.sh 2>&1 | grep -q 'nothing to do' || { echo "a complete model needs no token"; return 1; }
+  rm "$t/models/sam3/decoder.onnx"
+  sleep 1
+  local out; out="$(HF_TOKEN=x deploy/model-export.sh 2>&1)"   # not `| grep -q`: an early exit would SIGPIPE the script
+  [[ $out == *exporting* ]] || { echo "an incomplete model must be re-exported: $out"; return 1; }
+  [[ -f "$t/models/sam3/decoder.onnx" ]] || { echo "re-export did not complete the model"; return 1; }
+  MODEL_DIR=/opt/segmenter/models/sam3-tiny HF_TOKEN="" deploy/model-export.sh 2>&1 | grep -q 'outside the model volume' \
+    || { echo "a MODEL_DIR outside the volume must be left alone"; return 1; }
+  first="$(readlink "$t/models/sam3")"
   sleep 1
   HF_TOKEN=x FORCE_EXPORT=1 deploy/model-export.sh
   [[ "$(readlink "$t/models/sam3")" != "$first" && -d "$t/models/$first" ]] || { echo "upgrade must switch link, keep old"; return 1; }
