@@ -118,7 +118,10 @@ else
   if compgen -G ".gpu/part*/chunk.*" >/dev/null; then mkdir -p /tmp/gpu-parts && cp .gpu/part*/* /tmp/gpu-parts/; fi
   if [[ ! -f /tmp/ort-gpu/env.sh ]]; then
     [[ -f /tmp/gpu-parts/assemble.sh ]] || { log "no /tmp/ort-gpu and no /tmp/gpu-parts: make the part calls first (header)"; return 2; }
-    step assemble 120 bash /tmp/gpu-parts/assemble.sh || return 2
+    if ! step assemble 120 bash /tmp/gpu-parts/assemble.sh; then
+      log "assemble failed: were all part calls made on THIS machine? (it goes back ~30 s after a call, /tmp with it)"
+      return 2
+    fi
   fi
   # shellcheck disable=SC1091
   . /tmp/ort-gpu/env.sh   # ORT_DYLIB_PATH, ORT_GPU_CUDA_LIB_DIR, ORT_GPU_CUDNN_LIB_DIR, LD_LIBRARY_PATH for the Rust binary

@@ -7,15 +7,23 @@
 use std::time::Instant;
 
 use super::{Worker, bind_vision, decode_chunk, fpn_views};
+use crate::model::runtime::Provider;
 use crate::postprocess::FilterParams;
 
-/// The vision batch sizes and decoder phrase counts to warm up: 1 image and the largest batch; 1, 3 and 8 phrases
-/// (the counts clients use most) and the decoder chunk, each capped at the chunk (a request never runs more phrases
-/// at once).
-pub(super) fn shapes(max_batch_images: usize, decoder_chunk: usize) -> (Vec<usize>, Vec<usize>) {
+/// The vision batch sizes and decoder phrase counts to warm up: 1 image and, on a GPU, the largest batch; 1, 3 and 8
+/// phrases (the counts clients use most) and the decoder chunk, each capped at the chunk (a request never runs more
+/// phrases at once). On the CPU a full batch is not warmed up: at full size it would add ~2 minutes to every start
+/// (vision ≈ 28 s per image on 2 cores) to save one slower first batch.
+pub(super) fn shapes(
+    max_batch_images: usize,
+    decoder_chunk: usize,
+    gpu: bool,
+) -> (Vec<usize>, Vec<usize>) {
     let chunk = decoder_chunk.max(1);
-    let mut vision = vec![1, max_batch_images.max(1)];
-    vision.dedup();
+    let mut vision = vec![1];
+    if gpu && max_batch_images > 1 {
+        vision.push(max_batch_images);
+    }
     let mut decoder: Vec<usize> = [1, 3, 8, chunk].into_iter().map(|n| n.min(chunk)).collect();
     decoder.sort_unstable();
     decoder.dedup();
@@ -27,8 +35,11 @@ impl Worker {
     /// warm-up: the engine reports Failed and never serves.
     pub(super) fn warm_up(&mut self) -> ort::Result<()> {
         self.probe()?;
-        let (vision_batches, phrase_counts) =
-            shapes(self.settings.max_batch_images, self.settings.decoder_chunk);
+        let (vision_batches, phrase_counts) = shapes(
+            self.settings.max_batch_images,
+            self.settings.decoder_chunk,
+            matches!(self.sessions.provider, Provider::Cuda(_)),
+        );
         let s = self.settings.image_size;
         for &batch in vision_batches.iter().filter(|&&b| b > 1) {
             let started = Instant::now();
@@ -114,10 +125,10 @@ mod tests {
     #[test]
     fn warm_up_shapes_cover_common_counts_and_the_configured_sizes() {
         // CUDA defaults: one image per vision run, decoder chunk 8.
-        assert_eq!(shapes(1, 8), (vec![1], vec![1, 3, 8]));
-        // CPU defaults: batches of 4, decoder chunk 2.
-        assert_eq!(shapes(4, 2), (vec![1, 4], vec![1, 2]));
-        assert_eq!(shapes(2, 16), (vec![1, 2], vec![1, 3, 8, 16]));
-        assert_eq!(shapes(0, 0), (vec![1], vec![1]));
+        assert_eq!(shapes(1, 8, true), (vec![1], vec![1, 3, 8]));
+        assert_eq!(shapes(4, 16, true), (vec![1, 4], vec![1, 3, 8, 16]));
+        // CPU defaults: batches of 4 (not warmed up), decoder chunk 2.
+        assert_eq!(shapes(4, 2, false), (vec![1], vec![1, 2]));
+        assert_eq!(shapes(0, 0, true), (vec![1], vec![1]));
     }
 }
