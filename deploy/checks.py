@@ -110,6 +110,13 @@ def compose(rendered_dir: Path) -> None:
                     env.get("SEGMENTER_URL", "").startswith("http://segmenter:"),
                     f"[{profiles}] orchestrator: SEGMENTER_URL should name the `segmenter` network alias",
                 )
+            if name in ("segmenter", "segmenter-cpu"):
+                dep = (svc.get("depends_on") or {}).get("model-export", {})
+                check(
+                    dep.get("condition") == "service_completed_successfully",
+                    f"[{profiles}] {name}: must wait for model-export (service_completed_successfully)",
+                )
+                check("model-export" in active, f"[{profiles}] {name}: model-export must be active with it")
             if name == "model-export":
                 check(profiles != "default", "model-export must sit behind a profile")
                 check(
@@ -311,6 +318,32 @@ def k8s(rendered_dir: Path) -> None:
             vols = {v["name"]: v for v in pod.get("volumes", [])}
             for m in c.get("volumeMounts", []):
                 check(m["name"] in vols, f"{where}: {name}: volumeMount {m['name']} has no volume")
+
+        # First start provisions the model: an init container runs the exporter into the models volume, which the
+        # segmenter itself mounts read-only; the token's Secret is optional (not needed once the model is there).
+        seg_pod = _pod_spec(seg)
+        init = {c["name"]: c for c in seg_pod.get("initContainers", [])}
+        if check("model-export" in init, f"{where}: segmenter needs the model-export init container"):
+            ic = init["model-export"]
+            check("sam3-export" in ic["image"], f"{where}: model-export init container image, got {ic['image']}")
+            mounts = {m["mountPath"]: m for m in ic.get("volumeMounts", [])}
+            check("/models" in mounts and not mounts["/models"].get("readOnly"), f"{where}: init writes /models")
+            env = {e["name"]: e for e in ic.get("env", [])}
+            tf = env.get("HF_TOKEN_FILE", {}).get("value", "")
+            check(any(tf.startswith(p + "/") for p in mounts), f"{where}: init HF_TOKEN_FILE under a mount")
+            check("memory" in ic.get("resources", {}).get("limits", {}), f"{where}: init memory limit")
+            check(
+                ic.get("securityContext", {}).get("allowPrivilegeEscalation") is False,
+                f"{where}: init allowPrivilegeEscalation false",
+            )
+            vols = {v["name"]: v for v in seg_pod.get("volumes", [])}
+            for m in ic.get("volumeMounts", []):
+                check(m["name"] in vols, f"{where}: init volumeMount {m['name']} has no volume")
+            token_vol = next((v for v in vols.values() if v.get("secret", {}).get("secretName") == "palette-hf-token"), None)
+            check(token_vol is not None and token_vol["secret"].get("optional") is True,
+                  f"{where}: palette-hf-token volume must be optional")
+        seg_models = {m["mountPath"]: m for m in seg_pod["containers"][0].get("volumeMounts", [])}.get("/models", {})
+        check(seg_models.get("readOnly") is True, f"{where}: the segmenter mounts /models read-only")
 
         seg_c = _pod_spec(seg)["containers"][0]
         gpu_limit = seg_c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
@@ -526,7 +559,8 @@ def dockerfiles() -> None:
             check(must_not not in context, f".dockerignore must exclude {must_not}")
     expected = {
         "segmenter-svc/Dockerfile": {
-            "runtime": {"runtime-cpu": "segmenter-svc", "runtime-gpu": "segmenter-svc"},
+            "runtime": {"runtime-cpu": "segmenter-svc", "runtime-gpu": "segmenter-svc",
+                        "runtime-gpu-cu12": "segmenter-svc"},
             "last": "runtime-gpu",
         },
         "orchestrator-svc/Dockerfile": {"runtime": {"runtime": "orchestrator-svc"}, "last": "runtime"},
@@ -563,12 +597,26 @@ def dockerfiles() -> None:
                         fail(f"{rel}: COPY source {src} is excluded by .dockerignore")
     seg = (ROOT / "segmenter-svc/Dockerfile").read_text()
     ort = re.search(r"ARG ORT_VERSION=(\S+)", seg)
-    if check(ort is not None, "segmenter Dockerfile: ARG ORT_VERSION"):
-        for m in re.finditer(r"ORT_DYLIB_PATH=(\S+)", seg):
-            check(m.group(1).endswith(f"libonnxruntime.so.{ort.group(1)}"), f"ORT_DYLIB_PATH {m.group(1)} vs ORT")
-    for lib in ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13", "libnvrtc.so.13", "libcurand.so.10",
-                "libcufft.so.12", "libcudnn.so.9"):
-        check(lib in seg, f"segmenter Dockerfile: GPU stage should check for {lib}")
+    ort12 = re.search(r"ARG ORT_CU12_VERSION=(\S+)", seg)
+    if check(ort is not None and ort12 is not None, "segmenter Dockerfile: ARG ORT_VERSION and ORT_CU12_VERSION"):
+        # Each run-time stage points ORT_DYLIB_PATH at the library version its libs stage installs.
+        for stage, instrs in _stages(seg).items():
+            want = ort12.group(1) if stage == "runtime-gpu-cu12" else ort.group(1)
+            for m in re.finditer(r"ORT_DYLIB_PATH=(\S+)", " ".join(instrs)):
+                check(m.group(1).endswith(f"libonnxruntime.so.{want}"), f"[{stage}] ORT_DYLIB_PATH {m.group(1)} vs {want}")
+    gpu_stages = _stages(seg)
+    for stage, libs in (
+        ("ort-gpu-libs", ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13", "libnvrtc.so.13",
+                          "libcurand.so.10", "libcufft.so.12", "libcudnn.so.9")),
+        # what onnxruntime-gpu 1.26.0's CUDA provider links against (and model/cuda.rs preloads)
+        ("ort-gpu-cu12-libs", ("libcudart.so.12", "libcublasLt.so.12", "libcublas.so.12", "libcurand.so.10",
+                               "libcufft.so.11", "libcudnn.so.9")),
+    ):
+        text = " ".join(gpu_stages.get(stage, []))
+        for lib in libs:
+            check(lib in text, f"segmenter Dockerfile: {stage} should check for {lib}")
+    cu12_env = " ".join(gpu_stages.get("runtime-gpu-cu12", []))
+    check("ORT_GPU_CUDA_LIB_DIR=/opt/nvidia/cu12/lib" in cu12_env, "runtime-gpu-cu12: CUDA 12 library folder")
     for var in ("ORT_GPU_CUDA_LIB_DIR", "ORT_GPU_CUDNN_LIB_DIR", "NVIDIA_DRIVER_CAPABILITIES=compute"):
         check(var in seg, f"segmenter Dockerfile: {var}")
     check("NVIDIA_VISIBLE_DEVICES=" not in seg, "segmenter Dockerfile: leave NVIDIA_VISIBLE_DEVICES to the runtime")

@@ -1,7 +1,8 @@
 #!/bin/sh
 # One-shot model export into the model volume (the `model-export` target of segmenter-svc/Dockerfile).
 #
-# Does nothing when "$MODEL_DIR/manifest.json" already exists (unless FORCE_EXPORT=1). Otherwise exports
+# Does nothing when "$MODEL_DIR" holds a complete export: manifest.json and every file it lists (unless
+# FORCE_EXPORT=1), or when MODEL_DIR is outside the volume (the image's bundled test model). Otherwise exports
 # $SAM3_SOURCE_MODEL (default facebook/sam3, a gated repository: needs a token) into a new versioned folder next to
 # it and then switches the MODEL_DIR symlink to that folder in one rename, so a segmenter never sees a half-written
 # export and the previous export stays on disk for a rollback (see docs/operations.md, "Model export and upgrade").
@@ -25,8 +26,29 @@ EXPORTER="${EXPORTER:-/opt/export/export_sam3.py}"
 
 log() { printf '%s model-export: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
 
-if [ -f "$MODEL_DIR/manifest.json" ] && [ "$FORCE_EXPORT" != "1" ]; then
-    log "model already present at $MODEL_DIR (manifest.json found); nothing to do (FORCE_EXPORT=1 re-exports)"
+# Complete = manifest.json (written last by the exporter) and every file it lists.
+model_complete() {
+    [ -f "$MODEL_DIR/manifest.json" ] || return 1
+    python - "$MODEL_DIR" <<'PY' 2>/dev/null
+import json, pathlib, sys
+d = pathlib.Path(sys.argv[1])
+m = json.loads((d / "manifest.json").read_text())
+files = [m["tokenizer"]["file"]] + [g["file"] for g in m["graphs"].values()] \
+    + [f["file"] for g in m["graphs"].values() for f in g.get("external_data", [])]
+sys.exit(0 if all((d / f).is_file() and (d / f).stat().st_size > 0 for f in files) else 1)
+PY
+}
+
+case "$MODEL_DIR" in
+    "$MODEL_CACHE_DIR"/*) ;;
+    *)
+        # e.g. the image's bundled test model: nothing to provision in the volume.
+        log "MODEL_DIR $MODEL_DIR is outside the model volume $MODEL_CACHE_DIR; nothing to do"
+        exit 0 ;;
+esac
+
+if [ "$FORCE_EXPORT" != "1" ] && model_complete; then
+    log "model already present at $MODEL_DIR (manifest.json and its files); nothing to do (FORCE_EXPORT=1 re-exports)"
     exit 0
 fi
 
@@ -45,6 +67,20 @@ stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 target="$parent/$name-$stamp"
 partial="$parent/.$name-$stamp.partial"
 mkdir -p "$parent"
+# Several starters at once (segmenter pods' init containers on a shared volume): one exports, the others wait and
+# then find the model complete. flock is in util-linux (every Debian image); without it, concurrent exports still
+# end consistently (each switches the link atomically), only wastefully.
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$parent/.$name.export.lock"
+    if ! flock -n 9; then
+        log "another export into $parent is running; waiting for it"
+        flock 9
+        if [ "$FORCE_EXPORT" != "1" ] && model_complete; then
+            log "the other export finished: $MODEL_DIR is complete; nothing to do"
+            exit 0
+        fi
+    fi
+fi
 rm -rf "$partial"
 trap 'rm -rf "$partial"' EXIT INT TERM
 

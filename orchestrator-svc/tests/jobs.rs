@@ -593,3 +593,107 @@ async fn a_rule_edits_the_union_of_its_concept_instances() {
         "outside both instances edited"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_with_nothing_to_edit_says_so_in_the_item_and_the_callback() {
+    let segmenter = fake_segmenter::start().await;
+    segmenter
+        .faults
+        .nothing_for
+        .lock()
+        .unwrap()
+        .push("ceiling".into());
+    let receiver = Receiver::start(SECRET, vec![]).await;
+    let mut orch = start(&segmenter.url, |c| {
+        c.callbacks.workers_api_url = Some(receiver.url());
+        c.callbacks.gpu_callback_secret = Some(SECRET.into());
+    })
+    .await;
+    let photo = photo_jpeg(128, 96);
+    orch.put_input("test-user", "nothing", 0, photo.clone())
+        .await;
+    let mut spec = seed_spec("nothing", 1);
+    spec.concepts = vec!["wall".into(), "floor".into(), "ceiling".into()];
+    let rule = |id: &str, concept: &str, params: prost_types::Struct| {
+        palette_proto::orchestrator::v1::Rule {
+            rule_id: id.into(),
+            concept: concept.into(),
+            r#type: "recolor".into(),
+            params: Some(params),
+        }
+    };
+    let string = |s: &str| prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(s.into())),
+    };
+    let mut behind_the_floor = orchestrator::string_struct(&[("color", "#1F3A5F")]);
+    behind_the_floor.fields.insert(
+        "occluded_by".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::ListValue(
+                prost_types::ListValue {
+                    values: vec![string("floor")],
+                },
+            )),
+        },
+    );
+    // The fake finds every concept on the left half: the wall behind the floor is hidden entirely.
+    spec.rules = vec![
+        rule(
+            "paint",
+            "wall",
+            orchestrator::string_struct(&[("color", "#FF5733")]),
+        ),
+        rule(
+            "ceiling",
+            "ceiling",
+            orchestrator::string_struct(&[("color", "#FFFFFF")]),
+        ),
+        rule("hidden", "wall", behind_the_floor),
+    ];
+    orch.client.submit_job(spec).await.unwrap();
+    let job = orch.watch_to_end("nothing").await.last().unwrap().0.clone();
+    let item = &job.items[0];
+    assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+    let flags: Vec<(&str, bool, &str)> = item
+        .outputs
+        .iter()
+        .map(|o| (o.rule_id.as_str(), o.applied, o.not_applied_reason.as_str()))
+        .collect();
+    assert_eq!(
+        flags,
+        [
+            ("paint", true, ""),
+            ("ceiling", false, "concept_not_found"),
+            ("hidden", false, "region_empty")
+        ]
+    );
+    // Every rule still has its output: the photo as it was where nothing was edited.
+    let unchanged =
+        image::load_from_memory(&orch.store.get(&item.outputs[1].output_key).await.unwrap())
+            .unwrap()
+            .to_rgb8();
+    let input = image::load_from_memory(&photo).unwrap().to_rgb8();
+    let max_diff = unchanged
+        .as_raw()
+        .iter()
+        .zip(input.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(max_diff <= 4, "re-encoding only: max diff {max_diff}");
+    let job = orch
+        .wait_for("nothing", |j| {
+            j.items[0].callback_state == CallbackState::Delivered as i32
+        })
+        .await;
+    assert_eq!(job.items[0].outputs.len(), 3);
+    let deliveries = receiver.deliveries();
+    let outputs = deliveries.last().unwrap().body["outputs"]
+        .as_array()
+        .unwrap();
+    assert_eq!(outputs[0]["applied"], true);
+    assert!(outputs[0]["not_applied_reason"].is_null());
+    assert_eq!(outputs[1]["applied"], false);
+    assert_eq!(outputs[1]["not_applied_reason"], "concept_not_found");
+    assert_eq!(outputs[2]["not_applied_reason"], "region_empty");
+}

@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
-# The segmenter's GPU benchmark in ONE device call: full-size random SAM3 exported with the project's exporter,
-# HF PyTorch reference (bf16 autocast, then TF32) on the same GPU in the same run, segmenter-bench through gRPC on the
-# CUDA EP (fp32 graphs, then fp16 graphs), one table. Everything lands in $OUT (log.txt, hf_reference.json,
-# bench_fp32.json, bench_fp16.json, summary.md).
+# The segmenter's GPU benchmark in ONE device call, cheapest and most important first:
+#   setup     the last ORT GPU part (carried with this call) joins the others in /tmp/gpu-parts, assemble, unpack
+#             segmenter-bench
+#   smoke     tiny model on the CUDA EP, 3 requests (~20 s): ABORTS the run when CUDA does not work
+#   export    full-size random SAM3, fp16, all cores (kept in /tmp/models: a rerun on the warm machine skips it)
+#   hf        HF PyTorch bf16 autocast reference, 3 concepts, on the same GPU
+#   bench     segmenter-bench fp16 through gRPC (1, 3, 8 concepts; concurrency 1 and 4), then one ONNX Runtime
+#             profile of 3 requests x 3 concepts (vision + text + decoder) into $OUT/profile_fp16/
+#   batch     the same fp16 graphs with MAX_BATCH_IMAGES=4 at concurrency 4: does batching help? (time permitting)
+#   fp32      export + bench of the fp32 graphs (time permitting)
+#   summary   one table ($OUT/summary.md) with the GOAL line, session build times and ONNX Runtime's placement
+#             warnings; the whole log is $OUT/log.txt
 #
-# HERE, once (2-3 minutes; see README.md beside this file):
-#   bash segmenter-svc/bench/prepare-device.sh        # release binaries -> .gpu-bin/, ORT GPU parts -> .gpu/
-# DEVICE, back to back (the machine is given back after ~30 s idle and /tmp with it), repo-root-relative paths:
-#   call k = 0..N-1 (N = number of .gpu/part* folders, 5 for ORT 1.31.1; prepare-device.sh prints the calls):
-#       carry [".gpu/part<k>"]   command: mkdir -p /tmp/gpu-parts && cp .gpu/part<k>/* /tmp/gpu-parts/   timeout_s 60
-#   last call:
-#       carry [".gpu-bin"]       command: bash segmenter-svc/bench/gpu-run.sh                             timeout_s 600
-#   (gpu-run.sh runs /tmp/gpu-parts/assemble.sh itself when /tmp/ort-gpu/env.sh is missing.)
-# Then read files_at/summary.md and log.txt; give_back unless rerunning at once.
+# HERE, once (see README.md beside this file):
+#   bash segmenter-svc/bench/prepare-device.sh        # segmenter-bench -> .gpu-bin/, ORT GPU parts -> .gpu/
+# DEVICE, back to back (the machine is given back after ~30 s idle and /tmp with it); prepare-device.sh prints the
+# exact calls. With N parts (.gpu/part0 .. part<N-1>):
+#   call k = 0..N-2:  carry [".gpu/part<k>"]               command: mkdir -p /tmp/gpu-parts && cp .gpu/part<k>/* /tmp/gpu-parts/   timeout_s 60
+#   last call:        carry [".gpu-bin", ".gpu/part<N-1>"]  command: bash segmenter-svc/bench/gpu-run.sh                         timeout_s 480
+# Then read files_at/summary.md and log.txt; give_back unless rerunning at once (a rerun on the warm machine keeps
+# /tmp/ort-gpu and /tmp/models: carry [".gpu-bin"] only, e.g. `FP32=0 BATCH_AB=0 bash segmenter-svc/bench/gpu-run.sh`).
 #
-# Time: ~6.5 min expected (exports ~2 min with fp32 and fp16 side by side on the CPUs, HF reference ~1.5 min, bench
-# ~1.5 min per precision), bounded at GPU_RUN_BUDGET_S (default 540 s): every step has a timeout and fp16 is skipped
-# when too little time is left. Knobs (env): GPU_RUN_BUDGET_S, FP16=0|1, REQUESTS (20), WARMUP (3), HF_RUNS (20),
-# HF_MODES (bf16,tf32), CONCEPTS (1,3,8), CONCURRENCY (1,4); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the
-# GPU-mode path (assemble, env.sh, the GPU ORT library) on a machine without a GPU.
+# Time: bounded at GPU_RUN_BUDGET_S (default 420 s): every step has a timeout capped by what is left, later steps are
+# skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
+# FP32=0|1 (1), BATCH_AB=0|1 (1), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
+# PROFILE=0|1 (1), REQUESTS (20), WARMUP (3), HF_RUNS (10), HF_MODES (bf16), HF_CONCEPTS (3), CONCEPTS (1,3,8),
+# CONCURRENCY (1,4), SMOKE=0|1 (1); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the GPU-mode path (assemble,
+# env.sh, the GPU ORT library) on a machine without a GPU.
 #
 # HERE, test the plumbing without a GPU (tiny model, CPU, no assemble; OUT defaults to /tmp/gpu-run-dry/out):
 #   bash segmenter-svc/bench/gpu-run.sh --cpu-dry-run
@@ -38,128 +46,193 @@ if ((DRY)); then
   MODELS=${MODELS:-/tmp/gpu-run-dry/models}
   SIZE=tiny DEVICE=cpu
   REQUESTS=${REQUESTS:-5} WARMUP=${WARMUP:-1} HF_RUNS=${HF_RUNS:-3} HF_WARMUP=${HF_WARMUP:-1}
-  HF_MODES=${HF_MODES:-bf16,fp32}
 else
   : "${OUT:?OUT is not set: run this on the device machine (or with --cpu-dry-run here)}"
   PY=${PY:-python3}
   MODELS=${MODELS:-/tmp/models}
   SIZE=${BENCH_SIZE:-full} DEVICE=${BENCH_DEVICE:-cuda}   # overridable only to test this path without a GPU
-  REQUESTS=${REQUESTS:-20} WARMUP=${WARMUP:-3} HF_RUNS=${HF_RUNS:-20} HF_WARMUP=${HF_WARMUP:-5}
-  HF_MODES=${HF_MODES:-bf16,tf32}
+  REQUESTS=${REQUESTS:-20} WARMUP=${WARMUP:-3} HF_RUNS=${HF_RUNS:-10} HF_WARMUP=${HF_WARMUP:-3}
 fi
-BUDGET=${GPU_RUN_BUDGET_S:-540}
-FP16=${FP16:-1}
+HF_MODES=${HF_MODES:-bf16}
+HF_CONCEPTS=${HF_CONCEPTS:-3}
+BUDGET=${GPU_RUN_BUDGET_S:-420}
+FP32=${FP32:-1}
+BATCH_AB=${BATCH_AB:-1}
+ENGINE_REF=${ENGINE_REF:-0}
+PROFILE=${PROFILE:-1}
+SMOKE=${SMOKE:-1}
 CONCEPTS=${CONCEPTS:-1,3,8}
 CONCURRENCY=${CONCURRENCY:-1,4}
 mkdir -p "$OUT" "$MODELS"
-rm -f "$OUT"/log.txt "$OUT"/summary.md "$OUT"/hf_reference.json "$OUT"/bench_fp32.json "$OUT"/bench_fp16.json
+rm -rf "$OUT"/log.txt "$OUT"/summary.md "$OUT"/*.json "$OUT"/profile_*
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
 left() { echo $((BUDGET - (SECONDS - T0))); }
 log() { printf '[gpu-run %4ds] %s\n' $((SECONDS - T0)) "$*"; }
-# cap T: a step's timeout, never past the budget (minus 15 s for the summary)
-cap() { local l; l=$(($(left) - 15)); ((l < 1)) && l=1; ((l < $1)) && echo "$l" || echo "$1"; }
+# cap T: a step's timeout, never past the budget (minus 10 s for the summary)
+cap() { local l; l=$(($(left) - 10)); ((l < 1)) && l=1; ((l < $1)) && echo "$l" || echo "$1"; }
 STATUS=()
-step() {  # step NAME TIMEOUT CMD...: runs CMD under a timeout, records ok/rc, never aborts the script
-  local name=$1 t rc=0; t=$(cap "$2"); shift 2
+TIMES=()
+step() {  # step NAME TIMEOUT CMD...: runs CMD under a timeout, records rc and seconds, never aborts the script
+  local name=$1 t rc=0 s=$SECONDS; t=$(cap "$2"); shift 2
   log "START $name (timeout ${t}s, $(left)s of budget left)"
   timeout -k 10 "$t" "$@" || rc=$?
-  log "END $name rc=$rc$( ((rc == 124 || rc == 137)) && echo ' (TIMED OUT)')"
+  log "END $name rc=$rc in $((SECONDS - s))s$( ((rc == 124 || rc == 137)) && echo ' (TIMED OUT)')"
   STATUS+=("$name=$rc")
+  TIMES+=("$name $((SECONDS - s))s")
   return "$rc"
 }
+skip() { log "SKIP $1: $2"; STATUS+=("$1=skipped"); }
 
-main() {
-log "mode: $( ((DRY)) && echo 'CPU DRY RUN (tiny model)' || echo 'GPU') root=$ROOT out=$OUT models=$MODELS budget=${BUDGET}s"
-for f in "$BIN/segmenter-bench" "$BPE" "$IMG"; do
-  [[ -e $f ]] || { log "missing $f: run segmenter-svc/bench/prepare-device.sh here and carry .gpu-bin"; exit 2; }
+# ---- 0. setup: ORT GPU libraries, the bench binary ------------------------------------------------------------------
+setup() {
+for f in "$BPE" "$IMG"; do
+  [[ -e $f ]] || { log "missing $f: run segmenter-svc/bench/prepare-device.sh here and carry .gpu-bin"; return 2; }
 done
 log "binaries built from: $(head -1 "$BIN/BUILD_INFO" 2>/dev/null || echo unknown)"
 # Where git is available (here, not on the device), a binary older than the segmenter's sources is stale.
 if git rev-parse --git-dir >/dev/null 2>&1 && [[ -s $BIN/BUILD_INFO ]]; then
-  newest=$(git log -1 --format=%H -- segmenter-svc/src proto Cargo.lock)
+  local newest; newest=$(git log -1 --format=%H -- segmenter-svc/src proto Cargo.lock)
   if ! git merge-base --is-ancestor "$newest" "$(head -1 "$BIN/BUILD_INFO")" 2>/dev/null; then
-    log "STALE: .gpu-bin was built before the last change to segmenter-svc/src ($newest): run prepare-device.sh"; exit 2
+    log "STALE: .gpu-bin was built before the last change to segmenter-svc/src ($newest): run prepare-device.sh"; return 2
   fi
 fi
-
-# ---- ONNX Runtime GPU libraries ---------------------------------------------------------------------------------
+# segmenter-bench travels xz-compressed (the device has xz, not zstd): ~4x less of each call's 64 MiB.
+BENCH=/tmp/gpu-bin/segmenter-bench
+mkdir -p /tmp/gpu-bin
+if [[ -f $BIN/segmenter-bench.xz ]]; then
+  if [[ ! -x $BENCH ]] || ! cmp -s "$BIN/segmenter-bench.xz.sha256" /tmp/gpu-bin/segmenter-bench.xz.sha256; then
+    xz -dc "$BIN/segmenter-bench.xz" > "$BENCH.tmp" && chmod +x "$BENCH.tmp" && mv "$BENCH.tmp" "$BENCH"
+    cp "$BIN/segmenter-bench.xz.sha256" /tmp/gpu-bin/ 2>/dev/null || true
+  fi
+elif [[ -x $BIN/segmenter-bench ]]; then
+  BENCH=$BIN/segmenter-bench
+else
+  log "missing $BIN/segmenter-bench.xz: run prepare-device.sh and carry .gpu-bin"; return 2
+fi
 LD0=${LD_LIBRARY_PATH:-}   # the machine's own setting: the Python steps (torch, exporter) keep it
 if ((DRY)); then
   export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$ROOT/.tools/onnxruntime/libonnxruntime.so.1.31.1}
 else
+  # The last part rides with this call (fewer upload calls): copy whatever parts were carried.
+  if compgen -G ".gpu/part*/chunk.*" >/dev/null; then mkdir -p /tmp/gpu-parts && cp .gpu/part*/* /tmp/gpu-parts/; fi
   if [[ ! -f /tmp/ort-gpu/env.sh ]]; then
-    [[ -f /tmp/gpu-parts/assemble.sh ]] || { log "no /tmp/ort-gpu and no /tmp/gpu-parts: make the part calls first (header)"; exit 2; }
-    step assemble 120 bash /tmp/gpu-parts/assemble.sh
+    [[ -f /tmp/gpu-parts/assemble.sh ]] || { log "no /tmp/ort-gpu and no /tmp/gpu-parts: make the part calls first (header)"; return 2; }
+    if ! step assemble 120 bash /tmp/gpu-parts/assemble.sh; then
+      log "assemble failed: were all part calls made on THIS machine? (it goes back ~30 s after a call, /tmp with it)"
+      return 2
+    fi
   fi
   # shellcheck disable=SC1091
   . /tmp/ort-gpu/env.sh   # ORT_DYLIB_PATH, ORT_GPU_CUDA_LIB_DIR, ORT_GPU_CUDNN_LIB_DIR, LD_LIBRARY_PATH for the Rust binary
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.max.sm --format=csv || true
 fi
+}
+
+main() {
+log "mode: $( ((DRY)) && echo 'CPU DRY RUN (tiny model)' || echo 'GPU') root=$ROOT out=$OUT models=$MODELS budget=${BUDGET}s"
+local s=$SECONDS
+if ! setup; then log "setup failed: stopping"; summary; return 2; fi
+TIMES+=("setup $((SECONDS - s))s")
 # Python runs with the LD_LIBRARY_PATH it had before env.sh: env.sh puts ORT 1.31.1's libraries first, and the
 # image's torch / onnxruntime 1.30 were verified without them.
 if [[ -n $LD0 ]]; then PYCMD=(env "LD_LIBRARY_PATH=$LD0" "$PY"); else PYCMD=(env -u LD_LIBRARY_PATH "$PY"); fi
-log "ORT_DYLIB_PATH=$ORT_DYLIB_PATH CUDA=${ORT_GPU_CUDA_LIB_DIR:-} CUDNN=${ORT_GPU_CUDNN_LIB_DIR:-}"
-"${PYCMD[@]}" -c 'import torch, transformers, onnx, onnxruntime as o; print("python", __import__("sys").version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__, "onnx", onnx.__version__, "onnxruntime", o.__version__)' || true
-nproc; free -g | head -2 || true
+log "ORT_DYLIB_PATH=$ORT_DYLIB_PATH CUDA=${ORT_GPU_CUDA_LIB_DIR:-} CUDNN=${ORT_GPU_CUDNN_LIB_DIR:-} bench=$BENCH"
+export VERIFY_MODEL_CHECKSUMS=false   # hashing 1-3 GB of graphs buys nothing in a benchmark
+# segmenter-svc's own info logs: session build times, serving settings, warm-up per shape; ONNX Runtime's
+# warnings (nodes left on the CPU, Memcpy nodes) come at warn with the graph's name.
+BENCH_LOG=${BENCH_LOG:-warn,segmenter_svc=info}
 
-# ---- 1. export fp32 and fp16 side by side (CPU only; nothing is timed meanwhile) -------------------------------------
-# Each exporter gets half the cores (taskset) and sees that many (os.cpu_count is what export_sam3.main sizes torch's
-# thread pool by); OMP_WAIT_POLICY=PASSIVE keeps idle OpenMP threads from spinning on the other half.
-EXPORT_PY='
-import os, sys
-os.cpu_count = lambda: len(os.sched_getaffinity(0))
-sys.path.insert(0, "segmenter-svc/export")
-import export_sam3
-sys.exit(export_sam3.main(sys.argv[1:]))'
-NCPU=$(nproc)
-half=$((NCPU / 2)); ((half < 1)) && half=1
-((FP16)) || half=$NCPU
-export_bg() {  # export_bg PRECISION CPUSET TIMEOUT: starts one export in the background, its pid in $!
-  local pin=()
-  if command -v taskset >/dev/null; then pin=(taskset -c "$2"); fi
-  timeout -k 10 "$3" "${pin[@]}" env OMP_WAIT_POLICY=PASSIVE "${PYCMD[@]}" -c "$EXPORT_PY" --random-init "$SIZE" \
-    --seed 0 --precision "$1" --clip-bpe "$BPE" --out "$MODELS/sam3-$SIZE-$1" > "$MODELS/export_$1.log" 2>&1 &
-}
-log "START export fp32$( ((FP16)) && echo ' + fp16') ($SIZE)"
-rm -rf "$MODELS/sam3-$SIZE-fp32" "$MODELS/sam3-$SIZE-fp16"
-export_bg fp32 "0-$((half - 1))" "$(cap 300)"; P32=$!
-if ((FP16)); then export_bg fp16 "$((half < NCPU ? half : 0))-$((NCPU - 1))" "$(cap 240)"; P16=$!; fi
-rc32=0; wait "$P32" || rc32=$?
-log "END export fp32 rc=$rc32$( ((rc32 == 124 || rc32 == 137)) && echo ' (TIMED OUT)')"; sed 's/^/  [export fp32] /' "$MODELS/export_fp32.log"; STATUS+=("export_fp32=$rc32")
-if ((FP16)); then
-  rc16=0; wait "$P16" || rc16=$?
-  log "END export fp16 rc=$rc16$( ((rc16 == 124 || rc16 == 137)) && echo ' (TIMED OUT)')"; sed 's/^/  [export fp16] /' "$MODELS/export_fp16.log"; STATUS+=("export_fp16=$rc16")
-  ((rc16 == 0)) || FP16=0
+# ---- 1. smoke test: does the CUDA EP work at all? ----------------------------------------------------------------
+if ((SMOKE)); then
+  if ! step smoke 60 "$BENCH" --device "$DEVICE" --model-dir segmenter-svc/models/sam3-tiny --image "$IMG" \
+      --concepts 3 --concurrency 1 --requests 3 --warmup 0 --log-level "$BENCH_LOG"; then
+    log "ABORT: the smoke test failed (see above); nothing else would work. Fix it and rerun."
+    summary; return 3
+  fi
 fi
-du -sh "$MODELS"/* || true
+"${PYCMD[@]}" -c 'import torch, transformers, onnx, onnxruntime as o; print("python", __import__("sys").version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__, "onnx", onnx.__version__, "onnxruntime", o.__version__)' || true
+echo "cores: $(nproc)"; free -g | head -2 || true
 
-# ---- 2. HF PyTorch reference on the same GPU ------------------------------------------------------------------------
+# ---- 2. export fp16 (all cores; nothing is timed meanwhile; kept for reruns) -----------------------------------------
+export_model() {  # export_model PRECISION TIMEOUT: skipped when the folder holds a complete export
+  local dir=$MODELS/sam3-$SIZE-$1
+  if [[ -s $dir/manifest.json ]]; then log "export $1: $dir is complete (manifest.json), reused"; STATUS+=("export_$1=reused"); return 0; fi
+  rm -rf "$dir"
+  step "export_$1" "$2" env OMP_WAIT_POLICY=PASSIVE "${PYCMD[@]}" segmenter-svc/export/export_sam3.py --random-init "$SIZE" \
+    --seed 0 --precision "$1" --clip-bpe "$BPE" --out "$dir" > "$MODELS/export_$1.log" 2>&1
+  local rc=$?
+  sed 's/^/  [export '"$1"'] /' "$MODELS/export_$1.log" | tail -40
+  return "$rc"
+}
+FP16_OK=0
+export_model fp16 240 && FP16_OK=1 || true
+du -sh "$MODELS"/sam3-* 2>/dev/null || true
+
+# ---- 3. HF PyTorch reference on the same GPU -------------------------------------------------------------------------
 HF_JSON=$OUT/hf_reference.json
-step hf_reference 180 "${PYCMD[@]}" segmenter-svc/bench/hf_reference.py --device "$DEVICE" --random-init "$SIZE" --seed 0 \
-  --modes "$HF_MODES" --image "$IMG" --concepts "$CONCEPTS" --runs "$HF_RUNS" --warmup "$HF_WARMUP" \
-  --clip-bpe "$BPE" --budget-s 110 --out "$HF_JSON" || true
+step hf_reference 150 "${PYCMD[@]}" segmenter-svc/bench/hf_reference.py --device "$DEVICE" --random-init "$SIZE" --seed 0 \
+  --modes "$HF_MODES" --image "$IMG" --concepts "$HF_CONCEPTS" --text-n "$HF_CONCEPTS" --runs "$HF_RUNS" \
+  --warmup "$HF_WARMUP" --clip-bpe "$BPE" --budget-s 100 --out "$HF_JSON" || true
 REF=()
 [[ -s $HF_JSON ]] && REF=(--reference-json "$HF_JSON")
 
-# ---- 3. segmenter-bench through gRPC on the CUDA EP --------------------------------------------------------------
-export VERIFY_MODEL_CHECKSUMS=false   # the bench loads the graphs twice (server + engine reference): skip 2x hashing
-bench() {  # bench PRECISION
-  step "bench_$1" 240 "$BIN/segmenter-bench" --device "$DEVICE" --model-dir "$MODELS/sam3-$SIZE-$1" --image "$IMG" \
-    --concepts "$CONCEPTS" --concurrency "$CONCURRENCY" --requests "$REQUESTS" --warmup "$WARMUP" \
-    "${REF[@]}" --json-out "$OUT/bench_$1.json" || true
+# ---- 4. segmenter-bench through gRPC on the CUDA EP ------------------------------------------------------------------
+bench() {  # bench LABEL PRECISION TIMEOUT EXTRA...
+  local label=$1 prec=$2 t=$3; shift 3
+  local extra=("$@")
+  ((ENGINE_REF)) && extra+=(--engine-reference)
+  step "bench_$label" "$t" "$BENCH" --device "$DEVICE" --model-dir "$MODELS/sam3-$SIZE-$prec" --image "$IMG" \
+    --requests "$REQUESTS" --warmup "$WARMUP" "${REF[@]}" --json-out "$OUT/bench_$label.json" --log-level "$BENCH_LOG" \
+    "${extra[@]}" || true
 }
-if ((rc32 == 0)); then bench fp32; else log "fp32 export failed: no fp32 bench"; fi
-if ((FP16)); then
-  if (($(left) >= 150)); then bench fp16; else log "SKIP bench_fp16: only $(left)s of the budget left"; STATUS+=("bench_fp16=skipped"); fi
+if ((FP16_OK)); then
+  prof=()
+  ((PROFILE)) && prof=(--profile-dir "$OUT/profile_fp16" --profile-concepts 3 --profile-requests 3)
+  bench fp16 fp16 200 --concepts "$CONCEPTS" --concurrency "$CONCURRENCY" "${prof[@]}"
+  if ((BATCH_AB)); then
+    if (($(left) >= 70)); then
+      bench fp16_batch4 fp16 90 --concepts 3 --concurrency 4 --max-batch-images 4
+    else skip bench_fp16_batch4 "only $(left)s of the budget left"; fi
+  fi
+else
+  log "no fp16 export: no fp16 bench"
+fi
+
+# ---- 5. fp32, only with time to spare ----------------------------------------------------------------------------------
+if ((FP32)); then
+  if (($(left) >= 200)); then
+    if export_model fp32 150 && (($(left) >= 60)); then
+      bench fp32 fp32 150 --concepts 3 --concurrency 1
+    fi
+  else skip fp32 "only $(left)s of the budget left (needs ~200 s: export + bench)"; fi
 fi
 if ! ((DRY)); then nvidia-smi --query-gpu=memory.used,temperature.gpu,clocks.sm --format=csv || true; fi
+summary
+}
 
-# ---- 4. one table ---------------------------------------------------------------------------------------------------
+# ---- 6. one table -------------------------------------------------------------------------------------------------------
+summary() {
 log "steps: ${STATUS[*]}"
-"${PYCMD[@]}" segmenter-svc/bench/summarize.py --hf "$HF_JSON" --bench "fp32=$OUT/bench_fp32.json" \
-  --bench "fp16=$OUT/bench_fp16.json" --out "$OUT/summary.md" || true
+log "step times: $(IFS=';'; echo "${TIMES[*]}")"
+local benches=()
+for f in "$OUT"/bench_*.json; do [[ -e $f ]] && benches+=(--bench "$(basename "$f" .json | sed 's/^bench_//')=$f"); done
+{
+  "${PYCMD[@]:-python3}" segmenter-svc/bench/summarize.py --hf "$OUT/hf_reference.json" "${benches[@]}" || true
+  echo
+  echo "Step times: $(IFS=';'; echo "${TIMES[*]}")"
+  echo "Steps: ${STATUS[*]}"
+  echo
+  echo "Session builds, serving settings, warm-up per shape, ONNX Runtime's warnings (from log.txt, in order; repeats"
+  echo "of the same line dropped):"
+  grep -E 'ONNX Runtime session built|onnxruntime: |serving settings|warm-up|model loaded and warm|START bench|START smoke' \
+    "$OUT/log.txt" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[0-9T:.-]*Z *//' | awk '!seen[$0]++' | head -80 || true
+  if compgen -G "$OUT/profile_fp16/*.json" >/dev/null; then echo; echo "ORT profiles: $(cd "$OUT" && ls profile_fp16/*.json | tr '\n' ' ')"; fi
+} > "$OUT/summary.md" 2>&1
+cat "$OUT/summary.md"
 log "done in $((SECONDS - T0))s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 }
 # a pipeline, not exec > >(tee): the script returns only after tee has written the whole log
+set +e
 main 2>&1 | tee -a "$OUT/log.txt"
+exit "${PIPESTATUS[0]}"

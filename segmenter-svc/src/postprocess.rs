@@ -5,6 +5,8 @@
 //! Q. Filtering (threshold, cap) happens first and on the inference thread, and only the kept instances' planes are
 //! copied out. Encoding (probabilities, COCO RLE at the photo's resolution) happens later, off the inference thread.
 
+use ndarray::{ArrayView2, ArrayView3, Axis};
+
 /// Decoder outputs of one concept, borrowed from the session's output buffers. Rows are the decoder's candidates:
 /// every query (dense export), or its best K by logit with their query indices (top-k export).
 pub struct ConceptOutputs<'a> {
@@ -69,12 +71,16 @@ pub fn filter_concept(
     // Best first; equal scores in query order, whichever order the graph listed them in.
     scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(query(a.0).cmp(&query(b.0))));
     scored.truncate(p.max_instances);
-    let plane = mask_size * mask_size;
+    // The rows as shape-checked views: [R, M, M] masks, [R, 4] boxes.
+    let rows = out.logits.len();
+    let masks = ArrayView3::from_shape((rows, mask_size, mask_size), out.masks)
+        .expect("decoder masks are [R, M, M] for R logits");
+    let boxes = ArrayView2::from_shape((rows, 4), out.boxes).expect("decoder boxes are [R, 4]");
     let (w, h) = (image.0 as f32, image.1 as f32);
     let instances = scored
         .into_iter()
         .map(|(q, score)| {
-            let b = &out.boxes[q * 4..q * 4 + 4];
+            let b = boxes.row(q);
             let bbox = [
                 (b[0] * w).clamp(0.0, w),
                 (b[1] * h).clamp(0.0, h),
@@ -85,7 +91,7 @@ pub fn filter_concept(
                 query: query(q) as u32,
                 score,
                 bbox,
-                mask_logits: out.masks[q * plane..(q + 1) * plane].to_vec(),
+                mask_logits: masks.index_axis(Axis(0), q).iter().copied().collect(),
             }
         })
         .collect();

@@ -10,6 +10,7 @@ use fast_image_resize::{
     FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image as FirImage,
 };
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
+use ndarray::{Array3, ArrayView3, Axis, Zip};
 
 use crate::error::{Error, Violation};
 
@@ -136,21 +137,23 @@ impl Preprocessor {
         })
     }
 
-    /// HWC u8 -> CHW f32, (x / 255 - mean) / std, through a 256-entry table per channel.
+    /// HWC u8 -> CHW f32, (x / 255 - mean) / std, through a 256-entry table per channel. The layout change is an
+    /// axis permutation of shape-checked ndarray views: the [S, S, 3] image read channel by channel into [3, S, S].
     fn normalise(&self, hwc: &[u8]) -> Vec<f32> {
-        let plane = (self.size * self.size) as usize;
+        let s = self.size as usize;
         let tables: [[f32; 256]; 3] = std::array::from_fn(|c| {
             std::array::from_fn(|v| (v as f32 / 255.0 - self.mean[c]) / self.std[c])
         });
-        let mut out = vec![0f32; plane * 3];
-        let (r, rest) = out.split_at_mut(plane);
-        let (g, b) = rest.split_at_mut(plane);
-        for (i, px) in hwc.chunks_exact(3).enumerate() {
-            r[i] = tables[0][px[0] as usize];
-            g[i] = tables[1][px[1] as usize];
-            b[i] = tables[2][px[2] as usize];
+        let hwc = ArrayView3::from_shape((s, s, 3), hwc).expect("the resizer writes S x S RGB");
+        let mut chw = Array3::<f32>::zeros((3, s, s));
+        for (c, (mut plane, table)) in chw.outer_iter_mut().zip(&tables).enumerate() {
+            Zip::from(&mut plane)
+                .and(hwc.index_axis(Axis(2), c))
+                .for_each(|out, &v| *out = table[v as usize]);
         }
-        out
+        let (pixels, offset) = chw.into_raw_vec_and_offset();
+        debug_assert_eq!(offset, Some(0));
+        pixels
     }
 }
 

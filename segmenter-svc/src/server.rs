@@ -30,6 +30,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let shared = load(&config).await?;
+    serve(config, shared, listener, shutdown).await
+}
+
+/// `run` after the model is loaded: for callers that watch the engine's health while the server starts (the
+/// benchmark stops at once when the warm-up fails instead of polling health until a timeout).
+pub async fn serve(
+    config: Config,
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let engine = shared.engine.clone();
     let engine_thread = shared
         .engine_thread
@@ -168,6 +179,14 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
         0 => provider.default_decoder_chunk(),
         n => n,
     };
+    let max_batch_images = provider.max_batch_images(config.max_batch_images);
+    tracing::info!(
+        provider = %provider,
+        max_batch_images,
+        decoder_chunk,
+        intra_threads = provider.intra_threads(config.intra_threads).unwrap_or(0),
+        "serving settings (0 intra threads: ONNX Runtime's default)"
+    );
     let probe_tokens = tokenizer
         .encode("object")
         .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
@@ -178,7 +197,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
             mask_size: manifest.mask_size as usize,
             context: manifest.text_context_length as usize,
             feature_dim: manifest.text_feature_dim as usize,
-            max_batch_images: config.max_batch_images.max(1),
+            max_batch_images,
             max_queue_delay: config.max_queue_delay(),
             queue_capacity: config.queue_capacity,
             decoder_chunk,
@@ -204,7 +223,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
             max_concepts: config.max_concepts as u32,
             max_image_pixels: config.max_image_pixels,
             max_message_bytes: config.max_message_bytes as u64,
-            max_batch_images: config.max_batch_images as u32,
+            max_batch_images: max_batch_images as u32,
             queue_capacity: config.queue_capacity as u32,
             max_instances_per_concept: max_instances,
         }),

@@ -197,7 +197,7 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
         .collect();
     assert_eq!(stored, expected);
 
-    // Outputs are real images of the photo's size (after EXIF orientation); previews fit 256x256.
+    // Outputs are real images of the photo's size (after EXIF orientation); previews fit inside 256x256.
     for (idx, (_, bytes)) in photos.iter().enumerate() {
         let (w, h) = oriented_size(bytes);
         let out = s3
@@ -231,6 +231,15 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
             preview.width() <= 256
                 && preview.height() <= 256
                 && preview.width().max(preview.height()) == 256
+        );
+        // "256x256" is a bounding box: the preview keeps the photo's aspect ratio (to the rounding of one pixel).
+        let long = w.max(h) as f64;
+        assert!(
+            (preview.width() as f64 - 256.0 * w as f64 / long).abs() <= 1.0
+                && (preview.height() as f64 - 256.0 * h as f64 / long).abs() <= 1.0,
+            "preview {}x{} of a {w}x{h} photo",
+            preview.width(),
+            preview.height()
         );
     }
 

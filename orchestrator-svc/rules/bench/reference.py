@@ -45,31 +45,63 @@ def hex_to_lab(hex_color):
     return tuple(float(v) for v in cv2.cvtColor(SRGB_TO_LIN[rgb], cv2.COLOR_LRGB2Lab)[0, 0])
 
 
-def recolor(photo, region, target="#1f3a5f", k_finish=0.9, strength=1.0):
-    # The bench's rule is {"color": "#1f3a5f"} (eggshell finish: k 0.9).
-    target_lab = hex_to_lab(target)
+Y_W = np.array([0.2126729, 0.7151522, 0.072175], np.float32)
+KNEE = 0.8
+STEPS = 1 << 14
+
+
+def lit_level(Y, a):
+    """As light.rs: alpha-weighted median of the brightest quarter (87.5th percentile) on a 16k-step luminance grid,
+    from every second row and column."""
+    ys, ws = Y[::2, ::2].ravel(), a[::2, ::2].ravel()
+    idx = np.minimum(np.rint(ys * (STEPS - 1)).astype(np.int64), STEPS - 1)
+    cdf = np.cumsum(np.bincount(idx, weights=ws, minlength=STEPS))
+    i = int(np.searchsorted(cdf, 0.875 * cdf[-1], side="right"))
+    return max(i, 1) / (STEPS - 1)
+
+
+def shoulder(top):
+    """As light::Shoulder: identity below KNEE, an exponential roll-off with slope 1 at the knee reaching 1 at top.
+    Returns y -> rolled-off y / y (the factor a colour is scaled by)."""
+    if top <= 1.0:
+        return lambda y: np.ones_like(y)
+    room, span = 1.0 - KNEE, top - KNEE
+    lo, hi = np.log(1e-6), np.log(1e6)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        c = np.exp(mid)
+        lo, hi = (mid, hi) if room / c / (1 - np.exp(-span / c)) > 1 else (lo, mid)
+    c = float(np.exp(0.5 * (lo + hi)))
+    norm = 1 - np.exp(-span / c)
+
+    def factor(y):
+        rolled = KNEE + room * (1 - np.exp(-(np.minimum(y, top) - KNEE) / c)) / norm
+        return np.where(y > KNEE, rolled / np.maximum(y, 1e-9), 1.0).astype(np.float32)
+    return factor
+
+
+def finish_light(s, gain, handover=0.1):
+    """As light::finish_light: light ratios above 1 raised to the finish's gain, with a smooth hand-over."""
+    if gain == 1.0:
+        return s
+    u = np.log(np.maximum(s, 1e-12))
+    lifted = np.exp(gain * u + (1 - gain) * handover * (1 - np.exp(-u / handover)))
+    return np.where(s > 1, lifted, s).astype(np.float32)
+
+
+def recolor(photo, region, target="#1f3a5f", gain=0.9, strength=1.0):
+    # The bench's rule is {"color": "#1f3a5f"} (eggshell finish: highlight gain 0.9). The paint (an sRGB hex, so in
+    # gamut) times each pixel's light over the lit level, its largest channel rolled off past the knee.
+    paint = SRGB_TO_LIN[[int(target[i:i + 2], 16) for i in (1, 3, 5)]]
     box = bounds(region)
     y0, y1, x0, x1 = box
-    crop = photo[y0:y1, x0:x1]
-    lab = cv2.cvtColor(SRGB_TO_LIN[crop], cv2.COLOR_LRGB2Lab)
-    L = lab[..., 0]
-    a = region[y0:y1, x0:x1].astype(np.float32)
-    mean = float((L * a).sum() / a.sum())
-    hist, edges = np.histogram(L, bins=1024, range=(0, 102.4), weights=a)
-    cdf = np.cumsum(hist) / hist.sum()
-    p01, p99 = edges[np.searchsorted(cdf, 0.01)], edges[np.searchsorted(cdf, 0.99)]
-    lt, at, bt = target_lab
-    k = k_finish * np.clip((lt + 16) / (mean + 16), 0.35, 1.5)
-    if p99 > mean:
-        k = min(k, max(98 - lt, 0) / (p99 - mean))
-    if p01 < mean:
-        k = min(k, max(lt - 3, 0) / (mean - p01))
-    out_lab = np.empty_like(lab)
-    out_lab[..., 0] = np.clip(lt + (L - mean) * k, 0, 100)
-    out_lab[..., 1] = at
-    out_lab[..., 2] = bt
-    lin = cv2.cvtColor(out_lab, cv2.COLOR_Lab2LRGB)
-    return blend(photo, region, encode(lin), strength, box)
+    lin = SRGB_TO_LIN[photo[y0:y1, x0:x1]]
+    Y = lin @ Y_W
+    lit = lit_level(Y, region[y0:y1, x0:x1].astype(np.float32))
+    out = paint * finish_light(Y / lit, gain)[..., None]
+    top = float(paint.max() * finish_light(np.float32(1 / lit), gain))
+    out *= shoulder(top)(out.max(axis=-1))[..., None]
+    return blend(photo, region, encode(out), strength, box)
 
 
 M1 = np.array([[0.4122214708, 0.5363325363, 0.0514459929],
@@ -88,10 +120,16 @@ def tone(photo, region, brightness=0.3, contrast=0.2, saturation=0.1, warmth=0.5
     ok = np.cbrt(lin @ M1.T) @ M2.T
     a = region[y0:y1, x0:x1].astype(np.float32)
     mean = float((ok[..., 0] * a).sum() / a.sum())
-    ok[..., 0] = np.clip(mean + (ok[..., 0] - mean) * (1 + contrast) + 0.2 * brightness, 0, 1)
-    ok[..., 1] = ok[..., 1] * (1 + saturation) + 0.01 * warmth
-    ok[..., 2] = ok[..., 2] * (1 + saturation) + 0.035 * warmth
+    # Brightness is exposure (1.5 stops at 1): a linear-light scale, i.e. all of Oklab times its cube root.
+    exposure = np.float32(2.0 ** (1.5 * brightness)) ** (1 / 3)
+    ok[..., 0] = np.maximum(mean + (ok[..., 0] - mean) * (1 + contrast), 0) * exposure
+    ok[..., 1] = ok[..., 1] * exposure * (1 + saturation) + 0.01 * warmth
+    ok[..., 2] = ok[..., 2] * exposure * (1 + saturation) + 0.035 * warmth
     to_lin = lambda o: ((o @ M2I.T) ** 3) @ M1I.T
+    # As tone.rs: past the knee the colour scales with its largest channel's roll-off (cube root in Oklab).
+    roll = shoulder(float(((mean + (1 - mean) * (1 + contrast)) * exposure) ** 3))
+    ok *= np.cbrt(roll(to_lin(ok).max(axis=-1)))[..., None]
+    ok[..., 0] = np.minimum(ok[..., 0], 1)
     out = to_lin(ok)
     # As color::gamut_map: colours pushed out of sRGB lose Oklch chroma (12-step bisection at constant L and hue)
     # instead of being clipped per channel. Only those pixels (a few percent) pay for it.
@@ -130,12 +168,11 @@ def texture(photo, region, swatch, scale=1.0, rotation=20.0, opacity=1.0, streng
     tex = cv2.warpAffine(sw_lin, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                          borderMode=cv2.BORDER_WRAP)
     lin = SRGB_TO_LIN[photo[y0:y1, x0:x1]]
-    Y = lin @ np.array([0.2126729, 0.7151522, 0.072175], np.float32)
-    a = region[y0:y1, x0:x1].astype(np.float32)
-    mean = float((Y * a).sum() / a.sum())
-    t = tex * np.minimum(Y / mean, 4.0)[..., None]
-    mx = t.max(axis=2, keepdims=True)
-    t = np.where(mx > 1, t / np.maximum(mx, 1e-6), t)
+    Y = lin @ Y_W
+    # As texture.rs: the swatch times each pixel's light over the lit level, the largest channel rolled off.
+    lit = lit_level(Y, region[y0:y1, x0:x1].astype(np.float32))
+    t = tex * (Y / lit)[..., None]
+    t *= shoulder(1 / lit)(t.max(axis=-1))[..., None]
     return blend(photo, region, encode(lin + opacity * (t - lin)), strength, box)
 
 

@@ -148,6 +148,12 @@ pub fn l_from_y(y: f32) -> f32 {
     116.0 * lab_f(y) - 16.0
 }
 
+/// Luminance Y (0..1) from CIELAB L*.
+#[inline]
+pub fn y_from_l(l: f32) -> f32 {
+    lab_f_inv((l + 16.0) / 116.0)
+}
+
 /// Linear sRGB to CIELAB.
 #[inline]
 pub fn lin_to_lab(r: f32, g: f32, b: f32) -> [f32; 3] {

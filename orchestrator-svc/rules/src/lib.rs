@@ -7,6 +7,7 @@ pub mod filter;
 pub mod guided;
 pub mod icc;
 pub mod inpaint;
+pub mod light;
 pub mod lut;
 pub mod mask;
 pub mod ops;

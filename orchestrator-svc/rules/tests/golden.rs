@@ -29,24 +29,40 @@ fn rules_match_golden_images() {
         ),
         ("remove", &room.sofa, json!({"mode": "fill", "grow": 2})),
     ];
-    for (ty, target, params) in cases {
+    // Light paints on a wall by a window (fall-off, a soft cast shadow, a chair in front): the shadows must stay.
+    let window = synth::window_wall(64, 48, true);
+    let window_cases = [
+        ("recolor_window_white", json!({"color": "#ffffff"})),
+        ("recolor_window_greige", json!({"color": "#beb3a3"})),
+        ("recolor_window_navy", json!({"color": "#1f3a5f"})),
+    ];
+    let rows = cases
+        .into_iter()
+        .map(|(ty, target, params)| {
+            let occ = if ty == "texture" || ty == "remove" {
+                vec![]
+            } else {
+                vec![room.sofa.clone()]
+            };
+            (ty, ty, &room.photo, target, occ, params)
+        })
+        .chain(window_cases.into_iter().map(|(name, params)| {
+            let occ = vec![window.chair.clone(), window.skirting.clone()];
+            (name, "recolor", &window.photo, &window.wall, occ, params)
+        }));
+    for (name, ty, photo, target, occ, params) in rows {
         let rule = parse_rule(ty, params.as_object().unwrap(), None).unwrap();
-        let occ = if ty == "texture" || ty == "remove" {
-            vec![]
-        } else {
-            vec![room.sofa.clone()]
-        };
         let reg = region::build_region(
-            &room.photo,
+            photo,
             std::slice::from_ref(target),
             &occ,
             &RegionParams::default(),
         );
-        let out = match apply(&room.photo, &reg, &rule, None).unwrap() {
+        let out = match apply(photo, &reg, &rule, None).unwrap() {
             Edited::Rgb(i) => i,
             Edited::Rgba(i) => contact::flatten(&image::DynamicImage::ImageRgba8(i)),
         };
-        let path = dir.join(format!("{ty}.png"));
+        let path = dir.join(format!("{name}.png"));
         if update {
             out.save(&path).unwrap();
             continue;
@@ -54,7 +70,7 @@ fn rules_match_golden_images() {
         let want = image::open(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
             .to_rgb8();
-        assert_eq!(want.dimensions(), out.dimensions(), "{ty}");
+        assert_eq!(want.dimensions(), out.dimensions(), "{name}");
         let diffs: Vec<u8> = want
             .as_raw()
             .iter()
@@ -65,7 +81,7 @@ fn rules_match_golden_images() {
         let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
         assert!(
             max <= MAX_DIFF && mean <= MEAN_DIFF,
-            "{ty}: max diff {max}, mean {mean:.3}"
+            "{name}: max diff {max}, mean {mean:.3}"
         );
     }
 }

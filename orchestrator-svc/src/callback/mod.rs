@@ -29,6 +29,10 @@ pub struct CallbackBody {
 pub struct OutputRef {
     pub rule_id: String,
     pub output_key: String,
+    /// False when the rule had nothing to edit in this photo (its output is the photo as it was).
+    pub applied: bool,
+    /// Why not: `concept_not_found` or `region_empty`; null when applied.
+    pub not_applied_reason: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -70,6 +74,8 @@ mod tests {
             outputs: vec![OutputRef {
                 rule_id: "r".into(),
                 output_key: "outputs/u/j/r/0.jpg".into(),
+                applied: true,
+                not_applied_reason: None,
             }],
             masks: vec![],
         };

@@ -88,6 +88,15 @@ struct Record {
 struct OutputRecord {
     rule_id: String,
     output_key: String,
+    // Records written before these fields existed did not say: they read as applied, as they were reported then.
+    #[serde(default = "applied_by_default")]
+    applied: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    not_applied_reason: String,
+}
+
+fn applied_by_default() -> bool {
+    true
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -115,6 +124,8 @@ pub fn encode(item: &Item) -> Vec<u8> {
             .map(|o| OutputRecord {
                 rule_id: o.rule_id.clone(),
                 output_key: o.output_key.clone(),
+                applied: o.applied,
+                not_applied_reason: o.not_applied_reason.clone(),
             })
             .collect(),
         preview_key: item.preview_key.clone(),
@@ -159,6 +170,8 @@ pub fn decode(bytes: &[u8]) -> Option<Item> {
             .map(|o| RuleOutput {
                 rule_id: o.rule_id,
                 output_key: o.output_key,
+                applied: o.applied,
+                not_applied_reason: o.not_applied_reason,
             })
             .collect(),
         preview_key: record.preview_key,
@@ -193,10 +206,20 @@ mod tests {
             state: ItemState::Completed as i32,
             input_key: "inputs/u/j/3.jpg".into(),
             output_key: "outputs/u/j/r/3.jpg".into(),
-            outputs: vec![RuleOutput {
-                rule_id: "r".into(),
-                output_key: "outputs/u/j/r/3.jpg".into(),
-            }],
+            outputs: vec![
+                RuleOutput {
+                    rule_id: "r".into(),
+                    output_key: "outputs/u/j/r/3.jpg".into(),
+                    applied: true,
+                    not_applied_reason: String::new(),
+                },
+                RuleOutput {
+                    rule_id: "s".into(),
+                    output_key: "outputs/u/j/s/3.jpg".into(),
+                    applied: false,
+                    not_applied_reason: "concept_not_found".into(),
+                },
+            ],
             masks: vec![MaskKey {
                 concept: "wall".into(),
                 instance: 1,
@@ -214,5 +237,14 @@ mod tests {
         };
         assert_eq!(decode(&encode(&running)), None);
         assert_eq!(decode(b"not json"), None);
+    }
+
+    #[test]
+    fn records_from_before_the_applied_flag_read_as_applied() {
+        let old = br#"{"idx":0,"state":"ITEM_STATE_COMPLETED","inputKey":"inputs/u/j/0.jpg","outputKey":"o",
+            "outputs":[{"ruleId":"r","outputKey":"o"}],"previewKey":"p","masks":[]}"#;
+        let item = decode(old).expect("old record");
+        assert!(item.outputs[0].applied);
+        assert_eq!(item.outputs[0].not_applied_reason, "");
     }
 }

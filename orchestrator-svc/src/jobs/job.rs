@@ -286,7 +286,7 @@ fn approx_item_bytes(item: &Item) -> usize {
         + item
             .outputs
             .iter()
-            .map(|o| text(&o.rule_id) + text(&o.output_key))
+            .map(|o| text(&o.rule_id) + text(&o.output_key) + text(&o.not_applied_reason))
             .sum::<usize>()
         + item.masks.capacity() * size_of::<MaskKey>()
         + item

@@ -94,6 +94,8 @@ pub fn callback_body(item: &Item) -> CallbackBody {
             .map(|o| OutputRef {
                 rule_id: o.rule_id.clone(),
                 output_key: o.output_key.clone(),
+                applied: o.applied,
+                not_applied_reason: non_empty(&o.not_applied_reason),
             })
             .collect(),
         masks: item

@@ -57,9 +57,25 @@ struct Args {
     /// Write the results here as JSON.
     #[arg(long)]
     json_out: Option<PathBuf>,
-    /// Max images per vision batch for the in-process server.
-    #[arg(long, default_value_t = 4)]
+    /// Max images per vision batch for the in-process server (0: the server's default for the provider, 1 on CUDA,
+    /// 4 on the CPU).
+    #[arg(long, default_value_t = 0)]
     max_batch_images: usize,
+    /// Also measure the engine called in-process (a second set of sessions, loaded after the gRPC runs): the
+    /// `x engine` column.
+    #[arg(long)]
+    engine_reference: bool,
+    /// After the gRPC runs, load the model once more with ONNX Runtime profiling on, send --profile-requests
+    /// requests of --profile-concepts phrases, and write one profile per session (vision, text, decoder) here.
+    #[arg(long)]
+    profile_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 3)]
+    profile_concepts: usize,
+    #[arg(long, default_value_t = 3)]
+    profile_requests: usize,
+    /// Log filter for the in-process server (e.g. `warn,segmenter_svc=info` adds session build and warm-up times).
+    #[arg(long, default_value = "warn")]
+    log_level: String,
 }
 
 #[derive(Default, Clone)]
@@ -108,24 +124,45 @@ async fn main() -> anyhow::Result<()> {
         "auto" => segmenter_svc::Device::Auto,
         _ => segmenter_svc::Device::Cpu,
     };
+    // Read here, not left to the configuration's defaults: a test configuration does not read the environment.
+    config.cuda_lib_dir = std::env::var_os("ORT_GPU_CUDA_LIB_DIR").map(PathBuf::from);
+    config.cudnn_lib_dir = std::env::var_os("ORT_GPU_CUDNN_LIB_DIR").map(PathBuf::from);
+    // Hashing 1-3 GB of graphs at every load buys nothing in a benchmark.
+    config.verify_checksums = false;
     config.max_batch_images = args.max_batch_images;
-    config.log_level = "warn".into();
+    config.log_level = args.log_level.clone();
     config.queue_capacity = 256;
-    segmenter_svc::telemetry::init_logs("warn", "text");
+    // A failed warm-up must end the bench at once: no recovery probes that would keep it NOT_SERVING-but-trying.
+    config.reprobe_interval_sec = 0;
+    segmenter_svc::telemetry::init_logs(&args.log_level, "text");
 
     let (addr, mut server) = match &args.addr {
         Some(addr) => (addr.clone(), None),
         None => {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = format!("http://{}", listener.local_addr()?);
+            let started = Instant::now();
+            let shared = segmenter_svc::server::load(&config)
+                .await
+                .context("the in-process segmenter failed to load the model")?;
+            let health = wait_warm(&shared).await?;
+            println!(
+                "in-process server: model loaded and warm in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(segmenter_svc::run(config.clone(), listener, async move {
-                let _ = stopped.await;
-            }));
-            (addr, Some((stop, task)))
+            let task = tokio::spawn(segmenter_svc::server::serve(
+                config.clone(),
+                shared,
+                listener,
+                async move {
+                    let _ = stopped.await;
+                },
+            ));
+            (addr, Some((stop, task, health)))
         }
     };
-    let channel = connect_when_serving(&addr, server.as_mut().map(|(_, task)| task)).await?;
+    let channel = connect_when_serving(&addr, server.as_mut().map(|(_, task, _)| task)).await?;
     let client = pb::segmenter_client::SegmenterClient::new(channel)
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
@@ -151,53 +188,6 @@ async fn main() -> anyhow::Result<()> {
         args.requests
     );
 
-    // Reference: the engine in-process, fed pre-processed pixels, one request at a time.
-    let mut engine_ref = std::collections::BTreeMap::new();
-    if args.addr.is_none() {
-        let shared = segmenter_svc::server::load(&config).await?;
-        shared
-            .engine
-            .health()
-            .wait_for(|h| *h == Health::Serving)
-            .await?;
-        for &n in &args.concepts {
-            let mut times = Vec::new();
-            for i in 0..args.warmup + args.requests {
-                let prepared = shared
-                    .preprocessor
-                    .from_encoded(&image)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                let phrases = concepts(n)
-                    .into_iter()
-                    .map(|c| {
-                        let t = shared.tokenizer.encode(&c).unwrap();
-                        (c, t)
-                    })
-                    .collect();
-                let (reply, answer) = tokio::sync::oneshot::channel();
-                let t = Instant::now();
-                shared.engine.submit(Job {
-                    pixels: prepared.pixels,
-                    image_size: (prepared.width, prepared.height),
-                    phrases,
-                    filter: FilterParams {
-                        threshold: 0.5,
-                        max_instances: 20,
-                        keep_semantic: false,
-                    },
-                    deadline: Instant::now() + Duration::from_secs(600),
-                    enqueued: Instant::now(),
-                    reply,
-                    span: tracing::Span::none(),
-                })?;
-                answer.await?.map_err(|e| anyhow::anyhow!("{e}"))?;
-                if i >= args.warmup {
-                    times.push(t.elapsed().as_secs_f64() * 1e3);
-                }
-            }
-            engine_ref.insert(n, pct(&times, 50.0));
-        }
-    }
     let external: Option<serde_json::Value> = match &args.reference_json {
         Some(p) => Some(serde_json::from_slice(&std::fs::read(p)?)?),
         None => None,
@@ -220,10 +210,26 @@ async fn main() -> anyhow::Result<()> {
         "x engine",
         "x ext"
     );
-    let mut results = Vec::new();
+    let mut grpc = Vec::new();
     for &n in &args.concepts {
         for &c in &args.concurrency {
             let samples = run_config(&client, &image, n, c, args.warmup, args.requests).await?;
+            grpc.push((n, c, samples));
+        }
+    }
+    // The server's sessions are released before another set is loaded (the engine reference, the profile).
+    if let Some((stop, task, health)) = server.take() {
+        let _ = stop.send(());
+        task.await??;
+        wait_stopped(health).await;
+    }
+    let mut engine_ref = std::collections::BTreeMap::new();
+    if args.engine_reference && args.addr.is_none() {
+        engine_ref = engine_reference(&config, &image, &args).await?;
+    }
+    let mut results = Vec::new();
+    for (n, c, samples) in grpc {
+        {
             let wall = samples.1;
             let s = samples.0;
             let p50 = pct(&s.e2e, 50.0);
@@ -277,10 +283,134 @@ async fn main() -> anyhow::Result<()> {
                          "reference": external, "results": results});
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)?;
     }
-    if let Some((stop, task)) = server {
-        let _ = stop.send(());
-        task.await??;
+    if let Some(dir) = &args.profile_dir {
+        profile(&config, &image, &args, dir).await?;
     }
+    Ok(())
+}
+
+/// Waits until the engine has warmed up: Ok when it serves, the warm-up's error when it failed.
+async fn wait_warm(
+    shared: &segmenter_svc::service::Shared,
+) -> anyhow::Result<tokio::sync::watch::Receiver<Health>> {
+    let mut health = shared.engine.health();
+    let state = health
+        .wait_for(|h| *h != Health::WarmingUp)
+        .await
+        .map(|h| h.clone())
+        .map_err(|_| anyhow::anyhow!("the inference thread stopped during warm-up"))?;
+    match state {
+        Health::Serving => Ok(health),
+        other => Err(anyhow::anyhow!(
+            "the segmenter did not start serving: {other:?}"
+        )),
+    }
+}
+
+/// Waits until an engine whose handles were all dropped has stopped (its sessions released, profiles written).
+async fn wait_stopped(mut health: tokio::sync::watch::Receiver<Health>) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(60),
+        health.wait_for(|h| *h == Health::Stopped),
+    )
+    .await;
+}
+
+/// One engine job: the image pre-processed as the service does, `n` of the bench's phrases.
+fn engine_job(
+    shared: &segmenter_svc::service::Shared,
+    image: &[u8],
+    n: usize,
+) -> anyhow::Result<(
+    Job,
+    tokio::sync::oneshot::Receiver<Result<segmenter_svc::engine::JobOutput, segmenter_svc::Error>>,
+)> {
+    let prepared = shared
+        .preprocessor
+        .from_encoded(image)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let phrases = concepts(n)
+        .into_iter()
+        .map(|c| {
+            let t = shared.tokenizer.encode(&c).unwrap();
+            (c, t)
+        })
+        .collect();
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let job = Job {
+        pixels: prepared.pixels,
+        image_size: (prepared.width, prepared.height),
+        phrases,
+        filter: FilterParams {
+            threshold: 0.5,
+            max_instances: 20,
+            keep_semantic: false,
+        },
+        deadline: Instant::now() + Duration::from_secs(600),
+        enqueued: Instant::now(),
+        reply,
+        span: tracing::Span::none(),
+    };
+    Ok((job, answer))
+}
+
+/// The engine in-process, fed pre-processed pixels, one request at a time: p50 per concept count.
+async fn engine_reference(
+    config: &Config,
+    image: &[u8],
+    args: &Args,
+) -> anyhow::Result<std::collections::BTreeMap<usize, f64>> {
+    let shared = segmenter_svc::server::load(config).await?;
+    let health = wait_warm(&shared).await?;
+    let mut engine_ref = std::collections::BTreeMap::new();
+    for &n in &args.concepts {
+        let mut times = Vec::new();
+        for i in 0..args.warmup + args.requests {
+            let (job, answer) = engine_job(&shared, image, n)?;
+            let t = Instant::now();
+            shared.engine.submit(job)?;
+            answer.await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+            if i >= args.warmup {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        engine_ref.insert(n, pct(&times, 50.0));
+    }
+    drop(shared);
+    wait_stopped(health).await;
+    Ok(engine_ref)
+}
+
+/// Loads the model with ONNX Runtime profiling on, runs a few requests, and stops the engine so the profiles are
+/// written (they include the warm-up runs; the requests' runs are the last ones in each file).
+async fn profile(
+    config: &Config,
+    image: &[u8],
+    args: &Args,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let mut config = config.clone();
+    config.ort_profile_dir = Some(dir.to_path_buf());
+    let shared = segmenter_svc::server::load(&config).await?;
+    let health = wait_warm(&shared).await?;
+    let mut times = Vec::new();
+    for _ in 0..args.profile_requests {
+        let (job, answer) = engine_job(&shared, image, args.profile_concepts)?;
+        let t = Instant::now();
+        shared.engine.submit(job)?;
+        answer.await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(shared);
+    wait_stopped(health).await;
+    println!(
+        "\nprofile: {} requests x {} concepts with ONNX Runtime profiling on ({:?} ms each; profiling slows runs), \
+         files in {}",
+        args.profile_requests,
+        args.profile_concepts,
+        times.iter().map(|t| t.round()).collect::<Vec<_>>(),
+        dir.display()
+    );
     Ok(())
 }
 

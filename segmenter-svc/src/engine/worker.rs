@@ -18,6 +18,9 @@ use crate::model::runtime::{Provider, Sessions};
 use crate::model::tokenizer::Tokens;
 use crate::postprocess::{ConceptOutputs, FilterParams, KeptConcept, filter_concept};
 
+#[path = "warmup.rs"]
+mod warmup;
+
 /// Everything the inference thread needs besides the sessions.
 #[derive(Clone, Debug)]
 pub struct EngineSettings {
@@ -119,7 +122,7 @@ struct Worker {
 impl Worker {
     fn run(&mut self, rx: Receiver<Job>, depth: Arc<AtomicUsize>) {
         let started = Instant::now();
-        match self.probe() {
+        match self.warm_up() {
             Ok(()) => {
                 tracing::info!(provider = %self.sessions.provider, warmup_ms = started.elapsed().as_millis() as u64, "model warm, serving");
                 self.health.send_replace(Health::Serving);
@@ -162,6 +165,7 @@ impl Worker {
             self.process(batch);
             idle_since = Instant::now();
         }
+        self.sessions.end_profiling();
         self.health.send_replace(Health::Stopped);
         tracing::info!("inference thread stopped");
     }
@@ -530,7 +534,7 @@ impl<'a> FpnLevel<'a> {
 impl Provider {
     pub fn default_decoder_chunk(&self) -> usize {
         match self {
-            Provider::Cuda(_) => 16,
+            Provider::Cuda(_) => 8,
             Provider::Cpu => 2,
         }
     }

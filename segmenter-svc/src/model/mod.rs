@@ -1,4 +1,5 @@
 //! The exported SAM3 split: its manifest, the runtime that runs it, and the tokenizer that feeds it.
+pub mod cuda;
 pub mod manifest;
 pub mod runtime;
 pub mod tokenizer;

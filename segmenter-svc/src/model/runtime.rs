@@ -5,14 +5,19 @@
 //! deployment that quietly runs on the CPU is the failure mode this module exists to prevent.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
 
 use ort::environment::Environment;
 use ort::ep;
+use ort::logging::LogLevel;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
+use ort::value::TensorElementType;
 
 use crate::config::{Config, Device};
 use crate::error::ModelError;
+use crate::model::cuda;
 use crate::model::manifest::{self, Manifest};
 
 /// Where the sessions actually run, as reported by ModelInfo, health logs and metrics.
@@ -31,11 +36,55 @@ impl std::fmt::Display for Provider {
     }
 }
 
+impl Provider {
+    /// `ORT_INTRA_THREADS=0`: with CUDA the GPU computes and the intra-op pool only runs the few nodes ONNX Runtime
+    /// keeps on the CPU (shapes, indices), so 2 threads; on the CPU, ONNX Runtime's own default (None).
+    pub fn intra_threads(&self, configured: usize) -> Option<usize> {
+        match (configured, self) {
+            (0, Provider::Cuda(_)) => Some(2),
+            (0, Provider::Cpu) => None,
+            (n, _) => Some(n),
+        }
+    }
+
+    /// `MAX_BATCH_IMAGES=0`: 1 with CUDA (on an H200 the vision encoder takes ~3.7x as long for 4 images as for
+    /// one, so a batch saves little GPU time and makes every request in it wait for the whole batch), 4 on the CPU.
+    pub fn max_batch_images(&self, configured: usize) -> usize {
+        match (configured, self) {
+            (0, Provider::Cuda(_)) => 1,
+            (0, Provider::Cpu) => 4,
+            (n, _) => n,
+        }
+    }
+}
+
 pub struct Sessions {
     pub vision: Session,
     pub text: Session,
     pub decoder: Session,
     pub provider: Provider,
+    /// Sessions were built with ORT_PROFILE_DIR: `end_profiling` writes their profiles.
+    pub profiling: bool,
+}
+
+impl Sessions {
+    /// Writes each session's ONNX Runtime profile (when profiling is on) and logs where.
+    pub fn end_profiling(&mut self) {
+        if !self.profiling {
+            return;
+        }
+        self.profiling = false;
+        for (graph, session) in [
+            ("vision", &mut self.vision),
+            ("text", &mut self.text),
+            ("decoder", &mut self.decoder),
+        ] {
+            match session.end_profiling() {
+                Ok(file) => tracing::info!(graph, file, "ONNX Runtime profile written"),
+                Err(e) => tracing::warn!(graph, error = %e, "ONNX Runtime profile not written"),
+            }
+        }
+    }
 }
 
 /// Loads the ONNX Runtime library and creates the process's one environment (ONNX Runtime allows one per process;
@@ -63,38 +112,38 @@ pub fn build_sessions(
 ) -> Result<Sessions, ModelError> {
     let env = load_runtime(&config.ort_dylib_path)?;
     let provider = choose_provider(config)?;
-    let build = |graph: &'static str, file: &str| -> Result<Session, ModelError> {
-        let path = manifest::safe_join(dir, file)?;
-        new_session(&env, config, manifest, &provider, &path).map_err(|e| ModelError::Session {
+    if let Some(dir) = &config.ort_profile_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ModelError::Invalid(format!("ORT_PROFILE_DIR {}: {e}", dir.display())))?;
+    }
+    // The manifest says what the graphs take and return; a graph whose tensors differ (another export, a hand-edited
+    // folder) is refused here, at startup, not by the first request.
+    let build = |graph: &'static str, spec: &manifest::GraphSpec| -> Result<Session, ModelError> {
+        let path = manifest::safe_join(dir, &spec.file)?;
+        let started = Instant::now();
+        let session =
+            new_session(&env, config, manifest, &provider, graph, &path).map_err(|e| {
+                ModelError::Session {
+                    graph,
+                    detail: e.to_string(),
+                }
+            })?;
+        tracing::info!(
             graph,
-            detail: e.to_string(),
-        })
+            provider = %provider,
+            build_ms = started.elapsed().as_millis() as u64,
+            "ONNX Runtime session built"
+        );
+        check_io(graph, &session, spec)?;
+        Ok(session)
     };
-    let sessions = Sessions {
-        vision: build("vision", &manifest.graphs.vision.file)?,
-        text: build("text", &manifest.graphs.text.file)?,
-        decoder: build("decoder", &manifest.graphs.decoder.file)?,
+    Ok(Sessions {
+        vision: build("vision", &manifest.graphs.vision)?,
+        text: build("text", &manifest.graphs.text)?,
+        decoder: build("decoder", &manifest.graphs.decoder)?,
         provider,
-    };
-    check_io(
-        "vision",
-        &sessions.vision,
-        manifest::VISION_INPUTS,
-        manifest::VISION_OUTPUTS,
-    )?;
-    check_io(
-        "text",
-        &sessions.text,
-        manifest::TEXT_INPUTS,
-        manifest::TEXT_OUTPUTS,
-    )?;
-    check_io(
-        "decoder",
-        &sessions.decoder,
-        manifest::DECODER_INPUTS,
-        manifest.decoder_outputs(),
-    )?;
-    Ok(sessions)
+        profiling: config.ort_profile_dir.is_some(),
+    })
 }
 
 fn choose_provider(config: &Config) -> Result<Provider, ModelError> {
@@ -111,28 +160,36 @@ fn choose_provider(config: &Config) -> Result<Provider, ModelError> {
     }
 }
 
-/// Preloads the CUDA/cuDNN libraries when their folders are configured, then asks ONNX Runtime whether the CUDA
-/// provider is compiled in. Registration itself is checked again when each session is built.
+/// Asks ONNX Runtime whether its CUDA provider is compiled in, preloads the CUDA/cuDNN libraries when their folders
+/// are configured, and checks that the host's driver is new enough for the CUDA version that provider was built for.
+/// Registration itself is checked again when each session is built.
 fn cuda_available(config: &Config) -> Result<(), ModelError> {
     use ort::ep::ExecutionProvider;
     let err = |detail: String| ModelError::ExecutionProvider {
         provider: "cuda".into(),
         detail,
     };
+    match ep::CUDA::is_available() {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(err(
+                "this ONNX Runtime library has no CUDA provider (the CPU wheel?)".into(),
+            ));
+        }
+        Err(e) => return Err(err(e.to_string())),
+    }
+    let needed = cuda::provider_library(&config.ort_dylib_path)
+        .and_then(|lib| cuda::provider_cuda_major(&lib));
+    // Preloading needs no driver: a missing library is reported as such even on a machine without a GPU.
     if config.cuda_lib_dir.is_some() || config.cudnn_lib_dir.is_some() {
-        ep::cuda::preload_dylibs(
+        cuda::preload(
             config.cuda_lib_dir.as_deref(),
             config.cudnn_lib_dir.as_deref(),
+            needed,
         )
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(err)?;
     }
-    match ep::CUDA::is_available() {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(err(
-            "this ONNX Runtime library has no CUDA provider (the CPU wheel?)".into(),
-        )),
-        Err(e) => Err(err(e.to_string())),
-    }
+    cuda::check_driver(needed).map_err(err)
 }
 
 fn new_session(
@@ -140,12 +197,33 @@ fn new_session(
     config: &Config,
     manifest: &Manifest,
     provider: &Provider,
+    graph: &'static str,
     path: &Path,
 ) -> ort::Result<Session> {
-    let mut builder =
-        Session::builder(env)?.with_optimization_level(GraphOptimizationLevel::Level3)?;
-    if config.intra_threads > 0 {
-        builder = builder.with_intra_threads(config.intra_threads)?;
+    let mut builder = Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)?
+        .with_log_id(graph)?
+        // ONNX Runtime's warnings name what costs speed on a GPU: nodes left on the CPU ("Some nodes were not
+        // assigned to the preferred execution providers"), Memcpy nodes added between devices. ort's default level
+        // (error) hides them; they are logged once per session build, with the graph's name.
+        .with_log_level(LogLevel::Warning)?
+        .with_logger(Arc::new(
+            move |level, _category, _id, _location, message| match level {
+                LogLevel::Error | LogLevel::Fatal => {
+                    tracing::error!(graph, "onnxruntime: {message}")
+                }
+                LogLevel::Warning => tracing::warn!(graph, "onnxruntime: {message}"),
+                LogLevel::Info | LogLevel::Verbose => {
+                    tracing::debug!(graph, "onnxruntime: {message}")
+                }
+            },
+        ))?;
+    if let Some(threads) = provider.intra_threads(config.intra_threads) {
+        builder = builder.with_intra_threads(threads)?;
+    }
+    if let Some(dir) = &config.ort_profile_dir {
+        // ONNX Runtime appends `_<timestamp>.json` to this prefix.
+        builder = builder.with_profiling(dir.join(graph))?;
     }
     // ONNX Runtime's pool threads spin after each run by default. In a server the same cores also decode images and
     // answer gRPC: spinning starved those tasks and added ~25 ms per request on 2 cores (measured with
@@ -157,36 +235,78 @@ fn new_session(
         builder = builder.with_memory_pattern(false)?;
     }
     if let Provider::Cuda(device_id) = provider {
-        builder = builder.with_execution_providers([ep::CUDA::default()
+        // The arena grows by what a run asks for, not to the next power of two: the default doubling reserved
+        // device memory no run needed (several GB at full size, per session), which a co-tenant or a larger
+        // decoder chunk then could not get.
+        let mut cuda = ep::CUDA::default()
             .with_device_id(*device_id)
+            .with_arena_extend_strategy(ep::ArenaExtendStrategy::SameAsRequested)
             .with_conv_algorithm_search(ep::cuda::ConvAlgorithmSearch::Heuristic)
-            .with_tf32(true)
-            .build()
-            .error_on_failure()])?;
+            .with_tf32(true);
+        if config.cuda_mem_limit_mb > 0 {
+            cuda = cuda.with_memory_limit(config.cuda_mem_limit_mb << 20);
+        }
+        builder = builder.with_execution_providers([cuda.build().error_on_failure()])?;
     }
     builder.commit_from_file(path)
 }
 
-fn check_io(
-    graph: &str,
-    session: &Session,
-    inputs: &[&str],
-    outputs: &[&str],
-) -> Result<(), ModelError> {
-    let have_in: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
-    let have_out: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-    for want in inputs {
-        if !have_in.contains(want) {
-            return Err(ModelError::Invalid(format!(
-                "{graph} graph has no input {want:?} (it has {have_in:?})"
-            )));
-        }
+/// The element type the server feeds or reads for each tensor name: f32 everywhere (fp16 exports keep fp32 I/O)
+/// except token ids, masks and the decoder's query indices.
+fn served_dtype(name: &str) -> TensorElementType {
+    match name {
+        "input_ids" | "attention_mask" | "text_mask" | "topk_queries" => TensorElementType::Int64,
+        _ => TensorElementType::Float32,
     }
-    for want in outputs {
-        if !have_out.contains(want) {
-            return Err(ModelError::Invalid(format!(
-                "{graph} graph has no output {want:?} (it has {have_out:?})"
-            )));
+}
+
+fn manifest_dtype(name: &str) -> Option<TensorElementType> {
+    Some(match name {
+        "float32" | "float" => TensorElementType::Float32,
+        "float16" => TensorElementType::Float16,
+        "bfloat16" => TensorElementType::Bfloat16,
+        "int64" => TensorElementType::Int64,
+        "int32" => TensorElementType::Int32,
+        "uint8" => TensorElementType::Uint8,
+        "bool" => TensorElementType::Bool,
+        _ => return None,
+    })
+}
+
+/// Checks a built session against its manifest entry: the names (the manifest's were checked against what the
+/// server uses when it was loaded), and for every tensor that the manifest's dtype, the graph's and the one the
+/// server feeds or reads agree.
+fn check_io(graph: &str, session: &Session, spec: &manifest::GraphSpec) -> Result<(), ModelError> {
+    let sides = [
+        ("input", session.inputs(), &spec.inputs),
+        ("output", session.outputs(), &spec.outputs),
+    ];
+    for (kind, have, want) in sides {
+        for tensor in want {
+            let Some(outlet) = have.iter().find(|o| o.name() == tensor.name) else {
+                let names: Vec<&str> = have.iter().map(|o| o.name()).collect();
+                return Err(ModelError::Invalid(format!(
+                    "{graph} graph has no {kind} {:?} (it has {names:?})",
+                    tensor.name
+                )));
+            };
+            let declared = manifest_dtype(&tensor.dtype).ok_or_else(|| {
+                ModelError::Invalid(format!(
+                    "manifest: {graph} {kind} {:?} has unknown dtype {:?}",
+                    tensor.name, tensor.dtype
+                ))
+            })?;
+            let actual = outlet.dtype().tensor_type();
+            let served = served_dtype(&tensor.name);
+            if actual != Some(declared) || declared != served {
+                return Err(ModelError::Invalid(format!(
+                    "{graph} {kind} {:?}: the graph has {}, the manifest says {}, the server uses {served} \
+                     (re-export with this version's export_sam3.py)",
+                    tensor.name,
+                    actual.map_or_else(|| "a non-tensor".to_string(), |t| t.to_string()),
+                    tensor.dtype
+                )));
+            }
         }
     }
     Ok(())

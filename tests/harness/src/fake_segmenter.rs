@@ -24,6 +24,9 @@ pub struct Faults {
     pub delay_ms: AtomicU32,
     /// Also return a second instance per concept: the bottom quarter of the image.
     pub second_instance: std::sync::atomic::AtomicBool,
+    /// Find nothing for these concepts (a real model finds nothing for a concept absent from the photo; the tiny
+    /// random-weight model cannot be made to, so this is the one non-fault the fake stands in for).
+    pub nothing_for: std::sync::Mutex<Vec<String>>,
 }
 
 #[derive(Default)]
@@ -125,10 +128,12 @@ async fn answer(fake: &FakeSegmenter, req: SegmentRequest) -> Result<SegmentResp
         .map(|i| if i / MASK >= MASK * 3 / 4 { 255 } else { 0 })
         .collect();
     let second = fake.faults.second_instance.load(Ordering::SeqCst);
+    let nothing_for = fake.faults.nothing_for.lock().unwrap().clone();
     let concepts = req
         .concepts
         .iter()
-        .map(|c| ConceptResult {
+        .map(|c| (c, nothing_for.contains(c)))
+        .map(|(c, nothing)| ConceptResult {
             concept: c.clone(),
             presence_score: 0.9,
             instances: [Instance {
@@ -162,6 +167,7 @@ async fn answer(fake: &FakeSegmenter, req: SegmentRequest) -> Result<SegmentResp
                 }),
                 ..Default::default()
             }))
+            .filter(|_| !nothing)
             .collect(),
             ..Default::default()
         })

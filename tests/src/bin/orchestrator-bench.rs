@@ -4,6 +4,11 @@
 //!
 //!   cargo run --release -p palette-e2e --bin orchestrator-bench -- --images 100
 //!
+//! After the 1 MP jobs, a few 12 MP phone photos (`--phone-images`, 0 skips them) go through the same way. For both
+//! sizes the same photos also go through `tests/bench/pipeline_reference.py` (NumPy + OpenCV, one core, our rules'
+//! maths) when a Python with numpy and opencv-python-headless is found (`--python`, default .venv-bench/bin/python),
+//! and the bench prints "orchestrator vs Python pipeline per core".
+//!
 //! Both services run in this process (segmenter on the bundled tiny model, CPU; orchestrator on local storage), so
 //! the peak-memory figures are for the pair. With the tiny model the segmenter's share is far smaller than with the
 //! real one (about 70 ms per image and 3 concepts on an H200): read the ratio as "orchestration cost per image".
@@ -38,6 +43,81 @@ struct Args {
     /// Orchestrator RETAINED_JOBS_MB (finished jobs' records beyond it are forgotten).
     #[arg(long, default_value_t = 256)]
     retained_jobs_mb: usize,
+    /// 12 MP (4032x3024) photos in a second job after the others; 0 skips it.
+    #[arg(long, default_value_t = 3)]
+    phone_images: u32,
+    /// Python for the reference pipeline (needs numpy and opencv-python-headless).
+    #[arg(long)]
+    python: Option<std::path::PathBuf>,
+}
+
+/// What one measured job cost, per image.
+struct Cost {
+    /// CPU seconds of this process (both services) per image.
+    cpu: f64,
+    /// Of which inside the segmenter's own stages (the tiny model on the CPU).
+    segmenter: f64,
+}
+
+/// Runs the reference pipeline on the job's photos; its seconds per image (None when it cannot run).
+fn python_reference(args: &Args, photos: &std::path::Path, instances: u32) -> Option<f64> {
+    let root = palette_e2e::repo_root();
+    let python = args
+        .python
+        .clone()
+        .unwrap_or_else(|| root.join(".venv-bench/bin/python"));
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.join("segmenter-svc/models/sam3-tiny/manifest.json")).ok()?,
+    )
+    .ok()?;
+    let mask_size = manifest["mask_size"].as_u64()?;
+    let out = std::process::Command::new(&python)
+        .arg(root.join("tests/bench/pipeline_reference.py"))
+        .args(["--photos", &photos.display().to_string()])
+        .args(["--instances", &instances.to_string()])
+        .args(["--mask-size", &mask_size.to_string()])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let line = String::from_utf8_lossy(&o.stdout);
+            let v: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
+            println!("  python reference per image: {}", v["stages"]);
+            v["seconds_per_image"].as_f64()
+        }
+        Ok(o) => {
+            eprintln!(
+                "reference pipeline failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("reference pipeline not run ({}): {e}", python.display());
+            None
+        }
+    }
+}
+
+/// The per-core comparison line: ours (orchestration only, and both services) against the Python pipeline.
+fn print_reference(label: &str, ours: &Cost, reference: Option<f64>) {
+    let orchestration = ours.cpu - ours.segmenter;
+    match reference {
+        Some(py) => println!(
+            "{label}: orchestrator vs Python pipeline per core: {:.2}x ({:.3} CPU-s per image around the model vs \
+             {py:.3} s in Python; both services {:.3} CPU-s per image = {:.2} images per CPU-second)",
+            py / orchestration.max(1e-9),
+            orchestration,
+            ours.cpu,
+            1.0 / ours.cpu.max(1e-9)
+        ),
+        None => println!(
+            "{label}: {:.3} CPU-s per image around the model, {:.3} with the segmenter ({:.2} images per CPU-second); \
+             no Python reference",
+            orchestration,
+            ours.cpu,
+            1.0 / ours.cpu.max(1e-9)
+        ),
+    }
 }
 
 fn photo(w: u32, h: u32, seed: u32) -> Vec<u8> {
@@ -137,15 +217,17 @@ fn gauge(metrics: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn run_job(url: &str, storage: &std::path::Path, job_id: &str, n: u32, args: &Args) -> f64 {
+async fn run_job(
+    url: &str,
+    storage: &std::path::Path,
+    job_id: &str,
+    n: u32,
+    size: (u32, u32),
+) -> f64 {
     for i in 0..n {
         let dir = storage.join(format!("inputs/bench-user/{job_id}"));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join(format!("{i}.jpg")),
-            photo(args.width, args.height, i),
-        )
-        .unwrap();
+        std::fs::write(dir.join(format!("{i}.jpg")), photo(size.0, size.1, i)).unwrap();
     }
     let mut client = JobsClient::connect(url.to_string()).await.unwrap();
     let started = Instant::now();
@@ -209,11 +291,12 @@ async fn main() -> anyhow::Result<()> {
     let mut orchestrator = palette_e2e::start_orchestrator(config).await;
     let url = orchestrator.url();
 
+    let size = (args.width, args.height);
     let (_, cpu0) = process_stats();
-    let small_wall = run_job(&url, storage.path(), "small", args.small, &args).await;
+    let small_wall = run_job(&url, storage.path(), "small", args.small, size).await;
     let (small_peak, cpu1) = process_stats();
     let before = recorder.render();
-    let large_wall = run_job(&url, storage.path(), "large", args.images, &args).await;
+    let large_wall = run_job(&url, storage.path(), "large", args.images, size).await;
     let (large_peak, cpu2) = process_stats();
     let after = recorder.render();
 
@@ -292,7 +375,7 @@ async fn main() -> anyhow::Result<()> {
             storage.path(),
             &format!("extra-{round}"),
             args.images,
-            &args,
+            size,
         )
         .await;
         println!(
@@ -302,6 +385,60 @@ async fn main() -> anyhow::Result<()> {
             status_bytes("VmRSS:") as f64 / 1e6,
             gauge(&recorder.render(), "orchestrator_retained_job_bytes") / 1e6
         );
+    }
+    let model_seconds = |d: &[(String, f64)]| d.iter().map(|(_, v)| v).sum::<f64>();
+    let large = Cost {
+        cpu: cpu / n,
+        segmenter: model_seconds(&seg_own) / n,
+    };
+    let instances = |job: &str| {
+        let (files, _) = dir_usage(&storage.path().join(format!("masks/bench-user/{job}")));
+        files as u32
+    };
+    let photos = storage.path().join("inputs/bench-user/large");
+    let reference = python_reference(&args, &photos, instances("large") / args.images.max(1));
+    println!();
+    print_reference(
+        &format!("{}x{}", args.width, args.height),
+        &large,
+        reference,
+    );
+    if args.phone_images > 0 {
+        let (w, h) = (4032, 3024);
+        let before = recorder.render();
+        let (_, cpu_a) = process_stats();
+        run_job(&url, storage.path(), "phone", args.phone_images, (w, h)).await;
+        let (_, cpu_b) = process_stats();
+        let after = recorder.render();
+        let n = f64::from(args.phone_images);
+        let seg = stage_sums(&after, "segmenter_stage_seconds");
+        let seg_before = stage_sums(&before, "segmenter_stage_seconds");
+        let phone = Cost {
+            cpu: (cpu_b - cpu_a) / n,
+            segmenter: (model_seconds(&seg) - model_seconds(&seg_before)) / n,
+        };
+        let orch_after = stage_sums(&after, "orchestrator_stage_seconds");
+        let orch_before = stage_sums(&before, "orchestrator_stage_seconds");
+        println!(
+            "\n{} phone photos of {w}x{h}, per image (ms):",
+            args.phone_images
+        );
+        for (stage, v) in &orch_after {
+            let prev = orch_before
+                .iter()
+                .find(|(s, _)| s == stage)
+                .map_or(0.0, |(_, p)| *p);
+            println!("  {stage:<10} {:>8.2}", (v - prev) / n * 1e3);
+        }
+        let (_, bytes) = dir_usage(&storage.path().join("masks/bench-user/phone"));
+        println!("stored masks: {:.1} MB per image", bytes as f64 / 1e6 / n);
+        let photos = storage.path().join("inputs/bench-user/phone");
+        let reference = python_reference(
+            &args,
+            &photos,
+            instances("phone") / args.phone_images.max(1),
+        );
+        print_reference(&format!("{w}x{h}"), &phone, reference);
     }
     let _ = (cpu0, small_wall);
     orchestrator.stop().await.unwrap();

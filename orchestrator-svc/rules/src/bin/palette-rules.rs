@@ -53,7 +53,8 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Render every rule on a synthetic room into a folder, plus sheet.png.
+    /// Render every rule on a synthetic room into a folder, plus sheet.png; light paints on a wall by a window into
+    /// window-sheet.png.
     Demo {
         #[arg(long)]
         out_dir: PathBuf,
@@ -232,6 +233,75 @@ fn demo(dir: &Path, width: u32) -> Result<()> {
     }
     contact::contact_sheet(&pairs, 300).save(dir.join("sheet.png"))?;
     println!("wrote {}", dir.join("sheet.png").display());
+    window_demo(dir, width, &model)
+}
+
+/// The light paints are judged on: a wall by a window (fall-off, a shelf's soft shadow, a skirting board, a chair in
+/// front) painted white, off-white, greige and navy, a pale floor and the wall brightened; into window-sheet.png.
+fn window_demo(dir: &Path, width: u32, model: &dyn Fn(&GrayImage) -> GrayImage) -> Result<()> {
+    let scene = synth::window_wall(width, width * 3 / 4, true);
+    let (wall, skirting, chair, floor) = (
+        model(&scene.wall),
+        model(&scene.skirting),
+        model(&scene.chair),
+        model(&scene.floor),
+    );
+    scene.photo.save(dir.join("window_wall.png"))?;
+    let in_front = [chair.clone(), skirting];
+    let cases: [(&str, &GrayImage, &[GrayImage], &str); 6] = [
+        (
+            "window_white_wall",
+            &wall,
+            &in_front,
+            r##"{"type":"recolor","params":{"color":"#ffffff"}}"##,
+        ),
+        (
+            "window_offwhite_wall",
+            &wall,
+            &in_front,
+            r##"{"type":"recolor","params":{"color":"#f4f1ea"}}"##,
+        ),
+        (
+            "window_greige_wall",
+            &wall,
+            &in_front,
+            r##"{"type":"recolor","params":{"color":"#beb3a3","finish":"matte"}}"##,
+        ),
+        (
+            "window_navy_wall",
+            &wall,
+            &in_front,
+            r##"{"type":"recolor","params":{"color":"#1f3a5f"}}"##,
+        ),
+        (
+            "window_pale_marble_floor",
+            &floor,
+            std::slice::from_ref(&chair),
+            r#"{"type":"texture","params":{"builtin":"marble","scale":0.6}}"#,
+        ),
+        (
+            "window_brighter_wall",
+            &wall,
+            &in_front,
+            r#"{"type":"tone","params":{"brightness":0.4}}"#,
+        ),
+    ];
+    let mut pairs = Vec::new();
+    for (name, target, occ, json) in cases {
+        let r = parse_rule_json(json, None)?;
+        let reg = region::build_region(
+            &scene.photo,
+            std::slice::from_ref(target),
+            occ,
+            &r.region_params(),
+        );
+        let e = apply(&scene.photo, &reg, &r, None)?;
+        save(&e, &dir.join(format!("{name}.png")))?;
+        pairs.push((scene.photo.clone(), to_rgb(&e)));
+    }
+    let sheet = dir.join("window-sheet.png");
+    contact::contact_sheet(&pairs, 300).save(&sheet)?;
+    println!("wrote {}", sheet.display());
     Ok(())
 }
 

@@ -1,9 +1,13 @@
-//! Put a material on a surface: tile the swatch (scaled, rotated), multiply it by the region's normalised luminance
-//! (Y / mean Y) so the room's shadows and light fall-off carry over, mix by opacity. Flat by default; on the plane
-//! of a marked rectangle with `perspective` (see `perspective.rs`).
+//! Put a material on a surface: tile the swatch (scaled, rotated) and light it with the photo's light (`light.rs`):
+//! each pixel's luminance over the region's lit level multiplies the swatch, so the lit part of the floor shows the
+//! swatch as it is and shadows and fall-off carry over as the same ratios, even for a white or pale swatch; what
+//! would pass white rolls off instead. Mixed by opacity. Flat by default; on the plane of a marked rectangle with
+//! `perspective` (see `perspective.rs`).
 
-use super::{blend_masked_rows, bounds, perspective, weighted_mean};
+use super::{blend_masked_rows, bounds, perspective};
 use crate::color::{encode_table, encode_with, linear_table, luminance};
+use crate::light::{KNEE, Shoulder, lit_level};
+use crate::lut::Lut1;
 use crate::rule::TextureParams;
 use crate::swatch::{LinearSwatch, bilerp};
 use image::{GrayImage, RgbImage};
@@ -20,10 +24,7 @@ pub fn texture(
     let b = bounds(region);
     let (lt, enc) = (linear_table(), encode_table());
     let (sw, sh) = (swatch.width, swatch.height);
-    // The mean only normalises the shading: one pixel in four is plenty.
-    let Some(mean_y) = weighted_mean(photo, region, b, 2, |q| {
-        luminance(lt[q[0] as usize], lt[q[1] as usize], lt[q[2] as usize])
-    }) else {
+    let Some(lit) = lit_level(photo, region, b) else {
         return photo.clone();
     };
     if sw == 0 || sh == 0 {
@@ -31,17 +32,27 @@ pub fn texture(
     }
     let tile_px = photo.width().max(photo.height()) as f64 / TILES_ACROSS as f64 * p.scale as f64;
     let (sin, cos) = (p.rotation_deg as f64).to_radians().sin_cos();
-    let inv_mean = if mean_y > 1e-4 { 1.0 / mean_y } else { 1.0 };
+    let inv_lit = 1.0 / lit;
+    // A white texel under the brightest possible input is the brightest output: the shoulder ends there. Tabled
+    // over its span (k = rolled-off / input), so a bright pixel costs an interpolation rather than an exp.
+    let shoulder = Shoulder::new(inv_lit);
+    let roll_off = (!shoulder.is_identity())
+        .then(|| Lut1::build(KNEE, inv_lit, 1025, |y| [shoulder.apply(y) / y]));
+    let roll_off = roll_off.as_ref();
     let opacity = p.opacity;
-    // Swatch colour (linear) -> shaded by the photo's light, mixed by opacity, encoded.
+    // Swatch colour (linear) -> lit by the photo's light, mixed by opacity, encoded.
     let shade_mix = move |s: [f32; 3], px: [u8; 3]| -> [f32; 3] {
         let inp = px.map(|c| lt[c as usize]);
-        let shade = (luminance(inp[0], inp[1], inp[2]) * inv_mean).min(4.0);
-        let mut t = s.map(|v| v * shade);
-        // Over-bright highlights: scale all channels together so the swatch's hue survives.
-        let m = t[0].max(t[1]).max(t[2]);
-        if m > 1.0 {
-            t = t.map(|v| v / m);
+        let light = luminance(inp[0], inp[1], inp[2]) * inv_lit;
+        let mut t = s.map(|v| v * light);
+        // Past the knee, the whole colour scales with its largest channel's roll-off: hue and chroma survive and
+        // no channel flattens at 255 (see recolor.rs).
+        if let Some(roll_off) = roll_off {
+            let m = t[0].max(t[1]).max(t[2]);
+            if m > KNEE {
+                let k = roll_off.eval(m)[0];
+                t = t.map(|v| v * k);
+            }
         }
         std::array::from_fn(|k| encode_with(enc, inp[k] + opacity * (t[k] - inp[k])))
     };

@@ -49,8 +49,10 @@ pub enum Finish {
 }
 
 impl Finish {
-    /// Share of the original's local lightness contrast kept: flat paint hides texture and sheen, gloss shows it.
-    pub fn contrast_kept(self) -> f32 {
+    /// How much of the light above the wall's lit level the paint shows (an exponent on that light ratio, see
+    /// `light::finish_light`): flat paint scatters sheen and hot spots, gloss reflects them. Shadows and fall-off
+    /// below the lit level are the light itself and the same on every finish.
+    pub fn highlight_gain(self) -> f32 {
         match self {
             Finish::Matte => 0.8,
             Finish::Eggshell => 0.9,

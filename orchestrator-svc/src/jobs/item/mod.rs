@@ -268,6 +268,8 @@ impl ItemRunner {
             outputs.push(RuleOutput {
                 rule_id: rule_id.clone(),
                 output_key: key,
+                applied: rendered.not_applied.is_none(),
+                not_applied_reason: rendered.not_applied.map_or("", |n| n.as_str()).to_string(),
             });
             if preview.is_none() {
                 preview = rendered.preview;

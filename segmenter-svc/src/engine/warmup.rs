@@ -1,0 +1,134 @@
+//! Warm-up before SERVING: every shape a request will run, once. ONNX Runtime's first run at a new shape is slow
+//! (2x on the CPU; on CUDA it also picks kernels and grows the arena), and without this the first requests with 3 or
+//! 8 concepts, or the first full vision batch, would pay for it.
+//!
+//! A child module of `worker` (it uses the worker's private run helpers), kept in its own file.
+
+use std::time::Instant;
+
+use super::{Worker, bind_vision, decode_chunk, fpn_views};
+use crate::model::runtime::Provider;
+use crate::postprocess::FilterParams;
+
+/// The vision batch sizes and decoder phrase counts to warm up: 1 image and, on a GPU, the largest batch; 1, 3 and 8
+/// phrases (the counts clients use most) and the decoder chunk, each capped at the chunk (a request never runs more
+/// phrases at once). On the CPU a full batch is not warmed up: at full size it would add ~2 minutes to every start
+/// (vision ≈ 28 s per image on 2 cores) to save one slower first batch.
+pub(super) fn shapes(
+    max_batch_images: usize,
+    decoder_chunk: usize,
+    gpu: bool,
+) -> (Vec<usize>, Vec<usize>) {
+    let chunk = decoder_chunk.max(1);
+    let mut vision = vec![1];
+    if gpu && max_batch_images > 1 {
+        vision.push(max_batch_images);
+    }
+    let mut decoder: Vec<usize> = [1, 3, 8, chunk].into_iter().map(|n| n.min(chunk)).collect();
+    decoder.sort_unstable();
+    decoder.dedup();
+    (vision, decoder)
+}
+
+impl Worker {
+    /// The probe (one image, one phrase, all three graphs), then the other shapes of `shapes`. Any failure fails the
+    /// warm-up: the engine reports Failed and never serves.
+    pub(super) fn warm_up(&mut self) -> ort::Result<()> {
+        self.probe()?;
+        let (vision_batches, phrase_counts) = shapes(
+            self.settings.max_batch_images,
+            self.settings.decoder_chunk,
+            matches!(self.sessions.provider, Provider::Cuda(_)),
+        );
+        let s = self.settings.image_size;
+        for &batch in vision_batches.iter().filter(|&&b| b > 1) {
+            let started = Instant::now();
+            let binding = bind_vision(
+                &self.sessions.vision,
+                vec![0f32; batch * 3 * s * s],
+                batch,
+                s,
+                &self.sessions.provider,
+            )?;
+            let outputs = self.sessions.vision.run_binding(&binding)?;
+            binding.synchronize_outputs()?;
+            drop(outputs);
+            tracing::info!(
+                vision_batch = batch,
+                ms = started.elapsed().as_millis() as u64,
+                "warm-up"
+            );
+        }
+        let counts: Vec<usize> = phrase_counts.into_iter().filter(|&n| n > 1).collect();
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let tokens = self.settings.probe_tokens.clone();
+        let binding = bind_vision(
+            &self.sessions.vision,
+            vec![0f32; 3 * s * s],
+            1,
+            s,
+            &self.sessions.provider,
+        )?;
+        let vision_out = self.sessions.vision.run_binding(&binding)?;
+        binding.synchronize_outputs()?;
+        let fpn = fpn_views(&vision_out)?;
+        let params = FilterParams {
+            threshold: 1.0,
+            max_instances: 0,
+            keep_semantic: false,
+        };
+        for n in counts {
+            let started = Instant::now();
+            let phrases = vec![tokens.clone(); n];
+            // The text encoder at this count too: a batch of new phrases runs it at the same N.
+            let ids: Vec<i64> = phrases.iter().flat_map(|t| t.ids.iter().copied()).collect();
+            let mask: Vec<i64> = phrases
+                .iter()
+                .flat_map(|t| t.mask.iter().copied())
+                .collect();
+            let l = self.settings.context;
+            let text_out = self.sessions.text.run(ort::inputs![
+                "input_ids" => ort::value::TensorRef::from_array_view(([n, l], &ids[..]))?,
+                "attention_mask" => ort::value::TensorRef::from_array_view(([n, l], &mask[..]))?,
+            ])?;
+            let (_, data) = text_out["text_features"].try_extract_tensor::<f32>()?;
+            let per = data.len() / n;
+            let features: Vec<std::sync::Arc<[f32]>> =
+                data.chunks_exact(per).map(std::sync::Arc::from).collect();
+            drop(text_out);
+            decode_chunk(
+                &mut self.sessions.decoder,
+                &self.settings,
+                &fpn,
+                0,
+                &features,
+                &phrases,
+                (1, 1),
+                params,
+            )?;
+            tracing::info!(
+                phrases = n,
+                ms = started.elapsed().as_millis() as u64,
+                "warm-up"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shapes;
+
+    #[test]
+    fn warm_up_shapes_cover_common_counts_and_the_configured_sizes() {
+        // CUDA defaults: one image per vision run, decoder chunk 8.
+        assert_eq!(shapes(1, 8, true), (vec![1], vec![1, 3, 8]));
+        assert_eq!(shapes(4, 16, true), (vec![1, 4], vec![1, 3, 8, 16]));
+        // CPU defaults: batches of 4 (not warmed up), decoder chunk 2.
+        assert_eq!(shapes(4, 2, false), (vec![1], vec![1, 2]));
+        assert_eq!(shapes(0, 0, true), (vec![1], vec![1]));
+    }
+}

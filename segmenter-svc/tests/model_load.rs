@@ -1,0 +1,129 @@
+//! What startup checks and sets up before the first request: tensor types against the manifest, the serving
+//! defaults per provider, ONNX Runtime profiles on request.
+
+use palette_testing::segmenter as common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use segmenter_svc::engine::Health;
+
+/// A copy of the bundled tiny model whose manifest went through `edit`.
+fn edited_model(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(common::tiny_model_dir()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let path = dir.path().join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut manifest);
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    dir
+}
+
+fn config_for(dir: &Path) -> segmenter_svc::Config {
+    let mut config = common::test_config();
+    config.model_dir = Some(dir.to_path_buf());
+    config
+}
+
+async fn load_error(config: &segmenter_svc::Config) -> String {
+    match segmenter_svc::server::load(config).await {
+        Ok(_) => panic!("the model loaded"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[tokio::test]
+async fn a_tensor_type_that_differs_from_the_manifest_stops_startup() {
+    // The manifest claims int32 for the decoder's text mask; the graph takes int64 (and so does the server).
+    let dir = edited_model(|m| {
+        for input in m["graphs"]["decoder"]["inputs"].as_array_mut().unwrap() {
+            if input["name"] == "text_mask" {
+                input["dtype"] = "int32".into();
+            }
+        }
+    });
+    let error = load_error(&config_for(dir.path())).await;
+    assert!(
+        error.contains("decoder input \"text_mask\"")
+            && error.contains("the graph has i64")
+            && error.contains("the manifest says int32"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_graph_whose_types_the_server_cannot_feed_stops_startup() {
+    // Manifest and graph could agree on float16 pixels (an export without fp32 I/O); the server feeds f32. Here
+    // the manifest says float16 and the graph says f32: refused either way, naming all three.
+    let dir = edited_model(|m| {
+        m["graphs"]["vision"]["inputs"][0]["dtype"] = "float16".into();
+    });
+    let error = load_error(&config_for(dir.path())).await;
+    assert!(
+        error.contains("vision input \"pixel_values\"") && error.contains("the server uses f32"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_dtype_in_the_manifest_is_named() {
+    let dir = edited_model(|m| {
+        m["graphs"]["text"]["outputs"][0]["dtype"] = "float128".into();
+    });
+    let error = load_error(&config_for(dir.path())).await;
+    assert!(error.contains("unknown dtype \"float128\""), "{error}");
+}
+
+#[tokio::test]
+async fn cpu_defaults_batch_four_images_and_profiles_are_written_on_request() {
+    let profiles = tempfile::tempdir().unwrap();
+    let mut config = common::test_config();
+    assert_eq!(
+        config.max_batch_images, 0,
+        "0 = the provider's default by default"
+    );
+    config.ort_profile_dir = Some(profiles.path().join("ort"));
+    let shared = segmenter_svc::server::load(&config).await.unwrap();
+    let limits = shared.info.limits.unwrap();
+    assert_eq!(limits.max_batch_images, 4, "CPU default");
+    let mut health = shared.engine.health();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        health.wait_for(|h| *h == Health::Serving),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Dropping the last handle stops the engine, which ends profiling before it reports Stopped.
+    drop(shared);
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        health.wait_for(|h| *h == Health::Stopped),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut written: Vec<String> = std::fs::read_dir(profiles.path().join("ort"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(written.len(), 3, "{written:?}");
+    for (file, graph) in written.iter().zip(["decoder", "text", "vision"]) {
+        assert!(
+            file.starts_with(graph) && file.ends_with(".json"),
+            "{written:?}"
+        );
+        let trace: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(profiles.path().join("ort").join(file)).unwrap())
+                .unwrap();
+        assert!(
+            trace.as_array().is_some_and(|events| !events.is_empty()),
+            "{file}: not a Chrome trace"
+        );
+    }
+}
