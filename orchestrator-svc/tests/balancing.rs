@@ -1,7 +1,7 @@
 //! Client-side balancing over several segmenter replicas: calls spread over all of them, a replica that goes away
 //! mid-job costs no item, and items fail only when every replica refuses.
 
-mod common;
+use palette_testing as common;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! Callback delivery against a real HTTP receiver.
 
-mod common;
+use palette_testing as common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,6 +1,6 @@
 //! Jobs end to end inside this crate: gRPC in, local storage, a fault-injecting segmenter, a real callback receiver.
 
-mod common;
+use palette_testing as common;
 
 use std::sync::atomic::Ordering;
 

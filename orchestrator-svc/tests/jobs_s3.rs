@@ -1,6 +1,6 @@
 //! A whole job with STORAGE_BACKEND=s3 against a real S3 server (SeaweedFS).
 
-mod common;
+use palette_testing as common;
 
 use std::time::Duration;
 

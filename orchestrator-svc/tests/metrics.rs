@@ -1,6 +1,6 @@
 //! The Prometheus exporter (process-global, hence its own test binary).
 
-mod common;
+use palette_testing as common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_jobs_items_stages_and_callbacks() {

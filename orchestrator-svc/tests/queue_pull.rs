@@ -2,7 +2,7 @@
 //! storage shared by all of them, the fake segmenter (slowed down so a job can be interrupted), and a real callback
 //! receiver per orchestrator (so each callback tells which orchestrator sent it).
 
-mod common;
+use palette_testing as common;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! rp_job.py / rp_http.py / rp_ping.py): job-take serves scripted jobs then 204, progress and results are recorded,
 //! pings are counted, and every request must carry the API key in `Authorization`.
 
-mod common;
+use palette_testing as common;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;

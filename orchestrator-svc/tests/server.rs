@@ -1,6 +1,6 @@
 //! Server scaffolding: health, reflection, reserved adapters.
 
-mod common;
+use palette_testing as common;
 
 use orchestrator_svc::config::Adapter;
 use orchestrator_svc::{Config, StartupError};

@@ -1,7 +1,7 @@
 //! The S3 backend against a real S3 server (SeaweedFS), configured exactly as for R2: static credentials,
 //! path-style, checksums only when required.
 
-mod common;
+use palette_testing as common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! A job's trace reaches the segmenter: every Segment call carries the W3C traceparent of the item's trace.
 //! (Its own test binary: the tracing subscriber is process-global.)
 
-mod common;
+use palette_testing as common;
 
 use common::fake_segmenter;
 use common::orchestrator::{is_terminal, photo_jpeg, seed_spec, start};

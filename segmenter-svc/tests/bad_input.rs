@@ -1,6 +1,6 @@
 //! Every kind of bad request gets a clear status with field details, and the server keeps serving afterwards.
 
-mod common;
+use palette_testing::segmenter as common;
 
 use common::{TestServer, image_bytes, request, test_config};
 use palette_proto::segmenter::v1 as pb;

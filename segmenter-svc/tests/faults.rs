@@ -2,7 +2,7 @@
 //! transient fault fails only the request it hit; a provider that stays broken turns health NOT_SERVING and requests
 //! UNAVAILABLE; when it works again a recovery probe brings the segmenter back to SERVING without a restart.
 
-mod common;
+use palette_testing::segmenter as common;
 
 use std::time::Duration;
 

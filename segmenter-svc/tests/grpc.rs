@@ -1,7 +1,7 @@
 //! The Segment API over real gRPC on 127.0.0.1:0: shapes, formats, duplicates, model info, health, reflection,
 //! concurrency and batching, admission control, deadlines, and graceful shutdown.
 
-mod common;
+use palette_testing::segmenter as common;
 
 use std::time::Duration;
 

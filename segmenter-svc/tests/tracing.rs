@@ -1,7 +1,7 @@
 //! Trace context crosses the gRPC boundary: a caller's W3C traceparent becomes the parent of the server's span.
 //! (Its own test binary: the tracing subscriber is process-global.)
 
-mod common;
+use palette_testing::segmenter as common;
 
 use common::{TestServer, image_bytes, request, test_config};
 use opentelemetry::trace::{SpanId, TraceId};

@@ -39,7 +39,7 @@ async fn every_api_example_runs() {
         eprintln!("SKIPPED: grpcurl not found (run .ci/setup)");
         return;
     }
-    let mut segmenter = start_segmenter(None).await;
+    let mut segmenter = start_segmenter().await;
     let storage = tempfile::tempdir().unwrap();
     let photo = example_photos().remove(0).1;
     for job in ["test-job", "test-job-2"] {
@@ -85,8 +85,8 @@ async fn every_api_example_runs() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    orchestrator.stop().await;
-    segmenter.stop().await;
+    orchestrator.stop().await.unwrap();
+    segmenter.stop().await.unwrap();
 }
 
 /// One markdown table per service, from the clap definitions: flag, environment variable, default, help.

@@ -1,13 +1,8 @@
 //! The product's main job with every real part: the segmenter (tiny SAM3 model, real ONNX Runtime) over gRPC, the
 //! orchestrator over gRPC, SeaweedFS as the S3 server, and an HTTP server receiving signed callbacks.
 
-#[path = "../../orchestrator-svc/tests/common/ports.rs"]
-mod ports;
-#[path = "../../orchestrator-svc/tests/common/receiver.rs"]
-#[allow(dead_code)]
-mod receiver;
-#[path = "../../orchestrator-svc/tests/common/seaweed.rs"]
-mod seaweed;
+use palette_testing::receiver;
+use palette_testing::seaweed;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -69,7 +64,7 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
         return;
     };
     let s3 = palette_e2e::s3::client(&weed.endpoint, seaweed::ACCESS_KEY, seaweed::SECRET_KEY);
-    let mut segmenter = start_segmenter(None).await;
+    let mut segmenter = start_segmenter().await;
     let hooks = receiver::Receiver::start(SECRET, vec![(500, None)]).await;
 
     // Items 0..2: the example photos; 3: missing; 4: not an image.
@@ -299,8 +294,8 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
         "every callback DELIVERED"
     );
 
-    orchestrator.stop().await;
-    segmenter.stop().await;
+    orchestrator.stop().await.unwrap();
+    segmenter.stop().await.unwrap();
 }
 
 async fn wait_callbacks_settled(

@@ -2,13 +2,8 @@
 //! one terminal state with exactly one callback, what completed before the outage is still there afterwards, and
 //! the orchestrator keeps serving (a job after the restart completes).
 
-#[path = "../../orchestrator-svc/tests/common/ports.rs"]
-mod ports;
-#[path = "../../orchestrator-svc/tests/common/receiver.rs"]
-#[allow(dead_code)]
-mod receiver;
-#[path = "../../orchestrator-svc/tests/common/seaweed.rs"]
-mod seaweed;
+use palette_testing::receiver;
+use palette_testing::seaweed;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -76,7 +71,7 @@ async fn an_s3_outage_mid_job_loses_nothing_and_the_service_keeps_serving() {
         return;
     };
     let s3 = palette_e2e::s3::client(&weed.endpoint, seaweed::ACCESS_KEY, seaweed::SECRET_KEY);
-    let mut segmenter = start_segmenter(None).await;
+    let mut segmenter = start_segmenter().await;
     let hooks = receiver::Receiver::start(SECRET, vec![]).await;
     let photos = example_photos();
     let images = 8u32;
@@ -176,6 +171,6 @@ async fn an_s3_outage_mid_job_loses_nothing_and_the_service_keeps_serving() {
     let after = settled(&mut client, "after-job").await;
     assert_eq!(after.completed, images, "{after:#?}");
 
-    orchestrator.stop().await;
-    segmenter.stop().await;
+    orchestrator.stop().await.unwrap();
+    segmenter.stop().await.unwrap();
 }

@@ -124,6 +124,12 @@ impl Segmenter {
         })
     }
 
+    /// The wait before the first retry (doubled for each further one). Default 200 ms.
+    pub fn with_first_backoff(mut self, first: Duration) -> Self {
+        self.first_backoff = first;
+        self
+    }
+
     /// Replicas the balancer currently holds.
     pub fn replicas(&self) -> usize {
         self.replicas.load(Ordering::SeqCst)
@@ -273,5 +279,64 @@ fn map_status(call: &'static str, attempts: u32, status: Status) -> SegmenterErr
             attempts,
             status,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+
+    fn client(attempts: u32) -> Segmenter {
+        // Nothing listens on port 9: the resolver finds no live replica and keeps the address, so calls fail fast.
+        Segmenter::new(
+            "http://127.0.0.1:9",
+            Duration::from_secs(1),
+            attempts,
+            Duration::ZERO,
+        )
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unavailable_is_retried_with_doubling_backoff() {
+        let segmenter = client(3).with_first_backoff(Duration::from_millis(200));
+        let calls = AtomicU32::new(0);
+        let started = tokio::time::Instant::now();
+        let result: Result<(), _> = segmenter
+            .with_retries("Segment", |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err(Status::unavailable("starting")) }
+            })
+            .await;
+        assert!(
+            matches!(result, Err(SegmenterError::Unavailable { attempts: 3, .. })),
+            "{result:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        // 200 ms, then 400 ms, on the paused clock: the test takes no real time for them.
+        assert!(
+            started.elapsed() >= Duration::from_millis(600),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_is_not_retried() {
+        let segmenter = client(4);
+        let calls = AtomicU32::new(0);
+        let result: Result<(), _> = segmenter
+            .with_retries("Segment", |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err(Status::invalid_argument("not an image")) }
+            })
+            .await;
+        assert!(
+            matches!(result, Err(SegmenterError::Rejected { attempts: 1, .. })),
+            "{result:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }

@@ -282,7 +282,7 @@ async fn main() -> anyhow::Result<()> {
     // As both services' binaries do at startup (see their main.rs).
     segmenter_svc::telemetry::fix_mmap_threshold();
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
-    let mut segmenter = palette_e2e::start_segmenter(None).await;
+    let mut segmenter = palette_e2e::start_segmenter().await;
     let storage = tempfile::tempdir()?;
     let mut config = orchestrator_svc::Config::for_tests(storage.path(), segmenter.url());
     config.limits.batch_concurrency = args.batch_concurrency;
@@ -441,7 +441,7 @@ async fn main() -> anyhow::Result<()> {
         print_reference(&format!("{w}x{h}"), &phone, reference);
     }
     let _ = (cpu0, small_wall);
-    orchestrator.stop().await;
-    segmenter.stop().await;
+    orchestrator.stop().await.unwrap();
+    segmenter.stop().await.unwrap();
     Ok(())
 }

@@ -61,11 +61,19 @@ enum RunpodError {
     Status { request: &'static str, status: u16 },
 }
 
-fn backoff(attempt: u32) -> Duration {
-    let cap = BACKOFF_BASE
-        .saturating_mul(1u32 << attempt.min(10))
-        .min(BACKOFF_MAX);
+/// Picks the actual wait below a backoff cap. Injected (`run_with`) so that tests can fix it.
+pub type Jitter = fn(Duration) -> Duration;
+
+/// Full jitter: uniform in [0, cap].
+pub fn full_jitter(cap: Duration) -> Duration {
     Duration::from_millis(rand::rng().random_range(0..=cap.as_millis() as u64))
+}
+
+/// The cap of the wait after `attempt` failures: BACKOFF_BASE doubled per attempt, at most BACKOFF_MAX.
+fn backoff_cap(attempt: u32) -> Duration {
+    BACKOFF_BASE
+        .saturating_mul(1u32 << attempt.min(10))
+        .min(BACKOFF_MAX)
 }
 
 struct Worker {
@@ -74,6 +82,7 @@ struct Worker {
     service: Arc<JobService>,
     /// Runpod job ids in progress (reported by the heartbeat).
     current: Arc<Mutex<Vec<String>>>,
+    jitter: Jitter,
 }
 
 enum Taken {
@@ -170,7 +179,7 @@ impl Worker {
                 Err(e) => {
                     tracing::warn!(runpod_job = %job_id, attempt, error = %Report(&e), "runpod: result post failed");
                     if attempt + 1 < RESULT_ATTEMPTS {
-                        tokio::time::sleep(backoff(attempt)).await;
+                        tokio::time::sleep((self.jitter)(backoff_cap(attempt))).await;
                     }
                 }
             }
@@ -269,12 +278,23 @@ impl Worker {
 /// Takes Runpod jobs one at a time until `stop` turns true; the job in progress is finished (and its result
 /// posted) before returning.
 pub async fn run(settings: RunpodSettings, service: Arc<JobService>, stop: watch::Receiver<bool>) {
+    run_with(settings, service, stop, full_jitter).await;
+}
+
+/// `run` with the backoff's jitter chosen by the caller.
+pub async fn run_with(
+    settings: RunpodSettings,
+    service: Arc<JobService>,
+    stop: watch::Receiver<bool>,
+    jitter: Jitter,
+) {
     tracing::info!(settings = ?settings, "runpod worker started");
     let worker = Arc::new(Worker {
         http: reqwest::Client::new(),
         settings,
         service,
         current: Arc::new(Mutex::new(Vec::new())),
+        jitter,
     });
     let pinger =
         worker.settings.ping_url.clone().map(|url| {
@@ -308,7 +328,7 @@ pub async fn run(settings: RunpodSettings, service: Arc<JobService>, stop: watch
             Err(e) => {
                 tracing::warn!(error = %Report(&e), failures, "runpod: take failed");
                 failures = failures.saturating_add(1);
-                Some(backoff(failures))
+                Some((worker.jitter)(backoff_cap(failures)))
             }
         };
         if let Some(pause) = pause {
@@ -322,4 +342,23 @@ pub async fn run(settings: RunpodSettings, service: Arc<JobService>, stop: watch
         pinger.abort();
     }
     tracing::info!("runpod worker stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_jitter_stays_below_it() {
+        let caps: Vec<u64> = (0..8).map(|a| backoff_cap(a).as_millis() as u64).collect();
+        assert_eq!(
+            caps,
+            [500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000]
+        );
+        assert_eq!(backoff_cap(u32::MAX), BACKOFF_MAX);
+        for attempt in 0..12 {
+            let cap = backoff_cap(attempt);
+            assert!(full_jitter(cap) <= cap);
+        }
+    }
 }

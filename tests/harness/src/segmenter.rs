@@ -1,22 +1,22 @@
-//! Shared test support: the bundled tiny model, the real ONNX Runtime, servers on 127.0.0.1:0.
-#![allow(dead_code)]
+//! The segmenter with the bundled tiny model on the real ONNX Runtime (CPU), in-process on 127.0.0.1:0.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use palette_proto::segmenter::v1 as pb;
 use segmenter_svc::Config;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
+use crate::server::{Running, health, repo_root, start, wait_serving};
+
+const SERVICE: &str = "palette.segmenter.v1.Segmenter";
+
 pub fn tiny_model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/sam3-tiny")
+    repo_root().join("segmenter-svc/models/sam3-tiny")
 }
 
 pub fn fixtures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference")
+    repo_root().join("segmenter-svc/tests/fixtures/reference")
 }
 
 /// The ONNX Runtime library .ci/setup installs (via .cargo/config.toml) or the one the environment names.
@@ -40,25 +40,19 @@ pub fn test_config() -> Config {
 
 pub struct TestServer {
     pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
+    server: Running<anyhow::Error>,
 }
 
 impl TestServer {
+    /// Starts `run` with `config`; returns once health says SERVING.
     pub async fn start(config: Config) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(segmenter_svc::run(config, listener, async move {
-            let _ = stopped.await;
-        }));
-        let server = Self {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        };
-        server.wait_serving().await;
-        server
+        let server =
+            start(|listener, shutdown| segmenter_svc::run(config, listener, shutdown)).await;
+        wait_serving(server.addr, SERVICE).await;
+        Self {
+            addr: server.addr,
+            server,
+        }
     }
 
     pub async fn channel(&self) -> Channel {
@@ -76,31 +70,12 @@ impl TestServer {
     }
 
     pub async fn health(&self) -> i32 {
-        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel().await);
-        health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: "palette.segmenter.v1.Segmenter".into(),
-            })
-            .await
-            .map(|r| r.into_inner().status)
-            .unwrap_or(-1)
-    }
-
-    async fn wait_serving(&self) {
-        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
-        for _ in 0..600 {
-            if self.health().await == serving {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("segmenter did not become SERVING within 30 s");
+        health(self.addr, SERVICE).await
     }
 
     /// Signals shutdown and waits for `run` to return.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap()
+        self.server.stop().await
     }
 }
 
@@ -116,4 +91,12 @@ pub fn request(image: Vec<u8>, concepts: &[&str]) -> pb::SegmentRequest {
         concepts: concepts.iter().map(|c| c.to_string()).collect(),
         ..Default::default()
     }
+}
+
+/// The segmenter with the tiny model on the CPU (one intra-op thread, quiet logs), SERVING when this returns.
+pub async fn start_default() -> Running<anyhow::Error> {
+    let server =
+        start(|listener, shutdown| segmenter_svc::run(test_config(), listener, shutdown)).await;
+    wait_serving(server.addr, SERVICE).await;
+    server
 }

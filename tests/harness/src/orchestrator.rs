@@ -10,16 +10,16 @@ use palette_proto::orchestrator::v1::{
     GetJobRequest, Job, JobSpec, JobState, Rule, WatchJobRequest,
 };
 use prost_types::{Struct, Value, value::Kind};
-use tokio::sync::oneshot;
 use tonic::transport::Channel;
+
+use crate::server::Running;
 
 pub struct Orchestrator {
     pub client: JobsClient<Channel>,
     pub channel: Channel,
     pub store: LocalStore,
     pub addr: std::net::SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<Result<(), orchestrator_svc::StartupError>>>,
+    server: Running<orchestrator_svc::StartupError>,
     _dir: tempfile::TempDir,
 }
 
@@ -30,15 +30,11 @@ pub async fn start(segmenter_url: &str, tweak: impl FnOnce(&mut Config)) -> Orch
     config.limits.presets_dir = dir.path().join("no-presets");
     tweak(&mut config);
     let store = LocalStore::new(&config.storage.local_storage_dir).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        orchestrator_svc::run(config, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-    });
+    let server = crate::server::start(|listener, shutdown| {
+        orchestrator_svc::run(config, listener, shutdown)
+    })
+    .await;
+    let addr = server.addr;
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_lazy();
@@ -47,8 +43,7 @@ pub async fn start(segmenter_url: &str, tweak: impl FnOnce(&mut Config)) -> Orch
         channel,
         store,
         addr,
-        stop: Some(stop),
-        server: Some(server),
+        server,
         _dir: dir,
     }
 }
@@ -56,12 +51,7 @@ pub async fn start(segmenter_url: &str, tweak: impl FnOnce(&mut Config)) -> Orch
 impl Orchestrator {
     /// Signals shutdown and waits until `run` returns.
     pub async fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(server) = self.server.take() {
-            server.await.unwrap().unwrap();
-        }
+        self.server.stop().await.unwrap();
     }
 
     pub async fn put_input(&self, user: &str, job: &str, idx: u32, bytes: Vec<u8>) {
@@ -166,4 +156,16 @@ pub fn photo_jpeg(w: u32, h: u32) -> Vec<u8> {
         .encode_image(&img)
         .unwrap();
     out
+}
+
+/// The orchestrator with `config` (its grpc_addr is ignored: port 0), SERVING when this returns.
+pub async fn start_with(config: Config) -> Running<anyhow::Error> {
+    let running = crate::server::start(|listener, shutdown| async move {
+        orchestrator_svc::run(config, listener, shutdown)
+            .await
+            .map_err(anyhow::Error::from)
+    })
+    .await;
+    crate::server::wait_serving(running.addr, "").await;
+    running
 }

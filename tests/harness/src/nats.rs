@@ -1,7 +1,7 @@
 //! A real NATS server with JetStream for tests: `nats-server` (Debian package `nats-server`) on a free loopback
 //! port. Skipped with a loud message when it is missing, unless PALETTE_REQUIRE_NATS=1 (CI), which makes it fail.
 
-use super::ports::free_port;
+use crate::ports::free_port;
 use std::io::Read;
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,94 @@
+//! A service started in-process on 127.0.0.1:0, stopped on request, and the wait until its health says SERVING:
+//! the one copy both services' tests and the end-to-end tests use.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A service task: `run(config, listener, shutdown)` on its own listener.
+pub struct Running<E> {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), E>>>,
+}
+
+/// Binds 127.0.0.1:0 and spawns `serve(listener, shutdown)`; returns at once (see `wait_serving`).
+pub async fn start<E, F, Fut>(serve: F) -> Running<E>
+where
+    E: Send + 'static,
+    F: FnOnce(TcpListener, futures::future::BoxFuture<'static, ()>) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(
+        listener,
+        Box::pin(async move {
+            let _ = stopped.await;
+        }),
+    ));
+    Running {
+        addr,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl<E> Running<E> {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Signals shutdown and waits until `run` returns; its result.
+    pub async fn stop(&mut self) -> Result<(), E> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.expect("service task panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Polls grpc.health.v1 Check of `service` ("" = the server) until SERVING; panics after 30 s.
+pub async fn wait_serving(addr: SocketAddr, service: &str) {
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    for _ in 0..600 {
+        if health(addr, service).await == serving {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{addr} did not become SERVING within 30 s");
+}
+
+/// The health status of `service` on `addr`; -1 when the server cannot be asked.
+pub async fn health(addr: SocketAddr, service: &str) -> i32 {
+    let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+    else {
+        return -1;
+    };
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+}
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
