@@ -697,3 +697,51 @@ async fn a_rule_with_nothing_to_edit_says_so_in_the_item_and_the_callback() {
     assert_eq!(outputs[1]["not_applied_reason"], "concept_not_found");
     assert_eq!(outputs[2]["not_applied_reason"], "region_empty");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swatch_over_the_byte_limit_fails_its_item_naming_the_swatch() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |c| c.limits.max_input_bytes = 8_000).await;
+    orch.put_input("test-user", "big-swatch", 0, photo_jpeg(32, 32))
+        .await;
+    // A noisy PNG: ~50 KB, over the 8 KB limit the (small) photo is under.
+    let noise = image::RgbImage::from_fn(128, 128, |x, y| {
+        let h =
+            (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
+        image::Rgb([(h >> 8) as u8, (h >> 16) as u8, (h >> 24) as u8])
+    });
+    let mut png = std::io::Cursor::new(Vec::new());
+    noise.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    assert!(png.get_ref().len() > 8_000);
+    orch.store
+        .put(
+            "swatches/huge.png",
+            bytes::Bytes::from(png.into_inner()),
+            "image/png",
+        )
+        .await
+        .unwrap();
+    let mut spec = seed_spec("big-swatch", 1);
+    spec.rules[0].r#type = "texture".into();
+    spec.rules[0].params = Some(orchestrator::string_struct(&[(
+        "swatch",
+        "swatches/huge.png",
+    )]));
+    orch.client.submit_job(spec).await.unwrap();
+    let job = orch
+        .watch_to_end("big-swatch")
+        .await
+        .last()
+        .unwrap()
+        .0
+        .clone();
+    let item = &job.items[0];
+    assert_eq!(item.state, ItemState::Failed as i32, "{item:?}");
+    assert_eq!(item.error_code, "rule_failed");
+    assert!(
+        item.error.contains("swatches/huge.png")
+            && item.error.contains("larger than the limit of 8000 bytes"),
+        "{}",
+        item.error
+    );
+}

@@ -106,3 +106,34 @@ async fn symlinks_cannot_lead_out_of_the_root() {
         Bytes::from_static(b"ok")
     );
 }
+
+#[tokio::test]
+async fn reads_are_capped_before_the_body_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::new(dir.path()).unwrap();
+    store
+        .put(
+            "inputs/u/j/0.jpg",
+            Bytes::from(vec![7u8; 2000]),
+            "image/jpeg",
+        )
+        .await
+        .unwrap();
+    match store.get_at_most("inputs/u/j/0.jpg", 1000).await {
+        Err(StorageError::TooLarge { key, size, limit }) => {
+            assert_eq!(
+                (key.as_str(), size, limit),
+                ("inputs/u/j/0.jpg", Some(2000), 1000)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store
+            .get_at_most("inputs/u/j/0.jpg", 2000)
+            .await
+            .unwrap()
+            .len(),
+        2000
+    );
+}

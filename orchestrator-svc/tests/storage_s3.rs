@@ -94,3 +94,28 @@ async fn wrong_credentials_are_unavailable_not_not_found() {
         Err(StorageError::Unavailable { .. })
     ));
 }
+
+#[tokio::test]
+async fn an_object_over_the_cap_is_refused_from_its_content_length() {
+    let Some(weed) = common::seaweed::start("palette-cap") else {
+        return;
+    };
+    let store = store(&weed, &weed.bucket);
+    wait_ready(&store).await;
+    store
+        .put(
+            "inputs/u/j/0.jpg",
+            Bytes::from(vec![7u8; 20_000]),
+            "image/jpeg",
+        )
+        .await
+        .unwrap();
+    match store.get_at_most("inputs/u/j/0.jpg", 10_000).await {
+        Err(StorageError::TooLarge { size, limit, .. }) => {
+            assert_eq!((size, limit), (Some(20_000), 10_000));
+        }
+        other => panic!("{other:?}"),
+    }
+    let whole = store.get_at_most("inputs/u/j/0.jpg", 20_000).await.unwrap();
+    assert_eq!(whole.len(), 20_000);
+}

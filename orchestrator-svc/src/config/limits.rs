@@ -32,7 +32,8 @@ pub struct LimitArgs {
     /// when a job ends or another is submitted; running jobs are never forgotten. Default 256.
     #[arg(long, env = "RETAINED_JOBS_MB", default_value_t = 256)]
     pub retained_jobs_mb: usize,
-    /// Largest input object, in bytes. Default 40000000 (40 MB).
+    /// Largest input object (photos and uploaded swatches), in bytes, checked from its Content-Length before the
+    /// body is read and again while reading. Default 40000000 (40 MB).
     #[arg(long, env = "MAX_INPUT_BYTES", default_value_t = 40_000_000)]
     pub max_input_bytes: u64,
     /// Largest input image, in pixels (width x height after decoding). Default 50000000 (50 MP). Sides are also

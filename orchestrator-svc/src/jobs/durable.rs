@@ -19,11 +19,14 @@ use crate::error::Report;
 use crate::keys;
 use crate::storage::{SharedStore, StorageError};
 
+/// An item record is a few KB (mostly mask keys); anything far larger is not one of ours.
+const MAX_RECORD_BYTES: u64 = 16 << 20;
+
 /// The recorded item `idx` of the job, if an earlier run recorded it. A record that cannot be read (storage down)
 /// counts as none: the item runs again, and outputs are overwritten with the same objects.
 pub async fn read(store: &SharedStore, plan: &JobPlan, idx: u32) -> Option<Item> {
     let key = keys::item_marker(&plan.user_id, &plan.job_id, idx);
-    match store.get(&key).await {
+    match store.get_at_most(&key, MAX_RECORD_BYTES).await {
         Ok(bytes) => {
             let item = decode(&bytes);
             if item.is_none() {

@@ -70,10 +70,21 @@ fn unavailable(what: &str, path: &Path, e: std::io::Error) -> StorageError {
 
 #[async_trait]
 impl ObjectStore for LocalStore {
-    async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+    async fn get_at_most(&self, key: &str, max_bytes: u64) -> Result<Bytes, StorageError> {
         let path = self.path_of(key)?;
         self.confined(key, &path)?;
+        let too_large = |size: u64| StorageError::TooLarge {
+            key: key.to_string(),
+            size: Some(size),
+            limit: max_bytes,
+        };
+        match tokio::fs::metadata(&path).await {
+            Ok(meta) if meta.len() > max_bytes => return Err(too_large(meta.len())),
+            _ => {}
+        }
         match tokio::fs::read(&path).await {
+            // Replaced by a larger file since the size check.
+            Ok(data) if data.len() as u64 > max_bytes => Err(too_large(data.len() as u64)),
             Ok(data) => Ok(Bytes::from(data)),
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 Err(StorageError::NotFound(key.to_string()))

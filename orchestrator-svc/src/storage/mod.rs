@@ -23,6 +23,14 @@ pub enum StorageError {
     NotFound(String),
     #[error("{0}")]
     InvalidKey(String),
+    /// The object is over the size the caller reads at most; found from its Content-Length (or its file size)
+    /// before the body was read, or while reading it when the store did not say.
+    #[error("{key} is larger than the limit of {limit} bytes{}", size.map(|s| format!(" ({s} bytes)")).unwrap_or_default())]
+    TooLarge {
+        key: String,
+        size: Option<u64>,
+        limit: u64,
+    },
     /// Anything else: network, credentials, a full disk. Already retried by the backend where that makes sense.
     /// `context` names the operation and key (and the service's error code where it gave one); `source` is the
     /// backend's own error.
@@ -50,7 +58,14 @@ pub struct ObjectMeta {
 
 #[async_trait]
 pub trait ObjectStore: Send + Sync + std::fmt::Debug {
-    async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
+    /// The object's bytes, if it is at most `max_bytes` long (`TooLarge` otherwise, without reading past the cap:
+    /// memory stays bounded whatever was uploaded). Everything the service reads goes through this.
+    async fn get_at_most(&self, key: &str, max_bytes: u64) -> Result<Bytes, StorageError>;
+
+    /// The whole object, however large: for tests and tools, never for what users upload.
+    async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+        self.get_at_most(key, u64::MAX).await
+    }
     async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StorageError>;
     /// None when the key does not exist.
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError>;

@@ -103,9 +103,9 @@ where
 
 #[async_trait]
 impl ObjectStore for S3Store {
-    async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+    async fn get_at_most(&self, key: &str, max_bytes: u64) -> Result<Bytes, StorageError> {
         check_key(key)?;
-        let out = match self
+        let mut out = match self
             .client
             .get_object()
             .bucket(&self.bucket)
@@ -124,11 +124,28 @@ impl ObjectStore for S3Store {
                 });
             }
         };
-        let body =
-            out.body.collect().await.map_err(|e| {
+        let too_large = |size: Option<u64>| StorageError::TooLarge {
+            key: key.to_string(),
+            size,
+            limit: max_bytes,
+        };
+        // Content-Length first, so an oversized object is refused before a byte of its body is read.
+        let declared = out.content_length().and_then(|n| u64::try_from(n).ok());
+        if let Some(size) = declared.filter(|&s| s > max_bytes) {
+            return Err(too_large(Some(size)));
+        }
+        // And counted while reading, for a store that did not say (or said wrong).
+        let mut body = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+        while let Some(chunk) = out.body.next().await {
+            let chunk = chunk.map_err(|e| {
                 StorageError::unavailable(format!("GET {key}: reading the body"), e)
             })?;
-        Ok(body.into_bytes())
+            if (body.len() + chunk.len()) as u64 > max_bytes {
+                return Err(too_large(None));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
     }
 
     async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StorageError> {

@@ -56,6 +56,7 @@ impl From<StorageError> for ItemError {
     fn from(err: StorageError) -> Self {
         match err {
             StorageError::NotFound(key) => ItemError::InputMissing { key },
+            e @ StorageError::TooLarge { .. } => ItemError::InputTooLarge(e.to_string()),
             other => ItemError::Storage(other),
         }
     }
@@ -70,9 +71,11 @@ impl ItemError {
             ItemError::InputTooLarge(_) => "input_too_large",
             ItemError::Segmenter(_) => "segmenter_unavailable",
             ItemError::Storage(StorageError::Unavailable { .. }) => "storage_unavailable",
-            ItemError::Storage(StorageError::NotFound(_) | StorageError::InvalidKey(_)) => {
-                "internal"
-            }
+            ItemError::Storage(
+                StorageError::NotFound(_)
+                | StorageError::InvalidKey(_)
+                | StorageError::TooLarge { .. },
+            ) => "internal",
             ItemError::Rule { .. } | ItemError::Swatch { .. } => "rule_failed",
             ItemError::Cancelled => "cancelled",
             ItemError::Encode { .. } | ItemError::Worker(_) => "internal",

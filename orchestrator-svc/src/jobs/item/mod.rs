@@ -137,11 +137,8 @@ impl ItemRunner {
         if meta.size > max {
             return Err(too_large(meta.size));
         }
-        let bytes = self.store.get(key).await?;
-        if bytes.len() as u64 > max {
-            return Err(too_large(bytes.len() as u64));
-        }
-        Ok(bytes)
+        // Capped again while reading: the object may have been replaced since the HEAD.
+        Ok(self.store.get_at_most(key, max).await?)
     }
 
     /// Upsamples every instance inside its box to full resolution and stores it as PNG. Keeps in memory only what a
@@ -284,10 +281,17 @@ impl ItemRunner {
             key: key.to_string(),
             source,
         };
-        let bytes = self.store.get(key).await.map_err(|e| match e {
-            StorageError::NotFound(_) | StorageError::InvalidKey(_) => unusable(e.into()),
-            StorageError::Unavailable { .. } => ItemError::Storage(e),
-        })?;
+        // A swatch is an upload like the photos: the same byte limit, checked before its body is read.
+        let bytes = self
+            .store
+            .get_at_most(key, self.limits.max_bytes)
+            .await
+            .map_err(|e| match e {
+                StorageError::NotFound(_)
+                | StorageError::InvalidKey(_)
+                | StorageError::TooLarge { .. } => unusable(e.into()),
+                StorageError::Unavailable { .. } => ItemError::Storage(e),
+            })?;
         let max_pixels = self.limits.max_pixels;
         blocking(move || imaging::decode_upright(&bytes, max_pixels))
             .await
