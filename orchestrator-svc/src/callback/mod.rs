@@ -7,7 +7,9 @@ mod sign;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-pub use deliver::{CallbackSender, Clock, DeliveryOutcome, RetryPolicy, SystemClock};
+pub use deliver::{
+    Answer, CallbackSender, Clock, DeliveryOutcome, RetryPolicy, SystemClock, Transport,
+};
 pub use sign::{VerifyError, sign, verify};
 
 /// The seed's body (`idx`, `status`, `output_key`, `preview_key`, `error`) extended with every output, every mask
