@@ -108,3 +108,50 @@ async fn a_host_name_is_resolved_to_its_replicas() {
     );
     assert_eq!(calls(&fake), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_not_serving_replica_leaves_the_rotation_until_it_serves_again() {
+    let a = fake_segmenter::start().await;
+    let b = fake_segmenter::start().await;
+    // b accepts connections but reports NOT_SERVING (warming up, or after a provider failure).
+    b.set_serving(false).await;
+    let mut orch = start(&format!("{},{}", a.url, b.url), |c| {
+        c.segmenter.mask_cache_mb = 0;
+        c.segmenter.segmenter_resolve_interval_sec = 1;
+    })
+    .await;
+    const IMAGES: u32 = 12;
+    for idx in 0..IMAGES {
+        orch.put_input("test-user", "b-down", idx, photo_jpeg(32, 32))
+            .await;
+        orch.put_input("test-user", "b-back", idx, photo_jpeg(32, 32))
+            .await;
+    }
+    orch.client
+        .submit_job(seed_spec("b-down", IMAGES))
+        .await
+        .unwrap();
+    let job = orch.wait_for("b-down", is_terminal).await;
+    assert!(
+        job.items
+            .iter()
+            .all(|i| i.state == ItemState::Completed as i32)
+    );
+    assert_eq!(calls(&a), IMAGES as usize);
+    assert_eq!(calls(&b), 0, "a NOT_SERVING replica got calls");
+
+    // Serving again: a later resolver round (every second here) puts it back.
+    b.set_serving(true).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    orch.client
+        .submit_job(seed_spec("b-back", IMAGES))
+        .await
+        .unwrap();
+    orch.wait_for("b-back", is_terminal).await;
+    assert!(
+        calls(&b) > 0,
+        "b never came back: a={} b={}",
+        calls(&a),
+        calls(&b)
+    );
+}

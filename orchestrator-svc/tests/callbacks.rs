@@ -140,3 +140,61 @@ async fn a_sender_with_a_skewed_clock_is_rejected_by_the_receiver() {
     assert!(!outcome.delivered);
     assert!(!receiver.deliveries()[0].verified);
 }
+
+#[tokio::test]
+async fn a_redirect_is_not_followed_and_the_secret_stays_home() {
+    use axum::http::{HeaderMap, StatusCode, header};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // One server: the callback path answers 307 to /elsewhere, which counts whoever comes (and what they carry).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let followed = Arc::new(AtomicUsize::new(0));
+    let secret_seen = Arc::new(AtomicUsize::new(0));
+    let (f, s) = (followed.clone(), secret_seen.clone());
+    let elsewhere = move |headers: HeaderMap| {
+        let (f, s) = (f.clone(), s.clone());
+        async move {
+            f.fetch_add(1, Ordering::SeqCst);
+            if headers.contains_key("x-gpu-callback-secret") {
+                s.fetch_add(1, Ordering::SeqCst);
+            }
+            StatusCode::OK
+        }
+    };
+    let location = format!("http://{addr}/elsewhere");
+    let app = axum::Router::new()
+        .route(
+            "/jobs/{job}/callback",
+            axum::routing::post(move || {
+                let location = location.clone();
+                async move {
+                    (
+                        StatusCode::TEMPORARY_REDIRECT,
+                        [(header::LOCATION, location)],
+                    )
+                }
+            }),
+        )
+        .route("/elsewhere", axum::routing::any(elsewhere));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let outcome = sender(&format!("http://{addr}"), 6)
+        .deliver("test-job", &body(0))
+        .await;
+    server.abort();
+    assert!(!outcome.delivered, "{outcome:?}");
+    assert_eq!(outcome.attempts, 1, "a redirect is final, not retried");
+    assert!(
+        outcome
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("not followed"),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        followed.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
+    assert_eq!(secret_seen.load(Ordering::SeqCst), 0);
+}

@@ -61,3 +61,48 @@ async fn keys_cannot_escape_the_root() {
     }
     assert!(!parent.path().join("outside").exists());
 }
+
+#[tokio::test]
+async fn symlinks_cannot_lead_out_of_the_root() {
+    let parent = tempfile::tempdir().unwrap();
+    let root = parent.path().join("root");
+    let outside = parent.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret.jpg"), b"not yours").unwrap();
+    let store = LocalStore::new(&root).unwrap();
+    std::fs::create_dir_all(root.join("inputs/u")).unwrap();
+    // A linked folder and a linked file, both pointing out of the root.
+    std::os::unix::fs::symlink(&outside, root.join("inputs/u/j")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.jpg"), root.join("inputs/u/0.jpg")).unwrap();
+    for key in ["inputs/u/j/secret.jpg", "inputs/u/0.jpg"] {
+        let got = store.get(key).await;
+        assert!(
+            matches!(got, Err(StorageError::InvalidKey(_))),
+            "{key}: {got:?}"
+        );
+        assert!(
+            matches!(store.head(key).await, Err(StorageError::InvalidKey(_))),
+            "{key}"
+        );
+    }
+    let put = store
+        .put(
+            "inputs/u/j/new/0.jpg",
+            Bytes::from_static(b"x"),
+            "image/jpeg",
+        )
+        .await;
+    assert!(matches!(put, Err(StorageError::InvalidKey(_))), "{put:?}");
+    assert!(
+        !outside.join("new").exists(),
+        "a folder was created outside the root"
+    );
+    // Links that stay inside the root are fine (a store laid out with links, e.g. a mounted volume).
+    std::fs::create_dir_all(root.join("shared")).unwrap();
+    std::fs::write(root.join("shared/a.jpg"), b"ok").unwrap();
+    std::os::unix::fs::symlink(root.join("shared"), root.join("inputs/u/alias")).unwrap();
+    assert_eq!(
+        store.get("inputs/u/alias/a.jpg").await.unwrap(),
+        Bytes::from_static(b"ok")
+    );
+}

@@ -100,7 +100,8 @@ pub struct Config {
     #[arg(long, env = "DECODER_CHUNK", default_value_t = 0)]
     pub decoder_chunk: usize,
 
-    /// Distinct phrases whose text features are kept (32 x 256 floats = 32 KB each at full size).
+    /// Distinct phrases whose text features are kept (32 x 256 floats = 32 KB each at full size). At least
+    /// MAX_CONCEPTS x MAX_BATCH_IMAGES (one batch's phrases), or startup stops.
     #[arg(long, env = "TEXT_CACHE_ENTRIES", default_value_t = 4096)]
     pub text_cache_entries: usize,
 

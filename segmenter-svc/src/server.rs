@@ -180,6 +180,18 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
         n => n,
     };
     let max_batch_images = provider.max_batch_images(config.max_batch_images);
+    // One batch needs every distinct phrase of its requests cached at once: a smaller cache would evict features
+    // the same batch still has to decode (the inference thread used to panic on it).
+    let batch_phrases = config.max_concepts.saturating_mul(max_batch_images);
+    if config.text_cache_entries < batch_phrases {
+        anyhow::bail!(
+            "TEXT_CACHE_ENTRIES={} is smaller than the distinct phrases one batch can hold (MAX_CONCEPTS {} x \
+             MAX_BATCH_IMAGES {} = {batch_phrases}): raise it, or lower those",
+            config.text_cache_entries,
+            config.max_concepts,
+            max_batch_images
+        );
+    }
     tracing::info!(
         provider = %provider,
         max_batch_images,

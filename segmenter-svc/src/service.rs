@@ -194,9 +194,16 @@ fn check(shared: &Shared, request: &pb::SegmentRequest) -> Result<Checked, Error
             ),
         ));
     }
-    let mut requested = Vec::with_capacity(request.concepts.len());
+    // Per-phrase checks dedupe against the phrases seen so far: quadratic in the list. A list over the limit is
+    // refused on its length alone, before any of that work (a 64 MiB request can carry millions of phrases).
+    let phrases = if request.concepts.len() > shared.max_concepts {
+        &[][..]
+    } else {
+        &request.concepts[..]
+    };
+    let mut requested = Vec::with_capacity(phrases.len());
     let mut distinct: Vec<(String, Tokens)> = Vec::new();
-    for (i, raw) in request.concepts.iter().enumerate() {
+    for (i, raw) in phrases.iter().enumerate() {
         let field = format!("concepts[{i}]");
         let phrase = raw
             .split_whitespace()

@@ -254,3 +254,35 @@ async fn an_oversize_message_is_refused_before_decoding() {
     assert!(ok.is_ok());
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_huge_concept_list_is_refused_on_its_length_alone() {
+    // ~4 MiB of distinct phrases: checked one by one, each deduplicated against the others and tokenised, that is
+    // ~10^11 comparisons; the length alone decides.
+    let server = TestServer::start(test_config()).await;
+    let phrases: Vec<String> = (0..400_000).map(|i| format!("thing {i}")).collect();
+    let refs: Vec<&str> = phrases.iter().map(String::as_str).collect();
+    let req = request(image_bytes("mug_480x720.png"), &refs);
+    let mut client = server.client().await;
+    let started = std::time::Instant::now();
+    let status = client.segment(req).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("400000 concepts given"),
+        "{status:?}"
+    );
+    let fields: Vec<String> = status
+        .get_error_details()
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert_eq!(fields, ["concepts"], "one violation, not one per phrase");
+    // Transfer and decoding of the 4 MiB message included; the check itself is O(1).
+    println!("refused in {took:?}");
+    assert!(took < std::time::Duration::from_secs(2), "took {took:?}");
+    server.stop().await.unwrap();
+}

@@ -127,3 +127,16 @@ async fn cpu_defaults_batch_four_images_and_profiles_are_written_on_request() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_text_cache_smaller_than_one_batch_of_phrases_stops_startup() {
+    let mut config = common::test_config();
+    config.max_concepts = 32;
+    config.max_batch_images = 4;
+    config.text_cache_entries = 100;
+    let error = load_error(&config).await;
+    assert!(
+        error.contains("TEXT_CACHE_ENTRIES=100") && error.contains("= 128"),
+        "{error}"
+    );
+}

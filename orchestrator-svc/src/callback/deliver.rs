@@ -9,55 +9,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
 
+use super::transport::{Http, Transport};
 use super::{CallbackBody, idempotency_key, sign};
-use crate::error::{BoxError, Report};
-
-/// What the receiver answered to one POST.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Answer {
-    pub status: u16,
-    /// The Retry-After header, in seconds form.
-    pub retry_after: Option<Duration>,
-}
-
-/// One POST of a callback. `reqwest` in production; tests script the answers (`CallbackSender::with_transport`).
-#[async_trait::async_trait]
-pub trait Transport: Send + Sync {
-    async fn post(
-        &self,
-        url: &str,
-        headers: &[(&'static str, String)],
-        body: Vec<u8>,
-    ) -> Result<Answer, BoxError>;
-}
-
-struct Http(reqwest::Client);
-
-#[async_trait::async_trait]
-impl Transport for Http {
-    async fn post(
-        &self,
-        url: &str,
-        headers: &[(&'static str, String)],
-        body: Vec<u8>,
-    ) -> Result<Answer, BoxError> {
-        let mut request = self.0.post(url).body(body);
-        for (name, value) in headers {
-            request = request.header(*name, value);
-        }
-        let response = request.send().await?;
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        Ok(Answer {
-            status: response.status().as_u16(),
-            retry_after,
-        })
-    }
-}
+use crate::error::Report;
 
 pub trait Clock: Send + Sync {
     fn now_unix(&self) -> u64;
@@ -115,7 +69,7 @@ pub struct CallbackSender {
 impl std::fmt::Debug for CallbackSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CallbackSender")
-            .field("base_url", &self.base_url)
+            .field("base_url", &redacted_url(&self.base_url))
             .field("policy", &self.policy)
             .finish()
     }
@@ -127,6 +81,9 @@ impl CallbackSender {
             .timeout(policy.attempt_timeout)
             .connect_timeout(policy.attempt_timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("palette-orchestrator/", env!("CARGO_PKG_VERSION")))
+            // A redirect would carry X-GPU-Callback-Secret to wherever it points, and turn the POST into a GET
+            // that counts as delivered: never followed, a 3xx is a refusal (see `classify`).
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(CallbackSender {
             http: Arc::new(Http(http)),
@@ -260,6 +217,11 @@ fn classify(status: StatusCode, retry_after: Option<Duration>) -> Verdict {
     let reason = format!("HTTP {}", status.as_u16());
     if status.is_success() {
         Verdict::Delivered
+    } else if status.is_redirection() {
+        Verdict::Stop(format!(
+            "{reason}: redirects are not followed (they would carry the callback secret elsewhere); set \
+             WORKERS_API_URL to the address that answers"
+        ))
     } else if status == StatusCode::GONE {
         Verdict::Stop(format!(
             "{reason}: the receiver no longer wants this job's callbacks"
@@ -274,9 +236,46 @@ fn classify(status: StatusCode, retry_after: Option<Duration>) -> Verdict {
     }
 }
 
+/// The URL without credentials, query or fragment: what logs and errors may show of WORKERS_API_URL.
+pub fn redacted_url(raw: &str) -> String {
+    match reqwest::Url::parse(raw) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.set_query(None);
+            url.set_fragment(None);
+            url.to_string()
+        }
+        Err(_) => "<unparsable URL>".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_are_shown_without_credentials_or_query() {
+        assert_eq!(
+            redacted_url("https://user:pa55@api.example.invalid/hooks?token=t0k#x"),
+            "https://api.example.invalid/hooks"
+        );
+        assert_eq!(redacted_url("not a url"), "<unparsable URL>");
+        let sender =
+            CallbackSender::new("https://u:pa55@h.invalid/?token=t0k", "s", policy()).unwrap();
+        let shown = format!("{sender:?}");
+        assert!(!shown.contains("pa55") && !shown.contains("t0k"), "{shown}");
+    }
+
+    #[test]
+    fn redirects_are_refusals() {
+        for code in [301, 302, 307, 308] {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert!(
+                matches!(classify(status, None), Verdict::Stop(r) if r.contains("not followed"))
+            );
+        }
+    }
 
     fn policy() -> RetryPolicy {
         RetryPolicy {
@@ -326,7 +325,10 @@ mod tests {
         ));
     }
 
-    /// Answers from a script (then 200), counting the calls.
+    use super::super::transport::Answer;
+    use crate::error::BoxError;
+
+    /// Answers from a script (then 200).
     struct Scripted(Mutex<std::collections::VecDeque<Answer>>);
 
     #[async_trait::async_trait]

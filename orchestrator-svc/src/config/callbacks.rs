@@ -27,6 +27,10 @@ pub struct CallbackArgs {
     /// Longest wait between two callback attempts, Retry-After included, in seconds. Default 300.
     #[arg(long, env = "CALLBACK_MAX_DELAY_SEC", default_value_t = 300)]
     pub callback_max_delay_sec: u64,
+    /// Allow a plain-http WORKERS_API_URL on a host other than loopback (the secret and signed bodies then cross
+    /// the network in clear: only inside a trusted network, e.g. a cluster-internal Service). Default false.
+    #[arg(long, env = "CALLBACK_ALLOW_HTTP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub callback_allow_http: bool,
 }
 
 /// Callbacks on: where, signed with what, retried how.
@@ -50,6 +54,7 @@ impl CallbackArgs {
         else {
             return Ok(None);
         };
+        check_callback_url(url, self.callback_allow_http)?;
         let secret = self
             .gpu_callback_secret
             .clone()
@@ -66,5 +71,70 @@ impl CallbackArgs {
             max_delay: Duration::from_secs(self.callback_max_delay_sec),
             attempt_timeout: Duration::from_secs(self.callback_timeout_sec),
         }))
+    }
+}
+
+/// https, or http on loopback, or http anywhere with CALLBACK_ALLOW_HTTP; errors show the URL redacted.
+fn check_callback_url(raw: &str, allow_http: bool) -> Result<(), ConfigError> {
+    let shown = crate::callback::redacted_url(raw);
+    let url = reqwest::Url::parse(raw.trim())
+        .map_err(|e| ConfigError::invalid("WORKERS_API_URL", shown.clone(), e))?;
+    let host = url.host_str().unwrap_or_default();
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback || allow_http => Ok(()),
+        "http" => Err(ConfigError::invalid(
+            "WORKERS_API_URL",
+            shown,
+            "callbacks carry the shared secret: use https, or set CALLBACK_ALLOW_HTTP=true inside a trusted network",
+        )),
+        other => Err(ConfigError::invalid(
+            "WORKERS_API_URL",
+            shown,
+            format!("scheme {other:?}: expected https (or http)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(url: &str, allow_http: bool) -> CallbackArgs {
+        CallbackArgs {
+            workers_api_url: Some(url.into()),
+            gpu_callback_secret: Some("s3cret".into()),
+            callback_timeout_sec: 30,
+            callback_max_attempts: 6,
+            callback_base_delay_ms: 1000,
+            callback_max_delay_sec: 300,
+            callback_allow_http: allow_http,
+        }
+    }
+
+    #[test]
+    fn callbacks_need_https_except_on_loopback_or_when_allowed() {
+        for ok in [
+            "https://api.example.invalid",
+            "http://127.0.0.1:8080",
+            "http://localhost:9000/base",
+            "http://[::1]:80",
+        ] {
+            assert!(args(ok, false).settings().is_ok(), "{ok}");
+        }
+        let refused = args("http://user:pa55@api.example.invalid/?token=t0k", false)
+            .settings()
+            .unwrap_err();
+        let shown = format!("{refused} {:?}", std::error::Error::source(&refused));
+        assert!(shown.contains("CALLBACK_ALLOW_HTTP"), "{shown}");
+        assert!(!shown.contains("pa55") && !shown.contains("t0k"), "{shown}");
+        assert!(args("http://api.internal:8080", true).settings().is_ok());
+        assert!(args("ftp://api.example.invalid", true).settings().is_err());
     }
 }

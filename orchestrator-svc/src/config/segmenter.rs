@@ -6,8 +6,8 @@ use clap::Args;
 pub struct SegmenterArgs {
     /// Segmenter gRPC endpoint(s): comma-separated `http://host:port` or `dns:///host:port`. A host name is
     /// resolved to ALL its addresses (a Kubernetes headless Service gives one per ready Pod) and calls are balanced
-    /// over them; a replica that stops answering is left out until it accepts connections again. Default
-    /// http://127.0.0.1:50051.
+    /// over them; a replica that stops answering or reports NOT_SERVING on grpc.health.v1 is left out until a
+    /// later resolver round finds it SERVING again. Default http://127.0.0.1:50051.
     #[arg(long, env = "SEGMENTER_URL", default_value = "http://127.0.0.1:50051")]
     pub segmenter_url: String,
     /// How often SEGMENTER_URL's host names are looked up again (replicas added or gone), in seconds; 0 = only at

@@ -11,15 +11,25 @@ use http::Uri;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Endpoint;
 use tonic::transport::channel::Change;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 use super::targets::Target;
 use crate::error::{BoxError, Report};
 
-/// How long a replica gets to accept a TCP connection before the resolver leaves it out for a round.
+/// How long a replica gets to accept a connection and answer its health check before the resolver leaves it out for
+/// a round.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Keeps the balancer's replica set equal to the resolved addresses that accept connections (all of them when
-/// none does, so that calls fail fast rather than wait).
+/// The service a segmenter reports on grpc.health.v1: NOT_SERVING while it warms up, after a provider failure, or
+/// while it drains.
+const SEGMENTER_SERVICE: &str = "palette.segmenter.v1.Segmenter";
+
+/// Keeps the balancer's replica set equal to the resolved addresses that are up (all of them when none is, so that
+/// calls fail fast rather than wait). Up: accepts a connection and reports the Segmenter SERVING on grpc.health.v1
+/// (a replica without a health service is judged by the connection alone). A replica that reports NOT_SERVING
+/// leaves the rotation until a later round finds it SERVING again.
 pub(super) struct Resolver {
     pub(super) targets: Vec<Target>,
     pub(super) deadline: Duration,
@@ -96,11 +106,12 @@ impl Resolver {
                 resolved.extend(addrs.iter().map(|a| (*a, i)));
             }
         }
-        let probes = resolved.iter().map(|(addr, _)| async move {
-            let up = matches!(
-                tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
-                Ok(Ok(_))
-            );
+        let targets = &self.targets;
+        let probes = resolved.iter().map(|(addr, i)| async move {
+            let up = match endpoint(&targets[*i], *addr, PROBE_TIMEOUT) {
+                Ok(endpoint) => probe(endpoint, *addr).await,
+                Err(_) => false,
+            };
             (*addr, up)
         });
         let up: BTreeSet<SocketAddr> = futures::future::join_all(probes)
@@ -152,6 +163,31 @@ impl Resolver {
         self.replicas.store(self.current.len(), Ordering::SeqCst);
         metrics::gauge!("orchestrator_segmenter_replicas").set(self.current.len() as f64);
         true
+    }
+}
+
+/// Whether a replica is up: connects, then asks grpc.health.v1 about the Segmenter service.
+async fn probe(endpoint: Endpoint, addr: SocketAddr) -> bool {
+    let check = async {
+        let channel = endpoint.connect_timeout(PROBE_TIMEOUT).connect().await?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: SEGMENTER_SERVICE.into(),
+            })
+            .await;
+        Ok::<_, tonic::transport::Error>(reply)
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, check).await {
+        Ok(Ok(Ok(reply))) => {
+            let serving = reply.into_inner().status == ServingStatus::Serving as i32;
+            if !serving {
+                tracing::debug!(%addr, "segmenter replica is not serving");
+            }
+            serving
+        }
+        // No health service there: the connection is all we can judge by.
+        Ok(Ok(Err(status))) => status.code() == tonic::Code::Unimplemented,
+        _ => false,
     }
 }
 

@@ -11,6 +11,8 @@ use super::{ObjectMeta, ObjectStore, StorageError, check_key};
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
+    /// The root with every symlink resolved: what every object's real path must lie under.
+    real_root: PathBuf,
 }
 
 impl LocalStore {
@@ -19,8 +21,12 @@ impl LocalStore {
         std::fs::create_dir_all(root).map_err(|e| {
             StorageError::unavailable(format!("cannot create {}", root.display()), e)
         })?;
+        let real_root = root.canonicalize().map_err(|e| {
+            StorageError::unavailable(format!("cannot resolve {}", root.display()), e)
+        })?;
         Ok(LocalStore {
             root: root.to_path_buf(),
+            real_root,
         })
     }
 
@@ -32,6 +38,30 @@ impl LocalStore {
         check_key(key)?;
         Ok(self.root.join(key))
     }
+
+    /// Keys cannot name a path outside the root (`check_key`), but a symlink inside it could lead there: the
+    /// deepest part of `path` that exists, resolved, must lie under the real root. A key that leaves it is refused
+    /// as an invalid key and logged (someone put that link there).
+    fn confined(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        let mut existing = path;
+        while std::fs::symlink_metadata(existing).is_err() {
+            match existing.parent() {
+                Some(parent) => existing = parent,
+                None => return Ok(()),
+            }
+        }
+        match existing.canonicalize() {
+            Ok(real) if real.starts_with(&self.real_root) => Ok(()),
+            // A dangling link resolves nowhere: it cannot be read, and a write through it would land wherever it
+            // points.
+            _ => {
+                tracing::warn!(key, path = %existing.display(), root = %self.real_root.display(), "object path leads outside the storage root through a symlink; refused");
+                Err(StorageError::InvalidKey(format!(
+                    "{key}: leads outside the storage root through a symlink"
+                )))
+            }
+        }
+    }
 }
 
 fn unavailable(what: &str, path: &Path, e: std::io::Error) -> StorageError {
@@ -42,6 +72,7 @@ fn unavailable(what: &str, path: &Path, e: std::io::Error) -> StorageError {
 impl ObjectStore for LocalStore {
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
         let path = self.path_of(key)?;
+        self.confined(key, &path)?;
         match tokio::fs::read(&path).await {
             Ok(data) => Ok(Bytes::from(data)),
             Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -54,9 +85,12 @@ impl ObjectStore for LocalStore {
     async fn put(&self, key: &str, body: Bytes, _content_type: &str) -> Result<(), StorageError> {
         let path = self.path_of(key)?;
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        // Before creating folders (which would follow a linked folder out of the root) and after.
+        self.confined(key, &dir)?;
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| unavailable("create", &dir, e))?;
+        self.confined(key, &dir)?;
         // Write beside the target and rename: readers see the old object or the whole new one, never a torn write.
         let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
         if let Err(e) = tokio::fs::write(&tmp, &body).await {
@@ -72,6 +106,7 @@ impl ObjectStore for LocalStore {
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
         let path = self.path_of(key)?;
+        self.confined(key, &path)?;
         match tokio::fs::metadata(&path).await {
             Ok(meta) if meta.is_file() => Ok(Some(ObjectMeta { size: meta.len() })),
             Ok(_) => Ok(None),

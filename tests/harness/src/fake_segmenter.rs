@@ -45,11 +45,26 @@ pub struct FakeSegmenter {
     pub faults: Arc<Faults>,
     pub counters: Arc<Counters>,
     pub url: String,
+    /// grpc.health.v1 as the real segmenter serves it (SERVING from the start); tests flip it to inject a
+    /// replica that is up but NOT_SERVING.
+    health: tonic_health::server::HealthReporter,
     stop: Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
     server: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl FakeSegmenter {
+    /// Reports the Segmenter service SERVING (true) or NOT_SERVING (false) on grpc.health.v1.
+    pub async fn set_serving(&self, serving: bool) {
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        self.health
+            .set_service_status(SEGMENTER_SERVICE, status)
+            .await;
+    }
+
     /// Stops serving: the listener closes (new connections are refused), calls in flight finish, open
     /// connections are closed.
     pub async fn stop(&self) {
@@ -183,19 +198,28 @@ async fn answer(fake: &FakeSegmenter, req: SegmentRequest) -> Result<SegmentResp
     })
 }
 
+/// The name the segmenter's health service reports its Segment API under.
+const SEGMENTER_SERVICE: &str = "palette.segmenter.v1.Segmenter";
+
 pub async fn start() -> FakeSegmenter {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(SEGMENTER_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
     let fake = FakeSegmenter {
         faults: Arc::default(),
         counters: Arc::default(),
         url: format!("http://{}", listener.local_addr().unwrap()),
+        health,
         stop: Arc::new(std::sync::Mutex::new(Some(stop))),
         server: Arc::default(),
     };
     let server = SegmenterServer::new(Service(fake.clone())).max_decoding_message_size(64 << 20);
     let task = tokio::spawn(async move {
         tonic::transport::Server::builder()
+            .add_service(health_service)
             .add_service(server)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener),

@@ -109,7 +109,22 @@ impl Validate<JobContext<'_>> for JobSpec {
         }
         let preset = preset_of(self, cx.presets, v);
         let preset = preset.as_deref();
-        let mut concepts = concepts::listed(&self.concepts, preset, v);
+        // Lists are checked on their length before any per-entry work (deduplication is quadratic): a 4 MiB spec
+        // of short phrases is hundreds of thousands of them.
+        let listed = if self.concepts.len() > cx.limits.max_concepts {
+            v.add(
+                "concepts",
+                format!(
+                    "at most {} concepts per job, got {}",
+                    cx.limits.max_concepts,
+                    self.concepts.len()
+                ),
+            );
+            &[][..]
+        } else {
+            &self.concepts[..]
+        };
+        let mut concepts = concepts::listed(listed, preset, v);
         let parsed = parsed_rules(self, cx.limits, preset, v);
         for rule in &parsed {
             concepts.add(&rule.concept);
@@ -176,6 +191,7 @@ fn parsed_rules(
                 spec.rules.len()
             ),
         );
+        return Vec::new();
     }
     let mut parsed = Vec::new();
     for (index, rule) in spec.rules.iter().enumerate() {
@@ -185,6 +201,7 @@ fn parsed_rules(
             user_id: &spec.user_id,
             image_count: spec.image_count,
             preset,
+            max_concepts: limits.max_concepts,
         };
         parsed.extend(rule.validate(cx, v));
     }

@@ -30,6 +30,8 @@ pub struct RuleContext<'a> {
     pub user_id: &'a str,
     pub image_count: u32,
     pub preset: Option<&'a Preset>,
+    /// Most concepts a job segments: a rule's `occluded_by` cannot name more.
+    pub max_concepts: usize,
 }
 
 impl Validate<RuleContext<'_>> for RuleSpec {
@@ -76,6 +78,22 @@ impl Validate<RuleContext<'_>> for RuleSpec {
                 return None;
             }
         };
+        // Occluders are segmented and become key segments (`masks/.../{concept}/...`) like any concept.
+        if let Some(list) = rule.occluded_by() {
+            if list.len() > cx.max_concepts {
+                v.add(
+                    format!("rules[{i}].params.occluded_by"),
+                    format!("at most {} occluders, got {}", cx.max_concepts, list.len()),
+                );
+                return None;
+            }
+            for (j, raw) in list.iter().enumerate() {
+                if let Some(problem) = concept_problem(&normalize_concept(raw)) {
+                    v.add(format!("rules[{i}].params.occluded_by[{j}]"), problem);
+                    ok = false;
+                }
+            }
+        }
         if !ok {
             return None;
         }
@@ -135,6 +153,7 @@ mod tests {
             user_id: "u",
             image_count: 1,
             preset: None,
+            max_concepts: 32,
         }
     }
 

@@ -269,3 +269,61 @@ fn swatch_keys_name_the_library_or_the_users_own_inputs() {
         assert_eq!(v[0].field, "rules[0].params.swatch", "{key}");
     }
 }
+
+#[test]
+fn occluders_are_checked_like_concepts() {
+    let mut spec = seed_spec();
+    let mut p = params(&[("color", "#FF5733")]).unwrap();
+    p.fields.insert(
+        "occluded_by".into(),
+        PValue {
+            kind: Some(Kind::ListValue(prost_types::ListValue {
+                values: ["sofa", "a/b", "..", "étagère"]
+                    .iter()
+                    .map(|s| PValue {
+                        kind: Some(Kind::StringValue(s.to_string())),
+                    })
+                    .collect(),
+            })),
+        },
+    );
+    spec.rules[0].params = Some(p);
+    let Err(ApiError::InvalidArgument(v)) = validate(&spec, &BTreeMap::new(), limits()) else {
+        panic!("accepted occluders that would become key segments");
+    };
+    let fields: Vec<&str> = v.iter().map(|f| f.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "rules[0].params.occluded_by[1]",
+            "rules[0].params.occluded_by[2]",
+            "rules[0].params.occluded_by[3]"
+        ]
+    );
+}
+
+#[test]
+fn a_4_mib_spec_of_phrases_is_refused_on_its_lengths_in_milliseconds() {
+    // What fits in a 4 MiB gRPC message: ~400k short phrases, and 100k rules. Deduplicating them one by one is
+    // quadratic (~10^11 comparisons); the lengths alone decide.
+    let mut spec = seed_spec();
+    spec.concepts = (0..400_000).map(|i| format!("thing {i}")).collect();
+    spec.rules = (0..100_000)
+        .map(|i| RuleSpec {
+            rule_id: format!("r{i}"),
+            concept: format!("thing {i}"),
+            r#type: "recolor".into(),
+            params: params(&[("color", "#FF5733")]),
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let Err(ApiError::InvalidArgument(v)) = validate(&spec, &BTreeMap::new(), limits()) else {
+        panic!("accepted");
+    };
+    let took = started.elapsed();
+    let fields: Vec<&str> = v.iter().map(|f| f.field.as_str()).collect();
+    assert_eq!(fields, ["concepts", "rules"], "{v:?}");
+    assert!(v[0].description.contains("got 400000"), "{v:?}");
+    println!("refused in {took:?}");
+    assert!(took < std::time::Duration::from_millis(50), "took {took:?}");
+}
