@@ -1,5 +1,6 @@
 //! Delivery with retries: exponential backoff with full jitter, Retry-After honoured, 410 and other 4xx final.
-//! Clock, randomness and the base delay are injected so the tests run in milliseconds.
+//! Clock, randomness, the base delay and the HTTP transport are injected so the tests run in milliseconds (the
+//! retry schedule itself on tokio's paused clock).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -8,7 +9,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
 
+use super::transport::{Http, Transport};
 use super::{CallbackBody, idempotency_key, sign};
+use crate::error::Report;
 
 pub trait Clock: Send + Sync {
     fn now_unix(&self) -> u64;
@@ -55,7 +58,7 @@ enum Verdict {
 }
 
 pub struct CallbackSender {
-    http: reqwest::Client,
+    http: Arc<dyn Transport>,
     base_url: String,
     secret: String,
     policy: RetryPolicy,
@@ -83,7 +86,7 @@ impl CallbackSender {
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(CallbackSender {
-            http,
+            http: Arc::new(Http(http)),
             base_url: base_url.trim_end_matches('/').to_string(),
             secret: secret.to_string(),
             policy,
@@ -94,6 +97,11 @@ impl CallbackSender {
 
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    pub fn with_transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.http = transport;
         self
     }
 
@@ -183,33 +191,25 @@ impl CallbackSender {
 
     async fn attempt(&self, url: &str, id: &str, payload: &[u8]) -> Verdict {
         let timestamp = self.clock.now_unix();
-        let signature = sign(&self.secret, id, timestamp, payload);
-        let sent = self
-            .http
-            .post(url)
-            .header("content-type", "application/json")
-            .header("x-gpu-callback-secret", &self.secret)
-            .header("x-idempotency-key", id)
-            .header("webhook-id", id)
-            .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature)
-            .body(payload.to_vec())
-            .send()
-            .await;
-        let response = match sent {
-            Ok(r) => r,
-            // Timeouts, refused connections, resets: the receiver may come back. reqwest's message names the URL,
-            // credentials and query included; it goes to logs and GetJob, so without it.
-            Err(e) => return Verdict::Retry(None, format!("request failed: {}", e.without_url())),
-        };
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        classify(status, retry_after)
+        let headers = [
+            ("content-type", "application/json".to_string()),
+            ("x-gpu-callback-secret", self.secret.clone()),
+            ("x-idempotency-key", id.to_string()),
+            ("webhook-id", id.to_string()),
+            ("webhook-timestamp", timestamp.to_string()),
+            (
+                "webhook-signature",
+                sign(&self.secret, id, timestamp, payload),
+            ),
+        ];
+        match self.http.post(url, &headers, payload.to_vec()).await {
+            // Timeouts, refused connections, resets: the receiver may come back.
+            Err(e) => Verdict::Retry(None, format!("request failed: {}", Report(e.as_ref()))),
+            Ok(answer) => match StatusCode::from_u16(answer.status) {
+                Ok(status) => classify(status, answer.retry_after),
+                Err(_) => Verdict::Stop(format!("HTTP {}", answer.status)),
+            },
+        }
     }
 }
 
@@ -323,5 +323,87 @@ mod tests {
             classify(StatusCode::BAD_GATEWAY, None),
             Verdict::Retry(..)
         ));
+    }
+
+    use super::super::transport::Answer;
+    use crate::error::BoxError;
+
+    /// Answers from a script (then 200).
+    struct Scripted(Mutex<std::collections::VecDeque<Answer>>);
+
+    #[async_trait::async_trait]
+    impl Transport for Scripted {
+        async fn post(
+            &self,
+            _url: &str,
+            headers: &[(&'static str, String)],
+            _body: Vec<u8>,
+        ) -> Result<Answer, BoxError> {
+            assert!(headers.iter().any(|(n, _)| *n == "webhook-signature"));
+            let next = self.0.lock().unwrap().pop_front();
+            Ok(next.unwrap_or(Answer {
+                status: 200,
+                retry_after: None,
+            }))
+        }
+    }
+
+    fn scripted(answers: &[(u16, Option<u64>)]) -> Arc<Scripted> {
+        let answers = answers.iter().map(|&(status, ra)| Answer {
+            status,
+            retry_after: ra.map(Duration::from_secs),
+        });
+        Arc::new(Scripted(Mutex::new(answers.collect())))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_and_backoff_on_the_paused_clock() {
+        let sender = CallbackSender::new("http://unused", "s", policy())
+            .unwrap()
+            .with_rng_seed(7)
+            .with_transport(scripted(&[(429, Some(1)), (503, None)]));
+        let started = tokio::time::Instant::now();
+        let outcome = sender.deliver("job", &body()).await;
+        assert!(outcome.delivered, "{outcome:?}");
+        assert_eq!(outcome.attempts, 3);
+        let waited = started.elapsed();
+        // Retry-After 1 s (the policy's cap), then a backoff of at most 200 ms.
+        assert!(waited >= Duration::from_secs(1), "{waited:?}");
+        assert!(waited <= Duration::from_millis(1_200), "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_after_max_attempts_within_the_capped_backoff() {
+        let sender = CallbackSender::new("http://unused", "s", policy())
+            .unwrap()
+            .with_transport(scripted(&[(503, None); 10]));
+        let started = tokio::time::Instant::now();
+        let outcome = sender.deliver("job", &body()).await;
+        assert_eq!((outcome.delivered, outcome.attempts), (false, 6));
+        assert!(outcome.error.unwrap().contains("gave up after 6 attempts"));
+        // Five waits, each at most max_delay.
+        assert!(started.elapsed() <= Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gone_stops_at_once() {
+        let sender = CallbackSender::new("http://unused", "s", policy())
+            .unwrap()
+            .with_transport(scripted(&[(410, None)]));
+        let outcome = sender.deliver("job", &body()).await;
+        assert_eq!((outcome.delivered, outcome.attempts), (false, 1));
+    }
+
+    fn body() -> CallbackBody {
+        CallbackBody {
+            idx: 0,
+            status: "completed",
+            output_key: None,
+            preview_key: None,
+            error: None,
+            error_code: None,
+            outputs: vec![],
+            masks: vec![],
+        }
     }
 }

@@ -3,12 +3,14 @@
 
 mod deliver;
 mod sign;
+mod transport;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 pub use deliver::{CallbackSender, Clock, DeliveryOutcome, RetryPolicy, SystemClock, redacted_url};
 pub use sign::{VerifyError, sign, verify};
+pub use transport::{Answer, Transport};
 
 /// The seed's body (`idx`, `status`, `output_key`, `preview_key`, `error`) extended with every output, every mask
 /// and a machine-readable error code. Absent values are JSON `null`, as in the seed.
