@@ -8,6 +8,7 @@ pub mod error;
 pub mod grpc;
 pub mod jobs;
 pub mod keys;
+pub mod mask_png;
 pub mod segmenter;
 pub mod server;
 pub mod spec_json;

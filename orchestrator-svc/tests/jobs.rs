@@ -8,12 +8,53 @@ use common::orchestrator::{is_terminal, photo_jpeg, seed_spec, start};
 use common::receiver::Receiver;
 use common::{fake_segmenter, orchestrator};
 use orchestrator_svc::callback::idempotency_key;
+use orchestrator_svc::mask_png;
 use orchestrator_svc::storage::ObjectStore;
-use palette_proto::orchestrator::v1::{CallbackState, CancelJobRequest, ItemState, JobState};
+use palette_proto::orchestrator::v1::{
+    CallbackState, CancelJobRequest, ItemState, JobState, MaskKey,
+};
+use palette_rules::GrayImage;
+use palette_rules::mask::{ModelMask, PixelBox, upsample_instance};
 use tonic::Code;
 use tonic_types::StatusExt;
 
 const SECRET: &str = "supersecret123";
+
+/// The fake segmenter's first instance at full frame: its 32x32 left-half mask upsampled inside the left half, as
+/// the orchestrator did before it stored crops.
+fn fake_left_half(w: u32, h: u32) -> GrayImage {
+    let probs: Vec<u8> = (0..32 * 32)
+        .map(|i| if i % 32 < 16 { 255 } else { 0 })
+        .collect();
+    let model = ModelMask {
+        width: 32,
+        height: 32,
+        probs: &probs,
+    };
+    let bbox = PixelBox {
+        x0: 0.0,
+        y0: 0.0,
+        x1: w as f32 / 2.0,
+        y1: h as f32,
+    };
+    upsample_instance(&model, bbox, w, h)
+}
+
+/// A stored mask is a crop: composed at its placement (the oFFs chunk and the entry agree on it) it is `full`.
+fn assert_composes_to(png: &[u8], entry: &MaskKey, full: &GrayImage) {
+    let crop = image::load_from_memory(png).unwrap().to_luma8();
+    assert_eq!((entry.image_width, entry.image_height), full.dimensions());
+    assert_eq!((crop.width(), crop.height()), (entry.width, entry.height));
+    assert_eq!(
+        mask_png::read_offset(png),
+        Some((entry.x as i32, entry.y as i32)),
+        "oFFs vs {entry:?}"
+    );
+    let mut composed = GrayImage::new(entry.image_width, entry.image_height);
+    image::imageops::replace(&mut composed, &crop, entry.x.into(), entry.y.into());
+    assert!(composed == *full, "{} composed differs", entry.key);
+    assert!(mask_png::compose(png, entry.image_width, entry.image_height).unwrap() == *full);
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_job_completes_with_outputs_masks_preview_and_one_signed_callback() {
@@ -54,8 +95,10 @@ async fn seed_job_completes_with_outputs_masks_preview_and_one_signed_callback()
         "masks/test-user/test-job/furniture/0_1.png",
     ] {
         assert!(mask_keys.contains(&key), "{key} not in {mask_keys:?}");
-        let png = image::load_from_memory(&orch.store.get(key).await.unwrap()).unwrap();
-        assert_eq!((png.width(), png.height()), (96, 64));
+        let entry = item.masks.iter().find(|m| m.key == key).unwrap();
+        let png = orch.store.get(key).await.unwrap();
+        assert_composes_to(&png, entry, &fake_left_half(96, 64));
+        assert!(entry.width < 96, "a crop, not the full frame: {entry:?}");
     }
     let output = image::load_from_memory(&orch.store.get(&item.output_key).await.unwrap())
         .unwrap()
@@ -109,6 +152,19 @@ async fn seed_job_completes_with_outputs_masks_preview_and_one_signed_callback()
     assert!(body["error"].is_null());
     assert_eq!(body["outputs"][0]["rule_id"], "rule1");
     assert_eq!(body["masks"].as_array().unwrap().len(), 3);
+    let first = &item.masks[0];
+    let placement = &body["masks"][0];
+    assert_eq!(placement["key"], first.key.as_str());
+    for (field, value) in [
+        ("x", first.x),
+        ("y", first.y),
+        ("width", first.width),
+        ("height", first.height),
+        ("image_width", 96),
+        ("image_height", 64),
+    ] {
+        assert_eq!(placement[field], value, "{field}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 OpenCV, for orchestrator-bench to measure itself against in the same run.
 
 For each photo: decode the JPEG; upsample every instance mask from model resolution into its box on a full-frame
-plane and PNG-encode it; per rule, build the region from the concept's instances (the same colour-guided
+plane and PNG-encode the box (stored masks are crops, as the orchestrator's); per rule, build the region from the concept's instances (the same colour-guided
 refinement as ours, from the rules bench reference) and apply the same maths as ours (recolour, tone, texture:
 orchestrator-svc/rules/bench/reference.py, whose outputs the rules bench checks against the Rust rules), encode the
 output as JPEG; then a 256-px preview of the first output. Single-threaded (cv2.setNumThreads(1)): the ratio is per
@@ -82,7 +82,7 @@ def main():
             for m, (x0, y0, x1, y1) in zip(instance_masks(rng, count, args.mask_size), boxes(rng, count, w, h)):
                 plane = np.zeros((h, w), np.uint8)
                 plane[y0:y1, x0:x1] = cv2.resize(m, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
-                ok, png = cv2.imencode(".png", plane, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+                ok, png = cv2.imencode(".png", plane[y0:y1, x0:x1], [cv2.IMWRITE_PNG_COMPRESSION, 1])
                 encoded += len(png)
                 np.maximum(union, plane, out=union)
             unions.append(union)

@@ -15,6 +15,38 @@ use prost_types::value::Kind;
 
 const SECRET: &str = "e2e-callback-secret";
 
+/// A stored mask is the instance's crop to its non-zero pixels: its entry and its oFFs chunk give the same placement
+/// inside the photo, pasting it there gives the full-frame mask (the library's `compose` agrees), and the crop is
+/// tight (its border rows and columns hold a non-zero value) unless the instance is empty (one zero pixel).
+fn assert_composes_at_placement(
+    png: &[u8],
+    mask: &palette_proto::orchestrator::v1::MaskKey,
+    frame: (u32, u32),
+) {
+    use orchestrator_svc::mask_png;
+    let crop = image::load_from_memory(png).unwrap().to_luma8();
+    assert_eq!((mask.image_width, mask.image_height), frame, "{mask:?}");
+    assert_eq!((crop.width(), crop.height()), (mask.width, mask.height));
+    assert_eq!(
+        mask_png::read_offset(png),
+        Some((mask.x as i32, mask.y as i32))
+    );
+    assert!(
+        mask.x + mask.width <= frame.0 && mask.y + mask.height <= frame.1,
+        "{mask:?}"
+    );
+    let mut full = image::GrayImage::new(frame.0, frame.1);
+    image::imageops::replace(&mut full, &crop, mask.x.into(), mask.y.into());
+    assert!(mask_png::compose(png, frame.0, frame.1).unwrap() == full);
+    let (cw, ch) = crop.dimensions();
+    let row_has = |y| (0..cw).any(|x| crop.get_pixel(x, y).0[0] > 0);
+    let col_has = |x| (0..ch).any(|y| crop.get_pixel(x, y).0[0] > 0);
+    if (cw, ch) != (1, 1) {
+        assert!(row_has(0) && row_has(ch - 1), "{mask:?}");
+        assert!(col_has(0) && col_has(cw - 1), "{mask:?}");
+    }
+}
+
 fn text(s: &str) -> Kind {
     Kind::StringValue(s.into())
 }
@@ -241,6 +273,18 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
             preview.width(),
             preview.height()
         );
+        // Masks are crops: placed by their entry (and their oFFs chunk) they compose to a mask of the photo's size.
+        for mask in &job.items[idx].masks {
+            let got = s3
+                .get_object()
+                .bucket(&weed.bucket)
+                .key(&mask.key)
+                .send()
+                .await
+                .unwrap();
+            let png = got.body.collect().await.unwrap().into_bytes();
+            assert_composes_at_placement(&png, mask, (w, h));
+        }
     }
 
     // One callback per item (the first attempt got a 500 and was retried with the same webhook-id), all signed.

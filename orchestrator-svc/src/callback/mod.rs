@@ -42,6 +42,15 @@ pub struct MaskRef {
     pub concept: String,
     pub instance: u32,
     pub key: String,
+    /// The stored PNG is the instance's crop (width x height) with its top-left pixel at (x, y) of the
+    /// image_width x image_height photo (upright); its oFFs chunk says the same. Zero for full-frame masks stored
+    /// before crops.
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+    pub image_width: u32,
+    pub image_height: u32,
 }
 
 /// Stable per event: the same on every retry and every restart of the sender, different for different terminal

@@ -109,6 +109,19 @@ struct MaskRecord {
     instance: u32,
     key: String,
     score: f32,
+    /// The crop's placement (see `MaskKey`); absent, so zero, in records of full-frame masks from before crops.
+    #[serde(default)]
+    x: u32,
+    #[serde(default)]
+    y: u32,
+    #[serde(default)]
+    width: u32,
+    #[serde(default)]
+    height: u32,
+    #[serde(default)]
+    image_width: u32,
+    #[serde(default)]
+    image_height: u32,
 }
 
 /// The record of a terminal item, as JSON.
@@ -140,6 +153,12 @@ pub fn encode(item: &Item) -> Vec<u8> {
                 instance: m.instance,
                 key: m.key.clone(),
                 score: m.score,
+                x: m.x,
+                y: m.y,
+                width: m.width,
+                height: m.height,
+                image_width: m.image_width,
+                image_height: m.image_height,
             })
             .collect(),
         error: item.error.clone(),
@@ -186,6 +205,12 @@ pub fn decode(bytes: &[u8]) -> Option<Item> {
                 instance: m.instance,
                 key: m.key,
                 score: m.score,
+                x: m.x,
+                y: m.y,
+                width: m.width,
+                height: m.height,
+                image_width: m.image_width,
+                image_height: m.image_height,
             })
             .collect(),
         error: record.error,
@@ -228,6 +253,12 @@ mod tests {
                 instance: 1,
                 key: "masks/u/j/wall/3_1.png".into(),
                 score: 0.5,
+                x: 12,
+                y: 7,
+                width: 300,
+                height: 200,
+                image_width: 4032,
+                image_height: 3024,
             }],
             callback_state: CallbackState::Delivered as i32,
             callback_attempts: 1,
@@ -249,5 +280,23 @@ mod tests {
         let item = decode(old).expect("old record");
         assert!(item.outputs[0].applied);
         assert_eq!(item.outputs[0].not_applied_reason, "");
+    }
+
+    #[test]
+    fn records_from_before_mask_crops_read_with_no_placement() {
+        let old = br#"{"idx":0,"state":"ITEM_STATE_COMPLETED","outputKey":"o","masks":[
+            {"concept":"wall","instance":1,"key":"masks/u/j/wall/0_1.png","score":0.5}]}"#;
+        let item = decode(old).expect("old record");
+        assert_eq!(
+            item.masks,
+            [MaskKey {
+                concept: "wall".into(),
+                instance: 1,
+                key: "masks/u/j/wall/0_1.png".into(),
+                score: 0.5,
+                ..Default::default()
+            }],
+            "zero placement: a full-frame PNG"
+        );
     }
 }

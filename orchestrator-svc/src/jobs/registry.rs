@@ -166,6 +166,7 @@ mod tests {
                         instance: i as u32,
                         key: format!("masks/u/{}/{idx}/wall_{i}.png", job.plan.job_id),
                         score: 0.9,
+                        ..Default::default()
                     })
                     .collect(),
                 ..Default::default()

@@ -105,6 +105,12 @@ pub fn callback_body(item: &Item) -> CallbackBody {
                 concept: m.concept.clone(),
                 instance: m.instance,
                 key: m.key.clone(),
+                x: m.x,
+                y: m.y,
+                width: m.width,
+                height: m.height,
+                image_width: m.image_width,
+                image_height: m.image_height,
             })
             .collect(),
     }

@@ -9,17 +9,21 @@ use palette_rules::{Edited, GrayImage, RgbImage};
 use super::error::ItemError;
 use super::imaging;
 use crate::jobs::validate::PlannedRule;
+use crate::mask_png::{self, Placement};
 
 /// One instance at full resolution.
 pub struct InstanceMask {
-    /// The instance as stored (`masks/...png`).
+    /// The instance as stored (`masks/...png`): its crop to its non-zero pixels (see `crate::mask_png`).
     pub png: Vec<u8>,
+    /// Where the crop sits in the photo.
+    pub placement: Placement,
     /// The union (max) of the concept's instances so far, this one included; None when no rule needs the concept.
     pub union: Option<GrayImage>,
 }
 
-/// Upsamples one instance inside its box to `width` x `height` and encodes it; when `keep_union`, folds it into
-/// `union_so_far` (a region is built from the union of a concept's instances, so memory is one plane per concept).
+/// Upsamples one instance inside its box to `width` x `height` and encodes its crop to its non-zero pixels; when
+/// `keep_union`, folds the full-frame plane into `union_so_far` (a region is built from the union of a concept's
+/// instances, so memory is one plane per concept).
 pub fn instance_mask(
     model: &ModelMask<'_>,
     bbox: PixelBox,
@@ -28,7 +32,8 @@ pub fn instance_mask(
     keep_union: bool,
 ) -> Result<InstanceMask, ItemError> {
     let gray = upsample_instance(model, bbox, width, height);
-    let png = imaging::encode_png_gray(&gray)?;
+    let placement = mask_png::nonzero_bounds(&gray).unwrap_or(Placement::EMPTY);
+    let png = imaging::encode_mask_png(&gray, placement)?;
     let union = keep_union.then(|| match union_so_far {
         Some(mut union) => {
             for (u, g) in union.iter_mut().zip(gray.iter()) {
@@ -38,7 +43,11 @@ pub fn instance_mask(
         }
         None => gray,
     });
-    Ok(InstanceMask { png, union })
+    Ok(InstanceMask {
+        png,
+        placement,
+        union,
+    })
 }
 
 /// How a rule's output is stored.

@@ -140,24 +140,17 @@ pub fn encode_png_rgba(img: &RgbaImage) -> Result<Vec<u8>, ItemError> {
     Ok(out)
 }
 
-/// Instance masks (one per detected instance, full resolution): `Fast` (fdeflate). With zlib's default level mask
-/// encoding was a third of the orchestrator's CPU; orchestrator-bench (25 photos of 1008x756, 23 masks each): masks stage
-/// 343 -> 66 ms per image, files 35 % larger (1.1 -> 1.5 MB per image of the random model's noisy masks; a clean
-/// 1008x756 mask is 2 KB vs 5 KB).
-pub fn encode_png_gray(img: &GrayImage) -> Result<Vec<u8>, ItemError> {
-    let mut out = Vec::new();
-    png_encoder(&mut out, CompressionType::Fast)
-        .write_image(
-            img.as_raw(),
-            img.width(),
-            img.height(),
-            image::ExtendedColorType::L8,
-        )
-        .map_err(|e| ItemError::Encode {
-            what: "PNG encode",
-            source: e.into(),
-        })?;
-    Ok(out)
+/// An instance mask as stored: its crop to `at` with an `oFFs` chunk (see `crate::mask_png`). `Fast` (fdeflate):
+/// with zlib's default level mask encoding was a third of the orchestrator's CPU (orchestrator-bench, 1008x756,
+/// full-frame masks: masks stage 343 -> 66 ms per image, files 35 % larger).
+pub fn encode_mask_png(
+    mask: &GrayImage,
+    at: crate::mask_png::Placement,
+) -> Result<Vec<u8>, ItemError> {
+    crate::mask_png::encode_crop(mask, at).map_err(|e| ItemError::Encode {
+        what: "PNG encode",
+        source: e.into(),
+    })
 }
 
 /// Fits the image inside 256x256 (aspect kept) and encodes it as JPEG.

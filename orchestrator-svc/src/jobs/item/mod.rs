@@ -141,7 +141,8 @@ impl ItemRunner {
         Ok(self.store.get_at_most(key, max).await?)
     }
 
-    /// Upsamples every instance inside its box to full resolution and stores it as PNG. Keeps in memory only what a
+    /// Upsamples every instance inside its box to full resolution and stores its crop as PNG (placement in an `oFFs`
+    /// chunk and in its `MaskKey`). Keeps in memory only what a
     /// rule needs: the union of each rule concept's instances (see `cpu::instance_mask`).
     async fn store_masks(
         &self,
@@ -210,6 +211,12 @@ impl ItemRunner {
                     instance: number,
                     key,
                     score: instance.score,
+                    x: mask.placement.x,
+                    y: mask.placement.y,
+                    width: mask.placement.width,
+                    height: mask.placement.height,
+                    image_width: w,
+                    image_height: h,
                 });
                 if let Some(union) = mask.union {
                     full.insert(concept.clone(), union);
