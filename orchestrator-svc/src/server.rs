@@ -127,6 +127,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartupError> {
+    let serve_reflection = config.reflection;
+    if !serve_reflection {
+        tracing::info!("server reflection off (REFLECTION=false)");
+    }
     let (runpod, queue) = match config.adapter {
         Adapter::Grpc => (None, None),
         Adapter::Runpod => (Some(config.runpod.settings()?), None),
@@ -219,8 +223,8 @@ pub async fn run(
     };
     Server::builder()
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(serve_reflection.then_some(reflection_v1))
+        .add_optional_service(serve_reflection.then_some(reflection_v1alpha))
         .add_service(jobs)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await

@@ -162,3 +162,32 @@ async fn healthcheck_subcommand_fails_on_a_closed_port() {
         .unwrap();
     assert!(!out.status.success(), "{:?}", out.status);
 }
+
+#[tokio::test]
+async fn reflection_can_be_turned_off() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    let segmenter = common::fake_segmenter::start().await;
+    let orch = common::orchestrator::start(&segmenter.url, |c| c.reflection = false).await;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let status = ServerReflectionClient::new(orch.channel.clone())
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    // Health stays open: Kubernetes probes and load balancers need it.
+    let serving = HealthClient::new(orch.channel.clone())
+        .check(HealthCheckRequest {
+            service: "palette.orchestrator.v1.Jobs".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(serving, ServingStatus::Serving as i32);
+}

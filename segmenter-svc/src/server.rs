@@ -70,6 +70,9 @@ pub async fn serve(
             .with_service_name("grpc.health.v1.Health")
             .with_service_name(reflection_name)
     };
+    if !config.reflection {
+        tracing::info!("server reflection off (REFLECTION=false)");
+    }
     let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection").build_v1()?;
     let reflection_v1alpha =
         reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha()?;
@@ -100,8 +103,8 @@ pub async fn serve(
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(config.reflection.then_some(reflection_v1))
+        .add_optional_service(config.reflection.then_some(reflection_v1alpha))
         .add_service(segmenter)
         // Nagle's algorithm with delayed ACKs held small responses for ~40 ms (measured with segmenter-bench):
         // NODELAY on every accepted connection.

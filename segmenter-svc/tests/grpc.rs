@@ -283,6 +283,26 @@ async fn reflection_lists_every_service() {
     server.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn reflection_can_be_turned_off_and_health_stays_open() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    let mut config = test_config();
+    config.reflection = false;
+    let server = TestServer::start(config).await;
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let status = ServerReflectionClient::new(server.channel().await)
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    // TestServer::start waited for SERVING through health: it is still served.
+    server.stop().await.unwrap();
+}
+
 /// Same concepts, same kept queries in the same order, scores and boxes within `tol` (0: bit-identical), mask bytes
 /// within one level. The text-cache flag is ignored: it depends on what ran before.
 fn assert_same_answer(a: &[pb::ConceptResult], b: &[pb::ConceptResult], tol: f32) {

@@ -88,6 +88,10 @@ pub struct Config {
     /// gRPC listen address. Default 0.0.0.0:50052.
     #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50052")]
     pub grpc_addr: SocketAddr,
+    /// Serve gRPC server reflection (what lets grpcurl work without .proto files). Default true; the production
+    /// manifests turn it off, so the API's shape is not handed to whoever reaches the port.
+    #[arg(long, env = "REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub reflection: bool,
     /// Prometheus scrape address (`/metrics`). Default 0.0.0.0:9092; empty turns the exporter off.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9092")]
     pub metrics_addr: String,
