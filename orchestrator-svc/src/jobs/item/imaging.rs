@@ -4,9 +4,7 @@
 use std::io::Cursor;
 
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
-use image::{
-    DynamicImage, GrayImage, ImageDecoder, ImageEncoder, ImageReader, RgbImage, RgbaImage, imageops,
-};
+use image::{DynamicImage, ImageDecoder, ImageEncoder, ImageReader, RgbImage, RgbaImage, imageops};
 use palette_rules::icc::Conversion;
 
 use super::error::ItemError;
@@ -138,19 +136,6 @@ pub fn encode_png_rgba(img: &RgbaImage) -> Result<Vec<u8>, ItemError> {
             source: e.into(),
         })?;
     Ok(out)
-}
-
-/// An instance mask as stored: its crop to `at` with an `oFFs` chunk (see `crate::mask_png`). `Fast` (fdeflate):
-/// with zlib's default level mask encoding was a third of the orchestrator's CPU (orchestrator-bench, 1008x756,
-/// full-frame masks: masks stage 343 -> 66 ms per image, files 35 % larger).
-pub fn encode_mask_png(
-    mask: &GrayImage,
-    at: crate::mask_png::Placement,
-) -> Result<Vec<u8>, ItemError> {
-    crate::mask_png::encode_crop(mask, at).map_err(|e| ItemError::Encode {
-        what: "PNG encode",
-        source: e.into(),
-    })
 }
 
 /// Fits the image inside 256x256 (aspect kept) and encodes it as JPEG.
