@@ -9,7 +9,7 @@ Graphs (opset 17, legacy TorchScript exporter, fp32 float inputs/outputs in ever
   decoder.onnx  fpn_0..2 of ONE image (batch 1), text_features [N,32,D], text_mask i64 [N,32]
                 -> topk_masks [N,K,M,M] (logits), topk_boxes [N,K,4] (xyxy in [0,1]), topk_logits [N,K],
                    topk_queries i64 [N,K], presence_logits [N,1], semantic_seg [N,1,M,M]
-with S = image size, M = 4*S/14, C = FPN channels, D = text feature dim, Q = queries, K = min(--topk, Q) (default 32):
+with S = image size, M = 4*S/14, C = FPN channels, D = text feature dim, Q = queries, K = min(--topk, Q) (default 20):
 the decoder keeps its best K queries by logit, best first, so the dense [N,Q,M,M] masks (66 MB per phrase at full
 size) stay inside ONNX Runtime. --topk 0 exports the dense outputs instead (pred_masks [N,Q,M,M], pred_boxes,
 pred_logits [N,Q]); the server reads both forms.

@@ -29,7 +29,8 @@ OUTPUT_NAMES = ("pred_masks", "pred_boxes", "pred_logits", "presence_logits", "s
 # The decoder's outputs when it selects its best K queries itself (--topk K): the dense [N, Q, M, M] mask tensor then
 # never leaves ONNX Runtime (on CUDA: never crosses to the host; 66 MB per phrase at full size).
 TOPK_OUTPUT_NAMES = ("topk_masks", "topk_boxes", "topk_logits", "topk_queries", "presence_logits", "semantic_seg")
-DEFAULT_TOPK = 32
+# 20 = segmenter-svc's default MAX_INSTANCES_PER_CONCEPT: more rows would only cross from the device to be dropped.
+DEFAULT_TOPK = 20
 
 
 def decoder_output_names(topk: int) -> tuple:
