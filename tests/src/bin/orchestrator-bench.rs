@@ -264,6 +264,7 @@ async fn run_job(url: &str, job_id: &str, n: u32) -> f64 {
     let mut stream = client
         .watch_job(WatchJobRequest {
             job_id: job_id.into(),
+            user_id: "bench-user".into(),
         })
         .await
         .unwrap()

@@ -6,6 +6,7 @@
 //! together.
 
 mod concepts;
+mod job_ref;
 mod occluders;
 mod rules;
 mod violations;
@@ -18,6 +19,7 @@ use palette_rules::preset::Preset;
 use palette_rules::rule::Rule;
 
 pub use concepts::{MAX_CONCEPT_CHARS, normalize_concept};
+pub use job_ref::JobKey;
 pub use violations::{Validate, Violations};
 
 use crate::error::ApiError;
@@ -42,6 +44,14 @@ pub struct PlannedRule {
     pub occluders: Vec<String>,
 }
 
+/// The job a request names, checked: INVALID_ARGUMENT with every bad id otherwise.
+pub fn job_key<R: Validate<(), Valid = JobKey>>(request: &R) -> Result<JobKey, ApiError> {
+    let mut v = Violations::default();
+    let key = request.validate((), &mut v);
+    v.finish()?;
+    Ok(key.expect("ids without violations make a key"))
+}
+
 /// A validated job: what the pipeline runs.
 #[derive(Debug)]
 pub struct JobPlan {
@@ -56,9 +66,35 @@ pub struct JobPlan {
     /// ADAPTER=queue_pull: the job may run more than once (a redelivered queue message), so each item's end is
     /// recorded in storage (`keys::item_marker`) and an item already recorded is not run nor called back again.
     pub durable_items: bool,
+    /// Set for an edit (EditJob): the photos and masks come from another job's, and nothing is segmented.
+    pub source: Option<EditSource>,
+}
+
+/// Where an edit's photos and masks are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EditSource {
+    /// The job the request named.
+    pub source_job_id: String,
+    /// The job whose `inputs/` and `masks/` hold them: the source itself, or the source's own source.
+    pub photos_job_id: String,
 }
 
 impl JobPlan {
+    /// The job under whose `inputs/` (and `masks/`) this job's photos are: its own, or an edit's source's.
+    pub fn photos_job_id(&self) -> &str {
+        self.source
+            .as_ref()
+            .map_or(&self.job_id, |s| &s.photos_job_id)
+    }
+
+    /// The job's identity in the registry.
+    pub fn key(&self) -> JobKey {
+        JobKey {
+            user_id: self.user_id.clone(),
+            job_id: self.job_id.clone(),
+        }
+    }
+
     /// Concepts whose full-resolution masks a rule needs (targets and occluders); others are only stored.
     pub fn concepts_used_by_rules(&self) -> Vec<&str> {
         let mut used: Vec<&str> = Vec::new();
@@ -234,6 +270,7 @@ fn plan(spec: &JobSpec, concepts: ConceptList, rules: Vec<PlannedRule>) -> JobPl
         rules,
         effective_spec,
         durable_items: false,
+        source: None,
     }
 }
 
