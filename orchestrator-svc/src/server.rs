@@ -155,6 +155,7 @@ pub async fn run(
         InputLimits {
             max_bytes: args.max_input_bytes,
             max_pixels: args.max_input_pixels,
+            inflight_megapixels: args.inflight_megapixels(),
         },
         config.segmenter.mask_cache_mb.saturating_mul(1024 * 1024),
     );

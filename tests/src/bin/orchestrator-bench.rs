@@ -53,6 +53,11 @@ struct Args {
     /// to check that a change left them within 1 code of a run before it.
     #[arg(long)]
     keep_outputs: Option<std::path::PathBuf>,
+    /// Orchestrator MAX_INFLIGHT_MEGAPIXELS (unset: its default from this machine's cgroup memory limit). The
+    /// memory check of issue 13: `--width 8000 --height 6000 --images 4 --small 1 --batch-concurrency 4
+    /// --phone-images 0 --inflight-megapixels 100` prints the peak RSS against the budget in bytes.
+    #[arg(long)]
+    inflight_megapixels: Option<u64>,
 }
 
 /// What one measured job cost, per image.
@@ -308,10 +313,13 @@ async fn main() -> anyhow::Result<()> {
     config.limits.batch_concurrency = args.batch_concurrency;
     config.limits.retained_jobs_mb = args.retained_jobs_mb;
     config.limits.presets_dir = palette_e2e::repo_root().join("presets");
+    config.limits.max_inflight_megapixels = args.inflight_megapixels;
+    let budget_mp = config.limits.inflight_megapixels();
     let mut orchestrator = palette_e2e::start_orchestrator(config).await;
     let url = orchestrator.url();
 
     let size = (args.width, args.height);
+    let (idle_peak, _) = process_stats();
     write_inputs(storage.path(), "small", args.small, size);
     write_inputs(storage.path(), "large", args.images, size);
     let (_, cpu0) = process_stats();
@@ -381,6 +389,21 @@ async fn main() -> anyhow::Result<()> {
         large_peak as f64 / 1e6,
         args.images,
         large_peak as f64 / small_peak.max(1) as f64
+    );
+    let budget_bytes = budget_mp * orchestrator_svc::config::BYTES_PER_PIXEL_IN_FLIGHT * 1_000_000;
+    println!(
+        "pixel budget {budget_mp} MP in flight = {:.0} MB at {} bytes per pixel; peak RSS {:.0} MB, {:.0} MB above \
+         the idle pair of services ({:.0} MB): {}",
+        budget_bytes as f64 / 1e6,
+        orchestrator_svc::config::BYTES_PER_PIXEL_IN_FLIGHT,
+        large_peak as f64 / 1e6,
+        large_peak.saturating_sub(idle_peak) as f64 / 1e6,
+        idle_peak as f64 / 1e6,
+        if large_peak.saturating_sub(idle_peak) <= budget_bytes {
+            "within the budget"
+        } else {
+            "OVER the budget"
+        }
     );
     // What the job leaves in storage, per image: masks are one full-resolution PNG per instance, so their encoding
     // (speed vs size) shows up here and in the "masks" stage above.

@@ -65,6 +65,15 @@ pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemErr
     Ok(rgb)
 }
 
+/// Width x height from the image's header (no pixel decoded); 0 when it cannot be read (decoding then says why).
+pub fn pixel_count(bytes: &[u8]) -> u64 {
+    ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()
+        .and_then(|r| r.into_dimensions().ok())
+        .map_or(0, |(w, h)| u64::from(w) * u64::from(h))
+}
+
 /// EXIF orientation tag (1 = upright) of JPEG/PNG/WebP bytes; 1 when absent or unreadable.
 pub fn exif_orientation(bytes: &[u8]) -> u32 {
     let Ok(exif) = exif::Reader::new().read_from_container(&mut Cursor::new(bytes)) else {

@@ -2,6 +2,7 @@
 //! full-resolution masks stored -> each rule's region, edit and output stored -> preview. `ItemRunner` owns what
 //! an item needs and does the I/O; the CPU work is in `cpu`, run on the blocking pool.
 
+mod admission;
 mod cpu;
 mod error;
 mod imaging;
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use palette_proto::orchestrator::v1::{MaskKey, RuleOutput};
 use palette_rules::{GrayImage, RgbImage};
 
+pub use admission::PixelBudget;
 pub use error::ItemError;
 pub use mask_cache::MaskCache;
 
@@ -34,6 +36,8 @@ use mask_cache::ConceptMasks;
 pub struct InputLimits {
     pub max_bytes: u64,
     pub max_pixels: u64,
+    /// The pixels of all images in flight together, in megapixels (see `admission`).
+    pub inflight_megapixels: u64,
 }
 
 /// Runs items: storage, the segmenter, the mask cache and the input limits, shared by every item of every job.
@@ -43,6 +47,7 @@ pub struct ItemRunner {
     segmenter: Arc<Segmenter>,
     limits: InputLimits,
     mask_cache: MaskCache,
+    budget: PixelBudget,
 }
 
 /// Runs blocking (CPU) work off the async threads.
@@ -61,11 +66,16 @@ impl ItemRunner {
         limits: InputLimits,
         mask_cache_bytes: usize,
     ) -> Self {
+        tracing::info!(
+            megapixels = limits.inflight_megapixels,
+            "images start once their pixels fit in this many megapixels in flight"
+        );
         ItemRunner {
             store,
             segmenter,
             limits,
             mask_cache: MaskCache::new(mask_cache_bytes),
+            budget: PixelBudget::new(limits.inflight_megapixels),
         }
     }
 
@@ -78,6 +88,11 @@ impl ItemRunner {
         let stage = Stage::start("download");
         let input_key = keys::input(&plan.user_id, plan.photos_job_id(), idx);
         let bytes = self.download_input(&input_key).await?;
+        stage.finish();
+
+        // Held to the end of the item: its photo, planes and outputs live until then.
+        let stage = Stage::start("admit");
+        let _admitted = self.budget.admit(imaging::pixel_count(&bytes)).await;
         stage.finish();
 
         let stage = Stage::start("decode");
