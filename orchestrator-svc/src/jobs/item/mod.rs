@@ -3,12 +3,12 @@
 //! an item needs and does the I/O; the CPU work is in `cpu`, run on the blocking pool.
 
 mod admission;
-mod cpu;
+pub(in crate::jobs) mod cpu;
 mod error;
-mod imaging;
+pub(in crate::jobs) mod imaging;
 mod mask_cache;
 mod segment;
-mod stored_masks;
+pub(in crate::jobs) mod stored_masks;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,8 +36,6 @@ use mask_cache::ConceptMasks;
 pub struct InputLimits {
     pub max_bytes: u64,
     pub max_pixels: u64,
-    /// The pixels of all images in flight together, in megapixels (see `admission`).
-    pub inflight_megapixels: u64,
 }
 
 /// Runs items: storage, the segmenter, the mask cache and the input limits, shared by every item of every job.
@@ -66,17 +64,24 @@ impl ItemRunner {
         limits: InputLimits,
         mask_cache_bytes: usize,
     ) -> Self {
-        tracing::info!(
-            megapixels = limits.inflight_megapixels,
-            "images start once their pixels fit in this many megapixels in flight"
-        );
         ItemRunner {
             store,
             segmenter,
             limits,
             mask_cache: MaskCache::new(mask_cache_bytes),
-            budget: PixelBudget::new(limits.inflight_megapixels),
+            // Until `with_pixel_budget`: the default where no memory limit is set.
+            budget: PixelBudget::new(crate::config::default_inflight_megapixels(None)),
         }
+    }
+
+    /// Admits items by pixels: at most `megapixels` of photos in flight together (see `admission`).
+    pub fn with_pixel_budget(mut self, megapixels: u64) -> Self {
+        tracing::info!(
+            megapixels,
+            "images start once their pixels fit in this many megapixels in flight"
+        );
+        self.budget = PixelBudget::new(megapixels);
+        self
     }
 
     pub fn store(&self) -> &SharedStore {
