@@ -159,7 +159,8 @@ pub async fn run(
             max_pixels: args.max_input_pixels,
         },
         config.segmenter.mask_cache_mb.saturating_mul(1024 * 1024),
-    );
+    )
+    .with_pixel_budget(args.inflight_megapixels());
     let pipeline = Arc::new(Pipeline::new(
         runner,
         callbacks,
