@@ -49,6 +49,13 @@ pub enum TlsError {
     },
 }
 
+/// Makes ring the process's rustls crypto provider, as tonic's client already falls back to. Both providers are
+/// compiled into this tree (the AWS SDK brings aws-lc-rs), and then rustls refuses to choose for a server: the
+/// first TLS handshake panicked. A provider installed earlier (by an embedding program) is kept.
+fn ensure_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A PEM file read and checked: the text tonic takes, once it is known to hold what it should.
 fn read_pem(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
@@ -127,6 +134,7 @@ pub fn server_config(
     client_ca: Option<&Path>,
 ) -> Result<(Option<ServerTlsConfig>, ServerMode), TlsError> {
     let client_ca = given(client_ca);
+    ensure_crypto_provider();
     let Some((cert, key)) = pair(("TLS_CERT", cert), ("TLS_KEY", key))? else {
         if client_ca.is_some() {
             return Err(TlsError::Incomplete {
@@ -162,6 +170,7 @@ pub struct ClientFiles<'a> {
 
 /// The client's TLS (without a domain name: the caller sets the name it dials per target).
 pub fn client_config(files: ClientFiles<'_>) -> Result<ClientTlsConfig, TlsError> {
+    ensure_crypto_provider();
     let mut config = ClientTlsConfig::new();
     config = match (files.ca.0, given(files.ca.1)) {
         (setting, Some(ca)) => {
