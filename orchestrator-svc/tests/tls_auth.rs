@@ -274,6 +274,10 @@ async fn startup_stops_at_an_unusable_setting_and_names_it() {
             Box::new(|c| c.segmenter.segmenter_tls_ca = Some("/nonexistent/ca.pem".into())),
             "SEGMENTER_URL \"http://127.0.0.1:9\"",
         ),
+        (
+            Box::new(|c| c.segmenter.segmenter_token_file = Some("/nonexistent/token".into())),
+            "SEGMENTER_TOKEN_FILE \"/nonexistent/token\"",
+        ),
     ];
     for (tweak, expected) in cases {
         let mut config = orchestrator_svc::Config::for_tests(dir.path(), NO_SEGMENTER);
@@ -283,4 +287,57 @@ async fn startup_stops_at_an_unusable_setting_and_names_it() {
             .unwrap_err();
         assert_eq!(err.to_string(), expected);
     }
+}
+
+/// What deploy/dev-certs.sh writes (openssl: EC keys, a local CA) works with the services' TLS as rcgen's does: the
+/// compose override and the operations guide rely on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_certs_script_output_is_accepted() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: no openssl");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/dev-certs.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = |name: &str| dir.path().join(name);
+    let token = std::fs::read_to_string(file("orchestrator.tokens")).unwrap();
+    let orch = orchestrator::start(NO_SEGMENTER, |c| {
+        c.serve.tls_cert = Some(file("server.pem"));
+        c.serve.tls_key = Some(file("server.key"));
+        c.serve.tls_client_ca = Some(file("ca.pem"));
+        c.serve.auth_tokens_file = Some(file("orchestrator.tokens"));
+    })
+    .await;
+    let read = |name: &str| std::fs::read(file(name)).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
+        .identity(tonic::transport::Identity::from_pem(
+            read("client.pem"),
+            read("client.key"),
+        ))
+        .domain_name("localhost");
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{}", orch.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap();
+    wait_serving_on(endpoint.clone(), "").await;
+    let channel = endpoint.connect().await.unwrap();
+    assert_eq!(
+        submit(channel, Some(token.trim())).await,
+        Code::InvalidArgument
+    );
 }

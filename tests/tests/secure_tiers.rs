@@ -17,16 +17,20 @@ async fn secure_segmenter(pki: &Pki) -> TestServer {
     TestServer::start_checked_by(config, |addr| pki.endpoint(addr, Some("client"))).await
 }
 
-/// The item's state and error code after a one-image job through an orchestrator sending `token`.
-async fn run_job(pki: &Pki, segmenter: &TestServer, token: &str) -> (i32, String) {
+/// The item's state and error code after a one-image job through an orchestrator sending the token `send` sets.
+async fn run_job(
+    pki: &Pki,
+    segmenter: &TestServer,
+    send: impl FnOnce(&mut orchestrator_svc::Config),
+) -> (i32, String) {
     // By name: the resolver dials the addresses `localhost` resolves to, and TLS checks the name, not the address.
     let url = format!("https://localhost:{}", segmenter.addr.port());
     let mut orch = orchestrator::start(&url, |c| {
         c.segmenter.segmenter_tls_ca = Some(pki.path("ca.pem"));
         c.segmenter.segmenter_tls_cert = Some(pki.path("client.pem"));
         c.segmenter.segmenter_tls_key = Some(pki.path("client.key"));
-        c.segmenter.segmenter_token = Some(token.into());
         c.segmenter.segmenter_attempts = 1;
+        send(c);
     })
     .await;
     let photo = example_photos().remove(0).1;
@@ -50,10 +54,19 @@ async fn run_job(pki: &Pki, segmenter: &TestServer, token: &str) -> (i32, String
 async fn a_job_runs_over_mutual_tls_with_the_segmenter_token() {
     let pki = Pki::generate();
     let segmenter = secure_segmenter(&pki).await;
-    let (state, error) = run_job(&pki, &segmenter, TOKEN).await;
+    // The token from a file, as a mounted Secret gives it.
+    let token_file = pki.path("segmenter-token");
+    std::fs::write(&token_file, format!("# for the segmenter\n{TOKEN}\n")).unwrap();
+    let (state, error) = run_job(&pki, &segmenter, |c| {
+        c.segmenter.segmenter_token_file = Some(token_file);
+    })
+    .await;
     assert_eq!(state, ItemState::Completed as i32, "error code {error:?}");
 
-    let (state, error) = run_job(&pki, &segmenter, "not-the-segmenter-token-000").await;
+    let (state, error) = run_job(&pki, &segmenter, |c| {
+        c.segmenter.segmenter_token = Some("not-the-segmenter-token-000".into());
+    })
+    .await;
     assert_eq!(state, ItemState::Failed as i32);
     assert_eq!(error, "segmenter_unavailable");
     segmenter.stop().await.unwrap();

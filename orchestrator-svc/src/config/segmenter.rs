@@ -35,6 +35,10 @@ pub struct SegmenterArgs {
     /// Bearer token sent to the segmenter on every call (one of the segmenter's AUTH_TOKENS). Unset: none sent.
     #[arg(long, env = "SEGMENTER_TOKEN")]
     pub segmenter_token: Option<Secret>,
+    /// A file holding SEGMENTER_TOKEN (its first line that is not blank or a `#` comment), for tokens mounted from a
+    /// secret store; read at startup. Used when SEGMENTER_TOKEN is unset.
+    #[arg(long, env = "SEGMENTER_TOKEN_FILE")]
+    pub segmenter_token_file: Option<PathBuf>,
     /// PEM CA certificate(s) the segmenter's certificate must chain to, for `https://` SEGMENTER_URL entries.
     /// Unset: the system's CA store.
     #[arg(long, env = "SEGMENTER_TLS_CA")]
@@ -94,8 +98,33 @@ impl SegmenterArgs {
         } else {
             None
         };
-        let token = BearerToken::new(self.segmenter_token.as_ref())
+        let token = BearerToken::new(self.token()?.as_ref())
             .map_err(|e| ConfigError::invalid("SEGMENTER_TOKEN", "<redacted>", e))?;
         Ok(SegmenterSecurity { tls, token })
+    }
+
+    /// SEGMENTER_TOKEN, else the token in SEGMENTER_TOKEN_FILE, else none.
+    fn token(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(token) = self
+            .segmenter_token
+            .as_ref()
+            .filter(|t| !t.expose().trim().is_empty())
+        {
+            return Ok(Some(token.clone()));
+        }
+        let Some(path) = tls::given(self.segmenter_token_file.as_deref()) else {
+            return Ok(None);
+        };
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::invalid("SEGMENTER_TOKEN_FILE", shown.clone(), e))?;
+        let token = text
+            .lines()
+            .map(str::trim)
+            .find(|line| !line.is_empty() && !line.starts_with('#'))
+            .ok_or_else(|| {
+                ConfigError::invalid("SEGMENTER_TOKEN_FILE", shown, "no token in the file")
+            })?;
+        Ok(Some(Secret::from(token)))
     }
 }
