@@ -73,3 +73,68 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use tower::ServiceExt;
+
+    use super::*;
+
+    const TOKEN: &str = "layer-token-0123456789";
+
+    /// The status a call to `path` with these headers gets through the layer ("0" when it reached the service).
+    async fn status(path: &str, authorization: Option<&str>) -> String {
+        let auth = Authenticator::load(Some(TOKEN), None).unwrap();
+        let inner = tower::service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(String::new()))
+        });
+        let mut request = Request::builder().uri(format!("http://x{path}"));
+        if let Some(value) = authorization {
+            request = request.header("authorization", value);
+        }
+        let response = AuthLayer::new(auth)
+            .layer(inner)
+            .oneshot(request.body(()).unwrap())
+            .await
+            .unwrap();
+        response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_else(|| "0".into())
+    }
+
+    #[tokio::test]
+    async fn only_a_listed_bearer_token_passes_and_health_is_open() {
+        let unauthenticated = (tonic::Code::Unauthenticated as i32).to_string();
+        let api = "/palette.segmenter.v1.Segmenter/Segment";
+        assert_eq!(status(api, None).await, unauthenticated);
+        assert_eq!(
+            status(api, Some(TOKEN)).await,
+            unauthenticated,
+            "no Bearer scheme"
+        );
+        assert_eq!(
+            status(api, Some("Basic dXNlcjpwYXNz")).await,
+            unauthenticated
+        );
+        assert_eq!(
+            status(api, Some("Bearer layer-token-0123456780")).await,
+            unauthenticated
+        );
+        assert_eq!(status(api, Some(&format!("Bearer {TOKEN}"))).await, "0");
+        assert_eq!(status(api, Some(&format!("bearer {TOKEN}"))).await, "0");
+        assert_eq!(status("/grpc.health.v1.Health/Check", None).await, "0");
+        assert_eq!(status("/grpc.health.v1.Health/Watch", None).await, "0");
+        // Reflection is not health: it needs the token.
+        let reflection = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+        assert_eq!(status(reflection, None).await, unauthenticated);
+        // A prefix trick does not open anything.
+        assert_eq!(
+            status("/grpc.health.v1.HealthX/Check", None).await,
+            unauthenticated
+        );
+    }
+}
