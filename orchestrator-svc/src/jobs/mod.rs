@@ -25,7 +25,7 @@ pub use job::JobHandle;
 pub use pipeline::Pipeline;
 pub use registry::{JobRegistry, Retention, Submitted};
 pub use report::callback_body;
-pub use validate::{JobLimits, JobPlan};
+pub use validate::{JobKey, JobLimits, JobPlan, job_key};
 
 use crate::error::ApiError;
 
@@ -81,12 +81,12 @@ impl JobService {
         self.register(plan)
     }
 
-    pub fn get(&self, job_id: &str) -> Result<Arc<JobHandle>, ApiError> {
-        self.registry.get(job_id)
+    pub fn get(&self, key: &JobKey) -> Result<Arc<JobHandle>, ApiError> {
+        self.registry.get(key)
     }
 
-    pub fn cancel(&self, job_id: &str) -> Result<Job, ApiError> {
-        let job = self.registry.get(job_id)?;
+    pub fn cancel(&self, key: &JobKey) -> Result<Job, ApiError> {
+        let job = self.registry.get(key)?;
         self.pipeline.cancel(&job);
         Ok(job.snapshot())
     }

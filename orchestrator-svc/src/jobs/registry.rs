@@ -1,4 +1,4 @@
-//! The jobs this process knows, by job id: idempotent submission, lookups, and forgetting the oldest finished jobs
+//! The jobs this process knows, by (user id, job id): idempotent submission, lookups, and forgetting the oldest finished jobs
 //! to stay within MAX_RETAINED_JOBS and RETAINED_JOBS_MB.
 
 use std::collections::HashMap;
@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::job::JobHandle;
-use super::validate::JobPlan;
+use super::validate::{JobKey, JobPlan};
 use crate::error::ApiError;
 
 /// What a refused submission is told to wait: long enough for a few running jobs to finish.
@@ -23,11 +23,11 @@ pub struct Retention {
     pub max_bytes: usize,
 }
 
-/// The jobs this process knows, by job id: at most `Retention::max_jobs` of them in at most
+/// The jobs this process knows, by (user id, job id): at most `Retention::max_jobs` of them in at most
 /// `Retention::max_bytes`, the oldest finished ones forgotten first.
 #[derive(Debug)]
 pub struct JobRegistry {
-    jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+    jobs: Mutex<HashMap<JobKey, Arc<JobHandle>>>,
     next_seq: AtomicU64,
     retention: Retention,
 }
@@ -51,30 +51,30 @@ impl JobRegistry {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<JobHandle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobKey, Arc<JobHandle>>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Forgets the oldest finished jobs until `jobs` + `extra_jobs` fit both limits (or nothing finished is
     /// left), and publishes what is retained.
-    fn forget_finished(&self, jobs: &mut HashMap<String, Arc<JobHandle>>, extra_jobs: usize) {
+    fn forget_finished(&self, jobs: &mut HashMap<JobKey, Arc<JobHandle>>, extra_jobs: usize) {
         let mut bytes: usize = jobs.values().map(|j| j.approx_bytes()).sum();
         let over = |count: usize, bytes: usize| {
             count + extra_jobs > self.retention.max_jobs || bytes > self.retention.max_bytes
         };
         if over(jobs.len(), bytes) {
-            let mut finished: Vec<(u64, String, usize)> = jobs
+            let mut finished: Vec<(u64, JobKey, usize)> = jobs
                 .values()
                 .filter(|j| j.is_terminal())
-                .map(|j| (j.seq, j.plan.job_id.clone(), j.approx_bytes()))
+                .map(|j| (j.seq, j.plan.key(), j.approx_bytes()))
                 .collect();
             finished.sort_unstable();
             let mut forgotten = 0u64;
-            for (_, job_id, job_bytes) in finished {
+            for (_, key, job_bytes) in finished {
                 if !over(jobs.len(), bytes) {
                     break;
                 }
-                jobs.remove(&job_id);
+                jobs.remove(&key);
                 bytes -= job_bytes;
                 forgotten += 1;
             }
@@ -89,19 +89,21 @@ impl JobRegistry {
         self.forget_finished(&mut self.lock(), 0);
     }
 
-    pub fn get(&self, job_id: &str) -> Result<Arc<JobHandle>, ApiError> {
+    /// The job, if `key.user_id` has one under `key.job_id`: another user's job is NOT_FOUND like a missing one.
+    pub fn get(&self, key: &JobKey) -> Result<Arc<JobHandle>, ApiError> {
         self.lock()
-            .get(job_id)
+            .get(key)
             .cloned()
             .ok_or_else(|| ApiError::JobNotFound {
-                job_id: job_id.to_string(),
+                job_id: key.job_id.clone(),
             })
     }
 
-    /// Registers the plan under its job id: idempotent for the same effective spec, ALREADY_EXISTS otherwise.
+    /// Registers the plan under its (user id, job id): idempotent for the same effective spec, ALREADY_EXISTS
+    /// otherwise.
     pub fn submit(&self, plan: JobPlan) -> Result<Submitted, ApiError> {
         let mut jobs = self.lock();
-        if let Some(existing) = jobs.get(&plan.job_id) {
+        if let Some(existing) = jobs.get(&plan.key()) {
             return if existing.plan.effective_spec == plan.effective_spec {
                 Ok(Submitted::Existing(existing.clone()))
             } else {
@@ -119,7 +121,7 @@ impl JobRegistry {
         }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(JobHandle::new(plan, seq));
-        jobs.insert(handle.plan.job_id.clone(), handle.clone());
+        jobs.insert(handle.plan.key(), handle.clone());
         Ok(Submitted::Created(handle))
     }
 
@@ -146,6 +148,13 @@ mod tests {
                 ..Default::default()
             },
             durable_items: false,
+        }
+    }
+
+    fn key(job_id: &str) -> JobKey {
+        JobKey {
+            user_id: "u".into(),
+            job_id: job_id.into(),
         }
     }
 
@@ -214,10 +223,31 @@ mod tests {
         a.cancel_pending(false);
         created(registry.submit(plan("c")).unwrap());
         assert!(matches!(
-            registry.get("a"),
+            registry.get(&key("a")),
             Err(ApiError::JobNotFound { .. })
         ));
-        assert!(registry.get("b").is_ok() && registry.get("c").is_ok());
+        assert!(registry.get(&key("b")).is_ok() && registry.get(&key("c")).is_ok());
+    }
+
+    #[test]
+    fn jobs_are_scoped_by_user() {
+        let registry = JobRegistry::new(jobs_only(10));
+        let mine = created(registry.submit(plan("j")).unwrap());
+        let theirs = JobPlan {
+            user_id: "other".into(),
+            ..plan("j")
+        };
+        let theirs = created(registry.submit(theirs).unwrap());
+        assert!(!Arc::ptr_eq(&mine, &theirs), "the same job id, two jobs");
+        assert!(Arc::ptr_eq(&registry.get(&key("j")).unwrap(), &mine));
+        let stranger = JobKey {
+            user_id: "stranger".into(),
+            job_id: "j".into(),
+        };
+        assert!(matches!(
+            registry.get(&stranger),
+            Err(ApiError::JobNotFound { .. })
+        ));
     }
 
     #[test]
@@ -253,10 +283,10 @@ mod tests {
         // Over the budget only because the jobs grew while running: the pipeline trims when a job ends.
         registry.trim();
         assert!(matches!(
-            registry.get("a"),
+            registry.get(&key("a")),
             Err(ApiError::JobNotFound { .. })
         ));
-        assert!(registry.get("b").is_ok() && registry.get("c").is_ok());
+        assert!(registry.get(&key("b")).is_ok() && registry.get(&key("c")).is_ok());
         // Running jobs are never forgotten, even when they alone exceed the budget.
         let tight = JobRegistry::new(Retention {
             max_jobs: 100,
@@ -265,6 +295,6 @@ mod tests {
         created(tight.submit(plan("x")).unwrap());
         created(tight.submit(plan("y")).unwrap());
         tight.trim();
-        assert!(tight.get("x").is_ok() && tight.get("y").is_ok());
+        assert!(tight.get(&key("x")).is_ok() && tight.get(&key("y")).is_ok());
     }
 }
