@@ -61,12 +61,15 @@ where
         match self.auth.allows(request.headers()) {
             Ok(()) => Either::Right(self.inner.call(request)),
             Err(refusal) => {
-                // The path and the reason, never the header's value.
+                // The path and the reason, never the header's value. A rising count of unknown tokens is a caller
+                // with a revoked token or someone guessing: worth an alert.
                 tracing::info!(
                     path,
                     reason = refusal.as_str(),
                     "call refused: UNAUTHENTICATED"
                 );
+                metrics::counter!("grpc_unauthenticated_total", "reason" => refusal.label())
+                    .increment(1);
                 let status = tonic::Status::unauthenticated("a valid bearer token is required");
                 Either::Left(ready(Ok(status.into_http())))
             }

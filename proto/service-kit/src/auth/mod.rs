@@ -140,6 +140,15 @@ impl Refusal {
             Refusal::Wrong => "unknown token",
         }
     }
+
+    /// The `reason` label of `grpc_unauthenticated_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Missing => "missing",
+            Refusal::NotBearer => "not_bearer",
+            Refusal::Wrong => "unknown_token",
+        }
+    }
 }
 
 impl Tokens {
