@@ -120,6 +120,8 @@ impl Authenticator {
         };
         tokens.file.as_ref()?;
         let weak = Arc::downgrade(tokens);
+        // Never a busy loop, whatever a caller passes.
+        let every = every.max(Duration::from_millis(10));
         Some(tokio::spawn(reload_loop(weak, every)))
     }
 }
