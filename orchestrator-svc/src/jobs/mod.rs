@@ -6,6 +6,7 @@
 //! an item ends); `stage` (metrics) and `job` (state) are used by those and use none of them.
 
 pub mod durable;
+pub mod edit;
 mod item;
 pub mod job;
 mod pipeline;
@@ -17,7 +18,7 @@ pub mod validate;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use palette_proto::orchestrator::v1::{Job, JobSpec};
+use palette_proto::orchestrator::v1::{EditJobRequest, Job, JobSpec};
 use palette_rules::preset::Preset;
 
 pub use item::{InputLimits, ItemError, ItemRunner};
@@ -71,6 +72,30 @@ impl JobService {
             }
             Submitted::Existing(job) => Ok(job.snapshot()),
         }
+    }
+
+    /// An edit of a job that ran before (EditJob): its photos and masks are read back from storage, so any replica
+    /// serves it; registered and run like a submitted job, without the segmenter.
+    pub async fn edit(&self, request: &EditJobRequest) -> Result<Job, ApiError> {
+        edit::check_ids(request)?;
+        let store = self.pipeline.store();
+        let source = edit::record::read_photos(store, &request.user_id, &request.source_job_id)
+            .await
+            .map_err(|e| match e {
+                edit::record::RecordError::Missing(_) => ApiError::JobNotFound {
+                    job_id: request.source_job_id.clone(),
+                },
+                edit::record::RecordError::Unreadable { reason, .. } => ApiError::SourceUnusable {
+                    job_id: request.source_job_id.clone(),
+                    reason,
+                },
+                edit::record::RecordError::Storage(source) => ApiError::SourceUnavailable {
+                    job_id: request.source_job_id.clone(),
+                    source: Box::new(source),
+                },
+            })?;
+        let plan = edit::plan_edit(request, &source, &self.presets, self.limits)?;
+        self.register(plan)
     }
 
     /// Like `submit`, for a job that may run again elsewhere (ADAPTER=queue_pull): items are recorded in storage
