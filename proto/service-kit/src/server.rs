@@ -190,7 +190,11 @@ fn log_mode(
         ),
         Authenticator::On(_) => tracing::info!(
             tokens = auth.token_count(),
-            file = ?args.auth_tokens_file,
+            file = %args
+                .auth_tokens_file
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             "bearer-token authentication on (grpc.health.v1 stays open)"
         ),
     }
