@@ -129,25 +129,9 @@ fn print_reference(label: &str, ours: &Cost, reference: Option<f64>) {
     }
 }
 
+/// A distinct "room" per image so no mask reuse kicks in (the same synthetic photos as preview-bench).
 fn photo(w: u32, h: u32, seed: u32) -> Vec<u8> {
-    // A distinct "room" per image so no mask reuse kicks in: a shaded wall, a floor, a block of furniture.
-    let img = image::RgbImage::from_fn(w, h, |x, y| {
-        let wall = y < h * 3 / 5;
-        let sofa = x > w / 4 + seed % 50 && x < w * 3 / 4 && y > h / 2 && y < h * 4 / 5;
-        let shade = ((x + seed * 7) % 97) as u8 / 4;
-        if sofa {
-            image::Rgb([40 + shade, 60, 110])
-        } else if wall {
-            image::Rgb([200 - shade, 196 - shade, 186])
-        } else {
-            image::Rgb([120 + shade, 80, 50])
-        }
-    });
-    let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
-        .encode_image(&img)
-        .unwrap();
-    out
+    palette_e2e::synthetic_room(w, h, seed)
 }
 
 fn rules() -> Vec<Rule> {
