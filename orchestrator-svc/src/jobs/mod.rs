@@ -12,6 +12,7 @@ mod pipeline;
 pub mod registry;
 mod report;
 mod stage;
+pub mod store;
 pub mod validate;
 
 use std::collections::BTreeMap;
