@@ -45,6 +45,9 @@ pub enum ApiError {
         running: usize,
         retry_after: Duration,
     },
+    /// The job store could not record the job (JOB_STORE): nothing was accepted, so a retry is safe.
+    #[error("unavailable: the job store cannot record the job; retry")]
+    StoreUnavailable(#[source] BoxError),
 }
 
 fn summarize(violations: &[FieldViolation]) -> String {
@@ -73,6 +76,7 @@ impl From<ApiError> for Status {
                 message,
                 ErrorDetails::with_retry_info(Some(retry_after)),
             ),
+            ApiError::StoreUnavailable(_) => Status::unavailable(message),
         }
     }
 }
@@ -139,6 +143,10 @@ mod tests {
                     retry_after: Duration::from_secs(5),
                 },
                 Code::ResourceExhausted,
+            ),
+            (
+                ApiError::StoreUnavailable(std::io::Error::other("disk full").into()),
+                Code::Unavailable,
             ),
         ];
         for (err, code) in cases {

@@ -54,7 +54,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
 #[tonic::async_trait]
 impl Jobs for JobsApi {
     async fn submit_job(&self, request: Request<JobSpec>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.service.submit(request.get_ref())?))
+        Ok(Response::new(self.service.submit(request.get_ref()).await?))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
@@ -119,7 +119,7 @@ impl Jobs for JobsApi {
         request: Request<CancelJobRequest>,
     ) -> Result<Response<Job>, Status> {
         Ok(Response::new(
-            self.service.cancel(&request.get_ref().job_id)?,
+            self.service.cancel(&request.get_ref().job_id).await?,
         ))
     }
 }

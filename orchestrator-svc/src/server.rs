@@ -14,7 +14,10 @@ use tonic::transport::server::TcpIncoming;
 use crate::adapters::queue_pull;
 use crate::adapters::runpod;
 use crate::callback::{CallbackSender, RetryPolicy};
-use crate::config::{Adapter, CallbackSettings, Config, ConfigError, LimitArgs};
+use crate::config::{
+    Adapter, CallbackSettings, Config, ConfigError, JobStoreArgs, JobStoreKind, LimitArgs,
+};
+use crate::jobs::store::{self, SharedJobStore};
 use crate::grpc::JobsApi;
 use crate::jobs::{InputLimits, ItemRunner, JobLimits, JobService, Pipeline, Retention};
 use crate::segmenter::Segmenter;
@@ -27,6 +30,8 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("local storage")]
     Storage(#[source] crate::storage::StorageError),
+    #[error("job store (JOB_STORE, JOB_STORE_PATH)")]
+    JobStore(#[source] crate::jobs::store::StoreError),
     #[error("callback HTTP client")]
     CallbackClient(#[source] reqwest::Error),
     #[error("server reflection")]
@@ -82,6 +87,21 @@ fn callback_sender(
     let sender = CallbackSender::new(&settings.base_url, settings.secret.expose(), policy)
         .map_err(StartupError::CallbackClient)?;
     Ok(Some(Arc::new(sender)))
+}
+
+/// The job store JOB_STORE names, opened; None for `memory`.
+fn job_store(args: &JobStoreArgs) -> Result<Option<SharedJobStore>, StartupError> {
+    match args.job_store {
+        JobStoreKind::Memory => {
+            tracing::warn!("JOB_STORE=memory: jobs are lost when the process stops");
+            Ok(None)
+        }
+        JobStoreKind::Local => {
+            let store = store::open_local(&args.job_store_path).map_err(StartupError::JobStore)?;
+            tracing::info!(path = %args.job_store_path.display(), "job store: local");
+            Ok(Some(store))
+        }
+    }
 }
 
 /// Accepted connections with TCP_NODELAY (no Nagle / delayed-ACK stalls on small gRPC frames) and TCP keepalive
@@ -158,11 +178,10 @@ pub async fn run(
         },
         config.segmenter.mask_cache_mb.saturating_mul(1024 * 1024),
     );
-    let pipeline = Arc::new(Pipeline::new(
-        runner,
-        callbacks,
-        args.batch_concurrency as usize,
-    ));
+    let pipeline = Arc::new(
+        Pipeline::new(runner, callbacks, args.batch_concurrency as usize)
+            .with_job_store(job_store(&config.jobs)?),
+    );
     let limits = JobLimits {
         max_images: args.max_images_per_job,
         max_rules: args.max_rules_per_job,
@@ -177,6 +196,9 @@ pub async fn run(
             max_bytes: args.retained_jobs_mb.saturating_mul(1024 * 1024),
         },
     ));
+
+    // Before serving: a resumed job answers GetJob from the first request on.
+    service.resume().await.map_err(StartupError::JobStore)?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobsServer<JobsApi>>().await;

@@ -125,7 +125,7 @@ async fn handle(settings: &QueueSettings, service: &JobService, message: jetstre
     {
         tracing::info!(%job_id, delivered = info.delivered, "queue_pull: job redelivered; recorded items are skipped");
     }
-    match service.submit_durable(&spec) {
+    match service.submit_durable(&spec).await {
         Ok(_) => {}
         Err(e @ ApiError::Overloaded { retry_after, .. }) => {
             tracing::warn!(%job_id, error = %e, "queue_pull: no room for the job now; offered again later");

@@ -1,5 +1,6 @@
 //! The jobs this process knows, by job id: idempotent submission, lookups, and forgetting the oldest finished jobs
-//! to stay within MAX_RETAINED_JOBS and RETAINED_JOBS_MB.
+//! to stay within MAX_RETAINED_JOBS and RETAINED_JOBS_MB. What it forgets is queued for the job store to forget too
+//! (`take_forgotten`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::job::JobHandle;
+use super::store::{self, JobKey};
 use super::validate::JobPlan;
 use crate::error::ApiError;
 
@@ -30,6 +32,8 @@ pub struct JobRegistry {
     jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
     next_seq: AtomicU64,
     retention: Retention,
+    /// Jobs forgotten here and not yet in the job store (see `take_forgotten`).
+    forgotten: Mutex<Vec<JobKey>>,
 }
 
 /// What `JobRegistry::submit` did.
@@ -48,7 +52,13 @@ impl JobRegistry {
                 max_jobs: retention.max_jobs.max(1),
                 max_bytes: retention.max_bytes,
             },
+            forgotten: Mutex::default(),
         }
+    }
+
+    /// The jobs forgotten since the last call, for the job store to delete.
+    pub fn take_forgotten(&self) -> Vec<JobKey> {
+        std::mem::take(&mut *self.forgotten.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<JobHandle>>> {
@@ -74,7 +84,12 @@ impl JobRegistry {
                 if !over(jobs.len(), bytes) {
                     break;
                 }
-                jobs.remove(&job_id);
+                if let Some(job) = jobs.remove(&job_id) {
+                    self.forgotten
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(store::key_of(&job));
+                }
                 bytes -= job_bytes;
                 forgotten += 1;
             }
@@ -121,6 +136,29 @@ impl JobRegistry {
         let handle = Arc::new(JobHandle::new(plan, seq));
         jobs.insert(handle.plan.job_id.clone(), handle.clone());
         Ok(Submitted::Created(handle))
+    }
+
+    /// Takes back a job whose record the job store could not keep (SubmitJob then fails).
+    pub fn remove(&self, job: &JobHandle) {
+        let mut jobs = self.lock();
+        if jobs
+            .get(&job.plan.job_id)
+            .is_some_and(|j| std::ptr::eq(&**j, job))
+        {
+            jobs.remove(&job.plan.job_id);
+        }
+    }
+
+    /// A job resumed from the job store, under its recorded submission order; never refused (retention is applied
+    /// by `trim` once every job is back).
+    pub fn restore(&self, plan: JobPlan, seq: u64, spec_hash: String) -> Arc<JobHandle> {
+        self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
+        let mut handle = JobHandle::new(plan, seq);
+        handle.spec_hash = spec_hash;
+        let handle = Arc::new(handle);
+        self.lock()
+            .insert(handle.plan.job_id.clone(), handle.clone());
+        handle
     }
 
     pub fn all(&self) -> Vec<Arc<JobHandle>> {

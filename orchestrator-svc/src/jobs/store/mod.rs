@@ -10,8 +10,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use palette_proto::orchestrator::v1::{Item, JobSpec};
-use sha2::{Digest, Sha256};
+use palette_proto::orchestrator::v1::Item;
+
+pub use super::job::spec_hash;
+use super::job::JobHandle;
 
 pub use local::LocalJobStore;
 pub use record::JobRecord;
@@ -86,15 +88,18 @@ pub fn open_local(path: &Path) -> Result<SharedJobStore, StoreError> {
     Ok(Arc::new(LocalJobStore::open(path)?))
 }
 
-/// Hex SHA-256 of the spec's protobuf encoding. prost encodes fields in tag order and `Struct` maps are
-/// `BTreeMap`s, so equal specs hash equally.
-pub fn spec_hash(spec: &JobSpec) -> String {
-    hex::encode(Sha256::digest(prost::Message::encode_to_vec(spec)))
+/// The job's key in the job store.
+pub fn key_of(job: &JobHandle) -> JobKey {
+    JobKey {
+        job_id: job.plan.job_id.clone(),
+        spec_hash: job.spec_hash.clone(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use palette_proto::orchestrator::v1::JobSpec;
 
     #[test]
     fn equal_specs_hash_equally_and_different_ones_do_not() {
