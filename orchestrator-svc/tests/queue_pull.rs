@@ -118,9 +118,14 @@ impl Setup {
         Path::new(&self.dir.path().join(path)).is_file()
     }
 
+    /// Under `jobs-state/{user}/{job}/{specHash}/`: the job's one spec here.
     fn marker_exists(&self, job: &str, idx: u32) -> bool {
-        let path = format!("storage/jobs-state/{USER}/{job}/{idx}.json");
-        Path::new(&self.dir.path().join(path)).is_file()
+        let job_dir = self.dir.path().join(format!("storage/jobs-state/{USER}/{job}"));
+        std::fs::read_dir(job_dir).is_ok_and(|specs| {
+            specs
+                .filter_map(Result::ok)
+                .any(|spec| spec.path().join(format!("{idx}.json")).is_file())
+        })
     }
 }
 
