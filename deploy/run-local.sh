@@ -67,7 +67,7 @@ JSON
 )
 echo "submitting: $SPEC"
 "$GRPCURL" -plaintext -d "$SPEC" "$ORCH" palette.orchestrator.v1.Jobs/SubmitJob >/dev/null
-"$GRPCURL" -plaintext -d "{\"jobId\": \"$JOB_ID\"}" "$ORCH" palette.orchestrator.v1.Jobs/WatchJob \
+"$GRPCURL" -plaintext -d "{\"userId\": \"$USER_ID\", \"jobId\": \"$JOB_ID\"}" "$ORCH" palette.orchestrator.v1.Jobs/WatchJob \
   | grep -E '"(changedIdx|state|errorCode)"' | sed 's/^ */  /'
 
 echo

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
-use crate::jobs::JobService;
 use crate::jobs::job::job_is_terminal;
+use crate::jobs::{JobService, job_key};
 use crate::tasks::spawn_tracked;
 
 /// Events queued per WatchJob stream before the sender waits for the client.
@@ -58,9 +58,8 @@ impl Jobs for JobsApi {
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(
-            self.service.get(&request.get_ref().job_id)?.snapshot(),
-        ))
+        let key = job_key(request.get_ref())?;
+        Ok(Response::new(self.service.get(&key)?.snapshot()))
     }
 
     type WatchJobStream = EventStream;
@@ -69,7 +68,7 @@ impl Jobs for JobsApi {
         &self,
         request: Request<WatchJobRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let job = self.service.get(&request.get_ref().job_id)?;
+        let job = self.service.get(&job_key(request.get_ref())?)?;
         let (snapshot, mut events) = job.subscribe();
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let stopping = self.stopping.clone();
@@ -118,8 +117,7 @@ impl Jobs for JobsApi {
         &self,
         request: Request<CancelJobRequest>,
     ) -> Result<Response<Job>, Status> {
-        Ok(Response::new(
-            self.service.cancel(&request.get_ref().job_id).await?,
-        ))
+        let key = job_key(request.get_ref())?;
+        Ok(Response::new(self.service.cancel(&key).await?))
     }
 }

@@ -70,6 +70,7 @@ fn client(process: &Process) -> JobsClient<Channel> {
 async fn get(client: &mut JobsClient<Channel>, job_id: &str) -> Job {
     client
         .get_job(GetJobRequest {
+            user_id: USER.into(),
             job_id: job_id.into(),
         })
         .await
@@ -181,6 +182,7 @@ async fn after_a_restart_a_cancelled_job_stays_cancelled_and_its_id_stays_taken(
     jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
     wait_for(&mut jobs, JOB, |j| j.state == JobState::Running as i32).await;
     jobs.cancel_job(CancelJobRequest {
+        user_id: USER.into(),
         job_id: JOB.into(),
     })
     .await

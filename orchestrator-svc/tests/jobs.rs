@@ -355,6 +355,7 @@ async fn cancel_ends_every_open_item_once_with_one_callback_each() {
         .client
         .cancel_job(CancelJobRequest {
             job_id: "cancel-me".into(),
+            user_id: common::orchestrator::SEED_USER.into(),
         })
         .await
         .unwrap()
@@ -452,6 +453,7 @@ async fn unknown_jobs_are_not_found() {
         .client
         .get_job(palette_proto::orchestrator::v1::GetJobRequest {
             job_id: "nope".into(),
+            user_id: common::orchestrator::SEED_USER.into(),
         })
         .await
         .unwrap_err();
@@ -476,6 +478,7 @@ async fn finished_jobs_beyond_the_memory_budget_are_forgotten_when_they_end() {
         .client
         .get_job(palette_proto::orchestrator::v1::GetJobRequest {
             job_id: "kept-while-running".into(),
+            user_id: common::orchestrator::SEED_USER.into(),
         })
         .await
         .unwrap()
@@ -493,6 +496,7 @@ async fn finished_jobs_beyond_the_memory_budget_are_forgotten_when_they_end() {
             .client
             .get_job(palette_proto::orchestrator::v1::GetJobRequest {
                 job_id: "kept-while-running".into(),
+                user_id: common::orchestrator::SEED_USER.into(),
             })
             .await;
         match answer {

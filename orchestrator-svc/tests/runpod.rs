@@ -275,6 +275,7 @@ async fn runpod_worker_runs_the_seed_job_and_survives_a_malformed_one() {
         .client
         .get_job(GetJobRequest {
             job_id: "test-job".into(),
+            user_id: common::orchestrator::SEED_USER.into(),
         })
         .await
         .unwrap()

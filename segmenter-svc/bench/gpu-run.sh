@@ -182,14 +182,27 @@ bench() {  # bench LABEL PRECISION TIMEOUT EXTRA...
   local label=$1 prec=$2 t=$3; shift 3
   local extra=("$@")
   ((ENGINE_REF)) && extra+=(--engine-reference)
+  # The log is kept (tee through a process substitution, so `step` still runs in this shell and records its status).
   step "bench_$label" "$t" "$BENCH" --device "$DEVICE" --model-dir "$MODELS/sam3-$SIZE-$prec" --image "$IMG" \
     --requests "$REQUESTS" --warmup "$WARMUP" "${REF[@]}" --json-out "$OUT/bench_$label.json" --log-level "$BENCH_LOG" \
-    "${extra[@]}" || true
+    "${extra[@]}" > >(tee "$OUT/bench_$label.log") 2>&1 || true
+}
+# fp16 graphs run with the memory pattern on since the exporter drops stale value_info shapes (export/fp16.py); that
+# fix is verified on the CPU only. Should the CUDA EP still fail with the buffer re-use error, say so and measure
+# the old workaround (the hint in the manifest) so the run still yields fp16 numbers.
+fp16_fallback() {
+  grep -q "Shape mismatch attempting to re-use buffer" "$OUT/bench_fp16.log" 2>/dev/null || return 0
+  log "FINDING: fp16 with the memory pattern on still fails on CUDA (buffer re-use); rerunning with disable_memory_pattern"
+  STATUS+=("fp16_mempattern=failed")
+  "${PYCMD[@]}" -c 'import json, sys; p = sys.argv[1]; m = json.load(open(p)); m["session_hints"]["disable_memory_pattern"] = True; json.dump(m, open(p, "w"), indent=2)' \
+    "$MODELS/sam3-$SIZE-fp16/manifest.json"
+  bench fp16_nomempattern fp16 120 --concepts 3 --concurrency 1,4
 }
 if ((FP16_OK)); then
   prof=()
   ((PROFILE)) && prof=(--profile-dir "$OUT/profile_fp16" --profile-concepts 3 --profile-requests 3)
   bench fp16 fp16 200 --concepts "$CONCEPTS" --concurrency "$CONCURRENCY" "${prof[@]}"
+  fp16_fallback
   if ((BATCH_AB)); then
     if (($(left) >= 70)); then
       bench fp16_batch4 fp16 90 --concepts 3 --concurrency 4 --max-batch-images 4

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 import check_onnx
+import fp16
 import sam3_common as common
 
 HERE = Path(__file__).resolve().parent
@@ -388,11 +389,7 @@ def export_graphs(model, out: Path, precision: str, opset: int, topk: int) -> di
                                   opset_version=opset, do_constant_folding=True, dynamo=False)
             onnx_model = onnx.load(str(raw))  # pulls in external data if the exporter wrote any
             if precision == "fp16":
-                from onnxruntime.transformers.float16 import convert_float_to_float16
-
-                # Shape inference on the full-size vision graph needs > 24 GB RAM; the converter works without it.
-                onnx_model = convert_float_to_float16(onnx_model, keep_io_types=True,
-                                                      disable_shape_infer=(name == "vision"))
+                onnx_model = fp16.to_fp16(onnx_model, name)
             _fix_io_shapes(onnx_model, spec)
             path = out / f"{name}.onnx"
             external = _save_onnx(onnx_model, path)
@@ -403,18 +400,6 @@ def export_graphs(model, out: Path, precision: str, opset: int, topk: int) -> di
             graphs[name] = entry
             print(f"exported {name}.onnx ({path.stat().st_size / 1e6:.2f} MB, {time.time() - t0:.1f} s)", flush=True)
     return graphs
-
-
-def session_hints(precision: str) -> dict:
-    """Session options the server applies to every session of this graph set (flat keys, read by the Rust side).
-
-    fp16: the converted vision graph failed on the CUDA EP with "Shape mismatch attempting to re-use buffer" until the
-    memory pattern was disabled (measured on an H200 with the full-size graph; memory reuse was switched off in the same
-    run, and ORT's C API has no separate switch for it). Not re-verified here (no GPU): a real fix (for example
-    re-running shape inference on the converted graph, or keeping the offending nodes in fp32) needs a GPU to check.
-    fp32 graphs need no hint.
-    """
-    return {"disable_memory_pattern": precision == "fp16"}
 
 
 def write_manifest(out: Path, info: dict, dims: dict, precision: str, opset: int, graphs: dict, topk: int) -> dict:
@@ -440,7 +425,7 @@ def write_manifest(out: Path, info: dict, dims: dict, precision: str, opset: int
         "text_context_length": common.CONTEXT_LENGTH,
         "text_feature_dim": dims["text_feature_dim"],
         "fpn_channels": dims["fpn_channels"],
-        "session_hints": session_hints(precision),
+        "session_hints": fp16.session_hints(precision),
         "tokenizer": {"file": tok.name, "sha256": common.sha256_file(tok), "bos_id": common.BOS_ID,
                       "eos_id": common.EOS_ID, "pad_id": common.PAD_ID},
         "graphs": graphs,

@@ -70,6 +70,7 @@ async fn watch_to_end(url: &str, job_id: &str) -> Job {
     let mut stream = client
         .watch_job(WatchJobRequest {
             job_id: job_id.into(),
+            user_id: "e2e-user".into(),
         })
         .await
         .unwrap()
@@ -351,6 +352,7 @@ async fn wait_callbacks_settled(
         let job = client
             .get_job(GetJobRequest {
                 job_id: job_id.into(),
+                user_id: "e2e-user".into(),
             })
             .await
             .unwrap()

@@ -48,6 +48,7 @@ async fn settled(client: &mut JobsClient<tonic::transport::Channel>, job_id: &st
         let job = client
             .get_job(GetJobRequest {
                 job_id: job_id.into(),
+                user_id: "outage-user".into(),
             })
             .await
             .unwrap()
@@ -112,6 +113,7 @@ async fn an_s3_outage_mid_job_loses_nothing_and_the_service_keeps_serving() {
     let mut stream = client
         .watch_job(WatchJobRequest {
             job_id: "outage-job".into(),
+            user_id: "outage-user".into(),
         })
         .await
         .unwrap()

@@ -24,7 +24,7 @@ use tokio::sync::{broadcast, watch};
 
 pub use crate::config::QueueSettings;
 use crate::error::{ApiError, BoxError, Report};
-use crate::jobs::JobService;
+use crate::jobs::{JobKey, JobService};
 use crate::spec_json::spec_from_bytes;
 
 /// How long one fetch waits for a message before asking again (and checking for shutdown).
@@ -138,7 +138,7 @@ async fn handle(settings: &QueueSettings, service: &JobService, message: jetstre
             return;
         }
     }
-    let handle = match service.get(&job_id) {
+    let handle = match service.get(&JobKey::of_spec(&spec)) {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(%job_id, error = %e, "queue_pull: job vanished; offered again");

@@ -28,10 +28,10 @@ pub use job::JobHandle;
 pub use pipeline::Pipeline;
 pub use registry::{JobRegistry, Retention, Submitted};
 pub use report::callback_body;
-pub use validate::{JobLimits, JobPlan};
+pub use validate::{JobKey, JobLimits, JobPlan, job_key};
 
 use crate::error::ApiError;
-use store::{Created, JobKey, JobRecord};
+use store::{Created, JobRecord, RecordKey};
 
 #[derive(Debug)]
 pub struct JobService {
@@ -141,20 +141,19 @@ impl JobService {
         self.register(spec, plan).await
     }
 
-    pub fn get(&self, job_id: &str) -> Result<Arc<JobHandle>, ApiError> {
-        self.registry.get(job_id)
+    pub fn get(&self, key: &JobKey) -> Result<Arc<JobHandle>, ApiError> {
+        self.registry.get(key)
     }
 
     /// Cancels the job: recorded first (a resumed job stays cancelled), then its open items end CANCELLED.
-    pub async fn cancel(&self, job_id: &str) -> Result<Job, ApiError> {
-        let job = self.registry.get(job_id)?;
+    pub async fn cancel(&self, key: &JobKey) -> Result<Job, ApiError> {
+        let job = self.registry.get(key)?;
         if let Some(job_store) = self.pipeline.reporter().job_store_of(&job)
             && !job.is_terminal()
+            && let Err(e) = job_store.cancel(&store::key_of(&job)).await
         {
-            if let Err(e) = job_store.cancel(&store::key_of(&job)).await {
-                // Cancelled here all the same; after a restart its items would run again.
-                tracing::warn!(job_id, error = %crate::error::Report(&e), "cancellation not recorded");
-            }
+            // Cancelled here all the same; after a restart its items would run again.
+            tracing::warn!(job = %key, error = %crate::error::Report(&e), "cancellation not recorded");
         }
         self.pipeline.cancel(&job);
         Ok(job.snapshot())
@@ -166,7 +165,7 @@ impl JobService {
 }
 
 /// Deletes forgotten jobs from the job store; a failure leaves them to the next start, which forgets them again.
-async fn forget(job_store: &dyn store::JobStore, forgotten: &[JobKey]) {
+async fn forget(job_store: &dyn store::JobStore, forgotten: &[RecordKey]) {
     if let Err(e) = job_store.forget(forgotten).await {
         metrics::counter!("orchestrator_job_store_errors_total").increment(1);
         tracing::warn!(jobs = forgotten.len(), error = %crate::error::Report(&e), "forgotten jobs not deleted from the job store");

@@ -1,4 +1,4 @@
-//! The jobs this process knows, by job id: idempotent submission, lookups, and forgetting the oldest finished jobs
+//! The jobs this process knows, by (user id, job id): idempotent submission, lookups, and forgetting the oldest finished jobs
 //! to stay within MAX_RETAINED_JOBS and RETAINED_JOBS_MB. What it forgets is queued for the job store to forget too
 //! (`take_forgotten`).
 
@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::job::JobHandle;
-use super::store::{self, JobKey};
-use super::validate::JobPlan;
+use super::store::{self, RecordKey};
+use super::validate::{JobKey, JobPlan};
 use crate::error::ApiError;
 
 /// What a refused submission is told to wait: long enough for a few running jobs to finish.
@@ -25,15 +25,15 @@ pub struct Retention {
     pub max_bytes: usize,
 }
 
-/// The jobs this process knows, by job id: at most `Retention::max_jobs` of them in at most
+/// The jobs this process knows, by (user id, job id): at most `Retention::max_jobs` of them in at most
 /// `Retention::max_bytes`, the oldest finished ones forgotten first.
 #[derive(Debug)]
 pub struct JobRegistry {
-    jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+    jobs: Mutex<HashMap<JobKey, Arc<JobHandle>>>,
     next_seq: AtomicU64,
     retention: Retention,
     /// Jobs forgotten here and not yet in the job store (see `take_forgotten`).
-    forgotten: Mutex<Vec<JobKey>>,
+    forgotten: Mutex<Vec<RecordKey>>,
 }
 
 /// What `JobRegistry::submit` did.
@@ -57,34 +57,34 @@ impl JobRegistry {
     }
 
     /// The jobs forgotten since the last call, for the job store to delete.
-    pub fn take_forgotten(&self) -> Vec<JobKey> {
+    pub fn take_forgotten(&self) -> Vec<RecordKey> {
         std::mem::take(&mut *self.forgotten.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<JobHandle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobKey, Arc<JobHandle>>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Forgets the oldest finished jobs until `jobs` + `extra_jobs` fit both limits (or nothing finished is
     /// left), and publishes what is retained.
-    fn forget_finished(&self, jobs: &mut HashMap<String, Arc<JobHandle>>, extra_jobs: usize) {
+    fn forget_finished(&self, jobs: &mut HashMap<JobKey, Arc<JobHandle>>, extra_jobs: usize) {
         let mut bytes: usize = jobs.values().map(|j| j.approx_bytes()).sum();
         let over = |count: usize, bytes: usize| {
             count + extra_jobs > self.retention.max_jobs || bytes > self.retention.max_bytes
         };
         if over(jobs.len(), bytes) {
-            let mut finished: Vec<(u64, String, usize)> = jobs
+            let mut finished: Vec<(u64, JobKey, usize)> = jobs
                 .values()
                 .filter(|j| j.is_terminal())
-                .map(|j| (j.seq, j.plan.job_id.clone(), j.approx_bytes()))
+                .map(|j| (j.seq, j.plan.key(), j.approx_bytes()))
                 .collect();
             finished.sort_unstable();
             let mut forgotten = 0u64;
-            for (_, job_id, job_bytes) in finished {
+            for (_, key, job_bytes) in finished {
                 if !over(jobs.len(), bytes) {
                     break;
                 }
-                if let Some(job) = jobs.remove(&job_id) {
+                if let Some(job) = jobs.remove(&key) {
                     self.forgotten
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -104,19 +104,21 @@ impl JobRegistry {
         self.forget_finished(&mut self.lock(), 0);
     }
 
-    pub fn get(&self, job_id: &str) -> Result<Arc<JobHandle>, ApiError> {
+    /// The job, if `key.user_id` has one under `key.job_id`: another user's job is NOT_FOUND like a missing one.
+    pub fn get(&self, key: &JobKey) -> Result<Arc<JobHandle>, ApiError> {
         self.lock()
-            .get(job_id)
+            .get(key)
             .cloned()
             .ok_or_else(|| ApiError::JobNotFound {
-                job_id: job_id.to_string(),
+                job_id: key.job_id.clone(),
             })
     }
 
-    /// Registers the plan under its job id: idempotent for the same effective spec, ALREADY_EXISTS otherwise.
+    /// Registers the plan under its (user id, job id): idempotent for the same effective spec, ALREADY_EXISTS
+    /// otherwise.
     pub fn submit(&self, plan: JobPlan) -> Result<Submitted, ApiError> {
         let mut jobs = self.lock();
-        if let Some(existing) = jobs.get(&plan.job_id) {
+        if let Some(existing) = jobs.get(&plan.key()) {
             return if existing.plan.effective_spec == plan.effective_spec {
                 Ok(Submitted::Existing(existing.clone()))
             } else {
@@ -134,18 +136,16 @@ impl JobRegistry {
         }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(JobHandle::new(plan, seq));
-        jobs.insert(handle.plan.job_id.clone(), handle.clone());
+        jobs.insert(handle.plan.key(), handle.clone());
         Ok(Submitted::Created(handle))
     }
 
     /// Takes back a job whose record the job store could not keep (SubmitJob then fails).
     pub fn remove(&self, job: &JobHandle) {
         let mut jobs = self.lock();
-        if jobs
-            .get(&job.plan.job_id)
-            .is_some_and(|j| std::ptr::eq(&**j, job))
-        {
-            jobs.remove(&job.plan.job_id);
+        let key = job.plan.key();
+        if jobs.get(&key).is_some_and(|j| std::ptr::eq(&**j, job)) {
+            jobs.remove(&key);
         }
     }
 
@@ -156,8 +156,7 @@ impl JobRegistry {
         let mut handle = JobHandle::new(plan, seq);
         handle.spec_hash = spec_hash;
         let handle = Arc::new(handle);
-        self.lock()
-            .insert(handle.plan.job_id.clone(), handle.clone());
+        self.lock().insert(handle.plan.key(), handle.clone());
         handle
     }
 
@@ -184,6 +183,13 @@ mod tests {
                 ..Default::default()
             },
             durable_items: false,
+        }
+    }
+
+    fn key(job_id: &str) -> JobKey {
+        JobKey {
+            user_id: "u".into(),
+            job_id: job_id.into(),
         }
     }
 
@@ -252,10 +258,31 @@ mod tests {
         a.cancel_pending(false);
         created(registry.submit(plan("c")).unwrap());
         assert!(matches!(
-            registry.get("a"),
+            registry.get(&key("a")),
             Err(ApiError::JobNotFound { .. })
         ));
-        assert!(registry.get("b").is_ok() && registry.get("c").is_ok());
+        assert!(registry.get(&key("b")).is_ok() && registry.get(&key("c")).is_ok());
+    }
+
+    #[test]
+    fn jobs_are_scoped_by_user() {
+        let registry = JobRegistry::new(jobs_only(10));
+        let mine = created(registry.submit(plan("j")).unwrap());
+        let theirs = JobPlan {
+            user_id: "other".into(),
+            ..plan("j")
+        };
+        let theirs = created(registry.submit(theirs).unwrap());
+        assert!(!Arc::ptr_eq(&mine, &theirs), "the same job id, two jobs");
+        assert!(Arc::ptr_eq(&registry.get(&key("j")).unwrap(), &mine));
+        let stranger = JobKey {
+            user_id: "stranger".into(),
+            job_id: "j".into(),
+        };
+        assert!(matches!(
+            registry.get(&stranger),
+            Err(ApiError::JobNotFound { .. })
+        ));
     }
 
     #[test]
@@ -291,10 +318,10 @@ mod tests {
         // Over the budget only because the jobs grew while running: the pipeline trims when a job ends.
         registry.trim();
         assert!(matches!(
-            registry.get("a"),
+            registry.get(&key("a")),
             Err(ApiError::JobNotFound { .. })
         ));
-        assert!(registry.get("b").is_ok() && registry.get("c").is_ok());
+        assert!(registry.get(&key("b")).is_ok() && registry.get(&key("c")).is_ok());
         // Running jobs are never forgotten, even when they alone exceed the budget.
         let tight = JobRegistry::new(Retention {
             max_jobs: 100,
@@ -303,6 +330,6 @@ mod tests {
         created(tight.submit(plan("x")).unwrap());
         created(tight.submit(plan("y")).unwrap());
         tight.trim();
-        assert!(tight.get("x").is_ok() && tight.get("y").is_ok());
+        assert!(tight.get(&key("x")).is_ok() && tight.get(&key("y")).is_ok());
     }
 }

@@ -62,12 +62,13 @@ impl Orchestrator {
             .unwrap();
     }
 
-    /// Follows WatchJob to its end and returns every event's job.
+    /// Follows WatchJob (as the seed user) to its end and returns every event's job.
     pub async fn watch_to_end(&mut self, job_id: &str) -> Vec<(Job, Option<u32>)> {
         let mut stream = self
             .client
             .watch_job(WatchJobRequest {
                 job_id: job_id.into(),
+                user_id: SEED_USER.into(),
             })
             .await
             .unwrap()
@@ -84,7 +85,7 @@ impl Orchestrator {
         events
     }
 
-    /// Polls GetJob until `done(job)`.
+    /// Polls GetJob (as the seed user) until `done(job)`.
     pub async fn wait_for(&mut self, job_id: &str, done: impl Fn(&Job) -> bool) -> Job {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -92,6 +93,7 @@ impl Orchestrator {
                 .client
                 .get_job(GetJobRequest {
                     job_id: job_id.into(),
+                    user_id: SEED_USER.into(),
                 })
                 .await
                 .unwrap()
@@ -128,10 +130,13 @@ pub fn string_struct(pairs: &[(&str, &str)]) -> Struct {
     }
 }
 
+/// The seed example's user: every job the harness submits is theirs, and its lookups name them.
+pub const SEED_USER: &str = "test-user";
+
 /// The seed's example job, verbatim.
 pub fn seed_spec(job_id: &str, image_count: u32) -> JobSpec {
     JobSpec {
-        user_id: "test-user".into(),
+        user_id: SEED_USER.into(),
         job_id: job_id.into(),
         concepts: vec!["wall".into(), "floor".into(), "furniture".into()],
         rules: vec![Rule {

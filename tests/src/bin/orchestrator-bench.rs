@@ -245,6 +245,7 @@ async fn run_job(
     let mut stream = client
         .watch_job(WatchJobRequest {
             job_id: job_id.into(),
+            user_id: "bench-user".into(),
         })
         .await
         .unwrap()

@@ -30,7 +30,7 @@ pub use crate::config::RunpodSettings;
 pub use output::job_json;
 
 use crate::error::Report;
-use crate::jobs::JobService;
+use crate::jobs::{JobKey, JobService};
 use crate::spec_json::spec_from_input;
 use output::progress_json;
 
@@ -213,7 +213,7 @@ impl Worker {
                 .await;
             return;
         }
-        let handle = match self.service.get(&spec.job_id) {
+        let handle = match self.service.get(&JobKey::of_spec(&spec)) {
             Ok(h) => h,
             Err(e) => {
                 self.post_result(runpod_id, &json!({"error": e.to_string()}))

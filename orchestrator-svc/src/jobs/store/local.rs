@@ -9,13 +9,13 @@ use async_trait::async_trait;
 use palette_proto::orchestrator::v1::Item;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Created, JobKey, JobRecord, JobStore, StoreError, StoredJob, Written};
+use super::{Created, RecordKey, JobRecord, JobStore, StoreError, StoredJob, Written};
 use crate::jobs::durable;
 
-/// `{jobId}` -> `JobRecord::encode`.
+/// `{userId}/{jobId}` -> `JobRecord::encode`.
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
-/// `{jobId}/{specHash}/{idx:010}` -> `durable::encode` of the terminal item. The zero-padded index keeps a job's
-/// items in order; ids never contain '/', so one job's items are exactly one key range.
+/// `{userId}/{jobId}/{specHash}/{idx:010}` -> `durable::encode` of the terminal item. The zero-padded index keeps a
+/// job's items in order; ids never contain '/', so one job's items are exactly one key range.
 const ITEMS: TableDefinition<&str, &[u8]> = TableDefinition::new("items");
 
 #[derive(Debug, Clone)]
@@ -23,14 +23,18 @@ pub struct LocalJobStore {
     db: Arc<Database>,
 }
 
-fn item_key(job: &JobKey, idx: u32) -> String {
-    format!("{}/{}/{idx:010}", job.job_id, job.spec_hash)
+fn job_key(user_id: &str, job_id: &str) -> String {
+    format!("{user_id}/{job_id}")
 }
 
-/// The keys of every item of `job`: from `{jobId}/{specHash}/` up to, not including, `{jobId}/{specHash}0` ('0'
-/// follows '/').
-fn item_range(job: &JobKey) -> (String, String) {
-    let prefix = format!("{}/{}", job.job_id, job.spec_hash);
+fn item_key(job: &RecordKey, idx: u32) -> String {
+    format!("{}/{}/{}/{idx:010}", job.user_id, job.job_id, job.spec_hash)
+}
+
+/// The keys of every item of `job`: from `{userId}/{jobId}/{specHash}/` up to, not including,
+/// `{userId}/{jobId}/{specHash}0` ('0' follows '/').
+fn item_range(job: &RecordKey) -> (String, String) {
+    let prefix = format!("{}/{}/{}", job.user_id, job.job_id, job.spec_hash);
     (format!("{prefix}/"), format!("{prefix}0"))
 }
 
@@ -77,25 +81,24 @@ impl JobStore for LocalJobStore {
         let job = job.clone();
         self.write(move |txn| {
             let mut jobs = txn.open_table(JOBS).map_err(StoreError::unavailable)?;
+            let key = job_key(&job.user_id, &job.job_id);
             let existing = jobs
-                .get(job.job_id.as_str())
+                .get(key.as_str())
                 .map_err(StoreError::unavailable)?
                 .map(|v| v.value().to_vec());
             if let Some(bytes) = existing {
                 return JobRecord::decode(&bytes)
                     .map(Created::Existing)
-                    .ok_or_else(|| StoreError::Corrupt {
-                        key: job.job_id.clone(),
-                    });
+                    .ok_or(StoreError::Corrupt { key });
             }
-            jobs.insert(job.job_id.as_str(), job.encode().as_slice())
+            jobs.insert(key.as_str(), job.encode().as_slice())
                 .map_err(StoreError::unavailable)?;
             Ok(Created::New)
         })
         .await
     }
 
-    async fn put_item(&self, job: &JobKey, item: &Item) -> Result<Written, StoreError> {
+    async fn put_item(&self, job: &RecordKey, item: &Item) -> Result<Written, StoreError> {
         let key = item_key(job, item.idx);
         let item = item.clone();
         self.write(move |txn| {
@@ -118,12 +121,13 @@ impl JobStore for LocalJobStore {
         .await
     }
 
-    async fn cancel(&self, job: &JobKey) -> Result<(), StoreError> {
+    async fn cancel(&self, job: &RecordKey) -> Result<(), StoreError> {
         let job = job.clone();
         self.write(move |txn| {
             let mut jobs = txn.open_table(JOBS).map_err(StoreError::unavailable)?;
+            let key = job_key(&job.user_id, &job.job_id);
             let existing = jobs
-                .get(job.job_id.as_str())
+                .get(key.as_str())
                 .map_err(StoreError::unavailable)?
                 .map(|v| v.value().to_vec());
             let Some(mut record) = existing.as_deref().and_then(JobRecord::decode) else {
@@ -131,7 +135,7 @@ impl JobStore for LocalJobStore {
             };
             if record.spec_hash == job.spec_hash && !record.cancelled {
                 record.cancelled = true;
-                jobs.insert(job.job_id.as_str(), record.encode().as_slice())
+                jobs.insert(key.as_str(), record.encode().as_slice())
                     .map_err(StoreError::unavailable)?;
             }
             Ok(())
@@ -173,20 +177,21 @@ impl JobStore for LocalJobStore {
         .map_err(StoreError::unavailable)?
     }
 
-    async fn forget(&self, forgotten: &[JobKey]) -> Result<(), StoreError> {
+    async fn forget(&self, forgotten: &[RecordKey]) -> Result<(), StoreError> {
         let forgotten = forgotten.to_vec();
         self.write(move |txn| {
             let mut jobs = txn.open_table(JOBS).map_err(StoreError::unavailable)?;
             let mut items = txn.open_table(ITEMS).map_err(StoreError::unavailable)?;
             for job in &forgotten {
+                let key = job_key(&job.user_id, &job.job_id);
                 let same = jobs
-                    .get(job.job_id.as_str())
+                    .get(key.as_str())
                     .map_err(StoreError::unavailable)?
                     .and_then(|v| JobRecord::decode(v.value()))
                     .is_some_and(|r| r.spec_hash == job.spec_hash);
                 // A newer job under the same id keeps its record; this job's items go either way.
                 if same {
-                    jobs.remove(job.job_id.as_str())
+                    jobs.remove(key.as_str())
                         .map_err(StoreError::unavailable)?;
                 }
                 let (from, to) = item_range(job);

@@ -18,10 +18,11 @@ use super::job::JobHandle;
 pub use local::LocalJobStore;
 pub use record::JobRecord;
 
-/// A job as the store keys it: its id and the hash of its effective spec, so a job id reused with another spec is
-/// another job whose items never mix with the first one's.
+/// A job as the store keys it: its user, its id and the hash of its effective spec, so a job id reused with another
+/// spec is another job whose items never mix with the first one's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct JobKey {
+pub struct RecordKey {
+    pub user_id: String,
     pub job_id: String,
     pub spec_hash: String,
 }
@@ -37,7 +38,7 @@ pub struct StoredJob {
 #[derive(Debug)]
 pub enum Created {
     New,
-    /// A record was already under the job id; the caller compares its `spec_hash`.
+    /// A record was already under the (user id, job id); the caller compares its `spec_hash`.
     Existing(JobRecord),
 }
 
@@ -68,17 +69,17 @@ impl StoreError {
 /// Durable job state; see docs/architecture.md, "Job state", for what each call promises.
 #[async_trait]
 pub trait JobStore: Send + Sync + Debug {
-    /// Records a new job, or hands back the record already under its job id.
+    /// Records a new job, or hands back the record already under its (user id, job id).
     async fn create(&self, job: &JobRecord) -> Result<Created, StoreError>;
     /// Writes a terminal item of the job. The first terminal state recorded wins; the same state may be written
     /// again (its callback settled).
-    async fn put_item(&self, job: &JobKey, item: &Item) -> Result<Written, StoreError>;
+    async fn put_item(&self, job: &RecordKey, item: &Item) -> Result<Written, StoreError>;
     /// Marks the job cancelled.
-    async fn cancel(&self, job: &JobKey) -> Result<(), StoreError>;
+    async fn cancel(&self, job: &RecordKey) -> Result<(), StoreError>;
     /// Every job recorded, in submission order, with its terminal items.
     async fn load(&self) -> Result<Vec<StoredJob>, StoreError>;
     /// Deletes the jobs and all their items.
-    async fn forget(&self, jobs: &[JobKey]) -> Result<(), StoreError>;
+    async fn forget(&self, jobs: &[RecordKey]) -> Result<(), StoreError>;
 }
 
 pub type SharedJobStore = Arc<dyn JobStore>;
@@ -89,8 +90,9 @@ pub fn open_local(path: &Path) -> Result<SharedJobStore, StoreError> {
 }
 
 /// The job's key in the job store.
-pub fn key_of(job: &JobHandle) -> JobKey {
-    JobKey {
+pub fn key_of(job: &JobHandle) -> RecordKey {
+    RecordKey {
+        user_id: job.plan.user_id.clone(),
         job_id: job.plan.job_id.clone(),
         spec_hash: job.spec_hash.clone(),
     }

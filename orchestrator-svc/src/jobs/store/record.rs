@@ -6,7 +6,7 @@ use base64::engine::general_purpose::STANDARD;
 use palette_proto::orchestrator::v1::JobSpec;
 use serde::{Deserialize, Serialize};
 
-use super::JobKey;
+use super::RecordKey;
 
 /// A job as recorded at SubmitJob (and CancelJob).
 #[derive(Debug, Clone, PartialEq)]
@@ -36,8 +36,9 @@ struct Stored {
 }
 
 impl JobRecord {
-    pub fn key(&self) -> JobKey {
-        JobKey {
+    pub fn key(&self) -> RecordKey {
+        RecordKey {
+            user_id: self.user_id.clone(),
             job_id: self.job_id.clone(),
             spec_hash: self.spec_hash.clone(),
         }

@@ -6,6 +6,7 @@
 //! together.
 
 mod concepts;
+mod job_ref;
 mod occluders;
 mod rules;
 mod violations;
@@ -18,6 +19,7 @@ use palette_rules::preset::Preset;
 use palette_rules::rule::Rule;
 
 pub use concepts::{MAX_CONCEPT_CHARS, normalize_concept};
+pub use job_ref::JobKey;
 pub use violations::{Validate, Violations};
 
 use crate::error::ApiError;
@@ -42,6 +44,14 @@ pub struct PlannedRule {
     pub occluders: Vec<String>,
 }
 
+/// The job a request names, checked: INVALID_ARGUMENT with every bad id otherwise.
+pub fn job_key<R: Validate<(), Valid = JobKey>>(request: &R) -> Result<JobKey, ApiError> {
+    let mut v = Violations::default();
+    let key = request.validate((), &mut v);
+    v.finish()?;
+    Ok(key.expect("ids without violations make a key"))
+}
+
 /// A validated job: what the pipeline runs.
 #[derive(Debug)]
 pub struct JobPlan {
@@ -59,6 +69,14 @@ pub struct JobPlan {
 }
 
 impl JobPlan {
+    /// The job's identity in the registry.
+    pub fn key(&self) -> JobKey {
+        JobKey {
+            user_id: self.user_id.clone(),
+            job_id: self.job_id.clone(),
+        }
+    }
+
     /// Concepts whose full-resolution masks a rule needs (targets and occluders); others are only stored.
     pub fn concepts_used_by_rules(&self) -> Vec<&str> {
         let mut used: Vec<&str> = Vec::new();
