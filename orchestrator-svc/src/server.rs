@@ -17,8 +17,8 @@ use crate::callback::{CallbackSender, RetryPolicy};
 use crate::config::{
     Adapter, CallbackSettings, Config, ConfigError, JobStoreArgs, JobStoreKind, LimitArgs,
 };
-use crate::jobs::store::{self, SharedJobStore};
 use crate::grpc::JobsApi;
+use crate::jobs::store::{self, SharedJobStore};
 use crate::jobs::{InputLimits, ItemRunner, JobLimits, JobService, Pipeline, Retention};
 use crate::segmenter::Segmenter;
 use crate::{storage, tasks, telemetry};

@@ -79,7 +79,11 @@ async fn get(client: &mut JobsClient<Channel>, job_id: &str) -> Job {
 }
 
 /// Polls GetJob until `done`; panics after 60 s.
-async fn wait_for(client: &mut JobsClient<Channel>, job_id: &str, done: impl Fn(&Job) -> bool) -> Job {
+async fn wait_for(
+    client: &mut JobsClient<Channel>,
+    job_id: &str,
+    done: impl Fn(&Job) -> bool,
+) -> Job {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let job = get(client, job_id).await;
@@ -130,7 +134,11 @@ async fn a_sigkilled_orchestrator_finishes_its_job_after_a_restart() {
     assert_eq!(job.completed, IMAGES, "{job:?}");
     for item in &job.items {
         assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
-        assert_eq!(item.callback_state, CallbackState::Delivered as i32, "{item:?}");
+        assert_eq!(
+            item.callback_state,
+            CallbackState::Delivered as i32,
+            "{item:?}"
+        );
     }
     // One terminal state per item: one webhook-id per idx, every delivery signed and saying "completed".
     let deliveries = hooks.deliveries();
@@ -199,11 +207,21 @@ async fn after_a_restart_a_cancelled_job_stays_cancelled_and_its_id_stays_taken(
     let mut jobs = client(&second);
     let job = get(&mut jobs, JOB).await;
     assert_eq!(job.state, JobState::Cancelled as i32, "{job:?}");
-    assert_eq!(job.items, cancelled.items, "items come back as they were recorded");
+    assert_eq!(
+        job.items, cancelled.items,
+        "items come back as they were recorded"
+    );
     // The same spec is the same job; another spec under its id is refused, across the restart.
-    let again = jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap().into_inner();
+    let again = jobs
+        .submit_job(seed_spec(JOB, IMAGES))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(again.state, JobState::Cancelled as i32);
-    let other = jobs.submit_job(seed_spec(JOB, IMAGES + 1)).await.unwrap_err();
+    let other = jobs
+        .submit_job(seed_spec(JOB, IMAGES + 1))
+        .await
+        .unwrap_err();
     assert_eq!(other.code(), tonic::Code::AlreadyExists, "{other:?}");
     // Nothing was called back twice.
     let per_id = hooks.per_id();

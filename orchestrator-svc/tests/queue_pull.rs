@@ -120,7 +120,10 @@ impl Setup {
 
     /// Under `jobs-state/{user}/{job}/{specHash}/`: the job's one spec here.
     fn marker_exists(&self, job: &str, idx: u32) -> bool {
-        let job_dir = self.dir.path().join(format!("storage/jobs-state/{USER}/{job}"));
+        let job_dir = self
+            .dir
+            .path()
+            .join(format!("storage/jobs-state/{USER}/{job}"));
         std::fs::read_dir(job_dir).is_ok_and(|specs| {
             specs
                 .filter_map(Result::ok)

@@ -16,8 +16,8 @@ use super::durable;
 use super::item::{ItemError, ItemRunner};
 use super::job::{ItemOutcome, JobHandle};
 use super::report::Reporter;
-use super::store::SharedJobStore;
 use super::stage::{InFlight, Stage};
+use super::store::SharedJobStore;
 use crate::callback::CallbackSender;
 use crate::error::Report;
 

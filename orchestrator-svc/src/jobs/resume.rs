@@ -60,7 +60,9 @@ impl JobService {
             Ok(plan) => (plan, None),
             Err(why) => (placeholder_plan(&record.spec), Some(why)),
         };
-        let job = self.registry.restore(plan, record.seq, record.spec_hash.clone());
+        let job = self
+            .registry
+            .restore(plan, record.seq, record.spec_hash.clone());
         if record.cancelled {
             // Before the items come back, so a job whose items all ended reads CANCELLED, not DONE.
             job.cancel.cancel();
@@ -70,11 +72,11 @@ impl JobService {
         for item in items {
             let idx = item.idx;
             let pending = item.callback_state == CallbackState::Pending as i32;
-            if idx < job.plan.image_count && is_terminal(item.state) && job.restore_item(idx, item)
-            {
-                if pending && callbacks_on {
-                    unsettled.push(idx);
-                }
+            let restored = idx < job.plan.image_count
+                && is_terminal(item.state)
+                && job.restore_item(idx, item);
+            if restored && pending && callbacks_on {
+                unsettled.push(idx);
             }
         }
         let snapshot = job.snapshot();

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use palette_proto::orchestrator::v1::Item;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Created, RecordKey, JobRecord, JobStore, StoreError, StoredJob, Written};
+use super::{Created, JobRecord, JobStore, RecordKey, StoreError, StoredJob, Written};
 use crate::jobs::durable;
 
 /// `{userId}/{jobId}` -> `JobRecord::encode`.
@@ -88,7 +88,7 @@ impl JobStore for LocalJobStore {
                 .map(|v| v.value().to_vec());
             if let Some(bytes) = existing {
                 return JobRecord::decode(&bytes)
-                    .map(Created::Existing)
+                    .map(|r| Created::Existing(Box::new(r)))
                     .ok_or(StoreError::Corrupt { key });
             }
             jobs.insert(key.as_str(), job.encode().as_slice())
@@ -191,8 +191,7 @@ impl JobStore for LocalJobStore {
                     .is_some_and(|r| r.spec_hash == job.spec_hash);
                 // A newer job under the same id keeps its record; this job's items go either way.
                 if same {
-                    jobs.remove(key.as_str())
-                        .map_err(StoreError::unavailable)?;
+                    jobs.remove(key.as_str()).map_err(StoreError::unavailable)?;
                 }
                 let (from, to) = item_range(job);
                 items
@@ -244,7 +243,7 @@ mod tests {
             assert!(matches!(store.create(&a).await.unwrap(), Created::New));
             assert!(matches!(
                 store.create(&record("a", "h2", 2)).await.unwrap(),
-                Created::Existing(r) if r == a
+                Created::Existing(r) if *r == a
             ));
             let done = item(1, ItemState::Completed, CallbackState::Pending);
             assert_eq!(

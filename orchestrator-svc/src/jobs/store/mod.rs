@@ -12,8 +12,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use palette_proto::orchestrator::v1::Item;
 
-pub use super::job::spec_hash;
 use super::job::JobHandle;
+pub use super::job::spec_hash;
 
 pub use local::LocalJobStore;
 pub use record::JobRecord;
@@ -39,7 +39,7 @@ pub struct StoredJob {
 pub enum Created {
     New,
     /// A record was already under the (user id, job id); the caller compares its `spec_hash`.
-    Existing(JobRecord),
+    Existing(Box<JobRecord>),
 }
 
 /// What `JobStore::put_item` did.
