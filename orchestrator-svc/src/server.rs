@@ -17,6 +17,7 @@ use crate::callback::{CallbackSender, RetryPolicy};
 use crate::config::{
     Adapter, CallbackSettings, Config, ConfigError, JobStoreArgs, JobStoreKind, LimitArgs,
 };
+use crate::drain::{self, Drain};
 use crate::grpc::JobsApi;
 use crate::jobs::store::{self, SharedJobStore};
 use crate::jobs::{InputLimits, ItemRunner, JobLimits, JobService, Pipeline, Retention};
@@ -42,8 +43,6 @@ pub enum StartupError {
     Serve(#[source] tonic::transport::Error),
 }
 
-/// How long shutdown waits for items in flight and their callbacks before giving up on them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Jobs are small; images never travel through this API.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -239,34 +238,23 @@ pub async fn run(
         )),
         (None, None) => None,
     };
-    let shutdown = async move {
-        shutdown.await;
-        let _ = stop_adapter.send(true);
-    };
-    Server::builder()
+    let drain = Drain::new(Duration::from_secs(config.shutdown_grace_sec));
+    let shutdown = drain.on(
+        shutdown,
+        drain::Parts {
+            pipeline: pipeline.clone(),
+            api: api.clone(),
+            health,
+            stop_adapter,
+        },
+    );
+    let server = Server::builder()
         .add_service(health_service)
         .add_optional_service(serve_reflection.then_some(reflection_v1))
         .add_optional_service(serve_reflection.then_some(reflection_v1alpha))
         .add_service(jobs)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await
-        .map_err(StartupError::Serve)?;
-
-    if let Some(worker) = worker {
-        tracing::info!("shutting down: the queue worker finishes its job in progress");
-        if tokio::time::timeout(DRAIN_TIMEOUT, worker).await.is_err() {
-            tracing::warn!("queue job still in progress after {DRAIN_TIMEOUT:?}; leaving it");
-        }
-    }
-    api.stop_watchers(Duration::from_secs(1)).await;
-    tracing::info!("shutting down: waiting for items in flight");
-    pipeline.stop_starting();
-    pipeline.tasks().close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, pipeline.tasks().wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("items still in flight after {DRAIN_TIMEOUT:?}; leaving them");
-    }
+        .serve_with_incoming_shutdown(incoming(listener), shutdown);
+    drain.serve(server).await.map_err(StartupError::Serve)?;
+    drain.finish(worker, &api, &pipeline).await;
     Ok(())
 }

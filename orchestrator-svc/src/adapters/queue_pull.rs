@@ -110,7 +110,12 @@ async fn acknowledge(message: &jetstream::Message, kind: AckKind, job_id: &str) 
 }
 
 /// Runs one message's job to its end, then acknowledges it.
-async fn handle(settings: &QueueSettings, service: &JobService, message: jetstream::Message) {
+async fn handle(
+    settings: &QueueSettings,
+    service: &JobService,
+    message: jetstream::Message,
+    mut stop: watch::Receiver<bool>,
+) {
     let spec = match spec_from_bytes(&message.payload) {
         Ok(spec) => spec,
         Err(e) => {
@@ -157,14 +162,27 @@ async fn handle(settings: &QueueSettings, service: &JobService, message: jetstre
                 Err(broadcast::error::RecvError::Closed) => break,
             },
             _ = progress.tick() => acknowledge(&message, AckKind::Progress, &job_id).await,
+            // Shutting down: no item starts any more, so the job cannot finish here. Unacknowledged, it is
+            // redelivered after the ack wait, when the items in flight here have been recorded (or not: then they
+            // run again elsewhere).
+            () = stopped(&mut stop) => {
+                tracing::info!(%job_id, "queue_pull: shutting down mid-job; the job is left to redelivery");
+                return;
+            }
         }
     }
     acknowledge(&message, AckKind::Ack, &job_id).await;
     tracing::info!(%job_id, completed = job.completed, failed = job.failed, cancelled = job.cancelled, "queue_pull: job acknowledged");
 }
 
-/// Takes jobs one at a time until `stop` turns true; the job in progress is finished (and acknowledged) before
-/// returning.
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send: dropped here, before anything else awaits.
+    let _ = stop.wait_for(|stopping| *stopping).await;
+}
+
+/// Takes jobs one at a time until `stop` turns true; a job in progress then is left unacknowledged, to be
+/// redelivered (its items in flight finish and are recorded during the drain).
 pub async fn run(settings: QueueSettings, service: Arc<JobService>, stop: watch::Receiver<bool>) {
     tracing::info!(stream = %settings.stream, subject = %settings.subject, consumer = %settings.consumer, "queue_pull worker started");
     let mut stop_wait = stop.clone();
@@ -194,7 +212,7 @@ pub async fn run(settings: QueueSettings, service: Arc<JobService>, stop: watch:
             _ = stop_wait.changed() => break,
         };
         match fetched {
-            Ok(Some(message)) => handle(&settings, &service, message).await,
+            Ok(Some(message)) => handle(&settings, &service, message, stop.clone()).await,
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %Report(&e), "queue_pull: fetch failed");

@@ -110,6 +110,11 @@ pub struct Config {
     /// Log filter: DEBUG, INFO, WARNING, ERROR or a tracing filter directive. Default INFO.
     #[arg(long, env = "LOG_LEVEL", default_value = "INFO")]
     pub log_level: String,
+    /// Seconds from SIGTERM to exit, at most: new items stop at once, WatchJob streams end with UNAVAILABLE
+    /// ("draining"), then items in flight and their callbacks get what is left of it. Default 30; keep it under the
+    /// platform's grace (Kubernetes terminationGracePeriodSeconds, compose stop_grace_period).
+    #[arg(long, env = "SHUTDOWN_GRACE_SEC", default_value_t = 30)]
+    pub shutdown_grace_sec: u64,
 
     #[command(flatten)]
     pub segmenter: SegmenterArgs,
