@@ -13,6 +13,8 @@
 //! - An orchestrator that dies mid-job sends no more in-progress acks: after the ack wait JetStream redelivers the
 //!   message to another orchestrator, which skips the items the first one recorded (no second callback) and runs
 //!   the rest; outputs are written under fixed keys, so a rerun item overwrites them.
+//! - A poison job (its runners keep dying) runs on at most NATS_MAX_DELIVERIES deliveries; the next one gives it up
+//!   (`JobService::give_up_durable`: open items FAILED `too_many_deliveries`, called back) and acknowledges it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +81,8 @@ async fn connect(settings: &QueueSettings) -> Result<PullConsumer, QueueError> {
                 filter_subject: settings.subject.clone(),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: settings.ack_wait,
+                // One past the deliveries that run the job: the delivery that gives it up (`handle`).
+                max_deliver: (settings.max_deliveries + 1) as i64,
                 ..Default::default()
             },
         )
@@ -125,12 +129,18 @@ async fn handle(
         }
     };
     let job_id = spec.job_id.clone();
-    if let Ok(info) = message.info()
-        && info.delivered > 1
-    {
-        tracing::info!(%job_id, delivered = info.delivered, "queue_pull: job redelivered; recorded items are skipped");
+    let delivered = message
+        .info()
+        .map_or(1, |info| info.delivered.max(1) as u64);
+    if delivered > 1 {
+        tracing::info!(%job_id, delivered, "queue_pull: job redelivered; recorded items are skipped");
     }
-    match service.submit_durable(&spec).await {
+    let submitted = if delivered > settings.max_deliveries {
+        service.give_up_durable(&spec, delivered - 1).await
+    } else {
+        service.submit_durable(&spec).await
+    };
+    match submitted {
         Ok(_) => {}
         Err(e @ ApiError::Overloaded { retry_after, .. }) => {
             tracing::warn!(%job_id, error = %e, "queue_pull: no room for the job now; offered again later");

@@ -7,6 +7,7 @@
 //! item records across restarts; `resume` brings them back at start.
 
 pub mod durable;
+mod give_up;
 mod item;
 pub mod job;
 mod pipeline;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use palette_proto::orchestrator::v1::{Job, JobSpec};
 use palette_rules::preset::Preset;
 
+pub use give_up::TOO_MANY_DELIVERIES;
 pub use item::{InputLimits, ItemError, ItemRunner};
 pub use job::JobHandle;
 pub use pipeline::Pipeline;

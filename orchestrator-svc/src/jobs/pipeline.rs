@@ -64,6 +64,11 @@ impl Pipeline {
         &self.reporter
     }
 
+    /// Where inputs, outputs and durable item records are.
+    pub(super) fn object_store(&self) -> &crate::storage::SharedStore {
+        self.runner.store()
+    }
+
     /// Shutdown: starts no further item; the runner of each job ends its unstarted items (see `abandon_pending`).
     pub fn stop_starting(&self) {
         self.stopping.cancel();
