@@ -3,6 +3,7 @@
 //! order of writes that gives one terminal state and one callback per item, is in docs/architecture.md ("Job state").
 
 mod local;
+mod nats;
 mod record;
 
 use std::fmt::Debug;
@@ -16,6 +17,7 @@ use super::job::JobHandle;
 pub use super::job::spec_hash;
 
 pub use local::LocalJobStore;
+pub use nats::NatsJobStore;
 pub use record::JobRecord;
 
 /// A job as the store keys it: its user, its id and the hash of its effective spec, so a job id reused with another
