@@ -228,3 +228,45 @@ async fn after_a_restart_a_cancelled_job_stays_cancelled_and_its_id_stays_taken(
     assert_eq!(per_id.len(), IMAGES as usize, "{per_id:?}");
     assert!(per_id.values().all(|&n| n == 1), "{per_id:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_forgets_what_retention_forgets_and_a_restart_keeps_it_forgotten() {
+    use orchestrator_svc::config::JobStoreKind;
+    use palette_testing::orchestrator;
+
+    let state = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    let tweak = |c: &mut orchestrator_svc::Config| {
+        c.jobs.job_store = JobStoreKind::Local;
+        c.jobs.job_store_path = state.path().join("jobs.redb");
+        c.limits.max_retained_jobs = 2;
+    };
+    let mut first = orchestrator::start(&segmenter.url, tweak).await;
+    for job in ["oldest", "middle", "newest"] {
+        first.put_input(USER, job, 0, photo_jpeg(32, 24)).await;
+        first.client.submit_job(seed_spec(job, 1)).await.unwrap();
+        first.wait_for(job, orchestrator::is_terminal).await;
+    }
+    first.shutdown().await;
+
+    let mut second = orchestrator::start(&segmenter.url, tweak).await;
+    let missing = second
+        .client
+        .get_job(GetJobRequest {
+            user_id: USER.into(),
+            job_id: "oldest".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+    for job in ["middle", "newest"] {
+        let kept = second.wait_for(job, orchestrator::is_terminal).await;
+        assert_eq!(kept.state, JobState::Done as i32, "{kept:?}");
+    }
+    // Forgotten means free: the id takes another spec (its old record and items are gone from the store).
+    second
+        .client
+        .submit_job(seed_spec("oldest", 2))
+        .await
+        .expect("a forgotten job id is free again");
+}
