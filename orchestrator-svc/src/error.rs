@@ -39,6 +39,17 @@ pub enum ApiError {
     /// The job id is taken by a different spec.
     #[error("already exists: job {job_id:?} exists with a different spec; use a new job id")]
     JobExists { job_id: String },
+    /// An edit's source job cannot be read back from storage now (the storage error, boxed: this module sits below
+    /// the storage clients).
+    #[error("unavailable: job {job_id:?} cannot be read back from storage now; retry")]
+    SourceUnavailable {
+        job_id: String,
+        #[source]
+        source: BoxError,
+    },
+    /// An edit's source job exists but cannot be edited (its record is unreadable).
+    #[error("failed precondition: job {job_id:?} cannot be edited: {reason}")]
+    SourceUnusable { job_id: String, reason: String },
     /// Too many jobs still running to keep another; `retry_after` is a hint, sent as RetryInfo.
     #[error("overloaded: {running} jobs are still running (MAX_RETAINED_JOBS); retry later")]
     Overloaded {
@@ -76,6 +87,8 @@ impl From<ApiError> for Status {
             }
             ApiError::JobNotFound { .. } => Status::not_found(message),
             ApiError::JobExists { .. } => Status::already_exists(message),
+            ApiError::SourceUnavailable { .. } => Status::unavailable(message),
+            ApiError::SourceUnusable { .. } => Status::failed_precondition(message),
             ApiError::Overloaded { retry_after, .. } => Status::with_error_details(
                 Code::ResourceExhausted,
                 message,
@@ -141,6 +154,20 @@ mod tests {
             (
                 ApiError::JobExists { job_id: job_id() },
                 Code::AlreadyExists,
+            ),
+            (
+                ApiError::SourceUnavailable {
+                    job_id: job_id(),
+                    source: Box::new(std::io::Error::other("reset")),
+                },
+                Code::Unavailable,
+            ),
+            (
+                ApiError::SourceUnusable {
+                    job_id: job_id(),
+                    reason: "unreadable".into(),
+                },
+                Code::FailedPrecondition,
             ),
             (
                 ApiError::Overloaded {

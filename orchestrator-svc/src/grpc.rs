@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::Stream;
 use palette_proto::orchestrator::v1::jobs_server::Jobs;
 use palette_proto::orchestrator::v1::{
-    CancelJobRequest, GetJobRequest, Job, JobEvent, JobSpec, WatchJobRequest,
+    CancelJobRequest, EditJobRequest, GetJobRequest, Job, JobEvent, JobSpec, WatchJobRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -72,6 +72,10 @@ impl Jobs for JobsApi {
     async fn submit_job(&self, request: Request<JobSpec>) -> Result<Response<Job>, Status> {
         self.refuse_when_draining()?;
         Ok(Response::new(self.service.submit(request.get_ref()).await?))
+    }
+
+    async fn edit_job(&self, request: Request<EditJobRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(self.service.edit(request.get_ref()).await?))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {

@@ -9,6 +9,8 @@
 //! - `jobs-state/{userId}/{jobId}/{specHash}/{idx}.json`: ADAPTER=queue_pull's record that an item ended and was
 //!   called back (`jobs::durable`); `specHash` (hex SHA-256 of the effective spec) keeps a job id reused with another
 //!   spec from taking the first job's items as its own.
+//! - `jobs-state/{userId}/{jobId}/photos.json` and `jobs-state/{userId}/{jobId}/masks/{idx}.json`: what EditJob
+//!   reads back (`jobs::edit::record`): the job's photos and concepts, and each photo's stored masks.
 //!
 //! Texture swatches are READ from `swatches/...` (an operator-curated library) or from the job's own user's
 //! `inputs/{userId}/...`; no other key may be named (see `swatch_problem`), so a job cannot read another user's
@@ -81,6 +83,16 @@ pub fn mask(user_id: &str, job_id: &str, concept: &str, idx: u32, instance: u32)
 
 pub fn preview(user_id: &str, job_id: &str, idx: u32) -> String {
     format!("previews/{user_id}/{job_id}/{idx}_preview.jpg")
+}
+
+/// What an edit of this job needs to know: where its photos are, what it segmented (`jobs::edit::record`).
+pub fn photos_record(user_id: &str, job_id: &str) -> String {
+    format!("jobs-state/{user_id}/{job_id}/photos.json")
+}
+
+/// The masks stored for photo `idx` of the job, with their placement (`jobs::edit::record`).
+pub fn masks_record(user_id: &str, job_id: &str, idx: u32) -> String {
+    format!("jobs-state/{user_id}/{job_id}/masks/{idx}.json")
 }
 
 /// ADAPTER=queue_pull: the record of an item that ended (and whose callback was sent), in the job of that spec.

@@ -118,16 +118,20 @@ impl Setup {
         Path::new(&self.dir.path().join(path)).is_file()
     }
 
-    /// Under `jobs-state/{user}/{job}/{specHash}/`: the job's one spec here.
+    /// Under `jobs-state/{user}/{job}/{specHash}/` (the job's one spec here; `masks/` beside it holds EditJob's
+    /// records, not item records).
     fn marker_exists(&self, job: &str, idx: u32) -> bool {
         let job_dir = self
             .dir
             .path()
             .join(format!("storage/jobs-state/{USER}/{job}"));
+        let is_spec_hash =
+            |name: &str| name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
         std::fs::read_dir(job_dir).is_ok_and(|specs| {
-            specs
-                .filter_map(Result::ok)
-                .any(|spec| spec.path().join(format!("{idx}.json")).is_file())
+            specs.filter_map(Result::ok).any(|spec| {
+                is_spec_hash(&spec.file_name().to_string_lossy())
+                    && spec.path().join(format!("{idx}.json")).is_file()
+            })
         })
     }
 }

@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE.parent / "models" / "sam3-tiny"
 DEFAULT_FIXTURES = HERE.parent / "tests" / "fixtures" / "reference"
 ATOL, RTOL = 1e-4, 1e-4  # fp32 ORT vs PyTorch: kernel order only (measured max |Δ| ~1e-5 on the tiny model)
-ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64"}
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(uint8)": "uint8"}
 
 
 class Checker:
@@ -67,8 +67,9 @@ def check_manifest(model_dir: Path, c: Checker) -> tuple[dict, dict]:
             got = [{"name": a.name, "dtype": ORT_DTYPES.get(a.type, a.type), "shape": list(a.shape)} for a in actual]
             c.check(got == g[kind], f"{name} {kind} match the manifest: {got} vs {g[kind]}")
         sessions[name] = sess
+    image_input = image_input_of(manifest)
     contract = common.graph_contract(manifest["image_size"], manifest["fpn_channels"], manifest["text_feature_dim"],
-                                     manifest["num_queries"], manifest.get("decoder_topk", 0))
+                                     manifest["num_queries"], manifest.get("decoder_topk", 0), image_input)
     c.check(0 <= manifest.get("decoder_topk", 0) <= manifest["num_queries"], "decoder_topk within [0, num_queries]")
     for name, spec in contract.items():
         c.check({k: manifest["graphs"][name][k] for k in ("inputs", "outputs")} == spec,
@@ -77,8 +78,22 @@ def check_manifest(model_dir: Path, c: Checker) -> tuple[dict, dict]:
     return manifest, sessions
 
 
+def image_input_of(manifest: dict) -> str:
+    """"u8" or "f32": which image input the export's vision graph takes (see sam3_common.IMAGE_INPUTS)."""
+    name = manifest["graphs"]["vision"]["inputs"][0]["name"]
+    return next((kind for kind, (n, _) in common.IMAGE_INPUTS.items() if n == name), name)
+
+
+def run_vision(sessions: dict, pixel_values):
+    """The FPN levels for normalised f32 pixels, fed the way the graph takes them (uint8 HWC or f32 CHW)."""
+    (name,) = [i.name for i in sessions["vision"].get_inputs()]
+    if name == common.IMAGE_INPUTS["u8"][0]:
+        return sessions["vision"].run(list(common.FPN_NAMES), {name: common.to_image_u8(pixel_values)})
+    return sessions["vision"].run(list(common.FPN_NAMES), {name: pixel_values})
+
+
 def run_graphs(sessions: dict, pixel_values, input_ids, attention_mask) -> dict:
-    fpn = sessions["vision"].run(list(common.FPN_NAMES), {"pixel_values": pixel_values})
+    fpn = run_vision(sessions, pixel_values)
     (text_features,) = sessions["text"].run(["text_features"], {"input_ids": input_ids,
                                                                "attention_mask": attention_mask})
     return run_decoder(sessions, fpn, text_features, attention_mask)
@@ -93,7 +108,7 @@ def run_decoder(sessions: dict, fpn, text_features, text_mask) -> dict:
 
 def check_batching(sessions: dict, pixel_values, input_ids, attention_mask, c: Checker) -> float:
     """1 image x N prompts == N single-prompt runs; a vision batch of 2 == two single runs. Returns worst |Δ|."""
-    fpn = sessions["vision"].run(list(common.FPN_NAMES), {"pixel_values": pixel_values})
+    fpn = run_vision(sessions, pixel_values)
     (tf,) = sessions["text"].run(["text_features"], {"input_ids": input_ids, "attention_mask": attention_mask})
     batched = run_decoder(sessions, fpn, tf, attention_mask)
     worst = 0.0
@@ -102,8 +117,8 @@ def check_batching(sessions: dict, pixel_values, input_ids, attention_mask, c: C
         for k in single:
             worst = max(worst, float(np.abs(single[k][0] - batched[k][n]).max()))
     flipped = np.ascontiguousarray(pixel_values[:, :, :, ::-1])
-    pair = sessions["vision"].run(list(common.FPN_NAMES), {"pixel_values": np.concatenate([pixel_values, flipped])})
-    other = sessions["vision"].run(list(common.FPN_NAMES), {"pixel_values": flipped})
+    pair = run_vision(sessions, np.concatenate([pixel_values, flipped]))
+    other = run_vision(sessions, flipped)
     for a, b, p in zip(fpn, other, pair):
         worst = max(worst, float(np.abs(p[0] - a[0]).max()), float(np.abs(p[1] - b[0]).max()))
     c.check(worst <= 1e-4, f"batched vs single runs agree (max |Δ| {worst:.2e})")

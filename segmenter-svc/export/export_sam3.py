@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Export SAM3 (HF transformers `Sam3Model`) to three ONNX graphs + tokenizer.json + manifest.json.
 
-Graphs (opset 17, legacy TorchScript exporter, fp32 inputs/outputs in every precision):
-  vision.onnx   pixel_values f32 [B,3,S,S]                     -> fpn_0 [B,C,M,M], fpn_1 [B,C,M/2,M/2], fpn_2 [B,C,M/4,M/4]
+Graphs (opset 17, legacy TorchScript exporter, fp32 float inputs/outputs in every precision):
+  vision.onnx   image_u8 u8 [B,S,S,3] (the resized photo; normalised in the graph, image_input.py)
+                or with --image-input f32: pixel_values f32 [B,3,S,S]
+                                                               -> fpn_0 [B,C,M,M], fpn_1 [B,C,M/2,M/2], fpn_2 [B,C,M/4,M/4]
   text.onnx     input_ids, attention_mask i64 [N,32]           -> text_features f32 [N,32,D]
   decoder.onnx  fpn_0..2 of ONE image (batch 1), text_features [N,32,D], text_mask i64 [N,32]
                 -> topk_masks [N,K,M,M] (logits), topk_boxes [N,K,4] (xyxy in [0,1]), topk_logits [N,K],
                    topk_queries i64 [N,K], presence_logits [N,1], semantic_seg [N,1,M,M]
-with S = image size, M = 4*S/14, C = FPN channels, D = text feature dim, Q = queries, K = min(--topk, Q) (default 32):
+with S = image size, M = 4*S/14, C = FPN channels, D = text feature dim, Q = queries, K = min(--topk, Q) (default 20):
 the decoder keeps its best K queries by logit, best first, so the dense [N,Q,M,M] masks (66 MB per phrase at full
 size) stay inside ONNX Runtime. --topk 0 exports the dense outputs instead (pred_masks [N,Q,M,M], pred_boxes,
 pred_logits [N,Q]); the server reads both forms.
@@ -49,6 +51,7 @@ import numpy as np
 
 import check_onnx
 import fp16
+import image_input as image_input_graph
 import sam3_common as common
 
 HERE = Path(__file__).resolve().parent
@@ -344,12 +347,14 @@ def _save_onnx(onnx_model, path: Path) -> list[Path]:
     return []
 
 
-def export_graphs(model, out: Path, precision: str, opset: int, topk: int) -> dict:
+def export_graphs(model, out: Path, precision: str, opset: int, topk: int, image_input: str) -> dict:
     import onnx
     import torch
 
     dims = model_dims(model)
-    contract = common.graph_contract(**dims, topk=topk)
+    # The tracer sees the float32 CHW input the PyTorch model takes; the u8 input is added to the traced graph.
+    traced = common.graph_contract(**dims, topk=topk)
+    contract = common.graph_contract(**dims, topk=topk, image_input=image_input)
     s, t = dims["image_size"], common.CONTEXT_LENGTH
     vision, text, decoder = wrappers(model, topk)
 
@@ -377,19 +382,21 @@ def export_graphs(model, out: Path, precision: str, opset: int, topk: int) -> di
     graphs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (module, example, dynamic_axes) in jobs.items():
-            spec = contract[name]
+            spec, traced_spec = contract[name], traced[name]
             raw = Path(tmp) / f"{name}.onnx"
             t0 = time.time()
             with torch.no_grad(), warnings.catch_warnings():
                 # TracerWarnings flag Python-side shape arithmetic that is constant for fixed S (checked by parity).
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based exporter": chosen
-                torch.onnx.export(module, example, str(raw), input_names=[x["name"] for x in spec["inputs"]],
-                                  output_names=[x["name"] for x in spec["outputs"]], dynamic_axes=dynamic_axes,
+                torch.onnx.export(module, example, str(raw), input_names=[x["name"] for x in traced_spec["inputs"]],
+                                  output_names=[x["name"] for x in traced_spec["outputs"]], dynamic_axes=dynamic_axes,
                                   opset_version=opset, do_constant_folding=True, dynamo=False)
             onnx_model = onnx.load(str(raw))  # pulls in external data if the exporter wrote any
             if precision == "fp16":
                 onnx_model = fp16.to_fp16(onnx_model, name)
+            if name == "vision" and image_input == "u8":
+                image_input_graph.to_u8_input(onnx_model, common.IMAGE_MEAN, common.IMAGE_STD)
             _fix_io_shapes(onnx_model, spec)
             path = out / f"{name}.onnx"
             external = _save_onnx(onnx_model, path)
@@ -463,7 +470,7 @@ def ort_sessions(model_dir: Path) -> dict:
 
 
 def ort_run(sessions: dict, pixel_values, input_ids, attention_mask) -> dict:
-    fpn = sessions["vision"].run(list(common.FPN_NAMES), {"pixel_values": pixel_values})
+    fpn = check_onnx.run_vision(sessions, pixel_values)
     (text_features,) = sessions["text"].run(["text_features"], {"input_ids": input_ids,
                                                                "attention_mask": attention_mask})
     return check_onnx.run_decoder(sessions, fpn, text_features, attention_mask)
@@ -544,6 +551,9 @@ def parse_args(argv=None):
     ap.add_argument("--topk", type=int, default=common.DEFAULT_TOPK,
                     help="queries the decoder returns per phrase, best first (capped at the model's; 0: all, dense "
                          f"outputs). Bounds MAX_INSTANCES_PER_CONCEPT. Default {common.DEFAULT_TOPK}")
+    ap.add_argument("--image-input", choices=["u8", "f32"], default="u8",
+                    help="the vision graph's image input: u8 = the resized photo as uint8 HWC, normalised in the "
+                         "graph (default); f32 = normalised float32 CHW, as exports before 2026-11-30")
     ap.add_argument("--clip-bpe", default=None, help=f"path to {BPE_NAME} (default: found automatically, see above)")
     ap.add_argument("--parity-out", type=Path, default=None, help="run PyTorch vs ORT and write reference outputs here")
     ap.add_argument("--images", nargs="+", default=[], help="parity images (all get the same --concepts)")
@@ -577,7 +587,7 @@ def main(argv=None) -> int:
     print(f"model ready: {n_params:,} parameters ({time.time() - t0:.1f} s) {info}", flush=True)
 
     topk = min(max(args.topk, 0), model_dims(model)["num_queries"])
-    graphs = export_graphs(model, args.out, args.precision, args.opset, topk)
+    graphs = export_graphs(model, args.out, args.precision, args.opset, topk, args.image_input)
     manifest = write_manifest(args.out, info, model_dims(model), args.precision, args.opset, graphs, topk)
     print(f"manifest.json written: image_size={manifest['image_size']} mask_size={manifest['mask_size']} "
           f"queries={manifest['num_queries']} D={manifest['text_feature_dim']} C={manifest['fpn_channels']}")

@@ -109,7 +109,9 @@ def _sessions(model_dir: Path) -> dict:
 
 
 def _run(sessions: dict, pixel_values, input_ids, attention_mask) -> dict:
-    fpn = sessions["vision"].run(list(common.FPN_NAMES), {"pixel_values": pixel_values})
+    import check_onnx
+
+    fpn = check_onnx.run_vision(sessions, pixel_values)
     (tf,) = sessions["text"].run(["text_features"], {"input_ids": input_ids, "attention_mask": attention_mask})
     names = [o.name for o in sessions["decoder"].get_outputs()]
     feeds = dict(zip(common.FPN_NAMES, [f[:1] for f in fpn]), text_features=tf, text_mask=attention_mask)

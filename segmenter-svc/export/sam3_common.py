@@ -29,7 +29,8 @@ OUTPUT_NAMES = ("pred_masks", "pred_boxes", "pred_logits", "presence_logits", "s
 # The decoder's outputs when it selects its best K queries itself (--topk K): the dense [N, Q, M, M] mask tensor then
 # never leaves ONNX Runtime (on CUDA: never crosses to the host; 66 MB per phrase at full size).
 TOPK_OUTPUT_NAMES = ("topk_masks", "topk_boxes", "topk_logits", "topk_queries", "presence_logits", "semantic_seg")
-DEFAULT_TOPK = 32
+# 20 = segmenter-svc's default MAX_INSTANCES_PER_CONCEPT: more rows would only cross from the device to be dropped.
+DEFAULT_TOPK = 20
 
 
 def decoder_output_names(topk: int) -> tuple:
@@ -52,8 +53,30 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# The vision graph's image input. "u8" (the default since 2026-11-30): the resized photo as it is, uint8 HWC
+# [B, S, S, 3], normalised inside the graph (a quarter of the bytes to the GPU, no float pass on the host). "f32":
+# normalised float32 CHW [B, 3, S, S], what older exports take (the server reads either from the manifest).
+IMAGE_INPUTS = {"u8": ("image_u8", "uint8"), "f32": ("pixel_values", "float32")}
+
+
+def image_input_spec(image_input: str, image_size: int) -> dict:
+    name, dtype = IMAGE_INPUTS[image_input]
+    shape = ["B", image_size, image_size, 3] if image_input == "u8" else ["B", 3, image_size, image_size]
+    return {"name": name, "dtype": dtype, "shape": shape}
+
+
+def to_image_u8(pixel_values: np.ndarray) -> np.ndarray:
+    """f32 [B,3,S,S] normalised with IMAGE_MEAN/IMAGE_STD -> the uint8 [B,S,S,3] it came from (exact: the resize
+    writes 8-bit pixels before the normalisation)."""
+    mean = np.asarray(IMAGE_MEAN, np.float32)[None, :, None, None]
+    std = np.asarray(IMAGE_STD, np.float32)[None, :, None, None]
+    u8 = np.rint((pixel_values * std + mean) * 255.0)
+    assert np.abs((pixel_values * std + mean) * 255.0 - u8).max() < 1e-3, "not 8-bit pixels"
+    return np.ascontiguousarray(u8.astype(np.uint8).transpose(0, 2, 3, 1))
+
+
 def graph_contract(image_size: int, fpn_channels: int, text_feature_dim: int, num_queries: int,
-                   topk: int = 0) -> dict:
+                   topk: int = 0, image_input: str = "f32") -> dict:
     """Names, dtypes and shapes of the three graphs; symbols are the dynamic dims (B images, N phrases). With topk > 0
     the decoder returns its best `topk` queries per phrase (by logit, best first) instead of all of them."""
     s, c, d, q = image_size, fpn_channels, text_feature_dim, num_queries
@@ -67,7 +90,7 @@ def graph_contract(image_size: int, fpn_channels: int, text_feature_dim: int, nu
              io("fpn_2", "float32", ["B", c, m // 4, m // 4])]
     fpn_1 = [dict(x, shape=[1] + x["shape"][1:]) for x in fpn_b]
     return {
-        "vision": {"inputs": [io("pixel_values", "float32", ["B", 3, s, s])], "outputs": fpn_b},
+        "vision": {"inputs": [image_input_spec(image_input, s)], "outputs": fpn_b},
         "text": {
             "inputs": [io("input_ids", "int64", ["N", t]), io("attention_mask", "int64", ["N", t])],
             "outputs": [io("text_features", "float32", ["N", t, d])],

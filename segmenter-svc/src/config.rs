@@ -130,7 +130,7 @@ pub struct Config {
     #[arg(long, env = "DEFAULT_SCORE_THRESHOLD", default_value_t = 0.5)]
     pub default_score_threshold: f32,
 
-    /// Default and maximum instances returned per concept; capped at the export's `decoder_topk` (32 by default).
+    /// Default and maximum instances returned per concept; capped at the export's `decoder_topk` (20 by default).
     #[arg(long, env = "MAX_INSTANCES_PER_CONCEPT", default_value_t = 20)]
     pub max_instances_per_concept: u32,
 

@@ -1,8 +1,10 @@
-//! From request bytes to the vision encoder's input: decode, EXIF orientation, antialiased resize, normalisation.
+//! From request bytes to the vision encoder's input: decode, EXIF orientation, antialiased resize, and (for exports
+//! that take float pixels) normalisation.
 //!
 //! Matches the reference pipeline (PIL `exif_transpose`, `resize((S, S), BILINEAR)`, `(x / 255 - 0.5) / 0.5`, CHW):
 //! the aspect ratio is NOT kept, and the resize is a convolution whose support widens on downscale (antialiasing),
-//! which a plain 4-tap bilinear would not match on large photos.
+//! which a plain 4-tap bilinear would not match on large photos. Exports since 2026-11-30 normalise inside the graph:
+//! for them the resizer's bytes are the input, as they are.
 
 use std::io::Cursor;
 
@@ -13,12 +15,52 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 use ndarray::{Array3, ArrayView3, Axis, Zip};
 
 use crate::error::{Error, Violation};
+use crate::model::manifest::ImageInput;
+
+/// One S x S image as the vision graph takes it (`ImageInput`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pixels {
+    /// [S, S, 3] RGB bytes, as the resizer wrote them.
+    U8Hwc(Vec<u8>),
+    /// [3, S, S] normalised pixels.
+    F32Chw(Vec<f32>),
+}
+
+impl Pixels {
+    /// The images of a batch, one after the other. All are of one kind (one preprocessor made them).
+    pub fn concat<'a>(images: impl ExactSizeIterator<Item = &'a Pixels>) -> Option<Pixels> {
+        let mut images = images.peekable();
+        let mut batch = match images.peek()? {
+            Pixels::U8Hwc(first) => Pixels::U8Hwc(Vec::with_capacity(first.len() * images.len())),
+            Pixels::F32Chw(first) => Pixels::F32Chw(Vec::with_capacity(first.len() * images.len())),
+        };
+        for image in images {
+            match (&mut batch, image) {
+                (Pixels::U8Hwc(all), Pixels::U8Hwc(one)) => all.extend_from_slice(one),
+                (Pixels::F32Chw(all), Pixels::F32Chw(one)) => all.extend_from_slice(one),
+                _ => return None,
+            }
+        }
+        Some(batch)
+    }
+
+    /// Values per image: 3 x S x S either way.
+    pub fn len(&self) -> usize {
+        match self {
+            Pixels::U8Hwc(v) => v.len(),
+            Pixels::F32Chw(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// The model's view of one photo.
 #[derive(Debug)]
 pub struct Prepared {
-    /// [3, S, S] normalised pixels.
-    pub pixels: Vec<f32>,
+    pub pixels: Pixels,
     /// Size after EXIF orientation: boxes and RLE masks are in these pixels.
     pub width: u32,
     pub height: u32,
@@ -29,6 +71,8 @@ pub struct Preprocessor {
     pub mean: [f32; 3],
     pub std: [f32; 3],
     pub max_pixels: u64,
+    /// What the vision graph takes: the resized bytes, or normalised floats.
+    pub input: ImageInput,
 }
 
 impl Preprocessor {
@@ -130,11 +174,45 @@ impl Preprocessor {
         Resizer::new()
             .resize(&src, &mut dst, &options)
             .map_err(|e| Error::Inference(format!("resize: {e}")))?;
+        let pixels = match self.input {
+            ImageInput::U8Hwc => Pixels::U8Hwc(dst.into_vec()),
+            ImageInput::F32Chw => Pixels::F32Chw(self.normalise(dst.buffer())),
+        };
         Ok(Prepared {
-            pixels: self.normalise(dst.buffer()),
+            pixels,
             width,
             height,
         })
+    }
+
+    /// The image as normalised [3, S, S] floats, whatever the graph takes (the PyTorch references hold these).
+    pub fn normalised(&self, pixels: &Pixels) -> Vec<f32> {
+        match pixels {
+            Pixels::U8Hwc(hwc) => self.normalise(hwc),
+            Pixels::F32Chw(chw) => chw.clone(),
+        }
+    }
+
+    /// Normalised [3, S, S] floats (a PyTorch reference's `pixel_values`) in the form the graph takes; for the u8
+    /// input each value goes back to the 8-bit pixel it was made from.
+    pub fn from_normalised(&self, chw: &[f32]) -> Pixels {
+        match self.input {
+            ImageInput::F32Chw => Pixels::F32Chw(chw.to_vec()),
+            ImageInput::U8Hwc => {
+                let s = self.size as usize;
+                let chw = ArrayView3::from_shape((3, s, s), chw).expect("[3, S, S] pixels");
+                let mut hwc = Array3::<u8>::zeros((s, s, 3));
+                for (c, plane) in chw.outer_iter().enumerate() {
+                    let (mean, std) = (self.mean[c], self.std[c]);
+                    Zip::from(hwc.index_axis_mut(Axis(2), c))
+                        .and(&plane)
+                        .for_each(|out, &v| {
+                            *out = ((v * std + mean) * 255.0).round().clamp(0.0, 255.0) as u8
+                        });
+                }
+                Pixels::U8Hwc(hwc.into_raw_vec_and_offset().0)
+            }
+        }
     }
 
     /// HWC u8 -> CHW f32, (x / 255 - mean) / std, through a 256-entry table per channel. The layout change is an
@@ -179,6 +257,14 @@ mod tests {
             mean: [0.5; 3],
             std: [0.5; 3],
             max_pixels: 10_000,
+            input: ImageInput::F32Chw,
+        }
+    }
+
+    fn pre_u8() -> Preprocessor {
+        Preprocessor {
+            input: ImageInput::U8Hwc,
+            ..pre()
         }
     }
 
@@ -193,9 +279,33 @@ mod tests {
     fn uniform_image_normalises_exactly() {
         let p = pre().from_encoded(&png(40, 30)).unwrap();
         assert_eq!((p.width, p.height), (40, 30));
-        assert_eq!(p.pixels.len(), 3 * 16 * 16);
-        assert!(p.pixels[..256].iter().all(|v| (*v - 1.0).abs() < 1e-6));
-        assert!(p.pixels[256..512].iter().all(|v| (*v + 1.0).abs() < 1e-6));
+        let Pixels::F32Chw(pixels) = &p.pixels else {
+            panic!("f32 input: {:?}", p.pixels)
+        };
+        assert_eq!(pixels.len(), 3 * 16 * 16);
+        assert!(pixels[..256].iter().all(|v| (*v - 1.0).abs() < 1e-6));
+        assert!(pixels[256..512].iter().all(|v| (*v + 1.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn u8_input_is_the_resized_bytes_and_converts_both_ways() {
+        let p = pre_u8().from_encoded(&png(40, 30)).unwrap();
+        let Pixels::U8Hwc(bytes) = &p.pixels else {
+            panic!("u8 input: {:?}", p.pixels)
+        };
+        assert_eq!(bytes.len(), 16 * 16 * 3);
+        assert!(bytes.chunks_exact(3).all(|px| px == [255, 0, 128]));
+        let floats = pre().from_encoded(&png(40, 30)).unwrap().pixels;
+        let Pixels::F32Chw(chw) = &floats else {
+            unreachable!()
+        };
+        assert_eq!(pre_u8().normalised(&p.pixels), *chw);
+        assert_eq!(pre_u8().from_normalised(chw), p.pixels);
+        assert_eq!(
+            Pixels::concat([&p.pixels, &p.pixels].into_iter()).map(|b| b.len()),
+            Some(2 * 16 * 16 * 3)
+        );
+        assert_eq!(Pixels::concat([&p.pixels, &floats].into_iter()), None);
     }
 
     #[test]

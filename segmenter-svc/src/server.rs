@@ -209,6 +209,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
         sessions,
         EngineSettings {
             image_size: manifest.image_size as usize,
+            image_input: manifest.image_input(),
             mask_size: manifest.mask_size as usize,
             context: manifest.text_context_length as usize,
             feature_dim: manifest.text_feature_dim as usize,
@@ -251,6 +252,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
             mean: manifest.image_mean,
             std: manifest.image_std,
             max_pixels: config.max_image_pixels,
+            input: manifest.image_input(),
         },
         tokenizer,
         info,

@@ -57,14 +57,16 @@ async fn a_tensor_type_that_differs_from_the_manifest_stops_startup() {
 
 #[tokio::test]
 async fn a_graph_whose_types_the_server_cannot_feed_stops_startup() {
-    // Manifest and graph could agree on float16 pixels (an export without fp32 I/O); the server feeds f32. Here
-    // the manifest says float16 and the graph says f32: refused either way, naming all three.
+    // Manifest and graph could agree on float16 pixels (an export without fp32 I/O); the server feeds u8 for
+    // `image_u8`. Here the manifest says float16 and the graph says u8: refused either way, naming all three.
     let dir = edited_model(|m| {
         m["graphs"]["vision"]["inputs"][0]["dtype"] = "float16".into();
     });
     let error = load_error(&config_for(dir.path())).await;
     assert!(
-        error.contains("vision input \"pixel_values\"") && error.contains("the server uses f32"),
+        error.contains("vision input \"image_u8\"")
+            && error.contains("the graph has u8")
+            && error.contains("the server uses u8"),
         "{error}"
     );
 }

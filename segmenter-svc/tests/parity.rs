@@ -108,10 +108,12 @@ async fn preprocessing_matches_pil_within_two_levels() {
         );
         let reference: Array4<f32> = read_npy(dir.join("pixel_values.npy")).unwrap();
         let reference = reference.as_slice().unwrap();
-        assert_eq!(reference.len(), prepared.pixels.len());
+        // Compared as normalised floats, whichever form the graph takes (the u8 input is normalised in the graph).
+        let pixels = shared.preprocessor.normalised(&prepared.pixels);
+        assert_eq!(reference.len(), pixels.len());
         let diffs: Vec<f32> = reference
             .iter()
-            .zip(&prepared.pixels)
+            .zip(&pixels)
             .map(|(a, b)| (a - b).abs())
             .collect();
         let max = diffs.iter().cloned().fold(0.0, f32::max);
@@ -167,6 +169,27 @@ async fn dense_decoder_exports_still_match_pytorch() {
     );
 }
 
+/// A model exported before the vision graph normalised the image itself (or with `--image-input f32`): the host
+/// sends normalised float32 CHW pixels. Same weights, so the same references.
+#[tokio::test]
+async fn f32_image_input_exports_still_match_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    let f32_vision = common::fixtures_dir().join("../f32-vision");
+    for file in ["vision.onnx", "manifest.json"] {
+        std::fs::copy(f32_vision.join(file), dir.path().join(file)).unwrap();
+    }
+    for file in ["decoder.onnx", "text.onnx", "tokenizer.json"] {
+        std::fs::copy(common::tiny_model_dir().join(file), dir.path().join(file)).unwrap();
+    }
+    let mut config = common::test_config();
+    config.model_dir = Some(dir.path().to_path_buf());
+    let shared = check_parity(config).await;
+    assert_eq!(
+        shared.preprocessor.input,
+        segmenter_svc::model::manifest::ImageInput::F32Chw
+    );
+}
+
 async fn check_parity(
     config: segmenter_svc::Config,
 ) -> std::sync::Arc<segmenter_svc::service::Shared> {
@@ -203,7 +226,9 @@ async fn check_parity(
         shared
             .engine
             .submit(Job {
-                pixels: pixels.as_slice().unwrap().to_vec(),
+                pixels: shared
+                    .preprocessor
+                    .from_normalised(pixels.as_slice().unwrap()),
                 image_size: (case.oriented_width, case.oriented_height),
                 phrases,
                 filter: FilterParams {

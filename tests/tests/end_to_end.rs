@@ -184,11 +184,13 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
     assert_eq!(job.items[4].error_code, "input_corrupt");
 
     // Exactly the seed's keys: inputs, one output per rule and image (.png for the cut-out), one preview per image,
-    // and the masks the items report.
+    // and the masks the items report; besides them only what an edit reads back: the job's photos record and one
+    // masks record per completed photo.
     let mut expected: BTreeSet<String> = (0..5)
         .filter(|i| *i != 3)
         .map(|i| format!("inputs/e2e-user/e2e-job/{i}.jpg"))
         .collect();
+    expected.insert("jobs-state/e2e-user/e2e-job/photos.json".into());
     for item in &job.items[..3] {
         let i = item.idx;
         for (rule, ext) in [
@@ -200,6 +202,7 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
             expected.insert(format!("outputs/e2e-user/e2e-job/{rule}/{i}.{ext}"));
         }
         expected.insert(format!("previews/e2e-user/e2e-job/{i}_preview.jpg"));
+        expected.insert(format!("jobs-state/e2e-user/e2e-job/masks/{i}.json"));
         assert!(
             !item.masks.is_empty(),
             "the tiny model keeps instances for item {i}"

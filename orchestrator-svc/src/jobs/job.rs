@@ -63,7 +63,7 @@ impl JobHandle {
             .map(|idx| Item {
                 idx,
                 state: ItemState::Pending as i32,
-                input_key: keys::input(&plan.user_id, &plan.job_id, idx),
+                input_key: keys::input(&plan.user_id, plan.photos_job_id(), idx),
                 ..Default::default()
             })
             .collect();
@@ -76,6 +76,11 @@ impl JobHandle {
             failed: 0,
             cancelled: 0,
             effective_spec: Some(plan.effective_spec.clone()),
+            source_job_id: plan
+                .source
+                .as_ref()
+                .map(|s| s.source_job_id.clone())
+                .unwrap_or_default(),
         };
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let approx_bytes = JOB_OVERHEAD_BYTES

@@ -7,6 +7,7 @@
 //! item records across restarts; `resume` brings them back at start.
 
 pub mod durable;
+pub mod edit;
 mod give_up;
 mod item;
 pub mod job;
@@ -21,7 +22,7 @@ pub mod validate;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use palette_proto::orchestrator::v1::{Job, JobSpec};
+use palette_proto::orchestrator::v1::{EditJobRequest, Job, JobSpec};
 use palette_rules::preset::Preset;
 
 pub use give_up::TOO_MANY_DELIVERIES;
@@ -133,6 +134,31 @@ impl JobService {
                 Err(ApiError::StoreUnavailable(e.into()))
             }
         }
+    }
+
+    /// An edit of a job that ran before (EditJob): its photos and masks are read back from storage, so any replica
+    /// serves it; registered and run like a submitted job, without the segmenter.
+    pub async fn edit(&self, request: &EditJobRequest) -> Result<Job, ApiError> {
+        edit::check_ids(request)?;
+        let store = self.pipeline.store();
+        let source = edit::record::read_photos(store, &request.user_id, &request.source_job_id)
+            .await
+            .map_err(|e| match e {
+                edit::record::RecordError::Missing(_) => ApiError::JobNotFound {
+                    job_id: request.source_job_id.clone(),
+                },
+                edit::record::RecordError::Unreadable { reason, .. } => ApiError::SourceUnusable {
+                    job_id: request.source_job_id.clone(),
+                    reason,
+                },
+                edit::record::RecordError::Storage(source) => ApiError::SourceUnavailable {
+                    job_id: request.source_job_id.clone(),
+                    source: Box::new(source),
+                },
+            })?;
+        let plan = edit::plan_edit(request, &source, &self.presets, self.limits)?;
+        let spec = plan.effective_spec.clone();
+        self.register(&spec, plan).await
     }
 
     /// Like `submit`, for a job that may run again elsewhere (ADAPTER=queue_pull): items are recorded in storage

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::durable;
+use super::edit;
 use super::item::{ItemError, ItemRunner};
 use super::job::{ItemOutcome, JobHandle};
 use super::report::Reporter;
@@ -78,6 +79,10 @@ impl Pipeline {
         &self.tasks
     }
 
+    pub fn store(&self) -> &crate::storage::SharedStore {
+        self.runner.store()
+    }
+
     /// Runs the job's items in the background; `on_end` runs once every item it started has ended.
     pub fn spawn_job(
         self: &Arc<Self>,
@@ -108,6 +113,10 @@ impl Pipeline {
     }
 
     async fn run_job(self: Arc<Self>, job: Arc<JobHandle>) {
+        // What a later edit of this job reads back. Without it the job still runs; only edits of it are refused.
+        if let Err(e) = edit::record::write_photos(self.runner.store(), &job.plan).await {
+            tracing::warn!(error = %Report(&e), "the job's photos record was not written: it cannot be edited");
+        }
         let mut items = JoinSet::new();
         for idx in 0..job.plan.image_count {
             let permit = tokio::select! {

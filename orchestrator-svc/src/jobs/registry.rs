@@ -119,7 +119,9 @@ impl JobRegistry {
     pub fn submit(&self, plan: JobPlan) -> Result<Submitted, ApiError> {
         let mut jobs = self.lock();
         if let Some(existing) = jobs.get(&plan.key()) {
-            return if existing.plan.effective_spec == plan.effective_spec {
+            return if existing.plan.effective_spec == plan.effective_spec
+                && existing.plan.source == plan.source
+            {
                 Ok(Submitted::Existing(existing.clone()))
             } else {
                 Err(ApiError::JobExists {
@@ -183,6 +185,7 @@ mod tests {
                 ..Default::default()
             },
             durable_items: false,
+            source: None,
         }
     }
 

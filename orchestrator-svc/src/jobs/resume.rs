@@ -116,5 +116,6 @@ fn placeholder_plan(spec: &JobSpec) -> JobPlan {
         rules: Vec::new(),
         effective_spec: spec.clone(),
         durable_items: false,
+        source: None,
     }
 }

@@ -19,14 +19,15 @@ use tokio::sync::{oneshot, watch};
 use crate::error::Error;
 use crate::model::tokenizer::Tokens;
 use crate::postprocess::{FilterParams, KeptConcept};
+use crate::preprocess::Pixels;
 
 pub use faults::Faults;
 pub use worker::{EngineSettings, EngineThread, spawn};
 
 /// One image and its distinct phrases, ready for the model.
 pub struct Job {
-    /// [3, S, S] normalised pixels.
-    pub pixels: Vec<f32>,
+    /// The photo resized to S x S, as the vision graph takes it.
+    pub pixels: Pixels,
     pub image_size: (u32, u32),
     /// Distinct phrases with their tokens, in first-seen order.
     pub phrases: Vec<(String, Tokens)>,

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use super::{Worker, bind_vision, decode_chunk, fpn_views};
+use super::{Worker, bind_vision, decode_chunk, fpn_views, zero_images};
 use crate::model::runtime::Provider;
 use crate::postprocess::FilterParams;
 
@@ -45,7 +45,7 @@ impl Worker {
             let started = Instant::now();
             let binding = bind_vision(
                 &self.sessions.vision,
-                vec![0f32; batch * 3 * s * s],
+                zero_images(self.settings.image_input, batch, s),
                 batch,
                 s,
                 &self.sessions.provider,
@@ -66,7 +66,7 @@ impl Worker {
         let tokens = self.settings.probe_tokens.clone();
         let binding = bind_vision(
             &self.sessions.vision,
-            vec![0f32; 3 * s * s],
+            zero_images(self.settings.image_input, 1, s),
             1,
             s,
             &self.sessions.provider,

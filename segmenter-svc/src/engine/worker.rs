@@ -14,9 +14,11 @@ use tokio::sync::watch;
 use super::text_cache::TextCache;
 use super::{EngineHandle, Health, Job, JobOutput};
 use crate::error::Error;
+use crate::model::manifest::ImageInput;
 use crate::model::runtime::{Provider, Sessions};
 use crate::model::tokenizer::Tokens;
 use crate::postprocess::{ConceptOutputs, FilterParams, KeptConcept, filter_concept};
+use crate::preprocess::Pixels;
 
 #[path = "warmup.rs"]
 mod warmup;
@@ -25,6 +27,8 @@ mod warmup;
 #[derive(Clone, Debug)]
 pub struct EngineSettings {
     pub image_size: usize,
+    /// What the vision graph takes (bytes or normalised floats): the probe's zero image is made to fit.
+    pub image_input: ImageInput,
     pub mask_size: usize,
     pub context: usize,
     pub feature_dim: usize,
@@ -230,7 +234,7 @@ impl Worker {
     /// broken execution provider.
     fn probe(&mut self) -> ort::Result<()> {
         let s = self.settings.image_size;
-        let pixels = vec![0f32; 3 * s * s];
+        let pixels = zero_images(self.settings.image_input, 1, s);
         let tokens = self.settings.probe_tokens.clone();
         let features = self.encode_text(std::slice::from_ref(&tokens))?;
         let params = FilterParams {
@@ -300,10 +304,8 @@ impl Worker {
         // copied on the host nor, with CUDA, sent across PCIe and back.
         let t1 = Instant::now();
         let s = self.settings.image_size;
-        let mut pixels = Vec::with_capacity(jobs.len() * 3 * s * s);
-        for job in jobs {
-            pixels.extend_from_slice(&job.pixels);
-        }
+        let pixels = Pixels::concat(jobs.iter().map(|job| &job.pixels))
+            .ok_or_else(|| ort::Error::new("a vision batch mixed u8 and f32 images"))?;
         let Worker {
             sessions,
             settings,
@@ -386,19 +388,33 @@ impl Worker {
     }
 }
 
+/// `count` black images of side `size`, as the vision graph takes them (warm-up and probes).
+pub(super) fn zero_images(input: ImageInput, count: usize, size: usize) -> Pixels {
+    match input {
+        ImageInput::U8Hwc => Pixels::U8Hwc(vec![0; count * 3 * size * size]),
+        ImageInput::F32Chw => Pixels::F32Chw(vec![0.0; count * 3 * size * size]),
+    }
+}
+
 /// Binds a vision run: the batch's pixels in (moved, not copied), the three FPN levels out to the provider's device.
 fn bind_vision(
     vision: &Session,
-    pixels: Vec<f32>,
+    pixels: Pixels,
     count: usize,
     size: usize,
     provider: &Provider,
 ) -> ort::Result<IoBinding> {
     let mut binding = vision.create_binding()?;
-    binding.bind_input(
-        "pixel_values",
-        &Tensor::from_array(([count, 3, size, size], pixels))?,
-    )?;
+    match pixels {
+        Pixels::U8Hwc(bytes) => binding.bind_input(
+            ImageInput::U8Hwc.tensor_name(),
+            &Tensor::from_array(([count, size, size, 3], bytes))?,
+        )?,
+        Pixels::F32Chw(floats) => binding.bind_input(
+            ImageInput::F32Chw.tensor_name(),
+            &Tensor::from_array(([count, 3, size, size], floats))?,
+        )?,
+    }
     let memory = match provider {
         Provider::Cuda(id) => MemoryInfo::new(
             AllocationDevice::CUDA,

@@ -35,8 +35,8 @@ pub struct Manifest {
     pub graphs: Graphs,
 }
 
-/// Switches the exporter found necessary for a graph set (the fp16 vision graph on the CUDA EP needs memory pattern
-/// off, see the notes); the server applies them to every session.
+/// Switches the exporter found necessary for a graph set (fp16 exports made before export/fp16.py dropped stale
+/// value_info shapes need the memory pattern off on the CUDA EP); the server applies them to every session.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct SessionHints {
     #[serde(default)]
@@ -77,6 +77,30 @@ pub struct FileSpec {
     pub sha256: String,
 }
 
+/// The two image inputs a vision graph may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageInput {
+    /// `image_u8` uint8 [B, S, S, 3]: the resized RGB bytes; the graph normalises them (export/image_input.py), so
+    /// the host sends a quarter of the bytes and does no float pass.
+    U8Hwc,
+    /// `pixel_values` float32 [B, 3, S, S], normalised on the host: exports from before 2026-11-30.
+    F32Chw,
+}
+
+impl ImageInput {
+    pub fn names(self) -> &'static [&'static str] {
+        match self {
+            ImageInput::U8Hwc => VISION_INPUTS_U8,
+            ImageInput::F32Chw => VISION_INPUTS_F32,
+        }
+    }
+
+    /// The graph input's name.
+    pub fn tensor_name(self) -> &'static str {
+        self.names()[0]
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct TensorSpec {
     pub name: String,
@@ -85,7 +109,9 @@ pub struct TensorSpec {
 
 /// The names the server feeds and reads. The exporter writes exactly these; a manifest that differs is refused at
 /// startup rather than failing on the first request.
-pub const VISION_INPUTS: &[&str] = &["pixel_values"];
+/// The vision graph's image input, one of two (`ImageInput`): exports since 2026-11-30 take the resized photo's bytes.
+pub const VISION_INPUTS_U8: &[&str] = &["image_u8"];
+pub const VISION_INPUTS_F32: &[&str] = &["pixel_values"];
 pub const VISION_OUTPUTS: &[&str] = &["fpn_0", "fpn_1", "fpn_2"];
 pub const TEXT_INPUTS: &[&str] = &["input_ids", "attention_mask"];
 pub const TEXT_OUTPUTS: &[&str] = &["text_features"];
@@ -139,7 +165,12 @@ impl Manifest {
         if self.image_std.iter().any(|s| *s <= 0.0) {
             return bad("image_std must be positive".into());
         }
-        check_names("vision", "input", &self.graphs.vision.inputs, VISION_INPUTS)?;
+        check_names(
+            "vision",
+            "input",
+            &self.graphs.vision.inputs,
+            self.image_input().names(),
+        )?;
         check_names(
             "vision",
             "output",
@@ -167,6 +198,14 @@ impl Manifest {
             ));
         }
         Ok(())
+    }
+
+    /// How the vision graph takes an image: told by its input's name (older exports: normalised f32).
+    pub fn image_input(&self) -> ImageInput {
+        match self.graphs.vision.inputs.first() {
+            Some(input) if input.name == VISION_INPUTS_U8[0] => ImageInput::U8Hwc,
+            _ => ImageInput::F32Chw,
+        }
     }
 
     /// The decoder outputs this export has (dense or top-k).

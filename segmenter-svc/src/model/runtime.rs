@@ -252,9 +252,10 @@ fn new_session(
 }
 
 /// The element type the server feeds or reads for each tensor name: f32 everywhere (fp16 exports keep fp32 I/O)
-/// except token ids, masks and the decoder's query indices.
+/// except the photo's bytes, token ids, masks and the decoder's query indices.
 fn served_dtype(name: &str) -> TensorElementType {
     match name {
+        "image_u8" => TensorElementType::Uint8,
         "input_ids" | "attention_mask" | "text_mask" | "topk_queries" => TensorElementType::Int64,
         _ => TensorElementType::Float32,
     }

@@ -37,6 +37,14 @@ pub enum ItemError {
         #[source]
         source: BoxError,
     },
+    /// An edit's photo has no masks record: its item in the source job did not complete.
+    #[error(
+        "no stored masks for this photo ({key}): its item in the source job did not complete, or ran before edits were recorded"
+    )]
+    EditSourceMissing { key: String },
+    /// A mask the source job stored is gone (deleted) or unusable.
+    #[error("stored mask {key}: {reason}")]
+    StoredMask { key: String, reason: String },
     /// Encoding an output failed: a bug or a resource limit, not the caller's input.
     #[error("{what}")]
     Encode {
@@ -77,6 +85,8 @@ impl ItemError {
                 | StorageError::TooLarge { .. },
             ) => "internal",
             ItemError::Rule { .. } | ItemError::Swatch { .. } => "rule_failed",
+            ItemError::EditSourceMissing { .. } => "source_missing",
+            ItemError::StoredMask { .. } => "mask_missing",
             ItemError::Cancelled => "cancelled",
             ItemError::Encode { .. } | ItemError::Worker(_) => "internal",
         }

@@ -7,6 +7,7 @@ mod error;
 mod imaging;
 mod mask_cache;
 mod segment;
+mod stored_masks;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub use mask_cache::MaskCache;
 use super::job::ItemResult;
 use super::stage::Stage;
 use super::validate::JobPlan;
+use crate::jobs::edit::record as edit_record;
 use crate::keys;
 use crate::segmenter::Segmenter;
 use crate::storage::{SharedStore, StorageError};
@@ -75,7 +77,7 @@ impl ItemRunner {
     /// Item `idx` of the job, every output stored.
     pub async fn run(&self, plan: &Arc<JobPlan>, idx: u32) -> Result<ItemResult, ItemError> {
         let stage = Stage::start("download");
-        let input_key = keys::input(&plan.user_id, &plan.job_id, idx);
+        let input_key = keys::input(&plan.user_id, plan.photos_job_id(), idx);
         let bytes = self.download_input(&input_key).await?;
         stage.finish();
 
@@ -86,16 +88,28 @@ impl ItemRunner {
             Arc::new(blocking(move || imaging::decode_upright(&encoded, max_pixels)).await?);
         stage.finish();
 
-        let stage = Stage::start("segment");
-        let segmented = self.segment(plan, &bytes, idx).await?;
-        drop(bytes);
-        stage.finish();
+        let (masks, full_masks, masks_reused) = if plan.source.is_some() {
+            // An edit: the source job's stored masks, no segmenter.
+            drop(bytes);
+            let stage = Stage::start("stored_masks");
+            let (masks, full) = self.stored_masks(plan, idx, &photo).await?;
+            stage.finish();
+            (masks, full, true)
+        } else {
+            let stage = Stage::start("segment");
+            let segmented = self.segment(plan, &bytes, idx).await?;
+            drop(bytes);
+            stage.finish();
 
-        let stage = Stage::start("masks");
-        let (masks, full_masks) = self
-            .store_masks(plan, idx, &segmented.concepts, &photo)
-            .await?;
-        stage.finish();
+            let stage = Stage::start("masks");
+            let (masks, full) = self
+                .store_masks(plan, idx, &segmented.concepts, &photo)
+                .await?;
+            // What an edit of this photo reads back (`jobs::edit::record`).
+            edit_record::write_masks(&self.store, plan, idx, &masks).await?;
+            stage.finish();
+            (masks, full, segmented.reused)
+        };
 
         let stage = Stage::start("rules");
         let (outputs, preview) = self
@@ -118,7 +132,7 @@ impl ItemRunner {
             outputs,
             masks,
             preview_key,
-            masks_reused: segmented.reused,
+            masks_reused,
         })
     }
 

@@ -66,9 +66,27 @@ pub struct JobPlan {
     /// ADAPTER=queue_pull: the job may run more than once (a redelivered queue message), so each item's end is
     /// recorded in storage (`keys::item_marker`) and an item already recorded is not run nor called back again.
     pub durable_items: bool,
+    /// Set for an edit (EditJob): the photos and masks come from another job's, and nothing is segmented.
+    pub source: Option<EditSource>,
+}
+
+/// Where an edit's photos and masks are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EditSource {
+    /// The job the request named.
+    pub source_job_id: String,
+    /// The job whose `inputs/` and `masks/` hold them: the source itself, or the source's own source.
+    pub photos_job_id: String,
 }
 
 impl JobPlan {
+    /// The job under whose `inputs/` (and `masks/`) this job's photos are: its own, or an edit's source's.
+    pub fn photos_job_id(&self) -> &str {
+        self.source
+            .as_ref()
+            .map_or(&self.job_id, |s| &s.photos_job_id)
+    }
+
     /// The job's identity in the registry.
     pub fn key(&self) -> JobKey {
         JobKey {
@@ -252,6 +270,7 @@ fn plan(spec: &JobSpec, concepts: ConceptList, rules: Vec<PlannedRule>) -> JobPl
         rules,
         effective_spec,
         durable_items: false,
+        source: None,
     }
 }
 

@@ -1,0 +1,194 @@
+//! Edits: new rules on the photos of a job that already ran, from its stored masks, without the segmenter.
+//!
+//! An edit is a job of its own (its `job_id`), registered, run, followed, cancelled and called back like any other;
+//! its plan carries an `EditSource`, so its items read their photo from the source's `inputs/` and their masks from
+//! the source's `masks/` (`item::stored_masks`) instead of segmenting. What the source segmented and where its
+//! photos are comes from the source's records in storage (`record`), so any replica can serve an edit of any job,
+//! after a restart too.
+
+pub mod record;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use palette_proto::orchestrator::v1::{EditJobRequest, JobSpec};
+use palette_rules::preset::Preset;
+
+use super::validate::{self, EditSource, JobLimits, JobPlan, Violations};
+use crate::error::ApiError;
+use crate::keys;
+use record::PhotosRecord;
+
+/// The request's ids, checked before anything is read from storage.
+pub fn check_ids(request: &EditJobRequest) -> Result<(), ApiError> {
+    let mut v = Violations::default();
+    for (field, id) in [
+        ("user_id", &request.user_id),
+        ("job_id", &request.job_id),
+        ("source_job_id", &request.source_job_id),
+    ] {
+        if let Some(problem) = keys::id_problem(id) {
+            v.add(field, problem);
+        }
+    }
+    if v.is_empty() && request.job_id == request.source_job_id {
+        v.add(
+            "job_id",
+            "must differ from source_job_id: an edit is a job of its own",
+        );
+    }
+    v.finish()
+}
+
+/// The edit's plan: the source's concepts and image count with the request's rules, validated as a job spec is;
+/// a rule (or occluder) on a concept the source did not segment is a violation naming it.
+pub fn plan_edit(
+    request: &EditJobRequest,
+    source: &PhotosRecord,
+    presets: &BTreeMap<String, Arc<Preset>>,
+    limits: JobLimits,
+) -> Result<JobPlan, ApiError> {
+    let spec = JobSpec {
+        user_id: request.user_id.clone(),
+        job_id: request.job_id.clone(),
+        concepts: source.concepts.clone(),
+        rules: request.rules.clone(),
+        image_count: source.image_count,
+        preset: request.preset.clone(),
+    };
+    let mut plan = validate::validate(&spec, presets, limits)?;
+    let mut v = Violations::default();
+    let segmented = |c: &str| source.concepts.iter().any(|s| s == c);
+    let not_segmented = |c: &str| {
+        format!(
+            "{c:?} was not segmented by job {:?} (it segmented {}); submit a new job to segment it",
+            request.source_job_id,
+            source.concepts.join(", ")
+        )
+    };
+    for (i, rule) in plan.rules.iter().enumerate() {
+        if !segmented(&rule.concept) {
+            v.add(format!("rules[{i}].concept"), not_segmented(&rule.concept));
+        }
+        for occluder in rule.occluders.iter().filter(|c| !segmented(c)) {
+            v.add(
+                format!("rules[{i}].params.occluded_by"),
+                not_segmented(occluder),
+            );
+        }
+    }
+    v.finish()?;
+    plan.source = Some(EditSource {
+        source_job_id: request.source_job_id.clone(),
+        photos_job_id: source.photos_job_id.clone(),
+    });
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palette_proto::orchestrator::v1::Rule;
+    use prost_types::{ListValue, Struct, Value, value::Kind};
+
+    fn rule(concept: &str, params: &[(&str, &str)]) -> Rule {
+        Rule {
+            rule_id: format!("r-{}", concept.replace(' ', "-")),
+            concept: concept.into(),
+            r#type: "recolor".into(),
+            params: Some(Struct {
+                fields: params
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            Value {
+                                kind: Some(Kind::StringValue(v.to_string())),
+                            },
+                        )
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    fn source() -> PhotosRecord {
+        PhotosRecord {
+            photos_job_id: "photos".into(),
+            concepts: vec!["wall".into(), "floor".into()],
+            image_count: 3,
+        }
+    }
+
+    fn request(rules: Vec<Rule>) -> EditJobRequest {
+        EditJobRequest {
+            user_id: "u".into(),
+            job_id: "edit".into(),
+            source_job_id: "src".into(),
+            rules,
+            preset: String::new(),
+        }
+    }
+
+    const LIMITS: JobLimits = JobLimits {
+        max_images: 100,
+        max_rules: 10,
+        max_concepts: 10,
+    };
+
+    fn fields(err: ApiError) -> Vec<String> {
+        match err {
+            ApiError::InvalidArgument(v) => v.into_iter().map(|v| v.field).collect(),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn an_edit_runs_on_the_source_photos_and_concepts() {
+        let plan = plan_edit(
+            &request(vec![rule("Wall", &[("color", "#112233")])]),
+            &source(),
+            &BTreeMap::new(),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(plan.image_count, 3);
+        assert_eq!(plan.concepts, ["wall", "floor"]);
+        assert_eq!(plan.photos_job_id(), "photos");
+        assert_eq!(plan.source.unwrap().source_job_id, "src");
+    }
+
+    #[test]
+    fn concepts_the_source_did_not_segment_are_named() {
+        let mut occluded = rule("wall", &[("color", "#112233")]);
+        let lamp = Value {
+            kind: Some(Kind::StringValue("lamp".into())),
+        };
+        occluded.params.as_mut().unwrap().fields.insert(
+            "occluded_by".into(),
+            Value {
+                kind: Some(Kind::ListValue(ListValue { values: vec![lamp] })),
+            },
+        );
+        let rules = vec![rule("sofa", &[("color", "#112233")]), occluded];
+        let err = plan_edit(&request(rules), &source(), &BTreeMap::new(), LIMITS).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("\"sofa\" was not segmented by job \"src\"")
+        );
+        assert_eq!(
+            fields(err),
+            ["rules[0].concept", "rules[1].params.occluded_by"]
+        );
+    }
+
+    #[test]
+    fn ids_are_checked_and_an_edit_is_not_its_own_source() {
+        let mut bad = request(vec![]);
+        bad.source_job_id = "../x".into();
+        assert_eq!(fields(check_ids(&bad).unwrap_err()), ["source_job_id"]);
+        let mut own = request(vec![]);
+        own.source_job_id = own.job_id.clone();
+        assert_eq!(fields(check_ids(&own).unwrap_err()), ["job_id"]);
+    }
+}

@@ -1,0 +1,165 @@
+//! What an edit reads back from storage, written by the jobs it may edit. In object storage, not in this process:
+//! any replica can serve an edit, after a restart too, for as long as the bucket keeps the objects (the registry
+//! forgets finished jobs; these records stay with the masks they describe).
+//!
+//! - the photos record (`keys::photos_record`), written when a job starts: the job whose `inputs/` hold the photos
+//!   (the job itself, or for an edit its source's photos job), the concepts it segmented and its image count;
+//! - a masks record per photo (`keys::masks_record`), written when that photo's masks are stored: each instance's
+//!   key, score and placement, what composing the full-frame masks needs besides the PNGs.
+
+use bytes::Bytes;
+use palette_proto::orchestrator::v1::MaskKey;
+use serde::{Deserialize, Serialize};
+
+use crate::jobs::validate::JobPlan;
+use crate::keys;
+use crate::storage::{SharedStore, StorageError};
+
+/// A record is a few KB (mostly mask keys); anything far larger is not one of ours.
+const MAX_RECORD_BYTES: u64 = 16 << 20;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhotosRecord {
+    /// The job under whose `inputs/` and `masks/` the photos and their masks are.
+    pub photos_job_id: String,
+    /// Every concept segmented, normalised: an edit's rules may use these and no other.
+    pub concepts: Vec<String>,
+    pub image_count: u32,
+}
+
+/// One stored instance mask: `MaskKey`'s fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredMask {
+    pub concept: String,
+    pub instance: u32,
+    pub key: String,
+    pub score: f32,
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+    pub image_width: u32,
+    pub image_height: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MasksRecord {
+    pub masks: Vec<StoredMask>,
+}
+
+/// Why a record could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("no record {0}")]
+    Missing(String),
+    #[error("record {key} is not readable: {reason}")]
+    Unreadable { key: String, reason: String },
+    #[error("object storage")]
+    Storage(#[source] StorageError),
+}
+
+impl From<&MaskKey> for StoredMask {
+    fn from(m: &MaskKey) -> Self {
+        StoredMask {
+            concept: m.concept.clone(),
+            instance: m.instance,
+            key: m.key.clone(),
+            score: m.score,
+            x: m.x,
+            y: m.y,
+            width: m.width,
+            height: m.height,
+            image_width: m.image_width,
+            image_height: m.image_height,
+        }
+    }
+}
+
+impl From<&StoredMask> for MaskKey {
+    fn from(m: &StoredMask) -> Self {
+        MaskKey {
+            concept: m.concept.clone(),
+            instance: m.instance,
+            key: m.key.clone(),
+            score: m.score,
+            x: m.x,
+            y: m.y,
+            width: m.width,
+            height: m.height,
+            image_width: m.image_width,
+            image_height: m.image_height,
+        }
+    }
+}
+
+/// The photos record of the plan's job.
+pub async fn write_photos(store: &SharedStore, plan: &JobPlan) -> Result<(), StorageError> {
+    let record = PhotosRecord {
+        photos_job_id: plan.photos_job_id().to_string(),
+        concepts: plan.concepts.clone(),
+        image_count: plan.image_count,
+    };
+    let key = keys::photos_record(&plan.user_id, &plan.job_id);
+    put_json(store, &key, &record).await
+}
+
+pub async fn read_photos(
+    store: &SharedStore,
+    user_id: &str,
+    job_id: &str,
+) -> Result<PhotosRecord, RecordError> {
+    read_json(store, &keys::photos_record(user_id, job_id)).await
+}
+
+/// The masks record of photo `idx` of the plan's job.
+pub async fn write_masks(
+    store: &SharedStore,
+    plan: &JobPlan,
+    idx: u32,
+    masks: &[MaskKey],
+) -> Result<(), StorageError> {
+    let record = MasksRecord {
+        masks: masks.iter().map(StoredMask::from).collect(),
+    };
+    let key = keys::masks_record(&plan.user_id, &plan.job_id, idx);
+    put_json(store, &key, &record).await
+}
+
+pub async fn read_masks(
+    store: &SharedStore,
+    user_id: &str,
+    job_id: &str,
+    idx: u32,
+) -> Result<MasksRecord, RecordError> {
+    read_json(store, &keys::masks_record(user_id, job_id, idx)).await
+}
+
+async fn put_json<T: Serialize>(
+    store: &SharedStore,
+    key: &str,
+    record: &T,
+) -> Result<(), StorageError> {
+    let body = serde_json::to_vec(record).expect("records serialise");
+    store.put(key, Bytes::from(body), "application/json").await
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(
+    store: &SharedStore,
+    key: &str,
+) -> Result<T, RecordError> {
+    let bytes = match store.get_at_most(key, MAX_RECORD_BYTES).await {
+        Ok(bytes) => bytes,
+        Err(StorageError::NotFound(_)) => return Err(RecordError::Missing(key.to_string())),
+        Err(e @ StorageError::TooLarge { .. }) => {
+            return Err(RecordError::Unreadable {
+                key: key.to_string(),
+                reason: e.to_string(),
+            });
+        }
+        Err(e) => return Err(RecordError::Storage(e)),
+    };
+    serde_json::from_slice(&bytes).map_err(|e| RecordError::Unreadable {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}

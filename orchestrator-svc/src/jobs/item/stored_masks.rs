@@ -1,0 +1,168 @@
+//! An edit's masks: read back from the source job's masks record and PNGs instead of segmenting (`jobs::edit`).
+//! The union of a concept's instances is rebuilt from the stored crops exactly as the job that stored them built
+//! it (the crop is the instance's full-frame mask without its zero border), so an edit renders what a job with the
+//! same rules would have rendered.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use palette_proto::orchestrator::v1::MaskKey;
+use palette_rules::{GrayImage, RgbImage};
+
+use super::error::ItemError;
+use super::{ItemRunner, blocking};
+use crate::jobs::edit::record::{self, RecordError, StoredMask};
+use crate::jobs::validate::JobPlan;
+use crate::mask_png;
+use crate::storage::StorageError;
+
+impl ItemRunner {
+    /// The source's mask entries for photo `idx` (reported on the edit's item as they are), and the full-resolution
+    /// union of every concept a rule needs.
+    pub(super) async fn stored_masks(
+        &self,
+        plan: &JobPlan,
+        idx: u32,
+        photo: &Arc<RgbImage>,
+    ) -> Result<(Vec<MaskKey>, HashMap<String, GrayImage>), ItemError> {
+        let photos_job = plan.photos_job_id();
+        let stored = record::read_masks(&self.store, &plan.user_id, photos_job, idx)
+            .await
+            .map_err(|e| match e {
+                RecordError::Missing(key) => ItemError::EditSourceMissing { key },
+                RecordError::Unreadable { key, reason } => ItemError::StoredMask { key, reason },
+                RecordError::Storage(e) => ItemError::Storage(e),
+            })?;
+        let used = plan.concepts_used_by_rules();
+        let mut unions: HashMap<String, GrayImage> = HashMap::new();
+        for mask in stored
+            .masks
+            .iter()
+            .filter(|m| used.contains(&m.concept.as_str()))
+        {
+            let png = self
+                .store
+                .get_at_most(&mask.key, self.limits.max_bytes)
+                .await
+                .map_err(|e| match e {
+                    StorageError::NotFound(_) => ItemError::StoredMask {
+                        key: mask.key.clone(),
+                        reason: "not in storage (deleted?); the photo cannot be edited without it"
+                            .into(),
+                    },
+                    e @ (StorageError::TooLarge { .. } | StorageError::InvalidKey(_)) => {
+                        ItemError::StoredMask {
+                            key: mask.key.clone(),
+                            reason: e.to_string(),
+                        }
+                    }
+                    e => ItemError::Storage(e),
+                })?;
+            let size = photo.dimensions();
+            let union = unions.remove(&mask.concept);
+            let entry = mask.clone();
+            let union = blocking(move || paste_max(union, &entry, &png, size)).await?;
+            unions.insert(mask.concept.clone(), union);
+        }
+        Ok((stored.masks.iter().map(MaskKey::from).collect(), unions))
+    }
+}
+
+/// Folds one stored crop into the concept's union (max), at its placement in a `width` x `height` photo.
+fn paste_max(
+    union: Option<GrayImage>,
+    entry: &StoredMask,
+    png: &[u8],
+    (width, height): (u32, u32),
+) -> Result<GrayImage, ItemError> {
+    let bad = |reason: String| ItemError::StoredMask {
+        key: entry.key.clone(),
+        reason,
+    };
+    // Masks stored before crops (width 0 in the record) are full-frame, placed at (0, 0).
+    if entry.width > 0 && (entry.image_width, entry.image_height) != (width, height) {
+        return Err(bad(format!(
+            "stored for a {}x{} photo; the photo is {width}x{height} now (replaced?)",
+            entry.image_width, entry.image_height
+        )));
+    }
+    let crop = image::load_from_memory_with_format(png, image::ImageFormat::Png)
+        .map_err(|e| bad(format!("not a readable PNG: {e}")))?
+        .to_luma8();
+    let (x, y) = mask_png::read_offset(png).unwrap_or((0, 0));
+    let fits = x >= 0
+        && y >= 0
+        && x as u64 + u64::from(crop.width()) <= u64::from(width)
+        && y as u64 + u64::from(crop.height()) <= u64::from(height);
+    if !fits {
+        return Err(bad(format!(
+            "a {}x{} mask at ({x}, {y}) does not fit the {width}x{height} photo",
+            crop.width(),
+            crop.height()
+        )));
+    }
+    let mut union = union.unwrap_or_else(|| GrayImage::new(width, height));
+    let (x, y) = (x as usize, y as usize);
+    let stride = width as usize;
+    let cw = crop.width() as usize;
+    for (row, src) in crop.as_raw().chunks_exact(cw.max(1)).enumerate() {
+        let start = (y + row) * stride + x;
+        for (u, &m) in union.as_mut()[start..start + cw].iter_mut().zip(src) {
+            *u = (*u).max(m);
+        }
+    }
+    Ok(union)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mask_png::{Placement, nonzero_bounds};
+
+    fn entry(width: u32, height: u32) -> StoredMask {
+        StoredMask {
+            concept: "wall".into(),
+            instance: 1,
+            key: "masks/u/j/wall/0_1.png".into(),
+            score: 0.9,
+            x: 0,
+            y: 0,
+            width: 1,
+            height: 1,
+            image_width: width,
+            image_height: height,
+        }
+    }
+
+    #[test]
+    fn crops_fold_back_into_the_union_the_job_built() {
+        let (w, h) = (20, 10);
+        let mut a = GrayImage::new(w, h);
+        let mut b = GrayImage::new(w, h);
+        for x in 2..8 {
+            a.put_pixel(x, 3, image::Luma([200]));
+        }
+        for y in 1..9 {
+            b.put_pixel(6, y, image::Luma([250]));
+            b.put_pixel(15, y, image::Luma([40]));
+        }
+        let crop = |m: &GrayImage| {
+            let at = nonzero_bounds(m).unwrap_or(Placement::EMPTY);
+            mask_png::encode_crop(m, at).unwrap()
+        };
+        let union = paste_max(None, &entry(w, h), &crop(&a), (w, h)).unwrap();
+        let union = paste_max(Some(union), &entry(w, h), &crop(&b), (w, h)).unwrap();
+        let expected = GrayImage::from_fn(w, h, |x, y| {
+            image::Luma([a.get_pixel(x, y)[0].max(b.get_pixel(x, y)[0])])
+        });
+        assert!(union == expected);
+    }
+
+    #[test]
+    fn a_mask_stored_for_another_photo_size_is_refused_naming_its_key() {
+        let png = mask_png::encode_crop(&GrayImage::new(4, 4), Placement::EMPTY).unwrap();
+        let err = paste_max(None, &entry(40, 30), &png, (20, 10)).unwrap_err();
+        assert_eq!(err.code(), "mask_missing");
+        assert!(err.to_string().contains("masks/u/j/wall/0_1.png"), "{err}");
+    }
+}

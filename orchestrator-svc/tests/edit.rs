@@ -1,0 +1,256 @@
+//! EditJob: new rules on a finished job's photos from its stored masks, without the segmenter, served by an
+//! orchestrator that never saw the source job (a restart, another replica: they share only the storage).
+
+use palette_testing as common;
+
+use std::sync::atomic::Ordering;
+
+use common::fake_segmenter;
+use common::orchestrator::{
+    Orchestrator, SEED_USER, is_terminal, photo_jpeg, seed_spec, start, string_struct,
+};
+use orchestrator_svc::storage::ObjectStore;
+use palette_proto::orchestrator::v1::{
+    EditJobRequest, GetJobRequest, ItemState, Job, JobSpec, JobState, Rule,
+};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+fn paint(rule_id: &str, concept: &str, color: &str) -> Rule {
+    Rule {
+        rule_id: rule_id.into(),
+        concept: concept.into(),
+        r#type: "recolor".into(),
+        params: Some(string_struct(&[("color", color)])),
+    }
+}
+
+fn edit(job_id: &str, source: &str, rules: Vec<Rule>) -> EditJobRequest {
+    EditJobRequest {
+        user_id: SEED_USER.into(),
+        job_id: job_id.into(),
+        source_job_id: source.into(),
+        rules,
+        preset: String::new(),
+    }
+}
+
+/// Runs the seed job `source` (3 concepts, 2 photos) on one orchestrator, to its end.
+async fn finished_source(orch: &mut Orchestrator, source: &str) -> Job {
+    for idx in 0..2 {
+        orch.put_input(SEED_USER, source, idx, photo_jpeg(48, 32))
+            .await;
+    }
+    orch.client.submit_job(seed_spec(source, 2)).await.unwrap();
+    let job = orch.wait_for(source, is_terminal).await;
+    assert_eq!(job.completed, 2, "{job:?}");
+    job
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_on_another_orchestrator_renders_what_a_job_would_without_the_segmenter() {
+    let segmenter = fake_segmenter::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let root = storage.path().to_path_buf();
+    let mut first = start(&segmenter.url, |c| {
+        c.storage.local_storage_dir = root.clone()
+    })
+    .await;
+    finished_source(&mut first, "room").await;
+    // The reference: a full job with the rule the edit will use, on the same photos.
+    for idx in 0..2 {
+        let bytes = first
+            .store
+            .get(&format!("inputs/{SEED_USER}/room/{idx}.jpg"))
+            .await
+            .unwrap();
+        first
+            .put_input(SEED_USER, "room-full", idx, bytes.to_vec())
+            .await;
+    }
+    first
+        .client
+        .submit_job(JobSpec {
+            rules: vec![paint("sage", "floor", "#9CAF88")],
+            ..seed_spec("room-full", 2)
+        })
+        .await
+        .unwrap();
+    first.wait_for("room-full", is_terminal).await;
+    first.shutdown().await;
+
+    // A fresh orchestrator (nothing in memory) on the same storage; the segmenter is gone.
+    segmenter.stop().await;
+    let calls = segmenter.counters.segment_calls.load(Ordering::SeqCst);
+    let mut second = start(&segmenter.url, |c| {
+        c.storage.local_storage_dir = root.clone()
+    })
+    .await;
+    let job = second
+        .client
+        .edit_job(edit(
+            "room-sage",
+            "room",
+            vec![paint("sage", "floor", "#9CAF88")],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.source_job_id, "room");
+    assert_eq!(job.effective_spec.as_ref().unwrap().image_count, 2);
+    let job = second.wait_for("room-sage", is_terminal).await;
+    assert_eq!(
+        (job.state, job.completed),
+        (JobState::Done as i32, 2),
+        "{job:?}"
+    );
+    assert_eq!(
+        segmenter.counters.segment_calls.load(Ordering::SeqCst),
+        calls
+    );
+    for item in &job.items {
+        assert_eq!(
+            item.input_key,
+            format!("inputs/{SEED_USER}/room/{}.jpg", item.idx)
+        );
+        assert!(item.masks_reused && !item.masks.is_empty(), "{item:?}");
+        assert!(
+            item.masks[0]
+                .key
+                .starts_with(&format!("masks/{SEED_USER}/room/"))
+        );
+        let output = &item.outputs[0];
+        assert_eq!(
+            output.output_key,
+            format!("outputs/{SEED_USER}/room-sage/sage/{}.jpg", item.idx)
+        );
+        let edited = second.store.get(&output.output_key).await.unwrap();
+        let full = second
+            .store
+            .get(&format!(
+                "outputs/{SEED_USER}/room-full/sage/{}.jpg",
+                item.idx
+            ))
+            .await
+            .unwrap();
+        assert!(
+            edited == full,
+            "photo {}: the edit differs from the full job",
+            item.idx
+        );
+    }
+    // Idempotent like SubmitJob; a different edit under the same id is ALREADY_EXISTS.
+    second
+        .client
+        .edit_job(edit(
+            "room-sage",
+            "room",
+            vec![paint("sage", "floor", "#9CAF88")],
+        ))
+        .await
+        .unwrap();
+    let err = second
+        .client
+        .edit_job(edit(
+            "room-sage",
+            "room",
+            vec![paint("sage", "floor", "#000000")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_edits_are_refused_with_the_reason() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    finished_source(&mut orch, "room").await;
+
+    let err = orch
+        .client
+        .edit_job(edit("e1", "room", vec![paint("p", "ceiling", "#FFFFFF")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("\"ceiling\" was not segmented by job \"room\""),
+        "{err:?}"
+    );
+    let fields: Vec<String> = err
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["rules[0].concept"]);
+
+    let err = orch
+        .client
+        .edit_job(edit(
+            "e2",
+            "no-such-job",
+            vec![paint("p", "wall", "#FFFFFF")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = orch
+        .client
+        .edit_job(EditJobRequest {
+            user_id: "someone-else".into(),
+            ..edit("e3", "room", vec![paint("p", "wall", "#FFFFFF")])
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "another user's job");
+    let err = orch
+        .client
+        .edit_job(edit("e4", "room", vec![paint("p", "wall", "#GGGGGG")]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::InvalidArgument,
+        "rules are validated as in jobs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_mask_fails_its_photo_naming_the_key() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    let source = finished_source(&mut orch, "room").await;
+    let wall = source.items[1]
+        .masks
+        .iter()
+        .find(|m| m.concept == "wall")
+        .unwrap()
+        .key
+        .clone();
+    std::fs::remove_file(orch.store.root().join(&wall)).unwrap();
+
+    orch.client
+        .edit_job(edit("e", "room", vec![paint("p", "wall", "#334455")]))
+        .await
+        .unwrap();
+    let job = orch.wait_for("e", is_terminal).await;
+    assert_eq!(job.items[0].state, ItemState::Completed as i32);
+    let failed = &job.items[1];
+    assert_eq!(failed.state, ItemState::Failed as i32);
+    assert_eq!(failed.error_code, "mask_missing");
+    assert!(failed.error.contains(&wall), "{}", failed.error);
+    // The edit is a job of its own: GetJob by its id, as its user.
+    let got = orch
+        .client
+        .get_job(GetJobRequest {
+            job_id: "e".into(),
+            user_id: SEED_USER.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.source_job_id, "room");
+}
