@@ -83,10 +83,10 @@ impl JobService {
     }
 
     /// Runs the job's open items; when it ends, the registry forgets what it must (a finished job's record is at
-    /// its largest), in the job store too.
+    /// its largest), in the job store too (whatever this job is: the jobs forgotten are others).
     fn start(&self, job: Arc<JobHandle>) {
         let registry = self.registry.clone();
-        let job_store = self.pipeline.reporter().job_store_of(&job).cloned();
+        let job_store = self.pipeline.reporter().job_store().cloned();
         let tasks = self.pipeline.tasks().clone();
         self.pipeline.spawn_job(job, move || {
             registry.trim();
