@@ -335,4 +335,33 @@ mod tests {
         tight.trim();
         assert!(tight.get(&key("x")).is_ok() && tight.get(&key("y")).is_ok());
     }
+
+    #[test]
+    fn what_it_forgets_is_queued_for_the_job_store_and_restored_jobs_keep_their_order() {
+        let registry = JobRegistry::new(jobs_only(2));
+        let a = registry.restore(plan("a"), 7, "recorded-hash".into());
+        assert_eq!(a.seq, 7);
+        assert_eq!(
+            a.spec_hash, "recorded-hash",
+            "the recorded hash, not a new one"
+        );
+        // Later submissions come after every restored one.
+        let b = created(registry.submit(plan("b")).unwrap());
+        assert!(b.seq > a.seq);
+        a.cancel_pending(false);
+        created(registry.submit(plan("c")).unwrap());
+        let forgotten = registry.take_forgotten();
+        assert_eq!(forgotten.len(), 1);
+        assert_eq!(
+            (
+                forgotten[0].job_id.as_str(),
+                forgotten[0].spec_hash.as_str()
+            ),
+            ("a", "recorded-hash")
+        );
+        assert!(registry.take_forgotten().is_empty(), "taken once");
+        // A job the store refused is taken back.
+        registry.remove(&b);
+        assert!(registry.get(&key("b")).is_err() && registry.get(&key("c")).is_ok());
+    }
 }
