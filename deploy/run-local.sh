@@ -84,6 +84,11 @@ if [ ${#afters[@]} -gt 0 ]; then
   "$ROOT/target/release/palette-rules" contact-sheet "${befores[@]}" "${afters[@]}" --out "$RUN/contact-sheet.png"
   echo "before/after: $RUN/contact-sheet.png"
 fi
+# Another colour on photo 0 without the GPU: PreviewEdit from the job's stored masks, written next to the sheet.
+"$GRPCURL" -plaintext -d "{\"userId\": \"$USER_ID\", \"jobId\": \"$JOB_ID\", \"idx\": 0, \"maxSide\": 1024, \"rules\": [{\"ruleId\": \"sage\", \"concept\": \"wall\", \"type\": \"recolor\", \"params\": {\"color\": \"#9CAF88\"}}]}" \
+  "$ORCH" palette.orchestrator.v1.Jobs/PreviewEdit \
+  | python3 -c 'import sys, json, base64; open(sys.argv[1], "wb").write(base64.b64decode(json.load(sys.stdin)["image"]))' \
+    "$RUN/preview-sage.jpg" && echo "preview (PreviewEdit, sage walls, no segmenter call): $RUN/preview-sage.jpg"
 if grep -q '"randomInit": "tiny"' <("$GRPCURL" -plaintext -d '{}' "$SEG" palette.segmenter.v1.Segmenter/GetModelInfo); then
   echo "note: the bundled model has RANDOM weights: the pipeline, keys and speed are real; where it paints is not."
 fi

@@ -50,6 +50,9 @@ pub enum ApiError {
     /// An edit's source job exists but cannot be edited (its record is unreadable).
     #[error("failed precondition: job {job_id:?} cannot be edited: {reason}")]
     SourceUnusable { job_id: String, reason: String },
+    /// A request failed on our side (a worker task died, an encoder failed): not the caller's doing.
+    #[error("internal: {what}")]
+    Internal { what: String },
     /// Too many jobs still running to keep another; `retry_after` is a hint, sent as RetryInfo.
     #[error("overloaded: {running} jobs are still running (MAX_RETAINED_JOBS); retry later")]
     Overloaded {
@@ -89,6 +92,7 @@ impl From<ApiError> for Status {
             ApiError::JobExists { .. } => Status::already_exists(message),
             ApiError::SourceUnavailable { .. } => Status::unavailable(message),
             ApiError::SourceUnusable { .. } => Status::failed_precondition(message),
+            ApiError::Internal { .. } => Status::internal(message),
             ApiError::Overloaded { retry_after, .. } => Status::with_error_details(
                 Code::ResourceExhausted,
                 message,
@@ -168,6 +172,12 @@ mod tests {
                     reason: "unreadable".into(),
                 },
                 Code::FailedPrecondition,
+            ),
+            (
+                ApiError::Internal {
+                    what: "encoder".into(),
+                },
+                Code::Internal,
             ),
             (
                 ApiError::Overloaded {

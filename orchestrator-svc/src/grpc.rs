@@ -6,7 +6,8 @@ use std::sync::Arc;
 use futures::Stream;
 use palette_proto::orchestrator::v1::jobs_server::Jobs;
 use palette_proto::orchestrator::v1::{
-    CancelJobRequest, EditJobRequest, GetJobRequest, Job, JobEvent, JobSpec, WatchJobRequest,
+    CancelJobRequest, EditJobRequest, GetJobRequest, Job, JobEvent, JobSpec, PreviewEditRequest,
+    PreviewEditResponse, WatchJobRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -76,6 +77,15 @@ impl Jobs for JobsApi {
 
     async fn edit_job(&self, request: Request<EditJobRequest>) -> Result<Response<Job>, Status> {
         Ok(Response::new(self.service.edit(request.get_ref()).await?))
+    }
+
+    async fn preview_edit(
+        &self,
+        request: Request<PreviewEditRequest>,
+    ) -> Result<Response<PreviewEditResponse>, Status> {
+        Ok(Response::new(
+            self.service.preview(request.get_ref()).await?,
+        ))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {

@@ -20,7 +20,9 @@ use crate::config::{
 use crate::drain::{self, Drain};
 use crate::grpc::JobsApi;
 use crate::jobs::store::{self, SharedJobStore};
-use crate::jobs::{InputLimits, ItemRunner, JobLimits, JobService, Pipeline, Retention};
+use crate::jobs::{
+    InputLimits, ItemRunner, JobLimits, JobService, Pipeline, PreviewSettings, Retention,
+};
 use crate::segmenter::Segmenter;
 use crate::{storage, tasks, telemetry};
 
@@ -193,6 +195,13 @@ pub async fn run(
         Retention {
             max_jobs: args.max_retained_jobs,
             max_bytes: args.retained_jobs_mb.saturating_mul(1024 * 1024),
+        },
+        PreviewSettings {
+            cache_bytes: args.preview_cache_mb.saturating_mul(1024 * 1024),
+            inputs: InputLimits {
+                max_bytes: args.max_input_bytes,
+                max_pixels: args.max_input_pixels,
+            },
         },
     ));
 

@@ -66,3 +66,45 @@ pub async fn start_segmenter() -> Running<anyhow::Error> {
 pub async fn start_orchestrator(config: orchestrator_svc::Config) -> Running<anyhow::Error> {
     palette_testing::orchestrator::start_with(config).await
 }
+
+/// A synthetic "room" photo as JPEG (q90): a shaded wall over a floor, a block of furniture; `seed` varies it, so
+/// photos with different seeds are different bytes (no mask reuse between them).
+pub fn synthetic_room(w: u32, h: u32, seed: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let wall = y < h * 3 / 5;
+        let sofa = x > w / 4 + seed % 50 && x < w * 3 / 4 && y > h / 2 && y < h * 4 / 5;
+        let shade = ((x + seed * 7) % 97) as u8 / 4;
+        if sofa {
+            image::Rgb([40 + shade, 60, 110])
+        } else if wall {
+            image::Rgb([200 - shade, 196 - shade, 186])
+        } else {
+            image::Rgb([120 + shade, 80, 50])
+        }
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+        .encode_image(&img)
+        .expect("in-memory JPEG");
+    out
+}
+
+/// CPU seconds this process has used so far, all threads (utime + stime from /proc/self/stat; 0 elsewhere).
+pub fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The command name may hold spaces: fields are counted after its closing ")". utime and stime are fields 14
+    // and 15 of the line, 11 and 12 after the ")".
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}

@@ -10,7 +10,7 @@ use orchestrator_svc::config::StorageBackend;
 use palette_e2e::{example_photos, rule_params, start_orchestrator, start_segmenter};
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{
-    EditJobRequest, GetJobRequest, ItemState, Job, JobSpec, JobState, Rule,
+    EditJobRequest, GetJobRequest, ItemState, Job, JobSpec, JobState, PreviewEditRequest, Rule,
 };
 use prost_types::value::Kind;
 
@@ -127,6 +127,45 @@ async fn an_edit_after_a_restart_without_the_segmenter_matches_a_full_job() {
             "photo {}: edit and full job differ",
             item.idx
         );
+    }
+
+    // PreviewEdit on the same photos: the full job's output downscaled, within a code on average.
+    for (idx, reference) in full.items.iter().enumerate() {
+        let answer = client
+            .preview_edit(PreviewEditRequest {
+                user_id: USER.into(),
+                job_id: "source".into(),
+                idx: idx as u32,
+                rules: vec![sage()],
+                preset: String::new(),
+                max_side: 512,
+                format: "png".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let object = s3
+            .get_object()
+            .bucket(&weed.bucket)
+            .key(&reference.outputs[0].output_key)
+            .send()
+            .await
+            .unwrap();
+        let full = image::load_from_memory(&object.body.collect().await.unwrap().into_bytes())
+            .unwrap()
+            .to_rgb8();
+        let preview = image::load_from_memory(&answer.image).unwrap().to_rgb8();
+        let downscaled =
+            orchestrator_svc::jobs::preview::render::downscale_rgb(&full, preview.dimensions());
+        let diff: u64 = preview
+            .as_raw()
+            .iter()
+            .zip(downscaled.as_raw())
+            .map(|(a, b)| a.abs_diff(*b) as u64)
+            .sum();
+        let mean = diff as f64 / preview.as_raw().len() as f64;
+        eprintln!("photo {idx}: preview vs full job downscaled, mean |Δ| {mean:.3} codes");
+        assert!(mean <= 1.0, "photo {idx}: mean |Δ| {mean:.3} codes");
     }
     second.stop().await.unwrap();
 }

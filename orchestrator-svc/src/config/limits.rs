@@ -36,6 +36,9 @@ pub struct LimitArgs {
     /// body is read and again while reading. Default 40000000 (40 MB).
     #[arg(long, env = "MAX_INPUT_BYTES", default_value_t = 40_000_000)]
     pub max_input_bytes: u64,
+    /// Memory for PreviewEdit's cache (photos, masks and rule regions at preview size), in MiB. Default 256.
+    #[arg(long, env = "PREVIEW_CACHE_MB", default_value_t = 256)]
+    pub preview_cache_mb: usize,
     /// Largest input image, in pixels (width x height after decoding). Default 50000000 (50 MP). Sides are also
     /// limited to 65535 px, JPEG's limit (the outputs are JPEGs).
     #[arg(long, env = "MAX_INPUT_PIXELS", default_value_t = 50_000_000)]

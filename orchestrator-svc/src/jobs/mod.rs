@@ -12,6 +12,7 @@ mod give_up;
 mod item;
 pub mod job;
 mod pipeline;
+pub mod preview;
 pub mod registry;
 mod report;
 mod resume;
@@ -22,7 +23,9 @@ pub mod validate;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use palette_proto::orchestrator::v1::{EditJobRequest, Job, JobSpec};
+use palette_proto::orchestrator::v1::{
+    EditJobRequest, Job, JobSpec, PreviewEditRequest, PreviewEditResponse,
+};
 use palette_rules::preset::Preset;
 
 pub use give_up::TOO_MANY_DELIVERIES;
@@ -42,6 +45,16 @@ pub struct JobService {
     pipeline: Arc<Pipeline>,
     presets: BTreeMap<String, Arc<Preset>>,
     limits: JobLimits,
+    previews: preview::PreviewService,
+}
+
+/// What PreviewEdit may hold and read.
+#[derive(Debug, Clone, Copy)]
+pub struct PreviewSettings {
+    /// PREVIEW_CACHE_MB, in bytes.
+    pub cache_bytes: usize,
+    /// The same limits as a job's inputs.
+    pub inputs: InputLimits,
 }
 
 impl JobService {
@@ -50,13 +63,29 @@ impl JobService {
         presets: BTreeMap<String, Arc<Preset>>,
         limits: JobLimits,
         retention: Retention,
+        previews: PreviewSettings,
     ) -> Self {
         JobService {
             registry: Arc::new(JobRegistry::new(retention)),
+            previews: preview::PreviewService::new(
+                pipeline.store().clone(),
+                previews.cache_bytes,
+                previews.inputs,
+                limits,
+                presets.clone(),
+            ),
             pipeline,
             presets,
             limits,
         }
+    }
+
+    /// PreviewEdit: rules on one photo of a job at preview size, from its stored masks (`preview`).
+    pub async fn preview(
+        &self,
+        request: &PreviewEditRequest,
+    ) -> Result<PreviewEditResponse, ApiError> {
+        self.previews.preview(request).await
     }
 
     /// Validates, registers (idempotent on job id), records (with a job store) and starts the job; returns its

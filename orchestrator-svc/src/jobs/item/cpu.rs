@@ -101,7 +101,7 @@ impl NotApplied {
 
 /// Whether the occluders leave less than 2 % of the target's mask (by alpha) in the rule's region: soft edges keep a
 /// rim where an occluder's edge meets the target's (1.5 % of a 64x48 photo's half, measured), so not exactly 0.
-fn hidden_by_occluders(target: &GrayImage, region: &GrayImage) -> bool {
+pub fn hidden_by_occluders(target: &GrayImage, region: &GrayImage) -> bool {
     let sum = |img: &GrayImage| img.iter().map(|&a| a as u64).sum::<u64>();
     sum(region) * 50 < sum(target)
 }

@@ -2,12 +2,12 @@
 //! full-resolution masks stored -> each rule's region, edit and output stored -> preview. `ItemRunner` owns what
 //! an item needs and does the I/O; the CPU work is in `cpu`, run on the blocking pool.
 
-mod cpu;
+pub(in crate::jobs) mod cpu;
 mod error;
-mod imaging;
+pub(in crate::jobs) mod imaging;
 mod mask_cache;
 mod segment;
-mod stored_masks;
+pub(in crate::jobs) mod stored_masks;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -11,10 +11,10 @@ use palette_rules::{GrayImage, RgbImage};
 
 use super::error::ItemError;
 use super::{ItemRunner, blocking};
-use crate::jobs::edit::record::{self, RecordError, StoredMask};
+use crate::jobs::edit::record::{self, MasksRecord, RecordError, StoredMask};
 use crate::jobs::validate::JobPlan;
 use crate::mask_png;
-use crate::storage::StorageError;
+use crate::storage::{SharedStore, StorageError};
 
 impl ItemRunner {
     /// The source's mask entries for photo `idx` (reported on the edit's item as they are), and the full-resolution
@@ -25,47 +25,74 @@ impl ItemRunner {
         idx: u32,
         photo: &Arc<RgbImage>,
     ) -> Result<(Vec<MaskKey>, HashMap<String, GrayImage>), ItemError> {
-        let photos_job = plan.photos_job_id();
-        let stored = record::read_masks(&self.store, &plan.user_id, photos_job, idx)
-            .await
-            .map_err(|e| match e {
-                RecordError::Missing(key) => ItemError::EditSourceMissing { key },
-                RecordError::Unreadable { key, reason } => ItemError::StoredMask { key, reason },
-                RecordError::Storage(e) => ItemError::Storage(e),
-            })?;
-        let used = plan.concepts_used_by_rules();
-        let mut unions: HashMap<String, GrayImage> = HashMap::new();
-        for mask in stored
-            .masks
-            .iter()
-            .filter(|m| used.contains(&m.concept.as_str()))
-        {
-            let png = self
-                .store
-                .get_at_most(&mask.key, self.limits.max_bytes)
-                .await
-                .map_err(|e| match e {
-                    StorageError::NotFound(_) => ItemError::StoredMask {
-                        key: mask.key.clone(),
-                        reason: "not in storage (deleted?); the photo cannot be edited without it"
-                            .into(),
-                    },
-                    e @ (StorageError::TooLarge { .. } | StorageError::InvalidKey(_)) => {
-                        ItemError::StoredMask {
-                            key: mask.key.clone(),
-                            reason: e.to_string(),
-                        }
-                    }
-                    e => ItemError::Storage(e),
-                })?;
-            let size = photo.dimensions();
-            let union = unions.remove(&mask.concept);
-            let entry = mask.clone();
-            let union = blocking(move || paste_max(union, &entry, &png, size)).await?;
-            unions.insert(mask.concept.clone(), union);
+        let stored = read_record(&self.store, &plan.user_id, plan.photos_job_id(), idx).await?;
+        let mut unions = HashMap::new();
+        for concept in plan.concepts_used_by_rules() {
+            let union = union_of(
+                &self.store,
+                &stored,
+                concept,
+                photo.dimensions(),
+                self.limits.max_bytes,
+            )
+            .await?;
+            if let Some(union) = union {
+                unions.insert(concept.to_string(), union);
+            }
         }
         Ok((stored.masks.iter().map(MaskKey::from).collect(), unions))
     }
+}
+
+/// The masks record of photo `idx` of the job whose masks they are.
+pub(in crate::jobs) async fn read_record(
+    store: &SharedStore,
+    user_id: &str,
+    photos_job_id: &str,
+    idx: u32,
+) -> Result<MasksRecord, ItemError> {
+    record::read_masks(store, user_id, photos_job_id, idx)
+        .await
+        .map_err(|e| match e {
+            RecordError::Missing(key) => ItemError::EditSourceMissing { key },
+            RecordError::Unreadable { key, reason } => ItemError::StoredMask { key, reason },
+            RecordError::Storage(e) => ItemError::Storage(e),
+        })
+}
+
+/// The full-resolution union (max) of `concept`'s stored instances in a photo of `size`; None when the source found
+/// no instance of it.
+pub(in crate::jobs) async fn union_of(
+    store: &SharedStore,
+    stored: &MasksRecord,
+    concept: &str,
+    size: (u32, u32),
+    max_bytes: u64,
+) -> Result<Option<GrayImage>, ItemError> {
+    let mut union: Option<GrayImage> = None;
+    for mask in stored.masks.iter().filter(|m| m.concept == concept) {
+        let png = store
+            .get_at_most(&mask.key, max_bytes)
+            .await
+            .map_err(|e| match e {
+                StorageError::NotFound(_) => ItemError::StoredMask {
+                    key: mask.key.clone(),
+                    reason: "not in storage (deleted?); the photo cannot be edited without it"
+                        .into(),
+                },
+                e @ (StorageError::TooLarge { .. } | StorageError::InvalidKey(_)) => {
+                    ItemError::StoredMask {
+                        key: mask.key.clone(),
+                        reason: e.to_string(),
+                    }
+                }
+                e => ItemError::Storage(e),
+            })?;
+        let entry = mask.clone();
+        let so_far = union.take();
+        union = Some(blocking(move || paste_max(so_far, &entry, &png, size)).await?);
+    }
+    Ok(union)
 }
 
 /// Folds one stored crop into the concept's union (max), at its placement in a `width` x `height` photo.

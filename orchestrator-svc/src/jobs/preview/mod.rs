@@ -1,0 +1,370 @@
+//! PreviewEdit: rules on one photo of a job, from its stored masks, at preview size, answered synchronously with
+//! the image. Nothing is written; the segmenter is not called.
+//!
+//! Cold, a preview reads the job's records, the photo and the masks of the rules' concepts, decodes and downscales
+//! them; each of those, and each rule's refined region, is cached at preview size (`cache`), so the next colour on
+//! the same wall costs only the rule and the encoding (`render`). Rules are validated as an edit's are
+//! (`edit::plan_edit`), against the concepts the job segmented.
+
+mod cache;
+pub mod render;
+mod request;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use palette_proto::orchestrator::v1::{
+    EditJobRequest, PreviewEditRequest, PreviewEditResponse, RuleOutput,
+};
+use palette_rules::preset::Preset;
+use palette_rules::{Edited, GrayImage, RgbImage};
+use tokio::sync::Semaphore;
+
+use super::edit::{self, record};
+use super::item::stored_masks::{read_record, union_of};
+use super::item::{InputLimits, ItemError, imaging};
+use super::validate::{JobLimits, PlannedRule, Violations};
+use crate::error::ApiError;
+use crate::keys;
+use crate::storage::{SharedStore, StorageError};
+use cache::Cached;
+pub use cache::PreviewCache;
+use request::{check_cutout_last, check_request, item_to_api};
+
+#[derive(Debug)]
+pub struct PreviewService {
+    store: SharedStore,
+    cache: Arc<PreviewCache>,
+    inputs: InputLimits,
+    limits: JobLimits,
+    presets: BTreeMap<String, Arc<Preset>>,
+    /// Previews rendering at once: CPU-bound work, one per core.
+    permits: Semaphore,
+}
+
+/// What one preview works on, once loaded (from the cache or from storage).
+struct Loaded {
+    photo: Arc<RgbImage>,
+    full_size: (u32, u32),
+    /// Each rule concept's and occluder's union mask at preview size (absent: no instance in the photo).
+    masks: BTreeMap<String, Arc<GrayImage>>,
+    swatches: Vec<Option<Arc<RgbImage>>>,
+}
+
+impl PreviewService {
+    pub fn new(
+        store: SharedStore,
+        cache_bytes: usize,
+        inputs: InputLimits,
+        limits: JobLimits,
+        presets: BTreeMap<String, Arc<Preset>>,
+    ) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        PreviewService {
+            store,
+            cache: Arc::new(PreviewCache::new(cache_bytes)),
+            inputs,
+            limits,
+            presets,
+            permits: Semaphore::new(cores),
+        }
+    }
+
+    pub async fn preview(
+        &self,
+        request: &PreviewEditRequest,
+    ) -> Result<PreviewEditResponse, ApiError> {
+        let (max_side, png) = check_request(request)?;
+        let source = self.photos_record(request).await?;
+        if request.idx >= source.image_count {
+            let mut v = Violations::default();
+            v.add(
+                "idx",
+                format!(
+                    "job {:?} has {} photos (0 to {})",
+                    request.job_id,
+                    source.image_count,
+                    source.image_count - 1
+                ),
+            );
+            v.finish()?;
+        }
+        let plan = edit::plan_edit(
+            &EditJobRequest {
+                user_id: request.user_id.clone(),
+                job_id: request.job_id.clone(),
+                source_job_id: request.job_id.clone(),
+                rules: request.rules.clone(),
+                preset: request.preset.clone(),
+            },
+            &source,
+            &self.presets,
+            self.limits,
+        )?;
+        check_cutout_last(&plan.rules)?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Internal {
+                what: "preview permits closed".into(),
+            })?;
+        let at = PhotoRef {
+            user_id: &request.user_id,
+            photos_job_id: &source.photos_job_id,
+            idx: request.idx,
+            max_side,
+        };
+        let loaded = self
+            .load(&at, &plan.concepts_used_by_rules(), &plan.rules)
+            .await
+            .map_err(|e| item_to_api(&request.job_id, e))?;
+        let cache = self.cache.clone();
+        let prefix = at.prefix();
+        let rules = Arc::new(plan.rules);
+        let idx = request.idx;
+        tokio::task::spawn_blocking(move || render_all(&cache, &prefix, &loaded, &rules, idx, png))
+            .await
+            .map_err(|e| ApiError::Internal {
+                what: format!("preview worker: {e}"),
+            })?
+            .map_err(|e| item_to_api(&request.job_id, e))
+    }
+
+    async fn photos_record(
+        &self,
+        request: &PreviewEditRequest,
+    ) -> Result<Arc<record::PhotosRecord>, ApiError> {
+        let key = format!("r|{}|{}", request.user_id, request.job_id);
+        if let Some(Cached::Photos(r)) = self.cache.get(&key) {
+            return Ok(r);
+        }
+        let job_id = &request.job_id;
+        let r = record::read_photos(&self.store, &request.user_id, job_id)
+            .await
+            .map_err(|e| match e {
+                record::RecordError::Missing(_) => ApiError::JobNotFound {
+                    job_id: job_id.clone(),
+                },
+                record::RecordError::Unreadable { reason, .. } => ApiError::SourceUnusable {
+                    job_id: job_id.clone(),
+                    reason,
+                },
+                record::RecordError::Storage(source) => ApiError::SourceUnavailable {
+                    job_id: job_id.clone(),
+                    source: Box::new(source),
+                },
+            })?;
+        let r = Arc::new(r);
+        self.cache.insert(key, Cached::Photos(r.clone()));
+        Ok(r)
+    }
+
+    /// The photo at preview size, the masks of `concepts`, the rules' swatches: from the cache, else from storage.
+    async fn load(
+        &self,
+        at: &PhotoRef<'_>,
+        concepts: &[&str],
+        rules: &[PlannedRule],
+    ) -> Result<Loaded, ItemError> {
+        let (photo, full_size) = self.photo(at).await?;
+        let preview_size = photo.dimensions();
+        let mut masks = BTreeMap::new();
+        let mut record = None;
+        for &concept in concepts {
+            let key = format!("{}|c|{concept}", at.prefix());
+            let plane = match self.cache.get(&key) {
+                Some(Cached::Plane(p)) => p,
+                _ => {
+                    if record.is_none() {
+                        record = Some(self.masks_record(at).await?);
+                    }
+                    let stored = record.as_deref().expect("read above");
+                    let union = union_of(
+                        &self.store,
+                        stored,
+                        concept,
+                        full_size,
+                        self.inputs.max_bytes,
+                    )
+                    .await?;
+                    // No instance: an empty plane, cached as such.
+                    let plane = Arc::new(match union {
+                        Some(u) => tokio::task::spawn_blocking(move || {
+                            render::downscale_gray(&u, preview_size)
+                        })
+                        .await
+                        .map_err(ItemError::Worker)?,
+                        None => GrayImage::new(0, 0),
+                    });
+                    self.cache.insert(key, Cached::Plane(plane.clone()));
+                    plane
+                }
+            };
+            if plane.width() > 0 {
+                masks.insert(concept.to_string(), plane);
+            }
+        }
+        let mut swatches = Vec::new();
+        for rule in rules {
+            swatches.push(match rule.rule.texture_key() {
+                Some(key) => Some(self.swatch(&rule.rule_id, key).await?),
+                None => None,
+            });
+        }
+        Ok(Loaded {
+            photo,
+            full_size,
+            masks,
+            swatches,
+        })
+    }
+
+    async fn photo(&self, at: &PhotoRef<'_>) -> Result<(Arc<RgbImage>, (u32, u32)), ItemError> {
+        let key = format!("{}|p", at.prefix());
+        if let Some(Cached::Photo(p, full)) = self.cache.get(&key) {
+            return Ok((p, full));
+        }
+        let input = keys::input(at.user_id, at.photos_job_id, at.idx);
+        let bytes: Bytes = self
+            .store
+            .get_at_most(&input, self.inputs.max_bytes)
+            .await?;
+        let (max_pixels, max_side) = (self.inputs.max_pixels, at.max_side);
+        let (photo, full) = tokio::task::spawn_blocking(move || {
+            let full = imaging::decode_upright(&bytes, max_pixels)?;
+            let size = full.dimensions();
+            let small = render::downscale_rgb(&full, render::preview_size(size, max_side));
+            Ok::<_, ItemError>((small, size))
+        })
+        .await
+        .map_err(ItemError::Worker)??;
+        let photo = Arc::new(photo);
+        self.cache.insert(key, Cached::Photo(photo.clone(), full));
+        Ok((photo, full))
+    }
+
+    async fn masks_record(&self, at: &PhotoRef<'_>) -> Result<Arc<record::MasksRecord>, ItemError> {
+        let key = format!("m|{}|{}|{}", at.user_id, at.photos_job_id, at.idx);
+        if let Some(Cached::Masks(r)) = self.cache.get(&key) {
+            return Ok(r);
+        }
+        let r = Arc::new(read_record(&self.store, at.user_id, at.photos_job_id, at.idx).await?);
+        self.cache.insert(key, Cached::Masks(r.clone()));
+        Ok(r)
+    }
+
+    async fn swatch(&self, rule_id: &str, key: &str) -> Result<Arc<RgbImage>, ItemError> {
+        let cache_key = format!("s|{key}");
+        if let Some(Cached::Swatch(s)) = self.cache.get(&cache_key) {
+            return Ok(s);
+        }
+        let unusable = |source: crate::error::BoxError| ItemError::Swatch {
+            rule_id: rule_id.to_string(),
+            key: key.to_string(),
+            source,
+        };
+        let bytes = self
+            .store
+            .get_at_most(key, self.inputs.max_bytes)
+            .await
+            .map_err(|e| match e {
+                StorageError::Unavailable { .. } => ItemError::Storage(e),
+                e => unusable(e.into()),
+            })?;
+        let max_pixels = self.inputs.max_pixels;
+        let swatch =
+            tokio::task::spawn_blocking(move || imaging::decode_upright(&bytes, max_pixels))
+                .await
+                .map_err(ItemError::Worker)?
+                .map_err(|e| unusable(e.into()))?;
+        let swatch = Arc::new(swatch);
+        self.cache.insert(cache_key, Cached::Swatch(swatch.clone()));
+        Ok(swatch)
+    }
+}
+
+/// Which photo, at which size: the cache keys' common part.
+struct PhotoRef<'a> {
+    user_id: &'a str,
+    photos_job_id: &'a str,
+    idx: u32,
+    max_side: u32,
+}
+
+impl PhotoRef<'_> {
+    fn prefix(&self) -> String {
+        format!(
+            "{}|{}|{}|{}",
+            self.user_id, self.photos_job_id, self.idx, self.max_side
+        )
+    }
+}
+
+/// Each rule's region (cached) and edit, in order, then the encoding.
+fn render_all(
+    cache: &PreviewCache,
+    prefix: &str,
+    loaded: &Loaded,
+    rules: &[PlannedRule],
+    idx: u32,
+    png: bool,
+) -> Result<PreviewEditResponse, ItemError> {
+    let factor = loaded.photo.width() as f32 / loaded.full_size.0.max(1) as f32;
+    let mut current = Edited::Rgb((*loaded.photo).clone());
+    let mut outcomes = Vec::new();
+    for (rule, swatch) in rules.iter().zip(&loaded.swatches) {
+        let params = render::scaled(rule.rule.region_params(), factor);
+        let key = format!(
+            "{prefix}|g|{}|{}|{params:?}",
+            rule.concept,
+            rule.occluders.join(",")
+        );
+        let target = loaded.masks.get(&rule.concept).map(|m| m.as_ref());
+        let (region, not_applied) = match (cache.get(&key), target) {
+            (Some(Cached::Plane(region)), Some(_)) => (region, None),
+            _ => {
+                let occluders: Vec<GrayImage> = rule
+                    .occluders
+                    .iter()
+                    .filter_map(|c| loaded.masks.get(c).map(|m| (**m).clone()))
+                    .collect();
+                let (region, not_applied) =
+                    render::region(&loaded.photo, target, &occluders, &params);
+                let region = Arc::new(region);
+                if not_applied.is_none() {
+                    cache.insert(key, Cached::Plane(region.clone()));
+                }
+                (region, not_applied)
+            }
+        };
+        let Edited::Rgb(input) = &current else {
+            unreachable!("a cut-out is the last rule (check_cutout_last)")
+        };
+        current =
+            palette_rules::apply(input, &region, &rule.rule.for_image(idx), swatch.as_deref())
+                .map_err(|source| ItemError::Rule {
+                    rule_id: rule.rule_id.clone(),
+                    source,
+                })?;
+        outcomes.push(RuleOutput {
+            rule_id: rule.rule_id.clone(),
+            output_key: String::new(),
+            applied: not_applied.is_none(),
+            not_applied_reason: not_applied.map_or("", |n| n.as_str()).to_string(),
+        });
+    }
+    let (width, height) = match &current {
+        Edited::Rgb(i) => i.dimensions(),
+        Edited::Rgba(i) => i.dimensions(),
+    };
+    let (image, content_type) = render::encode(&current, png)?;
+    Ok(PreviewEditResponse {
+        image,
+        content_type: content_type.to_string(),
+        width,
+        height,
+        rules: outcomes,
+    })
+}

@@ -1,0 +1,122 @@
+//! The CPU part of a preview, as plain functions (no I/O): downscaling, a rule's region at preview size, the rules
+//! applied in order, the encoding. The region and the edit are the job path's (`palette_rules`), at a smaller size:
+//! pixel-sized region parameters (feather, grow) are scaled with the photo, so the preview looks like the job's
+//! output downscaled.
+
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image};
+use palette_rules::region::RegionParams;
+use palette_rules::{Edited, GrayImage, RgbImage};
+
+use crate::jobs::item::ItemError;
+use crate::jobs::item::cpu::{NotApplied, hidden_by_occluders};
+use crate::jobs::item::imaging;
+
+/// Largest and default `max_side`.
+pub const MAX_SIDE: u32 = 4096;
+pub const DEFAULT_SIDE: u32 = 1024;
+pub const MIN_SIDE: u32 = 64;
+
+/// The preview's size: the photo's, shrunk (never grown) so its longer side is at most `max_side`.
+pub fn preview_size((w, h): (u32, u32), max_side: u32) -> (u32, u32) {
+    let long = w.max(h);
+    if long <= max_side {
+        return (w, h);
+    }
+    let scale = f64::from(max_side) / f64::from(long);
+    let side = |v: u32| ((f64::from(v) * scale).round() as u32).clamp(1, max_side);
+    (side(w), side(h))
+}
+
+/// Antialiased (area-weighted bilinear) downscale, the same for photos and masks so their edges stay aligned.
+fn resize(src: &[u8], from: (u32, u32), to: (u32, u32), pixel: PixelType) -> Vec<u8> {
+    if from == to {
+        return src.to_vec();
+    }
+    let src =
+        Image::from_vec_u8(from.0, from.1, src.to_vec(), pixel).expect("buffer matches its size");
+    let mut dst = Image::new(to.0, to.1, pixel);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    Resizer::new()
+        .resize(&src, &mut dst, &options)
+        .expect("same pixel type on both sides");
+    dst.into_vec()
+}
+
+pub fn downscale_rgb(img: &RgbImage, to: (u32, u32)) -> RgbImage {
+    let data = resize(img.as_raw(), img.dimensions(), to, PixelType::U8x3);
+    RgbImage::from_raw(to.0, to.1, data).expect("resized buffer")
+}
+
+pub fn downscale_gray(img: &GrayImage, to: (u32, u32)) -> GrayImage {
+    let data = resize(img.as_raw(), img.dimensions(), to, PixelType::U8);
+    GrayImage::from_raw(to.0, to.1, data).expect("resized buffer")
+}
+
+/// Pixel-sized parameters follow the photo's scale (`factor` = preview / full size).
+pub fn scaled(params: RegionParams, factor: f32) -> RegionParams {
+    RegionParams {
+        feather_px: params.feather_px * factor,
+        grow_px: params.grow_px * factor,
+        ..params
+    }
+}
+
+/// A rule's region at preview size and why it edits nothing, if it does not: as `item::cpu::render_rule` decides.
+pub fn region(
+    photo: &RgbImage,
+    target: Option<&GrayImage>,
+    occluders: &[GrayImage],
+    params: &RegionParams,
+) -> (GrayImage, Option<NotApplied>) {
+    let targets = target.map_or(&[][..], std::slice::from_ref);
+    let mut region = palette_rules::region::build_region(photo, targets, occluders, params);
+    let not_applied = match target {
+        None => Some(NotApplied::ConceptNotFound),
+        Some(t) if hidden_by_occluders(t, &region) => {
+            region.fill(0);
+            Some(NotApplied::RegionEmpty)
+        }
+        Some(_) => None,
+    };
+    (region, not_applied)
+}
+
+/// The encoded preview and its content type: JPEG, or PNG when asked or when the last rule cut the subject out.
+pub fn encode(edited: &Edited, png: bool) -> Result<(Vec<u8>, &'static str), ItemError> {
+    Ok(match edited {
+        Edited::Rgba(img) => (imaging::encode_png_rgba(img)?, "image/png"),
+        Edited::Rgb(img) if png => {
+            let rgba = image::DynamicImage::ImageRgb8(img.clone()).into_rgba8();
+            (imaging::encode_png_rgba(&rgba)?, "image/png")
+        }
+        Edited::Rgb(img) => (imaging::encode_jpeg(img)?, "image/jpeg"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn previews_shrink_to_the_longer_side_and_never_grow() {
+        assert_eq!(preview_size((4032, 3024), 1024), (1024, 768));
+        assert_eq!(preview_size((3024, 4032), 1024), (768, 1024));
+        assert_eq!(preview_size((800, 600), 1024), (800, 600));
+        assert_eq!(preview_size((5000, 1), 100), (100, 1));
+    }
+
+    #[test]
+    fn masks_and_photos_downscale_alike() {
+        let gray = GrayImage::from_fn(40, 20, |x, _| image::Luma([if x < 20 { 255 } else { 0 }]));
+        let rgb = RgbImage::from_fn(40, 20, |x, _| {
+            let v = if x < 20 { 255 } else { 0 };
+            image::Rgb([v, v, v])
+        });
+        let (g, c) = (downscale_gray(&gray, (10, 5)), downscale_rgb(&rgb, (10, 5)));
+        for (a, b) in g.pixels().zip(c.pixels()) {
+            assert_eq!(a[0], b[0]);
+        }
+        assert_eq!(g.get_pixel(0, 0)[0], 255);
+        assert_eq!(g.get_pixel(9, 0)[0], 0);
+    }
+}

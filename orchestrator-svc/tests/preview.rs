@@ -1,0 +1,237 @@
+//! PreviewEdit: rules on one photo of a finished job at preview size, from its stored masks, in the response.
+
+use palette_testing as common;
+
+use common::fake_segmenter;
+use common::orchestrator::{
+    Orchestrator, SEED_USER, is_terminal, photo_jpeg, seed_spec, start, string_struct,
+};
+use orchestrator_svc::jobs::preview::render;
+use orchestrator_svc::storage::ObjectStore;
+use palette_proto::orchestrator::v1::{JobSpec, PreviewEditRequest, Rule};
+use tonic::Code;
+
+fn rule(rule_id: &str, concept: &str, kind: &str, params: &[(&str, &str)]) -> Rule {
+    Rule {
+        rule_id: rule_id.into(),
+        concept: concept.into(),
+        r#type: kind.into(),
+        params: Some(string_struct(params)),
+    }
+}
+
+/// A floor tone: warmer by `warmth` (a number parameter).
+fn warm_floor(warmth: f64) -> Rule {
+    let mut params = string_struct(&[]);
+    params.fields.insert(
+        "warmth".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::NumberValue(warmth)),
+        },
+    );
+    Rule {
+        rule_id: "warm".into(),
+        concept: "floor".into(),
+        r#type: "tone".into(),
+        params: Some(params),
+    }
+}
+
+fn paint(color: &str) -> Rule {
+    rule("paint", "wall", "recolor", &[("color", color)])
+}
+
+fn request(job_id: &str, rules: Vec<Rule>) -> PreviewEditRequest {
+    PreviewEditRequest {
+        user_id: SEED_USER.into(),
+        job_id: job_id.into(),
+        idx: 0,
+        rules,
+        preset: String::new(),
+        max_side: 160,
+        format: String::new(),
+    }
+}
+
+async fn finished(orch: &mut Orchestrator, job_id: &str, rules: Vec<Rule>) {
+    orch.put_input(SEED_USER, job_id, 0, photo_jpeg(640, 480))
+        .await;
+    orch.client
+        .submit_job(JobSpec {
+            rules,
+            ..seed_spec(job_id, 1)
+        })
+        .await
+        .unwrap();
+    let job = orch.wait_for(job_id, is_terminal).await;
+    assert_eq!(job.completed, 1, "{job:?}");
+}
+
+fn mean_abs_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let sum: u64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y) as u64)
+        .sum();
+    sum as f64 / a.as_raw().len() as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_is_the_job_output_downscaled_and_writes_nothing() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    finished(&mut orch, "room", vec![paint("#1F3A5F")]).await;
+    let objects_before = walk(&orch);
+
+    let mut png = request("room", vec![paint("#1F3A5F")]);
+    png.format = "png".into();
+    let answer = orch.client.preview_edit(png).await.unwrap().into_inner();
+    assert_eq!(answer.content_type, "image/png");
+    assert_eq!((answer.width, answer.height), (160, 120));
+    assert!(answer.rules[0].applied && answer.rules[0].output_key.is_empty());
+    let preview = image::load_from_memory(&answer.image).unwrap().to_rgb8();
+    let full = orch
+        .store
+        .get(&format!("outputs/{SEED_USER}/room/paint/0.jpg"))
+        .await
+        .unwrap();
+    let full = image::load_from_memory(&full).unwrap().to_rgb8();
+    let downscaled = render::downscale_rgb(&full, (160, 120));
+    let diff = mean_abs_diff(&preview, &downscaled);
+    eprintln!("preview vs the job's output downscaled: mean |Δ| {diff:.3} codes");
+    assert!(
+        diff <= 1.0,
+        "preview vs the job's output downscaled: mean |Δ| {diff:.3} codes"
+    );
+
+    // Another colour on the same wall (the photo, mask and region come from the cache), then two rules in order.
+    let jpeg = orch
+        .client
+        .preview_edit(request("room", vec![paint("#9CAF88")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(jpeg.content_type, "image/jpeg");
+    let sage = image::load_from_memory(&jpeg.image).unwrap().to_rgb8();
+    assert!(mean_abs_diff(&sage, &preview) > 5.0, "a different colour");
+    let both = orch
+        .client
+        .preview_edit(request("room", vec![paint("#9CAF88"), warm_floor(0.5)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(both.rules.len(), 2);
+    assert_eq!(walk(&orch), objects_before, "a preview writes nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_previews_say_why() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    finished(&mut orch, "room", vec![]).await;
+    let code = |r: Result<tonic::Response<_>, tonic::Status>| {
+        r.map(|_: tonic::Response<_>| ()).unwrap_err()
+    };
+
+    let err = code(
+        orch.client
+            .preview_edit(request("nope", vec![paint("#FFFFFF")]))
+            .await,
+    );
+    assert_eq!(err.code(), Code::NotFound);
+    let err = code(
+        orch.client
+            .preview_edit(PreviewEditRequest {
+                user_id: "someone-else".into(),
+                ..request("room", vec![paint("#FFFFFF")])
+            })
+            .await,
+    );
+    assert_eq!(err.code(), Code::NotFound, "another user's job");
+    let err = code(
+        orch.client
+            .preview_edit(PreviewEditRequest {
+                idx: 5,
+                ..request("room", vec![paint("#FFFFFF")])
+            })
+            .await,
+    );
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("idx"), "{err:?}");
+    let err = code(
+        orch.client
+            .preview_edit(request(
+                "room",
+                vec![rule("p", "ceiling", "recolor", &[("color", "#FFFFFF")])],
+            ))
+            .await,
+    );
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("\"ceiling\" was not segmented"),
+        "{err:?}"
+    );
+    let err = code(
+        orch.client
+            .preview_edit(request(
+                "room",
+                vec![
+                    rule("cut", "wall", "remove", &[("mode", "cutout")]),
+                    paint("#FFFFFF"),
+                ],
+            ))
+            .await,
+    );
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = code(
+        orch.client
+            .preview_edit(PreviewEditRequest {
+                max_side: 10,
+                format: "gif".into(),
+                ..request("room", vec![paint("#FFFFFF")])
+            })
+            .await,
+    );
+    assert!(
+        err.message().contains("max_side") && err.message().contains("format"),
+        "{err:?}"
+    );
+
+    // A deleted mask: the photo cannot be previewed, and the answer names the key.
+    let job = orch.wait_for("room", is_terminal).await;
+    let floor = job.items[0]
+        .masks
+        .iter()
+        .find(|m| m.concept == "floor")
+        .unwrap()
+        .key
+        .clone();
+    std::fs::remove_file(orch.store.root().join(&floor)).unwrap();
+    let err = code(
+        orch.client
+            .preview_edit(request("room", vec![warm_floor(0.5)]))
+            .await,
+    );
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains(&floor), "{err:?}");
+}
+
+/// Every object under the orchestrator's local storage.
+fn walk(orch: &Orchestrator) -> Vec<String> {
+    fn visit(dir: &std::path::Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                visit(&path, out);
+            } else {
+                out.push(path.display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    visit(orch.store.root(), &mut out);
+    out.sort();
+    out
+}
