@@ -270,3 +270,41 @@ async fn the_store_forgets_what_retention_forgets_and_a_restart_keeps_it_forgott
         .await
         .expect("a forgotten job id is free again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_job_that_no_longer_validates_fails_its_open_items_once() {
+    const JOB: &str = "too-big-now";
+    const IMAGES: u32 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(60_000, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, IMAGES).await;
+    let env = env(dir.path(), &segmenter.url, &hooks.url());
+
+    let mut first = Process::start(binary(), &env, &dir.path().join("first.log")).await;
+    let mut jobs = client(&first);
+    jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
+    wait_for(&mut jobs, JOB, |j| j.state == JobState::Running as i32).await;
+    first.kill();
+
+    // Restarted with a limit the job now exceeds: it cannot be planned again.
+    let mut smaller = env.clone();
+    smaller.push(("MAX_IMAGES_PER_JOB".into(), "2".into()));
+    let log = dir.path().join("second.log");
+    let second = Process::start(binary(), &smaller, &log).await;
+    let job = wait_for(&mut client(&second), JOB, settled).await;
+    assert_eq!(job.failed, IMAGES, "{job:?}");
+    for item in &job.items {
+        assert_eq!(item.error_code, "job_not_resumable", "{item:?}");
+    }
+    let per_id = hooks.per_id();
+    assert_eq!(per_id.len(), IMAGES as usize, "{per_id:?}");
+    drop(second);
+    // Recorded as failed: a third start neither runs nor calls them back again.
+    let third = Process::start(binary(), &smaller, &dir.path().join("third.log")).await;
+    let again = get(&mut client(&third), JOB).await;
+    assert_eq!(again.items, job.items);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hooks.deliveries().len(), IMAGES as usize);
+}
