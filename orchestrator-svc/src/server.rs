@@ -178,7 +178,8 @@ pub async fn run(
             max_pixels: args.max_input_pixels,
         },
         config.segmenter.mask_cache_mb.saturating_mul(1024 * 1024),
-    );
+    )
+    .with_pixel_budget(args.inflight_megapixels());
     let pipeline = Arc::new(
         Pipeline::new(runner, callbacks, args.batch_concurrency as usize)
             .with_job_store(job_store(&config.jobs)?),

@@ -137,11 +137,10 @@ fn add_row(acc: &mut [f32], row: &[f32], s: f32) {
 /// Gaussian blur approximated by three box means (within ~3 % of a true Gaussian); below sigma 0.8 three boxes
 /// of radius 1 would already blur to sigma 1.4, so small sigmas use a 3-tap kernel of the same variance.
 pub fn gaussian(src: &Plane, sigma: f32) -> Plane {
-    if sigma < 0.3 {
-        return src.clone();
-    }
-    if sigma < 0.8 {
-        return three_tap(src, 0.5 * sigma * sigma);
+    match three_tap_weight(sigma) {
+        Some(0.0) => return src.clone(),
+        Some(wt) => return three_tap(src, wt),
+        None => {}
     }
     let r = (((12.0 * sigma * sigma / 3.0 + 1.0).sqrt() - 1.0) / 2.0)
         .round()
@@ -149,26 +148,48 @@ pub fn gaussian(src: &Plane, sigma: f32) -> Plane {
     box_mean(&box_mean(&box_mean(src, r), r), r)
 }
 
+/// The weight w of the 3-tap kernel `gaussian` uses for `sigma` (0 where it blurs nothing); None where it uses three
+/// boxes instead. Lets a caller fuse the blur into its own passes (`region`) with the same numbers.
+pub fn three_tap_weight(sigma: f32) -> Option<f32> {
+    if sigma < 0.3 {
+        Some(0.0)
+    } else if sigma < 0.8 {
+        Some(0.5 * sigma * sigma)
+    } else {
+        None
+    }
+}
+
 /// Separable [w, 1 - 2w, w] blur (variance 2w per axis), edges clamped.
 fn three_tap(src: &Plane, wt: f32) -> Plane {
     let (w, h) = (src.w, src.h);
-    let c = 1.0 - 2.0 * wt;
     let mut tmp = vec![0.0f32; w * h];
     tmp.par_chunks_mut(w)
         .zip(src.data.par_chunks(w))
-        .for_each(|(d, r)| {
-            for x in 0..w {
-                d[x] = c * r[x] + wt * (r[x.saturating_sub(1)] + r[(x + 1).min(w - 1)]);
-            }
-        });
+        .for_each(|(d, r)| three_tap_row(r, d, wt));
     let mut out = Plane::new(w, h);
     out.data.par_chunks_mut(w).enumerate().for_each(|(y, d)| {
-        let (up, mid, dn) = (y.saturating_sub(1), y, (y + 1).min(h - 1));
-        for x in 0..w {
-            d[x] = c * tmp[mid * w + x] + wt * (tmp[up * w + x] + tmp[dn * w + x]);
-        }
+        let (up, dn) = (y.saturating_sub(1), (y + 1).min(h - 1));
+        let row = |k: usize| &tmp[k * w..(k + 1) * w];
+        three_tap_column(row(up), row(y), row(dn), d, wt);
     });
     out
+}
+
+/// The horizontal pass of `three_tap` on one row.
+pub fn three_tap_row(r: &[f32], d: &mut [f32], wt: f32) {
+    let (w, c) = (r.len(), 1.0 - 2.0 * wt);
+    for x in 0..w {
+        d[x] = c * r[x] + wt * (r[x.saturating_sub(1)] + r[(x + 1).min(w - 1)]);
+    }
+}
+
+/// The vertical pass of `three_tap` for one row, from the horizontal pass's rows above, at and below it.
+pub fn three_tap_column(up: &[f32], mid: &[f32], dn: &[f32], d: &mut [f32], wt: f32) {
+    let c = 1.0 - 2.0 * wt;
+    for (x, d) in d.iter_mut().enumerate() {
+        *d = c * mid[x] + wt * (up[x] + dn[x]);
+    }
 }
 
 /// Max (grow) or min (shrink) over a square window of radius r; soft values stay soft.

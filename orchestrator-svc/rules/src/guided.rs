@@ -11,59 +11,116 @@ use rayon::prelude::*;
 /// full-resolution radius. The guide is read straight from the 8-bit photo: at full resolution it is only needed in
 /// the last step, fused with the upsampling of the coefficients, so no full-resolution float copies are made.
 pub fn guided_filter(photo: &RgbImage, crop: Rect, p: &Plane, r: usize, eps: f32) -> Plane {
-    // Coefficients at 1/s resolution with s = r/2 (the paper suggests r/4): at ~1 MP (r = 5) r/4 meant s = 1, the
-    // full-resolution filter, and 3x the time, for the same edge error on the quality test (0.50-0.54 vs 0.38-0.52
-    // mean |alpha - truth| at 1, 0.76 and 3 MP; tests/quality.rs).
-    let s = (r / 2).max(1);
-    let rs = (r / s).max(1);
-    let i = guide_small(photo, crop, s);
-    let ps = downsample(p, s);
-    let (w, h) = (ps.w, ps.h);
-    let n = w * h;
-    let mean = |pl: &Plane| box_mean(pl, rs);
-    let mi: Vec<Plane> = i.iter().map(mean).collect();
-    let mp = mean(&ps);
-    let mip: Vec<Plane> = i.iter().map(|c| box_mean_product(c, &ps, rs)).collect();
-    // Second moments of the guide: rr, rg, rb, gg, gb, bb.
-    let pairs = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)];
-    let mii: Vec<Plane> = pairs
-        .iter()
-        .map(|&(a, b)| box_mean_product(&i[a], &i[b], rs))
-        .collect();
+    let ps = downsample(p, scale(r));
+    let coef = Coefficients::solve(photo, crop, &ps, r, eps);
+    let mut out = Plane::new(p.w, p.h);
+    out.data
+        .par_chunks_mut(p.w)
+        .enumerate()
+        .for_each(|(y, dst)| coef.apply_row(photo, crop, y, dst));
+    out
+}
 
-    let mut coef = vec![[0.0f32; 4]; n];
-    coef.par_iter_mut().enumerate().for_each(|(k, c)| {
-        let m = [mi[0].data[k], mi[1].data[k], mi[2].data[k]];
-        let cov_ip: [f32; 3] = std::array::from_fn(|ch| mip[ch].data[k] - m[ch] * mp.data[k]);
-        let v = |q: usize| {
-            let (a, b) = pairs[q];
-            mii[q].data[k] - m[a] * m[b]
-        };
-        let (rr, rg, rb, gg, gb, bb) = (v(0) + eps, v(1), v(2), v(3) + eps, v(4), v(5) + eps);
-        // Symmetric 3x3 inverse by cofactors; eps on the diagonal keeps it well conditioned.
-        let c00 = gg * bb - gb * gb;
-        let c01 = gb * rb - rg * bb;
-        let c02 = rg * gb - gg * rb;
-        let c11 = rr * bb - rb * rb;
-        let c12 = rb * rg - rr * gb;
-        let c22 = rr * gg - rg * rg;
-        let det = rr * c00 + rg * c01 + rb * c02;
-        let inv = 1.0 / det;
-        let a0 = (c00 * cov_ip[0] + c01 * cov_ip[1] + c02 * cov_ip[2]) * inv;
-        let a1 = (c01 * cov_ip[0] + c11 * cov_ip[1] + c12 * cov_ip[2]) * inv;
-        let a2 = (c02 * cov_ip[0] + c12 * cov_ip[1] + c22 * cov_ip[2]) * inv;
-        *c = [a0, a1, a2, mp.data[k] - a0 * m[0] - a1 * m[1] - a2 * m[2]];
-    });
-    let cp: Vec<Plane> = (0..4)
-        .map(|ch| {
-            mean(&Plane {
-                w,
-                h,
-                data: coef.iter().map(|c| c[ch]).collect(),
+/// The factor the coefficients are solved at: s = r/2 (the paper suggests r/4): at ~1 MP (r = 5) r/4 meant s = 1,
+/// the full-resolution filter, and 3x the time, for the same edge error on the quality test (0.50-0.54 vs
+/// 0.38-0.52 mean |alpha - truth| at 1, 0.76 and 3 MP; tests/quality.rs). Callers that can build the mask at this
+/// scale directly (`region`) skip its full-resolution plane.
+pub fn scale(r: usize) -> usize {
+    (r / 2).max(1)
+}
+
+/// The filter's linear coefficients (a . I + b), smoothed, at 1/s resolution: what `apply_row` upsamples.
+pub struct Coefficients {
+    cp: Vec<Plane>,
+    s: usize,
+    /// Horizontal taps of the crop's columns.
+    xs: Vec<(usize, usize, f32)>,
+}
+
+impl Coefficients {
+    /// Solves them from `ps`, the mask over `crop` area-averaged by `scale(r)` (`filter::downsample`).
+    pub fn solve(photo: &RgbImage, crop: Rect, ps: &Plane, r: usize, eps: f32) -> Self {
+        let s = scale(r);
+        let rs = (r / s).max(1);
+        let i = guide_small(photo, crop, s);
+        let (w, h) = (ps.w, ps.h);
+        let n = w * h;
+        let mean = |pl: &Plane| box_mean(pl, rs);
+        let mi: Vec<Plane> = i.iter().map(mean).collect();
+        let mp = mean(ps);
+        let mip: Vec<Plane> = i.iter().map(|c| box_mean_product(c, ps, rs)).collect();
+        // Second moments of the guide: rr, rg, rb, gg, gb, bb.
+        let pairs = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)];
+        let mii: Vec<Plane> = pairs
+            .iter()
+            .map(|&(a, b)| box_mean_product(&i[a], &i[b], rs))
+            .collect();
+
+        let mut coef = vec![[0.0f32; 4]; n];
+        coef.par_iter_mut().enumerate().for_each(|(k, c)| {
+            let m = [mi[0].data[k], mi[1].data[k], mi[2].data[k]];
+            let cov_ip: [f32; 3] = std::array::from_fn(|ch| mip[ch].data[k] - m[ch] * mp.data[k]);
+            let v = |q: usize| {
+                let (a, b) = pairs[q];
+                mii[q].data[k] - m[a] * m[b]
+            };
+            let (rr, rg, rb, gg, gb, bb) = (v(0) + eps, v(1), v(2), v(3) + eps, v(4), v(5) + eps);
+            // Symmetric 3x3 inverse by cofactors; eps on the diagonal keeps it well conditioned.
+            let c00 = gg * bb - gb * gb;
+            let c01 = gb * rb - rg * bb;
+            let c02 = rg * gb - gg * rb;
+            let c11 = rr * bb - rb * rb;
+            let c12 = rb * rg - rr * gb;
+            let c22 = rr * gg - rg * rg;
+            let det = rr * c00 + rg * c01 + rb * c02;
+            let inv = 1.0 / det;
+            let a0 = (c00 * cov_ip[0] + c01 * cov_ip[1] + c02 * cov_ip[2]) * inv;
+            let a1 = (c01 * cov_ip[0] + c11 * cov_ip[1] + c12 * cov_ip[2]) * inv;
+            let a2 = (c02 * cov_ip[0] + c12 * cov_ip[1] + c22 * cov_ip[2]) * inv;
+            *c = [a0, a1, a2, mp.data[k] - a0 * m[0] - a1 * m[1] - a2 * m[2]];
+        });
+        let cp: Vec<Plane> = (0..4)
+            .map(|ch| {
+                mean(&Plane {
+                    w,
+                    h,
+                    data: coef.iter().map(|c| c[ch]).collect(),
+                })
             })
-        })
-        .collect();
-    apply_upsampled(photo, crop, &cp, s, p.w, p.h)
+            .collect();
+        let (fw, w) = (crop.width() as usize, cp[0].w);
+        let xs = (0..fw).map(|x| coord(x, s, w)).collect();
+        Coefficients { cp, s, xs }
+    }
+
+    /// Row y of the crop: q = a . I + b, with a and b bilinearly upsampled (half-pixel centres) on the fly.
+    pub fn apply_row(&self, photo: &RgbImage, crop: Rect, y: usize, dst: &mut [f32]) {
+        let (w, h) = (self.cp[0].w, self.cp[0].h);
+        let (j, j1, wy) = coord(y, self.s, h);
+        // This row's coefficients, interpolated vertically once, then horizontally per pixel.
+        let rows: Vec<Vec<f32>> = self
+            .cp
+            .iter()
+            .map(|pl| {
+                let (r0, r1) = (&pl.data[j * w..(j + 1) * w], &pl.data[j1 * w..(j1 + 1) * w]);
+                r0.iter().zip(r1).map(|(a, b)| a + wy * (b - a)).collect()
+            })
+            .collect();
+        let stride = photo.width() as usize * 3;
+        let src = &photo.as_raw()[(crop.y0 as usize + y) * stride + crop.x0 as usize * 3..];
+        for (x, (d, &(i, i1, wx))) in dst.iter_mut().zip(&self.xs).enumerate() {
+            let c = |k: usize| rows[k][i] + wx * (rows[k][i1] - rows[k][i]);
+            let g = |k: usize| src[x * 3 + k] as f32 * (1.0 / 255.0);
+            *d = (c(0) * g(0) + c(1) * g(1) + c(2) * g(2) + c(3)).clamp(0.0, 1.0);
+        }
+    }
+}
+
+/// Full-resolution index i on a grid downsampled by s with n samples: (sample, next sample, weight).
+fn coord(i: usize, s: usize, n: usize) -> (usize, usize, f32) {
+    let f = ((i as f32 + 0.5) / s as f32 - 0.5).clamp(0.0, (n - 1) as f32);
+    let k = f.floor() as usize;
+    (k, (k + 1).min(n - 1), f - k as f32)
 }
 
 /// The crop's sRGB planes (0..1), area-averaged by s, read directly from the 8-bit photo.
@@ -100,48 +157,6 @@ fn guide_small(photo: &RgbImage, crop: Rect, s: usize) -> Vec<Plane> {
                 .collect(),
         })
         .collect()
-}
-
-/// q = a . I + b at full resolution, with a and b bilinearly upsampled (half-pixel centres) on the fly.
-fn apply_upsampled(
-    photo: &RgbImage,
-    crop: Rect,
-    cp: &[Plane],
-    s: usize,
-    fw: usize,
-    fh: usize,
-) -> Plane {
-    let (w, h) = (cp[0].w, cp[0].h);
-    let coord = |i: usize, n: usize| {
-        let f = ((i as f32 + 0.5) / s as f32 - 0.5).clamp(0.0, (n - 1) as f32);
-        let k = f.floor() as usize;
-        (k, (k + 1).min(n - 1), f - k as f32)
-    };
-    let xs: Vec<_> = (0..fw).map(|x| coord(x, w)).collect();
-    let stride = photo.width() as usize * 3;
-    let raw = photo.as_raw();
-    let mut out = Plane::new(fw, fh);
-    out.data
-        .par_chunks_mut(fw)
-        .enumerate()
-        .for_each(|(y, dst)| {
-            let (j, j1, wy) = coord(y, h);
-            // This row's coefficients, interpolated vertically once, then horizontally per pixel.
-            let rows: Vec<Vec<f32>> = cp
-                .iter()
-                .map(|pl| {
-                    let (r0, r1) = (&pl.data[j * w..(j + 1) * w], &pl.data[j1 * w..(j1 + 1) * w]);
-                    r0.iter().zip(r1).map(|(a, b)| a + wy * (b - a)).collect()
-                })
-                .collect();
-            let src = &raw[(crop.y0 as usize + y) * stride + crop.x0 as usize * 3..];
-            for (x, (d, &(i, i1, wx))) in dst.iter_mut().zip(&xs).enumerate() {
-                let c = |k: usize| rows[k][i] + wx * (rows[k][i1] - rows[k][i]);
-                let g = |k: usize| src[x * 3 + k] as f32 * (1.0 / 255.0);
-                *d = (c(0) * g(0) + c(1) * g(1) + c(2) * g(2) + c(3)).clamp(0.0, 1.0);
-            }
-        });
-    out
 }
 
 #[cfg(test)]

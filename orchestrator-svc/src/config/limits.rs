@@ -43,4 +43,44 @@ pub struct LimitArgs {
     /// limited to 65535 px, JPEG's limit (the outputs are JPEGs).
     #[arg(long, env = "MAX_INPUT_PIXELS", default_value_t = 50_000_000)]
     pub max_input_pixels: u64,
+    /// Megapixels of photos in flight over the whole process: an image starts once its pixels fit (BATCH_CONCURRENCY
+    /// still caps the count); one larger than the whole budget runs alone. Unset: half the container's memory limit
+    /// (cgroup v2 memory.max) at 24 bytes per pixel (4 GiB: 89 MP), or 200 MP where no limit is set.
+    #[arg(long, env = "MAX_INFLIGHT_MEGAPIXELS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_inflight_megapixels: Option<u64>,
+}
+
+/// What one image in flight holds, per pixel of its photo, at its peak: the decoded photo (3 bytes), a union plane
+/// per rule concept (1 each), a rule's working planes over the region's box and its edited copy (3). Measured with
+/// orchestrator-bench on 48 MP photos (see docs/operations.md, sizing); rounded up.
+pub const BYTES_PER_PIXEL_IN_FLIGHT: u64 = 24;
+
+/// Without a memory limit: 200 MP (four 48 MP photos at once, ~4.8 GB at `BYTES_PER_PIXEL_IN_FLIGHT`).
+const UNLIMITED_MEGAPIXELS: u64 = 200;
+
+/// The default budget of megapixels in flight for a container limited to `memory_max` bytes (None: no limit): half
+/// of it for images, the rest for the process itself (runtime, mask cache, retained jobs, encoded bodies).
+pub fn default_inflight_megapixels(memory_max: Option<u64>) -> u64 {
+    match memory_max {
+        Some(bytes) => (bytes / 2 / BYTES_PER_PIXEL_IN_FLIGHT / 1_000_000).max(1),
+        None => UNLIMITED_MEGAPIXELS,
+    }
+}
+
+/// The cgroup v2 memory limit of this process's container (`/sys/fs/cgroup/memory.max`), None when unlimited
+/// ("max") or not readable (not in a cgroup v2 container, other OS).
+pub fn cgroup_memory_max() -> Option<u64> {
+    std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+impl LimitArgs {
+    /// MAX_INFLIGHT_MEGAPIXELS, or its default from the container's memory limit.
+    pub fn inflight_megapixels(&self) -> u64 {
+        self.max_inflight_megapixels
+            .unwrap_or_else(|| default_inflight_megapixels(cgroup_memory_max()))
+    }
 }

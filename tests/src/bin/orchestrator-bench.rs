@@ -49,6 +49,15 @@ struct Args {
     /// Python for the reference pipeline (needs numpy and opencv-python-headless).
     #[arg(long)]
     python: Option<std::path::PathBuf>,
+    /// Copies every job's outputs here at the end (`outputs/...` as stored), for `tests/bench/compare_outputs.py`
+    /// to check that a change left them within 1 code of a run before it.
+    #[arg(long)]
+    keep_outputs: Option<std::path::PathBuf>,
+    /// Orchestrator MAX_INFLIGHT_MEGAPIXELS (unset: its default from this machine's cgroup memory limit). The
+    /// memory check of issue 13: `--width 8000 --height 6000 --images 4 --small 1 --batch-concurrency 4
+    /// --phone-images 0 --inflight-megapixels 100` prints the peak RSS against the budget in bytes.
+    #[arg(long)]
+    inflight_megapixels: Option<u64>,
 }
 
 /// What one measured job cost, per image.
@@ -217,18 +226,33 @@ fn gauge(metrics: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn run_job(
-    url: &str,
-    storage: &std::path::Path,
-    job_id: &str,
-    n: u32,
-    size: (u32, u32),
-) -> f64 {
+/// Writes a job's input photos. Called before a job's CPU time is read: making the synthetic photos (a 12 MP JPEG
+/// encode each) is the bench's work, not the services'; inside the measured span it was ~10 % of the 12 MP figure.
+fn write_inputs(storage: &std::path::Path, job_id: &str, n: u32, size: (u32, u32)) {
+    let dir = storage.join(format!("inputs/bench-user/{job_id}"));
+    std::fs::create_dir_all(&dir).unwrap();
     for i in 0..n {
-        let dir = storage.join(format!("inputs/bench-user/{job_id}"));
-        std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(format!("{i}.jpg")), photo(size.0, size.1, i)).unwrap();
     }
+}
+
+/// Copies `from` to `to` recursively.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs a job on the photos `write_inputs` stored; its wall time.
+async fn run_job(url: &str, job_id: &str, n: u32) -> f64 {
     let mut client = JobsClient::connect(url.to_string()).await.unwrap();
     let started = Instant::now();
     client
@@ -289,15 +313,20 @@ async fn main() -> anyhow::Result<()> {
     config.limits.batch_concurrency = args.batch_concurrency;
     config.limits.retained_jobs_mb = args.retained_jobs_mb;
     config.limits.presets_dir = palette_e2e::repo_root().join("presets");
+    config.limits.max_inflight_megapixels = args.inflight_megapixels;
+    let budget_mp = config.limits.inflight_megapixels();
     let mut orchestrator = palette_e2e::start_orchestrator(config).await;
     let url = orchestrator.url();
 
     let size = (args.width, args.height);
+    let (idle_peak, _) = process_stats();
+    write_inputs(storage.path(), "small", args.small, size);
+    write_inputs(storage.path(), "large", args.images, size);
     let (_, cpu0) = process_stats();
-    let small_wall = run_job(&url, storage.path(), "small", args.small, size).await;
+    let small_wall = run_job(&url, "small", args.small).await;
     let (small_peak, cpu1) = process_stats();
     let before = recorder.render();
-    let large_wall = run_job(&url, storage.path(), "large", args.images, size).await;
+    let large_wall = run_job(&url, "large", args.images).await;
     let (large_peak, cpu2) = process_stats();
     let after = recorder.render();
 
@@ -361,6 +390,21 @@ async fn main() -> anyhow::Result<()> {
         args.images,
         large_peak as f64 / small_peak.max(1) as f64
     );
+    let budget_bytes = budget_mp * orchestrator_svc::config::BYTES_PER_PIXEL_IN_FLIGHT * 1_000_000;
+    println!(
+        "pixel budget {budget_mp} MP in flight = {:.0} MB at {} bytes per pixel; peak RSS {:.0} MB, {:.0} MB above \
+         the idle pair of services ({:.0} MB): {}",
+        budget_bytes as f64 / 1e6,
+        orchestrator_svc::config::BYTES_PER_PIXEL_IN_FLIGHT,
+        large_peak as f64 / 1e6,
+        large_peak.saturating_sub(idle_peak) as f64 / 1e6,
+        idle_peak as f64 / 1e6,
+        if large_peak.saturating_sub(idle_peak) <= budget_bytes {
+            "within the budget"
+        } else {
+            "OVER the budget"
+        }
+    );
     // What the job leaves in storage, per image: masks are one full-resolution PNG per instance, so their encoding
     // (speed vs size) shows up here and in the "masks" stage above.
     for prefix in ["masks", "outputs", "previews"] {
@@ -371,14 +415,9 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     for round in 1..=args.extra_rounds {
-        run_job(
-            &url,
-            storage.path(),
-            &format!("extra-{round}"),
-            args.images,
-            size,
-        )
-        .await;
+        let job_id = format!("extra-{round}");
+        write_inputs(storage.path(), &job_id, args.images, size);
+        run_job(&url, &job_id, args.images).await;
         println!(
             "extra round {round}: {} more images, peak RSS {:.0} MB, RSS now {:.0} MB, job records {:.2} MB (estimate)",
             args.images,
@@ -406,9 +445,10 @@ async fn main() -> anyhow::Result<()> {
     );
     if args.phone_images > 0 {
         let (w, h) = (4032, 3024);
+        write_inputs(storage.path(), "phone", args.phone_images, (w, h));
         let before = recorder.render();
         let (_, cpu_a) = process_stats();
-        run_job(&url, storage.path(), "phone", args.phone_images, (w, h)).await;
+        run_job(&url, "phone", args.phone_images).await;
         let (_, cpu_b) = process_stats();
         let after = recorder.render();
         let n = f64::from(args.phone_images);
@@ -440,6 +480,10 @@ async fn main() -> anyhow::Result<()> {
             instances("phone") / args.phone_images.max(1),
         );
         print_reference(&format!("{w}x{h}"), &phone, reference);
+    }
+    if let Some(dir) = &args.keep_outputs {
+        copy_tree(&storage.path().join("outputs"), dir)?;
+        println!("outputs copied to {}", dir.display());
     }
     let _ = (cpu0, small_wall);
     orchestrator.stop().await.unwrap();

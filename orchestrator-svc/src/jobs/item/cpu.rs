@@ -3,51 +3,107 @@
 
 use std::collections::HashMap;
 
-use palette_rules::mask::{ModelMask, PixelBox, upsample_instance};
+use palette_rules::mask::{InstanceUpsampler, ModelMask, PixelBox};
 use palette_rules::{Edited, GrayImage, RgbImage};
 
 use super::error::ItemError;
 use super::imaging;
+use super::mask_cache::ConceptMasks;
 use crate::jobs::validate::PlannedRule;
 use crate::mask_png::{self, Placement};
 
-/// One instance at full resolution.
+/// One instance at full resolution, as stored.
 pub struct InstanceMask {
     /// The instance as stored (`masks/...png`): its crop to its non-zero pixels (see `crate::mask_png`).
     pub png: Vec<u8>,
     /// Where the crop sits in the photo.
     pub placement: Placement,
-    /// The union (max) of the concept's instances so far, this one included; None when no rule needs the concept.
-    pub union: Option<GrayImage>,
 }
 
-/// Upsamples one instance inside its box to `width` x `height` and encodes its crop to its non-zero pixels; when
-/// `keep_union`, folds the full-frame plane into `union_so_far` (a region is built from the union of a concept's
-/// instances, so memory is one plane per concept).
+/// Upsamples one instance inside its box to `width` x `height`, a row at a time, and encodes its crop to its
+/// non-zero pixels; when given `union` (a full-frame plane: the concept's union so far), folds the instance into it
+/// (max). A region is built from the union of a concept's instances, so memory is one plane per concept a rule
+/// needs and none per instance: at 12 MP a full-frame plane per instance (~20 per photo) cost more in page faults
+/// and zeroing than the upsample itself.
 pub fn instance_mask(
     model: &ModelMask<'_>,
     bbox: PixelBox,
     (width, height): (u32, u32),
-    union_so_far: Option<GrayImage>,
-    keep_union: bool,
+    mut union: Option<&mut GrayImage>,
 ) -> Result<InstanceMask, ItemError> {
-    let gray = upsample_instance(model, bbox, width, height);
-    let placement = mask_png::nonzero_bounds(&gray).unwrap_or(Placement::EMPTY);
-    let png = imaging::encode_mask_png(&gray, placement)?;
-    let union = keep_union.then(|| match union_so_far {
-        Some(mut union) => {
-            for (u, g) in union.iter_mut().zip(gray.iter()) {
-                *u = (*u).max(*g);
+    let up = InstanceUpsampler::new(model, bbox, width, height);
+    let b = up.nonzero_bounds();
+    let encode_error = |e: png::EncodingError| ItemError::Encode {
+        what: "PNG encode",
+        source: e.into(),
+    };
+    if b.is_empty() {
+        let png =
+            mask_png::encode_rows(Placement::EMPTY, |_, out| out.fill(0)).map_err(encode_error)?;
+        return Ok(InstanceMask {
+            png,
+            placement: Placement::EMPTY,
+        });
+    }
+    let placement = Placement {
+        x: b.x0,
+        y: b.y0,
+        width: b.width(),
+        height: b.height(),
+    };
+    let stride = width as usize;
+    let png = mask_png::encode_rows(placement, |y, row| {
+        up.row(y, b.x0, row);
+        if let Some(union) = union.as_deref_mut() {
+            let start = y as usize * stride + b.x0 as usize;
+            for (u, &v) in union.as_mut()[start..start + row.len()]
+                .iter_mut()
+                .zip(row.iter())
+            {
+                *u = (*u).max(v);
             }
-            union
         }
-        None => gray,
-    });
-    Ok(InstanceMask {
-        png,
-        placement,
-        union,
     })
+    .map_err(encode_error)?;
+    Ok(InstanceMask { png, placement })
+}
+
+/// Every instance of one concept (`instance_mask`), and their union when `keep_union` (a rule needs the concept).
+/// Boxes are in the segmenter's view of the image; both apply EXIF orientation, so only a scale can differ.
+pub fn concept_masks(
+    masks: &ConceptMasks,
+    (w, h): (u32, u32),
+    keep_union: bool,
+) -> Result<(Vec<InstanceMask>, Option<GrayImage>), ItemError> {
+    let sx = w as f32 / masks.image_width.max(1) as f32;
+    let sy = h as f32 / masks.image_height.max(1) as f32;
+    let instances = &masks.result.instances;
+    // Zeroed lazily by the allocator: only the pages instances touch are ever written.
+    let mut union = (keep_union && !instances.is_empty()).then(|| GrayImage::new(w, h));
+    let mut out = Vec::with_capacity(instances.len());
+    for instance in instances {
+        let model = ModelMask {
+            width: masks.mask_width,
+            height: masks.mask_height,
+            probs: instance.mask.as_ref().map_or(&[][..], |m| &m.data[..]),
+        };
+        let bbox = instance.r#box.map_or(
+            PixelBox {
+                x0: 0.0,
+                y0: 0.0,
+                x1: w as f32,
+                y1: h as f32,
+            },
+            |b| PixelBox {
+                x0: b.x0 * sx,
+                y0: b.y0 * sy,
+                x1: b.x1 * sx,
+                y1: b.y1 * sy,
+            },
+        );
+        out.push(instance_mask(&model, bbox, (w, h), union.as_mut())?);
+    }
+    Ok((out, union))
 }
 
 /// How a rule's output is stored.

@@ -4,9 +4,7 @@
 use std::io::Cursor;
 
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
-use image::{
-    DynamicImage, GrayImage, ImageDecoder, ImageEncoder, ImageReader, RgbImage, RgbaImage, imageops,
-};
+use image::{DynamicImage, ImageDecoder, ImageEncoder, ImageReader, RgbImage, RgbaImage, imageops};
 use palette_rules::icc::Conversion;
 
 use super::error::ItemError;
@@ -65,6 +63,15 @@ pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemErr
         metrics::counter!("orchestrator_color_profiles_total", "result" => result).increment(1);
     }
     Ok(rgb)
+}
+
+/// Width x height from the image's header (no pixel decoded); 0 when it cannot be read (decoding then says why).
+pub fn pixel_count(bytes: &[u8]) -> u64 {
+    ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()
+        .and_then(|r| r.into_dimensions().ok())
+        .map_or(0, |(w, h)| u64::from(w) * u64::from(h))
 }
 
 /// EXIF orientation tag (1 = upright) of JPEG/PNG/WebP bytes; 1 when absent or unreadable.
@@ -138,19 +145,6 @@ pub fn encode_png_rgba(img: &RgbaImage) -> Result<Vec<u8>, ItemError> {
             source: e.into(),
         })?;
     Ok(out)
-}
-
-/// An instance mask as stored: its crop to `at` with an `oFFs` chunk (see `crate::mask_png`). `Fast` (fdeflate):
-/// with zlib's default level mask encoding was a third of the orchestrator's CPU (orchestrator-bench, 1008x756,
-/// full-frame masks: masks stage 343 -> 66 ms per image, files 35 % larger).
-pub fn encode_mask_png(
-    mask: &GrayImage,
-    at: crate::mask_png::Placement,
-) -> Result<Vec<u8>, ItemError> {
-    crate::mask_png::encode_crop(mask, at).map_err(|e| ItemError::Encode {
-        what: "PNG encode",
-        source: e.into(),
-    })
 }
 
 /// Fits the image inside 256x256 (aspect kept) and encodes it as JPEG.

@@ -2,6 +2,7 @@
 //! full-resolution masks stored -> each rule's region, edit and output stored -> preview. `ItemRunner` owns what
 //! an item needs and does the I/O; the CPU work is in `cpu`, run on the blocking pool.
 
+mod admission;
 pub(in crate::jobs) mod cpu;
 mod error;
 pub(in crate::jobs) mod imaging;
@@ -14,9 +15,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use palette_proto::orchestrator::v1::{MaskKey, RuleOutput};
-use palette_rules::mask::{ModelMask, PixelBox};
 use palette_rules::{GrayImage, RgbImage};
 
+pub use admission::PixelBudget;
 pub use error::ItemError;
 pub use mask_cache::MaskCache;
 
@@ -27,7 +28,7 @@ use crate::jobs::edit::record as edit_record;
 use crate::keys;
 use crate::segmenter::Segmenter;
 use crate::storage::{SharedStore, StorageError};
-use cpu::{RuleInput, instance_mask, render_rule};
+use cpu::{RuleInput, concept_masks, render_rule};
 use mask_cache::ConceptMasks;
 
 /// Limits on one input, checked before its pixels are decoded.
@@ -44,6 +45,7 @@ pub struct ItemRunner {
     segmenter: Arc<Segmenter>,
     limits: InputLimits,
     mask_cache: MaskCache,
+    budget: PixelBudget,
 }
 
 /// Runs blocking (CPU) work off the async threads.
@@ -67,7 +69,19 @@ impl ItemRunner {
             segmenter,
             limits,
             mask_cache: MaskCache::new(mask_cache_bytes),
+            // Until `with_pixel_budget`: the default where no memory limit is set.
+            budget: PixelBudget::new(crate::config::default_inflight_megapixels(None)),
         }
+    }
+
+    /// Admits items by pixels: at most `megapixels` of photos in flight together (see `admission`).
+    pub fn with_pixel_budget(mut self, megapixels: u64) -> Self {
+        tracing::info!(
+            megapixels,
+            "images start once their pixels fit in this many megapixels in flight"
+        );
+        self.budget = PixelBudget::new(megapixels);
+        self
     }
 
     pub fn store(&self) -> &SharedStore {
@@ -79,6 +93,11 @@ impl ItemRunner {
         let stage = Stage::start("download");
         let input_key = keys::input(&plan.user_id, plan.photos_job_id(), idx);
         let bytes = self.download_input(&input_key).await?;
+        stage.finish();
+
+        // Held to the end of the item: its photo, planes and outputs live until then.
+        let stage = Stage::start("admit");
+        let _admitted = self.budget.admit(imaging::pixel_count(&bytes)).await;
         stage.finish();
 
         let stage = Stage::start("decode");
@@ -156,8 +175,9 @@ impl ItemRunner {
     }
 
     /// Upsamples every instance inside its box to full resolution and stores its crop as PNG (placement in an `oFFs`
-    /// chunk and in its `MaskKey`). Keeps in memory only what a
-    /// rule needs: the union of each rule concept's instances (see `cpu::instance_mask`).
+    /// chunk and in its `MaskKey`). Keeps in memory only what a rule needs: the union of each rule concept's
+    /// instances (see `cpu::instance_mask`). One blocking task per concept, its instances one after the other: the
+    /// items in flight already fill the cores, and no full-frame plane per instance is made.
     async fn store_masks(
         &self,
         plan: &JobPlan,
@@ -172,10 +192,6 @@ impl ItemRunner {
         // The concept names used in keys are ours (validated), never the reply's.
         for (masks, concept) in concepts.iter().zip(&plan.concepts) {
             let (mw, mh) = (masks.mask_width, masks.mask_height);
-            // Boxes are in the segmenter's view of the image; both apply EXIF orientation, so only a scale can
-            // differ.
-            let sx = w as f32 / masks.image_width.max(1) as f32;
-            let sy = h as f32 / masks.image_height.max(1) as f32;
             for (n, instance) in masks.result.instances.iter().enumerate() {
                 let probs_len = instance.mask.as_ref().map_or(0, |m| m.data.len());
                 if probs_len != (mw as usize) * (mh as usize) || mw == 0 || mh == 0 {
@@ -185,36 +201,12 @@ impl ItemRunner {
                     ))
                     .into());
                 }
-                let bbox = instance.r#box.map_or(
-                    PixelBox {
-                        x0: 0.0,
-                        y0: 0.0,
-                        x1: w as f32,
-                        y1: h as f32,
-                    },
-                    |b| PixelBox {
-                        x0: b.x0 * sx,
-                        y0: b.y0 * sy,
-                        x1: b.x1 * sx,
-                        y1: b.y1 * sy,
-                    },
-                );
-                let masks = masks.clone();
-                let keep = used.contains(&concept.as_str());
-                let union_so_far = full.remove(concept);
-                let mask = blocking(move || {
-                    let probs = masks.result.instances[n]
-                        .mask
-                        .as_ref()
-                        .map_or(&[][..], |m| &m.data[..]);
-                    let model = ModelMask {
-                        width: mw,
-                        height: mh,
-                        probs,
-                    };
-                    instance_mask(&model, bbox, (w, h), union_so_far, keep)
-                })
-                .await?;
+            }
+            let keep = used.contains(&concept.as_str());
+            let masks2 = masks.clone();
+            let (stored, union) = blocking(move || concept_masks(&masks2, (w, h), keep)).await?;
+            for (n, (mask, instance)) in stored.into_iter().zip(&masks.result.instances).enumerate()
+            {
                 let number = n as u32 + 1;
                 let key = keys::mask(&plan.user_id, &plan.job_id, concept, idx, number);
                 self.store
@@ -232,9 +224,9 @@ impl ItemRunner {
                     image_width: w,
                     image_height: h,
                 });
-                if let Some(union) = mask.union {
-                    full.insert(concept.clone(), union);
-                }
+            }
+            if let Some(union) = union {
+                full.insert(concept.clone(), union);
             }
         }
         Ok((keys_out, full))

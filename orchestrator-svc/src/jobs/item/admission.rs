@@ -1,0 +1,119 @@
+//! Items admitted by their pixels: an item's memory grows with its photo (the decoded photo, a plane per rule
+//! concept, a rule's working planes and its edited copy), so BATCH_CONCURRENCY alone let four 48 MP photos past a
+//! 4 GiB pod's limit. A weighted semaphore of MAX_INFLIGHT_MEGAPIXELS (see `LimitArgs::inflight_megapixels`) holds
+//! what every admitted item costs; an item waits until its photo's pixels fit. A photo larger than the whole budget
+//! takes all of it and runs alone: it waits for the others to finish, never forever.
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Pixels per permit: budgets and costs are counted in kilopixels (a 48 MP photo is 48000 permits).
+const UNIT: u64 = 1000;
+
+/// The process's budget of pixels in flight.
+#[derive(Debug, Clone)]
+pub struct PixelBudget {
+    permits: Arc<Semaphore>,
+    total: u32,
+}
+
+/// An admitted item's share of the budget, given back when dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PixelBudget {
+    pub fn new(megapixels: u64) -> Self {
+        let total = megapixels
+            .saturating_mul(1_000_000 / UNIT)
+            .clamp(1, u64::from(u32::MAX)) as u32;
+        PixelBudget {
+            permits: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    /// Waits until `pixels` fit in the budget (all of it, for a photo larger than the budget). Cancel-safe: a
+    /// dropped wait takes nothing.
+    pub async fn admit(&self, pixels: u64) -> Admitted {
+        let want = pixels.div_ceil(UNIT).clamp(1, u64::from(self.total)) as u32;
+        let permit = self
+            .permits
+            .clone()
+            .acquire_many_owned(want)
+            .await
+            .expect("the budget's semaphore is never closed");
+        Admitted { _permit: permit }
+    }
+
+    /// Megapixels not held by an admitted item now.
+    #[cfg(test)]
+    pub fn available_megapixels(&self) -> f64 {
+        (self.permits.available_permits() as u64 * UNIT) as f64 / 1e6
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn admitted_within(budget: &PixelBudget, pixels: u64) -> Option<Admitted> {
+        tokio::time::timeout(Duration::from_millis(50), budget.admit(pixels))
+            .await
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn items_wait_until_their_pixels_fit() {
+        let budget = PixelBudget::new(100);
+        let a = admitted_within(&budget, 48_000_000).await.expect("fits");
+        let b = admitted_within(&budget, 48_000_000).await.expect("fits");
+        assert!((budget.available_megapixels() - 4.0).abs() < 1e-9);
+        // A third 48 MP photo does not fit next to two; a 1 MP one does.
+        assert!(admitted_within(&budget, 48_000_000).await.is_none());
+        let small = admitted_within(&budget, 1_000_000)
+            .await
+            .expect("1 MP fits");
+        drop(a);
+        let c = admitted_within(&budget, 48_000_000)
+            .await
+            .expect("fits once one ended");
+        drop((b, c, small));
+        assert!((budget.available_megapixels() - 100.0).abs() < 1e-9);
+    }
+
+    #[tokio::test]
+    async fn a_photo_larger_than_the_budget_runs_alone_and_never_deadlocks() {
+        let budget = PixelBudget::new(12);
+        let small = admitted_within(&budget, 3_000_000).await.expect("fits");
+        // 48 MP on a 12 MP budget: waits for the small one, then takes everything.
+        let big = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.admit(48_000_000).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!big.is_finished(), "waits while another item holds pixels");
+        drop(small);
+        let big = tokio::time::timeout(Duration::from_secs(5), big)
+            .await
+            .expect("admitted once alone")
+            .unwrap();
+        assert_eq!(budget.available_megapixels(), 0.0);
+        assert!(admitted_within(&budget, 1).await.is_none(), "it runs alone");
+        drop(big);
+        assert!(admitted_within(&budget, 1).await.is_some());
+    }
+
+    #[test]
+    fn the_default_budget_follows_the_containers_memory() {
+        use crate::config::default_inflight_megapixels as default;
+        // 4 GiB pod: half of it at 24 bytes per pixel is ~89 MP (one 48 MP photo at a time plus small ones).
+        assert_eq!(default(Some(4 << 30)), 89);
+        // No limit: the constant; a tiny limit still admits one photo at a time (at least 1 MP).
+        assert_eq!(default(None), 200);
+        assert_eq!(default(Some(1 << 20)), 1);
+    }
+}
