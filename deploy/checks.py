@@ -242,7 +242,13 @@ def _pod_spec(dep: dict) -> dict:
 def k8s(rendered_dir: Path) -> None:
     renders = sorted(rendered_dir.glob("*.yaml"))
     check(bool(renders), f"no kustomize renders in {rendered_dir}")
-    external = {("Secret", "palette-secrets"), ("Secret", "palette-hf-token")}
+    external = {
+        ("Secret", "palette-secrets"),
+        ("Secret", "palette-hf-token"),
+        ("Secret", "palette-tokens"),
+        ("Secret", "segmenter-tls"),
+        ("Secret", "orchestrator-tls"),
+    }
     for path in renders:
         where = path.stem
         docs = _load(path)
@@ -281,8 +287,8 @@ def k8s(rendered_dir: Path) -> None:
         if check(cm is not None, f"{where}: palette-config ConfigMap missing"):
             url = cm["data"].get("SEGMENTER_URL", "")
             check(
-                url.startswith("http://segmenter.") or url.startswith("http://segmenter:"),
-                f"{where}: SEGMENTER_URL must name the headless Service, got {url!r}",
+                url.startswith("https://segmenter.") or url.startswith("https://segmenter:"),
+                f"{where}: SEGMENTER_URL must name the headless Service over TLS (https://), got {url!r}",
             )
 
         for dep, port, min_start in ((seg, 50051, 600), (orch, 50052, 60)):
@@ -291,10 +297,28 @@ def k8s(rendered_dir: Path) -> None:
             c = pod["containers"][0]
             ports = {p["containerPort"] for p in c.get("ports", [])}
             check(port in ports, f"{where}: {name}: containerPort {port}")
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            # TLS and tokens on, from files in mounted Secrets; the kubelet's gRPC probe cannot speak TLS, so the
+            # probes ask the plaintext health-only port (HEALTH_ADDR).
+            mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
+            for var in ("TLS_CERT", "TLS_KEY", "AUTH_TOKENS_FILE"):
+                path = env.get(var) or ""
+                check(any(path.startswith(m + "/") for m in mounts), f"{where}: {name}: {var} must be a mounted file, got {path!r}")
+            check("AUTH_TOKENS" not in env, f"{where}: {name}: tokens belong in a Secret file, not in AUTH_TOKENS")
+            health = (env.get("HEALTH_ADDR") or "").rsplit(":", 1)[-1]
+            probe_port = int(health) if health.isdigit() else port
+            check(health.isdigit() and probe_port in ports, f"{where}: {name}: HEALTH_ADDR port must be a containerPort")
             for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
                 probe = c.get(probe_name)
                 if check(probe is not None, f"{where}: {name}: {probe_name} missing"):
-                    check(probe.get("grpc", {}).get("port") == port, f"{where}: {name}: {probe_name} grpc:{port}")
+                    check(
+                        probe.get("grpc", {}).get("port") == probe_port,
+                        f"{where}: {name}: {probe_name} grpc:{probe_port} (the plaintext health port)",
+                    )
+            for v in pod.get("volumes", []):
+                ref = v.get("secret", {}).get("secretName")
+                if ref:
+                    check(("Secret", ref) in idx or ("Secret", ref) in external, f"{where}: {name}: Secret {ref} unknown")
             if c.get("startupProbe"):
                 check(
                     _seconds(c["startupProbe"]) >= min_start,
@@ -376,6 +400,25 @@ def k8s(rendered_dir: Path) -> None:
                     for r in grpc_rules for f in r.get("from", [])
                 ),
                 f"{where}: segmenter gRPC ingress must come from the orchestrator pods only",
+            )
+
+        # The segmenter requires client certificates (mutual TLS) and the orchestrator presents one.
+        seg_env = {e["name"]: e.get("value") for e in _pod_spec(seg)["containers"][0].get("env", [])}
+        orch_env = {e["name"]: e.get("value") for e in _pod_spec(orch)["containers"][0].get("env", [])}
+        check(bool(seg_env.get("TLS_CLIENT_CA")), f"{where}: segmenter must require client certificates (TLS_CLIENT_CA)")
+        for var in ("SEGMENTER_TLS_CA", "SEGMENTER_TLS_CERT", "SEGMENTER_TLS_KEY", "SEGMENTER_TOKEN_FILE"):
+            check(bool(orch_env.get(var)), f"{where}: orchestrator needs {var} to call the segmenter")
+
+        # The orchestrator's API only from labelled namespaces and its own.
+        onp = idx.get(("NetworkPolicy", "orchestrator"))
+        if check(onp is not None, f"{where}: NetworkPolicy/orchestrator missing"):
+            orch_labels = orch["spec"]["template"]["metadata"]["labels"]
+            sel = onp["spec"]["podSelector"]["matchLabels"]
+            check(all(orch_labels.get(k) == v for k, v in sel.items()), f"{where}: NetworkPolicy selects no orchestrator")
+            api_rules = [r for r in onp["spec"].get("ingress", []) if any(p.get("port") == 50052 for p in r.get("ports", []))]
+            check(
+                bool(api_rules) and all(f.get("namespaceSelector") != {} and f != {} for r in api_rules for f in r.get("from", [{}])),
+                f"{where}: orchestrator gRPC ingress must not be open to every namespace",
             )
 
         # Disruption budgets select existing pods.

@@ -5,7 +5,7 @@
 # VALIDATE_SKIP="contract docs" skips steps by name).
 #
 #   deploy/validate.sh            # everything
-#   deploy/validate.sh k8s        # one step: hadolint shellcheck compose storage prometheus otel dockerfiles k8s export docs contract
+#   deploy/validate.sh k8s        # one step: hadolint shellcheck compose storage prometheus otel dockerfiles k8s certs export docs contract
 #   deploy/validate.sh gpu-layout # opt-in: the GPU image's libraries (~1.5 GB download once, ~2.4 GB in .tools)
 #   deploy/validate.sh gpu-layout-cu12 # opt-in: the same for the CUDA 12 image
 #
@@ -94,7 +94,7 @@ step_hadolint() {
 
 step_shellcheck() {
   log "shellcheck"
-  shellcheck deploy/validate.sh deploy/model-export.sh
+  shellcheck deploy/validate.sh deploy/model-export.sh deploy/dev-certs.sh
   echo "shellcheck: clean"
 }
 
@@ -113,6 +113,22 @@ step_compose() {
   done
   python deploy/checks.py compose "$RENDER/compose"
   python deploy/checks.py env
+  # The TLS override (deploy/compose-tls.yml) merges into every profile set that runs the services.
+  for set in "gpu" "cpu"; do
+    COMPOSE_PROFILES="$set" docker-compose --env-file .env.example -f docker-compose.yml -f deploy/compose-tls.yml \
+      config --format json >"$RENDER/compose-tls-$set.json"
+    python - "$RENDER/compose-tls-$set.json" <<'PY'
+import json, sys
+services = json.load(open(sys.argv[1]))["services"]
+seg = services.get("segmenter") or services["segmenter-cpu"]
+orch = services["orchestrator"]
+assert seg["environment"]["TLS_CLIENT_CA"] and seg["environment"]["AUTH_TOKENS_FILE"], seg["environment"]
+assert orch["environment"]["SEGMENTER_URL"].startswith("https://"), orch["environment"]
+for svc in (seg, orch):
+    assert any(v.get("target") == "/certs" for v in svc["volumes"]), svc["volumes"]
+print("compose + deploy/compose-tls.yml: TLS, tokens and the certificate volume on both services")
+PY
+  done
 }
 
 step_storage() {
@@ -172,6 +188,23 @@ step_k8s() {
     echo "kubernetes-validate $v: $(cat "$RENDER"/k8s/*.yaml | grep -c '^kind:') rendered objects valid"
   done
   python deploy/checks.py k8s "$RENDER/k8s"
+}
+
+step_certs() {
+  log "deploy/dev-certs.sh: a CA, server and client certificates, tokens"
+  local d="$RENDER/certs" out
+  bash deploy/dev-certs.sh "$d" >/dev/null
+  openssl verify -CAfile "$d/ca.pem" "$d/server.pem" "$d/client.pem"
+  openssl x509 -in "$d/server.pem" -noout -ext subjectAltName | grep -q 'DNS:segmenter.palette.svc.cluster.local' \
+    || { echo "server certificate lacks the in-cluster segmenter name"; return 1; }
+  openssl x509 -in "$d/client.pem" -noout -ext extendedKeyUsage | grep -q 'TLS Web Client Authentication' \
+    || { echo "client certificate lacks clientAuth"; return 1; }
+  for f in orchestrator.tokens segmenter.tokens; do
+    [[ "$(wc -c <"$d/$f")" -ge 17 ]] || { echo "$f: token too short"; return 1; }
+  done
+  out="$(bash deploy/dev-certs.sh "$d")"
+  [[ $out == *"nothing to do"* ]] || { echo "a second run must keep the existing CA"; return 1; }
+  echo "dev-certs.sh: chain verifies, names and usages as the services need them, idempotent"
 }
 
 step_export() {
@@ -457,7 +490,7 @@ run() {
 }
 
 STEPS=("$@")
-((${#STEPS[@]})) || STEPS=(hadolint shellcheck compose storage prometheus otel dockerfiles k8s export docs contract)
+((${#STEPS[@]})) || STEPS=(hadolint shellcheck compose storage prometheus otel dockerfiles k8s certs export docs contract)
 step_tools
 for s in "${STEPS[@]}"; do
   [[ "$s" == tools ]] && continue

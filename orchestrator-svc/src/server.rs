@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use palette_proto::orchestrator::v1::jobs_server::JobsServer;
 use palette_rules::preset::Preset;
+use palette_service_kit::{Serving, SetupError};
 use tokio::net::TcpListener;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::adapters::queue_pull;
 use crate::adapters::runpod;
@@ -37,14 +36,17 @@ pub enum StartupError {
     JobStore(#[source] crate::jobs::store::StoreError),
     #[error("callback HTTP client")]
     CallbackClient(#[source] reqwest::Error),
-    #[error("server reflection")]
-    Reflection(#[source] tonic_reflection::server::Error),
+    /// TLS, tokens, reflection or the health-only port (the error names the variable).
+    #[error(transparent)]
+    Serving(#[from] SetupError),
     #[error("the listener's address")]
     Listener(#[source] std::io::Error),
     #[error("gRPC server")]
     Serve(#[source] tonic::transport::Error),
 }
 
+/// The API's name on grpc.health.v1 and in reflection.
+pub const JOBS_SERVICE: &str = "palette.orchestrator.v1.Jobs";
 /// Jobs are small; images never travel through this API.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -105,53 +107,13 @@ fn job_store(args: &JobStoreArgs) -> Result<Option<SharedJobStore>, StartupError
     }
 }
 
-/// Accepted connections with TCP_NODELAY (no Nagle / delayed-ACK stalls on small gRPC frames) and TCP keepalive
-/// (dead peers behind NAT or a load balancer are noticed).
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)))
-}
-
-/// The container HEALTHCHECK (`orchestrator-svc healthcheck`): grpc.health.v1 Check of the Jobs service on
-/// 127.0.0.1 at the port of `addr` (GRPC_ADDR). Ok only when SERVING.
-pub async fn healthcheck(addr: &str) -> anyhow::Result<()> {
-    let port = addr
-        .trim()
-        .rsplit(':')
-        .next()
-        .filter(|p| !p.is_empty())
-        .unwrap_or("50052");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(3))
-        .connect()
-        .await?;
-    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-    let status = client
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "palette.orchestrator.v1.Jobs".into(),
-        })
-        .await?
-        .into_inner()
-        .status;
-    anyhow::ensure!(
-        status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
-        "not serving (status {status})"
-    );
-    Ok(())
-}
-
 /// Serves until `shutdown` resolves, then stops taking requests and waits (bounded) for items in flight.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartupError> {
-    let serve_reflection = config.reflection;
-    if !serve_reflection {
-        tracing::info!("server reflection off (REFLECTION=false)");
-    }
+    let serving = Serving::prepare(&config.serve, &[JOBS_SERVICE]).await?;
     let (runpod, queue) = match config.adapter {
         Adapter::Grpc => (None, None),
         Adapter::Runpod => (Some(config.runpod.settings()?), None),
@@ -169,6 +131,7 @@ pub async fn run(
         Duration::from_secs(config.segmenter.segmenter_timeout_sec.max(1)),
         config.segmenter.segmenter_attempts,
         Duration::from_secs(config.segmenter.segmenter_resolve_interval_sec),
+        config.segmenter.security()?,
     )?);
     let runner = ItemRunner::new(
         store,
@@ -211,22 +174,6 @@ pub async fn run(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobsServer<JobsApi>>().await;
-    // The descriptor set also holds the segmenter's package: advertise only what this server serves.
-    let reflection = |builder: tonic_reflection::server::Builder<'static>| {
-        builder
-            .register_encoded_file_descriptor_set(palette_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name("palette.orchestrator.v1.Jobs")
-            .with_service_name("grpc.health.v1.Health")
-            .with_service_name("grpc.reflection.v1.ServerReflection")
-            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
-    };
-    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1()
-        .map_err(StartupError::Reflection)?;
-    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1alpha()
-        .map_err(StartupError::Reflection)?;
     let api = JobsApi::new(service.clone());
     let jobs = JobsServer::new(api.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -258,12 +205,12 @@ pub async fn run(
             stop_adapter,
         },
     );
-    let server = Server::builder()
-        .add_service(health_service)
-        .add_optional_service(serve_reflection.then_some(reflection_v1))
-        .add_optional_service(serve_reflection.then_some(reflection_v1alpha))
-        .add_service(jobs)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown);
+    let server = serving.serve(
+        health_service,
+        tonic::service::Routes::new(jobs),
+        listener,
+        shutdown,
+    );
     drain.serve(server).await.map_err(StartupError::Serve)?;
     drain.finish(worker, &api, &pipeline).await;
     Ok(())

@@ -155,3 +155,37 @@ async fn a_not_serving_replica_leaves_the_rotation_until_it_serves_again() {
         calls(&b)
     );
 }
+
+/// The resolver's health probes speak TLS like the calls: over https://, a NOT_SERVING replica is still left out
+/// (were the probes failing the handshake, every replica would look down and all would stay in rotation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_not_serving_replica_still_leaves_the_rotation() {
+    let pki = palette_testing::tls::Pki::generate();
+    let a = fake_segmenter::start_tls(&pki).await;
+    let b = fake_segmenter::start_tls(&pki).await;
+    b.set_serving(false).await;
+    let mut orch = start(&format!("{},{}", a.url, b.url), |c| {
+        c.segmenter.mask_cache_mb = 0;
+        c.segmenter.segmenter_tls_ca = Some(pki.path("ca.pem"));
+    })
+    .await;
+    const IMAGES: u32 = 8;
+    for idx in 0..IMAGES {
+        orch.put_input("test-user", "tls-b-down", idx, photo_jpeg(32, 32))
+            .await;
+    }
+    orch.client
+        .submit_job(seed_spec("tls-b-down", IMAGES))
+        .await
+        .unwrap();
+    let job = orch.wait_for("tls-b-down", is_terminal).await;
+    assert!(
+        job.items
+            .iter()
+            .all(|i| i.state == ItemState::Completed as i32),
+        "{:?}",
+        job.items
+    );
+    assert_eq!(calls(&a), IMAGES as usize);
+    assert_eq!(calls(&b), 0, "a NOT_SERVING replica got calls");
+}

@@ -170,7 +170,7 @@ async fn reflection_can_be_turned_off() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 
     let segmenter = common::fake_segmenter::start().await;
-    let orch = common::orchestrator::start(&segmenter.url, |c| c.reflection = false).await;
+    let orch = common::orchestrator::start(&segmenter.url, |c| c.serve.reflection = false).await;
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),

@@ -26,10 +26,9 @@ pub struct Config {
     #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
 
-    /// Serve gRPC server reflection (what lets grpcurl work without .proto files). Default true; the production
-    /// manifests turn it off, so the API's shape is not handed to whoever reaches the port.
-    #[arg(long, env = "REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
-    pub reflection: bool,
+    /// Reflection, TLS, bearer tokens and the health-only port: the same settings on both services.
+    #[command(flatten)]
+    pub serve: palette_service_kit::ServeArgs,
 
     /// Prometheus metrics listen address; empty disables the exporter.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9091")]

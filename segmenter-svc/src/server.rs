@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use palette_proto::segmenter::v1 as pb;
+use palette_service_kit::Serving;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tracing::Instrument;
 
@@ -20,23 +20,37 @@ use crate::model::tokenizer::PhraseTokenizer;
 use crate::preprocess::Preprocessor;
 use crate::service::{SegmenterService, Shared};
 
-const SERVICE_NAME: &str = "palette.segmenter.v1.Segmenter";
+/// The API's name on grpc.health.v1 and in reflection.
+pub const SERVICE_NAME: &str = "palette.segmenter.v1.Segmenter";
 
 /// Loads the model, starts the inference thread and serves on `listener` until `shutdown` resolves; then reports
-/// NOT_SERVING, stops accepting, and waits up to the grace period for requests in flight.
+/// NOT_SERVING, stops accepting, and waits up to the grace period for requests in flight. TLS files and tokens are
+/// checked before the model loads, so a wrong setting stops startup at once.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let serving = Serving::prepare(&config.serve, &[SERVICE_NAME]).await?;
     let shared = load(&config).await?;
-    serve(config, shared, listener, shutdown).await
+    serve_prepared(config, serving, shared, listener, shutdown).await
 }
 
 /// `run` after the model is loaded: for callers that watch the engine's health while the server starts (the
 /// benchmark stops at once when the warm-up fails instead of polling health until a timeout).
 pub async fn serve(
     config: Config,
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let serving = Serving::prepare(&config.serve, &[SERVICE_NAME]).await?;
+    serve_prepared(config, serving, shared, listener, shutdown).await
+}
+
+async fn serve_prepared(
+    config: Config,
+    serving: Serving,
     shared: Arc<Shared>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -59,23 +73,6 @@ pub async fn serve(
         follow_health(engine.health(), reporter.clone())
             .instrument(tracing::info_span!("task", task = "follow_health")),
     );
-
-    // Both reflection versions: grpcurl and many older clients speak only v1alpha. The descriptor set holds every
-    // package of the workspace, so list only what this server serves.
-    let reflection = |reflection_name: &str| {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(palette_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(SERVICE_NAME)
-            .with_service_name("grpc.health.v1.Health")
-            .with_service_name(reflection_name)
-    };
-    if !config.reflection {
-        tracing::info!("server reflection off (REFLECTION=false)");
-    }
-    let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection").build_v1()?;
-    let reflection_v1alpha =
-        reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha()?;
 
     let segmenter = pb::segmenter_server::SegmenterServer::new(SegmenterService::new(shared))
         .max_decoding_message_size(config.max_message_bytes)
@@ -101,17 +98,15 @@ pub async fn serve(
         .instrument(tracing::info_span!("task", task = "shutdown_signal")),
     );
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_optional_service(config.reflection.then_some(reflection_v1))
-        .add_optional_service(config.reflection.then_some(reflection_v1alpha))
-        .add_service(segmenter)
-        // Nagle's algorithm with delayed ACKs held small responses for ~40 ms (measured with segmenter-bench):
-        // NODELAY on every accepted connection.
-        .serve_with_incoming_shutdown(incoming(listener), async move {
+    let server = serving.serve(
+        health_service,
+        tonic::service::Routes::new(segmenter),
+        listener,
+        async move {
             let _ = stop_rx.await;
             let _ = drained_tx.send(());
-        });
+        },
+    );
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => result?,
@@ -288,34 +283,4 @@ async fn follow_health(
             return;
         }
     }
-}
-
-/// Exits non-zero unless the server on `addr` (port taken from it, host forced to loopback) reports SERVING.
-pub async fn healthcheck(addr: &str) -> anyhow::Result<()> {
-    let port = addr.rsplit(':').next().unwrap_or("50051");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(3))
-        .connect()
-        .await?;
-    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-    let status = client
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: SERVICE_NAME.into(),
-        })
-        .await?
-        .into_inner()
-        .status;
-    anyhow::ensure!(
-        status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
-        "not serving"
-    );
-    Ok(())
-}
-
-/// Accepted connections with TCP_NODELAY and keepalive, as a gRPC server wants them.
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)))
 }

@@ -288,7 +288,7 @@ async fn reflection_can_be_turned_off_and_health_stays_open() {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     let mut config = test_config();
-    config.reflection = false;
+    config.serve.reflection = false;
     let server = TestServer::start(config).await;
     let request = tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),

@@ -127,3 +127,108 @@ async fn grpcurl_lists_describes_checks_health_and_segments() {
     assert!(json["timings"]["totalMs"].as_f64().unwrap() > 0.0);
     server.stop().await.unwrap();
 }
+
+/// The same first steps against a segmenter with mutual TLS and a token, as docs/api.md shows them: `-cacert`,
+/// `-cert`/`-key` and `-H 'authorization: Bearer ...'` (which grpcurl also sends with its reflection requests).
+#[tokio::test]
+async fn grpcurl_over_mutual_tls_with_a_token() {
+    use palette_testing::tls::{Pki, TOKEN};
+
+    let Some(bin) = grpcurl() else { return };
+    let pki = Pki::generate();
+    let mut config = test_config();
+    pki.serve_tls(&mut config.serve, true);
+    config.serve.auth_tokens = Some(TOKEN.into());
+    let server =
+        TestServer::start_checked_by(config, |addr| pki.endpoint(addr, Some("client"))).await;
+    // The certificate names localhost: grpcurl checks the name it dials.
+    let addr = format!("localhost:{}", server.addr.port());
+    let path = |file: &str| pki.path(file).display().to_string();
+    let tls = [
+        "-cacert".to_string(),
+        path("ca.pem"),
+        "-cert".to_string(),
+        path("client.pem"),
+        "-key".to_string(),
+        path("client.key"),
+    ];
+    let bearer = format!("authorization: Bearer {TOKEN}");
+    let grpcurl = move |args: Vec<String>| {
+        let bin = bin.clone();
+        tokio::task::spawn_blocking(move || Command::new(&bin).args(&args).output().unwrap())
+    };
+    let with = |extra: &[&str]| -> Vec<String> {
+        tls.iter()
+            .cloned()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+
+    let list = grpcurl(with(&["-H", &bearer, &addr, "list"]))
+        .await
+        .unwrap();
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.status.success() && listed.contains("palette.segmenter.v1.Segmenter"),
+        "{listed}{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let info = grpcurl(with(&[
+        "-H",
+        &bearer,
+        "-d",
+        "{}",
+        &addr,
+        "palette.segmenter.v1.Segmenter/GetModelInfo",
+    ]))
+    .await
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("\"executionProvider\": \"cpu\""),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    // No token: refused (health aside, below).
+    let refused = grpcurl(with(&[
+        "-d",
+        "{}",
+        &addr,
+        "palette.segmenter.v1.Segmenter/GetModelInfo",
+    ]))
+    .await
+    .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    // The health call itself carries no token; grpcurl's reflection lookup before it does (-reflect-header).
+    let health = grpcurl(with(&[
+        "-reflect-header",
+        &bearer,
+        "-d",
+        "{}",
+        &addr,
+        "grpc.health.v1.Health/Check",
+    ]))
+    .await
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&health.stdout).contains("SERVING"),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    // Plaintext against a TLS port gets nothing.
+    let plaintext = grpcurl(vec![
+        "-plaintext".into(),
+        "-H".into(),
+        bearer.clone(),
+        addr.clone(),
+        "list".into(),
+    ])
+    .await
+    .unwrap();
+    assert!(!plaintext.status.success());
+    server.stop().await.unwrap();
+}

@@ -10,7 +10,9 @@ use opentelemetry_sdk::trace::InMemorySpanExporter;
 #[tokio::test]
 async fn the_callers_trace_continues_in_the_segmenter() {
     let exporter = InMemorySpanExporter::default();
-    let provider = segmenter_svc::telemetry::init("info", "text", Some(exporter.clone())).unwrap();
+    let provider = segmenter_svc::telemetry::init("info", "text", Some(exporter.clone()))
+        .unwrap()
+        .expect("an exporter was given");
     let server = TestServer::start(test_config()).await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent_id = "00f067aa0ba902b7";

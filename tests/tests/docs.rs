@@ -49,7 +49,13 @@ async fn every_api_example_runs() {
     }
     let mut config = orchestrator_svc::Config::for_tests(storage.path(), segmenter.url());
     config.limits.presets_dir = repo_root().join("presets");
-    let mut orchestrator = start_orchestrator(config).await;
+    let mut orchestrator = start_orchestrator(config.clone()).await;
+    // The TLS examples' server: mutual TLS and a token, certificates in the files deploy/dev-certs.sh writes.
+    let pki = palette_testing::tls::Pki::generate();
+    pki.serve_tls(&mut config.serve, true);
+    config.serve.auth_tokens = Some(palette_testing::tls::TOKEN.into());
+    let secure = palette_testing::orchestrator::start(&segmenter.url(), |c| *c = config).await;
+    palette_testing::server::wait_serving_on(pki.endpoint(secure.addr, Some("client")), "").await;
 
     let doc = std::fs::read_to_string(repo_root().join("docs/api.md")).unwrap();
     let blocks = sh_blocks(&doc);
@@ -60,10 +66,14 @@ async fn every_api_example_runs() {
         std::env::var("PATH").unwrap_or_default()
     );
     let (seg, orch) = (segmenter.addr.to_string(), orchestrator.addr.to_string());
+    // By name: grpcurl checks the certificate against the name it dials.
+    let secure_orch = format!("localhost:{}", secure.addr.port());
+    let certs = pki.dir().to_path_buf();
     for block in blocks {
         let script = format!("set -euo pipefail\n{block}");
         let out = tokio::task::spawn_blocking({
             let (path, seg, orch) = (path.clone(), seg.clone(), orch.clone());
+            let (secure_orch, certs) = (secure_orch.clone(), certs.clone());
             move || {
                 Command::new("bash")
                     .arg("-c")
@@ -72,6 +82,9 @@ async fn every_api_example_runs() {
                     .env("PATH", path)
                     .env("SEGMENTER", seg)
                     .env("ORCHESTRATOR", orch)
+                    .env("SECURE_ORCHESTRATOR", secure_orch)
+                    .env("CERTS", certs)
+                    .env("TOKEN", palette_testing::tls::TOKEN)
                     .output()
                     .unwrap()
             }

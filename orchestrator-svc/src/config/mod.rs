@@ -30,7 +30,7 @@ pub use limits::{BYTES_PER_PIXEL_IN_FLIGHT, LimitArgs, default_inflight_megapixe
 pub use nats::{NatsArgs, QueueSettings};
 pub use runpod::{RunpodArgs, RunpodSettings};
 pub use secret::{Secret, UrlWithCredentials};
-pub use segmenter::SegmenterArgs;
+pub use segmenter::{SegmenterArgs, SegmenterSecurity};
 pub use storage::{S3Settings, StorageArgs, StorageBackend, StorageSettings};
 
 use crate::error::BoxError;
@@ -54,6 +54,9 @@ pub enum ConfigError {
         #[source]
         source: BoxError,
     },
+    /// A TLS file that cannot be used (the error names the variable and the file).
+    #[error(transparent)]
+    Tls(#[from] palette_service_kit::tls::TlsError),
 }
 
 impl ConfigError {
@@ -90,10 +93,9 @@ pub struct Config {
     /// gRPC listen address. Default 0.0.0.0:50052.
     #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50052")]
     pub grpc_addr: SocketAddr,
-    /// Serve gRPC server reflection (what lets grpcurl work without .proto files). Default true; the production
-    /// manifests turn it off, so the API's shape is not handed to whoever reaches the port.
-    #[arg(long, env = "REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
-    pub reflection: bool,
+    /// Reflection, TLS, bearer tokens and the health-only port: the same settings on both services.
+    #[command(flatten)]
+    pub serve: palette_service_kit::ServeArgs,
     /// Prometheus scrape address (`/metrics`). Default 0.0.0.0:9092; empty turns the exporter off.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9092")]
     pub metrics_addr: String,
@@ -225,10 +227,13 @@ mod tests {
         c.callbacks.gpu_callback_secret = Some("supersecret123".into());
         c.storage.r2_secret_access_key = Some("wJalrXUtnFEMI".into());
         c.runpod.runpod_ai_api_key = Some("rpa_KEY42".into());
+        c.segmenter.segmenter_token = Some("segmenter-token-0123456789".into());
+        c.serve.auth_tokens = Some("orchestrator-token-0123456789".into());
         let shown = format!("{c:?}");
         assert!(!shown.contains("supersecret123"), "{shown}");
         assert!(!shown.contains("wJalrXUtnFEMI"), "{shown}");
         assert!(!shown.contains("rpa_KEY42"), "{shown}");
+        assert!(!shown.contains("token-0123456789"), "{shown}");
         assert!(shown.contains("<redacted>"));
     }
 

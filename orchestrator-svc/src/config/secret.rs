@@ -2,33 +2,8 @@
 
 use std::fmt;
 
-/// A credential (API key, shared secret). `expose` is the one way to read it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl From<String> for Secret {
-    fn from(value: String) -> Self {
-        Secret(value)
-    }
-}
-
-impl From<&str> for Secret {
-    fn from(value: &str) -> Self {
-        Secret(value.to_string())
-    }
-}
+/// A credential (API key, shared secret, token); shared with the segmenter through the service kit.
+pub use palette_service_kit::Secret;
 
 /// A URL that may carry credentials (`nats://user:pass@host`): `Debug` shows it without its user info.
 #[derive(Clone, PartialEq, Eq)]

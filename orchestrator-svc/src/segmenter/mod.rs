@@ -16,14 +16,16 @@ use palette_proto::segmenter::v1::segmenter_client::SegmenterClient;
 use palette_proto::segmenter::v1::{
     GetModelInfoRequest, Image, MaskFormat, SegmentRequest, SegmentResponse, image::Source,
 };
+use palette_service_kit::BearerToken;
 use tokio::sync::{RwLock, mpsc, oneshot};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
 pub use targets::{Target, TargetError, parse_targets};
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, SegmenterSecurity};
 use crate::telemetry;
 use resolver::Resolver;
 
@@ -61,9 +63,12 @@ pub enum SegmenterError {
     BadReply(String),
 }
 
+/// The generated client over the balancer, adding this service's bearer token to every call.
+type Client = SegmenterClient<InterceptedService<Channel, BearerToken>>;
+
 #[derive(Debug)]
 pub struct Segmenter {
-    client: SegmenterClient<Channel>,
+    client: Client,
     attempts: u32,
     first_backoff: Duration,
     deadline: Duration,
@@ -87,12 +92,14 @@ impl Segmenter {
     /// Never connects here: the first call does, so the orchestrator starts (and serves health) before the segmenter.
     /// Calls are balanced (power of two choices) over every replica the resolver task finds: the addresses of every
     /// entry of `urls`, looked up again every `resolve_every` (zero: only at start and after failed calls), and
-    /// only those accepting TCP connections while at least one does. Needs a Tokio runtime (spawns the resolver).
+    /// only those accepting TCP connections while at least one does. `https://` entries speak TLS as `security`
+    /// says, and every call carries its token. Needs a Tokio runtime (spawns the resolver).
     pub fn new(
         urls: &str,
         deadline: Duration,
         attempts: u32,
         resolve_every: Duration,
+        security: SegmenterSecurity,
     ) -> Result<Self, ConfigError> {
         let targets =
             parse_targets(urls).map_err(|e| ConfigError::invalid("SEGMENTER_URL", urls, e))?;
@@ -106,10 +113,11 @@ impl Segmenter {
             replicas: replicas.clone(),
             current: BTreeMap::new(),
             known: BTreeMap::new(),
+            tls: security.tls,
         };
         let resolver =
             crate::tasks::spawn("segmenter_resolver", resolver.run(resolve_every, requests));
-        let client = SegmenterClient::new(channel)
+        let client = SegmenterClient::with_interceptor(channel, security.token)
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .max_encoding_message_size(MAX_REQUEST_BYTES);
         Ok(Segmenter {
@@ -198,7 +206,7 @@ impl Segmenter {
         call: F,
     ) -> Result<T, SegmenterError>
     where
-        F: Fn(SegmenterClient<Channel>) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let mut backoff = self.first_backoff;
@@ -295,6 +303,7 @@ mod tests {
             Duration::from_secs(1),
             attempts,
             Duration::ZERO,
+            SegmenterSecurity::default(),
         )
         .unwrap()
     }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use http::Uri;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Endpoint;
 use tonic::transport::channel::Change;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -39,6 +39,8 @@ pub(super) struct Resolver {
     pub(super) current: BTreeMap<SocketAddr, ()>,
     /// The last addresses each target resolved to (kept when a lookup fails).
     pub(super) known: BTreeMap<usize, BTreeSet<SocketAddr>>,
+    /// TLS for `https://` targets (probes included: a replica is judged over the connection calls will use).
+    pub(super) tls: Option<ClientTlsConfig>,
 }
 
 impl Resolver {
@@ -106,9 +108,9 @@ impl Resolver {
                 resolved.extend(addrs.iter().map(|a| (*a, i)));
             }
         }
-        let targets = &self.targets;
+        let (targets, tls) = (&self.targets, self.tls.as_ref());
         let probes = resolved.iter().map(|(addr, i)| async move {
-            let up = match endpoint(&targets[*i], *addr, PROBE_TIMEOUT) {
+            let up = match endpoint(&targets[*i], *addr, PROBE_TIMEOUT, tls) {
                 Ok(endpoint) => probe(endpoint, *addr).await,
                 Err(_) => false,
             };
@@ -142,7 +144,7 @@ impl Resolver {
                 continue;
             }
             let target = &self.targets[i];
-            let endpoint = match endpoint(target, addr, self.deadline) {
+            let endpoint = match endpoint(target, addr, self.deadline, self.tls.as_ref()) {
                 Ok(endpoint) => endpoint,
                 Err(e) => {
                     tracing::warn!(%addr, error = %Report(e.as_ref()), "segmenter replica skipped");
@@ -191,14 +193,25 @@ async fn probe(endpoint: Endpoint, addr: SocketAddr) -> bool {
     }
 }
 
-/// A replica: connects to `addr`, but calls it by the configured name (`:authority`).
-fn endpoint(target: &Target, addr: SocketAddr, deadline: Duration) -> Result<Endpoint, BoxError> {
+/// A replica: connects to `addr`, but calls it by the configured name (`:authority`) and, over TLS, checks the
+/// certificate against that name (not the address it resolved to).
+fn endpoint(
+    target: &Target,
+    addr: SocketAddr,
+    deadline: Duration,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Endpoint, BoxError> {
     let origin: Uri = target.origin().parse()?;
-    Ok(
-        Endpoint::from_shared(format!("{}://{addr}", target.scheme))?
-            .origin(origin)
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(deadline)
-            .tcp_nodelay(true),
-    )
+    let mut endpoint = Endpoint::from_shared(format!("{}://{addr}", target.scheme))?
+        .origin(origin)
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(deadline)
+        .tcp_nodelay(true);
+    if target.scheme == "https" {
+        let tls = tls
+            .cloned()
+            .ok_or("an https:// target without TLS settings")?;
+        endpoint = endpoint.tls_config(tls.domain_name(target.host.clone()))?;
+    }
+    Ok(endpoint)
 }

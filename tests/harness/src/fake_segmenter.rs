@@ -202,7 +202,27 @@ async fn answer(fake: &FakeSegmenter, req: SegmentRequest) -> Result<SegmentResp
 const SEGMENTER_SERVICE: &str = "palette.segmenter.v1.Segmenter";
 
 pub async fn start() -> FakeSegmenter {
+    start_with(None).await
+}
+
+/// `start` with TLS on (the server certificate of `pki`, for localhost); its `url` is `https://localhost:<port>`.
+pub async fn start_tls(pki: &crate::tls::Pki) -> FakeSegmenter {
+    let (tls, _) = palette_service_kit::tls::server_config(
+        Some(&pki.path("server.pem")),
+        Some(&pki.path("server.key")),
+        None,
+    )
+    .unwrap();
+    start_with(tls).await
+}
+
+async fn start_with(tls: Option<tonic::transport::ServerTlsConfig>) -> FakeSegmenter {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let url = match tls {
+        Some(_) => format!("https://localhost:{port}"),
+        None => format!("http://127.0.0.1:{port}"),
+    };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -211,14 +231,18 @@ pub async fn start() -> FakeSegmenter {
     let fake = FakeSegmenter {
         faults: Arc::default(),
         counters: Arc::default(),
-        url: format!("http://{}", listener.local_addr().unwrap()),
+        url,
         health,
         stop: Arc::new(std::sync::Mutex::new(Some(stop))),
         server: Arc::default(),
     };
     let server = SegmenterServer::new(Service(fake.clone())).max_decoding_message_size(64 << 20);
     let task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).unwrap();
+        }
+        builder
             .add_service(health_service)
             .add_service(server)
             .serve_with_incoming_shutdown(

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use palette_proto::segmenter::v1 as pb;
 use segmenter_svc::Config;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
-use crate::server::{Running, health, repo_root, start, wait_serving};
+use crate::server::{Running, health, repo_root, start, wait_serving, wait_serving_on};
 
 const SERVICE: &str = "palette.segmenter.v1.Segmenter";
 
@@ -46,9 +46,20 @@ pub struct TestServer {
 impl TestServer {
     /// Starts `run` with `config`; returns once health says SERVING.
     pub async fn start(config: Config) -> Self {
+        Self::start_checked_by(config, |addr| {
+            Endpoint::from_shared(format!("http://{addr}")).unwrap()
+        })
+        .await
+    }
+
+    /// `start` for a server with TLS on: health is asked through `endpoint(addr)`.
+    pub async fn start_checked_by(
+        config: Config,
+        endpoint: impl Fn(SocketAddr) -> Endpoint,
+    ) -> Self {
         let server =
             start(|listener, shutdown| segmenter_svc::run(config, listener, shutdown)).await;
-        wait_serving(server.addr, SERVICE).await;
+        wait_serving_on(endpoint(server.addr), SERVICE).await;
         Self {
             addr: server.addr,
             server,

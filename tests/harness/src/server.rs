@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::transport::Endpoint;
 
 /// A service task: `run(config, listener, shutdown)` on its own listener.
 pub struct Running<E> {
@@ -59,23 +60,33 @@ impl<E> Running<E> {
 
 /// Polls grpc.health.v1 Check of `service` ("" = the server) until SERVING; panics after 30 s.
 pub async fn wait_serving(addr: SocketAddr, service: &str) {
+    wait_serving_on(plaintext(addr), service).await
+}
+
+/// `wait_serving` through `endpoint` (a TLS one for a server with TLS on).
+pub async fn wait_serving_on(endpoint: Endpoint, service: &str) {
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
     for _ in 0..600 {
-        if health(addr, service).await == serving {
+        if health_on(endpoint.clone(), service).await == serving {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{addr} did not become SERVING within 30 s");
+    panic!("{} did not become SERVING within 30 s", endpoint.uri());
+}
+
+fn plaintext(addr: SocketAddr) -> Endpoint {
+    Endpoint::from_shared(format!("http://{addr}")).unwrap()
 }
 
 /// The health status of `service` on `addr`; -1 when the server cannot be asked.
 pub async fn health(addr: SocketAddr, service: &str) -> i32 {
-    let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-    else {
+    health_on(plaintext(addr), service).await
+}
+
+/// `health` through `endpoint`.
+pub async fn health_on(endpoint: Endpoint, service: &str) -> i32 {
+    let Ok(channel) = endpoint.connect().await else {
         return -1;
     };
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
