@@ -33,7 +33,7 @@ GRPC_ADDR=$SEG METRICS_ADDR=127.0.0.1:${SEGMENTER_METRICS_PORT:-9091} MODEL_DIR=
   "$ROOT/target/release/segmenter-svc" >"$RUN/segmenter.log" 2>&1 &
 pids+=($!)
 GRPC_ADDR=$ORCH METRICS_ADDR=127.0.0.1:${ORCHESTRATOR_METRICS_PORT:-9092} SEGMENTER_URL=http://$SEG \
-  STORAGE_BACKEND=local LOCAL_STORAGE_DIR=$DATA PRESETS_DIR=$ROOT/presets \
+  STORAGE_BACKEND=local LOCAL_STORAGE_DIR=$DATA PRESETS_DIR=$ROOT/presets JOB_STORE_PATH=$RUN/jobs.redb \
   "$ROOT/target/release/orchestrator-svc" >"$RUN/orchestrator.log" 2>&1 &
 pids+=($!)
 

@@ -382,7 +382,7 @@ step_contract() {
     mkdir -p "$root/app" "$root/data" && cp -a presets "$root/app/presets"
     while IFS= read -r kv; do
       case "$kv" in
-        PRESETS_DIR=*|LOCAL_STORAGE_DIR=*) env_orch+=("${kv%%=*}=$root${kv#*=}") ;;
+        PRESETS_DIR=*|LOCAL_STORAGE_DIR=*|JOB_STORE_PATH=*) env_orch+=("${kv%%=*}=$root${kv#*=}") ;;
         GRPC_ADDR=*|METRICS_ADDR=*) ;;
         *) env_orch+=("$kv") ;;
       esac

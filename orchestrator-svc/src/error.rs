@@ -59,6 +59,14 @@ pub enum ApiError {
         running: usize,
         retry_after: Duration,
     },
+    /// This process is shutting down: the client should go to another replica (or retry after the restart).
+    #[error(
+        "unavailable: draining: this orchestrator is shutting down; reconnect to another replica"
+    )]
+    Draining,
+    /// The job store could not record the job (JOB_STORE): nothing was accepted, so a retry is safe.
+    #[error("unavailable: the job store cannot record the job; retry")]
+    StoreUnavailable(#[source] BoxError),
 }
 
 fn summarize(violations: &[FieldViolation]) -> String {
@@ -90,6 +98,7 @@ impl From<ApiError> for Status {
                 message,
                 ErrorDetails::with_retry_info(Some(retry_after)),
             ),
+            ApiError::Draining | ApiError::StoreUnavailable(_) => Status::unavailable(message),
         }
     }
 }
@@ -177,6 +186,11 @@ mod tests {
                 },
                 Code::ResourceExhausted,
             ),
+            (
+                ApiError::StoreUnavailable(std::io::Error::other("disk full").into()),
+                Code::Unavailable,
+            ),
+            (ApiError::Draining, Code::Unavailable),
         ];
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
+use crate::error::ApiError;
 use crate::jobs::job::job_is_terminal;
 use crate::jobs::{JobService, job_key};
 use crate::tasks::spawn_tracked;
@@ -23,13 +24,15 @@ use crate::tasks::spawn_tracked;
 /// Snapshots queued for one slow WatchJob client (each is the whole job): small, so a watcher costs at most a few
 /// snapshots of memory; a client that falls further behind skips ahead to the present.
 const WATCH_BUFFER: usize = 4;
+/// How long a draining stream waits to queue its UNAVAILABLE for a client that reads nothing.
+const DRAIN_NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct JobsApi {
     service: Arc<JobService>,
     /// The WatchJob streams' forwarding tasks.
     watchers: TaskTracker,
-    /// Fired at shutdown: every WatchJob stream ends.
+    /// Fired at shutdown: every WatchJob stream ends with UNAVAILABLE, new SubmitJob and WatchJob calls are refused.
     stopping: CancellationToken,
 }
 
@@ -42,11 +45,24 @@ impl JobsApi {
         }
     }
 
-    /// Shutdown: ends every WatchJob stream and waits (at most `timeout`) for their tasks.
-    pub async fn stop_watchers(&self, timeout: std::time::Duration) {
+    /// Shutdown, at the signal: new SubmitJob and WatchJob calls are refused and every open WatchJob stream ends,
+    /// all with UNAVAILABLE "draining", so clients reconnect to another replica. (tonic's graceful shutdown waits for
+    /// open streams: left open, they would hold the drain until the platform kills the process.)
+    pub fn drain(&self) {
         self.stopping.cancel();
         self.watchers.close();
+    }
+
+    /// Waits (at most `timeout`) for the WatchJob streams to have ended.
+    pub async fn watchers_ended(&self, timeout: std::time::Duration) {
         let _ = tokio::time::timeout(timeout, self.watchers.wait()).await;
+    }
+
+    fn refuse_when_draining(&self) -> Result<(), Status> {
+        if self.stopping.is_cancelled() {
+            return Err(ApiError::Draining.into());
+        }
+        Ok(())
     }
 }
 
@@ -55,7 +71,8 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
 #[tonic::async_trait]
 impl Jobs for JobsApi {
     async fn submit_job(&self, request: Request<JobSpec>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.service.submit(request.get_ref())?))
+        self.refuse_when_draining()?;
+        Ok(Response::new(self.service.submit(request.get_ref()).await?))
     }
 
     async fn edit_job(&self, request: Request<EditJobRequest>) -> Result<Response<Job>, Status> {
@@ -82,9 +99,11 @@ impl Jobs for JobsApi {
         &self,
         request: Request<WatchJobRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        self.refuse_when_draining()?;
         let job = self.service.get(&job_key(request.get_ref())?)?;
         let (snapshot, mut events) = job.subscribe();
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let drained = tx.clone();
         let stopping = self.stopping.clone();
         let forward = async move {
             let done = job_is_terminal(&snapshot);
@@ -121,7 +140,10 @@ impl Jobs for JobsApi {
         spawn_tracked(&self.watchers, "watch_job", async move {
             tokio::select! {
                 () = forward => {}
-                () = stopping.cancelled() => {}
+                () = stopping.cancelled() => {
+                    let notice = drained.send(Err(ApiError::Draining.into()));
+                    let _ = tokio::time::timeout(DRAIN_NOTICE, notice).await;
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -132,6 +154,6 @@ impl Jobs for JobsApi {
         request: Request<CancelJobRequest>,
     ) -> Result<Response<Job>, Status> {
         let key = job_key(request.get_ref())?;
-        Ok(Response::new(self.service.cancel(&key)?))
+        Ok(Response::new(self.service.cancel(&key).await?))
     }
 }

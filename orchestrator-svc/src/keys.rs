@@ -6,8 +6,9 @@
 //! - `masks/{userId}/{jobId}/{concept}/{idx}_{instance}.png`, instance 1-based, spaces in the concept phrase become
 //!   `_` ("wooden floor" -> `wooden_floor`).
 //! - `previews/{userId}/{jobId}/{idx}_preview.jpg`
-//! - `jobs-state/{userId}/{jobId}/{idx}.json`: ADAPTER=queue_pull's record that an item ended and was called back
-//!   (`jobs::durable`).
+//! - `jobs-state/{userId}/{jobId}/{specHash}/{idx}.json`: ADAPTER=queue_pull's record that an item ended and was
+//!   called back (`jobs::durable`); `specHash` (hex SHA-256 of the effective spec) keeps a job id reused with another
+//!   spec from taking the first job's items as its own.
 //! - `jobs-state/{userId}/{jobId}/photos.json` and `jobs-state/{userId}/{jobId}/masks/{idx}.json`: what EditJob
 //!   reads back (`jobs::edit::record`): the job's photos and concepts, and each photo's stored masks.
 //!
@@ -94,9 +95,9 @@ pub fn masks_record(user_id: &str, job_id: &str, idx: u32) -> String {
     format!("jobs-state/{user_id}/{job_id}/masks/{idx}.json")
 }
 
-/// ADAPTER=queue_pull: the record of an item that ended (and whose callback was sent).
-pub fn item_marker(user_id: &str, job_id: &str, idx: u32) -> String {
-    format!("jobs-state/{user_id}/{job_id}/{idx}.json")
+/// ADAPTER=queue_pull: the record of an item that ended (and whose callback was sent), in the job of that spec.
+pub fn item_marker(user_id: &str, job_id: &str, spec_hash: &str, idx: u32) -> String {
+    format!("jobs-state/{user_id}/{job_id}/{spec_hash}/{idx}.json")
 }
 
 #[cfg(test)]
@@ -122,6 +123,10 @@ mod tests {
         assert_eq!(
             preview("user123", "job456", 0),
             "previews/user123/job456/0_preview.jpg"
+        );
+        assert_eq!(
+            item_marker("u", "j", "ab12", 3),
+            "jobs-state/u/j/ab12/3.json"
         );
     }
 

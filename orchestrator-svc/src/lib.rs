@@ -4,6 +4,7 @@
 pub mod adapters;
 pub mod callback;
 pub mod config;
+pub mod drain;
 pub mod error;
 pub mod grpc;
 pub mod jobs;

@@ -13,8 +13,12 @@ use tokio::net::TcpListener;
 use crate::adapters::queue_pull;
 use crate::adapters::runpod;
 use crate::callback::{CallbackSender, RetryPolicy};
-use crate::config::{Adapter, CallbackSettings, Config, ConfigError, LimitArgs};
+use crate::config::{
+    Adapter, CallbackSettings, Config, ConfigError, JobStoreArgs, JobStoreKind, LimitArgs,
+};
+use crate::drain::{self, Drain};
 use crate::grpc::JobsApi;
+use crate::jobs::store::{self, SharedJobStore};
 use crate::jobs::{
     InputLimits, ItemRunner, JobLimits, JobService, Pipeline, PreviewSettings, Retention,
 };
@@ -28,6 +32,8 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("local storage")]
     Storage(#[source] crate::storage::StorageError),
+    #[error("job store (JOB_STORE, JOB_STORE_PATH)")]
+    JobStore(#[source] crate::jobs::store::StoreError),
     #[error("callback HTTP client")]
     CallbackClient(#[source] reqwest::Error),
     /// TLS, tokens, reflection or the health-only port (the error names the variable).
@@ -39,8 +45,6 @@ pub enum StartupError {
     Serve(#[source] tonic::transport::Error),
 }
 
-/// How long shutdown waits for items in flight and their callbacks before giving up on them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The API's name on grpc.health.v1 and in reflection.
 pub const JOBS_SERVICE: &str = "palette.orchestrator.v1.Jobs";
 /// Jobs are small; images never travel through this API.
@@ -88,6 +92,21 @@ fn callback_sender(
     Ok(Some(Arc::new(sender)))
 }
 
+/// The job store JOB_STORE names, opened; None for `memory`.
+fn job_store(args: &JobStoreArgs) -> Result<Option<SharedJobStore>, StartupError> {
+    match args.job_store {
+        JobStoreKind::Memory => {
+            tracing::warn!("JOB_STORE=memory: jobs are lost when the process stops");
+            Ok(None)
+        }
+        JobStoreKind::Local => {
+            let store = store::open_local(&args.job_store_path).map_err(StartupError::JobStore)?;
+            tracing::info!(path = %args.job_store_path.display(), "job store: local");
+            Ok(Some(store))
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves, then stops taking requests and waits (bounded) for items in flight.
 pub async fn run(
     config: Config,
@@ -124,11 +143,10 @@ pub async fn run(
         config.segmenter.mask_cache_mb.saturating_mul(1024 * 1024),
     )
     .with_pixel_budget(args.inflight_megapixels());
-    let pipeline = Arc::new(Pipeline::new(
-        runner,
-        callbacks,
-        args.batch_concurrency as usize,
-    ));
+    let pipeline = Arc::new(
+        Pipeline::new(runner, callbacks, args.batch_concurrency as usize)
+            .with_job_store(job_store(&config.jobs)?),
+    );
     let limits = JobLimits {
         max_images: args.max_images_per_job,
         max_rules: args.max_rules_per_job,
@@ -150,6 +168,9 @@ pub async fn run(
             },
         },
     ));
+
+    // Before serving: a resumed job answers GetJob from the first request on.
+    service.resume().await.map_err(StartupError::JobStore)?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobsServer<JobsApi>>().await;
@@ -174,35 +195,23 @@ pub async fn run(
         )),
         (None, None) => None,
     };
-    let shutdown = async move {
-        shutdown.await;
-        let _ = stop_adapter.send(true);
-    };
-    serving
-        .serve(
-            health_service,
-            tonic::service::Routes::new(jobs),
-            listener,
-            shutdown,
-        )
-        .await
-        .map_err(StartupError::Serve)?;
-
-    if let Some(worker) = worker {
-        tracing::info!("shutting down: the queue worker finishes its job in progress");
-        if tokio::time::timeout(DRAIN_TIMEOUT, worker).await.is_err() {
-            tracing::warn!("queue job still in progress after {DRAIN_TIMEOUT:?}; leaving it");
-        }
-    }
-    api.stop_watchers(Duration::from_secs(1)).await;
-    tracing::info!("shutting down: waiting for items in flight");
-    pipeline.stop_starting();
-    pipeline.tasks().close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, pipeline.tasks().wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("items still in flight after {DRAIN_TIMEOUT:?}; leaving them");
-    }
+    let drain = Drain::new(Duration::from_secs(config.shutdown_grace_sec));
+    let shutdown = drain.on(
+        shutdown,
+        drain::Parts {
+            pipeline: pipeline.clone(),
+            api: api.clone(),
+            health,
+            stop_adapter,
+        },
+    );
+    let server = serving.serve(
+        health_service,
+        tonic::service::Routes::new(jobs),
+        listener,
+        shutdown,
+    );
+    drain.serve(server).await.map_err(StartupError::Serve)?;
+    drain.finish(worker, &api, &pipeline).await;
     Ok(())
 }

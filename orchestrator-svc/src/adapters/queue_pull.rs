@@ -13,6 +13,8 @@
 //! - An orchestrator that dies mid-job sends no more in-progress acks: after the ack wait JetStream redelivers the
 //!   message to another orchestrator, which skips the items the first one recorded (no second callback) and runs
 //!   the rest; outputs are written under fixed keys, so a rerun item overwrites them.
+//! - A poison job (its runners keep dying) runs on at most NATS_MAX_DELIVERIES deliveries; the next one gives it up
+//!   (`JobService::give_up_durable`: open items FAILED `too_many_deliveries`, called back) and acknowledges it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +81,8 @@ async fn connect(settings: &QueueSettings) -> Result<PullConsumer, QueueError> {
                 filter_subject: settings.subject.clone(),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: settings.ack_wait,
+                // One past the deliveries that run the job: the delivery that gives it up (`handle`).
+                max_deliver: (settings.max_deliveries + 1) as i64,
                 ..Default::default()
             },
         )
@@ -110,7 +114,12 @@ async fn acknowledge(message: &jetstream::Message, kind: AckKind, job_id: &str) 
 }
 
 /// Runs one message's job to its end, then acknowledges it.
-async fn handle(settings: &QueueSettings, service: &JobService, message: jetstream::Message) {
+async fn handle(
+    settings: &QueueSettings,
+    service: &JobService,
+    message: jetstream::Message,
+    mut stop: watch::Receiver<bool>,
+) {
     let spec = match spec_from_bytes(&message.payload) {
         Ok(spec) => spec,
         Err(e) => {
@@ -120,12 +129,18 @@ async fn handle(settings: &QueueSettings, service: &JobService, message: jetstre
         }
     };
     let job_id = spec.job_id.clone();
-    if let Ok(info) = message.info()
-        && info.delivered > 1
-    {
-        tracing::info!(%job_id, delivered = info.delivered, "queue_pull: job redelivered; recorded items are skipped");
+    let delivered = message
+        .info()
+        .map_or(1, |info| info.delivered.max(1) as u64);
+    if delivered > 1 {
+        tracing::info!(%job_id, delivered, "queue_pull: job redelivered; recorded items are skipped");
     }
-    match service.submit_durable(&spec) {
+    let submitted = if delivered > settings.max_deliveries {
+        service.give_up_durable(&spec, delivered - 1).await
+    } else {
+        service.submit_durable(&spec).await
+    };
+    match submitted {
         Ok(_) => {}
         Err(e @ ApiError::Overloaded { retry_after, .. }) => {
             tracing::warn!(%job_id, error = %e, "queue_pull: no room for the job now; offered again later");
@@ -157,14 +172,27 @@ async fn handle(settings: &QueueSettings, service: &JobService, message: jetstre
                 Err(broadcast::error::RecvError::Closed) => break,
             },
             _ = progress.tick() => acknowledge(&message, AckKind::Progress, &job_id).await,
+            // Shutting down: no item starts any more, so the job cannot finish here. Unacknowledged, it is
+            // redelivered after the ack wait, when the items in flight here have been recorded (or not: then they
+            // run again elsewhere).
+            () = stopped(&mut stop) => {
+                tracing::info!(%job_id, "queue_pull: shutting down mid-job; the job is left to redelivery");
+                return;
+            }
         }
     }
     acknowledge(&message, AckKind::Ack, &job_id).await;
     tracing::info!(%job_id, completed = job.completed, failed = job.failed, cancelled = job.cancelled, "queue_pull: job acknowledged");
 }
 
-/// Takes jobs one at a time until `stop` turns true; the job in progress is finished (and acknowledged) before
-/// returning.
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send: dropped here, before anything else awaits.
+    let _ = stop.wait_for(|stopping| *stopping).await;
+}
+
+/// Takes jobs one at a time until `stop` turns true; a job in progress then is left unacknowledged, to be
+/// redelivered (its items in flight finish and are recorded during the drain).
 pub async fn run(settings: QueueSettings, service: Arc<JobService>, stop: watch::Receiver<bool>) {
     tracing::info!(stream = %settings.stream, subject = %settings.subject, consumer = %settings.consumer, "queue_pull worker started");
     let mut stop_wait = stop.clone();
@@ -194,7 +222,7 @@ pub async fn run(settings: QueueSettings, service: Arc<JobService>, stop: watch:
             _ = stop_wait.changed() => break,
         };
         match fetched {
-            Ok(Some(message)) => handle(&settings, &service, message).await,
+            Ok(Some(message)) => handle(&settings, &service, message, stop.clone()).await,
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %Report(&e), "queue_pull: fetch failed");

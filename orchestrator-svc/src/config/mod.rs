@@ -11,6 +11,7 @@
 //! `GRPC_ADDR` as read by `orchestrator-svc healthcheck` (only its port is used, against 127.0.0.1).
 
 mod callbacks;
+mod job_store;
 mod limits;
 mod nats;
 mod runpod;
@@ -24,6 +25,7 @@ use std::path::PathBuf;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 pub use callbacks::{CallbackArgs, CallbackSettings};
+pub use job_store::{JobStoreArgs, JobStoreKind};
 pub use limits::{BYTES_PER_PIXEL_IN_FLIGHT, LimitArgs, default_inflight_megapixels};
 pub use nats::{NatsArgs, QueueSettings};
 pub use runpod::{RunpodArgs, RunpodSettings};
@@ -110,6 +112,11 @@ pub struct Config {
     /// Log filter: DEBUG, INFO, WARNING, ERROR or a tracing filter directive. Default INFO.
     #[arg(long, env = "LOG_LEVEL", default_value = "INFO")]
     pub log_level: String,
+    /// Seconds from SIGTERM to exit, at most: new items stop at once, WatchJob streams end with UNAVAILABLE
+    /// ("draining"), then items in flight and their callbacks get what is left of it. Default 30; keep it under the
+    /// platform's grace (Kubernetes terminationGracePeriodSeconds, compose stop_grace_period).
+    #[arg(long, env = "SHUTDOWN_GRACE_SEC", default_value_t = 30)]
+    pub shutdown_grace_sec: u64,
 
     #[command(flatten)]
     pub segmenter: SegmenterArgs,
@@ -123,6 +130,8 @@ pub struct Config {
     pub runpod: RunpodArgs,
     #[command(flatten)]
     pub nats: NatsArgs,
+    #[command(flatten)]
+    pub jobs: JobStoreArgs,
 }
 
 /// What `Config::for_tests` changes from the defaults, by field name (checked by a test).
@@ -141,6 +150,7 @@ pub const TEST_OVERRIDES: &[&str] = &[
     "callback_max_delay_sec",
     "batch_concurrency",
     "presets_dir",
+    "job_store",
 ];
 
 impl Config {
@@ -154,8 +164,8 @@ impl Config {
     }
 
     /// Defaults for in-process tests: local storage under `storage_dir`, ephemeral addresses, metrics off, no
-    /// callbacks, fast callback retries, the workspace's presets (every change is in TEST_OVERRIDES). Reads no
-    /// environment variable, so tests cannot leak into each other.
+    /// callbacks, fast callback retries, the workspace's presets, jobs in memory only (every change is in
+    /// TEST_OVERRIDES). Reads no environment variable, so tests cannot leak into each other.
     pub fn for_tests(storage_dir: impl Into<PathBuf>, segmenter_url: impl Into<String>) -> Self {
         let mut c = Config::defaults();
         c.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -172,6 +182,7 @@ impl Config {
         c.callbacks.callback_max_delay_sec = 1;
         c.limits.batch_concurrency = 2;
         c.limits.presets_dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../presets"));
+        c.jobs.job_store = JobStoreKind::Memory;
         c
     }
 

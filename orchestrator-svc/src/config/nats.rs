@@ -26,6 +26,11 @@ pub struct NatsArgs {
     /// before JetStream redelivers a job to another orchestrator. Applied when the consumer is created. Default 60.
     #[arg(long, env = "NATS_ACK_WAIT_SEC", default_value_t = 60)]
     pub nats_ack_wait_sec: u64,
+    /// ADAPTER=queue_pull: deliveries of one job that may run it. A job delivered once more (its runners kept dying)
+    /// is given up: its open items end FAILED (`too_many_deliveries`) with their callbacks. The consumer is created
+    /// with max_deliver one above it, so JetStream itself stops there. Default 5.
+    #[arg(long, env = "NATS_MAX_DELIVERIES", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub nats_max_deliveries: u64,
 }
 
 /// The queue to take jobs from, validated.
@@ -36,6 +41,8 @@ pub struct QueueSettings {
     pub subject: String,
     pub consumer: String,
     pub ack_wait: Duration,
+    /// Deliveries that run the job; the next one gives it up.
+    pub max_deliveries: u64,
 }
 
 impl NatsArgs {
@@ -64,6 +71,7 @@ impl NatsArgs {
             subject: non_empty(&self.nats_subject, "NATS_SUBJECT")?,
             consumer: non_empty(&self.nats_consumer, "NATS_CONSUMER")?,
             ack_wait: Duration::from_secs(self.nats_ack_wait_sec.max(1)),
+            max_deliveries: self.nats_max_deliveries,
         })
     }
 }

@@ -2,7 +2,8 @@
 //! when the worker that held it died).
 //!
 //! When an item of such a job ends, its callback is sent (if callbacks are on) and THEN the item is written to
-//! `jobs-state/{userId}/{jobId}/{idx}.json` (`keys::item_marker`). A later run of the same job reads the record
+//! `jobs-state/{userId}/{jobId}/{specHash}/{idx}.json` (`keys::item_marker`: a job id reused with another spec finds
+//! no record of the first job's items). A later run of the same job reads the record
 //! before starting the item: a recorded item is taken as it ended, neither processed nor called back again. Outputs
 //! need no record: they are written under fixed keys, so a rerun overwrites them with the same objects.
 //!
@@ -25,7 +26,8 @@ const MAX_RECORD_BYTES: u64 = 16 << 20;
 /// The recorded item `idx` of the job, if an earlier run recorded it. A record that cannot be read (storage down)
 /// counts as none: the item runs again, and outputs are overwritten with the same objects.
 pub async fn read(store: &SharedStore, plan: &JobPlan, idx: u32) -> Option<Item> {
-    let key = keys::item_marker(&plan.user_id, &plan.job_id, idx);
+    let spec_hash = super::job::spec_hash(&plan.effective_spec);
+    let key = keys::item_marker(&plan.user_id, &plan.job_id, &spec_hash, idx);
     match store.get_at_most(&key, MAX_RECORD_BYTES).await {
         Ok(bytes) => {
             let item = decode(&bytes);
@@ -47,7 +49,7 @@ pub async fn write(store: &SharedStore, job: &JobHandle, idx: u32) {
     let Some(item) = job.snapshot().items.into_iter().nth(idx as usize) else {
         return;
     };
-    let key = keys::item_marker(&job.plan.user_id, &job.plan.job_id, idx);
+    let key = keys::item_marker(&job.plan.user_id, &job.plan.job_id, &job.spec_hash, idx);
     if let Err(e) = store
         .put(&key, Bytes::from(encode(&item)), "application/json")
         .await

@@ -44,6 +44,8 @@ pub struct JobHandle {
     pub plan: Arc<JobPlan>,
     /// Submission order, for forgetting the oldest finished jobs first.
     pub(super) seq: u64,
+    /// `spec_hash` of the effective spec as recorded when the job was submitted: with the job id, the job store's key.
+    pub spec_hash: String,
     pub cancel: CancellationToken,
     state: Mutex<Job>,
     /// What `state` holds on the heap, roughly (see `approx_item_bytes`), kept up to date by every item change so
@@ -85,6 +87,7 @@ impl JobHandle {
             + 2 * prost::Message::encoded_len(&plan.effective_spec)
             + job.items.iter().map(approx_item_bytes).sum::<usize>();
         JobHandle {
+            spec_hash: spec_hash(&plan.effective_spec),
             plan: Arc::new(plan),
             seq,
             cancel: CancellationToken::new(),
@@ -299,6 +302,13 @@ fn approx_item_bytes(item: &Item) -> usize {
             .iter()
             .map(|m| text(&m.concept) + text(&m.key))
             .sum::<usize>()
+}
+
+/// Hex SHA-256 of the spec's protobuf encoding. prost encodes fields in tag order and `Struct` maps are
+/// `BTreeMap`s, so equal specs hash equally.
+pub fn spec_hash(spec: &palette_proto::orchestrator::v1::JobSpec) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(prost::Message::encode_to_vec(spec)))
 }
 
 pub fn job_is_terminal(job: &Job) -> bool {

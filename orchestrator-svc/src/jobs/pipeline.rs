@@ -18,6 +18,7 @@ use super::item::{ItemError, ItemRunner};
 use super::job::{ItemOutcome, JobHandle};
 use super::report::Reporter;
 use super::stage::{InFlight, Stage};
+use super::store::SharedJobStore;
 use crate::callback::CallbackSender;
 use crate::error::Report;
 
@@ -40,12 +41,33 @@ impl Pipeline {
     ) -> Self {
         let tasks = TaskTracker::new();
         Pipeline {
-            reporter: Reporter::new(runner.store().clone(), callbacks, tasks.clone()),
+            reporter: Reporter::new(runner.store().clone(), callbacks, tasks.clone(), None),
             runner: Arc::new(runner),
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             tasks,
             stopping: CancellationToken::new(),
         }
+    }
+
+    /// Keeps every job's terminal items in `job_store` (see `report`), and leaves unstarted items to the next start
+    /// at shutdown instead of failing them: a restarted process resumes them.
+    pub fn with_job_store(mut self, job_store: Option<SharedJobStore>) -> Self {
+        self.reporter = Reporter::new(
+            self.runner.store().clone(),
+            self.reporter.callbacks().cloned(),
+            self.tasks.clone(),
+            job_store,
+        );
+        self
+    }
+
+    pub(super) fn reporter(&self) -> &Reporter {
+        &self.reporter
+    }
+
+    /// Where inputs, outputs and durable item records are.
+    pub(super) fn object_store(&self) -> &crate::storage::SharedStore {
+        self.runner.store()
     }
 
     /// Shutdown: starts no further item; the runner of each job ends its unstarted items (see `abandon_pending`).
@@ -119,11 +141,15 @@ impl Pipeline {
     }
 
     /// Items this process will not start (it is shutting down) end FAILED, with their callback, so the caller can
-    /// resubmit them; the registry is in memory and does not survive a restart.
+    /// resubmit them, unless something runs them later: a job store that survives the restart, or the queue.
     fn abandon_pending(&self, job: &Arc<JobHandle>) {
         if job.plan.durable_items {
             // The queue redelivers the job to another orchestrator, which runs these items: no failure callback.
             tracing::info!(job_id = %job.plan.job_id, "shutting down: unstarted items left to the job's redelivery");
+            return;
+        }
+        if self.reporter.job_store_of(job).is_some() {
+            tracing::info!(job_id = %job.plan.job_id, "shutting down: unstarted items resume at the next start");
             return;
         }
         for idx in 0..job.plan.image_count {

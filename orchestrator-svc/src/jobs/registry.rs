@@ -1,5 +1,6 @@
 //! The jobs this process knows, by (user id, job id): idempotent submission, lookups, and forgetting the oldest finished jobs
-//! to stay within MAX_RETAINED_JOBS and RETAINED_JOBS_MB.
+//! to stay within MAX_RETAINED_JOBS and RETAINED_JOBS_MB. What it forgets is queued for the job store to forget too
+//! (`take_forgotten`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::job::JobHandle;
+use super::store::{self, RecordKey};
 use super::validate::{JobKey, JobPlan};
 use crate::error::ApiError;
 
@@ -30,6 +32,8 @@ pub struct JobRegistry {
     jobs: Mutex<HashMap<JobKey, Arc<JobHandle>>>,
     next_seq: AtomicU64,
     retention: Retention,
+    /// Jobs forgotten here and not yet in the job store (see `take_forgotten`).
+    forgotten: Mutex<Vec<RecordKey>>,
 }
 
 /// What `JobRegistry::submit` did.
@@ -48,7 +52,13 @@ impl JobRegistry {
                 max_jobs: retention.max_jobs.max(1),
                 max_bytes: retention.max_bytes,
             },
+            forgotten: Mutex::default(),
         }
+    }
+
+    /// The jobs forgotten since the last call, for the job store to delete.
+    pub fn take_forgotten(&self) -> Vec<RecordKey> {
+        std::mem::take(&mut *self.forgotten.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobKey, Arc<JobHandle>>> {
@@ -74,7 +84,12 @@ impl JobRegistry {
                 if !over(jobs.len(), bytes) {
                     break;
                 }
-                jobs.remove(&key);
+                if let Some(job) = jobs.remove(&key) {
+                    self.forgotten
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(store::key_of(&job));
+                }
                 bytes -= job_bytes;
                 forgotten += 1;
             }
@@ -125,6 +140,26 @@ impl JobRegistry {
         let handle = Arc::new(JobHandle::new(plan, seq));
         jobs.insert(handle.plan.key(), handle.clone());
         Ok(Submitted::Created(handle))
+    }
+
+    /// Takes back a job whose record the job store could not keep (SubmitJob then fails).
+    pub fn remove(&self, job: &JobHandle) {
+        let mut jobs = self.lock();
+        let key = job.plan.key();
+        if jobs.get(&key).is_some_and(|j| std::ptr::eq(&**j, job)) {
+            jobs.remove(&key);
+        }
+    }
+
+    /// A job resumed from the job store, under its recorded submission order; never refused (retention is applied
+    /// by `trim` once every job is back).
+    pub fn restore(&self, plan: JobPlan, seq: u64, spec_hash: String) -> Arc<JobHandle> {
+        self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
+        let mut handle = JobHandle::new(plan, seq);
+        handle.spec_hash = spec_hash;
+        let handle = Arc::new(handle);
+        self.lock().insert(handle.plan.key(), handle.clone());
+        handle
     }
 
     pub fn all(&self) -> Vec<Arc<JobHandle>> {
@@ -299,5 +334,34 @@ mod tests {
         created(tight.submit(plan("y")).unwrap());
         tight.trim();
         assert!(tight.get(&key("x")).is_ok() && tight.get(&key("y")).is_ok());
+    }
+
+    #[test]
+    fn what_it_forgets_is_queued_for_the_job_store_and_restored_jobs_keep_their_order() {
+        let registry = JobRegistry::new(jobs_only(2));
+        let a = registry.restore(plan("a"), 7, "recorded-hash".into());
+        assert_eq!(a.seq, 7);
+        assert_eq!(
+            a.spec_hash, "recorded-hash",
+            "the recorded hash, not a new one"
+        );
+        // Later submissions come after every restored one.
+        let b = created(registry.submit(plan("b")).unwrap());
+        assert!(b.seq > a.seq);
+        a.cancel_pending(false);
+        created(registry.submit(plan("c")).unwrap());
+        let forgotten = registry.take_forgotten();
+        assert_eq!(forgotten.len(), 1);
+        assert_eq!(
+            (
+                forgotten[0].job_id.as_str(),
+                forgotten[0].spec_hash.as_str()
+            ),
+            ("a", "recorded-hash")
+        );
+        assert!(registry.take_forgotten().is_empty(), "taken once");
+        // A job the store refused is taken back.
+        registry.remove(&b);
+        assert!(registry.get(&key("b")).is_err() && registry.get(&key("c")).is_ok());
     }
 }

@@ -1,5 +1,6 @@
-//! What follows an item's end: its metrics, its one callback, and (durable jobs) its record in storage, written
-//! only once the callback is settled.
+//! What follows an item's end: its metrics, its one callback, and its records: in the job store (written before the
+//! callback, and again once it is settled: see docs/architecture.md, "Job state") and, for ADAPTER=queue_pull jobs,
+//! in object storage (written only once the callback is settled).
 
 use std::sync::Arc;
 
@@ -8,7 +9,9 @@ use tokio_util::task::TaskTracker;
 
 use super::durable;
 use super::job::JobHandle;
+use super::store::{self, SharedJobStore, Written};
 use crate::callback::{CallbackBody, CallbackSender, MaskRef, OutputRef};
+use crate::error::Report;
 use crate::storage::SharedStore;
 use crate::tasks::spawn_tracked;
 
@@ -19,6 +22,7 @@ pub struct Reporter {
     store: SharedStore,
     callbacks: Option<Arc<CallbackSender>>,
     tasks: TaskTracker,
+    job_store: Option<SharedJobStore>,
 }
 
 impl Reporter {
@@ -26,12 +30,31 @@ impl Reporter {
         store: SharedStore,
         callbacks: Option<Arc<CallbackSender>>,
         tasks: TaskTracker,
+        job_store: Option<SharedJobStore>,
     ) -> Self {
         Reporter {
             store,
             callbacks,
             tasks,
+            job_store,
         }
+    }
+
+    pub fn job_store(&self) -> Option<&SharedJobStore> {
+        self.job_store.as_ref()
+    }
+
+    /// The job store that keeps this job, if one does: ADAPTER=queue_pull jobs are kept by their queue instead, and
+    /// edits (EditJob) are not kept yet: a resumed edit would need its source re-read, which the store's records
+    /// (a submitted JobSpec) do not say.
+    pub fn job_store_of(&self, job: &JobHandle) -> Option<&SharedJobStore> {
+        self.job_store
+            .as_ref()
+            .filter(|_| !job.plan.durable_items && job.plan.source.is_none())
+    }
+
+    pub fn callbacks(&self) -> Option<&Arc<CallbackSender>> {
+        self.callbacks.as_ref()
     }
 
     pub fn callbacks_on(&self) -> bool {
@@ -47,29 +70,64 @@ impl Reporter {
         if job.is_terminal() {
             metrics::counter!("orchestrator_jobs_finished_total").increment(1);
         }
+        self.settle(job, item);
+    }
+
+    /// Records the terminal item, sends its callback, records it settled. Also what a resumed job does for an item
+    /// recorded with its callback still pending.
+    pub fn settle(&self, job: &Arc<JobHandle>, item: Item) {
         let store = job.plan.durable_items.then(|| self.store.clone());
-        let Some(sender) = self.callbacks.clone() else {
-            if let Some(store) = store {
-                let job = job.clone();
-                spawn_tracked(&self.tasks, "item_record", async move {
-                    durable::write(&store, &job, item.idx).await
-                });
-            }
+        let job_store = self.job_store_of(job).cloned();
+        let sender = self.callbacks.clone();
+        if store.is_none() && job_store.is_none() && sender.is_none() {
             return;
-        };
+        }
         let job = job.clone();
-        spawn_tracked(&self.tasks, "callback", async move {
-            let body = callback_body(&item);
-            let outcome = sender.deliver(&job.plan.job_id, &body).await;
-            if !outcome.delivered {
-                tracing::warn!(job_id = %job.plan.job_id, idx = item.idx, error = ?outcome.error, "callback not delivered");
+        spawn_tracked(&self.tasks, "item_report", async move {
+            // The terminal state is committed before anyone is told: a crash before this line leaves no trace of it,
+            // so the item runs again; after it, the item keeps this state and is only called back again.
+            if let Some(job_store) = &job_store
+                && !keep(job_store, &job, &item).await
+            {
+                return;
             }
-            job.record_callback(item.idx, outcome.delivered, outcome.attempts, outcome.error);
+            if let Some(sender) = sender {
+                let body = callback_body(&item);
+                let outcome = sender.deliver(&job.plan.job_id, &body).await;
+                if !outcome.delivered {
+                    tracing::warn!(job_id = %job.plan.job_id, idx = item.idx, error = ?outcome.error, "callback not delivered");
+                }
+                job.record_callback(item.idx, outcome.delivered, outcome.attempts, outcome.error);
+                if let Some(job_store) = &job_store
+                    && let Some(settled) = job.snapshot().items.into_iter().nth(item.idx as usize)
+                {
+                    keep(job_store, &job, &settled).await;
+                }
+            }
             // Durable jobs: recorded only once the callback is settled, so a rerun never sends it again.
             if let Some(store) = store {
                 durable::write(&store, &job, item.idx).await;
             }
         });
+    }
+}
+
+/// Writes the terminal item to the job store. False when the store already holds another terminal state for it
+/// (then that one stands, and this one is not called back).
+async fn keep(job_store: &SharedJobStore, job: &JobHandle, item: &Item) -> bool {
+    let key = store::key_of(job);
+    match job_store.put_item(&key, item).await {
+        Ok(Written::Stored) => true,
+        Ok(Written::Conflict(recorded)) => {
+            tracing::warn!(job_id = %key.job_id, idx = item.idx, recorded = recorded.state, "item already recorded in another terminal state; not reported again");
+            false
+        }
+        Err(e) => {
+            // The callback still goes out; after a restart the item would run again.
+            metrics::counter!("orchestrator_job_store_errors_total").increment(1);
+            tracing::warn!(job_id = %key.job_id, idx = item.idx, error = %Report(&e), "item not recorded in the job store");
+            true
+        }
     }
 }
 

@@ -1,8 +1,8 @@
 //! The one test harness of the workspace: services in-process on 127.0.0.1:0 (`server`: start, stop, wait until
 //! SERVING), and the real parts tests run against: SeaweedFS as S3 (`seaweed`), NATS JetStream (`nats`), an HTTP
-//! callback receiver (`receiver`), a fault-injecting fake segmenter (`fake_segmenter`), ports for servers told a
-//! port number (`ports`), certificates made at test time (`tls`). `segmenter` and `orchestrator` start each service
-//! with its test configuration.
+//! callback receiver (`receiver`), a fault-injecting fake segmenter (`fake_segmenter`), a service as a child process
+//! that a test can SIGKILL (`process`), ports for servers told a port number (`ports`), certificates made at test
+//! time (`tls`). `segmenter` and `orchestrator` start each service with its test configuration.
 //!
 //! Each test binary uses only some of it; being a library, unused parts cost no `allow(dead_code)`.
 
@@ -10,6 +10,7 @@ pub mod fake_segmenter;
 pub mod nats;
 pub mod orchestrator;
 pub mod ports;
+pub mod process;
 pub mod receiver;
 pub mod seaweed;
 pub mod segmenter;

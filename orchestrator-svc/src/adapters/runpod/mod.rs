@@ -207,7 +207,7 @@ impl Worker {
                 return;
             }
         };
-        if let Err(e) = self.service.submit(&spec) {
+        if let Err(e) = self.service.submit(&spec).await {
             tracing::warn!(runpod_job = %runpod_id, error = %e, "runpod: job rejected");
             self.post_result(runpod_id, &json!({"error": e.to_string()}))
                 .await;

@@ -1,0 +1,105 @@
+//! Shutdown, from the signal to exit, bounded by SHUTDOWN_GRACE_SEC: at the signal no item starts any more, health
+//! turns NOT_SERVING, new SubmitJob/WatchJob calls and open WatchJob streams get UNAVAILABLE "draining" (clients
+//! reconnect to another replica) and the queue worker stops taking jobs; then the server closes its connections,
+//! and items in flight and their callbacks get what is left of the grace period. With a job store, what did not
+//! finish resumes at the next start.
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use palette_proto::orchestrator::v1::jobs_server::JobsServer;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tonic_health::server::HealthReporter;
+
+use crate::grpc::JobsApi;
+use crate::jobs::Pipeline;
+
+/// One process's drain: when it began, and how long it may take.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    grace: Duration,
+    began: Arc<OnceLock<Instant>>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+/// What the drain stops at the signal.
+pub struct Parts {
+    pub pipeline: Arc<Pipeline>,
+    pub api: JobsApi,
+    pub health: HealthReporter,
+    /// Tells the queue worker (ADAPTER=runpod|queue_pull) to stop taking jobs.
+    pub stop_adapter: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drain {
+    pub fn new(grace: Duration) -> Self {
+        Drain {
+            grace,
+            began: Arc::default(),
+            notify: Arc::default(),
+        }
+    }
+
+    /// The server's shutdown future: waits for `signal`, then stops new work at once.
+    pub fn on(&self, signal: impl Future<Output = ()>, parts: Parts) -> impl Future<Output = ()> {
+        let this = self.clone();
+        async move {
+            signal.await;
+            let _ = this.began.set(Instant::now());
+            this.notify.notify_waiters();
+            tracing::info!(grace = ?this.grace, "shutting down: no new items; WatchJob streams end (UNAVAILABLE, draining)");
+            parts.pipeline.stop_starting();
+            parts.api.drain();
+            parts.health.set_not_serving::<JobsServer<JobsApi>>().await;
+            let _ = parts.stop_adapter.send(true);
+        }
+    }
+
+    /// When the grace period ends (far in the future until the signal came).
+    fn deadline(&self) -> Instant {
+        self.began
+            .get()
+            .map_or_else(|| Instant::now() + self.grace, |began| *began + self.grace)
+    }
+
+    /// Runs the server until it stops by itself, or until the grace period is over (its connections are then
+    /// dropped).
+    pub async fn serve<E>(&self, server: impl Future<Output = Result<(), E>>) -> Result<(), E> {
+        let grace_over = async {
+            let notified = self.notify.notified();
+            if self.began.get().is_none() {
+                notified.await;
+            }
+            tokio::time::sleep_until(self.deadline()).await;
+        };
+        tokio::select! {
+            result = server => result,
+            () = grace_over => {
+                tracing::warn!("connections still open at the end of SHUTDOWN_GRACE_SEC; closed");
+                Ok(())
+            }
+        }
+    }
+
+    /// After the server stopped: the queue worker, the streams and the items in flight, all within the grace period.
+    pub async fn finish(&self, worker: Option<JoinHandle<()>>, api: &JobsApi, pipeline: &Pipeline) {
+        let deadline = self.deadline();
+        if let Some(worker) = worker
+            && tokio::time::timeout_at(deadline, worker).await.is_err()
+        {
+            tracing::warn!("queue worker still busy at the end of SHUTDOWN_GRACE_SEC; leaving it");
+        }
+        api.watchers_ended(deadline.saturating_duration_since(Instant::now()))
+            .await;
+        tracing::info!("shutting down: waiting for items in flight");
+        pipeline.tasks().close();
+        if tokio::time::timeout_at(deadline, pipeline.tasks().wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("items still in flight at the end of SHUTDOWN_GRACE_SEC; leaving them");
+        }
+    }
+}

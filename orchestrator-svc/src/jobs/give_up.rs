@@ -1,0 +1,48 @@
+//! Poison jobs (ADAPTER=queue_pull): a job whose message keeps coming back because the orchestrators running it keep
+//! dying is not run again past NATS_MAX_DELIVERIES. The orchestrator that receives it once more registers it
+//! without running anything: items an earlier run recorded keep their record, every other item ends FAILED with
+//! `too_many_deliveries` and its callback, and the message is then acknowledged like a finished job's.
+
+use palette_proto::orchestrator::v1::{Job, JobSpec};
+
+use super::job::ItemOutcome;
+use super::registry::Submitted;
+use super::{JobService, durable, validate};
+use crate::error::ApiError;
+
+/// `Item.error_code` of the items of a job given up.
+pub const TOO_MANY_DELIVERIES: &str = "too_many_deliveries";
+
+impl JobService {
+    /// Like `submit_durable`, but runs nothing: open items end FAILED (`TOO_MANY_DELIVERIES`) with their callbacks.
+    /// A job this process already runs is left as it is.
+    pub async fn give_up_durable(&self, spec: &JobSpec, deliveries: u64) -> Result<Job, ApiError> {
+        let mut plan = validate::validate(spec, &self.presets, self.limits)?;
+        plan.durable_items = true;
+        let job = match self.registry.submit(plan)? {
+            Submitted::Existing(job) => return Ok(job.snapshot()),
+            Submitted::Created(job) => job,
+        };
+        tracing::warn!(job_id = %job.plan.job_id, deliveries, "queue_pull: job delivered too often; giving up on its open items");
+        let reporter = self.pipeline.reporter();
+        for idx in 0..job.plan.image_count {
+            if let Some(recorded) =
+                durable::read(self.pipeline.object_store(), &job.plan, idx).await
+            {
+                job.restore_item(idx, recorded);
+                continue;
+            }
+            let outcome = ItemOutcome::Failed {
+                code: TOO_MANY_DELIVERIES,
+                message: format!(
+                    "the job was delivered {deliveries} times and never finished (the orchestrators running it \
+                     stopped); given up"
+                ),
+            };
+            if let Some(item) = job.finish_item(idx, outcome, reporter.callbacks_on()) {
+                reporter.item_ended(&job, item);
+            }
+        }
+        Ok(job.snapshot())
+    }
+}

@@ -1,0 +1,121 @@
+//! At start: the jobs a job store kept come back into the registry as they were recorded, pending callbacks are
+//! sent again, and jobs with open items run on. See docs/architecture.md, "Job state".
+
+use std::sync::Arc;
+
+use palette_proto::orchestrator::v1::{CallbackState, JobSpec};
+
+use super::JobService;
+use super::job::{ItemOutcome, JobHandle, is_terminal};
+use super::store::{self, StoreError, StoredJob};
+use super::validate::{self, JobPlan};
+
+/// What `JobService::resume` found, for the log and for tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Resumed {
+    pub jobs: usize,
+    /// Jobs with items still to run.
+    pub unfinished: usize,
+    /// Terminal items whose callback was not settled before the process stopped.
+    pub callbacks_resent: usize,
+}
+
+impl JobService {
+    /// Brings back every job the job store kept; a no-op without one. Call once, before serving.
+    pub async fn resume(&self) -> Result<Resumed, StoreError> {
+        let Some(job_store) = self.pipeline.reporter().job_store().cloned() else {
+            return Ok(Resumed::default());
+        };
+        let mut resumed = Resumed::default();
+        for stored in job_store.load().await? {
+            resumed.jobs += 1;
+            let job = self.restore(stored, &mut resumed);
+            if !job.is_terminal() {
+                resumed.unfinished += 1;
+                self.start(job);
+            }
+        }
+        // Retention applies to what came back as it does to what is submitted.
+        self.registry.trim();
+        self.forget_in_store().await;
+        if resumed.jobs > 0 {
+            tracing::info!(
+                jobs = resumed.jobs,
+                unfinished = resumed.unfinished,
+                callbacks_resent = resumed.callbacks_resent,
+                "jobs resumed from the job store"
+            );
+        }
+        Ok(resumed)
+    }
+
+    fn restore(&self, stored: StoredJob, resumed: &mut Resumed) -> Arc<JobHandle> {
+        let StoredJob { record, items } = stored;
+        let plan = match validate::validate(&record.spec, &self.presets, self.limits) {
+            Ok(plan) if store::spec_hash(&plan.effective_spec) == record.spec_hash => Ok(plan),
+            Ok(_) => Err("its presets changed since it was submitted".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let (plan, unplannable) = match plan {
+            Ok(plan) => (plan, None),
+            Err(why) => (placeholder_plan(&record.spec), Some(why)),
+        };
+        let job = self
+            .registry
+            .restore(plan, record.seq, record.spec_hash.clone());
+        if record.cancelled {
+            // Before the items come back, so a job whose items all ended reads CANCELLED, not DONE.
+            job.cancel.cancel();
+        }
+        let callbacks_on = self.pipeline.reporter().callbacks_on();
+        let mut unsettled = Vec::new();
+        for item in items {
+            let idx = item.idx;
+            let pending = item.callback_state == CallbackState::Pending as i32;
+            let restored = idx < job.plan.image_count
+                && is_terminal(item.state)
+                && job.restore_item(idx, item);
+            if restored && pending && callbacks_on {
+                unsettled.push(idx);
+            }
+        }
+        let snapshot = job.snapshot();
+        for idx in unsettled {
+            resumed.callbacks_resent += 1;
+            self.pipeline
+                .reporter()
+                .settle(&job, snapshot.items[idx as usize].clone());
+        }
+        if record.cancelled {
+            self.pipeline.cancel(&job);
+        } else if let Some(why) = unplannable {
+            tracing::error!(job_id = %record.job_id, reason = %why, "stored job cannot run again; its open items fail");
+            for idx in 0..job.plan.image_count {
+                let outcome = ItemOutcome::Failed {
+                    code: "job_not_resumable",
+                    message: format!(
+                        "the orchestrator restarted and cannot run this job again: {why}; submit it again under a new job id"
+                    ),
+                };
+                if let Some(item) = job.finish_item(idx, outcome, callbacks_on) {
+                    self.pipeline.reporter().item_ended(&job, item);
+                }
+            }
+        }
+        job
+    }
+}
+
+/// A plan that runs nothing, for a stored job that no longer validates: enough to report its items.
+fn placeholder_plan(spec: &JobSpec) -> JobPlan {
+    JobPlan {
+        user_id: spec.user_id.clone(),
+        job_id: spec.job_id.clone(),
+        image_count: spec.image_count,
+        concepts: Vec::new(),
+        rules: Vec::new(),
+        effective_spec: spec.clone(),
+        durable_items: false,
+        source: None,
+    }
+}

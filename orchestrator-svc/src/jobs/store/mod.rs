@@ -1,0 +1,139 @@
+//! What must outlive the process: job records and terminal item records, behind one trait (`JobStore`) so the
+//! embedded store (`local`, a redb file) and a distributed one can stand in for each other. The design, with the
+//! order of writes that gives one terminal state and one callback per item, is in docs/architecture.md ("Job state").
+
+mod local;
+mod nats;
+mod record;
+
+use std::fmt::Debug;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use palette_proto::orchestrator::v1::Item;
+
+use super::job::JobHandle;
+pub use super::job::spec_hash;
+
+pub use local::LocalJobStore;
+pub use nats::NatsJobStore;
+pub use record::JobRecord;
+
+/// A job as the store keys it: its user, its id and the hash of its effective spec, so a job id reused with another
+/// spec is another job whose items never mix with the first one's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RecordKey {
+    pub user_id: String,
+    pub job_id: String,
+    pub spec_hash: String,
+}
+
+/// A recorded job and the items it recorded as terminal (the others are to run).
+#[derive(Debug, Clone)]
+pub struct StoredJob {
+    pub record: JobRecord,
+    pub items: Vec<Item>,
+}
+
+/// What `JobStore::create` found.
+#[derive(Debug)]
+pub enum Created {
+    New,
+    /// A record was already under the (user id, job id); the caller compares its `spec_hash`.
+    Existing(Box<JobRecord>),
+}
+
+/// What `JobStore::put_item` did.
+#[derive(Debug, PartialEq)]
+pub enum Written {
+    Stored,
+    /// The item already ended in another terminal state, kept as recorded (returned).
+    Conflict(Box<Item>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be read or written (disk, file lock, corruption); `source` says why.
+    #[error("job store unavailable")]
+    Unavailable(#[source] crate::error::BoxError),
+    /// A record that does not decode: written by something else, or damaged.
+    #[error("job store record {key:?} is unreadable")]
+    Corrupt { key: String },
+}
+
+impl StoreError {
+    pub fn unavailable(source: impl Into<crate::error::BoxError>) -> Self {
+        StoreError::Unavailable(source.into())
+    }
+}
+
+/// Durable job state; see docs/architecture.md, "Job state", for what each call promises.
+#[async_trait]
+pub trait JobStore: Send + Sync + Debug {
+    /// Records a new job, or hands back the record already under its (user id, job id).
+    async fn create(&self, job: &JobRecord) -> Result<Created, StoreError>;
+    /// Writes a terminal item of the job. The first terminal state recorded wins; the same state may be written
+    /// again (its callback settled).
+    async fn put_item(&self, job: &RecordKey, item: &Item) -> Result<Written, StoreError>;
+    /// Marks the job cancelled.
+    async fn cancel(&self, job: &RecordKey) -> Result<(), StoreError>;
+    /// Every job recorded, in submission order, with its terminal items.
+    async fn load(&self) -> Result<Vec<StoredJob>, StoreError>;
+    /// Deletes the jobs and all their items.
+    async fn forget(&self, jobs: &[RecordKey]) -> Result<(), StoreError>;
+}
+
+pub type SharedJobStore = Arc<dyn JobStore>;
+
+/// The embedded store in the file at `path` (created with its directory if missing).
+pub fn open_local(path: &Path) -> Result<SharedJobStore, StoreError> {
+    Ok(Arc::new(LocalJobStore::open(path)?))
+}
+
+/// The job's key in the job store.
+pub fn key_of(job: &JobHandle) -> RecordKey {
+    RecordKey {
+        user_id: job.plan.user_id.clone(),
+        job_id: job.plan.job_id.clone(),
+        spec_hash: job.spec_hash.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palette_proto::orchestrator::v1::JobSpec;
+
+    #[test]
+    fn equal_specs_hash_equally_and_different_ones_do_not() {
+        let spec = |color: &str| JobSpec {
+            user_id: "u".into(),
+            job_id: "j".into(),
+            concepts: vec!["wall".into()],
+            image_count: 2,
+            rules: vec![palette_proto::orchestrator::v1::Rule {
+                rule_id: "r".into(),
+                concept: "wall".into(),
+                r#type: "recolor".into(),
+                params: Some(prost_types::Struct {
+                    fields: [
+                        ("color".to_string(), string_value(color)),
+                        ("strength".to_string(), string_value("0.5")),
+                    ]
+                    .into(),
+                }),
+            }],
+            preset: String::new(),
+        };
+        assert_eq!(spec_hash(&spec("#fff")), spec_hash(&spec("#fff")));
+        assert_ne!(spec_hash(&spec("#fff")), spec_hash(&spec("#000")));
+        assert_eq!(spec_hash(&spec("#fff")).len(), 64);
+    }
+
+    fn string_value(s: &str) -> prost_types::Value {
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(s.into())),
+        }
+    }
+}

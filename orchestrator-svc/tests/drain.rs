@@ -1,0 +1,201 @@
+//! Shutdown of a real orchestrator process with a WatchJob client attached (a rolling update's SIGTERM): no item
+//! starts after the signal, the stream ends at once with UNAVAILABLE "draining" (so the client reconnects to another
+//! replica instead of holding this one open), the process exits within SHUTDOWN_GRACE_SEC even when items are still
+//! running, and the next start on the same job store finishes the job.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use orchestrator_svc::storage::{LocalStore, ObjectStore};
+use palette_proto::orchestrator::v1::jobs_client::JobsClient;
+use palette_proto::orchestrator::v1::{GetJobRequest, ItemState, Job, JobState, WatchJobRequest};
+use palette_testing::orchestrator::{photo_jpeg, seed_spec};
+use palette_testing::process::Process;
+use palette_testing::{fake_segmenter, receiver::Receiver};
+use tonic::transport::Channel;
+
+const SECRET: &str = "drain-secret";
+const USER: &str = "test-user";
+
+fn env(dir: &Path, segmenter: &str, callbacks: &str, grace_sec: u64) -> Vec<(String, String)> {
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    [
+        ("METRICS_ADDR", String::new()),
+        ("SEGMENTER_URL", segmenter.into()),
+        ("STORAGE_BACKEND", "local".into()),
+        ("LOCAL_STORAGE_DIR", path("storage")),
+        ("PRESETS_DIR", path("no-presets")),
+        ("JOB_STORE", "local".into()),
+        ("JOB_STORE_PATH", path("jobs.redb")),
+        ("WORKERS_API_URL", callbacks.into()),
+        ("GPU_CALLBACK_SECRET", SECRET.into()),
+        ("CALLBACK_BASE_DELAY_MS", "10".into()),
+        ("BATCH_CONCURRENCY", "2".into()),
+        ("SHUTDOWN_GRACE_SEC", grace_sec.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+async fn put_inputs(dir: &Path, job_id: &str, images: u32) {
+    let store = LocalStore::new(dir.join("storage")).unwrap();
+    for idx in 0..images {
+        let key = format!("inputs/{USER}/{job_id}/{idx}.jpg");
+        let photo = Bytes::from(photo_jpeg(64 + idx, 48));
+        store.put(&key, photo, "image/jpeg").await.unwrap();
+    }
+}
+
+fn client(process: &Process) -> JobsClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", process.addr))
+        .unwrap()
+        .connect_lazy();
+    JobsClient::new(channel)
+}
+
+async fn wait_for(
+    client: &mut JobsClient<Channel>,
+    job_id: &str,
+    done: impl Fn(&Job) -> bool,
+) -> Job {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = client
+            .get_job(GetJobRequest {
+                user_id: USER.into(),
+                job_id: job_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "never reached: {job:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn running(job: &Job) -> usize {
+    job.items
+        .iter()
+        .filter(|i| i.state == ItemState::Running as i32)
+        .count()
+}
+
+/// Finished, with every item COMPLETED and one webhook-id per item.
+async fn finishes_on_a_new_process(
+    binary: &Path,
+    env: &[(String, String)],
+    log: &Path,
+    job_id: &str,
+    images: u32,
+    hooks: &Receiver,
+) {
+    let next = Process::start(binary, env, log).await;
+    let job = wait_for(&mut client(&next), job_id, |j| {
+        j.state == JobState::Done as i32
+    })
+    .await;
+    assert_eq!(job.completed, images, "{job:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while hooks.per_id().len() < images as usize {
+        assert!(Instant::now() < deadline, "{:?}", hooks.per_id());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hooks.per_id().len(), images as usize);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_watch_streams_with_draining_and_starts_no_item() {
+    const JOB: &str = "drained";
+    const IMAGES: u32 = 6;
+    let binary = Path::new(env!("CARGO_BIN_EXE_orchestrator-svc"));
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(1500, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, IMAGES).await;
+    let env = env(dir.path(), &segmenter.url, &hooks.url(), 10);
+
+    let mut first = Process::start(binary, &env, &dir.path().join("first.log")).await;
+    let mut jobs = client(&first);
+    jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
+    let mut stream = jobs
+        .watch_job(WatchJobRequest {
+            user_id: USER.into(),
+            job_id: JOB.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("the first snapshot");
+    let before = wait_for(&mut jobs, JOB, |j| running(j) == 2).await;
+    assert_eq!(before.completed, 0, "{before:?}");
+
+    let signalled = Instant::now();
+    let exited = tokio::spawn(async move {
+        let took = first.terminate(Duration::from_secs(15)).await;
+        (took, first)
+    });
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => panic!("the stream ended without a status"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("the stream stayed open after SIGTERM"),
+        }
+    };
+    let stream_ended = signalled.elapsed();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("draining"), "{status:?}");
+    assert!(stream_ended < Duration::from_secs(1), "{stream_ended:?}");
+    let (took, first) = exited.await.unwrap();
+    let took = took.unwrap_or_else(|| panic!("no exit within 15 s:\n{}", first.log()));
+    // The two items in flight finished (1.5 s each); none started after the signal.
+    assert_eq!(segmenter.counters.segment_calls.load(Ordering::SeqCst), 2);
+    eprintln!("WatchJob ended {stream_ended:?} after SIGTERM; the process exited after {took:?}");
+
+    segmenter.faults.delay_ms.store(0, Ordering::SeqCst);
+    let log = dir.path().join("second.log");
+    finishes_on_a_new_process(binary, &env, &log, JOB, IMAGES, &hooks).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_ends_within_the_grace_period_and_unfinished_items_resume() {
+    const JOB: &str = "grace-bounded";
+    const IMAGES: u32 = 2;
+    let binary = Path::new(env!("CARGO_BIN_EXE_orchestrator-svc"));
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    // Far longer than the grace period: the items cannot finish in time.
+    segmenter.faults.delay_ms.store(60_000, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, IMAGES).await;
+    let env = env(dir.path(), &segmenter.url, &hooks.url(), 2);
+
+    let mut first = Process::start(binary, &env, &dir.path().join("first.log")).await;
+    let mut jobs = client(&first);
+    jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
+    wait_for(&mut jobs, JOB, |j| running(j) == 2).await;
+    let took = first
+        .terminate(Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|| panic!("no exit within 15 s:\n{}", first.log()));
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(4),
+        "exited after {took:?} with SHUTDOWN_GRACE_SEC=2"
+    );
+    assert!(
+        hooks.deliveries().is_empty(),
+        "nothing ended, nothing called back"
+    );
+    eprintln!("with items still running, exited {took:?} after SIGTERM (SHUTDOWN_GRACE_SEC=2)");
+
+    segmenter.faults.delay_ms.store(0, Ordering::SeqCst);
+    let log = dir.path().join("second.log");
+    finishes_on_a_new_process(binary, &env, &log, JOB, IMAGES, &hooks).await;
+}

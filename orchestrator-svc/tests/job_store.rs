@@ -1,0 +1,366 @@
+//! JOB_STORE=local with the orchestrator as a real process (SIGKILL leaves nothing to clean up, as an OOM kill
+//! does): started again on the same store, it finishes what the killed one started. Every item ends in exactly one
+//! terminal state, called back under one webhook-id per item (a resend after the kill reuses the id, so receivers
+//! drop it; resends are counted).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use orchestrator_svc::storage::{LocalStore, ObjectStore};
+use palette_proto::orchestrator::v1::jobs_client::JobsClient;
+use palette_proto::orchestrator::v1::{
+    CallbackState, CancelJobRequest, GetJobRequest, ItemState, Job, JobState,
+};
+use palette_testing::orchestrator::{photo_jpeg, seed_spec};
+use palette_testing::process::Process;
+use palette_testing::{fake_segmenter, receiver::Receiver};
+use tonic::transport::Channel;
+
+const SECRET: &str = "job-store-secret";
+const USER: &str = "test-user";
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_orchestrator-svc"))
+}
+
+/// The environment of every orchestrator in these tests: one store file and one storage root under `dir`.
+fn env(dir: &Path, segmenter: &str, callbacks: &str) -> Vec<(String, String)> {
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    [
+        ("METRICS_ADDR", String::new()),
+        ("LOG_LEVEL", "INFO".into()),
+        ("SEGMENTER_URL", segmenter.into()),
+        ("SEGMENTER_RESOLVE_INTERVAL_SEC", "1".into()),
+        ("STORAGE_BACKEND", "local".into()),
+        ("LOCAL_STORAGE_DIR", path("storage")),
+        ("PRESETS_DIR", path("no-presets")),
+        ("JOB_STORE", "local".into()),
+        ("JOB_STORE_PATH", path("state/jobs.redb")),
+        ("WORKERS_API_URL", callbacks.into()),
+        ("GPU_CALLBACK_SECRET", SECRET.into()),
+        ("CALLBACK_BASE_DELAY_MS", "10".into()),
+        ("CALLBACK_MAX_DELAY_SEC", "1".into()),
+        ("BATCH_CONCURRENCY", "2".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// Distinct inputs (the mask cache would otherwise answer repeats without the segmenter).
+async fn put_inputs(dir: &Path, job_id: &str, images: u32) {
+    let store = LocalStore::new(dir.join("storage")).unwrap();
+    for idx in 0..images {
+        let key = format!("inputs/{USER}/{job_id}/{idx}.jpg");
+        let photo = Bytes::from(photo_jpeg(64 + idx, 48));
+        store.put(&key, photo, "image/jpeg").await.unwrap();
+    }
+}
+
+fn client(process: &Process) -> JobsClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", process.addr))
+        .unwrap()
+        .connect_lazy();
+    JobsClient::new(channel)
+}
+
+async fn get(client: &mut JobsClient<Channel>, job_id: &str) -> Job {
+    client
+        .get_job(GetJobRequest {
+            user_id: USER.into(),
+            job_id: job_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls GetJob until `done`; panics after 60 s.
+async fn wait_for(
+    client: &mut JobsClient<Channel>,
+    job_id: &str,
+    done: impl Fn(&Job) -> bool,
+) -> Job {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = get(client, job_id).await;
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "never reached: {job:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn settled(job: &Job) -> bool {
+    (job.state == JobState::Done as i32 || job.state == JobState::Cancelled as i32)
+        && job
+            .items
+            .iter()
+            .all(|i| i.callback_state != CallbackState::Pending as i32)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_orchestrator_finishes_its_job_after_a_restart() {
+    const JOB: &str = "killed-mid-job";
+    const IMAGES: u32 = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(150, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, IMAGES).await;
+    let env = env(dir.path(), &segmenter.url, &hooks.url());
+
+    let mut first = Process::start(binary(), &env, &dir.path().join("first.log")).await;
+    let mut jobs = client(&first);
+    jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
+    let before = wait_for(&mut jobs, JOB, |j| j.completed >= 4).await;
+    first.kill();
+    let calls_before = segmenter.counters.segment_calls.load(Ordering::SeqCst);
+    // An item called back was recorded first (terminal state, then callback): it must never run again.
+    let called_back_before = hooks.per_id().len();
+
+    let restarted = Instant::now();
+    let second = Process::start(binary(), &env, &dir.path().join("second.log")).await;
+    let serving_after = restarted.elapsed();
+    let mut jobs = client(&second);
+    let job = wait_for(&mut jobs, JOB, settled).await;
+    let finished_after = restarted.elapsed();
+
+    assert_eq!(job.state, JobState::Done as i32, "{job:?}");
+    assert_eq!(job.completed, IMAGES, "{job:?}");
+    for item in &job.items {
+        assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+        assert_eq!(
+            item.callback_state,
+            CallbackState::Delivered as i32,
+            "{item:?}"
+        );
+    }
+    // One terminal state per item: one webhook-id per idx, every delivery signed and saying "completed".
+    let deliveries = hooks.deliveries();
+    let mut ids: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for d in &deliveries {
+        assert!(d.verified, "{d:?}");
+        assert_eq!(d.body["status"], "completed", "{d:?}");
+        ids.entry(d.body["idx"].as_u64().unwrap())
+            .or_default()
+            .insert(d.webhook_id.clone());
+    }
+    assert_eq!(ids.len(), IMAGES as usize, "{ids:?}");
+    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    let duplicates = deliveries.len() - IMAGES as usize;
+    // Only items the killed process had started and not yet called back may have run twice.
+    let calls = segmenter.counters.segment_calls.load(Ordering::SeqCst);
+    let reruns = calls - IMAGES as usize;
+    assert!(
+        reruns <= calls_before - called_back_before,
+        "{calls} Segment calls; {calls_before} before the kill, {called_back_before} items called back by then"
+    );
+    assert!(
+        second.log().contains("jobs resumed from the job store"),
+        "{}",
+        second.log()
+    );
+    eprintln!(
+        "killed with {} of {IMAGES} items completed ({calls_before} Segment calls); restarted process SERVING after \
+         {serving_after:?}, job done and called back {finished_after:?} after the restart; {reruns} items ran twice; \
+         {} deliveries, {duplicates} duplicate webhook-ids",
+        before.completed,
+        deliveries.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_cancelled_job_stays_cancelled_and_its_id_stays_taken() {
+    const JOB: &str = "cancelled-then-killed";
+    const IMAGES: u32 = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(400, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, IMAGES).await;
+    let env = env(dir.path(), &segmenter.url, &hooks.url());
+
+    let mut first = Process::start(binary(), &env, &dir.path().join("first.log")).await;
+    let mut jobs = client(&first);
+    jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
+    wait_for(&mut jobs, JOB, |j| j.state == JobState::Running as i32).await;
+    jobs.cancel_job(CancelJobRequest {
+        user_id: USER.into(),
+        job_id: JOB.into(),
+    })
+    .await
+    .unwrap();
+    let cancelled = wait_for(&mut jobs, JOB, settled).await;
+    // SIGTERM, as a rolling update sends: the drain commits each settled callback, so none is sent twice. (After a
+    // SIGKILL, one whose settled state was not yet committed would be resent under its webhook-id.)
+    first
+        .terminate(Duration::from_secs(30))
+        .await
+        .expect("exited on SIGTERM");
+
+    let second = Process::start(binary(), &env, &dir.path().join("second.log")).await;
+    let mut jobs = client(&second);
+    let job = get(&mut jobs, JOB).await;
+    assert_eq!(job.state, JobState::Cancelled as i32, "{job:?}");
+    assert_eq!(
+        job.items, cancelled.items,
+        "items come back as they were recorded"
+    );
+    // The same spec is the same job; another spec under its id is refused, across the restart.
+    let again = jobs
+        .submit_job(seed_spec(JOB, IMAGES))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.state, JobState::Cancelled as i32);
+    let other = jobs
+        .submit_job(seed_spec(JOB, IMAGES + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::AlreadyExists, "{other:?}");
+    // Nothing was called back twice.
+    let per_id = hooks.per_id();
+    assert_eq!(per_id.len(), IMAGES as usize, "{per_id:?}");
+    assert!(per_id.values().all(|&n| n == 1), "{per_id:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_forgets_what_retention_forgets_and_a_restart_keeps_it_forgotten() {
+    use orchestrator_svc::config::JobStoreKind;
+    use palette_testing::orchestrator;
+
+    let state = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    let tweak = |c: &mut orchestrator_svc::Config| {
+        c.jobs.job_store = JobStoreKind::Local;
+        c.jobs.job_store_path = state.path().join("jobs.redb");
+        c.limits.max_retained_jobs = 2;
+    };
+    let mut first = orchestrator::start(&segmenter.url, tweak).await;
+    for job in ["oldest", "middle", "newest"] {
+        first.put_input(USER, job, 0, photo_jpeg(32, 24)).await;
+        first.client.submit_job(seed_spec(job, 1)).await.unwrap();
+        first.wait_for(job, orchestrator::is_terminal).await;
+    }
+    first.shutdown().await;
+
+    let mut second = orchestrator::start(&segmenter.url, tweak).await;
+    let missing = second
+        .client
+        .get_job(GetJobRequest {
+            user_id: USER.into(),
+            job_id: "oldest".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+    for job in ["middle", "newest"] {
+        let kept = second.wait_for(job, orchestrator::is_terminal).await;
+        assert_eq!(kept.state, JobState::Done as i32, "{kept:?}");
+    }
+    // Forgotten means free: the id takes another spec (its old record and items are gone from the store).
+    second
+        .client
+        .submit_job(seed_spec("oldest", 2))
+        .await
+        .expect("a forgotten job id is free again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_job_that_no_longer_validates_fails_its_open_items_once() {
+    const JOB: &str = "too-big-now";
+    const IMAGES: u32 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(60_000, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, IMAGES).await;
+    let env = env(dir.path(), &segmenter.url, &hooks.url());
+
+    let mut first = Process::start(binary(), &env, &dir.path().join("first.log")).await;
+    let mut jobs = client(&first);
+    jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
+    wait_for(&mut jobs, JOB, |j| j.state == JobState::Running as i32).await;
+    first.kill();
+
+    // Restarted with a limit the job now exceeds: it cannot be planned again.
+    let mut smaller = env.clone();
+    smaller.push(("MAX_IMAGES_PER_JOB".into(), "2".into()));
+    let log = dir.path().join("second.log");
+    let second = Process::start(binary(), &smaller, &log).await;
+    let job = wait_for(&mut client(&second), JOB, settled).await;
+    assert_eq!(job.failed, IMAGES, "{job:?}");
+    for item in &job.items {
+        assert_eq!(item.error_code, "job_not_resumable", "{item:?}");
+    }
+    let per_id = hooks.per_id();
+    assert_eq!(per_id.len(), IMAGES as usize, "{per_id:?}");
+    drop(second);
+    // Recorded as failed: a third start neither runs nor calls them back again.
+    let third = Process::start(binary(), &smaller, &dir.path().join("third.log")).await;
+    let again = get(&mut client(&third), JOB).await;
+    assert_eq!(again.items, job.items);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hooks.deliveries().len(), IMAGES as usize);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_sigkills_across_a_50_image_job_lose_nothing() {
+    const JOB: &str = "killed-five-times";
+    const IMAGES: u32 = 50;
+    const KILLS: usize = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(100, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, IMAGES).await;
+    let env = env(dir.path(), &segmenter.url, &hooks.url());
+
+    let mut submitted = false;
+    let mut restarts = Vec::new();
+    let mut completed_at_kill = Vec::new();
+    for kill in 0..KILLS {
+        let log = dir.path().join(format!("run-{kill}.log"));
+        let started = Instant::now();
+        let mut process = Process::start(binary(), &env, &log).await;
+        restarts.push(started.elapsed());
+        let mut jobs = client(&process);
+        if !submitted {
+            jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
+            submitted = true;
+        }
+        let before = get(&mut jobs, JOB).await.completed;
+        let at_kill = wait_for(&mut jobs, JOB, |j| j.completed >= before + 6).await;
+        process.kill();
+        completed_at_kill.push(at_kill.completed);
+    }
+    let last_start = Instant::now();
+    let last = Process::start(binary(), &env, &dir.path().join("last.log")).await;
+    let job = wait_for(&mut client(&last), JOB, settled).await;
+    let finished_after = last_start.elapsed();
+
+    assert_eq!(job.completed, IMAGES, "{job:?}");
+    let deliveries = hooks.deliveries();
+    let mut ids: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for d in &deliveries {
+        assert_eq!(d.body["status"], "completed", "{d:?}");
+        ids.entry(d.body["idx"].as_u64().unwrap())
+            .or_default()
+            .insert(d.webhook_id.clone());
+    }
+    assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
+    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    let calls = segmenter.counters.segment_calls.load(Ordering::SeqCst);
+    eprintln!(
+        "{KILLS} SIGKILLs at {completed_at_kill:?} completed items; restarts SERVING after {restarts:?}; the last \
+         process finished the job in {finished_after:?}; 0 items lost, {} duplicate deliveries (same webhook-id), \
+         {} items ran twice",
+        deliveries.len() - IMAGES as usize,
+        calls - IMAGES as usize
+    );
+}

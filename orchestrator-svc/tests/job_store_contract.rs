@@ -1,0 +1,169 @@
+//! The `JobStore` contract, run against both implementations: the embedded redb file and a NATS JetStream
+//! key-value bucket on a real nats-server (two connections standing for two replicas, racing on one job and one
+//! item: exactly one wins each race).
+
+use std::sync::Arc;
+
+use orchestrator_svc::jobs::store::{
+    Created, JobRecord, JobStore, LocalJobStore, NatsJobStore, RecordKey, Written,
+};
+use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState, JobSpec};
+use palette_testing::nats;
+
+fn record(user_id: &str, job_id: &str, spec_hash: &str, seq: u64) -> JobRecord {
+    JobRecord {
+        user_id: user_id.into(),
+        job_id: job_id.into(),
+        spec_hash: spec_hash.into(),
+        spec: JobSpec {
+            user_id: user_id.into(),
+            job_id: job_id.into(),
+            image_count: 3,
+            ..Default::default()
+        },
+        seq,
+        cancelled: false,
+    }
+}
+
+fn item(idx: u32, state: ItemState, callback: CallbackState) -> Item {
+    Item {
+        idx,
+        state: state as i32,
+        callback_state: callback as i32,
+        ..Default::default()
+    }
+}
+
+/// What every store must do, on an empty store.
+async fn contract(store: &dyn JobStore) {
+    let a = record("u", "j.1", "h1", 2);
+    assert!(matches!(store.create(&a).await.unwrap(), Created::New));
+    match store.create(&record("u", "j.1", "h2", 9)).await.unwrap() {
+        Created::Existing(existing) => assert_eq!(*existing, a),
+        Created::New => panic!("created twice"),
+    }
+    // Another user's job of the same id is another job.
+    let other_user = record("v", "j.1", "h3", 1);
+    assert!(matches!(
+        store.create(&other_user).await.unwrap(),
+        Created::New
+    ));
+
+    let done = item(1, ItemState::Completed, CallbackState::Pending);
+    let settled = item(1, ItemState::Completed, CallbackState::Delivered);
+    assert_eq!(
+        store.put_item(&a.key(), &done).await.unwrap(),
+        Written::Stored
+    );
+    assert_eq!(
+        store.put_item(&a.key(), &settled).await.unwrap(),
+        Written::Stored
+    );
+    let failed = item(1, ItemState::Failed, CallbackState::Pending);
+    assert_eq!(
+        store.put_item(&a.key(), &failed).await.unwrap(),
+        Written::Conflict(Box::new(settled.clone()))
+    );
+    store.cancel(&a.key()).await.unwrap();
+
+    let loaded = store.load().await.unwrap();
+    let ids: Vec<_> = loaded
+        .iter()
+        .map(|j| (j.record.user_id.as_str(), j.record.job_id.as_str()))
+        .collect();
+    assert_eq!(ids, [("v", "j.1"), ("u", "j.1")], "submission order");
+    assert!(loaded[1].record.cancelled);
+    assert_eq!(loaded[1].items, std::slice::from_ref(&settled));
+    assert!(
+        loaded[0].items.is_empty(),
+        "items stay with their user's job"
+    );
+
+    // Expiry interrupted between the record and the items, then the id reused with another spec: the new job sees
+    // none of the old items.
+    store.forget(&[a.key()]).await.unwrap();
+    store.put_item(&a.key(), &settled).await.unwrap();
+    let reused = record("u", "j.1", "h4", 3);
+    assert!(matches!(store.create(&reused).await.unwrap(), Created::New));
+    let loaded = store.load().await.unwrap();
+    let again = loaded.iter().find(|j| j.record.user_id == "u").unwrap();
+    assert_eq!(again.record, reused);
+    assert!(again.items.is_empty(), "{:?}", again.items);
+    store
+        .forget(&[a.key(), reused.key(), other_user.key()])
+        .await
+        .unwrap();
+    assert!(store.load().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_local_store_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalJobStore::open(&dir.path().join("jobs.redb")).unwrap();
+    contract(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_store_keeps_the_contract() {
+    let Some(server) = nats::start() else { return };
+    let store = NatsJobStore::open(&server.url, "palette-jobs")
+        .await
+        .unwrap();
+    contract(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_racing_on_the_nats_store_never_both_win() {
+    let Some(server) = nats::start() else { return };
+    let a: Arc<dyn JobStore> = Arc::new(
+        NatsJobStore::open(&server.url, "palette-jobs")
+            .await
+            .unwrap(),
+    );
+    let b: Arc<dyn JobStore> = Arc::new(
+        NatsJobStore::open(&server.url, "palette-jobs")
+            .await
+            .unwrap(),
+    );
+    const ROUNDS: u32 = 20;
+    let mut created = 0;
+    for round in 0..ROUNDS {
+        let job = record("u", &format!("race-{round}"), "h", u64::from(round));
+        let (x, y) = tokio::join!(a.create(&job), b.create(&job));
+        let new = [x.unwrap(), y.unwrap()]
+            .iter()
+            .filter(|c| matches!(c, Created::New))
+            .count();
+        assert_eq!(new, 1, "round {round}");
+        created += new;
+        // One item, two replicas, two different ends: exactly one is recorded, the other is told which.
+        let (completed, cancelled) = (
+            item(0, ItemState::Completed, CallbackState::Pending),
+            item(0, ItemState::Cancelled, CallbackState::Pending),
+        );
+        let key = job.key();
+        let (x, y) = tokio::join!(a.put_item(&key, &completed), b.put_item(&key, &cancelled));
+        let outcomes = [x.unwrap(), y.unwrap()];
+        let stored = outcomes.iter().filter(|w| **w == Written::Stored).count();
+        assert_eq!(stored, 1, "round {round}: {outcomes:?}");
+        let loaded = a.load().await.unwrap();
+        let this = loaded.iter().find(|j| j.record.key() == job.key()).unwrap();
+        let winner = if outcomes[0] == Written::Stored {
+            &completed
+        } else {
+            &cancelled
+        };
+        assert_eq!(this.items, std::slice::from_ref(winner), "round {round}");
+    }
+    assert_eq!(created, ROUNDS as usize);
+    let keys: Vec<RecordKey> = a
+        .load()
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.record.key())
+        .collect();
+    b.forget(&keys).await.unwrap();
+    assert!(a.load().await.unwrap().is_empty());
+}
