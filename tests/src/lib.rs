@@ -108,3 +108,16 @@ pub fn process_cpu_seconds() -> f64 {
     };
     (ticks(11) + ticks(12)) / 100.0
 }
+
+/// Each stage's `_sum` of histogram `name` in Prometheus text (`name_sum{stage="..."} value`), in seconds.
+pub fn stage_sums(metrics: &str, name: &str) -> Vec<(String, f64)> {
+    let prefix = format!("{name}_sum{{stage=\"");
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (stage, value) = rest.split_once("\"} ")?;
+            Some((stage.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}

@@ -40,7 +40,18 @@ pub struct Coefficients {
 impl Coefficients {
     /// Solves them from `ps`, the mask over `crop` area-averaged by `scale(r)` (`filter::downsample`).
     pub fn solve(photo: &RgbImage, crop: Rect, ps: &Plane, r: usize, eps: f32) -> Self {
-        let s = scale(r);
+        Self::solve_at(photo, crop, ps, r, scale(r), eps)
+    }
+
+    /// `solve` at factor `s` instead of `scale(r)` (`ps` area-averaged by `s`).
+    pub fn solve_at(
+        photo: &RgbImage,
+        crop: Rect,
+        ps: &Plane,
+        r: usize,
+        s: usize,
+        eps: f32,
+    ) -> Self {
         let rs = (r / s).max(1);
         let i = guide_small(photo, crop, s);
         let (w, h) = (ps.w, ps.h);

@@ -322,6 +322,7 @@ fn refined_region_follows_the_photo_edge_at(w: u32, h: u32) {
         &[],
         &RegionParams {
             refine_edges: false,
+            coarse: false,
             feather_px: 0.0,
             grow_px: 0.0,
         },
@@ -332,6 +333,7 @@ fn refined_region_follows_the_photo_edge_at(w: u32, h: u32) {
         &[],
         &RegionParams {
             refine_edges: true,
+            coarse: false,
             feather_px: 0.0,
             grow_px: 0.0,
         },

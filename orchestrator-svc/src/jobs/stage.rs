@@ -1,5 +1,6 @@
 //! Item metrics: how long each stage of an item took (`orchestrator_stage_seconds{stage}`) and how many items are
-//! between start and end (`orchestrator_items_in_flight`).
+//! between start and end (`orchestrator_items_in_flight`); PreviewEdit's stages
+//! (`orchestrator_preview_stage_seconds{stage}`: photo, masks and region when not cached, rules, encode).
 
 use std::time::Instant;
 
@@ -7,20 +8,32 @@ use std::time::Instant;
 /// so the histogram describes work that completed.
 #[must_use = "call finish() when the stage is done"]
 pub struct Stage {
+    metric: &'static str,
     name: &'static str,
     started: Instant,
 }
 
 impl Stage {
+    /// A stage of a job's item.
     pub fn start(name: &'static str) -> Self {
         Stage {
+            metric: "orchestrator_stage_seconds",
+            name,
+            started: Instant::now(),
+        }
+    }
+
+    /// A stage of a PreviewEdit.
+    pub fn preview(name: &'static str) -> Self {
+        Stage {
+            metric: "orchestrator_preview_stage_seconds",
             name,
             started: Instant::now(),
         }
     }
 
     pub fn finish(self) {
-        metrics::histogram!("orchestrator_stage_seconds", "stage" => self.name)
+        metrics::histogram!(self.metric, "stage" => self.name)
             .record(self.started.elapsed().as_secs_f64());
     }
 }

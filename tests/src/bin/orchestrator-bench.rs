@@ -189,18 +189,6 @@ fn process_stats() -> (u64, f64) {
     (status_bytes("VmHWM:"), cpu)
 }
 
-fn stage_sums(metrics: &str, name: &str) -> Vec<(String, f64)> {
-    let prefix = format!("{name}_sum{{stage=\"");
-    metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .filter_map(|rest| {
-            let (stage, value) = rest.split_once("\"} ")?;
-            Some((stage.to_string(), value.trim().parse().ok()?))
-        })
-        .collect()
-}
-
 /// An unlabelled gauge's value in Prometheus text (0 when absent).
 fn gauge(metrics: &str, name: &str) -> f64 {
     metrics
@@ -315,8 +303,8 @@ async fn main() -> anyhow::Result<()> {
     let after = recorder.render();
 
     let delta = |name: &str| -> Vec<(String, f64)> {
-        let b = stage_sums(&before, name);
-        stage_sums(&after, name)
+        let b = palette_e2e::stage_sums(&before, name);
+        palette_e2e::stage_sums(&after, name)
             .into_iter()
             .map(|(s, v)| {
                 let prev = b
@@ -436,14 +424,14 @@ async fn main() -> anyhow::Result<()> {
         let (_, cpu_b) = process_stats();
         let after = recorder.render();
         let n = f64::from(args.phone_images);
-        let seg = stage_sums(&after, "segmenter_stage_seconds");
-        let seg_before = stage_sums(&before, "segmenter_stage_seconds");
+        let seg = palette_e2e::stage_sums(&after, "segmenter_stage_seconds");
+        let seg_before = palette_e2e::stage_sums(&before, "segmenter_stage_seconds");
         let phone = Cost {
             cpu: (cpu_b - cpu_a) / n,
             segmenter: (model_seconds(&seg) - model_seconds(&seg_before)) / n,
         };
-        let orch_after = stage_sums(&after, "orchestrator_stage_seconds");
-        let orch_before = stage_sums(&before, "orchestrator_stage_seconds");
+        let orch_after = palette_e2e::stage_sums(&after, "orchestrator_stage_seconds");
+        let orch_before = palette_e2e::stage_sums(&before, "orchestrator_stage_seconds");
         println!(
             "\n{} phone photos of {w}x{h}, per image (ms):",
             args.phone_images

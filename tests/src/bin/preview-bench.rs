@@ -14,6 +14,7 @@
 use std::time::Instant;
 
 use clap::Parser;
+use metrics_exporter_prometheus::PrometheusHandle;
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{
     EditJobRequest, GetJobRequest, JobSpec, JobState, PreviewEditRequest, Rule,
@@ -22,6 +23,7 @@ use prost_types::value::Kind;
 use tonic::transport::Channel;
 
 const USER: &str = "bench-user";
+const STAGES: &str = "orchestrator_preview_stage_seconds";
 
 #[derive(Parser)]
 struct Args {
@@ -58,10 +60,19 @@ struct Timing {
     p50_ms: f64,
     p99_ms: f64,
     cpu_ms: f64,
+    /// Milliseconds per preview in each stage the orchestrator timed (`orchestrator_preview_stage_seconds`).
+    stages: Vec<(String, f64)>,
 }
 
-async fn previews(client: &mut JobsClient<Channel>, job_id: &str, n: usize, side: u32) -> Timing {
+async fn previews(
+    client: &mut JobsClient<Channel>,
+    metrics: &PrometheusHandle,
+    job_id: &str,
+    n: usize,
+    side: u32,
+) -> Timing {
     let mut wall = Vec::with_capacity(n);
+    let before = palette_e2e::stage_sums(&metrics.render(), STAGES);
     let cpu0 = palette_e2e::process_cpu_seconds();
     for i in 0..n {
         let started = Instant::now();
@@ -82,13 +93,35 @@ async fn previews(client: &mut JobsClient<Channel>, job_id: &str, n: usize, side
         assert!(answer.rules[0].applied && !answer.image.is_empty());
     }
     let cpu_ms = (palette_e2e::process_cpu_seconds() - cpu0) / n as f64 * 1e3;
+    let stages = palette_e2e::stage_sums(&metrics.render(), STAGES)
+        .into_iter()
+        .map(|(stage, sum)| {
+            let prev = before
+                .iter()
+                .find(|(s, _)| *s == stage)
+                .map_or(0.0, |b| b.1);
+            (stage, (sum - prev) / n as f64 * 1e3)
+        })
+        .filter(|(_, ms)| *ms > 0.0)
+        .collect();
     wall.sort_by(f64::total_cmp);
     let at = |q: f64| wall[((wall.len() as f64 - 1.0) * q).round() as usize];
     Timing {
         p50_ms: at(0.5),
         p99_ms: at(0.99),
         cpu_ms,
+        stages,
     }
+}
+
+/// Where a preview's time went, as the orchestrator timed it (wall ms per preview; the rest is gRPC and storage).
+fn print_stages(t: &Timing) {
+    let stages: Vec<String> = t
+        .stages
+        .iter()
+        .map(|(s, ms)| format!("{s} {ms:.1}"))
+        .collect();
+    println!("{:<26} {}", "  stages (ms each)", stages.join(", "));
 }
 
 /// Seconds from EditJob to its one photo done: the job path for the same photo and rule.
@@ -178,6 +211,7 @@ async fn main() -> anyhow::Result<()> {
             "note: RAYON_NUM_THREADS is {rayon:?}, not 1: the rules may use more than one core"
         );
     }
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
     let mut segmenter = palette_e2e::start_segmenter().await;
     let storage = tempfile::tempdir()?;
     let config = |cache_mb: usize| {
@@ -204,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
     ] {
         let job_id = format!("src-{}", size.0);
         source_job(&mut client, storage.path(), &job_id, size).await;
-        let c = previews(&mut cold_client, &job_id, cold_n, args.max_side).await;
+        let c = previews(&mut cold_client, &metrics, &job_id, cold_n, args.max_side).await;
         println!(
             "{:<26} {:>9.1} {:>9.1} {:>12.1}",
             format!("{label} cold"),
@@ -212,8 +246,9 @@ async fn main() -> anyhow::Result<()> {
             c.p99_ms,
             c.cpu_ms
         );
-        previews(&mut client, &job_id, 1, args.max_side).await; // fills the cache
-        let w = previews(&mut client, &job_id, args.requests, args.max_side).await;
+        print_stages(&c);
+        previews(&mut client, &metrics, &job_id, 1, args.max_side).await; // fills the cache
+        let w = previews(&mut client, &metrics, &job_id, args.requests, args.max_side).await;
         println!(
             "{:<26} {:>9.1} {:>9.1} {:>12.1}",
             format!("{label} warm"),
@@ -221,6 +256,7 @@ async fn main() -> anyhow::Result<()> {
             w.p99_ms,
             w.cpu_ms
         );
+        print_stages(&w);
         let edit = edit_job(&mut client, &job_id, 3).await;
         println!(
             "{:<26} {:>9.1} {:>9} {:>12}   warm preview {:.1}x faster than an EditJob of the same photo",

@@ -166,6 +166,7 @@ impl Rule {
             feather_px: c.feather,
             grow_px: c.grow,
             refine_edges: c.refine,
+            coarse: false,
         }
     }
 

@@ -2,10 +2,11 @@
 //! the segmenter for every concept seen before, and asks only for the new ones. Keyed by SHA-256 of the bytes, the
 //! model id and the concept phrase; bounded in bytes (least recently used entries go first).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use palette_proto::segmenter::v1::ConceptResult;
+
+use crate::byte_lru::{ByteLru, Weigh};
 
 /// One concept's instances on one image, at model resolution, as the segmenter returned them.
 #[derive(Debug)]
@@ -18,9 +19,8 @@ pub struct ConceptMasks {
     pub mask_height: u32,
 }
 
-impl ConceptMasks {
-    /// Roughly what the entry holds in memory.
-    fn cost(&self) -> usize {
+impl Weigh for Arc<ConceptMasks> {
+    fn weight(&self) -> usize {
         let masks: usize = self
             .result
             .instances
@@ -38,63 +38,8 @@ pub struct MaskCacheKey {
     pub concept: String,
 }
 
-#[derive(Debug)]
-pub struct MaskCache {
-    budget_bytes: usize,
-    inner: Mutex<Inner>,
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    tick: u64,
-    used_bytes: usize,
-    entries: HashMap<MaskCacheKey, (u64, Arc<ConceptMasks>)>,
-}
-
-impl MaskCache {
-    pub fn new(budget_bytes: usize) -> Self {
-        MaskCache {
-            budget_bytes,
-            inner: Mutex::new(Inner::default()),
-        }
-    }
-
-    pub fn get(&self, key: &MaskCacheKey) -> Option<Arc<ConceptMasks>> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.tick += 1;
-        let tick = inner.tick;
-        let entry = inner.entries.get_mut(key)?;
-        entry.0 = tick;
-        Some(entry.1.clone())
-    }
-
-    pub fn insert(&self, key: MaskCacheKey, masks: Arc<ConceptMasks>) {
-        let cost = masks.cost();
-        if cost > self.budget_bytes {
-            return;
-        }
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, old)) = inner.entries.remove(&key) {
-            inner.used_bytes -= old.cost();
-        }
-        // A linear scan for the least recently used: entries are few thousand at most.
-        while inner.used_bytes + cost > self.budget_bytes {
-            let oldest = inner
-                .entries
-                .iter()
-                .min_by_key(|(_, (t, _))| *t)
-                .map(|(k, _)| k.clone());
-            let Some(oldest) = oldest else { break };
-            if let Some((_, old)) = inner.entries.remove(&oldest) {
-                inner.used_bytes -= old.cost();
-            }
-        }
-        inner.tick += 1;
-        let tick = inner.tick;
-        inner.used_bytes += cost;
-        inner.entries.insert(key, (tick, masks));
-    }
-}
+/// MASK_CACHE_MB of segmentation results.
+pub type MaskCache = ByteLru<MaskCacheKey, Arc<ConceptMasks>>;
 
 #[cfg(test)]
 mod tests {
@@ -132,7 +77,7 @@ mod tests {
 
     #[test]
     fn evicts_the_least_recently_used_within_the_byte_budget() {
-        let entry = masks(1000).cost();
+        let entry = masks(1000).weight();
         let cache = MaskCache::new(entry * 2);
         cache.insert(key(1), masks(1000));
         cache.insert(key(2), masks(1000));

@@ -4,6 +4,8 @@
 //! same rules would have rendered.
 
 use std::collections::HashMap;
+
+use futures::{StreamExt, TryStreamExt, stream};
 use std::sync::Arc;
 
 use palette_proto::orchestrator::v1::MaskKey;
@@ -60,6 +62,10 @@ pub(in crate::jobs) async fn read_record(
         })
 }
 
+/// Stored crops fetched at once: object storage answers each GET in tens of milliseconds (R2), so a concept's
+/// instances are read concurrently rather than one after another.
+const FETCHES_IN_FLIGHT: usize = 8;
+
 /// The full-resolution union (max) of `concept`'s stored instances in a photo of `size`; None when the source found
 /// no instance of it.
 pub(in crate::jobs) async fn union_of(
@@ -69,30 +75,56 @@ pub(in crate::jobs) async fn union_of(
     size: (u32, u32),
     max_bytes: u64,
 ) -> Result<Option<GrayImage>, ItemError> {
-    let mut union: Option<GrayImage> = None;
-    for mask in stored.masks.iter().filter(|m| m.concept == concept) {
-        let png = store
-            .get_at_most(&mask.key, max_bytes)
-            .await
-            .map_err(|e| match e {
-                StorageError::NotFound(_) => ItemError::StoredMask {
-                    key: mask.key.clone(),
-                    reason: "not in storage (deleted?); the photo cannot be edited without it"
-                        .into(),
-                },
-                e @ (StorageError::TooLarge { .. } | StorageError::InvalidKey(_)) => {
-                    ItemError::StoredMask {
-                        key: mask.key.clone(),
-                        reason: e.to_string(),
-                    }
-                }
-                e => ItemError::Storage(e),
-            })?;
-        let entry = mask.clone();
-        let so_far = union.take();
-        union = Some(blocking(move || paste_max(so_far, &entry, &png, size)).await?);
+    let entries: Vec<StoredMask> = stored
+        .masks
+        .iter()
+        .filter(|m| m.concept == concept)
+        .cloned()
+        .collect();
+    if entries.is_empty() {
+        return Ok(None);
     }
-    Ok(union)
+    // Owned futures (a cloned store handle and entry each): borrowing ones make the caller's future not `Send`.
+    let pngs: Vec<bytes::Bytes> = stream::iter(entries.clone())
+        .map(|mask| {
+            let store = store.clone();
+            async move { fetch_crop(&store, &mask, max_bytes).await }
+        })
+        .buffered(FETCHES_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    // One blocking task folds them all, in the record's order (max is order-free; errors name the first bad key).
+    blocking(move || {
+        let mut union = None;
+        for (entry, png) in entries.iter().zip(&pngs) {
+            union = Some(paste_max(union, entry, png, size)?);
+        }
+        Ok(union)
+    })
+    .await
+}
+
+async fn fetch_crop(
+    store: &SharedStore,
+    mask: &StoredMask,
+    max_bytes: u64,
+) -> Result<bytes::Bytes, ItemError> {
+    store
+        .get_at_most(&mask.key, max_bytes)
+        .await
+        .map_err(|e| match e {
+            StorageError::NotFound(_) => ItemError::StoredMask {
+                key: mask.key.clone(),
+                reason: "not in storage (deleted?); the photo cannot be edited without it".into(),
+            },
+            e @ (StorageError::TooLarge { .. } | StorageError::InvalidKey(_)) => {
+                ItemError::StoredMask {
+                    key: mask.key.clone(),
+                    reason: e.to_string(),
+                }
+            }
+            e => ItemError::Storage(e),
+        })
 }
 
 /// Folds one stored crop into the concept's union (max), at its placement in a `width` x `height` photo.
@@ -115,7 +147,7 @@ fn paste_max(
     }
     let crop = image::load_from_memory_with_format(png, image::ImageFormat::Png)
         .map_err(|e| bad(format!("not a readable PNG: {e}")))?
-        .to_luma8();
+        .into_luma8(); // no copy: stored masks are 8-bit gray
     let (x, y) = mask_png::read_offset(png).unwrap_or((0, 0));
     let fits = x >= 0
         && y >= 0

@@ -2,11 +2,11 @@
 //! and the photo, each concept's mask and each refined region at preview size, so a second colour on the same
 //! wall only re-runs the rule.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use palette_rules::{GrayImage, RgbImage};
 
+use crate::byte_lru::{ByteLru, Weigh};
 use crate::jobs::edit::record::{MasksRecord, PhotosRecord};
 
 /// One cached value.
@@ -21,9 +21,8 @@ pub enum Cached {
     Swatch(Arc<RgbImage>),
 }
 
-impl Cached {
-    /// Roughly the bytes the value holds.
-    fn cost(&self) -> usize {
+impl Weigh for Cached {
+    fn weight(&self) -> usize {
         const OVERHEAD: usize = 256;
         OVERHEAD
             + match self {
@@ -35,76 +34,22 @@ impl Cached {
     }
 }
 
+/// PREVIEW_CACHE_MB of the above, keyed by what the value was made from (see `preview` for the keys).
 #[derive(Debug)]
-pub struct PreviewCache {
-    budget_bytes: usize,
-    inner: Mutex<Inner>,
-}
-
-#[derive(Default)]
-struct Inner {
-    tick: u64,
-    used_bytes: usize,
-    entries: HashMap<String, (u64, Cached)>,
-}
-
-impl std::fmt::Debug for Inner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inner")
-            .field("entries", &self.entries.len())
-            .field("used_bytes", &self.used_bytes)
-            .finish()
-    }
-}
+pub struct PreviewCache(ByteLru<String, Cached>);
 
 impl PreviewCache {
     pub fn new(budget_bytes: usize) -> Self {
-        PreviewCache {
-            budget_bytes,
-            inner: Mutex::default(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        PreviewCache(ByteLru::new(budget_bytes))
     }
 
     pub fn get(&self, key: &str) -> Option<Cached> {
-        let mut inner = self.lock();
-        inner.tick += 1;
-        let tick = inner.tick;
-        let entry = inner.entries.get_mut(key)?;
-        entry.0 = tick;
-        Some(entry.1.clone())
+        self.0.get(key)
     }
 
-    /// Keeps `value` unless it alone exceeds the budget; older entries go to make room.
     pub fn insert(&self, key: String, value: Cached) {
-        let cost = value.cost();
-        if cost > self.budget_bytes {
-            return;
-        }
-        let mut inner = self.lock();
-        if let Some((_, old)) = inner.entries.remove(&key) {
-            inner.used_bytes -= old.cost();
-        }
-        // A linear scan for the least recently used: a preview cache holds hundreds of entries, not millions.
-        while inner.used_bytes + cost > self.budget_bytes {
-            let oldest = inner
-                .entries
-                .iter()
-                .min_by_key(|(_, (t, _))| *t)
-                .map(|(k, _)| k.clone());
-            let Some(oldest) = oldest else { break };
-            if let Some((_, old)) = inner.entries.remove(&oldest) {
-                inner.used_bytes -= old.cost();
-            }
-        }
-        inner.tick += 1;
-        let tick = inner.tick;
-        inner.used_bytes += cost;
-        inner.entries.insert(key, (tick, value));
-        metrics::gauge!("orchestrator_preview_cache_bytes").set(inner.used_bytes as f64);
+        let used = self.0.insert(key, value);
+        metrics::gauge!("orchestrator_preview_cache_bytes").set(used as f64);
     }
 }
 
@@ -112,25 +57,14 @@ impl PreviewCache {
 mod tests {
     use super::*;
 
-    fn plane(bytes: u32) -> Cached {
-        Cached::Plane(Arc::new(GrayImage::new(bytes, 1)))
-    }
-
     #[test]
-    fn least_recently_used_goes_first_and_the_budget_holds() {
-        let cache = PreviewCache::new(3 * (1000 + 256));
+    fn a_plane_weighs_its_pixels_and_the_budget_holds() {
+        let plane = |w: u32| Cached::Plane(Arc::new(GrayImage::new(w, 1)));
+        assert_eq!(plane(1000).weight(), 1000 + 256);
+        let cache = PreviewCache::new(2 * (1000 + 256));
         for k in ["a", "b", "c"] {
             cache.insert(k.into(), plane(1000));
         }
-        assert!(cache.get("a").is_some());
-        cache.insert("d".into(), plane(1000));
-        assert!(cache.get("b").is_none(), "b was the least recently used");
-        assert!(cache.get("a").is_some() && cache.get("c").is_some() && cache.get("d").is_some());
-        cache.insert("huge".into(), plane(10_000));
-        assert!(
-            cache.get("huge").is_none(),
-            "larger than the whole budget: not kept"
-        );
-        assert!(cache.lock().used_bytes <= 3 * (1000 + 256));
+        assert!(cache.get("a").is_none() && cache.get("c").is_some());
     }
 }

@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 use super::edit::{self, record};
 use super::item::stored_masks::{read_record, union_of};
 use super::item::{InputLimits, ItemError, imaging};
+use super::stage::Stage;
 use super::validate::{JobLimits, PlannedRule, Violations};
 use crate::error::ApiError;
 use crate::keys;
@@ -168,19 +169,33 @@ impl PreviewService {
         concepts: &[&str],
         rules: &[PlannedRule],
     ) -> Result<Loaded, ItemError> {
-        let (photo, full_size) = self.photo(at).await?;
+        let plane_key = |concept: &str| format!("{}|c|{concept}", at.prefix());
+        let cached: BTreeMap<&str, Arc<GrayImage>> = concepts
+            .iter()
+            .filter_map(|&c| match self.cache.get(&plane_key(c)) {
+                Some(Cached::Plane(p)) => Some((c, p)),
+                _ => None,
+            })
+            .collect();
+        // The photo and the masks record are read at once: two storage round trips in the time of one.
+        let need_record = concepts.iter().any(|c| !cached.contains_key(c));
+        let (photo, record) = tokio::join!(self.photo(at), async {
+            if need_record {
+                self.masks_record(at).await.map(Some)
+            } else {
+                Ok(None)
+            }
+        });
+        let ((photo, full_size), record) = (photo?, record?);
         let preview_size = photo.dimensions();
         let mut masks = BTreeMap::new();
-        let mut record = None;
         for &concept in concepts {
-            let key = format!("{}|c|{concept}", at.prefix());
-            let plane = match self.cache.get(&key) {
-                Some(Cached::Plane(p)) => p,
-                _ => {
-                    if record.is_none() {
-                        record = Some(self.masks_record(at).await?);
-                    }
-                    let stored = record.as_deref().expect("read above");
+            let plane = match cached.get(concept) {
+                Some(p) => p.clone(),
+                None => {
+                    let key = plane_key(concept);
+                    let stored = record.as_deref().expect("read when a plane is not cached");
+                    let stage = Stage::preview("masks");
                     let union = union_of(
                         &self.store,
                         stored,
@@ -199,6 +214,7 @@ impl PreviewService {
                         None => GrayImage::new(0, 0),
                     });
                     self.cache.insert(key, Cached::Plane(plane.clone()));
+                    stage.finish();
                     plane
                 }
             };
@@ -226,6 +242,7 @@ impl PreviewService {
         if let Some(Cached::Photo(p, full)) = self.cache.get(&key) {
             return Ok((p, full));
         }
+        let stage = Stage::preview("photo");
         let input = keys::input(at.user_id, at.photos_job_id, at.idx);
         let bytes: Bytes = self
             .store
@@ -242,6 +259,7 @@ impl PreviewService {
         .map_err(ItemError::Worker)??;
         let photo = Arc::new(photo);
         self.cache.insert(key, Cached::Photo(photo.clone(), full));
+        stage.finish();
         Ok((photo, full))
     }
 
@@ -312,7 +330,8 @@ fn render_all(
     png: bool,
 ) -> Result<PreviewEditResponse, ItemError> {
     let factor = loaded.photo.width() as f32 / loaded.full_size.0.max(1) as f32;
-    let mut current = Edited::Rgb((*loaded.photo).clone());
+    // None until the first rule: the cached photo is read in place, not copied.
+    let mut current: Option<Edited> = None;
     let mut outcomes = Vec::new();
     for (rule, swatch) in rules.iter().zip(&loaded.swatches) {
         let params = render::scaled(rule.rule.region_params(), factor);
@@ -325,6 +344,7 @@ fn render_all(
         let (region, not_applied) = match (cache.get(&key), target) {
             (Some(Cached::Plane(region)), Some(_)) => (region, None),
             _ => {
+                let stage = Stage::preview("region");
                 let occluders: Vec<GrayImage> = rule
                     .occluders
                     .iter()
@@ -336,18 +356,26 @@ fn render_all(
                 if not_applied.is_none() {
                     cache.insert(key, Cached::Plane(region.clone()));
                 }
+                stage.finish();
                 (region, not_applied)
             }
         };
-        let Edited::Rgb(input) = &current else {
-            unreachable!("a cut-out is the last rule (check_cutout_last)")
+        let input = match &current {
+            None => loaded.photo.as_ref(),
+            Some(Edited::Rgb(edited)) => edited,
+            Some(Edited::Rgba(_)) => {
+                unreachable!("a cut-out is the last rule (check_cutout_last)")
+            }
         };
-        current =
+        let stage = Stage::preview("rules");
+        current = Some(
             palette_rules::apply(input, &region, &rule.rule.for_image(idx), swatch.as_deref())
                 .map_err(|source| ItemError::Rule {
                     rule_id: rule.rule_id.clone(),
                     source,
-                })?;
+                })?,
+        );
+        stage.finish();
         outcomes.push(RuleOutput {
             rule_id: rule.rule_id.clone(),
             output_key: String::new(),
@@ -355,11 +383,14 @@ fn render_all(
             not_applied_reason: not_applied.map_or("", |n| n.as_str()).to_string(),
         });
     }
+    let current = current.unwrap_or_else(|| Edited::Rgb((*loaded.photo).clone()));
     let (width, height) = match &current {
         Edited::Rgb(i) => i.dimensions(),
         Edited::Rgba(i) => i.dimensions(),
     };
+    let stage = Stage::preview("encode");
     let (image, content_type) = render::encode(&current, png)?;
+    stage.finish();
     Ok(PreviewEditResponse {
         image,
         content_type: content_type.to_string(),
