@@ -215,6 +215,16 @@ async fn submit_on_one_replica_watch_on_another_cancel_on_a_third() {
         per_replica.iter().filter(|&&n| n > 0).count() >= 2,
         "the items ran on more than one replica: {per_replica:?}"
     );
+    // A replica started afterwards rebuilds the job from the bucket's history as the others hold it.
+    let d = Process::start(binary(), &env, &log("d")).await;
+    let late = wait_for(&mut client(&d), JOB, Duration::from_secs(5), settled).await;
+    let states = |j: &Job| {
+        j.items
+            .iter()
+            .map(|i| (i.state, i.callback_state))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(states(&late), states(&job));
     eprintln!(
         "completed per replica {per_replica:?}; every replica CANCELLED {ended_after:?} after CancelJob on a third"
     );
@@ -318,4 +328,46 @@ async fn a_nats_restart_mid_job_pauses_the_work_and_loses_nothing() {
         at_restart.completed,
         deliveries - IMAGES as usize
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_pull_job_is_recorded_in_the_shared_store_and_runs_on_every_replica() {
+    use async_nats::jetstream;
+    let Some(nats) = nats::start() else { return };
+    const JOB: &str = "queued-shared";
+    const IMAGES: u32 = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(100, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, IMAGES).await;
+    let mut env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
+    env.push(("ADAPTER".into(), "queue_pull".into()));
+    let a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
+
+    let js = jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
+    let job = serde_json::to_vec(&serde_json::json!({
+        "userId": USER,
+        "jobId": JOB,
+        "concepts": ["wall", "floor", "furniture"],
+        "rules": [{"ruleId": "rule1", "concept": "wall", "type": "recolor", "params": {"color": "#FF5733"}}],
+        "imageCount": IMAGES,
+    }))
+    .unwrap();
+    // The orchestrators create the stream at start (both are SERVING, so it exists).
+    js.publish("palette.jobs", job.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let done = wait_for(&mut client(&b), JOB, Duration::from_secs(60), settled).await;
+    assert_eq!(done.completed, IMAGES, "{done:?}");
+    let (ids, deliveries) = callbacks(&hooks);
+    assert_eq!((ids.len(), deliveries), (IMAGES as usize, IMAGES as usize));
+    let per_replica = [completed_here(&a), completed_here(&b)];
+    assert!(per_replica.iter().all(|&n| n > 0), "{per_replica:?}");
+    // The job message was acknowledged once the job was recorded: nothing left in the job queue.
+    let mut stream = js.get_stream("palette-jobs").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
 }

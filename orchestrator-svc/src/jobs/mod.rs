@@ -4,7 +4,8 @@
 //! Imports point one way: `JobService` -> `validate` (spec to plan) and `registry` (plans to `job::JobHandle`s) ->
 //! `pipeline` (schedules items) -> `item` (one item's work, `ItemRunner`) and `report` (callbacks and records after
 //! an item ends); `stage` (metrics) and `job` (state) are used by those and use none of them. `store` keeps job and
-//! item records across restarts; `resume` brings them back at start.
+//! item records across restarts; `resume` brings them back at start. `cluster` (JOB_STORE=nats) shares jobs between
+//! replicas: the store's watch as every replica's view, and items handed out as work.
 
 pub mod cluster;
 pub mod durable;

@@ -34,7 +34,7 @@ impl JobService {
                         () = stop.cancelled() => return,
                     };
                     match entry {
-                        Some(Ok(entry)) => self.apply_entry(entry).await,
+                        Some(Ok(entry)) => self.apply_entry(&cluster, entry).await,
                         Some(Err(e)) => {
                             tracing::warn!(error = %Report(&e), "job store watch failed; watching again");
                             break;
@@ -53,15 +53,33 @@ impl JobService {
         }
     }
 
-    async fn apply_entry(&self, entry: Entry) {
+    async fn apply_entry(&self, cluster: &Cluster, entry: Entry) {
         let put = entry.operation == Operation::Put;
         match store::parse_key(&entry.key) {
-            Some(KeyOf::Job { .. }) if put => match JobRecord::decode(&entry.value) {
-                Some(record) => {
-                    self.adopt_record(record);
+            Some(KeyOf::Job { user_id, job_id }) if put => {
+                let Some(record) = JobRecord::decode(&entry.value) else {
+                    tracing::warn!(key = %entry.key, "unreadable job record ignored");
+                    return;
+                };
+                let known = self
+                    .registry
+                    .get(&JobKey { user_id, job_id })
+                    .is_ok_and(|j| j.spec_hash == record.spec_hash);
+                let (record_key, image_count) = (record.key(), record.spec.image_count);
+                // A record rewritten by a cancel comes after some of its items in the bucket's history (one value
+                // per key, at its last write): a job first seen so has its items read here.
+                let rewritten = record.cancelled;
+                if let Some(job) = self.adopt_record(record)
+                    && !known
+                    && rewritten
+                {
+                    for idx in 0..image_count.min(job.plan.image_count) {
+                        if let Ok(Some(item)) = cluster.store().item(&record_key, idx).await {
+                            job.apply_record(idx, item);
+                        }
+                    }
                 }
-                None => tracing::warn!(key = %entry.key, "unreadable job record ignored"),
-            },
+            }
             Some(KeyOf::Job { user_id, job_id }) => {
                 self.registry.drop_deleted(&JobKey { user_id, job_id });
             }

@@ -66,7 +66,7 @@ impl JobService {
                     batch = async {
                         let mut batch = current.fetch().max_messages(1).expires(FETCH_WAIT).messages().await?;
                         batch.next().await.transpose()
-                    } => batch.map_err(crate::error::BoxError::from),
+                    } => batch,
                     () = stop.cancelled() => break 'permits,
                 };
                 match fetched {

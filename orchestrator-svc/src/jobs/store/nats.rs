@@ -236,6 +236,11 @@ impl JobStore for NatsJobStore {
             if let Some((bytes, _)) = self.entry(&key).await? {
                 let recorded = durable::decode(&bytes)
                     .ok_or_else(|| StoreError::Corrupt { key: key.clone() })?;
+                // Exactly this record: this write's own, whose answer was lost (NATS went away after committing
+                // it, and the write was retried). Reported, or its callback would never be sent.
+                if recorded == *item {
+                    return Ok(Written::Stored);
+                }
                 return Ok(Written::Conflict(Box::new(recorded)));
             }
         }
