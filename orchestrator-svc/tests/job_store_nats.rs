@@ -371,3 +371,34 @@ async fn a_queue_pull_job_is_recorded_in_the_shared_store_and_runs_on_every_repl
     let mut stream = js.get_stream("palette-jobs").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_whose_holders_keep_dying_is_given_up_with_one_failed_callback() {
+    let Some(nats) = nats::start() else { return };
+    const JOB: &str = "poison-item";
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    // Long enough to be killed while holding the item.
+    segmenter.faults.delay_ms.store(30_000, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, 1).await;
+    let mut env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
+    env.push(("NATS_MAX_DELIVERIES".into(), "1".into()));
+    let mut a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    client(&a).submit_job(seed_spec(JOB, 1)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while segmenter.counters.segment_calls.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the item never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.kill();
+    // The second delivery (after the 3 s lease) is past NATS_MAX_DELIVERIES=1: not run, failed and called back.
+    let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
+    let job = wait_for(&mut client(&b), JOB, Duration::from_secs(30), settled).await;
+    assert_eq!(job.failed, 1, "{job:?}");
+    assert_eq!(job.items[0].error_code, "too_many_deliveries");
+    let deliveries = hooks.deliveries();
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    assert_eq!(deliveries[0].body["error_code"], "too_many_deliveries");
+    assert_eq!(segmenter.counters.segment_calls.load(Ordering::SeqCst), 1);
+}
