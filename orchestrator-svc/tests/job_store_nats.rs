@@ -402,3 +402,71 @@ async fn an_item_whose_holders_keep_dying_is_given_up_with_one_failed_callback()
     assert_eq!(deliveries[0].body["error_code"], "too_many_deliveries");
     assert_eq!(segmenter.counters.segment_calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_drains_one_replica_and_its_watcher_moves_to_another() {
+    let Some(nats) = nats::start() else { return };
+    const JOB: &str = "rolled";
+    const IMAGES: u32 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(100, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, IMAGES).await;
+    let env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
+    let mut a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
+    client(&a).submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
+    let watch_on = |process: &Process| {
+        let mut jobs = client(process);
+        async move {
+            jobs.watch_job(WatchJobRequest {
+                user_id: USER.into(),
+                job_id: JOB.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let mut watch = watch_on(&a).await;
+    while watch
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .job
+        .unwrap()
+        .completed
+        < 4
+    {}
+    let took = a.terminate(Duration::from_secs(10)).await;
+    let ended = loop {
+        match watch.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("draining"), "{ended:?}");
+    let took = took.expect("exited within SHUTDOWN_GRACE_SEC");
+    // The client reconnects to the other replica, which finishes the job.
+    let mut watch = watch_on(&b).await;
+    loop {
+        let job = watch.message().await.unwrap().expect("open").job.unwrap();
+        if job.state == JobState::Done as i32 {
+            break;
+        }
+    }
+    let last = wait_for(&mut client(&b), JOB, Duration::from_secs(10), settled).await;
+    assert_eq!(last.completed, IMAGES, "{last:?}");
+    let (ids, deliveries) = callbacks(&hooks);
+    assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
+    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    eprintln!(
+        "SIGTERM with 4 of {IMAGES} done: the replica exited after {took:?}; the job finished on the other; {} \
+         duplicate deliveries",
+        deliveries - IMAGES as usize
+    );
+}

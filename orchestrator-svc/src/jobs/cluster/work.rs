@@ -50,6 +50,10 @@ impl JobService {
         let mut consumer = None;
         'permits: while let Some(permit) = self.pipeline.permit().await {
             loop {
+                if self.pipeline.is_stopping() {
+                    // Draining: the permit goes back, and queued tasks stay for the other replicas.
+                    break 'permits;
+                }
                 let Some(current) = consumer.as_ref() else {
                     match cluster.consumer().await {
                         Ok(c) => consumer = Some(c),
