@@ -290,6 +290,22 @@ def k8s(rendered_dir: Path) -> None:
                 url.startswith("https://segmenter.") or url.startswith("https://segmenter:"),
                 f"{where}: SEGMENTER_URL must name the headless Service over TLS (https://), got {url!r}",
             )
+            # Two or more orchestrators (every overlay's autoscaler minimum) must share one job state.
+            check(cm["data"].get("JOB_STORE") == "nats", f"{where}: JOB_STORE must be nats with several orchestrators")
+            check(
+                cm["data"].get("NATS_URL", "").startswith("nats://nats."),
+                f"{where}: NATS_URL must name Service/nats",
+            )
+            nats = idx.get(("StatefulSet", "nats"))
+            if check(nats is not None, f"{where}: StatefulSet/nats missing"):
+                replicas = nats["spec"].get("replicas", 1)
+                check(replicas >= 3 and replicas % 2 == 1, f"{where}: NATS needs an odd number >= 3 of nodes")
+                check(
+                    int(cm["data"].get("NATS_STORE_REPLICAS", "1")) <= replicas,
+                    f"{where}: NATS_STORE_REPLICAS exceeds the NATS nodes",
+                )
+                check(bool(nats["spec"].get("volumeClaimTemplates")), f"{where}: NATS JetStream needs persistent volumes")
+                check(idx.get(("Service", "nats")) is not None, f"{where}: Service/nats missing")
 
         for dep, port, min_start in ((seg, 50051, 600), (orch, 50052, 60)):
             name = dep["metadata"]["name"]

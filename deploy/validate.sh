@@ -43,7 +43,7 @@ PROMETHEUS_DEB="prometheus"
 NPM_REQS=("mermaid@11.17.2" "jsdom@26.1.0")
 K8S_VERSIONS=(1.30.0 1.33.0)
 OVERLAYS=(gpu gpu-hpa cpu)
-COMPOSE_PROFILE_SETS=("" "gpu" "cpu" "gpu,observability" "cpu,observability" "gpu,export")
+COMPOSE_PROFILE_SETS=("" "gpu" "cpu" "gpu,observability" "cpu,observability" "gpu,export" "gpu,nats-store")
 
 RENDER="$(mktemp -d)"
 trap 'rm -rf "$RENDER"' EXIT

@@ -90,7 +90,7 @@ impl Jobs for JobsApi {
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
         let key = job_key(request.get_ref())?;
-        Ok(Response::new(self.service.get(&key)?.snapshot()))
+        Ok(Response::new(self.service.find(&key).await?.snapshot()))
     }
 
     type WatchJobStream = EventStream;
@@ -100,7 +100,7 @@ impl Jobs for JobsApi {
         request: Request<WatchJobRequest>,
     ) -> Result<Response<EventStream>, Status> {
         self.refuse_when_draining()?;
-        let job = self.service.get(&job_key(request.get_ref())?)?;
+        let job = self.service.find(&job_key(request.get_ref())?).await?;
         let (snapshot, mut events) = job.subscribe();
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let drained = tx.clone();

@@ -18,6 +18,7 @@ use crate::config::{
 };
 use crate::drain::{self, Drain};
 use crate::grpc::JobsApi;
+use crate::jobs::cluster::Cluster;
 use crate::jobs::store::{self, SharedJobStore};
 use crate::jobs::{
     InputLimits, ItemRunner, JobLimits, JobService, Pipeline, PreviewSettings, Retention,
@@ -92,17 +93,35 @@ fn callback_sender(
     Ok(Some(Arc::new(sender)))
 }
 
-/// The job store JOB_STORE names, opened; None for `memory`.
-fn job_store(args: &JobStoreArgs) -> Result<Option<SharedJobStore>, StartupError> {
+/// How long an item record is retried while NATS is unreachable (JOB_STORE=nats): a restart of NATS that takes
+/// less does not make an item run twice.
+const NATS_STORE_PATIENCE: Duration = Duration::from_secs(120);
+
+/// The job store JOB_STORE names, opened (None for `memory`), and for `nats` the state shared with other replicas.
+async fn job_store(
+    args: &JobStoreArgs,
+    nats: &crate::config::NatsArgs,
+) -> Result<(Option<SharedJobStore>, Option<Arc<Cluster>>), StartupError> {
     match args.job_store {
         JobStoreKind::Memory => {
             tracing::warn!("JOB_STORE=memory: jobs are lost when the process stops");
-            Ok(None)
+            Ok((None, None))
         }
         JobStoreKind::Local => {
             let store = store::open_local(&args.job_store_path).map_err(StartupError::JobStore)?;
             tracing::info!(path = %args.job_store_path.display(), "job store: local");
-            Ok(Some(store))
+            Ok((Some(store), None))
+        }
+        JobStoreKind::Nats => {
+            let settings = args.cluster_settings(nats)?;
+            tracing::info!(bucket = %settings.bucket, stream = %settings.stream, "job store: nats (shared by every replica)");
+            let cluster = Arc::new(
+                Cluster::connect(settings)
+                    .await
+                    .map_err(StartupError::JobStore)?,
+            );
+            let store: SharedJobStore = cluster.store().clone();
+            Ok((Some(store), Some(cluster)))
         }
     }
 }
@@ -143,34 +162,60 @@ pub async fn run(
         config.segmenter.mask_cache_mb.saturating_mul(1024 * 1024),
     )
     .with_pixel_budget(args.inflight_megapixels());
+    let (job_store, cluster) = job_store(&config.jobs, &config.nats).await?;
+    let patience = if cluster.is_some() {
+        NATS_STORE_PATIENCE
+    } else {
+        Duration::ZERO
+    };
     let pipeline = Arc::new(
         Pipeline::new(runner, callbacks, args.batch_concurrency as usize)
-            .with_job_store(job_store(&config.jobs)?),
+            .with_job_store(job_store)
+            .with_store_patience(patience),
     );
     let limits = JobLimits {
         max_images: args.max_images_per_job,
         max_rules: args.max_rules_per_job,
         max_concepts: args.max_concepts_per_job,
     };
-    let service = Arc::new(JobService::new(
-        pipeline.clone(),
-        load_presets(args)?,
-        limits,
-        Retention {
-            max_jobs: args.max_retained_jobs,
-            max_bytes: args.retained_jobs_mb.saturating_mul(1024 * 1024),
-        },
-        PreviewSettings {
-            cache_bytes: args.preview_cache_mb.saturating_mul(1024 * 1024),
-            inputs: InputLimits {
-                max_bytes: args.max_input_bytes,
-                max_pixels: args.max_input_pixels,
+    let service = Arc::new(
+        JobService::new(
+            pipeline.clone(),
+            load_presets(args)?,
+            limits,
+            Retention {
+                max_jobs: args.max_retained_jobs,
+                max_bytes: args.retained_jobs_mb.saturating_mul(1024 * 1024),
             },
-        },
-    ));
+            PreviewSettings {
+                cache_bytes: args.preview_cache_mb.saturating_mul(1024 * 1024),
+                inputs: InputLimits {
+                    max_bytes: args.max_input_bytes,
+                    max_pixels: args.max_input_pixels,
+                },
+            },
+        )
+        .with_cluster(cluster.clone()),
+    );
 
     // Before serving: a resumed job answers GetJob from the first request on.
     service.resume().await.map_err(StartupError::JobStore)?;
+    // JOB_STORE=nats: every job's state follows the shared bucket, and items come from the shared work stream.
+    let stop_cluster = tokio_util::sync::CancellationToken::new();
+    if let Some(cluster) = &cluster {
+        tasks::spawn(
+            "follow_job_store",
+            service
+                .clone()
+                .follow_store(cluster.clone(), stop_cluster.clone()),
+        );
+        tasks::spawn(
+            "take_items",
+            service
+                .clone()
+                .take_items(cluster.clone(), stop_cluster.clone()),
+        );
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobsServer<JobsApi>>().await;
@@ -211,7 +256,9 @@ pub async fn run(
         listener,
         shutdown,
     );
-    drain.serve(server).await.map_err(StartupError::Serve)?;
+    let served = drain.serve(server).await.map_err(StartupError::Serve);
+    stop_cluster.cancel();
+    served?;
     drain.finish(worker, &api, &pipeline).await;
     Ok(())
 }

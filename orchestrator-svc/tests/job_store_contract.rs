@@ -155,6 +155,26 @@ async fn two_replicas_racing_on_the_nats_store_never_both_win() {
             &cancelled
         };
         assert_eq!(this.items, std::slice::from_ref(winner), "round {round}");
+        // First reports of one item in the same state (a task run twice): one writer reports it, the other is told
+        // it was recorded; a write retried after its answer was lost (the identical record) counts as its own.
+        let done_here = item(1, ItemState::Cancelled, CallbackState::Pending);
+        let done_there = Item {
+            error: "stopped elsewhere".into(),
+            ..done_here.clone()
+        };
+        let (x, y) = tokio::join!(
+            a.put_first_item(&key, &done_here),
+            b.put_first_item(&key, &done_there)
+        );
+        let outcomes = [x.unwrap(), y.unwrap()];
+        let stored = outcomes.iter().filter(|w| **w == Written::Stored).count();
+        assert_eq!(stored, 1, "round {round}: {outcomes:?}");
+        let mine = if outcomes[0] == Written::Stored {
+            &done_here
+        } else {
+            &done_there
+        };
+        assert_eq!(a.put_first_item(&key, mine).await.unwrap(), Written::Stored);
     }
     assert_eq!(created, ROUNDS as usize);
     let keys: Vec<RecordKey> = a

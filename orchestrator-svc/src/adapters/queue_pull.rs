@@ -13,6 +13,8 @@
 //! - An orchestrator that dies mid-job sends no more in-progress acks: after the ack wait JetStream redelivers the
 //!   message to another orchestrator, which skips the items the first one recorded (no second callback) and runs
 //!   the rest; outputs are written under fixed keys, so a rerun item overwrites them.
+//! - With JOB_STORE=nats a valid job is submitted like a SubmitJob and acknowledged as soon as it is recorded: the
+//!   shared store then runs its items on every replica, with leases of its own (`jobs::cluster`).
 //! - A poison job (its runners keep dying) runs on at most NATS_MAX_DELIVERIES deliveries; the next one gives it up
 //!   (`JobService::give_up_durable`: open items FAILED `too_many_deliveries`, called back) and acknowledges it.
 
@@ -134,6 +136,22 @@ async fn handle(
         .map_or(1, |info| info.delivered.max(1) as u64);
     if delivered > 1 {
         tracing::info!(%job_id, delivered, "queue_pull: job redelivered; recorded items are skipped");
+    }
+    if service.shares_jobs() {
+        // JOB_STORE=nats: once recorded, the job is the shared store's (its items are leased and redelivered
+        // there), so the message has done its work.
+        match service.submit(&spec).await {
+            Ok(_) => acknowledge(&message, AckKind::Ack, &job_id).await,
+            Err(e @ (ApiError::Overloaded { .. } | ApiError::StoreUnavailable(_))) => {
+                tracing::warn!(%job_id, error = %e, "queue_pull: job not recorded now; offered again later");
+                acknowledge(&message, AckKind::Nak(Some(RETRY_PAUSE)), &job_id).await;
+            }
+            Err(e) => {
+                tracing::error!(%job_id, error = %e, "queue_pull: job rejected and dropped");
+                acknowledge(&message, AckKind::Term, &job_id).await;
+            }
+        }
+        return;
     }
     let submitted = if delivered > settings.max_deliveries {
         service.give_up_durable(&spec, delivered - 1).await

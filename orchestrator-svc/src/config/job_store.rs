@@ -1,8 +1,12 @@
 //! Where job state outlives the process (see docs/architecture.md, "Job state").
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+
+use super::secret::UrlWithCredentials;
+use super::{ConfigError, NatsArgs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum JobStoreKind {
@@ -10,13 +14,16 @@ pub enum JobStoreKind {
     Local,
     /// Nothing kept: a restart loses every job (unstarted items fail at shutdown so callers can resubmit).
     Memory,
+    /// NATS JetStream, shared by every replica: any replica answers for any job, items spread over all of them.
+    Nats,
 }
 
 #[derive(Clone, Debug, Args)]
 pub struct JobStoreArgs {
     /// Where jobs are kept across restarts: local (default; a redb file at JOB_STORE_PATH, one orchestrator per
     /// file: a restarted orchestrator resumes its unfinished jobs and resends unsettled callbacks) | memory (nothing
-    /// kept: a restart loses every job).
+    /// kept: a restart loses every job) | nats (NATS JetStream at NATS_URL, shared by every replica: any replica
+    /// answers for any job and the items of a job spread over all replicas).
     #[arg(
         long,
         env = "JOB_STORE",
@@ -29,4 +36,101 @@ pub struct JobStoreArgs {
     /// and locked). Default ./.data/jobs.redb.
     #[arg(long, env = "JOB_STORE_PATH", default_value = "./.data/jobs.redb")]
     pub job_store_path: PathBuf,
+    /// JOB_STORE=nats: the key-value bucket of job and item records, created if missing. Default palette_jobs.
+    #[arg(long, env = "NATS_JOB_BUCKET", default_value = "palette_jobs")]
+    pub nats_job_bucket: String,
+    /// JOB_STORE=nats: the work-queue stream of item tasks (one message per item to run), created if missing.
+    /// Default palette-items.
+    #[arg(long, env = "NATS_ITEM_STREAM", default_value = "palette-items")]
+    pub nats_item_stream: String,
+    /// JOB_STORE=nats: the item stream's subject; must not overlap NATS_SUBJECT. Default palette.items.
+    #[arg(long, env = "NATS_ITEM_SUBJECT", default_value = "palette.items")]
+    pub nats_item_subject: String,
+    /// JOB_STORE=nats: the durable pull consumer of item tasks every replica shares. Default item-workers.
+    #[arg(long, env = "NATS_ITEM_CONSUMER", default_value = "item-workers")]
+    pub nats_item_consumer: String,
+    /// JOB_STORE=nats: seconds an item's lease lasts without an in-progress ack (sent every third of it while the
+    /// item runs): a replica that dies holding an item loses it to another replica this long after. Applied when
+    /// the consumer is created. Default 30.
+    #[arg(long, env = "NATS_ITEM_ACK_WAIT_SEC", default_value_t = 30)]
+    pub nats_item_ack_wait_sec: u64,
+    /// JOB_STORE=nats: copies JetStream keeps of the bucket and the item stream (1, or 3 on a 3-node NATS cluster so
+    /// losing one node loses nothing). Applied when they are created. Default 1.
+    #[arg(long, env = "NATS_STORE_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
+    pub nats_store_replicas: u64,
+}
+
+/// JOB_STORE=nats, validated.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub url: UrlWithCredentials,
+    pub bucket: String,
+    pub stream: String,
+    pub subject: String,
+    pub consumer: String,
+    /// JetStream copies of the bucket and the stream.
+    pub replicas: usize,
+    /// An item's lease: how long a replica may hold it without an in-progress ack.
+    pub ack_wait: Duration,
+    /// Deliveries of one item that may run it (NATS_MAX_DELIVERIES); the next one fails it `too_many_deliveries`.
+    pub max_deliveries: u64,
+}
+
+impl ClusterSettings {
+    /// In-progress acks go out this often while an item runs.
+    pub fn progress_every(&self) -> Duration {
+        (self.ack_wait / 3).max(Duration::from_millis(100))
+    }
+}
+
+impl JobStoreArgs {
+    /// The NATS store's settings (JOB_STORE=nats); NATS_URL and NATS_MAX_DELIVERIES come from the queue's section.
+    pub fn cluster_settings(&self, nats: &NatsArgs) -> Result<ClusterSettings, ConfigError> {
+        let url = nats
+            .nats_url
+            .as_ref()
+            .map(|u| u.expose().trim())
+            .filter(|v| !v.is_empty())
+            .ok_or(ConfigError::Missing {
+                setting: "NATS_URL",
+                reason: "for JOB_STORE=nats",
+            })?
+            .to_string();
+        let non_empty = |value: &str, setting: &'static str| {
+            let value = value.trim();
+            if value.is_empty() {
+                Err(ConfigError::Empty { setting })
+            } else {
+                Ok(value.to_string())
+            }
+        };
+        Ok(ClusterSettings {
+            url: url.into(),
+            bucket: non_empty(&self.nats_job_bucket, "NATS_JOB_BUCKET")?,
+            stream: non_empty(&self.nats_item_stream, "NATS_ITEM_STREAM")?,
+            subject: non_empty(&self.nats_item_subject, "NATS_ITEM_SUBJECT")?,
+            consumer: non_empty(&self.nats_item_consumer, "NATS_ITEM_CONSUMER")?,
+            replicas: self.nats_store_replicas as usize,
+            ack_wait: Duration::from_secs(self.nats_item_ack_wait_sec.max(1)),
+            max_deliveries: nats.nats_max_deliveries,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn the_nats_store_needs_a_url() {
+        let mut c = Config::for_tests("/tmp/x", "http://127.0.0.1:1");
+        assert!(c.jobs.cluster_settings(&c.nats).is_err());
+        c.nats.nats_url = Some("nats://127.0.0.1:4222".into());
+        let s = c.jobs.cluster_settings(&c.nats).unwrap();
+        assert_eq!(
+            (s.bucket.as_str(), s.stream.as_str(), s.subject.as_str()),
+            ("palette_jobs", "palette-items", "palette.items")
+        );
+        assert_eq!(s.progress_every(), std::time::Duration::from_secs(10));
+    }
 }

@@ -250,6 +250,15 @@ impl JobHandle {
         .is_some()
     }
 
+    /// JOB_STORE=nats: item `idx` as the shared store recorded it (by whichever replica ended it), which stands over
+    /// what this process holds. False when nothing changed.
+    pub fn apply_record(&self, idx: u32, recorded: Item) -> bool {
+        let recorded = Item { idx, ..recorded };
+        let compare = recorded.clone();
+        self.change_item(idx, |i| *i != compare, |item| *item = recorded)
+            .is_some()
+    }
+
     pub fn record_callback(&self, idx: u32, delivered: bool, attempts: u32, error: Option<String>) {
         self.change_item(
             idx,

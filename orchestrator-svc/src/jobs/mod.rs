@@ -4,8 +4,10 @@
 //! Imports point one way: `JobService` -> `validate` (spec to plan) and `registry` (plans to `job::JobHandle`s) ->
 //! `pipeline` (schedules items) -> `item` (one item's work, `ItemRunner`) and `report` (callbacks and records after
 //! an item ends); `stage` (metrics) and `job` (state) are used by those and use none of them. `store` keeps job and
-//! item records across restarts; `resume` brings them back at start.
+//! item records across restarts; `resume` brings them back at start. `cluster` (JOB_STORE=nats) shares jobs between
+//! replicas: the store's watch as every replica's view, and items handed out as work.
 
+pub mod cluster;
 pub mod durable;
 pub mod edit;
 mod give_up;
@@ -37,7 +39,7 @@ pub use report::callback_body;
 pub use validate::{JobKey, JobLimits, JobPlan, job_key};
 
 use crate::error::ApiError;
-use store::{Created, JobRecord, RecordKey};
+use store::{Created, JobRecord, JobStore, RecordKey};
 
 #[derive(Debug)]
 pub struct JobService {
@@ -46,6 +48,8 @@ pub struct JobService {
     presets: BTreeMap<String, Arc<Preset>>,
     limits: JobLimits,
     previews: preview::PreviewService,
+    /// JOB_STORE=nats: the state shared with the other replicas; jobs are recorded there and run as item tasks.
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// What PreviewEdit may hold and read.
@@ -77,7 +81,14 @@ impl JobService {
             pipeline,
             presets,
             limits,
+            cluster: None,
         }
+    }
+
+    /// JOB_STORE=nats: jobs are shared with the other replicas through `cluster` (see `cluster`).
+    pub fn with_cluster(mut self, cluster: Option<Arc<cluster::Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// PreviewEdit: rules on one photo of a job at preview size, from its stored masks (`preview`).
@@ -96,11 +107,15 @@ impl JobService {
     }
 
     async fn register(&self, spec: &JobSpec, plan: JobPlan) -> Result<Job, ApiError> {
+        let shared = plan.source.is_none() && !plan.durable_items;
         let job = match self.registry.submit(plan)? {
             Submitted::Existing(job) => return Ok(job.snapshot()),
             Submitted::Created(job) => job,
         };
         self.forget_in_store().await;
+        if let Some(cluster) = self.cluster.clone().filter(|_| shared) {
+            return self.register_shared(&cluster, spec, job).await;
+        }
         if let Err(e) = self.record(spec, &job).await {
             self.registry.remove(&job);
             return Err(e);
@@ -149,7 +164,12 @@ impl JobService {
             job_id: job.plan.job_id.clone(),
             spec_hash: job.spec_hash.clone(),
             spec: spec.clone(),
-            seq: job.seq,
+            // Replicas count their own submissions: the shared store orders jobs by submission time instead.
+            seq: if self.cluster.is_some() {
+                unix_millis()
+            } else {
+                job.seq
+            },
             cancelled: false,
         };
         match job_store.create(&record).await {
@@ -198,13 +218,81 @@ impl JobService {
         self.register(spec, plan).await
     }
 
+    /// JOB_STORE=nats: jobs are recorded in, and run from, the state every replica shares.
+    pub fn shares_jobs(&self) -> bool {
+        self.cluster.is_some()
+    }
+
     pub fn get(&self, key: &JobKey) -> Result<Arc<JobHandle>, ApiError> {
         self.registry.get(key)
     }
 
+    /// Like `get`; JOB_STORE=nats: also a job another replica recorded an instant ago, read from the store.
+    pub async fn find(&self, key: &JobKey) -> Result<Arc<JobHandle>, ApiError> {
+        let found = self.registry.get(key);
+        let Some(cluster) = self.cluster.as_ref().filter(|_| found.is_err()) else {
+            return found;
+        };
+        match self.fetch_recorded(cluster, key).await {
+            Ok(Some(job)) => Ok(job),
+            Ok(None) => found,
+            Err(e) => Err(ApiError::StoreUnavailable(e.into())),
+        }
+    }
+
+    /// JOB_STORE=nats: records the job (its item tasks queued first, so a recorded job always has them) unless
+    /// another replica (or an earlier try of this submission) recorded it: then its record stands, and this is the
+    /// same job when the spec is the same, ALREADY_EXISTS otherwise.
+    async fn register_shared(
+        &self,
+        cluster: &cluster::Cluster,
+        spec: &JobSpec,
+        job: Arc<JobHandle>,
+    ) -> Result<Job, ApiError> {
+        let unavailable = |e: store::StoreError| {
+            self.registry.remove(&job);
+            ApiError::StoreUnavailable(e.into())
+        };
+        match cluster
+            .store()
+            .job(&job.plan.user_id, &job.plan.job_id)
+            .await
+        {
+            Ok(Some(recorded)) if recorded.spec_hash == job.spec_hash => {
+                // The mirror fills in what the other replicas did.
+                return Ok(job.snapshot());
+            }
+            Ok(Some(_)) => {
+                self.registry.remove(&job);
+                return Err(ApiError::JobExists {
+                    job_id: job.plan.job_id.clone(),
+                });
+            }
+            Ok(None) => {}
+            Err(e) => return Err(unavailable(e)),
+        }
+        // Tasks before the record: a crash in between leaves tasks without a job (dropped after a while, and the
+        // client, told nothing, submits again), never a recorded job without tasks. A resubmission publishes them
+        // again; a task whose item already ended is acknowledged without running it.
+        cluster
+            .publish_items(&store::key_of(&job), job.plan.image_count)
+            .await
+            .map_err(unavailable)?;
+        if let Err(e) = self.record(spec, &job).await {
+            self.registry.remove(&job);
+            return Err(e);
+        }
+        metrics::counter!("orchestrator_jobs_submitted_total").increment(1);
+        tracing::info!(job_id = %job.plan.job_id, images = job.plan.image_count, "job accepted; items queued for every replica");
+        Ok(job.snapshot())
+    }
+
     /// Cancels the job: recorded first (a resumed job stays cancelled), then its open items end CANCELLED.
     pub async fn cancel(&self, key: &JobKey) -> Result<Job, ApiError> {
-        let job = self.registry.get(key)?;
+        let job = self.find(key).await?;
+        if let Some(cluster) = self.cluster.as_ref().filter(|_| job.plan.source.is_none()) {
+            return self.cancel_shared(cluster, &job).await;
+        }
         if let Some(job_store) = self.pipeline.reporter().job_store_of(&job)
             && !job.is_terminal()
             && let Err(e) = job_store.cancel(&store::key_of(&job)).await
@@ -216,9 +304,34 @@ impl JobService {
         Ok(job.snapshot())
     }
 
+    /// JOB_STORE=nats: records the cancel, which every replica sees on its watch and stops the job's items running
+    /// there; each open item then ends CANCELLED where its task is held (by the task's holder only: see
+    /// `cluster::work`), called back once.
+    async fn cancel_shared(
+        &self,
+        cluster: &cluster::Cluster,
+        job: &Arc<JobHandle>,
+    ) -> Result<Job, ApiError> {
+        if !job.is_terminal() {
+            cluster
+                .store()
+                .cancel(&store::key_of(job))
+                .await
+                .map_err(|e| ApiError::StoreUnavailable(e.into()))?;
+            job.cancel.cancel();
+        }
+        Ok(job.snapshot())
+    }
+
     pub fn pipeline(&self) -> &Arc<Pipeline> {
         &self.pipeline
     }
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Deletes forgotten jobs from the job store; a failure leaves them to the next start, which forgets them again.

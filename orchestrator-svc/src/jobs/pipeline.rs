@@ -61,6 +61,25 @@ impl Pipeline {
         self
     }
 
+    /// JOB_STORE=nats: item records are retried this long while NATS is unreachable, instead of written once.
+    pub fn with_store_patience(mut self, patience: std::time::Duration) -> Self {
+        self.reporter = self.reporter.with_store_patience(patience);
+        self
+    }
+
+    /// One of the BATCH_CONCURRENCY permits (the replica's admission), once free; None once shutdown began.
+    pub(super) async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        tokio::select! {
+            biased;
+            _ = self.stopping.cancelled() => None,
+            permit = self.permits.clone().acquire_owned() => permit.ok(),
+        }
+    }
+
+    pub(super) fn is_stopping(&self) -> bool {
+        self.stopping.is_cancelled()
+    }
+
     pub(super) fn reporter(&self) -> &Reporter {
         &self.reporter
     }
@@ -177,8 +196,21 @@ impl Pipeline {
             }
             return;
         }
+        if let Some(item) = self.execute_item(&job, idx, permit).await {
+            self.reporter.item_ended(&job, item);
+        }
+    }
+
+    /// Runs item `idx` (PENDING -> RUNNING -> terminal) under `permit`; the item if this call ended it (None when it
+    /// was not pending, or was ended meanwhile by a cancel, which reports it).
+    pub(super) async fn execute_item(
+        &self,
+        job: &Arc<JobHandle>,
+        idx: u32,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<palette_proto::orchestrator::v1::Item> {
         if !job.start_item(idx) {
-            return;
+            return None;
         }
         let _in_flight = InFlight::start();
         let stage = Stage::start("item");
@@ -208,8 +240,6 @@ impl Pipeline {
                 }
             }
         };
-        if let Some(item) = job.finish_item(idx, outcome, self.reporter.callbacks_on()) {
-            self.reporter.item_ended(&job, item);
-        }
+        job.finish_item(idx, outcome, self.reporter.callbacks_on())
     }
 }

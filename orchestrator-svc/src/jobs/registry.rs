@@ -162,6 +162,29 @@ impl JobRegistry {
         handle
     }
 
+    /// JOB_STORE=nats: the job as another replica recorded it. The handle already here under the same spec hash is
+    /// kept (it may be the one this process submitted); one under another hash lost the race to record, and is
+    /// replaced.
+    pub fn adopt(&self, plan: JobPlan, seq: u64, spec_hash: String) -> Arc<JobHandle> {
+        let mut jobs = self.lock();
+        if let Some(existing) = jobs.get(&plan.key())
+            && existing.spec_hash == spec_hash
+        {
+            return existing.clone();
+        }
+        self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
+        let mut handle = JobHandle::new(plan, seq);
+        handle.spec_hash = spec_hash;
+        let handle = Arc::new(handle);
+        jobs.insert(handle.plan.key(), handle.clone());
+        handle
+    }
+
+    /// JOB_STORE=nats: drops a job another replica deleted from the store (retention).
+    pub fn drop_deleted(&self, key: &JobKey) {
+        self.lock().remove(key);
+    }
+
     pub fn all(&self) -> Vec<Arc<JobHandle>> {
         self.lock().values().cloned().collect()
     }

@@ -3,6 +3,7 @@
 //! in object storage (written only once the callback is settled).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use palette_proto::orchestrator::v1::{Item, ItemState};
 use tokio_util::task::TaskTracker;
@@ -23,6 +24,8 @@ pub struct Reporter {
     callbacks: Option<Arc<CallbackSender>>,
     tasks: TaskTracker,
     job_store: Option<SharedJobStore>,
+    /// How long an item record is retried while the job store is unreachable (zero: written once).
+    store_patience: Duration,
 }
 
 impl Reporter {
@@ -37,7 +40,14 @@ impl Reporter {
             callbacks,
             tasks,
             job_store,
+            store_patience: Duration::ZERO,
         }
+    }
+
+    /// Item records are retried this long while the job store is unreachable.
+    pub(super) fn with_store_patience(mut self, patience: Duration) -> Self {
+        self.store_patience = patience;
+        self
     }
 
     pub fn job_store(&self) -> Option<&SharedJobStore> {
@@ -63,63 +73,121 @@ impl Reporter {
 
     /// Metrics and the one callback of an item that just became terminal.
     pub fn item_ended(&self, job: &Arc<JobHandle>, item: Item) {
-        let state = ItemState::try_from(item.state)
-            .map(|s| s.as_str_name())
-            .unwrap_or("UNKNOWN");
-        metrics::counter!("orchestrator_items_total", "state" => state).increment(1);
-        if job.is_terminal() {
-            metrics::counter!("orchestrator_jobs_finished_total").increment(1);
-        }
-        self.settle(job, item);
+        count_ended(job, &item);
+        self.spawn_settle(job, item, ReportKind::First);
     }
 
-    /// Records the terminal item, sends its callback, records it settled. Also what a resumed job does for an item
-    /// recorded with its callback still pending.
+    /// Like `item_ended`, done before it returns (JOB_STORE=nats: the item's task is acknowledged only after).
+    pub async fn item_ended_now(&self, job: &Arc<JobHandle>, item: Item) {
+        count_ended(job, &item);
+        self.settle_now(job, item, ReportKind::First).await;
+    }
+
+    /// What a resumed job does for an item recorded with its callback still pending: sends it again (same
+    /// webhook-id), in a task of its own.
     pub fn settle(&self, job: &Arc<JobHandle>, item: Item) {
-        let store = job.plan.durable_items.then(|| self.store.clone());
-        let job_store = self.job_store_of(job).cloned();
-        let sender = self.callbacks.clone();
-        if store.is_none() && job_store.is_none() && sender.is_none() {
+        self.spawn_settle(job, item, ReportKind::Resend);
+    }
+
+    fn spawn_settle(&self, job: &Arc<JobHandle>, item: Item, report: ReportKind) {
+        if !job.plan.durable_items && self.job_store_of(job).is_none() && self.callbacks.is_none() {
             return;
         }
+        let this = self.clone();
         let job = job.clone();
         spawn_tracked(&self.tasks, "item_report", async move {
-            // The terminal state is committed before anyone is told: a crash before this line leaves no trace of it,
-            // so the item runs again; after it, the item keeps this state and is only called back again.
-            if let Some(job_store) = &job_store
-                && !keep(job_store, &job, &item).await
-            {
-                return;
-            }
-            if let Some(sender) = sender {
-                let body = callback_body(&item);
-                let outcome = sender.deliver(&job.plan.job_id, &body).await;
-                if !outcome.delivered {
-                    tracing::warn!(job_id = %job.plan.job_id, idx = item.idx, error = ?outcome.error, "callback not delivered");
-                }
-                job.record_callback(item.idx, outcome.delivered, outcome.attempts, outcome.error);
-                if let Some(job_store) = &job_store
-                    && let Some(settled) = job.snapshot().items.into_iter().nth(item.idx as usize)
-                {
-                    keep(job_store, &job, &settled).await;
-                }
-            }
-            // Durable jobs: recorded only once the callback is settled, so a rerun never sends it again.
-            if let Some(store) = store {
-                durable::write(&store, &job, item.idx).await;
-            }
+            this.settle_now(&job, item, report).await;
         });
+    }
+
+    /// Records the terminal item, sends its callback, records it settled.
+    pub async fn settle_now(&self, job: &Arc<JobHandle>, item: Item, report: ReportKind) {
+        let store = job.plan.durable_items.then(|| self.store.clone());
+        let job_store = self.job_store_of(job).cloned();
+        // The terminal state is committed before anyone is told: a crash before this line leaves no trace of it,
+        // so the item runs again; after it, the item keeps this state and is only called back again.
+        if let Some(job_store) = &job_store
+            && !keep(job_store, job, &item, report, self.store_patience).await
+        {
+            return;
+        }
+        if let Some(sender) = &self.callbacks {
+            let body = callback_body(&item);
+            let outcome = sender.deliver(&job.plan.job_id, &body).await;
+            if !outcome.delivered {
+                tracing::warn!(job_id = %job.plan.job_id, idx = item.idx, error = ?outcome.error, "callback not delivered");
+            }
+            job.record_callback(item.idx, outcome.delivered, outcome.attempts, outcome.error);
+            if let Some(job_store) = &job_store
+                && let Some(settled) = job.snapshot().items.into_iter().nth(item.idx as usize)
+            {
+                keep(
+                    job_store,
+                    job,
+                    &settled,
+                    ReportKind::Resend,
+                    self.store_patience,
+                )
+                .await;
+            }
+        }
+        // Durable jobs: recorded only once the callback is settled, so a rerun never sends it again.
+        if let Some(store) = store {
+            durable::write(&store, job, item.idx).await;
+        }
     }
 }
 
+fn count_ended(job: &JobHandle, item: &Item) {
+    let state = ItemState::try_from(item.state)
+        .map(|s| s.as_str_name())
+        .unwrap_or("UNKNOWN");
+    metrics::counter!("orchestrator_items_total", "state" => state).increment(1);
+    if job.is_terminal() {
+        metrics::counter!("orchestrator_jobs_finished_total").increment(1);
+    }
+}
+
+/// Whether an item's record is its first report or one written before (a resend, a settled callback).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportKind {
+    /// This process just ended the item: the record must not exist yet (`JobStore::put_first_item`), or another
+    /// writer ended it first and reports it.
+    First,
+    /// The record exists (as written here or before a crash): rewritten with the same terminal state.
+    Resend,
+}
+
+/// Pause between attempts to write an item record while the job store is unreachable.
+const STORE_RETRY_PAUSE: Duration = Duration::from_millis(500);
+
 /// Writes the terminal item to the job store. False when the store already holds another terminal state for it
-/// (then that one stands, and this one is not called back).
-async fn keep(job_store: &SharedJobStore, job: &JobHandle, item: &Item) -> bool {
+/// (then that one stands, and this one is not called back). An unreachable store is tried again for `patience`
+/// (JOB_STORE=nats: a NATS restart must not turn into an item run twice and called back twice).
+async fn keep(
+    job_store: &SharedJobStore,
+    job: &JobHandle,
+    item: &Item,
+    report: ReportKind,
+    patience: Duration,
+) -> bool {
     let key = store::key_of(job);
-    match job_store.put_item(&key, item).await {
+    let give_up = tokio::time::Instant::now() + patience;
+    let write = || async {
+        match report {
+            ReportKind::First => job_store.put_first_item(&key, item).await,
+            ReportKind::Resend => job_store.put_item(&key, item).await,
+        }
+    };
+    let mut written = write().await;
+    while written.is_err() && tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(STORE_RETRY_PAUSE).await;
+        written = write().await;
+    }
+    match written {
         Ok(Written::Stored) => true,
         Ok(Written::Conflict(recorded)) => {
-            tracing::warn!(job_id = %key.job_id, idx = item.idx, recorded = recorded.state, "item already recorded in another terminal state; not reported again");
+            tracing::warn!(job_id = %key.job_id, idx = item.idx, recorded = recorded.state, "item already recorded (by another replica, or in another terminal state); not reported again");
             false
         }
         Err(e) => {

@@ -26,6 +26,10 @@ impl JobService {
         let Some(job_store) = self.pipeline.reporter().job_store().cloned() else {
             return Ok(Resumed::default());
         };
+        if self.cluster.is_some() {
+            // JOB_STORE=nats: jobs come back through the store's watch, and their items through the work stream.
+            return Ok(Resumed::default());
+        }
         let mut resumed = Resumed::default();
         for stored in job_store.load().await? {
             resumed.jobs += 1;

@@ -11,7 +11,44 @@ use std::time::{Duration, Instant};
 pub struct Nats {
     child: Child,
     pub url: String,
+    port: u16,
+    name: String,
     _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    /// Stops the server (SIGKILL: nothing flushed beyond what JetStream already synced), waits `down`, and starts
+    /// it again on the same port and store directory, as a crashed and restarted server comes back.
+    pub fn restart(&mut self, down: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = spawn(self.port, &self.name, self._dir.path());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !greets_as(self.port, &self.name) {
+            assert!(Instant::now() < deadline, "nats-server did not come back");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn spawn(port: u16, name: &str, dir: &std::path::Path) -> Child {
+    Command::new("nats-server")
+        .args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-n",
+            name,
+            "-sd",
+        ])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server did not start")
 }
 
 impl Drop for Nats {
@@ -51,22 +88,7 @@ pub fn start() -> Option<Nats> {
             std::process::id(),
             STARTED.fetch_add(1, Ordering::SeqCst)
         );
-        let mut child = Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-n",
-                &name,
-                "-sd",
-            ])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server did not start");
+        let mut child = spawn(port, &name, dir.path());
         // Ready when the port greets with THIS server's INFO (not another test's server, nor another listener).
         let deadline = Instant::now() + Duration::from_secs(15);
         let mut ready = false;
@@ -88,6 +110,8 @@ pub fn start() -> Option<Nats> {
         return Some(Nats {
             child,
             url: format!("nats://127.0.0.1:{port}"),
+            port,
+            name,
             _dir: dir,
         });
     }

@@ -17,7 +17,7 @@ use super::job::JobHandle;
 pub use super::job::spec_hash;
 
 pub use local::LocalJobStore;
-pub use nats::NatsJobStore;
+pub use nats::{KeyOf, NatsJobStore, parse_key};
 pub use record::JobRecord;
 
 /// A job as the store keys it: its user, its id and the hash of its effective spec, so a job id reused with another
@@ -76,6 +76,12 @@ pub trait JobStore: Send + Sync + Debug {
     /// Writes a terminal item of the job. The first terminal state recorded wins; the same state may be written
     /// again (its callback settled).
     async fn put_item(&self, job: &RecordKey, item: &Item) -> Result<Written, StoreError>;
+    /// The first report of an item that just ended in this process: stored only if no record exists yet, otherwise
+    /// `Conflict` with the record, even one of the same state (JOB_STORE=nats: two replicas that ended one item the
+    /// same way must not both call it back). A store with one writer per job may keep `put_item`'s behaviour.
+    async fn put_first_item(&self, job: &RecordKey, item: &Item) -> Result<Written, StoreError> {
+        self.put_item(job, item).await
+    }
     /// Marks the job cancelled.
     async fn cancel(&self, job: &RecordKey) -> Result<(), StoreError>;
     /// Every job recorded, in submission order, with its terminal items.

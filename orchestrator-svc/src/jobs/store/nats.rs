@@ -1,8 +1,8 @@
 //! The job store in a NATS JetStream key-value bucket, shared by every replica: the record layer of the distributed
 //! store designed in docs/architecture.md ("Job state"). Every change is a compare-and-set on the key's revision
 //! (`create` = "only if absent", `update` = "only if still at the revision read"), so two replicas writing one item
-//! cannot both win. Not selectable by JOB_STORE yet: work distribution and WatchJob over the bucket's watch are
-//! still to come, and without them every replica would resume every job.
+//! cannot both win. JOB_STORE=nats: `jobs::cluster` adds the bucket's watch (every replica's view of every job) and
+//! the work stream that spreads items over the replicas.
 //!
 //! Keys: `job.{userId}.{jobId}` and `item.{userId}.{jobId}.{specHash}.{idx}`. Ids may contain '.', the subject token
 //! separator; it is written `=2E` ('=' never occurs in an id), so each id stays one token and prefixes stay exact.
@@ -41,13 +41,49 @@ fn items_prefix(job: &RecordKey) -> String {
     )
 }
 
+/// What a key of the bucket names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyOf {
+    Job { user_id: String, job_id: String },
+    Item { job: RecordKey, idx: u32 },
+}
+
+/// The ids and index a key was made from; None for a key this store does not write.
+pub fn parse_key(key: &str) -> Option<KeyOf> {
+    let id = |t: &str| t.replace("=2E", ".");
+    let parts: Vec<&str> = key.split('.').collect();
+    match parts.as_slice() {
+        ["job", user, job] => Some(KeyOf::Job {
+            user_id: id(user),
+            job_id: id(job),
+        }),
+        ["item", user, job, hash, idx] => Some(KeyOf::Item {
+            job: RecordKey {
+                user_id: id(user),
+                job_id: id(job),
+                spec_hash: hash.to_string(),
+            },
+            idx: idx.parse().ok()?,
+        }),
+        _ => None,
+    }
+}
+
 impl NatsJobStore {
     /// Connects and opens the bucket, creating it (one value per key, on disk) if missing.
     pub async fn open(url: &str, bucket: &str) -> Result<Self, StoreError> {
         let client = async_nats::connect(url)
             .await
             .map_err(StoreError::unavailable)?;
-        let js = jetstream::new(client);
+        Self::open_on(&jetstream::new(client), bucket, 1).await
+    }
+
+    /// Opens the bucket on an existing JetStream connection, creating it (with `replicas` copies) if missing.
+    pub async fn open_on(
+        js: &jetstream::Context,
+        bucket: &str,
+        replicas: usize,
+    ) -> Result<Self, StoreError> {
         // The bucket's stream, made as `create_key_value` would (one value per key, rollups, no deletes through the
         // stream API, direct gets), by hand: async-nats 0.51's `create_key_value` cannot read nats-server 2.9's
         // answer (Debian's), while plain stream creation works with both.
@@ -60,6 +96,7 @@ impl NatsJobStore {
             allow_direct: true,
             discard: jetstream::stream::DiscardPolicy::New,
             storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas.max(1),
             ..Default::default()
         })
         .await
@@ -69,6 +106,33 @@ impl NatsJobStore {
             .await
             .map_err(StoreError::unavailable)?;
         Ok(NatsJobStore { kv })
+    }
+
+    /// The bucket, for its watch.
+    pub fn bucket(&self) -> &kv::Store {
+        &self.kv
+    }
+
+    /// The job recorded under (user id, job id), if any.
+    pub async fn job(&self, user_id: &str, job_id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let key = job_key(user_id, job_id);
+        match self.entry(&key).await? {
+            None => Ok(None),
+            Some((bytes, _)) => JobRecord::decode(&bytes)
+                .map(Some)
+                .ok_or(StoreError::Corrupt { key }),
+        }
+    }
+
+    /// The terminal record of item `idx` of the job, if one was written.
+    pub async fn item(&self, job: &RecordKey, idx: u32) -> Result<Option<Item>, StoreError> {
+        let key = format!("{}{idx}", items_prefix(job));
+        match self.entry(&key).await? {
+            None => Ok(None),
+            Some((bytes, _)) => durable::decode(&bytes)
+                .map(Some)
+                .ok_or(StoreError::Corrupt { key }),
+        }
     }
 
     /// The key's value and revision; None when absent or deleted.
@@ -160,6 +224,29 @@ impl JobStore for NatsJobStore {
         Err(contention(&key))
     }
 
+    async fn put_first_item(&self, job: &RecordKey, item: &Item) -> Result<Written, StoreError> {
+        let key = format!("{}{}", items_prefix(job), item.idx);
+        for _ in 0..CAS_ATTEMPTS {
+            if self
+                .compare_and_set(&key, durable::encode(item), None)
+                .await?
+            {
+                return Ok(Written::Stored);
+            }
+            if let Some((bytes, _)) = self.entry(&key).await? {
+                let recorded = durable::decode(&bytes)
+                    .ok_or_else(|| StoreError::Corrupt { key: key.clone() })?;
+                // Exactly this record: this write's own, whose answer was lost (NATS went away after committing
+                // it, and the write was retried). Reported, or its callback would never be sent.
+                if recorded == *item {
+                    return Ok(Written::Stored);
+                }
+                return Ok(Written::Conflict(Box::new(recorded)));
+            }
+        }
+        Err(contention(&key))
+    }
+
     async fn cancel(&self, job: &RecordKey) -> Result<(), StoreError> {
         let key = job_key(&job.user_id, &job.job_id);
         for _ in 0..CAS_ATTEMPTS {
@@ -240,5 +327,21 @@ mod tests {
             ..job.clone()
         };
         assert!(!items_prefix(&job).starts_with(&items_prefix(&other)));
+        assert_eq!(
+            parse_key("item.u.a=2Eb.h.12"),
+            Some(KeyOf::Item {
+                job: job.clone(),
+                idx: 12
+            })
+        );
+        assert_eq!(
+            parse_key(&job_key("u.1", "j")),
+            Some(KeyOf::Job {
+                user_id: "u.1".into(),
+                job_id: "j".into()
+            })
+        );
+        assert_eq!(parse_key("item.u.j.h.x"), None);
+        assert_eq!(parse_key("other"), None);
     }
 }

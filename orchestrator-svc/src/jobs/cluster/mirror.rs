@@ -1,0 +1,157 @@
+//! Every replica's view of every job: the bucket's watch (history first, then each change as it is written)
+//! applied to the registry. WatchJob streams on any replica see an item's terminal state as soon as it is recorded,
+//! whoever ran it; a cancel recorded by any replica stops the items running here. Applying an entry twice changes
+//! nothing, so after a lost watch (NATS restarted) the watch simply starts over from the history.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{Entry, Operation};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::Cluster;
+use crate::error::Report;
+use crate::jobs::job::JobHandle;
+use crate::jobs::store::{self, JobRecord, KeyOf, StoreError};
+use crate::jobs::{JobKey, JobService, durable, validate};
+
+/// Pause before watching again after the watch failed or ended.
+const REWATCH_PAUSE: Duration = Duration::from_secs(1);
+
+impl JobService {
+    /// Follows the bucket until `stop`.
+    pub async fn follow_store(self: Arc<Self>, cluster: Arc<Cluster>, stop: CancellationToken) {
+        while !stop.is_cancelled() {
+            let watch = tokio::select! {
+                watch = cluster.store().bucket().watch_with_history(">") => watch,
+                () = stop.cancelled() => return,
+            };
+            match watch {
+                Ok(mut watch) => loop {
+                    let entry = tokio::select! {
+                        entry = watch.next() => entry,
+                        () = stop.cancelled() => return,
+                    };
+                    match entry {
+                        Some(Ok(entry)) => self.apply_entry(&cluster, entry).await,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %Report(&e), "job store watch failed; watching again");
+                            break;
+                        }
+                        None => break,
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %Report(&e), "job store watch not started; trying again")
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(REWATCH_PAUSE) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn apply_entry(&self, cluster: &Cluster, entry: Entry) {
+        let put = entry.operation == Operation::Put;
+        match store::parse_key(&entry.key) {
+            Some(KeyOf::Job { user_id, job_id }) if put => {
+                let Some(record) = JobRecord::decode(&entry.value) else {
+                    tracing::warn!(key = %entry.key, "unreadable job record ignored");
+                    return;
+                };
+                let known = self
+                    .registry
+                    .get(&JobKey { user_id, job_id })
+                    .is_ok_and(|j| j.spec_hash == record.spec_hash);
+                let (record_key, image_count) = (record.key(), record.spec.image_count);
+                // A record rewritten by a cancel comes after some of its items in the bucket's history (one value
+                // per key, at its last write): a job first seen so has its items read here.
+                let rewritten = record.cancelled;
+                if let Some(job) = self.adopt_record(record)
+                    && !known
+                    && rewritten
+                {
+                    for idx in 0..image_count.min(job.plan.image_count) {
+                        if let Ok(Some(item)) = cluster.store().item(&record_key, idx).await {
+                            job.apply_record(idx, item);
+                        }
+                    }
+                }
+            }
+            Some(KeyOf::Job { user_id, job_id }) => {
+                self.registry.drop_deleted(&JobKey { user_id, job_id });
+            }
+            Some(KeyOf::Item { job, idx }) if put => {
+                let key = JobKey {
+                    user_id: job.user_id,
+                    job_id: job.job_id,
+                };
+                let Ok(handle) = self.registry.get(&key) else {
+                    return;
+                };
+                if handle.spec_hash != job.spec_hash {
+                    return;
+                }
+                let Some(item) = durable::decode(&entry.value) else {
+                    tracing::warn!(key = %entry.key, "unreadable item record ignored");
+                    return;
+                };
+                if handle.apply_record(idx, item) && handle.is_terminal() {
+                    // Retention applies as when a job ends on a single orchestrator.
+                    self.registry.trim();
+                    self.forget_in_store().await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The recorded job in this replica's registry (the handle already there when it is the same job); a recorded
+    /// cancel stops its items running here. None when the job no longer validates here (presets differ).
+    pub(in crate::jobs) fn adopt_record(&self, record: JobRecord) -> Option<Arc<JobHandle>> {
+        let plan = match validate::validate(&record.spec, &self.presets, self.limits) {
+            Ok(plan) if store::spec_hash(&plan.effective_spec) == record.spec_hash => plan,
+            Ok(_) => {
+                tracing::error!(job_id = %record.job_id, "recorded job plans differently here (presets differ between replicas?)");
+                return None;
+            }
+            Err(e) => {
+                tracing::error!(job_id = %record.job_id, error = %e, "recorded job does not validate here");
+                return None;
+            }
+        };
+        let job = self
+            .registry
+            .adopt(plan, record.seq, record.spec_hash.clone());
+        if record.cancelled && !job.cancel.is_cancelled() {
+            // Items running here stop and end CANCELLED; the replica that took CancelJob ends the others.
+            job.cancel.cancel();
+        }
+        Some(job)
+    }
+
+    /// The job as recorded in the bucket, with its recorded items, when this replica has not seen it yet (its
+    /// record was written an instant ago by another replica).
+    pub(in crate::jobs) async fn fetch_recorded(
+        &self,
+        cluster: &Cluster,
+        key: &JobKey,
+    ) -> Result<Option<Arc<JobHandle>>, StoreError> {
+        let Some(record) = cluster.store().job(&key.user_id, &key.job_id).await? else {
+            return Ok(None);
+        };
+        let record_key = record.key();
+        let image_count = record.spec.image_count;
+        let Some(job) = self.adopt_record(record) else {
+            return Ok(None);
+        };
+        for idx in 0..image_count.min(job.plan.image_count) {
+            if let Some(item) = cluster.store().item(&record_key, idx).await? {
+                job.apply_record(idx, item);
+            }
+        }
+        Ok(Some(job))
+    }
+}

@@ -1,0 +1,126 @@
+//! JOB_STORE=nats: replicas that share one job state on NATS JetStream (docs/architecture.md, "Replicas on NATS").
+//!
+//! - Records: the key-value bucket of `store::NatsJobStore` (`job.*` records, `item.*` terminal items; every write
+//!   a compare-and-set, so the first terminal state of an item wins, whichever replica wrote it).
+//! - Views: every replica follows the bucket's watch (`mirror`) into its registry, so GetJob/WatchJob/CancelJob
+//!   answer for any job on any replica, and a cancel recorded anywhere stops the items running here.
+//! - Work: SubmitJob publishes one task per item to a work-queue stream; every replica pulls from one shared
+//!   durable consumer as its BATCH_CONCURRENCY permits free up (`work`). The ack wait is the lease: in-progress
+//!   acks keep it while the item runs, and a replica that dies holding an item loses it to another one.
+
+mod mirror;
+mod work;
+
+use std::sync::Arc;
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use serde::{Deserialize, Serialize};
+
+use super::store::{NatsJobStore, RecordKey, StoreError};
+pub use crate::config::ClusterSettings;
+
+/// One item to run: what the work stream carries.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ItemTask {
+    pub user_id: String,
+    pub job_id: String,
+    pub spec_hash: String,
+    pub idx: u32,
+}
+
+impl ItemTask {
+    fn job(&self) -> RecordKey {
+        RecordKey {
+            user_id: self.user_id.clone(),
+            job_id: self.job_id.clone(),
+            spec_hash: self.spec_hash.clone(),
+        }
+    }
+}
+
+/// The shared state's handles: the bucket (as the job store) and the work stream.
+#[derive(Debug)]
+pub struct Cluster {
+    store: Arc<NatsJobStore>,
+    js: jetstream::Context,
+    settings: ClusterSettings,
+}
+
+impl Cluster {
+    /// Connects, and opens (creating if missing) the bucket, the work stream and its shared consumer.
+    pub async fn connect(settings: ClusterSettings) -> Result<Self, StoreError> {
+        let client = async_nats::connect(settings.url.expose())
+            .await
+            .map_err(StoreError::unavailable)?;
+        let js = jetstream::new(client);
+        let store = NatsJobStore::open_on(&js, &settings.bucket, settings.replicas).await?;
+        let cluster = Cluster {
+            store: Arc::new(store),
+            js,
+            settings,
+        };
+        cluster.consumer().await?;
+        Ok(cluster)
+    }
+
+    pub fn store(&self) -> &Arc<NatsJobStore> {
+        &self.store
+    }
+
+    pub fn settings(&self) -> &ClusterSettings {
+        &self.settings
+    }
+
+    /// The work stream's shared consumer, created with the stream if missing.
+    async fn consumer(&self) -> Result<PullConsumer, StoreError> {
+        let s = &self.settings;
+        let stream = self
+            .js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: s.stream.clone(),
+                subjects: vec![s.subject.clone()],
+                retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: s.replicas.max(1),
+                ..Default::default()
+            })
+            .await
+            .map_err(StoreError::unavailable)?;
+        stream
+            .get_or_create_consumer(
+                &s.consumer,
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(s.consumer.clone()),
+                    filter_subject: s.subject.clone(),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: s.ack_wait,
+                    // One past the deliveries that run the item: the delivery that gives it up (`work`).
+                    max_deliver: (s.max_deliveries + 1) as i64,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(StoreError::unavailable)
+    }
+
+    /// Publishes one task per item of the job, each confirmed by the stream before the next.
+    pub async fn publish_items(&self, job: &RecordKey, image_count: u32) -> Result<(), StoreError> {
+        for idx in 0..image_count {
+            let task = ItemTask {
+                user_id: job.user_id.clone(),
+                job_id: job.job_id.clone(),
+                spec_hash: job.spec_hash.clone(),
+                idx,
+            };
+            let payload = serde_json::to_vec(&task).map_err(StoreError::unavailable)?;
+            self.js
+                .publish(self.settings.subject.clone(), payload.into())
+                .await
+                .map_err(StoreError::unavailable)?
+                .await
+                .map_err(StoreError::unavailable)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,248 @@
+//! Items handed out as work: every replica pulls item tasks from the shared consumer, one per free BATCH_CONCURRENCY
+//! permit (so a replica holds no more tasks than it runs, and the pixel budget of `ItemRunner` still applies per
+//! replica), runs the item and acknowledges the task once the item's terminal state is in the bucket.
+//!
+//! The ack wait is the item's lease: in-progress acks renew it while the item (and its callback) runs. A replica that
+//! dies stops renewing, and JetStream hands the task to another replica after the ack wait. The task is released
+//! only once the bucket holds the item's terminal state, and a task whose item is recorded already is not run again:
+//! its callback is resent only if it was not settled (same webhook-id, so receivers drop the duplicate).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use palette_proto::orchestrator::v1::CallbackState;
+use tokio_util::sync::CancellationToken;
+
+use super::{Cluster, ItemTask};
+use crate::error::Report;
+use crate::jobs::give_up::TOO_MANY_DELIVERIES;
+use crate::jobs::job::{ItemOutcome, JobHandle};
+use crate::jobs::report::ReportKind;
+use crate::jobs::{JobKey, JobService};
+use crate::tasks::spawn_tracked;
+
+/// How long one fetch waits for a task before asking again.
+const FETCH_WAIT: Duration = Duration::from_secs(5);
+/// Pause after a failed fetch (NATS unreachable).
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// A task whose job is not recorded: its submitter publishes the tasks before the record, so it waits this long for
+/// the record before it is dropped (the submission failed, and the client was told so, or got no answer).
+const ORPHAN_AFTER: Duration = Duration::from_secs(60);
+/// How often a task whose job is not recorded yet looks again.
+const ORPHAN_POLL: Duration = Duration::from_millis(200);
+
+/// What becomes of a task.
+enum TaskEnd {
+    /// The item's terminal state is recorded: acknowledged, gone from the stream.
+    Done,
+    /// Offered again after the delay (to any replica).
+    Again(Duration),
+    /// Not a task of any job: terminated.
+    Drop,
+}
+
+impl JobService {
+    /// Takes item tasks while this replica has permits, until shutdown begins.
+    pub async fn take_items(self: Arc<Self>, cluster: Arc<Cluster>, stop: CancellationToken) {
+        tracing::info!(stream = %cluster.settings().stream, consumer = %cluster.settings().consumer, "taking item tasks");
+        let mut consumer = None;
+        'permits: while let Some(permit) = self.pipeline.permit().await {
+            loop {
+                if self.pipeline.is_stopping() {
+                    // Draining: the permit goes back, and queued tasks stay for the other replicas.
+                    break 'permits;
+                }
+                let Some(current) = consumer.as_ref() else {
+                    match cluster.consumer().await {
+                        Ok(c) => consumer = Some(c),
+                        Err(e) => {
+                            tracing::warn!(error = %Report(&e), "item stream not reachable");
+                            if pause(&stop).await {
+                                break 'permits;
+                            }
+                        }
+                    }
+                    continue;
+                };
+                let fetched = tokio::select! {
+                    batch = async {
+                        let mut batch = current.fetch().max_messages(1).expires(FETCH_WAIT).messages().await?;
+                        batch.next().await.transpose()
+                    } => batch,
+                    () = stop.cancelled() => break 'permits,
+                };
+                match fetched {
+                    Ok(Some(message)) => {
+                        let this = self.clone();
+                        let cluster = cluster.clone();
+                        spawn_tracked(self.pipeline.tasks(), "item_task", async move {
+                            this.handle_task(&cluster, message, permit).await;
+                        });
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "item fetch failed");
+                        consumer = None;
+                        if pause(&stop).await {
+                            break 'permits;
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!("no longer taking item tasks");
+    }
+
+    async fn handle_task(
+        &self,
+        cluster: &Cluster,
+        message: jetstream::Message,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let Ok(task) = serde_json::from_slice::<ItemTask>(&message.payload) else {
+            tracing::error!("item task unreadable; dropped");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        };
+        let delivered = message
+            .info()
+            .map_or(1, |info| info.delivered.max(1) as u64);
+        let renew = async {
+            let mut every = tokio::time::interval(cluster.settings().progress_every());
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if let Err(e) = message.ack_with(AckKind::Progress).await {
+                    tracing::warn!(error = %e, idx = task.idx, "item lease not renewed");
+                }
+            }
+        };
+        let end = tokio::select! {
+            end = self.run_task(cluster, &task, delivered, permit) => end,
+            () = renew => unreachable!("renews until the task ends"),
+        };
+        let acked = match end {
+            TaskEnd::Done => message.double_ack().await,
+            TaskEnd::Again(delay) => message.ack_with(AckKind::Nak(Some(delay))).await,
+            TaskEnd::Drop => message.ack_with(AckKind::Term).await,
+        };
+        if let Err(e) = acked {
+            tracing::warn!(job_id = %task.job_id, idx = task.idx, error = %e, "item task not acknowledged; it comes back, and finds its item recorded");
+        }
+    }
+
+    async fn run_task(
+        &self,
+        cluster: &Cluster,
+        task: &ItemTask,
+        delivered: u64,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> TaskEnd {
+        let idx = task.idx;
+        // Waited for here, lease renewed, rather than put back: every redelivery counts against
+        // NATS_MAX_DELIVERIES.
+        let waiting_since = tokio::time::Instant::now();
+        let job = loop {
+            match self.job_of(cluster, task).await {
+                Ok(Some(job)) => break job,
+                Ok(None) if waiting_since.elapsed() < ORPHAN_AFTER => {}
+                Ok(None) => {
+                    tracing::warn!(job_id = %task.job_id, idx, "item task of a job never recorded (or of a spec replaced); dropped");
+                    return TaskEnd::Drop;
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %task.job_id, error = %Report(&e), "job store unreachable; item task offered again");
+                    return TaskEnd::Again(RETRY_PAUSE);
+                }
+            }
+            tokio::time::sleep(ORPHAN_POLL).await;
+        };
+        let reporter = self.pipeline.reporter();
+        let callbacks_on = reporter.callbacks_on();
+        match cluster.store().item(&task.job(), idx).await {
+            Ok(Some(recorded)) => {
+                // Ended already: by another replica, or here before a crash; only an unsettled callback is resent.
+                job.apply_record(idx, recorded.clone());
+                if callbacks_on && recorded.callback_state == CallbackState::Pending as i32 {
+                    tracing::info!(job_id = %task.job_id, idx, "item recorded, callback not settled: resending it");
+                    reporter
+                        .settle_now(&job, recorded, ReportKind::Resend)
+                        .await;
+                }
+                return TaskEnd::Done;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(job_id = %task.job_id, error = %Report(&e), "job store unreachable; item task offered again");
+                return TaskEnd::Again(RETRY_PAUSE);
+            }
+        }
+        if delivered > cluster.settings().max_deliveries {
+            let outcome = ItemOutcome::Failed {
+                code: TOO_MANY_DELIVERIES,
+                message: format!(
+                    "the image was handed out {} times and never finished (the orchestrators running it stopped); \
+                     given up",
+                    delivered - 1
+                ),
+            };
+            tracing::warn!(job_id = %task.job_id, idx, delivered, "item delivered too often; given up");
+            self.end_here(&job, idx, outcome).await;
+        } else if job.cancel.is_cancelled() {
+            self.end_here(&job, idx, ItemOutcome::Cancelled).await;
+        } else if self.pipeline.is_stopping() {
+            // Shutting down: another replica runs it.
+            return TaskEnd::Again(Duration::ZERO);
+        } else if let Some(item) = self.pipeline.execute_item(&job, idx, permit).await {
+            metrics::counter!("orchestrator_item_tasks_run_total").increment(1);
+            reporter.item_ended_now(&job, item).await;
+        }
+        // Released only once the terminal state is recorded: a crash before that leaves the task to another replica.
+        match cluster.store().item(&task.job(), idx).await {
+            Ok(Some(_)) => TaskEnd::Done,
+            _ => TaskEnd::Again(cluster.settings().progress_every()),
+        }
+    }
+
+    /// Ends item `idx` here with `outcome`, if it is still open here, and reports it before returning. (Ended here
+    /// already, by a cancel whose report is still being written: the task comes back and finds it recorded.)
+    async fn end_here(&self, job: &Arc<JobHandle>, idx: u32, outcome: ItemOutcome) {
+        let reporter = self.pipeline.reporter();
+        if let Some(item) = job.finish_item(idx, outcome, reporter.callbacks_on()) {
+            reporter.item_ended_now(job, item).await;
+        }
+    }
+
+    /// The task's job, as this replica knows it or as the bucket records it; None when no job with the task's spec
+    /// is recorded.
+    async fn job_of(
+        &self,
+        cluster: &Cluster,
+        task: &ItemTask,
+    ) -> Result<Option<Arc<JobHandle>>, crate::jobs::store::StoreError> {
+        let key = JobKey {
+            user_id: task.user_id.clone(),
+            job_id: task.job_id.clone(),
+        };
+        if let Ok(job) = self.registry.get(&key)
+            && job.spec_hash == task.spec_hash
+        {
+            return Ok(Some(job));
+        }
+        Ok(self
+            .fetch_recorded(cluster, &key)
+            .await?
+            .filter(|job| job.spec_hash == task.spec_hash))
+    }
+}
+
+/// Waits RETRY_PAUSE; true when `stop` came first.
+async fn pause(stop: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(RETRY_PAUSE) => false,
+        () = stop.cancelled() => true,
+    }
+}

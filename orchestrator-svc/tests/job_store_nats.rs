@@ -1,0 +1,472 @@
+//! JOB_STORE=nats with orchestrators as real processes on one real nats-server: any replica answers for any job,
+//! the items of one job run on several replicas, a cancel from any replica ends the job everywhere, a SIGKILLed
+//! replica loses nothing (its items are leased, and go to another replica when the lease runs out), and a NATS
+//! restart only pauses the work. Every item ends in exactly one terminal state, called back under one webhook-id
+//! (a resend after a kill reuses it; resends are counted and printed, for docs/operations.md).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use orchestrator_svc::storage::{LocalStore, ObjectStore};
+use palette_proto::orchestrator::v1::jobs_client::JobsClient;
+use palette_proto::orchestrator::v1::{
+    CallbackState, CancelJobRequest, GetJobRequest, Job, JobState, WatchJobRequest,
+};
+use palette_testing::orchestrator::{photo_jpeg, seed_spec};
+use palette_testing::process::Process;
+use palette_testing::{fake_segmenter, nats, receiver::Receiver};
+use tonic::transport::Channel;
+
+const SECRET: &str = "job-store-nats-secret";
+const USER: &str = "test-user";
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_orchestrator-svc"))
+}
+
+/// Every replica's environment: one NATS, one storage root under `dir` (standing for the shared bucket).
+fn env(dir: &Path, nats: &str, segmenter: &str, callbacks: &str) -> Vec<(String, String)> {
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    [
+        ("METRICS_ADDR", String::new()),
+        ("LOG_LEVEL", "INFO".into()),
+        ("SEGMENTER_URL", segmenter.into()),
+        ("SEGMENTER_RESOLVE_INTERVAL_SEC", "1".into()),
+        ("STORAGE_BACKEND", "local".into()),
+        ("LOCAL_STORAGE_DIR", path("storage")),
+        ("PRESETS_DIR", path("no-presets")),
+        ("JOB_STORE", "nats".into()),
+        ("NATS_URL", nats.into()),
+        // Short leases, so a killed replica's items come back within seconds.
+        ("NATS_ITEM_ACK_WAIT_SEC", "3".into()),
+        ("WORKERS_API_URL", callbacks.into()),
+        ("GPU_CALLBACK_SECRET", SECRET.into()),
+        ("CALLBACK_BASE_DELAY_MS", "10".into()),
+        ("CALLBACK_MAX_DELAY_SEC", "1".into()),
+        ("BATCH_CONCURRENCY", "2".into()),
+        ("SHUTDOWN_GRACE_SEC", "5".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// Distinct inputs (the mask cache would otherwise answer repeats without the segmenter).
+async fn put_inputs(dir: &Path, job_id: &str, images: u32) {
+    let store = LocalStore::new(dir.join("storage")).unwrap();
+    for idx in 0..images {
+        let key = format!("inputs/{USER}/{job_id}/{idx}.jpg");
+        let photo = Bytes::from(photo_jpeg(64 + idx, 48));
+        store.put(&key, photo, "image/jpeg").await.unwrap();
+    }
+}
+
+fn client(process: &Process) -> JobsClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", process.addr))
+        .unwrap()
+        .connect_lazy();
+    JobsClient::new(channel)
+}
+
+async fn get(client: &mut JobsClient<Channel>, job_id: &str) -> Option<Job> {
+    client
+        .get_job(GetJobRequest {
+            user_id: USER.into(),
+            job_id: job_id.into(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// Polls GetJob until `done`; panics after `limit`.
+async fn wait_for(
+    client: &mut JobsClient<Channel>,
+    job_id: &str,
+    limit: Duration,
+    done: impl Fn(&Job) -> bool,
+) -> Job {
+    let deadline = Instant::now() + limit;
+    loop {
+        let job = get(client, job_id).await;
+        if let Some(job) = job.as_ref().filter(|j| done(j)) {
+            return job.clone();
+        }
+        assert!(Instant::now() < deadline, "never reached: {job:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn settled(job: &Job) -> bool {
+    (job.state == JobState::Done as i32 || job.state == JobState::Cancelled as i32)
+        && job
+            .items
+            .iter()
+            .all(|i| i.callback_state != CallbackState::Pending as i32)
+}
+
+/// Items this replica ran to completion, from its log.
+fn completed_here(process: &Process) -> usize {
+    process.log().matches("item completed").count()
+}
+
+/// Callbacks per item: the set of webhook-ids each was delivered under, and the number of deliveries.
+fn callbacks(hooks: &Receiver) -> (BTreeMap<u64, BTreeSet<String>>, usize) {
+    let deliveries = hooks.deliveries();
+    let mut ids: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for d in &deliveries {
+        ids.entry(d.body["idx"].as_u64().unwrap())
+            .or_default()
+            .insert(d.webhook_id.clone());
+    }
+    (ids, deliveries.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_on_one_replica_watch_on_another_cancel_on_a_third() {
+    let Some(nats) = nats::start() else { return };
+    const JOB: &str = "shared-job";
+    const IMAGES: u32 = 30;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(150, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, IMAGES).await;
+    let env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
+    let log = |name: &str| dir.path().join(format!("{name}.log"));
+    let a = Process::start(binary(), &env, &log("a")).await;
+    let b = Process::start(binary(), &env, &log("b")).await;
+    let c = Process::start(binary(), &env, &log("c")).await;
+
+    let submitted = client(&a)
+        .submit_job(seed_spec(JOB, IMAGES))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(submitted.items.len(), IMAGES as usize);
+    // The same submission on another replica is the same job; another spec under the id is refused there.
+    client(&b)
+        .submit_job(seed_spec(JOB, IMAGES))
+        .await
+        .expect("idempotent across replicas");
+    let other = client(&c)
+        .submit_job(seed_spec(JOB, IMAGES + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::AlreadyExists, "{other:?}");
+
+    let mut watch = client(&b)
+        .watch_job(WatchJobRequest {
+            user_id: USER.into(),
+            job_id: JOB.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen_completed = 0;
+    while seen_completed < 10 {
+        let event = watch.message().await.unwrap().expect("stream open");
+        seen_completed = event.job.unwrap().completed;
+    }
+    let cancelled_at = Instant::now();
+    client(&c)
+        .cancel_job(CancelJobRequest {
+            user_id: USER.into(),
+            job_id: JOB.into(),
+        })
+        .await
+        .unwrap();
+    // B's stream sees the job end; every replica answers CANCELLED within a second or two.
+    let last = loop {
+        let event = watch.message().await.unwrap().expect("stream open");
+        let job = event.job.unwrap();
+        if job.state == JobState::Cancelled as i32 {
+            break job;
+        }
+    };
+    for replica in [&a, &b, &c] {
+        wait_for(&mut client(replica), JOB, Duration::from_secs(2), |j| {
+            j.state == JobState::Cancelled as i32
+        })
+        .await;
+    }
+    let ended_after = cancelled_at.elapsed();
+    assert!(ended_after < Duration::from_secs(3), "{ended_after:?}");
+    let calls_at_end = segmenter.counters.segment_calls.load(Ordering::SeqCst);
+    let job = wait_for(&mut client(&a), JOB, Duration::from_secs(20), settled).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        segmenter.counters.segment_calls.load(Ordering::SeqCst),
+        calls_at_end,
+        "nothing runs after the cancel"
+    );
+    assert_eq!(job.completed + job.cancelled, IMAGES, "{job:?}");
+    assert!(job.cancelled > 0 && last.cancelled > 0);
+    let (ids, deliveries) = callbacks(&hooks);
+    assert_eq!(ids.len(), IMAGES as usize, "one callback per item: {ids:?}");
+    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    assert_eq!(deliveries, IMAGES as usize, "no resends without a crash");
+    let per_replica = [completed_here(&a), completed_here(&b), completed_here(&c)];
+    assert_eq!(per_replica.iter().sum::<usize>(), job.completed as usize);
+    assert!(
+        per_replica.iter().filter(|&&n| n > 0).count() >= 2,
+        "the items ran on more than one replica: {per_replica:?}"
+    );
+    // A replica started afterwards rebuilds the job from the bucket's history as the others hold it.
+    let d = Process::start(binary(), &env, &log("d")).await;
+    let late = wait_for(&mut client(&d), JOB, Duration::from_secs(5), settled).await;
+    let states = |j: &Job| {
+        j.items
+            .iter()
+            .map(|i| (i.state, i.callback_state))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(states(&late), states(&job));
+    eprintln!(
+        "completed per replica {per_replica:?}; every replica CANCELLED {ended_after:?} after CancelJob on a third"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_sigkilled_replicas_across_a_50_image_job_lose_nothing() {
+    let Some(nats) = nats::start() else { return };
+    const JOB: &str = "replicas-killed";
+    const IMAGES: u32 = 50;
+    const KILLS: usize = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(100, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, IMAGES).await;
+    let env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
+    let log = |name: String| dir.path().join(format!("{name}.log"));
+    let mut replicas = Vec::new();
+    for r in 0..3 {
+        replicas.push(Process::start(binary(), &env, &log(format!("r{r}-0"))).await);
+    }
+    client(&replicas[0])
+        .submit_job(seed_spec(JOB, IMAGES))
+        .await
+        .unwrap();
+    let mut completed_at_kill = Vec::new();
+    let mut last_kill = Instant::now();
+    for kill in 0..KILLS {
+        let victim = kill % replicas.len();
+        let watcher = (victim + 1) % replicas.len();
+        let mut jobs = client(&replicas[watcher]);
+        let before = get(&mut jobs, JOB).await.unwrap().completed;
+        let at_kill = wait_for(&mut jobs, JOB, Duration::from_secs(60), |j| {
+            j.completed >= before + 6
+        })
+        .await;
+        replicas[victim].kill();
+        last_kill = Instant::now();
+        completed_at_kill.push(at_kill.completed);
+        replicas[victim] =
+            Process::start(binary(), &env, &log(format!("r{victim}-{}", kill + 1))).await;
+    }
+    let job = wait_for(
+        &mut client(&replicas[0]),
+        JOB,
+        Duration::from_secs(90),
+        settled,
+    )
+    .await;
+    let finished_after = last_kill.elapsed();
+    assert_eq!(job.completed, IMAGES, "{job:?}");
+    let (ids, deliveries) = callbacks(&hooks);
+    assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
+    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    let calls = segmenter.counters.segment_calls.load(Ordering::SeqCst);
+    eprintln!(
+        "3 replicas, {KILLS} SIGKILLs at {completed_at_kill:?} completed items; the job finished {finished_after:?} \
+         after the last kill; 0 items lost, {} duplicate deliveries (same webhook-id), {} items ran twice",
+        deliveries - IMAGES as usize,
+        calls.saturating_sub(IMAGES as usize)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_mid_job_pauses_the_work_and_loses_nothing() {
+    let Some(mut nats) = nats::start() else {
+        return;
+    };
+    const JOB: &str = "nats-restarted";
+    const IMAGES: u32 = 24;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(100, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, IMAGES).await;
+    let env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
+    let a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
+    client(&a).submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
+    let at_restart = wait_for(&mut client(&b), JOB, Duration::from_secs(60), |j| {
+        j.completed >= 6
+    })
+    .await;
+    let restarted = Instant::now();
+    nats.restart(Duration::from_secs(2));
+    let job = wait_for(&mut client(&b), JOB, Duration::from_secs(90), settled).await;
+    let finished_after = restarted.elapsed();
+    assert_eq!(job.completed, IMAGES, "{job:?}");
+    let again = get(&mut client(&a), JOB).await.unwrap();
+    assert_eq!(
+        again.completed, IMAGES,
+        "both replicas see the end: {again:?}"
+    );
+    let (ids, deliveries) = callbacks(&hooks);
+    assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
+    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    eprintln!(
+        "NATS down 2 s at {} of {IMAGES} completed; the job finished {finished_after:?} after; 0 items lost, {} \
+         duplicate deliveries",
+        at_restart.completed,
+        deliveries - IMAGES as usize
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_pull_job_is_recorded_in_the_shared_store_and_runs_on_every_replica() {
+    use async_nats::jetstream;
+    let Some(nats) = nats::start() else { return };
+    const JOB: &str = "queued-shared";
+    const IMAGES: u32 = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(100, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, IMAGES).await;
+    let mut env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
+    env.push(("ADAPTER".into(), "queue_pull".into()));
+    let a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
+
+    let js = jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
+    let job = serde_json::to_vec(&serde_json::json!({
+        "userId": USER,
+        "jobId": JOB,
+        "concepts": ["wall", "floor", "furniture"],
+        "rules": [{"ruleId": "rule1", "concept": "wall", "type": "recolor", "params": {"color": "#FF5733"}}],
+        "imageCount": IMAGES,
+    }))
+    .unwrap();
+    // The orchestrators create the stream at start (both are SERVING, so it exists).
+    js.publish("palette.jobs", job.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let done = wait_for(&mut client(&b), JOB, Duration::from_secs(60), settled).await;
+    assert_eq!(done.completed, IMAGES, "{done:?}");
+    let (ids, deliveries) = callbacks(&hooks);
+    assert_eq!((ids.len(), deliveries), (IMAGES as usize, IMAGES as usize));
+    let per_replica = [completed_here(&a), completed_here(&b)];
+    assert!(per_replica.iter().all(|&n| n > 0), "{per_replica:?}");
+    // The job message was acknowledged once the job was recorded: nothing left in the job queue.
+    let mut stream = js.get_stream("palette-jobs").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_whose_holders_keep_dying_is_given_up_with_one_failed_callback() {
+    let Some(nats) = nats::start() else { return };
+    const JOB: &str = "poison-item";
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    // Long enough to be killed while holding the item.
+    segmenter.faults.delay_ms.store(30_000, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, 1).await;
+    let mut env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
+    env.push(("NATS_MAX_DELIVERIES".into(), "1".into()));
+    let mut a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    client(&a).submit_job(seed_spec(JOB, 1)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while segmenter.counters.segment_calls.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the item never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.kill();
+    // The second delivery (after the 3 s lease) is past NATS_MAX_DELIVERIES=1: not run, failed and called back.
+    let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
+    let job = wait_for(&mut client(&b), JOB, Duration::from_secs(30), settled).await;
+    assert_eq!(job.failed, 1, "{job:?}");
+    assert_eq!(job.items[0].error_code, "too_many_deliveries");
+    let deliveries = hooks.deliveries();
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    assert_eq!(deliveries[0].body["error_code"], "too_many_deliveries");
+    assert_eq!(segmenter.counters.segment_calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_drains_one_replica_and_its_watcher_moves_to_another() {
+    let Some(nats) = nats::start() else { return };
+    const JOB: &str = "rolled";
+    const IMAGES: u32 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(100, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_inputs(dir.path(), JOB, IMAGES).await;
+    let env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
+    let mut a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
+    client(&a).submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
+    let watch_on = |process: &Process| {
+        let mut jobs = client(process);
+        async move {
+            jobs.watch_job(WatchJobRequest {
+                user_id: USER.into(),
+                job_id: JOB.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let mut watch = watch_on(&a).await;
+    while watch
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .job
+        .unwrap()
+        .completed
+        < 4
+    {}
+    let took = a.terminate(Duration::from_secs(10)).await;
+    let ended = loop {
+        match watch.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("draining"), "{ended:?}");
+    let took = took.expect("exited within SHUTDOWN_GRACE_SEC");
+    // The client reconnects to the other replica, which finishes the job.
+    let mut watch = watch_on(&b).await;
+    loop {
+        let job = watch.message().await.unwrap().expect("open").job.unwrap();
+        if job.state == JobState::Done as i32 {
+            break;
+        }
+    }
+    let last = wait_for(&mut client(&b), JOB, Duration::from_secs(10), settled).await;
+    assert_eq!(last.completed, IMAGES, "{last:?}");
+    let (ids, deliveries) = callbacks(&hooks);
+    assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
+    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    eprintln!(
+        "SIGTERM with 4 of {IMAGES} done: the replica exited after {took:?}; the job finished on the other; {} \
+         duplicate deliveries",
+        deliveries - IMAGES as usize
+    );
+}
