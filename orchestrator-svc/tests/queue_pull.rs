@@ -263,12 +263,15 @@ async fn a_published_job_is_run_called_back_and_acknowledged() {
     let Some(s) = setup().await else { return };
     let receiver = Receiver::start(SECRET, vec![]).await;
     s.put_inputs("qp-seed", 2).await;
-    let _worker = Worker::start(s.config(&receiver, 30));
+    let mut worker = Worker::start(s.config(&receiver, 30));
     let js = s.jetstream().await;
     publish(&js, vec![seed_job("qp-seed", 2)]).await;
 
     let deliveries = wait_deliveries(&[&receiver], 2).await;
     wait_queue_drained(&js).await;
+    // An item's record is written just after its callback settled, which may be after the acknowledgement: once the
+    // worker has drained, every record it was writing is written.
+    worker.stop().await;
     let counts = per_item(&deliveries);
     assert_eq!(counts.len(), 2, "{counts:?}");
     assert!(counts.values().all(|&n| n == 1), "{counts:?}");
