@@ -140,9 +140,18 @@ async fn a_not_serving_replica_leaves_the_rotation_until_it_serves_again() {
     assert_eq!(calls(&a), IMAGES as usize);
     assert_eq!(calls(&b), 0, "a NOT_SERVING replica got calls");
 
-    // Serving again: a later resolver round (every second here) puts it back.
+    // Serving again: a later resolver round (every second here) puts it back. The round whose probe finds b
+    // SERVING adds it before the next round starts, so the second probe of b from now on marks it back in rotation.
     b.set_serving(true).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let probes = b.counters.health_checks.load(Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while b.counters.health_checks.load(Ordering::SeqCst) < probes + 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the resolver stopped probing b"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     orch.client
         .submit_job(seed_spec("b-back", IMAGES))
         .await

@@ -94,6 +94,9 @@ async fn other_4xx_is_final_but_429_is_retried_after_retry_after() {
         .await;
     assert_eq!((outcome.delivered, outcome.attempts), (false, 1));
 
+    // A real wait of 1 s, kept: Retry-After counts whole seconds, and this is the header read off a real socket.
+    // (On tokio's paused clock the sender's 2 s attempt timeout would fire while loopback I/O is in flight; the
+    // schedule itself is tested on the paused clock in `callback::deliver`'s unit tests.)
     let receiver = Receiver::start(SECRET, vec![(429, Some(1))]).await;
     let s = sender_with(&receiver.url(), 3, Duration::from_secs(5));
     let started = Instant::now();

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use orchestrator_svc::storage::{LocalStore, ObjectStore};
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
-use palette_proto::orchestrator::v1::{GetJobRequest, ItemState, Job, JobState, WatchJobRequest};
+use palette_proto::orchestrator::v1::{ItemState, Job, JobState, WatchJobRequest};
+use palette_testing::jobs::wait_for;
 use palette_testing::orchestrator::{photo_jpeg, seed_spec};
 use palette_testing::process::Process;
 use palette_testing::{fake_segmenter, receiver::Receiver};
@@ -56,29 +57,6 @@ fn client(process: &Process) -> JobsClient<Channel> {
     JobsClient::new(channel)
 }
 
-async fn wait_for(
-    client: &mut JobsClient<Channel>,
-    job_id: &str,
-    done: impl Fn(&Job) -> bool,
-) -> Job {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let job = client
-            .get_job(GetJobRequest {
-                user_id: USER.into(),
-                job_id: job_id.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if done(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "never reached: {job:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn running(job: &Job) -> usize {
     job.items
         .iter()
@@ -96,16 +74,16 @@ async fn finishes_on_a_new_process(
     hooks: &Receiver,
 ) {
     let next = Process::start(binary, env, log).await;
-    let job = wait_for(&mut client(&next), job_id, |j| {
+    let job = wait_for(&mut client(&next), USER, job_id, |j| {
         j.state == JobState::Done as i32
     })
     .await;
     assert_eq!(job.completed, images, "{job:?}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while hooks.per_id().len() < images as usize {
-        assert!(Instant::now() < deadline, "{:?}", hooks.per_id());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    hooks
+        .wait_until("a callback per item", |_| {
+            hooks.per_id().len() >= images as usize
+        })
+        .await;
     assert_eq!(hooks.per_id().len(), images as usize);
 }
 
@@ -133,7 +111,7 @@ async fn sigterm_ends_watch_streams_with_draining_and_starts_no_item() {
         .unwrap()
         .into_inner();
     stream.message().await.unwrap().expect("the first snapshot");
-    let before = wait_for(&mut jobs, JOB, |j| running(j) == 2).await;
+    let before = wait_for(&mut jobs, USER, JOB, |j| running(j) == 2).await;
     assert_eq!(before.completed, 0, "{before:?}");
 
     let signalled = Instant::now();
@@ -180,7 +158,7 @@ async fn the_drain_ends_within_the_grace_period_and_unfinished_items_resume() {
     let mut first = Process::start(binary, &env, &dir.path().join("first.log")).await;
     let mut jobs = client(&first);
     jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
-    wait_for(&mut jobs, JOB, |j| running(j) == 2).await;
+    wait_for(&mut jobs, USER, JOB, |j| running(j) == 2).await;
     let took = first
         .terminate(Duration::from_secs(15))
         .await

@@ -13,8 +13,8 @@ use orchestrator_svc::storage::ObjectStore;
 use palette_proto::orchestrator::v1::{
     EditJobRequest, GetJobRequest, ItemState, Job, JobSpec, JobState, Rule,
 };
+use palette_testing::status::violated_fields;
 use tonic::Code;
-use tonic_types::StatusExt;
 
 fn paint(rule_id: &str, concept: &str, color: &str) -> Rule {
     Rule {
@@ -178,14 +178,7 @@ async fn bad_edits_are_refused_with_the_reason() {
             .contains("\"ceiling\" was not segmented by job \"room\""),
         "{err:?}"
     );
-    let fields: Vec<String> = err
-        .get_details_bad_request()
-        .unwrap()
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
-    assert_eq!(fields, ["rules[0].concept"]);
+    assert_eq!(violated_fields(&err), ["rules[0].concept"]);
 
     let err = orch
         .client

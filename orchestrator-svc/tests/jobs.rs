@@ -15,8 +15,8 @@ use palette_proto::orchestrator::v1::{
 };
 use palette_rules::GrayImage;
 use palette_rules::mask::{ModelMask, PixelBox, upsample_instance};
+use palette_testing::status::violated_fields;
 use tonic::Code;
-use tonic_types::StatusExt;
 
 const SECRET: &str = "supersecret123";
 
@@ -205,13 +205,7 @@ async fn a_swatch_outside_the_library_and_the_users_inputs_is_refused_at_submit(
         spec.rules[0].params = Some(orchestrator::string_struct(&[("swatch", key)]));
         let err = orch.client.submit_job(spec).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{key}");
-        let bad = err.get_details_bad_request().expect("BadRequest details");
-        let fields: Vec<&str> = bad
-            .field_violations
-            .iter()
-            .map(|v| v.field.as_str())
-            .collect();
-        assert_eq!(fields, ["rules[0].params.swatch"], "{key}");
+        assert_eq!(violated_fields(&err), ["rules[0].params.swatch"], "{key}");
     }
     // The swatch library and the user's own uploads are accepted.
     for (n, key) in ["swatches/oak.jpg", "inputs/test-user/swatch/oak.jpg"]
@@ -235,12 +229,7 @@ async fn an_invalid_spec_reports_every_bad_field() {
     spec.rules[0].r#type = "paint".into();
     let err = orch.client.submit_job(spec).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let bad = err.get_details_bad_request().expect("BadRequest details");
-    let fields: Vec<&str> = bad
-        .field_violations
-        .iter()
-        .map(|v| v.field.as_str())
-        .collect();
+    let fields = violated_fields(&err);
     for f in [
         "user_id",
         "job_id",
@@ -248,7 +237,7 @@ async fn an_invalid_spec_reports_every_bad_field() {
         "concepts[3]",
         "rules[0].type",
     ] {
-        assert!(fields.contains(&f), "{f} missing in {fields:?}");
+        assert!(fields.iter().any(|v| v == f), "{f} missing in {fields:?}");
     }
 }
 
@@ -371,8 +360,9 @@ async fn cancel_ends_every_open_item_once_with_one_callback_each() {
                 .all(|i| i.callback_state == CallbackState::Delivered as i32)
         })
         .await;
-    // Give a late pipeline a chance to (wrongly) finish item 0 and call back again.
-    tokio::time::sleep(std::time::Duration::from_millis(1800)).await;
+    // A late pipeline would (wrongly) finish item 0 and call back again before the drain ends: after shutdown
+    // nothing can call back any more.
+    orch.shutdown().await;
     assert!(
         job.items
             .iter()

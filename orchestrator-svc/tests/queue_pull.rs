@@ -13,7 +13,7 @@ use async_nats::jetstream;
 use common::fake_segmenter::{self, FakeSegmenter};
 use common::nats::{self, Nats};
 use common::orchestrator::photo_jpeg;
-use common::receiver::{Delivery, Receiver};
+use common::receiver::{self, Delivery, Receiver};
 use orchestrator_svc::Config;
 use orchestrator_svc::config::Adapter;
 use orchestrator_svc::storage::{LocalStore, ObjectStore};
@@ -25,9 +25,11 @@ const STREAM: &str = "palette-jobs";
 const SUBJECT: &str = "palette.jobs";
 
 /// An orchestrator in its own runtime, so that `kill` can end it abruptly: every task (items in flight, callbacks,
-/// the NATS connection) is dropped at once, with no drain and no acknowledgement.
+/// the NATS connection) is dropped at once, with no drain and no acknowledgement. `stop` is the graceful end.
 struct Worker {
     runtime: Option<tokio::runtime::Runtime>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    stopped: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl Worker {
@@ -37,14 +39,22 @@ impl Worker {
             .enable_all()
             .build()
             .unwrap();
+        let (shutdown, shutdown_signal) = tokio::sync::oneshot::channel::<()>();
+        let (stopped_signal, stopped) = tokio::sync::oneshot::channel();
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            orchestrator_svc::run(config, listener, std::future::pending())
+            let signal = async move {
+                let _ = shutdown_signal.await;
+            };
+            orchestrator_svc::run(config, listener, signal)
                 .await
                 .unwrap();
+            let _ = stopped_signal.send(());
         });
         Worker {
             runtime: Some(runtime),
+            shutdown: Some(shutdown),
+            stopped: Some(stopped),
         }
     }
 
@@ -52,6 +62,20 @@ impl Worker {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
+    }
+
+    /// Shuts down gracefully and waits until `run` returned: every callback it was going to send has been sent.
+    async fn stop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(stopped) = self.stopped.take() {
+            tokio::time::timeout(Duration::from_secs(60), stopped)
+                .await
+                .expect("the orchestrator did not stop")
+                .expect("the orchestrator's run failed");
+        }
+        self.kill();
     }
 }
 
@@ -230,19 +254,8 @@ fn of_job(receiver: &Receiver, job_id: &str) -> Vec<Delivery> {
 }
 
 async fn wait_deliveries(receivers: &[&Receiver], count: usize) -> Vec<Delivery> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let all: Vec<Delivery> = receivers.iter().flat_map(|r| r.deliveries()).collect();
-        if all.len() >= count {
-            return all;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of {count} callbacks",
-            all.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("{count} callbacks");
+    receiver::wait_until(receivers, &what, |all| all.len() >= count).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,12 +263,15 @@ async fn a_published_job_is_run_called_back_and_acknowledged() {
     let Some(s) = setup().await else { return };
     let receiver = Receiver::start(SECRET, vec![]).await;
     s.put_inputs("qp-seed", 2).await;
-    let _worker = Worker::start(s.config(&receiver, 30));
+    let mut worker = Worker::start(s.config(&receiver, 30));
     let js = s.jetstream().await;
     publish(&js, vec![seed_job("qp-seed", 2)]).await;
 
     let deliveries = wait_deliveries(&[&receiver], 2).await;
     wait_queue_drained(&js).await;
+    // An item's record is written just after its callback settled, which may be after the acknowledgement: once the
+    // worker has drained, every record it was writing is written.
+    worker.stop().await;
     let counts = per_item(&deliveries);
     assert_eq!(counts.len(), 2, "{counts:?}");
     assert!(counts.values().all(|&n| n == 1), "{counts:?}");
@@ -368,11 +384,11 @@ async fn a_job_of_a_killed_orchestrator_is_finished_by_another_without_duplicate
     );
 
     // B gets the message once the ack wait (2 s) has passed and finishes the job.
-    let _b = Worker::start(s.config(&receiver_b, 2));
+    let mut b = Worker::start(s.config(&receiver_b, 2));
     wait_deliveries(&[&receiver_a, &receiver_b], IMAGES as usize).await;
     wait_queue_drained(&js).await;
-    // Late duplicates would arrive now.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A late duplicate would come from B (A is dead): once B has stopped, all it would ever send is in.
+    b.stop().await;
     let all: Vec<Delivery> = [&receiver_a, &receiver_b]
         .iter()
         .flat_map(|r| of_job(r, JOB))
@@ -427,10 +443,11 @@ async fn a_job_delivered_more_than_the_limit_is_given_up_with_a_failed_callback_
     let done_by_a = of_job(&receiver_a, JOB).len();
     let calls_by_a = s.segmenter.counters.segment_calls.load(Ordering::SeqCst);
 
-    let _b = Worker::start(config(&receiver_b));
+    let mut b = Worker::start(config(&receiver_b));
     wait_deliveries(&[&receiver_a, &receiver_b], IMAGES as usize).await;
     wait_queue_drained(&js).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once B has stopped, all it would ever send is in (A is dead).
+    b.stop().await;
     let all: Vec<Delivery> = [&receiver_a, &receiver_b]
         .iter()
         .flat_map(|r| of_job(r, JOB))

@@ -32,6 +32,9 @@ async fn segment_calls_carry_the_item_spans_trace_context() {
             .all(|i| i.state == ItemState::Completed as i32),
         "{job:?}"
     );
+    // The job's span closes when its task ends, a moment after the last item's state is out: after the drain,
+    // every span of the job has closed.
+    orch.shutdown().await;
     provider.force_flush().unwrap();
     let spans = exporter.get_finished_spans().unwrap();
 

@@ -10,8 +10,8 @@ use common::orchestrator::{SEED_USER, is_terminal, photo_jpeg, seed_spec, start}
 use palette_proto::orchestrator::v1::{
     CancelJobRequest, GetJobRequest, JobSpec, JobState, WatchJobRequest,
 };
+use palette_testing::status::violated_fields;
 use tonic::Code;
-use tonic_types::StatusExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_users_job_is_not_found_and_left_alone() {
@@ -104,21 +104,8 @@ async fn two_users_may_use_the_same_job_id() {
     let mine = orch.wait_for("shared-id", is_terminal).await;
     assert_eq!(mine.user_id, SEED_USER);
     assert_eq!(mine.effective_spec.unwrap().concepts.len(), 3);
-    let theirs = loop {
-        let job = orch
-            .client
-            .get_job(GetJobRequest {
-                job_id: "shared-id".into(),
-                user_id: other.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if is_terminal(&job) {
-            break job;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let theirs =
+        palette_testing::jobs::wait_for(&mut orch.client, other, "shared-id", is_terminal).await;
     assert_eq!(theirs.user_id, other);
     assert_eq!((theirs.state, theirs.completed), (JobState::Done as i32, 1));
     assert_eq!(
@@ -141,13 +128,7 @@ async fn lookups_without_a_valid_user_id_are_invalid() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{user_id:?}");
-        let fields: Vec<String> = err
-            .get_details_bad_request()
-            .unwrap()
-            .field_violations
-            .into_iter()
-            .map(|v| v.field)
-            .collect();
+        let fields = violated_fields(&err);
         assert_eq!(fields, ["user_id"], "{user_id:?}");
     }
 }

@@ -4,8 +4,8 @@ use palette_testing::segmenter as common;
 
 use common::{TestServer, image_bytes, request, test_config};
 use palette_proto::segmenter::v1 as pb;
+use palette_testing::status::violated_fields;
 use tonic::Code;
-use tonic_types::StatusExt;
 
 fn png(w: u32, h: u32) -> Vec<u8> {
     let img = image::RgbImage::from_pixel(w, h, image::Rgb([200, 180, 160]));
@@ -194,11 +194,7 @@ async fn each_bad_request_is_refused_clearly_and_the_server_keeps_serving() {
             case.says
         );
         if let Some(field) = case.field {
-            let details = status.get_error_details();
-            let fields: Vec<String> = details
-                .bad_request()
-                .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
-                .unwrap_or_default();
+            let fields = violated_fields(&status);
             assert!(
                 fields.iter().any(|f| f == field),
                 "{}: field {field} not in {fields:?}",
@@ -219,14 +215,7 @@ async fn every_violation_is_reported_at_once() {
     let mut req = request(Vec::new(), &["", "wall"]);
     req.score_threshold = Some(-1.0);
     let status = server.client().await.segment(req).await.unwrap_err();
-    let fields: Vec<String> = status
-        .get_error_details()
-        .bad_request()
-        .unwrap()
-        .field_violations
-        .iter()
-        .map(|v| v.field.clone())
-        .collect();
+    let fields = violated_fields(&status);
     assert_eq!(fields, ["image.encoded", "concepts[0]", "score_threshold"]);
     server.stop().await.unwrap();
 }
@@ -272,14 +261,7 @@ async fn a_huge_concept_list_is_refused_on_its_length_alone() {
         status.message().contains("400000 concepts given"),
         "{status:?}"
     );
-    let fields: Vec<String> = status
-        .get_error_details()
-        .bad_request()
-        .unwrap()
-        .field_violations
-        .iter()
-        .map(|v| v.field.clone())
-        .collect();
+    let fields = violated_fields(&status);
     assert_eq!(fields, ["concepts"], "one violation, not one per phrase");
     // Transfer and decoding of the 4 MiB message included; the check itself is O(1).
     println!("refused in {took:?}");

@@ -2,7 +2,7 @@
 //! segmenter and the orchestrator stopped; a fresh orchestrator edits the job from what is in the bucket, and its
 //! outputs are the bytes a full job with the same rule wrote.
 
-use palette_testing::seaweed;
+use palette_testing::{jobs, seaweed};
 
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use orchestrator_svc::config::StorageBackend;
 use palette_e2e::{example_photos, rule_params, start_orchestrator, start_segmenter};
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{
-    EditJobRequest, GetJobRequest, ItemState, Job, JobSpec, JobState, PreviewEditRequest, Rule,
+    EditJobRequest, ItemState, Job, JobSpec, JobState, PreviewEditRequest, Rule,
 };
 use prost_types::value::Kind;
 
@@ -27,22 +27,8 @@ fn sage() -> Rule {
 
 async fn settled(url: &str, job_id: &str) -> Job {
     let mut client = JobsClient::connect(url.to_string()).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
-    loop {
-        let job = client
-            .get_job(GetJobRequest {
-                job_id: job_id.into(),
-                user_id: USER.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if job.state == JobState::Done as i32 {
-            return job;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{job:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let done = |job: &Job| job.state == JobState::Done as i32;
+    jobs::wait_for_within(Duration::from_secs(240), &mut client, USER, job_id, done).await
 }
 
 fn config(weed: &seaweed::Seaweed, segmenter_url: &str) -> orchestrator_svc::Config {

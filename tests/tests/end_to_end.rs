@@ -350,26 +350,13 @@ async fn wait_callbacks_settled(
     client: &mut JobsClient<tonic::transport::Channel>,
     job_id: &str,
 ) -> Job {
-    use palette_proto::orchestrator::v1::{CallbackState, GetJobRequest};
-    for _ in 0..200 {
-        let job = client
-            .get_job(GetJobRequest {
-                job_id: job_id.into(),
-                user_id: "e2e-user".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let pending = job
-            .items
+    use palette_proto::orchestrator::v1::CallbackState;
+    let settled = |job: &Job| {
+        !job.items
             .iter()
-            .any(|i| i.callback_state == CallbackState::Pending as i32);
-        if !pending {
-            return job;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("callbacks of {job_id} never settled");
+            .any(|i| i.callback_state == CallbackState::Pending as i32)
+    };
+    palette_testing::jobs::wait_for(client, "e2e-user", job_id, settled).await
 }
 
 fn oriented_size(jpeg: &[u8]) -> (u32, u32) {

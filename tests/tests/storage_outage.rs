@@ -2,8 +2,8 @@
 //! one terminal state with exactly one callback, what completed before the outage is still there afterwards, and
 //! the orchestrator keeps serving (a job after the restart completes).
 
-use palette_testing::receiver;
 use palette_testing::seaweed;
+use palette_testing::{jobs, receiver};
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,9 +11,7 @@ use std::time::Duration;
 use orchestrator_svc::config::StorageBackend;
 use palette_e2e::{example_photos, start_orchestrator, start_segmenter};
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
-use palette_proto::orchestrator::v1::{
-    CallbackState, GetJobRequest, ItemState, Job, JobSpec, JobState, Rule, WatchJobRequest,
-};
+use palette_proto::orchestrator::v1::{ItemState, Job, JobSpec, Rule, WatchJobRequest};
 use prost_types::value::Kind;
 use prost_types::{Struct, Value};
 
@@ -44,26 +42,7 @@ fn spec(job_id: &str, images: u32) -> JobSpec {
 }
 
 async fn settled(client: &mut JobsClient<tonic::transport::Channel>, job_id: &str) -> Job {
-    for _ in 0..1200 {
-        let job = client
-            .get_job(GetJobRequest {
-                job_id: job_id.into(),
-                user_id: "outage-user".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let terminal = job.state == JobState::Done as i32;
-        let callbacks_done = job
-            .items
-            .iter()
-            .all(|i| i.callback_state != CallbackState::Pending as i32);
-        if terminal && callbacks_done {
-            return job;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{job_id} never settled");
+    jobs::wait_for(client, "outage-user", job_id, jobs::is_settled).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,7 +103,18 @@ async fn an_s3_outage_mid_job_loses_nothing_and_the_service_keeps_serving() {
         }
     }
     weed.stop();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Down until an item has met the outage (it fails once STORAGE_TIMEOUT_SEC, 2 s here, is over): a real
+    // server's timeout is what is tested, so this wait is on the wall clock, bounded.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while let Some(event) = tokio::time::timeout_at(deadline, stream.message())
+        .await
+        .expect("no item met the outage")
+        .unwrap()
+    {
+        if event.job.unwrap().failed >= 1 {
+            break;
+        }
+    }
     weed.restart();
 
     let job = settled(&mut client, "outage-job").await;

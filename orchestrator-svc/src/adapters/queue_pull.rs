@@ -9,7 +9,7 @@
 //! - A valid job is submitted to the same `JobService` as gRPC SubmitJob (GetJob/WatchJob/CancelJob work on it)
 //!   with durable items (`jobs::durable`), followed until every item is terminal and its callback settled, then
 //!   acknowledged (double ack: the server confirms). While it runs an in-progress ack goes out every third of the
-//!   ack wait, so a long job is not redelivered.
+//!   ack wait, so a long job is not redelivered (`follow`, tested on the paused clock).
 //! - An orchestrator that dies mid-job sends no more in-progress acks: after the ack wait JetStream redelivers the
 //!   message to another orchestrator, which skips the items the first one recorded (no second callback) and runs
 //!   the rest; outputs are written under fixed keys, so a rerun item overwrites them.
@@ -21,15 +21,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod follow;
+
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::StreamExt;
-use palette_proto::orchestrator::v1::{CallbackState, Job};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 pub use crate::config::QueueSettings;
 use crate::error::{ApiError, BoxError, Report};
 use crate::jobs::{JobKey, JobService};
 use crate::spec_json::spec_from_bytes;
+use follow::{Followed, acknowledge, follow};
 
 /// How long one fetch waits for a message before asking again (and checking for shutdown).
 const FETCH_WAIT: Duration = Duration::from_secs(5);
@@ -93,26 +95,6 @@ async fn connect(settings: &QueueSettings) -> Result<PullConsumer, QueueError> {
             name: settings.consumer.clone(),
             source: e.into(),
         })
-}
-
-/// Every item terminal and no callback still being sent (durable items are recorded once theirs is settled).
-fn finished(job: &Job) -> bool {
-    crate::jobs::job::job_is_terminal(job)
-        && job
-            .items
-            .iter()
-            .all(|i| i.callback_state != CallbackState::Pending as i32)
-}
-
-async fn acknowledge(message: &jetstream::Message, kind: AckKind, job_id: &str) {
-    let sent = if matches!(kind, AckKind::Ack) {
-        message.double_ack().await
-    } else {
-        message.ack_with(kind).await
-    };
-    if let Err(e) = sent {
-        tracing::warn!(%job_id, error = %e, "queue_pull: acknowledgement failed; the job may be redelivered");
-    }
 }
 
 /// Runs one message's job to its end, then acknowledges it.
@@ -180,33 +162,16 @@ async fn handle(
         }
     };
     tracing::info!(%job_id, "queue_pull: job taken");
-    let (mut job, mut events) = handle.subscribe();
-    let mut progress = tokio::time::interval(settings.progress_every());
-    progress.tick().await;
-    while !finished(&job) {
-        tokio::select! {
-            event = events.recv() => match event {
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => job = handle.snapshot(),
-                Err(broadcast::error::RecvError::Closed) => break,
-            },
-            _ = progress.tick() => acknowledge(&message, AckKind::Progress, &job_id).await,
-            // Shutting down: no item starts any more, so the job cannot finish here. Unacknowledged, it is
-            // redelivered after the ack wait, when the items in flight here have been recorded (or not: then they
-            // run again elsewhere).
-            () = stopped(&mut stop) => {
-                tracing::info!(%job_id, "queue_pull: shutting down mid-job; the job is left to redelivery");
-                return;
-            }
-        }
+    let (job, events) = handle.subscribe();
+    let followed = Followed {
+        job,
+        events,
+        snapshot: || handle.snapshot(),
+    };
+    let progress_every = settings.progress_every();
+    if let Some(job) = follow(&message, &job_id, progress_every, followed, &mut stop).await {
+        tracing::info!(%job_id, completed = job.completed, failed = job.failed, cancelled = job.cancelled, "queue_pull: job acknowledged");
     }
-    acknowledge(&message, AckKind::Ack, &job_id).await;
-    tracing::info!(%job_id, completed = job.completed, failed = job.failed, cancelled = job.cancelled, "queue_pull: job acknowledged");
-}
-
-/// Resolves once `stop` is true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not Send: dropped here, before anything else awaits.
-    let _ = stop.wait_for(|stopping| *stopping).await;
 }
 
 /// Takes jobs one at a time until `stop` turns true; a job in progress then is left unacknowledged, to be

@@ -12,6 +12,7 @@ pub struct Faults(Arc<State>);
 struct State {
     fail_next: AtomicUsize,
     broken: AtomicBool,
+    failed: AtomicUsize,
 }
 
 impl Faults {
@@ -25,6 +26,12 @@ impl Faults {
         self.0.broken.store(broken, Ordering::SeqCst);
     }
 
+    /// How many session runs have failed by injection so far: tests wait for it to grow (a recovery probe ran and
+    /// hit the fault) instead of sleeping through the probe interval.
+    pub fn failed_runs(&self) -> usize {
+        self.0.failed.load(Ordering::SeqCst)
+    }
+
     /// Called before each session run.
     pub(crate) fn check(&self, stage: &str) -> ort::Result<()> {
         let transient = self
@@ -33,6 +40,7 @@ impl Faults {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if transient || self.0.broken.load(Ordering::SeqCst) {
+            self.0.failed.fetch_add(1, Ordering::SeqCst);
             return Err(ort::Error::new(format!(
                 "injected fault in the {stage} run"
             )));
@@ -57,5 +65,6 @@ mod tests {
         assert!(f.check("text").is_err() && f.check("text").is_err());
         f.set_broken(false);
         assert!(f.check("text").is_ok());
+        assert_eq!(f.failed_runs(), 4);
     }
 }

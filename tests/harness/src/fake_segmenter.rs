@@ -38,6 +38,9 @@ pub struct Counters {
     pub traceparents: std::sync::Mutex<Vec<String>>,
     pub in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
+    /// grpc.health.v1 Check calls received (the orchestrator's replica probes): the event a test waits for
+    /// instead of sleeping through probe intervals.
+    pub health_checks: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -237,6 +240,14 @@ async fn start_with(tls: Option<tonic::transport::ServerTlsConfig>) -> FakeSegme
         server: Arc::default(),
     };
     let server = SegmenterServer::new(Service(fake.clone())).max_decoding_message_size(64 << 20);
+    let counters = fake.counters.clone();
+    let health_service = tonic::service::interceptor::InterceptedService::new(
+        health_service,
+        move |request: Request<()>| {
+            counters.health_checks.fetch_add(1, Ordering::SeqCst);
+            Ok(request)
+        },
+    );
     let task = tokio::spawn(async move {
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = tls {

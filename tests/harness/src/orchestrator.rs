@@ -6,9 +6,7 @@ use bytes::Bytes;
 use orchestrator_svc::Config;
 use orchestrator_svc::storage::{LocalStore, ObjectStore};
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
-use palette_proto::orchestrator::v1::{
-    GetJobRequest, Job, JobSpec, JobState, Rule, WatchJobRequest,
-};
+use palette_proto::orchestrator::v1::{Job, JobSpec, Rule, WatchJobRequest};
 use prost_types::{Struct, Value, value::Kind};
 use tonic::transport::Channel;
 
@@ -85,34 +83,18 @@ impl Orchestrator {
         events
     }
 
-    /// Polls GetJob (as the seed user) until `done(job)`.
+    /// Waits until `done(job)` (as the seed user): see `jobs::wait_for`.
     pub async fn wait_for(&mut self, job_id: &str, done: impl Fn(&Job) -> bool) -> Job {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let job = self
-                .client
-                .get_job(GetJobRequest {
-                    job_id: job_id.into(),
-                    user_id: SEED_USER.into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            if done(&job) {
-                return job;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "job never reached the state: {job:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        crate::jobs::wait_for(&mut self.client, SEED_USER, job_id, done).await
+    }
+
+    /// GetJob as the seed user.
+    pub async fn get(&mut self, job_id: &str) -> Job {
+        crate::jobs::get(&mut self.client, SEED_USER, job_id).await
     }
 }
 
-pub fn is_terminal(job: &Job) -> bool {
-    job.state == JobState::Done as i32 || job.state == JobState::Cancelled as i32
-}
+pub use crate::jobs::is_terminal;
 
 pub fn string_struct(pairs: &[(&str, &str)]) -> Struct {
     Struct {

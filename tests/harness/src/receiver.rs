@@ -1,9 +1,11 @@
 //! A real HTTP callback receiver (axum on 127.0.0.1:0): verifies every delivery with `callback::verify`, answers
-//! from a script of status codes (then 200), and records deliveries per webhook-id.
+//! from a script of status codes (then 200), and records deliveries per webhook-id. A test waits for deliveries with
+//! `wait_until`, woken by each arrival rather than polling.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -12,6 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use orchestrator_svc::callback::{Clock, SystemClock, verify};
+use tokio::sync::Notify;
 
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -34,6 +37,8 @@ pub struct Receiver {
     pub addr: SocketAddr,
     secret: String,
     inner: Arc<Mutex<Inner>>,
+    /// Woken at each delivery.
+    arrived: Arc<Notify>,
 }
 
 impl Receiver {
@@ -47,6 +52,7 @@ impl Receiver {
                 script: script.into(),
                 deliveries: vec![],
             })),
+            arrived: Arc::default(),
         };
         let app = Router::new()
             .route("/jobs/{job_id}/callback", post(handle))
@@ -63,6 +69,15 @@ impl Receiver {
         self.inner.lock().unwrap().deliveries.clone()
     }
 
+    /// Waits (at most 60 s) until `done(deliveries)`; returns them.
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        done: impl Fn(&[Delivery]) -> bool,
+    ) -> Vec<Delivery> {
+        wait_until(&[self], what, done).await
+    }
+
     /// Deliveries per webhook-id (a retry reuses the id).
     pub fn per_id(&self) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
@@ -70,6 +85,34 @@ impl Receiver {
             *counts.entry(d.webhook_id).or_insert(0) += 1;
         }
         counts
+    }
+}
+
+/// Waits (at most 60 s) until `done` holds for the deliveries of all `receivers` together, woken by each arrival at
+/// any of them; returns those deliveries.
+pub async fn wait_until(
+    receivers: &[&Receiver],
+    what: &str,
+    done: impl Fn(&[Delivery]) -> bool,
+) -> Vec<Delivery> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        // Registered before reading, so that a delivery in between still wakes this wait.
+        let mut arrivals: Vec<_> = receivers
+            .iter()
+            .map(|r| Box::pin(r.arrived.notified()))
+            .collect();
+        for arrival in &mut arrivals {
+            arrival.as_mut().enable();
+        }
+        let all: Vec<Delivery> = receivers.iter().flat_map(|r| r.deliveries()).collect();
+        if done(&all) {
+            return all;
+        }
+        let arrived = futures::future::select_all(arrivals);
+        if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+            panic!("timed out waiting for {what}: {all:?}");
+        }
     }
 }
 
@@ -96,6 +139,7 @@ async fn handle(
         body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
         verified,
     });
+    receiver.arrived.notify_waiters();
     if !verified {
         return (StatusCode::UNAUTHORIZED, HeaderMap::new());
     }

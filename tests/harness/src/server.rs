@@ -58,21 +58,54 @@ impl<E> Running<E> {
     }
 }
 
-/// Polls grpc.health.v1 Check of `service` ("" = the server) until SERVING; panics after 30 s.
+/// Waits until grpc.health.v1 reports `service` ("" = the server) SERVING; panics after 30 s.
 pub async fn wait_serving(addr: SocketAddr, service: &str) {
     wait_serving_on(plaintext(addr), service).await
 }
 
-/// `wait_serving` through `endpoint` (a TLS one for a server with TLS on).
+/// `wait_serving` through `endpoint` (a TLS one for a server with TLS on). Follows the health Watch stream, which
+/// sends each change, so it returns at the change; it reconnects, backing off from 5 ms, only while the server
+/// cannot be reached yet.
 pub async fn wait_serving_on(endpoint: Endpoint, service: &str) {
-    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
-    for _ in 0..600 {
-        if health_on(endpoint.clone(), service).await == serving {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut pause = Duration::from_millis(5);
+    while !watch_until_serving(endpoint.clone(), service, deadline).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} did not become SERVING within 30 s",
+            endpoint.uri()
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
-    panic!("{} did not become SERVING within 30 s", endpoint.uri());
+}
+
+/// True once the health Watch of `service` says SERVING; false when the server cannot be reached, the stream ends
+/// or `deadline` passes first.
+async fn watch_until_serving(
+    endpoint: Endpoint,
+    service: &str,
+    deadline: tokio::time::Instant,
+) -> bool {
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    };
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let Ok(response) = client.watch(request).await else {
+        return false;
+    };
+    let mut updates = response.into_inner();
+    loop {
+        match tokio::time::timeout_at(deadline, updates.message()).await {
+            Ok(Ok(Some(update))) if update.status == serving => return true,
+            Ok(Ok(Some(_))) => {}
+            _ => return false,
+        }
+    }
 }
 
 fn plaintext(addr: SocketAddr) -> Endpoint {

@@ -15,32 +15,29 @@
 //! to the same `JobService` as SubmitJob, so GetJob/WatchJob/CancelJob keep working on it over gRPC. One job runs at
 //! a time (its images still run BATCH_CONCURRENCY at once).
 
+mod backoff;
 mod output;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use palette_proto::orchestrator::v1::Job;
-use rand::Rng;
 use serde_json::{Value as Json, json};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
 pub use crate::config::RunpodSettings;
+pub use backoff::{Jitter, full_jitter};
 pub use output::job_json;
 
 use crate::error::Report;
 use crate::jobs::{JobKey, JobService};
 use crate::spec_json::spec_from_input;
+use backoff::{TakePacer, Took, retried};
 use output::progress_json;
 
-/// Pause after an empty answer (no job), as rp_job.py's `asyncio.sleep(1)`.
-const IDLE_POLL: Duration = Duration::from_secs(1);
 /// At most one progress post per this interval per job.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
-/// Backoff of failed Runpod requests: base and cap (full jitter).
-const BACKOFF_BASE: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Attempts of the final result post.
 const RESULT_ATTEMPTS: u32 = 6;
 /// Timeout of one take request (Runpod may hold it open while the queue is empty).
@@ -59,21 +56,6 @@ enum RunpodError {
     },
     #[error("{request}: status {status}")]
     Status { request: &'static str, status: u16 },
-}
-
-/// Picks the actual wait below a backoff cap. Injected (`run_with`) so that tests can fix it.
-pub type Jitter = fn(Duration) -> Duration;
-
-/// Full jitter: uniform in [0, cap].
-pub fn full_jitter(cap: Duration) -> Duration {
-    Duration::from_millis(rand::rng().random_range(0..=cap.as_millis() as u64))
-}
-
-/// The cap of the wait after `attempt` failures: BACKOFF_BASE doubled per attempt, at most BACKOFF_MAX.
-fn backoff_cap(attempt: u32) -> Duration {
-    BACKOFF_BASE
-        .saturating_mul(1u32 << attempt.min(10))
-        .min(BACKOFF_MAX)
 }
 
 struct Worker {
@@ -170,21 +152,19 @@ impl Worker {
 
     /// The final result, retried with backoff; a result that cannot be delivered is logged.
     async fn post_result(&self, job_id: &str, body: &Json) {
-        for attempt in 0..RESULT_ATTEMPTS {
-            match self.post_once(job_id, body).await {
-                Ok(()) => {
-                    tracing::info!(runpod_job = %job_id, "runpod: result sent");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(runpod_job = %job_id, attempt, error = %Report(&e), "runpod: result post failed");
-                    if attempt + 1 < RESULT_ATTEMPTS {
-                        tokio::time::sleep((self.jitter)(backoff_cap(attempt))).await;
-                    }
-                }
-            }
+        let sent = retried(
+            RESULT_ATTEMPTS,
+            self.jitter,
+            || self.post_once(job_id, body),
+            |attempt, e| {
+                tracing::warn!(runpod_job = %job_id, attempt, error = %Report(e), "runpod: result post failed");
+            },
+        )
+        .await;
+        match sent {
+            Some(()) => tracing::info!(runpod_job = %job_id, "runpod: result sent"),
+            None => tracing::error!(runpod_job = %job_id, "runpod: result not delivered"),
         }
-        tracing::error!(runpod_job = %job_id, "runpod: result not delivered");
     }
 
     /// Progress is best effort: one attempt, logged on failure.
@@ -301,37 +281,31 @@ pub async fn run_with(
             crate::tasks::spawn("runpod_ping", worker.clone().ping_loop(url, stop.clone()))
         });
     let mut stop_take = stop.clone();
-    let mut failures = 0u32;
+    let mut pacer = TakePacer::new(worker.jitter);
     while !*stop.borrow() {
         let taken = tokio::select! {
             taken = worker.take() => taken,
             _ = stop_take.changed() => break,
         };
-        let pause = match taken {
+        let took = match taken {
             Ok(Taken::Job { id, input }) => {
-                failures = 0;
                 tracing::info!(runpod_job = %id, "runpod: job taken");
                 worker.current.lock().expect("lock").push(id.clone());
                 worker.run_job(&id, &input).await;
                 worker.current.lock().expect("lock").retain(|j| j != &id);
-                None
+                Took::Job
             }
             Ok(Taken::Bad { id, error }) => {
-                failures = 0;
                 worker.post_result(&id, &json!({"error": error})).await;
-                None
+                Took::Job
             }
-            Ok(Taken::Nothing) => {
-                failures = 0;
-                Some(IDLE_POLL)
-            }
+            Ok(Taken::Nothing) => Took::Nothing,
             Err(e) => {
-                tracing::warn!(error = %Report(&e), failures, "runpod: take failed");
-                failures = failures.saturating_add(1);
-                Some((worker.jitter)(backoff_cap(failures)))
+                tracing::warn!(error = %Report(&e), failures = pacer.failures(), "runpod: take failed");
+                Took::Failed
             }
         };
-        if let Some(pause) = pause {
+        if let Some(pause) = pacer.after(took) {
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = stop_take.changed() => break,
@@ -342,23 +316,4 @@ pub async fn run_with(
         pinger.abort();
     }
     tracing::info!("runpod worker stopped");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_its_cap_and_jitter_stays_below_it() {
-        let caps: Vec<u64> = (0..8).map(|a| backoff_cap(a).as_millis() as u64).collect();
-        assert_eq!(
-            caps,
-            [500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000]
-        );
-        assert_eq!(backoff_cap(u32::MAX), BACKOFF_MAX);
-        for attempt in 0..12 {
-            let cap = backoff_cap(attempt);
-            assert!(full_jitter(cap) <= cap);
-        }
-    }
 }

@@ -1,0 +1,248 @@
+//! A taken job followed to its end while its message is kept alive: an in-progress ack every `progress_every` (a
+//! third of the ack wait, so a long job is not redelivered), the final ack once every item ended and was called
+//! back, none when the orchestrator stops first. The message is behind `Acknowledge`, so that tests run this
+//! schedule on tokio's paused clock without a NATS server (as callbacks do with their `Transport`).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use palette_proto::orchestrator::v1::{CallbackState, Job};
+use tokio::sync::{broadcast, watch};
+
+use crate::error::BoxError;
+
+/// The acknowledgements of the message a job came in: `jetstream::Message` in production.
+#[async_trait::async_trait]
+pub trait Acknowledge: Send + Sync {
+    /// `AckKind::Ack` is a double ack (the server confirms it).
+    async fn acknowledge(&self, kind: AckKind) -> Result<(), BoxError>;
+}
+
+#[async_trait::async_trait]
+impl Acknowledge for jetstream::Message {
+    async fn acknowledge(&self, kind: AckKind) -> Result<(), BoxError> {
+        if matches!(kind, AckKind::Ack) {
+            self.double_ack().await
+        } else {
+            self.ack_with(kind).await
+        }
+    }
+}
+
+/// Sends `kind`; a failure is logged (the job may then be redelivered, which durable items make harmless).
+pub(super) async fn acknowledge(message: &dyn Acknowledge, kind: AckKind, job_id: &str) {
+    if let Err(e) = message.acknowledge(kind).await {
+        tracing::warn!(%job_id, error = %e, "queue_pull: acknowledgement failed; the job may be redelivered");
+    }
+}
+
+/// Every item terminal and no callback still being sent (durable items are recorded once theirs is settled).
+fn finished(job: &Job) -> bool {
+    crate::jobs::job::job_is_terminal(job)
+        && job
+            .items
+            .iter()
+            .all(|i| i.callback_state != CallbackState::Pending as i32)
+}
+
+/// A job as `JobHandle::subscribe` gives it: the state now, a receiver of later changes, and how to read the state.
+pub(super) struct Followed<S> {
+    pub(super) job: Job,
+    pub(super) events: broadcast::Receiver<u32>,
+    pub(super) snapshot: S,
+}
+
+/// Follows the job until it is finished, sending an in-progress ack every `progress_every` meanwhile; then
+/// acknowledges it and returns the last state. None, and no final ack, when `stop` turns true first.
+pub(super) async fn follow<S: Fn() -> Job>(
+    message: &dyn Acknowledge,
+    job_id: &str,
+    progress_every: Duration,
+    followed: Followed<S>,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Job> {
+    let Followed {
+        mut job,
+        mut events,
+        snapshot,
+    } = followed;
+    let mut progress = tokio::time::interval(progress_every);
+    progress.tick().await;
+    while !finished(&job) {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => job = snapshot(),
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            _ = progress.tick() => acknowledge(message, AckKind::Progress, job_id).await,
+            // Shutting down: no item starts any more, so the job cannot finish here. Unacknowledged, it is
+            // redelivered after the ack wait, when the items in flight here have been recorded (or not: then they
+            // run again elsewhere).
+            () = stopped(stop) => {
+                tracing::info!(%job_id, "queue_pull: shutting down mid-job; the job is left to redelivery");
+                return None;
+            }
+        }
+    }
+    acknowledge(message, AckKind::Ack, job_id).await;
+    Some(job)
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send: dropped here, before anything else awaits.
+    let _ = stop.wait_for(|stopping| *stopping).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use palette_proto::orchestrator::v1::{Item, ItemState, JobState};
+    use tokio::time::Instant;
+
+    use super::*;
+
+    /// Records each acknowledgement with the (paused) time it was sent at.
+    struct Recorded {
+        start: Instant,
+        acks: Mutex<Vec<(Duration, String)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Acknowledge for Recorded {
+        async fn acknowledge(&self, kind: AckKind) -> Result<(), BoxError> {
+            let at = self.start.elapsed();
+            self.acks.lock().unwrap().push((at, format!("{kind:?}")));
+            Ok(())
+        }
+    }
+
+    fn running_job() -> Job {
+        Job {
+            job_id: "j".into(),
+            state: JobState::Running as i32,
+            items: vec![Item {
+                state: ItemState::Running as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn settled(job: &mut Job) {
+        job.state = JobState::Done as i32;
+        job.items[0].state = ItemState::Completed as i32;
+        job.items[0].callback_state = CallbackState::Delivered as i32;
+    }
+
+    struct Setup {
+        message: Arc<Recorded>,
+        state: Arc<Mutex<Job>>,
+        events: broadcast::Sender<u32>,
+        stop: watch::Sender<bool>,
+        follower: tokio::task::JoinHandle<Option<Job>>,
+    }
+
+    fn start(progress_every: Duration) -> Setup {
+        let message = Arc::new(Recorded {
+            start: Instant::now(),
+            acks: Mutex::default(),
+        });
+        let state = Arc::new(Mutex::new(running_job()));
+        let (events, receiver) = broadcast::channel(8);
+        let (stop, mut stopping) = watch::channel(false);
+        let followed = Followed {
+            job: running_job(),
+            events: receiver,
+            snapshot: {
+                let state = state.clone();
+                move || state.lock().unwrap().clone()
+            },
+        };
+        let follower = tokio::spawn({
+            let message = message.clone();
+            async move { follow(&*message, "j", progress_every, followed, &mut stopping).await }
+        });
+        Setup {
+            message,
+            state,
+            events,
+            stop,
+            follower,
+        }
+    }
+
+    fn acks(message: &Recorded) -> Vec<(u64, String)> {
+        let acks = message.acks.lock().unwrap();
+        acks.iter()
+            .map(|(at, k)| (at.as_secs(), k.clone()))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_every_interval_while_running_then_one_final_ack() {
+        let setup = start(Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_secs(35)).await;
+        // An item event that does not finish the job changes nothing in the schedule.
+        setup.events.send(0).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        settled(&mut setup.state.lock().unwrap());
+        setup.events.send(0).unwrap();
+        let last = setup.follower.await.unwrap().expect("finished");
+        assert_eq!(last.state, JobState::Done as i32);
+        let progress = "Progress".to_string();
+        assert_eq!(
+            acks(&setup.message),
+            [
+                (10, progress.clone()),
+                (20, progress.clone()),
+                (30, progress),
+                (36, "Ack".into())
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopping_mid_job_leaves_the_message_unacknowledged() {
+        let setup = start(Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        setup.stop.send(true).unwrap();
+        assert!(setup.follower.await.unwrap().is_none());
+        assert_eq!(acks(&setup.message), [(10, "Progress".to_string())]);
+        // Finishing later sends nothing: the follower is gone.
+        settled(&mut setup.state.lock().unwrap());
+        let _ = setup.events.send(0);
+        assert_eq!(setup.message.acks.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_already_finished_is_acknowledged_at_once() {
+        let message = Recorded {
+            start: Instant::now(),
+            acks: Mutex::default(),
+        };
+        let mut job = running_job();
+        settled(&mut job);
+        let (_events, receiver) = broadcast::channel(1);
+        let (_stop, mut stopping) = watch::channel(false);
+        let followed = Followed {
+            job: job.clone(),
+            events: receiver,
+            snapshot: move || job.clone(),
+        };
+        follow(
+            &message,
+            "j",
+            Duration::from_secs(10),
+            followed,
+            &mut stopping,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            *message.acks.lock().unwrap(),
+            [(Duration::ZERO, "Ack".to_string())]
+        );
+    }
+}
