@@ -12,8 +12,9 @@ use bytes::Bytes;
 use orchestrator_svc::storage::{LocalStore, ObjectStore};
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{
-    CallbackState, CancelJobRequest, GetJobRequest, ItemState, Job, JobState,
+    CallbackState, CancelJobRequest, GetJobRequest, ItemState, JobState,
 };
+use palette_testing::jobs;
 use palette_testing::orchestrator::{photo_jpeg, seed_spec};
 use palette_testing::process::Process;
 use palette_testing::{fake_segmenter, receiver::Receiver};
@@ -67,42 +68,6 @@ fn client(process: &Process) -> JobsClient<Channel> {
     JobsClient::new(channel)
 }
 
-async fn get(client: &mut JobsClient<Channel>, job_id: &str) -> Job {
-    client
-        .get_job(GetJobRequest {
-            user_id: USER.into(),
-            job_id: job_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// Polls GetJob until `done`; panics after 60 s.
-async fn wait_for(
-    client: &mut JobsClient<Channel>,
-    job_id: &str,
-    done: impl Fn(&Job) -> bool,
-) -> Job {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let job = get(client, job_id).await;
-        if done(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "never reached: {job:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn settled(job: &Job) -> bool {
-    (job.state == JobState::Done as i32 || job.state == JobState::Cancelled as i32)
-        && job
-            .items
-            .iter()
-            .all(|i| i.callback_state != CallbackState::Pending as i32)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_orchestrator_finishes_its_job_after_a_restart() {
     const JOB: &str = "killed-mid-job";
@@ -117,7 +82,7 @@ async fn a_sigkilled_orchestrator_finishes_its_job_after_a_restart() {
     let mut first = Process::start(binary(), &env, &dir.path().join("first.log")).await;
     let mut jobs = client(&first);
     jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
-    let before = wait_for(&mut jobs, JOB, |j| j.completed >= 4).await;
+    let before = jobs::wait_for(&mut jobs, USER, JOB, |j| j.completed >= 4).await;
     first.kill();
     let calls_before = segmenter.counters.segment_calls.load(Ordering::SeqCst);
     // An item called back was recorded first (terminal state, then callback): it must never run again.
@@ -127,7 +92,7 @@ async fn a_sigkilled_orchestrator_finishes_its_job_after_a_restart() {
     let second = Process::start(binary(), &env, &dir.path().join("second.log")).await;
     let serving_after = restarted.elapsed();
     let mut jobs = client(&second);
-    let job = wait_for(&mut jobs, JOB, settled).await;
+    let job = jobs::wait_for(&mut jobs, USER, JOB, jobs::is_settled).await;
     let finished_after = restarted.elapsed();
 
     assert_eq!(job.state, JobState::Done as i32, "{job:?}");
@@ -188,14 +153,17 @@ async fn after_a_restart_a_cancelled_job_stays_cancelled_and_its_id_stays_taken(
     let mut first = Process::start(binary(), &env, &dir.path().join("first.log")).await;
     let mut jobs = client(&first);
     jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
-    wait_for(&mut jobs, JOB, |j| j.state == JobState::Running as i32).await;
+    jobs::wait_for(&mut jobs, USER, JOB, |j| {
+        j.state == JobState::Running as i32
+    })
+    .await;
     jobs.cancel_job(CancelJobRequest {
         user_id: USER.into(),
         job_id: JOB.into(),
     })
     .await
     .unwrap();
-    let cancelled = wait_for(&mut jobs, JOB, settled).await;
+    let cancelled = jobs::wait_for(&mut jobs, USER, JOB, jobs::is_settled).await;
     // SIGTERM, as a rolling update sends: the drain commits each settled callback, so none is sent twice. (After a
     // SIGKILL, one whose settled state was not yet committed would be resent under its webhook-id.)
     first
@@ -205,7 +173,7 @@ async fn after_a_restart_a_cancelled_job_stays_cancelled_and_its_id_stays_taken(
 
     let second = Process::start(binary(), &env, &dir.path().join("second.log")).await;
     let mut jobs = client(&second);
-    let job = get(&mut jobs, JOB).await;
+    let job = jobs::get(&mut jobs, USER, JOB).await;
     assert_eq!(job.state, JobState::Cancelled as i32, "{job:?}");
     assert_eq!(
         job.items, cancelled.items,
@@ -285,7 +253,10 @@ async fn a_stored_job_that_no_longer_validates_fails_its_open_items_once() {
     let mut first = Process::start(binary(), &env, &dir.path().join("first.log")).await;
     let mut jobs = client(&first);
     jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
-    wait_for(&mut jobs, JOB, |j| j.state == JobState::Running as i32).await;
+    jobs::wait_for(&mut jobs, USER, JOB, |j| {
+        j.state == JobState::Running as i32
+    })
+    .await;
     first.kill();
 
     // Restarted with a limit the job now exceeds: it cannot be planned again.
@@ -293,7 +264,7 @@ async fn a_stored_job_that_no_longer_validates_fails_its_open_items_once() {
     smaller.push(("MAX_IMAGES_PER_JOB".into(), "2".into()));
     let log = dir.path().join("second.log");
     let second = Process::start(binary(), &smaller, &log).await;
-    let job = wait_for(&mut client(&second), JOB, settled).await;
+    let job = jobs::wait_for(&mut client(&second), USER, JOB, jobs::is_settled).await;
     assert_eq!(job.failed, IMAGES, "{job:?}");
     for item in &job.items {
         assert_eq!(item.error_code, "job_not_resumable", "{item:?}");
@@ -303,7 +274,7 @@ async fn a_stored_job_that_no_longer_validates_fails_its_open_items_once() {
     drop(second);
     // Recorded as failed: a third start neither runs nor calls them back again.
     let third = Process::start(binary(), &smaller, &dir.path().join("third.log")).await;
-    let again = get(&mut client(&third), JOB).await;
+    let again = jobs::get(&mut client(&third), USER, JOB).await;
     assert_eq!(again.items, job.items);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(hooks.deliveries().len(), IMAGES as usize);
@@ -334,14 +305,14 @@ async fn five_sigkills_across_a_50_image_job_lose_nothing() {
             jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
             submitted = true;
         }
-        let before = get(&mut jobs, JOB).await.completed;
-        let at_kill = wait_for(&mut jobs, JOB, |j| j.completed >= before + 6).await;
+        let before = jobs::get(&mut jobs, USER, JOB).await.completed;
+        let at_kill = jobs::wait_for(&mut jobs, USER, JOB, |j| j.completed >= before + 6).await;
         process.kill();
         completed_at_kill.push(at_kill.completed);
     }
     let last_start = Instant::now();
     let last = Process::start(binary(), &env, &dir.path().join("last.log")).await;
-    let job = wait_for(&mut client(&last), JOB, settled).await;
+    let job = jobs::wait_for(&mut client(&last), USER, JOB, jobs::is_settled).await;
     let finished_after = last_start.elapsed();
 
     assert_eq!(job.completed, IMAGES, "{job:?}");
