@@ -263,7 +263,7 @@ async fn a_stored_job_that_no_longer_validates_fails_its_open_items_once() {
     let mut smaller = env.clone();
     smaller.push(("MAX_IMAGES_PER_JOB".into(), "2".into()));
     let log = dir.path().join("second.log");
-    let second = Process::start(binary(), &smaller, &log).await;
+    let mut second = Process::start(binary(), &smaller, &log).await;
     let job = jobs::wait_for(&mut client(&second), USER, JOB, jobs::is_settled).await;
     assert_eq!(job.failed, IMAGES, "{job:?}");
     for item in &job.items {
@@ -271,7 +271,12 @@ async fn a_stored_job_that_no_longer_validates_fails_its_open_items_once() {
     }
     let per_id = hooks.per_id();
     assert_eq!(per_id.len(), IMAGES as usize, "{per_id:?}");
-    drop(second);
+    // Stopped, not killed: GetJob shows a callback delivered a moment before its settled state is committed, and a
+    // SIGKILL in between would (rightly) resend it under its webhook-id on the next start.
+    assert!(
+        second.terminate(Duration::from_secs(20)).await.is_some(),
+        "the drain did not end"
+    );
     // Recorded as failed: a third start neither runs nor calls them back again.
     let third = Process::start(binary(), &smaller, &dir.path().join("third.log")).await;
     let again = jobs::get(&mut client(&third), USER, JOB).await;
