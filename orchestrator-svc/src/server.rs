@@ -143,6 +143,7 @@ pub async fn run(
         config.segmenter.mask_cache_mb.saturating_mul(1024 * 1024),
     )
     .with_pixel_budget(args.inflight_megapixels());
+    crate::jobs::set_single_threaded_items(args.item_threads == crate::config::ItemThreads::One);
     let pipeline = Arc::new(
         Pipeline::new(runner, callbacks, args.batch_concurrency as usize)
             .with_job_store(job_store(&config.jobs)?),

@@ -29,7 +29,7 @@ use palette_proto::orchestrator::v1::{
 use palette_rules::preset::Preset;
 
 pub use give_up::TOO_MANY_DELIVERIES;
-pub use item::{InputLimits, ItemError, ItemRunner};
+pub use item::{InputLimits, ItemError, ItemRunner, set_single_threaded_items};
 pub use job::JobHandle;
 pub use pipeline::Pipeline;
 pub use registry::{JobRegistry, Retention, Submitted};

@@ -28,7 +28,7 @@ use crate::jobs::edit::record as edit_record;
 use crate::keys;
 use crate::segmenter::Segmenter;
 use crate::storage::{SharedStore, StorageError};
-use cpu::{RuleInput, concept_masks, render_rule};
+use cpu::{Region, RuleInput, concept_masks, render_rule, rule_region};
 use mask_cache::ConceptMasks;
 
 /// Limits on one input, checked before its pixels are decoded.
@@ -48,13 +48,41 @@ pub struct ItemRunner {
     budget: PixelBudget,
 }
 
-/// Runs blocking (CPU) work off the async threads.
+/// Runs blocking (CPU) work off the async threads, on the calling blocking thread alone when `single_threaded`
+/// (see `single_thread`).
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ItemError> + Send + 'static,
 ) -> Result<T, ItemError> {
-    tokio::task::spawn_blocking(work)
+    let one = SINGLE_THREADED_ITEMS.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || if one { single_thread(work) } else { work() })
         .await
         .map_err(ItemError::Worker)?
+}
+
+static SINGLE_THREADED_ITEMS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether each item's CPU work runs on one thread (the items in flight share the cores) rather than every item
+/// splitting its loops over the process's rayon pool.
+pub fn set_single_threaded_items(on: bool) {
+    SINGLE_THREADED_ITEMS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Runs `work` with a rayon pool of the current thread alone: its `par_iter`s run sequentially right here.
+fn single_thread<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    thread_local! {
+        static POOL: Option<rayon::ThreadPool> = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .use_current_thread()
+            .thread_name(|_| "item-cpu".into())
+            .build()
+            .ok();
+    }
+    POOL.with(|pool| match pool {
+        Some(pool) => pool.install(work),
+        // Could not build (not expected): the shared pool still computes the same.
+        None => work(),
+    })
 }
 
 impl ItemRunner {
@@ -233,7 +261,8 @@ impl ItemRunner {
     }
 
     /// Each rule: region, edit, encode (`cpu::render_rule`), store. Returns the outputs and the preview of the first
-    /// one.
+    /// one. The rules edit one copy of the photo in turn (each restores it), and rules with the same region share
+    /// it: it is built for the first and kept until the last of them.
     async fn apply_rules(
         &self,
         plan: &Arc<JobPlan>,
@@ -243,24 +272,53 @@ impl ItemRunner {
     ) -> Result<(Vec<RuleOutput>, Option<Vec<u8>>), ItemError> {
         let mut outputs = Vec::new();
         let mut preview = None;
+        let mut work: Option<RgbImage> = None;
+        // (rule index that built it, region), while a later rule still needs it.
+        let mut regions: Vec<(usize, Arc<Region>)> = Vec::new();
         for r in 0..plan.rules.len() {
             let rule_id = &plan.rules[r].rule_id;
             let swatch = match plan.rules[r].rule.texture_key() {
                 Some(key) => Some(Arc::new(self.load_swatch(rule_id, key).await?)),
                 None => None,
             };
+            let shared = regions
+                .iter()
+                .find(|(first, _)| cpu::same_region(&plan.rules[*first], &plan.rules[r]))
+                .map(|(_, region)| region.clone());
             let (plan2, photo, masks) = (plan.clone(), photo.clone(), masks.clone());
-            let rendered = blocking(move || {
-                render_rule(RuleInput {
+            let mut buffer = work.take();
+            let (rendered, buffer, region) = blocking(move || {
+                let rule = &plan2.rules[r];
+                let region = match shared {
+                    Some(region) => region,
+                    None => Arc::new(rule_region(&photo, &masks, rule)),
+                };
+                let work = buffer.get_or_insert_with(|| (*photo).clone());
+                let rendered = render_rule(RuleInput {
                     photo: &photo,
-                    masks: &masks,
-                    rule: &plan2.rules[r],
+                    work,
+                    region: &region,
+                    rule,
                     idx,
                     swatch: swatch.as_deref(),
                     want_preview: r == 0,
-                })
+                })?;
+                Ok((rendered, buffer, region))
             })
             .await?;
+            work = buffer;
+            // Keep the region only while a later rule has the same one.
+            regions.retain(|(first, _)| {
+                plan.rules[r + 1..]
+                    .iter()
+                    .any(|later| cpu::same_region(&plan.rules[*first], later))
+            });
+            let needed_later = plan.rules[r + 1..]
+                .iter()
+                .any(|later| cpu::same_region(&plan.rules[r], later));
+            if needed_later && !regions.iter().any(|(_, kept)| Arc::ptr_eq(kept, &region)) {
+                regions.push((r, region));
+            }
             let key = keys::output(
                 &plan.user_id,
                 &plan.job_id,
