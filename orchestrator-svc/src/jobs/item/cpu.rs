@@ -293,6 +293,80 @@ fn restore(to: &mut RgbImage, from: &RgbImage, b: Rect) {
 mod tests {
     use super::*;
 
+    fn planned(
+        rule_id: &str,
+        concept: &str,
+        rule_type: &str,
+        params: serde_json::Value,
+    ) -> PlannedRule {
+        let params = params.as_object().cloned().unwrap_or_default();
+        PlannedRule {
+            rule_id: rule_id.into(),
+            concept: concept.into(),
+            rule: palette_rules::rule::parse_rule(rule_type, &params, None).unwrap(),
+            occluders: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rules_rendered_in_place_on_one_copy_with_a_shared_region_give_what_each_gives_alone() {
+        // A paint and a tone on the wall (one region, built once), then a tone on the floor: each output must be
+        // the photo with only its own rule applied, as `palette_rules::apply` on a fresh copy gives.
+        let (w, h) = (96u32, 64u32);
+        let photo = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 2) as u8, (y * 3) as u8, 90]));
+        let wall = GrayImage::from_fn(w, h, |_, y| image::Luma([if y < 40 { 255 } else { 0 }]));
+        let floor = GrayImage::from_fn(w, h, |_, y| image::Luma([if y >= 44 { 255 } else { 0 }]));
+        let masks = HashMap::from([("wall".to_string(), wall), ("floor".to_string(), floor)]);
+        let rules = [
+            planned(
+                "paint",
+                "wall",
+                "recolor",
+                serde_json::json!({"color": "#1F3A5F"}),
+            ),
+            planned("warm", "wall", "tone", serde_json::json!({"warmth": 0.4})),
+            planned(
+                "dark",
+                "floor",
+                "tone",
+                serde_json::json!({"brightness": -0.3}),
+            ),
+        ];
+        assert!(same_region(&rules[0], &rules[1]) && !same_region(&rules[1], &rules[2]));
+        let shared = rule_region(&photo, &masks, &rules[0]);
+        let mut work = photo.clone();
+        for rule in &rules {
+            let own = rule_region(&photo, &masks, rule);
+            let region = if same_region(rule, &rules[0]) {
+                &shared
+            } else {
+                &own
+            };
+            let rendered = render_rule(RuleInput {
+                photo: &photo,
+                work: &mut work,
+                region,
+                rule,
+                idx: 0,
+                swatch: None,
+                want_preview: false,
+            })
+            .unwrap();
+            let Ok(palette_rules::Edited::Rgb(alone)) =
+                palette_rules::apply(&photo, &own.alpha, &rule.rule, None)
+            else {
+                panic!("{} gives RGB", rule.rule_id);
+            };
+            assert_eq!(
+                rendered.encoded,
+                imaging::encode_jpeg(&alone).unwrap(),
+                "{}",
+                rule.rule_id
+            );
+            assert_eq!(work, photo, "{} restored the working copy", rule.rule_id);
+        }
+    }
+
     /// A SAM-like instance at the real model's 288x288 mask resolution: saturated inside and outside, a soft edge
     /// about one model pixel wide (a sigmoid of the signed distance to an ellipse).
     fn saturated_blob(cx: f32, cy: f32, rx: f32, ry: f32) -> Vec<u8> {
