@@ -46,19 +46,41 @@ pub fn apply(
     rule: &Rule,
     swatch: Option<&RgbImage>,
 ) -> Result<Edited, FieldError> {
-    if region.dimensions() != photo.dimensions() {
-        return Err(FieldError::new(
-            "region",
-            format!(
-                "region is {:?} but the photo is {:?}",
-                region.dimensions(),
-                photo.dimensions()
-            ),
-        ));
+    if let Rule::Remove(p) = rule
+        && p.mode == RemoveMode::Cutout
+    {
+        check_size(photo, region)?;
+        return Ok(Edited::Rgba(ops::remove::cutout(photo, region, p)));
     }
-    Ok(match rule {
-        Rule::Recolor(p) => Edited::Rgb(ops::recolor::recolor(photo, region, p)),
-        Rule::Tone(p) => Edited::Rgb(ops::tone::tone(photo, region, p)),
+    let mut out = photo.clone();
+    match apply_in_place(&mut out, region, rule, swatch)? {
+        InPlace::Edited => Ok(Edited::Rgb(out)),
+        InPlace::Cutout(rgba) => Ok(Edited::Rgba(rgba)),
+    }
+}
+
+/// What `apply_in_place` did.
+#[derive(Debug)]
+pub enum InPlace {
+    /// The photo was edited where the region is non-zero; no other pixel was written.
+    Edited,
+    /// A cut-out: the photo is untouched, this is the output.
+    Cutout(RgbaImage),
+}
+
+/// [`apply`] on the photo itself: a caller rendering several rules of one photo edits one buffer and restores the
+/// region's box from the original between rules, instead of a full-frame copy per rule (at 12 MP a 36 MB copy and
+/// its page faults per rule). The same arithmetic as `apply`, so the same bytes.
+pub fn apply_in_place(
+    photo: &mut RgbImage,
+    region: &GrayImage,
+    rule: &Rule,
+    swatch: Option<&RgbImage>,
+) -> Result<InPlace, FieldError> {
+    check_size(photo, region)?;
+    match rule {
+        Rule::Recolor(p) => ops::recolor::recolor_in_place(photo, region, p),
+        Rule::Tone(p) => ops::tone::tone_in_place(photo, region, p),
         Rule::Texture(p) => {
             let decoded;
             let sw = match (&p.source, swatch) {
@@ -74,11 +96,28 @@ pub fn apply(
                     ));
                 }
             };
-            Edited::Rgb(ops::texture::texture(photo, region, p, sw))
+            ops::texture::texture_in_place(photo, region, p, sw)
         }
         Rule::Remove(p) => match p.mode {
-            RemoveMode::Cutout => Edited::Rgba(ops::remove::cutout(photo, region, p)),
-            RemoveMode::Fill => Edited::Rgb(ops::remove::fill(photo, region, p)),
+            RemoveMode::Cutout => {
+                return Ok(InPlace::Cutout(ops::remove::cutout(photo, region, p)));
+            }
+            RemoveMode::Fill => ops::remove::fill_in_place(photo, region, p),
         },
-    })
+    }
+    Ok(InPlace::Edited)
+}
+
+fn check_size(photo: &RgbImage, region: &GrayImage) -> Result<(), FieldError> {
+    if region.dimensions() != photo.dimensions() {
+        return Err(FieldError::new(
+            "region",
+            format!(
+                "region is {:?} but the photo is {:?}",
+                region.dimensions(),
+                photo.dimensions()
+            ),
+        ));
+    }
+    Ok(())
 }

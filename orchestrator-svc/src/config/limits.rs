@@ -48,6 +48,18 @@ pub struct LimitArgs {
     /// (cgroup v2 memory.max) at 24 bytes per pixel (4 GiB: 89 MP), or 200 MP where no limit is set.
     #[arg(long, env = "MAX_INFLIGHT_MEGAPIXELS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_inflight_megapixels: Option<u64>,
+    /// How an image's CPU work (mask upsampling, regions, rules, encoding) uses the cores: `one` runs each image on
+    /// one thread and lets the images in flight share the cores; `shared` splits every image's loops over a pool of
+    /// all cores. Default one (fewer CPU-seconds per image; see docs/operations.md, sizing).
+    #[arg(long, env = "ITEM_THREADS", value_enum, default_value_t = ItemThreads::One)]
+    pub item_threads: ItemThreads,
+}
+
+/// See `LimitArgs::item_threads`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ItemThreads {
+    One,
+    Shared,
 }
 
 /// What one image in flight holds, per pixel of its photo, at its peak: the decoded photo (3 bytes), a union plane

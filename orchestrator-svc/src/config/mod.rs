@@ -26,7 +26,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 pub use callbacks::{CallbackArgs, CallbackSettings};
 pub use job_store::{ClusterSettings, JobStoreArgs, JobStoreKind};
-pub use limits::{BYTES_PER_PIXEL_IN_FLIGHT, LimitArgs, default_inflight_megapixels};
+pub use limits::{BYTES_PER_PIXEL_IN_FLIGHT, ItemThreads, LimitArgs, default_inflight_megapixels};
 pub use nats::{NatsArgs, QueueSettings};
 pub use runpod::{RunpodArgs, RunpodSettings};
 pub use secret::{Secret, UrlWithCredentials};

@@ -16,6 +16,7 @@
 use std::time::Instant;
 
 use clap::Parser;
+use orchestrator_svc::config::ItemThreads;
 
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{JobSpec, JobState, Rule, WatchJobRequest};
@@ -58,6 +59,9 @@ struct Args {
     /// --phone-images 0 --inflight-megapixels 100` prints the peak RSS against the budget in bytes.
     #[arg(long)]
     inflight_megapixels: Option<u64>,
+    /// Orchestrator ITEM_THREADS: `one` thread per image, or `shared` (every image's loops over all cores).
+    #[arg(long, value_enum, default_value_t = ItemThreads::One)]
+    item_threads: ItemThreads,
 }
 
 /// What one measured job cost, per image.
@@ -286,6 +290,7 @@ async fn main() -> anyhow::Result<()> {
     config.limits.retained_jobs_mb = args.retained_jobs_mb;
     config.limits.presets_dir = palette_e2e::repo_root().join("presets");
     config.limits.max_inflight_megapixels = args.inflight_megapixels;
+    config.limits.item_threads = args.item_threads;
     let budget_mp = config.limits.inflight_megapixels();
     let mut orchestrator = palette_e2e::start_orchestrator(config).await;
     let url = orchestrator.url();

@@ -11,15 +11,15 @@ use crate::mask::{Rect, nonzero_bounds};
 use image::{GrayImage, RgbImage};
 use rayon::prelude::*;
 
-/// Runs `edit(x, y, pixel) -> edited sRGB (0..255 floats)` on every pixel with non-zero weight and blends it in.
+/// Runs `edit(x, y, pixel) -> edited sRGB (0..255 floats)` on every pixel of `photo` with non-zero weight and
+/// blends it in, in place: pixels of weight 0 (and everything outside `bounds`) are not written.
 pub fn blend_masked<F>(
-    photo: &RgbImage,
+    photo: &mut RgbImage,
     region: &GrayImage,
     bounds: Rect,
     strength: f32,
     edit: F,
-) -> RgbImage
-where
+) where
     F: Fn(u32, u32, [u8; 3]) -> [f32; 3] + Sync,
 {
     blend_masked_rows(photo, region, bounds, strength, |y| {
@@ -31,21 +31,19 @@ where
 /// [`blend_masked`] for edits that carry state along a row: `row(y)` makes the row's editor, which is called with
 /// increasing x for the row's pixels of non-zero weight (so it can step incrementally, and must cope with gaps).
 pub fn blend_masked_rows<R, F>(
-    photo: &RgbImage,
+    out: &mut RgbImage,
     region: &GrayImage,
     bounds: Rect,
     strength: f32,
     row: R,
-) -> RgbImage
-where
+) where
     R: Fn(u32) -> F + Sync,
     F: FnMut(u32, [u8; 3]) -> [f32; 3],
 {
-    let mut out = photo.clone();
     if bounds.is_empty() || strength <= 0.0 {
-        return out;
+        return;
     }
-    let w = photo.width() as usize;
+    let w = out.width() as usize;
     let (x0, x1) = (bounds.x0 as usize, bounds.x1 as usize);
     let k = strength / 255.0;
     out.as_mut()
@@ -72,7 +70,6 @@ where
                 }
             }
         });
-    out
 }
 
 /// Alpha-weighted mean of `f(pixel)` over the region (None when the region is empty). `stride` > 1 samples every

@@ -10,10 +10,18 @@ use crate::light::{GridIndex, KNEE, Shoulder, Y_STEPS, finish_light, lit_level, 
 use crate::rule::RecolorParams;
 use image::{GrayImage, RgbImage};
 
+/// The photo with the paint applied (a copy: see `recolor_in_place`).
 pub fn recolor(photo: &RgbImage, region: &GrayImage, p: &RecolorParams) -> RgbImage {
+    let mut out = photo.clone();
+    recolor_in_place(&mut out, region, p);
+    out
+}
+
+/// Paints the region of `photo` in place: only pixels of non-zero weight change.
+pub fn recolor_in_place(photo: &mut RgbImage, region: &GrayImage, p: &RecolorParams) {
     let b = bounds(region);
     let Some(lit) = lit_level(photo, region, b) else {
-        return photo.clone();
+        return;
     };
     let map = PaintMap::new(p, lit);
     // The edited colour depends on the input's luminance alone: one table entry per step of the luminance grid,
@@ -22,7 +30,7 @@ pub fn recolor(photo: &RgbImage, region: &GrayImage, p: &RecolorParams) -> RgbIm
     let grid = GridIndex::get();
     blend_masked(photo, region, b, p.common.strength, |x, y, px| {
         by_step[grid.dithered(px, x, y)]
-    })
+    });
 }
 
 /// Input luminance -> painted colour, for one paint on one region.

@@ -28,6 +28,13 @@ pub fn cutout(photo: &RgbImage, region: &GrayImage, p: &RemoveParams) -> RgbaIma
 /// Fills the region from its surroundings, then blends the fill in by min(1, 2 * alpha) * strength. Doubling alpha
 /// replaces the object's own anti-aliased rim too; with plain alpha a ghost outline of the object stays behind.
 pub fn fill(photo: &RgbImage, region: &GrayImage, p: &RemoveParams) -> RgbImage {
+    let mut out = photo.clone();
+    fill_in_place(&mut out, region, p);
+    out
+}
+
+/// `fill` in place: only pixels of non-zero weight change.
+pub fn fill_in_place(photo: &mut RgbImage, region: &GrayImage, p: &RemoveParams) {
     let filled = inpaint(photo, region);
     let mut weight = region.clone();
     weight.iter_mut().for_each(|a| *a = a.saturating_mul(2));
@@ -37,5 +44,5 @@ pub fn fill(photo: &RgbImage, region: &GrayImage, p: &RemoveParams) -> RgbImage 
         bounds(region),
         p.common.strength,
         |x, y, _| filled.get_pixel(x, y).0.map(f32::from),
-    )
+    );
 }

@@ -15,20 +15,33 @@ use image::{GrayImage, RgbImage};
 /// Tile size at scale 1, as a fraction of the image's long side: ~8 tiles across a room shot.
 const TILES_ACROSS: f32 = 8.0;
 
+/// The photo with the material applied (a copy: see `texture_in_place`).
 pub fn texture(
     photo: &RgbImage,
     region: &GrayImage,
     p: &TextureParams,
     swatch: &LinearSwatch,
 ) -> RgbImage {
+    let mut out = photo.clone();
+    texture_in_place(&mut out, region, p, swatch);
+    out
+}
+
+/// Puts the material on the region of `photo` in place: only pixels of non-zero weight change.
+pub fn texture_in_place(
+    photo: &mut RgbImage,
+    region: &GrayImage,
+    p: &TextureParams,
+    swatch: &LinearSwatch,
+) {
     let b = bounds(region);
     let (lt, enc) = (linear_table(), encode_table());
     let (sw, sh) = (swatch.width, swatch.height);
     let Some(lit) = lit_level(photo, region, b) else {
-        return photo.clone();
+        return;
     };
     if sw == 0 || sh == 0 {
-        return photo.clone();
+        return;
     }
     let tile_px = photo.width().max(photo.height()) as f64 / TILES_ACROSS as f64 * p.scale as f64;
     let (sin, cos) = (p.rotation_deg as f64).to_radians().sin_cos();
@@ -62,10 +75,11 @@ pub fn texture(
         // Corners degenerate in pixels (a sliver quadrilateral on a tiny photo): tile flat rather than fail.
         if let Some(map) = map {
             let sampler = perspective::Sampler::new(map, swatch);
-            return blend_masked_rows(photo, region, b, p.common.strength, |y| {
+            blend_masked_rows(photo, region, b, p.common.strength, |y| {
                 let sampler = &sampler;
                 move |x, px| shade_mix(sampler.at(x, y), px)
             });
+            return;
         }
     }
     let per_px = sw as f64 / tile_px;
@@ -98,7 +112,7 @@ pub fn texture(
             let s = bilerp([at(i, j), at(i1, j), at(i, j1), at(i1, j1)], fx, fy);
             shade_mix(s, px)
         }
-    })
+    });
 }
 
 /// One swatch axis: texel coordinate = offset + step * (x + 0.5), wrapped into [0, size).

@@ -21,11 +21,19 @@ fn oklab(p: [u8; 3]) -> [f32; 3] {
     lin_to_oklab(to_linear(p[0]), to_linear(p[1]), to_linear(p[2]))
 }
 
+/// The photo with the tone change applied (a copy: see `tone_in_place`).
 pub fn tone(photo: &RgbImage, region: &GrayImage, p: &ToneParams) -> RgbImage {
+    let mut out = photo.clone();
+    tone_in_place(&mut out, region, p);
+    out
+}
+
+/// Changes the tone of the region of `photo` in place: only pixels of non-zero weight change.
+pub fn tone_in_place(photo: &mut RgbImage, region: &GrayImage, p: &ToneParams) {
     let b = bounds(region);
     // Contrast pivots on the region's own mean (from 1 pixel in 16: plenty for a mean) so a dark sofa does not get brighter when contrast rises.
     let Some(mean_l) = weighted_mean(photo, region, b, 4, |px| oklab(px)[0]) else {
-        return photo.clone();
+        return;
     };
     let gain = 1.0 + p.contrast;
     let sat = 1.0 + p.saturation;
@@ -57,5 +65,5 @@ pub fn tone(photo: &RgbImage, region: &GrayImage, p: &ToneParams) -> RgbImage {
         let c = gamut_map((l * k).min(1.0), a * k, bb * k, oklab_to_lin);
         [to_srgb(c[0]), to_srgb(c[1]), to_srgb(c[2])]
     });
-    blend_masked(photo, region, b, p.common.strength, |_, _, px| map.eval(px))
+    blend_masked(photo, region, b, p.common.strength, |_, _, px| map.eval(px));
 }

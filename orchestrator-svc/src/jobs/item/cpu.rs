@@ -1,110 +1,14 @@
-//! The CPU work of an item as plain functions of their inputs (no I/O, no runtime): upsampling an instance mask,
-//! and rendering one rule. `ItemRunner` calls them on the blocking pool.
+//! The CPU work of an item as plain functions of their inputs (no I/O, no runtime): a rule's region and rendering
+//! one rule (the instance masks are in `instance_masks`). `ItemRunner` calls them on the blocking pool.
 
 use std::collections::HashMap;
 
-use palette_rules::mask::{InstanceUpsampler, ModelMask, PixelBox};
-use palette_rules::{Edited, GrayImage, RgbImage};
+use palette_rules::mask::{Rect, nonzero_bounds};
+use palette_rules::{GrayImage, InPlace, RgbImage};
 
 use super::error::ItemError;
 use super::imaging;
-use super::mask_cache::ConceptMasks;
 use crate::jobs::validate::PlannedRule;
-use crate::mask_png::{self, Placement};
-
-/// One instance at full resolution, as stored.
-pub struct InstanceMask {
-    /// The instance as stored (`masks/...png`): its crop to its non-zero pixels (see `crate::mask_png`).
-    pub png: Vec<u8>,
-    /// Where the crop sits in the photo.
-    pub placement: Placement,
-}
-
-/// Upsamples one instance inside its box to `width` x `height`, a row at a time, and encodes its crop to its
-/// non-zero pixels; when given `union` (a full-frame plane: the concept's union so far), folds the instance into it
-/// (max). A region is built from the union of a concept's instances, so memory is one plane per concept a rule
-/// needs and none per instance: at 12 MP a full-frame plane per instance (~20 per photo) cost more in page faults
-/// and zeroing than the upsample itself.
-pub fn instance_mask(
-    model: &ModelMask<'_>,
-    bbox: PixelBox,
-    (width, height): (u32, u32),
-    mut union: Option<&mut GrayImage>,
-) -> Result<InstanceMask, ItemError> {
-    let up = InstanceUpsampler::new(model, bbox, width, height);
-    let b = up.nonzero_bounds();
-    let encode_error = |e: png::EncodingError| ItemError::Encode {
-        what: "PNG encode",
-        source: e.into(),
-    };
-    if b.is_empty() {
-        let png =
-            mask_png::encode_rows(Placement::EMPTY, |_, out| out.fill(0)).map_err(encode_error)?;
-        return Ok(InstanceMask {
-            png,
-            placement: Placement::EMPTY,
-        });
-    }
-    let placement = Placement {
-        x: b.x0,
-        y: b.y0,
-        width: b.width(),
-        height: b.height(),
-    };
-    let stride = width as usize;
-    let png = mask_png::encode_rows(placement, |y, row| {
-        up.row(y, b.x0, row);
-        if let Some(union) = union.as_deref_mut() {
-            let start = y as usize * stride + b.x0 as usize;
-            for (u, &v) in union.as_mut()[start..start + row.len()]
-                .iter_mut()
-                .zip(row.iter())
-            {
-                *u = (*u).max(v);
-            }
-        }
-    })
-    .map_err(encode_error)?;
-    Ok(InstanceMask { png, placement })
-}
-
-/// Every instance of one concept (`instance_mask`), and their union when `keep_union` (a rule needs the concept).
-/// Boxes are in the segmenter's view of the image; both apply EXIF orientation, so only a scale can differ.
-pub fn concept_masks(
-    masks: &ConceptMasks,
-    (w, h): (u32, u32),
-    keep_union: bool,
-) -> Result<(Vec<InstanceMask>, Option<GrayImage>), ItemError> {
-    let sx = w as f32 / masks.image_width.max(1) as f32;
-    let sy = h as f32 / masks.image_height.max(1) as f32;
-    let instances = &masks.result.instances;
-    // Zeroed lazily by the allocator: only the pages instances touch are ever written.
-    let mut union = (keep_union && !instances.is_empty()).then(|| GrayImage::new(w, h));
-    let mut out = Vec::with_capacity(instances.len());
-    for instance in instances {
-        let model = ModelMask {
-            width: masks.mask_width,
-            height: masks.mask_height,
-            probs: instance.mask.as_ref().map_or(&[][..], |m| &m.data[..]),
-        };
-        let bbox = instance.r#box.map_or(
-            PixelBox {
-                x0: 0.0,
-                y0: 0.0,
-                x1: w as f32,
-                y1: h as f32,
-            },
-            |b| PixelBox {
-                x0: b.x0 * sx,
-                y0: b.y0 * sy,
-                x1: b.x1 * sx,
-                y1: b.y1 * sy,
-            },
-        );
-        out.push(instance_mask(&model, bbox, (w, h), union.as_mut())?);
-    }
-    Ok((out, union))
-}
 
 /// How a rule's output is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,28 +66,26 @@ pub fn hidden_by_occluders(target: &GrayImage, region: &GrayImage) -> bool {
     sum(region) * 50 < sum(target)
 }
 
-/// What rendering one rule needs.
-pub struct RuleInput<'a> {
-    pub photo: &'a RgbImage,
-    /// The full-resolution union mask of every concept a rule needs (see `instance_mask`).
-    pub masks: &'a HashMap<String, GrayImage>,
-    pub rule: &'a PlannedRule,
-    /// The image's index in the job (a rule may differ per image, e.g. a texture's perspective).
-    pub idx: u32,
-    pub swatch: Option<&'a RgbImage>,
-    pub want_preview: bool,
+/// A rule's soft region (full frame, zero outside its box) and whether it leaves the photo as it was.
+pub struct Region {
+    pub alpha: GrayImage,
+    pub not_applied: Option<NotApplied>,
 }
 
-/// The rule's region (its concept minus its occluders, refined), the edit, and the encoded output.
-pub fn render_rule(input: RuleInput<'_>) -> Result<RenderedRule, ItemError> {
-    let RuleInput {
-        photo,
-        masks,
-        rule,
-        idx,
-        swatch,
-        want_preview,
-    } = input;
+/// Whether rules `a` and `b` have the same region: same concept, occluders and region parameters. Rules of one
+/// photo that share it (a recolour and a tone on the wall) refine it once (`RuleInput::region`).
+pub fn same_region(a: &PlannedRule, b: &PlannedRule) -> bool {
+    a.concept == b.concept
+        && a.occluders == b.occluders
+        && a.rule.region_params() == b.rule.region_params()
+}
+
+/// The rule's region: its concept minus its occluders, refined (`palette_rules::region::build_region`).
+pub fn rule_region(
+    photo: &RgbImage,
+    masks: &HashMap<String, GrayImage>,
+    rule: &PlannedRule,
+) -> Region {
     // Full-resolution masks are large: borrow them; copy only to join several occluder concepts.
     let of = |c: &String| masks.get(c).map_or(&[][..], std::slice::from_ref);
     let joined: Vec<GrayImage>;
@@ -195,7 +97,7 @@ pub fn render_rule(input: RuleInput<'_>) -> Result<RenderedRule, ItemError> {
             &joined
         }
     };
-    let mut region = palette_rules::region::build_region(
+    let mut alpha = palette_rules::region::build_region(
         photo,
         of(&rule.concept),
         occluders,
@@ -204,36 +106,168 @@ pub fn render_rule(input: RuleInput<'_>) -> Result<RenderedRule, ItemError> {
     // A rule with nothing to edit still writes its output (the photo as it was), and says why.
     let not_applied = match masks.get(&rule.concept) {
         None => Some(NotApplied::ConceptNotFound),
-        Some(target) if hidden_by_occluders(target, &region) => {
+        Some(target) if hidden_by_occluders(target, &alpha) => {
             // Soft edges leave a faint rim where the occluder's edge meets the target's: not an edit anyone asked
             // for. Nothing at all, then; the output keeps the rule's format.
-            region.fill(0);
+            alpha.fill(0);
             Some(NotApplied::RegionEmpty)
         }
         Some(_) => None,
     };
-    let edited = palette_rules::apply(photo, &region, &rule.rule.for_image(idx), swatch).map_err(
-        |source| ItemError::Rule {
-            rule_id: rule.rule_id.clone(),
-            source,
-        },
-    )?;
-    Ok(match edited {
-        Edited::Rgb(img) => RenderedRule {
-            preview: want_preview
-                .then(|| imaging::preview_jpeg(&img))
-                .transpose()?,
-            encoded: imaging::encode_jpeg(&img)?,
-            format: OutputFormat::Jpeg,
-            not_applied,
-        },
-        Edited::Rgba(img) => RenderedRule {
+    Region { alpha, not_applied }
+}
+
+/// What rendering one rule needs.
+pub struct RuleInput<'a> {
+    /// The photo as decoded: never edited.
+    pub photo: &'a RgbImage,
+    /// A copy of `photo` the rule edits in place; equal to `photo` again when `render_rule` returns, so the next
+    /// rule of the photo starts from the original without a full-frame copy per rule.
+    pub work: &'a mut RgbImage,
+    /// The rule's region (`rule_region`), possibly shared with other rules of the photo.
+    pub region: &'a Region,
+    pub rule: &'a PlannedRule,
+    /// The image's index in the job (a rule may differ per image, e.g. a texture's perspective).
+    pub idx: u32,
+    pub swatch: Option<&'a RgbImage>,
+    pub want_preview: bool,
+}
+
+/// The edit and the encoded output of one rule on its region.
+pub fn render_rule(input: RuleInput<'_>) -> Result<RenderedRule, ItemError> {
+    let RuleInput {
+        photo,
+        work,
+        region,
+        rule,
+        idx,
+        swatch,
+        want_preview,
+    } = input;
+    let applied =
+        palette_rules::apply_in_place(work, &region.alpha, &rule.rule.for_image(idx), swatch)
+            .map_err(|source| ItemError::Rule {
+                rule_id: rule.rule_id.clone(),
+                source,
+            })?;
+    let not_applied = region.not_applied;
+    match applied {
+        InPlace::Edited => {
+            let encoded = imaging::encode_jpeg(work);
+            let preview = want_preview.then(|| imaging::preview_jpeg(work));
+            // Only pixels inside the region's box were written: put those back before anything can fail.
+            restore(work, photo, nonzero_bounds(&region.alpha));
+            Ok(RenderedRule {
+                preview: preview.transpose()?,
+                encoded: encoded?,
+                format: OutputFormat::Jpeg,
+                not_applied,
+            })
+        }
+        InPlace::Cutout(img) => Ok(RenderedRule {
             preview: want_preview
                 .then(|| imaging::preview_jpeg(&imaging::flatten_on_white(&img)))
                 .transpose()?,
             encoded: imaging::encode_png_rgba(&img)?,
             format: OutputFormat::Png,
             not_applied,
-        },
-    })
+        }),
+    }
+}
+
+/// Copies the box `b` of `from` into `to` (same size).
+fn restore(to: &mut RgbImage, from: &RgbImage, b: Rect) {
+    if b.is_empty() {
+        return;
+    }
+    let stride = from.width() as usize * 3;
+    let (x0, x1) = (b.x0 as usize * 3, b.x1 as usize * 3);
+    for (dst, src) in to
+        .as_mut()
+        .chunks_exact_mut(stride)
+        .zip(from.as_raw().chunks_exact(stride))
+        .skip(b.y0 as usize)
+        .take(b.height() as usize)
+    {
+        dst[x0..x1].copy_from_slice(&src[x0..x1]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(
+        rule_id: &str,
+        concept: &str,
+        rule_type: &str,
+        params: serde_json::Value,
+    ) -> PlannedRule {
+        let params = params.as_object().cloned().unwrap_or_default();
+        PlannedRule {
+            rule_id: rule_id.into(),
+            concept: concept.into(),
+            rule: palette_rules::rule::parse_rule(rule_type, &params, None).unwrap(),
+            occluders: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rules_rendered_in_place_on_one_copy_with_a_shared_region_give_what_each_gives_alone() {
+        // A paint and a tone on the wall (one region, built once), then a tone on the floor: each output must be
+        // the photo with only its own rule applied, as `palette_rules::apply` on a fresh copy gives.
+        let (w, h) = (96u32, 64u32);
+        let photo = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 2) as u8, (y * 3) as u8, 90]));
+        let wall = GrayImage::from_fn(w, h, |_, y| image::Luma([if y < 40 { 255 } else { 0 }]));
+        let floor = GrayImage::from_fn(w, h, |_, y| image::Luma([if y >= 44 { 255 } else { 0 }]));
+        let masks = HashMap::from([("wall".to_string(), wall), ("floor".to_string(), floor)]);
+        let rules = [
+            planned(
+                "paint",
+                "wall",
+                "recolor",
+                serde_json::json!({"color": "#1F3A5F"}),
+            ),
+            planned("warm", "wall", "tone", serde_json::json!({"warmth": 0.4})),
+            planned(
+                "dark",
+                "floor",
+                "tone",
+                serde_json::json!({"brightness": -0.3}),
+            ),
+        ];
+        assert!(same_region(&rules[0], &rules[1]) && !same_region(&rules[1], &rules[2]));
+        let shared = rule_region(&photo, &masks, &rules[0]);
+        let mut work = photo.clone();
+        for rule in &rules {
+            let own = rule_region(&photo, &masks, rule);
+            let region = if same_region(rule, &rules[0]) {
+                &shared
+            } else {
+                &own
+            };
+            let rendered = render_rule(RuleInput {
+                photo: &photo,
+                work: &mut work,
+                region,
+                rule,
+                idx: 0,
+                swatch: None,
+                want_preview: false,
+            })
+            .unwrap();
+            let Ok(palette_rules::Edited::Rgb(alone)) =
+                palette_rules::apply(&photo, &own.alpha, &rule.rule, None)
+            else {
+                panic!("{} gives RGB", rule.rule_id);
+            };
+            assert_eq!(
+                rendered.encoded,
+                imaging::encode_jpeg(&alone).unwrap(),
+                "{}",
+                rule.rule_id
+            );
+            assert_eq!(work, photo, "{} restored the working copy", rule.rule_id);
+        }
+    }
 }

@@ -1,11 +1,12 @@
 //! One item, start to finish: download -> size check -> decode upright -> one Segment call (or reused masks) ->
 //! full-resolution masks stored -> each rule's region, edit and output stored -> preview. `ItemRunner` owns what
-//! an item needs and does the I/O; the CPU work is in `cpu`, run on the blocking pool.
+//! an item needs and does the I/O; the CPU work is in `instance_masks` and `cpu`, run on the blocking pool.
 
 mod admission;
 pub(in crate::jobs) mod cpu;
 mod error;
 pub(in crate::jobs) mod imaging;
+mod instance_masks;
 mod mask_cache;
 mod segment;
 pub(in crate::jobs) mod stored_masks;
@@ -28,7 +29,8 @@ use crate::jobs::edit::record as edit_record;
 use crate::keys;
 use crate::segmenter::Segmenter;
 use crate::storage::{SharedStore, StorageError};
-use cpu::{RuleInput, concept_masks, render_rule};
+use cpu::{Region, RuleInput, render_rule, rule_region};
+use instance_masks::concept_masks;
 use mask_cache::ConceptMasks;
 
 /// Limits on one input, checked before its pixels are decoded.
@@ -46,6 +48,8 @@ pub struct ItemRunner {
     limits: InputLimits,
     mask_cache: MaskCache,
     budget: PixelBudget,
+    /// ITEM_THREADS=one: an item's CPU work runs on its blocking thread alone (`single_thread`).
+    one_thread_per_item: bool,
 }
 
 /// Runs blocking (CPU) work off the async threads.
@@ -55,6 +59,23 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(ItemError::Worker)?
+}
+
+/// Runs `work` with a rayon pool of the current thread alone: its `par_iter`s run sequentially right here.
+fn single_thread<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    thread_local! {
+        static POOL: Option<rayon::ThreadPool> = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .use_current_thread()
+            .thread_name(|_| "item-cpu".into())
+            .build()
+            .ok();
+    }
+    POOL.with(|pool| match pool {
+        Some(pool) => pool.install(work),
+        // Could not build (not expected): the shared pool still computes the same.
+        None => work(),
+    })
 }
 
 impl ItemRunner {
@@ -71,6 +92,26 @@ impl ItemRunner {
             mask_cache: MaskCache::new(mask_cache_bytes),
             // Until `with_pixel_budget`: the default where no memory limit is set.
             budget: PixelBudget::new(crate::config::default_inflight_megapixels(None)),
+            one_thread_per_item: false,
+        }
+    }
+
+    /// ITEM_THREADS: `One` runs each item's CPU work on one thread, the items in flight sharing the cores; `Shared`
+    /// splits every item's loops over the process's rayon pool.
+    pub fn with_item_threads(mut self, threads: crate::config::ItemThreads) -> Self {
+        self.one_thread_per_item = threads == crate::config::ItemThreads::One;
+        self
+    }
+
+    /// `blocking`, on the calling blocking thread alone when `one_thread_per_item`.
+    async fn cpu<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, ItemError> + Send + 'static,
+    ) -> Result<T, ItemError> {
+        if self.one_thread_per_item {
+            blocking(move || single_thread(work)).await
+        } else {
+            blocking(work).await
         }
     }
 
@@ -103,8 +144,10 @@ impl ItemRunner {
         let stage = Stage::start("decode");
         let max_pixels = self.limits.max_pixels;
         let encoded = bytes.clone();
-        let photo =
-            Arc::new(blocking(move || imaging::decode_upright(&encoded, max_pixels)).await?);
+        let photo = Arc::new(
+            self.cpu(move || imaging::decode_upright(&encoded, max_pixels))
+                .await?,
+        );
         stage.finish();
 
         let (masks, full_masks, masks_reused) = if plan.source.is_some() {
@@ -140,7 +183,7 @@ impl ItemRunner {
             Some(p) => p,
             None => {
                 let photo = photo.clone();
-                blocking(move || imaging::preview_jpeg(&photo)).await?
+                self.cpu(move || imaging::preview_jpeg(&photo)).await?
             }
         };
         let preview_key = keys::preview(&plan.user_id, &plan.job_id, idx);
@@ -176,7 +219,7 @@ impl ItemRunner {
 
     /// Upsamples every instance inside its box to full resolution and stores its crop as PNG (placement in an `oFFs`
     /// chunk and in its `MaskKey`). Keeps in memory only what a rule needs: the union of each rule concept's
-    /// instances (see `cpu::instance_mask`). One blocking task per concept, its instances one after the other: the
+    /// instances (see `instance_masks::instance_mask`). One blocking task per concept, its instances one after the other: the
     /// items in flight already fill the cores, and no full-frame plane per instance is made.
     async fn store_masks(
         &self,
@@ -204,7 +247,9 @@ impl ItemRunner {
             }
             let keep = used.contains(&concept.as_str());
             let masks2 = masks.clone();
-            let (stored, union) = blocking(move || concept_masks(&masks2, (w, h), keep)).await?;
+            let (stored, union) = self
+                .cpu(move || concept_masks(&masks2, (w, h), keep))
+                .await?;
             for (n, (mask, instance)) in stored.into_iter().zip(&masks.result.instances).enumerate()
             {
                 let number = n as u32 + 1;
@@ -233,7 +278,8 @@ impl ItemRunner {
     }
 
     /// Each rule: region, edit, encode (`cpu::render_rule`), store. Returns the outputs and the preview of the first
-    /// one.
+    /// one. The rules edit one copy of the photo in turn (each restores it), and rules with the same region share
+    /// it: it is built for the first and kept until the last of them.
     async fn apply_rules(
         &self,
         plan: &Arc<JobPlan>,
@@ -243,24 +289,54 @@ impl ItemRunner {
     ) -> Result<(Vec<RuleOutput>, Option<Vec<u8>>), ItemError> {
         let mut outputs = Vec::new();
         let mut preview = None;
+        let mut work: Option<RgbImage> = None;
+        // (rule index that built it, region), while a later rule still needs it.
+        let mut regions: Vec<(usize, Arc<Region>)> = Vec::new();
         for r in 0..plan.rules.len() {
             let rule_id = &plan.rules[r].rule_id;
             let swatch = match plan.rules[r].rule.texture_key() {
                 Some(key) => Some(Arc::new(self.load_swatch(rule_id, key).await?)),
                 None => None,
             };
+            let shared = regions
+                .iter()
+                .find(|(first, _)| cpu::same_region(&plan.rules[*first], &plan.rules[r]))
+                .map(|(_, region)| region.clone());
             let (plan2, photo, masks) = (plan.clone(), photo.clone(), masks.clone());
-            let rendered = blocking(move || {
-                render_rule(RuleInput {
-                    photo: &photo,
-                    masks: &masks,
-                    rule: &plan2.rules[r],
-                    idx,
-                    swatch: swatch.as_deref(),
-                    want_preview: r == 0,
+            let mut buffer = work.take();
+            let (rendered, buffer, region) = self
+                .cpu(move || {
+                    let rule = &plan2.rules[r];
+                    let region = match shared {
+                        Some(region) => region,
+                        None => Arc::new(rule_region(&photo, &masks, rule)),
+                    };
+                    let work = buffer.get_or_insert_with(|| (*photo).clone());
+                    let rendered = render_rule(RuleInput {
+                        photo: &photo,
+                        work,
+                        region: &region,
+                        rule,
+                        idx,
+                        swatch: swatch.as_deref(),
+                        want_preview: r == 0,
+                    })?;
+                    Ok((rendered, buffer, region))
                 })
-            })
-            .await?;
+                .await?;
+            work = buffer;
+            // Keep the region only while a later rule has the same one.
+            regions.retain(|(first, _)| {
+                plan.rules[r + 1..]
+                    .iter()
+                    .any(|later| cpu::same_region(&plan.rules[*first], later))
+            });
+            let needed_later = plan.rules[r + 1..]
+                .iter()
+                .any(|later| cpu::same_region(&plan.rules[r], later));
+            if needed_later && !regions.iter().any(|(_, kept)| Arc::ptr_eq(kept, &region)) {
+                regions.push((r, region));
+            }
             let key = keys::output(
                 &plan.user_id,
                 &plan.job_id,
@@ -306,7 +382,7 @@ impl ItemRunner {
                 StorageError::Unavailable { .. } => ItemError::Storage(e),
             })?;
         let max_pixels = self.limits.max_pixels;
-        blocking(move || imaging::decode_upright(&bytes, max_pixels))
+        self.cpu(move || imaging::decode_upright(&bytes, max_pixels))
             .await
             .map_err(|e| unusable(e.into()))
     }

@@ -64,7 +64,7 @@ pub fn scaled(params: RegionParams, factor: f32) -> RegionParams {
     }
 }
 
-/// A rule's region at preview size and why it edits nothing, if it does not: as `item::cpu::render_rule` decides.
+/// A rule's region at preview size and why it edits nothing, if it does not: as `item::cpu::rule_region` decides.
 pub fn region(
     photo: &RgbImage,
     target: Option<&GrayImage>,
