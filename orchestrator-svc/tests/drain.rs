@@ -7,15 +7,11 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use orchestrator_svc::storage::{LocalStore, ObjectStore};
-use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{ItemState, Job, JobState, WatchJobRequest};
 use palette_testing::jobs::wait_for;
-use palette_testing::orchestrator::{photo_jpeg, seed_spec};
+use palette_testing::orchestrator::{put_distinct_inputs, seed_spec};
 use palette_testing::process::Process;
 use palette_testing::{fake_segmenter, receiver::Receiver};
-use tonic::transport::Channel;
 
 const SECRET: &str = "drain-secret";
 const USER: &str = "test-user";
@@ -41,22 +37,6 @@ fn env(dir: &Path, segmenter: &str, callbacks: &str, grace_sec: u64) -> Vec<(Str
     .collect()
 }
 
-async fn put_inputs(dir: &Path, job_id: &str, images: u32) {
-    let store = LocalStore::new(dir.join("storage")).unwrap();
-    for idx in 0..images {
-        let key = format!("inputs/{USER}/{job_id}/{idx}.jpg");
-        let photo = Bytes::from(photo_jpeg(64 + idx, 48));
-        store.put(&key, photo, "image/jpeg").await.unwrap();
-    }
-}
-
-fn client(process: &Process) -> JobsClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", process.addr))
-        .unwrap()
-        .connect_lazy();
-    JobsClient::new(channel)
-}
-
 fn running(job: &Job) -> usize {
     job.items
         .iter()
@@ -74,7 +54,7 @@ async fn finishes_on_a_new_process(
     hooks: &Receiver,
 ) {
     let next = Process::start(binary, env, log).await;
-    let job = wait_for(&mut client(&next), USER, job_id, |j| {
+    let job = wait_for(&mut next.jobs_client(), USER, job_id, |j| {
         j.state == JobState::Done as i32
     })
     .await;
@@ -96,11 +76,11 @@ async fn sigterm_ends_watch_streams_with_draining_and_starts_no_item() {
     let segmenter = fake_segmenter::start().await;
     segmenter.faults.delay_ms.store(1500, Ordering::SeqCst);
     let hooks = Receiver::start(SECRET, vec![]).await;
-    put_inputs(dir.path(), JOB, IMAGES).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
     let env = env(dir.path(), &segmenter.url, &hooks.url(), 10);
 
     let mut first = Process::start(binary, &env, &dir.path().join("first.log")).await;
-    let mut jobs = client(&first);
+    let mut jobs = first.jobs_client();
     jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
     let mut stream = jobs
         .watch_job(WatchJobRequest {
@@ -152,11 +132,11 @@ async fn the_drain_ends_within_the_grace_period_and_unfinished_items_resume() {
     // Far longer than the grace period: the items cannot finish in time.
     segmenter.faults.delay_ms.store(60_000, Ordering::SeqCst);
     let hooks = Receiver::start(SECRET, vec![]).await;
-    put_inputs(dir.path(), JOB, IMAGES).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
     let env = env(dir.path(), &segmenter.url, &hooks.url(), 2);
 
     let mut first = Process::start(binary, &env, &dir.path().join("first.log")).await;
-    let mut jobs = client(&first);
+    let mut jobs = first.jobs_client();
     jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
     wait_for(&mut jobs, USER, JOB, |j| running(j) == 2).await;
     let took = first

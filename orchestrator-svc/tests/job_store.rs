@@ -8,17 +8,14 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use orchestrator_svc::storage::{LocalStore, ObjectStore};
-use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{
     CallbackState, CancelJobRequest, GetJobRequest, ItemState, JobState,
 };
 use palette_testing::jobs;
+use palette_testing::orchestrator::put_distinct_inputs;
 use palette_testing::orchestrator::{photo_jpeg, seed_spec};
 use palette_testing::process::Process;
 use palette_testing::{fake_segmenter, receiver::Receiver};
-use tonic::transport::Channel;
 
 const SECRET: &str = "job-store-secret";
 const USER: &str = "test-user";
@@ -51,23 +48,6 @@ fn env(dir: &Path, segmenter: &str, callbacks: &str) -> Vec<(String, String)> {
     .collect()
 }
 
-/// Distinct inputs (the mask cache would otherwise answer repeats without the segmenter).
-async fn put_inputs(dir: &Path, job_id: &str, images: u32) {
-    let store = LocalStore::new(dir.join("storage")).unwrap();
-    for idx in 0..images {
-        let key = format!("inputs/{USER}/{job_id}/{idx}.jpg");
-        let photo = Bytes::from(photo_jpeg(64 + idx, 48));
-        store.put(&key, photo, "image/jpeg").await.unwrap();
-    }
-}
-
-fn client(process: &Process) -> JobsClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", process.addr))
-        .unwrap()
-        .connect_lazy();
-    JobsClient::new(channel)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_orchestrator_finishes_its_job_after_a_restart() {
     const JOB: &str = "killed-mid-job";
@@ -76,11 +56,11 @@ async fn a_sigkilled_orchestrator_finishes_its_job_after_a_restart() {
     let segmenter = fake_segmenter::start().await;
     segmenter.faults.delay_ms.store(150, Ordering::SeqCst);
     let hooks = Receiver::start(SECRET, vec![]).await;
-    put_inputs(dir.path(), JOB, IMAGES).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
     let env = env(dir.path(), &segmenter.url, &hooks.url());
 
     let mut first = Process::start(binary(), &env, &dir.path().join("first.log")).await;
-    let mut jobs = client(&first);
+    let mut jobs = first.jobs_client();
     jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
     let before = jobs::wait_for(&mut jobs, USER, JOB, |j| j.completed >= 4).await;
     first.kill();
@@ -91,7 +71,7 @@ async fn a_sigkilled_orchestrator_finishes_its_job_after_a_restart() {
     let restarted = Instant::now();
     let second = Process::start(binary(), &env, &dir.path().join("second.log")).await;
     let serving_after = restarted.elapsed();
-    let mut jobs = client(&second);
+    let mut jobs = second.jobs_client();
     let job = jobs::wait_for(&mut jobs, USER, JOB, jobs::is_settled).await;
     let finished_after = restarted.elapsed();
 
@@ -147,11 +127,11 @@ async fn after_a_restart_a_cancelled_job_stays_cancelled_and_its_id_stays_taken(
     let segmenter = fake_segmenter::start().await;
     segmenter.faults.delay_ms.store(400, Ordering::SeqCst);
     let hooks = Receiver::start(SECRET, vec![]).await;
-    put_inputs(dir.path(), JOB, IMAGES).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
     let env = env(dir.path(), &segmenter.url, &hooks.url());
 
     let mut first = Process::start(binary(), &env, &dir.path().join("first.log")).await;
-    let mut jobs = client(&first);
+    let mut jobs = first.jobs_client();
     jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
     jobs::wait_for(&mut jobs, USER, JOB, |j| {
         j.state == JobState::Running as i32
@@ -172,7 +152,7 @@ async fn after_a_restart_a_cancelled_job_stays_cancelled_and_its_id_stays_taken(
         .expect("exited on SIGTERM");
 
     let second = Process::start(binary(), &env, &dir.path().join("second.log")).await;
-    let mut jobs = client(&second);
+    let mut jobs = second.jobs_client();
     let job = jobs::get(&mut jobs, USER, JOB).await;
     assert_eq!(job.state, JobState::Cancelled as i32, "{job:?}");
     assert_eq!(
@@ -247,11 +227,11 @@ async fn a_stored_job_that_no_longer_validates_fails_its_open_items_once() {
     let segmenter = fake_segmenter::start().await;
     segmenter.faults.delay_ms.store(60_000, Ordering::SeqCst);
     let hooks = Receiver::start(SECRET, vec![]).await;
-    put_inputs(dir.path(), JOB, IMAGES).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
     let env = env(dir.path(), &segmenter.url, &hooks.url());
 
     let mut first = Process::start(binary(), &env, &dir.path().join("first.log")).await;
-    let mut jobs = client(&first);
+    let mut jobs = first.jobs_client();
     jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
     jobs::wait_for(&mut jobs, USER, JOB, |j| {
         j.state == JobState::Running as i32
@@ -264,7 +244,7 @@ async fn a_stored_job_that_no_longer_validates_fails_its_open_items_once() {
     smaller.push(("MAX_IMAGES_PER_JOB".into(), "2".into()));
     let log = dir.path().join("second.log");
     let mut second = Process::start(binary(), &smaller, &log).await;
-    let job = jobs::wait_for(&mut client(&second), USER, JOB, jobs::is_settled).await;
+    let job = jobs::wait_for(&mut second.jobs_client(), USER, JOB, jobs::is_settled).await;
     assert_eq!(job.failed, IMAGES, "{job:?}");
     for item in &job.items {
         assert_eq!(item.error_code, "job_not_resumable", "{item:?}");
@@ -279,7 +259,7 @@ async fn a_stored_job_that_no_longer_validates_fails_its_open_items_once() {
     );
     // Recorded as failed: a third start neither runs nor calls them back again.
     let third = Process::start(binary(), &smaller, &dir.path().join("third.log")).await;
-    let again = jobs::get(&mut client(&third), USER, JOB).await;
+    let again = jobs::get(&mut third.jobs_client(), USER, JOB).await;
     assert_eq!(again.items, job.items);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(hooks.deliveries().len(), IMAGES as usize);
@@ -294,7 +274,7 @@ async fn five_sigkills_across_a_50_image_job_lose_nothing() {
     let segmenter = fake_segmenter::start().await;
     segmenter.faults.delay_ms.store(100, Ordering::SeqCst);
     let hooks = Receiver::start(SECRET, vec![]).await;
-    put_inputs(dir.path(), JOB, IMAGES).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
     let env = env(dir.path(), &segmenter.url, &hooks.url());
 
     let mut submitted = false;
@@ -305,7 +285,7 @@ async fn five_sigkills_across_a_50_image_job_lose_nothing() {
         let started = Instant::now();
         let mut process = Process::start(binary(), &env, &log).await;
         restarts.push(started.elapsed());
-        let mut jobs = client(&process);
+        let mut jobs = process.jobs_client();
         if !submitted {
             jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
             submitted = true;
@@ -317,7 +297,7 @@ async fn five_sigkills_across_a_50_image_job_lose_nothing() {
     }
     let last_start = Instant::now();
     let last = Process::start(binary(), &env, &dir.path().join("last.log")).await;
-    let job = jobs::wait_for(&mut client(&last), USER, JOB, jobs::is_settled).await;
+    let job = jobs::wait_for(&mut last.jobs_client(), USER, JOB, jobs::is_settled).await;
     let finished_after = last_start.elapsed();
 
     assert_eq!(job.completed, IMAGES, "{job:?}");

@@ -9,13 +9,11 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use orchestrator_svc::storage::{LocalStore, ObjectStore};
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{
     CallbackState, CancelJobRequest, GetJobRequest, Job, JobState, WatchJobRequest,
 };
-use palette_testing::orchestrator::{photo_jpeg, seed_spec};
+use palette_testing::orchestrator::{put_distinct_inputs, seed_spec};
 use palette_testing::process::Process;
 use palette_testing::{fake_segmenter, nats, receiver::Receiver};
 use tonic::transport::Channel;
@@ -52,23 +50,6 @@ fn env(dir: &Path, nats: &str, segmenter: &str, callbacks: &str) -> Vec<(String,
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
-}
-
-/// Distinct inputs (the mask cache would otherwise answer repeats without the segmenter).
-async fn put_inputs(dir: &Path, job_id: &str, images: u32) {
-    let store = LocalStore::new(dir.join("storage")).unwrap();
-    for idx in 0..images {
-        let key = format!("inputs/{USER}/{job_id}/{idx}.jpg");
-        let photo = Bytes::from(photo_jpeg(64 + idx, 48));
-        store.put(&key, photo, "image/jpeg").await.unwrap();
-    }
-}
-
-fn client(process: &Process) -> JobsClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", process.addr))
-        .unwrap()
-        .connect_lazy();
-    JobsClient::new(channel)
 }
 
 async fn get(client: &mut JobsClient<Channel>, job_id: &str) -> Option<Job> {
@@ -134,31 +115,34 @@ async fn submit_on_one_replica_watch_on_another_cancel_on_a_third() {
     let segmenter = fake_segmenter::start().await;
     segmenter.faults.delay_ms.store(150, Ordering::SeqCst);
     let hooks = Receiver::start(SECRET, vec![]).await;
-    put_inputs(dir.path(), JOB, IMAGES).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
     let env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
     let log = |name: &str| dir.path().join(format!("{name}.log"));
     let a = Process::start(binary(), &env, &log("a")).await;
     let b = Process::start(binary(), &env, &log("b")).await;
     let c = Process::start(binary(), &env, &log("c")).await;
 
-    let submitted = client(&a)
+    let submitted = a
+        .jobs_client()
         .submit_job(seed_spec(JOB, IMAGES))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(submitted.items.len(), IMAGES as usize);
     // The same submission on another replica is the same job; another spec under the id is refused there.
-    client(&b)
+    b.jobs_client()
         .submit_job(seed_spec(JOB, IMAGES))
         .await
         .expect("idempotent across replicas");
-    let other = client(&c)
+    let other = c
+        .jobs_client()
         .submit_job(seed_spec(JOB, IMAGES + 1))
         .await
         .unwrap_err();
     assert_eq!(other.code(), tonic::Code::AlreadyExists, "{other:?}");
 
-    let mut watch = client(&b)
+    let mut watch = b
+        .jobs_client()
         .watch_job(WatchJobRequest {
             user_id: USER.into(),
             job_id: JOB.into(),
@@ -172,7 +156,7 @@ async fn submit_on_one_replica_watch_on_another_cancel_on_a_third() {
         seen_completed = event.job.unwrap().completed;
     }
     let cancelled_at = Instant::now();
-    client(&c)
+    c.jobs_client()
         .cancel_job(CancelJobRequest {
             user_id: USER.into(),
             job_id: JOB.into(),
@@ -188,15 +172,18 @@ async fn submit_on_one_replica_watch_on_another_cancel_on_a_third() {
         }
     };
     for replica in [&a, &b, &c] {
-        wait_for(&mut client(replica), JOB, Duration::from_secs(2), |j| {
-            j.state == JobState::Cancelled as i32
-        })
+        wait_for(
+            &mut replica.jobs_client(),
+            JOB,
+            Duration::from_secs(2),
+            |j| j.state == JobState::Cancelled as i32,
+        )
         .await;
     }
     let ended_after = cancelled_at.elapsed();
     assert!(ended_after < Duration::from_secs(3), "{ended_after:?}");
     let calls_at_end = segmenter.counters.segment_calls.load(Ordering::SeqCst);
-    let job = wait_for(&mut client(&a), JOB, Duration::from_secs(20), settled).await;
+    let job = wait_for(&mut a.jobs_client(), JOB, Duration::from_secs(20), settled).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         segmenter.counters.segment_calls.load(Ordering::SeqCst),
@@ -217,7 +204,7 @@ async fn submit_on_one_replica_watch_on_another_cancel_on_a_third() {
     );
     // A replica started afterwards rebuilds the job from the bucket's history as the others hold it.
     let d = Process::start(binary(), &env, &log("d")).await;
-    let late = wait_for(&mut client(&d), JOB, Duration::from_secs(5), settled).await;
+    let late = wait_for(&mut d.jobs_client(), JOB, Duration::from_secs(5), settled).await;
     let states = |j: &Job| {
         j.items
             .iter()
@@ -240,14 +227,15 @@ async fn five_sigkilled_replicas_across_a_50_image_job_lose_nothing() {
     let segmenter = fake_segmenter::start().await;
     segmenter.faults.delay_ms.store(100, Ordering::SeqCst);
     let hooks = Receiver::start(SECRET, vec![]).await;
-    put_inputs(dir.path(), JOB, IMAGES).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
     let env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
     let log = |name: String| dir.path().join(format!("{name}.log"));
     let mut replicas = Vec::new();
     for r in 0..3 {
         replicas.push(Process::start(binary(), &env, &log(format!("r{r}-0"))).await);
     }
-    client(&replicas[0])
+    replicas[0]
+        .jobs_client()
         .submit_job(seed_spec(JOB, IMAGES))
         .await
         .unwrap();
@@ -256,7 +244,7 @@ async fn five_sigkilled_replicas_across_a_50_image_job_lose_nothing() {
     for kill in 0..KILLS {
         let victim = kill % replicas.len();
         let watcher = (victim + 1) % replicas.len();
-        let mut jobs = client(&replicas[watcher]);
+        let mut jobs = replicas[watcher].jobs_client();
         let before = get(&mut jobs, JOB).await.unwrap().completed;
         let at_kill = wait_for(&mut jobs, JOB, Duration::from_secs(60), |j| {
             j.completed >= before + 6
@@ -269,7 +257,7 @@ async fn five_sigkilled_replicas_across_a_50_image_job_lose_nothing() {
             Process::start(binary(), &env, &log(format!("r{victim}-{}", kill + 1))).await;
     }
     let job = wait_for(
-        &mut client(&replicas[0]),
+        &mut replicas[0].jobs_client(),
         JOB,
         Duration::from_secs(90),
         settled,
@@ -300,21 +288,24 @@ async fn a_nats_restart_mid_job_pauses_the_work_and_loses_nothing() {
     let segmenter = fake_segmenter::start().await;
     segmenter.faults.delay_ms.store(100, Ordering::SeqCst);
     let hooks = Receiver::start(SECRET, vec![]).await;
-    put_inputs(dir.path(), JOB, IMAGES).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
     let env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
     let a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
     let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
-    client(&a).submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
-    let at_restart = wait_for(&mut client(&b), JOB, Duration::from_secs(60), |j| {
+    a.jobs_client()
+        .submit_job(seed_spec(JOB, IMAGES))
+        .await
+        .unwrap();
+    let at_restart = wait_for(&mut b.jobs_client(), JOB, Duration::from_secs(60), |j| {
         j.completed >= 6
     })
     .await;
     let restarted = Instant::now();
     nats.restart(Duration::from_secs(2));
-    let job = wait_for(&mut client(&b), JOB, Duration::from_secs(90), settled).await;
+    let job = wait_for(&mut b.jobs_client(), JOB, Duration::from_secs(90), settled).await;
     let finished_after = restarted.elapsed();
     assert_eq!(job.completed, IMAGES, "{job:?}");
-    let again = get(&mut client(&a), JOB).await.unwrap();
+    let again = get(&mut a.jobs_client(), JOB).await.unwrap();
     assert_eq!(
         again.completed, IMAGES,
         "both replicas see the end: {again:?}"
@@ -340,7 +331,7 @@ async fn a_queue_pull_job_is_recorded_in_the_shared_store_and_runs_on_every_repl
     let segmenter = fake_segmenter::start().await;
     segmenter.faults.delay_ms.store(100, Ordering::SeqCst);
     let hooks = Receiver::start(SECRET, vec![]).await;
-    put_inputs(dir.path(), JOB, IMAGES).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
     let mut env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
     env.push(("ADAPTER".into(), "queue_pull".into()));
     let a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
@@ -361,7 +352,7 @@ async fn a_queue_pull_job_is_recorded_in_the_shared_store_and_runs_on_every_repl
         .unwrap()
         .await
         .unwrap();
-    let done = wait_for(&mut client(&b), JOB, Duration::from_secs(60), settled).await;
+    let done = wait_for(&mut b.jobs_client(), JOB, Duration::from_secs(60), settled).await;
     assert_eq!(done.completed, IMAGES, "{done:?}");
     let (ids, deliveries) = callbacks(&hooks);
     assert_eq!((ids.len(), deliveries), (IMAGES as usize, IMAGES as usize));
@@ -381,11 +372,11 @@ async fn an_item_whose_holders_keep_dying_is_given_up_with_one_failed_callback()
     // Long enough to be killed while holding the item.
     segmenter.faults.delay_ms.store(30_000, Ordering::SeqCst);
     let hooks = Receiver::start(SECRET, vec![]).await;
-    put_inputs(dir.path(), JOB, 1).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, 1).await;
     let mut env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
     env.push(("NATS_MAX_DELIVERIES".into(), "1".into()));
     let mut a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
-    client(&a).submit_job(seed_spec(JOB, 1)).await.unwrap();
+    a.jobs_client().submit_job(seed_spec(JOB, 1)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while segmenter.counters.segment_calls.load(Ordering::SeqCst) == 0 {
         assert!(Instant::now() < deadline, "the item never started");
@@ -394,7 +385,7 @@ async fn an_item_whose_holders_keep_dying_is_given_up_with_one_failed_callback()
     a.kill();
     // The second delivery (after the 3 s lease) is past NATS_MAX_DELIVERIES=1: not run, failed and called back.
     let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
-    let job = wait_for(&mut client(&b), JOB, Duration::from_secs(30), settled).await;
+    let job = wait_for(&mut b.jobs_client(), JOB, Duration::from_secs(30), settled).await;
     assert_eq!(job.failed, 1, "{job:?}");
     assert_eq!(job.items[0].error_code, "too_many_deliveries");
     let deliveries = hooks.deliveries();
@@ -412,13 +403,16 @@ async fn a_rolling_restart_drains_one_replica_and_its_watcher_moves_to_another()
     let segmenter = fake_segmenter::start().await;
     segmenter.faults.delay_ms.store(100, Ordering::SeqCst);
     let hooks = Receiver::start(SECRET, vec![]).await;
-    put_inputs(dir.path(), JOB, IMAGES).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
     let env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
     let mut a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
     let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
-    client(&a).submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
+    a.jobs_client()
+        .submit_job(seed_spec(JOB, IMAGES))
+        .await
+        .unwrap();
     let watch_on = |process: &Process| {
-        let mut jobs = client(process);
+        let mut jobs = process.jobs_client();
         async move {
             jobs.watch_job(WatchJobRequest {
                 user_id: USER.into(),
@@ -459,7 +453,7 @@ async fn a_rolling_restart_drains_one_replica_and_its_watcher_moves_to_another()
             break;
         }
     }
-    let last = wait_for(&mut client(&b), JOB, Duration::from_secs(10), settled).await;
+    let last = wait_for(&mut b.jobs_client(), JOB, Duration::from_secs(10), settled).await;
     assert_eq!(last.completed, IMAGES, "{last:?}");
     let (ids, deliveries) = callbacks(&hooks);
     assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");

@@ -156,3 +156,14 @@ pub async fn start_with(config: Config) -> Running<anyhow::Error> {
     crate::server::wait_serving(running.addr, "").await;
     running
 }
+
+/// Writes `images` distinct input photos of `user`'s job into a local storage root (distinct: the mask cache would
+/// answer repeats without the segmenter).
+pub async fn put_distinct_inputs(storage: &std::path::Path, user: &str, job_id: &str, images: u32) {
+    let store = LocalStore::new(storage).unwrap();
+    for idx in 0..images {
+        let key = format!("inputs/{user}/{job_id}/{idx}.jpg");
+        let photo = Bytes::from(photo_jpeg(64 + idx, 48));
+        store.put(&key, photo, "image/jpeg").await.unwrap();
+    }
+}

@@ -60,6 +60,16 @@ impl Process {
     }
 
     /// SIGKILL, and waits for the process to be gone.
+    /// A Jobs client for this process (connects on first use: the process may be restarting).
+    pub fn jobs_client(
+        &self,
+    ) -> palette_proto::orchestrator::v1::jobs_client::JobsClient<tonic::transport::Channel> {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.addr))
+            .expect("a socket address is a valid URI")
+            .connect_lazy();
+        palette_proto::orchestrator::v1::jobs_client::JobsClient::new(channel)
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
