@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use super::nats::non_empty;
 use super::secret::UrlWithCredentials;
 use super::{ConfigError, NatsArgs};
 
@@ -86,24 +87,7 @@ impl ClusterSettings {
 impl JobStoreArgs {
     /// The NATS store's settings (JOB_STORE=nats); NATS_URL and NATS_MAX_DELIVERIES come from the queue's section.
     pub fn cluster_settings(&self, nats: &NatsArgs) -> Result<ClusterSettings, ConfigError> {
-        let url = nats
-            .nats_url
-            .as_ref()
-            .map(|u| u.expose().trim())
-            .filter(|v| !v.is_empty())
-            .ok_or(ConfigError::Missing {
-                setting: "NATS_URL",
-                reason: "for JOB_STORE=nats",
-            })?
-            .to_string();
-        let non_empty = |value: &str, setting: &'static str| {
-            let value = value.trim();
-            if value.is_empty() {
-                Err(ConfigError::Empty { setting })
-            } else {
-                Ok(value.to_string())
-            }
-        };
+        let url = nats.url("for JOB_STORE=nats")?;
         Ok(ClusterSettings {
             url: url.into(),
             bucket: non_empty(&self.nats_job_bucket, "NATS_JOB_BUCKET")?,

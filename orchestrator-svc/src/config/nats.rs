@@ -46,25 +46,21 @@ pub struct QueueSettings {
 }
 
 impl NatsArgs {
-    pub fn settings(&self) -> Result<QueueSettings, ConfigError> {
-        let url = self
-            .nats_url
+    /// NATS_URL, required `reason` ("for ADAPTER=queue_pull", "for JOB_STORE=nats").
+    pub(super) fn url(&self, reason: &'static str) -> Result<String, ConfigError> {
+        self.nats_url
             .as_ref()
             .map(|u| u.expose().trim())
             .filter(|v| !v.is_empty())
+            .map(str::to_string)
             .ok_or(ConfigError::Missing {
                 setting: "NATS_URL",
-                reason: "for ADAPTER=queue_pull",
-            })?
-            .to_string();
-        let non_empty = |value: &str, setting: &'static str| {
-            let value = value.trim();
-            if value.is_empty() {
-                Err(ConfigError::Empty { setting })
-            } else {
-                Ok(value.to_string())
-            }
-        };
+                reason,
+            })
+    }
+
+    pub fn settings(&self) -> Result<QueueSettings, ConfigError> {
+        let url = self.url("for ADAPTER=queue_pull")?;
         Ok(QueueSettings {
             url: url.into(),
             stream: non_empty(&self.nats_stream, "NATS_STREAM")?,
@@ -80,6 +76,16 @@ impl QueueSettings {
     /// In-progress acks go out this often while a job runs.
     pub fn progress_every(&self) -> Duration {
         (self.ack_wait / 3).max(Duration::from_millis(100))
+    }
+}
+
+/// A name setting (stream, subject, consumer, bucket), trimmed; empty is refused naming it.
+pub(super) fn non_empty(value: &str, setting: &'static str) -> Result<String, ConfigError> {
+    let value = value.trim();
+    if value.is_empty() {
+        Err(ConfigError::Empty { setting })
+    } else {
+        Ok(value.to_string())
     }
 }
 
