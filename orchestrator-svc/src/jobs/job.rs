@@ -251,15 +251,28 @@ impl JobHandle {
     }
 
     /// JOB_STORE=nats: item `idx` as the shared store recorded it (by whichever replica ended it), which stands over
-    /// what this process holds. False when nothing changed.
+    /// what this process holds, except that a record with its callback still pending never undoes a settled callback
+    /// of the same terminal state: the bucket's watch can bring this replica's own first write (callback pending)
+    /// after the callback settled here, and the settled record follows it. False when nothing changed.
     pub fn apply_record(&self, idx: u32, recorded: Item) -> bool {
         let recorded = Item { idx, ..recorded };
         let compare = recorded.clone();
-        self.change_item(idx, |i| *i != compare, |item| *item = recorded)
-            .is_some()
+        self.change_item(
+            idx,
+            |i| *i != compare && !is_older_report(&compare, i),
+            |item| *item = recorded,
+        )
+        .is_some()
     }
 
-    pub fn record_callback(&self, idx: u32, delivered: bool, attempts: u32, error: Option<String>) {
+    /// Records how the item's callback ended; the item as it now stands (None when `idx` is out of range).
+    pub fn record_callback(
+        &self,
+        idx: u32,
+        delivered: bool,
+        attempts: u32,
+        error: Option<String>,
+    ) -> Option<Item> {
         self.change_item(
             idx,
             |_| true,
@@ -272,8 +285,17 @@ impl JobHandle {
                 item.callback_attempts = attempts;
                 item.callback_error = error.unwrap_or_default();
             },
-        );
+        )
     }
+}
+
+/// Whether `recorded` is an earlier report of the item `current` holds: the same terminal state, written before its
+/// callback settled.
+fn is_older_report(recorded: &Item, current: &Item) -> bool {
+    let pending = CallbackState::Pending as i32;
+    recorded.state == current.state
+        && recorded.callback_state == pending
+        && current.callback_state != pending
 }
 
 /// Heap bytes of a job record outside its items: the handle, its event ring, the plan's fixed parts.
@@ -346,4 +368,46 @@ fn recount(job: &mut Job, cancel_requested: bool) {
     } else {
         JobState::Queued
     } as i32;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palette_proto::orchestrator::v1::JobSpec;
+
+    fn job() -> JobHandle {
+        JobHandle::new(
+            JobPlan {
+                user_id: "u".into(),
+                job_id: "j".into(),
+                image_count: 1,
+                concepts: vec!["wall".into()],
+                rules: vec![],
+                effective_spec: JobSpec::default(),
+                durable_items: false,
+                source: None,
+            },
+            1,
+        )
+    }
+
+    #[test]
+    fn the_echo_of_a_first_write_does_not_undo_a_settled_callback() {
+        let job = job();
+        let first = job.finish_item(0, ItemOutcome::Cancelled, true).unwrap();
+        assert_eq!(first.callback_state, CallbackState::Pending as i32);
+        let settled = job.record_callback(0, true, 1, None).unwrap();
+        assert_eq!(settled.callback_state, CallbackState::Delivered as i32);
+        // The bucket's watch brings the first write (callback pending) only now.
+        assert!(!job.apply_record(0, first.clone()));
+        assert_eq!(job.snapshot().items[0], settled);
+        // The settled record applies, and a different terminal state recorded elsewhere still stands over ours.
+        assert!(!job.apply_record(0, settled.clone()));
+        let failed = Item {
+            state: ItemState::Failed as i32,
+            ..first
+        };
+        assert!(job.apply_record(0, failed.clone()));
+        assert_eq!(job.snapshot().items[0], failed);
+    }
 }

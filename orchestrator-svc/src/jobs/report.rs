@@ -117,9 +117,12 @@ impl Reporter {
             if !outcome.delivered {
                 tracing::warn!(job_id = %job.plan.job_id, idx = item.idx, error = ?outcome.error, "callback not delivered");
             }
-            job.record_callback(item.idx, outcome.delivered, outcome.attempts, outcome.error);
+            // The settled record is the item as record_callback left it, read under the same lock: a snapshot taken
+            // later could hold the bucket's echo of the first write (callback pending) and write that back.
+            let settled =
+                job.record_callback(item.idx, outcome.delivered, outcome.attempts, outcome.error);
             if let Some(job_store) = &job_store
-                && let Some(settled) = job.snapshot().items.into_iter().nth(item.idx as usize)
+                && let Some(settled) = settled
             {
                 keep(
                     job_store,
