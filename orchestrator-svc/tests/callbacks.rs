@@ -7,10 +7,15 @@ use std::time::{Duration, Instant};
 
 use common::receiver::Receiver;
 use orchestrator_svc::callback::{
-    CallbackBody, CallbackSender, Clock, OutputRef, RetryPolicy, idempotency_key,
+    CallbackBody, CallbackJob, CallbackSender, Clock, OutputRef, RetryPolicy, idempotency_key,
 };
 
 const SECRET: &str = "supersecret123";
+const JOB: CallbackJob<'static> = CallbackJob {
+    user_id: "test-user",
+    job_id: "test-job",
+    spec_hash: "test-spec-hash",
+};
 
 fn body(idx: u32) -> CallbackBody {
     CallbackBody {
@@ -49,9 +54,7 @@ fn sender_with(url: &str, max_attempts: u32, max_delay: Duration) -> CallbackSen
 #[tokio::test]
 async fn retries_a_500_with_the_same_id_and_a_valid_signature() {
     let receiver = Receiver::start(SECRET, vec![(500, None)]).await;
-    let outcome = sender(&receiver.url(), 6)
-        .deliver("test-job", &body(0))
-        .await;
+    let outcome = sender(&receiver.url(), 6).deliver(JOB, &body(0)).await;
     assert!(outcome.delivered, "{outcome:?}");
     assert_eq!(outcome.attempts, 2);
     let deliveries = receiver.deliveries();
@@ -61,7 +64,7 @@ async fn retries_a_500_with_the_same_id_and_a_valid_signature() {
             .iter()
             .all(|d| d.verified && d.job_id == "test-job" && d.seed_secret == SECRET)
     );
-    let id = idempotency_key("test-job", 0, "completed");
+    let id = idempotency_key(JOB, 0, "completed");
     assert!(
         deliveries
             .iter()
@@ -78,9 +81,7 @@ async fn retries_a_500_with_the_same_id_and_a_valid_signature() {
 #[tokio::test]
 async fn gone_stops_at_once() {
     let receiver = Receiver::start(SECRET, vec![(410, None)]).await;
-    let outcome = sender(&receiver.url(), 6)
-        .deliver("test-job", &body(0))
-        .await;
+    let outcome = sender(&receiver.url(), 6).deliver(JOB, &body(0)).await;
     assert!(!outcome.delivered);
     assert_eq!(outcome.attempts, 1);
     assert!(outcome.error.unwrap().contains("410"));
@@ -89,9 +90,7 @@ async fn gone_stops_at_once() {
 #[tokio::test]
 async fn other_4xx_is_final_but_429_is_retried_after_retry_after() {
     let receiver = Receiver::start(SECRET, vec![(422, None)]).await;
-    let outcome = sender(&receiver.url(), 6)
-        .deliver("test-job", &body(0))
-        .await;
+    let outcome = sender(&receiver.url(), 6).deliver(JOB, &body(0)).await;
     assert_eq!((outcome.delivered, outcome.attempts), (false, 1));
 
     // A real wait of 1 s, kept: Retry-After counts whole seconds, and this is the header read off a real socket.
@@ -100,7 +99,7 @@ async fn other_4xx_is_final_but_429_is_retried_after_retry_after() {
     let receiver = Receiver::start(SECRET, vec![(429, Some(1))]).await;
     let s = sender_with(&receiver.url(), 3, Duration::from_secs(5));
     let started = Instant::now();
-    let outcome = s.deliver("test-job", &body(1)).await;
+    let outcome = s.deliver(JOB, &body(1)).await;
     assert!(outcome.delivered);
     assert_eq!(outcome.attempts, 2);
     assert!(
@@ -113,16 +112,12 @@ async fn other_4xx_is_final_but_429_is_retried_after_retry_after() {
 #[tokio::test]
 async fn attempts_are_bounded_and_unreachable_receivers_do_not_hang() {
     let receiver = Receiver::start(SECRET, vec![(503, None); 10]).await;
-    let outcome = sender(&receiver.url(), 3)
-        .deliver("test-job", &body(0))
-        .await;
+    let outcome = sender(&receiver.url(), 3).deliver(JOB, &body(0)).await;
     assert_eq!((outcome.delivered, outcome.attempts), (false, 3));
     assert_eq!(receiver.deliveries().len(), 3);
 
     // Nothing listens on port 9 of loopback.
-    let outcome = sender("http://127.0.0.1:9", 2)
-        .deliver("test-job", &body(0))
-        .await;
+    let outcome = sender("http://127.0.0.1:9", 2).deliver(JOB, &body(0)).await;
     assert_eq!((outcome.delivered, outcome.attempts), (false, 2));
 }
 
@@ -138,7 +133,7 @@ async fn a_sender_with_a_skewed_clock_is_rejected_by_the_receiver() {
     let receiver = Receiver::start(SECRET, vec![]).await;
     let outcome = sender(&receiver.url(), 1)
         .with_clock(Arc::new(FixedClock(1_000)))
-        .deliver("j", &body(0))
+        .deliver(CallbackJob { job_id: "j", ..JOB }, &body(0))
         .await;
     assert!(!outcome.delivered);
     assert!(!receiver.deliveries()[0].verified);
@@ -181,7 +176,7 @@ async fn a_redirect_is_not_followed_and_the_secret_stays_home() {
         .route("/elsewhere", axum::routing::any(elsewhere));
     let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let outcome = sender(&format!("http://{addr}"), 6)
-        .deliver("test-job", &body(0))
+        .deliver(JOB, &body(0))
         .await;
     server.abort();
     assert!(!outcome.delivered, "{outcome:?}");

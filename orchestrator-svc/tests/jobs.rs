@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use common::orchestrator::{is_terminal, photo_jpeg, seed_spec, start};
 use common::receiver::Receiver;
 use common::{fake_segmenter, orchestrator};
-use orchestrator_svc::callback::idempotency_key;
+use orchestrator_svc::callback::{CallbackJob, idempotency_key};
+use orchestrator_svc::jobs::store::spec_hash;
 use orchestrator_svc::mask_png;
 use orchestrator_svc::storage::ObjectStore;
 use palette_proto::orchestrator::v1::{
@@ -129,7 +130,13 @@ async fn seed_job_completes_with_outputs_masks_preview_and_one_signed_callback()
         })
         .await;
     assert_eq!(job.items[0].callback_attempts, 2);
-    let id = idempotency_key("test-job", 0, "completed");
+    let hash = spec_hash(job.effective_spec.as_ref().unwrap());
+    let about = CallbackJob {
+        user_id: &job.user_id,
+        job_id: "test-job",
+        spec_hash: &hash,
+    };
+    let id = idempotency_key(about, 0, "completed");
     assert_eq!(
         receiver.per_id().get(&id),
         Some(&2),

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
 
 use super::transport::{Http, Transport};
-use super::{CallbackBody, idempotency_key, sign};
+use super::{CallbackBody, CallbackJob, idempotency_key, sign};
 use crate::error::Report;
 
 pub trait Clock: Send + Sync {
@@ -116,7 +116,8 @@ impl CallbackSender {
 
     /// Sends one item's terminal event until it is accepted, refused for good, or attempts run out. Never fails:
     /// the outcome is returned for the item's record.
-    pub async fn deliver(&self, job_id: &str, body: &CallbackBody) -> DeliveryOutcome {
+    pub async fn deliver(&self, job: CallbackJob<'_>, body: &CallbackBody) -> DeliveryOutcome {
+        let job_id = job.job_id;
         let payload = match serde_json::to_vec(body) {
             Ok(p) => p,
             Err(e) => {
@@ -127,7 +128,7 @@ impl CallbackSender {
                 };
             }
         };
-        let id = idempotency_key(job_id, body.idx, body.status);
+        let id = idempotency_key(job, body.idx, body.status);
         let url = self.url_for(job_id);
         let mut last_error = String::new();
         let max_attempts = self.policy.max_attempts.max(1);
@@ -363,7 +364,7 @@ mod tests {
             .with_rng_seed(7)
             .with_transport(scripted(&[(429, Some(1)), (503, None)]));
         let started = tokio::time::Instant::now();
-        let outcome = sender.deliver("job", &body()).await;
+        let outcome = sender.deliver(JOB, &body()).await;
         assert!(outcome.delivered, "{outcome:?}");
         assert_eq!(outcome.attempts, 3);
         let waited = started.elapsed();
@@ -378,7 +379,7 @@ mod tests {
             .unwrap()
             .with_transport(scripted(&[(503, None); 10]));
         let started = tokio::time::Instant::now();
-        let outcome = sender.deliver("job", &body()).await;
+        let outcome = sender.deliver(JOB, &body()).await;
         assert_eq!((outcome.delivered, outcome.attempts), (false, 6));
         assert!(outcome.error.unwrap().contains("gave up after 6 attempts"));
         // Five waits, each at most max_delay.
@@ -390,9 +391,15 @@ mod tests {
         let sender = CallbackSender::new("http://unused", "s", policy())
             .unwrap()
             .with_transport(scripted(&[(410, None)]));
-        let outcome = sender.deliver("job", &body()).await;
+        let outcome = sender.deliver(JOB, &body()).await;
         assert_eq!((outcome.delivered, outcome.attempts), (false, 1));
     }
+
+    const JOB: CallbackJob<'static> = CallbackJob {
+        user_id: "u",
+        job_id: "job",
+        spec_hash: "h",
+    };
 
     fn body() -> CallbackBody {
         CallbackBody {

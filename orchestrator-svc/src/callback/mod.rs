@@ -53,10 +53,29 @@ pub struct MaskRef {
     pub image_height: u32,
 }
 
-/// Stable per event: the same on every retry and every restart of the sender, different for different terminal
-/// states of one item. (The seed's key mixed in the attempt number and the minute, so it could not deduplicate.)
-pub fn idempotency_key(job_id: &str, idx: u32, status: &str) -> String {
-    let digest = Sha256::digest(format!("{job_id}:{idx}:{status}").as_bytes());
+/// The job a callback is about. Its URL names `job_id` (the seed's contract); its webhook-id also covers the user
+/// and the hash of the job's effective spec, so a job id used again (by another user, or with another spec after the
+/// first job expired) never repeats an earlier job's webhook-ids, which receivers would drop as duplicates.
+#[derive(Debug, Clone, Copy)]
+pub struct CallbackJob<'a> {
+    pub user_id: &'a str,
+    pub job_id: &'a str,
+    /// `jobs::store::spec_hash` of the job (for an edit, of its spec and source): the same after a restart and on
+    /// every replica, so a resend keeps its webhook-id.
+    pub spec_hash: &'a str,
+}
+
+/// Stable per event: the same on every retry, every restart of the sender and every replica, different for
+/// different terminal states of one item and for different jobs under one job id. (The seed's key mixed in the
+/// attempt number and the minute, so it could not deduplicate.) Ids never contain a newline: the fields stay apart.
+pub fn idempotency_key(job: CallbackJob<'_>, idx: u32, status: &str) -> String {
+    let CallbackJob {
+        user_id,
+        job_id,
+        spec_hash,
+    } = job;
+    let digest =
+        Sha256::digest(format!("{user_id}\n{job_id}\n{spec_hash}\n{idx}\n{status}").as_bytes());
     hex::encode(digest)[..32].to_string()
 }
 
@@ -64,13 +83,34 @@ pub fn idempotency_key(job_id: &str, idx: u32, status: &str) -> String {
 mod tests {
     use super::*;
 
+    const JOB: CallbackJob<'static> = CallbackJob {
+        user_id: "u",
+        job_id: "test-job",
+        spec_hash: "h1",
+    };
+
     #[test]
     fn idempotency_key_is_stable_and_event_specific() {
-        let a = idempotency_key("test-job", 0, "completed");
-        assert_eq!(a, idempotency_key("test-job", 0, "completed"));
+        let a = idempotency_key(JOB, 0, "completed");
+        assert_eq!(a, idempotency_key(JOB, 0, "completed"));
         assert_eq!(a.len(), 32);
-        assert_ne!(a, idempotency_key("test-job", 0, "failed"));
-        assert_ne!(a, idempotency_key("test-job", 1, "completed"));
+        assert_ne!(a, idempotency_key(JOB, 0, "failed"));
+        assert_ne!(a, idempotency_key(JOB, 1, "completed"));
+    }
+
+    #[test]
+    fn a_job_id_used_again_gets_other_ids() {
+        let a = idempotency_key(JOB, 0, "completed");
+        let respecified = CallbackJob {
+            spec_hash: "h2",
+            ..JOB
+        };
+        let other_user = CallbackJob {
+            user_id: "v",
+            ..JOB
+        };
+        assert_ne!(a, idempotency_key(respecified, 0, "completed"));
+        assert_ne!(a, idempotency_key(other_user, 0, "completed"));
     }
 
     #[test]

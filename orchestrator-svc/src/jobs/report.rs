@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use super::durable;
 use super::job::JobHandle;
 use super::store::{self, SharedJobStore, Written};
-use crate::callback::{CallbackBody, CallbackSender, MaskRef, OutputRef};
+use crate::callback::{CallbackBody, CallbackJob, CallbackSender, MaskRef, OutputRef};
 use crate::error::Report;
 use crate::storage::SharedStore;
 use crate::tasks::spawn_tracked;
@@ -113,7 +113,12 @@ impl Reporter {
         }
         if let Some(sender) = &self.callbacks {
             let body = callback_body(&item);
-            let outcome = sender.deliver(&job.plan.job_id, &body).await;
+            let about = CallbackJob {
+                user_id: &job.plan.user_id,
+                job_id: &job.plan.job_id,
+                spec_hash: &job.spec_hash,
+            };
+            let outcome = sender.deliver(about, &body).await;
             if !outcome.delivered {
                 tracing::warn!(job_id = %job.plan.job_id, idx = item.idx, error = ?outcome.error, "callback not delivered");
             }
