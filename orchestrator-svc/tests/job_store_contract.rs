@@ -187,3 +187,57 @@ async fn two_replicas_racing_on_the_nats_store_never_both_win() {
     b.forget(&keys).await.unwrap();
     assert!(a.load().await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgetting_a_job_on_nats_leaves_nothing_of_it_and_touches_no_other_job() {
+    use futures::TryStreamExt;
+    use orchestrator_svc::jobs::store::RunClaim;
+    let Some(server) = nats::start() else { return };
+    let store = NatsJobStore::open(&server.url, "palette-jobs")
+        .await
+        .unwrap();
+    // "j" is a prefix of "j.1" as text: forgetting one must not reach the other.
+    let (forgotten, kept) = (record("u", "j", "h", 1), record("u", "j.1", "h", 2));
+    let claim = RunClaim {
+        replica: "replica-a".into(),
+        delivery: 1,
+    };
+    for job in [&forgotten, &kept] {
+        store.create(job).await.unwrap();
+        for idx in 0..3 {
+            store.claim(&job.key(), idx, &claim).await.unwrap();
+            let done = item(idx, ItemState::Completed, CallbackState::Delivered);
+            store.put_first_item(&job.key(), &done).await.unwrap();
+        }
+    }
+    assert_eq!(store.claim_of(&kept.key(), 2).await.unwrap(), Some(claim));
+    store.forget(&[forgotten.key()]).await.unwrap();
+    let subjects = |filter: &'static str| {
+        let stream = store.bucket().stream.clone();
+        async move {
+            let listed: Vec<(String, usize)> = stream
+                .info_with_subjects(filter)
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            let mut names: Vec<String> = listed.into_iter().map(|(s, _)| s).collect();
+            names.sort();
+            names
+        }
+    };
+    // No tombstone of its items or claims stays behind; the other job's are all there.
+    let items = subjects("$KV.palette-jobs.item.>").await;
+    let claims = subjects("$KV.palette-jobs.run.>").await;
+    assert_eq!(items.len(), 3, "{items:?}");
+    assert!(items.iter().all(|s| s.contains(".j=2E1.")), "{items:?}");
+    assert_eq!(claims.len(), 3, "{claims:?}");
+    assert!(claims.iter().all(|s| s.contains(".j=2E1.")), "{claims:?}");
+    assert_eq!(store.item(&forgotten.key(), 0).await.unwrap(), None);
+    assert_eq!(store.claim_of(&forgotten.key(), 0).await.unwrap(), None);
+    let loaded = store.load().await.unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].record, kept);
+    assert_eq!(loaded[0].items.len(), 3);
+}

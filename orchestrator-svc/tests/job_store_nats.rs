@@ -1,7 +1,7 @@
 //! JOB_STORE=nats with orchestrators as real processes on one real nats-server: any replica answers for any job,
-//! the items of one job run on several replicas, a cancel from any replica ends the job everywhere, a SIGKILLed
-//! replica loses nothing (its items are leased, and go to another replica when the lease runs out), and a NATS
-//! restart only pauses the work. Every item ends in exactly one terminal state, called back under one webhook-id
+//! the items of one job run on several replicas, a WatchJob on any replica sees every item RUNNING and then ended,
+//! a cancel from any replica ends the job everywhere, a SIGKILLed replica loses nothing (its items are leased, and go
+//! to another replica when the lease runs out), and a NATS restart only pauses the work. Every item ends in exactly one terminal state, called back under one webhook-id
 //! (a resend after a kill reuses it; resends are counted and printed, for docs/operations.md).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{
-    CallbackState, CancelJobRequest, GetJobRequest, Job, JobState, WatchJobRequest,
+    CallbackState, CancelJobRequest, GetJobRequest, ItemState, Job, JobState, WatchJobRequest,
 };
 use palette_testing::orchestrator::{put_distinct_inputs, seed_spec};
 use palette_testing::process::Process;
@@ -214,6 +214,75 @@ async fn submit_on_one_replica_watch_on_another_cancel_on_a_third() {
     assert_eq!(states(&late), states(&job));
     eprintln!(
         "completed per replica {per_replica:?}; every replica CANCELLED {ended_after:?} after CancelJob on a third"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_one_replica_sees_the_items_running_on_another() {
+    let Some(nats) = nats::start() else { return };
+    const JOB: &str = "progress-shared";
+    const IMAGES: u32 = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    // Long enough that a RUNNING state outlives the time an event takes to reach the stream on a loaded machine.
+    segmenter.faults.delay_ms.store(1_000, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
+    let env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
+    let with_concurrency = |n: &str| {
+        let mut env = env.clone();
+        env.push(("BATCH_CONCURRENCY".into(), n.into()));
+        env
+    };
+    // A runs most items (4 at a time), B (the watcher) one at a time: B sees most items RUNNING only through
+    // A's claims.
+    let a = Process::start(binary(), &with_concurrency("4"), &dir.path().join("a.log")).await;
+    let b = Process::start(binary(), &with_concurrency("1"), &dir.path().join("b.log")).await;
+    a.jobs_client()
+        .submit_job(seed_spec(JOB, IMAGES))
+        .await
+        .unwrap();
+    let mut watch = b
+        .jobs_client()
+        .watch_job(WatchJobRequest {
+            user_id: USER.into(),
+            job_id: JOB.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let running = ItemState::Running as i32;
+    let mut seen_running = BTreeSet::new();
+    let mut ended_after_running = BTreeSet::new();
+    let last = loop {
+        let event = watch.message().await.unwrap().expect("stream open");
+        // Each event carries the job as it stands when the event is sent, which may be a few changes later than the
+        // change it announces: every item of every snapshot is looked at.
+        let job = event.job.unwrap();
+        for item in &job.items {
+            if item.state == running {
+                seen_running.insert(item.idx);
+            } else if item.state == ItemState::Completed as i32 && seen_running.contains(&item.idx)
+            {
+                ended_after_running.insert(item.idx);
+            }
+        }
+        if job.state == JobState::Done as i32 {
+            break job;
+        }
+    };
+    assert_eq!(last.completed, IMAGES, "{last:?}");
+    let on_a = completed_here(&a);
+    assert!(on_a >= 1, "A ran items: {on_a}");
+    assert_eq!(
+        seen_running.len(),
+        IMAGES as usize,
+        "B's stream showed every item RUNNING, those A ran ({on_a}) too: {seen_running:?}"
+    );
+    assert_eq!(ended_after_running, seen_running, "RUNNING, then COMPLETED");
+    eprintln!(
+        "B's WatchJob saw all {IMAGES} items RUNNING then COMPLETED; {on_a} ran on A, {} on B",
+        completed_here(&b)
     );
 }
 

@@ -14,6 +14,11 @@ use tokio_util::sync::CancellationToken;
 use super::validate::JobPlan;
 use crate::keys;
 
+mod hash;
+mod weight;
+pub use hash::{plan_hash, spec_hash};
+use weight::{JOB_OVERHEAD_BYTES, approx_item_bytes};
+
 /// Events buffered per job for slow watchers; one that falls further behind gets a fresh snapshot instead.
 const EVENT_BUFFER: usize = 256;
 
@@ -87,7 +92,7 @@ impl JobHandle {
             + 2 * prost::Message::encoded_len(&plan.effective_spec)
             + job.items.iter().map(approx_item_bytes).sum::<usize>();
         JobHandle {
-            spec_hash: spec_hash(&plan.effective_spec),
+            spec_hash: plan_hash(&plan),
             plan: Arc::new(plan),
             seq,
             cancel: CancellationToken::new(),
@@ -155,6 +160,23 @@ impl JobHandle {
             |i| i.state = ItemState::Running as i32,
         )
         .is_some()
+    }
+
+    /// JOB_STORE=nats, the holder of the item's task: like `start_item`, and also for an item shown RUNNING by an
+    /// earlier holder's claim (that holder died; this one runs it now). False when the item ended meanwhile.
+    pub fn start_held_item(&self, idx: u32) -> bool {
+        self.change_item(
+            idx,
+            |i| !is_terminal(i.state),
+            |i| i.state = ItemState::Running as i32,
+        )
+        .is_some()
+    }
+
+    /// JOB_STORE=nats: another replica claimed item `idx` and runs it; PENDING -> RUNNING here too. An item that
+    /// ended (the claim comes late, or from an earlier holder) is left as it is. False when nothing changed.
+    pub fn show_running(&self, idx: u32) -> bool {
+        self.start_item(idx)
     }
 
     /// Moves the item to its one terminal state. Returns the final item only for the caller that made the
@@ -296,50 +318,6 @@ fn is_older_report(recorded: &Item, current: &Item) -> bool {
     recorded.state == current.state
         && recorded.callback_state == pending
         && current.callback_state != pending
-}
-
-/// Heap bytes of a job record outside its items: the handle, its event ring, the plan's fixed parts.
-const JOB_OVERHEAD_BYTES: usize = 4096;
-
-/// What one item's record holds in memory, roughly: the structs and every string's buffer. A finished item is
-/// dominated by its mask keys (one per instance: ~23 on the benchmark's photos, up to
-/// MAX_INSTANCES_PER_CONCEPT x concepts), which is why the registry weighs jobs instead of counting them.
-fn approx_item_bytes(item: &Item) -> usize {
-    use std::mem::size_of;
-    // Allocators round small allocations up; 16 bytes per string is about what glibc adds.
-    let text = |s: &String| {
-        if s.capacity() == 0 {
-            0
-        } else {
-            s.capacity() + 16
-        }
-    };
-    size_of::<Item>()
-        + text(&item.input_key)
-        + text(&item.output_key)
-        + text(&item.preview_key)
-        + text(&item.error)
-        + text(&item.error_code)
-        + text(&item.callback_error)
-        + item.outputs.capacity() * size_of::<RuleOutput>()
-        + item
-            .outputs
-            .iter()
-            .map(|o| text(&o.rule_id) + text(&o.output_key) + text(&o.not_applied_reason))
-            .sum::<usize>()
-        + item.masks.capacity() * size_of::<MaskKey>()
-        + item
-            .masks
-            .iter()
-            .map(|m| text(&m.concept) + text(&m.key))
-            .sum::<usize>()
-}
-
-/// Hex SHA-256 of the spec's protobuf encoding. prost encodes fields in tag order and `Struct` maps are
-/// `BTreeMap`s, so equal specs hash equally.
-pub fn spec_hash(spec: &palette_proto::orchestrator::v1::JobSpec) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(prost::Message::encode_to_vec(spec)))
 }
 
 pub fn job_is_terminal(job: &Job) -> bool {

@@ -282,6 +282,10 @@ impl JobService {
             self.registry.remove(&job);
             return Err(e);
         }
+        // What a later edit of this job reads back (`Pipeline::run_job` writes it for jobs run in one process).
+        if let Err(e) = edit::record::write_photos(self.pipeline.store(), &job.plan).await {
+            tracing::warn!(job_id = %job.plan.job_id, error = %crate::error::Report(&e), "the job's photos record was not written: it cannot be edited");
+        }
         metrics::counter!("orchestrator_jobs_submitted_total").increment(1);
         tracing::info!(job_id = %job.plan.job_id, images = job.plan.image_count, "job accepted; items queued for every replica");
         Ok(job.snapshot())

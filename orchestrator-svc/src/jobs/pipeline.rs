@@ -196,20 +196,27 @@ impl Pipeline {
             }
             return;
         }
-        if let Some(item) = self.execute_item(&job, idx, permit).await {
+        if let Some(item) = self.execute_item(&job, idx, permit, false).await {
             self.reporter.item_ended(&job, item);
         }
     }
 
     /// Runs item `idx` (PENDING -> RUNNING -> terminal) under `permit`; the item if this call ended it (None when it
-    /// was not pending, or was ended meanwhile by a cancel, which reports it).
+    /// was not pending, or was ended meanwhile by a cancel, which reports it). `task_held` (JOB_STORE=nats): this
+    /// process holds the item's task, so it runs the item even when another replica's claim shows it RUNNING.
     pub(super) async fn execute_item(
         &self,
         job: &Arc<JobHandle>,
         idx: u32,
         permit: OwnedSemaphorePermit,
+        task_held: bool,
     ) -> Option<palette_proto::orchestrator::v1::Item> {
-        if !job.start_item(idx) {
+        let started = if task_held {
+            job.start_held_item(idx)
+        } else {
+            job.start_item(idx)
+        };
+        if !started {
             return None;
         }
         let _in_flight = InFlight::start();

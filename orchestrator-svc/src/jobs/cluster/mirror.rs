@@ -1,6 +1,7 @@
 //! Every replica's view of every job: the bucket's watch (history first, then each change as it is written)
-//! applied to the registry. WatchJob streams on any replica see an item's terminal state as soon as it is recorded,
-//! whoever ran it; a cancel recorded by any replica stops the items running here. Applying an entry twice changes
+//! applied to the registry. WatchJob streams on any replica see an item turn RUNNING when its holder claims it, and
+//! its terminal state as soon as it is recorded, whoever ran it; a cancel recorded by any replica stops the items
+//! running here. Applying an entry twice changes
 //! nothing, so after a lost watch (NATS restarted) the watch simply starts over from the history.
 
 use std::sync::Arc;
@@ -104,6 +105,17 @@ impl JobService {
                     self.forget_in_store().await;
                 }
             }
+            Some(KeyOf::Run { job, idx }) if put => {
+                let key = JobKey {
+                    user_id: job.user_id,
+                    job_id: job.job_id,
+                };
+                if let Ok(handle) = self.registry.get(&key)
+                    && handle.spec_hash == job.spec_hash
+                {
+                    handle.show_running(idx);
+                }
+            }
             _ => {}
         }
     }
@@ -150,6 +162,8 @@ impl JobService {
         for idx in 0..image_count.min(job.plan.image_count) {
             if let Some(item) = cluster.store().item(&record_key, idx).await? {
                 job.apply_record(idx, item);
+            } else if cluster.store().claim_of(&record_key, idx).await?.is_some() {
+                job.show_running(idx);
             }
         }
         Ok(Some(job))

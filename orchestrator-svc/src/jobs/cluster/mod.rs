@@ -1,7 +1,8 @@
 //! JOB_STORE=nats: replicas that share one job state on NATS JetStream (docs/architecture.md, "Replicas on NATS").
 //!
 //! - Records: the key-value bucket of `store::NatsJobStore` (`job.*` records, `item.*` terminal items; every write
-//!   a compare-and-set, so the first terminal state of an item wins, whichever replica wrote it).
+//!   a compare-and-set, so the first terminal state of an item wins, whichever replica wrote it; `run.*` claims of
+//!   the items running, so every replica shows them RUNNING).
 //! - Views: every replica follows the bucket's watch (`mirror`) into its registry, so GetJob/WatchJob/CancelJob
 //!   answer for any job on any replica, and a cancel recorded anywhere stops the items running here.
 //! - Work: SubmitJob publishes one task per item to a work-queue stream; every replica pulls from one shared
@@ -45,6 +46,9 @@ pub struct Cluster {
     store: Arc<NatsJobStore>,
     js: jetstream::Context,
     settings: ClusterSettings,
+    /// This process among the replicas, as its item claims name it: the host name (the pod's, in Kubernetes) and
+    /// a random suffix, so a restarted pod is another replica.
+    replica_id: String,
 }
 
 impl Cluster {
@@ -55,10 +59,13 @@ impl Cluster {
             .map_err(StoreError::unavailable)?;
         let js = jetstream::new(client);
         let store = NatsJobStore::open_on(&js, &settings.bucket, settings.replicas).await?;
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "orchestrator".to_string());
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
         let cluster = Cluster {
             store: Arc::new(store),
             js,
             settings,
+            replica_id: format!("{host}-{}", &suffix[..8]),
         };
         cluster.consumer().await?;
         Ok(cluster)
@@ -70,6 +77,10 @@ impl Cluster {
 
     pub fn settings(&self) -> &ClusterSettings {
         &self.settings
+    }
+
+    pub fn replica_id(&self) -> &str {
+        &self.replica_id
     }
 
     /// The work stream's shared consumer, created with the stream if missing.

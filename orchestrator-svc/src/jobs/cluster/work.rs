@@ -3,7 +3,9 @@
 //! replica), runs the item and acknowledges the task once the item's terminal state is in the bucket.
 //!
 //! The ack wait is the item's lease: in-progress acks renew it while the item (and its callback) runs. A replica that
-//! dies stops renewing, and JetStream hands the task to another replica after the ack wait. The task is released
+//! dies stops renewing, and JetStream hands the task to another replica after the ack wait. The holder records its
+//! claim (`run.*`) before it starts the item, so every replica shows the item RUNNING; the next holder overwrites a
+//! dead one's claim, and the item's terminal record supersedes it. The task is released
 //! only once the bucket holds the item's terminal state, and a task whose item is recorded already is not run again:
 //! its callback is resent only if it was not settled (same webhook-id, so receivers drop the duplicate).
 
@@ -20,6 +22,7 @@ use crate::error::Report;
 use crate::jobs::give_up::TOO_MANY_DELIVERIES;
 use crate::jobs::job::{ItemOutcome, JobHandle};
 use crate::jobs::report::ReportKind;
+use crate::jobs::store::RunClaim;
 use crate::jobs::{JobKey, JobService};
 use crate::tasks::spawn_tracked;
 
@@ -32,6 +35,8 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 const ORPHAN_AFTER: Duration = Duration::from_secs(60);
 /// How often a task whose job is not recorded yet looks again.
 const ORPHAN_POLL: Duration = Duration::from_millis(200);
+/// The same, for a job this replica knows (it took the SubmitJob, and is writing the record).
+const RECORD_POLL: Duration = Duration::from_millis(20);
 
 /// What becomes of a task.
 enum TaskEnd {
@@ -158,7 +163,9 @@ impl JobService {
                     return TaskEnd::Again(RETRY_PAUSE);
                 }
             }
-            tokio::time::sleep(ORPHAN_POLL).await;
+            // A job known here is being recorded this instant (this replica took its SubmitJob): look again soon.
+            let known = self.registry.get(&task_key(task)).is_ok();
+            tokio::time::sleep(if known { RECORD_POLL } else { ORPHAN_POLL }).await;
         };
         let reporter = self.pipeline.reporter();
         let callbacks_on = reporter.callbacks_on();
@@ -196,9 +203,20 @@ impl JobService {
         } else if self.pipeline.is_stopping() {
             // Shutting down: another replica runs it.
             return TaskEnd::Again(Duration::ZERO);
-        } else if let Some(item) = self.pipeline.execute_item(&job, idx, permit).await {
-            metrics::counter!("orchestrator_item_tasks_run_total").increment(1);
-            reporter.item_ended_now(&job, item).await;
+        } else {
+            // Every replica's view shows the item RUNNING from here on (`mirror`). A claim that is not written only
+            // leaves the others showing it PENDING until it ends: the item runs all the same.
+            let claim = RunClaim {
+                replica: cluster.replica_id().to_string(),
+                delivery: delivered,
+            };
+            if let Err(e) = cluster.store().claim(&task.job(), idx, &claim).await {
+                tracing::warn!(job_id = %task.job_id, idx, error = %Report(&e), "item claim not recorded");
+            }
+            if let Some(item) = self.pipeline.execute_item(&job, idx, permit, true).await {
+                metrics::counter!("orchestrator_item_tasks_run_total").increment(1);
+                reporter.item_ended_now(&job, item).await;
+            }
         }
         // Released only once the terminal state is recorded: a crash before that leaves the task to another replica.
         match cluster.store().item(&task.job(), idx).await {
@@ -216,26 +234,37 @@ impl JobService {
         }
     }
 
-    /// The task's job, as this replica knows it or as the bucket records it; None when no job with the task's spec
-    /// is recorded.
+    /// The task's job, as this replica knows it or as the bucket records it; None while no job with the task's spec
+    /// is recorded. Even the replica that took SubmitJob, which knows the job before it is recorded, waits for the
+    /// record: an item never runs for a job whose submission failed, and its claim never precedes the job's record
+    /// in the bucket (the other replicas' watches would find no job to show it RUNNING in).
     async fn job_of(
         &self,
         cluster: &Cluster,
         task: &ItemTask,
     ) -> Result<Option<Arc<JobHandle>>, crate::jobs::store::StoreError> {
-        let key = JobKey {
-            user_id: task.user_id.clone(),
-            job_id: task.job_id.clone(),
-        };
+        let key = task_key(task);
         if let Ok(job) = self.registry.get(&key)
             && job.spec_hash == task.spec_hash
         {
-            return Ok(Some(job));
+            let recorded = cluster
+                .store()
+                .job(&task.user_id, &task.job_id)
+                .await?
+                .is_some_and(|record| record.spec_hash == task.spec_hash);
+            return Ok(recorded.then_some(job));
         }
         Ok(self
             .fetch_recorded(cluster, &key)
             .await?
             .filter(|job| job.spec_hash == task.spec_hash))
+    }
+}
+
+fn task_key(task: &ItemTask) -> JobKey {
+    JobKey {
+        user_id: task.user_id.clone(),
+        job_id: task.job_id.clone(),
     }
 }
 

@@ -1,4 +1,4 @@
-//! What must outlive the process: job records and terminal item records, behind one trait (`JobStore`) so the
+//! What must outlive the process: job records (submitted jobs and edits) and terminal item records, behind one trait (`JobStore`) so the
 //! embedded store (`local`, a redb file) and a distributed one can stand in for each other. The design, with the
 //! order of writes that gives one terminal state and one callback per item, is in docs/architecture.md ("Job state").
 
@@ -14,10 +14,10 @@ use async_trait::async_trait;
 use palette_proto::orchestrator::v1::Item;
 
 use super::job::JobHandle;
-pub use super::job::spec_hash;
+pub use super::job::{plan_hash, spec_hash};
 
 pub use local::LocalJobStore;
-pub use nats::{KeyOf, NatsJobStore, parse_key};
+pub use nats::{KeyOf, NatsJobStore, RunClaim, parse_key};
 pub use record::JobRecord;
 
 /// A job as the store keys it: its user, its id and the hash of its effective spec, so a job id reused with another

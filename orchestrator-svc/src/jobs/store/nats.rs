@@ -4,14 +4,18 @@
 //! cannot both win. JOB_STORE=nats: `jobs::cluster` adds the bucket's watch (every replica's view of every job) and
 //! the work stream that spreads items over the replicas.
 //!
-//! Keys: `job.{userId}.{jobId}` and `item.{userId}.{jobId}.{specHash}.{idx}`. Ids may contain '.', the subject token
-//! separator; it is written `=2E` ('=' never occurs in an id), so each id stays one token and prefixes stay exact.
+//! Keys: see `keys` (job records, terminal items, and the claims of the items running).
 
 use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use palette_proto::orchestrator::v1::Item;
+
+mod keys;
+
+pub use keys::{KeyOf, RunClaim, parse_key};
+use keys::{claims_prefix, items_prefix, job_key};
 
 use super::{Created, JobRecord, JobStore, RecordKey, StoreError, StoredJob, Written};
 use crate::jobs::durable;
@@ -22,51 +26,6 @@ const CAS_ATTEMPTS: usize = 16;
 #[derive(Debug, Clone)]
 pub struct NatsJobStore {
     kv: kv::Store,
-}
-
-fn token(id: &str) -> String {
-    id.replace('.', "=2E")
-}
-
-fn job_key(user_id: &str, job_id: &str) -> String {
-    format!("job.{}.{}", token(user_id), token(job_id))
-}
-
-fn items_prefix(job: &RecordKey) -> String {
-    format!(
-        "item.{}.{}.{}.",
-        token(&job.user_id),
-        token(&job.job_id),
-        job.spec_hash
-    )
-}
-
-/// What a key of the bucket names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyOf {
-    Job { user_id: String, job_id: String },
-    Item { job: RecordKey, idx: u32 },
-}
-
-/// The ids and index a key was made from; None for a key this store does not write.
-pub fn parse_key(key: &str) -> Option<KeyOf> {
-    let id = |t: &str| t.replace("=2E", ".");
-    let parts: Vec<&str> = key.split('.').collect();
-    match parts.as_slice() {
-        ["job", user, job] => Some(KeyOf::Job {
-            user_id: id(user),
-            job_id: id(job),
-        }),
-        ["item", user, job, hash, idx] => Some(KeyOf::Item {
-            job: RecordKey {
-                user_id: id(user),
-                job_id: id(job),
-                spec_hash: hash.to_string(),
-            },
-            idx: idx.parse().ok()?,
-        }),
-        _ => None,
-    }
 }
 
 impl NatsJobStore {
@@ -135,6 +94,38 @@ impl NatsJobStore {
         }
     }
 
+    /// Records that `claim.replica` runs item `idx` now. Unconditional: a later holder of the item's task (the
+    /// first one died, its lease ran out) overwrites an earlier claim.
+    pub async fn claim(
+        &self,
+        job: &RecordKey,
+        idx: u32,
+        claim: &RunClaim,
+    ) -> Result<(), StoreError> {
+        let key = format!("{}{idx}", claims_prefix(job));
+        let value = serde_json::to_vec(claim).map_err(StoreError::unavailable)?;
+        self.kv
+            .put(&key, value.into())
+            .await
+            .map(drop)
+            .map_err(StoreError::unavailable)
+    }
+
+    /// The claim on item `idx` of the job, if one was written (the item may have ended since).
+    pub async fn claim_of(
+        &self,
+        job: &RecordKey,
+        idx: u32,
+    ) -> Result<Option<RunClaim>, StoreError> {
+        let key = format!("{}{idx}", claims_prefix(job));
+        match self.entry(&key).await? {
+            None => Ok(None),
+            Some((bytes, _)) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt { key }),
+        }
+    }
+
     /// The key's value and revision; None when absent or deleted.
     async fn entry(&self, key: &str) -> Result<Option<(Bytes, u64)>, StoreError> {
         Ok(self
@@ -166,16 +157,41 @@ impl NatsJobStore {
         written.map(|()| true)
     }
 
+    /// The keys under `prefix` (which ends with '.'), deleted ones included: one stream-info request whose
+    /// subject filter the server resolves from its subject index, instead of listing every key of the bucket.
     async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let keys: Vec<String> = self
+        let subjects: Vec<(String, usize)> = self
             .kv
-            .keys()
+            .stream
+            .info_with_subjects(self.subjects_under(prefix))
             .await
             .map_err(StoreError::unavailable)?
             .try_collect()
             .await
             .map_err(StoreError::unavailable)?;
-        Ok(keys.into_iter().filter(|k| k.starts_with(prefix)).collect())
+        let mut keys: Vec<String> = subjects
+            .into_iter()
+            .filter_map(|(subject, _)| subject.strip_prefix(&self.kv.prefix).map(str::to_string))
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// The bucket's subjects of the keys under `prefix` (which ends with '.').
+    fn subjects_under(&self, prefix: &str) -> String {
+        format!("{}{prefix}>", self.kv.prefix)
+    }
+
+    /// Removes every key under `prefix` with one filtered purge of the bucket's stream: no tombstone stays behind
+    /// (no watcher needs one for item records and claims: the job record's purge drops the job).
+    async fn purge_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        self.kv
+            .stream
+            .purge()
+            .filter(self.subjects_under(prefix))
+            .await
+            .map(drop)
+            .map_err(StoreError::unavailable)
     }
 }
 
@@ -297,51 +313,9 @@ impl JobStore for NatsJobStore {
             {
                 self.kv.purge(&key).await.map_err(StoreError::unavailable)?;
             }
-            for item in self.keys_with_prefix(&items_prefix(job)).await? {
-                self.kv
-                    .purge(&item)
-                    .await
-                    .map_err(StoreError::unavailable)?;
-            }
+            self.purge_prefix(&items_prefix(job)).await?;
+            self.purge_prefix(&claims_prefix(job)).await?;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_with_dots_stay_one_token() {
-        assert_eq!(job_key("u.1", "j"), "job.u=2E1.j");
-        let job = RecordKey {
-            user_id: "u".into(),
-            job_id: "a.b".into(),
-            spec_hash: "h".into(),
-        };
-        assert_eq!(items_prefix(&job), "item.u.a=2Eb.h.");
-        // "a" must not list "a.b"'s items.
-        let other = RecordKey {
-            job_id: "a".into(),
-            ..job.clone()
-        };
-        assert!(!items_prefix(&job).starts_with(&items_prefix(&other)));
-        assert_eq!(
-            parse_key("item.u.a=2Eb.h.12"),
-            Some(KeyOf::Item {
-                job: job.clone(),
-                idx: 12
-            })
-        );
-        assert_eq!(
-            parse_key(&job_key("u.1", "j")),
-            Some(KeyOf::Job {
-                user_id: "u.1".into(),
-                job_id: "j".into()
-            })
-        );
-        assert_eq!(parse_key("item.u.j.h.x"), None);
-        assert_eq!(parse_key("other"), None);
     }
 }
