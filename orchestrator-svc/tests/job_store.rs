@@ -320,3 +320,55 @@ async fn five_sigkills_across_a_50_image_job_lose_nothing() {
         calls - IMAGES as usize
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_is_kept_and_resumed_like_a_submitted_job() {
+    use palette_proto::orchestrator::v1::{EditJobRequest, Rule};
+    use palette_testing::orchestrator::string_struct;
+    const JOB: &str = "edit-source";
+    const EDIT: &str = "edit-kept";
+    const IMAGES: u32 = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
+    let env = env(dir.path(), &segmenter.url, &hooks.url());
+    let mut first = Process::start(binary(), &env, &dir.path().join("first.log")).await;
+    let mut jobs = first.jobs_client();
+    jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
+    jobs::wait_for(&mut jobs, USER, JOB, jobs::is_settled).await;
+    let edit = EditJobRequest {
+        user_id: USER.into(),
+        job_id: EDIT.into(),
+        source_job_id: JOB.into(),
+        rules: vec![Rule {
+            rule_id: "repaint".into(),
+            concept: "wall".into(),
+            r#type: "recolor".into(),
+            params: Some(string_struct(&[("color", "#3366AA")])),
+        }],
+        preset: String::new(),
+    };
+    jobs.edit_job(edit.clone()).await.unwrap();
+    // Killed the moment the edit is accepted: some of its items may have ended, the others resume.
+    first.kill();
+    let second = Process::start(binary(), &env, &dir.path().join("second.log")).await;
+    let mut jobs = second.jobs_client();
+    let done = jobs::wait_for(&mut jobs, USER, EDIT, jobs::is_settled).await;
+    assert_eq!(done.completed, IMAGES, "{done:?}");
+    assert_eq!(done.source_job_id, JOB, "restored with its source");
+    // Restored as the same job: the same request is idempotent, not ALREADY_EXISTS.
+    jobs.edit_job(edit).await.expect("the same edit");
+    let mut ids: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for d in hooks.deliveries().iter().filter(|d| d.job_id == EDIT) {
+        ids.entry(d.body["idx"].as_u64().unwrap())
+            .or_default()
+            .insert(d.webhook_id.clone());
+    }
+    assert_eq!(
+        ids.len(),
+        IMAGES as usize,
+        "every edit item called back: {ids:?}"
+    );
+    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+}

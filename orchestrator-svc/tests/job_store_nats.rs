@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{
-    CallbackState, CancelJobRequest, GetJobRequest, ItemState, Job, JobState, WatchJobRequest,
+    CallbackState, CancelJobRequest, EditJobRequest, GetJobRequest, ItemState, Job, JobState, Rule,
+    WatchJobRequest,
 };
-use palette_testing::orchestrator::{put_distinct_inputs, seed_spec};
+use palette_testing::orchestrator::{put_distinct_inputs, seed_spec, string_struct};
 use palette_testing::process::Process;
 use palette_testing::{fake_segmenter, nats, receiver::Receiver};
 use tonic::transport::Channel;
@@ -282,6 +283,70 @@ async fn a_watch_on_one_replica_sees_the_items_running_on_another() {
     assert_eq!(ended_after_running, seen_running, "RUNNING, then COMPLETED");
     eprintln!(
         "B's WatchJob saw all {IMAGES} items RUNNING then COMPLETED; {on_a} ran on A, {} on B",
+        completed_here(&b)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_taken_by_one_replica_is_answered_and_run_by_every_replica() {
+    let Some(nats) = nats::start() else { return };
+    const JOB: &str = "edited-source";
+    const EDIT: &str = "edit-shared";
+    const IMAGES: u32 = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(50, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
+    let env = env(dir.path(), &nats.url, &segmenter.url, &hooks.url());
+    let a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
+    a.jobs_client()
+        .submit_job(seed_spec(JOB, IMAGES))
+        .await
+        .unwrap();
+    wait_for(&mut b.jobs_client(), JOB, Duration::from_secs(30), settled).await;
+    let request = EditJobRequest {
+        user_id: USER.into(),
+        job_id: EDIT.into(),
+        source_job_id: JOB.into(),
+        rules: vec![Rule {
+            rule_id: "repaint".into(),
+            concept: "wall".into(),
+            r#type: "recolor".into(),
+            params: Some(string_struct(&[("color", "#3366AA")])),
+        }],
+        preset: String::new(),
+    };
+    // The source's photos record was written by the replica that took SubmitJob; the edit is taken by the other.
+    let calls_before = segmenter.counters.segment_calls.load(Ordering::SeqCst);
+    b.jobs_client().edit_job(request.clone()).await.unwrap();
+    // The same edit on the other replica is the same job.
+    a.jobs_client()
+        .edit_job(request.clone())
+        .await
+        .expect("idempotent across replicas");
+    let edit = wait_for(&mut a.jobs_client(), EDIT, Duration::from_secs(30), settled).await;
+    assert_eq!(edit.completed, IMAGES, "{edit:?}");
+    assert_eq!(edit.source_job_id, JOB);
+    assert_eq!(
+        segmenter.counters.segment_calls.load(Ordering::SeqCst),
+        calls_before,
+        "an edit reads the stored masks"
+    );
+    let (ids, deliveries) = callbacks(&hooks);
+    assert_eq!(
+        deliveries,
+        2 * IMAGES as usize,
+        "each item of both jobs called back once"
+    );
+    assert!(
+        ids.values().all(|set| set.len() == 2),
+        "the edit's webhook-ids are its own: {ids:?}"
+    );
+    eprintln!(
+        "edit on B, answered on A; items completed (source and edit) on A {}, on B {}",
+        completed_here(&a),
         completed_here(&b)
     );
 }

@@ -107,7 +107,7 @@ impl JobService {
     }
 
     async fn register(&self, spec: &JobSpec, plan: JobPlan) -> Result<Job, ApiError> {
-        let shared = plan.source.is_none() && !plan.durable_items;
+        let shared = !plan.durable_items;
         let job = match self.registry.submit(plan)? {
             Submitted::Existing(job) => return Ok(job.snapshot()),
             Submitted::Created(job) => job,
@@ -171,6 +171,7 @@ impl JobService {
                 job.seq
             },
             cancelled: false,
+            source: job.plan.source.clone(),
         };
         match job_store.create(&record).await {
             Ok(Created::New) => Ok(()),
@@ -294,7 +295,7 @@ impl JobService {
     /// Cancels the job: recorded first (a resumed job stays cancelled), then its open items end CANCELLED.
     pub async fn cancel(&self, key: &JobKey) -> Result<Job, ApiError> {
         let job = self.find(key).await?;
-        if let Some(cluster) = self.cluster.as_ref().filter(|_| job.plan.source.is_none()) {
+        if let Some(cluster) = self.cluster.as_ref() {
             return self.cancel_shared(cluster, &job).await;
         }
         if let Some(job_store) = self.pipeline.reporter().job_store_of(&job)

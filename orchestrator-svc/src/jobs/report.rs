@@ -54,13 +54,10 @@ impl Reporter {
         self.job_store.as_ref()
     }
 
-    /// The job store that keeps this job, if one does: ADAPTER=queue_pull jobs are kept by their queue instead, and
-    /// edits (EditJob) are not kept yet: a resumed edit would need its source re-read, which the store's records
-    /// (a submitted JobSpec) do not say.
+    /// The job store that keeps this job, if one does: ADAPTER=queue_pull jobs are kept by their queue instead.
+    /// (Edits are kept like submitted jobs: their record names their source.)
     pub fn job_store_of(&self, job: &JobHandle) -> Option<&SharedJobStore> {
-        self.job_store
-            .as_ref()
-            .filter(|_| !job.plan.durable_items && job.plan.source.is_none())
+        self.job_store.as_ref().filter(|_| !job.plan.durable_items)
     }
 
     pub fn callbacks(&self) -> Option<&Arc<CallbackSender>> {

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use palette_proto::orchestrator::v1::{CallbackState, JobSpec};
+use palette_proto::orchestrator::v1::CallbackState;
 
 use super::JobService;
 use super::job::{ItemOutcome, JobHandle, is_terminal};
-use super::store::{self, StoreError, StoredJob};
+use super::store::{self, JobRecord, StoreError, StoredJob};
 use super::validate::{self, JobPlan};
 
 /// What `JobService::resume` found, for the log and for tests.
@@ -53,16 +53,24 @@ impl JobService {
         Ok(resumed)
     }
 
+    /// The recorded job planned again here: its spec validated as at submission, an edit's source taken from the
+    /// record. Err says why it cannot be (limits lowered, or presets changed, since it was submitted).
+    pub(in crate::jobs) fn replan(&self, record: &JobRecord) -> Result<JobPlan, String> {
+        let mut plan = validate::validate(&record.spec, &self.presets, self.limits)
+            .map_err(|e| e.to_string())?;
+        plan.source = record.source.clone();
+        if store::plan_hash(&plan) == record.spec_hash {
+            Ok(plan)
+        } else {
+            Err("it plans differently here: its presets changed since it was submitted".to_string())
+        }
+    }
+
     fn restore(&self, stored: StoredJob, resumed: &mut Resumed) -> Arc<JobHandle> {
         let StoredJob { record, items } = stored;
-        let plan = match validate::validate(&record.spec, &self.presets, self.limits) {
-            Ok(plan) if store::spec_hash(&plan.effective_spec) == record.spec_hash => Ok(plan),
-            Ok(_) => Err("its presets changed since it was submitted".to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        let (plan, unplannable) = match plan {
+        let (plan, unplannable) = match self.replan(&record) {
             Ok(plan) => (plan, None),
-            Err(why) => (placeholder_plan(&record.spec), Some(why)),
+            Err(why) => (placeholder_plan(&record), Some(why)),
         };
         let job = self
             .registry
@@ -111,7 +119,8 @@ impl JobService {
 }
 
 /// A plan that runs nothing, for a stored job that no longer validates: enough to report its items.
-fn placeholder_plan(spec: &JobSpec) -> JobPlan {
+fn placeholder_plan(record: &JobRecord) -> JobPlan {
+    let spec = &record.spec;
     JobPlan {
         user_id: spec.user_id.clone(),
         job_id: spec.job_id.clone(),
@@ -120,6 +129,6 @@ fn placeholder_plan(spec: &JobSpec) -> JobPlan {
         rules: Vec::new(),
         effective_spec: spec.clone(),
         durable_items: false,
-        source: None,
+        source: record.source.clone(),
     }
 }

@@ -15,7 +15,7 @@ use super::Cluster;
 use crate::error::Report;
 use crate::jobs::job::JobHandle;
 use crate::jobs::store::{self, JobRecord, KeyOf, StoreError};
-use crate::jobs::{JobKey, JobService, durable, validate};
+use crate::jobs::{JobKey, JobService, durable};
 
 /// Pause before watching again after the watch failed or ended.
 const REWATCH_PAUSE: Duration = Duration::from_secs(1);
@@ -123,14 +123,11 @@ impl JobService {
     /// The recorded job in this replica's registry (the handle already there when it is the same job); a recorded
     /// cancel stops its items running here. None when the job no longer validates here (presets differ).
     pub(in crate::jobs) fn adopt_record(&self, record: JobRecord) -> Option<Arc<JobHandle>> {
-        let plan = match validate::validate(&record.spec, &self.presets, self.limits) {
-            Ok(plan) if store::spec_hash(&plan.effective_spec) == record.spec_hash => plan,
-            Ok(_) => {
-                tracing::error!(job_id = %record.job_id, "recorded job plans differently here (presets differ between replicas?)");
-                return None;
-            }
-            Err(e) => {
-                tracing::error!(job_id = %record.job_id, error = %e, "recorded job does not validate here");
+        let plan = match self.replan(&record) {
+            Ok(plan) => plan,
+            Err(why) => {
+                // Presets or limits differ between replicas.
+                tracing::error!(job_id = %record.job_id, reason = %why, "recorded job cannot be planned here");
                 return None;
             }
         };

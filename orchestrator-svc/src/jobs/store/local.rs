@@ -221,6 +221,7 @@ mod tests {
             },
             seq,
             cancelled: false,
+            source: None,
         }
     }
 

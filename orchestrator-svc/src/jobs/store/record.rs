@@ -7,6 +7,7 @@ use palette_proto::orchestrator::v1::JobSpec;
 use serde::{Deserialize, Serialize};
 
 use super::RecordKey;
+use crate::jobs::validate::EditSource;
 
 /// A job as recorded at SubmitJob (and CancelJob).
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +21,17 @@ pub struct JobRecord {
     /// Submission order; resumed jobs keep it, so retention forgets the oldest first across restarts too.
     pub seq: u64,
     pub cancelled: bool,
+    /// An edit (EditJob): where its photos and masks are. `spec` is then the edit's effective spec (the source's
+    /// concepts and image count with the edit's rules), and `spec_hash` covers the source too (`job::plan_hash`).
+    pub source: Option<EditSource>,
+}
+
+/// `EditSource` as stored.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StoredSource {
+    source_job_id: String,
+    photos_job_id: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -33,6 +45,9 @@ struct Stored {
     seq: u64,
     #[serde(default)]
     cancelled: bool,
+    /// Absent for a submitted job (and in records written before edits were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    edit_of: Option<StoredSource>,
 }
 
 impl JobRecord {
@@ -52,6 +67,10 @@ impl JobRecord {
             spec: STANDARD.encode(prost::Message::encode_to_vec(&self.spec)),
             seq: self.seq,
             cancelled: self.cancelled,
+            edit_of: self.source.as_ref().map(|s| StoredSource {
+                source_job_id: s.source_job_id.clone(),
+                photos_job_id: s.photos_job_id.clone(),
+            }),
         };
         serde_json::to_vec(&stored).unwrap_or_default()
     }
@@ -68,6 +87,10 @@ impl JobRecord {
             spec,
             seq: stored.seq,
             cancelled: stored.cancelled,
+            source: stored.edit_of.map(|s| EditSource {
+                source_job_id: s.source_job_id,
+                photos_job_id: s.photos_job_id,
+            }),
         })
     }
 }
@@ -91,8 +114,17 @@ mod tests {
             },
             seq: 7,
             cancelled: true,
+            source: None,
         };
-        assert_eq!(JobRecord::decode(&record.encode()), Some(record));
+        assert_eq!(JobRecord::decode(&record.encode()), Some(record.clone()));
+        let edit = JobRecord {
+            source: Some(EditSource {
+                source_job_id: "src".into(),
+                photos_job_id: "photos".into(),
+            }),
+            ..record
+        };
+        assert_eq!(JobRecord::decode(&edit.encode()), Some(edit));
         assert_eq!(JobRecord::decode(b"{}"), None);
         assert_eq!(JobRecord::decode(b"not json"), None);
     }
