@@ -1,8 +1,8 @@
 //! Every replica's view of every job: the bucket's watch (history first, then each change as it is written)
 //! applied to the registry. WatchJob streams on any replica see an item turn RUNNING when its holder claims it, and
 //! its terminal state as soon as it is recorded, whoever ran it; a cancel recorded by any replica stops the items
-//! running here. Applying an entry twice changes
-//! nothing, so after a lost watch (NATS restarted) the watch simply starts over from the history.
+//! running here. Applying an entry twice changes nothing, so after a lost watch (NATS restarted) the watch simply
+//! starts over from the history.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,9 +5,9 @@
 //! The ack wait is the item's lease: in-progress acks renew it while the item (and its callback) runs. A replica that
 //! dies stops renewing, and JetStream hands the task to another replica after the ack wait. The holder records its
 //! claim (`run.*`) before it starts the item, so every replica shows the item RUNNING; the next holder overwrites a
-//! dead one's claim, and the item's terminal record supersedes it. The task is released
-//! only once the bucket holds the item's terminal state, and a task whose item is recorded already is not run again:
-//! its callback is resent only if it was not settled (same webhook-id, so receivers drop the duplicate).
+//! dead one's claim, and the item's terminal record supersedes it. The task is released only once the bucket holds
+//! the item's terminal state, and a task whose item is recorded already is not run again: its callback is resent
+//! only if it was not settled (same webhook-id, so receivers drop the duplicate).
 
 use std::sync::Arc;
 use std::time::Duration;
