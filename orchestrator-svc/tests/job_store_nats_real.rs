@@ -3,7 +3,8 @@
 //! Submitted on A, watched on B (which sees items RUNNING wherever they run, then ended), A SIGKILLed mid-job: the
 //! job finishes on B and C with every item in one terminal state, called back under one webhook-id, its outputs in
 //! the bucket; then a second job is cancelled from C. (`job_store_nats.rs` runs the same shapes with the fake
-//! segmenter, for fault injection and exact timing.)
+//! segmenter, for fault injection and exact timing.) The kill test of the issue, five SIGKILLs across a 50-image job,
+//! runs here on real parts too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -221,5 +222,79 @@ async fn three_replicas_with_the_real_segmenter_and_seaweedfs_survive_a_sigkill_
         seen_running.len(),
         deliveries - IMAGES as usize,
         settled.completed
+    );
+}
+
+/// The issue's kill test on real parts: three replicas, five SIGKILLs in a row (each a different replica than the
+/// one watched, restarted at once) across a 50-image job; every item ends once, called back under one webhook-id,
+/// with its output in the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_sigkills_across_a_50_image_job_on_real_parts_lose_nothing() {
+    let Some(nats) = nats::start() else { return };
+    let Some(weed) = seaweed::start("palette-replicas-killed") else {
+        return;
+    };
+    const JOB: &str = "replicas-real-killed";
+    const IMAGES: u32 = 50;
+    const KILLS: usize = 5;
+    let store = s3(&weed);
+    put_inputs(&store, JOB, IMAGES).await;
+    let segmenter = segmenter::start_default().await;
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = env(&weed, &nats.url, &segmenter.url(), &hooks.url());
+    let log = |name: String| dir.path().join(format!("{name}.log"));
+    let mut replicas = Vec::new();
+    for r in 0..3 {
+        replicas.push(Process::start(binary(), &env, &log(format!("r{r}-0"))).await);
+    }
+    replicas[0]
+        .jobs_client()
+        .submit_job(seed_spec(JOB, IMAGES))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut completed_at_kill = Vec::new();
+    let mut last_kill = Instant::now();
+    for kill in 0..KILLS {
+        let victim = kill % replicas.len();
+        let mut jobs = replicas[(victim + 1) % replicas.len()].jobs_client();
+        let before = get(&mut jobs, SEED_USER, JOB).await.completed;
+        let at_kill = wait_for_within(LIMIT, &mut jobs, SEED_USER, JOB, |j| {
+            j.completed >= before + 4
+        })
+        .await;
+        replicas[victim].kill();
+        last_kill = Instant::now();
+        completed_at_kill.push(at_kill.completed);
+        replicas[victim] =
+            Process::start(binary(), &env, &log(format!("r{victim}-{}", kill + 1))).await;
+    }
+    let done = wait_for_within(
+        LIMIT,
+        &mut replicas[0].jobs_client(),
+        SEED_USER,
+        JOB,
+        is_settled,
+    )
+    .await;
+    let finished_after = last_kill.elapsed();
+    assert_eq!(done.completed, IMAGES, "{done:?}");
+    let (ids, deliveries) = callbacks(&hooks, JOB);
+    assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
+    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    for item in &done.items {
+        assert!(
+            store.exists(&item.output_key).await.unwrap(),
+            "{} is not in the bucket",
+            item.output_key
+        );
+    }
+    eprintln!(
+        "real segmenter + SeaweedFS, 3 replicas: {KILLS} SIGKILLs at {completed_at_kill:?} completed items; \
+         {IMAGES} images in {:?}, the job finished {finished_after:?} after the last kill; 0 items lost, {} \
+         duplicate deliveries (same webhook-id)",
+        started.elapsed(),
+        deliveries - IMAGES as usize
     );
 }
