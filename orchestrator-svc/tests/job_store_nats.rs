@@ -9,15 +9,13 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{
-    CallbackState, CancelJobRequest, EditJobRequest, GetJobRequest, ItemState, Job, JobState, Rule,
-    WatchJobRequest,
+    CancelJobRequest, EditJobRequest, ItemState, Job, JobState, Rule, WatchJobRequest,
 };
+use palette_testing::jobs::{get, is_settled, wait_for_within};
 use palette_testing::orchestrator::{put_distinct_inputs, seed_spec, string_struct};
 use palette_testing::process::Process;
 use palette_testing::{fake_segmenter, nats, receiver::Receiver};
-use tonic::transport::Channel;
 
 const SECRET: &str = "job-store-nats-secret";
 const USER: &str = "test-user";
@@ -51,43 +49,6 @@ fn env(dir: &Path, nats: &str, segmenter: &str, callbacks: &str) -> Vec<(String,
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
-}
-
-async fn get(client: &mut JobsClient<Channel>, job_id: &str) -> Option<Job> {
-    client
-        .get_job(GetJobRequest {
-            user_id: USER.into(),
-            job_id: job_id.into(),
-        })
-        .await
-        .ok()
-        .map(|r| r.into_inner())
-}
-
-/// Polls GetJob until `done`; panics after `limit`.
-async fn wait_for(
-    client: &mut JobsClient<Channel>,
-    job_id: &str,
-    limit: Duration,
-    done: impl Fn(&Job) -> bool,
-) -> Job {
-    let deadline = Instant::now() + limit;
-    loop {
-        let job = get(client, job_id).await;
-        if let Some(job) = job.as_ref().filter(|j| done(j)) {
-            return job.clone();
-        }
-        assert!(Instant::now() < deadline, "never reached: {job:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn settled(job: &Job) -> bool {
-    (job.state == JobState::Done as i32 || job.state == JobState::Cancelled as i32)
-        && job
-            .items
-            .iter()
-            .all(|i| i.callback_state != CallbackState::Pending as i32)
 }
 
 /// Items this replica ran to completion, from its log.
@@ -173,10 +134,11 @@ async fn submit_on_one_replica_watch_on_another_cancel_on_a_third() {
         }
     };
     for replica in [&a, &b, &c] {
-        wait_for(
-            &mut replica.jobs_client(),
-            JOB,
+        wait_for_within(
             Duration::from_secs(2),
+            &mut replica.jobs_client(),
+            USER,
+            JOB,
             |j| j.state == JobState::Cancelled as i32,
         )
         .await;
@@ -184,7 +146,14 @@ async fn submit_on_one_replica_watch_on_another_cancel_on_a_third() {
     let ended_after = cancelled_at.elapsed();
     assert!(ended_after < Duration::from_secs(3), "{ended_after:?}");
     let calls_at_end = segmenter.counters.segment_calls.load(Ordering::SeqCst);
-    let job = wait_for(&mut a.jobs_client(), JOB, Duration::from_secs(20), settled).await;
+    let job = wait_for_within(
+        Duration::from_secs(20),
+        &mut a.jobs_client(),
+        USER,
+        JOB,
+        is_settled,
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         segmenter.counters.segment_calls.load(Ordering::SeqCst),
@@ -205,7 +174,14 @@ async fn submit_on_one_replica_watch_on_another_cancel_on_a_third() {
     );
     // A replica started afterwards rebuilds the job from the bucket's history as the others hold it.
     let d = Process::start(binary(), &env, &log("d")).await;
-    let late = wait_for(&mut d.jobs_client(), JOB, Duration::from_secs(5), settled).await;
+    let late = wait_for_within(
+        Duration::from_secs(5),
+        &mut d.jobs_client(),
+        USER,
+        JOB,
+        is_settled,
+    )
+    .await;
     let states = |j: &Job| {
         j.items
             .iter()
@@ -305,7 +281,14 @@ async fn an_edit_taken_by_one_replica_is_answered_and_run_by_every_replica() {
         .submit_job(seed_spec(JOB, IMAGES))
         .await
         .unwrap();
-    wait_for(&mut b.jobs_client(), JOB, Duration::from_secs(30), settled).await;
+    wait_for_within(
+        Duration::from_secs(30),
+        &mut b.jobs_client(),
+        USER,
+        JOB,
+        is_settled,
+    )
+    .await;
     let request = EditJobRequest {
         user_id: USER.into(),
         job_id: EDIT.into(),
@@ -326,7 +309,14 @@ async fn an_edit_taken_by_one_replica_is_answered_and_run_by_every_replica() {
         .edit_job(request.clone())
         .await
         .expect("idempotent across replicas");
-    let edit = wait_for(&mut a.jobs_client(), EDIT, Duration::from_secs(30), settled).await;
+    let edit = wait_for_within(
+        Duration::from_secs(30),
+        &mut a.jobs_client(),
+        USER,
+        EDIT,
+        is_settled,
+    )
+    .await;
     assert_eq!(edit.completed, IMAGES, "{edit:?}");
     assert_eq!(edit.source_job_id, JOB);
     assert_eq!(
@@ -379,8 +369,8 @@ async fn five_sigkilled_replicas_across_a_50_image_job_lose_nothing() {
         let victim = kill % replicas.len();
         let watcher = (victim + 1) % replicas.len();
         let mut jobs = replicas[watcher].jobs_client();
-        let before = get(&mut jobs, JOB).await.unwrap().completed;
-        let at_kill = wait_for(&mut jobs, JOB, Duration::from_secs(60), |j| {
+        let before = get(&mut jobs, USER, JOB).await.completed;
+        let at_kill = wait_for_within(Duration::from_secs(60), &mut jobs, USER, JOB, |j| {
             j.completed >= before + 6
         })
         .await;
@@ -390,11 +380,12 @@ async fn five_sigkilled_replicas_across_a_50_image_job_lose_nothing() {
         replicas[victim] =
             Process::start(binary(), &env, &log(format!("r{victim}-{}", kill + 1))).await;
     }
-    let job = wait_for(
-        &mut replicas[0].jobs_client(),
-        JOB,
+    let job = wait_for_within(
         Duration::from_secs(90),
-        settled,
+        &mut replicas[0].jobs_client(),
+        USER,
+        JOB,
+        is_settled,
     )
     .await;
     let finished_after = last_kill.elapsed();
@@ -430,16 +421,27 @@ async fn a_nats_restart_mid_job_pauses_the_work_and_loses_nothing() {
         .submit_job(seed_spec(JOB, IMAGES))
         .await
         .unwrap();
-    let at_restart = wait_for(&mut b.jobs_client(), JOB, Duration::from_secs(60), |j| {
-        j.completed >= 6
-    })
+    let at_restart = wait_for_within(
+        Duration::from_secs(60),
+        &mut b.jobs_client(),
+        USER,
+        JOB,
+        |j| j.completed >= 6,
+    )
     .await;
     let restarted = Instant::now();
     nats.restart(Duration::from_secs(2));
-    let job = wait_for(&mut b.jobs_client(), JOB, Duration::from_secs(90), settled).await;
+    let job = wait_for_within(
+        Duration::from_secs(90),
+        &mut b.jobs_client(),
+        USER,
+        JOB,
+        is_settled,
+    )
+    .await;
     let finished_after = restarted.elapsed();
     assert_eq!(job.completed, IMAGES, "{job:?}");
-    let again = get(&mut a.jobs_client(), JOB).await.unwrap();
+    let again = get(&mut a.jobs_client(), USER, JOB).await;
     assert_eq!(
         again.completed, IMAGES,
         "both replicas see the end: {again:?}"
@@ -486,7 +488,14 @@ async fn a_queue_pull_job_is_recorded_in_the_shared_store_and_runs_on_every_repl
         .unwrap()
         .await
         .unwrap();
-    let done = wait_for(&mut b.jobs_client(), JOB, Duration::from_secs(60), settled).await;
+    let done = wait_for_within(
+        Duration::from_secs(60),
+        &mut b.jobs_client(),
+        USER,
+        JOB,
+        is_settled,
+    )
+    .await;
     assert_eq!(done.completed, IMAGES, "{done:?}");
     let (ids, deliveries) = callbacks(&hooks);
     assert_eq!((ids.len(), deliveries), (IMAGES as usize, IMAGES as usize));
@@ -519,7 +528,14 @@ async fn an_item_whose_holders_keep_dying_is_given_up_with_one_failed_callback()
     a.kill();
     // The second delivery (after the 3 s lease) is past NATS_MAX_DELIVERIES=1: not run, failed and called back.
     let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
-    let job = wait_for(&mut b.jobs_client(), JOB, Duration::from_secs(30), settled).await;
+    let job = wait_for_within(
+        Duration::from_secs(30),
+        &mut b.jobs_client(),
+        USER,
+        JOB,
+        is_settled,
+    )
+    .await;
     assert_eq!(job.failed, 1, "{job:?}");
     assert_eq!(job.items[0].error_code, "too_many_deliveries");
     let deliveries = hooks.deliveries();
@@ -587,7 +603,14 @@ async fn a_rolling_restart_drains_one_replica_and_its_watcher_moves_to_another()
             break;
         }
     }
-    let last = wait_for(&mut b.jobs_client(), JOB, Duration::from_secs(10), settled).await;
+    let last = wait_for_within(
+        Duration::from_secs(10),
+        &mut b.jobs_client(),
+        USER,
+        JOB,
+        is_settled,
+    )
+    .await;
     assert_eq!(last.completed, IMAGES, "{last:?}");
     let (ids, deliveries) = callbacks(&hooks);
     assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");

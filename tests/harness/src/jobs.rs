@@ -76,7 +76,8 @@ async fn watch_until(
     }
 }
 
-/// GetJob until `done`, backing off from 5 ms to 200 ms between calls.
+/// GetJob until `done`, backing off from 5 ms to 200 ms between calls. An error answer counts as "not yet" until the
+/// deadline: a replica may answer UNAVAILABLE for a moment (its job store restarting, another replica draining).
 async fn poll_until(
     client: &mut JobsClient<Channel>,
     user: &str,
@@ -86,9 +87,15 @@ async fn poll_until(
 ) -> Job {
     let mut pause = Duration::from_millis(5);
     loop {
-        let job = get(client, user, job_id).await;
-        if done(&job) {
-            return job;
+        let request = GetJobRequest {
+            job_id: job_id.into(),
+            user_id: user.into(),
+        };
+        let job = client.get_job(request).await.map(|r| r.into_inner());
+        if let Ok(job) = &job
+            && done(job)
+        {
+            return job.clone();
         }
         assert!(
             Instant::now() < deadline,
