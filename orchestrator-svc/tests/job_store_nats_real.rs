@@ -3,8 +3,8 @@
 //! Submitted on A, watched on B (which sees items RUNNING wherever they run, then ended), A SIGKILLed mid-job: the
 //! job finishes on B and C with every item in one terminal state, called back under one webhook-id, its outputs in
 //! the bucket; then a second job is cancelled from C. (`job_store_nats.rs` runs the same shapes with the fake
-//! segmenter, for fault injection and exact timing.) The kill test of the issue, five SIGKILLs across a 50-image job,
-//! runs here on real parts too.
+//! segmenter, for fault injection and exact timing.) The issue's kill test (five SIGKILLs across a 50-image job) and
+//! a NATS restart mid-job run here on real parts too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -295,6 +295,62 @@ async fn five_sigkills_across_a_50_image_job_on_real_parts_lose_nothing() {
          {IMAGES} images in {:?}, the job finished {finished_after:?} after the last kill; 0 items lost, {} \
          duplicate deliveries (same webhook-id)",
         started.elapsed(),
+        deliveries - IMAGES as usize
+    );
+}
+
+/// NATS SIGKILLed mid-job and started again 2 s later, every other part real: the work pauses and resumes; every
+/// item ends once, called back under one webhook-id, and both replicas see the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_mid_job_on_real_parts_pauses_the_work_and_loses_nothing() {
+    let Some(mut nats) = nats::start() else {
+        return;
+    };
+    let Some(weed) = seaweed::start("palette-replicas-nats-restart") else {
+        return;
+    };
+    const JOB: &str = "replicas-real-nats-restart";
+    const IMAGES: u32 = 24;
+    let store = s3(&weed);
+    put_inputs(&store, JOB, IMAGES).await;
+    let segmenter = segmenter::start_default().await;
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = env(&weed, &nats.url, &segmenter.url(), &hooks.url());
+    let a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
+    a.jobs_client()
+        .submit_job(seed_spec(JOB, IMAGES))
+        .await
+        .unwrap();
+    let at_restart = wait_for_within(LIMIT, &mut b.jobs_client(), SEED_USER, JOB, |j| {
+        j.completed >= 4
+    })
+    .await;
+    let restarted = Instant::now();
+    tokio::task::block_in_place(|| nats.restart(Duration::from_secs(2)));
+    let done = wait_for_within(LIMIT, &mut b.jobs_client(), SEED_USER, JOB, is_settled).await;
+    let finished_after = restarted.elapsed();
+    assert_eq!(done.completed, IMAGES, "{done:?}");
+    let on_a = wait_for_within(LIMIT, &mut a.jobs_client(), SEED_USER, JOB, is_settled).await;
+    assert_eq!(
+        on_a.completed, IMAGES,
+        "both replicas see the end: {on_a:?}"
+    );
+    let (ids, deliveries) = callbacks(&hooks, JOB);
+    assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
+    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    for item in &done.items {
+        assert!(
+            store.exists(&item.output_key).await.unwrap(),
+            "{}",
+            item.output_key
+        );
+    }
+    eprintln!(
+        "real segmenter + SeaweedFS, 2 replicas: NATS down 2 s at {} of {IMAGES} completed; the job finished \
+         {finished_after:?} after the restart began; 0 items lost, {} duplicate deliveries",
+        at_restart.completed,
         deliveries - IMAGES as usize
     );
 }
