@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::Cluster;
 use crate::error::Report;
 use crate::jobs::job::JobHandle;
-use crate::jobs::store::{self, JobRecord, KeyOf, StoreError};
+use crate::jobs::store::{self, JobRecord, KeyOf, RecordKey, StoreError};
 use crate::jobs::{JobKey, JobService, durable};
 
 /// Pause before watching again after the watch failed or ended.
@@ -67,18 +67,15 @@ impl JobService {
                     .get(&JobKey { user_id, job_id })
                     .is_ok_and(|j| j.spec_hash == record.spec_hash);
                 let (record_key, image_count) = (record.key(), record.spec.image_count);
-                // A record rewritten by a cancel comes after some of its items in the bucket's history (one value
-                // per key, at its last write): a job first seen so has its items read here.
+                // A record rewritten by a cancel comes after some of its items and claims in the bucket's history
+                // (one value per key, at its last write): a job first seen so has them read here.
                 let rewritten = record.cancelled;
                 if let Some(job) = self.adopt_record(record)
                     && !known
                     && rewritten
+                    && let Err(e) = read_items(cluster, &job, &record_key, image_count).await
                 {
-                    for idx in 0..image_count.min(job.plan.image_count) {
-                        if let Ok(Some(item)) = cluster.store().item(&record_key, idx).await {
-                            job.apply_record(idx, item);
-                        }
-                    }
+                    tracing::warn!(key = %entry.key, error = %Report(&e), "items of a cancelled job not read");
                 }
             }
             Some(KeyOf::Job { user_id, job_id }) => {
@@ -156,13 +153,24 @@ impl JobService {
         let Some(job) = self.adopt_record(record) else {
             return Ok(None);
         };
-        for idx in 0..image_count.min(job.plan.image_count) {
-            if let Some(item) = cluster.store().item(&record_key, idx).await? {
-                job.apply_record(idx, item);
-            } else if cluster.store().claim_of(&record_key, idx).await?.is_some() {
-                job.show_running(idx);
-            }
-        }
+        read_items(cluster, &job, &record_key, image_count).await?;
         Ok(Some(job))
     }
+}
+
+/// The job's recorded items (terminal records, and claims of the items running on some replica) read into `job`.
+async fn read_items(
+    cluster: &Cluster,
+    job: &JobHandle,
+    record_key: &RecordKey,
+    image_count: u32,
+) -> Result<(), StoreError> {
+    for idx in 0..image_count.min(job.plan.image_count) {
+        if let Some(item) = cluster.store().item(record_key, idx).await? {
+            job.apply_record(idx, item);
+        } else if cluster.store().claim_of(record_key, idx).await?.is_some() {
+            job.show_running(idx);
+        }
+    }
+    Ok(())
 }
