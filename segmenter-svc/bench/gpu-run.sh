@@ -11,6 +11,8 @@
 #             ONNX Runtime profile of 3 requests x 3 concepts (vision + text + decoder) into $OUT/profile_fp16/
 #   eager     the eager-attention fp16 graphs, 3 concepts, concurrency 1 and 4: what fused attention changes
 #   batch     the same fp16 graphs with MAX_BATCH_IMAGES=4 at concurrency 4: does batching help? (time permitting)
+#   static    the same fp16 graphs with static-shape decoder sessions (DECODER_STATIC_BATCHES=1,2,4,8), 3 concepts
+#             (time permitting; no CUDA graphs yet: this measures the folded shapes alone)
 #   fp32      export + bench of the fp32 graphs (time permitting)
 #   summary   one table ($OUT/summary.md) with the GOAL line, session build times and ONNX Runtime's placement
 #             warnings; the whole log is $OUT/log.txt
@@ -26,7 +28,7 @@
 #
 # Time: bounded at GPU_RUN_BUDGET_S (default 420 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
-# FP32=0|1 (1), ATTN_AB=0|1 (1: bench the eager-attention graphs too), BATCH_AB=0|1 (1), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
+# FP32=0|1 (1), ATTN_AB=0|1 (1: bench the eager-attention graphs too), BATCH_AB=0|1 (1), STATIC_AB=0|1 (1), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
 # PROFILE=0|1 (1), REQUESTS (20), WARMUP (3), HF_RUNS (10), HF_MODES (bf16), HF_CONCEPTS (3), CONCEPTS (1,3,8),
 # CONCURRENCY (1,4), SMOKE=0|1 (1); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the GPU-mode path (assemble,
 # env.sh, the GPU ORT library) on a machine without a GPU.
@@ -62,6 +64,7 @@ BUDGET=${GPU_RUN_BUDGET_S:-420}
 FP32=${FP32:-1}
 BATCH_AB=${BATCH_AB:-1}
 ATTN_AB=${ATTN_AB:-1}
+STATIC_AB=${STATIC_AB:-1}
 ENGINE_REF=${ENGINE_REF:-0}
 PROFILE=${PROFILE:-1}
 SMOKE=${SMOKE:-1}
@@ -222,6 +225,11 @@ if ((FP16_OK)); then
     if (($(left) >= 70)); then
       bench fp16_batch4 fp16 90 --concepts 3 --concurrency 4 --max-batch-images 4
     else skip bench_fp16_batch4 "only $(left)s of the budget left"; fi
+  fi
+  if ((STATIC_AB)); then
+    if (($(left) >= 60)); then
+      bench fp16_static fp16 80 --concepts 3 --concurrency 1 --decoder-static-batches 1,2,4,8
+    else skip bench_fp16_static "only $(left)s of the budget left"; fi
   fi
 else
   log "no fp16 export: no fp16 bench"
