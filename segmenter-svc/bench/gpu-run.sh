@@ -3,11 +3,16 @@
 #   setup     the last ORT GPU part (carried with this call) joins the others in /tmp/gpu-parts, assemble, unpack
 #             segmenter-bench
 #   smoke     tiny model on the CUDA EP, 3 requests (~20 s): ABORTS the run when CUDA does not work
-#   export    full-size random SAM3, fp16, all cores (kept in /tmp/models: a rerun on the warm machine skips it)
+#   export    full-size random SAM3, fp16, all cores, with eager attention (sam3-full-fp16-eager), then the same
+#             graphs with fused attention (export/fused_attention.py, no torch: sam3-full-fp16, what the exporter
+#             writes by default); both kept in /tmp/models: a rerun on the warm machine skips them
 #   hf        HF PyTorch bf16 autocast reference, 3 concepts, on the same GPU
-#   bench     segmenter-bench fp16 through gRPC (1, 3, 8 concepts; concurrency 1 and 4), then one ONNX Runtime
-#             profile of 3 requests x 3 concepts (vision + text + decoder) into $OUT/profile_fp16/
+#   bench     segmenter-bench fp16 (fused attention) through gRPC (1, 3, 8 concepts; concurrency 1 and 4), then one
+#             ONNX Runtime profile of 3 requests x 3 concepts (vision + text + decoder) into $OUT/profile_fp16/
+#   eager     the eager-attention fp16 graphs, 3 concepts, concurrency 1 and 4: what fused attention changes
 #   batch     the same fp16 graphs with MAX_BATCH_IMAGES=4 at concurrency 4: does batching help? (time permitting)
+#   static    the same fp16 graphs with static-shape decoder sessions (DECODER_STATIC_BATCHES=1,2,4,8), 3 concepts
+#             (time permitting; no CUDA graphs yet: this measures the folded shapes alone)
 #   fp32      export + bench of the fp32 graphs (time permitting)
 #   summary   one table ($OUT/summary.md) with the GOAL line, session build times and ONNX Runtime's placement
 #             warnings; the whole log is $OUT/log.txt
@@ -23,7 +28,7 @@
 #
 # Time: bounded at GPU_RUN_BUDGET_S (default 420 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
-# FP32=0|1 (1), BATCH_AB=0|1 (1), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
+# FP32=0|1 (1), ATTN_AB=0|1 (1: bench the eager-attention graphs too), BATCH_AB=0|1 (1), STATIC_AB=0|1 (1), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
 # PROFILE=0|1 (1), REQUESTS (20), WARMUP (3), HF_RUNS (10), HF_MODES (bf16), HF_CONCEPTS (3), CONCEPTS (1,3,8),
 # CONCURRENCY (1,4), SMOKE=0|1 (1); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the GPU-mode path (assemble,
 # env.sh, the GPU ORT library) on a machine without a GPU.
@@ -58,6 +63,8 @@ HF_CONCEPTS=${HF_CONCEPTS:-3}
 BUDGET=${GPU_RUN_BUDGET_S:-420}
 FP32=${FP32:-1}
 BATCH_AB=${BATCH_AB:-1}
+ATTN_AB=${ATTN_AB:-1}
+STATIC_AB=${STATIC_AB:-1}
 ENGINE_REF=${ENGINE_REF:-0}
 PROFILE=${PROFILE:-1}
 SMOKE=${SMOKE:-1}
@@ -155,15 +162,21 @@ fi
 echo "cores: $(nproc)"; free -g | head -2 || true
 
 # ---- 2. export fp16 (all cores; nothing is timed meanwhile; kept for reruns) -----------------------------------------
-export_model() {  # export_model PRECISION TIMEOUT: skipped when the folder holds a complete export
-  local dir=$MODELS/sam3-$SIZE-$1
+export_model() {  # export_model PRECISION TIMEOUT: skipped when the folders hold a complete export
+  # One export with eager attention (the A/B reference), then the converter writes the fused copy the benches
+  # serve: cheaper than a second export (~2 min at full size), and it runs the torch-free converter on the real
+  # graph sizes. The exporter's default fuses before its fp16 conversion; the ops and shapes are the same.
+  local dir=$MODELS/sam3-$SIZE-$1 eager=$MODELS/sam3-$SIZE-$1-eager rc=0
   if [[ -s $dir/manifest.json ]]; then log "export $1: $dir is complete (manifest.json), reused"; STATUS+=("export_$1=reused"); return 0; fi
+  if [[ ! -s $eager/manifest.json ]]; then
+    rm -rf "$eager"
+    step "export_$1" "$2" env OMP_WAIT_POLICY=PASSIVE "${PYCMD[@]}" segmenter-svc/export/export_sam3.py --random-init "$SIZE" \
+      --seed 0 --precision "$1" --attention eager --clip-bpe "$BPE" --out "$eager" > "$MODELS/export_$1.log" 2>&1 || rc=$?
+    sed 's/^/  [export '"$1"'] /' "$MODELS/export_$1.log" | tail -40
+    ((rc == 0)) || return "$rc"
+  fi
   rm -rf "$dir"
-  step "export_$1" "$2" env OMP_WAIT_POLICY=PASSIVE "${PYCMD[@]}" segmenter-svc/export/export_sam3.py --random-init "$SIZE" \
-    --seed 0 --precision "$1" --clip-bpe "$BPE" --out "$dir" > "$MODELS/export_$1.log" 2>&1
-  local rc=$?
-  sed 's/^/  [export '"$1"'] /' "$MODELS/export_$1.log" | tail -40
-  return "$rc"
+  step "fuse_$1" 90 "${PYCMD[@]}" segmenter-svc/export/fused_attention.py --src "$eager" --out "$dir" || { rm -rf "$dir"; return 1; }
 }
 FP16_OK=0
 export_model fp16 240 && FP16_OK=1 || true
@@ -203,10 +216,20 @@ if ((FP16_OK)); then
   ((PROFILE)) && prof=(--profile-dir "$OUT/profile_fp16" --profile-concepts 3 --profile-requests 3)
   bench fp16 fp16 200 --concepts "$CONCEPTS" --concurrency "$CONCURRENCY" "${prof[@]}"
   fp16_fallback
+  if ((ATTN_AB)); then
+    if (($(left) >= 70)); then
+      bench fp16_eager fp16-eager 100 --concepts 3 --concurrency 1,4
+    else skip bench_fp16_eager "only $(left)s of the budget left"; fi
+  fi
   if ((BATCH_AB)); then
     if (($(left) >= 70)); then
       bench fp16_batch4 fp16 90 --concepts 3 --concurrency 4 --max-batch-images 4
     else skip bench_fp16_batch4 "only $(left)s of the budget left"; fi
+  fi
+  if ((STATIC_AB)); then
+    if (($(left) >= 60)); then
+      bench fp16_static fp16 80 --concepts 3 --concurrency 1 --decoder-static-batches 1,2,4,8
+    else skip bench_fp16_static "only $(left)s of the budget left"; fi
   fi
 else
   log "no fp16 export: no fp16 bench"
@@ -238,7 +261,7 @@ for f in "$OUT"/bench_*.json; do [[ -e $f ]] && benches+=(--bench "$(basename "$
   echo
   echo "Session builds, serving settings, warm-up per shape, ONNX Runtime's warnings (from log.txt, in order; repeats"
   echo "of the same line dropped):"
-  grep -E 'ONNX Runtime session built|onnxruntime: |serving settings|warm-up|model loaded and warm|START bench|START smoke' \
+  grep -E 'ONNX Runtime session built|sessions ready|onnxruntime: |serving settings|warm-up|model loaded and warm|START bench|START smoke' \
     "$OUT/log.txt" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[0-9T:.-]*Z *//' | awk '!seen[$0]++' | head -80 || true
   if compgen -G "$OUT/profile_fp16/*.json" >/dev/null; then echo; echo "ORT profiles: $(cd "$OUT" && ls profile_fp16/*.json | tr '\n' ' ')"; fi
 } > "$OUT/summary.md" 2>&1

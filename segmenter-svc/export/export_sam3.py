@@ -13,13 +13,16 @@ with S = image size, M = 4*S/14, C = FPN channels, D = text feature dim, Q = que
 the decoder keeps its best K queries by logit, best first, so the dense [N,Q,M,M] masks (66 MB per phrase at full
 size) stay inside ONNX Runtime. --topk 0 exports the dense outputs instead (pred_masks [N,Q,M,M], pred_boxes,
 pred_logits [N,Q]); the server reads both forms.
+Attention in the vision and decoder graphs is one com.microsoft MultiHeadAttention node per block (fused_attention.py:
+ONNX Runtime's fused kernels, no [B,H,S,L] score tensor); --attention eager keeps the traced MatMul/Softmax form.
 
 Usage:
   # the real model (gated: HF_TOKEN must hold a token with access), or a local snapshot directory
   HF_TOKEN=hf_... python export_sam3.py --model facebook/sam3 --revision main --out /models/sam3
   python export_sam3.py --model /path/to/sam3-snapshot --out /models/sam3 --precision fp16
 
-  # random weights, no download (tiny = the committed test model, exported with --topk 16; full = Sam3Config())
+  # random weights, no download (tiny = the committed test model, exported with --topk 16; full = Sam3Config();
+  # mid = image 504 with the real DETR widths, for CPU measurements at real-ish sequence lengths)
   python export_sam3.py --random-init tiny --seed 0 --topk 16 --out ../models/sam3-tiny
 
   # parity: PyTorch vs ONNX Runtime (CPU) on real images; writes reference fixtures, fails on disagreement
@@ -51,6 +54,7 @@ import numpy as np
 
 import check_onnx
 import fp16
+import fused_attention
 import image_input as image_input_graph
 import sam3_common as common
 
@@ -156,6 +160,29 @@ def tiny_config():
     )
 
 
+def mid_config():
+    """Between tiny and full, for CPU measurements where sequence length matters (attention): image 504 (36x36
+    patches, 1296 tokens; the real model has 72x72), a 8-layer 256-d ViT with head size 64 as the real one, 12x12
+    windows and 2 global layers; the real DETR/mask-decoder widths (256, 8 heads, 6 + 6 layers, 200 queries)."""
+    from transformers import Sam3Config, Sam3ViTConfig, Sam3VisionConfig
+
+    s, d = 504, 256
+    m = common.mask_size(s)
+    vit = Sam3ViTConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
+                        image_size=s, patch_size=14, pretrain_image_size=168, window_size=12,
+                        global_attn_indexes=[3, 7])
+    return Sam3Config(
+        vision_config=Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=d,
+                                       backbone_feature_sizes=[[m, m], [m // 2, m // 2], [m // 4, m // 4]]),
+        text_config={
+            "vocab_size": common.VOCAB_SIZE, "hidden_size": 256, "intermediate_size": 1024, "projection_dim": 256,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": common.CONTEXT_LENGTH,
+            "hidden_act": "gelu",
+        },
+        geometry_encoder_config={"hidden_size": d, "num_layers": 1, "num_attention_heads": 8, "intermediate_size": 512},
+    )
+
+
 def fan_in_reinit(model, seed: int) -> None:
     """Replace HF's std-0.02 init (mask logits ~1e-3) with fan-in scaled weights so every output is O(1).
 
@@ -212,7 +239,7 @@ def load_model(args):
 
     if args.random_init:
         torch.manual_seed(args.seed)
-        config = tiny_config() if args.random_init == "tiny" else Sam3Config()
+        config = {"tiny": tiny_config, "mid": mid_config, "full": Sam3Config}[args.random_init]()
         config._attn_implementation = "eager"
         model = Sam3Model(config)
         fan_in_reinit(model, args.seed)
@@ -347,7 +374,8 @@ def _save_onnx(onnx_model, path: Path) -> list[Path]:
     return []
 
 
-def export_graphs(model, out: Path, precision: str, opset: int, topk: int, image_input: str) -> dict:
+def export_graphs(model, out: Path, precision: str, opset: int, topk: int, image_input: str,
+                  attention: str = "fused") -> dict:
     import onnx
     import torch
 
@@ -393,6 +421,9 @@ def export_graphs(model, out: Path, precision: str, opset: int, topk: int, image
                                   output_names=[x["name"] for x in traced_spec["outputs"]], dynamic_axes=dynamic_axes,
                                   opset_version=opset, do_constant_folding=True, dynamo=False)
             onnx_model = onnx.load(str(raw))  # pulls in external data if the exporter wrote any
+            if attention == "fused" and name in fused_attention.FUSED_GRAPHS:
+                blocks = fused_attention.fuse_attention(onnx_model)
+                print(f"  {name}: {blocks} attention blocks fused into MultiHeadAttention", flush=True)
             if precision == "fp16":
                 onnx_model = fp16.to_fp16(onnx_model, name)
             if name == "vision" and image_input == "u8":
@@ -409,7 +440,8 @@ def export_graphs(model, out: Path, precision: str, opset: int, topk: int, image
     return graphs
 
 
-def write_manifest(out: Path, info: dict, dims: dict, precision: str, opset: int, graphs: dict, topk: int) -> dict:
+def write_manifest(out: Path, info: dict, dims: dict, precision: str, opset: int, graphs: dict, topk: int,
+                   attention: str = "fused") -> dict:
     import torch
     import transformers
 
@@ -420,6 +452,7 @@ def write_manifest(out: Path, info: dict, dims: dict, precision: str, opset: int
         **info,
         "precision": precision,
         "opset": opset,
+        "attention": attention,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "image_size": dims["image_size"],
@@ -541,7 +574,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="HF repo id (e.g. facebook/sam3; token from HF_TOKEN) or a local snapshot dir")
-    src.add_argument("--random-init", choices=["tiny", "full"], help="random weights, no download")
+    src.add_argument("--random-init", choices=["tiny", "mid", "full"], help="random weights, no download")
     ap.add_argument("--revision", default=None, help="HF revision (branch, tag or commit) for --model")
     ap.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
     ap.add_argument("--out", type=Path, required=True, help="output directory for the 5 model files")
@@ -554,6 +587,10 @@ def parse_args(argv=None):
     ap.add_argument("--image-input", choices=["u8", "f32"], default="u8",
                     help="the vision graph's image input: u8 = the resized photo as uint8 HWC, normalised in the "
                          "graph (default); f32 = normalised float32 CHW, as exports before 2026-11-30")
+    ap.add_argument("--attention", choices=["fused", "eager"], default="fused",
+                    help="fused (default): each attention block of the vision and decoder graphs is one "
+                         "com.microsoft MultiHeadAttention node (fused_attention.py); eager: the traced "
+                         "MatMul/Softmax form, as exports before 2026-11-30")
     ap.add_argument("--clip-bpe", default=None, help=f"path to {BPE_NAME} (default: found automatically, see above)")
     ap.add_argument("--parity-out", type=Path, default=None, help="run PyTorch vs ORT and write reference outputs here")
     ap.add_argument("--images", nargs="+", default=[], help="parity images (all get the same --concepts)")
@@ -587,8 +624,9 @@ def main(argv=None) -> int:
     print(f"model ready: {n_params:,} parameters ({time.time() - t0:.1f} s) {info}", flush=True)
 
     topk = min(max(args.topk, 0), model_dims(model)["num_queries"])
-    graphs = export_graphs(model, args.out, args.precision, args.opset, topk, args.image_input)
-    manifest = write_manifest(args.out, info, model_dims(model), args.precision, args.opset, graphs, topk)
+    graphs = export_graphs(model, args.out, args.precision, args.opset, topk, args.image_input, args.attention)
+    manifest = write_manifest(args.out, info, model_dims(model), args.precision, args.opset, graphs, topk,
+                              args.attention)
     print(f"manifest.json written: image_size={manifest['image_size']} mask_size={manifest['mask_size']} "
           f"queries={manifest['num_queries']} D={manifest['text_feature_dim']} C={manifest['fpn_channels']}")
 

@@ -104,6 +104,15 @@ pub struct Config {
     #[arg(long, env = "DECODER_CHUNK", default_value_t = 0)]
     pub decoder_chunk: usize,
 
+    /// Phrase counts that get a decoder session of their own with that count fixed (comma-separated, e.g.
+    /// `1,2,4,8`; empty, the default: the dynamic graph only). ONNX Runtime then folds the graph's shape
+    /// arithmetic (the tiny decoder: 2091 nodes, 483 with N fixed, no Shape/If/Size left), the form CUDA graphs
+    /// need. A chunk of n phrases runs on the smallest count >= n, padded by repeating its last phrase (the padded
+    /// rows are dropped); chunks larger than every count run on the dynamic graph. Each count costs one more
+    /// session (its build time and, on CUDA, its arena).
+    #[arg(long, env = "DECODER_STATIC_BATCHES", value_delimiter = ',')]
+    pub decoder_static_batches: Vec<usize>,
+
     /// Distinct phrases whose text features are kept (32 x 256 floats = 32 KB each at full size). At least
     /// MAX_CONCEPTS x MAX_BATCH_IMAGES (one batch's phrases), or startup stops.
     #[arg(long, env = "TEXT_CACHE_ENTRIES", default_value_t = 4096)]

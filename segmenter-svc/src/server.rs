@@ -152,6 +152,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
         provider = %provider,
         model = %manifest.model_id(),
         random_init = manifest.random_init.as_deref().unwrap_or("none"),
+        attention = manifest.attention.as_deref().unwrap_or("eager"),
         "sessions ready"
     );
     if manifest.random_init.is_some() {

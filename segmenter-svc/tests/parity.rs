@@ -190,6 +190,16 @@ async fn f32_image_input_exports_still_match_pytorch() {
     );
 }
 
+/// Static-shape decoder sessions (DECODER_STATIC_BATCHES): the fixed 2- and 4-phrase sessions run the reference
+/// cases' 1 (probe), 2 and 3 phrases padded up to their count, and give the PyTorch references' instances.
+#[tokio::test]
+async fn static_shape_decoder_sessions_match_pytorch() {
+    let mut config = common::test_config();
+    config.decoder_static_batches = vec![4, 2];
+    config.decoder_chunk = 4;
+    check_parity(config).await;
+}
+
 async fn check_parity(
     config: segmenter_svc::Config,
 ) -> std::sync::Arc<segmenter_svc::service::Shared> {

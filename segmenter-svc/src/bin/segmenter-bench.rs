@@ -61,6 +61,10 @@ struct Args {
     /// 4 on the CPU).
     #[arg(long, default_value_t = 0)]
     max_batch_images: usize,
+    /// Phrase counts with a static-shape decoder session of their own (the server's DECODER_STATIC_BATCHES;
+    /// empty: the dynamic decoder only).
+    #[arg(long, value_delimiter = ',')]
+    decoder_static_batches: Vec<usize>,
     /// Also measure the engine called in-process (a second set of sessions, loaded after the gRPC runs): the
     /// `x engine` column.
     #[arg(long)]
@@ -130,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
     // Hashing 1-3 GB of graphs at every load buys nothing in a benchmark.
     config.verify_checksums = false;
     config.max_batch_images = args.max_batch_images;
+    config.decoder_static_batches = args.decoder_static_batches.clone();
     config.log_level = args.log_level.clone();
     config.queue_capacity = 256;
     // A failed warm-up must end the bench at once: no recovery probes that would keep it NOT_SERVING-but-trying.

@@ -59,7 +59,15 @@ impl Worker {
                 "warm-up"
             );
         }
-        let counts: Vec<usize> = phrase_counts.into_iter().filter(|&n| n > 1).collect();
+        // Each static-shape decoder session within the chunk runs once too (3 phrases run on a 4-phrase session).
+        let chunk = self.settings.decoder_chunk.max(1);
+        let mut counts: Vec<usize> = phrase_counts
+            .into_iter()
+            .chain(self.sessions.decoder_static.iter().map(|(n, _)| *n))
+            .filter(|&n| n > 1 && n <= chunk)
+            .collect();
+        counts.sort_unstable();
+        counts.dedup();
         if counts.is_empty() {
             return Ok(());
         }
@@ -100,6 +108,7 @@ impl Worker {
             drop(text_out);
             decode_chunk(
                 &mut self.sessions.decoder,
+                &mut self.sessions.decoder_static,
                 &self.settings,
                 &fpn,
                 0,

@@ -20,6 +20,8 @@ use crate::model::tokenizer::Tokens;
 use crate::postprocess::{ConceptOutputs, FilterParams, KeptConcept, filter_concept};
 use crate::preprocess::Pixels;
 
+#[path = "decoder_choice.rs"]
+mod decoder_choice;
 #[path = "warmup.rs"]
 mod warmup;
 
@@ -245,6 +247,7 @@ impl Worker {
         let Sessions {
             vision,
             decoder,
+            decoder_static,
             provider,
             ..
         } = &mut self.sessions;
@@ -257,6 +260,7 @@ impl Worker {
         faults.check("decoder")?;
         decode_chunk(
             decoder,
+            decoder_static,
             &self.settings,
             &fpn,
             0,
@@ -344,6 +348,7 @@ impl Worker {
                 settings.faults.check("decoder")?;
                 let (kept, spent) = decode_chunk(
                     &mut sessions.decoder,
+                    &mut sessions.decoder_static,
                     settings,
                     &fpn,
                     index,
@@ -456,10 +461,12 @@ fn fpn_views<'a>(outputs: &'a SessionOutputs<'_>) -> ort::Result<Vec<FpnLevel<'a
         .collect()
 }
 
-/// Runs the decoder on one image's FPN levels for a chunk of phrases and keeps the instances that pass the filter.
+/// Runs the decoder on one image's FPN levels for a chunk of phrases and keeps the instances that pass the filter:
+/// on the smallest static-shape session that holds the chunk (DECODER_STATIC_BATCHES), else on the dynamic graph.
 #[allow(clippy::too_many_arguments)]
 fn decode_chunk(
-    decoder: &mut Session,
+    dynamic: &mut Session,
+    fixed: &mut [(usize, Session)],
     settings: &EngineSettings,
     fpn: &[FpnLevel<'_>],
     image: usize,
@@ -469,34 +476,67 @@ fn decode_chunk(
     params: FilterParams,
 ) -> ort::Result<(Vec<KeptConcept>, Duration)> {
     let n = features.len();
+    // `rows` >= n: a static-shape session runs its fixed count, the rows past n repeat the last phrase.
+    let (decoder, rows) = match decoder_choice::smallest_holding(fixed, n) {
+        Some((count, session)) => (session, count),
+        None => (dynamic, n),
+    };
     let l = settings.context;
-    let text: Vec<f32> = features.iter().flat_map(|f| f.iter().copied()).collect();
-    let mask: Vec<i64> = tokens.iter().flat_map(|t| t.mask.iter().copied()).collect();
-    let d = text.len() / (n * l);
+    let text: Vec<f32> = decoder_choice::pad_rows(features, rows)
+        .iter()
+        .flat_map(|f| f.iter().copied())
+        .collect();
+    let mask: Vec<i64> = decoder_choice::pad_rows(tokens, rows)
+        .iter()
+        .flat_map(|t| t.mask.iter().copied())
+        .collect();
+    let d = text.len() / (rows * l);
     let outputs = decoder.run(ort::inputs![
         "fpn_0" => fpn[0].image(image)?,
         "fpn_1" => fpn[1].image(image)?,
         "fpn_2" => fpn[2].image(image)?,
-        "text_features" => TensorRef::from_array_view(([n, l, d], &text[..]))?,
-        "text_mask" => TensorRef::from_array_view(([n, l], &mask[..]))?,
+        "text_features" => TensorRef::from_array_view(([rows, l, d], &text[..]))?,
+        "text_mask" => TensorRef::from_array_view(([rows, l], &mask[..]))?,
     ])?;
     let t = Instant::now();
+    let kept = keep_concepts(
+        settings,
+        n,
+        rows,
+        image_size,
+        params,
+        |name| Ok(outputs[name].try_extract_tensor::<f32>()?.1),
+        |name| Ok(outputs[name].try_extract_tensor::<i64>()?.1),
+    )?;
+    Ok((kept, t.elapsed()))
+}
+
+/// The first `n` of a decoder run's `rows` phrases through the filter, reading the outputs by name.
+fn keep_concepts<'o>(
+    settings: &EngineSettings,
+    n: usize,
+    rows: usize,
+    image_size: (u32, u32),
+    params: FilterParams,
+    f32s: impl Fn(&'static str) -> ort::Result<&'o [f32]>,
+    i64s: impl Fn(&'static str) -> ort::Result<&'o [i64]>,
+) -> ort::Result<Vec<KeptConcept>> {
     // Top-k exports return R = K rows per phrase with their query indices; dense ones return every query.
     let topk = settings.decoder_topk > 0;
     let name = |dense: &'static str, top: &'static str| if topk { top } else { dense };
-    let (_, masks) = outputs[name("pred_masks", "topk_masks")].try_extract_tensor::<f32>()?;
-    let (_, boxes) = outputs[name("pred_boxes", "topk_boxes")].try_extract_tensor::<f32>()?;
-    let (_, logits) = outputs[name("pred_logits", "topk_logits")].try_extract_tensor::<f32>()?;
+    let masks = f32s(name("pred_masks", "topk_masks"))?;
+    let boxes = f32s(name("pred_boxes", "topk_boxes"))?;
+    let logits = f32s(name("pred_logits", "topk_logits"))?;
     let queries = if topk {
-        Some(outputs["topk_queries"].try_extract_tensor::<i64>()?.1)
+        Some(i64s("topk_queries")?)
     } else {
         None
     };
-    let (_, presence) = outputs["presence_logits"].try_extract_tensor::<f32>()?;
-    let (_, semantic) = outputs["semantic_seg"].try_extract_tensor::<f32>()?;
+    let presence = f32s("presence_logits")?;
+    let semantic = f32s("semantic_seg")?;
     let m = settings.mask_size;
-    let q = logits.len() / n;
-    let kept = (0..n)
+    let q = logits.len() / rows;
+    Ok((0..n)
         .map(|i| {
             let view = ConceptOutputs {
                 masks: &masks[i * q * m * m..(i + 1) * q * m * m],
@@ -508,8 +548,7 @@ fn decode_chunk(
             };
             filter_concept(&view, m, image_size, params)
         })
-        .collect();
-    Ok((kept, t.elapsed()))
+        .collect())
 }
 
 /// One FPN level of a vision batch: a tensor in the vision run's output buffer, possibly in device memory.

@@ -19,6 +19,10 @@ pub struct Manifest {
     pub source_revision: String,
     pub random_init: Option<String>,
     pub precision: String,
+    /// "fused" (attention blocks are com.microsoft MultiHeadAttention nodes, export/fused_attention.py) or "eager"
+    /// (the traced MatMul/Softmax form; exports without the field). Only logged: ONNX Runtime runs both.
+    #[serde(default)]
+    pub attention: Option<String>,
     pub image_size: u32,
     pub image_mean: [f32; 3],
     pub image_std: [f32; 3],

@@ -62,6 +62,8 @@ pub struct Sessions {
     pub vision: Session,
     pub text: Session,
     pub decoder: Session,
+    /// The decoder with its phrase count N fixed (DECODER_STATIC_BATCHES), ascending by N.
+    pub decoder_static: Vec<(usize, Session)>,
     pub provider: Provider,
     /// Sessions were built with ORT_PROFILE_DIR: `end_profiling` writes their profiles.
     pub profiling: bool,
@@ -118,29 +120,47 @@ pub fn build_sessions(
     }
     // The manifest says what the graphs take and return; a graph whose tensors differ (another export, a hand-edited
     // folder) is refused here, at startup, not by the first request.
-    let build = |graph: &'static str, spec: &manifest::GraphSpec| -> Result<Session, ModelError> {
+    let build = |graph: &'static str,
+                 spec: &manifest::GraphSpec,
+                 phrases: Option<usize>|
+     -> Result<Session, ModelError> {
         let path = manifest::safe_join(dir, &spec.file)?;
         let started = Instant::now();
-        let session =
-            new_session(&env, config, manifest, &provider, graph, &path).map_err(|e| {
-                ModelError::Session {
-                    graph,
-                    detail: e.to_string(),
-                }
+        let session = new_session(&env, config, manifest, &provider, graph, &path, phrases)
+            .map_err(|e| ModelError::Session {
+                graph,
+                detail: e.to_string(),
             })?;
         tracing::info!(
             graph,
             provider = %provider,
+            fixed_phrases = phrases.unwrap_or(0),
             build_ms = started.elapsed().as_millis() as u64,
             "ONNX Runtime session built"
         );
         check_io(graph, &session, spec)?;
         Ok(session)
     };
+    let vision = build("vision", &manifest.graphs.vision, None)?;
+    let text = build("text", &manifest.graphs.text, None)?;
+    let decoder = build("decoder", &manifest.graphs.decoder, None)?;
+    let mut counts = config.decoder_static_batches.clone();
+    counts.sort_unstable();
+    counts.dedup();
+    if counts.contains(&0) {
+        return Err(ModelError::Invalid(
+            "DECODER_STATIC_BATCHES: phrase counts start at 1".into(),
+        ));
+    }
+    let decoder_static = counts
+        .into_iter()
+        .map(|n| Ok((n, build("decoder", &manifest.graphs.decoder, Some(n))?)))
+        .collect::<Result<Vec<_>, ModelError>>()?;
     Ok(Sessions {
-        vision: build("vision", &manifest.graphs.vision)?,
-        text: build("text", &manifest.graphs.text)?,
-        decoder: build("decoder", &manifest.graphs.decoder)?,
+        vision,
+        text,
+        decoder,
+        decoder_static,
         provider,
         profiling: config.ort_profile_dir.is_some(),
     })
@@ -199,6 +219,7 @@ fn new_session(
     provider: &Provider,
     graph: &'static str,
     path: &Path,
+    fixed_phrases: Option<usize>,
 ) -> ort::Result<Session> {
     let mut builder = Session::builder(env)?
         .with_optimization_level(GraphOptimizationLevel::Level3)?
@@ -221,8 +242,12 @@ fn new_session(
     if let Some(threads) = provider.intra_threads(config.intra_threads) {
         builder = builder.with_intra_threads(threads)?;
     }
-    if let Some(dir) = &config.ort_profile_dir {
-        // ONNX Runtime appends `_<timestamp>.json` to this prefix.
+    if let Some(n) = fixed_phrases {
+        // The decoder's phrase dimension is the symbol N (the manifest's contract): fixed, every shape in the graph
+        // is known when the session is built and ONNX Runtime folds the Shape/Gather/Concat arithmetic away.
+        builder = builder.with_dimension_override("N", n as i64)?;
+    } else if let Some(dir) = &config.ort_profile_dir {
+        // ONNX Runtime appends `_<timestamp>.json` to this prefix (static decoder sessions are not profiled).
         builder = builder.with_profiling(dir.join(graph))?;
     }
     // ONNX Runtime's pool threads spin after each run by default. In a server the same cores also decode images and
