@@ -6,7 +6,7 @@
 //! segmenter, for fault injection and exact timing.) The kill test (five SIGKILLs across a 50-image job) and
 //! a NATS restart mid-job run here on real parts too.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -78,22 +78,6 @@ async fn put_inputs(store: &S3Store, job_id: &str, images: u32) {
     }
 }
 
-/// webhook-ids per item of `job_id`, and the number of deliveries.
-fn callbacks(hooks: &Receiver, job_id: &str) -> (BTreeMap<u64, BTreeSet<String>>, usize) {
-    let deliveries: Vec<_> = hooks
-        .deliveries()
-        .into_iter()
-        .filter(|d| d.job_id == job_id)
-        .collect();
-    let mut ids: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
-    for d in &deliveries {
-        ids.entry(d.body["idx"].as_u64().unwrap())
-            .or_default()
-            .insert(d.webhook_id.clone());
-    }
-    (ids, deliveries.len())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_with_the_real_segmenter_and_seaweedfs_survive_a_sigkill_and_cancel_from_any()
  {
@@ -163,7 +147,7 @@ async fn three_replicas_with_the_real_segmenter_and_seaweedfs_survive_a_sigkill_
         "B's stream showed items RUNNING on every replica: {seen_running:?}"
     );
     let done = wait_for_within(LIMIT, &mut c.jobs_client(), SEED_USER, JOB, is_settled).await;
-    let (ids, deliveries) = callbacks(&hooks, JOB);
+    let (ids, deliveries) = hooks.ids_per_item(JOB);
     assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
     assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
     for item in &done.items {
@@ -207,7 +191,7 @@ async fn three_replicas_with_the_real_segmenter_and_seaweedfs_survive_a_sigkill_
     .await;
     assert_eq!(settled.completed + settled.cancelled, IMAGES, "{settled:?}");
     assert!(on_b.cancelled > 0, "{on_b:?}");
-    let (ids, _) = callbacks(&hooks, CANCELLED);
+    let (ids, _) = hooks.ids_per_item(CANCELLED);
     assert_eq!(ids.len(), IMAGES as usize, "{ids:?}");
     assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
     assert_eq!(
@@ -280,7 +264,7 @@ async fn five_sigkills_across_a_50_image_job_on_real_parts_lose_nothing() {
     .await;
     let finished_after = last_kill.elapsed();
     assert_eq!(done.completed, IMAGES, "{done:?}");
-    let (ids, deliveries) = callbacks(&hooks, JOB);
+    let (ids, deliveries) = hooks.ids_per_item(JOB);
     assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
     assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
     for item in &done.items {
@@ -337,7 +321,7 @@ async fn a_nats_restart_mid_job_on_real_parts_pauses_the_work_and_loses_nothing(
         on_a.completed, IMAGES,
         "both replicas see the end: {on_a:?}"
     );
-    let (ids, deliveries) = callbacks(&hooks, JOB);
+    let (ids, deliveries) = hooks.ids_per_item(JOB);
     assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
     assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
     for item in &done.items {

@@ -2,7 +2,7 @@
 //! from a script of status codes (then 200), and records deliveries per webhook-id. A test waits for deliveries with
 //! `wait_until`, woken by each arrival rather than polling.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -76,6 +76,23 @@ impl Receiver {
         done: impl Fn(&[Delivery]) -> bool,
     ) -> Vec<Delivery> {
         wait_until(&[self], what, done).await
+    }
+
+    /// The webhook-ids each item of `job_id` was delivered under (one per item when nothing was called back twice
+    /// under another id), and the number of its deliveries (more than its items: resends, deduplicable by id).
+    pub fn ids_per_item(&self, job_id: &str) -> (BTreeMap<u64, BTreeSet<String>>, usize) {
+        let deliveries: Vec<Delivery> = self
+            .deliveries()
+            .into_iter()
+            .filter(|d| d.job_id == job_id)
+            .collect();
+        let mut ids: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+        for d in &deliveries {
+            ids.entry(d.body["idx"].as_u64().expect("idx"))
+                .or_default()
+                .insert(d.webhook_id.clone());
+        }
+        (ids, deliveries.len())
     }
 
     /// Deliveries per webhook-id (a retry reuses the id).
