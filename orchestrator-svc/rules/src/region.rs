@@ -2,7 +2,7 @@
 //! All work happens inside the targets' bounding box plus the filters' reach; the rest of the image stays 0.
 
 use crate::filter::{Plane, gaussian, morph, three_tap_column, three_tap_row, three_tap_weight};
-use crate::guided::{Coefficients, scale};
+use crate::guided::{CoefficientRows, Coefficients, scale};
 use crate::mask::{Rect, nonzero_bounds};
 use image::{GrayImage, RgbImage};
 use rayon::prelude::*;
@@ -109,10 +109,10 @@ pub fn build_region(
 fn refine(photo: &RgbImage, masks: &[&GrayImage], crop: Rect, (r, s): (usize, usize)) -> Plane {
     let coef = solve(photo, masks, crop, r, s);
     let mut q = Plane::new(crop.width() as usize, crop.height() as usize);
-    q.data
-        .par_chunks_mut(q.w)
-        .enumerate()
-        .for_each(|(y, row)| refined_row(&coef, photo, crop, y, row));
+    q.data.par_chunks_mut(q.w).enumerate().for_each_init(
+        || coef.rows(),
+        |rows, (y, row)| refined_row(rows, photo, crop, y, row),
+    );
     q
 }
 
@@ -124,8 +124,14 @@ fn solve(photo: &RgbImage, masks: &[&GrayImage], crop: Rect, r: usize, s: usize)
 }
 
 /// Row y of `refine`.
-fn refined_row(coef: &Coefficients, photo: &RgbImage, crop: Rect, y: usize, row: &mut [f32]) {
-    coef.apply_row(photo, crop, y, row);
+fn refined_row(
+    rows: &mut CoefficientRows<'_>,
+    photo: &RgbImage,
+    crop: Rect,
+    y: usize,
+    row: &mut [f32],
+) {
+    rows.apply(photo, crop, y, row);
     for v in row.iter_mut() {
         *v = (0.5 + (*v - 0.5) * STRETCH).clamp(0.0, 1.0);
     }
@@ -157,8 +163,9 @@ fn refined_feathered(
             let (lo, hi) = (y0.saturating_sub(1), (y0 + n + 1).min(ch));
             let mut tmp = vec![0.0f32; (hi - lo) * cw];
             let mut q = vec![0.0f32; cw];
+            let mut rows = coef.rows();
             for (k, t) in tmp.chunks_exact_mut(cw).enumerate() {
-                refined_row(&coef, photo, crop, lo + k, &mut q);
+                refined_row(&mut rows, photo, crop, lo + k, &mut q);
                 three_tap_row(&q, t, wt);
             }
             let row = |y: usize| &tmp[(y - lo) * cw..(y - lo + 1) * cw];

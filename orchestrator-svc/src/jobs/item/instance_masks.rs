@@ -49,8 +49,9 @@ pub fn instance_mask(
         height: b.height(),
     };
     let stride = width as usize;
+    let mut rows = up.row_writer(b.x0, b.width() as usize);
     let png = mask_png::encode_rows(placement, |y, row| {
-        up.row(y, b.x0, row);
+        rows.row(y, row);
         if let Some(union) = union.as_deref_mut() {
             let start = y as usize * stride + b.x0 as usize;
             for (u, &v) in union.as_mut()[start..start + row.len()]

@@ -97,7 +97,7 @@ pub fn encode(edited: &Edited, png: bool) -> Result<(Vec<u8>, &'static str), Ite
 }
 
 /// A preview is looked at once, on a screen: quality 85 with 4:2:0 chroma (what photo apps send) instead of the
-/// deliverables' 90 and 4:4:4. Measured at 1024x768 on one core: the encode is the larger half of a warm preview.
+/// deliverables' 90. Measured at 1024x768 on one core: the encode is the larger half of a warm preview.
 const PREVIEW_JPEG_QUALITY: u8 = 85;
 
 fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>, ItemError> {
