@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use palette_proto::orchestrator::v1::{ItemState, Job, JobState, WatchJobRequest};
 use palette_testing::jobs::wait_for;
 use palette_testing::orchestrator::{put_distinct_inputs, seed_spec};
-use palette_testing::process::Process;
+use palette_testing::process::{Process, orchestrator_env};
 use palette_testing::{fake_segmenter, receiver::Receiver};
 
 const SECRET: &str = "drain-secret";
@@ -18,23 +18,20 @@ const USER: &str = "test-user";
 
 fn env(dir: &Path, segmenter: &str, callbacks: &str, grace_sec: u64) -> Vec<(String, String)> {
     let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    [
-        ("METRICS_ADDR", String::new()),
-        ("SEGMENTER_URL", segmenter.into()),
-        ("STORAGE_BACKEND", "local".into()),
-        ("LOCAL_STORAGE_DIR", path("storage")),
-        ("PRESETS_DIR", path("no-presets")),
-        ("JOB_STORE", "local".into()),
-        ("JOB_STORE_PATH", path("jobs.redb")),
-        ("WORKERS_API_URL", callbacks.into()),
-        ("GPU_CALLBACK_SECRET", SECRET.into()),
-        ("CALLBACK_BASE_DELAY_MS", "10".into()),
-        ("BATCH_CONCURRENCY", "2".into()),
-        ("SHUTDOWN_GRACE_SEC", grace_sec.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    let mut env = orchestrator_env(segmenter, callbacks, SECRET);
+    env.extend(
+        [
+            ("STORAGE_BACKEND", "local".into()),
+            ("LOCAL_STORAGE_DIR", path("storage")),
+            ("PRESETS_DIR", path("no-presets")),
+            ("JOB_STORE", "local".into()),
+            ("JOB_STORE_PATH", path("jobs.redb")),
+            ("SHUTDOWN_GRACE_SEC", grace_sec.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    env
 }
 
 fn running(job: &Job) -> usize {

@@ -14,7 +14,7 @@ use palette_proto::orchestrator::v1::{
 use palette_testing::jobs;
 use palette_testing::orchestrator::put_distinct_inputs;
 use palette_testing::orchestrator::{photo_jpeg, seed_spec};
-use palette_testing::process::Process;
+use palette_testing::process::{Process, orchestrator_env};
 use palette_testing::{fake_segmenter, receiver::Receiver};
 
 const SECRET: &str = "job-store-secret";
@@ -27,25 +27,20 @@ fn binary() -> &'static Path {
 /// The environment of every orchestrator in these tests: one store file and one storage root under `dir`.
 fn env(dir: &Path, segmenter: &str, callbacks: &str) -> Vec<(String, String)> {
     let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    [
-        ("METRICS_ADDR", String::new()),
-        ("LOG_LEVEL", "INFO".into()),
-        ("SEGMENTER_URL", segmenter.into()),
-        ("SEGMENTER_RESOLVE_INTERVAL_SEC", "1".into()),
-        ("STORAGE_BACKEND", "local".into()),
-        ("LOCAL_STORAGE_DIR", path("storage")),
-        ("PRESETS_DIR", path("no-presets")),
-        ("JOB_STORE", "local".into()),
-        ("JOB_STORE_PATH", path("state/jobs.redb")),
-        ("WORKERS_API_URL", callbacks.into()),
-        ("GPU_CALLBACK_SECRET", SECRET.into()),
-        ("CALLBACK_BASE_DELAY_MS", "10".into()),
-        ("CALLBACK_MAX_DELAY_SEC", "1".into()),
-        ("BATCH_CONCURRENCY", "2".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    let mut env = orchestrator_env(segmenter, callbacks, SECRET);
+    env.extend(
+        [
+            ("SEGMENTER_RESOLVE_INTERVAL_SEC", "1".into()),
+            ("STORAGE_BACKEND", "local".into()),
+            ("LOCAL_STORAGE_DIR", path("storage")),
+            ("PRESETS_DIR", path("no-presets")),
+            ("JOB_STORE", "local".into()),
+            ("JOB_STORE_PATH", path("state/jobs.redb")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    env
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

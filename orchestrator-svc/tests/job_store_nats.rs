@@ -14,7 +14,7 @@ use palette_proto::orchestrator::v1::{
 };
 use palette_testing::jobs::{get, is_settled, wait_for_within};
 use palette_testing::orchestrator::{put_distinct_inputs, seed_spec, string_struct};
-use palette_testing::process::Process;
+use palette_testing::process::{Process, orchestrator_env};
 use palette_testing::{fake_segmenter, nats, receiver::Receiver};
 
 const SECRET: &str = "job-store-nats-secret";
@@ -27,28 +27,23 @@ fn binary() -> &'static Path {
 /// Every replica's environment: one NATS, one storage root under `dir` (standing for the shared bucket).
 fn env(dir: &Path, nats: &str, segmenter: &str, callbacks: &str) -> Vec<(String, String)> {
     let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    [
-        ("METRICS_ADDR", String::new()),
-        ("LOG_LEVEL", "INFO".into()),
-        ("SEGMENTER_URL", segmenter.into()),
-        ("SEGMENTER_RESOLVE_INTERVAL_SEC", "1".into()),
-        ("STORAGE_BACKEND", "local".into()),
-        ("LOCAL_STORAGE_DIR", path("storage")),
-        ("PRESETS_DIR", path("no-presets")),
-        ("JOB_STORE", "nats".into()),
-        ("NATS_URL", nats.into()),
-        // Short leases, so a killed replica's items come back within seconds.
-        ("NATS_ITEM_ACK_WAIT_SEC", "3".into()),
-        ("WORKERS_API_URL", callbacks.into()),
-        ("GPU_CALLBACK_SECRET", SECRET.into()),
-        ("CALLBACK_BASE_DELAY_MS", "10".into()),
-        ("CALLBACK_MAX_DELAY_SEC", "1".into()),
-        ("BATCH_CONCURRENCY", "2".into()),
-        ("SHUTDOWN_GRACE_SEC", "5".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    let mut env = orchestrator_env(segmenter, callbacks, SECRET);
+    env.extend(
+        [
+            ("SEGMENTER_RESOLVE_INTERVAL_SEC", "1".into()),
+            ("STORAGE_BACKEND", "local".into()),
+            ("LOCAL_STORAGE_DIR", path("storage")),
+            ("PRESETS_DIR", path("no-presets")),
+            ("JOB_STORE", "nats".into()),
+            ("NATS_URL", nats.into()),
+            // Short leases, so a killed replica's items come back within seconds.
+            ("NATS_ITEM_ACK_WAIT_SEC", "3".into()),
+            ("SHUTDOWN_GRACE_SEC", "5".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    env
 }
 
 /// Items this replica ran to completion, from its log.

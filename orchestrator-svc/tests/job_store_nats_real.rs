@@ -15,7 +15,7 @@ use orchestrator_svc::storage::{ObjectStore, S3Settings, S3Store};
 use palette_proto::orchestrator::v1::{CancelJobRequest, ItemState, JobState, WatchJobRequest};
 use palette_testing::jobs::{get, is_settled, wait_for_within};
 use palette_testing::orchestrator::{SEED_USER, photo_jpeg, seed_spec};
-use palette_testing::process::Process;
+use palette_testing::process::{Process, orchestrator_env};
 use palette_testing::{nats, receiver::Receiver, seaweed, segmenter};
 
 const SECRET: &str = "replicas-real-secret";
@@ -27,30 +27,25 @@ fn binary() -> &'static Path {
 }
 
 fn env(weed: &seaweed::Seaweed, nats: &str, segmenter: &str, hooks: &str) -> Vec<(String, String)> {
-    [
-        ("METRICS_ADDR", String::new()),
-        ("LOG_LEVEL", "INFO".into()),
-        ("SEGMENTER_URL", segmenter.into()),
-        ("STORAGE_BACKEND", "s3".into()),
-        ("AWS_ENDPOINT_URL_S3", weed.endpoint.clone()),
-        ("R2_BUCKET_NAME", weed.bucket.clone()),
-        ("R2_ACCESS_KEY_ID", seaweed::ACCESS_KEY.into()),
-        ("R2_SECRET_ACCESS_KEY", seaweed::SECRET_KEY.into()),
-        ("PRESETS_DIR", "/nonexistent-presets".into()),
-        ("JOB_STORE", "nats".into()),
-        ("NATS_URL", nats.into()),
-        // Short leases: the killed replica's items come back within seconds.
-        ("NATS_ITEM_ACK_WAIT_SEC", "3".into()),
-        ("WORKERS_API_URL", hooks.into()),
-        ("GPU_CALLBACK_SECRET", SECRET.into()),
-        ("CALLBACK_BASE_DELAY_MS", "10".into()),
-        ("CALLBACK_MAX_DELAY_SEC", "1".into()),
-        ("BATCH_CONCURRENCY", "2".into()),
-        ("SHUTDOWN_GRACE_SEC", "5".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    let mut env = orchestrator_env(segmenter, hooks, SECRET);
+    env.extend(
+        [
+            ("STORAGE_BACKEND", "s3".into()),
+            ("AWS_ENDPOINT_URL_S3", weed.endpoint.clone()),
+            ("R2_BUCKET_NAME", weed.bucket.clone()),
+            ("R2_ACCESS_KEY_ID", seaweed::ACCESS_KEY.into()),
+            ("R2_SECRET_ACCESS_KEY", seaweed::SECRET_KEY.into()),
+            ("PRESETS_DIR", "/nonexistent-presets".into()),
+            ("JOB_STORE", "nats".into()),
+            ("NATS_URL", nats.into()),
+            // Short leases: the killed replica's items come back within seconds.
+            ("NATS_ITEM_ACK_WAIT_SEC", "3".into()),
+            ("SHUTDOWN_GRACE_SEC", "5".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    env
 }
 
 fn s3(weed: &seaweed::Seaweed) -> S3Store {

@@ -101,3 +101,22 @@ impl Drop for Process {
         self.kill();
     }
 }
+
+/// What every orchestrator process of the kill/replica tests is started with: no metrics port, INFO logs, the
+/// segmenter at `segmenter`, signed callbacks to `callbacks` retried fast (10 ms, at most 1 s apart), two items in
+/// flight. Each test adds its storage and job store, and overrides by pushing a later value of the same name.
+pub fn orchestrator_env(segmenter: &str, callbacks: &str, secret: &str) -> Vec<(String, String)> {
+    [
+        ("METRICS_ADDR", ""),
+        ("LOG_LEVEL", "INFO"),
+        ("SEGMENTER_URL", segmenter),
+        ("WORKERS_API_URL", callbacks),
+        ("GPU_CALLBACK_SECRET", secret),
+        ("CALLBACK_BASE_DELAY_MS", "10"),
+        ("CALLBACK_MAX_DELAY_SEC", "1"),
+        ("BATCH_CONCURRENCY", "2"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
