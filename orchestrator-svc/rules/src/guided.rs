@@ -3,6 +3,7 @@
 //! photo's own edges, including edges between regions of equal brightness but different hue.
 
 use crate::filter::{Plane, box_mean, box_mean_product, downsample};
+use crate::grid_rows::GridRows;
 use crate::mask::Rect;
 use image::RgbImage;
 use rayon::prelude::*;
@@ -106,11 +107,9 @@ impl Coefficients {
 
     /// Applies the filter a row at a time (`CoefficientRows::apply`); rows are cheapest taken in increasing order.
     pub fn rows(&self) -> CoefficientRows<'_> {
-        let n = self.xs.len();
         CoefficientRows {
             coef: self,
-            top: (usize::MAX, vec![[0.0; 4]; n]),
-            bot: (usize::MAX, vec![[0.0; 4]; n]),
+            rows: GridRows::new(self.xs.len()),
         }
     }
 
@@ -131,9 +130,8 @@ impl Coefficients {
 /// pixel: the same bilinear weights, so values equal to float rounding).
 pub struct CoefficientRows<'c> {
     coef: &'c Coefficients,
-    /// (grid row, its coefficients at every column of the crop) above and below the current output row.
-    top: (usize, Vec<[f32; 4]>),
-    bot: (usize, Vec<[f32; 4]>),
+    /// The grid rows above and below the current output row, their coefficients at every column of the crop.
+    rows: GridRows<[f32; 4]>,
 }
 
 impl CoefficientRows<'_> {
@@ -141,27 +139,13 @@ impl CoefficientRows<'_> {
     pub fn apply(&mut self, photo: &RgbImage, crop: Rect, y: usize, dst: &mut [f32]) {
         let coef = self.coef;
         let (j, j1, wy) = coord(y, coef.s, coef.cp[0].h);
-        if self.top.0 != j {
-            if self.bot.0 == j {
-                std::mem::swap(&mut self.top, &mut self.bot);
-            } else {
-                coef.horizontal(j, &mut self.top.1);
-                self.top.0 = j;
-            }
-        }
-        if self.bot.0 != j1 {
-            coef.horizontal(j1, &mut self.bot.1);
-            self.bot.0 = j1;
-        }
+        let (top, bot) = self
+            .rows
+            .around(j, j1, |row, line| coef.horizontal(row, line));
         let stride = photo.width() as usize * 3;
         let start = (crop.y0 as usize + y) * stride + crop.x0 as usize * 3;
         let src = &photo.as_raw()[start..start + dst.len() * 3];
-        for (((d, t), b), px) in dst
-            .iter_mut()
-            .zip(&self.top.1)
-            .zip(&self.bot.1)
-            .zip(src.chunks_exact(3))
-        {
+        for (((d, t), b), px) in dst.iter_mut().zip(top).zip(bot).zip(src.chunks_exact(3)) {
             let c: [f32; 4] = std::array::from_fn(|k| t[k] + wy * (b[k] - t[k]));
             let g = |k: usize| px[k] as f32 * (1.0 / 255.0);
             *d = (c[0] * g(0) + c[1] * g(1) + c[2] * g(2) + c[3]).clamp(0.0, 1.0);

@@ -4,6 +4,7 @@
 pub mod color;
 pub mod contact;
 pub mod filter;
+mod grid_rows;
 pub mod guided;
 pub mod icc;
 pub mod inpaint;

@@ -1,6 +1,8 @@
 //! Model-resolution instance masks to photo-resolution soft alpha.
 
 use image::GrayImage;
+
+use crate::grid_rows::GridRows;
 use rayon::prelude::*;
 
 /// Model-resolution soft mask covering the whole image: u8 probabilities, row-major [height, width].
@@ -205,8 +207,7 @@ impl<'a> InstanceUpsampler<'a> {
         RowWriter {
             up: self,
             x0,
-            top: (usize::MAX, vec![0.0; len]),
-            bot: (usize::MAX, vec![0.0; len]),
+            rows: GridRows::new(len),
         }
     }
 
@@ -268,9 +269,8 @@ impl<'a> InstanceUpsampler<'a> {
 pub struct RowWriter<'u, 'a> {
     up: &'u InstanceUpsampler<'a>,
     x0: u32,
-    /// (model row, its horizontal interpolation) above and below the current output row.
-    top: (usize, Vec<f32>),
-    bot: (usize, Vec<f32>),
+    /// The model rows above and below the current output row, interpolated horizontally.
+    rows: GridRows<f32>,
 }
 
 impl RowWriter<'_, '_> {
@@ -281,19 +281,11 @@ impl RowWriter<'_, '_> {
         let j = fy.floor() as usize;
         let j1 = (j + 1).min(up.mh - 1);
         let wy = fy - j as f32;
-        if self.top.0 != j {
-            if self.bot.0 == j {
-                std::mem::swap(&mut self.top, &mut self.bot);
-            } else {
-                up.horizontal(j, self.x0, &mut self.top.1);
-                self.top.0 = j;
-            }
-        }
-        if self.bot.0 != j1 {
-            up.horizontal(j1, self.x0, &mut self.bot.1);
-            self.bot.0 = j1;
-        }
-        for ((d, &t), &b) in out.iter_mut().zip(&self.top.1).zip(&self.bot.1) {
+        let x0 = self.x0;
+        let (top, bot) = self
+            .rows
+            .around(j, j1, |row, line| up.horizontal(row, x0, line));
+        for ((d, &t), &b) in out.iter_mut().zip(top).zip(bot) {
             *d = (t + wy * (b - t) + 0.5) as u8;
         }
     }
