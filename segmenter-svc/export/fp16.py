@@ -49,11 +49,19 @@ def strip_value_info_shapes(onnx_model) -> int:
 
 
 def to_fp16(onnx_model, name: str):
-    """The graph in fp16 with float32 inputs and outputs (the server code does not change), value_info shapes gone."""
+    """The graph in fp16 with float32 inputs and outputs (the server code does not change), value_info shapes gone.
+    uint8 mask outputs (mask_output.py) are computed in float32 from the float32 logits, as before the conversion:
+    the rewrite comes off first and goes back on after (σ · 255 in fp16 is off by up to 1/8 code, and the converter
+    casts between blocked nodes too)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    import mask_output
+
+    u8_masks = mask_output.to_f32_logits(onnx_model)
     # Shape inference on the full-size vision graph needs > 24 GB RAM; the converter works without it.
     converted = convert_float_to_float16(onnx_model, keep_io_types=True, disable_shape_infer=(name == "vision"))
+    if u8_masks:
+        mask_output.to_u8_masks(converted)
     strip_value_info_shapes(converted)
     return converted
 
@@ -138,7 +146,8 @@ def check(fp32_dir: Path, fp16_dir: Path, fixtures: Path) -> list[str]:
                 continue
             masks = "topk_masks" if "topk_masks" in a else "pred_masks"
             logits = "topk_logits" if "topk_logits" in a else "pred_logits"
-            ma, mb = a[masks] > 0, b[masks] > 0
+            # logit > 0, or code >= 128 for uint8 probabilities (the same pixels: mask_output.py)
+            ma, mb = (x[masks] >= 128 if x[masks].dtype == np.uint8 else x[masks] > 0 for x in (a, b))
             union = np.logical_or(ma, mb).sum()
             iou = float(np.logical_and(ma, mb).sum() / union) if union else 1.0
             score = float(np.abs(common.sigmoid(a[logits]) - common.sigmoid(b[logits])).max())

@@ -75,13 +75,41 @@ def to_image_u8(pixel_values: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(u8.astype(np.uint8).transpose(0, 2, 3, 1))
 
 
+# The decoder's mask planes (masks, semantic map). "u8" (the default since 2026-11-30): round(σ(logit) · 255) as uint8,
+# computed in the graph (mask_output.py), a quarter of the bytes from the device. "f32": the logits, what older
+# exports return (the server reads either; the manifest's output dtype says which).
+MASK_OUTPUTS = {"u8": "uint8", "f32": "float32"}
+MASK_PLANES = ("topk_masks", "pred_masks", "semantic_seg")
+
+
+def mask_output_of(manifest: dict) -> str:
+    """"u8" or "f32": how an export's decoder returns its mask planes (read from the manifest's output dtypes)."""
+    dtype = next(o["dtype"] for o in manifest["graphs"]["decoder"]["outputs"] if o["name"] in MASK_PLANES)
+    return next(kind for kind, d in MASK_OUTPUTS.items() if d == dtype)
+
+
+def mask_codes(logits: np.ndarray) -> np.ndarray:
+    """What a u8-mask decoder returns for these logits: round(σ(logit) · 255), half up."""
+    return np.floor(sigmoid(logits) * 255.0 + 0.5).astype(np.uint8)
+
+
+def output_delta(want: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    """(max |Δ|, tolerance) of a decoder output against a float reference: float outputs within 1e-4 + 1e-4·max|ref|;
+    uint8 mask planes against the reference's codes within one code (the sigmoid and the rounding boundary)."""
+    if got.dtype == np.uint8:
+        return float(np.abs(mask_codes(want).astype(np.int16) - got.astype(np.int16)).max()), 1.0
+    return float(np.abs(want - got).max()), 1e-4 + 1e-4 * float(np.abs(want).max())
+
+
 def graph_contract(image_size: int, fpn_channels: int, text_feature_dim: int, num_queries: int,
-                   topk: int = 0, image_input: str = "f32") -> dict:
+                   topk: int = 0, image_input: str = "f32", masks: str = "f32") -> dict:
     """Names, dtypes and shapes of the three graphs; symbols are the dynamic dims (B images, N phrases). With topk > 0
-    the decoder returns its best `topk` queries per phrase (by logit, best first) instead of all of them."""
+    the decoder returns its best `topk` queries per phrase (by logit, best first) instead of all of them; with
+    masks="u8" its mask planes are uint8 probabilities (MASK_OUTPUTS)."""
     s, c, d, q = image_size, fpn_channels, text_feature_dim, num_queries
     m = mask_size(image_size)
     t = CONTEXT_LENGTH
+    plane = MASK_OUTPUTS[masks]
 
     def io(name, dtype, shape):
         return {"name": name, "dtype": dtype, "shape": shape}
@@ -98,18 +126,18 @@ def graph_contract(image_size: int, fpn_channels: int, text_feature_dim: int, nu
         "decoder": {
             "inputs": fpn_1 + [io("text_features", "float32", ["N", t, d]), io("text_mask", "int64", ["N", t])],
             "outputs": [
-                io("topk_masks", "float32", ["N", topk, m, m]),
+                io("topk_masks", plane, ["N", topk, m, m]),
                 io("topk_boxes", "float32", ["N", topk, 4]),
                 io("topk_logits", "float32", ["N", topk]),
                 io("topk_queries", "int64", ["N", topk]),
                 io("presence_logits", "float32", ["N", 1]),
-                io("semantic_seg", "float32", ["N", 1, m, m]),
+                io("semantic_seg", plane, ["N", 1, m, m]),
             ] if topk else [
-                io("pred_masks", "float32", ["N", q, m, m]),
+                io("pred_masks", plane, ["N", q, m, m]),
                 io("pred_boxes", "float32", ["N", q, 4]),
                 io("pred_logits", "float32", ["N", q]),
                 io("presence_logits", "float32", ["N", 1]),
-                io("semantic_seg", "float32", ["N", 1, m, m]),
+                io("semantic_seg", plane, ["N", 1, m, m]),
             ],
         },
     }

@@ -113,6 +113,20 @@ pub struct Config {
     #[arg(long, env = "DECODER_STATIC_BATCHES", value_delimiter = ',')]
     pub decoder_static_batches: Vec<usize>,
 
+    /// Capture each static-shape decoder session in a CUDA graph (ONNX Runtime's `enable_cuda_graph`): after its
+    /// first runs, a decoder run is one graph launch instead of ~500 kernel launches. Needs the CUDA provider,
+    /// DECODER_STATIC_BATCHES and MAX_BATCH_IMAGES=1 (startup stops otherwise): the decoder's inputs and outputs
+    /// then live at fixed device addresses (the vision graph writes its FPN levels straight into the decoder's
+    /// inputs). Off by default until measured on a GPU (docs/operations.md, "Serving settings on CUDA").
+    #[arg(long, env = "SEGMENTER_CUDA_GRAPHS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub cuda_graphs: bool,
+
+    /// Test-only: the fixed-address decoder I/O of SEGMENTER_CUDA_GRAPHS without the CUDA graphs, on any provider
+    /// (host buffers on the CPU), so its bindings and copies run in the tests. Not settable from flags or the
+    /// environment.
+    #[arg(skip)]
+    pub fixed_decoder_io: bool,
+
     /// Distinct phrases whose text features are kept (32 x 256 floats = 32 KB each at full size). At least
     /// MAX_CONCEPTS x MAX_BATCH_IMAGES (one batch's phrases), or startup stops.
     #[arg(long, env = "TEXT_CACHE_ENTRIES", default_value_t = 4096)]

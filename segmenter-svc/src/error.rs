@@ -23,6 +23,9 @@ pub enum ModelError {
     ExecutionProvider { provider: String, detail: String },
     #[error("building the {graph} session failed: {detail}")]
     Session { graph: &'static str, detail: String },
+    /// Settings that cannot work together (or not on this provider); the message names them and the fix.
+    #[error("invalid settings: {0}")]
+    Settings(String),
 }
 
 #[derive(Debug, thiserror::Error)]

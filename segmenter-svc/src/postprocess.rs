@@ -5,13 +5,16 @@
 //! Q. Filtering (threshold, cap) happens first and on the inference thread, and only the kept instances' planes are
 //! copied out. Encoding (probabilities, COCO RLE at the photo's resolution) happens later, off the inference thread.
 
-use ndarray::{ArrayView2, ArrayView3, Axis};
+use ndarray::ArrayView2;
+
+use crate::mask_plane::{MaskPlane, MaskRows};
+pub use crate::mask_plane::{sigmoid, to_probability_u8};
 
 /// Decoder outputs of one concept, borrowed from the session's output buffers. Rows are the decoder's candidates:
 /// every query (dense export), or its best K by logit with their query indices (top-k export).
 pub struct ConceptOutputs<'a> {
-    /// [R, M, M]
-    pub masks: &'a [f32],
+    /// [R, M, M], logits or uint8 probabilities (whichever the export returns)
+    pub masks: MaskRows<'a>,
     /// [R, 4], xyxy normalised to [0, 1]
     pub boxes: &'a [f32],
     /// [R]
@@ -20,7 +23,7 @@ pub struct ConceptOutputs<'a> {
     pub queries: Option<&'a [i64]>,
     pub presence_logit: f32,
     /// [M, M]
-    pub semantic: &'a [f32],
+    pub semantic: MaskRows<'a>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -36,19 +39,15 @@ pub struct KeptInstance {
     pub score: f32,
     /// xyxy in original pixels, clamped.
     pub bbox: [f32; 4],
-    /// [M, M] logits.
-    pub mask_logits: Vec<f32>,
+    /// [M, M], in the form the decoder returned it.
+    pub mask: MaskPlane,
 }
 
 #[derive(Clone, Debug)]
 pub struct KeptConcept {
     pub presence: f32,
     pub instances: Vec<KeptInstance>,
-    pub semantic_logits: Option<Vec<f32>>,
-}
-
-pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    pub semantic: Option<MaskPlane>,
 }
 
 /// score = σ(logit) · σ(presence); keep score > threshold, best first, at most `max_instances`. No NMS, as in both
@@ -71,10 +70,8 @@ pub fn filter_concept(
     // Best first; equal scores in query order, whichever order the graph listed them in.
     scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(query(a.0).cmp(&query(b.0))));
     scored.truncate(p.max_instances);
-    // The rows as shape-checked views: [R, M, M] masks, [R, 4] boxes.
+    // [R, 4] boxes as a shape-checked view (the masks' rows are checked when copied out).
     let rows = out.logits.len();
-    let masks = ArrayView3::from_shape((rows, mask_size, mask_size), out.masks)
-        .expect("decoder masks are [R, M, M] for R logits");
     let boxes = ArrayView2::from_shape((rows, 4), out.boxes).expect("decoder boxes are [R, 4]");
     let (w, h) = (image.0 as f32, image.1 as f32);
     let instances = scored
@@ -91,23 +88,15 @@ pub fn filter_concept(
                 query: query(q) as u32,
                 score,
                 bbox,
-                mask_logits: masks.index_axis(Axis(0), q).iter().copied().collect(),
+                mask: out.masks.row(rows, mask_size, q),
             }
         })
         .collect();
     KeptConcept {
         presence,
         instances,
-        semantic_logits: p.keep_semantic.then(|| out.semantic.to_vec()),
+        semantic: p.keep_semantic.then(|| out.semantic.to_plane()),
     }
-}
-
-/// σ(logit) · 255, rounded: a quarter of the bytes of f32 logits and plenty for soft edges.
-pub fn to_probability_u8(logits: &[f32]) -> Vec<u8> {
-    logits
-        .iter()
-        .map(|&l| (sigmoid(l) * 255.0).round() as u8)
-        .collect()
 }
 
 pub fn to_le_bytes(values: &[f32]) -> Vec<u8> {
@@ -194,6 +183,7 @@ pub fn rle_from_logits(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mask_plane::MaskPlane;
 
     fn decode_rle(counts: &[u32], w: u32, h: u32) -> Vec<bool> {
         let mut col_major = Vec::new();
@@ -217,12 +207,12 @@ mod tests {
         let boxes = [0.1, 0.2, 0.5, 0.6, 0.0, 0.0, 1.0, 1.0, -0.1, 0.5, 1.2, 0.9];
         let logits = [2.0, 5.0, -5.0];
         let out = ConceptOutputs {
-            masks: &masks,
+            masks: MaskRows::Logits(&masks),
             boxes: &boxes,
             logits: &logits,
             queries: None,
             presence_logit: 10.0,
-            semantic: &[0.0; 4],
+            semantic: MaskRows::Logits(&[0.0; 4]),
         };
         let kept = filter_concept(
             &out,
@@ -246,8 +236,11 @@ mod tests {
                 .zip(expected)
                 .all(|(a, b)| (a - b).abs() < 1e-3)
         );
-        assert_eq!(kept.instances[0].mask_logits, vec![4.0, 5.0, 6.0, 7.0]);
-        assert!(kept.semantic_logits.is_none());
+        assert_eq!(
+            kept.instances[0].mask,
+            MaskPlane::Logits(vec![4.0, 5.0, 6.0, 7.0])
+        );
+        assert!(kept.semantic.is_none());
         let capped = filter_concept(
             &out,
             m,
@@ -259,7 +252,7 @@ mod tests {
             },
         );
         assert_eq!(capped.instances.len(), 1);
-        assert_eq!(capped.semantic_logits.as_deref(), Some(&[0.0; 4][..]));
+        assert_eq!(capped.semantic, Some(MaskPlane::Logits(vec![0.0; 4])));
         let absent = ConceptOutputs {
             presence_logit: -10.0,
             ..out
@@ -281,17 +274,17 @@ mod tests {
     fn top_k_rows_report_their_query_and_break_ties_by_it() {
         // A top-k decoder's rows: best logit first, each with its query index. Rows 1 and 2 tie.
         let m = 1;
-        let masks = [10.0, 11.0, 12.0];
+        let masks = [10, 11, 12];
         let boxes = [0.0; 12];
         let logits = [4.0, 1.0, 1.0];
         let queries = [17i64, 9, 3];
         let out = ConceptOutputs {
-            masks: &masks,
+            masks: MaskRows::ProbabilityU8(&masks),
             boxes: &boxes,
             logits: &logits,
             queries: Some(&queries),
             presence_logit: 10.0,
-            semantic: &[0.0],
+            semantic: MaskRows::ProbabilityU8(&[0]),
         };
         let kept = filter_concept(
             &out,
@@ -303,12 +296,12 @@ mod tests {
                 keep_semantic: false,
             },
         );
-        let got: Vec<(u32, f32)> = kept
+        let got: Vec<(u32, u8)> = kept
             .instances
             .iter()
-            .map(|i| (i.query, i.mask_logits[0]))
+            .map(|i| (i.query, i.mask.probability_u8()[0]))
             .collect();
-        assert_eq!(got, vec![(17, 10.0), (3, 12.0), (9, 11.0)]);
+        assert_eq!(got, vec![(17, 10), (3, 12), (9, 11)]);
     }
 
     #[test]
@@ -347,8 +340,39 @@ mod tests {
         assert_eq!(all, vec![0, 64]);
     }
 
+    /// RLE at the photo's size from codes vs from the logits they came from: a smooth blob upsampled 14x.
     #[test]
-    fn probabilities_round_trip_the_sigmoid() {
-        assert_eq!(to_probability_u8(&[-100.0, 0.0, 100.0]), vec![0, 128, 255]);
+    fn rle_from_codes_matches_rle_from_logits() {
+        let m = 24;
+        let logits: Vec<f32> = (0..m * m)
+            .map(|i| {
+                let (y, x) = ((i / m) as f32 - 11.3, (i % m) as f32 - 9.7);
+                8.0 - 0.12 * (x * x + 1.7 * y * y)
+            })
+            .collect();
+        let codes: Vec<u8> = logits
+            .iter()
+            .map(|&l| (sigmoid(l) * 255.0).round() as u8)
+            .collect();
+        let from_codes = MaskPlane::ProbabilityU8(codes).logits().into_owned();
+        let (w, h) = (336, 336);
+        let bbox = [0.0, 0.0, w as f32, h as f32];
+        let a = decode_counts(&rle_from_logits(&logits, m, bbox, w, h));
+        let b = decode_counts(&rle_from_logits(&from_codes, m, bbox, w, h));
+        let inter = a.iter().zip(&b).filter(|(x, y)| **x && **y).count();
+        let union = a.iter().zip(&b).filter(|(x, y)| **x || **y).count();
+        let iou = inter as f64 / union as f64;
+        assert!(
+            union > 10_000 && iou > 0.99,
+            "IoU {iou} over {union} pixels"
+        );
+    }
+
+    fn decode_counts(counts: &[u32]) -> Vec<bool> {
+        counts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &c)| std::iter::repeat_n(i % 2 == 1, c as usize))
+            .collect()
     }
 }

@@ -218,6 +218,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
             reprobe_interval: config.reprobe_interval(),
             faults: config.faults.clone(),
             decoder_topk: manifest.decoder_topk as usize,
+            mask_output: manifest.mask_output(),
         },
     )?;
     let info = pb::ModelInfo {

@@ -11,10 +11,9 @@ use tracing::Instrument;
 
 use crate::engine::{EngineHandle, EngineThread, Job, JobOutput};
 use crate::error::{Error, Violation};
+use crate::mask_plane::MaskPlane;
 use crate::model::tokenizer::{PhraseTokenizer, Tokens};
-use crate::postprocess::{
-    FilterParams, KeptConcept, rle_from_logits, to_le_bytes, to_probability_u8,
-};
+use crate::postprocess::{FilterParams, KeptConcept, rle_from_logits, to_le_bytes};
 use crate::preprocess::{Prepared, Preprocessor};
 
 /// Everything a request needs, shared by all handlers.
@@ -312,19 +311,20 @@ fn encode(
     (width, height): (u32, u32),
 ) -> (Vec<pb::ConceptResult>, pb::StageTimings) {
     let started = Instant::now();
-    let tensor = |values: &[f32]| -> Option<pb::Tensor> {
+    // A plane in the requested form: a u8 export's codes pass through; its logits are reconstructed (mask_plane.rs).
+    let tensor = |plane: &MaskPlane| -> Option<pb::Tensor> {
         let shape = vec![mask_size as u32, mask_size as u32];
         match checked.format {
             pb::MaskFormat::None => None,
             pb::MaskFormat::LogitsF32 => Some(pb::Tensor {
                 shape,
                 dtype: pb::DataType::Float32 as i32,
-                data: to_le_bytes(values),
+                data: to_le_bytes(&plane.logits()),
             }),
             pb::MaskFormat::Unspecified | pb::MaskFormat::ProbabilityU8 => Some(pb::Tensor {
                 shape,
                 dtype: pb::DataType::Uint8 as i32,
-                data: to_probability_u8(values),
+                data: plane.probability_u8().into_owned(),
             }),
         }
     };
@@ -342,16 +342,22 @@ fn encode(
                     x1: inst.bbox[2],
                     y1: inst.bbox[3],
                 }),
-                mask: tensor(&inst.mask_logits),
+                mask: tensor(&inst.mask),
                 rle: checked.include_rle.then(|| pb::CocoRle {
                     height,
                     width,
-                    counts: rle_from_logits(&inst.mask_logits, mask_size, inst.bbox, width, height),
+                    counts: rle_from_logits(
+                        &inst.mask.logits(),
+                        mask_size,
+                        inst.bbox,
+                        width,
+                        height,
+                    ),
                 }),
                 query_index: inst.query,
             })
             .collect(),
-        semantic: kept.semantic_logits.as_deref().and_then(tensor),
+        semantic: kept.semantic.as_ref().and_then(tensor),
         text_cache_hit: hit,
     };
     let concepts = checked

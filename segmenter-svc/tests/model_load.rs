@@ -142,3 +142,50 @@ async fn a_text_cache_smaller_than_one_batch_of_phrases_stops_startup() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn cuda_graphs_are_refused_where_they_cannot_work() {
+    // On the CPU provider.
+    let mut config = common::test_config();
+    config.cuda_graphs = true;
+    config.decoder_static_batches = vec![1, 2, 4];
+    config.max_batch_images = 1;
+    let error = load_error(&config).await;
+    assert!(
+        error.contains("SEGMENTER_CUDA_GRAPHS=true needs the CUDA provider"),
+        "{error}"
+    );
+    // Without static-shape decoder sessions, or with vision batches of several images (the fixed-I/O switch the
+    // tests use goes through the same checks as the CUDA one).
+    config.cuda_graphs = false;
+    config.fixed_decoder_io = true;
+    config.decoder_static_batches = vec![];
+    let error = load_error(&config).await;
+    assert!(error.contains("needs DECODER_STATIC_BATCHES"), "{error}");
+    config.decoder_static_batches = vec![2];
+    config.max_batch_images = 0;
+    let error = load_error(&config).await;
+    assert!(
+        error.contains("needs MAX_BATCH_IMAGES=1 (it is 4)"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn mask_outputs_of_mixed_types_stop_startup() {
+    // The bundled decoder returns uint8 masks and semantic maps; a manifest that says one of them is float32 is
+    // refused before any session is built.
+    let dir = edited_model(|m| {
+        for output in m["graphs"]["decoder"]["outputs"].as_array_mut().unwrap() {
+            if output["name"] == "semantic_seg" {
+                output["dtype"] = "float32".into();
+            }
+        }
+    });
+    let error = load_error(&config_for(dir.path())).await;
+    assert!(
+        error.contains("must all be float32 (logits) or all uint8")
+            && error.contains("[\"uint8\", \"float32\"]"),
+        "{error}"
+    );
+}

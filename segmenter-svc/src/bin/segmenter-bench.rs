@@ -65,6 +65,14 @@ struct Args {
     /// empty: the dynamic decoder only).
     #[arg(long, value_delimiter = ',')]
     decoder_static_batches: Vec<usize>,
+    /// CUDA graphs on the static-shape decoder sessions (the server's SEGMENTER_CUDA_GRAPHS; needs --device cuda,
+    /// --decoder-static-batches and one image per vision batch).
+    #[arg(long)]
+    cuda_graphs: bool,
+    /// The fixed-address decoder I/O of --cuda-graphs without the graphs, on any device (how the CPU dry run
+    /// exercises that path).
+    #[arg(long)]
+    fixed_decoder_io: bool,
     /// Also measure the engine called in-process (a second set of sessions, loaded after the gRPC runs): the
     /// `x engine` column.
     #[arg(long)]
@@ -135,6 +143,8 @@ async fn main() -> anyhow::Result<()> {
     config.verify_checksums = false;
     config.max_batch_images = args.max_batch_images;
     config.decoder_static_batches = args.decoder_static_batches.clone();
+    config.cuda_graphs = args.cuda_graphs;
+    config.fixed_decoder_io = args.fixed_decoder_io;
     config.log_level = args.log_level.clone();
     config.queue_capacity = 256;
     // A failed warm-up must end the bench at once: no recovery probes that would keep it NOT_SERVING-but-trying.

@@ -14,12 +14,17 @@ use tokio::sync::watch;
 use super::text_cache::TextCache;
 use super::{EngineHandle, Health, Job, JobOutput};
 use crate::error::Error;
+use crate::mask_plane::MaskOutput;
+use crate::model::fixed_io::FixedFpn;
 use crate::model::manifest::ImageInput;
 use crate::model::runtime::{Provider, Sessions};
 use crate::model::tokenizer::Tokens;
-use crate::postprocess::{ConceptOutputs, FilterParams, KeptConcept, filter_concept};
+use crate::postprocess::FilterParams;
 use crate::preprocess::Pixels;
 
+#[path = "decode.rs"]
+mod decode;
+use decode::decode_chunk;
 #[path = "decoder_choice.rs"]
 mod decoder_choice;
 #[path = "warmup.rs"]
@@ -47,6 +52,8 @@ pub struct EngineSettings {
     pub faults: super::Faults,
     /// The decoder returns its best K queries per phrase (0: all of them, dense outputs).
     pub decoder_topk: usize,
+    /// The decoder's mask planes are float32 logits or uint8 probabilities.
+    pub mask_output: MaskOutput,
 }
 
 /// Replies to a job. Its span handle goes first: the request's span closes (and is exported) when its handler
@@ -248,12 +255,13 @@ impl Worker {
             vision,
             decoder,
             decoder_static,
+            fixed_fpn,
             provider,
             ..
         } = &mut self.sessions;
         let faults = &self.settings.faults;
         faults.check("vision")?;
-        let binding = bind_vision(vision, pixels, 1, s, provider)?;
+        let binding = bind_vision(vision, pixels, 1, s, provider, fixed_fpn.as_mut())?;
         let vision_out = vision.run_binding(&binding)?;
         binding.synchronize_outputs()?;
         let fpn = fpn_views(&vision_out)?;
@@ -317,7 +325,14 @@ impl Worker {
             ..
         } = self;
         settings.faults.check("vision")?;
-        let binding = bind_vision(&sessions.vision, pixels, jobs.len(), s, &sessions.provider)?;
+        let binding = bind_vision(
+            &sessions.vision,
+            pixels,
+            jobs.len(),
+            s,
+            &sessions.provider,
+            sessions.fixed_fpn.as_mut(),
+        )?;
         let vision_out = sessions.vision.run_binding(&binding)?;
         binding.synchronize_outputs()?;
         let fpn = fpn_views(&vision_out)?;
@@ -401,13 +416,16 @@ pub(super) fn zero_images(input: ImageInput, count: usize, size: usize) -> Pixel
     }
 }
 
-/// Binds a vision run: the batch's pixels in (moved, not copied), the three FPN levels out to the provider's device.
+/// Binds a vision run: the batch's pixels in (moved, not copied), the three FPN levels out to the provider's device:
+/// into the fixed tensors the static decoder sessions read (fixed I/O, one image), else wherever ONNX Runtime puts
+/// them.
 fn bind_vision(
     vision: &Session,
     pixels: Pixels,
     count: usize,
     size: usize,
     provider: &Provider,
+    fixed: Option<&mut FixedFpn>,
 ) -> ort::Result<IoBinding> {
     let mut binding = vision.create_binding()?;
     match pixels {
@@ -419,6 +437,10 @@ fn bind_vision(
             ImageInput::F32Chw.tensor_name(),
             &Tensor::from_array(([count, 3, size, size], floats))?,
         )?,
+    }
+    if let Some(fixed) = fixed.filter(|_| count == 1) {
+        fixed.bind_outputs(&mut binding)?;
+        return Ok(binding);
     }
     let memory = match provider {
         Provider::Cuda(id) => MemoryInfo::new(
@@ -459,96 +481,6 @@ fn fpn_views<'a>(outputs: &'a SessionOutputs<'_>) -> ort::Result<Vec<FpnLevel<'a
             })
         })
         .collect()
-}
-
-/// Runs the decoder on one image's FPN levels for a chunk of phrases and keeps the instances that pass the filter:
-/// on the smallest static-shape session that holds the chunk (DECODER_STATIC_BATCHES), else on the dynamic graph.
-#[allow(clippy::too_many_arguments)]
-fn decode_chunk(
-    dynamic: &mut Session,
-    fixed: &mut [(usize, Session)],
-    settings: &EngineSettings,
-    fpn: &[FpnLevel<'_>],
-    image: usize,
-    features: &[Arc<[f32]>],
-    tokens: &[Tokens],
-    image_size: (u32, u32),
-    params: FilterParams,
-) -> ort::Result<(Vec<KeptConcept>, Duration)> {
-    let n = features.len();
-    // `rows` >= n: a static-shape session runs its fixed count, the rows past n repeat the last phrase.
-    let (decoder, rows) = match decoder_choice::smallest_holding(fixed, n) {
-        Some((count, session)) => (session, count),
-        None => (dynamic, n),
-    };
-    let l = settings.context;
-    let text: Vec<f32> = decoder_choice::pad_rows(features, rows)
-        .iter()
-        .flat_map(|f| f.iter().copied())
-        .collect();
-    let mask: Vec<i64> = decoder_choice::pad_rows(tokens, rows)
-        .iter()
-        .flat_map(|t| t.mask.iter().copied())
-        .collect();
-    let d = text.len() / (rows * l);
-    let outputs = decoder.run(ort::inputs![
-        "fpn_0" => fpn[0].image(image)?,
-        "fpn_1" => fpn[1].image(image)?,
-        "fpn_2" => fpn[2].image(image)?,
-        "text_features" => TensorRef::from_array_view(([rows, l, d], &text[..]))?,
-        "text_mask" => TensorRef::from_array_view(([rows, l], &mask[..]))?,
-    ])?;
-    let t = Instant::now();
-    let kept = keep_concepts(
-        settings,
-        n,
-        rows,
-        image_size,
-        params,
-        |name| Ok(outputs[name].try_extract_tensor::<f32>()?.1),
-        |name| Ok(outputs[name].try_extract_tensor::<i64>()?.1),
-    )?;
-    Ok((kept, t.elapsed()))
-}
-
-/// The first `n` of a decoder run's `rows` phrases through the filter, reading the outputs by name.
-fn keep_concepts<'o>(
-    settings: &EngineSettings,
-    n: usize,
-    rows: usize,
-    image_size: (u32, u32),
-    params: FilterParams,
-    f32s: impl Fn(&'static str) -> ort::Result<&'o [f32]>,
-    i64s: impl Fn(&'static str) -> ort::Result<&'o [i64]>,
-) -> ort::Result<Vec<KeptConcept>> {
-    // Top-k exports return R = K rows per phrase with their query indices; dense ones return every query.
-    let topk = settings.decoder_topk > 0;
-    let name = |dense: &'static str, top: &'static str| if topk { top } else { dense };
-    let masks = f32s(name("pred_masks", "topk_masks"))?;
-    let boxes = f32s(name("pred_boxes", "topk_boxes"))?;
-    let logits = f32s(name("pred_logits", "topk_logits"))?;
-    let queries = if topk {
-        Some(i64s("topk_queries")?)
-    } else {
-        None
-    };
-    let presence = f32s("presence_logits")?;
-    let semantic = f32s("semantic_seg")?;
-    let m = settings.mask_size;
-    let q = logits.len() / rows;
-    Ok((0..n)
-        .map(|i| {
-            let view = ConceptOutputs {
-                masks: &masks[i * q * m * m..(i + 1) * q * m * m],
-                boxes: &boxes[i * q * 4..(i + 1) * q * 4],
-                logits: &logits[i * q..(i + 1) * q],
-                queries: queries.map(|all| &all[i * q..(i + 1) * q]),
-                presence_logit: presence[i],
-                semantic: &semantic[i * m * m..(i + 1) * m * m],
-            };
-            filter_concept(&view, m, image_size, params)
-        })
-        .collect())
 }
 
 /// One FPN level of a vision batch: a tensor in the vision run's output buffer, possibly in device memory.

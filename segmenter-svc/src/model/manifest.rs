@@ -7,6 +7,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::ModelError;
+use crate::mask_plane::MaskOutput;
 
 pub const FORMAT: &str = "palette-sam3-onnx";
 pub const FORMAT_VERSION: u32 = 1;
@@ -128,6 +129,8 @@ pub const DECODER_OUTPUTS_DENSE: &[&str] = &[
     "presence_logits",
     "semantic_seg",
 ];
+/// The decoder outputs that are [M, M] mask planes: float32 logits or uint8 probabilities (`MaskOutput`).
+pub const MASK_PLANES: &[&str] = &["pred_masks", "topk_masks", "semantic_seg"];
 /// Top-k decoder outputs (the exporter's default): the graph keeps its best K queries per phrase, so the dense
 /// [N, Q, M, M] mask tensor stays inside ONNX Runtime (on the device, with CUDA).
 pub const DECODER_OUTPUTS_TOPK: &[&str] = &[
@@ -195,6 +198,7 @@ impl Manifest {
             &self.graphs.decoder.outputs,
             self.decoder_outputs(),
         )?;
+        self.check_mask_output()?;
         if self.decoder_topk > self.num_queries {
             return bad(format!(
                 "decoder_topk {} exceeds num_queries {}",
@@ -210,6 +214,37 @@ impl Manifest {
             Some(input) if input.name == VISION_INPUTS_U8[0] => ImageInput::U8Hwc,
             _ => ImageInput::F32Chw,
         }
+    }
+
+    /// How the decoder returns its mask planes: uint8 probabilities (exports since 2026-11-30,
+    /// export/mask_output.py) or float32 logits, told by the manifest's dtype of its mask outputs.
+    pub fn mask_output(&self) -> MaskOutput {
+        match self.mask_dtypes().next() {
+            Some("uint8") => MaskOutput::ProbabilityU8,
+            _ => MaskOutput::Logits,
+        }
+    }
+
+    fn mask_dtypes(&self) -> impl Iterator<Item = &str> {
+        self.graphs
+            .decoder
+            .outputs
+            .iter()
+            .filter(|t| MASK_PLANES.contains(&t.name.as_str()))
+            .map(|t| t.dtype.as_str())
+    }
+
+    /// The mask planes share one dtype, and one the server reads.
+    fn check_mask_output(&self) -> Result<(), ModelError> {
+        let dtypes: Vec<&str> = self.mask_dtypes().collect();
+        let known = dtypes.iter().all(|d| matches!(*d, "float32" | "uint8"));
+        if !known || dtypes.windows(2).any(|w| w[0] != w[1]) {
+            return Err(ModelError::Invalid(format!(
+                "decoder mask outputs {MASK_PLANES:?} must all be float32 (logits) or all uint8 (probabilities), \
+                 the manifest has {dtypes:?}"
+            )));
+        }
+        Ok(())
     }
 
     /// The decoder outputs this export has (dense or top-k).

@@ -1,5 +1,6 @@
 //! The exported SAM3 split: its manifest, the runtime that runs it, and the tokenizer that feeds it.
 pub mod cuda;
+pub mod fixed_io;
 pub mod manifest;
 pub mod runtime;
 pub mod tokenizer;

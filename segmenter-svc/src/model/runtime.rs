@@ -17,7 +17,9 @@ use ort::value::TensorElementType;
 
 use crate::config::{Config, Device};
 use crate::error::ModelError;
+use crate::mask_plane::MaskOutput;
 use crate::model::cuda;
+use crate::model::fixed_io::{FixedDecoder, FixedFpn, StaticDecoder};
 use crate::model::manifest::{self, Manifest};
 
 /// Where the sessions actually run, as reported by ModelInfo, health logs and metrics.
@@ -63,7 +65,10 @@ pub struct Sessions {
     pub text: Session,
     pub decoder: Session,
     /// The decoder with its phrase count N fixed (DECODER_STATIC_BATCHES), ascending by N.
-    pub decoder_static: Vec<(usize, Session)>,
+    pub decoder_static: Vec<(usize, StaticDecoder)>,
+    /// With fixed decoder I/O (SEGMENTER_CUDA_GRAPHS): where a one-image vision run leaves its FPN levels, the
+    /// tensors every static decoder session reads.
+    pub fixed_fpn: Option<FixedFpn>,
     pub provider: Provider,
     /// Sessions were built with ORT_PROFILE_DIR: `end_profiling` writes their profiles.
     pub profiling: bool,
@@ -114,6 +119,7 @@ pub fn build_sessions(
 ) -> Result<Sessions, ModelError> {
     let env = load_runtime(&config.ort_dylib_path)?;
     let provider = choose_provider(config)?;
+    let fixed_io = fixed_io_wanted(config, &provider)?;
     if let Some(dir) = &config.ort_profile_dir {
         std::fs::create_dir_all(dir)
             .map_err(|e| ModelError::Invalid(format!("ORT_PROFILE_DIR {}: {e}", dir.display())))?;
@@ -138,7 +144,7 @@ pub fn build_sessions(
             build_ms = started.elapsed().as_millis() as u64,
             "ONNX Runtime session built"
         );
-        check_io(graph, &session, spec)?;
+        check_io(graph, &session, spec, manifest.mask_output())?;
         Ok(session)
     };
     let vision = build("vision", &manifest.graphs.vision, None)?;
@@ -152,18 +158,76 @@ pub fn build_sessions(
             "DECODER_STATIC_BATCHES: phrase counts start at 1".into(),
         ));
     }
+    let fixed_fpn = fixed_io
+        .then(|| FixedFpn::new(&vision, &provider))
+        .transpose()
+        .map_err(|e| fixed_io_error("vision", e))?;
     let decoder_static = counts
         .into_iter()
-        .map(|n| Ok((n, build("decoder", &manifest.graphs.decoder, Some(n))?)))
+        .map(|n| {
+            let session = build("decoder", &manifest.graphs.decoder, Some(n))?;
+            let fixed = fixed_fpn
+                .as_ref()
+                .map(|fpn| FixedDecoder::new(&session, n, fpn, &provider))
+                .transpose()
+                .map_err(|e| fixed_io_error("decoder", e))?;
+            Ok((n, StaticDecoder { session, fixed }))
+        })
         .collect::<Result<Vec<_>, ModelError>>()?;
+    if fixed_io {
+        tracing::info!(
+            cuda_graphs = config.cuda_graphs,
+            static_batches = ?config.decoder_static_batches,
+            "static decoder sessions bound to fixed-address inputs and outputs"
+        );
+    }
     Ok(Sessions {
         vision,
         text,
         decoder,
         decoder_static,
+        fixed_fpn,
         provider,
         profiling: config.ort_profile_dir.is_some(),
     })
+}
+
+/// Whether the static decoder sessions get fixed-address I/O: for CUDA graphs (which need the CUDA provider, static
+/// sessions and one image per vision run; refused at startup otherwise), or the tests' internal switch.
+fn fixed_io_wanted(config: &Config, provider: &Provider) -> Result<bool, ModelError> {
+    if !config.cuda_graphs && !config.fixed_decoder_io {
+        return Ok(false);
+    }
+    let refuse = |why: String| Err(ModelError::Settings(why));
+    if config.cuda_graphs && *provider == Provider::Cpu {
+        return refuse(format!(
+            "SEGMENTER_CUDA_GRAPHS=true needs the CUDA provider, and the sessions would run on the CPU here \
+             (SEGMENTER_DEVICE={:?}): unset SEGMENTER_CUDA_GRAPHS or run on a GPU",
+            config.device
+        ));
+    }
+    if config.decoder_static_batches.is_empty() {
+        return refuse(
+            "SEGMENTER_CUDA_GRAPHS=true needs DECODER_STATIC_BATCHES (e.g. 1,2,4,8): only static-shape decoder \
+             sessions can be captured"
+                .into(),
+        );
+    }
+    let batch = provider.max_batch_images(config.max_batch_images);
+    if batch != 1 {
+        return refuse(format!(
+            "SEGMENTER_CUDA_GRAPHS=true needs MAX_BATCH_IMAGES=1 (it is {batch}): the decoder reads one image's \
+             FPN levels from the fixed tensors the vision graph writes"
+        ));
+    }
+    Ok(true)
+}
+
+fn fixed_io_error(graph: &'static str, e: ort::Error) -> ModelError {
+    ModelError::Session {
+        graph,
+        detail: format!("fixed-address I/O for SEGMENTER_CUDA_GRAPHS: {e}"),
+    }
 }
 
 fn choose_provider(config: &Config) -> Result<Provider, ModelError> {
@@ -271,16 +335,24 @@ fn new_session(
         if config.cuda_mem_limit_mb > 0 {
             cuda = cuda.with_memory_limit(config.cuda_mem_limit_mb << 20);
         }
+        // Only the static decoder sessions are captured: every shape in them is fixed and their I/O is bound at
+        // fixed addresses (model/fixed_io.rs). ONNX Runtime refuses the session if a node is not on the CUDA EP.
+        if config.cuda_graphs && fixed_phrases.is_some() {
+            cuda = cuda.with_cuda_graph(true);
+        }
         builder = builder.with_execution_providers([cuda.build().error_on_failure()])?;
     }
     builder.commit_from_file(path)
 }
 
 /// The element type the server feeds or reads for each tensor name: f32 everywhere (fp16 exports keep fp32 I/O)
-/// except the photo's bytes, token ids, masks and the decoder's query indices.
-fn served_dtype(name: &str) -> TensorElementType {
+/// except the photo's bytes, token ids, the decoder's query indices and, when the export says so, mask planes.
+fn served_dtype(name: &str, masks: MaskOutput) -> TensorElementType {
     match name {
         "image_u8" => TensorElementType::Uint8,
+        plane if manifest::MASK_PLANES.contains(&plane) && masks == MaskOutput::ProbabilityU8 => {
+            TensorElementType::Uint8
+        }
         "input_ids" | "attention_mask" | "text_mask" | "topk_queries" => TensorElementType::Int64,
         _ => TensorElementType::Float32,
     }
@@ -302,7 +374,12 @@ fn manifest_dtype(name: &str) -> Option<TensorElementType> {
 /// Checks a built session against its manifest entry: the names (the manifest's were checked against what the
 /// server uses when it was loaded), and for every tensor that the manifest's dtype, the graph's and the one the
 /// server feeds or reads agree.
-fn check_io(graph: &str, session: &Session, spec: &manifest::GraphSpec) -> Result<(), ModelError> {
+fn check_io(
+    graph: &str,
+    session: &Session,
+    spec: &manifest::GraphSpec,
+    masks: MaskOutput,
+) -> Result<(), ModelError> {
     let sides = [
         ("input", session.inputs(), &spec.inputs),
         ("output", session.outputs(), &spec.outputs),
@@ -323,7 +400,7 @@ fn check_io(graph: &str, session: &Session, spec: &manifest::GraphSpec) -> Resul
                 ))
             })?;
             let actual = outlet.dtype().tensor_type();
-            let served = served_dtype(&tensor.name);
+            let served = served_dtype(&tensor.name, masks);
             if actual != Some(declared) || declared != served {
                 return Err(ModelError::Invalid(format!(
                     "{graph} {kind} {:?}: the graph has {}, the manifest says {}, the server uses {served} \
