@@ -2,17 +2,20 @@
 # The segmenter's GPU benchmark in ONE device call, cheapest and most important first:
 #   setup     the last ORT GPU part (carried with this call) joins the others in /tmp/gpu-parts, assemble, unpack
 #             segmenter-bench
-#   smoke     tiny model on the CUDA EP, 3 requests (~20 s): ABORTS the run when CUDA does not work
+#   smoke     tiny model on the CUDA EP, 3 requests (~20 s): ABORTS the run when CUDA does not work; then the same
+#             with CUDA graphs on the static decoder sessions (~10 s; a failure only skips the graphs bench below)
 #   export    full-size random SAM3, fp16, all cores, with eager attention (sam3-full-fp16-eager), then the same
 #             graphs with fused attention (export/fused_attention.py, no torch: sam3-full-fp16, what the exporter
-#             writes by default); both kept in /tmp/models: a rerun on the warm machine skips them
+#             writes by default); both kept in /tmp/models: a rerun on the warm machine skips them. Masks leave the
+#             decoder as uint8 probabilities (--mask-output u8, the exporter's default; export/mask_output.py)
 #   hf        HF PyTorch bf16 autocast reference, 3 concepts, on the same GPU
 #   bench     segmenter-bench fp16 (fused attention) through gRPC (1, 3, 8 concepts; concurrency 1 and 4), then one
 #             ONNX Runtime profile of 3 requests x 3 concepts (vision + text + decoder) into $OUT/profile_fp16/
+#   graphs    the same fp16 graphs with CUDA graphs on static decoder sessions (SEGMENTER_CUDA_GRAPHS,
+#             DECODER_STATIC_BATCHES=1,2,4,8), 3 concepts, concurrency 1: the A/B against bench_fp16; then the static
+#             sessions without graphs (what the folded shapes alone do)
 #   eager     the eager-attention fp16 graphs, 3 concepts, concurrency 1 and 4: what fused attention changes
 #   batch     the same fp16 graphs with MAX_BATCH_IMAGES=4 at concurrency 4: does batching help? (time permitting)
-#   static    the same fp16 graphs with static-shape decoder sessions (DECODER_STATIC_BATCHES=1,2,4,8), 3 concepts
-#             (time permitting; no CUDA graphs yet: this measures the folded shapes alone)
 #   fp32      export + bench of the fp32 graphs (time permitting)
 #   summary   one table ($OUT/summary.md) with the GOAL line, session build times and ONNX Runtime's placement
 #             warnings; the whole log is $OUT/log.txt
@@ -28,7 +31,8 @@
 #
 # Time: bounded at GPU_RUN_BUDGET_S (default 420 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
-# FP32=0|1 (1), ATTN_AB=0|1 (1: bench the eager-attention graphs too), BATCH_AB=0|1 (1), STATIC_AB=0|1 (1), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
+# FP32=0|1 (1), ATTN_AB=0|1 (1: bench the eager-attention graphs too), BATCH_AB=0|1 (1), STATIC_AB=0|1 (1: CUDA graphs
+# on static decoder sessions, then the static sessions alone), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
 # PROFILE=0|1 (1), REQUESTS (20), WARMUP (3), HF_RUNS (10), HF_MODES (bf16), HF_CONCEPTS (3), CONCEPTS (1,3,8),
 # CONCURRENCY (1,4), SMOKE=0|1 (1); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the GPU-mode path (assemble,
 # env.sh, the GPU ORT library) on a machine without a GPU.
@@ -70,6 +74,12 @@ PROFILE=${PROFILE:-1}
 SMOKE=${SMOKE:-1}
 CONCEPTS=${CONCEPTS:-1,3,8}
 CONCURRENCY=${CONCURRENCY:-1,4}
+# CUDA graphs on the static decoder sessions. The CPU dry run cannot capture graphs (refused on the CPU provider):
+# it runs the same fixed-address decoder I/O without them.
+if ((DRY)); then GRAPHS=(--fixed-decoder-io); else GRAPHS=(--cuda-graphs); fi
+GRAPHS+=(--decoder-static-batches 1,2,4,8 --max-batch-images 1)
+GRAPHS_OK=0
+((SMOKE)) || GRAPHS_OK=1
 mkdir -p "$OUT" "$MODELS"
 rm -rf "$OUT"/log.txt "$OUT"/summary.md "$OUT"/*.json "$OUT"/profile_*
 export PYTHONUNBUFFERED=1
@@ -157,6 +167,14 @@ if ((SMOKE)); then
     log "ABORT: the smoke test failed (see above); nothing else would work. Fix it and rerun."
     summary; return 3
   fi
+  # CUDA graphs on the tiny model: ONNX Runtime refuses a capture at session build or during the warm-up's
+  # repeated runs, both cheap here. A failure is a finding, not a reason to stop: the graphs bench is skipped.
+  if step smoke_graphs 45 "$BENCH" --device "$DEVICE" --model-dir segmenter-svc/models/sam3-tiny --image "$IMG" \
+      --concepts 3 --concurrency 1 --requests 3 --warmup 0 --log-level "$BENCH_LOG" "${GRAPHS[@]}"; then
+    GRAPHS_OK=1
+  else
+    log "FINDING: CUDA graphs failed on the tiny model (see above); bench_fp16_graphs skipped"
+  fi
 fi
 "${PYCMD[@]}" -c 'import torch, transformers, onnx, onnxruntime as o; print("python", __import__("sys").version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__, "onnx", onnx.__version__, "onnxruntime", o.__version__)' || true
 echo "cores: $(nproc)"; free -g | head -2 || true
@@ -171,7 +189,7 @@ export_model() {  # export_model PRECISION TIMEOUT: skipped when the folders hol
   if [[ ! -s $eager/manifest.json ]]; then
     rm -rf "$eager"
     step "export_$1" "$2" env OMP_WAIT_POLICY=PASSIVE "${PYCMD[@]}" segmenter-svc/export/export_sam3.py --random-init "$SIZE" \
-      --seed 0 --precision "$1" --attention eager --clip-bpe "$BPE" --out "$eager" > "$MODELS/export_$1.log" 2>&1 || rc=$?
+      --seed 0 --precision "$1" --attention eager --mask-output u8 --clip-bpe "$BPE" --out "$eager" > "$MODELS/export_$1.log" 2>&1 || rc=$?
     sed 's/^/  [export '"$1"'] /' "$MODELS/export_$1.log" | tail -40
     ((rc == 0)) || return "$rc"
   fi
@@ -216,6 +234,18 @@ if ((FP16_OK)); then
   ((PROFILE)) && prof=(--profile-dir "$OUT/profile_fp16" --profile-concepts 3 --profile-requests 3)
   bench fp16 fp16 200 --concepts "$CONCEPTS" --concurrency "$CONCURRENCY" "${prof[@]}"
   fp16_fallback
+  if ((STATIC_AB)); then
+    # CUDA graphs first (A/B against bench_fp16's dynamic decoder), then the static sessions without graphs (what
+    # the folded shapes alone do): the graphs are the likelier gain, so they get the time when it runs short.
+    if ((!GRAPHS_OK)); then
+      skip bench_fp16_graphs "CUDA graphs failed on the tiny model (smoke_graphs)"
+    elif (($(left) >= 50)); then
+      bench fp16_graphs fp16 60 --concepts 3 --concurrency 1 "${GRAPHS[@]}"
+    else skip bench_fp16_graphs "only $(left)s of the budget left"; fi
+    if (($(left) >= 50)); then
+      bench fp16_static fp16 60 --concepts 3 --concurrency 1 --decoder-static-batches 1,2,4,8
+    else skip bench_fp16_static "only $(left)s of the budget left"; fi
+  fi
   if ((ATTN_AB)); then
     if (($(left) >= 70)); then
       bench fp16_eager fp16-eager 100 --concepts 3 --concurrency 1,4
@@ -225,11 +255,6 @@ if ((FP16_OK)); then
     if (($(left) >= 70)); then
       bench fp16_batch4 fp16 90 --concepts 3 --concurrency 4 --max-batch-images 4
     else skip bench_fp16_batch4 "only $(left)s of the budget left"; fi
-  fi
-  if ((STATIC_AB)); then
-    if (($(left) >= 60)); then
-      bench fp16_static fp16 80 --concepts 3 --concurrency 1 --decoder-static-batches 1,2,4,8
-    else skip bench_fp16_static "only $(left)s of the budget left"; fi
   fi
 else
   log "no fp16 export: no fp16 bench"

@@ -93,11 +93,36 @@ def main(argv=None) -> int:
                      + (f"; HF reference {ref:.1f} ms -> {p50 / ref:.2f}x" if ref else ""))
     if not goal_rows:
         lines.append(f"GOAL: no {args.goal_concepts}-concept concurrency-1 result to judge")
+    lines += ab_lines(dict(benches), args.goal_concepts)
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:
         args.out.write_text(text)
     return 0
+
+
+# Pairs measured in the same run: (label A, label B, what A / B shows).
+AB_PAIRS = (("fp16_graphs", "fp16", "CUDA graphs on static decoder sessions / dynamic decoder (the default)"),
+            ("fp16_graphs", "fp16_static", "CUDA graphs on / off (static decoder sessions)"),
+            ("fp16_static", "fp16", "static decoder sessions / dynamic decoder"),
+            ("fp16", "fp16_eager", "fused / eager attention"))
+
+
+def ab_lines(benches: dict, concepts: int) -> list[str]:
+    """One line per A/B pair present: e2e p50 and decoder p50 of A over B at `concepts`, concurrency 1."""
+    def row(label):
+        return next((r for r in benches.get(label, {}).get("results", [])
+                     if r["concepts"] == concepts and r["concurrency"] == 1), None)
+    lines = []
+    for a, b, what in AB_PAIRS:
+        ra, rb = row(a), row(b)
+        if not (ra and rb):
+            continue
+        da, db = ra["stage_p50_ms"].get("decoder"), rb["stage_p50_ms"].get("decoder")
+        dec = f", decoder p50 {da:.1f} / {db:.1f} ms = {da / db:.2f}x" if da and db else ""
+        lines.append(f"A/B {what}, {concepts} concepts, concurrency 1: e2e p50 {ra['e2e_ms']['p50']:.1f} / "
+                     f"{rb['e2e_ms']['p50']:.1f} ms = {ra['e2e_ms']['p50'] / rb['e2e_ms']['p50']:.2f}x{dec}")
+    return lines
 
 
 if __name__ == "__main__":
