@@ -71,16 +71,30 @@ async fn segment_returns_kept_instances_per_concept_in_request_order() {
 
     // Second call: text features come from the cache.
     let mut again = request(image_bytes("room_640x480.jpg"), &["wall"]);
-    again.mask_format = pb::MaskFormat::LogitsF32 as i32;
-    let resp = client.segment(again).await.unwrap().into_inner();
+    again.score_threshold = Some(0.655);
+    let mut as_logits = again.clone();
+    as_logits.mask_format = pb::MaskFormat::LogitsF32 as i32;
+    let bytes = client.segment(again).await.unwrap().into_inner();
+    let resp = client.segment(as_logits).await.unwrap().into_inner();
     assert!(resp.concepts[0].text_cache_hit);
-    if let Some(inst) = resp.concepts[0].instances.first() {
-        let mask = inst.mask.as_ref().unwrap();
-        assert_eq!(
-            (mask.dtype, mask.data.len()),
-            (pb::DataType::Float32 as i32, 48 * 48 * 4)
-        );
-    }
+    let inst = resp.concepts[0].instances.first().expect("kept at 0.655");
+    let mask = inst.mask.as_ref().unwrap();
+    assert_eq!(
+        (mask.dtype, mask.data.len()),
+        (pb::DataType::Float32 as i32, 48 * 48 * 4)
+    );
+    // The bundled decoder returns uint8 probabilities: the logits served for them are reconstructed, and turn back
+    // into exactly the probabilities the default format sends.
+    let logits: Vec<f32> = mask
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let probabilities = &bytes.concepts[0].instances[0].mask.as_ref().unwrap().data;
+    assert_eq!(
+        &segmenter_svc::postprocess::to_probability_u8(&logits),
+        probabilities
+    );
     server.stop().await.unwrap();
 }
 
