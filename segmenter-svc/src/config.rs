@@ -121,9 +121,9 @@ pub struct Config {
     #[arg(long, env = "SEGMENTER_CUDA_GRAPHS", default_value_t = false, action = clap::ArgAction::Set)]
     pub cuda_graphs: bool,
 
-    /// Test-only: the fixed-address decoder I/O of SEGMENTER_CUDA_GRAPHS without the CUDA graphs, on any provider
-    /// (host buffers on the CPU), so its bindings and copies run in the tests. Not settable from flags or the
-    /// environment.
+    /// For tests and the bench's CPU dry run: the fixed-address decoder I/O of SEGMENTER_CUDA_GRAPHS without the
+    /// CUDA graphs, on any provider (host buffers on the CPU), so its bindings and copies run without a GPU. Not
+    /// settable from the server's flags or the environment.
     #[arg(skip)]
     pub fixed_decoder_io: bool,
 
