@@ -203,16 +203,19 @@ async fn static_shape_decoder_sessions_match_pytorch() {
 
 /// The static sessions with fixed-address inputs and outputs, what SEGMENTER_CUDA_GRAPHS runs on CUDA (here
 /// without the graphs, on host buffers): the vision run writes the FPN levels into the tensors the decoder sessions
-/// are bound to, text rows are copied in and outputs copied out around each run. 1 (probe), 2 and 3 phrases run on
-/// the 2- and 4-phrase sessions; chunks of more would use the dynamic graph.
+/// are bound to, text rows are copied in and outputs copied out around each run. First 1 (probe), 2 and 3 phrases on
+/// the 2- and 4-phrase sessions; then with only a 2-phrase session, so 3 phrases run on the dynamic graph, reading
+/// the same fixed FPN tensors through views.
 #[tokio::test]
 async fn fixed_address_decoder_io_matches_pytorch() {
-    let mut config = common::test_config();
-    config.fixed_decoder_io = true;
-    config.decoder_static_batches = vec![4, 2];
-    config.decoder_chunk = 4;
-    config.max_batch_images = 1;
-    check_parity(config).await;
+    for statics in [vec![4, 2], vec![2]] {
+        let mut config = common::test_config();
+        config.fixed_decoder_io = true;
+        config.decoder_static_batches = statics;
+        config.decoder_chunk = 4;
+        config.max_batch_images = 1;
+        check_parity(config).await;
+    }
 }
 
 async fn check_parity(
