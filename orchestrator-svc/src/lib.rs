@@ -2,6 +2,7 @@
 //! engine, stores outputs, masks and previews under the seed's keys, and reports every item with a signed callback.
 
 pub mod adapters;
+pub mod allocator;
 pub mod byte_lru;
 pub mod callback;
 pub mod config;

@@ -2,6 +2,8 @@ use clap::Parser;
 use orchestrator_svc::{Config, run, telemetry};
 use palette_service_kit::{healthcheck, shutdown};
 
+orchestrator_svc::use_jemalloc!();
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // `orchestrator-svc healthcheck`: for container HEALTHCHECKs, which have no grpc_health_probe.
@@ -14,6 +16,7 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    // Rust's allocations go to jemalloc (`orchestrator_svc::allocator`); glibc still serves the C libraries'.
     telemetry::fix_mmap_threshold();
     let config = Config::parse();
     let traces = telemetry::init_from_env(&config.log_level)?;

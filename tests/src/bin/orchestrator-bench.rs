@@ -22,6 +22,9 @@ use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{JobSpec, JobState, Rule, WatchJobRequest};
 use prost_types::value::Kind;
 
+// The orchestrator binary's allocator and its settings, so the figures are the service's.
+orchestrator_svc::use_jemalloc!();
+
 #[derive(Parser)]
 struct Args {
     /// Images in the large job.

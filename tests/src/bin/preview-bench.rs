@@ -25,6 +25,9 @@ use tonic::transport::Channel;
 const USER: &str = "bench-user";
 const STAGES: &str = "orchestrator_preview_stage_seconds";
 
+// The orchestrator binary's allocator and its settings, so the figures are the service's.
+orchestrator_svc::use_jemalloc!();
+
 #[derive(Parser)]
 struct Args {
     /// Measured previews per configuration.
