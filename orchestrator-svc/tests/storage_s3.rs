@@ -75,6 +75,41 @@ async fn s3_backend_round_trip_against_seaweedfs() {
 }
 
 #[tokio::test]
+async fn unsigned_payloads_are_stored_and_https_endpoints_send_them() {
+    // Over HTTPS (R2, AWS) PUT bodies go unsigned (TLS protects them; no SHA-256 of every stored byte); here the
+    // same request over plain HTTP, to check that an S3 server takes it and stores the body as sent.
+    let Some(weed) = common::seaweed::start("palette-unsigned") else {
+        return;
+    };
+    let signed = store(&weed, &weed.bucket);
+    assert!(signed.signs_payload(), "plain HTTP keeps signed payloads");
+    let unsigned = signed.with_payload_signing(false);
+    wait_ready(&unsigned).await;
+    let body = Bytes::from((0..300_000u32).map(|i| (i % 253) as u8).collect::<Vec<_>>());
+    let key = "outputs/u/j/paint/0.jpg";
+    unsigned.put(key, body.clone(), "image/jpeg").await.unwrap();
+    assert_eq!(unsigned.get(key).await.unwrap(), body);
+
+    let https = |endpoint: Option<&str>| {
+        S3Store::new(S3Settings {
+            endpoint_url: endpoint.map(str::to_string),
+            region: "auto".into(),
+            bucket: "b".into(),
+            access_key_id: "k".into(),
+            secret_access_key: "s".into(),
+            attempt_timeout: Duration::from_secs(5),
+            max_attempts: 1,
+        })
+    };
+    assert!(!https(Some("https://objects.example")).signs_payload());
+    assert!(
+        !https(None).signs_payload(),
+        "the SDK's AWS endpoint is HTTPS"
+    );
+    assert!(https(Some("http://seaweedfs:8333")).signs_payload());
+}
+
+#[tokio::test]
 async fn wrong_credentials_are_unavailable_not_not_found() {
     let Some(weed) = common::seaweed::start("palette-test") else {
         return;
@@ -118,4 +153,75 @@ async fn an_object_over_the_cap_is_refused_from_its_content_length() {
     }
     let whole = store.get_at_most("inputs/u/j/0.jpg", 20_000).await.unwrap();
     assert_eq!(whole.len(), 20_000);
+}
+
+/// This process's CPU seconds (utime + stime from /proc/self/stat; 0 elsewhere).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<f64> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / 100.0
+}
+
+/// What signing PUT bodies costs the orchestrator: a 12 MP photo's objects (~20 MB in 14 PUTs: ten mask PNGs,
+/// three output JPEGs, a preview) stored signed and unsigned, alternately, CPU seconds of this process (SeaweedFS
+/// runs in its own). Measurement, not a check: `cargo test --release -p orchestrator-svc --test storage_s3 --
+/// --ignored --nocapture unsigned_payload_cpu`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn unsigned_payload_cpu() {
+    let Some(weed) = common::seaweed::start("palette-sign-cost") else {
+        return;
+    };
+    let signed = store(&weed, &weed.bucket);
+    wait_ready(&signed).await;
+    let unsigned = store(&weed, &weed.bucket).with_payload_signing(false);
+    // Incompressible-ish bytes, sized as the bench's 12 MP photo stores them.
+    let sizes = [1_450_000usize; 10]
+        .into_iter()
+        .chain([2_000_000; 3])
+        .chain([12_000]);
+    let bodies: Vec<Bytes> = sizes
+        .enumerate()
+        .map(|(n, len)| {
+            Bytes::from(
+                (0..len)
+                    .map(|i| ((i as u32 ^ n as u32).wrapping_mul(2_654_435_761) >> 24) as u8)
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    let mb = bodies.iter().map(Bytes::len).sum::<usize>() as f64 / 1e6;
+    let (mut s, mut u) = (Vec::new(), Vec::new());
+    for round in 0..10 {
+        for (label, store, out) in [("s", &signed, &mut s), ("u", &unsigned, &mut u)] {
+            let t = cpu_seconds();
+            for (n, body) in bodies.iter().enumerate() {
+                let key = format!("masks/u/j/wall/{round}_{label}{n}.png");
+                store.put(&key, body.clone(), "image/png").await.unwrap();
+            }
+            out.push((cpu_seconds() - t) * 1e3);
+        }
+    }
+    let range = |v: &[f64]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
+        format!(
+            "{lo:.0}-{hi:.0} ms (mean {:.1})",
+            v.iter().sum::<f64>() / v.len() as f64
+        )
+    };
+    let ratio = s.iter().sum::<f64>() / u.iter().sum::<f64>().max(1e-9);
+    println!(
+        "{mb:.1} MB in {} PUTs, CPU of this process per photo: signed {}, unsigned {}: {ratio:.2}x",
+        bodies.len(),
+        range(&s),
+        range(&u)
+    );
 }
