@@ -181,7 +181,7 @@ def cutout(photo, region):
 
 
 def guided(guide, p, r, eps=0.01):
-    s = max(r // 2, 1)  # as guided.rs: coefficients at 1/s resolution, s = r/2
+    s = max(-(-r // 2), 1)  # as guided.rs: coefficients at 1/s resolution, s = ceil(r/2)
     rs = max(r // s, 1)
     h, w = p.shape
     small = (int(np.ceil(w / s)), int(np.ceil(h / s)))
