@@ -94,7 +94,7 @@ if [[ ! -f .gpu/part0/assemble.sh ]]; then
   PREP=${PREPARE_ORT_GPU:-$ROOT/../shared/gpu/prepare-ort-gpu.sh}
   [[ -f $PREP ]] || PREP=/work/shared/gpu/prepare-ort-gpu.sh
   command -v zstd >/dev/null || { echo "prepare-ort-gpu.sh needs zstd: apt-get install -y zstd" >&2; exit 1; }
-  part_mib=$(( (LIMIT - tree_bytes) / 1048576 - 1 ))   # part0 also holds assemble.sh and zstd (~1 MiB)
+  part_mib=$(( (LIMIT - tree_bytes) / 1048576 - 2 ))   # part0 also holds assemble.sh and zstd (~1.3 MiB)
   bash "$PREP" .gpu "$part_mib"
 fi
 n=$(ls -d .gpu/part* | wc -l)
