@@ -176,9 +176,7 @@ async fn submit_on_one_replica_watch_on_another_cancel_on_a_third() {
     );
     assert_eq!(job.completed + job.cancelled, IMAGES, "{job:?}");
     assert!(job.cancelled > 0 && last.cancelled > 0);
-    let (ids, deliveries) = hooks.ids_per_item(JOB);
-    assert_eq!(ids.len(), IMAGES as usize, "one callback per item: {ids:?}");
-    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    let deliveries = hooks.assert_one_id_per_item(JOB, IMAGES);
     assert_eq!(deliveries, IMAGES as usize, "no resends without a crash");
     let per_replica = [completed_here(&a), completed_here(&b), completed_here(&c)];
     assert_eq!(per_replica.iter().sum::<usize>(), job.completed as usize);
@@ -416,9 +414,7 @@ async fn five_sigkilled_replicas_across_a_50_image_job_lose_nothing() {
     .await;
     let finished_after = last_kill.elapsed();
     assert_eq!(job.completed, IMAGES, "{job:?}");
-    let (ids, deliveries) = hooks.ids_per_item(JOB);
-    assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
-    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    let deliveries = hooks.assert_one_id_per_item(JOB, IMAGES);
     let calls = segmenter.counters.segment_calls.load(Ordering::SeqCst);
     eprintln!(
         "3 replicas, {KILLS} SIGKILLs at {completed_at_kill:?} completed items; the job finished {finished_after:?} \
@@ -473,9 +469,7 @@ async fn a_nats_restart_mid_job_pauses_the_work_and_loses_nothing() {
         again.completed, IMAGES,
         "both replicas see the end: {again:?}"
     );
-    let (ids, deliveries) = hooks.ids_per_item(JOB);
-    assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
-    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    let deliveries = hooks.assert_one_id_per_item(JOB, IMAGES);
     eprintln!(
         "NATS down 2 s at {} of {IMAGES} completed; the job finished {finished_after:?} after; 0 items lost, {} \
          duplicate deliveries",
@@ -648,9 +642,7 @@ async fn a_rolling_restart_drains_one_replica_and_its_watcher_moves_to_another()
     )
     .await;
     assert_eq!(last.completed, IMAGES, "{last:?}");
-    let (ids, deliveries) = hooks.ids_per_item(JOB);
-    assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
-    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    let deliveries = hooks.assert_one_id_per_item(JOB, IMAGES);
     eprintln!(
         "SIGTERM with 4 of {IMAGES} done: the replica exited after {took:?}; the job finished on the other; {} \
          duplicate deliveries",

@@ -142,9 +142,7 @@ async fn three_replicas_with_the_real_segmenter_and_seaweedfs_survive_a_sigkill_
         "B's stream showed items RUNNING on every replica: {seen_running:?}"
     );
     let done = wait_for_within(LIMIT, &mut c.jobs_client(), SEED_USER, JOB, is_settled).await;
-    let (ids, deliveries) = hooks.ids_per_item(JOB);
-    assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
-    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    let deliveries = hooks.assert_one_id_per_item(JOB, IMAGES);
     for item in &done.items {
         assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
         assert!(
@@ -186,9 +184,7 @@ async fn three_replicas_with_the_real_segmenter_and_seaweedfs_survive_a_sigkill_
     .await;
     assert_eq!(settled.completed + settled.cancelled, IMAGES, "{settled:?}");
     assert!(on_b.cancelled > 0, "{on_b:?}");
-    let (ids, _) = hooks.ids_per_item(CANCELLED);
-    assert_eq!(ids.len(), IMAGES as usize, "{ids:?}");
-    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    hooks.assert_one_id_per_item(CANCELLED, IMAGES);
     assert_eq!(
         get(&mut b.jobs_client(), SEED_USER, CANCELLED).await.state,
         JobState::Cancelled as i32
@@ -259,9 +255,7 @@ async fn five_sigkills_across_a_50_image_job_on_real_parts_lose_nothing() {
     .await;
     let finished_after = last_kill.elapsed();
     assert_eq!(done.completed, IMAGES, "{done:?}");
-    let (ids, deliveries) = hooks.ids_per_item(JOB);
-    assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
-    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    let deliveries = hooks.assert_one_id_per_item(JOB, IMAGES);
     for item in &done.items {
         assert!(
             store.exists(&item.output_key).await.unwrap(),
@@ -316,9 +310,7 @@ async fn a_nats_restart_mid_job_on_real_parts_pauses_the_work_and_loses_nothing(
         on_a.completed, IMAGES,
         "both replicas see the end: {on_a:?}"
     );
-    let (ids, deliveries) = hooks.ids_per_item(JOB);
-    assert_eq!(ids.len(), IMAGES as usize, "items lost: {ids:?}");
-    assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+    let deliveries = hooks.assert_one_id_per_item(JOB, IMAGES);
     for item in &done.items {
         assert!(
             store.exists(&item.output_key).await.unwrap(),

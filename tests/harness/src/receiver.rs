@@ -95,6 +95,16 @@ impl Receiver {
         (ids, deliveries.len())
     }
 
+    /// Asserts that each of the `items` items of `job_id` was called back, every time under one webhook-id (resends
+    /// after a crash or from another replica keep it: a deduplicating receiver sees each item once); returns the
+    /// number of deliveries (`items` plus such resends).
+    pub fn assert_one_id_per_item(&self, job_id: &str, items: u32) -> usize {
+        let (ids, deliveries) = self.ids_per_item(job_id);
+        assert_eq!(ids.len(), items as usize, "items lost: {ids:?}");
+        assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
+        deliveries
+    }
+
     /// Deliveries per webhook-id (a retry reuses the id).
     pub fn per_id(&self) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
