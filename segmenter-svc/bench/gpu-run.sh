@@ -14,6 +14,8 @@
 #   graphs    the same fp16 graphs with CUDA graphs on static decoder sessions (SEGMENTER_CUDA_GRAPHS,
 #             DECODER_STATIC_BATCHES=1,2,4,8), 3 concepts, concurrency 1: the A/B against bench_fp16; then the static
 #             sessions without graphs (what the folded shapes alone do)
+#   pinned    the fp16 graphs with the decoder's outputs preallocated in pinned host memory (SEGMENTER_PINNED_OUTPUTS),
+#             3 concepts, concurrency 1: the A/B against bench_fp16
 #   eager     the eager-attention fp16 graphs, 3 concepts, concurrency 1 and 4: what fused attention changes
 #   batch     the same fp16 graphs with MAX_BATCH_IMAGES=4 at concurrency 4: does batching help? (time permitting)
 #   fp32      export + bench of the fp32 graphs (time permitting)
@@ -32,7 +34,7 @@
 # Time: bounded at GPU_RUN_BUDGET_S (default 420 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
 # FP32=0|1 (1), ATTN_AB=0|1 (1: bench the eager-attention graphs too), BATCH_AB=0|1 (1), STATIC_AB=0|1 (1: CUDA graphs
-# on static decoder sessions, then the static sessions alone), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
+# on static decoder sessions, then the static sessions alone), PINNED_AB=0|1 (1), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
 # PROFILE=0|1 (1), REQUESTS (20), WARMUP (3), HF_RUNS (10), HF_MODES (bf16), HF_CONCEPTS (3), CONCEPTS (1,3,8),
 # CONCURRENCY (1,4), SMOKE=0|1 (1); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the GPU-mode path (assemble,
 # env.sh, the GPU ORT library) on a machine without a GPU.
@@ -69,6 +71,7 @@ FP32=${FP32:-1}
 BATCH_AB=${BATCH_AB:-1}
 ATTN_AB=${ATTN_AB:-1}
 STATIC_AB=${STATIC_AB:-1}
+PINNED_AB=${PINNED_AB:-1}
 ENGINE_REF=${ENGINE_REF:-0}
 PROFILE=${PROFILE:-1}
 SMOKE=${SMOKE:-1}
@@ -79,6 +82,8 @@ CONCURRENCY=${CONCURRENCY:-1,4}
 if ((DRY)); then GRAPHS=(--fixed-decoder-io); else GRAPHS=(--cuda-graphs); fi
 GRAPHS+=(--decoder-static-batches 1,2,4,8 --max-batch-images 1)
 GRAPHS_OK=0
+# Pinned decoder outputs: the CPU dry run has no pinned memory and runs the same preallocated outputs in host memory.
+if ((DRY)); then PINNED=(--preallocated-outputs); else PINNED=(--pinned-outputs); fi
 ((SMOKE)) || GRAPHS_OK=1
 mkdir -p "$OUT" "$MODELS"
 rm -rf "$OUT"/log.txt "$OUT"/summary.md "$OUT"/*.json "$OUT"/profile_*
@@ -242,6 +247,14 @@ if ((FP16_OK)); then
     elif (($(left) >= 50)); then
       bench fp16_graphs fp16 60 --concepts 3 --concurrency 1 "${GRAPHS[@]}"
     else skip bench_fp16_graphs "only $(left)s of the budget left"; fi
+  fi
+  if ((PINNED_AB)); then
+    # Decoder outputs preallocated in pinned host memory (SEGMENTER_PINNED_OUTPUTS): the A/B against bench_fp16.
+    if (($(left) >= 50)); then
+      bench fp16_pinned fp16 60 --concepts 3 --concurrency 1 "${PINNED[@]}"
+    else skip bench_fp16_pinned "only $(left)s of the budget left"; fi
+  fi
+  if ((STATIC_AB)); then
     if (($(left) >= 50)); then
       bench fp16_static fp16 60 --concepts 3 --concurrency 1 --decoder-static-batches 1,2,4,8
     else skip bench_fp16_static "only $(left)s of the budget left"; fi

@@ -105,6 +105,7 @@ def main(argv=None) -> int:
 AB_PAIRS = (("fp16_graphs", "fp16", "CUDA graphs on static decoder sessions / dynamic decoder (the default)"),
             ("fp16_graphs", "fp16_static", "CUDA graphs on / off (static decoder sessions)"),
             ("fp16_static", "fp16", "static decoder sessions / dynamic decoder"),
+            ("fp16_pinned", "fp16", "decoder outputs in pinned host memory / ONNX Runtime's per-run outputs"),
             ("fp16", "fp16_eager", "fused / eager attention"))
 
 

@@ -121,6 +121,20 @@ pub struct Config {
     #[arg(long, env = "SEGMENTER_CUDA_GRAPHS", default_value_t = false, action = clap::ArgAction::Set)]
     pub cuda_graphs: bool,
 
+    /// The decoder's outputs land in page-locked ("pinned") host memory the segmenter allocates once per session
+    /// and phrase count, instead of memory ONNX Runtime allocates per run: the device-to-host copy of the masks
+    /// is then a direct DMA rather than staged through a driver buffer. Needs the CUDA provider (startup stops
+    /// otherwise); with SEGMENTER_CUDA_GRAPHS the fixed decoders' host copies are pinned too. Off by default until
+    /// measured on a GPU (docs/operations.md, "Serving settings on CUDA").
+    #[arg(long, env = "SEGMENTER_PINNED_OUTPUTS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub pinned_outputs: bool,
+
+    /// For tests and the bench's CPU dry run: SEGMENTER_PINNED_OUTPUTS's preallocated decoder outputs in ordinary
+    /// host memory, on any provider, so that path runs without a GPU. Not settable from the server's flags or the
+    /// environment.
+    #[arg(skip)]
+    pub preallocated_decoder_outputs: bool,
+
     /// For tests and the bench's CPU dry run: the fixed-address decoder I/O of SEGMENTER_CUDA_GRAPHS without the
     /// CUDA graphs, on any provider (host buffers on the CPU), so its bindings and copies run without a GPU. Not
     /// settable from the server's flags or the environment.

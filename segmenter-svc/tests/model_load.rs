@@ -172,6 +172,17 @@ async fn cuda_graphs_are_refused_where_they_cannot_work() {
 }
 
 #[tokio::test]
+async fn pinned_outputs_are_refused_on_the_cpu() {
+    let mut config = common::test_config();
+    config.pinned_outputs = true;
+    let error = load_error(&config).await;
+    assert!(
+        error.contains("SEGMENTER_PINNED_OUTPUTS=true needs the CUDA provider"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
 async fn mask_outputs_of_mixed_types_stop_startup() {
     // The bundled decoder returns uint8 masks and semantic maps; a manifest that says one of them is float32 is
     // refused before any session is built.

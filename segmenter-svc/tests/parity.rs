@@ -218,6 +218,20 @@ async fn fixed_address_decoder_io_matches_pytorch() {
     }
 }
 
+/// SEGMENTER_PINNED_OUTPUTS's path with its buffers in ordinary host memory: every decoder output preallocated
+/// once per session and phrase count, reused run after run. On the dynamic graph alone (1, 2 and 3 phrases: three
+/// sets of buffers), then on the 2- and 4-phrase static sessions.
+#[tokio::test]
+async fn preallocated_decoder_outputs_match_pytorch() {
+    for statics in [vec![], vec![4, 2]] {
+        let mut config = common::test_config();
+        config.preallocated_decoder_outputs = true;
+        config.decoder_static_batches = statics;
+        config.decoder_chunk = 4;
+        check_parity(config).await;
+    }
+}
+
 async fn check_parity(
     config: segmenter_svc::Config,
 ) -> std::sync::Arc<segmenter_svc::service::Shared> {

@@ -69,6 +69,13 @@ struct Args {
     /// --decoder-static-batches and one image per vision batch).
     #[arg(long)]
     cuda_graphs: bool,
+    /// Decoder outputs preallocated in pinned host memory (the server's SEGMENTER_PINNED_OUTPUTS; needs --device
+    /// cuda).
+    #[arg(long)]
+    pinned_outputs: bool,
+    /// --pinned-outputs' preallocated decoder outputs in ordinary host memory, on any device (the CPU dry run).
+    #[arg(long)]
+    preallocated_outputs: bool,
     /// The fixed-address decoder I/O of --cuda-graphs without the graphs, on any device (how the CPU dry run
     /// exercises that path).
     #[arg(long)]
@@ -145,6 +152,8 @@ async fn main() -> anyhow::Result<()> {
     config.decoder_static_batches = args.decoder_static_batches.clone();
     config.cuda_graphs = args.cuda_graphs;
     config.fixed_decoder_io = args.fixed_decoder_io;
+    config.pinned_outputs = args.pinned_outputs;
+    config.preallocated_decoder_outputs = args.preallocated_outputs;
     config.log_level = args.log_level.clone();
     config.queue_capacity = 256;
     // A failed warm-up must end the bench at once: no recovery probes that would keep it NOT_SERVING-but-trying.

@@ -3,7 +3,7 @@
 //! A chunk runs on the smallest static-shape session that holds it (DECODER_STATIC_BATCHES), else on the dynamic
 //! graph. A static session with fixed I/O (SEGMENTER_CUDA_GRAPHS, model/fixed_io.rs) reads the image from the fixed
 //! FPN tensors and leaves its outputs in host tensors; the others take views of the vision run's outputs and return
-//! theirs. The filter reads either through `Outputs`.
+//! theirs, in buffers of their own with SEGMENTER_PINNED_OUTPUTS (model/host_outputs.rs). The filter reads either through `Outputs`.
 //!
 //! A child module of `worker`, kept in its own file.
 
@@ -16,15 +16,23 @@ use ort::value::{PrimitiveTensorElementType, TensorRef};
 use super::{EngineSettings, FpnLevel, decoder_choice};
 use crate::mask_plane::{MaskOutput, MaskRows};
 use crate::model::fixed_io::{FixedDecoder, StaticDecoder};
+use crate::model::host_outputs::HostOutputs;
 use crate::model::tokenizer::Tokens;
 use crate::postprocess::{ConceptOutputs, FilterParams, KeptConcept, filter_concept};
+
+/// The decoder sessions a chunk may run on, borrowed from `Sessions` (whose vision outputs the chunk reads).
+pub(super) struct Decoders<'s> {
+    pub dynamic: &'s mut Session,
+    /// The dynamic session's preallocated outputs (SEGMENTER_PINNED_OUTPUTS).
+    pub dynamic_outputs: Option<&'s mut HostOutputs>,
+    pub statics: &'s mut [(usize, StaticDecoder)],
+}
 
 /// Runs the decoder on one image's FPN levels for a chunk of phrases and keeps the instances that pass the filter;
 /// returns them with the time the filter took.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn decode_chunk(
-    dynamic: &mut Session,
-    statics: &mut [(usize, StaticDecoder)],
+    decoders: Decoders<'_>,
     settings: &EngineSettings,
     fpn: &[FpnLevel<'_>],
     image: usize,
@@ -33,6 +41,11 @@ pub(super) fn decode_chunk(
     image_size: (u32, u32),
     params: FilterParams,
 ) -> ort::Result<(Vec<KeptConcept>, Duration)> {
+    let Decoders {
+        dynamic,
+        dynamic_outputs,
+        statics,
+    } = decoders;
     let n = features.len();
     let chosen = decoder_choice::smallest_holding(statics, n);
     // `rows` >= n: a static-shape session runs its fixed count, the rows past n repeat the last phrase.
@@ -60,6 +73,7 @@ pub(super) fn decode_chunk(
             StaticDecoder {
                 session,
                 fixed: Some(io),
+                ..
             },
         )) => {
             // The fixed FPN tensors hold the image of the last one-image vision run (fixed I/O needs
@@ -74,17 +88,24 @@ pub(super) fn decode_chunk(
             chunk.keep(&|name| OutputRef::Fixed(io, name))
         }
         other => {
-            let decoder = match other {
-                Some((_, fixed_count)) => &mut fixed_count.session,
-                None => dynamic,
+            let (decoder, preallocated) = match other {
+                Some((_, fixed_count)) => (&mut fixed_count.session, fixed_count.outputs.as_mut()),
+                None => (dynamic, dynamic_outputs),
             };
-            let outputs = decoder.run(ort::inputs![
+            let inputs = ort::inputs![
                 "fpn_0" => fpn[0].image(image)?,
                 "fpn_1" => fpn[1].image(image)?,
                 "fpn_2" => fpn[2].image(image)?,
                 "text_features" => TensorRef::from_array_view(([rows, l, d], &text[..]))?,
                 "text_mask" => TensorRef::from_array_view(([rows, l], &mask[..]))?,
-            ])?;
+            ];
+            let outputs = match preallocated {
+                Some(host) => {
+                    let options = host.options(decoder, rows)?;
+                    decoder.run_with_options(inputs, options)?
+                }
+                None => decoder.run(inputs)?,
+            };
             chunk.keep(&|name| OutputRef::Run(&outputs, name))
         }
     }

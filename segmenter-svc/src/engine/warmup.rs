@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use super::{Worker, bind_vision, decode_chunk, fpn_views, zero_images};
+use super::{Decoders, Worker, bind_vision, decode_chunk, fpn_views, zero_images};
 use crate::model::runtime::Provider;
 use crate::postprocess::FilterParams;
 
@@ -117,8 +117,11 @@ impl Worker {
             drop(text_out);
             for _ in 0..repeats {
                 decode_chunk(
-                    &mut self.sessions.decoder,
-                    &mut self.sessions.decoder_static,
+                    Decoders {
+                        dynamic: &mut self.sessions.decoder,
+                        dynamic_outputs: self.sessions.decoder_outputs.as_mut(),
+                        statics: &mut self.sessions.decoder_static,
+                    },
                     &self.settings,
                     &fpn,
                     0,

@@ -24,7 +24,7 @@ use crate::preprocess::Pixels;
 
 #[path = "decode.rs"]
 mod decode;
-use decode::decode_chunk;
+use decode::{Decoders, decode_chunk};
 #[path = "decoder_choice.rs"]
 mod decoder_choice;
 #[path = "warmup.rs"]
@@ -254,6 +254,7 @@ impl Worker {
         let Sessions {
             vision,
             decoder,
+            decoder_outputs,
             decoder_static,
             fixed_fpn,
             provider,
@@ -267,8 +268,11 @@ impl Worker {
         let fpn = fpn_views(&vision_out)?;
         faults.check("decoder")?;
         decode_chunk(
-            decoder,
-            decoder_static,
+            Decoders {
+                dynamic: decoder,
+                dynamic_outputs: decoder_outputs.as_mut(),
+                statics: decoder_static,
+            },
             &self.settings,
             &fpn,
             0,
@@ -362,8 +366,11 @@ impl Worker {
             for (f, t) in features.chunks(chunk).zip(tokens.chunks(chunk)) {
                 settings.faults.check("decoder")?;
                 let (kept, spent) = decode_chunk(
-                    &mut sessions.decoder,
-                    &mut sessions.decoder_static,
+                    Decoders {
+                        dynamic: &mut sessions.decoder,
+                        dynamic_outputs: sessions.decoder_outputs.as_mut(),
+                        statics: &mut sessions.decoder_static,
+                    },
                     settings,
                     &fpn,
                     index,

@@ -17,13 +17,16 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::{IoBinding, Session};
 use ort::value::{DynTensor, Outlet, PrimitiveTensorElementType, Tensor};
 
+use crate::model::host_outputs::{self, HostOutputs, Placement};
 use crate::model::manifest::VISION_OUTPUTS;
 use crate::model::runtime::Provider;
 
-/// A static-shape decoder session (DECODER_STATIC_BATCHES) and, with fixed I/O, its bound tensors.
+/// A static-shape decoder session (DECODER_STATIC_BATCHES) and, with fixed I/O, its bound tensors; without them,
+/// with SEGMENTER_PINNED_OUTPUTS, its preallocated outputs.
 pub struct StaticDecoder {
     pub session: Session,
     pub fixed: Option<FixedDecoder>,
+    pub outputs: Option<HostOutputs>,
 }
 
 /// The vision graph's outputs for one image, at fixed addresses on the provider's device.
@@ -64,14 +67,16 @@ pub struct FixedDecoder {
 }
 
 impl FixedDecoder {
+    /// `host`: where the outputs' host copies live (pinned with SEGMENTER_PINNED_OUTPUTS).
     pub fn new(
         session: &Session,
         phrases: usize,
         fpn: &FixedFpn,
         provider: &Provider,
+        host: Placement,
     ) -> ort::Result<Self> {
         let device = allocator(session, provider)?;
-        let host = Allocator::default();
+        let host = host_outputs::allocator(session, host)?;
         let mut binding = session.create_binding()?;
         for (name, tensor) in &fpn.levels {
             binding.bind_input(*name, tensor)?;
@@ -155,7 +160,7 @@ fn allocator(session: &Session, provider: &Provider) -> ort::Result<Allocator> {
 }
 
 /// A tensor for the graph's input or output `name`, its one symbolic dimension `symbol` set to `size`.
-fn fixed_tensor(
+pub(crate) fn fixed_tensor(
     allocator: &Allocator,
     outlets: &[Outlet],
     name: &str,

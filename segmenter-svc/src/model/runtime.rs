@@ -20,6 +20,8 @@ use crate::error::ModelError;
 use crate::mask_plane::MaskOutput;
 use crate::model::cuda;
 use crate::model::fixed_io::{FixedDecoder, FixedFpn, StaticDecoder};
+use crate::model::host_outputs::{HostOutputs, Placement};
+use crate::model::io_settings::{fixed_io_error, fixed_io_wanted, output_placement, pinned_error};
 use crate::model::manifest::{self, Manifest};
 
 /// Where the sessions actually run, as reported by ModelInfo, health logs and metrics.
@@ -64,6 +66,8 @@ pub struct Sessions {
     pub vision: Session,
     pub text: Session,
     pub decoder: Session,
+    /// The dynamic decoder's preallocated outputs (SEGMENTER_PINNED_OUTPUTS).
+    pub decoder_outputs: Option<HostOutputs>,
     /// The decoder with its phrase count N fixed (DECODER_STATIC_BATCHES), ascending by N.
     pub decoder_static: Vec<(usize, StaticDecoder)>,
     /// With fixed decoder I/O (SEGMENTER_CUDA_GRAPHS): where a one-image vision run leaves its FPN levels, the
@@ -120,6 +124,7 @@ pub fn build_sessions(
     let env = load_runtime(&config.ort_dylib_path)?;
     let provider = choose_provider(config)?;
     let fixed_io = fixed_io_wanted(config, &provider)?;
+    let outputs = output_placement(config, &provider)?;
     if let Some(dir) = &config.ort_profile_dir {
         std::fs::create_dir_all(dir)
             .map_err(|e| ModelError::Invalid(format!("ORT_PROFILE_DIR {}: {e}", dir.display())))?;
@@ -150,6 +155,13 @@ pub fn build_sessions(
     let vision = build("vision", &manifest.graphs.vision, None)?;
     let text = build("text", &manifest.graphs.text, None)?;
     let decoder = build("decoder", &manifest.graphs.decoder, None)?;
+    let preallocate = |session: &Session| {
+        outputs
+            .map(|placement| HostOutputs::new(session, placement))
+            .transpose()
+            .map_err(pinned_error)
+    };
+    let decoder_outputs = preallocate(&decoder)?;
     let mut counts = config.decoder_static_batches.clone();
     counts.sort_unstable();
     counts.dedup();
@@ -166,12 +178,26 @@ pub fn build_sessions(
         .into_iter()
         .map(|n| {
             let session = build("decoder", &manifest.graphs.decoder, Some(n))?;
+            let host = outputs.unwrap_or(Placement::Host);
             let fixed = fixed_fpn
                 .as_ref()
-                .map(|fpn| FixedDecoder::new(&session, n, fpn, &provider))
+                .map(|fpn| FixedDecoder::new(&session, n, fpn, &provider, host))
                 .transpose()
                 .map_err(|e| fixed_io_error("decoder", e))?;
-            Ok((n, StaticDecoder { session, fixed }))
+            // Fixed I/O copies its outputs into host tensors of its own (pinned as well when asked).
+            let outputs = if fixed.is_some() {
+                None
+            } else {
+                preallocate(&session)?
+            };
+            Ok((
+                n,
+                StaticDecoder {
+                    session,
+                    fixed,
+                    outputs,
+                },
+            ))
         })
         .collect::<Result<Vec<_>, ModelError>>()?;
     if fixed_io {
@@ -181,53 +207,19 @@ pub fn build_sessions(
             "static decoder sessions bound to fixed-address inputs and outputs"
         );
     }
+    if let Some(placement) = outputs {
+        tracing::info!(?placement, "decoder outputs preallocated in host memory");
+    }
     Ok(Sessions {
         vision,
         text,
         decoder,
+        decoder_outputs,
         decoder_static,
         fixed_fpn,
         provider,
         profiling: config.ort_profile_dir.is_some(),
     })
-}
-
-/// Whether the static decoder sessions get fixed-address I/O: for CUDA graphs (which need the CUDA provider, static
-/// sessions and one image per vision run; refused at startup otherwise), or the tests' internal switch.
-fn fixed_io_wanted(config: &Config, provider: &Provider) -> Result<bool, ModelError> {
-    if !config.cuda_graphs && !config.fixed_decoder_io {
-        return Ok(false);
-    }
-    let refuse = |why: String| Err(ModelError::Settings(why));
-    if config.cuda_graphs && *provider == Provider::Cpu {
-        return refuse(format!(
-            "SEGMENTER_CUDA_GRAPHS=true needs the CUDA provider, and the sessions would run on the CPU here \
-             (SEGMENTER_DEVICE={:?}): unset SEGMENTER_CUDA_GRAPHS or run on a GPU",
-            config.device
-        ));
-    }
-    if config.decoder_static_batches.is_empty() {
-        return refuse(
-            "SEGMENTER_CUDA_GRAPHS=true needs DECODER_STATIC_BATCHES (e.g. 1,2,4,8): only static-shape decoder \
-             sessions can be captured"
-                .into(),
-        );
-    }
-    let batch = provider.max_batch_images(config.max_batch_images);
-    if batch != 1 {
-        return refuse(format!(
-            "SEGMENTER_CUDA_GRAPHS=true needs MAX_BATCH_IMAGES=1 (it is {batch}): the decoder reads one image's \
-             FPN levels from the fixed tensors the vision graph writes"
-        ));
-    }
-    Ok(true)
-}
-
-fn fixed_io_error(graph: &'static str, e: ort::Error) -> ModelError {
-    ModelError::Session {
-        graph,
-        detail: format!("fixed-address I/O for SEGMENTER_CUDA_GRAPHS: {e}"),
-    }
 }
 
 fn choose_provider(config: &Config) -> Result<Provider, ModelError> {
