@@ -1,6 +1,7 @@
 //! End-to-end test support: both services in-process on 127.0.0.1:0 with the bundled tiny model, and the example
 //! photos the README's quick start uses.
 
+pub mod room_segmenter;
 pub mod s3;
 
 /// A rule's `params` as the protobuf Struct the Jobs API takes, from (name, value) pairs.

@@ -65,6 +65,73 @@ struct Args {
     /// Orchestrator ITEM_THREADS: `one` thread per image, or `shared` (every image's loops over all cores).
     #[arg(long, value_enum, default_value_t = ItemThreads::One)]
     item_threads: ItemThreads,
+    /// Where the masks come from: `model`, the segmenter on the bundled random-weights model (soft noise over the
+    /// whole frame for every concept: the largest, least compressible masks there are; issue 13's goals are
+    /// measured on it), or `room`, a stand-in that is NOT a model and answers each surface of the synthetic room as
+    /// one instance shaped like a real SAM3 mask (palette_e2e::room_segmenter): what the orchestrator costs on
+    /// masks like a real model's.
+    #[arg(long, value_enum, default_value_t = Masks::Model)]
+    masks: Masks,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Masks {
+    Model,
+    Room,
+}
+
+/// The segmenter the bench runs: the real one on the tiny model, or the room stand-in.
+enum SegmenterUnderTest {
+    Model(palette_e2e::Running<anyhow::Error>),
+    Room(palette_e2e::room_segmenter::RoomSegmenter),
+}
+
+impl SegmenterUnderTest {
+    async fn start(masks: Masks) -> Self {
+        match masks {
+            Masks::Model => Self::Model(palette_e2e::start_segmenter().await),
+            Masks::Room => Self::Room(palette_e2e::room_segmenter::start().await),
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Self::Model(running) => running.url(),
+            Self::Room(room) => room.url.clone(),
+        }
+    }
+
+    /// Mask resolution, for the Python reference's synthetic masks.
+    fn mask_size(&self) -> Option<u64> {
+        match self {
+            Self::Model(_) => {
+                let manifest: serde_json::Value = serde_json::from_slice(
+                    &std::fs::read(
+                        palette_e2e::repo_root()
+                            .join("segmenter-svc/models/sam3-tiny/manifest.json"),
+                    )
+                    .ok()?,
+                )
+                .ok()?;
+                manifest["mask_size"].as_u64()
+            }
+            Self::Room(_) => Some(288),
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Model(_) => "tiny model on the CPU",
+            Self::Room(_) => "room stand-in masks (NOT a model: one SAM-like instance per surface)",
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Self::Model(mut running) => running.stop().await.unwrap(),
+            Self::Room(room) => room.stop().await,
+        }
+    }
 }
 
 /// What one measured job cost, per image.
@@ -76,17 +143,18 @@ struct Cost {
 }
 
 /// Runs the reference pipeline on the job's photos; its seconds per image (None when it cannot run).
-fn python_reference(args: &Args, photos: &std::path::Path, instances: u32) -> Option<f64> {
+fn python_reference(
+    args: &Args,
+    photos: &std::path::Path,
+    instances: u32,
+    mask_size: Option<u64>,
+) -> Option<f64> {
     let root = palette_e2e::repo_root();
     let python = args
         .python
         .clone()
         .unwrap_or_else(|| root.join(".venv-bench/bin/python"));
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(root.join("segmenter-svc/models/sam3-tiny/manifest.json")).ok()?,
-    )
-    .ok()?;
-    let mask_size = manifest["mask_size"].as_u64()?;
+    let mask_size = mask_size?;
     let out = std::process::Command::new(&python)
         .arg(root.join("tests/bench/pipeline_reference.py"))
         .args(["--photos", &photos.display().to_string()])
@@ -286,7 +354,7 @@ async fn main() -> anyhow::Result<()> {
     // As both services' binaries do at startup (see their main.rs).
     segmenter_svc::telemetry::fix_mmap_threshold();
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
-    let mut segmenter = palette_e2e::start_segmenter().await;
+    let segmenter = SegmenterUnderTest::start(args.masks).await;
     let storage = tempfile::tempdir()?;
     let mut config = orchestrator_svc::Config::for_tests(storage.path(), segmenter.url());
     config.limits.batch_concurrency = args.batch_concurrency;
@@ -336,8 +404,12 @@ async fn main() -> anyhow::Result<()> {
     // "item" is the whole item (download to callback); everything in it but the Segment call is orchestration.
     let around = stage("item") - segment;
     println!(
-        "{} images of {}x{}, 3 concepts, 3 rules, BATCH_CONCURRENCY {}, tiny model on the CPU",
-        args.images, args.width, args.height, args.batch_concurrency
+        "{} images of {}x{}, 3 concepts, 3 rules, BATCH_CONCURRENCY {}, {}",
+        args.images,
+        args.width,
+        args.height,
+        args.batch_concurrency,
+        segmenter.label()
     );
     println!("\nper image (ms, mean over the large job; stages overlap across images in flight):");
     for (stage, secs) in &orch {
@@ -416,7 +488,12 @@ async fn main() -> anyhow::Result<()> {
         files as u32
     };
     let photos = storage.path().join("inputs/bench-user/large");
-    let reference = python_reference(&args, &photos, instances("large") / args.images.max(1));
+    let reference = python_reference(
+        &args,
+        &photos,
+        instances("large") / args.images.max(1),
+        segmenter.mask_size(),
+    );
     println!();
     print_reference(
         &format!("{}x{}", args.width, args.height),
@@ -458,6 +535,7 @@ async fn main() -> anyhow::Result<()> {
             &args,
             &photos,
             instances("phone") / args.phone_images.max(1),
+            segmenter.mask_size(),
         );
         print_reference(&format!("{w}x{h}"), &phone, reference);
     }
@@ -467,6 +545,6 @@ async fn main() -> anyhow::Result<()> {
     }
     let _ = (cpu0, small_wall);
     orchestrator.stop().await.unwrap();
-    segmenter.stop().await.unwrap();
+    segmenter.stop().await;
     Ok(())
 }
