@@ -10,6 +10,7 @@ pub mod drain;
 pub mod error;
 pub mod grpc;
 pub mod jobs;
+pub mod jpeg;
 pub mod keys;
 pub mod mask_png;
 pub mod segmenter;

@@ -98,13 +98,11 @@ fn orient(img: DynamicImage, orientation: u32) -> DynamicImage {
     }
 }
 
-/// Baseline JPEG, 4:2:0, standard Huffman tables: with jpeg-encoder that is 2.2x faster than image's encoder at the
-/// same PSNR (measured at 1008x756, 7 vs 15 ms), for files ~3 % larger; optimised tables would take the size back
-/// and most of the time with it. Chroma at half resolution, as the seed's OpenCV/PIL worker and phone cameras
-/// write it: half the blocks of 4:4:4 to transform and code (the outputs' encode was ~15 % of a 12 MP photo's
-/// CPU), for outputs within a fraction of a code of 4:4:4's on average (docs/operations.md, orchestrator sizing).
+/// Baseline JPEG, 4:2:0, standard Huffman tables (`crate::jpeg`). Chroma at half resolution, as the seed's
+/// OpenCV/PIL worker and phone cameras write it: half the blocks of 4:4:4 to transform and code, for outputs within
+/// a fraction of a code of 4:4:4's on average (docs/operations.md, orchestrator sizing).
 pub fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>, ItemError> {
-    let (Ok(w), Ok(h)) = (u16::try_from(img.width()), u16::try_from(img.height())) else {
+    if img.width() > u32::from(u16::MAX) || img.height() > u32::from(u16::MAX) {
         // decode_upright refuses such inputs first; this is the last line of defence.
         return Err(ItemError::Encode {
             what: "JPEG encode",
@@ -115,17 +113,11 @@ pub fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>, ItemError> {
             )
             .into(),
         });
-    };
-    let mut out = Vec::with_capacity(img.as_raw().len() / 8);
-    let mut encoder = jpeg_encoder::Encoder::new(&mut out, JPEG_QUALITY);
-    encoder.set_sampling_factor(jpeg_encoder::SamplingFactor::F_2_2);
-    encoder
-        .encode(img.as_raw(), w, h, jpeg_encoder::ColorType::Rgb)
-        .map_err(|e| ItemError::Encode {
-            what: "JPEG encode",
-            source: e.into(),
-        })?;
-    Ok(out)
+    }
+    crate::jpeg::encode_rgb(img, JPEG_QUALITY).map_err(|e| ItemError::Encode {
+        what: "JPEG encode",
+        source: e.into(),
+    })
 }
 
 fn png_encoder(out: &mut Vec<u8>, compression: CompressionType) -> PngEncoder<&mut Vec<u8>> {

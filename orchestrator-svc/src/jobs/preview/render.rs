@@ -106,14 +106,7 @@ fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>, ItemError> {
         source,
     };
     // Previews are at most MAX_SIDE (4096) px a side: within JPEG's 16-bit sides.
-    let (w, h) = (img.width() as u16, img.height() as u16);
-    let mut out = Vec::with_capacity(img.as_raw().len() / 12);
-    let mut encoder = jpeg_encoder::Encoder::new(&mut out, PREVIEW_JPEG_QUALITY);
-    encoder.set_sampling_factor(jpeg_encoder::SamplingFactor::F_2_2);
-    encoder
-        .encode(img.as_raw(), w, h, jpeg_encoder::ColorType::Rgb)
-        .map_err(|e| encode_error(e.into()))?;
-    Ok(out)
+    crate::jpeg::encode_rgb(img, PREVIEW_JPEG_QUALITY).map_err(|e| encode_error(e.into()))
 }
 
 #[cfg(test)]
