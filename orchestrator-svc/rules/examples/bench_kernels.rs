@@ -1,12 +1,15 @@
 //! Per-photo cost of the rules' kernels on one thread, as the orchestrator runs them (`ITEM_THREADS=one`): region
 //! building and the in-place recolour, tone and texture at 1 MP and 12 MP on a JPEG-noisy synthetic room under a
 //! soft region that covers the frame (what the bundled tiny model's masks look like). The fixed part of a rule
-//! (tables, statistics set-up) shows as the 1 MP time being more than 1/12 of the 12 MP one.
+//! (tables, statistics set-up) shows as the 1 MP time being more than 1/12 of the 12 MP one. Each is timed with
+//! the kernels this CPU dispatches to (`simd::detected`, e.g. AVX2 + FMA) and capped at the baseline build's,
+//! alternately, and the last column is their ratio (baseline / detected).
 //!
 //! cargo run --release -p palette-rules --example bench_kernels [-- --reps N] [--only 1|12] [--rule NAME]
 //! (NAME: recolor, tone, texture, or none for the regions alone)
 
 use palette_rules::rule::{Rule, parse_rule};
+use palette_rules::simd::{self, Level};
 use palette_rules::{GrayImage, InPlace, RegionParams, RgbImage, apply_in_place, region, synth};
 use serde_json::json;
 use std::time::Instant;
@@ -38,8 +41,22 @@ fn soft_mask(w: u32, h: u32) -> GrayImage {
     })
 }
 
-fn best_ms(reps: usize, mut f: impl FnMut() -> f64) -> f64 {
-    (0..reps).map(|_| f()).fold(f64::INFINITY, f64::min) * 1e3
+/// Best of `reps` of `f(level)` at the detected level and at the baseline, taken alternately: (detected, baseline) ms.
+fn best_ms(reps: usize, mut f: impl FnMut(Level) -> f64) -> (f64, f64) {
+    let mut best = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..reps {
+        best.0 = best.0.min(f(simd::detected()));
+        best.1 = best.1.min(f(Level::Baseline));
+    }
+    (best.0 * 1e3, best.1 * 1e3)
+}
+
+fn report(label: &str, (t, base): (f64, f64), mp: f64) {
+    println!(
+        "  {label:<8} {t:>8.2} {:>8.2} {base:>9.2} {:>6.2}x",
+        t / mp,
+        base / t
+    );
 }
 
 fn main() {
@@ -67,7 +84,10 @@ fn main() {
         let photo = photo(w, h);
         let mask = soft_mask(w, h);
         let mut work = photo.clone();
-        println!("{w}x{h} ({mp:.2} MP), one thread, best of {reps}: ms per call, ms per MP");
+        println!(
+            "{w}x{h} ({mp:.2} MP), one thread, best of {reps}: ms per call and per MP at {:?}, ms at Baseline, ratio",
+            simd::detected()
+        );
         let region = pool.install(|| {
             region::build_region(
                 &photo,
@@ -82,28 +102,34 @@ fn main() {
                 coarse,
                 ..RegionParams::default()
             };
-            let t = best_ms(reps, || {
+            let t = best_ms(reps, |level| {
                 let t = Instant::now();
                 let r = pool.install(|| {
-                    region::build_region(&photo, std::slice::from_ref(&mask), &[], &params)
+                    simd::with_level(level, || {
+                        region::build_region(&photo, std::slice::from_ref(&mask), &[], &params)
+                    })
                 });
                 std::hint::black_box(r);
                 t.elapsed().as_secs_f64()
             });
-            println!("  {label:<8} {t:>8.2} {:>8.2}", t / mp);
+            report(label, t, mp);
         }
         for (name, rule) in rules()
             .into_iter()
             .filter(|(n, _)| only_rule.as_deref().is_none_or(|o| o == *n))
         {
-            let t = best_ms(reps, || {
+            let t = best_ms(reps, |level| {
                 work.copy_from_slice(&photo);
                 let t = Instant::now();
-                let r = pool.install(|| apply_in_place(&mut work, &region, &rule, None).unwrap());
+                let r = pool.install(|| {
+                    simd::with_level(level, || {
+                        apply_in_place(&mut work, &region, &rule, None).unwrap()
+                    })
+                });
                 assert!(matches!(r, InPlace::Edited));
                 t.elapsed().as_secs_f64()
             });
-            println!("  {name:<8} {t:>8.2} {:>8.2}", t / mp);
+            report(name, t, mp);
         }
     }
 }

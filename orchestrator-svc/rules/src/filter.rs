@@ -50,9 +50,7 @@ pub fn box_mean_product(a: &Plane, b: &Plane, r: usize) -> Plane {
         .for_each_init(
             || vec![0.0f32; w],
             |prod, (dst, (ra, rb))| {
-                for ((p, x), y) in prod.iter_mut().zip(ra).zip(rb) {
-                    *p = x * y;
-                }
+                multiply(prod, ra, rb);
                 if r == 0 {
                     dst.copy_from_slice(prod);
                 } else {
@@ -89,9 +87,7 @@ fn vertical_pass(tmp: &[f32], w: usize, h: usize, r: usize) -> Plane {
                     add_row(&mut acc, &tmp[(y - r - 1) * w..(y - r) * w], -1.0);
                 }
                 let inv = 1.0 / ((y + r).min(h - 1) + 1 - y.saturating_sub(r)) as f32;
-                for (d, a) in dst[i * w..(i + 1) * w].iter_mut().zip(&acc) {
-                    *d = a * inv;
-                }
+                scale_row(&mut dst[i * w..(i + 1) * w], &acc, inv);
             }
         });
     out
@@ -127,10 +123,27 @@ fn box_row(row: &[f32], dst: &mut [f32], r: usize) {
     }
 }
 
-#[inline]
-fn add_row(acc: &mut [f32], row: &[f32], s: f32) {
-    for (a, v) in acc.iter_mut().zip(row) {
-        *a += s * v;
+crate::simd::kernel! {
+    fn add_row(acc: &mut [f32], row: &[f32], s: f32) {
+        for (a, v) in acc.iter_mut().zip(row) {
+            *a += s * v;
+        }
+    }
+}
+
+crate::simd::kernel! {
+    fn scale_row(dst: &mut [f32], src: &[f32], k: f32) {
+        for (d, a) in dst.iter_mut().zip(src) {
+            *d = a * k;
+        }
+    }
+}
+
+crate::simd::kernel! {
+    fn multiply(dst: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((p, x), y) in dst.iter_mut().zip(a).zip(b) {
+            *p = x * y;
+        }
     }
 }
 
@@ -176,19 +189,30 @@ fn three_tap(src: &Plane, wt: f32) -> Plane {
     out
 }
 
-/// The horizontal pass of `three_tap` on one row.
-pub fn three_tap_row(r: &[f32], d: &mut [f32], wt: f32) {
-    let (w, c) = (r.len(), 1.0 - 2.0 * wt);
-    for x in 0..w {
-        d[x] = c * r[x] + wt * (r[x.saturating_sub(1)] + r[(x + 1).min(w - 1)]);
+crate::simd::kernel! {
+    /// The horizontal pass of `three_tap` on one row.
+    pub fn three_tap_row(r: &[f32], d: &mut [f32], wt: f32) {
+        let (w, c) = (r.len(), 1.0 - 2.0 * wt);
+        let tap = |x: usize| c * r[x] + wt * (r[x.saturating_sub(1)] + r[(x + 1).min(w - 1)]);
+        if w < 3 {
+            (0..w).for_each(|x| d[x] = tap(x));
+            return;
+        }
+        (d[0], d[w - 1]) = (tap(0), tap(w - 1));
+        // The interior as three shifted slices, the same sums: clamped indices kept it from vectorising.
+        for (((d, l), m), rt) in d[1..w - 1].iter_mut().zip(r).zip(&r[1..]).zip(&r[2..]) {
+            *d = c * m + wt * (l + rt);
+        }
     }
 }
 
-/// The vertical pass of `three_tap` for one row, from the horizontal pass's rows above, at and below it.
-pub fn three_tap_column(up: &[f32], mid: &[f32], dn: &[f32], d: &mut [f32], wt: f32) {
-    let c = 1.0 - 2.0 * wt;
-    for (x, d) in d.iter_mut().enumerate() {
-        *d = c * mid[x] + wt * (up[x] + dn[x]);
+crate::simd::kernel! {
+    /// The vertical pass of `three_tap` for one row, from the horizontal pass's rows above, at and below it.
+    pub fn three_tap_column(up: &[f32], mid: &[f32], dn: &[f32], d: &mut [f32], wt: f32) {
+        let c = 1.0 - 2.0 * wt;
+        for (x, d) in d.iter_mut().enumerate() {
+            *d = c * mid[x] + wt * (up[x] + dn[x]);
+        }
     }
 }
 

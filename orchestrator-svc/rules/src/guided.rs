@@ -119,9 +119,7 @@ impl Coefficients {
     fn horizontal(&self, j: usize, out: &mut [[f32; 4]]) {
         let w = self.cp[0].w;
         let planes: [&[f32]; 4] = std::array::from_fn(|k| &self.cp[k].data[j * w..(j + 1) * w]);
-        for (d, &(i, i1, wx)) in out.iter_mut().zip(&self.xs) {
-            *d = std::array::from_fn(|k| planes[k][i] + wx * (planes[k][i1] - planes[k][i]));
-        }
+        interpolate_row(out, planes, &self.xs);
     }
 }
 
@@ -147,6 +145,23 @@ impl CoefficientRows<'_> {
         let stride = photo.width() as usize * 3;
         let start = (crop.y0 as usize + y) * stride + crop.x0 as usize * 3;
         let src = &photo.as_raw()[start..start + dst.len() * 3];
+        apply_row(dst, top, bot, wy, src);
+    }
+}
+
+crate::simd::kernel! {
+    /// `Coefficients::horizontal`'s loop: the four planes' row interpolated at the columns' taps.
+    fn interpolate_row(out: &mut [[f32; 4]], planes: [&[f32]; 4], xs: &[(usize, usize, f32)]) {
+        for (d, &(i, i1, wx)) in out.iter_mut().zip(xs) {
+            *d = std::array::from_fn(|k| planes[k][i] + wx * (planes[k][i1] - planes[k][i]));
+        }
+    }
+}
+
+crate::simd::kernel! {
+    /// `CoefficientRows::apply`'s loop: the coefficients blended between the grid rows `top` and `bot` by `wy`,
+    /// applied to the photo's pixels `src` (RGB).
+    fn apply_row(dst: &mut [f32], top: &[[f32; 4]], bot: &[[f32; 4]], wy: f32, src: &[u8]) {
         for (((d, t), b), px) in dst.iter_mut().zip(top).zip(bot).zip(src.chunks_exact(3)) {
             let c: [f32; 4] = std::array::from_fn(|k| t[k] + wy * (b[k] - t[k]));
             let g = |k: usize| px[k] as f32 * (1.0 / 255.0);

@@ -14,7 +14,9 @@ pub mod mask;
 pub mod ops;
 pub mod preset;
 pub mod region;
+mod row_kernels;
 pub mod rule;
+pub mod simd;
 pub mod swatch;
 pub mod synth;
 

@@ -3,6 +3,7 @@
 use image::GrayImage;
 
 use crate::grid_rows::GridRows;
+use crate::row_kernels::{blend_rows, interpolate_row};
 use rayon::prelude::*;
 
 /// Model-resolution soft mask covering the whole image: u8 probabilities, row-major [height, width].
@@ -215,9 +216,7 @@ impl<'a> InstanceUpsampler<'a> {
     fn horizontal(&self, j: usize, x0: u32, out: &mut [f32]) {
         let r = &self.probs[j * self.mw..(j + 1) * self.mw];
         let taps = &self.taps[(x0 - self.span.x0) as usize..][..out.len()];
-        for (d, &(i, i1, wx)) in out.iter_mut().zip(taps) {
-            *d = r[i] as f32 + wx * (r[i1] as f32 - r[i] as f32);
-        }
+        interpolate_row(out, r, taps);
     }
 
     /// The smallest rectangle holding every non-zero pixel (empty when none), found without upsampling the
@@ -285,9 +284,7 @@ impl RowWriter<'_, '_> {
         let (top, bot) = self
             .rows
             .around(j, j1, |row, line| up.horizontal(row, x0, line));
-        for ((d, &t), &b) in out.iter_mut().zip(top).zip(bot) {
-            *d = (t + wy * (b - t) + 0.5) as u8;
-        }
+        blend_rows(out, top, bot, wy);
     }
 }
 

@@ -4,6 +4,7 @@
 use crate::filter::{Plane, gaussian, morph, three_tap_column, three_tap_row, three_tap_weight};
 use crate::guided::{CoefficientRows, Coefficients, scale};
 use crate::mask::{Rect, nonzero_bounds};
+use crate::row_kernels::{max_into, quantize, stretch};
 use image::{GrayImage, RgbImage};
 use rayon::prelude::*;
 
@@ -132,9 +133,7 @@ fn refined_row(
     row: &mut [f32],
 ) {
     rows.apply(photo, crop, y, row);
-    for v in row.iter_mut() {
-        *v = (0.5 + (*v - 0.5) * STRETCH).clamp(0.0, 1.0);
-    }
+    stretch(row, STRETCH);
 }
 
 /// `refine`, a 3-tap feather of weight `wt` (0: none) and `write_plane`, in bands of rows: each band refines and
@@ -249,15 +248,7 @@ fn union_row(masks: &[&GrayImage], c: Rect, j: usize, row: &mut [f32]) {
     for m in masks {
         let src =
             &m.as_raw()[((c.y0 as usize + j) * m.width() as usize + c.x0 as usize)..][..row.len()];
-        for (d, &v) in row.iter_mut().zip(src) {
-            *d = d.max(v as f32 * (1.0 / 255.0));
-        }
-    }
-}
-
-fn quantize(src: &[f32], dst: &mut [u8]) {
-    for (d, v) in dst.iter_mut().zip(src) {
-        *d = (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8;
+        max_into(row, src);
     }
 }
 
