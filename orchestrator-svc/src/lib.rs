@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod jobs;
 pub mod keys;
 pub mod mask_png;
+pub mod resize;
 pub mod segmenter;
 pub mod server;
 pub mod spec_json;
