@@ -9,6 +9,7 @@ pub(in crate::jobs) mod imaging;
 mod instance_masks;
 mod mask_cache;
 mod segment;
+mod segmenter_input;
 pub(in crate::jobs) mod stored_masks;
 
 use std::collections::HashMap;
@@ -160,7 +161,7 @@ impl ItemRunner {
             (masks, full, true)
         } else {
             let stage = Stage::start("segment");
-            let segmented = self.segment(plan, &bytes, idx).await?;
+            let segmented = self.segment(plan, &bytes, &photo, idx).await?;
             drop(bytes);
             stage.finish();
 
