@@ -72,3 +72,44 @@ async fn a_large_photos_masks_through_raw_rgb_are_the_uploads_masks() {
     }
     assert!(checked > 0, "the tiny model found instances");
 }
+
+#[test]
+#[ignore = "a measurement: cargo test --release -p palette-e2e --test segmenter_input -- --ignored --nocapture"]
+fn the_segmenters_preprocessing_of_an_upload_against_raw_rgb() {
+    // The GPU tier's CPU per photo: decode + resize of the upload against taking the raw pixels the orchestrator
+    // sends (each side capped at the input), for SAM3's 1008 px input; best of 5.
+    use segmenter_svc::model::manifest::ImageInput;
+    use segmenter_svc::preprocess::Preprocessor;
+    let pre = Preprocessor {
+        size: 1008,
+        mean: [0.5; 3],
+        std: [0.5; 3],
+        max_pixels: 100_000_000,
+        input: ImageInput::U8Hwc,
+    };
+    for (w, h) in [(1008u32, 756u32), (4032, 3024)] {
+        let jpeg = synthetic_room(w, h, 1);
+        let best = |f: &dyn Fn()| {
+            (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .fold(f64::MAX, f64::min)
+        };
+        let upload = best(&|| {
+            std::hint::black_box(pre.from_encoded(&jpeg).unwrap());
+        });
+        let (rw, rh) = (w.min(1008), h.min(1008));
+        let raw = vec![128u8; (rw * rh * 3) as usize];
+        let rgb = best(&|| {
+            std::hint::black_box(pre.from_rgb(rw, rh, raw.clone()).unwrap());
+        });
+        println!(
+            "{w}x{h}: upload {} KB, decode + resize {upload:.1} ms; raw {rw}x{rh} {} KB, {rgb:.1} ms",
+            jpeg.len() / 1000,
+            raw.len() / 1000
+        );
+    }
+}

@@ -227,4 +227,52 @@ mod tests {
         // Every target covers the frame: one crop, at the job's s and the preview's.
         assert_eq!(guides.len(), 2);
     }
+
+    #[test]
+    #[ignore = "a measurement: cargo test --release -p palette-rules --lib guide_stats -- --ignored --nocapture"]
+    fn three_full_frame_regions_with_and_without_shared_statistics() {
+        // The bench's case: three concepts whose masks cover the frame, one thread, best of 5.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        for (w, h) in [(1008u32, 756u32), (4032, 3024)] {
+            let photo = RgbImage::from_fn(w, h, |x, y| {
+                Rgb([
+                    (x * 7 % 251) as u8,
+                    (y * 5 % 241) as u8,
+                    ((x + y) % 256) as u8,
+                ])
+            });
+            let masks: Vec<GrayImage> = (0..3u32)
+                .map(|k| {
+                    GrayImage::from_fn(w, h, |x, y| {
+                        Luma([((x / 3 + y / 5 + k * 40) % 200 + 20) as u8])
+                    })
+                })
+                .collect();
+            let params = RegionParams::default();
+            let time = |shared: bool| {
+                (0..5)
+                    .map(|_| {
+                        let guides = GuideCache::new();
+                        let t = std::time::Instant::now();
+                        for m in &masks {
+                            let target = std::slice::from_ref(m);
+                            std::hint::black_box(if shared {
+                                build_region_shared(&photo, target, &[], &params, &guides)
+                            } else {
+                                build_region(&photo, target, &[], &params)
+                            });
+                        }
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .fold(f64::MAX, f64::min)
+            };
+            let (alone, shared) = pool.install(|| (time(false), time(true)));
+            println!(
+                "{w}x{h}: three regions {alone:.1} ms alone, {shared:.1} ms sharing statistics"
+            );
+        }
+    }
 }

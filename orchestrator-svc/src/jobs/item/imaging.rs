@@ -287,4 +287,27 @@ mod tests {
         let mean = diff as f64 / preview.as_raw().len() as f64;
         assert!(mean < 2.0, "mean |diff| {mean:.2} codes");
     }
+
+    #[test]
+    #[ignore = "a measurement: cargo test --release -p orchestrator-svc --lib preview_downscale -- --ignored --nocapture"]
+    fn preview_downscale_against_thumbnail() {
+        for (w, h) in [(1008u32, 756u32), (4032, 3024)] {
+            let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, (x ^ y) as u8]));
+            let best = |f: &dyn Fn() -> RgbImage| {
+                (0..5)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        std::hint::black_box(f());
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .fold(f64::MAX, f64::min)
+            };
+            let (tw, th) = (256, 192);
+            let thumb = best(&|| image::imageops::thumbnail(&img, tw, th));
+            let fir = best(&|| crate::resize::downscale_rgb(&img, (tw, th)));
+            println!(
+                "{w}x{h} -> {tw}x{th}: thumbnail {thumb:.2} ms, fast_image_resize {fir:.2} ms"
+            );
+        }
+    }
 }
