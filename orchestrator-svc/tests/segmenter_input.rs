@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 
 use common::fake_segmenter;
 use common::orchestrator::{is_terminal, photo_jpeg, seed_spec, start};
+use orchestrator_svc::storage::ObjectStore;
 use palette_proto::orchestrator::v1::ItemState;
 use palette_rules::GrayImage;
 use palette_rules::mask::{ModelMask, PixelBox, upsample_instance};

@@ -3,6 +3,7 @@
 //! scores (the model sees the same pixels: each side capped at its input, the segmenter's own resize filter), and
 //! each stored mask, composed on the photo, is the instance the upload gives, upsampled inside its box.
 
+use orchestrator_svc::storage::ObjectStore;
 use palette_e2e::{start_segmenter, synthetic_room};
 use palette_proto::orchestrator::v1::ItemState;
 use palette_proto::segmenter::v1::segmenter_client::SegmenterClient;

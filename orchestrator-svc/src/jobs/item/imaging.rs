@@ -159,7 +159,7 @@ pub fn preview_jpeg(img: &RgbImage) -> Result<Vec<u8>, ItemError> {
         .min(1.0);
     let tw = ((w as f64 * scale).round() as u32).max(1);
     let th = ((h as f64 * scale).round() as u32).max(1);
-    encode_jpeg(&crate::jobs::preview::render::downscale_rgb(img, (tw, th)))
+    encode_jpeg(&crate::resize::downscale_rgb(img, (tw, th)))
 }
 
 /// A cut-out seen on white, for its JPEG preview.
