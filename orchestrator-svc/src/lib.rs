@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod jpeg;
 pub mod keys;
 pub mod mask_png;
+pub mod resize;
 pub mod segmenter;
 pub mod server;
 pub mod spec_json;

@@ -2,8 +2,9 @@
 //! they are solved at 1/s resolution and applied at full resolution. It snaps a blurry upsampled mask onto the
 //! photo's own edges, including edges between regions of equal brightness but different hue.
 
-use crate::filter::{Plane, box_mean, box_mean_product, downsample};
+use crate::filter::{Plane, downsample};
 use crate::grid_rows::GridRows;
+use crate::guide_stats::{GuideKey, GuideStats};
 use crate::mask::Rect;
 use image::RgbImage;
 use rayon::prelude::*;
@@ -34,10 +35,10 @@ pub fn scale(r: usize) -> usize {
 
 /// The filter's linear coefficients (a . I + b), smoothed, at 1/s resolution: what `CoefficientRows` upsamples.
 pub struct Coefficients {
-    cp: Vec<Plane>,
-    s: usize,
+    pub(crate) cp: Vec<Plane>,
+    pub(crate) s: usize,
     /// Horizontal taps of the crop's columns.
-    xs: Vec<(usize, usize, f32)>,
+    pub(crate) xs: Vec<(usize, usize, f32)>,
 }
 
 impl Coefficients {
@@ -46,7 +47,8 @@ impl Coefficients {
         Self::solve_at(photo, crop, ps, r, scale(r), eps)
     }
 
-    /// `solve` at factor `s` instead of `scale(r)` (`ps` area-averaged by `s`).
+    /// `solve` at factor `s` instead of `scale(r)` (`ps` area-averaged by `s`). The photo's half of the work is
+    /// `GuideStats`: regions of one photo over the same crop share it (`Coefficients::solve_with`).
     pub fn solve_at(
         photo: &RgbImage,
         crop: Rect,
@@ -55,56 +57,7 @@ impl Coefficients {
         s: usize,
         eps: f32,
     ) -> Self {
-        let rs = (r / s).max(1);
-        let i = guide_small(photo, crop, s);
-        let (w, h) = (ps.w, ps.h);
-        let n = w * h;
-        let mean = |pl: &Plane| box_mean(pl, rs);
-        let mi: Vec<Plane> = i.iter().map(mean).collect();
-        let mp = mean(ps);
-        let mip: Vec<Plane> = i.iter().map(|c| box_mean_product(c, ps, rs)).collect();
-        // Second moments of the guide: rr, rg, rb, gg, gb, bb.
-        let pairs = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)];
-        let mii: Vec<Plane> = pairs
-            .iter()
-            .map(|&(a, b)| box_mean_product(&i[a], &i[b], rs))
-            .collect();
-
-        let mut coef = vec![[0.0f32; 4]; n];
-        coef.par_iter_mut().enumerate().for_each(|(k, c)| {
-            let m = [mi[0].data[k], mi[1].data[k], mi[2].data[k]];
-            let cov_ip: [f32; 3] = std::array::from_fn(|ch| mip[ch].data[k] - m[ch] * mp.data[k]);
-            let v = |q: usize| {
-                let (a, b) = pairs[q];
-                mii[q].data[k] - m[a] * m[b]
-            };
-            let (rr, rg, rb, gg, gb, bb) = (v(0) + eps, v(1), v(2), v(3) + eps, v(4), v(5) + eps);
-            // Symmetric 3x3 inverse by cofactors; eps on the diagonal keeps it well conditioned.
-            let c00 = gg * bb - gb * gb;
-            let c01 = gb * rb - rg * bb;
-            let c02 = rg * gb - gg * rb;
-            let c11 = rr * bb - rb * rb;
-            let c12 = rb * rg - rr * gb;
-            let c22 = rr * gg - rg * rg;
-            let det = rr * c00 + rg * c01 + rb * c02;
-            let inv = 1.0 / det;
-            let a0 = (c00 * cov_ip[0] + c01 * cov_ip[1] + c02 * cov_ip[2]) * inv;
-            let a1 = (c01 * cov_ip[0] + c11 * cov_ip[1] + c12 * cov_ip[2]) * inv;
-            let a2 = (c02 * cov_ip[0] + c12 * cov_ip[1] + c22 * cov_ip[2]) * inv;
-            *c = [a0, a1, a2, mp.data[k] - a0 * m[0] - a1 * m[1] - a2 * m[2]];
-        });
-        let cp: Vec<Plane> = (0..4)
-            .map(|ch| {
-                mean(&Plane {
-                    w,
-                    h,
-                    data: coef.iter().map(|c| c[ch]).collect(),
-                })
-            })
-            .collect();
-        let (fw, w) = (crop.width() as usize, cp[0].w);
-        let xs = (0..fw).map(|x| coord(x, s, w)).collect();
-        Coefficients { cp, s, xs }
+        Self::solve_with(&GuideStats::new(photo, GuideKey::new(crop, r, s, eps)), ps)
     }
 
     /// Applies the filter a row at a time (`CoefficientRows::apply`); rows are cheapest taken in increasing order.
@@ -171,14 +124,14 @@ crate::simd::kernel! {
 }
 
 /// Full-resolution index i on a grid downsampled by s with n samples: (sample, next sample, weight).
-fn coord(i: usize, s: usize, n: usize) -> (usize, usize, f32) {
+pub(crate) fn coord(i: usize, s: usize, n: usize) -> (usize, usize, f32) {
     let f = ((i as f32 + 0.5) / s as f32 - 0.5).clamp(0.0, (n - 1) as f32);
     let k = f.floor() as usize;
     (k, (k + 1).min(n - 1), f - k as f32)
 }
 
 /// The crop's sRGB planes (0..1), area-averaged by s, read directly from the 8-bit photo.
-fn guide_small(photo: &RgbImage, crop: Rect, s: usize) -> Vec<Plane> {
+pub(crate) fn guide_small(photo: &RgbImage, crop: Rect, s: usize) -> Vec<Plane> {
     let (cw, ch) = (crop.width() as usize, crop.height() as usize);
     let (w, h) = (cw.div_ceil(s), ch.div_ceil(s));
     let stride = photo.width() as usize * 3;

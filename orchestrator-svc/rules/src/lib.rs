@@ -5,6 +5,7 @@ pub mod color;
 pub mod contact;
 pub mod filter;
 mod grid_rows;
+pub mod guide_stats;
 pub mod guided;
 pub mod icc;
 pub mod inpaint;

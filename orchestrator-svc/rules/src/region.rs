@@ -2,6 +2,7 @@
 //! All work happens inside the targets' bounding box plus the filters' reach; the rest of the image stays 0.
 
 use crate::filter::{Plane, gaussian, morph, three_tap_column, three_tap_row, three_tap_weight};
+use crate::guide_stats::{GuideCache, GuideKey};
 use crate::guided::{CoefficientRows, Coefficients, scale};
 use crate::mask::{Rect, nonzero_bounds};
 use crate::row_kernels::{max_into, quantize, stretch};
@@ -40,6 +41,9 @@ pub fn refine_radius(w: u32, h: u32) -> usize {
 
 const EPS: f32 = 0.01;
 
+/// The photo and its regions' shared guided-filter statistics.
+type Guide<'a> = (&'a RgbImage, &'a GuideCache);
+
 /// A rule's soft region: union (max) of the target concept's instance alphas, refined with an image-guided filter
 /// against the photo, grown/shrunk, feathered, then minus occluders: a * (1 - occluder).
 pub fn build_region(
@@ -47,6 +51,19 @@ pub fn build_region(
     target: &[GrayImage],
     occluders: &[GrayImage],
     params: &RegionParams,
+) -> GrayImage {
+    build_region_shared(photo, target, occluders, params, &GuideCache::new())
+}
+
+/// `build_region` for one of several regions of `photo`: the guided filter's photo-only statistics come from
+/// `guides` (one cache per photo), made by the first region over the same crop and reused by the others. The same
+/// arithmetic as `build_region`, so the same bytes.
+pub fn build_region_shared(
+    photo: &RgbImage,
+    target: &[GrayImage],
+    occluders: &[GrayImage],
+    params: &RegionParams,
+    guides: &GuideCache,
 ) -> GrayImage {
     let (w, h) = photo.dimensions();
     let mut out = GrayImage::new(w, h);
@@ -73,11 +90,11 @@ pub fn build_region(
     // feather and quantisation in bands of rows, rather than four full-size float planes (at 12 MP, with their page
     // faults, a third of a rule's time). The same arithmetic as the general path, so the same bytes.
     if let (true, 0, true, Some(wt)) = (params.refine_edges, grow, occluders.is_empty(), feather) {
-        refined_feathered(&mut out, photo, &target, crop, (r, s), wt);
+        refined_feathered(&mut out, (photo, guides), &target, crop, (r, s), wt);
         return out;
     }
     let mut a = if params.refine_edges {
-        refine(photo, &target, crop, (r, s))
+        refine((photo, guides), &target, crop, (r, s))
     } else {
         union_plane(&target, crop)
     };
@@ -89,7 +106,7 @@ pub fn build_region(
     }
     if !occluders.is_empty() {
         let o = if params.refine_edges {
-            refine(photo, &occluders, crop, (r, s))
+            refine((photo, guides), &occluders, crop, (r, s))
         } else {
             union_plane(&occluders, crop)
         };
@@ -107,8 +124,8 @@ pub fn build_region(
 /// it toward the window mean and leaves 10-20 % tails a few pixels long; painted walls then show a pale rim around
 /// the sofa. The stretch removes tails under 25 % / over 75 % and keeps mid-range softness (anti-aliasing, hair) at
 /// half its width.
-fn refine(photo: &RgbImage, masks: &[&GrayImage], crop: Rect, (r, s): (usize, usize)) -> Plane {
-    let coef = solve(photo, masks, crop, r, s);
+fn refine(g: Guide<'_>, masks: &[&GrayImage], crop: Rect, (r, s): (usize, usize)) -> Plane {
+    let (photo, coef) = (g.0, solve(g, masks, crop, r, s));
     let mut q = Plane::new(crop.width() as usize, crop.height() as usize);
     q.data.par_chunks_mut(q.w).enumerate().for_each_init(
         || coef.rows(),
@@ -119,9 +136,16 @@ fn refine(photo: &RgbImage, masks: &[&GrayImage], crop: Rect, (r, s): (usize, us
 
 /// The guided filter's coefficients for the union of `masks`, from the union built directly at the filter's
 /// working scale (the same area averages `filter::downsample` takes of the full-resolution union, which is never
-/// made).
-fn solve(photo: &RgbImage, masks: &[&GrayImage], crop: Rect, r: usize, s: usize) -> Coefficients {
-    Coefficients::solve_at(photo, crop, &union_small(masks, crop, s), r, s, EPS)
+/// made), the photo's half from `guides`.
+fn solve(
+    (photo, guides): Guide<'_>,
+    masks: &[&GrayImage],
+    crop: Rect,
+    r: usize,
+    s: usize,
+) -> Coefficients {
+    let stats = guides.get(photo, GuideKey::new(crop, r, s, EPS));
+    Coefficients::solve_with(&stats, &union_small(masks, crop, s))
 }
 
 /// Row y of `refine`.
@@ -141,14 +165,14 @@ fn refined_row(
 /// into `out`. No crop-sized float plane (48 MB at 12 MP, and its page faults) for 2 rows in `BAND` computed twice.
 fn refined_feathered(
     out: &mut GrayImage,
-    photo: &RgbImage,
+    (photo, guides): Guide<'_>,
     masks: &[&GrayImage],
     crop: Rect,
     (r, s): (usize, usize),
     wt: f32,
 ) {
     const BAND: usize = 64;
-    let coef = solve(photo, masks, crop, r, s);
+    let coef = solve((photo, guides), masks, crop, r, s);
     let (cw, ch) = (crop.width() as usize, crop.height() as usize);
     let w = out.width() as usize;
     let rows = &mut out.as_mut()[crop.y0 as usize * w..(crop.y0 as usize + ch) * w];

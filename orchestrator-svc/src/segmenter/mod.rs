@@ -38,6 +38,16 @@ const MAX_REQUEST_BYTES: usize = 128 * 1024 * 1024;
 /// How long a retry waits for the resolver's fresh view of the replicas.
 const REFRESH_WAIT: Duration = Duration::from_secs(2);
 
+/// What the orchestrator needs to know of the segmenter's model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSummary {
+    /// Keys mask reuse.
+    pub model_id: String,
+    /// The side of the square the model takes its image at (ModelInfo.image_size; 1008 for SAM3). Photos larger
+    /// than that are sent downscaled, as raw RGB (`jobs::item::segmenter_input`); None: sent as uploaded.
+    pub input_size: Option<u32>,
+}
+
 /// A call that did not give a usable answer. Every kind ends the item as `segmenter_unavailable`; the status is
 /// kept for whoever wants its code.
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +86,8 @@ pub struct Segmenter {
     replicas: Arc<AtomicUsize>,
     /// Asks the resolver for a fresh round (answered when its changes are in the balancer).
     refresh: mpsc::Sender<oneshot::Sender<()>>,
-    /// The model id and when it was learnt.
-    model_id: RwLock<Option<(String, Instant)>>,
+    /// What GetModelInfo said of the model and when it was learnt.
+    model: RwLock<Option<(ModelSummary, Instant)>>,
     /// The resolver task: it ends with the client (aborted on drop; idle between rounds anyway).
     resolver: tokio::task::JoinHandle<()>,
 }
@@ -127,7 +137,7 @@ impl Segmenter {
             deadline,
             replicas,
             refresh,
-            model_id: RwLock::new(None),
+            model: RwLock::new(None),
             resolver,
         })
     }
@@ -143,13 +153,19 @@ impl Segmenter {
         self.replicas.load(Ordering::SeqCst)
     }
 
-    /// The loaded model's id (GetModelInfo, remembered for MODEL_ID_TTL; refreshed sooner when a Segment reply
-    /// names another). It keys mask reuse, so a segmenter upgraded in place is noticed within the TTL.
+    /// The loaded model's id (`model`).
     pub async fn model_id(&self) -> Result<String, SegmenterError> {
-        if let Some((id, learnt)) = self.model_id.read().await.clone()
+        Ok(self.model().await?.model_id)
+    }
+
+    /// The loaded model's id and input size (GetModelInfo, remembered for MODEL_ID_TTL; asked again sooner when a
+    /// Segment reply names another model). The id keys mask reuse, so a segmenter upgraded in place is noticed
+    /// within the TTL.
+    pub async fn model(&self) -> Result<ModelSummary, SegmenterError> {
+        if let Some((model, learnt)) = self.model.read().await.clone()
             && learnt.elapsed() < MODEL_ID_TTL
         {
-            return Ok(id);
+            return Ok(model);
         }
         let info = self
             .with_retries("GetModelInfo", |mut client| async move {
@@ -159,21 +175,27 @@ impl Segmenter {
                     .map(|r| r.into_inner())
             })
             .await?;
-        *self.model_id.write().await = Some((info.model_id.clone(), Instant::now()));
-        Ok(info.model_id)
+        let model = ModelSummary {
+            model_id: info.model_id,
+            // 0: a segmenter from before the field, or one that does not say; images go as uploaded.
+            input_size: (info.image_size > 0).then_some(info.image_size),
+        };
+        *self.model.write().await = Some((model.clone(), Instant::now()));
+        Ok(model)
     }
 
-    /// One Segment call for all `concepts` of one image, masks as 8-bit probabilities at model resolution. Each
-    /// attempt carries the W3C trace context of a `segment` span (a child of the caller's span).
+    /// One Segment call for all `concepts` of one image (the upload's bytes, or raw RGB: `Source`), masks as 8-bit
+    /// probabilities at model resolution. Each attempt carries the W3C trace context of a `segment` span (a child
+    /// of the caller's span).
     pub async fn segment(
         &self,
-        encoded: &[u8],
+        image: Source,
         concepts: &[String],
         request_id: &str,
     ) -> Result<SegmentResponse, SegmenterError> {
         let request = SegmentRequest {
             image: Some(Image {
-                source: Some(Source::Encoded(encoded.to_vec())),
+                source: Some(image),
             }),
             concepts: concepts.to_vec(),
             score_threshold: None,
@@ -192,8 +214,14 @@ impl Segmenter {
             })
             .instrument(span)
             .await?;
-        if !response.model_id.is_empty() {
-            *self.model_id.write().await = Some((response.model_id.clone(), Instant::now()));
+        let mut model = self.model.write().await;
+        if !response.model_id.is_empty()
+            && model
+                .as_ref()
+                .is_none_or(|(known, _)| known.model_id != response.model_id)
+        {
+            // Another model answered (a segmenter upgraded in place): its input size is asked for again.
+            *model = None;
         }
         Ok(response)
     }

@@ -27,6 +27,9 @@ pub struct Faults {
     /// Find nothing for these concepts (a real model finds nothing for a concept absent from the photo; the tiny
     /// random-weight model cannot be made to, so this is the one non-fault the fake stands in for).
     pub nothing_for: std::sync::Mutex<Vec<String>>,
+    /// The model input size GetModelInfo reports (`image_size`); 0, the default, as a segmenter that does not say
+    /// (the orchestrator then sends every upload as it is).
+    pub input_size: AtomicU32,
 }
 
 #[derive(Default)]
@@ -41,6 +44,8 @@ pub struct Counters {
     /// grpc.health.v1 Check calls received (the orchestrator's replica probes): the event a test waits for
     /// instead of sleeping through probe intervals.
     pub health_checks: AtomicUsize,
+    /// The image of each Segment call, in order: "encoded" or "rgb", and the size it decoded to.
+    pub images: std::sync::Mutex<Vec<(&'static str, u32, u32)>>,
 }
 
 #[derive(Clone)]
@@ -116,6 +121,7 @@ impl Segmenter for Service {
         Ok(Response::new(ModelInfo {
             model_id: MODEL_ID.into(),
             mask_size: MASK,
+            image_size: self.0.faults.input_size.load(Ordering::SeqCst),
             ..Default::default()
         }))
     }
@@ -133,12 +139,18 @@ async fn answer(fake: &FakeSegmenter, req: SegmentRequest) -> Result<SegmentResp
             .store(left - 1, Ordering::SeqCst);
         return Err(Status::unavailable("fake: warming up"));
     }
-    let Some(Source::Encoded(bytes)) = req.image.and_then(|i| i.source) else {
-        return Err(Status::invalid_argument("fake: encoded images only"));
+    let (form, (w, h)) = match req.image.and_then(|i| i.source) {
+        Some(Source::Encoded(bytes)) => {
+            let img = image::load_from_memory(&bytes)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            ("encoded", (img.width(), img.height()))
+        }
+        Some(Source::Rgb(rgb)) if rgb.data.len() == (rgb.width * rgb.height * 3) as usize => {
+            ("rgb", (rgb.width, rgb.height))
+        }
+        _ => return Err(Status::invalid_argument("fake: no image, or bad raw RGB")),
     };
-    let img =
-        image::load_from_memory(&bytes).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let (w, h) = (img.width(), img.height());
+    fake.counters.images.lock().unwrap().push((form, w, h));
     let probs: Vec<u8> = (0..MASK * MASK)
         .map(|i| if i % MASK < MASK / 2 { 255 } else { 0 })
         .collect();

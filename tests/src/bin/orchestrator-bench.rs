@@ -265,6 +265,15 @@ fn process_stats() -> (u64, f64) {
 }
 
 /// An unlabelled gauge's value in Prometheus text (0 when absent).
+/// Bytes of image the orchestrator sent the segmenter (`orchestrator_segmenter_image_bytes_total`, every form).
+fn image_bytes_sent(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("orchestrator_segmenter_image_bytes_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+        .sum()
+}
+
 fn gauge(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
@@ -457,9 +466,13 @@ async fn main() -> anyhow::Result<()> {
             "OVER the budget"
         }
     );
+    println!(
+        "sent to the segmenter: {:.1} KB of image per image",
+        (image_bytes_sent(&after) - image_bytes_sent(&before)) / 1e3 / n
+    );
     // What the job leaves in storage, per image: masks are one full-resolution PNG per instance, so their encoding
     // (speed vs size) shows up here and in the "masks" stage above.
-    for prefix in ["masks", "outputs", "previews"] {
+    for prefix in ["inputs", "masks", "outputs", "previews"] {
         let (files, bytes) = dir_usage(&storage.path().join(prefix));
         println!(
             "stored {prefix:<8}: {files:>5} files, {:>8.1} KB per image",
@@ -530,6 +543,12 @@ async fn main() -> anyhow::Result<()> {
         }
         let (_, bytes) = dir_usage(&storage.path().join("masks/bench-user/phone"));
         println!("stored masks: {:.1} MB per image", bytes as f64 / 1e6 / n);
+        let (_, uploads) = dir_usage(&storage.path().join("inputs/bench-user/phone"));
+        println!("uploads: {:.1} KB per image", uploads as f64 / 1e3 / n);
+        println!(
+            "sent to the segmenter: {:.1} KB of image per image",
+            (image_bytes_sent(&after) - image_bytes_sent(&before)) / 1e3 / n
+        );
         let photos = storage.path().join("inputs/bench-user/phone");
         let reference = python_reference(
             &args,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use palette_rules::guide_stats::GuideCache;
 use palette_rules::mask::{Rect, nonzero_bounds};
 use palette_rules::{GrayImage, InPlace, RgbImage};
 
@@ -88,11 +89,14 @@ pub fn same_region(a: &PlannedRule, b: &PlannedRule) -> bool {
         && a.rule.region_params() == b.rule.region_params()
 }
 
-/// The rule's region: its concept minus its occluders, refined (`palette_rules::region::build_region`).
+/// The rule's region: its concept minus its occluders, refined (`palette_rules::region::build_region_shared`).
+/// `guides`: one per photo, shared by its rules' regions (those over the same crop solve the guided filter's
+/// photo-only half once: `palette_rules::guide_stats`).
 pub fn rule_region(
     photo: &RgbImage,
     masks: &HashMap<String, GrayImage>,
     rule: &PlannedRule,
+    guides: &GuideCache,
 ) -> Region {
     // Full-resolution masks are large: borrow them; copy only to join several occluder concepts.
     let of = |c: &String| masks.get(c).map_or(&[][..], std::slice::from_ref);
@@ -105,11 +109,12 @@ pub fn rule_region(
             &joined
         }
     };
-    let mut alpha = palette_rules::region::build_region(
+    let mut alpha = palette_rules::region::build_region_shared(
         photo,
         of(&rule.concept),
         occluders,
         &rule.rule.region_params(),
+        guides,
     );
     // A rule with nothing to edit still writes its output (the photo as it was), and says why.
     let not_applied = match masks.get(&rule.concept) {
@@ -245,10 +250,11 @@ mod tests {
             ),
         ];
         assert!(same_region(&rules[0], &rules[1]) && !same_region(&rules[1], &rules[2]));
-        let shared = rule_region(&photo, &masks, &rules[0]);
+        let guides = GuideCache::new();
+        let shared = rule_region(&photo, &masks, &rules[0], &guides);
         let mut work = photo.clone();
         for rule in &rules {
-            let own = rule_region(&photo, &masks, rule);
+            let own = rule_region(&photo, &masks, rule, &GuideCache::new());
             let region = if same_region(rule, &rules[0]) {
                 &shared
             } else {

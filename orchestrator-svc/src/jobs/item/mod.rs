@@ -9,6 +9,7 @@ pub(in crate::jobs) mod imaging;
 mod instance_masks;
 mod mask_cache;
 mod segment;
+mod segmenter_input;
 pub(in crate::jobs) mod stored_masks;
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use palette_proto::orchestrator::v1::{MaskKey, RuleOutput};
+use palette_rules::guide_stats::GuideCache;
 use palette_rules::{GrayImage, RgbImage};
 
 pub use admission::PixelBudget;
@@ -159,7 +161,7 @@ impl ItemRunner {
             (masks, full, true)
         } else {
             let stage = Stage::start("segment");
-            let segmented = self.segment(plan, &bytes, idx).await?;
+            let segmented = self.segment(plan, &bytes, &photo, idx).await?;
             drop(bytes);
             stage.finish();
 
@@ -292,6 +294,8 @@ impl ItemRunner {
         let mut work: Option<RgbImage> = None;
         // (rule index that built it, region), while a later rule still needs it.
         let mut regions: Vec<(usize, Arc<Region>)> = Vec::new();
+        // The guided filter's photo-only statistics, shared by the regions over the same crop.
+        let guides = Arc::new(GuideCache::new());
         for r in 0..plan.rules.len() {
             let rule_id = &plan.rules[r].rule_id;
             let swatch = match plan.rules[r].rule.texture_key() {
@@ -302,14 +306,15 @@ impl ItemRunner {
                 .iter()
                 .find(|(first, _)| cpu::same_region(&plan.rules[*first], &plan.rules[r]))
                 .map(|(_, region)| region.clone());
-            let (plan2, photo, masks) = (plan.clone(), photo.clone(), masks.clone());
+            let (plan2, photo, masks, guides) =
+                (plan.clone(), photo.clone(), masks.clone(), guides.clone());
             let mut buffer = work.take();
             let (rendered, buffer, region) = self
                 .cpu(move || {
                     let rule = &plan2.rules[r];
                     let region = match shared {
                         Some(region) => region,
-                        None => Arc::new(rule_region(&photo, &masks, rule)),
+                        None => Arc::new(rule_region(&photo, &masks, rule, &guides)),
                     };
                     let work = buffer.get_or_insert_with(|| (*photo).clone());
                     let rendered = render_rule(RuleInput {

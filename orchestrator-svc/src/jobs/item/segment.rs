@@ -1,14 +1,18 @@
 //! The masks of every concept of a job on one image: from the cache where the same bytes were segmented by the same
-//! model before, the rest in ONE Segment call.
+//! model before, the rest in ONE Segment call (carrying the upload, or the photo downscaled to the model's input:
+//! `segmenter_input`).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
+use palette_proto::segmenter::v1::image::Source;
+use palette_rules::RgbImage;
 use sha2::{Digest, Sha256};
 
 use super::ItemRunner;
 use super::error::ItemError;
 use super::mask_cache::{ConceptMasks, MaskCacheKey};
+use super::segmenter_input::{image_bytes, segmenter_input};
 use crate::jobs::validate::JobPlan;
 use crate::segmenter::SegmenterError;
 
@@ -24,9 +28,11 @@ impl ItemRunner {
         &self,
         plan: &JobPlan,
         bytes: &Bytes,
+        photo: &Arc<RgbImage>,
         idx: u32,
     ) -> Result<Segmented, ItemError> {
-        let model_id = self.segmenter.model_id().await?;
+        let model = self.segmenter.model().await?;
+        let model_id = model.model_id;
         let sha: [u8; 32] = Sha256::digest(bytes).into();
         let key = |concept: &str, model_id: &str| MaskCacheKey {
             input_sha256: sha,
@@ -51,7 +57,17 @@ impl ItemRunner {
             .increment(missing.len() as u64);
         if !missing.is_empty() {
             let request_id = format!("{}/{idx}", plan.job_id);
-            let response = self.segmenter.segment(bytes, &missing, &request_id).await?;
+            let (photo, encoded) = (photo.clone(), bytes.clone());
+            let image = self
+                .cpu(move || Ok(segmenter_input(&photo, &encoded, model.input_size)))
+                .await?;
+            let form = match image {
+                Source::Encoded(_) => "encoded",
+                Source::Rgb(_) => "rgb",
+            };
+            metrics::counter!("orchestrator_segmenter_image_bytes_total", "form" => form)
+                .increment(image_bytes(&image) as u64);
+            let response = self.segmenter.segment(image, &missing, &request_id).await?;
             // Results come in request order, one per concept asked.
             if response.concepts.len() != missing.len() {
                 return Err(SegmenterError::BadReply(format!(

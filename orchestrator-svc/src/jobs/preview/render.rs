@@ -3,8 +3,6 @@
 //! pixel-sized region parameters (feather, grow) are scaled with the photo, so the preview looks like the job's
 //! output downscaled.
 
-use fast_image_resize::images::{Image, ImageRef};
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use palette_rules::region::RegionParams;
 use palette_rules::{Edited, GrayImage, RgbImage};
 
@@ -28,30 +26,7 @@ pub fn preview_size((w, h): (u32, u32), max_side: u32) -> (u32, u32) {
     (side(w), side(h))
 }
 
-/// Antialiased (area-weighted bilinear) downscale, the same for photos and masks so their edges stay aligned.
-fn resize(src: &[u8], from: (u32, u32), to: (u32, u32), pixel: PixelType) -> Vec<u8> {
-    if from == to {
-        return src.to_vec();
-    }
-    // Read in place: a copy of the source (36 MB for a 12 MP photo, all fresh pages) was a tenth of a cold preview.
-    let src = ImageRef::new(from.0, from.1, src, pixel).expect("buffer matches its size");
-    let mut dst = Image::new(to.0, to.1, pixel);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-    Resizer::new()
-        .resize(&src, &mut dst, &options)
-        .expect("same pixel type on both sides");
-    dst.into_vec()
-}
-
-pub fn downscale_rgb(img: &RgbImage, to: (u32, u32)) -> RgbImage {
-    let data = resize(img.as_raw(), img.dimensions(), to, PixelType::U8x3);
-    RgbImage::from_raw(to.0, to.1, data).expect("resized buffer")
-}
-
-pub fn downscale_gray(img: &GrayImage, to: (u32, u32)) -> GrayImage {
-    let data = resize(img.as_raw(), img.dimensions(), to, PixelType::U8);
-    GrayImage::from_raw(to.0, to.1, data).expect("resized buffer")
-}
+pub use crate::resize::{downscale_gray, downscale_rgb};
 
 /// Pixel-sized parameters follow the photo's scale (`factor` = preview / full size); the edge refinement is solved
 /// a step coarser (`RegionParams::coarse`): a preview's region is most of a cold preview's time.

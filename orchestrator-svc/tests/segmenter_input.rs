@@ -1,0 +1,82 @@
+//! What a Segment call carries: a photo larger than the model's input goes downscaled as raw RGB, each side capped
+//! at the size GetModelInfo reports, and its masks, in the segmenter's view of the image, land on the full photo;
+//! smaller photos, and every photo when the segmenter does not report a size, go as uploaded. The fake segmenter
+//! answers in the coordinates of the image it was sent (its instance: the left half), so a mask put back at the
+//! wrong scale shows. The real model's masks through this path: tests/tests/segmenter_input.rs.
+
+use palette_testing as common;
+
+use std::sync::atomic::Ordering;
+
+use common::fake_segmenter;
+use common::orchestrator::{is_terminal, photo_jpeg, seed_spec, start};
+use orchestrator_svc::storage::ObjectStore;
+use palette_proto::orchestrator::v1::ItemState;
+use palette_rules::GrayImage;
+use palette_rules::mask::{ModelMask, PixelBox, upsample_instance};
+
+/// The fake's 32x32 left-half instance over the left half of a `w` x `h` photo.
+fn left_half(w: u32, h: u32) -> GrayImage {
+    let probs: Vec<u8> = (0..32 * 32)
+        .map(|i| if i % 32 < 16 { 255 } else { 0 })
+        .collect();
+    let model = ModelMask {
+        width: 32,
+        height: 32,
+        probs: &probs,
+    };
+    let bbox = PixelBox {
+        x0: 0.0,
+        y0: 0.0,
+        x1: w as f32 / 2.0,
+        y1: h as f32,
+    };
+    upsample_instance(&model, bbox, w, h)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_photos_reach_the_segmenter_downscaled_and_their_masks_land_on_the_photo() {
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.input_size.store(64, Ordering::SeqCst);
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    // 200x120: both sides over 64; 300x40: only the width; 48x40: neither.
+    let sizes = [(200u32, 120u32), (300, 40), (48, 40)];
+    for (idx, (w, h)) in sizes.iter().enumerate() {
+        orch.put_input("test-user", "big", idx as u32, photo_jpeg(*w, *h))
+            .await;
+    }
+    orch.client
+        .submit_job(seed_spec("big", sizes.len() as u32))
+        .await
+        .unwrap();
+    let job = orch.wait_for("big", is_terminal).await;
+    let mut seen = segmenter.counters.images.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![("encoded", 48, 40), ("rgb", 64, 40), ("rgb", 64, 64)]
+    );
+    for (item, &(w, h)) in job.items.iter().zip(&sizes) {
+        assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+        let wall = item.masks.iter().find(|m| m.concept == "wall").unwrap();
+        assert_eq!((wall.image_width, wall.image_height), (w, h));
+        let png = orch.store.get(&wall.key).await.unwrap();
+        let composed = orchestrator_svc::mask_png::compose(&png, w, h).unwrap();
+        assert!(composed == left_half(w, h), "{w}x{h}: {wall:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segmenter_that_reports_no_input_size_gets_the_upload_as_it_is() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    orch.put_input("test-user", "old", 0, photo_jpeg(200, 120))
+        .await;
+    orch.client.submit_job(seed_spec("old", 1)).await.unwrap();
+    let job = orch.wait_for("old", is_terminal).await;
+    assert_eq!(job.items[0].state, ItemState::Completed as i32);
+    assert_eq!(
+        *segmenter.counters.images.lock().unwrap(),
+        vec![("encoded", 200, 120)]
+    );
+}
