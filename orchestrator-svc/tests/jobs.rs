@@ -15,31 +15,14 @@ use palette_proto::orchestrator::v1::{
     CallbackState, CancelJobRequest, ItemState, JobState, MaskKey,
 };
 use palette_rules::GrayImage;
-use palette_rules::mask::{ModelMask, PixelBox, upsample_instance};
 use palette_testing::status::violated_fields;
 use tonic::Code;
 
 const SECRET: &str = "supersecret123";
 
-/// The fake segmenter's first instance at full frame: its 32x32 left-half mask upsampled inside the left half, as
-/// the orchestrator did before it stored crops.
-fn fake_left_half(w: u32, h: u32) -> GrayImage {
-    let probs: Vec<u8> = (0..32 * 32)
-        .map(|i| if i % 32 < 16 { 255 } else { 0 })
-        .collect();
-    let model = ModelMask {
-        width: 32,
-        height: 32,
-        probs: &probs,
-    };
-    let bbox = PixelBox {
-        x0: 0.0,
-        y0: 0.0,
-        x1: w as f32 / 2.0,
-        y1: h as f32,
-    };
-    upsample_instance(&model, bbox, w, h)
-}
+#[path = "common/fake_masks.rs"]
+mod fake_masks;
+use fake_masks::fake_left_half;
 
 /// A stored mask is a crop: composed at its placement (the oFFs chunk and the entry agree on it) it is `full`.
 fn assert_composes_to(png: &[u8], entry: &MaskKey, full: &GrayImage) {

@@ -12,27 +12,10 @@ use common::fake_segmenter;
 use common::orchestrator::{is_terminal, photo_jpeg, seed_spec, start};
 use orchestrator_svc::storage::ObjectStore;
 use palette_proto::orchestrator::v1::ItemState;
-use palette_rules::GrayImage;
-use palette_rules::mask::{ModelMask, PixelBox, upsample_instance};
 
-/// The fake's 32x32 left-half instance over the left half of a `w` x `h` photo.
-fn left_half(w: u32, h: u32) -> GrayImage {
-    let probs: Vec<u8> = (0..32 * 32)
-        .map(|i| if i % 32 < 16 { 255 } else { 0 })
-        .collect();
-    let model = ModelMask {
-        width: 32,
-        height: 32,
-        probs: &probs,
-    };
-    let bbox = PixelBox {
-        x0: 0.0,
-        y0: 0.0,
-        x1: w as f32 / 2.0,
-        y1: h as f32,
-    };
-    upsample_instance(&model, bbox, w, h)
-}
+#[path = "common/fake_masks.rs"]
+mod fake_masks;
+use fake_masks::fake_left_half;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_photos_reach_the_segmenter_downscaled_and_their_masks_land_on_the_photo() {
@@ -62,7 +45,7 @@ async fn large_photos_reach_the_segmenter_downscaled_and_their_masks_land_on_the
         assert_eq!((wall.image_width, wall.image_height), (w, h));
         let png = orch.store.get(&wall.key).await.unwrap();
         let composed = orchestrator_svc::mask_png::compose(&png, w, h).unwrap();
-        assert!(composed == left_half(w, h), "{w}x{h}: {wall:?}");
+        assert!(composed == fake_left_half(w, h), "{w}x{h}: {wall:?}");
     }
 }
 
