@@ -69,7 +69,7 @@ pub fn offs_chunk(x: u32, y: u32) -> [u8; 9] {
 }
 
 /// Crops `mask` to `at` and encodes it (see `encode_rows`).
-pub fn encode_crop(mask: &GrayImage, at: Placement) -> Result<Vec<u8>, png::EncodingError> {
+pub fn encode_crop(mask: &GrayImage, at: Placement) -> Vec<u8> {
     let (w, inside) = (
         mask.width() as usize,
         at.x + at.width <= mask.width() && at.y + at.height <= mask.height(),
@@ -86,39 +86,84 @@ pub fn encode_crop(mask: &GrayImage, at: Placement) -> Result<Vec<u8>, png::Enco
 }
 
 /// Encodes the crop `at` of a mask as an 8-bit grayscale PNG with an `oFFs` chunk, a row at a time: `row(y, out)`
-/// fills `out` with photo row y's pixels from column `at.x` on, so no full-frame plane need exist. fdeflate
-/// (`Fast`) and adaptive filtering: with zlib's default level, mask encoding was a third of the orchestrator's CPU
-/// (orchestrator-bench, 1008x756, full-frame masks: masks stage 343 -> 66 ms per image, files 35 % larger).
+/// fills `out` with photo row y's pixels from column `at.x` on, so no full-frame plane need exist.
+///
+/// Written here rather than by the png crate (which also uses fdeflate for `Compression::Fast`): every row is
+/// Paeth-filtered by a loop that vectorises (`paeth_row`) and compressed by fdeflate as one stream. The png crate's adaptive filter chose Paeth for nearly every row of these masks (files within
+/// a few bytes) but filtered a byte at a time, and its stream writer copied each row twice: that was ~40 % of a
+/// mask's encode (a 12 MP soft instance: 44 -> 26 ms, measured by the ignored test `encode_speed`).
 ///
 /// Smaller files cost CPU (orchestrator-bench, 2026-11-30, CPU-s per 12 MP image of both services / MB of masks per
-/// image): this 2.58 / 14.5; Sub filter + zlib level 1 3.14 / 7.8; Sub + zlib's default level 3.98 / 4.1 (at 1 MP
-/// 0.26, 0.39, 0.54 CPU-s). Sub suits a bilinear upsample (linear along a row between model samples: its residuals
-/// repeat, which deflate's LZ77 matches and fdeflate does not try).
-pub fn encode_rows(
-    at: Placement,
-    mut row: impl FnMut(u32, &mut [u8]),
-) -> Result<Vec<u8>, png::EncodingError> {
-    use std::io::Write;
-    let mut out = Vec::new();
-    let mut encoder = png::Encoder::new(&mut out, at.width, at.height);
-    encoder.set_color(png::ColorType::Grayscale);
-    encoder.set_depth(png::BitDepth::Eight);
-    encoder.set_compression(png::Compression::Fast);
-    encoder.set_filter(png::Filter::Adaptive);
-    let mut writer = encoder.write_header()?;
-    writer.write_chunk(png::chunk::ChunkType(*b"oFFs"), &offs_chunk(at.x, at.y))?;
-    {
-        // IDAT chunks of 256 KiB: the default 4 KiB adds 12 bytes per chunk and a call per 4 KiB.
-        let mut stream = writer.stream_writer_with_size(256 << 10)?;
-        let mut line = vec![0u8; at.width as usize];
-        for y in at.y..at.y + at.height {
-            row(y, &mut line);
-            stream.write_all(&line)?;
-        }
-        stream.finish()?;
+/// image): fdeflate with the png crate's adaptive filter 2.58 / 14.5; Sub filter + zlib level 1 3.14 / 7.8; Sub +
+/// zlib's default level 3.98 / 4.1 (at 1 MP 0.26, 0.39, 0.54 CPU-s). fdeflate's fixed code suits small filter
+/// residuals; it matches only runs of zeros, which saturated masks (a real model's) are full of.
+pub fn encode_rows(at: Placement, mut row: impl FnMut(u32, &mut [u8])) -> Vec<u8> {
+    let width = at.width as usize;
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(b"\x89PNG\r\n\x1a\n");
+    let mut ihdr = [0u8; 13];
+    ihdr[..4].copy_from_slice(&at.width.to_be_bytes());
+    ihdr[4..8].copy_from_slice(&at.height.to_be_bytes());
+    // Bit depth 8, colour type 0 (grayscale), deflate, adaptive filtering (per-row filter types), no interlace.
+    ihdr[8] = 8;
+    write_chunk(&mut out, b"IHDR", &ihdr);
+    write_chunk(&mut out, b"oFFs", &offs_chunk(at.x, at.y));
+
+    let mut deflate = fdeflate::Compressor::new(Vec::with_capacity(width * at.height as usize / 4))
+        .expect("a Vec takes every write");
+    // Row buffers with one leading zero: the pixel left of column 0 (and above-left) is 0 for Paeth.
+    let (mut prev, mut cur) = (vec![0u8; width + 1], vec![0u8; width + 1]);
+    let mut filtered = vec![0u8; width + 1];
+    filtered[0] = PAETH;
+    for y in at.y..at.y + at.height {
+        row(y, &mut cur[1..]);
+        paeth_row(&cur, &prev, &mut filtered[1..]);
+        deflate
+            .write_data(&filtered)
+            .expect("a Vec takes every write");
+        std::mem::swap(&mut prev, &mut cur);
     }
-    writer.finish()?;
-    Ok(out)
+    let stream = deflate.finish().expect("a Vec takes every write");
+    // Chunk lengths stop at 2^31 - 1: large streams take several IDAT chunks (decoders join them).
+    out.reserve(stream.len() + 32);
+    for part in stream.chunks(IDAT_MAX) {
+        write_chunk(&mut out, b"IDAT", part);
+    }
+    write_chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+/// PNG filter type 4.
+const PAETH: u8 = 4;
+/// Largest IDAT chunk written: any size below 2^31 does; one chunk holds a 12 MP soft mask's few MB.
+const IDAT_MAX: usize = 256 << 20;
+
+/// One chunk: length, type, data, CRC of type and data.
+fn write_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let start = out.len();
+    out.extend_from_slice(kind);
+    out.extend_from_slice(data);
+    let crc = crc32fast::hash(&out[start..]);
+    out.extend_from_slice(&crc.to_be_bytes());
+}
+
+/// The Paeth filter of one row of one-byte pixels (PNG spec, 9.4): `cur` and `prev` hold the row and the row above
+/// after a leading 0 (the pixel left of column 0), `out` gets one residual per pixel. Branch-free over i16 so the
+/// loop vectorises; same tie-breaking as the spec (a, then b, then c).
+fn paeth_row(cur: &[u8], prev: &[u8], out: &mut [u8]) {
+    let n = out.len();
+    let (left, x) = (&cur[..n], &cur[1..=n]);
+    let (up_left, up) = (&prev[..n], &prev[1..=n]);
+    for i in 0..n {
+        let (a, b, c) = (i16::from(left[i]), i16::from(up[i]), i16::from(up_left[i]));
+        let pa = (b - c).abs();
+        let pb = (a - c).abs();
+        let pc = (a + b - 2 * c).abs();
+        let b_or_c = if pb <= pc { b } else { c };
+        let pred = if pa <= pb && pa <= pc { a } else { b_or_c };
+        out[i] = x[i].wrapping_sub(pred as u8);
+    }
 }
 
 /// The (x, y) of a PNG's `oFFs` chunk when its unit is pixels; None when it has none (a full-frame mask stored
@@ -212,7 +257,7 @@ mod tests {
         let m = mask(64, 48, &soft);
         let at = nonzero_bounds(&m).unwrap();
         assert_eq!((at.x, at.y, at.width, at.height), (10, 5, 13, 4));
-        let png = encode_crop(&m, at).unwrap();
+        let png = encode_crop(&m, at);
 
         // The chunk as the PNG spec lays it out: after IHDR (8 + 25 bytes), length 9, "oFFs", x, y as i32 BE, unit 0
         // (pixel), then its CRC; a decoder accepts the file.
@@ -231,8 +276,82 @@ mod tests {
     }
 
     #[test]
+    fn soft_masks_of_any_width_decode_to_the_same_pixels() {
+        // Every Paeth case (ties included) on soft, saturated and zero pixels; widths around the vector lengths.
+        let mut seed = 7u32;
+        for (w, h) in [
+            (1u32, 1u32),
+            (1, 9),
+            (2, 3),
+            (15, 4),
+            (16, 5),
+            (17, 7),
+            (33, 3),
+            (257, 11),
+        ] {
+            let m = GrayImage::from_fn(w, h, |x, y| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                match (seed >> 28) % 4 {
+                    0 => image::Luma([0]),
+                    1 => image::Luma([255]),
+                    _ => {
+                        image::Luma([((x * 7 + y * 13) as u8).wrapping_add((seed >> 20) as u8 & 7)])
+                    }
+                }
+            });
+            let at = Placement {
+                x: 0,
+                y: 0,
+                width: w,
+                height: h,
+            };
+            let png = encode_crop(&m, at);
+            let back = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
+                .unwrap()
+                .to_luma8();
+            assert_eq!(back, m, "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn paeth_matches_the_specs_predictor() {
+        // PNG spec 9.4, written as there.
+        fn predictor(a: u8, b: u8, c: u8) -> u8 {
+            let p = i16::from(a) + i16::from(b) - i16::from(c);
+            let (pa, pb, pc) = (
+                (p - i16::from(a)).abs(),
+                (p - i16::from(b)).abs(),
+                (p - i16::from(c)).abs(),
+            );
+            if pa <= pb && pa <= pc {
+                a
+            } else if pb <= pc {
+                b
+            } else {
+                c
+            }
+        }
+        let values = [0u8, 1, 2, 127, 128, 200, 254, 255];
+        for &a in &values {
+            for &b in &values {
+                for &c in &values {
+                    for &x in &values {
+                        let mut out = [0u8];
+                        paeth_row(&[a, x], &[c, b], &mut out);
+                        assert_eq!(
+                            out[0],
+                            x.wrapping_sub(predictor(a, b, c)),
+                            "{a} {b} {c} {x}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn an_empty_mask_is_one_zero_pixel_and_a_full_frame_png_composes_at_the_origin() {
-        let png = encode_crop(&mask(30, 20, &[]), Placement::EMPTY).unwrap();
+        let png = encode_crop(&mask(30, 20, &[]), Placement::EMPTY);
         assert_eq!(compose(&png, 30, 20).unwrap(), mask(30, 20, &[]));
 
         // A mask stored before crops: full frame, no oFFs.

@@ -250,7 +250,7 @@ impl ItemRunner {
             let keep = used.contains(&concept.as_str());
             let masks2 = masks.clone();
             let (stored, union) = self
-                .cpu(move || concept_masks(&masks2, (w, h), keep))
+                .cpu(move || Ok(concept_masks(&masks2, (w, h), keep)))
                 .await?;
             for (n, (mask, instance)) in stored.into_iter().zip(&masks.result.instances).enumerate()
             {
