@@ -22,6 +22,11 @@ impl<const N: usize> Lut1<N> {
         }
     }
 
+    /// (lo, 1 / node spacing, nodes): for vector kernels that do `eval`'s arithmetic themselves.
+    pub(crate) fn raw(&self) -> (f32, f32, &[[f32; N]]) {
+        (self.lo, self.scale, &self.data)
+    }
+
     #[inline]
     pub fn eval(&self, x: f32) -> [f32; N] {
         let last = self.data.len() - 1;
