@@ -5,6 +5,7 @@
 //! `perspective` (see `perspective.rs`).
 
 mod shade;
+mod texel_row;
 
 use super::{bounds, perspective};
 use crate::color::{encode_table, linear_table};
@@ -16,6 +17,7 @@ use crate::swatch::{LinearSwatch, bilerp};
 use image::{GrayImage, RgbImage};
 use rayon::prelude::*;
 use shade::Shade;
+use texel_row::Columns;
 
 /// Tile size at scale 1, as a fraction of the image's long side: ~8 tiles across a room shot.
 const TILES_ACROSS: f32 = 8.0;
@@ -140,6 +142,11 @@ impl Texels<'_> {
     fn at(&self, x: u32, y: u32) -> [f32; 3] {
         self.lin[(y * self.lw + x) as usize]
     }
+
+    fn row(&self, y: u32) -> &[[f32; 3]] {
+        let lw = self.lw as usize;
+        &self.lin[y as usize * lw..(y as usize + 1) * lw]
+    }
 }
 
 /// Runs `band(first row, its pixel rows, its weight rows)` over the rows of `bounds` in bands of [`BAND`] rows,
@@ -215,7 +222,7 @@ fn unrotated(
     // Walked across the whole span in one go, where the per-pixel walk restarts after each gap of weight 0: the
     // positions agree to f64 rounding (the old path's drift), and rarely a fraction differs in its last f32 bit.
     let mut u = u_axis.walker(0.0);
-    let cols: Vec<(u32, u32, f32)> = (b.x0..b.x1).map(|x| u.at(x)).collect();
+    let cols = Columns::new((b.x0..b.x1).map(|x| u.at(x)), texels.lw);
     bands(photo, region, b, |y0, px, alpha| {
         let n = x1 - x0;
         // Two texel rows interpolated across the span, tagged with their row.
@@ -238,12 +245,7 @@ fn unrotated(
                     .find(|(key, _)| key.is_none_or(|k| k != j && k != j1))
                     .unwrap();
                 slot.0 = Some(t);
-                for (k, &(i, i1, fx)) in cols.iter().enumerate() {
-                    let (p, q) = (texels.at(i, t), texels.at(i1, t));
-                    for c in 0..3 {
-                        slot.1[c][k] = p[c] + fx * (q[c] - p[c]);
-                    }
-                }
+                cols.interpolate(texels.row(t), &mut slot.1);
             }
             let row_of = |t| &cache.iter().find(|(key, _)| *key == Some(t)).unwrap().1;
             let (top, bot) = (row_of(j), row_of(j1));
