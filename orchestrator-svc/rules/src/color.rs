@@ -15,7 +15,7 @@ static SRGB_TO_LIN: LazyLock<[f32; 256]> = LazyLock::new(|| {
 /// Encoding table from linear light to sRGB in 0..=255 (as f32, so blends keep sub-code precision), indexed by
 /// sqrt(linear): the square root flattens the curve's steep dark end, so 2k nodes (8 KB, resident in L1) keep every
 /// lookup within 0.1 code of the exact value, which a uniform table needed 16k nodes (64 KB) for.
-const ENC_N: usize = 2048;
+pub(crate) const ENC_N: usize = 2048;
 static LIN_TO_SRGB: LazyLock<Vec<f32>> = LazyLock::new(|| {
     (0..=ENC_N)
         .map(|i| {

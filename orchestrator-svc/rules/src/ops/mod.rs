@@ -72,6 +72,28 @@ pub fn blend_masked_rows<R, F>(
         });
 }
 
+/// Runs `f(pixels, alpha)` on each row's part inside `bounds` (RGB bytes and their weights), rows in parallel: for
+/// edits with a row kernel of their own (which must leave alpha-0 pixels as they are).
+pub fn for_each_row(
+    photo: &mut RgbImage,
+    region: &GrayImage,
+    bounds: Rect,
+    f: impl Fn(&mut [u8], &[u8]) + Sync,
+) {
+    if bounds.is_empty() {
+        return;
+    }
+    let w = photo.width() as usize;
+    let (x0, x1) = (bounds.x0 as usize, bounds.x1 as usize);
+    photo
+        .as_mut()
+        .par_chunks_mut(w * 3)
+        .zip(region.as_raw().par_chunks(w))
+        .skip(bounds.y0 as usize)
+        .take(bounds.height() as usize)
+        .for_each(|(px, alpha)| f(&mut px[x0 * 3..x1 * 3], &alpha[x0..x1]));
+}
+
 /// Alpha-weighted mean of `f(pixel)` over the region (None when the region is empty). `stride` > 1 samples every
 /// stride-th row and column, for statistics whose `f` is costly; it falls back to every pixel if that finds none.
 pub fn weighted_mean<F>(
