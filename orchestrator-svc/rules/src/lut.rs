@@ -237,44 +237,6 @@ mod avx2 {
     // Cell indices are packed with shifts below.
     const _: () = assert!(NC == 32);
 
-    /// The R, G and B codes of 8 RGB pixels at `p` (24 bytes readable) as 32-bit integers.
-    macro_rules! load_rgb {
-        ($p:expr) => {{
-            // SAFETY: the caller's `p` has 24 readable bytes; the loads read 0..16 and 16..24.
-            let (lo, hi) = unsafe {
-                (
-                    _mm_loadu_si128($p as *const __m128i),
-                    _mm_loadl_epi64($p.add(16) as *const __m128i),
-                )
-            };
-            // Byte shuffles that pick one channel out of bytes 0..16 (`lo`) and 16..24 (`hi`).
-            let x = -1;
-            let channel = [
-                (
-                    _mm_setr_epi8(0, 3, 6, 9, 12, 15, x, x, x, x, x, x, x, x, x, x),
-                    _mm_setr_epi8(x, x, x, x, x, x, 2, 5, x, x, x, x, x, x, x, x),
-                ),
-                (
-                    _mm_setr_epi8(1, 4, 7, 10, 13, x, x, x, x, x, x, x, x, x, x, x),
-                    _mm_setr_epi8(x, x, x, x, x, 0, 3, 6, x, x, x, x, x, x, x, x),
-                ),
-                (
-                    _mm_setr_epi8(2, 5, 8, 11, 14, x, x, x, x, x, x, x, x, x, x, x),
-                    _mm_setr_epi8(x, x, x, x, x, 1, 4, 7, x, x, x, x, x, x, x, x),
-                ),
-            ];
-            let mut out = [_mm256_setzero_si256(); 3];
-            for c in 0..3 {
-                let bytes = _mm_or_si128(
-                    _mm_shuffle_epi8(lo, channel[c].0),
-                    _mm_shuffle_epi8(hi, channel[c].1),
-                );
-                out[c] = _mm256_cvtepu8_epi32(bytes);
-            }
-            out
-        }};
-    }
-
     /// SPLIT's arithmetic on 8 codes (as floats): t = code / STEP, i = min(trunc t, N3 - 2), fraction t - i.
     /// The division is a product by the reciprocal corrected by its FMA residual (one Newton step), which rounds
     /// to the quotient itself for every code 0..=255 (`tests::split_matches_the_table` checks all) and costs less
@@ -305,11 +267,6 @@ mod avx2 {
     ) -> usize {
         let n = alpha.len() / 8 * 8;
         assert!(px.len() >= 3 * n && cache.corners.len() == 8 * cache.owner.len());
-        let x = -1;
-        // Back to RGB from [r0..3 g0..3 b0..3 ..] (`l`) and [r4..7 g4..7 b4..7 ..] (`h`): bytes 0..16 and 16..24.
-        let out_l = _mm_setr_epi8(0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11, x, x, x, x);
-        let out_h = _mm_setr_epi8(x, x, x, x, x, x, x, x, x, x, x, x, 0, 4, 8, 1);
-        let out_h2 = _mm_setr_epi8(5, 9, 2, 6, 10, 3, 7, 11, x, x, x, x, x, x, x, x);
         let as_i32 = |t: [usize; 8]| t.map(|v| v as i32);
         let [f0, f1, f2, f3, f4, f5, f6, f7] = as_i32(FIRST_C);
         let first = _mm256_setr_epi32(f0, f1, f2, f3, f4, f5, f6, f7);
@@ -317,12 +274,6 @@ mod avx2 {
         let second = _mm256_setr_epi32(s0, s1, s2, s3, s4, s5, s6, s7);
         let far = _mm256_set1_epi32(7);
         let idv = _mm256_set1_epi32(id as i32);
-        let (zero, half, top, kv) = (
-            _mm256_setzero_ps(),
-            _mm256_set1_ps(0.5),
-            _mm256_set1_ps(255.0),
-            _mm256_set1_ps(k),
-        );
         let mut idx = [[0i32; 8]; 4];
         let mut cells = [0i32; 8];
         for x in (0..n).step_by(8) {
@@ -331,7 +282,7 @@ mod avx2 {
                 continue;
             }
             let p = px[3 * x..3 * x + 24].as_mut_ptr();
-            let [r, g, b] = load_rgb!(p);
+            let [r, g, b] = crate::simd::load_rgb8!(p);
             let src = [
                 _mm256_cvtepi32_ps(r),
                 _mm256_cvtepi32_ps(g),
@@ -414,43 +365,20 @@ mod avx2 {
                 _mm256_sub_ps(_mm256_add_ps(_mm256_add_ps(fr, fg), fb), hi_f),
                 lo_f,
             );
-            let wgt = _mm256_mul_ps(_mm256_cvtepi32_ps(a), kv);
-            // Alpha-0 lanes take their own colour as the edit, so that they blend to their own bytes whatever their
-            // (maybe another table's) cell holds.
-            let keep = _mm256_castsi256_ps(keep);
-            let mut res = [_mm256_setzero_si256(); 3];
+            let mut e = [_mm256_setzero_ps(); 3];
             for ch in 0..3 {
                 let (c0, c1, c2, c3) = (c[0][ch], c[1][ch], c[2][ch], c[3][ch]);
                 // c0 + hi (c1 - c0) + mid (c2 - c1) + lo (c3 - c2), left to right, as Lut3::eval.
-                let e = _mm256_add_ps(
+                e[ch] = _mm256_add_ps(
                     _mm256_add_ps(
                         _mm256_add_ps(c0, _mm256_mul_ps(hi_f, _mm256_sub_ps(c1, c0))),
                         _mm256_mul_ps(mid_f, _mm256_sub_ps(c2, c1)),
                     ),
                     _mm256_mul_ps(lo_f, _mm256_sub_ps(c3, c2)),
                 );
-                let s = src[ch];
-                let e = _mm256_blendv_ps(e, s, keep);
-                let v = _mm256_add_ps(s, _mm256_mul_ps(wgt, _mm256_sub_ps(e, s)));
-                // `(v + 0.5) as u8`: saturating, NaN to 0 (max returns its second operand for NaN).
-                let v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, half), zero), top);
-                res[ch] = _mm256_cvttps_epi32(v);
             }
-            let bytes = _mm256_packus_epi16(
-                _mm256_packus_epi32(res[0], res[1]),
-                _mm256_packus_epi32(res[2], res[2]),
-            );
-            let (l, h) = (
-                _mm256_castsi256_si128(bytes),
-                _mm256_extracti128_si256::<1>(bytes),
-            );
-            let head = _mm_or_si128(_mm_shuffle_epi8(l, out_l), _mm_shuffle_epi8(h, out_h));
-            let tail = _mm_shuffle_epi8(h, out_h2);
-            // SAFETY: the same 24 bytes of `px` as loaded: 0..16 and 16..24.
-            unsafe {
-                _mm_storeu_si128(p as *mut __m128i, head);
-                _mm_storel_epi64(p.add(16) as *mut __m128i, tail);
-            }
+            // Alpha-0 lanes keep their bytes whatever their (maybe another table's) cell holds.
+            crate::simd::blend_store_rgb8!(p, src, e, a, k);
         }
         n
     }

@@ -91,7 +91,7 @@ fn blend_with_lut<F: Fn([usize; 3]) -> [f32; 3] + Sync>(
         return;
     }
     let k = strength / 255.0;
-    for_each_row(photo, region, b, |px, alpha| map.blend_row(px, alpha, k));
+    for_each_row(photo, region, b, |_, px, alpha| map.blend_row(px, alpha, k));
 }
 
 #[cfg(test)]
