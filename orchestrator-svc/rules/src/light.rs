@@ -98,6 +98,7 @@ impl GridIndex {
     }
 
     /// The per-code tables behind `dithered` (grid position, bin width), for vector versions of it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn tables(&self) -> (&'static [[u32; 256]; 3], &'static [[u32; 256]; 3]) {
         (self.at, self.bin)
     }

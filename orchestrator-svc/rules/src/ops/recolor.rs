@@ -57,16 +57,19 @@ fn blend_row(
     k: f32,
 ) {
     let n = alpha.len().min(px.len() / 3);
-    let mut done = 0;
+    // Pixels done 8 at a time; the rest (all of them below AVX2) one at a time.
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::active() == crate::simd::Level::Avx2Fma {
+    let done = if crate::simd::active() == crate::simd::Level::Avx2Fma {
         // SAFETY: `active` is at most `detected`, which found AVX2 and FMA on this CPU.
         #[allow(unsafe_code)]
-        {
-            done =
-                unsafe { avx2::blend_row(grid, by_step, y, x0, &mut px[..3 * n], &alpha[..n], k) };
+        unsafe {
+            avx2::blend_row(grid, by_step, y, x0, &mut px[..3 * n], &alpha[..n], k)
         }
-    }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     for (x, (p, &a)) in (done..n).zip(px[3 * done..3 * n].chunks_exact_mut(3).zip(&alpha[done..n]))
     {
         if a == 0 {
