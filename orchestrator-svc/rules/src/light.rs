@@ -26,7 +26,7 @@ use std::sync::LazyLock;
 pub const Y_STEPS: usize = 1 << 14;
 
 /// Fixed-point bits of the per-channel grid-index tables.
-const FRAC: u32 = 8;
+pub(crate) const FRAC: u32 = 8;
 
 /// Per channel, each 8-bit code's contribution to the grid index in 1/2^FRAC steps: a pixel's index is three loads,
 /// two adds and a shift, with no float work at all.
@@ -97,6 +97,12 @@ impl GridIndex {
         }
     }
 
+    /// The per-code tables behind `dithered` (grid position, bin width), for vector versions of it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn tables(&self) -> (&'static [[u32; 256]; 3], &'static [[u32; 256]; 3]) {
+        (self.at, self.bin)
+    }
+
     #[inline]
     pub fn index(&self, p: [u8; 3]) -> usize {
         grid_index(self.at, p)
@@ -122,12 +128,16 @@ impl GridIndex {
 /// A well-mixed 32-bit hash of a pixel position (fixed: the same photo always gets the same dither).
 #[inline]
 fn position_hash(x: u32, y: u32) -> u32 {
-    let mut h = x.wrapping_mul(0x9e37_79b1) ^ y.wrapping_mul(0x85eb_ca77);
+    let [mx, my, m1, m2] = HASH;
+    let mut h = x.wrapping_mul(mx) ^ y.wrapping_mul(my);
     h ^= h >> 15;
-    h = h.wrapping_mul(0x2c1b_3c6d);
+    h = h.wrapping_mul(m1);
     h ^= h >> 12;
-    h.wrapping_mul(0x297a_2d39)
+    h.wrapping_mul(m2)
 }
+
+/// `position_hash`'s multipliers, for vector versions of it.
+pub(crate) const HASH: [u32; 4] = [0x9e37_79b1, 0x85eb_ca77, 0x2c1b_3c6d, 0x297a_2d39];
 
 /// Alpha-weighted histogram of the region's luminance on the grid, from every `stride`-th row and column.
 fn histogram(photo: &RgbImage, region: &GrayImage, b: Rect, stride: usize) -> Vec<u64> {

@@ -2,8 +2,9 @@
 //! table's nodes (gamut mapping included) and interpolated per pixel, which turns ~100 flops and a bisection into a
 //! few loads and multiply-adds.
 
-use rayon::prelude::*;
+use std::cell::RefCell;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A 1-D table of N-vectors over [lo, hi], linearly interpolated, clamped at the ends.
 pub struct Lut1<const N: usize> {
@@ -45,6 +46,8 @@ impl<const N: usize> Lut1<N> {
 pub struct Lut3<F> {
     f: F,
     nodes: Vec<OnceLock<[f32; 3]>>,
+    /// This table's number among all made (from 1), which marks its entries in the per-thread cell caches.
+    id: u32,
 }
 
 pub const N3: usize = 33;
@@ -81,6 +84,9 @@ impl<F: Fn([usize; 3]) -> [f32; 3] + Sync> Lut3<F> {
         Lut3 {
             f,
             nodes: (0..N3 * N3 * N3).map(|_| OnceLock::new()).collect(),
+            // Relaxed: only uniqueness matters. (Wrapping after 2^32 tables could reuse an id still cached: a
+            // process would have to make a table per millisecond for 50 days.)
+            id: TABLES.fetch_add(1, Ordering::Relaxed).wrapping_add(1),
         }
     }
 
@@ -116,244 +122,201 @@ impl<F: Fn([usize; 3]) -> [f32; 3] + Sync> Lut3<F> {
 }
 
 impl<F: Fn([usize; 3]) -> [f32; 3] + Sync> Lut3<F> {
-    /// The nodes of the marked cells (see [`mark_cells`]), evaluated in parallel and laid out densely for
-    /// [`blend_row`]; nodes of unmarked cells are 0 there and must not be read for a pixel that is blended.
-    pub fn nodes(&self, cells: &[bool]) -> Nodes {
-        let mut used = vec![false; NODES];
-        for cell in (0..CELLS).filter(|&c| cells[c]) {
+    /// One row of `crate::ops::blend_masked` with the table as its edit: each pixel of `px` (RGB) whose `alpha`
+    /// is not 0 becomes px + alpha * `k` * (table(px) - px), rounded; alpha-0 pixels keep their bytes. The same
+    /// bytes as blending [`Lut3::eval`] per pixel. The AVX2 path does 8 pixels per step with the same operations in
+    /// the same order (no FMA contraction); both read the nodes from this thread's [`CellCache`], filling a cell
+    /// the first time a pixel of this table needs it.
+    pub fn blend_row(&self, px: &mut [u8], alpha: &[u8], k: f32) {
+        let n = alpha.len().min(px.len() / 3);
+        let fill = |cell: usize| -> [[f32; 4]; 8] {
             let base = ((cell / (NC * NC)) * N3 + (cell / NC) % NC) * N3 + cell % NC;
-            for off in [0, DB, DG, DG + DB, DR, DR + DB, DR + DG, DR + DG + DB] {
-                used[base + off] = true;
+            CORNERS.map(|off| {
+                let [r, g, b] = self.node(base + off);
+                [r, g, b, 0.0]
+            })
+        };
+        CACHE.with_borrow_mut(|cache| {
+            // Pixels done 8 at a time; the rest (all of them below AVX2) one at a time.
+            #[cfg(target_arch = "x86_64")]
+            let done = if crate::simd::active() == crate::simd::Level::Avx2Fma {
+                // SAFETY: `active` is at most `detected`, which found AVX2 and FMA on this CPU.
+                #[allow(unsafe_code)]
+                unsafe {
+                    avx2::blend_row(cache, self.id, &fill, &mut px[..3 * n], &alpha[..n], k)
+                }
+            } else {
+                0
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = 0;
+            for (p, &a) in px[3 * done..3 * n].chunks_exact_mut(3).zip(&alpha[done..n]) {
+                blend_px(cache, self.id, &fill, p, a, k);
             }
-        }
-        let todo: Vec<usize> = (0..NODES).filter(|&i| used[i]).collect();
-        let values: Vec<[f32; 3]> = todo.par_iter().map(|&i| self.node(i)).collect();
-        let mut data = vec![[0.0; 4]; NODES];
-        for (&i, [r, g, b]) in todo.iter().zip(values) {
-            data[i] = [r, g, b, 0.0];
-        }
-        Nodes { data }
+        });
     }
 }
 
 /// Cells along an axis (the cubes between neighbouring nodes) and in all.
 const NC: usize = N3 - 1;
-pub const CELLS: usize = NC * NC * NC;
-const NODES: usize = N3 * N3 * N3;
+const CELLS: usize = NC * NC * NC;
 
-/// Marks in `cells` (CELLS + 1 long; the last is a scratch entry) the cell of every pixel of `px` (RGB) whose
-/// `alpha` is not 0: the cells whose nodes [`blend_row`] will read.
-pub fn mark_cells(cells: &mut [bool], px: &[u8], alpha: &[u8]) {
-    assert_eq!(cells.len(), CELLS + 1);
-    let n = alpha.len().min(px.len() / 3);
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::active() == crate::simd::Level::Avx2Fma {
-        // SAFETY: `active` is at most `detected`, which found AVX2 and FMA on this CPU.
-        #[allow(unsafe_code)]
-        {
-            done = unsafe { avx2::mark_cells(cells, &px[..3 * n], &alpha[..n]) };
+/// A cell's corners, numbered dr << 2 | dg << 1 | db, as node offsets.
+const CORNERS: [usize; 8] = [0, DB, DG, DG + DB, DR, DR + DB, DR + DG, DR + DG + DB];
+/// FIRST and SECOND as corner numbers.
+const FIRST_C: [usize; 8] = [1, 1, 2, 4, 2, 4, 2, 4];
+const SECOND_C: [usize; 8] = [3, 5, 3, 6, 3, 5, 6, 6];
+
+/// Tables ever made, for [`Lut3`]'s id: a cell cache entry is valid for the table whose id it carries.
+static TABLES: AtomicU32 = AtomicU32::new(0);
+
+/// Per thread, the nodes of the cells that rows of recent tables needed: 8 corners per cell (as [r, g, b, 0], so
+/// that the AVX2 kernel loads a node with one 128-bit load: gathering each channel, 12 gathers per 8 pixels, was
+/// its bottleneck), and per cell the id of the table they belong to. Filling cells as rows need them, instead of
+/// marking the region's cells in a pass before the blend, saves a pass over the photo (the marking pass was
+/// memory-bound and cost a third as much as the blend itself). Corners are stored per cell, not shared, so that a
+/// thread that interleaves rows of two tables (two items on one pool) never mixes their nodes. 4 MiB of address
+/// space per thread; only the cells a photo's colours touch are ever written.
+struct CellCache {
+    owner: Vec<u32>,
+    corners: Vec<[f32; 4]>,
+}
+
+thread_local! {
+    static CACHE: RefCell<CellCache> = RefCell::new(CellCache {
+        owner: vec![0; CELLS],
+        corners: vec![[0.0; 4]; CELLS * 8],
+    });
+}
+
+impl CellCache {
+    /// Makes `cell` hold table `id`'s corners.
+    #[inline]
+    fn ensure(&mut self, id: u32, fill: &dyn Fn(usize) -> [[f32; 4]; 8], cell: usize) {
+        if self.owner[cell] != id {
+            self.corners[cell * 8..cell * 8 + 8].copy_from_slice(&fill(cell));
+            self.owner[cell] = id;
         }
     }
-    let split = &*SPLIT;
-    for (p, &a) in px[3 * done..3 * n].chunks_exact(3).zip(&alpha[done..n]) {
-        if a != 0 {
-            let [r, g, b] = [0, 1, 2].map(|c| split[p[c] as usize].0 as usize);
-            cells[(r * NC + g) * NC + b] = true;
-        }
-    }
 }
 
-/// A [`Lut3`]'s nodes as plain RGB floats padded to 16 bytes, in the table's order: the AVX2 row kernel loads a
-/// node with one 128-bit load (faster than gathering each channel: 12 gathers per 8 pixels were its bottleneck).
-pub struct Nodes {
-    data: Vec<[f32; 4]>,
-}
-
-impl Nodes {
-    /// [`Lut3::eval`] on these nodes, with the same arithmetic in the same order (so the same floats).
-    #[inline(always)]
-    fn eval(&self, p: [u8; 3]) -> [f32; 3] {
-        let (r, fr) = SPLIT[p[0] as usize];
-        let (g, fg) = SPLIT[p[1] as usize];
-        let (b, fb) = SPLIT[p[2] as usize];
-        let base = (r as usize * N3 + g as usize) * N3 + b as usize;
-        let case = (fr >= fg) as usize | ((fg >= fb) as usize) << 1 | ((fr >= fb) as usize) << 2;
-        let hi = fr.max(fg).max(fb);
-        let lo = fr.min(fg).min(fb);
-        let mid = fr + fg + fb - hi - lo;
-        let (c0, c1, c2, c3) = (
-            self.data[base],
-            self.data[base + FIRST[case]],
-            self.data[base + SECOND[case]],
-            self.data[base + DR + DG + DB],
-        );
-        std::array::from_fn(|k| {
-            c0[k] + hi * (c1[k] - c0[k]) + mid * (c2[k] - c1[k]) + lo * (c3[k] - c2[k])
-        })
-    }
-}
-
-/// One pixel of [`blend_row`]: `crate::ops::blend_masked`'s blend of the table's colour, to the same bytes.
+/// One pixel of [`Lut3::blend_row`], with [`Lut3::eval`]'s arithmetic in the same order (so the same floats).
 #[inline(always)]
-fn blend_px(nodes: &Nodes, px: &mut [u8], a: u8, k: f32) {
+fn blend_px(
+    cache: &mut CellCache,
+    id: u32,
+    fill: &dyn Fn(usize) -> [[f32; 4]; 8],
+    px: &mut [u8],
+    a: u8,
+    k: f32,
+) {
     if a == 0 {
         return;
     }
     let src = [px[0], px[1], px[2]];
-    let e = nodes.eval(src);
+    let (r, fr) = SPLIT[src[0] as usize];
+    let (g, fg) = SPLIT[src[1] as usize];
+    let (b, fb) = SPLIT[src[2] as usize];
+    let cell = (r as usize * NC + g as usize) * NC + b as usize;
+    cache.ensure(id, fill, cell);
+    let case = (fr >= fg) as usize | ((fg >= fb) as usize) << 1 | ((fr >= fb) as usize) << 2;
+    let hi = fr.max(fg).max(fb);
+    let lo = fr.min(fg).min(fb);
+    let mid = fr + fg + fb - hi - lo;
+    let c: &[[f32; 4]; 8] = cache.corners[cell * 8..cell * 8 + 8].try_into().unwrap();
+    let (c0, c1, c2, c3) = (c[0], c[FIRST_C[case] & 7], c[SECOND_C[case] & 7], c[7]);
     let wgt = a as f32 * k;
-    for c in 0..3 {
-        let v = src[c] as f32 + wgt * (e[c] - src[c] as f32);
-        px[c] = (v + 0.5) as u8;
+    for ch in 0..3 {
+        let e = c0[ch] + hi * (c1[ch] - c0[ch]) + mid * (c2[ch] - c1[ch]) + lo * (c3[ch] - c2[ch]);
+        let v = src[ch] as f32 + wgt * (e - src[ch] as f32);
+        px[ch] = (v + 0.5) as u8;
     }
 }
 
-/// One row of `crate::ops::blend_masked` with the table as its edit: each pixel of `px` (RGB) whose `alpha` is
-/// not 0 becomes px + alpha * `k` * (table(px) - px), rounded; alpha-0 pixels keep their bytes. The AVX2 path does 8
-/// pixels per step with the same operations in the same order (no FMA contraction), so it gives the same bytes.
-pub fn blend_row(nodes: &Nodes, px: &mut [u8], alpha: &[u8], k: f32) {
-    let n = alpha.len().min(px.len() / 3);
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::active() == crate::simd::Level::Avx2Fma {
-        // SAFETY: `active` is at most `detected`, which found AVX2 and FMA on this CPU.
-        #[allow(unsafe_code)]
-        {
-            done = unsafe { avx2::blend_row(nodes, &mut px[..3 * n], &alpha[..n], k) };
-        }
-    }
-    for (p, &a) in px[3 * done..3 * n].chunks_exact_mut(3).zip(&alpha[done..n]) {
-        blend_px(nodes, p, a, k);
-    }
-}
-
-/// AVX2 versions of the row loops, 8 pixels a step. No closures inside the loops: LLVM left them out of line, as
-/// calls without AVX2, in a first version; macros keep the shared steps inline.
+/// The AVX2 row loop, 8 pixels a step. No closures inside the loop: LLVM left them out of line, as calls without
+/// AVX2, in a first version; macros keep the shared steps inline.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2 {
-    use super::{CELLS, DB, DG, DR, FIRST, N3, NC, NODES, Nodes, SECOND, STEP};
+    use super::{CellCache, FIRST_C, NC, SECOND_C, STEP};
     use std::arch::x86_64::*;
 
-    /// The R, G and B codes of 8 RGB pixels at `p` (24 bytes readable) as floats.
-    macro_rules! load_rgb {
-        ($p:expr) => {{
-            // SAFETY: the caller's `p` has 24 readable bytes; the loads read 0..16 and 16..24.
-            let (lo, hi) = unsafe {
-                (
-                    _mm_loadu_si128($p as *const __m128i),
-                    _mm_loadl_epi64($p.add(16) as *const __m128i),
-                )
-            };
-            // Byte shuffles that pick one channel out of bytes 0..16 (`lo`) and 16..24 (`hi`).
-            let x = -1;
-            let channel = [
-                (
-                    _mm_setr_epi8(0, 3, 6, 9, 12, 15, x, x, x, x, x, x, x, x, x, x),
-                    _mm_setr_epi8(x, x, x, x, x, x, 2, 5, x, x, x, x, x, x, x, x),
-                ),
-                (
-                    _mm_setr_epi8(1, 4, 7, 10, 13, x, x, x, x, x, x, x, x, x, x, x),
-                    _mm_setr_epi8(x, x, x, x, x, 0, 3, 6, x, x, x, x, x, x, x, x),
-                ),
-                (
-                    _mm_setr_epi8(2, 5, 8, 11, 14, x, x, x, x, x, x, x, x, x, x, x),
-                    _mm_setr_epi8(x, x, x, x, x, 1, 4, 7, x, x, x, x, x, x, x, x),
-                ),
-            ];
-            let mut out = [_mm256_setzero_ps(); 3];
-            for c in 0..3 {
-                let bytes = _mm_or_si128(
-                    _mm_shuffle_epi8(lo, channel[c].0),
-                    _mm_shuffle_epi8(hi, channel[c].1),
-                );
-                out[c] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-            }
-            out
-        }};
-    }
+    // Cell indices are packed with shifts below.
+    const _: () = assert!(NC == 32);
 
     /// SPLIT's arithmetic on 8 codes (as floats): t = code / STEP, i = min(trunc t, N3 - 2), fraction t - i.
+    /// The division is a product by the reciprocal corrected by its FMA residual (one Newton step), which rounds
+    /// to the quotient itself for every code 0..=255 (`tests::split_matches_the_table` checks all) and costs less
+    /// than three divisions per 8 pixels.
     macro_rules! split {
         ($c:expr) => {{
-            let t = _mm256_div_ps($c, _mm256_set1_ps(STEP));
-            let i = _mm256_min_epi32(_mm256_cvttps_epi32(t), _mm256_set1_epi32((N3 - 2) as i32));
+            let (c, step, inv) = ($c, _mm256_set1_ps(STEP), _mm256_set1_ps(1.0 / STEP));
+            let q = _mm256_mul_ps(c, inv);
+            let t = _mm256_fmadd_ps(_mm256_fnmadd_ps(q, step, c), inv, q);
+            let i = _mm256_min_epi32(_mm256_cvttps_epi32(t), _mm256_set1_epi32(NC as i32 - 1));
             (i, _mm256_sub_ps(t, _mm256_cvtepi32_ps(i)))
         }};
     }
 
-    /// [`super::mark_cells`] on whole groups of 8 pixels; returns how many pixels it did.
+    /// [`super::Lut3::blend_row`] on whole groups of 8 pixels; returns how many pixels it did (a multiple of 8).
+    /// Per group: the cell and fractions per channel, the cells of blended pixels filled where this thread's cache
+    /// holds another table's, the tetrahedron from the fractions' order (the same corner tables, looked up with a
+    /// lane permute), 4 corners x 8 pixels loaded and transposed to channel vectors, the blend and the saturating
+    /// rounding, then the bytes re-interleaved and stored over the group's 24.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn mark_cells(cells: &mut [bool], px: &[u8], alpha: &[u8]) -> usize {
+    pub(super) fn blend_row(
+        cache: &mut CellCache,
+        id: u32,
+        fill: &dyn Fn(usize) -> [[f32; 4]; 8],
+        px: &mut [u8],
+        alpha: &[u8],
+        k: f32,
+    ) -> usize {
         let n = alpha.len() / 8 * 8;
-        assert!(px.len() >= 3 * n && cells.len() == CELLS + 1);
-        let mut idx = [0i32; 8];
-        for x in (0..n).step_by(8) {
-            let a8 = u64::from_le_bytes(alpha[x..x + 8].try_into().unwrap());
-            if a8 == 0 {
-                continue;
-            }
-            let [r, g, b] = load_rgb!(px[3 * x..3 * x + 24].as_ptr());
-            let (ir, ig, ib) = (split!(r).0, split!(g).0, split!(b).0);
-            let nc = _mm256_set1_epi32(NC as i32);
-            let cell = _mm256_add_epi32(
-                _mm256_mullo_epi32(_mm256_add_epi32(_mm256_mullo_epi32(ir, nc), ig), nc),
-                ib,
-            );
-            // Alpha-0 pixels mark the scratch entry.
-            let a = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(a8 as i64));
-            let off = _mm256_cmpeq_epi32(a, _mm256_setzero_si256());
-            let cell = _mm256_blendv_epi8(cell, _mm256_set1_epi32(CELLS as i32), off);
-            // SAFETY: idx is 8 i32s, 32 bytes.
-            unsafe { _mm256_storeu_si256(idx.as_mut_ptr() as *mut __m256i, cell) };
-            for i in idx {
-                cells[i as usize] = true;
-            }
-        }
-        n
-    }
-
-    /// [`super::blend_row`] on whole groups of 8 pixels; returns how many pixels it did (a multiple of 8). Per
-    /// group: the node index and fractions per channel, the tetrahedron from the fractions' order (the same
-    /// FIRST/SECOND tables, looked up with a lane permute), 4 nodes x 8 pixels loaded and transposed to channel
-    /// vectors, the blend and the saturating rounding, then the bytes re-interleaved and stored over the group's 24.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn blend_row(nodes: &Nodes, px: &mut [u8], alpha: &[u8], k: f32) -> usize {
-        let n = alpha.len() / 8 * 8;
-        assert!(px.len() >= 3 * n && nodes.data.len() == NODES);
-        let x = -1;
-        // Back to RGB from [r0..3 g0..3 b0..3 ..] (`l`) and [r4..7 g4..7 b4..7 ..] (`h`): bytes 0..16 and 16..24.
-        let out_l = _mm_setr_epi8(0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11, x, x, x, x);
-        let out_h = _mm_setr_epi8(x, x, x, x, x, x, x, x, x, x, x, x, 0, 4, 8, 1);
-        let out_h2 = _mm_setr_epi8(5, 9, 2, 6, 10, 3, 7, 11, x, x, x, x, x, x, x, x);
+        assert!(px.len() >= 3 * n && cache.corners.len() == 8 * cache.owner.len());
         let as_i32 = |t: [usize; 8]| t.map(|v| v as i32);
-        let [f0, f1, f2, f3, f4, f5, f6, f7] = as_i32(FIRST);
+        let [f0, f1, f2, f3, f4, f5, f6, f7] = as_i32(FIRST_C);
         let first = _mm256_setr_epi32(f0, f1, f2, f3, f4, f5, f6, f7);
-        let [s0, s1, s2, s3, s4, s5, s6, s7] = as_i32(SECOND);
+        let [s0, s1, s2, s3, s4, s5, s6, s7] = as_i32(SECOND_C);
         let second = _mm256_setr_epi32(s0, s1, s2, s3, s4, s5, s6, s7);
-        let far = _mm256_set1_epi32((DR + DG + DB) as i32);
-        let n3 = _mm256_set1_epi32(N3 as i32);
-        let (zero, half, top, kv) = (
-            _mm256_setzero_ps(),
-            _mm256_set1_ps(0.5),
-            _mm256_set1_ps(255.0),
-            _mm256_set1_ps(k),
-        );
-        let data = nodes.data.as_ptr() as *const f32;
+        let far = _mm256_set1_epi32(7);
+        let idv = _mm256_set1_epi32(id as i32);
         let mut idx = [[0i32; 8]; 4];
+        let mut cells = [0i32; 8];
         for x in (0..n).step_by(8) {
             let a8 = u64::from_le_bytes(alpha[x..x + 8].try_into().unwrap());
             if a8 == 0 {
                 continue;
             }
             let p = px[3 * x..3 * x + 24].as_mut_ptr();
-            let src = load_rgb!(p);
+            let [r, g, b] = crate::simd::load_rgb8!(p);
+            let src = [
+                _mm256_cvtepi32_ps(r),
+                _mm256_cvtepi32_ps(g),
+                _mm256_cvtepi32_ps(b),
+            ];
             let ((ir, fr), (ig, fg), (ib, fb)) = (split!(src[0]), split!(src[1]), split!(src[2]));
-            let base = _mm256_add_epi32(
-                _mm256_mullo_epi32(_mm256_add_epi32(_mm256_mullo_epi32(ir, n3), ig), n3),
+            let cell = _mm256_or_si256(
+                _mm256_or_si256(_mm256_slli_epi32::<10>(ir), _mm256_slli_epi32::<5>(ig)),
                 ib,
             );
+            let a = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(a8 as i64));
+            let keep = _mm256_cmpeq_epi32(a, _mm256_setzero_si256());
+            // SAFETY: cell indices are below CELLS (each of ir, ig, ib is at most NC - 1), the length of `owner`.
+            let owner =
+                unsafe { _mm256_i32gather_epi32::<4>(cache.owner.as_ptr() as *const i32, cell) };
+            // Lanes to fill: blended (alpha > 0) and not yet this table's.
+            let fresh = _mm256_or_si256(keep, _mm256_cmpeq_epi32(owner, idv));
+            let mut todo = !_mm256_movemask_ps(_mm256_castsi256_ps(fresh)) & 0xff;
+            if todo != 0 {
+                // SAFETY: `cells` is 8 i32s, 32 bytes.
+                unsafe { _mm256_storeu_si256(cells.as_mut_ptr() as *mut __m256i, cell) };
+                while todo != 0 {
+                    cache.ensure(id, fill, cells[todo.trailing_zeros() as usize] as usize);
+                    todo &= todo - 1;
+                }
+            }
+            let base = _mm256_slli_epi32::<3>(cell);
             macro_rules! bit {
                 ($a:expr, $b:expr, $v:expr) => {
                     _mm256_and_si256(
@@ -380,10 +343,10 @@ mod avx2 {
             // j + 4) and transposed.
             let mut c = [[_mm256_setzero_ps(); 3]; 4];
             for (to, i) in c.iter_mut().zip(&idx) {
-                // SAFETY: base is at most node (N3-2, N3-2, N3-2) and the offsets at most DR + DG + DB, so every
-                // index is below NODES: each load reads one node's 4 floats inside `nodes.data` (asserted).
+                // SAFETY: every index is a cell's first corner (cell < CELLS) plus at most 7, so below 8 CELLS, the
+                // length of `corners` (asserted): each load reads one corner's 4 floats inside it.
                 let t: [__m256; 4] = std::array::from_fn(|j| unsafe {
-                    let at = |k: usize| data.add(4 * i[k] as usize);
+                    let at = |k: usize| cache.corners.as_ptr().add(i[k] as usize) as *const f32;
                     _mm256_insertf128_ps::<1>(
                         _mm256_castps128_ps256(_mm_loadu_ps(at(j))),
                         _mm_loadu_ps(at(j + 4)),
@@ -409,46 +372,41 @@ mod avx2 {
                 _mm256_sub_ps(_mm256_add_ps(_mm256_add_ps(fr, fg), fb), hi_f),
                 lo_f,
             );
-            let a = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(a8 as i64));
-            let wgt = _mm256_mul_ps(_mm256_cvtepi32_ps(a), kv);
-            // Alpha-0 lanes take their own colour as the edit, so that they blend to their own bytes whatever the
-            // (unevaluated, 0) nodes they point at.
-            let keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(a, _mm256_setzero_si256()));
-            let mut res = [_mm256_setzero_si256(); 3];
+            let mut e = [_mm256_setzero_ps(); 3];
             for ch in 0..3 {
                 let (c0, c1, c2, c3) = (c[0][ch], c[1][ch], c[2][ch], c[3][ch]);
                 // c0 + hi (c1 - c0) + mid (c2 - c1) + lo (c3 - c2), left to right, as Lut3::eval.
-                let e = _mm256_add_ps(
+                e[ch] = _mm256_add_ps(
                     _mm256_add_ps(
                         _mm256_add_ps(c0, _mm256_mul_ps(hi_f, _mm256_sub_ps(c1, c0))),
                         _mm256_mul_ps(mid_f, _mm256_sub_ps(c2, c1)),
                     ),
                     _mm256_mul_ps(lo_f, _mm256_sub_ps(c3, c2)),
                 );
-                let s = src[ch];
-                let e = _mm256_blendv_ps(e, s, keep);
-                let v = _mm256_add_ps(s, _mm256_mul_ps(wgt, _mm256_sub_ps(e, s)));
-                // `(v + 0.5) as u8`: saturating, NaN to 0 (max returns its second operand for NaN).
-                let v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, half), zero), top);
-                res[ch] = _mm256_cvttps_epi32(v);
             }
-            let bytes = _mm256_packus_epi16(
-                _mm256_packus_epi32(res[0], res[1]),
-                _mm256_packus_epi32(res[2], res[2]),
-            );
-            let (l, h) = (
-                _mm256_castsi256_si128(bytes),
-                _mm256_extracti128_si256::<1>(bytes),
-            );
-            let head = _mm_or_si128(_mm_shuffle_epi8(l, out_l), _mm_shuffle_epi8(h, out_h));
-            let tail = _mm_shuffle_epi8(h, out_h2);
-            // SAFETY: the same 24 bytes of `px` as loaded: 0..16 and 16..24.
-            unsafe {
-                _mm_storeu_si128(p as *mut __m128i, head);
-                _mm_storel_epi64(p.add(16) as *mut __m128i, tail);
-            }
+            // Alpha-0 lanes keep their bytes whatever their (maybe another table's) cell holds.
+            crate::simd::blend_store_rgb8!(p, src, e, a, k);
         }
         n
+    }
+
+    /// `split!` on every code, for the tests: (index, fraction) per code.
+    #[cfg(test)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn split_codes() -> Vec<(i32, f32)> {
+        let mut out = Vec::new();
+        for c0 in (0..256).step_by(8) {
+            let c = _mm256_setr_epi32(c0, c0 + 1, c0 + 2, c0 + 3, c0 + 4, c0 + 5, c0 + 6, c0 + 7);
+            let (i, f) = split!(_mm256_cvtepi32_ps(c));
+            let (mut iv, mut fv) = ([0i32; 8], [0f32; 8]);
+            // SAFETY: each destination is 8 4-byte values, 32 bytes.
+            unsafe {
+                _mm256_storeu_si256(iv.as_mut_ptr() as *mut __m256i, i);
+                _mm256_storeu_ps(fv.as_mut_ptr(), f);
+            }
+            out.extend((0..8).map(|k| (iv[k], fv[k])));
+        }
+        out
     }
 }
 
@@ -471,6 +429,82 @@ static SPLIT: std::sync::LazyLock<[(u8, f32); 256]> = std::sync::LazyLock::new(|
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX2 kernel's index and fraction arithmetic (reciprocal + FMA correction) against
+    /// SPLIT's division, for every code: bit for bit.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn split_matches_the_table() {
+        if crate::simd::detected() != crate::simd::Level::Avx2Fma {
+            return;
+        }
+        // SAFETY: `detected` found AVX2 and FMA on this CPU.
+        #[allow(unsafe_code)]
+        let got = unsafe { avx2::split_codes() };
+        for (c, &(i, f)) in got.iter().enumerate() {
+            let (want_i, want_f) = SPLIT[c];
+            assert_eq!(
+                (i, f.to_bits()),
+                (want_i as i32, want_f.to_bits()),
+                "code {c}"
+            );
+        }
+    }
+
+    /// Rows through `blend_row` at both levels, with every code in every channel and every tetrahedron: the same
+    /// bytes, and those of `eval` blended per pixel; also after another table has filled this thread's cache.
+    #[test]
+    fn row_kernel_levels_agree() {
+        let f = |c: [f32; 3]| {
+            [
+                255.0 * (c[0] / 255.0).powf(0.7),
+                0.4 * c[1] + 0.5 * c[2],
+                250.0 - 0.9 * c[2],
+            ]
+        };
+        let lut = lut3_from_codes(f);
+        let n = 256 * 6 + 5;
+        let px: Vec<u8> = (0..n)
+            .flat_map(|i| {
+                let (c, perm) = ((i % 256) as u8, i / 256);
+                let v = [c, c.wrapping_mul(7).wrapping_add(3), 255 - c];
+                [
+                    v[perm % 3],
+                    v[(perm + 1 + perm / 3) % 3],
+                    v[(perm + 2 - perm / 3) % 3],
+                ]
+            })
+            .collect();
+        let alpha: Vec<u8> = (0..n)
+            .map(|i| if i % 37 < 3 { 0 } else { (i * 11 % 256) as u8 })
+            .collect();
+        let run = |level| {
+            let mut out = px.clone();
+            crate::simd::with_level(level, || lut.blend_row(&mut out, &alpha, 0.9 / 255.0));
+            out
+        };
+        let base = run(crate::simd::Level::Baseline);
+        assert!(base != px);
+        assert!(run(crate::simd::detected()) == base);
+        let other = lut3_from_codes(|c| c.map(|v| 255.0 - v));
+        for level in [crate::simd::Level::Baseline, crate::simd::detected()] {
+            let mut out = px.clone();
+            crate::simd::with_level(level, || other.blend_row(&mut out, &alpha, 0.5 / 255.0));
+            assert!(out != base);
+            assert!(run(level) == base);
+        }
+        // And the per-pixel formulation.
+        for ((p, &a), got) in px.chunks_exact(3).zip(&alpha).zip(base.chunks_exact(3)) {
+            let e = lut.eval([p[0], p[1], p[2]]);
+            let want: Vec<u8> = (0..3)
+                .map(|c| {
+                    let v = p[c] as f32 + a as f32 * (0.9 / 255.0) * (e[c] - p[c] as f32);
+                    if a == 0 { p[c] } else { (v + 0.5) as u8 }
+                })
+                .collect();
+            assert_eq!(got, &want[..]);
+        }
+    }
 
     #[test]
     fn tables_interpolate_smooth_maps() {

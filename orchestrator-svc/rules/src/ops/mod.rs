@@ -72,13 +72,14 @@ pub fn blend_masked_rows<R, F>(
         });
 }
 
-/// Runs `f(pixels, alpha)` on each row's part inside `bounds` (RGB bytes and their weights), rows in parallel: for
-/// edits with a row kernel of their own (which must leave alpha-0 pixels as they are).
+/// Runs `f(y, pixels, alpha)` on each row's part inside `bounds` (RGB bytes and their weights, from column
+/// `bounds.x0`), rows in parallel: for edits with a row kernel of their own (which must leave alpha-0 pixels as
+/// they are).
 pub fn for_each_row(
     photo: &mut RgbImage,
     region: &GrayImage,
     bounds: Rect,
-    f: impl Fn(&mut [u8], &[u8]) + Sync,
+    f: impl Fn(u32, &mut [u8], &[u8]) + Sync,
 ) {
     if bounds.is_empty() {
         return;
@@ -89,9 +90,10 @@ pub fn for_each_row(
         .as_mut()
         .par_chunks_mut(w * 3)
         .zip(region.as_raw().par_chunks(w))
+        .enumerate()
         .skip(bounds.y0 as usize)
         .take(bounds.height() as usize)
-        .for_each(|(px, alpha)| f(&mut px[x0 * 3..x1 * 3], &alpha[x0..x1]));
+        .for_each(|(y, (px, alpha))| f(y as u32, &mut px[x0 * 3..x1 * 3], &alpha[x0..x1]));
 }
 
 /// Alpha-weighted mean of `f(pixel)` over the region (None when the region is empty). `stride` > 1 samples every

@@ -16,7 +16,7 @@ use crate::rule::TextureParams;
 use crate::swatch::{LinearSwatch, bilerp};
 use image::{GrayImage, RgbImage};
 use rayon::prelude::*;
-use shade::Shade;
+use shade::{Rows, Shade};
 use texel_row::Columns;
 
 /// Tile size at scale 1, as a fraction of the image's long side: ~8 tiles across a room shot.
@@ -24,7 +24,7 @@ const TILES_ACROSS: f32 = 8.0;
 
 /// Rows per parallel task: a band walks its rows in order, so the unrotated path reuses a texel row's horizontal
 /// interpolation for the image rows that share it.
-const BAND: usize = 16;
+const BAND: usize = 32;
 
 /// The photo with the material applied (a copy: see `texture_in_place`).
 pub fn texture(
@@ -197,7 +197,13 @@ where
                     }
                 }
             }
-            shade.row(px, alpha, [&s[0], &s[1], &s[2]]);
+            let s = [&s[0][..], &s[1], &s[2]];
+            let rows = Rows {
+                top: s,
+                bot: s,
+                fy: 0.0,
+            };
+            shade.row(px, alpha, rows);
         }
     });
 }
@@ -205,7 +211,7 @@ where
 /// Rotation 0 (the default): the texel column and fraction of each pixel column are the same on every row, and
 /// the texel row and fraction are constant along a row. So each texel row is interpolated across the span once
 /// per band where it is used (about every other image row at scale 1), and a row's swatch colours are two such
-/// rows blended: the same arithmetic, in the same order, as `bilerp`.
+/// rows blended by the shading kernel: the same arithmetic, in the same order, as `bilerp`.
 #[allow(clippy::too_many_arguments)]
 fn unrotated(
     photo: &mut RgbImage,
@@ -227,7 +233,6 @@ fn unrotated(
         let n = x1 - x0;
         // Two texel rows interpolated across the span, tagged with their row.
         let mut cache: [(Option<u32>, [Vec<f32>; 3]); 2] = [(None, planes(n)), (None, planes(n))];
-        let mut s = planes(n);
         let rows = px.chunks_exact_mut(w * 3).zip(alpha.chunks_exact(w));
         for (y, (px, alpha)) in (y0..).zip(rows) {
             let (px, alpha) = (&mut px[x0 * 3..x1 * 3], &alpha[x0..x1]);
@@ -249,21 +254,14 @@ fn unrotated(
             }
             let row_of = |t| &cache.iter().find(|(key, _)| *key == Some(t)).unwrap().1;
             let (top, bot) = (row_of(j), row_of(j1));
-            for c in 0..3 {
-                lerp(&mut s[c], &top[c], &bot[c], fy);
-            }
-            shade.row(px, alpha, [&s[0], &s[1], &s[2]]);
+            let rows = Rows {
+                top: [&top[0], &top[1], &top[2]],
+                bot: [&bot[0], &bot[1], &bot[2]],
+                fy,
+            };
+            shade.row(px, alpha, rows);
         }
     });
-}
-
-crate::simd::kernel! {
-    /// `out` = `top` + `f` (`bot` - `top`): bilerp's last step over a row.
-    fn lerp(out: &mut [f32], top: &[f32], bot: &[f32], f: f32) {
-        for ((d, &t), &b) in out.iter_mut().zip(top).zip(bot) {
-            *d = t + f * (b - t);
-        }
-    }
 }
 
 /// One swatch axis: texel coordinate = offset + step * (x + 0.5), wrapped into [0, size).

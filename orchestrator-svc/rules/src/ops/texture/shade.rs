@@ -21,6 +21,14 @@ pub(super) struct Shade<'a> {
     pub k: f32,
 }
 
+/// A row of swatch colours as two rows of planes and the fraction between them (see [`Shade::row`]).
+#[derive(Clone, Copy)]
+pub(super) struct Rows<'a> {
+    pub top: [&'a [f32]; 3],
+    pub bot: [&'a [f32]; 3],
+    pub fy: f32,
+}
+
 impl Shade<'_> {
     /// One pixel: swatch colour `s` (linear) on photo pixel `src` of weight `a`. The reference formulation; the
     /// vector path must match it bit for bit.
@@ -47,11 +55,13 @@ impl Shade<'_> {
         })
     }
 
-    /// Shades a row span in place: `px` is its RGB bytes, `alpha` its weights, `s` the swatch colour planes (at
-    /// least as long as `alpha`). Pixels of weight 0 keep their bytes.
-    pub fn row(&self, px: &mut [u8], alpha: &[u8], s: [&[f32]; 3]) {
+    /// Shades a row span in place: `px` is its RGB bytes, `alpha` its weights, the swatch colour is
+    /// `top` + `fy` (`bot` - `top`) by planes (each at least as long as `alpha`: bilerp's last step, done here so
+    /// that it is not a pass of its own; a ready colour passes itself twice and 0). Pixels of weight 0 keep their
+    /// bytes.
+    pub fn row(&self, px: &mut [u8], alpha: &[u8], rows: Rows) {
         let n = alpha.len();
-        assert!(px.len() == 3 * n && s.iter().all(|c| c.len() >= n));
+        assert!(px.len() == 3 * n && rows.top.iter().chain(&rows.bot).all(|c| c.len() >= n));
         assert!(self.enc.len() == ENC_N + 1);
         #[cfg(target_arch = "x86_64")]
         if crate::simd::active() == crate::simd::Level::Avx2Fma {
@@ -59,23 +69,25 @@ impl Shade<'_> {
             // checked above.
             #[allow(unsafe_code)]
             unsafe {
-                avx2::row(self, px, alpha, s)
+                avx2::row(self, px, alpha, rows)
             };
             return;
         }
-        self.scalar(px, alpha, s, 0);
+        self.scalar(px, alpha, rows, 0);
     }
 
     /// The scalar path from pixel `from` on (the vector path's tail).
     #[inline]
-    fn scalar(&self, px: &mut [u8], alpha: &[u8], s: [&[f32]; 3], from: usize) {
+    fn scalar(&self, px: &mut [u8], alpha: &[u8], rows: Rows, from: usize) {
+        let Rows { top, bot, fy } = rows;
         for x in from..alpha.len() {
             let a = alpha[x];
             if a == 0 {
                 continue;
             }
             let p = &mut px[3 * x..3 * x + 3];
-            let out = self.px([s[0][x], s[1][x], s[2][x]], [p[0], p[1], p[2]], a);
+            let s = std::array::from_fn(|c| top[c][x] + fy * (bot[c][x] - top[c][x]));
+            let out = self.px(s, [p[0], p[1], p[2]], a);
             p.copy_from_slice(&out);
         }
     }
@@ -84,7 +96,7 @@ impl Shade<'_> {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2 {
-    use super::{ENC_N, KNEE, Shade};
+    use super::{ENC_N, KNEE, Rows, Shade};
     use std::arch::x86_64::*;
 
     /// pshufb masks that pick channel `c` of 8 packed RGB pixels into bytes 0..8: from the 16 bytes at offset 0
@@ -201,10 +213,12 @@ mod avx2 {
     /// [`Shade::row`] 8 pixels at a time, the tail by the scalar path.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `px.len() == 3 * alpha.len()`, each `s[c].len() >= alpha.len()`, and
-    /// `sh.enc.len() == ENC_N + 1` (checked by the caller).
+    /// The CPU must have AVX2 and FMA; `px.len() == 3 * alpha.len()`, each plane of `rows` at least
+    /// `alpha.len()` long, and `sh.enc.len() == ENC_N + 1` (checked by the caller).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn row(sh: &Shade, px: &mut [u8], alpha: &[u8], s: [&[f32]; 3]) {
+    pub(super) unsafe fn row(sh: &Shade, px: &mut [u8], alpha: &[u8], rows: Rows) {
+        let Rows { top, bot, fy } = rows;
+        let fy = _mm256_set1_ps(fy);
         let n = alpha.len();
         let mut m = [_mm_setzero_si128(); 10];
         for (d, src) in m.iter_mut().zip(&MASKS) {
@@ -264,10 +278,15 @@ mod avx2 {
                     ),
                     inv_lit,
                 );
+                let swatch = |c: usize| {
+                    let t = _mm256_loadu_ps(top[c].as_ptr().add(x));
+                    let b = _mm256_loadu_ps(bot[c].as_ptr().add(x));
+                    _mm256_add_ps(t, _mm256_mul_ps(fy, _mm256_sub_ps(b, t)))
+                };
                 let mut t = [
-                    _mm256_mul_ps(_mm256_loadu_ps(s[0].as_ptr().add(x)), light),
-                    _mm256_mul_ps(_mm256_loadu_ps(s[1].as_ptr().add(x)), light),
-                    _mm256_mul_ps(_mm256_loadu_ps(s[2].as_ptr().add(x)), light),
+                    _mm256_mul_ps(swatch(0), light),
+                    _mm256_mul_ps(swatch(1), light),
+                    _mm256_mul_ps(swatch(2), light),
                 ];
                 if let Some((r_lo, r_scale, data)) = roll_off {
                     let mx = _mm256_max_ps(_mm256_max_ps(t[0], t[1]), t[2]);
@@ -321,6 +340,6 @@ mod avx2 {
             }
             x += 8;
         }
-        sh.scalar(px, alpha, s, x);
+        sh.scalar(px, alpha, rows, x);
     }
 }
