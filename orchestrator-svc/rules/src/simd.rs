@@ -2,8 +2,10 @@
 //! f32 lanes) so that it runs on any x86-64 node; a loop defined with `kernel!` is compiled a second time for AVX2
 //! and FMA (8 lanes) and runs that way where the CPU has them. Only the instructions change, not the arithmetic:
 //! LLVM neither contracts a * b + c into an FMA nor reorders float sums by itself, so both give the same bytes
-//! (tests/simd.rs runs both). On other architectures (aarch64 nodes) a kernel is its baseline loop alone. Measured
-//! in docs/operations.md ("CPU features").
+//! (tests/simd.rs runs both). Hand-written AVX2 kernels (texture's shading, tone's and recolour's blends) follow
+//! the same rule; the one FMA among them is tone's cell index (`lut.rs`, a corrected reciprocal that equals the
+//! division for every 8-bit code, tested exhaustively). On other architectures (aarch64 nodes) a kernel is its
+//! baseline loop alone. Measured in docs/operations.md ("CPU features").
 
 use std::cell::Cell;
 
