@@ -352,19 +352,7 @@ mod avx2 {
                         _mm_loadu_ps(at(j + 4)),
                     )
                 });
-                let (u0, u1) = (
-                    _mm256_unpacklo_ps(t[0], t[1]),
-                    _mm256_unpackhi_ps(t[0], t[1]),
-                );
-                let (u2, u3) = (
-                    _mm256_unpacklo_ps(t[2], t[3]),
-                    _mm256_unpackhi_ps(t[2], t[3]),
-                );
-                *to = [
-                    _mm256_shuffle_ps::<0x44>(u0, u2),
-                    _mm256_shuffle_ps::<0xEE>(u0, u2),
-                    _mm256_shuffle_ps::<0x44>(u1, u3),
-                ];
+                *to = crate::simd::transpose_rgb4x8!(t);
             }
             let hi_f = _mm256_max_ps(_mm256_max_ps(fr, fg), fb);
             let lo_f = _mm256_min_ps(_mm256_min_ps(fr, fg), fb);

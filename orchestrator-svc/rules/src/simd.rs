@@ -182,7 +182,15 @@ macro_rules! load_rgb4x8 {
             let (lo, hi) = unsafe { (_mm_loadu_ps(lo.as_ptr()), _mm_loadu_ps(hi.as_ptr())) };
             t[j] = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(lo), hi);
         }
-        // Rows j and j + 4 share a register; unpack and shuffle to channels in entry order.
+        $crate::simd::transpose_rgb4x8!(t)
+    }};
+}
+/// Eight [r, g, b, _] entries loaded as four registers, entry j in the low half of `$t[j % 4]` and entry j + 4 in
+/// its high half, turned into three vectors of 8 floats (r, g, b) in entry order: unpacks and shuffles.
+#[cfg(target_arch = "x86_64")]
+macro_rules! transpose_rgb4x8 {
+    ($t:expr) => {{
+        let t: [__m256; 4] = $t;
         let (u0, u1) = (
             _mm256_unpacklo_ps(t[0], t[1]),
             _mm256_unpackhi_ps(t[0], t[1]),
@@ -199,4 +207,4 @@ macro_rules! load_rgb4x8 {
     }};
 }
 #[cfg(target_arch = "x86_64")]
-pub(crate) use {blend_store_rgb8, load_rgb4x8, load_rgb8};
+pub(crate) use {blend_store_rgb8, load_rgb4x8, load_rgb8, transpose_rgb4x8};

@@ -1,6 +1,8 @@
 //! Per-pixel rule kernels and the row-parallel driver they share: it visits only the region's bounding box, skips
 //! alpha-0 pixels without touching them, and blends out = in + alpha * strength * (edited - in) in sRGB.
 
+#[cfg(test)]
+pub(crate) mod kernel_check;
 pub mod perspective;
 pub mod recolor;
 pub mod remove;

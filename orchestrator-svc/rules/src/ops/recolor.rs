@@ -219,9 +219,9 @@ fn max3(c: [f32; 3]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::blend_masked;
+    use crate::ops::kernel_check::{assert_every_level_gives, holey_region, noisy_room};
     use crate::rule::{Rule, parse_rule};
-    use crate::simd::{self, Level};
-    use crate::{ops::blend_masked, synth};
 
     /// The row kernel (at every level this CPU has) against the per-pixel formulation it replaced
     /// (`GridIndex::dithered` into the step table inside `blend_masked`), on a JPEG-noisy synthetic room with an odd
@@ -229,26 +229,8 @@ mod tests {
     #[test]
     fn row_kernel_gives_the_per_pixel_bytes() {
         let (w, h) = (613u32, 411u32);
-        let room = synth::room(w, h);
-        let mut jpeg = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 85)
-            .encode_image(&room.photo)
-            .unwrap();
-        let photo = image::load_from_memory(&jpeg).unwrap().to_rgb8();
-        let region = GrayImage::from_fn(w, h, |x, y| {
-            let v = synth::noise(x / 5, y / 5, 13).clamp(0.0, 1.0);
-            let margin = x < 11 || x > w - 27 || y < 5;
-            let hole = (x as i32 - 200).pow(2) + (y as i32 - 150).pow(2) < 2500;
-            image::Luma([if margin || hole || v < 0.2 {
-                0
-            } else {
-                (v * 255.0) as u8
-            }])
-        });
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
+        let photo = noisy_room(w, h);
+        let region = holey_region((w, h), 13, (11, 27, 5), (200, 150));
         let rules = [
             serde_json::json!({"color": "#1F3A5F"}),
             serde_json::json!({"color": "#ffffff", "finish": "gloss"}),
@@ -268,21 +250,9 @@ mod tests {
             blend_masked(&mut want, &region, b, p.common.strength, |x, y, px| {
                 by_step[grid.dithered(px, x, y)]
             });
-            for level in [Level::Baseline, simd::detected()] {
-                let got = pool.install(|| simd::with_level(level, || recolor(&photo, &region, &p)));
-                let diff: Vec<u8> = got
-                    .iter()
-                    .zip(want.iter())
-                    .map(|(a, b)| a.abs_diff(*b))
-                    .collect();
-                let max = diff.iter().max().unwrap();
-                let mean = diff.iter().map(|&d| d as f64).sum::<f64>() / diff.len() as f64;
-                assert!(
-                    *max == 0,
-                    "{params} at {level:?}: max diff {max}, mean {mean}"
-                );
-                assert!(got != photo);
-            }
+            assert_every_level_gives(&want, &photo, &params.to_string(), || {
+                recolor(&photo, &region, &p)
+            });
         }
     }
 }

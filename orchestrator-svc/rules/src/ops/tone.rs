@@ -97,9 +97,9 @@ fn blend_with_lut<F: Fn([usize; 3]) -> [f32; 3] + Sync>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::blend_masked;
+    use crate::ops::kernel_check::{assert_every_level_gives, holey_region, noisy_room};
     use crate::rule::{Rule, parse_rule};
-    use crate::simd::{self, Level};
-    use crate::{ops::blend_masked, synth};
 
     /// The row kernel (at every level this CPU has) against the per-pixel formulation it replaced: the lazy
     /// table's `eval` inside `blend_masked`. On a JPEG-noisy synthetic room, an odd width (loop tails) and a soft
@@ -107,26 +107,8 @@ mod tests {
     #[test]
     fn row_kernel_gives_the_per_pixel_bytes() {
         let (w, h) = (611u32, 409u32);
-        let room = synth::room(w, h);
-        let mut jpeg = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 85)
-            .encode_image(&room.photo)
-            .unwrap();
-        let photo = image::load_from_memory(&jpeg).unwrap().to_rgb8();
-        let region = GrayImage::from_fn(w, h, |x, y| {
-            let v = synth::noise(x / 5, y / 5, 11).clamp(0.0, 1.0);
-            let margin = x < 13 || x > w - 30 || y < 7;
-            let hole = (x as i32 - 300).pow(2) + (y as i32 - 200).pow(2) < 2500;
-            image::Luma([if margin || hole || v < 0.2 {
-                0
-            } else {
-                (v * 255.0) as u8
-            }])
-        });
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
+        let photo = noisy_room(w, h);
+        let region = holey_region((w, h), 11, (13, 30, 7), (300, 200));
         let rules = [
             serde_json::json!({"warmth": 0.3}),
             serde_json::json!({"brightness": 0.8, "contrast": 0.4, "saturation": 0.5}),
@@ -143,21 +125,9 @@ mod tests {
             blend_masked(&mut want, &region, b, p.common.strength, |_, _, px| {
                 map.eval(px)
             });
-            for level in [Level::Baseline, simd::detected()] {
-                let got = pool.install(|| simd::with_level(level, || tone(&photo, &region, &p)));
-                let diff: Vec<u8> = got
-                    .iter()
-                    .zip(want.iter())
-                    .map(|(a, b)| a.abs_diff(*b))
-                    .collect();
-                let max = diff.iter().max().unwrap();
-                let mean = diff.iter().map(|&d| d as f64).sum::<f64>() / diff.len() as f64;
-                assert!(
-                    *max == 0,
-                    "{params} at {level:?}: max diff {max}, mean {mean}"
-                );
-                assert!(got != photo);
-            }
+            assert_every_level_gives(&want, &photo, &params.to_string(), || {
+                tone(&photo, &region, &p)
+            });
         }
     }
 }
