@@ -262,7 +262,7 @@ impl Segmenter {
                 Ok(value) => return Ok(value),
                 Err(status) if retryable(status.code()) && attempt < self.attempts => {
                     tracing::warn!(what, attempt, code = ?status.code(), message = status.message(), "segmenter call failed, retrying");
-                    if status.code() == Code::Unavailable {
+                    if matches!(status.code(), Code::Unavailable | Code::Cancelled) {
                         self.refresh_replicas().await;
                     }
                     tokio::time::sleep(backoff).await;
@@ -283,9 +283,14 @@ impl Segmenter {
     }
 }
 
-/// Starting, restarting or a full queue: worth another try shortly.
+/// Starting, restarting or a full queue: worth another try shortly. Cancelled is what a call gets when its
+/// replica closes the connection mid-call (a replica stopping); Segment is a pure function, so another replica may
+/// answer it.
 fn retryable(code: Code) -> bool {
-    matches!(code, Code::Unavailable | Code::ResourceExhausted)
+    matches!(
+        code,
+        Code::Unavailable | Code::ResourceExhausted | Code::Cancelled
+    )
 }
 
 fn map_status(call: &'static str, attempts: u32, status: Status) -> SegmenterError {
