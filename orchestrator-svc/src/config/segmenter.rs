@@ -26,7 +26,8 @@ pub struct SegmenterArgs {
     /// Deadline of one Segment call, in seconds. Default 120.
     #[arg(long, env = "SEGMENTER_TIMEOUT_SEC", default_value_t = 120)]
     pub segmenter_timeout_sec: u64,
-    /// Attempts per Segment call while the segmenter answers UNAVAILABLE. Default 4.
+    /// Attempts per Segment call while the segmenter answers UNAVAILABLE or RESOURCE_EXHAUSTED, or a call is
+    /// CANCELLED by its replica closing the connection (the next attempt may go to another replica). Default 4.
     #[arg(long, env = "SEGMENTER_ATTEMPTS", default_value_t = 4)]
     pub segmenter_attempts: u32,
     /// Memory for segmentation results reused across jobs on the same input bytes, in MiB. Default 256; 0 = off.
