@@ -6,6 +6,7 @@ use palette_rules::GrayImage;
 use palette_rules::mask::{InstanceUpsampler, ModelMask, PixelBox};
 
 use super::mask_cache::ConceptMasks;
+use super::union_plane::UnionPlane;
 use crate::mask_png::{self, Placement};
 
 /// One instance at full resolution, as stored.
@@ -17,15 +18,14 @@ pub struct InstanceMask {
 }
 
 /// Upsamples one instance inside its box to `width` x `height`, a row at a time, and encodes its crop to its
-/// non-zero pixels; when given `union` (a full-frame plane: the concept's union so far), folds the instance into it
-/// (max). A region is built from the union of a concept's instances, so memory is one plane per concept a rule
+/// non-zero pixels; when given `union` (the concept's union so far), folds the instance into it (max). A region is built from the union of a concept's instances, so memory is one plane per concept a rule
 /// needs and none per instance: at 12 MP a full-frame plane per instance (~20 per photo) cost more in page faults
 /// and zeroing than the upsample itself.
 pub fn instance_mask(
     model: &ModelMask<'_>,
     bbox: PixelBox,
     (width, height): (u32, u32),
-    mut union: Option<&mut GrayImage>,
+    mut union: Option<&mut UnionPlane>,
 ) -> InstanceMask {
     let up = InstanceUpsampler::new(model, bbox, width, height);
     let b = up.nonzero_bounds();
@@ -42,18 +42,11 @@ pub fn instance_mask(
         width: b.width(),
         height: b.height(),
     };
-    let stride = width as usize;
     let mut rows = up.row_writer(b.x0, b.width() as usize);
     let png = mask_png::encode_rows(placement, |y, row| {
         rows.row(y, row);
         if let Some(union) = union.as_deref_mut() {
-            let start = y as usize * stride + b.x0 as usize;
-            for (u, &v) in union.as_mut()[start..start + row.len()]
-                .iter_mut()
-                .zip(row.iter())
-            {
-                *u = (*u).max(v);
-            }
+            union.fold_row(y, b.x0, row);
         }
     });
     InstanceMask { png, placement }
@@ -69,8 +62,7 @@ pub fn concept_masks(
     let sx = w as f32 / masks.image_width.max(1) as f32;
     let sy = h as f32 / masks.image_height.max(1) as f32;
     let instances = &masks.result.instances;
-    // Zeroed lazily by the allocator: only the pages instances touch are ever written.
-    let mut union = (keep_union && !instances.is_empty()).then(|| GrayImage::new(w, h));
+    let mut union = (keep_union && !instances.is_empty()).then(|| UnionPlane::new(w, h));
     let mut out = Vec::with_capacity(instances.len());
     for instance in instances {
         let model = ModelMask {
@@ -94,7 +86,7 @@ pub fn concept_masks(
         );
         out.push(instance_mask(&model, bbox, (w, h), union.as_mut()));
     }
-    (out, union)
+    (out, union.map(UnionPlane::into_image))
 }
 
 #[cfg(test)]

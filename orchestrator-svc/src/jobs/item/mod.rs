@@ -11,6 +11,7 @@ mod mask_cache;
 mod segment;
 mod segmenter_input;
 pub(in crate::jobs) mod stored_masks;
+mod union_plane;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -12,6 +12,7 @@ use palette_proto::orchestrator::v1::MaskKey;
 use palette_rules::{GrayImage, RgbImage};
 
 use super::error::ItemError;
+use super::union_plane::UnionPlane;
 use super::{ItemRunner, blocking};
 use crate::jobs::edit::record::{self, MasksRecord, RecordError, StoredMask};
 use crate::jobs::validate::JobPlan;
@@ -95,11 +96,11 @@ pub(in crate::jobs) async fn union_of(
         .await?;
     // One blocking task folds them all, in the record's order (max is order-free; errors name the first bad key).
     blocking(move || {
-        let mut union = None;
+        let mut union = UnionPlane::new(size.0, size.1);
         for (entry, png) in entries.iter().zip(&pngs) {
-            union = Some(paste_max(union, entry, png, size)?);
+            paste_max(&mut union, entry, png, size)?;
         }
-        Ok(union)
+        Ok(Some(union.into_image()))
     })
     .await
 }
@@ -129,11 +130,11 @@ async fn fetch_crop(
 
 /// Folds one stored crop into the concept's union (max), at its placement in a `width` x `height` photo.
 fn paste_max(
-    union: Option<GrayImage>,
+    union: &mut UnionPlane,
     entry: &StoredMask,
     png: &[u8],
     (width, height): (u32, u32),
-) -> Result<GrayImage, ItemError> {
+) -> Result<(), ItemError> {
     let bad = |reason: String| ItemError::StoredMask {
         key: entry.key.clone(),
         reason,
@@ -160,17 +161,11 @@ fn paste_max(
             crop.height()
         )));
     }
-    let mut union = union.unwrap_or_else(|| GrayImage::new(width, height));
-    let (x, y) = (x as usize, y as usize);
-    let stride = width as usize;
     let cw = crop.width() as usize;
     for (row, src) in crop.as_raw().chunks_exact(cw.max(1)).enumerate() {
-        let start = (y + row) * stride + x;
-        for (u, &m) in union.as_mut()[start..start + cw].iter_mut().zip(src) {
-            *u = (*u).max(m);
-        }
+        union.fold_row(y as u32 + row as u32, x as u32, src);
     }
-    Ok(union)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -209,8 +204,10 @@ mod tests {
             let at = nonzero_bounds(m).unwrap_or(Placement::EMPTY);
             mask_png::encode_crop(m, at)
         };
-        let union = paste_max(None, &entry(w, h), &crop(&a), (w, h)).unwrap();
-        let union = paste_max(Some(union), &entry(w, h), &crop(&b), (w, h)).unwrap();
+        let mut union = UnionPlane::new(w, h);
+        paste_max(&mut union, &entry(w, h), &crop(&a), (w, h)).unwrap();
+        paste_max(&mut union, &entry(w, h), &crop(&b), (w, h)).unwrap();
+        let union = union.into_image();
         let expected = GrayImage::from_fn(w, h, |x, y| {
             image::Luma([a.get_pixel(x, y)[0].max(b.get_pixel(x, y)[0])])
         });
@@ -220,7 +217,8 @@ mod tests {
     #[test]
     fn a_mask_stored_for_another_photo_size_is_refused_naming_its_key() {
         let png = mask_png::encode_crop(&GrayImage::new(4, 4), Placement::EMPTY);
-        let err = paste_max(None, &entry(40, 30), &png, (20, 10)).unwrap_err();
+        let mut union = UnionPlane::new(20, 10);
+        let err = paste_max(&mut union, &entry(40, 30), &png, (20, 10)).unwrap_err();
         assert_eq!(err.code(), "mask_missing");
         assert!(err.to_string().contains("masks/u/j/wall/0_1.png"), "{err}");
     }
