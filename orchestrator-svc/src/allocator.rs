@@ -10,11 +10,23 @@
 //!
 //! Settings, and what they cost: freed pages are returned to the system after about a second
 //! (`dirty_decay_ms:1000`; jemalloc's default is 10 s) and at once rather than lazily (`muzzy_decay_ms:0`: lazily
-//! freed pages would still count in the pod's resident set). Each of jemalloc's arenas (4 per core) keeps its own
-//! freed pages, so the resident set sits above glibc's by about what the arenas freed in the last second: at 1 MP
-//! it levels off at ~280 MB instead of ~140 MB for both services in one process, and the 48 MP memory check stays
-//! within its pixel budget (~1.1 GB against 2.4 GB). A pod that wants less can start with
-//! `_RJEM_MALLOC_CONF=narenas:2` (~170 MB at 1 MP, measured) or a shorter `dirty_decay_ms`.
+//! freed pages would still count in the pod's resident set). Each of jemalloc's arenas (one per core, below) keeps
+//! its own freed pages, so the resident set sits above glibc's by about what the arenas freed in the last second
+//! (figures below), and the 48 MP memory check stays within its pixel budget (~1.3 GB against 2.4 GB). A pod that
+//! wants less can start with a shorter `dirty_decay_ms` (`_RJEM_MALLOC_CONF`, read after these).
+//!
+//! Requests above `oversize_threshold` (jemalloc's default: 8 MiB) go to a dedicated arena that returns freed pages
+//! to the system at once, whatever `dirty_decay_ms` says: every 12 MP plane (12 MB) and photo (36 MB) came back as
+//! fresh pages, faulted in one by one (a loop allocating and freeing 12 MB: 2931 faults, 7 ms, each round; 0 and
+//! 0.8 ms with the threshold at 1 GiB, 2026-12-01). At 1 GiB only a buffer larger than any photo's (a 48 MP photo is
+//! 144 MB) goes there. Zeroed requests (calloc) still come back fresh, as jemalloc zeroes reused pages by discarding
+//! them: full-frame planes are zeroed by writing instead (`palette_rules::mask::zeroed_plane`).
+//!
+//! One arena per core (`percpu_arena:percpu`; jemalloc's default is 4 per core, each keeping its own freed pages, and
+//! a thread keeps its arena whichever core it runs on): a buffer freed by one item is found by the next item's
+//! allocation on that core rather than stranded in another arena. orchestrator-bench, 2026-12-01, with the threshold
+//! above: the 1 MP job's peak resident set 202-215 -> 159 MB, the 48 MP memory check 1736 -> 1269 MB (1103 MB
+//! before the threshold), CPU within the run-to-run noise.
 //!
 //! (`fix_mmap_threshold`'s note of jemalloc and mimalloc staying above 500 MB was measured with their default
 //! settings, on the code of that time; with these the bench's 1 MP memory levels off as said above.)
@@ -24,7 +36,8 @@
 pub use tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options (read once, at the first allocation); see the module's documentation for why.
-pub const MALLOC_CONF: &std::ffi::CStr = c"dirty_decay_ms:1000,muzzy_decay_ms:0";
+pub const MALLOC_CONF: &std::ffi::CStr =
+    c"dirty_decay_ms:1000,muzzy_decay_ms:0,oversize_threshold:1073741824,percpu_arena:percpu";
 
 /// Makes jemalloc, with [`MALLOC_CONF`], the allocator of the binary that calls it at its root: the orchestrator's
 /// main.rs, and the benches that run the orchestrator in-process, so that their figures are the service's.

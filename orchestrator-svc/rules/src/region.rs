@@ -66,7 +66,7 @@ pub fn build_region_shared(
     guides: &GuideCache,
 ) -> GrayImage {
     let (w, h) = photo.dimensions();
-    let mut out = GrayImage::new(w, h);
+    let mut out = crate::mask::zeroed_plane(w, h);
     let same_size = |m: &&GrayImage| m.dimensions() == (w, h);
     let target: Vec<&GrayImage> = target.iter().filter(same_size).collect();
     let occluders: Vec<&GrayImage> = occluders.iter().filter(same_size).collect();

@@ -22,7 +22,7 @@ impl UnionPlane {
     /// until a rule reads them).
     pub fn new(width: u32, height: u32) -> Self {
         UnionPlane {
-            plane: GrayImage::new(width, height),
+            plane: palette_rules::mask::zeroed_plane(width, height),
             written: vec![(0, 0); height as usize],
         }
     }
