@@ -257,6 +257,7 @@ impl Segmenter {
                     Ok(result) => result,
                     Err(_) => Err(Status::deadline_exceeded("no segmenter answer in time")),
                 }
+                .map_err(own_deadline_passed)
             };
             match result {
                 Ok(value) => return Ok(value),
@@ -280,6 +281,21 @@ impl Segmenter {
         if self.refresh.try_send(done).is_ok() {
             let _ = tokio::time::timeout(REFRESH_WAIT, wait).await;
         }
+    }
+}
+
+/// tonic reports the channel's own deadline (`Endpoint::timeout`, SEGMENTER_TIMEOUT_SEC) as CANCELLED "Timeout
+/// expired": that is this call running out of time, not a replica going away, so it becomes DEADLINE_EXCEEDED and
+/// is not retried (retrying it would make an item wait SEGMENTER_ATTEMPTS deadlines instead of one).
+fn own_deadline_passed(status: Status) -> Status {
+    if status.code() == Code::Cancelled && status.message() == tonic::TimeoutExpired(()).to_string()
+    {
+        Status::deadline_exceeded(format!(
+            "no segmenter answer within the call's deadline ({})",
+            status.message()
+        ))
+    } else {
+        status
     }
 }
 
@@ -363,6 +379,43 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_closing_mid_call_is_retried_but_the_calls_own_deadline_is_not() {
+        let segmenter = client(3);
+        let calls = AtomicU32::new(0);
+        let result: Result<(), _> = segmenter
+            .with_retries("Segment", |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err(Status::cancelled("connection closed")) }
+            })
+            .await;
+        assert!(
+            matches!(result, Err(SegmenterError::Unavailable { attempts: 3, .. })),
+            "{result:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+        // What tonic returns when the channel's timeout (SEGMENTER_TIMEOUT_SEC) passes.
+        let calls = AtomicU32::new(0);
+        let result: Result<(), _> = segmenter
+            .with_retries("Segment", |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err(Status::from_error(Box::new(tonic::TimeoutExpired(())))) }
+            })
+            .await;
+        match result {
+            Err(SegmenterError::Unavailable {
+                attempts: 1,
+                status,
+                ..
+            }) => {
+                assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]
