@@ -1,15 +1,19 @@
-//! Stored instance masks: each instance is its crop to its non-zero pixels (soft 8-bit grayscale, the values of the
+//! Stored instance masks as PNG. Two layouts (`MASK_LAYOUT`): the model's grid (`grid`, the default) and the crop
+//! written here: each instance is its crop to its non-zero pixels (soft 8-bit grayscale, the values of the
 //! full-frame mask unchanged), with its placement in the photo in a standard PNG `oFFs` chunk (unit: pixel) and in
 //! the job's mask entries (`MaskKey`, the callback's `masks`). Pasting the crop at (x, y) into a zero image of the
 //! photo's size (upright, full resolution) gives the full-frame mask. An instance with no non-zero pixel is a 1x1
-//! zero PNG at (0, 0).
+//! zero PNG at (0, 0) in either layout. `compose` reads both.
 //!
-//! Why: an instance is zero outside its box, yet it was stored and encoded as a full-frame plane. What a crop saves
-//! depends on how much of the frame the box covers: with the bundled random-weights model the boxes are large and
-//! every pixel inside is soft (no 0, no 255), so orchestrator-bench's 12 MP photos went only from 15.8 to 14.5 MB of
-//! mask PNGs per image; the soft values themselves are what costs (see `encode_crop`).
+//! Why crops: an instance is zero outside its box, yet it was stored and encoded as a full-frame plane. What a crop
+//! saves depends on how much of the frame the box covers: with the bundled random-weights model the boxes are large
+//! and every pixel inside is soft (no 0, no 255), so orchestrator-bench's 12 MP photos went only from 15.8 to 14.5 MB
+//! of mask PNGs per image; the soft values themselves are what costs (see `encode_crop`). The grid stores the values
+//! the crop's pixels are interpolated from: 0.1 MB for the same photos.
 
 use image::GrayImage;
+
+pub mod grid;
 
 /// Where a stored mask sits in the photo (upright, full resolution): its top-left pixel and its size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +102,26 @@ pub fn encode_crop(mask: &GrayImage, at: Placement) -> Vec<u8> {
 /// zlib's default level 3.98 / 4.1 (at 1 MP 0.26, 0.39, 0.54 CPU-s). fdeflate's fixed code suits small filter
 /// residuals; it matches only runs of zeros, which saturated masks (a real model's) are full of.
 pub fn encode_rows(at: Placement, mut row: impl FnMut(u32, &mut [u8])) -> Vec<u8> {
+    encode_png(
+        (at.width, at.height),
+        &[(b"oFFs", &offs_chunk(at.x, at.y))],
+        |r, out| row(at.y + r, out),
+    )
+}
+
+/// An 8-bit grayscale `width` x `height` PNG with `chunks` (type, data) before its image data; `row(r, out)` fills
+/// image row r (from 0). Paeth-filtered and compressed as `encode_rows` says.
+pub(crate) fn encode_png(
+    (width, height): (u32, u32),
+    chunks: &[(&[u8; 4], &[u8])],
+    mut row: impl FnMut(u32, &mut [u8]),
+) -> Vec<u8> {
+    let at = Placement {
+        x: 0,
+        y: 0,
+        width,
+        height,
+    };
     let width = at.width as usize;
     let mut out = Vec::with_capacity(1024);
     out.extend_from_slice(b"\x89PNG\r\n\x1a\n");
@@ -107,7 +131,9 @@ pub fn encode_rows(at: Placement, mut row: impl FnMut(u32, &mut [u8])) -> Vec<u8
     // Bit depth 8, colour type 0 (grayscale), deflate, adaptive filtering (per-row filter types), no interlace.
     ihdr[8] = 8;
     write_chunk(&mut out, b"IHDR", &ihdr);
-    write_chunk(&mut out, b"oFFs", &offs_chunk(at.x, at.y));
+    for (kind, data) in chunks {
+        write_chunk(&mut out, kind, data);
+    }
 
     let mut deflate = fdeflate::Compressor::new(Vec::with_capacity(width * at.height as usize / 4))
         .expect("a Vec takes every write");
@@ -115,7 +141,7 @@ pub fn encode_rows(at: Placement, mut row: impl FnMut(u32, &mut [u8])) -> Vec<u8
     let (mut prev, mut cur) = (vec![0u8; width + 1], vec![0u8; width + 1]);
     let mut filtered = vec![0u8; width + 1];
     filtered[0] = PAETH;
-    for y in at.y..at.y + at.height {
+    for y in 0..at.height {
         row(y, &mut cur[1..]);
         paeth_row(&cur, &prev, &mut filtered[1..]);
         deflate
@@ -169,28 +195,41 @@ fn paeth_row(cur: &[u8], prev: &[u8], out: &mut [u8]) {
 /// The (x, y) of a PNG's `oFFs` chunk when its unit is pixels; None when it has none (a full-frame mask stored
 /// before crops) or the bytes are not a PNG.
 pub fn read_offset(png: &[u8]) -> Option<(i32, i32)> {
+    let data = chunk_before_image(png, b"oFFs")?;
+    if data.len() != 9 || data[8] != 0 {
+        return None;
+    }
+    let x = i32::from_be_bytes(data[..4].try_into().ok()?);
+    let y = i32::from_be_bytes(data[4..8].try_into().ok()?);
+    Some((x, y))
+}
+
+/// The data of the first `kind` chunk before the image data (where `oFFs` and our `tEXt` are written); None when
+/// there is none or the bytes are not a PNG.
+pub(crate) fn chunk_before_image<'p>(png: &'p [u8], kind: &[u8; 4]) -> Option<&'p [u8]> {
     let mut rest = png.strip_prefix(b"\x89PNG\r\n\x1a\n")?;
     while rest.len() >= 12 {
         let len = u32::from_be_bytes(rest[..4].try_into().ok()?) as usize;
-        let kind = &rest[4..8];
+        let this = &rest[4..8];
         let data = rest.get(8..8 + len)?;
-        match kind {
-            b"oFFs" if len == 9 && data[8] == 0 => {
-                let x = i32::from_be_bytes(data[..4].try_into().ok()?);
-                let y = i32::from_be_bytes(data[4..8].try_into().ok()?);
-                return Some((x, y));
-            }
-            // oFFs comes before the image data.
-            b"IDAT" | b"IEND" => return None,
-            _ => rest = rest.get(8 + len + 4..)?,
+        if this == kind {
+            return Some(data);
         }
+        if this == b"IDAT" || this == b"IEND" {
+            return None;
+        }
+        rest = rest.get(8 + len + 4..)?;
     }
     None
 }
 
 /// The full-frame mask of a stored mask PNG: the crop pasted at its `oFFs` placement ((0, 0) without one) into a
-/// zero image of `width` x `height`. What a client does to use a mask (see docs/api.md).
+/// zero image of `width` x `height`; a model-grid mask (`crate::mask_png::grid`) interpolated to it. What a client does to
+/// use a mask (see docs/api.md).
 pub fn compose(png: &[u8], width: u32, height: u32) -> Result<GrayImage, String> {
+    if let Some(at) = grid::read_placement(png) {
+        return grid::compose(png, &at, width, height);
+    }
     let crop = image::load_from_memory_with_format(png, image::ImageFormat::Png)
         .map_err(|e| e.to_string())?
         .to_luma8();

@@ -162,7 +162,8 @@ pub async fn run(
         config.segmenter.mask_cache_mb.saturating_mul(1024 * 1024),
     )
     .with_pixel_budget(args.inflight_megapixels())
-    .with_item_threads(args.item_threads);
+    .with_item_threads(args.item_threads)
+    .with_mask_layout(config.storage.mask_layout);
     let (job_store, cluster) = job_store(&config.jobs, &config.nats).await?;
     let patience = if cluster.is_some() {
         NATS_STORE_PATIENCE

@@ -24,19 +24,33 @@ const SECRET: &str = "supersecret123";
 mod fake_masks;
 use fake_masks::fake_left_half;
 
-/// A stored mask is a crop: composed at its placement (the oFFs chunk and the entry agree on it) it is `full`.
+/// A stored mask composes to `full`. A grid (the default layout) is the model's mask as answered, its `placement`
+/// chunk and its entry agreeing; a crop is pasted at its placement (the oFFs chunk and the entry agree on it).
 fn assert_composes_to(png: &[u8], entry: &MaskKey, full: &GrayImage) {
-    let crop = image::load_from_memory(png).unwrap().to_luma8();
+    let stored = image::load_from_memory(png).unwrap().to_luma8();
     assert_eq!((entry.image_width, entry.image_height), full.dimensions());
-    assert_eq!((crop.width(), crop.height()), (entry.width, entry.height));
-    assert_eq!(
-        mask_png::read_offset(png),
-        Some((entry.x as i32, entry.y as i32)),
-        "oFFs vs {entry:?}"
-    );
-    let mut composed = GrayImage::new(entry.image_width, entry.image_height);
-    image::imageops::replace(&mut composed, &crop, entry.x.into(), entry.y.into());
-    assert!(composed == *full, "{} composed differs", entry.key);
+    if entry.grid_width > 0 {
+        assert_eq!(stored.dimensions(), (entry.grid_width, entry.grid_height));
+        let at = orchestrator_svc::mask_png::grid::read_placement(png).expect("a placement chunk");
+        assert_eq!(
+            (at.x, at.y, at.width, at.height),
+            (entry.x, entry.y, entry.width, entry.height),
+            "placement vs {entry:?}"
+        );
+    } else {
+        assert_eq!(
+            (stored.width(), stored.height()),
+            (entry.width, entry.height)
+        );
+        assert_eq!(
+            mask_png::read_offset(png),
+            Some((entry.x as i32, entry.y as i32)),
+            "oFFs vs {entry:?}"
+        );
+        let mut composed = GrayImage::new(entry.image_width, entry.image_height);
+        image::imageops::replace(&mut composed, &stored, entry.x.into(), entry.y.into());
+        assert!(composed == *full, "{} composed differs", entry.key);
+    }
     assert!(mask_png::compose(png, entry.image_width, entry.image_height).unwrap() == *full);
 }
 
@@ -631,6 +645,34 @@ async fn a_rule_edits_the_union_of_its_concept_instances() {
     assert!(
         !orange(output.get_pixel(85, 20).0),
         "outside both instances edited"
+    );
+
+    // MASK_LAYOUT=crop stores the same masks as photo-resolution crops, and the outputs do not change.
+    let mut crops = start(&segmenter.url, |c| {
+        c.storage.mask_layout = orchestrator_svc::config::MaskLayout::Crop
+    })
+    .await;
+    crops
+        .put_input("test-user", "two", 0, photo_jpeg(96, 64))
+        .await;
+    crops.client.submit_job(seed_spec("two", 1)).await.unwrap();
+    let cropped = crops.watch_to_end("two").await.last().unwrap().0.clone();
+    let cropped = &cropped.items[0];
+    assert_eq!(cropped.state, ItemState::Completed as i32, "{cropped:?}");
+    assert_eq!(cropped.masks.len(), item.masks.len());
+    for (grid, crop) in item.masks.iter().zip(&cropped.masks) {
+        assert!(
+            grid.grid_width > 0 && crop.grid_width == 0,
+            "{grid:?} {crop:?}"
+        );
+        let full_grid = mask_png::compose(&orch.store.get(&grid.key).await.unwrap(), 96, 64);
+        let crop_png = crops.store.get(&crop.key).await.unwrap();
+        assert_composes_to(&crop_png, crop, &full_grid.unwrap());
+    }
+    assert_eq!(
+        crops.store.get(&cropped.output_key).await.unwrap(),
+        orch.store.get(&item.output_key).await.unwrap(),
+        "the same output from either layout"
     );
 }
 

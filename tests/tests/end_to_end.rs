@@ -15,35 +15,68 @@ use prost_types::value::Kind;
 
 const SECRET: &str = "e2e-callback-secret";
 
-/// A stored mask is the instance's crop to its non-zero pixels: its entry and its oFFs chunk give the same placement
-/// inside the photo, pasting it there gives the full-frame mask (the library's `compose` agrees), and the crop is
-/// tight (its border rows and columns hold a non-zero value) unless the instance is empty (one zero pixel).
+/// A stored mask composes to a full-frame mask of the photo that is zero outside its entry's rectangle, and the
+/// rectangle is tight (its border rows and columns hold a non-zero value) unless the instance is empty (one zero
+/// pixel at (0, 0)). A grid (the default layout) is the model's mask as answered and its `placement` chunk agrees
+/// with the entry; a crop is that rectangle of pixels and its oFFs chunk agrees with the entry.
 fn assert_composes_at_placement(
     png: &[u8],
     mask: &palette_proto::orchestrator::v1::MaskKey,
     frame: (u32, u32),
 ) {
-    use orchestrator_svc::mask_png;
-    let crop = image::load_from_memory(png).unwrap().to_luma8();
+    use orchestrator_svc::mask_png::{self, grid as mask_grid};
+    let stored = image::load_from_memory(png).unwrap().to_luma8();
     assert_eq!((mask.image_width, mask.image_height), frame, "{mask:?}");
-    assert_eq!((crop.width(), crop.height()), (mask.width, mask.height));
-    assert_eq!(
-        mask_png::read_offset(png),
-        Some((mask.x as i32, mask.y as i32))
-    );
     assert!(
         mask.x + mask.width <= frame.0 && mask.y + mask.height <= frame.1,
         "{mask:?}"
     );
-    let mut full = image::GrayImage::new(frame.0, frame.1);
-    image::imageops::replace(&mut full, &crop, mask.x.into(), mask.y.into());
-    assert!(mask_png::compose(png, frame.0, frame.1).unwrap() == full);
-    let (cw, ch) = crop.dimensions();
-    let row_has = |y| (0..cw).any(|x| crop.get_pixel(x, y).0[0] > 0);
-    let col_has = |x| (0..ch).any(|y| crop.get_pixel(x, y).0[0] > 0);
-    if (cw, ch) != (1, 1) {
-        assert!(row_has(0) && row_has(ch - 1), "{mask:?}");
-        assert!(col_has(0) && col_has(cw - 1), "{mask:?}");
+    let full = mask_png::compose(png, frame.0, frame.1).unwrap();
+    if mask.grid_width > 0 {
+        assert_eq!(stored.dimensions(), (mask.grid_width, mask.grid_height));
+        let at = mask_grid::read_placement(png).expect("a grid's placement chunk");
+        assert_eq!(
+            (
+                at.x,
+                at.y,
+                at.width,
+                at.height,
+                at.image_width,
+                at.image_height
+            ),
+            (mask.x, mask.y, mask.width, mask.height, frame.0, frame.1)
+        );
+    } else {
+        assert_eq!(stored.dimensions(), (mask.width, mask.height));
+        assert_eq!(
+            mask_png::read_offset(png),
+            Some((mask.x as i32, mask.y as i32))
+        );
+        let mut pasted = image::GrayImage::new(frame.0, frame.1);
+        image::imageops::replace(&mut pasted, &stored, mask.x.into(), mask.y.into());
+        assert!(full == pasted);
+    }
+    let inside = |x: u32, y: u32| {
+        (mask.x..mask.x + mask.width).contains(&x) && (mask.y..mask.y + mask.height).contains(&y)
+    };
+    assert!(
+        full.enumerate_pixels()
+            .all(|(x, y, p)| p.0[0] == 0 || inside(x, y)),
+        "non-zero outside {mask:?}"
+    );
+    let (x0, y0, x1, y1) = (
+        mask.x,
+        mask.y,
+        mask.x + mask.width - 1,
+        mask.y + mask.height - 1,
+    );
+    let row_has = |y| (x0..=x1).any(|x| full.get_pixel(x, y).0[0] > 0);
+    let col_has = |x| (y0..=y1).any(|y| full.get_pixel(x, y).0[0] > 0);
+    if full.as_raw().iter().any(|&v| v > 0) {
+        assert!(row_has(y0) && row_has(y1), "{mask:?}");
+        assert!(col_has(x0) && col_has(x1), "{mask:?}");
+    } else {
+        assert_eq!((mask.x, mask.y, mask.width, mask.height), (0, 0, 1, 1));
     }
 }
 
@@ -277,7 +310,7 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
             preview.width(),
             preview.height()
         );
-        // Masks are crops: placed by their entry (and their oFFs chunk) they compose to a mask of the photo's size.
+        // Masks (grids by default) compose, as their entries say, to masks of the photo's size.
         for mask in &job.items[idx].masks {
             let got = s3
                 .get_object()

@@ -42,15 +42,18 @@ pub struct MaskRef {
     pub concept: String,
     pub instance: u32,
     pub key: String,
-    /// The stored PNG is the instance's crop (width x height) with its top-left pixel at (x, y) of the
-    /// image_width x image_height photo (upright); its oFFs chunk says the same. Zero for full-frame masks stored
-    /// before crops.
+    /// Where the instance is non-zero: width x height pixels from (x, y) of the image_width x image_height photo
+    /// (upright). With grid_width 0 the stored PNG is that crop (its oFFs chunk says (x, y)); otherwise it is the
+    /// model's grid_width x grid_height mask of the whole photo, resized to the photo and zeroed outside the
+    /// rectangle to compose (docs/api.md). Zero for full-frame masks stored before crops.
     pub x: u32,
     pub y: u32,
     pub width: u32,
     pub height: u32,
     pub image_width: u32,
     pub image_height: u32,
+    pub grid_width: u32,
+    pub grid_height: u32,
 }
 
 /// The job a callback is about. Its URL names `job_id` (the seed's contract); its webhook-id also covers the user

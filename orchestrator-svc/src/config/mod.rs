@@ -31,7 +31,7 @@ pub use nats::{NatsArgs, QueueSettings};
 pub use runpod::{RunpodArgs, RunpodSettings};
 pub use secret::{Secret, UrlWithCredentials};
 pub use segmenter::{SegmenterArgs, SegmenterSecurity};
-pub use storage::{S3Settings, StorageArgs, StorageBackend, StorageSettings};
+pub use storage::{MaskLayout, S3Settings, StorageArgs, StorageBackend, StorageSettings};
 
 use crate::error::BoxError;
 

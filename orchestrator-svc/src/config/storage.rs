@@ -57,6 +57,25 @@ pub struct StorageArgs {
     /// Timeout of one storage request attempt, in seconds. Default 30.
     #[arg(long, env = "STORAGE_TIMEOUT_SEC", default_value_t = 30)]
     pub storage_timeout_sec: u64,
+    /// How instance masks are stored (docs/api.md): `grid` is the model's soft mask as the segmenter answered it
+    /// (288x288 for SAM3) with the rectangle of the photo where it is non-zero, which a client resizes to the photo
+    /// (bilinear); `crop` is that full-resolution mask cropped to the rectangle. The same values; a 12 MP photo's
+    /// grids are ~100x fewer bytes and save ~20 % of its CPU. Default grid.
+    #[arg(
+        long,
+        env = "MASK_LAYOUT",
+        value_enum,
+        default_value = "grid",
+        ignore_case = true
+    )]
+    pub mask_layout: MaskLayout,
+}
+
+/// See `StorageArgs::mask_layout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MaskLayout {
+    Crop,
+    Grid,
 }
 
 /// The backend to build, validated.

@@ -124,6 +124,10 @@ struct MaskRecord {
     image_width: u32,
     #[serde(default)]
     image_height: u32,
+    #[serde(default)]
+    grid_width: u32,
+    #[serde(default)]
+    grid_height: u32,
 }
 
 /// The record of a terminal item, as JSON.
@@ -161,6 +165,8 @@ pub fn encode(item: &Item) -> Vec<u8> {
                 height: m.height,
                 image_width: m.image_width,
                 image_height: m.image_height,
+                grid_width: m.grid_width,
+                grid_height: m.grid_height,
             })
             .collect(),
         error: item.error.clone(),
@@ -213,6 +219,8 @@ pub fn decode(bytes: &[u8]) -> Option<Item> {
                 height: m.height,
                 image_width: m.image_width,
                 image_height: m.image_height,
+                grid_width: m.grid_width,
+                grid_height: m.grid_height,
             })
             .collect(),
         error: record.error,
@@ -261,6 +269,8 @@ mod tests {
                 height: 200,
                 image_width: 4032,
                 image_height: 3024,
+                grid_width: 288,
+                grid_height: 288,
             }],
             callback_state: CallbackState::Delivered as i32,
             callback_attempts: 1,

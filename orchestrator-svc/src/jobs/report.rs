@@ -242,6 +242,8 @@ pub fn callback_body(item: &Item) -> CallbackBody {
                 height: m.height,
                 image_width: m.image_width,
                 image_height: m.image_height,
+                grid_width: m.grid_width,
+                grid_height: m.grid_height,
             })
             .collect(),
     }

@@ -16,7 +16,7 @@
 use std::time::Instant;
 
 use clap::Parser;
-use orchestrator_svc::config::ItemThreads;
+use orchestrator_svc::config::{ItemThreads, MaskLayout};
 
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{JobSpec, JobState, Rule, WatchJobRequest};
@@ -65,6 +65,10 @@ struct Args {
     /// Orchestrator ITEM_THREADS: `one` thread per image, or `shared` (every image's loops over all cores).
     #[arg(long, value_enum, default_value_t = ItemThreads::One)]
     item_threads: ItemThreads,
+    /// Orchestrator MASK_LAYOUT: `grid` (the model's masks as answered, the default) or `crop` (photo-resolution
+    /// crops: the PNG encoding of every interpolated pixel).
+    #[arg(long, value_enum, default_value_t = MaskLayout::Grid)]
+    mask_layout: MaskLayout,
     /// Where the masks come from: `model`, the segmenter on the bundled random-weights model (soft noise over the
     /// whole frame for every concept: the largest, least compressible masks there are; issue 13's goals are
     /// measured on it), or `room`, a stand-in that is NOT a model and answers each surface of the synthetic room as
@@ -390,6 +394,7 @@ async fn main() -> anyhow::Result<()> {
     config.limits.presets_dir = palette_e2e::repo_root().join("presets");
     config.limits.max_inflight_megapixels = args.inflight_megapixels;
     config.limits.item_threads = args.item_threads;
+    config.storage.mask_layout = args.mask_layout;
     let budget_mp = config.limits.inflight_megapixels();
     let mut orchestrator = palette_e2e::start_orchestrator(config).await;
     let url = orchestrator.url();

@@ -40,6 +40,11 @@ pub struct StoredMask {
     pub height: u32,
     pub image_width: u32,
     pub image_height: u32,
+    /// Non-zero: the PNG is the model's grid (`crate::mask_png::grid`); records from before grids have none.
+    #[serde(default)]
+    pub grid_width: u32,
+    #[serde(default)]
+    pub grid_height: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +76,8 @@ impl From<&MaskKey> for StoredMask {
             height: m.height,
             image_width: m.image_width,
             image_height: m.image_height,
+            grid_width: m.grid_width,
+            grid_height: m.grid_height,
         }
     }
 }
@@ -88,6 +95,8 @@ impl From<&StoredMask> for MaskKey {
             height: m.height,
             image_width: m.image_width,
             image_height: m.image_height,
+            grid_width: m.grid_width,
+            grid_height: m.grid_height,
         }
     }
 }

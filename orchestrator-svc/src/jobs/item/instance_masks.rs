@@ -1,5 +1,6 @@
 //! An item's instance masks as plain functions (no I/O, no runtime): each instance upsampled from model resolution
-//! a row at a time straight into its stored PNG crop and the concept's union. `ItemRunner` calls them on the
+//! a row at a time straight into its stored PNG crop and the concept's union, or stored as the model's grid
+//! (`MASK_LAYOUT=grid`, `crate::mask_png::grid`) and upsampled only into the union. `ItemRunner` calls them on the
 //! blocking pool.
 
 use palette_rules::GrayImage;
@@ -7,26 +8,32 @@ use palette_rules::mask::{InstanceUpsampler, ModelMask, PixelBox};
 
 use super::mask_cache::ConceptMasks;
 use super::union_plane::UnionPlane;
+use crate::config::MaskLayout;
+use crate::mask_png::grid::{self as mask_grid, GridPlacement};
 use crate::mask_png::{self, Placement};
 
-/// One instance at full resolution, as stored.
+/// One instance, as stored.
 pub struct InstanceMask {
-    /// The instance as stored (`masks/...png`): its crop to its non-zero pixels (see `crate::mask_png`).
+    /// The instance as stored (`masks/...png`): its crop to its non-zero pixels (see `crate::mask_png`) or the
+    /// model's grid (`crate::mask_png::grid`).
     pub png: Vec<u8>,
-    /// Where the crop sits in the photo.
+    /// Where the instance is non-zero in the photo (the crop's placement).
     pub placement: Placement,
+    /// The grid's size when stored as one; (0, 0) for a crop.
+    pub grid: (u32, u32),
 }
 
 /// Upsamples one instance inside its box to `width` x `height`, a row at a time, and encodes its crop to its
-/// non-zero pixels; when given `union` (the concept's union so far), folds the instance into it (max). A region is
-/// built from the union of a concept's instances, so memory is one plane per concept a rule needs and none per
-/// instance: at 12 MP a full-frame plane per instance (~20 per photo) cost more in page faults and zeroing than the
-/// upsample itself.
+/// non-zero pixels (or, for `MaskLayout::Grid`, the model's grid with that rectangle); when given `union` (the
+/// concept's union so far), folds the instance into it (max). A region is built from the union of a concept's
+/// instances, so memory is one plane per concept a rule needs and none per instance: at 12 MP a full-frame plane
+/// per instance (~20 per photo) cost more in page faults and zeroing than the upsample itself.
 pub fn instance_mask(
     model: &ModelMask<'_>,
     bbox: PixelBox,
     (width, height): (u32, u32),
     mut union: Option<&mut UnionPlane>,
+    layout: MaskLayout,
 ) -> InstanceMask {
     let up = InstanceUpsampler::new(model, bbox, width, height);
     let b = up.nonzero_bounds();
@@ -35,6 +42,7 @@ pub fn instance_mask(
         return InstanceMask {
             png,
             placement: Placement::EMPTY,
+            grid: (0, 0),
         };
     }
     let placement = Placement {
@@ -44,13 +52,44 @@ pub fn instance_mask(
         height: b.height(),
     };
     let mut rows = up.row_writer(b.x0, b.width() as usize);
-    let png = mask_png::encode_rows(placement, |y, row| {
-        rows.row(y, row);
-        if let Some(union) = union.as_deref_mut() {
-            union.fold_row(y, b.x0, row);
+    match layout {
+        MaskLayout::Crop => {
+            let png = mask_png::encode_rows(placement, |y, row| {
+                rows.row(y, row);
+                if let Some(union) = union.as_deref_mut() {
+                    union.fold_row(y, b.x0, row);
+                }
+            });
+            InstanceMask {
+                png,
+                placement,
+                grid: (0, 0),
+            }
         }
-    });
-    InstanceMask { png, placement }
+        MaskLayout::Grid => {
+            // Only a rule's concept needs the full-resolution rows (`mask_png::grid::upsample_rows` gives the same).
+            if let Some(union) = union {
+                let mut row = vec![0u8; b.width() as usize];
+                for y in b.y0..b.y1 {
+                    rows.row(y, &mut row);
+                    union.fold_row(y, b.x0, &row);
+                }
+            }
+            let at = GridPlacement {
+                x: b.x0,
+                y: b.y0,
+                width: b.width(),
+                height: b.height(),
+                image_width: width,
+                image_height: height,
+            };
+            InstanceMask {
+                png: mask_grid::encode(model.probs, (model.width, model.height), &at),
+                placement,
+                grid: (model.width, model.height),
+            }
+        }
+    }
 }
 
 /// Every instance of one concept (`instance_mask`), and their union when `keep_union` (a rule needs the concept).
@@ -59,6 +98,7 @@ pub fn concept_masks(
     masks: &ConceptMasks,
     (w, h): (u32, u32),
     keep_union: bool,
+    layout: MaskLayout,
 ) -> (Vec<InstanceMask>, Option<GrayImage>) {
     let sx = w as f32 / masks.image_width.max(1) as f32;
     let sy = h as f32 / masks.image_height.max(1) as f32;
@@ -85,7 +125,7 @@ pub fn concept_masks(
                 y1: b.y1 * sy,
             },
         );
-        out.push(instance_mask(&model, bbox, (w, h), union.as_mut()));
+        out.push(instance_mask(&model, bbox, (w, h), union.as_mut(), layout));
     }
     (out, union.map(UnionPlane::into_image))
 }
@@ -141,7 +181,7 @@ mod tests {
                 x1: (cx + rx) * sx,
                 y1: (cy + ry) * sy,
             };
-            let stored = instance_mask(&model, bbox, (w, h), None);
+            let stored = instance_mask(&model, bbox, (w, h), None, MaskLayout::Crop);
             total += stored.png.len();
         }
         println!("10 saturated instances at 12 MP: {total} bytes");
@@ -183,7 +223,9 @@ mod measure {
         let mut len = 0;
         for _ in 0..5 {
             let t = std::time::Instant::now();
-            len = instance_mask(&model, bbox, (4032, 3024), None).png.len();
+            len = instance_mask(&model, bbox, (4032, 3024), None, MaskLayout::Crop)
+                .png
+                .len();
             best = best.min(t.elapsed().as_secs_f64() * 1e3);
         }
         println!("a 3700x2800 soft instance of a 12 MP photo: {best:.1} ms, {len} bytes");

@@ -28,6 +28,7 @@ pub use mask_cache::MaskCache;
 use super::job::ItemResult;
 use super::stage::Stage;
 use super::validate::JobPlan;
+use crate::config::MaskLayout;
 use crate::jobs::edit::record as edit_record;
 use crate::keys;
 use crate::segmenter::Segmenter;
@@ -53,6 +54,8 @@ pub struct ItemRunner {
     budget: PixelBudget,
     /// ITEM_THREADS=one: an item's CPU work runs on its blocking thread alone (`single_thread`).
     one_thread_per_item: bool,
+    /// MASK_LAYOUT: instance masks stored as photo-resolution crops or as the model's grids.
+    mask_layout: MaskLayout,
 }
 
 /// Runs blocking (CPU) work off the async threads.
@@ -96,7 +99,14 @@ impl ItemRunner {
             // Until `with_pixel_budget`: the default where no memory limit is set.
             budget: PixelBudget::new(crate::config::default_inflight_megapixels(None)),
             one_thread_per_item: false,
+            mask_layout: MaskLayout::Grid,
         }
+    }
+
+    /// MASK_LAYOUT (see `crate::mask_png::grid`).
+    pub fn with_mask_layout(mut self, layout: MaskLayout) -> Self {
+        self.mask_layout = layout;
+        self
     }
 
     /// ITEM_THREADS: `One` runs each item's CPU work on one thread, the items in flight sharing the cores; `Shared`
@@ -249,9 +259,9 @@ impl ItemRunner {
                 }
             }
             let keep = used.contains(&concept.as_str());
-            let masks2 = masks.clone();
+            let (masks2, layout) = (masks.clone(), self.mask_layout);
             let (stored, union) = self
-                .cpu(move || Ok(concept_masks(&masks2, (w, h), keep)))
+                .cpu(move || Ok(concept_masks(&masks2, (w, h), keep, layout)))
                 .await?;
             for (n, (mask, instance)) in stored.into_iter().zip(&masks.result.instances).enumerate()
             {
@@ -271,6 +281,8 @@ impl ItemRunner {
                     height: mask.placement.height,
                     image_width: w,
                     image_height: h,
+                    grid_width: mask.grid.0,
+                    grid_height: mask.grid.1,
                 });
             }
             if let Some(union) = union {

@@ -1,7 +1,7 @@
 //! An edit's masks: read back from the source job's masks record and PNGs instead of segmenting (`jobs::edit`).
-//! The union of a concept's instances is rebuilt from the stored crops exactly as the job that stored them built
-//! it (the crop is the instance's full-frame mask without its zero border), so an edit renders what a job with the
-//! same rules would have rendered.
+//! The union of a concept's instances is rebuilt from the stored crops or grids exactly as the job that stored them
+//! built it (a crop is the instance's full-frame mask without its zero border; a grid is upsampled over its
+//! rectangle as the job did), so an edit renders what a job with the same rules would have rendered.
 
 use std::collections::HashMap;
 
@@ -16,7 +16,7 @@ use super::union_plane::UnionPlane;
 use super::{ItemRunner, blocking};
 use crate::jobs::edit::record::{self, MasksRecord, RecordError, StoredMask};
 use crate::jobs::validate::JobPlan;
-use crate::mask_png;
+use crate::mask_png::{self, grid as mask_grid};
 use crate::storage::{SharedStore, StorageError};
 
 impl ItemRunner {
@@ -146,6 +146,14 @@ fn paste_max(
             entry.image_width, entry.image_height
         )));
     }
+    if entry.grid_width > 0 {
+        // A model grid: upsampled into the union over its rectangle, as the job that stored it did.
+        let at = mask_grid::read_placement(png)
+            .ok_or_else(|| bad("a grid mask without its placement chunk".into()))?;
+        let grid = mask_grid::decode(png, &at, width, height).map_err(bad)?;
+        mask_grid::upsample_rows(&grid, &at, |y, x, row| union.fold_row(y, x, row));
+        return Ok(());
+    }
     let crop = image::load_from_memory_with_format(png, image::ImageFormat::Png)
         .map_err(|e| bad(format!("not a readable PNG: {e}")))?
         .into_luma8(); // no copy: stored masks are 8-bit gray
@@ -185,6 +193,8 @@ mod tests {
             height: 1,
             image_width: width,
             image_height: height,
+            grid_width: 0,
+            grid_height: 0,
         }
     }
 
@@ -212,6 +222,37 @@ mod tests {
             image::Luma([a.get_pixel(x, y)[0].max(b.get_pixel(x, y)[0])])
         });
         assert!(union == expected);
+    }
+
+    #[test]
+    fn grids_fold_back_into_the_union_the_job_built() {
+        use crate::config::MaskLayout;
+        use crate::jobs::item::instance_masks::instance_mask;
+        use palette_rules::mask::{ModelMask, PixelBox};
+        let (w, h) = (301u32, 203u32);
+        let probs: Vec<u8> = (0..12 * 9u32)
+            .map(|k| ((k * 37) % 256) as u8 & if k % 5 == 0 { 0 } else { 255 })
+            .collect();
+        let model = ModelMask {
+            width: 12,
+            height: 9,
+            probs: &probs,
+        };
+        let boxes = [(10.0, 20.0, 150.0, 120.0), (120.0, 60.0, 290.0, 200.0)];
+        let (mut job_union, mut edit_union) = (UnionPlane::new(w, h), UnionPlane::new(w, h));
+        for (x0, y0, x1, y1) in boxes {
+            let bbox = PixelBox { x0, y0, x1, y1 };
+            let stored =
+                instance_mask(&model, bbox, (w, h), Some(&mut job_union), MaskLayout::Grid);
+            assert_eq!(stored.grid, (12, 9));
+            let entry = StoredMask {
+                grid_width: 12,
+                grid_height: 9,
+                ..entry(w, h)
+            };
+            paste_max(&mut edit_union, &entry, &stored.png, (w, h)).unwrap();
+        }
+        assert!(job_union.into_image() == edit_union.into_image());
     }
 
     #[test]
