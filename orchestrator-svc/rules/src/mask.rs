@@ -20,6 +20,34 @@ pub fn zeroed_plane(width: u32, height: u32) -> GrayImage {
     GrayImage::from_raw(width, height, data).expect("the buffer has width x height bytes")
 }
 
+/// Bytes tested at once by `first_nonzero` and `last_nonzero`: OR-folding a block vectorises, a byte-wise search
+/// does not (a region's zero rows were scanned at ~1 byte per cycle: ~5 ms per 12 MP plane).
+const ZERO_BLOCK: usize = 64;
+
+/// The index of the first non-zero byte of `row`.
+fn first_nonzero(row: &[u8]) -> Option<usize> {
+    let mut start = 0;
+    for block in row.chunks(ZERO_BLOCK) {
+        if block.iter().fold(0u8, |a, &b| a | b) != 0 {
+            return block.iter().position(|&v| v != 0).map(|i| start + i);
+        }
+        start += block.len();
+    }
+    None
+}
+
+/// The index of the last non-zero byte of `row`.
+fn last_nonzero(row: &[u8]) -> Option<usize> {
+    let mut end = row.len();
+    for block in row.rchunks(ZERO_BLOCK) {
+        end -= block.len();
+        if block.iter().fold(0u8, |a, &b| a | b) != 0 {
+            return block.iter().rposition(|&v| v != 0).map(|i| end + i);
+        }
+    }
+    None
+}
+
 /// Model-resolution soft mask covering the whole image: u8 probabilities, row-major [height, width].
 pub struct ModelMask<'a> {
     pub width: u32,
@@ -73,8 +101,8 @@ pub fn nonzero_bounds(img: &GrayImage) -> Rect {
         .as_raw()
         .par_chunks(w.max(1) as usize)
         .map(|row| {
-            let first = row.iter().position(|&v| v != 0)?;
-            let last = row.iter().rposition(|&v| v != 0)?;
+            let first = first_nonzero(row)?;
+            let last = last_nonzero(row)?;
             Some((first as u32, last as u32 + 1))
         })
         .collect();
@@ -305,6 +333,33 @@ impl RowWriter<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_block_search_finds_the_first_and_last_non_zero_byte() {
+        for len in [0usize, 1, 63, 64, 65, 130, 1000] {
+            let mut row = vec![0u8; len];
+            assert_eq!((first_nonzero(&row), last_nonzero(&row)), (None, None));
+            for (a, b) in [
+                (0, 0),
+                (3, 3),
+                (0, len.saturating_sub(1)),
+                (len / 2, len / 2 + 1),
+                (63, 64),
+            ] {
+                if b >= len {
+                    continue;
+                }
+                row.fill(0);
+                row[a] = 7;
+                row[b] = 1;
+                assert_eq!(
+                    (first_nonzero(&row), last_nonzero(&row)),
+                    (Some(a), Some(b)),
+                    "{len} {a} {b}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn the_row_upsampler_and_its_bounds_match_the_full_plane() {
