@@ -26,7 +26,10 @@
 //! a thread keeps its arena whichever core it runs on): a buffer freed by one item is found by the next item's
 //! allocation on that core rather than stranded in another arena. orchestrator-bench, 2026-12-01, with the threshold
 //! above: the 1 MP job's peak resident set 202-215 -> 159 MB, the 48 MP memory check 1736 -> 1269 MB (1103 MB
-//! before the threshold), CPU within the run-to-run noise.
+//! before the threshold), CPU within the run-to-run noise. Under a CPU affinity mask narrower than the machine
+//! (`taskset`, `docker run --cpuset-cpus`, Kubernetes' static CPU manager) jemalloc cannot map cores to arenas: it
+//! prints `<jemalloc>: Number of CPUs detected is not deterministic. Per-CPU arena disabled.` once on stderr at
+//! startup and uses its default arenas (the 1736 MB figure above, still within that check's budget).
 //!
 //! (`fix_mmap_threshold`'s note of jemalloc and mimalloc staying above 500 MB was measured with their default
 //! settings, on the code of that time; with these the bench's 1 MP memory levels off as said above.)
