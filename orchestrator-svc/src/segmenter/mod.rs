@@ -280,22 +280,33 @@ mod tests {
         .unwrap()
     }
 
+    /// Runs one Segment call through `with_retries` whose every attempt fails with `status()`: the result and how
+    /// many attempts were made.
+    async fn failing(
+        segmenter: &Segmenter,
+        status: impl Fn() -> Status,
+    ) -> (Result<(), SegmenterError>, u32) {
+        let calls = AtomicU32::new(0);
+        let result = segmenter
+            .with_retries("Segment", |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let status = status();
+                async move { Err(status) }
+            })
+            .await;
+        (result, calls.load(Ordering::SeqCst))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn unavailable_is_retried_with_doubling_backoff() {
         let segmenter = client(3).with_first_backoff(Duration::from_millis(200));
-        let calls = AtomicU32::new(0);
         let started = tokio::time::Instant::now();
-        let result: Result<(), _> = segmenter
-            .with_retries("Segment", |_| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async { Err(Status::unavailable("starting")) }
-            })
-            .await;
+        let (result, calls) = failing(&segmenter, || Status::unavailable("starting")).await;
         assert!(
             matches!(result, Err(SegmenterError::Unavailable { attempts: 3, .. })),
             "{result:?}"
         );
-        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(calls, 3);
         // 200 ms, then 400 ms, on the paused clock: the test takes no real time for them.
         assert!(
             started.elapsed() >= Duration::from_millis(600),
@@ -307,27 +318,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_replica_closing_mid_call_is_retried_but_the_calls_own_deadline_is_not() {
         let segmenter = client(3);
-        let calls = AtomicU32::new(0);
-        let result: Result<(), _> = segmenter
-            .with_retries("Segment", |_| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async { Err(Status::cancelled("connection closed")) }
-            })
-            .await;
+        let (result, calls) = failing(&segmenter, || Status::cancelled("connection closed")).await;
         assert!(
             matches!(result, Err(SegmenterError::Unavailable { attempts: 3, .. })),
             "{result:?}"
         );
-        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(calls, 3);
 
         // What tonic returns when the channel's timeout (SEGMENTER_TIMEOUT_SEC) passes.
-        let calls = AtomicU32::new(0);
-        let result: Result<(), _> = segmenter
-            .with_retries("Segment", |_| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async { Err(Status::from_error(Box::new(tonic::TimeoutExpired(())))) }
-            })
-            .await;
+        let (result, calls) = failing(&segmenter, || {
+            Status::from_error(Box::new(tonic::TimeoutExpired(())))
+        })
+        .await;
         match result {
             Err(SegmenterError::Unavailable {
                 attempts: 1,
@@ -338,23 +340,18 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(calls, 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_refusal_is_not_retried() {
         let segmenter = client(4);
-        let calls = AtomicU32::new(0);
-        let result: Result<(), _> = segmenter
-            .with_retries("Segment", |_| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async { Err(Status::invalid_argument("not an image")) }
-            })
-            .await;
+        let (result, calls) =
+            failing(&segmenter, || Status::invalid_argument("not an image")).await;
         assert!(
             matches!(result, Err(SegmenterError::Rejected { attempts: 1, .. })),
             "{result:?}"
         );
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(calls, 1);
     }
 }
