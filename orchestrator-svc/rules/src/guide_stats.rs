@@ -15,13 +15,22 @@ pub struct GuideStats {
     pub(crate) key: GuideKey,
     /// The guide's sRGB planes (0..1), area-averaged by s: the mask's products with them are per region.
     pub(crate) i: Vec<Plane>,
-    /// Per grid pixel: the guide's box means (r, g, b).
-    pub(crate) mean: Vec<[f32; 3]>,
+    /// The guide's box means (r, g, b planes).
+    pub(crate) mean: Vec<Plane>,
     /// Per grid pixel: the cofactors c00, c01, c02, c11, c12, c22 of the covariance plus eps on its diagonal, and
     /// 1 / det. Kept apart, not multiplied out, so a region's coefficients take the same floats in the same order
-    /// as when each region solved alone (same bytes).
-    pub(crate) inverse: Vec<[f32; 7]>,
+    /// as when each region solved alone (same bytes). Row by row, each row's seven values planar (`INVERSE`
+    /// rows of the grid's width one after the other), so that the per-pixel loops run 8 pixels to a vector.
+    pub(crate) inverse: Vec<f32>,
 }
+
+/// Row y of a grid plane.
+fn grid_row(pl: &Plane, y: usize) -> &[f32] {
+    &pl.data[y * pl.w..(y + 1) * pl.w]
+}
+
+/// Values per grid pixel in `GuideStats::inverse`.
+const INVERSE: usize = 7;
 
 /// What the statistics depend on besides the photo.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -49,35 +58,24 @@ impl GuideStats {
             .iter()
             .map(|&(a, b)| box_mean_product(&i[a], &i[b], rs))
             .collect();
-        let n = i[0].w * i[0].h;
-        let mut mean = vec![[0.0f32; 3]; n];
-        let mut inverse = vec![[0.0f32; 7]; n];
-        let eps = key.eps;
-        mean.par_iter_mut()
-            .zip(inverse.par_iter_mut())
+        let w = i[0].w;
+        let mut inverse = vec![0.0f32; INVERSE * w * i[0].h];
+        inverse
+            .par_chunks_mut(INVERSE * w)
             .enumerate()
-            .for_each(|(k, (m, c))| {
-                *m = [mi[0].data[k], mi[1].data[k], mi[2].data[k]];
-                let v = |q: usize| {
-                    let (a, b) = PAIRS[q];
-                    mii[q].data[k] - m[a] * m[b]
-                };
-                let (rr, rg, rb, gg, gb, bb) =
-                    (v(0) + eps, v(1), v(2), v(3) + eps, v(4), v(5) + eps);
-                // Symmetric 3x3 inverse by cofactors; eps on the diagonal keeps it well conditioned.
-                let c00 = gg * bb - gb * gb;
-                let c01 = gb * rb - rg * bb;
-                let c02 = rg * gb - gg * rb;
-                let c11 = rr * bb - rb * rb;
-                let c12 = rb * rg - rr * gb;
-                let c22 = rr * gg - rg * rg;
-                let det = rr * c00 + rg * c01 + rb * c02;
-                *c = [c00, c01, c02, c11, c12, c22, 1.0 / det];
+            .for_each(|(y, out)| {
+                let row = |pl| grid_row(pl, y);
+                invert_row(
+                    out,
+                    [row(&mi[0]), row(&mi[1]), row(&mi[2])],
+                    std::array::from_fn(|q| row(&mii[q])),
+                    key.eps,
+                );
             });
         GuideStats {
             key,
             i,
-            mean,
+            mean: mi,
             inverse,
         }
     }
@@ -148,29 +146,100 @@ impl crate::guided::Coefficients {
             .iter()
             .map(|c| box_mean_product(c, ps, rs))
             .collect();
-        let mut coef = vec![[0.0f32; 4]; w * h];
-        coef.par_iter_mut().enumerate().for_each(|(k, c)| {
-            let m = stats.mean[k];
-            let cov_ip: [f32; 3] = std::array::from_fn(|ch| mip[ch].data[k] - m[ch] * mp.data[k]);
-            let [c00, c01, c02, c11, c12, c22, inv] = stats.inverse[k];
-            let a0 = (c00 * cov_ip[0] + c01 * cov_ip[1] + c02 * cov_ip[2]) * inv;
-            let a1 = (c01 * cov_ip[0] + c11 * cov_ip[1] + c12 * cov_ip[2]) * inv;
-            let a2 = (c02 * cov_ip[0] + c12 * cov_ip[1] + c22 * cov_ip[2]) * inv;
-            *c = [a0, a1, a2, mp.data[k] - a0 * m[0] - a1 * m[1] - a2 * m[2]];
-        });
-        let cp: Vec<Plane> = (0..4)
-            .map(|ch| {
-                mean(&Plane {
-                    w,
-                    h,
-                    data: coef.iter().map(|c| c[ch]).collect(),
-                })
-            })
-            .collect();
-        let xs = (0..crop.width() as usize)
-            .map(|x| crate::guided::coord(x, s, w))
-            .collect();
+        let mut coef: [Plane; 4] = std::array::from_fn(|_| Plane::new(w, h));
+        let [c0, c1, c2, c3] = &mut coef;
+        c0.data
+            .par_chunks_mut(w)
+            .zip(c1.data.par_chunks_mut(w))
+            .zip(c2.data.par_chunks_mut(w))
+            .zip(c3.data.par_chunks_mut(w))
+            .enumerate()
+            .for_each(|(y, (((a0, a1), a2), b))| {
+                let row = |pl| grid_row(pl, y);
+                coefficient_row(
+                    [a0, a1, a2, b],
+                    &stats.inverse[y * INVERSE * w..(y + 1) * INVERSE * w],
+                    [
+                        row(&stats.mean[0]),
+                        row(&stats.mean[1]),
+                        row(&stats.mean[2]),
+                    ],
+                    [row(&mip[0]), row(&mip[1]), row(&mip[2])],
+                    row(&mp),
+                );
+            });
+        let cp: Vec<Plane> = coef.iter().map(mean).collect();
+        let xs = crate::guided::ColumnTaps::new(crop.width() as usize, s, w);
         crate::guided::Coefficients { cp, s, xs }
+    }
+}
+
+crate::simd::kernel! {
+    /// `GuideStats::new`'s per-pixel step over one grid row: the covariance of the guide from its box means `m`
+    /// and second moments `mm` (`PAIRS` order), plus eps on the diagonal, and its inverse by cofactors into `out`
+    /// (`INVERSE` rows of the row's width). Indexed loops over slices cut to one length: LLVM vectorises them.
+    fn invert_row(out: &mut [f32], m: [&[f32]; 3], mm: [&[f32]; 6], eps: f32) {
+        let n = m[0].len();
+        let (m0, m1, m2) = (&m[0][..n], &m[1][..n], &m[2][..n]);
+        let mm: [&[f32]; 6] = std::array::from_fn(|q| &mm[q][..n]);
+        let (o, rest) = out.split_at_mut(n);
+        let (o1, rest) = rest.split_at_mut(n);
+        let (o2, rest) = rest.split_at_mut(n);
+        let (o3, rest) = rest.split_at_mut(n);
+        let (o4, rest) = rest.split_at_mut(n);
+        let (o5, o6) = rest.split_at_mut(n);
+        let o6 = &mut o6[..n];
+        for k in 0..n {
+            let (r, g, b) = (m0[k], m1[k], m2[k]);
+            // Symmetric 3x3 inverse by cofactors; eps on the diagonal keeps it well conditioned.
+            let rr = mm[0][k] - r * r + eps;
+            let rg = mm[1][k] - r * g;
+            let rb = mm[2][k] - r * b;
+            let gg = mm[3][k] - g * g + eps;
+            let gb = mm[4][k] - g * b;
+            let bb = mm[5][k] - b * b + eps;
+            let c00 = gg * bb - gb * gb;
+            let c01 = gb * rb - rg * bb;
+            let c02 = rg * gb - gg * rb;
+            o[k] = c00;
+            o1[k] = c01;
+            o2[k] = c02;
+            o3[k] = rr * bb - rb * rb;
+            o4[k] = rb * rg - rr * gb;
+            o5[k] = rr * gg - rg * rg;
+            o6[k] = 1.0 / (rr * c00 + rg * c01 + rb * c02);
+        }
+    }
+}
+
+crate::simd::kernel! {
+    /// `Coefficients::solve_with`'s per-pixel step over one grid row: the guide's covariance with the mask (its
+    /// box products `mip` less the means' product), times the inverse (`inv`, `invert_row`'s layout), gives a;
+    /// b = mean(p) - a . mean(I).
+    fn coefficient_row(
+        out: [&mut [f32]; 4],
+        inv: &[f32],
+        m: [&[f32]; 3],
+        mip: [&[f32]; 3],
+        mp: &[f32],
+    ) {
+        let n = mp.len();
+        let [a0, a1, a2, b] = out;
+        let (a0, a1, a2, b) = (&mut a0[..n], &mut a1[..n], &mut a2[..n], &mut b[..n]);
+        let c: [&[f32]; INVERSE] = std::array::from_fn(|q| &inv[q * n..(q + 1) * n]);
+        let (m0, m1, m2) = (&m[0][..n], &m[1][..n], &m[2][..n]);
+        let (p0, p1, p2) = (&mip[0][..n], &mip[1][..n], &mip[2][..n]);
+        for k in 0..n {
+            let cov = [p0[k] - m0[k] * mp[k], p1[k] - m1[k] * mp[k], p2[k] - m2[k] * mp[k]];
+            let (c00, c01, c02, c11, c12, c22) = (c[0][k], c[1][k], c[2][k], c[3][k], c[4][k], c[5][k]);
+            let x0 = (c00 * cov[0] + c01 * cov[1] + c02 * cov[2]) * c[6][k];
+            let x1 = (c01 * cov[0] + c11 * cov[1] + c12 * cov[2]) * c[6][k];
+            let x2 = (c02 * cov[0] + c12 * cov[1] + c22 * cov[2]) * c[6][k];
+            a0[k] = x0;
+            a1[k] = x1;
+            a2[k] = x2;
+            b[k] = mp[k] - x0 * m0[k] - x1 * m1[k] - x2 * m2[k];
+        }
     }
 }
 
