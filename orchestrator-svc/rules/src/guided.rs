@@ -49,6 +49,8 @@ pub(crate) struct ColumnTaps {
     spans: Vec<(usize, usize, usize, usize)>,
     /// Each column's weight of the next sample.
     weights: Vec<f32>,
+    /// Each column's two grid samples, for the AVX2 path (which takes 8 columns at a time however short the spans).
+    samples: Vec<[u32; 2]>,
 }
 
 impl ColumnTaps {
@@ -56,15 +58,21 @@ impl ColumnTaps {
     pub(crate) fn new(width: usize, s: usize, n: usize) -> Self {
         let mut spans: Vec<(usize, usize, usize, usize)> = Vec::new();
         let mut weights = Vec::with_capacity(width);
+        let mut samples = Vec::with_capacity(width);
         for x in 0..width {
             let (i, i1, wx) = coord(x, s, n);
+            samples.push([i as u32, i1 as u32]);
             match spans.last_mut() {
                 Some((a, b, _, end)) if (*a, *b) == (i, i1) => *end = x + 1,
                 _ => spans.push((i, i1, x, x + 1)),
             }
             weights.push(wx);
         }
-        ColumnTaps { spans, weights }
+        ColumnTaps {
+            spans,
+            weights,
+            samples,
+        }
     }
 
     fn len(&self) -> usize {
@@ -104,7 +112,17 @@ impl Coefficients {
     fn horizontal(&self, j: usize, out: &mut [f32]) {
         let w = self.cp[0].w;
         let planes: [&[f32]; 4] = std::array::from_fn(|k| &self.cp[k].data[j * w..(j + 1) * w]);
-        interpolate_row(out, planes, &self.xs.spans, &self.xs.weights);
+        let taps = &self.xs;
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::active() == crate::simd::Level::Avx2Fma {
+            // SAFETY: `active` is at most `detected`, which found AVX2 and FMA on this CPU.
+            #[allow(unsafe_code)]
+            unsafe {
+                avx2::interpolate_planes(out, planes, &taps.samples, &taps.weights)
+            };
+            return;
+        }
+        interpolate_row(out, planes, &taps.spans, &taps.weights);
     }
 }
 
@@ -237,6 +255,60 @@ mod avx2 {
             unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(x), q) };
         }
         done
+    }
+
+    /// `Coefficients::horizontal`: each plane's row interpolated at every column's two `samples` by its weight,
+    /// into its quarter of `out`, 8 columns a step wherever their samples lie within 8 consecutive ones (any scale
+    /// s >= 2): one load of those 8 and two in-register permutes instead of 16 indexed loads, or the span loop's
+    /// overhead at small s (3 columns per span at 1 MP). The same float operations as the span loop, so the same
+    /// values; groups that do not fit (s = 1, the row's end) go a column at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn interpolate_planes(
+        out: &mut [f32],
+        planes: [&[f32]; 4],
+        samples: &[[u32; 2]],
+        weights: &[f32],
+    ) {
+        let n = weights.len();
+        let len = planes[0].len();
+        assert!(samples.len() == n && out.len() == 4 * n && planes.iter().all(|p| p.len() == len));
+        let mut x = 0;
+        while x < n {
+            let base = samples[x][0] as usize;
+            if x + 8 <= n && base + 8 <= len && (samples[x + 7][1] as usize) < base + 8 {
+                let (mut lo, mut hi) = ([0i32; 8], [0i32; 8]);
+                for k in 0..8 {
+                    lo[k] = (samples[x + k][0] as usize - base) as i32;
+                    hi[k] = (samples[x + k][1] as usize - base) as i32;
+                }
+                // SAFETY: `lo` and `hi` are 8 i32s each; x + 8 <= n, the weights' length.
+                let (lo, hi, w) = unsafe {
+                    (
+                        _mm256_loadu_si256(lo.as_ptr() as *const __m256i),
+                        _mm256_loadu_si256(hi.as_ptr() as *const __m256i),
+                        _mm256_loadu_ps(weights.as_ptr().add(x)),
+                    )
+                };
+                for (k, p) in planes.iter().enumerate() {
+                    // SAFETY: base + 8 <= len, each plane's length; k n + x + 8 <= 4n, out's length.
+                    unsafe {
+                        let v = _mm256_loadu_ps(p.as_ptr().add(base));
+                        let a = _mm256_permutevar8x32_ps(v, lo);
+                        let b = _mm256_permutevar8x32_ps(v, hi);
+                        let q = _mm256_add_ps(a, _mm256_mul_ps(w, _mm256_sub_ps(b, a)));
+                        _mm256_storeu_ps(out.as_mut_ptr().add(k * n + x), q);
+                    }
+                }
+                x += 8;
+            } else {
+                let [i, i1] = samples[x];
+                for (k, p) in planes.iter().enumerate() {
+                    let (a, b) = (p[i as usize], p[i1 as usize]);
+                    out[k * n + x] = a + weights[x] * (b - a);
+                }
+                x += 1;
+            }
+        }
     }
 }
 
