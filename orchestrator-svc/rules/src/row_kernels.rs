@@ -20,6 +20,44 @@ crate::simd::kernel! {
 }
 
 crate::simd::kernel! {
+    /// `row` = max(`row`, `src`): one more mask into a union's row of codes.
+    pub(crate) fn max_codes(row: &mut [u8], src: &[u8]) {
+        for (d, &v) in row.iter_mut().zip(src) {
+            *d = (*d).max(v);
+        }
+    }
+}
+
+crate::simd::kernel! {
+    /// A row of codes added to column sums (`guided::guide_small`, `region::union_small`: s rows of codes at most,
+    /// s * 255 within u16).
+    pub(crate) fn add_codes(sums: &mut [u16], codes: &[u8]) {
+        for (d, &c) in sums.iter_mut().zip(codes) {
+            *d += u16::from(c);
+        }
+    }
+}
+
+/// The means in 0..1 of cells `s` columns wide (the last one what is left) of `rows` rows of codes, from the rows'
+/// column sums `columns` of `N` interleaved channels, into one output row per channel: each cell's exact integer
+/// sum times 1 / (255 n).
+pub(crate) fn cell_means<const N: usize>(
+    columns: &[u16],
+    s: usize,
+    rows: usize,
+    mut out: [&mut [f32]; N],
+) {
+    for (x, cell) in columns.chunks(s * N).enumerate() {
+        let mut acc = [0u32; N];
+        for px in cell.chunks_exact(N) {
+            (0..N).for_each(|k| acc[k] += u32::from(px[k]));
+        }
+        let inv = 1.0 / (255.0 * (rows * (cell.len() / N)) as f32);
+        (0..N).for_each(|k| out[k][x] = acc[k] as f32 * inv);
+    }
+}
+
+crate::simd::kernel! {
     /// Floats in 0..1 to bytes, rounded (a region's last step).
     pub(crate) fn quantize(src: &[f32], dst: &mut [u8]) {
         for (d, v) in dst.iter_mut().zip(src) {

@@ -50,7 +50,7 @@ pub fn region(
     let mut region = palette_rules::region::build_region(photo, targets, occluders, params);
     let not_applied = match target {
         None => Some(NotApplied::ConceptNotFound),
-        Some(t) if hidden_by_occluders(t, &region) => {
+        Some(t) if hidden_by_occluders(t, occluders, &region) => {
             region.fill(0);
             Some(NotApplied::RegionEmpty)
         }
