@@ -19,6 +19,20 @@ impl Plane {
             data: vec![0.0; w * h],
         }
     }
+    /// A w x h plane of unspecified values, for code that writes every one (`spare::take`).
+    pub(crate) fn spare(w: usize, h: usize) -> Plane {
+        Plane {
+            w,
+            h,
+            data: crate::spare::take(w * h),
+        }
+    }
+
+    /// Hands the plane's buffer to `spare` for the next plane of its size on this thread.
+    pub(crate) fn give_back(self) {
+        crate::spare::give_back(self.data);
+    }
+
     #[inline]
     pub fn at(&self, x: usize, y: usize) -> f32 {
         self.data[y * self.w + x]
@@ -33,7 +47,10 @@ pub fn box_mean(src: &Plane, r: usize) -> Plane {
         return src.clone();
     }
     let (w, h) = (src.w, src.h);
-    vertical_pass(&horizontal_pass(&src.data, None, w, r), w, h, r)
+    let tmp = horizontal_pass(&src.data, None, w, r);
+    let out = vertical_pass(&tmp, w, h, r);
+    crate::spare::give_back(tmp);
+    out
 }
 
 /// box_mean(a * b) without materialising the product plane (the guided filter takes ten of these per call).
@@ -45,7 +62,10 @@ pub fn box_mean_product(a: &Plane, b: &Plane, r: usize) -> Plane {
         multiply(&mut data, &a.data, &b.data);
         return Plane { w, h, data };
     }
-    vertical_pass(&horizontal_pass(&a.data, Some(&b.data), w, r), w, h, r)
+    let tmp = horizontal_pass(&a.data, Some(&b.data), w, r);
+    let out = vertical_pass(&tmp, w, h, r);
+    crate::spare::give_back(tmp);
+    out
 }
 
 /// Rows per group of the horizontal pass. A row's running sum is a chain of dependent adds, one pixel at a time
@@ -57,7 +77,8 @@ const LANES: usize = 8;
 /// rows of width w, in groups of `LANES` rows run in parallel.
 fn horizontal_pass(a: &[f32], b: Option<&[f32]>, w: usize, r: usize) -> Vec<f32> {
     let avx = cfg!(target_arch = "x86_64") && crate::simd::active() == crate::simd::Level::Avx2Fma;
-    let mut tmp = vec![0.0f32; a.len()];
+    // Every value is written below: a spare buffer will do (`spare`).
+    let mut tmp = crate::spare::take(a.len());
     tmp.par_chunks_mut(w * LANES).enumerate().for_each_init(
         || {
             (
@@ -251,7 +272,8 @@ crate::simd::kernel! {
 
 /// The vertical half of a box mean, over the horizontal pass's output, in bands of rows run in parallel.
 fn vertical_pass(tmp: &[f32], w: usize, h: usize, r: usize) -> Plane {
-    let mut out = Plane::new(w, h);
+    // Every row is written below (`scale_row`): a spare buffer will do.
+    let mut out = Plane::spare(w, h);
     out.data
         .par_chunks_mut(w * BAND)
         .enumerate()

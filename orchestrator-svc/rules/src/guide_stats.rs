@@ -59,7 +59,8 @@ impl GuideStats {
             .map(|&(a, b)| box_mean_product(&i[a], &i[b], rs))
             .collect();
         let w = i[0].w;
-        let mut inverse = vec![0.0f32; INVERSE * w * i[0].h];
+        // Every value is written below (`invert_row`): a spare buffer will do.
+        let mut inverse = crate::spare::take(INVERSE * w * i[0].h);
         inverse
             .par_chunks_mut(INVERSE * w)
             .enumerate()
@@ -72,6 +73,7 @@ impl GuideStats {
                     key.eps,
                 );
             });
+        mii.into_iter().for_each(Plane::give_back);
         GuideStats {
             key,
             i,
@@ -146,7 +148,8 @@ impl crate::guided::Coefficients {
             .iter()
             .map(|c| box_mean_product(c, ps, rs))
             .collect();
-        let mut coef: [Plane; 4] = std::array::from_fn(|_| Plane::new(w, h));
+        // Every value is written below (`coefficient_row`): spare buffers will do.
+        let mut coef: [Plane; 4] = std::array::from_fn(|_| Plane::spare(w, h));
         let [c0, c1, c2, c3] = &mut coef;
         c0.data
             .par_chunks_mut(w)
@@ -169,6 +172,10 @@ impl crate::guided::Coefficients {
                 );
             });
         let cp: Vec<Plane> = coef.iter().map(mean).collect();
+        [mp].into_iter()
+            .chain(mip)
+            .chain(coef)
+            .for_each(Plane::give_back);
         let xs = crate::guided::ColumnTaps::new(crop.width() as usize, s, w);
         crate::guided::Coefficients { cp, s, xs }
     }

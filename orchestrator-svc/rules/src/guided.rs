@@ -340,15 +340,15 @@ pub(crate) fn guide_small(photo: &RgbImage, crop: Rect, s: usize) -> Vec<Plane> 
         .zip(b.data.par_chunks_mut(w))
         .enumerate()
         .for_each_init(
-            || vec![0u16; cw * 3],
-            |columns, (y, ((r, g), b))| {
+            || (vec![0u16; cw * 3], Vec::new()),
+            |(columns, window), (y, ((r, g), b))| {
                 let (y0, y1) = (y * s, ((y + 1) * s).min(ch));
                 columns.fill(0);
                 for yy in y0..y1 {
                     let base = (crop.y0 as usize + yy) * stride + (crop.x0 as usize) * 3;
                     add_codes(columns, &raw[base..base + cw * 3]);
                 }
-                cell_means(columns, s, y1 - y0, [r, g, b]);
+                cell_means(columns, s, y1 - y0, window, [r, g, b]);
             },
         );
     planes.into()

@@ -18,6 +18,7 @@ pub mod region;
 mod row_kernels;
 pub mod rule;
 pub mod simd;
+mod spare;
 pub mod swatch;
 pub mod synth;
 

@@ -248,14 +248,14 @@ fn union_small(masks: &[&GrayImage], c: Rect, s: usize) -> Plane {
     let (w, h) = (cw.div_ceil(s), ch.div_ceil(s));
     let mut out = Plane::new(w, h);
     out.data.par_chunks_mut(w).enumerate().for_each_init(
-        || (vec![0u8; cw], vec![0u16; cw]),
-        |(line, columns), (y, dst)| {
+        || (vec![0u8; cw], vec![0u16; cw], Vec::new()),
+        |(line, columns, window), (y, dst)| {
             let (y0, y1) = (y * s, ((y + 1) * s).min(ch));
             columns.fill(0);
             for yy in y0..y1 {
                 add_codes(columns, union_codes(masks, c, yy, line));
             }
-            cell_means(columns, s, y1 - y0, [dst]);
+            cell_means(columns, s, y1 - y0, window, [dst]);
         },
     );
     out
