@@ -68,9 +68,23 @@ fn unavailable(what: &str, path: &Path, e: std::io::Error) -> StorageError {
     StorageError::unavailable(format!("{what} {}", path.display()), e)
 }
 
-#[async_trait]
-impl ObjectStore for LocalStore {
-    async fn get_at_most(&self, key: &str, max_bytes: u64) -> Result<Bytes, StorageError> {
+/// Runs one operation's file-system calls, all of them, on the blocking pool: one hand-off per object rather than
+/// one per call (a put's folder creation, write and rename were three, each waking a pool thread, then the
+/// runtime, then parking: with the bench's 28 objects per 1 MP photo, ~6 % of its CPU), and no blocking call (the
+/// symlink checks') on the runtime's threads.
+async fn off_runtime<T: Send + 'static>(
+    store: &LocalStore,
+    key: &str,
+    op: impl FnOnce(&LocalStore, &str) -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    let (store, key) = (store.clone(), key.to_string());
+    tokio::task::spawn_blocking(move || op(&store, &key))
+        .await
+        .map_err(|e| StorageError::unavailable("local storage task", e))?
+}
+
+impl LocalStore {
+    fn get_at_most_now(&self, key: &str, max_bytes: u64) -> Result<Bytes, StorageError> {
         let path = self.path_of(key)?;
         self.confined(key, &path)?;
         let too_large = |size: u64| StorageError::TooLarge {
@@ -78,11 +92,11 @@ impl ObjectStore for LocalStore {
             size: Some(size),
             limit: max_bytes,
         };
-        match tokio::fs::metadata(&path).await {
+        match std::fs::metadata(&path) {
             Ok(meta) if meta.len() > max_bytes => return Err(too_large(meta.len())),
             _ => {}
         }
-        match tokio::fs::read(&path).await {
+        match std::fs::read(&path) {
             // Replaced by a larger file since the size check.
             Ok(data) if data.len() as u64 > max_bytes => Err(too_large(data.len() as u64)),
             Ok(data) => Ok(Bytes::from(data)),
@@ -93,36 +107,52 @@ impl ObjectStore for LocalStore {
         }
     }
 
-    async fn put(&self, key: &str, body: Bytes, _content_type: &str) -> Result<(), StorageError> {
+    fn put_now(&self, key: &str, body: &[u8]) -> Result<(), StorageError> {
         let path = self.path_of(key)?;
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         // Before creating folders (which would follow a linked folder out of the root) and after.
         self.confined(key, &dir)?;
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| unavailable("create", &dir, e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| unavailable("create", &dir, e))?;
         self.confined(key, &dir)?;
         // Write beside the target and rename: readers see the old object or the whole new one, never a torn write.
         let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
-        if let Err(e) = tokio::fs::write(&tmp, &body).await {
-            let _ = tokio::fs::remove_file(&tmp).await;
+        if let Err(e) = std::fs::write(&tmp, body) {
+            let _ = std::fs::remove_file(&tmp);
             return Err(unavailable("write", &tmp, e));
         }
-        if let Err(e) = tokio::fs::rename(&tmp, &path).await {
-            let _ = tokio::fs::remove_file(&tmp).await;
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&tmp);
             return Err(unavailable("rename to", &path, e));
         }
         Ok(())
     }
 
-    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
+    fn head_now(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
         let path = self.path_of(key)?;
         self.confined(key, &path)?;
-        match tokio::fs::metadata(&path).await {
+        match std::fs::metadata(&path) {
             Ok(meta) if meta.is_file() => Ok(Some(ObjectMeta { size: meta.len() })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(unavailable("stat", &path, e)),
         }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for LocalStore {
+    async fn get_at_most(&self, key: &str, max_bytes: u64) -> Result<Bytes, StorageError> {
+        off_runtime(self, key, move |store, key| {
+            store.get_at_most_now(key, max_bytes)
+        })
+        .await
+    }
+
+    async fn put(&self, key: &str, body: Bytes, _content_type: &str) -> Result<(), StorageError> {
+        off_runtime(self, key, move |store, key| store.put_now(key, &body)).await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
+        off_runtime(self, key, |store, key| store.head_now(key)).await
     }
 }
