@@ -176,30 +176,33 @@ fn refined_feathered(
     let (cw, ch) = (crop.width() as usize, crop.height() as usize);
     let w = out.width() as usize;
     let rows = &mut out.as_mut()[crop.y0 as usize * w..(crop.y0 as usize + ch) * w];
-    rows.par_chunks_mut(w * BAND)
-        .enumerate()
-        .for_each(|(band, dst)| {
+    // Each task's buffers serve all its bands (every value is written before it is read): allocated per band,
+    // their zeroing was ~1 % of a 12 MP photo (perf).
+    rows.par_chunks_mut(w * BAND).enumerate().for_each_init(
+        || {
+            let line = || vec![0.0f32; cw];
+            (vec![0.0f32; (BAND + 2) * cw], line(), line(), coef.rows())
+        },
+        |(tmp, q, v, rows), (band, dst)| {
             let y0 = band * BAND;
             let n = dst.len() / w;
             // Rows lo..hi of the crop, refined and blurred horizontally: the band's and its neighbours (clamped
             // at the crop's edges, as three_tap clamps).
             let (lo, hi) = (y0.saturating_sub(1), (y0 + n + 1).min(ch));
-            let mut tmp = vec![0.0f32; (hi - lo) * cw];
-            let mut q = vec![0.0f32; cw];
-            let mut rows = coef.rows();
+            let tmp = &mut tmp[..(hi - lo) * cw];
             for (k, t) in tmp.chunks_exact_mut(cw).enumerate() {
-                refined_row(&mut rows, photo, crop, lo + k, &mut q);
-                three_tap_row(&q, t, wt);
+                refined_row(rows, photo, crop, lo + k, q);
+                three_tap_row(q, t, wt);
             }
             let row = |y: usize| &tmp[(y - lo) * cw..(y - lo + 1) * cw];
-            let mut v = vec![0.0f32; cw];
             for (i, line) in dst.chunks_exact_mut(w).enumerate() {
                 let y = y0 + i;
                 let (up, dn) = (y.saturating_sub(1), (y + 1).min(ch - 1));
-                three_tap_column(row(up), row(y), row(dn), &mut v, wt);
-                quantize(&v, &mut line[crop.x0 as usize..crop.x0 as usize + cw]);
+                three_tap_column(row(up), row(y), row(dn), v, wt);
+                quantize(v, &mut line[crop.x0 as usize..crop.x0 as usize + cw]);
             }
-        });
+        },
+    );
 }
 
 const STRETCH: f32 = 2.0;
