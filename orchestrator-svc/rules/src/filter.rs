@@ -28,7 +28,7 @@ impl Plane {
         }
     }
 
-    /// Hands the plane's buffer to `spare` for the next plane of its size on this thread.
+    /// Hands the plane's buffer to `spare` for the next plane of its size.
     pub(crate) fn give_back(self) {
         crate::spare::give_back(self.data);
     }

@@ -291,6 +291,17 @@ mod tests {
     }
 
     #[test]
+    fn only_occluders_can_hide_a_target() {
+        // A region that kept 1 % of its target: hidden when occluders were cut out of it, not when there were none
+        // (then it is the target refined, and `region_empty` would blame occluders that do not exist).
+        let target = GrayImage::from_pixel(10, 10, image::Luma([255]));
+        let region = GrayImage::from_fn(10, 10, |x, _| image::Luma([if x == 0 { 25 } else { 0 }]));
+        let occluder = GrayImage::from_pixel(10, 10, image::Luma([255]));
+        assert!(hidden_by_occluders(&target, &[occluder], &region));
+        assert!(!hidden_by_occluders(&target, &[], &region));
+    }
+
+    #[test]
     fn alpha_sums_over_many_chunks_equal_the_plain_sum() {
         // 300x300 = 90000 values: one full 64 Ki chunk (of 255s: just under u32::MAX) and a partial one.
         let img = GrayImage::from_fn(300, 300, |x, y| {
