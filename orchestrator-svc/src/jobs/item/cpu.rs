@@ -139,9 +139,12 @@ pub fn rule_region(
 pub struct RuleInput<'a> {
     /// The photo as decoded: never edited.
     pub photo: &'a RgbImage,
-    /// A copy of `photo` the rule edits in place; equal to `photo` again when `render_rule` returns, so the next
-    /// rule of the photo starts from the original without a full-frame copy per rule.
+    /// A copy of `photo` the rule edits in place; equal to `photo` again when `render_rule` returns (with
+    /// `restore`), so the next rule of the photo starts from the original without a full-frame copy per rule.
     pub work: &'a mut RgbImage,
+    /// Whether to put `work` back as `photo` after encoding: false for a photo's last rule, whose caller drops the
+    /// copy (the region's box copied back for nothing: ~1 % of a 12 MP photo with three rules, perf).
+    pub restore: bool,
     /// The rule's region (`rule_region`), possibly shared with other rules of the photo.
     pub region: &'a Region,
     pub rule: &'a PlannedRule,
@@ -161,6 +164,7 @@ pub fn render_rule(input: RuleInput<'_>) -> Result<RenderedRule, ItemError> {
         idx,
         swatch,
         want_preview,
+        restore: put_back,
     } = input;
     let applied =
         palette_rules::apply_in_place(work, &region.alpha, &rule.rule.for_image(idx), swatch)
@@ -174,7 +178,9 @@ pub fn render_rule(input: RuleInput<'_>) -> Result<RenderedRule, ItemError> {
             let encoded = imaging::encode_jpeg(work);
             let preview = want_preview.then(|| imaging::preview_jpeg(work));
             // Only pixels inside the region's box were written: put those back before anything can fail.
-            restore(work, photo, nonzero_bounds(&region.alpha));
+            if put_back {
+                restore(work, photo, nonzero_bounds(&region.alpha));
+            }
             Ok(RenderedRule {
                 preview: preview.transpose()?,
                 encoded: encoded?,
@@ -273,6 +279,7 @@ mod tests {
                 idx: 0,
                 swatch: None,
                 want_preview: false,
+                restore: true,
             })
             .unwrap();
             let Ok(palette_rules::Edited::Rgb(alone)) =

@@ -293,8 +293,8 @@ impl ItemRunner {
     }
 
     /// Each rule: region, edit, encode (`cpu::render_rule`), store. Returns the outputs and the preview of the first
-    /// one. The rules edit one copy of the photo in turn (each restores it), and rules with the same region share
-    /// it: it is built for the first and kept until the last of them.
+    /// one. The rules edit one copy of the photo in turn (each but the last restores it), and rules with the same
+    /// region share it: it is built for the first and kept until the last of them.
     async fn apply_rules(
         &self,
         plan: &Arc<JobPlan>,
@@ -330,6 +330,8 @@ impl ItemRunner {
                         None => Arc::new(rule_region(&photo, &masks, rule, &guides)),
                     };
                     let work = buffer.get_or_insert_with(|| (*photo).clone());
+                    // The last rule leaves its edit in the copy, and the copy goes.
+                    let last = r + 1 == plan2.rules.len();
                     let rendered = render_rule(RuleInput {
                         photo: &photo,
                         work,
@@ -338,8 +340,9 @@ impl ItemRunner {
                         idx,
                         swatch: swatch.as_deref(),
                         want_preview: r == 0,
+                        restore: !last,
                     })?;
-                    Ok((rendered, buffer, region))
+                    Ok((rendered, buffer.filter(|_| !last), region))
                 })
                 .await?;
             work = buffer;
