@@ -5,7 +5,7 @@
 //! `palette_service_kit::telemetry::fix_mmap_threshold`), so glibc maps every one afresh, the kernel faults it in and
 //! zeroes it page by page, and it is unmapped when freed: ~15 % of a 12 MP photo's CPU went there (perf). jemalloc
 //! keeps a freed buffer's pages and hands them to the next one. Measured with orchestrator-bench against glibc, same
-//! session (docs/operations.md, "Orchestrator sizing"): 21-29 % fewer CPU-seconds per 1 MP photo (mean, median),
+//! session (docs/performance-log.md, "Allocator"): 21-29 % fewer CPU-seconds per 1 MP photo (mean, median),
 //! 7-10 % per 12 MP one, outputs byte-identical.
 //!
 //! Settings, and what they cost: freed pages are returned to the system after about a second
