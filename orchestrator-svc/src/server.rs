@@ -46,8 +46,8 @@ pub enum StartupError {
     Serve(#[source] tonic::transport::Error),
 }
 
-/// The API's name on grpc.health.v1 and in reflection.
-pub const JOBS_SERVICE: &str = "palette.orchestrator.v1.Jobs";
+/// The API's name on grpc.health.v1 and in reflection: the generated server's own, so it cannot drift from the proto.
+pub const JOBS_SERVICE: &str = palette_proto::orchestrator::v1::jobs_server::SERVICE_NAME;
 /// Jobs are small; images never travel through this API.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 

@@ -20,8 +20,8 @@ use crate::model::tokenizer::PhraseTokenizer;
 use crate::preprocess::Preprocessor;
 use crate::service::{SegmenterService, Shared};
 
-/// The API's name on grpc.health.v1 and in reflection.
-pub const SERVICE_NAME: &str = "palette.segmenter.v1.Segmenter";
+/// The API's name on grpc.health.v1 and in reflection: the generated server's own, so it cannot drift from the proto.
+pub const SERVICE_NAME: &str = pb::segmenter_server::SERVICE_NAME;
 
 /// Loads the model, starts the inference thread and serves on `listener` until `shutdown` resolves; then reports
 /// NOT_SERVING, stops accepting, and waits up to the grace period for requests in flight. TLS files and tokens are

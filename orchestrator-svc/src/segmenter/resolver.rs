@@ -24,7 +24,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The service a segmenter reports on grpc.health.v1: NOT_SERVING while it warms up, after a provider failure, or
 /// while it drains.
-const SEGMENTER_SERVICE: &str = "palette.segmenter.v1.Segmenter";
+const SEGMENTER_SERVICE: &str = palette_proto::segmenter::v1::segmenter_server::SERVICE_NAME;
 
 /// Keeps the balancer's replica set equal to the resolved addresses that are up (all of them when none is, so that
 /// calls fail fast rather than wait). Up: accepts a connection and reports the Segmenter SERVING on grpc.health.v1
