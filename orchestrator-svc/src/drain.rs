@@ -1,8 +1,8 @@
 //! Shutdown, from the signal to exit, bounded by SHUTDOWN_GRACE_SEC: at the signal no item starts any more, health
-//! turns NOT_SERVING, new SubmitJob/WatchJob calls and open WatchJob streams get UNAVAILABLE "draining" (clients
-//! reconnect to another replica) and the queue worker stops taking jobs; then the server closes its connections,
-//! and items in flight and their callbacks get what is left of the grace period. With a job store, what did not
-//! finish resumes at the next start.
+//! turns NOT_SERVING, new SubmitJob/EditJob/WatchJob calls and open WatchJob streams get UNAVAILABLE "draining"
+//! (clients reconnect to another replica) and the queue worker stops taking jobs; then the server closes its
+//! connections, and items in flight and their callbacks get what is left of the grace period. With a job store, what
+//! did not finish resumes at the next start.
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};

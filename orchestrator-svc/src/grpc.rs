@@ -32,7 +32,8 @@ pub struct JobsApi {
     service: Arc<JobService>,
     /// The WatchJob streams' forwarding tasks.
     watchers: TaskTracker,
-    /// Fired at shutdown: every WatchJob stream ends with UNAVAILABLE, new SubmitJob and WatchJob calls are refused.
+    /// Fired at shutdown: every WatchJob stream ends with UNAVAILABLE, new SubmitJob, EditJob and WatchJob calls are
+    /// refused.
     stopping: CancellationToken,
 }
 
@@ -45,9 +46,9 @@ impl JobsApi {
         }
     }
 
-    /// Shutdown, at the signal: new SubmitJob and WatchJob calls are refused and every open WatchJob stream ends,
-    /// all with UNAVAILABLE "draining", so clients reconnect to another replica. (tonic's graceful shutdown waits for
-    /// open streams: left open, they would hold the drain until the platform kills the process.)
+    /// Shutdown, at the signal: new SubmitJob, EditJob and WatchJob calls are refused and every open WatchJob stream
+    /// ends, all with UNAVAILABLE "draining", so clients reconnect to another replica. (tonic's graceful shutdown waits
+    /// for open streams: left open, they would hold the drain until the platform kills the process.)
     pub fn drain(&self) {
         self.stopping.cancel();
         self.watchers.close();
@@ -76,6 +77,9 @@ impl Jobs for JobsApi {
     }
 
     async fn edit_job(&self, request: Request<EditJobRequest>) -> Result<Response<Job>, Status> {
+        // An edit is a new job: refused like SubmitJob, so the client retries on another replica instead of having
+        // its items abandoned by this one's drain.
+        self.refuse_when_draining()?;
         Ok(Response::new(self.service.edit(request.get_ref()).await?))
     }
 

@@ -59,7 +59,7 @@ async fn seed_job_completes_with_outputs_masks_preview_and_one_signed_callback()
     let segmenter = fake_segmenter::start().await;
     let receiver = Receiver::start(SECRET, vec![(500, None)]).await;
     let mut orch = start(&segmenter.url, |c| {
-        c.callbacks.workers_api_url = Some(receiver.url());
+        c.callbacks.workers_api_url = Some(receiver.url().into());
         c.callbacks.gpu_callback_secret = Some(SECRET.into());
     })
     .await;
@@ -250,7 +250,7 @@ async fn a_missing_input_fails_only_its_item() {
     let segmenter = fake_segmenter::start().await;
     let receiver = Receiver::start(SECRET, vec![]).await;
     let mut orch = start(&segmenter.url, |c| {
-        c.callbacks.workers_api_url = Some(receiver.url());
+        c.callbacks.workers_api_url = Some(receiver.url().into());
         c.callbacks.gpu_callback_secret = Some(SECRET.into());
     })
     .await;
@@ -328,7 +328,7 @@ async fn cancel_ends_every_open_item_once_with_one_callback_each() {
     let receiver = Receiver::start(SECRET, vec![]).await;
     let mut orch = start(&segmenter.url, |c| {
         c.limits.batch_concurrency = 1;
-        c.callbacks.workers_api_url = Some(receiver.url());
+        c.callbacks.workers_api_url = Some(receiver.url().into());
         c.callbacks.gpu_callback_secret = Some(SECRET.into());
     })
     .await;
@@ -687,7 +687,7 @@ async fn a_rule_with_nothing_to_edit_says_so_in_the_item_and_the_callback() {
         .push("ceiling".into());
     let receiver = Receiver::start(SECRET, vec![]).await;
     let mut orch = start(&segmenter.url, |c| {
-        c.callbacks.workers_api_url = Some(receiver.url());
+        c.callbacks.workers_api_url = Some(receiver.url().into());
         c.callbacks.gpu_callback_secret = Some(SECRET.into());
     })
     .await;

@@ -10,7 +10,7 @@ async fn metrics_count_jobs_items_stages_and_callbacks() {
     let receiver = common::receiver::Receiver::start("s", vec![]).await;
     let mut orch = common::orchestrator::start(&segmenter.url, |c| {
         c.metrics_addr = format!("127.0.0.1:{port}");
-        c.callbacks.workers_api_url = Some(receiver.url());
+        c.callbacks.workers_api_url = Some(receiver.url().into());
         c.callbacks.gpu_callback_secret = Some("s".into());
     })
     .await;

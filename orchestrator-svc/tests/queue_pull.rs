@@ -112,7 +112,7 @@ impl Setup {
         config.adapter = Adapter::QueuePull;
         config.nats.nats_url = Some(self.nats.url.clone().into());
         config.nats.nats_ack_wait_sec = ack_wait_sec;
-        config.callbacks.workers_api_url = Some(receiver.url());
+        config.callbacks.workers_api_url = Some(receiver.url().into());
         config.callbacks.gpu_callback_secret = Some(SECRET.into());
         config.limits.batch_concurrency = 1;
         config

@@ -86,7 +86,7 @@ async fn shutdown_finishes_items_in_flight_and_ends_unstarted_ones_with_a_callba
     let receiver = common::receiver::Receiver::start("s", vec![]).await;
     let mut orch = common::orchestrator::start(&segmenter.url, |c| {
         c.limits.batch_concurrency = 1;
-        c.callbacks.workers_api_url = Some(receiver.url());
+        c.callbacks.workers_api_url = Some(receiver.url().into());
         c.callbacks.gpu_callback_secret = Some("s".into());
     })
     .await;

@@ -137,3 +137,29 @@ async fn reads_are_capped_before_the_body_is_read() {
         2000
     );
 }
+
+#[tokio::test]
+async fn only_regular_files_are_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::new(dir.path()).unwrap();
+    let folder = dir.path().join("inputs/u/j");
+    std::fs::create_dir_all(&folder).unwrap();
+    // A FIFO reports size 0 and would block the reading thread until a writer came; a folder is no object either.
+    let status = std::process::Command::new("mkfifo")
+        .arg(folder.join("0.jpg"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for key in ["inputs/u/j/0.jpg", "inputs/u/j"] {
+        let got = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            store.get_at_most(key, 1000),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{key}: the read blocked"));
+        assert!(
+            matches!(got, Err(StorageError::NotFound(_))),
+            "{key}: {got:?}"
+        );
+    }
+}

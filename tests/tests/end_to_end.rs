@@ -160,7 +160,7 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
     config.storage.r2_bucket_name = Some(weed.bucket.clone());
     config.storage.r2_access_key_id = Some(seaweed::ACCESS_KEY.into());
     config.storage.r2_secret_access_key = Some(seaweed::SECRET_KEY.into());
-    config.callbacks.workers_api_url = Some(hooks.url());
+    config.callbacks.workers_api_url = Some(hooks.url().into());
     config.callbacks.gpu_callback_secret = Some(SECRET.into());
     config.limits.presets_dir = palette_e2e::repo_root().join("presets");
     let mut orchestrator = start_orchestrator(config).await;

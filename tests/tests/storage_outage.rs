@@ -82,7 +82,7 @@ async fn an_s3_outage_mid_job_loses_nothing_and_the_service_keeps_serving() {
     config.storage.r2_secret_access_key = Some(seaweed::SECRET_KEY.into());
     config.storage.storage_timeout_sec = 2;
     config.limits.batch_concurrency = 1;
-    config.callbacks.workers_api_url = Some(hooks.url());
+    config.callbacks.workers_api_url = Some(hooks.url().into());
     config.callbacks.gpu_callback_secret = Some(SECRET.into());
     let mut orchestrator = start_orchestrator(config).await;
     let mut client = JobsClient::connect(orchestrator.url()).await.unwrap();

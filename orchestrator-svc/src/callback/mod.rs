@@ -9,6 +9,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 pub use deliver::{CallbackSender, Clock, DeliveryOutcome, RetryPolicy, SystemClock, redacted_url};
+pub(crate) use sign::key_len;
 pub use sign::{VerifyError, sign, verify};
 pub use transport::{Answer, Transport};
 

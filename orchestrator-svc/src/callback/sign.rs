@@ -20,6 +20,11 @@ fn key_bytes(secret: &str) -> Vec<u8> {
     secret.as_bytes().to_vec()
 }
 
+/// Length of the HMAC key `secret` gives (0 for `whsec_` followed by base64 of nothing): checked at startup.
+pub fn key_len(secret: &str) -> usize {
+    key_bytes(secret).len()
+}
+
 fn mac(secret: &str, id: &str, timestamp: u64, body: &[u8]) -> Hmac<Sha256> {
     let mut mac =
         Hmac::<Sha256>::new_from_slice(&key_bytes(secret)).expect("HMAC takes keys of any length");

@@ -5,17 +5,18 @@ use std::time::Duration;
 use clap::Args;
 
 use super::ConfigError;
-use super::secret::Secret;
+use super::secret::{Secret, UrlWithCredentials};
 
 #[derive(Clone, Debug, Args)]
 pub struct CallbackArgs {
-    /// Upstream API base URL; callbacks go to {WORKERS_API_URL}/jobs/{jobId}/callback. Unset: no callbacks.
+    /// Upstream API base URL (no query); callbacks go to {WORKERS_API_URL}/jobs/{jobId}/callback. Unset: no
+    /// callbacks.
     #[arg(long, env = "WORKERS_API_URL")]
-    pub workers_api_url: Option<String>,
+    pub workers_api_url: Option<UrlWithCredentials>,
     /// Shared secret: sent as X-GPU-Callback-Secret and the HMAC key of webhook-signature.
     #[arg(long, env = "GPU_CALLBACK_SECRET", hide_env_values = true)]
     pub gpu_callback_secret: Option<Secret>,
-    /// Timeout of one callback attempt, in seconds. Default 30.
+    /// Timeout of one callback attempt, in seconds (at least 1). Default 30.
     #[arg(long, env = "CALLBACK_TIMEOUT_SEC", default_value_t = 30)]
     pub callback_timeout_sec: u64,
     /// Callback attempts before giving up (first try included). Default 6.
@@ -49,8 +50,9 @@ impl CallbackArgs {
     pub fn settings(&self) -> Result<Option<CallbackSettings>, ConfigError> {
         let Some(url) = self
             .workers_api_url
-            .as_deref()
-            .filter(|u| !u.trim().is_empty())
+            .as_ref()
+            .map(|u| u.expose().trim())
+            .filter(|u| !u.is_empty())
         else {
             return Ok(None);
         };
@@ -63,21 +65,39 @@ impl CallbackArgs {
                 setting: "GPU_CALLBACK_SECRET",
                 reason: "with WORKERS_API_URL",
             })?;
+        check_secret_key(&secret)?;
         Ok(Some(CallbackSettings {
+            // Checked trimmed, used trimmed: a stray space from an env file would otherwise pass the check and
+            // make every callback URL unparsable.
             base_url: url.to_string(),
             secret,
             max_attempts: self.callback_max_attempts.max(1),
             base_delay: Duration::from_millis(self.callback_base_delay_ms),
             max_delay: Duration::from_secs(self.callback_max_delay_sec),
-            attempt_timeout: Duration::from_secs(self.callback_timeout_sec),
+            // reqwest's 0 is "time out at once": every attempt would fail.
+            attempt_timeout: Duration::from_secs(self.callback_timeout_sec.max(1)),
         }))
     }
 }
 
-/// https, or http on loopback, or http anywhere with CALLBACK_ALLOW_HTTP; errors show the URL redacted.
+/// The HMAC key must not be empty: `whsec_` followed by nothing (or by base64 of nothing) would sign with an empty
+/// key, which anyone can forge.
+fn check_secret_key(secret: &Secret) -> Result<(), ConfigError> {
+    if crate::callback::key_len(secret.expose()) == 0 {
+        return Err(ConfigError::invalid(
+            "GPU_CALLBACK_SECRET",
+            "<redacted>".to_string(),
+            "its HMAC key is empty (whsec_ must be followed by base64 of the key)",
+        ));
+    }
+    Ok(())
+}
+
+/// https, or http on loopback, or http anywhere with CALLBACK_ALLOW_HTTP; no query or fragment (the callback path
+/// is appended to the URL); errors show the URL redacted.
 fn check_callback_url(raw: &str, allow_http: bool) -> Result<(), ConfigError> {
     let shown = crate::callback::redacted_url(raw);
-    let url = reqwest::Url::parse(raw.trim())
+    let url = reqwest::Url::parse(raw)
         .map_err(|e| ConfigError::invalid("WORKERS_API_URL", shown.clone(), e))?;
     let host = url.host_str().unwrap_or_default();
     let loopback = host.eq_ignore_ascii_case("localhost")
@@ -87,19 +107,31 @@ fn check_callback_url(raw: &str, allow_http: bool) -> Result<(), ConfigError> {
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
     match url.scheme() {
-        "https" => Ok(()),
-        "http" if loopback || allow_http => Ok(()),
-        "http" => Err(ConfigError::invalid(
-            "WORKERS_API_URL",
-            shown,
-            "callbacks carry the shared secret: use https, or set CALLBACK_ALLOW_HTTP=true inside a trusted network",
-        )),
-        other => Err(ConfigError::invalid(
-            "WORKERS_API_URL",
-            shown,
-            format!("scheme {other:?}: expected https (or http)"),
-        )),
+        "https" => {}
+        "http" if loopback || allow_http => {}
+        "http" => {
+            return Err(ConfigError::invalid(
+                "WORKERS_API_URL",
+                shown,
+                "callbacks carry the shared secret: use https, or set CALLBACK_ALLOW_HTTP=true inside a trusted network",
+            ));
+        }
+        other => {
+            return Err(ConfigError::invalid(
+                "WORKERS_API_URL",
+                shown,
+                format!("scheme {other:?}: expected https (or http)"),
+            ));
+        }
     }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ConfigError::invalid(
+            "WORKERS_API_URL",
+            shown,
+            "a query or fragment: /jobs/{jobId}/callback is appended to the URL, so it would land inside them",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -136,5 +168,42 @@ mod tests {
         assert!(!shown.contains("pa55") && !shown.contains("t0k"), "{shown}");
         assert!(args("http://api.internal:8080", true).settings().is_ok());
         assert!(args("ftp://api.example.invalid", true).settings().is_err());
+    }
+
+    #[test]
+    fn the_url_is_used_as_checked_and_takes_no_query() {
+        let settings = args(" https://api.example.invalid/base \n", false)
+            .settings()
+            .unwrap()
+            .unwrap();
+        assert_eq!(settings.base_url, "https://api.example.invalid/base");
+        assert!(args("   ", false).settings().unwrap().is_none());
+        for refused in [
+            "https://api.example.invalid/hooks?token=t0k",
+            "https://api.example.invalid/hooks#frag",
+        ] {
+            let err = args(refused, false).settings().unwrap_err();
+            let shown = format!("{err} {:?}", std::error::Error::source(&err));
+            assert!(shown.contains("query or fragment"), "{shown}");
+            assert!(!shown.contains("t0k"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_zero_timeout_is_one_second_and_an_empty_hmac_key_is_refused() {
+        let mut a = args("https://api.example.invalid", false);
+        a.callback_timeout_sec = 0;
+        let settings = a.settings().unwrap().unwrap();
+        assert_eq!(settings.attempt_timeout, Duration::from_secs(1));
+        let mut a = args("https://api.example.invalid", false);
+        a.gpu_callback_secret = Some("whsec_".into());
+        let err = a.settings().unwrap_err();
+        assert!(format!("{err:?}").contains("HMAC key is empty"), "{err:?}");
+        // A whsec_ secret that is not base64 signs with its own bytes, as before.
+        for own_bytes in ["whsec_=", "whsec_not base64!"] {
+            let mut a = args("https://api.example.invalid", false);
+            a.gpu_callback_secret = Some(own_bytes.into());
+            assert!(a.settings().is_ok(), "{own_bytes}");
+        }
     }
 }

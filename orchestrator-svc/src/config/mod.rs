@@ -225,6 +225,8 @@ mod tests {
     fn debug_redacts_secrets() {
         let mut c = Config::for_tests("/tmp/x", "http://127.0.0.1:1");
         c.callbacks.gpu_callback_secret = Some("supersecret123".into());
+        c.callbacks.workers_api_url =
+            Some("https://cbuser:cbPa55@api.example.invalid/?t=cbT0k".into());
         c.storage.r2_secret_access_key = Some("wJalrXUtnFEMI".into());
         c.runpod.runpod_ai_api_key = Some("rpa_KEY42".into());
         c.segmenter.segmenter_token = Some("segmenter-token-0123456789".into());
@@ -234,6 +236,10 @@ mod tests {
         assert!(!shown.contains("wJalrXUtnFEMI"), "{shown}");
         assert!(!shown.contains("rpa_KEY42"), "{shown}");
         assert!(!shown.contains("token-0123456789"), "{shown}");
+        assert!(
+            !shown.contains("cbPa55") && !shown.contains("cbT0k"),
+            "{shown}"
+        );
         assert!(shown.contains("<redacted>"));
     }
 

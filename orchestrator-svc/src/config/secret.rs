@@ -5,7 +5,8 @@ use std::fmt;
 /// A credential (API key, shared secret, token); shared with the segmenter through the service kit.
 pub use palette_service_kit::Secret;
 
-/// A URL that may carry credentials (`nats://user:pass@host`): `Debug` shows it without its user info.
+/// A URL that may carry credentials (`nats://user:pass@host`, `https://host/?token=...`): `Debug` shows it without
+/// its user info and query.
 #[derive(Clone, PartialEq, Eq)]
 pub struct UrlWithCredentials(String);
 
@@ -17,7 +18,10 @@ impl UrlWithCredentials {
 
 impl fmt::Debug for UrlWithCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let url = &self.0;
+        let url = match self.0.find(['?', '#']) {
+            Some(q) => format!("{}?<redacted>", &self.0[..q]),
+            None => self.0.clone(),
+        };
         match (url.find("://"), url.rfind('@')) {
             (Some(scheme), Some(at)) if at > scheme => {
                 write!(
@@ -53,5 +57,11 @@ mod tests {
         let url = UrlWithCredentials::from("nats://user:pass@host:4222");
         assert_eq!(format!("{url:?}"), "\"nats://<redacted>@host:4222\"");
         assert_eq!(url.expose(), "nats://user:pass@host:4222");
+        let url =
+            UrlWithCredentials::from("https://u:p4ss@api.example.invalid/hooks?token=t0k@x#f");
+        assert_eq!(
+            format!("{url:?}"),
+            "\"https://<redacted>@api.example.invalid/hooks?<redacted>\""
+        );
     }
 }

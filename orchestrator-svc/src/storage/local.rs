@@ -92,19 +92,36 @@ impl LocalStore {
             size: Some(size),
             limit: max_bytes,
         };
+        let not_found = || StorageError::NotFound(key.to_string());
+        // Only a regular file is an object: opening a FIFO would block this thread until a writer came, and a
+        // device would read without end. Checked on the path before opening, then on what was opened.
         match std::fs::metadata(&path) {
+            Ok(meta) if !meta.is_file() => return Err(not_found()),
             Ok(meta) if meta.len() > max_bytes => return Err(too_large(meta.len())),
-            _ => {}
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(not_found()),
+            Err(e) => return Err(unavailable("stat", &path, e)),
         }
-        match std::fs::read(&path) {
-            // Replaced by a larger file since the size check.
-            Ok(data) if data.len() as u64 > max_bytes => Err(too_large(data.len() as u64)),
-            Ok(data) => Ok(Bytes::from(data)),
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                Err(StorageError::NotFound(key.to_string()))
-            }
-            Err(e) => Err(unavailable("read", &path, e)),
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(not_found()),
+            Err(e) => return Err(unavailable("open", &path, e)),
+        };
+        let meta = file.metadata().map_err(|e| unavailable("stat", &path, e))?;
+        if !meta.is_file() {
+            return Err(not_found());
         }
+        // At most one byte past the cap, so a file that grew since the check is refused without reading it all.
+        let mut data = Vec::with_capacity(meta.len() as usize);
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, max_bytes.saturating_add(1)),
+            &mut data,
+        )
+        .map_err(|e| unavailable("read", &path, e))?;
+        if data.len() as u64 > max_bytes {
+            return Err(too_large(data.len() as u64));
+        }
+        Ok(Bytes::from(data))
     }
 
     fn put_now(&self, key: &str, body: &[u8]) -> Result<(), StorageError> {
