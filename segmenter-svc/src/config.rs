@@ -154,7 +154,8 @@ pub struct Config {
     #[arg(long, env = "MAX_CONCEPT_CHARS", default_value_t = 200)]
     pub max_concept_chars: usize,
 
-    /// Largest decoded image, in pixels (decompression-bomb guard). 50 MP by default.
+    /// Largest decoded image, in pixels (decompression-bomb guard). 50 MP by default. Sides are also limited to
+    /// 65535 px (a very long, thin image costs by its side, not its pixels).
     #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
     pub max_image_pixels: u64,
 

@@ -41,6 +41,11 @@ pub enum Error {
     DeadlineExceeded,
     #[error("the client cancelled the request")]
     Cancelled,
+    #[error(
+        "the reply would be {bytes} bytes, over the {limit}-byte message limit (MAX_MESSAGE_BYTES): ask for \
+         PROBABILITY_U8 or NONE masks, fewer concepts or instances, a higher score_threshold, or no RLE"
+    )]
+    ReplyTooLarge { bytes: usize, limit: usize },
     #[error("inference failed: {0}")]
     Inference(String),
     #[error(transparent)]
@@ -84,6 +89,7 @@ impl Error {
             Error::NotServing(_) => "not_serving",
             Error::DeadlineExceeded => "deadline_exceeded",
             Error::Cancelled => "cancelled",
+            Error::ReplyTooLarge { .. } => "reply_too_large",
             Error::Inference(_) => "inference",
             Error::Model(_) => "model",
         }
@@ -107,6 +113,8 @@ impl From<Error> for Status {
             Error::NotServing(_) => Status::unavailable(message),
             Error::DeadlineExceeded => Status::deadline_exceeded(message),
             Error::Cancelled => Status::cancelled(message),
+            // What gRPC itself answers for a message over the limit, with a message saying what to change.
+            Error::ReplyTooLarge { .. } => Status::resource_exhausted(message),
             Error::Inference(_) => Status::internal(message),
             Error::Model(_) => Status::failed_precondition(message),
         }

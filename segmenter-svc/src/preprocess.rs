@@ -57,6 +57,11 @@ impl Pixels {
     }
 }
 
+/// The longest side an image may have (the JPEG format's own limit). Within the pixel limit a side can otherwise be
+/// millions of pixels (a 50,000,000 x 1 PNG is a few KB), and the resize's coefficients and the RLE masks' column
+/// tables grow with the side, not with the pixels: gigabytes for one such request.
+pub const MAX_SIDE: u32 = 65_535;
+
 /// The model's view of one photo.
 #[derive(Debug)]
 pub struct Prepared {
@@ -90,7 +95,12 @@ impl Preprocessor {
             ));
         }
         let pixels = u64::from(width) * u64::from(height);
-        if pixels > self.max_pixels {
+        if width.max(height) > MAX_SIDE {
+            violations.push(Violation::new(
+                "image.rgb",
+                format!("{width}x{height}: sides are limited to {MAX_SIDE} px"),
+            ));
+        } else if pixels > self.max_pixels {
             violations.push(Violation::new(
                 "image.rgb",
                 format!(
@@ -149,6 +159,9 @@ impl Preprocessor {
             .map_err(|e| bad(format!("cannot read the {format:?} header: {e}")))?;
         let (w, h) = decoder.dimensions();
         let pixels = u64::from(w) * u64::from(h);
+        if w.max(h) > MAX_SIDE {
+            return Err(bad(format!("{w}x{h}: sides are limited to {MAX_SIDE} px")));
+        }
         if pixels > self.max_pixels {
             return Err(bad(format!(
                 "{w}x{h} is {pixels} pixels, over the limit of {}",
@@ -306,6 +319,22 @@ mod tests {
             Some(2 * 16 * 16 * 3)
         );
         assert_eq!(Pixels::concat([&p.pixels, &floats].into_iter()), None);
+    }
+
+    #[test]
+    fn a_side_over_the_limit_is_refused_whatever_the_pixels() {
+        let wide = Preprocessor {
+            max_pixels: 1_000_000,
+            ..pre()
+        };
+        let err = wide.from_encoded(&png(MAX_SIDE + 1, 1)).unwrap_err();
+        assert!(err.to_string().contains("sides are limited"), "{err}");
+        let err = wide
+            .from_rgb(1, MAX_SIDE + 1, vec![0; 3 * (MAX_SIDE as usize + 1)])
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert!(err.to_string().contains("sides are limited"), "{err}");
+        assert!(wide.from_encoded(&png(MAX_SIDE, 1)).is_ok());
     }
 
     #[test]

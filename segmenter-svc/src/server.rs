@@ -69,8 +69,11 @@ async fn serve_prepared(
     reporter
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
+    // Fired at the shutdown signal: from then on health says NOT_SERVING whatever the engine does (a warm-up that
+    // ends, or a re-probe that passes, during the drain must not bring traffic back).
+    let draining = tokio_util::sync::CancellationToken::new();
     let health_task = tokio::spawn(
-        follow_health(engine.health(), reporter.clone())
+        follow_health(engine.health(), reporter.clone(), draining.clone())
             .instrument(tracing::info_span!("task", task = "follow_health")),
     );
 
@@ -87,6 +90,7 @@ async fn serve_prepared(
         async move {
             shutdown.await;
             tracing::info!("shutdown requested: NOT_SERVING, draining in-flight requests");
+            draining.cancel();
             signal_reporter
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
@@ -260,6 +264,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
         max_instances,
         default_deadline: config.default_deadline(),
         preprocess_permits: Arc::new(Semaphore::new(config.preprocess_concurrency.max(1))),
+        max_reply_bytes: config.max_message_bytes,
     }))
 }
 
@@ -267,7 +272,16 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
 async fn follow_health(
     mut health: tokio::sync::watch::Receiver<Health>,
     reporter: tonic_health::server::HealthReporter,
+    draining: tokio_util::sync::CancellationToken,
 ) {
+    let not_serving = async || {
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        reporter
+            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+            .await;
+    };
     loop {
         let status = match &*health.borrow_and_update() {
             Health::Serving => ServingStatus::Serving,
@@ -275,14 +289,15 @@ async fn follow_health(
         };
         reporter.set_service_status("", status).await;
         reporter.set_service_status(SERVICE_NAME, status).await;
-        if health.changed().await.is_err() {
-            reporter
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-            reporter
-                .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-                .await;
-            return;
+        // Checked after writing: a SERVING written while the signal's NOT_SERVING went out is overwritten here.
+        if draining.is_cancelled() {
+            return not_serving().await;
+        }
+        tokio::select! {
+            _ = draining.cancelled() => return not_serving().await,
+            changed = health.changed() => if changed.is_err() {
+                return not_serving().await;
+            },
         }
     }
 }

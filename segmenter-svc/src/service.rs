@@ -32,6 +32,9 @@ pub struct Shared {
     pub default_deadline: Duration,
     /// Bounds the CPU work (decode + resize) done before a request reaches the engine.
     pub preprocess_permits: Arc<Semaphore>,
+    /// MAX_MESSAGE_BYTES: a reply larger than this is refused by tonic's encoder after all the compute, so it is
+    /// checked here and answered with a status that says what to change.
+    pub max_reply_bytes: usize,
 }
 
 #[derive(Clone)]
@@ -117,9 +120,13 @@ async fn segment(
     deadline: Instant,
 ) -> Result<pb::SegmentResponse, Error> {
     let checked = check(&shared, &request)?;
+    // An expired request costs nothing more: neither the decode (which would run on after the caller has gone) nor
+    // a place in the engine's queue.
+    expired(deadline)?;
     let t_decode = Instant::now();
     let prepared = prepare(shared.clone(), request.image, deadline).await?;
     let decode = t_decode.elapsed();
+    expired(deadline)?;
 
     let (reply, answer) = oneshot::channel();
     let image_size = (prepared.width, prepared.height);
@@ -153,7 +160,7 @@ async fn segment(
     timings.decode_ms = ms(decode);
     timings.postprocess_ms += ms(t_encode.elapsed());
     timings.total_ms = ms(started.elapsed());
-    Ok(pb::SegmentResponse {
+    let response = pb::SegmentResponse {
         concepts,
         image_width: image_size.0,
         image_height: image_size.1,
@@ -161,7 +168,26 @@ async fn segment(
         mask_width: mask_size as u32,
         timings: Some(timings),
         model_id: shared.info.model_id.clone(),
-    })
+    };
+    fits(&response, shared.max_reply_bytes)?;
+    Ok(response)
+}
+
+fn expired(deadline: Instant) -> Result<(), Error> {
+    if Instant::now() >= deadline {
+        return Err(Error::DeadlineExceeded);
+    }
+    Ok(())
+}
+
+/// Every limit of a request can be within bounds and the reply still over the message limit (many concepts with
+/// f32 logits and a threshold of 0, RLE of a large photo): tonic would fail it with a bare OUT_OF_RANGE.
+fn fits(response: &pb::SegmentResponse, limit: usize) -> Result<(), Error> {
+    let bytes = prost::Message::encoded_len(response);
+    if bytes > limit {
+        return Err(Error::ReplyTooLarge { bytes, limit });
+    }
+    Ok(())
 }
 
 /// Every field is checked and every violation reported, so a caller fixes a request in one round trip.

@@ -239,6 +239,30 @@ async fn an_expired_deadline_is_deadline_exceeded() {
 }
 
 #[tokio::test]
+async fn a_reply_over_the_message_limit_is_resource_exhausted_with_what_to_change() {
+    let mut config = test_config();
+    // Room for the 28 KB photo, not for 20 instances of 48x48 f32 logits (9 KB each).
+    config.max_message_bytes = 64 * 1024;
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let mut req = request(image_bytes("room_640x480.jpg"), &["wall"]);
+    req.mask_format = pb::MaskFormat::LogitsF32 as i32;
+    req.score_threshold = Some(0.0);
+    let status = client.segment(req.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("MAX_MESSAGE_BYTES")
+            && status.message().contains("PROBABILITY_U8"),
+        "{status:?}"
+    );
+    // The same request without masks fits.
+    req.mask_format = pb::MaskFormat::None as i32;
+    let resp = client.segment(req).await.unwrap().into_inner();
+    assert!(!resp.concepts[0].instances.is_empty());
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn shutdown_drains_requests_in_flight() {
     let server = TestServer::start(test_config()).await;
     let client = server.client().await;
