@@ -23,13 +23,15 @@ pub struct LimitArgs {
     /// own limit, and the interior preset alone lists 17.
     #[arg(long, env = "MAX_CONCEPTS_PER_JOB", default_value_t = 32)]
     pub max_concepts_per_job: usize,
-    /// Jobs kept in memory (for GetJob, WatchJob and idempotency); beyond it the oldest finished ones are
-    /// forgotten, and when none is finished SubmitJob answers RESOURCE_EXHAUSTED. Default 10000.
+    /// Jobs kept in memory (for GetJob, WatchJob and idempotency); beyond it the oldest finished ones whose
+    /// callbacks are settled are forgotten, and when there is none SubmitJob answers RESOURCE_EXHAUSTED. Default
+    /// 10000.
     #[arg(long, env = "MAX_RETAINED_JOBS", default_value_t = 10_000)]
     pub max_retained_jobs: usize,
     /// Memory for the job records kept in memory, in MB (estimated from what they hold: a finished image's record
     /// is mostly its mask keys, ~5 KB with 20-odd instances). Beyond it the oldest finished jobs are forgotten,
-    /// when a job ends or another is submitted; running jobs are never forgotten. Default 256.
+    /// when a job ends or another is submitted; running jobs, and finished ones with callbacks still being retried,
+    /// are never forgotten. Default 256.
     #[arg(long, env = "RETAINED_JOBS_MB", default_value_t = 256)]
     pub retained_jobs_mb: usize,
     /// Largest input object (photos and uploaded swatches), in bytes, checked from its Content-Length before the

@@ -2,7 +2,7 @@
 //! broadcast channel that carries one event per item change to WatchJob streams. Every item change goes through
 //! here, so the counters, the job state and the events never disagree.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use palette_proto::orchestrator::v1::{
@@ -56,6 +56,8 @@ pub struct JobHandle {
     /// What `state` holds on the heap, roughly (see `approx_item_bytes`), kept up to date by every item change so
     /// the registry can weigh its jobs without walking their items.
     approx_bytes: AtomicUsize,
+    /// Counted in `orchestrator_jobs_finished_total` (once, however many items end after it became terminal).
+    finish_counted: AtomicBool,
     /// Which item changed. Only the index travels: a full Job per event, kept in the channel's ring of
     /// EVENT_BUFFER slots, made a job's memory grow with the square of its size (measured: +50 MB over 160 images);
     /// WatchJob streams take the snapshot when they forward the event.
@@ -98,6 +100,7 @@ impl JobHandle {
             cancel: CancellationToken::new(),
             state: Mutex::new(job),
             approx_bytes: AtomicUsize::new(approx_bytes),
+            finish_counted: AtomicBool::new(false),
             events,
         }
     }
@@ -119,6 +122,19 @@ impl JobHandle {
 
     pub fn is_terminal(&self) -> bool {
         job_is_terminal(&self.lock())
+    }
+
+    /// True the first time it is asked once the job is terminal, false before and after.
+    pub fn first_time_terminal(&self) -> bool {
+        self.is_terminal() && !self.finish_counted.swap(true, Ordering::Relaxed)
+    }
+
+    /// Terminal, with no item's callback still pending: what retention may forget. A terminal job whose callbacks
+    /// are still being retried keeps its record (in memory and in the job store), or a restart would lose them.
+    pub fn is_settled(&self) -> bool {
+        let job = self.lock();
+        let pending = |i: &Item| i.callback_state == CallbackState::Pending as i32;
+        job_is_terminal(&job) && !job.items.iter().any(pending)
     }
 
     /// Roughly what this job's record holds in memory, in bytes.
@@ -367,6 +383,18 @@ mod tests {
             },
             1,
         )
+    }
+
+    #[test]
+    fn a_job_is_counted_finished_once_and_settled_when_its_callbacks_are() {
+        let job = job();
+        assert!(!job.first_time_terminal() && !job.is_settled());
+        job.finish_item(0, ItemOutcome::Cancelled, true).unwrap();
+        assert!(job.first_time_terminal());
+        assert!(!job.first_time_terminal(), "counted once");
+        assert!(!job.is_settled(), "its callback is pending");
+        job.record_callback(0, false, 6, Some("gave up".into()));
+        assert!(job.is_settled(), "failed for good is settled");
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl JobRegistry {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Forgets the oldest finished jobs until `jobs` + `extra_jobs` fit both limits (or nothing finished is
+    /// Forgets the oldest settled jobs (finished, no callback pending) until `jobs` + `extra_jobs` fit both limits (or nothing finished is
     /// left), and publishes what is retained.
     fn forget_finished(&self, jobs: &mut HashMap<JobKey, Arc<JobHandle>>, extra_jobs: usize) {
         let mut bytes: usize = jobs.values().map(|j| j.approx_bytes()).sum();
@@ -75,7 +75,7 @@ impl JobRegistry {
         if over(jobs.len(), bytes) {
             let mut finished: Vec<(u64, JobKey, usize)> = jobs
                 .values()
-                .filter(|j| j.is_terminal())
+                .filter(|j| j.is_settled())
                 .map(|j| (j.seq, j.plan.key(), j.approx_bytes()))
                 .collect();
             finished.sort_unstable();
@@ -90,7 +90,8 @@ impl JobRegistry {
                         .unwrap_or_else(|p| p.into_inner())
                         .push(store::key_of(&job));
                 }
-                bytes -= job_bytes;
+                // Read again after the sum above: the job may have grown since (a callback's error recorded).
+                bytes = bytes.saturating_sub(job_bytes);
                 forgotten += 1;
             }
             metrics::counter!("orchestrator_jobs_forgotten_total").increment(forgotten);
@@ -357,6 +358,30 @@ mod tests {
         created(tight.submit(plan("y")).unwrap());
         tight.trim();
         assert!(tight.get(&key("x")).is_ok() && tight.get(&key("y")).is_ok());
+    }
+
+    #[test]
+    fn a_finished_job_whose_callbacks_are_pending_is_kept_until_they_settle() {
+        let registry = JobRegistry::new(jobs_only(1));
+        let a = created(registry.submit(plan("a")).unwrap());
+        for idx in 0..a.plan.image_count {
+            a.finish_item(idx, ItemOutcome::Completed(ItemResult::default()), true);
+        }
+        assert!(a.is_terminal() && !a.is_settled());
+        // Over the limit, but the only finished job still has callbacks to send.
+        assert!(matches!(
+            registry.submit(plan("b")),
+            Err(ApiError::Overloaded { .. })
+        ));
+        for idx in 0..a.plan.image_count {
+            a.record_callback(idx, true, 1, None);
+        }
+        assert!(a.is_settled());
+        created(registry.submit(plan("b")).unwrap());
+        assert!(matches!(
+            registry.get(&key("a")),
+            Err(ApiError::JobNotFound { .. })
+        ));
     }
 
     #[test]

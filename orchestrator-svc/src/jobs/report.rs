@@ -148,7 +148,7 @@ fn count_ended(job: &JobHandle, item: &Item) {
         .map(|s| s.as_str_name())
         .unwrap_or("UNKNOWN");
     metrics::counter!("orchestrator_items_total", "state" => state).increment(1);
-    if job.is_terminal() {
+    if job.first_time_terminal() {
         metrics::counter!("orchestrator_jobs_finished_total").increment(1);
     }
 }
