@@ -370,3 +370,55 @@ async fn runpod_adapter_without_its_variables_refuses_to_start() {
         .unwrap_err();
     assert!(err.to_string().contains("RUNPOD_POD_ID"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_left_unfinished_at_shutdown_gets_an_error_result_at_once() {
+    use std::sync::atomic::Ordering;
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(600, Ordering::SeqCst);
+    let fake = FakeRunpod::start(vec![
+        json!({"id": "rp-long", "input": seed_input("long-job", 4)}),
+    ])
+    .await;
+    let base = fake.base();
+    let store_dir = tempfile::tempdir().unwrap();
+    let store_path = store_dir.path().join("jobs.redb");
+    let mut orch = start(&segmenter.url, move |c| {
+        c.adapter = orchestrator_svc::config::Adapter::Runpod;
+        c.runpod.runpod_pod_id = Some(POD.into());
+        c.runpod.runpod_ai_api_key = Some(API_KEY.into());
+        c.runpod.runpod_webhook_get_job = Some(format!("{base}/take/$ID"));
+        c.runpod.runpod_webhook_post_output = Some(format!("{base}/done/$RUNPOD_POD_ID/$ID"));
+        c.runpod.runpod_webhook_ping = None;
+        // A job store that keeps unstarted items for the next start: the job cannot finish in this process.
+        c.jobs.job_store = orchestrator_svc::config::JobStoreKind::Local;
+        c.jobs.job_store_path = store_path;
+        c.limits.batch_concurrency = 1;
+        c.shutdown_grace_sec = 30;
+    })
+    .await;
+    for idx in 0..4 {
+        orch.put_input("test-user", "long-job", idx, photo_jpeg(96, 64))
+            .await;
+    }
+    fake.inner.lock().unwrap().open = true;
+    wait_until("segmentation started", || {
+        segmenter.counters.segment_calls.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let signalled = std::time::Instant::now();
+    orch.shutdown().await;
+    // Well within the grace period: the image in flight finished, the three unstarted ones stay for the resume.
+    assert!(
+        signalled.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        signalled.elapsed()
+    );
+    let results = fake.results_for("rp-long");
+    assert_eq!(results.len(), 1, "{results:?}");
+    let error = results[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("shut down before the job finished") && error.contains(" of 4 images done"),
+        "{results:?}"
+    );
+}

@@ -21,7 +21,7 @@ mod output;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use palette_proto::orchestrator::v1::Job;
+use palette_proto::orchestrator::v1::{ItemState, Job};
 use serde_json::{Value as Json, json};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
@@ -175,8 +175,10 @@ impl Worker {
         }
     }
 
-    /// Runs one Runpod job to its end and posts its result.
-    async fn run_job(&self, runpod_id: &str, input: &Json) {
+    /// Runs one Runpod job to its end and posts its result. At `stop` (shutdown) no item starts any more: once none
+    /// is running either, a job that is still not finished (its unstarted items left to the job store's resume) gets
+    /// an error result at once, rather than none at all after the grace period.
+    async fn run_job(&self, runpod_id: &str, input: &Json, mut stop: watch::Receiver<bool>) {
         let spec = match spec_from_input(input) {
             Ok(spec) => spec,
             Err(e) => {
@@ -204,8 +206,34 @@ impl Worker {
         let (mut job, mut events) = handle.subscribe();
         let mut dirty = true;
         let mut next_post = Instant::now();
+        let mut stopping = *stop.borrow();
         while !crate::jobs::job::job_is_terminal(&job) {
+            if stopping
+                && !job
+                    .items
+                    .iter()
+                    .any(|i| i.state == ItemState::Running as i32)
+            {
+                let done = job
+                    .items
+                    .iter()
+                    .filter(|i| crate::jobs::job::is_terminal(i.state))
+                    .count();
+                let error = format!(
+                    "the worker shut down before the job finished: {done} of {} images done; the rest were not \
+                     processed (GetJob on the orchestrator, or the per-image callbacks, tell their state)",
+                    job.items.len()
+                );
+                tracing::warn!(runpod_job = %runpod_id, %error, "runpod: job left unfinished at shutdown");
+                self.post_result(runpod_id, &json!({ "error": error }))
+                    .await;
+                return;
+            }
             tokio::select! {
+                _ = stop.changed(), if !stopping => {
+                    stopping = true;
+                    job = handle.snapshot();
+                }
                 event = events.recv() => match event {
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
                         job = handle.snapshot();
@@ -291,7 +319,7 @@ pub async fn run_with(
             Ok(Taken::Job { id, input }) => {
                 tracing::info!(runpod_job = %id, "runpod: job taken");
                 worker.current.lock().expect("lock").push(id.clone());
-                worker.run_job(&id, &input).await;
+                worker.run_job(&id, &input, stop.clone()).await;
                 worker.current.lock().expect("lock").retain(|j| j != &id);
                 Took::Job
             }
