@@ -4,6 +4,7 @@
 //! what every admitted item costs; an item waits until its photo's pixels fit. A photo larger than the whole budget
 //! takes all of it and runs alone: it waits for the others to finish, never forever.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -22,6 +23,25 @@ pub struct PixelBudget {
 #[derive(Debug)]
 pub struct Admitted {
     _permit: OwnedSemaphorePermit,
+}
+
+tokio::task_local! {
+    /// The admission of the item whose future is running: blocking work started for it holds a clone.
+    static ADMITTED: Arc<Admitted>;
+}
+
+impl Admitted {
+    /// Runs the item's work `f` with this admission as the current one. Blocking work started inside it
+    /// (`current`) keeps the pixels counted until that work ends, also when `f` is dropped first: a cancelled item's
+    /// future goes at once, but its decode or rule already on a blocking thread runs on with the photo and planes.
+    pub async fn hold_while<F: Future>(self, f: F) -> F::Output {
+        ADMITTED.scope(Arc::new(self), f).await
+    }
+}
+
+/// The admission of the item running here, for blocking work to hold (None outside `hold_while`).
+pub fn current() -> Option<Arc<Admitted>> {
+    ADMITTED.try_with(Arc::clone).ok()
 }
 
 impl PixelBudget {
@@ -105,6 +125,35 @@ mod tests {
         assert!(admitted_within(&budget, 1).await.is_none(), "it runs alone");
         drop(big);
         assert!(admitted_within(&budget, 1).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn blocking_work_keeps_a_dropped_items_pixels_until_it_ends() {
+        let budget = PixelBudget::new(10);
+        let admitted = budget.admit(10_000_000).await;
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let mut item = Box::pin(admitted.hold_while(super::super::blocking(move || {
+            let _ = started_tx.send(());
+            let _ = release_rx.recv();
+            Ok(())
+        })));
+        tokio::select! {
+            _ = &mut item => panic!("the work waits for its release"),
+            _ = started_rx => {}
+        }
+        // A cancel: the item's future goes while its blocking work runs on.
+        drop(item);
+        assert_eq!(budget.available_megapixels(), 0.0, "still held by the work");
+        release_tx.send(()).unwrap();
+        let back = async {
+            while budget.available_megapixels() < 10.0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), back)
+            .await
+            .expect("given back when the work ends");
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod instance_masks;
 mod mask_cache;
 mod segment;
 mod segmenter_input;
+mod single_thread;
 pub(in crate::jobs) mod stored_masks;
 mod union_plane;
 
@@ -36,6 +37,7 @@ use crate::storage::{SharedStore, StorageError};
 use cpu::{Region, RuleInput, render_rule, rule_region};
 use instance_masks::concept_masks;
 use mask_cache::ConceptMasks;
+use single_thread::single_thread;
 
 /// Limits on one input, checked before its pixels are decoded.
 #[derive(Debug, Clone, Copy)]
@@ -62,26 +64,14 @@ pub struct ItemRunner {
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ItemError> + Send + 'static,
 ) -> Result<T, ItemError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(ItemError::Worker)?
-}
-
-/// Runs `work` with a rayon pool of the current thread alone: its `par_iter`s run sequentially right here.
-fn single_thread<T: Send>(work: impl FnOnce() -> T + Send) -> T {
-    thread_local! {
-        static POOL: Option<rayon::ThreadPool> = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .use_current_thread()
-            .thread_name(|_| "item-cpu".into())
-            .build()
-            .ok();
-    }
-    POOL.with(|pool| match pool {
-        Some(pool) => pool.install(work),
-        // Could not build (not expected): the shared pool still computes the same.
-        None => work(),
+    // The item's pixels stay admitted while this runs, even if the item is cancelled meanwhile.
+    let admitted = admission::current();
+    tokio::task::spawn_blocking(move || {
+        let _admitted = admitted;
+        work()
     })
+    .await
+    .map_err(ItemError::Worker)?
 }
 
 impl ItemRunner {
@@ -149,11 +139,21 @@ impl ItemRunner {
         let bytes = self.download_input(&input_key).await?;
         stage.finish();
 
-        // Held to the end of the item: its photo, planes and outputs live until then.
+        // Held to the end of the item (its photo, planes and outputs live until then), and by its blocking work.
         let stage = Stage::start("admit");
-        let _admitted = self.budget.admit(imaging::pixel_count(&bytes)).await;
+        let admitted = self.budget.admit(imaging::pixel_count(&bytes)).await;
         stage.finish();
+        admitted
+            .hold_while(self.run_admitted(plan, idx, bytes))
+            .await
+    }
 
+    async fn run_admitted(
+        &self,
+        plan: &Arc<JobPlan>,
+        idx: u32,
+        bytes: Bytes,
+    ) -> Result<ItemResult, ItemError> {
         let stage = Stage::start("decode");
         let max_pixels = self.limits.max_pixels;
         let encoded = bytes.clone();
