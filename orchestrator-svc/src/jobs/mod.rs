@@ -15,6 +15,7 @@ mod item;
 pub mod job;
 mod pipeline;
 pub mod preview;
+mod recorded;
 pub mod registry;
 mod report;
 mod resume;
@@ -109,9 +110,35 @@ impl JobService {
     async fn register(&self, spec: &JobSpec, plan: JobPlan) -> Result<Job, ApiError> {
         let shared = !plan.durable_items;
         let job = match self.registry.submit(plan)? {
-            Submitted::Existing(job) => return Ok(job.snapshot()),
+            // A retry while the first call still records the job: its answer once that call has one.
+            Submitted::Existing(job) => {
+                if job.recorded.wait().await {
+                    return Ok(job.snapshot());
+                }
+                return Err(ApiError::StoreUnavailable(
+                    "the first submission of this job could not record it; retry".into(),
+                ));
+            }
             Submitted::Created(job) => job,
         };
+        let mut registering = Registering {
+            registry: &self.registry,
+            job: &job,
+            done: false,
+        };
+        let registered = self.register_created(spec, shared, &job).await;
+        registering.done = true;
+        job.recorded.set(registered.is_ok());
+        registered
+    }
+
+    async fn register_created(
+        &self,
+        spec: &JobSpec,
+        shared: bool,
+        job: &Arc<JobHandle>,
+    ) -> Result<Job, ApiError> {
+        let job = job.clone();
         self.forget_in_store().await;
         if let Some(cluster) = self.cluster.clone().filter(|_| shared) {
             return self.register_shared(&cluster, spec, job).await;
@@ -344,5 +371,23 @@ async fn forget(job_store: &dyn store::JobStore, forgotten: &[RecordKey]) {
     if let Err(e) = job_store.forget(forgotten).await {
         metrics::counter!("orchestrator_job_store_errors_total").increment(1);
         tracing::warn!(jobs = forgotten.len(), error = %crate::error::Report(&e), "forgotten jobs not deleted from the job store");
+    }
+}
+
+/// Until done: takes the job back from the registry, marked not recorded. A SubmitJob call dropped while it records
+/// (its client gave up) would otherwise leave a job that is registered but never recorded nor started, and a retry
+/// would be told it exists.
+struct Registering<'a> {
+    registry: &'a JobRegistry,
+    job: &'a JobHandle,
+    done: bool,
+}
+
+impl Drop for Registering<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.registry.remove(self.job);
+            self.job.recorded.set(false);
+        }
     }
 }

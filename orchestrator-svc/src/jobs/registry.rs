@@ -139,6 +139,7 @@ impl JobRegistry {
         }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(JobHandle::new(plan, seq));
+        handle.recorded.pending(); // until the creating call has recorded it (`JobService::register`)
         jobs.insert(handle.plan.key(), handle.clone());
         Ok(Submitted::Created(handle))
     }
