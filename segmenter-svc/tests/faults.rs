@@ -113,3 +113,49 @@ async fn without_reprobes_a_broken_provider_stays_not_serving() {
     assert_eq!(server.health().await, NOT_SERVING, "no probe, no recovery");
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_request_whose_deadline_passes_mid_decoder_stops_running_chunks() {
+    let mut config = test_config();
+    config.decoder_chunk = 1;
+    let faults = config.faults.clone();
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let concepts: Vec<String> = (0..32).map(|i| format!("thing {i}")).collect();
+    let refs: Vec<&str> = concepts.iter().map(String::as_str).collect();
+    // Once to cache the phrases' text features, once timed: how long do a vision and 32 decoder runs take?
+    let mut full = std::time::Duration::ZERO;
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        client
+            .segment(request(image_bytes("room_640x480.jpg"), &refs))
+            .await
+            .unwrap();
+        full = started.elapsed();
+    }
+    let runs_full = faults.runs();
+    // A deadline a third of the way through the decoder runs.
+    let before = faults.runs();
+    let mut req = tonic::Request::new(request(image_bytes("room_640x480.jpg"), &refs));
+    req.set_timeout(full / 3);
+    let status = client.segment(req).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    // Let the inference thread get past the request, then count what it ran for it.
+    let after_next = client
+        .segment(request(image_bytes("room_640x480.jpg"), &["wall"]))
+        .await;
+    assert!(after_next.is_ok(), "{after_next:?}");
+    let ran = faults.runs() - before;
+    eprintln!(
+        "full request {full:?}, {runs_full} runs; the expired one and a 1-phrase one ran {ran}"
+    );
+    // In full: 1 vision + 32 decoder runs (+ the 1-phrase request's 1 vision, 1 text, 1 decoder).
+    assert!(
+        ran < 3 + 1 + 32,
+        "the decoder kept running after the deadline: {ran} runs"
+    );
+    server.stop().await.unwrap();
+}

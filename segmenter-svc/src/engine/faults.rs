@@ -13,6 +13,7 @@ struct State {
     fail_next: AtomicUsize,
     broken: AtomicBool,
     failed: AtomicUsize,
+    runs: AtomicUsize,
 }
 
 impl Faults {
@@ -32,8 +33,14 @@ impl Faults {
         self.0.failed.load(Ordering::SeqCst)
     }
 
+    /// How many session runs were attempted (injected failures included): tests see work skipped or done.
+    pub fn runs(&self) -> usize {
+        self.0.runs.load(Ordering::SeqCst)
+    }
+
     /// Called before each session run.
     pub(crate) fn check(&self, stage: &str) -> ort::Result<()> {
+        self.0.runs.fetch_add(1, Ordering::SeqCst);
         let transient = self
             .0
             .fail_next

@@ -31,6 +31,11 @@ pub(super) fn shapes(
 }
 
 impl Worker {
+    /// Shutdown asked: warm-up stops between shapes (the caller then does not serve).
+    fn stopping(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The probe (one image, one phrase, all three graphs), then the other shapes of `shapes`. Any failure fails the
     /// warm-up: the engine reports Failed and never serves.
     pub(super) fn warm_up(&mut self) -> ort::Result<()> {
@@ -42,6 +47,9 @@ impl Worker {
         );
         let s = self.settings.image_size;
         for &batch in vision_batches.iter().filter(|&&b| b > 1) {
+            if self.stopping() {
+                return Ok(());
+            }
             let started = Instant::now();
             let binding = bind_vision(
                 &self.sessions.vision,
@@ -96,7 +104,11 @@ impl Worker {
             max_instances: 0,
             keep_semantic: false,
         };
+        let stop = self.stop.clone();
         for n in counts {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(());
+            }
             let started = Instant::now();
             let phrases = vec![tokens.clone(); n];
             // The text encoder at this count too: a batch of new phrases runs it at the same N.

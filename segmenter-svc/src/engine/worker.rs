@@ -136,6 +136,10 @@ impl Worker {
     fn run(&mut self, rx: Receiver<Job>, depth: Arc<AtomicUsize>) {
         let started = Instant::now();
         match self.warm_up() {
+            // Asked to stop while warming up (at full size on a CPU that is minutes): stop now, never SERVING.
+            Ok(()) if self.stop.load(Ordering::SeqCst) => {
+                tracing::info!("shutdown during warm-up: not serving");
+            }
             Ok(()) => {
                 tracing::info!(provider = %self.sessions.provider, warmup_ms = started.elapsed().as_millis() as u64, "model warm, serving");
                 self.health.send_replace(Health::Serving);
@@ -205,11 +209,8 @@ impl Worker {
         let now = Instant::now();
         let mut live = Vec::with_capacity(batch.len());
         for job in batch {
-            if job.reply.is_closed() {
-                metrics::counter!("segmenter_dropped_total", "reason" => "cancelled").increment(1);
-            } else if job.deadline <= now {
-                metrics::counter!("segmenter_dropped_total", "reason" => "deadline").increment(1);
-                answer(job, Err(Error::DeadlineExceeded));
+            if gone(&job) {
+                drop_gone(job);
             } else {
                 live.push(job);
             }
@@ -221,7 +222,10 @@ impl Worker {
         match self.compute(&live, now) {
             Ok(outputs) => {
                 for (job, out) in live.into_iter().zip(outputs) {
-                    answer(job, Ok(out));
+                    match out {
+                        Some(out) => answer(job, Ok(out)),
+                        None => drop_gone(job),
+                    }
                 }
             }
             Err(e) => {
@@ -284,7 +288,9 @@ impl Worker {
         Ok(())
     }
 
-    fn compute(&mut self, jobs: &[Job], start: Instant) -> ort::Result<Vec<JobOutput>> {
+    /// Each job's output, or None for a job whose client left or whose deadline passed before its decoder runs
+    /// were done (checked before each chunk: on the CPU one phrase's decoder run takes seconds).
+    fn compute(&mut self, jobs: &[Job], start: Instant) -> ort::Result<Vec<Option<JobOutput>>> {
         // Text and vision run once for the whole batch: one span that follows from every request in it.
         let batch = tracing::info_span!(parent: None, "inference_batch", images = jobs.len());
         for job in jobs {
@@ -363,7 +369,12 @@ impl Worker {
             let mut concepts = Vec::with_capacity(tokens.len());
             let mut filter_time = Duration::ZERO;
             let chunk = settings.decoder_chunk.max(1);
+            let mut left = false;
             for (f, t) in features.chunks(chunk).zip(tokens.chunks(chunk)) {
+                if gone(job) {
+                    left = true;
+                    break;
+                }
                 settings.faults.check("decoder")?;
                 let (kept, spent) = decode_chunk(
                     Decoders {
@@ -382,10 +393,14 @@ impl Worker {
                 concepts.extend(kept);
                 filter_time += spent;
             }
+            if left {
+                outputs.push(None);
+                continue;
+            }
             let decoder = t2.elapsed().saturating_sub(filter_time);
             metrics::histogram!("segmenter_stage_seconds", "stage" => "decoder")
                 .record(decoder.as_secs_f64());
-            outputs.push(JobOutput {
+            outputs.push(Some(JobOutput {
                 concepts,
                 cache_hits: job_hits,
                 queue: start.saturating_duration_since(job.enqueued),
@@ -394,7 +409,7 @@ impl Worker {
                 decoder,
                 filter: filter_time,
                 vision_batch: jobs.len(),
-            });
+            }));
         }
         Ok(outputs)
     }
@@ -531,5 +546,20 @@ impl Provider {
             Provider::Cuda(_) => 8,
             Provider::Cpu => 2,
         }
+    }
+}
+
+/// A job nobody waits for any more: its client left, or its deadline passed.
+fn gone(job: &Job) -> bool {
+    job.reply.is_closed() || job.deadline <= Instant::now()
+}
+
+/// Drops a gone job, answering DEADLINE_EXCEEDED when someone still listens.
+fn drop_gone(job: Job) {
+    if job.reply.is_closed() {
+        metrics::counter!("segmenter_dropped_total", "reason" => "cancelled").increment(1);
+    } else {
+        metrics::counter!("segmenter_dropped_total", "reason" => "deadline").increment(1);
+        answer(job, Err(Error::DeadlineExceeded));
     }
 }
