@@ -28,7 +28,7 @@ use crate::tasks::spawn_tracked;
 
 /// How long one fetch waits for a task before asking again.
 const FETCH_WAIT: Duration = Duration::from_secs(5);
-/// Pause after a failed fetch (NATS unreachable).
+/// Pause after a failed fetch (NATS unreachable), and between reads of an unreachable job store.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// A task whose job is not recorded: its submitter publishes the tasks before the record, so it waits this long for
 /// the record before it is dropped (the submission failed, and the client was told so, or got no answer).
@@ -151,16 +151,15 @@ impl JobService {
         // NATS_MAX_DELIVERIES.
         let waiting_since = tokio::time::Instant::now();
         let job = loop {
-            match self.job_of(cluster, task).await {
-                Ok(Some(job)) => break job,
-                Ok(None) if waiting_since.elapsed() < ORPHAN_AFTER => {}
-                Ok(None) => {
+            let Some(found) = self.patiently(task, || self.job_of(cluster, task)).await else {
+                return TaskEnd::Again(Duration::ZERO);
+            };
+            match found {
+                Some(job) => break job,
+                None if waiting_since.elapsed() < ORPHAN_AFTER => {}
+                None => {
                     tracing::warn!(job_id = %task.job_id, idx, "item task of a job never recorded (or of a spec replaced); dropped");
                     return TaskEnd::Drop;
-                }
-                Err(e) => {
-                    tracing::warn!(job_id = %task.job_id, error = %Report(&e), "job store unreachable; item task offered again");
-                    return TaskEnd::Again(RETRY_PAUSE);
                 }
             }
             // A job known here is being recorded this instant (this replica took its SubmitJob): look again soon.
@@ -169,23 +168,23 @@ impl JobService {
         };
         let reporter = self.pipeline.reporter();
         let callbacks_on = reporter.callbacks_on();
-        match cluster.store().item(&task.job(), idx).await {
-            Ok(Some(recorded)) => {
-                // Ended already: by another replica, or here before a crash; only an unsettled callback is resent.
-                job.apply_record(idx, recorded.clone());
-                if callbacks_on && recorded.callback_state == CallbackState::Pending as i32 {
-                    tracing::info!(job_id = %task.job_id, idx, "item recorded, callback not settled: resending it");
-                    reporter
-                        .settle_now(&job, recorded, ReportKind::Resend)
-                        .await;
-                }
-                return TaskEnd::Done;
+        let item_job = task.job();
+        let Some(recorded) = self
+            .patiently(task, || cluster.store().item(&item_job, idx))
+            .await
+        else {
+            return TaskEnd::Again(Duration::ZERO);
+        };
+        if let Some(recorded) = recorded {
+            // Ended already: by another replica, or here before a crash; only an unsettled callback is resent.
+            job.apply_record(idx, recorded.clone());
+            if callbacks_on && recorded.callback_state == CallbackState::Pending as i32 {
+                tracing::info!(job_id = %task.job_id, idx, "item recorded, callback not settled: resending it");
+                reporter
+                    .settle_now(&job, recorded, ReportKind::Resend)
+                    .await;
             }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(job_id = %task.job_id, error = %Report(&e), "job store unreachable; item task offered again");
-                return TaskEnd::Again(RETRY_PAUSE);
-            }
+            return TaskEnd::Done;
         }
         if delivered > cluster.settings().max_deliveries {
             let outcome = ItemOutcome::Failed {
@@ -219,9 +218,35 @@ impl JobService {
             }
         }
         // Released only once the terminal state is recorded: a crash before that leaves the task to another replica.
-        match cluster.store().item(&task.job(), idx).await {
-            Ok(Some(_)) => TaskEnd::Done,
+        match self
+            .patiently(task, || cluster.store().item(&item_job, idx))
+            .await
+        {
+            Some(Some(_)) => TaskEnd::Done,
             _ => TaskEnd::Again(cluster.settings().progress_every()),
+        }
+    }
+
+    /// `read` from the job store, asked again every RETRY_PAUSE while the store is unreachable (the caller renews the
+    /// task's lease meanwhile). Putting the task back instead counted a delivery each time: an outage of the store
+    /// alone (its stream electing a leader) used up NATS_MAX_DELIVERIES within seconds, so the item failed
+    /// `too_many_deliveries` without having run, or, on the last delivery, was never delivered again and kept no end
+    /// state. None when this replica starts draining meanwhile (the task then goes back for another replica).
+    async fn patiently<T, Fut>(&self, task: &ItemTask, read: impl Fn() -> Fut) -> Option<T>
+    where
+        Fut: std::future::Future<Output = Result<T, crate::jobs::store::StoreError>>,
+    {
+        loop {
+            match read().await {
+                Ok(value) => return Some(value),
+                Err(e) => {
+                    tracing::warn!(job_id = %task.job_id, idx = task.idx, error = %Report(&e), "job store unreachable; asking again");
+                    if self.pipeline.is_stopping() {
+                        return None;
+                    }
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
         }
     }
 
