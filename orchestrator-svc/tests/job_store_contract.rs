@@ -164,8 +164,8 @@ async fn two_replicas_racing_on_the_nats_store_never_both_win() {
             ..done_here.clone()
         };
         let (x, y) = tokio::join!(
-            a.put_first_item(&key, &done_here),
-            b.put_first_item(&key, &done_there)
+            a.put_first_item(&key, &done_here, false),
+            b.put_first_item(&key, &done_there, false)
         );
         let outcomes = [x.unwrap(), y.unwrap()];
         let stored = outcomes.iter().filter(|w| **w == Written::Stored).count();
@@ -175,7 +175,16 @@ async fn two_replicas_racing_on_the_nats_store_never_both_win() {
         } else {
             &done_there
         };
-        assert_eq!(a.put_first_item(&key, mine).await.unwrap(), Written::Stored);
+        assert_eq!(
+            a.put_first_item(&key, mine, true).await.unwrap(),
+            Written::Stored
+        );
+        // The identical record from a writer whose earlier call did not fail: another holder that ran the item to
+        // the same keys. It must not call it back too.
+        assert!(matches!(
+            b.put_first_item(&key, mine, false).await.unwrap(),
+            Written::Conflict(_)
+        ));
     }
     assert_eq!(created, ROUNDS as usize);
     let keys: Vec<RecordKey> = a
@@ -208,7 +217,10 @@ async fn forgetting_a_job_on_nats_leaves_nothing_of_it_and_touches_no_other_job(
         for idx in 0..3 {
             store.claim(&job.key(), idx, &claim).await.unwrap();
             let done = item(idx, ItemState::Completed, CallbackState::Delivered);
-            store.put_first_item(&job.key(), &done).await.unwrap();
+            store
+                .put_first_item(&job.key(), &done, false)
+                .await
+                .unwrap();
         }
     }
     assert_eq!(store.claim_of(&kept.key(), 2).await.unwrap(), Some(claim));

@@ -178,16 +178,17 @@ async fn keep(
 ) -> bool {
     let key = store::key_of(job);
     let give_up = tokio::time::Instant::now() + patience;
-    let write = || async {
+    let key = &key;
+    let write = |retried: bool| async move {
         match report {
-            ReportKind::First => job_store.put_first_item(&key, item).await,
-            ReportKind::Resend => job_store.put_item(&key, item).await,
+            ReportKind::First => job_store.put_first_item(key, item, retried).await,
+            ReportKind::Resend => job_store.put_item(key, item).await,
         }
     };
-    let mut written = write().await;
+    let mut written = write(false).await;
     while written.is_err() && tokio::time::Instant::now() < give_up {
         tokio::time::sleep(STORE_RETRY_PAUSE).await;
-        written = write().await;
+        written = write(true).await;
     }
     match written {
         Ok(Written::Stored) => true,

@@ -78,8 +78,17 @@ pub trait JobStore: Send + Sync + Debug {
     async fn put_item(&self, job: &RecordKey, item: &Item) -> Result<Written, StoreError>;
     /// The first report of an item that just ended in this process: stored only if no record exists yet, otherwise
     /// `Conflict` with the record, even one of the same state (JOB_STORE=nats: two replicas that ended one item the
-    /// same way must not both call it back). A store with one writer per job may keep `put_item`'s behaviour.
-    async fn put_first_item(&self, job: &RecordKey, item: &Item) -> Result<Written, StoreError> {
+    /// same way must not both call it back), and even an identical one (two holders of one task that ran its item
+    /// to the same keys). `retried`: an earlier call for this report failed, so a record identical to `item` may be
+    /// that call's own write whose answer was lost: `Stored`. A store with one writer per job may keep `put_item`'s
+    /// behaviour.
+    async fn put_first_item(
+        &self,
+        job: &RecordKey,
+        item: &Item,
+        retried: bool,
+    ) -> Result<Written, StoreError> {
+        let _ = retried;
         self.put_item(job, item).await
     }
     /// Marks the job cancelled.

@@ -240,7 +240,12 @@ impl JobStore for NatsJobStore {
         Err(contention(&key))
     }
 
-    async fn put_first_item(&self, job: &RecordKey, item: &Item) -> Result<Written, StoreError> {
+    async fn put_first_item(
+        &self,
+        job: &RecordKey,
+        item: &Item,
+        retried: bool,
+    ) -> Result<Written, StoreError> {
         let key = format!("{}{}", items_prefix(job), item.idx);
         for _ in 0..CAS_ATTEMPTS {
             if self
@@ -252,9 +257,10 @@ impl JobStore for NatsJobStore {
             if let Some((bytes, _)) = self.entry(&key).await? {
                 let recorded = durable::decode(&bytes)
                     .ok_or_else(|| StoreError::Corrupt { key: key.clone() })?;
-                // Exactly this record: this write's own, whose answer was lost (NATS went away after committing
-                // it, and the write was retried). Reported, or its callback would never be sent.
-                if recorded == *item {
+                // Exactly this record after a failed call: this report's own write, whose answer was lost (NATS
+                // went away after committing it). Reported, or its callback would never be sent. Without a failed
+                // call it is another holder's (the same item run twice to the same keys): that one reports it.
+                if retried && recorded == *item {
                     return Ok(Written::Stored);
                 }
                 return Ok(Written::Conflict(Box::new(recorded)));
