@@ -69,12 +69,25 @@ pub enum ApiError {
     StoreUnavailable(#[source] BoxError),
 }
 
+/// Violations sent back, at most: a request can carry thousands of bad keys, and the message and details travel in
+/// HTTP/2 trailers, which clients cap at a few KB (larger ones arrive as a transport error instead).
+pub const MAX_VIOLATIONS_SHOWN: usize = 50;
+
 fn summarize(violations: &[FieldViolation]) -> String {
-    violations
+    let mut text = violations
         .iter()
+        .take(MAX_VIOLATIONS_SHOWN)
         .map(|v| format!("{}: {}", v.field, v.description))
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    if let Some(more) = violations
+        .len()
+        .checked_sub(MAX_VIOLATIONS_SHOWN)
+        .filter(|&n| n > 0)
+    {
+        text.push_str(&format!("; and {more} more"));
+    }
+    text
 }
 
 impl From<ApiError> for Status {
@@ -83,7 +96,7 @@ impl From<ApiError> for Status {
         match err {
             ApiError::InvalidArgument(violations) => {
                 let mut details = ErrorDetails::new();
-                for v in violations {
+                for v in violations.into_iter().take(MAX_VIOLATIONS_SHOWN) {
                     details.add_bad_request_violation(v.field, v.description);
                 }
                 Status::with_error_details(Code::InvalidArgument, message, details)
@@ -147,6 +160,22 @@ mod tests {
             .map(|v| v.field.as_str())
             .collect();
         assert_eq!(fields, ["user_id", "image_count"]);
+    }
+
+    #[test]
+    fn thousands_of_violations_send_back_the_first_fifty_and_a_count() {
+        let many = (0..5000)
+            .map(|i| FieldViolation::new(format!("rules[0].params.k{i}"), "unknown parameter"))
+            .collect();
+        let status = Status::from(ApiError::InvalidArgument(many));
+        let bad = status.get_details_bad_request().unwrap();
+        assert_eq!(bad.field_violations.len(), MAX_VIOLATIONS_SHOWN);
+        assert!(
+            status.message().ends_with("; and 4950 more"),
+            "{}",
+            status.message()
+        );
+        assert!(status.message().len() < 4000, "{}", status.message().len());
     }
 
     #[test]

@@ -60,6 +60,21 @@ fn load_presets(config: &LimitArgs) -> Result<BTreeMap<String, Arc<Preset>>, Con
         ConfigError::invalid("PRESETS_DIR", config.presets_dir.display().to_string(), e)
     })?;
     for preset in presets.values() {
+        // A preset's concepts become mask key segments and are matched against requests as normalised phrases:
+        // the same rules as a request's concepts, and written in their normalised form (a "Sofa" would never
+        // match its own priorities once a request's "sofa" is lowercased).
+        for c in &preset.concepts {
+            let normal = crate::jobs::validate::normalize_concept(c);
+            let problem = crate::jobs::validate::concept_problem(&normal)
+                .or_else(|| (normal != *c).then(|| format!("write it as {normal:?}")));
+            if let Some(problem) = problem {
+                return Err(ConfigError::invalid(
+                    "PRESETS_DIR",
+                    config.presets_dir.display().to_string(),
+                    format!("preset {:?}: concept {c:?}: {problem}", preset.name),
+                ));
+            }
+        }
         if preset.concepts.len() > config.max_concepts_per_job {
             tracing::warn!(
                 preset = %preset.name,
@@ -263,4 +278,38 @@ pub async fn run(
     served?;
     drain.finish(worker, &api, &pipeline).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits_with(dir: &std::path::Path) -> LimitArgs {
+        let mut c = Config::for_tests(dir, "http://127.0.0.1:1");
+        c.limits.presets_dir = dir.to_path_buf();
+        c.limits
+    }
+
+    #[test]
+    fn preset_concepts_follow_the_rules_of_request_concepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |concepts: &str| {
+            std::fs::write(
+                dir.path().join("p.json"),
+                format!(r#"{{"name": "p", "concepts": {concepts}}}"#),
+            )
+            .unwrap()
+        };
+        write(r#"["sofa", "coffee table"]"#);
+        assert_eq!(load_presets(&limits_with(dir.path())).unwrap().len(), 1);
+        for (bad, says) in [
+            (r#"["sofa", "TV/Monitor"]"#, "letters, digits"),
+            (r#"["Sofa"]"#, "write it as \"sofa\""),
+        ] {
+            write(bad);
+            let err = load_presets(&limits_with(dir.path())).unwrap_err();
+            let shown = crate::error::report(&err);
+            assert!(shown.contains(says), "{bad}: {shown}");
+        }
+    }
 }

@@ -14,6 +14,26 @@ pub const PREVIEW_SIZE: u32 = 256;
 /// Longest side of an input: JPEG, the outputs' format, stores sides in 16 bits.
 pub const MAX_SIDE: u32 = 65_535;
 
+/// Longest side a texture swatch is kept at. A swatch may be any upload of the user's (up to MAX_INPUT_PIXELS), and
+/// the texture works on a float copy of it (12 bytes per pixel) outside the pixel budget, which counts photos: a
+/// 50 MP swatch would cost ~600 MB per rule. 4096 px still gives a tile spanning a whole 12 MP photo more than one
+/// swatch pixel per photo pixel.
+pub const MAX_SWATCH_SIDE: u32 = 4096;
+
+/// A swatch decoded as a photo is (`decode_upright`), then scaled down to MAX_SWATCH_SIDE if it is larger.
+pub fn decode_swatch(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemError> {
+    let swatch = decode_upright(bytes, max_pixels)?;
+    let (w, h) = swatch.dimensions();
+    let long = w.max(h);
+    if long <= MAX_SWATCH_SIDE {
+        return Ok(swatch);
+    }
+    let scale = |side: u32| {
+        ((u64::from(side) * u64::from(MAX_SWATCH_SIDE)) / u64::from(long)).max(1) as u32
+    };
+    Ok(crate::resize::downscale_rgb(&swatch, (scale(w), scale(h))))
+}
+
 /// Decodes `bytes` to sRGB, upright: the pixel limit is checked from the header before any pixel is decoded, then
 /// an embedded ICC profile (Display P3 from phones, Adobe RGB from cameras) is converted to sRGB (see
 /// `palette_rules::icc`) and the EXIF orientation (1..=8) is applied, as the segmenter does, so masks and photo
@@ -188,6 +208,21 @@ pub fn flatten_on_white(img: &RgbaImage) -> RgbImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_swatch_is_kept_at_most_max_swatch_side_long() {
+        let png = |w: u32, h: u32| {
+            let img = RgbImage::from_pixel(w, h, image::Rgb([120, 80, 40]));
+            let mut out = Cursor::new(Vec::new());
+            img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+            out.into_inner()
+        };
+        let big = decode_swatch(&png(MAX_SWATCH_SIDE * 2, 100), 50_000_000).unwrap();
+        assert_eq!(big.dimensions(), (MAX_SWATCH_SIDE, 50));
+        assert_eq!(big.get_pixel(10, 10).0, [120, 80, 40]);
+        let small = decode_swatch(&png(300, 200), 50_000_000).unwrap();
+        assert_eq!(small.dimensions(), (300, 200));
+    }
 
     #[test]
     fn pixel_limit_is_checked_before_decoding() {

@@ -403,7 +403,7 @@ impl ItemRunner {
                 StorageError::Unavailable { .. } => ItemError::Storage(e),
             })?;
         let max_pixels = self.limits.max_pixels;
-        self.cpu(move || imaging::decode_upright(&bytes, max_pixels))
+        self.cpu(move || imaging::decode_swatch(&bytes, max_pixels))
             .await
             .map_err(|e| unusable(e.into()))
     }

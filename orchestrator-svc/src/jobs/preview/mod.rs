@@ -293,7 +293,7 @@ impl PreviewService {
             })?;
         let max_pixels = self.inputs.max_pixels;
         let swatch =
-            tokio::task::spawn_blocking(move || imaging::decode_upright(&bytes, max_pixels))
+            tokio::task::spawn_blocking(move || imaging::decode_swatch(&bytes, max_pixels))
                 .await
                 .map_err(ItemError::Worker)?
                 .map_err(|e| unusable(e.into()))?;

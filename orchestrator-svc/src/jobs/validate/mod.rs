@@ -18,7 +18,7 @@ use palette_proto::orchestrator::v1::{JobSpec, Rule as RuleSpec};
 use palette_rules::preset::Preset;
 use palette_rules::rule::Rule;
 
-pub use concepts::{MAX_CONCEPT_CHARS, normalize_concept};
+pub use concepts::{MAX_CONCEPT_CHARS, concept_problem, normalize_concept};
 pub use job_ref::JobKey;
 pub use violations::{Validate, Violations};
 

@@ -23,11 +23,18 @@ pub fn plan_rules(
     } in parsed
     {
         let occluders: Vec<String> = match (rule.occluded_by(), preset) {
-            (Some(list), _) => list
-                .iter()
-                .map(|c| normalize_concept(c))
-                .filter(|c| *c != concept)
-                .collect(),
+            (Some(list), _) => {
+                // Each once, in the order given: a repeated occluder ("sofa", "Sofa") adds nothing to the region
+                // but would cost a full-frame mask copy per entry, and would keep rules that name the same
+                // occluders from sharing their region.
+                let mut unique: Vec<String> = Vec::with_capacity(list.len());
+                for c in list.iter().map(|c| normalize_concept(c)) {
+                    if c != concept && !unique.contains(&c) {
+                        unique.push(c);
+                    }
+                }
+                unique
+            }
             (None, Some(p)) => p.occluders_of(&concept, &present),
             (None, None) => Vec::new(),
         };

@@ -209,15 +209,19 @@ fn explicit_occluders_are_segmented_too() {
         "occluded_by".into(),
         PValue {
             kind: Some(Kind::ListValue(prost_types::ListValue {
-                values: vec![PValue {
-                    kind: Some(Kind::StringValue("Lamp".into())),
-                }],
+                // Repeats (in any case) and the rule's own concept count once, and not at all.
+                values: ["Lamp", "lamp", "wall", "LAMP ", "sofa", "Lamp"]
+                    .into_iter()
+                    .map(|s| PValue {
+                        kind: Some(Kind::StringValue(s.into())),
+                    })
+                    .collect(),
             })),
         },
     );
     spec.rules[0].params = Some(params);
     let plan = validate(&spec, &BTreeMap::new(), limits()).unwrap();
-    assert_eq!(plan.rules[0].occluders, ["lamp"]);
+    assert_eq!(plan.rules[0].occluders, ["lamp", "sofa"]);
     assert!(plan.concepts.contains(&"lamp".to_string()));
 }
 
