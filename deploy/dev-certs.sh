@@ -10,6 +10,7 @@
 #
 # Files: ca.pem (what clients trust: -cacert, SEGMENTER_TLS_CA; and TLS_CLIENT_CA for mutual TLS), server.pem +
 # server.key (TLS_CERT, TLS_KEY), client.pem + client.key (SEGMENTER_TLS_CERT/KEY, grpcurl -cert/-key),
+# orchestrator.pem + orchestrator.key (server and client at once: Kubernetes' orchestrator-tls Secret),
 # orchestrator.tokens (the orchestrator's AUTH_TOKENS_FILE: what the upstream API sends), segmenter.tokens (the
 # segmenter's AUTH_TOKENS_FILE; its one line is the orchestrator's SEGMENTER_TOKEN). The server certificate names
 # localhost, 127.0.0.1, ::1, segmenter, orchestrator and their in-cluster names.
@@ -45,6 +46,10 @@ issue server "/CN=palette server" "subjectAltName=$sans
 extendedKeyUsage=serverAuth
 keyUsage=critical,digitalSignature"
 issue client "/CN=palette client" "extendedKeyUsage=clientAuth
+keyUsage=critical,digitalSignature"
+# Kubernetes' orchestrator-tls: the orchestrator serves with it and presents it to the segmenter (mutual TLS).
+issue orchestrator "/CN=palette orchestrator" "subjectAltName=$sans
+extendedKeyUsage=serverAuth,clientAuth
 keyUsage=critical,digitalSignature"
 rm -f "$DIR/ca.srl"
 

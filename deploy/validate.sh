@@ -194,11 +194,15 @@ step_certs() {
   log "deploy/dev-certs.sh: a CA, server and client certificates, tokens"
   local d="$RENDER/certs" out
   bash deploy/dev-certs.sh "$d" >/dev/null
-  openssl verify -CAfile "$d/ca.pem" "$d/server.pem" "$d/client.pem"
+  openssl verify -CAfile "$d/ca.pem" "$d/server.pem" "$d/client.pem" "$d/orchestrator.pem"
   openssl x509 -in "$d/server.pem" -noout -ext subjectAltName | grep -q 'DNS:segmenter.palette.svc.cluster.local' \
     || { echo "server certificate lacks the in-cluster segmenter name"; return 1; }
   openssl x509 -in "$d/client.pem" -noout -ext extendedKeyUsage | grep -q 'TLS Web Client Authentication' \
     || { echo "client certificate lacks clientAuth"; return 1; }
+  # Kubernetes' orchestrator-tls serves and, toward the segmenter, is a client certificate too.
+  openssl x509 -in "$d/orchestrator.pem" -noout -ext extendedKeyUsage \
+    | grep -q 'TLS Web Server Authentication, TLS Web Client Authentication' \
+    || { echo "orchestrator certificate lacks serverAuth + clientAuth"; return 1; }
   for f in orchestrator.tokens segmenter.tokens; do
     [[ "$(wc -c <"$d/$f")" -ge 17 ]] || { echo "$f: token too short"; return 1; }
   done

@@ -52,7 +52,7 @@ impl Drain {
             tracing::info!(grace = ?this.grace, "shutting down: no new items; WatchJob streams end (UNAVAILABLE, draining)");
             parts.pipeline.stop_starting();
             parts.api.drain();
-            parts.health.set_not_serving::<JobsServer<JobsApi>>().await;
+            not_serving(&parts.health).await;
             let _ = parts.stop_adapter.send(true);
         }
     }
@@ -101,5 +101,42 @@ impl Drain {
         {
             tracing::warn!("items still in flight at the end of SHUTDOWN_GRACE_SEC; leaving them");
         }
+    }
+}
+
+/// Health at the signal: the Jobs service and the server as a whole (`""`, what Kubernetes' gRPC probes and most
+/// load balancers ask for) both NOT_SERVING, so traffic moves away while the drain lasts.
+async fn not_serving(health: &HealthReporter) {
+    health.set_not_serving::<JobsServer<JobsApi>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_server::Health;
+
+    #[tokio::test]
+    async fn at_the_signal_the_jobs_service_and_the_server_both_say_not_serving() {
+        let health = tonic_health::server::HealthReporter::new();
+        let service = tonic_health::server::HealthService::from_health_reporter(health.clone());
+        health
+            .set_serving::<super::JobsServer<super::JobsApi>>()
+            .await;
+        let service = &service;
+        let status = |name: &'static str| async move {
+            let request = tonic::Request::new(HealthCheckRequest {
+                service: name.into(),
+            });
+            service.check(request).await.unwrap().into_inner().status
+        };
+        let jobs = <super::JobsServer<super::JobsApi> as tonic::server::NamedService>::NAME;
+        assert_eq!(status("").await, 1, "SERVING before");
+        assert_eq!(status(jobs).await, 1);
+        super::not_serving(&health).await;
+        assert_eq!(status("").await, 2, "NOT_SERVING");
+        assert_eq!(status(jobs).await, 2);
     }
 }

@@ -251,10 +251,25 @@ mod tests {
             .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
             .collect();
         let example = include_str!("../../.env.example");
-        let listed: Vec<&str> = example
+        let set: Vec<&str> = example
             .lines()
             .filter(|l| !l.trim_start().starts_with('#') && l.contains('='))
+            .collect();
+        // Loaded as an env file, an empty value is a value: a path or a number set to "" refuses to start. Optional
+        // settings without a default are listed commented out, as `# NAME=`.
+        for line in &set {
+            assert!(!line.trim_end().ends_with('='), "{line}: comment it out");
+        }
+        let unset = example.lines().filter_map(|l| {
+            let name = l.strip_prefix("# ")?.strip_suffix('=')?;
+            name.chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                .then_some(name)
+        });
+        let listed: Vec<&str> = set
+            .iter()
             .map(|l| l.split('=').next().unwrap().trim())
+            .chain(unset)
             .collect();
         for name in &listed {
             assert!(
