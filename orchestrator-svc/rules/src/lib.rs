@@ -12,6 +12,7 @@ pub mod inpaint;
 pub mod light;
 pub mod lut;
 pub mod mask;
+mod morph;
 pub mod ops;
 pub mod preset;
 pub mod region;
