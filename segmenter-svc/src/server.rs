@@ -63,12 +63,7 @@ async fn serve_prepared(
         .take();
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    reporter
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
+    report(&reporter, ServingStatus::NotServing).await;
     // Fired at the shutdown signal: from then on health says NOT_SERVING whatever the engine does (a warm-up that
     // ends, or a re-probe that passes, during the drain must not bring traffic back).
     let draining = tokio_util::sync::CancellationToken::new();
@@ -91,12 +86,7 @@ async fn serve_prepared(
             shutdown.await;
             tracing::info!("shutdown requested: NOT_SERVING, draining in-flight requests");
             draining.cancel();
-            signal_reporter
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-            signal_reporter
-                .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-                .await;
+            report(&signal_reporter, ServingStatus::NotServing).await;
             let _ = stop_tx.send(());
         }
         .instrument(tracing::info_span!("task", task = "shutdown_signal")),
@@ -268,27 +258,25 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
     }))
 }
 
+/// The server as a whole (`""`, what most probes ask) and the Segmenter service always say the same.
+async fn report(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
+}
+
 /// Mirrors the engine's health into grpc.health.v1: NOT_SERVING until warm, and again after a provider failure.
 async fn follow_health(
     mut health: tokio::sync::watch::Receiver<Health>,
     reporter: tonic_health::server::HealthReporter,
     draining: tokio_util::sync::CancellationToken,
 ) {
-    let not_serving = async || {
-        reporter
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        reporter
-            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-            .await;
-    };
+    let not_serving = || report(&reporter, ServingStatus::NotServing);
     loop {
         let status = match &*health.borrow_and_update() {
             Health::Serving => ServingStatus::Serving,
             _ => ServingStatus::NotServing,
         };
-        reporter.set_service_status("", status).await;
-        reporter.set_service_status(SERVICE_NAME, status).await;
+        report(&reporter, status).await;
         // Checked after writing: a SERVING written while the signal's NOT_SERVING went out is overwritten here.
         if draining.is_cancelled() {
             return not_serving().await;
