@@ -109,7 +109,7 @@ impl JobService {
 
     async fn register(&self, spec: &JobSpec, plan: JobPlan) -> Result<Job, ApiError> {
         let shared = !plan.durable_items;
-        let job = match self.registry.submit(plan)? {
+        let job = match self.registry.submit_to_record(plan)? {
             // A retry while the first call still records the job: its answer once that call has one.
             Submitted::Existing(job) => {
                 if job.recorded.wait().await {
