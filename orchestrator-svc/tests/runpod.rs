@@ -304,6 +304,16 @@ async fn runpod_worker_runs_the_seed_job_and_survives_a_malformed_one() {
     assert_eq!(fake.results_for("rp-1").len(), 1, "no second result");
 }
 
+/// ADAPTER=runpod against `base` (the fake Runpod), no heartbeat.
+fn runpod_without_ping(c: &mut orchestrator_svc::Config, base: &str) {
+    c.adapter = orchestrator_svc::config::Adapter::Runpod;
+    c.runpod.runpod_pod_id = Some(POD.into());
+    c.runpod.runpod_ai_api_key = Some(API_KEY.into());
+    c.runpod.runpod_webhook_get_job = Some(format!("{base}/take/$ID"));
+    c.runpod.runpod_webhook_post_output = Some(format!("{base}/done/$RUNPOD_POD_ID/$ID"));
+    c.runpod.runpod_webhook_ping = None;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runpod_worker_backs_off_take_errors_and_finishes_its_job_on_shutdown() {
     use std::sync::atomic::Ordering;
@@ -315,12 +325,7 @@ async fn runpod_worker_backs_off_take_errors_and_finishes_its_job_on_shutdown() 
     .await;
     let base = fake.base();
     let mut orch = start(&segmenter.url, |c| {
-        c.adapter = orchestrator_svc::config::Adapter::Runpod;
-        c.runpod.runpod_pod_id = Some(POD.into());
-        c.runpod.runpod_ai_api_key = Some(API_KEY.into());
-        c.runpod.runpod_webhook_get_job = Some(format!("{base}/take/$ID"));
-        c.runpod.runpod_webhook_post_output = Some(format!("{base}/done/$RUNPOD_POD_ID/$ID"));
-        c.runpod.runpod_webhook_ping = None;
+        runpod_without_ping(c, &base);
     })
     .await;
     orch.put_input("test-user", "slow-job", 0, photo_jpeg(96, 64))
@@ -384,12 +389,7 @@ async fn a_job_left_unfinished_at_shutdown_gets_an_error_result_at_once() {
     let store_dir = tempfile::tempdir().unwrap();
     let store_path = store_dir.path().join("jobs.redb");
     let mut orch = start(&segmenter.url, move |c| {
-        c.adapter = orchestrator_svc::config::Adapter::Runpod;
-        c.runpod.runpod_pod_id = Some(POD.into());
-        c.runpod.runpod_ai_api_key = Some(API_KEY.into());
-        c.runpod.runpod_webhook_get_job = Some(format!("{base}/take/$ID"));
-        c.runpod.runpod_webhook_post_output = Some(format!("{base}/done/$RUNPOD_POD_ID/$ID"));
-        c.runpod.runpod_webhook_ping = None;
+        runpod_without_ping(c, &base);
         // A job store that keeps unstarted items for the next start: the job cannot finish in this process.
         c.jobs.job_store = orchestrator_svc::config::JobStoreKind::Local;
         c.jobs.job_store_path = store_path;
