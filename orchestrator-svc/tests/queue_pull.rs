@@ -29,11 +29,19 @@ const SUBJECT: &str = "palette.jobs";
 struct Worker {
     runtime: Option<tokio::runtime::Runtime>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    stopped: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// What `run` returned (its error as text), once it has.
+    stopped: Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
 }
 
 impl Worker {
     fn start(config: Config) -> Worker {
+        // Logs go to the test's captured output: shown when a test fails (its worker threads, spawned from the
+        // test's thread, inherit the capture).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("orchestrator_svc=info"))
+            .with_test_writer()
+            .with_ansi(false)
+            .try_init();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -46,10 +54,10 @@ impl Worker {
             let signal = async move {
                 let _ = shutdown_signal.await;
             };
-            orchestrator_svc::run(config, listener, signal)
+            let ran = orchestrator_svc::run(config, listener, signal)
                 .await
-                .unwrap();
-            let _ = stopped_signal.send(());
+                .map_err(|e| format!("{e:?}"));
+            let _ = stopped_signal.send(ran);
         });
         Worker {
             runtime: Some(runtime),
@@ -70,12 +78,30 @@ impl Worker {
             let _ = shutdown.send(());
         }
         if let Some(stopped) = self.stopped.take() {
-            tokio::time::timeout(Duration::from_secs(60), stopped)
+            let ran = tokio::time::timeout(Duration::from_secs(60), stopped)
                 .await
                 .expect("the orchestrator did not stop")
-                .expect("the orchestrator's run failed");
+                .expect("the orchestrator's task panicked");
+            if let Err(e) = ran {
+                panic!("the orchestrator's run failed: {e}");
+            }
         }
         self.kill();
+    }
+
+    /// Panics with `run`'s error if it has already returned one (a test waiting for this worker's work would
+    /// otherwise only time out).
+    fn assert_running(&mut self, name: &str) {
+        if let Some(stopped) = self.stopped.as_mut() {
+            match stopped.try_recv() {
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+                Ok(Ok(())) => panic!("{name}'s orchestrator stopped early"),
+                Ok(Err(e)) => panic!("{name}'s orchestrator failed: {e}"),
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    panic!("{name}'s orchestrator task panicked")
+                }
+            }
+        }
     }
 }
 
@@ -356,6 +382,7 @@ async fn a_job_of_a_killed_orchestrator_is_finished_by_another_without_duplicate
     // A finishes (and records) its first item, then dies mid-job.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !s.marker_exists(JOB, 0) {
+        a.assert_running("A");
         if tokio::time::Instant::now() >= deadline {
             // Seen once in many runs, not reproduced since: say where the job stood.
             let mut stream = js.get_stream(STREAM).await.unwrap();
@@ -433,9 +460,10 @@ async fn a_job_delivered_more_than_the_limit_is_given_up_with_a_failed_callback_
     publish(&js, vec![seed_job(JOB, IMAGES)]).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !s.marker_exists(JOB, 0) {
+        a.assert_running("A");
         assert!(
             tokio::time::Instant::now() < deadline,
-            "A never finished an item"
+            "A never finished an item (its log is above)"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
