@@ -292,7 +292,8 @@ mod tests {
         let guides = GuideCache::new();
         for (n, (target, occluders, params)) in cases.into_iter().enumerate() {
             let target = std::slice::from_ref(target);
-            let shared = build_region_shared(&photo, target, occluders, params, &guides);
+            let borrowed: Vec<&GrayImage> = occluders.iter().collect();
+            let shared = build_region_shared(&photo, target, &borrowed, params, &guides);
             let alone = build_region(&photo, target, occluders, params);
             assert_eq!(shared, alone, "region {n}");
             assert!(

@@ -52,16 +52,18 @@ pub fn build_region(
     occluders: &[GrayImage],
     params: &RegionParams,
 ) -> GrayImage {
-    build_region_shared(photo, target, occluders, params, &GuideCache::new())
+    let occluders: Vec<&GrayImage> = occluders.iter().collect();
+    build_region_shared(photo, target, &occluders, params, &GuideCache::new())
 }
 
 /// `build_region` for one of several regions of `photo`: the guided filter's photo-only statistics come from
 /// `guides` (one cache per photo), made by the first region over the same crop and reused by the others. The same
-/// arithmetic as `build_region`, so the same bytes.
+/// arithmetic as `build_region`, so the same bytes. The occluders are borrowed: a rule hidden by several concepts
+/// needs no full-frame copy of each (a 48 MP mask is 48 MB).
 pub fn build_region_shared(
     photo: &RgbImage,
     target: &[GrayImage],
-    occluders: &[GrayImage],
+    occluders: &[&GrayImage],
     params: &RegionParams,
     guides: &GuideCache,
 ) -> GrayImage {
@@ -69,7 +71,7 @@ pub fn build_region_shared(
     let mut out = crate::mask::zeroed_plane(w, h);
     let same_size = |m: &&GrayImage| m.dimensions() == (w, h);
     let target: Vec<&GrayImage> = target.iter().filter(same_size).collect();
-    let occluders: Vec<&GrayImage> = occluders.iter().filter(same_size).collect();
+    let occluders: Vec<&GrayImage> = occluders.iter().copied().filter(same_size).collect();
     let bounds = union_bounds(&target);
     if bounds.is_empty() {
         return out;

@@ -63,11 +63,7 @@ impl NotApplied {
 /// Whether the occluders leave less than 2 % of the target's mask (by alpha) in the rule's region: soft edges keep a
 /// rim where an occluder's edge meets the target's (1.5 % of a 64x48 photo's half, measured), so not exactly 0.
 /// Without occluders in the photo, never (and no two full-frame sums: 1.5 % of a 12 MP photo's time, perf).
-pub fn hidden_by_occluders(
-    target: &GrayImage,
-    occluders: &[GrayImage],
-    region: &GrayImage,
-) -> bool {
+pub fn hidden_by_occluders<O>(target: &GrayImage, occluders: &[O], region: &GrayImage) -> bool {
     !occluders.is_empty() && alpha_sum(region) * 50 < alpha_sum(target)
 }
 
@@ -103,28 +99,22 @@ pub fn rule_region(
     rule: &PlannedRule,
     guides: &GuideCache,
 ) -> Region {
-    // Full-resolution masks are large: borrow them; copy only to join several occluder concepts.
-    let of = |c: &String| masks.get(c).map_or(&[][..], std::slice::from_ref);
-    let joined: Vec<GrayImage>;
-    let occluders: &[GrayImage] = match rule.occluders.as_slice() {
-        [] => &[],
-        [one] => of(one),
-        many => {
-            joined = many.iter().flat_map(|c| of(c).iter().cloned()).collect();
-            &joined
-        }
-    };
+    // Full-resolution masks are large: borrowed, never copied.
+    let target = masks
+        .get(&rule.concept)
+        .map_or(&[][..], std::slice::from_ref);
+    let occluders: Vec<&GrayImage> = rule.occluders.iter().filter_map(|c| masks.get(c)).collect();
     let mut alpha = palette_rules::region::build_region_shared(
         photo,
-        of(&rule.concept),
-        occluders,
+        target,
+        &occluders,
         &rule.rule.region_params(),
         guides,
     );
     // A rule with nothing to edit still writes its output (the photo as it was), and says why.
     let not_applied = match masks.get(&rule.concept) {
         None => Some(NotApplied::ConceptNotFound),
-        Some(target) if hidden_by_occluders(target, occluders, &alpha) => {
+        Some(target) if hidden_by_occluders(target, &occluders, &alpha) => {
             // Soft edges leave a faint rim where the occluder's edge meets the target's: not an edit anyone asked
             // for. Nothing at all, then; the output keeps the rule's format.
             alpha.fill(0);
@@ -305,7 +295,7 @@ mod tests {
         let region = GrayImage::from_fn(10, 10, |x, _| image::Luma([if x == 0 { 25 } else { 0 }]));
         let occluder = GrayImage::from_pixel(10, 10, image::Luma([255]));
         assert!(hidden_by_occluders(&target, &[occluder], &region));
-        assert!(!hidden_by_occluders(&target, &[], &region));
+        assert!(!hidden_by_occluders::<GrayImage>(&target, &[], &region));
     }
 
     #[test]
