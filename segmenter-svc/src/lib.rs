@@ -8,6 +8,7 @@
 pub mod config;
 pub mod engine;
 pub mod error;
+mod jpeg_complete;
 pub mod mask_plane;
 pub mod model;
 pub mod postprocess;

@@ -143,9 +143,9 @@ impl Preprocessor {
                 "{format:?} is not supported; send JPEG, PNG or WebP"
             )));
         }
-        if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        if format == ImageFormat::Jpeg && !crate::jpeg_complete::jpeg_is_complete(bytes) {
             return Err(bad(
-                "corrupt or truncated Jpeg image: no end-of-image marker after the last scan"
+                "corrupt or truncated Jpeg image: its markers end before the end-of-image marker"
                     .into(),
             ));
         }
@@ -245,18 +245,6 @@ impl Preprocessor {
         let (pixels, offset) = chw.into_raw_vec_and_offset();
         debug_assert_eq!(offset, Some(0));
         pixels
-    }
-}
-
-/// The JPEG decoder fills a truncated scan with grey and reports success; a cut-off upload must be refused instead.
-/// Entropy-coded data cannot contain FF DA (an FF there is always followed by 00 or a restart marker), so the last
-/// SOS marker starts the last scan, and a complete file has an EOI after it. Trailing data after the EOI (an MPF
-/// second image, a vendor trailer) is fine.
-fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
-    match last_scan {
-        None => false,
-        Some(at) => bytes[at..].windows(2).any(|w| w == [0xFF, 0xD9]),
     }
 }
 

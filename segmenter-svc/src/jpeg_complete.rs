@@ -1,0 +1,128 @@
+//! Whether a JPEG file holds a whole image. The JPEG decoder fills a truncated scan with grey and reports success;
+//! a cut-off upload must be refused instead.
+
+/// Walks the file's markers from its start: segments by their length, each scan's entropy-coded data up to the next
+/// marker (inside it an FF is followed by 00, a restart marker or fill), until the end-of-image marker. Complete
+/// when that marker comes after at least one scan. What follows it is not read: phones append a video (Motion
+/// Photos), an MPF second image or a vendor trailer there, whose bytes may hold anything, markers included.
+pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    const SOI: u8 = 0xD8;
+    const EOI: u8 = 0xD9;
+    const SOS: u8 = 0xDA;
+    if bytes.len() < 2 || bytes[0] != 0xFF || bytes[1] != SOI {
+        return false;
+    }
+    let mut at = 2;
+    let mut scans = 0usize;
+    loop {
+        // A marker: FF (any number of fill FFs), then its code. Stray bytes before it are skipped, as libjpeg does.
+        while at < bytes.len() && bytes[at] != 0xFF {
+            at += 1;
+        }
+        while at < bytes.len() && bytes[at] == 0xFF {
+            at += 1;
+        }
+        let Some(&code) = bytes.get(at) else {
+            return false;
+        };
+        at += 1;
+        match code {
+            EOI => return scans > 0,
+            // Standalone markers: no length follows.
+            0x01 | 0xD0..=0xD7 | SOI => continue,
+            _ => {}
+        }
+        let Some(len) = bytes.get(at..at + 2) else {
+            return false;
+        };
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        if len < 2 {
+            return false;
+        }
+        at += len;
+        if at > bytes.len() {
+            return false;
+        }
+        if code == SOS {
+            scans += 1;
+            at = scan_end(bytes, at);
+        }
+    }
+}
+
+/// Where the entropy-coded data that starts at `from` ends: the FF of the next marker that is not a restart
+/// marker (or the end of the file).
+fn scan_end(bytes: &[u8], from: usize) -> usize {
+    let mut at = from;
+    while let Some(offset) = bytes[at..].iter().position(|&b| b == 0xFF) {
+        let ff = at + offset;
+        // FF 00 is a stuffed data byte, FF D0..D7 a restart marker, FF FF fill before a marker: all inside the scan.
+        match bytes.get(ff + 1) {
+            None => return bytes.len(),
+            Some(0x00 | 0xD0..=0xD7 | 0xFF) => at = ff + 1,
+            Some(_) => return ff,
+        }
+    }
+    bytes.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 7) as u8, (y * 13) as u8, (x ^ y) as u8])
+        });
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+            .encode_image(&img)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_whole_jpeg_is_complete_and_any_cut_of_it_is_not() {
+        let whole = jpeg(40, 30);
+        assert!(jpeg_is_complete(&whole));
+        for cut in [
+            0,
+            1,
+            2,
+            3,
+            20,
+            whole.len() / 2,
+            whole.len() - 2,
+            whole.len() - 1,
+        ] {
+            assert!(!jpeg_is_complete(&whole[..cut]), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn bytes_after_the_end_of_image_do_not_matter() {
+        let whole = jpeg(40, 30);
+        // A Motion Photo's appended video is arbitrary bytes: a start-of-scan with no end-of-image after it among
+        // them refused such photos when the check looked for the last scan marker in the file.
+        let mut motion_photo = whole.clone();
+        motion_photo.extend_from_slice(&[
+            0x00, 0x00, 0x00, 0x18, b'f', b't', b'y', b'p', 0xFF, 0xDA, 0x12, 0x34,
+        ]);
+        assert!(jpeg_is_complete(&motion_photo));
+        // A second JPEG appended (MPF), itself cut short: the first image is whole.
+        let mut mpf = whole.clone();
+        mpf.extend_from_slice(&whole[..whole.len() / 2]);
+        assert!(jpeg_is_complete(&mpf));
+    }
+
+    #[test]
+    fn a_file_without_a_scan_or_start_marker_is_not_an_image() {
+        assert!(!jpeg_is_complete(&[0xFF, 0xD8, 0xFF, 0xD9]));
+        assert!(!jpeg_is_complete(b"\x89PNG\r\n\x1a\n"));
+        assert!(!jpeg_is_complete(&[]));
+        // A segment whose length runs past the end.
+        assert!(!jpeg_is_complete(&[
+            0xFF, 0xD8, 0xFF, 0xE0, 0x40, 0x00, 0x01
+        ]));
+    }
+}
