@@ -322,6 +322,27 @@ async fn unavailable_segmenter_calls_are_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_segmenter_reply_fails_the_item_and_is_not_cached() {
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.nan_scores.store(true, Ordering::SeqCst);
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    let photo = photo_jpeg(32, 32);
+    orch.put_input("test-user", "nan-1", 0, photo.clone()).await;
+    orch.client.submit_job(seed_spec("nan-1", 1)).await.unwrap();
+    let item = orch.watch_to_end("nan-1").await.last().unwrap().0.items[0].clone();
+    assert_eq!(item.state, ItemState::Failed as i32, "{item:?}");
+    assert_eq!(item.error_code, "segmenter_unavailable", "{item:?}");
+    assert!(item.error.contains("score NaN"), "{item:?}");
+    // The same bytes again, the segmenter mended: asked again (nothing of the bad reply was cached).
+    segmenter.faults.nan_scores.store(false, Ordering::SeqCst);
+    orch.put_input("test-user", "nan-2", 0, photo).await;
+    orch.client.submit_job(seed_spec("nan-2", 1)).await.unwrap();
+    let item = orch.watch_to_end("nan-2").await.last().unwrap().0.items[0].clone();
+    assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+    assert_eq!(segmenter.counters.segment_calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_ends_every_open_item_once_with_one_callback_each() {
     let segmenter = fake_segmenter::start().await;
     segmenter.faults.delay_ms.store(1500, Ordering::SeqCst);

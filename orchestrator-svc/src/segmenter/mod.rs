@@ -204,7 +204,8 @@ impl Segmenter {
         Ok(response)
     }
 
-    /// Retries UNAVAILABLE and RESOURCE_EXHAUSTED with backoff. Every attempt goes through the balancer again, and
+    /// Retries UNAVAILABLE, RESOURCE_EXHAUSTED and CANCELLED (a replica going away mid-call; this call's own
+    /// deadline is DEADLINE_EXCEEDED, `failure::own_deadline_passed`) with backoff. Every attempt goes through the balancer again, and
     /// after a failure the resolver first re-checks the replicas, so a retry lands on one that still answers.
     async fn with_retries<T, F, Fut>(
         &self,

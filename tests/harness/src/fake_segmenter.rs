@@ -27,6 +27,8 @@ pub struct Faults {
     /// Find nothing for these concepts (a real model finds nothing for a concept absent from the photo; the tiny
     /// random-weight model cannot be made to, so this is the one non-fault the fake stands in for).
     pub nothing_for: std::sync::Mutex<Vec<String>>,
+    /// Answer with NaN scores (a broken model's reply), which the orchestrator must refuse and not cache.
+    pub nan_scores: std::sync::atomic::AtomicBool,
     /// The model input size GetModelInfo reports (`image_size`); 0, the default, as a segmenter that does not say
     /// (the orchestrator then sends every upload as it is).
     pub input_size: AtomicU32,
@@ -159,6 +161,7 @@ async fn answer(fake: &FakeSegmenter, req: SegmentRequest) -> Result<SegmentResp
         .collect();
     let second = fake.faults.second_instance.load(Ordering::SeqCst);
     let nothing_for = fake.faults.nothing_for.lock().unwrap().clone();
+    let nan = fake.faults.nan_scores.load(Ordering::SeqCst);
     let concepts = req
         .concepts
         .iter()
@@ -167,7 +170,7 @@ async fn answer(fake: &FakeSegmenter, req: SegmentRequest) -> Result<SegmentResp
             concept: c.clone(),
             presence_score: 0.9,
             instances: [Instance {
-                score: 0.9,
+                score: if nan { f32::NAN } else { 0.9 },
                 r#box: Some(PixelBox {
                     x0: 0.0,
                     y0: 0.0,

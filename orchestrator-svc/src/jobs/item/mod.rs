@@ -8,6 +8,7 @@ mod error;
 pub(in crate::jobs) mod imaging;
 mod instance_masks;
 mod mask_cache;
+mod reply_check;
 mod segment;
 mod segmenter_input;
 mod single_thread;
@@ -230,9 +231,9 @@ impl ItemRunner {
         Ok(self.store.get_at_most(key, max).await?)
     }
 
-    /// Upsamples every instance inside its box to full resolution and stores its crop as PNG (placement in an `oFFs`
-    /// chunk and in its `MaskKey`). Keeps in memory only what a rule needs: the union of each rule concept's
-    /// instances (see `instance_masks::instance_mask`). One blocking task per concept, its instances one after the other: the
+    /// Stores every instance as PNG (`MASK_LAYOUT`: the model's grid with its placement, or its crop upsampled to
+    /// full resolution; the placement also in its `MaskKey`). Keeps in memory only what a rule needs: the union of
+    /// each rule concept's instances at full resolution (see `instance_masks::instance_mask`). One blocking task per concept, its instances one after the other: the
     /// items in flight already fill the cores, and no full-frame plane per instance is made.
     async fn store_masks(
         &self,
@@ -247,17 +248,7 @@ impl ItemRunner {
         let mut full: HashMap<String, GrayImage> = HashMap::new();
         // The concept names used in keys are ours (validated), never the reply's.
         for (masks, concept) in concepts.iter().zip(&plan.concepts) {
-            let (mw, mh) = (masks.mask_width, masks.mask_height);
-            for (n, instance) in masks.result.instances.iter().enumerate() {
-                let probs_len = instance.mask.as_ref().map_or(0, |m| m.data.len());
-                if probs_len != (mw as usize) * (mh as usize) || mw == 0 || mh == 0 {
-                    return Err(crate::segmenter::SegmenterError::BadReply(format!(
-                        "{concept} instance {} mask has {probs_len} bytes, expected {mw}x{mh} probabilities",
-                        n + 1
-                    ))
-                    .into());
-                }
-            }
+            // Sizes and scores were checked when the reply came (`reply_check`), before it was cached.
             let keep = used.contains(&concept.as_str());
             let (masks2, layout) = (masks.clone(), self.mask_layout);
             let (stored, union) = self

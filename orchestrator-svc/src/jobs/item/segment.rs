@@ -12,9 +12,9 @@ use sha2::{Digest, Sha256};
 use super::ItemRunner;
 use super::error::ItemError;
 use super::mask_cache::{ConceptMasks, MaskCacheKey};
+use super::reply_check::check_reply;
 use super::segmenter_input::{image_bytes, segmenter_input};
 use crate::jobs::validate::JobPlan;
-use crate::segmenter::SegmenterError;
 
 /// Every concept's masks, in plan order.
 pub struct Segmented {
@@ -68,15 +68,8 @@ impl ItemRunner {
             metrics::counter!("orchestrator_segmenter_image_bytes_total", "form" => form)
                 .increment(image_bytes(&image) as u64);
             let response = self.segmenter.segment(image, &missing, &request_id).await?;
-            // Results come in request order, one per concept asked.
-            if response.concepts.len() != missing.len() {
-                return Err(SegmenterError::BadReply(format!(
-                    "asked for {} concepts, got {} results",
-                    missing.len(),
-                    response.concepts.len()
-                ))
-                .into());
-            }
+            // Results come in request order, one per concept asked; checked before any is cached.
+            check_reply(&response, missing.len())?;
             let model_id = if response.model_id.is_empty() {
                 model_id
             } else {
