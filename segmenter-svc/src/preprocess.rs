@@ -151,8 +151,9 @@ impl Preprocessor {
         }
         let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
         let mut limits = image::Limits::default();
-        // Headroom for the decoder's own buffers: RGBA at the pixel limit plus a little.
-        limits.max_alloc = Some(self.max_pixels.saturating_mul(4).saturating_add(64 << 20));
+        // Headroom for the decoder's own buffers: 16-bit RGBA (a PNG's widest layout, 8 bytes a pixel) at the pixel
+        // limit plus a little; at 4 bytes a pixel a 16-bit PNG over about half the limit was refused as corrupt.
+        limits.max_alloc = Some(self.max_pixels.saturating_mul(8).saturating_add(64 << 20));
         reader.limits(limits);
         let mut decoder = reader
             .into_decoder()

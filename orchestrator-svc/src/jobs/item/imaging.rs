@@ -61,7 +61,7 @@ pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemErr
         .with_guessed_format()
         .map_err(|e| ItemError::InputCorrupt(e.to_string()))?;
     let mut limits = image::Limits::default();
-    limits.max_alloc = Some(max_pixels.saturating_mul(4).max(64 << 20));
+    limits.max_alloc = Some(decode_allowance(max_pixels));
     reader.limits(limits.clone());
     let corrupt = |e: image::ImageError| ItemError::InputCorrupt(format!("cannot decode: {e}"));
     let mut decoder = reader.into_decoder().map_err(corrupt)?;
@@ -83,6 +83,13 @@ pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemErr
         metrics::counter!("orchestrator_color_profiles_total", "result" => result).increment(1);
     }
     Ok(rgb)
+}
+
+/// Bytes a decoder may allocate for a photo of at most `max_pixels`: 8 per pixel, the widest layout of the formats
+/// read (a 16-bit RGBA PNG), so that every photo within the pixel limit decodes (at 4 per pixel a 16-bit PNG of
+/// more than half the limit was refused as corrupt).
+fn decode_allowance(max_pixels: u64) -> u64 {
+    max_pixels.saturating_mul(8).max(64 << 20)
 }
 
 /// The decoder's pixels. 8-bit RGB (every JPEG photo) is decoded into a buffer zeroed by writing: `from_decoder`
@@ -222,6 +229,24 @@ mod tests {
         assert_eq!(big.get_pixel(10, 10).0, [120, 80, 40]);
         let small = decode_swatch(&png(300, 200), 50_000_000).unwrap();
         assert_eq!(small.dimensions(), (300, 200));
+    }
+
+    #[test]
+    fn a_16_bit_png_within_the_pixel_limit_decodes() {
+        // 2900 x 2900 x 8 bytes is over 64 MB and over 4 bytes for each of 10 M pixels: refused before.
+        let (w, h) = (2900, 2900);
+        let img = image::ImageBuffer::<image::Rgba<u16>, _>::from_pixel(
+            w,
+            h,
+            image::Rgba([40_000, 20_000, 10_000, 65_535]),
+        );
+        let mut png = Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgba16(img)
+            .write_to(&mut png, image::ImageFormat::Png)
+            .unwrap();
+        let rgb = decode_upright(png.get_ref(), 10_000_000).unwrap();
+        assert_eq!(rgb.dimensions(), (w, h));
+        assert_eq!(rgb.get_pixel(7, 7).0, [156, 78, 39]);
     }
 
     #[test]
