@@ -51,11 +51,18 @@ impl Rng {
     }
 }
 
-/// Fills every pixel where `hole` > 0 from the rest of the photo; other pixels are returned unchanged.
+/// Whether `inpaint` has anything to fill `hole` from: a pixel of the photo outside it. A region over the whole
+/// photo (a wall that fills the frame, grown) has none.
+pub fn has_fill_source(hole: &GrayImage) -> bool {
+    hole.as_raw().contains(&0)
+}
+
+/// Fills every pixel where `hole` > 0 from the rest of the photo; other pixels are returned unchanged (all of them
+/// when there is no rest: `has_fill_source`).
 pub fn inpaint(photo: &RgbImage, hole: &GrayImage) -> RgbImage {
     let mut out = photo.clone();
     let b = nonzero_bounds(hole);
-    if b.is_empty() {
+    if b.is_empty() || !has_fill_source(hole) {
         return out;
     }
     let (w, h) = photo.dimensions();
@@ -96,6 +103,13 @@ fn hole_extent(l: &Level) -> i32 {
         }
     }
     (x1 - x0 + 1).max(y1 - y0 + 1).max(0)
+}
+
+/// Whether a level keeps a pixel outside the hole. A coarser level without one would seed the fill with black (its
+/// hole pixels start at 0 and `onion_fill` has nothing to spread): a pyramid stops before it, so its coarsest level
+/// always has what the finest had to fill from, if less detail (a hole leaving a rim thinner than the shrink).
+fn has_known(l: &Level) -> bool {
+    l.hole.iter().any(|&h| !h)
 }
 
 /// Halves a level: a coarse pixel is a hole if any of its four children is; its colour averages the known ones.
@@ -178,6 +192,9 @@ fn membrane(fine: &Level) -> Vec<Px> {
             break;
         }
         let next = shrink(last);
+        if !has_known(&next) {
+            break;
+        }
         pyr.push(next);
     }
     let coarsest = pyr.len() - 1;
@@ -226,6 +243,9 @@ fn exemplar(fine: Level) -> Level {
             break;
         }
         let next = shrink(last);
+        if !has_known(&next) {
+            break;
+        }
         pyr.push(next);
     }
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -601,6 +621,42 @@ mod tests {
                 assert_eq!(a, b);
             }
         }
+    }
+
+    #[test]
+    fn a_hole_with_a_thin_rim_left_is_filled_from_the_rim_not_with_black() {
+        // A region over all but a 3 px rim: every coarse level is all hole (a coarse pixel is a hole if any child
+        // is), and no 7 x 7 patch is whole at full size. The fill must still take the rim's colour.
+        let (w, h, rim) = (160u32, 120u32, 3u32);
+        let wall = [150u8, 120, 90];
+        let photo = RgbImage::from_fn(w, h, |x, y| {
+            let inside = x >= rim && y >= rim && x < w - rim && y < h - rim;
+            image::Rgb(if inside { [200, 30, 30] } else { wall })
+        });
+        let hole = GrayImage::from_fn(w, h, |x, y| {
+            let inside = x >= rim && y >= rim && x < w - rim && y < h - rim;
+            image::Luma([if inside { 255 } else { 0 }])
+        });
+        assert!(has_fill_source(&hole));
+        let filled = inpaint(&photo, &hole);
+        for (x, y) in [(w / 2, h / 2), (10, 10), (w - 10, h - 10)] {
+            let p = filled.get_pixel(x, y).0;
+            let off = p
+                .iter()
+                .zip(wall)
+                .map(|(&a, b)| a.abs_diff(b))
+                .max()
+                .unwrap();
+            assert!(off <= 12, "({x}, {y}) is {p:?}, the rim is {wall:?}");
+        }
+    }
+
+    #[test]
+    fn a_hole_over_the_whole_photo_has_nothing_to_fill_from_and_changes_nothing() {
+        let photo = RgbImage::from_pixel(40, 30, image::Rgb([150, 120, 90]));
+        let hole = GrayImage::from_pixel(40, 30, image::Luma([1]));
+        assert!(!has_fill_source(&hole));
+        assert_eq!(inpaint(&photo, &hole), photo);
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub struct OutputRef {
     pub output_key: String,
     /// False when the rule had nothing to edit in this photo (its output is the photo as it was).
     pub applied: bool,
-    /// Why not: `concept_not_found` or `region_empty`; null when applied.
+    /// Why not: `concept_not_found`, `region_empty` or `nothing_to_fill_from`; null when applied.
     pub not_applied_reason: Option<String>,
 }
 

@@ -170,6 +170,18 @@ impl Rule {
         }
     }
 
+    /// Whether the rule fills its region from the photo around it (a remove in `fill` mode): it then needs pixels
+    /// outside the region (`inpaint::has_fill_source`).
+    pub fn fills_from_surroundings(&self) -> bool {
+        matches!(
+            self,
+            Rule::Remove(RemoveParams {
+                mode: RemoveMode::Fill,
+                ..
+            })
+        )
+    }
+
     /// The rule's explicit occluder list, overriding the preset's priorities, when given.
     pub fn occluded_by(&self) -> Option<&[String]> {
         self.common().occluded_by.as_deref()

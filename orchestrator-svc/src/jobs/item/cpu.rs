@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use palette_rules::guide_stats::GuideCache;
 use palette_rules::mask::{Rect, nonzero_bounds};
+use palette_rules::rule::Rule;
 use palette_rules::{GrayImage, InPlace, RgbImage};
 
 use super::error::ItemError;
@@ -49,6 +50,8 @@ pub enum NotApplied {
     ConceptNotFound,
     /// Instances were found, but occluders in front cover (nearly) all of them.
     RegionEmpty,
+    /// A fill (remove in `fill` mode) whose region covers the whole photo: nothing around it to fill from.
+    NothingToFillFrom,
 }
 
 impl NotApplied {
@@ -56,7 +59,16 @@ impl NotApplied {
         match self {
             NotApplied::ConceptNotFound => "concept_not_found",
             NotApplied::RegionEmpty => "region_empty",
+            NotApplied::NothingToFillFrom => "nothing_to_fill_from",
         }
+    }
+
+    /// Why `rule` leaves the photo as it was on a region that is not empty, if it does: a fill over the whole photo
+    /// (its output is then the photo, as `palette_rules::inpaint` leaves it). Asked per rule, not per region: rules
+    /// of different types share a region.
+    pub fn by_rule(rule: &Rule, region: &GrayImage) -> Option<NotApplied> {
+        (rule.fills_from_surroundings() && !palette_rules::inpaint::has_fill_source(region))
+            .then_some(NotApplied::NothingToFillFrom)
     }
 }
 
@@ -162,7 +174,9 @@ pub fn render_rule(input: RuleInput<'_>) -> Result<RenderedRule, ItemError> {
                 rule_id: rule.rule_id.clone(),
                 source,
             })?;
-    let not_applied = region.not_applied;
+    let not_applied = region
+        .not_applied
+        .or_else(|| NotApplied::by_rule(&rule.rule, &region.alpha));
     match applied {
         InPlace::Edited => {
             let encoded = imaging::encode_jpeg(work);
@@ -285,6 +299,49 @@ mod tests {
             );
             assert_eq!(work, photo, "{} restored the working copy", rule.rule_id);
         }
+    }
+
+    #[test]
+    fn a_fill_over_the_whole_photo_is_not_applied_while_a_paint_sharing_its_region_is() {
+        let (w, h) = (64u32, 48u32);
+        let photo = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 3) as u8, (y * 4) as u8, 90]));
+        let masks = HashMap::from([(
+            "wall".to_string(),
+            GrayImage::from_pixel(w, h, image::Luma([255])),
+        )]);
+        let paint = planned(
+            "paint",
+            "wall",
+            "recolor",
+            serde_json::json!({"color": "#1F3A5F"}),
+        );
+        let gone = planned(
+            "gone",
+            "wall",
+            "remove",
+            serde_json::json!({"mode": "fill"}),
+        );
+        assert!(same_region(&paint, &gone));
+        let region = rule_region(&photo, &masks, &paint, &GuideCache::new());
+        assert_eq!(region.not_applied, None);
+        let mut work = photo.clone();
+        let mut render = |rule| {
+            render_rule(RuleInput {
+                photo: &photo,
+                work: &mut work,
+                region: &region,
+                rule,
+                idx: 0,
+                swatch: None,
+                want_preview: false,
+                restore: true,
+            })
+            .unwrap()
+        };
+        assert_eq!(render(&paint).not_applied, None);
+        let filled = render(&gone);
+        assert_eq!(filled.not_applied, Some(NotApplied::NothingToFillFrom));
+        assert_eq!(filled.encoded, imaging::encode_jpeg(&photo).unwrap());
     }
 
     #[test]

@@ -22,6 +22,7 @@ use palette_rules::{Edited, GrayImage, RgbImage};
 use tokio::sync::Semaphore;
 
 use super::edit::{self, record};
+use super::item::cpu::NotApplied;
 use super::item::stored_masks::{read_record, union_of};
 use super::item::{InputLimits, ItemError, imaging};
 use super::stage::Stage;
@@ -360,6 +361,7 @@ fn render_all(
                 (region, not_applied)
             }
         };
+        let not_applied = not_applied.or_else(|| NotApplied::by_rule(&rule.rule, &region));
         let input = match &current {
             None => loaded.photo.as_ref(),
             Some(Edited::Rgb(edited)) => edited,
