@@ -75,6 +75,24 @@ async fn s3_backend_round_trip_against_seaweedfs() {
 }
 
 #[tokio::test]
+async fn a_missing_bucket_is_an_outage_not_a_missing_object() {
+    let Some(weed) = common::seaweed::start("palette-test") else {
+        return;
+    };
+    wait_ready(&store(&weed, &weed.bucket)).await;
+    // A wrong R2_BUCKET_NAME: every item would have failed input_missing, as if no photo had been uploaded.
+    let wrong = store(&weed, "no-such-bucket");
+    let key = "inputs/test-user/test-job/0.jpg";
+    let says_bucket = |e: &StorageError| {
+        matches!(e, StorageError::Unavailable { .. }) && e.to_string().contains("NoSuchBucket")
+    };
+    let head = wrong.head(key).await.unwrap_err();
+    assert!(says_bucket(&head), "{head:?}");
+    let get = wrong.get(key).await.unwrap_err();
+    assert!(says_bucket(&get), "{get:?}");
+}
+
+#[tokio::test]
 async fn unsigned_payloads_are_stored_and_https_endpoints_send_them() {
     // Over HTTPS (R2, AWS) PUT bodies go unsigned (TLS protects them; no SHA-256 of every stored byte); here the
     // same request over plain HTTP, to check that an S3 server takes it and stores the body as sent.

@@ -138,9 +138,7 @@ impl ObjectStore for S3Store {
         {
             Ok(out) => out,
             Err(err) => {
-                let not_found = matches!(&err, SdkError::ServiceError(e) if e.err().is_no_such_key())
-                    || status_of(&err) == Some(404);
-                return Err(if not_found {
+                return Err(if missing_key(&err) {
                     StorageError::NotFound(key.to_string())
                 } else {
                     unavailable("GET", key, err)
@@ -202,15 +200,49 @@ impl ObjectStore for S3Store {
             Ok(out) => Ok(Some(ObjectMeta {
                 size: out.content_length().unwrap_or(0).max(0) as u64,
             })),
-            Err(err) => {
-                let not_found = matches!(&err, SdkError::ServiceError(e) if e.err().is_not_found())
-                    || status_of(&err) == Some(404);
-                if not_found {
-                    Ok(None)
-                } else {
-                    Err(unavailable("HEAD", key, err))
-                }
-            }
+            Err(err) if status_of(&err) == Some(404) => self.confirm_missing(key).await,
+            Err(err) => Err(unavailable("HEAD", key, err)),
         }
     }
+}
+
+impl S3Store {
+    /// After a HEAD's 404, which has no body to say what is missing: a one-byte GET says whether the key or the
+    /// whole bucket is (a wrong R2_BUCKET_NAME must show as a storage outage of every item, not as every input
+    /// missing). Only missing objects pay for it.
+    async fn confirm_missing(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range("bytes=0-0")
+            .send()
+            .await
+        {
+            Err(err) if missing_key(&err) => Ok(None),
+            Err(err) => Err(unavailable("HEAD (then GET)", key, err)),
+            // Written between the two requests: its size is after the slash of "bytes 0-0/SIZE".
+            Ok(out) => Ok(Some(ObjectMeta {
+                size: out
+                    .content_range()
+                    .and_then(|r| r.rsplit('/').next()?.parse().ok())
+                    .unwrap_or(0),
+            })),
+        }
+    }
+}
+
+/// Whether a GET's error says the key does not exist: NoSuchKey, or a 404 that does not say NoSuchBucket (some
+/// services answer a missing key with a bare 404).
+fn missing_key<E, R>(err: &SdkError<E, R>) -> bool
+where
+    E: ProvideErrorMetadata,
+    R: HasStatus,
+{
+    let code = match err {
+        SdkError::ServiceError(e) => e.err().code(),
+        _ => None,
+    };
+    code == Some("NoSuchKey") || (status_of(err) == Some(404) && code != Some("NoSuchBucket"))
 }
