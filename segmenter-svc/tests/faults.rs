@@ -93,6 +93,23 @@ async fn a_broken_provider_goes_not_serving_and_recovers_by_probe() {
 }
 
 #[tokio::test]
+async fn a_panic_of_the_inference_thread_turns_not_serving_with_the_reason() {
+    let config = test_config();
+    let faults = config.faults.clone();
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let req = || request(image_bytes("room_640x480.jpg"), &["wall"]);
+
+    faults.panic_next_run();
+    client.segment(req()).await.unwrap_err();
+    wait_health(&server, NOT_SERVING).await;
+    let err = client.segment(req()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("panic"), "{}", err.message());
+    let _ = server.stop().await;
+}
+
+#[tokio::test]
 async fn without_reprobes_a_broken_provider_stays_not_serving() {
     let mut config = test_config();
     config.reprobe_interval_sec = 0;

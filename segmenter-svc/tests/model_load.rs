@@ -72,6 +72,20 @@ async fn a_graph_whose_types_the_server_cannot_feed_stops_startup() {
 }
 
 #[tokio::test]
+async fn sizes_that_differ_from_the_graphs_stop_startup() {
+    // mask_size 96 made the warm-up slice past the decoder's 48 x 48 planes (a panic of the inference thread,
+    // then "warming up" for ever); 24 cut every mask at the wrong offsets without a word.
+    for (field, value) in [("mask_size", 96), ("mask_size", 24), ("image_size", 336)] {
+        let dir = edited_model(|m| m[field] = value.into());
+        let error = load_error(&config_for(dir.path())).await;
+        assert!(
+            error.contains(&format!("the manifest's {field} is {value}")),
+            "{field} {value}: {error}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn an_unknown_dtype_in_the_manifest_is_named() {
     let dir = edited_model(|m| {
         m["graphs"]["text"]["outputs"][0]["dtype"] = "float128".into();

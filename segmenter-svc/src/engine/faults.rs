@@ -14,6 +14,7 @@ struct State {
     broken: AtomicBool,
     failed: AtomicUsize,
     runs: AtomicUsize,
+    panic_next: AtomicBool,
 }
 
 impl Faults {
@@ -25,6 +26,12 @@ impl Faults {
     /// Every session run fails until this is called with `false` (a provider that stays broken, or recovers).
     pub fn set_broken(&self, broken: bool) {
         self.0.broken.store(broken, Ordering::SeqCst);
+    }
+
+    /// The next session run panics (a bug in the inference thread, as a manifest size that disagreed with its
+    /// graph once was).
+    pub fn panic_next_run(&self) {
+        self.0.panic_next.store(true, Ordering::SeqCst);
     }
 
     /// How many session runs have failed by injection so far: tests wait for it to grow (a recovery probe ran and
@@ -41,6 +48,9 @@ impl Faults {
     /// Called before each session run.
     pub(crate) fn check(&self, stage: &str) -> ort::Result<()> {
         self.0.runs.fetch_add(1, Ordering::SeqCst);
+        if self.0.panic_next.swap(false, Ordering::SeqCst) {
+            panic!("injected panic in the {stage} run");
+        }
         let transient = self
             .0
             .fail_next

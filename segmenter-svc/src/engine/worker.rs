@@ -132,6 +132,19 @@ struct Worker {
     stop: Arc<AtomicBool>,
 }
 
+/// A panic ends the inference thread: say so in its health (NOT_SERVING with the reason; a liveness probe restarts
+/// the process) rather than leave the last state standing, WarmingUp or Serving, with nothing behind it.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.health.send_replace(Health::Failed(
+                "the inference thread stopped on a panic (see the log); restart the segmenter"
+                    .into(),
+            ));
+        }
+    }
+}
+
 impl Worker {
     fn run(&mut self, rx: Receiver<Job>, depth: Arc<AtomicUsize>) {
         let started = Instant::now();

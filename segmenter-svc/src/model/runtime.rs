@@ -22,7 +22,7 @@ use crate::model::cuda;
 use crate::model::fixed_io::{FixedDecoder, FixedFpn, StaticDecoder};
 use crate::model::host_outputs::{HostOutputs, Placement};
 use crate::model::io_settings::{fixed_io_error, fixed_io_wanted, output_placement, pinned_error};
-use crate::model::manifest::{self, Manifest};
+use crate::model::manifest::{self, ImageInput, Manifest};
 
 /// Where the sessions actually run, as reported by ModelInfo, health logs and metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,6 +150,7 @@ pub fn build_sessions(
             "ONNX Runtime session built"
         );
         check_io(graph, &session, spec, manifest.mask_output())?;
+        check_sizes(graph, &session, manifest)?;
         Ok(session)
     };
     let vision = build("vision", &manifest.graphs.vision, None)?;
@@ -348,6 +349,49 @@ fn served_dtype(name: &str, masks: MaskOutput) -> TensorElementType {
         "input_ids" | "attention_mask" | "text_mask" | "topk_queries" => TensorElementType::Int64,
         _ => TensorElementType::Float32,
     }
+}
+
+/// Checks the sizes the server takes from the manifest against the graph's static dimensions: the image input's
+/// sides (`image_size`) and every mask plane's (`mask_size`). The server slices the decoder's outputs by the
+/// manifest's sizes: one that disagrees with the graph read outside a tensor (a panic of the inference thread) or
+/// cut every mask at the wrong offsets. A dimension the graph leaves symbolic is not checked.
+fn check_sizes(graph: &str, session: &Session, manifest: &Manifest) -> Result<(), ModelError> {
+    let image_sides: &[usize] = match manifest.image_input() {
+        ImageInput::U8Hwc => &[1, 2],
+        ImageInput::F32Chw => &[2, 3],
+    };
+    let image_inputs = manifest.image_input().names();
+    let wanted = |name: &str, rank: usize| -> Vec<(usize, u32, &'static str)> {
+        if image_inputs.contains(&name) {
+            image_sides
+                .iter()
+                .map(|&d| (d, manifest.image_size, "image_size"))
+                .collect()
+        } else if manifest::MASK_PLANES.contains(&name) && rank >= 2 {
+            vec![
+                (rank - 2, manifest.mask_size, "mask_size"),
+                (rank - 1, manifest.mask_size, "mask_size"),
+            ]
+        } else {
+            Vec::new()
+        }
+    };
+    for outlet in session.inputs().iter().chain(session.outputs()) {
+        let Some(shape) = outlet.dtype().tensor_shape() else {
+            continue;
+        };
+        for (dim, size, field) in wanted(outlet.name(), shape.len()) {
+            let have = shape.get(dim).copied().unwrap_or(-1);
+            if have > 0 && have != i64::from(size) {
+                return Err(ModelError::Invalid(format!(
+                    "{graph} {:?} has {have} in dimension {dim}, the manifest's {field} is {size} \
+                     (a manifest from another export?)",
+                    outlet.name()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn manifest_dtype(name: &str) -> Option<TensorElementType> {
