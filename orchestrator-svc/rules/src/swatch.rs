@@ -124,7 +124,6 @@ fn velvet(x: f32, y: f32) -> Rgb<u8> {
     )
 }
 
-/// The built-in swatch as a seamless TILE x TILE image.
 /// A swatch decoded to linear light once, ready for sampling (shading multiplies light, not gamma-encoded codes).
 pub struct LinearSwatch {
     pub width: u32,
@@ -237,6 +236,7 @@ pub fn builtin(b: Builtin) -> &'static LinearSwatch {
     CACHE[b as usize].get_or_init(|| LinearSwatch::from_rgb(&generate(b)))
 }
 
+/// The built-in swatch as a seamless TILE x TILE image.
 pub fn generate(b: Builtin) -> RgbImage {
     let f: fn(f32, f32) -> Rgb<u8> = match b {
         Builtin::Linen => linen,

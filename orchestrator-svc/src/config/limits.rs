@@ -41,9 +41,10 @@ pub struct LimitArgs {
     /// Memory for PreviewEdit's cache (photos, masks and rule regions at preview size), in MiB. Default 256.
     #[arg(long, env = "PREVIEW_CACHE_MB", default_value_t = 256)]
     pub preview_cache_mb: usize,
-    /// Largest input image, in pixels (width x height after decoding). Default 50000000 (50 MP). Sides are also
-    /// limited to 65535 px, JPEG's limit (the outputs are JPEGs).
-    #[arg(long, env = "MAX_INPUT_PIXELS", default_value_t = 50_000_000)]
+    /// Largest input image, in pixels (width x height after decoding). Default 50000000 (50 MP), at most
+    /// 1000000000 (the pixel code indexes a photo's pixels in 32 bits). Sides are also limited to 65535 px, JPEG's
+    /// limit (the outputs are JPEGs).
+    #[arg(long, env = "MAX_INPUT_PIXELS", default_value_t = 50_000_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub max_input_pixels: u64,
     /// Megapixels of photos in flight over the whole process: an image starts once its pixels fit (BATCH_CONCURRENCY
     /// still caps the count); one larger than the whole budget runs alone. Unset: half the container's memory limit

@@ -214,6 +214,14 @@ mod tests {
     }
 
     #[test]
+    fn the_pixel_limit_stays_where_32_bit_pixel_indices_hold() {
+        let parse = |v: &str| Config::try_parse_from(["x", "--max-input-pixels", v]);
+        assert!(parse("1000000000").is_ok());
+        assert!(parse("1000000001").is_err());
+        assert!(parse("0").is_err());
+    }
+
+    #[test]
     fn reserved_adapters_parse() {
         let c = Config::try_parse_from(["x", "--adapter", "queue_pull"]).unwrap();
         assert_eq!(c.adapter, Adapter::QueuePull);
