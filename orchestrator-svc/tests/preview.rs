@@ -218,6 +218,48 @@ async fn bad_previews_say_why() {
     assert!(err.message().contains(&floor), "{err:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_preview_waits_for_its_pixels_in_the_shared_budget() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |c| {
+        c.limits.max_inflight_megapixels = Some(1)
+    })
+    .await;
+    finished(&mut orch, "room", vec![paint("#1F3A5F")]).await;
+    // A 1.9 MP photo on a 1 MP budget takes all of it, for as long as its (slowed) Segment call and the rest last.
+    segmenter
+        .faults
+        .delay_ms
+        .store(1500, std::sync::atomic::Ordering::SeqCst);
+    orch.put_input(SEED_USER, "big", 0, photo_jpeg(1600, 1200))
+        .await;
+    orch.client.submit_job(seed_spec("big", 1)).await.unwrap();
+    let in_flight = || {
+        segmenter
+            .counters
+            .in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while in_flight() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the big item never reached the segmenter"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The preview decodes the photo at full size: it waits until the big item has ended (its Segment call first).
+    orch.client
+        .preview_edit(request("room", vec![paint("#9CAF88")]))
+        .await
+        .unwrap();
+    assert_eq!(
+        in_flight(),
+        0,
+        "the preview ran beside an item holding the whole budget"
+    );
+}
+
 /// Every object under the orchestrator's local storage.
 fn walk(orch: &Orchestrator) -> Vec<String> {
     fn visit(dir: &std::path::Path, out: &mut Vec<String>) {

@@ -47,7 +47,8 @@ pub struct LimitArgs {
     #[arg(long, env = "MAX_INPUT_PIXELS", default_value_t = 50_000_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub max_input_pixels: u64,
     /// Megapixels of photos in flight over the whole process: an image starts once its pixels fit (BATCH_CONCURRENCY
-    /// still caps the count); one larger than the whole budget runs alone. Unset: half the container's memory limit
+    /// still caps the count); one larger than the whole budget runs alone. A job with a remove in fill mode counts four
+    /// times its photos' pixels; PreviewEdit's decodes, unions and renders count too. Unset: half the container's memory limit
     /// (cgroup v2 memory.max) at 24 bytes per pixel (4 GiB: 89 MP), or 200 MP where no limit is set.
     #[arg(long, env = "MAX_INFLIGHT_MEGAPIXELS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_inflight_megapixels: Option<u64>,

@@ -74,6 +74,7 @@ impl JobService {
             registry: Arc::new(JobRegistry::new(retention)),
             previews: preview::PreviewService::new(
                 pipeline.store().clone(),
+                pipeline.pixel_budget().clone(),
                 previews.cache_bytes,
                 previews.inputs,
                 limits,

@@ -102,6 +102,10 @@ impl Pipeline {
         self.runner.store()
     }
 
+    pub fn pixel_budget(&self) -> &super::item::PixelBudget {
+        self.runner.pixel_budget()
+    }
+
     /// Runs the job's items in the background; `on_end` runs once every item it started has ended.
     pub fn spawn_job(
         self: &Arc<Self>,

@@ -2,7 +2,7 @@
 //! full-resolution masks stored -> each rule's region, edit and output stored -> preview. `ItemRunner` owns what
 //! an item needs and does the I/O; the CPU work is in `instance_masks` and `cpu`, run on the blocking pool.
 
-mod admission;
+pub(in crate::jobs) mod admission;
 pub(in crate::jobs) mod cpu;
 mod error;
 pub(in crate::jobs) mod imaging;
@@ -62,7 +62,7 @@ pub struct ItemRunner {
 }
 
 /// Runs blocking (CPU) work off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(in crate::jobs) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ItemError> + Send + 'static,
 ) -> Result<T, ItemError> {
     // The item's pixels stay admitted while this runs, even if the item is cancelled meanwhile.
@@ -133,6 +133,11 @@ impl ItemRunner {
         &self.store
     }
 
+    /// MAX_INFLIGHT_MEGAPIXELS, shared with PreviewEdit (its decodes and planes count too).
+    pub fn pixel_budget(&self) -> &PixelBudget {
+        &self.budget
+    }
+
     /// Item `idx` of the job, every output stored.
     pub async fn run(&self, plan: &Arc<JobPlan>, idx: u32) -> Result<ItemResult, ItemError> {
         let stage = Stage::start("download");
@@ -142,7 +147,8 @@ impl ItemRunner {
 
         // Held to the end of the item (its photo, planes and outputs live until then), and by its blocking work.
         let stage = Stage::start("admit");
-        let admitted = self.budget.admit(imaging::pixel_count(&bytes)).await;
+        let pixels = admission::item_pixels(imaging::pixel_count(&bytes), plan.fills());
+        let admitted = self.budget.admit(pixels).await;
         stage.finish();
         admitted
             .hold_while(self.run_admitted(plan, idx, bytes))

@@ -7,6 +7,7 @@
 //! (`edit::plan_edit`), against the concepts the job segmented.
 
 mod cache;
+mod compose;
 pub mod render;
 mod request;
 
@@ -14,17 +15,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use palette_proto::orchestrator::v1::{
-    EditJobRequest, PreviewEditRequest, PreviewEditResponse, RuleOutput,
-};
+use palette_proto::orchestrator::v1::{EditJobRequest, PreviewEditRequest, PreviewEditResponse};
 use palette_rules::preset::Preset;
-use palette_rules::{Edited, GrayImage, RgbImage};
+use palette_rules::{GrayImage, RgbImage};
 use tokio::sync::Semaphore;
 
 use super::edit::{self, record};
-use super::item::cpu::NotApplied;
+use super::item::admission::item_pixels;
 use super::item::stored_masks::{read_record, union_of};
-use super::item::{InputLimits, ItemError, imaging};
+use super::item::{InputLimits, ItemError, PixelBudget, blocking, imaging};
 use super::stage::Stage;
 use super::validate::{JobLimits, PlannedRule, Violations};
 use crate::error::ApiError;
@@ -32,6 +31,7 @@ use crate::keys;
 use crate::storage::{SharedStore, StorageError};
 use cache::Cached;
 pub use cache::PreviewCache;
+use compose::render_all;
 use request::{check_cutout_last, check_request, item_to_api};
 
 #[derive(Debug)]
@@ -43,6 +43,10 @@ pub struct PreviewService {
     presets: BTreeMap<String, Arc<Preset>>,
     /// Previews rendering at once: CPU-bound work, one per core.
     permits: Semaphore,
+    /// MAX_INFLIGHT_MEGAPIXELS, shared with the items: a cold preview decodes the photo and builds each concept's
+    /// union at full size, then renders at preview size; each step is admitted for its pixels, one at a time (never
+    /// two held at once, so a preview cannot wait on itself).
+    budget: PixelBudget,
 }
 
 /// What one preview works on, once loaded (from the cache or from storage).
@@ -57,6 +61,7 @@ struct Loaded {
 impl PreviewService {
     pub fn new(
         store: SharedStore,
+        budget: PixelBudget,
         cache_bytes: usize,
         inputs: InputLimits,
         limits: JobLimits,
@@ -70,6 +75,7 @@ impl PreviewService {
             limits,
             presets,
             permits: Semaphore::new(cores),
+            budget,
         }
     }
 
@@ -126,11 +132,18 @@ impl PreviewService {
         let prefix = at.prefix();
         let rules = Arc::new(plan.rules);
         let idx = request.idx;
-        tokio::task::spawn_blocking(move || render_all(&cache, &prefix, &loaded, &rules, idx, png))
+        let (w, h) = loaded.photo.dimensions();
+        let pixels = item_pixels(
+            u64::from(w) * u64::from(h),
+            rules.iter().any(|r| r.rule.fills_from_surroundings()),
+        );
+        self.budget
+            .admit(pixels)
             .await
-            .map_err(|e| ApiError::Internal {
-                what: format!("preview worker: {e}"),
-            })?
+            .hold_while(blocking(move || {
+                render_all(&cache, &prefix, &loaded, &rules, idx, png)
+            }))
+            .await
             .map_err(|e| item_to_api(&request.job_id, e))
     }
 
@@ -197,23 +210,31 @@ impl PreviewService {
                     let key = plane_key(concept);
                     let stored = record.as_deref().expect("read when a plane is not cached");
                     let stage = Stage::preview("masks");
-                    let union = union_of(
-                        &self.store,
-                        stored,
-                        concept,
-                        full_size,
-                        self.inputs.max_bytes,
-                    )
-                    .await?;
-                    // No instance: an empty plane, cached as such.
-                    let plane = Arc::new(match union {
-                        Some(u) => tokio::task::spawn_blocking(move || {
-                            render::downscale_gray(&u, preview_size)
+                    let admitted = self
+                        .budget
+                        .admit(u64::from(full_size.0) * u64::from(full_size.1))
+                        .await;
+                    let plane = admitted
+                        .hold_while(async {
+                            let union = union_of(
+                                &self.store,
+                                stored,
+                                concept,
+                                full_size,
+                                self.inputs.max_bytes,
+                            )
+                            .await?;
+                            // No instance: an empty plane, cached as such.
+                            Ok::<_, ItemError>(match union {
+                                Some(u) => {
+                                    blocking(move || Ok(render::downscale_gray(&u, preview_size)))
+                                        .await?
+                                }
+                                None => GrayImage::new(0, 0),
+                            })
                         })
-                        .await
-                        .map_err(ItemError::Worker)?,
-                        None => GrayImage::new(0, 0),
-                    });
+                        .await?;
+                    let plane = Arc::new(plane);
                     self.cache.insert(key, Cached::Plane(plane.clone()));
                     stage.finish();
                     plane
@@ -250,14 +271,15 @@ impl PreviewService {
             .get_at_most(&input, self.inputs.max_bytes)
             .await?;
         let (max_pixels, max_side) = (self.inputs.max_pixels, at.max_side);
-        let (photo, full) = tokio::task::spawn_blocking(move || {
-            let full = imaging::decode_upright(&bytes, max_pixels)?;
-            let size = full.dimensions();
-            let small = render::downscale_rgb(&full, render::preview_size(size, max_side));
-            Ok::<_, ItemError>((small, size))
-        })
-        .await
-        .map_err(ItemError::Worker)??;
+        let admitted = self.budget.admit(imaging::pixel_count(&bytes)).await;
+        let (photo, full) = admitted
+            .hold_while(blocking(move || {
+                let full = imaging::decode_upright(&bytes, max_pixels)?;
+                let size = full.dimensions();
+                let small = render::downscale_rgb(&full, render::preview_size(size, max_side));
+                Ok((small, size))
+            }))
+            .await?;
         let photo = Arc::new(photo);
         self.cache.insert(key, Cached::Photo(photo.clone(), full));
         stage.finish();
@@ -319,85 +341,4 @@ impl PhotoRef<'_> {
             self.user_id, self.photos_job_id, self.idx, self.max_side
         )
     }
-}
-
-/// Each rule's region (cached) and edit, in order, then the encoding.
-fn render_all(
-    cache: &PreviewCache,
-    prefix: &str,
-    loaded: &Loaded,
-    rules: &[PlannedRule],
-    idx: u32,
-    png: bool,
-) -> Result<PreviewEditResponse, ItemError> {
-    let factor = loaded.photo.width() as f32 / loaded.full_size.0.max(1) as f32;
-    // None until the first rule: the cached photo is read in place, not copied.
-    let mut current: Option<Edited> = None;
-    let mut outcomes = Vec::new();
-    for (rule, swatch) in rules.iter().zip(&loaded.swatches) {
-        let params = render::scaled(rule.rule.region_params(), factor);
-        let key = format!(
-            "{prefix}|g|{}|{}|{params:?}",
-            rule.concept,
-            rule.occluders.join(",")
-        );
-        let target = loaded.masks.get(&rule.concept).map(|m| m.as_ref());
-        let (region, not_applied) = match (cache.get(&key), target) {
-            (Some(Cached::Plane(region)), Some(_)) => (region, None),
-            _ => {
-                let stage = Stage::preview("region");
-                let occluders: Vec<GrayImage> = rule
-                    .occluders
-                    .iter()
-                    .filter_map(|c| loaded.masks.get(c).map(|m| (**m).clone()))
-                    .collect();
-                let (region, not_applied) =
-                    render::region(&loaded.photo, target, &occluders, &params);
-                let region = Arc::new(region);
-                if not_applied.is_none() {
-                    cache.insert(key, Cached::Plane(region.clone()));
-                }
-                stage.finish();
-                (region, not_applied)
-            }
-        };
-        let not_applied = not_applied.or_else(|| NotApplied::by_rule(&rule.rule, &region));
-        let input = match &current {
-            None => loaded.photo.as_ref(),
-            Some(Edited::Rgb(edited)) => edited,
-            Some(Edited::Rgba(_)) => {
-                unreachable!("a cut-out is the last rule (check_cutout_last)")
-            }
-        };
-        let stage = Stage::preview("rules");
-        current = Some(
-            palette_rules::apply(input, &region, &rule.rule.for_image(idx), swatch.as_deref())
-                .map_err(|source| ItemError::Rule {
-                    rule_id: rule.rule_id.clone(),
-                    source,
-                })?,
-        );
-        stage.finish();
-        outcomes.push(RuleOutput {
-            rule_id: rule.rule_id.clone(),
-            output_key: String::new(),
-            applied: not_applied.is_none(),
-            not_applied_reason: not_applied.map_or("", |n| n.as_str()).to_string(),
-        });
-    }
-    let current = current.unwrap_or_else(|| Edited::Rgb((*loaded.photo).clone()));
-    let (width, height) = match &current {
-        Edited::Rgb(i) => i.dimensions(),
-        Edited::Rgba(i) => i.dimensions(),
-    };
-    let stage = Stage::preview("encode");
-    let (image, content_type) = render::encode(&current, png)?;
-    stage.finish();
-    Ok(PreviewEditResponse {
-        image,
-        content_type: content_type.to_string(),
-        width,
-        height,
-        rules: outcomes,
-    })
 }

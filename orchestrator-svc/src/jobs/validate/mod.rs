@@ -80,6 +80,11 @@ pub struct EditSource {
 }
 
 impl JobPlan {
+    /// Whether a rule fills its region from the photo around it: such an item holds more memory (`admission`).
+    pub fn fills(&self) -> bool {
+        self.rules.iter().any(|r| r.rule.fills_from_surroundings())
+    }
+
     /// The job under whose `inputs/` (and `masks/`) this job's photos are: its own, or an edit's source's.
     pub fn photos_job_id(&self) -> &str {
         self.source
