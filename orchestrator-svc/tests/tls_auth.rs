@@ -196,11 +196,25 @@ async fn a_rewritten_token_file_rotates_the_tokens_without_a_restart() {
         Code::Unauthenticated
     );
 
-    // A file that became unusable keeps the tokens accepted so far.
-    std::fs::write(&file, "").unwrap();
+    // A malformed line (a token too short: an operator's typo) keeps the tokens accepted so far.
+    std::fs::write(&file, format!("{new}\nshort\n")).unwrap();
     // Kept as a real wait: what is tested is that nothing changes, which has no event; 300 ms spans six reloads.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(submit(channel, Some(new)).await, Code::InvalidArgument);
+    assert_eq!(
+        submit(channel.clone(), Some(new)).await,
+        Code::InvalidArgument
+    );
+
+    // A file emptied of tokens revokes them all (no AUTH_TOKENS here: every call is refused).
+    std::fs::write(&file, "# revoked\n").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while submit(channel.clone(), Some(new)).await != Code::Unauthenticated {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the emptied file's token was never revoked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

@@ -181,9 +181,22 @@ impl Tokens {
         Ok(set)
     }
 
-    /// Replaces the tokens with the file's current ones; a file that cannot be used keeps the previous tokens.
+    /// Replaces the tokens with the file's current ones. A file that lists no token now revokes all of the file's
+    /// (only AUTH_TOKENS stay; without them every call is refused): emptying it is how the last file token is
+    /// revoked. A file that cannot be read (being replaced) or has a malformed line keeps the previous tokens: an
+    /// operator's typo must not lock every client out. At startup an empty file is refused instead (`load`).
     fn reload(&self) {
-        match self.read() {
+        let read = match self.read() {
+            Err(AuthError::EmptyFile { .. }) => {
+                tracing::warn!(
+                    tokens = self.inline.len(),
+                    "AUTH_TOKENS_FILE lists no token now: its tokens are revoked, only AUTH_TOKENS are accepted"
+                );
+                Ok(self.inline.clone())
+            }
+            other => other,
+        };
+        match read {
             Ok(set) => {
                 let count = set.len();
                 let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
