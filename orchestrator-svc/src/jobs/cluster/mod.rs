@@ -10,6 +10,7 @@
 //!   acks keep it while the item runs, and a replica that dies holding an item loses it to another one.
 
 mod mirror;
+mod orphans;
 mod work;
 
 use std::sync::Arc;
@@ -49,6 +50,8 @@ pub struct Cluster {
     /// This process among the replicas, as its item claims name it: the host name (the pod's, in Kubernetes) and
     /// a random suffix, so a restarted pod is another replica.
     replica_id: String,
+    /// Jobs whose tasks came before (or without) their records (`work`).
+    orphans: orphans::Orphans,
 }
 
 impl Cluster {
@@ -66,6 +69,7 @@ impl Cluster {
             js,
             settings,
             replica_id: format!("{host}-{}", &suffix[..8]),
+            orphans: orphans::Orphans::default(),
         };
         cluster.consumer().await?;
         Ok(cluster)

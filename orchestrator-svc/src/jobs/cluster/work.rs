@@ -30,9 +30,13 @@ use crate::tasks::spawn_tracked;
 const FETCH_WAIT: Duration = Duration::from_secs(5);
 /// Pause after a failed fetch (NATS unreachable), and between reads of an unreachable job store.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
-/// A task whose job is not recorded: its submitter publishes the tasks before the record, so it waits this long for
-/// the record before it is dropped (the submission failed, and the client was told so, or got no answer).
+/// A task whose job is not recorded: its submitter publishes the tasks before the record, so the job's tasks wait
+/// this long, from its first such task (`orphans`), for the record before they are dropped (the submission failed,
+/// and the client was told so, or got no answer).
 const ORPHAN_AFTER: Duration = Duration::from_secs(60);
+/// And each task at least this long: a job submitted again under the same ids just after its orphans were dropped
+/// is recorded within milliseconds of its tasks.
+const RECORD_GRACE: Duration = Duration::from_secs(2);
 /// How often a task whose job is not recorded yet looks again.
 const ORPHAN_POLL: Duration = Duration::from_millis(200);
 /// The same, for a job this replica knows (it took the SubmitJob, and is writing the record).
@@ -150,20 +154,25 @@ impl JobService {
         // Waited for here, lease renewed, rather than put back: every redelivery counts against
         // NATS_MAX_DELIVERIES.
         let waiting_since = tokio::time::Instant::now();
+        let key = task_key(task);
         let job = loop {
             let Some(found) = self.patiently(task, || self.job_of(cluster, task)).await else {
                 return TaskEnd::Again(Duration::ZERO);
             };
             match found {
-                Some(job) => break job,
-                None if waiting_since.elapsed() < ORPHAN_AFTER => {}
+                Some(job) => {
+                    cluster.orphans.found(&key);
+                    break job;
+                }
+                None if cluster.orphans.waited(&key) < ORPHAN_AFTER
+                    || waiting_since.elapsed() < RECORD_GRACE => {}
                 None => {
                     tracing::warn!(job_id = %task.job_id, idx, "item task of a job never recorded (or of a spec replaced); dropped");
                     return TaskEnd::Drop;
                 }
             }
             // A job known here is being recorded this instant (this replica took its SubmitJob): look again soon.
-            let known = self.registry.get(&task_key(task)).is_ok();
+            let known = self.registry.get(&key).is_ok();
             tokio::time::sleep(if known { RECORD_POLL } else { ORPHAN_POLL }).await;
         };
         let reporter = self.pipeline.reporter();
