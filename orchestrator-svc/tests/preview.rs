@@ -260,6 +260,46 @@ async fn a_cold_preview_waits_for_its_pixels_in_the_shared_budget() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_id_used_again_for_new_photos_is_previewed_from_them() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |c| c.limits.max_retained_jobs = 1).await;
+    finished(&mut orch, "room", vec![paint("#1F3A5F")]).await;
+    let first = orch
+        .client
+        .preview_edit(request("room", vec![paint("#9CAF88")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((first.width, first.height), (160, 120));
+    // Another job makes the first one forgotten (one retained); its id is then free for another spec and photo.
+    finished(&mut orch, "other", vec![paint("#1F3A5F")]).await;
+    orch.put_input(SEED_USER, "room", 0, photo_jpeg(480, 480))
+        .await;
+    orch.client
+        .submit_job(JobSpec {
+            rules: vec![paint("#B5651D")],
+            ..seed_spec("room", 1)
+        })
+        .await
+        .unwrap();
+    let job = orch.wait_for("room", is_terminal).await;
+    assert_eq!(job.completed, 1, "{job:?}");
+    // Kept as a real wait: the cached photos record is read again after its TTL (2 s), which has no event.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let second = orch
+        .client
+        .preview_edit(request("room", vec![paint("#9CAF88")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (second.width, second.height),
+        (160, 160),
+        "the new square photo, not the cached first one"
+    );
+}
+
 /// Every object under the orchestrator's local storage.
 fn walk(orch: &Orchestrator) -> Vec<String> {
     fn visit(dir: &std::path::Path, out: &mut Vec<String>) {

@@ -117,6 +117,7 @@ mod tests {
             photos_job_id: "photos".into(),
             concepts: vec!["wall".into(), "floor".into()],
             image_count: 3,
+            run: String::new(),
         }
     }
 

@@ -25,6 +25,10 @@ pub struct PhotosRecord {
     /// Every concept segmented, normalised: an edit's rules may use these and no other.
     pub concepts: Vec<String>,
     pub image_count: u32,
+    /// New on every run of the job (random): PreviewEdit's cache keys carry it, so a job id used again for new
+    /// photos is not previewed from the old ones it cached. Records from before it have none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub run: String,
 }
 
 /// One stored instance mask: `MaskKey`'s fields.
@@ -107,6 +111,7 @@ pub async fn write_photos(store: &SharedStore, plan: &JobPlan) -> Result<(), Sto
         photos_job_id: plan.photos_job_id().to_string(),
         concepts: plan.concepts.clone(),
         image_count: plan.image_count,
+        run: uuid::Uuid::new_v4().simple().to_string(),
     };
     let key = keys::photos_record(&plan.user_id, &plan.job_id);
     put_json(store, &key, &record).await

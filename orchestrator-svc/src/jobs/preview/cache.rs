@@ -12,7 +12,8 @@ use crate::jobs::edit::record::{MasksRecord, PhotosRecord};
 /// One cached value.
 #[derive(Clone)]
 pub enum Cached {
-    Photos(Arc<PhotosRecord>),
+    /// A job's photos record and when it was read (it is read again after `PHOTOS_RECORD_TTL`).
+    Photos(Arc<PhotosRecord>, tokio::time::Instant),
     Masks(Arc<MasksRecord>),
     /// The photo at preview size, and its full size.
     Photo(Arc<RgbImage>, (u32, u32)),
@@ -26,7 +27,7 @@ impl Weigh for Cached {
         const OVERHEAD: usize = 256;
         OVERHEAD
             + match self {
-                Cached::Photos(r) => r.concepts.iter().map(|c| c.len() + 24).sum::<usize>(),
+                Cached::Photos(r, _) => r.concepts.iter().map(|c| c.len() + 24).sum::<usize>(),
                 Cached::Masks(r) => r.masks.iter().map(|m| m.key.len() + 96).sum(),
                 Cached::Photo(p, _) | Cached::Swatch(p) => p.as_raw().len(),
                 Cached::Plane(p) => p.as_raw().len(),

@@ -34,6 +34,10 @@ pub use cache::PreviewCache;
 use compose::render_all;
 use request::{check_cutout_last, check_request, item_to_api};
 
+/// How long a job's photos record is taken from the cache before it is read again: a job id used again (after the
+/// first job expired) writes a new record, whose `run` moves every cache key to the new photos within this time.
+const PHOTOS_RECORD_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Debug)]
 pub struct PreviewService {
     store: SharedStore,
@@ -121,6 +125,7 @@ impl PreviewService {
         let at = PhotoRef {
             user_id: &request.user_id,
             photos_job_id: &source.photos_job_id,
+            run: &source.run,
             idx: request.idx,
             max_side,
         };
@@ -152,7 +157,9 @@ impl PreviewService {
         request: &PreviewEditRequest,
     ) -> Result<Arc<record::PhotosRecord>, ApiError> {
         let key = format!("r|{}|{}", request.user_id, request.job_id);
-        if let Some(Cached::Photos(r)) = self.cache.get(&key) {
+        if let Some(Cached::Photos(r, read_at)) = self.cache.get(&key)
+            && read_at.elapsed() < PHOTOS_RECORD_TTL
+        {
             return Ok(r);
         }
         let job_id = &request.job_id;
@@ -172,7 +179,8 @@ impl PreviewService {
                 },
             })?;
         let r = Arc::new(r);
-        self.cache.insert(key, Cached::Photos(r.clone()));
+        self.cache
+            .insert(key, Cached::Photos(r.clone(), tokio::time::Instant::now()));
         Ok(r)
     }
 
@@ -287,7 +295,7 @@ impl PreviewService {
     }
 
     async fn masks_record(&self, at: &PhotoRef<'_>) -> Result<Arc<record::MasksRecord>, ItemError> {
-        let key = format!("m|{}|{}|{}", at.user_id, at.photos_job_id, at.idx);
+        let key = format!("m|{}", at.prefix());
         if let Some(Cached::Masks(r)) = self.cache.get(&key) {
             return Ok(r);
         }
@@ -326,10 +334,12 @@ impl PreviewService {
     }
 }
 
-/// Which photo, at which size: the cache keys' common part.
+/// Which photo of which run of its job, at which size: the cache keys' common part.
 struct PhotoRef<'a> {
     user_id: &'a str,
     photos_job_id: &'a str,
+    /// `PhotosRecord::run`: a job id used again is another run, whose photos and masks are not the cached ones.
+    run: &'a str,
     idx: u32,
     max_side: u32,
 }
@@ -337,8 +347,8 @@ struct PhotoRef<'a> {
 impl PhotoRef<'_> {
     fn prefix(&self) -> String {
         format!(
-            "{}|{}|{}|{}",
-            self.user_id, self.photos_job_id, self.idx, self.max_side
+            "{}|{}|{}|{}|{}",
+            self.user_id, self.photos_job_id, self.run, self.idx, self.max_side
         )
     }
 }
