@@ -221,6 +221,8 @@ impl S3Store {
             .await
         {
             Err(err) if missing_key(&err) => Ok(None),
+            // Written between the two requests, and empty: a range of an empty object is not satisfiable.
+            Err(err) if status_of(&err) == Some(416) => Ok(Some(ObjectMeta { size: 0 })),
             Err(err) => Err(unavailable("HEAD (then GET)", key, err)),
             // Written between the two requests: its size is after the slash of "bytes 0-0/SIZE".
             Ok(out) => Ok(Some(ObjectMeta {

@@ -54,6 +54,8 @@ pub(super) fn render_all(
                 (region, not_applied)
             }
         };
+        // Judged on the region at preview size: a full-size region that leaves only a rim of a pixel or two can cover
+        // the whole preview, which then shows the photo unchanged while the job fills from the rim (docs/api.md).
         let not_applied = not_applied.or_else(|| NotApplied::by_rule(&rule.rule, &region));
         let input = match &current {
             None => loaded.photo.as_ref(),

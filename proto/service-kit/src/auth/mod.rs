@@ -181,12 +181,17 @@ impl Tokens {
         Ok(set)
     }
 
-    /// Replaces the tokens with the file's current ones. A file that lists no token now revokes all of the file's
-    /// (only AUTH_TOKENS stay; without them every call is refused): emptying it is how the last file token is
-    /// revoked. A file that cannot be read (being replaced) or has a malformed line keeps the previous tokens: an
-    /// operator's typo must not lock every client out. At startup an empty file is refused instead (`load`).
+    /// Replaces the tokens with the file's current ones. A file whose lines list no token now (comments only)
+    /// revokes all of the file's (only AUTH_TOKENS stay; without them every call is refused): that is how the last
+    /// file token is revoked. A file that cannot be read, or is 0 bytes (being rewritten in place: truncated, not
+    /// yet written), or has a malformed line keeps the previous tokens: an operator's typo or a reload that lands
+    /// mid-write must not lock every client out. At startup an empty file is refused instead (`load`).
     fn reload(&self) {
+        let being_written = |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.len() == 0);
         let read = match self.read() {
+            Err(AuthError::EmptyFile { path }) if being_written(&path) => {
+                Err(AuthError::EmptyFile { path })
+            }
             Err(AuthError::EmptyFile { .. }) => {
                 tracing::warn!(
                     tokens = self.inline.len(),
