@@ -248,12 +248,38 @@ def load_model(args):
         info = {"source_model": "random", "source_revision": "", "random_init": args.random_init, "seed": args.seed}
     else:
         token = os.environ.get("HF_TOKEN") or None
-        model = Sam3Model.from_pretrained(args.model, revision=args.revision, token=token, attn_implementation="eager",
-                                          dtype=torch.float32)
+        try:
+            model, loading = Sam3Model.from_pretrained(args.model, revision=args.revision, token=token,
+                                                       attn_implementation="eager", dtype=torch.float32,
+                                                       output_loading_info=True)
+        except OSError as e:
+            # transformers' message names the repo but not what to do here (a gated repo: 401/403).
+            raise SystemExit(
+                f"cannot load {args.model} (revision {args.revision or 'main'}): {e}\n"
+                f"HF_TOKEN is {'set' if token else 'NOT set'}. facebook/sam3 is gated: request access on its "
+                "Hugging Face page with your account, then set HF_TOKEN to a read token of that account "
+                "(or log in with `hf auth login`).") from None
+        check_loading(loading)
         info = {"source_model": args.model, "source_revision": resolve_revision(model, args, token),
                 "random_init": None, "seed": None}
     model.eval()
     return model, info
+
+
+def check_loading(loading: dict) -> None:
+    """Stops the export when checkpoint weights did not land in the model: a missing or mismatched key would be left
+    at its random initialisation, and the PyTorch check (same model on both sides) would still pass."""
+    missing = list(loading.get("missing_keys") or [])
+    mismatched = [k if isinstance(k, str) else k[0] for k in loading.get("mismatched_keys") or []]
+    if missing or mismatched:
+        raise SystemExit(
+            f"the checkpoint does not fill the model: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(mismatched)} mismatched {mismatched[:5]}: a transformers version this exporter does not know? "
+            "(requirements.txt pins the one it was written for)")
+    unexpected = loading.get("unexpected_keys") or []
+    if unexpected:
+        # The checkpoint also holds the video tracker's weights, which the image model does not use.
+        print(f"  {len(unexpected)} checkpoint keys unused by the image model (e.g. {list(unexpected)[:3]})", flush=True)
 
 
 def resolve_revision(model, args, token) -> str:
@@ -427,6 +453,11 @@ def export_graphs(model, out: Path, precision: str, opset: int, topk: int, image
             if attention == "fused" and name in fused_attention.FUSED_GRAPHS:
                 blocks = fused_attention.fuse_attention(onnx_model)
                 print(f"  {name}: {blocks} attention blocks fused into MultiHeadAttention", flush=True)
+                if blocks == 0:
+                    # The manifest would say "fused" over eager graphs: the model did not trace as eager attention
+                    # (a transformers version that ignores attn_implementation?), so nothing matched.
+                    raise SystemExit(f"{name}: no attention block matched for fusing; export with --attention eager "
+                                     "or use the transformers version of requirements.txt")
             if precision == "fp16":
                 onnx_model = fp16.to_fp16(onnx_model, name)
             if name == "vision" and image_input == "u8":
