@@ -156,6 +156,33 @@ def to_topk(dense: dict, k: int) -> dict:
     }
 
 
+def align_topk(dense: dict, queries: np.ndarray) -> dict:
+    """The dense (PyTorch reference) outputs at the queries a top-k graph returned, in its order. Queries whose logits
+    nearly tie can swap places between PyTorch and ONNX Runtime (fp16 above all); compared rank by rank, a mask would
+    then be compared with its neighbour's. Whether the graph kept the right queries is checked apart (`topk_rank_gap`)."""
+    q = queries.astype(np.int64)
+    return {
+        "topk_masks": np.take_along_axis(dense["pred_masks"], q[:, :, None, None], axis=1),
+        "topk_boxes": np.take_along_axis(dense["pred_boxes"], q[:, :, None], axis=1),
+        "topk_logits": np.take_along_axis(dense["pred_logits"], q, axis=1),
+        "topk_queries": q,
+        "presence_logits": dense["presence_logits"],
+        "semantic_seg": dense["semantic_seg"],
+    }
+
+
+def topk_rank_gap(dense_logits: np.ndarray, queries: np.ndarray) -> float:
+    """How far below the reference's own k-th best logit the graph's kept queries fall, in reference logits: 0 when it
+    kept exactly the reference's top k, small when near-ties swapped across the cut; inf for a query index out of
+    range or one kept twice."""
+    n, q = dense_logits.shape
+    kept = queries.astype(np.int64)
+    if kept.min() < 0 or kept.max() >= q or any(len(set(row)) != len(row) for row in kept.tolist()):
+        return float("inf")
+    kth = -np.sort(-dense_logits, axis=1)[:, kept.shape[1] - 1:kept.shape[1]]
+    return float(np.maximum(kth - np.take_along_axis(dense_logits, kept, axis=1), 0).max())
+
+
 def mask_size(image_size: int) -> int:
     # The ViT has patch 14 and the highest FPN level is upsampled 4x: M = 4 * S / 14.
     return 4 * image_size // 14
