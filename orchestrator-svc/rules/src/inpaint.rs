@@ -696,16 +696,7 @@ mod tests {
                         continue;
                     }
                     let (mut acc, mut n) = ([0.0f32; 3], 0.0);
-                    for (dx, dy) in [
-                        (-1, 0),
-                        (1, 0),
-                        (0, -1),
-                        (0, 1),
-                        (-1, -1),
-                        (1, 1),
-                        (-1, 1),
-                        (1, -1),
-                    ] {
+                    for (dx, dy) in NEIGHBOURS {
                         let (nx, ny) = (x + dx, y + dy);
                         if nx >= 0 && ny >= 0 && nx < l.w && ny < l.h && known[l.idx(nx, ny)] {
                             (0..3).for_each(|k| acc[k] += l.img[l.idx(nx, ny)][k]);

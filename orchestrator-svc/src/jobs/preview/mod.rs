@@ -135,13 +135,10 @@ impl PreviewService {
             .map_err(|e| item_to_api(&request.job_id, e))?;
         let cache = self.cache.clone();
         let prefix = at.prefix();
+        let (w, h) = loaded.photo.dimensions();
+        let pixels = item_pixels(u64::from(w) * u64::from(h), plan.fills());
         let rules = Arc::new(plan.rules);
         let idx = request.idx;
-        let (w, h) = loaded.photo.dimensions();
-        let pixels = item_pixels(
-            u64::from(w) * u64::from(h),
-            rules.iter().any(|r| r.rule.fills_from_surroundings()),
-        );
         self.budget
             .admit(pixels)
             .await
