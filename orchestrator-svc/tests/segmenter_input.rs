@@ -1,4 +1,4 @@
-//! What a Segment call carries: a photo larger than the model's input goes downscaled as raw RGB, each side capped
+//! What a Segment call carries: its deadline (SEGMENTER_TIMEOUT_SEC as `grpc-timeout`), and a photo larger than the model's input goes downscaled as raw RGB, each side capped
 //! at the size GetModelInfo reports, and its masks, in the segmenter's view of the image, land on the full photo;
 //! smaller photos, and every photo when the segmenter does not report a size, go as uploaded. The fake segmenter
 //! answers in the coordinates of the image it was sent (its instance: the left half), so a mask put back at the
@@ -62,4 +62,33 @@ async fn a_segmenter_that_reports_no_input_size_gets_the_upload_as_it_is() {
         *segmenter.counters.images.lock().unwrap(),
         vec![("encoded", 200, 120)]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_segment_call_carries_segmenter_timeout_sec_as_its_grpc_timeout() {
+    // Without the header the segmenter applies its own default (120 s): a CPU tier's longer SEGMENTER_TIMEOUT_SEC
+    // would be cut there with DEADLINE_EXCEEDED, which is not retried.
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |c| c.segmenter.segmenter_timeout_sec = 300).await;
+    orch.put_input("test-user", "deadline", 0, photo_jpeg(40, 32))
+        .await;
+    orch.client
+        .submit_job(seed_spec("deadline", 1))
+        .await
+        .unwrap();
+    let job = orch.wait_for("deadline", is_terminal).await;
+    assert_eq!(job.items[0].state, ItemState::Completed as i32, "{job:?}");
+    let sent = segmenter.counters.grpc_timeouts.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    // tonic writes the deadline in the largest unit that keeps it within the header's 8 digits.
+    let (value, unit) = sent[0].split_at(sent[0].len() - 1);
+    let per_second = match unit {
+        "S" => 1.0,
+        "m" => 1e3,
+        "u" => 1e6,
+        "n" => 1e9,
+        other => panic!("unexpected grpc-timeout unit {other:?} in {sent:?}"),
+    };
+    let seconds = value.parse::<f64>().unwrap() / per_second;
+    assert!((290.0..=300.0).contains(&seconds), "grpc-timeout {sent:?}");
 }

@@ -146,11 +146,9 @@ impl Segmenter {
             return Ok(model);
         }
         let info = self
-            .with_retries("GetModelInfo", |mut client| async move {
-                client
-                    .get_model_info(GetModelInfoRequest {})
-                    .await
-                    .map(|r| r.into_inner())
+            .with_retries("GetModelInfo", |mut client| {
+                let request = self.with_deadline(GetModelInfoRequest {});
+                async move { client.get_model_info(request).await.map(|r| r.into_inner()) }
             })
             .await?;
         let model = ModelSummary {
@@ -186,7 +184,7 @@ impl Segmenter {
         let span = tracing::info_span!("segment", request_id, concepts = concepts.len());
         let response = self
             .with_retries("Segment", |mut client| {
-                let mut request = tonic::Request::new(request.clone());
+                let mut request = self.with_deadline(request.clone());
                 telemetry::inject_context(&tracing::Span::current(), request.metadata_mut());
                 async move { client.segment(request).await.map(|r| r.into_inner()) }
             })
@@ -202,6 +200,15 @@ impl Segmenter {
             *model = None;
         }
         Ok(response)
+    }
+
+    /// A request carrying this call's deadline as `grpc-timeout`: the channel's timeout (SEGMENTER_TIMEOUT_SEC)
+    /// only bounds the wait here and sends nothing, and a segmenter without the header applies its own default
+    /// (DEFAULT_DEADLINE_SEC), cutting a longer SEGMENTER_TIMEOUT_SEC short and a shorter one not at all.
+    fn with_deadline<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.deadline);
+        request
     }
 
     /// Retries UNAVAILABLE, RESOURCE_EXHAUSTED and CANCELLED (a replica going away mid-call; this call's own

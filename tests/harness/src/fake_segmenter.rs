@@ -41,6 +41,8 @@ pub struct Counters {
     pub requests: std::sync::Mutex<Vec<Vec<String>>>,
     /// The `traceparent` metadata of each Segment call ("" when absent), in order.
     pub traceparents: std::sync::Mutex<Vec<String>>,
+    /// The `grpc-timeout` metadata of each Segment call ("" when absent), in order: the deadline the client sent.
+    pub grpc_timeouts: std::sync::Mutex<Vec<String>>,
     pub in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
     /// grpc.health.v1 Check calls received (the orchestrator's replica probes): the event a test waits for
@@ -104,6 +106,13 @@ impl Segmenter for Service {
             .unwrap_or_default()
             .to_string();
         fake.counters.traceparents.lock().unwrap().push(traceparent);
+        let timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        fake.counters.grpc_timeouts.lock().unwrap().push(timeout);
         fake.counters
             .requests
             .lock()
