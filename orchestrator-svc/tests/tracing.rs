@@ -12,7 +12,8 @@ use palette_proto::orchestrator::v1::ItemState;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segment_calls_carry_the_item_spans_trace_context() {
     let exporter = InMemorySpanExporter::default();
-    let provider = orchestrator_svc::telemetry::init("info", Some(exporter.clone()))
+    // LOG_LEVEL=WARNING (a seed value) filters logs, not traces: every span below is still exported.
+    let provider = orchestrator_svc::telemetry::init("WARNING", Some(exporter.clone()))
         .unwrap()
         .expect("a tracer provider");
     let segmenter = fake_segmenter::start().await;

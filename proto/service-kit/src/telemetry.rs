@@ -11,7 +11,8 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// Why logs or traces could not be set up; names the variable.
@@ -86,13 +87,22 @@ pub fn init<E: SpanExporter + 'static>(
             )
             .build()
     });
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    // LOG_LEVEL filters the logs only. The spans are this project's (job, item, segment, inference ...) at INFO
+    // whatever LOG_LEVEL says: a global filter made LOG_LEVEL=WARNING switch tracing off (no span exported, no
+    // traceparent sent) and LOG_LEVEL=DEBUG export every dependency's spans (h2, hyper, tower).
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(service))
+            .with_filter(LevelFilter::INFO)
+    });
+    let registry = tracing_subscriber::registry().with(otel);
     let _ = if format == "text" {
         registry
-            .with(tracing_subscriber::fmt::layer().with_target(false))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    .with_filter(filter),
+            )
             .try_init()
     } else {
         registry
@@ -100,7 +110,8 @@ pub fn init<E: SpanExporter + 'static>(
                 tracing_subscriber::fmt::layer()
                     .json()
                     .flatten_event(true)
-                    .with_current_span(false),
+                    .with_current_span(false)
+                    .with_filter(filter),
             )
             .try_init()
     };
