@@ -191,3 +191,35 @@ async fn reflection_can_be_turned_off() {
         .status;
     assert_eq!(serving, ServingStatus::Serving as i32);
 }
+
+/// `--help` shows each setting's environment value unless told not to: secrets are hidden (a Runpod template sets
+/// them as environment variables, where anyone running `--help` in the pod would print them).
+#[test]
+fn help_does_not_print_secret_settings() {
+    let secrets = [
+        ("AUTH_TOKENS", "sentinel-auth-token-0123456789"),
+        ("SEGMENTER_TOKEN", "sentinel-segmenter-token-0123"),
+        (
+            "WORKERS_API_URL",
+            "https://user:sentinel-pass@example.test/x",
+        ),
+        ("NATS_URL", "nats://user:sentinel-nats@127.0.0.1:4222"),
+        ("GPU_CALLBACK_SECRET", "sentinel-callback-secret"),
+        ("R2_SECRET_ACCESS_KEY", "sentinel-r2-secret"),
+        ("RUNPOD_AI_API_KEY", "sentinel-runpod-key"),
+    ];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator-svc"))
+        .arg("--help")
+        .envs(secrets)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (name, value) in secrets {
+        assert!(help.contains(name), "{name} is not in --help");
+        assert!(
+            !help.contains("sentinel"),
+            "{name}'s value {value:?} is printed by --help"
+        );
+    }
+}

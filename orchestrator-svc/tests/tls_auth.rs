@@ -302,6 +302,68 @@ async fn startup_stops_at_an_unusable_setting_and_names_it() {
             .unwrap_err();
         assert_eq!(err.to_string(), expected);
     }
+
+    // Files that each parse but do not go together (a key from another issuance), and a replica list that would
+    // send the token in plaintext to some replicas: refused at startup, with the reason in the error's chain.
+    let pki = Pki::generate();
+    let path = |file: &str| Some(pki.path(file));
+    let (ca, server_pem, server_key) = (path("ca.pem"), path("server.pem"), path("server.key"));
+    let (client_pem, client_key) = (path("client.pem"), path("client.key"));
+    let ca_for_client = ca.clone();
+    let cases: Vec<(Box<Tweak>, &str)> = vec![
+        (
+            Box::new(move |c| {
+                c.serve.tls_cert = server_pem.clone();
+                c.serve.tls_key = client_key.clone();
+            }),
+            "TLS_CERT, TLS_KEY: not usable together",
+        ),
+        (
+            Box::new(move |c| {
+                c.segmenter.segmenter_url = "https://localhost:9".into();
+                c.segmenter.segmenter_tls_ca = ca_for_client.clone();
+                c.segmenter.segmenter_tls_cert = client_pem.clone();
+                c.segmenter.segmenter_tls_key = server_key.clone();
+            }),
+            "SEGMENTER_TLS_CA, SEGMENTER_TLS_CERT, SEGMENTER_TLS_KEY: not usable together",
+        ),
+        (
+            Box::new(move |c| {
+                c.segmenter.segmenter_url = "https://127.0.0.1:9, http://127.0.0.2:9".into();
+                c.segmenter.segmenter_tls_ca = ca.clone();
+            }),
+            "mixes https:// with plaintext entries",
+        ),
+    ];
+    for (tweak, expected) in cases {
+        let mut config = orchestrator_svc::Config::for_tests(dir.path(), NO_SEGMENTER);
+        tweak(&mut config);
+        let err = orchestrator_svc::run(config, listener().await, std::future::pending())
+            .await
+            .unwrap_err();
+        let chain = format!("{:#}", anyhow::Error::from(err));
+        assert!(chain.contains(expected), "{chain}");
+    }
+}
+
+/// A connection that never starts its TLS handshake is closed after the handshake timeout (10 s; 200 ms here)
+/// instead of holding a task and a file descriptor for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_says_hello_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::generate();
+    let orch = start(&pki, |c| {
+        pki.serve_tls(&mut c.serve, false);
+        c.serve.tls_handshake_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(orch.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the server kept a silent connection open: {read:?}"
+    );
 }
 
 /// What deploy/dev-certs.sh writes (openssl: EC keys, a local CA) works with the services' TLS as rcgen's does: the

@@ -11,7 +11,7 @@ use super::secret::{Secret, UrlWithCredentials};
 pub struct CallbackArgs {
     /// Upstream API base URL (no query); callbacks go to {WORKERS_API_URL}/jobs/{jobId}/callback. Unset: no
     /// callbacks.
-    #[arg(long, env = "WORKERS_API_URL")]
+    #[arg(long, env = "WORKERS_API_URL", hide_env_values = true)]
     pub workers_api_url: Option<UrlWithCredentials>,
     /// Shared secret: sent as X-GPU-Callback-Secret and the HMAC key of webhook-signature.
     #[arg(long, env = "GPU_CALLBACK_SECRET", hide_env_values = true)]

@@ -10,7 +10,7 @@ use super::secret::UrlWithCredentials;
 #[derive(Clone, Debug, Args)]
 pub struct NatsArgs {
     /// ADAPTER=queue_pull: the NATS server(s), e.g. `nats://127.0.0.1:4222` (comma-separated for several).
-    #[arg(long, env = "NATS_URL")]
+    #[arg(long, env = "NATS_URL", hide_env_values = true)]
     pub nats_url: Option<UrlWithCredentials>,
     /// ADAPTER=queue_pull: the JetStream stream of jobs, created (work-queue retention) if missing. Default
     /// palette-jobs.

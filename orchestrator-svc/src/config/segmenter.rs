@@ -34,7 +34,7 @@ pub struct SegmenterArgs {
     #[arg(long, env = "MASK_CACHE_MB", default_value_t = 256)]
     pub mask_cache_mb: usize,
     /// Bearer token sent to the segmenter on every call (one of the segmenter's AUTH_TOKENS). Unset: none sent.
-    #[arg(long, env = "SEGMENTER_TOKEN")]
+    #[arg(long, env = "SEGMENTER_TOKEN", hide_env_values = true)]
     pub segmenter_token: Option<Secret>,
     /// A file holding SEGMENTER_TOKEN (its first line that is not blank or a `#` comment), for tokens mounted from a
     /// secret store; read at startup. Used when SEGMENTER_TOKEN is unset.
@@ -73,12 +73,29 @@ impl std::fmt::Debug for SegmenterSecurity {
 
 impl SegmenterArgs {
     /// The TLS files read and the token checked. TLS files without any `https://` entry are refused: they would
-    /// otherwise suggest an encryption that does not happen.
+    /// otherwise suggest an encryption that does not happen. So is a list mixing `https://` with plaintext entries:
+    /// every replica shares one channel and its token, so the plaintext ones would get the token and the photos
+    /// unencrypted.
     pub fn security(&self) -> Result<SegmenterSecurity, ConfigError> {
-        let wants_tls = self
+        let entries: Vec<&str> = self
             .segmenter_url
             .split(',')
-            .any(|entry| entry.trim().starts_with("https://"));
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+            .collect();
+        let encrypted = entries
+            .iter()
+            .filter(|entry| entry.starts_with("https://"))
+            .count();
+        if encrypted > 0 && encrypted < entries.len() {
+            return Err(ConfigError::invalid(
+                "SEGMENTER_URL",
+                self.segmenter_url.clone(),
+                "mixes https:// with plaintext entries: make every entry https:// (the token and photos would go \
+                 to the others unencrypted)",
+            ));
+        }
+        let wants_tls = encrypted > 0;
         let files = ClientFiles {
             ca: ("SEGMENTER_TLS_CA", self.segmenter_tls_ca.as_deref()),
             cert: ("SEGMENTER_TLS_CERT", self.segmenter_tls_cert.as_deref()),

@@ -38,7 +38,7 @@ pub struct ServeArgs {
     /// Accepted bearer tokens, comma-separated (several, so a token can be rotated without downtime; each at least
     /// 16 characters). Calls then need `authorization: Bearer <token>`; grpc.health.v1 stays open. Unset and no
     /// AUTH_TOKENS_FILE (default): no authentication.
-    #[arg(long, env = "AUTH_TOKENS")]
+    #[arg(long, env = "AUTH_TOKENS", hide_env_values = true)]
     pub auth_tokens: Option<Secret>,
 
     /// A file of accepted bearer tokens, one per line (`#` comments), added to AUTH_TOKENS. Read again every 10 s
@@ -49,4 +49,8 @@ pub struct ServeArgs {
     /// How often AUTH_TOKENS_FILE is read again (tests shorten it; not a flag).
     #[arg(skip = Duration::from_secs(10))]
     pub auth_tokens_reload: Duration,
+
+    /// How long a TLS handshake may take (`tls::HANDSHAKE_TIMEOUT`; tests shorten it; not a flag).
+    #[arg(skip = crate::tls::HANDSHAKE_TIMEOUT)]
+    pub tls_handshake_timeout: Duration,
 }

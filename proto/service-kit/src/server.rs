@@ -60,6 +60,7 @@ impl Serving {
             args.tls_cert.as_deref(),
             args.tls_key.as_deref(),
             args.tls_client_ca.as_deref(),
+            args.tls_handshake_timeout,
         )?;
         let auth = Authenticator::load(
             args.auth_tokens.as_ref().map(|s| s.expose()),

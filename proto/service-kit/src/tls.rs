@@ -47,6 +47,27 @@ pub enum TlsError {
         set: &'static str,
         missing: &'static str,
     },
+    /// Files that each parse but do not make a TLS configuration together: a key that is not the certificate's
+    /// (an older issuance), a CA file rustls cannot use as a trust anchor.
+    #[error("{settings}: not usable together: {reason}")]
+    Unusable { settings: String, reason: String },
+}
+
+/// How long a connection may take to finish its TLS handshake. Without a limit a peer that opens connections and
+/// never sends a ClientHello holds a task and a file descriptor each for ever, before any token is checked (a
+/// segmenter port open to the internet on Runpod).
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The full error chain of a tonic transport error (its own Display says only "transport error").
+fn chain(e: &tonic::transport::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Makes ring the process's rustls crypto provider, as tonic's client already falls back to. Both providers are
@@ -132,6 +153,7 @@ pub fn server_config(
     cert: Option<&Path>,
     key: Option<&Path>,
     client_ca: Option<&Path>,
+    handshake_timeout: std::time::Duration,
 ) -> Result<(Option<ServerTlsConfig>, ServerMode), TlsError> {
     let client_ca = given(client_ca);
     ensure_crypto_provider();
@@ -148,14 +170,29 @@ pub fn server_config(
         certificates("TLS_CERT", cert)?,
         private_key("TLS_KEY", key)?,
     );
-    let config = ServerTlsConfig::new().identity(identity);
-    match client_ca {
+    let config = ServerTlsConfig::new()
+        .identity(identity)
+        .timeout(handshake_timeout);
+    let (config, mode, settings) = match client_ca {
         Some(ca) => {
             let roots = Certificate::from_pem(certificates("TLS_CLIENT_CA", ca)?);
-            Ok((Some(config.client_ca_root(roots)), ServerMode::MutualTls))
+            (
+                config.client_ca_root(roots),
+                ServerMode::MutualTls,
+                "TLS_CERT, TLS_KEY, TLS_CLIENT_CA",
+            )
         }
-        None => Ok((Some(config), ServerMode::Tls)),
-    }
+        None => (config, ServerMode::Tls, "TLS_CERT, TLS_KEY"),
+    };
+    // What serving does with it, now: rustls checks the key against the certificate and builds the client
+    // verifier here, not after the model has loaded (the segmenter) or the workers have started (the orchestrator).
+    tonic::transport::Server::builder()
+        .tls_config(config.clone())
+        .map_err(|e| TlsError::Unusable {
+            settings: settings.to_string(),
+            reason: chain(&e),
+        })?;
+    Ok((Some(config), mode))
 }
 
 /// A client's TLS settings, each with the variable it came from (for the errors).
@@ -184,6 +221,20 @@ pub fn client_config(files: ClientFiles<'_>) -> Result<ClientTlsConfig, TlsError
             private_key(files.key.0, key)?,
         ));
     }
+    let settings = [files.ca, files.cert, files.key]
+        .iter()
+        .filter(|(_, path)| given(*path).is_some())
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(", ");
+    // As the first call would build it: a key that is not the certificate's failed every replica's connection
+    // ("replica skipped") while the service reported SERVING.
+    tonic::transport::Endpoint::from_static("https://localhost")
+        .tls_config(config.clone().domain_name("localhost"))
+        .map_err(|e| TlsError::Unusable {
+            settings,
+            reason: chain(&e),
+        })?;
     Ok(config)
 }
 
@@ -193,7 +244,7 @@ mod tests {
 
     #[test]
     fn plaintext_without_files() {
-        let (config, mode) = server_config(None, None, None).unwrap();
+        let (config, mode) = server_config(None, None, None, HANDSHAKE_TIMEOUT).unwrap();
         assert!(config.is_none());
         assert_eq!(mode, ServerMode::Plaintext);
     }
@@ -201,18 +252,70 @@ mod tests {
     #[test]
     fn errors_name_the_variable_and_the_file() {
         let missing = Path::new("/nonexistent/server.pem");
-        let err = server_config(Some(missing), Some(missing), None).unwrap_err();
+        let err = server_config(Some(missing), Some(missing), None, HANDSHAKE_TIMEOUT).unwrap_err();
         assert_eq!(
             err.to_string(),
             "TLS_CERT=/nonexistent/server.pem: cannot read the file"
         );
-        let err = server_config(Some(missing), None, None).unwrap_err();
+        let err = server_config(Some(missing), None, None, HANDSHAKE_TIMEOUT).unwrap_err();
         assert_eq!(
             err.to_string(),
             "TLS_CERT is set but TLS_KEY is not: set both, or neither"
         );
-        let err = server_config(None, None, Some(missing)).unwrap_err();
+        let err = server_config(None, None, Some(missing), HANDSHAKE_TIMEOUT).unwrap_err();
         assert!(err.to_string().starts_with("TLS_CLIENT_CA is set"), "{err}");
+    }
+
+    /// A certificate and key that each parse (a key from another issuance).
+    fn mismatched_pair(dir: &Path) -> (PathBuf, PathBuf) {
+        let a = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let b = rcgen::KeyPair::generate().unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("other.key"));
+        std::fs::write(&cert, a.cert.pem()).unwrap();
+        std::fs::write(&key, b.serialize_pem()).unwrap();
+        (cert, key)
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused_when_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = mismatched_pair(dir.path());
+        let err = server_config(Some(&cert), Some(&key), None, HANDSHAKE_TIMEOUT).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("TLS_CERT, TLS_KEY: not usable together"),
+            "{err}"
+        );
+        let files = ClientFiles {
+            ca: ("SEGMENTER_TLS_CA", None),
+            cert: ("SEGMENTER_TLS_CERT", Some(&cert)),
+            key: ("SEGMENTER_TLS_KEY", Some(&key)),
+        };
+        let err = client_config(files).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("SEGMENTER_TLS_CERT, SEGMENTER_TLS_KEY: not usable together"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_matching_pair_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("cert.key"));
+        std::fs::write(&cert, a.cert.pem()).unwrap();
+        std::fs::write(&key, a.signing_key.serialize_pem()).unwrap();
+        let (config, mode) =
+            server_config(Some(&cert), Some(&key), Some(&cert), HANDSHAKE_TIMEOUT).unwrap();
+        assert!(config.is_some());
+        assert_eq!(mode, ServerMode::MutualTls);
+        let files = ClientFiles {
+            ca: ("SEGMENTER_TLS_CA", Some(&cert)),
+            cert: ("SEGMENTER_TLS_CERT", Some(&cert)),
+            key: ("SEGMENTER_TLS_KEY", Some(&key)),
+        };
+        client_config(files).unwrap();
     }
 
     #[test]
@@ -220,7 +323,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("not-a-cert.pem");
         std::fs::write(&path, "hello\n").unwrap();
-        let err = server_config(Some(&path), Some(&path), None).unwrap_err();
+        let err = server_config(Some(&path), Some(&path), None, HANDSHAKE_TIMEOUT).unwrap_err();
         assert!(
             matches!(
                 err,

@@ -238,6 +238,7 @@ pub async fn start_tls(pki: &crate::tls::Pki) -> FakeSegmenter {
         Some(&pki.path("server.pem")),
         Some(&pki.path("server.key")),
         None,
+        palette_service_kit::tls::HANDSHAKE_TIMEOUT,
     )
     .unwrap();
     start_with(tls).await
