@@ -9,8 +9,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 pub use deliver::{CallbackSender, Clock, DeliveryOutcome, RetryPolicy, SystemClock, redacted_url};
-pub(crate) use sign::key_len;
 pub use sign::{VerifyError, sign, verify};
+pub(crate) use sign::{is_standard_base64, key_len};
 pub use transport::{Answer, Transport};
 
 /// The seed's body (`idx`, `status`, `output_key`, `preview_key`, `error`) extended with every output, every mask

@@ -20,6 +20,12 @@ fn key_bytes(secret: &str) -> Vec<u8> {
     secret.as_bytes().to_vec()
 }
 
+/// Whether `encoded` is standard base64 with its padding: what `key_bytes` decodes (checked at startup, where
+/// anything else is refused).
+pub fn is_standard_base64(encoded: &str) -> bool {
+    B64.decode(encoded).is_ok()
+}
+
 /// Length of the HMAC key `secret` gives (0 for `whsec_` followed by base64 of nothing): checked at startup.
 pub fn key_len(secret: &str) -> usize {
     key_bytes(secret).len()

@@ -80,10 +80,30 @@ impl CallbackArgs {
     }
 }
 
-/// The HMAC key must not be empty: `whsec_` followed by nothing (or by base64 of nothing) would sign with an empty
-/// key, which anyone can forge.
+/// The secret goes out as a header and keys the HMAC, so: a valid header value with nothing around it (a secret
+/// file mounted from a Secret often ends with a newline, which no request can carry: every callback failed, found
+/// only at the first delivery); after `whsec_`, standard padded base64 (else it signed with the raw bytes, where
+/// Standard Webhooks verifiers decode another key or refuse it); a key that is not empty (`whsec_` followed by
+/// nothing would sign with an empty key, which anyone can forge).
 fn check_secret_key(secret: &Secret) -> Result<(), ConfigError> {
-    if crate::callback::key_len(secret.expose()) == 0 {
+    let raw = secret.expose();
+    if raw.trim() != raw || http::HeaderValue::from_str(raw).is_err() {
+        return Err(ConfigError::invalid(
+            "GPU_CALLBACK_SECRET",
+            "<redacted>".to_string(),
+            "it has surrounding whitespace (a trailing newline from a file?) or a character a header cannot carry",
+        ));
+    }
+    if let Some(encoded) = raw.strip_prefix("whsec_")
+        && !crate::callback::is_standard_base64(encoded)
+    {
+        return Err(ConfigError::invalid(
+            "GPU_CALLBACK_SECRET",
+            "<redacted>".to_string(),
+            "whsec_ must be followed by standard padded base64 of the key, as Standard Webhooks secrets are",
+        ));
+    }
+    if crate::callback::key_len(raw) == 0 {
         return Err(ConfigError::invalid(
             "GPU_CALLBACK_SECRET",
             "<redacted>".to_string(),
@@ -199,11 +219,35 @@ mod tests {
         a.gpu_callback_secret = Some("whsec_".into());
         let err = a.settings().unwrap_err();
         assert!(format!("{err:?}").contains("HMAC key is empty"), "{err:?}");
-        // A whsec_ secret that is not base64 signs with its own bytes, as before.
-        for own_bytes in ["whsec_=", "whsec_not base64!"] {
+    }
+
+    #[test]
+    fn a_secret_a_header_cannot_carry_or_a_whsec_key_that_is_not_base64_is_refused() {
+        for (secret, reason) in [
+            ("s3cret-from-a-file\n", "surrounding whitespace"),
+            ("s3cret\r\n", "surrounding whitespace"),
+            (" s3cret", "surrounding whitespace"),
+            ("s3c\u{7f}ret", "a header cannot carry"),
+            // 32 bytes of base64 without its padding: verifiers disagree on what key it is.
+            (
+                "whsec_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",
+                "padded base64",
+            ),
+            ("whsec_=", "padded base64"),
+            ("whsec_not base64!", "padded base64"),
+        ] {
             let mut a = args("https://api.example.invalid", false);
-            a.gpu_callback_secret = Some(own_bytes.into());
-            assert!(a.settings().is_ok(), "{own_bytes}");
+            a.gpu_callback_secret = Some(secret.into());
+            let err = a.settings().unwrap_err();
+            assert!(format!("{err:?}").contains(reason), "{secret:?}: {err:?}");
+        }
+        for fine in [
+            "s3cret with inner spaces",
+            "whsec_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        ] {
+            let mut a = args("https://api.example.invalid", false);
+            a.gpu_callback_secret = Some(fine.into());
+            assert!(a.settings().is_ok(), "{fine}");
         }
     }
 }
