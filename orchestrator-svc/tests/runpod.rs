@@ -257,6 +257,18 @@ async fn runpod_worker_runs_the_seed_job_and_survives_a_malformed_one() {
             item["previewKey"],
             format!("previews/test-user/test-job/{idx}_preview.jpg")
         );
+        for mask in item["masks"].as_array().unwrap() {
+            // Placed as the callbacks place it (docs/orchestrator.md): inside the photo, on a known layout.
+            let n = |name: &str| {
+                mask[name]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{name} in {mask}"))
+            };
+            assert!(n("imageWidth") > 0 && n("imageHeight") > 0, "{mask}");
+            assert!(n("x") + n("width") <= n("imageWidth"), "{mask}");
+            assert!(n("y") + n("height") <= n("imageHeight"), "{mask}");
+            let _ = (n("gridWidth"), n("gridHeight"));
+        }
         let masks: Vec<&str> = item["masks"]
             .as_array()
             .unwrap()

@@ -32,8 +32,13 @@ fn item_json(item: &Item) -> Json {
         "outputKey": item.output_key,
         "outputs": item.outputs.iter().map(|o| json!({"ruleId": o.rule_id, "outputKey": o.output_key})).collect::<Vec<_>>(),
         "previewKey": item.preview_key,
+        // What the item callbacks say of each mask: where it is non-zero on the photo and the stored layout, so a
+        // caller can place it without reading the PNG.
         "masks": item.masks.iter().map(|m| json!({
             "concept": m.concept, "instance": m.instance, "key": m.key, "score": m.score,
+            "x": m.x, "y": m.y, "width": m.width, "height": m.height,
+            "imageWidth": m.image_width, "imageHeight": m.image_height,
+            "gridWidth": m.grid_width, "gridHeight": m.grid_height,
         })).collect::<Vec<_>>(),
         "error": item.error,
         "errorCode": item.error_code,
