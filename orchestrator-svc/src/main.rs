@@ -1,4 +1,3 @@
-use clap::Parser;
 use orchestrator_svc::{Config, run, telemetry};
 use palette_service_kit::{healthcheck, shutdown};
 
@@ -18,7 +17,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // Rust's allocations go to jemalloc (`orchestrator_svc::allocator`); glibc still serves the C libraries'.
     telemetry::fix_mmap_threshold();
-    let config = Config::parse();
+    let config = Config::from_env();
     let traces = telemetry::init_from_env(&config.log_level)?;
     let listener = tokio::net::TcpListener::bind(config.grpc_addr).await?;
     let result = run(config, listener, shutdown::signal()).await;

@@ -99,8 +99,9 @@ pub struct Config {
     /// Prometheus scrape address (`/metrics`). Default 0.0.0.0:9092; empty turns the exporter off.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9092")]
     pub metrics_addr: String,
-    /// Job intake adapter: grpc (default) | runpod (also a Runpod serverless queue worker; needs the RUNPOD_*
-    /// variables) | queue_pull (also takes jobs from a NATS JetStream work queue; needs NATS_URL).
+    /// Job intake adapter: grpc (default; runpod when unset inside a Runpod serverless worker, i.e. with
+    /// RUNPOD_WEBHOOK_GET_JOB set, as the seed defaulted to) | runpod (also a Runpod serverless queue worker; needs
+    /// the RUNPOD_* variables) | queue_pull (also takes jobs from a NATS JetStream work queue; needs NATS_URL).
     #[arg(
         long,
         env = "ADAPTER",
@@ -153,7 +154,35 @@ pub const TEST_OVERRIDES: &[&str] = &[
     "job_store",
 ];
 
+/// ADAPTER as given; when it is not given, runpod inside a Runpod serverless worker (`Config::from_env`).
+fn seed_adapter(matches: &ArgMatches, config: &Config) -> Adapter {
+    let given = matches
+        .value_source("adapter")
+        .is_some_and(|source| source != clap::parser::ValueSource::DefaultValue);
+    let in_runpod = config
+        .runpod
+        .runpod_webhook_get_job
+        .as_deref()
+        .is_some_and(|url| !url.trim().is_empty());
+    if !given && in_runpod {
+        Adapter::Runpod
+    } else {
+        config.adapter
+    }
+}
+
 impl Config {
+    /// The configuration from the command line and environment (what `main` runs with). As the seed's worker, whose
+    /// ADAPTER defaulted to runpod: with ADAPTER unset and RUNPOD_WEBHOOK_GET_JOB set (Runpod sets it in every
+    /// serverless worker) the adapter is runpod, so a seed deployment relying on that default takes its jobs
+    /// instead of starting as a gRPC server nobody calls while Runpod's queue waits.
+    pub fn from_env() -> Self {
+        let matches = Config::command().get_matches();
+        let mut config = Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        config.adapter = seed_adapter(&matches, &config);
+        config
+    }
+
     /// Every flag at its default, whatever the environment says.
     pub fn defaults() -> Self {
         let command = Config::command().mut_args(|arg| arg.env(None::<&str>));
@@ -219,6 +248,30 @@ mod tests {
         assert!(parse("1000000000").is_ok());
         assert!(parse("1000000001").is_err());
         assert!(parse("0").is_err());
+    }
+
+    #[test]
+    fn adapter_defaults_to_runpod_inside_a_runpod_worker_as_the_seeds_did() {
+        let adapter = |args: &[&str]| {
+            let matches = Config::command()
+                .mut_args(|arg| arg.env(None::<&str>))
+                .try_get_matches_from(args)
+                .unwrap();
+            let config = Config::from_arg_matches(&matches).unwrap();
+            seed_adapter(&matches, &config)
+        };
+        let take = "--runpod-webhook-get-job=https://api.runpod.ai/v2/x/job-take/$ID";
+        assert_eq!(adapter(&["x"]), Adapter::Grpc);
+        assert_eq!(adapter(&["x", take]), Adapter::Runpod);
+        assert_eq!(
+            adapter(&["x", take, "--adapter", "grpc"]),
+            Adapter::Grpc,
+            "given wins"
+        );
+        assert_eq!(
+            adapter(&["x", "--adapter", "queue_pull"]),
+            Adapter::QueuePull
+        );
     }
 
     #[test]
