@@ -11,7 +11,7 @@ use common::orchestrator::{
 };
 use orchestrator_svc::storage::ObjectStore;
 use palette_proto::orchestrator::v1::{
-    EditJobRequest, GetJobRequest, ItemState, Job, JobSpec, JobState, Rule,
+    EditJobRequest, GetJobRequest, ItemState, Job, JobSpec, JobState, PreviewEditRequest, Rule,
 };
 use palette_testing::status::violated_fields;
 use tonic::Code;
@@ -246,4 +246,49 @@ async fn a_deleted_mask_fails_its_photo_naming_the_key() {
         .unwrap()
         .into_inner();
     assert_eq!(got.source_job_id, "room");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_photo_replaced_after_its_masks_were_stored_is_not_edited_with_them() {
+    // A job id used again for a new photo whose item then failed before storing masks leaves the old masks next to
+    // the new photo; so does an upload over inputs/. Both look like this: same key, same size, other bytes.
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    finished_source(&mut orch, "room").await;
+    let other = {
+        let img = image::RgbImage::from_fn(48, 32, |x, _| image::Rgb([(x * 5) as u8, 40, 200]));
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+            .encode_image(&img)
+            .unwrap();
+        out
+    };
+    orch.put_input(SEED_USER, "room", 1, other).await;
+
+    orch.client
+        .edit_job(edit("e", "room", vec![paint("p", "wall", "#334455")]))
+        .await
+        .unwrap();
+    let job = orch.wait_for("e", is_terminal).await;
+    assert_eq!(job.items[0].state, ItemState::Completed as i32, "{job:?}");
+    let failed = &job.items[1];
+    assert_eq!(failed.state, ItemState::Failed as i32, "{failed:?}");
+    assert_eq!(failed.error_code, "source_missing");
+    assert!(failed.error.contains("not the one"), "{}", failed.error);
+
+    let preview = PreviewEditRequest {
+        user_id: SEED_USER.into(),
+        job_id: "room".into(),
+        idx: 1,
+        rules: vec![paint("p", "wall", "#334455")],
+        preset: String::new(),
+        max_side: 64,
+        format: String::new(),
+    };
+    let err = orch.client.preview_edit(preview.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("not the one"), "{err:?}");
+    // Photo 0 is the one its masks came from.
+    let fine = PreviewEditRequest { idx: 0, ..preview };
+    orch.client.preview_edit(fine).await.unwrap();
 }

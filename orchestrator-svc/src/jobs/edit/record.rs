@@ -54,6 +54,20 @@ pub struct StoredMask {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MasksRecord {
     pub masks: Vec<StoredMask>,
+    /// SHA-256 (hex) of the photo's bytes the masks were computed from. An edit or preview checks the photo it
+    /// reads against it: a job id used again for a new photo whose item then failed before its masks were
+    /// stored leaves the old record next to the new photo, and an upload over `inputs/` does the same. Records
+    /// from before it have none (not checked).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub input_sha256: String,
+}
+
+impl MasksRecord {
+    /// Whether these masks were computed from the photo whose bytes hash to `sha256` (records without the hash:
+    /// assumed so, as before).
+    pub fn is_of(&self, sha256: &[u8; 32]) -> bool {
+        self.input_sha256.is_empty() || self.input_sha256 == hex::encode(sha256)
+    }
 }
 
 /// Why a record could not be had.
@@ -131,9 +145,11 @@ pub async fn write_masks(
     plan: &JobPlan,
     idx: u32,
     masks: &[MaskKey],
+    input_sha256: &[u8; 32],
 ) -> Result<(), StorageError> {
     let record = MasksRecord {
         masks: masks.iter().map(StoredMask::from).collect(),
+        input_sha256: hex::encode(input_sha256),
     };
     let key = keys::masks_record(&plan.user_id, &plan.job_id, idx);
     put_json(store, &key, &record).await

@@ -42,6 +42,12 @@ pub enum ItemError {
         "no stored masks for this photo ({key}): its item in the source job did not complete, or ran before edits were recorded"
     )]
     EditSourceMissing { key: String },
+    /// An edit's photo is not the one its stored masks were computed from (a job id used again for a new photo
+    /// whose item failed before storing masks, or a new upload over the input).
+    #[error(
+        "photo {key} is not the one its stored masks were computed from (uploaded again since?): run a job on it to segment it again"
+    )]
+    EditSourceChanged { key: String },
     /// A mask the source job stored is gone (deleted) or unusable.
     #[error("stored mask {key}: {reason}")]
     StoredMask { key: String, reason: String },
@@ -85,7 +91,9 @@ impl ItemError {
                 | StorageError::TooLarge { .. },
             ) => "internal",
             ItemError::Rule { .. } | ItemError::Swatch { .. } => "rule_failed",
-            ItemError::EditSourceMissing { .. } => "source_missing",
+            ItemError::EditSourceMissing { .. } | ItemError::EditSourceChanged { .. } => {
+                "source_missing"
+            }
             ItemError::StoredMask { .. } => "mask_missing",
             ItemError::Cancelled => "cancelled",
             ItemError::Encode { .. } | ItemError::Worker(_) => "internal",

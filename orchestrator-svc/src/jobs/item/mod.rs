@@ -22,6 +22,7 @@ use bytes::Bytes;
 use palette_proto::orchestrator::v1::{MaskKey, RuleOutput};
 use palette_rules::guide_stats::GuideCache;
 use palette_rules::{GrayImage, RgbImage};
+use sha2::{Digest, Sha256};
 
 pub use admission::PixelBudget;
 pub use error::ItemError;
@@ -170,16 +171,18 @@ impl ItemRunner {
         );
         stage.finish();
 
+        // The photo's fingerprint: keys reused masks, and ties stored masks to the photo they were computed from.
+        let sha: [u8; 32] = Sha256::digest(&bytes).into();
         let (masks, full_masks, masks_reused) = if plan.source.is_some() {
             // An edit: the source job's stored masks, no segmenter.
             drop(bytes);
             let stage = Stage::start("stored_masks");
-            let (masks, full) = self.stored_masks(plan, idx, &photo).await?;
+            let (masks, full) = self.stored_masks(plan, idx, &photo, &sha).await?;
             stage.finish();
             (masks, full, true)
         } else {
             let stage = Stage::start("segment");
-            let segmented = self.segment(plan, &bytes, &photo, idx).await?;
+            let segmented = self.segment(plan, &bytes, &sha, &photo, idx).await?;
             drop(bytes);
             stage.finish();
 
@@ -188,7 +191,7 @@ impl ItemRunner {
                 .store_masks(plan, idx, &segmented.concepts, &photo)
                 .await?;
             // What an edit of this photo reads back (`jobs::edit::record`).
-            edit_record::write_masks(&self.store, plan, idx, &masks).await?;
+            edit_record::write_masks(&self.store, plan, idx, &masks, &sha).await?;
             stage.finish();
             (masks, full, segmented.reused)
         };

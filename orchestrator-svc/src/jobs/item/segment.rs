@@ -7,7 +7,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use palette_proto::segmenter::v1::image::Source;
 use palette_rules::RgbImage;
-use sha2::{Digest, Sha256};
 
 use super::ItemRunner;
 use super::error::ItemError;
@@ -28,12 +27,13 @@ impl ItemRunner {
         &self,
         plan: &JobPlan,
         bytes: &Bytes,
+        sha: &[u8; 32],
         photo: &Arc<RgbImage>,
         idx: u32,
     ) -> Result<Segmented, ItemError> {
         let model = self.segmenter.model().await?;
         let model_id = model.model_id;
-        let sha: [u8; 32] = Sha256::digest(bytes).into();
+        let sha = *sha;
         let key = |concept: &str, model_id: &str| MaskCacheKey {
             input_sha256: sha,
             model_id: model_id.to_string(),

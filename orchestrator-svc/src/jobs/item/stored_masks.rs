@@ -27,8 +27,16 @@ impl ItemRunner {
         plan: &JobPlan,
         idx: u32,
         photo: &Arc<RgbImage>,
+        photo_sha256: &[u8; 32],
     ) -> Result<(Vec<MaskKey>, HashMap<String, GrayImage>), ItemError> {
         let stored = read_record(&self.store, &plan.user_id, plan.photos_job_id(), idx).await?;
+        same_photo(
+            &stored,
+            photo_sha256,
+            &plan.user_id,
+            plan.photos_job_id(),
+            idx,
+        )?;
         let mut unions = HashMap::new();
         for concept in plan.concepts_used_by_rules() {
             let union = union_of(
@@ -61,6 +69,24 @@ pub(in crate::jobs) async fn read_record(
             RecordError::Unreadable { key, reason } => ItemError::StoredMask { key, reason },
             RecordError::Storage(e) => ItemError::Storage(e),
         })
+}
+
+/// The stored masks were computed from this photo (`MasksRecord::input_sha256`): masks of another photo of the same
+/// size would otherwise pass every other check and paint the wrong wall.
+pub(in crate::jobs) fn same_photo(
+    stored: &MasksRecord,
+    photo_sha256: &[u8; 32],
+    user_id: &str,
+    photos_job_id: &str,
+    idx: u32,
+) -> Result<(), ItemError> {
+    if stored.is_of(photo_sha256) {
+        Ok(())
+    } else {
+        Err(ItemError::EditSourceChanged {
+            key: crate::keys::input(user_id, photos_job_id, idx),
+        })
+    }
 }
 
 /// Stored crops fetched at once: object storage answers each GET in tens of milliseconds (R2), so a concept's

@@ -15,8 +15,8 @@ pub enum Cached {
     /// A job's photos record and when it was read (it is read again after `PHOTOS_RECORD_TTL`).
     Photos(Arc<PhotosRecord>, tokio::time::Instant),
     Masks(Arc<MasksRecord>),
-    /// The photo at preview size, and its full size.
-    Photo(Arc<RgbImage>, (u32, u32)),
+    /// The photo at preview size, its full size, and the SHA-256 of its bytes (checked against the masks record).
+    Photo(Arc<RgbImage>, (u32, u32), [u8; 32]),
     /// A concept's union mask, or a rule's refined region, at preview size.
     Plane(Arc<GrayImage>),
     Swatch(Arc<RgbImage>),
@@ -29,7 +29,7 @@ impl Weigh for Cached {
             + match self {
                 Cached::Photos(r, _) => r.concepts.iter().map(|c| c.len() + 24).sum::<usize>(),
                 Cached::Masks(r) => r.masks.iter().map(|m| m.key.len() + 96).sum(),
-                Cached::Photo(p, _) | Cached::Swatch(p) => p.as_raw().len(),
+                Cached::Photo(p, ..) | Cached::Swatch(p) => p.as_raw().len(),
                 Cached::Plane(p) => p.as_raw().len(),
             }
     }

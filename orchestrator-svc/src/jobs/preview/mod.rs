@@ -18,11 +18,12 @@ use bytes::Bytes;
 use palette_proto::orchestrator::v1::{EditJobRequest, PreviewEditRequest, PreviewEditResponse};
 use palette_rules::preset::Preset;
 use palette_rules::{GrayImage, RgbImage};
+use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use super::edit::{self, record};
 use super::item::admission::item_pixels;
-use super::item::stored_masks::{read_record, union_of};
+use super::item::stored_masks::{read_record, same_photo, union_of};
 use super::item::{InputLimits, ItemError, PixelBudget, blocking, imaging};
 use super::stage::Stage;
 use super::validate::{JobLimits, PlannedRule, Violations};
@@ -205,7 +206,10 @@ impl PreviewService {
                 Ok(None)
             }
         });
-        let ((photo, full_size), record) = (photo?, record?);
+        let ((photo, full_size, photo_sha256), record) = (photo?, record?);
+        if let Some(stored) = &record {
+            same_photo(stored, &photo_sha256, at.user_id, at.photos_job_id, at.idx)?;
+        }
         let preview_size = photo.dimensions();
         let mut masks = BTreeMap::new();
         for &concept in concepts {
@@ -264,10 +268,13 @@ impl PreviewService {
         })
     }
 
-    async fn photo(&self, at: &PhotoRef<'_>) -> Result<(Arc<RgbImage>, (u32, u32)), ItemError> {
+    async fn photo(
+        &self,
+        at: &PhotoRef<'_>,
+    ) -> Result<(Arc<RgbImage>, (u32, u32), [u8; 32]), ItemError> {
         let key = format!("{}|p", at.prefix());
-        if let Some(Cached::Photo(p, full)) = self.cache.get(&key) {
-            return Ok((p, full));
+        if let Some(Cached::Photo(p, full, sha)) = self.cache.get(&key) {
+            return Ok((p, full, sha));
         }
         let stage = Stage::preview("photo");
         let input = keys::input(at.user_id, at.photos_job_id, at.idx);
@@ -277,18 +284,20 @@ impl PreviewService {
             .await?;
         let (max_pixels, max_side) = (self.inputs.max_pixels, at.max_side);
         let admitted = self.budget.admit(imaging::pixel_count(&bytes)).await;
-        let (photo, full) = admitted
+        let (photo, full, sha) = admitted
             .hold_while(blocking(move || {
+                let sha: [u8; 32] = Sha256::digest(&bytes).into();
                 let full = imaging::decode_upright(&bytes, max_pixels)?;
                 let size = full.dimensions();
                 let small = render::downscale_rgb(&full, render::preview_size(size, max_side));
-                Ok((small, size))
+                Ok((small, size, sha))
             }))
             .await?;
         let photo = Arc::new(photo);
-        self.cache.insert(key, Cached::Photo(photo.clone(), full));
+        self.cache
+            .insert(key, Cached::Photo(photo.clone(), full, sha));
         stage.finish();
-        Ok((photo, full))
+        Ok((photo, full, sha))
     }
 
     async fn masks_record(&self, at: &PhotoRef<'_>) -> Result<Arc<record::MasksRecord>, ItemError> {
