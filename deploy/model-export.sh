@@ -14,6 +14,10 @@
 #   HF_TOKEN          token with access to it; or HF_TOKEN_FILE (default /run/secrets/hf_token) holding it
 #   EXPORT_ARGS       extra arguments for export_sam3.py (e.g. "--revision <sha> --fp16"), split on spaces
 #   FORCE_EXPORT      1: export even when a model is already there (an upgrade)
+#   EXPORT_PARITY     1: before switching, also run the exporter's PyTorch-vs-ONNX Runtime parity check on one
+#                     generated photo (make_test_images.py) with three concepts; a disagreement keeps the current
+#                     model. Costly on CPU (measured on 2 busy cores: ~40 min and ~17 GB for two photos at full size;
+#                     the export alone ~4 min), so off by default: run it once per new revision or precision.
 set -eu
 
 MODEL_CACHE_DIR="${MODEL_CACHE_DIR:-/models}"
@@ -22,7 +26,9 @@ SAM3_SOURCE_MODEL="${SAM3_SOURCE_MODEL:-facebook/sam3}"
 HF_TOKEN_FILE="${HF_TOKEN_FILE:-/run/secrets/hf_token}"
 EXPORT_ARGS="${EXPORT_ARGS:-}"
 FORCE_EXPORT="${FORCE_EXPORT:-0}"
+EXPORT_PARITY="${EXPORT_PARITY:-0}"
 EXPORTER="${EXPORTER:-/opt/export/export_sam3.py}"
+TEST_IMAGES="${TEST_IMAGES:-$(dirname "$EXPORTER")/make_test_images.py}"
 
 log() { printf '%s model-export: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
 
@@ -81,12 +87,20 @@ if command -v flock >/dev/null 2>&1; then
         fi
     fi
 fi
-rm -rf "$partial"
-trap 'rm -rf "$partial"' EXIT INT TERM
+checks="$parent/.$name-$stamp.parity"
+rm -rf "$partial" "$checks"
+trap 'rm -rf "$partial" "$checks"' EXIT INT TERM
 
-log "exporting $SAM3_SOURCE_MODEL to $target"
+set --
+if [ "$EXPORT_PARITY" = "1" ]; then
+    python "$TEST_IMAGES" --out "$checks/images"
+    set -- --parity-out "$checks/out" --images "$checks/images/room_640x480.jpg" --concepts wall floor sofa
+    log "exporting $SAM3_SOURCE_MODEL to $target, then checking it against PyTorch (EXPORT_PARITY=1)"
+else
+    log "exporting $SAM3_SOURCE_MODEL to $target"
+fi
 # shellcheck disable=SC2086 # EXPORT_ARGS is a list of arguments on purpose
-python "$EXPORTER" --model "$SAM3_SOURCE_MODEL" --out "$partial" $EXPORT_ARGS
+python "$EXPORTER" --model "$SAM3_SOURCE_MODEL" --out "$partial" $EXPORT_ARGS "$@"
 
 for f in vision.onnx text.onnx decoder.onnx tokenizer.json manifest.json; do
     if [ ! -s "$partial/$f" ]; then
@@ -95,6 +109,7 @@ for f in vision.onnx text.onnx decoder.onnx tokenizer.json manifest.json; do
     fi
 done
 mv "$partial" "$target"
+rm -rf "$checks"
 trap - EXIT INT TERM
 
 if [ -e "$MODEL_DIR" ] && [ ! -L "$MODEL_DIR" ]; then

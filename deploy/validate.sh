@@ -226,6 +226,18 @@ for f in ("vision.onnx", "text.onnx", "decoder.onnx", "tokenizer.json"):
 graphs = {g: {"file": f"{g}.onnx"} for g in ("vision", "text", "decoder")}
 if "--broken" not in args:
     (out / "manifest.json").write_text(json.dumps({"tokenizer": {"file": "tokenizer.json"}, "graphs": graphs}))
+if "--parity-out" in args:
+    image = pathlib.Path(args[args.index("--images") + 1])
+    assert image.is_file(), image
+    (out / "parity-checked").write_text(image.name)
+    if "--parity-fail" in args:
+        sys.exit(1)
+PY
+  cat >"$t/make_test_images.py" <<'PY'
+import pathlib, sys
+out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
+out.mkdir(parents=True)
+(out / "room_640x480.jpg").write_bytes(b"jpeg")
 PY
   export EXPORTER="$t/stub.py" MODEL_CACHE_DIR="$t/models" HF_TOKEN_FILE="$t/none"
   HF_TOKEN="" deploy/model-export.sh 2>/dev/null && rc=0 || rc=$?
@@ -252,8 +264,19 @@ PY
   local leftover=("$t"/models/.*.partial)
   [[ ! -e "${leftover[0]}" ]] || { echo "a .partial folder was left behind"; return 1; }
   [[ -f "$t/models/sam3/manifest.json" ]] || { echo "a failed upgrade must keep the current model"; return 1; }
+  # EXPORT_PARITY=1: the exporter also gets a generated photo to check against PyTorch; a disagreement keeps the
+  # current model, and neither outcome leaves the check's folder behind.
+  first="$(readlink "$t/models/sam3")"
+  sleep 1
+  HF_TOKEN=x FORCE_EXPORT=1 EXPORT_PARITY=1 EXPORT_ARGS="--parity-fail" deploy/model-export.sh 2>/dev/null && rc=0 || rc=$?
+  [[ $rc == 1 && "$(readlink "$t/models/sam3")" == "$first" ]] || { echo "failed parity: expected exit 1, model kept"; return 1; }
+  sleep 1
+  HF_TOKEN=x FORCE_EXPORT=1 EXPORT_PARITY=1 deploy/model-export.sh
+  [[ "$(cat "$t/models/sam3/parity-checked")" == room_640x480.jpg ]] || { echo "EXPORT_PARITY=1 ran no parity check"; return 1; }
+  leftover=("$t"/models/.*.parity)
+  [[ ! -e "${leftover[0]}" ]] || { echo "a .parity folder was left behind"; return 1; }
   unset EXPORTER MODEL_CACHE_DIR HF_TOKEN_FILE
-  echo "model-export.sh: skip-when-present, atomic switch, rollback copy, failure paths: ok"
+  echo "model-export.sh: skip-when-present, atomic switch, rollback copy, failure paths, opt-in parity: ok"
 }
 
 step_docs() {
