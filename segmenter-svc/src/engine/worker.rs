@@ -217,7 +217,9 @@ impl Worker {
         }
     }
 
-    /// Runs a batch; a run error fails the batch, then a probe decides whether the provider itself is broken.
+    /// Runs a batch. After a run error a probe decides whether the provider itself is broken, before the batch is
+    /// answered: then its requests get UNAVAILABLE (a client retries them on another replica) and health turns
+    /// NOT_SERVING; otherwise it was these requests, answered INTERNAL.
     fn process(&mut self, batch: Vec<Job>) {
         let now = Instant::now();
         let mut live = Vec::with_capacity(batch.len());
@@ -243,14 +245,20 @@ impl Worker {
             }
             Err(e) => {
                 tracing::error!(error = %e, images = live.len(), "inference run failed");
-                for job in live {
-                    answer(job, Err(Error::Inference(e.to_string())));
-                }
-                if let Err(probe) = self.probe() {
-                    tracing::error!(error = %probe, "health probe failed after a run error: NOT_SERVING");
-                    self.health.send_replace(Health::Failed(format!(
-                        "execution provider failed: {probe}"
-                    )));
+                match self.probe() {
+                    Ok(()) => {
+                        for job in live {
+                            answer(job, Err(Error::Inference(e.to_string())));
+                        }
+                    }
+                    Err(probe) => {
+                        tracing::error!(error = %probe, "health probe failed after a run error: NOT_SERVING");
+                        let reason = format!("execution provider failed: {probe}");
+                        self.health.send_replace(Health::Failed(reason.clone()));
+                        for job in live {
+                            answer(job, Err(Error::NotServing(reason.clone())));
+                        }
+                    }
                 }
             }
         }
