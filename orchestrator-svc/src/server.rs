@@ -234,7 +234,7 @@ pub async fn run(
         );
     }
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (health, health_service) = palette_service_kit::health::reporter();
     health.set_serving::<JobsServer<JobsApi>>().await;
     let api = JobsApi::new(service.clone());
     let jobs = JobsServer::new(api.clone())

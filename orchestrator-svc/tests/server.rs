@@ -223,3 +223,32 @@ fn help_does_not_print_secret_settings() {
         );
     }
 }
+
+/// A client watching health on the API port (client-side health checking) does not hold the drain: its stream
+/// says NOT_SERVING and ends, and the server stops long before its grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_health_watch_ends_at_shutdown_instead_of_holding_the_drain() {
+    let segmenter = common::fake_segmenter::start().await;
+    let mut orch = common::orchestrator::start(&segmenter.url, |c| c.shutdown_grace_sec = 60).await;
+    let mut watch = HealthClient::new(orch.channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    tokio::time::timeout(std::time::Duration::from_secs(20), orch.shutdown())
+        .await
+        .expect("the drain waited on the open health watch");
+    let mut statuses = Vec::new();
+    while let Ok(Some(message)) = watch.message().await {
+        statuses.push(message.status);
+    }
+    assert_eq!(
+        statuses.last(),
+        Some(&(ServingStatus::NotServing as i32)),
+        "{statuses:?}"
+    );
+}

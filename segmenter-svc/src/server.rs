@@ -62,7 +62,7 @@ async fn serve_prepared(
         .unwrap_or_else(|p| p.into_inner())
         .take();
 
-    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let (reporter, health_service) = palette_service_kit::health::reporter();
     report(&reporter, ServingStatus::NotServing).await;
     // Fired at the shutdown signal: from then on health says NOT_SERVING whatever the engine does (a warm-up that
     // ends, or a re-probe that passes, during the drain must not bring traffic back).

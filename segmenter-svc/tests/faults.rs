@@ -59,8 +59,15 @@ async fn a_broken_provider_goes_not_serving_and_recovers_by_probe() {
     let err = client.segment(req()).await.unwrap_err();
     // The request that hit the fault: UNAVAILABLE, which a client retries on another replica (the fault is this
     // replica's, not the request's).
-    assert_eq!(err.code(), Code::Unavailable, "the request that hit the fault: {err:?}");
-    assert!(err.message().contains("execution provider failed"), "{err:?}");
+    assert_eq!(
+        err.code(),
+        Code::Unavailable,
+        "the request that hit the fault: {err:?}"
+    );
+    assert!(
+        err.message().contains("execution provider failed"),
+        "{err:?}"
+    );
     wait_health(&server, NOT_SERVING).await;
     // Refused at admission now, with the reason, instead of queueing work on a broken device.
     let err = client.segment(req()).await.unwrap_err();

@@ -8,6 +8,7 @@
 
 pub mod args;
 pub mod auth;
+pub mod health;
 pub mod healthcheck;
 pub mod secret;
 pub mod server;

@@ -10,10 +10,12 @@ use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
-use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::HealthService;
 
 use crate::args::ServeArgs;
 use crate::auth::{AuthError, AuthLayer, Authenticator};
+use crate::health::EndingHealth;
 use crate::tls::{self, ServerMode, TlsError};
 
 /// Why serving could not be set up; each names the variable to fix.
@@ -102,14 +104,21 @@ impl Serving {
     }
 
     /// Serves `api` plus health (and reflection) on `listener` until `shutdown` resolves and the connections close;
-    /// the health-only listener, if any, stops with it.
-    pub async fn serve<H: Health>(
+    /// the health-only listener, if any, stops with it. `health` (from `health::reporter`) is served with its Watch
+    /// streams ending when `shutdown` resolves (`health::EndingHealth`).
+    pub async fn serve(
         self,
-        health: HealthServer<H>,
+        health: HealthService,
         api: Routes,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), tonic::transport::Error> {
+        let (stopping, stopped) = tokio::sync::watch::channel(false);
+        let shutdown = async move {
+            shutdown.await;
+            stopping.send_replace(true);
+        };
+        let health = HealthServer::new(EndingHealth::new(health, stopped));
         let mut routes = api.add_service(health.clone());
         if let Some(add_reflection) = self.reflection {
             routes = add_reflection(routes);
