@@ -265,7 +265,7 @@ impl JobService {
         match self.fetch_recorded(cluster, key).await {
             Ok(Some(job)) => Ok(job),
             Ok(None) => found,
-            Err(e) => Err(ApiError::StoreUnavailable(e.into())),
+            Err(e) => Err(e.into_api()),
         }
     }
 

@@ -10,6 +10,10 @@ use super::job::{ItemOutcome, JobHandle, is_terminal};
 use super::store::{self, JobRecord, StoreError, StoredJob};
 use super::validate::{self, JobPlan};
 
+/// `Item.error_code` of the items of a recorded job that cannot run here (its spec no longer plans, or its record
+/// does not decode).
+pub(in crate::jobs) const JOB_NOT_RESUMABLE: &str = "job_not_resumable";
+
 /// What `JobService::resume` found, for the log and for tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Resumed {
@@ -104,7 +108,7 @@ impl JobService {
             tracing::error!(job_id = %record.job_id, reason = %why, "stored job cannot run again; its open items fail");
             for idx in 0..job.plan.image_count {
                 let outcome = ItemOutcome::Failed {
-                    code: "job_not_resumable",
+                    code: JOB_NOT_RESUMABLE,
                     message: format!(
                         "the orchestrator restarted and cannot run this job again: {why}; submit it again under a new job id"
                     ),

@@ -159,6 +159,8 @@ impl JobService {
 }
 
 /// The job's recorded items (terminal records, and claims of the items running on some replica) read into `job`.
+/// One that does not decode is left out of the view (as the watch leaves it), not made the whole job's error: the
+/// job itself is readable, and its other items are.
 async fn read_items(
     cluster: &Cluster,
     job: &JobHandle,
@@ -166,10 +168,28 @@ async fn read_items(
     image_count: u32,
 ) -> Result<(), StoreError> {
     for idx in 0..image_count.min(job.plan.image_count) {
-        if let Some(item) = cluster.store().item(record_key, idx).await? {
-            job.apply_record(idx, item);
-        } else if cluster.store().claim_of(record_key, idx).await?.is_some() {
-            job.show_running(idx);
+        let read = match cluster.store().item(record_key, idx).await {
+            Ok(Some(item)) => {
+                job.apply_record(idx, item);
+                continue;
+            }
+            Ok(None) => cluster
+                .store()
+                .claim_of(record_key, idx)
+                .await
+                .map(|c| c.is_some()),
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(claimed) => {
+                if claimed {
+                    job.show_running(idx);
+                }
+            }
+            Err(e @ StoreError::Corrupt { .. }) => {
+                tracing::warn!(job_id = %record_key.job_id, idx, error = %Report(&e), "unreadable item record ignored");
+            }
+            Err(e @ StoreError::Unavailable(_)) => return Err(e),
         }
     }
     Ok(())

@@ -11,6 +11,8 @@
 
 mod mirror;
 mod orphans;
+mod patience;
+mod unrunnable;
 mod work;
 
 use std::sync::Arc;

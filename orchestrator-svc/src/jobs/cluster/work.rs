@@ -17,7 +17,8 @@ use futures::StreamExt;
 use palette_proto::orchestrator::v1::CallbackState;
 use tokio_util::sync::CancellationToken;
 
-use super::{Cluster, ItemTask};
+use super::patience::{RETRY_PAUSE, Unread, patiently};
+use super::{Cluster, ItemTask, unrunnable};
 use crate::error::Report;
 use crate::jobs::give_up::TOO_MANY_DELIVERIES;
 use crate::jobs::job::{ItemOutcome, JobHandle};
@@ -28,8 +29,6 @@ use crate::tasks::spawn_tracked;
 
 /// How long one fetch waits for a task before asking again.
 const FETCH_WAIT: Duration = Duration::from_secs(5);
-/// Pause after a failed fetch (NATS unreachable), and between reads of an unreachable job store.
-const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// A task whose job is not recorded: its submitter publishes the tasks before the record, so the job's tasks wait
 /// this long, from its first such task (`orphans`), for the record before they are dropped (the submission failed,
 /// and the client was told so, or got no answer).
@@ -155,14 +154,22 @@ impl JobService {
         // NATS_MAX_DELIVERIES.
         let waiting_since = tokio::time::Instant::now();
         let key = task_key(task);
-        let job = loop {
-            let Some(found) = self.patiently(task, || self.job_of(cluster, task)).await else {
-                return TaskEnd::Again(Duration::ZERO);
+        let stopping = || self.pipeline.is_stopping();
+        // `unrunnable`: why the job is recorded but cannot run here; its item then ends FAILED instead of running.
+        let (job, unrunnable) = loop {
+            let found = match patiently(task, stopping, || self.job_of(cluster, task)).await {
+                Ok(found) => found,
+                Err(Unread::Stopping) => return TaskEnd::Again(Duration::ZERO),
+                Err(Unread::Corrupt(e)) => {
+                    cluster.orphans.found(&key);
+                    let why = format!("its record does not decode here ({})", Report(&e));
+                    break (unrunnable::stand_in(task), Some(why));
+                }
             };
             match found {
                 Some(job) => {
                     cluster.orphans.found(&key);
-                    break job;
+                    break (job, None);
                 }
                 None if cluster.orphans.waited(&key) < ORPHAN_AFTER
                     || waiting_since.elapsed() < RECORD_GRACE => {}
@@ -178,12 +185,13 @@ impl JobService {
         let reporter = self.pipeline.reporter();
         let callbacks_on = reporter.callbacks_on();
         let item_job = task.job();
-        let Some(recorded) = self
-            .patiently(task, || cluster.store().item(&item_job, idx))
-            .await
-        else {
-            return TaskEnd::Again(Duration::ZERO);
-        };
+        let recorded =
+            match patiently(task, stopping, || cluster.store().item(&item_job, idx)).await {
+                Ok(recorded) => recorded,
+                Err(Unread::Stopping) => return TaskEnd::Again(Duration::ZERO),
+                // Some terminal state is recorded, if unreadable here: the item is not run again.
+                Err(Unread::Corrupt(_)) => return TaskEnd::Done,
+            };
         if let Some(recorded) = recorded {
             // Ended already: by another replica, or here before a crash; only an unsettled callback is resent.
             job.apply_record(idx, recorded.clone());
@@ -195,7 +203,10 @@ impl JobService {
             }
             return TaskEnd::Done;
         }
-        if delivered > cluster.settings().max_deliveries {
+        if let Some(why) = unrunnable {
+            tracing::error!(job_id = %task.job_id, idx, reason = %why, "recorded job cannot run here; its item fails");
+            self.end_here(&job, idx, unrunnable::outcome(&why)).await;
+        } else if delivered > cluster.settings().max_deliveries {
             let outcome = ItemOutcome::Failed {
                 code: TOO_MANY_DELIVERIES,
                 message: format!(
@@ -227,35 +238,10 @@ impl JobService {
             }
         }
         // Released only once the terminal state is recorded: a crash before that leaves the task to another replica.
-        match self
-            .patiently(task, || cluster.store().item(&item_job, idx))
-            .await
-        {
-            Some(Some(_)) => TaskEnd::Done,
-            _ => TaskEnd::Again(cluster.settings().progress_every()),
-        }
-    }
-
-    /// `read` from the job store, asked again every RETRY_PAUSE while the store is unreachable (the caller renews the
-    /// task's lease meanwhile). Putting the task back instead counted a delivery each time: an outage of the store
-    /// alone (its stream electing a leader) used up NATS_MAX_DELIVERIES within seconds, so the item failed
-    /// `too_many_deliveries` without having run, or, on the last delivery, was never delivered again and kept no end
-    /// state. None when this replica starts draining meanwhile (the task then goes back for another replica).
-    async fn patiently<T, Fut>(&self, task: &ItemTask, read: impl Fn() -> Fut) -> Option<T>
-    where
-        Fut: std::future::Future<Output = Result<T, crate::jobs::store::StoreError>>,
-    {
-        loop {
-            match read().await {
-                Ok(value) => return Some(value),
-                Err(e) => {
-                    tracing::warn!(job_id = %task.job_id, idx = task.idx, error = %Report(&e), "job store unreachable; asking again");
-                    if self.pipeline.is_stopping() {
-                        return None;
-                    }
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
-            }
+        match patiently(task, stopping, || cluster.store().item(&item_job, idx)).await {
+            // Unreadable here, but recorded all the same.
+            Ok(Some(_)) | Err(Unread::Corrupt(_)) => TaskEnd::Done,
+            Ok(None) | Err(Unread::Stopping) => TaskEnd::Again(cluster.settings().progress_every()),
         }
     }
 

@@ -66,6 +66,18 @@ impl StoreError {
     pub fn unavailable(source: impl Into<crate::error::BoxError>) -> Self {
         StoreError::Unavailable(source.into())
     }
+
+    /// As a gRPC caller sees it: only an unreachable store is worth a retry (UNAVAILABLE); a record that does not
+    /// decode (written by a newer binary, or damaged) reads the same however often it is asked (INTERNAL).
+    pub fn into_api(self) -> crate::error::ApiError {
+        use crate::error::ApiError;
+        match self {
+            StoreError::Unavailable(_) => ApiError::StoreUnavailable(self.into()),
+            StoreError::Corrupt { .. } => ApiError::Internal {
+                what: crate::error::report(&self),
+            },
+        }
+    }
 }
 
 /// Durable job state; see docs/architecture.md, "Job state", for what each call promises.
@@ -144,6 +156,17 @@ mod tests {
         assert_eq!(spec_hash(&spec("#fff")), spec_hash(&spec("#fff")));
         assert_ne!(spec_hash(&spec("#fff")), spec_hash(&spec("#000")));
         assert_eq!(spec_hash(&spec("#fff")).len(), 64);
+    }
+
+    #[test]
+    fn only_an_unreachable_store_is_worth_a_retry() {
+        let code = |e: StoreError| tonic::Status::from(e.into_api()).code();
+        let corrupt = StoreError::Corrupt {
+            key: "job.u.j".into(),
+        };
+        assert_eq!(code(corrupt), tonic::Code::Internal);
+        let down = StoreError::unavailable(std::io::Error::other("no responders"));
+        assert_eq!(code(down), tonic::Code::Unavailable);
     }
 
     fn string_value(s: &str) -> prost_types::Value {
