@@ -323,6 +323,14 @@ impl JobService {
     /// Cancels the job: recorded first (a resumed job stays cancelled), then its open items end CANCELLED.
     pub async fn cancel(&self, key: &JobKey) -> Result<Job, ApiError> {
         let job = self.find(key).await?;
+        // A job its SubmitJob call is still recording: cancelled now, the store finds no record to mark, and the
+        // record written next says not cancelled (restarted, or on the other replicas, its items run). So the
+        // cancel waits for the record; a job that ended up not recorded was never accepted.
+        if !job.recorded.wait().await {
+            return Err(ApiError::JobNotFound {
+                job_id: key.job_id.clone(),
+            });
+        }
         if let Some(cluster) = self.cluster.as_ref() {
             return self.cancel_shared(cluster, &job).await;
         }

@@ -1,0 +1,162 @@
+//! CancelJob that arrives while the SubmitJob call is still recording the job: the cancel must end up in the
+//! record (JOB_STORE=nats: the other replicas run the items of a record that says not cancelled; JOB_STORE=local: a
+//! restart does). A job store whose `create` waits for the test makes the interleaving deterministic.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use orchestrator_svc::config::SegmenterSecurity;
+use orchestrator_svc::error::ApiError;
+use orchestrator_svc::jobs::store::{
+    Created, JobRecord, JobStore, RecordKey, StoreError, StoredJob, Written,
+};
+use orchestrator_svc::jobs::{
+    InputLimits, ItemRunner, JobKey, JobLimits, JobService, Pipeline, PreviewSettings, Retention,
+};
+use orchestrator_svc::segmenter::Segmenter;
+use orchestrator_svc::storage::LocalStore;
+use palette_proto::orchestrator::v1::Item;
+use palette_service_kit::BearerToken;
+use palette_testing::orchestrator::seed_spec;
+use tokio::sync::Notify;
+
+/// Records one job; `create` returns only once `gate` is notified, failing when `fail`.
+#[derive(Debug, Default)]
+struct GatedStore {
+    entered: Notify,
+    gate: Notify,
+    fail: bool,
+    record: Mutex<Option<JobRecord>>,
+}
+
+#[async_trait]
+impl JobStore for GatedStore {
+    async fn create(&self, job: &JobRecord) -> Result<Created, StoreError> {
+        self.entered.notify_one();
+        self.gate.notified().await;
+        if self.fail {
+            return Err(StoreError::unavailable(std::io::Error::other("down")));
+        }
+        *self.record.lock().unwrap() = Some(job.clone());
+        Ok(Created::New)
+    }
+
+    async fn put_item(&self, _: &RecordKey, _: &Item) -> Result<Written, StoreError> {
+        Ok(Written::Stored)
+    }
+
+    async fn cancel(&self, job: &RecordKey) -> Result<(), StoreError> {
+        // As both stores do: no record under the key, nothing to mark.
+        if let Some(record) = self.record.lock().unwrap().as_mut()
+            && record.spec_hash == job.spec_hash
+        {
+            record.cancelled = true;
+        }
+        Ok(())
+    }
+
+    async fn load(&self) -> Result<Vec<StoredJob>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn forget(&self, _: &[RecordKey]) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+fn service(store: Arc<GatedStore>, root: &std::path::Path) -> Arc<JobService> {
+    let limits = InputLimits {
+        max_bytes: 1 << 20,
+        max_pixels: 1 << 20,
+    };
+    let security = SegmenterSecurity {
+        tls: None,
+        token: BearerToken::new(None).unwrap(),
+    };
+    // Never reached: the job's items are cancelled or never start.
+    let segmenter = Segmenter::new(
+        "http://127.0.0.1:1",
+        Duration::from_secs(1),
+        1,
+        Duration::ZERO,
+        security,
+    )
+    .unwrap();
+    let runner = ItemRunner::new(
+        Arc::new(LocalStore::new(root).unwrap()),
+        Arc::new(segmenter),
+        limits,
+        0,
+    );
+    let pipeline = Pipeline::new(runner, None, 1).with_job_store(Some(store));
+    Arc::new(JobService::new(
+        Arc::new(pipeline),
+        BTreeMap::new(),
+        JobLimits {
+            max_images: 10,
+            max_rules: 10,
+            max_concepts: 10,
+        },
+        Retention {
+            max_jobs: 10,
+            max_bytes: 1 << 30,
+        },
+        PreviewSettings {
+            cache_bytes: 1 << 20,
+            inputs: limits,
+        },
+    ))
+}
+
+/// Submits a job, cancels it while `store.create` waits, then lets `create` return; both answers.
+async fn cancel_while_recording(
+    store: Arc<GatedStore>,
+) -> (Result<(), ApiError>, Result<(), ApiError>) {
+    let dir = tempfile::tempdir().unwrap();
+    let service = service(store.clone(), dir.path());
+    let spec = seed_spec("job-1", 2);
+    let key = JobKey {
+        user_id: spec.user_id.clone(),
+        job_id: spec.job_id.clone(),
+    };
+    let submit = tokio::spawn({
+        let service = service.clone();
+        async move { service.submit(&spec).await.map(drop) }
+    });
+    store.entered.notified().await;
+    let cancel = tokio::spawn({
+        let service = service.clone();
+        async move { service.cancel(&key).await.map(drop) }
+    });
+    // The clock is paused and moves only once every task waits: the cancel has gone as far as it goes before the
+    // record is written (done, or waiting for the record).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    store.gate.notify_one();
+    (submit.await.unwrap(), cancel.await.unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_during_the_submission_is_in_the_record() {
+    let store = Arc::new(GatedStore::default());
+    let (submitted, cancelled) = cancel_while_recording(store.clone()).await;
+    submitted.unwrap();
+    cancelled.unwrap();
+    let record = store.record.lock().unwrap().clone().expect("recorded");
+    assert!(record.cancelled, "the record says cancelled");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_during_a_submission_that_fails_finds_no_job() {
+    let store = Arc::new(GatedStore {
+        fail: true,
+        ..Default::default()
+    });
+    let (submitted, cancelled) = cancel_while_recording(store).await;
+    assert!(matches!(submitted, Err(ApiError::StoreUnavailable(_))));
+    assert!(
+        matches!(cancelled, Err(ApiError::JobNotFound { .. })),
+        "{cancelled:?}"
+    );
+}
