@@ -15,6 +15,9 @@
 //!   the rest; outputs are written under fixed keys, so a rerun item overwrites them.
 //! - With JOB_STORE=nats a valid job is submitted like a SubmitJob and acknowledged as soon as it is recorded: the
 //!   shared store then runs its items on every replica, with leases of its own (`jobs::cluster`).
+//! - A job that cannot be taken now (MAX_RETAINED_JOBS reached; JOB_STORE=nats: the store cannot record it) is
+//!   submitted again in place, the message kept alive by in-progress acks (`retry`): a NAK counted a delivery each
+//!   time, so an outage used up NATS_MAX_DELIVERIES. Only shutdown puts it back (NAK).
 //! - A poison job (its runners keep dying) runs on at most NATS_MAX_DELIVERIES deliveries; the next one gives it up
 //!   (`JobService::give_up_durable`: open items FAILED `too_many_deliveries`, called back) and acknowledges it.
 
@@ -22,20 +25,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod follow;
+mod retry;
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::StreamExt;
 use tokio::sync::watch;
 
 pub use crate::config::QueueSettings;
-use crate::error::{ApiError, BoxError, Report};
+use crate::error::{BoxError, Report};
 use crate::jobs::{JobKey, JobService};
 use crate::spec_json::spec_from_bytes;
 use follow::{Followed, acknowledge, follow};
+use retry::submit_patiently;
 
 /// How long one fetch waits for a message before asking again (and checking for shutdown).
 const FETCH_WAIT: Duration = Duration::from_secs(5);
-/// Pause after a failed connection, setup or fetch.
+/// Pause after a failed connection, setup or fetch, and between submissions the job store could not record.
 const RETRY_PAUSE: Duration = Duration::from_secs(2);
 
 /// Why the queue cannot be read now (retried after RETRY_PAUSE).
@@ -119,35 +124,50 @@ async fn handle(
     if delivered > 1 {
         tracing::info!(%job_id, delivered, "queue_pull: job redelivered; recorded items are skipped");
     }
+    let progress_every = settings.progress_every();
     if service.shares_jobs() {
         // JOB_STORE=nats: once recorded, the job is the shared store's (its items are leased and redelivered
         // there), so the message has done its work.
-        match service.submit(&spec).await {
-            Ok(_) => acknowledge(&message, AckKind::Ack, &job_id).await,
-            Err(e @ (ApiError::Overloaded { .. } | ApiError::StoreUnavailable(_))) => {
-                tracing::warn!(%job_id, error = %e, "queue_pull: job not recorded now; offered again later");
-                acknowledge(&message, AckKind::Nak(Some(RETRY_PAUSE)), &job_id).await;
-            }
-            Err(e) => {
+        let submit = || service.submit(&spec);
+        match submit_patiently(
+            &message,
+            &job_id,
+            progress_every,
+            RETRY_PAUSE,
+            &mut stop,
+            submit,
+        )
+        .await
+        {
+            None => {}
+            Some(Ok(_)) => acknowledge(&message, AckKind::Ack, &job_id).await,
+            Some(Err(e)) => {
                 tracing::error!(%job_id, error = %e, "queue_pull: job rejected and dropped");
                 acknowledge(&message, AckKind::Term, &job_id).await;
             }
         }
         return;
     }
-    let submitted = if delivered > settings.max_deliveries {
-        service.give_up_durable(&spec, delivered - 1).await
-    } else {
-        service.submit_durable(&spec).await
-    };
-    match submitted {
-        Ok(_) => {}
-        Err(e @ ApiError::Overloaded { retry_after, .. }) => {
-            tracing::warn!(%job_id, error = %e, "queue_pull: no room for the job now; offered again later");
-            acknowledge(&message, AckKind::Nak(Some(retry_after)), &job_id).await;
-            return;
+    let submit = || async {
+        if delivered > settings.max_deliveries {
+            service.give_up_durable(&spec, delivered - 1).await
+        } else {
+            service.submit_durable(&spec).await
         }
-        Err(e) => {
+    };
+    match submit_patiently(
+        &message,
+        &job_id,
+        progress_every,
+        RETRY_PAUSE,
+        &mut stop,
+        submit,
+    )
+    .await
+    {
+        None => return,
+        Some(Ok(_)) => {}
+        Some(Err(e)) => {
             tracing::error!(%job_id, error = %e, "queue_pull: job rejected and dropped");
             acknowledge(&message, AckKind::Term, &job_id).await;
             return;
@@ -168,7 +188,6 @@ async fn handle(
         events,
         snapshot: || handle.snapshot(),
     };
-    let progress_every = settings.progress_every();
     if let Some(job) = follow(&message, &job_id, progress_every, followed, &mut stop).await {
         tracing::info!(%job_id, completed = job.completed, failed = job.failed, cancelled = job.cancelled, "queue_pull: job acknowledged");
     }

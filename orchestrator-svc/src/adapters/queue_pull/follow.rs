@@ -89,7 +89,7 @@ pub(super) async fn follow<S: Fn() -> Job>(
 }
 
 /// Resolves once `stop` is true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(super) async fn stopped(stop: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not Send: dropped here, before anything else awaits.
     let _ = stop.wait_for(|stopping| *stopping).await;
 }
