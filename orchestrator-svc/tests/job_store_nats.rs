@@ -649,3 +649,46 @@ async fn a_rolling_restart_drains_one_replica_and_its_watcher_moves_to_another()
         deliveries - IMAGES as usize
     );
 }
+
+/// A job recorded by a replica that could plan it, whose tasks reach a replica that cannot (limits differ between
+/// replicas during a rolling config change): there its items end FAILED `job_not_resumable`, recorded and called
+/// back, as a resumed job that no longer plans does. Taken for a job never recorded, they were dropped after 60 s,
+/// and the job never ended anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_job_a_replica_cannot_plan_fails_its_items_there() {
+    const JOB: &str = "too-big-here";
+    const IMAGES: u32 = 3;
+    let Some(Shared {
+        nats: _nats,
+        dir,
+        segmenter,
+        hooks,
+        env,
+    }) = shared(JOB, IMAGES, 0).await
+    else {
+        return;
+    };
+    // A takes the tasks (BATCH_CONCURRENCY 4), its items never answered, until it is killed: they come back to B.
+    segmenter.faults.delay_ms.store(60_000, Ordering::SeqCst);
+    let mut a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    let mut jobs = a.jobs_client();
+    jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
+    wait_for_within(Duration::from_secs(30), &mut jobs, USER, JOB, |j| {
+        j.state == JobState::Running as i32
+    })
+    .await;
+    a.kill();
+
+    // B allows fewer images than the job has: the record stands, but B cannot plan it.
+    let mut smaller = env.clone();
+    smaller.push(("MAX_IMAGES_PER_JOB".into(), "2".into()));
+    let _b = Process::start(binary(), &smaller, &dir.path().join("b.log")).await;
+    let deliveries = hooks
+        .wait_until("every item called back", |d| d.len() >= IMAGES as usize)
+        .await;
+    for d in &deliveries {
+        assert_eq!(d.body["status"], "failed", "{d:?}");
+        assert_eq!(d.body["error_code"], "job_not_resumable", "{d:?}");
+    }
+    assert_eq!(hooks.assert_one_id_per_item(JOB, IMAGES), IMAGES as usize);
+}

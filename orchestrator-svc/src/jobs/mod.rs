@@ -263,8 +263,8 @@ impl JobService {
             return found;
         };
         match self.fetch_recorded(cluster, key).await {
-            Ok(Some(job)) => Ok(job),
-            Ok(None) => found,
+            Ok(cluster::Fetched::Job(job)) => Ok(job),
+            Ok(cluster::Fetched::NotRecorded | cluster::Fetched::Unplannable { .. }) => found,
             Err(e) => Err(e.into_api()),
         }
     }

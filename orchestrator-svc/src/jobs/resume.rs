@@ -123,7 +123,7 @@ impl JobService {
 }
 
 /// A plan that runs nothing, for a stored job that no longer validates: enough to report its items.
-fn placeholder_plan(record: &JobRecord) -> JobPlan {
+pub(in crate::jobs) fn placeholder_plan(record: &JobRecord) -> JobPlan {
     let spec = &record.spec;
     JobPlan {
         user_id: spec.user_id.clone(),

@@ -70,7 +70,7 @@ impl JobService {
                 // A record rewritten by a cancel comes after some of its items and claims in the bucket's history
                 // (one value per key, at its last write): a job first seen so has them read here.
                 let rewritten = record.cancelled;
-                if let Some(job) = self.adopt_record(record)
+                if let Ok(job) = self.adopt_record(&record)
                     && !known
                     && rewritten
                     && let Err(e) = read_items(cluster, &job, &record_key, image_count).await
@@ -118,14 +118,17 @@ impl JobService {
     }
 
     /// The recorded job in this replica's registry (the handle already there when it is the same job); a recorded
-    /// cancel stops its items running here. None when the job no longer validates here (presets differ).
-    pub(in crate::jobs) fn adopt_record(&self, record: JobRecord) -> Option<Arc<JobHandle>> {
-        let plan = match self.replan(&record) {
+    /// cancel stops its items running here. Err says why the job does not validate here (presets differ).
+    pub(in crate::jobs) fn adopt_record(
+        &self,
+        record: &JobRecord,
+    ) -> Result<Arc<JobHandle>, String> {
+        let plan = match self.replan(record) {
             Ok(plan) => plan,
             Err(why) => {
                 // Presets or limits differ between replicas.
                 tracing::error!(job_id = %record.job_id, reason = %why, "recorded job cannot be planned here");
-                return None;
+                return Err(why);
             }
         };
         let job = self
@@ -135,7 +138,7 @@ impl JobService {
             // Items running here stop and end CANCELLED; the replica that took CancelJob ends the others.
             job.cancel.cancel();
         }
-        Some(job)
+        Ok(job)
     }
 
     /// The job as recorded in the bucket, with its recorded items, when this replica has not seen it yet (its
@@ -144,18 +147,35 @@ impl JobService {
         &self,
         cluster: &Cluster,
         key: &JobKey,
-    ) -> Result<Option<Arc<JobHandle>>, StoreError> {
+    ) -> Result<Fetched, StoreError> {
         let Some(record) = cluster.store().job(&key.user_id, &key.job_id).await? else {
-            return Ok(None);
+            return Ok(Fetched::NotRecorded);
         };
-        let record_key = record.key();
-        let image_count = record.spec.image_count;
-        let Some(job) = self.adopt_record(record) else {
-            return Ok(None);
+        let job = match self.adopt_record(&record) {
+            Ok(job) => job,
+            Err(why) => {
+                return Ok(Fetched::Unplannable {
+                    record: Box::new(record),
+                    why,
+                });
+            }
         };
-        read_items(cluster, &job, &record_key, image_count).await?;
-        Ok(Some(job))
+        read_items(cluster, &job, &record.key(), record.spec.image_count).await?;
+        Ok(Fetched::Job(job))
     }
+}
+
+/// What `fetch_recorded` found.
+#[derive(Debug)]
+pub(in crate::jobs) enum Fetched {
+    Job(Arc<JobHandle>),
+    NotRecorded,
+    /// Recorded, but not plannable here (`why`): presets or limits differ between replicas, during a rolling config
+    /// change. Not the same as never recorded: the job's items must still end (`unrunnable`).
+    Unplannable {
+        record: Box<JobRecord>,
+        why: String,
+    },
 }
 
 /// The job's recorded items (terminal records, and claims of the items running on some replica) read into `job`.

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::store::{NatsJobStore, RecordKey, StoreError};
 pub use crate::config::ClusterSettings;
+pub(in crate::jobs) use mirror::Fetched;
 
 /// One item to run: what the work stream carries.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

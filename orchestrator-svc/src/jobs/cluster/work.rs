@@ -18,7 +18,7 @@ use palette_proto::orchestrator::v1::CallbackState;
 use tokio_util::sync::CancellationToken;
 
 use super::patience::{RETRY_PAUSE, Unread, patiently};
-use super::{Cluster, ItemTask, unrunnable};
+use super::{Cluster, Fetched, ItemTask, unrunnable};
 use crate::error::Report;
 use crate::jobs::give_up::TOO_MANY_DELIVERIES;
 use crate::jobs::job::{ItemOutcome, JobHandle};
@@ -163,17 +163,24 @@ impl JobService {
                 Err(Unread::Corrupt(e)) => {
                     cluster.orphans.found(&key);
                     let why = format!("its record does not decode here ({})", Report(&e));
-                    break (unrunnable::stand_in(task), Some(why));
+                    break (unrunnable::stand_in(task, None), Some(why));
                 }
             };
             match found {
-                Some(job) => {
+                Fetched::Job(job) => {
                     cluster.orphans.found(&key);
                     break (job, None);
                 }
-                None if cluster.orphans.waited(&key) < ORPHAN_AFTER
-                    || waiting_since.elapsed() < RECORD_GRACE => {}
-                None => {
+                // Recorded all the same: waiting for a record changes nothing, and dropping the task left the item
+                // without an end (no record, no callback, WatchJob never ending).
+                Fetched::Unplannable { record, why } => {
+                    cluster.orphans.found(&key);
+                    break (unrunnable::stand_in(task, Some(&record)), Some(why));
+                }
+                Fetched::NotRecorded
+                    if cluster.orphans.waited(&key) < ORPHAN_AFTER
+                        || waiting_since.elapsed() < RECORD_GRACE => {}
+                Fetched::NotRecorded => {
                     tracing::warn!(job_id = %task.job_id, idx, "item task of a job never recorded (or of a spec replaced); dropped");
                     return TaskEnd::Drop;
                 }
@@ -203,10 +210,7 @@ impl JobService {
             }
             return TaskEnd::Done;
         }
-        if let Some(why) = unrunnable {
-            tracing::error!(job_id = %task.job_id, idx, reason = %why, "recorded job cannot run here; its item fails");
-            self.end_here(&job, idx, unrunnable::outcome(&why)).await;
-        } else if delivered > cluster.settings().max_deliveries {
+        if delivered > cluster.settings().max_deliveries {
             let outcome = ItemOutcome::Failed {
                 code: TOO_MANY_DELIVERIES,
                 message: format!(
@@ -219,6 +223,9 @@ impl JobService {
             self.end_here(&job, idx, outcome).await;
         } else if job.cancel.is_cancelled() {
             self.end_here(&job, idx, ItemOutcome::Cancelled).await;
+        } else if let Some(why) = unrunnable {
+            tracing::error!(job_id = %task.job_id, idx, reason = %why, "recorded job cannot run here; its item fails");
+            self.end_here(&job, idx, unrunnable::outcome(&why)).await;
         } else if self.pipeline.is_stopping() {
             // Shutting down: another replica runs it.
             return TaskEnd::Again(Duration::ZERO);
@@ -262,7 +269,7 @@ impl JobService {
         &self,
         cluster: &Cluster,
         task: &ItemTask,
-    ) -> Result<Option<Arc<JobHandle>>, crate::jobs::store::StoreError> {
+    ) -> Result<Fetched, crate::jobs::store::StoreError> {
         let key = task_key(task);
         if let Ok(job) = self.registry.get(&key)
             && job.spec_hash == task.spec_hash
@@ -272,12 +279,19 @@ impl JobService {
                 .job(&task.user_id, &task.job_id)
                 .await?
                 .is_some_and(|record| record.spec_hash == task.spec_hash);
-            return Ok(recorded.then_some(job));
+            return Ok(if recorded {
+                Fetched::Job(job)
+            } else {
+                Fetched::NotRecorded
+            });
         }
-        Ok(self
-            .fetch_recorded(cluster, &key)
-            .await?
-            .filter(|job| job.spec_hash == task.spec_hash))
+        Ok(match self.fetch_recorded(cluster, &key).await? {
+            Fetched::Job(job) if job.spec_hash != task.spec_hash => Fetched::NotRecorded,
+            Fetched::Unplannable { record, .. } if record.spec_hash != task.spec_hash => {
+                Fetched::NotRecorded
+            }
+            fetched => fetched,
+        })
     }
 }
 
