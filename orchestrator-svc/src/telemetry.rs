@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter};
 use palette_service_kit::telemetry::{self as kit, TelemetryError};
-pub use palette_service_kit::telemetry::{fix_mmap_threshold, inject_context, log_filter};
+pub use palette_service_kit::telemetry::{
+    adopt_trace_headers, fix_mmap_threshold, inject_context, log_filter, trace_headers,
+};
 
 pub const SERVICE: &str = "orchestrator-svc";
 

@@ -131,6 +131,26 @@ pub fn adopt_remote_parent(span: &tracing::Span, metadata: &tonic::metadata::Met
     let _ = span.set_parent(context);
 }
 
+/// The W3C trace context of `span` as (name, value) pairs (`traceparent`, `tracestate`), for carriers other than
+/// gRPC metadata (a NATS message's headers). Empty when no trace is recorded.
+pub fn trace_headers(span: &tracing::Span) -> Vec<(String, String)> {
+    let mut pairs = std::collections::HashMap::new();
+    TraceContextPropagator::new().inject_context(&span.context(), &mut pairs);
+    pairs.into_iter().collect()
+}
+
+/// Parents `span` on the W3C trace context in `get`'s headers (`traceparent`, `tracestate`): the trace of whoever
+/// wrote them continues here. Without them `span` stays as it was.
+pub fn adopt_trace_headers<'a>(span: &tracing::Span, get: impl Fn(&str) -> Option<&'a str>) {
+    let pairs: std::collections::HashMap<String, String> = ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|name| get(name).map(|value| (name.to_string(), value.to_string())))
+        .collect();
+    if pairs.contains_key("traceparent") {
+        let _ = span.set_parent(TraceContextPropagator::new().extract(&pairs));
+    }
+}
+
 struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
 
 impl Injector for MetadataInjector<'_> {

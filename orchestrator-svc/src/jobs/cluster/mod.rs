@@ -122,8 +122,16 @@ impl Cluster {
             .map_err(StoreError::unavailable)
     }
 
-    /// Publishes one task per item of the job, each confirmed by the stream before the next.
+    /// Publishes one task per item of the job, each confirmed by the stream before the next. Each carries the W3C
+    /// trace context of a `job` span in its headers, so the items, on whichever replica takes them, are spans of
+    /// one trace per job (headers, not the payload: older replicas refuse unknown payload fields).
     pub async fn publish_items(&self, job: &RecordKey, image_count: u32) -> Result<(), StoreError> {
+        let span =
+            tracing::info_span!(parent: None, "job", job_id = %job.job_id, images = image_count);
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, value) in crate::telemetry::trace_headers(&span) {
+            headers.insert(name.as_str(), value.as_str());
+        }
         for idx in 0..image_count {
             let task = ItemTask {
                 user_id: job.user_id.clone(),
@@ -133,7 +141,11 @@ impl Cluster {
             };
             let payload = serde_json::to_vec(&task).map_err(StoreError::unavailable)?;
             self.js
-                .publish(self.settings.subject.clone(), payload.into())
+                .publish_with_headers(
+                    self.settings.subject.clone(),
+                    headers.clone(),
+                    payload.into(),
+                )
                 .await
                 .map_err(StoreError::unavailable)?
                 .await

@@ -16,6 +16,7 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use palette_proto::orchestrator::v1::CallbackState;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::patience::{RETRY_PAUSE, Unread, patiently};
 use super::{Cluster, Fetched, ItemTask, unrunnable};
@@ -115,6 +116,25 @@ impl JobService {
             let _ = message.ack_with(AckKind::Term).await;
             return;
         };
+        // Its own trace's span, or its job's (the submitter's `job` span, from the headers): not a child of the
+        // replica's long-lived `take_items` task, which put every item of every job into one trace that ended only
+        // when the process did.
+        let span = tracing::info_span!(parent: None, "item", job_id = %task.job_id, idx = task.idx);
+        crate::telemetry::adopt_trace_headers(&span, |name| {
+            message.headers.as_ref()?.get(name).map(|v| v.as_str())
+        });
+        self.handle_parsed(cluster, &message, task, permit)
+            .instrument(span)
+            .await;
+    }
+
+    async fn handle_parsed(
+        &self,
+        cluster: &Cluster,
+        message: &jetstream::Message,
+        task: ItemTask,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let delivered = message
             .info()
             .map_or(1, |info| info.delivered.max(1) as u64);
