@@ -150,7 +150,15 @@ pub async fn run(
     let serving = Serving::prepare(&config.serve, &[JOBS_SERVICE]).await?;
     let (runpod, queue) = match config.adapter {
         Adapter::Grpc => (None, None),
-        Adapter::Runpod => (Some(config.runpod.settings()?), None),
+        Adapter::Runpod => (
+            Some(
+                config
+                    .runpod
+                    .settings()?
+                    .within_grace(Duration::from_secs(config.shutdown_grace_sec)),
+            ),
+            None,
+        ),
         Adapter::QueuePull => (None, Some(config.nats.settings()?)),
     };
     if let Some(addr) = config.metrics_socket()? {

@@ -434,3 +434,40 @@ async fn a_job_left_unfinished_at_shutdown_gets_an_error_result_at_once() {
         "{results:?}"
     );
 }
+
+/// An image still at the segmenter when the drain's grace period is nearly over does not cost the job its result:
+/// the error result goes out before the grace ends (a job without one stays IN_PROGRESS at Runpod).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_still_running_near_the_end_of_the_grace_period_gets_its_result() {
+    use std::sync::atomic::Ordering;
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(15_000, Ordering::SeqCst);
+    let fake = FakeRunpod::start(vec![
+        json!({"id": "rp-slow", "input": seed_input("slow-job", 2)}),
+    ])
+    .await;
+    let base = fake.base();
+    let mut orch = start(&segmenter.url, move |c| {
+        runpod_without_ping(c, &base);
+        c.limits.batch_concurrency = 1;
+        c.shutdown_grace_sec = 4;
+    })
+    .await;
+    for idx in 0..2 {
+        orch.put_input("test-user", "slow-job", idx, photo_jpeg(96, 64))
+            .await;
+    }
+    fake.inner.lock().unwrap().open = true;
+    wait_until("segmentation started", || {
+        segmenter.counters.segment_calls.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    orch.shutdown().await;
+    let results = fake.results_for("rp-slow");
+    assert_eq!(results.len(), 1, "{results:?}");
+    let error = results[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("shut down before the job finished") && error.contains(" of 2 images done"),
+        "{results:?}"
+    );
+}

@@ -39,6 +39,10 @@ pub struct RunpodSettings {
     pub pod_id: String,
     pub api_key: Secret,
     pub ping_interval: Duration,
+    /// After SIGTERM, the job in progress gets its result by then at the latest: an error result listing what is
+    /// done when images are still running (the drain's grace period ends soon after, and a job without a result
+    /// stays IN_PROGRESS at Runpod). Set from SHUTDOWN_GRACE_SEC (`RunpodSettings::within_grace`).
+    pub result_within: Duration,
 }
 
 fn required(value: Option<&str>, setting: &'static str) -> Result<String, ConfigError> {
@@ -86,11 +90,19 @@ impl RunpodArgs {
             api_key: api_key.into(),
             pod_id,
             ping_interval: Duration::from_millis(self.runpod_ping_interval.max(100)),
+            result_within: Duration::from_secs(22),
         })
     }
 }
 
 impl RunpodSettings {
+    /// `result_within` a little before the end of a `grace` period: a quarter of it earlier, at most 10 s, so the
+    /// result post has time to go out.
+    pub fn within_grace(mut self, grace: Duration) -> Self {
+        self.result_within = grace.saturating_sub((grace / 4).min(Duration::from_secs(10)));
+        self
+    }
+
     /// The take URL, telling Runpod whether a job is in progress here.
     pub fn take_url(&self, in_progress: bool) -> String {
         let sep = if self.get_job_url.contains('?') {

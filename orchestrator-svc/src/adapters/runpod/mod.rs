@@ -207,12 +207,16 @@ impl Worker {
         let mut dirty = true;
         let mut next_post = Instant::now();
         let mut stopping = *stop.borrow();
+        // When the result must go out, running images or not (set at the stop signal).
+        let mut result_by = stopping.then(|| Instant::now() + self.settings.result_within);
         while !crate::jobs::job::job_is_terminal(&job) {
+            let out_of_time = result_by.is_some_and(|by| Instant::now() >= by);
             if stopping
-                && !job
-                    .items
-                    .iter()
-                    .any(|i| i.state == ItemState::Running as i32)
+                && (out_of_time
+                    || !job
+                        .items
+                        .iter()
+                        .any(|i| i.state == ItemState::Running as i32))
             {
                 let done = job
                     .items
@@ -221,7 +225,7 @@ impl Worker {
                     .count();
                 let error = format!(
                     "the worker shut down before the job finished: {done} of {} images done; the rest were not \
-                     processed (GetJob on the orchestrator, or the per-image callbacks, tell their state)",
+                     finished (GetJob on the orchestrator, or the per-image callbacks, tell their state)",
                     job.items.len()
                 );
                 tracing::warn!(runpod_job = %runpod_id, %error, "runpod: job left unfinished at shutdown");
@@ -232,6 +236,10 @@ impl Worker {
             tokio::select! {
                 _ = stop.changed(), if !stopping => {
                     stopping = true;
+                    result_by = Some(Instant::now() + self.settings.result_within);
+                    job = handle.snapshot();
+                }
+                _ = tokio::time::sleep_until(result_by.unwrap_or_else(Instant::now)), if result_by.is_some() => {
                     job = handle.snapshot();
                 }
                 event = events.recv() => match event {
@@ -257,11 +265,18 @@ impl Worker {
         let mut ticker = tokio::time::interval(self.settings.ping_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // After the stop signal, beats go on while a job is in progress (its result is still to come): Runpod
+            // takes a silent worker for a dead one.
             tokio::select! {
                 _ = ticker.tick() => {}
-                _ = stop.changed() => return,
+                changed = stop.changed(), if !*stop.borrow() => if changed.is_err() {
+                    return;
+                }
             }
             let jobs = self.current.lock().expect("lock").clone();
+            if *stop.borrow() && jobs.is_empty() {
+                return;
+            }
             let mut query: Vec<(&str, &str)> =
                 jobs.iter().map(|j| ("job_id", j.as_str())).collect();
             query.push((
