@@ -692,3 +692,31 @@ async fn a_recorded_job_a_replica_cannot_plan_fails_its_items_there() {
     }
     assert_eq!(hooks.assert_one_id_per_item(JOB, IMAGES), IMAGES as usize);
 }
+
+/// The work stream's consumer keeps the limits it was created with: a replica started later with another
+/// NATS_ITEM_ACK_WAIT_SEC / NATS_MAX_DELIVERIES renews leases and gives items up by the consumer's, not its own
+/// (renewing every 100 s against a 1 s lease would deliver every item again while it runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_uses_the_consumers_limits_not_its_own_settings() {
+    use orchestrator_svc::jobs::cluster::Cluster;
+    let Some(nats) = nats::start() else {
+        return;
+    };
+    let settings = |ack_wait_sec: u64, max_deliveries: u64| {
+        let mut c = orchestrator_svc::Config::for_tests("/tmp/unused", "http://127.0.0.1:9");
+        c.nats.nats_url = Some(nats.url.clone().into());
+        c.jobs.nats_item_ack_wait_sec = ack_wait_sec;
+        c.nats.nats_max_deliveries = max_deliveries;
+        c.jobs.cluster_settings(&c.nats).unwrap()
+    };
+    let first = Cluster::connect(settings(1, 3)).await.unwrap();
+    assert_eq!(first.settings().ack_wait, Duration::from_secs(1));
+    let later = Cluster::connect(settings(300, 9)).await.unwrap();
+    assert_eq!(
+        later.settings().ack_wait,
+        Duration::from_secs(1),
+        "the consumer's lease"
+    );
+    assert_eq!(later.settings().max_deliveries, 3, "the consumer's limit");
+    assert!(later.settings().progress_every() <= Duration::from_millis(334));
+}
