@@ -294,16 +294,20 @@ impl JobService {
         if let Ok(job) = self.registry.get(&key)
             && job.spec_hash == task.spec_hash
         {
-            let recorded = cluster
+            let record = cluster
                 .store()
                 .job(&task.user_id, &task.job_id)
                 .await?
-                .is_some_and(|record| record.spec_hash == task.spec_hash);
-            return Ok(if recorded {
-                Fetched::Job(job)
-            } else {
-                Fetched::NotRecorded
-            });
+                .filter(|record| record.spec_hash == task.spec_hash);
+            let Some(record) = record else {
+                return Ok(Fetched::NotRecorded);
+            };
+            // The record read now may be newer than this replica's view (its watch lags): a cancel recorded
+            // meanwhile stops the item here instead of running it.
+            if record.cancelled && !job.cancel.is_cancelled() {
+                job.cancel.cancel();
+            }
+            return Ok(Fetched::Job(job));
         }
         Ok(match self.fetch_recorded(cluster, &key).await? {
             Fetched::Job(job) if job.spec_hash != task.spec_hash => Fetched::NotRecorded,
