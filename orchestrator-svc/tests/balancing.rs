@@ -198,3 +198,30 @@ async fn over_tls_a_not_serving_replica_still_leaves_the_rotation() {
     assert_eq!(calls(&a), IMAGES as usize);
     assert_eq!(calls(&b), 0, "a NOT_SERVING replica got calls");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_over_the_segmenters_message_limit_is_not_retried() {
+    // RESOURCE_EXHAUSTED is retried (a full queue), unless the segmenter says the reply is too large: the same
+    // request gets the same answer from every replica, each time after running the whole model.
+    let segmenter = fake_segmenter::start().await;
+    segmenter
+        .faults
+        .reply_too_large
+        .store(true, Ordering::SeqCst);
+    let mut orch = start(&segmenter.url, |c| c.segmenter.segmenter_attempts = 4).await;
+    orch.put_input("test-user", "too-large", 0, photo_jpeg(32, 32))
+        .await;
+    orch.client
+        .submit_job(seed_spec("too-large", 1))
+        .await
+        .unwrap();
+    let job = orch.wait_for("too-large", is_terminal).await;
+    let item = &job.items[0];
+    assert_eq!(item.state, ItemState::Failed as i32, "{item:?}");
+    assert!(
+        item.error.contains("over the message limit"),
+        "{}",
+        item.error
+    );
+    assert_eq!(calls(&segmenter), 1, "one call, no retries");
+}

@@ -6,6 +6,15 @@
 pub mod segmenter {
     pub mod v1 {
         tonic::include_proto!("palette.segmenter.v1");
+
+        /// `google.rpc.ErrorInfo` the segmenter attaches where the status code alone is ambiguous.
+        pub mod error_info {
+            /// The ErrorInfo domain of the segmenter's reasons.
+            pub const DOMAIN: &str = "palette.segmenter.v1";
+            /// RESOURCE_EXHAUSTED because the reply would exceed MAX_MESSAGE_BYTES: the same request gets the same
+            /// answer, so unlike a full queue (RESOURCE_EXHAUSTED without it) it is not worth retrying.
+            pub const REPLY_TOO_LARGE: &str = "REPLY_TOO_LARGE";
+        }
     }
 }
 

@@ -113,8 +113,17 @@ impl From<Error> for Status {
             Error::NotServing(_) => Status::unavailable(message),
             Error::DeadlineExceeded => Status::deadline_exceeded(message),
             Error::Cancelled => Status::cancelled(message),
-            // What gRPC itself answers for a message over the limit, with a message saying what to change.
-            Error::ReplyTooLarge { .. } => Status::resource_exhausted(message),
+            // What gRPC itself answers for a message over the limit, with a message saying what to change, and a
+            // reason that tells it from a full queue (clients retry that one).
+            Error::ReplyTooLarge { .. } => {
+                use palette_proto::segmenter::v1::error_info::{DOMAIN, REPLY_TOO_LARGE};
+                let details = ErrorDetails::with_error_info(
+                    REPLY_TOO_LARGE,
+                    DOMAIN,
+                    std::collections::HashMap::<String, String>::new(),
+                );
+                Status::with_error_details(Code::ResourceExhausted, message, details)
+            }
             Error::Inference(_) => Status::internal(message),
             Error::Model(_) => Status::failed_precondition(message),
         }

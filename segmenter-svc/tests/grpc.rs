@@ -255,6 +255,12 @@ async fn a_reply_over_the_message_limit_is_resource_exhausted_with_what_to_chang
             && status.message().contains("PROBABILITY_U8"),
         "{status:?}"
     );
+    // Told apart from a full queue (also RESOURCE_EXHAUSTED, which clients retry) by its ErrorInfo.
+    let info = tonic_types::StatusExt::get_details_error_info(&status).expect("an ErrorInfo");
+    assert_eq!(
+        (info.domain.as_str(), info.reason.as_str()),
+        ("palette.segmenter.v1", "REPLY_TOO_LARGE")
+    );
     // The same request without masks fits.
     req.mask_format = pb::MaskFormat::None as i32;
     let resp = client.segment(req).await.unwrap().into_inner();

@@ -44,12 +44,18 @@ pub(super) fn own_deadline_passed(status: Status) -> Status {
 
 /// Starting, restarting or a full queue: worth another try shortly. Cancelled is what a call gets when its
 /// replica closes the connection mid-call (a replica stopping); Segment is a pure function, so another replica may
-/// answer it.
-pub(super) fn retryable(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable | Code::ResourceExhausted | Code::Cancelled
-    )
+/// answer it. A reply over the segmenter's message limit is RESOURCE_EXHAUSTED too, but says so in its ErrorInfo:
+/// every replica would answer the same request the same way, after running the whole model again.
+pub(super) fn retryable(status: &Status) -> bool {
+    use palette_proto::segmenter::v1::error_info::{DOMAIN, REPLY_TOO_LARGE};
+    use tonic_types::StatusExt;
+    match status.code() {
+        Code::Unavailable | Code::Cancelled => true,
+        Code::ResourceExhausted => !status
+            .get_details_error_info()
+            .is_some_and(|info| info.domain == DOMAIN && info.reason == REPLY_TOO_LARGE),
+        _ => false,
+    }
 }
 
 pub(super) fn map_status(call: &'static str, attempts: u32, status: Status) -> SegmenterError {

@@ -247,7 +247,7 @@ impl Segmenter {
             };
             match result {
                 Ok(value) => return Ok(value),
-                Err(status) if retryable(status.code()) && attempt < self.attempts => {
+                Err(status) if retryable(&status) && attempt < self.attempts => {
                     tracing::warn!(what, attempt, code = ?status.code(), message = status.message(), "segmenter call failed, retrying");
                     if matches!(status.code(), Code::Unavailable | Code::Cancelled) {
                         self.refresh_replicas().await;

@@ -29,6 +29,9 @@ pub struct Faults {
     pub nothing_for: std::sync::Mutex<Vec<String>>,
     /// Answer with NaN scores (a broken model's reply), which the orchestrator must refuse and not cache.
     pub nan_scores: std::sync::atomic::AtomicBool,
+    /// Answer every Segment call as the real segmenter answers a reply over MAX_MESSAGE_BYTES: RESOURCE_EXHAUSTED
+    /// with the REPLY_TOO_LARGE ErrorInfo (a full queue is RESOURCE_EXHAUSTED without it).
+    pub reply_too_large: std::sync::atomic::AtomicBool,
     /// The model input size GetModelInfo reports (`image_size`); 0, the default, as a segmenter that does not say
     /// (the orchestrator then sends every upload as it is).
     pub input_size: AtomicU32,
@@ -149,6 +152,20 @@ async fn answer(fake: &FakeSegmenter, req: SegmentRequest) -> Result<SegmentResp
             .unavailable_first
             .store(left - 1, Ordering::SeqCst);
         return Err(Status::unavailable("fake: warming up"));
+    }
+    if fake.faults.reply_too_large.load(Ordering::SeqCst) {
+        use palette_proto::segmenter::v1::error_info::{DOMAIN, REPLY_TOO_LARGE};
+        use tonic_types::{ErrorDetails, StatusExt};
+        let details = ErrorDetails::with_error_info(
+            REPLY_TOO_LARGE,
+            DOMAIN,
+            std::collections::HashMap::<String, String>::new(),
+        );
+        return Err(Status::with_error_details(
+            tonic::Code::ResourceExhausted,
+            "fake: the reply would be over the message limit",
+            details,
+        ));
     }
     let (form, (w, h)) = match req.image.and_then(|i| i.source) {
         Some(Source::Encoded(bytes)) => {
