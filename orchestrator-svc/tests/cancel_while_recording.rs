@@ -28,6 +28,8 @@ struct GatedStore {
     entered: Notify,
     gate: Notify,
     fail: bool,
+    /// `create` finds a record under the key that does not decode (written by a newer binary, or damaged).
+    corrupt: bool,
     record: Mutex<Option<JobRecord>>,
 }
 
@@ -38,6 +40,11 @@ impl JobStore for GatedStore {
         self.gate.notified().await;
         if self.fail {
             return Err(StoreError::unavailable(std::io::Error::other("down")));
+        }
+        if self.corrupt {
+            return Err(StoreError::Corrupt {
+                key: "job.test-user.job-1".into(),
+            });
         }
         *self.record.lock().unwrap() = Some(job.clone());
         Ok(Created::New)
@@ -155,6 +162,25 @@ async fn a_cancel_during_a_submission_that_fails_finds_no_job() {
     });
     let (submitted, cancelled) = cancel_while_recording(store).await;
     assert!(matches!(submitted, Err(ApiError::StoreUnavailable(_))));
+    assert!(
+        matches!(cancelled, Err(ApiError::JobNotFound { .. })),
+        "{cancelled:?}"
+    );
+}
+
+/// A record that does not decode is not an outage: INTERNAL, which queue_pull terminates, not UNAVAILABLE, which it
+/// submits again every 2 s for ever (holding its one job slot).
+#[tokio::test(start_paused = true)]
+async fn a_record_that_does_not_decode_is_internal_not_unavailable() {
+    let store = Arc::new(GatedStore {
+        corrupt: true,
+        ..Default::default()
+    });
+    let (submitted, cancelled) = cancel_while_recording(store).await;
+    assert!(
+        matches!(submitted, Err(ApiError::Internal { .. })),
+        "{submitted:?}"
+    );
     assert!(
         matches!(cancelled, Err(ApiError::JobNotFound { .. })),
         "{cancelled:?}"

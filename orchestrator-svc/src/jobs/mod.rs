@@ -209,7 +209,8 @@ impl JobService {
             }),
             Err(e) => {
                 tracing::error!(job_id = %record.job_id, error = %crate::error::Report(&e), "job not recorded");
-                Err(ApiError::StoreUnavailable(e.into()))
+                // Unreachable: worth retrying; an existing record that does not decode: not (INTERNAL).
+                Err(e.into_api())
             }
         }
     }
@@ -278,9 +279,11 @@ impl JobService {
         spec: &JobSpec,
         job: Arc<JobHandle>,
     ) -> Result<Job, ApiError> {
+        // A store that cannot be reached is worth retrying (UNAVAILABLE); a record that does not decode is not
+        // (INTERNAL): queue_pull resubmits the former in place, and would do so for ever with the latter.
         let unavailable = |e: store::StoreError| {
             self.registry.remove(&job);
-            ApiError::StoreUnavailable(e.into())
+            e.into_api()
         };
         match cluster
             .store()
@@ -358,7 +361,7 @@ impl JobService {
                 .store()
                 .cancel(&store::key_of(job))
                 .await
-                .map_err(|e| ApiError::StoreUnavailable(e.into()))?;
+                .map_err(store::StoreError::into_api)?;
             job.cancel.cancel();
         }
         Ok(job.snapshot())

@@ -249,7 +249,9 @@ impl Worker {
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
-                _ = tokio::time::sleep_until(next_post), if dirty => {
+                // No progress after the stop signal: a slow post (up to POST_TIMEOUT) would push the result past the
+                // grace period.
+                _ = tokio::time::sleep_until(next_post), if dirty && !stopping => {
                     self.post_progress(runpod_id, &job).await;
                     dirty = false;
                     next_post = Instant::now() + PROGRESS_EVERY;

@@ -148,7 +148,8 @@ impl Cluster {
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: s.ack_wait,
                     // One past the deliveries that run the item: the delivery that gives it up (`work`).
-                    max_deliver: (s.max_deliveries + 1) as i64,
+                    // u64::MAX: a consumer adopted without a limit (`adopt_consumer_limits`): -1, none.
+                    max_deliver: i64::try_from(s.max_deliveries.saturating_add(1)).unwrap_or(-1),
                     ..Default::default()
                 },
             )

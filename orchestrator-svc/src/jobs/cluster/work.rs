@@ -244,7 +244,13 @@ impl JobService {
         } else if job.cancel.is_cancelled() {
             self.end_here(&job, idx, ItemOutcome::Cancelled).await;
         } else if let Some(why) = unrunnable {
-            tracing::error!(job_id = %task.job_id, idx, reason = %why, "recorded job cannot run here; its item fails");
+            if delivered < cluster.settings().max_deliveries {
+                // During a rolling upgrade or config change another replica may read or plan it: put back (each
+                // time a delivery), and fail it only on the last delivery that may run it.
+                tracing::warn!(job_id = %task.job_id, idx, delivered, reason = %why, "recorded job cannot run here; put back for another replica");
+                return TaskEnd::Again(cluster.settings().progress_every());
+            }
+            tracing::error!(job_id = %task.job_id, idx, reason = %why, "recorded job cannot run on any replica that took it; its item fails");
             self.end_here(&job, idx, unrunnable::outcome(&why)).await;
         } else if self.pipeline.is_stopping() {
             // Shutting down: another replica runs it.
