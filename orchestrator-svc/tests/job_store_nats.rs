@@ -720,3 +720,53 @@ async fn a_replica_uses_the_consumers_limits_not_its_own_settings() {
     assert_eq!(later.settings().max_deliveries, 3, "the consumer's limit");
     assert!(later.settings().progress_every() <= Duration::from_millis(334));
 }
+
+/// A replica holding tasks of a job that was never recorded (its submission failed after publishing them) waits up
+/// to a minute for the record. A drain does not wait with it: the tasks go back at once and the replica exits long
+/// before its grace period ends (it waited out the whole grace before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_puts_back_tasks_waiting_for_their_jobs_record() {
+    use orchestrator_svc::jobs::cluster::Cluster;
+    use orchestrator_svc::jobs::store::RecordKey;
+    const JOB: &str = "never-recorded";
+    let Some(Shared {
+        nats,
+        dir,
+        segmenter: _segmenter,
+        hooks,
+        mut env,
+    }) = shared(JOB, 2, 0).await
+    else {
+        return;
+    };
+    env.push(("SHUTDOWN_GRACE_SEC".into(), "30".into()));
+    let mut a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+
+    let mut config = orchestrator_svc::Config::for_tests("/tmp/unused", "http://127.0.0.1:9");
+    config.nats.nats_url = Some(nats.url.clone().into());
+    let cluster = Cluster::connect(config.jobs.cluster_settings(&config.nats).unwrap())
+        .await
+        .unwrap();
+    let job = RecordKey {
+        user_id: USER.into(),
+        job_id: JOB.into(),
+        spec_hash: "0".repeat(64),
+    };
+    cluster.publish_items(&job, 2).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !a.log().contains("waiting for its record") {
+        assert!(
+            Instant::now() < deadline,
+            "A never took the tasks:\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let took = a.terminate(Duration::from_secs(40)).await.expect("A exits");
+    assert!(
+        took < Duration::from_secs(10),
+        "the drain waited {took:?} for tasks of a job never recorded"
+    );
+    assert!(hooks.deliveries().is_empty(), "nothing to call back");
+}

@@ -1,8 +1,9 @@
 //! Tasks of a job that is recorded but that this replica cannot run (`work`): its spec does not plan here (presets
 //! or limits differ between replicas during a rolling config change), or its record does not decode here (written
-//! by a newer binary, before a rollback). Waiting changes nothing, and dropping or putting back the task left the
-//! item without an end (no record, no callback, WatchJob never ending): the item ends FAILED `job_not_resumable`
-//! instead, recorded and called back, as a resumed job that no longer plans does (`resume`).
+//! by a newer binary, before a rollback). The task is put back while deliveries remain (another replica may run it);
+//! on the last delivery that may run it, the item ends FAILED `job_not_resumable`, recorded and called back, as a
+//! resumed job that no longer plans does (`resume`): dropping the task left the item without an end (no record, no
+//! callback, WatchJob never ending).
 
 use std::sync::Arc;
 
@@ -54,7 +55,7 @@ pub(super) fn outcome(why: &str) -> ItemOutcome {
     ItemOutcome::Failed {
         code: JOB_NOT_RESUMABLE,
         message: format!(
-            "this orchestrator cannot run this job: {why}; submit it again under a new job id"
+            "no orchestrator that took this image could run its job (here: {why}); submit it again under a new job id"
         ),
     }
 }

@@ -175,6 +175,7 @@ impl JobService {
         let waiting_since = tokio::time::Instant::now();
         let key = task_key(task);
         let stopping = || self.pipeline.is_stopping();
+        let mut logged_wait = false;
         // `unrunnable`: why the job is recorded but cannot run here; its item then ends FAILED instead of running.
         let (job, unrunnable) = loop {
             let found = match patiently(task, stopping, || self.job_of(cluster, task)).await {
@@ -205,8 +206,18 @@ impl JobService {
                     return TaskEnd::Drop;
                 }
             }
+            if stopping() {
+                // Draining: waiting out the orphan window here held the drain up to ORPHAN_AFTER past its grace.
+                // Put back at once; another replica waits for the record (or drops the task) instead.
+                return TaskEnd::Again(Duration::ZERO);
+            }
             // A job known here is being recorded this instant (this replica took its SubmitJob): look again soon.
             let known = self.registry.get(&key).is_ok();
+            // Tasks routinely arrive milliseconds before their record; only a longer wait is worth a line.
+            if !known && !logged_wait && waiting_since.elapsed() >= RECORD_GRACE {
+                logged_wait = true;
+                tracing::info!(job_id = %task.job_id, idx, "item task's job not recorded yet; waiting for its record");
+            }
             tokio::time::sleep(if known { RECORD_POLL } else { ORPHAN_POLL }).await;
         };
         let reporter = self.pipeline.reporter();
