@@ -50,6 +50,16 @@ pub enum ApiError {
     /// An edit's source job exists but cannot be edited (its record is unreadable).
     #[error("failed precondition: job {job_id:?} cannot be edited: {reason}")]
     SourceUnusable { job_id: String, reason: String },
+    /// An edit's source job has not ended: its photos without masks yet would fail `source_missing`.
+    #[error(
+        "failed precondition: job {job_id:?} has not ended ({ended} of {images} images ended); edit it once it has \
+         (WatchJob follows it)"
+    )]
+    SourceRunning {
+        job_id: String,
+        ended: usize,
+        images: usize,
+    },
     /// A request failed on our side (a worker task died, an encoder failed): not the caller's doing.
     #[error("internal: {what}")]
     Internal { what: String },
@@ -104,7 +114,9 @@ impl From<ApiError> for Status {
             ApiError::JobNotFound { .. } => Status::not_found(message),
             ApiError::JobExists { .. } => Status::already_exists(message),
             ApiError::SourceUnavailable { .. } => Status::unavailable(message),
-            ApiError::SourceUnusable { .. } => Status::failed_precondition(message),
+            ApiError::SourceUnusable { .. } | ApiError::SourceRunning { .. } => {
+                Status::failed_precondition(message)
+            }
             ApiError::Internal { .. } => Status::internal(message),
             ApiError::Overloaded { retry_after, .. } => Status::with_error_details(
                 Code::ResourceExhausted,

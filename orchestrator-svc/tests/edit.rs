@@ -211,6 +211,34 @@ async fn bad_edits_are_refused_with_the_reason() {
     );
 }
 
+/// An edit of a job still running is refused up front, saying how far the source is, instead of being accepted
+/// and failing every photo not segmented yet (`source_missing`, each called back); once the source ends, the same
+/// request is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_of_a_job_still_running_is_refused_until_it_ends() {
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(1_500, Ordering::SeqCst);
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    for idx in 0..2 {
+        orch.put_input(SEED_USER, "busy", idx, photo_jpeg(48, 32))
+            .await;
+    }
+    orch.client.submit_job(seed_spec("busy", 2)).await.unwrap();
+    let request = edit("busy-sage", "busy", vec![paint("p", "wall", "#9CAF88")]);
+    let err = orch.client.edit_job(request.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("job \"busy\" has not ended (0 of 2 images ended)"),
+        "{err:?}"
+    );
+
+    orch.wait_for("busy", is_terminal).await;
+    orch.client.edit_job(request).await.unwrap();
+    let edited = orch.wait_for("busy-sage", is_terminal).await;
+    assert_eq!(edited.completed, 2, "{edited:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_mask_fails_its_photo_naming_the_key() {
     let segmenter = fake_segmenter::start().await;

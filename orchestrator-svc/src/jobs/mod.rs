@@ -219,6 +219,7 @@ impl JobService {
     /// serves it; registered and run like a submitted job, without the segmenter.
     pub async fn edit(&self, request: &EditJobRequest) -> Result<Job, ApiError> {
         edit::check_ids(request)?;
+        self.refuse_a_running_source(request).await?;
         let store = self.pipeline.store();
         let source = edit::record::read_photos(store, &request.user_id, &request.source_job_id)
             .await

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use palette_proto::orchestrator::v1::{EditJobRequest, JobSpec};
 use palette_rules::preset::Preset;
 
-use super::validate::{self, EditSource, JobLimits, JobPlan, Violations};
+use super::JobService;
+use super::job::{is_terminal, job_is_terminal};
+use super::validate::{self, EditSource, JobKey, JobLimits, JobPlan, Violations};
 use crate::error::ApiError;
 use crate::keys;
 use record::PhotosRecord;
@@ -83,6 +85,45 @@ pub fn plan_edit(
         photos_job_id: source.photos_job_id.clone(),
     });
     Ok(plan)
+}
+
+impl JobService {
+    /// An edit of a job still running would fail every photo not segmented yet (`source_missing`, each called
+    /// back): refused up front while this replica, or with JOB_STORE=nats the shared store, knows the source as
+    /// running. A source known nowhere (ended and forgotten, or run by another JOB_STORE=local replica) is left to
+    /// the storage records; a retry of an edit already registered is answered as it was.
+    pub(super) async fn refuse_a_running_source(
+        &self,
+        request: &EditJobRequest,
+    ) -> Result<(), ApiError> {
+        let edit = JobKey {
+            user_id: request.user_id.clone(),
+            job_id: request.job_id.clone(),
+        };
+        if self.registry.get(&edit).is_ok() {
+            return Ok(());
+        }
+        let source = JobKey {
+            user_id: request.user_id.clone(),
+            job_id: request.source_job_id.clone(),
+        };
+        let Ok(job) = self.find(&source).await else {
+            return Ok(());
+        };
+        let snapshot = job.snapshot();
+        if job_is_terminal(&snapshot) {
+            return Ok(());
+        }
+        Err(ApiError::SourceRunning {
+            job_id: request.source_job_id.clone(),
+            ended: snapshot
+                .items
+                .iter()
+                .filter(|i| is_terminal(i.state))
+                .count(),
+            images: snapshot.items.len(),
+        })
+    }
 }
 
 #[cfg(test)]
