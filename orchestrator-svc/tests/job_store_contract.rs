@@ -254,3 +254,61 @@ async fn forgetting_a_job_on_nats_leaves_nothing_of_it_and_touches_no_other_job(
     assert_eq!(loaded[0].record, kept);
     assert_eq!(loaded[0].items.len(), 3);
 }
+
+/// A forgotten job's record leaves a purge marker (its watchers learn it is gone); `drop_marker` removes it later,
+/// unless the key was written again since: then the newer record stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_jobs_marker_is_removed_but_never_a_later_record() {
+    use async_nats::jetstream::kv::Operation;
+    use futures::TryStreamExt;
+    let Some(server) = nats::start() else { return };
+    let store = NatsJobStore::open(&server.url, "palette-jobs")
+        .await
+        .unwrap();
+    let job_subjects = || {
+        let stream = store.bucket().stream.clone();
+        async move {
+            let listed: Vec<(String, usize)> = stream
+                .info_with_subjects("$KV.palette-jobs.job.>")
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            listed.into_iter().map(|(s, _)| s).collect::<Vec<_>>()
+        }
+    };
+    let marker = || async {
+        let subjects = job_subjects().await;
+        assert_eq!(subjects.len(), 1, "{subjects:?}");
+        let key = subjects[0]
+            .strip_prefix("$KV.palette-jobs.")
+            .unwrap()
+            .to_string();
+        let entry = store.bucket().entry(&key).await.unwrap().unwrap();
+        assert_eq!(entry.operation, Operation::Purge);
+        (key, entry.revision)
+    };
+
+    let first = record("u", "again", "h1", 1);
+    store.create(&first).await.unwrap();
+    store.forget(&[first.key()]).await.unwrap();
+    let (key, revision) = marker().await;
+    store.drop_marker(&key, revision).await.unwrap();
+    assert!(job_subjects().await.is_empty(), "the marker is gone");
+
+    // The same id forgotten again, and recorded anew before its marker is removed: the new record stays.
+    store.create(&first).await.unwrap();
+    store.forget(&[first.key()]).await.unwrap();
+    let (key, revision) = marker().await;
+    let second = record("u", "again", "h2", 2);
+    assert!(matches!(store.create(&second).await.unwrap(), Created::New));
+    store.drop_marker(&key, revision).await.unwrap();
+    assert_eq!(store.job("u", "again").await.unwrap(), Some(second));
+    // Forgetting the first spec again leaves the second's record alone.
+    store.forget(&[first.key()]).await.unwrap();
+    assert_eq!(
+        store.job("u", "again").await.unwrap().map(|r| r.spec_hash),
+        Some("h2".into())
+    );
+}

@@ -12,6 +12,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
+use super::markers::{MARKER_SWEEP, Markers};
 use crate::error::Report;
 use crate::jobs::job::JobHandle;
 use crate::jobs::store::{self, JobRecord, KeyOf, RecordKey, StoreError};
@@ -20,9 +21,24 @@ use crate::jobs::{JobKey, JobService, durable};
 /// Pause before watching again after the watch failed or ended.
 const REWATCH_PAUSE: Duration = Duration::from_secs(1);
 
+/// Removes the markers that are due (`markers`); what fails is tried again at the next sweep.
+async fn drop_markers(cluster: &Cluster, markers: &mut Markers) {
+    let mut due = markers.due().into_iter();
+    while let Some((key, revision)) = due.next() {
+        if let Err(e) = cluster.store().drop_marker(&key, revision).await {
+            tracing::warn!(key = %key, error = %Report(&e), "purge marker not removed; trying again later");
+            markers.retry(std::iter::once((key, revision)).chain(due).collect());
+            return;
+        }
+    }
+}
+
 impl JobService {
     /// Follows the bucket until `stop`.
     pub async fn follow_store(self: Arc<Self>, cluster: Arc<Cluster>, stop: CancellationToken) {
+        let mut markers = Markers::default();
+        let mut sweep = tokio::time::interval(MARKER_SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !stop.is_cancelled() {
             let watch = tokio::select! {
                 watch = cluster.store().bucket().watch_with_history(">") => watch,
@@ -32,10 +48,21 @@ impl JobService {
                 Ok(mut watch) => loop {
                     let entry = tokio::select! {
                         entry = watch.next() => entry,
+                        _ = sweep.tick() => {
+                            drop_markers(&cluster, &mut markers).await;
+                            continue;
+                        }
                         () = stop.cancelled() => return,
                     };
                     match entry {
-                        Some(Ok(entry)) => self.apply_entry(&cluster, entry).await,
+                        Some(Ok(entry)) => {
+                            if entry.operation != Operation::Put
+                                && matches!(store::parse_key(&entry.key), Some(KeyOf::Job { .. }))
+                            {
+                                markers.seen(&entry.key, entry.revision);
+                            }
+                            self.apply_entry(&cluster, entry).await
+                        }
                         Some(Err(e)) => {
                             tracing::warn!(error = %Report(&e), "job store watch failed; watching again");
                             break;

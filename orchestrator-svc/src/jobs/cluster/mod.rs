@@ -9,6 +9,7 @@
 //!   durable consumer as its BATCH_CONCURRENCY permits free up (`work`). The ack wait is the lease: in-progress
 //!   acks keep it while the item runs, and a replica that dies holding an item loses it to another one.
 
+mod markers;
 mod mirror;
 mod orphans;
 mod patience;

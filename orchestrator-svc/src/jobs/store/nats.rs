@@ -182,6 +182,20 @@ impl NatsJobStore {
         format!("{}{prefix}>", self.kv.prefix)
     }
 
+    /// Removes the purge marker a forgotten job's record left at `revision` (its watchers have seen it by now), if
+    /// it is still the key's last message: every later write (a new job under the same id) stays. Markers are kept
+    /// for ever otherwise, one per job ever forgotten, and every watch and listing reads them all.
+    pub async fn drop_marker(&self, key: &str, revision: u64) -> Result<(), StoreError> {
+        self.kv
+            .stream
+            .purge()
+            .filter(format!("{}{key}", self.kv.prefix))
+            .sequence(revision + 1)
+            .await
+            .map(drop)
+            .map_err(StoreError::unavailable)
+    }
+
     /// Removes every key under `prefix` with one filtered purge of the bucket's stream: no tombstone stays behind
     /// (no watcher needs one for item records and claims: the job record's purge drops the job).
     async fn purge_prefix(&self, prefix: &str) -> Result<(), StoreError> {
@@ -314,10 +328,16 @@ impl JobStore for NatsJobStore {
     async fn forget(&self, jobs: &[RecordKey]) -> Result<(), StoreError> {
         for job in jobs {
             let key = job_key(&job.user_id, &job.job_id);
-            if let Some((bytes, _)) = self.entry(&key).await?
+            if let Some((bytes, revision)) = self.entry(&key).await?
                 && JobRecord::decode(&bytes).is_some_and(|r| r.spec_hash == job.spec_hash)
             {
-                self.kv.purge(&key).await.map_err(StoreError::unavailable)?;
+                // Only the record read: between the read and the purge another replica may have forgotten it and a
+                // new job (another spec under the same id) been recorded, which an unconditional purge deleted.
+                match self.kv.purge_expect_revision(&key, Some(revision)).await {
+                    // Items and claims are keyed by spec hash: the old job's go all the same.
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                    other => other.map_err(StoreError::unavailable)?,
+                }
             }
             self.purge_prefix(&items_prefix(job)).await?;
             self.purge_prefix(&claims_prefix(job)).await?;
