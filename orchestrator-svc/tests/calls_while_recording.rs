@@ -1,6 +1,8 @@
-//! CancelJob that arrives while the SubmitJob call is still recording the job: the cancel must end up in the
-//! record (JOB_STORE=nats: the other replicas run the items of a record that says not cancelled; JOB_STORE=local: a
-//! restart does). A job store whose `create` waits for the test makes the interleaving deterministic.
+//! Calls that arrive while the SubmitJob call is still recording the job. A CancelJob must end up in the record
+//! (JOB_STORE=nats: the other replicas run the items of a record that says not cancelled; JOB_STORE=local: a
+//! restart does). A retried SubmitJob (same spec) must not be told "accepted" before the job is recorded, nor at all
+//! when the first call fails to record it. A job store whose `create` waits for the test makes the interleaving
+//! deterministic.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -184,5 +186,54 @@ async fn a_record_that_does_not_decode_is_internal_not_unavailable() {
     assert!(
         matches!(cancelled, Err(ApiError::JobNotFound { .. })),
         "{cancelled:?}"
+    );
+}
+
+/// Submits a job, submits the same spec again (a client retry) while `store.create` waits, then lets `create`
+/// return; both answers, and whether the retry had answered before the record was written.
+async fn retry_while_recording(
+    store: Arc<GatedStore>,
+) -> (Result<(), ApiError>, Result<(), ApiError>, bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let service = service(store.clone(), dir.path());
+    let spec = seed_spec("job-1", 2);
+    let submit = |service: Arc<JobService>, spec: palette_proto::orchestrator::v1::JobSpec| {
+        tokio::spawn(async move { service.submit(&spec).await.map(drop) })
+    };
+    let first = submit(service.clone(), spec.clone());
+    store.entered.notified().await;
+    let retry = submit(service, spec);
+    // The paused clock moves only once every task waits: the retry has gone as far as it goes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let answered_early = retry.is_finished();
+    store.gate.notify_one();
+    (first.await.unwrap(), retry.await.unwrap(), answered_early)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retried_submission_is_answered_once_the_first_call_recorded_the_job() {
+    let store = Arc::new(GatedStore::default());
+    let (first, retry, answered_early) = retry_while_recording(store.clone()).await;
+    assert!(!answered_early, "the retry waited for the record");
+    first.unwrap();
+    retry.unwrap();
+    assert!(store.record.lock().unwrap().is_some(), "recorded once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retried_submission_is_not_accepted_when_the_first_call_failed_to_record_it() {
+    let store = Arc::new(GatedStore {
+        fail: true,
+        ..Default::default()
+    });
+    let (first, retry, answered_early) = retry_while_recording(store).await;
+    assert!(!answered_early, "the retry waited for the record");
+    assert!(
+        matches!(first, Err(ApiError::StoreUnavailable(_))),
+        "{first:?}"
+    );
+    assert!(
+        matches!(retry, Err(ApiError::StoreUnavailable(_))),
+        "a retry is not told accepted for a job nobody recorded: {retry:?}"
     );
 }
