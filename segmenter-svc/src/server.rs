@@ -289,3 +289,55 @@ async fn follow_health(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus as Reported;
+    use tonic_health::pb::health_server::Health as _;
+    use tonic_health::server::{HealthReporter, HealthService};
+
+    async fn status(service: &HealthService, name: &str) -> Reported {
+        let reply = service
+            .check(tonic::Request::new(HealthCheckRequest {
+                service: name.into(),
+            }))
+            .await
+            .unwrap();
+        Reported::try_from(reply.into_inner().status).unwrap()
+    }
+
+    /// The engine turning SERVING at the moment the drain begins (a warm-up that ends, a re-probe that passes) must
+    /// not bring traffic back: whichever the follower sees first, it ends on NOT_SERVING and stops following.
+    #[tokio::test]
+    async fn health_stays_not_serving_once_the_drain_began_whatever_the_engine_says() {
+        let (engine, health) = tokio::sync::watch::channel(Health::WarmingUp);
+        let reporter = HealthReporter::new();
+        let service = HealthService::from_health_reporter(reporter.clone());
+        let draining = tokio_util::sync::CancellationToken::new();
+        let follower = tokio::spawn(follow_health(health, reporter, draining.clone()));
+        tokio::task::yield_now().await;
+        engine.send_replace(Health::Serving);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(status(&service, "").await, Reported::Serving);
+
+        engine.send_replace(Health::Failed("probe".into()));
+        draining.cancel();
+        engine.send_replace(Health::Serving);
+        tokio::time::timeout(Duration::from_secs(5), follower)
+            .await
+            .expect("the follower stops at the drain")
+            .unwrap();
+        engine.send_replace(Health::Serving);
+        for name in ["", SERVICE_NAME] {
+            assert_eq!(
+                status(&service, name).await,
+                Reported::NotServing,
+                "{name:?}"
+            );
+        }
+    }
+}
