@@ -171,15 +171,30 @@ fn seed_adapter(matches: &ArgMatches, config: &Config) -> Adapter {
     }
 }
 
+/// STORAGE_BACKEND as given; when it is not given and R2_ACCOUNT_ID is, r2 (`Config::from_env`).
+fn seed_storage(matches: &ArgMatches, config: &Config) -> StorageBackend {
+    let given = matches
+        .value_source("storage_backend")
+        .is_some_and(|source| source != clap::parser::ValueSource::DefaultValue);
+    if !given && config.storage.names_an_r2_account() {
+        StorageBackend::R2
+    } else {
+        config.storage.storage_backend
+    }
+}
+
 impl Config {
     /// The configuration from the command line and environment (what `main` runs with). As the seed's worker, whose
     /// ADAPTER defaulted to runpod: with ADAPTER unset and RUNPOD_WEBHOOK_GET_JOB set (Runpod sets it in every
     /// serverless worker) the adapter is runpod, so a seed deployment relying on that default takes its jobs
-    /// instead of starting as a gRPC server nobody calls while Runpod's queue waits.
+    /// instead of starting as a gRPC server nobody calls while Runpod's queue waits. Likewise storage: the seed only
+    /// knew R2, so with STORAGE_BACKEND unset and R2_ACCOUNT_ID set the backend is r2 (the local default would
+    /// look for every input on this machine's disk and fail each item input_missing).
     pub fn from_env() -> Self {
         let matches = Config::command().get_matches();
         let mut config = Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         config.adapter = seed_adapter(&matches, &config);
+        config.storage.storage_backend = seed_storage(&matches, &config);
         config
     }
 
@@ -271,6 +286,33 @@ mod tests {
         assert_eq!(
             adapter(&["x", "--adapter", "queue_pull"]),
             Adapter::QueuePull
+        );
+    }
+
+    #[test]
+    fn storage_defaults_to_r2_when_an_r2_account_is_named_as_the_seeds_did() {
+        let backend = |args: &[&str]| {
+            let matches = Config::command()
+                .mut_args(|arg| arg.env(None::<&str>))
+                .try_get_matches_from(args)
+                .unwrap();
+            let config = Config::from_arg_matches(&matches).unwrap();
+            seed_storage(&matches, &config)
+        };
+        assert_eq!(backend(&["x"]), StorageBackend::Local);
+        assert_eq!(
+            backend(&["x", "--r2-account-id", "acc"]),
+            StorageBackend::R2
+        );
+        assert_eq!(
+            backend(&["x", "--r2-account-id", " "]),
+            StorageBackend::Local,
+            "blank is unset"
+        );
+        assert_eq!(
+            backend(&["x", "--r2-account-id", "acc", "--storage-backend", "s3"]),
+            StorageBackend::S3,
+            "given wins"
         );
     }
 

@@ -21,7 +21,7 @@ pub enum StorageBackend {
 
 #[derive(Clone, Debug, Args)]
 pub struct StorageArgs {
-    /// Object storage: r2 | s3 | local. Default local.
+    /// Object storage: r2 | s3 | local. Default local; r2 when R2_ACCOUNT_ID is set (the seed's only storage).
     #[arg(
         long,
         env = "STORAGE_BACKEND",
@@ -110,7 +110,21 @@ fn required(value: &Option<String>, setting: &'static str) -> Result<String, Con
 }
 
 impl StorageArgs {
+    /// R2_ACCOUNT_ID set to something (not blank).
+    pub fn names_an_r2_account(&self) -> bool {
+        self.r2_account_id
+            .as_deref()
+            .is_some_and(|a| !a.trim().is_empty())
+    }
+
     pub fn settings(&self) -> Result<StorageSettings, ConfigError> {
+        if self.storage_backend != StorageBackend::R2 && self.names_an_r2_account() {
+            // Given explicitly (an unset STORAGE_BACKEND with R2_ACCOUNT_ID is r2: `Config::from_env`).
+            tracing::warn!(
+                backend = ?self.storage_backend,
+                "R2_ACCOUNT_ID is set but STORAGE_BACKEND is not r2: R2 is not used; set STORAGE_BACKEND=r2 to use it"
+            );
+        }
         let (endpoint_url, region) = match self.storage_backend {
             StorageBackend::Local => {
                 return Ok(StorageSettings::Local(self.local_storage_dir.clone()));
