@@ -37,6 +37,8 @@ struct Inner {
     pings: usize,
     unauthorized: usize,
     wrong_pod: usize,
+    /// Result/progress posts without runpod-python's `isStream=false` or `X-Request-ID: {job id}`.
+    unlike_the_sdk: usize,
 }
 
 #[derive(Clone)]
@@ -137,6 +139,7 @@ async fn take(
 async fn done(
     State(fake): State<FakeRunpod>,
     Path((pod, job)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
@@ -144,7 +147,14 @@ async fn done(
         return StatusCode::UNAUTHORIZED;
     }
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    fake.inner.lock().unwrap().posts.push((job, body));
+    let mut inner = fake.inner.lock().unwrap();
+    let request_id = headers.get("x-request-id").and_then(|v| v.to_str().ok());
+    if query.get("isStream").map(String::as_str) != Some("false")
+        || request_id != Some(job.as_str())
+    {
+        inner.unlike_the_sdk += 1;
+    }
+    inner.posts.push((job, body));
     StatusCode::OK
 }
 
@@ -307,6 +317,7 @@ async fn runpod_worker_runs_the_seed_job_and_survives_a_malformed_one() {
     assert_eq!(inner.takes, 4);
     assert_eq!(inner.unauthorized, 0);
     assert_eq!(inner.wrong_pod, 0);
+    assert_eq!(inner.unlike_the_sdk, 0, "posts as runpod-python makes them");
     assert!(inner.take_queries.iter().all(|q| {
         q.get("gpu").is_some_and(|v| v == "test")
             && q.get("job_in_progress")

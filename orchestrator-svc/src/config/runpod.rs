@@ -117,9 +117,11 @@ impl RunpodSettings {
         )
     }
 
-    /// Where a job's progress and result go.
+    /// Where a job's progress and result go, marked not streamed as runpod-python's posts are (`isStream=false`).
     pub fn output_url(&self, job_id: &str) -> String {
-        self.post_output_url.replace("$ID", job_id)
+        let url = self.post_output_url.replace("$ID", job_id);
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}isStream=false")
     }
 }
 
@@ -140,7 +142,10 @@ mod tests {
             s.take_url(false),
             "http://h/take/pod1?gpu=x&job_in_progress=0"
         );
-        assert_eq!(s.output_url("job9"), "http://h/done/pod1/job9");
+        assert_eq!(
+            s.output_url("job9"),
+            "http://h/done/pod1/job9?isStream=false"
+        );
         assert_eq!(s.ping_url.as_deref(), Some("http://h/ping/pod1"));
         assert!(!format!("{s:?}").contains("\"k\""));
         c.runpod.runpod_ai_api_key = None;

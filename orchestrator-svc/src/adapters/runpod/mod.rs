@@ -6,7 +6,8 @@
 //!   FlashBoot answers) = no job, 200 = `{"id": "...", "input": {...}}`;
 //! - progress: POST `RUNPOD_WEBHOOK_POST_OUTPUT` (`$ID` = the Runpod job id) `{"status":"IN_PROGRESS","output":{..}}`;
 //! - result: POST the same URL `{"output": {...}}` or `{"error": "..."}`; the body is JSON sent as
-//!   `application/x-www-form-urlencoded`, as rp_http.py does;
+//!   `application/x-www-form-urlencoded`, with `isStream=false` in the query and `X-Request-ID: <job id>`, as
+//!   rp_http.py does;
 //! - heartbeat: GET `RUNPOD_WEBHOOK_PING` (`$RUNPOD_POD_ID` replaced) with `job_id` = the jobs in progress, every
 //!   `RUNPOD_PING_INTERVAL` ms;
 //! - every request carries `Authorization: <RUNPOD_AI_API_KEY>`.
@@ -132,6 +133,8 @@ impl Worker {
             .header("Authorization", self.settings.api_key.expose())
             .header("Content-Type", "application/x-www-form-urlencoded")
             .header("charset", "utf-8")
+            // As runpod-python sends it (its "legacy" request id: the job's).
+            .header("X-Request-ID", job_id)
             .timeout(POST_TIMEOUT)
             .body(body.to_string())
             .send()
