@@ -186,3 +186,61 @@ async fn a_request_whose_deadline_passes_mid_decoder_stops_running_chunks() {
     );
     server.stop().await.unwrap();
 }
+
+/// A failed warm-up is final: the recovery probes are for a provider that failed after serving. One 1-image x
+/// 1-phrase probe passing would not show that the shapes the warm-up did not finish work, so health stays NOT_SERVING
+/// (the liveness probe restarts the pod) even when the fault was transient.
+#[tokio::test]
+async fn a_failed_warm_up_is_not_re_probed_into_serving() {
+    let mut config = test_config();
+    config.reprobe_interval_sec = 1;
+    let faults = config.faults.clone();
+    // The warm-up's first run (the probe's text encoder) fails; every later run would pass.
+    faults.fail_next_runs(1);
+    let mut server = palette_testing::server::start(|listener, shutdown| {
+        segmenter_svc::run(config, listener, shutdown)
+    })
+    .await;
+    let service = segmenter_svc::server::SERVICE_NAME;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while faults.failed_runs() == 0
+        || palette_testing::server::health(server.addr, service).await != NOT_SERVING
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the warm-up never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let runs = faults.runs();
+    let mut client = palette_proto::segmenter::v1::segmenter_client::SegmenterClient::new(
+        tonic::transport::Endpoint::from_shared(server.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let err = client
+        .segment(request(image_bytes("room_640x480.jpg"), &["wall"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("warm-up failed"),
+        "{}",
+        err.message()
+    );
+    // Kept as a real wait (nothing is to happen, no event to wait for): two and a half reprobe intervals, each
+    // probe of the tiny model taking about 100 ms.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(faults.runs(), runs, "a probe ran after the failed warm-up");
+    assert_eq!(
+        palette_testing::server::health(server.addr, service).await,
+        NOT_SERVING
+    );
+    assert_eq!(
+        palette_testing::server::health(server.addr, "").await,
+        NOT_SERVING
+    );
+    server.stop().await.unwrap();
+}

@@ -67,7 +67,8 @@ pub enum Health {
     WarmingUp,
     Serving,
     /// The execution provider failed a probe after a run error (e.g. a CUDA fault): requests are refused, and the
-    /// engine probes again every `reprobe_interval` until one passes.
+    /// engine probes again every `reprobe_interval` until one passes. Also a failed warm-up or a panic of the
+    /// inference thread, which are final: never probed again.
     Failed(String),
     Stopped,
 }

@@ -148,6 +148,10 @@ impl Drop for Worker {
 impl Worker {
     fn run(&mut self, rx: Receiver<Job>, depth: Arc<AtomicUsize>) {
         let started = Instant::now();
+        // Recovery probes are for a provider that failed after serving. A failed warm-up is final: it ran every
+        // shape, and one 1-image x 1-phrase probe passing later would not show that the others work; health stays
+        // NOT_SERVING, for the liveness probe to restart the pod.
+        let mut reprobe_interval = self.settings.reprobe_interval;
         match self.warm_up() {
             // Asked to stop while warming up (at full size on a CPU that is minutes): stop now, never SERVING.
             Ok(()) if self.stop.load(Ordering::SeqCst) => {
@@ -161,6 +165,7 @@ impl Worker {
                 tracing::error!(error = %e, "warm-up failed; the segmenter will not serve");
                 self.health
                     .send_replace(Health::Failed(format!("warm-up failed: {e}")));
+                reprobe_interval = None;
             }
         }
         // Idle since the last batch or probe: a failed engine probes again after `reprobe_interval` of it.
@@ -170,7 +175,7 @@ impl Worker {
                 Ok(job) => job,
                 Err(RecvTimeoutError::Timeout) => {
                     // Refused requests never reach this queue while NOT_SERVING: probe when idle instead.
-                    if let Some(every) = self.settings.reprobe_interval
+                    if let Some(every) = reprobe_interval
                         && self.is_failed()
                         && idle_since.elapsed() >= every
                     {
