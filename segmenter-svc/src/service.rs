@@ -230,22 +230,13 @@ fn check(shared: &Shared, request: &pb::SegmentRequest) -> Result<Checked, Error
     let mut distinct: Vec<(String, Tokens)> = Vec::new();
     for (i, raw) in phrases.iter().enumerate() {
         let field = format!("concepts[{i}]");
-        let phrase = raw
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-            .to_lowercase();
-        if phrase.is_empty() {
-            violations.push(Violation::new(field, "empty phrase"));
-            continue;
-        }
-        if phrase.chars().count() > shared.max_concept_chars {
-            violations.push(Violation::new(
-                field,
-                format!("longer than {} characters", shared.max_concept_chars),
-            ));
-            continue;
-        }
+        let phrase = match normalise_phrase(raw, shared.max_concept_chars) {
+            Ok(phrase) => phrase,
+            Err(why) => {
+                violations.push(Violation::new(field, why));
+                continue;
+            }
+        };
         if !distinct.iter().any(|(p, _)| *p == phrase) {
             match shared.tokenizer.encode(&phrase) {
                 Err(e) => violations.push(Violation::new(field, format!("cannot tokenise: {e}"))),
@@ -300,6 +291,30 @@ fn check(shared: &Shared, request: &pb::SegmentRequest) -> Result<Checked, Error
         format,
         include_rle: request.include_rle,
     })
+}
+
+/// A phrase as the model reads it: whitespace runs collapsed to one space, lowercase. Its length is measured on the
+/// raw text first, without allocating, and counting stops at the limit: the normalised copy is only made of a phrase
+/// within it (a 64 MiB phrase of one-letter words used to cost ~1 GB of word list and copies before being refused).
+fn normalise_phrase(raw: &str, max_chars: usize) -> Result<String, String> {
+    let mut chars = 0usize;
+    for (i, word) in raw.split_whitespace().enumerate() {
+        chars += usize::from(i > 0);
+        for c in word.chars() {
+            chars += c.to_lowercase().count();
+            if chars > max_chars {
+                return Err(format!("longer than {max_chars} characters"));
+            }
+        }
+    }
+    if chars == 0 {
+        return Err("empty phrase".into());
+    }
+    Ok(raw
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase())
 }
 
 async fn prepare(
@@ -442,6 +457,84 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts the bytes each thread allocates: a test measures what one call costs on its own thread.
+    #[allow(unsafe_code)] // a GlobalAlloc is unsafe to implement; this one only forwards to the system allocator
+    mod counting {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        thread_local! {
+            static ALLOCATED: Cell<usize> = const { Cell::new(0) };
+        }
+
+        fn count(bytes: usize) {
+            let _ = ALLOCATED.try_with(|a| a.set(a.get().saturating_add(bytes)));
+        }
+
+        pub struct Counting;
+
+        // SAFETY: every call is forwarded to `System` with the caller's arguments, unchanged.
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                count(layout.size());
+                unsafe { System.alloc(layout) }
+            }
+            unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+                count(layout.size());
+                unsafe { System.alloc_zeroed(layout) }
+            }
+            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+                count(new_size);
+                unsafe { System.realloc(ptr, layout, new_size) }
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                unsafe { System.dealloc(ptr, layout) }
+            }
+        }
+
+        #[global_allocator]
+        static COUNTING: Counting = Counting;
+
+        /// Bytes allocated by this thread so far.
+        pub fn allocated() -> usize {
+            ALLOCATED.with(Cell::get)
+        }
+    }
+
+    #[test]
+    fn phrases_are_normalised_and_measured_after_normalising() {
+        assert_eq!(
+            normalise_phrase("  Red\t  SOFA \n", 200).as_deref(),
+            Ok("red sofa")
+        );
+        // The limit is on the phrase the model reads: padding does not count, the spaces between words do.
+        let padded = format!("{}wall{}", " ".repeat(500), "\t".repeat(500));
+        assert_eq!(normalise_phrase(&padded, 4).as_deref(), Ok("wall"));
+        assert_eq!(normalise_phrase("red  sofa", 8).as_deref(), Ok("red sofa"));
+        assert_eq!(
+            normalise_phrase("red sofa", 7),
+            Err("longer than 7 characters".to_string())
+        );
+        assert_eq!(
+            normalise_phrase(" \t\n", 200),
+            Err("empty phrase".to_string())
+        );
+        assert_eq!(normalise_phrase("", 200), Err("empty phrase".to_string()));
+    }
+
+    /// A phrase far over the limit is refused without copying it: before, 16 MiB of one-letter words became a
+    /// 128 MiB word list and two 16 MiB copies on a tokio worker before its length was looked at.
+    #[test]
+    fn an_over_long_phrase_is_refused_without_allocating_for_it() {
+        for raw in ["a ".repeat(8 << 20), "A".repeat(16 << 20)] {
+            let before = counting::allocated();
+            let result = normalise_phrase(&raw, 200);
+            let spent = counting::allocated() - before;
+            assert_eq!(result, Err("longer than 200 characters".to_string()));
+            assert!(spent < 4096, "{spent} bytes allocated to refuse the phrase");
+        }
+    }
 
     #[test]
     fn grpc_timeouts_parse() {
