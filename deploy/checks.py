@@ -273,6 +273,17 @@ def k8s(rendered_dir: Path) -> None:
         if not (check(seg is not None, f"{where}: Deployment/segmenter missing")
                 and check(orch is not None, f"{where}: Deployment/orchestrator missing")):
             continue
+        # Each tier reads only its own ConfigMap: a shared one rolled the GPU tier for orchestrator-only changes.
+        for dep, own in ((seg, "segmenter-config"), (orch, "orchestrator-config")):
+            spec = _pod_spec(dep)
+            maps = {e["configMapRef"]["name"]
+                    for c in spec["containers"] + spec.get("initContainers", [])
+                    for e in c.get("envFrom", []) if "configMapRef" in e}
+            maps |= {e["valueFrom"]["configMapKeyRef"]["name"]
+                     for c in spec["containers"] + spec.get("initContainers", [])
+                     for e in c.get("env", []) if "configMapKeyRef" in e.get("valueFrom", {})}
+            check(bool(maps) and all(m.startswith(own + "-") for m in maps),
+                  f"{where}: {dep['metadata']['name']} must read only {own}, reads {sorted(maps)}")
 
         # Headless segmenter Service, selecting the segmenter pods, exposing the container's gRPC port.
         svc = idx.get(("Service", "segmenter"))
@@ -283,8 +294,8 @@ def k8s(rendered_dir: Path) -> None:
                 all(labels.get(k) == v for k, v in svc["spec"]["selector"].items()),
                 f"{where}: Service/segmenter selector does not match the segmenter pods",
             )
-        cm = next((d for (k, _), d in idx.items() if k == "ConfigMap" and _.startswith("palette-config")), None)
-        if check(cm is not None, f"{where}: palette-config ConfigMap missing"):
+        cm = next((d for (k, _), d in idx.items() if k == "ConfigMap" and _.startswith("orchestrator-config")), None)
+        if check(cm is not None, f"{where}: orchestrator-config ConfigMap missing"):
             url = cm["data"].get("SEGMENTER_URL", "")
             check(
                 url.startswith("https://segmenter.") or url.startswith("https://segmenter:"),
@@ -387,7 +398,9 @@ def k8s(rendered_dir: Path) -> None:
 
         seg_c = _pod_spec(seg)["containers"][0]
         gpu_limit = seg_c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
-        env_cm = cm["data"] if cm else {}
+        seg_cm = next((d for (k, _), d in idx.items() if k == "ConfigMap" and _.startswith("segmenter-config")), None)
+        check(seg_cm is not None, f"{where}: segmenter-config ConfigMap missing")
+        env_cm = seg_cm["data"] if seg_cm else {}
         if where.startswith("gpu"):
             check(gpu_limit in (1, "1"), f"{where}: segmenter needs limits nvidia.com/gpu: 1")
             check(seg_c["image"].endswith(":gpu"), f"{where}: segmenter image tag gpu, got {seg_c['image']}")
@@ -658,11 +671,18 @@ def dockerfiles() -> None:
     ort = re.search(r"ARG ORT_VERSION=(\S+)", seg)
     ort12 = re.search(r"ARG ORT_CU12_VERSION=(\S+)", seg)
     if check(ort is not None and ort12 is not None, "segmenter Dockerfile: ARG ORT_VERSION and ORT_CU12_VERSION"):
-        # Each run-time stage points ORT_DYLIB_PATH at the library version its libs stage installs.
-        for stage, instrs in _stages(seg).items():
-            want = ort12.group(1) if stage == "runtime-gpu-cu12" else ort.group(1)
+        # Each run-time stage points ORT_DYLIB_PATH at the unversioned name, which each libs stage links to the
+        # version it installed: a build with another ORT_VERSION then needs no edit of the runtime stages.
+        stages = _stages(seg)
+        for stage, instrs in stages.items():
             for m in re.finditer(r"ORT_DYLIB_PATH=(\S+)", " ".join(instrs)):
-                check(m.group(1).endswith(f"libonnxruntime.so.{want}"), f"[{stage}] ORT_DYLIB_PATH {m.group(1)} vs {want}")
+                check(m.group(1) == "/opt/onnxruntime/lib/libonnxruntime.so",
+                      f"[{stage}] ORT_DYLIB_PATH {m.group(1)}: the unversioned link, not a version")
+        for stage, var in (("ort-cpu-libs", "ORT_VERSION"), ("ort-gpu-libs", "ORT_VERSION"),
+                           ("ort-gpu-cu12-libs", "ORT_CU12_VERSION")):
+            text = " ".join(stages.get(stage, []))
+            check(f'ln -sf "libonnxruntime.so.${{{var}}}" /opt/onnxruntime/lib/libonnxruntime.so' in text,
+                  f"[{stage}] must link libonnxruntime.so to the version it installed (${var})")
     gpu_stages = _stages(seg)
     for stage, libs in (
         ("ort-gpu-libs", ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13", "libnvrtc.so.13",

@@ -76,8 +76,10 @@ mkdir -p "$parent"
 # Several starters at once (segmenter pods' init containers on a shared volume): one exports, the others wait and
 # then find the model complete. flock is in util-linux (every Debian image); without it, concurrent exports still
 # end consistently (each switches the link atomically), only wastefully.
+locked=0
 if command -v flock >/dev/null 2>&1; then
     exec 9>"$parent/.$name.export.lock"
+    locked=1
     if ! flock -n 9; then
         log "another export into $parent is running; waiting for it"
         flock 9
@@ -88,8 +90,18 @@ if command -v flock >/dev/null 2>&1; then
     fi
 fi
 checks="$parent/.$name-$stamp.parity"
-rm -rf "$partial" "$checks"
-trap 'rm -rf "$partial" "$checks"' EXIT INT TERM
+# The exporter's temporary files (the raw fp32 graphs, ~3.4 GB, until the export ends) go on the model volume, not
+# /tmp: in Kubernetes that is a 4 GiB emptyDir shared with the segmenter, which a second try in the same pod overran.
+tmp="$parent/.$name-$stamp.tmp"
+if [ "$locked" = 1 ]; then
+    # What an export killed outright (OOM, SIGKILL at the end of a grace period: no trap runs) left behind, up to
+    # ~7 GB per try. Only under the lock: without it another export may be writing these.
+    rm -rf "$parent/.$name"-*.partial "$parent/.$name"-*.parity "$parent/.$name"-*.tmp
+fi
+rm -rf "$partial" "$checks" "$tmp"
+trap 'rm -rf "$partial" "$checks" "$tmp"' EXIT INT TERM
+mkdir -p "$tmp"
+export TMPDIR="$tmp"
 
 set --
 if [ "$EXPORT_PARITY" = "1" ]; then
@@ -109,7 +121,7 @@ for f in vision.onnx text.onnx decoder.onnx tokenizer.json manifest.json; do
     fi
 done
 mv "$partial" "$target"
-rm -rf "$checks"
+rm -rf "$checks" "$tmp"
 trap - EXIT INT TERM
 
 if [ -e "$MODEL_DIR" ] && [ ! -L "$MODEL_DIR" ]; then

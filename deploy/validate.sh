@@ -216,11 +216,15 @@ step_export() {
   local t="$RENDER/export" rc
   mkdir -p "$t/models"
   cat >"$t/stub.py" <<'PY'
-import json, pathlib, sys
+import json, pathlib, sys, tempfile
 args = sys.argv[1:]
 out = pathlib.Path(args[args.index("--out") + 1])
 assert args[args.index("--model") + 1] == "facebook/sam3"
 out.mkdir(parents=True)
+# Temporary graphs go on the model volume (not /tmp, a small emptyDir in Kubernetes).
+tmp = pathlib.Path(tempfile.gettempdir())
+assert tmp.parent == out.parent, (tmp, out)
+(tmp / "raw-vision.onnx").write_text("x")
 for f in ("vision.onnx", "text.onnx", "decoder.onnx", "tokenizer.json"):
     (out / f).write_text("x")
 graphs = {g: {"file": f"{g}.onnx"} for g in ("vision", "text", "decoder")}
@@ -261,8 +265,14 @@ PY
   sleep 1
   HF_TOKEN=x FORCE_EXPORT=1 EXPORT_ARGS="--broken" deploy/model-export.sh 2>/dev/null && rc=0 || rc=$?
   [[ $rc == 1 ]] || { echo "incomplete export: expected exit 1, got $rc"; return 1; }
-  local leftover=("$t"/models/.*.partial)
-  [[ ! -e "${leftover[0]}" ]] || { echo "a .partial folder was left behind"; return 1; }
+  local leftover=("$t"/models/.*.partial "$t"/models/.*.tmp)
+  [[ ! -e "${leftover[0]}" && ! -e "${leftover[1]}" ]] || { echo "a .partial or .tmp folder was left behind"; return 1; }
+  # An export killed outright (no trap ran) left its folders: the next export, holding the lock, removes them.
+  mkdir -p "$t/models/.sam3-19990101T000000Z.partial" "$t/models/.sam3-19990101T000000Z.tmp"
+  sleep 1
+  HF_TOKEN=x FORCE_EXPORT=1 deploy/model-export.sh
+  leftover=("$t"/models/.*.partial "$t"/models/.*.tmp)
+  [[ ! -e "${leftover[0]}" && ! -e "${leftover[1]}" ]] || { echo "a killed export's folders were not removed"; return 1; }
   [[ -f "$t/models/sam3/manifest.json" ]] || { echo "a failed upgrade must keep the current model"; return 1; }
   # EXPORT_PARITY=1: the exporter also gets a generated photo to check against PyTorch; a disagreement keeps the
   # current model, and neither outcome leaves the check's folder behind.
@@ -276,7 +286,7 @@ PY
   leftover=("$t"/models/.*.parity)
   [[ ! -e "${leftover[0]}" ]] || { echo "a .parity folder was left behind"; return 1; }
   unset EXPORTER MODEL_CACHE_DIR HF_TOKEN_FILE
-  echo "model-export.sh: skip-when-present, atomic switch, rollback copy, failure paths, opt-in parity: ok"
+  echo "model-export.sh: skip-when-present, atomic switch, rollback copy, failure paths, temp on the volume, killed exports cleaned, opt-in parity: ok"
 }
 
 step_docs() {
