@@ -228,11 +228,14 @@ def _scaledobject(so: dict, idx: dict, where: str) -> None:
         query = meta.get("query", "")
         check(query.count("(") == query.count(")"), f"{where}: ScaledObject/{name}: unbalanced query")
         expected = {
-            "segmenter": ("segmenter_queue_depth", "segmenter_inflight_requests"),
+            "segmenter": ("segmenter_inflight_requests",),
             "orchestrator": ("orchestrator_items_in_flight",),
         }.get(ref.get("name"), ())
         for metric in expected:
             check(metric in query, f"{where}: ScaledObject/{name}: query should use {metric}")
+        # Every queued call is already in segmenter_inflight_requests: adding the queue counts it twice.
+        check(not (ref.get("name") == "segmenter" and "segmenter_queue_depth" in query),
+              f"{where}: ScaledObject/{name}: segmenter_inflight_requests already counts the queue")
 
 
 def _pod_spec(dep: dict) -> dict:
