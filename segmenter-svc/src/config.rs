@@ -164,11 +164,11 @@ pub struct Config {
     pub max_message_bytes: usize,
 
     /// Default score threshold when a request does not set one (Meta's reference uses 0.5).
-    #[arg(long, env = "DEFAULT_SCORE_THRESHOLD", default_value_t = 0.5)]
+    #[arg(long, env = "DEFAULT_SCORE_THRESHOLD", default_value_t = 0.5, value_parser = score_threshold)]
     pub default_score_threshold: f32,
 
     /// Default and maximum instances returned per concept; capped at the export's `decoder_topk` (20 by default).
-    #[arg(long, env = "MAX_INSTANCES_PER_CONCEPT", default_value_t = 20)]
+    #[arg(long, env = "MAX_INSTANCES_PER_CONCEPT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_instances_per_concept: u32,
 
     /// Requests decoding and pre-processing images at once (CPU work before the inference thread).
@@ -176,7 +176,7 @@ pub struct Config {
     pub preprocess_concurrency: usize,
 
     /// Deadline applied when the client sends none, in seconds.
-    #[arg(long, env = "DEFAULT_DEADLINE_SEC", default_value_t = 120)]
+    #[arg(long, env = "DEFAULT_DEADLINE_SEC", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=MAX_DEFAULT_DEADLINE_SEC))]
     pub default_deadline_sec: u64,
 
     /// After a provider failure (NOT_SERVING), seconds between probes that bring the segmenter back to SERVING when
@@ -199,6 +199,25 @@ pub struct Config {
     /// Test-only fault injection; not settable from flags or the environment.
     #[arg(skip)]
     pub faults: crate::engine::Faults,
+}
+
+/// DEFAULT_DEADLINE_SEC's upper bound: an hour is far beyond any request (a full-size CPU request takes minutes), and
+/// a deadline of years would overflow the clock (`Instant + Duration` panics).
+pub const MAX_DEFAULT_DEADLINE_SEC: u64 = 3600;
+
+/// DEFAULT_SCORE_THRESHOLD: what a request may set, [0, 1). Refused at startup, not on every request that sends no
+/// threshold of its own (as INVALID_ARGUMENT on a field its client never set).
+fn score_threshold(value: &str) -> Result<f32, String> {
+    let threshold: f32 = value
+        .trim()
+        .parse()
+        .map_err(|e| format!("not a number: {e}"))?;
+    if !(0.0..1.0).contains(&threshold) {
+        return Err(format!(
+            "{threshold} is not within [0, 1), the range a request's score_threshold may take"
+        ));
+    }
+    Ok(threshold)
 }
 
 impl Config {
@@ -235,5 +254,66 @@ impl Config {
         config.metrics_addr = String::new();
         config.grpc_addr = "127.0.0.1:0".parse().expect("literal address");
         config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses `flags` over the defaults, whatever the environment says.
+    fn parse(flags: &[&str]) -> Result<Config, clap::Error> {
+        let command = Config::command().mut_args(|arg| arg.env(None::<&str>));
+        let matches = command
+            .try_get_matches_from(std::iter::once("segmenter-svc").chain(flags.iter().copied()))?;
+        Config::from_arg_matches(&matches)
+    }
+
+    #[test]
+    fn request_defaults_out_of_range_stop_startup_with_the_setting_named() {
+        for (flags, says) in [
+            (&["--default-deadline-sec", "0"][..], "0 is not in 1..=3600"),
+            (
+                &["--default-deadline-sec", "18446744073709551615"],
+                "is not in 1..=3600",
+            ),
+            (&["--default-score-threshold", "1"], "not within [0, 1)"),
+            (&["--default-score-threshold=-0.1"], "not within [0, 1)"),
+            (&["--default-score-threshold", "NaN"], "not within [0, 1)"),
+            (&["--default-score-threshold", "half"], "not a number"),
+            (&["--max-instances-per-concept", "0"], "0 is not in 1.."),
+        ] {
+            let err = parse(flags)
+                .expect_err(&format!("{flags:?} accepted"))
+                .to_string();
+            let flag = flags[0].split('=').next().unwrap_or_default();
+            assert!(err.contains(flag), "{flags:?}: {err}");
+            assert!(err.contains(says), "{flags:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn request_defaults_within_range_are_taken() {
+        let config = parse(&[
+            "--default-deadline-sec",
+            "3600",
+            "--default-score-threshold",
+            "0",
+            "--max-instances-per-concept",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(config.default_deadline(), Duration::from_secs(3600));
+        assert_eq!(config.default_score_threshold, 0.0);
+        assert_eq!(config.max_instances_per_concept, 1);
+        let defaults = parse(&[]).unwrap();
+        assert_eq!(
+            (
+                defaults.default_deadline_sec,
+                defaults.default_score_threshold,
+                defaults.max_instances_per_concept
+            ),
+            (120, 0.5, 20)
+        );
     }
 }
