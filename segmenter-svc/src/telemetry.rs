@@ -75,7 +75,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         "segmenter_text_cache_total",
-        "Text-feature cache lookups by result"
+        "Distinct phrases of each batch by where their text features came from (hit: the cache, miss: the text encoder)"
     );
     metrics::describe_counter!(
         "segmenter_dropped_total",

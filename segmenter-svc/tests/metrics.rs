@@ -27,7 +27,9 @@ async fn metrics_endpoint_reports_requests_stages_and_cache() {
         "segmenter_requests_total{outcome=\"invalid_argument\"} 1",
         "segmenter_stage_seconds_bucket{stage=\"vision\"",
         "segmenter_stage_seconds_bucket{stage=\"decoder\"",
-        "segmenter_text_cache_total{result=\"hit\"}",
+        // One lookup per phrase: "wall" and "floor" cold (misses), then "wall" warm (a hit).
+        "segmenter_text_cache_total{result=\"miss\"} 2\n",
+        "segmenter_text_cache_total{result=\"hit\"} 1\n",
         "segmenter_vision_batch_size",
         "segmenter_inflight_requests 0",
         "segmenter_queue_depth",

@@ -17,11 +17,18 @@ impl TextCache {
         }
     }
 
+    /// A lookup that counts: a hit or a miss in segmenter_text_cache_total (once per phrase and batch).
     pub fn get(&mut self, phrase: &str) -> Option<Arc<[f32]>> {
         let hit = self.entries.get(phrase).cloned();
         metrics::counter!("segmenter_text_cache_total", "result" => if hit.is_some() { "hit" } else { "miss" })
             .increment(1);
         hit
+    }
+
+    /// The features of a phrase already looked up by `get` (or just inserted), neither counted nor moved up the
+    /// eviction order again.
+    pub fn peek(&self, phrase: &str) -> Option<Arc<[f32]>> {
+        self.entries.peek(phrase).cloned()
     }
 
     pub fn insert(&mut self, phrase: String, features: Arc<[f32]>) {

@@ -1,5 +1,6 @@
 //! The inference thread: batching loop, text cache, vision batch, per-image decoder chunks, filtering.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
@@ -323,17 +324,23 @@ impl Worker {
             batch.follows_from(&job.span);
         }
         let batch = batch.entered();
-        // Text: every phrase of the batch that is not cached goes through the encoder in one run.
+        // Text: every phrase of the batch that is not cached goes through the encoder in one run. Each distinct
+        // phrase is looked up (and counted in segmenter_text_cache_total) once per batch, however many of its
+        // requests ask for it.
         let t0 = Instant::now();
         let mut hits: Vec<Vec<bool>> = Vec::with_capacity(jobs.len());
         let mut missing: Vec<(String, Tokens)> = Vec::new();
+        let mut looked_up: HashMap<&str, bool> = HashMap::new();
         for job in jobs {
             let mut job_hits = Vec::with_capacity(job.phrases.len());
             for (phrase, tokens) in &job.phrases {
-                let hit = self.cache.get(phrase).is_some();
-                if !hit && !missing.iter().any(|(p, _)| p == phrase) {
-                    missing.push((phrase.clone(), tokens.clone()));
-                }
+                let hit = *looked_up.entry(phrase).or_insert_with(|| {
+                    let hit = self.cache.get(phrase).is_some();
+                    if !hit {
+                        missing.push((phrase.clone(), tokens.clone()));
+                    }
+                    hit
+                });
                 job_hits.push(hit);
             }
             hits.push(job_hits);
@@ -389,7 +396,7 @@ impl Worker {
             let features: Vec<Arc<[f32]>> = job
                 .phrases
                 .iter()
-                .map(|(phrase, _)| cache.get(phrase).expect("just encoded"))
+                .map(|(phrase, _)| cache.peek(phrase).expect("just encoded"))
                 .collect();
             let tokens: Vec<Tokens> = job.phrases.iter().map(|(_, t)| t.clone()).collect();
             let mut concepts = Vec::with_capacity(tokens.len());
