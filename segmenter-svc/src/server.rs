@@ -72,9 +72,12 @@ async fn serve_prepared(
             .instrument(tracing::info_span!("task", task = "follow_health")),
     );
 
-    let segmenter = pb::segmenter_server::SegmenterServer::new(SegmenterService::new(shared))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
+    let segmenter = tonic::service::interceptor::InterceptedService::new(
+        pb::segmenter_server::SegmenterServer::new(SegmenterService::new(shared))
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes),
+        crate::service::stamp_arrival,
+    );
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, model_dir = %config.model_dir().display(), "segmenter listening");

@@ -55,7 +55,13 @@ impl pb::segmenter_server::Segmenter for SegmenterService {
         request: Request<pb::SegmentRequest>,
     ) -> Result<Response<pb::SegmentResponse>, Status> {
         let started = Instant::now();
-        let deadline = started + grpc_timeout(&request).unwrap_or(self.shared.default_deadline);
+        // From the call's arrival, not from here: the request message (up to MAX_MESSAGE_BYTES) has been received and
+        // decoded since, and tonic's own `grpc-timeout` timer runs from then too.
+        let arrived = request
+            .extensions()
+            .get::<CallArrived>()
+            .map_or(started, |arrived| arrived.0);
+        let deadline = arrived + grpc_timeout(&request).unwrap_or(self.shared.default_deadline);
         let span = tracing::info_span!(
             "segment",
             request_id = tracing::field::Empty,
@@ -91,6 +97,17 @@ impl pb::segmenter_server::Segmenter for SegmenterService {
     ) -> Result<Response<pb::ModelInfo>, Status> {
         Ok(Response::new(self.shared.info.clone()))
     }
+}
+
+/// When a Segment call's headers arrived, before its message was received: set by `stamp_arrival`.
+#[derive(Clone, Copy, Debug)]
+pub struct CallArrived(pub Instant);
+
+/// The interceptor the server wraps the Segment service in: it runs when the headers arrive, before the request
+/// message is read, so the deadline counts from there (as the client's and tonic's timers do).
+pub fn stamp_arrival(mut request: Request<()>) -> Result<Request<()>, Status> {
+    request.extensions_mut().insert(CallArrived(Instant::now()));
+    Ok(request)
 }
 
 /// Decrements the in-flight gauge however the handler ends (including a client cancelling mid-request).

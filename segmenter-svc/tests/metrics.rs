@@ -2,7 +2,12 @@
 
 use palette_testing::segmenter as common;
 
+use std::time::Duration;
+
 use common::{TestServer, image_bytes, request, test_config};
+use palette_proto::segmenter::v1 as pb;
+use pb::segmenter_client::SegmenterClient;
+use tonic::transport::Channel;
 
 #[tokio::test]
 async fn metrics_endpoint_reports_requests_stages_and_cache() {
@@ -37,6 +42,85 @@ async fn metrics_endpoint_reports_requests_stages_and_cache() {
         assert!(body.contains(want), "{want:?} missing from:\n{body}");
     }
     server.stop().await.unwrap();
+
+    dropped_at_the_deadline_are_counted_as_deadline(metrics_addr).await;
+}
+
+/// Requests whose deadline passes while the inference thread is busy are dropped with reason "deadline", although
+/// by the time the thread looks at them the handler's timeout (or tonic's, from `grpc-timeout`) has closed their
+/// reply, as a client that left would. Part of the one test above: the metrics recorder is process-global.
+async fn dropped_at_the_deadline_are_counted_as_deadline(metrics_addr: std::net::SocketAddr) {
+    let mut config = test_config();
+    config.default_deadline_sec = 1;
+    let faults = config.faults.clone();
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    // Answered once the inference thread is past the requests before it.
+    let after = |client: &mut SegmenterClient<Channel>| {
+        let mut req = tonic::Request::new(request(image_bytes("room_640x480.jpg"), &["wall"]));
+        req.set_timeout(Duration::from_secs(60));
+        let mut client = client.clone();
+        async move { client.segment(req).await.unwrap() }
+    };
+
+    // No grpc-timeout: DEFAULT_DEADLINE_SEC (1 s) passes during a 2 s run; the handler's own timeout answers.
+    faults.delay_next_run(Duration::from_secs(2));
+    let err = client
+        .segment(request(image_bytes("room_640x480.jpg"), &["wall"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    after(&mut client).await;
+
+    // grpc-timeout 2 s, the request message sent 1.5 s after the headers: the deadline counts from the headers (as
+    // tonic's timer, which ends the call at 2 s), so when a 1.2 s run ends at ~2.7 s it has passed.
+    faults.delay_next_run(Duration::from_millis(1200));
+    let late = segment_with_late_body(
+        server.channel().await,
+        request(image_bytes("room_640x480.jpg"), &["wall"]),
+        Duration::from_secs(2),
+        Duration::from_millis(1500),
+    )
+    .await;
+    assert!(late.is_err(), "{late:?}");
+    after(&mut client).await;
+
+    let body = http_get(metrics_addr).await;
+    assert!(
+        body.contains("segmenter_dropped_total{reason=\"deadline\"} 2\n"),
+        "two deadline drops wanted:\n{body}"
+    );
+    assert!(
+        !body.contains("segmenter_dropped_total{reason=\"cancelled\"}"),
+        "no client left:\n{body}"
+    );
+    server.stop().await.unwrap();
+}
+
+/// A Segment call whose headers (with `grpc-timeout`) go out at once and whose request message follows `late`
+/// after: a large image on a slow link.
+async fn segment_with_late_body(
+    channel: Channel,
+    message: pb::SegmentRequest,
+    timeout: Duration,
+    late: Duration,
+) -> Result<tonic::Response<pb::SegmentResponse>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let body = futures::stream::once(async move {
+        tokio::time::sleep(late).await;
+        message
+    });
+    let mut req = tonic::Request::new(body);
+    req.set_timeout(timeout);
+    grpc.client_streaming(
+        req,
+        tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/palette.segmenter.v1.Segmenter/Segment",
+        ),
+        tonic_prost::ProstCodec::default(),
+    )
+    .await
 }
 
 async fn http_get(addr: std::net::SocketAddr) -> String {

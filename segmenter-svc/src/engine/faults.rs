@@ -3,7 +3,8 @@
 //! arm it: only code that builds a `Config` (the integration tests) holds the handle.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 #[derive(Clone, Debug, Default)]
 pub struct Faults(Arc<State>);
@@ -15,6 +16,7 @@ struct State {
     failed: AtomicUsize,
     runs: AtomicUsize,
     panic_next: AtomicBool,
+    delay_next_ms: AtomicU64,
 }
 
 impl Faults {
@@ -34,6 +36,12 @@ impl Faults {
         self.0.panic_next.store(true, Ordering::SeqCst);
     }
 
+    /// The next session run takes `delay` longer (a slow run: the inference thread is busy while deadlines pass).
+    pub fn delay_next_run(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.0.delay_next_ms.store(ms, Ordering::SeqCst);
+    }
+
     /// How many session runs have failed by injection so far: tests wait for it to grow (a recovery probe ran and
     /// hit the fault) instead of sleeping through the probe interval.
     pub fn failed_runs(&self) -> usize {
@@ -48,6 +56,10 @@ impl Faults {
     /// Called before each session run.
     pub(crate) fn check(&self, stage: &str) -> ort::Result<()> {
         self.0.runs.fetch_add(1, Ordering::SeqCst);
+        let delay = self.0.delay_next_ms.swap(0, Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         if self.0.panic_next.swap(false, Ordering::SeqCst) {
             panic!("injected panic in the {stage} run");
         }

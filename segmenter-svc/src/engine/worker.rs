@@ -587,12 +587,16 @@ fn gone(job: &Job) -> bool {
     job.reply.is_closed() || job.deadline <= Instant::now()
 }
 
-/// Drops a gone job, answering DEADLINE_EXCEEDED when someone still listens.
+/// Drops a gone job, answering DEADLINE_EXCEEDED when someone still listens. The deadline is looked at first: at
+/// the deadline the handler's own timeout (or tonic's, from `grpc-timeout`) drops the receiver, so a closed reply
+/// past the deadline is a deadline, not a client that left.
 fn drop_gone(job: Job) {
-    if job.reply.is_closed() {
-        metrics::counter!("segmenter_dropped_total", "reason" => "cancelled").increment(1);
-    } else {
+    if job.deadline <= Instant::now() {
         metrics::counter!("segmenter_dropped_total", "reason" => "deadline").increment(1);
-        answer(job, Err(Error::DeadlineExceeded));
+        if !job.reply.is_closed() {
+            answer(job, Err(Error::DeadlineExceeded));
+        }
+    } else {
+        metrics::counter!("segmenter_dropped_total", "reason" => "cancelled").increment(1);
     }
 }
