@@ -418,16 +418,37 @@ fn encode(
         semantic: kept.semantic.as_ref().and_then(tensor),
         text_cache_hit: hit,
     };
-    let concepts = checked
+    // Each distinct phrase is encoded once (its RLE is the costly part: proportional to the photo) and a phrase the
+    // request repeats gets copies of that, the last use taking it.
+    let index: Vec<usize> = checked
         .requested
         .iter()
         .map(|phrase| {
-            let i = checked
+            checked
                 .distinct
                 .iter()
                 .position(|(p, _)| p == phrase)
-                .expect("every requested phrase is distinct-listed");
-            encode_concept(phrase, &output.concepts[i], output.cache_hits[i])
+                .expect("every requested phrase is distinct-listed")
+        })
+        .collect();
+    let mut uses_left = vec![0usize; checked.distinct.len()];
+    for &i in &index {
+        uses_left[i] += 1;
+    }
+    let mut encoded: Vec<Option<pb::ConceptResult>> = vec![None; checked.distinct.len()];
+    let concepts = index
+        .into_iter()
+        .map(|i| {
+            let (phrase, _) = &checked.distinct[i];
+            let done = encoded[i].get_or_insert_with(|| {
+                encode_concept(phrase, &output.concepts[i], output.cache_hits[i])
+            });
+            uses_left[i] -= 1;
+            if uses_left[i] == 0 {
+                encoded[i].take().expect("just encoded")
+            } else {
+                done.clone()
+            }
         })
         .collect();
     let timings = pb::StageTimings {
@@ -517,6 +538,69 @@ mod tests {
         pub fn allocated() -> usize {
             ALLOCATED.with(Cell::get)
         }
+    }
+
+    /// `encode` of one "wall" instance on a 4000 x 3000 photo, asked `times` times, as RLE only: the reply and the
+    /// bytes its encoding allocated on this thread.
+    fn encode_wall(times: usize) -> (Vec<pb::ConceptResult>, usize) {
+        let mask_size = 64;
+        let checked = Checked {
+            requested: vec!["wall".to_string(); times],
+            distinct: vec![(
+                "wall".to_string(),
+                Tokens {
+                    ids: vec![1, 2],
+                    mask: vec![1, 1],
+                    full_len: 2,
+                },
+            )],
+            filter: FilterParams {
+                threshold: 0.5,
+                max_instances: 20,
+                keep_semantic: false,
+            },
+            format: pb::MaskFormat::None,
+            include_rle: true,
+        };
+        // The whole photo: a two-number RLE to copy, whose making still reads every column and row.
+        let plane = vec![255u8; mask_size * mask_size];
+        let output = JobOutput {
+            concepts: vec![KeptConcept {
+                presence: 0.9,
+                instances: vec![crate::postprocess::KeptInstance {
+                    query: 3,
+                    score: 0.8,
+                    bbox: [0.0, 0.0, 4000.0, 3000.0],
+                    mask: MaskPlane::ProbabilityU8(plane),
+                }],
+                semantic: None,
+            }],
+            cache_hits: vec![true],
+            queue: Duration::ZERO,
+            text: Duration::ZERO,
+            vision: Duration::ZERO,
+            decoder: Duration::ZERO,
+            filter: Duration::ZERO,
+            vision_batch: 1,
+        };
+        let before = counting::allocated();
+        let (concepts, _) = encode(&checked, output, mask_size, (4000, 3000));
+        (concepts, counting::allocated() - before)
+    }
+
+    /// A phrase repeated in a request is encoded once: 32 x "wall" with RLE on a large photo cost 32 encodings.
+    #[test]
+    fn a_repeated_phrase_is_encoded_once_and_copied() {
+        let (once, once_bytes) = encode_wall(1);
+        let (repeated, repeated_bytes) = encode_wall(32);
+        assert_eq!(once.len(), 1);
+        assert!(once[0].instances[0].rle.is_some());
+        assert_eq!(repeated.len(), 32);
+        assert!(repeated.iter().all(|c| *c == once[0]));
+        assert!(
+            repeated_bytes < 2 * once_bytes,
+            "32 copies allocated {repeated_bytes} bytes, one {once_bytes}"
+        );
     }
 
     #[test]
