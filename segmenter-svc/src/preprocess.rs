@@ -87,6 +87,12 @@ impl Preprocessor {
     }
 
     pub fn from_rgb(&self, width: u32, height: u32, data: Vec<u8>) -> Result<Prepared, Error> {
+        let rgb = self.rgb(width, height, data)?;
+        self.prepare(rgb)
+    }
+
+    /// Raw RGB pixels checked against the limits and their stated size (no copy): `decode`'s counterpart.
+    pub fn rgb(&self, width: u32, height: u32, data: Vec<u8>) -> Result<RgbImage, Error> {
         let mut violations = Vec::new();
         if width == 0 || height == 0 {
             violations.push(Violation::new(
@@ -122,9 +128,8 @@ impl Preprocessor {
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations));
         }
-        let rgb = RgbImage::from_raw(width, height, data)
-            .ok_or_else(|| Error::invalid("image.rgb.data", "bad size"))?;
-        self.prepare(rgb)
+        RgbImage::from_raw(width, height, data)
+            .ok_or_else(|| Error::invalid("image.rgb.data", "bad size"))
     }
 
     /// Decodes JPEG, PNG or WebP with the pixel limit checked from the header, before any pixel buffer exists.

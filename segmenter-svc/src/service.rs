@@ -140,9 +140,7 @@ async fn segment(
     // An expired request costs nothing more: neither the decode (which would run on after the caller has gone) nor
     // a place in the engine's queue.
     expired(deadline)?;
-    let t_decode = Instant::now();
-    let prepared = prepare(shared.clone(), request.image, deadline).await?;
-    let decode = t_decode.elapsed();
+    let (prepared, prep) = prepare(shared.clone(), request.image, deadline).await?;
     expired(deadline)?;
 
     let (reply, answer) = oneshot::channel();
@@ -174,7 +172,9 @@ async fn segment(
             .await
             .map_err(|e| Error::Inference(format!("encoding task failed: {e}")))?;
     let (concepts, mut timings) = concepts;
-    timings.decode_ms = ms(decode);
+    timings.queue_ms += ms(prep.wait);
+    timings.decode_ms = ms(prep.decode);
+    timings.preprocess_ms = ms(prep.resize);
     timings.postprocess_ms += ms(t_encode.elapsed());
     timings.total_ms = ms(started.elapsed());
     let response = pb::SegmentResponse {
@@ -334,14 +334,24 @@ fn normalise_phrase(raw: &str, max_chars: usize) -> Result<String, String> {
         .to_lowercase())
 }
 
+/// What preparing the photo took, as the reply's timings report it: the wait for a pre-processing slot (in
+/// `queue_ms`, with the wait for the inference thread), the decode with its EXIF orientation (`decode_ms`; for raw
+/// RGB, its checks), the resize and, for float-input exports, normalisation (`preprocess_ms`).
+struct PrepTimes {
+    wait: Duration,
+    decode: Duration,
+    resize: Duration,
+}
+
 async fn prepare(
     shared: Arc<Shared>,
     image: Option<pb::Image>,
     deadline: Instant,
-) -> Result<Prepared, Error> {
+) -> Result<(Prepared, PrepTimes), Error> {
     let source = image
         .and_then(|i| i.source)
         .ok_or_else(|| Error::invalid("image", "required"))?;
+    let waiting = Instant::now();
     let permit = tokio::time::timeout_at(
         deadline.into(),
         shared.preprocess_permits.clone().acquire_owned(),
@@ -349,14 +359,28 @@ async fn prepare(
     .await
     .map_err(|_| Error::DeadlineExceeded)?
     .map_err(|_| Error::NotServing("shutting down".into()))?;
+    let wait = waiting.elapsed();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        match source {
-            pb::image::Source::Encoded(bytes) => shared.preprocessor.from_encoded(&bytes),
-            pb::image::Source::Rgb(rgb) => shared
-                .preprocessor
-                .from_rgb(rgb.width, rgb.height, rgb.data),
-        }
+        let decoding = Instant::now();
+        let rgb = match source {
+            pb::image::Source::Encoded(bytes) => shared.preprocessor.decode(&bytes)?,
+            pb::image::Source::Rgb(rgb) => {
+                shared.preprocessor.rgb(rgb.width, rgb.height, rgb.data)?
+            }
+        };
+        let decode = decoding.elapsed();
+        let resizing = Instant::now();
+        let prepared = shared.preprocessor.prepare(rgb)?;
+        let resize = resizing.elapsed();
+        Ok((
+            prepared,
+            PrepTimes {
+                wait,
+                decode,
+                resize,
+            },
+        ))
     })
     .await
     .map_err(|e| Error::Inference(format!("pre-processing task failed: {e}")))?

@@ -393,3 +393,46 @@ fn assert_same_answer(a: &[pb::ConceptResult], b: &[pb::ConceptResult], tol: f32
         }
     }
 }
+
+/// The reply's timings: `decode_ms` is the image's decode, `preprocess_ms` its resize to the model's input, and the
+/// wait for a pre-processing slot is neither (it is in `queue_ms`, with the wait for the inference thread).
+#[tokio::test]
+async fn timings_report_decode_and_resize_apart_from_the_wait_for_a_slot() {
+    let mut config = test_config();
+    config.preprocess_concurrency = 1;
+    let shared = segmenter_svc::server::load(&config).await.unwrap();
+    let permits = shared.preprocess_permits.clone();
+    let mut server = palette_testing::server::start(|listener, shutdown| {
+        segmenter_svc::server::serve(config, shared, listener, shutdown)
+    })
+    .await;
+    palette_testing::server::wait_serving(server.addr, segmenter_svc::server::SERVICE_NAME).await;
+    let mut client = pb::segmenter_client::SegmenterClient::connect(server.url())
+        .await
+        .unwrap();
+
+    // The only slot is held for 500 ms while the request waits for it.
+    let held = permits.acquire_owned().await.unwrap();
+    let call = tokio::spawn(async move {
+        client
+            .segment(request(image_bytes("room_640x480.jpg"), &["wall"]))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(held);
+    let t = call.await.unwrap().unwrap().into_inner().timings.unwrap();
+    assert!(t.decode_ms > 0.0 && t.preprocess_ms > 0.0, "{t:?}");
+    assert!(
+        t.decode_ms + t.preprocess_ms < 300.0,
+        "the wait for the slot counted as decoding: {t:?}"
+    );
+    assert!(
+        t.queue_ms >= 300.0,
+        "the wait for the slot is queueing: {t:?}"
+    );
+    assert!(
+        t.total_ms >= t.queue_ms + t.decode_ms + t.preprocess_ms + t.vision_ms,
+        "{t:?}"
+    );
+    server.stop().await.unwrap();
+}

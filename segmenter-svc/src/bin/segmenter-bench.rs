@@ -471,7 +471,9 @@ async fn run_config(
                     s.e2e.push(t.elapsed().as_secs_f64() * 1e3);
                     let tm = resp.timings.unwrap_or_default();
                     s.queue.push(tm.queue_ms);
-                    s.decode.push(tm.decode_ms);
+                    // The column's work as before the reply split it: decode, then resize (the wait for a
+                    // pre-processing slot is in queue_ms).
+                    s.decode.push(tm.decode_ms + tm.preprocess_ms);
                     s.vision.push(tm.vision_ms);
                     s.text.push(tm.text_ms);
                     s.decoder.push(tm.decoder_ms);
