@@ -230,6 +230,12 @@ async fn a_failed_warm_up_is_not_re_probed_into_serving() {
         "{}",
         err.message()
     );
+    // Refused before the image is decoded: bytes that are no image get the same answer, not INVALID_ARGUMENT.
+    let err = client
+        .segment(request(b"not an image".to_vec(), &["wall"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "not decoded first: {err:?}");
     // Kept as a real wait (nothing is to happen, no event to wait for): two and a half reprobe intervals, each
     // probe of the tiny model taking about 100 ms.
     tokio::time::sleep(Duration::from_millis(2500)).await;

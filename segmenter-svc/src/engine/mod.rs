@@ -76,12 +76,7 @@ pub enum Health {
 impl EngineHandle {
     /// Queues a job or refuses it at once.
     pub fn submit(&self, job: Job) -> Result<(), Error> {
-        match &*self.health.borrow() {
-            Health::Serving => {}
-            Health::WarmingUp => return Err(Error::NotServing("the model is warming up".into())),
-            Health::Failed(why) => return Err(Error::NotServing(why.clone())),
-            Health::Stopped => return Err(Error::NotServing("the server is shutting down".into())),
-        }
+        self.serving()?;
         self.depth.fetch_add(1, Ordering::SeqCst);
         let result = self.tx.try_send(job);
         match result {
@@ -101,6 +96,28 @@ impl EngineHandle {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether a job would be taken now (serving, room in the queue), asked before the image is decoded so that an
+    /// overloaded or NOT_SERVING server refuses at once instead of after up to a second of CPU per large photo.
+    /// Advisory: `submit` decides (the queue may fill meanwhile).
+    pub fn admissible(&self) -> Result<(), Error> {
+        self.serving()?;
+        if self.depth.load(Ordering::SeqCst) >= self.capacity {
+            return Err(Error::Overloaded {
+                capacity: self.capacity,
+            });
+        }
+        Ok(())
+    }
+
+    fn serving(&self) -> Result<(), Error> {
+        match &*self.health.borrow() {
+            Health::Serving => Ok(()),
+            Health::WarmingUp => Err(Error::NotServing("the model is warming up".into())),
+            Health::Failed(why) => Err(Error::NotServing(why.clone())),
+            Health::Stopped => Err(Error::NotServing("the server is shutting down".into())),
         }
     }
 
