@@ -233,6 +233,16 @@ def _scaledobject(so: dict, idx: dict, where: str) -> None:
         }.get(ref.get("name"), ())
         for metric in expected:
             check(metric in query, f"{where}: ScaledObject/{name}: query should use {metric}")
+        # orchestrator_items_in_flight tops out at BATCH_CONCURRENCY per replica: a target at or above it never
+        # asks for another replica.
+        if ref.get("name") == "orchestrator":
+            cm = next((d for (k, n), d in idx.items() if k == "ConfigMap" and n.startswith("orchestrator-config")), None)
+            per_replica = int((cm or {}).get("data", {}).get("BATCH_CONCURRENCY", "4"))
+            try:
+                check(float(meta.get("threshold", "0")) < per_replica,
+                      f"{where}: ScaledObject/{name}: threshold must be below BATCH_CONCURRENCY ({per_replica})")
+            except ValueError:
+                pass
         # Every queued call is already in segmenter_inflight_requests: adding the queue counts it twice.
         check(not (ref.get("name") == "segmenter" and "segmenter_queue_depth" in query),
               f"{where}: ScaledObject/{name}: segmenter_inflight_requests already counts the queue")
