@@ -510,3 +510,57 @@ async fn settled(counter: &std::sync::atomic::AtomicUsize) -> usize {
         last = now;
     }
 }
+
+/// The consumer keeps the lease it was created with (2 s here). Workers configured later with NATS_ACK_WAIT_SEC=300
+/// must renew at the consumer's pace: renewing every 100 s, a job longer than 2 s was delivered again to the other
+/// worker while it ran, which ran its open items a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_renew_at_the_consumers_lease_not_their_own_setting() {
+    let Some(s) = setup().await else { return };
+    const JOB: &str = "qp-long";
+    const IMAGES: u32 = 4;
+    let (receiver_b, receiver_c) = (
+        Receiver::start(SECRET, vec![]).await,
+        Receiver::start(SECRET, vec![]).await,
+    );
+    s.put_inputs(JOB, IMAGES).await;
+    let js = s.jetstream().await;
+    // The first worker creates the consumer with a 2 s lease, and stops before any job.
+    let mut first = Worker::start(s.config(&receiver_b, 2));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let created = match js.get_stream(STREAM).await {
+            Ok(stream) => stream
+                .get_consumer::<jetstream::consumer::pull::Config>("orchestrators")
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        if created {
+            break;
+        }
+        first.assert_running("first");
+        assert!(tokio::time::Instant::now() < deadline, "no consumer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.stop().await;
+
+    s.segmenter.faults.delay_ms.store(1_500, Ordering::SeqCst);
+    let mut b = Worker::start(s.config(&receiver_b, 300));
+    let mut c = Worker::start(s.config(&receiver_c, 300));
+    publish(&js, vec![seed_job(JOB, IMAGES)]).await;
+    wait_deliveries(&[&receiver_b, &receiver_c], IMAGES as usize).await;
+    wait_queue_drained(&js).await;
+    b.stop().await;
+    c.stop().await;
+    assert_eq!(
+        s.segmenter.counters.segment_calls.load(Ordering::SeqCst),
+        IMAGES as usize,
+        "each image segmented once: the job was not delivered again while it ran"
+    );
+    let all: Vec<Delivery> = [&receiver_b, &receiver_c]
+        .iter()
+        .flat_map(|r| of_job(r, JOB))
+        .collect();
+    assert!(per_item(&all).values().all(|&n| n == 1));
+}

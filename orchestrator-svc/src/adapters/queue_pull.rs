@@ -32,6 +32,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 pub use crate::config::QueueSettings;
+use crate::config::{adopt_consumer_limits, max_deliver_for};
 use crate::error::{BoxError, Report};
 use crate::jobs::{JobKey, JobService};
 use crate::spec_json::spec_from_bytes;
@@ -64,8 +65,9 @@ enum QueueError {
     Fetch(#[source] BoxError),
 }
 
-/// Connects, and creates the stream and the shared consumer if missing.
-async fn connect(settings: &QueueSettings) -> Result<PullConsumer, QueueError> {
+/// Connects, and creates the stream and the shared consumer if missing. `settings` take the consumer's lease and
+/// delivery limit as it has them (`adopt_consumer_limits`: an existing consumer keeps the ones it was created with).
+async fn connect(settings: &mut QueueSettings) -> Result<PullConsumer, QueueError> {
     let client = async_nats::connect(settings.url.expose())
         .await
         .map_err(QueueError::Connect)?;
@@ -82,7 +84,7 @@ async fn connect(settings: &QueueSettings) -> Result<PullConsumer, QueueError> {
             name: settings.stream.clone(),
             source: e.into(),
         })?;
-    stream
+    let consumer = stream
         .get_or_create_consumer(
             &settings.consumer,
             jetstream::consumer::pull::Config {
@@ -91,7 +93,7 @@ async fn connect(settings: &QueueSettings) -> Result<PullConsumer, QueueError> {
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: settings.ack_wait,
                 // One past the deliveries that run the job: the delivery that gives it up (`handle`).
-                max_deliver: (settings.max_deliveries + 1) as i64,
+                max_deliver: max_deliver_for(settings.max_deliveries),
                 ..Default::default()
             },
         )
@@ -99,7 +101,16 @@ async fn connect(settings: &QueueSettings) -> Result<PullConsumer, QueueError> {
         .map_err(|e| QueueError::Consumer {
             name: settings.consumer.clone(),
             source: e.into(),
-        })
+        })?;
+    let config = &consumer.cached_info().config;
+    adopt_consumer_limits(
+        &settings.consumer,
+        &mut settings.ack_wait,
+        &mut settings.max_deliveries,
+        config.ack_wait,
+        config.max_deliver,
+    );
+    Ok(consumer)
 }
 
 /// Runs one message's job to its end, then acknowledges it.
@@ -195,14 +206,18 @@ async fn handle(
 
 /// Takes jobs one at a time until `stop` turns true; a job in progress then is left unacknowledged, to be
 /// redelivered (its items in flight finish and are recorded during the drain).
-pub async fn run(settings: QueueSettings, service: Arc<JobService>, stop: watch::Receiver<bool>) {
+pub async fn run(
+    mut settings: QueueSettings,
+    service: Arc<JobService>,
+    stop: watch::Receiver<bool>,
+) {
     tracing::info!(stream = %settings.stream, subject = %settings.subject, consumer = %settings.consumer, "queue_pull worker started");
     let mut stop_wait = stop.clone();
     let mut consumer: Option<PullConsumer> = None;
     while !*stop.borrow() {
         let Some(current) = consumer.as_ref() else {
             tokio::select! {
-                connected = connect(&settings) => match connected {
+                connected = connect(&mut settings) => match connected {
                     Ok(c) => consumer = Some(c),
                     Err(e) => {
                         tracing::warn!(error = %Report(&e), "queue_pull: NATS not ready");

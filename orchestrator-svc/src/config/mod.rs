@@ -27,7 +27,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 pub use callbacks::{CallbackArgs, CallbackSettings};
 pub use job_store::{ClusterSettings, JobStoreArgs, JobStoreKind};
 pub use limits::{BYTES_PER_PIXEL_IN_FLIGHT, ItemThreads, LimitArgs, default_inflight_megapixels};
-pub use nats::{NatsArgs, QueueSettings};
+pub use nats::{NatsArgs, QueueSettings, adopt_consumer_limits, max_deliver_for};
 pub use runpod::{RunpodArgs, RunpodSettings};
 pub use secret::{Secret, UrlWithCredentials};
 pub use segmenter::{SegmenterArgs, SegmenterSecurity};

@@ -89,6 +89,45 @@ pub(super) fn non_empty(value: &str, setting: &'static str) -> Result<String, Co
     }
 }
 
+/// The lease and delivery limit a JetStream consumer really has. A consumer is created once, by the first replica,
+/// and kept as it is after (`get_or_create_consumer` does not change an existing one): an ack wait or delivery
+/// limit changed later in the settings would otherwise have this replica renew leases at a third of a wait the
+/// consumer does not have (raised from 30 to 300 s: renewals every 100 s against a 30 s lease, every long item or
+/// job delivered again while it runs) or give up at a count the consumer never reaches. So every replica adopts the
+/// consumer's, and says so when they differ from its settings. `max_deliver` is the consumer's (one past the
+/// deliveries that run the work: the one that gives it up; -1 or 0: unlimited).
+pub fn adopt_consumer_limits(
+    consumer: &str,
+    ack_wait: &mut Duration,
+    max_deliveries: &mut u64,
+    actual_ack_wait: Duration,
+    max_deliver: i64,
+) {
+    let actual_max = if max_deliver > 1 {
+        (max_deliver - 1) as u64
+    } else {
+        u64::MAX
+    };
+    if actual_ack_wait != *ack_wait || actual_max != *max_deliveries {
+        tracing::warn!(
+            consumer,
+            configured_ack_wait = ?*ack_wait,
+            ack_wait = ?actual_ack_wait,
+            configured_max_deliveries = *max_deliveries,
+            max_deliveries = actual_max,
+            "the consumer was created with other limits; using its limits (to change them, edit the consumer, e.g. \
+             `nats consumer edit`, or delete it while no replica runs)"
+        );
+        *ack_wait = actual_ack_wait;
+        *max_deliveries = actual_max;
+    }
+}
+
+/// `max_deliver` for a new consumer: one past the deliveries that run the work; -1 (none) for an adopted unlimited.
+pub fn max_deliver_for(max_deliveries: u64) -> i64 {
+    i64::try_from(max_deliveries.saturating_add(1)).unwrap_or(-1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +144,20 @@ mod tests {
         assert_eq!(s.subject, "palette.jobs");
         assert_eq!(s.consumer, "orchestrators");
         assert_eq!(s.progress_every(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_consumers_limits_replace_the_settings() {
+        let (mut wait, mut max) = (Duration::from_secs(300), 9);
+        adopt_consumer_limits("c", &mut wait, &mut max, Duration::from_secs(30), 6);
+        assert_eq!(
+            (wait, max),
+            (Duration::from_secs(30), 5),
+            "one delivery gives up"
+        );
+        adopt_consumer_limits("c", &mut wait, &mut max, Duration::from_secs(30), -1);
+        assert_eq!(max, u64::MAX, "no limit");
+        assert_eq!(max_deliver_for(max), -1, "and none again when creating");
+        assert_eq!(max_deliver_for(5), 6);
     }
 }

@@ -17,13 +17,13 @@ mod unrunnable;
 mod work;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use serde::{Deserialize, Serialize};
 
 use super::store::{NatsJobStore, RecordKey, StoreError};
 pub use crate::config::ClusterSettings;
+use crate::config::{adopt_consumer_limits, max_deliver_for};
 pub(in crate::jobs) use mirror::Fetched;
 
 /// One item to run: what the work stream carries.
@@ -48,33 +48,6 @@ impl ItemTask {
 
 /// Item tasks published before their acks are awaited (`Cluster::publish_items`).
 const PUBLISH_WINDOW: usize = 128;
-
-/// The lease and delivery limit the work stream's consumer really has. It is created once, by the first replica,
-/// and kept as it is after (`get_or_create_consumer` does not change an existing consumer): a NATS_ITEM_ACK_WAIT_SEC
-/// or NATS_MAX_DELIVERIES changed later would otherwise have this replica renew leases at a third of a wait the
-/// consumer does not have (raised from 30 to 300 s: renewals every 100 s against a 30 s lease, every long item
-/// delivered again) or give items up at a count the consumer never reaches. So every replica uses the consumer's.
-fn adopt_consumer_limits(settings: &mut ClusterSettings, ack_wait: Duration, max_deliver: i64) {
-    // One delivery past the ones that run the item: the one that gives it up (`work`). -1: unlimited.
-    let max_deliveries = if max_deliver > 1 {
-        (max_deliver - 1) as u64
-    } else {
-        u64::MAX
-    };
-    if ack_wait != settings.ack_wait || max_deliveries != settings.max_deliveries {
-        tracing::warn!(
-            consumer = %settings.consumer,
-            configured_ack_wait = ?settings.ack_wait,
-            ack_wait = ?ack_wait,
-            configured_max_deliveries = settings.max_deliveries,
-            max_deliveries,
-            "the work stream's consumer was created with other limits; using its limits (to change them, edit \
-             the consumer, e.g. `nats consumer edit`, or delete it while no replica runs)"
-        );
-        settings.ack_wait = ack_wait;
-        settings.max_deliveries = max_deliveries;
-    }
-}
 
 /// The shared state's handles: the bucket (as the job store) and the work stream.
 #[derive(Debug)]
@@ -109,7 +82,14 @@ impl Cluster {
         // As the server has it: created now, or as it was created before.
         let consumer = cluster.consumer().await?;
         let config = &consumer.cached_info().config;
-        adopt_consumer_limits(&mut cluster.settings, config.ack_wait, config.max_deliver);
+        let s = &mut cluster.settings;
+        adopt_consumer_limits(
+            &s.consumer,
+            &mut s.ack_wait,
+            &mut s.max_deliveries,
+            config.ack_wait,
+            config.max_deliver,
+        );
         Ok(cluster)
     }
 
@@ -149,8 +129,7 @@ impl Cluster {
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: s.ack_wait,
                     // One past the deliveries that run the item: the delivery that gives it up (`work`).
-                    // u64::MAX: a consumer adopted without a limit (`adopt_consumer_limits`): -1, none.
-                    max_deliver: i64::try_from(s.max_deliveries.saturating_add(1)).unwrap_or(-1),
+                    max_deliver: max_deliver_for(s.max_deliveries),
                     ..Default::default()
                 },
             )
