@@ -22,11 +22,11 @@ pub struct CallbackArgs {
     /// Callback attempts before giving up (first try included). Default 6.
     #[arg(long, env = "CALLBACK_MAX_ATTEMPTS", default_value_t = 6)]
     pub callback_max_attempts: u32,
-    /// Base of the exponential callback backoff, in milliseconds (full jitter). Default 1000.
-    #[arg(long, env = "CALLBACK_BASE_DELAY_MS", default_value_t = 1000)]
+    /// Base of the exponential callback backoff, in milliseconds (full jitter), 1 to 600000. Default 1000.
+    #[arg(long, env = "CALLBACK_BASE_DELAY_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub callback_base_delay_ms: u64,
-    /// Longest wait between two callback attempts, Retry-After included, in seconds. Default 300.
-    #[arg(long, env = "CALLBACK_MAX_DELAY_SEC", default_value_t = 300)]
+    /// Longest wait between two callback attempts, Retry-After included, in seconds, 1 to 86400. Default 300.
+    #[arg(long, env = "CALLBACK_MAX_DELAY_SEC", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub callback_max_delay_sec: u64,
     /// Allow a plain-http WORKERS_API_URL on a host other than loopback (the secret and signed bodies then cross
     /// the network in clear: only inside a trusted network, e.g. a cluster-internal Service). Default false.

@@ -115,8 +115,8 @@ pub struct Config {
     pub log_level: String,
     /// Seconds from SIGTERM to exit, at most: new items stop at once, WatchJob streams end with UNAVAILABLE
     /// ("draining"), then items in flight and their callbacks get what is left of it. Default 30; keep it under the
-    /// platform's grace (Kubernetes terminationGracePeriodSeconds, compose stop_grace_period).
-    #[arg(long, env = "SHUTDOWN_GRACE_SEC", default_value_t = 30)]
+    /// platform's grace (Kubernetes terminationGracePeriodSeconds, compose stop_grace_period); at most 86400.
+    #[arg(long, env = "SHUTDOWN_GRACE_SEC", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub shutdown_grace_sec: u64,
 
     #[command(flatten)]
@@ -314,6 +314,36 @@ mod tests {
             StorageBackend::S3,
             "given wins"
         );
+    }
+
+    #[test]
+    fn settings_that_would_break_every_request_are_refused_at_startup() {
+        for (flag, value) in [
+            ("--max-retained-jobs", "0"),
+            ("--retained-jobs-mb", "0"),
+            ("--max-images-per-job", "0"),
+            ("--max-rules-per-job", "0"),
+            ("--max-concepts-per-job", "0"),
+            ("--max-input-bytes", "0"),
+            ("--callback-base-delay-ms", "0"),
+            ("--callback-max-delay-sec", "0"),
+            ("--segmenter-timeout-sec", "0"),
+            // tonic panics encoding a grpc-timeout this large; Instant + Duration overflows on the others.
+            ("--segmenter-timeout-sec", "400000000000"),
+            ("--shutdown-grace-sec", "9000000000000000000"),
+            ("--segmenter-resolve-interval-sec", "9000000000000000000"),
+            ("--segmenter-attempts", "0"),
+            ("--storage-timeout-sec", "0"),
+        ] {
+            assert!(
+                Config::try_parse_from(["x", flag, value]).is_err(),
+                "{flag} {value} was accepted"
+            );
+        }
+        let zero_means_off = ["--segmenter-resolve-interval-sec", "--shutdown-grace-sec"];
+        for flag in zero_means_off {
+            assert!(Config::try_parse_from(["x", flag, "0"]).is_ok(), "{flag} 0");
+        }
     }
 
     #[test]

@@ -20,15 +20,16 @@ pub struct SegmenterArgs {
     #[arg(long, env = "SEGMENTER_URL", default_value = "http://127.0.0.1:50051")]
     pub segmenter_url: String,
     /// How often SEGMENTER_URL's host names are looked up again (replicas added or gone), in seconds; 0 = only at
-    /// start and after a failed call. Default 10.
-    #[arg(long, env = "SEGMENTER_RESOLVE_INTERVAL_SEC", default_value_t = 10)]
+    /// start and after a failed call; at most 86400. Default 10.
+    #[arg(long, env = "SEGMENTER_RESOLVE_INTERVAL_SEC", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub segmenter_resolve_interval_sec: u64,
-    /// Deadline of one Segment call, in seconds. Default 120.
-    #[arg(long, env = "SEGMENTER_TIMEOUT_SEC", default_value_t = 120)]
+    /// Deadline of one Segment call, in seconds, 1 to 86400. Default 120.
+    #[arg(long, env = "SEGMENTER_TIMEOUT_SEC", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub segmenter_timeout_sec: u64,
     /// Attempts per Segment call while the segmenter answers UNAVAILABLE or RESOURCE_EXHAUSTED, or a call is
-    /// CANCELLED by its replica closing the connection (the next attempt may go to another replica). Default 4.
-    #[arg(long, env = "SEGMENTER_ATTEMPTS", default_value_t = 4)]
+    /// CANCELLED by its replica closing the connection (the next attempt may go to another replica), 1 to 20; the
+    /// pause between attempts doubles from 200 ms up to 10 s. Default 4.
+    #[arg(long, env = "SEGMENTER_ATTEMPTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub segmenter_attempts: u32,
     /// Memory for segmentation results reused across jobs on the same input bytes, in MiB. Default 256; 0 = off.
     #[arg(long, env = "MASK_CACHE_MB", default_value_t = 256)]

@@ -54,8 +54,8 @@ pub struct StorageArgs {
     /// S3 region (s3 only). Default us-east-1.
     #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
     pub aws_region: String,
-    /// Timeout of one storage request attempt, in seconds. Default 30.
-    #[arg(long, env = "STORAGE_TIMEOUT_SEC", default_value_t = 30)]
+    /// Timeout of one storage request attempt, in seconds, 1 to 3600. Default 30.
+    #[arg(long, env = "STORAGE_TIMEOUT_SEC", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub storage_timeout_sec: u64,
     /// How instance masks are stored (docs/api.md): `grid` is the model's soft mask as the segmenter answered it
     /// (288x288 for SAM3) with the rectangle of the photo where it is non-zero, which a client resizes to the photo

@@ -40,6 +40,8 @@ const MODEL_ID_TTL: Duration = Duration::from_secs(60);
 const MAX_REQUEST_BYTES: usize = 128 * 1024 * 1024;
 /// How long a retry waits for the resolver's fresh view of the replicas.
 const REFRESH_WAIT: Duration = Duration::from_secs(2);
+/// Longest pause between two attempts of one call.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// What the orchestrator needs to know of the segmenter's model.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -253,7 +255,8 @@ impl Segmenter {
                         self.refresh_replicas().await;
                     }
                     tokio::time::sleep(backoff).await;
-                    backoff *= 2;
+                    // Capped: 12 attempts doubling from 200 ms slept ~7 minutes, holding the item's permit.
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     attempt += 1;
                 }
                 Err(status) => return Err(map_status(what, attempt, status)),
@@ -321,6 +324,17 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pause_between_attempts_stops_doubling_at_max_backoff() {
+        let segmenter = client(12).with_first_backoff(Duration::from_millis(200));
+        let started = tokio::time::Instant::now();
+        let (_, calls) = failing(&segmenter, || Status::unavailable("down")).await;
+        assert_eq!(calls, 12);
+        // Eleven pauses: 0.2 + 0.4 + ... + 6.4 = 12.6 s, then 10 s for each of the last five: 62.6 s (doubling on:
+        // 409.4 s).
+        assert_eq!(started.elapsed(), Duration::from_millis(62_600));
     }
 
     #[tokio::test(start_paused = true)]
