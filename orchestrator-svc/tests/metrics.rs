@@ -40,7 +40,31 @@ async fn metrics_count_jobs_items_stages_and_callbacks() {
         "orchestrator_items_total{state=\"ITEM_STATE_FAILED\"} 1",
         "orchestrator_callbacks_total{outcome=\"delivered\"} 2",
         "orchestrator_stage_seconds_bucket{stage=\"segment\"",
+        "orchestrator_segmenter_replicas 1",
+        "orchestrator_segmenter_replicas_serving 1",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+
+    // The only segmenter stops serving: the balancer keeps its address (calls fail fast rather than wait), so only
+    // the serving gauge can show the outage.
+    segmenter.set_serving(false).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("orchestrator_segmenter_replicas_serving 0") {
+            assert!(text.contains("orchestrator_segmenter_replicas 1"), "{text}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the serving gauge never showed the outage:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }

@@ -164,6 +164,9 @@ impl Resolver {
         }
         self.replicas.store(self.current.len(), Ordering::SeqCst);
         metrics::gauge!("orchestrator_segmenter_replicas").set(self.current.len() as f64);
+        // The balancer keeps every address when none answers (calls then fail fast) and the last addresses when a
+        // lookup fails, so its size cannot show an outage: this can (0 = no replica SERVING at the last round).
+        metrics::gauge!("orchestrator_segmenter_replicas_serving").set(up.len() as f64);
         true
     }
 }
