@@ -40,6 +40,8 @@ async fn metrics_count_jobs_items_stages_and_callbacks() {
         "orchestrator_items_total{state=\"ITEM_STATE_FAILED\"} 1",
         "orchestrator_callbacks_total{outcome=\"delivered\"} 2",
         "orchestrator_stage_seconds_bucket{stage=\"segment\"",
+        // The completed item only: the failed one (input missing) is no item latency.
+        "orchestrator_stage_seconds_count{stage=\"item\"} 1",
         "orchestrator_segmenter_replicas 1",
         "orchestrator_segmenter_replicas_serving 1",
     ] {

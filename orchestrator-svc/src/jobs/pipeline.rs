@@ -230,7 +230,10 @@ impl Pipeline {
             _ = job.cancel.cancelled() => Err(ItemError::Cancelled),
         };
         drop(permit);
-        stage.finish();
+        // Completed items only, as every stage: fast failures (input_missing) pulled the item latency down.
+        if result.is_ok() {
+            stage.finish();
+        }
         let outcome = match result {
             Ok(result) => {
                 tracing::info!(
