@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use super::nats::non_empty;
+use super::nats::{non_empty, subjects_overlap};
 use super::secret::UrlWithCredentials;
 use super::{ConfigError, NatsArgs};
 
@@ -44,7 +44,8 @@ pub struct JobStoreArgs {
     /// Default palette-items.
     #[arg(long, env = "NATS_ITEM_STREAM", default_value = "palette-items")]
     pub nats_item_stream: String,
-    /// JOB_STORE=nats: the item stream's subject; must not overlap NATS_SUBJECT. Default palette.items.
+    /// JOB_STORE=nats: the item stream's subject; must not overlap NATS_SUBJECT (refused at startup). Default
+    /// palette.items.
     #[arg(long, env = "NATS_ITEM_SUBJECT", default_value = "palette.items")]
     pub nats_item_subject: String,
     /// JOB_STORE=nats: the durable pull consumer of item tasks every replica shares. Default item-workers.
@@ -88,11 +89,24 @@ impl JobStoreArgs {
     /// The NATS store's settings (JOB_STORE=nats); NATS_URL and NATS_MAX_DELIVERIES come from the queue's section.
     pub fn cluster_settings(&self, nats: &NatsArgs) -> Result<ClusterSettings, ConfigError> {
         let url = nats.url("for JOB_STORE=nats")?;
+        let subject = non_empty(&self.nats_item_subject, "NATS_ITEM_SUBJECT")?;
+        // Two streams cannot share a subject: on a fresh server the second could not be created, and the item
+        // workers would take job messages for tasks (and drop them as unreadable).
+        if subjects_overlap(&subject, nats.nats_subject.trim()) {
+            return Err(ConfigError::invalid(
+                "NATS_ITEM_SUBJECT",
+                subject,
+                format!(
+                    "overlaps NATS_SUBJECT {:?}: the item stream and the job queue need subjects apart",
+                    nats.nats_subject.trim()
+                ),
+            ));
+        }
         Ok(ClusterSettings {
             url: url.into(),
             bucket: non_empty(&self.nats_job_bucket, "NATS_JOB_BUCKET")?,
             stream: non_empty(&self.nats_item_stream, "NATS_ITEM_STREAM")?,
-            subject: non_empty(&self.nats_item_subject, "NATS_ITEM_SUBJECT")?,
+            subject,
             consumer: non_empty(&self.nats_item_consumer, "NATS_ITEM_CONSUMER")?,
             replicas: self.nats_store_replicas as usize,
             ack_wait: Duration::from_secs(self.nats_item_ack_wait_sec.max(1)),
@@ -104,6 +118,33 @@ impl JobStoreArgs {
 #[cfg(test)]
 mod tests {
     use crate::config::Config;
+
+    #[test]
+    fn the_item_subject_must_not_overlap_the_job_queues() {
+        use crate::config::nats::subjects_overlap;
+        for (a, b, overlap) in [
+            ("palette.items", "palette.jobs", false),
+            ("palette.items", "palette.>", true),
+            ("palette.*", "palette.jobs", true),
+            ("palette.*", "palette.jobs.x", false),
+            ("palette.>", "palette", false),
+            ("a.>", "*.b.c", true),
+            ("a.b", "a.b", true),
+            ("a.b", "a.b.c", false),
+        ] {
+            assert_eq!(subjects_overlap(a, b), overlap, "{a} {b}");
+            assert_eq!(subjects_overlap(b, a), overlap, "{b} {a}");
+        }
+        let mut c = Config::for_tests("/tmp/x", "http://127.0.0.1:1");
+        c.nats.nats_url = Some("nats://127.0.0.1:4222".into());
+        c.nats.nats_subject = "palette.>".into();
+        let err = c.jobs.cluster_settings(&c.nats).unwrap_err();
+        assert!(
+            crate::error::report(&err).contains("overlaps NATS_SUBJECT"),
+            "{}",
+            crate::error::report(&err)
+        );
+    }
 
     #[test]
     fn the_nats_store_needs_a_url() {

@@ -13,7 +13,7 @@
 mod callbacks;
 mod job_store;
 mod limits;
-mod nats;
+pub(crate) mod nats;
 mod runpod;
 mod secret;
 mod segmenter;

@@ -89,6 +89,20 @@ pub(super) fn non_empty(value: &str, setting: &'static str) -> Result<String, Co
     }
 }
 
+/// Whether some subject matches both NATS subject filters (`*`: one token, `>`: one or more trailing tokens).
+pub fn subjects_overlap(a: &str, b: &str) -> bool {
+    let (mut a, mut b) = (a.split('.'), b.split('.'));
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return true,
+            // `>` needs at least one more token, which the other has (or is `>` itself).
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(x), Some(y)) if x == y || x == "*" || y == "*" => {}
+            _ => return false,
+        }
+    }
+}
+
 /// The lease and delivery limit a JetStream consumer really has. A consumer is created once, by the first replica,
 /// and kept as it is after (`get_or_create_consumer` does not change an existing one): an ack wait or delivery
 /// limit changed later in the settings would otherwise have this replica renew leases at a third of a wait the
