@@ -217,7 +217,8 @@ async fn bad_edits_are_refused_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edit_of_a_job_still_running_is_refused_until_it_ends() {
     let segmenter = fake_segmenter::start().await;
-    segmenter.faults.delay_ms.store(1_500, Ordering::SeqCst);
+    // Long enough that no image ends before the edit is asked for, under load too.
+    segmenter.faults.delay_ms.store(3_000, Ordering::SeqCst);
     let mut orch = start(&segmenter.url, |_| {}).await;
     for idx in 0..2 {
         orch.put_input(SEED_USER, "busy", idx, photo_jpeg(48, 32))

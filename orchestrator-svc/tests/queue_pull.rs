@@ -511,9 +511,9 @@ async fn settled(counter: &std::sync::atomic::AtomicUsize) -> usize {
     }
 }
 
-/// The consumer keeps the lease it was created with (2 s here). Workers configured later with NATS_ACK_WAIT_SEC=300
-/// must renew at the consumer's pace: renewing every 100 s, a job longer than 2 s was delivered again to the other
-/// worker while it ran, which ran its open items a second time.
+/// The consumer keeps the lease it was created with (4 s here). Workers configured later with NATS_ACK_WAIT_SEC=300
+/// must renew at the consumer's pace (every 1.3 s): renewing every 100 s, a job longer than 4 s was delivered again
+/// to the other worker while it ran, which ran its open items a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_renew_at_the_consumers_lease_not_their_own_setting() {
     let Some(s) = setup().await else { return };
@@ -525,8 +525,8 @@ async fn workers_renew_at_the_consumers_lease_not_their_own_setting() {
     );
     s.put_inputs(JOB, IMAGES).await;
     let js = s.jetstream().await;
-    // The first worker creates the consumer with a 2 s lease, and stops before any job.
-    let mut first = Worker::start(s.config(&receiver_b, 2));
+    // The first worker creates the consumer with a 4 s lease, and stops before any job.
+    let mut first = Worker::start(s.config(&receiver_b, 4));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let created = match js.get_stream(STREAM).await {
@@ -545,7 +545,8 @@ async fn workers_renew_at_the_consumers_lease_not_their_own_setting() {
     }
     first.stop().await;
 
-    s.segmenter.faults.delay_ms.store(1_500, Ordering::SeqCst);
+    // ~8 s of work (4 images, one at a time): twice the lease.
+    s.segmenter.faults.delay_ms.store(2_000, Ordering::SeqCst);
     let mut b = Worker::start(s.config(&receiver_b, 300));
     let mut c = Worker::start(s.config(&receiver_c, 300));
     publish(&js, vec![seed_job(JOB, IMAGES)]).await;
