@@ -16,6 +16,7 @@ mod limits;
 pub(crate) mod nats;
 mod runpod;
 mod secret;
+mod seed_defaults;
 mod segmenter;
 mod storage;
 
@@ -154,35 +155,6 @@ pub const TEST_OVERRIDES: &[&str] = &[
     "job_store",
 ];
 
-/// ADAPTER as given; when it is not given, runpod inside a Runpod serverless worker (`Config::from_env`).
-fn seed_adapter(matches: &ArgMatches, config: &Config) -> Adapter {
-    let given = matches
-        .value_source("adapter")
-        .is_some_and(|source| source != clap::parser::ValueSource::DefaultValue);
-    let in_runpod = config
-        .runpod
-        .runpod_webhook_get_job
-        .as_deref()
-        .is_some_and(|url| !url.trim().is_empty());
-    if !given && in_runpod {
-        Adapter::Runpod
-    } else {
-        config.adapter
-    }
-}
-
-/// STORAGE_BACKEND as given; when it is not given and R2_ACCOUNT_ID is, r2 (`Config::from_env`).
-fn seed_storage(matches: &ArgMatches, config: &Config) -> StorageBackend {
-    let given = matches
-        .value_source("storage_backend")
-        .is_some_and(|source| source != clap::parser::ValueSource::DefaultValue);
-    if !given && config.storage.names_an_r2_account() {
-        StorageBackend::R2
-    } else {
-        config.storage.storage_backend
-    }
-}
-
 impl Config {
     /// The configuration from the command line and environment (what `main` runs with). As the seed's worker, whose
     /// ADAPTER defaulted to runpod: with ADAPTER unset and RUNPOD_WEBHOOK_GET_JOB set (Runpod sets it in every
@@ -193,8 +165,8 @@ impl Config {
     pub fn from_env() -> Self {
         let matches = Config::command().get_matches();
         let mut config = Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-        config.adapter = seed_adapter(&matches, &config);
-        config.storage.storage_backend = seed_storage(&matches, &config);
+        config.adapter = seed_defaults::adapter(&matches, &config);
+        config.storage.storage_backend = seed_defaults::storage(&matches, &config);
         config
     }
 
@@ -263,57 +235,6 @@ mod tests {
         assert!(parse("1000000000").is_ok());
         assert!(parse("1000000001").is_err());
         assert!(parse("0").is_err());
-    }
-
-    #[test]
-    fn adapter_defaults_to_runpod_inside_a_runpod_worker_as_the_seeds_did() {
-        let adapter = |args: &[&str]| {
-            let matches = Config::command()
-                .mut_args(|arg| arg.env(None::<&str>))
-                .try_get_matches_from(args)
-                .unwrap();
-            let config = Config::from_arg_matches(&matches).unwrap();
-            seed_adapter(&matches, &config)
-        };
-        let take = "--runpod-webhook-get-job=https://api.runpod.ai/v2/x/job-take/$ID";
-        assert_eq!(adapter(&["x"]), Adapter::Grpc);
-        assert_eq!(adapter(&["x", take]), Adapter::Runpod);
-        assert_eq!(
-            adapter(&["x", take, "--adapter", "grpc"]),
-            Adapter::Grpc,
-            "given wins"
-        );
-        assert_eq!(
-            adapter(&["x", "--adapter", "queue_pull"]),
-            Adapter::QueuePull
-        );
-    }
-
-    #[test]
-    fn storage_defaults_to_r2_when_an_r2_account_is_named_as_the_seeds_did() {
-        let backend = |args: &[&str]| {
-            let matches = Config::command()
-                .mut_args(|arg| arg.env(None::<&str>))
-                .try_get_matches_from(args)
-                .unwrap();
-            let config = Config::from_arg_matches(&matches).unwrap();
-            seed_storage(&matches, &config)
-        };
-        assert_eq!(backend(&["x"]), StorageBackend::Local);
-        assert_eq!(
-            backend(&["x", "--r2-account-id", "acc"]),
-            StorageBackend::R2
-        );
-        assert_eq!(
-            backend(&["x", "--r2-account-id", " "]),
-            StorageBackend::Local,
-            "blank is unset"
-        );
-        assert_eq!(
-            backend(&["x", "--r2-account-id", "acc", "--storage-backend", "s3"]),
-            StorageBackend::S3,
-            "given wins"
-        );
     }
 
     #[test]

@@ -1,0 +1,93 @@
+//! Defaults the seed's Python worker had that ours keep where the environment shows a seed deployment: ADAPTER
+//! unset inside a Runpod worker is runpod, STORAGE_BACKEND unset with R2_ACCOUNT_ID set is r2.
+
+use clap::ArgMatches;
+
+use super::{Adapter, Config, StorageBackend};
+
+/// ADAPTER as given; when it is not given, runpod inside a Runpod serverless worker (`Config::from_env`).
+pub(super) fn adapter(matches: &ArgMatches, config: &Config) -> Adapter {
+    let given = matches
+        .value_source("adapter")
+        .is_some_and(|source| source != clap::parser::ValueSource::DefaultValue);
+    let in_runpod = config
+        .runpod
+        .runpod_webhook_get_job
+        .as_deref()
+        .is_some_and(|url| !url.trim().is_empty());
+    if !given && in_runpod {
+        Adapter::Runpod
+    } else {
+        config.adapter
+    }
+}
+
+/// STORAGE_BACKEND as given; when it is not given and R2_ACCOUNT_ID is, r2 (`Config::from_env`).
+pub(super) fn storage(matches: &ArgMatches, config: &Config) -> StorageBackend {
+    let given = matches
+        .value_source("storage_backend")
+        .is_some_and(|source| source != clap::parser::ValueSource::DefaultValue);
+    if !given && config.storage.names_an_r2_account() {
+        StorageBackend::R2
+    } else {
+        config.storage.storage_backend
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, FromArgMatches};
+
+    use super::*;
+
+    #[test]
+    fn adapter_defaults_to_runpod_inside_a_runpod_worker_as_the_seeds_did() {
+        let adapter = |args: &[&str]| {
+            let matches = Config::command()
+                .mut_args(|arg| arg.env(None::<&str>))
+                .try_get_matches_from(args)
+                .unwrap();
+            let config = Config::from_arg_matches(&matches).unwrap();
+            adapter(&matches, &config)
+        };
+        let take = "--runpod-webhook-get-job=https://api.runpod.ai/v2/x/job-take/$ID";
+        assert_eq!(adapter(&["x"]), Adapter::Grpc);
+        assert_eq!(adapter(&["x", take]), Adapter::Runpod);
+        assert_eq!(
+            adapter(&["x", take, "--adapter", "grpc"]),
+            Adapter::Grpc,
+            "given wins"
+        );
+        assert_eq!(
+            adapter(&["x", "--adapter", "queue_pull"]),
+            Adapter::QueuePull
+        );
+    }
+
+    #[test]
+    fn storage_defaults_to_r2_when_an_r2_account_is_named_as_the_seeds_did() {
+        let backend = |args: &[&str]| {
+            let matches = Config::command()
+                .mut_args(|arg| arg.env(None::<&str>))
+                .try_get_matches_from(args)
+                .unwrap();
+            let config = Config::from_arg_matches(&matches).unwrap();
+            storage(&matches, &config)
+        };
+        assert_eq!(backend(&["x"]), StorageBackend::Local);
+        assert_eq!(
+            backend(&["x", "--r2-account-id", "acc"]),
+            StorageBackend::R2
+        );
+        assert_eq!(
+            backend(&["x", "--r2-account-id", " "]),
+            StorageBackend::Local,
+            "blank is unset"
+        );
+        assert_eq!(
+            backend(&["x", "--r2-account-id", "acc", "--storage-backend", "s3"]),
+            StorageBackend::S3,
+            "given wins"
+        );
+    }
+}
