@@ -4,7 +4,7 @@
 //! running here. Applying an entry twice changes nothing, so after a lost watch (NATS restarted) the watch simply
 //! starts over from the history.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::kv::{Entry, Operation};
@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
-use super::markers::{MARKER_SWEEP, Markers};
+use super::markers::{self, Markers};
 use crate::error::Report;
 use crate::jobs::job::JobHandle;
 use crate::jobs::store::{self, JobRecord, KeyOf, RecordKey, StoreError};
@@ -21,24 +21,15 @@ use crate::jobs::{JobKey, JobService, durable};
 /// Pause before watching again after the watch failed or ended.
 const REWATCH_PAUSE: Duration = Duration::from_secs(1);
 
-/// Removes the markers that are due (`markers`); what fails is tried again at the next sweep.
-async fn drop_markers(cluster: &Cluster, markers: &mut Markers) {
-    let mut due = markers.due().into_iter();
-    while let Some((key, revision)) = due.next() {
-        if let Err(e) = cluster.store().drop_marker(&key, revision).await {
-            tracing::warn!(key = %key, error = %Report(&e), "purge marker not removed; trying again later");
-            markers.retry(std::iter::once((key, revision)).chain(due).collect());
-            return;
-        }
-    }
-}
-
 impl JobService {
     /// Follows the bucket until `stop`.
     pub async fn follow_store(self: Arc<Self>, cluster: Arc<Cluster>, stop: CancellationToken) {
-        let mut markers = Markers::default();
-        let mut sweep = tokio::time::interval(MARKER_SWEEP);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let markers = Arc::new(Mutex::new(Markers::default()));
+        tokio::spawn(markers::sweep(
+            markers.clone(),
+            cluster.clone(),
+            stop.clone(),
+        ));
         while !stop.is_cancelled() {
             let watch = tokio::select! {
                 watch = cluster.store().bucket().watch_with_history(">") => watch,
@@ -48,10 +39,6 @@ impl JobService {
                 Ok(mut watch) => loop {
                     let entry = tokio::select! {
                         entry = watch.next() => entry,
-                        _ = sweep.tick() => {
-                            drop_markers(&cluster, &mut markers).await;
-                            continue;
-                        }
                         () = stop.cancelled() => return,
                     };
                     match entry {
@@ -59,7 +46,10 @@ impl JobService {
                             if entry.operation != Operation::Put
                                 && matches!(store::parse_key(&entry.key), Some(KeyOf::Job { .. }))
                             {
-                                markers.seen(&entry.key, entry.revision);
+                                markers
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .seen(&entry.key, entry.revision);
                             }
                             self.apply_entry(&cluster, entry).await
                         }

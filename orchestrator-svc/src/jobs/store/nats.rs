@@ -328,17 +328,25 @@ impl JobStore for NatsJobStore {
     async fn forget(&self, jobs: &[RecordKey]) -> Result<(), StoreError> {
         for job in jobs {
             let key = job_key(&job.user_id, &job.job_id);
-            if let Some((bytes, revision)) = self.entry(&key).await?
-                && JobRecord::decode(&bytes).is_some_and(|r| r.spec_hash == job.spec_hash)
-            {
-                // Only the record read: between the read and the purge another replica may have forgotten it and a
-                // new job (another spec under the same id) been recorded, which an unconditional purge deleted.
+            // Only the record read: between the read and the purge another replica may have forgotten it and a new
+            // job (another spec under the same id) been recorded, which an unconditional purge deleted. A record
+            // rewritten meanwhile for the same job (a cancel) is read again and purged at its new revision.
+            for _ in 0..CAS_ATTEMPTS {
+                let Some((bytes, revision)) = self.entry(&key).await? else {
+                    break;
+                };
+                if JobRecord::decode(&bytes).is_none_or(|r| r.spec_hash != job.spec_hash) {
+                    break;
+                }
                 match self.kv.purge_expect_revision(&key, Some(revision)).await {
-                    // Items and claims are keyed by spec hash: the old job's go all the same.
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
-                    other => other.map_err(StoreError::unavailable)?,
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                    other => {
+                        other.map_err(StoreError::unavailable)?;
+                        break;
+                    }
                 }
             }
+            // Items and claims are keyed by spec hash: the old job's go whatever became of the record.
             self.purge_prefix(&items_prefix(job)).await?;
             self.purge_prefix(&claims_prefix(job)).await?;
         }
