@@ -138,7 +138,7 @@ async fn segment(
 ) -> Result<pb::SegmentResponse, Error> {
     let checked = check(&shared, &request)?;
     // An expired request costs nothing more: neither the decode (which would run on after the caller has gone) nor
-    // a place in the engine's queue. Nor does one the engine would refuse now (not serving, queue full).
+    // a place in the engine's queue. Nor does one the engine would refuse now (not serving).
     expired(deadline)?;
     shared.engine.admissible()?;
     let (prepared, prep) = prepare(shared.clone(), request.image, deadline).await?;

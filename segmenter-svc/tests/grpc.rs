@@ -411,23 +411,23 @@ async fn timings_report_decode_and_resize_apart_from_the_wait_for_a_slot() {
         .await
         .unwrap();
 
-    // The only slot is held for 500 ms while the request waits for it.
+    // The only slot is held for 2 s while the request waits for it (margins for a loaded CI machine).
     let held = permits.acquire_owned().await.unwrap();
     let call = tokio::spawn(async move {
         client
             .segment(request(image_bytes("room_640x480.jpg"), &["wall"]))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     drop(held);
     let t = call.await.unwrap().unwrap().into_inner().timings.unwrap();
     assert!(t.decode_ms > 0.0 && t.preprocess_ms > 0.0, "{t:?}");
     assert!(
-        t.decode_ms + t.preprocess_ms < 300.0,
+        t.decode_ms + t.preprocess_ms < 1000.0,
         "the wait for the slot counted as decoding: {t:?}"
     );
     assert!(
-        t.queue_ms >= 300.0,
+        t.queue_ms >= 1000.0,
         "the wait for the slot is queueing: {t:?}"
     );
     assert!(

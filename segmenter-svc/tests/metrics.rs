@@ -51,7 +51,7 @@ async fn metrics_endpoint_reports_requests_stages_and_cache() {
 /// reply, as a client that left would. Part of the one test above: the metrics recorder is process-global.
 async fn dropped_at_the_deadline_are_counted_as_deadline(metrics_addr: std::net::SocketAddr) {
     let mut config = test_config();
-    config.default_deadline_sec = 1;
+    config.default_deadline_sec = 2;
     let faults = config.faults.clone();
     let server = TestServer::start(config).await;
     let mut client = server.client().await;
@@ -63,8 +63,9 @@ async fn dropped_at_the_deadline_are_counted_as_deadline(metrics_addr: std::net:
         async move { client.segment(req).await.unwrap() }
     };
 
-    // No grpc-timeout: DEFAULT_DEADLINE_SEC (1 s) passes during a 2 s run; the handler's own timeout answers.
-    faults.delay_next_run(Duration::from_secs(2));
+    // No grpc-timeout: DEFAULT_DEADLINE_SEC (2 s) passes during a 4 s run; the handler's own timeout answers. (The
+    // margins leave a loaded CI machine a second or more for the decode before the deadline.)
+    faults.delay_next_run(Duration::from_secs(4));
     let err = client
         .segment(request(image_bytes("room_640x480.jpg"), &["wall"]))
         .await
@@ -72,14 +73,14 @@ async fn dropped_at_the_deadline_are_counted_as_deadline(metrics_addr: std::net:
     assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
     after(&mut client).await;
 
-    // grpc-timeout 2 s, the request message sent 1.5 s after the headers: the deadline counts from the headers (as
-    // tonic's timer, which ends the call at 2 s), so when a 1.2 s run ends at ~2.7 s it has passed.
-    faults.delay_next_run(Duration::from_millis(1200));
+    // grpc-timeout 4 s, the request message sent 3 s after the headers: the deadline counts from the headers (as
+    // tonic's timer, which ends the call at 4 s), so when a 2.4 s run ends at ~5.4 s it has passed.
+    faults.delay_next_run(Duration::from_millis(2400));
     let late = segment_with_late_body(
         server.channel().await,
         request(image_bytes("room_640x480.jpg"), &["wall"]),
-        Duration::from_secs(2),
-        Duration::from_millis(1500),
+        Duration::from_secs(4),
+        Duration::from_secs(3),
     )
     .await;
     assert!(late.is_err(), "{late:?}");

@@ -99,17 +99,12 @@ impl EngineHandle {
         }
     }
 
-    /// Whether a job would be taken now (serving, room in the queue), asked before the image is decoded so that an
-    /// overloaded or NOT_SERVING server refuses at once instead of after up to a second of CPU per large photo.
-    /// Advisory: `submit` decides (the queue may fill meanwhile).
+    /// Whether a job could be taken now (the engine is serving), asked before the image is decoded so that a
+    /// NOT_SERVING server refuses at once instead of after up to a second of CPU per large photo. Advisory: `submit`
+    /// decides. Queue room is left to `submit`: `depth` also counts jobs already taken into the batch being
+    /// collected, so comparing it with the capacity here refused calls the queue still had room for.
     pub fn admissible(&self) -> Result<(), Error> {
-        self.serving()?;
-        if self.depth.load(Ordering::SeqCst) >= self.capacity {
-            return Err(Error::Overloaded {
-                capacity: self.capacity,
-            });
-        }
-        Ok(())
+        self.serving()
     }
 
     fn serving(&self) -> Result<(), Error> {
