@@ -95,8 +95,11 @@ checks="$parent/.$name-$stamp.parity"
 tmp="$parent/.$name-$stamp.tmp"
 if [ "$locked" = 1 ]; then
     # What an export killed outright (OOM, SIGKILL at the end of a grace period: no trap runs) left behind, up to
-    # ~7 GB per try. Only under the lock: without it another export may be writing these.
-    rm -rf "$parent/.$name"-*.partial "$parent/.$name"-*.parity "$parent/.$name"-*.tmp
+    # ~7 GB per try. Only under the lock, only this model's (`.<name>-<digits>...`: not `.sam3-fp16-...`), and only
+    # folders untouched for 3 hours: on a shared volume whose filesystem does not carry the lock across nodes
+    # another node's export may be writing a younger one (an export takes well under an hour).
+    find "$parent" -maxdepth 1 \( -name ".$name-[0-9]*.partial" -o -name ".$name-[0-9]*.parity" \
+        -o -name ".$name-[0-9]*.tmp" \) -mmin +180 -exec rm -rf {} +
 fi
 rm -rf "$partial" "$checks" "$tmp"
 trap 'rm -rf "$partial" "$checks" "$tmp"' EXIT INT TERM

@@ -267,13 +267,21 @@ PY
   [[ $rc == 1 ]] || { echo "incomplete export: expected exit 1, got $rc"; return 1; }
   local leftover=("$t"/models/.*.partial "$t"/models/.*.tmp)
   [[ ! -e "${leftover[0]}" && ! -e "${leftover[1]}" ]] || { echo "a .partial or .tmp folder was left behind"; return 1; }
-  # An export killed outright (no trap ran) left its folders: the next export, holding the lock, removes them.
-  mkdir -p "$t/models/.sam3-19990101T000000Z.partial" "$t/models/.sam3-19990101T000000Z.tmp"
+  [[ -f "$t/models/sam3/manifest.json" ]] || { echo "a failed upgrade must keep the current model"; return 1; }
+  # An export killed outright (no trap ran) left its folders: the next export, holding the lock, removes them once
+  # they are old (3 h; a younger one may be another node's export where the lock does not reach); not another
+  # model's (sam3-fp16 shares the prefix).
+  mkdir -p "$t/models/.sam3-19990101T000000Z.partial" "$t/models/.sam3-19990101T000000Z.tmp" \
+    "$t/models/.sam3-29990101T000000Z.partial" "$t/models/.sam3-fp16-19990101T000000Z.partial"
+  touch -d '4 hours ago' "$t/models/.sam3-19990101T000000Z.partial" "$t/models/.sam3-19990101T000000Z.tmp" \
+    "$t/models/.sam3-fp16-19990101T000000Z.partial"
   sleep 1
   HF_TOKEN=x FORCE_EXPORT=1 deploy/model-export.sh
-  leftover=("$t"/models/.*.partial "$t"/models/.*.tmp)
-  [[ ! -e "${leftover[0]}" && ! -e "${leftover[1]}" ]] || { echo "a killed export's folders were not removed"; return 1; }
-  [[ -f "$t/models/sam3/manifest.json" ]] || { echo "a failed upgrade must keep the current model"; return 1; }
+  [[ ! -e "$t/models/.sam3-19990101T000000Z.partial" && ! -e "$t/models/.sam3-19990101T000000Z.tmp" ]] \
+    || { echo "a killed export's folders were not removed"; return 1; }
+  [[ -d "$t/models/.sam3-29990101T000000Z.partial" && -d "$t/models/.sam3-fp16-19990101T000000Z.partial" ]] \
+    || { echo "a recent export's or another model's folder was removed"; return 1; }
+  rm -rf "$t/models/.sam3-29990101T000000Z.partial" "$t/models/.sam3-fp16-19990101T000000Z.partial"
   # EXPORT_PARITY=1: the exporter also gets a generated photo to check against PyTorch; a disagreement keeps the
   # current model, and neither outcome leaves the check's folder behind.
   first="$(readlink "$t/models/sam3")"
