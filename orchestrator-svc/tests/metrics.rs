@@ -28,12 +28,7 @@ async fn metrics_count_jobs_items_stages_and_callbacks() {
     orch.wait_for("metered", |j| j.items.iter().all(|i| i.callback_state == 3))
         .await;
 
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(port).await;
     for needle in [
         "orchestrator_jobs_submitted_total 1",
         "orchestrator_items_total{state=\"ITEM_STATE_COMPLETED\"} 1",
@@ -53,12 +48,7 @@ async fn metrics_count_jobs_items_stages_and_callbacks() {
     segmenter.set_serving(false).await;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = scrape(port).await;
         if text.contains("orchestrator_segmenter_replicas_serving 0") {
             assert!(text.contains("orchestrator_segmenter_replicas 1"), "{text}");
             break;
@@ -69,4 +59,13 @@ async fn metrics_count_jobs_items_stages_and_callbacks() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+async fn scrape(port: u16) -> String {
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }

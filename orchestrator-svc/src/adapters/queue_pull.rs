@@ -136,31 +136,13 @@ async fn handle(
         tracing::info!(%job_id, delivered, "queue_pull: job redelivered; recorded items are skipped");
     }
     let progress_every = settings.progress_every();
-    if service.shares_jobs() {
-        // JOB_STORE=nats: once recorded, the job is the shared store's (its items are leased and redelivered
-        // there), so the message has done its work.
-        let submit = || service.submit(&spec);
-        match submit_patiently(
-            &message,
-            &job_id,
-            progress_every,
-            RETRY_PAUSE,
-            &mut stop,
-            submit,
-        )
-        .await
-        {
-            None => {}
-            Some(Ok(_)) => acknowledge(&message, AckKind::Ack, &job_id).await,
-            Some(Err(e)) => {
-                tracing::error!(%job_id, error = %e, "queue_pull: job rejected and dropped");
-                acknowledge(&message, AckKind::Term, &job_id).await;
-            }
-        }
-        return;
-    }
+    // JOB_STORE=nats: once recorded, the job is the shared store's (its items are leased and redelivered there), so
+    // the message has done its work. Otherwise this worker runs it, durably, and gives it up past the limit.
+    let shared = service.shares_jobs();
     let submit = || async {
-        if delivered > settings.max_deliveries {
+        if shared {
+            service.submit(&spec).await
+        } else if delivered > settings.max_deliveries {
             service.give_up_durable(&spec, delivered - 1).await
         } else {
             service.submit_durable(&spec).await
@@ -177,6 +159,10 @@ async fn handle(
     .await
     {
         None => return,
+        Some(Ok(_)) if shared => {
+            acknowledge(&message, AckKind::Ack, &job_id).await;
+            return;
+        }
         Some(Ok(_)) => {}
         Some(Err(e)) => {
             tracing::error!(%job_id, error = %e, "queue_pull: job rejected and dropped");

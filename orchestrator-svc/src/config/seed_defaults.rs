@@ -40,16 +40,19 @@ mod tests {
 
     use super::*;
 
+    /// What `pick` decides for the command line `args`, whatever the environment says.
+    fn decided<T>(args: &[&str], pick: fn(&ArgMatches, &Config) -> T) -> T {
+        let matches = Config::command()
+            .mut_args(|arg| arg.env(None::<&str>))
+            .try_get_matches_from(args)
+            .unwrap();
+        let config = Config::from_arg_matches(&matches).unwrap();
+        pick(&matches, &config)
+    }
+
     #[test]
     fn adapter_defaults_to_runpod_inside_a_runpod_worker_as_the_seeds_did() {
-        let adapter = |args: &[&str]| {
-            let matches = Config::command()
-                .mut_args(|arg| arg.env(None::<&str>))
-                .try_get_matches_from(args)
-                .unwrap();
-            let config = Config::from_arg_matches(&matches).unwrap();
-            adapter(&matches, &config)
-        };
+        let adapter = |args: &[&str]| decided(args, adapter);
         let take = "--runpod-webhook-get-job=https://api.runpod.ai/v2/x/job-take/$ID";
         assert_eq!(adapter(&["x"]), Adapter::Grpc);
         assert_eq!(adapter(&["x", take]), Adapter::Runpod);
@@ -66,14 +69,7 @@ mod tests {
 
     #[test]
     fn storage_defaults_to_r2_when_an_r2_account_is_named_as_the_seeds_did() {
-        let backend = |args: &[&str]| {
-            let matches = Config::command()
-                .mut_args(|arg| arg.env(None::<&str>))
-                .try_get_matches_from(args)
-                .unwrap();
-            let config = Config::from_arg_matches(&matches).unwrap();
-            storage(&matches, &config)
-        };
+        let backend = |args: &[&str]| decided(args, storage);
         assert_eq!(backend(&["x"]), StorageBackend::Local);
         assert_eq!(
             backend(&["x", "--r2-account-id", "acc"]),

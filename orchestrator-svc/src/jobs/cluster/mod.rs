@@ -37,6 +37,17 @@ pub struct ItemTask {
 }
 
 impl ItemTask {
+    /// Item `idx` of user "u"'s job "j" (spec "h"): the unit tests' task.
+    #[cfg(test)]
+    fn for_tests(idx: u32) -> ItemTask {
+        ItemTask {
+            user_id: "u".into(),
+            job_id: "j".into(),
+            spec_hash: "h".into(),
+            idx,
+        }
+    }
+
     fn job(&self) -> RecordKey {
         RecordKey {
             user_id: self.user_id.clone(),

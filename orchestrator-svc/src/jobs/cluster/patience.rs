@@ -60,12 +60,7 @@ mod tests {
     use super::*;
 
     fn task() -> ItemTask {
-        ItemTask {
-            user_id: "u".into(),
-            job_id: "j".into(),
-            spec_hash: "h".into(),
-            idx: 0,
-        }
+        ItemTask::for_tests(0)
     }
 
     /// Reads that fail `failures` times with `error`, then answer 7; and how often they were made.

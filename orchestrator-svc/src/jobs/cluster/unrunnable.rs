@@ -67,12 +67,7 @@ mod tests {
     use super::*;
 
     fn task() -> ItemTask {
-        ItemTask {
-            user_id: "u".into(),
-            job_id: "j".into(),
-            spec_hash: "h".into(),
-            idx: 3,
-        }
+        ItemTask::for_tests(3)
     }
 
     #[test]
