@@ -153,7 +153,7 @@ step_dockerfiles() {
   python deploy/checks.py dockerfiles
   if ! command -v cargo >/dev/null 2>&1; then
     echo "SKIP cargo checks: no cargo on PATH"
-    return 0
+    return "$SKIP_RC"
   fi
   # The images build with `cargo build --locked -p <svc> --bin <svc>`: the lock file must be current and the
   # binaries must exist under those names.
@@ -314,7 +314,8 @@ step_docs() {
 # (ONNX Runtime from the same pip command as the Dockerfile, the bundled tiny model), start the built binaries with
 # the Dockerfiles' ENV (paths re-rooted, ports moved to free loopback ports) and check what the images rely on:
 # `healthcheck` exits 0 once SERVING and non-zero when down, /metrics answers, SIGTERM stops within the grace period.
-# Skipped (not failed) when no binary has been built yet (cargo build [--release] -p segmenter-svc -p orchestrator-svc).
+# Skipped (not passed) when a binary has not been built yet (cargo build [--release] -p segmenter-svc -p orchestrator-svc);
+# under CI=true (or VALIDATE_NO_SKIP=1) that skip is a failure.
 image_env() { # Dockerfile stage... -> KEY=VALUE lines of their ENV instructions (simple `ENV K=V \` form only)
   local file="$1"; shift
   python - "$file" "$@" <<'PY'
@@ -376,12 +377,12 @@ stop_within() { # pid seconds
 
 step_contract() {
   log "image run-time contract (no Docker): runtime-cpu layout + built binaries"
-  local seg="" orch="" b
+  local seg="" orch="" b partial=0
   for b in target/release/segmenter-svc target/debug/segmenter-svc; do [[ -x "$b" ]] && { seg="$b"; break; }; done
   for b in target/release/orchestrator-svc target/debug/orchestrator-svc; do [[ -x "$b" ]] && { orch="$b"; break; }; done
   if [[ -z "$seg" ]]; then
     echo "SKIP: no segmenter-svc binary under target/ (build it first to check the contract)"
-    return 0
+    return "$SKIP_RC"
   fi
   local root="$RENDER/imageroot" libs
   # The ONNX Runtime files come from running the Dockerfile's own ort-cpu-libs RUN steps.
@@ -446,6 +447,7 @@ step_contract() {
     echo "orchestrator: stopped on SIGTERM"
   else
     echo "SKIP orchestrator: no orchestrator-svc binary under target/"
+    partial=1
   fi
 
   stop_within "$pid" 40 || { echo "segmenter ignored SIGTERM for 40 s (compose grace 45 s)"; return 1; }
@@ -454,6 +456,7 @@ step_contract() {
     echo "healthcheck exits 0 with no server: it would never mark a dead container unhealthy"; return 1
   fi
   echo "segmenter: healthcheck exits non-zero with no server"
+  ((partial == 0)) || return "$SKIP_RC"
 }
 
 # opt-in (downloads ~1.5 GB of wheels once): `deploy/validate.sh gpu-layout`. Runs the Dockerfile's ort-gpu-libs RUN
@@ -508,6 +511,7 @@ gpu_layout() { # libs-stage runtime-stage
 
 PASSED=0
 SKIPPED=0
+SKIP_RC=75 # a step's exit status for "could not check here" (run() counts it as skipped, or failed under CI)
 
 summary() { # one closing line in the form CI recognises: "deploy: N passed, N failed"
   echo
@@ -527,6 +531,10 @@ run() {
   rc=$?
   set -e
   if ((rc == 0)); then PASSED=$((PASSED + 1)); return 0; fi
+  # A step that could not check what it exists for is a skip, not a pass; in CI (or with VALIDATE_NO_SKIP=1) it fails.
+  if ((rc == SKIP_RC)) && [[ "${CI:-}" != true && "${VALIDATE_NO_SKIP:-0}" != 1 ]]; then
+    echo "=== $s: SKIPPED (see above)"; SKIPPED=$((SKIPPED + 1)); return 0
+  fi
   FAILED+=("$s")
   if [[ "${VALIDATE_KEEP_GOING:-0}" != 1 ]]; then
     summary
