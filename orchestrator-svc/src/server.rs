@@ -33,6 +33,11 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("local storage")]
     Storage(#[source] crate::storage::StorageError),
+    /// The object store answered that the credentials or the bucket are wrong (R2_* / AWS_* variables).
+    #[error(
+        "object storage refused this service's credentials or bucket (check R2_ACCESS_KEY_ID, R2_SECRET_ACCESS_KEY, R2_BUCKET_NAME and the endpoint: R2_ACCOUNT_ID or AWS_ENDPOINT_URL_S3): {0}"
+    )]
+    StorageAccess(String),
     #[error("job store (JOB_STORE, JOB_STORE_PATH)")]
     JobStore(#[source] crate::jobs::store::StoreError),
     #[error("callback HTTP client")]
@@ -50,6 +55,50 @@ pub enum StartupError {
 pub const JOBS_SERVICE: &str = palette_proto::orchestrator::v1::jobs_server::SERVICE_NAME;
 /// Jobs are small; images never travel through this API.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How long start-up asks the object store before it decides (see `check_storage_access`).
+const STORAGE_CHECK_WAIT: Duration = Duration::from_secs(15);
+
+/// Refuses to start with credentials or a bucket the store says are wrong (every item would fail with a storage
+/// error, long after a deploy looked healthy). A refusal or no answer is asked again for STORAGE_CHECK_WAIT, as a
+/// store starting beside this service (compose's SeaweedFS creating its bucket) answers so for a moment; a store
+/// still unreachable then, or a refusal that may concern only the probe, is a warning: items retry and report their
+/// own errors, and a short outage of the store must not keep the service down.
+async fn check_storage_access(store: &dyn storage::ObjectStore) -> Result<(), StartupError> {
+    use storage::AccessCheck;
+    let deadline = tokio::time::Instant::now() + STORAGE_CHECK_WAIT;
+    // The latest answer that was not final: what decides when the time is up.
+    let mut last: Option<AccessCheck> = None;
+    loop {
+        let answer = match tokio::time::timeout_at(deadline, store.check_access()).await {
+            Ok(answer) => answer,
+            Err(_) => last.take().unwrap_or_else(|| {
+                AccessCheck::Unreachable(format!("no answer in {} s", STORAGE_CHECK_WAIT.as_secs()))
+            }),
+        };
+        let time_up = tokio::time::Instant::now() + Duration::from_secs(1) >= deadline;
+        match answer {
+            AccessCheck::Usable => return Ok(()),
+            AccessCheck::Doubtful(why) => {
+                tracing::warn!(error = %why, "object storage: access not confirmed at start-up; starting anyway");
+                return Ok(());
+            }
+            AccessCheck::Refused(why) if time_up => return Err(StartupError::StorageAccess(why)),
+            AccessCheck::Unreachable(why) if time_up => {
+                tracing::warn!(error = %why, "object storage: unreachable at start-up; starting anyway");
+                return Ok(());
+            }
+            again @ (AccessCheck::Refused(_) | AccessCheck::Unreachable(_)) => {
+                if last.is_none() {
+                    tracing::info!(answer = ?again, wait_sec = STORAGE_CHECK_WAIT.as_secs(),
+                        "object storage: not usable yet; asking again");
+                }
+                last = Some(again);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
 
 fn load_presets(config: &LimitArgs) -> Result<BTreeMap<String, Arc<Preset>>, ConfigError> {
     if !config.presets_dir.is_dir() {
@@ -166,6 +215,7 @@ pub async fn run(
     }
     let store =
         storage::from_settings(config.storage.settings()?).map_err(StartupError::Storage)?;
+    check_storage_access(store.as_ref()).await?;
     let callbacks = callback_sender(config.callbacks.settings()?)?;
     let args = &config.limits;
     let segmenter = Arc::new(Segmenter::new(

@@ -6,7 +6,9 @@ use palette_testing as common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use orchestrator_svc::storage::{ObjectMeta, ObjectStore, S3Settings, S3Store, StorageError};
+use orchestrator_svc::storage::{
+    AccessCheck, ObjectMeta, ObjectStore, S3Settings, S3Store, StorageError,
+};
 
 fn store(weed: &common::seaweed::Seaweed, bucket: &str) -> S3Store {
     S3Store::new(S3Settings {
@@ -90,6 +92,79 @@ async fn a_missing_bucket_is_an_outage_not_a_missing_object() {
     assert!(says_bucket(&head), "{head:?}");
     let get = wrong.get(key).await.unwrap_err();
     assert!(says_bucket(&get), "{get:?}");
+}
+
+/// The start-up probe: refused only for what the service says is wrong with the credentials or the bucket (the
+/// process then does not start); an unreachable store is only unreachable (it starts and items retry).
+#[tokio::test]
+async fn the_start_up_access_check_refuses_wrong_credentials_and_buckets_only() {
+    let Some(weed) = common::seaweed::start("palette-test") else {
+        return;
+    };
+    let good = store(&weed, &weed.bucket);
+    wait_ready(&good).await;
+    assert_eq!(good.check_access().await, AccessCheck::Usable);
+    // Even once the probed key exists (someone wrote it): still usable.
+    good.put(
+        "inputs/.palette-access-check",
+        Bytes::from_static(b"x"),
+        "text/plain",
+    )
+    .await
+    .unwrap();
+    assert_eq!(good.check_access().await, AccessCheck::Usable);
+
+    let with = |access_key_id: &str, secret: &str, bucket: &str, endpoint: &str| {
+        S3Store::new(S3Settings {
+            endpoint_url: Some(endpoint.to_string()),
+            region: "us-east-1".into(),
+            bucket: bucket.into(),
+            access_key_id: access_key_id.into(),
+            secret_access_key: secret.into(),
+            attempt_timeout: Duration::from_secs(5),
+            max_attempts: 1,
+        })
+    };
+    let refused = |check: AccessCheck, code: &str| match check {
+        AccessCheck::Refused(why) => assert!(why.contains(code), "{why}"),
+        other => panic!("expected a refusal naming {code}, got {other:?}"),
+    };
+    // The compose file's fallback when R2 keys are unset: another service's key id.
+    refused(
+        with("nobody", "wrong", &weed.bucket, &weed.endpoint)
+            .check_access()
+            .await,
+        "InvalidAccessKeyId",
+    );
+    refused(
+        with(
+            common::seaweed::ACCESS_KEY,
+            "wrong",
+            &weed.bucket,
+            &weed.endpoint,
+        )
+        .check_access()
+        .await,
+        "SignatureDoesNotMatch",
+    );
+    refused(
+        store(&weed, "no-such-bucket").check_access().await,
+        "NoSuchBucket",
+    );
+    // Nothing listens there: no answer about the credentials, so not a refusal.
+    let closed = format!("http://127.0.0.1:{}", common::ports::free_port());
+    let unreachable = with(
+        common::seaweed::ACCESS_KEY,
+        common::seaweed::SECRET_KEY,
+        &weed.bucket,
+        &closed,
+    )
+    .check_access()
+    .await;
+    assert!(
+        matches!(unreachable, AccessCheck::Unreachable(_)),
+        "{unreachable:?}"
+    );
 }
 
 #[tokio::test]
@@ -241,5 +316,35 @@ async fn unsigned_payload_cpu() {
         bodies.len(),
         range(&s),
         range(&u)
+    );
+}
+
+/// The service itself: a bucket the store says does not exist stops `run` at start-up with an error naming the
+/// variables to check, instead of a healthy-looking server whose every item fails.
+#[tokio::test]
+async fn the_orchestrator_does_not_start_on_a_bucket_the_store_refuses() {
+    let Some(weed) = common::seaweed::start("palette-test") else {
+        return;
+    };
+    wait_ready(&store(&weed, &weed.bucket)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = orchestrator_svc::Config::for_tests(dir.path(), "http://127.0.0.1:9");
+    config.storage.storage_backend = orchestrator_svc::config::StorageBackend::S3;
+    config.storage.s3_endpoint_url = Some(weed.endpoint.clone());
+    config.storage.r2_access_key_id = Some(common::seaweed::ACCESS_KEY.into());
+    config.storage.r2_secret_access_key = Some(common::seaweed::SECRET_KEY.into());
+    config.storage.r2_bucket_name = Some("no-such-bucket".into());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = orchestrator_svc::run(config, listener, std::future::ready(()))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, orchestrator_svc::StartupError::StorageAccess(_)),
+        "{err:?}"
+    );
+    assert!(
+        text.contains("R2_BUCKET_NAME") && text.contains("NoSuchBucket"),
+        "{text}"
     );
 }

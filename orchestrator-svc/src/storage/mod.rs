@@ -73,6 +73,28 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     async fn exists(&self, key: &str) -> Result<bool, StorageError> {
         Ok(self.head(key).await?.is_some())
     }
+
+    /// At start-up: whether this store's credentials and bucket are usable, from one request. A local folder is
+    /// usable once created (`LocalStore::new`).
+    async fn check_access(&self) -> AccessCheck {
+        AccessCheck::Usable
+    }
+}
+
+/// What the start-up probe of the object store found (`ObjectStore::check_access`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessCheck {
+    /// The service answered as it does for a caller it accepts (the probed key exists or not).
+    Usable,
+    /// The service itself said the credentials or the bucket are wrong: every item would fail. The text is the
+    /// service's own code and message. (A store that is still starting can say so for a moment: ask again.)
+    Refused(String),
+    /// The service refused in a way that may concern only the probe (AccessDenied: a least-privilege policy without
+    /// s3:ListBucket answers so for any missing key). A final answer, but not a reason to stay down: items report
+    /// their own storage errors.
+    Doubtful(String),
+    /// No answer (transport failure) or a server error: the store may be down for a moment.
+    Unreachable(String),
 }
 
 pub type SharedStore = Arc<dyn ObjectStore>;

@@ -13,7 +13,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 
-use super::{ObjectMeta, ObjectStore, StorageError, check_key};
+use super::{AccessCheck, ObjectMeta, ObjectStore, StorageError, check_key};
 use crate::config::S3Settings;
 
 #[derive(Debug, Clone)]
@@ -204,6 +204,63 @@ impl ObjectStore for S3Store {
             Err(err) => Err(unavailable("HEAD", key, err)),
         }
     }
+
+    /// One ranged GET of a key no job writes: NoSuchKey (or the object) means the credentials and bucket work.
+    async fn check_access(&self) -> AccessCheck {
+        let answer = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(ACCESS_PROBE_KEY)
+            .range("bytes=0-0")
+            .send()
+            .await;
+        match answer {
+            Ok(_) => AccessCheck::Usable,
+            Err(err) if missing_key(&err) || status_of(&err) == Some(416) => AccessCheck::Usable,
+            Err(err) => {
+                let refused = wrong_credentials_or_bucket(&err);
+                let answered = matches!(status_of(&err), Some(status) if status < 500);
+                let why =
+                    crate::error::Report(&unavailable("GET", ACCESS_PROBE_KEY, err)).to_string();
+                match (refused, answered) {
+                    (true, _) => AccessCheck::Refused(why),
+                    (false, true) => AccessCheck::Doubtful(why),
+                    (false, false) => AccessCheck::Unreachable(why),
+                }
+            }
+        }
+    }
+}
+
+/// The start-up probe's key: under `inputs/`, the prefix this service must be allowed to read; no id may start
+/// with '.', so no job's key can be this one.
+const ACCESS_PROBE_KEY: &str = "inputs/.palette-access-check";
+
+/// Whether the service said the credentials or the bucket are wrong, not only that this key may not be read:
+/// unknown key id, wrong secret, expired or malformed credentials, a bucket that does not exist. AccessDenied is
+/// not among them (a policy without s3:ListBucket answers a missing key with it), nor is any 5xx.
+fn wrong_credentials_or_bucket<E, R>(err: &SdkError<E, R>) -> bool
+where
+    E: ProvideErrorMetadata,
+    R: HasStatus,
+{
+    let code = match err {
+        SdkError::ServiceError(e) => e.err().code(),
+        _ => return false,
+    };
+    matches!(
+        code,
+        Some(
+            "InvalidAccessKeyId"
+                | "SignatureDoesNotMatch"
+                | "InvalidToken"
+                | "ExpiredToken"
+                | "AuthorizationHeaderMalformed"
+                | "NoSuchBucket"
+                | "InvalidBucketName"
+        )
+    ) || status_of(err) == Some(401)
 }
 
 impl S3Store {
