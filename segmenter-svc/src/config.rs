@@ -146,7 +146,7 @@ pub struct Config {
     #[arg(long, env = "TEXT_CACHE_ENTRIES", default_value_t = 4096)]
     pub text_cache_entries: usize,
 
-    /// Most concept phrases per request.
+    /// Most concept phrases per request (reported in GetModelInfo: the orchestrator sends more in several calls).
     #[arg(long, env = "MAX_CONCEPTS", default_value_t = 32)]
     pub max_concepts: usize,
 

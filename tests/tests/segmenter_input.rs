@@ -74,6 +74,55 @@ async fn a_large_photos_masks_through_raw_rgb_are_the_uploads_masks() {
     assert!(checked > 0, "the tiny model found instances");
 }
 
+/// A segmenter that takes fewer concepts per call (MAX_CONCEPTS=2) than the job names (3): the orchestrator sends
+/// them in two groups instead of failing every item, and each concept's instances are the ones one call for all
+/// three gives (the decoder treats each phrase on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_concepts_than_the_segmenter_takes_are_sent_in_groups() {
+    let mut config = palette_testing::segmenter::test_config();
+    config.max_concepts = 2;
+    let narrow = palette_testing::segmenter::TestServer::start(config).await;
+    let narrow_url = format!("http://{}", narrow.addr);
+    let mut orch = start(&narrow_url, |_| {}).await;
+    let jpeg = synthetic_room(320, 240, 5);
+    orch.put_input("test-user", "groups", 0, jpeg.clone()).await;
+    let spec = seed_spec("groups", 1);
+    assert_eq!(spec.concepts.len(), 3, "more than the segmenter's 2");
+    orch.client.submit_job(spec.clone()).await.unwrap();
+    let job = orch.wait_for("groups", is_terminal).await;
+    let item = &job.items[0];
+    assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+
+    let wide = start_segmenter().await;
+    let mut client = SegmenterClient::connect(wide.url()).await.unwrap();
+    let concepts: Vec<&str> = spec.concepts.iter().map(String::as_str).collect();
+    let once = client
+        .segment(palette_testing::segmenter::request(jpeg, &concepts))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut compared = 0;
+    for result in &once.concepts {
+        let stored: Vec<f32> = item
+            .masks
+            .iter()
+            .filter(|m| m.concept == result.concept)
+            .map(|m| m.score)
+            .collect();
+        let want: Vec<f32> = result.instances.iter().map(|i| i.score).collect();
+        assert_eq!(stored.len(), want.len(), "{}", result.concept);
+        for (got, want) in stored.iter().zip(&want) {
+            assert!(
+                (got - want).abs() < 1e-5,
+                "{}: {got} vs {want}",
+                result.concept
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared > 0, "the tiny model found instances");
+}
+
 #[test]
 #[ignore = "a measurement: cargo test --release -p palette-e2e --test segmenter_input -- --ignored --nocapture"]
 fn the_segmenters_preprocessing_of_an_upload_against_raw_rgb() {

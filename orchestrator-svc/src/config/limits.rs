@@ -20,7 +20,8 @@ pub struct LimitArgs {
     #[arg(long, env = "MAX_RULES_PER_JOB", default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub max_rules_per_job: usize,
     /// Most concepts segmented per job (listed, rule and occluder concepts together). Default 32: the segmenter's
-    /// own limit, and the interior preset alone lists 17.
+    /// own limit (MAX_CONCEPTS; a segmenter that takes fewer gets them in several calls), and the interior preset
+    /// alone lists 17.
     #[arg(long, env = "MAX_CONCEPTS_PER_JOB", default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub max_concepts_per_job: usize,
     /// Jobs kept in memory (for GetJob, WatchJob and idempotency); beyond it the oldest finished ones whose

@@ -3,6 +3,7 @@
 //! starting, gone or overloaded (each retry through the balancer again), W3C trace context on every Segment call,
 //! and the model id (cached) that keys mask reuse.
 
+mod chunks;
 mod failure;
 mod resolver;
 mod targets;
@@ -51,6 +52,9 @@ pub struct ModelSummary {
     /// The side of the square the model takes its image at (ModelInfo.image_size; 1008 for SAM3). Photos larger
     /// than that are sent downscaled, as raw RGB (`jobs::item::segmenter_input`); None: sent as uploaded.
     pub input_size: Option<u32>,
+    /// The most concepts one Segment call may carry (ModelInfo.limits.max_concepts; 0: not said). More are sent
+    /// in groups (`chunks`).
+    pub max_concepts: u32,
 }
 
 /// The generated client over the balancer, adding this service's bearer token to every call.
@@ -157,6 +161,7 @@ impl Segmenter {
             model_id: info.model_id,
             // 0: a segmenter from before the field, or one that does not say; images go as uploaded.
             input_size: (info.image_size > 0).then_some(info.image_size),
+            max_concepts: info.limits.map_or(0, |l| l.max_concepts),
         };
         *self.model.write().await = Some((model.clone(), Instant::now()));
         Ok(model)
@@ -165,7 +170,32 @@ impl Segmenter {
     /// One Segment call for all `concepts` of one image (the upload's bytes, or raw RGB: `Source`), masks as 8-bit
     /// probabilities at model resolution. Each attempt carries the W3C trace context of a `segment` span (a child
     /// of the caller's span).
+    /// More concepts than the segmenter takes in one call (learnt with the model) go in groups, one call each.
     pub async fn segment(
+        &self,
+        image: Source,
+        concepts: &[String],
+        request_id: &str,
+    ) -> Result<SegmentResponse, SegmenterError> {
+        let max = self.model().await?.max_concepts;
+        let groups = chunks::split(concepts, max);
+        if groups.len() == 1 {
+            return self.segment_once(image, concepts, request_id).await;
+        }
+        tracing::info!(
+            concepts = concepts.len(),
+            max_concepts = max,
+            calls = groups.len(),
+            "more concepts than the segmenter takes at once (its MAX_CONCEPTS): sent in groups"
+        );
+        let mut answers = Vec::with_capacity(groups.len());
+        for group in groups {
+            answers.push(self.segment_once(image.clone(), group, request_id).await?);
+        }
+        chunks::join(answers)
+    }
+
+    async fn segment_once(
         &self,
         image: Source,
         concepts: &[String],
