@@ -28,6 +28,25 @@ async fn metrics_count_jobs_items_stages_and_callbacks() {
     orch.wait_for("metered", |j| j.items.iter().all(|i| i.callback_state == 3))
         .await;
 
+    // A preview of the finished photo: its stages, the wait for the pixel budget (`admit`) apart.
+    orch.client
+        .preview_edit(palette_proto::orchestrator::v1::PreviewEditRequest {
+            user_id: "test-user".into(),
+            job_id: "metered".into(),
+            idx: 0,
+            rules: vec![palette_proto::orchestrator::v1::Rule {
+                rule_id: "paint".into(),
+                concept: "wall".into(),
+                r#type: "recolor".into(),
+                params: Some(common::orchestrator::string_struct(&[("color", "#1F3A5F")])),
+            }],
+            preset: String::new(),
+            max_side: 64,
+            format: String::new(),
+        })
+        .await
+        .unwrap();
+
     let text = scrape(port).await;
     for needle in [
         "orchestrator_jobs_submitted_total 1",
@@ -39,6 +58,10 @@ async fn metrics_count_jobs_items_stages_and_callbacks() {
         "orchestrator_stage_seconds_count{stage=\"item\"} 1",
         "orchestrator_segmenter_replicas 1",
         "orchestrator_segmenter_replicas_serving 1",
+        "orchestrator_preview_stage_seconds_count{stage=\"photo\"} 1",
+        "orchestrator_preview_stage_seconds_count{stage=\"masks\"} 1",
+        // photo, masks, then the rules' render.
+        "orchestrator_preview_stage_seconds_count{stage=\"admit\"} 3",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }

@@ -1,6 +1,7 @@
 //! Item metrics: how long each stage of an item took (`orchestrator_stage_seconds{stage}`) and how many items are
 //! between start and end (`orchestrator_items_in_flight`); PreviewEdit's stages
-//! (`orchestrator_preview_stage_seconds{stage}`: photo, masks and region when not cached, rules, encode).
+//! (`orchestrator_preview_stage_seconds{stage}`: photo, masks and region when not cached, rules, encode, and admit:
+//! the wait for the pixel budget, left out of the others).
 
 use std::time::Instant;
 
@@ -30,6 +31,11 @@ impl Stage {
             name,
             started: Instant::now(),
         }
+    }
+
+    /// Leaves `waited` out of this stage's time: a wait inside it that is recorded as its own stage.
+    pub fn exclude(&mut self, waited: std::time::Duration) {
+        self.started += waited;
     }
 
     pub fn finish(self) {

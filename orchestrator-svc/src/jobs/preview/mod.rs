@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use super::edit::{self, record};
-use super::item::admission::item_pixels;
+use super::item::admission::{Admitted, item_pixels};
 use super::item::stored_masks::{read_record, same_photo, union_of};
 use super::item::{InputLimits, ItemError, PixelBudget, blocking, imaging};
 use super::stage::Stage;
@@ -140,8 +140,7 @@ impl PreviewService {
         let pixels = item_pixels(u64::from(w) * u64::from(h), plan.fills());
         let rules = Arc::new(plan.rules);
         let idx = request.idx;
-        self.budget
-            .admit(pixels)
+        self.admit(pixels, None)
             .await
             .hold_while(blocking(move || {
                 render_all(&cache, &prefix, &loaded, &rules, idx, png)
@@ -218,10 +217,12 @@ impl PreviewService {
                 None => {
                     let key = plane_key(concept);
                     let stored = record.as_deref().expect("read when a plane is not cached");
-                    let stage = Stage::preview("masks");
+                    let mut stage = Stage::preview("masks");
                     let admitted = self
-                        .budget
-                        .admit(u64::from(full_size.0) * u64::from(full_size.1))
+                        .admit(
+                            u64::from(full_size.0) * u64::from(full_size.1),
+                            Some(&mut stage),
+                        )
                         .await;
                     let plane = admitted
                         .hold_while(async {
@@ -276,14 +277,16 @@ impl PreviewService {
         if let Some(Cached::Photo(p, full, sha)) = self.cache.get(&key) {
             return Ok((p, full, sha));
         }
-        let stage = Stage::preview("photo");
+        let mut stage = Stage::preview("photo");
         let input = keys::input(at.user_id, at.photos_job_id, at.idx);
         let bytes: Bytes = self
             .store
             .get_at_most(&input, self.inputs.max_bytes)
             .await?;
         let (max_pixels, max_side) = (self.inputs.max_pixels, at.max_side);
-        let admitted = self.budget.admit(imaging::pixel_count(&bytes)).await;
+        let admitted = self
+            .admit(imaging::pixel_count(&bytes), Some(&mut stage))
+            .await;
         let (photo, full, sha) = admitted
             .hold_while(blocking(move || {
                 let sha: [u8; 32] = Sha256::digest(&bytes).into();
@@ -298,6 +301,19 @@ impl PreviewService {
             .insert(key, Cached::Photo(photo.clone(), full, sha));
         stage.finish();
         Ok((photo, full, sha))
+    }
+
+    /// The pixel budget's admission, its wait recorded as the `admit` stage and left out of `within` (the stage
+    /// that waited), so the photo and masks histograms show work, not queueing behind other previews and items.
+    async fn admit(&self, pixels: u64, within: Option<&mut Stage>) -> Admitted {
+        let wait = Stage::preview("admit");
+        let started = std::time::Instant::now();
+        let admitted = self.budget.admit(pixels).await;
+        if let Some(stage) = within {
+            stage.exclude(started.elapsed());
+        }
+        wait.finish();
+        admitted
     }
 
     async fn masks_record(&self, at: &PhotoRef<'_>) -> Result<Arc<record::MasksRecord>, ItemError> {
