@@ -10,8 +10,9 @@ use super::job::{ItemOutcome, JobHandle, is_terminal};
 use super::store::{self, JobRecord, StoreError, StoredJob};
 use super::validate::{self, JobPlan};
 
-/// `Item.error_code` of the items of a recorded job that cannot run here (its spec no longer plans, or its record
-/// does not decode).
+/// `Item.error_code` of the items of a recorded job that cannot run here: its spec no longer plans (JOB_STORE=local),
+/// or no replica that took its task could plan or read its job (JOB_STORE=nats). A local record that does not decode
+/// is skipped at load and left in the file (`store::local`), as nothing of its job can be known.
 pub(in crate::jobs) const JOB_NOT_RESUMABLE: &str = "job_not_resumable";
 
 /// What `JobService::resume` found, for the log and for tests.

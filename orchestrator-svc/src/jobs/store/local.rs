@@ -75,6 +75,16 @@ fn decode_item(key: &str, bytes: &[u8]) -> Result<Item, StoreError> {
     })
 }
 
+/// A record `load` skips: logged with its key and counted, never deleted.
+fn unreadable(what: &str, key: &str) {
+    tracing::warn!(
+        key,
+        what,
+        "job store: a {what} record this version cannot read is skipped and left in the file (written by a newer version?)"
+    );
+    metrics::counter!("orchestrator_job_store_errors_total").increment(1);
+}
+
 #[async_trait]
 impl JobStore for LocalJobStore {
     async fn create(&self, job: &JobRecord) -> Result<Created, StoreError> {
@@ -152,10 +162,13 @@ impl JobStore for LocalJobStore {
             let mut out = Vec::new();
             for entry in jobs.iter().map_err(StoreError::unavailable)? {
                 let (key, value) = entry.map_err(StoreError::unavailable)?;
-                let record =
-                    JobRecord::decode(value.value()).ok_or_else(|| StoreError::Corrupt {
-                        key: key.value().to_string(),
-                    })?;
+                // A record this binary cannot read (written by a newer version: a rollback) is left in the file
+                // for the version that can, and skipped: failing the whole load kept the service from starting
+                // at all, and the way out was deleting every job.
+                let Some(record) = JobRecord::decode(value.value()) else {
+                    unreadable("job", key.value());
+                    continue;
+                };
                 let (from, to) = item_range(&record.key());
                 let mut terminal = Vec::new();
                 for entry in items
@@ -163,7 +176,11 @@ impl JobStore for LocalJobStore {
                     .map_err(StoreError::unavailable)?
                 {
                     let (key, value) = entry.map_err(StoreError::unavailable)?;
-                    terminal.push(decode_item(key.value(), value.value())?);
+                    // An item record it cannot read: the item runs again (its callback is sent again).
+                    match decode_item(key.value(), value.value()) {
+                        Ok(item) => terminal.push(item),
+                        Err(_) => unreadable("item", key.value()),
+                    }
                 }
                 out.push(StoredJob {
                     record,
@@ -296,6 +313,39 @@ mod tests {
         assert_eq!(store.load().await.unwrap().len(), 1);
         store.forget(&[new.key()]).await.unwrap();
         assert!(store.load().await.unwrap().is_empty());
+    }
+
+    /// A record with a field this version does not know (a newer version wrote it, then was rolled back), and an
+    /// item record that does not decode: both skipped, the rest loads (the whole load failed, and startup with it).
+    #[tokio::test]
+    async fn records_this_version_cannot_read_are_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalJobStore::open(&dir.path().join("jobs.redb")).unwrap();
+        let good = record("good", "h", 1);
+        store.create(&good).await.unwrap();
+        let done = item(0, ItemState::Completed, CallbackState::Delivered);
+        store.put_item(&good.key(), &done).await.unwrap();
+        let mut newer: serde_json::Value =
+            serde_json::from_slice(&record("newer", "h", 2).encode()).unwrap();
+        newer["fieldFromTheFuture"] = serde_json::json!(1);
+        let newer = serde_json::to_vec(&newer).unwrap();
+        let garbled = item_key(&good.key(), 1);
+        store
+            .write(move |txn| {
+                let mut jobs = txn.open_table(JOBS).unwrap();
+                jobs.insert("u/newer", newer.as_slice()).unwrap();
+                let mut items = txn.open_table(ITEMS).unwrap();
+                items
+                    .insert(garbled.as_str(), b"{not json".as_slice())
+                    .unwrap();
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let loaded = store.load().await.unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].record, good);
+        assert_eq!(loaded[0].items, [done]);
     }
 
     #[tokio::test]
