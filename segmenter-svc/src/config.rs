@@ -95,7 +95,8 @@ pub struct Config {
     #[arg(long, env = "MAX_QUEUE_DELAY_MS", default_value_t = 2)]
     pub max_queue_delay_ms: u64,
 
-    /// Requests waiting for the inference thread beyond which new ones get RESOURCE_EXHAUSTED.
+    /// Requests waiting for the inference thread beyond which new ones get RESOURCE_EXHAUSTED, at once: before
+    /// their image is decoded. 0 is taken as 1 (one request may wait while a batch runs).
     #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 32)]
     pub queue_capacity: usize,
 

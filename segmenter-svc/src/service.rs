@@ -138,7 +138,8 @@ async fn segment(
 ) -> Result<pb::SegmentResponse, Error> {
     let checked = check(&shared, &request)?;
     // An expired request costs nothing more: neither the decode (which would run on after the caller has gone) nor
-    // a place in the engine's queue. Nor does one the engine would refuse now (not serving).
+    // a place in the engine's queue. Nor does one the engine would refuse now (not serving, or no room in its
+    // queue): asked here, before the wait for a pre-processing slot, and again once it has one (`prepare`).
     expired(deadline)?;
     shared.engine.admissible()?;
     let (prepared, prep) = prepare(shared.clone(), request.image, deadline).await?;
@@ -361,19 +362,26 @@ async fn prepare(
     .map_err(|_| Error::DeadlineExceeded)?
     .map_err(|_| Error::NotServing("shutting down".into()))?;
     let wait = waiting.elapsed();
+    // The queue may have filled during the wait: a request it has no room for now is refused before its decode,
+    // which would be thrown away, and its slot goes to the next at once. The wait itself is bounded by the deadline
+    // only: while the queue has room a decode is not wasted, and refusing it after a fixed wait would send clients
+    // (which retry RESOURCE_EXHAUSTED a few times, on one replica as well as many) away from work about to be done.
+    shared.engine.admissible()?;
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let decoding = Instant::now();
         let rgb = match source {
-            pb::image::Source::Encoded(bytes) => shared.preprocessor.decode(&bytes)?,
-            pb::image::Source::Rgb(rgb) => {
-                shared.preprocessor.rgb(rgb.width, rgb.height, rgb.data)?
-            }
+            pb::image::Source::Encoded(bytes) => shared.preprocessor.decode(&bytes),
+            pb::image::Source::Rgb(rgb) => shared.preprocessor.rgb(rgb.width, rgb.height, rgb.data),
         };
         let decode = decoding.elapsed();
+        metrics::histogram!("segmenter_preprocess_seconds", "stage" => "decode")
+            .record(decode.as_secs_f64());
         let resizing = Instant::now();
-        let prepared = shared.preprocessor.prepare(rgb)?;
+        let prepared = shared.preprocessor.prepare(rgb?)?;
         let resize = resizing.elapsed();
+        metrics::histogram!("segmenter_preprocess_seconds", "stage" => "resize")
+            .record(resize.as_secs_f64());
         Ok((
             prepared,
             PrepTimes {

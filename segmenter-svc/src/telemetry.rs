@@ -58,6 +58,10 @@ fn describe() {
         "Compute time per stage (vision, text, decoder)"
     );
     metrics::describe_histogram!(
+        "segmenter_preprocess_seconds",
+        "CPU work on the photo before the inference thread, per request (decode: decoding with EXIF orientation, or raw RGB's checks, failed decodes included; resize)"
+    );
+    metrics::describe_histogram!(
         "segmenter_vision_batch_size",
         "Images per vision-encoder run"
     );

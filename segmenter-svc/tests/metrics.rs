@@ -32,6 +32,9 @@ async fn metrics_endpoint_reports_requests_stages_and_cache() {
         "segmenter_requests_total{outcome=\"invalid_argument\"} 1",
         "segmenter_stage_seconds_bucket{stage=\"vision\"",
         "segmenter_stage_seconds_bucket{stage=\"decoder\"",
+        // Two photos and the junk decoded (a failed decode counts: its CPU was spent), two photos resized.
+        "segmenter_preprocess_seconds_count{stage=\"decode\"} 3\n",
+        "segmenter_preprocess_seconds_count{stage=\"resize\"} 2\n",
         // One lookup per phrase: "wall" and "floor" cold (misses), then "wall" warm (a hit).
         "segmenter_text_cache_total{result=\"miss\"} 2\n",
         "segmenter_text_cache_total{result=\"hit\"} 1\n",
@@ -44,6 +47,75 @@ async fn metrics_endpoint_reports_requests_stages_and_cache() {
     server.stop().await.unwrap();
 
     dropped_at_the_deadline_are_counted_as_deadline(metrics_addr).await;
+    a_full_queue_refuses_without_a_decode(metrics_addr).await;
+}
+
+/// The value of a metric line that starts with `name` (labels included), 0 when there is none.
+fn value(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// A photo sent while the queue is full is refused RESOURCE_EXHAUSTED without being decoded: the decode count does
+/// not move (it did before: every refused request was decoded first). Part of the one test above.
+async fn a_full_queue_refuses_without_a_decode(metrics_addr: std::net::SocketAddr) {
+    const DECODES: &str = "segmenter_preprocess_seconds_count{stage=\"decode\"}";
+    const OVERLOADED: &str = "segmenter_requests_total{outcome=\"overloaded\"}";
+    let mut config = test_config();
+    config.queue_capacity = 1;
+    config.max_batch_images = 1;
+    config.max_queue_delay_ms = 0;
+    let faults = config.faults.clone();
+    let server = TestServer::start(config).await;
+    let client = server.client().await;
+    let call = |concept: &'static str| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            client
+                .segment(request(image_bytes("room_640x480.jpg"), &[concept]))
+                .await
+        })
+    };
+
+    // The inference thread held 5 s by the first request's run (everything below takes well under a second), the
+    // second waiting in the queue: full.
+    let runs = faults.runs();
+    faults.delay_next_run(Duration::from_secs(5));
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let held = call("wall");
+    while faults.runs() == runs {
+        assert!(
+            std::time::Instant::now() < until,
+            "the first run never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let waiting = call("floor");
+    let mut body = http_get(metrics_addr).await;
+    while !body.contains("segmenter_queue_depth 1\n") {
+        assert!(std::time::Instant::now() < until, "nothing queued:\n{body}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        body = http_get(metrics_addr).await;
+    }
+
+    let decodes = value(&body, DECODES);
+    let overloaded = value(&body, OVERLOADED);
+    let err = call("sofa").await.unwrap().unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    let body = http_get(metrics_addr).await;
+    assert_eq!(value(&body, OVERLOADED), overloaded + 1.0, "{body}");
+    assert_eq!(
+        value(&body, DECODES),
+        decodes,
+        "refused without a decode:\n{body}"
+    );
+
+    held.await.unwrap().unwrap();
+    waiting.await.unwrap().unwrap();
+    let body = http_get(metrics_addr).await;
+    assert_eq!(value(&body, DECODES), decodes, "{body}");
+    server.stop().await.unwrap();
 }
 
 /// Requests whose deadline passes while the inference thread is busy are dropped with reason "deadline", although

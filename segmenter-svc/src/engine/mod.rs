@@ -3,6 +3,9 @@
 //! maximum batch and a maximum queue delay); each image's concepts go through the decoder together, in chunks.
 //!
 //! Admission is fail-fast: a full queue answers RESOURCE_EXHAUSTED at once instead of growing latency without bound.
+//! The queue holds QUEUE_CAPACITY jobs (0 is taken as 1: one request may wait while a batch runs); a job the inference
+//! thread has taken into the batch it is collecting no longer occupies it. `submit` decides; `admissible` asks the
+//! same question before the image is decoded, so that a request the queue has no room for now costs no decode.
 //! Requests whose client has gone or whose deadline has passed are dropped before any compute is spent on them.
 
 mod faults;
@@ -56,7 +59,11 @@ pub struct JobOutput {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: SyncSender<Job>,
-    depth: Arc<AtomicUsize>,
+    /// Jobs in the queue: counted before `try_send` (uncounted again if it fails), uncounted by the inference
+    /// thread as it takes each one (`worker::take`). A job taken into the batch being collected is not counted: it
+    /// no longer occupies queue room. When nothing is in flight it equals what `try_send` finds in the channel.
+    queued: Arc<AtomicUsize>,
+    /// Jobs the queue holds: QUEUE_CAPACITY, at least 1 (the channel's size).
     capacity: usize,
     health: watch::Receiver<Health>,
 }
@@ -77,16 +84,17 @@ impl EngineHandle {
     /// Queues a job or refuses it at once.
     pub fn submit(&self, job: Job) -> Result<(), Error> {
         self.serving()?;
-        self.depth.fetch_add(1, Ordering::SeqCst);
+        // Counted first, so that the inference thread's uncount of this job (after it took it) never comes before.
+        self.queued.fetch_add(1, Ordering::SeqCst);
         let result = self.tx.try_send(job);
         match result {
             Ok(()) => {
                 metrics::gauge!("segmenter_queue_depth")
-                    .set(self.depth.load(Ordering::SeqCst) as f64);
+                    .set(self.queued.load(Ordering::SeqCst) as f64);
                 Ok(())
             }
             Err(e) => {
-                self.depth.fetch_sub(1, Ordering::SeqCst);
+                self.queued.fetch_sub(1, Ordering::SeqCst);
                 match e {
                     TrySendError::Full(_) => Err(Error::Overloaded {
                         capacity: self.capacity,
@@ -99,12 +107,22 @@ impl EngineHandle {
         }
     }
 
-    /// Whether a job could be taken now (the engine is serving), asked before the image is decoded so that a
-    /// NOT_SERVING server refuses at once instead of after up to a second of CPU per large photo. Advisory: `submit`
-    /// decides. Queue room is left to `submit`: `depth` also counts jobs already taken into the batch being
-    /// collected, so comparing it with the capacity here refused calls the queue still had room for.
+    /// Whether `submit` would take a job now: the engine is serving and the queue has room. Asked when a request
+    /// arrives and again when it has a pre-processing slot, both before its image is decoded, so that a NOT_SERVING
+    /// or overloaded server refuses at once instead of after the wait for a slot and up to a second of CPU per
+    /// large photo that would be thrown away.
+    ///
+    /// Advisory (`submit` decides: the queue may fill or drain meanwhile), and never stricter than `submit` when
+    /// nothing else is happening: it counts only jobs in the queue (not those the inference thread has taken into the
+    /// batch it is collecting) against the queue's real size (QUEUE_CAPACITY=0 holds one job, as in `submit`).
     pub fn admissible(&self) -> Result<(), Error> {
-        self.serving()
+        self.serving()?;
+        if self.queued.load(Ordering::SeqCst) >= self.capacity {
+            return Err(Error::Overloaded {
+                capacity: self.capacity,
+            });
+        }
+        Ok(())
     }
 
     fn serving(&self) -> Result<(), Error> {
@@ -120,7 +138,8 @@ impl EngineHandle {
         self.health.clone()
     }
 
+    /// Jobs in the queue, waiting for the inference thread to take them.
     pub fn queue_depth(&self) -> usize {
-        self.depth.load(Ordering::SeqCst)
+        self.queued.load(Ordering::SeqCst)
     }
 }

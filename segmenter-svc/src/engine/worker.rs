@@ -93,13 +93,16 @@ pub fn spawn(
     sessions: Sessions,
     settings: EngineSettings,
 ) -> std::io::Result<(EngineHandle, EngineThread)> {
-    let (tx, rx) = sync_channel(settings.queue_capacity.max(1));
+    // QUEUE_CAPACITY=0 is taken as 1: a channel of size 0 would take a job only while the inference thread waits
+    // in `recv`, refusing nearly every request.
+    let capacity = settings.queue_capacity.max(1);
+    let (tx, rx) = sync_channel(capacity);
     let (health_tx, health_rx) = watch::channel(Health::WarmingUp);
-    let depth = Arc::new(AtomicUsize::new(0));
+    let queued = Arc::new(AtomicUsize::new(0));
     let handle = EngineHandle {
         tx,
-        depth: depth.clone(),
-        capacity: settings.queue_capacity,
+        queued: queued.clone(),
+        capacity,
         health: health_rx,
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -114,7 +117,7 @@ pub fn spawn(
                 health: health_tx,
                 stop: stopping,
             };
-            worker.run(rx, depth);
+            worker.run(rx, queued);
         })?;
     Ok((
         handle,
@@ -147,7 +150,7 @@ impl Drop for Worker {
 }
 
 impl Worker {
-    fn run(&mut self, rx: Receiver<Job>, depth: Arc<AtomicUsize>) {
+    fn run(&mut self, rx: Receiver<Job>, queued: Arc<AtomicUsize>) {
         let started = Instant::now();
         // Recovery probes are for a provider that failed after serving. A failed warm-up is final: it ran every
         // shape, and one 1-image x 1-phrase probe passing later would not show that the others work; health stays
@@ -172,7 +175,7 @@ impl Worker {
         // Idle since the last batch or probe: a failed engine probes again after `reprobe_interval` of it.
         let mut idle_since = Instant::now();
         while !self.stop.load(Ordering::SeqCst) {
-            let first = match rx.recv_timeout(STOP_POLL) {
+            let first = match take(&rx, &queued, STOP_POLL) {
                 Ok(job) => job,
                 Err(RecvTimeoutError::Timeout) => {
                     // Refused requests never reach this queue while NOT_SERVING: probe when idle instead.
@@ -191,13 +194,12 @@ impl Worker {
             let until = Instant::now() + self.settings.max_queue_delay;
             while batch.len() < self.settings.max_batch_images {
                 let left = until.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(left) {
+                match take(&rx, &queued, left) {
                     Ok(job) => batch.push(job),
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
                 }
             }
-            depth.fetch_sub(batch.len(), Ordering::SeqCst);
-            metrics::gauge!("segmenter_queue_depth").set(depth.load(Ordering::SeqCst) as f64);
+            metrics::gauge!("segmenter_queue_depth").set(queued.load(Ordering::SeqCst) as f64);
             self.process(batch);
             idle_since = Instant::now();
         }
@@ -580,6 +582,18 @@ impl Provider {
             Provider::Cpu => 2,
         }
     }
+}
+
+/// The next job from the queue, uncounted from the jobs in it (`EngineHandle::queued`) as it leaves: a job taken
+/// into the batch being collected frees its queue room, for `submit` and `admissible` alike.
+fn take(
+    rx: &Receiver<Job>,
+    queued: &AtomicUsize,
+    timeout: Duration,
+) -> Result<Job, RecvTimeoutError> {
+    let job = rx.recv_timeout(timeout)?;
+    queued.fetch_sub(1, Ordering::SeqCst);
+    Ok(job)
 }
 
 /// A job nobody waits for any more: its client left, or its deadline passed.
