@@ -1,9 +1,14 @@
 //! JOB_STORE=local: the job store in one redb file. Every call is one transaction, committed with
 //! `Durability::Immediate` (fsynced before it returns), run on the blocking pool. redb locks the file, so a second
 //! process opening it fails at start instead of corrupting it.
+//!
+//! After an I/O error (a full disk for a moment, a failed fsync) redb refuses every later transaction of that
+//! `Database` ("PreviousIo": close and re-open it). So a call that fails on the store drops this handle's database,
+//! and the next call opens the file again (redb repairs it from its last commit): one failed write costs that call,
+//! not every call until the process restarts.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use palette_proto::orchestrator::v1::Item;
@@ -18,9 +23,20 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 /// job's items in order; ids never contain '/', so one job's items are exactly one key range.
 const ITEMS: TableDefinition<&str, &[u8]> = TableDefinition::new("items");
 
-#[derive(Debug, Clone)]
+/// Opens the database (the file, or in tests a backend that fails on demand).
+type Opener = Arc<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+
+#[derive(Clone)]
 pub struct LocalJobStore {
-    db: Arc<Database>,
+    open: Opener,
+    /// The open database; None after a call failed on it, until the next call opens it again.
+    db: Arc<Mutex<Option<Arc<Database>>>>,
+}
+
+impl std::fmt::Debug for LocalJobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalJobStore").finish_non_exhaustive()
+    }
 }
 
 fn job_key(user_id: &str, job_id: &str) -> String {
@@ -43,13 +59,64 @@ impl LocalJobStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(StoreError::unavailable)?;
         }
-        let db = Database::create(path).map_err(StoreError::unavailable)?;
+        let path = path.to_path_buf();
+        Self::with_opener(Arc::new(move || Database::create(&path)))
+    }
+
+    /// Opens the database now (an error here stops the start), and again with `open` after a failed call.
+    fn with_opener(open: Opener) -> Result<Self, StoreError> {
+        let store = LocalJobStore {
+            open,
+            db: Arc::new(Mutex::new(None)),
+        };
+        store.database()?;
+        Ok(store)
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<Database>>> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The open database, opened first if a failed call dropped it (blocking: call it on the blocking pool).
+    fn database(&self) -> Result<Arc<Database>, StoreError> {
+        let mut slot = self.slot();
+        if let Some(db) = slot.as_ref() {
+            return Ok(db.clone());
+        }
+        let db = (self.open)().map_err(StoreError::unavailable)?;
         // Both tables exist from the start, so readers never meet a missing table.
         let txn = db.begin_write().map_err(StoreError::unavailable)?;
         txn.open_table(JOBS).map_err(StoreError::unavailable)?;
         txn.open_table(ITEMS).map_err(StoreError::unavailable)?;
         txn.commit().map_err(StoreError::unavailable)?;
-        Ok(LocalJobStore { db: Arc::new(db) })
+        let db = Arc::new(db);
+        *slot = Some(db.clone());
+        Ok(db)
+    }
+
+    /// Runs `work` on the open database on the blocking pool. A store error (not a record that does not decode)
+    /// drops the database, so the next call opens the file again: redb refuses every transaction after an I/O
+    /// error. (A call still running on the old one keeps its file lock until it ends; an open meanwhile fails
+    /// and is tried again by the call after.)
+    async fn with_db<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let db = this.database()?;
+            let result = work(&db);
+            if let Err(e @ StoreError::Unavailable(_)) = &result {
+                tracing::warn!(error = %crate::error::Report(e), "job store: a call failed; the file is opened again for the next one");
+                let mut slot = this.slot();
+                if slot.as_ref().is_some_and(|open| Arc::ptr_eq(open, &db)) {
+                    *slot = None;
+                }
+            }
+            result
+        })
+        .await
+        .map_err(StoreError::unavailable)?
     }
 
     /// Runs `work` in one write transaction on the blocking pool, committing when it returns Ok.
@@ -57,15 +124,13 @@ impl LocalJobStore {
         &self,
         work: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
+        self.with_db(move |db| {
             let txn = db.begin_write().map_err(StoreError::unavailable)?;
             let out = work(&txn)?;
             txn.commit().map_err(StoreError::unavailable)?;
             Ok(out)
         })
         .await
-        .map_err(StoreError::unavailable)?
     }
 }
 
@@ -154,8 +219,7 @@ impl JobStore for LocalJobStore {
     }
 
     async fn load(&self) -> Result<Vec<StoredJob>, StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
+        self.with_db(move |db| {
             let txn = db.begin_read().map_err(StoreError::unavailable)?;
             let jobs = txn.open_table(JOBS).map_err(StoreError::unavailable)?;
             let items = txn.open_table(ITEMS).map_err(StoreError::unavailable)?;
@@ -191,7 +255,6 @@ impl JobStore for LocalJobStore {
             Ok(out)
         })
         .await
-        .map_err(StoreError::unavailable)?
     }
 
     async fn forget(&self, forgotten: &[RecordKey]) -> Result<(), StoreError> {
@@ -222,146 +285,4 @@ impl JobStore for LocalJobStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use palette_proto::orchestrator::v1::{CallbackState, ItemState, JobSpec};
-
-    fn record(job_id: &str, spec_hash: &str, seq: u64) -> JobRecord {
-        JobRecord {
-            user_id: "u".into(),
-            job_id: job_id.into(),
-            spec_hash: spec_hash.into(),
-            spec: JobSpec {
-                job_id: job_id.into(),
-                image_count: 3,
-                ..Default::default()
-            },
-            seq,
-            cancelled: false,
-            source: None,
-        }
-    }
-
-    fn item(idx: u32, state: ItemState, callback: CallbackState) -> Item {
-        Item {
-            idx,
-            state: state as i32,
-            callback_state: callback as i32,
-            ..Default::default()
-        }
-    }
-
-    #[tokio::test]
-    async fn records_survive_a_reopen_and_the_first_terminal_state_wins() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/jobs.redb");
-        let a = record("a", "h1", 1);
-        {
-            let store = LocalJobStore::open(&path).unwrap();
-            assert!(matches!(store.create(&a).await.unwrap(), Created::New));
-            assert!(matches!(
-                store.create(&record("a", "h2", 2)).await.unwrap(),
-                Created::Existing(r) if *r == a
-            ));
-            let done = item(1, ItemState::Completed, CallbackState::Pending);
-            assert_eq!(
-                store.put_item(&a.key(), &done).await.unwrap(),
-                Written::Stored
-            );
-            let settled = item(1, ItemState::Completed, CallbackState::Delivered);
-            assert_eq!(
-                store.put_item(&a.key(), &settled).await.unwrap(),
-                Written::Stored
-            );
-            let other = item(1, ItemState::Failed, CallbackState::Pending);
-            assert_eq!(
-                store.put_item(&a.key(), &other).await.unwrap(),
-                Written::Conflict(Box::new(settled))
-            );
-            store.cancel(&a.key()).await.unwrap();
-            // Open: a second handle on the same file is refused.
-            assert!(LocalJobStore::open(&path).is_err());
-        }
-        let store = LocalJobStore::open(&path).unwrap();
-        let loaded = store.load().await.unwrap();
-        assert_eq!(loaded.len(), 1);
-        assert!(loaded[0].record.cancelled);
-        assert_eq!(
-            loaded[0].items,
-            [item(1, ItemState::Completed, CallbackState::Delivered)]
-        );
-    }
-
-    #[tokio::test]
-    async fn a_reused_job_id_never_sees_the_items_of_another_spec() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalJobStore::open(&dir.path().join("jobs.redb")).unwrap();
-        let (old, new) = (record("j", "old", 1), record("j", "new", 2));
-        store.create(&old).await.unwrap();
-        let done = item(0, ItemState::Completed, CallbackState::Delivered);
-        store.put_item(&old.key(), &done).await.unwrap();
-        // An expiry interrupted after the job record went, before its items did.
-        store.forget(&[old.key()]).await.unwrap();
-        store.put_item(&old.key(), &done).await.unwrap();
-        store.create(&new).await.unwrap();
-        let loaded = store.load().await.unwrap();
-        assert_eq!(loaded.len(), 1);
-        assert_eq!(loaded[0].record, new);
-        assert!(loaded[0].items.is_empty(), "{:?}", loaded[0].items);
-        // Forgetting the old key leaves the newer job's record alone.
-        store.forget(&[old.key()]).await.unwrap();
-        assert_eq!(store.load().await.unwrap().len(), 1);
-        store.forget(&[new.key()]).await.unwrap();
-        assert!(store.load().await.unwrap().is_empty());
-    }
-
-    /// A record with a field this version does not know (a newer version wrote it, then was rolled back), and an
-    /// item record that does not decode: both skipped, the rest loads (the whole load failed, and startup with it).
-    #[tokio::test]
-    async fn records_this_version_cannot_read_are_skipped_not_fatal() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalJobStore::open(&dir.path().join("jobs.redb")).unwrap();
-        let good = record("good", "h", 1);
-        store.create(&good).await.unwrap();
-        let done = item(0, ItemState::Completed, CallbackState::Delivered);
-        store.put_item(&good.key(), &done).await.unwrap();
-        let mut newer: serde_json::Value =
-            serde_json::from_slice(&record("newer", "h", 2).encode()).unwrap();
-        newer["fieldFromTheFuture"] = serde_json::json!(1);
-        let newer = serde_json::to_vec(&newer).unwrap();
-        let garbled = item_key(&good.key(), 1);
-        store
-            .write(move |txn| {
-                let mut jobs = txn.open_table(JOBS).unwrap();
-                jobs.insert("u/newer", newer.as_slice()).unwrap();
-                let mut items = txn.open_table(ITEMS).unwrap();
-                items
-                    .insert(garbled.as_str(), b"{not json".as_slice())
-                    .unwrap();
-                Ok(())
-            })
-            .await
-            .unwrap();
-        let loaded = store.load().await.unwrap();
-        assert_eq!(loaded.len(), 1);
-        assert_eq!(loaded[0].record, good);
-        assert_eq!(loaded[0].items, [done]);
-    }
-
-    #[tokio::test]
-    async fn loads_in_submission_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalJobStore::open(&dir.path().join("jobs.redb")).unwrap();
-        for (id, seq) in [("b", 1), ("a", 2), ("c", 0)] {
-            store.create(&record(id, "h", seq)).await.unwrap();
-        }
-        let ids: Vec<_> = store
-            .load()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|j| j.record.job_id)
-            .collect();
-        assert_eq!(ids, ["c", "b", "a"]);
-    }
-}
+mod tests;
