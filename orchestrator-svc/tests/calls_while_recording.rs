@@ -33,11 +33,17 @@ struct GatedStore {
     /// `create` finds a record under the key that does not decode (written by a newer binary, or damaged).
     corrupt: bool,
     record: Mutex<Option<JobRecord>>,
+    /// `create` commits the record before it waits, as JOB_STORE=local's does on the blocking pool: dropping the
+    /// call's future does not undo it.
+    commit_first: bool,
 }
 
 #[async_trait]
 impl JobStore for GatedStore {
     async fn create(&self, job: &JobRecord) -> Result<Created, StoreError> {
+        if self.commit_first {
+            *self.record.lock().unwrap() = Some(job.clone());
+        }
         self.entered.notify_one();
         self.gate.notified().await;
         if self.fail {
@@ -235,5 +241,70 @@ async fn a_retried_submission_is_not_accepted_when_the_first_call_failed_to_reco
     assert!(
         matches!(retry, Err(ApiError::StoreUnavailable(_))),
         "a retry is not told accepted for a job nobody recorded: {retry:?}"
+    );
+}
+
+/// Submits a job and drops the call (its client gave up: tonic drops the handler's future) while `store.create`
+/// waits, then lets `create` return; the service and the job's key.
+async fn drop_while_recording(
+    store: Arc<GatedStore>,
+    root: &std::path::Path,
+) -> (Arc<JobService>, JobKey) {
+    let service = service(store.clone(), root);
+    let spec = seed_spec("job-1", 2);
+    let key = JobKey {
+        user_id: spec.user_id.clone(),
+        job_id: spec.job_id.clone(),
+    };
+    let submit = tokio::spawn({
+        let service = service.clone();
+        async move { service.submit(&spec).await.map(drop) }
+    });
+    store.entered.notified().await;
+    submit.abort();
+    assert!(
+        submit.await.unwrap_err().is_cancelled(),
+        "the call was dropped"
+    );
+    store.gate.notify_one();
+    // The paused clock moves only once every task waits: whatever goes on after the record has gone as far as it goes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    (service, key)
+}
+
+/// The store committed the record the dropped call asked for: the job is registered and runs (GetJob finds it,
+/// it ends), as it would after a restart, rather than a record nobody serves.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_submission_whose_record_was_written_runs_its_job() {
+    let store = Arc::new(GatedStore {
+        commit_first: true,
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (service, key) = drop_while_recording(store.clone(), dir.path()).await;
+    assert!(store.record.lock().unwrap().is_some(), "recorded");
+    let job = service.get(&key).expect("the recorded job is registered");
+    assert!(job.recorded.wait().await, "and marked recorded");
+    for _ in 0..600 {
+        if job.is_terminal() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(job.is_terminal(), "the job ran to its end");
+}
+
+/// A dropped call whose record was not written leaves nothing behind: a retry records the job anew.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_submission_whose_record_failed_leaves_no_job() {
+    let store = Arc::new(GatedStore {
+        fail: true,
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (service, key) = drop_while_recording(store, dir.path()).await;
+    assert!(
+        matches!(service.get(&key), Err(ApiError::JobNotFound { .. })),
+        "not registered"
     );
 }

@@ -16,6 +16,7 @@ pub mod job;
 mod pipeline;
 pub mod preview;
 mod recorded;
+mod register;
 pub mod registry;
 mod report;
 mod resume;
@@ -40,7 +41,7 @@ pub use report::callback_body;
 pub use validate::{JobKey, JobLimits, JobPlan, job_key};
 
 use crate::error::ApiError;
-use store::{Created, JobRecord, JobStore, RecordKey};
+use store::JobStore;
 
 #[derive(Debug)]
 pub struct JobService {
@@ -122,97 +123,44 @@ impl JobService {
             }
             Submitted::Created(job) => job,
         };
-        let mut registering = Registering {
-            registry: &self.registry,
-            job: &job,
-            done: false,
-        };
-        let registered = self.register_created(spec, shared, &job).await;
-        registering.done = true;
-        job.recorded.set(registered.is_ok());
-        registered
-    }
-
-    async fn register_created(
-        &self,
-        spec: &JobSpec,
-        shared: bool,
-        job: &Arc<JobHandle>,
-    ) -> Result<Job, ApiError> {
-        let job = job.clone();
-        self.forget_in_store().await;
-        if let Some(cluster) = self.cluster.clone().filter(|_| shared) {
-            return self.register_shared(&cluster, spec, job).await;
-        }
-        if let Err(e) = self.record(spec, &job).await {
-            self.registry.remove(&job);
-            return Err(e);
-        }
-        metrics::counter!("orchestrator_jobs_submitted_total").increment(1);
-        tracing::info!(job_id = %job.plan.job_id, images = job.plan.image_count, "job accepted");
-        self.start(job.clone());
-        Ok(job.snapshot())
-    }
-
-    /// Runs the job's open items; when it ends, the registry forgets what it must (a finished job's record is at
-    /// its largest), in the job store too (whatever this job is: the jobs forgotten are others).
-    fn start(&self, job: Arc<JobHandle>) {
-        let registry = self.registry.clone();
-        let job_store = self.pipeline.reporter().job_store().cloned();
-        let tasks = self.pipeline.tasks().clone();
-        self.pipeline.spawn_job(job, move || {
-            registry.trim();
-            let forgotten = registry.take_forgotten();
-            if let Some(job_store) = job_store.filter(|_| !forgotten.is_empty()) {
-                crate::tasks::spawn_tracked(&tasks, "forget_jobs", async move {
-                    forget(&*job_store, &forgotten).await;
-                });
+        // The job is registered, recorded and started by a task of its own: tonic drops this call's future when
+        // its client gives up, and the record may already be committed (the store's write runs on the blocking
+        // pool). The job then ends up registered and running, or not recorded and not registered, never between.
+        let registrar = self.registrar();
+        let spec = spec.clone();
+        let task = crate::tasks::spawn_tracked(self.pipeline.tasks(), "register_job", {
+            let job = job.clone();
+            async move {
+                let registered = registrar.register_created(&spec, shared, &job).await;
+                job.recorded.set(registered.is_ok());
+                registered
             }
         });
+        task.await.unwrap_or_else(|e| {
+            self.registry.remove(&job);
+            job.recorded.set(false);
+            Err(ApiError::Internal {
+                what: format!("registering the job failed: {e}"),
+            })
+        })
+    }
+
+    fn registrar(&self) -> register::Registrar {
+        register::Registrar {
+            registry: self.registry.clone(),
+            pipeline: self.pipeline.clone(),
+            cluster: self.cluster.clone(),
+        }
+    }
+
+    /// Runs the job's open items (see `register::Registrar::start`).
+    fn start(&self, job: Arc<JobHandle>) {
+        self.registrar().start(job);
     }
 
     /// Deletes from the job store what the registry forgot.
     async fn forget_in_store(&self) {
-        let forgotten = self.registry.take_forgotten();
-        if let Some(job_store) = self.pipeline.reporter().job_store()
-            && !forgotten.is_empty()
-        {
-            forget(&**job_store, &forgotten).await;
-        }
-    }
-
-    /// Writes the job's record, unless no job store keeps it. Another spec already recorded under the job id is
-    /// ALREADY_EXISTS, as in the registry.
-    async fn record(&self, spec: &JobSpec, job: &JobHandle) -> Result<(), ApiError> {
-        let Some(job_store) = self.pipeline.reporter().job_store_of(job) else {
-            return Ok(());
-        };
-        let record = JobRecord {
-            user_id: job.plan.user_id.clone(),
-            job_id: job.plan.job_id.clone(),
-            spec_hash: job.spec_hash.clone(),
-            spec: spec.clone(),
-            // Replicas count their own submissions: the shared store orders jobs by submission time instead.
-            seq: if self.cluster.is_some() {
-                unix_millis()
-            } else {
-                job.seq
-            },
-            cancelled: false,
-            source: job.plan.source.clone(),
-        };
-        match job_store.create(&record).await {
-            Ok(Created::New) => Ok(()),
-            Ok(Created::Existing(existing)) if existing.spec_hash == record.spec_hash => Ok(()),
-            Ok(Created::Existing(_)) => Err(ApiError::JobExists {
-                job_id: record.job_id,
-            }),
-            Err(e) => {
-                tracing::error!(job_id = %record.job_id, error = %crate::error::Report(&e), "job not recorded");
-                // Unreachable: worth retrying; an existing record that does not decode: not (INTERNAL).
-                Err(e.into_api())
-            }
-        }
+        self.registrar().forget_in_store().await;
     }
 
     /// An edit of a job that ran before (EditJob): its photos and masks are read back from storage, so any replica
@@ -271,59 +219,6 @@ impl JobService {
         }
     }
 
-    /// JOB_STORE=nats: records the job (its item tasks queued first, so a recorded job always has them) unless
-    /// another replica (or an earlier try of this submission) recorded it: then its record stands, and this is the
-    /// same job when the spec is the same, ALREADY_EXISTS otherwise.
-    async fn register_shared(
-        &self,
-        cluster: &cluster::Cluster,
-        spec: &JobSpec,
-        job: Arc<JobHandle>,
-    ) -> Result<Job, ApiError> {
-        // A store that cannot be reached is worth retrying (UNAVAILABLE); a record that does not decode is not
-        // (INTERNAL): queue_pull resubmits the former in place, and would do so for ever with the latter.
-        let unavailable = |e: store::StoreError| {
-            self.registry.remove(&job);
-            e.into_api()
-        };
-        match cluster
-            .store()
-            .job(&job.plan.user_id, &job.plan.job_id)
-            .await
-        {
-            Ok(Some(recorded)) if recorded.spec_hash == job.spec_hash => {
-                // The mirror fills in what the other replicas did.
-                return Ok(job.snapshot());
-            }
-            Ok(Some(_)) => {
-                self.registry.remove(&job);
-                return Err(ApiError::JobExists {
-                    job_id: job.plan.job_id.clone(),
-                });
-            }
-            Ok(None) => {}
-            Err(e) => return Err(unavailable(e)),
-        }
-        // Tasks before the record: a crash in between leaves tasks without a job (dropped after a while, and the
-        // client, told nothing, submits again), never a recorded job without tasks. A resubmission publishes them
-        // again; a task whose item already ended is acknowledged without running it.
-        cluster
-            .publish_items(&store::key_of(&job), job.plan.image_count)
-            .await
-            .map_err(unavailable)?;
-        if let Err(e) = self.record(spec, &job).await {
-            self.registry.remove(&job);
-            return Err(e);
-        }
-        // What a later edit of this job reads back (`Pipeline::run_job` writes it for jobs run in one process).
-        if let Err(e) = edit::record::write_photos(self.pipeline.store(), &job.plan).await {
-            tracing::warn!(job_id = %job.plan.job_id, error = %crate::error::Report(&e), "the job's photos record was not written: it cannot be edited");
-        }
-        metrics::counter!("orchestrator_jobs_submitted_total").increment(1);
-        tracing::info!(job_id = %job.plan.job_id, images = job.plan.image_count, "job accepted; items queued for every replica");
-        Ok(job.snapshot())
-    }
-
     /// Cancels the job: recorded first (a resumed job stays cancelled), then its open items end CANCELLED.
     pub async fn cancel(&self, key: &JobKey) -> Result<Job, ApiError> {
         let job = self.find(key).await?;
@@ -370,37 +265,5 @@ impl JobService {
 
     pub fn pipeline(&self) -> &Arc<Pipeline> {
         &self.pipeline
-    }
-}
-
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Deletes forgotten jobs from the job store; a failure leaves them to the next start, which forgets them again.
-async fn forget(job_store: &dyn store::JobStore, forgotten: &[RecordKey]) {
-    if let Err(e) = job_store.forget(forgotten).await {
-        metrics::counter!("orchestrator_job_store_errors_total").increment(1);
-        tracing::warn!(jobs = forgotten.len(), error = %crate::error::Report(&e), "forgotten jobs not deleted from the job store");
-    }
-}
-
-/// Until done: takes the job back from the registry, marked not recorded. A SubmitJob call dropped while it records
-/// (its client gave up) would otherwise leave a job that is registered but never recorded nor started, and a retry
-/// would be told it exists.
-struct Registering<'a> {
-    registry: &'a JobRegistry,
-    job: &'a JobHandle,
-    done: bool,
-}
-
-impl Drop for Registering<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.registry.remove(self.job);
-            self.job.recorded.set(false);
-        }
     }
 }

@@ -1,0 +1,170 @@
+//! A created job (SubmitJob, EditJob) registered, recorded and started, in a task of its own (`JobService::register`
+//! spawns it): what `Registrar` needs is owned, so the work goes on when the RPC's future is dropped.
+
+use std::sync::Arc;
+
+use palette_proto::orchestrator::v1::{Job, JobSpec};
+
+use super::job::JobHandle;
+use super::store::{self, Created, JobRecord, RecordKey};
+use super::{JobRegistry, Pipeline, cluster, edit};
+use crate::error::ApiError;
+
+/// The parts of `JobService` that register a job.
+#[derive(Debug, Clone)]
+pub(super) struct Registrar {
+    pub(super) registry: Arc<JobRegistry>,
+    pub(super) pipeline: Arc<Pipeline>,
+    pub(super) cluster: Option<Arc<cluster::Cluster>>,
+}
+
+impl Registrar {
+    pub(super) async fn register_created(
+        &self,
+        spec: &JobSpec,
+        shared: bool,
+        job: &Arc<JobHandle>,
+    ) -> Result<Job, ApiError> {
+        let job = job.clone();
+        self.forget_in_store().await;
+        if let Some(cluster) = self.cluster.clone().filter(|_| shared) {
+            return self.register_shared(&cluster, spec, job).await;
+        }
+        if let Err(e) = self.record(spec, &job).await {
+            self.registry.remove(&job);
+            return Err(e);
+        }
+        metrics::counter!("orchestrator_jobs_submitted_total").increment(1);
+        tracing::info!(job_id = %job.plan.job_id, images = job.plan.image_count, "job accepted");
+        self.start(job.clone());
+        Ok(job.snapshot())
+    }
+
+    /// Runs the job's open items; when it ends, the registry forgets what it must (a finished job's record is at
+    /// its largest), in the job store too (whatever this job is: the jobs forgotten are others).
+    pub(super) fn start(&self, job: Arc<JobHandle>) {
+        let registry = self.registry.clone();
+        let job_store = self.pipeline.reporter().job_store().cloned();
+        let tasks = self.pipeline.tasks().clone();
+        self.pipeline.spawn_job(job, move || {
+            registry.trim();
+            let forgotten = registry.take_forgotten();
+            if let Some(job_store) = job_store.filter(|_| !forgotten.is_empty()) {
+                crate::tasks::spawn_tracked(&tasks, "forget_jobs", async move {
+                    forget(&*job_store, &forgotten).await;
+                });
+            }
+        });
+    }
+
+    /// Deletes from the job store what the registry forgot.
+    pub(super) async fn forget_in_store(&self) {
+        let forgotten = self.registry.take_forgotten();
+        if let Some(job_store) = self.pipeline.reporter().job_store()
+            && !forgotten.is_empty()
+        {
+            forget(&**job_store, &forgotten).await;
+        }
+    }
+
+    /// Writes the job's record, unless no job store keeps it. Another spec already recorded under the job id is
+    /// ALREADY_EXISTS, as in the registry.
+    async fn record(&self, spec: &JobSpec, job: &JobHandle) -> Result<(), ApiError> {
+        let Some(job_store) = self.pipeline.reporter().job_store_of(job) else {
+            return Ok(());
+        };
+        let record = JobRecord {
+            user_id: job.plan.user_id.clone(),
+            job_id: job.plan.job_id.clone(),
+            spec_hash: job.spec_hash.clone(),
+            spec: spec.clone(),
+            // Replicas count their own submissions: the shared store orders jobs by submission time instead.
+            seq: if self.cluster.is_some() {
+                unix_millis()
+            } else {
+                job.seq
+            },
+            cancelled: false,
+            source: job.plan.source.clone(),
+        };
+        match job_store.create(&record).await {
+            Ok(Created::New) => Ok(()),
+            Ok(Created::Existing(existing)) if existing.spec_hash == record.spec_hash => Ok(()),
+            Ok(Created::Existing(_)) => Err(ApiError::JobExists {
+                job_id: record.job_id,
+            }),
+            Err(e) => {
+                tracing::error!(job_id = %record.job_id, error = %crate::error::Report(&e), "job not recorded");
+                // Unreachable: worth retrying; an existing record that does not decode: not (INTERNAL).
+                Err(e.into_api())
+            }
+        }
+    }
+
+    /// JOB_STORE=nats: records the job (its item tasks queued first, so a recorded job always has them) unless
+    /// another replica (or an earlier try of this submission) recorded it: then its record stands, and this is the
+    /// same job when the spec is the same, ALREADY_EXISTS otherwise.
+    async fn register_shared(
+        &self,
+        cluster: &cluster::Cluster,
+        spec: &JobSpec,
+        job: Arc<JobHandle>,
+    ) -> Result<Job, ApiError> {
+        // A store that cannot be reached is worth retrying (UNAVAILABLE); a record that does not decode is not
+        // (INTERNAL): queue_pull resubmits the former in place, and would do so for ever with the latter.
+        let unavailable = |e: store::StoreError| {
+            self.registry.remove(&job);
+            e.into_api()
+        };
+        match cluster
+            .store()
+            .job(&job.plan.user_id, &job.plan.job_id)
+            .await
+        {
+            Ok(Some(recorded)) if recorded.spec_hash == job.spec_hash => {
+                // The mirror fills in what the other replicas did.
+                return Ok(job.snapshot());
+            }
+            Ok(Some(_)) => {
+                self.registry.remove(&job);
+                return Err(ApiError::JobExists {
+                    job_id: job.plan.job_id.clone(),
+                });
+            }
+            Ok(None) => {}
+            Err(e) => return Err(unavailable(e)),
+        }
+        // Tasks before the record: a crash in between leaves tasks without a job (dropped after a while, and the
+        // client, told nothing, submits again), never a recorded job without tasks. A resubmission publishes them
+        // again; a task whose item already ended is acknowledged without running it.
+        cluster
+            .publish_items(&store::key_of(&job), job.plan.image_count)
+            .await
+            .map_err(unavailable)?;
+        if let Err(e) = self.record(spec, &job).await {
+            self.registry.remove(&job);
+            return Err(e);
+        }
+        // What a later edit of this job reads back (`Pipeline::run_job` writes it for jobs run in one process).
+        if let Err(e) = edit::record::write_photos(self.pipeline.store(), &job.plan).await {
+            tracing::warn!(job_id = %job.plan.job_id, error = %crate::error::Report(&e), "the job's photos record was not written: it cannot be edited");
+        }
+        metrics::counter!("orchestrator_jobs_submitted_total").increment(1);
+        tracing::info!(job_id = %job.plan.job_id, images = job.plan.image_count, "job accepted; items queued for every replica");
+        Ok(job.snapshot())
+    }
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Deletes forgotten jobs from the job store; a failure leaves them to the next start, which forgets them again.
+async fn forget(job_store: &dyn store::JobStore, forgotten: &[RecordKey]) {
+    if let Err(e) = job_store.forget(forgotten).await {
+        metrics::counter!("orchestrator_job_store_errors_total").increment(1);
+        tracing::warn!(jobs = forgotten.len(), error = %crate::error::Report(&e), "forgotten jobs not deleted from the job store");
+    }
+}
