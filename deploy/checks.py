@@ -192,6 +192,50 @@ PROMETHEUS_TRIGGER_KEYS = {
 }
 
 
+ORCHESTRATOR_DEMAND = ("orchestrator_items_in_flight", "orchestrator_items_waiting", "orchestrator_item_queue_pending")
+
+# What the orchestrator's demand query must read for a few states of the tier: (series -> value), expected value.
+# `pod` stands for the per-replica labels Prometheus adds; each replica exports the shared backlog alike.
+ORCHESTRATOR_DEMAND_CASES = [
+    ({}, 0),  # nothing exported yet (no replica scraped, or all old ones): 0, not an empty result
+    # JOB_STORE=nats: two full replicas, 10 tasks in the stream (both report it): 4 + 4 + 10.
+    ({'orchestrator_items_in_flight{pod="a"}': 4, 'orchestrator_items_in_flight{pod="b"}': 4,
+      'orchestrator_items_waiting{pod="a"}': 0, 'orchestrator_items_waiting{pod="b"}': 0,
+      'orchestrator_item_queue_pending{pod="a"}': 10, 'orchestrator_item_queue_pending{pod="b"}': 10}, 18),
+    # JOB_STORE=local: items waiting in each replica's runner add up; no stream backlog exported at all.
+    ({'orchestrator_items_in_flight{pod="a"}': 4, 'orchestrator_items_in_flight{pod="b"}': 2,
+      'orchestrator_items_waiting{pod="a"}': 7, 'orchestrator_items_waiting{pod="b"}': 0}, 13),
+]
+
+
+def _promql_evaluates(query: str, where: str, target: str | None) -> None:
+    """The query parses, reads 0 when nothing is exported, and (the orchestrator's) adds what it should: evaluated by
+    `promtool test rules` on synthetic series (promtool is on PATH under deploy/validate.sh)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    promtool = shutil.which("promtool")
+    if not check(promtool is not None, f"{where}: promtool not on PATH (run through deploy/validate.sh)"):
+        return
+    cases = ORCHESTRATOR_DEMAND_CASES if target == "orchestrator" else [({}, 0)]
+    tests = []
+    for series, value in cases:
+        inputs = [{"series": name.replace("{", '{namespace="palette",'), "values": str(v)}
+                  for name, v in series.items()]
+        tests.append({
+            "interval": "1m",
+            "input_series": inputs,
+            "promql_expr_test": [{"expr": query, "eval_time": "0m",
+                                  "exp_samples": [{"labels": "{}", "value": value}]}],
+        })
+    with tempfile.TemporaryDirectory(prefix="palette-promql-") as tmp:
+        path = Path(tmp) / "test.yml"
+        path.write_text(yaml.safe_dump({"rule_files": [], "tests": tests}))
+        run = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True)
+    check(run.returncode == 0, f"{where}: query evaluated by promtool:\n{run.stdout}{run.stderr}")
+
+
 def _scaledobject(so: dict, idx: dict, where: str) -> None:
     """KEDA v2 ScaledObject, checked against the fields KEDA documents (no CRD schema ships in a registry package)."""
     name = so["metadata"]["name"]
@@ -229,13 +273,23 @@ def _scaledobject(so: dict, idx: dict, where: str) -> None:
         check(query.count("(") == query.count(")"), f"{where}: ScaledObject/{name}: unbalanced query")
         expected = {
             "segmenter": ("segmenter_inflight_requests",),
-            "orchestrator": ("orchestrator_items_in_flight",),
+            # Demand: items running, items waiting in a replica (JOB_STORE=local), tasks waiting in the shared stream
+            # (JOB_STORE=nats). Running alone tops out at BATCH_CONCURRENCY per replica and cannot see a backlog.
+            "orchestrator": ORCHESTRATOR_DEMAND,
         }.get(ref.get("name"), ())
         for metric in expected:
             check(metric in query, f"{where}: ScaledObject/{name}: query should use {metric}")
-        # orchestrator_items_in_flight tops out at BATCH_CONCURRENCY per replica: a target at or above it never
-        # asks for another replica.
+        _promql_evaluates(query, f"{where}: ScaledObject/{name}", ref.get("name"))
+        # The target must stay below what one replica runs (BATCH_CONCURRENCY): at or above it, replicas that are all
+        # full with nothing waiting never ask for another one.
         if ref.get("name") == "orchestrator":
+            # Every replica exports the shared stream's backlog: summed, N replicas would read it N times.
+            check(re.search(r"max\s*\(\s*orchestrator_item_queue_pending", query) is not None
+                  and re.search(r"sum\s*\(\s*orchestrator_item_queue_pending", query) is None,
+                  f"{where}: ScaledObject/{name}: orchestrator_item_queue_pending is one shared number: max(), not sum()")
+            # Handed-out tasks include every running item, already counted in orchestrator_items_in_flight.
+            check("orchestrator_item_queue_ack_pending" not in query,
+                  f"{where}: ScaledObject/{name}: ack-pending tasks are the items in flight: counted twice")
             cm = next((d for (k, n), d in idx.items() if k == "ConfigMap" and n.startswith("orchestrator-config")), None)
             per_replica = int((cm or {}).get("data", {}).get("BATCH_CONCURRENCY", "4"))
             try:

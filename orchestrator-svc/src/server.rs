@@ -275,7 +275,8 @@ pub async fn run(
 
     // Before serving: a resumed job answers GetJob from the first request on.
     service.resume().await.map_err(StartupError::JobStore)?;
-    // JOB_STORE=nats: every job's state follows the shared bucket, and items come from the shared work stream.
+    // JOB_STORE=nats: every job's state follows the shared bucket, items come from the shared work stream, and its
+    // backlog is exported for the autoscaler.
     let stop_cluster = tokio_util::sync::CancellationToken::new();
     if let Some(cluster) = &cluster {
         tasks::spawn(
@@ -289,6 +290,10 @@ pub async fn run(
             service
                 .clone()
                 .take_items(cluster.clone(), stop_cluster.clone()),
+        );
+        tasks::spawn(
+            "item_backlog",
+            cluster.clone().report_backlog(stop_cluster.clone()),
         );
     }
 

@@ -60,6 +60,11 @@ pub struct JobStoreArgs {
     /// losing one node loses nothing). Applied when they are created. Default 1.
     #[arg(long, env = "NATS_STORE_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
     pub nats_store_replicas: u64,
+    /// JOB_STORE=nats: seconds between two reads of the item consumer's backlog, exported by every replica as
+    /// `orchestrator_item_queue_pending` (tasks not yet handed to any replica; what the autoscaler adds to the items
+    /// running). One consumer-info request each time. Default 15 (Prometheus' and KEDA's usual interval).
+    #[arg(long, env = "NATS_ITEM_BACKLOG_SEC", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub nats_item_backlog_sec: u64,
 }
 
 /// JOB_STORE=nats, validated.
@@ -76,6 +81,8 @@ pub struct ClusterSettings {
     pub ack_wait: Duration,
     /// Deliveries of one item that may run it (NATS_MAX_DELIVERIES); the next one fails it `too_many_deliveries`.
     pub max_deliveries: u64,
+    /// How often the item consumer's backlog is read for the gauges (NATS_ITEM_BACKLOG_SEC).
+    pub backlog_every: Duration,
 }
 
 impl ClusterSettings {
@@ -111,6 +118,7 @@ impl JobStoreArgs {
             replicas: self.nats_store_replicas as usize,
             ack_wait: Duration::from_secs(self.nats_item_ack_wait_sec.max(1)),
             max_deliveries: nats.nats_max_deliveries,
+            backlog_every: Duration::from_secs(self.nats_item_backlog_sec.max(1)),
         })
     }
 }

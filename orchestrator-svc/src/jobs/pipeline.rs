@@ -15,9 +15,9 @@ use tracing::Instrument;
 use super::durable;
 use super::edit;
 use super::item::{ItemError, ItemRunner};
-use super::job::{ItemOutcome, JobHandle};
+use super::job::{ItemOutcome, JobHandle, is_terminal};
 use super::report::Reporter;
-use super::stage::{InFlight, Stage};
+use super::stage::{InFlight, Stage, Waiting};
 use super::store::SharedJobStore;
 use crate::callback::CallbackSender;
 use crate::error::Report;
@@ -40,6 +40,7 @@ impl Pipeline {
         concurrency: usize,
     ) -> Self {
         let tasks = TaskTracker::new();
+        Waiting::register();
         Pipeline {
             reporter: Reporter::new(runner.store().clone(), callbacks, tasks.clone(), None),
             runner: Arc::new(runner),
@@ -140,6 +141,15 @@ impl Pipeline {
         if let Err(e) = edit::record::write_photos(self.runner.store(), &job.plan).await {
             tracing::warn!(error = %Report(&e), "the job's photos record was not written: it cannot be edited");
         }
+        // The items not ended yet (a resumed job's recorded ones are) wait here until they start: the backlog an
+        // autoscaler reads (`orchestrator_items_waiting`). Whatever ends this loop, what is left goes back with it.
+        let open: Vec<bool> = job
+            .snapshot()
+            .items
+            .iter()
+            .map(|item| !is_terminal(item.state))
+            .collect();
+        let mut waiting = Waiting::new(open.iter().filter(|&&open| open).count() as u32);
         let mut items = JoinSet::new();
         for idx in 0..job.plan.image_count {
             let permit = tokio::select! {
@@ -154,12 +164,22 @@ impl Pipeline {
                     Err(_) => break,
                 },
             };
+            let share = if open.get(idx as usize).copied().unwrap_or(false) {
+                waiting.take_one()
+            } else {
+                Waiting::none()
+            };
             let this = self.clone();
             let job = job.clone();
             let span = tracing::info_span!("item", job_id = %job.plan.job_id, idx);
-            items.spawn(async move { this.run_item(job, idx, permit).await }.instrument(span));
+            items.spawn(
+                async move { this.run_item(job, idx, permit, share).await }.instrument(span),
+            );
             while items.try_join_next().is_some() {}
         }
+        // Cancelled, or shutting down (its unstarted items ended, or left to the next start): none waits here now,
+        // while the items in flight finish.
+        drop(waiting);
         while items.join_next().await.is_some() {}
     }
 
@@ -189,17 +209,26 @@ impl Pipeline {
         }
     }
 
-    async fn run_item(&self, job: Arc<JobHandle>, idx: u32, permit: OwnedSemaphorePermit) {
+    /// `waiting`: the item's share of `orchestrator_items_waiting`, given back when it starts or ends unstarted.
+    async fn run_item(
+        &self,
+        job: Arc<JobHandle>,
+        idx: u32,
+        permit: OwnedSemaphorePermit,
+        waiting: Waiting,
+    ) {
         // A job run again (durable jobs): an item an earlier run finished and called back is taken from its record.
         if job.plan.durable_items
             && let Some(recorded) = durable::read(self.runner.store(), &job.plan, idx).await
         {
-            drop(permit);
+            drop((permit, waiting));
             if job.restore_item(idx, recorded) {
                 tracing::info!("item already finished by an earlier run; not run again");
             }
             return;
         }
+        // From here it runs (counted in flight), or it ended meanwhile (cancelled): waiting either way no longer.
+        drop(waiting);
         if let Some(item) = self.execute_item(&job, idx, permit, false).await {
             self.reporter.item_ended(&job, item);
         }

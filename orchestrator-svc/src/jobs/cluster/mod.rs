@@ -8,7 +8,10 @@
 //! - Work: SubmitJob publishes one task per item to a work-queue stream; every replica pulls from one shared
 //!   durable consumer as its BATCH_CONCURRENCY permits free up (`work`). The ack wait is the lease: in-progress
 //!   acks keep it while the item runs, and a replica that dies holding an item loses it to another one.
+//! - Backlog: every replica exports the shared consumer's count of tasks not yet handed out (`backlog`), the work
+//!   waiting that the autoscaler adds to the items running.
 
+mod backlog;
 mod markers;
 mod mirror;
 mod orphans;
