@@ -153,7 +153,8 @@ fn callback_sender(
         attempt_timeout: settings.attempt_timeout,
     };
     let sender = CallbackSender::new(&settings.base_url, settings.secret.expose(), policy)
-        .map_err(StartupError::CallbackClient)?;
+        .map_err(StartupError::CallbackClient)?
+        .with_concurrency(settings.concurrency);
     Ok(Some(Arc::new(sender)))
 }
 

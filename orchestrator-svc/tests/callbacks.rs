@@ -196,3 +196,94 @@ async fn a_redirect_is_not_followed_and_the_secret_stays_home() {
     );
     assert_eq!(secret_seen.load(Ordering::SeqCst), 0);
 }
+
+/// A receiver that holds every callback for `HOLD` before answering 200, and records how many it held at once.
+#[derive(Clone, Default)]
+struct Holding {
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    peak: Arc<std::sync::atomic::AtomicUsize>,
+    idxs: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl Holding {
+    const HOLD: Duration = Duration::from_millis(200);
+
+    async fn start(&self) -> String {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let this = self.clone();
+        let handle = move |body: axum::body::Bytes| async move {
+            let now = this.in_flight.fetch_add(1, SeqCst) + 1;
+            this.peak.fetch_max(now, SeqCst);
+            tokio::time::sleep(Holding::HOLD).await;
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            this.idxs
+                .lock()
+                .unwrap()
+                .push(body["idx"].as_u64().unwrap());
+            this.in_flight.fetch_sub(1, SeqCst);
+            axum::http::StatusCode::OK
+        };
+        let app = axum::Router::new().route("/jobs/{job_id}/callback", axum::routing::post(handle));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+}
+
+/// CancelJob on a large job ends every open item at once: their callbacks go out CALLBACK_CONCURRENCY at a time
+/// (without the bound, all 40 reached the receiver together), and every one is still delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_job_calls_back_at_most_callback_concurrency_at_once() {
+    use common::orchestrator::{SEED_USER, photo_jpeg, seed_spec, start};
+    use palette_proto::orchestrator::v1::{CallbackState, CancelJobRequest, ItemState};
+    const ITEMS: u32 = 40;
+    let segmenter = common::fake_segmenter::start().await;
+    segmenter
+        .faults
+        .delay_ms
+        .store(5_000, std::sync::atomic::Ordering::SeqCst);
+    let receiver = Holding::default();
+    let url = receiver.start().await;
+    let mut orch = start(&segmenter.url, |c| {
+        c.limits.batch_concurrency = 1;
+        c.callbacks.workers_api_url = Some(url.as_str().into());
+        c.callbacks.gpu_callback_secret = Some(SECRET.into());
+        c.callbacks.callback_concurrency = 4;
+    })
+    .await;
+    for idx in 0..ITEMS {
+        orch.put_input(SEED_USER, "many", idx, photo_jpeg(16, 16))
+            .await;
+    }
+    orch.client
+        .submit_job(seed_spec("many", ITEMS))
+        .await
+        .unwrap();
+    orch.wait_for("many", |j| j.items[0].state == ItemState::Running as i32)
+        .await;
+    orch.client
+        .cancel_job(CancelJobRequest {
+            user_id: SEED_USER.into(),
+            job_id: "many".into(),
+        })
+        .await
+        .unwrap();
+    let job = orch
+        .wait_for("many", |j| {
+            j.items
+                .iter()
+                .all(|i| i.callback_state == CallbackState::Delivered as i32)
+        })
+        .await;
+    orch.shutdown().await;
+    assert_eq!(job.cancelled, ITEMS, "{job:?}");
+    let peak = receiver.peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=4).contains(&peak),
+        "{peak} callbacks in flight at once"
+    );
+    let mut idxs = receiver.idxs.lock().unwrap().clone();
+    idxs.sort_unstable();
+    assert_eq!(idxs, (0..u64::from(ITEMS)).collect::<Vec<_>>());
+}

@@ -9,8 +9,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
 
-use super::transport::{Http, Transport};
-use super::{CallbackBody, CallbackJob, idempotency_key, sign};
+use super::transport::{Bounded, Http, Transport};
+use super::{CallbackBody, CallbackJob, idempotency_key, redacted_url, sign};
 use crate::error::Report;
 
 pub trait Clock: Send + Sync {
@@ -103,6 +103,16 @@ impl CallbackSender {
     pub fn with_transport(mut self, transport: Arc<dyn Transport>) -> Self {
         self.http = transport;
         self
+    }
+
+    /// At most `n` (at least 1) attempts in flight at once, for every job together (CALLBACK_CONCURRENCY).
+    pub fn with_concurrency(self, n: usize) -> Self {
+        let permits = tokio::sync::Semaphore::new(n.max(1));
+        let bounded = Bounded {
+            inner: self.http.clone(),
+            permits,
+        };
+        self.with_transport(Arc::new(bounded))
     }
 
     pub fn with_rng_seed(mut self, seed: u64) -> Self {
@@ -234,20 +244,6 @@ fn classify(status: StatusCode, retry_after: Option<Duration>) -> Verdict {
         Verdict::Retry(retry_after, reason)
     } else {
         Verdict::Stop(reason)
-    }
-}
-
-/// The URL without credentials, query or fragment: what logs and errors may show of WORKERS_API_URL.
-pub fn redacted_url(raw: &str) -> String {
-    match reqwest::Url::parse(raw) {
-        Ok(mut url) => {
-            let _ = url.set_username("");
-            let _ = url.set_password(None);
-            url.set_query(None);
-            url.set_fragment(None);
-            url.to_string()
-        }
-        Err(_) => "<unparsable URL>".into(),
     }
 }
 

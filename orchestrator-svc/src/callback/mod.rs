@@ -8,7 +8,7 @@ mod transport;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-pub use deliver::{CallbackSender, Clock, DeliveryOutcome, RetryPolicy, SystemClock, redacted_url};
+pub use deliver::{CallbackSender, Clock, DeliveryOutcome, RetryPolicy, SystemClock};
 pub use sign::{VerifyError, sign, verify};
 pub(crate) use sign::{is_standard_base64, key_len};
 pub use transport::{Answer, Transport};
@@ -81,6 +81,20 @@ pub fn idempotency_key(job: CallbackJob<'_>, idx: u32, status: &str) -> String {
     let digest =
         Sha256::digest(format!("{user_id}\n{job_id}\n{spec_hash}\n{idx}\n{status}").as_bytes());
     hex::encode(digest)[..32].to_string()
+}
+
+/// The URL without credentials, query or fragment: what logs and errors may show of WORKERS_API_URL.
+pub fn redacted_url(raw: &str) -> String {
+    match reqwest::Url::parse(raw) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.set_query(None);
+            url.set_fragment(None);
+            url.to_string()
+        }
+        Err(_) => "<unparsable URL>".into(),
+    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,10 @@ pub struct CallbackArgs {
     /// Longest wait between two callback attempts, Retry-After included, in seconds, 1 to 86400. Default 300.
     #[arg(long, env = "CALLBACK_MAX_DELAY_SEC", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub callback_max_delay_sec: u64,
+    /// Callback requests in flight at once, all jobs together, 1 to 1000 (the others wait their turn; a callback
+    /// waiting between two attempts holds no place). Default 16.
+    #[arg(long, env = "CALLBACK_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub callback_concurrency: u64,
     /// Allow a plain-http WORKERS_API_URL on a host other than loopback (the secret and signed bodies then cross
     /// the network in clear: only inside a trusted network, e.g. a cluster-internal Service). Default false.
     #[arg(long, env = "CALLBACK_ALLOW_HTTP", default_value_t = false, action = clap::ArgAction::Set)]
@@ -43,6 +47,8 @@ pub struct CallbackSettings {
     pub base_delay: Duration,
     pub max_delay: Duration,
     pub attempt_timeout: Duration,
+    /// Attempts in flight at once (CALLBACK_CONCURRENCY).
+    pub concurrency: usize,
 }
 
 impl CallbackArgs {
@@ -66,6 +72,17 @@ impl CallbackArgs {
                 reason: "with WORKERS_API_URL",
             })?;
         check_secret_key(&secret)?;
+        // Checked here too: a Config built in code skips clap, and no permit at all would hold every callback.
+        let concurrency = usize::try_from(self.callback_concurrency)
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "CALLBACK_CONCURRENCY",
+                    self.callback_concurrency.to_string(),
+                    "expected 1 to 1000",
+                )
+            })?;
         Ok(Some(CallbackSettings {
             // Checked trimmed, used trimmed: a stray space from an env file would otherwise pass the check and
             // make every callback URL unparsable.
@@ -76,6 +93,7 @@ impl CallbackArgs {
             max_delay: Duration::from_secs(self.callback_max_delay_sec),
             // reqwest's 0 is "time out at once": every attempt would fail.
             attempt_timeout: Duration::from_secs(self.callback_timeout_sec.max(1)),
+            concurrency,
         }))
     }
 }
@@ -166,6 +184,7 @@ mod tests {
             callback_max_attempts: 6,
             callback_base_delay_ms: 1000,
             callback_max_delay_sec: 300,
+            callback_concurrency: 16,
             callback_allow_http: allow_http,
         }
     }
@@ -249,5 +268,31 @@ mod tests {
             a.gpu_callback_secret = Some(fine.into());
             assert!(a.settings().is_ok(), "{fine}");
         }
+    }
+
+    #[test]
+    fn callback_concurrency_is_1_to_1000() {
+        let mut a = args("https://api.example.invalid", false);
+        assert_eq!(a.settings().unwrap().unwrap().concurrency, 16);
+        for refused in [0, 1001] {
+            a.callback_concurrency = refused;
+            let err = a.settings().unwrap_err();
+            assert!(
+                format!("{err:?}").contains("CALLBACK_CONCURRENCY"),
+                "{err:?}"
+            );
+        }
+        a.callback_concurrency = 1000;
+        assert_eq!(a.settings().unwrap().unwrap().concurrency, 1000);
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            callbacks: CallbackArgs,
+        }
+        assert!(Cli::try_parse_from(["x", "--callback-concurrency", "0"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--callback-concurrency", "1001"]).is_err());
+        let parsed = Cli::try_parse_from(["x", "--callback-concurrency", "4"]).unwrap();
+        assert_eq!(parsed.callbacks.callback_concurrency, 4);
     }
 }
