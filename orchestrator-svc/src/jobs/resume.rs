@@ -86,19 +86,25 @@ impl JobService {
         }
         let callbacks_on = self.pipeline.reporter().callbacks_on();
         let mut unsettled = Vec::new();
-        for item in items {
+        for mut item in items {
             let idx = item.idx;
             let pending = item.callback_state == CallbackState::Pending as i32;
+            if pending && !callbacks_on {
+                // Callbacks were turned off (WORKERS_API_URL unset) since: none will be sent, and an item left
+                // PENDING would keep its job from ever being settled, so never forgotten (MAX_RETAINED_JOBS).
+                item.callback_state = CallbackState::NotConfigured as i32;
+            }
             let restored = idx < job.plan.image_count
                 && is_terminal(item.state)
                 && job.restore_item(idx, item);
-            if restored && pending && callbacks_on {
+            if restored && pending {
                 unsettled.push(idx);
             }
         }
         let snapshot = job.snapshot();
         for idx in unsettled {
-            resumed.callbacks_resent += 1;
+            // Callbacks on: sent again, then recorded settled. Off: the NOT_CONFIGURED state recorded.
+            resumed.callbacks_resent += usize::from(callbacks_on);
             self.pipeline
                 .reporter()
                 .settle(&job, snapshot.items[idx as usize].clone());

@@ -1,0 +1,130 @@
+//! A job resumed from the job store with an item whose callback was still pending, by an orchestrator whose
+//! callbacks are off now (WORKERS_API_URL unset since): no callback will be sent, so the item is settled as
+//! NOT_CONFIGURED, in memory and in the record, and its job can be forgotten (MAX_RETAINED_JOBS).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use orchestrator_svc::config::SegmenterSecurity;
+use orchestrator_svc::jobs::store::{self, JobRecord, RecordKey};
+use orchestrator_svc::jobs::{
+    InputLimits, ItemRunner, JobKey, JobLimits, JobService, Pipeline, PreviewSettings, Retention,
+    validate,
+};
+use orchestrator_svc::segmenter::Segmenter;
+use orchestrator_svc::storage::LocalStore;
+use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState};
+use palette_service_kit::BearerToken;
+use palette_testing::orchestrator::seed_spec;
+
+const LIMITS: JobLimits = JobLimits {
+    max_images: 10,
+    max_rules: 10,
+    max_concepts: 10,
+};
+
+fn service(
+    job_store: store::SharedJobStore,
+    root: &std::path::Path,
+) -> (Arc<Pipeline>, JobService) {
+    let inputs = InputLimits {
+        max_bytes: 1 << 20,
+        max_pixels: 1 << 20,
+    };
+    let security = SegmenterSecurity {
+        tls: None,
+        token: BearerToken::new(None).unwrap(),
+    };
+    // Never reached: every item of the stored job has ended.
+    let segmenter = Segmenter::new(
+        "http://127.0.0.1:1",
+        Duration::from_secs(1),
+        1,
+        Duration::ZERO,
+        security,
+    )
+    .unwrap();
+    let runner = ItemRunner::new(
+        Arc::new(LocalStore::new(root).unwrap()),
+        Arc::new(segmenter),
+        inputs,
+        0,
+    );
+    // No callback sender: callbacks are off.
+    let pipeline = Arc::new(Pipeline::new(runner, None, 1).with_job_store(Some(job_store)));
+    let service = JobService::new(
+        pipeline.clone(),
+        BTreeMap::new(),
+        LIMITS,
+        Retention {
+            max_jobs: 10,
+            max_bytes: 1 << 30,
+        },
+        PreviewSettings {
+            cache_bytes: 1 << 20,
+            inputs,
+        },
+    );
+    (pipeline, service)
+}
+
+#[tokio::test]
+async fn a_pending_callback_resumed_without_callbacks_is_settled_not_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let job_store = store::open_local(&dir.path().join("jobs.redb")).unwrap();
+    let spec = seed_spec("job-1", 1);
+    let plan = validate::validate(&spec, &BTreeMap::new(), LIMITS).unwrap();
+    let record = JobRecord {
+        user_id: spec.user_id.clone(),
+        job_id: spec.job_id.clone(),
+        spec_hash: store::plan_hash(&plan),
+        spec: spec.clone(),
+        seq: 1,
+        cancelled: false,
+        source: None,
+    };
+    job_store.create(&record).await.unwrap();
+    let key = RecordKey {
+        user_id: record.user_id.clone(),
+        job_id: record.job_id.clone(),
+        spec_hash: record.spec_hash.clone(),
+    };
+    // Ended before the restart, its callback not sent yet (callbacks were on then).
+    let item = Item {
+        idx: 0,
+        state: ItemState::Failed as i32,
+        callback_state: CallbackState::Pending as i32,
+        error_code: "input_missing".into(),
+        ..Default::default()
+    };
+    job_store.put_item(&key, &item).await.unwrap();
+
+    let (pipeline, service) = service(job_store.clone(), &dir.path().join("storage"));
+    let resumed = service.resume().await.unwrap();
+    assert_eq!(resumed.jobs, 1);
+    assert_eq!(resumed.callbacks_resent, 0, "no callback is sent");
+    let job = service
+        .get(&JobKey {
+            user_id: spec.user_id.clone(),
+            job_id: spec.job_id.clone(),
+        })
+        .unwrap();
+    assert_eq!(
+        job.snapshot().items[0].callback_state,
+        CallbackState::NotConfigured as i32
+    );
+    assert!(job.is_settled(), "the job can be forgotten");
+
+    // The record says so too: the next start finds nothing pending either.
+    pipeline.tasks().close();
+    pipeline.tasks().wait().await;
+    let stored = job_store.load().await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored[0].items[0].callback_state,
+        CallbackState::NotConfigured as i32,
+        "{:?}",
+        stored[0].items
+    );
+}
