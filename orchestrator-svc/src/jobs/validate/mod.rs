@@ -170,7 +170,8 @@ impl Validate<JobContext<'_>> for JobSpec {
         for rule in &parsed {
             concepts.add(&rule.concept);
         }
-        if concepts.is_empty() && self.rules.is_empty() {
+        // Too many listed: already said; "name at least one" would contradict it.
+        if concepts.is_empty() && self.rules.is_empty() && listed.len() == self.concepts.len() {
             v.add(
                 "concepts",
                 "name at least one concept or rule (or a preset with concepts)",

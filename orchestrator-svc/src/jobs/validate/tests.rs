@@ -173,6 +173,18 @@ fn too_many_concepts_counts_rule_concepts() {
     assert_eq!(v[0].field, "concepts");
 }
 
+#[test]
+fn too_many_concepts_without_rules_is_one_violation() {
+    let mut spec = seed_spec();
+    spec.concepts = (0..17).map(|i| format!("thing{i}")).collect();
+    spec.rules.clear();
+    let Err(ApiError::InvalidArgument(v)) = validate(&spec, &BTreeMap::new(), limits()) else {
+        panic!("accepted")
+    };
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(v[0].description.starts_with("at most 16 concepts"), "{v:?}");
+}
+
 fn preset() -> BTreeMap<String, Arc<Preset>> {
     let p = Preset {
         name: "home".into(),
