@@ -50,6 +50,28 @@ pub fn plan_edit(
     presets: &BTreeMap<String, Arc<Preset>>,
     limits: JobLimits,
 ) -> Result<JobPlan, ApiError> {
+    // The source's image count and concepts are not the request's fields: a source larger than today's limits
+    // (lowered since it ran) is a precondition the caller cannot fix in the request.
+    let too_large = if source.image_count > limits.max_images {
+        Some(format!(
+            "it has {} images, more than MAX_IMAGES_PER_JOB ({}) allows now",
+            source.image_count, limits.max_images
+        ))
+    } else if source.concepts.len() > limits.max_concepts {
+        Some(format!(
+            "it segmented {} concepts, more than MAX_CONCEPTS_PER_JOB ({}) allows now",
+            source.concepts.len(),
+            limits.max_concepts
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = too_large {
+        return Err(ApiError::SourceUnusable {
+            job_id: request.source_job_id.clone(),
+            reason,
+        });
+    }
     let spec = JobSpec {
         user_id: request.user_id.clone(),
         job_id: request.job_id.clone(),
@@ -222,6 +244,34 @@ mod tests {
             fields(err),
             ["rules[0].concept", "rules[1].params.occluded_by"]
         );
+    }
+
+    #[test]
+    fn a_source_over_todays_limits_is_a_failed_precondition_naming_it() {
+        let rules = || vec![rule("wall", &[("color", "#112233")])];
+        let fewer = |images, concepts| JobLimits {
+            max_images: images,
+            max_concepts: concepts,
+            ..LIMITS
+        };
+        for (limits, says) in [
+            (
+                fewer(2, 10),
+                "it has 3 images, more than MAX_IMAGES_PER_JOB (2)",
+            ),
+            (
+                fewer(100, 1),
+                "it segmented 2 concepts, more than MAX_CONCEPTS_PER_JOB (1)",
+            ),
+        ] {
+            let err =
+                plan_edit(&request(rules()), &source(), &BTreeMap::new(), limits).unwrap_err();
+            let ApiError::SourceUnusable { job_id, reason } = &err else {
+                panic!("{err:?}")
+            };
+            assert_eq!(job_id, "src");
+            assert!(reason.starts_with(says), "{reason}");
+        }
     }
 
     #[test]
