@@ -60,6 +60,8 @@ pub struct JobHandle {
     /// Counted in `orchestrator_jobs_finished_total` (once, however many items end after it became terminal).
     finish_counted: AtomicBool,
     pub recorded: Recorded,
+    /// Settled callbacks whose record is still being written (`settling`): the job is not settled until they are.
+    settling: AtomicUsize,
     /// Which item changed. Only the index travels: a full Job per event, kept in the channel's ring of
     /// EVENT_BUFFER slots, made a job's memory grow with the square of its size (measured: +50 MB over 160 images);
     /// WatchJob streams take the snapshot when they forward the event.
@@ -104,6 +106,7 @@ impl JobHandle {
             approx_bytes: AtomicUsize::new(approx_bytes),
             finish_counted: AtomicBool::new(false),
             recorded: Recorded::default(),
+            settling: AtomicUsize::new(0),
             events,
         }
     }
@@ -137,7 +140,18 @@ impl JobHandle {
     pub fn is_settled(&self) -> bool {
         let job = self.lock();
         let pending = |i: &Item| i.callback_state == CallbackState::Pending as i32;
-        job_is_terminal(&job) && !job.items.iter().any(pending)
+        // Read under the lock `record_callback` takes: a callback seen settled here shows its `settling` guard too.
+        job_is_terminal(&job)
+            && !job.items.iter().any(pending)
+            && self.settling.load(Ordering::SeqCst) == 0
+    }
+
+    /// Held from before a callback is marked settled (`record_callback`) until its settled record is written: in
+    /// between, retention could forget the job and delete its records, and that write would leave an item record
+    /// with no job, which a later job with the same spec would take as its own.
+    pub fn settling(&self) -> Settling<'_> {
+        self.settling.fetch_add(1, Ordering::SeqCst);
+        Settling(&self.settling)
     }
 
     /// Roughly what this job's record holds in memory, in bytes.
@@ -327,6 +341,15 @@ impl JobHandle {
                 item.callback_error = error.unwrap_or_default();
             },
         )
+    }
+}
+
+/// See `JobHandle::settling`.
+pub struct Settling<'a>(&'a AtomicUsize);
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

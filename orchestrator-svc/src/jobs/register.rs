@@ -6,7 +6,7 @@ use std::sync::Arc;
 use palette_proto::orchestrator::v1::{Job, JobSpec};
 
 use super::job::JobHandle;
-use super::store::{self, Created, JobRecord, RecordKey};
+use super::store::{self, Created, JobRecord};
 use super::{JobRegistry, Pipeline, cluster, edit};
 use crate::error::ApiError;
 
@@ -48,22 +48,18 @@ impl Registrar {
         let tasks = self.pipeline.tasks().clone();
         self.pipeline.spawn_job(job, move || {
             registry.trim();
-            let forgotten = registry.take_forgotten();
-            if let Some(job_store) = job_store.filter(|_| !forgotten.is_empty()) {
+            if let Some(job_store) = job_store.filter(|_| registry.has_forgotten()) {
                 crate::tasks::spawn_tracked(&tasks, "forget_jobs", async move {
-                    forget(&*job_store, &forgotten).await;
+                    forget(&registry, &*job_store).await;
                 });
             }
         });
     }
 
-    /// Deletes from the job store what the registry forgot.
+    /// Deletes from the job store what the registry forgot; waits for a deletion in progress.
     pub(super) async fn forget_in_store(&self) {
-        let forgotten = self.registry.take_forgotten();
-        if let Some(job_store) = self.pipeline.reporter().job_store()
-            && !forgotten.is_empty()
-        {
-            forget(&**job_store, &forgotten).await;
+        if let Some(job_store) = self.pipeline.reporter().job_store() {
+            forget(&self.registry, &**job_store).await;
         }
     }
 
@@ -161,9 +157,15 @@ fn unix_millis() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Deletes forgotten jobs from the job store; a failure leaves them to the next start, which forgets them again.
-async fn forget(job_store: &dyn store::JobStore, forgotten: &[RecordKey]) {
-    if let Err(e) = job_store.forget(forgotten).await {
+/// Deletes forgotten jobs from the job store, under the registry's `forgetting` lock; a failure leaves them to the
+/// next start, which forgets them again.
+async fn forget(registry: &JobRegistry, job_store: &dyn store::JobStore) {
+    let _deleting = registry.forgetting().await;
+    let forgotten = registry.take_forgotten();
+    if forgotten.is_empty() {
+        return;
+    }
+    if let Err(e) = job_store.forget(&forgotten).await {
         metrics::counter!("orchestrator_job_store_errors_total").increment(1);
         tracing::warn!(jobs = forgotten.len(), error = %crate::error::Report(&e), "forgotten jobs not deleted from the job store");
     }

@@ -34,6 +34,8 @@ pub struct JobRegistry {
     retention: Retention,
     /// Jobs forgotten here and not yet in the job store (see `take_forgotten`).
     forgotten: Mutex<Vec<RecordKey>>,
+    /// Held from `take_forgotten` until the job store has deleted what it took (see `forgetting`).
+    forgetting: tokio::sync::Mutex<()>,
 }
 
 /// What `JobRegistry::submit` did.
@@ -53,7 +55,24 @@ impl JobRegistry {
                 max_bytes: retention.max_bytes,
             },
             forgotten: Mutex::default(),
+            forgetting: tokio::sync::Mutex::const_new(()),
         }
+    }
+
+    /// To hold while taking the forgotten jobs and deleting them from the job store. A submission takes it before
+    /// recording its job, so it waits for a deletion in progress: it never finds, as if its own, the record of a
+    /// forgotten job with its spec that is about to be deleted (the deletion would then take its record and items).
+    pub async fn forgetting(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.forgetting.lock().await
+    }
+
+    /// Whether jobs are waiting for the job store to forget them.
+    pub fn has_forgotten(&self) -> bool {
+        !self
+            .forgotten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     /// The jobs forgotten since the last call, for the job store to delete.

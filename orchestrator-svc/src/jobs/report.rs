@@ -109,6 +109,8 @@ impl Reporter {
             return;
         }
         if let Some(sender) = &self.callbacks {
+            // Until the settled record below is written, retention keeps the job (and its records).
+            let _settling = job.settling();
             let body = callback_body(&item);
             let about = CallbackJob {
                 user_id: &job.plan.user_id,

@@ -1,0 +1,283 @@
+//! Retention deletes forgotten jobs from the job store while submissions go on. A job submitted again with the same
+//! spec while the deletion of its forgotten record is in progress must not take that record as its own: the
+//! deletion would then remove the new job's record (and items), and the new job would not survive a restart. A job
+//! store whose first `forget` waits for the test makes the interleaving deterministic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use orchestrator_svc::callback::{Answer, CallbackSender, RetryPolicy, Transport};
+use orchestrator_svc::config::SegmenterSecurity;
+use orchestrator_svc::error::BoxError;
+use orchestrator_svc::jobs::store::{
+    Created, JobRecord, JobStore, RecordKey, StoreError, StoredJob, Written,
+};
+use orchestrator_svc::jobs::{
+    InputLimits, ItemRunner, JobKey, JobLimits, JobService, Pipeline, PreviewSettings, Retention,
+};
+use orchestrator_svc::segmenter::Segmenter;
+use orchestrator_svc::storage::LocalStore;
+use palette_proto::orchestrator::v1::{CallbackState, Item};
+use palette_service_kit::BearerToken;
+use palette_testing::orchestrator::seed_spec;
+use tokio::sync::Notify;
+
+/// Job records by job id, as JOB_STORE=local keeps them; the first `forget` waits for `gate` before it deletes.
+#[derive(Debug, Default)]
+struct GatedForget {
+    records: Mutex<HashMap<String, JobRecord>>,
+    forgets: Mutex<u32>,
+    entered: Notify,
+    gate: Notify,
+}
+
+#[async_trait]
+impl JobStore for GatedForget {
+    async fn create(&self, job: &JobRecord) -> Result<Created, StoreError> {
+        let mut records = self.records.lock().unwrap();
+        if let Some(existing) = records.get(&job.job_id) {
+            return Ok(Created::Existing(Box::new(existing.clone())));
+        }
+        records.insert(job.job_id.clone(), job.clone());
+        Ok(Created::New)
+    }
+
+    async fn put_item(&self, _: &RecordKey, _: &Item) -> Result<Written, StoreError> {
+        Ok(Written::Stored)
+    }
+
+    async fn cancel(&self, _: &RecordKey) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn load(&self) -> Result<Vec<StoredJob>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// As JOB_STORE=local's: deletes each record whose spec hash matches.
+    async fn forget(&self, jobs: &[RecordKey]) -> Result<(), StoreError> {
+        let first = {
+            let mut forgets = self.forgets.lock().unwrap();
+            *forgets += 1;
+            *forgets == 1
+        };
+        if first {
+            self.entered.notify_one();
+            self.gate.notified().await;
+        }
+        let mut records = self.records.lock().unwrap();
+        for job in jobs {
+            if records
+                .get(&job.job_id)
+                .is_some_and(|r| r.spec_hash == job.spec_hash)
+            {
+                records.remove(&job.job_id);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn service(
+    store: Arc<dyn JobStore>,
+    callbacks: Option<Arc<CallbackSender>>,
+    root: &std::path::Path,
+) -> Arc<JobService> {
+    let limits = InputLimits {
+        max_bytes: 1 << 20,
+        max_pixels: 1 << 20,
+    };
+    let security = SegmenterSecurity {
+        tls: None,
+        token: BearerToken::new(None).unwrap(),
+    };
+    // Never reached: no input is stored, so every item fails `input_missing` first.
+    let segmenter = Segmenter::new(
+        "http://127.0.0.1:1",
+        Duration::from_secs(1),
+        1,
+        Duration::ZERO,
+        security,
+    )
+    .unwrap();
+    let runner = ItemRunner::new(
+        Arc::new(LocalStore::new(root).unwrap()),
+        Arc::new(segmenter),
+        limits,
+        0,
+    );
+    let pipeline = Pipeline::new(runner, callbacks, 1).with_job_store(Some(store));
+    Arc::new(JobService::new(
+        Arc::new(pipeline),
+        BTreeMap::new(),
+        JobLimits {
+            max_images: 10,
+            max_rules: 10,
+            max_concepts: 10,
+        },
+        Retention {
+            max_jobs: 2,
+            max_bytes: 1 << 30,
+        },
+        PreviewSettings {
+            cache_bytes: 1 << 20,
+            inputs: limits,
+        },
+    ))
+}
+
+async fn finished(service: &JobService, job_id: &str) {
+    let key = JobKey {
+        user_id: "test-user".into(),
+        job_id: job_id.into(),
+    };
+    for _ in 0..1000 {
+        if service.get(&key).is_ok_and(|j| j.is_settled()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{job_id} never finished");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_submitted_again_while_its_forgotten_record_is_deleted_keeps_its_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(GatedForget::default());
+    let service = service(store.clone(), None, dir.path());
+    for job in ["first", "second"] {
+        service.submit(&seed_spec(job, 1)).await.unwrap();
+        finished(&service, job).await;
+    }
+    // A third job: retention (2 jobs) forgets "first", and this submission deletes it from the store, held there.
+    let third = tokio::spawn({
+        let service = service.clone();
+        async move { service.submit(&seed_spec("third", 1)).await.map(drop) }
+    });
+    store.entered.notified().await;
+    // "first" again, same spec: retention forgets "second" to make room, and the submission records "first".
+    let again = tokio::spawn({
+        let service = service.clone();
+        async move { service.submit(&seed_spec("first", 1)).await.map(drop) }
+    });
+    // The paused clock moves only once every task waits: the resubmission has gone as far as it goes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    store.gate.notify_one();
+    third.await.unwrap().unwrap();
+    again.await.unwrap().unwrap();
+    let records = store.records.lock().unwrap().clone();
+    assert!(
+        records.contains_key("first"),
+        "the resubmitted job lost its record to the deletion of the forgotten one: {:?}",
+        records.keys().collect::<Vec<_>>()
+    );
+    assert!(!records.contains_key("second"), "forgotten");
+}
+
+/// Job records and item records as JOB_STORE=local keeps them; the write of job "slow"'s settled item (its callback
+/// no longer pending) waits for `gate`.
+#[derive(Debug, Default)]
+struct SlowSettled {
+    records: Mutex<HashMap<String, JobRecord>>,
+    items: Mutex<HashMap<(String, String, u32), Item>>,
+    entered: Notify,
+    gate: Notify,
+}
+
+#[async_trait]
+impl JobStore for SlowSettled {
+    async fn create(&self, job: &JobRecord) -> Result<Created, StoreError> {
+        self.records
+            .lock()
+            .unwrap()
+            .insert(job.job_id.clone(), job.clone());
+        Ok(Created::New)
+    }
+
+    async fn put_item(&self, job: &RecordKey, item: &Item) -> Result<Written, StoreError> {
+        if job.job_id == "slow" && item.callback_state != CallbackState::Pending as i32 {
+            self.entered.notify_one();
+            self.gate.notified().await;
+        }
+        let key = (job.job_id.clone(), job.spec_hash.clone(), item.idx);
+        self.items.lock().unwrap().insert(key, item.clone());
+        Ok(Written::Stored)
+    }
+
+    async fn cancel(&self, _: &RecordKey) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn load(&self) -> Result<Vec<StoredJob>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn forget(&self, jobs: &[RecordKey]) -> Result<(), StoreError> {
+        let mut records = self.records.lock().unwrap();
+        let mut items = self.items.lock().unwrap();
+        for job in jobs {
+            records.remove(&job.job_id);
+            items.retain(|(id, hash, _), _| (id, hash) != (&job.job_id, &job.spec_hash));
+        }
+        Ok(())
+    }
+}
+
+/// Every callback accepted at once.
+struct Accepting;
+
+#[async_trait]
+impl Transport for Accepting {
+    async fn post(
+        &self,
+        _: &str,
+        _: &[(&'static str, String)],
+        _: Vec<u8>,
+    ) -> Result<Answer, BoxError> {
+        Ok(Answer {
+            status: 200,
+            retry_after: None,
+        })
+    }
+}
+
+/// A job whose last callback was delivered but whose settled record is not written yet is not forgotten: deleting
+/// its records then left the settled item record behind with no job, for a later job with its spec to load.
+#[tokio::test(start_paused = true)]
+async fn a_job_is_not_forgotten_while_its_settled_item_is_being_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SlowSettled::default());
+    let policy = RetryPolicy {
+        max_attempts: 1,
+        base_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(1),
+        attempt_timeout: Duration::from_secs(1),
+    };
+    let sender = CallbackSender::new("http://127.0.0.1:1", "s3cret", policy)
+        .unwrap()
+        .with_transport(Arc::new(Accepting));
+    let service = service(store.clone(), Some(Arc::new(sender)), dir.path());
+    service.submit(&seed_spec("slow", 1)).await.unwrap();
+    store.entered.notified().await;
+    service.submit(&seed_spec("next", 1)).await.unwrap();
+    finished(&service, "next").await;
+    // Retention (2 jobs) forgets the oldest settled job to make room: not "slow", whose record is being written.
+    service.submit(&seed_spec("last", 1)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    store.gate.notify_one();
+    // The paused clock moves only once every task waits: the settled record is written.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let records = store.records.lock().unwrap().clone();
+    let orphans: Vec<_> = store
+        .items
+        .lock()
+        .unwrap()
+        .keys()
+        .filter(|(id, _, _)| !records.contains_key(id))
+        .cloned()
+        .collect();
+    assert!(orphans.is_empty(), "item records of no job: {orphans:?}");
+    assert!(records.contains_key("slow") && !records.contains_key("next"));
+}
