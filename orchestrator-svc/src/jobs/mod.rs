@@ -166,7 +166,7 @@ impl JobService {
     /// An edit of a job that ran before (EditJob): its photos and masks are read back from storage, so any replica
     /// serves it; registered and run like a submitted job, without the segmenter.
     pub async fn edit(&self, request: &EditJobRequest) -> Result<Job, ApiError> {
-        edit::check_ids(request)?;
+        edit::check_request(request)?;
         self.refuse_a_running_source(request).await?;
         let store = self.pipeline.store();
         let source = edit::record::read_photos(store, &request.user_id, &request.source_job_id)

@@ -21,8 +21,8 @@ use crate::error::ApiError;
 use crate::keys;
 use record::PhotosRecord;
 
-/// The request's ids, checked before anything is read from storage.
-pub fn check_ids(request: &EditJobRequest) -> Result<(), ApiError> {
+/// The request's ids, and that it has rules, checked before anything is read from storage.
+pub fn check_request(request: &EditJobRequest) -> Result<(), ApiError> {
     let mut v = Violations::default();
     for (field, id) in [
         ("user_id", &request.user_id),
@@ -37,6 +37,13 @@ pub fn check_ids(request: &EditJobRequest) -> Result<(), ApiError> {
         v.add(
             "job_id",
             "must differ from source_job_id: an edit is a job of its own",
+        );
+    }
+    // A preset brings rule defaults, never rules: without rules an edit would only write previews again.
+    if request.rules.is_empty() {
+        v.add(
+            "rules",
+            "name at least one rule: an edit runs rules on the source job's photos",
         );
     }
     v.finish()
@@ -276,11 +283,21 @@ mod tests {
 
     #[test]
     fn ids_are_checked_and_an_edit_is_not_its_own_source() {
-        let mut bad = request(vec![]);
+        let rules = || vec![rule("wall", &[("color", "#112233")])];
+        let mut bad = request(rules());
         bad.source_job_id = "../x".into();
-        assert_eq!(fields(check_ids(&bad).unwrap_err()), ["source_job_id"]);
-        let mut own = request(vec![]);
+        assert_eq!(fields(check_request(&bad).unwrap_err()), ["source_job_id"]);
+        let mut own = request(rules());
         own.source_job_id = own.job_id.clone();
-        assert_eq!(fields(check_ids(&own).unwrap_err()), ["job_id"]);
+        assert_eq!(fields(check_request(&own).unwrap_err()), ["job_id"]);
+        check_request(&request(rules())).unwrap();
+    }
+
+    #[test]
+    fn an_edit_without_rules_is_refused_with_or_without_a_preset() {
+        let mut edit = request(vec![]);
+        assert_eq!(fields(check_request(&edit).unwrap_err()), ["rules"]);
+        edit.preset = "interior".into();
+        assert_eq!(fields(check_request(&edit).unwrap_err()), ["rules"]);
     }
 }
