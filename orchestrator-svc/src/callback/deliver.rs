@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
 
-use super::transport::{Bounded, Http, Transport};
+use super::transport::{Http, Transport};
 use super::{CallbackBody, CallbackJob, idempotency_key, redacted_url, sign};
 use crate::error::Report;
 
@@ -64,6 +64,8 @@ pub struct CallbackSender {
     policy: RetryPolicy,
     clock: Arc<dyn Clock>,
     rng: Mutex<StdRng>,
+    /// CALLBACK_CONCURRENCY: places for attempts in flight, for every job together (None: unbounded).
+    places: Option<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for CallbackSender {
@@ -92,6 +94,7 @@ impl CallbackSender {
             policy,
             clock: Arc::new(SystemClock),
             rng: Mutex::new(StdRng::from_os_rng()),
+            places: None,
         })
     }
 
@@ -105,14 +108,13 @@ impl CallbackSender {
         self
     }
 
-    /// At most `n` (at least 1) attempts in flight at once, for every job together (CALLBACK_CONCURRENCY).
-    pub fn with_concurrency(self, n: usize) -> Self {
-        let permits = tokio::sync::Semaphore::new(n.max(1));
-        let bounded = Bounded {
-            inner: self.http.clone(),
-            permits,
-        };
-        self.with_transport(Arc::new(bounded))
+    /// At most `n` (at least 1) attempts in flight at once, for every job together (CALLBACK_CONCURRENCY): a cancel
+    /// of a large job, or a restart with many callbacks pending, would otherwise send them all at the same moment. A
+    /// place is held for one attempt only (a callback waiting out its backoff holds none), and taken before the
+    /// attempt is signed (`attempt`). Waiters are served in order (tokio's semaphore is fair).
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.places = Some(tokio::sync::Semaphore::new(n.max(1)));
+        self
     }
 
     pub fn with_rng_seed(mut self, seed: u64) -> Self {
@@ -201,6 +203,12 @@ impl CallbackSender {
     }
 
     async fn attempt(&self, url: &str, id: &str, payload: &[u8]) -> Verdict {
+        // The place first, then the timestamp: signed before a long wait for a place, the attempt would reach the
+        // receiver with a stale webhook-timestamp (Standard Webhooks receivers refuse one over ~5 minutes old).
+        let _place = match &self.places {
+            Some(places) => places.acquire().await.ok(),
+            None => None,
+        };
         let timestamp = self.clock.now_unix();
         let headers = [
             ("content-type", "application/json".to_string()),
@@ -248,165 +256,4 @@ fn classify(status: StatusCode, retry_after: Option<Duration>) -> Verdict {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_are_shown_without_credentials_or_query() {
-        assert_eq!(
-            redacted_url("https://user:pa55@api.example.invalid/hooks?token=t0k#x"),
-            "https://api.example.invalid/hooks"
-        );
-        assert_eq!(redacted_url("not a url"), "<unparsable URL>");
-        let sender =
-            CallbackSender::new("https://u:pa55@h.invalid/?token=t0k", "s", policy()).unwrap();
-        let shown = format!("{sender:?}");
-        assert!(!shown.contains("pa55") && !shown.contains("t0k"), "{shown}");
-    }
-
-    #[test]
-    fn redirects_are_refusals() {
-        for code in [301, 302, 307, 308] {
-            let status = StatusCode::from_u16(code).unwrap();
-            assert!(
-                matches!(classify(status, None), Verdict::Stop(r) if r.contains("not followed"))
-            );
-        }
-    }
-
-    fn policy() -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: 6,
-            base_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(1),
-            attempt_timeout: Duration::from_secs(1),
-        }
-    }
-
-    #[test]
-    fn backoff_is_bounded_by_the_exponential_cap() {
-        let sender = CallbackSender::new("http://127.0.0.1:1", "s", policy())
-            .unwrap()
-            .with_rng_seed(7);
-        for attempt in 1..=10 {
-            let cap = Duration::from_millis(100 * (1 << (attempt - 1))).min(Duration::from_secs(1));
-            for _ in 0..50 {
-                assert!(sender.backoff(attempt) <= cap);
-            }
-        }
-    }
-
-    #[test]
-    fn status_classes() {
-        assert!(matches!(classify(StatusCode::OK, None), Verdict::Delivered));
-        assert!(matches!(
-            classify(StatusCode::NO_CONTENT, None),
-            Verdict::Delivered
-        ));
-        assert!(matches!(classify(StatusCode::GONE, None), Verdict::Stop(_)));
-        assert!(matches!(
-            classify(StatusCode::BAD_REQUEST, None),
-            Verdict::Stop(_)
-        ));
-        assert!(matches!(
-            classify(StatusCode::UNAUTHORIZED, None),
-            Verdict::Stop(_)
-        ));
-        assert!(matches!(
-            classify(StatusCode::TOO_MANY_REQUESTS, None),
-            Verdict::Retry(..)
-        ));
-        assert!(matches!(
-            classify(StatusCode::BAD_GATEWAY, None),
-            Verdict::Retry(..)
-        ));
-    }
-
-    use super::super::transport::Answer;
-    use crate::error::BoxError;
-
-    /// Answers from a script (then 200).
-    struct Scripted(Mutex<std::collections::VecDeque<Answer>>);
-
-    #[async_trait::async_trait]
-    impl Transport for Scripted {
-        async fn post(
-            &self,
-            _url: &str,
-            headers: &[(&'static str, String)],
-            _body: Vec<u8>,
-        ) -> Result<Answer, BoxError> {
-            assert!(headers.iter().any(|(n, _)| *n == "webhook-signature"));
-            let next = self.0.lock().unwrap().pop_front();
-            Ok(next.unwrap_or(Answer {
-                status: 200,
-                retry_after: None,
-            }))
-        }
-    }
-
-    fn scripted(answers: &[(u16, Option<u64>)]) -> Arc<Scripted> {
-        let answers = answers.iter().map(|&(status, ra)| Answer {
-            status,
-            retry_after: ra.map(Duration::from_secs),
-        });
-        Arc::new(Scripted(Mutex::new(answers.collect())))
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn retry_after_and_backoff_on_the_paused_clock() {
-        let sender = CallbackSender::new("http://unused", "s", policy())
-            .unwrap()
-            .with_rng_seed(7)
-            .with_transport(scripted(&[(429, Some(1)), (503, None)]));
-        let started = tokio::time::Instant::now();
-        let outcome = sender.deliver(JOB, &body()).await;
-        assert!(outcome.delivered, "{outcome:?}");
-        assert_eq!(outcome.attempts, 3);
-        let waited = started.elapsed();
-        // Retry-After 1 s (the policy's cap), then a backoff of at most 200 ms.
-        assert!(waited >= Duration::from_secs(1), "{waited:?}");
-        assert!(waited <= Duration::from_millis(1_200), "{waited:?}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn gives_up_after_max_attempts_within_the_capped_backoff() {
-        let sender = CallbackSender::new("http://unused", "s", policy())
-            .unwrap()
-            .with_transport(scripted(&[(503, None); 10]));
-        let started = tokio::time::Instant::now();
-        let outcome = sender.deliver(JOB, &body()).await;
-        assert_eq!((outcome.delivered, outcome.attempts), (false, 6));
-        assert!(outcome.error.unwrap().contains("gave up after 6 attempts"));
-        // Five waits, each at most max_delay.
-        assert!(started.elapsed() <= Duration::from_secs(5));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn gone_stops_at_once() {
-        let sender = CallbackSender::new("http://unused", "s", policy())
-            .unwrap()
-            .with_transport(scripted(&[(410, None)]));
-        let outcome = sender.deliver(JOB, &body()).await;
-        assert_eq!((outcome.delivered, outcome.attempts), (false, 1));
-    }
-
-    const JOB: CallbackJob<'static> = CallbackJob {
-        user_id: "u",
-        job_id: "job",
-        spec_hash: "h",
-    };
-
-    fn body() -> CallbackBody {
-        CallbackBody {
-            idx: 0,
-            status: "completed",
-            output_key: None,
-            preview_key: None,
-            error: None,
-            error_code: None,
-            outputs: vec![],
-            masks: vec![],
-        }
-    }
-}
+mod tests;

@@ -53,25 +53,3 @@ impl Transport for Http {
         })
     }
 }
-
-/// At most `permits` POSTs through `inner` at once, whatever job they are for (CALLBACK_CONCURRENCY): a cancel of a
-/// large job, or a restart with many callbacks pending, would otherwise send them all at the same moment. A permit is
-/// held for one attempt only: a callback waiting out its backoff holds none, so one failing receiver path does not
-/// stall the rest. Waiters are served in order (tokio's semaphore is fair).
-pub(super) struct Bounded {
-    pub(super) inner: std::sync::Arc<dyn Transport>,
-    pub(super) permits: tokio::sync::Semaphore,
-}
-
-#[async_trait::async_trait]
-impl Transport for Bounded {
-    async fn post(
-        &self,
-        url: &str,
-        headers: &[(&'static str, String)],
-        body: Vec<u8>,
-    ) -> Result<Answer, BoxError> {
-        let _permit = self.permits.acquire().await?;
-        self.inner.post(url, headers, body).await
-    }
-}

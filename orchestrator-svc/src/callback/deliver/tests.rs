@@ -1,0 +1,231 @@
+//! The sender's own tests: classification, backoff, retries on the paused clock, the concurrency bound.
+use super::*;
+
+#[test]
+fn urls_are_shown_without_credentials_or_query() {
+    assert_eq!(
+        redacted_url("https://user:pa55@api.example.invalid/hooks?token=t0k#x"),
+        "https://api.example.invalid/hooks"
+    );
+    assert_eq!(redacted_url("not a url"), "<unparsable URL>");
+    let sender = CallbackSender::new("https://u:pa55@h.invalid/?token=t0k", "s", policy()).unwrap();
+    let shown = format!("{sender:?}");
+    assert!(!shown.contains("pa55") && !shown.contains("t0k"), "{shown}");
+}
+
+#[test]
+fn redirects_are_refusals() {
+    for code in [301, 302, 307, 308] {
+        let status = StatusCode::from_u16(code).unwrap();
+        assert!(matches!(classify(status, None), Verdict::Stop(r) if r.contains("not followed")));
+    }
+}
+
+fn policy() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 6,
+        base_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(1),
+        attempt_timeout: Duration::from_secs(1),
+    }
+}
+
+#[test]
+fn backoff_is_bounded_by_the_exponential_cap() {
+    let sender = CallbackSender::new("http://127.0.0.1:1", "s", policy())
+        .unwrap()
+        .with_rng_seed(7);
+    for attempt in 1..=10 {
+        let cap = Duration::from_millis(100 * (1 << (attempt - 1))).min(Duration::from_secs(1));
+        for _ in 0..50 {
+            assert!(sender.backoff(attempt) <= cap);
+        }
+    }
+}
+
+#[test]
+fn status_classes() {
+    assert!(matches!(classify(StatusCode::OK, None), Verdict::Delivered));
+    assert!(matches!(
+        classify(StatusCode::NO_CONTENT, None),
+        Verdict::Delivered
+    ));
+    assert!(matches!(classify(StatusCode::GONE, None), Verdict::Stop(_)));
+    assert!(matches!(
+        classify(StatusCode::BAD_REQUEST, None),
+        Verdict::Stop(_)
+    ));
+    assert!(matches!(
+        classify(StatusCode::UNAUTHORIZED, None),
+        Verdict::Stop(_)
+    ));
+    assert!(matches!(
+        classify(StatusCode::TOO_MANY_REQUESTS, None),
+        Verdict::Retry(..)
+    ));
+    assert!(matches!(
+        classify(StatusCode::BAD_GATEWAY, None),
+        Verdict::Retry(..)
+    ));
+}
+
+use super::super::transport::Answer;
+use crate::error::BoxError;
+
+/// Answers from a script (then 200).
+struct Scripted(Mutex<std::collections::VecDeque<Answer>>);
+
+#[async_trait::async_trait]
+impl Transport for Scripted {
+    async fn post(
+        &self,
+        _url: &str,
+        headers: &[(&'static str, String)],
+        _body: Vec<u8>,
+    ) -> Result<Answer, BoxError> {
+        assert!(headers.iter().any(|(n, _)| *n == "webhook-signature"));
+        let next = self.0.lock().unwrap().pop_front();
+        Ok(next.unwrap_or(Answer {
+            status: 200,
+            retry_after: None,
+        }))
+    }
+}
+
+fn scripted(answers: &[(u16, Option<u64>)]) -> Arc<Scripted> {
+    let answers = answers.iter().map(|&(status, ra)| Answer {
+        status,
+        retry_after: ra.map(Duration::from_secs),
+    });
+    Arc::new(Scripted(Mutex::new(answers.collect())))
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_and_backoff_on_the_paused_clock() {
+    let sender = CallbackSender::new("http://unused", "s", policy())
+        .unwrap()
+        .with_rng_seed(7)
+        .with_transport(scripted(&[(429, Some(1)), (503, None)]));
+    let started = tokio::time::Instant::now();
+    let outcome = sender.deliver(JOB, &body()).await;
+    assert!(outcome.delivered, "{outcome:?}");
+    assert_eq!(outcome.attempts, 3);
+    let waited = started.elapsed();
+    // Retry-After 1 s (the policy's cap), then a backoff of at most 200 ms.
+    assert!(waited >= Duration::from_secs(1), "{waited:?}");
+    assert!(waited <= Duration::from_millis(1_200), "{waited:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn gives_up_after_max_attempts_within_the_capped_backoff() {
+    let sender = CallbackSender::new("http://unused", "s", policy())
+        .unwrap()
+        .with_transport(scripted(&[(503, None); 10]));
+    let started = tokio::time::Instant::now();
+    let outcome = sender.deliver(JOB, &body()).await;
+    assert_eq!((outcome.delivered, outcome.attempts), (false, 6));
+    assert!(outcome.error.unwrap().contains("gave up after 6 attempts"));
+    // Five waits, each at most max_delay.
+    assert!(started.elapsed() <= Duration::from_secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn gone_stops_at_once() {
+    let sender = CallbackSender::new("http://unused", "s", policy())
+        .unwrap()
+        .with_transport(scripted(&[(410, None)]));
+    let outcome = sender.deliver(JOB, &body()).await;
+    assert_eq!((outcome.delivered, outcome.attempts), (false, 1));
+}
+
+const JOB: CallbackJob<'static> = CallbackJob {
+    user_id: "u",
+    job_id: "job",
+    spec_hash: "h",
+};
+
+fn body() -> CallbackBody {
+    CallbackBody {
+        idx: 0,
+        status: "completed",
+        output_key: None,
+        preview_key: None,
+        error: None,
+        error_code: None,
+        outputs: vec![],
+        masks: vec![],
+    }
+}
+
+/// A clock the test sets.
+struct SetClock(std::sync::atomic::AtomicU64);
+
+impl Clock for SetClock {
+    fn now_unix(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Records each POST's webhook-timestamp; the first one is held until `release` is notified.
+#[derive(Default)]
+struct HoldFirst {
+    timestamps: Mutex<Vec<String>>,
+    arrived: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl Transport for HoldFirst {
+    async fn post(
+        &self,
+        _url: &str,
+        headers: &[(&'static str, String)],
+        _body: Vec<u8>,
+    ) -> Result<Answer, BoxError> {
+        let stamp = headers.iter().find(|(n, _)| *n == "webhook-timestamp");
+        let first = {
+            let mut seen = self.timestamps.lock().unwrap();
+            seen.push(stamp.map(|(_, v)| v.clone()).unwrap_or_default());
+            seen.len() == 1
+        };
+        if first {
+            self.arrived.notify_one();
+            self.release.notified().await;
+        }
+        Ok(Answer {
+            status: 200,
+            retry_after: None,
+        })
+    }
+}
+
+/// With every place taken, a callback waits for one before it is signed: after a 10-minute wait its
+/// webhook-timestamp is the time it was sent, not the time it began waiting (receivers refuse stale ones).
+#[tokio::test]
+async fn a_callback_waiting_for_a_place_is_signed_when_it_is_sent() {
+    let clock = Arc::new(SetClock(std::sync::atomic::AtomicU64::new(1_000)));
+    let transport = Arc::new(HoldFirst::default());
+    let sender = Arc::new(
+        CallbackSender::new("http://unused", "s", policy())
+            .unwrap()
+            .with_transport(transport.clone())
+            .with_clock(clock.clone())
+            .with_concurrency(1),
+    );
+    let first = tokio::spawn({
+        let sender = sender.clone();
+        async move { sender.deliver(JOB, &body()).await }
+    });
+    transport.arrived.notified().await;
+    let second = tokio::spawn({
+        let sender = sender.clone();
+        async move { sender.deliver(JOB, &body()).await }
+    });
+    // The second is waiting for the only place (give it time to get there), then ten minutes pass.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    clock.0.store(1_600, std::sync::atomic::Ordering::SeqCst);
+    transport.release.notify_one();
+    assert!(first.await.unwrap().delivered);
+    assert!(second.await.unwrap().delivered);
+    assert_eq!(*transport.timestamps.lock().unwrap(), ["1000", "1600"]);
+}
