@@ -281,3 +281,31 @@ async fn a_job_is_not_forgotten_while_its_settled_item_is_being_recorded() {
     assert!(orphans.is_empty(), "item records of no job: {orphans:?}");
     assert!(records.contains_key("slow") && !records.contains_key("next"));
 }
+
+/// The same with callbacks off: the item is settled (NOT_CONFIGURED) the moment it ends, but its record is written
+/// after; the job is not forgotten before that write, or the write would leave an item record with no job.
+#[tokio::test(start_paused = true)]
+async fn with_callbacks_off_a_job_is_not_forgotten_before_its_item_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SlowSettled::default());
+    let service = service(store.clone(), None, dir.path());
+    service.submit(&seed_spec("slow", 1)).await.unwrap();
+    store.entered.notified().await;
+    service.submit(&seed_spec("next", 1)).await.unwrap();
+    finished(&service, "next").await;
+    service.submit(&seed_spec("last", 1)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    store.gate.notify_one();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let records = store.records.lock().unwrap().clone();
+    let orphans: Vec<_> = store
+        .items
+        .lock()
+        .unwrap()
+        .keys()
+        .filter(|(id, _, _)| !records.contains_key(id))
+        .cloned()
+        .collect();
+    assert!(orphans.is_empty(), "item records of no job: {orphans:?}");
+    assert!(records.contains_key("slow") && !records.contains_key("next"));
+}

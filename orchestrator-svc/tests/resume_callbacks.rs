@@ -114,11 +114,11 @@ async fn a_pending_callback_resumed_without_callbacks_is_settled_not_configured(
         job.snapshot().items[0].callback_state,
         CallbackState::NotConfigured as i32
     );
-    assert!(job.is_settled(), "the job can be forgotten");
-
-    // The record says so too: the next start finds nothing pending either.
+    // The record says so too (the next start finds nothing pending either); once it is written, and not before
+    // (retention would delete the job's records under that write), the job can be forgotten.
     pipeline.tasks().close();
     pipeline.tasks().wait().await;
+    assert!(job.is_settled(), "the job can be forgotten");
     let stored = job_store.load().await.unwrap();
     assert_eq!(stored.len(), 1);
     assert_eq!(

@@ -146,12 +146,14 @@ impl JobHandle {
             && self.settling.load(Ordering::SeqCst) == 0
     }
 
-    /// Held from before a callback is marked settled (`record_callback`) until its settled record is written: in
-    /// between, retention could forget the job and delete its records, and that write would leave an item record
-    /// with no job, which a later job with the same spec would take as its own.
-    pub fn settling(&self) -> Settling<'_> {
+    /// Held by an ended item's report (`report::Reporter`) from when it is scheduled until its last record is
+    /// written (the terminal record, and the settled one after its callback): in between, retention could forget
+    /// the job and delete its records, and a write after that would leave an item record with no job, which a later
+    /// job with the same spec would take as its own. Callbacks off included: the item is NOT_CONFIGURED (settled) at
+    /// once, but its record is still to be written.
+    pub fn settling(self: &Arc<Self>) -> Settling {
         self.settling.fetch_add(1, Ordering::SeqCst);
-        Settling(&self.settling)
+        Settling(self.clone())
     }
 
     /// Roughly what this job's record holds in memory, in bytes.
@@ -345,11 +347,11 @@ impl JobHandle {
 }
 
 /// See `JobHandle::settling`.
-pub struct Settling<'a>(&'a AtomicUsize);
+pub struct Settling(Arc<JobHandle>);
 
-impl Drop for Settling<'_> {
+impl Drop for Settling {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.settling.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -92,13 +92,18 @@ impl Reporter {
         }
         let this = self.clone();
         let job = job.clone();
+        // Taken now, not when the task first runs: retention must not forget the job in between.
+        let settling = job.settling();
         spawn_tracked(&self.tasks, "item_report", async move {
             this.settle_now(&job, item, report).await;
+            drop(settling);
         });
     }
 
     /// Records the terminal item, sends its callback, records it settled.
     pub async fn settle_now(&self, job: &Arc<JobHandle>, item: Item, report: ReportKind) {
+        // Until the last record below is written, retention keeps the job (and its records).
+        let _settling = job.settling();
         let store = job.plan.durable_items.then(|| self.store.clone());
         let job_store = self.job_store_of(job).cloned();
         // The terminal state is committed before anyone is told: a crash before this line leaves no trace of it,
@@ -109,8 +114,6 @@ impl Reporter {
             return;
         }
         if let Some(sender) = &self.callbacks {
-            // Until the settled record below is written, retention keeps the job (and its records).
-            let _settling = job.settling();
             let body = callback_body(&item);
             let about = CallbackJob {
                 user_id: &job.plan.user_id,
