@@ -131,6 +131,10 @@ impl JobService {
         let task = crate::tasks::spawn_tracked(self.pipeline.tasks(), "register_job", {
             let job = job.clone();
             async move {
+                let _on_panic = register::UndoOnPanic {
+                    registry: registrar.registry.clone(),
+                    job: job.clone(),
+                };
                 let registered = registrar.register_created(&spec, shared, &job).await;
                 job.recorded.set(registered.is_ok());
                 registered

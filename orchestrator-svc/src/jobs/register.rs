@@ -10,6 +10,23 @@ use super::store::{self, Created, JobRecord};
 use super::{JobRegistry, Pipeline, cluster, edit};
 use crate::error::ApiError;
 
+/// Takes a job whose registration panicked back out of the registry and marks it not recorded, inside the task:
+/// when the call that spawned it is gone, nothing else would, and every retry of the submission would wait for its
+/// record for ever.
+pub(super) struct UndoOnPanic {
+    pub(super) registry: Arc<JobRegistry>,
+    pub(super) job: Arc<JobHandle>,
+}
+
+impl Drop for UndoOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.registry.remove(&self.job);
+            self.job.recorded.set(false);
+        }
+    }
+}
+
 /// The parts of `JobService` that register a job.
 #[derive(Debug, Clone)]
 pub(super) struct Registrar {
