@@ -25,7 +25,7 @@ use tonic::transport::Channel;
 
 /// How long the inference thread is held busy: what each test does meanwhile takes well under a second, so a loaded
 /// CI machine has seconds to spare.
-const HOLD: Duration = Duration::from_secs(5);
+const HOLD: Duration = Duration::from_secs(15);
 
 type Client = SegmenterClient<Channel>;
 
