@@ -4,25 +4,21 @@
 //! when the first call fails to record it. A job store whose `create` waits for the test makes the interleaving
 //! deterministic.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use orchestrator_svc::config::SegmenterSecurity;
 use orchestrator_svc::error::ApiError;
 use orchestrator_svc::jobs::store::{
     Created, JobRecord, JobStore, RecordKey, StoreError, StoredJob, Written,
 };
-use orchestrator_svc::jobs::{
-    InputLimits, ItemRunner, JobKey, JobLimits, JobService, Pipeline, PreviewSettings, Retention,
-};
-use orchestrator_svc::segmenter::Segmenter;
-use orchestrator_svc::storage::LocalStore;
+use orchestrator_svc::jobs::{JobKey, JobService};
 use palette_proto::orchestrator::v1::Item;
-use palette_service_kit::BearerToken;
 use palette_testing::orchestrator::seed_spec;
 use tokio::sync::Notify;
+
+#[path = "common/job_service.rs"]
+mod job_service;
 
 /// Records one job; `create` returns only once `gate` is notified, failing when `fail`.
 #[derive(Debug, Default)]
@@ -82,47 +78,7 @@ impl JobStore for GatedStore {
 }
 
 fn service(store: Arc<GatedStore>, root: &std::path::Path) -> Arc<JobService> {
-    let limits = InputLimits {
-        max_bytes: 1 << 20,
-        max_pixels: 1 << 20,
-    };
-    let security = SegmenterSecurity {
-        tls: None,
-        token: BearerToken::new(None).unwrap(),
-    };
-    // Never reached: the job's items are cancelled or never start.
-    let segmenter = Segmenter::new(
-        "http://127.0.0.1:1",
-        Duration::from_secs(1),
-        1,
-        Duration::ZERO,
-        security,
-    )
-    .unwrap();
-    let runner = ItemRunner::new(
-        Arc::new(LocalStore::new(root).unwrap()),
-        Arc::new(segmenter),
-        limits,
-        0,
-    );
-    let pipeline = Pipeline::new(runner, None, 1).with_job_store(Some(store));
-    Arc::new(JobService::new(
-        Arc::new(pipeline),
-        BTreeMap::new(),
-        JobLimits {
-            max_images: 10,
-            max_rules: 10,
-            max_concepts: 10,
-        },
-        Retention {
-            max_jobs: 10,
-            max_bytes: 1 << 30,
-        },
-        PreviewSettings {
-            cache_bytes: 1 << 20,
-            inputs: limits,
-        },
-    ))
+    job_service::in_process(store, None, root, 10).1
 }
 
 /// Submits a job, cancels it while `store.create` waits, then lets `create` return; both answers.

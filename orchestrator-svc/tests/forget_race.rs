@@ -3,26 +3,23 @@
 //! deletion would then remove the new job's record (and items), and the new job would not survive a restart. A job
 //! store whose first `forget` waits for the test makes the interleaving deterministic.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrator_svc::callback::{Answer, CallbackSender, RetryPolicy, Transport};
-use orchestrator_svc::config::SegmenterSecurity;
 use orchestrator_svc::error::BoxError;
 use orchestrator_svc::jobs::store::{
     Created, JobRecord, JobStore, RecordKey, StoreError, StoredJob, Written,
 };
-use orchestrator_svc::jobs::{
-    InputLimits, ItemRunner, JobKey, JobLimits, JobService, Pipeline, PreviewSettings, Retention,
-};
-use orchestrator_svc::segmenter::Segmenter;
-use orchestrator_svc::storage::LocalStore;
+use orchestrator_svc::jobs::{JobKey, JobService};
 use palette_proto::orchestrator::v1::{CallbackState, Item};
-use palette_service_kit::BearerToken;
 use palette_testing::orchestrator::seed_spec;
 use tokio::sync::Notify;
+
+#[path = "common/job_service.rs"]
+mod job_service;
 
 /// Job records by job id, as JOB_STORE=local keeps them; the first `forget` waits for `gate` before it deletes.
 #[derive(Debug, Default)]
@@ -85,47 +82,7 @@ fn service(
     callbacks: Option<Arc<CallbackSender>>,
     root: &std::path::Path,
 ) -> Arc<JobService> {
-    let limits = InputLimits {
-        max_bytes: 1 << 20,
-        max_pixels: 1 << 20,
-    };
-    let security = SegmenterSecurity {
-        tls: None,
-        token: BearerToken::new(None).unwrap(),
-    };
-    // Never reached: no input is stored, so every item fails `input_missing` first.
-    let segmenter = Segmenter::new(
-        "http://127.0.0.1:1",
-        Duration::from_secs(1),
-        1,
-        Duration::ZERO,
-        security,
-    )
-    .unwrap();
-    let runner = ItemRunner::new(
-        Arc::new(LocalStore::new(root).unwrap()),
-        Arc::new(segmenter),
-        limits,
-        0,
-    );
-    let pipeline = Pipeline::new(runner, callbacks, 1).with_job_store(Some(store));
-    Arc::new(JobService::new(
-        Arc::new(pipeline),
-        BTreeMap::new(),
-        JobLimits {
-            max_images: 10,
-            max_rules: 10,
-            max_concepts: 10,
-        },
-        Retention {
-            max_jobs: 2,
-            max_bytes: 1 << 30,
-        },
-        PreviewSettings {
-            cache_bytes: 1 << 20,
-            inputs: limits,
-        },
-    ))
+    job_service::in_process(store, callbacks, root, 2).1
 }
 
 async fn finished(service: &JobService, job_id: &str) {
@@ -225,6 +182,23 @@ impl JobStore for SlowSettled {
     }
 }
 
+impl SlowSettled {
+    /// No item record without its job, and retention took "next", not "slow" (whose record was being written).
+    fn assert_slow_kept_without_orphans(&self) {
+        let records = self.records.lock().unwrap().clone();
+        let orphans: Vec<_> = self
+            .items
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|(id, _, _)| !records.contains_key(id))
+            .cloned()
+            .collect();
+        assert!(orphans.is_empty(), "item records of no job: {orphans:?}");
+        assert!(records.contains_key("slow") && !records.contains_key("next"));
+    }
+}
+
 /// Every callback accepted at once.
 struct Accepting;
 
@@ -269,17 +243,7 @@ async fn a_job_is_not_forgotten_while_its_settled_item_is_being_recorded() {
     store.gate.notify_one();
     // The paused clock moves only once every task waits: the settled record is written.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let records = store.records.lock().unwrap().clone();
-    let orphans: Vec<_> = store
-        .items
-        .lock()
-        .unwrap()
-        .keys()
-        .filter(|(id, _, _)| !records.contains_key(id))
-        .cloned()
-        .collect();
-    assert!(orphans.is_empty(), "item records of no job: {orphans:?}");
-    assert!(records.contains_key("slow") && !records.contains_key("next"));
+    store.assert_slow_kept_without_orphans();
 }
 
 /// The same with callbacks off: the item is settled (NOT_CONFIGURED) the moment it ends, but its record is written
@@ -297,15 +261,5 @@ async fn with_callbacks_off_a_job_is_not_forgotten_before_its_item_is_recorded()
     tokio::time::sleep(Duration::from_secs(1)).await;
     store.gate.notify_one();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let records = store.records.lock().unwrap().clone();
-    let orphans: Vec<_> = store
-        .items
-        .lock()
-        .unwrap()
-        .keys()
-        .filter(|(id, _, _)| !records.contains_key(id))
-        .cloned()
-        .collect();
-    assert!(orphans.is_empty(), "item records of no job: {orphans:?}");
-    assert!(records.contains_key("slow") && !records.contains_key("next"));
+    store.assert_slow_kept_without_orphans();
 }

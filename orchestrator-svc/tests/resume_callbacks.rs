@@ -3,71 +3,20 @@
 //! NOT_CONFIGURED, in memory and in the record, and its job can be forgotten (MAX_RETAINED_JOBS).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
 
-use orchestrator_svc::config::SegmenterSecurity;
 use orchestrator_svc::jobs::store::{self, JobRecord, RecordKey};
-use orchestrator_svc::jobs::{
-    InputLimits, ItemRunner, JobKey, JobLimits, JobService, Pipeline, PreviewSettings, Retention,
-    validate,
-};
-use orchestrator_svc::segmenter::Segmenter;
-use orchestrator_svc::storage::LocalStore;
+use orchestrator_svc::jobs::{JobKey, JobLimits, validate};
 use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState};
-use palette_service_kit::BearerToken;
 use palette_testing::orchestrator::seed_spec;
+
+#[path = "common/job_service.rs"]
+mod job_service;
 
 const LIMITS: JobLimits = JobLimits {
     max_images: 10,
     max_rules: 10,
     max_concepts: 10,
 };
-
-fn service(
-    job_store: store::SharedJobStore,
-    root: &std::path::Path,
-) -> (Arc<Pipeline>, JobService) {
-    let inputs = InputLimits {
-        max_bytes: 1 << 20,
-        max_pixels: 1 << 20,
-    };
-    let security = SegmenterSecurity {
-        tls: None,
-        token: BearerToken::new(None).unwrap(),
-    };
-    // Never reached: every item of the stored job has ended.
-    let segmenter = Segmenter::new(
-        "http://127.0.0.1:1",
-        Duration::from_secs(1),
-        1,
-        Duration::ZERO,
-        security,
-    )
-    .unwrap();
-    let runner = ItemRunner::new(
-        Arc::new(LocalStore::new(root).unwrap()),
-        Arc::new(segmenter),
-        inputs,
-        0,
-    );
-    // No callback sender: callbacks are off.
-    let pipeline = Arc::new(Pipeline::new(runner, None, 1).with_job_store(Some(job_store)));
-    let service = JobService::new(
-        pipeline.clone(),
-        BTreeMap::new(),
-        LIMITS,
-        Retention {
-            max_jobs: 10,
-            max_bytes: 1 << 30,
-        },
-        PreviewSettings {
-            cache_bytes: 1 << 20,
-            inputs,
-        },
-    );
-    (pipeline, service)
-}
 
 #[tokio::test]
 async fn a_pending_callback_resumed_without_callbacks_is_settled_not_configured() {
@@ -100,7 +49,8 @@ async fn a_pending_callback_resumed_without_callbacks_is_settled_not_configured(
     };
     job_store.put_item(&key, &item).await.unwrap();
 
-    let (pipeline, service) = service(job_store.clone(), &dir.path().join("storage"));
+    let (pipeline, service) =
+        job_service::in_process(job_store.clone(), None, &dir.path().join("storage"), 10);
     let resumed = service.resume().await.unwrap();
     assert_eq!(resumed.jobs, 1);
     assert_eq!(resumed.callbacks_resent, 0, "no callback is sent");

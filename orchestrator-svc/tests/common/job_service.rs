@@ -1,0 +1,68 @@
+//! A JobService in-process over a job store the test provides (often one that waits for the test at a chosen
+//! step): local object storage under `root`, a segmenter that is never reached (nothing listens on port 1; the
+//! tests' items fail `input_missing`, are cancelled or have ended), BATCH_CONCURRENCY 1, limits of 10.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use orchestrator_svc::callback::CallbackSender;
+use orchestrator_svc::config::SegmenterSecurity;
+use orchestrator_svc::jobs::store::SharedJobStore;
+use orchestrator_svc::jobs::{
+    InputLimits, ItemRunner, JobLimits, JobService, Pipeline, PreviewSettings, Retention,
+};
+use orchestrator_svc::segmenter::Segmenter;
+use orchestrator_svc::storage::LocalStore;
+use palette_service_kit::BearerToken;
+
+/// The service and its pipeline (whose task tracker tests wait on); at most `max_jobs` jobs retained.
+pub fn in_process(
+    job_store: SharedJobStore,
+    callbacks: Option<Arc<CallbackSender>>,
+    root: &Path,
+    max_jobs: usize,
+) -> (Arc<Pipeline>, Arc<JobService>) {
+    let inputs = InputLimits {
+        max_bytes: 1 << 20,
+        max_pixels: 1 << 20,
+    };
+    let security = SegmenterSecurity {
+        tls: None,
+        token: BearerToken::new(None).unwrap(),
+    };
+    let segmenter = Segmenter::new(
+        "http://127.0.0.1:1",
+        Duration::from_secs(1),
+        1,
+        Duration::ZERO,
+        security,
+    )
+    .unwrap();
+    let runner = ItemRunner::new(
+        Arc::new(LocalStore::new(root).unwrap()),
+        Arc::new(segmenter),
+        inputs,
+        0,
+    );
+    let pipeline = Arc::new(Pipeline::new(runner, callbacks, 1).with_job_store(Some(job_store)));
+    let service = JobService::new(
+        pipeline.clone(),
+        BTreeMap::new(),
+        JobLimits {
+            max_images: 10,
+            max_rules: 10,
+            max_concepts: 10,
+        },
+        Retention {
+            max_jobs,
+            max_bytes: 1 << 30,
+        },
+        PreviewSettings {
+            cache_bytes: 1 << 20,
+            inputs,
+        },
+    );
+    (pipeline, Arc::new(service))
+}
