@@ -260,6 +260,55 @@ async fn a_stored_job_that_no_longer_validates_fails_its_open_items_once() {
     assert_eq!(hooks.deliveries().len(), IMAGES as usize);
 }
 
+/// A job runs to the end with its preset as it was at submission: the record keeps it, so a restart after the
+/// preset file was removed (or edited: the unit tests of `jobs::resume` check the defaults it plans with) finishes
+/// the job instead of failing its open items `job_not_resumable` (or rendering them with other defaults).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_job_keeps_the_preset_it_was_submitted_with() {
+    const JOB: &str = "preset-removed";
+    const IMAGES: u32 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let presets = dir.path().join("presets");
+    std::fs::create_dir_all(&presets).unwrap();
+    std::fs::write(
+        presets.join("house.json"),
+        r#"{"name": "house", "concepts": ["wall", "floor", "furniture"], "priorities": {"furniture": 1},
+            "rule_defaults": {"recolor": {"finish": "matte"}}}"#,
+    )
+    .unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(60_000, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
+    let mut env = env(dir.path(), &segmenter.url, &hooks.url());
+    env.push(("PRESETS_DIR".into(), presets.to_string_lossy().into_owned()));
+
+    let mut first = Process::start(binary(), &env, &dir.path().join("first.log")).await;
+    let mut jobs = first.jobs_client();
+    let spec = palette_proto::orchestrator::v1::JobSpec {
+        preset: "house".into(),
+        ..seed_spec(JOB, IMAGES)
+    };
+    jobs.submit_job(spec).await.unwrap();
+    jobs::wait_for(&mut jobs, USER, JOB, |j| {
+        j.state == JobState::Running as i32
+    })
+    .await;
+    first.kill();
+
+    std::fs::remove_file(presets.join("house.json")).unwrap();
+    segmenter.faults.delay_ms.store(0, Ordering::SeqCst);
+    let second = Process::start(binary(), &env, &dir.path().join("second.log")).await;
+    let job = jobs::wait_for(&mut second.jobs_client(), USER, JOB, jobs::is_settled).await;
+    assert_eq!(job.state, JobState::Done as i32, "{job:?}");
+    assert_eq!(job.completed, IMAGES, "{job:?}");
+    assert_eq!(
+        job.effective_spec.as_ref().map(|s| s.preset.as_str()),
+        Some("house")
+    );
+    hooks.assert_one_id_per_item(JOB, IMAGES);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_sigkills_across_a_50_image_job_lose_nothing() {
     const JOB: &str = "killed-five-times";

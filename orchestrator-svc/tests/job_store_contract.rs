@@ -24,6 +24,7 @@ fn record(user_id: &str, job_id: &str, spec_hash: &str, seq: u64) -> JobRecord {
         seq,
         cancelled: false,
         source: None,
+        preset: None,
     }
 }
 

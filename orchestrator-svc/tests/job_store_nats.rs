@@ -693,6 +693,57 @@ async fn a_recorded_job_a_replica_cannot_plan_fails_its_items_there() {
     assert_eq!(hooks.assert_one_id_per_item(JOB, IMAGES), IMAGES as usize);
 }
 
+/// A replica without the job's preset (removed from its PRESETS_DIR, or not yet rolled out to it) runs the job's
+/// tasks with the preset the record carries, as the submitting replica would have, instead of failing them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_the_jobs_preset_runs_it_with_the_recorded_one() {
+    const JOB: &str = "preset-elsewhere";
+    const IMAGES: u32 = 3;
+    let Some(Shared {
+        nats: _nats,
+        dir,
+        segmenter,
+        hooks,
+        env,
+    }) = shared(JOB, IMAGES, 0).await
+    else {
+        return;
+    };
+    let presets = dir.path().join("presets-a");
+    std::fs::create_dir_all(&presets).unwrap();
+    std::fs::write(
+        presets.join("house.json"),
+        r#"{"name": "house", "concepts": ["wall", "floor"], "rule_defaults": {"recolor": {"finish": "matte"}}}"#,
+    )
+    .unwrap();
+    let mut with_preset = env.clone();
+    with_preset.push(("PRESETS_DIR".into(), presets.to_string_lossy().into_owned()));
+    // A takes the tasks, its items never answered, until it is killed: they come back to B.
+    segmenter.faults.delay_ms.store(60_000, Ordering::SeqCst);
+    let mut a = Process::start(binary(), &with_preset, &dir.path().join("a.log")).await;
+    let mut jobs = a.jobs_client();
+    let spec = palette_proto::orchestrator::v1::JobSpec {
+        preset: "house".into(),
+        ..seed_spec(JOB, IMAGES)
+    };
+    jobs.submit_job(spec).await.unwrap();
+    wait_for_within(Duration::from_secs(30), &mut jobs, USER, JOB, |j| {
+        j.state == JobState::Running as i32
+    })
+    .await;
+    a.kill();
+
+    segmenter.faults.delay_ms.store(0, Ordering::SeqCst);
+    let _b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
+    let deliveries = hooks
+        .wait_until("every item called back", |d| d.len() >= IMAGES as usize)
+        .await;
+    for d in &deliveries {
+        assert_eq!(d.body["status"], "completed", "{d:?}");
+    }
+    assert_eq!(hooks.assert_one_id_per_item(JOB, IMAGES), IMAGES as usize);
+}
+
 /// The work stream's consumer keeps the limits it was created with: a replica started later with another
 /// NATS_ITEM_ACK_WAIT_SEC / NATS_MAX_DELIVERIES renews leases and gives items up by the consumer's, not its own
 /// (renewing every 100 s against a 1 s lease would deliver every item again while it runs).

@@ -32,6 +32,7 @@ async fn a_pending_callback_resumed_without_callbacks_is_settled_not_configured(
         seq: 1,
         cancelled: false,
         source: None,
+        preset: None,
     };
     job_store.create(&record).await.unwrap();
     let key = RecordKey {

@@ -2,12 +2,13 @@
 //! load so a typo fails at start-up instead of silently changing edits.
 
 use crate::rule::{RULE_TYPES, validate_defaults};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// Serialize: a job record keeps the preset it was planned with, so a job runs with it to the end.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Preset {
     pub name: String,

@@ -99,6 +99,7 @@ impl Registrar {
             },
             cancelled: false,
             source: job.plan.source.clone(),
+            preset: job.plan.preset.clone(),
         };
         match job_store.create(&record).await {
             Ok(Created::New) => Ok(()),

@@ -1,14 +1,17 @@
 //! At start: the jobs a job store kept come back into the registry as they were recorded, pending callbacks are
 //! sent again, and jobs with open items run on. See docs/architecture.md, "Job state".
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use palette_rules::preset::Preset;
 
 use palette_proto::orchestrator::v1::CallbackState;
 
 use super::JobService;
 use super::job::{ItemOutcome, JobHandle, is_terminal};
 use super::store::{self, JobRecord, StoreError, StoredJob};
-use super::validate::{self, JobPlan};
+use super::validate::{self, JobLimits, JobPlan};
 
 /// `Item.error_code` of the items of a recorded job that cannot run here: its spec no longer plans (JOB_STORE=local),
 /// or no replica that took its task could plan or read its job (JOB_STORE=nats). A local record that does not decode
@@ -58,17 +61,9 @@ impl JobService {
         Ok(resumed)
     }
 
-    /// The recorded job planned again here: its spec validated as at submission, an edit's source taken from the
-    /// record. Err says why it cannot be (limits lowered, or presets changed, since it was submitted).
+    /// The recorded job planned again here (`replan_record` with this replica's presets and limits).
     pub(in crate::jobs) fn replan(&self, record: &JobRecord) -> Result<JobPlan, String> {
-        let mut plan = validate::validate(&record.spec, &self.presets, self.limits)
-            .map_err(|e| e.to_string())?;
-        plan.source = record.source.clone();
-        if store::plan_hash(&plan) == record.spec_hash {
-            Ok(plan)
-        } else {
-            Err("it plans differently here: its presets changed since it was submitted".to_string())
-        }
+        replan_record(record, &self.presets, self.limits)
     }
 
     fn restore(&self, stored: StoredJob, resumed: &mut Resumed) -> Arc<JobHandle> {
@@ -141,5 +136,41 @@ pub(in crate::jobs) fn placeholder_plan(record: &JobRecord) -> JobPlan {
         effective_spec: spec.clone(),
         durable_items: false,
         source: record.source.clone(),
+        preset: record.preset.clone(),
     }
 }
+
+/// A recorded job planned again: its spec validated as at submission, with the preset the record kept (a preset
+/// file changed or removed since changes nothing for a job already accepted), or with `presets` for a record
+/// written before presets were kept; an edit's source taken from the record. Err says why it cannot be (limits
+/// lowered since it was submitted, or, for an older record, its preset changed).
+pub(in crate::jobs) fn replan_record(
+    record: &JobRecord,
+    presets: &BTreeMap<String, Arc<Preset>>,
+    limits: JobLimits,
+) -> Result<JobPlan, String> {
+    let kept;
+    let presets = match &record.preset {
+        Some(preset) => {
+            kept = BTreeMap::from([(record.spec.preset.trim().to_string(), preset.clone())]);
+            &kept
+        }
+        None => presets,
+    };
+    let mut plan = validate::validate(&record.spec, presets, limits).map_err(|e| e.to_string())?;
+    plan.source = record.source.clone();
+    if store::plan_hash(&plan) == record.spec_hash {
+        Ok(plan)
+    } else {
+        Err(match record.preset {
+            None if !record.spec.preset.trim().is_empty() => {
+                "it plans differently here: its preset changed since it was submitted"
+            }
+            _ => "it plans differently here than where it was submitted",
+        }
+        .to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -35,6 +35,7 @@ pub(super) fn stand_in(task: &ItemTask, record: Option<&JobRecord>) -> Arc<JobHa
                 },
                 durable_items: false,
                 source: None,
+                preset: None,
             },
             0,
         ),
@@ -97,6 +98,7 @@ mod tests {
             seq: 42,
             cancelled: true,
             source: None,
+            preset: None,
         };
         let job = stand_in(&task(), Some(&record));
         assert_eq!((job.plan.image_count, job.spec_hash.as_str()), (5, "h"));

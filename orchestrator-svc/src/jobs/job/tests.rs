@@ -12,6 +12,7 @@ fn job() -> JobHandle {
             effective_spec: JobSpec::default(),
             durable_items: false,
             source: None,
+            preset: None,
         },
         1,
     )

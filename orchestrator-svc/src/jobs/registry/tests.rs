@@ -15,6 +15,7 @@ fn plan(job_id: &str) -> JobPlan {
         },
         durable_items: false,
         source: None,
+        preset: None,
     }
 }
 

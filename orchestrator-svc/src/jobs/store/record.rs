@@ -4,7 +4,9 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use palette_proto::orchestrator::v1::JobSpec;
+use palette_rules::preset::Preset;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 use super::RecordKey;
 use crate::jobs::validate::EditSource;
@@ -24,6 +26,10 @@ pub struct JobRecord {
     /// An edit (EditJob): where its photos and masks are. `spec` is then the edit's effective spec (the source's
     /// concepts and image count with the edit's rules), and `spec_hash` covers the source too (`job::plan_hash`).
     pub source: Option<EditSource>,
+    /// The preset the spec names, as it was at submission: a resumed job (and every replica's share of it) is
+    /// planned with it, so a preset file changed or removed since does not change nor fail a job already accepted.
+    /// None when the spec names none, and in records written before presets were kept.
+    pub preset: Option<Arc<Preset>>,
 }
 
 /// `EditSource` as stored.
@@ -48,6 +54,11 @@ struct Stored {
     /// Absent for a submitted job (and in records written before edits were kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     edit_of: Option<StoredSource>,
+    /// Absent when the spec names no preset (and in records written before presets were kept). A binary older than
+    /// this field reads such a record as unreadable (`deny_unknown_fields`): on NATS it puts the task back for an
+    /// upgraded replica, as for any record it cannot read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    preset: Option<Preset>,
 }
 
 impl JobRecord {
@@ -71,6 +82,7 @@ impl JobRecord {
                 source_job_id: s.source_job_id.clone(),
                 photos_job_id: s.photos_job_id.clone(),
             }),
+            preset: self.preset.as_deref().cloned(),
         };
         serde_json::to_vec(&stored).unwrap_or_default()
     }
@@ -91,6 +103,7 @@ impl JobRecord {
                 source_job_id: s.source_job_id,
                 photos_job_id: s.photos_job_id,
             }),
+            preset: stored.preset.map(Arc::new),
         })
     }
 }
@@ -115,8 +128,35 @@ mod tests {
             seq: 7,
             cancelled: true,
             source: None,
+            preset: None,
         };
         assert_eq!(JobRecord::decode(&record.encode()), Some(record.clone()));
+        assert!(
+            !String::from_utf8(record.encode())
+                .unwrap()
+                .contains("preset"),
+            "a job without a preset is recorded as before (older binaries read it)"
+        );
+        let with_preset = JobRecord {
+            preset: Some(Arc::new(Preset {
+                name: "house".into(),
+                concepts: vec!["wall".into(), "floor".into()],
+                priorities: [("floor".to_string(), 1)].into(),
+                rule_defaults: [(
+                    "recolor".to_string(),
+                    serde_json::json!({"finish": "matte", "feather": 1.5})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                )]
+                .into(),
+            })),
+            ..record.clone()
+        };
+        assert_eq!(
+            JobRecord::decode(&with_preset.encode()),
+            Some(with_preset.clone())
+        );
         let edit = JobRecord {
             source: Some(EditSource {
                 source_job_id: "src".into(),

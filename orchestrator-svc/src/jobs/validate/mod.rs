@@ -68,6 +68,9 @@ pub struct JobPlan {
     pub durable_items: bool,
     /// Set for an edit (EditJob): the photos and masks come from another job's, and nothing is segmented.
     pub source: Option<EditSource>,
+    /// The preset the spec named, as it was when planned: the job record keeps it, so the rest of a resumed job
+    /// (or another replica's share of it) is planned with it, not with a preset file changed since.
+    pub preset: Option<Arc<Preset>>,
 }
 
 /// Where an edit's photos and masks are.
@@ -148,8 +151,8 @@ impl Validate<JobContext<'_>> for JobSpec {
                 format!("must be between 1 and {}", cx.limits.max_images),
             );
         }
-        let preset = preset_of(self, cx.presets, v);
-        let preset = preset.as_deref();
+        let named = preset_of(self, cx.presets, v);
+        let preset = named.as_deref();
         // Lists are checked on their length before any per-entry work (deduplication is quadratic): a 4 MiB spec
         // of short phrases is hundreds of thousands of them.
         let listed = if self.concepts.len() > cx.limits.max_concepts {
@@ -192,7 +195,7 @@ impl Validate<JobContext<'_>> for JobSpec {
         if !v.is_empty() {
             return None;
         }
-        Some(plan(self, concepts, rules))
+        Some(plan(self, concepts, rules, named))
     }
 }
 
@@ -251,7 +254,12 @@ fn parsed_rules(
 }
 
 /// The plan of a spec without violations; its `effective_spec` is the spec as it will run.
-fn plan(spec: &JobSpec, concepts: ConceptList, rules: Vec<PlannedRule>) -> JobPlan {
+fn plan(
+    spec: &JobSpec,
+    concepts: ConceptList,
+    rules: Vec<PlannedRule>,
+    preset: Option<Arc<Preset>>,
+) -> JobPlan {
     let effective_spec = JobSpec {
         user_id: spec.user_id.clone(),
         job_id: spec.job_id.clone(),
@@ -277,6 +285,7 @@ fn plan(spec: &JobSpec, concepts: ConceptList, rules: Vec<PlannedRule>) -> JobPl
         effective_spec,
         durable_items: false,
         source: None,
+        preset,
     }
 }
 

@@ -15,6 +15,7 @@ fn record(job_id: &str, spec_hash: &str, seq: u64) -> JobRecord {
         seq,
         cancelled: false,
         source: None,
+        preset: None,
     }
 }
 
