@@ -56,24 +56,27 @@ pub const JOBS_SERVICE: &str = palette_proto::orchestrator::v1::jobs_server::SER
 /// Jobs are small; images never travel through this API.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
-/// How long start-up asks the object store before it decides (see `check_storage_access`).
-const STORAGE_CHECK_WAIT: Duration = Duration::from_secs(15);
-
 /// Refuses to start with credentials or a bucket the store says are wrong (every item would fail with a storage
-/// error, long after a deploy looked healthy). A refusal or no answer is asked again for STORAGE_CHECK_WAIT, as a
-/// store starting beside this service (compose's SeaweedFS creating its bucket) answers so for a moment; a store
+/// error, long after a deploy looked healthy). A refusal or no answer is asked again for `wait` (STORAGE_CHECK_SEC),
+/// as a store starting beside this service (compose's SeaweedFS creating its bucket) answers so for a moment; a store
 /// still unreachable then, or a refusal that may concern only the probe, is a warning: items retry and report their
 /// own errors, and a short outage of the store must not keep the service down.
-async fn check_storage_access(store: &dyn storage::ObjectStore) -> Result<(), StartupError> {
+async fn check_storage_access(
+    store: &dyn storage::ObjectStore,
+    wait: Duration,
+) -> Result<(), StartupError> {
     use storage::AccessCheck;
-    let deadline = tokio::time::Instant::now() + STORAGE_CHECK_WAIT;
+    if wait.is_zero() {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + wait;
     // The latest answer that was not final: what decides when the time is up.
     let mut last: Option<AccessCheck> = None;
     loop {
         let answer = match tokio::time::timeout_at(deadline, store.check_access()).await {
             Ok(answer) => answer,
             Err(_) => last.take().unwrap_or_else(|| {
-                AccessCheck::Unreachable(format!("no answer in {} s", STORAGE_CHECK_WAIT.as_secs()))
+                AccessCheck::Unreachable(format!("no answer in {} s", wait.as_secs()))
             }),
         };
         let time_up = tokio::time::Instant::now() + Duration::from_secs(1) >= deadline;
@@ -90,7 +93,7 @@ async fn check_storage_access(store: &dyn storage::ObjectStore) -> Result<(), St
             }
             again @ (AccessCheck::Refused(_) | AccessCheck::Unreachable(_)) => {
                 if last.is_none() {
-                    tracing::info!(answer = ?again, wait_sec = STORAGE_CHECK_WAIT.as_secs(),
+                    tracing::info!(answer = ?again, wait_sec = wait.as_secs(),
                         "object storage: not usable yet; asking again");
                 }
                 last = Some(again);
@@ -216,7 +219,11 @@ pub async fn run(
     }
     let store =
         storage::from_settings(config.storage.settings()?).map_err(StartupError::Storage)?;
-    check_storage_access(store.as_ref()).await?;
+    check_storage_access(
+        store.as_ref(),
+        Duration::from_secs(config.storage.storage_check_sec),
+    )
+    .await?;
     let callbacks = callback_sender(config.callbacks.settings()?)?;
     let args = &config.limits;
     let segmenter = Arc::new(Segmenter::new(

@@ -334,10 +334,21 @@ async fn the_orchestrator_does_not_start_on_a_bucket_the_store_refuses() {
     config.storage.r2_access_key_id = Some(common::seaweed::ACCESS_KEY.into());
     config.storage.r2_secret_access_key = Some(common::seaweed::SECRET_KEY.into());
     config.storage.r2_bucket_name = Some("no-such-bucket".into());
+    // Asked twice, a second apart, rather than for the default 15 s.
+    config.storage.storage_check_sec = 2;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let unchecked = orchestrator_svc::Config {
+        storage: orchestrator_svc::config::StorageArgs {
+            storage_check_sec: 0,
+            ..config.storage.clone()
+        },
+        ..config.clone()
+    };
+    let started = std::time::Instant::now();
     let err = orchestrator_svc::run(config, listener, std::future::ready(()))
         .await
         .unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
     let text = err.to_string();
     assert!(
         matches!(err, orchestrator_svc::StartupError::StorageAccess(_)),
@@ -347,4 +358,9 @@ async fn the_orchestrator_does_not_start_on_a_bucket_the_store_refuses() {
         text.contains("R2_BUCKET_NAME") && text.contains("NoSuchBucket"),
         "{text}"
     );
+    // STORAGE_CHECK_SEC=0: no check; the service starts (and here stops at once).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    orchestrator_svc::run(unchecked, listener, std::future::ready(()))
+        .await
+        .expect("started without the check");
 }

@@ -57,6 +57,11 @@ pub struct StorageArgs {
     /// Timeout of one storage request attempt, in seconds, 1 to 3600. Default 30.
     #[arg(long, env = "STORAGE_TIMEOUT_SEC", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub storage_timeout_sec: u64,
+    /// How long start-up keeps asking the object store (r2/s3) whether the credentials and bucket work, in seconds,
+    /// 0 to 600: a refusal still standing then fails the start, no answer starts anyway with a warning (a store
+    /// starting beside this service answers so for a moment). 0: no check. Default 15.
+    #[arg(long, env = "STORAGE_CHECK_SEC", default_value_t = 15, value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub storage_check_sec: u64,
     /// How instance masks are stored (docs/api.md): `grid` is the model's soft mask as the segmenter answered it
     /// (288x288 for SAM3) with the rectangle of the photo where it is non-zero, which a client resizes to the photo
     /// (bilinear); `crop` is that full-resolution mask cropped to the rectangle. The same values; a 12 MP photo's
