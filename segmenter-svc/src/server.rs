@@ -234,7 +234,8 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
             max_image_pixels: config.max_image_pixels,
             max_message_bytes: config.max_message_bytes as u64,
             max_batch_images: max_batch_images as u32,
-            queue_capacity: config.queue_capacity as u32,
+            // What admission compares with (QUEUE_CAPACITY 0 is taken as 1), as max_batch_images is the effective value.
+            queue_capacity: config.queue_capacity.max(1) as u32,
             max_instances_per_concept: max_instances,
         }),
     };

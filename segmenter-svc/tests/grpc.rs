@@ -122,7 +122,10 @@ async fn raw_rgb_input_gives_the_same_answer_as_png() {
 
 #[tokio::test]
 async fn model_info_reports_provider_limits_and_random_weights() {
-    let server = TestServer::start(test_config()).await;
+    let mut config = test_config();
+    // Taken as 1 by admission: reported as what it does.
+    config.queue_capacity = 0;
+    let server = TestServer::start(config).await;
     let info = server
         .client()
         .await
@@ -143,6 +146,7 @@ async fn model_info_reports_provider_limits_and_random_weights() {
     );
     let limits = info.limits.unwrap();
     assert_eq!(limits.max_concepts, 32);
+    assert_eq!(limits.queue_capacity, 1);
     server.stop().await.unwrap();
 }
 
