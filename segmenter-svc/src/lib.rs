@@ -11,6 +11,7 @@ pub mod error;
 mod jpeg_complete;
 pub mod mask_plane;
 pub mod model;
+pub mod phrases;
 pub mod postprocess;
 pub mod preprocess;
 pub mod server;

@@ -13,6 +13,7 @@ use crate::engine::{EngineHandle, EngineThread, Job, JobOutput};
 use crate::error::{Error, Violation};
 use crate::mask_plane::MaskPlane;
 use crate::model::tokenizer::{PhraseTokenizer, Tokens};
+use crate::phrases::{self, normalise_phrase};
 use crate::postprocess::{FilterParams, KeptConcept, rle_from_logits, to_le_bytes};
 use crate::preprocess::{Prepared, Preprocessor};
 
@@ -96,6 +97,20 @@ impl pb::segmenter_server::Segmenter for SegmenterService {
         _request: Request<pb::GetModelInfoRequest>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
         Ok(Response::new(self.shared.info.clone()))
+    }
+
+    async fn check_concepts(
+        &self,
+        request: Request<pb::CheckConceptsRequest>,
+    ) -> Result<Response<pb::CheckConceptsResponse>, Status> {
+        let request = request.into_inner();
+        phrases::check_all(
+            &self.shared.tokenizer,
+            self.shared.max_concept_chars,
+            &request.concepts,
+        )
+        .map(|concepts| Response::new(pb::CheckConceptsResponse { concepts }))
+        .map_err(Status::from)
     }
 }
 
@@ -257,16 +272,8 @@ fn check(shared: &Shared, request: &pb::SegmentRequest) -> Result<Checked, Error
             }
         };
         if !distinct.iter().any(|(p, _)| *p == phrase) {
-            match shared.tokenizer.encode(&phrase) {
-                Err(e) => violations.push(Violation::new(field, format!("cannot tokenise: {e}"))),
-                Ok(tokens) if tokens.truncated() => violations.push(Violation::new(
-                    field,
-                    format!(
-                        "{} tokens with BOS/EOS; the model reads at most {}: shorten the phrase",
-                        tokens.full_len,
-                        shared.tokenizer.context()
-                    ),
-                )),
+            match phrases::tokens(&shared.tokenizer, &phrase) {
+                Err(why) => violations.push(Violation::new(field, why)),
                 Ok(tokens) => distinct.push((phrase.clone(), tokens)),
             }
         }
@@ -310,30 +317,6 @@ fn check(shared: &Shared, request: &pb::SegmentRequest) -> Result<Checked, Error
         format,
         include_rle: request.include_rle,
     })
-}
-
-/// A phrase as the model reads it: whitespace runs collapsed to one space, lowercase. Its length is measured on the
-/// raw text first, without allocating, and counting stops at the limit: the normalised copy is only made of a phrase
-/// within it (a 64 MiB phrase of one-letter words used to cost ~1 GB of word list and copies before being refused).
-fn normalise_phrase(raw: &str, max_chars: usize) -> Result<String, String> {
-    let mut chars = 0usize;
-    for (i, word) in raw.split_whitespace().enumerate() {
-        chars += usize::from(i > 0);
-        for c in word.chars() {
-            chars += c.to_lowercase().count();
-            if chars > max_chars {
-                return Err(format!("longer than {max_chars} characters"));
-            }
-        }
-    }
-    if chars == 0 {
-        return Err("empty phrase".into());
-    }
-    Ok(raw
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .to_lowercase())
 }
 
 /// What preparing the photo took, as the reply's timings report it: the wait for a pre-processing slot (in

@@ -150,6 +150,76 @@ async fn model_info_reports_provider_limits_and_random_weights() {
     server.stop().await.unwrap();
 }
 
+/// CheckConcepts gives Segment's verdict on each phrase without an image: the phrase as the model reads it, its
+/// tokens, and the very description Segment refuses it with.
+#[tokio::test]
+async fn check_concepts_judges_phrases_as_segment_does() {
+    let server = TestServer::start(test_config()).await;
+    let mut client = server.client().await;
+    // 35 words: within MAX_CONCEPT_CHARS (200), over the model's 32-token context.
+    let wordy = "wall ".repeat(35);
+    let phrases = vec![
+        "Wall".to_string(),
+        "  red   SOFA ".to_string(),
+        " \t ".to_string(),
+        wordy.clone(),
+        "x".repeat(201),
+    ];
+    let checks = client
+        .check_concepts(pb::CheckConceptsRequest {
+            concepts: phrases.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .concepts;
+    assert_eq!(checks.len(), phrases.len());
+    assert_eq!(
+        (checks[0].concept.as_str(), checks[0].problem.as_str()),
+        ("wall", "")
+    );
+    assert_eq!(checks[0].tokens, 3);
+    assert_eq!(
+        (checks[1].concept.as_str(), checks[1].problem.as_str()),
+        ("red sofa", "")
+    );
+    assert_eq!(checks[2].problem, "empty phrase");
+    assert!(
+        checks[3].problem.contains("the model reads at most 32"),
+        "{:?}",
+        checks[3]
+    );
+    assert_eq!(checks[3].tokens, 37);
+    assert!(
+        checks[4].problem.contains("longer than 200"),
+        "{:?}",
+        checks[4]
+    );
+
+    // Segment refuses the same phrase with the same description.
+    let refused = client
+        .segment(request(
+            image_bytes("room_640x480.jpg"),
+            &["wall", wordy.as_str()],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains(&checks[3].problem),
+        "{refused:?}"
+    );
+
+    let too_many = client
+        .check_concepts(pb::CheckConceptsRequest {
+            concepts: vec!["wall".into(); 1025],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+    server.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn concurrent_requests_are_batched_and_answered_correctly() {
     let mut config = test_config();

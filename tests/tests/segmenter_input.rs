@@ -163,3 +163,34 @@ fn the_segmenters_preprocessing_of_an_upload_against_raw_rgb() {
         );
     }
 }
+
+/// A phrase within the orchestrator's own limits (ASCII, 64 characters) but over the model's text context (digits
+/// are a CLIP token each: 37 tokens with BOS/EOS, SAM3 reads 32) is refused at SubmitJob on the field it came from,
+/// with the segmenter's reason, instead of an accepted job whose every image the segmenter refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phrase_the_model_cannot_read_is_refused_at_submission() {
+    let segmenter = start_segmenter().await;
+    let mut orch = start(&segmenter.url(), |_| {}).await;
+    let mut spec = seed_spec("wordy", 1);
+    spec.concepts
+        .push("wall 1234567890123456789012345678901234".into());
+    let refused = orch.client.submit_job(spec).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    // The message lists every violation as `field: description`.
+    assert!(
+        refused.message().contains(
+            "concepts[3]: \"wall 1234567890123456789012345678901234\": the segmenter's model cannot read it \
+             (37 tokens with BOS/EOS; the model reads at most 32: shorten the phrase)"
+        ),
+        "{refused:?}"
+    );
+    // Phrases it can read are taken (and remembered: the next submission asks nothing).
+    orch.put_input("test-user", "fine", 0, synthetic_room(64, 48, 1))
+        .await;
+    orch.client
+        .submit_job(seed_spec("fine", 1))
+        .await
+        .expect("readable phrases are accepted");
+    let job = orch.wait_for("fine", is_terminal).await;
+    assert_eq!(job.items[0].state, ItemState::Completed as i32, "{job:?}");
+}

@@ -13,6 +13,7 @@ pub mod edit;
 mod give_up;
 mod item;
 pub mod job;
+mod phrases;
 mod pipeline;
 pub mod preview;
 mod recorded;
@@ -106,6 +107,7 @@ impl JobService {
     /// current state. With a job store the answer comes once the job is recorded: an accepted job survives a crash.
     pub async fn submit(&self, spec: &JobSpec) -> Result<Job, ApiError> {
         let plan = validate::validate(spec, &self.presets, self.limits)?;
+        phrases::refuse_unreadable(self.pipeline.segmenter(), spec, &plan).await?;
         self.register(spec, plan).await
     }
 
@@ -197,6 +199,7 @@ impl JobService {
     /// when they end, and items already recorded are skipped (see `durable`).
     pub async fn submit_durable(&self, spec: &JobSpec) -> Result<Job, ApiError> {
         let mut plan = validate::validate(spec, &self.presets, self.limits)?;
+        phrases::refuse_unreadable(self.pipeline.segmenter(), spec, &plan).await?;
         plan.durable_items = true;
         self.register(spec, plan).await
     }

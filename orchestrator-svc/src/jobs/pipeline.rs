@@ -103,6 +103,10 @@ impl Pipeline {
         self.runner.store()
     }
 
+    pub fn segmenter(&self) -> &crate::segmenter::Segmenter {
+        self.runner.segmenter()
+    }
+
     pub fn pixel_budget(&self) -> &super::item::PixelBudget {
         self.runner.pixel_budget()
     }

@@ -5,6 +5,7 @@
 
 mod chunks;
 mod failure;
+mod phrases;
 mod resolver;
 mod targets;
 
@@ -72,6 +73,8 @@ pub struct Segmenter {
     refresh: mpsc::Sender<oneshot::Sender<()>>,
     /// What GetModelInfo said of the model and when it was learnt.
     model: RwLock<Option<(ModelSummary, Instant)>>,
+    /// Phrases CheckConcepts found usable (`phrases`).
+    usable_phrases: phrases::Usable,
     /// The resolver task: it ends with the client (aborted on drop; idle between rounds anyway).
     resolver: tokio::task::JoinHandle<()>,
 }
@@ -122,6 +125,7 @@ impl Segmenter {
             replicas,
             refresh,
             model: RwLock::new(None),
+            usable_phrases: phrases::Usable::default(),
             resolver,
         })
     }

@@ -139,6 +139,14 @@ impl Segmenter for Service {
             ..Default::default()
         }))
     }
+
+    /// A segmenter from before CheckConcepts: callers accept the phrases and let Segment judge them.
+    async fn check_concepts(
+        &self,
+        _: Request<palette_proto::segmenter::v1::CheckConceptsRequest>,
+    ) -> Result<Response<palette_proto::segmenter::v1::CheckConceptsResponse>, Status> {
+        Err(Status::unimplemented("CheckConcepts"))
+    }
 }
 
 async fn answer(fake: &FakeSegmenter, req: SegmentRequest) -> Result<SegmentResponse, Status> {

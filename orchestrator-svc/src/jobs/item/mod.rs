@@ -134,6 +134,10 @@ impl ItemRunner {
         &self.store
     }
 
+    pub fn segmenter(&self) -> &Segmenter {
+        &self.segmenter
+    }
+
     /// MAX_INFLIGHT_MEGAPIXELS, shared with PreviewEdit (its decodes and planes count too).
     pub fn pixel_budget(&self) -> &PixelBudget {
         &self.budget
