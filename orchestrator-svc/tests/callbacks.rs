@@ -19,6 +19,8 @@ const JOB: CallbackJob<'static> = CallbackJob {
 
 fn body(idx: u32) -> CallbackBody {
     CallbackBody {
+        user_id: "test-user".into(),
+        job_id: "test-job".into(),
         idx,
         status: "completed",
         output_key: Some("outputs/test-user/test-job/rule1/0.jpg".into()),

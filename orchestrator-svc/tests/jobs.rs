@@ -148,6 +148,11 @@ async fn seed_job_completes_with_outputs_masks_preview_and_one_signed_callback()
     let body = &deliveries.last().unwrap().body;
     assert_eq!(body["idx"], 0);
     assert_eq!(body["status"], "completed");
+    // The URL names only the job id; the body names the user too (two users may use one job id).
+    assert_eq!(
+        (&body["user_id"], &body["job_id"]),
+        (&"test-user".into(), &"test-job".into())
+    );
     assert_eq!(body["output_key"], "outputs/test-user/test-job/rule1/0.jpg");
     assert_eq!(
         body["preview_key"],

@@ -13,8 +13,8 @@ pub use sign::{VerifyError, sign, verify};
 pub(crate) use sign::{is_standard_base64, key_len};
 pub use transport::{Answer, Transport};
 
-/// The seed's body (`idx`, `status`, `output_key`, `preview_key`, `error`) extended with every output, every mask
-/// and a machine-readable error code. Absent values are JSON `null`, as in the seed.
+/// The seed's body (`idx`, `status`, `output_key`, `preview_key`, `error`) extended with the job it is about, every
+/// output, every mask and a machine-readable error code. Absent values are JSON `null`, as in the seed.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CallbackBody {
     pub idx: u32,
@@ -24,6 +24,11 @@ pub struct CallbackBody {
     pub preview_key: Option<String>,
     pub error: Option<String>,
     pub error_code: Option<String>,
+    /// The job's user and id. The URL names only the job id (the seed's contract), and two users may use one job id
+    /// (jobs are scoped by user): a receiver keys items on (user_id, job_id, idx), or a failed item of one user's
+    /// job could be taken for another's.
+    pub user_id: String,
+    pub job_id: String,
     pub outputs: Vec<OutputRef>,
     pub masks: Vec<MaskRef>,
 }
@@ -134,6 +139,8 @@ mod tests {
     #[test]
     fn body_keeps_the_seed_fields() {
         let body = CallbackBody {
+            user_id: "u".into(),
+            job_id: "j".into(),
             idx: 0,
             status: "completed",
             output_key: Some("outputs/u/j/r/0.jpg".into()),
@@ -153,5 +160,9 @@ mod tests {
             assert!(json.get(field).is_some(), "missing {field}");
         }
         assert!(json["error"].is_null());
+        assert_eq!(
+            (&json["user_id"], &json["job_id"]),
+            (&"u".into(), &"j".into())
+        );
     }
 }

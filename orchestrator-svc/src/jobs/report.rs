@@ -114,12 +114,12 @@ impl Reporter {
             return;
         }
         if let Some(sender) = &self.callbacks {
-            let body = callback_body(&item);
             let about = CallbackJob {
                 user_id: &job.plan.user_id,
                 job_id: &job.plan.job_id,
                 spec_hash: &job.spec_hash,
             };
+            let body = callback_body(about, &item);
             let outcome = sender.deliver(about, &body).await;
             if !outcome.delivered {
                 tracing::warn!(job_id = %job.plan.job_id, idx = item.idx, error = ?outcome.error, "callback not delivered");
@@ -210,8 +210,8 @@ async fn keep(
     }
 }
 
-/// The callback body of a terminal item.
-pub fn callback_body(item: &Item) -> CallbackBody {
+/// The callback body of a terminal item of `job`.
+pub fn callback_body(job: CallbackJob<'_>, item: &Item) -> CallbackBody {
     let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let status = match ItemState::try_from(item.state) {
         Ok(ItemState::Completed) => "completed",
@@ -219,6 +219,8 @@ pub fn callback_body(item: &Item) -> CallbackBody {
         _ => "cancelled",
     };
     CallbackBody {
+        user_id: job.user_id.to_string(),
+        job_id: job.job_id.to_string(),
         idx: item.idx,
         status,
         output_key: non_empty(&item.output_key),

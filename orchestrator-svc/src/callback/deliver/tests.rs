@@ -146,6 +146,8 @@ const JOB: CallbackJob<'static> = CallbackJob {
 
 fn body() -> CallbackBody {
     CallbackBody {
+        user_id: "u".into(),
+        job_id: "j".into(),
         idx: 0,
         status: "completed",
         output_key: None,
