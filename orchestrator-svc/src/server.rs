@@ -155,9 +155,17 @@ fn callback_sender(
         max_delay: settings.max_delay,
         attempt_timeout: settings.attempt_timeout,
     };
-    let sender = CallbackSender::new(&settings.base_url, settings.secret.expose(), policy)
+    let signing = settings.signing_secret.expose();
+    let header = settings.header_secret.as_ref().map(|s| s.expose());
+    let sender = CallbackSender::new(&settings.base_url, header.unwrap_or(signing), policy)
         .map_err(StartupError::CallbackClient)?
+        .signing_with(signing)
         .with_concurrency(settings.concurrency);
+    let sender = if header.is_some() {
+        sender
+    } else {
+        sender.without_secret_header()
+    };
     Ok(Some(Arc::new(sender)))
 }
 

@@ -60,7 +60,10 @@ enum Verdict {
 pub struct CallbackSender {
     http: Arc<dyn Transport>,
     base_url: String,
-    secret: String,
+    /// Sent as X-GPU-Callback-Secret (the seed's check); None: not sent.
+    header_secret: Option<String>,
+    /// The HMAC key of webhook-signature.
+    signing_secret: String,
     policy: RetryPolicy,
     clock: Arc<dyn Clock>,
     rng: Mutex<StdRng>,
@@ -90,7 +93,8 @@ impl CallbackSender {
         Ok(CallbackSender {
             http: Arc::new(Http(http)),
             base_url: base_url.trim_end_matches('/').to_string(),
-            secret: secret.to_string(),
+            header_secret: Some(secret.to_string()),
+            signing_secret: secret.to_string(),
             policy,
             clock: Arc::new(SystemClock),
             rng: Mutex::new(StdRng::from_os_rng()),
@@ -100,6 +104,20 @@ impl CallbackSender {
 
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Signs with `key` instead of the secret the X-GPU-Callback-Secret header carries (CALLBACK_SIGNING_SECRET):
+    /// with one secret for both, anyone who sees one request's headers (a log of them, a proxy) can sign any body.
+    pub fn signing_with(mut self, key: &str) -> Self {
+        self.signing_secret = key.to_string();
+        self
+    }
+
+    /// Sends no X-GPU-Callback-Secret header (GPU_CALLBACK_SECRET unset, CALLBACK_SIGNING_SECRET set): receivers
+    /// check signatures only.
+    pub fn without_secret_header(mut self) -> Self {
+        self.header_secret = None;
         self
     }
 
@@ -210,17 +228,19 @@ impl CallbackSender {
             None => None,
         };
         let timestamp = self.clock.now_unix();
-        let headers = [
-            ("content-type", "application/json".to_string()),
-            ("x-gpu-callback-secret", self.secret.clone()),
+        let mut headers = vec![("content-type", "application/json".to_string())];
+        if let Some(secret) = &self.header_secret {
+            headers.push(("x-gpu-callback-secret", secret.clone()));
+        }
+        headers.extend([
             ("x-idempotency-key", id.to_string()),
             ("webhook-id", id.to_string()),
             ("webhook-timestamp", timestamp.to_string()),
             (
                 "webhook-signature",
-                sign(&self.secret, id, timestamp, payload),
+                sign(&self.signing_secret, id, timestamp, payload),
             ),
-        ];
+        ]);
         match self.http.post(url, &headers, payload.to_vec()).await {
             // Timeouts, refused connections, resets: the receiver may come back.
             Err(e) => Verdict::Retry(None, format!("request failed: {}", Report(e.as_ref()))),

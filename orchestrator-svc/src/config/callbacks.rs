@@ -13,9 +13,15 @@ pub struct CallbackArgs {
     /// callbacks.
     #[arg(long, env = "WORKERS_API_URL", hide_env_values = true)]
     pub workers_api_url: Option<UrlWithCredentials>,
-    /// Shared secret: sent as X-GPU-Callback-Secret and the HMAC key of webhook-signature.
+    /// Shared secret: sent as X-GPU-Callback-Secret (the seed's check) and, unless CALLBACK_SIGNING_SECRET is set,
+    /// the HMAC key of webhook-signature. May be unset when CALLBACK_SIGNING_SECRET is set: no header then.
     #[arg(long, env = "GPU_CALLBACK_SECRET", hide_env_values = true)]
     pub gpu_callback_secret: Option<Secret>,
+    /// HMAC key of webhook-signature (`whsec_<base64>`, as Standard Webhooks secrets, or any string), never sent.
+    /// Unset: GPU_CALLBACK_SECRET signs, and since every request carries it as a header, whoever sees one
+    /// request's headers can sign any body: set this, then receivers can rely on the signature.
+    #[arg(long, env = "CALLBACK_SIGNING_SECRET", hide_env_values = true)]
+    pub callback_signing_secret: Option<Secret>,
     /// Timeout of one callback attempt, in seconds (at least 1). Default 30.
     #[arg(long, env = "CALLBACK_TIMEOUT_SEC", default_value_t = 30)]
     pub callback_timeout_sec: u64,
@@ -42,7 +48,10 @@ pub struct CallbackArgs {
 #[derive(Clone, Debug)]
 pub struct CallbackSettings {
     pub base_url: String,
-    pub secret: Secret,
+    /// Sent as X-GPU-Callback-Secret; None: no such header.
+    pub header_secret: Option<Secret>,
+    /// The HMAC key of webhook-signature.
+    pub signing_secret: Secret,
     pub max_attempts: u32,
     pub base_delay: Duration,
     pub max_delay: Duration,
@@ -63,15 +72,22 @@ impl CallbackArgs {
             return Ok(None);
         };
         check_callback_url(url, self.callback_allow_http)?;
-        let secret = self
-            .gpu_callback_secret
-            .clone()
-            .filter(|s| !s.expose().is_empty())
-            .ok_or(ConfigError::Missing {
-                setting: "GPU_CALLBACK_SECRET",
-                reason: "with WORKERS_API_URL",
-            })?;
-        check_secret_key(&secret)?;
+        let set = |s: &Option<Secret>| s.clone().filter(|s| !s.expose().is_empty());
+        let header_secret = set(&self.gpu_callback_secret);
+        let signing = set(&self.callback_signing_secret);
+        if let Some(secret) = &header_secret {
+            check_secret_key("GPU_CALLBACK_SECRET", secret)?;
+        }
+        if let Some(secret) = &signing {
+            check_secret_key("CALLBACK_SIGNING_SECRET", secret)?;
+        }
+        let signing_secret =
+            signing
+                .or_else(|| header_secret.clone())
+                .ok_or(ConfigError::Missing {
+                    setting: "GPU_CALLBACK_SECRET",
+                    reason: "with WORKERS_API_URL (or CALLBACK_SIGNING_SECRET)",
+                })?;
         // Checked here too: a Config built in code skips clap, and no permit at all would hold every callback.
         let concurrency = usize::try_from(self.callback_concurrency)
             .ok()
@@ -87,7 +103,8 @@ impl CallbackArgs {
             // Checked trimmed, used trimmed: a stray space from an env file would otherwise pass the check and
             // make every callback URL unparsable.
             base_url: url.to_string(),
-            secret,
+            header_secret,
+            signing_secret,
             max_attempts: self.callback_max_attempts.max(1),
             base_delay: Duration::from_millis(self.callback_base_delay_ms),
             max_delay: Duration::from_secs(self.callback_max_delay_sec),
@@ -103,11 +120,11 @@ impl CallbackArgs {
 /// only at the first delivery); after `whsec_`, standard padded base64 (else it signed with the raw bytes, where
 /// Standard Webhooks verifiers decode another key or refuse it); a key that is not empty (`whsec_` followed by
 /// nothing would sign with an empty key, which anyone can forge).
-fn check_secret_key(secret: &Secret) -> Result<(), ConfigError> {
+fn check_secret_key(setting: &'static str, secret: &Secret) -> Result<(), ConfigError> {
     let raw = secret.expose();
     if raw.trim() != raw || http::HeaderValue::from_str(raw).is_err() {
         return Err(ConfigError::invalid(
-            "GPU_CALLBACK_SECRET",
+            setting,
             "<redacted>".to_string(),
             "it has surrounding whitespace (a trailing newline from a file?) or a character a header cannot carry",
         ));
@@ -116,14 +133,14 @@ fn check_secret_key(secret: &Secret) -> Result<(), ConfigError> {
         && !crate::callback::is_standard_base64(encoded)
     {
         return Err(ConfigError::invalid(
-            "GPU_CALLBACK_SECRET",
+            setting,
             "<redacted>".to_string(),
             "whsec_ must be followed by standard padded base64 of the key, as Standard Webhooks secrets are",
         ));
     }
     if crate::callback::key_len(raw) == 0 {
         return Err(ConfigError::invalid(
-            "GPU_CALLBACK_SECRET",
+            setting,
             "<redacted>".to_string(),
             "its HMAC key is empty (whsec_ must be followed by base64 of the key)",
         ));
@@ -180,6 +197,7 @@ mod tests {
         CallbackArgs {
             workers_api_url: Some(url.into()),
             gpu_callback_secret: Some("s3cret".into()),
+            callback_signing_secret: None,
             callback_timeout_sec: 30,
             callback_max_attempts: 6,
             callback_base_delay_ms: 1000,
@@ -226,6 +244,34 @@ mod tests {
             assert!(shown.contains("query or fragment"), "{shown}");
             assert!(!shown.contains("t0k"), "{shown}");
         }
+    }
+
+    #[test]
+    fn a_signing_secret_signs_and_may_stand_alone() {
+        let mut a = args("https://api.example.invalid", false);
+        a.callback_signing_secret =
+            Some("whsec_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into());
+        let both = a.settings().unwrap().unwrap();
+        assert_eq!(
+            both.header_secret.as_ref().map(|s| s.expose()),
+            Some("s3cret")
+        );
+        assert!(both.signing_secret.expose().starts_with("whsec_"));
+        a.gpu_callback_secret = None;
+        let alone = a.settings().unwrap().unwrap();
+        assert!(alone.header_secret.is_none());
+        a.callback_signing_secret = Some("whsec_".into());
+        let err = a.settings().unwrap_err();
+        assert!(
+            format!("{err:?}").contains("CALLBACK_SIGNING_SECRET"),
+            "{err:?}"
+        );
+        a.callback_signing_secret = None;
+        let err = a.settings().unwrap_err();
+        assert!(
+            format!("{err:?}").contains("GPU_CALLBACK_SECRET"),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -231,3 +231,63 @@ async fn a_callback_waiting_for_a_place_is_signed_when_it_is_sent() {
     assert!(second.await.unwrap().delivered);
     assert_eq!(*transport.timestamps.lock().unwrap(), ["1000", "1600"]);
 }
+
+/// Records every POST's headers.
+#[derive(Default)]
+struct Headers(Mutex<Vec<Vec<(&'static str, String)>>>);
+
+#[async_trait::async_trait]
+impl Transport for Headers {
+    async fn post(
+        &self,
+        _url: &str,
+        headers: &[(&'static str, String)],
+        _body: Vec<u8>,
+    ) -> Result<Answer, BoxError> {
+        self.0.lock().unwrap().push(headers.to_vec());
+        Ok(Answer {
+            status: 200,
+            retry_after: None,
+        })
+    }
+}
+
+/// With CALLBACK_SIGNING_SECRET the header carries the seed's secret and the signature another key, so a request's
+/// headers no longer hand out the key that signs; without GPU_CALLBACK_SECRET no secret header goes out at all.
+#[tokio::test]
+async fn a_separate_signing_key_is_never_sent() {
+    const KEY: &str = "whsec_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let check = |headers: &[(&'static str, String)], secret_header: Option<&str>| {
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get("x-gpu-callback-secret").as_deref(), secret_header);
+        assert!(headers.iter().all(|(_, v)| !v.contains(KEY)), "{headers:?}");
+        let mut map = http::HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, value.parse().unwrap());
+        }
+        let payload = serde_json::to_vec(&body()).unwrap();
+        let now = get("webhook-timestamp").unwrap().parse().unwrap();
+        assert_eq!(crate::callback::verify(KEY, &map, &payload, now), Ok(()));
+        assert!(crate::callback::verify("seed-secret", &map, &payload, now).is_err());
+    };
+    for keep_header in [true, false] {
+        let transport = Arc::new(Headers::default());
+        let sender = CallbackSender::new("http://unused", "seed-secret", policy())
+            .unwrap()
+            .with_transport(transport.clone())
+            .signing_with(KEY);
+        let sender = if keep_header {
+            sender
+        } else {
+            sender.without_secret_header()
+        };
+        assert!(sender.deliver(JOB, &body()).await.delivered);
+        let sent = transport.0.lock().unwrap().clone();
+        check(&sent[0], keep_header.then_some("seed-secret"));
+    }
+}
