@@ -46,6 +46,19 @@ pub struct ServeArgs {
     #[arg(long, env = "AUTH_TOKENS_FILE")]
     pub auth_tokens_file: Option<PathBuf>,
 
+    /// Most streams (calls in flight) one client connection may hold open at once: the HTTP/2
+    /// SETTINGS_MAX_CONCURRENT_STREAMS the server advertises; a client past it waits for a stream to end. Default
+    /// 1024, well above the orchestrator's Segment calls on one connection (at most BATCH_CONCURRENCY, itself at most
+    /// 256) and room for a caller's WatchJob streams; a caller watching more jobs at once opens more connections.
+    #[arg(long, env = "MAX_CONCURRENT_STREAMS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+
+    /// Most grpc.health.v1 Watch streams open at once, over both listeners: health needs no token, and a Watch
+    /// stays open until shutdown (~5 KB each). Beyond it Watch answers RESOURCE_EXHAUSTED (Check is never refused).
+    /// Default 64; a client doing client-side health checking holds one per connection.
+    #[arg(long, env = "MAX_HEALTH_WATCHES", default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_health_watches: usize,
+
     /// How often AUTH_TOKENS_FILE is read again (tests shorten it; not a flag).
     #[arg(skip = Duration::from_secs(10))]
     pub auth_tokens_reload: Duration,

@@ -1,6 +1,6 @@
 //! The gRPC server around a service's API, the same on both tiers: grpc.health.v1 (open), server reflection (when
 //! REFLECTION is on; behind the token like the API), TLS or mutual TLS from files, the bearer-token layer, TCP
-//! options, and the optional plaintext health-only listener for probes.
+//! options, HTTP/2 limits (`builder`), and the optional plaintext health-only listener for probes.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -52,6 +52,10 @@ pub struct Serving {
     /// Adds both reflection services to the routes (their types are opaque, so they travel as this closure).
     reflection: Option<AddReflection>,
     health_listener: Option<TcpListener>,
+    /// MAX_CONCURRENT_STREAMS.
+    max_streams: u32,
+    /// MAX_HEALTH_WATCHES.
+    max_health_watches: usize,
 }
 
 impl Serving {
@@ -96,11 +100,20 @@ impl Serving {
             reload,
             reflection,
             health_listener,
+            max_streams: args.max_concurrent_streams,
+            max_health_watches: args.max_health_watches,
         })
     }
 
     pub fn mode(&self) -> ServerMode {
         self.mode
+    }
+
+    /// Where the health-only listener (HEALTH_ADDR) listens, if there is one.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Serves `api` plus health (and reflection) on `listener` until `shutdown` resolves and the connections close;
@@ -118,7 +131,8 @@ impl Serving {
             shutdown.await;
             stopping.send_replace(true);
         };
-        let health = HealthServer::new(EndingHealth::new(health, stopped));
+        // One cap over both listeners (HealthServer shares its service between clones).
+        let health = HealthServer::new(EndingHealth::new(health, stopped, self.max_health_watches));
         let mut routes = api.add_service(health.clone());
         if let Some(add_reflection) = self.reflection {
             routes = add_reflection(routes);
@@ -126,22 +140,44 @@ impl Serving {
         // Both tasks end with this future, however it ends (a caller may drop it after its grace period).
         let _health_only = self.health_listener.map(|listener| {
             AbortOnDrop(tokio::spawn(
-                Server::builder()
+                builder(self.max_streams)
                     .add_service(health)
                     .serve_with_incoming(incoming(listener)),
             ))
         });
         let _reload = self.reload.map(AbortOnDrop);
-        let mut builder = Server::builder();
+        let mut api_server = builder(self.max_streams);
         if let Some(tls) = self.tls {
-            builder = builder.tls_config(tls)?;
+            api_server = api_server.tls_config(tls)?;
         }
-        builder
+        api_server
             .layer(AuthLayer::new(self.auth))
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming(listener), shutdown)
             .await
     }
+}
+
+/// How long an HTTP/2 connection may sit without a frame before the server pings it.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long the server waits for the ping's answer before it closes the connection (gRPC's own default).
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Streams a connection may make the server reset (malformed or refused requests) before it is sent GOAWAY:
+/// hyper's own default, which tonic turns off unless set.
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// The server builder for both listeners, with HTTP/2 limits that tonic leaves off by default: without them one
+/// connection could open any number of streams (100,000 health Watch streams, which need no token, grew the
+/// orchestrator from 116 MB to 658 MB), reset streams without end, and a peer gone without a FIN or RST kept its
+/// streams until TCP keepalive noticed (minutes). Now: at most `max_streams` streams per connection (advertised as
+/// SETTINGS_MAX_CONCURRENT_STREAMS), GOAWAY after MAX_LOCAL_ERROR_RESETS resets, and a ping every
+/// KEEPALIVE_INTERVAL that closes the connection, releasing its streams, when unanswered for KEEPALIVE_TIMEOUT.
+fn builder(max_streams: u32) -> Server {
+    Server::builder()
+        .max_concurrent_streams(max_streams)
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

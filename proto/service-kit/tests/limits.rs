@@ -1,0 +1,212 @@
+//! The limits `Serving::serve` puts on both listeners, seen from a client: health Watch streams (open to anyone,
+//! each kept until shutdown) are capped at MAX_HEALTH_WATCHES, and every HTTP/2 connection is told
+//! MAX_CONCURRENT_STREAMS in the server's SETTINGS. Without them one unauthenticated connection opened 100,000 Watch
+//! streams on the orchestrator (116 MB to 658 MB RSS).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use futures::FutureExt;
+use palette_service_kit::{ServeArgs, Serving};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// The defaults, plaintext, no tokens, with a health-only listener too.
+fn args() -> ServeArgs {
+    Cli::try_parse_from(["test", "--health-addr", "127.0.0.1:0"])
+        .unwrap()
+        .serve
+}
+
+struct Running {
+    addr: SocketAddr,
+    health_addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+async fn start(args: &ServeArgs) -> Running {
+    let serving = Serving::prepare(args, &[]).await.unwrap();
+    let health_addr = serving.health_addr().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_reporter, health) = palette_service_kit::health::reporter();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serving.serve(
+        health,
+        tonic::service::Routes::default(),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Running {
+        addr,
+        health_addr,
+        stop: Some(stop),
+        server,
+    }
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn overall() -> HealthCheckRequest {
+    HealthCheckRequest {
+        service: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn health_watches_past_the_cap_are_refused_and_the_first_stay_open() {
+    let args = args();
+    let cap = args.max_health_watches;
+    assert_eq!(cap, 64, "the default");
+    let mut running = start(&args).await;
+    // All on one connection, as the measured attack did; the health-only listener shares the cap.
+    let mut client = HealthClient::new(channel(running.addr).await);
+    let mut open = Vec::with_capacity(cap);
+    for _ in 0..cap {
+        let mut stream = client.watch(overall()).await.unwrap().into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        assert_eq!(first.status, ServingStatus::Serving as i32);
+        open.push(stream);
+    }
+    let refused = client.watch(overall()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("MAX_HEALTH_WATCHES"),
+        "{refused:?}"
+    );
+    let mut health_port = HealthClient::new(channel(running.health_addr).await);
+    let refused = health_port.watch(overall()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // Check is never refused.
+    let checked = health_port.check(overall()).await.unwrap().into_inner();
+    assert_eq!(checked.status, ServingStatus::Serving as i32);
+    client.check(overall()).await.unwrap();
+
+    // The first ones are still open: nothing ended them.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for stream in &mut open {
+        assert!(stream.message().now_or_never().is_none(), "a Watch ended");
+    }
+
+    // A stream the client drops gives its slot back.
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut again = loop {
+        match client.watch(overall()).await {
+            Ok(stream) => break stream.into_inner(),
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the dropped Watch's slot never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    };
+    assert_eq!(
+        again.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    open.push(again);
+
+    // Shutdown still ends every one of them (a last NOT_SERVING), so the server stops.
+    running.stop.take().unwrap().send(()).unwrap();
+    for stream in &mut open {
+        let last = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(last.status, ServingStatus::NotServing as i32);
+    }
+    drop(open);
+    tokio::time::timeout(Duration::from_secs(10), running.server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn both_listeners_advertise_max_concurrent_streams() {
+    let args = args();
+    assert_eq!(args.max_concurrent_streams, 1024, "the default");
+    let running = start(&args).await;
+    for addr in [running.addr, running.health_addr] {
+        let settings = server_settings(addr).await;
+        assert!(
+            settings.contains(&(SETTINGS_MAX_CONCURRENT_STREAMS, 1024)),
+            "{addr}: {settings:?}"
+        );
+    }
+
+    let mut lower = args.clone();
+    lower.max_concurrent_streams = 8;
+    let running = start(&lower).await;
+    assert!(
+        server_settings(running.addr)
+            .await
+            .contains(&(SETTINGS_MAX_CONCURRENT_STREAMS, 8))
+    );
+}
+
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+
+/// The parameters of the server's SETTINGS frame (RFC 9113 §6.5), read after a plaintext HTTP/2 client preface.
+async fn server_settings(addr: SocketAddr) -> Vec<(u16, u32)> {
+    const SETTINGS: u8 = 0x4;
+    const ACK: u8 = 0x1;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // An empty SETTINGS frame: length 0, type SETTINGS, no flags, stream 0.
+    tcp.write_all(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let read = async {
+        loop {
+            let mut header = [0u8; 9];
+            tcp.read_exact(&mut header).await.unwrap();
+            let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            let mut payload = vec![0u8; length];
+            tcp.read_exact(&mut payload).await.unwrap();
+            if header[3] == SETTINGS && header[4] & ACK == 0 {
+                return payload
+                    .chunks_exact(6)
+                    .map(|p| {
+                        (
+                            u16::from_be_bytes([p[0], p[1]]),
+                            u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
+                        )
+                    })
+                    .collect();
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .unwrap()
+}
