@@ -13,6 +13,7 @@
 
 use image::GrayImage;
 
+pub mod bounded;
 pub mod grid;
 
 /// Where a stored mask sits in the photo (upright, full resolution): its top-left pixel and its size.
@@ -230,9 +231,7 @@ pub fn compose(png: &[u8], width: u32, height: u32) -> Result<GrayImage, String>
     if let Some(at) = grid::read_placement(png) {
         return grid::compose(png, &at, width, height);
     }
-    let crop = image::load_from_memory_with_format(png, image::ImageFormat::Png)
-        .map_err(|e| e.to_string())?
-        .to_luma8();
+    let crop = bounded::gray_within(png, width, height)?;
     let (x, y) = read_offset(png).unwrap_or((0, 0));
     let fits = x >= 0
         && y >= 0

@@ -86,6 +86,9 @@ pub fn upsample_rows(grid: &GrayImage, at: &GridPlacement, mut row: impl FnMut(u
 }
 
 /// Decodes a grid mask PNG and checks it against its placement and the photo it is used on (`width` x `height`).
+/// The largest side a stored grid may have: model masks are a few hundred pixels (288 for SAM3).
+const MAX_GRID_SIDE: u32 = 4096;
+
 pub fn decode(
     png: &[u8],
     at: &GridPlacement,
@@ -101,9 +104,8 @@ pub fn decode(
     if !at.is_valid() {
         return Err(format!("its placement {at:?} does not fit its photo"));
     }
-    let grid = image::load_from_memory_with_format(png, image::ImageFormat::Png)
-        .map_err(|e| format!("not a readable PNG: {e}"))?
-        .into_luma8();
+    // A model's mask grid (288x288 for SAM3); anything far larger is not one.
+    let grid = super::bounded::gray_within(png, MAX_GRID_SIDE, MAX_GRID_SIDE)?;
     if grid.width() == 0 || grid.height() == 0 {
         return Err("an empty grid".into());
     }

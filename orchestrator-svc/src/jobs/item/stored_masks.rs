@@ -62,13 +62,36 @@ pub(in crate::jobs) async fn read_record(
     photos_job_id: &str,
     idx: u32,
 ) -> Result<MasksRecord, ItemError> {
-    record::read_masks(store, user_id, photos_job_id, idx)
+    let stored = record::read_masks(store, user_id, photos_job_id, idx)
         .await
         .map_err(|e| match e {
             RecordError::Missing(key) => ItemError::EditSourceMissing { key },
             RecordError::Unreadable { key, reason } => ItemError::StoredMask { key, reason },
             RecordError::Storage(e) => ItemError::Storage(e),
-        })
+        })?;
+    match foreign_mask(&stored, user_id, photos_job_id) {
+        None => Ok(stored),
+        Some(mask) => Err(ItemError::StoredMask {
+            key: mask.key.clone(),
+            reason: format!(
+                "the masks record of photo {idx} names a mask outside masks/{user_id}/{photos_job_id}/: not read"
+            ),
+        }),
+    }
+}
+
+/// A mask the record names outside the job's own masks folder. The job wrote only its own keys; a record rewritten
+/// in the bucket could otherwise make an edit or a preview read another user's masks.
+fn foreign_mask<'a>(
+    stored: &'a MasksRecord,
+    user_id: &str,
+    photos_job_id: &str,
+) -> Option<&'a StoredMask> {
+    let folder = format!("masks/{user_id}/{photos_job_id}/");
+    stored
+        .masks
+        .iter()
+        .find(|m| !m.key.starts_with(&folder) || m.key.contains(".."))
 }
 
 /// The stored masks were computed from this photo (`MasksRecord::input_sha256`): masks of another photo of the same
@@ -180,9 +203,8 @@ fn paste_max(
         mask_grid::upsample_rows(&grid, &at, |y, x, row| union.fold_row(y, x, row));
         return Ok(());
     }
-    let crop = image::load_from_memory_with_format(png, image::ImageFormat::Png)
-        .map_err(|e| bad(format!("not a readable PNG: {e}")))?
-        .into_luma8(); // no copy: stored masks are 8-bit gray
+    // At most the photo's size: a crop is never larger (checked before decoding, see `mask_png::bounded`).
+    let crop = mask_png::bounded::gray_within(png, width, height).map_err(bad)?;
     let (x, y) = mask_png::read_offset(png).unwrap_or((0, 0));
     let fits = x >= 0
         && y >= 0
@@ -279,6 +301,42 @@ mod tests {
             paste_max(&mut edit_union, &entry, &stored.png, (w, h)).unwrap();
         }
         assert!(job_union.into_image() == edit_union.into_image());
+    }
+
+    #[test]
+    fn a_record_naming_another_jobs_masks_is_not_read() {
+        let record = |key: &str| MasksRecord {
+            masks: vec![StoredMask {
+                key: key.into(),
+                ..entry(20, 10)
+            }],
+            input_sha256: String::new(),
+        };
+        assert!(foreign_mask(&record("masks/u/j/wall/0_1.png"), "u", "j").is_none());
+        for foreign in [
+            "masks/other-user/j/wall/0_1.png",
+            "masks/u/j2/wall/0_1.png",
+            "outputs/u/j/rule1/0.jpg",
+            "masks/u/j/../../v/k/wall/0_1.png",
+        ] {
+            assert!(
+                foreign_mask(&record(foreign), "u", "j").is_some(),
+                "{foreign}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_mask_larger_than_the_photo_is_refused_before_it_is_decoded() {
+        let wide = GrayImage::from_pixel(64, 8, image::Luma([255]));
+        let png = mask_png::encode_crop(&wide, nonzero_bounds(&wide).unwrap());
+        let mut union = UnionPlane::new(20, 10);
+        let err = paste_max(&mut union, &entry(20, 10), &png, (20, 10)).unwrap_err();
+        assert_eq!(err.code(), "mask_missing");
+        assert!(
+            crate::error::report(&err).contains("at most 20x10"),
+            "{err}"
+        );
     }
 
     #[test]
