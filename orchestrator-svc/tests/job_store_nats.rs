@@ -821,3 +821,108 @@ async fn a_drain_puts_back_tasks_waiting_for_their_jobs_record() {
     );
     assert!(hooks.deliveries().is_empty(), "nothing to call back");
 }
+
+/// A task on its last delivery (the consumer's `max_deliver`, one past NATS_MAX_DELIVERIES) whose holder starts
+/// draining while it waits for its job's record is not put back: JetStream never delivers it again, so the item never
+/// ended, even once the job was recorded. The holder waits on within its grace, and when the record comes the item
+/// ends FAILED `too_many_deliveries`, recorded and called back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_a_task_on_its_last_delivery_instead_of_putting_it_back() {
+    use async_nats::jetstream::{AckKind, consumer::PullConsumer};
+    use futures::StreamExt;
+    use orchestrator_svc::jobs::cluster::Cluster;
+    use orchestrator_svc::jobs::store::{JobRecord, JobStore, RecordKey, spec_hash};
+    const JOB: &str = "last-delivery";
+    let Some(Shared {
+        nats,
+        dir,
+        segmenter: _segmenter,
+        hooks,
+        mut env,
+    }) = shared(JOB, 1, 0).await
+    else {
+        return;
+    };
+    env.push(("NATS_MAX_DELIVERIES".into(), "1".into()));
+    env.push(("SHUTDOWN_GRACE_SEC".into(), "30".into()));
+    // The shared consumer, created as the replicas have it: deliveries 1 and 2 (the one that gives the item up).
+    let mut config = orchestrator_svc::Config::for_tests("/tmp/unused", "http://127.0.0.1:9");
+    config.nats.nats_url = Some(nats.url.clone().into());
+    config.jobs.nats_item_ack_wait_sec = 3;
+    config.nats.nats_max_deliveries = 1;
+    let cluster = Cluster::connect(config.jobs.cluster_settings(&config.nats).unwrap())
+        .await
+        .unwrap();
+    let spec = seed_spec(JOB, 1);
+    let job = RecordKey {
+        user_id: USER.into(),
+        job_id: JOB.into(),
+        spec_hash: spec_hash(&spec),
+    };
+    // The item's task, published before its job's record (as SubmitJob does), taken once and put back (a replica
+    // that drained): the next delivery is the last.
+    cluster.publish_items(&job, 1).await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let consumer: PullConsumer = js
+        .get_stream(&cluster.settings().stream)
+        .await
+        .unwrap()
+        .get_consumer(&cluster.settings().consumer)
+        .await
+        .unwrap();
+    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let first = batch.next().await.expect("the task").unwrap();
+    first.ack_with(AckKind::Nak(None)).await.unwrap();
+
+    let log = dir.path().join("b.log");
+    let mut b = Process::start(binary(), &env, &log).await;
+    let wait_for_log = |what: &'static str| {
+        let log = log.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !std::fs::read_to_string(&log).unwrap().contains(what) {
+                assert!(Instant::now() < deadline, "never logged {what:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for_log("waiting for its record").await;
+    // SIGTERM; once B drains (and, before the fix, had put the task back), the job is recorded.
+    let record = JobRecord {
+        user_id: USER.into(),
+        job_id: JOB.into(),
+        spec_hash: job.spec_hash.clone(),
+        spec,
+        seq: 1,
+        cancelled: false,
+        source: None,
+        preset: None,
+    };
+    let (took, ()) = tokio::join!(b.terminate(Duration::from_secs(40)), async {
+        wait_for_log("shutting down").await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cluster.store().create(&record).await.unwrap();
+    });
+    let took = took.expect("B exits within its grace");
+    let deliveries = tokio::time::timeout(
+        Duration::from_secs(15),
+        hooks.wait_until("the item called back", |d| !d.is_empty()),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the item never ended (B exited after {took:?}):\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        )
+    });
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    assert_eq!(deliveries[0].body["status"], "failed");
+    assert_eq!(deliveries[0].body["error_code"], "too_many_deliveries");
+    let recorded = cluster
+        .store()
+        .item(&job, 0)
+        .await
+        .unwrap()
+        .expect("recorded");
+    assert_eq!(recorded.state, ItemState::Failed as i32);
+}

@@ -174,7 +174,13 @@ impl JobService {
         // NATS_MAX_DELIVERIES.
         let waiting_since = tokio::time::Instant::now();
         let key = task_key(task);
-        let stopping = || self.pipeline.is_stopping();
+        // The consumer's last delivery of this task (`max_deliver` is one past NATS_MAX_DELIVERIES): JetStream never
+        // delivers a task put back now again, so its item would never end (no record, no callback, the job never
+        // settled). A drain then does not put the task back: it keeps reading and waiting within SHUTDOWN_GRACE_SEC,
+        // and the item ends below as this delivery ends it (`too_many_deliveries`, or as recorded). Should the grace
+        // run out first, the task is lost just as a NAK would lose it.
+        let last = delivered > cluster.settings().max_deliveries;
+        let stopping = || self.pipeline.is_stopping() && !last;
         let mut logged_wait = false;
         // `unrunnable`: why the job is recorded but cannot run here; its item then ends FAILED instead of running.
         let (job, unrunnable) = loop {
@@ -208,7 +214,8 @@ impl JobService {
             }
             if stopping() {
                 // Draining: waiting out the orphan window here held the drain up to ORPHAN_AFTER past its grace.
-                // Put back at once; another replica waits for the record (or drops the task) instead.
+                // Put back at once; another replica waits for the record (or drops the task) instead. Not on the
+                // last delivery (`last`): the task waits on here, and ends when the record comes or is dropped.
                 return TaskEnd::Again(Duration::ZERO);
             }
             // A job known here is being recorded this instant (this replica took its SubmitJob): look again soon.
@@ -264,7 +271,8 @@ impl JobService {
             tracing::error!(job_id = %task.job_id, idx, reason = %why, "recorded job cannot run on any replica that took it; its item fails");
             self.end_here(&job, idx, unrunnable::outcome(&why)).await;
         } else if self.pipeline.is_stopping() {
-            // Shutting down: another replica runs it.
+            // Shutting down: another replica runs it (or, past NATS_MAX_DELIVERIES, gives it up: this is not the last
+            // delivery, which ended the item above).
             return TaskEnd::Again(Duration::ZERO);
         } else {
             // Every replica's view shows the item RUNNING from here on (`mirror`). A claim that is not written only
@@ -285,6 +293,14 @@ impl JobService {
         match patiently(task, stopping, || cluster.store().item(&item_job, idx)).await {
             // Unreadable here, but recorded all the same.
             Ok(Some(_)) | Err(Unread::Corrupt(_)) => TaskEnd::Done,
+            // The item ended here (and was called back), but its record did not reach the store within
+            // NATS_STORE_PATIENCE. Put back, its next holder finds no record and runs it again (or gives it up); on
+            // the last delivery there is no next holder, and a NAK left the task in the stream for ever, delivered
+            // to nobody.
+            Ok(None) if last => {
+                tracing::error!(job_id = %task.job_id, idx, "item ended here on its last delivery, but not recorded in the job store; its task is acknowledged");
+                TaskEnd::Done
+            }
             Ok(None) | Err(Unread::Stopping) => TaskEnd::Again(cluster.settings().progress_every()),
         }
     }
