@@ -104,6 +104,7 @@ impl Jobs for JobsApi {
         request: Request<WatchJobRequest>,
     ) -> Result<Response<EventStream>, Status> {
         self.refuse_when_draining()?;
+        let changes_only = request.get_ref().changes_only;
         let job = self.service.find(&job_key(request.get_ref())?).await?;
         let (snapshot, mut events) = job.subscribe();
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
@@ -115,6 +116,7 @@ impl Jobs for JobsApi {
                 .send(Ok(JobEvent {
                     job: Some(snapshot),
                     changed_idx: None,
+                    item: None,
                 }))
                 .await
                 .is_err()
@@ -124,14 +126,27 @@ impl Jobs for JobsApi {
             }
             loop {
                 let event = match events.recv().await {
-                    Ok(idx) => JobEvent {
-                        job: Some(job.snapshot()),
-                        changed_idx: Some(idx),
-                    },
-                    // Too slow for the buffer: skip ahead to the present.
+                    Ok(idx) if changes_only => {
+                        let (header, item) = job.change(idx);
+                        JobEvent {
+                            job: Some(header),
+                            changed_idx: Some(idx),
+                            item,
+                        }
+                    }
+                    Ok(idx) => {
+                        let whole = job.snapshot();
+                        JobEvent {
+                            item: whole.items.get(idx as usize).cloned(),
+                            job: Some(whole),
+                            changed_idx: Some(idx),
+                        }
+                    }
+                    // Too slow for the buffer: skip ahead to the present, the whole job.
                     Err(broadcast::error::RecvError::Lagged(_)) => JobEvent {
                         job: Some(job.snapshot()),
                         changed_idx: None,
+                        item: None,
                     },
                     Err(broadcast::error::RecvError::Closed) => return,
                 };

@@ -83,6 +83,7 @@ async fn sigterm_ends_watch_streams_with_draining_and_starts_no_item() {
         .watch_job(WatchJobRequest {
             user_id: USER.into(),
             job_id: JOB.into(),
+            ..Default::default()
         })
         .await
         .unwrap()

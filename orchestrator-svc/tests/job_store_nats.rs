@@ -122,6 +122,7 @@ async fn submit_on_one_replica_watch_on_another_cancel_on_a_third() {
         .watch_job(WatchJobRequest {
             user_id: USER.into(),
             job_id: JOB.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -239,6 +240,7 @@ async fn a_watch_on_one_replica_sees_the_items_running_on_another() {
         .watch_job(WatchJobRequest {
             user_id: USER.into(),
             job_id: JOB.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -597,6 +599,7 @@ async fn a_rolling_restart_drains_one_replica_and_its_watcher_moves_to_another()
             jobs.watch_job(WatchJobRequest {
                 user_id: USER.into(),
                 job_id: JOB.into(),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -104,6 +104,7 @@ async fn three_replicas_with_the_real_segmenter_and_seaweedfs_survive_a_sigkill_
         .watch_job(WatchJobRequest {
             user_id: SEED_USER.into(),
             job_id: JOB.into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -176,6 +176,89 @@ async fn seed_job_completes_with_outputs_masks_preview_and_one_signed_callback()
     }
 }
 
+/// WatchJob with `changes_only`: the whole job once, then each change as the job's state and counters plus the
+/// changed item, so a watcher receives each item about once instead of the whole job per change; the items the
+/// changes carry add up to the job GetJob shows at the end. Without it every event is the whole job (and names
+/// the changed item too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_of_changes_only_sends_each_item_not_the_whole_job() {
+    const IMAGES: u32 = 6;
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(30, Ordering::SeqCst);
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    for idx in 0..IMAGES {
+        orch.put_input("test-user", "watched", idx, photo_jpeg(48, 32))
+            .await;
+    }
+    orch.client
+        .submit_job(seed_spec("watched", IMAGES))
+        .await
+        .unwrap();
+    let watch = |changes_only: bool| {
+        let mut client = orch.client.clone();
+        async move {
+            let mut stream = client
+                .watch_job(palette_proto::orchestrator::v1::WatchJobRequest {
+                    job_id: "watched".into(),
+                    user_id: "test-user".into(),
+                    changes_only,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut events = Vec::new();
+            while let Some(event) = stream.message().await.unwrap() {
+                events.push(event);
+            }
+            events
+        }
+    };
+    let (compact, whole) = tokio::join!(watch(true), watch(false));
+    let done = orch.wait_for("watched", is_terminal).await;
+
+    let first = compact[0].job.as_ref().unwrap();
+    assert_eq!(first.items.len(), IMAGES as usize);
+    let mut items = first.items.clone();
+    let (mut compact_bytes, mut whole_bytes) = (0, 0);
+    for event in &compact[1..] {
+        let job = event.job.as_ref().unwrap();
+        compact_bytes += prost::Message::encoded_len(event);
+        match event.changed_idx {
+            Some(idx) => {
+                assert!(
+                    job.items.is_empty() && job.effective_spec.is_none(),
+                    "{job:?}"
+                );
+                let item = event.item.clone().expect("the changed item");
+                assert_eq!(item.idx, idx);
+                items[idx as usize] = item;
+            }
+            // Fell behind: the whole job again.
+            None => items = job.items.clone(),
+        }
+    }
+    let last = compact.last().unwrap().job.as_ref().unwrap();
+    assert_eq!(last.state, JobState::Done as i32);
+    assert_eq!(last.completed, IMAGES);
+    assert_eq!(items, done.items, "the changes add up to the job");
+    for event in &whole[1..] {
+        whole_bytes += prost::Message::encoded_len(event);
+        let job = event.job.as_ref().unwrap();
+        assert_eq!(job.items.len(), IMAGES as usize);
+        if let Some(idx) = event.changed_idx {
+            assert_eq!(event.item.as_ref(), Some(&job.items[idx as usize]));
+        }
+    }
+    eprintln!(
+        "{IMAGES}-image job, {} changes: {compact_bytes} bytes of changes only, {whole_bytes} bytes of whole jobs",
+        compact.len() - 1
+    );
+    assert!(
+        compact_bytes * 2 < whole_bytes,
+        "{compact_bytes} vs {whole_bytes}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_is_idempotent_and_a_different_spec_is_already_exists() {
     let segmenter = fake_segmenter::start().await;

@@ -56,6 +56,7 @@ async fn another_users_job_is_not_found_and_left_alone() {
         .watch_job(WatchJobRequest {
             job_id: "mine".into(),
             user_id: stranger.into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -104,6 +104,7 @@ async fn watch_to_end(url: &str, job_id: &str) -> Job {
         .watch_job(WatchJobRequest {
             job_id: job_id.into(),
             user_id: "e2e-user".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

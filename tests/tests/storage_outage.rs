@@ -93,6 +93,7 @@ async fn an_s3_outage_mid_job_loses_nothing_and_the_service_keeps_serving() {
         .watch_job(WatchJobRequest {
             job_id: "outage-job".into(),
             user_id: "outage-user".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -120,6 +120,24 @@ impl JobHandle {
         self.lock().clone()
     }
 
+    /// Item `idx` as it is now, with the job's state and counters (the job without its items and spec): one
+    /// change, for a watcher that asked for changes only. Copies one item, not the whole job.
+    pub fn change(&self, idx: u32) -> (Job, Option<Item>) {
+        let job = self.lock();
+        let header = Job {
+            user_id: job.user_id.clone(),
+            job_id: job.job_id.clone(),
+            state: job.state,
+            items: Vec::new(),
+            completed: job.completed,
+            failed: job.failed,
+            cancelled: job.cancelled,
+            effective_spec: None,
+            source_job_id: job.source_job_id.clone(),
+        };
+        (header, job.items.get(idx as usize).cloned())
+    }
+
     /// The current state and a receiver of every later change, taken atomically so no event falls in between.
     pub fn subscribe(&self) -> (Job, broadcast::Receiver<u32>) {
         let job = self.lock();

@@ -63,6 +63,7 @@ async fn watch_until(
     let request = WatchJobRequest {
         job_id: job_id.into(),
         user_id: user.into(),
+        ..Default::default()
     };
     let mut stream = client.watch_job(request).await.ok()?.into_inner();
     loop {

@@ -67,6 +67,7 @@ impl Orchestrator {
             .watch_job(WatchJobRequest {
                 job_id: job_id.into(),
                 user_id: SEED_USER.into(),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -338,6 +338,7 @@ async fn run_job(url: &str, job_id: &str, n: u32) -> f64 {
         .watch_job(WatchJobRequest {
             job_id: job_id.into(),
             user_id: "bench-user".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
