@@ -264,3 +264,55 @@ async fn a_dropped_submission_whose_record_failed_leaves_no_job() {
         "not registered"
     );
 }
+
+/// JOB_STORE=nats: a job recorded (by another replica, or by an earlier try of this submission that failed here
+/// after the record was committed) with items that already ended, which this replica's registry does not hold: its
+/// watch passed those updates by. Submitted again here with the same spec, the answer is the job as recorded, not a
+/// fresh copy whose ended items stay PENDING on this replica for ever (its WatchJob never ending).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_spec_submission_reads_the_recorded_items_this_replica_missed() {
+    use orchestrator_svc::jobs::cluster::Cluster;
+    use orchestrator_svc::jobs::store::spec_hash;
+    use palette_proto::orchestrator::v1::{CallbackState, ItemState};
+    let Some(nats) = palette_testing::nats::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = orchestrator_svc::Config::for_tests(dir.path(), "http://127.0.0.1:9");
+    config.nats.nats_url = Some(nats.url.clone().into());
+    let cluster = Arc::new(
+        Cluster::connect(config.jobs.cluster_settings(&config.nats).unwrap())
+            .await
+            .unwrap(),
+    );
+    let spec = seed_spec("missed", 2);
+    let record = JobRecord {
+        user_id: spec.user_id.clone(),
+        job_id: spec.job_id.clone(),
+        spec_hash: spec_hash(&spec),
+        spec: spec.clone(),
+        seq: 1,
+        cancelled: false,
+        source: None,
+        preset: None,
+    };
+    let store = cluster.store().clone();
+    assert!(matches!(store.create(&record).await.unwrap(), Created::New));
+    let done = Item {
+        idx: 0,
+        state: ItemState::Completed as i32,
+        input_key: "inputs/test-user/missed/0.jpg".into(),
+        output_key: "outputs/test-user/missed/rule1/0.jpg".into(),
+        callback_state: CallbackState::Delivered as i32,
+        ..Default::default()
+    };
+    store.put_item(&record.key(), &done).await.unwrap();
+
+    let (_pipeline, service) =
+        job_service::with_cluster(store, None, &dir.path().join("storage"), 10, Some(cluster));
+    let job = service.submit(&spec).await.expect("the same job");
+    assert_eq!(job.items[0].state, ItemState::Completed as i32, "{job:?}");
+    assert_eq!(job.items[0].output_key, done.output_key);
+    assert_eq!(job.items[1].state, ItemState::Pending as i32);
+    assert_eq!(job.completed, 1);
+}

@@ -136,7 +136,17 @@ impl Registrar {
             .await
         {
             Ok(Some(recorded)) if recorded.spec_hash == job.spec_hash => {
-                // The mirror fills in what the other replicas did.
+                // The mirror fills in what the other replicas do from now on. What they did before this handle
+                // was registered is read now: the watch passed those updates by while the job was not in this
+                // replica's registry (an earlier try of this submission that failed here after the record was
+                // committed; a job forgotten here whose deletion failed), and the handle would show those items
+                // PENDING for ever.
+                if recorded.cancelled && !job.cancel.is_cancelled() {
+                    job.cancel.cancel();
+                }
+                cluster::read_items(cluster, &job, &recorded.key(), recorded.spec.image_count)
+                    .await
+                    .map_err(unavailable)?;
                 return Ok(job.snapshot());
             }
             Ok(Some(_)) => {

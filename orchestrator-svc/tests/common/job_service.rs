@@ -18,11 +18,25 @@ use orchestrator_svc::storage::LocalStore;
 use palette_service_kit::BearerToken;
 
 /// The service and its pipeline (whose task tracker tests wait on); at most `max_jobs` jobs retained.
+#[allow(dead_code)] // Not every test file that includes this module uses both builders.
 pub fn in_process(
     job_store: SharedJobStore,
     callbacks: Option<Arc<CallbackSender>>,
     root: &Path,
     max_jobs: usize,
+) -> (Arc<Pipeline>, Arc<JobService>) {
+    with_cluster(job_store, callbacks, root, max_jobs, None)
+}
+
+/// `in_process` sharing jobs through `cluster` (JOB_STORE=nats), without the store's watch or the work stream's
+/// worker running: only what a call does itself.
+#[allow(dead_code)]
+pub fn with_cluster(
+    job_store: SharedJobStore,
+    callbacks: Option<Arc<CallbackSender>>,
+    root: &Path,
+    max_jobs: usize,
+    cluster: Option<Arc<orchestrator_svc::jobs::cluster::Cluster>>,
 ) -> (Arc<Pipeline>, Arc<JobService>) {
     let inputs = InputLimits {
         max_bytes: 1 << 20,
@@ -63,6 +77,7 @@ pub fn in_process(
             cache_bytes: 1 << 20,
             inputs,
         },
-    );
+    )
+    .with_cluster(cluster);
     (pipeline, Arc::new(service))
 }

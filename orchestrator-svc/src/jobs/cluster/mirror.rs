@@ -198,7 +198,7 @@ pub(in crate::jobs) enum Fetched {
 /// The job's recorded items (terminal records, and claims of the items running on some replica) read into `job`.
 /// One that does not decode is left out of the view (as the watch leaves it), not made the whole job's error: the
 /// job itself is readable, and its other items are.
-async fn read_items(
+pub(in crate::jobs) async fn read_items(
     cluster: &Cluster,
     job: &JobHandle,
     record_key: &RecordKey,

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::store::{NatsJobStore, RecordKey, StoreError};
 pub use crate::config::ClusterSettings;
 use crate::config::{adopt_consumer_limits, max_deliver_for};
-pub(in crate::jobs) use mirror::Fetched;
+pub(in crate::jobs) use mirror::{Fetched, read_items};
 
 /// One item to run: what the work stream carries.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
