@@ -293,23 +293,28 @@ pub async fn run(
     service.resume().await.map_err(StartupError::JobStore)?;
     // JOB_STORE=nats: every job's state follows the shared bucket, items come from the shared work stream, and its
     // backlog is exported for the autoscaler.
-    let stop_cluster = tokio_util::sync::CancellationToken::new();
+    // Taking tasks stops once the server has; the watch only once the items in flight have ended (`following`,
+    // dropped on any return): a cancel recorded by another replica during the drain still stops them here, instead
+    // of their ending COMPLETED after CancelJob answered.
+    let stop_taking = tokio_util::sync::CancellationToken::new();
+    let stop_following = tokio_util::sync::CancellationToken::new();
+    let following = stop_following.clone().drop_guard();
     if let Some(cluster) = &cluster {
         tasks::spawn(
             "follow_job_store",
             service
                 .clone()
-                .follow_store(cluster.clone(), stop_cluster.clone()),
+                .follow_store(cluster.clone(), stop_following),
         );
         tasks::spawn(
             "take_items",
             service
                 .clone()
-                .take_items(cluster.clone(), stop_cluster.clone()),
+                .take_items(cluster.clone(), stop_taking.clone()),
         );
         tasks::spawn(
             "item_backlog",
-            cluster.clone().report_backlog(stop_cluster.clone()),
+            cluster.clone().report_backlog(stop_taking.clone()),
         );
     }
 
@@ -353,9 +358,10 @@ pub async fn run(
         shutdown,
     );
     let served = drain.serve(server).await.map_err(StartupError::Serve);
-    stop_cluster.cancel();
+    stop_taking.cancel();
     served?;
     drain.finish(worker, &api, &pipeline).await;
+    drop(following);
     Ok(())
 }
 

@@ -929,3 +929,66 @@ async fn a_drain_ends_a_task_on_its_last_delivery_instead_of_putting_it_back() {
         .expect("recorded");
     assert_eq!(recorded.state, ItemState::Failed as i32);
 }
+
+/// A CancelJob taken by another replica while this one drains still stops the items running here: the watch that
+/// brings the cancel runs until they have ended. It stopped when the server did, so the item ran on and was recorded
+/// COMPLETED after CancelJob had answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_on_another_replica_stops_the_items_of_a_draining_one() {
+    const JOB: &str = "cancelled-while-draining";
+    // Longer than the steps below take, well within the grace: without the cancel the item completes during the drain.
+    let Some(Shared {
+        nats: _nats,
+        dir,
+        segmenter,
+        hooks,
+        mut env,
+    }) = shared(JOB, 1, 5_000).await
+    else {
+        return;
+    };
+    env.push(("SHUTDOWN_GRACE_SEC".into(), "30".into()));
+    let log = dir.path().join("a.log");
+    let mut a = Process::start(binary(), &env, &log).await;
+    // Only A runs, so A holds the item's task.
+    a.jobs_client().submit_job(seed_spec(JOB, 1)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while segmenter.counters.segment_calls.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the item never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
+    let mut on_b = b.jobs_client();
+    wait_for_within(Duration::from_secs(10), &mut on_b, USER, JOB, |j| {
+        j.items[0].state == ItemState::Running as i32
+    })
+    .await;
+
+    let (took, ()) = tokio::join!(a.terminate(Duration::from_secs(40)), async {
+        // The server has stopped (no connection is open to A): A is waiting for its item.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("waiting for items in flight")
+        {
+            assert!(Instant::now() < deadline, "A never drained");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let answered = on_b
+            .clone()
+            .cancel_job(CancelJobRequest {
+                user_id: USER.into(),
+                job_id: JOB.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answered.completed, 0, "the item still runs: {answered:?}");
+    });
+    took.expect("A exits within its grace");
+    let job = wait_for_within(Duration::from_secs(20), &mut on_b, USER, JOB, is_settled).await;
+    assert_eq!(job.items[0].state, ItemState::Cancelled as i32, "{job:?}");
+    let deliveries = hooks.deliveries();
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    assert_eq!(deliveries[0].body["status"], "cancelled");
+}
