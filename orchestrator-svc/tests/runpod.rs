@@ -39,6 +39,8 @@ struct Inner {
     wrong_pod: usize,
     /// Result/progress posts without runpod-python's `isStream=false` or `X-Request-ID: {job id}`.
     unlike_the_sdk: usize,
+    /// Progress posts are answered only after this long (a slow Runpod API), recorded at once.
+    hold_progress: Duration,
 }
 
 #[derive(Clone)]
@@ -147,14 +149,23 @@ async fn done(
         return StatusCode::UNAUTHORIZED;
     }
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let mut inner = fake.inner.lock().unwrap();
-    let request_id = headers.get("x-request-id").and_then(|v| v.to_str().ok());
-    if query.get("isStream").map(String::as_str) != Some("false")
-        || request_id != Some(job.as_str())
-    {
-        inner.unlike_the_sdk += 1;
-    }
-    inner.posts.push((job, body));
+    let hold = {
+        let mut inner = fake.inner.lock().unwrap();
+        let request_id = headers.get("x-request-id").and_then(|v| v.to_str().ok());
+        if query.get("isStream").map(String::as_str) != Some("false")
+            || request_id != Some(job.as_str())
+        {
+            inner.unlike_the_sdk += 1;
+        }
+        let progress = body.get("status").is_some();
+        inner.posts.push((job, body));
+        if progress {
+            inner.hold_progress
+        } else {
+            Duration::ZERO
+        }
+    };
+    tokio::time::sleep(hold).await;
     StatusCode::OK
 }
 
@@ -450,6 +461,19 @@ async fn a_job_left_unfinished_at_shutdown_gets_an_error_result_at_once() {
 /// the error result goes out before the grace ends (a job without one stays IN_PROGRESS at Runpod).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_still_running_near_the_end_of_the_grace_period_gets_its_result() {
+    result_within_the_grace_period(Duration::ZERO).await;
+}
+
+/// The same with a slow Runpod API: a progress post held open (up to the post timeout, 30 s) at the signal neither
+/// delays the worker's noticing it nor the deadline of the result, which counts from the signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progress_post_in_flight_at_the_signal_does_not_hold_the_result_back() {
+    result_within_the_grace_period(Duration::from_secs(20)).await;
+}
+
+/// A job at the segmenter at the signal, grace 4 s: its error result is sent before the drain ends. Progress posts
+/// are answered after `hold_progress`; the signal comes once one is in flight.
+async fn result_within_the_grace_period(hold_progress: Duration) {
     use std::sync::atomic::Ordering;
     let segmenter = fake_segmenter::start().await;
     segmenter.faults.delay_ms.store(15_000, Ordering::SeqCst);
@@ -468,12 +492,23 @@ async fn a_job_still_running_near_the_end_of_the_grace_period_gets_its_result() 
         orch.put_input("test-user", "slow-job", idx, photo_jpeg(96, 64))
             .await;
     }
-    fake.inner.lock().unwrap().open = true;
-    wait_until("segmentation started", || {
+    {
+        let mut inner = fake.inner.lock().unwrap();
+        inner.hold_progress = hold_progress;
+        inner.open = true;
+    }
+    wait_until("segmentation started, a progress post sent", || {
         segmenter.counters.segment_calls.load(Ordering::SeqCst) > 0
+            && !fake.posts_for("rp-slow").is_empty()
     })
     .await;
+    let signalled = std::time::Instant::now();
     orch.shutdown().await;
+    assert!(
+        signalled.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        signalled.elapsed()
+    );
     let results = fake.results_for("rp-slow");
     assert_eq!(results.len(), 1, "{results:?}");
     let error = results[0]["error"].as_str().unwrap_or_default();

@@ -19,7 +19,7 @@
 mod backoff;
 mod output;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use palette_proto::orchestrator::v1::{ItemState, Job};
@@ -66,6 +66,8 @@ struct Worker {
     /// Runpod job ids in progress (reported by the heartbeat).
     current: Arc<Mutex<Vec<String>>>,
     jitter: Jitter,
+    /// When the stop signal came (`stop_clock`, or whoever sees it first).
+    stopped_at: OnceLock<Instant>,
 }
 
 enum Taken {
@@ -178,6 +180,18 @@ impl Worker {
         }
     }
 
+    /// Records when `stop` turns true (or its sender goes), whatever the worker is awaiting then.
+    async fn stop_clock(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+        self.stopped_at.get_or_init(Instant::now);
+    }
+
+    /// When the result of the job in progress must go out, running images or not: `result_within` after the stop
+    /// signal (not after whatever await the worker was in when it came), so it stays within the drain's grace.
+    fn result_by(&self) -> Instant {
+        *self.stopped_at.get_or_init(Instant::now) + self.settings.result_within
+    }
+
     /// Runs one Runpod job to its end and posts its result. At `stop` (shutdown) no item starts any more: once none
     /// is running either, a job that is still not finished (its unstarted items left to the job store's resume) gets
     /// an error result at once, rather than none at all after the grace period.
@@ -210,10 +224,8 @@ impl Worker {
         let mut dirty = true;
         let mut next_post = Instant::now();
         let mut stopping = *stop.borrow();
-        // When the result must go out, running images or not (set at the stop signal).
-        let mut result_by = stopping.then(|| Instant::now() + self.settings.result_within);
         while !crate::jobs::job::job_is_terminal(&job) {
-            let out_of_time = result_by.is_some_and(|by| Instant::now() >= by);
+            let out_of_time = stopping && Instant::now() >= self.result_by();
             if stopping
                 && (out_of_time
                     || !job
@@ -239,10 +251,9 @@ impl Worker {
             tokio::select! {
                 _ = stop.changed(), if !stopping => {
                     stopping = true;
-                    result_by = Some(Instant::now() + self.settings.result_within);
                     job = handle.snapshot();
                 }
-                _ = tokio::time::sleep_until(result_by.unwrap_or_else(Instant::now)), if result_by.is_some() => {
+                _ = tokio::time::sleep_until(self.result_by()), if stopping => {
                     job = handle.snapshot();
                 }
                 event = events.recv() => match event {
@@ -252,10 +263,14 @@ impl Worker {
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
-                // No progress after the stop signal: a slow post (up to POST_TIMEOUT) would push the result past the
-                // grace period.
+                // No progress after the stop signal, and a post in flight at the signal is dropped: a slow post (up to
+                // POST_TIMEOUT) would push the result past the grace period.
                 _ = tokio::time::sleep_until(next_post), if dirty && !stopping => {
-                    self.post_progress(runpod_id, &job).await;
+                    tokio::select! {
+                        () = self.post_progress(runpod_id, &job) => {}
+                        _ = stop.changed() => stopping = true,
+                    }
+                    job = handle.snapshot();
                     dirty = false;
                     next_post = Instant::now() + PROGRESS_EVERY;
                 }
@@ -323,7 +338,10 @@ pub async fn run_with(
         service,
         current: Arc::new(Mutex::new(Vec::new())),
         jitter,
+        stopped_at: OnceLock::new(),
     });
+    let stop_clock =
+        crate::tasks::spawn("runpod_stop_clock", worker.clone().stop_clock(stop.clone()));
     let pinger =
         worker.settings.ping_url.clone().map(|url| {
             crate::tasks::spawn("runpod_ping", worker.clone().ping_loop(url, stop.clone()))
@@ -360,6 +378,7 @@ pub async fn run_with(
             }
         }
     }
+    stop_clock.abort();
     if let Some(pinger) = pinger {
         pinger.abort();
     }
