@@ -184,6 +184,7 @@ async fn handle(
         job,
         events,
         snapshot: || handle.snapshot(),
+        written: handle.durable_written.watch(),
     };
     if let Some(job) = follow(&message, &job_id, progress_every, followed, &mut stop).await {
         tracing::info!(%job_id, completed = job.completed, failed = job.failed, cancelled = job.cancelled, "queue_pull: job acknowledged");

@@ -29,7 +29,9 @@ impl JobService {
             if let Some(recorded) =
                 durable::read(self.pipeline.object_store(), &job.plan, idx).await
             {
-                job.restore_item(idx, recorded);
+                if job.restore_item(idx, recorded) {
+                    job.durable_written.one_more();
+                }
                 continue;
             }
             let outcome = ItemOutcome::Failed {

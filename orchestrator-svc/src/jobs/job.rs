@@ -17,6 +17,7 @@ use crate::keys;
 
 mod hash;
 mod weight;
+mod written;
 pub use hash::{plan_hash, spec_hash};
 use weight::{JOB_OVERHEAD_BYTES, approx_item_bytes};
 
@@ -62,6 +63,8 @@ pub struct JobHandle {
     pub recorded: Recorded,
     /// Settled callbacks whose record is still being written (`settling`): the job is not settled until they are.
     settling: AtomicUsize,
+    /// Durable jobs: items whose record is written (`written`).
+    pub durable_written: written::DurableWritten,
     /// Which item changed. Only the index travels: a full Job per event, kept in the channel's ring of
     /// EVENT_BUFFER slots, made a job's memory grow with the square of its size (measured: +50 MB over 160 images);
     /// WatchJob streams take the snapshot when they forward the event.
@@ -107,6 +110,7 @@ impl JobHandle {
             finish_counted: AtomicBool::new(false),
             recorded: Recorded::default(),
             settling: AtomicUsize::new(0),
+            durable_written: Default::default(),
             events,
         }
     }

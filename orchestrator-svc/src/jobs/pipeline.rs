@@ -227,6 +227,7 @@ impl Pipeline {
         {
             drop((permit, waiting));
             if job.restore_item(idx, recorded) {
+                job.durable_written.one_more();
                 tracing::info!("item already finished by an earlier run; not run again");
             }
             return;

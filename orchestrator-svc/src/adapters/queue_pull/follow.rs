@@ -1,6 +1,6 @@
 //! A taken job followed to its end while its message is kept alive: an in-progress ack every `progress_every` (a
-//! third of the ack wait, so a long job is not redelivered), the final ack once every item ended and was called
-//! back, none when the orchestrator stops first. The message is behind `Acknowledge`, so that tests run this
+//! third of the ack wait, so a long job is not redelivered), the final ack once every item ended, was called back
+//! and has its durable record written, none when the orchestrator stops first. The message is behind `Acknowledge`, so that tests run this
 //! schedule on tokio's paused clock without a NATS server (as callbacks do with their `Transport`).
 
 use std::time::Duration;
@@ -45,11 +45,20 @@ fn finished(job: &Job) -> bool {
             .all(|i| i.callback_state != CallbackState::Pending as i32)
 }
 
-/// A job as `JobHandle::subscribe` gives it: the state now, a receiver of later changes, and how to read the state.
+/// A job as `JobHandle::subscribe` gives it: the state now, a receiver of later changes, and how to read the state;
+/// and how many of its items have their durable record written (`JobHandle::durable_written`).
 pub(super) struct Followed<S> {
     pub(super) job: Job,
     pub(super) events: broadcast::Receiver<u32>,
     pub(super) snapshot: S,
+    pub(super) written: watch::Receiver<u32>,
+}
+
+/// Every item's durable record written. Acknowledged when the callbacks were settled (with callbacks off, as soon as
+/// the last item ended), an ack that failed let the redelivery run again, and call back again, the items whose record
+/// was still being written.
+fn written(job: &Job, written: &watch::Receiver<u32>) -> bool {
+    *written.borrow() as usize >= job.items.len()
 }
 
 /// Follows the job until it is finished, sending an in-progress ack every `progress_every` meanwhile; then
@@ -65,15 +74,17 @@ pub(super) async fn follow<S: Fn() -> Job>(
         mut job,
         mut events,
         snapshot,
+        written: mut records,
     } = followed;
     let mut progress = tokio::time::interval(progress_every);
     progress.tick().await;
-    while !finished(&job) {
+    while !(finished(&job) && written(&job, &records)) {
         tokio::select! {
             event = events.recv() => match event {
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => job = snapshot(),
                 Err(broadcast::error::RecvError::Closed) => break,
             },
+            Ok(()) = records.changed() => job = snapshot(),
             _ = progress.tick() => acknowledge(message, AckKind::Progress, job_id).await,
             // Shutting down: no item starts any more, so the job cannot finish here. Unacknowledged, it is
             // redelivered after the ack wait, when the items in flight here have been recorded (or not: then they
@@ -140,6 +151,8 @@ mod tests {
         message: Arc<Recorded>,
         state: Arc<Mutex<Job>>,
         events: broadcast::Sender<u32>,
+        /// Items whose durable record is written.
+        written: watch::Sender<u32>,
         stop: watch::Sender<bool>,
         follower: tokio::task::JoinHandle<Option<Job>>,
     }
@@ -152,6 +165,7 @@ mod tests {
         let state = Arc::new(Mutex::new(running_job()));
         let (events, receiver) = broadcast::channel(8);
         let (stop, mut stopping) = watch::channel(false);
+        let (written, records) = watch::channel(0);
         let followed = Followed {
             job: running_job(),
             events: receiver,
@@ -159,6 +173,7 @@ mod tests {
                 let state = state.clone();
                 move || state.lock().unwrap().clone()
             },
+            written: records,
         };
         let follower = tokio::spawn({
             let message = message.clone();
@@ -168,6 +183,7 @@ mod tests {
             message,
             state,
             events,
+            written,
             stop,
             follower,
         }
@@ -189,6 +205,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         settled(&mut setup.state.lock().unwrap());
         setup.events.send(0).unwrap();
+        setup.written.send(1).unwrap();
         let last = setup.follower.await.unwrap().expect("finished");
         assert_eq!(last.state, JobState::Done as i32);
         let progress = "Progress".to_string();
@@ -200,6 +217,29 @@ mod tests {
                 (30, progress),
                 (36, "Ack".into())
             ]
+        );
+    }
+
+    /// Every item ended and called back (or callbacks off) is not enough: acknowledged then, an ack that failed let
+    /// the redelivery run again, and call back again, the items whose durable record was still being written.
+    #[tokio::test(start_paused = true)]
+    async fn the_final_ack_waits_for_every_items_durable_record() {
+        let setup = start(Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        settled(&mut setup.state.lock().unwrap());
+        setup.events.send(0).unwrap();
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        assert_eq!(
+            acks(&setup.message),
+            [(10, "Progress".to_string())],
+            "no final ack while the record is being written"
+        );
+        setup.written.send(1).unwrap();
+        let last = setup.follower.await.unwrap().expect("finished");
+        assert_eq!(last.state, JobState::Done as i32);
+        assert_eq!(
+            acks(&setup.message),
+            [(10, "Progress".to_string()), (12, "Ack".into())]
         );
     }
 
@@ -226,10 +266,12 @@ mod tests {
         settled(&mut job);
         let (_events, receiver) = broadcast::channel(1);
         let (_stop, mut stopping) = watch::channel(false);
+        let (_written, records) = watch::channel(1);
         let followed = Followed {
             job: job.clone(),
             events: receiver,
             snapshot: move || job.clone(),
+            written: records,
         };
         follow(
             &message,
