@@ -128,10 +128,22 @@ impl Jobs for JobsApi {
                 let event = match events.recv().await {
                     Ok(idx) if changes_only => {
                         let (header, item) = job.change(idx);
-                        JobEvent {
-                            job: Some(header),
-                            changed_idx: Some(idx),
-                            item,
+                        if job_is_terminal(&header) {
+                            // The last event is the whole job: items that ended while this one was on its way
+                            // (a cancel ends them all at once) have events still queued, which the stream, ending
+                            // here, would never send.
+                            let whole = job.snapshot();
+                            JobEvent {
+                                item: whole.items.get(idx as usize).cloned(),
+                                job: Some(whole),
+                                changed_idx: Some(idx),
+                            }
+                        } else {
+                            JobEvent {
+                                job: Some(header),
+                                changed_idx: Some(idx),
+                                item,
+                            }
                         }
                     }
                     Ok(idx) => {

@@ -223,18 +223,22 @@ async fn a_watch_of_changes_only_sends_each_item_not_the_whole_job() {
     for event in &compact[1..] {
         let job = event.job.as_ref().unwrap();
         compact_bytes += prost::Message::encoded_len(event);
-        match event.changed_idx {
-            Some(idx) => {
-                assert!(
-                    job.items.is_empty() && job.effective_spec.is_none(),
-                    "{job:?}"
-                );
-                let item = event.item.clone().expect("the changed item");
-                assert_eq!(item.idx, idx);
-                items[idx as usize] = item;
-            }
-            // Fell behind: the whole job again.
-            None => items = job.items.clone(),
+        if let Some(idx) = event.changed_idx {
+            let item = event.item.as_ref().expect("the changed item");
+            assert_eq!(item.idx, idx);
+        }
+        if job.items.is_empty() {
+            assert!(job.effective_spec.is_none(), "{job:?}");
+            let item = event.item.clone().expect("the changed item");
+            let idx = item.idx as usize;
+            items[idx] = item;
+        } else {
+            // The last event (the job ended), or a watcher that fell behind: the whole job.
+            assert!(
+                event.changed_idx.is_none() || job.state == JobState::Done as i32,
+                "{job:?}"
+            );
+            items = job.items.clone();
         }
     }
     let last = compact.last().unwrap().job.as_ref().unwrap();
@@ -256,6 +260,59 @@ async fn a_watch_of_changes_only_sends_each_item_not_the_whole_job() {
     assert!(
         compact_bytes * 2 < whole_bytes,
         "{compact_bytes} vs {whole_bytes}"
+    );
+}
+
+/// A cancel ends every open item at once: a `changes_only` watcher still learns how each one ended (the last
+/// event is the whole job), instead of a stream that stops at the first change whose job reads CANCELLED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_of_changes_only_sees_every_item_a_cancel_ends() {
+    const IMAGES: u32 = 5;
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(60_000, Ordering::SeqCst);
+    let mut orch = start(&segmenter.url, |c| c.limits.batch_concurrency = 1).await;
+    for idx in 0..IMAGES {
+        orch.put_input("test-user", "cancelled-watch", idx, photo_jpeg(32, 32))
+            .await;
+    }
+    orch.client
+        .submit_job(seed_spec("cancelled-watch", IMAGES))
+        .await
+        .unwrap();
+    let mut stream = orch
+        .client
+        .watch_job(palette_proto::orchestrator::v1::WatchJobRequest {
+            job_id: "cancelled-watch".into(),
+            user_id: "test-user".into(),
+            changes_only: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut items = stream.message().await.unwrap().unwrap().job.unwrap().items;
+    orch.client
+        .cancel_job(CancelJobRequest {
+            job_id: "cancelled-watch".into(),
+            user_id: "test-user".into(),
+        })
+        .await
+        .unwrap();
+    let mut last = None;
+    while let Some(event) = stream.message().await.unwrap() {
+        let job = event.job.unwrap();
+        if job.items.is_empty() {
+            let item = event.item.unwrap();
+            let idx = item.idx as usize;
+            items[idx] = item;
+        } else {
+            items = job.items.clone();
+        }
+        last = Some(job);
+    }
+    assert_eq!(last.unwrap().state, JobState::Cancelled as i32);
+    assert!(
+        items.iter().all(|i| i.state == ItemState::Cancelled as i32),
+        "{items:?}"
     );
 }
 
