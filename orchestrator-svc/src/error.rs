@@ -128,6 +128,26 @@ impl From<ApiError> for Status {
     }
 }
 
+impl ApiError {
+    /// A submission refused only for now, which the queue adapters (`queue_pull`, `runpod`) submit again in place
+    /// rather than fail the job: the registry is full of running jobs (Overloaded, which says how long to wait) or the
+    /// job store cannot record the job (StoreUnavailable; wait `pause`). The wait, or None for an answer to keep.
+    pub fn submit_again_in(&self, pause: Duration) -> Option<Duration> {
+        match self {
+            ApiError::Overloaded { retry_after, .. } => Some(*retry_after),
+            ApiError::StoreUnavailable(_) => Some(pause),
+            ApiError::InvalidArgument(_)
+            | ApiError::JobNotFound { .. }
+            | ApiError::JobExists { .. }
+            | ApiError::SourceUnavailable { .. }
+            | ApiError::SourceUnusable { .. }
+            | ApiError::SourceRunning { .. }
+            | ApiError::Internal { .. }
+            | ApiError::Draining => None,
+        }
+    }
+}
+
 /// An error and every source under it, joined by ": " (what logs and an item's `error` say).
 pub struct Report<'a>(pub &'a (dyn std::error::Error + 'static));
 

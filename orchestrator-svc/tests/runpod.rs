@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use common::fake_segmenter;
-use common::orchestrator::{photo_jpeg, start};
+use common::orchestrator::{SEED_USER, photo_jpeg, seed_spec, start};
 use palette_proto::orchestrator::v1::{GetJobRequest, JobState};
 use serde_json::{Value, json};
 
@@ -35,6 +35,8 @@ struct Inner {
     take_queries: Vec<HashMap<String, String>>,
     posts: Vec<(String, Value)>,
     pings: usize,
+    /// Each ping's query (its `job_id`s name the jobs in progress).
+    ping_queries: Vec<String>,
     unauthorized: usize,
     wrong_pod: usize,
     /// Result/progress posts without runpod-python's `isStream=false` or `X-Request-ID: {job id}`.
@@ -172,12 +174,15 @@ async fn done(
 async fn ping(
     State(fake): State<FakeRunpod>,
     Path(pod): Path<String>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> StatusCode {
     if !fake.check(&headers, &pod) {
         return StatusCode::UNAUTHORIZED;
     }
-    fake.inner.lock().unwrap().pings += 1;
+    let mut inner = fake.inner.lock().unwrap();
+    inner.pings += 1;
+    inner.ping_queries.push(query.unwrap_or_default());
     StatusCode::OK
 }
 
@@ -514,6 +519,109 @@ async fn result_within_the_grace_period(hold_progress: Duration) {
     let error = results[0]["error"].as_str().unwrap_or_default();
     assert!(
         error.contains("shut down before the job finished") && error.contains(" of 2 images done"),
+        "{results:?}"
+    );
+}
+
+/// A job the orchestrator cannot take now (MAX_RETAINED_JOBS=1, held by a running gRPC job) is submitted again
+/// until it can be, under heartbeats naming it, and then runs: not failed at once, as a refusal for good would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_refused_for_now_runs_once_the_orchestrator_can_take_it() {
+    use std::sync::atomic::Ordering;
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(3_000, Ordering::SeqCst);
+    let fake = FakeRunpod::start(vec![
+        json!({"id": "rp-later", "input": seed_input("later-job", 1)}),
+    ])
+    .await;
+    let base = fake.base();
+    let mut orch = start(&segmenter.url, move |c| {
+        runpod_without_ping(c, &base);
+        c.runpod.runpod_webhook_ping = Some(format!("{base}/ping/$RUNPOD_POD_ID"));
+        c.runpod.runpod_ping_interval = 100;
+        c.limits.max_retained_jobs = 1;
+    })
+    .await;
+    orch.put_input(SEED_USER, "first-job", 0, photo_jpeg(96, 64))
+        .await;
+    orch.put_input(SEED_USER, "later-job", 0, photo_jpeg(96, 64))
+        .await;
+    orch.client
+        .submit_job(seed_spec("first-job", 1))
+        .await
+        .unwrap();
+    wait_until("the gRPC job at the segmenter", || {
+        segmenter.counters.segment_calls.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    fake.inner.lock().unwrap().open = true;
+    wait_until("the Runpod job's result", || {
+        !fake.results_for("rp-later").is_empty()
+    })
+    .await;
+
+    let results = fake.results_for("rp-later");
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["output"]["state"], "DONE", "{results:?}");
+    assert_eq!(results[0]["output"]["completed"], 1, "{results:?}");
+    let first = orch
+        .client
+        .get_job(GetJobRequest {
+            job_id: "first-job".into(),
+            user_id: SEED_USER.into(),
+        })
+        .await;
+    // The first job ended before the Runpod one was taken in, and was forgotten to make room for it.
+    assert_eq!(
+        first.unwrap_err().code(),
+        tonic::Code::NotFound,
+        "only one job retained"
+    );
+    // The registry's retry hint is 5 s: beats every 100 ms named the job while it waited.
+    let pings = fake.inner.lock().unwrap().ping_queries.clone();
+    let naming = pings
+        .iter()
+        .filter(|q| q.contains("job_id=rp-later"))
+        .count();
+    assert!(naming > 10, "{pings:?}");
+    orch.shutdown().await;
+}
+
+/// Shutdown while a refused job waits to be submitted again: the job never started, and its result says so at once
+/// (none at all would leave it IN_PROGRESS at Runpod).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_refused_for_now_at_shutdown_gets_an_error_result() {
+    use std::sync::atomic::Ordering;
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(30_000, Ordering::SeqCst);
+    let fake = FakeRunpod::start(vec![
+        json!({"id": "rp-later", "input": seed_input("later-job", 1)}),
+    ])
+    .await;
+    let base = fake.base();
+    let mut orch = start(&segmenter.url, move |c| {
+        runpod_without_ping(c, &base);
+        c.limits.max_retained_jobs = 1;
+        c.shutdown_grace_sec = 4;
+    })
+    .await;
+    orch.put_input(SEED_USER, "first-job", 0, photo_jpeg(96, 64))
+        .await;
+    orch.client
+        .submit_job(seed_spec("first-job", 1))
+        .await
+        .unwrap();
+    fake.inner.lock().unwrap().open = true;
+    wait_until("the Runpod job taken", || {
+        fake.inner.lock().unwrap().takes == 1
+    })
+    .await;
+    orch.shutdown().await;
+    let results = fake.results_for("rp-later");
+    assert_eq!(results.len(), 1, "{results:?}");
+    let error = results[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("shut down before the job could start") && error.contains("overloaded"),
         "{results:?}"
     );
 }

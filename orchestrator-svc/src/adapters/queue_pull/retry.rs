@@ -29,14 +29,13 @@ where
 {
     let submitting = async {
         loop {
-            let wait = match submit().await {
-                Err(ApiError::Overloaded { retry_after, .. }) => retry_after,
-                Err(e @ ApiError::StoreUnavailable(_)) => {
-                    tracing::warn!(%job_id, error = %e, "queue_pull: job not recorded now; submitting it again");
-                    pause
-                }
-                done => return done,
+            let done = submit().await;
+            let Some(wait) = done.as_ref().err().and_then(|e| e.submit_again_in(pause)) else {
+                return done;
             };
+            if let Err(e @ ApiError::StoreUnavailable(_)) = &done {
+                tracing::warn!(%job_id, error = %e, "queue_pull: job not recorded now; submitting it again");
+            }
             tokio::time::sleep(wait).await;
         }
     };

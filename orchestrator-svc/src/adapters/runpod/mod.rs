@@ -18,6 +18,7 @@
 
 mod backoff;
 mod output;
+mod submit;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -36,6 +37,7 @@ use crate::jobs::{JobKey, JobService};
 use crate::spec_json::spec_from_input;
 use backoff::{TakePacer, Took, retried};
 use output::progress_json;
+use submit::submit_patiently;
 
 /// At most one progress post per this interval per job.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -206,9 +208,8 @@ impl Worker {
                 return;
             }
         };
-        if let Err(e) = self.service.submit(&spec).await {
-            tracing::warn!(runpod_job = %runpod_id, error = %e, "runpod: job rejected");
-            self.post_result(runpod_id, &json!({"error": e.to_string()}))
+        if let Err(error) = submit_patiently(&self.service, runpod_id, &spec, &mut stop).await {
+            self.post_result(runpod_id, &json!({ "error": error }))
                 .await;
             return;
         }
