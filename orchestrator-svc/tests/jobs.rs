@@ -442,7 +442,20 @@ async fn a_segmenter_that_is_down_fails_items_as_segmenter_unavailable() {
     let mut orch = start("http://127.0.0.1:9", |_| {}).await;
     orch.put_input("test-user", "down", 0, photo_jpeg(32, 32))
         .await;
+    // The phrase check gets no verdict: accepted within its 0.5 s deadline, and the next submission, with phrases
+    // never checked, is not delayed again (the check is skipped for a while after a failure).
+    let started = std::time::Instant::now();
     orch.client.submit_job(seed_spec("down", 1)).await.unwrap();
+    let first = started.elapsed();
+    let started = std::time::Instant::now();
+    let other = palette_proto::orchestrator::v1::JobSpec {
+        concepts: vec!["ceiling".into()],
+        ..seed_spec("down-too", 1)
+    };
+    orch.client.submit_job(other).await.unwrap();
+    let second = started.elapsed();
+    assert!(first < std::time::Duration::from_millis(1500), "{first:?}");
+    assert!(second < std::time::Duration::from_millis(300), "{second:?}");
     let events = orch.watch_to_end("down").await;
     let item = &events.last().unwrap().0.items[0];
     assert_eq!(item.state, ItemState::Failed as i32);

@@ -107,7 +107,19 @@ impl JobService {
     /// current state. With a job store the answer comes once the job is recorded: an accepted job survives a crash.
     pub async fn submit(&self, spec: &JobSpec) -> Result<Job, ApiError> {
         let plan = validate::validate(spec, &self.presets, self.limits)?;
-        phrases::refuse_unreadable(self.pipeline.segmenter(), spec, &plan).await?;
+        if let Err(refused) =
+            phrases::refuse_unreadable(self.pipeline.segmenter(), spec, &plan).await
+        {
+            // A job accepted before (unchecked: the segmenter gave no verdict then) and submitted again is the job
+            // it is (idempotent, or ALREADY_EXISTS), not refused: it exists and runs.
+            let key = JobKey {
+                user_id: plan.user_id.clone(),
+                job_id: plan.job_id.clone(),
+            };
+            if self.find(&key).await.is_err() {
+                return Err(refused);
+            }
+        }
         self.register(spec, plan).await
     }
 
@@ -198,8 +210,9 @@ impl JobService {
     /// Like `submit`, for a job that may run again elsewhere (ADAPTER=queue_pull): items are recorded in storage
     /// when they end, and items already recorded are skipped (see `durable`).
     pub async fn submit_durable(&self, spec: &JobSpec) -> Result<Job, ApiError> {
+        // No CheckConcepts here: a redelivered message of a job accepted unchecked must not be refused (its
+        // open items would never be called back); Segment judges the phrases.
         let mut plan = validate::validate(spec, &self.presets, self.limits)?;
-        phrases::refuse_unreadable(self.pipeline.segmenter(), spec, &plan).await?;
         plan.durable_items = true;
         self.register(spec, plan).await
     }

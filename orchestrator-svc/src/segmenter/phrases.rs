@@ -4,56 +4,84 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use palette_proto::segmenter::v1::CheckConceptsRequest;
 
 use super::Segmenter;
 
-/// How long a submission waits for the verdict before it accepts the job unchecked (Segment judges it later).
-const CHECK_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a submission waits for the verdict (a tokenisation: microseconds, plus a round trip) before it accepts
+/// the job unchecked (Segment judges it later).
+const CHECK_DEADLINE: Duration = Duration::from_millis(500);
+/// After a check that got no verdict, submissions skip the check this long: a segmenter that is down, starting or
+/// scaled to zero must not add CHECK_DEADLINE to every submission.
+const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(30);
 /// Usable phrases remembered; past this the set starts again (phrases repeat: a few hundred in practice).
 const MAX_REMEMBERED: usize = 4096;
 
 /// Phrases found usable, not asked again: a submission of known phrases costs no call, and the segmenter being
-/// down or slow delays none of them.
+/// down or slow delays none of them. (Not keyed by model: a model with a shorter text context than the one that
+/// judged a phrase would refuse it at Segment, as before this check.)
 #[derive(Debug, Default)]
-pub(super) struct Usable(Mutex<HashSet<String>>);
+pub(super) struct Usable {
+    phrases: Mutex<HashSet<String>>,
+    /// Until when submissions skip the check (SKIP_AFTER_FAILURE after a check that got no verdict).
+    skip_until: Mutex<Option<Instant>>,
+}
 
 impl Usable {
     fn contains(&self, phrase: &str) -> bool {
-        self.0
+        self.phrases
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains(phrase)
     }
 
     fn remember(&self, phrase: &str) {
-        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = self.phrases.lock().unwrap_or_else(|e| e.into_inner());
         if set.len() >= MAX_REMEMBERED {
             set.clear();
         }
         set.insert(phrase.to_string());
+    }
+
+    fn skipping(&self) -> bool {
+        let skip = self.skip_until.lock().unwrap_or_else(|e| e.into_inner());
+        skip.is_some_and(|until| Instant::now() < until)
+    }
+
+    /// No verdict: this job and the next SKIP_AFTER_FAILURE of submissions are accepted unchecked (said once, here).
+    fn failed(&self, why: &str) {
+        *self.skip_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Instant::now() + SKIP_AFTER_FAILURE);
+        tracing::warn!(
+            reason = why,
+            skip_sec = SKIP_AFTER_FAILURE.as_secs(),
+            "CheckConcepts gave no verdict: jobs are accepted without checking their phrases against the model for a while (Segment judges them)"
+        );
     }
 }
 
 impl Segmenter {
     /// The phrases among `phrases` the segmenter's model cannot read, each with why (Segment's description), in
     /// order. Empty when all are usable, and when the segmenter cannot say now (no replica, no answer within
-    /// CHECK_DEADLINE, a segmenter from before CheckConcepts): the job is then accepted and Segment judges them.
+    /// CHECK_DEADLINE, a segmenter from before CheckConcepts; then for SKIP_AFTER_FAILURE without asking): the job
+    /// is then accepted and Segment judges them.
     pub async fn unusable_phrases(&self, phrases: &[String]) -> Vec<(String, String)> {
+        let checks = &self.usable_phrases;
         let unknown: Vec<String> = phrases
             .iter()
-            .filter(|p| !self.usable_phrases.contains(p))
+            .filter(|p| !checks.contains(p))
             .cloned()
             .collect();
-        if unknown.is_empty() {
+        if unknown.is_empty() || checks.skipping() {
             return Vec::new();
         }
         if self.replicas() == 0 {
-            // At start the first lookup may still be running (bounded by REFRESH_WAIT).
-            self.refresh_replicas().await;
+            // At start the first lookup may still be running.
+            let _ = tokio::time::timeout(CHECK_DEADLINE, self.refresh_replicas()).await;
             if self.replicas() == 0 {
+                checks.failed("no segmenter replica resolved");
                 return Vec::new();
             }
         }
@@ -62,31 +90,30 @@ impl Segmenter {
             concepts: unknown.clone(),
         });
         request.set_timeout(CHECK_DEADLINE);
-        let checks = match tokio::time::timeout(CHECK_DEADLINE, client.check_concepts(request))
-            .await
-        {
-            Ok(Ok(reply)) => reply.into_inner().concepts,
-            Ok(Err(status)) => {
-                tracing::debug!(code = ?status.code(), message = status.message(), "CheckConcepts failed: phrases accepted unchecked");
-                return Vec::new();
-            }
-            Err(_) => {
-                tracing::debug!("CheckConcepts did not answer in time: phrases accepted unchecked");
-                return Vec::new();
-            }
-        };
-        if checks.len() != unknown.len() {
-            tracing::warn!(
-                asked = unknown.len(),
-                answered = checks.len(),
-                "CheckConcepts answered another number of phrases: accepted unchecked"
-            );
+        let verdicts =
+            match tokio::time::timeout(CHECK_DEADLINE, client.check_concepts(request)).await {
+                Ok(Ok(reply)) => reply.into_inner().concepts,
+                Ok(Err(status)) => {
+                    checks.failed(&format!("{:?}: {}", status.code(), status.message()));
+                    return Vec::new();
+                }
+                Err(_) => {
+                    checks.failed(&format!("no answer within {CHECK_DEADLINE:?}"));
+                    return Vec::new();
+                }
+            };
+        if verdicts.len() != unknown.len() {
+            checks.failed(&format!(
+                "{} verdicts for {} phrases",
+                verdicts.len(),
+                unknown.len()
+            ));
             return Vec::new();
         }
         let mut unusable = Vec::new();
-        for (phrase, check) in unknown.into_iter().zip(checks) {
+        for (phrase, check) in unknown.into_iter().zip(verdicts) {
             if check.problem.is_empty() {
-                self.usable_phrases.remember(&phrase);
+                checks.remember(&phrase);
             } else {
                 unusable.push((phrase, check.problem));
             }
