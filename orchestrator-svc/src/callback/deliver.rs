@@ -64,6 +64,9 @@ pub struct CallbackSender {
     header_secret: Option<String>,
     /// The HMAC key of webhook-signature.
     signing_secret: String,
+    /// A second key whose signature goes along (the header's secret, which signed before CALLBACK_SIGNING_SECRET
+    /// was set): receivers still verifying with it keep working while they move to the signing key.
+    also_signing: Option<String>,
     policy: RetryPolicy,
     clock: Arc<dyn Clock>,
     rng: Mutex<StdRng>,
@@ -95,6 +98,7 @@ impl CallbackSender {
             base_url: base_url.trim_end_matches('/').to_string(),
             header_secret: Some(secret.to_string()),
             signing_secret: secret.to_string(),
+            also_signing: None,
             policy,
             clock: Arc::new(SystemClock),
             rng: Mutex::new(StdRng::from_os_rng()),
@@ -109,8 +113,13 @@ impl CallbackSender {
 
     /// Signs with `key` instead of the secret the X-GPU-Callback-Secret header carries (CALLBACK_SIGNING_SECRET):
     /// with one secret for both, anyone who sees one request's headers (a log of them, a proxy) can sign any body.
+    /// While the header still carries the secret that signed before, its signature goes along too (Standard Webhooks
+    /// takes several, space-separated; any one that verifies will do): a receiver verifying with the old key keeps
+    /// working, one verifying with `key` alone cannot be fooled by whoever read the header.
     pub fn signing_with(mut self, key: &str) -> Self {
-        self.signing_secret = key.to_string();
+        if key != self.signing_secret {
+            self.also_signing = Some(std::mem::replace(&mut self.signing_secret, key.to_string()));
+        }
         self
     }
 
@@ -118,6 +127,7 @@ impl CallbackSender {
     /// check signatures only.
     pub fn without_secret_header(mut self) -> Self {
         self.header_secret = None;
+        self.also_signing = None;
         self
     }
 
@@ -236,10 +246,14 @@ impl CallbackSender {
             ("x-idempotency-key", id.to_string()),
             ("webhook-id", id.to_string()),
             ("webhook-timestamp", timestamp.to_string()),
-            (
-                "webhook-signature",
-                sign(&self.signing_secret, id, timestamp, payload),
-            ),
+            ("webhook-signature", {
+                let mut signatures = sign(&self.signing_secret, id, timestamp, payload);
+                if let Some(old) = &self.also_signing {
+                    signatures.push(' ');
+                    signatures.push_str(&sign(old, id, timestamp, payload));
+                }
+                signatures
+            }),
         ]);
         match self.http.post(url, &headers, payload.to_vec()).await {
             // Timeouts, refused connections, resets: the receiver may come back.
