@@ -43,6 +43,8 @@ struct Inner {
     unlike_the_sdk: usize,
     /// Progress posts are answered only after this long (a slow Runpod API), recorded at once.
     hold_progress: Duration,
+    /// A job is answered only this long after it was handed out (counted in `takes` at once).
+    hold_takes: Duration,
 }
 
 #[derive(Clone)]
@@ -119,25 +121,27 @@ async fn take(
     if !fake.check(&headers, &pod) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
-    let mut inner = fake.inner.lock().unwrap();
-    inner.take_queries.push(query);
-    if inner.open && inner.fail_takes > 0 {
-        inner.fail_takes -= 1;
-        inner.failed_takes += 1;
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    }
-    let next = if inner.open {
-        inner.jobs.pop_front()
-    } else {
-        None
-    };
-    match next {
-        Some(job) => {
-            inner.takes += 1;
-            axum::Json(job).into_response()
+    let (job, hold) = {
+        let mut inner = fake.inner.lock().unwrap();
+        inner.take_queries.push(query);
+        if inner.open && inner.fail_takes > 0 {
+            inner.fail_takes -= 1;
+            inner.failed_takes += 1;
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }
-        None => StatusCode::NO_CONTENT.into_response(),
-    }
+        let next = if inner.open {
+            inner.jobs.pop_front()
+        } else {
+            None
+        };
+        let Some(job) = next else {
+            return StatusCode::NO_CONTENT.into_response();
+        };
+        inner.takes += 1;
+        (job, inner.hold_takes)
+    };
+    tokio::time::sleep(hold).await;
+    axum::Json(job).into_response()
 }
 
 async fn done(
@@ -623,5 +627,46 @@ async fn a_job_refused_for_now_at_shutdown_gets_an_error_result() {
     assert!(
         error.contains("shut down before the job could start") && error.contains("overloaded"),
         "{results:?}"
+    );
+}
+
+/// The stop signal while a take is in flight, the job already handed out by Runpod: the take is let finish, and the
+/// job (which cannot start during the drain) gets an error result rather than staying IN_PROGRESS at Runpod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_handed_out_while_stopping_gets_an_error_result() {
+    let segmenter = fake_segmenter::start().await;
+    let fake = FakeRunpod::start(vec![
+        json!({"id": "rp-late", "input": seed_input("late-job", 1)}),
+    ])
+    .await;
+    let base = fake.base();
+    let mut orch = start(&segmenter.url, move |c| {
+        runpod_without_ping(c, &base);
+        c.shutdown_grace_sec = 10;
+    })
+    .await;
+    {
+        let mut inner = fake.inner.lock().unwrap();
+        inner.hold_takes = Duration::from_secs(1);
+        inner.open = true;
+    }
+    wait_until("the job handed out", || {
+        fake.inner.lock().unwrap().takes == 1
+    })
+    .await;
+    orch.shutdown().await;
+    let results = fake.results_for("rp-late");
+    assert_eq!(results.len(), 1, "{results:?}");
+    let error = results[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("shutting down") && error.contains("not started"),
+        "{results:?}"
+    );
+    assert_eq!(
+        segmenter
+            .counters
+            .segment_calls
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
     );
 }

@@ -47,6 +47,12 @@ const RESULT_ATTEMPTS: u32 = 6;
 const TAKE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Timeout of one post or ping.
 const POST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a take in flight at the stop signal may still finish: Runpod may have handed it a job already (as
+/// runpod-python does, the take is not dropped), and such a job gets an error result instead of staying IN_PROGRESS.
+const TAKE_AFTER_STOP: Duration = Duration::from_secs(2);
+/// The result of a job taken after the stop signal: no image starts any more during the drain.
+const NOT_STARTED: &str =
+    "the worker was shutting down when it took the job: not started; submit it again";
 
 /// A Runpod request that failed.
 #[derive(Debug, thiserror::Error)]
@@ -350,9 +356,18 @@ pub async fn run_with(
     let mut stop_take = stop.clone();
     let mut pacer = TakePacer::new(worker.jitter);
     while !*stop.borrow() {
+        let take = worker.take();
+        tokio::pin!(take);
         let taken = tokio::select! {
-            taken = worker.take() => taken,
-            _ = stop_take.changed() => break,
+            taken = &mut take => taken,
+            _ = stop_take.changed() => {
+                let by = worker.result_by().min(Instant::now() + TAKE_AFTER_STOP);
+                if let Ok(Ok(Taken::Job { id, .. } | Taken::Bad { id, .. })) = tokio::time::timeout_at(by, take).await {
+                    tracing::warn!(runpod_job = %id, "runpod: job taken at shutdown; not started");
+                    worker.post_result(&id, &json!({ "error": NOT_STARTED })).await;
+                }
+                break;
+            }
         };
         let took = match taken {
             Ok(Taken::Job { id, input }) => {
