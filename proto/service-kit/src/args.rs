@@ -53,10 +53,11 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_CONCURRENT_STREAMS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
 
-    /// Most grpc.health.v1 Watch streams open at once, over both listeners: health needs no token, and a Watch
-    /// stays open until shutdown (~5 KB each). Beyond it Watch answers RESOURCE_EXHAUSTED (Check is never refused).
-    /// Default 64; a client doing client-side health checking holds one per connection.
-    #[arg(long, env = "MAX_HEALTH_WATCHES", default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    /// Most grpc.health.v1 Watch streams open at once, over both listeners (and at most 8 on one connection, so a
+    /// single client cannot take them all): health needs no token, and a Watch stays open until shutdown (~5 KB
+    /// each). Beyond it Watch answers RESOURCE_EXHAUSTED (Check is never refused). Default 1024; a client doing
+    /// client-side health checking holds one per connection.
+    #[arg(long, env = "MAX_HEALTH_WATCHES", default_value_t = 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_health_watches: usize,
 
     /// How often AUTH_TOKENS_FILE is read again (tests shorten it; not a flag).

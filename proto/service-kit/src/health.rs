@@ -6,10 +6,14 @@
 //! Open Watch streams are capped as well (MAX_HEALTH_WATCHES): health needs no token, and each Watch stays open until
 //! shutdown, so one unauthenticated connection opening 100,000 of them grew the orchestrator from 116 MB to 658 MB
 //! (~5 KB a stream), without bound. Past the cap Watch answers RESOURCE_EXHAUSTED; a slot frees when its stream
-//! ends (the client cancels or goes away, or shutdown).
+//! ends (the client cancels or goes away, or shutdown). One connection may hold at most WATCHES_PER_CONNECTION of
+//! them, so one client cannot take every slot and lock other clients' health checking out (a client-side health
+//! check treats a refused Watch as an unhealthy backend).
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt, stream};
 use tokio::sync::{Semaphore, watch};
@@ -33,6 +37,51 @@ pub struct EndingHealth {
     stopping: watch::Receiver<bool>,
     watches: Arc<Semaphore>,
     max_watches: usize,
+    /// Open Watch streams per connection (its peer address), removed at zero.
+    per_connection: Arc<Mutex<HashMap<SocketAddr, usize>>>,
+}
+
+/// Watch streams one connection may hold open (a client checking health needs one per service name it watches).
+pub const WATCHES_PER_CONNECTION: usize = 8;
+
+/// A connection's count of open Watch streams, given back when the stream is dropped.
+struct ConnectionSlot {
+    counts: Arc<Mutex<HashMap<SocketAddr, usize>>>,
+    peer: Option<SocketAddr>,
+}
+
+impl ConnectionSlot {
+    fn take(
+        counts: &Arc<Mutex<HashMap<SocketAddr, usize>>>,
+        peer: Option<SocketAddr>,
+    ) -> Option<Self> {
+        if let Some(peer) = peer {
+            let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+            let open = map.entry(peer).or_insert(0);
+            if *open >= WATCHES_PER_CONNECTION {
+                return None;
+            }
+            *open += 1;
+        }
+        Some(Self {
+            counts: counts.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if let Some(peer) = self.peer {
+            let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(open) = map.get_mut(&peer) {
+                *open -= 1;
+                if *open == 0 {
+                    map.remove(&peer);
+                }
+            }
+        }
+    }
 }
 
 impl EndingHealth {
@@ -42,6 +91,7 @@ impl EndingHealth {
             stopping,
             watches: Arc::new(Semaphore::new(max_watches)),
             max_watches,
+            per_connection: Arc::default(),
         }
     }
 }
@@ -63,7 +113,14 @@ impl Health for EndingHealth {
         &self,
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        // Held by the stream: released when it is dropped, however it ends.
+        // Both held by the stream: released when it is dropped, however it ends.
+        let Some(connection) = ConnectionSlot::take(&self.per_connection, request.remote_addr())
+        else {
+            return Err(Status::resource_exhausted(format!(
+                "{WATCHES_PER_CONNECTION} health Watch streams are open on this connection, the most one connection \
+                 may hold; use Check, or retry once one ends"
+            )));
+        };
         let Ok(slot) = self.watches.clone().try_acquire_owned() else {
             return Err(Status::resource_exhausted(format!(
                 "{} health Watch streams are open, the most this server keeps (MAX_HEALTH_WATCHES); use Check, or \
@@ -84,7 +141,7 @@ impl Health for EndingHealth {
             .take_until(stopped)
             .chain(stream::once(async move { Ok(last) }))
             .map(move |item| {
-                let _held = &slot;
+                let _held = (&slot, &connection);
                 item
             });
         Ok(Response::new(Box::pin(stream)))

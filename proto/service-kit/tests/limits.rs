@@ -76,20 +76,41 @@ fn overall() -> HealthCheckRequest {
 
 #[tokio::test]
 async fn health_watches_past_the_cap_are_refused_and_the_first_stay_open() {
-    let args = args();
-    let cap = args.max_health_watches;
-    assert_eq!(cap, 64, "the default");
+    assert_eq!(args().max_health_watches, 1024, "the default");
+    let args = Cli::try_parse_from([
+        "test",
+        "--health-addr",
+        "127.0.0.1:0",
+        "--max-health-watches",
+        "12",
+    ])
+    .unwrap()
+    .serve;
+    let per_connection = palette_service_kit::health::WATCHES_PER_CONNECTION;
     let mut running = start(&args).await;
-    // All on one connection, as the measured attack did; the health-only listener shares the cap.
+    let watch_n = |client: &mut HealthClient<Channel>, n: usize| {
+        let mut client = client.clone();
+        async move {
+            let mut open = Vec::with_capacity(n);
+            for _ in 0..n {
+                let mut stream = client.watch(overall()).await.unwrap().into_inner();
+                let first = stream.message().await.unwrap().unwrap();
+                assert_eq!(first.status, ServingStatus::Serving as i32);
+                open.push(stream);
+            }
+            open
+        }
+    };
+    // One connection (the measured attack used one) gets its share, not every slot.
     let mut client = HealthClient::new(channel(running.addr).await);
-    let mut open = Vec::with_capacity(cap);
-    for _ in 0..cap {
-        let mut stream = client.watch(overall()).await.unwrap().into_inner();
-        let first = stream.message().await.unwrap().unwrap();
-        assert_eq!(first.status, ServingStatus::Serving as i32);
-        open.push(stream);
-    }
+    let mut open = watch_n(&mut client, per_connection).await;
     let refused = client.watch(overall()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("this connection"), "{refused:?}");
+    // Another client still watches, up to the server's cap (12), which the health-only listener shares.
+    let mut other = HealthClient::new(channel(running.addr).await);
+    open.extend(watch_n(&mut other, 12 - per_connection).await);
+    let refused = other.watch(overall()).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
         refused.message().contains("MAX_HEALTH_WATCHES"),
@@ -109,11 +130,11 @@ async fn health_watches_past_the_cap_are_refused_and_the_first_stay_open() {
         assert!(stream.message().now_or_never().is_none(), "a Watch ended");
     }
 
-    // A stream the client drops gives its slot back.
+    // A stream the client drops gives its slots back (the server's and its connection's).
     drop(open.pop());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut again = loop {
-        match client.watch(overall()).await {
+        match other.watch(overall()).await {
             Ok(stream) => break stream.into_inner(),
             Err(status) if status.code() == Code::ResourceExhausted => {
                 assert!(
