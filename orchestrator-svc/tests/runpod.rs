@@ -527,6 +527,38 @@ async fn result_within_the_grace_period(hold_progress: Duration) {
     );
 }
 
+/// The window the running images get after the signal counts from the signal, however long the job ran before:
+/// a SIGTERM 3.5 s into an image that needs 6 s (grace 4 s: the result is due 3 s after the signal) lets it finish,
+/// and the job's result is its output, not "shut down before the job finished".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_late_in_a_job_still_gives_its_running_image_the_window() {
+    use std::sync::atomic::Ordering;
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(6_000, Ordering::SeqCst);
+    let fake = FakeRunpod::start(vec![
+        json!({"id": "rp-late", "input": seed_input("late-job", 1)}),
+    ])
+    .await;
+    let base = fake.base();
+    let mut orch = start(&segmenter.url, move |c| {
+        runpod_without_ping(c, &base);
+        c.shutdown_grace_sec = 4;
+    })
+    .await;
+    orch.put_input("test-user", "late-job", 0, photo_jpeg(96, 64))
+        .await;
+    fake.inner.lock().unwrap().open = true;
+    wait_until("segmentation started", || {
+        segmenter.counters.segment_calls.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    orch.shutdown().await;
+    let results = fake.results_for("rp-late");
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["output"]["state"], "DONE", "{results:?}");
+}
+
 /// A job the orchestrator cannot take now (MAX_RETAINED_JOBS=1, held by a running gRPC job) is submitted again
 /// until it can be, under heartbeats naming it, and then runs: not failed at once, as a refusal for good would be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -196,6 +196,7 @@ impl Worker {
 
     /// When the result of the job in progress must go out, running images or not: `result_within` after the stop
     /// signal (not after whatever await the worker was in when it came), so it stays within the drain's grace.
+    /// Only to be asked once stopping: the first call fixes the stop time if `stop_clock` has not yet.
     fn result_by(&self) -> Instant {
         *self.stopped_at.get_or_init(Instant::now) + self.settings.result_within
     }
@@ -232,7 +233,11 @@ impl Worker {
         let mut next_post = Instant::now();
         let mut stopping = *stop.borrow();
         while !crate::jobs::job::job_is_terminal(&job) {
-            let out_of_time = stopping && Instant::now() >= self.result_by();
+            // Asked only once stopping: `select!` below evaluates every branch's expression, disabled or not, and
+            // asking before the signal would take the job's start for the stop time (every SIGTERM more than
+            // `result_within` into a job then cut its running images off at once).
+            let result_by = stopping.then(|| self.result_by());
+            let out_of_time = result_by.is_some_and(|by| Instant::now() >= by);
             if stopping
                 && (out_of_time
                     || !job
@@ -260,7 +265,7 @@ impl Worker {
                     stopping = true;
                     job = handle.snapshot();
                 }
-                _ = tokio::time::sleep_until(self.result_by()), if stopping => {
+                _ = tokio::time::sleep_until(result_by.unwrap_or_else(far_future)), if stopping => {
                     job = handle.snapshot();
                 }
                 event = events.recv() => match event {
@@ -399,4 +404,9 @@ pub async fn run_with(
         pinger.abort();
     }
     tracing::info!("runpod worker stopped");
+}
+
+/// A deadline that never comes, for a `select!` branch that is disabled (its expression is evaluated anyway).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 86_400)
 }
