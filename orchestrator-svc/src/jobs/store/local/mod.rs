@@ -134,6 +134,17 @@ impl LocalJobStore {
     }
 }
 
+/// The value stored under `key`, copied out of the table (the transaction's borrow ends here).
+fn stored_bytes(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(table
+        .get(key)
+        .map_err(StoreError::unavailable)?
+        .map(|v| v.value().to_vec()))
+}
+
 fn decode_item(key: &str, bytes: &[u8]) -> Result<Item, StoreError> {
     durable::decode(bytes).ok_or_else(|| StoreError::Corrupt {
         key: key.to_string(),
@@ -158,10 +169,7 @@ impl JobStore for LocalJobStore {
         self.write(move |txn| {
             let mut jobs = txn.open_table(JOBS).map_err(StoreError::unavailable)?;
             let key = job_key(&job.user_id, &job.job_id);
-            let existing = jobs
-                .get(key.as_str())
-                .map_err(StoreError::unavailable)?
-                .map(|v| v.value().to_vec());
+            let existing = stored_bytes(&jobs, &key)?;
             if let Some(bytes) = existing {
                 return JobRecord::decode(&bytes)
                     .map(|r| Created::Existing(Box::new(r)))
@@ -179,10 +187,7 @@ impl JobStore for LocalJobStore {
         let item = item.clone();
         self.write(move |txn| {
             let mut items = txn.open_table(ITEMS).map_err(StoreError::unavailable)?;
-            let existing = items
-                .get(key.as_str())
-                .map_err(StoreError::unavailable)?
-                .map(|v| v.value().to_vec());
+            let existing = stored_bytes(&items, &key)?;
             match existing.as_deref().map(durable::decode) {
                 Some(Some(recorded)) if recorded.state != item.state => {
                     return Ok(Written::Conflict(Box::new(recorded)));
@@ -207,10 +212,7 @@ impl JobStore for LocalJobStore {
         self.write(move |txn| {
             let mut jobs = txn.open_table(JOBS).map_err(StoreError::unavailable)?;
             let key = job_key(&job.user_id, &job.job_id);
-            let existing = jobs
-                .get(key.as_str())
-                .map_err(StoreError::unavailable)?
-                .map(|v| v.value().to_vec());
+            let existing = stored_bytes(&jobs, &key)?;
             let Some(mut record) = existing.as_deref().and_then(JobRecord::decode) else {
                 return Ok(());
             };
