@@ -176,6 +176,47 @@ async fn seed_job_completes_with_outputs_masks_preview_and_one_signed_callback()
     }
 }
 
+/// WatchJob of the seed user's `job_id`.
+async fn watch_events(
+    client: &mut palette_proto::orchestrator::v1::jobs_client::JobsClient<
+        tonic::transport::Channel,
+    >,
+    job_id: &str,
+    changes_only: bool,
+) -> tonic::Streaming<palette_proto::orchestrator::v1::JobEvent> {
+    client
+        .watch_job(palette_proto::orchestrator::v1::WatchJobRequest {
+            job_id: job_id.into(),
+            user_id: common::orchestrator::SEED_USER.into(),
+            changes_only,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A watcher's view of the items after `event`: the whole job's, or the changed item put in its place (which
+/// every event naming one carries, whatever the mode).
+fn apply_event(
+    items: &mut [palette_proto::orchestrator::v1::Item],
+    event: &palette_proto::orchestrator::v1::JobEvent,
+) {
+    let job = event.job.as_ref().expect("every event carries the job");
+    if let Some(idx) = event.changed_idx {
+        assert_eq!(event.item.as_ref().map(|i| i.idx), Some(idx), "{event:?}");
+    }
+    if job.items.is_empty() {
+        let item = event
+            .item
+            .clone()
+            .expect("a change without the job's items names its item");
+        let idx = item.idx as usize;
+        items[idx] = item;
+    } else {
+        items.clone_from_slice(&job.items);
+    }
+}
+
 /// WatchJob with `changes_only`: the whole job once, then each change as the job's state and counters plus the
 /// changed item, so a watcher receives each item about once instead of the whole job per change; the items the
 /// changes carry add up to the job GetJob shows at the end. Without it every event is the whole job (and names
@@ -197,15 +238,7 @@ async fn a_watch_of_changes_only_sends_each_item_not_the_whole_job() {
     let watch = |changes_only: bool| {
         let mut client = orch.client.clone();
         async move {
-            let mut stream = client
-                .watch_job(palette_proto::orchestrator::v1::WatchJobRequest {
-                    job_id: "watched".into(),
-                    user_id: "test-user".into(),
-                    changes_only,
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let mut stream = watch_events(&mut client, "watched", changes_only).await;
             let mut events = Vec::new();
             while let Some(event) = stream.message().await.unwrap() {
                 events.push(event);
@@ -223,23 +256,16 @@ async fn a_watch_of_changes_only_sends_each_item_not_the_whole_job() {
     for event in &compact[1..] {
         let job = event.job.as_ref().unwrap();
         compact_bytes += prost::Message::encoded_len(event);
-        if let Some(idx) = event.changed_idx {
-            let item = event.item.as_ref().expect("the changed item");
-            assert_eq!(item.idx, idx);
-        }
         if job.items.is_empty() {
             assert!(job.effective_spec.is_none(), "{job:?}");
-            let item = event.item.clone().expect("the changed item");
-            let idx = item.idx as usize;
-            items[idx] = item;
         } else {
             // The last event (the job ended), or a watcher that fell behind: the whole job.
             assert!(
                 event.changed_idx.is_none() || job.state == JobState::Done as i32,
                 "{job:?}"
             );
-            items = job.items.clone();
         }
+        apply_event(&mut items, event);
     }
     let last = compact.last().unwrap().job.as_ref().unwrap();
     assert_eq!(last.state, JobState::Done as i32);
@@ -279,16 +305,7 @@ async fn a_watch_of_changes_only_sees_every_item_a_cancel_ends() {
         .submit_job(seed_spec("cancelled-watch", IMAGES))
         .await
         .unwrap();
-    let mut stream = orch
-        .client
-        .watch_job(palette_proto::orchestrator::v1::WatchJobRequest {
-            job_id: "cancelled-watch".into(),
-            user_id: "test-user".into(),
-            changes_only: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch_events(&mut orch.client, "cancelled-watch", true).await;
     let mut items = stream.message().await.unwrap().unwrap().job.unwrap().items;
     orch.client
         .cancel_job(CancelJobRequest {
@@ -299,15 +316,8 @@ async fn a_watch_of_changes_only_sees_every_item_a_cancel_ends() {
         .unwrap();
     let mut last = None;
     while let Some(event) = stream.message().await.unwrap() {
-        let job = event.job.unwrap();
-        if job.items.is_empty() {
-            let item = event.item.unwrap();
-            let idx = item.idx as usize;
-            items[idx] = item;
-        } else {
-            items = job.items.clone();
-        }
-        last = Some(job);
+        apply_event(&mut items, &event);
+        last = event.job;
     }
     assert_eq!(last.unwrap().state, JobState::Cancelled as i32);
     assert!(
