@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrator_svc::error::ApiError;
 use orchestrator_svc::jobs::store::{
-    Created, JobRecord, JobStore, RecordKey, StoreError, StoredJob, Written,
+    Created, JobRecord, JobStore, RecordKey, RunKey, StoreError, StoredJob, Written,
 };
 use orchestrator_svc::jobs::{JobKey, JobService};
 use palette_proto::orchestrator::v1::Item;
@@ -72,7 +72,7 @@ impl JobStore for GatedStore {
         Ok(Vec::new())
     }
 
-    async fn forget(&self, _: &[RecordKey]) -> Result<(), StoreError> {
+    async fn forget(&self, _: &[RunKey]) -> Result<(), StoreError> {
         Ok(())
     }
 }
@@ -315,4 +315,72 @@ async fn a_same_spec_submission_reads_the_recorded_items_this_replica_missed() {
     assert_eq!(job.items[0].output_key, done.output_key);
     assert_eq!(job.items[1].state, ItemState::Pending as i32);
     assert_eq!(job.completed, 1);
+}
+
+/// JOB_STORE=nats: the same-spec submission above on a replica whose preset file differs from the one the job was
+/// recorded with (edited since, or a rolling config change): the job it answers for, and whose tasks it runs, is
+/// planned with the recorded copy of the preset, as on every other replica, not with this replica's file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_spec_submission_takes_the_recorded_run_with_its_preset() {
+    use orchestrator_svc::jobs::cluster::Cluster;
+    use orchestrator_svc::jobs::store::spec_hash;
+    use palette_rules::preset::Preset;
+    let Some(nats) = palette_testing::nats::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = orchestrator_svc::Config::for_tests(dir.path(), "http://127.0.0.1:9");
+    config.nats.nats_url = Some(nats.url.clone().into());
+    let cluster = Arc::new(
+        Cluster::connect(config.jobs.cluster_settings(&config.nats).unwrap())
+            .await
+            .unwrap(),
+    );
+    let house = |finish: &str| -> Arc<Preset> {
+        Arc::new(
+            serde_json::from_str(&format!(
+                r#"{{"name": "house", "concepts": ["wall", "floor"], "rule_defaults": {{"recolor": {{"finish": "{finish}"}}}}}}"#
+            ))
+            .unwrap(),
+        )
+    };
+    let spec = palette_proto::orchestrator::v1::JobSpec {
+        preset: "house".into(),
+        ..seed_spec("preset-run", 2)
+    };
+    let record = JobRecord {
+        user_id: spec.user_id.clone(),
+        job_id: spec.job_id.clone(),
+        spec_hash: spec_hash(&spec),
+        spec: spec.clone(),
+        seq: 1,
+        cancelled: false,
+        source: None,
+        preset: Some(house("matte")),
+    };
+    let store = cluster.store().clone();
+    assert!(matches!(store.create(&record).await.unwrap(), Created::New));
+
+    let today = std::collections::BTreeMap::from([("house".to_string(), house("gloss"))]);
+    let (_pipeline, service) = job_service::with_presets(
+        store,
+        None,
+        &dir.path().join("storage"),
+        10,
+        Some(cluster),
+        today,
+    );
+    service.submit(&spec).await.expect("the same job");
+    let key = JobKey {
+        user_id: spec.user_id.clone(),
+        job_id: spec.job_id.clone(),
+    };
+    let job = service.get(&key).unwrap();
+    assert_eq!(
+        job.plan.preset, record.preset,
+        "planned with the recorded preset"
+    );
+    // A retry of the submission answers from the same handle.
+    service.submit(&spec).await.expect("the same job again");
+    assert!(Arc::ptr_eq(&job, &service.get(&key).unwrap()));
 }

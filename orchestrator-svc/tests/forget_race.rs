@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use orchestrator_svc::callback::{Answer, CallbackSender, RetryPolicy, Transport};
 use orchestrator_svc::error::BoxError;
 use orchestrator_svc::jobs::store::{
-    Created, JobRecord, JobStore, RecordKey, StoreError, StoredJob, Written,
+    Created, JobRecord, JobStore, RecordKey, RunKey, StoreError, StoredJob, Written,
 };
 use orchestrator_svc::jobs::{JobKey, JobService};
 use palette_proto::orchestrator::v1::{CallbackState, Item};
@@ -53,8 +53,8 @@ impl JobStore for GatedForget {
         Ok(Vec::new())
     }
 
-    /// As JOB_STORE=local's: deletes each record whose spec hash matches.
-    async fn forget(&self, jobs: &[RecordKey]) -> Result<(), StoreError> {
+    /// As JOB_STORE=local's: deletes each record of the run (spec hash and seq).
+    async fn forget(&self, runs: &[RunKey]) -> Result<(), StoreError> {
         let first = {
             let mut forgets = self.forgets.lock().unwrap();
             *forgets += 1;
@@ -65,12 +65,12 @@ impl JobStore for GatedForget {
             self.gate.notified().await;
         }
         let mut records = self.records.lock().unwrap();
-        for job in jobs {
+        for run in runs {
             if records
-                .get(&job.job_id)
-                .is_some_and(|r| r.spec_hash == job.spec_hash)
+                .get(&run.job.job_id)
+                .is_some_and(|r| r.spec_hash == run.job.spec_hash && r.seq == run.seq)
             {
-                records.remove(&job.job_id);
+                records.remove(&run.job.job_id);
             }
         }
         Ok(())
@@ -171,10 +171,10 @@ impl JobStore for SlowSettled {
         Ok(Vec::new())
     }
 
-    async fn forget(&self, jobs: &[RecordKey]) -> Result<(), StoreError> {
+    async fn forget(&self, runs: &[RunKey]) -> Result<(), StoreError> {
         let mut records = self.records.lock().unwrap();
         let mut items = self.items.lock().unwrap();
-        for job in jobs {
+        for job in runs.iter().map(|run| &run.job) {
             records.remove(&job.job_id);
             items.retain(|(id, hash, _), _| (id, hash) != (&job.job_id, &job.spec_hash));
         }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use orchestrator_svc::jobs::store::{
-    Created, JobRecord, JobStore, LocalJobStore, NatsJobStore, RecordKey, Written,
+    Created, JobRecord, JobStore, LocalJobStore, NatsJobStore, RunKey, Written,
 };
 use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState, JobSpec};
 use palette_testing::nats;
@@ -84,7 +84,7 @@ async fn contract(store: &dyn JobStore) {
 
     // Expiry interrupted between the record and the items, then the id reused with another spec: the new job sees
     // none of the old items.
-    store.forget(&[a.key()]).await.unwrap();
+    store.forget(&[a.run()]).await.unwrap();
     store.put_item(&a.key(), &settled).await.unwrap();
     let reused = record("u", "j.1", "h4", 3);
     assert!(matches!(store.create(&reused).await.unwrap(), Created::New));
@@ -93,9 +93,25 @@ async fn contract(store: &dyn JobStore) {
     assert_eq!(again.record, reused);
     assert!(again.items.is_empty(), "{:?}", again.items);
     store
-        .forget(&[a.key(), reused.key(), other_user.key()])
+        .forget(&[a.run(), reused.run(), other_user.run()])
         .await
         .unwrap();
+    assert!(store.load().await.unwrap().is_empty());
+
+    // The same spec submitted again once its first run was forgotten: a replica that forgets the first run late
+    // (it missed the first deletion, or raced it) leaves the second run's record and items alone.
+    let first = record("u", "again", "h5", 5);
+    store.create(&first).await.unwrap();
+    store.forget(&[first.run()]).await.unwrap();
+    let second = record("u", "again", "h5", 6);
+    assert!(matches!(store.create(&second).await.unwrap(), Created::New));
+    store.put_item(&second.key(), &settled).await.unwrap();
+    store.forget(&[first.run()]).await.unwrap();
+    let loaded = store.load().await.unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].record, second);
+    assert_eq!(loaded[0].items, std::slice::from_ref(&settled));
+    store.forget(&[second.run()]).await.unwrap();
     assert!(store.load().await.unwrap().is_empty());
 }
 
@@ -188,12 +204,12 @@ async fn two_replicas_racing_on_the_nats_store_never_both_win() {
         ));
     }
     assert_eq!(created, ROUNDS as usize);
-    let keys: Vec<RecordKey> = a
+    let keys: Vec<RunKey> = a
         .load()
         .await
         .unwrap()
         .iter()
-        .map(|j| j.record.key())
+        .map(|j| j.record.run())
         .collect();
     b.forget(&keys).await.unwrap();
     assert!(a.load().await.unwrap().is_empty());
@@ -225,7 +241,7 @@ async fn forgetting_a_job_on_nats_leaves_nothing_of_it_and_touches_no_other_job(
         }
     }
     assert_eq!(store.claim_of(&kept.key(), 2).await.unwrap(), Some(claim));
-    store.forget(&[forgotten.key()]).await.unwrap();
+    store.forget(&[forgotten.run()]).await.unwrap();
     let subjects = |filter: &'static str| {
         let stream = store.bucket().stream.clone();
         async move {
@@ -293,21 +309,21 @@ async fn a_forgotten_jobs_marker_is_removed_but_never_a_later_record() {
 
     let first = record("u", "again", "h1", 1);
     store.create(&first).await.unwrap();
-    store.forget(&[first.key()]).await.unwrap();
+    store.forget(&[first.run()]).await.unwrap();
     let (key, revision) = marker().await;
     store.drop_marker(&key, revision).await.unwrap();
     assert!(job_subjects().await.is_empty(), "the marker is gone");
 
     // The same id forgotten again, and recorded anew before its marker is removed: the new record stays.
     store.create(&first).await.unwrap();
-    store.forget(&[first.key()]).await.unwrap();
+    store.forget(&[first.run()]).await.unwrap();
     let (key, revision) = marker().await;
     let second = record("u", "again", "h2", 2);
     assert!(matches!(store.create(&second).await.unwrap(), Created::New));
     store.drop_marker(&key, revision).await.unwrap();
     assert_eq!(store.job("u", "again").await.unwrap(), Some(second));
     // Forgetting the first spec again leaves the second's record alone.
-    store.forget(&[first.key()]).await.unwrap();
+    store.forget(&[first.run()]).await.unwrap();
     assert_eq!(
         store.job("u", "again").await.unwrap().map(|r| r.spec_hash),
         Some("h2".into())

@@ -48,7 +48,7 @@ use store::JobStore;
 pub struct JobService {
     registry: Arc<JobRegistry>,
     pipeline: Arc<Pipeline>,
-    presets: BTreeMap<String, Arc<Preset>>,
+    presets: Arc<BTreeMap<String, Arc<Preset>>>,
     limits: JobLimits,
     previews: preview::PreviewService,
     /// JOB_STORE=nats: the state shared with the other replicas; jobs are recorded there and run as item tasks.
@@ -83,7 +83,7 @@ impl JobService {
                 presets.clone(),
             ),
             pipeline,
-            presets,
+            presets: Arc::new(presets),
             limits,
             cluster: None,
         }
@@ -129,6 +129,8 @@ impl JobService {
             // A retry while the first call still records the job: its answer once that call has one.
             Submitted::Existing(job) => {
                 if job.recorded.wait().await {
+                    // The registry's handle now: JOB_STORE=nats may have put the recorded run in this one's place.
+                    let job = self.registry.get(&job.plan.key()).unwrap_or(job);
                     return Ok(job.snapshot());
                 }
                 return Err(ApiError::StoreUnavailable(
@@ -168,6 +170,8 @@ impl JobService {
             registry: self.registry.clone(),
             pipeline: self.pipeline.clone(),
             cluster: self.cluster.clone(),
+            presets: self.presets.clone(),
+            limits: self.limits,
         }
     }
 

@@ -1,13 +1,15 @@
 //! A created job (SubmitJob, EditJob) registered, recorded and started, in a task of its own (`JobService::register`
 //! spawns it): what `Registrar` needs is owned, so the work goes on when the RPC's future is dropped.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use palette_proto::orchestrator::v1::{Job, JobSpec};
+use palette_rules::preset::Preset;
 
 use super::job::JobHandle;
 use super::store::{self, Created, JobRecord};
-use super::{JobRegistry, Pipeline, cluster, edit};
+use super::{JobLimits, JobRegistry, Pipeline, cluster, edit, resume};
 use crate::error::ApiError;
 
 /// Takes a job whose registration panicked back out of the registry and marks it not recorded, inside the task:
@@ -33,6 +35,9 @@ pub(super) struct Registrar {
     pub(super) registry: Arc<JobRegistry>,
     pub(super) pipeline: Arc<Pipeline>,
     pub(super) cluster: Option<Arc<cluster::Cluster>>,
+    /// What a job recorded by another replica is planned with (`resume::replan_record`).
+    pub(super) presets: Arc<BTreeMap<String, Arc<Preset>>>,
+    pub(super) limits: JobLimits,
 }
 
 impl Registrar {
@@ -91,12 +96,7 @@ impl Registrar {
             job_id: job.plan.job_id.clone(),
             spec_hash: job.spec_hash.clone(),
             spec: spec.clone(),
-            // Replicas count their own submissions: the shared store orders jobs by submission time instead.
-            seq: if self.cluster.is_some() {
-                unix_millis()
-            } else {
-                job.seq
-            },
+            seq: job.seq,
             cancelled: false,
             source: job.plan.source.clone(),
             preset: job.plan.preset.clone(),
@@ -136,6 +136,18 @@ impl Registrar {
             .await
         {
             Ok(Some(recorded)) if recorded.spec_hash == job.spec_hash => {
+                // The recorded run takes this handle's place: planned as recorded (the preset as it was then, as
+                // every other replica plans it) and under the record's seq, so retention here forgets that run and
+                // no other. Unplannable here (limits lowered since): this handle stands in, as planned now.
+                let job = match resume::replan_record(&recorded, &self.presets, self.limits) {
+                    Ok(plan) => self
+                        .registry
+                        .adopt(plan, recorded.seq, recorded.spec_hash.clone()),
+                    Err(why) => {
+                        tracing::warn!(job_id = %recorded.job_id, reason = %why, "recorded job planned as submitted here");
+                        job.clone()
+                    }
+                };
                 // The mirror fills in what the other replicas do from now on. What they did before this handle
                 // was registered is read now: the watch passed those updates by while the job was not in this
                 // replica's registry (an earlier try of this submission that failed here after the record was
@@ -177,12 +189,6 @@ impl Registrar {
         tracing::info!(job_id = %job.plan.job_id, images = job.plan.image_count, "job accepted; items queued for every replica");
         Ok(job.snapshot())
     }
-}
-
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Deletes forgotten jobs from the job store, under the registry's `forgetting` lock; a failure leaves them to the

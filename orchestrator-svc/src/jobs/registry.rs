@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::job::JobHandle;
-use super::store::{self, RecordKey};
+use super::store::{self, RunKey};
 use super::validate::{JobKey, JobPlan};
 use crate::error::ApiError;
 
@@ -33,7 +33,7 @@ pub struct JobRegistry {
     next_seq: AtomicU64,
     retention: Retention,
     /// Jobs forgotten here and not yet in the job store (see `take_forgotten`).
-    forgotten: Mutex<Vec<RecordKey>>,
+    forgotten: Mutex<Vec<RunKey>>,
     /// Held from `take_forgotten` until the job store has deleted what it took (see `forgetting`).
     forgetting: tokio::sync::Mutex<()>,
 }
@@ -76,7 +76,7 @@ impl JobRegistry {
     }
 
     /// The jobs forgotten since the last call, for the job store to delete.
-    pub fn take_forgotten(&self) -> Vec<RecordKey> {
+    pub fn take_forgotten(&self) -> Vec<RunKey> {
         std::mem::take(&mut *self.forgotten.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
@@ -107,7 +107,7 @@ impl JobRegistry {
                     self.forgotten
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .push(store::key_of(&job));
+                        .push(store::run_of(&job));
                 }
                 // Read again after the sum above: the job may have grown since (a callback's error recorded).
                 bytes = bytes.saturating_sub(job_bytes);
@@ -166,13 +166,24 @@ impl JobRegistry {
                 retry_after: RETRY_AFTER_BUSY,
             });
         }
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let handle = Arc::new(JobHandle::new(plan, seq));
+        let handle = Arc::new(JobHandle::new(plan, self.take_seq()));
         if to_record {
             handle.recorded.pending();
         }
         jobs.insert(handle.plan.key(), handle.clone());
         Ok(Submitted::Created(handle))
+    }
+
+    /// The next submission's `seq`: its submission time in Unix milliseconds, one more than the last seq handed out
+    /// or restored if that is later. It orders jobs across restarts and replicas (each replica counts its own), and it
+    /// tells two runs of one job id apart: a job submitted again after its first run was forgotten gets a later one,
+    /// also after a restart that found no record left.
+    fn take_seq(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.next_seq.fetch_max(now, Ordering::Relaxed);
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Takes back a job whose record the job store could not keep (SubmitJob then fails).
@@ -195,13 +206,14 @@ impl JobRegistry {
         handle
     }
 
-    /// JOB_STORE=nats: the job as another replica recorded it. The handle already here under the same spec hash is
-    /// kept (it may be the one this process submitted); one under another hash lost the race to record, and is
-    /// replaced.
+    /// JOB_STORE=nats: the job as another replica recorded it. The handle already here for the same run (spec hash
+    /// and seq) is kept (it may be the one this process submitted); one under another hash lost the race to record,
+    /// and one of another run is an earlier run of the job whose forgetting this replica missed: both are replaced.
     pub fn adopt(&self, plan: JobPlan, seq: u64, spec_hash: String) -> Arc<JobHandle> {
         let mut jobs = self.lock();
         if let Some(existing) = jobs.get(&plan.key())
             && existing.spec_hash == spec_hash
+            && existing.seq == seq
         {
             return existing.clone();
         }

@@ -15,6 +15,7 @@ use orchestrator_svc::jobs::{
 };
 use orchestrator_svc::segmenter::Segmenter;
 use orchestrator_svc::storage::LocalStore;
+use palette_rules::preset::Preset;
 use palette_service_kit::BearerToken;
 
 /// The service and its pipeline (whose task tracker tests wait on); at most `max_jobs` jobs retained.
@@ -37,6 +38,26 @@ pub fn with_cluster(
     root: &Path,
     max_jobs: usize,
     cluster: Option<Arc<orchestrator_svc::jobs::cluster::Cluster>>,
+) -> (Arc<Pipeline>, Arc<JobService>) {
+    with_presets(
+        job_store,
+        callbacks,
+        root,
+        max_jobs,
+        cluster,
+        BTreeMap::new(),
+    )
+}
+
+/// `with_cluster` with these presets (PRESETS_DIR).
+#[allow(dead_code)]
+pub fn with_presets(
+    job_store: SharedJobStore,
+    callbacks: Option<Arc<CallbackSender>>,
+    root: &Path,
+    max_jobs: usize,
+    cluster: Option<Arc<orchestrator_svc::jobs::cluster::Cluster>>,
+    presets: BTreeMap<String, Arc<Preset>>,
 ) -> (Arc<Pipeline>, Arc<JobService>) {
     let inputs = InputLimits {
         max_bytes: 1 << 20,
@@ -63,7 +84,7 @@ pub fn with_cluster(
     let pipeline = Arc::new(Pipeline::new(runner, callbacks, 1).with_job_store(Some(job_store)));
     let service = JobService::new(
         pipeline.clone(),
-        BTreeMap::new(),
+        presets,
         JobLimits {
             max_images: 10,
             max_rules: 10,

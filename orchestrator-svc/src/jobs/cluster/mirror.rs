@@ -82,7 +82,7 @@ impl JobService {
                 let known = self
                     .registry
                     .get(&JobKey { user_id, job_id })
-                    .is_ok_and(|j| j.spec_hash == record.spec_hash);
+                    .is_ok_and(|j| j.spec_hash == record.spec_hash && j.seq == record.seq);
                 let (record_key, image_count) = (record.key(), record.spec.image_count);
                 // A record rewritten by a cancel comes after some of its items and claims in the bucket's history
                 // (one value per key, at its last write): a job first seen so has them read here.

@@ -208,15 +208,49 @@ fn what_it_forgets_is_queued_for_the_job_store_and_restored_jobs_keep_their_orde
     assert_eq!(forgotten.len(), 1);
     assert_eq!(
         (
-            forgotten[0].job_id.as_str(),
-            forgotten[0].spec_hash.as_str()
+            forgotten[0].job.job_id.as_str(),
+            forgotten[0].job.spec_hash.as_str(),
+            forgotten[0].seq
         ),
-        ("a", "recorded-hash")
+        ("a", "recorded-hash", 7)
     );
     assert!(registry.take_forgotten().is_empty(), "taken once");
     // A job the store refused is taken back.
     registry.remove(&b);
     assert!(registry.get(&key("b")).is_err() && registry.get(&key("c")).is_ok());
+}
+
+#[test]
+fn a_submission_is_numbered_by_its_time_so_runs_of_one_job_id_differ_across_restarts() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let registry = JobRegistry::new(jobs_only(10));
+    let a = created(registry.submit(plan("a")).unwrap());
+    let b = created(registry.submit(plan("b")).unwrap());
+    assert!(a.seq >= now && b.seq > a.seq, "{} {}", a.seq, b.seq);
+    // A new process (a restart takes more than a millisecond), its registry empty (the first run was forgotten):
+    // the same job id gets a later seq, where a counter would have started again from 0.
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let restarted = JobRegistry::new(jobs_only(10));
+    let again = created(restarted.submit(plan("a")).unwrap());
+    assert!(again.seq > b.seq, "{} {}", again.seq, b.seq);
+}
+
+#[test]
+fn adopting_another_run_of_a_job_replaces_the_handle_and_the_same_run_keeps_it() {
+    let registry = JobRegistry::new(jobs_only(10));
+    let first = registry.adopt(plan("a"), 10, "h".into());
+    assert!(Arc::ptr_eq(
+        &first,
+        &registry.adopt(plan("a"), 10, "h".into())
+    ));
+    // A replica that missed the first run's deletion sees the second run's record: same spec, another seq.
+    let second = registry.adopt(plan("a"), 11, "h".into());
+    assert!(!Arc::ptr_eq(&first, &second));
+    assert_eq!(second.seq, 11);
+    assert!(Arc::ptr_eq(&registry.get(&key("a")).unwrap(), &second));
 }
 
 #[tokio::test]

@@ -29,6 +29,15 @@ pub struct RecordKey {
     pub spec_hash: String,
 }
 
+/// One run of a job: its key and its record's `seq` (when it was submitted). A job id may be submitted again with
+/// the same spec once the first run was forgotten; the seq tells the two runs apart, so forgetting the first never
+/// deletes the second's record or items.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RunKey {
+    pub job: RecordKey,
+    pub seq: u64,
+}
+
 /// A recorded job and the items it recorded as terminal (the others are to run).
 #[derive(Debug, Clone)]
 pub struct StoredJob {
@@ -107,8 +116,9 @@ pub trait JobStore: Send + Sync + Debug {
     async fn cancel(&self, job: &RecordKey) -> Result<(), StoreError>;
     /// Every job recorded, in submission order, with its terminal items.
     async fn load(&self) -> Result<Vec<StoredJob>, StoreError>;
-    /// Deletes the jobs and all their items.
-    async fn forget(&self, jobs: &[RecordKey]) -> Result<(), StoreError>;
+    /// Deletes the runs and all their items. A record of another run under the same id stays: a later run of another
+    /// spec (its items are keyed apart), or of the same spec (its items are the ones under the key: they stay too).
+    async fn forget(&self, runs: &[RunKey]) -> Result<(), StoreError>;
 }
 
 pub type SharedJobStore = Arc<dyn JobStore>;
@@ -124,6 +134,14 @@ pub fn key_of(job: &JobHandle) -> RecordKey {
         user_id: job.plan.user_id.clone(),
         job_id: job.plan.job_id.clone(),
         spec_hash: job.spec_hash.clone(),
+    }
+}
+
+/// The job's run in the job store.
+pub fn run_of(job: &JobHandle) -> RunKey {
+    RunKey {
+        job: key_of(job),
+        seq: job.seq,
     }
 }
 

@@ -17,7 +17,7 @@ mod keys;
 pub use keys::{KeyOf, RunClaim, parse_key};
 use keys::{claims_prefix, items_prefix, job_key};
 
-use super::{Created, JobRecord, JobStore, RecordKey, StoreError, StoredJob, Written};
+use super::{Created, JobRecord, JobStore, RecordKey, RunKey, StoreError, StoredJob, Written};
 use crate::jobs::durable;
 
 /// Compare-and-set attempts before a write gives up: each failed one means another replica wrote the key meanwhile.
@@ -325,18 +325,26 @@ impl JobStore for NatsJobStore {
         Ok(out)
     }
 
-    async fn forget(&self, jobs: &[RecordKey]) -> Result<(), StoreError> {
-        for job in jobs {
+    async fn forget(&self, runs: &[RunKey]) -> Result<(), StoreError> {
+        'runs: for run in runs {
+            let job = &run.job;
             let key = job_key(&job.user_id, &job.job_id);
             // Only the record read: between the read and the purge another replica may have forgotten it and a new
-            // job (another spec under the same id) been recorded, which an unconditional purge deleted. A record
-            // rewritten meanwhile for the same job (a cancel) is read again and purged at its new revision.
+            // job (another spec under the same id, or a new run of this one) been recorded, which an unconditional
+            // purge deleted. A record rewritten meanwhile for the same run (a cancel) is read again and purged at its
+            // new revision.
             for _ in 0..CAS_ATTEMPTS {
                 let Some((bytes, revision)) = self.entry(&key).await? else {
                     break;
                 };
-                if JobRecord::decode(&bytes).is_none_or(|r| r.spec_hash != job.spec_hash) {
+                let Some(recorded) =
+                    JobRecord::decode(&bytes).filter(|r| r.spec_hash == job.spec_hash)
+                else {
                     break;
+                };
+                if recorded.seq != run.seq {
+                    // A new run of this spec: the items and claims under its key are its own.
+                    continue 'runs;
                 }
                 match self.kv.purge_expect_revision(&key, Some(revision)).await {
                     Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,

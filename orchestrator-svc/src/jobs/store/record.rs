@@ -70,6 +70,13 @@ impl JobRecord {
         }
     }
 
+    pub fn run(&self) -> super::RunKey {
+        super::RunKey {
+            job: self.key(),
+            seq: self.seq,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let stored = Stored {
             user_id: self.user_id.clone(),

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use palette_proto::orchestrator::v1::Item;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Created, JobRecord, JobStore, RecordKey, StoreError, StoredJob, Written};
+use super::{Created, JobRecord, JobStore, RecordKey, RunKey, StoreError, StoredJob, Written};
 use crate::jobs::durable;
 
 /// `{userId}/{jobId}` -> `JobRecord::encode`.
@@ -265,21 +265,28 @@ impl JobStore for LocalJobStore {
         .await
     }
 
-    async fn forget(&self, forgotten: &[RecordKey]) -> Result<(), StoreError> {
+    async fn forget(&self, forgotten: &[RunKey]) -> Result<(), StoreError> {
         let forgotten = forgotten.to_vec();
         self.write(move |txn| {
             let mut jobs = txn.open_table(JOBS).map_err(StoreError::unavailable)?;
             let mut items = txn.open_table(ITEMS).map_err(StoreError::unavailable)?;
-            for job in &forgotten {
+            for run in &forgotten {
+                let job = &run.job;
                 let key = job_key(&job.user_id, &job.job_id);
-                let same = jobs
+                let recorded = jobs
                     .get(key.as_str())
                     .map_err(StoreError::unavailable)?
                     .and_then(|v| JobRecord::decode(v.value()))
-                    .is_some_and(|r| r.spec_hash == job.spec_hash);
-                // A newer job under the same id keeps its record; this job's items go either way.
-                if same {
-                    jobs.remove(key.as_str()).map_err(StoreError::unavailable)?;
+                    .filter(|r| r.spec_hash == job.spec_hash)
+                    .map(|r| r.seq);
+                // A newer job under the same id keeps its record; so does a newer run of this spec, with the items
+                // under its key (they are its own). Otherwise this job's items go, whatever became of the record.
+                match recorded {
+                    Some(seq) if seq != run.seq => continue,
+                    Some(_) => {
+                        jobs.remove(key.as_str()).map_err(StoreError::unavailable)?;
+                    }
+                    None => {}
                 }
                 let (from, to) = item_range(job);
                 items

@@ -78,7 +78,7 @@ async fn a_reused_job_id_never_sees_the_items_of_another_spec() {
     let done = item(0, ItemState::Completed, CallbackState::Delivered);
     store.put_item(&old.key(), &done).await.unwrap();
     // An expiry interrupted after the job record went, before its items did.
-    store.forget(&[old.key()]).await.unwrap();
+    store.forget(&[old.run()]).await.unwrap();
     store.put_item(&old.key(), &done).await.unwrap();
     store.create(&new).await.unwrap();
     let loaded = store.load().await.unwrap();
@@ -86,9 +86,9 @@ async fn a_reused_job_id_never_sees_the_items_of_another_spec() {
     assert_eq!(loaded[0].record, new);
     assert!(loaded[0].items.is_empty(), "{:?}", loaded[0].items);
     // Forgetting the old key leaves the newer job's record alone.
-    store.forget(&[old.key()]).await.unwrap();
+    store.forget(&[old.run()]).await.unwrap();
     assert_eq!(store.load().await.unwrap().len(), 1);
-    store.forget(&[new.key()]).await.unwrap();
+    store.forget(&[new.run()]).await.unwrap();
     assert!(store.load().await.unwrap().is_empty());
 }
 
