@@ -8,7 +8,6 @@
 pub mod config;
 pub mod engine;
 pub mod error;
-mod jpeg_complete;
 pub mod mask_plane;
 pub mod model;
 pub mod phrases;

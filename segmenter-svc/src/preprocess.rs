@@ -148,7 +148,8 @@ impl Preprocessor {
                 "{format:?} is not supported; send JPEG, PNG or WebP"
             )));
         }
-        if format == ImageFormat::Jpeg && !crate::jpeg_complete::jpeg_is_complete(bytes) {
+        if format == ImageFormat::Jpeg && !palette_service_kit::image_input::jpeg_is_complete(bytes)
+        {
             return Err(bad(
                 "corrupt or truncated Jpeg image: its markers end before the end-of-image marker"
                     .into(),
@@ -180,7 +181,7 @@ impl Preprocessor {
         let mut image = DynamicImage::from_decoder(decoder)
             .map_err(|e| bad(format!("corrupt or truncated {format:?} image: {e}")))?;
         image.apply_orientation(orientation);
-        Ok(image.into_rgb8())
+        Ok(palette_service_kit::image_input::rgb_on_white(image))
     }
 
     pub fn prepare(&self, rgb: RgbImage) -> Result<Prepared, Error> {

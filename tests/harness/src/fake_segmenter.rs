@@ -177,8 +177,17 @@ async fn answer(fake: &FakeSegmenter, req: SegmentRequest) -> Result<SegmentResp
     }
     let (form, (w, h)) = match req.image.and_then(|i| i.source) {
         Some(Source::Encoded(bytes)) => {
-            let img = image::load_from_memory(&bytes)
+            // Upright, as the real segmenter reads it (EXIF orientation applied).
+            let mut img = image::load_from_memory(&bytes)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let orientation = image::ImageReader::new(std::io::Cursor::new(&bytes))
+                .with_guessed_format()
+                .ok()
+                .and_then(|r| r.into_decoder().ok())
+                .and_then(|mut d| image::ImageDecoder::orientation(&mut d).ok());
+            if let Some(orientation) = orientation {
+                img.apply_orientation(orientation);
+            }
             ("encoded", (img.width(), img.height()))
         }
         Some(Source::Rgb(rgb)) if rgb.data.len() == (rgb.width * rgb.height * 3) as usize => {

@@ -42,6 +42,9 @@ pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemErr
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ItemError::InputCorrupt(format!("cannot read the image header: {e}")))?;
+    if reader.format().is_none() {
+        return Err(ItemError::InputCorrupt(unknown_format(bytes)));
+    }
     let (w, h) = reader
         .into_dimensions()
         .map_err(|e| ItemError::InputCorrupt(format!("cannot read the image size: {e}")))?;
@@ -60,6 +63,15 @@ pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemErr
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ItemError::InputCorrupt(e.to_string()))?;
+    // The JPEG decoder fills whatever a cut-off file lacks with grey and reports success: refused here as the
+    // segmenter refuses it, not painted over as a photo with a grey band.
+    if reader.format() == Some(image::ImageFormat::Jpeg)
+        && !palette_service_kit::image_input::jpeg_is_complete(bytes)
+    {
+        return Err(ItemError::InputCorrupt(
+            "corrupt or truncated JPEG: its markers end before the end-of-image marker".into(),
+        ));
+    }
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(decode_allowance(max_pixels));
     reader.limits(limits.clone());
@@ -69,8 +81,17 @@ pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemErr
     limits.reserve(decoder.total_bytes()).map_err(corrupt)?;
     // A profile that cannot be read is no reason to refuse the photo: viewers show it as sRGB, and so do we.
     let icc = decoder.icc_profile().ok().flatten();
-    let decoded = decode_pixels(decoder).map_err(corrupt)?;
-    let mut rgb = orient(decoded, exif_orientation(bytes)).into_rgb8();
+    // The image crate's EXIF reading, the segmenter's too (`segmenter-svc/src/preprocess.rs`): the photo and the
+    // masks computed from its bytes must turn the same way. (A strict EXIF parser gave up on a whole block that had
+    // a flaw anywhere, a sub-IFD's link as some phones write it, and read such a photo as upright while the
+    // segmenter turned it: masks on the wrong parts of the photo.)
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut decoded = decode_pixels(decoder).map_err(corrupt)?;
+    decoded.apply_orientation(orientation);
+    // Transparent parts on white, as the segmenter reads them too.
+    let mut rgb = palette_service_kit::image_input::rgb_on_white(decoded);
     if let Some(icc) = icc {
         let result = match palette_rules::icc::to_srgb(&mut rgb, &icc) {
             Conversion::Converted => "converted",
@@ -83,6 +104,23 @@ pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemErr
         metrics::counter!("orchestrator_color_profiles_total", "result" => result).increment(1);
     }
     Ok(rgb)
+}
+
+/// Why bytes of no format read here were refused: an iPhone's HEIC (or an AVIF) is named as such, since the file is a
+/// photo and only its format is the problem.
+fn unknown_format(bytes: &[u8]) -> String {
+    // ISO base media files: a box size, then "ftyp" and the major brand.
+    let brand = bytes
+        .get(4..12)
+        .filter(|b| b.starts_with(b"ftyp"))
+        .map(|b| String::from_utf8_lossy(&b[4..]).into_owned());
+    match brand.as_deref() {
+        Some("heic" | "heix" | "heim" | "heis" | "hevc" | "hevx" | "mif1" | "msf1") => {
+            "HEIC/HEIF images are not supported; send JPEG, PNG or WebP (iPhones: Settings > Camera > Formats > Most Compatible)".into()
+        }
+        Some("avif" | "avis") => "AVIF images are not supported; send JPEG, PNG or WebP".into(),
+        _ => "not a JPEG, PNG or WebP image (unrecognised header)".into(),
+    }
 }
 
 /// Bytes a decoder may allocate for a photo of at most `max_pixels`: 8 per pixel, the widest layout of the formats
@@ -121,30 +159,6 @@ pub fn pixel_count(bytes: &[u8]) -> u64 {
         .ok()
         .and_then(|r| r.into_dimensions().ok())
         .map_or(0, |(w, h)| u64::from(w) * u64::from(h))
-}
-
-/// EXIF orientation tag (1 = upright) of JPEG/PNG/WebP bytes; 1 when absent or unreadable.
-pub fn exif_orientation(bytes: &[u8]) -> u32 {
-    let Ok(exif) = exif::Reader::new().read_from_container(&mut Cursor::new(bytes)) else {
-        return 1;
-    };
-    exif.get_field(exif::Tag::Orientation, exif::In::PRIMARY)
-        .and_then(|f| f.value.get_uint(0))
-        .filter(|o| (1..=8).contains(o))
-        .unwrap_or(1)
-}
-
-fn orient(img: DynamicImage, orientation: u32) -> DynamicImage {
-    match orientation {
-        2 => img.fliph(),
-        3 => img.rotate180(),
-        4 => img.flipv(),
-        5 => img.rotate90().fliph(),
-        6 => img.rotate90(),
-        7 => img.rotate270().fliph(),
-        8 => img.rotate270(),
-        _ => img,
-    }
 }
 
 /// Baseline JPEG, 4:2:0, standard Huffman tables (`crate::jpeg`). Chroma at half resolution, as the seed's
@@ -213,175 +227,4 @@ pub fn flatten_on_white(img: &RgbaImage) -> RgbImage {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_swatch_is_kept_at_most_max_swatch_side_long() {
-        let png = |w: u32, h: u32| {
-            let img = RgbImage::from_pixel(w, h, image::Rgb([120, 80, 40]));
-            let mut out = Cursor::new(Vec::new());
-            img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-            out.into_inner()
-        };
-        let big = decode_swatch(&png(MAX_SWATCH_SIDE * 2, 100), 50_000_000).unwrap();
-        assert_eq!(big.dimensions(), (MAX_SWATCH_SIDE, 50));
-        assert_eq!(big.get_pixel(10, 10).0, [120, 80, 40]);
-        let small = decode_swatch(&png(300, 200), 50_000_000).unwrap();
-        assert_eq!(small.dimensions(), (300, 200));
-    }
-
-    #[test]
-    fn a_16_bit_png_within_the_pixel_limit_decodes() {
-        // 2900 x 2900 x 8 bytes is over 64 MB and over 4 bytes for each of 10 M pixels: refused before.
-        let (w, h) = (2900, 2900);
-        let img = image::ImageBuffer::<image::Rgba<u16>, _>::from_pixel(
-            w,
-            h,
-            image::Rgba([40_000, 20_000, 10_000, 65_535]),
-        );
-        let mut png = Cursor::new(Vec::new());
-        image::DynamicImage::ImageRgba16(img)
-            .write_to(&mut png, image::ImageFormat::Png)
-            .unwrap();
-        let rgb = decode_upright(png.get_ref(), 10_000_000).unwrap();
-        assert_eq!(rgb.dimensions(), (w, h));
-        assert_eq!(rgb.get_pixel(7, 7).0, [156, 78, 39]);
-    }
-
-    #[test]
-    fn pixel_limit_is_checked_before_decoding() {
-        let img = RgbImage::from_pixel(40, 30, image::Rgb([10, 20, 30]));
-        let jpeg = encode_jpeg(&img).unwrap();
-        assert!(matches!(
-            decode_upright(&jpeg, 1000),
-            Err(ItemError::InputTooLarge(_))
-        ));
-        let back = decode_upright(&jpeg, 1200).unwrap();
-        assert_eq!(back.dimensions(), (40, 30));
-    }
-
-    #[test]
-    fn garbage_is_corrupt() {
-        assert!(matches!(
-            decode_upright(b"not an image", 1000),
-            Err(ItemError::InputCorrupt(_))
-        ));
-    }
-
-    #[test]
-    fn sides_beyond_jpegs_limit_are_refused_as_too_large() {
-        // A 70000x1 strip is few pixels but cannot be written back as a JPEG.
-        let mut png = Vec::new();
-        png_encoder(&mut png, CompressionType::Fast)
-            .write_image(
-                &vec![0u8; 70_000 * 3],
-                70_000,
-                1,
-                image::ExtendedColorType::Rgb8,
-            )
-            .unwrap();
-        match decode_upright(&png, 1 << 30) {
-            Err(ItemError::InputTooLarge(msg)) => assert!(msg.contains("65535"), "{msg}"),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    fn jpeg_with_profile(img: &RgbImage, icc: Vec<u8>) -> Vec<u8> {
-        use image::codecs::jpeg::JpegEncoder;
-        let mut out = Vec::new();
-        let mut encoder = JpegEncoder::new_with_quality(&mut out, 100);
-        encoder.set_icc_profile(icc).unwrap();
-        encoder
-            .write_image(
-                img.as_raw(),
-                img.width(),
-                img.height(),
-                image::ExtendedColorType::Rgb8,
-            )
-            .unwrap();
-        out
-    }
-
-    #[test]
-    fn an_embedded_display_p3_profile_is_converted_to_srgb() {
-        // A phone's P3 orange: the same numbers in sRGB are a duller colour, so the decoded pixels must move.
-        let img = RgbImage::from_pixel(32, 16, image::Rgb([220, 120, 40]));
-        let plain = decode_upright(&encode_jpeg(&img).unwrap(), 1 << 20).unwrap();
-        let icc = moxcms::ColorProfile::new_display_p3().encode().unwrap();
-        let tagged = decode_upright(&jpeg_with_profile(&img, icc), 1 << 20).unwrap();
-        let [r0, g0, b0] = plain.get_pixel(8, 8).0;
-        let [r, g, b] = tagged.get_pixel(8, 8).0;
-        // Display P3 (220, 120, 40) is sRGB (235, 113, 0) by the book (blue clipped): redder, less blue.
-        assert!(
-            r > r0 + 10 && b + 15 < b0,
-            "{:?} -> {:?}",
-            [r0, g0, b0],
-            [r, g, b]
-        );
-        let srgb = moxcms::ColorProfile::new_srgb().encode().unwrap();
-        let tagged_srgb = decode_upright(&jpeg_with_profile(&img, srgb), 1 << 20).unwrap();
-        let plain_100 = decode_upright(&jpeg_with_profile(&img, Vec::new()), 1 << 20).unwrap();
-        assert_eq!(tagged_srgb, plain_100, "an sRGB profile changes nothing");
-    }
-
-    #[test]
-    fn orientation_six_turns_landscape_into_portrait() {
-        let img = DynamicImage::ImageRgb8(RgbImage::new(4, 2));
-        assert_eq!(orient(img, 6).into_rgb8().dimensions(), (2, 4));
-    }
-
-    #[test]
-    fn preview_fits_256() {
-        let img = RgbImage::new(1000, 500);
-        let jpeg = preview_jpeg(&img).unwrap();
-        let back = image::load_from_memory(&jpeg).unwrap();
-        assert_eq!((back.width(), back.height()), (256, 128));
-    }
-
-    #[test]
-    fn preview_looks_like_the_photo_scaled_down() {
-        // Against image's area-averaging thumbnail (what made previews before): a photo with smooth gradients and a
-        // hard edge must come out within a code or two on average, and the edge where it was.
-        let img = RgbImage::from_fn(1008, 756, |x, y| {
-            let edge = if x * 3 > y * 4 + 300 { 180 } else { 30 };
-            image::Rgb([(x / 4) as u8, (y / 3) as u8, edge])
-        });
-        let preview = image::load_from_memory(&preview_jpeg(&img).unwrap())
-            .unwrap()
-            .to_rgb8();
-        let reference = image::imageops::thumbnail(&img, 256, 192);
-        assert_eq!(preview.dimensions(), reference.dimensions());
-        let diff: u64 = preview
-            .as_raw()
-            .iter()
-            .zip(reference.as_raw())
-            .map(|(a, b)| u64::from(a.abs_diff(*b)))
-            .sum();
-        let mean = diff as f64 / preview.as_raw().len() as f64;
-        assert!(mean < 2.0, "mean |diff| {mean:.2} codes");
-    }
-
-    #[test]
-    #[ignore = "a measurement: cargo test --release -p orchestrator-svc --lib preview_downscale -- --ignored --nocapture"]
-    fn preview_downscale_against_thumbnail() {
-        for (w, h) in [(1008u32, 756u32), (4032, 3024)] {
-            let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, (x ^ y) as u8]));
-            let best = |f: &dyn Fn() -> RgbImage| {
-                (0..5)
-                    .map(|_| {
-                        let t = std::time::Instant::now();
-                        std::hint::black_box(f());
-                        t.elapsed().as_secs_f64() * 1e3
-                    })
-                    .fold(f64::MAX, f64::min)
-            };
-            let (tw, th) = (256, 192);
-            let thumb = best(&|| image::imageops::thumbnail(&img, tw, th));
-            let fir = best(&|| crate::resize::downscale_rgb(&img, (tw, th)));
-            println!(
-                "{w}x{h} -> {tw}x{th}: thumbnail {thumb:.2} ms, fast_image_resize {fir:.2} ms"
-            );
-        }
-    }
-}
+mod tests;

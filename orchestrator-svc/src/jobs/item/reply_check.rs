@@ -6,10 +6,16 @@ use palette_proto::segmenter::v1::SegmentResponse;
 
 use crate::segmenter::SegmenterError;
 
-/// A reply with one result per concept asked, sizes that are not zero, every instance's mask of mask_width x
+/// A reply with one result per concept asked, about an image of the size sent (`sent`: width x height of the image
+/// as this process has it, upright; masks are scaled to the photo by this size, so a reply about the image turned
+/// another way would paint the wrong parts of it), sizes that are not zero, every instance's mask of mask_width x
 /// mask_height bytes (the u8 probabilities asked for) and a finite score: a NaN would be written to the job's
 /// records as JSON null, which no later read accepts.
-pub fn check_reply(response: &SegmentResponse, asked: usize) -> Result<(), SegmenterError> {
+pub fn check_reply(
+    response: &SegmentResponse,
+    asked: usize,
+    sent: (u32, u32),
+) -> Result<(), SegmenterError> {
     let bad = |m: String| Err(SegmenterError::BadReply(m));
     if response.concepts.len() != asked {
         return bad(format!(
@@ -22,6 +28,12 @@ pub fn check_reply(response: &SegmentResponse, asked: usize) -> Result<(), Segme
         return bad(format!(
             "image {}x{}, masks {mw}x{mh}: a size is zero",
             response.image_width, response.image_height
+        ));
+    }
+    if (response.image_width, response.image_height) != sent {
+        return bad(format!(
+            "the reply is about a {}x{} image, the image sent is {}x{} (read in another orientation?)",
+            response.image_width, response.image_height, sent.0, sent.1
         ));
     }
     let expected = mw as usize * mh as usize;
@@ -81,13 +93,15 @@ mod tests {
     }
 
     fn says(response: &SegmentResponse, asked: usize) -> String {
-        check_reply(response, asked).unwrap_err().to_string()
+        check_reply(response, asked, (40, 30))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
     fn a_well_formed_reply_passes() {
-        assert!(check_reply(&reply(&[12, 12], 0.9), 1).is_ok());
-        assert!(check_reply(&reply(&[], 0.9), 1).is_ok());
+        assert!(check_reply(&reply(&[12, 12], 0.9), 1, (40, 30)).is_ok());
+        assert!(check_reply(&reply(&[], 0.9), 1, (40, 30)).is_ok());
     }
 
     #[test]
@@ -100,5 +114,11 @@ mod tests {
         let mut zero = reply(&[12], 0.9);
         zero.image_width = 0;
         assert!(says(&zero, 1).contains("a size is zero"));
+        // The segmenter read the photo turned (30x40) where this process has it 40x30.
+        let mut turned = reply(&[12], 0.9);
+        (turned.image_width, turned.image_height) = (30, 40);
+        assert!(
+            says(&turned, 1).contains("the reply is about a 30x40 image, the image sent is 40x30")
+        );
     }
 }

@@ -57,19 +57,20 @@ impl ItemRunner {
             .increment(missing.len() as u64);
         if !missing.is_empty() {
             let request_id = format!("{}/{idx}", plan.job_id);
+            let upright = photo.dimensions();
             let (photo, encoded) = (photo.clone(), bytes.clone());
             let image = self
                 .cpu(move || Ok(segmenter_input(&photo, &encoded, model.input_size)))
                 .await?;
-            let form = match image {
-                Source::Encoded(_) => "encoded",
-                Source::Rgb(_) => "rgb",
+            let (form, sent) = match &image {
+                Source::Encoded(_) => ("encoded", upright),
+                Source::Rgb(rgb) => ("rgb", (rgb.width, rgb.height)),
             };
             metrics::counter!("orchestrator_segmenter_image_bytes_total", "form" => form)
                 .increment(image_bytes(&image) as u64);
             let response = self.segmenter.segment(image, &missing, &request_id).await?;
             // Results come in request order, one per concept asked; checked before any is cached.
-            check_reply(&response, missing.len())?;
+            check_reply(&response, missing.len(), sent)?;
             let model_id = if response.model_id.is_empty() {
                 model_id
             } else {

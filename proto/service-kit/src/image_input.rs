@@ -1,5 +1,28 @@
-//! Whether a JPEG file holds a whole image. The JPEG decoder fills a truncated scan with grey and reports success;
-//! a cut-off upload must be refused instead.
+//! What both services do the same way with an uploaded photo, so that the segmenter's masks and the orchestrator's
+//! outputs are of the same picture: whether a JPEG file holds a whole image (the JPEG decoder fills a truncated scan
+//! with grey and reports success; a cut-off upload must be refused instead), and how a transparent photo becomes RGB
+//! (on white).
+
+use image::{DynamicImage, RgbImage};
+
+/// The photo as 8-bit RGB, transparent parts on white, as viewers show a cut-out product on a page. Dropping alpha
+/// instead (`into_rgb8`) shows whatever colour the transparent pixels hold, black for most encoders, and the
+/// segmenter would see an object on black where the user sees it on white.
+pub fn rgb_on_white(image: DynamicImage) -> RgbImage {
+    if !image.color().has_alpha() {
+        return image.into_rgb8();
+    }
+    let rgba = image.into_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
+    for p in rgba.pixels() {
+        let [r, g, b, a] = p.0;
+        let a = u32::from(a);
+        let blend = |c: u8| ((u32::from(c) * a + 255 * (255 - a) + 127) / 255) as u8;
+        rgb.extend_from_slice(&[blend(r), blend(g), blend(b)]);
+    }
+    RgbImage::from_raw(w, h, rgb).expect("w x h x 3 bytes")
+}
 
 /// Walks the file's markers from its start: segments by their length, each scan's entropy-coded data up to the next
 /// marker (inside it an FF is followed by 00, a restart marker or fill), until the end-of-image marker. Complete
@@ -69,6 +92,24 @@ fn scan_end(bytes: &[u8], from: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transparency_becomes_white_and_opaque_pixels_stay() {
+        let rgba = image::RgbaImage::from_fn(3, 1, |x, _| match x {
+            0 => image::Rgba([0, 0, 0, 0]),
+            1 => image::Rgba([200, 100, 50, 255]),
+            _ => image::Rgba([0, 0, 0, 128]),
+        });
+        let rgb = rgb_on_white(DynamicImage::ImageRgba8(rgba));
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(rgb.get_pixel(1, 0).0, [200, 100, 50]);
+        assert_eq!(rgb.get_pixel(2, 0).0, [127, 127, 127]);
+        let opaque = image::RgbImage::from_pixel(2, 2, image::Rgb([1, 2, 3]));
+        assert_eq!(
+            rgb_on_white(DynamicImage::ImageRgb8(opaque.clone())),
+            opaque
+        );
+    }
 
     fn jpeg(w: u32, h: u32) -> Vec<u8> {
         let img = image::RgbImage::from_fn(w, h, |x, y| {
