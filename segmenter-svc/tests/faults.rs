@@ -24,22 +24,30 @@ async fn wait_health(server: &TestServer, want: i32) {
 }
 
 #[tokio::test]
-async fn a_transient_fault_fails_only_its_request() {
+async fn a_transient_fault_costs_no_request() {
     let config = test_config();
     let faults = config.faults.clone();
     let server = TestServer::start(config).await;
     let mut client = server.client().await;
     let req = || request(image_bytes("room_640x480.jpg"), &["wall"]);
+    let clean = client.segment(req()).await.unwrap().into_inner();
 
+    // One run fails; the probe after it passes; the request runs once more on its own and is answered (INTERNAL,
+    // which no client retries, failed it for good).
     faults.fail_next_runs(1);
-    let err = client.segment(req()).await.unwrap_err();
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    let runs = faults.runs();
+    let answered = client.segment(req()).await.unwrap().into_inner();
+    assert_eq!(faults.failed_runs(), 1);
     assert!(
-        err.message().contains("injected fault"),
-        "{}",
-        err.message()
+        faults.runs() > runs + 2,
+        "the failed run, the probe, the run again"
     );
-    // The probe after the error passed: still serving, and the next request is answered.
+    assert_eq!(answered.concepts.len(), 1);
+    assert_eq!(
+        answered.concepts[0].instances.len(),
+        clean.concepts[0].instances.len(),
+        "the same answer as without the fault"
+    );
     assert_eq!(server.health().await, SERVING);
     let ok = client.segment(req()).await.unwrap().into_inner();
     assert_eq!(ok.concepts.len(), 1);
@@ -248,5 +256,58 @@ async fn a_failed_warm_up_is_not_re_probed_into_serving() {
         palette_testing::server::health(server.addr, "").await,
         NOT_SERVING
     );
+    server.stop().await.unwrap();
+}
+
+/// In a batch, an image is answered once its own decoder runs are done, not after its batch-mates' as well: with slow
+/// decoder runs (the CPU at full size: seconds each) a one-concept request batched before a many-concept one waited
+/// for all of the other's runs, past its deadline with its result ready.
+#[tokio::test]
+async fn a_batched_request_is_answered_when_its_own_decoder_runs_are_done() {
+    let mut config = test_config();
+    config.max_batch_images = 2;
+    // The batch runs once both requests are in.
+    config.max_queue_delay_ms = 20_000;
+    config.decoder_chunk = 1;
+    let faults = config.faults.clone();
+    let server = TestServer::start(config).await;
+    let client = server.client().await;
+    faults.slow_decoder_runs(Duration::from_millis(400));
+
+    let start = std::time::Instant::now();
+    let one = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let reply = client
+                .segment(request(image_bytes("room_640x480.jpg"), &["wall"]))
+                .await;
+            (reply, start.elapsed())
+        })
+    };
+    // Queued after the first, in the same batch: four decoder runs.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let four = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let reply = client
+                .segment(request(
+                    image_bytes("room_640x480.jpg"),
+                    &["wall", "floor", "sofa", "lamp"],
+                ))
+                .await;
+            (reply, start.elapsed())
+        })
+    };
+    let (one, one_at) = one.await.unwrap();
+    let (four, four_at) = four.await.unwrap();
+    let (one, four) = (one.unwrap().into_inner(), four.unwrap().into_inner());
+    assert_eq!(one.timings.unwrap().vision_batch_size, 2, "one batch");
+    assert_eq!(four.timings.unwrap().vision_batch_size, 2, "one batch");
+    // Four slow runs of the other's (1.6 s) came after the first's answer, not before it.
+    assert!(
+        one_at + Duration::from_millis(1000) < four_at,
+        "answered at {one_at:?} and {four_at:?}"
+    );
+    faults.slow_decoder_runs(Duration::ZERO);
     server.stop().await.unwrap();
 }

@@ -17,6 +17,7 @@ struct State {
     runs: AtomicUsize,
     panic_next: AtomicBool,
     delay_next_ms: AtomicU64,
+    slow_decoder_ms: AtomicU64,
 }
 
 impl Faults {
@@ -42,6 +43,13 @@ impl Faults {
         self.0.delay_next_ms.store(ms, Ordering::SeqCst);
     }
 
+    /// Every decoder run takes `delay` longer from now on (a model whose decoder runs are slow, as on the CPU at
+    /// full size: seconds each).
+    pub fn slow_decoder_runs(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.0.slow_decoder_ms.store(ms, Ordering::SeqCst);
+    }
+
     /// How many session runs have failed by injection so far: tests wait for it to grow (a recovery probe ran and
     /// hit the fault) instead of sleeping through the probe interval.
     pub fn failed_runs(&self) -> usize {
@@ -56,7 +64,10 @@ impl Faults {
     /// Called before each session run.
     pub(crate) fn check(&self, stage: &str) -> ort::Result<()> {
         self.0.runs.fetch_add(1, Ordering::SeqCst);
-        let delay = self.0.delay_next_ms.swap(0, Ordering::SeqCst);
+        let mut delay = self.0.delay_next_ms.swap(0, Ordering::SeqCst);
+        if stage == "decoder" {
+            delay += self.0.slow_decoder_ms.load(Ordering::SeqCst);
+        }
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
         }

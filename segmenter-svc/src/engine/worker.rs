@@ -149,6 +149,13 @@ impl Drop for Worker {
     }
 }
 
+/// The jobs of a run that failed which were not answered (all of them, or those after the image whose decoder run
+/// failed, that one included), with the error.
+struct Unanswered {
+    jobs: Vec<Job>,
+    error: ort::Error,
+}
+
 impl Worker {
     fn run(&mut self, rx: Receiver<Job>, queued: Arc<AtomicUsize>) {
         let started = Instant::now();
@@ -227,7 +234,10 @@ impl Worker {
 
     /// Runs a batch. After a run error a probe decides whether the provider itself is broken, before the batch is
     /// answered: then its requests get UNAVAILABLE (a client retries them on another replica) and health turns
-    /// NOT_SERVING; otherwise it was these requests, answered INTERNAL.
+    /// NOT_SERVING. Otherwise each request runs once more on its own: a fault that passed (device memory a
+    /// co-tenant held for a moment) costs no request, a request that fails again alone is answered INTERNAL, and its
+    /// batch-mates are answered as if it had not been there. (INTERNAL is not retried by clients: answering it for a
+    /// whole batch after one transient fault failed every image in it for good.)
     fn process(&mut self, batch: Vec<Job>) {
         let now = Instant::now();
         let mut live = Vec::with_capacity(batch.len());
@@ -242,32 +252,37 @@ impl Worker {
             return;
         }
         metrics::histogram!("segmenter_vision_batch_size").record(live.len() as f64);
-        match self.compute(&live, now) {
-            Ok(outputs) => {
-                for (job, out) in live.into_iter().zip(outputs) {
-                    match out {
-                        Some(out) => answer(job, Ok(out)),
-                        None => drop_gone(job),
-                    }
+        let Err(Unanswered { jobs, error }) = self.compute(live, now) else {
+            return;
+        };
+        tracing::error!(error = %error, images = jobs.len(), "inference run failed");
+        match self.probe() {
+            Ok(()) => {
+                for job in jobs {
+                    self.rerun_alone(job);
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, images = live.len(), "inference run failed");
-                match self.probe() {
-                    Ok(()) => {
-                        for job in live {
-                            answer(job, Err(Error::Inference(e.to_string())));
-                        }
-                    }
-                    Err(probe) => {
-                        tracing::error!(error = %probe, "health probe failed after a run error: NOT_SERVING");
-                        let reason = format!("execution provider failed: {probe}");
-                        self.health.send_replace(Health::Failed(reason.clone()));
-                        for job in live {
-                            answer(job, Err(Error::NotServing(reason.clone())));
-                        }
-                    }
+            Err(probe) => {
+                tracing::error!(error = %probe, "health probe failed after a run error: NOT_SERVING");
+                let reason = format!("execution provider failed: {probe}");
+                self.health.send_replace(Health::Failed(reason.clone()));
+                for job in jobs {
+                    answer(job, Err(Error::NotServing(reason.clone())));
                 }
+            }
+        }
+    }
+
+    /// A request of a batch whose run failed while the provider works, run once more by itself.
+    fn rerun_alone(&mut self, job: Job) {
+        if gone(&job) {
+            drop_gone(job);
+            return;
+        }
+        if let Err(Unanswered { jobs, error }) = self.compute(vec![job], Instant::now()) {
+            tracing::error!(error = %error, "inference run failed again for the request alone");
+            for job in jobs {
+                answer(job, Err(Error::Inference(error.to_string())));
             }
         }
     }
@@ -317,12 +332,15 @@ impl Worker {
         Ok(())
     }
 
-    /// Each job's output, or None for a job whose client left or whose deadline passed before its decoder runs
-    /// were done (checked before each chunk: on the CPU one phrase's decoder run takes seconds).
-    fn compute(&mut self, jobs: &[Job], start: Instant) -> ort::Result<Vec<Option<JobOutput>>> {
+    /// Runs the batch and answers each job as soon as its decoder runs are done (a job whose client left or whose
+    /// deadline passed before then is dropped: checked before each chunk, as on the CPU one phrase's decoder run
+    /// takes seconds). An image's answer does not wait for its batch-mates' decoder runs (on the CPU those take
+    /// minutes for a preset's concepts: a request's deadline passed with its result ready). A run error comes back
+    /// with the jobs not answered yet: all of them, or the image whose decoder run failed and those after it.
+    fn compute(&mut self, jobs: Vec<Job>, start: Instant) -> Result<(), Unanswered> {
         // Text and vision run once for the whole batch: one span that follows from every request in it.
         let batch = tracing::info_span!(parent: None, "inference_batch", images = jobs.len());
-        for job in jobs {
+        for job in &jobs {
             batch.follows_from(&job.span);
         }
         let batch = batch.entered();
@@ -333,7 +351,7 @@ impl Worker {
         let mut hits: Vec<Vec<bool>> = Vec::with_capacity(jobs.len());
         let mut missing: Vec<(String, Tokens)> = Vec::new();
         let mut looked_up: HashMap<&str, bool> = HashMap::new();
-        for job in jobs {
+        for job in &jobs {
             let mut job_hits = Vec::with_capacity(job.phrases.len());
             for (phrase, tokens) in &job.phrases {
                 let hit = *looked_up.entry(phrase).or_insert_with(|| {
@@ -349,7 +367,11 @@ impl Worker {
         }
         for chunk in missing.chunks(32) {
             let tokens: Vec<Tokens> = chunk.iter().map(|(_, t)| t.clone()).collect();
-            let features = self.encode_text(&tokens)?;
+            let features = match self.encode_text(&tokens) {
+                Ok(features) => features,
+                // Every job given back unanswered.
+                Err(error) => return Err(Unanswered { jobs, error }),
+            };
             for ((phrase, _), f) in chunk.iter().zip(features) {
                 self.cache.insert(phrase.clone(), f);
             }
@@ -361,26 +383,37 @@ impl Worker {
         // copied on the host nor, with CUDA, sent across PCIe and back.
         let t1 = Instant::now();
         let s = self.settings.image_size;
-        let pixels = Pixels::concat(jobs.iter().map(|job| &job.pixels))
-            .ok_or_else(|| ort::Error::new("a vision batch mixed u8 and f32 images"))?;
         let Worker {
             sessions,
             settings,
             cache,
             ..
         } = self;
-        settings.faults.check("vision")?;
-        let binding = bind_vision(
+        // A failed step gives every job back unanswered.
+        macro_rules! or_unanswered {
+            ($step:expr) => {
+                match $step {
+                    Ok(done) => done,
+                    Err(error) => return Err(Unanswered { jobs, error }),
+                }
+            };
+        }
+        let pixels = or_unanswered!(
+            Pixels::concat(jobs.iter().map(|job| &job.pixels))
+                .ok_or_else(|| ort::Error::new("a vision batch mixed u8 and f32 images"))
+        );
+        or_unanswered!(settings.faults.check("vision"));
+        let binding = or_unanswered!(bind_vision(
             &sessions.vision,
             pixels,
             jobs.len(),
             s,
             &sessions.provider,
             sessions.fixed_fpn.as_mut(),
-        )?;
-        let vision_out = sessions.vision.run_binding(&binding)?;
-        binding.synchronize_outputs()?;
-        let fpn = fpn_views(&vision_out)?;
+        ));
+        let vision_out = or_unanswered!(sessions.vision.run_binding(&binding));
+        or_unanswered!(binding.synchronize_outputs());
+        let fpn = or_unanswered!(fpn_views(&vision_out));
         let vision = t1.elapsed();
         metrics::histogram!("segmenter_stage_seconds", "stage" => "vision")
             .record(vision.as_secs_f64());
@@ -388,10 +421,11 @@ impl Worker {
             .record(text.as_secs_f64());
 
         drop(batch);
-        // Decoder: per image, its phrases in chunks, inside the request's span.
-        let mut outputs = Vec::with_capacity(jobs.len());
-        for (index, (job, job_hits)) in jobs.iter().zip(hits).enumerate() {
-            let _span =
+        // Decoder: per image, its phrases in chunks, inside the request's span; each image answered when done.
+        let batch_size = jobs.len();
+        let mut pending = jobs.into_iter().zip(hits).enumerate();
+        while let Some((index, (job, job_hits))) = pending.next() {
+            let span =
                 tracing::info_span!(parent: &job.span, "decode", phrases = job.phrases.len())
                     .entered();
             let t2 = Instant::now();
@@ -405,37 +439,48 @@ impl Worker {
             let mut filter_time = Duration::ZERO;
             let chunk = settings.decoder_chunk.max(1);
             let mut left = false;
-            for (f, t) in features.chunks(chunk).zip(tokens.chunks(chunk)) {
-                if gone(job) {
-                    left = true;
-                    break;
+            let mut run_chunks = || -> ort::Result<()> {
+                for (f, t) in features.chunks(chunk).zip(tokens.chunks(chunk)) {
+                    if gone(&job) {
+                        left = true;
+                        return Ok(());
+                    }
+                    settings.faults.check("decoder")?;
+                    let (kept, spent) = decode_chunk(
+                        Decoders {
+                            dynamic: &mut sessions.decoder,
+                            dynamic_outputs: sessions.decoder_outputs.as_mut(),
+                            statics: &mut sessions.decoder_static,
+                        },
+                        settings,
+                        &fpn,
+                        index,
+                        f,
+                        t,
+                        job.image_size,
+                        job.filter,
+                    )?;
+                    concepts.extend(kept);
+                    filter_time += spent;
                 }
-                settings.faults.check("decoder")?;
-                let (kept, spent) = decode_chunk(
-                    Decoders {
-                        dynamic: &mut sessions.decoder,
-                        dynamic_outputs: sessions.decoder_outputs.as_mut(),
-                        statics: &mut sessions.decoder_static,
-                    },
-                    settings,
-                    &fpn,
-                    index,
-                    f,
-                    t,
-                    job.image_size,
-                    job.filter,
-                )?;
-                concepts.extend(kept);
-                filter_time += spent;
+                Ok(())
+            };
+            if let Err(error) = run_chunks() {
+                drop(span);
+                let jobs = std::iter::once(job)
+                    .chain(pending.map(|(_, (job, _))| job))
+                    .collect();
+                return Err(Unanswered { jobs, error });
             }
+            drop(span);
             if left {
-                outputs.push(None);
+                drop_gone(job);
                 continue;
             }
             let decoder = t2.elapsed().saturating_sub(filter_time);
             metrics::histogram!("segmenter_stage_seconds", "stage" => "decoder")
                 .record(decoder.as_secs_f64());
-            outputs.push(Some(JobOutput {
+            let output = JobOutput {
                 concepts,
                 cache_hits: job_hits,
                 queue: start.saturating_duration_since(job.enqueued),
@@ -443,10 +488,11 @@ impl Worker {
                 vision,
                 decoder,
                 filter: filter_time,
-                vision_batch: jobs.len(),
-            }));
+                vision_batch: batch_size,
+            };
+            answer(job, Ok(output));
         }
-        Ok(outputs)
+        Ok(())
     }
 
     fn encode_text(&mut self, tokens: &[Tokens]) -> ort::Result<Vec<Arc<[f32]>>> {
