@@ -260,6 +260,8 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
         max_instances,
         default_deadline: config.default_deadline(),
         preprocess_permits: Arc::new(Semaphore::new(config.preprocess_concurrency.max(1))),
+        preprocess_waiting: Default::default(),
+        max_preprocess_waiting: config.queue_capacity.max(1),
         max_reply_bytes: config.max_message_bytes,
     }))
 }

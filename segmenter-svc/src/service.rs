@@ -2,6 +2,7 @@
 //! submission to the engine, and encoding of the kept instances.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use palette_proto::segmenter::v1 as pb;
@@ -33,6 +34,12 @@ pub struct Shared {
     pub default_deadline: Duration,
     /// Bounds the CPU work (decode + resize) done before a request reaches the engine.
     pub preprocess_permits: Arc<Semaphore>,
+    /// Requests waiting for a pre-processing slot now, each holding its whole message (up to MAX_MESSAGE_BYTES).
+    pub preprocess_waiting: AtomicUsize,
+    /// Most requests that may wait for a slot (QUEUE_CAPACITY, at least 1): past it a request is refused
+    /// RESOURCE_EXHAUSTED at once, as by a full queue. Unbounded, a decode-bound replica never refused and its
+    /// waiting requests (and their images) piled up until their deadlines.
+    pub max_preprocess_waiting: usize,
     /// MAX_MESSAGE_BYTES: a reply larger than this is refused by tonic's encoder after all the compute, so it is
     /// checked here and answered with a status that says what to change.
     pub max_reply_bytes: usize,
@@ -207,6 +214,28 @@ async fn segment(
     Ok(response)
 }
 
+/// A request counted in `preprocess_waiting` while it waits for a slot.
+struct InLine<'a>(&'a AtomicUsize);
+
+impl<'a> InLine<'a> {
+    /// In line, or Overloaded when `max_preprocess_waiting` requests already are.
+    fn join(shared: &'a Shared) -> Result<Self, Error> {
+        let waiting = &shared.preprocess_waiting;
+        let max = shared.max_preprocess_waiting;
+        if waiting.fetch_add(1, Ordering::SeqCst) >= max {
+            waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::Overloaded { capacity: max });
+        }
+        Ok(InLine(waiting))
+    }
+}
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn expired(deadline: Instant) -> Result<(), Error> {
     if Instant::now() >= deadline {
         return Err(Error::DeadlineExceeded);
@@ -337,13 +366,22 @@ async fn prepare(
         .and_then(|i| i.source)
         .ok_or_else(|| Error::invalid("image", "required"))?;
     let waiting = Instant::now();
-    let permit = tokio::time::timeout_at(
-        deadline.into(),
-        shared.preprocess_permits.clone().acquire_owned(),
-    )
-    .await
-    .map_err(|_| Error::DeadlineExceeded)?
-    .map_err(|_| Error::NotServing("shutting down".into()))?;
+    let permit = match shared.preprocess_permits.clone().try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(tokio::sync::TryAcquireError::Closed) => {
+            return Err(Error::NotServing("shutting down".into()));
+        }
+        Err(tokio::sync::TryAcquireError::NoPermits) => {
+            let _in_line = InLine::join(&shared)?;
+            tokio::time::timeout_at(
+                deadline.into(),
+                shared.preprocess_permits.clone().acquire_owned(),
+            )
+            .await
+            .map_err(|_| Error::DeadlineExceeded)?
+            .map_err(|_| Error::NotServing("shutting down".into()))?
+        }
+    };
     let wait = waiting.elapsed();
     // The queue may have filled during the wait: a request it has no room for now is refused before its decode,
     // which would be thrown away, and its slot goes to the next at once. The wait itself is bounded by the deadline

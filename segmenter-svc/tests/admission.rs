@@ -252,3 +252,46 @@ async fn a_job_in_the_batch_being_collected_leaves_its_queue_room_free() {
     first_answer.await.unwrap().unwrap();
     server.stop().await.unwrap();
 }
+
+/// The requests waiting for a pre-processing slot are bounded too (QUEUE_CAPACITY of them): a decode-bound replica
+/// whose engine queue stays empty refuses the next one RESOURCE_EXHAUSTED at once, instead of holding every arriving
+/// image until its deadline.
+#[tokio::test]
+async fn requests_waiting_for_a_decode_slot_are_bounded() {
+    let mut config = test_config();
+    config.queue_capacity = 1;
+    config.preprocess_concurrency = 1;
+    let (shared, mut server, client) = start(config).await;
+    let slot = shared
+        .preprocess_permits
+        .clone()
+        .acquire_owned()
+        .await
+        .unwrap();
+    let first = spawn_segment(&client, not_an_image());
+    wait_until("the first request waits for the slot", || {
+        shared
+            .preprocess_waiting
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1
+    })
+    .await;
+    let started = Instant::now();
+    let err = client.clone().segment(not_an_image()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once"
+    );
+    drop(slot);
+    // The one in line gets the slot and is answered (its bytes are not an image).
+    let err = first.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        shared
+            .preprocess_waiting
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    server.stop().await.unwrap();
+}
