@@ -82,9 +82,14 @@ impl pb::segmenter_server::Segmenter for SegmenterService {
         // What autoscalers read (deploy/k8s: KEDA on segmenter_inflight_requests): calls inside the server now.
         metrics::gauge!("segmenter_inflight_requests").increment(1.0);
         let _inflight = InflightGuard;
+        let mut unfinished = Unfinished {
+            deadline,
+            counted: false,
+        };
         let result = segment(self.shared.clone(), request, started, deadline)
             .instrument(span.clone())
             .await;
+        unfinished.counted = true;
         let elapsed = started.elapsed().as_secs_f64();
         match &result {
             Ok(_) => {
@@ -138,6 +143,27 @@ struct InflightGuard;
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         metrics::gauge!("segmenter_inflight_requests").decrement(1.0);
+    }
+}
+
+/// Counts a call in `segmenter_requests_total` when the handler never returns: tonic drops its future when the
+/// client resets the call (outcome "cancelled") or when tonic's own `grpc-timeout` timer ends it first
+/// ("deadline_exceeded"). Counted only on return, those calls were missing from the rate of failures.
+struct Unfinished {
+    deadline: Instant,
+    counted: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if !self.counted {
+            let outcome = if Instant::now() >= self.deadline {
+                Error::DeadlineExceeded.kind()
+            } else {
+                Error::Cancelled.kind()
+            };
+            metrics::counter!("segmenter_requests_total", "outcome" => outcome).increment(1);
+        }
     }
 }
 

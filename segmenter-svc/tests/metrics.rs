@@ -48,6 +48,55 @@ async fn metrics_endpoint_reports_requests_stages_and_cache() {
 
     dropped_at_the_deadline_are_counted_as_deadline(metrics_addr).await;
     a_full_queue_refuses_without_a_decode(metrics_addr).await;
+    a_call_its_client_left_is_counted(metrics_addr).await;
+}
+
+/// A call whose client goes away while it waits for the inference thread ends without its handler returning (tonic
+/// drops it on the reset): it is counted all the same, as "cancelled".
+async fn a_call_its_client_left_is_counted(metrics_addr: std::net::SocketAddr) {
+    let config = test_config();
+    let faults = config.faults.clone();
+    let server = TestServer::start(config).await;
+    let client = server.client().await;
+    let before = value(
+        &http_get(metrics_addr).await,
+        "segmenter_requests_total{outcome=\"cancelled\"}",
+    );
+    faults.delay_next_run(Duration::from_secs(4));
+    let held = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            client
+                .segment(request(image_bytes("room_640x480.jpg"), &["wall"]))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            client
+                .segment(request(image_bytes("room_640x480.jpg"), &["floor"]))
+                .await
+        })
+    };
+    // Decoded and queued behind the held run by now; then its client goes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    left.abort();
+    held.await.unwrap().unwrap();
+    let mut after = before;
+    for _ in 0..50 {
+        after = value(
+            &http_get(metrics_addr).await,
+            "segmenter_requests_total{outcome=\"cancelled\"}",
+        );
+        if after > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(after, before + 1.0, "the call its client left is counted");
+    server.stop().await.unwrap();
 }
 
 /// The value of a metric line that starts with `name` (labels included), 0 when there is none.
@@ -166,6 +215,11 @@ async fn dropped_at_the_deadline_are_counted_as_deadline(metrics_addr: std::net:
     assert!(
         !body.contains("segmenter_dropped_total{reason=\"cancelled\"}"),
         "no client left:\n{body}"
+    );
+    // Both calls counted as past their deadline.
+    assert!(
+        body.contains("segmenter_requests_total{outcome=\"deadline_exceeded\"} 2\n"),
+        "two calls past their deadline wanted:\n{body}"
     );
     server.stop().await.unwrap();
 }
