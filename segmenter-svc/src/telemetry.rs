@@ -83,6 +83,6 @@ fn describe() {
     );
     metrics::describe_counter!(
         "segmenter_dropped_total",
-        "Requests dropped before compute (cancelled, deadline)"
+        "Requests dropped unanswered, before or during their decoder runs: their client left (cancelled) or their deadline passed (deadline)"
     );
 }

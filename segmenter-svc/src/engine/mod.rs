@@ -85,16 +85,16 @@ impl EngineHandle {
     pub fn submit(&self, job: Job) -> Result<(), Error> {
         self.serving()?;
         // Counted first, so that the inference thread's uncount of this job (after it took it) never comes before.
+        // The gauge moves by the same steps (set to a value read here, it raced with the thread's and could stay
+        // stale, 1 over an empty queue, until the next batch).
         self.queued.fetch_add(1, Ordering::SeqCst);
+        metrics::gauge!("segmenter_queue_depth").increment(1.0);
         let result = self.tx.try_send(job);
         match result {
-            Ok(()) => {
-                metrics::gauge!("segmenter_queue_depth")
-                    .set(self.queued.load(Ordering::SeqCst) as f64);
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(e) => {
                 self.queued.fetch_sub(1, Ordering::SeqCst);
+                metrics::gauge!("segmenter_queue_depth").decrement(1.0);
                 match e {
                     TrySendError::Full(_) => Err(Error::Overloaded {
                         capacity: self.capacity,

@@ -206,7 +206,6 @@ impl Worker {
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
                 }
             }
-            metrics::gauge!("segmenter_queue_depth").set(queued.load(Ordering::SeqCst) as f64);
             self.process(batch);
             idle_since = Instant::now();
         }
@@ -639,6 +638,7 @@ fn take(
 ) -> Result<Job, RecvTimeoutError> {
     let job = rx.recv_timeout(timeout)?;
     queued.fetch_sub(1, Ordering::SeqCst);
+    metrics::gauge!("segmenter_queue_depth").decrement(1.0);
     Ok(job)
 }
 
