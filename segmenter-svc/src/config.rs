@@ -173,7 +173,8 @@ pub struct Config {
     #[arg(long, env = "MAX_INSTANCES_PER_CONCEPT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_instances_per_concept: u32,
 
-    /// Requests decoding and pre-processing images at once (CPU work before the inference thread).
+    /// Requests decoding and pre-processing images at once (CPU work before the inference thread), or making a
+    /// reply's RLE masks (after it).
     #[arg(long, env = "PREPROCESS_CONCURRENCY", default_value_t = 4)]
     pub preprocess_concurrency: usize,
 

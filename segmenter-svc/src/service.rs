@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use palette_proto::segmenter::v1 as pb;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -217,11 +217,21 @@ async fn segment(
 
     let t_encode = Instant::now();
     let mask_size = shared.mask_size;
-    let concepts =
-        tokio::task::spawn_blocking(move || encode(&checked, output, mask_size, image_size))
-            .await
-            .map_err(|e| Error::Inference(format!("encoding task failed: {e}")))?;
-    let (concepts, mut timings) = concepts;
+    // RLE walks every pixel of each instance's box on the photo (seconds for hundreds of instances on a large
+    // one): it takes a CPU slot as a decode does, so it does not crowd out the decodes, and it stops at the
+    // deadline instead of working on for a caller that has gone.
+    let slot = if checked.include_rle {
+        Some(cpu_slot(&shared, deadline).await?)
+    } else {
+        None
+    };
+    let concepts = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        encode(&checked, output, mask_size, image_size, deadline)
+    })
+    .await
+    .map_err(|e| Error::Inference(format!("encoding task failed: {e}")))?;
+    let (concepts, mut timings) = concepts?;
     timings.queue_ms += ms(prep.wait);
     timings.decode_ms = ms(prep.decode);
     timings.preprocess_ms = ms(prep.resize);
@@ -238,6 +248,25 @@ async fn segment(
     };
     fits(&response, shared.max_reply_bytes)?;
     Ok(response)
+}
+
+/// One of the PREPROCESS_CONCURRENCY slots for CPU work on a request (its decode and resize, its RLE), waited for
+/// until `deadline` in a line of at most `max_preprocess_waiting`.
+async fn cpu_slot(shared: &Shared, deadline: Instant) -> Result<OwnedSemaphorePermit, Error> {
+    match shared.preprocess_permits.clone().try_acquire_owned() {
+        Ok(permit) => Ok(permit),
+        Err(tokio::sync::TryAcquireError::Closed) => Err(Error::NotServing("shutting down".into())),
+        Err(tokio::sync::TryAcquireError::NoPermits) => {
+            let _in_line = InLine::join(shared)?;
+            tokio::time::timeout_at(
+                deadline.into(),
+                shared.preprocess_permits.clone().acquire_owned(),
+            )
+            .await
+            .map_err(|_| Error::DeadlineExceeded)?
+            .map_err(|_| Error::NotServing("shutting down".into()))
+        }
+    }
 }
 
 /// A request counted in `preprocess_waiting` while it waits for a slot.
@@ -392,22 +421,7 @@ async fn prepare(
         .and_then(|i| i.source)
         .ok_or_else(|| Error::invalid("image", "required"))?;
     let waiting = Instant::now();
-    let permit = match shared.preprocess_permits.clone().try_acquire_owned() {
-        Ok(permit) => permit,
-        Err(tokio::sync::TryAcquireError::Closed) => {
-            return Err(Error::NotServing("shutting down".into()));
-        }
-        Err(tokio::sync::TryAcquireError::NoPermits) => {
-            let _in_line = InLine::join(&shared)?;
-            tokio::time::timeout_at(
-                deadline.into(),
-                shared.preprocess_permits.clone().acquire_owned(),
-            )
-            .await
-            .map_err(|_| Error::DeadlineExceeded)?
-            .map_err(|_| Error::NotServing("shutting down".into()))?
-        }
-    };
+    let permit = cpu_slot(&shared, deadline).await?;
     let wait = waiting.elapsed();
     // The queue may have filled during the wait: a request it has no room for now is refused before its decode,
     // which would be thrown away, and its slot goes to the next at once. The wait itself is bounded by the deadline
@@ -447,7 +461,8 @@ fn encode(
     output: JobOutput,
     mask_size: usize,
     (width, height): (u32, u32),
-) -> (Vec<pb::ConceptResult>, pb::StageTimings) {
+    deadline: Instant,
+) -> Result<(Vec<pb::ConceptResult>, pb::StageTimings), Error> {
     let started = Instant::now();
     // A plane in the requested form: a u8 export's codes pass through; its logits are reconstructed (mask_plane.rs).
     let tensor = |plane: &MaskPlane| -> Option<pb::Tensor> {
@@ -516,21 +531,23 @@ fn encode(
         uses_left[i] += 1;
     }
     let mut encoded: Vec<Option<pb::ConceptResult>> = vec![None; checked.distinct.len()];
-    let concepts = index
-        .into_iter()
-        .map(|i| {
-            let (phrase, _) = &checked.distinct[i];
-            let done = encoded[i].get_or_insert_with(|| {
-                encode_concept(phrase, &output.concepts[i], output.cache_hits[i])
-            });
-            uses_left[i] -= 1;
-            if uses_left[i] == 0 {
-                encoded[i].take().expect("just encoded")
-            } else {
-                done.clone()
-            }
-        })
-        .collect();
+    let mut concepts = Vec::with_capacity(index.len());
+    for i in index {
+        let (phrase, _) = &checked.distinct[i];
+        if encoded[i].is_none() {
+            // Nobody waits for a reply past the deadline (tonic's timer ends the call).
+            expired(deadline)?;
+        }
+        let done = encoded[i].get_or_insert_with(|| {
+            encode_concept(phrase, &output.concepts[i], output.cache_hits[i])
+        });
+        uses_left[i] -= 1;
+        concepts.push(if uses_left[i] == 0 {
+            encoded[i].take().expect("just encoded")
+        } else {
+            done.clone()
+        });
+    }
     let timings = pb::StageTimings {
         queue_ms: ms(output.queue),
         decode_ms: 0.0,
@@ -542,7 +559,7 @@ fn encode(
         total_ms: 0.0,
         vision_batch_size: output.vision_batch as u32,
     };
-    (concepts, timings)
+    Ok((concepts, timings))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -623,6 +640,15 @@ mod tests {
     /// `encode` of one "wall" instance on a 4000 x 3000 photo, asked `times` times, as RLE only: the reply and the
     /// bytes its encoding allocated on this thread.
     fn encode_wall(times: usize) -> (Vec<pb::ConceptResult>, usize) {
+        let (concepts, bytes) = encode_wall_by(times, Instant::now() + Duration::from_secs(600));
+        (concepts.unwrap(), bytes)
+    }
+
+    /// `encode_wall` with the request's deadline.
+    fn encode_wall_by(
+        times: usize,
+        deadline: Instant,
+    ) -> (Result<Vec<pb::ConceptResult>, Error>, usize) {
         let mask_size = 64;
         let checked = Checked {
             requested: vec!["wall".to_string(); times],
@@ -664,8 +690,18 @@ mod tests {
             vision_batch: 1,
         };
         let before = counting::allocated();
-        let (concepts, _) = encode(&checked, output, mask_size, (4000, 3000));
+        let concepts = encode(&checked, output, mask_size, (4000, 3000), deadline).map(|(c, _)| c);
         (concepts, counting::allocated() - before)
+    }
+
+    /// A request whose deadline has passed by the time its reply is built gets no RLE made for it.
+    #[test]
+    fn no_rle_is_made_past_the_deadline() {
+        let (concepts, _) = encode_wall_by(1, Instant::now());
+        assert!(
+            matches!(concepts, Err(Error::DeadlineExceeded)),
+            "{concepts:?}"
+        );
     }
 
     /// A phrase repeated in a request is encoded once: 32 x "wall" with RLE on a large photo cost 32 encodings.

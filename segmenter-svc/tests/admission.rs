@@ -295,3 +295,38 @@ async fn requests_waiting_for_a_decode_slot_are_bounded() {
     );
     server.stop().await.unwrap();
 }
+
+/// RLE (walking every pixel of each instance's box on the photo) takes a CPU slot as a decode does: with the only
+/// slot held, a reply with RLE waits for it after the engine answered, and comes once it is free.
+#[tokio::test]
+async fn rle_encoding_takes_a_cpu_slot() {
+    let mut config = test_config();
+    config.preprocess_concurrency = 1;
+    let faults = config.faults.clone();
+    let (shared, mut server, client) = start(config).await;
+    let runs = faults.runs();
+    faults.delay_next_run(Duration::from_secs(2));
+    let mut req = request(image_bytes("room_640x480.jpg"), &["wall"]);
+    req.include_rle = true;
+    let call = spawn_segment(&client, req);
+    wait_until("its decode done and its run started", || {
+        faults.runs() > runs
+    })
+    .await;
+    let slot = shared
+        .preprocess_permits
+        .clone()
+        .acquire_owned()
+        .await
+        .unwrap();
+    // The run (2 s) ends meanwhile; the encode waits for the slot.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!call.is_finished(), "the RLE encode waits for a CPU slot");
+    drop(slot);
+    let reply = call.await.unwrap().unwrap().into_inner();
+    assert!(
+        reply.concepts[0].instances.iter().all(|i| i.rle.is_some()),
+        "{reply:?}"
+    );
+    server.stop().await.unwrap();
+}
