@@ -187,8 +187,9 @@ pub struct Config {
     #[arg(long, env = "REPROBE_INTERVAL_SEC", default_value_t = 15)]
     pub reprobe_interval_sec: u64,
 
-    /// How long graceful shutdown waits for in-flight requests, in seconds. Then the inference thread stops, but only
-    /// after the batch (or warm-up step, or probe) it is running, however long that takes: exit can come later.
+    /// How long graceful shutdown waits for in-flight requests, in seconds. Then the inference thread stops: a batch
+    /// still running ends before its next decoder run (its requests answered UNAVAILABLE), a warm-up step or probe
+    /// in progress is finished first, so exit can come one model run later.
     #[arg(long, env = "SHUTDOWN_GRACE_SEC", default_value_t = 30)]
     pub shutdown_grace_sec: u64,
 

@@ -25,8 +25,8 @@ pub const SERVICE_NAME: &str = pb::segmenter_server::SERVICE_NAME;
 
 /// Loads the model, starts the inference thread and serves on `listener` until `shutdown` resolves; then reports
 /// NOT_SERVING, stops accepting, and waits up to the grace period for requests in flight. Then it stops the
-/// inference thread, which first finishes the batch (or warm-up step, or probe) it is running, however far past the
-/// grace period that takes. TLS files and tokens are checked before the model loads, so a wrong setting stops startup
+/// inference thread: a batch still running ends before its next decoder run (its requests answered UNAVAILABLE); a
+/// warm-up step or probe in progress is finished first. TLS files and tokens are checked before the model loads, so a wrong setting stops startup
 /// at once.
 pub async fn run(
     config: Config,

@@ -311,3 +311,41 @@ async fn a_batched_request_is_answered_when_its_own_decoder_runs_are_done() {
     faults.slow_decoder_runs(Duration::ZERO);
     server.stop().await.unwrap();
 }
+
+/// A batch still running when the shutdown's grace period is over stops between decoder runs (on the CPU each takes
+/// seconds, a preset's concepts minutes), instead of holding the exit until it is done.
+#[tokio::test]
+async fn a_batch_running_past_the_grace_period_stops_between_decoder_runs() {
+    let mut config = test_config();
+    config.shutdown_grace_sec = 1;
+    config.decoder_chunk = 1;
+    let faults = config.faults.clone();
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    // Eight decoder runs of 1 s each.
+    faults.slow_decoder_runs(Duration::from_secs(1));
+    let runs = faults.runs();
+    let call = tokio::spawn(async move {
+        client
+            .segment(request(
+                image_bytes("room_640x480.jpg"),
+                &[
+                    "wall", "floor", "sofa", "lamp", "door", "window", "rug", "table",
+                ],
+            ))
+            .await
+    });
+    for _ in 0..200 {
+        if faults.runs() > runs + 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let started = std::time::Instant::now();
+    server.stop().await.unwrap();
+    let took = started.elapsed();
+    // The 1 s grace, then at most the decoder run in progress: not the 6 s of runs left.
+    assert!(took < Duration::from_millis(3500), "stopped after {took:?}");
+    faults.slow_decoder_runs(Duration::ZERO);
+    let _ = call.await;
+}

@@ -386,6 +386,7 @@ impl Worker {
             sessions,
             settings,
             cache,
+            stop,
             ..
         } = self;
         // A failed step gives every job back unanswered.
@@ -437,11 +438,15 @@ impl Worker {
             let mut concepts = Vec::with_capacity(tokens.len());
             let mut filter_time = Duration::ZERO;
             let chunk = settings.decoder_chunk.max(1);
-            let mut left = false;
+            let (mut left, mut stopping) = (false, false);
             let mut run_chunks = || -> ort::Result<()> {
                 for (f, t) in features.chunks(chunk).zip(tokens.chunks(chunk)) {
                     if gone(&job) {
                         left = true;
+                        return Ok(());
+                    }
+                    if stop.load(Ordering::SeqCst) {
+                        stopping = true;
                         return Ok(());
                     }
                     settings.faults.check("decoder")?;
@@ -475,6 +480,15 @@ impl Worker {
             if left {
                 drop_gone(job);
                 continue;
+            }
+            if stopping {
+                // The shutdown's grace period is over (the thread is asked to stop only then): the batch ends here,
+                // between decoder runs, instead of running on for minutes on the CPU past SHUTDOWN_GRACE_SEC.
+                let reason = "the segmenter shut down before the request was computed";
+                for job in std::iter::once(job).chain(pending.map(|(_, (job, _))| job)) {
+                    answer(job, Err(Error::NotServing(reason.into())));
+                }
+                return Ok(());
             }
             let decoder = t2.elapsed().saturating_sub(filter_time);
             metrics::histogram!("segmenter_stage_seconds", "stage" => "decoder")
