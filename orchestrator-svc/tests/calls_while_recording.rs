@@ -271,20 +271,11 @@ async fn a_dropped_submission_whose_record_failed_leaves_no_job() {
 /// fresh copy whose ended items stay PENDING on this replica for ever (its WatchJob never ending).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_same_spec_submission_reads_the_recorded_items_this_replica_missed() {
-    use orchestrator_svc::jobs::cluster::Cluster;
     use orchestrator_svc::jobs::store::spec_hash;
     use palette_proto::orchestrator::v1::{CallbackState, ItemState};
-    let Some(nats) = palette_testing::nats::start() else {
+    let Some((_nats, dir, cluster)) = nats_cluster().await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = orchestrator_svc::Config::for_tests(dir.path(), "http://127.0.0.1:9");
-    config.nats.nats_url = Some(nats.url.clone().into());
-    let cluster = Arc::new(
-        Cluster::connect(config.jobs.cluster_settings(&config.nats).unwrap())
-            .await
-            .unwrap(),
-    );
     let spec = seed_spec("missed", 2);
     let record = JobRecord {
         user_id: spec.user_id.clone(),
@@ -322,20 +313,11 @@ async fn a_same_spec_submission_reads_the_recorded_items_this_replica_missed() {
 /// planned with the recorded copy of the preset, as on every other replica, not with this replica's file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_same_spec_submission_takes_the_recorded_run_with_its_preset() {
-    use orchestrator_svc::jobs::cluster::Cluster;
     use orchestrator_svc::jobs::store::spec_hash;
     use palette_rules::preset::Preset;
-    let Some(nats) = palette_testing::nats::start() else {
+    let Some((_nats, dir, cluster)) = nats_cluster().await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = orchestrator_svc::Config::for_tests(dir.path(), "http://127.0.0.1:9");
-    config.nats.nats_url = Some(nats.url.clone().into());
-    let cluster = Arc::new(
-        Cluster::connect(config.jobs.cluster_settings(&config.nats).unwrap())
-            .await
-            .unwrap(),
-    );
     let house = |finish: &str| -> Arc<Preset> {
         Arc::new(
             serde_json::from_str(&format!(
@@ -383,4 +365,23 @@ async fn a_same_spec_submission_takes_the_recorded_run_with_its_preset() {
     // A retry of the submission answers from the same handle.
     service.submit(&spec).await.expect("the same job again");
     assert!(Arc::ptr_eq(&job, &service.get(&key).unwrap()));
+}
+
+/// A nats-server, a temporary directory and a connection to the cluster state on it (JOB_STORE=nats); None where
+/// nats-server is not installed (outside CI).
+async fn nats_cluster() -> Option<(
+    palette_testing::nats::Nats,
+    tempfile::TempDir,
+    Arc<orchestrator_svc::jobs::cluster::Cluster>,
+)> {
+    let nats = palette_testing::nats::start()?;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = orchestrator_svc::Config::for_tests(dir.path(), "http://127.0.0.1:9");
+    config.nats.nats_url = Some(nats.url.clone().into());
+    let cluster = orchestrator_svc::jobs::cluster::Cluster::connect(
+        config.jobs.cluster_settings(&config.nats).unwrap(),
+    )
+    .await
+    .unwrap();
+    Some((nats, dir, Arc::new(cluster)))
 }
