@@ -33,7 +33,7 @@ pub struct StorageArgs {
     /// Root directory of the local backend. Default ./.data/storage.
     #[arg(long, env = "LOCAL_STORAGE_DIR", default_value = "./.data/storage")]
     pub local_storage_dir: PathBuf,
-    /// Cloudflare account id (r2 only; builds the endpoint URL).
+    /// Cloudflare account id (r2 only; builds the endpoint URL): the id alone, not a URL or host name.
     #[arg(long, env = "R2_ACCOUNT_ID")]
     pub r2_account_id: Option<String>,
     /// Access key id (r2 and s3).
@@ -114,6 +114,28 @@ fn required(value: &Option<String>, setting: &'static str) -> Result<String, Con
     }
 }
 
+/// The account id alone goes into the endpoint's host name. A URL or host name pasted there (`https://<id>.r2...`)
+/// would build an endpoint that every request fails on, and start-up's storage check only warns when nothing
+/// answers: the service would come up SERVING and fail each item storage_unavailable.
+fn r2_account(account: String) -> Result<String, ConfigError> {
+    let is_label = account.len() <= 63
+        && account
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !account.starts_with('-')
+        && !account.ends_with('-');
+    if is_label {
+        Ok(account)
+    } else {
+        Err(ConfigError::invalid(
+            "R2_ACCOUNT_ID",
+            account,
+            "is not a Cloudflare account id: give the id alone (letters, digits and '-'; the <id> of \
+             https://<id>.r2.cloudflarestorage.com), not a URL or host name",
+        ))
+    }
+}
+
 impl StorageArgs {
     /// R2_ACCOUNT_ID set to something (not blank).
     pub fn names_an_r2_account(&self) -> bool {
@@ -135,7 +157,7 @@ impl StorageArgs {
                 return Ok(StorageSettings::Local(self.local_storage_dir.clone()));
             }
             StorageBackend::R2 => {
-                let account = required(&self.r2_account_id, "R2_ACCOUNT_ID")?;
+                let account = r2_account(required(&self.r2_account_id, "R2_ACCOUNT_ID")?)?;
                 (
                     Some(format!("https://{account}.r2.cloudflarestorage.com")),
                     "auto".to_string(),
@@ -165,5 +187,59 @@ impl StorageArgs {
             attempt_timeout: Duration::from_secs(self.storage_timeout_sec.max(1)),
             max_attempts: 4,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r2_with_account(account: &str) -> StorageArgs {
+        let mut args = crate::config::Config::defaults().storage;
+        args.storage_backend = StorageBackend::R2;
+        args.r2_account_id = Some(account.to_string());
+        args.r2_access_key_id = Some("key".into());
+        args.r2_secret_access_key = Some(Secret::from("secret"));
+        args.r2_bucket_name = Some("bucket".into());
+        args
+    }
+
+    #[test]
+    fn an_r2_account_id_builds_the_endpoint() {
+        let StorageSettings::S3(s3) = r2_with_account(" 0123456789abcdef0123456789abcdef ")
+            .settings()
+            .unwrap()
+        else {
+            panic!("r2 is an S3 backend");
+        };
+        assert_eq!(
+            s3.endpoint_url.as_deref(),
+            Some("https://0123456789abcdef0123456789abcdef.r2.cloudflarestorage.com")
+        );
+        assert_eq!(s3.region, "auto");
+    }
+
+    #[test]
+    fn a_url_or_host_name_as_r2_account_id_is_refused_at_startup() {
+        for pasted in [
+            "https://0123456789abcdef0123456789abcdef.r2.cloudflarestorage.com",
+            "0123456789abcdef0123456789abcdef.r2.cloudflarestorage.com",
+            "0123456789abcdef/bucket",
+            "-abc",
+        ] {
+            let err = r2_with_account(pasted).settings().unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Invalid {
+                        setting: "R2_ACCOUNT_ID",
+                        ..
+                    }
+                ),
+                "{pasted}: {err}"
+            );
+            let shown = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+            assert!(shown.contains("not a URL"), "{shown}");
+        }
     }
 }
