@@ -74,14 +74,23 @@ struct SpecJson {
     user_id: String,
     #[serde(alias = "job_id")]
     job_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     concepts: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     rules: Vec<RuleJson>,
     #[serde(alias = "image_count")]
     image_count: u32,
     #[serde(default)]
     preset: Option<String>,
+}
+
+/// `"concepts": null` as no concepts: JSON writers commonly send an empty optional list as null.
+fn null_as_empty<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Option::unwrap_or_default)
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,6 +138,15 @@ mod tests {
     use super::*;
     use prost_types::{Struct, Value as PValue};
     use serde_json::json;
+
+    #[test]
+    fn null_lists_are_empty_lists() {
+        let spec = spec_from_input(&json!({
+            "userId": "u", "jobId": "j", "concepts": null, "rules": null, "imageCount": 1, "preset": null,
+        }))
+        .unwrap();
+        assert!(spec.concepts.is_empty() && spec.rules.is_empty() && spec.preset.is_empty());
+    }
 
     #[test]
     fn seed_input_maps_onto_the_spec() {
