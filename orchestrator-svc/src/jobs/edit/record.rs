@@ -140,19 +140,22 @@ pub async fn read_photos(
 }
 
 /// The masks record of photo `idx` of the plan's job.
-pub async fn write_masks(
-    store: &SharedStore,
+/// The masks record of photo `idx` (key, JSON body), for the item to write once its masks are stored.
+pub fn masks_record_object(
     plan: &JobPlan,
     idx: u32,
     masks: &[MaskKey],
     input_sha256: &[u8; 32],
-) -> Result<(), StorageError> {
+) -> (String, Bytes) {
     let record = MasksRecord {
         masks: masks.iter().map(StoredMask::from).collect(),
         input_sha256: hex::encode(input_sha256),
     };
-    let key = keys::masks_record(&plan.user_id, &plan.job_id, idx);
-    put_json(store, &key, &record).await
+    let body = serde_json::to_vec(&record).expect("records serialise");
+    (
+        keys::masks_record(&plan.user_id, &plan.job_id, idx),
+        Bytes::from(body),
+    )
 }
 
 pub async fn read_masks(

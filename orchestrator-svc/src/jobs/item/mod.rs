@@ -6,6 +6,7 @@ pub(in crate::jobs) mod admission;
 pub(in crate::jobs) mod cpu;
 mod error;
 pub(in crate::jobs) mod imaging;
+mod inputs;
 mod instance_masks;
 mod mask_cache;
 mod reply_check;
@@ -14,6 +15,7 @@ mod segmenter_input;
 mod single_thread;
 pub(in crate::jobs) mod stored_masks;
 mod union_plane;
+mod uploads;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,11 +37,12 @@ use crate::config::MaskLayout;
 use crate::jobs::edit::record as edit_record;
 use crate::keys;
 use crate::segmenter::Segmenter;
-use crate::storage::{SharedStore, StorageError};
+use crate::storage::SharedStore;
 use cpu::{Region, RuleInput, render_rule, rule_region};
 use instance_masks::concept_masks;
 use mask_cache::ConceptMasks;
 use single_thread::single_thread;
+use uploads::Uploads;
 
 /// Limits on one input, checked before its pixels are decoded.
 #[derive(Debug, Clone, Copy)]
@@ -177,6 +180,7 @@ impl ItemRunner {
 
         // The photo's fingerprint: keys reused masks, and ties stored masks to the photo they were computed from.
         let sha: [u8; 32] = Sha256::digest(&bytes).into();
+        let mut uploads = Uploads::new(self.store.clone());
         let (masks, full_masks, masks_reused) = if plan.source.is_some() {
             // An edit: the source job's stored masks, no segmenter.
             drop(bytes);
@@ -192,17 +196,19 @@ impl ItemRunner {
 
             let stage = Stage::start("masks");
             let (masks, full) = self
-                .store_masks(plan, idx, &segmented.concepts, &photo)
+                .store_masks(plan, idx, &segmented.concepts, &photo, &mut uploads)
                 .await?;
-            // What an edit of this photo reads back (`jobs::edit::record`).
-            edit_record::write_masks(&self.store, plan, idx, &masks, &sha).await?;
+            // What an edit of this photo reads back (`jobs::edit::record`), once every mask it names is stored.
+            uploads.flush().await?;
+            let record = edit_record::masks_record_object(plan, idx, &masks, &sha);
+            uploads.put(record.0, record.1, "application/json").await?;
             stage.finish();
             (masks, full, segmented.reused)
         };
 
         let stage = Stage::start("rules");
         let (outputs, preview) = self
-            .apply_rules(plan, idx, &photo, Arc::new(full_masks))
+            .apply_rules(plan, idx, &photo, Arc::new(full_masks), &mut uploads)
             .await?;
         stage.finish();
 
@@ -214,34 +220,18 @@ impl ItemRunner {
             }
         };
         let preview_key = keys::preview(&plan.user_id, &plan.job_id, idx);
-        self.store
-            .put(&preview_key, Bytes::from(preview), "image/jpeg")
+        uploads
+            .put(preview_key.clone(), Bytes::from(preview), "image/jpeg")
             .await?;
+        let stage = Stage::start("upload");
+        uploads.flush().await?;
+        stage.finish();
         Ok(ItemResult {
             outputs,
             masks,
             preview_key,
             masks_reused,
         })
-    }
-
-    async fn download_input(&self, key: &str) -> Result<Bytes, ItemError> {
-        let max = self.limits.max_bytes;
-        let meta = self
-            .store
-            .head(key)
-            .await?
-            .ok_or_else(|| ItemError::InputMissing {
-                key: key.to_string(),
-            })?;
-        let too_large = |size: u64| {
-            ItemError::InputTooLarge(format!("{key} is {size} bytes; the limit is {max}"))
-        };
-        if meta.size > max {
-            return Err(too_large(meta.size));
-        }
-        // Capped again while reading: the object may have been replaced since the HEAD.
-        Ok(self.store.get_at_most(key, max).await?)
     }
 
     /// Stores every instance as PNG (`MASK_LAYOUT`: the model's grid with its placement, or its crop upsampled to
@@ -254,6 +244,7 @@ impl ItemRunner {
         idx: u32,
         concepts: &[Arc<ConceptMasks>],
         photo: &Arc<RgbImage>,
+        uploads: &mut Uploads,
     ) -> Result<(Vec<MaskKey>, HashMap<String, GrayImage>), ItemError> {
         let (w, h) = photo.dimensions();
         let used = plan.concepts_used_by_rules();
@@ -271,8 +262,8 @@ impl ItemRunner {
             {
                 let number = n as u32 + 1;
                 let key = keys::mask(&plan.user_id, &plan.job_id, concept, idx, number);
-                self.store
-                    .put(&key, Bytes::from(mask.png), "image/png")
+                uploads
+                    .put(key.clone(), Bytes::from(mask.png), "image/png")
                     .await?;
                 keys_out.push(MaskKey {
                     concept: concept.clone(),
@@ -305,6 +296,7 @@ impl ItemRunner {
         idx: u32,
         photo: &Arc<RgbImage>,
         masks: Arc<HashMap<String, GrayImage>>,
+        uploads: &mut Uploads,
     ) -> Result<(Vec<RuleOutput>, Option<Vec<u8>>), ItemError> {
         let mut outputs = Vec::new();
         let mut preview = None;
@@ -369,9 +361,9 @@ impl ItemRunner {
                 idx,
                 rendered.format.has_alpha(),
             );
-            self.store
+            uploads
                 .put(
-                    &key,
+                    key.clone(),
                     Bytes::from(rendered.encoded),
                     rendered.format.content_type(),
                 )
@@ -387,28 +379,5 @@ impl ItemRunner {
             }
         }
         Ok((outputs, preview))
-    }
-
-    async fn load_swatch(&self, rule_id: &str, key: &str) -> Result<RgbImage, ItemError> {
-        let unusable = |source| ItemError::Swatch {
-            rule_id: rule_id.to_string(),
-            key: key.to_string(),
-            source,
-        };
-        // A swatch is an upload like the photos: the same byte limit, checked before its body is read.
-        let bytes = self
-            .store
-            .get_at_most(key, self.limits.max_bytes)
-            .await
-            .map_err(|e| match e {
-                StorageError::NotFound(_)
-                | StorageError::InvalidKey(_)
-                | StorageError::TooLarge { .. } => unusable(e.into()),
-                StorageError::Unavailable { .. } => ItemError::Storage(e),
-            })?;
-        let max_pixels = self.limits.max_pixels;
-        self.cpu(move || imaging::decode_swatch(&bytes, max_pixels))
-            .await
-            .map_err(|e| unusable(e.into()))
     }
 }
