@@ -1,9 +1,10 @@
-//! Stored instance masks as PNG. Two layouts (`MASK_LAYOUT`): the model's grid (`grid`, the default) and the crop
-//! written here: each instance is its crop to its non-zero pixels (soft 8-bit grayscale, the values of the
-//! full-frame mask unchanged), with its placement in the photo in a standard PNG `oFFs` chunk (unit: pixel) and in
-//! the job's mask entries (`MaskKey`, the callback's `masks`). Pasting the crop at (x, y) into a zero image of the
-//! photo's size (upright, full resolution) gives the full-frame mask. An instance with no non-zero pixel is a 1x1
-//! zero PNG at (0, 0) in either layout. `compose` reads both.
+//! Stored instance masks as PNG. Three layouts (`MASK_LAYOUT`): the model's grid (`grid`, the default), the
+//! full-frame mask (`full`, as the seed stored it: a plain PNG of the photo's size) and the crop written here: each
+//! instance is its crop to its non-zero pixels (soft 8-bit grayscale, the values of the full-frame mask unchanged),
+//! with its placement in the photo in a standard PNG `oFFs` chunk (unit: pixel) and in the job's mask entries
+//! (`MaskKey`, the callback's `masks`). Pasting the crop at (x, y) into a zero image of the photo's size (upright,
+//! full resolution) gives the full-frame mask. An instance with no non-zero pixel is a 1x1 zero PNG at (0, 0) as a
+//! grid or a crop. `compose` reads all three (a full-frame mask is a crop at (0, 0)).
 //!
 //! Why crops: an instance is zero outside its box, yet it was stored and encoded as a full-frame plane. What a crop
 //! saves depends on how much of the frame the box covers: with the bundled random-weights model the boxes are large

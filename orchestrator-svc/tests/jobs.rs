@@ -863,6 +863,45 @@ async fn a_rule_edits_the_union_of_its_concept_instances() {
         orch.store.get(&item.output_key).await.unwrap(),
         "the same output from either layout"
     );
+
+    // MASK_LAYOUT=full stores each mask as the seed's worker did: the full-frame mask itself, photo-sized.
+    let mut frames = start(&segmenter.url, |c| {
+        c.storage.mask_layout = orchestrator_svc::config::MaskLayout::Full
+    })
+    .await;
+    frames
+        .put_input("test-user", "two", 0, photo_jpeg(96, 64))
+        .await;
+    frames.client.submit_job(seed_spec("two", 1)).await.unwrap();
+    let framed = frames.watch_to_end("two").await.last().unwrap().0.clone();
+    let framed = &framed.items[0];
+    assert_eq!(framed.state, ItemState::Completed as i32, "{framed:?}");
+    assert_eq!(framed.masks.len(), item.masks.len());
+    for (grid, full) in item.masks.iter().zip(&framed.masks) {
+        let full_grid = mask_png::compose(&orch.store.get(&grid.key).await.unwrap(), 96, 64);
+        let png = frames.store.get(&full.key).await.unwrap();
+        let stored = image::load_from_memory(&png).unwrap().to_luma8();
+        assert!(
+            stored == full_grid.unwrap(),
+            "{} is not the full-frame mask",
+            full.key
+        );
+        assert_eq!(
+            mask_png::read_offset(&png),
+            None,
+            "no placement chunk needed"
+        );
+        // The entry still names where the mask is non-zero.
+        assert_eq!(
+            (full.x, full.y, full.width, full.height, full.grid_width),
+            (grid.x, grid.y, grid.width, grid.height, 0)
+        );
+    }
+    assert_eq!(
+        frames.store.get(&framed.output_key).await.unwrap(),
+        orch.store.get(&item.output_key).await.unwrap(),
+        "the same output from every layout"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

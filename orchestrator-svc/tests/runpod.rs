@@ -466,6 +466,62 @@ async fn a_job_left_unfinished_at_shutdown_gets_an_error_result_at_once() {
     );
 }
 
+/// The same job with the job store a Runpod worker has by default (memory: its disk goes with it): the images not
+/// started at the signal end FAILED with their callbacks, so every image of the job is called back exactly once and
+/// Runpod gets the whole job as its result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runpod_workers_unstarted_images_are_called_back_failed_at_shutdown() {
+    use std::sync::atomic::Ordering;
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(600, Ordering::SeqCst);
+    let receiver = common::receiver::Receiver::start("supersecret123", vec![]).await;
+    let fake = FakeRunpod::start(vec![
+        json!({"id": "rp-cut", "input": seed_input("cut-job", 4)}),
+    ])
+    .await;
+    let base = fake.base();
+    let url = receiver.url();
+    let mut orch = start(&segmenter.url, move |c| {
+        runpod_without_ping(c, &base);
+        c.jobs.job_store = orchestrator_svc::config::JobStoreKind::Memory;
+        c.callbacks.workers_api_url = Some(url.into());
+        c.callbacks.gpu_callback_secret = Some("supersecret123".into());
+        c.limits.batch_concurrency = 1;
+        c.shutdown_grace_sec = 30;
+    })
+    .await;
+    for idx in 0..4 {
+        orch.put_input("test-user", "cut-job", idx, photo_jpeg(96, 64))
+            .await;
+    }
+    fake.inner.lock().unwrap().open = true;
+    wait_until("segmentation started", || {
+        segmenter.counters.segment_calls.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    orch.shutdown().await;
+    let results = fake.results_for("rp-cut");
+    assert_eq!(results.len(), 1, "{results:?}");
+    // The job ended (its unstarted images FAILED), so its result is the whole job rather than an error.
+    let output = &results[0]["output"];
+    assert_eq!(
+        (output["completed"].as_u64(), output["failed"].as_u64()),
+        (Some(1), Some(3)),
+        "{results:?}"
+    );
+    assert!(output["items"].as_array().unwrap().iter().all(|item| {
+        item["state"] == "COMPLETED" || item["error"].as_str().unwrap().contains("submit it again")
+    }));
+    assert_eq!(receiver.assert_one_id_per_item("cut-job", 4), 4);
+    let mut statuses: Vec<String> = receiver
+        .deliveries()
+        .iter()
+        .map(|d| d.body["status"].as_str().unwrap_or_default().to_string())
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, ["completed", "failed", "failed", "failed"]);
+}
+
 /// An image still at the segmenter when the drain's grace period is nearly over does not cost the job its result:
 /// the error result goes out before the grace ends (a job without one stays IN_PROGRESS at Runpod).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -652,6 +708,10 @@ async fn a_job_refused_for_now_at_shutdown_gets_an_error_result() {
         fake.inner.lock().unwrap().takes == 1
     })
     .await;
+    // The take is counted when its request arrives; its answer, and the submission refused for now (at once), come
+    // after. A signal before the answer is read is another case (`a_job_handed_out_while_stopping...`): 1 s is well
+    // past both and well before the refusal's 5 s retry.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     orch.shutdown().await;
     let results = fake.results_for("rp-later");
     assert_eq!(results.len(), 1, "{results:?}");

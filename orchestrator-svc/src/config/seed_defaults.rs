@@ -1,9 +1,10 @@
 //! Defaults the seed's Python worker had that ours keep where the environment shows a seed deployment: ADAPTER
-//! unset inside a Runpod worker is runpod, STORAGE_BACKEND unset with R2_ACCOUNT_ID set is r2.
+//! unset inside a Runpod worker is runpod, STORAGE_BACKEND unset with R2_ACCOUNT_ID set is r2. And one that follows
+//! from the first: JOB_STORE unset with ADAPTER=runpod is memory.
 
 use clap::ArgMatches;
 
-use super::{Adapter, Config, StorageBackend};
+use super::{Adapter, Config, JobStoreKind, StorageBackend};
 
 /// ADAPTER as given; when it is not given, runpod inside a Runpod serverless worker (`Config::from_env`).
 pub(super) fn adapter(matches: &ArgMatches, config: &Config) -> Adapter {
@@ -31,6 +32,21 @@ pub(super) fn storage(matches: &ArgMatches, config: &Config) -> StorageBackend {
         StorageBackend::R2
     } else {
         config.storage.storage_backend
+    }
+}
+
+/// JOB_STORE as given; when it is not given and the adapter is runpod, memory (`Config::from_env`). A serverless
+/// worker's disk goes with the worker, and Runpod's network volume is no place for the redb file (memory-mapped and
+/// locked: local disk only), so `local` would keep a Runpod job's unstarted images for a next start that never
+/// reads them, and they would never be called back; `memory` ends them FAILED with their callbacks at shutdown.
+pub(super) fn job_store(matches: &ArgMatches, config: &Config) -> JobStoreKind {
+    let given = matches
+        .value_source("job_store")
+        .is_some_and(|source| source != clap::parser::ValueSource::DefaultValue);
+    if !given && adapter(matches, config) == Adapter::Runpod {
+        JobStoreKind::Memory
+    } else {
+        config.jobs.job_store
     }
 }
 
@@ -84,6 +100,25 @@ mod tests {
             backend(&["x", "--r2-account-id", "acc", "--storage-backend", "s3"]),
             StorageBackend::S3,
             "given wins"
+        );
+    }
+
+    #[test]
+    fn job_store_defaults_to_memory_in_a_runpod_worker() {
+        let kind = |args: &[&str]| decided(args, job_store);
+        let take = "--runpod-webhook-get-job=https://api.runpod.ai/v2/x/job-take/$ID";
+        assert_eq!(kind(&["x"]), JobStoreKind::Local);
+        assert_eq!(kind(&["x", take]), JobStoreKind::Memory);
+        assert_eq!(kind(&["x", "--adapter", "runpod"]), JobStoreKind::Memory);
+        assert_eq!(
+            kind(&["x", take, "--job-store", "local"]),
+            JobStoreKind::Local,
+            "given wins"
+        );
+        assert_eq!(
+            kind(&["x", take, "--adapter", "grpc"]),
+            JobStoreKind::Local,
+            "not a Runpod worker when ADAPTER says so"
         );
     }
 }

@@ -64,8 +64,9 @@ pub struct StorageArgs {
     pub storage_check_sec: u64,
     /// How instance masks are stored (docs/api.md): `grid` is the model's soft mask as the segmenter answered it
     /// (288x288 for SAM3) with the rectangle of the photo where it is non-zero, which a client resizes to the photo
-    /// (bilinear); `crop` is that full-resolution mask cropped to the rectangle. The same values; a 12 MP photo's
-    /// grids are ~100x fewer bytes and save ~20 % of its CPU. Default grid.
+    /// (bilinear); `crop` is that full-resolution mask cropped to the rectangle; `full` is the full-resolution mask
+    /// of the whole photo, as the seed's worker stored it (for clients that read masks as photo-sized images). The
+    /// same values; a 12 MP photo's grids are ~100x fewer bytes than crops and save ~20 % of its CPU. Default grid.
     #[arg(
         long,
         env = "MASK_LAYOUT",
@@ -81,6 +82,7 @@ pub struct StorageArgs {
 pub enum MaskLayout {
     Crop,
     Grid,
+    Full,
 }
 
 /// The backend to build, validated.

@@ -14,8 +14,8 @@ use crate::mask_png::{self, Placement};
 
 /// One instance, as stored.
 pub struct InstanceMask {
-    /// The instance as stored (`masks/...png`): its crop to its non-zero pixels (see `crate::mask_png`) or the
-    /// model's grid (`crate::mask_png::grid`).
+    /// The instance as stored (`masks/...png`): its crop to its non-zero pixels (see `crate::mask_png`), the
+    /// model's grid (`crate::mask_png::grid`) or the full-frame mask (`MaskLayout::Full`).
     pub png: Vec<u8>,
     /// Where the instance is non-zero in the photo (the crop's placement).
     pub placement: Placement,
@@ -24,7 +24,8 @@ pub struct InstanceMask {
 }
 
 /// Upsamples one instance inside its box to `width` x `height`, a row at a time, and encodes its crop to its
-/// non-zero pixels (or, for `MaskLayout::Grid`, the model's grid with that rectangle); when given `union` (the
+/// non-zero pixels (for `MaskLayout::Grid` the model's grid with that rectangle, for `MaskLayout::Full` the whole
+/// frame, zero outside it); when given `union` (the
 /// concept's union so far), folds the instance into it (max). A region is built from the union of a concept's
 /// instances, so memory is one plane per concept a rule needs and none per instance: at 12 MP a full-frame plane
 /// per instance (~20 per photo) cost more in page faults and zeroing than the upsample itself.
@@ -38,7 +39,12 @@ pub fn instance_mask(
     let up = InstanceUpsampler::new(model, bbox, width, height);
     let b = up.nonzero_bounds();
     if b.is_empty() {
-        let png = mask_png::encode_rows(Placement::EMPTY, |_, out| out.fill(0));
+        let png = match layout {
+            MaskLayout::Full => mask_png::encode_png((width, height), &[], |_, out| out.fill(0)),
+            MaskLayout::Crop | MaskLayout::Grid => {
+                mask_png::encode_rows(Placement::EMPTY, |_, out| out.fill(0))
+            }
+        };
         return InstanceMask {
             png,
             placement: Placement::EMPTY,
@@ -58,6 +64,25 @@ pub fn instance_mask(
                 rows.row(y, row);
                 if let Some(union) = union.as_deref_mut() {
                     union.fold_row(y, b.x0, row);
+                }
+            });
+            InstanceMask {
+                png,
+                placement,
+                grid: (0, 0),
+            }
+        }
+        MaskLayout::Full => {
+            // The crop's rows at their place in zero rows of the photo's width (one row in memory, not a plane).
+            let (x0, x1) = (b.x0 as usize, b.x1 as usize);
+            let png = mask_png::encode_png((width, height), &[], |y, out| {
+                out.fill(0);
+                if (b.y0..b.y1).contains(&y) {
+                    let span = &mut out[x0..x1];
+                    rows.row(y, span);
+                    if let Some(union) = union.as_deref_mut() {
+                        union.fold_row(y, b.x0, span);
+                    }
                 }
             });
             InstanceMask {
@@ -219,15 +244,19 @@ mod measure {
             x1: 3900.0,
             y1: 2900.0,
         };
-        let mut best = f64::MAX;
-        let mut len = 0;
-        for _ in 0..5 {
-            let t = std::time::Instant::now();
-            len = instance_mask(&model, bbox, (4032, 3024), None, MaskLayout::Crop)
-                .png
-                .len();
-            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+        for layout in [MaskLayout::Crop, MaskLayout::Full, MaskLayout::Grid] {
+            let mut best = f64::MAX;
+            let mut len = 0;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                len = instance_mask(&model, bbox, (4032, 3024), None, layout)
+                    .png
+                    .len();
+                best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            }
+            println!(
+                "a 3700x2800 soft instance of a 12 MP photo as {layout:?}: {best:.1} ms, {len} bytes"
+            );
         }
-        println!("a 3700x2800 soft instance of a 12 MP photo: {best:.1} ms, {len} bytes");
     }
 }

@@ -273,7 +273,7 @@ mod tests {
     }
 
     #[test]
-    fn grids_fold_back_into_the_union_the_job_built() {
+    fn every_layout_folds_back_into_the_union_the_job_built() {
         use crate::config::MaskLayout;
         use crate::jobs::item::instance_masks::instance_mask;
         use palette_rules::mask::{ModelMask, PixelBox};
@@ -287,20 +287,30 @@ mod tests {
             probs: &probs,
         };
         let boxes = [(10.0, 20.0, 150.0, 120.0), (120.0, 60.0, 290.0, 200.0)];
-        let (mut job_union, mut edit_union) = (UnionPlane::new(w, h), UnionPlane::new(w, h));
-        for (x0, y0, x1, y1) in boxes {
-            let bbox = PixelBox { x0, y0, x1, y1 };
-            let stored =
-                instance_mask(&model, bbox, (w, h), Some(&mut job_union), MaskLayout::Grid);
-            assert_eq!(stored.grid, (12, 9));
-            let entry = StoredMask {
-                grid_width: 12,
-                grid_height: 9,
-                ..entry(w, h)
-            };
-            paste_max(&mut edit_union, &entry, &stored.png, (w, h)).unwrap();
+        for layout in [MaskLayout::Grid, MaskLayout::Crop, MaskLayout::Full] {
+            let (mut job_union, mut edit_union) = (UnionPlane::new(w, h), UnionPlane::new(w, h));
+            for (x0, y0, x1, y1) in boxes {
+                let bbox = PixelBox { x0, y0, x1, y1 };
+                let stored = instance_mask(&model, bbox, (w, h), Some(&mut job_union), layout);
+                let entry = StoredMask {
+                    grid_width: stored.grid.0,
+                    grid_height: stored.grid.1,
+                    ..entry(w, h)
+                };
+                let png = image::load_from_memory(&stored.png).unwrap();
+                let size = match layout {
+                    MaskLayout::Grid => (12, 9),
+                    MaskLayout::Crop => (stored.placement.width, stored.placement.height),
+                    MaskLayout::Full => (w, h),
+                };
+                assert_eq!((png.width(), png.height()), size, "{layout:?}");
+                paste_max(&mut edit_union, &entry, &stored.png, (w, h)).unwrap();
+            }
+            assert!(
+                job_union.into_image() == edit_union.into_image(),
+                "{layout:?}"
+            );
         }
-        assert!(job_union.into_image() == edit_union.into_image());
     }
 
     #[test]
