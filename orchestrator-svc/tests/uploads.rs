@@ -8,16 +8,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use orchestrator_svc::config::SegmenterSecurity;
-use orchestrator_svc::jobs::{
-    InputLimits, ItemRunner, JobKey, JobLimits, JobService, Pipeline, PreviewSettings, Retention,
-};
-use orchestrator_svc::segmenter::Segmenter;
+use orchestrator_svc::jobs::{ItemRunner, JobKey, Pipeline};
 use orchestrator_svc::storage::{LocalStore, ObjectMeta, ObjectStore, StorageError};
 use palette_proto::orchestrator::v1::ItemState;
-use palette_service_kit::BearerToken;
 use palette_testing::fake_segmenter;
 use palette_testing::orchestrator::{SEED_USER, photo_jpeg, seed_spec};
+
+#[path = "common/job_service.rs"]
+mod job_service;
 
 const PUT_DELAY: Duration = Duration::from_millis(150);
 
@@ -73,41 +71,10 @@ async fn an_items_writes_to_a_slow_store_overlap() {
         .await
         .unwrap();
 
-    let inputs = InputLimits {
-        max_bytes: 1 << 20,
-        max_pixels: 1 << 20,
-    };
-    let security = SegmenterSecurity {
-        tls: None,
-        token: BearerToken::new(None).unwrap(),
-    };
-    let client = Segmenter::new(
-        &segmenter.url,
-        Duration::from_secs(10),
-        1,
-        Duration::ZERO,
-        security,
-    )
-    .unwrap();
-    let runner = ItemRunner::new(store.clone(), Arc::new(client), inputs, 0);
+    let client = job_service::segmenter_at(&segmenter.url, Duration::from_secs(10));
+    let runner = ItemRunner::new(store.clone(), Arc::new(client), job_service::INPUTS, 0);
     let pipeline = Arc::new(Pipeline::new(runner, None, 1));
-    let service = JobService::new(
-        pipeline,
-        Default::default(),
-        JobLimits {
-            max_images: 10,
-            max_rules: 10,
-            max_concepts: 10,
-        },
-        Retention {
-            max_jobs: 10,
-            max_bytes: 1 << 30,
-        },
-        PreviewSettings {
-            cache_bytes: 1 << 20,
-            inputs,
-        },
-    );
+    let service = job_service::service_of(pipeline, Default::default(), 10);
 
     let started = Instant::now();
     service.submit(&seed_spec("up-1", 1)).await.unwrap();

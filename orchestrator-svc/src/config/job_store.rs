@@ -24,8 +24,8 @@ pub struct JobStoreArgs {
     /// Where jobs are kept across restarts: local (default; a redb file at JOB_STORE_PATH, one orchestrator per
     /// file: a restarted orchestrator resumes its unfinished jobs and resends unsettled callbacks) | memory (nothing
     /// kept: a restart loses every job, and unstarted images end FAILED with their callbacks at shutdown; the
-    /// default with ADAPTER=runpod, whose worker's disk goes with it) | nats (NATS JetStream at NATS_URL, shared by every replica: any replica
-    /// answers for any job and the items of a job spread over all replicas).
+    /// default with ADAPTER=runpod, whose worker's disk goes with it) | nats (NATS JetStream at NATS_URL, shared by
+    /// every replica: any replica answers for any job and the items of a job spread over all replicas).
     #[arg(
         long,
         env = "JOB_STORE",

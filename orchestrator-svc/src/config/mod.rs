@@ -161,8 +161,8 @@ impl Config {
     /// serverless worker) the adapter is runpod, so a seed deployment relying on that default takes its jobs
     /// instead of starting as a gRPC server nobody calls while Runpod's queue waits. Likewise storage: the seed only
     /// knew R2, so with STORAGE_BACKEND unset and R2_ACCOUNT_ID set the backend is r2 (the local default would
-    /// look for every input on this machine's disk and fail each item input_missing). And with ADAPTER=runpod (given or
-    /// so defaulted) and JOB_STORE unset the job store is memory (`seed_defaults::job_store`).
+    /// look for every input on this machine's disk and fail each item input_missing). And with ADAPTER=runpod
+    /// (given or so defaulted) and JOB_STORE unset the job store is memory (`seed_defaults::job_store`).
     pub fn from_env() -> Self {
         let matches = Config::command().get_matches();
         let mut config = Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());

@@ -6,11 +6,16 @@ use clap::ArgMatches;
 
 use super::{Adapter, Config, JobStoreKind, StorageBackend};
 
+/// Whether the setting `id` was given (command line or environment), not left at its default.
+fn given(matches: &ArgMatches, id: &str) -> bool {
+    matches
+        .value_source(id)
+        .is_some_and(|source| source != clap::parser::ValueSource::DefaultValue)
+}
+
 /// ADAPTER as given; when it is not given, runpod inside a Runpod serverless worker (`Config::from_env`).
 pub(super) fn adapter(matches: &ArgMatches, config: &Config) -> Adapter {
-    let given = matches
-        .value_source("adapter")
-        .is_some_and(|source| source != clap::parser::ValueSource::DefaultValue);
+    let given = given(matches, "adapter");
     let in_runpod = config
         .runpod
         .runpod_webhook_get_job
@@ -25,9 +30,7 @@ pub(super) fn adapter(matches: &ArgMatches, config: &Config) -> Adapter {
 
 /// STORAGE_BACKEND as given; when it is not given and R2_ACCOUNT_ID is, r2 (`Config::from_env`).
 pub(super) fn storage(matches: &ArgMatches, config: &Config) -> StorageBackend {
-    let given = matches
-        .value_source("storage_backend")
-        .is_some_and(|source| source != clap::parser::ValueSource::DefaultValue);
+    let given = given(matches, "storage_backend");
     if !given && config.storage.names_an_r2_account() {
         StorageBackend::R2
     } else {
@@ -40,9 +43,7 @@ pub(super) fn storage(matches: &ArgMatches, config: &Config) -> StorageBackend {
 /// locked: local disk only), so `local` would keep a Runpod job's unstarted images for a next start that never
 /// reads them, and they would never be called back; `memory` ends them FAILED with their callbacks at shutdown.
 pub(super) fn job_store(matches: &ArgMatches, config: &Config) -> JobStoreKind {
-    let given = matches
-        .value_source("job_store")
-        .is_some_and(|source| source != clap::parser::ValueSource::DefaultValue);
+    let given = given(matches, "job_store");
     if !given && adapter(matches, config) == Adapter::Runpod {
         JobStoreKind::Memory
     } else {

@@ -59,31 +59,44 @@ pub fn with_presets(
     cluster: Option<Arc<orchestrator_svc::jobs::cluster::Cluster>>,
     presets: BTreeMap<String, Arc<Preset>>,
 ) -> (Arc<Pipeline>, Arc<JobService>) {
-    let inputs = InputLimits {
-        max_bytes: 1 << 20,
-        max_pixels: 1 << 20,
-    };
+    let segmenter = segmenter_at("http://127.0.0.1:1", Duration::from_secs(1));
+    let runner = ItemRunner::new(
+        Arc::new(LocalStore::new(root).unwrap()),
+        Arc::new(segmenter),
+        INPUTS,
+        0,
+    );
+    let pipeline = Arc::new(Pipeline::new(runner, callbacks, 1).with_job_store(Some(job_store)));
+    let service = service_of(pipeline.clone(), presets, max_jobs).with_cluster(cluster);
+    (pipeline, Arc::new(service))
+}
+
+/// The limits on one input these services use.
+#[allow(dead_code)]
+pub const INPUTS: InputLimits = InputLimits {
+    max_bytes: 1 << 20,
+    max_pixels: 1 << 20,
+};
+
+/// A segmenter client of `url` without TLS or token, one attempt per call.
+#[allow(dead_code)]
+pub fn segmenter_at(url: &str, timeout: Duration) -> Segmenter {
     let security = SegmenterSecurity {
         tls: None,
         token: BearerToken::new(None).unwrap(),
     };
-    let segmenter = Segmenter::new(
-        "http://127.0.0.1:1",
-        Duration::from_secs(1),
-        1,
-        Duration::ZERO,
-        security,
-    )
-    .unwrap();
-    let runner = ItemRunner::new(
-        Arc::new(LocalStore::new(root).unwrap()),
-        Arc::new(segmenter),
-        inputs,
-        0,
-    );
-    let pipeline = Arc::new(Pipeline::new(runner, callbacks, 1).with_job_store(Some(job_store)));
-    let service = JobService::new(
-        pipeline.clone(),
+    Segmenter::new(url, timeout, 1, Duration::ZERO, security).unwrap()
+}
+
+/// The JobService over `pipeline`: limits of 10, at most `max_jobs` jobs retained.
+#[allow(dead_code)]
+pub fn service_of(
+    pipeline: Arc<Pipeline>,
+    presets: BTreeMap<String, Arc<Preset>>,
+    max_jobs: usize,
+) -> JobService {
+    JobService::new(
+        pipeline,
         presets,
         JobLimits {
             max_images: 10,
@@ -96,9 +109,7 @@ pub fn with_presets(
         },
         PreviewSettings {
             cache_bytes: 1 << 20,
-            inputs,
+            inputs: INPUTS,
         },
     )
-    .with_cluster(cluster);
-    (pipeline, Arc::new(service))
 }

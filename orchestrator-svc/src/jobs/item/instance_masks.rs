@@ -25,8 +25,7 @@ pub struct InstanceMask {
 
 /// Upsamples one instance inside its box to `width` x `height`, a row at a time, and encodes its crop to its
 /// non-zero pixels (for `MaskLayout::Grid` the model's grid with that rectangle, for `MaskLayout::Full` the whole
-/// frame, zero outside it); when given `union` (the
-/// concept's union so far), folds the instance into it (max). A region is built from the union of a concept's
+/// frame, zero outside it); when given `union` (the concept's union so far), folds the instance into it (max). A region is built from the union of a concept's
 /// instances, so memory is one plane per concept a rule needs and none per instance: at 12 MP a full-frame plane
 /// per instance (~20 per photo) cost more in page faults and zeroing than the upsample itself.
 pub fn instance_mask(

@@ -200,8 +200,8 @@ impl ItemRunner {
                 .await?;
             // What an edit of this photo reads back (`jobs::edit::record`), once every mask it names is stored.
             uploads.flush().await?;
-            let record = edit_record::masks_record_object(plan, idx, &masks, &sha);
-            uploads.put(record.0, record.1, "application/json").await?;
+            let (key, body) = edit_record::masks_record_object(plan, idx, &masks, &sha);
+            uploads.put(key, body, "application/json").await?;
             stage.finish();
             (masks, full, segmented.reused)
         };
