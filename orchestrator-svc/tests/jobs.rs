@@ -697,7 +697,21 @@ async fn finished_jobs_beyond_the_memory_budget_are_forgotten_when_they_end() {
 async fn a_cutout_is_stored_as_png_with_alpha() {
     let segmenter = fake_segmenter::start().await;
     let mut orch = start(&segmenter.url, |_| {}).await;
-    orch.put_input("test-user", "cut", 0, photo_jpeg(64, 40))
+    // A product shot already on a transparent page (its right quarter; the fake's masks cover the left quarter): the
+    // cut-out keeps that transparency.
+    let source = image::RgbaImage::from_fn(64, 40, |x, y| {
+        image::Rgba([
+            (x * 4) as u8,
+            (y * 6) as u8,
+            90,
+            if x >= 48 { 0 } else { 255 },
+        ])
+    });
+    let mut input = std::io::Cursor::new(Vec::new());
+    source
+        .write_to(&mut input, image::ImageFormat::Png)
+        .unwrap();
+    orch.put_input("test-user", "cut", 0, input.into_inner())
         .await;
     let mut spec = seed_spec("cut", 1);
     spec.rules.push(palette_proto::orchestrator::v1::Rule {
@@ -720,6 +734,18 @@ async fn a_cutout_is_stored_as_png_with_alpha() {
     );
     let png = image::load_from_memory(&orch.store.get(keys[1]).await.unwrap()).unwrap();
     assert!(png.color().has_alpha());
+    let (png, mut cut) = (png.into_rgba8(), 0);
+    for ((x, y, out), src) in png.enumerate_pixels().zip(source.pixels()) {
+        assert!(
+            out[3] <= src[3],
+            "({x}, {y}): transparent in the source, not in the cut-out"
+        );
+        if src[3] == 255 && out[3] == 255 {
+            assert_eq!(out.0[..3], src.0[..3], "({x}, {y}) kept as it was");
+        }
+        cut += usize::from(src[3] == 255 && out[3] < 255);
+    }
+    assert!(cut > 0, "the furniture was cut out");
     assert_eq!(
         item.output_key, keys[0],
         "output_key is the first rule's output"

@@ -127,6 +127,47 @@ async fn a_preview_is_the_job_output_downscaled_and_writes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutout_preview_of_a_transparent_photo_keeps_its_transparency() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    // A product on a transparent page (its right quarter; the fake's wall is the left quarter).
+    let source = image::RgbaImage::from_fn(640, 480, |x, y| {
+        image::Rgba([
+            (x / 3) as u8,
+            (y / 2) as u8,
+            90,
+            if x >= 480 { 0 } else { 255 },
+        ])
+    });
+    let mut png = std::io::Cursor::new(Vec::new());
+    source.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    orch.put_input(SEED_USER, "product", 0, png.into_inner())
+        .await;
+    let spec = JobSpec {
+        rules: vec![paint("#1F3A5F")],
+        ..seed_spec("product", 1)
+    };
+    orch.client.submit_job(spec).await.unwrap();
+    let job = orch.wait_for("product", is_terminal).await;
+    assert_eq!(job.completed, 1, "{job:?}");
+
+    let cut = rule("cut", "wall", "remove", &[("mode", "cutout")]);
+    let answer = orch
+        .client
+        .preview_edit(request("product", vec![cut]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.content_type, "image/png");
+    assert_eq!((answer.width, answer.height), (160, 120));
+    let preview = image::load_from_memory(&answer.image).unwrap().to_rgba8();
+    let alpha = |x: u32| preview.get_pixel(x, 60)[3];
+    assert_eq!(alpha(2), 0, "the wall is cut out");
+    assert_eq!(alpha(110), 255, "the product stays");
+    assert_eq!(alpha(150), 0, "the page was transparent and stays so");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_previews_say_why() {
     let segmenter = fake_segmenter::start().await;
     let mut orch = start(&segmenter.url, |_| {}).await;

@@ -225,6 +225,52 @@ fn cutout_makes_the_object_transparent() {
     }
 }
 
+#[test]
+fn a_cutout_of_a_transparent_photo_keeps_its_transparency_and_colours() {
+    // A product on a transparent page, read on white as the pipeline reads it; alpha 0..255 across the columns.
+    let (w, h) = (256u32, 4u32);
+    let colour = |x: u32, y: u32| [(x % 200) as u8 + 30, (y * 50) as u8, 200 - (x % 150) as u8];
+    let source_alpha = GrayImage::from_fn(w, h, |x, _| image::Luma([x as u8]));
+    let on_white = RgbImage::from_fn(w, h, |x, y| {
+        let a = x;
+        image::Rgb(colour(x, y).map(|c| ((u32::from(c) * a + 255 * (255 - a) + 127) / 255) as u8))
+    });
+    // The cut-out region: the top half of the rows removed.
+    let region = GrayImage::from_fn(w, h, |_, y| image::Luma([if y < 2 { 255 } else { 0 }]));
+    let Edited::Rgba(mut out) =
+        apply(&on_white, &region, &rule("remove", json!({})), None).unwrap()
+    else {
+        panic!("cut-out must be RGBA");
+    };
+    palette_rules::ops::remove::keep_source_transparency(&mut out, &source_alpha);
+    for (x, y, px) in out.enumerate_pixels() {
+        if y < 2 {
+            assert_eq!(px[3], 0, "removed stays removed at ({x}, {y})");
+            continue;
+        }
+        assert_eq!(u32::from(px[3]), x, "the source's alpha at ({x}, {y})");
+        if x >= 32 {
+            // Taken back off the white: within the rounding of an 8-bit blend at this alpha.
+            let tolerance = 255 / x + 1;
+            for (got, want) in px.0[..3].iter().zip(colour(x, y)) {
+                assert!(
+                    got.abs_diff(want) as u32 <= tolerance,
+                    "({x}, {y}): {got} vs {want}"
+                );
+            }
+        }
+    }
+    // An opaque photo is left exactly as the plain cut-out.
+    let opaque = GrayImage::from_pixel(w, h, image::Luma([255]));
+    let Edited::Rgba(plain) = apply(&on_white, &region, &rule("remove", json!({})), None).unwrap()
+    else {
+        unreachable!()
+    };
+    let mut kept = plain.clone();
+    palette_rules::ops::remove::keep_source_transparency(&mut kept, &opaque);
+    assert_eq!(kept, plain);
+}
+
 /// Stripes + grain: the kind of regular texture where copying beats diffusing.
 fn striped(w: u32, h: u32) -> RgbImage {
     RgbImage::from_fn(w, h, |x, y| {

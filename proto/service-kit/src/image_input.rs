@@ -3,7 +3,7 @@
 //! with grey and reports success; a cut-off upload must be refused instead), and how a transparent photo becomes RGB
 //! (on white).
 
-use image::{DynamicImage, RgbImage};
+use image::{DynamicImage, RgbImage, RgbaImage};
 
 /// The photo as 8-bit RGB, transparent parts on white, as viewers show a cut-out product on a page. Dropping alpha
 /// instead (`into_rgb8`) shows whatever colour the transparent pixels hold, black for most encoders, and the
@@ -12,7 +12,11 @@ pub fn rgb_on_white(image: DynamicImage) -> RgbImage {
     if !image.color().has_alpha() {
         return image.into_rgb8();
     }
-    let rgba = image.into_rgba8();
+    rgba_on_white(&image.into_rgba8())
+}
+
+/// `rgb_on_white` of an 8-bit RGBA image (for a caller that keeps the alpha too).
+pub fn rgba_on_white(rgba: &RgbaImage) -> RgbImage {
     let (w, h) = rgba.dimensions();
     let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
     for p in rgba.pixels() {

@@ -25,6 +25,41 @@ pub fn cutout(photo: &RgbImage, region: &GrayImage, p: &RemoveParams) -> RgbaIma
     RgbaImage::from_raw(w, h, out).expect("buffer sized for w x h")
 }
 
+/// A cut-out of a photo that was itself transparent (a product PNG on a transparent background): the photo's own
+/// transparency kept. The pipeline reads such a photo on white (`palette_service_kit::image_input::rgb_on_white`,
+/// as the segmenter does); here each pixel's alpha becomes cut-out alpha x photo alpha, and its colour is taken back
+/// off the white it was blended onto, so the output composites over any background as the source did (left on
+/// white, a semi-transparent rim would show as a light halo on a dark page). Fully opaque pixels are not touched.
+pub fn keep_source_transparency(cut: &mut RgbaImage, source_alpha: &GrayImage) {
+    assert_eq!(
+        cut.dimensions(),
+        source_alpha.dimensions(),
+        "cut-out and source alpha of one photo"
+    );
+    let w = cut.width() as usize;
+    cut.par_chunks_mut(w * 4)
+        .zip(source_alpha.as_raw().par_chunks(w))
+        .for_each(|(row, alpha)| {
+            for (px, &a) in row.chunks_exact_mut(4).zip(alpha) {
+                if a == 255 {
+                    continue;
+                }
+                let a = u32::from(a);
+                px[3] = ((u32::from(px[3]) * a + 127) / 255) as u8;
+                if a == 0 {
+                    // Nothing of the source shows here: no colour to recover (and none is seen).
+                    px[..3].fill(0);
+                    continue;
+                }
+                // on_white = c * a / 255 + 255 - a  =>  c = (on_white - (255 - a)) * 255 / a
+                for c in &mut px[..3] {
+                    let over = u32::from(*c).saturating_sub(255 - a);
+                    *c = ((over * 255 + a / 2) / a).min(255) as u8;
+                }
+            }
+        });
+}
+
 /// Fills the region from its surroundings, then blends the fill in by min(1, 2 * alpha) * strength. Doubling alpha
 /// replaces the object's own anti-aliased rim too; with plain alpha a ghost outline of the object stays behind.
 pub fn fill(photo: &RgbImage, region: &GrayImage, p: &RemoveParams) -> RgbImage {

@@ -141,6 +141,8 @@ pub fn rule_region(
 pub struct RuleInput<'a> {
     /// The photo as decoded: never edited.
     pub photo: &'a RgbImage,
+    /// The photo's alpha when it has transparent parts (`imaging::decode_photo`): a cut-out keeps them.
+    pub transparency: Option<&'a GrayImage>,
     /// A copy of `photo` the rule edits in place; equal to `photo` again when `render_rule` returns (with
     /// `restore`), so the next rule of the photo starts from the original without a full-frame copy per rule.
     pub work: &'a mut RgbImage,
@@ -160,6 +162,7 @@ pub struct RuleInput<'a> {
 pub fn render_rule(input: RuleInput<'_>) -> Result<RenderedRule, ItemError> {
     let RuleInput {
         photo,
+        transparency,
         work,
         region,
         rule,
@@ -192,14 +195,19 @@ pub fn render_rule(input: RuleInput<'_>) -> Result<RenderedRule, ItemError> {
                 not_applied,
             })
         }
-        InPlace::Cutout(img) => Ok(RenderedRule {
-            preview: want_preview
-                .then(|| imaging::preview_jpeg(&imaging::flatten_on_white(&img)))
-                .transpose()?,
-            encoded: imaging::encode_png_rgba(&img)?,
-            format: OutputFormat::Png,
-            not_applied,
-        }),
+        InPlace::Cutout(mut img) => {
+            if let Some(alpha) = transparency {
+                palette_rules::ops::remove::keep_source_transparency(&mut img, alpha);
+            }
+            Ok(RenderedRule {
+                preview: want_preview
+                    .then(|| imaging::preview_jpeg(&imaging::flatten_on_white(&img)))
+                    .transpose()?,
+                encoded: imaging::encode_png_rgba(&img)?,
+                format: OutputFormat::Png,
+                not_applied,
+            })
+        }
     }
 }
 
@@ -277,6 +285,7 @@ mod tests {
             };
             let rendered = render_rule(RuleInput {
                 photo: &photo,
+                transparency: None,
                 work: &mut work,
                 region,
                 rule,
@@ -328,6 +337,7 @@ mod tests {
         let mut render = |rule| {
             render_rule(RuleInput {
                 photo: &photo,
+                transparency: None,
                 work: &mut work,
                 region: &region,
                 rule,

@@ -4,7 +4,9 @@
 use std::io::Cursor;
 
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
-use image::{DynamicImage, ImageDecoder, ImageEncoder, ImageReader, RgbImage, RgbaImage};
+use image::{
+    DynamicImage, GrayImage, ImageDecoder, ImageEncoder, ImageReader, RgbImage, RgbaImage,
+};
 use palette_rules::icc::Conversion;
 
 use super::error::ItemError;
@@ -39,6 +41,16 @@ pub fn decode_swatch(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemErro
 /// `palette_rules::icc`) and the EXIF orientation (1..=8) is applied, as the segmenter does, so masks and photo
 /// line up.
 pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemError> {
+    decode_photo(bytes, max_pixels).map(|(rgb, _)| rgb)
+}
+
+/// `decode_upright`, and the photo's alpha when some of it is transparent (None for every JPEG and every opaque
+/// PNG/WebP): a cut-out keeps it (`palette_rules::ops::remove::keep_source_transparency`). 1 byte per pixel more,
+/// only for such photos.
+pub fn decode_photo(
+    bytes: &[u8],
+    max_pixels: u64,
+) -> Result<(RgbImage, Option<GrayImage>), ItemError> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ItemError::InputCorrupt(format!("cannot read the image header: {e}")))?;
@@ -91,7 +103,15 @@ pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemErr
     let mut decoded = decode_pixels(decoder).map_err(corrupt)?;
     decoded.apply_orientation(orientation);
     // Transparent parts on white, as the segmenter reads them too.
-    let mut rgb = palette_service_kit::image_input::rgb_on_white(decoded);
+    let (mut rgb, alpha) = if decoded.color().has_alpha() {
+        let rgba = decoded.into_rgba8();
+        (
+            palette_service_kit::image_input::rgba_on_white(&rgba),
+            transparency(&rgba),
+        )
+    } else {
+        (decoded.into_rgb8(), None)
+    };
     if let Some(icc) = icc {
         let result = match palette_rules::icc::to_srgb(&mut rgb, &icc) {
             Conversion::Converted => "converted",
@@ -103,7 +123,17 @@ pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemErr
         };
         metrics::counter!("orchestrator_color_profiles_total", "result" => result).increment(1);
     }
-    Ok(rgb)
+    Ok((rgb, alpha))
+}
+
+/// The alpha plane of an image with an alpha channel, or None when every pixel is opaque (most PNG screenshots and
+/// exports carry a channel of 255s).
+fn transparency(rgba: &RgbaImage) -> Option<GrayImage> {
+    if rgba.pixels().all(|p| p[3] == 255) {
+        return None;
+    }
+    let alpha = rgba.pixels().map(|p| p[3]).collect();
+    Some(GrayImage::from_raw(rgba.width(), rgba.height(), alpha).expect("one byte per pixel"))
 }
 
 /// Why bytes of no format read here were refused: an iPhone's HEIC (or an AVIF) is named as such, since the file is a

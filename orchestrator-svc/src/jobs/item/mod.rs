@@ -172,10 +172,10 @@ impl ItemRunner {
         let stage = Stage::start("decode");
         let max_pixels = self.limits.max_pixels;
         let encoded = bytes.clone();
-        let photo = Arc::new(
-            self.cpu(move || imaging::decode_upright(&encoded, max_pixels))
-                .await?,
-        );
+        let (photo, transparency) = self
+            .cpu(move || imaging::decode_photo(&encoded, max_pixels))
+            .await?;
+        let (photo, transparency) = (Arc::new(photo), transparency.map(Arc::new));
         stage.finish();
 
         // The photo's fingerprint: keys reused masks, and ties stored masks to the photo they were computed from.
@@ -208,7 +208,13 @@ impl ItemRunner {
 
         let stage = Stage::start("rules");
         let (outputs, preview) = self
-            .apply_rules(plan, idx, &photo, Arc::new(full_masks), &mut uploads)
+            .apply_rules(
+                plan,
+                idx,
+                (&photo, transparency),
+                Arc::new(full_masks),
+                &mut uploads,
+            )
             .await?;
         stage.finish();
 
@@ -294,7 +300,7 @@ impl ItemRunner {
         &self,
         plan: &Arc<JobPlan>,
         idx: u32,
-        photo: &Arc<RgbImage>,
+        (photo, transparency): (&Arc<RgbImage>, Option<Arc<GrayImage>>),
         masks: Arc<HashMap<String, GrayImage>>,
         uploads: &mut Uploads,
     ) -> Result<(Vec<RuleOutput>, Option<Vec<u8>>), ItemError> {
@@ -315,8 +321,13 @@ impl ItemRunner {
                 .iter()
                 .find(|(first, _)| cpu::same_region(&plan.rules[*first], &plan.rules[r]))
                 .map(|(_, region)| region.clone());
-            let (plan2, photo, masks, guides) =
-                (plan.clone(), photo.clone(), masks.clone(), guides.clone());
+            let (plan2, photo, masks, guides, transparency) = (
+                plan.clone(),
+                photo.clone(),
+                masks.clone(),
+                guides.clone(),
+                transparency.clone(),
+            );
             let mut buffer = work.take();
             let (rendered, buffer, region) = self
                 .cpu(move || {
@@ -330,6 +341,7 @@ impl ItemRunner {
                     let last = r + 1 == plan2.rules.len();
                     let rendered = render_rule(RuleInput {
                         photo: &photo,
+                        transparency: transparency.as_deref(),
                         work,
                         region: &region,
                         rule,

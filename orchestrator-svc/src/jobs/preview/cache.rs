@@ -15,11 +15,20 @@ pub enum Cached {
     /// A job's photos record and when it was read (it is read again after `PHOTOS_RECORD_TTL`).
     Photos(Arc<PhotosRecord>, tokio::time::Instant),
     Masks(Arc<MasksRecord>),
-    /// The photo at preview size, its full size, and the SHA-256 of its bytes (checked against the masks record).
-    Photo(Arc<RgbImage>, (u32, u32), [u8; 32]),
+    Photo(PreviewPhoto),
     /// A concept's union mask, or a rule's refined region, at preview size.
     Plane(Arc<GrayImage>),
     Swatch(Arc<RgbImage>),
+}
+
+/// The photo at preview size, its transparency at that size (when it has some: a cut-out keeps it), its full size,
+/// and the SHA-256 of its bytes (checked against the masks record).
+#[derive(Clone)]
+pub struct PreviewPhoto {
+    pub rgb: Arc<RgbImage>,
+    pub transparency: Option<Arc<GrayImage>>,
+    pub full_size: (u32, u32),
+    pub sha256: [u8; 32],
 }
 
 impl Weigh for Cached {
@@ -29,7 +38,10 @@ impl Weigh for Cached {
             + match self {
                 Cached::Photos(r, _) => r.concepts.iter().map(|c| c.len() + 24).sum::<usize>(),
                 Cached::Masks(r) => r.masks.iter().map(|m| m.key.len() + 96).sum(),
-                Cached::Photo(p, ..) | Cached::Swatch(p) => p.as_raw().len(),
+                Cached::Photo(p) => {
+                    p.rgb.as_raw().len() + p.transparency.as_ref().map_or(0, |a| a.as_raw().len())
+                }
+                Cached::Swatch(p) => p.as_raw().len(),
                 Cached::Plane(p) => p.as_raw().len(),
             }
     }

@@ -80,7 +80,10 @@ pub(super) fn render_all(
             not_applied_reason: not_applied.map_or("", |n| n.as_str()).to_string(),
         });
     }
-    let current = current.unwrap_or_else(|| Edited::Rgb((*loaded.photo).clone()));
+    let mut current = current.unwrap_or_else(|| Edited::Rgb((*loaded.photo).clone()));
+    if let (Edited::Rgba(cut), Some(alpha)) = (&mut current, &loaded.transparency) {
+        palette_rules::ops::remove::keep_source_transparency(cut, alpha);
+    }
     let (width, height) = match &current {
         Edited::Rgb(i) => i.dimensions(),
         Edited::Rgba(i) => i.dimensions(),

@@ -30,8 +30,8 @@ use super::validate::{JobLimits, PlannedRule, Violations};
 use crate::error::ApiError;
 use crate::keys;
 use crate::storage::{SharedStore, StorageError};
-use cache::Cached;
 pub use cache::PreviewCache;
+use cache::{Cached, PreviewPhoto};
 use compose::render_all;
 use request::{check_cutout_last, check_request, item_to_api};
 
@@ -57,6 +57,8 @@ pub struct PreviewService {
 /// What one preview works on, once loaded (from the cache or from storage).
 struct Loaded {
     photo: Arc<RgbImage>,
+    /// The photo's transparency at preview size, when it has some.
+    transparency: Option<Arc<GrayImage>>,
     full_size: (u32, u32),
     /// Each rule concept's and occluder's union mask at preview size (absent: no instance in the photo).
     masks: BTreeMap<String, Arc<GrayImage>>,
@@ -205,11 +207,12 @@ impl PreviewService {
                 Ok(None)
             }
         });
-        let ((photo, full_size, photo_sha256), record) = (photo?, record?);
+        let (photo, record) = (photo?, record?);
+        let full_size = photo.full_size;
         if let Some(stored) = &record {
-            same_photo(stored, &photo_sha256, at.user_id, at.photos_job_id, at.idx)?;
+            same_photo(stored, &photo.sha256, at.user_id, at.photos_job_id, at.idx)?;
         }
-        let preview_size = photo.dimensions();
+        let preview_size = photo.rgb.dimensions();
         let mut masks = BTreeMap::new();
         for &concept in concepts {
             let plane = match cached.get(concept) {
@@ -262,20 +265,18 @@ impl PreviewService {
             });
         }
         Ok(Loaded {
-            photo,
+            photo: photo.rgb,
+            transparency: photo.transparency,
             full_size,
             masks,
             swatches,
         })
     }
 
-    async fn photo(
-        &self,
-        at: &PhotoRef<'_>,
-    ) -> Result<(Arc<RgbImage>, (u32, u32), [u8; 32]), ItemError> {
+    async fn photo(&self, at: &PhotoRef<'_>) -> Result<PreviewPhoto, ItemError> {
         let key = format!("{}|p", at.prefix());
-        if let Some(Cached::Photo(p, full, sha)) = self.cache.get(&key) {
-            return Ok((p, full, sha));
+        if let Some(Cached::Photo(p)) = self.cache.get(&key) {
+            return Ok(p);
         }
         let mut stage = Stage::preview("photo");
         let input = keys::input(at.user_id, at.photos_job_id, at.idx);
@@ -287,20 +288,23 @@ impl PreviewService {
         let admitted = self
             .admit(imaging::pixel_count(&bytes), Some(&mut stage))
             .await;
-        let (photo, full, sha) = admitted
+        let photo = admitted
             .hold_while(blocking(move || {
-                let sha: [u8; 32] = Sha256::digest(&bytes).into();
-                let full = imaging::decode_upright(&bytes, max_pixels)?;
-                let size = full.dimensions();
-                let small = render::downscale_rgb(&full, render::preview_size(size, max_side));
-                Ok((small, size, sha))
+                let sha256: [u8; 32] = Sha256::digest(&bytes).into();
+                let (full, alpha) = imaging::decode_photo(&bytes, max_pixels)?;
+                let full_size = full.dimensions();
+                let to = render::preview_size(full_size, max_side);
+                Ok(PreviewPhoto {
+                    rgb: Arc::new(render::downscale_rgb(&full, to)),
+                    transparency: alpha.map(|a| Arc::new(render::downscale_gray(&a, to))),
+                    full_size,
+                    sha256,
+                })
             }))
             .await?;
-        let photo = Arc::new(photo);
-        self.cache
-            .insert(key, Cached::Photo(photo.clone(), full, sha));
+        self.cache.insert(key, Cached::Photo(photo.clone()));
         stage.finish();
-        Ok((photo, full, sha))
+        Ok(photo)
     }
 
     /// The pixel budget's admission, its wait recorded as the `admit` stage and left out of `within` (the stage

@@ -93,6 +93,29 @@ fn a_transparent_background_reads_as_white_not_black() {
 }
 
 #[test]
+fn a_photos_transparency_is_kept_only_when_it_has_some() {
+    let png = |rgba: RgbaImage| {
+        let mut out = Cursor::new(Vec::new());
+        DynamicImage::ImageRgba8(rgba)
+            .write_to(&mut out, image::ImageFormat::Png)
+            .unwrap();
+        out.into_inner()
+    };
+    let cut_out = png(RgbaImage::from_fn(20, 10, |x, _| {
+        image::Rgba([30, 60, 200, (x * 12) as u8])
+    }));
+    let (rgb, alpha) = decode_photo(&cut_out, 1 << 20).unwrap();
+    let alpha = alpha.expect("a transparent PNG keeps its alpha");
+    assert_eq!(alpha.dimensions(), rgb.dimensions());
+    assert_eq!(alpha.get_pixel(5, 3).0, [60]);
+    // The RGB is still the photo on white, as the segmenter reads it.
+    assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+    // An alpha channel of 255s (most exported PNGs) costs nothing.
+    let opaque = png(RgbaImage::from_pixel(20, 10, image::Rgba([1, 2, 3, 255])));
+    assert!(decode_photo(&opaque, 1 << 20).unwrap().1.is_none());
+}
+
+#[test]
 fn garbage_is_corrupt() {
     assert!(matches!(
         decode_upright(b"not an image", 1000),
