@@ -96,8 +96,9 @@ pub struct Config {
     pub max_queue_delay_ms: u64,
 
     /// Requests waiting for the inference thread beyond which new ones get RESOURCE_EXHAUSTED, at once: before
-    /// their image is decoded. 0 is taken as 1 (one request may wait while a batch runs). As many may wait for a
-    /// pre-processing slot (PREPROCESS_CONCURRENCY), each holding its image; past that too, RESOURCE_EXHAUSTED.
+    /// their image is decoded (requests whose client left or whose deadline passed do not count). 0 is taken as 1
+    /// (one request may wait while a batch runs). As many may wait for a pre-processing slot
+    /// (PREPROCESS_CONCURRENCY), each holding its image; past that too, RESOURCE_EXHAUSTED.
     #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 32)]
     pub queue_capacity: usize,
 

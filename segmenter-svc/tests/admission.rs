@@ -253,6 +253,58 @@ async fn a_job_in_the_batch_being_collected_leaves_its_queue_room_free() {
     server.stop().await.unwrap();
 }
 
+/// Requests nobody waits for any more (client gone, deadline passed) do not keep live ones out: a full queue drops
+/// them first. Before, they held their places until the inference thread reached them, and a live request arriving
+/// meanwhile was refused RESOURCE_EXHAUSTED.
+#[tokio::test]
+async fn a_queue_full_of_requests_nobody_waits_for_takes_new_ones() {
+    let mut config = test_config();
+    config.queue_capacity = 2;
+    config.max_batch_images = 1;
+    config.max_queue_delay_ms = 0;
+    let faults = config.faults.clone();
+    let (shared, mut server, client) = start(config).await;
+    let held = hold_the_inference_thread(&faults, &client).await;
+
+    // The queue's two places: a job whose client left, and one whose deadline passes.
+    let (left, left_answer) = job(&shared);
+    shared.engine.submit(left).unwrap();
+    drop(left_answer);
+    let (mut late, late_answer) = job(&shared);
+    late.deadline = Instant::now() + Duration::from_millis(100);
+    shared.engine.submit(late).unwrap();
+    assert_eq!(shared.engine.queue_depth(), 2);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    // Admitted and decoded (its bytes are no image), not refused as if the queue were full.
+    let err = client.clone().segment(not_an_image()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(shared.engine.queue_depth(), 0, "both dropped");
+    let late = late_answer.await.unwrap();
+    assert!(
+        matches!(late, Err(segmenter_svc::Error::DeadlineExceeded)),
+        "the one still listening is told: {late:?}"
+    );
+
+    // Live jobs fill it again, and then it is full.
+    let (first, first_answer) = job(&shared);
+    let (second, second_answer) = job(&shared);
+    shared.engine.submit(first).unwrap();
+    shared.engine.submit(second).unwrap();
+    let (third, _third_answer) = job(&shared);
+    assert!(matches!(
+        shared.engine.submit(third),
+        Err(segmenter_svc::Error::Overloaded { capacity: 2 })
+    ));
+    let err = client.clone().segment(not_an_image()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    held.await.unwrap().unwrap();
+    first_answer.await.unwrap().unwrap();
+    second_answer.await.unwrap().unwrap();
+    server.stop().await.unwrap();
+}
+
 /// The requests waiting for a pre-processing slot are bounded too (QUEUE_CAPACITY of them): a decode-bound replica
 /// whose engine queue stays empty refuses the next one RESOURCE_EXHAUSTED at once, instead of holding every arriving
 /// image until its deadline.

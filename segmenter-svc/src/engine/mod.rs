@@ -4,17 +4,17 @@
 //!
 //! Admission is fail-fast: a full queue answers RESOURCE_EXHAUSTED at once instead of growing latency without bound.
 //! The queue holds QUEUE_CAPACITY jobs (0 is taken as 1: one request may wait while a batch runs); a job the inference
-//! thread has taken into the batch it is collecting no longer occupies it. `submit` decides; `admissible` asks the
-//! same question before the image is decoded, so that a request the queue has no room for now costs no decode.
+//! thread has taken into the batch it is collecting no longer occupies it, and a full queue drops the jobs nobody waits
+//! for any more before it decides (`queue`). `submit` decides; `admissible` asks the same question before the image
+//! is decoded, so that a request the queue has no room for now costs no decode.
 //! Requests whose client has gone or whose deadline has passed are dropped before any compute is spent on them.
 
 mod faults;
+mod queue;
 mod text_cache;
 mod worker;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
@@ -58,13 +58,9 @@ pub struct JobOutput {
 /// Cheap to clone; every gRPC handler holds one.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: SyncSender<Job>,
-    /// Jobs in the queue: counted before `try_send` (uncounted again if it fails), uncounted by the inference
-    /// thread as it takes each one (`worker::take`). A job taken into the batch being collected is not counted: it
-    /// no longer occupies queue room. When nothing is in flight it equals what `try_send` finds in the channel.
-    queued: Arc<AtomicUsize>,
-    /// Jobs the queue holds: QUEUE_CAPACITY, at least 1 (the channel's size).
-    capacity: usize,
+    /// Jobs waiting for the inference thread; one it has taken into the batch it is collecting no longer occupies
+    /// the queue's room.
+    queue: Arc<queue::JobQueue>,
     health: watch::Receiver<Health>,
 }
 
@@ -81,30 +77,13 @@ pub enum Health {
 }
 
 impl EngineHandle {
-    /// Queues a job or refuses it at once.
+    /// Queues a job or refuses it at once. A full queue first drops the jobs in it that nobody waits for any more
+    /// (client gone, deadline passed; see `queue`).
     pub fn submit(&self, job: Job) -> Result<(), Error> {
         self.serving()?;
-        // Counted first, so that the inference thread's uncount of this job (after it took it) never comes before.
-        // The gauge moves by the same steps (set to a value read here, it raced with the thread's and could stay
-        // stale, 1 over an empty queue, until the next batch).
-        self.queued.fetch_add(1, Ordering::SeqCst);
-        metrics::gauge!("segmenter_queue_depth").increment(1.0);
-        let result = self.tx.try_send(job);
-        match result {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.queued.fetch_sub(1, Ordering::SeqCst);
-                metrics::gauge!("segmenter_queue_depth").decrement(1.0);
-                match e {
-                    TrySendError::Full(_) => Err(Error::Overloaded {
-                        capacity: self.capacity,
-                    }),
-                    TrySendError::Disconnected(_) => {
-                        Err(Error::NotServing("the inference thread has stopped".into()))
-                    }
-                }
-            }
-        }
+        self.queue.push(job).map_err(|_| Error::Overloaded {
+            capacity: self.queue.capacity(),
+        })
     }
 
     /// Whether `submit` would take a job now: the engine is serving and the queue has room. Asked when a request
@@ -113,13 +92,13 @@ impl EngineHandle {
     /// large photo that would be thrown away.
     ///
     /// Advisory (`submit` decides: the queue may fill or drain meanwhile), and never stricter than `submit` when
-    /// nothing else is happening: it counts only jobs in the queue (not those the inference thread has taken into the
-    /// batch it is collecting) against the queue's real size (QUEUE_CAPACITY=0 holds one job, as in `submit`).
+    /// nothing else is happening: the same count (jobs in the queue, gone ones dropped when it is full) against the
+    /// same size (QUEUE_CAPACITY=0 holds one job).
     pub fn admissible(&self) -> Result<(), Error> {
         self.serving()?;
-        if self.queued.load(Ordering::SeqCst) >= self.capacity {
+        if !self.queue.has_room() {
             return Err(Error::Overloaded {
-                capacity: self.capacity,
+                capacity: self.queue.capacity(),
             });
         }
         Ok(())
@@ -140,6 +119,6 @@ impl EngineHandle {
 
     /// Jobs in the queue, waiting for the inference thread to take them.
     pub fn queue_depth(&self) -> usize {
-        self.queued.load(Ordering::SeqCst)
+        self.queue.len()
     }
 }

@@ -2,8 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -12,6 +11,7 @@ use ort::session::{IoBinding, Session, SessionOutputs};
 use ort::value::{Shape, Tensor, TensorRef, TensorRefMut};
 use tokio::sync::watch;
 
+use super::queue::{JobQueue, TakeError, drop_gone, is_gone as gone};
 use super::text_cache::TextCache;
 use super::{EngineHandle, Health, Job, JobOutput};
 use crate::error::Error;
@@ -59,7 +59,7 @@ pub struct EngineSettings {
 
 /// Replies to a job. Its span handle goes first: the request's span closes (and is exported) when its handler
 /// ends, not whenever this thread gets round to dropping the job.
-fn answer(job: Job, result: Result<JobOutput, Error>) {
+pub(super) fn answer(job: Job, result: Result<JobOutput, Error>) {
     let Job { reply, span, .. } = job;
     drop(span);
     let _ = reply.send(result);
@@ -93,16 +93,10 @@ pub fn spawn(
     sessions: Sessions,
     settings: EngineSettings,
 ) -> std::io::Result<(EngineHandle, EngineThread)> {
-    // QUEUE_CAPACITY=0 is taken as 1: a channel of size 0 would take a job only while the inference thread waits
-    // in `recv`, refusing nearly every request.
-    let capacity = settings.queue_capacity.max(1);
-    let (tx, rx) = sync_channel(capacity);
+    let queue = JobQueue::new(settings.queue_capacity);
     let (health_tx, health_rx) = watch::channel(Health::WarmingUp);
-    let queued = Arc::new(AtomicUsize::new(0));
     let handle = EngineHandle {
-        tx,
-        queued: queued.clone(),
-        capacity,
+        queue: queue.clone(),
         health: health_rx,
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -117,7 +111,7 @@ pub fn spawn(
                 health: health_tx,
                 stop: stopping,
             };
-            worker.run(rx, queued);
+            worker.run(&queue);
         })?;
     Ok((
         handle,
@@ -157,7 +151,7 @@ struct Unanswered {
 }
 
 impl Worker {
-    fn run(&mut self, rx: Receiver<Job>, queued: Arc<AtomicUsize>) {
+    fn run(&mut self, queue: &Arc<JobQueue>) {
         let started = Instant::now();
         // Recovery probes are for a provider that failed after serving. A failed warm-up is final: it ran every
         // shape, and one 1-image x 1-phrase probe passing later would not show that the others work; health stays
@@ -182,9 +176,9 @@ impl Worker {
         // Idle since the last batch or probe: a failed engine probes again after `reprobe_interval` of it.
         let mut idle_since = Instant::now();
         while !self.stop.load(Ordering::SeqCst) {
-            let first = match take(&rx, &queued, STOP_POLL) {
+            let first = match queue.take(STOP_POLL) {
                 Ok(job) => job,
-                Err(RecvTimeoutError::Timeout) => {
+                Err(TakeError::Timeout) => {
                     // Refused requests never reach this queue while NOT_SERVING: probe when idle instead.
                     if let Some(every) = reprobe_interval
                         && self.is_failed()
@@ -195,15 +189,15 @@ impl Worker {
                     }
                     continue;
                 }
-                Err(RecvTimeoutError::Disconnected) => break,
+                Err(TakeError::Disconnected) => break,
             };
             let mut batch = vec![first];
             let until = Instant::now() + self.settings.max_queue_delay;
             while batch.len() < self.settings.max_batch_images {
                 let left = until.saturating_duration_since(Instant::now());
-                match take(&rx, &queued, left) {
+                match queue.take(left) {
                     Ok(job) => batch.push(job),
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    Err(TakeError::Timeout | TakeError::Disconnected) => break,
                 }
             }
             self.process(batch);
@@ -640,37 +634,5 @@ impl Provider {
             Provider::Cuda(_) => 8,
             Provider::Cpu => 2,
         }
-    }
-}
-
-/// The next job from the queue, uncounted from the jobs in it (`EngineHandle::queued`) as it leaves: a job taken
-/// into the batch being collected frees its queue room, for `submit` and `admissible` alike.
-fn take(
-    rx: &Receiver<Job>,
-    queued: &AtomicUsize,
-    timeout: Duration,
-) -> Result<Job, RecvTimeoutError> {
-    let job = rx.recv_timeout(timeout)?;
-    queued.fetch_sub(1, Ordering::SeqCst);
-    metrics::gauge!("segmenter_queue_depth").decrement(1.0);
-    Ok(job)
-}
-
-/// A job nobody waits for any more: its client left, or its deadline passed.
-fn gone(job: &Job) -> bool {
-    job.reply.is_closed() || job.deadline <= Instant::now()
-}
-
-/// Drops a gone job, answering DEADLINE_EXCEEDED when someone still listens. The deadline is looked at first: at
-/// the deadline the handler's own timeout (or tonic's, from `grpc-timeout`) drops the receiver, so a closed reply
-/// past the deadline is a deadline, not a client that left.
-fn drop_gone(job: Job) {
-    if job.deadline <= Instant::now() {
-        metrics::counter!("segmenter_dropped_total", "reason" => "deadline").increment(1);
-        if !job.reply.is_closed() {
-            answer(job, Err(Error::DeadlineExceeded));
-        }
-    } else {
-        metrics::counter!("segmenter_dropped_total", "reason" => "cancelled").increment(1);
     }
 }
