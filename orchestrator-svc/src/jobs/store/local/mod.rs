@@ -31,6 +31,10 @@ pub struct LocalJobStore {
     open: Opener,
     /// The open database; None after a call failed on it, until the next call opens it again.
     db: Arc<Mutex<Option<Arc<Database>>>>,
+    /// One write transaction at a time reaches the blocking pool. redb runs one at a time anyway: without this, the
+    /// thousands of item records a large job's cancel writes at once each took a blocking thread (up to tokio's 512)
+    /// to wait in `begin_write`, and the items' own CPU work queued behind them.
+    writer: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for LocalJobStore {
@@ -68,6 +72,7 @@ impl LocalJobStore {
         let store = LocalJobStore {
             open,
             db: Arc::new(Mutex::new(None)),
+            writer: Arc::new(tokio::sync::Semaphore::new(1)),
         };
         store.database()?;
         Ok(store)
@@ -124,6 +129,11 @@ impl LocalJobStore {
         &self,
         work: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        let _turn = self
+            .writer
+            .acquire()
+            .await
+            .expect("the writer semaphore is never closed");
         self.with_db(move |db| {
             let txn = db.begin_write().map_err(StoreError::unavailable)?;
             let out = work(&txn)?;

@@ -232,3 +232,41 @@ async fn loads_in_submission_order() {
         .collect();
     assert_eq!(ids, ["c", "b", "a"]);
 }
+
+/// A burst of item records (a large job's cancel ends every open item at once) waits for its turn to write without
+/// a blocking thread each: before, every record took one of the blocking pool's threads (up to 512) to wait in
+/// redb's `begin_write`. Counted by the pool's thread name on a runtime of its own.
+#[test]
+fn a_burst_of_writes_holds_one_blocking_thread_not_one_each() {
+    const NAME: &str = "jstore-burst";
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name(NAME)
+        .max_blocking_threads(512)
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalJobStore::open(&dir.path().join("jobs.redb")).unwrap();
+    let job = record("burst", "h", 1);
+    runtime.block_on(async {
+        store.create(&job).await.unwrap();
+        let writes = (0..300).map(|idx| {
+            let (store, key) = (store.clone(), job.key());
+            tokio::spawn(async move {
+                let done = item(idx, ItemState::Cancelled, CallbackState::Pending);
+                store.put_first_item(&key, &done, false).await.unwrap()
+            })
+        });
+        for write in futures::future::join_all(writes).await {
+            assert_eq!(write.unwrap(), Written::Stored);
+        }
+        assert_eq!(store.load().await.unwrap()[0].items.len(), 300);
+    });
+    // Idle blocking threads live on for 10 s: every one the burst started is still there.
+    let threads = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .filter(|comm| comm.trim() == NAME)
+        .count();
+    assert!(threads <= 2, "{threads} blocking threads for one writer");
+}
