@@ -1,6 +1,7 @@
 //! JOB_STORE=local: the job store in one redb file. Every call is one transaction, committed with
-//! `Durability::Immediate` (fsynced before it returns), run on the blocking pool. redb locks the file, so a second
-//! process opening it fails at start instead of corrupting it.
+//! `Durability::Immediate` (fsynced before it returns), run on the blocking pool, except item records, which arrive
+//! in bursts and share transactions (`group`). redb locks the file, so a second process opening it fails at start
+//! instead of corrupting it.
 //!
 //! After an I/O error (a full disk for a moment, a failed fsync) redb refuses every later transaction of that
 //! `Database` ("PreviousIo": close and re-open it). So a call that fails on the store drops this handle's database,
@@ -17,6 +18,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use super::{Created, JobRecord, JobStore, RecordKey, RunKey, StoreError, StoredJob, Written};
 use crate::jobs::durable;
 
+mod group;
+
 /// `{userId}/{jobId}` -> `JobRecord::encode`.
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 /// `{userId}/{jobId}/{specHash}/{idx:010}` -> `durable::encode` of the terminal item. The zero-padded index keeps a
@@ -31,10 +34,14 @@ pub struct LocalJobStore {
     open: Opener,
     /// The open database; None after a call failed on it, until the next call opens it again.
     db: Arc<Mutex<Option<Arc<Database>>>>,
-    /// One write transaction at a time reaches the blocking pool. redb runs one at a time anyway: without this, the
-    /// thousands of item records a large job's cancel writes at once each took a blocking thread (up to tokio's 512)
-    /// to wait in `begin_write`, and the items' own CPU work queued behind them.
+    /// One write transaction at a time reaches the blocking pool. redb runs one at a time anyway: without this, each
+    /// waiting write took a blocking thread (up to tokio's 512) to wait in `begin_write`, and the items' own CPU work
+    /// queued behind them.
     writer: Arc<tokio::sync::Semaphore>,
+    /// Item records waiting for the next group's transaction (`group`).
+    pending: Arc<group::Pending>,
+    /// Write transactions committed (tests: how records were grouped).
+    commits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for LocalJobStore {
@@ -73,6 +80,8 @@ impl LocalJobStore {
             open,
             db: Arc::new(Mutex::new(None)),
             writer: Arc::new(tokio::sync::Semaphore::new(1)),
+            pending: Arc::default(),
+            commits: Arc::default(),
         };
         store.database()?;
         Ok(store)
@@ -134,10 +143,12 @@ impl LocalJobStore {
             .acquire()
             .await
             .expect("the writer semaphore is never closed");
+        let commits = self.commits.clone();
         self.with_db(move |db| {
             let txn = db.begin_write().map_err(StoreError::unavailable)?;
             let out = work(&txn)?;
             txn.commit().map_err(StoreError::unavailable)?;
+            commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(out)
         })
         .await
@@ -193,28 +204,8 @@ impl JobStore for LocalJobStore {
     }
 
     async fn put_item(&self, job: &RecordKey, item: &Item) -> Result<Written, StoreError> {
-        let key = item_key(job, item.idx);
-        let item = item.clone();
-        self.write(move |txn| {
-            let mut items = txn.open_table(ITEMS).map_err(StoreError::unavailable)?;
-            let existing = stored_bytes(&items, &key)?;
-            match existing.as_deref().map(durable::decode) {
-                Some(Some(recorded)) if recorded.state != item.state => {
-                    return Ok(Written::Conflict(Box::new(recorded)));
-                }
-                // One this version cannot read (skipped at load: the item ran again here): replaced by this run's
-                // end, or the item would run again and be called back again at every start.
-                Some(None) => {
-                    tracing::warn!(key = %key, "job store: an unreadable item record is replaced")
-                }
-                _ => {}
-            }
-            items
-                .insert(key.as_str(), durable::encode(&item).as_slice())
-                .map_err(StoreError::unavailable)?;
-            Ok(Written::Stored)
-        })
-        .await
+        self.put_item_grouped(item_key(job, item.idx), item.clone())
+            .await
     }
 
     async fn cancel(&self, job: &RecordKey) -> Result<(), StoreError> {

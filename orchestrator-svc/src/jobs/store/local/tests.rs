@@ -233,11 +233,12 @@ async fn loads_in_submission_order() {
     assert_eq!(ids, ["c", "b", "a"]);
 }
 
-/// A burst of item records (a large job's cancel ends every open item at once) waits for its turn to write without
-/// a blocking thread each: before, every record took one of the blocking pool's threads (up to 512) to wait in
-/// redb's `begin_write`. Counted by the pool's thread name on a runtime of its own.
+/// A burst of item records (a large job's cancel ends every open item at once) shares transactions, and waits for
+/// its turn without a blocking thread each: before, every record was a transaction of its own (an fsync each: 300
+/// took ~1 s) and took one of the blocking pool's threads (up to 512) to wait in redb's `begin_write`. Threads
+/// counted by the pool's thread name on a runtime of its own.
 #[test]
-fn a_burst_of_writes_holds_one_blocking_thread_not_one_each() {
+fn a_burst_of_item_records_shares_transactions_and_one_blocking_thread() {
     const NAME: &str = "jstore-burst";
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -257,9 +258,22 @@ fn a_burst_of_writes_holds_one_blocking_thread_not_one_each() {
                 store.put_first_item(&key, &done, false).await.unwrap()
             })
         });
+        let before = store.commits.load(std::sync::atomic::Ordering::Relaxed);
         for write in futures::future::join_all(writes).await {
             assert_eq!(write.unwrap(), Written::Stored);
         }
+        let commits = store.commits.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert!(commits <= 10, "300 records in {commits} transactions");
+        // Decided one by one inside the group: a second terminal state loses, the same one again is stored.
+        let key = job.key();
+        let failed = item(7, ItemState::Failed, CallbackState::Pending);
+        let settled = item(8, ItemState::Cancelled, CallbackState::Delivered);
+        let (other, same) = tokio::join!(
+            store.put_item(&key, &failed),
+            store.put_item(&key, &settled)
+        );
+        assert!(matches!(other.unwrap(), Written::Conflict(r) if r.idx == 7 && r.state == ItemState::Cancelled as i32));
+        assert_eq!(same.unwrap(), Written::Stored);
         assert_eq!(store.load().await.unwrap()[0].items.len(), 300);
     });
     // Idle blocking threads live on for 10 s: every one the burst started is still there.
