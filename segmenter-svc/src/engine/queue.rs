@@ -157,3 +157,106 @@ pub fn drop_gone(job: Job) {
         metrics::counter!("segmenter_dropped_total", "reason" => "cancelled").increment(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::JobOutput;
+    use crate::model::tokenizer::Tokens;
+    use crate::postprocess::FilterParams;
+    use crate::preprocess::Pixels;
+    use tokio::sync::oneshot;
+
+    type Answer = oneshot::Receiver<Result<JobOutput, crate::error::Error>>;
+
+    /// A job named by its image height, due in `within`.
+    fn job(name: u32, within: Duration) -> (Job, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            pixels: Pixels::U8Hwc(Vec::new()),
+            image_size: (1, name),
+            phrases: vec![(
+                "wall".into(),
+                Tokens {
+                    ids: vec![1],
+                    mask: vec![1],
+                    full_len: 1,
+                },
+            )],
+            filter: FilterParams {
+                threshold: 0.5,
+                max_instances: 1,
+                keep_semantic: false,
+            },
+            deadline: Instant::now() + within,
+            enqueued: Instant::now(),
+            reply,
+            span: tracing::Span::none(),
+        };
+        (job, answer)
+    }
+
+    const LATER: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_full_queue_drops_only_the_gone_and_keeps_the_order_of_the_rest() {
+        let queue = JobQueue::new(3);
+        // A handle stays: an empty queue without one is disconnected, not just empty.
+        let _handle = queue.clone();
+        let (first, _first) = job(1, LATER);
+        let (left, left_answer) = job(2, LATER);
+        let (third, _third) = job(3, LATER);
+        for j in [first, left, third] {
+            assert!(queue.push(j).is_ok());
+        }
+        let (refused, _refused) = job(4, LATER);
+        assert!(queue.push(refused).is_err(), "full of live jobs");
+        assert!(!queue.has_room());
+        drop(left_answer);
+        assert!(queue.has_room(), "the job whose client left is dropped");
+        let (fourth, _fourth) = job(4, LATER);
+        assert!(queue.push(fourth).is_ok());
+        let order: Vec<u32> = (0..3)
+            .map(|_| queue.take(Duration::ZERO).unwrap().image_size.1)
+            .collect();
+        assert_eq!(order, [1, 3, 4]);
+        assert!(matches!(
+            queue.take(Duration::ZERO),
+            Err(TakeError::Timeout)
+        ));
+    }
+
+    #[test]
+    fn a_job_past_its_deadline_is_told_when_a_full_queue_drops_it() {
+        let queue = JobQueue::new(1);
+        let (late, mut late_answer) = job(1, Duration::ZERO);
+        assert!(queue.push(late).is_ok());
+        let (next, _next) = job(2, LATER);
+        assert!(queue.push(next).is_ok());
+        assert!(matches!(
+            late_answer.try_recv(),
+            Ok(Err(crate::error::Error::DeadlineExceeded))
+        ));
+        assert_eq!(queue.len(), 1);
+    }
+
+    #[test]
+    fn take_waits_for_a_job_and_ends_once_every_handle_is_gone() {
+        let queue = JobQueue::new(2);
+        let sender = queue.clone();
+        let pusher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let (j, answer) = job(7, LATER);
+            assert!(sender.push(j).is_ok());
+            // Dropped with the sender: the queue's last handle goes.
+            drop(answer);
+        });
+        let taken = queue.take(Duration::from_secs(10)).unwrap();
+        assert_eq!(taken.image_size.1, 7, "woken by the push, not the timeout");
+        pusher.join().unwrap();
+        assert!(matches!(
+            queue.take(Duration::from_secs(10)),
+            Err(TakeError::Disconnected)
+        ));
+    }
+}
