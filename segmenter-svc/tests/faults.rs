@@ -127,6 +127,45 @@ async fn a_panic_of_the_inference_thread_turns_not_serving_with_the_reason() {
     let _ = server.stop().await;
 }
 
+/// A request queued behind the run that panicked is answered UNAVAILABLE (retried elsewhere) when the inference
+/// thread ends, not left to wait out its deadline.
+#[tokio::test]
+async fn a_request_queued_behind_a_panic_is_answered_at_once() {
+    let config = test_config();
+    let faults = config.faults.clone();
+    let server = TestServer::start(config).await;
+    let req = || request(image_bytes("room_640x480.jpg"), &["wall"]);
+
+    let runs = faults.runs();
+    faults.delay_next_run(Duration::from_millis(1500));
+    faults.panic_next_run();
+    let mut first = server.client().await;
+    let first = tokio::spawn(async move { first.segment(req()).await });
+    for _ in 0..400 {
+        if faults.runs() > runs {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        faults.runs() > runs,
+        "the first request's run never started"
+    );
+    let mut queued = server.client().await;
+    let mut behind = tonic::Request::new(req());
+    behind.set_timeout(Duration::from_secs(30));
+    let started = std::time::Instant::now();
+    let err = queued.segment(behind).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered after {:?}: it waited for its deadline",
+        started.elapsed()
+    );
+    first.await.unwrap().unwrap_err();
+    let _ = server.stop().await;
+}
+
 #[tokio::test]
 async fn without_reprobes_a_broken_provider_stays_not_serving() {
     let mut config = test_config();

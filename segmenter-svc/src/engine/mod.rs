@@ -81,8 +81,11 @@ impl EngineHandle {
     /// (client gone, deadline passed; see `queue`).
     pub fn submit(&self, job: Job) -> Result<(), Error> {
         self.serving()?;
-        self.queue.push(job).map_err(|_| Error::Overloaded {
-            capacity: self.queue.capacity(),
+        self.queue.push(job).map_err(|refused| match refused {
+            queue::Refused::Full => Error::Overloaded {
+                capacity: self.queue.capacity(),
+            },
+            queue::Refused::Closed(why) => Error::NotServing(why),
         })
     }
 

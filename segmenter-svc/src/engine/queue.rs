@@ -2,6 +2,10 @@
 //! request whose client had left (or whose deadline had passed) as occupying its place until the inference thread
 //! reached it: under overload, when clients give up, the queue filled with work nobody waited for and live requests
 //! were refused RESOURCE_EXHAUSTED while it drained. Here a full queue first drops such jobs, then decides.
+//!
+//! The inference thread closes the queue as it ends (a stop or a panic): the jobs still in it and any pushed later
+//! are answered UNAVAILABLE at once (a client retries them on another replica), not left to wait for their deadline.
+//! A channel told its senders the same when its receiver went; a queue shared by reference has to be told.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -9,9 +13,14 @@ use std::time::{Duration, Instant};
 
 use super::Job;
 
-/// `push` found no room.
-#[derive(Debug)]
-pub struct QueueFull;
+/// Why `push` did not take a job.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Full of jobs someone still waits for.
+    Full,
+    /// The inference thread has ended, with this reason.
+    Closed(String),
+}
 
 /// Why `take` returned no job.
 #[derive(Debug, PartialEq, Eq)]
@@ -23,17 +32,26 @@ pub enum TakeError {
 
 /// Shared by every `EngineHandle` (the senders) and the inference thread (the one receiver).
 pub struct JobQueue {
-    jobs: Mutex<VecDeque<Job>>,
+    jobs: Mutex<Queued>,
     arrived: Condvar,
     /// How many jobs it holds: QUEUE_CAPACITY, at least 1 (0 would refuse every job the inference thread is not
     /// already waiting for).
     capacity: usize,
 }
 
+struct Queued {
+    jobs: VecDeque<Job>,
+    /// Set once by `close`: why no job will be taken any more.
+    closed: Option<String>,
+}
+
 impl JobQueue {
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(JobQueue {
-            jobs: Mutex::new(VecDeque::with_capacity(capacity.max(1))),
+            jobs: Mutex::new(Queued {
+                jobs: VecDeque::with_capacity(capacity.max(1)),
+                closed: None,
+            }),
             arrived: Condvar::new(),
             capacity: capacity.max(1),
         })
@@ -45,14 +63,18 @@ impl JobQueue {
 
     /// Jobs waiting, gone ones included until a full queue or the inference thread drops them.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().jobs.len()
     }
 
-    /// Queues `job`, or drops it when the queue is full of jobs someone still waits for.
-    pub fn push(&self, job: Job) -> Result<(), QueueFull> {
-        let mut jobs = self.lock();
+    /// Queues `job`, or drops it when the queue is full of jobs someone still waits for or has been closed.
+    pub fn push(&self, job: Job) -> Result<(), Refused> {
+        let mut queued = self.lock();
+        if let Some(why) = &queued.closed {
+            return Err(Refused::Closed(why.clone()));
+        }
+        let jobs = &mut queued.jobs;
         let gone = if jobs.len() >= self.capacity {
-            drain_gone(&mut jobs)
+            drain_gone(jobs)
         } else {
             Vec::new()
         };
@@ -62,23 +84,44 @@ impl JobQueue {
             self.arrived.notify_one();
             Ok(())
         } else {
-            Err(QueueFull)
+            Err(Refused::Full)
         };
-        drop(jobs);
+        drop(queued);
         gone.into_iter().for_each(drop_gone);
         result
+    }
+
+    /// No job will be taken any more (the inference thread is ending, `why`): the jobs in the queue are answered
+    /// NOT_SERVING now, and `push` refuses from here on. The first reason stays.
+    pub fn close(&self, why: &str) {
+        let mut queued = self.lock();
+        queued.closed.get_or_insert_with(|| why.to_owned());
+        let why = queued.closed.clone().unwrap_or_default();
+        let left: Vec<Job> = queued.jobs.drain(..).collect();
+        metrics::gauge!("segmenter_queue_depth").set(0.0);
+        drop(queued);
+        if !left.is_empty() {
+            tracing::warn!(jobs = left.len(), reason = %why, "inference thread ended: queued requests answered UNAVAILABLE");
+        }
+        for job in left {
+            if is_gone(&job) {
+                drop_gone(job);
+            } else {
+                super::worker::answer(job, Err(crate::error::Error::NotServing(why.clone())));
+            }
+        }
     }
 
     /// Whether `push` would take a job now (it may not by the time it is asked: advisory). A full queue drops its
     /// gone jobs first, as `push` does.
     pub fn has_room(&self) -> bool {
-        let mut jobs = self.lock();
-        if jobs.len() < self.capacity {
+        let mut queued = self.lock();
+        if queued.jobs.len() < self.capacity {
             return true;
         }
-        let gone = drain_gone(&mut jobs);
-        let room = jobs.len() < self.capacity;
-        drop(jobs);
+        let gone = drain_gone(&mut queued.jobs);
+        let room = queued.jobs.len() < self.capacity;
+        drop(queued);
         gone.into_iter().for_each(drop_gone);
         room
     }
@@ -87,10 +130,10 @@ impl JobQueue {
     /// inference thread's) reference is the last one.
     pub fn take(self: &Arc<Self>, timeout: Duration) -> Result<Job, TakeError> {
         let until = Instant::now() + timeout;
-        let mut jobs = self.lock();
+        let mut queued = self.lock();
         loop {
-            if let Some(job) = jobs.pop_front() {
-                metrics::gauge!("segmenter_queue_depth").set(jobs.len() as f64);
+            if let Some(job) = queued.jobs.pop_front() {
+                metrics::gauge!("segmenter_queue_depth").set(queued.jobs.len() as f64);
                 return Ok(job);
             }
             // Handles are only cloned from handles: once none is left, none comes back.
@@ -103,15 +146,15 @@ impl JobQueue {
             }
             // A dropped handle does not wake this wait: the inference thread's waits are short (its stop poll, the
             // batch delay), so it sees the disconnection within one of them.
-            jobs = self
+            queued = self
                 .arrived
-                .wait_timeout(jobs, left)
+                .wait_timeout(queued, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, VecDeque<Job>> {
+    fn lock(&self) -> MutexGuard<'_, Queued> {
         // A panic while holding the lock leaves the queue itself consistent (every change is one call).
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -258,5 +301,27 @@ mod tests {
             queue.take(Duration::from_secs(10)),
             Err(TakeError::Disconnected)
         ));
+    }
+
+    #[test]
+    fn a_closed_queue_answers_its_jobs_and_refuses_new_ones() {
+        let queue = JobQueue::new(4);
+        let _handle = queue.clone();
+        let (waiting, mut waiting_answer) = job(1, LATER);
+        assert!(queue.push(waiting).is_ok());
+        queue.close("the server is shutting down");
+        queue.close("a later reason is not the one told");
+        match waiting_answer.try_recv() {
+            Ok(Err(crate::error::Error::NotServing(why))) => {
+                assert_eq!(why, "the server is shutting down")
+            }
+            other => panic!("answered {other:?}"),
+        }
+        assert_eq!(queue.len(), 0);
+        let (late, _late) = job(2, LATER);
+        assert_eq!(
+            queue.push(late).unwrap_err(),
+            Refused::Closed("the server is shutting down".into())
+        );
     }
 }

@@ -104,6 +104,8 @@ pub fn spawn(
     let join = std::thread::Builder::new()
         .name("inference".into())
         .spawn(move || {
+            // Dropped after `worker` (declared before it), on a return and on a panic alike.
+            let _closed_on_exit = CloseOnExit(queue.clone());
             let mut worker = Worker {
                 cache: TextCache::new(settings.text_cache_entries),
                 sessions,
@@ -130,16 +132,31 @@ struct Worker {
     stop: Arc<AtomicBool>,
 }
 
+const PANICKED: &str =
+    "the inference thread stopped on a panic (see the log); restart the segmenter";
+
 /// A panic ends the inference thread: say so in its health (NOT_SERVING with the reason; a liveness probe restarts
 /// the process) rather than leave the last state standing, WarmingUp or Serving, with nothing behind it.
 impl Drop for Worker {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.health.send_replace(Health::Failed(
-                "the inference thread stopped on a panic (see the log); restart the segmenter"
-                    .into(),
-            ));
+            self.health.send_replace(Health::Failed(PANICKED.into()));
         }
+    }
+}
+
+/// The inference thread's end closes its queue: the requests waiting in it, and any a handler submits in the moment
+/// between its health check and this, are answered UNAVAILABLE now instead of at their deadlines.
+struct CloseOnExit(Arc<JobQueue>);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        let why = if std::thread::panicking() {
+            PANICKED
+        } else {
+            "the server is shutting down"
+        };
+        self.0.close(why);
     }
 }
 
