@@ -2,7 +2,8 @@
 //!
 //! - `inputs/{userId}/{jobId}/{idx}.jpg`
 //! - `outputs/{userId}/{jobId}/{ruleId}/{idx}.jpg`, or `.png` when the rule's output has an alpha channel (a
-//!   `remove` rule in cut-out mode): a JPEG cannot carry transparency, and a `.jpg` key holding PNG bytes would lie.
+//!   `remove` rule in cut-out mode) or the job asked for PNG (`JobSpec.output_format`): a JPEG cannot carry
+//!   transparency, and a `.jpg` key holding PNG bytes would lie.
 //! - `masks/{userId}/{jobId}/{concept}/{idx}_{instance}.png`, instance 1-based, spaces in the concept phrase become
 //!   `_` ("wooden floor" -> `wooden_floor`).
 //! - `previews/{userId}/{jobId}/{idx}_preview.jpg`
@@ -71,8 +72,8 @@ pub fn input(user_id: &str, job_id: &str, idx: u32) -> String {
     format!("inputs/{user_id}/{job_id}/{idx}.jpg")
 }
 
-pub fn output(user_id: &str, job_id: &str, rule_id: &str, idx: u32, has_alpha: bool) -> String {
-    let ext = if has_alpha { "png" } else { "jpg" };
+pub fn output(user_id: &str, job_id: &str, rule_id: &str, idx: u32, png: bool) -> String {
+    let ext = if png { "png" } else { "jpg" };
     format!("outputs/{user_id}/{job_id}/{rule_id}/{idx}.{ext}")
 }
 

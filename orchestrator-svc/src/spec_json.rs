@@ -82,6 +82,8 @@ struct SpecJson {
     image_count: u32,
     #[serde(default)]
     preset: Option<String>,
+    #[serde(default, alias = "output_format")]
+    output_format: Option<String>,
 }
 
 /// `"concepts": null` as no concepts: JSON writers commonly send an empty optional list as null.
@@ -124,6 +126,7 @@ pub fn spec_from_input(input: &Value) -> Result<JobSpec, SpecError> {
             .collect(),
         image_count: spec.image_count,
         preset: spec.preset.unwrap_or_default(),
+        output_format: spec.output_format.unwrap_or_default(),
     })
 }
 
@@ -165,6 +168,22 @@ mod tests {
         assert_eq!(params.fields["strength"].kind, Some(Kind::NumberValue(0.5)));
         assert!(spec_from_input(&json!({"jobId": 3})).is_err());
         assert!(spec_from_input(&json!("nope")).is_err());
+    }
+
+    #[test]
+    fn the_output_format_is_read_in_either_spelling() {
+        for key in ["outputFormat", "output_format"] {
+            let spec = spec_from_input(&json!({
+                "userId": "u", "jobId": "j", "concepts": ["wall"], "imageCount": 1, key: "png",
+            }))
+            .unwrap();
+            assert_eq!(spec.output_format, "png", "{key}");
+        }
+        let spec = spec_from_input(&json!({
+            "userId": "u", "jobId": "j", "concepts": ["wall"], "imageCount": 1, "outputFormat": null,
+        }))
+        .unwrap();
+        assert_eq!(spec.output_format, "", "null: the default");
     }
 
     #[test]

@@ -32,6 +32,7 @@ fn edit(job_id: &str, source: &str, rules: Vec<Rule>) -> EditJobRequest {
         source_job_id: source.into(),
         rules,
         preset: String::new(),
+        output_format: String::new(),
     }
 }
 

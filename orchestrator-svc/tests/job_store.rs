@@ -392,6 +392,7 @@ async fn an_edit_is_kept_and_resumed_like_a_submitted_job() {
             params: Some(string_struct(&[("color", "#3366AA")])),
         }],
         preset: String::new(),
+        output_format: String::new(),
     };
     jobs.edit_job(edit.clone()).await.unwrap();
     // Killed the moment the edit is accepted: some of its items may have ended, the others resume.

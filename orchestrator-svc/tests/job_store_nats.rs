@@ -320,6 +320,7 @@ async fn an_edit_taken_by_one_replica_is_answered_and_run_by_every_replica() {
             params: Some(string_struct(&[("color", "#3366AA")])),
         }],
         preset: String::new(),
+        output_format: String::new(),
     };
     // The source's photos record was written by the replica that took SubmitJob; the edit is taken by the other.
     let calls_before = segmenter.counters.segment_calls.load(Ordering::SeqCst);

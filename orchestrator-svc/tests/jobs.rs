@@ -693,12 +693,9 @@ async fn finished_jobs_beyond_the_memory_budget_are_forgotten_when_they_end() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cutout_is_stored_as_png_with_alpha() {
-    let segmenter = fake_segmenter::start().await;
-    let mut orch = start(&segmenter.url, |_| {}).await;
-    // A product shot already on a transparent page (its right quarter; the fake's masks cover the left quarter): the
-    // cut-out keeps that transparency.
+/// A 64x40 product shot already on a transparent page (its right quarter; the fake's masks cover the left half),
+/// and its PNG.
+fn product_on_a_transparent_page() -> (image::RgbaImage, Vec<u8>) {
     let source = image::RgbaImage::from_fn(64, 40, |x, y| {
         image::Rgba([
             (x * 4) as u8,
@@ -707,12 +704,18 @@ async fn a_cutout_is_stored_as_png_with_alpha() {
             if x >= 48 { 0 } else { 255 },
         ])
     });
-    let mut input = std::io::Cursor::new(Vec::new());
-    source
-        .write_to(&mut input, image::ImageFormat::Png)
-        .unwrap();
-    orch.put_input("test-user", "cut", 0, input.into_inner())
-        .await;
+    let mut png = std::io::Cursor::new(Vec::new());
+    source.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    (source, png.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutout_is_stored_as_png_with_alpha() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    // The cut-out keeps the page's transparency.
+    let (source, input) = product_on_a_transparent_page();
+    orch.put_input("test-user", "cut", 0, input).await;
     let mut spec = seed_spec("cut", 1);
     spec.rules.push(palette_proto::orchestrator::v1::Rule {
         rule_id: "cutout".into(),
@@ -749,6 +752,42 @@ async fn a_cutout_is_stored_as_png_with_alpha() {
     assert_eq!(
         item.output_key, keys[0],
         "output_key is the first rule's output"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_png_job_keeps_a_transparent_photos_transparency_in_its_edits() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    let (source, input) = product_on_a_transparent_page();
+    orch.put_input("test-user", "png", 0, input).await;
+    let mut spec = seed_spec("png", 1);
+    spec.output_format = "png".into();
+    orch.client.submit_job(spec).await.unwrap();
+    let job = orch.watch_to_end("png").await.last().unwrap().0.clone();
+    let item = &job.items[0];
+    assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+    assert_eq!(item.output_key, "outputs/test-user/png/rule1/0.png");
+    assert_eq!(
+        item.preview_key, "previews/test-user/png/0_preview.jpg",
+        "previews stay JPEG"
+    );
+    let png = image::load_from_memory(&orch.store.get(&item.output_key).await.unwrap()).unwrap();
+    assert!(png.color().has_alpha());
+    let png = png.into_rgba8();
+    for ((x, y, out), src) in png.enumerate_pixels().zip(source.pixels()) {
+        assert_eq!(out[3], src[3], "({x}, {y}): the photo's own alpha");
+    }
+    let (wall, rest) = (png.get_pixel(4, 20), png.get_pixel(44, 20));
+    assert_ne!(
+        wall.0[..3],
+        source.get_pixel(4, 20).0[..3],
+        "the wall is painted"
+    );
+    assert_eq!(
+        rest.0,
+        source.get_pixel(44, 20).0,
+        "lossless outside the region"
     );
 }
 

@@ -165,6 +165,30 @@ async fn a_cutout_preview_of_a_transparent_photo_keeps_its_transparency() {
     assert_eq!(alpha(2), 0, "the wall is cut out");
     assert_eq!(alpha(110), 255, "the product stays");
     assert_eq!(alpha(150), 0, "the page was transparent and stays so");
+
+    // A paint previewed as PNG keeps the page's transparency too; as JPEG it is on white.
+    let as_png = orch
+        .client
+        .preview_edit(PreviewEditRequest {
+            format: "png".into(),
+            ..request("product", vec![paint("#1F3A5F")])
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(as_png.content_type, "image/png");
+    let painted = image::load_from_memory(&as_png.image).unwrap().to_rgba8();
+    assert_eq!(painted.get_pixel(2, 60)[3], 255, "the painted wall");
+    assert_eq!(painted.get_pixel(150, 60)[3], 0, "the transparent page");
+    let as_jpeg = orch
+        .client
+        .preview_edit(request("product", vec![paint("#1F3A5F")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(as_jpeg.content_type, "image/jpeg");
+    let on_white = image::load_from_memory(&as_jpeg.image).unwrap().to_rgb8();
+    assert!(on_white.get_pixel(150, 60).0.iter().all(|&c| c > 245));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

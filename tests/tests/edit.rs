@@ -62,6 +62,7 @@ async fn an_edit_after_a_restart_without_the_segmenter_matches_a_full_job() {
         rules,
         image_count: photos.len() as u32,
         preset: String::new(),
+        output_format: String::new(),
     };
 
     let mut segmenter = start_segmenter().await;
@@ -84,6 +85,7 @@ async fn an_edit_after_a_restart_without_the_segmenter_matches_a_full_job() {
             source_job_id: "source".into(),
             rules: vec![sage()],
             preset: String::new(),
+            output_format: String::new(),
         })
         .await
         .unwrap();

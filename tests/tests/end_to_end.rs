@@ -201,6 +201,7 @@ async fn a_job_of_several_images_concepts_and_rules_writes_exactly_the_expected_
         ],
         image_count: 5,
         preset: "interior".into(),
+        output_format: String::new(),
     };
     let mut client = JobsClient::connect(orchestrator.url()).await.unwrap();
     client.submit_job(spec.clone()).await.unwrap();

@@ -38,6 +38,7 @@ fn spec(job_id: &str, images: u32) -> JobSpec {
         }],
         image_count: images,
         preset: String::new(),
+        output_format: String::new(),
     }
 }
 

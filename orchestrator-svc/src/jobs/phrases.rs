@@ -91,6 +91,7 @@ mod tests {
             }],
             image_count: 1,
             preset: String::new(),
+            output_format: String::new(),
         };
         let limits = JobLimits {
             max_images: 1,

@@ -130,6 +130,7 @@ pub fn seed_spec(job_id: &str, image_count: u32) -> JobSpec {
         }],
         image_count,
         preset: String::new(),
+        output_format: String::new(),
     }
 }
 

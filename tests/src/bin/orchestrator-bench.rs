@@ -331,6 +331,7 @@ async fn run_job(url: &str, job_id: &str, n: u32) -> f64 {
             rules: rules(),
             image_count: n,
             preset: String::new(),
+            output_format: String::new(),
         })
         .await
         .unwrap();

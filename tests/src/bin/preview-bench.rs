@@ -140,6 +140,7 @@ async fn edit_job(client: &mut JobsClient<Channel>, source: &str, n: usize) -> f
                 source_job_id: source.into(),
                 rules: vec![paint(&colour(i))],
                 preset: String::new(),
+                output_format: String::new(),
             })
             .await
             .expect("edit");
@@ -184,6 +185,7 @@ async fn source_job(
             rules: vec![],
             image_count: 1,
             preset: String::new(),
+            output_format: String::new(),
         })
         .await
         .unwrap();

@@ -86,6 +86,7 @@ pub fn plan_edit(
         rules: request.rules.clone(),
         image_count: source.image_count,
         preset: request.preset.clone(),
+        output_format: request.output_format.clone(),
     };
     let mut plan = validate::validate(&spec, presets, limits)?;
     let mut v = Violations::default();
@@ -198,6 +199,7 @@ mod tests {
             source_job_id: "src".into(),
             rules,
             preset: String::new(),
+            output_format: String::new(),
         }
     }
 
@@ -226,7 +228,14 @@ mod tests {
         assert_eq!(plan.image_count, 3);
         assert_eq!(plan.concepts, ["wall", "floor"]);
         assert_eq!(plan.photos_job_id(), "photos");
+        assert!(!plan.png_outputs());
         assert_eq!(plan.source.unwrap().source_job_id, "src");
+        let png = EditJobRequest {
+            output_format: "png".into(),
+            ..request(vec![rule("wall", &[("color", "#112233")])])
+        };
+        let plan = plan_edit(&png, &source(), &BTreeMap::new(), LIMITS).unwrap();
+        assert!(plan.png_outputs(), "the edit's own output format");
     }
 
     #[test]

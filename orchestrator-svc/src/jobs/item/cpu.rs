@@ -16,12 +16,12 @@ use crate::jobs::validate::PlannedRule;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutputFormat {
     Jpeg,
-    /// A cut-out with transparency.
+    /// A cut-out, or any output of a job that asked for PNG (`JobSpec.output_format`).
     Png,
 }
 
 impl OutputFormat {
-    pub fn has_alpha(self) -> bool {
+    pub fn is_png(self) -> bool {
         self == OutputFormat::Png
     }
 
@@ -156,6 +156,8 @@ pub struct RuleInput<'a> {
     pub idx: u32,
     pub swatch: Option<&'a RgbImage>,
     pub want_preview: bool,
+    /// Encode an edit as PNG, keeping the photo's transparency (`JobSpec.output_format`); JPEG otherwise.
+    pub png: bool,
 }
 
 /// The edit and the encoded output of one rule on its region.
@@ -170,6 +172,7 @@ pub fn render_rule(input: RuleInput<'_>) -> Result<RenderedRule, ItemError> {
         swatch,
         want_preview,
         restore: put_back,
+        png,
     } = input;
     let applied =
         palette_rules::apply_in_place(work, &region.alpha, &rule.rule.for_image(idx), swatch)
@@ -182,7 +185,11 @@ pub fn render_rule(input: RuleInput<'_>) -> Result<RenderedRule, ItemError> {
         .or_else(|| NotApplied::by_rule(&rule.rule, &region.alpha));
     match applied {
         InPlace::Edited => {
-            let encoded = imaging::encode_jpeg(work);
+            let encoded = if png {
+                imaging::encode_png_keeping(work, transparency)
+            } else {
+                imaging::encode_jpeg(work)
+            };
             let preview = want_preview.then(|| imaging::preview_jpeg(work));
             // Only pixels inside the region's box were written: put those back before anything can fail.
             if put_back {
@@ -191,7 +198,11 @@ pub fn render_rule(input: RuleInput<'_>) -> Result<RenderedRule, ItemError> {
             Ok(RenderedRule {
                 preview: preview.transpose()?,
                 encoded: encoded?,
-                format: OutputFormat::Jpeg,
+                format: if png {
+                    OutputFormat::Png
+                } else {
+                    OutputFormat::Jpeg
+                },
                 not_applied,
             })
         }
@@ -293,6 +304,7 @@ mod tests {
                 swatch: None,
                 want_preview: false,
                 restore: true,
+                png: false,
             })
             .unwrap();
             let Ok(palette_rules::Edited::Rgb(alone)) =
@@ -345,6 +357,7 @@ mod tests {
                 swatch: None,
                 want_preview: false,
                 restore: true,
+                png: false,
             })
             .unwrap()
         };

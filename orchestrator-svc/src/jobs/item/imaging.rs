@@ -217,16 +217,54 @@ fn png_encoder(out: &mut Vec<u8>, compression: CompressionType) -> PngEncoder<&m
     PngEncoder::new_with_quality(out, compression, FilterType::Adaptive)
 }
 
+/// A photo's edit as PNG (`JobSpec.output_format` "png"): with the photo's transparency when it has some (colours
+/// taken back off the white it was read on, as for a cut-out), plain RGB otherwise (a quarter less to encode and
+/// store than an opaque alpha channel). zlib's fast level: a whole photo is noisy where a cut-out is mostly empty,
+/// and on the 640x480 fixture photos the default level took 14 to 15 times as long (35-96 ms against 2.4-6.6 ms,
+/// release, one core; extrapolated, seconds per rule at 12 MP) for files 20 % smaller.
+pub fn encode_png_keeping(
+    img: &RgbImage,
+    transparency: Option<&GrayImage>,
+) -> Result<Vec<u8>, ItemError> {
+    match transparency {
+        Some(alpha) => {
+            let mut rgba = image::DynamicImage::ImageRgb8(img.clone()).into_rgba8();
+            palette_rules::ops::remove::keep_source_transparency(&mut rgba, alpha);
+            encode_png(
+                rgba.as_raw(),
+                rgba.dimensions(),
+                image::ExtendedColorType::Rgba8,
+                CompressionType::Fast,
+            )
+        }
+        None => encode_png(
+            img.as_raw(),
+            img.dimensions(),
+            image::ExtendedColorType::Rgb8,
+            CompressionType::Fast,
+        ),
+    }
+}
+
 /// A deliverable (a cut-out): zlib's default level, the size users download matters more than the encode time.
 pub fn encode_png_rgba(img: &RgbaImage) -> Result<Vec<u8>, ItemError> {
+    encode_png(
+        img.as_raw(),
+        img.dimensions(),
+        image::ExtendedColorType::Rgba8,
+        CompressionType::Default,
+    )
+}
+
+fn encode_png(
+    raw: &[u8],
+    (width, height): (u32, u32),
+    color: image::ExtendedColorType,
+    compression: CompressionType,
+) -> Result<Vec<u8>, ItemError> {
     let mut out = Vec::new();
-    png_encoder(&mut out, CompressionType::Default)
-        .write_image(
-            img.as_raw(),
-            img.width(),
-            img.height(),
-            image::ExtendedColorType::Rgba8,
-        )
+    png_encoder(&mut out, compression)
+        .write_image(raw, width, height, color)
         .map_err(|e| ItemError::Encode {
             what: "PNG encode",
             source: e.into(),

@@ -349,6 +349,7 @@ impl ItemRunner {
                         swatch: swatch.as_deref(),
                         want_preview: r == 0,
                         restore: !last,
+                        png: plan2.png_outputs(),
                     })?;
                     Ok((rendered, buffer.filter(|_| !last), region))
                 })
@@ -371,7 +372,7 @@ impl ItemRunner {
                 &plan.job_id,
                 rule_id,
                 idx,
-                rendered.format.has_alpha(),
+                rendered.format.is_png(),
             );
             uploads
                 .put(

@@ -89,7 +89,7 @@ pub(super) fn render_all(
         Edited::Rgba(i) => i.dimensions(),
     };
     let stage = Stage::preview("encode");
-    let (image, content_type) = render::encode(&current, png)?;
+    let (image, content_type) = render::encode(&current, png, loaded.transparency.as_deref())?;
     stage.finish();
     Ok(PreviewEditResponse {
         image,

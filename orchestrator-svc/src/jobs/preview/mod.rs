@@ -112,6 +112,8 @@ impl PreviewService {
                 source_job_id: request.job_id.clone(),
                 rules: request.rules.clone(),
                 preset: request.preset.clone(),
+                // A preview's own `format` says how it is encoded.
+                output_format: String::new(),
             },
             &source,
             &self.presets,

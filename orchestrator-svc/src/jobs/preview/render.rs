@@ -59,14 +59,17 @@ pub fn region(
     (region, not_applied)
 }
 
-/// The encoded preview and its content type: JPEG, or PNG when asked or when the last rule cut the subject out.
-pub fn encode(edited: &Edited, png: bool) -> Result<(Vec<u8>, &'static str), ItemError> {
+/// The encoded preview and its content type: JPEG, or PNG when asked (keeping the photo's transparency, as a job's PNG
+/// outputs do) or when the last rule cut the subject out.
+pub fn encode(
+    edited: &Edited,
+    png: bool,
+    transparency: Option<&GrayImage>,
+) -> Result<(Vec<u8>, &'static str), ItemError> {
     Ok(match edited {
         Edited::Rgba(img) => (imaging::encode_png_rgba(img)?, "image/png"),
-        Edited::Rgb(img) if png => {
-            let rgba = image::DynamicImage::ImageRgb8(img.clone()).into_rgba8();
-            (imaging::encode_png_rgba(&rgba)?, "image/png")
-        }
+        // As a job's PNG outputs: the photo's transparency kept when it has some.
+        Edited::Rgb(img) if png => (imaging::encode_png_keeping(img, transparency)?, "image/png"),
         Edited::Rgb(img) => (encode_jpeg(img)?, "image/jpeg"),
     })
 }

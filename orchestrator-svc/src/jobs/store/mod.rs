@@ -170,6 +170,7 @@ mod tests {
                 }),
             }],
             preset: String::new(),
+            output_format: String::new(),
         };
         assert_eq!(spec_hash(&spec("#fff")), spec_hash(&spec("#fff")));
         assert_ne!(spec_hash(&spec("#fff")), spec_hash(&spec("#000")));

@@ -88,6 +88,12 @@ impl JobPlan {
         self.rules.iter().any(|r| r.rule.fills_from_surroundings())
     }
 
+    /// Whether the rules' outputs are PNG (`JobSpec.output_format`), keeping a photo's transparency; a cut-out's
+    /// is PNG either way.
+    pub fn png_outputs(&self) -> bool {
+        self.effective_spec.output_format == PNG
+    }
+
     /// The job under whose `inputs/` (and `masks/`) this job's photos are: its own, or an edit's source's.
     pub fn photos_job_id(&self) -> &str {
         self.source
@@ -151,6 +157,7 @@ impl Validate<JobContext<'_>> for JobSpec {
                 format!("must be between 1 and {}", cx.limits.max_images),
             );
         }
+        output_format(&self.output_format, v);
         let named = preset_of(self, cx.presets, v);
         let preset = named.as_deref();
         // Lists are checked on their length before any per-entry work (deduplication is quadratic): a 4 MiB spec
@@ -198,6 +205,24 @@ impl Validate<JobContext<'_>> for JobSpec {
         Some(plan(self, concepts, rules, named))
     }
 }
+
+/// The outputs' format as the effective spec says it: "png", or empty for JPEG (the default, kept empty so that
+/// the spec hash of a job that names no format is what it was before the field existed).
+fn output_format(raw: &str, v: &mut Violations) -> &'static str {
+    match raw.trim() {
+        "" | "jpeg" => "",
+        PNG => PNG,
+        other => {
+            v.add(
+                "output_format",
+                format!("{other:?} is not an output format: jpeg or png"),
+            );
+            ""
+        }
+    }
+}
+
+const PNG: &str = "png";
 
 /// The named preset (None when none is named, or when the name is unknown: a violation).
 fn preset_of(
@@ -275,6 +300,7 @@ fn plan(
             .collect(),
         image_count: spec.image_count,
         preset: spec.preset.trim().to_string(),
+        output_format: output_format(&spec.output_format, &mut Violations::default()).to_string(),
     };
     JobPlan {
         user_id: spec.user_id.clone(),

@@ -40,6 +40,7 @@ pub fn seed_spec() -> JobSpec {
         }],
         image_count: 1,
         preset: String::new(),
+        output_format: String::new(),
     }
 }
 
@@ -137,6 +138,7 @@ fn reports_every_bad_field() {
         ],
         image_count: 0,
         preset: "nope".into(),
+        output_format: "gif".into(),
     };
     let Err(ApiError::InvalidArgument(v)) = validate(&spec, &BTreeMap::new(), limits()) else {
         panic!("accepted")
@@ -147,6 +149,7 @@ fn reports_every_bad_field() {
         "job_id",
         "image_count",
         "preset",
+        "output_format",
         "concepts[0]",
         "concepts[1]",
         "rules[0].type",
@@ -161,6 +164,24 @@ fn reports_every_bad_field() {
         fields.iter().any(|f| f.starts_with("rules[1].params")),
         "{fields:?}"
     );
+}
+
+#[test]
+fn the_output_format_is_jpeg_by_default_or_png() {
+    let plan = |format: &str| {
+        let mut spec = seed_spec();
+        spec.output_format = format.into();
+        validate(&spec, &BTreeMap::new(), limits()).unwrap()
+    };
+    for jpeg in ["", "jpeg", " jpeg "] {
+        let plan = plan(jpeg);
+        assert!(!plan.png_outputs(), "{jpeg:?}");
+        // Empty in the effective spec: a job naming no format hashes as it did before the field existed.
+        assert_eq!(plan.effective_spec.output_format, "");
+    }
+    let png = plan("png");
+    assert!(png.png_outputs());
+    assert_eq!(png.effective_spec.output_format, "png");
 }
 
 #[test]

@@ -116,6 +116,33 @@ fn a_photos_transparency_is_kept_only_when_it_has_some() {
 }
 
 #[test]
+fn a_png_output_keeps_the_photos_transparency_and_an_opaque_one_is_plain_rgb() {
+    let source = RgbaImage::from_fn(20, 10, |x, _| image::Rgba([30, 60, 200, (x * 12) as u8]));
+    let mut png = Cursor::new(Vec::new());
+    DynamicImage::ImageRgba8(source.clone())
+        .write_to(&mut png, image::ImageFormat::Png)
+        .unwrap();
+    let (rgb, alpha) = decode_photo(png.get_ref(), 1 << 20).unwrap();
+    let kept = image::load_from_memory(&encode_png_keeping(&rgb, alpha.as_ref()).unwrap()).unwrap();
+    assert_eq!(kept.color(), image::ColorType::Rgba8);
+    let kept = kept.into_rgba8();
+    for x in 0..20 {
+        let [r, g, b, a] = kept.get_pixel(x, 5).0;
+        assert_eq!(a, (x * 12) as u8, "the photo's own alpha");
+        if a >= 48 {
+            // Taken back off the white (8-bit rounding on the way).
+            for (got, want) in [r, g, b].into_iter().zip([30u8, 60, 200]) {
+                assert!(got.abs_diff(want) <= 3, "x {x}: {got} for {want}");
+            }
+        }
+    }
+    let opaque = RgbImage::from_pixel(8, 4, image::Rgb([1, 2, 3]));
+    let plain = image::load_from_memory(&encode_png_keeping(&opaque, None).unwrap()).unwrap();
+    assert_eq!(plain.color(), image::ColorType::Rgb8);
+    assert_eq!(plain.into_rgb8(), opaque);
+}
+
+#[test]
 fn garbage_is_corrupt() {
     assert!(matches!(
         decode_upright(b"not an image", 1000),
