@@ -161,6 +161,7 @@ impl Segmenter {
                 async move { client.get_model_info(request).await.map(|r| r.into_inner()) }
             })
             .await?;
+        self.usable_phrases.seen_model(&info.model_id);
         let model = ModelSummary {
             model_id: info.model_id,
             // 0: a segmenter from before the field, or one that does not say; images go as uploaded.
@@ -226,6 +227,7 @@ impl Segmenter {
             })
             .instrument(span)
             .await?;
+        self.usable_phrases.seen_model(&response.model_id);
         let mut model = self.model.write().await;
         if !response.model_id.is_empty()
             && model

@@ -20,11 +20,13 @@ const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(30);
 const MAX_REMEMBERED: usize = 4096;
 
 /// Phrases found usable, not asked again: a submission of known phrases costs no call, and the segmenter being
-/// down or slow delays none of them. (Not keyed by model: a model with a shorter text context than the one that
-/// judged a phrase would refuse it at Segment, as before this check.)
+/// down or slow delays none of them. Forgotten when another model is seen (a segmenter upgraded in place, whose
+/// text context may be shorter), within the model id's TTL or at the first Segment reply that names it.
 #[derive(Debug, Default)]
 pub(super) struct Usable {
     phrases: Mutex<HashSet<String>>,
+    /// The model the verdicts came from, as last seen ("" before any).
+    model_id: Mutex<String>,
     /// Until when submissions skip the check (SKIP_AFTER_FAILURE after a check that got no verdict).
     skip_until: Mutex<Option<Instant>>,
 }
@@ -43,6 +45,25 @@ impl Usable {
             set.clear();
         }
         set.insert(phrase.to_string());
+    }
+
+    /// The segmenter's model is `model_id` now: verdicts of another model are forgotten.
+    pub(super) fn seen_model(&self, model_id: &str) {
+        if model_id.is_empty() {
+            return;
+        }
+        let mut known = self.model_id.lock().unwrap_or_else(|e| e.into_inner());
+        if *known == model_id {
+            return;
+        }
+        if !known.is_empty() {
+            self.phrases
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            tracing::info!(from = %known, to = model_id, "segmenter model changed: phrases are checked again");
+        }
+        *known = model_id.to_string();
     }
 
     fn skipping(&self) -> bool {
@@ -119,5 +140,22 @@ impl Segmenter {
             }
         }
         unusable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_model_forgets_the_verdicts_of_the_last() {
+        let usable = Usable::default();
+        usable.seen_model("sam3-a");
+        usable.remember("wall");
+        usable.seen_model("");
+        usable.seen_model("sam3-a");
+        assert!(usable.contains("wall"), "the same model keeps them");
+        usable.seen_model("sam3-b");
+        assert!(!usable.contains("wall"), "asked again of the new model");
     }
 }
