@@ -69,6 +69,10 @@ struct Args {
     /// crops: the PNG encoding of every interpolated pixel).
     #[arg(long, value_enum, default_value_t = MaskLayout::Grid)]
     mask_layout: MaskLayout,
+    /// The jobs' `output_format`: jpeg (the default) or png (every rule's output a PNG: its encoded bytes and, for
+    /// a transparent photo, an RGBA copy are held while it encodes).
+    #[arg(long, default_value = "jpeg")]
+    output_format: String,
     /// Where the masks come from: `model`, the segmenter on the bundled random-weights model (soft noise over the
     /// whole frame for every concept: the largest, least compressible masks there are; issue 13's goals are
     /// measured on it), or `room`, a stand-in that is NOT a model and answers each surface of the synthetic room as
@@ -320,7 +324,7 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()
 }
 
 /// Runs a job on the photos `write_inputs` stored; its wall time.
-async fn run_job(url: &str, job_id: &str, n: u32) -> f64 {
+async fn run_job(url: &str, job_id: &str, n: u32, output_format: &str) -> f64 {
     let mut client = JobsClient::connect(url.to_string()).await.unwrap();
     let started = Instant::now();
     client
@@ -331,7 +335,7 @@ async fn run_job(url: &str, job_id: &str, n: u32) -> f64 {
             rules: rules(),
             image_count: n,
             preset: String::new(),
-            output_format: String::new(),
+            output_format: output_format.into(),
         })
         .await
         .unwrap();
@@ -406,10 +410,10 @@ async fn main() -> anyhow::Result<()> {
     write_inputs(storage.path(), "small", args.small, size);
     write_inputs(storage.path(), "large", args.images, size);
     let (_, cpu0) = process_stats();
-    let small_wall = run_job(&url, "small", args.small).await;
+    let small_wall = run_job(&url, "small", args.small, &args.output_format).await;
     let (small_peak, cpu1) = process_stats();
     let before = recorder.render();
-    let large_wall = run_job(&url, "large", args.images).await;
+    let large_wall = run_job(&url, "large", args.images, &args.output_format).await;
     let (large_peak, cpu2) = process_stats();
     let after = recorder.render();
 
@@ -508,7 +512,7 @@ async fn main() -> anyhow::Result<()> {
     for round in 1..=args.extra_rounds {
         let job_id = format!("extra-{round}");
         write_inputs(storage.path(), &job_id, args.images, size);
-        run_job(&url, &job_id, args.images).await;
+        run_job(&url, &job_id, args.images, &args.output_format).await;
         println!(
             "extra round {round}: {} more images, peak RSS {:.0} MB, RSS now {:.0} MB, job records {:.2} MB (estimate)",
             args.images,
@@ -544,7 +548,7 @@ async fn main() -> anyhow::Result<()> {
         write_inputs(storage.path(), "phone", args.phone_images, (w, h));
         let before = recorder.render();
         let (_, cpu_a) = process_stats();
-        run_job(&url, "phone", args.phone_images).await;
+        run_job(&url, "phone", args.phone_images, &args.output_format).await;
         let (_, cpu_b) = process_stats();
         let after = recorder.render();
         let n = f64::from(args.phone_images);
