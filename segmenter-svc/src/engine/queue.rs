@@ -66,7 +66,7 @@ impl JobQueue {
         self.lock().jobs.len()
     }
 
-    /// Queues `job`, or drops it when the queue is full of jobs someone still waits for or has been closed.
+    /// Queues `job`, or refuses it: the queue is full of jobs someone still waits for, or it has been closed.
     pub fn push(&self, job: Job) -> Result<(), Refused> {
         let mut queued = self.lock();
         if let Some(why) = &queued.closed {
