@@ -61,7 +61,8 @@ impl Usable {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
-            tracing::info!(from = %known, to = model_id, "segmenter model changed: phrases are checked again");
+            // Debug: while a rolling upgrade mixes two models, replies alternate between them.
+            tracing::debug!(from = %known, to = model_id, "segmenter model changed: phrases are checked again");
         }
         *known = model_id.to_string();
     }
