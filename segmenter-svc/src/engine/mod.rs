@@ -76,6 +76,9 @@ pub enum Health {
     Stopped,
 }
 
+/// Why requests are refused once the engine has stopped (health Stopped, or its queue closed at the end).
+const SHUTTING_DOWN: &str = "the server is shutting down";
+
 impl EngineHandle {
     /// Queues a job or refuses it at once. A full queue first drops the jobs in it that nobody waits for any more
     /// (client gone, deadline passed; see `queue`).
@@ -112,7 +115,7 @@ impl EngineHandle {
             Health::Serving => Ok(()),
             Health::WarmingUp => Err(Error::NotServing("the model is warming up".into())),
             Health::Failed(why) => Err(Error::NotServing(why.clone())),
-            Health::Stopped => Err(Error::NotServing("the server is shutting down".into())),
+            Health::Stopped => Err(Error::NotServing(SHUTTING_DOWN.into())),
         }
     }
 

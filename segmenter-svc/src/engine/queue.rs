@@ -97,7 +97,7 @@ impl JobQueue {
         let mut queued = self.lock();
         queued.closed.get_or_insert_with(|| why.to_owned());
         let why = queued.closed.clone().unwrap_or_default();
-        let left: Vec<Job> = queued.jobs.drain(..).collect();
+        let left = std::mem::take(&mut queued.jobs);
         metrics::gauge!("segmenter_queue_depth").set(0.0);
         drop(queued);
         if !left.is_empty() {

@@ -154,7 +154,7 @@ impl Drop for CloseOnExit {
         let why = if std::thread::panicking() {
             PANICKED
         } else {
-            "the server is shutting down"
+            super::SHUTTING_DOWN
         };
         self.0.close(why);
     }
