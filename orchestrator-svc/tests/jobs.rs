@@ -792,6 +792,45 @@ async fn a_png_job_keeps_a_transparent_photos_transparency_in_its_edits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presets_output_format_is_what_its_jobs_get_unless_they_name_theirs() {
+    let segmenter = fake_segmenter::start().await;
+    let presets = tempfile::tempdir().unwrap();
+    std::fs::write(
+        presets.path().join("shop.json"),
+        r#"{"name": "shop", "concepts": ["wall"], "output_format": "png"}"#,
+    )
+    .unwrap();
+    let dir = presets.path().to_path_buf();
+    let mut orch = start(&segmenter.url, move |c| c.limits.presets_dir = dir).await;
+    for (job_id, named, key) in [
+        (
+            "shop-default",
+            "",
+            "outputs/test-user/shop-default/rule1/0.png",
+        ),
+        (
+            "shop-jpeg",
+            "jpeg",
+            "outputs/test-user/shop-jpeg/rule1/0.jpg",
+        ),
+    ] {
+        orch.put_input("test-user", job_id, 0, photo_jpeg(48, 32))
+            .await;
+        let mut spec = seed_spec(job_id, 1);
+        spec.preset = "shop".into();
+        spec.output_format = named.into();
+        let job = orch.client.submit_job(spec).await.unwrap().into_inner();
+        let effective = job.effective_spec.unwrap().output_format;
+        assert_eq!(effective, if named.is_empty() { "png" } else { "jpeg" });
+        let done = orch.watch_to_end(job_id).await.last().unwrap().0.clone();
+        let item = &done.items[0];
+        assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+        assert_eq!(item.output_key, key);
+        orch.store.get(key).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_interior_preset_supplies_concepts_and_occluders() {
     let segmenter = fake_segmenter::start().await;
     let presets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../presets");

@@ -20,7 +20,14 @@ pub struct Preset {
     /// Params merged underneath each rule type's request params.
     #[serde(default)]
     pub rule_defaults: BTreeMap<String, Map<String, Value>>,
+    /// The outputs' format for a job that names none (`JobSpec.output_format`): "jpeg" or "png". Missing = jpeg.
+    /// Not written when missing, so a job record keeps the bytes (and a replica of an older release reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_format: Option<String>,
 }
+
+/// The output formats a preset may default to (as `JobSpec.output_format` names them).
+pub const OUTPUT_FORMATS: [&str; 2] = ["jpeg", "png"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PresetError {
@@ -75,6 +82,14 @@ impl Preset {
         }
         for k in self.priorities.keys().filter(|k| !seen.contains(k)) {
             out.push(format!("priorities.{k}: not one of the preset's concepts"));
+        }
+        if let Some(format) = &self.output_format
+            && !OUTPUT_FORMATS.contains(&format.as_str())
+        {
+            out.push(format!(
+                "output_format: {format:?} is not an output format: {}",
+                OUTPUT_FORMATS.join(" or ")
+            ));
         }
         for (ty, d) in &self.rule_defaults {
             if !RULE_TYPES.contains(&ty.as_str()) {
@@ -178,16 +193,39 @@ mod tests {
         assert!(serde_json::from_str::<Preset>(bad).is_err());
         let p: Preset = serde_json::from_str(
             r#"{"name":"x","concepts":["a","a"],"priorities":{"b":1},
-                "rule_defaults":{"recolor":{"finish":"mirror"},"blur":{}}}"#,
+                "rule_defaults":{"recolor":{"finish":"mirror"},"blur":{}},"output_format":"gif"}"#,
         )
         .unwrap();
         let probs = p.problems();
-        assert_eq!(probs.len(), 4, "{probs:?}");
+        assert_eq!(probs.len(), 5, "{probs:?}");
+        assert!(
+            probs
+                .iter()
+                .any(|m| m.starts_with("output_format: \"gif\"")),
+            "{probs:?}"
+        );
         let dir = std::env::temp_dir().join(format!("palette-presets-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("y.json"), r#"{"name":"x","concepts":["a"]}"#).unwrap();
         let err = load_dir(&dir).unwrap_err().to_string();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(err.contains("must match the file name"), "{err}");
+    }
+
+    #[test]
+    fn an_output_format_is_kept_only_when_the_preset_names_one() {
+        let plain: Preset = serde_json::from_str(r#"{"name":"x","concepts":["a"]}"#).unwrap();
+        assert_eq!(plain.output_format, None);
+        // A job record keeps its preset: one without the field is written as before it existed.
+        assert!(
+            !serde_json::to_string(&plain)
+                .unwrap()
+                .contains("output_format")
+        );
+        let png: Preset =
+            serde_json::from_str(r#"{"name":"x","concepts":["a"],"output_format":"png"}"#).unwrap();
+        assert!(png.problems().is_empty());
+        let back: Preset = serde_json::from_str(&serde_json::to_string(&png).unwrap()).unwrap();
+        assert_eq!(back.output_format.as_deref(), Some("png"));
     }
 }

@@ -25,6 +25,7 @@ fn house(concepts: &[&str], finish: &str) -> Arc<Preset> {
                 .clone(),
         )]
         .into(),
+        output_format: None,
     })
 }
 

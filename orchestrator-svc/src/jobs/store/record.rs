@@ -157,6 +157,7 @@ mod tests {
                         .clone(),
                 )]
                 .into(),
+                output_format: Some("png".into()),
             })),
             ..record.clone()
         };

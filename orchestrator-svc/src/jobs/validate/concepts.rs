@@ -110,6 +110,7 @@ mod tests {
             concepts: vec!["Wall".into(), "sofa".into()],
             priorities: Default::default(),
             rule_defaults: Default::default(),
+            output_format: None,
         };
         let mut v = Violations::default();
         assert_eq!(

@@ -157,9 +157,9 @@ impl Validate<JobContext<'_>> for JobSpec {
                 format!("must be between 1 and {}", cx.limits.max_images),
             );
         }
-        output_format(&self.output_format, v);
         let named = preset_of(self, cx.presets, v);
         let preset = named.as_deref();
+        output_format(&self.output_format, preset, v);
         // Lists are checked on their length before any per-entry work (deduplication is quadratic): a 4 MiB spec
         // of short phrases is hundreds of thousands of them.
         let listed = if self.concepts.len() > cx.limits.max_concepts {
@@ -207,10 +207,16 @@ impl Validate<JobContext<'_>> for JobSpec {
 }
 
 /// The outputs' format as the effective spec says it: "png", or empty for JPEG (the default, kept empty so that
-/// the spec hash of a job that names no format is what it was before the field existed).
-fn output_format(raw: &str, v: &mut Violations) -> &'static str {
+/// the spec hash of a job that names no format is what it was before the field existed). A job that names none
+/// takes its preset's; "jpeg" is kept as said only where the preset's is png, so that validating the effective
+/// spec again (an edit's record) gives the same format.
+fn output_format(raw: &str, preset: Option<&Preset>, v: &mut Violations) -> &'static str {
+    let preset_png = preset.and_then(|p| p.output_format.as_deref()) == Some(PNG);
     match raw.trim() {
-        "" | "jpeg" => "",
+        "" if preset_png => PNG,
+        "" => "",
+        "jpeg" if preset_png => "jpeg",
+        "jpeg" => "",
         PNG => PNG,
         other => {
             v.add(
@@ -300,7 +306,12 @@ fn plan(
             .collect(),
         image_count: spec.image_count,
         preset: spec.preset.trim().to_string(),
-        output_format: output_format(&spec.output_format, &mut Violations::default()).to_string(),
+        output_format: output_format(
+            &spec.output_format,
+            preset.as_deref(),
+            &mut Violations::default(),
+        )
+        .to_string(),
     };
     JobPlan {
         user_id: spec.user_id.clone(),

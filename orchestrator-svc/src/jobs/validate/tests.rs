@@ -218,6 +218,7 @@ fn preset() -> BTreeMap<String, Arc<Preset>> {
         .into_iter()
         .collect(),
         rule_defaults: BTreeMap::new(),
+        output_format: None,
     };
     [("home".to_string(), Arc::new(p))].into_iter().collect()
 }
@@ -232,6 +233,37 @@ fn a_preset_supplies_concepts_and_occluders() {
     assert_eq!(plan.rules[0].occluders, ["sofa"]);
     assert_eq!(plan.effective_spec.concepts, plan.concepts);
     assert_eq!(plan.concepts_used_by_rules(), ["wall", "sofa"]);
+}
+
+#[test]
+fn a_preset_may_default_the_output_format_and_a_job_may_still_name_jpeg() {
+    let mut presets = preset();
+    let mut png_preset = (*presets["home"]).clone();
+    png_preset.output_format = Some("png".into());
+    presets.insert("home".into(), Arc::new(png_preset));
+    let plan = |format: &str| {
+        let mut spec = seed_spec();
+        spec.preset = "home".into();
+        spec.output_format = format.into();
+        validate(&spec, &presets, limits()).unwrap()
+    };
+    let unnamed = plan("");
+    assert!(unnamed.png_outputs(), "the preset's png");
+    assert_eq!(unnamed.effective_spec.output_format, "png");
+    let jpeg = plan("jpeg");
+    assert!(!jpeg.png_outputs(), "the job's own choice wins");
+    // Kept as said: validated again (an edit is recorded by its effective spec) it must not become the preset's.
+    assert_eq!(jpeg.effective_spec.output_format, "jpeg");
+    for plan in [unnamed, jpeg] {
+        let again = validate(&plan.effective_spec, &presets, limits()).unwrap();
+        assert_eq!(again.effective_spec, plan.effective_spec);
+    }
+    // A preset without one changes nothing: the job's default stays JPEG, written as before.
+    let mut spec = seed_spec();
+    spec.preset = "home".into();
+    let plain = validate(&spec, &preset(), limits()).unwrap();
+    assert!(!plain.png_outputs());
+    assert_eq!(plain.effective_spec.output_format, "");
 }
 
 #[test]
