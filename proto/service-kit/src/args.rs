@@ -64,6 +64,16 @@ pub struct ServeArgs {
     #[arg(skip = Duration::from_secs(10))]
     pub auth_tokens_reload: Duration,
 
+    /// How long an HTTP/2 connection may be silent before the server pings it (`server::KEEPALIVE_INTERVAL`; tests
+    /// shorten it; not a flag).
+    #[arg(skip = crate::server::KEEPALIVE_INTERVAL)]
+    pub keepalive_interval: Duration,
+
+    /// How long the server waits for that ping's answer before it closes the connection
+    /// (`server::KEEPALIVE_TIMEOUT`; tests shorten it; not a flag).
+    #[arg(skip = crate::server::KEEPALIVE_TIMEOUT)]
+    pub keepalive_timeout: Duration,
+
     /// How long a TLS handshake may take (`tls::HANDSHAKE_TIMEOUT`; tests shorten it; not a flag).
     #[arg(skip = crate::tls::HANDSHAKE_TIMEOUT)]
     pub tls_handshake_timeout: Duration,

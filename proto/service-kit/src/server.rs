@@ -56,6 +56,7 @@ pub struct Serving {
     max_streams: u32,
     /// MAX_HEALTH_WATCHES.
     max_health_watches: usize,
+    keepalive: Keepalive,
 }
 
 impl Serving {
@@ -102,6 +103,10 @@ impl Serving {
             health_listener,
             max_streams: args.max_concurrent_streams,
             max_health_watches: args.max_health_watches,
+            keepalive: Keepalive {
+                interval: args.keepalive_interval,
+                timeout: args.keepalive_timeout,
+            },
         })
     }
 
@@ -140,13 +145,13 @@ impl Serving {
         // Both tasks end with this future, however it ends (a caller may drop it after its grace period).
         let _health_only = self.health_listener.map(|listener| {
             AbortOnDrop(tokio::spawn(
-                builder(self.max_streams)
+                builder(self.max_streams, self.keepalive)
                     .add_service(health)
                     .serve_with_incoming(incoming(listener)),
             ))
         });
         let _reload = self.reload.map(AbortOnDrop);
-        let mut api_server = builder(self.max_streams);
+        let mut api_server = builder(self.max_streams, self.keepalive);
         if let Some(tls) = self.tls {
             api_server = api_server.tls_config(tls)?;
         }
@@ -159,9 +164,16 @@ impl Serving {
 }
 
 /// How long an HTTP/2 connection may sit without a frame before the server pings it.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long the server waits for the ping's answer before it closes the connection (gRPC's own default).
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The HTTP/2 keepalive of both listeners (KEEPALIVE_INTERVAL and KEEPALIVE_TIMEOUT unless a test shortens them).
+#[derive(Debug, Clone, Copy)]
+struct Keepalive {
+    interval: Duration,
+    timeout: Duration,
+}
 /// Streams a connection may make the server reset (malformed or refused requests) before it is sent GOAWAY:
 /// hyper's own default, which tonic turns off unless set.
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
@@ -172,12 +184,12 @@ const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// streams until TCP keepalive noticed (minutes). Now: at most `max_streams` streams per connection (advertised as
 /// SETTINGS_MAX_CONCURRENT_STREAMS), GOAWAY after MAX_LOCAL_ERROR_RESETS resets, and a ping every
 /// KEEPALIVE_INTERVAL that closes the connection, releasing its streams, when unanswered for KEEPALIVE_TIMEOUT.
-fn builder(max_streams: u32) -> Server {
+fn builder(max_streams: u32, keepalive: Keepalive) -> Server {
     Server::builder()
         .max_concurrent_streams(max_streams)
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_keepalive_interval(Some(keepalive.interval))
+        .http2_keepalive_timeout(Some(keepalive.timeout))
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

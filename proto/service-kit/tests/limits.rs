@@ -170,6 +170,120 @@ async fn health_watches_past_the_cap_are_refused_and_the_first_stay_open() {
         .unwrap();
 }
 
+/// A client gone without a FIN or RST (a peer behind NAT that vanished, a proxy that hangs) would hold its streams,
+/// and so its health Watch slots, until shutdown: the server's HTTP/2 keepalive pings a silent connection every
+/// `keepalive_interval` and closes it when a ping is not answered within `keepalive_timeout` (30 s and 20 s by
+/// default; shortened here). A live client answers the pings and keeps its streams.
+#[tokio::test]
+async fn a_silent_peers_connection_is_closed_by_keepalive_and_its_watches_come_back() {
+    assert_eq!(
+        (args().keepalive_interval, args().keepalive_timeout),
+        (Duration::from_secs(30), Duration::from_secs(20)),
+        "the defaults"
+    );
+    let mut args = Cli::try_parse_from([
+        "test",
+        "--health-addr",
+        "127.0.0.1:0",
+        "--max-health-watches",
+        "4",
+    ])
+    .unwrap()
+    .serve;
+    args.keepalive_interval = Duration::from_millis(300);
+    args.keepalive_timeout = Duration::from_millis(300);
+    let running = start(&args).await;
+    let proxy = HangingProxy::start(running.addr).await;
+    let mut through = HealthClient::new(channel(proxy.addr).await);
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let mut stream = through.watch(overall()).await.unwrap().into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        assert_eq!(first.status, ServingStatus::Serving as i32);
+        open.push(stream);
+    }
+    let mut direct = HealthClient::new(channel(running.addr).await);
+    // Several keepalive rounds: the live client answered every ping, so its watches are still open.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for stream in &mut open {
+        assert!(stream.message().now_or_never().is_none(), "a Watch ended");
+    }
+    let refused = direct.watch(overall()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+
+    proxy.hang();
+    let hung = tokio::time::Instant::now();
+    let mut again = loop {
+        match direct.watch(overall()).await {
+            Ok(stream) => break stream.into_inner(),
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(
+                    hung.elapsed() < Duration::from_secs(10),
+                    "the silent connection's watches were never released"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    };
+    eprintln!("slots back {:?} after the peer went silent", hung.elapsed());
+    assert_eq!(
+        again.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+}
+
+/// A TCP proxy that can hang: from `hang()` on it forwards nothing more either way and keeps both connections
+/// open, as a peer gone without a FIN or RST looks to the server.
+struct HangingProxy {
+    addr: SocketAddr,
+    hung: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HangingProxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hung = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = hung.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let up = TcpStream::connect(upstream).await.unwrap();
+                let (down_read, down_write) = down.into_split();
+                let (up_read, up_write) = up.into_split();
+                tokio::spawn(pipe(down_read, up_write, flag.clone()));
+                tokio::spawn(pipe(up_read, down_write, flag.clone()));
+            }
+        });
+        HangingProxy { addr, hung }
+    }
+
+    fn hang(&self) {
+        self.hung.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    hung: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if hung.load(std::sync::atomic::Ordering::SeqCst) {
+            // Holds both halves (the connections stay open) and never forwards again.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 #[tokio::test]
 async fn both_listeners_advertise_max_concurrent_streams() {
     let args = args();
