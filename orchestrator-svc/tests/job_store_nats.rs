@@ -993,3 +993,105 @@ async fn a_cancel_on_another_replica_stops_the_items_of_a_draining_one() {
     assert_eq!(deliveries.len(), 1, "{deliveries:?}");
     assert_eq!(deliveries[0].body["status"], "cancelled");
 }
+
+/// A cancelled job's items end where their tasks are taken, each a few job-store round trips and a callback; each
+/// task trades its BATCH_CONCURRENCY permit for one of the cheaper ENDING_SLOTS, and each replica's counts move per
+/// item instead of being counted over the job. Every item ends CANCELLED once, called back once. Prints the time and
+/// each replica's CPU and memory, for docs/operations.md (`MASS_CANCEL_IMAGES=10000` for the documented figure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_cancelled_job_is_called_back_once_per_item_on_two_replicas() {
+    const JOB: &str = "mass-cancel";
+    let images: u32 = std::env::var("MASS_CANCEL_IMAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000);
+    // Photos for the two items each replica starts; the others never start. Each Segment call takes a minute.
+    let Some(Shared {
+        nats: _nats,
+        dir,
+        segmenter: _segmenter,
+        hooks,
+        mut env,
+    }) = shared(JOB, 4, 60_000).await
+    else {
+        return;
+    };
+    env.push(("MAX_IMAGES_PER_JOB".into(), images.to_string()));
+    let log = |name: &str| dir.path().join(format!("{name}.log"));
+    let a = Process::start(binary(), &env, &log("a")).await;
+    let b = Process::start(binary(), &env, &log("b")).await;
+    a.jobs_client()
+        .submit_job(seed_spec(JOB, images))
+        .await
+        .unwrap();
+    wait_for_within(
+        Duration::from_secs(60),
+        &mut a.jobs_client(),
+        USER,
+        JOB,
+        |j| {
+            j.items
+                .iter()
+                .filter(|i| i.state == ItemState::Running as i32)
+                .count()
+                >= 2
+        },
+    )
+    .await;
+    let cancelled_at = Instant::now();
+    b.jobs_client()
+        .cancel_job(CancelJobRequest {
+            user_id: USER.into(),
+            job_id: JOB.into(),
+        })
+        .await
+        .unwrap();
+    hooks
+        .wait_until("every item's callback", |d| d.len() >= images as usize)
+        .await;
+    let called_back = cancelled_at.elapsed();
+    for replica in [&a, &b] {
+        let job = wait_for_within(
+            Duration::from_secs(60),
+            &mut replica.jobs_client(),
+            USER,
+            JOB,
+            is_settled,
+        )
+        .await;
+        assert_eq!(job.state, JobState::Cancelled as i32);
+        assert_eq!(job.cancelled, images, "{job:?}");
+    }
+    assert_eq!(hooks.assert_one_id_per_item(JOB, images), images as usize);
+    eprintln!(
+        "{images}-image job cancelled on two replicas: every item called back {called_back:?} after CancelJob; \
+         replica A {}, replica B {}",
+        usage(&a),
+        usage(&b)
+    );
+}
+
+/// CPU time and peak resident memory of a replica so far, from /proc.
+fn usage(process: &Process) -> String {
+    let read = |file: &str| std::fs::read_to_string(format!("/proc/{}/{file}", process.pid()));
+    let (Ok(status), Ok(stat)) = (read("status"), read("stat")) else {
+        return "(no /proc)".into();
+    };
+    let peak_mb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024);
+    // utime and stime: fields 14 and 15, counted after the parenthesised command name.
+    let ticks: Vec<u64> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let cpu_s = ticks.iter().sum::<u64>() as f64 / 100.0;
+    format!("{cpu_s:.2} CPU-s, peak RSS {peak_mb} MB")
+}

@@ -46,7 +46,7 @@ pub async fn read(store: &SharedStore, plan: &JobPlan, idx: u32) -> Option<Item>
 
 /// Records item `idx` of the job as it is now (terminal, callback settled).
 pub async fn write(store: &SharedStore, job: &JobHandle, idx: u32) {
-    let Some(item) = job.snapshot().items.into_iter().nth(idx as usize) else {
+    let Some(item) = job.item(idx) else {
         return;
     };
     let key = keys::item_marker(&job.plan.user_id, &job.plan.job_id, &job.spec_hash, idx);

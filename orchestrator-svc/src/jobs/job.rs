@@ -16,9 +16,11 @@ use super::validate::JobPlan;
 use crate::keys;
 
 mod hash;
+mod state;
 mod weight;
 mod written;
 pub use hash::{plan_hash, spec_hash};
+use state::State;
 use weight::{JOB_OVERHEAD_BYTES, approx_item_bytes};
 
 /// Events buffered per job for slow watchers; one that falls further behind gets a fresh snapshot instead.
@@ -54,7 +56,7 @@ pub struct JobHandle {
     /// `spec_hash` of the effective spec as recorded when the job was submitted: with the job id, the job store's key.
     pub spec_hash: String,
     pub cancel: CancellationToken,
-    state: Mutex<Job>,
+    state: Mutex<State>,
     /// What `state` holds on the heap, roughly (see `approx_item_bytes`), kept up to date by every item change so
     /// the registry can weigh its jobs without walking their items.
     approx_bytes: AtomicUsize,
@@ -96,16 +98,21 @@ impl JobHandle {
                 .map(|s| s.source_job_id.clone())
                 .unwrap_or_default(),
         };
+        let state = State {
+            job,
+            running: 0,
+            callbacks_pending: 0,
+        };
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let approx_bytes = JOB_OVERHEAD_BYTES
             + 2 * prost::Message::encoded_len(&plan.effective_spec)
-            + job.items.iter().map(approx_item_bytes).sum::<usize>();
+            + state.job.items.iter().map(approx_item_bytes).sum::<usize>();
         JobHandle {
             spec_hash: plan_hash(&plan),
             plan: Arc::new(plan),
             seq,
             cancel: CancellationToken::new(),
-            state: Mutex::new(job),
+            state: Mutex::new(state),
             approx_bytes: AtomicUsize::new(approx_bytes),
             finish_counted: AtomicBool::new(false),
             recorded: Recorded::default(),
@@ -115,19 +122,25 @@ impl JobHandle {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Job> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock left a consistent proto value behind: keep serving it.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn snapshot(&self) -> Job {
-        self.lock().clone()
+        self.lock().job.clone()
+    }
+
+    /// Item `idx` as it is now (None when out of range): one item copied, not the job.
+    pub fn item(&self, idx: u32) -> Option<Item> {
+        self.lock().job.items.get(idx as usize).cloned()
     }
 
     /// Item `idx` as it is now, with the job's state and counters (the job without its items and spec): one
     /// change, for a watcher that asked for changes only. Copies one item, not the whole job.
     pub fn change(&self, idx: u32) -> (Job, Option<Item>) {
-        let job = self.lock();
+        let state = self.lock();
+        let job = &state.job;
         let header = Job {
             user_id: job.user_id.clone(),
             job_id: job.job_id.clone(),
@@ -144,12 +157,12 @@ impl JobHandle {
 
     /// The current state and a receiver of every later change, taken atomically so no event falls in between.
     pub fn subscribe(&self) -> (Job, broadcast::Receiver<u32>) {
-        let job = self.lock();
-        (job.clone(), self.events.subscribe())
+        let state = self.lock();
+        (state.job.clone(), self.events.subscribe())
     }
 
     pub fn is_terminal(&self) -> bool {
-        job_is_terminal(&self.lock())
+        job_is_terminal(&self.lock().job)
     }
 
     /// True the first time it is asked once the job is terminal, false before and after.
@@ -160,11 +173,10 @@ impl JobHandle {
     /// Terminal, with no item's callback still pending: what retention may forget. A terminal job whose callbacks
     /// are still being retried keeps its record (in memory and in the job store), or a restart would lose them.
     pub fn is_settled(&self) -> bool {
-        let job = self.lock();
-        let pending = |i: &Item| i.callback_state == CallbackState::Pending as i32;
+        let state = self.lock();
         // Read under the lock `record_callback` takes: a callback seen settled here shows its `settling` guard too.
-        job_is_terminal(&job)
-            && !job.items.iter().any(pending)
+        job_is_terminal(&state.job)
+            && state.callbacks_pending == 0
             && self.settling.load(Ordering::SeqCst) == 0
     }
 
@@ -191,19 +203,22 @@ impl JobHandle {
         applies: impl FnOnce(&Item) -> bool,
         change: impl FnOnce(&mut Item),
     ) -> Option<Item> {
-        let mut job = self.lock();
-        let item = job.items.get_mut(idx as usize)?;
+        let mut state = self.lock();
+        let item = state.job.items.get_mut(idx as usize)?;
         if !applies(item) {
             return None;
         }
         let before = approx_item_bytes(item);
+        let was = (item.state, item.callback_state);
         change(item);
         let after = approx_item_bytes(item);
         // Under the job's lock: the counter moves in the same order as the items do.
         self.approx_bytes.fetch_add(after, Ordering::Relaxed);
         self.approx_bytes.fetch_sub(before, Ordering::Relaxed);
         let item = item.clone();
-        recount(&mut job, self.cancel.is_cancelled());
+        state.count(was, -1);
+        state.count((item.state, item.callback_state), 1);
+        state.recount(self.cancel.is_cancelled());
         // No receiver is fine: nobody watches.
         let _ = self.events.send(idx);
         Some(item)
@@ -308,6 +323,7 @@ impl JobHandle {
         self.cancel.cancel();
         let open: Vec<u32> = self
             .lock()
+            .job
             .items
             .iter()
             .filter(|i| !is_terminal(i.state))
@@ -388,30 +404,6 @@ fn is_older_report(recorded: &Item, current: &Item) -> bool {
 
 pub fn job_is_terminal(job: &Job) -> bool {
     job.state == JobState::Done as i32 || job.state == JobState::Cancelled as i32
-}
-
-fn recount(job: &mut Job, cancel_requested: bool) {
-    let count = |s: ItemState| job.items.iter().filter(|i| i.state == s as i32).count() as u32;
-    job.completed = count(ItemState::Completed);
-    job.failed = count(ItemState::Failed);
-    job.cancelled = count(ItemState::Cancelled);
-    let terminal = job.completed + job.failed + job.cancelled;
-    job.state = if terminal as usize == job.items.len() {
-        if cancel_requested {
-            JobState::Cancelled
-        } else {
-            JobState::Done
-        }
-    } else if terminal > 0
-        || job
-            .items
-            .iter()
-            .any(|i| i.state == ItemState::Running as i32)
-    {
-        JobState::Running
-    } else {
-        JobState::Queued
-    } as i32;
 }
 
 #[cfg(test)]

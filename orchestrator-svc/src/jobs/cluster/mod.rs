@@ -74,6 +74,8 @@ pub struct Cluster {
     replica_id: String,
     /// Jobs whose tasks came before (or without) their records (`work`).
     orphans: orphans::Orphans,
+    /// Tasks that end their item without running it (`work::ENDING_SLOTS`).
+    ending: Arc<tokio::sync::Semaphore>,
 }
 
 impl Cluster {
@@ -92,6 +94,7 @@ impl Cluster {
             settings,
             replica_id: format!("{host}-{}", &suffix[..8]),
             orphans: orphans::Orphans::default(),
+            ending: Arc::new(tokio::sync::Semaphore::new(work::ENDING_SLOTS)),
         };
         // As the server has it: created now, or as it was created before.
         let consumer = cluster.consumer().await?;

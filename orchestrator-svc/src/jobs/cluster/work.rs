@@ -1,6 +1,7 @@
 //! Items handed out as work: every replica pulls item tasks from the shared consumer, one per free BATCH_CONCURRENCY
 //! permit (so a replica holds no more tasks than it runs, and the pixel budget of `ItemRunner` still applies per
-//! replica), runs the item and acknowledges the task once the item's terminal state is in the bucket.
+//! replica), runs the item and acknowledges the task once the item's terminal state is in the bucket. A task that
+//! only ends its item (a cancelled job's, one recorded already) trades its permit for one of ENDING_SLOTS.
 //!
 //! The ack wait is the item's lease: in-progress acks renew it while the item (and its callback) runs. A replica that
 //! dies stops renewing, and JetStream hands the task to another replica after the ack wait. The holder records its
@@ -41,6 +42,12 @@ const RECORD_GRACE: Duration = Duration::from_secs(2);
 const ORPHAN_POLL: Duration = Duration::from_millis(200);
 /// The same, for a job this replica knows (it took the SubmitJob, and is writing the record).
 const RECORD_POLL: Duration = Duration::from_millis(20);
+/// Tasks a replica may hold at once, besides BATCH_CONCURRENCY, that end their item without running it: a cancelled
+/// job's items (recorded, called back) and items recorded already (a callback resent). Each is a few job-store round
+/// trips and a callback, no image work, so it gives its BATCH_CONCURRENCY permit back for one of these: a cancelled
+/// 10,000-image job was called back BATCH_CONCURRENCY items at a time per replica. Above CALLBACK_CONCURRENCY's
+/// default (16), so record writes overlap the callbacks.
+pub(super) const ENDING_SLOTS: usize = 32;
 
 /// What becomes of a task.
 enum TaskEnd {
@@ -239,6 +246,7 @@ impl JobService {
             };
         if let Some(recorded) = recorded {
             // Ended already: by another replica, or here before a crash; only an unsettled callback is resent.
+            let _slot = ending_slot(cluster, permit).await;
             job.apply_record(idx, recorded.clone());
             if callbacks_on && recorded.callback_state == CallbackState::Pending as i32 {
                 tracing::info!(job_id = %task.job_id, idx, "item recorded, callback not settled: resending it");
@@ -260,6 +268,7 @@ impl JobService {
             tracing::warn!(job_id = %task.job_id, idx, delivered, "item delivered too often; given up");
             self.end_here(&job, idx, outcome).await;
         } else if job.cancel.is_cancelled() {
+            let _slot = ending_slot(cluster, permit).await;
             self.end_here(&job, idx, ItemOutcome::Cancelled).await;
         } else if let Some(why) = unrunnable {
             if delivered < cluster.settings().max_deliveries {
@@ -327,6 +336,11 @@ impl JobService {
         if let Ok(job) = self.registry.get(&key)
             && job.spec_hash == task.spec_hash
         {
+            if job.cancel.is_cancelled() {
+                // Known cancelled here only once recorded so, and a cancel is final: nothing the record could say
+                // now changes what the task does (each of a cancelled 10,000-image job's tasks read it again).
+                return Ok(Fetched::Job(job));
+            }
             let record = cluster
                 .store()
                 .job(&task.user_id, &task.job_id)
@@ -357,6 +371,22 @@ fn task_key(task: &ItemTask) -> JobKey {
         user_id: task.user_id.clone(),
         job_id: task.job_id.clone(),
     }
+}
+
+/// One of the ENDING_SLOTS, for the item `permit` was taken for (the permit is given back once it is had: the
+/// slots' own wait is the back-pressure on taking more tasks).
+async fn ending_slot(
+    cluster: &Cluster,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> tokio::sync::OwnedSemaphorePermit {
+    let slot = cluster
+        .ending
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the ending slots are never closed");
+    drop(permit);
+    slot
 }
 
 /// Waits RETRY_PAUSE; true when `stop` came first.

@@ -2,11 +2,15 @@ use super::*;
 use palette_proto::orchestrator::v1::JobSpec;
 
 fn job() -> JobHandle {
+    job_of(1)
+}
+
+fn job_of(image_count: u32) -> JobHandle {
     JobHandle::new(
         JobPlan {
             user_id: "u".into(),
             job_id: "j".into(),
-            image_count: 1,
+            image_count,
             concepts: vec!["wall".into()],
             rules: vec![],
             effective_spec: JobSpec::default(),
@@ -50,4 +54,136 @@ fn the_echo_of_a_first_write_does_not_undo_a_settled_callback() {
     };
     assert!(job.apply_record(0, failed.clone()));
     assert_eq!(job.snapshot().items[0], failed);
+}
+
+/// The counts and state `change_item` keeps, as counting every item gives them.
+fn counted_over_every_item(job: &JobHandle) -> (u32, u32, u32, i32, bool) {
+    let snapshot = job.snapshot();
+    let count = |s: ItemState| {
+        snapshot
+            .items
+            .iter()
+            .filter(|i| i.state == s as i32)
+            .count() as u32
+    };
+    let (completed, failed, cancelled) = (
+        count(ItemState::Completed),
+        count(ItemState::Failed),
+        count(ItemState::Cancelled),
+    );
+    let terminal = (completed + failed + cancelled) as usize;
+    let state = if terminal == snapshot.items.len() {
+        if job.cancel.is_cancelled() {
+            JobState::Cancelled
+        } else {
+            JobState::Done
+        }
+    } else if terminal > 0 || count(ItemState::Running) > 0 {
+        JobState::Running
+    } else {
+        JobState::Queued
+    };
+    let settled = terminal == snapshot.items.len()
+        && !snapshot
+            .items
+            .iter()
+            .any(|i| i.callback_state == CallbackState::Pending as i32);
+    (completed, failed, cancelled, state as i32, settled)
+}
+
+#[test]
+fn counts_kept_at_each_change_match_counting_every_item() {
+    const ITEMS: u32 = 40;
+    let job = job_of(ITEMS);
+    // A fixed pseudo-random walk through every way an item changes (xorshift: no dependency, same walk each run).
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let failed = || ItemOutcome::Failed {
+        code: "x",
+        message: "y".into(),
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut changes = 0;
+    for step in 0..2_000 {
+        let idx = next(u64::from(ITEMS)) as u32;
+        let callbacks_on = next(2) == 0;
+        let changed = match next(9) {
+            0 => job.start_item(idx),
+            1 => job.start_held_item(idx),
+            2 => job
+                .finish_item(
+                    idx,
+                    ItemOutcome::Completed(Default::default()),
+                    callbacks_on,
+                )
+                .is_some(),
+            3 => job.finish_item(idx, failed(), callbacks_on).is_some(),
+            4 => job
+                .finish_item_if_pending(idx, ItemOutcome::Cancelled, callbacks_on)
+                .is_some(),
+            5 => job.record_callback(idx, next(2) == 0, 1, None).is_some(),
+            6 => {
+                let mut recorded = job.snapshot().items[next(u64::from(ITEMS)) as usize].clone();
+                recorded.callback_state = next(5) as i32;
+                job.apply_record(idx, recorded)
+            }
+            7 => job.restore_item(
+                idx,
+                Item {
+                    state: ItemState::Completed as i32,
+                    callback_state: CallbackState::Pending as i32,
+                    ..Default::default()
+                },
+            ),
+            _ => job
+                .finish_item_if_pending(idx, failed(), callbacks_on)
+                .is_some(),
+        };
+        changes += usize::from(changed);
+        let snapshot = job.snapshot();
+        let kept = (
+            snapshot.completed,
+            snapshot.failed,
+            snapshot.cancelled,
+            snapshot.state,
+            job.is_settled(),
+        );
+        assert_eq!(kept, counted_over_every_item(&job), "step {step}");
+        seen.insert((kept.3, kept.4));
+    }
+    assert!(changes > 300, "{changes} of 2,000 steps changed an item");
+    // The walk went through the states that matter: running, done, settled or not.
+    for state in [JobState::Running, JobState::Done] {
+        assert!(
+            seen.iter().any(|s| s.0 == state as i32),
+            "{state:?}: {seen:?}"
+        );
+    }
+    assert!(
+        seen.iter().any(|s| s.1) && seen.iter().any(|s| !s.1),
+        "{seen:?}"
+    );
+
+    // A cancel ends every open item at once: counted as it goes, settled once every callback is.
+    let job = job_of(ITEMS);
+    for idx in 0..10 {
+        job.start_item(idx);
+    }
+    job.finish_item(0, ItemOutcome::Completed(Default::default()), true);
+    assert_eq!(job.cancel_pending(true).len(), ITEMS as usize - 1);
+    let snapshot = job.snapshot();
+    let kept = (snapshot.cancelled, snapshot.state, job.is_settled());
+    assert_eq!(kept, (ITEMS - 1, JobState::Cancelled as i32, false));
+    let counted = counted_over_every_item(&job);
+    assert_eq!(kept, (counted.2, counted.3, counted.4));
+    for idx in 0..ITEMS {
+        job.record_callback(idx, true, 1, None);
+        assert_eq!(job.is_settled(), counted_over_every_item(&job).4);
+    }
+    assert!(job.is_settled());
 }

@@ -1,0 +1,53 @@
+//! A job's counters (completed, failed, cancelled, running, callbacks pending) and its state, kept as items change.
+
+use palette_proto::orchestrator::v1::{CallbackState, ItemState, Job, JobState};
+
+/// A job's proto value with the counts its state is derived from, kept up to date by `change_item` (the one place
+/// an item changes) instead of counted over every item at each change: a cancelled 10,000-image job changes 10,000
+/// items at once, each change on every replica (JOB_STORE=nats), and counting them all each time made that
+/// quadratic (a 10,000-image cancel took 72 s to call back, debug build, two replicas; 3,000 took 15.6 s).
+#[derive(Debug)]
+pub(super) struct State {
+    /// `completed`, `failed` and `cancelled` are kept in it as counts.
+    pub(super) job: Job,
+    /// Items RUNNING.
+    pub(super) running: u32,
+    /// Items whose callback is PENDING: a terminal job is settled when none is.
+    pub(super) callbacks_pending: u32,
+}
+
+impl State {
+    /// Adds `by` to the counts of an item in `(state, callback_state)`.
+    pub(super) fn count(&mut self, (state, callback_state): (i32, i32), by: i32) {
+        let counter = match ItemState::try_from(state) {
+            Ok(ItemState::Completed) => Some(&mut self.job.completed),
+            Ok(ItemState::Failed) => Some(&mut self.job.failed),
+            Ok(ItemState::Cancelled) => Some(&mut self.job.cancelled),
+            Ok(ItemState::Running) => Some(&mut self.running),
+            _ => None,
+        };
+        if let Some(counter) = counter {
+            *counter = counter.wrapping_add_signed(by);
+        }
+        if callback_state == CallbackState::Pending as i32 {
+            self.callbacks_pending = self.callbacks_pending.wrapping_add_signed(by);
+        }
+    }
+
+    /// The job's state from the counts.
+    pub(super) fn recount(&mut self, cancel_requested: bool) {
+        let job = &mut self.job;
+        let terminal = job.completed + job.failed + job.cancelled;
+        job.state = if terminal as usize == job.items.len() {
+            if cancel_requested {
+                JobState::Cancelled
+            } else {
+                JobState::Done
+            }
+        } else if terminal > 0 || self.running > 0 {
+            JobState::Running
+        } else {
+            JobState::Queued
+        } as i32;
+    }
+}
