@@ -98,11 +98,7 @@ impl JobHandle {
                 .map(|s| s.source_job_id.clone())
                 .unwrap_or_default(),
         };
-        let state = State {
-            job,
-            running: 0,
-            callbacks_pending: 0,
-        };
+        let state = State::new(job);
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let approx_bytes = JOB_OVERHEAD_BYTES
             + 2 * prost::Message::encoded_len(&plan.effective_spec)

@@ -11,12 +11,21 @@ pub(super) struct State {
     /// `completed`, `failed` and `cancelled` are kept in it as counts.
     pub(super) job: Job,
     /// Items RUNNING.
-    pub(super) running: u32,
+    running: u32,
     /// Items whose callback is PENDING: a terminal job is settled when none is.
     pub(super) callbacks_pending: u32,
 }
 
 impl State {
+    /// A new job's: no item running, no callback pending.
+    pub(super) fn new(job: Job) -> Self {
+        State {
+            job,
+            running: 0,
+            callbacks_pending: 0,
+        }
+    }
+
     /// Adds `by` to the counts of an item in `(state, callback_state)`.
     pub(super) fn count(&mut self, (state, callback_state): (i32, i32), by: i32) {
         let counter = match ItemState::try_from(state) {

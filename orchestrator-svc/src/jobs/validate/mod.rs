@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use palette_proto::orchestrator::v1::{JobSpec, Rule as RuleSpec};
-use palette_rules::preset::Preset;
+use palette_rules::preset::{OUTPUT_FORMATS, Preset};
 use palette_rules::rule::Rule;
 
 pub use concepts::{MAX_CONCEPT_CHARS, concept_problem, normalize_concept};
@@ -221,7 +221,10 @@ fn output_format(raw: &str, preset: Option<&Preset>, v: &mut Violations) -> &'st
         other => {
             v.add(
                 "output_format",
-                format!("{other:?} is not an output format: jpeg or png"),
+                format!(
+                    "{other:?} is not an output format: {}",
+                    OUTPUT_FORMATS.join(" or ")
+                ),
             );
             ""
         }
