@@ -3,6 +3,7 @@
 //! item: exactly one wins each race).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use orchestrator_svc::jobs::store::{
     Created, JobRecord, JobStore, LocalJobStore, NatsJobStore, RunKey, Written,
@@ -328,4 +329,41 @@ async fn a_forgotten_jobs_marker_is_removed_but_never_a_later_record() {
         store.job("u", "again").await.unwrap().map(|r| r.spec_hash),
         Some("h2".into())
     );
+}
+
+/// A first item write whose answer never came (NATS stalled with the write in its socket, and committed it once it
+/// went on) is an error, not "another writer came first": the retried write knows the record as its own, and the
+/// item is reported. async-nats's `kv::Store::create` answered AlreadyExists here, and the item's callback was never
+/// sent by anyone (seen once in a few dozen runs of the NATS-restart test on real parts, on a loaded machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_item_write_whose_answer_was_lost_is_known_as_its_own_when_retried() {
+    let Some(server) = nats::start() else { return };
+    let client = async_nats::connect(&server.url).await.unwrap();
+    let mut js = async_nats::jetstream::new(client);
+    js.set_timeout(Duration::from_millis(300));
+    let store = NatsJobStore::open_on(&js, "palette-jobs", 1).await.unwrap();
+    let job = record("u", "lost-answer", "h", 1);
+    store.create(&job).await.unwrap();
+    let ended = item(0, ItemState::Completed, CallbackState::Pending);
+
+    server.freeze();
+    let write = tokio::spawn({
+        let (store, ended, key) = (store.clone(), ended.clone(), job.key());
+        async move { store.put_first_item(&key, &ended, false).await }
+    });
+    // Past the write's timeout: a lookup after it waits in the socket behind the write.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    server.thaw();
+    // An error (no answer); Stored only if this machine was so slow that the thaw came before the timeout.
+    let first = write.await.unwrap();
+    assert!(
+        !matches!(first, Ok(Written::Conflict(_))),
+        "no answer is no conflict: {first:?}"
+    );
+    let retried = store.put_first_item(&job.key(), &ended, true).await;
+    assert!(matches!(retried, Ok(Written::Stored)), "{retried:?}");
+    // Another holder's different end of the same item still loses.
+    let other = item(0, ItemState::Failed, CallbackState::Pending);
+    let other = store.put_first_item(&job.key(), &other, true).await;
+    assert!(matches!(other, Ok(Written::Conflict(_))), "{other:?}");
 }

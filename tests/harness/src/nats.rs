@@ -32,6 +32,26 @@ impl Nats {
     }
 }
 
+impl Nats {
+    /// Stops the server's process (SIGSTOP) until `thaw`: requests sent meanwhile wait in its socket, their callers
+    /// time out, and the server still carries them out once thawed (a write committed whose answer was lost).
+    pub fn freeze(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    pub fn thaw(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+}
+
+fn signal(pid: u32, which: &str) {
+    let status = Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {which} {pid}");
+}
+
 fn spawn(port: u16, name: &str, dir: &std::path::Path) -> Child {
     Command::new("nats-server")
         .args([

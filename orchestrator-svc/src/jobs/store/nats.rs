@@ -23,6 +23,16 @@ use crate::jobs::durable;
 /// Compare-and-set attempts before a write gives up: each failed one means another replica wrote the key meanwhile.
 const CAS_ATTEMPTS: usize = 16;
 
+/// What `absent_at` found.
+enum Absent {
+    /// The key was free: written.
+    Created,
+    /// The key holds a value.
+    Taken,
+    /// The key was deleted, at this revision: not written yet.
+    DeletedAt(u64),
+}
+
 #[derive(Debug, Clone)]
 pub struct NatsJobStore {
     kv: kv::Store,
@@ -137,24 +147,52 @@ impl NatsJobStore {
             .map(|e| (e.value, e.revision)))
     }
 
-    /// Writes `value` if the key is still at `revision` (None: absent). False when another writer came first.
+    /// Writes `value` if the key is still at `revision` (None: absent, or deleted). False when another writer came
+    /// first; an error when the write's answer did not come (it may have been written all the same).
     async fn compare_and_set(
         &self,
         key: &str,
         value: Vec<u8>,
         revision: Option<u64>,
     ) -> Result<bool, StoreError> {
-        let written = match revision {
-            None => match self.kv.create(key, value.into()).await {
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(false),
-                other => other.map(drop).map_err(StoreError::unavailable),
-            },
-            Some(revision) => match self.kv.update(key, value.into(), revision).await {
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => return Ok(false),
-                other => other.map(drop).map_err(StoreError::unavailable),
+        let value = Bytes::from(value);
+        let revision = match revision {
+            Some(revision) => revision,
+            None => match self.absent_at(key, value.clone()).await? {
+                Absent::Created => return Ok(true),
+                Absent::Taken => return Ok(false),
+                Absent::DeletedAt(revision) => revision,
             },
         };
-        written.map(|()| true)
+        match self.kv.update(key, value, revision).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(StoreError::unavailable(e)),
+        }
+    }
+
+    /// Writes `value` under `key` if the key never held a value. Not `kv::Store::create`: after any failed first
+    /// write (a timeout included) that one looks the key up and answers AlreadyExists if it holds a value, so a
+    /// write that was committed but whose answer was lost (NATS restarting) came back as "another writer came
+    /// first", and `put_first_item`'s caller dropped its item's report as someone else's: that item's callback was
+    /// never sent. Here only the server's "wrong last sequence" answer means the key is taken; a timeout stays an
+    /// error, and the retried write recognises its own record.
+    async fn absent_at(&self, key: &str, value: Bytes) -> Result<Absent, StoreError> {
+        match self.kv.update(key, value, 0).await {
+            Ok(_) => Ok(Absent::Created),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // A deleted key (a forgotten job's, its delete marker in place) may be written again, at the
+                // marker's revision.
+                match self.kv.entry(key).await.map_err(StoreError::unavailable)? {
+                    Some(entry) if entry.operation != kv::Operation::Put => {
+                        Ok(Absent::DeletedAt(entry.revision))
+                    }
+                    // Taken, or purged meanwhile (the caller reads again and retries).
+                    _ => Ok(Absent::Taken),
+                }
+            }
+            Err(e) => Err(StoreError::unavailable(e)),
+        }
     }
 
     /// The keys under `prefix` (which ends with '.'), deleted ones included: one stream-info request whose
