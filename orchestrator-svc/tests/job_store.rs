@@ -417,3 +417,58 @@ async fn an_edit_is_kept_and_resumed_like_a_submitted_job() {
     );
     assert!(ids.values().all(|set| set.len() == 1), "{ids:?}");
 }
+
+/// A cancelled 1,000-image job on one process with the local store (`MASS_CANCEL_IMAGES=10000` for the figure in
+/// docs/operations.md): two items running (their Segment calls never answer), the rest queued. Every item ends
+/// CANCELLED once and is called back once; the records of the items ended together share transactions (the store's
+/// group commit). Prints the time and the process's CPU and memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_cancelled_job_is_called_back_once_per_item() {
+    const JOB: &str = "mass-cancel-local";
+    let images: u32 = std::env::var("MASS_CANCEL_IMAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000);
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(60_000, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    // Photos for the items that start; the others never do.
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, 4).await;
+    let mut env = env(dir.path(), &segmenter.url, &hooks.url());
+    env.push(("MAX_IMAGES_PER_JOB".into(), images.to_string()));
+    env.push(("BATCH_CONCURRENCY".into(), "2".into()));
+    let process = Process::start(binary(), &env, &dir.path().join("orchestrator.log")).await;
+    let mut jobs = process.jobs_client();
+    jobs.submit_job(seed_spec(JOB, images)).await.unwrap();
+    jobs::wait_for(&mut jobs, USER, JOB, |j| {
+        j.items
+            .iter()
+            .filter(|i| i.state == ItemState::Running as i32)
+            .count()
+            >= 2
+    })
+    .await;
+    let before = process.usage();
+    let cancelled_at = Instant::now();
+    jobs.cancel_job(CancelJobRequest {
+        user_id: USER.into(),
+        job_id: JOB.into(),
+    })
+    .await
+    .unwrap();
+    hooks
+        .wait_until("every item's callback", |d| d.len() >= images as usize)
+        .await;
+    let called_back = cancelled_at.elapsed();
+    let job = jobs::wait_for(&mut jobs, USER, JOB, jobs::is_settled).await;
+    let settled = cancelled_at.elapsed();
+    assert_eq!(job.state, JobState::Cancelled as i32);
+    assert_eq!(job.cancelled, images, "{job:?}");
+    assert_eq!(hooks.assert_one_id_per_item(JOB, images), images as usize);
+    eprintln!(
+        "{images}-image job cancelled, local store: every item called back {called_back:?} after CancelJob, every \
+         callback recorded settled after {settled:?}; {} ({before} before the cancel)",
+        process.usage()
+    );
+}

@@ -1066,32 +1066,7 @@ async fn a_large_cancelled_job_is_called_back_once_per_item_on_two_replicas() {
     eprintln!(
         "{images}-image job cancelled on two replicas: every item called back {called_back:?} after CancelJob; \
          replica A {}, replica B {}",
-        usage(&a),
-        usage(&b)
+        a.usage(),
+        b.usage()
     );
-}
-
-/// CPU time and peak resident memory of a replica so far, from /proc.
-fn usage(process: &Process) -> String {
-    let read = |file: &str| std::fs::read_to_string(format!("/proc/{}/{file}", process.pid()));
-    let (Ok(status), Ok(stat)) = (read("status"), read("stat")) else {
-        return "(no /proc)".into();
-    };
-    let peak_mb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0, |kb| kb / 1024);
-    // utime and stime: fields 14 and 15, counted after the parenthesised command name.
-    let ticks: Vec<u64> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    let cpu_s = ticks.iter().sum::<u64>() as f64 / 100.0;
-    format!("{cpu_s:.2} CPU-s, peak RSS {peak_mb} MB")
 }

@@ -25,6 +25,7 @@ impl JobService {
         };
         tracing::warn!(job_id = %job.plan.job_id, deliveries, "queue_pull: job delivered too often; giving up on its open items");
         let reporter = self.pipeline.reporter();
+        let mut ended = Vec::new();
         for idx in 0..job.plan.image_count {
             if let Some(recorded) =
                 durable::read(self.pipeline.object_store(), &job.plan, idx).await
@@ -41,10 +42,9 @@ impl JobService {
                      stopped); given up"
                 ),
             };
-            if let Some(item) = job.finish_item(idx, outcome, reporter.callbacks_on()) {
-                reporter.item_ended(&job, item);
-            }
+            ended.extend(job.finish_item(idx, outcome, reporter.callbacks_on()));
         }
+        reporter.items_ended(&job, ended);
         Ok(job.snapshot())
     }
 }

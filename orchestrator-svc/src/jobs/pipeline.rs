@@ -135,9 +135,8 @@ impl Pipeline {
 
     /// Ends every item not yet terminal as CANCELLED (each with its callback) and stops work in flight.
     pub fn cancel(&self, job: &Arc<JobHandle>) {
-        for item in job.cancel_pending(self.reporter.callbacks_on()) {
-            self.reporter.item_ended(job, item);
-        }
+        let ended = job.cancel_pending(self.reporter.callbacks_on());
+        self.reporter.items_ended(job, ended);
     }
 
     async fn run_job(self: Arc<Self>, job: Arc<JobHandle>) {
@@ -199,18 +198,18 @@ impl Pipeline {
             tracing::info!(job_id = %job.plan.job_id, "shutting down: unstarted items resume at the next start");
             return;
         }
-        for idx in 0..job.plan.image_count {
-            let outcome = ItemOutcome::Failed {
-                code: "internal",
-                message: "the orchestrator shut down before this image was processed; submit it again in a new job"
-                    .to_string(),
-            };
-            if let Some(item) =
+        let ended = (0..job.plan.image_count)
+            .filter_map(|idx| {
+                let outcome = ItemOutcome::Failed {
+                    code: "internal",
+                    message: "the orchestrator shut down before this image was processed; submit it again in a new \
+                              job"
+                        .to_string(),
+                };
                 job.finish_item_if_pending(idx, outcome, self.reporter.callbacks_on())
-            {
-                self.reporter.item_ended(job, item);
-            }
-        }
+            })
+            .collect();
+        self.reporter.items_ended(job, ended);
     }
 
     /// `waiting`: the item's share of `orchestrator_items_waiting`, given back when it starts or ends unstarted.

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use palette_proto::orchestrator::v1::{Item, ItemState};
 use tokio_util::task::TaskTracker;
 
@@ -15,6 +16,11 @@ use crate::callback::{CallbackBody, CallbackJob, CallbackSender, MaskRef, Output
 use crate::error::Report;
 use crate::storage::SharedStore;
 use crate::tasks::spawn_tracked;
+
+/// Reports of items that ended together in flight at once (`Reporter::items_ended`): enough to keep every callback
+/// slot (CALLBACK_CONCURRENCY, 16 by default) busy and to give the local store's group commit large groups (a
+/// 20,000-image cancel, debug build: 9.0 s with 64, 7.8 s with 256; the memory the same).
+const ENDED_TOGETHER: usize = 256;
 
 /// Reports items that became terminal. Callback deliveries and record writes run as tasks of the pipeline's
 /// tracker, so shutdown waits for them.
@@ -80,14 +86,45 @@ impl Reporter {
         self.settle_now(job, item, ReportKind::First).await;
     }
 
-    /// What a resumed job does for an item recorded with its callback still pending: sends it again (same
-    /// webhook-id), in a task of its own.
-    pub fn settle(&self, job: &Arc<JobHandle>, item: Item) {
-        self.spawn_settle(job, item, ReportKind::Resend);
+    /// `item_ended` for items that ended together (a cancel, a shutdown, a job given up): reported by one task, at
+    /// most ENDED_TOGETHER at a time. A task each held every item's report in memory at once (a cancelled
+    /// 10,000-image job: 10,000 tasks, about 4 KB each), when callbacks go out CALLBACK_CONCURRENCY at a time anyway.
+    pub fn items_ended(&self, job: &Arc<JobHandle>, items: Vec<Item>) {
+        for item in &items {
+            count_ended(job, item);
+        }
+        self.spawn_settle_all(job, items, ReportKind::First);
+    }
+
+    /// What a resumed job does for its items recorded with their callbacks still pending: sends them again (same
+    /// webhook-ids), like `items_ended`.
+    pub fn settle_all(&self, job: &Arc<JobHandle>, items: Vec<Item>) {
+        self.spawn_settle_all(job, items, ReportKind::Resend);
+    }
+
+    /// Whether an ended item of `job` has anything to report: a record to write or a callback to send.
+    fn reports(&self, job: &JobHandle) -> bool {
+        job.plan.durable_items || self.job_store_of(job).is_some() || self.callbacks.is_some()
+    }
+
+    fn spawn_settle_all(&self, job: &Arc<JobHandle>, items: Vec<Item>, report: ReportKind) {
+        if items.is_empty() || !self.reports(job) {
+            return;
+        }
+        let this = self.clone();
+        let job = job.clone();
+        // Taken now, held until the last item's report is written (see `spawn_settle`).
+        let settling = job.settling();
+        spawn_tracked(&self.tasks, "items_report", async move {
+            futures::stream::iter(items)
+                .for_each_concurrent(ENDED_TOGETHER, |item| this.settle_now(&job, item, report))
+                .await;
+            drop(settling);
+        });
     }
 
     fn spawn_settle(&self, job: &Arc<JobHandle>, item: Item, report: ReportKind) {
-        if !job.plan.durable_items && self.job_store_of(job).is_none() && self.callbacks.is_none() {
+        if !self.reports(job) {
             return;
         }
         let this = self.clone();

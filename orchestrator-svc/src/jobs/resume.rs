@@ -96,29 +96,29 @@ impl JobService {
                 unsettled.push(idx);
             }
         }
-        let snapshot = job.snapshot();
-        for idx in unsettled {
-            // Callbacks on: sent again, then recorded settled. Off: the NOT_CONFIGURED state recorded.
-            resumed.callbacks_resent += usize::from(callbacks_on);
-            self.pipeline
-                .reporter()
-                .settle(&job, snapshot.items[idx as usize].clone());
-        }
+        // Callbacks on: sent again, then recorded settled. Off: the NOT_CONFIGURED state recorded.
+        resumed.callbacks_resent += if callbacks_on { unsettled.len() } else { 0 };
+        let unsettled = unsettled
+            .into_iter()
+            .filter_map(|idx| job.item(idx))
+            .collect();
+        self.pipeline.reporter().settle_all(&job, unsettled);
         if record.cancelled {
             self.pipeline.cancel(&job);
         } else if let Some(why) = unplannable {
             tracing::error!(job_id = %record.job_id, reason = %why, "stored job cannot run again; its open items fail");
-            for idx in 0..job.plan.image_count {
-                let outcome = ItemOutcome::Failed {
-                    code: JOB_NOT_RESUMABLE,
-                    message: format!(
-                        "the orchestrator restarted and cannot run this job again: {why}; submit it again under a new job id"
-                    ),
-                };
-                if let Some(item) = job.finish_item(idx, outcome, callbacks_on) {
-                    self.pipeline.reporter().item_ended(&job, item);
-                }
-            }
+            let ended = (0..job.plan.image_count)
+                .filter_map(|idx| {
+                    let outcome = ItemOutcome::Failed {
+                        code: JOB_NOT_RESUMABLE,
+                        message: format!(
+                            "the orchestrator restarted and cannot run this job again: {why}; submit it again under a new job id"
+                        ),
+                    };
+                    job.finish_item(idx, outcome, callbacks_on)
+                })
+                .collect();
+            self.pipeline.reporter().items_ended(&job, ended);
         }
         job
     }

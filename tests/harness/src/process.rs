@@ -59,7 +59,31 @@ impl Process {
         self.child.id()
     }
 
-    /// SIGKILL, and waits for the process to be gone.
+    /// CPU time and peak resident memory of the process so far, from /proc, as "1.23 CPU-s, peak RSS 45 MB".
+    pub fn usage(&self) -> String {
+        let read = |file: &str| std::fs::read_to_string(format!("/proc/{}/{file}", self.pid()));
+        let (Ok(status), Ok(stat)) = (read("status"), read("stat")) else {
+            return "(no /proc)".into();
+        };
+        let peak_mb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |kb| kb / 1024);
+        // utime and stime: fields 14 and 15, counted after the parenthesised command name.
+        let ticks: Vec<u64> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        let cpu_s = ticks.iter().sum::<u64>() as f64 / 100.0;
+        format!("{cpu_s:.2} CPU-s, peak RSS {peak_mb} MB")
+    }
+
     /// A Jobs client for this process (connects on first use: the process may be restarting).
     pub fn jobs_client(
         &self,
@@ -70,6 +94,7 @@ impl Process {
         palette_proto::orchestrator::v1::jobs_client::JobsClient::new(channel)
     }
 
+    /// SIGKILL, and waits for the process to be gone.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
