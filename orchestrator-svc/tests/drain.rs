@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use palette_proto::orchestrator::v1::{ItemState, Job, JobState, WatchJobRequest};
-use palette_testing::jobs::wait_for;
+use palette_proto::orchestrator::v1::{JobState, WatchJobRequest};
+use palette_testing::jobs::{running, wait_for};
 use palette_testing::orchestrator::{put_distinct_inputs, seed_spec};
 use palette_testing::process::{Process, orchestrator_env};
 use palette_testing::{fake_segmenter, receiver::Receiver};
@@ -32,13 +32,6 @@ fn env(dir: &Path, segmenter: &str, callbacks: &str, grace_sec: u64) -> Vec<(Str
         .map(|(k, v)| (k.to_string(), v)),
     );
     env
-}
-
-fn running(job: &Job) -> usize {
-    job.items
-        .iter()
-        .filter(|i| i.state == ItemState::Running as i32)
-        .count()
 }
 
 /// Finished, with every item COMPLETED and one webhook-id per item.

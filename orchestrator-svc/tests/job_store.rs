@@ -441,14 +441,7 @@ async fn a_large_cancelled_job_is_called_back_once_per_item() {
     let process = Process::start(binary(), &env, &dir.path().join("orchestrator.log")).await;
     let mut jobs = process.jobs_client();
     jobs.submit_job(seed_spec(JOB, images)).await.unwrap();
-    jobs::wait_for(&mut jobs, USER, JOB, |j| {
-        j.items
-            .iter()
-            .filter(|i| i.state == ItemState::Running as i32)
-            .count()
-            >= 2
-    })
-    .await;
+    jobs::wait_for(&mut jobs, USER, JOB, |j| jobs::running(j) >= 2).await;
     let before = process.usage();
     let cancelled_at = Instant::now();
     jobs.cancel_job(CancelJobRequest {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use palette_proto::orchestrator::v1::{
     CancelJobRequest, EditJobRequest, ItemState, Job, JobState, Rule, WatchJobRequest,
 };
-use palette_testing::jobs::{get, is_settled, wait_for_within};
+use palette_testing::jobs::{get, is_settled, running, wait_for_within};
 use palette_testing::orchestrator::{put_distinct_inputs, seed_spec, string_struct};
 use palette_testing::process::{Process, orchestrator_env};
 use palette_testing::{fake_segmenter, nats, receiver::Receiver};
@@ -1029,13 +1029,7 @@ async fn a_large_cancelled_job_is_called_back_once_per_item_on_two_replicas() {
         &mut a.jobs_client(),
         USER,
         JOB,
-        |j| {
-            j.items
-                .iter()
-                .filter(|i| i.state == ItemState::Running as i32)
-                .count()
-                >= 2
-        },
+        |j| running(j) >= 2,
     )
     .await;
     let cancelled_at = Instant::now();

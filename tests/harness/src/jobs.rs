@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use palette_proto::orchestrator::v1::{
-    CallbackState, GetJobRequest, Job, JobState, WatchJobRequest,
+    CallbackState, GetJobRequest, ItemState, Job, JobState, WatchJobRequest,
 };
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -119,4 +119,12 @@ pub fn is_settled(job: &Job) -> bool {
             .items
             .iter()
             .all(|i| i.callback_state != CallbackState::Pending as i32)
+}
+
+/// Items RUNNING now.
+pub fn running(job: &Job) -> usize {
+    job.items
+        .iter()
+        .filter(|i| i.state == ItemState::Running as i32)
+        .count()
 }
