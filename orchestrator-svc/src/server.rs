@@ -169,10 +169,6 @@ fn callback_sender(
     Ok(Some(Arc::new(sender)))
 }
 
-/// How long an item record is retried while NATS is unreachable (JOB_STORE=nats): a restart of NATS that takes
-/// less does not make an item run twice.
-const NATS_STORE_PATIENCE: Duration = Duration::from_secs(120);
-
 /// The job store JOB_STORE names, opened (None for `memory`), and for `nats` the state shared with other replicas.
 async fn job_store(
     args: &JobStoreArgs,
@@ -254,11 +250,10 @@ pub async fn run(
     .with_item_threads(args.item_threads)
     .with_mask_layout(config.storage.mask_layout);
     let (job_store, cluster) = job_store(&config.jobs, &config.nats).await?;
-    let patience = if cluster.is_some() {
-        NATS_STORE_PATIENCE
-    } else {
-        Duration::ZERO
-    };
+    // JOB_STORE=nats: a NATS restart shorter than NATS_STORE_PATIENCE_SEC does not make an item run twice.
+    let patience = cluster
+        .as_ref()
+        .map_or(Duration::ZERO, |cluster| cluster.settings().store_patience);
     let pipeline = Arc::new(
         Pipeline::new(runner, callbacks, args.batch_concurrency as usize)
             .with_job_store(job_store)

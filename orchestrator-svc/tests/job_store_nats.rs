@@ -10,7 +10,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use palette_proto::orchestrator::v1::{
-    CancelJobRequest, EditJobRequest, ItemState, Job, JobState, Rule, WatchJobRequest,
+    CallbackState, CancelJobRequest, EditJobRequest, ItemState, Job, JobState, Rule,
+    WatchJobRequest,
 };
 use palette_testing::jobs::{get, is_settled, running, wait_for_within};
 use palette_testing::orchestrator::{put_distinct_inputs, seed_spec, string_struct};
@@ -1063,4 +1064,164 @@ async fn a_large_cancelled_job_is_called_back_once_per_item_on_two_replicas() {
         a.usage(),
         b.usage()
     );
+}
+
+/// Waits until `process` has logged `what` `times` times.
+async fn logged(process: &Process, what: &str, times: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    while process.log().matches(what).count() < times {
+        assert!(
+            Instant::now() < deadline,
+            "never logged {what:?} {times} times:\n{}",
+            process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Item 0 of `job` as the bucket holds it, once `done` says it is as expected (None: it never was within `within`).
+async fn recorded_item(
+    nats: &str,
+    job: &str,
+    within: Duration,
+    done: impl Fn(&palette_proto::orchestrator::v1::Item) -> bool,
+) -> Option<palette_proto::orchestrator::v1::Item> {
+    use orchestrator_svc::jobs::store::{NatsJobStore, RecordKey, spec_hash};
+    let store = NatsJobStore::open(nats, "palette_jobs").await.unwrap();
+    let key = RecordKey {
+        user_id: USER.into(),
+        job_id: job.into(),
+        spec_hash: spec_hash(&seed_spec(job, 1)),
+    };
+    let deadline = Instant::now() + within;
+    loop {
+        let item = store.item(&key, 0).await.unwrap();
+        if item.as_ref().is_some_and(&done) || Instant::now() >= deadline {
+            return item.filter(done);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The environment of a replica that gives up on an unanswered item record after 1 s (NATS_STORE_PATIENCE_SEC),
+/// with a lease long enough that NATS frozen for ~15 s does not hand its task to anyone else.
+fn impatient(mut env: Vec<(String, String)>) -> Vec<(String, String)> {
+    env.push(("NATS_STORE_PATIENCE_SEC".into(), "1".into()));
+    env.push(("NATS_ITEM_ACK_WAIT_SEC".into(), "90".into()));
+    env
+}
+
+/// NATS does not answer (SIGSTOP) from the moment the item runs until well after it ended: its first record and its
+/// settled record both give up after NATS_STORE_PATIENCE_SEC, and the callback goes out all the same. The holder
+/// keeps the task, and once NATS answers writes the item's record itself: the item is not run again and not called
+/// back again, and the bucket shows it COMPLETED with its callback delivered. (Before, the holder found no record, or
+/// its own first record written late, callback pending: it put the task back, and the item ran a second time, or
+/// acknowledged it, and the record said "callback pending" for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_that_ended_while_nats_was_down_past_the_patience_is_recorded_once_it_answers() {
+    const JOB: &str = "late-record";
+    let Some(Shared {
+        nats,
+        dir,
+        segmenter,
+        hooks,
+        env,
+    }) = shared(JOB, 1, 3_000).await
+    else {
+        return;
+    };
+    let a = Process::start(binary(), &impatient(env), &dir.path().join("a.log")).await;
+    a.jobs_client().submit_job(seed_spec(JOB, 1)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while segmenter.counters.segment_calls.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the item never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nats.freeze();
+    // Its first record (before the callback) and its settled record (after it) both given up.
+    logged(
+        &a,
+        "item not recorded in the job store",
+        2,
+        Duration::from_secs(40),
+    )
+    .await;
+    assert_eq!(
+        hooks.deliveries().len(),
+        1,
+        "called back without its record"
+    );
+    nats.thaw();
+    let delivered = CallbackState::Delivered as i32;
+    let item = recorded_item(&nats.url, JOB, Duration::from_secs(30), |i| {
+        i.callback_state == delivered
+    })
+    .await
+    .unwrap_or_else(|| panic!("never recorded with its callback settled:\n{}", a.log()));
+    assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+    assert!(a.log().contains("item recorded late"), "{}", a.log());
+    // Its task is released: nothing runs or calls it back again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(segmenter.counters.segment_calls.load(Ordering::SeqCst), 1);
+    hooks.assert_one_id_per_item(JOB, 1);
+    assert_eq!(hooks.deliveries().len(), 1, "{:?}", hooks.deliveries());
+}
+
+/// NATS stops answering while the item's callback is retried (its first record written): the settled record gives
+/// up after NATS_STORE_PATIENCE_SEC. Once NATS answers, the holder writes it, and the bucket no longer says the
+/// callback is pending (before: it did for ever, on every replica, the task acknowledged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_callback_not_recorded_while_nats_was_down_is_recorded_once_it_answers() {
+    const JOB: &str = "late-settled";
+    let Some(Shared {
+        nats,
+        dir,
+        segmenter,
+        hooks: _unscripted,
+        env,
+    }) = shared(JOB, 1, 0).await
+    else {
+        return;
+    };
+    // The first attempt is answered 503, Retry-After 2 s: NATS is frozen in between.
+    let hooks = Receiver::start(SECRET, vec![(503, Some(2))]).await;
+    let mut env = impatient(env);
+    env.push(("WORKERS_API_URL".into(), hooks.url()));
+    env.push(("CALLBACK_MAX_DELAY_SEC".into(), "3".into()));
+    let a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    a.jobs_client().submit_job(seed_spec(JOB, 1)).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        hooks.wait_until("the first attempt", |d| !d.is_empty()),
+    )
+    .await
+    .expect("called back");
+    nats.freeze();
+    logged(
+        &a,
+        "item not recorded in the job store",
+        1,
+        Duration::from_secs(40),
+    )
+    .await;
+    nats.thaw();
+    let pending = CallbackState::Pending as i32;
+    let item = recorded_item(&nats.url, JOB, Duration::from_secs(30), |i| {
+        i.callback_state != pending
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "the record still says the callback is pending:\n{}",
+            a.log()
+        )
+    });
+    assert_eq!(
+        item.callback_state,
+        CallbackState::Delivered as i32,
+        "{item:?}"
+    );
+    assert_eq!(item.callback_attempts, 2, "{item:?}");
+    assert_eq!(segmenter.counters.segment_calls.load(Ordering::SeqCst), 1);
+    hooks.assert_one_id_per_item(JOB, 1);
 }

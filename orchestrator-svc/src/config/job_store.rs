@@ -66,6 +66,11 @@ pub struct JobStoreArgs {
     /// running). One consumer-info request each time. Default 15 (Prometheus' and KEDA's usual interval).
     #[arg(long, env = "NATS_ITEM_BACKLOG_SEC", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub nats_item_backlog_sec: u64,
+    /// JOB_STORE=nats: seconds an item's record is written again while NATS does not answer, before the item is
+    /// reported (called back) without it; the task's holder then keeps asking and writes the record once NATS
+    /// answers. An outage shorter than this never makes an item run twice. Default 120.
+    #[arg(long, env = "NATS_STORE_PATIENCE_SEC", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub nats_store_patience_sec: u64,
 }
 
 /// JOB_STORE=nats, validated.
@@ -84,6 +89,8 @@ pub struct ClusterSettings {
     pub max_deliveries: u64,
     /// How often the item consumer's backlog is read for the gauges (NATS_ITEM_BACKLOG_SEC).
     pub backlog_every: Duration,
+    /// How long an item record is written again while NATS does not answer (NATS_STORE_PATIENCE_SEC).
+    pub store_patience: Duration,
 }
 
 impl ClusterSettings {
@@ -120,6 +127,7 @@ impl JobStoreArgs {
             ack_wait: Duration::from_secs(self.nats_item_ack_wait_sec.max(1)),
             max_deliveries: nats.nats_max_deliveries,
             backlog_every: Duration::from_secs(self.nats_item_backlog_sec.max(1)),
+            store_patience: Duration::from_secs(self.nats_store_patience_sec),
         })
     }
 }

@@ -17,6 +17,7 @@ use crate::keys;
 
 mod hash;
 mod state;
+mod unrecorded;
 mod weight;
 mod written;
 pub use hash::{plan_hash, spec_hash};
@@ -67,6 +68,8 @@ pub struct JobHandle {
     settling: AtomicUsize,
     /// Durable jobs: items whose record is written (`written`).
     pub durable_written: written::DurableWritten,
+    /// Items that ended here whose record the job store did not take in time (`unrecorded`).
+    pub unrecorded: unrecorded::Unrecorded,
     /// Which item changed. Only the index travels: a full Job per event, kept in the channel's ring of
     /// EVENT_BUFFER slots, made a job's memory grow with the square of its size (measured: +50 MB over 160 images);
     /// WatchJob streams take the snapshot when they forward the event.
@@ -114,6 +117,7 @@ impl JobHandle {
             recorded: Recorded::default(),
             settling: AtomicUsize::new(0),
             durable_written: Default::default(),
+            unrecorded: Default::default(),
             events,
         }
     }
@@ -391,7 +395,7 @@ impl Drop for Settling {
 
 /// Whether `recorded` is an earlier report of the item `current` holds: the same terminal state, written before its
 /// callback settled.
-fn is_older_report(recorded: &Item, current: &Item) -> bool {
+pub(in crate::jobs) fn is_older_report(recorded: &Item, current: &Item) -> bool {
     let pending = CallbackState::Pending as i32;
     recorded.state == current.state
         && recorded.callback_state == pending

@@ -137,7 +137,9 @@ impl Reporter {
         });
     }
 
-    /// Records the terminal item, sends its callback, records it settled.
+    /// Records the terminal item, sends its callback, records it settled. When the last of these writes gives up
+    /// (the job store unreachable for the whole store patience), the item as the store should hold it is kept in
+    /// `JobHandle::unrecorded`, for the holder of its task to write once the store answers (JOB_STORE=nats).
     pub async fn settle_now(&self, job: &Arc<JobHandle>, item: Item, report: ReportKind) {
         // Until the last record below is written, retention keeps the job (and its records).
         let _settling = job.settling();
@@ -145,10 +147,14 @@ impl Reporter {
         let job_store = self.job_store_of(job).cloned();
         // The terminal state is committed before anyone is told: a crash before this line leaves no trace of it,
         // so the item runs again; after it, the item keeps this state and is only called back again.
-        if let Some(job_store) = &job_store
-            && !keep(job_store, job, &item, report, self.store_patience).await
-        {
-            return;
+        let mut unrecorded = None;
+        if let Some(job_store) = &job_store {
+            match keep(job_store, job, &item, report, self.store_patience).await {
+                Kept::Stored => {}
+                Kept::Conflict => return,
+                // Called back all the same: the end is real, only its record is late.
+                Kept::Unwritten => unrecorded = Some(item.clone()),
+            }
         }
         if let Some(sender) = &self.callbacks {
             let about = CallbackJob {
@@ -168,7 +174,7 @@ impl Reporter {
             if let Some(job_store) = &job_store
                 && let Some(settled) = settled
             {
-                keep(
+                let kept = keep(
                     job_store,
                     job,
                     &settled,
@@ -176,12 +182,16 @@ impl Reporter {
                     self.store_patience,
                 )
                 .await;
+                unrecorded = matches!(kept, Kept::Unwritten).then_some(settled);
             }
         }
         // Durable jobs: recorded only once the callback is settled, so a rerun never sends it again.
         if let Some(store) = store {
             durable::write(&store, job, item.idx).await;
             job.durable_written.one_more();
+        }
+        if let Some(item) = unrecorded {
+            job.unrecorded.keep(item);
         }
     }
 }
@@ -209,16 +219,24 @@ pub enum ReportKind {
 /// Pause between attempts to write an item record while the job store is unreachable.
 const STORE_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
-/// Writes the terminal item to the job store. False when the store already holds another terminal state for it
-/// (then that one stands, and this one is not called back). An unreachable store is tried again for `patience`
-/// (JOB_STORE=nats: a NATS restart must not turn into an item run twice and called back twice).
+/// What `keep` did with an item record.
+enum Kept {
+    Stored,
+    /// The store already holds another terminal state for the item: that one stands, this one is not called back.
+    Conflict,
+    /// The store did not answer within the patience.
+    Unwritten,
+}
+
+/// Writes the terminal item to the job store. An unreachable store is tried again for `patience` (JOB_STORE=nats:
+/// a NATS restart must not turn into an item run twice and called back twice).
 async fn keep(
     job_store: &SharedJobStore,
     job: &JobHandle,
     item: &Item,
     report: ReportKind,
     patience: Duration,
-) -> bool {
+) -> Kept {
     let key = store::key_of(job);
     let give_up = tokio::time::Instant::now() + patience;
     let key = &key;
@@ -234,16 +252,15 @@ async fn keep(
         written = write(true).await;
     }
     match written {
-        Ok(Written::Stored) => true,
+        Ok(Written::Stored) => Kept::Stored,
         Ok(Written::Conflict(recorded)) => {
             tracing::warn!(job_id = %key.job_id, idx = item.idx, recorded = recorded.state, "item already recorded (by another replica, or in another terminal state); not reported again");
-            false
+            Kept::Conflict
         }
         Err(e) => {
-            // The callback still goes out; after a restart the item would run again.
             metrics::counter!("orchestrator_job_store_errors_total").increment(1);
             tracing::warn!(job_id = %key.job_id, idx = item.idx, error = %Report(&e), "item not recorded in the job store");
-            true
+            Kept::Unwritten
         }
     }
 }

@@ -12,6 +12,7 @@
 //!   waiting that the autoscaler adds to the items running.
 
 mod backlog;
+mod late;
 mod markers;
 mod mirror;
 mod orphans;
@@ -58,6 +59,16 @@ impl ItemTask {
             spec_hash: self.spec_hash.clone(),
         }
     }
+}
+
+/// What becomes of an item task (`work`).
+enum TaskEnd {
+    /// The item's terminal state is recorded: acknowledged, gone from the stream.
+    Done,
+    /// Offered again after the delay (to any replica).
+    Again(std::time::Duration),
+    /// Not a task of any job: terminated.
+    Drop,
 }
 
 /// Item tasks published before their acks are awaited (`Cluster::publish_items`).

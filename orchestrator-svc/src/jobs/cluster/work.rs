@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::patience::{RETRY_PAUSE, Unread, patiently};
-use super::{Cluster, Fetched, ItemTask, unrunnable};
+use super::{Cluster, Fetched, ItemTask, TaskEnd, late, unrunnable};
 use crate::error::Report;
 use crate::jobs::give_up::TOO_MANY_DELIVERIES;
 use crate::jobs::job::{ItemOutcome, JobHandle};
@@ -48,16 +48,6 @@ const RECORD_POLL: Duration = Duration::from_millis(20);
 /// 10,000-image job was called back BATCH_CONCURRENCY items at a time per replica. Above CALLBACK_CONCURRENCY's
 /// default (16), so record writes overlap the callbacks.
 pub(super) const ENDING_SLOTS: usize = 32;
-
-/// What becomes of a task.
-enum TaskEnd {
-    /// The item's terminal state is recorded: acknowledged, gone from the stream.
-    Done,
-    /// Offered again after the delay (to any replica).
-    Again(Duration),
-    /// Not a task of any job: terminated.
-    Drop,
-}
 
 impl JobService {
     /// Takes item tasks while this replica has permits, until shutdown begins.
@@ -253,6 +243,7 @@ impl JobService {
                 reporter
                     .settle_now(&job, recorded, ReportKind::Resend)
                     .await;
+                return late::release(cluster, task, &job, last, stopping).await;
             }
             return TaskEnd::Done;
         }
@@ -299,19 +290,7 @@ impl JobService {
             }
         }
         // Released only once the terminal state is recorded: a crash before that leaves the task to another replica.
-        match patiently(task, stopping, || cluster.store().item(&item_job, idx)).await {
-            // Unreadable here, but recorded all the same.
-            Ok(Some(_)) | Err(Unread::Corrupt(_)) => TaskEnd::Done,
-            // The item ended here (and was called back), but its record did not reach the store within
-            // NATS_STORE_PATIENCE. Put back, its next holder finds no record and runs it again (or gives it up); on
-            // the last delivery there is no next holder, and a NAK left the task in the stream for ever, delivered
-            // to nobody.
-            Ok(None) if last => {
-                tracing::error!(job_id = %task.job_id, idx, "item ended here on its last delivery, but not recorded in the job store; its task is acknowledged");
-                TaskEnd::Done
-            }
-            Ok(None) | Err(Unread::Stopping) => TaskEnd::Again(cluster.settings().progress_every()),
-        }
+        late::release(cluster, task, &job, last, stopping).await
     }
 
     /// Ends item `idx` here with `outcome`, if it is still open here, and reports it before returning. (Ended here
