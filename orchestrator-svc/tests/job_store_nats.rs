@@ -1226,3 +1226,137 @@ async fn a_settled_callback_not_recorded_while_nats_was_down_is_recorded_once_it
     assert_eq!(segmenter.counters.segment_calls.load(Ordering::SeqCst), 1);
     hooks.assert_one_id_per_item(JOB, 1);
 }
+
+/// The bucket and stream as a replica that died mid-callback leaves them: `job`'s one item recorded COMPLETED with
+/// its callback pending, its task still in the stream. The consumer is created as the replicas have it (3 s lease,
+/// `max_deliveries`).
+async fn a_pending_callback_in_the_stream(
+    nats: &str,
+    job: &str,
+    max_deliveries: u64,
+) -> orchestrator_svc::jobs::cluster::Cluster {
+    use orchestrator_svc::jobs::cluster::Cluster;
+    use orchestrator_svc::jobs::store::{JobRecord, JobStore, RecordKey, spec_hash};
+    let mut config = orchestrator_svc::Config::for_tests("/tmp/unused", "http://127.0.0.1:9");
+    config.nats.nats_url = Some(nats.to_string().into());
+    config.jobs.nats_item_ack_wait_sec = 3;
+    config.nats.nats_max_deliveries = max_deliveries;
+    let cluster = Cluster::connect(config.jobs.cluster_settings(&config.nats).unwrap())
+        .await
+        .unwrap();
+    let spec = seed_spec(job, 1);
+    let key = RecordKey {
+        user_id: USER.into(),
+        job_id: job.into(),
+        spec_hash: spec_hash(&spec),
+    };
+    cluster.publish_items(&key, 1).await.unwrap();
+    let record = JobRecord {
+        user_id: USER.into(),
+        job_id: job.into(),
+        spec_hash: key.spec_hash.clone(),
+        spec,
+        seq: 1,
+        cancelled: false,
+        source: None,
+        preset: None,
+    };
+    cluster.store().create(&record).await.unwrap();
+    let item = palette_proto::orchestrator::v1::Item {
+        idx: 0,
+        state: ItemState::Completed as i32,
+        callback_state: CallbackState::Pending as i32,
+        output_key: format!("outputs/{USER}/{job}/paint/0.jpg"),
+        ..Default::default()
+    };
+    cluster
+        .store()
+        .put_first_item(&key, &item, false)
+        .await
+        .unwrap();
+    cluster
+}
+
+/// A replica with callbacks off (WORKERS_API_URL unset there, during a rolling change of it) takes the task of an
+/// item recorded with its callback pending: it puts the task back, and a replica that sends callbacks resends it.
+/// (It acknowledged it, and the callback stayed PENDING on every replica, never sent.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_callback_taken_by_a_replica_without_callbacks_goes_to_one_with_them() {
+    const JOB: &str = "pending-elsewhere";
+    let Some(Shared {
+        nats,
+        dir,
+        segmenter,
+        hooks,
+        env,
+    }) = shared(JOB, 1, 0).await
+    else {
+        return;
+    };
+    let _cluster = a_pending_callback_in_the_stream(&nats.url, JOB, 5).await;
+    let mut off = env.clone();
+    off.push(("WORKERS_API_URL".into(), String::new()));
+    let mut b = Process::start(binary(), &off, &dir.path().join("b.log")).await;
+    logged(
+        &b,
+        "callbacks off here: put back",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    b.terminate(Duration::from_secs(20)).await;
+    let _a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    let deliveries = tokio::time::timeout(
+        Duration::from_secs(30),
+        hooks.wait_until("the callback resent", |d| !d.is_empty()),
+    )
+    .await
+    .expect("a replica with callbacks resent it");
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    assert_eq!(deliveries[0].body["status"], "completed");
+    let delivered = CallbackState::Delivered as i32;
+    recorded_item(&nats.url, JOB, Duration::from_secs(30), |i| {
+        i.callback_state == delivered
+    })
+    .await
+    .expect("recorded delivered");
+    assert_eq!(
+        segmenter.counters.segment_calls.load(Ordering::SeqCst),
+        0,
+        "not run again"
+    );
+}
+
+/// Only replicas with callbacks off ever take it: on its last delivery the record is settled NOT_CONFIGURED (as a
+/// resumed job's item is on one orchestrator), not left PENDING for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_callback_no_replica_can_send_is_settled_not_configured_on_its_last_delivery() {
+    const JOB: &str = "pending-nowhere";
+    let Some(Shared {
+        nats,
+        dir,
+        segmenter: _segmenter,
+        hooks,
+        mut env,
+    }) = shared(JOB, 1, 0).await
+    else {
+        return;
+    };
+    let _cluster = a_pending_callback_in_the_stream(&nats.url, JOB, 1).await;
+    env.push(("WORKERS_API_URL".into(), String::new()));
+    env.push(("NATS_MAX_DELIVERIES".into(), "1".into()));
+    let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
+    let not_configured = CallbackState::NotConfigured as i32;
+    let item = recorded_item(&nats.url, JOB, Duration::from_secs(30), |i| {
+        i.callback_state == not_configured
+    })
+    .await
+    .unwrap_or_else(|| panic!("still pending:\n{}", b.log()));
+    assert_eq!(item.state, ItemState::Completed as i32);
+    assert!(
+        b.log().contains("callbacks off here: put back"),
+        "{}",
+        b.log()
+    );
+    assert!(hooks.deliveries().is_empty());
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use palette_proto::orchestrator::v1::CallbackState;
+use palette_proto::orchestrator::v1::{CallbackState, Item};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -238,14 +238,26 @@ impl JobService {
             // Ended already: by another replica, or here before a crash; only an unsettled callback is resent.
             let _slot = ending_slot(cluster, permit).await;
             job.apply_record(idx, recorded.clone());
-            if callbacks_on && recorded.callback_state == CallbackState::Pending as i32 {
-                tracing::info!(job_id = %task.job_id, idx, "item recorded, callback not settled: resending it");
-                reporter
-                    .settle_now(&job, recorded, ReportKind::Resend)
-                    .await;
-                return late::release(cluster, task, &job, last, stopping).await;
+            if recorded.callback_state != CallbackState::Pending as i32 {
+                return TaskEnd::Done;
             }
-            return TaskEnd::Done;
+            let resend = if callbacks_on {
+                tracing::info!(job_id = %task.job_id, idx, "item recorded, callback not settled: resending it");
+                recorded
+            } else if !last {
+                // Callbacks are off here (WORKERS_API_URL unset), not necessarily on every replica (a rolling change
+                // of it): put back for one that sends them. Acknowledged, it stayed PENDING on every replica.
+                tracing::info!(job_id = %task.job_id, idx, "item recorded, callback not settled, callbacks off here: put back for another replica");
+                return TaskEnd::Again(cluster.settings().progress_every());
+            } else {
+                // No replica that took it sends callbacks: none will be sent, so the record says so (as `resume`
+                // settles such an item on one orchestrator) rather than PENDING for ever.
+                let settled = not_configured(recorded);
+                job.apply_record(idx, settled.clone());
+                settled
+            };
+            reporter.settle_now(&job, resend, ReportKind::Resend).await;
+            return late::release(cluster, task, &job, last, stopping).await;
         }
         if delivered > cluster.settings().max_deliveries {
             let outcome = ItemOutcome::Failed {
@@ -342,6 +354,14 @@ impl JobService {
             }
             fetched => fetched,
         })
+    }
+}
+
+/// `item` with its callback settled as never to be sent (WORKERS_API_URL unset).
+fn not_configured(item: Item) -> Item {
+    Item {
+        callback_state: CallbackState::NotConfigured as i32,
+        ..item
     }
 }
 
