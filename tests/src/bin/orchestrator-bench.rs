@@ -73,6 +73,10 @@ struct Args {
     /// a transparent photo, an RGBA copy are held while it encodes).
     #[arg(long, default_value = "jpeg")]
     output_format: String,
+    /// Input photos as PNGs whose right quarter is transparent (a product on a transparent page) instead of opaque
+    /// JPEGs: with `--output-format png` every output keeps the alpha (an RGBA copy of the photo while it encodes).
+    #[arg(long)]
+    transparent: bool,
     /// Where the masks come from: `model`, the segmenter on the bundled random-weights model (soft noise over the
     /// whole frame for every concept: the largest, least compressible masks there are; issue 13's goals are
     /// measured on it), or `room`, a stand-in that is NOT a model and answers each surface of the synthetic room as
@@ -220,9 +224,25 @@ fn print_reference(label: &str, ours: &Cost, reference: Option<f64>) {
     }
 }
 
-/// A distinct "room" per image so no mask reuse kicks in (the same synthetic photos as preview-bench).
-fn photo(w: u32, h: u32, seed: u32) -> Vec<u8> {
-    palette_e2e::synthetic_room(w, h, seed)
+/// A distinct "room" per image so no mask reuse kicks in (the same synthetic photos as preview-bench); with
+/// `transparent`, as a PNG whose right quarter is transparent (stored under the same `.jpg` key: the orchestrator
+/// reads a photo by its bytes, as the seed's worker did).
+fn photo(w: u32, h: u32, seed: u32, transparent: bool) -> Vec<u8> {
+    let jpeg = palette_e2e::synthetic_room(w, h, seed);
+    if !transparent {
+        return jpeg;
+    }
+    let room = image::load_from_memory(&jpeg)
+        .expect("our JPEG")
+        .into_rgb8();
+    let page = image::RgbaImage::from_fn(w, h, |x, y| {
+        let [r, g, b] = room.get_pixel(x, y).0;
+        image::Rgba([r, g, b, if x >= w / 4 * 3 { 0 } else { 255 }])
+    });
+    let mut png = std::io::Cursor::new(Vec::new());
+    page.write_to(&mut png, image::ImageFormat::Png)
+        .expect("in-memory PNG");
+    png.into_inner()
 }
 
 fn rules() -> Vec<Rule> {
@@ -300,11 +320,18 @@ fn gauge(metrics: &str, name: &str) -> f64 {
 
 /// Writes a job's input photos. Called before a job's CPU time is read: making the synthetic photos (a 12 MP JPEG
 /// encode each) is the bench's work, not the services'; inside the measured span it was ~10 % of the 12 MP figure.
-fn write_inputs(storage: &std::path::Path, job_id: &str, n: u32, size: (u32, u32)) {
+fn write_inputs(
+    storage: &std::path::Path,
+    job_id: &str,
+    n: u32,
+    size: (u32, u32),
+    transparent: bool,
+) {
     let dir = storage.join(format!("inputs/bench-user/{job_id}"));
     std::fs::create_dir_all(&dir).unwrap();
     for i in 0..n {
-        std::fs::write(dir.join(format!("{i}.jpg")), photo(size.0, size.1, i)).unwrap();
+        let bytes = photo(size.0, size.1, i, transparent);
+        std::fs::write(dir.join(format!("{i}.jpg")), bytes).unwrap();
     }
 }
 
@@ -407,8 +434,8 @@ async fn main() -> anyhow::Result<()> {
 
     let size = (args.width, args.height);
     let (idle_peak, _) = process_stats();
-    write_inputs(storage.path(), "small", args.small, size);
-    write_inputs(storage.path(), "large", args.images, size);
+    write_inputs(storage.path(), "small", args.small, size, args.transparent);
+    write_inputs(storage.path(), "large", args.images, size, args.transparent);
     let (_, cpu0) = process_stats();
     let small_wall = run_job(&url, "small", args.small, &args.output_format).await;
     let (small_peak, cpu1) = process_stats();
@@ -511,7 +538,7 @@ async fn main() -> anyhow::Result<()> {
     }
     for round in 1..=args.extra_rounds {
         let job_id = format!("extra-{round}");
-        write_inputs(storage.path(), &job_id, args.images, size);
+        write_inputs(storage.path(), &job_id, args.images, size, args.transparent);
         run_job(&url, &job_id, args.images, &args.output_format).await;
         println!(
             "extra round {round}: {} more images, peak RSS {:.0} MB, RSS now {:.0} MB, job records {:.2} MB (estimate)",
@@ -545,7 +572,13 @@ async fn main() -> anyhow::Result<()> {
     );
     if args.phone_images > 0 {
         let (w, h) = (4032, 3024);
-        write_inputs(storage.path(), "phone", args.phone_images, (w, h));
+        write_inputs(
+            storage.path(),
+            "phone",
+            args.phone_images,
+            (w, h),
+            args.transparent,
+        );
         let before = recorder.render();
         let (_, cpu_a) = process_stats();
         run_job(&url, "phone", args.phone_images, &args.output_format).await;
