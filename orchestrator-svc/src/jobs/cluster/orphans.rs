@@ -10,19 +10,23 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::jobs::JobKey;
+use crate::jobs::store::RecordKey;
 
 /// Forgotten this long after its first sighting (a job dropped long ago; another of the same ids is a new wait).
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Default)]
 pub struct Orphans {
-    first_seen: Mutex<HashMap<JobKey, Instant>>,
+    /// Per job run (its spec hash included): the orphans of a submission that failed and those of a resubmission
+    /// of the job id with another spec wait apart, and finding the second one's record does not restart the first
+    /// one's wait (its tasks, which never find a record of their spec, then held permits as long as the second
+    /// job's tasks kept coming).
+    first_seen: Mutex<HashMap<RecordKey, Instant>>,
 }
 
 impl Orphans {
     /// How long ago a task of `job` was first found without its record (zero, and from now, for the first).
-    pub fn waited(&self, job: &JobKey) -> Duration {
+    pub fn waited(&self, job: &RecordKey) -> Duration {
         let now = Instant::now();
         let mut seen = self.first_seen.lock().unwrap_or_else(|p| p.into_inner());
         seen.retain(|_, at| now.duration_since(*at) < FORGET_AFTER);
@@ -30,7 +34,7 @@ impl Orphans {
     }
 
     /// `job`'s record was found: its tasks are no orphans.
-    pub fn found(&self, job: &JobKey) {
+    pub fn found(&self, job: &RecordKey) {
         self.first_seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -42,10 +46,15 @@ impl Orphans {
 mod tests {
     use super::*;
 
-    fn key(job: &str) -> JobKey {
-        JobKey {
+    fn key(job: &str) -> RecordKey {
+        spec(job, "s1")
+    }
+
+    fn spec(job: &str, spec_hash: &str) -> RecordKey {
+        RecordKey {
             user_id: "u".into(),
             job_id: job.into(),
+            spec_hash: spec_hash.into(),
         }
     }
 
@@ -60,5 +69,18 @@ mod tests {
         assert_eq!(orphans.waited(&key("a")), Duration::ZERO, "a new wait");
         tokio::time::advance(FORGET_AFTER).await;
         assert_eq!(orphans.waited(&key("b")), Duration::ZERO, "forgotten");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_record_of_a_job_id_resubmitted_with_another_spec_does_not_restart_the_first_ones_wait()
+     {
+        let orphans = Orphans::default();
+        let (failed, again) = (spec("a", "s1"), spec("a", "s2"));
+        orphans.waited(&failed);
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert_eq!(orphans.waited(&again), Duration::ZERO, "its own wait");
+        orphans.found(&again);
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert_eq!(orphans.waited(&failed), Duration::from_secs(65));
     }
 }

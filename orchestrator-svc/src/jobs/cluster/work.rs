@@ -171,6 +171,7 @@ impl JobService {
         // NATS_MAX_DELIVERIES.
         let waiting_since = tokio::time::Instant::now();
         let key = task_key(task);
+        let item_job = task.job();
         // The consumer's last delivery of this task (`max_deliver` is one past NATS_MAX_DELIVERIES): JetStream never
         // delivers a task put back now again, so its item would never end (no record, no callback, the job never
         // settled). A drain then does not put the task back: it keeps reading and waiting within SHUTDOWN_GRACE_SEC,
@@ -185,24 +186,24 @@ impl JobService {
                 Ok(found) => found,
                 Err(Unread::Stopping) => return TaskEnd::Again(Duration::ZERO),
                 Err(Unread::Corrupt(e)) => {
-                    cluster.orphans.found(&key);
+                    cluster.orphans.found(&item_job);
                     let why = format!("its record does not decode here ({})", Report(&e));
                     break (unrunnable::stand_in(task, None), Some(why));
                 }
             };
             match found {
                 Fetched::Job(job) => {
-                    cluster.orphans.found(&key);
+                    cluster.orphans.found(&item_job);
                     break (job, None);
                 }
                 // Recorded all the same: waiting for a record changes nothing, and dropping the task left the item
                 // without an end (no record, no callback, WatchJob never ending).
                 Fetched::Unplannable { record, why } => {
-                    cluster.orphans.found(&key);
+                    cluster.orphans.found(&item_job);
                     break (unrunnable::stand_in(task, Some(&record)), Some(why));
                 }
                 Fetched::NotRecorded
-                    if cluster.orphans.waited(&key) < ORPHAN_AFTER
+                    if cluster.orphans.waited(&item_job) < ORPHAN_AFTER
                         || waiting_since.elapsed() < RECORD_GRACE => {}
                 Fetched::NotRecorded => {
                     tracing::warn!(job_id = %task.job_id, idx, "item task of a job never recorded (or of a spec replaced); dropped");
@@ -226,7 +227,6 @@ impl JobService {
         };
         let reporter = self.pipeline.reporter();
         let callbacks_on = reporter.callbacks_on();
-        let item_job = task.job();
         let recorded =
             match patiently(task, stopping, || cluster.store().item(&item_job, idx)).await {
                 Ok(recorded) => recorded,
