@@ -190,7 +190,11 @@ impl Reporter {
             durable::write(&store, job, item.idx).await;
             job.durable_written.one_more();
         }
-        if let Some(item) = unrecorded {
+        // Kept only where a task's holder writes it (JOB_STORE=nats, the one store given a patience): with
+        // JOB_STORE=local nobody would, and a failing disk kept every ended item's copy until the job was forgotten.
+        if let Some(item) = unrecorded
+            && !self.store_patience.is_zero()
+        {
             job.unrecorded.keep(item);
         }
     }
