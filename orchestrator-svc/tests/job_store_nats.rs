@@ -551,11 +551,7 @@ async fn an_item_whose_holders_keep_dying_is_given_up_with_one_failed_callback()
     env.push(("NATS_MAX_DELIVERIES".into(), "1".into()));
     let mut a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
     a.jobs_client().submit_job(seed_spec(JOB, 1)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while segmenter.counters.segment_calls.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the item never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    item_started(&segmenter).await;
     a.kill();
     // The second delivery (after the 3 s lease) is past NATS_MAX_DELIVERIES=1: not run, failed and called back.
     let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
@@ -835,8 +831,7 @@ async fn a_drain_puts_back_tasks_waiting_for_their_jobs_record() {
 async fn a_drain_ends_a_task_on_its_last_delivery_instead_of_putting_it_back() {
     use async_nats::jetstream::{AckKind, consumer::PullConsumer};
     use futures::StreamExt;
-    use orchestrator_svc::jobs::cluster::Cluster;
-    use orchestrator_svc::jobs::store::{JobRecord, JobStore, RecordKey, spec_hash};
+    use orchestrator_svc::jobs::store::JobStore;
     const JOB: &str = "last-delivery";
     let Some(Shared {
         nats,
@@ -850,20 +845,9 @@ async fn a_drain_ends_a_task_on_its_last_delivery_instead_of_putting_it_back() {
     };
     env.push(("NATS_MAX_DELIVERIES".into(), "1".into()));
     env.push(("SHUTDOWN_GRACE_SEC".into(), "30".into()));
-    // The shared consumer, created as the replicas have it: deliveries 1 and 2 (the one that gives the item up).
-    let mut config = orchestrator_svc::Config::for_tests("/tmp/unused", "http://127.0.0.1:9");
-    config.nats.nats_url = Some(nats.url.clone().into());
-    config.jobs.nats_item_ack_wait_sec = 3;
-    config.nats.nats_max_deliveries = 1;
-    let cluster = Cluster::connect(config.jobs.cluster_settings(&config.nats).unwrap())
-        .await
-        .unwrap();
-    let spec = seed_spec(JOB, 1);
-    let job = RecordKey {
-        user_id: USER.into(),
-        job_id: JOB.into(),
-        spec_hash: spec_hash(&spec),
-    };
+    // Deliveries 1 and 2 (the one that gives the item up).
+    let cluster = as_the_replicas(&nats.url, 1).await;
+    let (job, record) = recorded_job(JOB);
     // The item's task, published before its job's record (as SubmitJob does), taken once and put back (a replica
     // that drained): the next delivery is the last.
     cluster.publish_items(&job, 1).await.unwrap();
@@ -893,16 +877,6 @@ async fn a_drain_ends_a_task_on_its_last_delivery_instead_of_putting_it_back() {
     };
     wait_for_log("waiting for its record").await;
     // SIGTERM; once B drains (and, before the fix, had put the task back), the job is recorded.
-    let record = JobRecord {
-        user_id: USER.into(),
-        job_id: JOB.into(),
-        spec_hash: job.spec_hash.clone(),
-        spec,
-        seq: 1,
-        cancelled: false,
-        source: None,
-        preset: None,
-    };
     let (took, ()) = tokio::join!(b.terminate(Duration::from_secs(40)), async {
         wait_for_log("shutting down").await;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -954,11 +928,7 @@ async fn a_cancel_on_another_replica_stops_the_items_of_a_draining_one() {
     let mut a = Process::start(binary(), &env, &log).await;
     // Only A runs, so A holds the item's task.
     a.jobs_client().submit_job(seed_spec(JOB, 1)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while segmenter.counters.segment_calls.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the item never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    item_started(&segmenter).await;
     let b = Process::start(binary(), &env, &dir.path().join("b.log")).await;
     let mut on_b = b.jobs_client();
     wait_for_within(Duration::from_secs(10), &mut on_b, USER, JOB, |j| {
@@ -1066,6 +1036,15 @@ async fn a_large_cancelled_job_is_called_back_once_per_item_on_two_replicas() {
     );
 }
 
+/// Waits until an item's Segment call began.
+async fn item_started(segmenter: &fake_segmenter::FakeSegmenter) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while segmenter.counters.segment_calls.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the item never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until `process` has logged `what` `times` times.
 async fn logged(process: &Process, what: &str, times: usize, within: Duration) {
     let deadline = Instant::now() + within;
@@ -1086,13 +1065,10 @@ async fn recorded_item(
     within: Duration,
     done: impl Fn(&palette_proto::orchestrator::v1::Item) -> bool,
 ) -> Option<palette_proto::orchestrator::v1::Item> {
-    use orchestrator_svc::jobs::store::{NatsJobStore, RecordKey, spec_hash};
-    let store = NatsJobStore::open(nats, "palette_jobs").await.unwrap();
-    let key = RecordKey {
-        user_id: USER.into(),
-        job_id: job.into(),
-        spec_hash: spec_hash(&seed_spec(job, 1)),
-    };
+    let store = orchestrator_svc::jobs::store::NatsJobStore::open(nats, "palette_jobs")
+        .await
+        .unwrap();
+    let (key, _) = recorded_job(job);
     let deadline = Instant::now() + within;
     loop {
         let item = store.item(&key, 0).await.unwrap();
@@ -1132,11 +1108,7 @@ async fn an_item_that_ended_while_nats_was_down_past_the_patience_is_recorded_on
     };
     let a = Process::start(binary(), &impatient(env), &dir.path().join("a.log")).await;
     a.jobs_client().submit_job(seed_spec(JOB, 1)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while segmenter.counters.segment_calls.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the item never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    item_started(&segmenter).await;
     nats.freeze();
     // Its first record (before the callback) and its settled record (after it) both given up.
     logged(
@@ -1227,30 +1199,37 @@ async fn a_settled_callback_not_recorded_while_nats_was_down_is_recorded_once_it
     hooks.assert_one_id_per_item(JOB, 1);
 }
 
-/// The bucket and stream as a replica that died mid-callback leaves them: `job`'s one item recorded COMPLETED with
-/// its callback pending, its task still in the stream. The consumer is created as the replicas have it (3 s lease,
-/// `max_deliveries`).
-async fn a_pending_callback_in_the_stream(
+/// The shared bucket, stream and consumer, the consumer created as the replicas have it (3 s lease,
+/// `max_deliveries`): how a test sets up what the replicas find.
+async fn as_the_replicas(
     nats: &str,
-    job: &str,
     max_deliveries: u64,
 ) -> orchestrator_svc::jobs::cluster::Cluster {
-    use orchestrator_svc::jobs::cluster::Cluster;
-    use orchestrator_svc::jobs::store::{JobRecord, JobStore, RecordKey, spec_hash};
     let mut config = orchestrator_svc::Config::for_tests("/tmp/unused", "http://127.0.0.1:9");
     config.nats.nats_url = Some(nats.to_string().into());
     config.jobs.nats_item_ack_wait_sec = 3;
     config.nats.nats_max_deliveries = max_deliveries;
-    let cluster = Cluster::connect(config.jobs.cluster_settings(&config.nats).unwrap())
-        .await
-        .unwrap();
+    orchestrator_svc::jobs::cluster::Cluster::connect(
+        config.jobs.cluster_settings(&config.nats).unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+/// The key and the record SubmitJob writes for `seed_spec(job, 1)`.
+fn recorded_job(
+    job: &str,
+) -> (
+    orchestrator_svc::jobs::store::RecordKey,
+    orchestrator_svc::jobs::store::JobRecord,
+) {
+    use orchestrator_svc::jobs::store::{JobRecord, RecordKey, spec_hash};
     let spec = seed_spec(job, 1);
     let key = RecordKey {
         user_id: USER.into(),
         job_id: job.into(),
         spec_hash: spec_hash(&spec),
     };
-    cluster.publish_items(&key, 1).await.unwrap();
     let record = JobRecord {
         user_id: USER.into(),
         job_id: job.into(),
@@ -1261,6 +1240,20 @@ async fn a_pending_callback_in_the_stream(
         source: None,
         preset: None,
     };
+    (key, record)
+}
+
+/// The bucket and stream as a replica that died mid-callback leaves them: `job`'s one item recorded COMPLETED with
+/// its callback pending, its task still in the stream.
+async fn a_pending_callback_in_the_stream(
+    nats: &str,
+    job: &str,
+    max_deliveries: u64,
+) -> orchestrator_svc::jobs::cluster::Cluster {
+    use orchestrator_svc::jobs::store::JobStore;
+    let cluster = as_the_replicas(nats, max_deliveries).await;
+    let (key, record) = recorded_job(job);
+    cluster.publish_items(&key, 1).await.unwrap();
     cluster.store().create(&record).await.unwrap();
     let item = palette_proto::orchestrator::v1::Item {
         idx: 0,
