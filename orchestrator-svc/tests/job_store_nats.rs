@@ -1353,3 +1353,70 @@ async fn a_pending_callback_no_replica_can_send_is_settled_not_configured_on_its
     );
     assert!(hooks.deliveries().is_empty());
 }
+
+/// A task delivered again to the replica that still holds it (its lease ran out under a live holder whose renewals
+/// came too late: here the consumer's ack wait is cut to 1 s after the replica adopted 30 s, so it renews every
+/// 10 s) waits for the first delivery to end, and then finds the item recorded. (Before: it ran the item a second
+/// time beside the first, taking the RUNNING item for a dead holder's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_delivered_again_to_its_holder_waits_for_the_first_delivery() {
+    use async_nats::jetstream::consumer::PullConsumer;
+    const JOB: &str = "held-twice";
+    let Some(Shared {
+        nats,
+        dir,
+        segmenter,
+        hooks,
+        mut env,
+    }) = shared(JOB, 1, 4_000).await
+    else {
+        return;
+    };
+    env.push(("NATS_ITEM_ACK_WAIT_SEC".into(), "30".into()));
+    env.push(("BATCH_CONCURRENCY".into(), "2".into()));
+    let a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    logged(&a, "taking item tasks", 1, Duration::from_secs(30)).await;
+    let cluster = as_the_replicas(&nats.url, 5).await;
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let stream = js.get_stream(&cluster.settings().stream).await.unwrap();
+    let mut consumer: PullConsumer = stream
+        .get_consumer(&cluster.settings().consumer)
+        .await
+        .unwrap();
+    let mut config = consumer.info().await.unwrap().config.clone();
+    config.ack_wait = Duration::from_secs(1);
+    stream.update_consumer(config).await.unwrap();
+
+    a.jobs_client().submit_job(seed_spec(JOB, 1)).await.unwrap();
+    let delivered = CallbackState::Delivered as i32;
+    let item = recorded_item(&nats.url, JOB, Duration::from_secs(30), |i| {
+        i.callback_state == delivered
+    })
+    .await
+    .unwrap_or_else(|| panic!("never recorded:\n{}", a.log()));
+    assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
+    // Both deliveries acknowledged: nothing comes back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = consumer.info().await.unwrap().clone();
+        if info.num_ack_pending == 0 && info.num_pending == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the task stays out: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        segmenter.counters.segment_calls.load(Ordering::SeqCst),
+        1,
+        "run once:\n{}",
+        a.log()
+    );
+    hooks.assert_one_id_per_item(JOB, 1);
+    assert_eq!(hooks.deliveries().len(), 1, "{:?}", hooks.deliveries());
+    assert!(
+        a.log()
+            .contains("item task delivered again while held here"),
+        "the second delivery came to this replica:\n{}",
+        a.log()
+    );
+}

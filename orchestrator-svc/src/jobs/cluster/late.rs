@@ -43,10 +43,10 @@ pub(super) async fn release(
     match patiently(task, &stopping, || cluster.store().item(&key, idx)).await {
         // Unreadable here, but recorded all the same.
         Ok(Some(_)) | Err(Unread::Corrupt(_)) => TaskEnd::Done,
-        // Ended here by a report still being written elsewhere (a cancel's, which ends the items of a job
-        // together). Put back: its next holder finds the record, or no record and ends or runs the item again. On
-        // the last delivery there is no next holder, and a NAK left the task in the stream for ever, delivered to
-        // nobody.
+        // Run or ended here under another task of the same item, not recorded yet (a resubmission publishes a
+        // job's tasks again; a redelivery of this very task waits for its first holder instead: `held`). Put back:
+        // its next holder finds the record, or no record and ends or runs the item again. On the last delivery
+        // there is no next holder, and a NAK left the task in the stream for ever, delivered to nobody.
         Ok(None) if last => {
             tracing::error!(job_id = %task.job_id, idx, "item ended here on its last delivery, but not recorded in the job store; its task is acknowledged");
             TaskEnd::Done

@@ -12,6 +12,7 @@
 //!   waiting that the autoscaler adds to the items running.
 
 mod backlog;
+mod held;
 mod late;
 mod markers;
 mod mirror;
@@ -87,6 +88,8 @@ pub struct Cluster {
     orphans: orphans::Orphans,
     /// Tasks that end their item without running it (`work::ENDING_SLOTS`).
     ending: Arc<tokio::sync::Semaphore>,
+    /// The tasks held here, so that one delivered here again waits for its first holder (`held`).
+    held: held::HeldTasks,
 }
 
 impl Cluster {
@@ -106,6 +109,7 @@ impl Cluster {
             replica_id: format!("{host}-{}", &suffix[..8]),
             orphans: orphans::Orphans::default(),
             ending: Arc::new(tokio::sync::Semaphore::new(work::ENDING_SLOTS)),
+            held: held::HeldTasks::default(),
         };
         // As the server has it: created now, or as it was created before.
         let consumer = cluster.consumer().await?;

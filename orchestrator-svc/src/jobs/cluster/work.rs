@@ -132,9 +132,9 @@ impl JobService {
         task: ItemTask,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
-        let delivered = message
-            .info()
-            .map_or(1, |info| info.delivered.max(1) as u64);
+        let info = message.info().ok();
+        let delivered = info.as_ref().map_or(1, |info| info.delivered.max(1) as u64);
+        let sequence = info.map(|info| info.stream_sequence);
         let renew = async {
             let mut every = tokio::time::interval(cluster.settings().progress_every());
             every.tick().await;
@@ -145,8 +145,24 @@ impl JobService {
                 }
             }
         };
-        let end = tokio::select! {
-            end = self.run_task(cluster, &task, delivered, permit) => end,
+        // Held here until acknowledged: this task delivered here again meanwhile (its lease ran out under this
+        // holder) waits for this delivery to end, its lease renewed, instead of finding its item half-done (`held`).
+        let run = async {
+            let held = match sequence {
+                Some(sequence) => Some(
+                    cluster
+                        .held
+                        .hold(sequence, || {
+                            tracing::info!(job_id = %task.job_id, idx = task.idx, delivered, "item task delivered again while held here (its lease ran out); waiting for the first delivery to end");
+                        })
+                        .await,
+                ),
+                None => None,
+            };
+            (self.run_task(cluster, &task, delivered, permit).await, held)
+        };
+        let (end, _held) = tokio::select! {
+            ended = run => ended,
             () = renew => unreachable!("renews until the task ends"),
         };
         let acked = match end {
@@ -306,7 +322,7 @@ impl JobService {
     }
 
     /// Ends item `idx` here with `outcome`, if it is still open here, and reports it before returning. (Ended here
-    /// already, by a cancel whose report is still being written: the task comes back and finds it recorded.)
+    /// already, under another task of the same item whose report is still being written: see `late::release`.)
     async fn end_here(&self, job: &Arc<JobHandle>, idx: u32, outcome: ItemOutcome) {
         let reporter = self.pipeline.reporter();
         if let Some(item) = job.finish_item(idx, outcome, reporter.callbacks_on()) {
