@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod jpeg;
 pub mod keys;
 pub mod mask_png;
+pub mod png_rows;
 pub mod resize;
 pub mod segmenter;
 pub mod server;

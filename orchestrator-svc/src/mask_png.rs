@@ -14,6 +14,8 @@
 
 use image::GrayImage;
 
+use crate::png_rows::{self, Pixels};
+
 pub mod bounded;
 pub mod grid;
 
@@ -95,7 +97,7 @@ pub fn encode_crop(mask: &GrayImage, at: Placement) -> Vec<u8> {
 /// fills `out` with photo row y's pixels from column `at.x` on, so no full-frame plane need exist.
 ///
 /// Written here rather than by the png crate (which also uses fdeflate for `Compression::Fast`): every row is
-/// Paeth-filtered by a loop that vectorises (`paeth_row`) and compressed by fdeflate as one stream. The png crate's adaptive filter chose Paeth for nearly every row of these masks (files within
+/// Paeth-filtered by a loop that vectorises (`png_rows`) and compressed by fdeflate as one stream. The png crate's adaptive filter chose Paeth for nearly every row of these masks (files within
 /// a few bytes) but filtered a byte at a time, and its stream writer copied each row twice: that was ~40 % of a
 /// mask's encode (a 12 MP soft instance: 44 -> 26 ms, measured by the ignored test `encode_speed`).
 ///
@@ -112,86 +114,13 @@ pub fn encode_rows(at: Placement, mut row: impl FnMut(u32, &mut [u8])) -> Vec<u8
 }
 
 /// An 8-bit grayscale `width` x `height` PNG with `chunks` (type, data) before its image data; `row(r, out)` fills
-/// image row r (from 0). Paeth-filtered and compressed as `encode_rows` says.
+/// image row r (from 0). Paeth-filtered and compressed as `encode_rows` says (`crate::png_rows`).
 pub(crate) fn encode_png(
-    (width, height): (u32, u32),
+    size: (u32, u32),
     chunks: &[(&[u8; 4], &[u8])],
-    mut row: impl FnMut(u32, &mut [u8]),
+    row: impl FnMut(u32, &mut [u8]),
 ) -> Vec<u8> {
-    let at = Placement {
-        x: 0,
-        y: 0,
-        width,
-        height,
-    };
-    let width = at.width as usize;
-    let mut out = Vec::with_capacity(1024);
-    out.extend_from_slice(b"\x89PNG\r\n\x1a\n");
-    let mut ihdr = [0u8; 13];
-    ihdr[..4].copy_from_slice(&at.width.to_be_bytes());
-    ihdr[4..8].copy_from_slice(&at.height.to_be_bytes());
-    // Bit depth 8, colour type 0 (grayscale), deflate, adaptive filtering (per-row filter types), no interlace.
-    ihdr[8] = 8;
-    write_chunk(&mut out, b"IHDR", &ihdr);
-    for (kind, data) in chunks {
-        write_chunk(&mut out, kind, data);
-    }
-
-    let mut deflate = fdeflate::Compressor::new(Vec::with_capacity(width * at.height as usize / 4))
-        .expect("a Vec takes every write");
-    // Row buffers with one leading zero: the pixel left of column 0 (and above-left) is 0 for Paeth.
-    let (mut prev, mut cur) = (vec![0u8; width + 1], vec![0u8; width + 1]);
-    let mut filtered = vec![0u8; width + 1];
-    filtered[0] = PAETH;
-    for y in 0..at.height {
-        row(y, &mut cur[1..]);
-        paeth_row(&cur, &prev, &mut filtered[1..]);
-        deflate
-            .write_data(&filtered)
-            .expect("a Vec takes every write");
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    let stream = deflate.finish().expect("a Vec takes every write");
-    // Chunk lengths stop at 2^31 - 1: large streams take several IDAT chunks (decoders join them).
-    out.reserve(stream.len() + 32);
-    for part in stream.chunks(IDAT_MAX) {
-        write_chunk(&mut out, b"IDAT", part);
-    }
-    write_chunk(&mut out, b"IEND", &[]);
-    out
-}
-
-/// PNG filter type 4.
-const PAETH: u8 = 4;
-/// Largest IDAT chunk written: any size below 2^31 does; one chunk holds a 12 MP soft mask's few MB.
-const IDAT_MAX: usize = 256 << 20;
-
-/// One chunk: length, type, data, CRC of type and data.
-fn write_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    let start = out.len();
-    out.extend_from_slice(kind);
-    out.extend_from_slice(data);
-    let crc = crc32fast::hash(&out[start..]);
-    out.extend_from_slice(&crc.to_be_bytes());
-}
-
-/// The Paeth filter of one row of one-byte pixels (PNG spec, 9.4): `cur` and `prev` hold the row and the row above
-/// after a leading 0 (the pixel left of column 0), `out` gets one residual per pixel. Branch-free over i16 so the
-/// loop vectorises; same tie-breaking as the spec (a, then b, then c).
-fn paeth_row(cur: &[u8], prev: &[u8], out: &mut [u8]) {
-    let n = out.len();
-    let (left, x) = (&cur[..n], &cur[1..=n]);
-    let (up_left, up) = (&prev[..n], &prev[1..=n]);
-    for i in 0..n {
-        let (a, b, c) = (i16::from(left[i]), i16::from(up[i]), i16::from(up_left[i]));
-        let pa = (b - c).abs();
-        let pb = (a - c).abs();
-        let pc = (a + b - 2 * c).abs();
-        let b_or_c = if pb <= pc { b } else { c };
-        let pred = if pa <= pb && pa <= pc { a } else { b_or_c };
-        out[i] = x[i].wrapping_sub(pred as u8);
-    }
+    png_rows::encode(size, Pixels::Gray8, chunks, row)
 }
 
 /// The (x, y) of a PNG's `oFFs` chunk when its unit is pixels; None when it has none (a full-frame mask stored
@@ -349,42 +278,6 @@ mod tests {
                 .unwrap()
                 .to_luma8();
             assert_eq!(back, m, "{w}x{h}");
-        }
-    }
-
-    #[test]
-    fn paeth_matches_the_specs_predictor() {
-        // PNG spec 9.4, written as there.
-        fn predictor(a: u8, b: u8, c: u8) -> u8 {
-            let p = i16::from(a) + i16::from(b) - i16::from(c);
-            let (pa, pb, pc) = (
-                (p - i16::from(a)).abs(),
-                (p - i16::from(b)).abs(),
-                (p - i16::from(c)).abs(),
-            );
-            if pa <= pb && pa <= pc {
-                a
-            } else if pb <= pc {
-                b
-            } else {
-                c
-            }
-        }
-        let values = [0u8, 1, 2, 127, 128, 200, 254, 255];
-        for &a in &values {
-            for &b in &values {
-                for &c in &values {
-                    for &x in &values {
-                        let mut out = [0u8];
-                        paeth_row(&[a, x], &[c, b], &mut out);
-                        assert_eq!(
-                            out[0],
-                            x.wrapping_sub(predictor(a, b, c)),
-                            "{a} {b} {c} {x}"
-                        );
-                    }
-                }
-            }
         }
     }
 

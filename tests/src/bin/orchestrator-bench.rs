@@ -69,12 +69,12 @@ struct Args {
     /// crops: the PNG encoding of every interpolated pixel).
     #[arg(long, value_enum, default_value_t = MaskLayout::Grid)]
     mask_layout: MaskLayout,
-    /// The jobs' `output_format`: jpeg (the default) or png (every rule's output a PNG: its encoded bytes and, for
-    /// a transparent photo, an RGBA copy are held while it encodes).
+    /// The jobs' `output_format`: jpeg (the default) or png (every rule's output a PNG, written a row at a time:
+    /// its encoded bytes are held while it encodes).
     #[arg(long, default_value = "jpeg")]
     output_format: String,
     /// Input photos as PNGs whose right quarter is transparent (a product on a transparent page) instead of opaque
-    /// JPEGs: with `--output-format png` every output keeps the alpha (an RGBA copy of the photo while it encodes).
+    /// JPEGs: each photo's alpha plane is held beside its RGB, and with `--output-format png` every output keeps it.
     #[arg(long)]
     transparent: bool,
     /// Where the masks come from: `model`, the segmenter on the bundled random-weights model (soft noise over the

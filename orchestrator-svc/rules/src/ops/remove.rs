@@ -39,25 +39,29 @@ pub fn keep_source_transparency(cut: &mut RgbaImage, source_alpha: &GrayImage) {
     let w = cut.width() as usize;
     cut.par_chunks_mut(w * 4)
         .zip(source_alpha.as_raw().par_chunks(w))
-        .for_each(|(row, alpha)| {
-            for (px, &a) in row.chunks_exact_mut(4).zip(alpha) {
-                if a == 255 {
-                    continue;
-                }
-                let a = u32::from(a);
-                px[3] = ((u32::from(px[3]) * a + 127) / 255) as u8;
-                if a == 0 {
-                    // Nothing of the source shows here: no colour to recover (and none is seen).
-                    px[..3].fill(0);
-                    continue;
-                }
-                // on_white = c * a / 255 + 255 - a  =>  c = (on_white - (255 - a)) * 255 / a
-                for c in &mut px[..3] {
-                    let over = u32::from(*c).saturating_sub(255 - a);
-                    *c = ((over * 255 + a / 2) / a).min(255) as u8;
-                }
-            }
-        });
+        .for_each(|(row, alpha)| keep_source_transparency_row(row, alpha));
+}
+
+/// `keep_source_transparency` of one RGBA row and the source's alpha for it: for an encoder fed row by row.
+pub fn keep_source_transparency_row(row: &mut [u8], source_alpha: &[u8]) {
+    debug_assert_eq!(row.len(), source_alpha.len() * 4, "RGBA row and its alpha");
+    for (px, &a) in row.chunks_exact_mut(4).zip(source_alpha) {
+        if a == 255 {
+            continue;
+        }
+        let a = u32::from(a);
+        px[3] = ((u32::from(px[3]) * a + 127) / 255) as u8;
+        if a == 0 {
+            // Nothing of the source shows here: no colour to recover (and none is seen).
+            px[..3].fill(0);
+            continue;
+        }
+        // on_white = c * a / 255 + 255 - a  =>  c = (on_white - (255 - a)) * 255 / a
+        for c in &mut px[..3] {
+            let over = u32::from(*c).saturating_sub(255 - a);
+            *c = ((over * 255 + a / 2) / a).min(255) as u8;
+        }
+    }
 }
 
 /// Fills the region from its surroundings, then blends the fill in by min(1, 2 * alpha) * strength. Doubling alpha

@@ -10,6 +10,7 @@ use image::{
 use palette_rules::icc::Conversion;
 
 use super::error::ItemError;
+use crate::png_rows::Pixels;
 
 pub const JPEG_QUALITY: u8 = 90;
 pub const PREVIEW_SIZE: u32 = 256;
@@ -219,36 +220,52 @@ fn png_encoder(out: &mut Vec<u8>, compression: CompressionType) -> PngEncoder<&m
 
 /// A photo's edit as PNG (`JobSpec.output_format` "png"): with the photo's transparency when it has some (colours
 /// taken back off the white it was read on, as for a cut-out), plain RGB otherwise (a quarter less to encode and
-/// store than an opaque alpha channel). zlib's fast level: a whole photo is noisy where a cut-out is mostly empty,
-/// and on the 640x480 fixture photos the default level took 14 to 15 times as long (35-96 ms against 2.4-6.6 ms,
-/// release, one core; extrapolated, seconds per rule at 12 MP) for files 20 % smaller.
+/// store than an opaque alpha channel). Written a row at a time (`crate::png_rows`: Paeth and fdeflate, the image
+/// crate's fast level), each row built as it is encoded. A fast level: a whole photo is noisy where a cut-out is
+/// mostly empty, and on the 640x480 fixture photos zlib's default level took 14 to 15 times as long (35-96 ms
+/// against 2.4-6.6 ms, release, one core; extrapolated, seconds per rule at 12 MP) for files 20 % smaller.
 pub fn encode_png_keeping(
     img: &RgbImage,
     transparency: Option<&GrayImage>,
 ) -> Result<Vec<u8>, ItemError> {
     match transparency {
-        Some(alpha) => {
-            // Straight into RGBA: no RGB clone of the photo first (12 MB more per 4 MP on the way).
-            let mut rgba = RgbaImage::new(img.width(), img.height());
-            for (d, s) in rgba.chunks_exact_mut(4).zip(img.as_raw().chunks_exact(3)) {
-                d[..3].copy_from_slice(s);
-                d[3] = 255;
-            }
-            palette_rules::ops::remove::keep_source_transparency(&mut rgba, alpha);
-            encode_png(
-                rgba.as_raw(),
-                rgba.dimensions(),
-                image::ExtendedColorType::Rgba8,
-                CompressionType::Fast,
-            )
+        Some(alpha) => Ok(encode_png_with_alpha(img, alpha)),
+        None => {
+            let line = img.width() as usize * 3;
+            let rgb = img.as_raw();
+            Ok(crate::png_rows::encode(
+                img.dimensions(),
+                Pixels::Rgb8,
+                &[],
+                |y, row| {
+                    row.copy_from_slice(&rgb[y as usize * line..][..line]);
+                },
+            ))
         }
-        None => encode_png(
-            img.as_raw(),
-            img.dimensions(),
-            image::ExtendedColorType::Rgb8,
-            CompressionType::Fast,
-        ),
     }
+}
+
+/// The photo's RGB with `alpha` as an RGBA PNG, each row built as it is encoded (`crate::png_rows`): no RGBA copy
+/// of the photo per output (4 bytes per pixel, 192 MB at 48 MP, which the image crate's encoder needed).
+fn encode_png_with_alpha(img: &RgbImage, alpha: &GrayImage) -> Vec<u8> {
+    assert_eq!(
+        img.dimensions(),
+        alpha.dimensions(),
+        "photo and alpha of one photo"
+    );
+    let w = img.width() as usize;
+    let (rgb, alpha) = (img.as_raw(), alpha.as_raw());
+    crate::png_rows::encode(img.dimensions(), Pixels::Rgba8, &[], |y, row| {
+        let y = y as usize;
+        for (d, s) in row
+            .chunks_exact_mut(4)
+            .zip(rgb[y * w * 3..][..w * 3].chunks_exact(3))
+        {
+            d[..3].copy_from_slice(s);
+            d[3] = 255;
+        }
+        palette_rules::ops::remove::keep_source_transparency_row(row, &alpha[y * w..][..w]);
+    })
 }
 
 /// A deliverable (a cut-out): zlib's default level, the size users download matters more than the encode time.

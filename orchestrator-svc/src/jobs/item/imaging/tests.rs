@@ -115,6 +115,38 @@ fn a_photos_transparency_is_kept_only_when_it_has_some() {
     assert!(decode_photo(&opaque, 1 << 20).unwrap().1.is_none());
 }
 
+/// Rows built as they are encoded give the pixels the whole-image way gave (an RGBA copy of the photo, its
+/// transparency kept, encoded by the image crate), on noise and every level of alpha.
+#[test]
+fn a_transparent_png_output_built_by_rows_has_the_pixels_of_the_whole_image_way() {
+    let (w, h) = (300, 200);
+    let mut seed = 1u32;
+    let mut noise = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        seed as u8
+    };
+    let rgb = RgbImage::from_fn(w, h, |_, _| image::Rgb([noise(), noise(), noise()]));
+    // Opaque, transparent and every level between.
+    let alpha = image::GrayImage::from_fn(w, h, |x, y| {
+        image::Luma([match x % 3 {
+            0 => 255,
+            1 => 0,
+            _ => ((x + y) % 256) as u8,
+        }])
+    });
+    let mut whole = RgbaImage::from_fn(w, h, |x, y| {
+        let [r, g, b] = rgb.get_pixel(x, y).0;
+        image::Rgba([r, g, b, 255])
+    });
+    palette_rules::ops::remove::keep_source_transparency(&mut whole, &alpha);
+    let by_rows = encode_png_keeping(&rgb, Some(&alpha)).unwrap();
+    let decoded = image::load_from_memory(&by_rows).unwrap();
+    assert_eq!(decoded.color(), image::ColorType::Rgba8);
+    assert!(decoded.into_rgba8() == whole, "pixels differ");
+}
+
 #[test]
 fn a_png_output_keeps_the_photos_transparency_and_an_opaque_one_is_plain_rgb() {
     let source = RgbaImage::from_fn(20, 10, |x, _| image::Rgba([30, 60, 200, (x * 12) as u8]));
