@@ -1420,3 +1420,45 @@ async fn a_task_delivered_again_to_its_holder_waits_for_the_first_delivery() {
         a.log()
     );
 }
+
+/// One item with two tasks in the stream (a resubmission after a failed record publishes a job's tasks again), both
+/// taken by one replica: the second waits for the first and finds the item recorded. (Before: both ran it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tasks_of_one_item_on_one_replica_run_it_once() {
+    use orchestrator_svc::jobs::store::JobStore;
+    const JOB: &str = "published-twice";
+    let Some(Shared {
+        nats,
+        dir,
+        segmenter,
+        hooks,
+        mut env,
+    }) = shared(JOB, 1, 3_000).await
+    else {
+        return;
+    };
+    env.push(("BATCH_CONCURRENCY".into(), "2".into()));
+    let cluster = as_the_replicas(&nats.url, 5).await;
+    let (job, record) = recorded_job(JOB);
+    cluster.publish_items(&job, 1).await.unwrap();
+    cluster.publish_items(&job, 1).await.unwrap();
+    cluster.store().create(&record).await.unwrap();
+    let a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    let delivered = CallbackState::Delivered as i32;
+    recorded_item(&nats.url, JOB, Duration::from_secs(30), |i| {
+        i.callback_state == delivered
+    })
+    .await
+    .unwrap_or_else(|| panic!("never recorded:\n{}", a.log()));
+    // Time for a second run to show.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        segmenter.counters.segment_calls.load(Ordering::SeqCst),
+        1,
+        "run once:\n{}",
+        a.log()
+    );
+    hooks.assert_one_id_per_item(JOB, 1);
+    assert_eq!(hooks.deliveries().len(), 1, "{:?}", hooks.deliveries());
+    logged(&a, "a second task of the item", 1, Duration::from_secs(10)).await;
+}

@@ -43,8 +43,9 @@ pub(super) async fn release(
     match patiently(task, &stopping, || cluster.store().item(&key, idx)).await {
         // Unreadable here, but recorded all the same.
         Ok(Some(_)) | Err(Unread::Corrupt(_)) => TaskEnd::Done,
-        // Run or ended here under another task of the same item, not recorded yet (a resubmission publishes a
-        // job's tasks again; a redelivery of this very task waits for its first holder instead: `held`). Put back:
+        // Not recorded: a task of an item that runs or ended here under another of its tasks waited for that one
+        // (`held`), and a report that gave up is written above; what is left is a record gone since, or a path not
+        // foreseen. Put back:
         // its next holder finds the record, or no record and ends or runs the item again. On the last delivery
         // there is no next holder, and a NAK left the task in the stream for ever, delivered to nobody.
         Ok(None) if last => {

@@ -88,7 +88,7 @@ pub struct Cluster {
     orphans: orphans::Orphans,
     /// Tasks that end their item without running it (`work::ENDING_SLOTS`).
     ending: Arc<tokio::sync::Semaphore>,
-    /// The tasks held here, so that one delivered here again waits for its first holder (`held`).
+    /// The items whose tasks are held here, so that another task of one waits for the first (`held`).
     held: held::HeldTasks,
 }
 

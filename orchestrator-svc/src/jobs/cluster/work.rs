@@ -132,9 +132,9 @@ impl JobService {
         task: ItemTask,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
-        let info = message.info().ok();
-        let delivered = info.as_ref().map_or(1, |info| info.delivered.max(1) as u64);
-        let sequence = info.map(|info| info.stream_sequence);
+        let delivered = message
+            .info()
+            .map_or(1, |info| info.delivered.max(1) as u64);
         let renew = async {
             let mut every = tokio::time::interval(cluster.settings().progress_every());
             every.tick().await;
@@ -145,20 +145,16 @@ impl JobService {
                 }
             }
         };
-        // Held here until acknowledged: this task delivered here again meanwhile (its lease ran out under this
-        // holder) waits for this delivery to end, its lease renewed, instead of finding its item half-done (`held`).
+        // Held here until acknowledged: another task of its item held here meanwhile (this one delivered again, its
+        // lease run out under this holder; or published again by a resubmission) waits for this one to end, its lease
+        // renewed, instead of finding the item half-done (`held`).
         let run = async {
-            let held = match sequence {
-                Some(sequence) => Some(
-                    cluster
-                        .held
-                        .hold(sequence, || {
-                            tracing::info!(job_id = %task.job_id, idx = task.idx, delivered, "item task delivered again while held here (its lease ran out); waiting for the first delivery to end");
-                        })
-                        .await,
-                ),
-                None => None,
-            };
+            let held = cluster
+                .held
+                .hold(&task, || {
+                    tracing::info!(job_id = %task.job_id, idx = task.idx, delivered, "item task delivered again while held here (its lease ran out), or a second task of the item; waiting for the first to end");
+                })
+                .await;
             (self.run_task(cluster, &task, delivered, permit).await, held)
         };
         let (end, _held) = tokio::select! {
@@ -321,8 +317,8 @@ impl JobService {
         late::release(cluster, task, &job, last, stopping).await
     }
 
-    /// Ends item `idx` here with `outcome`, if it is still open here, and reports it before returning. (Ended here
-    /// already, under another task of the same item whose report is still being written: see `late::release`.)
+    /// Ends item `idx` here with `outcome`, if it is still open here, and reports it before returning (not when it
+    /// ended here already: `late::release` then finds how).
     async fn end_here(&self, job: &Arc<JobHandle>, idx: u32, outcome: ItemOutcome) {
         let reporter = self.pipeline.reporter();
         if let Some(item) = job.finish_item(idx, outcome, reporter.callbacks_on()) {
