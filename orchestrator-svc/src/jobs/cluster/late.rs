@@ -45,9 +45,9 @@ pub(super) async fn release(
         Ok(Some(_)) | Err(Unread::Corrupt(_)) => TaskEnd::Done,
         // Not recorded: a task of an item that runs or ended here under another of its tasks waited for that one
         // (`held`), and a report that gave up is written above; what is left is a record gone since, or a path not
-        // foreseen. Put back:
-        // its next holder finds the record, or no record and ends or runs the item again. On the last delivery
-        // there is no next holder, and a NAK left the task in the stream for ever, delivered to nobody.
+        // foreseen. Put back: its next holder finds the record, or no record and ends or runs the item again. On
+        // the last delivery there is no next holder, and a NAK left the task in the stream for ever, delivered to
+        // nobody.
         Ok(None) if last => {
             tracing::error!(job_id = %task.job_id, idx, "item ended here on its last delivery, but not recorded in the job store; its task is acknowledged");
             TaskEnd::Done
