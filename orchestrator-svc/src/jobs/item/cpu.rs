@@ -7,6 +7,7 @@ use palette_rules::guide_stats::GuideCache;
 use palette_rules::mask::{Rect, nonzero_bounds};
 use palette_rules::rule::Rule;
 use palette_rules::{GrayImage, InPlace, RgbImage};
+use palette_service_kit::image_input::rgba_on_white;
 
 use super::error::ItemError;
 use super::imaging;
@@ -212,7 +213,7 @@ pub fn render_rule(input: RuleInput<'_>) -> Result<RenderedRule, ItemError> {
             }
             Ok(RenderedRule {
                 preview: want_preview
-                    .then(|| imaging::preview_jpeg(&imaging::flatten_on_white(&img)))
+                    .then(|| imaging::preview_jpeg(&rgba_on_white(&img)))
                     .transpose()?,
                 encoded: imaging::encode_png_rgba(&img)?,
                 format: OutputFormat::Png,

@@ -105,11 +105,7 @@ pub fn decode_photo(
     decoded.apply_orientation(orientation);
     // Transparent parts on white, as the segmenter reads them too.
     let (mut rgb, alpha) = if decoded.color().has_alpha() {
-        let rgba = decoded.into_rgba8();
-        (
-            palette_service_kit::image_input::rgba_on_white(&rgba),
-            transparency(&rgba),
-        )
+        palette_service_kit::image_input::rgba_on_white_and_alpha(&decoded.into_rgba8())
     } else {
         (decoded.into_rgb8(), None)
     };
@@ -125,16 +121,6 @@ pub fn decode_photo(
         metrics::counter!("orchestrator_color_profiles_total", "result" => result).increment(1);
     }
     Ok((rgb, alpha))
-}
-
-/// The alpha plane of an image with an alpha channel, or None when every pixel is opaque (most PNG screenshots and
-/// exports carry a channel of 255s).
-fn transparency(rgba: &RgbaImage) -> Option<GrayImage> {
-    if rgba.pixels().all(|p| p[3] == 255) {
-        return None;
-    }
-    let alpha = rgba.pixels().map(|p| p[3]).collect();
-    Some(GrayImage::from_raw(rgba.width(), rgba.height(), alpha).expect("one byte per pixel"))
 }
 
 /// Why bytes of no format read here were refused: an iPhone's HEIC (or an AVIF) is named as such, since the file is a
@@ -305,15 +291,6 @@ pub fn preview_jpeg(img: &RgbImage) -> Result<Vec<u8>, ItemError> {
     let tw = ((w as f64 * scale).round() as u32).max(1);
     let th = ((h as f64 * scale).round() as u32).max(1);
     encode_jpeg(&crate::resize::downscale_rgb(img, (tw, th)))
-}
-
-/// A cut-out seen on white, for its JPEG preview.
-pub fn flatten_on_white(img: &RgbaImage) -> RgbImage {
-    RgbImage::from_fn(img.width(), img.height(), |x, y| {
-        let [r, g, b, a] = img.get_pixel(x, y).0;
-        let blend = |c: u8| ((c as u32 * a as u32 + 255 * (255 - a as u32) + 127) / 255) as u8;
-        image::Rgb([blend(r), blend(g), blend(b)])
-    })
 }
 
 #[cfg(test)]
