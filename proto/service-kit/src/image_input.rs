@@ -62,7 +62,7 @@ fn split_on_white<const ALPHA: bool>(rgba: &RgbaImage) -> (RgbImage, Option<Gray
 /// A channel value `c` of a pixel `transparency` (255 - alpha) transparent, over white, rounded to nearest:
 /// (c * alpha + 255 * (255 - alpha)) / 255 = c + (255 - c) * (255 - alpha) / 255. The second form stays within 16
 /// bits, and y / 255 rounded down is (y + (y >> 8) + 1) >> 8 for every y = x + 127 it meets (the test checks them
-/// all), so the loop runs in 16-bit lanes with no division.
+/// all): 16-bit arithmetic, no division.
 #[inline(always)]
 fn on_white(c: u8, transparency: u16) -> u8 {
     let x = u16::from(255 - c) * transparency + 127;
