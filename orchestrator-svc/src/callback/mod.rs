@@ -49,9 +49,10 @@ pub struct MaskRef {
     pub instance: u32,
     pub key: String,
     /// Where the instance is non-zero: width x height pixels from (x, y) of the image_width x image_height photo
-    /// (upright). With grid_width 0 the stored PNG is that crop (its oFFs chunk says (x, y)); otherwise it is the
-    /// model's grid_width x grid_height mask of the whole photo, resized to the photo and zeroed outside the
-    /// rectangle to compose (docs/api.md). Zero for full-frame masks stored before crops.
+    /// (upright). With grid_width 0 the stored PNG is that crop (its oFFs chunk says (x, y)), or, as large as the
+    /// photo, the full-frame mask itself (`MASK_LAYOUT=full`); otherwise it is the model's grid_width x grid_height
+    /// mask of the whole photo, resized to the photo and zeroed outside the rectangle to compose (docs/api.md).
+    /// Zero for full-frame masks stored before crops.
     pub x: u32,
     pub y: u32,
     pub width: u32,

@@ -54,7 +54,8 @@ pub struct JobHandle {
     pub plan: Arc<JobPlan>,
     /// Submission order, for forgetting the oldest finished jobs first.
     pub(super) seq: u64,
-    /// `spec_hash` of the effective spec as recorded when the job was submitted: with the job id, the job store's key.
+    /// The job's hash as recorded when it was submitted (`plan_hash`: the effective spec's `spec_hash`, and for an
+    /// edit its source's ids too): with the job id, the job store's key.
     pub spec_hash: String,
     pub cancel: CancellationToken,
     state: Mutex<State>,

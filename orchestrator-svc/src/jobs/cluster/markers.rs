@@ -1,6 +1,6 @@
 //! Purge markers of forgotten jobs (`NatsJobStore::forget` leaves one per job record, so every watcher learns the
 //! job is gone: `mirror` drops it from the registry). Left alone they stay for ever, one per job ever forgotten, and
-//! every replica's watch replays them all at start (and `load` reads each): months of jobs made startup slow. Each
+//! every replica's watch replays them all at start: months of jobs made startup slow. Each
 //! replica notes the markers its watch delivers and, once live watchers have had time to see them, removes them
 //! (`NatsJobStore::drop_marker`, which keeps any later write of the key), a bounded number per sweep, in a task of
 //! its own so the watch never waits for it. Every replica does it; removing a marker twice is harmless.

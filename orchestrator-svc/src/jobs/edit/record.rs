@@ -139,7 +139,6 @@ pub async fn read_photos(
     read_json(store, &keys::photos_record(user_id, job_id)).await
 }
 
-/// The masks record of photo `idx` of the plan's job.
 /// The masks record of photo `idx` (key, JSON body), for the item to write once its masks are stored.
 pub fn masks_record_object(
     plan: &JobPlan,

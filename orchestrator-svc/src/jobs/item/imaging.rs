@@ -14,7 +14,7 @@ use crate::png_rows::Pixels;
 
 pub const JPEG_QUALITY: u8 = 90;
 pub const PREVIEW_SIZE: u32 = 256;
-/// Longest side of an input: JPEG, the outputs' format, stores sides in 16 bits.
+/// Longest side of an input: JPEG, the outputs' default format, stores sides in 16 bits.
 pub const MAX_SIDE: u32 = 65_535;
 
 /// Longest side a texture swatch is kept at. A swatch may be any upload of the user's (up to MAX_INPUT_PIXELS), and
@@ -68,7 +68,7 @@ pub fn decode_photo(
         )));
     }
     if w.max(h) > MAX_SIDE {
-        // Outputs are JPEGs, whose sides stop at 65535: say so now rather than fail after the work.
+        // JPEG outputs (the default) stop at 65535 a side: say so now rather than fail after the work.
         return Err(ItemError::InputTooLarge(format!(
             "{w}x{h}: sides are limited to {MAX_SIDE} px (the JPEG format's limit)"
         )));

@@ -1,6 +1,7 @@
 //! An item's instance masks as plain functions (no I/O, no runtime): each instance upsampled from model resolution
-//! a row at a time straight into its stored PNG crop and the concept's union, or stored as the model's grid
-//! (`MASK_LAYOUT=grid`, `crate::mask_png::grid`) and upsampled only into the union. `ItemRunner` calls them on the
+//! a row at a time straight into its stored PNG (its crop, or the full frame with `MASK_LAYOUT=full`) and the
+//! concept's union, or stored as the model's grid (`MASK_LAYOUT=grid`, `crate::mask_png::grid`) and upsampled only
+//! into the union. `ItemRunner` calls them on the
 //! blocking pool.
 
 use palette_rules::GrayImage;
@@ -19,7 +20,7 @@ pub struct InstanceMask {
     pub png: Vec<u8>,
     /// Where the instance is non-zero in the photo (the crop's placement).
     pub placement: Placement,
-    /// The grid's size when stored as one; (0, 0) for a crop.
+    /// The grid's size when stored as one; (0, 0) for a crop or a full-frame mask.
     pub grid: (u32, u32),
 }
 

@@ -1,6 +1,7 @@
 //! One item, start to finish: download -> size check -> decode upright -> one Segment call (or reused masks) ->
-//! full-resolution masks stored -> each rule's region, edit and output stored -> preview. `ItemRunner` owns what
-//! an item needs and does the I/O; the CPU work is in `instance_masks` and `cpu`, run on the blocking pool.
+//! instance masks stored (`MASK_LAYOUT`) -> each rule's region, edit and output stored -> preview. `ItemRunner`
+//! owns what an item needs and does the I/O; the CPU work is in `instance_masks` and `cpu`, run on the blocking
+//! pool.
 
 pub(in crate::jobs) mod admission;
 pub(in crate::jobs) mod cpu;
@@ -240,10 +241,11 @@ impl ItemRunner {
         })
     }
 
-    /// Stores every instance as PNG (`MASK_LAYOUT`: the model's grid with its placement, or its crop upsampled to
-    /// full resolution; the placement also in its `MaskKey`). Keeps in memory only what a rule needs: the union of
-    /// each rule concept's instances at full resolution (see `instance_masks::instance_mask`). One blocking task per concept, its instances one after the other: the
-    /// items in flight already fill the cores, and no full-frame plane per instance is made.
+    /// Stores every instance as PNG (`MASK_LAYOUT`: the model's grid with its placement, its crop upsampled to full
+    /// resolution, or the whole full-frame mask; the placement also in its `MaskKey`). Keeps in memory only what a
+    /// rule needs: the union of each rule concept's instances at full resolution (see
+    /// `instance_masks::instance_mask`). One blocking task per concept, its instances one after the other: the items
+    /// in flight already fill the cores, and no full-frame plane per instance is made.
     async fn store_masks(
         &self,
         plan: &JobPlan,

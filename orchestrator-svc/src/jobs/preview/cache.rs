@@ -47,7 +47,8 @@ impl Weigh for Cached {
     }
 }
 
-/// PREVIEW_CACHE_MB of the above, keyed by what the value was made from (see `preview` for the keys).
+/// PREVIEW_CACHE_MB of the above, keyed by what the value was made from (the keys are built where each value is
+/// loaded, in the `preview` module, and a region's in `compose`).
 #[derive(Debug)]
 pub struct PreviewCache(ByteLru<String, Cached>);
 

@@ -1,7 +1,7 @@
-//! The CPU part of a preview, as plain functions (no I/O): downscaling, a rule's region at preview size, the rules
-//! applied in order, the encoding. The region and the edit are the job path's (`palette_rules`), at a smaller size:
-//! pixel-sized region parameters (feather, grow) are scaled with the photo, so the preview looks like the job's
-//! output downscaled.
+//! The CPU part of a preview, as plain functions (no I/O): a rule's region at preview size and the encoding (the
+//! rules applied in order are `compose`'s; downscaling is `crate::resize`'s, re-exported here). The region and the
+//! edit are the job path's (`palette_rules`), at a smaller size: pixel-sized region parameters (feather, grow) are
+//! scaled with the photo, so the preview looks like the job's output downscaled.
 
 use palette_rules::region::RegionParams;
 use palette_rules::{Edited, GrayImage, RgbImage};

@@ -16,7 +16,8 @@ use crate::jobs::validate::EditSource;
 pub struct JobRecord {
     pub user_id: String,
     pub job_id: String,
-    /// `store::spec_hash` of the effective spec: what idempotency compares, and part of every item record's key.
+    /// `store::spec_hash` of the effective spec (for an edit, `job::plan_hash`: below): what idempotency compares,
+    /// and part of every item record's key.
     pub spec_hash: String,
     /// The spec as submitted: a resumed job is planned from it again.
     pub spec: JobSpec,
