@@ -114,7 +114,8 @@ async fn serve_prepared(
         }
     }
     drop(engine);
-    // Stop and join the inference thread (off the async threads: it finishes the batch in progress first).
+    // Stop and join the inference thread (off the async threads: it ends the batch in progress before its next
+    // decoder chunk, answering what is left NOT_SERVING).
     tokio::task::spawn_blocking(move || drop(engine_thread)).await?;
     // Both end on their own by now: the signal has fired, and the engine's health channel closed with the thread.
     signal_task.await?;

@@ -32,9 +32,10 @@ pub struct Shared {
     pub default_threshold: f32,
     pub max_instances: u32,
     pub default_deadline: Duration,
-    /// Bounds the CPU work (decode + resize) done before a request reaches the engine.
+    /// Bounds the request's CPU work outside the engine: decode + resize before it, RLE masks after.
     pub preprocess_permits: Arc<Semaphore>,
-    /// Requests waiting for a pre-processing slot now, each holding its whole message (up to MAX_MESSAGE_BYTES).
+    /// Requests waiting for a slot now (before the engine, each holding its whole message, up to MAX_MESSAGE_BYTES;
+    /// or after it, for their RLE masks).
     pub preprocess_waiting: AtomicUsize,
     /// Most requests that may wait for a slot (QUEUE_CAPACITY, at least 1): past it a request is refused
     /// RESOURCE_EXHAUSTED at once, as by a full queue. Unbounded, a decode-bound replica never refused and its

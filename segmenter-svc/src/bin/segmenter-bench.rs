@@ -1,11 +1,13 @@
 //! Benchmark client: p50/p99 latency and throughput per stage and end to end, for 1 image x N concepts at several
 //! client concurrencies, against a reference measured in the same run.
 //!
-//! The reference is the engine called in-process (same sessions, no gRPC, no image decoding), so the printed ratio
-//! is what the service adds on top of the model. `--reference-json` adds a second reference measured elsewhere in the
-//! same run (the GPU script passes HF PyTorch bf16 timings) and prints the ratio against it too.
+//! With `--engine-reference` the reference is the engine called in-process (same sessions, no gRPC, no image
+//! decoding), so the printed ratio is what the service adds on top of the model (off by default: a second set of
+//! sessions). `--reference-json` adds a reference measured elsewhere in the same run (the GPU script passes HF
+//! PyTorch bf16 timings) and prints the ratio against it too.
 //!
-//!   segmenter-bench --model-dir segmenter-svc/models/sam3-tiny --concepts 1,3,8 --concurrency 1,4 --requests 40
+//!   segmenter-bench --model-dir segmenter-svc/models/sam3-tiny --concepts 1,3,8 --concurrency 1,4 --requests 40 \
+//!       --engine-reference
 //!   segmenter-bench --addr http://127.0.0.1:50051 ...   (an already running server; no in-process reference)
 
 use anyhow::Context;

@@ -3,7 +3,8 @@
 //! A chunk runs on the smallest static-shape session that holds it (DECODER_STATIC_BATCHES), else on the dynamic
 //! graph. A static session with fixed I/O (SEGMENTER_CUDA_GRAPHS, model/fixed_io.rs) reads the image from the fixed
 //! FPN tensors and leaves its outputs in host tensors; the others take views of the vision run's outputs and return
-//! theirs, in buffers of their own with SEGMENTER_PINNED_OUTPUTS (model/host_outputs.rs). The filter reads either through `Outputs`.
+//! theirs, in buffers of their own with SEGMENTER_PINNED_OUTPUTS (model/host_outputs.rs). The filter reads either
+//! through `OutputRef`.
 //!
 //! A child module of `worker`, kept in its own file.
 

@@ -56,12 +56,13 @@ impl Faults {
         self.0.failed.load(Ordering::SeqCst)
     }
 
-    /// How many session runs were attempted (injected failures included): tests see work skipped or done.
+    /// How many checked session runs were attempted (injected failures included; warm-up's are not counted): tests
+    /// see work skipped or done.
     pub fn runs(&self) -> usize {
         self.0.runs.load(Ordering::SeqCst)
     }
 
-    /// Called before each session run.
+    /// Called before each session run of the probe and of requests (warm-up's runs are not checked).
     pub(crate) fn check(&self, stage: &str) -> ort::Result<()> {
         self.0.runs.fetch_add(1, Ordering::SeqCst);
         let mut delay = self.0.delay_next_ms.swap(0, Ordering::SeqCst);

@@ -49,7 +49,7 @@ pub struct EngineSettings {
     pub probe_tokens: Tokens,
     /// While NOT_SERVING, how often to probe for recovery (None: never).
     pub reprobe_interval: Option<Duration>,
-    /// Test-only fault injection, checked before every session run.
+    /// Test-only fault injection, checked before every session run of the probe and of requests (not warm-up's).
     pub faults: super::Faults,
     /// The decoder returns its best K queries per phrase (0: all of them, dense outputs).
     pub decoder_topk: usize,
@@ -104,8 +104,9 @@ pub fn spawn(
     let join = std::thread::Builder::new()
         .name("inference".into())
         .spawn(move || {
-            // Dropped after `worker` (declared before it), on a return and on a panic alike.
-            let _closed_on_exit = CloseOnExit(queue.clone());
+            // Dropped after `worker` (declared before it), on a return and on a panic alike. It borrows the queue:
+            // `JobQueue::take` tells that every handle is gone by this thread's reference being the only one.
+            let _closed_on_exit = CloseOnExit(&queue);
             let mut worker = Worker {
                 cache: TextCache::new(settings.text_cache_entries),
                 sessions,
@@ -147,9 +148,9 @@ impl Drop for Worker {
 
 /// The inference thread's end closes its queue: the requests waiting in it, and any a handler submits in the moment
 /// between its health check and this, are answered UNAVAILABLE now instead of at their deadlines.
-struct CloseOnExit(Arc<JobQueue>);
+struct CloseOnExit<'a>(&'a JobQueue);
 
-impl Drop for CloseOnExit {
+impl Drop for CloseOnExit<'_> {
     fn drop(&mut self) {
         let why = if std::thread::panicking() {
             PANICKED
@@ -354,7 +355,7 @@ impl Worker {
             batch.follows_from(&job.span);
         }
         let batch = batch.entered();
-        // Text: every phrase of the batch that is not cached goes through the encoder in one run. Each distinct
+        // Text: every phrase of the batch that is not cached goes through the encoder, 32 to a run. Each distinct
         // phrase is looked up (and counted in segmenter_text_cache_total) once per batch, however many of its
         // requests ask for it.
         let t0 = Instant::now();
@@ -651,5 +652,29 @@ impl Provider {
             Provider::Cuda(_) => 8,
             Provider::Cpu => 2,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_thread_holds_one_reference_to_its_queue_so_dropped_handles_end_it() {
+        let queue = JobQueue::new(1);
+        let handle = queue.clone();
+        {
+            // As in `spawn`'s thread: the queue, and the guard that closes it on the way out.
+            let _closed_on_exit = CloseOnExit(&queue);
+            drop(handle);
+            assert!(
+                matches!(
+                    queue.take(Duration::from_millis(1)),
+                    Err(TakeError::Disconnected)
+                ),
+                "every handle gone: the thread's take must say so (the guard's reference kept it waiting)"
+            );
+        }
+        assert_eq!(Arc::strong_count(&queue), 1, "the guard took no reference");
     }
 }

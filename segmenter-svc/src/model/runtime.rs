@@ -24,7 +24,7 @@ use crate::model::host_outputs::{HostOutputs, Placement};
 use crate::model::io_settings::{fixed_io_error, fixed_io_wanted, output_placement, pinned_error};
 use crate::model::manifest::{self, ImageInput, Manifest};
 
-/// Where the sessions actually run, as reported by ModelInfo, health logs and metrics.
+/// Where the sessions actually run, as reported by ModelInfo and the logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Provider {
     Cuda(i32),
