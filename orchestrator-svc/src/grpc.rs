@@ -20,9 +20,9 @@ use crate::jobs::job::job_is_terminal;
 use crate::jobs::{JobService, job_key};
 use crate::tasks::spawn_tracked;
 
-/// Events queued per WatchJob stream before the sender waits for the client.
-/// Snapshots queued for one slow WatchJob client (each is the whole job): small, so a watcher costs at most a few
-/// snapshots of memory; a client that falls further behind skips ahead to the present.
+/// Events queued for one slow WatchJob client (each the whole job, or with `changes_only` mostly one item): small,
+/// so a watcher costs at most a few snapshots of memory; a client that falls further behind skips ahead to the
+/// present.
 const WATCH_BUFFER: usize = 4;
 /// How long a draining stream waits to queue its UNAVAILABLE for a client that reads nothing.
 const DRAIN_NOTICE: std::time::Duration = std::time::Duration::from_secs(1);

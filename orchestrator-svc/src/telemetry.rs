@@ -1,5 +1,5 @@
 //! The orchestrator's telemetry: JSON logs and traces as both services set them up
-//! (`palette_service_kit::telemetry`; the W3C `traceparent` of the current span goes out with every segmenter call,
+//! (`palette_service_kit::telemetry`; the W3C `traceparent` of the current span goes out with every Segment call,
 //! so a job's trace continues in the segmenter), with this service's name and latency buckets.
 
 use std::net::SocketAddr;

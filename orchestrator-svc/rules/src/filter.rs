@@ -53,7 +53,8 @@ pub fn box_mean(src: &Plane, r: usize) -> Plane {
     out
 }
 
-/// box_mean(a * b) without materialising the product plane (the guided filter takes ten of these per call).
+/// box_mean(a * b) without materialising the product plane (the guided filter's solve takes nine of these: its
+/// second moments).
 pub fn box_mean_product(a: &Plane, b: &Plane, r: usize) -> Plane {
     let (w, h) = (a.w, a.h);
     debug_assert_eq!((b.w, b.h), (w, h));

@@ -85,10 +85,10 @@ pub fn upsample_rows(grid: &GrayImage, at: &GridPlacement, mut row: impl FnMut(u
     }
 }
 
-/// Decodes a grid mask PNG and checks it against its placement and the photo it is used on (`width` x `height`).
 /// The largest side a stored grid may have: model masks are a few hundred pixels (288 for SAM3).
 const MAX_GRID_SIDE: u32 = 4096;
 
+/// Decodes a grid mask PNG and checks it against its placement and the photo it is used on (`width` x `height`).
 pub fn decode(
     png: &[u8],
     at: &GridPlacement,

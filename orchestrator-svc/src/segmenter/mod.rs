@@ -89,7 +89,8 @@ impl Segmenter {
     /// Never connects here: the first call does, so the orchestrator starts (and serves health) before the segmenter.
     /// Calls are balanced (power of two choices) over every replica the resolver task finds: the addresses of every
     /// entry of `urls`, looked up again every `resolve_every` (zero: only at start and after failed calls), and
-    /// only those accepting TCP connections while at least one does. `https://` entries speak TLS as `security`
+    /// only those that accept connections and answer health SERVING (or have no health service) while at least one
+    /// does. `https://` entries speak TLS as `security`
     /// says, and every call carries its token. Needs a Tokio runtime (spawns the resolver).
     pub fn new(
         urls: &str,
@@ -172,10 +173,10 @@ impl Segmenter {
         Ok(model)
     }
 
-    /// One Segment call for all `concepts` of one image (the upload's bytes, or raw RGB: `Source`), masks as 8-bit
-    /// probabilities at model resolution. Each attempt carries the W3C trace context of a `segment` span (a child
-    /// of the caller's span).
-    /// More concepts than the segmenter takes in one call (learnt with the model) go in groups, one call each.
+    /// All `concepts` of one image segmented (the upload's bytes, or raw RGB: `Source`), masks as 8-bit
+    /// probabilities at model resolution: one Segment call, or, for more concepts than the segmenter takes in one
+    /// call (learnt with the model), one call per group. Each attempt carries the W3C trace context of a `segment`
+    /// span (a child of the caller's span).
     pub async fn segment(
         &self,
         image: Source,

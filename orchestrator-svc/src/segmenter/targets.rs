@@ -42,9 +42,10 @@ impl Target {
     }
 }
 
-/// SEGMENTER_URL: one or more comma-separated `http://host:port` or `dns:///host:port` (gRPC naming; an authority
-/// between `dns://` and the third slash is ignored). A host name is resolved to all its addresses (a Kubernetes
-/// headless Service: one per ready Pod), and every address is a replica.
+/// SEGMENTER_URL: one or more comma-separated `http://host:port`, `https://host[:port]` (443 by default) or
+/// `dns:///host:port` (gRPC naming; an authority between `dns://` and the third slash is ignored). A host name is
+/// resolved to all its addresses (a Kubernetes headless Service: one per ready Pod), and every address is a
+/// replica.
 pub fn parse_targets(urls: &str) -> Result<Vec<Target>, TargetError> {
     let mut targets = Vec::new();
     for entry in urls.split(',').map(str::trim).filter(|e| !e.is_empty()) {
@@ -82,7 +83,7 @@ pub fn parse_targets(urls: &str) -> Result<Vec<Target>, TargetError> {
                 _ => {
                     return Err(TargetError::Malformed {
                         entry: entry.to_string(),
-                        expected: "http://host:port or dns:///host:port",
+                        expected: "http://host:port, https://host[:port] or dns:///host:port",
                     });
                 }
             };

@@ -26,10 +26,11 @@ pub fn cutout(photo: &RgbImage, region: &GrayImage, p: &RemoveParams) -> RgbaIma
 }
 
 /// A cut-out of a photo that was itself transparent (a product PNG on a transparent background): the photo's own
-/// transparency kept. The pipeline reads such a photo on white (`palette_service_kit::image_input::rgb_on_white`,
-/// as the segmenter does); here each pixel's alpha becomes cut-out alpha x photo alpha, and its colour is taken back
-/// off the white it was blended onto, so the output composites over any background as the source did (left on
-/// white, a semi-transparent rim would show as a light halo on a dark page). Fully opaque pixels are not touched.
+/// transparency kept. The pipeline reads such a photo on white
+/// (`palette_service_kit::image_input::rgba_on_white_and_alpha`, as the segmenter does); here each pixel's alpha
+/// becomes cut-out alpha x photo alpha, and its colour is taken back off the white it was blended onto, so the
+/// output composites over any background as the source did (left on white, a semi-transparent rim would show as a
+/// light halo on a dark page). Fully opaque pixels are not touched.
 pub fn keep_source_transparency(cut: &mut RgbaImage, source_alpha: &GrayImage) {
     assert_eq!(
         cut.dimensions(),

@@ -45,7 +45,7 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 const RESULT_ATTEMPTS: u32 = 6;
 /// Timeout of one take request (Runpod may hold it open while the queue is empty).
 const TAKE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Timeout of one post or ping.
+/// Timeout of one post (a result or progress; a ping's is twice RUNPOD_PING_INTERVAL).
 const POST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a take in flight at the stop signal may still finish: Runpod may have handed it a job already (as
 /// runpod-python does, the take is not dropped), and such a job gets an error result instead of staying IN_PROGRESS.
