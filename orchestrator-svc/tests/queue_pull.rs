@@ -17,6 +17,7 @@ use common::receiver::{self, Delivery, Receiver};
 use orchestrator_svc::Config;
 use orchestrator_svc::config::Adapter;
 use orchestrator_svc::storage::{LocalStore, ObjectStore};
+use palette_proto::orchestrator::v1::jobs_client::JobsClient;
 use serde_json::json;
 
 const SECRET: &str = "queue-pull-callback-secret";
@@ -31,6 +32,8 @@ struct Worker {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     /// What `run` returned (its error as text), once it has.
     stopped: Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+    /// Its gRPC server (which serves beside the queue).
+    addr: std::net::SocketAddr,
 }
 
 impl Worker {
@@ -49,8 +52,11 @@ impl Worker {
             .unwrap();
         let (shutdown, shutdown_signal) = tokio::sync::oneshot::channel::<()>();
         let (stopped_signal, stopped) = tokio::sync::oneshot::channel();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
         runtime.spawn(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             let signal = async move {
                 let _ = shutdown_signal.await;
             };
@@ -63,6 +69,7 @@ impl Worker {
             runtime: Some(runtime),
             shutdown: Some(shutdown),
             stopped: Some(stopped),
+            addr,
         }
     }
 
@@ -329,6 +336,37 @@ async fn invalid_messages_are_dropped_not_redelivered() {
     wait_deliveries(&[&receiver], 1).await;
     wait_queue_drained(&js).await;
     assert_eq!(receiver.deliveries().len(), 1);
+}
+
+/// The same job submitted over gRPC and published to the queue: the message follows the job this replica already
+/// runs (not recorded durably: nothing counts its durable records) until it is finished, and the worker goes on to
+/// the next message. It followed it for ever, taking no more jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_job_already_submitted_over_grpc_is_acknowledged_when_it_finishes() {
+    let Some(s) = setup().await else { return };
+    let receiver = Receiver::start(SECRET, vec![]).await;
+    s.put_inputs("qp-both-ways", 2).await;
+    s.put_inputs("qp-next", 1).await;
+    let worker = Worker::start(s.config(&receiver, 30));
+    let spec = orchestrator_svc::spec_json::spec_from_bytes(&seed_job("qp-both-ways", 2)).unwrap();
+    let mut client = JobsClient::connect(format!("http://{}", worker.addr))
+        .await
+        .unwrap();
+    client.submit_job(spec).await.unwrap();
+    let js = s.jetstream().await;
+    publish(
+        &js,
+        vec![seed_job("qp-both-ways", 2), seed_job("qp-next", 1)],
+    )
+    .await;
+    wait_deliveries(&[&receiver], 3).await;
+    wait_queue_drained(&js).await;
+    let counts = per_item(&receiver.deliveries());
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "run once each: {counts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

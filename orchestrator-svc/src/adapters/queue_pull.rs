@@ -180,11 +180,19 @@ async fn handle(
     };
     tracing::info!(%job_id, "queue_pull: job taken");
     let (job, events) = handle.subscribe();
+    // A job this replica already runs without durable records (the same spec submitted over gRPC, or resumed from
+    // JOB_STORE=local): `durable_written` never counts its items, so it is followed until it is finished. Should
+    // this replica stop first, the redelivery runs it durably elsewhere, its ended items again.
+    let written = if handle.plan.durable_items {
+        handle.durable_written.watch()
+    } else {
+        watch::channel(u32::MAX).1
+    };
     let followed = Followed {
         job,
         events,
         snapshot: || handle.snapshot(),
-        written: handle.durable_written.watch(),
+        written,
     };
     if let Some(job) = follow(&message, &job_id, progress_every, followed, &mut stop).await {
         tracing::info!(%job_id, completed = job.completed, failed = job.failed, cancelled = job.cancelled, "queue_pull: job acknowledged");
