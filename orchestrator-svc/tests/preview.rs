@@ -9,6 +9,7 @@ use common::orchestrator::{
 use orchestrator_svc::jobs::preview::render;
 use orchestrator_svc::storage::ObjectStore;
 use palette_proto::orchestrator::v1::{JobSpec, PreviewEditRequest, Rule};
+use std::sync::atomic::Ordering;
 use tonic::Code;
 
 fn rule(rule_id: &str, concept: &str, kind: &str, params: &[(&str, &str)]) -> Rule {
@@ -363,6 +364,90 @@ async fn a_job_id_used_again_for_new_photos_is_previewed_from_them() {
         (160, 160),
         "the new square photo, not the cached first one"
     );
+}
+
+/// `room` finished and previewed (its records cached), then forgotten behind another job, so that its id can run
+/// again; the segmenter slowed down so that the run's photo is still being segmented when the test previews it.
+async fn room_forgotten_then_running_again(
+    segmenter: &fake_segmenter::FakeSegmenter,
+    orch: &mut Orchestrator,
+    new_photo: Option<Vec<u8>>,
+    spec: JobSpec,
+) {
+    finished(orch, "room", vec![paint("#1F3A5F")]).await;
+    orch.client
+        .preview_edit(request("room", vec![paint("#9CAF88")]))
+        .await
+        .unwrap();
+    finished(orch, "other", vec![paint("#1F3A5F")]).await;
+    segmenter.faults.delay_ms.store(4000, Ordering::SeqCst);
+    if let Some(photo) = new_photo {
+        orch.put_input(SEED_USER, "room", 0, photo).await;
+    }
+    orch.client.submit_job(spec).await.unwrap();
+    // Kept as a real wait: the cached photos record is read again after its TTL (2 s), which has no event.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+}
+
+/// A job id run again on a new photo writes its photos record when it starts and the photo's masks record once its
+/// masks are stored: a preview in between finds the earlier run's masks record, which must not stay cached (it did,
+/// for the whole run: every later preview was refused as "uploaded again since?").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_while_its_job_runs_again_on_a_new_photo_is_served_once_the_masks_are_stored() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |c| c.limits.max_retained_jobs = 1).await;
+    let spec = JobSpec {
+        rules: vec![paint("#B5651D")],
+        ..seed_spec("room", 1)
+    };
+    let square = Some(photo_jpeg(480, 480));
+    room_forgotten_then_running_again(&segmenter, &mut orch, square, spec).await;
+    let during = orch
+        .client
+        .preview_edit(request("room", vec![paint("#9CAF88")]))
+        .await
+        .unwrap_err();
+    assert_eq!(during.code(), Code::FailedPrecondition, "{during:?}");
+    segmenter.faults.delay_ms.store(0, Ordering::SeqCst);
+    let job = orch.wait_for("room", is_terminal).await;
+    assert_eq!(job.completed, 1, "{job:?}");
+    let after = orch
+        .client
+        .preview_edit(request("room", vec![paint("#9CAF88")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((after.width, after.height), (160, 160), "the new photo");
+}
+
+/// The same photo run again with a concept more: until its masks are stored, the masks record is the earlier run's,
+/// which never looked for that concept. Refused (retry), not "no instance" (it was answered, and cached for the run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concept_only_the_running_job_segments_is_not_previewed_as_absent() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |c| c.limits.max_retained_jobs = 1).await;
+    let sofa = || rule("sofa", "sofa", "recolor", &[("color", "#8B0000")]);
+    let mut spec = seed_spec("room", 1);
+    spec.concepts.push("sofa".into());
+    spec.rules = vec![sofa()];
+    room_forgotten_then_running_again(&segmenter, &mut orch, None, spec).await;
+    let during = orch
+        .client
+        .preview_edit(request("room", vec![sofa()]))
+        .await
+        .unwrap_err();
+    assert_eq!(during.code(), Code::FailedPrecondition, "{during:?}");
+    assert!(during.message().contains("\"sofa\""), "{during:?}");
+    segmenter.faults.delay_ms.store(0, Ordering::SeqCst);
+    let job = orch.wait_for("room", is_terminal).await;
+    assert_eq!(job.completed, 1, "{job:?}");
+    let after = orch
+        .client
+        .preview_edit(request("room", vec![sofa()]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(after.rules[0].applied, "{:?}", after.rules);
 }
 
 /// Every object under the orchestrator's local storage.

@@ -193,19 +193,7 @@ impl JobService {
         let store = self.pipeline.store();
         let source = edit::record::read_photos(store, &request.user_id, &request.source_job_id)
             .await
-            .map_err(|e| match e {
-                edit::record::RecordError::Missing(_) => ApiError::JobNotFound {
-                    job_id: request.source_job_id.clone(),
-                },
-                edit::record::RecordError::Unreadable { reason, .. } => ApiError::SourceUnusable {
-                    job_id: request.source_job_id.clone(),
-                    reason,
-                },
-                edit::record::RecordError::Storage(source) => ApiError::SourceUnavailable {
-                    job_id: request.source_job_id.clone(),
-                    source: Box::new(source),
-                },
-            })?;
+            .map_err(|e| e.of_photos(&request.source_job_id))?;
         let plan = edit::plan_edit(request, &source, &self.presets, self.limits)?;
         let spec = plan.effective_spec.clone();
         self.register(&spec, plan).await

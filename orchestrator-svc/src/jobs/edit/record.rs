@@ -11,6 +11,7 @@ use bytes::Bytes;
 use palette_proto::orchestrator::v1::MaskKey;
 use serde::{Deserialize, Serialize};
 
+use crate::error::ApiError;
 use crate::jobs::validate::JobPlan;
 use crate::keys;
 use crate::storage::{SharedStore, StorageError};
@@ -60,6 +61,12 @@ pub struct MasksRecord {
     /// from before it have none (not checked).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub input_sha256: String,
+    /// Every concept the run that wrote the record segmented (normalised), found or not. A job id run again with
+    /// other concepts writes its photos record first and this one only when the photo's masks are stored: until
+    /// then (or for good, when the item fails) this record is the earlier run's, and a concept it does not list
+    /// was never looked for, which is not "no instance". Records from before it have none (not checked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub concepts: Vec<String>,
 }
 
 impl MasksRecord {
@@ -67,6 +74,17 @@ impl MasksRecord {
     /// assumed so, as before).
     pub fn is_of(&self, sha256: &[u8; 32]) -> bool {
         self.input_sha256.is_empty() || self.input_sha256 == hex::encode(sha256)
+    }
+
+    /// The first of `concepts` the run that wrote the record did not segment (records without the list: none).
+    pub fn unsegmented<'a>(&self, concepts: &[&'a str]) -> Option<&'a str> {
+        if self.concepts.is_empty() {
+            return None;
+        }
+        concepts
+            .iter()
+            .find(|c| !self.concepts.iter().any(|s| s == *c))
+            .copied()
     }
 }
 
@@ -79,6 +97,22 @@ pub enum RecordError {
     Unreadable { key: String, reason: String },
     #[error("object storage")]
     Storage(#[source] StorageError),
+}
+
+impl RecordError {
+    /// The photos record of `job_id` could not be had (EditJob's source, PreviewEdit's job): none is an unknown job,
+    /// one that does not decode is unusable, storage down is worth retrying.
+    pub fn of_photos(self, job_id: &str) -> ApiError {
+        let job_id = job_id.to_string();
+        match self {
+            RecordError::Missing(_) => ApiError::JobNotFound { job_id },
+            RecordError::Unreadable { reason, .. } => ApiError::SourceUnusable { job_id, reason },
+            RecordError::Storage(source) => ApiError::SourceUnavailable {
+                job_id,
+                source: Box::new(source),
+            },
+        }
+    }
 }
 
 impl From<&MaskKey> for StoredMask {
@@ -149,6 +183,7 @@ pub fn masks_record_object(
     let record = MasksRecord {
         masks: masks.iter().map(StoredMask::from).collect(),
         input_sha256: hex::encode(input_sha256),
+        concepts: plan.concepts.clone(),
     };
     let body = serde_json::to_vec(&record).expect("records serialise");
     (
@@ -194,4 +229,29 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
         key: key.to_string(),
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_masks_record_names_the_concepts_its_run_did_not_segment() {
+        let record = MasksRecord {
+            masks: Vec::new(),
+            input_sha256: String::new(),
+            concepts: vec!["wall".into(), "floor".into()],
+        };
+        assert_eq!(record.unsegmented(&["floor", "wall"]), None);
+        assert_eq!(record.unsegmented(&["wall", "sofa"]), Some("sofa"));
+    }
+
+    #[test]
+    fn a_masks_record_from_before_the_concepts_list_is_not_checked() {
+        let old: MasksRecord = serde_json::from_str(r#"{"masks": []}"#).unwrap();
+        assert!(old.concepts.is_empty());
+        assert_eq!(old.unsegmented(&["sofa"]), None);
+        let written = serde_json::to_string(&old).unwrap();
+        assert_eq!(written, r#"{"masks":[]}"#, "nothing new written for it");
+    }
 }

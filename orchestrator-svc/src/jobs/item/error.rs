@@ -48,6 +48,13 @@ pub enum ItemError {
         "photo {key} is not the one its stored masks were computed from (uploaded again since?): run a job on it to segment it again"
     )]
     EditSourceChanged { key: String },
+    /// The stored masks of an edit's photo are from a run of the source job that did not segment a concept the
+    /// rules use: the job id was run again with other concepts and this photo's item has not stored its masks
+    /// (still running, or failed).
+    #[error(
+        "the stored masks of photo {key} are from a run that did not segment {concept:?} (the job is running again with other concepts?): retry once its item has completed"
+    )]
+    EditSourceStale { key: String, concept: String },
     /// A mask the source job stored is gone (deleted) or unusable.
     #[error("stored mask {key}: {reason}")]
     StoredMask { key: String, reason: String },
@@ -91,9 +98,9 @@ impl ItemError {
                 | StorageError::TooLarge { .. },
             ) => "internal",
             ItemError::Rule { .. } | ItemError::Swatch { .. } => "rule_failed",
-            ItemError::EditSourceMissing { .. } | ItemError::EditSourceChanged { .. } => {
-                "source_missing"
-            }
+            ItemError::EditSourceMissing { .. }
+            | ItemError::EditSourceChanged { .. }
+            | ItemError::EditSourceStale { .. } => "source_missing",
             ItemError::StoredMask { .. } => "mask_missing",
             ItemError::Cancelled => "cancelled",
             ItemError::Encode { .. } | ItemError::Worker(_) => "internal",

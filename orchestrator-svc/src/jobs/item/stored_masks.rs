@@ -30,15 +30,17 @@ impl ItemRunner {
         photo_sha256: &[u8; 32],
     ) -> Result<(Vec<MaskKey>, HashMap<String, GrayImage>), ItemError> {
         let stored = read_record(&self.store, &plan.user_id, plan.photos_job_id(), idx).await?;
-        same_photo(
+        let concepts = plan.concepts_used_by_rules();
+        usable_for(
             &stored,
             photo_sha256,
+            &concepts,
             &plan.user_id,
             plan.photos_job_id(),
             idx,
         )?;
         let mut unions = HashMap::new();
-        for concept in plan.concepts_used_by_rules() {
+        for concept in concepts {
             let union = union_of(
                 &self.store,
                 &stored,
@@ -95,20 +97,27 @@ fn foreign_mask<'a>(
 }
 
 /// The stored masks were computed from this photo (`MasksRecord::input_sha256`): masks of another photo of the same
-/// size would otherwise pass every other check and paint the wrong wall.
-pub(in crate::jobs) fn same_photo(
+/// size would otherwise pass every other check and paint the wrong wall. And by a run that segmented each of
+/// `concepts` (`MasksRecord::concepts`): an earlier run's record has no entry for a concept only the latest run
+/// asks for, which would read as "no instance" and leave the photo unedited.
+pub(in crate::jobs) fn usable_for(
     stored: &MasksRecord,
     photo_sha256: &[u8; 32],
+    concepts: &[&str],
     user_id: &str,
     photos_job_id: &str,
     idx: u32,
 ) -> Result<(), ItemError> {
-    if stored.is_of(photo_sha256) {
-        Ok(())
-    } else {
-        Err(ItemError::EditSourceChanged {
-            key: crate::keys::input(user_id, photos_job_id, idx),
-        })
+    let key = || crate::keys::input(user_id, photos_job_id, idx);
+    if !stored.is_of(photo_sha256) {
+        return Err(ItemError::EditSourceChanged { key: key() });
+    }
+    match stored.unsegmented(concepts) {
+        None => Ok(()),
+        Some(concept) => Err(ItemError::EditSourceStale {
+            key: key(),
+            concept: concept.to_string(),
+        }),
     }
 }
 
@@ -321,6 +330,7 @@ mod tests {
                 ..entry(20, 10)
             }],
             input_sha256: String::new(),
+            concepts: Vec::new(),
         };
         assert!(foreign_mask(&record("masks/u/j/wall/0_1.png"), "u", "j").is_none());
         for foreign in [

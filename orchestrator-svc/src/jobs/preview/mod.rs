@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 
 use super::edit::{self, record};
 use super::item::admission::{Admitted, item_pixels};
-use super::item::stored_masks::{read_record, same_photo, union_of};
+use super::item::stored_masks::{read_record, union_of, usable_for};
 use super::item::{InputLimits, ItemError, PixelBudget, blocking, imaging};
 use super::stage::Stage;
 use super::validate::{JobLimits, PlannedRule, Violations};
@@ -163,22 +163,9 @@ impl PreviewService {
         {
             return Ok(r);
         }
-        let job_id = &request.job_id;
-        let r = record::read_photos(&self.store, &request.user_id, job_id)
+        let r = record::read_photos(&self.store, &request.user_id, &request.job_id)
             .await
-            .map_err(|e| match e {
-                record::RecordError::Missing(_) => ApiError::JobNotFound {
-                    job_id: job_id.clone(),
-                },
-                record::RecordError::Unreadable { reason, .. } => ApiError::SourceUnusable {
-                    job_id: job_id.clone(),
-                    reason,
-                },
-                record::RecordError::Storage(source) => ApiError::SourceUnavailable {
-                    job_id: job_id.clone(),
-                    source: Box::new(source),
-                },
-            })?;
+            .map_err(|e| e.of_photos(&request.job_id))?;
         let r = Arc::new(r);
         self.cache
             .insert(key, Cached::Photos(r.clone(), tokio::time::Instant::now()));
@@ -211,9 +198,17 @@ impl PreviewService {
         });
         let (photo, record) = (photo?, record?);
         let full_size = photo.full_size;
-        if let Some(stored) = &record {
-            same_photo(stored, &photo.sha256, at.user_id, at.photos_job_id, at.idx)?;
-        }
+        let record = match record {
+            Some(got) => {
+                let needed: Vec<&str> = concepts
+                    .iter()
+                    .copied()
+                    .filter(|c| !cached.contains_key(c))
+                    .collect();
+                Some(self.checked_record(at, got, &photo.sha256, &needed).await?)
+            }
+            None => None,
+        };
         let preview_size = photo.rgb.dimensions();
         let mut masks = BTreeMap::new();
         for &concept in concepts {
@@ -322,14 +317,54 @@ impl PreviewService {
         admitted
     }
 
-    async fn masks_record(&self, at: &PhotoRef<'_>) -> Result<Arc<record::MasksRecord>, ItemError> {
-        let key = format!("m|{}", at.prefix());
-        if let Some(Cached::Masks(r)) = self.cache.get(&key) {
-            return Ok(r);
+    /// The photo's masks record from the cache (true), else read (false); `checked_record` decides whether it is
+    /// usable, and caches it then.
+    async fn masks_record(
+        &self,
+        at: &PhotoRef<'_>,
+    ) -> Result<(Arc<record::MasksRecord>, bool), ItemError> {
+        if let Some(Cached::Masks(r)) = self.cache.get(&format!("m|{}", at.prefix())) {
+            return Ok((r, true));
         }
-        let r = Arc::new(read_record(&self.store, at.user_id, at.photos_job_id, at.idx).await?);
-        self.cache.insert(key, Cached::Masks(r.clone()));
-        Ok(r)
+        let r = read_record(&self.store, at.user_id, at.photos_job_id, at.idx).await?;
+        Ok((Arc::new(r), false))
+    }
+
+    /// The masks record if it is of this photo and its run segmented `concepts` (`usable_for`). Only such a record is
+    /// cached: a job id run again writes its photos record (a new `run`, the cache keys' prefix) when it starts and
+    /// a photo's masks record only once its masks are stored, so a preview in between reads the earlier run's
+    /// record, which, cached, stood for the whole run. A cached record that lacks a concept (an earlier run's, of
+    /// the same photo, cached before) is read again.
+    async fn checked_record(
+        &self,
+        at: &PhotoRef<'_>,
+        (record, from_cache): (Arc<record::MasksRecord>, bool),
+        photo_sha256: &[u8; 32],
+        concepts: &[&str],
+    ) -> Result<Arc<record::MasksRecord>, ItemError> {
+        let check = |r: &record::MasksRecord| {
+            usable_for(
+                r,
+                photo_sha256,
+                concepts,
+                at.user_id,
+                at.photos_job_id,
+                at.idx,
+            )
+        };
+        let record = match check(&record) {
+            Ok(()) if from_cache => return Ok(record),
+            Ok(()) => record,
+            Err(_) if from_cache => {
+                let r = read_record(&self.store, at.user_id, at.photos_job_id, at.idx).await?;
+                check(&r)?;
+                Arc::new(r)
+            }
+            Err(e) => return Err(e),
+        };
+        self.cache
+            .insert(format!("m|{}", at.prefix()), Cached::Masks(record.clone()));
+        Ok(record)
     }
 
     async fn swatch(&self, rule_id: &str, key: &str) -> Result<Arc<RgbImage>, ItemError> {
