@@ -2,7 +2,7 @@
 //! submission to the engine, and encoding of the kept instances.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use palette_proto::segmenter::v1 as pb;
@@ -224,15 +224,20 @@ async fn segment(
     let mask_size = shared.mask_size;
     // RLE walks every pixel of each instance's box on the photo (seconds for hundreds of instances on a large
     // one): it takes a CPU slot as a decode does, so it does not crowd out the decodes, and it stops at the
-    // deadline instead of working on for a caller that has gone.
+    // deadline, or once the caller has gone (this future dropped), instead of working on for nobody. Its wait for
+    // the slot is never refused: the model's work is done, and a refusal (RESOURCE_EXHAUSTED) would have it all
+    // done again by the retry, when the server is busiest.
     let slot = if checked.include_rle {
-        Some(cpu_slot(&shared, deadline).await?)
+        Some(cpu_slot(&shared, deadline, Line::Admitted).await?)
     } else {
         None
     };
+    let gone = Arc::new(AtomicBool::new(false));
+    let _gone_on_drop = SetOnDrop(gone.clone());
     let concepts = tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        encode(&checked, output, mask_size, image_size, deadline)
+        let stop = Stop { deadline, gone };
+        encode(&checked, output, mask_size, image_size, &stop)
     })
     .await
     .map_err(|e| Error::Inference(format!("encoding task failed: {e}")))?;
@@ -255,14 +260,28 @@ async fn segment(
     Ok(response)
 }
 
+/// How a request waits in line for a CPU slot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// A new request (its decode): refused (Overloaded) when `max_preprocess_waiting` already wait.
+    Bounded,
+    /// A request the engine has answered (its RLE): waits whatever the line's length (counted in it all the same,
+    /// so new requests are refused while it waits). Their number is bounded by the requests admitted before.
+    Admitted,
+}
+
 /// One of the PREPROCESS_CONCURRENCY slots for CPU work on a request (its decode and resize, its RLE), waited for
-/// until `deadline` in a line of at most `max_preprocess_waiting`.
-async fn cpu_slot(shared: &Shared, deadline: Instant) -> Result<OwnedSemaphorePermit, Error> {
+/// until `deadline` in a line of at most `max_preprocess_waiting` new requests.
+async fn cpu_slot(
+    shared: &Shared,
+    deadline: Instant,
+    line: Line,
+) -> Result<OwnedSemaphorePermit, Error> {
     match shared.preprocess_permits.clone().try_acquire_owned() {
         Ok(permit) => Ok(permit),
         Err(tokio::sync::TryAcquireError::Closed) => Err(Error::NotServing("shutting down".into())),
         Err(tokio::sync::TryAcquireError::NoPermits) => {
-            let _in_line = InLine::join(shared)?;
+            let _in_line = InLine::join(shared, line)?;
             tokio::time::timeout_at(
                 deadline.into(),
                 shared.preprocess_permits.clone().acquire_owned(),
@@ -278,11 +297,11 @@ async fn cpu_slot(shared: &Shared, deadline: Instant) -> Result<OwnedSemaphorePe
 struct InLine<'a>(&'a AtomicUsize);
 
 impl<'a> InLine<'a> {
-    /// In line, or Overloaded when `max_preprocess_waiting` requests already are.
-    fn join(shared: &'a Shared) -> Result<Self, Error> {
+    /// In line, or Overloaded when `max_preprocess_waiting` requests already are (`Line::Bounded`).
+    fn join(shared: &'a Shared, line: Line) -> Result<Self, Error> {
         let waiting = &shared.preprocess_waiting;
         let max = shared.max_preprocess_waiting;
-        if waiting.fetch_add(1, Ordering::SeqCst) >= max {
+        if waiting.fetch_add(1, Ordering::SeqCst) >= max && line == Line::Bounded {
             waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(Error::Overloaded { capacity: max });
         }
@@ -293,6 +312,30 @@ impl<'a> InLine<'a> {
 impl Drop for InLine<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Sets its flag when dropped: with the handler's future, when the client reset the call or tonic's timer ended it.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// When blocking work for a request stops: its deadline, or its caller gone (`SetOnDrop`).
+struct Stop {
+    deadline: Instant,
+    gone: Arc<AtomicBool>,
+}
+
+impl Stop {
+    fn check(&self) -> Result<(), Error> {
+        if self.gone.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        expired(self.deadline)
     }
 }
 
@@ -426,7 +469,7 @@ async fn prepare(
         .and_then(|i| i.source)
         .ok_or_else(|| Error::invalid("image", "required"))?;
     let waiting = Instant::now();
-    let permit = cpu_slot(&shared, deadline).await?;
+    let permit = cpu_slot(&shared, deadline, Line::Bounded).await?;
     let wait = waiting.elapsed();
     // The queue may have filled during the wait: a request it has no room for now is refused before its decode,
     // which would be thrown away, and its slot goes to the next at once. The wait itself is bounded by the deadline
@@ -466,7 +509,7 @@ fn encode(
     output: JobOutput,
     mask_size: usize,
     (width, height): (u32, u32),
-    deadline: Instant,
+    stop: &Stop,
 ) -> Result<(Vec<pb::ConceptResult>, pb::StageTimings), Error> {
     let started = Instant::now();
     // A plane in the requested form: a u8 export's codes pass through; its logits are reconstructed (mask_plane.rs).
@@ -486,37 +529,45 @@ fn encode(
             }),
         }
     };
-    let encode_concept = |phrase: &str, kept: &KeptConcept, hit: bool| pb::ConceptResult {
-        concept: phrase.to_string(),
-        presence_score: kept.presence,
-        instances: kept
+    // Nobody reads a reply past the deadline (tonic's timer ends the call) or once the caller has gone: asked
+    // before each instance's RLE, the costly part (proportional to the instance's box on the photo).
+    let rle = |inst: &crate::postprocess::KeptInstance| -> Result<Option<pb::CocoRle>, Error> {
+        if !checked.include_rle {
+            return Ok(None);
+        }
+        stop.check()?;
+        Ok(Some(pb::CocoRle {
+            height,
+            width,
+            counts: rle_from_logits(&inst.mask.logits(), mask_size, inst.bbox, width, height),
+        }))
+    };
+    let encode_concept = |phrase: &str, kept: &KeptConcept, hit: bool| {
+        let instances = kept
             .instances
             .iter()
-            .map(|inst| pb::Instance {
-                score: inst.score,
-                r#box: Some(pb::Box {
-                    x0: inst.bbox[0],
-                    y0: inst.bbox[1],
-                    x1: inst.bbox[2],
-                    y1: inst.bbox[3],
-                }),
-                mask: tensor(&inst.mask),
-                rle: checked.include_rle.then(|| pb::CocoRle {
-                    height,
-                    width,
-                    counts: rle_from_logits(
-                        &inst.mask.logits(),
-                        mask_size,
-                        inst.bbox,
-                        width,
-                        height,
-                    ),
-                }),
-                query_index: inst.query,
+            .map(|inst| {
+                Ok(pb::Instance {
+                    score: inst.score,
+                    r#box: Some(pb::Box {
+                        x0: inst.bbox[0],
+                        y0: inst.bbox[1],
+                        x1: inst.bbox[2],
+                        y1: inst.bbox[3],
+                    }),
+                    mask: tensor(&inst.mask),
+                    rle: rle(inst)?,
+                    query_index: inst.query,
+                })
             })
-            .collect(),
-        semantic: kept.semantic.as_ref().and_then(tensor),
-        text_cache_hit: hit,
+            .collect::<Result<_, Error>>()?;
+        Ok::<_, Error>(pb::ConceptResult {
+            concept: phrase.to_string(),
+            presence_score: kept.presence,
+            instances,
+            semantic: kept.semantic.as_ref().and_then(tensor),
+            text_cache_hit: hit,
+        })
     };
     // Each distinct phrase is encoded once (its RLE is the costly part: proportional to the photo) and a phrase the
     // request repeats gets copies of that, the last use taking it.
@@ -540,12 +591,14 @@ fn encode(
     for i in index {
         let (phrase, _) = &checked.distinct[i];
         if encoded[i].is_none() {
-            // Nobody waits for a reply past the deadline (tonic's timer ends the call).
-            expired(deadline)?;
+            stop.check()?;
+            encoded[i] = Some(encode_concept(
+                phrase,
+                &output.concepts[i],
+                output.cache_hits[i],
+            )?);
         }
-        let done = encoded[i].get_or_insert_with(|| {
-            encode_concept(phrase, &output.concepts[i], output.cache_hits[i])
-        });
+        let done = encoded[i].as_mut().expect("just encoded");
         uses_left[i] -= 1;
         concepts.push(if uses_left[i] == 0 {
             encoded[i].take().expect("just encoded")
@@ -645,15 +698,16 @@ mod tests {
     /// `encode` of one "wall" instance on a 4000 x 3000 photo, asked `times` times, as RLE only: the reply and the
     /// bytes its encoding allocated on this thread.
     fn encode_wall(times: usize) -> (Vec<pb::ConceptResult>, usize) {
-        let (concepts, bytes) = encode_wall_by(times, Instant::now() + Duration::from_secs(600));
+        let stop = Stop {
+            deadline: Instant::now() + Duration::from_secs(600),
+            gone: Default::default(),
+        };
+        let (concepts, bytes) = encode_wall_by(times, &stop);
         (concepts.unwrap(), bytes)
     }
 
-    /// `encode_wall` with the request's deadline.
-    fn encode_wall_by(
-        times: usize,
-        deadline: Instant,
-    ) -> (Result<Vec<pb::ConceptResult>, Error>, usize) {
+    /// `encode_wall` with the request's deadline and whether its caller has gone.
+    fn encode_wall_by(times: usize, stop: &Stop) -> (Result<Vec<pb::ConceptResult>, Error>, usize) {
         let mask_size = 64;
         let checked = Checked {
             requested: vec!["wall".to_string(); times],
@@ -695,18 +749,35 @@ mod tests {
             vision_batch: 1,
         };
         let before = counting::allocated();
-        let concepts = encode(&checked, output, mask_size, (4000, 3000), deadline).map(|(c, _)| c);
+        let concepts = encode(&checked, output, mask_size, (4000, 3000), stop).map(|(c, _)| c);
         (concepts, counting::allocated() - before)
     }
 
     /// A request whose deadline has passed by the time its reply is built gets no RLE made for it.
     #[test]
     fn no_rle_is_made_past_the_deadline() {
-        let (concepts, _) = encode_wall_by(1, Instant::now());
+        let stop = Stop {
+            deadline: Instant::now(),
+            gone: Default::default(),
+        };
+        let (concepts, _) = encode_wall_by(1, &stop);
         assert!(
             matches!(concepts, Err(Error::DeadlineExceeded)),
             "{concepts:?}"
         );
+    }
+
+    /// Nor one whose caller has gone (the handler's future dropped: the client reset the call).
+    #[test]
+    fn no_rle_is_made_for_a_caller_that_has_gone() {
+        let gone = Arc::new(AtomicBool::new(false));
+        drop(SetOnDrop(gone.clone()));
+        let stop = Stop {
+            deadline: Instant::now() + Duration::from_secs(600),
+            gone,
+        };
+        let (concepts, _) = encode_wall_by(1, &stop);
+        assert!(matches!(concepts, Err(Error::Cancelled)), "{concepts:?}");
     }
 
     /// A phrase repeated in a request is encoded once: 32 x "wall" with RLE on a large photo cost 32 encodings.

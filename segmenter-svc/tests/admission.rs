@@ -348,6 +348,53 @@ async fn requests_waiting_for_a_decode_slot_are_bounded() {
     server.stop().await.unwrap();
 }
 
+/// A reply the engine has computed waits for its RLE's CPU slot even when the line for slots is full: it was refused
+/// RESOURCE_EXHAUSTED, and its retry computed it all again, when the server was busiest.
+#[tokio::test]
+async fn an_answered_request_waits_for_its_rle_slot_in_a_full_line() {
+    let mut config = test_config();
+    config.queue_capacity = 1;
+    config.preprocess_concurrency = 1;
+    let faults = config.faults.clone();
+    let (shared, mut server, client) = start(config).await;
+    let runs = faults.runs();
+    faults.delay_next_run(Duration::from_secs(2));
+    let mut req = request(image_bytes("room_640x480.jpg"), &["wall"]);
+    req.include_rle = true;
+    let call = spawn_segment(&client, req);
+    wait_until("its decode done and its run started", || {
+        faults.runs() > runs
+    })
+    .await;
+    let slot = shared
+        .preprocess_permits
+        .clone()
+        .acquire_owned()
+        .await
+        .unwrap();
+    // A new request takes the line's one place while the run goes on.
+    let waiting = spawn_segment(&client, not_an_image());
+    wait_until("the new request waits for the slot", || {
+        shared
+            .preprocess_waiting
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1
+    })
+    .await;
+    // The run (2 s) ends meanwhile; the encode waits for the slot, behind the new request.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!call.is_finished(), "the RLE encode waits for a CPU slot");
+    drop(slot);
+    let reply = call.await.unwrap().unwrap().into_inner();
+    assert!(
+        reply.concepts[0].instances.iter().all(|i| i.rle.is_some()),
+        "{reply:?}"
+    );
+    let err = waiting.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    server.stop().await.unwrap();
+}
+
 /// RLE (walking every pixel of each instance's box on the photo) takes a CPU slot as a decode does: with the only
 /// slot held, a reply with RLE waits for it after the engine answered, and comes once it is free.
 #[tokio::test]
