@@ -54,6 +54,12 @@ fn row_stats(img: &RgbImage, y: u32, x0: u32, x1: u32) -> ([f64; 3], f64) {
     (mean, var)
 }
 
+/// A plank swatch: 64x16, red/blue squares of 8x8 (8 across, 2 down).
+fn planks() -> RgbImage {
+    let square = checker();
+    RgbImage::from_fn(64, 16, |x, y| *square.get_pixel(x, y))
+}
+
 #[test]
 fn the_whole_photo_as_the_rectangle_is_flat_tiling() {
     let (w, h) = (240, 160);
@@ -63,21 +69,24 @@ fn the_whole_photo_as_the_rectangle_is_flat_tiling() {
     let mut persp = flat.clone();
     persp["perspective"] = json!([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]);
     persp["perspective_aspect"] = json!(w as f64 / h as f64);
-    let (a, b) = (
-        texture(&photo, flat, &checker()),
-        texture(&photo, persp, &checker()),
-    );
-    let worst = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(p, q)| p.abs_diff(*q))
-        .max()
-        .unwrap();
-    assert!(
-        worst <= 1,
-        "perspective of the full frame differs from flat by {worst} codes"
-    );
+    // A square swatch, and one four times as wide as it is tall, which keeps its shape (it came out square).
+    for (name, swatch) in [("checker", checker()), ("planks", planks())] {
+        let (a, b) = (
+            texture(&photo, flat.clone(), &swatch),
+            texture(&photo, persp.clone(), &swatch),
+        );
+        let worst = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(p, q)| p.abs_diff(*q))
+            .max()
+            .unwrap();
+        assert!(
+            worst <= 1,
+            "{name}: perspective of the full frame differs from flat by {worst} codes"
+        );
+    }
 }
 
 #[test]

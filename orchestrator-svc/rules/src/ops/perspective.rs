@@ -49,13 +49,14 @@ fn det(m: &Mat3) -> f64 {
 
 /// Pixel centre -> swatch texel coordinates (level 0) for a photo of `width` x `height`: the marked rectangle is
 /// the plane [0, aspect] x [0, 1]; one tile is `tile_px` pixels long along the rectangle's near edge, turned by
-/// `rotation` (sin, cos) in the plane. None when the corners are degenerate in pixels.
+/// `rotation` (sin, cos) in the plane, and keeps the swatch's shape (texels square in the plane, as flat tiling keeps
+/// them square in the photo). None when the corners are degenerate in pixels.
 pub fn pixel_to_texel(
     p: &Perspective,
     (width, height): (u32, u32),
     tile_px: f64,
     (sin, cos): (f64, f64),
-    (sw, sh): (u32, u32),
+    swatch_width: u32,
 ) -> Option<Mat3> {
     let quad = p.corners.map(|[x, y]| {
         [
@@ -68,11 +69,13 @@ pub fn pixel_to_texel(
     // The near edge (near-right to near-left) is `a` plane units long: that fixes pixels per plane unit there.
     let near_px = (quad[2][0] - quad[3][0]).hypot(quad[2][1] - quad[3][1]);
     let tile_plane = tile_px * a / near_px.max(1e-9);
-    let (ku, kv) = (f64::from(sw) / tile_plane, f64::from(sh) / tile_plane);
+    // Texels per plane unit, the same along both axes: a 512x128 plank swatch stays four times as long as it is wide
+    // (with `sh / tile_plane` along v every tile came out square, planks stretched fourfold).
+    let k = f64::from(swatch_width) / tile_plane;
     // Same convention as flat tiling: u = (cos s + sin t) per tile, v = (-sin s + cos t) per tile.
     let k: Mat3 = [
-        [cos * ku, sin * ku, 0.0],
-        [-sin * kv, cos * kv, 0.0],
+        [cos * k, sin * k, 0.0],
+        [-sin * k, cos * k, 0.0],
         [0.0, 0.0, 1.0],
     ];
     let t = mul(&k, &to_plane);

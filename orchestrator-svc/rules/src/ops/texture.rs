@@ -72,8 +72,7 @@ pub fn texture_in_place(
         k: p.common.strength / 255.0,
     };
     if let Some(plane) = &p.perspective {
-        let map =
-            perspective::pixel_to_texel(plane, photo.dimensions(), tile_px, (sin, cos), (sw, sh));
+        let map = perspective::pixel_to_texel(plane, photo.dimensions(), tile_px, (sin, cos), sw);
         // Corners degenerate in pixels (a sliver quadrilateral on a tiny photo): tile flat rather than fail.
         if let Some(map) = map {
             let sampler = perspective::Sampler::new(map, swatch);
@@ -368,13 +367,8 @@ mod tests {
             std::array::from_fn(|k| encode_with(enc, inp[k] + opacity * (t[k] - inp[k])))
         };
         if let Some(plane) = &p.perspective {
-            let map = perspective::pixel_to_texel(
-                plane,
-                photo.dimensions(),
-                tile_px,
-                (sin, cos),
-                (sw, sh),
-            );
+            let map =
+                perspective::pixel_to_texel(plane, photo.dimensions(), tile_px, (sin, cos), sw);
             if let Some(map) = map {
                 let sampler = perspective::Sampler::new(map, swatch);
                 super::super::blend_masked_rows(photo, region, b, p.common.strength, |y| {
