@@ -7,7 +7,7 @@ use palette_rules::region::RegionParams;
 use palette_rules::{Edited, GrayImage, RgbImage};
 
 use crate::jobs::item::ItemError;
-use crate::jobs::item::cpu::{NotApplied, hidden_by_occluders};
+use crate::jobs::item::cpu::{NotApplied, region_not_applied};
 use crate::jobs::item::imaging;
 
 /// Largest and default `max_side`.
@@ -48,14 +48,7 @@ pub fn region(
 ) -> (GrayImage, Option<NotApplied>) {
     let targets = target.map_or(&[][..], std::slice::from_ref);
     let mut region = palette_rules::region::build_region(photo, targets, occluders, params);
-    let not_applied = match target {
-        None => Some(NotApplied::ConceptNotFound),
-        Some(t) if hidden_by_occluders(t, occluders, &region) => {
-            region.fill(0);
-            Some(NotApplied::RegionEmpty)
-        }
-        Some(_) => None,
-    };
+    let not_applied = region_not_applied(target, occluders, &mut region);
     (region, not_applied)
 }
 
