@@ -94,7 +94,7 @@ impl Jobs for JobsApi {
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
         let key = job_key(request.get_ref())?;
-        Ok(Response::new(self.service.find(&key).await?.snapshot()))
+        Ok(Response::new(self.service.accepted(&key).await?.snapshot()))
     }
 
     type WatchJobStream = EventStream;
@@ -105,7 +105,7 @@ impl Jobs for JobsApi {
     ) -> Result<Response<EventStream>, Status> {
         self.refuse_when_draining()?;
         let changes_only = request.get_ref().changes_only;
-        let job = self.service.find(&job_key(request.get_ref())?).await?;
+        let job = self.service.accepted(&job_key(request.get_ref())?).await?;
         let (snapshot, mut events) = job.subscribe();
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let drained = tx.clone();

@@ -132,6 +132,44 @@ async fn a_cancel_during_a_submission_that_fails_finds_no_job() {
     );
 }
 
+/// GetJob and WatchJob during a submission whose record fails: not found (the job was never accepted), not the
+/// handle the registry then drops, which a watcher followed for ever, QUEUED.
+#[tokio::test(start_paused = true)]
+async fn a_get_during_a_submission_that_fails_finds_no_job() {
+    let store = Arc::new(GatedStore {
+        fail: true,
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let service = service(store.clone(), dir.path());
+    let spec = seed_spec("job-1", 2);
+    let key = JobKey {
+        user_id: spec.user_id.clone(),
+        job_id: spec.job_id.clone(),
+    };
+    let submit = tokio::spawn({
+        let service = service.clone();
+        async move { service.submit(&spec).await.map(drop) }
+    });
+    store.entered.notified().await;
+    let get = tokio::spawn({
+        let service = service.clone();
+        async move { service.accepted(&key).await.map(drop) }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !get.is_finished(),
+        "answered once the record is written or not"
+    );
+    store.gate.notify_one();
+    assert!(matches!(
+        submit.await.unwrap(),
+        Err(ApiError::StoreUnavailable(_))
+    ));
+    let got = get.await.unwrap();
+    assert!(matches!(got, Err(ApiError::JobNotFound { .. })), "{got:?}");
+}
+
 /// A record that does not decode is not an outage: INTERNAL, which queue_pull terminates, not UNAVAILABLE, which it
 /// submits again every 2 s for ever (holding its one job slot).
 #[tokio::test(start_paused = true)]

@@ -231,17 +231,26 @@ impl JobService {
         }
     }
 
-    /// Cancels the job: recorded first (a resumed job stays cancelled), then its open items end CANCELLED.
-    pub async fn cancel(&self, key: &JobKey) -> Result<Job, ApiError> {
+    /// `find` for GetJob, WatchJob and CancelJob: a job its SubmitJob call is still recording is answered once it is
+    /// recorded, and is not found when it ended up not recorded (it was never accepted; a WatchJob that had taken
+    /// its handle waited for ever, QUEUED, on a job no longer anywhere). The registry's handle then: JOB_STORE=nats
+    /// may have put the recorded run in this one's place.
+    pub async fn accepted(&self, key: &JobKey) -> Result<Arc<JobHandle>, ApiError> {
         let job = self.find(key).await?;
-        // A job its SubmitJob call is still recording: cancelled now, the store finds no record to mark, and the
-        // record written next says not cancelled (restarted, or on the other replicas, its items run). So the
-        // cancel waits for the record; a job that ended up not recorded was never accepted.
         if !job.recorded.wait().await {
             return Err(ApiError::JobNotFound {
                 job_id: key.job_id.clone(),
             });
         }
+        Ok(self.registry.get(key).unwrap_or(job))
+    }
+
+    /// Cancels the job: recorded first (a resumed job stays cancelled), then its open items end CANCELLED.
+    pub async fn cancel(&self, key: &JobKey) -> Result<Job, ApiError> {
+        // A job its SubmitJob call is still recording: cancelled now, the store finds no record to mark, and the
+        // record written next says not cancelled (restarted, or on the other replicas, its items run). So the
+        // cancel waits for the record (`accepted`).
+        let job = self.accepted(key).await?;
         if let Some(cluster) = self.cluster.as_ref() {
             return self.cancel_shared(cluster, &job).await;
         }
