@@ -14,7 +14,7 @@ use orchestrator_svc::jobs::store::{
     Created, JobRecord, JobStore, RecordKey, RunKey, StoreError, StoredJob, Written,
 };
 use orchestrator_svc::jobs::{JobKey, JobService};
-use palette_proto::orchestrator::v1::{CallbackState, Item};
+use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState};
 use palette_testing::orchestrator::seed_spec;
 use tokio::sync::Notify;
 
@@ -262,4 +262,107 @@ async fn with_callbacks_off_a_job_is_not_forgotten_before_its_item_is_recorded()
     store.gate.notify_one();
     tokio::time::sleep(Duration::from_secs(1)).await;
     store.assert_slow_kept_without_orphans();
+}
+
+/// Counts the callbacks per job id (the body's `job_id`).
+#[derive(Default)]
+struct Counting(Mutex<HashMap<String, usize>>);
+
+#[async_trait]
+impl Transport for Counting {
+    async fn post(
+        &self,
+        _: &str,
+        _: &[(&'static str, String)],
+        body: Vec<u8>,
+    ) -> Result<Answer, BoxError> {
+        let body: serde_json::Value = serde_json::from_slice(&body)?;
+        let job = body["job_id"].as_str().unwrap_or_default().to_string();
+        *self.0.lock().unwrap().entry(job).or_default() += 1;
+        Ok(Answer {
+            status: 200,
+            retry_after: None,
+        })
+    }
+}
+
+/// A job forgotten while its deletion failed (retention logs it and leaves the run's records to the next start)
+/// and submitted again with the same spec: the new run took the leftover record as its own, and its items' first
+/// reports found the old run's item records with another end: not recorded, never called back, the job never
+/// settled (and, the leftover being cancelled, cancelled after a restart). The leftover is deleted and the job
+/// recorded anew.
+#[tokio::test(start_paused = true)]
+async fn a_job_submitted_again_over_its_forgotten_runs_leftover_records_runs_and_calls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = orchestrator_svc::jobs::store::open_local(&dir.path().join("jobs.redb")).unwrap();
+    let spec = seed_spec("first", 3);
+    let leftover = JobRecord {
+        user_id: spec.user_id.clone(),
+        job_id: spec.job_id.clone(),
+        spec_hash: orchestrator_svc::jobs::store::spec_hash(&spec),
+        spec: spec.clone(),
+        seq: 1,
+        cancelled: true,
+        source: None,
+        preset: None,
+    };
+    local.create(&leftover).await.unwrap();
+    for idx in 0..3 {
+        let cancelled = Item {
+            idx,
+            state: ItemState::Cancelled as i32,
+            callback_state: CallbackState::Delivered as i32,
+            ..Default::default()
+        };
+        local.put_item(&leftover.key(), &cancelled).await.unwrap();
+    }
+    let calls = Arc::new(Counting::default());
+    let policy = RetryPolicy {
+        max_attempts: 1,
+        base_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(1),
+        attempt_timeout: Duration::from_secs(1),
+    };
+    let sender = CallbackSender::new("http://127.0.0.1:1", "s3cret", policy)
+        .unwrap()
+        .with_transport(calls.clone());
+    let service = service(local.clone(), Some(Arc::new(sender)), dir.path());
+    service.submit(&spec).await.unwrap();
+    finished(&service, "first").await;
+    assert_eq!(calls.0.lock().unwrap()["first"], 3, "one callback per item");
+    let stored = local.load().await.unwrap();
+    assert_eq!(stored.len(), 1);
+    let (record, items) = (&stored[0].record, &stored[0].items);
+    assert!(record.seq != 1 && !record.cancelled, "{record:?}");
+    assert!(
+        items.iter().all(|i| i.state == ItemState::Failed as i32),
+        "this run's ends: {items:?}"
+    );
+}
+
+/// The same with another spec: the id is free (the registry forgot its job), not ALREADY_EXISTS.
+#[tokio::test(start_paused = true)]
+async fn a_job_id_whose_forgotten_run_left_a_record_of_another_spec_is_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = orchestrator_svc::jobs::store::open_local(&dir.path().join("jobs.redb")).unwrap();
+    let old = seed_spec("first", 2);
+    let leftover = JobRecord {
+        user_id: old.user_id.clone(),
+        job_id: old.job_id.clone(),
+        spec_hash: orchestrator_svc::jobs::store::spec_hash(&old),
+        spec: old,
+        seq: 1,
+        cancelled: false,
+        source: None,
+        preset: None,
+    };
+    local.create(&leftover).await.unwrap();
+    let service = service(local.clone(), None, dir.path());
+    service.submit(&seed_spec("first", 1)).await.unwrap();
+    finished(&service, "first").await;
+    let stored = local.load().await.unwrap();
+    assert_eq!(
+        stored[0].record.spec.image_count, 1,
+        "the new spec's record"
+    );
 }

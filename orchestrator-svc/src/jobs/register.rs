@@ -101,17 +101,35 @@ impl Registrar {
             source: job.plan.source.clone(),
             preset: job.plan.preset.clone(),
         };
-        match job_store.create(&record).await {
-            Ok(Created::New) => Ok(()),
-            Ok(Created::Existing(existing)) if existing.spec_hash == record.spec_hash => Ok(()),
-            Ok(Created::Existing(_)) => Err(ApiError::JobExists {
+        let not_recorded = |e: store::StoreError| {
+            tracing::error!(job_id = %record.job_id, error = %crate::error::Report(&e), "job not recorded");
+            // Unreachable: worth retrying; an existing record that does not decode: not (INTERNAL).
+            e.into_api()
+        };
+        match job_store.create(&record).await.map_err(not_recorded)? {
+            Created::New => Ok(()),
+            // JOB_STORE=local: the registry, which answered before this for every job it holds, has no such job:
+            // this is the record of a run it forgot whose deletion failed (`forget` leaves it to the next start).
+            // Taken as this job, its item records stood against this run's (a first report finds one: no record,
+            // no callback, the item's callback PENDING for ever); another spec's made the id look taken.
+            Created::Existing(leftover) if self.cluster.is_none() => {
+                tracing::warn!(job_id = %record.job_id, "a forgotten run's record was left in the job store; deleted");
+                let run = store::RunKey {
+                    job: leftover.key(),
+                    seq: leftover.seq,
+                };
+                job_store.forget(&[run]).await.map_err(not_recorded)?;
+                match job_store.create(&record).await.map_err(not_recorded)? {
+                    Created::New => Ok(()),
+                    Created::Existing(_) => Err(ApiError::StoreUnavailable(
+                        "the job store kept a forgotten run's record of this job id; retry".into(),
+                    )),
+                }
+            }
+            Created::Existing(existing) if existing.spec_hash == record.spec_hash => Ok(()),
+            Created::Existing(_) => Err(ApiError::JobExists {
                 job_id: record.job_id,
             }),
-            Err(e) => {
-                tracing::error!(job_id = %record.job_id, error = %crate::error::Report(&e), "job not recorded");
-                // Unreachable: worth retrying; an existing record that does not decode: not (INTERNAL).
-                Err(e.into_api())
-            }
         }
     }
 
