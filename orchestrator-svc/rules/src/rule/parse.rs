@@ -50,12 +50,17 @@ pub fn parse_rule(
     }
 }
 
-/// Checks a preset's defaults for one rule type: the same checks as a request, except that required fields may be
-/// missing (the request supplies them).
+/// Checks a preset's defaults for one rule type: the same checks as a request, except that required parameters may
+/// be missing (the request supplies them). A part missing inside one the preset gives is its error, not the
+/// request's: `{"color": {"l": 50}}` (no `a`, `b`) is refused at load, not in every request that relies on it.
 pub fn validate_defaults(rule_type: &str, defaults: &Map<String, Value>) -> Vec<FieldError> {
+    let nested = |field: &str| field.matches('.').count() > 1;
     match parse_rule(rule_type, &Map::new(), Some(defaults)) {
         Ok(_) => Vec::new(),
-        Err(errs) => errs.into_iter().filter(|e| e.message != REQUIRED).collect(),
+        Err(errs) => errs
+            .into_iter()
+            .filter(|e| e.message != REQUIRED || nested(&e.field))
+            .collect(),
     }
 }
 
@@ -531,5 +536,9 @@ mod tests {
             validate_defaults("tone", &obj(json!({"warmth": 5}))).len(),
             1
         );
+        // A Lab colour given in part: its missing parts are the preset's error.
+        let partial = validate_defaults("recolor", &obj(json!({"color": {"l": 50}})));
+        let fields: Vec<&str> = partial.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["params.color.a", "params.color.b"]);
     }
 }
