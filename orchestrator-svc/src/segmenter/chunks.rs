@@ -15,10 +15,27 @@ pub(super) fn split(concepts: &[String], max: u32) -> Vec<&[String]> {
     concepts.chunks(max as usize).collect()
 }
 
-/// The answers of consecutive groups as one answer: concepts in order, image and mask sizes and the model from the
-/// first (a later group answered by another model, or with other sizes, cannot be joined: a bad reply), timings
-/// added up (the calls ran one after another).
-pub(super) fn join(parts: Vec<SegmentResponse>) -> Result<SegmentResponse, SegmenterError> {
+/// The answers of consecutive groups (`asked`: each group's concept count) as one answer: concepts in order, image
+/// and mask sizes and the model from the first (a later group answered by another model, or with other sizes, cannot
+/// be joined: a bad reply), timings added up (the calls ran one after another). A group answered with another number
+/// of concepts than it asked is a bad reply too: the joined total could still match the request (2 + 4 for 3 + 3),
+/// and the concepts, matched by position, would each take the next one's masks.
+pub(super) fn join(
+    parts: Vec<SegmentResponse>,
+    asked: &[usize],
+) -> Result<SegmentResponse, SegmenterError> {
+    if let Some((i, (part, &n))) = parts
+        .iter()
+        .zip(asked)
+        .enumerate()
+        .find(|(_, (part, n))| part.concepts.len() != **n)
+    {
+        return Err(SegmenterError::BadReply(format!(
+            "group {} of the concepts was answered with {} concepts for {n} asked",
+            i + 1,
+            part.concepts.len()
+        )));
+    }
     let mut parts = parts.into_iter();
     let Some(mut joined) = parts.next() else {
         return Err(SegmenterError::BadReply("no answer to join".into()));
@@ -114,7 +131,7 @@ mod tests {
 
     #[test]
     fn answers_are_joined_in_order_with_their_times_added() {
-        let joined = join(vec![answer(&["a", "b"], "m"), answer(&["c"], "m")]).unwrap();
+        let joined = join(vec![answer(&["a", "b"], "m"), answer(&["c"], "m")], &[2, 1]).unwrap();
         let order: Vec<_> = joined.concepts.iter().map(|c| c.concept.as_str()).collect();
         assert_eq!(order, ["a", "b", "c"]);
         let timings = joined.timings.unwrap();
@@ -123,7 +140,18 @@ mod tests {
 
     #[test]
     fn answers_of_different_models_are_not_joined() {
-        let err = join(vec![answer(&["a"], "m1"), answer(&["b"], "m2")]).unwrap_err();
+        let err = join(vec![answer(&["a"], "m1"), answer(&["b"], "m2")], &[1, 1]).unwrap_err();
         assert!(matches!(err, SegmenterError::BadReply(_)), "{err:?}");
+    }
+
+    #[test]
+    fn a_group_answered_with_another_number_of_concepts_is_not_joined() {
+        // 2 + 4 answers for 3 + 3 asked: the total matches the request, the concepts would not.
+        let parts = vec![answer(&["a", "b"], "m"), answer(&["c", "d", "e", "f"], "m")];
+        let err = join(parts, &[3, 3]).unwrap_err();
+        assert!(
+            matches!(&err, SegmenterError::BadReply(m) if m.contains("2 concepts for 3")),
+            "{err:?}"
+        );
     }
 }

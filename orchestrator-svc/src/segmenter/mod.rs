@@ -195,10 +195,11 @@ impl Segmenter {
             "more concepts than the segmenter takes at once (its MAX_CONCEPTS): sent in groups"
         );
         let mut answers = Vec::with_capacity(groups.len());
-        for group in groups {
+        for group in &groups {
             answers.push(self.segment_once(image.clone(), group, request_id).await?);
         }
-        chunks::join(answers)
+        let asked: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+        chunks::join(answers, &asked)
     }
 
     async fn segment_once(
