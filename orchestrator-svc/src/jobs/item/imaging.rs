@@ -61,18 +61,7 @@ pub fn decode_photo(
     let (w, h) = reader
         .into_dimensions()
         .map_err(|e| ItemError::InputCorrupt(format!("cannot read the image size: {e}")))?;
-    if u64::from(w) * u64::from(h) > max_pixels {
-        return Err(ItemError::InputTooLarge(format!(
-            "{w}x{h} is {} pixels; the limit is {max_pixels}",
-            u64::from(w) * u64::from(h)
-        )));
-    }
-    if w.max(h) > MAX_SIDE {
-        // JPEG outputs (the default) stop at 65535 a side: say so now rather than fail after the work.
-        return Err(ItemError::InputTooLarge(format!(
-            "{w}x{h}: sides are limited to {MAX_SIDE} px (the JPEG format's limit)"
-        )));
-    }
+    within_limits((w, h), max_pixels)?;
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ItemError::InputCorrupt(e.to_string()))?;
@@ -169,13 +158,33 @@ fn decode_pixels(decoder: impl ImageDecoder) -> image::ImageResult<DynamicImage>
     Ok(DynamicImage::ImageRgb8(rgb))
 }
 
-/// Width x height from the image's header (no pixel decoded); 0 when it cannot be read (decoding then says why).
-pub fn pixel_count(bytes: &[u8]) -> u64 {
-    ImageReader::new(Cursor::new(bytes))
+/// Width x height from the image's header (no pixel decoded), what the pixel budget admits it for; 0 when it cannot
+/// be read (decoding then says why). A size over the limits is refused here, before the admission: the budget would
+/// first have been drained for it (a photo over the budget waits for all of it), by a few bytes of header.
+pub fn admissible_pixels(bytes: &[u8], max_pixels: u64) -> Result<u64, ItemError> {
+    let size = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .ok()
-        .and_then(|r| r.into_dimensions().ok())
-        .map_or(0, |(w, h)| u64::from(w) * u64::from(h))
+        .and_then(|r| r.into_dimensions().ok());
+    let Some((w, h)) = size else { return Ok(0) };
+    within_limits((w, h), max_pixels)?;
+    Ok(u64::from(w) * u64::from(h))
+}
+
+fn within_limits((w, h): (u32, u32), max_pixels: u64) -> Result<(), ItemError> {
+    if u64::from(w) * u64::from(h) > max_pixels {
+        return Err(ItemError::InputTooLarge(format!(
+            "{w}x{h} is {} pixels; the limit is {max_pixels}",
+            u64::from(w) * u64::from(h)
+        )));
+    }
+    if w.max(h) > MAX_SIDE {
+        // JPEG outputs (the default) stop at 65535 a side: say so now rather than fail after the work.
+        return Err(ItemError::InputTooLarge(format!(
+            "{w}x{h}: sides are limited to {MAX_SIDE} px (the JPEG format's limit)"
+        )));
+    }
+    Ok(())
 }
 
 /// Baseline JPEG, 4:2:0, standard Huffman tables (`crate::jpeg`). Chroma at half resolution, as the seed's

@@ -156,7 +156,8 @@ impl ItemRunner {
 
         // Held to the end of the item (its photo, planes and outputs live until then), and by its blocking work.
         let stage = Stage::start("admit");
-        let pixels = admission::item_pixels(imaging::pixel_count(&bytes), plan.fills());
+        let photo_pixels = imaging::admissible_pixels(&bytes, self.limits.max_pixels)?;
+        let pixels = admission::item_pixels(photo_pixels, plan.fills());
         let admitted = self.budget.admit(pixels).await;
         stage.finish();
         admitted

@@ -282,9 +282,8 @@ impl PreviewService {
             .get_at_most(&input, self.inputs.max_bytes)
             .await?;
         let (max_pixels, max_side) = (self.inputs.max_pixels, at.max_side);
-        let admitted = self
-            .admit(imaging::pixel_count(&bytes), Some(&mut stage))
-            .await;
+        let pixels = imaging::admissible_pixels(&bytes, max_pixels)?;
+        let admitted = self.admit(pixels, Some(&mut stage)).await;
         let photo = admitted
             .hold_while(blocking(move || {
                 let sha256: [u8; 32] = Sha256::digest(&bytes).into();

@@ -45,6 +45,21 @@ fn pixel_limit_is_checked_before_decoding() {
     assert_eq!(back.dimensions(), (40, 30));
 }
 
+/// The pixel budget's admission reads the header's size and refuses one over the limits there, not after waiting
+/// for its pixels (all of the budget, for a size over it).
+#[test]
+fn a_size_over_the_limits_is_refused_before_admission() {
+    let img = RgbImage::from_pixel(40, 30, image::Rgb([10, 20, 30]));
+    let jpeg = encode_jpeg(&img).unwrap();
+    assert!(matches!(
+        admissible_pixels(&jpeg, 1000),
+        Err(ItemError::InputTooLarge(_))
+    ));
+    assert_eq!(admissible_pixels(&jpeg, 1200).unwrap(), 1200);
+    // No header to read: admitted for nothing, and decoding says why.
+    assert_eq!(admissible_pixels(b"not an image", 1200).unwrap(), 0);
+}
+
 #[test]
 fn a_cut_off_jpeg_is_corrupt_not_a_photo_with_a_grey_band() {
     let img = RgbImage::from_fn(300, 200, |x, y| image::Rgb([x as u8, y as u8, 90]));
