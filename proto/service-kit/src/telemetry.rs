@@ -80,11 +80,7 @@ pub fn init<E: SpanExporter + 'static>(
     let provider = exporter.map(|exporter| {
         SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            .with_resource(
-                opentelemetry_sdk::Resource::builder()
-                    .with_service_name(service)
-                    .build(),
-            )
+            .with_resource(resource(service))
             .build()
     });
     // LOG_LEVEL filters the logs only. The spans are this project's (job, item, segment, inference ...) at INFO
@@ -205,6 +201,18 @@ pub fn fix_mmap_threshold() {
     // SAFETY: mallopt only sets an allocator parameter; called once at startup before threads allocate heavily.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+/// The traces' resource. `OTEL_SERVICE_NAME`, when set, names the service, as OpenTelemetry's convention has it (the
+/// SDK's builder reads it, with `OTEL_RESOURCE_ATTRIBUTES`); this binary's name otherwise. It was always this
+/// binary's name, whatever the deployment set.
+fn resource(service: &'static str) -> opentelemetry_sdk::Resource {
+    let builder = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_some_and(|v| !v.is_empty()) {
+        builder.build()
+    } else {
+        builder.with_service_name(service).build()
     }
 }
 
