@@ -16,11 +16,13 @@ use super::validate::JobPlan;
 use crate::keys;
 
 mod hash;
+mod settling;
 mod state;
 mod unrecorded;
 mod weight;
 mod written;
 pub use hash::{plan_hash, spec_hash};
+pub use settling::{Ended, Settling};
 use state::State;
 use weight::{JOB_OVERHEAD_BYTES, approx_item_bytes};
 
@@ -181,16 +183,6 @@ impl JobHandle {
             && self.settling.load(Ordering::SeqCst) == 0
     }
 
-    /// Held by an ended item's report (`report::Reporter`) from when it is scheduled until its last record is
-    /// written (the terminal record, and the settled one after its callback): in between, retention could forget
-    /// the job and delete its records, and a write after that would leave an item record with no job, which a later
-    /// job with the same spec would take as its own. Callbacks off included: the item is NOT_CONFIGURED (settled) at
-    /// once, but its record is still to be written.
-    pub fn settling(self: &Arc<Self>) -> Settling {
-        self.settling.fetch_add(1, Ordering::SeqCst);
-        Settling(self.clone())
-    }
-
     /// Roughly what this job's record holds in memory, in bytes.
     pub fn approx_bytes(&self) -> usize {
         self.approx_bytes.load(Ordering::Relaxed)
@@ -254,22 +246,29 @@ impl JobHandle {
 
     /// Moves the item to its one terminal state. Returns the final item only for the caller that made the
     /// transition: that caller, and no other, sends the item's callback.
-    pub fn finish_item(&self, idx: u32, outcome: ItemOutcome, callbacks_on: bool) -> Option<Item> {
+    pub fn finish_item(
+        self: &Arc<Self>,
+        idx: u32,
+        outcome: ItemOutcome,
+        callbacks_on: bool,
+    ) -> Option<Ended> {
         self.finish_if(idx, outcome, callbacks_on, |i| !is_terminal(i.state))
     }
 
     fn finish_if(
-        &self,
+        self: &Arc<Self>,
         idx: u32,
         outcome: ItemOutcome,
         callbacks_on: bool,
         applies: impl FnOnce(&Item) -> bool,
-    ) -> Option<Item> {
+    ) -> Option<Ended> {
         // `applies` runs under the same lock as the change: check and transition are one step.
-        self.change_item(
+        let item = self.change_item(
             idx,
             |i| !is_terminal(i.state) && applies(i),
             |item| {
+                // Under the lock `is_settled` reads: the last item's end and its report's guard are one step.
+                self.settling.fetch_add(1, Ordering::SeqCst);
                 item.callback_state = if callbacks_on {
                     CallbackState::Pending as i32
                 } else {
@@ -300,23 +299,27 @@ impl JobHandle {
                     }
                 }
             },
-        )
+        )?;
+        Some(Ended {
+            item,
+            settling: Settling::counted(self.clone()),
+        })
     }
 
     /// Like `finish_item`, but only for an item that never started.
     pub fn finish_item_if_pending(
-        &self,
+        self: &Arc<Self>,
         idx: u32,
         outcome: ItemOutcome,
         callbacks_on: bool,
-    ) -> Option<Item> {
+    ) -> Option<Ended> {
         self.finish_if(idx, outcome, callbacks_on, |i| {
             i.state == ItemState::Pending as i32
         })
     }
 
     /// Marks the job cancelled and every non-terminal item CANCELLED; returns those items (for their callbacks).
-    pub fn cancel_pending(&self, callbacks_on: bool) -> Vec<Item> {
+    pub fn cancel_pending(self: &Arc<Self>, callbacks_on: bool) -> Vec<Ended> {
         if self.is_terminal() {
             // A finished job stays as it finished.
             return Vec::new();
@@ -382,15 +385,6 @@ impl JobHandle {
                 item.callback_error = error.unwrap_or_default();
             },
         )
-    }
-}
-
-/// See `JobHandle::settling`.
-pub struct Settling(Arc<JobHandle>);
-
-impl Drop for Settling {
-    fn drop(&mut self) {
-        self.0.settling.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -247,7 +247,7 @@ impl Pipeline {
         idx: u32,
         permit: OwnedSemaphorePermit,
         task_held: bool,
-    ) -> Option<palette_proto::orchestrator::v1::Item> {
+    ) -> Option<super::job::Ended> {
         let started = if task_held {
             job.start_held_item(idx)
         } else {

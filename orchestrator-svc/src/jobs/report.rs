@@ -10,7 +10,7 @@ use palette_proto::orchestrator::v1::{Item, ItemState};
 use tokio_util::task::TaskTracker;
 
 use super::durable;
-use super::job::JobHandle;
+use super::job::{Ended, JobHandle};
 use super::store::{self, SharedJobStore, Written};
 use crate::callback::{CallbackBody, CallbackJob, CallbackSender, MaskRef, OutputRef};
 use crate::error::Report;
@@ -75,25 +75,33 @@ impl Reporter {
     }
 
     /// Metrics and the one callback of an item that just became terminal.
-    pub fn item_ended(&self, job: &Arc<JobHandle>, item: Item) {
+    pub fn item_ended(&self, job: &Arc<JobHandle>, ended: Ended) {
+        let Ended { item, settling } = ended;
         count_ended(job, &item);
         self.spawn_settle(job, item, ReportKind::First);
+        // Released once the report holds its own (`spawn_settle` takes it before returning), or has nothing to do.
+        drop(settling);
     }
 
     /// Like `item_ended`, done before it returns (JOB_STORE=nats: the item's task is acknowledged only after).
-    pub async fn item_ended_now(&self, job: &Arc<JobHandle>, item: Item) {
+    pub async fn item_ended_now(&self, job: &Arc<JobHandle>, ended: Ended) {
+        let Ended { item, settling } = ended;
         count_ended(job, &item);
         self.settle_now(job, item, ReportKind::First).await;
+        drop(settling);
     }
 
     /// `item_ended` for items that ended together (a cancel, a shutdown, a job given up): reported by one task, at
     /// most ENDED_TOGETHER at a time. A task each held every item's report in memory at once (a cancelled
     /// 10,000-image job: 10,000 tasks, about 4 KB each), when callbacks go out CALLBACK_CONCURRENCY at a time anyway.
-    pub fn items_ended(&self, job: &Arc<JobHandle>, items: Vec<Item>) {
+    pub fn items_ended(&self, job: &Arc<JobHandle>, ended: Vec<Ended>) {
+        let (items, settling): (Vec<Item>, Vec<_>) =
+            ended.into_iter().map(|e| (e.item, e.settling)).unzip();
         for item in &items {
             count_ended(job, item);
         }
         self.spawn_settle_all(job, items, ReportKind::First);
+        drop(settling);
     }
 
     /// What a resumed job does for its items recorded with their callbacks still pending: sends them again (same

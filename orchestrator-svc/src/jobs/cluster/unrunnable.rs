@@ -77,7 +77,8 @@ mod tests {
         assert_eq!(job.spec_hash, "h");
         let item = job
             .finish_item(3, outcome("record unreadable"), true)
-            .expect("the item ends");
+            .expect("the item ends")
+            .item;
         assert_eq!(item.state, ItemState::Failed as i32);
         assert_eq!(item.error_code, JOB_NOT_RESUMABLE);
     }

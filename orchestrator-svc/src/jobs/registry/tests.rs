@@ -34,7 +34,7 @@ fn jobs_only(max_jobs: usize) -> Retention {
 }
 
 /// Finishes every item of `job` with `masks` mask keys each, as a segmentation with that many instances does.
-fn complete_with_masks(job: &JobHandle, masks: usize) {
+fn complete_with_masks(job: &Arc<JobHandle>, masks: usize) {
     for idx in 0..job.plan.image_count {
         let result = ItemResult {
             masks: (0..masks)
@@ -68,7 +68,11 @@ fn each_item_ends_once() {
     assert!(job.finish_item(0, done.clone(), true).is_some());
     assert!(job.finish_item(0, ItemOutcome::Cancelled, true).is_none());
     let cancelled = job.cancel_pending(true);
-    assert_eq!(cancelled.iter().map(|i| i.idx).collect::<Vec<_>>(), [1]);
+    assert_eq!(
+        cancelled.iter().map(|e| e.item.idx).collect::<Vec<_>>(),
+        [1]
+    );
+    drop(cancelled);
     assert!(!job.start_item(1));
     let snapshot = job.snapshot();
     assert_eq!((snapshot.completed, snapshot.cancelled), (1, 1));
