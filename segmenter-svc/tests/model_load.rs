@@ -36,6 +36,20 @@ async fn load_error(config: &segmenter_svc::Config) -> String {
     }
 }
 
+/// An export made before the hints were flat wrote them per graph: refused by name, not ignored (its memory-pattern
+/// switch read as off, and the fp16 vision graph then failed its warm-up on the CUDA EP without naming the manifest).
+#[tokio::test]
+async fn per_graph_session_hints_of_an_older_export_stop_startup() {
+    let dir = edited_model(|m| {
+        m["session_hints"] = serde_json::json!({"vision": {"disable_memory_pattern": true}});
+    });
+    let error = load_error(&config_for(dir.path())).await;
+    assert!(
+        error.contains("session_hints.vision") && error.contains("re-export"),
+        "{error}"
+    );
+}
+
 #[tokio::test]
 async fn a_tensor_type_that_differs_from_the_manifest_stops_startup() {
     // The manifest claims int32 for the decoder's text mask; the graph takes int64 (and so does the server).

@@ -166,6 +166,22 @@ impl Manifest {
         if self.image_size == 0 || self.mask_size == 0 || self.num_queries == 0 {
             return bad("image_size, mask_size and num_queries must be positive".into());
         }
+        // Exports made before e7d2e8b wrote the hints per graph (`{"vision": {"disable_memory_pattern": true}}`):
+        // read as unknown keys, their switch was off, and the fp16 vision graph failed its warm-up on the CUDA EP
+        // with an ONNX Runtime error that never named the manifest.
+        if let Some((graph, _)) = self.session_hints.other.iter().find(|(_, v)| v.is_object()) {
+            return bad(format!(
+                "session_hints.{graph} is the older exporter's per-graph form, which this version does not read; \
+                 re-export with this version's export_sam3.py"
+            ));
+        }
+        if !self.session_hints.other.is_empty() {
+            let keys: Vec<&String> = self.session_hints.other.keys().collect();
+            tracing::warn!(
+                ?keys,
+                "session hints this version does not know are ignored"
+            );
+        }
         if self.text_context_length < 3 {
             return bad("text_context_length must leave room for BOS, one token and EOS".into());
         }
