@@ -18,9 +18,10 @@
 #             3 concepts, concurrency 1: the A/B against bench_fp16
 #   eager     the eager-attention fp16 graphs, 3 concepts, concurrency 1 and 4: what fused attention changes
 #   batch     the same fp16 graphs with MAX_BATCH_IMAGES=4 at concurrency 4: does batching help? (time permitting)
-#   fp32      export + bench of the fp32 graphs (time permitting)
+#   fp32      export (fused attention, directly) + bench of the fp32 graphs (time permitting)
 #   summary   one table ($OUT/summary.md) with the GOAL line, session build times and ONNX Runtime's placement
-#             warnings; the whole log is $OUT/log.txt
+#             warnings; the whole log is $OUT/log.txt; everything else in one archive, $OUT/results.tar.xz (at most 8
+#             files come back from $OUT)
 #
 # HERE, once (see README.md beside this file):
 #   bash segmenter-svc/bench/prepare-device.sh        # segmenter-bench -> .gpu-bin/, ORT GPU parts -> .gpu/
@@ -28,15 +29,17 @@
 # exact calls. With N parts (.gpu/part0 .. part<N-1>):
 #   call k = 0..N-2:  carry [".gpu/part<k>"]               command: mkdir -p /tmp/gpu-parts && cp .gpu/part<k>/* /tmp/gpu-parts/   timeout_s 60
 #   last call:        carry [".gpu-bin", ".gpu/part<N-1>"]  command: bash segmenter-svc/bench/gpu-run.sh                         timeout_s 480
-# Then read files_at/summary.md and log.txt; give_back unless rerunning at once (a rerun on the warm machine keeps
-# /tmp/ort-gpu and /tmp/models: carry [".gpu-bin"] only, e.g. `FP32=0 BATCH_AB=0 bash segmenter-svc/bench/gpu-run.sh`).
+# Then read files_at/summary.md and log.txt (the rest: cat results.tar.xz* | tar -xJ); give_back unless rerunning at
+# once (a rerun on the warm machine keeps /tmp/ort-gpu and /tmp/models: carry [".gpu-bin"] only, e.g.
+# `HF=0 BASE=0 SMOKE=0 FP32=0 GPU_RUN_BUDGET_S=<seconds left - 60> bash segmenter-svc/bench/gpu-run.sh`).
 #
 # Time: bounded at GPU_RUN_BUDGET_S (default 420 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
 # FP32=0|1 (1), ATTN_AB=0|1 (1: bench the eager-attention graphs too), BATCH_AB=0|1 (1), STATIC_AB=0|1 (1: CUDA graphs
 # on static decoder sessions, then the static sessions alone), PINNED_AB=0|1 (1), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
 # PROFILE=0|1 (1), REQUESTS (20), WARMUP (3), HF_RUNS (10), HF_MODES (bf16), HF_CONCEPTS (3), CONCEPTS (1,3,8),
-# CONCURRENCY (1,4), SMOKE=0|1 (1); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the GPU-mode path (assemble,
+# CONCURRENCY (1,4), SMOKE=0|1 (1), HF=0|1 (1: 0 reuses the HF reference an earlier run kept in MODELS), BASE=0|1
+# (1: 0 reuses bench_fp16 likewise, the A/B steps' reference); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the GPU-mode path (assemble,
 # env.sh, the GPU ORT library) on a machine without a GPU.
 #
 # HERE, test the plumbing without a GPU (tiny model, CPU, no assemble; OUT defaults to /tmp/gpu-run-dry/out):
@@ -75,6 +78,8 @@ PINNED_AB=${PINNED_AB:-1}
 ENGINE_REF=${ENGINE_REF:-0}
 PROFILE=${PROFILE:-1}
 SMOKE=${SMOKE:-1}
+HF=${HF:-1}
+BASE=${BASE:-1}
 CONCEPTS=${CONCEPTS:-1,3,8}
 CONCURRENCY=${CONCURRENCY:-1,4}
 # CUDA graphs on the static decoder sessions. The CPU dry run cannot capture graphs (refused on the CPU provider):
@@ -84,9 +89,10 @@ GRAPHS+=(--decoder-static-batches 1,2,4,8 --max-batch-images 1)
 GRAPHS_OK=0
 # Pinned decoder outputs: the CPU dry run has no pinned memory and runs the same preallocated outputs in host memory.
 if ((DRY)); then PINNED=(--preallocated-outputs); else PINNED=(--pinned-outputs); fi
-((SMOKE)) || GRAPHS_OK=1
 mkdir -p "$OUT" "$MODELS"
-rm -rf "$OUT"/log.txt "$OUT"/summary.md "$OUT"/*.json "$OUT"/profile_*
+# A rerun without the smokes (SMOKE=0) keeps the first run's verdict on CUDA graphs (kept beside the models).
+((SMOKE)) || GRAPHS_OK=$(cat "$MODELS/graphs_ok" 2>/dev/null || echo 1)
+rm -rf "$OUT"/log.txt "$OUT"/summary.md "$OUT"/*.json "$OUT"/*.log "$OUT"/profile_* "$OUT"/results.tar.xz*
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
 left() { echo $((BUDGET - (SECONDS - T0))); }
@@ -180,17 +186,28 @@ if ((SMOKE)); then
   else
     log "FINDING: CUDA graphs failed on the tiny model (see above); bench_fp16_graphs skipped"
   fi
+  echo "$GRAPHS_OK" > "$MODELS/graphs_ok"
 fi
 "${PYCMD[@]}" -c 'import torch, transformers, onnx, onnxruntime as o; print("python", __import__("sys").version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__, "onnx", onnx.__version__, "onnxruntime", o.__version__)' || true
 echo "cores: $(nproc)"; free -g | head -2 || true
 
 # ---- 2. export fp16 (all cores; nothing is timed meanwhile; kept for reruns) -----------------------------------------
-export_model() {  # export_model PRECISION TIMEOUT: skipped when the folders hold a complete export
+export_model() {  # export_model PRECISION TIMEOUT [direct]: skipped when the folders hold a complete export
   # One export with eager attention (the A/B reference), then the converter writes the fused copy the benches
   # serve: cheaper than a second export (~2 min at full size), and it runs the torch-free converter on the real
   # graph sizes. The exporter's default fuses before its fp16 conversion; the ops and shapes are the same.
+  # `direct`: one export with the exporter's fused attention (fp32: no eager A/B, and its 1.85 GB vision graph goes
+  # to external data, which the converter does not take).
   local dir=$MODELS/sam3-$SIZE-$1 eager=$MODELS/sam3-$SIZE-$1-eager rc=0
   if [[ -s $dir/manifest.json ]]; then log "export $1: $dir is complete (manifest.json), reused"; STATUS+=("export_$1=reused"); return 0; fi
+  if [[ ${3:-} == direct ]]; then
+    rm -rf "$dir"
+    step "export_$1" "$2" env OMP_WAIT_POLICY=PASSIVE "${PYCMD[@]}" segmenter-svc/export/export_sam3.py --random-init "$SIZE" \
+      --seed 0 --precision "$1" --mask-output u8 --clip-bpe "$BPE" --out "$dir" > "$MODELS/export_$1.log" 2>&1 || rc=$?
+    sed 's/^/  [export '"$1"'] /' "$MODELS/export_$1.log" | tail -40
+    ((rc == 0)) || rm -rf "$dir"
+    return "$rc"
+  fi
   if [[ ! -s $eager/manifest.json ]]; then
     rm -rf "$eager"
     step "export_$1" "$2" env OMP_WAIT_POLICY=PASSIVE "${PYCMD[@]}" segmenter-svc/export/export_sam3.py --random-init "$SIZE" \
@@ -206,10 +223,16 @@ export_model fp16 240 && FP16_OK=1 || true
 du -sh "$MODELS"/sam3-* 2>/dev/null || true
 
 # ---- 3. HF PyTorch reference on the same GPU -------------------------------------------------------------------------
+# Kept beside the models: a rerun (HF=0) reuses it instead of measuring it again (~45 s plus the model's build).
 HF_JSON=$OUT/hf_reference.json
-step hf_reference 150 "${PYCMD[@]}" segmenter-svc/bench/hf_reference.py --device "$DEVICE" --random-init "$SIZE" --seed 0 \
-  --modes "$HF_MODES" --image "$IMG" --concepts "$HF_CONCEPTS" --text-n "$HF_CONCEPTS" --runs "$HF_RUNS" \
-  --warmup "$HF_WARMUP" --clip-bpe "$BPE" --budget-s 100 --out "$HF_JSON" || true
+if ((HF)) || [[ ! -s $MODELS/hf_reference.json ]]; then
+  step hf_reference 150 "${PYCMD[@]}" segmenter-svc/bench/hf_reference.py --device "$DEVICE" --random-init "$SIZE" --seed 0 \
+    --modes "$HF_MODES" --image "$IMG" --concepts "$HF_CONCEPTS" --text-n "$HF_CONCEPTS" --runs "$HF_RUNS" \
+    --warmup "$HF_WARMUP" --clip-bpe "$BPE" --budget-s 100 --out "$HF_JSON" || true
+  [[ -s $HF_JSON ]] && cp "$HF_JSON" "$MODELS/hf_reference.json"
+else
+  cp "$MODELS/hf_reference.json" "$HF_JSON"; skip hf_reference "HF=0: the earlier run's, from $MODELS"
+fi
 REF=()
 [[ -s $HF_JSON ]] && REF=(--reference-json "$HF_JSON")
 
@@ -218,10 +241,12 @@ bench() {  # bench LABEL PRECISION TIMEOUT EXTRA...
   local label=$1 prec=$2 t=$3; shift 3
   local extra=("$@")
   ((ENGINE_REF)) && extra+=(--engine-reference)
-  # The log is kept (tee through a process substitution, so `step` still runs in this shell and records its status).
+  # Its own log, complete when the step returns (fp16_fallback reads it at once: a `> >(tee ..)` was not waited
+  # for), then shown in log.txt.
   step "bench_$label" "$t" "$BENCH" --device "$DEVICE" --model-dir "$MODELS/sam3-$SIZE-$prec" --image "$IMG" \
     --requests "$REQUESTS" --warmup "$WARMUP" "${REF[@]}" --json-out "$OUT/bench_$label.json" --log-level "$BENCH_LOG" \
-    "${extra[@]}" > >(tee "$OUT/bench_$label.log") 2>&1 || true
+    "${extra[@]}" > "$OUT/bench_$label.log" 2>&1 || true
+  cat "$OUT/bench_$label.log"
 }
 # fp16 graphs run with the memory pattern on since the exporter drops stale value_info shapes (export/fp16.py); that
 # fix is verified on the CPU only. Should the CUDA EP still fail with the buffer re-use error, say so and measure
@@ -237,7 +262,13 @@ fp16_fallback() {
 if ((FP16_OK)); then
   prof=()
   ((PROFILE)) && prof=(--profile-dir "$OUT/profile_fp16" --profile-concepts 3 --profile-requests 3)
-  bench fp16 fp16 200 --concepts "$CONCEPTS" --concurrency "$CONCURRENCY" "${prof[@]}"
+  # Kept beside the models: a rerun (BASE=0) reuses it as the A/B steps' reference instead of measuring it again.
+  if ((BASE)) || [[ ! -s $MODELS/bench_fp16.json ]]; then
+    bench fp16 fp16 200 --concepts "$CONCEPTS" --concurrency "$CONCURRENCY" "${prof[@]}"
+    [[ -s $OUT/bench_fp16.json ]] && cp "$OUT/bench_fp16.json" "$MODELS/bench_fp16.json"
+  else
+    cp "$MODELS/bench_fp16.json" "$OUT/bench_fp16.json"; skip bench_fp16 "BASE=0: the earlier run's, from $MODELS"
+  fi
   fp16_fallback
   if ((STATIC_AB)); then
     # CUDA graphs first (A/B against bench_fp16's dynamic decoder), then the static sessions without graphs (what
@@ -276,13 +307,38 @@ fi
 # ---- 5. fp32, only with time to spare ----------------------------------------------------------------------------------
 if ((FP32)); then
   if (($(left) >= 200)); then
-    if export_model fp32 150 && (($(left) >= 60)); then
+    if export_model fp32 150 direct && (($(left) >= 60)); then
       bench fp32 fp32 150 --concepts 3 --concurrency 1
     fi
   else skip fp32 "only $(left)s of the budget left (needs ~200 s: export + bench)"; fi
 fi
 if ! ((DRY)); then nvidia-smi --query-gpu=memory.used,temperature.gpu,clocks.sm --format=csv || true; fi
 summary
+}
+
+# ---- 7. what comes back -------------------------------------------------------------------------------------------------
+# At most 8 files come back from $OUT, 16 MiB each and 64 MiB in all: summary.md, log.txt and one archive of the rest
+# (the bench JSONs and logs, the HF reference, the ORT profiles), split into 15 MiB pieces when larger; the profiles
+# are left out when the archive would pass 60 MiB. Unpack: cat results.tar.xz* | tar -xJ
+pack() {
+  (
+    cd "$OUT"
+    local files=() f
+    for f in bench_*.json bench_*.log hf_reference.json profile_fp16; do [[ -e $f ]] && files+=("$f"); done
+    ((${#files[@]})) || exit 0
+    XZ_OPT=-T0 tar -cJf results.tar.xz "${files[@]}"
+    if (($(stat -c %s results.tar.xz) > 60 * 1048576)); then
+      echo "[gpu-run] the archive is over 60 MiB: the ORT profiles are left out"
+      XZ_OPT=-T0 tar -cJf results.tar.xz --exclude=profile_fp16 "${files[@]}"
+    fi
+    rm -rf "${files[@]}"
+    if (($(stat -c %s results.tar.xz) > 15 * 1048576)); then
+      split -b 15M -d -a 1 results.tar.xz results.tar.xz. && rm results.tar.xz
+    fi
+    echo "[gpu-run] files in \$OUT: $(ls | tr '\n' ' ')(unpack: cat results.tar.xz* | tar -xJ)"
+  )
+  # The goal's line last: the reply's output tail keeps the end of the output.
+  grep -E 'GOAL' "$OUT/summary.md" || true
 }
 
 # ---- 6. one table -------------------------------------------------------------------------------------------------------
@@ -309,4 +365,6 @@ log "done in $((SECONDS - T0))s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')
 # a pipeline, not exec > >(tee): the script returns only after tee has written the whole log
 set +e
 main 2>&1 | tee -a "$OUT/log.txt"
-exit "${PIPESTATUS[0]}"
+rc=${PIPESTATUS[0]}
+pack 2>&1 | tee -a "$OUT/log.txt"
+exit "$rc"

@@ -27,10 +27,21 @@ PY=$ROOT/.venv-export/bin/python
 [[ -x $PY ]] || PY=python3
 
 # ---- binaries -------------------------------------------------------------------------------------------------------
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+SOURCES=(segmenter-svc/src proto Cargo.lock)
 if ((BUILD)); then
   cargo build --release -p segmenter-svc --bin segmenter-bench
+elif [[ -x $TARGET/release/segmenter-bench ]]; then
+  # BUILD_INFO below names HEAD: with --skip-build that holds only for a binary built after the last change to the
+  # segmenter's sources (gpu-run.sh cannot check on the device, which has no git).
+  changed=$(git log -1 --format=%ct -- "${SOURCES[@]}")
+  built=$(stat -c %Y "$TARGET/release/segmenter-bench")
+  if ((built < changed)) || [[ -n $(git status --porcelain -- "${SOURCES[@]}") ]]; then
+    echo "--skip-build: $TARGET/release/segmenter-bench is older than the last change to ${SOURCES[*]} (or they" \
+      "have uncommitted changes): run without --skip-build" >&2
+    exit 1
+  fi
 fi
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 mkdir -p .gpu-bin
 rm -f .gpu-bin/segmenter-svc .gpu-bin/segmenter-bench   # older layouts carried both, uncompressed
 [[ -x $TARGET/release/segmenter-bench ]] || { echo "missing $TARGET/release/segmenter-bench (build failed?)" >&2; exit 1; }
@@ -41,7 +52,7 @@ rm -f .gpu-bin/segmenter-bench.tmp
 sha256sum .gpu-bin/segmenter-bench.xz | cut -d' ' -f1 > .gpu-bin/segmenter-bench.xz.sha256
 # What the binary was built from: gpu-run.sh logs it, and refuses a binary older than the sources here (a stale
 # binary cannot load a model exported by newer scripts).
-{ git rev-parse HEAD; git status --porcelain -- segmenter-svc proto Cargo.lock | head -20; } > .gpu-bin/BUILD_INFO
+{ git rev-parse HEAD; git status --porcelain -- "${SOURCES[@]}" | head -20; } > .gpu-bin/BUILD_INFO
 
 # ---- CLIP BPE vocab ---------------------------------------------------------------------------------------------------
 BPE=.gpu-bin/bpe_simple_vocab_16e6.txt.gz
