@@ -400,6 +400,42 @@ async fn an_invalid_spec_reports_every_bad_field() {
     }
 }
 
+/// The callback URL is the job's (`/jobs/{jobId}/callback`): a 410 Gone there means the receiver wants none of this
+/// job's callbacks, so the job's later items are not posted (each was, and got its own 410).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_for_one_item_stops_the_callbacks_of_the_jobs_later_items() {
+    let segmenter = fake_segmenter::start().await;
+    // Items end ~0.5 s apart (one at a time), long after a loopback callback's answer.
+    segmenter.faults.delay_ms.store(500, Ordering::SeqCst);
+    let receiver = Receiver::start(SECRET, vec![(410, None)]).await;
+    let mut orch = start(&segmenter.url, |c| {
+        c.callbacks.workers_api_url = Some(receiver.url().into());
+        c.callbacks.gpu_callback_secret = Some(SECRET.into());
+        c.limits.batch_concurrency = 1;
+    })
+    .await;
+    for idx in 0..3 {
+        orch.put_input("test-user", "gone", idx, photo_jpeg(40 + idx, 30))
+            .await;
+    }
+    orch.client.submit_job(seed_spec("gone", 3)).await.unwrap();
+    let job = orch
+        .wait_for("gone", |j| {
+            is_terminal(j)
+                && j.items
+                    .iter()
+                    .all(|i| i.callback_state == CallbackState::Failed as i32)
+        })
+        .await;
+    assert_eq!(job.completed, 3, "{job:?}");
+    assert_eq!(receiver.deliveries().len(), 1, "only the first was posted");
+    assert_eq!(job.items[0].callback_attempts, 1);
+    for item in &job.items[1..] {
+        assert_eq!(item.callback_attempts, 0, "{item:?}");
+        assert!(item.callback_error.contains("410 Gone"), "{item:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_input_fails_only_its_item() {
     let segmenter = fake_segmenter::start().await;

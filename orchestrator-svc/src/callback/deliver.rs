@@ -48,6 +48,8 @@ pub struct DeliveryOutcome {
     pub attempts: u32,
     /// The last failure, when not delivered.
     pub error: Option<String>,
+    /// The receiver answered 410 Gone: the job's URL (`/jobs/{jobId}/callback`) is gone, for its other items too.
+    pub gone: bool,
 }
 
 enum Verdict {
@@ -55,6 +57,8 @@ enum Verdict {
     /// Retry after at least this long (from Retry-After), or after the backoff when None.
     Retry(Option<Duration>, String),
     Stop(String),
+    /// 410 Gone: final, and for the whole job.
+    Gone(String),
 }
 
 pub struct CallbackSender {
@@ -165,6 +169,7 @@ impl CallbackSender {
                     delivered: false,
                     attempts: 0,
                     error: Some(format!("encode: {e}")),
+                    gone: false,
                 };
             }
         };
@@ -174,6 +179,7 @@ impl CallbackSender {
         let max_attempts = self.policy.max_attempts.max(1);
         for attempt in 1..=max_attempts {
             let verdict = self.attempt(&url, &id, &payload).await;
+            let gone = matches!(verdict, Verdict::Gone(_));
             let wait = match verdict {
                 Verdict::Delivered => {
                     metrics::counter!("orchestrator_callbacks_total", "outcome" => "delivered")
@@ -182,15 +188,17 @@ impl CallbackSender {
                         delivered: true,
                         attempts: attempt,
                         error: None,
+                        gone: false,
                     };
                 }
-                Verdict::Stop(reason) => {
+                Verdict::Stop(reason) | Verdict::Gone(reason) => {
                     metrics::counter!("orchestrator_callbacks_total", "outcome" => "refused")
                         .increment(1);
                     return DeliveryOutcome {
                         delivered: false,
                         attempts: attempt,
                         error: Some(reason),
+                        gone,
                     };
                 }
                 Verdict::Retry(retry_after, reason) => {
@@ -213,6 +221,7 @@ impl CallbackSender {
             error: Some(format!(
                 "gave up after {max_attempts} attempts: {last_error}"
             )),
+            gone: false,
         }
     }
 
@@ -276,7 +285,7 @@ fn classify(status: StatusCode, retry_after: Option<Duration>) -> Verdict {
              WORKERS_API_URL to the address that answers"
         ))
     } else if status == StatusCode::GONE {
-        Verdict::Stop(format!(
+        Verdict::Gone(format!(
             "{reason}: the receiver no longer wants this job's callbacks"
         ))
     } else if status == StatusCode::TOO_MANY_REQUESTS

@@ -71,6 +71,9 @@ pub struct JobHandle {
     settling: AtomicUsize,
     /// Durable jobs: items whose record is written (`written`).
     pub durable_written: written::DurableWritten,
+    /// The receiver answered 410 Gone for this job's callback URL: the job's later callbacks are not sent (this
+    /// process's view; a restart or another replica learns it from its own first attempt).
+    pub callbacks_gone: AtomicBool,
     /// Items that ended here whose record the job store did not take in time (`unrecorded`).
     pub unrecorded: unrecorded::Unrecorded,
     /// Which item changed. Only the index travels: a full Job per event, kept in the channel's ring of
@@ -120,6 +123,7 @@ impl JobHandle {
             recorded: Recorded::default(),
             settling: AtomicUsize::new(0),
             durable_written: Default::default(),
+            callbacks_gone: AtomicBool::new(false),
             unrecorded: Default::default(),
             events,
         }

@@ -3,6 +3,7 @@
 //! in object storage (written only once the callback is settled).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -12,7 +13,9 @@ use tokio_util::task::TaskTracker;
 use super::durable;
 use super::job::{Ended, JobHandle};
 use super::store::{self, SharedJobStore, Written};
-use crate::callback::{CallbackBody, CallbackJob, CallbackSender, MaskRef, OutputRef};
+use crate::callback::{
+    CallbackBody, CallbackJob, CallbackSender, DeliveryOutcome, MaskRef, OutputRef,
+};
 use crate::error::Report;
 use crate::storage::SharedStore;
 use crate::tasks::spawn_tracked;
@@ -171,7 +174,22 @@ impl Reporter {
                 spec_hash: &job.spec_hash,
             };
             let body = callback_body(about, &item);
-            let outcome = sender.deliver(about, &body).await;
+            let outcome = if job.callbacks_gone.load(Ordering::Relaxed) {
+                DeliveryOutcome {
+                    delivered: false,
+                    attempts: 0,
+                    error: Some(
+                        "not sent: the receiver answered 410 Gone to this job's callback URL"
+                            .into(),
+                    ),
+                    gone: true,
+                }
+            } else {
+                sender.deliver(about, &body).await
+            };
+            if outcome.gone {
+                job.callbacks_gone.store(true, Ordering::Relaxed);
+            }
             if !outcome.delivered {
                 tracing::warn!(job_id = %job.plan.job_id, idx = item.idx, error = ?outcome.error, "callback not delivered");
             }

@@ -50,7 +50,7 @@ fn status_classes() {
         classify(StatusCode::NO_CONTENT, None),
         Verdict::Delivered
     ));
-    assert!(matches!(classify(StatusCode::GONE, None), Verdict::Stop(_)));
+    assert!(matches!(classify(StatusCode::GONE, None), Verdict::Gone(_)));
     assert!(matches!(
         classify(StatusCode::BAD_REQUEST, None),
         Verdict::Stop(_)
