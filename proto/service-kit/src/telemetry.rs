@@ -204,20 +204,46 @@ pub fn fix_mmap_threshold() {
     }
 }
 
-/// The traces' resource. `OTEL_SERVICE_NAME`, when set, names the service, as OpenTelemetry's convention has it (the
-/// SDK's builder reads it, with `OTEL_RESOURCE_ATTRIBUTES`); this binary's name otherwise. It was always this
-/// binary's name, whatever the deployment set.
+/// The traces' resource. `OTEL_SERVICE_NAME`, or `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, names the service when
+/// set, as OpenTelemetry's convention has it (the SDK's builder reads both); this binary's name otherwise. It was
+/// always this binary's name, whatever the deployment set.
 fn resource(service: &'static str) -> opentelemetry_sdk::Resource {
     let builder = opentelemetry_sdk::Resource::builder();
-    if std::env::var_os("OTEL_SERVICE_NAME").is_some_and(|v| !v.is_empty()) {
+    let env = |name: &str| std::env::var(name).ok();
+    if names_service(env("OTEL_SERVICE_NAME"), env("OTEL_RESOURCE_ATTRIBUTES")) {
         builder.build()
     } else {
         builder.with_service_name(service).build()
     }
 }
 
+/// Whether the deployment names the service: a non-empty `OTEL_SERVICE_NAME`, or a `service.name=` entry in
+/// `OTEL_RESOURCE_ATTRIBUTES` (comma-separated key=value pairs).
+fn names_service(service_name: Option<String>, attributes: Option<String>) -> bool {
+    service_name.is_some_and(|v| !v.trim().is_empty())
+        || attributes.is_some_and(|a| {
+            a.split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .any(|(k, v)| k.trim() == "service.name" && !v.trim().is_empty())
+        })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_deployment_names_the_service_by_either_variable() {
+        use super::names_service;
+        let some = |s: &str| Some(s.to_string());
+        assert!(!names_service(None, None));
+        assert!(!names_service(
+            some(" "),
+            some("deployment.environment=staging")
+        ));
+        assert!(names_service(some("palette-staging"), None));
+        assert!(names_service(None, some("team=x, service.name=palette")));
+        assert!(!names_service(None, some("service.name=")));
+    }
+
     #[test]
     fn seed_level_names() {
         assert_eq!(super::log_filter("WARNING"), "warn");
