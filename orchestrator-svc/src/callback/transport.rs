@@ -1,7 +1,7 @@
 //! The HTTP side of a delivery, behind a trait so that tests can script the receiver and run the retry schedule
 //! on tokio's paused clock.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::error::BoxError;
 
@@ -9,7 +9,7 @@ use crate::error::BoxError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answer {
     pub status: u16,
-    /// The Retry-After header, in seconds form.
+    /// The Retry-After header, as a wait: its seconds form, or its HTTP-date form less the time now.
     pub retry_after: Option<Duration>,
 }
 
@@ -45,11 +45,47 @@ impl Transport for Http {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(|v| retry_after(v, SystemTime::now()));
         Ok(Answer {
             status: response.status().as_u16(),
             retry_after,
         })
+    }
+}
+
+/// A Retry-After value as a wait from `now`: delay-seconds, or an HTTP-date (a date already past waits nothing;
+/// the backoff still applies). Anything else is ignored, as if the header were absent.
+fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        let now = httpdate::parse_http_date("Fri, 04 Dec 2026 08:00:00 GMT").unwrap();
+        assert_eq!(retry_after(" 120 ", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            retry_after("Fri, 04 Dec 2026 08:01:30 GMT", now),
+            Some(Duration::from_secs(90))
+        );
+        // The obsolete forms RFC 9110 still asks recipients to accept.
+        assert_eq!(
+            retry_after("Friday, 04-Dec-26 08:00:10 GMT", now),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            retry_after("Fri, 04 Dec 2026 07:59:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon", now), None);
+        assert_eq!(retry_after("-5", now), None);
     }
 }
