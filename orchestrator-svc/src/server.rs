@@ -166,6 +166,10 @@ fn callback_sender(
     } else {
         sender.without_secret_header()
     };
+    let sender = match &settings.previous_signing_secret {
+        Some(previous) => sender.also_signing_with(previous.expose()),
+        None => sender,
+    };
     Ok(Some(Arc::new(sender)))
 }
 

@@ -68,9 +68,10 @@ pub struct CallbackSender {
     header_secret: Option<String>,
     /// The HMAC key of webhook-signature.
     signing_secret: String,
-    /// A second key whose signature goes along (the header's secret, which signed before CALLBACK_SIGNING_SECRET
-    /// was set): receivers still verifying with it keep working while they move to the signing key.
-    also_signing: Option<String>,
+    /// Keys whose signatures go along, after the signing key's: the header's secret (which signed before
+    /// CALLBACK_SIGNING_SECRET was set) and the key before a rotation (CALLBACK_SIGNING_SECRET_PREVIOUS), so
+    /// receivers still verifying with either keep working while they move to the signing key.
+    also_signing: Vec<String>,
     policy: RetryPolicy,
     clock: Arc<dyn Clock>,
     rng: Mutex<StdRng>,
@@ -102,7 +103,7 @@ impl CallbackSender {
             base_url: base_url.trim_end_matches('/').to_string(),
             header_secret: Some(secret.to_string()),
             signing_secret: secret.to_string(),
-            also_signing: None,
+            also_signing: Vec::new(),
             policy,
             clock: Arc::new(SystemClock),
             rng: Mutex::new(StdRng::from_os_rng()),
@@ -122,7 +123,17 @@ impl CallbackSender {
     /// working, one verifying with `key` alone cannot be fooled by whoever read the header.
     pub fn signing_with(mut self, key: &str) -> Self {
         if key != self.signing_secret {
-            self.also_signing = Some(std::mem::replace(&mut self.signing_secret, key.to_string()));
+            let before = std::mem::replace(&mut self.signing_secret, key.to_string());
+            self.also_signing.push(before);
+            self.also_signing.retain(|k| k != key);
+        }
+        self
+    }
+
+    /// Signs with `key` too, after the signing key (CALLBACK_SIGNING_SECRET_PREVIOUS: the key before a rotation).
+    pub fn also_signing_with(mut self, key: &str) -> Self {
+        if key != self.signing_secret && !self.also_signing.iter().any(|k| k == key) {
+            self.also_signing.push(key.to_string());
         }
         self
     }
@@ -130,8 +141,9 @@ impl CallbackSender {
     /// Sends no X-GPU-Callback-Secret header (GPU_CALLBACK_SECRET unset, CALLBACK_SIGNING_SECRET set): receivers
     /// check signatures only.
     pub fn without_secret_header(mut self) -> Self {
-        self.header_secret = None;
-        self.also_signing = None;
+        if let Some(header) = self.header_secret.take() {
+            self.also_signing.retain(|k| *k != header);
+        }
         self
     }
 
@@ -257,9 +269,9 @@ impl CallbackSender {
             ("webhook-timestamp", timestamp.to_string()),
             ("webhook-signature", {
                 let mut signatures = sign(&self.signing_secret, id, timestamp, payload);
-                if let Some(old) = &self.also_signing {
+                for other in &self.also_signing {
                     signatures.push(' ');
-                    signatures.push_str(&sign(old, id, timestamp, payload));
+                    signatures.push_str(&sign(other, id, timestamp, payload));
                 }
                 signatures
             }),

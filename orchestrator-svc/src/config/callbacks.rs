@@ -22,6 +22,11 @@ pub struct CallbackArgs {
     /// request's headers can sign any body: set this, then receivers can rely on the signature.
     #[arg(long, env = "CALLBACK_SIGNING_SECRET", hide_env_values = true)]
     pub callback_signing_secret: Option<Secret>,
+    /// During a rotation of the signing key (CALLBACK_SIGNING_SECRET, or GPU_CALLBACK_SECRET where that signs): the
+    /// previous key. Its signature goes along in webhook-signature, so receivers still verifying with it keep working
+    /// while they move to the new one; unset it once they all have. Never sent.
+    #[arg(long, env = "CALLBACK_SIGNING_SECRET_PREVIOUS", hide_env_values = true)]
+    pub callback_signing_secret_previous: Option<Secret>,
     /// Timeout of one callback attempt, in seconds (at least 1). Default 30.
     #[arg(long, env = "CALLBACK_TIMEOUT_SEC", default_value_t = 30)]
     pub callback_timeout_sec: u64,
@@ -52,6 +57,9 @@ pub struct CallbackSettings {
     pub header_secret: Option<Secret>,
     /// The HMAC key of webhook-signature.
     pub signing_secret: Secret,
+    /// The signing key before a rotation (CALLBACK_SIGNING_SECRET_PREVIOUS): signs too. None when unset or the
+    /// same as `signing_secret`.
+    pub previous_signing_secret: Option<Secret>,
     pub max_attempts: u32,
     pub base_delay: Duration,
     pub max_delay: Duration,
@@ -81,6 +89,10 @@ impl CallbackArgs {
         if let Some(secret) = &signing {
             check_secret_key("CALLBACK_SIGNING_SECRET", secret)?;
         }
+        let previous = set(&self.callback_signing_secret_previous);
+        if let Some(secret) = &previous {
+            check_secret_key("CALLBACK_SIGNING_SECRET_PREVIOUS", secret)?;
+        }
         let signing_secret =
             signing
                 .or_else(|| header_secret.clone())
@@ -104,6 +116,7 @@ impl CallbackArgs {
             // make every callback URL unparsable.
             base_url: url.to_string(),
             header_secret,
+            previous_signing_secret: previous.filter(|p| p.expose() != signing_secret.expose()),
             signing_secret,
             max_attempts: self.callback_max_attempts.max(1),
             base_delay: Duration::from_millis(self.callback_base_delay_ms),
@@ -198,6 +211,7 @@ mod tests {
             workers_api_url: Some(url.into()),
             gpu_callback_secret: Some("s3cret".into()),
             callback_signing_secret: None,
+            callback_signing_secret_previous: None,
             callback_timeout_sec: 30,
             callback_max_attempts: 6,
             callback_base_delay_ms: 1000,
@@ -270,6 +284,35 @@ mod tests {
         let err = a.settings().unwrap_err();
         assert!(
             format!("{err:?}").contains("GPU_CALLBACK_SECRET"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_previous_signing_key_is_checked_and_kept_only_when_it_differs() {
+        let mut a = args("https://api.example.invalid", false);
+        a.callback_signing_secret = Some("new-key".into());
+        a.callback_signing_secret_previous = Some("old-key".into());
+        let settings = a.settings().unwrap().unwrap();
+        assert_eq!(
+            settings
+                .previous_signing_secret
+                .as_ref()
+                .map(|s| s.expose()),
+            Some("old-key")
+        );
+        a.callback_signing_secret_previous = Some("new-key".into());
+        assert!(
+            a.settings()
+                .unwrap()
+                .unwrap()
+                .previous_signing_secret
+                .is_none()
+        );
+        a.callback_signing_secret_previous = Some("old-key\n".into());
+        let err = a.settings().unwrap_err();
+        assert!(
+            format!("{err:?}").contains("CALLBACK_SIGNING_SECRET_PREVIOUS"),
             "{err:?}"
         );
     }

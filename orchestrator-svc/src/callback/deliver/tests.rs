@@ -299,3 +299,57 @@ async fn a_separate_signing_key_is_never_sent() {
         check(&sent[0], keep_header.then_some("seed-secret"));
     }
 }
+
+/// A rotation of the signing key (CALLBACK_SIGNING_SECRET_PREVIOUS): the new key's signature first, then the
+/// previous key's, so a receiver on either verifies; the seed header's secret keeps its signature too, and a key
+/// given twice signs once.
+#[tokio::test]
+async fn during_a_rotation_both_keys_sign() {
+    let transport = Arc::new(Headers::default());
+    let sender = CallbackSender::new("http://unused", "seed-secret", policy())
+        .unwrap()
+        .with_transport(transport.clone())
+        .signing_with("new-key")
+        .also_signing_with("old-key")
+        .also_signing_with("seed-secret")
+        .also_signing_with("new-key");
+    assert!(sender.deliver(JOB, &body()).await.delivered);
+    let sent = transport.0.lock().unwrap().clone();
+    let mut map = http::HeaderMap::new();
+    for (name, value) in &sent[0] {
+        map.insert(*name, value.parse().unwrap());
+    }
+    let payload = serde_json::to_vec(&body()).unwrap();
+    let now = map["webhook-timestamp"].to_str().unwrap().parse().unwrap();
+    let signatures = map["webhook-signature"].to_str().unwrap().to_string();
+    assert_eq!(signatures.split(' ').count(), 3, "{signatures}");
+    for key in ["new-key", "old-key", "seed-secret"] {
+        assert_eq!(
+            crate::callback::verify(key, &map, &payload, now),
+            Ok(()),
+            "{key}"
+        );
+    }
+    assert!(crate::callback::verify("other", &map, &payload, now).is_err());
+    let first = signatures.split(' ').next().unwrap();
+    map.insert("webhook-signature", first.parse().unwrap());
+    assert_eq!(
+        crate::callback::verify("new-key", &map, &payload, now),
+        Ok(())
+    );
+    // Without the seed header, only the two signing keys.
+    let transport = Arc::new(Headers::default());
+    let sender = CallbackSender::new("http://unused", "new-key", policy())
+        .unwrap()
+        .with_transport(transport.clone())
+        .without_secret_header()
+        .also_signing_with("old-key");
+    assert!(sender.deliver(JOB, &body()).await.delivered);
+    let sent = transport.0.lock().unwrap().clone();
+    let (_, signatures) = sent[0]
+        .iter()
+        .find(|(n, _)| *n == "webhook-signature")
+        .unwrap();
+    assert_eq!(signatures.split(' ').count(), 2, "{signatures}");
+    assert!(sent[0].iter().all(|(n, _)| *n != "x-gpu-callback-secret"));
+}
