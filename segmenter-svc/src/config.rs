@@ -91,8 +91,8 @@ pub struct Config {
     #[arg(long, env = "MAX_BATCH_IMAGES", default_value_t = 0)]
     pub max_batch_images: usize,
 
-    /// How long the batcher waits for more images after the first one arrives, in milliseconds.
-    #[arg(long, env = "MAX_QUEUE_DELAY_MS", default_value_t = 2)]
+    /// How long the batcher waits for more images after the first one arrives, in milliseconds, 0 to 10000.
+    #[arg(long, env = "MAX_QUEUE_DELAY_MS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub max_queue_delay_ms: u64,
 
     /// Requests waiting for the inference thread beyond which new ones get RESOURCE_EXHAUSTED, at once: before
@@ -288,6 +288,11 @@ mod tests {
             (&["--default-score-threshold", "NaN"], "not within [0, 1)"),
             (&["--default-score-threshold", "half"], "not a number"),
             (&["--max-instances-per-concept", "0"], "0 is not in 1.."),
+            // Instant + Duration would panic the inference thread at its first request.
+            (
+                &["--max-queue-delay-ms", "18446744073709551615"],
+                "is not in 0..=10000",
+            ),
         ] {
             let err = parse(flags)
                 .expect_err(&format!("{flags:?} accepted"))

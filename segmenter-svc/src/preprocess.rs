@@ -93,6 +93,17 @@ impl Preprocessor {
 
     /// Raw RGB pixels checked against the limits and their stated size (no copy): `decode`'s counterpart.
     pub fn rgb(&self, width: u32, height: u32, data: Vec<u8>) -> Result<RgbImage, Error> {
+        let violations = self.rgb_violations(width, height, data.len());
+        if !violations.is_empty() {
+            return Err(Error::InvalidArgument(violations));
+        }
+        RgbImage::from_raw(width, height, data)
+            .ok_or_else(|| Error::invalid("image.rgb.data", "bad size"))
+    }
+
+    /// What is wrong with raw RGB of this size and byte count (nothing: empty). O(1), so Segment's field checks
+    /// report it with the others, before the call waits for anything.
+    pub fn rgb_violations(&self, width: u32, height: u32, len: usize) -> Vec<Violation> {
         let mut violations = Vec::new();
         if width == 0 || height == 0 {
             violations.push(Violation::new(
@@ -115,21 +126,16 @@ impl Preprocessor {
                 ),
             ));
         }
-        if violations.is_empty() && data.len() as u64 != pixels * 3 {
+        if violations.is_empty() && len as u64 != pixels * 3 {
             violations.push(Violation::new(
                 "image.rgb.data",
                 format!(
-                    "{} bytes given, {width}x{height} RGB needs {}",
-                    data.len(),
+                    "{len} bytes given, {width}x{height} RGB needs {}",
                     pixels * 3
                 ),
             ));
         }
-        if !violations.is_empty() {
-            return Err(Error::InvalidArgument(violations));
-        }
-        RgbImage::from_raw(width, height, data)
-            .ok_or_else(|| Error::invalid("image.rgb.data", "bad size"))
+        violations
     }
 
     /// Decodes JPEG, PNG or WebP with the pixel limit checked from the header, before any pixel buffer exists.

@@ -78,7 +78,12 @@ impl pb::segmenter_server::Segmenter for SegmenterService {
         );
         crate::telemetry::adopt_remote_parent(&span, request.metadata());
         let request = request.into_inner();
-        span.record("request_id", request.request_id.as_str());
+        // Recorded before the checks refuse an over-long id, so cut to the limit: a 60 MB id would otherwise be
+        // copied into every log line and span of the call.
+        span.record(
+            "request_id",
+            within(&request.request_id, MAX_REQUEST_ID_BYTES),
+        );
         span.record("concepts", request.concepts.len());
         // What autoscalers read (deploy/k8s: KEDA on segmenter_inflight_requests): calls inside the server now.
         metrics::gauge!("segmenter_inflight_requests").increment(1.0);
@@ -356,6 +361,21 @@ fn fits(response: &pb::SegmentResponse, limit: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// Longest `request_id`, in bytes (the orchestrator's are `{jobId}/{idx}`: at most 139).
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn within(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Every field is checked and every violation reported, so a caller fixes a request in one round trip.
 fn check(shared: &Shared, request: &pb::SegmentRequest) -> Result<Checked, Error> {
     let mut violations = Vec::new();
@@ -367,7 +387,22 @@ fn check(shared: &Shared, request: &pb::SegmentRequest) -> Result<Checked, Error
         Some(pb::image::Source::Encoded(bytes)) if bytes.is_empty() => {
             violations.push(Violation::new("image.encoded", "no image bytes"))
         }
+        // Raw RGB's size checks cost nothing (an encoded image's wait for its decode).
+        Some(pb::image::Source::Rgb(rgb)) => violations.extend(shared.preprocessor.rgb_violations(
+            rgb.width,
+            rgb.height,
+            rgb.data.len(),
+        )),
         Some(_) => {}
+    }
+    if request.request_id.len() > MAX_REQUEST_ID_BYTES {
+        violations.push(Violation::new(
+            "request_id",
+            format!(
+                "{} bytes, at most {MAX_REQUEST_ID_BYTES}",
+                request.request_id.len()
+            ),
+        ));
     }
     if request.concepts.is_empty() {
         violations.push(Violation::new(
@@ -431,6 +466,13 @@ fn check(shared: &Shared, request: &pb::SegmentRequest) -> Result<Checked, Error
         ));
         pb::MaskFormat::Unspecified
     });
+    if request.include_semantic && format == pb::MaskFormat::None {
+        // The semantic map comes in mask_format: with none, the caller would get nothing and no error.
+        violations.push(Violation::new(
+            "include_semantic",
+            "the semantic map comes in mask_format, which is MASK_FORMAT_NONE: choose a mask format",
+        ));
+    }
     if !violations.is_empty() {
         return Err(Error::InvalidArgument(violations));
     }

@@ -174,6 +174,23 @@ fn cases() -> Vec<Case> {
             field: Some("mask_format"),
             says: "unknown value",
         },
+        Case {
+            name: "a semantic map asked for in no format",
+            request: with(&|r| {
+                r.include_semantic = true;
+                r.mask_format = pb::MaskFormat::None as i32;
+            }),
+            code: Code::InvalidArgument,
+            field: Some("include_semantic"),
+            says: "choose a mask format",
+        },
+        Case {
+            name: "an over-long request id",
+            request: with(&|r| r.request_id = "x".repeat(1 << 20)),
+            code: Code::InvalidArgument,
+            field: Some("request_id"),
+            says: "at most 256",
+        },
     ]
 }
 
@@ -217,6 +234,17 @@ async fn every_violation_is_reported_at_once() {
     let status = server.client().await.segment(req).await.unwrap_err();
     let fields = violated_fields(&status);
     assert_eq!(fields, ["image.encoded", "concepts[0]", "score_threshold"]);
+    // Raw RGB's size is checked with the other fields, not after the call's turn to decode.
+    let mut req = request(Vec::new(), &["", "wall"]);
+    req.image = Some(pb::Image {
+        source: Some(pb::image::Source::Rgb(pb::RgbImage {
+            width: 10,
+            height: 10,
+            data: vec![0; 299],
+        })),
+    });
+    let status = server.client().await.segment(req).await.unwrap_err();
+    assert_eq!(violated_fields(&status), ["image.rgb.data", "concepts[0]"]);
     server.stop().await.unwrap();
 }
 
