@@ -103,7 +103,9 @@ def compose(rendered_dir: Path) -> None:
                 for key in (
                     "SEGMENTER_URL STORAGE_BACKEND LOCAL_STORAGE_DIR PRESETS_DIR R2_ACCOUNT_ID R2_ACCESS_KEY_ID "
                     "R2_SECRET_ACCESS_KEY R2_BUCKET_NAME WORKERS_API_URL GPU_CALLBACK_SECRET BATCH_CONCURRENCY "
-                    "CALLBACK_TIMEOUT_SEC LOG_LEVEL ADAPTER AWS_ENDPOINT_URL_S3 GRPC_ADDR METRICS_ADDR"
+                    "CALLBACK_TIMEOUT_SEC LOG_LEVEL ADAPTER AWS_ENDPOINT_URL_S3 GRPC_ADDR METRICS_ADDR "
+                    # The signing keys palette-secrets carries on Kubernetes: an .env can only set what is listed.
+                    "CALLBACK_SIGNING_SECRET CALLBACK_SIGNING_SECRET_PREVIOUS SEGMENTER_TIMEOUT_SEC"
                 ).split():
                     check(key in env, f"[{profiles}] orchestrator: environment lacks {key}")
                 check(

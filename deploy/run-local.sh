@@ -32,7 +32,9 @@ GRPC_ADDR=$SEG METRICS_ADDR=127.0.0.1:${SEGMENTER_METRICS_PORT:-9091} MODEL_DIR=
   SEGMENTER_DEVICE=${SEGMENTER_DEVICE:-cpu} LOG_FORMAT=text \
   "$ROOT/target/release/segmenter-svc" >"$RUN/segmenter.log" 2>&1 &
 pids+=($!)
+# A real export on the CPU takes ~37 s an image: the orchestrator's 4 calls in flight need more than the default 120 s.
 GRPC_ADDR=$ORCH METRICS_ADDR=127.0.0.1:${ORCHESTRATOR_METRICS_PORT:-9092} SEGMENTER_URL=http://$SEG \
+  SEGMENTER_TIMEOUT_SEC=${SEGMENTER_TIMEOUT_SEC:-600} \
   STORAGE_BACKEND=local LOCAL_STORAGE_DIR=$DATA PRESETS_DIR=$ROOT/presets JOB_STORE_PATH=$RUN/jobs.redb \
   "$ROOT/target/release/orchestrator-svc" >"$RUN/orchestrator.log" 2>&1 &
 pids+=($!)
