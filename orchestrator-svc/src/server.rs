@@ -237,6 +237,7 @@ pub async fn run(
     let segmenter = Arc::new(Segmenter::new(
         &config.segmenter.segmenter_url,
         Duration::from_secs(config.segmenter.segmenter_timeout_sec.max(1)),
+        Duration::from_secs(config.segmenter.segmenter_keepalive_sec.max(1)),
         config.segmenter.segmenter_attempts,
         Duration::from_secs(config.segmenter.segmenter_resolve_interval_sec),
         config.segmenter.security()?,

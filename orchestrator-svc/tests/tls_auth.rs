@@ -334,6 +334,13 @@ async fn startup_stops_at_an_unusable_setting_and_names_it() {
             }),
             "mixes https:// with plaintext entries",
         ),
+        // Schemes are case-insensitive: an upper-case HTTPS:// entry is an https one, not a plaintext one.
+        (
+            Box::new(move |c| {
+                c.segmenter.segmenter_url = "HTTPS://127.0.0.1:9, http://127.0.0.2:9".into();
+            }),
+            "mixes https:// with plaintext entries",
+        ),
     ];
     for (tweak, expected) in cases {
         let mut config = orchestrator_svc::Config::for_tests(dir.path(), NO_SEGMENTER);

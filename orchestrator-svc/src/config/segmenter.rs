@@ -26,6 +26,12 @@ pub struct SegmenterArgs {
     /// Deadline of one Segment call, in seconds, 1 to 86400. Default 120.
     #[arg(long, env = "SEGMENTER_TIMEOUT_SEC", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub segmenter_timeout_sec: u64,
+    /// HTTP/2 pings on every segmenter connection, idle or not, every this many seconds, 1 to 3600; a connection
+    /// whose ping is not answered within as long again is closed and its calls are retried on another replica: a
+    /// replica gone without closing its connections (a lost host or pod, a network partition) costs a retry, not
+    /// SEGMENTER_TIMEOUT_SEC and the item. Default 20.
+    #[arg(long, env = "SEGMENTER_KEEPALIVE_SEC", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub segmenter_keepalive_sec: u64,
     /// Attempts per Segment call while the segmenter answers UNAVAILABLE or RESOURCE_EXHAUSTED, or a call is
     /// CANCELLED by its replica closing the connection (the next attempt may go to another replica), 1 to 20; the
     /// pause between attempts doubles from 200 ms up to 10 s. Default 4.
@@ -84,9 +90,15 @@ impl SegmenterArgs {
             .map(str::trim)
             .filter(|entry| !entry.is_empty())
             .collect();
+        // Schemes are case-insensitive (the URL parser reads HTTPS:// as https): counted the same way, or an upper-case
+        // entry would pass here as plaintext and then find no TLS settings.
         let encrypted = entries
             .iter()
-            .filter(|entry| entry.starts_with("https://"))
+            .filter(|entry| {
+                entry
+                    .get(..8)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+            })
             .count();
         if encrypted > 0 && encrypted < entries.len() {
             return Err(ConfigError::invalid(

@@ -90,11 +90,13 @@ impl Segmenter {
     /// Calls are balanced (power of two choices) over every replica the resolver task finds: the addresses of every
     /// entry of `urls`, looked up again every `resolve_every` (zero: only at start and after failed calls), and
     /// only those that accept connections and answer health SERVING (or have no health service) while at least one
-    /// does. `https://` entries speak TLS as `security` says, and every call carries its token. Needs a Tokio
-    /// runtime (spawns the resolver).
+    /// does. `https://` entries speak TLS as `security` says, and every call carries its token. Every connection
+    /// is pinged every `keepalive` and closed when a ping goes unanswered as long again. Needs a Tokio runtime
+    /// (spawns the resolver).
     pub fn new(
         urls: &str,
         deadline: Duration,
+        keepalive: Duration,
         attempts: u32,
         resolve_every: Duration,
         security: SegmenterSecurity,
@@ -107,6 +109,7 @@ impl Segmenter {
         let resolver = Resolver {
             targets,
             deadline,
+            keepalive,
             changes,
             replicas: replicas.clone(),
             current: BTreeMap::new(),
@@ -322,6 +325,7 @@ mod tests {
         Segmenter::new(
             "http://127.0.0.1:9",
             Duration::from_secs(1),
+            Duration::from_secs(20),
             attempts,
             Duration::ZERO,
             SegmenterSecurity::default(),

@@ -18,9 +18,10 @@ use tonic_health::pb::health_client::HealthClient;
 use super::targets::Target;
 use crate::error::{BoxError, Report};
 
-/// How long a replica gets to accept a connection and answer its health check before the resolver leaves it out for
-/// a round.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a replica gets to accept a connection (TCP, TLS with its client certificate, HTTP/2) and answer its
+/// health check before the resolver leaves it out for a round: several round trips, so room for a replica across a
+/// WAN (a Runpod pod's public address) and not only in the same cluster.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The service a segmenter reports on grpc.health.v1: NOT_SERVING while it warms up, after a provider failure, or
 /// while it drains.
@@ -33,6 +34,8 @@ const SEGMENTER_SERVICE: &str = palette_proto::segmenter::v1::segmenter_server::
 pub(super) struct Resolver {
     pub(super) targets: Vec<Target>,
     pub(super) deadline: Duration,
+    /// HTTP/2 ping interval of every connection, and how long a ping may go unanswered (SEGMENTER_KEEPALIVE_SEC).
+    pub(super) keepalive: Duration,
     pub(super) changes: mpsc::Sender<Change<SocketAddr, Endpoint>>,
     pub(super) replicas: Arc<AtomicUsize>,
     /// In the balancer now.
@@ -110,7 +113,7 @@ impl Resolver {
         }
         let (targets, tls) = (&self.targets, self.tls.as_ref());
         let probes = resolved.iter().map(|(addr, i)| async move {
-            let up = match endpoint(&targets[*i], *addr, PROBE_TIMEOUT, tls) {
+            let up = match endpoint(&targets[*i], *addr, PROBE_TIMEOUT, PROBE_TIMEOUT, tls) {
                 Ok(endpoint) => probe(endpoint, *addr).await,
                 Err(_) => false,
             };
@@ -144,7 +147,13 @@ impl Resolver {
                 continue;
             }
             let target = &self.targets[i];
-            let endpoint = match endpoint(target, addr, self.deadline, self.tls.as_ref()) {
+            let endpoint = match endpoint(
+                target,
+                addr,
+                self.deadline,
+                self.keepalive,
+                self.tls.as_ref(),
+            ) {
                 Ok(endpoint) => endpoint,
                 Err(e) => {
                     tracing::warn!(%addr, error = %Report(e.as_ref()), "segmenter replica skipped");
@@ -197,11 +206,14 @@ async fn probe(endpoint: Endpoint, addr: SocketAddr) -> bool {
 }
 
 /// A replica: connects to `addr`, but calls it by the configured name (`:authority`) and, over TLS, checks the
-/// certificate against that name (not the address it resolved to).
+/// certificate against that name (not the address it resolved to). Pings every `keepalive`, idle or not: a replica
+/// gone without closing its connections (no FIN or RST ever comes) would otherwise hold its calls until their
+/// deadline; an unanswered ping closes the connection, its calls fail UNAVAILABLE and are retried elsewhere.
 fn endpoint(
     target: &Target,
     addr: SocketAddr,
     deadline: Duration,
+    keepalive: Duration,
     tls: Option<&ClientTlsConfig>,
 ) -> Result<Endpoint, BoxError> {
     let origin: Uri = target.origin().parse()?;
@@ -209,7 +221,11 @@ fn endpoint(
         .origin(origin)
         .connect_timeout(Duration::from_secs(5))
         .timeout(deadline)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(keepalive)
+        .keep_alive_while_idle(true)
+        .tcp_keepalive(Some(keepalive));
     if target.scheme == "https" {
         let tls = tls
             .cloned()

@@ -85,7 +85,15 @@ pub fn segmenter_at(url: &str, timeout: Duration) -> Segmenter {
         tls: None,
         token: BearerToken::new(None).unwrap(),
     };
-    Segmenter::new(url, timeout, 1, Duration::ZERO, security).unwrap()
+    Segmenter::new(
+        url,
+        timeout,
+        Duration::from_secs(20),
+        1,
+        Duration::ZERO,
+        security,
+    )
+    .unwrap()
 }
 
 /// The JobService over `pipeline`: limits of 10, at most `max_jobs` jobs retained.
