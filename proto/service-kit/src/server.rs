@@ -73,7 +73,11 @@ impl Serving {
             args.auth_tokens.as_ref().map(|s| s.expose()),
             args.auth_tokens_file.as_deref(),
         )?;
-        let reload = auth.spawn_reload(args.auth_tokens_reload);
+        // Without a tokens file SIGHUP still must not stop the process (its default action): operations.md tells
+        // operators to send it to reload tokens, and a generic secret reloader may send it to any pod.
+        let reload = auth
+            .spawn_reload(args.auth_tokens_reload)
+            .or_else(crate::shutdown::ignore_hangups);
         let reflection = if args.reflection {
             Some(reflection(api_services)?)
         } else {
