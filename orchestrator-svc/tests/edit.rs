@@ -278,6 +278,38 @@ async fn a_deleted_mask_fails_its_photo_naming_the_key() {
     assert_eq!(got.source_job_id, "room");
 }
 
+/// The photo an edit reads is the source job's: gone from storage, or no longer an image, it is `source_missing`
+/// (the documented code) and not `input_missing` / `input_corrupt`, which tell a caller to upload the edit's own
+/// input, of which it has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_photo_gone_or_unreadable_is_source_missing() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    finished_source(&mut orch, "room").await;
+    let photo = |idx: u32| {
+        orch.store
+            .root()
+            .join(format!("inputs/{SEED_USER}/room/{idx}.jpg"))
+    };
+    std::fs::remove_file(photo(0)).unwrap();
+    std::fs::write(photo(1), b"no longer a photo").unwrap();
+    orch.client
+        .edit_job(edit("e", "room", vec![paint("p", "wall", "#334455")]))
+        .await
+        .unwrap();
+    let job = orch.wait_for("e", is_terminal).await;
+    for (item, says) in job
+        .items
+        .iter()
+        .zip(["gone from storage", "not a readable image"])
+    {
+        assert_eq!(item.state, ItemState::Failed as i32, "{item:?}");
+        assert_eq!(item.error_code, "source_missing", "{item:?}");
+        assert!(item.error.contains(says), "{}", item.error);
+        assert!(item.error.contains("inputs/"), "{}", item.error);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_photo_replaced_after_its_masks_were_stored_is_not_edited_with_them() {
     // A job id used again for a new photo whose item then failed before storing masks leaves the old masks next to

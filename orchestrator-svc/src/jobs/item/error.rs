@@ -42,6 +42,10 @@ pub enum ItemError {
         "no stored masks for this photo ({key}): its item in the source job did not complete, or ran before edits were recorded"
     )]
     EditSourceMissing { key: String },
+    /// An edit's photo (the source job's input) is gone from storage or no longer a usable image: nothing under
+    /// the edit's own id to upload again, so not `input_missing`.
+    #[error("the source job's photo {key}: {reason}")]
+    EditSourcePhoto { key: String, reason: String },
     /// An edit's photo is not the one its stored masks were computed from (a job id used again for a new photo
     /// whose item failed before storing masks, or a new upload over the input).
     #[error(
@@ -84,6 +88,21 @@ impl From<StorageError> for ItemError {
 }
 
 impl ItemError {
+    /// This error as an edit's: what makes a job's input unusable (missing, too large, not an image) is, for an
+    /// edit, its source job's photo (`key`) gone or changed, `source_missing`. Others stay as they are.
+    pub fn of_source_photo(self, key: &str) -> Self {
+        let reason = match self {
+            ItemError::InputMissing { .. } => "gone from storage".to_string(),
+            ItemError::InputTooLarge(why) => format!("too large now: {why}"),
+            ItemError::InputCorrupt(why) => format!("not a readable image now: {why}"),
+            other => return other,
+        };
+        ItemError::EditSourcePhoto {
+            key: key.to_string(),
+            reason,
+        }
+    }
+
     /// The machine-readable reason reported on a failed item (see `Item.error_code` in orchestrator.proto).
     pub fn code(&self) -> &'static str {
         match self {
@@ -99,6 +118,7 @@ impl ItemError {
             ) => "internal",
             ItemError::Rule { .. } | ItemError::Swatch { .. } => "rule_failed",
             ItemError::EditSourceMissing { .. }
+            | ItemError::EditSourcePhoto { .. }
             | ItemError::EditSourceChanged { .. }
             | ItemError::EditSourceStale { .. } => "source_missing",
             ItemError::StoredMask { .. } => "mask_missing",

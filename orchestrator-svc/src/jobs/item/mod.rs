@@ -149,19 +149,25 @@ impl ItemRunner {
 
     /// Item `idx` of the job, every output stored.
     pub async fn run(&self, plan: &Arc<JobPlan>, idx: u32) -> Result<ItemResult, ItemError> {
-        let stage = Stage::start("download");
         let input_key = keys::input(&plan.user_id, plan.photos_job_id(), idx);
-        let bytes = self.download_input(&input_key).await?;
+        // An edit reads its source job's photo: that photo unusable is source_missing, not the edit's own input.
+        let photo_error = |e: ItemError| match plan.source {
+            Some(_) => e.of_source_photo(&input_key),
+            None => e,
+        };
+        let stage = Stage::start("download");
+        let bytes = self.download_input(&input_key).await.map_err(photo_error)?;
         stage.finish();
 
         // Held to the end of the item (its photo, planes and outputs live until then), and by its blocking work.
         let stage = Stage::start("admit");
-        let photo_pixels = imaging::admissible_pixels(&bytes, self.limits.max_pixels)?;
+        let photo_pixels =
+            imaging::admissible_pixels(&bytes, self.limits.max_pixels).map_err(photo_error)?;
         let pixels = admission::item_pixels(photo_pixels, plan.fills());
         let admitted = self.budget.admit(pixels).await;
         stage.finish();
         admitted
-            .hold_while(self.run_admitted(plan, idx, bytes))
+            .hold_while(self.run_admitted(plan, idx, bytes, &photo_error))
             .await
     }
 
@@ -170,13 +176,15 @@ impl ItemRunner {
         plan: &Arc<JobPlan>,
         idx: u32,
         bytes: Bytes,
+        photo_error: &impl Fn(ItemError) -> ItemError,
     ) -> Result<ItemResult, ItemError> {
         let stage = Stage::start("decode");
         let max_pixels = self.limits.max_pixels;
         let encoded = bytes.clone();
         let (photo, transparency) = self
             .cpu(move || imaging::decode_photo(&encoded, max_pixels))
-            .await?;
+            .await
+            .map_err(photo_error)?;
         let (photo, transparency) = (Arc::new(photo), transparency.map(Arc::new));
         stage.finish();
 
