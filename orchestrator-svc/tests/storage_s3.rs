@@ -364,3 +364,54 @@ async fn the_orchestrator_does_not_start_on_a_bucket_the_store_refuses() {
         .await
         .expect("started without the check");
 }
+
+/// The SDK retries a GET until its response headers arrive; a body cut short after that (a reset mid-photo, the
+/// store's connection dropped) used to fail the item `storage_unavailable` for good. Fetched again, whole. A fault
+/// injection: an HTTP server that declares 1000 bytes and closes after 500 on its first answer.
+#[tokio::test]
+async fn a_body_cut_short_is_fetched_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let body: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    let served = body.clone();
+    let answers = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = answers.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (served, counted) = (served.clone(), counted.clone());
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let first = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: image/jpeg\r\n\r\n",
+                    served.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let sent = if first { &served[..500] } else { &served[..] };
+                let _ = socket.write_all(sent).await;
+                let _ = socket.flush().await;
+                // Closing after half the declared length: the client sees the body end early.
+            });
+        }
+    });
+    let store = S3Store::new(S3Settings {
+        endpoint_url: Some(endpoint),
+        region: "us-east-1".into(),
+        bucket: "b".into(),
+        access_key_id: "k".into(),
+        secret_access_key: "s".into(),
+        attempt_timeout: Duration::from_secs(5),
+        max_attempts: 3,
+    });
+    let got = store.get_at_most("inputs/u/j/0.jpg", 10_000).await.unwrap();
+    assert_eq!(got, Bytes::from(body));
+    assert_eq!(answers.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

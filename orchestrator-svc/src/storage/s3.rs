@@ -25,6 +25,16 @@ pub struct S3Store {
     /// masks, outputs, preview), so it is sent as UNSIGNED-PAYLOAD there; over plain HTTP (an in-cluster
     /// SeaweedFS or MinIO) the signature is the only integrity check and stays.
     sign_payload: bool,
+    /// STORAGE attempts (the SDK's retry count), also for a GET whose body fails while it is read: the SDK's retries
+    /// end when the response headers arrive.
+    attempts: u32,
+}
+
+/// How one GET ended: `Body` is a failure while reading the body (a reset, a stalled stream, a cut-short length),
+/// which the SDK does not retry.
+enum GetFailure {
+    Final(StorageError),
+    Body(StorageError),
 }
 
 impl S3Store {
@@ -64,6 +74,7 @@ impl S3Store {
             client: Client::from_conf(builder.build()),
             bucket: settings.bucket,
             sign_payload,
+            attempts: settings.max_attempts.max(1),
         }
     }
 
@@ -124,10 +135,9 @@ where
     StorageError::unavailable(context, err)
 }
 
-#[async_trait]
-impl ObjectStore for S3Store {
-    async fn get_at_most(&self, key: &str, max_bytes: u64) -> Result<Bytes, StorageError> {
-        check_key(key)?;
+impl S3Store {
+    async fn get_once(&self, key: &str, max_bytes: u64) -> Result<Bytes, GetFailure> {
+        use GetFailure::{Body, Final};
         let mut out = match self
             .client
             .get_object()
@@ -138,11 +148,11 @@ impl ObjectStore for S3Store {
         {
             Ok(out) => out,
             Err(err) => {
-                return Err(if missing_key(&err) {
+                return Err(Final(if missing_key(&err) {
                     StorageError::NotFound(key.to_string())
                 } else {
                     unavailable("GET", key, err)
-                });
+                }));
             }
         };
         let too_large = |size: Option<u64>| StorageError::TooLarge {
@@ -153,20 +163,45 @@ impl ObjectStore for S3Store {
         // Content-Length first, so an oversized object is refused before a byte of its body is read.
         let declared = out.content_length().and_then(|n| u64::try_from(n).ok());
         if let Some(size) = declared.filter(|&s| s > max_bytes) {
-            return Err(too_large(Some(size)));
+            return Err(Final(too_large(Some(size))));
         }
         // And counted while reading, for a store that did not say (or said wrong).
         let mut body = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
         while let Some(chunk) = out.body.next().await {
             let chunk = chunk.map_err(|e| {
-                StorageError::unavailable(format!("GET {key}: reading the body"), e)
+                Body(StorageError::unavailable(
+                    format!("GET {key}: reading the body"),
+                    e,
+                ))
             })?;
             if (body.len() + chunk.len()) as u64 > max_bytes {
-                return Err(too_large(None));
+                return Err(Final(too_large(None)));
             }
             body.extend_from_slice(&chunk);
         }
         Ok(body.freeze())
+    }
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    /// A body that fails while it is read (a connection reset mid-photo) is fetched again, whole, up to the
+    /// attempts the SDK has for the rest, after 200 ms, 400 ms, ...
+    async fn get_at_most(&self, key: &str, max_bytes: u64) -> Result<Bytes, StorageError> {
+        check_key(key)?;
+        let mut attempt = 1;
+        loop {
+            match self.get_once(key, max_bytes).await {
+                Ok(body) => return Ok(body),
+                Err(GetFailure::Final(e)) => return Err(e),
+                Err(GetFailure::Body(e)) if attempt >= self.attempts => return Err(e),
+                Err(GetFailure::Body(e)) => {
+                    tracing::warn!(key, attempt, error = %crate::error::Report(&e), "GET body failed; fetching again");
+                    tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
+                    attempt += 1;
+                }
+            }
+        }
     }
 
     async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StorageError> {
