@@ -138,6 +138,34 @@ fn r2_account(account: String) -> Result<String, ConfigError> {
     }
 }
 
+/// An S3 endpoint as the SDK needs it: an http(s) URL with a host, no query or fragment, trimmed. Anything else
+/// (`minio:9000`, a trailing newline from a file) fails every request without an HTTP status, which start-up's
+/// storage check takes for a store not up yet: the service would come up SERVING and fail each item
+/// storage_unavailable.
+fn s3_endpoint(setting: &'static str, raw: &str) -> Result<String, ConfigError> {
+    let value = raw.trim();
+    let url = reqwest::Url::parse(value).map_err(|e| {
+        ConfigError::invalid(
+            setting,
+            value.to_string(),
+            format!("not a URL ({e}): expected http(s)://host[:port]"),
+        )
+    })?;
+    let fault = if !matches!(url.scheme(), "http" | "https") {
+        Some("expected an http:// or https:// URL")
+    } else if url.host_str().is_none_or(str::is_empty) {
+        Some("no host")
+    } else if url.query().is_some() || url.fragment().is_some() {
+        Some("a query or fragment: object paths are appended to the endpoint")
+    } else {
+        None
+    };
+    match fault {
+        Some(why) => Err(ConfigError::invalid(setting, value.to_string(), why)),
+        None => Ok(value.to_string()),
+    }
+}
+
 impl StorageArgs {
     /// R2_ACCOUNT_ID set to something (not blank).
     pub fn names_an_r2_account(&self) -> bool {
@@ -166,14 +194,16 @@ impl StorageArgs {
                 )
             }
             StorageBackend::S3 => {
-                let endpoint = self
-                    .s3_endpoint_url
-                    .clone()
-                    .or_else(|| self.aws_endpoint_url.clone());
-                (
-                    endpoint.filter(|e| !e.trim().is_empty()),
-                    self.aws_region.clone(),
-                )
+                let endpoint = [
+                    ("AWS_ENDPOINT_URL_S3", &self.s3_endpoint_url),
+                    ("AWS_ENDPOINT_URL", &self.aws_endpoint_url),
+                ]
+                .into_iter()
+                .find_map(|(setting, value)| Some((setting, value.as_deref()?)))
+                .filter(|(_, value)| !value.trim().is_empty())
+                .map(|(setting, value)| s3_endpoint(setting, value))
+                .transpose()?;
+                (endpoint, self.aws_region.clone())
             }
         };
         let secret = self
@@ -242,6 +272,34 @@ mod tests {
             );
             let shown = format!("{err}: {}", std::error::Error::source(&err).unwrap());
             assert!(shown.contains("not a URL"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn an_s3_endpoint_is_trimmed_and_must_be_an_http_url() {
+        let with = |endpoint: &str| {
+            let mut args = r2_with_account("unused");
+            args.storage_backend = StorageBackend::S3;
+            args.r2_account_id = None;
+            args.s3_endpoint_url = Some(endpoint.to_string());
+            args.settings()
+        };
+        let Ok(StorageSettings::S3(s3)) = with(" http://seaweedfs:8333\n") else {
+            panic!("refused");
+        };
+        assert_eq!(s3.endpoint_url.as_deref(), Some("http://seaweedfs:8333"));
+        for bad in ["minio:9000", "seaweedfs", "ftp://host", "http://host/?x=1"] {
+            let err = with(bad).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Invalid {
+                        setting: "AWS_ENDPOINT_URL_S3",
+                        ..
+                    }
+                ),
+                "{bad}: {err}"
+            );
         }
     }
 }
