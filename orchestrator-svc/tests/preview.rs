@@ -467,3 +467,52 @@ fn walk(orch: &Orchestrator) -> Vec<String> {
     out.sort();
     out
 }
+
+/// A swatch uploaded again under the same key: jobs read it afresh, and so does a preview once its cached copy is
+/// two seconds old (the bytes are compared, decoded again only when they changed). It used to stay cached until
+/// evicted: the preview showed the old material while the job's output had the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swatch_uploaded_again_is_previewed_as_it_is_now() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    finished(&mut orch, "room", vec![paint("#1F3A5F")]).await;
+    let key = format!("inputs/{SEED_USER}/swatch/current.png");
+    let swatch = |rgb: [u8; 3]| {
+        let img = image::RgbImage::from_pixel(64, 64, image::Rgb(rgb));
+        let mut out = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        bytes::Bytes::from(out)
+    };
+    let texture = || rule("tex", "wall", "texture", &[("swatch", key.as_str())]);
+    let preview = |orch: &mut Orchestrator| {
+        let mut client = orch.client.clone();
+        let rules = vec![texture()];
+        async move {
+            let answer = client
+                .preview_edit(request("room", rules))
+                .await
+                .unwrap()
+                .into_inner();
+            image::load_from_memory(&answer.image).unwrap().to_rgb8()
+        }
+    };
+    orch.store
+        .put(&key, swatch([200, 40, 40]), "image/png")
+        .await
+        .unwrap();
+    let red = preview(&mut orch).await;
+    orch.store
+        .put(&key, swatch([40, 40, 200]), "image/png")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    let blue = preview(&mut orch).await;
+    assert!(
+        mean_abs_diff(&red, &blue) > 5.0,
+        "the new swatch is not in the preview"
+    );
+    // And unchanged bytes keep what was decoded: the same image again.
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    assert_eq!(preview(&mut orch).await, blue);
+}

@@ -18,7 +18,12 @@ pub enum Cached {
     Photo(PreviewPhoto),
     /// A concept's union mask, or a rule's refined region, at preview size.
     Plane(Arc<GrayImage>),
-    Swatch(Arc<RgbImage>),
+    /// An uploaded swatch, decoded, with the SHA-256 of its bytes and when they were read (`swatch::SWATCH_TTL`).
+    Swatch {
+        image: Arc<RgbImage>,
+        sha256: [u8; 32],
+        read_at: tokio::time::Instant,
+    },
 }
 
 /// The photo at preview size, its transparency at that size (when it has some: a cut-out keeps it), its full size,
@@ -41,7 +46,7 @@ impl Weigh for Cached {
                 Cached::Photo(p) => {
                     p.rgb.as_raw().len() + p.transparency.as_ref().map_or(0, |a| a.as_raw().len())
                 }
-                Cached::Swatch(p) => p.as_raw().len(),
+                Cached::Swatch { image, .. } => image.as_raw().len(),
                 Cached::Plane(p) => p.as_raw().len(),
             }
     }

@@ -23,7 +23,7 @@ pub(super) fn render_all(
     idx: u32,
     png: bool,
 ) -> Result<PreviewEditResponse, ItemError> {
-    let factor = loaded.photo.width() as f32 / loaded.full_size.0.max(1) as f32;
+    let factor = render::scale_factor(loaded.photo.dimensions(), loaded.full_size);
     // None until the first rule: the cached photo is read in place, not copied.
     let mut current: Option<Edited> = None;
     let mut outcomes = Vec::new();

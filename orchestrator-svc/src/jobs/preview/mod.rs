@@ -10,6 +10,7 @@ mod cache;
 mod compose;
 pub mod render;
 mod request;
+mod swatch;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use super::stage::Stage;
 use super::validate::{JobLimits, PlannedRule, Violations};
 use crate::error::ApiError;
 use crate::keys;
-use crate::storage::{SharedStore, StorageError};
+use crate::storage::SharedStore;
 pub use cache::PreviewCache;
 use cache::{Cached, PreviewPhoto};
 use compose::render_all;
@@ -364,35 +365,6 @@ impl PreviewService {
         self.cache
             .insert(format!("m|{}", at.prefix()), Cached::Masks(record.clone()));
         Ok(record)
-    }
-
-    async fn swatch(&self, rule_id: &str, key: &str) -> Result<Arc<RgbImage>, ItemError> {
-        let cache_key = format!("s|{key}");
-        if let Some(Cached::Swatch(s)) = self.cache.get(&cache_key) {
-            return Ok(s);
-        }
-        let unusable = |source: crate::error::BoxError| ItemError::Swatch {
-            rule_id: rule_id.to_string(),
-            key: key.to_string(),
-            source,
-        };
-        let bytes = self
-            .store
-            .get_at_most(key, self.inputs.max_bytes)
-            .await
-            .map_err(|e| match e {
-                StorageError::Unavailable { .. } => ItemError::Storage(e),
-                e => unusable(e.into()),
-            })?;
-        let max_pixels = self.inputs.max_pixels;
-        let swatch =
-            tokio::task::spawn_blocking(move || imaging::decode_swatch(&bytes, max_pixels))
-                .await
-                .map_err(ItemError::Worker)?
-                .map_err(|e| unusable(e.into()))?;
-        let swatch = Arc::new(swatch);
-        self.cache.insert(cache_key, Cached::Swatch(swatch.clone()));
-        Ok(swatch)
     }
 }
 

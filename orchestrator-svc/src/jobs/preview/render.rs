@@ -28,6 +28,13 @@ pub fn preview_size((w, h): (u32, u32), max_side: u32) -> (u32, u32) {
 
 pub use crate::resize::{downscale_gray, downscale_rgb};
 
+/// The preview's scale against the full photo, from the longer sides (what `preview_size` scaled by): a short side
+/// is rounded to whole pixels and at least 1, so its ratio can be far off (3 x 4000 previewed at 64 is 1 x 64: 1/3
+/// by width, 1/62.5 by the long side), and feather and grow would come out that many times too wide.
+pub fn scale_factor(preview: (u32, u32), full: (u32, u32)) -> f32 {
+    preview.0.max(preview.1) as f32 / full.0.max(full.1).max(1) as f32
+}
+
 /// Pixel-sized parameters follow the photo's scale (`factor` = preview / full size); the edge refinement is solved
 /// a step coarser (`RegionParams::coarse`): a preview's region is most of a cold preview's time.
 pub fn scaled(params: RegionParams, factor: f32) -> RegionParams {
@@ -90,6 +97,16 @@ mod tests {
         assert_eq!(preview_size((3024, 4032), 1024), (768, 1024));
         assert_eq!(preview_size((800, 600), 1024), (800, 600));
         assert_eq!(preview_size((5000, 1), 100), (100, 1));
+    }
+
+    #[test]
+    fn pixel_parameters_scale_by_the_longer_side() {
+        assert_eq!(scale_factor((1024, 768), (4032, 3024)), 1024.0 / 4032.0);
+        // A narrow photo: its width rounds to 1 px, its scale is the long side's.
+        let full = (3, 4000);
+        let preview = preview_size(full, 64);
+        assert_eq!(preview, (1, 64));
+        assert_eq!(scale_factor(preview, full), 64.0 / 4000.0);
     }
 
     #[test]
