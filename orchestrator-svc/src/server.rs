@@ -53,7 +53,8 @@ pub enum StartupError {
 
 /// The API's name on grpc.health.v1 and in reflection: the generated server's own, so it cannot drift from the proto.
 pub const JOBS_SERVICE: &str = palette_proto::orchestrator::v1::jobs_server::SERVICE_NAME;
-/// Jobs are small; images never travel through this API.
+/// Requests are small (photos are read from storage, never sent in); replies may be up to 64 times this: a PNG
+/// preview near its 4096 px limit, a large job's GetJob (docs/api.md tells clients to raise their receive limit).
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Refuses to start with credentials or a bucket the store says are wrong (every item would fail with a storage
