@@ -47,6 +47,12 @@ pub enum StartupError {
     Serving(#[from] SetupError),
     #[error("the listener's address")]
     Listener(#[source] std::io::Error),
+    /// METRICS_ADDR could not be listened on (in use, not this host's).
+    #[error("METRICS_ADDR {addr}: the metrics exporter cannot listen there: {reason}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
     #[error("gRPC server")]
     Serve(#[source] tonic::transport::Error),
 }
@@ -224,7 +230,8 @@ pub async fn run(
         Adapter::QueuePull => (None, Some(config.nats.settings()?)),
     };
     if let Some(addr) = config.metrics_socket()? {
-        telemetry::install_metrics(addr);
+        telemetry::install_metrics(addr)
+            .map_err(|reason| StartupError::Metrics { addr, reason })?;
     }
     let store =
         storage::from_settings(config.storage.settings()?).map_err(StartupError::Storage)?;

@@ -31,13 +31,20 @@ pub fn init<E: SpanExporter + 'static>(
     kit::init(SERVICE, level, LOG_FORMAT, exporter)
 }
 
-/// Serves `/metrics` on `addr`. The recorder is process-global: a second install (tests) is reported, not fatal.
-pub fn install_metrics(addr: SocketAddr) {
+/// Serves `/metrics` on `addr`. An address it cannot listen on is an error (the autoscalers read these metrics: a
+/// replica without them would run unseen), as the segmenter's is; the recorder being process-global, a second
+/// install (tests) is reported, not fatal.
+pub fn install_metrics(addr: SocketAddr) -> Result<(), String> {
+    use kit::MetricsInstallError as BuildError;
     let buckets = [
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     ];
     match kit::install_prometheus(addr, &buckets) {
         Ok(()) => tracing::info!(%addr, "metrics exporter listening"),
-        Err(e) => tracing::warn!(%addr, error = %e, "metrics exporter not installed"),
+        Err(e @ BuildError::FailedToSetGlobalRecorder(_)) => {
+            tracing::warn!(%addr, error = %e, "metrics exporter not installed")
+        }
+        Err(e) => return Err(e.to_string()),
     }
+    Ok(())
 }

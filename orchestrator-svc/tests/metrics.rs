@@ -92,3 +92,21 @@ async fn scrape(port: u16) -> String {
         .await
         .unwrap()
 }
+
+/// METRICS_ADDR that cannot be listened on (in use) stops the start, naming the variable, as the segmenter's does:
+/// it used to log a warning and run without metrics, unseen by the autoscalers that read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_address_in_use_stops_the_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = orchestrator_svc::Config::for_tests(dir.path(), "http://127.0.0.1:9");
+    config.metrics_addr = taken.local_addr().unwrap().to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = orchestrator_svc::run(config, listener, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().starts_with("METRICS_ADDR 127.0.0.1:"),
+        "{err}"
+    );
+}

@@ -30,7 +30,8 @@ pub struct Config {
     #[command(flatten)]
     pub serve: palette_service_kit::ServeArgs,
 
-    /// Prometheus metrics listen address; empty disables the exporter.
+    /// Prometheus metrics listen address; empty disables the exporter. One that cannot be listened on stops the
+    /// start.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9091")]
     pub metrics_addr: String,
 

@@ -33,16 +33,21 @@ pub fn init<E: SpanExporter + 'static>(
 
 /// Starts the Prometheus exporter on `addr` ("" disables it).
 pub fn init_metrics(addr: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let addr = addr.trim();
     if addr.is_empty() {
         return Ok(());
     }
-    let addr: std::net::SocketAddr = addr.parse()?;
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .with_context(|| format!("METRICS_ADDR {addr:?}: expected host:port, e.g. 0.0.0.0:9091"))?;
     kit::install_prometheus(
         addr,
         &[
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
         ],
-    )?;
+    )
+    .with_context(|| format!("METRICS_ADDR {addr}: the metrics exporter cannot listen there"))?;
     describe();
     Ok(())
 }

@@ -97,7 +97,8 @@ pub struct Config {
     /// Reflection, TLS, bearer tokens and the health-only port: the same settings on both services.
     #[command(flatten)]
     pub serve: palette_service_kit::ServeArgs,
-    /// Prometheus scrape address (`/metrics`). Default 0.0.0.0:9092; empty turns the exporter off.
+    /// Prometheus scrape address (`/metrics`). Default 0.0.0.0:9092; empty turns the exporter off. One that cannot
+    /// be listened on stops the start.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9092")]
     pub metrics_addr: String,
     /// Job intake adapter: grpc (default; runpod when unset inside a Runpod serverless worker, i.e. with

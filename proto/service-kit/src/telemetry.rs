@@ -178,12 +178,12 @@ impl Extractor for MetadataExtractor<'_> {
     }
 }
 
+/// Why `install_prometheus` failed (a second install in one process, tests, is `FailedToSetGlobalRecorder`).
+pub use metrics_exporter_prometheus::BuildError as MetricsInstallError;
+
 /// Serves `/metrics` on `addr` with these histogram buckets (seconds). The recorder is process-global: a second
 /// install in one process fails.
-pub fn install_prometheus(
-    addr: SocketAddr,
-    buckets: &[f64],
-) -> Result<(), metrics_exporter_prometheus::BuildError> {
+pub fn install_prometheus(addr: SocketAddr, buckets: &[f64]) -> Result<(), MetricsInstallError> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets(buckets)?
