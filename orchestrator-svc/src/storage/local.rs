@@ -131,7 +131,8 @@ impl LocalStore {
         self.confined(key, &dir)?;
         std::fs::create_dir_all(&dir).map_err(|e| unavailable("create", &dir, e))?;
         self.confined(key, &dir)?;
-        // Write beside the target and rename: readers see the old object or the whole new one, never a torn write.
+        // Write beside the target and rename: readers see the old object or the whole new one, never a torn write
+        // (a process crash included; no fsync: a power loss may lose recent objects, as orchestrator.md says).
         let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
         if let Err(e) = std::fs::write(&tmp, body) {
             let _ = std::fs::remove_file(&tmp);
