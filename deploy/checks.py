@@ -318,6 +318,10 @@ def k8s(rendered_dir: Path) -> None:
         ("Secret", "segmenter-tls"),
         ("Secret", "orchestrator-tls"),
     }
+    # MODEL_DIR of the model-export Job (a literal there) and of each render's segmenter-config: a FORCE_EXPORT Job
+    # writing elsewhere than the segmenter reads would upgrade a model nobody loads.
+    job_model_dir = None
+    config_model_dirs = {}
     for path in renders:
         where = path.stem
         docs = _load(path)
@@ -335,6 +339,7 @@ def k8s(rendered_dir: Path) -> None:
                 check("/models" in mounts, "model-export: /models mount")
                 tf = env.get("HF_TOKEN_FILE", "")
                 check(any(tf.startswith(p + "/") for p in mounts), "model-export: HF_TOKEN_FILE under a mount")
+                job_model_dir = env.get("MODEL_DIR")
             continue
 
         seg = idx.get(("Deployment", "segmenter"))
@@ -470,6 +475,7 @@ def k8s(rendered_dir: Path) -> None:
         seg_cm = next((d for (k, _), d in idx.items() if k == "ConfigMap" and _.startswith("segmenter-config")), None)
         check(seg_cm is not None, f"{where}: segmenter-config ConfigMap missing")
         env_cm = seg_cm["data"] if seg_cm else {}
+        config_model_dirs[where] = env_cm.get("MODEL_DIR")
         if where.startswith("gpu"):
             check(gpu_limit in (1, "1"), f"{where}: segmenter needs limits nvidia.com/gpu: 1")
             check(seg_c["image"].endswith(":gpu"), f"{where}: segmenter image tag gpu, got {seg_c['image']}")
@@ -539,6 +545,12 @@ def k8s(rendered_dir: Path) -> None:
             check((ref["kind"], ref["name"]) in idx, f"{where}: HPA/{hpa['metadata']['name']} targets nothing")
         if where == "gpu":
             check(len(sos) == 2, f"{where}: expected KEDA ScaledObjects for segmenter and orchestrator")
+    if job_model_dir is not None:
+        for where, model_dir in config_model_dirs.items():
+            check(
+                model_dir == job_model_dir,
+                f"{where}: segmenter-config MODEL_DIR {model_dir} but the model-export Job writes {job_model_dir}",
+            )
 
 
 # --------------------------------------------------------------------------------------------------- storage
