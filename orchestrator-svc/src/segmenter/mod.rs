@@ -90,9 +90,8 @@ impl Segmenter {
     /// Calls are balanced (power of two choices) over every replica the resolver task finds: the addresses of every
     /// entry of `urls`, looked up again every `resolve_every` (zero: only at start and after failed calls), and
     /// only those that accept connections and answer health SERVING (or have no health service) while at least one
-    /// does. `https://` entries speak TLS as `security` says, and every call carries its token. Every connection
-    /// is pinged every `keepalive` and closed when a ping goes unanswered as long again. Needs a Tokio runtime
-    /// (spawns the resolver).
+    /// does. `https://` entries speak TLS as `security` says; calls carry its token. Connections are pinged every
+    /// `keepalive`, closed when a ping goes unanswered as long. Needs a Tokio runtime (spawns the resolver).
     pub fn new(
         urls: &str,
         deadline: Duration,
