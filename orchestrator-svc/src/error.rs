@@ -80,21 +80,54 @@ pub enum ApiError {
 }
 
 /// Violations sent back, at most: a request can carry thousands of bad keys, and the message and details travel in
-/// HTTP/2 trailers, which clients cap at a few KB (larger ones arrive as a transport error instead).
+/// HTTP/2 trailers, which clients cap at a few KB (larger ones arrive as a transport error instead: gRPC Java and
+/// C-core, Python's grpcio, at 8 KiB by default).
 pub const MAX_VIOLATIONS_SHOWN: usize = 50;
 
+/// Bytes of field names and descriptions shown, all violations together (each appears twice: in the message and in
+/// the BadRequest details, base64 there): well under the clients' 8 KiB.
+const VIOLATION_BYTES_SHOWN: usize = 2000;
+
+/// Longest field name or description shown: both can echo what the caller sent (an unknown parameter's name, a
+/// preset name, a 50 KB data: URL given as a swatch key), which goes back cut.
+const TEXT_SHOWN: usize = 160;
+
+fn cut(text: &str) -> String {
+    if text.len() <= TEXT_SHOWN {
+        return text.to_string();
+    }
+    let mut end = TEXT_SHOWN;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &text[..end], text.len())
+}
+
+/// The violations sent back, each cut to `TEXT_SHOWN`, as many as fit `MAX_VIOLATIONS_SHOWN` and
+/// `VIOLATION_BYTES_SHOWN` (at least one), and how many more there were.
+fn shown(violations: &[FieldViolation]) -> (Vec<(String, String)>, usize) {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for v in violations.iter().take(MAX_VIOLATIONS_SHOWN) {
+        let (field, description) = (cut(&v.field), cut(&v.description));
+        bytes += field.len() + description.len();
+        if bytes > VIOLATION_BYTES_SHOWN && !out.is_empty() {
+            break;
+        }
+        out.push((field, description));
+    }
+    let more = violations.len() - out.len();
+    (out, more)
+}
+
 fn summarize(violations: &[FieldViolation]) -> String {
-    let mut text = violations
+    let (shown, more) = shown(violations);
+    let mut text = shown
         .iter()
-        .take(MAX_VIOLATIONS_SHOWN)
-        .map(|v| format!("{}: {}", v.field, v.description))
+        .map(|(field, description)| format!("{field}: {description}"))
         .collect::<Vec<_>>()
         .join("; ");
-    if let Some(more) = violations
-        .len()
-        .checked_sub(MAX_VIOLATIONS_SHOWN)
-        .filter(|&n| n > 0)
-    {
+    if more > 0 {
         text.push_str(&format!("; and {more} more"));
     }
     text
@@ -106,8 +139,8 @@ impl From<ApiError> for Status {
         match err {
             ApiError::InvalidArgument(violations) => {
                 let mut details = ErrorDetails::new();
-                for v in violations.into_iter().take(MAX_VIOLATIONS_SHOWN) {
-                    details.add_bad_request_violation(v.field, v.description);
+                for (field, description) in shown(&violations).0 {
+                    details.add_bad_request_violation(field, description);
                 }
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
@@ -208,6 +241,43 @@ mod tests {
             status.message()
         );
         assert!(status.message().len() < 4000, "{}", status.message().len());
+    }
+
+    /// What the caller sent can come back in a violation (an unknown parameter's name, a 50 KB data: URL as a swatch
+    /// key): cut, and the whole answer kept under the 8 KiB of trailers clients accept.
+    #[test]
+    fn echoed_values_are_cut_and_the_answer_stays_small() {
+        let huge = "x".repeat(100_000);
+        let many = vec![
+            FieldViolation::new("preset", format!("unknown preset {huge:?}")),
+            FieldViolation::new(format!("rules[0].params.{huge}"), "unknown parameter"),
+            FieldViolation::new(
+                "rules[1].params.swatch",
+                format!("{huge}: not under swatches/"),
+            ),
+        ]
+        .into_iter()
+        .chain((0..40).map(|i| FieldViolation::new(format!("rules[{i}].concept"), "x".repeat(150))))
+        .collect::<Vec<_>>();
+        let status = Status::from(ApiError::InvalidArgument(many));
+        let details: usize = status
+            .get_details_bad_request()
+            .unwrap()
+            .field_violations
+            .iter()
+            .map(|v| v.field.len() + v.description.len() + 8)
+            .sum();
+        assert!(
+            status.message().len() + details * 4 / 3 < 6000,
+            "message {} + details {details}",
+            status.message().len()
+        );
+        assert!(
+            status.message().contains("(100017 bytes)"),
+            "{}",
+            status.message()
+        );
+        assert!(status.message().contains("more"), "{}", status.message());
     }
 
     #[test]
