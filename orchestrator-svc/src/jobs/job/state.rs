@@ -43,12 +43,13 @@ impl State {
         }
     }
 
-    /// The job's state from the counts.
+    /// The job's state from the counts. CANCELLED only when the cancel ended an item: one that came as the last
+    /// item finished (or whose record a restart reads) must not turn a job already DONE, and told so, CANCELLED.
     pub(super) fn recount(&mut self, cancel_requested: bool) {
         let job = &mut self.job;
         let terminal = job.completed + job.failed + job.cancelled;
         job.state = if terminal as usize == job.items.len() {
-            if cancel_requested {
+            if cancel_requested && job.cancelled > 0 {
                 JobState::Cancelled
             } else {
                 JobState::Done

@@ -36,6 +36,19 @@ fn a_job_is_counted_finished_once_and_settled_when_its_callbacks_are() {
     assert!(job.is_settled(), "failed for good is settled");
 }
 
+/// A cancel that comes as the last item finishes (or a restart reading its record) ends no item: the job, DONE and
+/// told so, stays DONE when a later change (its callback settling) counts it again; it used to turn CANCELLED.
+#[test]
+fn a_cancel_that_ended_no_item_leaves_a_done_job_done() {
+    let job = job();
+    drop(job.finish_item(0, ItemOutcome::Completed(Default::default()), true));
+    assert_eq!(job.snapshot().state, JobState::Done as i32);
+    job.cancel.cancel();
+    assert!(job.cancel_pending(true).is_empty());
+    job.record_callback(0, true, 1, None);
+    assert_eq!(job.snapshot().state, JobState::Done as i32);
+}
+
 /// The last item's end and its report's guard are one step: with callbacks off the item is settled the moment it
 /// ends, but its record is still to be written, and retention must not forget the job before the report holds it.
 #[test]
@@ -92,7 +105,7 @@ fn counted_over_every_item(job: &JobHandle) -> (u32, u32, u32, i32, bool) {
     );
     let terminal = (completed + failed + cancelled) as usize;
     let state = if terminal == snapshot.items.len() {
-        if job.cancel.is_cancelled() {
+        if job.cancel.is_cancelled() && cancelled > 0 {
             JobState::Cancelled
         } else {
             JobState::Done
