@@ -289,7 +289,7 @@ impl Worker {
             }
         }
         let job = handle.snapshot();
-        self.post_result(runpod_id, &json!({"output": job_json(&job)}))
+        self.post_result(runpod_id, &json!({"output": output::result_json(&job)}))
             .await;
     }
 
