@@ -105,3 +105,51 @@ async fn an_items_writes_to_a_slow_store_overlap() {
         "{puts} writes of {PUT_DELAY:?} took {elapsed:?}"
     );
 }
+
+/// A store whose HEAD panics: a bug in an item's async steps (not its CPU work, which comes back as an error).
+#[derive(Debug)]
+struct PanickingHead(LocalStore);
+
+#[async_trait]
+impl ObjectStore for PanickingHead {
+    async fn get_at_most(&self, key: &str, max_bytes: u64) -> Result<Bytes, StorageError> {
+        self.0.get_at_most(key, max_bytes).await
+    }
+    async fn head(&self, _key: &str) -> Result<Option<ObjectMeta>, StorageError> {
+        panic!("a bug in the store");
+    }
+    async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StorageError> {
+        self.0.put(key, body, content_type).await
+    }
+}
+
+/// A panic in an item's async steps used to unwind out of its task: the item stayed RUNNING for ever, its job never
+/// ended (no callback, no end to WatchJob, never forgotten). It ends FAILED `internal`, and the job with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_an_item_fails_the_item_not_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PanickingHead(LocalStore::new(dir.path()).unwrap()));
+    let client = job_service::segmenter_at("http://127.0.0.1:1", Duration::from_secs(1));
+    let runner = ItemRunner::new(store, Arc::new(client), job_service::INPUTS, 0);
+    let pipeline = Arc::new(Pipeline::new(runner, None, 1));
+    let service = job_service::service_of(pipeline, Default::default(), 10);
+    service.submit(&seed_spec("panics", 2)).await.unwrap();
+    let key = JobKey {
+        user_id: SEED_USER.into(),
+        job_id: "panics".into(),
+    };
+    let started = Instant::now();
+    let job = loop {
+        let job = service.get(&key).unwrap().snapshot();
+        if palette_testing::orchestrator::is_terminal(&job) {
+            break job;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{job:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for item in &job.items {
+        assert_eq!(item.state, ItemState::Failed as i32, "{item:?}");
+        assert_eq!(item.error_code, "internal");
+        assert!(item.error.contains("a bug in the store"), "{}", item.error);
+    }
+}

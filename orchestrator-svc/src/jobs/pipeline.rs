@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use futures::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -258,8 +259,11 @@ impl Pipeline {
         }
         let _in_flight = InFlight::start();
         let stage = Stage::start("item");
+        // A panic in the item's async steps (its CPU work already comes back as ItemError::Worker) ends the item
+        // FAILED: unwinding past here would leave it RUNNING for ever, its job never terminal nor forgotten.
+        let run = std::panic::AssertUnwindSafe(self.runner.run(&job.plan, idx)).catch_unwind();
         let result = tokio::select! {
-            result = self.runner.run(&job.plan, idx) => result,
+            result = run => result.unwrap_or_else(|panic| Err(ItemError::Panicked(panic_message(&*panic)))),
             _ = job.cancel.cancelled() => Err(ItemError::Cancelled),
         };
         drop(permit);
@@ -289,4 +293,13 @@ impl Pipeline {
         };
         job.finish_item(idx, outcome, self.reporter.callbacks_on())
     }
+}
+
+/// What a panic said (its payload is a &str or a String when it came from `panic!` with a message).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_string())
 }

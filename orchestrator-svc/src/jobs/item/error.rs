@@ -72,6 +72,9 @@ pub enum ItemError {
     /// A CPU task panicked or was cancelled by the runtime.
     #[error("worker task")]
     Worker(#[source] tokio::task::JoinError),
+    /// The item's own steps panicked (a bug): the item fails, the process and the other items go on.
+    #[error("internal error (a panic: {0})")]
+    Panicked(String),
     #[error("cancelled")]
     Cancelled,
 }
@@ -123,7 +126,7 @@ impl ItemError {
             | ItemError::EditSourceStale { .. } => "source_missing",
             ItemError::StoredMask { .. } => "mask_missing",
             ItemError::Cancelled => "cancelled",
-            ItemError::Encode { .. } | ItemError::Worker(_) => "internal",
+            ItemError::Encode { .. } | ItemError::Worker(_) | ItemError::Panicked(_) => "internal",
         }
     }
 }
