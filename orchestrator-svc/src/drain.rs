@@ -95,13 +95,35 @@ impl Drain {
             .await;
         tracing::info!("shutting down: waiting for items in flight");
         pipeline.tasks().close();
-        if tokio::time::timeout_at(deadline, pipeline.tasks().wait())
+        let in_flight = pipeline.tasks().wait();
+        tokio::pin!(in_flight);
+        let give_up_at = deadline
+            .checked_sub(results_margin(self.grace))
+            .unwrap_or(deadline);
+        if tokio::time::timeout_at(give_up_at, &mut in_flight)
             .await
             .is_err()
         {
-            tracing::warn!("items still in flight at the end of SHUTDOWN_GRACE_SEC; leaving them");
+            tracing::warn!(
+                "items still in flight near the end of SHUTDOWN_GRACE_SEC: those nothing resumes end FAILED"
+            );
+            pipeline.out_of_time();
+            if tokio::time::timeout_at(deadline, &mut in_flight)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "items still in flight at the end of SHUTDOWN_GRACE_SEC; leaving them"
+                );
+            }
         }
     }
+}
+
+/// The end of the grace period kept for results: items nothing resumes are ended this long before it (their
+/// callbacks go out meanwhile), and the Runpod adapter posts its job's result by then. A quarter of it, at most 10 s.
+pub fn results_margin(grace: Duration) -> Duration {
+    (grace / 4).min(Duration::from_secs(10))
 }
 
 /// Health at the signal: the Jobs service and the server as a whole (`""`, what Kubernetes' gRPC probes and most

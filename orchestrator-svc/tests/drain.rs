@@ -148,3 +148,50 @@ async fn the_drain_ends_within_the_grace_period_and_unfinished_items_resume() {
     let log = dir.path().join("second.log");
     finishes_on_a_new_process(binary, &env, &log, JOB, IMAGES, &hooks).await;
 }
+
+/// JOB_STORE=memory keeps nothing for a next start: items still running near the end of the grace period used to be
+/// cut off at exit with no terminal state and no callback (the upstream record stayed "processing" for ever). They
+/// end FAILED `internal` a margin before it (a quarter of the grace, at most 10 s), each with its callback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_job_store_items_cut_off_by_the_shutdown_are_failed_and_called_back() {
+    const JOB: &str = "memory-cut";
+    const IMAGES: u32 = 2;
+    let binary = Path::new(env!("CARGO_BIN_EXE_orchestrator-svc"));
+    let dir = tempfile::tempdir().unwrap();
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(60_000, Ordering::SeqCst);
+    let hooks = Receiver::start(SECRET, vec![]).await;
+    put_distinct_inputs(&dir.path().join("storage"), USER, JOB, IMAGES).await;
+    let mut env = env(dir.path(), &segmenter.url, &hooks.url(), 4);
+    env.retain(|(k, _)| k != "JOB_STORE" && k != "JOB_STORE_PATH");
+    env.push(("JOB_STORE".into(), "memory".into()));
+
+    let mut first = Process::start(binary, &env, &dir.path().join("first.log")).await;
+    let mut jobs = first.jobs_client();
+    jobs.submit_job(seed_spec(JOB, IMAGES)).await.unwrap();
+    wait_for(&mut jobs, USER, JOB, |j| running(j) == 2).await;
+    let took = first
+        .terminate(Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|| panic!("no exit within 15 s:\n{}", first.log()));
+    assert!(
+        took < Duration::from_secs(5),
+        "exited after {took:?} with SHUTDOWN_GRACE_SEC=4"
+    );
+    let deliveries = hooks.deliveries();
+    assert_eq!(
+        deliveries.len(),
+        IMAGES as usize,
+        "{:?}",
+        deliveries.iter().map(|d| &d.body).collect::<Vec<_>>()
+    );
+    for d in &deliveries {
+        assert_eq!(d.body["status"], "failed", "{}", d.body);
+        assert_eq!(d.body["error_code"], "internal", "{}", d.body);
+        assert!(
+            d.body["error"].as_str().unwrap().contains("shut down"),
+            "{}",
+            d.body
+        );
+    }
+}

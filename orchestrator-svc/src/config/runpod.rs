@@ -99,7 +99,7 @@ impl RunpodSettings {
     /// `result_within` a little before the end of a `grace` period: a quarter of it earlier, at most 10 s, so the
     /// result post has time to go out.
     pub fn within_grace(mut self, grace: Duration) -> Self {
-        self.result_within = grace.saturating_sub((grace / 4).min(Duration::from_secs(10)));
+        self.result_within = grace.saturating_sub(crate::drain::results_margin(grace));
         self
     }
 

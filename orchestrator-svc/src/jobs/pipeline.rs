@@ -32,6 +32,9 @@ pub struct Pipeline {
     tasks: TaskTracker,
     /// Fired at shutdown: no new item starts; items not started end FAILED so each still gets its callback.
     stopping: CancellationToken,
+    /// Fired near the end of the grace period: items still running that nothing will run again (no job store, not
+    /// from a queue) end FAILED now, so each still gets its callback before the process exits.
+    out_of_time: CancellationToken,
 }
 
 impl Pipeline {
@@ -48,6 +51,7 @@ impl Pipeline {
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             tasks,
             stopping: CancellationToken::new(),
+            out_of_time: CancellationToken::new(),
         }
     }
 
@@ -94,6 +98,21 @@ impl Pipeline {
     /// Shutdown: starts no further item; the runner of each job ends its unstarted items (see `abandon_pending`).
     pub fn stop_starting(&self) {
         self.stopping.cancel();
+    }
+
+    /// Shutdown, the grace period nearly over: items still running end FAILED where nothing would run them again
+    /// (see `abandoned`), with their callbacks; the others are left to their job store or queue.
+    pub fn out_of_time(&self) {
+        self.out_of_time.cancel();
+    }
+
+    /// Resolves once `job`'s running items must end for the shutdown: only for a job no job store keeps and no queue
+    /// redelivers (JOB_STORE=memory), whose items would otherwise be cut off unreported at exit.
+    async fn abandoned(&self, job: &Arc<JobHandle>) {
+        if job.plan.durable_items || self.reporter.job_store_of(job).is_some() {
+            return std::future::pending().await;
+        }
+        self.out_of_time.cancelled().await;
     }
 
     pub fn tasks(&self) -> &TaskTracker {
@@ -265,6 +284,7 @@ impl Pipeline {
         let result = tokio::select! {
             result = run => result.unwrap_or_else(|panic| Err(ItemError::Panicked(panic_message(&*panic)))),
             _ = job.cancel.cancelled() => Err(ItemError::Cancelled),
+            _ = self.abandoned(job) => Err(ItemError::ShutDown),
         };
         drop(permit);
         // Completed items only, as every stage: fast failures (input_missing) pulled the item latency down.

@@ -72,6 +72,11 @@ pub enum ItemError {
     /// A CPU task panicked or was cancelled by the runtime.
     #[error("worker task")]
     Worker(#[source] tokio::task::JoinError),
+    /// The process shut down while the item ran, and nothing will run it again (JOB_STORE=memory).
+    #[error(
+        "the orchestrator shut down while this image was being processed; submit it again in a new job"
+    )]
+    ShutDown,
     /// The item's own steps panicked (a bug): the item fails, the process and the other items go on.
     #[error("internal error (a panic: {0})")]
     Panicked(String),
@@ -126,7 +131,10 @@ impl ItemError {
             | ItemError::EditSourceStale { .. } => "source_missing",
             ItemError::StoredMask { .. } => "mask_missing",
             ItemError::Cancelled => "cancelled",
-            ItemError::Encode { .. } | ItemError::Worker(_) | ItemError::Panicked(_) => "internal",
+            ItemError::Encode { .. }
+            | ItemError::Worker(_)
+            | ItemError::Panicked(_)
+            | ItemError::ShutDown => "internal",
         }
     }
 }
