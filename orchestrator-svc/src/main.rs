@@ -1,10 +1,23 @@
+use std::time::Duration;
+
 use orchestrator_svc::{Config, run, telemetry};
 use palette_service_kit::{healthcheck, shutdown};
 
 orchestrator_svc::use_jemalloc!();
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(serve());
+    // `run` returns within SHUTDOWN_GRACE_SEC, but an item's CPU step (a rule render, a fill) runs to its end once
+    // started, even for an item the drain gave up on; dropping the runtime would wait for it and push the exit past
+    // the grace period (and the platform's SIGKILL). Such work is abandoned to the exit instead.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
+}
+
+async fn serve() -> anyhow::Result<()> {
     // `orchestrator-svc healthcheck`: for container HEALTHCHECKs, which have no grpc_health_probe.
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
         if let Err(e) =
