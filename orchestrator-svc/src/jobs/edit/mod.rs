@@ -88,7 +88,14 @@ pub fn plan_edit(
         preset: request.preset.clone(),
         output_format: request.output_format.clone(),
     };
-    let mut plan = validate::validate(&spec, presets, limits)?;
+    // An edit segments nothing, so the concept limit (checked above on what the source segmented) is not the edit's
+    // to break: a rule on a concept the source lacks is named below, not counted as one concept too many (on
+    // `concepts`, a field EditJob does not have).
+    let unbounded = JobLimits {
+        max_concepts: usize::MAX,
+        ..limits
+    };
+    let mut plan = validate::validate(&spec, presets, unbounded)?;
     let mut v = Violations::default();
     let segmented = |c: &str| source.concepts.iter().any(|s| s == c);
     let not_segmented = |c: &str| {
@@ -260,6 +267,17 @@ mod tests {
             fields(err),
             ["rules[0].concept", "rules[1].params.occluded_by"]
         );
+    }
+
+    #[test]
+    fn a_concept_the_source_lacks_is_named_even_when_the_source_is_at_the_concept_limit() {
+        let mut full = source();
+        full.concepts = (0..LIMITS.max_concepts)
+            .map(|i| format!("thing {i}"))
+            .collect();
+        let rules = vec![rule("ceiling", &[("color", "#112233")])];
+        let err = plan_edit(&request(rules), &full, &BTreeMap::new(), LIMITS).unwrap_err();
+        assert_eq!(fields(err), ["rules[0].concept"]);
     }
 
     #[test]
