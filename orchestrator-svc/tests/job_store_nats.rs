@@ -1461,3 +1461,60 @@ async fn two_tasks_of_one_item_on_one_replica_run_it_once() {
     let a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
     run_once_after_a_wait(&nats.url, JOB, &a, &segmenter, &hooks).await;
 }
+
+/// Queue jobs are not refused for phrases the segmenter says it cannot read (orchestrator.md: a message is not a
+/// call, so nobody would be told, and a redelivery must not be refused while its items run): with JOB_STORE=nats
+/// the shared path asked CheckConcepts and terminated the message, with no callback at all. The same spec over gRPC
+/// is refused, as documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_job_is_not_refused_for_its_phrases() {
+    use async_nats::jetstream;
+    const JOB: &str = "queued-unreadable";
+    const IMAGES: u32 = 2;
+    let Some(Shared {
+        nats,
+        dir,
+        segmenter,
+        hooks,
+        mut env,
+    }) = shared(JOB, IMAGES, 0).await
+    else {
+        return;
+    };
+    *segmenter.faults.unreadable.lock().unwrap() = vec!["furniture".into()];
+    env.push(("ADAPTER".into(), "queue_pull".into()));
+    let a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    let refused = a
+        .jobs_client()
+        .submit_job(seed_spec("over-grpc", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("furniture"), "{refused:?}");
+
+    let js = jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
+    let job = serde_json::to_vec(&serde_json::json!({
+        "userId": USER,
+        "jobId": JOB,
+        "concepts": ["wall", "floor", "furniture"],
+        "rules": [{"ruleId": "rule1", "concept": "wall", "type": "recolor", "params": {"color": "#FF5733"}}],
+        "imageCount": IMAGES,
+    }))
+    .unwrap();
+    js.publish("palette.jobs", job.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let done = wait_for_within(
+        Duration::from_secs(30),
+        &mut a.jobs_client(),
+        USER,
+        JOB,
+        is_settled,
+    )
+    .await;
+    assert_eq!(done.completed, IMAGES, "{done:?}");
+    let (ids, deliveries) = hooks.ids_per_item(JOB);
+    assert_eq!((ids.len(), deliveries), (IMAGES as usize, IMAGES as usize));
+}

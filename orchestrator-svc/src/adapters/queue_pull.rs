@@ -141,7 +141,7 @@ async fn handle(
     let shared = service.shares_jobs();
     let submit = || async {
         if shared {
-            service.submit(&spec).await
+            service.submit_unchecked(&spec).await
         } else if delivered > settings.max_deliveries {
             service.give_up_durable(&spec, delivered - 1).await
         } else {

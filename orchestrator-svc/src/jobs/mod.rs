@@ -123,6 +123,14 @@ impl JobService {
         self.register(spec, plan).await
     }
 
+    /// `submit` without asking the segmenter whether it reads the phrases: for queue messages (ADAPTER=queue_pull),
+    /// which nobody could be told of a refusal (a message is not a call) and a redelivery must not be refused while
+    /// its items run; Segment judges the phrases, every item failing with its callback.
+    pub async fn submit_unchecked(&self, spec: &JobSpec) -> Result<Job, ApiError> {
+        let plan = validate::validate(spec, &self.presets, self.limits)?;
+        self.register(spec, plan).await
+    }
+
     async fn register(&self, spec: &JobSpec, plan: JobPlan) -> Result<Job, ApiError> {
         let shared = !plan.durable_items;
         let job = match self.registry.submit_to_record(plan)? {

@@ -35,6 +35,9 @@ pub struct Faults {
     /// The model input size GetModelInfo reports (`image_size`); 0, the default, as a segmenter that does not say
     /// (the orchestrator then sends every upload as it is).
     pub input_size: AtomicU32,
+    /// Phrases CheckConcepts says the model cannot read. Empty, the default: CheckConcepts is UNIMPLEMENTED, as on
+    /// a segmenter from before it (callers then accept every phrase).
+    pub unreadable: std::sync::Mutex<Vec<String>>,
 }
 
 #[derive(Default)]
@@ -140,12 +143,32 @@ impl Segmenter for Service {
         }))
     }
 
-    /// A segmenter from before CheckConcepts: callers accept the phrases and let Segment judge them.
+    /// With no `unreadable` phrases, a segmenter from before CheckConcepts: callers accept the phrases and let
+    /// Segment judge them.
     async fn check_concepts(
         &self,
-        _: Request<palette_proto::segmenter::v1::CheckConceptsRequest>,
+        request: Request<palette_proto::segmenter::v1::CheckConceptsRequest>,
     ) -> Result<Response<palette_proto::segmenter::v1::CheckConceptsResponse>, Status> {
-        Err(Status::unimplemented("CheckConcepts"))
+        use palette_proto::segmenter::v1::{CheckConceptsResponse, ConceptCheck};
+        let unreadable = self.0.faults.unreadable.lock().unwrap().clone();
+        if unreadable.is_empty() {
+            return Err(Status::unimplemented("CheckConcepts"));
+        }
+        let concepts = request
+            .into_inner()
+            .concepts
+            .into_iter()
+            .map(|concept| ConceptCheck {
+                problem: if unreadable.contains(&concept) {
+                    "fake: more tokens than the model reads".into()
+                } else {
+                    String::new()
+                },
+                tokens: 3,
+                concept,
+            })
+            .collect();
+        Ok(Response::new(CheckConceptsResponse { concepts }))
     }
 }
 
