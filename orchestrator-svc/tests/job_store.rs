@@ -289,7 +289,7 @@ async fn a_resumed_job_keeps_the_preset_it_was_submitted_with() {
         preset: "house".into(),
         ..seed_spec(JOB, IMAGES)
     };
-    jobs.submit_job(spec).await.unwrap();
+    jobs.submit_job(spec.clone()).await.unwrap();
     jobs::wait_for(&mut jobs, USER, JOB, |j| {
         j.state == JobState::Running as i32
     })
@@ -299,6 +299,15 @@ async fn a_resumed_job_keeps_the_preset_it_was_submitted_with() {
     std::fs::remove_file(presets.join("house.json")).unwrap();
     segmenter.faults.delay_ms.store(0, Ordering::SeqCst);
     let second = Process::start(binary(), &env, &dir.path().join("second.log")).await;
+    // The client's retry of its submission (the answer lost in the crash) is the job, planned with the preset it
+    // kept: not "unknown preset", nor ALREADY_EXISTS "use a new job id" (which would run it twice).
+    let retried = second
+        .jobs_client()
+        .submit_job(spec)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.job_id, JOB);
     let job = jobs::wait_for(&mut second.jobs_client(), USER, JOB, jobs::is_settled).await;
     assert_eq!(job.state, JobState::Done as i32, "{job:?}");
     assert_eq!(job.completed, IMAGES, "{job:?}");

@@ -1518,3 +1518,53 @@ async fn a_queue_job_is_not_refused_for_its_phrases() {
     let (ids, deliveries) = hooks.ids_per_item(JOB);
     assert_eq!((ids.len(), deliveries), (IMAGES as usize, IMAGES as usize));
 }
+
+/// A retry of a submission (its answer lost) on a replica whose preset file differs from the one the job was
+/// recorded with (a rolling deploy changed it) is the recorded job, planned with the preset it kept: not
+/// ALREADY_EXISTS "use a new job id", whose advice would run the job twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_on_a_replica_with_a_changed_preset_is_the_recorded_job() {
+    const JOB: &str = "preset-changed";
+    let Some(Shared {
+        nats: _nats,
+        dir,
+        segmenter: _segmenter,
+        hooks: _hooks,
+        env,
+    }) = shared(JOB, 1, 0).await
+    else {
+        return;
+    };
+    let presets = |name: &str, format: &str| {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(
+            path.join("house.json"),
+            format!(r#"{{"name": "house", "concepts": ["wall"], "output_format": "{format}"}}"#),
+        )
+        .unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let with_presets = |dir: String| {
+        let mut env = env.clone();
+        env.retain(|(k, _)| k != "PRESETS_DIR");
+        env.push(("PRESETS_DIR".into(), dir));
+        env
+    };
+    let before = with_presets(presets("presets-before", "jpeg"));
+    let after = with_presets(presets("presets-after", "png"));
+    let a = Process::start(binary(), &before, &dir.path().join("a.log")).await;
+    let spec = palette_proto::orchestrator::v1::JobSpec {
+        preset: "house".into(),
+        ..seed_spec(JOB, 1)
+    };
+    a.jobs_client().submit_job(spec.clone()).await.unwrap();
+    let b = Process::start(binary(), &after, &dir.path().join("b.log")).await;
+    let retried = b.jobs_client().submit_job(spec).await.unwrap().into_inner();
+    assert_eq!(retried.job_id, JOB);
+    assert_eq!(
+        retried.effective_spec.map(|s| s.output_format),
+        Some(String::new()),
+        "planned with the preset it was recorded with (JPEG)"
+    );
+}

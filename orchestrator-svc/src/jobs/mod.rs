@@ -106,7 +106,7 @@ impl JobService {
     /// Validates, registers (idempotent on job id), records (with a job store) and starts the job; returns its
     /// current state. With a job store the answer comes once the job is recorded: an accepted job survives a crash.
     pub async fn submit(&self, spec: &JobSpec) -> Result<Job, ApiError> {
-        let plan = validate::validate(spec, &self.presets, self.limits)?;
+        let plan = self.plan_of(spec)?;
         if let Err(refused) =
             phrases::refuse_unreadable(self.pipeline.segmenter(), spec, &plan).await
         {
@@ -127,8 +127,27 @@ impl JobService {
     /// which nobody could be told of a refusal (a message is not a call) and a redelivery must not be refused while
     /// its items run; Segment judges the phrases, every item failing with its callback.
     pub async fn submit_unchecked(&self, spec: &JobSpec) -> Result<Job, ApiError> {
-        let plan = validate::validate(spec, &self.presets, self.limits)?;
+        let plan = self.plan_of(spec)?;
         self.register(spec, plan).await
+    }
+
+    /// `spec` planned as a submission: with today's presets, unless a job registered under its id kept a preset and
+    /// `spec` planned with that one is that job's spec. A retry identical to the submission (its answer lost) is
+    /// then that job even after the preset file changed or was removed since (a restart, a rolling deploy), not
+    /// ALREADY_EXISTS "use a new job id", whose advice would run the job twice.
+    fn plan_of(&self, spec: &JobSpec) -> Result<JobPlan, ApiError> {
+        if let Ok(existing) = self.registry.get(&JobKey::of_spec(spec))
+            && let Some(preset) = &existing.plan.preset
+        {
+            let kept =
+                BTreeMap::from([(existing.plan.effective_spec.preset.clone(), preset.clone())]);
+            if let Ok(plan) = validate::validate(spec, &kept, self.limits)
+                && plan.effective_spec == existing.plan.effective_spec
+            {
+                return Ok(plan);
+            }
+        }
+        validate::validate(spec, &self.presets, self.limits)
     }
 
     async fn register(&self, spec: &JobSpec, plan: JobPlan) -> Result<Job, ApiError> {
@@ -212,7 +231,7 @@ impl JobService {
     pub async fn submit_durable(&self, spec: &JobSpec) -> Result<Job, ApiError> {
         // No CheckConcepts here: a redelivered message of a job accepted unchecked must not be refused (its
         // open items would never be called back); Segment judges the phrases.
-        let mut plan = validate::validate(spec, &self.presets, self.limits)?;
+        let mut plan = self.plan_of(spec)?;
         plan.durable_items = true;
         self.register(spec, plan).await
     }

@@ -153,7 +153,10 @@ impl Registrar {
             .job(&job.plan.user_id, &job.plan.job_id)
             .await
         {
-            Ok(Some(recorded)) if recorded.spec_hash == job.spec_hash => {
+            Ok(Some(recorded))
+                if recorded.spec_hash == job.spec_hash
+                    || resume::plans_as_recorded(spec, &recorded, self.limits) =>
+            {
                 // The recorded run takes this handle's place: planned as recorded (the preset as it was then, as
                 // every other replica plans it) and under the record's seq, so retention here forgets that run and
                 // no other. Unplannable here (limits lowered since): this handle stands in, as planned now.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use palette_rules::preset::Preset;
 
-use palette_proto::orchestrator::v1::CallbackState;
+use palette_proto::orchestrator::v1::{CallbackState, JobSpec};
 
 use super::JobService;
 use super::job::{ItemOutcome, JobHandle, is_terminal};
@@ -138,6 +138,23 @@ pub(in crate::jobs) fn placeholder_plan(record: &JobRecord) -> JobPlan {
         source: record.source.clone(),
         preset: record.preset.clone(),
     }
+}
+
+/// Whether `spec`, planned with the preset `record` kept, is the recorded job: a submission identical to the
+/// recorded one after the preset file changed since (its hash with today's presets differs).
+pub(in crate::jobs) fn plans_as_recorded(
+    spec: &JobSpec,
+    record: &JobRecord,
+    limits: JobLimits,
+) -> bool {
+    let Some(preset) = &record.preset else {
+        return false;
+    };
+    let kept = BTreeMap::from([(record.spec.preset.trim().to_string(), preset.clone())]);
+    validate::validate(spec, &kept, limits).is_ok_and(|mut plan| {
+        plan.source = record.source.clone();
+        store::plan_hash(&plan) == record.spec_hash
+    })
 }
 
 /// A recorded job planned again: its spec validated as at submission, with the preset the record kept (a preset
