@@ -603,3 +603,35 @@ async fn workers_renew_at_the_consumers_lease_not_their_own_setting() {
         .collect();
     assert!(per_item(&all).values().all(|&n| n == 1));
 }
+
+/// A refusal may be one replica's alone: during a rolling deploy a message names a preset only the newer replicas
+/// have. It was terminated at once, the job lost without a word; it is offered again (after 5 s) until its
+/// deliveries run out, and a replica that knows the preset runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_refused_by_one_replica_is_offered_again_to_another() {
+    let Some(s) = setup().await else { return };
+    let receiver = Receiver::start(SECRET, vec![]).await;
+    s.put_inputs("qp-new-preset", 1).await;
+    let old = Worker::start(s.config(&receiver, 30));
+    let js = s.jetstream().await;
+    let mut job: serde_json::Value = serde_json::from_slice(&seed_job("qp-new-preset", 1)).unwrap();
+    job["preset"] = json!("house");
+    publish(&js, vec![serde_json::to_vec(&job).unwrap()]).await;
+    // The old replica refuses it (no such preset there), then a new one with the preset comes up.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let presets = s.dir.path().join("presets");
+    std::fs::create_dir_all(&presets).unwrap();
+    std::fs::write(
+        presets.join("house.json"),
+        r#"{"name": "house", "concepts": ["wall"]}"#,
+    )
+    .unwrap();
+    drop(old);
+    let mut config = s.config(&receiver, 30);
+    config.limits.presets_dir = presets;
+    let _new = Worker::start(config);
+    wait_deliveries(&[&receiver], 1).await;
+    wait_queue_drained(&js).await;
+    assert_eq!(receiver.deliveries().len(), 1);
+    assert_eq!(receiver.deliveries()[0].body["status"], "completed");
+}

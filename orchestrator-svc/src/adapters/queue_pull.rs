@@ -44,6 +44,11 @@ const FETCH_WAIT: Duration = Duration::from_secs(5);
 /// Pause after a failed connection, setup or fetch, and between submissions the job store could not record.
 const RETRY_PAUSE: Duration = Duration::from_secs(2);
 
+/// How long a job refused here waits before it is offered again (to any replica), until its last delivery.
+const REFUSED_PAUSE: Duration = Duration::from_secs(5);
+/// Deliveries a refused job gets at most, whatever the consumer allows (it may allow any number).
+const MAX_REFUSALS: u64 = 5;
+
 /// Why the queue cannot be read now (retried after RETRY_PAUSE).
 #[derive(Debug, thiserror::Error)]
 enum QueueError {
@@ -164,8 +169,16 @@ async fn handle(
             return;
         }
         Some(Ok(_)) => {}
+        // A refusal may be this replica's alone (a rolling deploy: a preset only newer replicas have; a job id this
+        // one still retains with an older spec), and a message cannot tell anyone: offered again, to whichever
+        // replica takes it, until its deliveries run out; dropped then.
+        Some(Err(e)) if delivered < settings.max_deliveries.min(MAX_REFUSALS) => {
+            tracing::warn!(%job_id, delivered, error = %e, "queue_pull: job refused here; offered again");
+            acknowledge(&message, AckKind::Nak(Some(REFUSED_PAUSE)), &job_id).await;
+            return;
+        }
         Some(Err(e)) => {
-            tracing::error!(%job_id, error = %e, "queue_pull: job rejected and dropped");
+            tracing::error!(%job_id, delivered, error = %e, "queue_pull: job refused on its last delivery; dropped");
             acknowledge(&message, AckKind::Term, &job_id).await;
             return;
         }
