@@ -98,7 +98,7 @@ impl Drain {
         let in_flight = pipeline.tasks().wait();
         tokio::pin!(in_flight);
         let give_up_at = deadline
-            .checked_sub(results_margin(self.grace))
+            .checked_sub(crate::config::results_margin(self.grace))
             .unwrap_or(deadline);
         if tokio::time::timeout_at(give_up_at, &mut in_flight)
             .await
@@ -118,12 +118,6 @@ impl Drain {
             }
         }
     }
-}
-
-/// The end of the grace period kept for results: items nothing resumes are ended this long before it (their
-/// callbacks go out meanwhile), and the Runpod adapter posts its job's result by then. A quarter of it, at most 10 s.
-pub fn results_margin(grace: Duration) -> Duration {
-    (grace / 4).min(Duration::from_secs(10))
 }
 
 /// Health at the signal: the Jobs service and the server as a whole (`""`, what Kubernetes' gRPC probes and most

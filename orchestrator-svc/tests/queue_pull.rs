@@ -635,3 +635,64 @@ async fn a_job_refused_by_one_replica_is_offered_again_to_another() {
     assert_eq!(receiver.deliveries().len(), 1);
     assert_eq!(receiver.deliveries()[0].body["status"], "completed");
 }
+
+/// A redelivery to a replica whose preset changed since the first delivery (a rolling deploy) plans the job
+/// differently; item records were keyed by that plan, so it found none, ran every item again and called each back a
+/// second time under new webhook ids. They are keyed by the message's own spec now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_to_a_replica_with_a_changed_preset_calls_nothing_back_twice() {
+    let Some(s) = setup().await else { return };
+    const JOB: &str = "qp-preset-changed";
+    const IMAGES: u32 = 4;
+    s.segmenter.faults.delay_ms.store(700, Ordering::SeqCst);
+    let (receiver_a, receiver_b) = (
+        Receiver::start(SECRET, vec![]).await,
+        Receiver::start(SECRET, vec![]).await,
+    );
+    s.put_inputs(JOB, IMAGES).await;
+    let presets = |name: &str, format: &str| {
+        let dir = s.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("house.json"),
+            format!(r#"{{"name": "house", "concepts": ["wall"], "output_format": "{format}"}}"#),
+        )
+        .unwrap();
+        dir
+    };
+    let mut config_a = s.config(&receiver_a, 2);
+    config_a.limits.presets_dir = presets("presets-a", "jpeg");
+    let mut a = Worker::start(config_a);
+    let js = s.jetstream().await;
+    let mut job: serde_json::Value = serde_json::from_slice(&seed_job(JOB, IMAGES)).unwrap();
+    job["preset"] = json!("house");
+    publish(&js, vec![serde_json::to_vec(&job).unwrap()]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !s.marker_exists(JOB, 0) {
+        a.assert_running("A");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A never finished an item"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.kill();
+    let done_by_a = of_job(&receiver_a, JOB).len();
+
+    let mut config_b = s.config(&receiver_b, 2);
+    config_b.limits.presets_dir = presets("presets-b", "png");
+    let mut b = Worker::start(config_b);
+    wait_deliveries(&[&receiver_a, &receiver_b], IMAGES as usize).await;
+    wait_queue_drained(&js).await;
+    b.stop().await;
+    let all: Vec<Delivery> = [&receiver_a, &receiver_b]
+        .iter()
+        .flat_map(|r| of_job(r, JOB))
+        .collect();
+    let counts = per_item(&all);
+    assert_eq!(counts.len(), IMAGES as usize, "{counts:?}");
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "an item was called back twice (A did {done_by_a}): {counts:?}"
+    );
+}

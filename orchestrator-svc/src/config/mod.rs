@@ -219,6 +219,12 @@ impl Config {
     }
 }
 
+/// The end of the grace period kept for results: items nothing resumes are ended this long before it (their
+/// callbacks go out meanwhile), and the Runpod adapter posts its job's result by then. A quarter of it, at most 10 s.
+pub fn results_margin(grace: std::time::Duration) -> std::time::Duration {
+    (grace / 4).min(std::time::Duration::from_secs(10))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -99,7 +99,7 @@ impl RunpodSettings {
     /// `result_within` a little before the end of a `grace` period: a quarter of it earlier, at most 10 s, so the
     /// result post has time to go out.
     pub fn within_grace(mut self, grace: Duration) -> Self {
-        self.result_within = grace.saturating_sub(crate::drain::results_margin(grace));
+        self.result_within = grace.saturating_sub(super::results_margin(grace));
         self
     }
 

@@ -3,7 +3,9 @@
 //!
 //! When an item of such a job ends, its callback is sent (if callbacks are on) and THEN the item is written to
 //! `jobs-state/{userId}/{jobId}/{specHash}/{idx}.json` (`keys::item_marker`: a job id reused with another spec finds
-//! no record of the first job's items). A later run of the same job reads the record
+//! no record of the first job's items). `specHash` is the hash of the message's spec as it came (`message_hash`),
+//! so that a redelivery to a replica with other presets finds the records too; records of releases before it were
+//! keyed by the effective spec's hash, which is read as well. A later run of the same job reads the record
 //! before starting the item: a recorded item is taken as it ended, neither processed nor called back again. Outputs
 //! need no record: they are written under fixed keys, so a rerun overwrites them with the same objects.
 //!
@@ -26,20 +28,31 @@ const MAX_RECORD_BYTES: u64 = 16 << 20;
 /// The recorded item `idx` of the job, if an earlier run recorded it. A record that cannot be read (storage down)
 /// counts as none: the item runs again, and outputs are overwritten with the same objects.
 pub async fn read(store: &SharedStore, plan: &JobPlan, idx: u32) -> Option<Item> {
-    let spec_hash = super::job::spec_hash(&plan.effective_spec);
-    let key = keys::item_marker(&plan.user_id, &plan.job_id, &spec_hash, idx);
-    match store.get_at_most(&key, MAX_RECORD_BYTES).await {
+    let effective = super::job::spec_hash(&plan.effective_spec);
+    let hashes = plan.message_hash.iter().chain(std::iter::once(&effective));
+    for spec_hash in hashes {
+        let key = keys::item_marker(&plan.user_id, &plan.job_id, spec_hash, idx);
+        if let Some(found) = read_at(store, &key).await {
+            return found;
+        }
+    }
+    None
+}
+
+/// The record at `key`: None when there is none, Some(None) when there is one this run cannot use.
+async fn read_at(store: &SharedStore, key: &str) -> Option<Option<Item>> {
+    match store.get_at_most(key, MAX_RECORD_BYTES).await {
         Ok(bytes) => {
             let item = decode(&bytes);
             if item.is_none() {
                 tracing::warn!(%key, "unreadable item record; the item runs again");
             }
-            item
+            Some(item)
         }
         Err(StorageError::NotFound(_)) => None,
         Err(e) => {
             tracing::warn!(%key, error = %Report(&e), "item record not readable; the item runs again");
-            None
+            Some(None)
         }
     }
 }
@@ -49,7 +62,8 @@ pub async fn write(store: &SharedStore, job: &JobHandle, idx: u32) {
     let Some(item) = job.item(idx) else {
         return;
     };
-    let key = keys::item_marker(&job.plan.user_id, &job.plan.job_id, &job.spec_hash, idx);
+    let spec_hash = job.plan.message_hash.as_deref().unwrap_or(&job.spec_hash);
+    let key = keys::item_marker(&job.plan.user_id, &job.plan.job_id, spec_hash, idx);
     if let Err(e) = store
         .put(&key, Bytes::from(encode(&item)), "application/json")
         .await
@@ -309,6 +323,56 @@ mod tests {
                 ..Default::default()
             }],
             "zero placement: a full-frame PNG"
+        );
+    }
+
+    use palette_proto::orchestrator::v1::JobSpec;
+
+    fn plan(effective_spec: JobSpec, message_hash: Option<String>) -> JobPlan {
+        JobPlan {
+            user_id: "u".into(),
+            job_id: "j".into(),
+            image_count: 1,
+            concepts: vec!["wall".into()],
+            rules: vec![],
+            effective_spec,
+            durable_items: true,
+            message_hash,
+            source: None,
+            preset: None,
+        }
+    }
+
+    async fn recorded(store: &SharedStore, plan: JobPlan) {
+        let job = std::sync::Arc::new(JobHandle::new(plan, 1));
+        drop(job.finish_item(0, super::super::job::ItemOutcome::Cancelled, false));
+        write(store, &job, 0).await;
+    }
+
+    /// Records are keyed by the message's spec: a redelivery planned with other presets (another effective spec)
+    /// finds them; and records an older release keyed by the effective spec are found too.
+    #[tokio::test]
+    async fn records_are_found_by_the_messages_spec_and_the_older_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore =
+            std::sync::Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
+        let message = Some(super::super::job::spec_hash(&JobSpec {
+            job_id: "as the message said it".into(),
+            ..Default::default()
+        }));
+        let png = JobSpec {
+            output_format: "png".into(),
+            ..Default::default()
+        };
+        recorded(&store, plan(JobSpec::default(), message.clone())).await;
+        assert!(read(&store, &plan(png.clone(), message), 0).await.is_some());
+        assert!(read(&store, &plan(png.clone(), None), 0).await.is_none());
+        // Written by an older release: under the effective spec's hash.
+        recorded(&store, plan(png.clone(), None)).await;
+        assert!(
+            read(&store, &plan(png, Some("0".repeat(64))), 0)
+                .await
+                .is_some()
         );
     }
 }

@@ -19,6 +19,7 @@ impl JobService {
     pub async fn give_up_durable(&self, spec: &JobSpec, deliveries: u64) -> Result<Job, ApiError> {
         let mut plan = validate::validate(spec, &self.presets, self.limits)?;
         plan.durable_items = true;
+        plan.message_hash = Some(super::job::spec_hash(spec));
         let job = match self.registry.submit(plan)? {
             Submitted::Existing(job) => return Ok(job.snapshot()),
             Submitted::Created(job) => job,

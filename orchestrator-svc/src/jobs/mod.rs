@@ -233,6 +233,7 @@ impl JobService {
         // open items would never be called back); Segment judges the phrases.
         let mut plan = self.plan_of(spec)?;
         plan.durable_items = true;
+        plan.message_hash = Some(job::spec_hash(spec));
         self.register(spec, plan).await
     }
 

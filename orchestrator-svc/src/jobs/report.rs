@@ -365,6 +365,7 @@ mod tests {
             rules: vec![],
             effective_spec: JobSpec::default(),
             durable_items: true,
+            message_hash: None,
             source: None,
             preset: None,
         };

@@ -135,6 +135,7 @@ pub(in crate::jobs) fn placeholder_plan(record: &JobRecord) -> JobPlan {
         rules: Vec::new(),
         effective_spec: spec.clone(),
         durable_items: false,
+        message_hash: None,
         source: record.source.clone(),
         preset: record.preset.clone(),
     }

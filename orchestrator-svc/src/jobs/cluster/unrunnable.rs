@@ -34,6 +34,7 @@ pub(super) fn stand_in(task: &ItemTask, record: Option<&JobRecord>) -> Arc<JobHa
                     ..Default::default()
                 },
                 durable_items: false,
+                message_hash: None,
                 source: None,
                 preset: None,
             },

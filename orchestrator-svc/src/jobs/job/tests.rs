@@ -15,6 +15,7 @@ fn job_of(image_count: u32) -> Arc<JobHandle> {
             rules: vec![],
             effective_spec: JobSpec::default(),
             durable_items: false,
+            message_hash: None,
             source: None,
             preset: None,
         },

@@ -14,6 +14,7 @@ fn plan(job_id: &str) -> JobPlan {
             ..Default::default()
         },
         durable_items: false,
+        message_hash: None,
         source: None,
         preset: None,
     }

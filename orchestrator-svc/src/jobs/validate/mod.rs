@@ -66,6 +66,11 @@ pub struct JobPlan {
     /// ADAPTER=queue_pull: the job may run more than once (a redelivered queue message), so each item's end is
     /// recorded in storage (`keys::item_marker`) and an item already recorded is not run nor called back again.
     pub durable_items: bool,
+    /// With `durable_items`: the hash of the queue message's own spec, as it came (`job::spec_hash`), which keys
+    /// the item records. Not the effective spec's: that one depends on the presets of the replica that plans it,
+    /// and a redelivery to a replica whose preset changed since (a rolling deploy) found none of the records and
+    /// ran and called back every item again.
+    pub message_hash: Option<String>,
     /// Set for an edit (EditJob): the photos and masks come from another job's, and nothing is segmented.
     pub source: Option<EditSource>,
     /// The preset the spec named, as it was when planned: the job record keeps it, so the rest of a resumed job
@@ -324,6 +329,7 @@ fn plan(
         rules,
         effective_spec,
         durable_items: false,
+        message_hash: None,
         source: None,
         preset,
     }
