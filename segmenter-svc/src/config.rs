@@ -74,7 +74,8 @@ pub struct Config {
     pub ort_allow_spinning: bool,
 
     /// Cap on the CUDA provider's memory arena, in MiB; 0 = no cap. The arena grows by what each run asks for
-    /// (`SameAsRequested`), not by powers of two.
+    /// (`SameAsRequested`), not by powers of two. Each ONNX Runtime session has its own arena, so the cap is per
+    /// session: vision, text, the decoder and each static decoder variant (DECODER_STATIC_BATCHES) may each reach it.
     #[arg(long, env = "CUDA_MEM_LIMIT_MB", default_value_t = 0)]
     pub cuda_mem_limit_mb: usize,
 

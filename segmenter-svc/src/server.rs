@@ -138,7 +138,16 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<Shared>> {
 }
 
 fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
-    let dir = config.model_dir();
+    // Resolved once: MODEL_DIR is usually a symlink the exporter switches to a new export (FORCE_EXPORT), and every
+    // file read through the link could come from either side of a switch during the load (a vision graph from the
+    // old export, the decoder from the new one, under the old manifest's model id). The resolved folder stays
+    // whole: the exporter keeps old exports.
+    let named = config.model_dir();
+    let dir = std::fs::canonicalize(&named)
+        .with_context(|| format!("MODEL_DIR {}: cannot resolve the folder", named.display()))?;
+    if dir != named {
+        tracing::info!(model_dir = %named.display(), resolved = %dir.display(), "model folder resolved");
+    }
     let manifest = Manifest::load(&dir)?;
     manifest.verify_files(&dir, config.verify_checksums)?;
     let tokenizer = PhraseTokenizer::load(

@@ -228,3 +228,21 @@ async fn mask_outputs_of_mixed_types_stop_startup() {
         "{error}"
     );
 }
+
+/// MODEL_DIR is usually a symlink the exporter switches (FORCE_EXPORT): it is resolved once, so a switch during the
+/// load cannot mix two exports' files; loading through the link works, and a folder that is not there is named.
+#[tokio::test]
+async fn a_model_dir_behind_a_symlink_loads_and_a_missing_one_is_named() {
+    let export = edited_model(|_| {});
+    let links = tempfile::tempdir().unwrap();
+    let link = links.path().join("sam3");
+    std::os::unix::fs::symlink(export.path(), &link).unwrap();
+    assert!(
+        segmenter_svc::server::load(&config_for(&link))
+            .await
+            .is_ok()
+    );
+    let missing = load_error(&config_for(&links.path().join("not-exported"))).await;
+    assert!(missing.contains("MODEL_DIR"), "{missing}");
+    assert!(missing.contains("not-exported"), "{missing}");
+}

@@ -84,7 +84,8 @@ impl Worker {
             .collect();
         counts.sort_unstable();
         counts.dedup();
-        if counts.is_empty() {
+        // This runs the vision graph once more (a minute at full size on the CPU): not after a shutdown was asked.
+        if counts.is_empty() || self.stopping() {
             return Ok(());
         }
         let tokens = self.settings.probe_tokens.clone();
