@@ -90,12 +90,8 @@ pub fn plan_edit(
     };
     // An edit segments nothing, so the concept limit (checked above on what the source segmented) is not the edit's
     // to break: a rule on a concept the source lacks is named below, not counted as one concept too many (on
-    // `concepts`, a field EditJob does not have).
-    let unbounded = JobLimits {
-        max_concepts: usize::MAX,
-        ..limits
-    };
-    let mut plan = validate::validate(&spec, presets, unbounded)?;
+    // `concepts`, a field EditJob does not have). Every list length (occluders included) is still capped.
+    let mut plan = validate::validate_edit(&spec, presets, limits)?;
     let mut v = Violations::default();
     let segmented = |c: &str| source.concepts.iter().any(|s| s == c);
     let not_segmented = |c: &str| {
@@ -278,6 +274,30 @@ mod tests {
         let rules = vec![rule("ceiling", &[("color", "#112233")])];
         let err = plan_edit(&request(rules), &full, &BTreeMap::new(), LIMITS).unwrap_err();
         assert_eq!(fields(err), ["rules[0].concept"]);
+    }
+
+    #[test]
+    fn an_edits_occluder_list_is_still_capped() {
+        let mut occluded = rule("wall", &[("color", "#112233")]);
+        let many = (0..=LIMITS.max_concepts)
+            .map(|i| Value {
+                kind: Some(Kind::StringValue(format!("thing {i}"))),
+            })
+            .collect();
+        occluded.params.as_mut().unwrap().fields.insert(
+            "occluded_by".into(),
+            Value {
+                kind: Some(Kind::ListValue(ListValue { values: many })),
+            },
+        );
+        let err = plan_edit(
+            &request(vec![occluded]),
+            &source(),
+            &BTreeMap::new(),
+            LIMITS,
+        )
+        .unwrap_err();
+        assert_eq!(fields(err), ["rules[0].params.occluded_by"]);
     }
 
     #[test]

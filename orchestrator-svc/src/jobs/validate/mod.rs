@@ -133,6 +133,9 @@ impl JobPlan {
 pub struct JobContext<'a> {
     pub presets: &'a BTreeMap<String, Arc<Preset>>,
     pub limits: JobLimits,
+    /// Whether the concepts to segment (listed, rule targets, occluders) are held to `limits.max_concepts`: not for
+    /// an edit, which segments nothing (`validate_edit`); every list length is still capped.
+    pub count_concepts: bool,
 }
 
 /// The spec as a plan, or every problem it has.
@@ -141,8 +144,37 @@ pub fn validate(
     presets: &BTreeMap<String, Arc<Preset>>,
     limits: JobLimits,
 ) -> Result<JobPlan, ApiError> {
+    validate_in(
+        JobContext {
+            presets,
+            limits,
+            count_concepts: true,
+        },
+        spec,
+    )
+}
+
+/// `validate` for an edit's spec (its source's concepts and the edit's rules): the concepts it names are not
+/// counted against the limit (it segments nothing; one its source lacks is named by `edit::plan_edit`), every list
+/// length still is.
+pub fn validate_edit(
+    spec: &JobSpec,
+    presets: &BTreeMap<String, Arc<Preset>>,
+    limits: JobLimits,
+) -> Result<JobPlan, ApiError> {
+    validate_in(
+        JobContext {
+            presets,
+            limits,
+            count_concepts: false,
+        },
+        spec,
+    )
+}
+
+fn validate_in(cx: JobContext<'_>, spec: &JobSpec) -> Result<JobPlan, ApiError> {
     let mut v = Violations::default();
-    let plan = spec.validate(JobContext { presets, limits }, &mut v);
+    let plan = spec.validate(cx, &mut v);
     v.finish()?;
     Ok(plan.expect("a spec without violations has a plan"))
 }
@@ -193,7 +225,7 @@ impl Validate<JobContext<'_>> for JobSpec {
             );
         }
         let rules = occluders::plan_rules(parsed, preset, &mut concepts);
-        if concepts.len() > cx.limits.max_concepts {
+        if cx.count_concepts && concepts.len() > cx.limits.max_concepts {
             v.add(
                 "concepts",
                 format!(
