@@ -84,9 +84,26 @@ pub enum ApiError {
 /// C-core, Python's grpcio, at 8 KiB by default).
 pub const MAX_VIOLATIONS_SHOWN: usize = 50;
 
-/// Bytes of field names and descriptions shown, all violations together (each appears twice: in the message and in
-/// the BadRequest details, base64 there): well under the clients' 8 KiB.
-const VIOLATION_BYTES_SHOWN: usize = 2000;
+/// Trailer bytes the violations shown may take, as encoded: each appears three times, in `grpc-message`
+/// (percent-encoded: a space or quote is 3 bytes) and, base64-encoded in `grpc-status-details-bin`, in the status
+/// message copied there and in the BadRequest details. Well under the clients' 8 KiB with the rest of the trailers.
+const VIOLATION_BYTES_SHOWN: usize = 5500;
+
+/// What `text` adds to the trailers: percent-encoded once (bytes outside a conservative safe set take 3), plus two
+/// copies in base64 (4 bytes per 3) with ~8 bytes of protobuf framing.
+fn trailer_bytes(text: &str) -> usize {
+    let percent: usize = text
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.:;,()[]/'=*+!@$&|^~".contains(&b) {
+                1
+            } else {
+                3
+            }
+        })
+        .sum();
+    percent + (2 * (text.len() + 8)).div_ceil(3) * 4
+}
 
 /// Longest field name or description shown: both can echo what the caller sent (an unknown parameter's name, a
 /// preset name, a 50 KB data: URL given as a swatch key), which goes back cut.
@@ -103,14 +120,14 @@ fn cut(text: &str) -> String {
     format!("{}... ({} bytes)", &text[..end], text.len())
 }
 
-/// The violations sent back, each cut to `TEXT_SHOWN`, as many as fit `MAX_VIOLATIONS_SHOWN` and
-/// `VIOLATION_BYTES_SHOWN` (at least one), and how many more there were.
+/// The violations sent back, each cut to `TEXT_SHOWN`, as many as fit `MAX_VIOLATIONS_SHOWN` and, as encoded in
+/// the trailers, `VIOLATION_BYTES_SHOWN` (at least one), and how many more there were.
 fn shown(violations: &[FieldViolation]) -> (Vec<(String, String)>, usize) {
     let mut out = Vec::new();
     let mut bytes = 0;
     for v in violations.iter().take(MAX_VIOLATIONS_SHOWN) {
         let (field, description) = (cut(&v.field), cut(&v.description));
-        bytes += field.len() + description.len();
+        bytes += trailer_bytes(&format!("{field}: {description}; "));
         if bytes > VIOLATION_BYTES_SHOWN && !out.is_empty() {
             break;
         }
@@ -228,19 +245,26 @@ mod tests {
     }
 
     #[test]
-    fn thousands_of_violations_send_back_the_first_fifty_and_a_count() {
+    fn thousands_of_violations_send_back_the_first_few_and_a_count() {
         let many = (0..5000)
             .map(|i| FieldViolation::new(format!("rules[0].params.k{i}"), "unknown parameter"))
             .collect();
         let status = Status::from(ApiError::InvalidArgument(many));
-        let bad = status.get_details_bad_request().unwrap();
-        assert_eq!(bad.field_violations.len(), MAX_VIOLATIONS_SHOWN);
-        assert!(
-            status.message().ends_with("; and 4950 more"),
-            "{}",
-            status.message()
-        );
-        assert!(status.message().len() < 4000, "{}", status.message().len());
+        let shown = status
+            .get_details_bad_request()
+            .unwrap()
+            .field_violations
+            .len();
+        assert!((20..=MAX_VIOLATIONS_SHOWN).contains(&shown), "{shown}");
+        let more = format!("; and {} more", 5000 - shown);
+        assert!(status.message().ends_with(&more), "{}", status.message());
+        let mut headers = http::HeaderMap::new();
+        status.add_header(&mut headers).unwrap();
+        let bytes: usize = headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum();
+        assert!(bytes < 8192, "{bytes} bytes of trailers");
     }
 
     /// What the caller sent can come back in a violation (an unknown parameter's name, a 50 KB data: URL as a swatch
@@ -248,36 +272,59 @@ mod tests {
     #[test]
     fn echoed_values_are_cut_and_the_answer_stays_small() {
         let huge = "x".repeat(100_000);
-        let many = vec![
-            FieldViolation::new("preset", format!("unknown preset {huge:?}")),
-            FieldViolation::new(format!("rules[0].params.{huge}"), "unknown parameter"),
-            FieldViolation::new(
-                "rules[1].params.swatch",
-                format!("{huge}: not under swatches/"),
-            ),
-        ]
-        .into_iter()
-        .chain((0..40).map(|i| FieldViolation::new(format!("rules[{i}].concept"), "x".repeat(150))))
-        .collect::<Vec<_>>();
-        let status = Status::from(ApiError::InvalidArgument(many));
-        let details: usize = status
-            .get_details_bad_request()
-            .unwrap()
-            .field_violations
-            .iter()
-            .map(|v| v.field.len() + v.description.len() + 8)
-            .sum();
-        assert!(
-            status.message().len() + details * 4 / 3 < 6000,
-            "message {} + details {details}",
-            status.message().len()
+        let trailers = |violations: Vec<FieldViolation>| {
+            let status = Status::from(ApiError::InvalidArgument(violations));
+            let mut headers = http::HeaderMap::new();
+            status.add_header(&mut headers).unwrap();
+            let bytes: usize = headers
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 32)
+                .sum();
+            (status, bytes)
+        };
+        let (status, bytes) = trailers(
+            vec![
+                FieldViolation::new("preset", format!("unknown preset {huge:?}")),
+                FieldViolation::new(format!("rules[0].params.{huge}"), "unknown parameter"),
+                FieldViolation::new(
+                    "rules[1].params.swatch",
+                    format!("{huge}: not under swatches/"),
+                ),
+            ]
+            .into_iter()
+            .chain(
+                (0..40)
+                    .map(|i| FieldViolation::new(format!("rules[{i}].concept"), "x".repeat(150))),
+            )
+            .collect(),
         );
+        assert!(bytes < 8192, "{bytes} bytes of trailers");
         assert!(
             status.message().contains("(100017 bytes)"),
             "{}",
             status.message()
         );
         assert!(status.message().contains("more"), "{}", status.message());
+        // Honest input that percent-encodes badly: 36 bad concepts (spaces and quotes in every description), and
+        // non-ASCII unknown parameter names.
+        let concepts = (0..36)
+            .map(|i| {
+                FieldViolation::new(
+                    format!("concepts[{i}]"),
+                    format!("\"wall_{i}\" may only contain letters, digits, spaces and '-'"),
+                )
+            })
+            .collect();
+        assert!(trailers(concepts).1 < 8192);
+        let accented = (0..20)
+            .map(|i| {
+                FieldViolation::new(
+                    format!("rules[0].params.épaisseur_{i}"),
+                    "unknown parameter \"é\"",
+                )
+            })
+            .collect();
+        assert!(trailers(accented).1 < 8192);
     }
 
     #[test]
