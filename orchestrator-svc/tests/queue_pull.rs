@@ -617,8 +617,25 @@ async fn a_job_refused_by_one_replica_is_offered_again_to_another() {
     let mut job: serde_json::Value = serde_json::from_slice(&seed_job("qp-new-preset", 1)).unwrap();
     job["preset"] = json!("house");
     publish(&js, vec![serde_json::to_vec(&job).unwrap()]).await;
-    // The old replica refuses it (no such preset there), then a new one with the preset comes up.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // The old replica takes it and refuses it (no such preset there), then a new one with the preset comes up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut stream = js.get_stream(STREAM).await.unwrap();
+        if let Ok(mut consumer) = stream
+            .get_consumer::<jetstream::consumer::pull::Config>("orchestrators")
+            .await
+        {
+            let info = consumer.info().await.unwrap();
+            if info.delivered.consumer_sequence >= 1 {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old replica never took the job"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let presets = s.dir.path().join("presets");
     std::fs::create_dir_all(&presets).unwrap();
     std::fs::write(

@@ -44,7 +44,8 @@ const FETCH_WAIT: Duration = Duration::from_secs(5);
 /// Pause after a failed connection, setup or fetch, and between submissions the job store could not record.
 const RETRY_PAUSE: Duration = Duration::from_secs(2);
 
-/// How long a job refused here waits before it is offered again (to any replica), until its last delivery.
+/// How long a job refused here waits before it is offered again (to any replica) after its first refusal; it
+/// doubles with each (5, 10, 20, 40 s: over a minute for a rolling deploy to bring a replica that takes it).
 const REFUSED_PAUSE: Duration = Duration::from_secs(5);
 /// Deliveries a refused job gets at most, whatever the consumer allows (it may allow any number).
 const MAX_REFUSALS: u64 = 5;
@@ -174,7 +175,8 @@ async fn handle(
         // replica takes it, until its deliveries run out; dropped then.
         Some(Err(e)) if delivered < settings.max_deliveries.min(MAX_REFUSALS) => {
             tracing::warn!(%job_id, delivered, error = %e, "queue_pull: job refused here; offered again");
-            acknowledge(&message, AckKind::Nak(Some(REFUSED_PAUSE)), &job_id).await;
+            let pause = REFUSED_PAUSE * 2u32.pow(delivered.saturating_sub(1).min(6) as u32);
+            acknowledge(&message, AckKind::Nak(Some(pause)), &job_id).await;
             return;
         }
         Some(Err(e)) => {

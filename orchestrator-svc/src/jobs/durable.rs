@@ -62,13 +62,19 @@ pub async fn write(store: &SharedStore, job: &JobHandle, idx: u32) {
     let Some(item) = job.item(idx) else {
         return;
     };
-    let spec_hash = job.plan.message_hash.as_deref().unwrap_or(&job.spec_hash);
-    let key = keys::item_marker(&job.plan.user_id, &job.plan.job_id, spec_hash, idx);
-    if let Err(e) = store
-        .put(&key, Bytes::from(encode(&item)), "application/json")
-        .await
-    {
-        tracing::warn!(%key, error = %Report(&e), "item record not written; a rerun of the job would run the item again");
+    // Under the message's spec, and under the effective spec's hash too, where a replica of an older release (a
+    // rolling upgrade) taking the redelivery looks.
+    let body = Bytes::from(encode(&item));
+    let hashes = job
+        .plan
+        .message_hash
+        .iter()
+        .chain(std::iter::once(&job.spec_hash));
+    for spec_hash in hashes {
+        let key = keys::item_marker(&job.plan.user_id, &job.plan.job_id, spec_hash, idx);
+        if let Err(e) = store.put(&key, body.clone(), "application/json").await {
+            tracing::warn!(%key, error = %Report(&e), "item record not written; a rerun of the job would run the item again");
+        }
     }
 }
 
@@ -367,6 +373,12 @@ mod tests {
         recorded(&store, plan(JobSpec::default(), message.clone())).await;
         assert!(read(&store, &plan(png.clone(), message), 0).await.is_some());
         assert!(read(&store, &plan(png.clone(), None), 0).await.is_none());
+        // Also under the effective spec's hash, where an older release taking the redelivery looks.
+        assert!(
+            read(&store, &plan(JobSpec::default(), None), 0)
+                .await
+                .is_some()
+        );
         // Written by an older release: under the effective spec's hash.
         recorded(&store, plan(png.clone(), None)).await;
         assert!(

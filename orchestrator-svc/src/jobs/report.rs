@@ -171,7 +171,9 @@ impl Reporter {
             let about = CallbackJob {
                 user_id: &job.plan.user_id,
                 job_id: &job.plan.job_id,
-                spec_hash: &job.spec_hash,
+                // A queue job's ids follow its message, as its item records do: a redelivery planned with other
+                // presets resends a callback (the one window `durable` leaves) under the same webhook-id.
+                spec_hash: job.plan.message_hash.as_deref().unwrap_or(&job.spec_hash),
             };
             let body = callback_body(about, &item);
             let outcome = if job.callbacks_gone.load(Ordering::Relaxed) {
