@@ -388,3 +388,24 @@ async fn a_batch_running_past_the_grace_period_stops_between_decoder_runs() {
     faults.slow_decoder_runs(Duration::ZERO);
     let _ = call.await;
 }
+
+/// A provider that breaks between the probe that cleared a failed batch and the request's run alone: the request
+/// used to be answered INTERNAL (which clients do not retry: the image failed for good) with health still SERVING.
+/// The rerun's failure is probed too: UNAVAILABLE, retried on another replica, and NOT_SERVING.
+#[tokio::test]
+async fn a_provider_that_breaks_during_the_rerun_is_unavailable_not_internal() {
+    let config = test_config();
+    let faults = config.faults.clone();
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let req = || request(image_bytes("room_640x480.jpg"), &["wall"]);
+    client.segment(req()).await.unwrap();
+
+    // The batch's run fails; the probe's three runs (text, vision, decoder) pass; then the provider is broken.
+    faults.fail_next_runs(1);
+    faults.break_after_runs(3);
+    let err = client.segment(req()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert_eq!(server.health().await, NOT_SERVING);
+    server.stop().await.unwrap();
+}

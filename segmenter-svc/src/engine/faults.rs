@@ -18,6 +18,8 @@ struct State {
     panic_next: AtomicBool,
     delay_next_ms: AtomicU64,
     slow_decoder_ms: AtomicU64,
+    /// Runs left before the provider breaks for good (0: not armed); each run that passes counts one.
+    break_after: AtomicUsize,
 }
 
 impl Faults {
@@ -27,6 +29,12 @@ impl Faults {
     }
 
     /// Every session run fails until this is called with `false` (a provider that stays broken, or recovers).
+    /// The next `n` runs that pass pass, then the provider is broken (`set_broken(true)`): a fault that starts in
+    /// the middle of a recovery.
+    pub fn break_after_runs(&self, n: usize) {
+        self.0.break_after.store(n, Ordering::SeqCst);
+    }
+
     pub fn set_broken(&self, broken: bool) {
         self.0.broken.store(broken, Ordering::SeqCst);
     }
@@ -85,6 +93,15 @@ impl Faults {
             return Err(ort::Error::new(format!(
                 "injected fault in the {stage} run"
             )));
+        }
+        // This run passes; the provider breaks after the last of those `break_after_runs` allowed.
+        if self
+            .0
+            .break_after
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            == Ok(1)
+        {
+            self.0.broken.store(true, Ordering::SeqCst);
         }
         Ok(())
     }

@@ -270,7 +270,11 @@ impl Worker {
         match self.probe() {
             Ok(()) => {
                 for job in jobs {
-                    self.rerun_alone(job);
+                    if self.is_failed() {
+                        answer(job, Err(self.not_serving()));
+                    } else {
+                        self.rerun_alone(job);
+                    }
                 }
             }
             Err(probe) => {
@@ -292,9 +296,30 @@ impl Worker {
         }
         if let Err(Unanswered { jobs, error }) = self.compute(vec![job], Instant::now()) {
             tracing::error!(error = %error, "inference run failed again for the request alone");
-            for job in jobs {
-                answer(job, Err(Error::Inference(error.to_string())));
+            // The provider may have broken since the probe that let this run: then it is not the request's fault
+            // (UNAVAILABLE, retried elsewhere) and health goes NOT_SERVING, as after any failed probe.
+            if let Err(probe) = self.probe() {
+                tracing::error!(error = %probe, "health probe failed after a rerun: NOT_SERVING");
+                self.health.send_replace(Health::Failed(format!(
+                    "execution provider failed: {probe}"
+                )));
             }
+            for job in jobs {
+                let error = if self.is_failed() {
+                    self.not_serving()
+                } else {
+                    Error::Inference(error.to_string())
+                };
+                answer(job, Err(error));
+            }
+        }
+    }
+
+    /// The answer while health is Failed: its reason.
+    fn not_serving(&self) -> Error {
+        match &*self.health.borrow() {
+            Health::Failed(reason) => Error::NotServing(reason.clone()),
+            _ => Error::NotServing("execution provider failed".into()),
         }
     }
 
