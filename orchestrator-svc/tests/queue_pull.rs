@@ -620,7 +620,7 @@ async fn a_job_refused_by_one_replica_is_offered_again_to_another() {
     // The old replica takes it and refuses it (no such preset there), then a new one with the preset comes up.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let mut stream = js.get_stream(STREAM).await.unwrap();
+        let stream = js.get_stream(STREAM).await.unwrap();
         if let Ok(mut consumer) = stream
             .get_consumer::<jetstream::consumer::pull::Config>("orchestrators")
             .await

@@ -190,6 +190,13 @@ pub struct Config {
     #[arg(long, env = "REPROBE_INTERVAL_SEC", default_value_t = 15)]
     pub reprobe_interval_sec: u64,
 
+    /// A model run (a batch, a recovery probe) taking longer than this many seconds turns health NOT_SERVING until
+    /// it ends: a GPU fault that hangs a run instead of failing it changes nothing else, and the replica would keep
+    /// its traffic while every request waits for its deadline (a liveness probe then restarts it). 0 (default): 60
+    /// on CUDA, 1800 on the CPU (a full-size batch takes minutes there); at most 86400.
+    #[arg(long, env = "RUN_STALL_SEC", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub run_stall_sec: u64,
+
     /// How long graceful shutdown waits for in-flight requests, in seconds. Then the inference thread stops: a batch
     /// still running ends before its next decoder run (its requests answered UNAVAILABLE), a warm-up step or probe
     /// in progress is finished first, so exit can come one model run later.

@@ -69,9 +69,18 @@ async fn serve_prepared(
     // Fired at the shutdown signal: from then on health says NOT_SERVING whatever the engine does (a warm-up that
     // ends, or a re-probe that passes, during the drain must not bring traffic back).
     let draining = tokio_util::sync::CancellationToken::new();
+    let watchdog = Watchdog {
+        busy: engine.busy(),
+        limit: shared.stall_limit,
+    };
     let health_task = tokio::spawn(
-        follow_health(engine.health(), reporter.clone(), draining.clone())
-            .instrument(tracing::info_span!("task", task = "follow_health")),
+        follow_health(
+            engine.health(),
+            watchdog,
+            reporter.clone(),
+            draining.clone(),
+        )
+        .instrument(tracing::info_span!("task", task = "follow_health")),
     );
 
     let segmenter = tonic::service::interceptor::InterceptedService::new(
@@ -228,8 +237,14 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
             faults: config.faults.clone(),
             decoder_topk: manifest.decoder_topk as usize,
             mask_output: manifest.mask_output(),
+            busy: Default::default(),
         },
     )?;
+    let stall_limit = Duration::from_secs(match config.run_stall_sec {
+        0 if matches!(provider, runtime::Provider::Cuda(_)) => 60,
+        0 => 1800,
+        seconds => seconds,
+    });
     let info = pb::ModelInfo {
         model_id: manifest.model_id(),
         source_model: manifest.source_model.clone(),
@@ -273,6 +288,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
         preprocess_waiting: Default::default(),
         max_preprocess_waiting: config.queue_capacity.max(1),
         max_reply_bytes: config.max_message_bytes,
+        stall_limit,
     }))
 }
 
@@ -283,15 +299,45 @@ async fn report(reporter: &tonic_health::server::HealthReporter, status: Serving
 }
 
 /// Mirrors the engine's health into grpc.health.v1: NOT_SERVING until warm, and again after a provider failure.
+/// A run in progress longer than `limit` (RUN_STALL_SEC) reads as NOT_SERVING until it ends.
+struct Watchdog {
+    busy: engine::Busy,
+    limit: Duration,
+}
+
+impl Watchdog {
+    fn stalled(&self) -> Option<Duration> {
+        self.busy.running_for().filter(|&t| t > self.limit)
+    }
+}
+
+/// How often the watchdog looks at the run in progress.
+const WATCHDOG_EVERY: Duration = Duration::from_millis(500);
+
 async fn follow_health(
     mut health: tokio::sync::watch::Receiver<Health>,
+    watchdog: Watchdog,
     reporter: tonic_health::server::HealthReporter,
     draining: tokio_util::sync::CancellationToken,
 ) {
     let not_serving = || report(&reporter, ServingStatus::NotServing);
+    let mut stalled_before = false;
+    let mut tick = tokio::time::interval(WATCHDOG_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let stalled = watchdog.stalled();
+        if let Some(running) = stalled.filter(|_| !stalled_before) {
+            tracing::error!(
+                running_s = running.as_secs(),
+                limit_s = watchdog.limit.as_secs(),
+                "a model run has not returned (RUN_STALL_SEC): NOT_SERVING until it does"
+            );
+        } else if stalled.is_none() && stalled_before {
+            tracing::warn!("the stalled model run returned");
+        }
+        stalled_before = stalled.is_some();
         let status = match &*health.borrow_and_update() {
-            Health::Serving => ServingStatus::Serving,
+            Health::Serving if stalled.is_none() => ServingStatus::Serving,
             _ => ServingStatus::NotServing,
         };
         report(&reporter, status).await;
@@ -304,6 +350,7 @@ async fn follow_health(
             changed = health.changed() => if changed.is_err() {
                 return not_serving().await;
             },
+            _ = tick.tick() => {}
         }
     }
 }
@@ -334,7 +381,11 @@ mod tests {
         let reporter = HealthReporter::new();
         let service = HealthService::from_health_reporter(reporter.clone());
         let draining = tokio_util::sync::CancellationToken::new();
-        let follower = tokio::spawn(follow_health(health, reporter, draining.clone()));
+        let watchdog = Watchdog {
+            busy: Default::default(),
+            limit: Duration::from_secs(60),
+        };
+        let follower = tokio::spawn(follow_health(health, watchdog, reporter, draining.clone()));
         tokio::task::yield_now().await;
         engine.send_replace(Health::Serving);
         for _ in 0..10 {

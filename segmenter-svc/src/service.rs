@@ -44,6 +44,8 @@ pub struct Shared {
     /// MAX_MESSAGE_BYTES: a reply larger than this is refused by tonic's encoder after all the compute, so it is
     /// checked here and answered with a status that says what to change.
     pub max_reply_bytes: usize,
+    /// RUN_STALL_SEC as resolved for the provider: a run taking longer turns health NOT_SERVING until it ends.
+    pub stall_limit: Duration,
 }
 
 #[derive(Clone)]

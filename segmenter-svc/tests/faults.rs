@@ -409,3 +409,26 @@ async fn a_provider_that_breaks_during_the_rerun_is_unavailable_not_internal() {
     assert_eq!(server.health().await, NOT_SERVING);
     server.stop().await.unwrap();
 }
+
+/// A run that does not return (a GPU fault that hangs a stream instead of failing it) changed nothing: health said
+/// SERVING while every request waited for its deadline. Past RUN_STALL_SEC health is NOT_SERVING until the run
+/// returns (1 s here, against a run held for 3 s).
+#[tokio::test]
+async fn a_run_that_does_not_return_turns_health_not_serving_until_it_does() {
+    let mut config = test_config();
+    config.run_stall_sec = 1;
+    let faults = config.faults.clone();
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let req = || request(image_bytes("room_640x480.jpg"), &["wall"]);
+    client.segment(req()).await.unwrap();
+    faults.delay_next_run(Duration::from_secs(3));
+    let held = tokio::spawn(async move { client.segment(req()).await });
+    wait_health(&server, NOT_SERVING).await;
+    wait_health(&server, SERVING).await;
+    assert!(
+        held.await.unwrap().is_ok(),
+        "the run returned and was answered"
+    );
+    server.stop().await.unwrap();
+}

@@ -9,6 +9,7 @@
 //! is decoded, so that a request the queue has no room for now costs no decode.
 //! Requests whose client has gone or whose deadline has passed are dropped before any compute is spent on them.
 
+mod busy;
 mod faults;
 mod queue;
 mod text_cache;
@@ -24,6 +25,7 @@ use crate::model::tokenizer::Tokens;
 use crate::postprocess::{FilterParams, KeptConcept};
 use crate::preprocess::Pixels;
 
+pub use busy::Busy;
 pub use faults::Faults;
 pub use worker::{EngineSettings, EngineThread, spawn};
 
@@ -62,6 +64,7 @@ pub struct EngineHandle {
     /// the queue's room.
     queue: Arc<queue::JobQueue>,
     health: watch::Receiver<Health>,
+    busy: Busy,
 }
 
 /// What the engine knows about its own state; health checks and the gRPC service read it.
@@ -121,6 +124,11 @@ impl EngineHandle {
 
     pub fn health(&self) -> watch::Receiver<Health> {
         self.health.clone()
+    }
+
+    /// How long the inference thread's current run has taken (the health watchdog's input).
+    pub fn busy(&self) -> Busy {
+        self.busy.clone()
     }
 
     /// Jobs in the queue, waiting for the inference thread to take them.

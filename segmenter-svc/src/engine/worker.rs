@@ -55,6 +55,8 @@ pub struct EngineSettings {
     pub decoder_topk: usize,
     /// The decoder's mask planes are float32 logits or uint8 probabilities.
     pub mask_output: MaskOutput,
+    /// Stamped while a batch or a recovery probe runs (`Busy`).
+    pub busy: super::Busy,
 }
 
 /// Replies to a job. Its span handle goes first: the request's span closes (and is exported) when its handler
@@ -98,6 +100,7 @@ pub fn spawn(
     let handle = EngineHandle {
         queue: queue.clone(),
         health: health_rx,
+        busy: settings.busy.clone(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let stopping = stop.clone();
@@ -233,6 +236,8 @@ impl Worker {
     /// A recovery probe while NOT_SERVING: a transient provider fault (memory taken by a co-tenant, a driver hiccup)
     /// should not need a restart; a fault that persists keeps failing here and the liveness probe restarts the pod.
     fn reprobe(&mut self) {
+        let busy = self.settings.busy.clone();
+        let _running = busy.running();
         match self.probe() {
             Ok(()) => {
                 tracing::warn!("health probe passed again: SERVING");
@@ -262,6 +267,8 @@ impl Worker {
         if live.is_empty() {
             return;
         }
+        let busy = self.settings.busy.clone();
+        let _running = busy.running();
         metrics::histogram!("segmenter_vision_batch_size").record(live.len() as f64);
         let Err(Unanswered { jobs, error }) = self.compute(live, now) else {
             return;
