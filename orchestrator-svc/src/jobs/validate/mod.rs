@@ -144,14 +144,7 @@ pub fn validate(
     presets: &BTreeMap<String, Arc<Preset>>,
     limits: JobLimits,
 ) -> Result<JobPlan, ApiError> {
-    validate_in(
-        JobContext {
-            presets,
-            limits,
-            count_concepts: true,
-        },
-        spec,
-    )
+    validate_in(spec, presets, limits, true)
 }
 
 /// `validate` for an edit's spec (its source's concepts and the edit's rules): the concepts it names are not
@@ -162,17 +155,20 @@ pub fn validate_edit(
     presets: &BTreeMap<String, Arc<Preset>>,
     limits: JobLimits,
 ) -> Result<JobPlan, ApiError> {
-    validate_in(
-        JobContext {
-            presets,
-            limits,
-            count_concepts: false,
-        },
-        spec,
-    )
+    validate_in(spec, presets, limits, false)
 }
 
-fn validate_in(cx: JobContext<'_>, spec: &JobSpec) -> Result<JobPlan, ApiError> {
+fn validate_in(
+    spec: &JobSpec,
+    presets: &BTreeMap<String, Arc<Preset>>,
+    limits: JobLimits,
+    count_concepts: bool,
+) -> Result<JobPlan, ApiError> {
+    let cx = JobContext {
+        presets,
+        limits,
+        count_concepts,
+    };
     let mut v = Violations::default();
     let plan = spec.validate(cx, &mut v);
     v.finish()?;
