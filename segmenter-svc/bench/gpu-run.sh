@@ -119,7 +119,9 @@ for f in "$BPE" "$IMG"; do
 done
 log "binaries built from: $(head -1 "$BIN/BUILD_INFO" 2>/dev/null || echo unknown)"
 # Where git is available (here, not on the device), a binary older than the segmenter's sources is stale.
-if git rev-parse --git-dir >/dev/null 2>&1 && [[ -s $BIN/BUILD_INFO ]]; then
+# The device's copy of .git can be older than the build (it does not know the build's commit): no verdict there.
+if git rev-parse --git-dir >/dev/null 2>&1 && [[ -s $BIN/BUILD_INFO ]] \
+  && git cat-file -e "$(head -1 "$BIN/BUILD_INFO")^{commit}" 2>/dev/null; then
   local newest; newest=$(git log -1 --format=%H -- segmenter-svc/src proto Cargo.lock)
   if ! git merge-base --is-ancestor "$newest" "$(head -1 "$BIN/BUILD_INFO")" 2>/dev/null; then
     log "STALE: .gpu-bin was built before the last change to segmenter-svc/src ($newest): run prepare-device.sh"; return 2
