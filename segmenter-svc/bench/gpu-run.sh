@@ -3,22 +3,28 @@
 #   setup     the last ORT GPU part (carried with this call) joins the others in /tmp/gpu-parts, assemble, unpack
 #             segmenter-bench
 #   smoke     tiny model on the CUDA EP, 3 requests (~20 s): ABORTS the run when CUDA does not work; then the same
-#             with CUDA graphs on the static decoder sessions (~10 s; a failure only skips the graphs bench below)
+#             with CUDA graphs on the static decoder sessions (~10 s; a failure only skips the graphs bench below), and
+#             with the decoder's mask outputs in pinned memory (~5 s; a failure only skips the pinned bench)
 #   export    full-size random SAM3, fp16, all cores, with eager attention (sam3-full-fp16-eager), then the same
 #             graphs with fused attention (export/fused_attention.py, no torch: sam3-full-fp16, what the exporter
 #             writes by default); both kept in /tmp/models: a rerun on the warm machine skips them. Masks leave the
 #             decoder as uint8 probabilities (--mask-output u8, the exporter's default; export/mask_output.py)
 #   hf        HF PyTorch bf16 autocast reference, 3 concepts, on the same GPU
 #   bench     segmenter-bench fp16 (fused attention) through gRPC (1, 3, 8 concepts; concurrency 1 and 4), then one
-#             ONNX Runtime profile of 3 requests x 3 concepts (vision + text + decoder) into $OUT/profile_fp16/
+#             ONNX Runtime profile of 3 requests x 3 concepts (vision + text + decoder) into $OUT/profile_fp16/; saves
+#             its reply to one 3-concept request (masks_fp16.pb) for the precision check
+#   fp32      export (fused attention, directly) + a short bench of the fp32 graphs, saving the same request's reply;
+#   masks     then fp16 vs fp32 on that reply: mask IoU (instances paired by query, semantic maps), score deltas
+#             (time permitting: ~130 s; before the A/B steps, which the first H200 run measured already)
 #   graphs    the same fp16 graphs with CUDA graphs on static decoder sessions (SEGMENTER_CUDA_GRAPHS,
 #             DECODER_STATIC_BATCHES=1,2,4,8), 3 concepts, concurrency 1: the A/B against bench_fp16; then the static
 #             sessions without graphs (what the folded shapes alone do)
-#   pinned    the fp16 graphs with the decoder's outputs preallocated in pinned host memory (SEGMENTER_PINNED_OUTPUTS),
-#             3 concepts, concurrency 1: the A/B against bench_fp16
+#   pinned    the fp16 graphs with the decoder's mask outputs preallocated in pinned host memory
+#             (SEGMENTER_PINNED_OUTPUTS), 3 concepts, concurrency 1: the A/B against bench_fp16
+#   vision    the fp16 graphs with the vision session built for one image (SEGMENTER_VISION_STATIC), 3 concepts,
+#             concurrency 1: the A/B against bench_fp16
 #   eager     the eager-attention fp16 graphs, 3 concepts, concurrency 1 and 4: what fused attention changes
 #   batch     the same fp16 graphs with MAX_BATCH_IMAGES=4 at concurrency 4: does batching help? (time permitting)
-#   fp32      export (fused attention, directly) + bench of the fp32 graphs (time permitting)
 #   summary   one table ($OUT/summary.md) with the GOAL line, session build times and ONNX Runtime's placement
 #             warnings; the whole log is $OUT/log.txt; everything else in one archive, $OUT/results.tar.xz (at most 8
 #             files come back from $OUT)
@@ -36,7 +42,7 @@
 # Time: bounded at GPU_RUN_BUDGET_S (default 420 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
 # FP32=0|1 (1), ATTN_AB=0|1 (1: bench the eager-attention graphs too), BATCH_AB=0|1 (1), STATIC_AB=0|1 (1: CUDA graphs
-# on static decoder sessions, then the static sessions alone), PINNED_AB=0|1 (1), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
+# on static decoder sessions, then the static sessions alone), PINNED_AB=0|1 (1), VISION_AB=0|1 (1), FP32_REQUESTS (5), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
 # PROFILE=0|1 (1), REQUESTS (20), WARMUP (3), HF_RUNS (10), HF_MODES (bf16), HF_CONCEPTS (3), CONCEPTS (1,3,8),
 # CONCURRENCY (1,4), SMOKE=0|1 (1), HF=0|1 (1: 0 reuses the HF reference an earlier run kept in MODELS), BASE=0|1
 # (1: 0 reuses bench_fp16 likewise, the A/B steps' reference); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the GPU-mode path (assemble,
@@ -75,7 +81,9 @@ BATCH_AB=${BATCH_AB:-1}
 ATTN_AB=${ATTN_AB:-1}
 STATIC_AB=${STATIC_AB:-1}
 PINNED_AB=${PINNED_AB:-1}
+VISION_AB=${VISION_AB:-1}
 ENGINE_REF=${ENGINE_REF:-0}
+FP32_REQUESTS=${FP32_REQUESTS:-5}
 PROFILE=${PROFILE:-1}
 SMOKE=${SMOKE:-1}
 HF=${HF:-1}
@@ -87,12 +95,14 @@ CONCURRENCY=${CONCURRENCY:-1,4}
 if ((DRY)); then GRAPHS=(--fixed-decoder-io); else GRAPHS=(--cuda-graphs); fi
 GRAPHS+=(--decoder-static-batches 1,2,4,8 --max-batch-images 1)
 GRAPHS_OK=0
+PINNED_OK=0
 # Pinned decoder outputs: the CPU dry run has no pinned memory and runs the same preallocated outputs in host memory.
 if ((DRY)); then PINNED=(--preallocated-outputs); else PINNED=(--pinned-outputs); fi
 mkdir -p "$OUT" "$MODELS"
 # A rerun without the smokes (SMOKE=0) keeps the first run's verdict on CUDA graphs (kept beside the models).
 ((SMOKE)) || GRAPHS_OK=$(cat "$MODELS/graphs_ok" 2>/dev/null || echo 1)
-rm -rf "$OUT"/log.txt "$OUT"/summary.md "$OUT"/*.json "$OUT"/*.log "$OUT"/profile_* "$OUT"/results.tar.xz*
+((SMOKE)) || PINNED_OK=$(cat "$MODELS/pinned_ok" 2>/dev/null || echo 1)
+rm -rf "$OUT"/log.txt "$OUT"/summary.md "$OUT"/*.json "$OUT"/*.log "$OUT"/*.pb "$OUT"/profile_* "$OUT"/results.tar.xz*
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
 left() { echo $((BUDGET - (SECONDS - T0))); }
@@ -189,6 +199,15 @@ if ((SMOKE)); then
     log "FINDING: CUDA graphs failed on the tiny model (see above); bench_fp16_graphs skipped"
   fi
   echo "$GRAPHS_OK" > "$MODELS/graphs_ok"
+  # The mask outputs in pinned memory (SEGMENTER_PINNED_OUTPUTS): the first H200 run's warm-up failed with every
+  # output preallocated; only the mask outputs are now. A failure is a finding: the pinned bench is skipped.
+  if step smoke_pinned 40 "$BENCH" --device "$DEVICE" --model-dir segmenter-svc/models/sam3-tiny --image "$IMG" \
+      --concepts 3 --concurrency 1 --requests 3 --warmup 0 --log-level "$BENCH_LOG" "${PINNED[@]}"; then
+    PINNED_OK=1
+  else
+    log "FINDING: pinned mask outputs failed on the tiny model (see above); bench_fp16_pinned skipped"
+  fi
+  echo "$PINNED_OK" > "$MODELS/pinned_ok"
 fi
 "${PYCMD[@]}" -c 'import torch, transformers, onnx, onnxruntime as o; print("python", __import__("sys").version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__, "onnx", onnx.__version__, "onnxruntime", o.__version__)' || true
 echo "cores: $(nproc)"; free -g | head -2 || true
@@ -238,6 +257,23 @@ fi
 REF=()
 [[ -s $HF_JSON ]] && REF=(--reference-json "$HF_JSON")
 
+# ---- 5. fp32 and the precision check, time permitting (the first H200 run: export 109 s, bench 12 s) ------------------
+# A short bench (FP32_REQUESTS at 3 concepts) that saves the reply to the same request as bench_fp16, then fp16 vs
+# fp32 on it: the issue's "fp16 vs fp32 mask IoU on the full-size random model", measured on what callers get.
+fp32_and_masks() {
+  ((FP32)) || return 0
+  if (($(left) < 150)); then skip fp32 "only $(left)s of the budget left (needs ~150 s: export + bench)"; return 0; fi
+  export_model fp32 150 direct || return 0
+  (($(left) >= 30)) || { skip bench_fp32 "only $(left)s of the budget left"; return 0; }
+  REQUESTS=$FP32_REQUESTS bench fp32 fp32 90 --concepts 3 --concurrency 1 --masks-out "$OUT/masks_fp32.pb"
+  if [[ -s $OUT/masks_fp16.pb && -s $OUT/masks_fp32.pb ]]; then
+    step masks_fp16_vs_fp32 30 "$BENCH" --compare-masks "$OUT/masks_fp32.pb,$OUT/masks_fp16.pb" \
+      --json-out "$OUT/agreement_fp16_vs_fp32.json" || true
+  else
+    skip masks_fp16_vs_fp32 "a saved reply is missing (masks_fp16.pb or masks_fp32.pb: see the bench steps)"
+  fi
+}
+
 # ---- 4. segmenter-bench through gRPC on the CUDA EP ------------------------------------------------------------------
 bench() {  # bench LABEL PRECISION TIMEOUT EXTRA...
   local label=$1 prec=$2 t=$3; shift 3
@@ -266,28 +302,43 @@ if ((FP16_OK)); then
   ((PROFILE)) && prof=(--profile-dir "$OUT/profile_fp16" --profile-concepts 3 --profile-requests 3)
   # Kept beside the models: a rerun (BASE=0) reuses it as the A/B steps' reference instead of measuring it again.
   if ((BASE)) || [[ ! -s $MODELS/bench_fp16.json ]]; then
-    bench fp16 fp16 200 --concepts "$CONCEPTS" --concurrency "$CONCURRENCY" "${prof[@]}"
+    bench fp16 fp16 200 --concepts "$CONCEPTS" --concurrency "$CONCURRENCY" "${prof[@]}" --masks-out "$OUT/masks_fp16.pb"
     [[ -s $OUT/bench_fp16.json ]] && cp "$OUT/bench_fp16.json" "$MODELS/bench_fp16.json"
+    [[ -s $OUT/masks_fp16.pb ]] && cp "$OUT/masks_fp16.pb" "$MODELS/masks_fp16.pb"
   else
     cp "$MODELS/bench_fp16.json" "$OUT/bench_fp16.json"; skip bench_fp16 "BASE=0: the earlier run's, from $MODELS"
+    cp "$MODELS/masks_fp16.pb" "$OUT/masks_fp16.pb" 2>/dev/null || true
   fi
   fp16_fallback
+fi
+fp32_and_masks
+# The A/B steps, what the first H200 run (2026-12-04) did not measure first: the one-image vision session (vision is
+# 26 of the 50 ms), then the pinned mask outputs (its first try failed warm-up); then those it measured (CUDA graphs
+# and static decoder sessions: slower than the dynamic decoder; eager attention; batching 4 images).
+if ((FP16_OK)); then
+  if ((VISION_AB)); then
+    # The vision session built for one image (SEGMENTER_VISION_STATIC): ~1,600 small CPU nodes of shape arithmetic
+    # per vision run, which a fixed batch folds away.
+    if (($(left) >= 50)); then
+      bench fp16_vision_static fp16 60 --concepts 3 --concurrency 1 --vision-static --max-batch-images 1
+    else skip bench_fp16_vision_static "only $(left)s of the budget left"; fi
+  fi
+  if ((PINNED_AB)); then
+    # Decoder mask outputs preallocated in pinned host memory (SEGMENTER_PINNED_OUTPUTS): the A/B against bench_fp16.
+    if ((!PINNED_OK)); then
+      skip bench_fp16_pinned "pinned mask outputs failed on the tiny model (smoke_pinned)"
+    elif (($(left) >= 50)); then
+      bench fp16_pinned fp16 60 --concepts 3 --concurrency 1 "${PINNED[@]}"
+    else skip bench_fp16_pinned "only $(left)s of the budget left"; fi
+  fi
   if ((STATIC_AB)); then
-    # CUDA graphs first (A/B against bench_fp16's dynamic decoder), then the static sessions without graphs (what
-    # the folded shapes alone do): the graphs are the likelier gain, so they get the time when it runs short.
+    # CUDA graphs (A/B against bench_fp16's dynamic decoder), then the static sessions without graphs (what the
+    # folded shapes alone do).
     if ((!GRAPHS_OK)); then
       skip bench_fp16_graphs "CUDA graphs failed on the tiny model (smoke_graphs)"
     elif (($(left) >= 50)); then
       bench fp16_graphs fp16 60 --concepts 3 --concurrency 1 "${GRAPHS[@]}"
     else skip bench_fp16_graphs "only $(left)s of the budget left"; fi
-  fi
-  if ((PINNED_AB)); then
-    # Decoder outputs preallocated in pinned host memory (SEGMENTER_PINNED_OUTPUTS): the A/B against bench_fp16.
-    if (($(left) >= 50)); then
-      bench fp16_pinned fp16 60 --concepts 3 --concurrency 1 "${PINNED[@]}"
-    else skip bench_fp16_pinned "only $(left)s of the budget left"; fi
-  fi
-  if ((STATIC_AB)); then
     if (($(left) >= 50)); then
       bench fp16_static fp16 60 --concepts 3 --concurrency 1 --decoder-static-batches 1,2,4,8
     else skip bench_fp16_static "only $(left)s of the budget left"; fi
@@ -306,14 +357,6 @@ else
   log "no fp16 export: no fp16 bench"
 fi
 
-# ---- 5. fp32, only with time to spare ----------------------------------------------------------------------------------
-if ((FP32)); then
-  if (($(left) >= 200)); then
-    if export_model fp32 150 direct && (($(left) >= 60)); then
-      bench fp32 fp32 150 --concepts 3 --concurrency 1
-    fi
-  else skip fp32 "only $(left)s of the budget left (needs ~200 s: export + bench)"; fi
-fi
 if ! ((DRY)); then nvidia-smi --query-gpu=memory.used,temperature.gpu,clocks.sm --format=csv || true; fi
 summary
 }
@@ -326,7 +369,7 @@ pack() {
   (
     cd "$OUT"
     local files=() f
-    for f in bench_*.json bench_*.log hf_reference.json profile_fp16; do [[ -e $f ]] && files+=("$f"); done
+    for f in bench_*.json bench_*.log hf_reference.json agreement_*.json masks_*.pb profile_fp16; do [[ -e $f ]] && files+=("$f"); done
     ((${#files[@]})) || exit 0
     XZ_OPT=-T0 tar -cJf results.tar.xz "${files[@]}"
     if (($(stat -c %s results.tar.xz) > 60 * 1048576)); then
@@ -340,7 +383,7 @@ pack() {
     echo "[gpu-run] files in \$OUT: $(ls | tr '\n' ' ')(unpack: cat results.tar.xz* | tar -xJ)"
   )
   # The goal's line last: the reply's output tail keeps the end of the output.
-  grep -E 'GOAL' "$OUT/summary.md" || true
+  grep -E 'GOAL|^MASKS' "$OUT/summary.md" || true
 }
 
 # ---- 6. one table -------------------------------------------------------------------------------------------------------
@@ -350,7 +393,8 @@ log "step times: $(IFS=';'; echo "${TIMES[*]}")"
 local benches=()
 for f in "$OUT"/bench_*.json; do [[ -e $f ]] && benches+=(--bench "$(basename "$f" .json | sed 's/^bench_//')=$f"); done
 {
-  "${PYCMD[@]:-python3}" segmenter-svc/bench/summarize.py --hf "$OUT/hf_reference.json" "${benches[@]}" || true
+  "${PYCMD[@]:-python3}" segmenter-svc/bench/summarize.py --hf "$OUT/hf_reference.json" "${benches[@]}" \
+    --agreement "$OUT/agreement_fp16_vs_fp32.json" || true
   echo
   echo "Step times: $(IFS=';'; echo "${TIMES[*]}")"
   echo "Steps: ${STATUS[*]}"

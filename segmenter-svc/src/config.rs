@@ -126,9 +126,16 @@ pub struct Config {
     #[arg(long, env = "SEGMENTER_CUDA_GRAPHS", default_value_t = false, action = clap::ArgAction::Set)]
     pub cuda_graphs: bool,
 
-    /// The decoder's outputs land in page-locked ("pinned") host memory the segmenter allocates once per session
-    /// and phrase count, instead of memory ONNX Runtime allocates per run: the device-to-host copy of the masks
-    /// is then a direct DMA rather than staged through a driver buffer. Needs the CUDA provider (startup stops
+    /// Build the vision session for one image per run (its batch dimension fixed at 1): ONNX Runtime then knows every
+    /// shape in the graph when the session is built and folds the shape arithmetic of the windowed attention
+    /// (~1,600 small CPU nodes per run at full size) away. Needs MAX_BATCH_IMAGES=1 (startup stops otherwise; the
+    /// CUDA default). Off by default until measured on a GPU (docs/operations.md, "Serving settings on CUDA").
+    #[arg(long, env = "SEGMENTER_VISION_STATIC", default_value_t = false, action = clap::ArgAction::Set)]
+    pub vision_static: bool,
+
+    /// The decoder's mask outputs land in page-locked ("pinned") host memory the segmenter allocates once per
+    /// session and phrase count, instead of memory ONNX Runtime allocates per run: the device-to-host copy of the
+    /// masks is then a direct DMA rather than staged through a driver buffer. Needs the CUDA provider (startup stops
     /// otherwise); with SEGMENTER_CUDA_GRAPHS the fixed decoders' host copies are pinned too. Off by default until
     /// measured on a GPU (docs/operations.md, "Serving settings on CUDA").
     #[arg(long, env = "SEGMENTER_PINNED_OUTPUTS", default_value_t = false, action = clap::ArgAction::Set)]

@@ -211,6 +211,36 @@ async fn pinned_outputs_are_refused_on_the_cpu() {
 }
 
 #[tokio::test]
+async fn a_one_image_vision_session_needs_one_image_per_run() {
+    let mut config = common::test_config();
+    config.vision_static = true; // the CPU default batches 4 images
+    let error = load_error(&config).await;
+    assert!(
+        error.contains(
+            "SEGMENTER_VISION_STATIC=true needs MAX_BATCH_IMAGES=1 (it is 4, the CPU default)"
+        ),
+        "{error}"
+    );
+    config.max_batch_images = 2;
+    let error = load_error(&config).await;
+    assert!(error.contains("(it is 2)"), "{error}");
+}
+
+/// SEGMENTER_PINNED_OUTPUTS preallocates the mask outputs only: the small ones (TopK, Gather and Reshape outputs)
+/// are left to ONNX Runtime, whose handling of a preallocated buffer for them failed on CUDA.
+#[test]
+fn only_the_mask_outputs_are_preallocated() {
+    let env = segmenter_svc::model::runtime::load_runtime(&common::ort_dylib()).unwrap();
+    let decoder = ort::session::Session::builder(&env)
+        .unwrap()
+        .commit_from_file(common::tiny_model_dir().join("decoder.onnx"))
+        .unwrap();
+    let mut large = segmenter_svc::model::host_outputs::large_outputs(decoder.outputs());
+    large.sort_unstable();
+    assert_eq!(large, ["semantic_seg", "topk_masks"]);
+}
+
+#[tokio::test]
 async fn mask_outputs_of_mixed_types_stop_startup() {
     // The bundled decoder returns uint8 masks and semantic maps; a manifest that says one of them is float32 is
     // refused before any session is built.

@@ -218,9 +218,26 @@ async fn fixed_address_decoder_io_matches_pytorch() {
     }
 }
 
-/// SEGMENTER_PINNED_OUTPUTS's path with its buffers in ordinary host memory: every decoder output preallocated
-/// once per session and phrase count, reused run after run. On the dynamic graph alone (1, 2 and 3 phrases: three
-/// sets of buffers), then on the 2- and 4-phrase static sessions.
+/// SEGMENTER_VISION_STATIC: the vision session built for one image (B fixed at 1, its shape arithmetic folded),
+/// one image per vision run; alone, then with the fixed-address decoder I/O that CUDA graphs use (which reads the
+/// vision session's outputs).
+#[tokio::test]
+async fn a_one_image_vision_session_matches_pytorch() {
+    for fixed_io in [false, true] {
+        let mut config = common::test_config();
+        config.vision_static = true;
+        config.max_batch_images = 1;
+        if fixed_io {
+            config.fixed_decoder_io = true;
+            config.decoder_static_batches = vec![2, 4];
+        }
+        check_parity(config).await;
+    }
+}
+
+/// SEGMENTER_PINNED_OUTPUTS's path with its buffers in ordinary host memory: the decoder's mask outputs
+/// preallocated once per session and phrase count, reused run after run. On the dynamic graph alone (1, 2 and 3
+/// phrases: three sets of buffers), then on the 2- and 4-phrase static sessions.
 #[tokio::test]
 async fn preallocated_decoder_outputs_match_pytorch() {
     for statics in [vec![], vec![4, 2]] {

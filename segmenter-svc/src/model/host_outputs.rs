@@ -2,8 +2,15 @@
 //!
 //! Without it, each decoder run on CUDA ends in ONNX Runtime allocating ordinary (pageable) host memory for its
 //! outputs and copying the masks into it, which the driver stages through a page-locked buffer of its own. With it,
-//! every output is preallocated in page-locked ("pinned") memory from the CUDA provider's allocator, once per
-//! session and phrase count, and each run's copy lands there directly; the filter reads the same buffers.
+//! the mask outputs (instance masks, semantic maps: all but a few kilobytes of a run's outputs) are preallocated in
+//! page-locked ("pinned") memory from the CUDA provider's allocator, once per session and phrase count, and each
+//! run's copy lands there directly; the filter reads the same buffers.
+//!
+//! Only the large outputs: pinning pays for long copies, and the small ones (boxes, scores, query indices,
+//! presence) come out of TopK, Gather and Reshape nodes, which ONNX Runtime may run in place or place in host
+//! memory itself. With every output preallocated, the first H200 run failed warm-up in a host-to-host copy onto
+//! itself (`GPUDataTransfer::CopyTensorAsync`: `dst_data != src_data`), which only such an output can need; the
+//! mask outputs come out of plain Cast nodes on the device.
 //!
 //! One set of buffers per phrase count a session runs (a static session: its one count; the dynamic graph: each
 //! chunk size it has seen, at most DECODER_CHUNK sets). A run's outputs are read before the next run of the same
@@ -16,8 +23,10 @@ use std::collections::HashMap;
 
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
+use ort::value::Outlet;
 
 use crate::model::fixed_io;
+use crate::model::manifest::MASK_PLANES;
 
 /// Where preallocated outputs live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +51,8 @@ impl HostOutputs {
         })
     }
 
-    /// Run options whose every output is a buffer of this set for `rows` phrases, allocated on first use.
+    /// Run options whose large outputs are buffers of this set for `rows` phrases, allocated on first use (ONNX
+    /// Runtime allocates the others per run, as without preallocation).
     pub fn options(
         &mut self,
         session: &Session,
@@ -50,8 +60,7 @@ impl HostOutputs {
     ) -> ort::Result<&RunOptions<HasSelectedOutputs>> {
         if !self.by_rows.contains_key(&rows) {
             let mut selector = OutputSelector::default();
-            for outlet in session.outputs() {
-                let name = outlet.name();
+            for name in large_outputs(session.outputs()) {
                 let tensor =
                     fixed_io::fixed_tensor(&self.allocator, session.outputs(), name, "N", rows)?;
                 selector = selector.preallocate(name, tensor);
@@ -61,6 +70,16 @@ impl HostOutputs {
         }
         Ok(&self.by_rows[&rows])
     }
+}
+
+/// The outputs worth a preallocated buffer: the mask planes (manifest::MASK_PLANES), per phrase tens of thousands
+/// of values against at most 80 for any other output.
+pub fn large_outputs(outlets: &[Outlet]) -> Vec<&str> {
+    outlets
+        .iter()
+        .map(|o| o.name())
+        .filter(|name| MASK_PLANES.contains(name))
+        .collect()
 }
 
 /// The allocator of `placement` for `session`'s outputs.

@@ -1,6 +1,6 @@
-//! Which of the decoder's I/O options a configuration asks for (SEGMENTER_CUDA_GRAPHS' fixed addresses,
-//! SEGMENTER_PINNED_OUTPUTS' preallocated outputs), refused at startup where they cannot work, and how their
-//! failures read.
+//! Which of the sessions' shape and I/O options a configuration asks for (SEGMENTER_CUDA_GRAPHS' fixed addresses,
+//! SEGMENTER_PINNED_OUTPUTS' preallocated outputs, SEGMENTER_VISION_STATIC's one-image vision session), refused at
+//! startup where they cannot work, and how their failures read.
 
 use crate::config::Config;
 use crate::error::ModelError;
@@ -36,6 +36,30 @@ pub(crate) fn fixed_io_wanted(config: &Config, provider: &Provider) -> Result<bo
         ));
     }
     Ok(true)
+}
+
+/// The vision session's fixed batch size: 1 with SEGMENTER_VISION_STATIC (which needs one image per vision run:
+/// refused at startup otherwise), none (the batch dimension stays dynamic) without it.
+pub(crate) fn vision_static_batch(
+    config: &Config,
+    provider: &Provider,
+) -> Result<Option<usize>, ModelError> {
+    if !config.vision_static {
+        return Ok(None);
+    }
+    let batch = provider.max_batch_images(config.max_batch_images);
+    if batch != 1 {
+        return Err(ModelError::Settings(format!(
+            "SEGMENTER_VISION_STATIC=true needs MAX_BATCH_IMAGES=1 (it is {batch}{}): the vision session is built \
+             for one image per run",
+            if config.max_batch_images == 0 {
+                ", the CPU default"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(Some(1))
 }
 
 /// Where the decoder's outputs are preallocated: pinned memory with SEGMENTER_PINNED_OUTPUTS (the CUDA provider

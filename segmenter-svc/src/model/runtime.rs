@@ -21,7 +21,9 @@ use crate::mask_plane::MaskOutput;
 use crate::model::cuda;
 use crate::model::fixed_io::{FixedDecoder, FixedFpn, StaticDecoder};
 use crate::model::host_outputs::{HostOutputs, Placement};
-use crate::model::io_settings::{fixed_io_error, fixed_io_wanted, output_placement, pinned_error};
+use crate::model::io_settings::{
+    fixed_io_error, fixed_io_wanted, output_placement, pinned_error, vision_static_batch,
+};
 use crate::model::manifest::{self, ImageInput, Manifest};
 
 /// Where the sessions actually run, as reported by ModelInfo and the logs.
@@ -125,35 +127,39 @@ pub fn build_sessions(
     let provider = choose_provider(config)?;
     let fixed_io = fixed_io_wanted(config, &provider)?;
     let outputs = output_placement(config, &provider)?;
+    let vision_images = vision_static_batch(config, &provider)?;
     if let Some(dir) = &config.ort_profile_dir {
         std::fs::create_dir_all(dir)
             .map_err(|e| ModelError::Invalid(format!("ORT_PROFILE_DIR {}: {e}", dir.display())))?;
     }
     // The manifest says what the graphs take and return; a graph whose tensors differ (another export, a hand-edited
     // folder) is refused here, at startup, not by the first request.
-    let build = |graph: &'static str,
-                 spec: &manifest::GraphSpec,
-                 phrases: Option<usize>|
-     -> Result<Session, ModelError> {
-        let path = manifest::safe_join(dir, &spec.file)?;
-        let started = Instant::now();
-        let session = new_session(&env, config, manifest, &provider, graph, &path, phrases)
-            .map_err(|e| ModelError::Session {
+    // `fixed`: the graph's one symbolic dimension (B images for vision, N phrases for the decoder) and its size, for
+    // a static-shape session.
+    let build =
+        |graph: &'static str,
+         spec: &manifest::GraphSpec,
+         fixed: Option<usize>|
+         -> Result<Session, ModelError> {
+            let path = manifest::safe_join(dir, &spec.file)?;
+            let started = Instant::now();
+            let session = new_session(&env, config, manifest, &provider, graph, &path, fixed)
+                .map_err(|e| ModelError::Session {
+                    graph,
+                    detail: e.to_string(),
+                })?;
+            tracing::info!(
                 graph,
-                detail: e.to_string(),
-            })?;
-        tracing::info!(
-            graph,
-            provider = %provider,
-            fixed_phrases = phrases.unwrap_or(0),
-            build_ms = started.elapsed().as_millis() as u64,
-            "ONNX Runtime session built"
-        );
-        check_io(graph, &session, spec, manifest.mask_output())?;
-        check_sizes(graph, &session, manifest)?;
-        Ok(session)
-    };
-    let vision = build("vision", &manifest.graphs.vision, None)?;
+                provider = %provider,
+                fixed_size = fixed.unwrap_or(0),
+                build_ms = started.elapsed().as_millis() as u64,
+                "ONNX Runtime session built"
+            );
+            check_io(graph, &session, spec, manifest.mask_output())?;
+            check_sizes(graph, &session, manifest)?;
+            Ok(session)
+        };
+    let vision = build("vision", &manifest.graphs.vision, vision_images)?;
     let text = build("text", &manifest.graphs.text, None)?;
     let decoder = build("decoder", &manifest.graphs.decoder, None)?;
     let preallocate = |session: &Session| {
@@ -276,7 +282,7 @@ fn new_session(
     provider: &Provider,
     graph: &'static str,
     path: &Path,
-    fixed_phrases: Option<usize>,
+    fixed_size: Option<usize>,
 ) -> ort::Result<Session> {
     let mut builder = Session::builder(env)?
         .with_optimization_level(GraphOptimizationLevel::Level3)?
@@ -299,11 +305,15 @@ fn new_session(
     if let Some(threads) = provider.intra_threads(config.intra_threads) {
         builder = builder.with_intra_threads(threads)?;
     }
-    if let Some(n) = fixed_phrases {
-        // The decoder's phrase dimension is the symbol N (the manifest's contract): fixed, every shape in the graph
-        // is known when the session is built and ONNX Runtime folds the Shape/Gather/Concat arithmetic away.
-        builder = builder.with_dimension_override("N", n as i64)?;
-    } else if let Some(dir) = &config.ort_profile_dir {
+    let static_decoder = graph == "decoder" && fixed_size.is_some();
+    if let Some(n) = fixed_size {
+        // The decoder's phrase dimension is the symbol N, the vision graph's image dimension B (the manifest's
+        // contract): fixed, every shape in the graph is known when the session is built and ONNX Runtime folds the
+        // Shape/Gather/Concat arithmetic away.
+        let symbol = if graph == "decoder" { "N" } else { "B" };
+        builder = builder.with_dimension_override(symbol, n as i64)?;
+    }
+    if let Some(dir) = config.ort_profile_dir.as_ref().filter(|_| !static_decoder) {
         // ONNX Runtime appends `_<timestamp>.json` to this prefix (static decoder sessions are not profiled).
         builder = builder.with_profiling(dir.join(graph))?;
     }
@@ -330,7 +340,7 @@ fn new_session(
         }
         // Only the static decoder sessions are captured: every shape in them is fixed and their I/O is bound at
         // fixed addresses (model/fixed_io.rs). ONNX Runtime refuses the session if a node is not on the CUDA EP.
-        if config.cuda_graphs && fixed_phrases.is_some() {
+        if config.cuda_graphs && static_decoder {
             cuda = cuda.with_cuda_graph(true);
         }
         builder = builder.with_execution_providers([cuda.build().error_on_failure()])?;

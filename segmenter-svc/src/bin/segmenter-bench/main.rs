@@ -9,6 +9,12 @@
 //!   segmenter-bench --model-dir segmenter-svc/models/sam3-tiny --concepts 1,3,8 --concurrency 1,4 --requests 40 \
 //!       --engine-reference
 //!   segmenter-bench --addr http://127.0.0.1:50051 ...   (an already running server; no in-process reference)
+//!
+//! Precision agreement (the GPU procedure's fp16 vs fp32 step): `--masks-out FILE` saves the reply to one request
+//! after the timed runs; `--compare-masks FP32_FILE,FP16_FILE` compares two saved replies and loads no model.
+//!
+//!   segmenter-bench --model-dir M32 --masks-out fp32.pb ...; segmenter-bench --model-dir M16 --masks-out fp16.pb ...
+//!   segmenter-bench --compare-masks fp32.pb,fp16.pb --json-out agreement.json
 
 use anyhow::Context;
 use std::path::PathBuf;
@@ -20,6 +26,8 @@ use segmenter_svc::Config;
 use segmenter_svc::engine::{Health, Job};
 use segmenter_svc::postprocess::FilterParams;
 use serde_json::json;
+
+mod mask_agreement;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -82,6 +90,10 @@ struct Args {
     /// exercises that path).
     #[arg(long)]
     fixed_decoder_io: bool,
+    /// The vision session built for one image per run (the server's SEGMENTER_VISION_STATIC; needs
+    /// --max-batch-images 1).
+    #[arg(long)]
+    vision_static: bool,
     /// Also measure the engine called in-process (a second set of sessions, loaded after the gRPC runs): the
     /// `x engine` column.
     #[arg(long)]
@@ -97,6 +109,16 @@ struct Args {
     /// Log filter for the in-process server (e.g. `warn,segmenter_svc=info` adds session build and warm-up times).
     #[arg(long, default_value = "warn")]
     log_level: String,
+    /// After the timed runs, save the reply to one request of --masks-concepts phrases (every top-k instance, the
+    /// semantic maps, u8 probabilities) here, for --compare-masks.
+    #[arg(long)]
+    masks_out: Option<PathBuf>,
+    #[arg(long, default_value_t = 3)]
+    masks_concepts: usize,
+    /// REFERENCE,OTHER: compare two replies saved by --masks-out (mask IoU, score deltas), print one line and write
+    /// --json-out; nothing else runs.
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    compare_masks: Vec<PathBuf>,
 }
 
 #[derive(Default, Clone)]
@@ -134,6 +156,18 @@ fn concepts(n: usize) -> Vec<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let [reference, other] = args.compare_masks.as_slice() {
+        let agreement = mask_agreement::compare(
+            &mask_agreement::load(reference)?,
+            &mask_agreement::load(other)?,
+        )?;
+        let label = format!("{} vs {}", other.display(), reference.display());
+        println!("{}", mask_agreement::line(&label, &agreement));
+        if let Some(path) = &args.json_out {
+            std::fs::write(path, serde_json::to_vec_pretty(&agreement)?)?;
+        }
+        return Ok(());
+    }
     let image = std::fs::read(&args.image)
         .with_context(|| format!("reading --image {}", args.image.display()))?;
     let ort = std::env::var("ORT_DYLIB_PATH").context(
@@ -155,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
     config.cuda_graphs = args.cuda_graphs;
     config.fixed_decoder_io = args.fixed_decoder_io;
     config.pinned_outputs = args.pinned_outputs;
+    config.vision_static = args.vision_static;
     config.preallocated_decoder_outputs = args.preallocated_outputs;
     config.log_level = args.log_level.clone();
     config.queue_capacity = 256;
@@ -242,6 +277,16 @@ async fn main() -> anyhow::Result<()> {
             let samples = run_config(&client, &image, n, c, args.warmup, args.requests).await?;
             grpc.push((n, c, samples));
         }
+    }
+    if let Some(path) = &args.masks_out {
+        let request = mask_agreement::request(&image, concepts(args.masks_concepts));
+        let reply = client.clone().segment(request).await?.into_inner();
+        mask_agreement::save(path, &reply)?;
+        println!(
+            "reply to {} concepts saved to {}",
+            args.masks_concepts,
+            path.display()
+        );
     }
     // The server's sessions are released before another set is loaded (the engine reference, the profile).
     if let Some((stop, task, health)) = server.take() {
