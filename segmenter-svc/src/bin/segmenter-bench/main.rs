@@ -117,7 +117,7 @@ struct Args {
     masks_concepts: usize,
     /// REFERENCE,OTHER: compare two replies saved by --masks-out (mask IoU, score deltas), print one line and write
     /// --json-out; nothing else runs.
-    #[arg(long, value_delimiter = ',', num_args = 2)]
+    #[arg(long, value_delimiter = ',')]
     compare_masks: Vec<PathBuf>,
 }
 
@@ -156,6 +156,10 @@ fn concepts(n: usize) -> Vec<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(
+        matches!(args.compare_masks.len(), 0 | 2),
+        "--compare-masks takes two files, REFERENCE,OTHER"
+    );
     if let [reference, other] = args.compare_masks.as_slice() {
         let agreement = mask_agreement::compare(
             &mask_agreement::load(reference)?,
