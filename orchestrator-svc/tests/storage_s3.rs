@@ -415,3 +415,53 @@ async fn a_body_cut_short_is_fetched_again() {
     assert_eq!(got, Bytes::from(body));
     assert_eq!(answers.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+/// R2 answers a bucket over its request rate with HTTP 429, which the SDK's classifiers did not retry (they know S3's
+/// 503 SlowDown): the item failed `storage_unavailable` at the first answer. Retried with back-off now. A fault
+/// injection: an HTTP server whose first answer is a 429.
+#[tokio::test]
+async fn a_429_is_retried() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let answers = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = answers.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let first = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+                    let answer: &[u8] = if first {
+                        b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-type: image/jpeg\r\n\r\nphoto"
+                    };
+                    if socket.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let store = S3Store::new(S3Settings {
+        endpoint_url: Some(endpoint),
+        region: "us-east-1".into(),
+        bucket: "b".into(),
+        access_key_id: "k".into(),
+        secret_access_key: "s".into(),
+        attempt_timeout: Duration::from_secs(5),
+        max_attempts: 3,
+    });
+    let got = store.get_at_most("inputs/u/j/0.jpg", 10_000).await.unwrap();
+    assert_eq!(got, Bytes::from_static(b"photo"));
+    assert_eq!(answers.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

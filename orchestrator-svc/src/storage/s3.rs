@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::interceptors::InterceptorContext;
+use aws_sdk_s3::config::retry::{ClassifyRetry, RetryAction, RetryConfig};
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
@@ -37,6 +38,25 @@ enum GetFailure {
     Body(StorageError),
 }
 
+/// HTTP 429 retried as throttling (with the SDK's back-off). R2 answers a bucket over its request rate with 429; the
+/// SDK's own classifiers know S3's `503 SlowDown` and AWS' throttling error codes, not a bare 429, so such a GET
+/// or PUT failed its item `storage_unavailable` at the first answer.
+#[derive(Debug)]
+struct TooManyRequests;
+
+impl ClassifyRetry for TooManyRequests {
+    fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
+        match ctx.response().map(|r| u16::from(r.status())) {
+            Some(429) => RetryAction::throttling_error(),
+            _ => RetryAction::NoActionIndicated,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "HTTP 429 Too Many Requests"
+    }
+}
+
 impl S3Store {
     pub fn new(settings: S3Settings) -> Self {
         let credentials = Credentials::new(
@@ -61,7 +81,8 @@ impl S3Store {
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .timeout_config(timeouts)
-            .retry_config(RetryConfig::standard().with_max_attempts(settings.max_attempts.max(1)));
+            .retry_config(RetryConfig::standard().with_max_attempts(settings.max_attempts.max(1)))
+            .retry_classifier(TooManyRequests);
         // No endpoint: the SDK's AWS endpoint, which is HTTPS.
         let sign_payload = settings
             .endpoint_url
