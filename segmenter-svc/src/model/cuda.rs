@@ -6,6 +6,10 @@
 //!   (mounted by the NVIDIA container toolkit; the call needs no device and no context). The CUDA major version the
 //!   provider was built for comes from the `libcudart.so.<major>` it links against, read from its dynamic string
 //!   table.
+//! - Does the driver see a GPU, and CUDA_DEVICE_ID among them? A driver without a visible device (a container
+//!   started without one on a GPU host, CUDA_VISIBLE_DEVICES empty) is CUDA-unusable: SEGMENTER_DEVICE=cuda stops
+//!   with that sentence, `auto` falls back to the CPU, instead of failing in the first session build
+//!   (`cuInit`, `cuDeviceGetCount`: no context is created).
 //! - Preloading the CUDA libraries from a pip-style folder: ort's `preload_dylibs` knows only CUDA 13's names, so a
 //!   CUDA 12 provider (onnxruntime-gpu <= 1.26) gets the CUDA 12 names that provider links against.
 
@@ -37,13 +41,27 @@ pub fn min_driver_for(major: i32) -> &'static str {
     }
 }
 
-/// The newest CUDA version the installed driver supports, or why it cannot be asked.
-#[allow(unsafe_code)] // dlopen/dlsym and one C call; nothing else in the crate talks to the driver
-pub fn driver_version() -> Result<CudaVersion, String> {
+/// What the installed driver says: the newest CUDA version it supports and how many GPUs this process sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Driver {
+    pub cuda: CudaVersion,
+    pub devices: i32,
+}
+
+/// CUresult CUDA_ERROR_NO_DEVICE: `cuInit` on a host (or in a container) with a driver but no visible GPU.
+const CUDA_ERROR_NO_DEVICE: libc::c_int = 100;
+
+/// The installed driver (`libcuda.so.1`, which the NVIDIA container toolkit mounts), or why it cannot be asked.
+pub fn driver() -> Result<Driver, String> {
+    driver_from(c"libcuda.so.1")
+}
+
+/// `driver` from the library `lib` (a path, or a name the dynamic loader looks up).
+#[allow(unsafe_code)] // dlopen/dlsym and three C calls; nothing else in the crate talks to the driver
+pub fn driver_from(lib: &std::ffi::CStr) -> Result<Driver, String> {
     use std::ffi::CStr;
-    // SAFETY: dlopen with a constant NUL-terminated name; the handle is checked before use and closed at the end.
-    let handle =
-        unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    // SAFETY: dlopen with a NUL-terminated name; the handle is checked before use and closed at the end.
+    let handle = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     if handle.is_null() {
         // SAFETY: dlerror returns a thread-local C string or null.
         let why = unsafe { libc::dlerror() };
@@ -56,32 +74,93 @@ pub fn driver_version() -> Result<CudaVersion, String> {
                 .into_owned()
         };
         return Err(format!(
-            "no NVIDIA driver: libcuda.so.1 cannot be loaded ({why}); in a container the NVIDIA container toolkit \
+            "no NVIDIA driver: {} cannot be loaded ({why}); in a container the NVIDIA container toolkit \
              mounts it when the container is given a GPU (--gpus, a compose device reservation, an nvidia.com/gpu \
-             limit)"
+             limit)",
+            lib.to_string_lossy()
         ));
     }
-    // SAFETY: a valid handle and a constant symbol name.
-    let symbol = unsafe { libc::dlsym(handle, c"cuDriverGetVersion".as_ptr()) };
-    let result = if symbol.is_null() {
-        Err("libcuda.so.1 has no cuDriverGetVersion".to_string())
-    } else {
-        // SAFETY: cuDriverGetVersion is `CUresult cuDriverGetVersion(int *driverVersion)` in every CUDA driver since
-        // 2.2; the pointer is to a live local.
-        let get = unsafe {
+    // One `int f(int *)`-shaped entry point of the driver API, or why it is missing.
+    let symbol = |name: &CStr| {
+        // SAFETY: a valid handle and a NUL-terminated symbol name.
+        let symbol = unsafe { libc::dlsym(handle, name.as_ptr()) };
+        if symbol.is_null() {
+            Err(format!(
+                "{} has no {}",
+                lib.to_string_lossy(),
+                name.to_string_lossy()
+            ))
+        } else {
+            Ok(symbol)
+        }
+    };
+    let result = (|| {
+        // SAFETY: `CUresult cuDriverGetVersion(int *driverVersion)` in every CUDA driver since 2.2; the pointer is to
+        // a live local.
+        let get_version = unsafe {
             std::mem::transmute::<*mut libc::c_void, extern "C" fn(*mut libc::c_int) -> libc::c_int>(
-                symbol,
+                symbol(c"cuDriverGetVersion")?,
             )
         };
         let mut version: libc::c_int = 0;
-        match get(&mut version) {
-            0 => Ok(CudaVersion(version)),
-            code => Err(format!("cuDriverGetVersion failed with CUresult {code}")),
+        match get_version(&mut version) {
+            0 => {}
+            code => return Err(format!("cuDriverGetVersion failed with CUresult {code}")),
         }
-    };
+        // SAFETY: `CUresult cuInit(unsigned int Flags)` (Flags must be 0); it creates no context, and ONNX Runtime's
+        // CUDA runtime calls it again (a no-op then) when the provider starts.
+        let init = unsafe {
+            std::mem::transmute::<*mut libc::c_void, extern "C" fn(libc::c_uint) -> libc::c_int>(
+                symbol(c"cuInit")?,
+            )
+        };
+        // SAFETY: `CUresult cuDeviceGetCount(int *count)`; the pointer is to a live local.
+        let get_count = unsafe {
+            std::mem::transmute::<*mut libc::c_void, extern "C" fn(*mut libc::c_int) -> libc::c_int>(
+                symbol(c"cuDeviceGetCount")?,
+            )
+        };
+        let devices = match init(0) {
+            0 => {
+                let mut count: libc::c_int = 0;
+                match get_count(&mut count) {
+                    0 => count,
+                    code => return Err(format!("cuDeviceGetCount failed with CUresult {code}")),
+                }
+            }
+            CUDA_ERROR_NO_DEVICE => 0,
+            code => {
+                return Err(format!(
+                    "cuInit failed with CUresult {code}: the driver cannot start"
+                ));
+            }
+        };
+        Ok(Driver {
+            cuda: CudaVersion(version),
+            devices,
+        })
+    })();
     // SAFETY: the handle came from dlopen above and nothing from it outlives this function.
     unsafe { libc::dlclose(handle) };
     result
+}
+
+/// Why CUDA_DEVICE_ID cannot run on what the driver sees, if it cannot.
+fn device_problem(driver: Driver, device_id: i32) -> Option<String> {
+    if driver.devices == 0 {
+        return Some(
+            "the NVIDIA driver is installed but sees no GPU: the container was started without one (--gpus, a \
+             compose device reservation, an nvidia.com/gpu limit), or CUDA_VISIBLE_DEVICES hides them all"
+                .into(),
+        );
+    }
+    (device_id >= driver.devices).then(|| {
+        format!(
+            "CUDA_DEVICE_ID={device_id}, but the driver sees {} GPU(s), numbered from 0 (CUDA_VISIBLE_DEVICES \
+             renumbers the GPUs it lists from 0)",
+            driver.devices
+        )
+    })
 }
 
 /// The CUDA major version a provider library was built for: N from the `libcudart.so.N` it needs. None when the
@@ -117,18 +196,21 @@ pub fn provider_library(ort_dylib: &Path) -> Option<std::path::PathBuf> {
 }
 
 /// Checks the installed driver against the CUDA major version the provider needs (None: unknown, only the driver's
-/// presence is checked). Err names the driver's CUDA version, what the provider needs, the minimum driver and the
-/// way out.
-pub fn check_driver(needed: Option<i32>) -> Result<(), String> {
-    let driver = driver_version()?;
+/// presence is checked), and that it sees the GPU `device_id`. Err names the driver's CUDA version, what the
+/// provider needs, the minimum driver and the way out; or what the driver sees.
+pub fn check_driver(needed: Option<i32>, device_id: i32) -> Result<(), String> {
+    let driver = driver()?;
     match needed {
-        Some(needed) => judge(driver, needed)?,
+        Some(needed) => judge(driver.cuda, needed)?,
         None => tracing::info!(
-            driver_cuda = %driver,
+            driver_cuda = %driver.cuda,
             "NVIDIA driver found; the CUDA provider's CUDA version is unknown"
         ),
     }
-    Ok(())
+    match device_problem(driver, device_id) {
+        Some(problem) => Err(problem),
+        None => Ok(()),
+    }
 }
 
 fn judge(driver: CudaVersion, needed: i32) -> Result<(), String> {
@@ -214,6 +296,66 @@ mod tests {
         );
         assert!(judge(CudaVersion(13000), 13).is_ok());
         assert!(judge(CudaVersion(13010), 12).is_ok());
+    }
+
+    #[test]
+    fn a_driver_without_the_gpu_asked_for_is_named() {
+        let driver = |devices| Driver {
+            cuda: CudaVersion(13000),
+            devices,
+        };
+        let e = device_problem(driver(0), 0).unwrap();
+        assert!(e.contains("sees no GPU"), "{e}");
+        let e = device_problem(driver(2), 2).unwrap();
+        assert!(
+            e.contains("CUDA_DEVICE_ID=2") && e.contains("sees 2 GPU(s)"),
+            "{e}"
+        );
+        assert_eq!(device_problem(driver(2), 1), None);
+    }
+
+    /// A stand-in libcuda.so.1 built with the C compiler rustc links with: what `driver_from` reads from a real
+    /// driver's three entry points (no GPU here to ask a real one).
+    fn fake_driver(dir: &Path, init_result: i32, devices: i32) -> std::ffi::CString {
+        let source = dir.join(format!("fake_{init_result}_{devices}.c"));
+        let lib = dir.join(format!("libfake_{init_result}_{devices}.so"));
+        std::fs::write(
+            &source,
+            format!(
+                "int cuDriverGetVersion(int *v) {{ *v = 12040; return 0; }}\n\
+                 int cuInit(unsigned int flags) {{ return flags ? 1 : {init_result}; }}\n\
+                 int cuDeviceGetCount(int *n) {{ *n = {devices}; return 0; }}\n"
+            ),
+        )
+        .unwrap();
+        let status = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(&lib)
+            .arg(&source)
+            .status()
+            .expect("cc, the C compiler rustc links with");
+        assert!(status.success());
+        std::ffi::CString::new(lib.to_str().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_driver_reports_its_version_and_the_gpus_it_sees() {
+        let dir = tempfile::tempdir().unwrap();
+        let two = driver_from(&fake_driver(dir.path(), 0, 2)).unwrap();
+        assert_eq!(
+            two,
+            Driver {
+                cuda: CudaVersion(12040),
+                devices: 2
+            }
+        );
+        // cuInit answers CUDA_ERROR_NO_DEVICE where the driver is mounted without a GPU.
+        let none = driver_from(&fake_driver(dir.path(), 100, 0)).unwrap();
+        assert_eq!(none.devices, 0);
+        let e = driver_from(&fake_driver(dir.path(), 999, 0)).unwrap_err();
+        assert!(e.contains("cuInit failed with CUresult 999"), "{e}");
+        let e = driver_from(c"/nonexistent/libcuda.so.1").unwrap_err();
+        assert!(e.contains("no NVIDIA driver"), "{e}");
     }
 
     #[test]

@@ -272,7 +272,7 @@ fn cuda_available(config: &Config) -> Result<(), ModelError> {
         )
         .map_err(err)?;
     }
-    cuda::check_driver(needed).map_err(err)
+    cuda::check_driver(needed, config.cuda_device_id).map_err(err)
 }
 
 fn new_session(
@@ -365,6 +365,10 @@ fn served_dtype(name: &str, masks: MaskOutput) -> TensorElementType {
 /// sides (`image_size`) and every mask plane's (`mask_size`). The server slices the decoder's outputs by the
 /// manifest's sizes: one that disagrees with the graph read outside a tensor (a panic of the inference thread) or
 /// cut every mask at the wrong offsets. A dimension the graph leaves symbolic is not checked.
+/// Tensors whose axis 1 is the phrase's token positions (the manifest's text_context_length: what the tokenizer pads
+/// every phrase to).
+const TOKEN_AXIS_TENSORS: &[&str] = &["input_ids", "attention_mask", "text_features", "text_mask"];
+
 fn check_sizes(graph: &str, session: &Session, manifest: &Manifest) -> Result<(), ModelError> {
     let image_sides: &[usize] = match manifest.image_input() {
         ImageInput::U8Hwc => &[1, 2],
@@ -377,6 +381,8 @@ fn check_sizes(graph: &str, session: &Session, manifest: &Manifest) -> Result<()
                 .iter()
                 .map(|&d| (d, manifest.image_size, "image_size"))
                 .collect()
+        } else if TOKEN_AXIS_TENSORS.contains(&name) && rank >= 2 {
+            vec![(1, manifest.text_context_length, "text_context_length")]
         } else if manifest::MASK_PLANES.contains(&name) && rank >= 2 {
             vec![
                 (rank - 2, manifest.mask_size, "mask_size"),
