@@ -197,6 +197,13 @@ pub struct Config {
     #[arg(long, env = "REPROBE_INTERVAL_SEC", default_value_t = 15)]
     pub reprobe_interval_sec: u64,
 
+    /// After a failure no probe can undo (a failed warm-up, a panic of the inference thread), seconds of NOT_SERVING
+    /// (the reason in health logs and in every refusal) before the process exits with an error, so that a
+    /// supervisor without health checks restarts it: docker compose's `restart: unless-stopped`, a Runpod pod. 0:
+    /// never exit, stay NOT_SERVING for a liveness probe (Kubernetes restarts the pod either way). At most 86400.
+    #[arg(long, env = "EXIT_AFTER_FAILURE_SEC", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub exit_after_failure_sec: u64,
+
     /// A model run (a batch, a recovery probe) taking longer than this many seconds turns health NOT_SERVING until
     /// it ends: a GPU fault that hangs a run instead of failing it changes nothing else, and the replica would keep
     /// its traffic while every request waits for its deadline (a liveness probe then restarts it). 0 (default): 60
@@ -255,6 +262,10 @@ impl Config {
 
     pub fn reprobe_interval(&self) -> Option<Duration> {
         (self.reprobe_interval_sec > 0).then(|| Duration::from_secs(self.reprobe_interval_sec))
+    }
+
+    pub fn exit_after_failure(&self) -> Option<Duration> {
+        (self.exit_after_failure_sec > 0).then(|| Duration::from_secs(self.exit_after_failure_sec))
     }
 
     pub fn default_deadline(&self) -> Duration {

@@ -23,11 +23,12 @@ use crate::service::{SegmenterService, Shared};
 /// The API's name on grpc.health.v1 and in reflection: the generated server's own, so it cannot drift from the proto.
 pub const SERVICE_NAME: &str = pb::segmenter_server::SERVICE_NAME;
 
-/// Loads the model, starts the inference thread and serves on `listener` until `shutdown` resolves; then reports
-/// NOT_SERVING, stops accepting, and waits up to the grace period for requests in flight. Then it stops the
-/// inference thread: a batch still running ends before its next decoder run (its requests answered UNAVAILABLE); a
-/// warm-up step or probe in progress is finished first. TLS files and tokens are checked before the model loads, so a wrong setting stops startup
-/// at once.
+/// Loads the model, starts the inference thread and serves on `listener` until `shutdown` resolves, or until
+/// EXIT_AFTER_FAILURE_SEC after the engine broke for good (a failed warm-up, a panic: `run` then returns that reason
+/// as its error). Then it reports NOT_SERVING, stops accepting, and waits up to the grace period for requests in
+/// flight, and stops the inference thread: a batch still running ends before its next decoder run (its requests
+/// answered UNAVAILABLE); a warm-up step or probe in progress is finished first. TLS files and tokens are checked
+/// before the model loads, so a wrong setting stops startup at once.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -95,13 +96,22 @@ async fn serve_prepared(
     let grace = Duration::from_secs(config.shutdown_grace_sec);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let signal_reporter = reporter.clone();
+    let broken = exit_when_broken(engine.health(), config.exit_after_failure());
+    // The shutdown signal, or the engine broken for good (EXIT_AFTER_FAILURE_SEC later): the same drain, and the
+    // latter's reason is `run`'s error.
     let signal_task = tokio::spawn(
         async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: NOT_SERVING, draining in-flight requests");
+            let failure = tokio::select! {
+                () = shutdown => {
+                    tracing::info!("shutdown requested: NOT_SERVING, draining in-flight requests");
+                    None
+                }
+                reason = broken => Some(reason),
+            };
             draining.cancel();
             report(&signal_reporter, ServingStatus::NotServing).await;
             let _ = stop_tx.send(());
+            failure
         }
         .instrument(tracing::info_span!("task", task = "shutdown_signal")),
     );
@@ -127,15 +137,53 @@ async fn serve_prepared(
     // decoder chunk, answering what is left NOT_SERVING).
     tokio::task::spawn_blocking(move || drop(engine_thread)).await?;
     // Both end on their own by now: the signal has fired, and the engine's health channel closed with the thread.
-    signal_task.await?;
+    let failure = signal_task.await?;
     if tokio::time::timeout(Duration::from_secs(5), health_task)
         .await
         .is_err()
     {
         tracing::warn!("the health task did not end with the inference thread");
     }
+    if let Some(reason) = failure {
+        anyhow::bail!(
+            "the model cannot serve ({reason}): exiting so that the segmenter is started again \
+             (EXIT_AFTER_FAILURE_SEC)"
+        );
+    }
     tracing::info!("segmenter stopped");
     Ok(())
+}
+
+/// Resolves `after` the engine is broken for good (a failed warm-up, a panic of the inference thread), with the
+/// reason; never without `after` (EXIT_AFTER_FAILURE_SEC=0) or when the engine stops otherwise. A process that
+/// stays up NOT_SERVING is restarted only where something probes its health (Kubernetes' liveness probe); compose
+/// and a Runpod pod restart a process that exits.
+async fn exit_when_broken(
+    mut health: tokio::sync::watch::Receiver<Health>,
+    after: Option<Duration>,
+) -> String {
+    let Some(after) = after else {
+        return std::future::pending().await;
+    };
+    // The state is read (and its lock released) before any other await.
+    let broken = match health.wait_for(|h| matches!(h, Health::Broken(_))).await {
+        Ok(state) => match &*state {
+            Health::Broken(reason) => Some(reason.clone()),
+            _ => None,
+        },
+        Err(_) => None,
+    };
+    let Some(reason) = broken else {
+        return std::future::pending().await;
+    };
+    tracing::error!(
+        reason,
+        exit_in_s = after.as_secs(),
+        "the model cannot serve and no probe can bring it back: NOT_SERVING, then exiting for the supervisor to \
+         start the segmenter again (EXIT_AFTER_FAILURE_SEC)"
+    );
+    tokio::time::sleep(after).await;
+    reason
 }
 
 /// Everything up to a warm engine. Blocking work (checksums, session builds) runs off the async runtime.

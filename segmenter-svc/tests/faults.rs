@@ -127,6 +127,49 @@ async fn a_panic_of_the_inference_thread_turns_not_serving_with_the_reason() {
     let _ = server.stop().await;
 }
 
+/// A broken engine (here a panic of the inference thread) is not left NOT_SERVING for ever where nothing probes
+/// health (compose, a Runpod pod): `run` returns an error naming the reason EXIT_AFTER_FAILURE_SEC later, for the
+/// process to exit and its supervisor to start it again. The default, and 0 (a liveness probe's job then), keep it up.
+#[tokio::test]
+async fn a_broken_engine_ends_the_server_after_exit_after_failure_sec() {
+    let mut config = test_config();
+    config.exit_after_failure_sec = 1;
+    let faults = config.faults.clone();
+    let mut server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    faults.panic_next_run();
+    client
+        .segment(request(image_bytes("room_640x480.jpg"), &["wall"]))
+        .await
+        .unwrap_err();
+    wait_health(&server, NOT_SERVING).await;
+    let error = server
+        .ended_within(Duration::from_secs(20))
+        .await
+        .expect("run returned on its own")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("the model cannot serve"), "{error}");
+    assert!(error.contains("panic"), "the reason: {error}");
+
+    let mut config = test_config();
+    config.exit_after_failure_sec = 0;
+    let faults = config.faults.clone();
+    let mut server = TestServer::start(config).await;
+    faults.panic_next_run();
+    let mut client = server.client().await;
+    client
+        .segment(request(image_bytes("room_640x480.jpg"), &["wall"]))
+        .await
+        .unwrap_err();
+    wait_health(&server, NOT_SERVING).await;
+    assert!(
+        server.ended_within(Duration::from_secs(2)).await.is_none(),
+        "EXIT_AFTER_FAILURE_SEC=0 stays up"
+    );
+    let _ = server.stop().await;
+}
+
 /// A request queued behind the run that panicked is answered UNAVAILABLE (retried elsewhere) when the inference
 /// thread ends, not left to wait out its deadline.
 #[tokio::test]

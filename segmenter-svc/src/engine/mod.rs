@@ -73,9 +73,12 @@ pub enum Health {
     WarmingUp,
     Serving,
     /// The execution provider failed a probe after a run error (e.g. a CUDA fault): requests are refused, and the
-    /// engine probes again every `reprobe_interval` until one passes. Also a failed warm-up or a panic of the
-    /// inference thread, which are final: never probed again.
+    /// engine probes again every `reprobe_interval` until one passes.
     Failed(String),
+    /// A failure no probe can undo: the warm-up failed (it ran every shape, and one probe passing later would not
+    /// show that the others work) or the inference thread panicked. Requests are refused; the server exits
+    /// EXIT_AFTER_FAILURE_SEC later, for its supervisor to start it again.
+    Broken(String),
     Stopped,
 }
 
@@ -117,7 +120,7 @@ impl EngineHandle {
         match &*self.health.borrow() {
             Health::Serving => Ok(()),
             Health::WarmingUp => Err(Error::NotServing("the model is warming up".into())),
-            Health::Failed(why) => Err(Error::NotServing(why.clone())),
+            Health::Failed(why) | Health::Broken(why) => Err(Error::NotServing(why.clone())),
             Health::Stopped => Err(Error::NotServing(SHUTTING_DOWN.into())),
         }
     }

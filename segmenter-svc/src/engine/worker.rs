@@ -144,7 +144,7 @@ const PANICKED: &str =
 impl Drop for Worker {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.health.send_replace(Health::Failed(PANICKED.into()));
+            self.health.send_replace(Health::Broken(PANICKED.into()));
         }
     }
 }
@@ -174,10 +174,11 @@ struct Unanswered {
 impl Worker {
     fn run(&mut self, queue: &Arc<JobQueue>) {
         let started = Instant::now();
-        // Recovery probes are for a provider that failed after serving. A failed warm-up is final: it ran every
-        // shape, and one 1-image x 1-phrase probe passing later would not show that the others work; health stays
-        // NOT_SERVING, for the liveness probe to restart the pod.
-        let mut reprobe_interval = self.settings.reprobe_interval;
+        // Recovery probes are for a provider that failed after serving. A failed warm-up is final (Broken: never
+        // probed): it ran every shape, and one 1-image x 1-phrase probe passing later would not show that the
+        // others work; health stays NOT_SERVING until the server exits (EXIT_AFTER_FAILURE_SEC) or a liveness probe
+        // restarts the pod.
+        let reprobe_interval = self.settings.reprobe_interval;
         match self.warm_up() {
             // Asked to stop while warming up (at full size on a CPU that is minutes): stop now, never SERVING.
             Ok(()) if self.stop.load(Ordering::SeqCst) => {
@@ -190,8 +191,7 @@ impl Worker {
             Err(e) => {
                 tracing::error!(error = %e, "warm-up failed; the segmenter will not serve");
                 self.health
-                    .send_replace(Health::Failed(format!("warm-up failed: {e}")));
-                reprobe_interval = None;
+                    .send_replace(Health::Broken(format!("warm-up failed: {e}")));
             }
         }
         // Idle since the last batch or probe: a failed engine probes again after `reprobe_interval` of it.
@@ -325,7 +325,7 @@ impl Worker {
     /// The answer while health is Failed: its reason.
     fn not_serving(&self) -> Error {
         match &*self.health.borrow() {
-            Health::Failed(reason) => Error::NotServing(reason.clone()),
+            Health::Failed(reason) | Health::Broken(reason) => Error::NotServing(reason.clone()),
             _ => Error::NotServing("execution provider failed".into()),
         }
     }

@@ -84,6 +84,14 @@ impl TestServer {
         health(self.addr, SERVICE).await
     }
 
+    /// Waits up to `within` for `run` to return on its own; its result, None when it is still running.
+    pub async fn ended_within(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Option<anyhow::Result<()>> {
+        self.server.ended_within(within).await
+    }
+
     /// Signals shutdown and waits for `run` to return.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.server.stop().await

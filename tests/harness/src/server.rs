@@ -46,6 +46,15 @@ impl<E> Running<E> {
         format!("http://{}", self.addr)
     }
 
+    /// Waits up to `within` for `run` to return on its own (no shutdown signal); its result, None when it is still
+    /// running.
+    pub async fn ended_within(&mut self, within: Duration) -> Option<Result<(), E>> {
+        let task = self.task.as_mut()?;
+        let result = tokio::time::timeout(within, task).await.ok()?;
+        self.task = None;
+        Some(result.expect("service task panicked"))
+    }
+
     /// Signals shutdown and waits until `run` returns; its result.
     pub async fn stop(&mut self) -> Result<(), E> {
         if let Some(stop) = self.stop.take() {
