@@ -1148,6 +1148,48 @@ async fn a_rule_with_nothing_to_edit_says_so_in_the_item_and_the_callback() {
     assert_eq!(outputs[2]["not_applied_reason"], "region_empty");
 }
 
+/// The rules' swatches are read before the segmenter is asked: a missing one failed every item only after its photo
+/// had been segmented (GPU time for nothing, per photo).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_swatch_fails_the_items_before_any_segmentation() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    for idx in 0..2 {
+        orch.put_input("test-user", "no-swatch", idx, photo_jpeg(32, 32))
+            .await;
+    }
+    let mut spec = seed_spec("no-swatch", 2);
+    spec.rules[0].r#type = "texture".into();
+    spec.rules[0].params = Some(orchestrator::string_struct(&[(
+        "swatch",
+        "swatches/never-uploaded.png",
+    )]));
+    orch.client.submit_job(spec).await.unwrap();
+    let job = orch
+        .watch_to_end("no-swatch")
+        .await
+        .last()
+        .unwrap()
+        .0
+        .clone();
+    for item in &job.items {
+        assert_eq!(item.state, ItemState::Failed as i32, "{item:?}");
+        assert!(
+            item.error.contains("swatches/never-uploaded.png"),
+            "{}",
+            item.error
+        );
+    }
+    assert_eq!(
+        segmenter
+            .counters
+            .segment_calls
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no photo segmented"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swatch_over_the_byte_limit_fails_its_item_naming_the_swatch() {
     let segmenter = fake_segmenter::start().await;

@@ -44,13 +44,13 @@ impl Edited {
     }
 }
 
-/// Applies a rule within the soft region (same size as the photo). `swatch`: the decoded texture when the rule
-/// names one by object key.
+/// Applies a rule within the soft region (same size as the photo). `swatch`: the texture when the rule names one
+/// by object key, in linear light (`LinearSwatch::from_rgb`: a caller applying it to many photos prepares it once).
 pub fn apply(
     photo: &RgbImage,
     region: &GrayImage,
     rule: &Rule,
-    swatch: Option<&RgbImage>,
+    swatch: Option<&swatch::LinearSwatch>,
 ) -> Result<Edited, FieldError> {
     if let Rule::Remove(p) = rule
         && p.mode == RemoveMode::Cutout
@@ -81,20 +81,16 @@ pub fn apply_in_place(
     photo: &mut RgbImage,
     region: &GrayImage,
     rule: &Rule,
-    swatch: Option<&RgbImage>,
+    swatch: Option<&swatch::LinearSwatch>,
 ) -> Result<InPlace, FieldError> {
     check_size(photo, region)?;
     match rule {
         Rule::Recolor(p) => ops::recolor::recolor_in_place(photo, region, p),
         Rule::Tone(p) => ops::tone::tone_in_place(photo, region, p),
         Rule::Texture(p) => {
-            let decoded;
             let sw = match (&p.source, swatch) {
                 (SwatchSource::Builtin(b), _) => swatch::builtin(*b),
-                (SwatchSource::Key(_), Some(s)) if s.width() > 0 && s.height() > 0 => {
-                    decoded = swatch::LinearSwatch::from_rgb(s);
-                    &decoded
-                }
+                (SwatchSource::Key(_), Some(s)) if s.width > 0 && s.height > 0 => s,
                 (SwatchSource::Key(k), _) => {
                     return Err(FieldError::new(
                         "params.swatch",

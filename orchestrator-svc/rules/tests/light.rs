@@ -228,7 +228,7 @@ fn a_pale_swatch_keeps_the_floors_shadows() {
             &scene.photo,
             &region,
             &rule("texture", json!({"swatch": "swatches/pale.png"})),
-            Some(sw),
+            Some(&palette_rules::swatch::LinearSwatch::from_rgb(sw)),
         )
         .unwrap());
         let contrast = contrast_kept(&scene.photo, &out, &at);

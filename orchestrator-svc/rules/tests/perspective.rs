@@ -10,7 +10,8 @@ fn texture(photo: &RgbImage, mut params: Value, swatch: &RgbImage) -> RgbImage {
     params["swatch"] = json!("test/checker.png");
     let region = GrayImage::from_pixel(photo.width(), photo.height(), image::Luma([255]));
     let rule = parse_rule("texture", params.as_object().unwrap(), None).unwrap();
-    match apply(photo, &region, &rule, Some(swatch)).unwrap() {
+    let swatch = palette_rules::swatch::LinearSwatch::from_rgb(swatch);
+    match apply(photo, &region, &rule, Some(&swatch)).unwrap() {
         Edited::Rgb(out) => out,
         Edited::Rgba(_) => panic!("texture gives RGB"),
     }

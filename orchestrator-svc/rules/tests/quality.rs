@@ -202,6 +202,7 @@ fn texture_carries_the_walls_shading() {
             [40, 40, 200]
         })
     });
+    let sw = palette_rules::swatch::LinearSwatch::from_rgb(&sw);
     let out = rgb(apply(&wall, &region, &keyed, Some(&sw)).unwrap());
     assert_ne!(out, wall);
 }

@@ -76,6 +76,8 @@ pub struct JobHandle {
     pub callbacks_gone: AtomicBool,
     /// Items that ended here whose record the job store did not take in time (`unrecorded`).
     pub unrecorded: unrecorded::Unrecorded,
+    /// The uploaded swatches its items in flight share (`swatches`).
+    pub swatches: super::swatches::JobSwatches,
     /// Which item changed. Only the index travels: a full Job per event, kept in the channel's ring of
     /// EVENT_BUFFER slots, made a job's memory grow with the square of its size (measured: +50 MB over 160 images);
     /// WatchJob streams take the snapshot when they forward the event.
@@ -125,6 +127,7 @@ impl JobHandle {
             durable_written: Default::default(),
             callbacks_gone: AtomicBool::new(false),
             unrecorded: Default::default(),
+            swatches: Default::default(),
             events,
         }
     }

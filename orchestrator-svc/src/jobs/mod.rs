@@ -23,6 +23,7 @@ mod report;
 mod resume;
 mod stage;
 pub mod store;
+mod swatches;
 pub mod validate;
 
 use std::collections::BTreeMap;

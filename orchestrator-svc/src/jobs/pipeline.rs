@@ -280,7 +280,8 @@ impl Pipeline {
         let stage = Stage::start("item");
         // A panic in the item's async steps (its CPU work already comes back as ItemError::Worker) ends the item
         // FAILED: unwinding past here would leave it RUNNING for ever, its job never terminal nor forgotten.
-        let run = std::panic::AssertUnwindSafe(self.runner.run(&job.plan, idx)).catch_unwind();
+        let run = std::panic::AssertUnwindSafe(self.runner.run(&job.plan, idx, &job.swatches))
+            .catch_unwind();
         let result = tokio::select! {
             result = run => result.unwrap_or_else(|panic| Err(ItemError::Panicked(panic_message(&*panic)))),
             _ = job.cancel.cancelled() => Err(ItemError::Cancelled),

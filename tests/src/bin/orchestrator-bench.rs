@@ -92,7 +92,14 @@ struct Args {
     /// orchestrator-svc/tests/storage_s3.rs). Pass a disk folder to include it.
     #[arg(long)]
     store_dir: Option<std::path::PathBuf>,
+    /// The texture rule's swatch is a 1024² JPEG uploaded to `swatches/bench-linen.jpg` instead of the built-in
+    /// linen: what reading, decoding and converting an uploaded swatch adds to a photo.
+    #[arg(long)]
+    uploaded_swatch: bool,
 }
+
+/// The uploaded swatch of `--uploaded-swatch`.
+const UPLOADED_SWATCH: &str = "swatches/bench-linen.jpg";
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Masks {
@@ -245,7 +252,12 @@ fn photo(w: u32, h: u32, seed: u32, transparent: bool) -> Vec<u8> {
     png.into_inner()
 }
 
-fn rules() -> Vec<Rule> {
+fn rules(uploaded_swatch: bool) -> Vec<Rule> {
+    let swatch = if uploaded_swatch {
+        ("swatch", Kind::StringValue(UPLOADED_SWATCH.into()))
+    } else {
+        ("builtin", Kind::StringValue("linen".into()))
+    };
     vec![
         Rule {
             rule_id: "paint".into(),
@@ -263,7 +275,7 @@ fn rules() -> Vec<Rule> {
             rule_id: "linen".into(),
             concept: "sofa".into(),
             r#type: "texture".into(),
-            params: palette_e2e::rule_params(&[("builtin", Kind::StringValue("linen".into()))]),
+            params: palette_e2e::rule_params(&[swatch]),
         },
     ]
 }
@@ -351,7 +363,7 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()
 }
 
 /// Runs a job on the photos `write_inputs` stored; its wall time.
-async fn run_job(url: &str, job_id: &str, n: u32, output_format: &str) -> f64 {
+async fn run_job(url: &str, job_id: &str, n: u32, args: &Args) -> f64 {
     let mut client = JobsClient::connect(url.to_string()).await.unwrap();
     let started = Instant::now();
     client
@@ -359,10 +371,10 @@ async fn run_job(url: &str, job_id: &str, n: u32, output_format: &str) -> f64 {
             user_id: "bench-user".into(),
             job_id: job_id.into(),
             concepts: vec!["wall".into(), "floor".into(), "sofa".into()],
-            rules: rules(),
+            rules: rules(args.uploaded_swatch),
             image_count: n,
             preset: String::new(),
-            output_format: output_format.into(),
+            output_format: args.output_format.clone(),
         })
         .await
         .unwrap();
@@ -434,13 +446,29 @@ async fn main() -> anyhow::Result<()> {
 
     let size = (args.width, args.height);
     let (idle_peak, _) = process_stats();
+    if args.uploaded_swatch {
+        // A 1024² fabric-like photo as a user would upload it (a 2 px weave under fine noise), as a JPEG.
+        let big = image::RgbImage::from_fn(1024, 1024, |x, y| {
+            let h = (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503))
+                .wrapping_mul(2_246_822_519)
+                >> 27;
+            let over = ((x / 2 + y / 2) % 2) as u8 * 18;
+            let v = 180 + over + h as u8;
+            image::Rgb([v, v - 10, v - 30])
+        });
+        let mut jpeg = std::io::Cursor::new(Vec::new());
+        big.write_to(&mut jpeg, image::ImageFormat::Jpeg)?;
+        let path = storage.path().join(UPLOADED_SWATCH);
+        std::fs::create_dir_all(path.parent().unwrap())?;
+        std::fs::write(path, jpeg.into_inner())?;
+    }
     write_inputs(storage.path(), "small", args.small, size, args.transparent);
     write_inputs(storage.path(), "large", args.images, size, args.transparent);
     let (_, cpu0) = process_stats();
-    let small_wall = run_job(&url, "small", args.small, &args.output_format).await;
+    let small_wall = run_job(&url, "small", args.small, &args).await;
     let (small_peak, cpu1) = process_stats();
     let before = recorder.render();
-    let large_wall = run_job(&url, "large", args.images, &args.output_format).await;
+    let large_wall = run_job(&url, "large", args.images, &args).await;
     let (large_peak, cpu2) = process_stats();
     let after = recorder.render();
 
@@ -539,7 +567,7 @@ async fn main() -> anyhow::Result<()> {
     for round in 1..=args.extra_rounds {
         let job_id = format!("extra-{round}");
         write_inputs(storage.path(), &job_id, args.images, size, args.transparent);
-        run_job(&url, &job_id, args.images, &args.output_format).await;
+        run_job(&url, &job_id, args.images, &args).await;
         println!(
             "extra round {round}: {} more images, peak RSS {:.0} MB, RSS now {:.0} MB, job records {:.2} MB (estimate)",
             args.images,
@@ -581,7 +609,7 @@ async fn main() -> anyhow::Result<()> {
         );
         let before = recorder.render();
         let (_, cpu_a) = process_stats();
-        run_job(&url, "phone", args.phone_images, &args.output_format).await;
+        run_job(&url, "phone", args.phone_images, &args).await;
         let (_, cpu_b) = process_stats();
         let after = recorder.render();
         let n = f64::from(args.phone_images);

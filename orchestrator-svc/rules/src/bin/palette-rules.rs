@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use palette_rules::{
-    Edited, GrayImage, RgbImage, apply, contact, icc, preset, region, rule, synth,
+    Edited, GrayImage, RgbImage, apply, contact, icc, preset, region, rule, swatch, synth,
 };
 use std::path::{Path, PathBuf};
 
@@ -343,7 +343,7 @@ fn main() -> Result<()> {
                 .map(|p| load_gray(p, w, h))
                 .collect::<Result<Vec<_>>>()?;
             let sw = match &swatch {
-                Some(p) => Some(open_upright(p)?.to_rgb8()),
+                Some(p) => Some(swatch::LinearSwatch::from_rgb(&open_upright(p)?.to_rgb8())),
                 None => None,
             };
             let reg = region::build_region(&photo, &[target], &occ, &r.region_params());

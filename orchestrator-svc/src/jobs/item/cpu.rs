@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use palette_rules::guide_stats::GuideCache;
 use palette_rules::mask::{Rect, nonzero_bounds};
+use palette_rules::swatch::LinearSwatch;
 use palette_rules::{GrayImage, InPlace, RgbImage};
 use palette_service_kit::image_input::rgba_on_white;
 
@@ -103,7 +104,7 @@ pub struct RuleInput<'a> {
     pub rule: &'a PlannedRule,
     /// The image's index in the job (a rule may differ per image, e.g. a texture's perspective).
     pub idx: u32,
-    pub swatch: Option<&'a RgbImage>,
+    pub swatch: Option<&'a LinearSwatch>,
     pub want_preview: bool,
     /// Encode an edit as PNG, keeping the photo's transparency (`JobSpec.output_format`); JPEG otherwise.
     pub png: bool,

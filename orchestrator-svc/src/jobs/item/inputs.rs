@@ -1,10 +1,14 @@
-//! What an item reads besides masks: its photo and its rules' texture swatches, each capped at MAX_INPUT_BYTES
-//! before its body is read.
+//! What an item reads besides masks: its photo and its rules' texture swatches (shared with the job's other items in
+//! flight: `jobs::swatches`), each capped at MAX_INPUT_BYTES before its body is read.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
-use palette_rules::RgbImage;
+use palette_rules::swatch::LinearSwatch;
 
 use super::{ItemError, ItemRunner, imaging};
+use crate::jobs::swatches::JobSwatches;
+use crate::jobs::validate::JobPlan;
 use crate::storage::StorageError;
 
 impl ItemRunner {
@@ -27,11 +31,28 @@ impl ItemRunner {
         Ok(self.store.get_at_most(key, max).await?)
     }
 
-    pub(super) async fn load_swatch(
+    /// Each rule's uploaded swatch (None for the others), from the job's items in flight or loaded.
+    pub(super) async fn rule_swatches(
         &self,
-        rule_id: &str,
-        key: &str,
-    ) -> Result<RgbImage, ItemError> {
+        plan: &JobPlan,
+        swatches: &JobSwatches,
+    ) -> Result<Vec<Option<Arc<LinearSwatch>>>, ItemError> {
+        let mut out = Vec::with_capacity(plan.rules.len());
+        for rule in &plan.rules {
+            out.push(match rule.rule.texture_key() {
+                Some(key) => Some(
+                    swatches
+                        .get_or_load(key, self.load_swatch(&rule.rule_id, key))
+                        .await?,
+                ),
+                None => None,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A swatch from storage, decoded and in linear light.
+    async fn load_swatch(&self, rule_id: &str, key: &str) -> Result<Arc<LinearSwatch>, ItemError> {
         let unusable = |source| ItemError::Swatch {
             rule_id: rule_id.to_string(),
             key: key.to_string(),
@@ -49,8 +70,11 @@ impl ItemRunner {
                 StorageError::Unavailable { .. } => ItemError::Storage(e),
             })?;
         let max_pixels = self.limits.max_pixels;
-        self.cpu(move || imaging::decode_swatch(&bytes, max_pixels))
+        let decoded = self
+            .cpu(move || imaging::decode_swatch(&bytes, max_pixels))
             .await
-            .map_err(|e| unusable(e.into()))
+            .map_err(|e| unusable(e.into()))?;
+        self.cpu(move || Ok(Arc::new(LinearSwatch::from_rgb(&decoded))))
+            .await
     }
 }

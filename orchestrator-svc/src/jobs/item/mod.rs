@@ -24,6 +24,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use palette_proto::orchestrator::v1::{MaskKey, RuleOutput};
 use palette_rules::guide_stats::GuideCache;
+use palette_rules::swatch::LinearSwatch;
 use palette_rules::{GrayImage, RgbImage};
 use sha2::{Digest, Sha256};
 
@@ -33,6 +34,7 @@ pub use mask_cache::MaskCache;
 
 use super::job::ItemResult;
 use super::stage::Stage;
+use super::swatches::JobSwatches;
 use super::validate::JobPlan;
 use crate::config::MaskLayout;
 use crate::jobs::edit::record as edit_record;
@@ -147,8 +149,13 @@ impl ItemRunner {
         &self.budget
     }
 
-    /// Item `idx` of the job, every output stored.
-    pub async fn run(&self, plan: &Arc<JobPlan>, idx: u32) -> Result<ItemResult, ItemError> {
+    /// Item `idx` of the job, every output stored. `swatches`: the job's, shared with its other items.
+    pub async fn run(
+        &self,
+        plan: &Arc<JobPlan>,
+        idx: u32,
+        swatches: &JobSwatches,
+    ) -> Result<ItemResult, ItemError> {
         let input_key = keys::input(&plan.user_id, plan.photos_job_id(), idx);
         // An edit reads its source job's photo: that photo unusable is source_missing, not the edit's own input.
         let photo_error = |e: ItemError| match plan.source {
@@ -167,7 +174,7 @@ impl ItemRunner {
         let admitted = self.budget.admit(pixels).await;
         stage.finish();
         admitted
-            .hold_while(self.run_admitted(plan, idx, bytes, &photo_error))
+            .hold_while(self.run_admitted(plan, idx, bytes, &photo_error, swatches))
             .await
     }
 
@@ -177,7 +184,13 @@ impl ItemRunner {
         idx: u32,
         bytes: Bytes,
         photo_error: &impl Fn(ItemError) -> ItemError,
+        swatches: &JobSwatches,
     ) -> Result<ItemResult, ItemError> {
+        // The rules' uploaded swatches first: one missing or unusable fails the item before the segmenter is asked.
+        let stage = Stage::start("swatches");
+        let swatches = self.rule_swatches(plan, swatches).await?;
+        stage.finish();
+
         let stage = Stage::start("decode");
         let max_pixels = self.limits.max_pixels;
         let encoded = bytes.clone();
@@ -223,6 +236,7 @@ impl ItemRunner {
                 idx,
                 (&photo, transparency),
                 Arc::new(full_masks),
+                &swatches,
                 &mut uploads,
             )
             .await?;
@@ -313,6 +327,7 @@ impl ItemRunner {
         idx: u32,
         (photo, transparency): (&Arc<RgbImage>, Option<Arc<GrayImage>>),
         masks: Arc<HashMap<String, GrayImage>>,
+        swatches: &[Option<Arc<LinearSwatch>>],
         uploads: &mut Uploads,
     ) -> Result<(Vec<RuleOutput>, Option<Vec<u8>>), ItemError> {
         let mut outputs = Vec::new();
@@ -322,12 +337,9 @@ impl ItemRunner {
         let mut regions: Vec<(usize, Arc<Region>)> = Vec::new();
         // The guided filter's photo-only statistics, shared by the regions over the same crop.
         let guides = Arc::new(GuideCache::new());
-        for r in 0..plan.rules.len() {
+        for (r, swatch) in swatches.iter().enumerate().take(plan.rules.len()) {
             let rule_id = &plan.rules[r].rule_id;
-            let swatch = match plan.rules[r].rule.texture_key() {
-                Some(key) => Some(Arc::new(self.load_swatch(rule_id, key).await?)),
-                None => None,
-            };
+            let swatch = swatch.clone();
             let shared = regions
                 .iter()
                 .find(|(first, _)| cpu::same_region(&plan.rules[*first], &plan.rules[r]))

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use palette_rules::swatch::LinearSwatch;
 use palette_rules::{GrayImage, RgbImage};
 
 use crate::byte_lru::{ByteLru, Weigh};
@@ -18,9 +19,10 @@ pub enum Cached {
     Photo(PreviewPhoto),
     /// A concept's union mask, or a rule's refined region, at preview size.
     Plane(Arc<GrayImage>),
-    /// An uploaded swatch, decoded, with the SHA-256 of its bytes and when they were read (`swatch::SWATCH_TTL`).
+    /// An uploaded swatch, decoded to linear light, with the SHA-256 of its bytes and when they were read
+    /// (`swatch::SWATCH_TTL`).
     Swatch {
-        image: Arc<RgbImage>,
+        image: Arc<LinearSwatch>,
         sha256: [u8; 32],
         read_at: tokio::time::Instant,
     },
@@ -46,7 +48,8 @@ impl Weigh for Cached {
                 Cached::Photo(p) => {
                     p.rgb.as_raw().len() + p.transparency.as_ref().map_or(0, |a| a.as_raw().len())
                 }
-                Cached::Swatch { image, .. } => image.as_raw().len(),
+                // Three f32 per texel, and a third more for the mip chain a texture builds on first use.
+                Cached::Swatch { image, .. } => image.texels.len() * 16,
                 Cached::Plane(p) => p.as_raw().len(),
             }
     }

@@ -63,7 +63,7 @@ struct Loaded {
     full_size: (u32, u32),
     /// Each rule concept's and occluder's union mask at preview size (absent: no instance in the photo).
     masks: BTreeMap<String, Arc<GrayImage>>,
-    swatches: Vec<Option<Arc<RgbImage>>>,
+    swatches: Vec<Option<Arc<palette_rules::swatch::LinearSwatch>>>,
 }
 
 impl PreviewService {

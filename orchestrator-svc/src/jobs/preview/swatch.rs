@@ -1,11 +1,11 @@
-//! A texture rule's uploaded swatch, for previews. Cached decoded; but a swatch key is the user's to upload over
+//! A texture rule's uploaded swatch, for previews. Cached decoded (in linear light, as the texture samples it); but a swatch key is the user's to upload over
 //! (`inputs/{user}/...`, or an operator's `swatches/...`), and jobs read it afresh every time, so a cached one is
 //! checked again once it is `SWATCH_TTL` old: its bytes fetched and compared by SHA-256, decoded again only when
 //! they changed. A burst of previews (a slider dragged) reads storage once.
 
 use std::sync::Arc;
 
-use palette_rules::RgbImage;
+use palette_rules::swatch::LinearSwatch;
 use sha2::{Digest, Sha256};
 
 use super::PreviewService;
@@ -21,7 +21,7 @@ impl PreviewService {
         &self,
         rule_id: &str,
         key: &str,
-    ) -> Result<Arc<RgbImage>, ItemError> {
+    ) -> Result<Arc<LinearSwatch>, ItemError> {
         let cache_key = format!("s|{key}");
         let cached = match self.cache.get(&cache_key) {
             Some(Cached::Swatch {
@@ -54,12 +54,13 @@ impl PreviewService {
             Some((image, was)) if was == sha256 => image,
             _ => {
                 let max_pixels = self.inputs.max_pixels;
-                let decoded =
-                    tokio::task::spawn_blocking(move || imaging::decode_swatch(&bytes, max_pixels))
-                        .await
-                        .map_err(ItemError::Worker)?
-                        .map_err(|e| unusable(e.into()))?;
-                Arc::new(decoded)
+                tokio::task::spawn_blocking(move || {
+                    imaging::decode_swatch(&bytes, max_pixels)
+                        .map(|rgb| Arc::new(LinearSwatch::from_rgb(&rgb)))
+                })
+                .await
+                .map_err(ItemError::Worker)?
+                .map_err(|e| unusable(e.into()))?
             }
         };
         self.cache.insert(
