@@ -707,3 +707,54 @@ async fn a_redelivery_to_a_replica_with_a_changed_preset_calls_nothing_back_twic
     eprintln!("A called back {done_by_a} items before it died");
     assert_one_callback_per_item(&[&receiver_a, &receiver_b], JOB, IMAGES);
 }
+
+/// A queued job refused for good (here at once: one delivery allowed) was terminated with a log line only: its caller
+/// never heard of its items. Each is called back FAILED `invalid_job` with the refusal now, where the callback can
+/// name the job; a job whose own ids are invalid still gets nothing (no URL or webhook id can be made from them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_refused_for_good_calls_back_each_item_failed() {
+    let Some(s) = setup().await else { return };
+    let receiver = Receiver::start(SECRET, vec![]).await;
+    s.put_inputs("qp-after-refusals", 1).await;
+    let mut config = s.config(&receiver, 30);
+    config.nats.nats_max_deliveries = 1;
+    let _worker = Worker::start(config);
+    let js = s.jetstream().await;
+    let mut unknown_preset: serde_json::Value =
+        serde_json::from_slice(&seed_job("qp-no-such-preset", 2)).unwrap();
+    unknown_preset["preset"] = json!("nope");
+    let mut bad_id: serde_json::Value = serde_json::from_slice(&seed_job("qp-bad-id", 2)).unwrap();
+    bad_id["jobId"] = json!("../qp-bad-id");
+    publish(
+        &js,
+        vec![
+            serde_json::to_vec(&unknown_preset).unwrap(),
+            serde_json::to_vec(&bad_id).unwrap(),
+            seed_job("qp-after-refusals", 1),
+        ],
+    )
+    .await;
+    let deliveries = wait_deliveries(&[&receiver], 3).await;
+    wait_queue_drained(&js).await;
+    assert_eq!(receiver.deliveries().len(), 3);
+    let refused: Vec<_> = deliveries
+        .iter()
+        .filter(|d| d.job_id == "qp-no-such-preset")
+        .collect();
+    assert_eq!(refused.len(), 2);
+    let mut idx: Vec<u64> = refused
+        .iter()
+        .map(|d| d.body["idx"].as_u64().unwrap())
+        .collect();
+    idx.sort_unstable();
+    assert_eq!(idx, [0, 1]);
+    for d in &refused {
+        assert_eq!(d.body["status"], "failed");
+        assert_eq!(d.body["error_code"], "invalid_job");
+        assert!(
+            d.body["error"].as_str().unwrap().contains("preset"),
+            "{}",
+            d.body["error"]
+        );
+    }
+}

@@ -5,7 +5,9 @@
 //!   orchestrator binds to the same consumer, so the stream's jobs are shared among them.
 //! - A message is the seed's job JSON (as the Runpod `input`, see `spec_json::spec_from_input`). One message is fetched
 //!   at a time, so no job waits in one orchestrator while another is idle.
-//! - A message that is not a valid job is terminated (`Term`: logged, never redelivered).
+//! - A message that is not a valid job is terminated (`Term`: logged, never redelivered). One that is a job refused
+//!   for good (its last delivery: see below) has its items called back FAILED `invalid_job` first, where the
+//!   callback can name the job (`JobService::call_back_refused`).
 //! - A valid job is submitted to the same `JobService` as gRPC SubmitJob (GetJob/WatchJob/CancelJob work on it)
 //!   with durable items (`jobs::durable`), followed until every item is terminal and its callback settled, then
 //!   acknowledged (double ack: the server confirms). While it runs an in-progress ack goes out every third of the
@@ -181,6 +183,8 @@ async fn handle(
         }
         Some(Err(e)) => {
             tracing::error!(%job_id, delivered, error = %e, "queue_pull: job refused on its last delivery; dropped");
+            // Its caller hears nothing else: its items are called back FAILED where the refusal allows.
+            service.call_back_refused(&spec, &e).await;
             acknowledge(&message, AckKind::Term, &job_id).await;
             return;
         }

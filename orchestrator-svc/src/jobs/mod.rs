@@ -17,6 +17,7 @@ mod phrases;
 mod pipeline;
 pub mod preview;
 mod recorded;
+mod refused;
 mod register;
 pub mod registry;
 mod report;
