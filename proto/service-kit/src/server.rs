@@ -57,6 +57,8 @@ pub struct Serving {
     /// MAX_HEALTH_WATCHES.
     max_health_watches: usize,
     keepalive: Keepalive,
+    /// How long an accepted connection may stay silent before it is closed (`incoming`).
+    first_bytes_within: Duration,
 }
 
 impl Serving {
@@ -111,6 +113,8 @@ impl Serving {
                 interval: args.keepalive_interval,
                 timeout: args.keepalive_timeout,
             },
+            // The TLS handshake's limit, for every connection: a TLS one's first bytes are its ClientHello.
+            first_bytes_within: args.tls_handshake_timeout,
         })
     }
 
@@ -151,7 +155,7 @@ impl Serving {
             AbortOnDrop(tokio::spawn(
                 builder(self.max_streams, self.keepalive)
                     .add_service(health)
-                    .serve_with_incoming(incoming(listener)),
+                    .serve_with_incoming(incoming(listener, self.first_bytes_within)),
             ))
         });
         let _reload = self.reload.map(AbortOnDrop);
@@ -162,7 +166,7 @@ impl Serving {
         api_server
             .layer(AuthLayer::new(self.auth))
             .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming(listener), shutdown)
+            .serve_with_incoming_shutdown(incoming(listener, self.first_bytes_within), shutdown)
             .await
     }
 }
@@ -268,11 +272,36 @@ fn log_mode(
     }
 }
 
+/// Connections waiting for their first bytes at once (`incoming`); more wait in the listen backlog meanwhile.
+const MAX_SILENT_CONNECTIONS: usize = 1024;
+
 /// Accepted connections with TCP_NODELAY (no Nagle / delayed-ACK stalls on small gRPC frames: they held small
 /// responses for ~40 ms, measured with segmenter-bench) and TCP keepalive (dead peers behind NAT or a load balancer
-/// are noticed).
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
+/// are noticed), handed to the server once their first bytes arrive: one that sends nothing for `first_bytes_within`
+/// is closed. Without that, a plaintext connection that never sent the HTTP/2 preface held a task and a file
+/// descriptor for ever (HTTP/2 keepalive starts after the preface; tonic's TLS handshake timeout covers TLS only).
+/// At most MAX_SILENT_CONNECTIONS wait at once.
+pub fn incoming(
+    listener: TcpListener,
+    first_bytes_within: Duration,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
+    use futures::StreamExt;
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)))
+        .map(move |accepted| async move {
+            let stream = match accepted {
+                Ok(stream) => stream,
+                Err(e) => return Some(Err(e)),
+            };
+            // A peek returns once bytes (or the peer's FIN, which the server then reads as the end) have arrived;
+            // `readable` may wake without them.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(first_bytes_within, stream.peek(&mut first)).await {
+                Ok(Ok(_)) => Some(Ok(stream)),
+                Ok(Err(_)) | Err(_) => None,
+            }
+        })
+        .buffer_unordered(MAX_SILENT_CONNECTIONS)
+        .filter_map(std::future::ready)
 }

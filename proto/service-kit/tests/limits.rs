@@ -345,3 +345,25 @@ async fn server_settings(addr: SocketAddr) -> Vec<(u16, u32)> {
         .await
         .unwrap()
 }
+
+/// A plaintext connection that never sends the HTTP/2 preface was held for ever (HTTP/2 keepalive starts after the
+/// preface; the TLS handshake timeout covered TLS only): closed after the same limit now (10 s; 200 ms here), on
+/// both listeners, while a client that speaks at once is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_connection_that_never_speaks_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let mut args = args();
+    args.tls_handshake_timeout = Duration::from_millis(200);
+    let server = start(&args).await;
+    for addr in [server.addr, server.health_addr] {
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "{addr}: the server kept a silent connection open: {read:?}"
+        );
+    }
+    let mut health = HealthClient::new(channel(server.addr).await);
+    health.check(overall()).await.unwrap();
+}
