@@ -49,6 +49,9 @@ pub(super) fn own_deadline_passed(status: Status) -> Status {
 pub(super) fn retryable(status: &Status) -> bool {
     use palette_proto::segmenter::v1::error_info::{DOMAIN, REPLY_TOO_LARGE};
     use tonic_types::StatusExt;
+    if connection_failed(status) {
+        return true;
+    }
     match status.code() {
         Code::Unavailable | Code::Cancelled => true,
         Code::ResourceExhausted => !status
@@ -58,7 +61,28 @@ pub(super) fn retryable(status: &Status) -> bool {
     }
 }
 
+/// The connection the call ran on failed under it: no replica answered. tonic reports a GOAWAY (a replica shutting
+/// down while a call was on its way: h2 NO_ERROR) as INTERNAL "h2 protocol error", with the transport error as the
+/// status' source; a status a replica sent has no source. Segment is a pure function, so another attempt is safe,
+/// as for CANCELLED; INTERNAL from a replica itself (the request's own fault) stays final.
+fn connection_failed(status: &Status) -> bool {
+    std::error::Error::source(status).is_some_and(|source| source.is::<tonic::transport::Error>())
+}
+
+/// The replica the call ran on may be gone (unavailable, its connection closed or failed): worth looking up the
+/// replicas again before the next attempt.
+pub(super) fn replica_gone(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Cancelled) || connection_failed(status)
+}
+
 pub(super) fn map_status(call: &'static str, attempts: u32, status: Status) -> SegmenterError {
+    if connection_failed(&status) {
+        return SegmenterError::Unavailable {
+            call,
+            attempts,
+            status,
+        };
+    }
     match status.code() {
         Code::Unavailable
         | Code::ResourceExhausted
@@ -85,5 +109,62 @@ pub(super) fn map_status(call: &'static str, attempts: u32, status: Status) -> S
             attempts,
             status,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palette_proto::segmenter::v1 as pb;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// What a call gets from a replica that answers its connection with GOAWAY (NO_ERROR, last stream 0: the call's
+    /// stream was never processed), as a replica shutting down does to a call already on its way.
+    async fn status_from_a_replica_going_away() -> Status {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut preface = [0u8; 24];
+            socket.read_exact(&mut preface).await.unwrap();
+            // SETTINGS (empty), then GOAWAY: last stream id 0, NO_ERROR.
+            let mut frames = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+            frames.extend_from_slice(&[0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            socket.write_all(&frames).await.unwrap();
+            let mut rest = [0u8; 1024];
+            while socket.read(&mut rest).await.is_ok_and(|n| n > 0) {}
+        });
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        pb::segmenter_client::SegmenterClient::new(channel)
+            .segment(pb::SegmentRequest::default())
+            .await
+            .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn a_call_cut_by_a_goaway_is_retried_and_unavailable() {
+        let status = status_from_a_replica_going_away().await;
+        assert!(retryable(&status), "{status:?}");
+        assert!(
+            matches!(
+                map_status("Segment", 1, status),
+                SegmenterError::Unavailable { .. }
+            ),
+            "not Rejected"
+        );
+    }
+
+    #[test]
+    fn internal_from_a_replica_itself_stays_final() {
+        let status = Status::internal("decoder run failed for this request");
+        assert!(!retryable(&status));
+        assert!(matches!(
+            map_status("Segment", 1, status),
+            SegmenterError::Rejected { .. }
+        ));
     }
 }

@@ -21,9 +21,9 @@ use palette_proto::segmenter::v1::{
 };
 use palette_service_kit::BearerToken;
 use tokio::sync::{RwLock, mpsc, oneshot};
+use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Code, Status};
 use tracing::Instrument;
 
 pub use targets::{Target, TargetError, parse_targets};
@@ -31,7 +31,7 @@ pub use targets::{Target, TargetError, parse_targets};
 use crate::config::{ConfigError, SegmenterSecurity};
 use crate::telemetry;
 pub use failure::SegmenterError;
-use failure::{map_status, own_deadline_passed, retryable};
+use failure::{map_status, own_deadline_passed, replica_gone, retryable};
 use resolver::Resolver;
 
 /// Responses carry model-resolution masks for every instance: generous, but bounded.
@@ -291,7 +291,7 @@ impl Segmenter {
                 Ok(value) => return Ok(value),
                 Err(status) if retryable(&status) && attempt < self.attempts => {
                     tracing::warn!(what, attempt, code = ?status.code(), message = status.message(), "segmenter call failed, retrying");
-                    if matches!(status.code(), Code::Unavailable | Code::Cancelled) {
+                    if replica_gone(&status) {
                         self.refresh_replicas().await;
                     }
                     tokio::time::sleep(backoff).await;
@@ -399,7 +399,7 @@ mod tests {
                 status,
                 ..
             }) => {
-                assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+                assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
             }
             other => panic!("{other:?}"),
         }
