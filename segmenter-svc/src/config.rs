@@ -199,14 +199,17 @@ pub struct Config {
 
     /// After a failure no probe can undo (a failed warm-up, a panic of the inference thread), seconds of NOT_SERVING
     /// (the reason in health logs and in every refusal) before the process exits with an error, so that a
-    /// supervisor without health checks restarts it: docker compose's `restart: unless-stopped`, a Runpod pod. 0:
-    /// never exit, stay NOT_SERVING for a liveness probe (Kubernetes restarts the pod either way). At most 86400.
+    /// supervisor without health checks restarts it: docker compose's `restart: unless-stopped`, a Runpod pod. A
+    /// model run that has not returned for RUN_STALL_SEC plus this long ends the process too, without waiting for it
+    /// (an abort). 0: never exit, stay NOT_SERVING for a liveness probe (Kubernetes restarts the pod either way). At
+    /// most 86400.
     #[arg(long, env = "EXIT_AFTER_FAILURE_SEC", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub exit_after_failure_sec: u64,
 
     /// A model run (a batch, a recovery probe) taking longer than this many seconds turns health NOT_SERVING until
     /// it ends: a GPU fault that hangs a run instead of failing it changes nothing else, and the replica would keep
-    /// its traffic while every request waits for its deadline (a liveness probe then restarts it). 0 (default): 60
+    /// its traffic while every request waits for its deadline (EXIT_AFTER_FAILURE_SEC later the process exits, or a
+    /// liveness probe restarts it). 0 (default): 60
     /// on CUDA, 1800 on the CPU (a full-size batch takes minutes there); at most 86400.
     #[arg(long, env = "RUN_STALL_SEC", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub run_stall_sec: u64,

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod exit;
 pub mod mask_plane;
 pub mod model;
 pub mod phrases;

@@ -17,5 +17,14 @@ async fn main() -> anyhow::Result<()> {
     if let Some(provider) = traces {
         let _ = provider.shutdown();
     }
+    if let Err(e) = &result
+        && e.downcast_ref::<segmenter_svc::exit::StalledRun>()
+            .is_some()
+    {
+        // A model run never returned: a normal exit runs the libraries' exit handlers, which may wait on the hung
+        // device too. The supervisor restarts the process either way.
+        eprintln!("Error: {e:#}");
+        std::process::abort();
+    }
     result
 }

@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::engine::{self, EngineSettings, Health};
+use crate::exit::{self, Failure, StalledRun};
 use crate::model::manifest::{self, Manifest};
 use crate::model::runtime;
 use crate::model::tokenizer::PhraseTokenizer;
@@ -70,9 +71,10 @@ async fn serve_prepared(
     // Fired at the shutdown signal: from then on health says NOT_SERVING whatever the engine does (a warm-up that
     // ends, or a re-probe that passes, during the drain must not bring traffic back).
     let draining = tokio_util::sync::CancellationToken::new();
+    let stall_limit = shared.stall_limit;
     let watchdog = Watchdog {
         busy: engine.busy(),
-        limit: shared.stall_limit,
+        limit: stall_limit,
     };
     let health_task = tokio::spawn(
         follow_health(
@@ -96,22 +98,29 @@ async fn serve_prepared(
     let grace = Duration::from_secs(config.shutdown_grace_sec);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let signal_reporter = reporter.clone();
-    let broken = exit_when_broken(engine.health(), config.exit_after_failure());
-    // The shutdown signal, or the engine broken for good (EXIT_AFTER_FAILURE_SEC later): the same drain, and the
-    // latter's reason is `run`'s error.
+    let give_up = exit::failure(
+        engine.health(),
+        engine.busy(),
+        stall_limit,
+        config.exit_after_failure(),
+    );
+    // Set before the drain starts: a stalled run's requests are not waited for (nothing will answer them).
+    let failure_slot = Arc::new(std::sync::OnceLock::<Failure>::new());
+    let failed = failure_slot.clone();
+    // The shutdown signal, or giving up (`exit`): the same drain, and the latter is `run`'s error.
     let signal_task = tokio::spawn(
         async move {
-            let failure = tokio::select! {
+            tokio::select! {
                 () = shutdown => {
                     tracing::info!("shutdown requested: NOT_SERVING, draining in-flight requests");
-                    None
                 }
-                reason = broken => Some(reason),
+                failure = give_up => {
+                    let _ = failed.set(failure);
+                }
             };
             draining.cancel();
             report(&signal_reporter, ServingStatus::NotServing).await;
             let _ = stop_tx.send(());
-            failure
         }
         .instrument(tracing::info_span!("task", task = "shutdown_signal")),
     );
@@ -126,64 +135,45 @@ async fn serve_prepared(
         },
     );
     tokio::pin!(server);
+    let stalled = || matches!(failure_slot.get(), Some(Failure::Stalled(_)));
     tokio::select! {
         result = &mut server => result?,
-        _ = async { let _ = drained_rx.await; tokio::time::sleep(grace).await } => {
+        _ = async {
+            let _ = drained_rx.await;
+            tokio::time::sleep(if stalled() { Duration::ZERO } else { grace }).await
+        } => {
             tracing::warn!(grace_sec = grace.as_secs(), "grace period over; closing with requests still in flight");
         }
     }
     drop(engine);
-    // Stop and join the inference thread (off the async threads: it ends the batch in progress before its next
-    // decoder chunk, answering what is left NOT_SERVING).
-    tokio::task::spawn_blocking(move || drop(engine_thread)).await?;
-    // Both end on their own by now: the signal has fired, and the engine's health channel closed with the thread.
-    let failure = signal_task.await?;
+    if stalled() {
+        // Its run never returns: joining would hang this task as well. Told to stop, left behind.
+        if let Some(thread) = engine_thread {
+            thread.detach();
+        }
+    } else {
+        // Stop and join the inference thread (off the async threads: it ends the batch in progress before its
+        // next decoder chunk, answering what is left NOT_SERVING).
+        tokio::task::spawn_blocking(move || drop(engine_thread)).await?;
+    }
+    // The signal has fired; the engine's health channel closed with the thread (not after a stall).
+    signal_task.await?;
     if tokio::time::timeout(Duration::from_secs(5), health_task)
         .await
         .is_err()
     {
         tracing::warn!("the health task did not end with the inference thread");
     }
-    if let Some(reason) = failure {
-        anyhow::bail!(
+    match failure_slot.get() {
+        Some(Failure::Broken(reason)) => anyhow::bail!(
             "the model cannot serve ({reason}): exiting so that the segmenter is started again \
              (EXIT_AFTER_FAILURE_SEC)"
-        );
+        ),
+        Some(Failure::Stalled(running)) => return Err(StalledRun(*running).into()),
+        None => {}
     }
     tracing::info!("segmenter stopped");
     Ok(())
-}
-
-/// Resolves `after` the engine is broken for good (a failed warm-up, a panic of the inference thread), with the
-/// reason; never without `after` (EXIT_AFTER_FAILURE_SEC=0) or when the engine stops otherwise. A process that
-/// stays up NOT_SERVING is restarted only where something probes its health (Kubernetes' liveness probe); compose
-/// and a Runpod pod restart a process that exits.
-async fn exit_when_broken(
-    mut health: tokio::sync::watch::Receiver<Health>,
-    after: Option<Duration>,
-) -> String {
-    let Some(after) = after else {
-        return std::future::pending().await;
-    };
-    // The state is read (and its lock released) before any other await.
-    let broken = match health.wait_for(|h| matches!(h, Health::Broken(_))).await {
-        Ok(state) => match &*state {
-            Health::Broken(reason) => Some(reason.clone()),
-            _ => None,
-        },
-        Err(_) => None,
-    };
-    let Some(reason) = broken else {
-        return std::future::pending().await;
-    };
-    tracing::error!(
-        reason,
-        exit_in_s = after.as_secs(),
-        "the model cannot serve and no probe can bring it back: NOT_SERVING, then exiting for the supervisor to \
-         start the segmenter again (EXIT_AFTER_FAILURE_SEC)"
-    );
-    tokio::time::sleep(after).await;
-    reason
 }
 
 /// Everything up to a warm engine. Blocking work (checksums, session builds) runs off the async runtime.

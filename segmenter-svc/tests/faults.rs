@@ -475,3 +475,38 @@ async fn a_run_that_does_not_return_turns_health_not_serving_until_it_does() {
     );
     server.stop().await.unwrap();
 }
+
+/// A run that never returns (a hung GPU stream) left the segmenter up and NOT_SERVING for ever where nothing probes
+/// health (compose, Runpod), and a shutdown then hung joining the inference thread. Past RUN_STALL_SEC and
+/// EXIT_AFTER_FAILURE_SEC more, `run` returns `StalledRun` (main aborts on it) without waiting for the run or the
+/// requests it holds (1 s + 1 s here, against a run held for 8 s).
+#[tokio::test]
+async fn a_run_that_never_returns_ends_the_server_without_waiting_for_it() {
+    let mut config = test_config();
+    config.run_stall_sec = 1;
+    config.exit_after_failure_sec = 1;
+    let faults = config.faults.clone();
+    let mut server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let req = || request(image_bytes("room_640x480.jpg"), &["wall"]);
+    client.segment(req()).await.unwrap();
+    faults.delay_next_run(Duration::from_secs(8));
+    let held = tokio::spawn(async move { client.segment(req()).await });
+    let started = tokio::time::Instant::now();
+    let error = server
+        .ended_within(Duration::from_secs(6))
+        .await
+        .expect("run returned while the run was still held")
+        .unwrap_err();
+    assert!(
+        error
+            .downcast_ref::<segmenter_svc::exit::StalledRun>()
+            .is_some(),
+        "{error:#}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(6));
+    assert!(
+        held.await.unwrap().is_err(),
+        "the held request was not answered"
+    );
+}

@@ -78,6 +78,15 @@ pub struct EngineThread {
     join: Option<JoinHandle<()>>,
 }
 
+impl EngineThread {
+    /// Tells the thread to stop and lets it go without waiting for it: for a thread whose run never returns
+    /// (`exit`), which a join would wait on for ever. It ends on its own if the run ever does.
+    pub fn detach(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        drop(self.join.take());
+    }
+}
+
 impl Drop for EngineThread {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
