@@ -1,41 +1,62 @@
 //! A job's uploaded texture swatches, shared by its items while they use them: decoded and converted to linear light
-//! (with its mip chain, built on first use) once for the items in flight together, instead of downloaded, decoded and
-//! converted again by every item, for every rule (at 1 MP a 1024² swatch cost about as much CPU as the rest of the
-//! item).
+//! (with its mip chain, built on first use) once for the items applying a rule together, instead of downloaded,
+//! decoded and converted again by every item, for every rule (at 1 MP a 1024² swatch cost about as much CPU as the
+//! rest of the item).
 //!
-//! Held weakly: a swatch lives as long as an item of the job holds it (items take theirs before segmenting and drop
-//! them when their rules are applied), so nothing is kept between a job's bursts of items nor after it, and no swatch
-//! is reused across jobs (the user may upload another under the same key). Items that start together before the
-//! first load ends each load it, as before.
+//! Held weakly: a swatch lives while an item of the job holds it (items take one per rule while applying it, as
+//! before, so an item holds at most one and memory stays as it was), nothing is kept between a job's bursts of items
+//! nor after it, and no swatch is reused across jobs (the user may upload another under the same key). Loads are
+//! single-flight: items asking while one loads wait for it. A failed load is not kept: the next item tries again.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
 
 use palette_rules::swatch::LinearSwatch;
+use tokio::sync::OnceCell;
+
+type Cell = OnceCell<Arc<LinearSwatch>>;
 
 #[derive(Debug, Default)]
-pub struct JobSwatches(Mutex<HashMap<String, Weak<LinearSwatch>>>);
+pub struct JobSwatches(Mutex<HashMap<String, Weak<Cell>>>);
+
+/// A swatch an item holds: keeps it (and its entry) alive for the job's other items.
+pub struct HeldSwatch(Arc<Cell>);
+
+impl std::ops::Deref for HeldSwatch {
+    type Target = LinearSwatch;
+
+    fn deref(&self) -> &LinearSwatch {
+        self.0.get().expect("a held swatch is loaded")
+    }
+}
 
 impl JobSwatches {
-    /// The swatch under `key` that an item of the job still holds, else `load`'s (then shared).
+    /// The swatch under `key` that an item of the job holds or is loading, else `load`'s (then shared).
     pub async fn get_or_load<E>(
         &self,
         key: &str,
         load: impl Future<Output = Result<Arc<LinearSwatch>, E>>,
-    ) -> Result<Arc<LinearSwatch>, E> {
-        if let Some(held) = self.lock().get(key).and_then(Weak::upgrade) {
-            return Ok(held);
-        }
-        let loaded = load.await?;
-        let mut held = self.lock();
-        // Entries of swatches no item holds any more go with this insert: the map stays as small as the rules.
-        held.retain(|_, swatch| swatch.strong_count() > 0);
-        held.insert(key.to_string(), Arc::downgrade(&loaded));
-        Ok(loaded)
+    ) -> Result<HeldSwatch, E> {
+        let cell = {
+            let mut cells = self.lock();
+            match cells.get(key).and_then(Weak::upgrade) {
+                Some(cell) => cell,
+                None => {
+                    // Entries of swatches no item holds any more go with this insert: the map stays as small as
+                    // the rules.
+                    cells.retain(|_, cell| cell.strong_count() > 0);
+                    let cell = Arc::new(Cell::new());
+                    cells.insert(key.to_string(), Arc::downgrade(&cell));
+                    cell
+                }
+            }
+        };
+        cell.get_or_try_init(|| load).await?;
+        Ok(HeldSwatch(cell))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<LinearSwatch>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<Cell>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -59,10 +80,10 @@ mod tests {
         };
         let first = swatches.get_or_load("s/a.jpg", load()).await.unwrap();
         let second = swatches.get_or_load("s/a.jpg", load()).await.unwrap();
-        assert!(Arc::ptr_eq(&first, &second));
+        assert!(std::ptr::eq(&*first, &*second));
         assert_eq!(loads.load(Ordering::SeqCst), 1);
         let other = swatches.get_or_load("s/b.jpg", load()).await.unwrap();
-        assert!(!Arc::ptr_eq(&first, &other));
+        assert!(!std::ptr::eq(&*first, &*other));
         assert_eq!(loads.load(Ordering::SeqCst), 2);
 
         // Once no item holds it, it is gone: the next item loads it again.
@@ -71,6 +92,35 @@ mod tests {
         assert_eq!(loads.load(Ordering::SeqCst), 3);
         drop((again, other));
         assert!(swatches.lock().values().all(|w| w.strong_count() == 0));
+    }
+
+    #[tokio::test]
+    async fn items_asking_while_one_loads_wait_for_that_load() {
+        let swatches = Arc::new(JobSwatches::default());
+        let loads = Arc::new(AtomicUsize::new(0));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let ask = |swatches: Arc<JobSwatches>| {
+            let (loads, mut released) = (loads.clone(), released.clone());
+            tokio::spawn(async move {
+                swatches
+                    .get_or_load("s/a.jpg", async move {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        let _ = released.wait_for(|&r| r).await;
+                        Ok::<_, ()>(swatch())
+                    })
+                    .await
+            })
+        };
+        let items: Vec<_> = (0..4).map(|_| ask(swatches.clone())).collect();
+        tokio::task::yield_now().await;
+        release.send_replace(true);
+        // Every item keeps its swatch until all have theirs (as items in flight together do).
+        let mut held = Vec::new();
+        for item in items {
+            held.push(item.await.unwrap().unwrap());
+        }
+        assert!(held.iter().all(|h| std::ptr::eq(&**h, &*held[0])));
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use palette_rules::swatch::LinearSwatch;
 
 use super::{ItemError, ItemRunner, imaging};
-use crate::jobs::swatches::JobSwatches;
+use crate::jobs::swatches::{HeldSwatch, JobSwatches};
 use crate::jobs::validate::JobPlan;
 use crate::storage::StorageError;
 
@@ -31,24 +31,49 @@ impl ItemRunner {
         Ok(self.store.get_at_most(key, max).await?)
     }
 
-    /// Each rule's uploaded swatch (None for the others), from the job's items in flight or loaded.
-    pub(super) async fn rule_swatches(
-        &self,
-        plan: &JobPlan,
-        swatches: &JobSwatches,
-    ) -> Result<Vec<Option<Arc<LinearSwatch>>>, ItemError> {
-        let mut out = Vec::with_capacity(plan.rules.len());
+    /// Checks that each rule's uploaded swatch is there and within MAX_INPUT_BYTES (its HEAD), before the segmenter
+    /// is asked: a missing one fails the item without GPU time. Read when its rule is applied (`swatch`).
+    pub(super) async fn check_swatches(&self, plan: &JobPlan) -> Result<(), ItemError> {
         for rule in &plan.rules {
-            out.push(match rule.rule.texture_key() {
-                Some(key) => Some(
-                    swatches
-                        .get_or_load(key, self.load_swatch(&rule.rule_id, key))
-                        .await?,
-                ),
-                None => None,
-            });
+            let Some(key) = rule.rule.texture_key() else {
+                continue;
+            };
+            let unusable = |source: crate::error::BoxError| ItemError::Swatch {
+                rule_id: rule.rule_id.clone(),
+                key: key.to_string(),
+                source,
+            };
+            let max = self.limits.max_bytes;
+            match self.store.head(key).await {
+                Ok(Some(meta)) if meta.size <= max => {}
+                Ok(Some(meta)) => {
+                    return Err(unusable(
+                        StorageError::TooLarge {
+                            key: key.to_string(),
+                            size: Some(meta.size),
+                            limit: max,
+                        }
+                        .into(),
+                    ));
+                }
+                Ok(None) => return Err(unusable(StorageError::NotFound(key.to_string()).into())),
+                Err(e @ StorageError::Unavailable { .. }) => return Err(ItemError::Storage(e)),
+                Err(e) => return Err(unusable(e.into())),
+            }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Rule `rule_id`'s swatch under `key`, from the job's items applying it now or loaded.
+    pub(super) async fn swatch(
+        &self,
+        swatches: &JobSwatches,
+        rule_id: &str,
+        key: &str,
+    ) -> Result<HeldSwatch, ItemError> {
+        swatches
+            .get_or_load(key, self.load_swatch(rule_id, key))
+            .await
     }
 
     /// A swatch from storage, decoded and in linear light.

@@ -24,7 +24,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use palette_proto::orchestrator::v1::{MaskKey, RuleOutput};
 use palette_rules::guide_stats::GuideCache;
-use palette_rules::swatch::LinearSwatch;
 use palette_rules::{GrayImage, RgbImage};
 use sha2::{Digest, Sha256};
 
@@ -186,10 +185,8 @@ impl ItemRunner {
         photo_error: &impl Fn(ItemError) -> ItemError,
         swatches: &JobSwatches,
     ) -> Result<ItemResult, ItemError> {
-        // The rules' uploaded swatches first: one missing or unusable fails the item before the segmenter is asked.
-        let stage = Stage::start("swatches");
-        let swatches = self.rule_swatches(plan, swatches).await?;
-        stage.finish();
+        // The rules' uploaded swatches are there: one missing fails the item before the segmenter is asked.
+        self.check_swatches(plan).await?;
 
         let stage = Stage::start("decode");
         let max_pixels = self.limits.max_pixels;
@@ -236,7 +233,7 @@ impl ItemRunner {
                 idx,
                 (&photo, transparency),
                 Arc::new(full_masks),
-                &swatches,
+                swatches,
                 &mut uploads,
             )
             .await?;
@@ -327,7 +324,7 @@ impl ItemRunner {
         idx: u32,
         (photo, transparency): (&Arc<RgbImage>, Option<Arc<GrayImage>>),
         masks: Arc<HashMap<String, GrayImage>>,
-        swatches: &[Option<Arc<LinearSwatch>>],
+        swatches: &JobSwatches,
         uploads: &mut Uploads,
     ) -> Result<(Vec<RuleOutput>, Option<Vec<u8>>), ItemError> {
         let mut outputs = Vec::new();
@@ -337,9 +334,13 @@ impl ItemRunner {
         let mut regions: Vec<(usize, Arc<Region>)> = Vec::new();
         // The guided filter's photo-only statistics, shared by the regions over the same crop.
         let guides = Arc::new(GuideCache::new());
-        for (r, swatch) in swatches.iter().enumerate().take(plan.rules.len()) {
+        for r in 0..plan.rules.len() {
             let rule_id = &plan.rules[r].rule_id;
-            let swatch = swatch.clone();
+            // Held while this rule is applied, shared with the job's other items applying it now.
+            let swatch = match plan.rules[r].rule.texture_key() {
+                Some(key) => Some(self.swatch(swatches, rule_id, key).await?),
+                None => None,
+            };
             let shared = regions
                 .iter()
                 .find(|(first, _)| cpu::same_region(&plan.rules[*first], &plan.rules[r]))
