@@ -710,7 +710,8 @@ async fn a_redelivery_to_a_replica_with_a_changed_preset_calls_nothing_back_twic
 
 /// A queued job refused for good (here at once: one delivery allowed) was terminated with a log line only: its caller
 /// never heard of its items. Each is called back FAILED `invalid_job` with the refusal now, where the callback can
-/// name the job; a job whose own ids are invalid still gets nothing (no URL or webhook id can be made from them).
+/// name the job, except an item an earlier delivery finished (its record exists); a job whose own ids are invalid
+/// still gets nothing (no URL or webhook id can be made from them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_refused_for_good_calls_back_each_item_failed() {
     let Some(s) = setup().await else { return };
@@ -721,14 +722,30 @@ async fn a_job_refused_for_good_calls_back_each_item_failed() {
     let _worker = Worker::start(config);
     let js = s.jetstream().await;
     let mut unknown_preset: serde_json::Value =
-        serde_json::from_slice(&seed_job("qp-no-such-preset", 2)).unwrap();
+        serde_json::from_slice(&seed_job("qp-no-such-preset", 3)).unwrap();
     unknown_preset["preset"] = json!("nope");
+    // Item 2 was finished by an earlier delivery (a replica that had the preset, stopped before the job's end): its
+    // record is there, so it was called back then and is left alone now.
+    let message = serde_json::to_vec(&unknown_preset).unwrap();
+    let spec = orchestrator_svc::spec_json::spec_from_bytes(&message).unwrap();
+    let record = format!(
+        "jobs-state/{USER}/qp-no-such-preset/{}/2.json",
+        orchestrator_svc::jobs::job::spec_hash(&spec)
+    );
+    s.store
+        .put(
+            &record,
+            bytes::Bytes::from_static(b"{}"),
+            "application/json",
+        )
+        .await
+        .unwrap();
     let mut bad_id: serde_json::Value = serde_json::from_slice(&seed_job("qp-bad-id", 2)).unwrap();
     bad_id["jobId"] = json!("../qp-bad-id");
     publish(
         &js,
         vec![
-            serde_json::to_vec(&unknown_preset).unwrap(),
+            message,
             serde_json::to_vec(&bad_id).unwrap(),
             seed_job("qp-after-refusals", 1),
         ],

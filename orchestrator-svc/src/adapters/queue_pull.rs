@@ -183,8 +183,23 @@ async fn handle(
         }
         Some(Err(e)) => {
             tracing::error!(%job_id, delivered, error = %e, "queue_pull: job refused on its last delivery; dropped");
-            // Its caller hears nothing else: its items are called back FAILED where the refusal allows.
-            service.call_back_refused(&spec, &e).await;
+            // Its caller hears nothing else: its items are called back FAILED where the refusal allows, the message
+            // kept by in-progress acks meanwhile (a receiver down takes minutes of retries); a shutdown leaves them
+            // to the next delivery.
+            let callbacks = service.call_back_refused(&spec, &e);
+            tokio::pin!(callbacks);
+            let mut progress = tokio::time::interval(progress_every);
+            progress.tick().await;
+            loop {
+                tokio::select! {
+                    _ = &mut callbacks => break,
+                    _ = progress.tick() => acknowledge(&message, AckKind::Progress, &job_id).await,
+                    () = follow::stopped(&mut stop) => {
+                        acknowledge(&message, AckKind::Nak(None), &job_id).await;
+                        return;
+                    }
+                }
+            }
             acknowledge(&message, AckKind::Term, &job_id).await;
             return;
         }
