@@ -272,7 +272,8 @@ fn log_mode(
     }
 }
 
-/// Connections waiting for their first bytes at once (`incoming`); more wait in the listen backlog meanwhile.
+/// Connections waiting for their first bytes at once (`incoming`); past it new connections are handed on at once,
+/// as before that wait existed, so a flood of silent sockets never stops the listener from accepting.
 const MAX_SILENT_CONNECTIONS: usize = 1024;
 
 /// Accepted connections with TCP_NODELAY (no Nagle / delayed-ACK stalls on small gRPC frames: they held small
@@ -286,22 +287,34 @@ pub fn incoming(
     first_bytes_within: Duration,
 ) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
     use futures::StreamExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let waiting = Arc::new(AtomicUsize::new(0));
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)))
-        .map(move |accepted| async move {
-            let stream = match accepted {
-                Ok(stream) => stream,
-                Err(e) => return Some(Err(e)),
-            };
-            // A peek returns once bytes (or the peer's FIN, which the server then reads as the end) have arrived;
-            // `readable` may wake without them.
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(first_bytes_within, stream.peek(&mut first)).await {
-                Ok(Ok(_)) => Some(Ok(stream)),
-                Ok(Err(_)) | Err(_) => None,
+        .map(move |accepted| {
+            let waiting = waiting.clone();
+            async move {
+                let stream = match accepted {
+                    Ok(stream) => stream,
+                    Err(e) => return Some(Err(e)),
+                };
+                if waiting.fetch_add(1, Ordering::SeqCst) >= MAX_SILENT_CONNECTIONS {
+                    waiting.fetch_sub(1, Ordering::SeqCst);
+                    return Some(Ok(stream));
+                }
+                // A peek returns once bytes (or the peer's FIN, which the server then reads as the end) have
+                // arrived; `readable` may wake without them.
+                let mut first = [0u8; 1];
+                let spoke = tokio::time::timeout(first_bytes_within, stream.peek(&mut first)).await;
+                waiting.fetch_sub(1, Ordering::SeqCst);
+                match spoke {
+                    Ok(Ok(_)) => Some(Ok(stream)),
+                    Ok(Err(_)) | Err(_) => None,
+                }
             }
         })
-        .buffer_unordered(MAX_SILENT_CONNECTIONS)
+        .buffer_unordered(usize::MAX)
         .filter_map(std::future::ready)
 }
