@@ -60,7 +60,7 @@ pub fn driver() -> Result<Driver, String> {
 #[allow(unsafe_code)] // dlopen/dlsym and three C calls; nothing else in the crate talks to the driver
 pub fn driver_from(lib: &std::ffi::CStr) -> Result<Driver, String> {
     use std::ffi::CStr;
-    // SAFETY: dlopen with a NUL-terminated name; the handle is checked before use and closed at the end.
+    // SAFETY: dlopen with a NUL-terminated name; the handle is checked before use and kept (see the end).
     let handle = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     if handle.is_null() {
         // SAFETY: dlerror returns a thread-local C string or null.
@@ -140,8 +140,8 @@ pub fn driver_from(lib: &std::ffi::CStr) -> Result<Driver, String> {
             devices,
         })
     })();
-    // SAFETY: the handle came from dlopen above and nothing from it outlives this function.
-    unsafe { libc::dlclose(handle) };
+    // The handle stays open: once cuInit has run, unloading the driver could run its teardown under ONNX Runtime,
+    // which loads the same library for the provider anyway (one reference more to a library that stays loaded).
     result
 }
 

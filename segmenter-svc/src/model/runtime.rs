@@ -361,14 +361,15 @@ fn served_dtype(name: &str, masks: MaskOutput) -> TensorElementType {
     }
 }
 
-/// Checks the sizes the server takes from the manifest against the graph's static dimensions: the image input's
-/// sides (`image_size`) and every mask plane's (`mask_size`). The server slices the decoder's outputs by the
-/// manifest's sizes: one that disagrees with the graph read outside a tensor (a panic of the inference thread) or
-/// cut every mask at the wrong offsets. A dimension the graph leaves symbolic is not checked.
 /// Tensors whose axis 1 is the phrase's token positions (the manifest's text_context_length: what the tokenizer pads
 /// every phrase to).
 const TOKEN_AXIS_TENSORS: &[&str] = &["input_ids", "attention_mask", "text_features", "text_mask"];
 
+/// Checks the sizes the server takes from the manifest against the graph's static dimensions: the image input's
+/// sides (`image_size`), every mask plane's (`mask_size`) and the token axis (`text_context_length`, which the
+/// tokenizer pads every phrase to). The server slices the decoder's outputs by the
+/// manifest's sizes: one that disagrees with the graph read outside a tensor (a panic of the inference thread) or
+/// cut every mask at the wrong offsets. A dimension the graph leaves symbolic is not checked.
 fn check_sizes(graph: &str, session: &Session, manifest: &Manifest) -> Result<(), ModelError> {
     let image_sides: &[usize] = match manifest.image_input() {
         ImageInput::U8Hwc => &[1, 2],
