@@ -365,70 +365,24 @@ async fn the_orchestrator_does_not_start_on_a_bucket_the_store_refuses() {
         .expect("started without the check");
 }
 
-/// The SDK retries a GET until its response headers arrive; a body cut short after that (a reset mid-photo, the
-/// store's connection dropped) used to fail the item `storage_unavailable` for good. Fetched again, whole. A fault
-/// injection: an HTTP server that declares 1000 bytes and closes after 500 on its first answer.
-#[tokio::test]
-async fn a_body_cut_short_is_fetched_again() {
+/// A fault-injection S3 endpoint: the n-th request it gets (0-based, over all connections) is answered with
+/// `answer(n)`'s bytes, and the connection closes after an answer whose flag is false. The store pointed at it, and
+/// how many requests it answered.
+fn scripted_s3(
+    answer: impl Fn(usize) -> (Vec<u8>, bool) + Send + Sync + 'static,
+) -> (S3Store, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let body: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
-    let served = body.clone();
-    let answers = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = answers.clone();
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let endpoint = format!("http://{}", std_listener.local_addr().unwrap());
+    let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+    let answers = Arc::new(AtomicUsize::new(0));
+    let (counted, answer) = (answers.clone(), Arc::new(answer));
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
-            let (served, counted) = (served.clone(), counted.clone());
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match socket.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let first = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: image/jpeg\r\n\r\n",
-                    served.len()
-                );
-                let _ = socket.write_all(head.as_bytes()).await;
-                let sent = if first { &served[..500] } else { &served[..] };
-                let _ = socket.write_all(sent).await;
-                let _ = socket.flush().await;
-                // Closing after half the declared length: the client sees the body end early.
-            });
-        }
-    });
-    let store = S3Store::new(S3Settings {
-        endpoint_url: Some(endpoint),
-        region: "us-east-1".into(),
-        bucket: "b".into(),
-        access_key_id: "k".into(),
-        secret_access_key: "s".into(),
-        attempt_timeout: Duration::from_secs(5),
-        max_attempts: 3,
-    });
-    let got = store.get_at_most("inputs/u/j/0.jpg", 10_000).await.unwrap();
-    assert_eq!(got, Bytes::from(body));
-    assert_eq!(answers.load(std::sync::atomic::Ordering::SeqCst), 2);
-}
-
-/// R2 answers a bucket over its request rate with HTTP 429, which the SDK's classifiers did not retry (they know S3's
-/// 503 SlowDown): the item failed `storage_unavailable` at the first answer. Retried with back-off now. A fault
-/// injection: an HTTP server whose first answer is a 429.
-#[tokio::test]
-async fn a_429_is_retried() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let answers = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = answers.clone();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let counted = counted.clone();
+            let (counted, answer) = (counted.clone(), answer.clone());
             tokio::spawn(async move {
                 loop {
                     let mut request = Vec::new();
@@ -439,13 +393,9 @@ async fn a_429_is_retried() {
                             Ok(n) => request.extend_from_slice(&buf[..n]),
                         }
                     }
-                    let first = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
-                    let answer: &[u8] = if first {
-                        b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\n\r\n"
-                    } else {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-type: image/jpeg\r\n\r\nphoto"
-                    };
-                    if socket.write_all(answer).await.is_err() {
+                    let (bytes, keep_open) = answer(counted.fetch_add(1, Ordering::SeqCst));
+                    if socket.write_all(&bytes).await.is_err() || !keep_open {
+                        let _ = socket.flush().await;
                         return;
                     }
                 }
@@ -460,6 +410,44 @@ async fn a_429_is_retried() {
         secret_access_key: "s".into(),
         attempt_timeout: Duration::from_secs(5),
         max_attempts: 3,
+    });
+    (store, answers)
+}
+
+/// The SDK retries a GET until its response headers arrive; a body cut short after that (a reset mid-photo, the
+/// store's connection dropped) used to fail the item `storage_unavailable` for good. Fetched again, whole. A fault
+/// injection: an HTTP server that declares 1000 bytes and closes after 500 on its first answer.
+#[tokio::test]
+async fn a_body_cut_short_is_fetched_again() {
+    let body: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    let served = body.clone();
+    let (store, answers) = scripted_s3(move |n| {
+        let mut answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: image/jpeg\r\n\r\n",
+            served.len()
+        )
+        .into_bytes();
+        // The first answer closes after half the declared length: the client sees the body end early.
+        answer.extend_from_slice(if n == 0 { &served[..500] } else { &served[..] });
+        (answer, false)
+    });
+    let got = store.get_at_most("inputs/u/j/0.jpg", 10_000).await.unwrap();
+    assert_eq!(got, Bytes::from(body));
+    assert_eq!(answers.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// R2 answers a bucket over its request rate with HTTP 429, which the SDK's classifiers did not retry (they know S3's
+/// 503 SlowDown): the item failed `storage_unavailable` at the first answer. Retried with back-off now. A fault
+/// injection: an HTTP server whose first answer is a 429.
+#[tokio::test]
+async fn a_429_is_retried() {
+    let (store, answers) = scripted_s3(|n| {
+        let answer: &[u8] = if n == 0 {
+            b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-type: image/jpeg\r\n\r\nphoto"
+        };
+        (answer.to_vec(), true)
     });
     let got = store.get_at_most("inputs/u/j/0.jpg", 10_000).await.unwrap();
     assert_eq!(got, Bytes::from_static(b"photo"));
