@@ -185,15 +185,19 @@ BENCH_LOG=${BENCH_LOG:-warn,segmenter_svc=info}
 
 # ---- 1. smoke test: does the CUDA EP work at all? ----------------------------------------------------------------
 if ((SMOKE)); then
-  if ! step smoke 60 "$BENCH" --device "$DEVICE" --model-dir segmenter-svc/models/sam3-tiny --image "$IMG" \
-      --concepts 3 --concurrency 1 --requests 3 --warmup 0 --log-level "$BENCH_LOG"; then
+  # smoke_tiny NAME TIMEOUT EXTRA...: 3 requests x 3 concepts on the tiny model
+  smoke_tiny() {
+    local name=$1 t=$2; shift 2
+    step "$name" "$t" "$BENCH" --device "$DEVICE" --model-dir segmenter-svc/models/sam3-tiny --image "$IMG" \
+      --concepts 3 --concurrency 1 --requests 3 --warmup 0 --log-level "$BENCH_LOG" "$@"
+  }
+  if ! smoke_tiny smoke 60; then
     log "ABORT: the smoke test failed (see above); nothing else would work. Fix it and rerun."
     summary; return 3
   fi
   # CUDA graphs on the tiny model: ONNX Runtime refuses a capture at session build or during the warm-up's
   # repeated runs, both cheap here. A failure is a finding, not a reason to stop: the graphs bench is skipped.
-  if step smoke_graphs 45 "$BENCH" --device "$DEVICE" --model-dir segmenter-svc/models/sam3-tiny --image "$IMG" \
-      --concepts 3 --concurrency 1 --requests 3 --warmup 0 --log-level "$BENCH_LOG" "${GRAPHS[@]}"; then
+  if smoke_tiny smoke_graphs 45 "${GRAPHS[@]}"; then
     GRAPHS_OK=1
   else
     log "FINDING: CUDA graphs failed on the tiny model (see above); bench_fp16_graphs skipped"
@@ -201,8 +205,7 @@ if ((SMOKE)); then
   echo "$GRAPHS_OK" > "$MODELS/graphs_ok"
   # The mask outputs in pinned memory (SEGMENTER_PINNED_OUTPUTS): the first H200 run's warm-up failed with every
   # output preallocated; only the mask outputs are now. A failure is a finding: the pinned bench is skipped.
-  if step smoke_pinned 40 "$BENCH" --device "$DEVICE" --model-dir segmenter-svc/models/sam3-tiny --image "$IMG" \
-      --concepts 3 --concurrency 1 --requests 3 --warmup 0 --log-level "$BENCH_LOG" "${PINNED[@]}"; then
+  if smoke_tiny smoke_pinned 40 "${PINNED[@]}"; then
     PINNED_OK=1
   else
     log "FINDING: pinned mask outputs failed on the tiny model (see above); bench_fp16_pinned skipped"
