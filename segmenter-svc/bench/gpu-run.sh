@@ -3,7 +3,8 @@
 #   setup     the last ORT GPU part (carried with this call) joins the others in /tmp/gpu-parts, assemble, unpack
 #             segmenter-bench
 #   smoke     tiny model on the CUDA EP, 3 requests (~20 s): ABORTS the run when CUDA does not work; then the same
-#             with CUDA graphs on the static decoder sessions (~10 s; a failure only skips the graphs bench below), and
+#             with CUDA graphs on the static decoder sessions (~10 s; a failure only skips the graphs bench below),
+#             with a captured one-image vision session (~5 s; a failure only skips the benches that capture it), and
 #             with the decoder's mask outputs in pinned memory (~5 s; a failure only skips the pinned bench)
 #   export    full-size random SAM3, fp16, all cores, with eager attention (sam3-full-fp16-eager), then the same
 #             graphs with fused attention (export/fused_attention.py, no torch: sam3-full-fp16, what the exporter
@@ -16,13 +17,14 @@
 #   fp32      export (fused attention, directly) + a short bench of the fp32 graphs, saving the same request's reply;
 #   masks     then fp16 vs fp32 on that reply: mask IoU (instances paired by query, semantic maps), score deltas
 #             (time permitting: ~130 s; before the A/B steps, which the first H200 run measured already)
+#   vision    the fp16 graphs with the vision session built for one image (SEGMENTER_VISION_STATIC), then the same
+#             session captured in a CUDA graph (+ SEGMENTER_CUDA_GRAPHS, dynamic decoder), then every session captured
+#             (vision + static decoders 1,2,3,4,8): 3 concepts, concurrency 1, the A/Bs against bench_fp16
 #   graphs    the same fp16 graphs with CUDA graphs on static decoder sessions (SEGMENTER_CUDA_GRAPHS,
 #             DECODER_STATIC_BATCHES=1,2,4,8), 3 concepts, concurrency 1: the A/B against bench_fp16; then the static
 #             sessions without graphs (what the folded shapes alone do)
 #   pinned    the fp16 graphs with the decoder's mask outputs preallocated in pinned host memory
 #             (SEGMENTER_PINNED_OUTPUTS), 3 concepts, concurrency 1: the A/B against bench_fp16
-#   vision    the fp16 graphs with the vision session built for one image (SEGMENTER_VISION_STATIC), 3 concepts,
-#             concurrency 1: the A/B against bench_fp16
 #   eager     the eager-attention fp16 graphs, 3 concepts, concurrency 1 and 4: what fused attention changes
 #   batch     the same fp16 graphs with MAX_BATCH_IMAGES=4 at concurrency 4: does batching help? (time permitting)
 #   summary   one table ($OUT/summary.md) with the GOAL line, session build times and ONNX Runtime's placement
@@ -95,12 +97,21 @@ CONCURRENCY=${CONCURRENCY:-1,4}
 if ((DRY)); then GRAPHS=(--fixed-decoder-io); else GRAPHS=(--cuda-graphs); fi
 GRAPHS+=(--decoder-static-batches 1,2,4,8 --max-batch-images 1)
 GRAPHS_OK=0
+# The one-image vision session captured in a CUDA graph (the dry run: its fixed-address input without the graph).
+if ((DRY)); then VGRAPHS=(--fixed-vision-io); else VGRAPHS=(--cuda-graphs); fi
+VGRAPHS+=(--vision-static --max-batch-images 1)
+VGRAPHS_OK=0
+# Every fixed-shape session captured: the vision session and static decoders that include 3 phrases exactly (the
+# 1,2,4,8 set runs 3 concepts padded to 4: 33% more decoder work, why static decoders lost to the dynamic one).
+ALL_GRAPHS=("${VGRAPHS[@]}" --decoder-static-batches 1,2,3,4,8)
+((DRY)) && ALL_GRAPHS+=(--fixed-decoder-io)
 PINNED_OK=0
 # Pinned decoder outputs: the CPU dry run has no pinned memory and runs the same preallocated outputs in host memory.
 if ((DRY)); then PINNED=(--preallocated-outputs); else PINNED=(--pinned-outputs); fi
 mkdir -p "$OUT" "$MODELS"
 # A rerun without the smokes (SMOKE=0) keeps the first run's verdict on CUDA graphs (kept beside the models).
 ((SMOKE)) || GRAPHS_OK=$(cat "$MODELS/graphs_ok" 2>/dev/null || echo 1)
+((SMOKE)) || VGRAPHS_OK=$(cat "$MODELS/vgraphs_ok" 2>/dev/null || echo 1)
 ((SMOKE)) || PINNED_OK=$(cat "$MODELS/pinned_ok" 2>/dev/null || echo 1)
 rm -rf "$OUT"/log.txt "$OUT"/summary.md "$OUT"/*.json "$OUT"/*.log "$OUT"/*.pb "$OUT"/profile_* "$OUT"/results.tar.xz*
 export PYTHONUNBUFFERED=1
@@ -203,6 +214,14 @@ if ((SMOKE)); then
     log "FINDING: CUDA graphs failed on the tiny model (see above); bench_fp16_graphs skipped"
   fi
   echo "$GRAPHS_OK" > "$MODELS/graphs_ok"
+  # The vision session captured: every node must be on the CUDA EP (the one-image session folds the shape
+  # arithmetic that ran on the CPU) and no kernel may synchronise while ONNX Runtime captures (its third run).
+  if smoke_tiny smoke_vision_graphs 40 "${VGRAPHS[@]}"; then
+    VGRAPHS_OK=1
+  else
+    log "FINDING: a captured vision session failed on the tiny model (see above); bench_fp16_vision_graphs and bench_fp16_all_graphs skipped"
+  fi
+  echo "$VGRAPHS_OK" > "$MODELS/vgraphs_ok"
   # The mask outputs in pinned memory (SEGMENTER_PINNED_OUTPUTS): the first H200 run's warm-up failed with every
   # output preallocated; only the mask outputs are now. A failure is a finding: the pinned bench is skipped.
   if smoke_tiny smoke_pinned 40 "${PINNED[@]}"; then
@@ -316,8 +335,9 @@ if ((FP16_OK)); then
 fi
 fp32_and_masks
 # The A/B steps, what the first H200 run (2026-12-04) did not measure first: the one-image vision session (vision is
-# 26 of the 50 ms), then the pinned mask outputs (its first try failed warm-up); then those it measured (CUDA graphs
-# and static decoder sessions: slower than the dynamic decoder; eager attention; batching 4 images).
+# 26 of the 50 ms) alone, captured, and with every session captured; then the pinned mask outputs (its first try
+# failed warm-up); then those it measured (CUDA graphs and static decoder sessions: slower than the dynamic decoder;
+# eager attention; batching 4 images).
 if ((FP16_OK)); then
   if ((VISION_AB)); then
     # The vision session built for one image (SEGMENTER_VISION_STATIC): ~1,600 small CPU nodes of shape arithmetic
@@ -325,6 +345,22 @@ if ((FP16_OK)); then
     if (($(left) >= 50)); then
       bench fp16_vision_static fp16 60 --concepts 3 --concurrency 1 --vision-static --max-batch-images 1
     else skip bench_fp16_vision_static "only $(left)s of the budget left"; fi
+    # The same session captured in a CUDA graph: one launch instead of ~2,000 kernel launches per vision run (the
+    # dynamic decoder reads the FPN levels from the fixed tensors the graph writes). Then every session captured,
+    # with a 3-phrase static decoder so 3 concepts run unpadded.
+    if ((!VGRAPHS_OK)); then
+      skip bench_fp16_vision_graphs "a captured vision session failed on the tiny model (smoke_vision_graphs)"
+      skip bench_fp16_all_graphs "a captured vision session failed on the tiny model (smoke_vision_graphs)"
+    else
+      if (($(left) >= 50)); then
+        bench fp16_vision_graphs fp16 60 --concepts 3 --concurrency 1 "${VGRAPHS[@]}"
+      else skip bench_fp16_vision_graphs "only $(left)s of the budget left"; fi
+      if ((!GRAPHS_OK)); then
+        skip bench_fp16_all_graphs "CUDA graphs failed on the tiny model (smoke_graphs)"
+      elif (($(left) >= 50)); then
+        bench fp16_all_graphs fp16 60 --concepts 3 --concurrency 1 "${ALL_GRAPHS[@]}"
+      else skip bench_fp16_all_graphs "only $(left)s of the budget left"; fi
+    fi
   fi
   if ((PINNED_AB)); then
     # Decoder mask outputs preallocated in pinned host memory (SEGMENTER_PINNED_OUTPUTS): the A/B against bench_fp16.

@@ -105,29 +105,34 @@ def main(argv=None) -> int:
     return 0
 
 
-# Pairs measured in the same run: (label A, label B, what A / B shows).
-AB_PAIRS = (("fp16_graphs", "fp16", "CUDA graphs on static decoder sessions / dynamic decoder (the default)"),
-            ("fp16_graphs", "fp16_static", "CUDA graphs on / off (static decoder sessions)"),
-            ("fp16_static", "fp16", "static decoder sessions / dynamic decoder"),
-            ("fp16_pinned", "fp16", "decoder mask outputs in pinned host memory / ONNX Runtime's per-run outputs"),
-            ("fp16_vision_static", "fp16", "vision session for one image (B fixed) / dynamic batch"),
-            ("fp16", "fp16_eager", "fused / eager attention"))
+# Pairs measured in the same run: (label A, label B, what A / B shows, the stage it changes).
+AB_PAIRS = (("fp16_vision_static", "fp16", "vision session for one image (B fixed) / dynamic batch", "vision"),
+            ("fp16_vision_graphs", "fp16_vision_static", "CUDA graph on / off (one-image vision session)", "vision"),
+            ("fp16_vision_graphs", "fp16", "captured one-image vision session / the default", "vision"),
+            ("fp16_all_graphs", "fp16", "every session captured (vision + static decoders 1,2,3,4,8) / the default",
+             "decoder"),
+            ("fp16_graphs", "fp16", "CUDA graphs on static decoder sessions / dynamic decoder (the default)", "decoder"),
+            ("fp16_graphs", "fp16_static", "CUDA graphs on / off (static decoder sessions)", "decoder"),
+            ("fp16_static", "fp16", "static decoder sessions / dynamic decoder", "decoder"),
+            ("fp16_pinned", "fp16", "decoder mask outputs in pinned host memory / ONNX Runtime's per-run outputs",
+             "decoder"),
+            ("fp16", "fp16_eager", "fused / eager attention", "decoder"))
 
 
 def ab_lines(benches: dict, concepts: int) -> list[str]:
-    """One line per A/B pair present: e2e p50 and decoder p50 of A over B at `concepts`, concurrency 1."""
+    """One line per A/B pair present: e2e p50 and the changed stage's p50 of A over B at `concepts`, concurrency 1."""
     def row(label):
         return next((r for r in benches.get(label, {}).get("results", [])
                      if r["concepts"] == concepts and r["concurrency"] == 1), None)
     lines = []
-    for a, b, what in AB_PAIRS:
+    for a, b, what, stage in AB_PAIRS:
         ra, rb = row(a), row(b)
         if not (ra and rb):
             continue
-        da, db = ra["stage_p50_ms"].get("decoder"), rb["stage_p50_ms"].get("decoder")
-        dec = f", decoder p50 {da:.1f} / {db:.1f} ms = {da / db:.2f}x" if da and db else ""
+        sa, sb = ra["stage_p50_ms"].get(stage), rb["stage_p50_ms"].get(stage)
+        part = f", {stage} p50 {sa:.1f} / {sb:.1f} ms = {sa / sb:.2f}x" if sa and sb else ""
         lines.append(f"A/B {what}, {concepts} concepts, concurrency 1: e2e p50 {ra['e2e_ms']['p50']:.1f} / "
-                     f"{rb['e2e_ms']['p50']:.1f} ms = {ra['e2e_ms']['p50'] / rb['e2e_ms']['p50']:.2f}x{dec}")
+                     f"{rb['e2e_ms']['p50']:.1f} ms = {ra['e2e_ms']['p50'] / rb['e2e_ms']['p50']:.2f}x{part}")
     return lines
 
 

@@ -118,11 +118,13 @@ pub struct Config {
     #[arg(long, env = "DECODER_STATIC_BATCHES", value_delimiter = ',')]
     pub decoder_static_batches: Vec<usize>,
 
-    /// Capture each static-shape decoder session in a CUDA graph (ONNX Runtime's `enable_cuda_graph`): after its
-    /// first runs, a decoder run is one graph launch instead of ~500 kernel launches. Needs the CUDA provider,
-    /// DECODER_STATIC_BATCHES and MAX_BATCH_IMAGES=1 (startup stops otherwise): the decoder's inputs and outputs
-    /// then live at fixed device addresses (the vision graph writes its FPN levels straight into the decoder's
-    /// inputs). Off by default until measured on a GPU (docs/operations.md, "Serving settings on CUDA").
+    /// Capture every session whose shapes are all fixed in a CUDA graph (ONNX Runtime's `enable_cuda_graph`): the
+    /// one-image vision session (SEGMENTER_VISION_STATIC) and each static-shape decoder session
+    /// (DECODER_STATIC_BATCHES). After its first runs, a run is one graph launch instead of hundreds (decoder) or
+    /// about two thousand (vision) kernel launches. Needs the CUDA provider, at least one of those two settings and
+    /// MAX_BATCH_IMAGES=1 (startup stops otherwise): the captured sessions' inputs and outputs then live at fixed
+    /// device addresses (the photo is copied into one, the vision graph writes its FPN levels where the decoders read
+    /// them). Off by default until measured on a GPU (docs/operations.md, "Serving settings on CUDA").
     #[arg(long, env = "SEGMENTER_CUDA_GRAPHS", default_value_t = false, action = clap::ArgAction::Set)]
     pub cuda_graphs: bool,
 
@@ -152,6 +154,12 @@ pub struct Config {
     /// settable from the server's flags or the environment.
     #[arg(skip)]
     pub fixed_decoder_io: bool,
+
+    /// For tests and the bench's CPU dry run: the fixed-address vision input of SEGMENTER_CUDA_GRAPHS with
+    /// SEGMENTER_VISION_STATIC (the photo copied into one tensor allocated once, the FPN levels written to fixed
+    /// tensors), without the CUDA graph. Not settable from the server's flags or the environment.
+    #[arg(skip)]
+    pub fixed_vision_io: bool,
 
     /// Distinct phrases whose text features are kept (32 x 256 floats = 32 KB each at full size). At least
     /// MAX_CONCEPTS x MAX_BATCH_IMAGES (one batch's phrases), or startup stops.

@@ -190,9 +190,26 @@ async fn cuda_graphs_are_refused_where_they_cannot_work() {
         error.contains("SEGMENTER_CUDA_GRAPHS=true needs the CUDA provider"),
         "{error}"
     );
-    // Without static-shape decoder sessions, or with vision batches of several images (the fixed-I/O switch the
-    // tests use goes through the same checks as the CUDA one).
+    // With no session whose shapes are all fixed.
+    config.decoder_static_batches = vec![];
+    let error = load_error(&config).await;
+    assert!(
+        error.contains(
+            "SEGMENTER_CUDA_GRAPHS=true needs SEGMENTER_VISION_STATIC=true or DECODER_STATIC_BATCHES"
+        ),
+        "{error}"
+    );
+    // The tests' fixed-I/O switches need the sessions they bind: a vision input without the one-image vision
+    // session, decoder I/O without static-shape decoder sessions; and one image per vision run (they go through the
+    // same checks as the CUDA one).
     config.cuda_graphs = false;
+    config.fixed_vision_io = true;
+    let error = load_error(&config).await;
+    assert!(
+        error.contains("a fixed-address vision input needs SEGMENTER_VISION_STATIC=true"),
+        "{error}"
+    );
+    config.fixed_vision_io = false;
     config.fixed_decoder_io = true;
     config.decoder_static_batches = vec![];
     let error = load_error(&config).await;

@@ -235,6 +235,25 @@ async fn a_one_image_vision_session_matches_pytorch() {
     }
 }
 
+/// The one-image vision session with the fixed-address input SEGMENTER_CUDA_GRAPHS gives it when it is captured
+/// (each photo copied into one tensor allocated once, the FPN levels written to fixed tensors; here without the
+/// graph, on host buffers): read by the dynamic decoder alone, then also by fixed-address static decoder sessions.
+/// Every reference case runs through the same input tensor in turn, so a photo left over from the one before would
+/// show.
+#[tokio::test]
+async fn a_fixed_address_vision_input_matches_pytorch() {
+    for statics in [vec![], vec![2, 4]] {
+        let mut config = common::test_config();
+        config.vision_static = true;
+        config.fixed_vision_io = true;
+        config.max_batch_images = 1;
+        config.fixed_decoder_io = !statics.is_empty();
+        config.decoder_static_batches = statics;
+        config.decoder_chunk = 4;
+        check_parity(config).await;
+    }
+}
+
 /// SEGMENTER_PINNED_OUTPUTS's path with its buffers in ordinary host memory: the decoder's mask outputs
 /// preallocated once per session and phrase count, reused run after run. On the dynamic graph alone (1, 2 and 3
 /// phrases: three sets of buffers), then on the 2- and 4-phrase static sessions.

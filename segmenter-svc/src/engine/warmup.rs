@@ -68,14 +68,48 @@ impl Worker {
                 "warm-up"
             );
         }
+        // A captured vision session runs twice more here (the probe ran it once, the decoder warm-up below runs it
+        // again): ONNX Runtime captures a session's graph on its third run on this thread and replays it right away,
+        // so a capture failure fails the warm-up, not a request.
+        if let Some(fixed) = self
+            .sessions
+            .fixed_vision
+            .as_mut()
+            .filter(|f| f.has_fixed_input())
+        {
+            for run in 2..=3 {
+                if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let started = Instant::now();
+                let binding = bind_vision(
+                    &self.sessions.vision,
+                    zero_images(self.settings.image_input, 1, s),
+                    1,
+                    s,
+                    &self.sessions.provider,
+                    Some(&mut *fixed),
+                )?;
+                let outputs = self.sessions.vision.run_binding(&binding)?;
+                binding.synchronize_outputs()?;
+                drop(outputs);
+                tracing::info!(
+                    vision_batch = 1,
+                    run,
+                    ms = started.elapsed().as_millis() as u64,
+                    "warm-up"
+                );
+            }
+        }
         // Each static-shape decoder session within the chunk runs once too (3 phrases run on a 4-phrase session).
-        // With fixed I/O (CUDA graphs) each runs three times: ONNX Runtime captures a session's graph on its second
-        // run and replays it from the third, so a capture or replay failure fails the warm-up, not a request.
-        let repeats = if self.sessions.fixed_fpn.is_some() {
-            3
-        } else {
-            1
-        };
+        // With fixed I/O (CUDA graphs) each runs three times: ONNX Runtime captures a session's graph on its third
+        // run and replays it right away, so a capture or replay failure fails the warm-up, not a request.
+        let captured_decoders = self
+            .sessions
+            .decoder_static
+            .iter()
+            .any(|(_, d)| d.fixed.is_some());
+        let repeats = if captured_decoders { 3 } else { 1 };
         let chunk = self.settings.decoder_chunk.max(1);
         let mut counts: Vec<usize> = phrase_counts
             .into_iter()
@@ -95,7 +129,7 @@ impl Worker {
             1,
             s,
             &self.sessions.provider,
-            self.sessions.fixed_fpn.as_mut(),
+            self.sessions.fixed_vision.as_mut(),
         )?;
         let vision_out = self.sessions.vision.run_binding(&binding)?;
         binding.synchronize_outputs()?;

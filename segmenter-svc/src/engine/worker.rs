@@ -16,7 +16,7 @@ use super::text_cache::TextCache;
 use super::{EngineHandle, Health, Job, JobOutput};
 use crate::error::Error;
 use crate::mask_plane::MaskOutput;
-use crate::model::fixed_io::FixedFpn;
+use crate::model::fixed_io::FixedVision;
 use crate::model::manifest::ImageInput;
 use crate::model::runtime::{Provider, Sessions};
 use crate::model::tokenizer::Tokens;
@@ -356,13 +356,13 @@ impl Worker {
             decoder,
             decoder_outputs,
             decoder_static,
-            fixed_fpn,
+            fixed_vision,
             provider,
             ..
         } = &mut self.sessions;
         let faults = &self.settings.faults;
         faults.check("vision")?;
-        let binding = bind_vision(vision, pixels, 1, s, provider, fixed_fpn.as_mut())?;
+        let binding = bind_vision(vision, pixels, 1, s, provider, fixed_vision.as_mut())?;
         let vision_out = vision.run_binding(&binding)?;
         binding.synchronize_outputs()?;
         let fpn = fpn_views(&vision_out)?;
@@ -462,7 +462,7 @@ impl Worker {
             jobs.len(),
             s,
             &sessions.provider,
-            sessions.fixed_fpn.as_mut(),
+            sessions.fixed_vision.as_mut(),
         ));
         let vision_out = or_unanswered!(sessions.vision.run_binding(&binding));
         or_unanswered!(binding.synchronize_outputs());
@@ -585,18 +585,35 @@ pub(super) fn zero_images(input: ImageInput, count: usize, size: usize) -> Pixel
     }
 }
 
-/// Binds a vision run: the batch's pixels in (moved, not copied), the three FPN levels out to the provider's device:
-/// into the fixed tensors the static decoder sessions read (fixed I/O, one image), else wherever ONNX Runtime puts
-/// them.
+/// Binds a vision run: the batch's pixels in (moved, not copied; copied into the fixed input tensor of a captured
+/// vision session), the three FPN levels out to the provider's device: into the fixed tensors the captured sessions
+/// use (fixed I/O, one image), else wherever ONNX Runtime puts them.
 fn bind_vision(
     vision: &Session,
     pixels: Pixels,
     count: usize,
     size: usize,
     provider: &Provider,
-    fixed: Option<&mut FixedFpn>,
+    fixed: Option<&mut FixedVision>,
 ) -> ort::Result<IoBinding> {
     let mut binding = vision.create_binding()?;
+    if let Some(fixed) = fixed.filter(|_| count == 1) {
+        match pixels {
+            Pixels::U8Hwc(bytes) => fixed.bind(
+                &mut binding,
+                ImageInput::U8Hwc.tensor_name(),
+                [1, size, size, 3],
+                bytes,
+            )?,
+            Pixels::F32Chw(floats) => fixed.bind(
+                &mut binding,
+                ImageInput::F32Chw.tensor_name(),
+                [1, 3, size, size],
+                floats,
+            )?,
+        }
+        return Ok(binding);
+    }
     match pixels {
         Pixels::U8Hwc(bytes) => binding.bind_input(
             ImageInput::U8Hwc.tensor_name(),
@@ -606,10 +623,6 @@ fn bind_vision(
             ImageInput::F32Chw.tensor_name(),
             &Tensor::from_array(([count, 3, size, size], floats))?,
         )?,
-    }
-    if let Some(fixed) = fixed.filter(|_| count == 1) {
-        fixed.bind_outputs(&mut binding)?;
-        return Ok(binding);
     }
     let memory = match provider {
         Provider::Cuda(id) => MemoryInfo::new(

@@ -1,11 +1,12 @@
-//! Decoder I/O at fixed addresses, what CUDA graphs need (SEGMENTER_CUDA_GRAPHS).
+//! Session I/O at fixed addresses, what CUDA graphs need (SEGMENTER_CUDA_GRAPHS).
 //!
 //! A captured CUDA graph replays the device addresses of its capture run, so every input and output of a captured
 //! session must live in a buffer allocated once. With one image per vision run (MAX_BATCH_IMAGES=1) the FPN levels
 //! need no copy for that: the vision graph writes them into three fixed [1, C, H, W] tensors (its outputs are bound
-//! there) and every static-shape decoder session reads those same tensors (bound as its `fpn_*` inputs). A decoder
-//! run copies the chunk's text rows into its fixed text tensors, runs, and copies its fixed outputs into host tensors
-//! that the filter reads.
+//! there) and every static-shape decoder session reads those same tensors (bound as its `fpn_*` inputs). A captured
+//! vision session (SEGMENTER_VISION_STATIC) also reads its photo from one fixed device tensor, which each run copies
+//! the photo's bytes into. A decoder run copies the chunk's text rows into its fixed text tensors, runs, and copies
+//! its fixed outputs into host tensors that the filter reads.
 //!
 //! Copies use ort's `copy_into` with owned sources only: with a borrowed view (`TensorRef`) as the source it
 //! deadlocks in ort 2.0.0-rc.15 (`bind_input` clones the view through the identity-session lock `copy_into` holds).
@@ -29,13 +30,18 @@ pub struct StaticDecoder {
     pub outputs: Option<HostOutputs>,
 }
 
-/// The vision graph's outputs for one image, at fixed addresses on the provider's device.
-pub struct FixedFpn {
+/// A one-image vision run's outputs at fixed addresses on the provider's device and, when the vision session is
+/// captured, its input too.
+pub struct FixedVision {
+    /// The photo, [1, S, S, 3] u8 or [1, 3, S, S] f32 on the device: only for a captured vision session (the others
+    /// read the photo from host memory, which ONNX Runtime copies in itself).
+    image: Option<(String, DynTensor)>,
     levels: Vec<(&'static str, DynTensor)>,
 }
 
-impl FixedFpn {
-    pub fn new(vision: &Session, provider: &Provider) -> ort::Result<Self> {
+impl FixedVision {
+    /// `fixed_input`: the vision session is captured, so its photo needs a fixed tensor as well.
+    pub fn new(vision: &Session, provider: &Provider, fixed_input: bool) -> ort::Result<Self> {
         let allocator = allocator(vision, provider)?;
         let levels = VISION_OUTPUTS
             .iter()
@@ -44,11 +50,49 @@ impl FixedFpn {
                 Ok((name, tensor))
             })
             .collect::<ort::Result<_>>()?;
-        Ok(Self { levels })
+        let image = match (fixed_input, vision.inputs()) {
+            (false, _) => None,
+            (true, [input]) => {
+                let name = input.name().to_string();
+                let tensor = fixed_tensor(&allocator, vision.inputs(), &name, "B", 1)?;
+                Some((name, tensor))
+            }
+            (true, inputs) => {
+                return Err(ort::Error::new(format!(
+                    "the vision graph takes {} inputs, not the one image",
+                    inputs.len()
+                )));
+            }
+        };
+        Ok(Self { image, levels })
     }
 
-    /// Binds a one-image vision run's outputs to these tensors.
-    pub fn bind_outputs(&mut self, binding: &mut IoBinding) -> ort::Result<()> {
+    /// Whether the photo goes through a fixed input tensor (the vision session is captured).
+    pub fn has_fixed_input(&self) -> bool {
+        self.image.is_some()
+    }
+
+    /// Binds a one-image vision run: `pixels` (the one input `name`, of `shape`) copied into the fixed input tensor
+    /// when there is one, else bound where they are; the outputs to the fixed FPN tensors.
+    pub fn bind<T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
+        &mut self,
+        binding: &mut IoBinding,
+        name: &str,
+        shape: [usize; 4],
+        pixels: Vec<T>,
+    ) -> ort::Result<()> {
+        match &mut self.image {
+            Some((fixed_name, tensor)) if fixed_name == name => {
+                copy_in(pixels, tensor)?;
+                binding.bind_input(name, &*tensor)?;
+            }
+            Some((fixed_name, _)) => {
+                return Err(ort::Error::new(format!(
+                    "the vision graph's input is {fixed_name:?}, not {name:?}"
+                )));
+            }
+            None => binding.bind_input(name, &Tensor::from_array((shape, pixels))?)?,
+        }
         for (name, tensor) in &mut self.levels {
             binding.bind_output(*name, &mut *tensor)?;
         }
@@ -71,7 +115,7 @@ impl FixedDecoder {
     pub fn new(
         session: &Session,
         phrases: usize,
-        fpn: &FixedFpn,
+        fpn: &FixedVision,
         provider: &Provider,
         host: Placement,
     ) -> ort::Result<Self> {

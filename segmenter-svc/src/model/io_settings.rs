@@ -7,13 +7,54 @@ use crate::error::ModelError;
 use crate::model::host_outputs::Placement;
 use crate::model::runtime::Provider;
 
-/// Whether the static decoder sessions get fixed-address I/O: for CUDA graphs (which need the CUDA provider, static
-/// sessions and one image per vision run; refused at startup otherwise), or the tests' internal switch.
-pub(crate) fn fixed_io_wanted(config: &Config, provider: &Provider) -> Result<bool, ModelError> {
-    if !config.cuda_graphs && !config.fixed_decoder_io {
-        return Ok(false);
+/// Which sessions get fixed-address I/O (what a captured CUDA graph replays).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FixedIo {
+    /// The vision session's photo: the one-image vision session (SEGMENTER_VISION_STATIC) is captured.
+    pub vision: bool,
+    /// The static decoder sessions' inputs and outputs (DECODER_STATIC_BATCHES): they are captured.
+    pub decoders: bool,
+}
+
+impl FixedIo {
+    /// The FPN levels a one-image vision run writes are fixed whenever either side is captured: a captured vision
+    /// session writes to fixed addresses, a captured decoder reads from them.
+    pub fn fpn(self) -> bool {
+        self.vision || self.decoders
+    }
+}
+
+/// Which sessions get fixed-address I/O: SEGMENTER_CUDA_GRAPHS captures every session whose shapes are all fixed (the
+/// one-image vision session, the static decoder sessions), which needs the CUDA provider, at least one such session
+/// and one image per vision run (refused at startup otherwise); the tests' switches ask for either side alone.
+pub(crate) fn fixed_io_wanted(config: &Config, provider: &Provider) -> Result<FixedIo, ModelError> {
+    let statics = !config.decoder_static_batches.is_empty();
+    let wanted = FixedIo {
+        vision: (config.cuda_graphs && config.vision_static) || config.fixed_vision_io,
+        decoders: (config.cuda_graphs && statics) || config.fixed_decoder_io,
+    };
+    if !config.cuda_graphs && !wanted.fpn() {
+        return Ok(wanted);
     }
     let refuse = |why: String| Err(ModelError::Settings(why));
+    if config.cuda_graphs && !config.vision_static && !statics {
+        return refuse(
+            "SEGMENTER_CUDA_GRAPHS=true needs SEGMENTER_VISION_STATIC=true or DECODER_STATIC_BATCHES (e.g. 1,2,4,8), \
+             or both: only sessions whose shapes are all fixed can be captured"
+                .into(),
+        );
+    }
+    if config.fixed_decoder_io && !statics {
+        return refuse(
+            "fixed-address decoder I/O needs DECODER_STATIC_BATCHES: only static-shape decoder sessions have it".into(),
+        );
+    }
+    if config.fixed_vision_io && !config.vision_static {
+        return refuse(
+            "a fixed-address vision input needs SEGMENTER_VISION_STATIC=true: only the one-image vision session has it"
+                .into(),
+        );
+    }
     if config.cuda_graphs && *provider == Provider::Cpu {
         return refuse(format!(
             "SEGMENTER_CUDA_GRAPHS=true needs the CUDA provider, and the sessions would run on the CPU here \
@@ -21,21 +62,14 @@ pub(crate) fn fixed_io_wanted(config: &Config, provider: &Provider) -> Result<bo
             config.device
         ));
     }
-    if config.decoder_static_batches.is_empty() {
-        return refuse(
-            "SEGMENTER_CUDA_GRAPHS=true needs DECODER_STATIC_BATCHES (e.g. 1,2,4,8): only static-shape decoder \
-             sessions can be captured"
-                .into(),
-        );
-    }
     let batch = provider.max_batch_images(config.max_batch_images);
     if batch != 1 {
         return refuse(format!(
-            "SEGMENTER_CUDA_GRAPHS=true needs MAX_BATCH_IMAGES=1 (it is {batch}): the decoder reads one image's \
-             FPN levels from the fixed tensors the vision graph writes"
+            "SEGMENTER_CUDA_GRAPHS=true needs MAX_BATCH_IMAGES=1 (it is {batch}): a captured session reads or writes \
+             one image's FPN levels in fixed tensors"
         ));
     }
-    Ok(true)
+    Ok(wanted)
 }
 
 /// The vision session's fixed batch size: 1 with SEGMENTER_VISION_STATIC (which needs one image per vision run:

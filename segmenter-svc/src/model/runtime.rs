@@ -19,7 +19,7 @@ use crate::config::{Config, Device};
 use crate::error::ModelError;
 use crate::mask_plane::MaskOutput;
 use crate::model::cuda;
-use crate::model::fixed_io::{FixedDecoder, FixedFpn, StaticDecoder};
+use crate::model::fixed_io::{FixedDecoder, FixedVision, StaticDecoder};
 use crate::model::host_outputs::{HostOutputs, Placement};
 use crate::model::io_settings::{
     fixed_io_error, fixed_io_wanted, output_placement, pinned_error, vision_static_batch,
@@ -72,9 +72,9 @@ pub struct Sessions {
     pub decoder_outputs: Option<HostOutputs>,
     /// The decoder with its phrase count N fixed (DECODER_STATIC_BATCHES), ascending by N.
     pub decoder_static: Vec<(usize, StaticDecoder)>,
-    /// With fixed decoder I/O (SEGMENTER_CUDA_GRAPHS): where a one-image vision run leaves its FPN levels, the
-    /// tensors every static decoder session reads.
-    pub fixed_fpn: Option<FixedFpn>,
+    /// With SEGMENTER_CUDA_GRAPHS: where a one-image vision run leaves its FPN levels (the tensors every captured
+    /// decoder session reads) and, when the vision session is captured, where its photo is copied.
+    pub fixed_vision: Option<FixedVision>,
     pub provider: Provider,
     /// Sessions were built with ORT_PROFILE_DIR: `end_profiling` writes their profiles.
     pub profiling: bool,
@@ -177,8 +177,9 @@ pub fn build_sessions(
             "DECODER_STATIC_BATCHES: phrase counts start at 1".into(),
         ));
     }
-    let fixed_fpn = fixed_io
-        .then(|| FixedFpn::new(&vision, &provider))
+    let fixed_vision = fixed_io
+        .fpn()
+        .then(|| FixedVision::new(&vision, &provider, fixed_io.vision))
         .transpose()
         .map_err(|e| fixed_io_error("vision", e))?;
     let decoder_static = counts
@@ -186,8 +187,9 @@ pub fn build_sessions(
         .map(|n| {
             let session = build("decoder", &manifest.graphs.decoder, Some(n))?;
             let host = outputs.unwrap_or(Placement::Host);
-            let fixed = fixed_fpn
+            let fixed = fixed_vision
                 .as_ref()
+                .filter(|_| fixed_io.decoders)
                 .map(|fpn| FixedDecoder::new(&session, n, fpn, &provider, host))
                 .transpose()
                 .map_err(|e| fixed_io_error("decoder", e))?;
@@ -207,11 +209,12 @@ pub fn build_sessions(
             ))
         })
         .collect::<Result<Vec<_>, ModelError>>()?;
-    if fixed_io {
+    if fixed_io.fpn() {
         tracing::info!(
             cuda_graphs = config.cuda_graphs,
-            static_batches = ?config.decoder_static_batches,
-            "static decoder sessions bound to fixed-address inputs and outputs"
+            vision = fixed_io.vision,
+            static_batches = ?config.decoder_static_batches.iter().filter(|_| fixed_io.decoders).collect::<Vec<_>>(),
+            "sessions bound to fixed-address inputs and outputs"
         );
     }
     if let Some(placement) = outputs {
@@ -223,7 +226,7 @@ pub fn build_sessions(
         decoder,
         decoder_outputs,
         decoder_static,
-        fixed_fpn,
+        fixed_vision,
         provider,
         profiling: config.ort_profile_dir.is_some(),
     })
@@ -306,6 +309,7 @@ fn new_session(
         builder = builder.with_intra_threads(threads)?;
     }
     let static_decoder = graph == "decoder" && fixed_size.is_some();
+    let static_vision = graph == "vision" && fixed_size.is_some();
     if let Some(n) = fixed_size {
         // The decoder's phrase dimension is the symbol N, the vision graph's image dimension B (the manifest's
         // contract): fixed, every shape in the graph is known when the session is built and ONNX Runtime folds the
@@ -338,9 +342,10 @@ fn new_session(
         if config.cuda_mem_limit_mb > 0 {
             cuda = cuda.with_memory_limit(config.cuda_mem_limit_mb << 20);
         }
-        // Only the static decoder sessions are captured: every shape in them is fixed and their I/O is bound at
-        // fixed addresses (model/fixed_io.rs). ONNX Runtime refuses the session if a node is not on the CUDA EP.
-        if config.cuda_graphs && static_decoder {
+        // Only the sessions whose shapes are all fixed are captured (the one-image vision session, the static
+        // decoder sessions); their I/O is bound at fixed addresses (model/fixed_io.rs). ONNX Runtime refuses the
+        // session if a node is not on the CUDA EP.
+        if config.cuda_graphs && (static_decoder || static_vision) {
             cuda = cuda.with_cuda_graph(true);
         }
         builder = builder.with_execution_providers([cuda.build().error_on_failure()])?;

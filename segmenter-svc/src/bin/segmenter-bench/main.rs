@@ -75,8 +75,9 @@ struct Args {
     /// empty: the dynamic decoder only).
     #[arg(long, value_delimiter = ',')]
     decoder_static_batches: Vec<usize>,
-    /// CUDA graphs on the static-shape decoder sessions (the server's SEGMENTER_CUDA_GRAPHS; needs --device cuda,
-    /// --decoder-static-batches and one image per vision batch).
+    /// CUDA graphs on every fixed-shape session (the server's SEGMENTER_CUDA_GRAPHS: the one-image vision session of
+    /// --vision-static, the static decoder sessions of --decoder-static-batches; needs --device cuda, at least one of
+    /// those and one image per vision batch).
     #[arg(long)]
     cuda_graphs: bool,
     /// Decoder outputs preallocated in pinned host memory (the server's SEGMENTER_PINNED_OUTPUTS; needs --device
@@ -90,6 +91,10 @@ struct Args {
     /// exercises that path).
     #[arg(long)]
     fixed_decoder_io: bool,
+    /// The fixed-address vision input of --cuda-graphs with --vision-static, without the graph, on any device (how
+    /// the CPU dry run exercises that path).
+    #[arg(long)]
+    fixed_vision_io: bool,
     /// The vision session built for one image per run (the server's SEGMENTER_VISION_STATIC; needs
     /// --max-batch-images 1).
     #[arg(long)]
@@ -192,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
     config.decoder_static_batches = args.decoder_static_batches.clone();
     config.cuda_graphs = args.cuda_graphs;
     config.fixed_decoder_io = args.fixed_decoder_io;
+    config.fixed_vision_io = args.fixed_vision_io;
     config.pinned_outputs = args.pinned_outputs;
     config.vision_static = args.vision_static;
     config.preallocated_decoder_outputs = args.preallocated_outputs;
