@@ -14,12 +14,15 @@
 #   bench     segmenter-bench fp16 (fused attention) through gRPC (1, 3, 8 concepts; concurrency 1 and 4), then one
 #             ONNX Runtime profile of 3 requests x 3 concepts (vision + text + decoder) into $OUT/profile_fp16/; saves
 #             its reply to one 3-concept request (masks_fp16.pb) for the precision check
+#   vision    the fp16 graphs with the vision session built for one image (SEGMENTER_VISION_STATIC), then the same
+#             session captured in a CUDA graph (+ SEGMENTER_CUDA_GRAPHS, dynamic decoder): 3 concepts, concurrency 1,
+#             the A/Bs against bench_fp16
+#   rope      a copy of the fp16 graphs with the vision graph's RoPE fused (export/fused_rope.py, no torch), benched
+#             with default settings and with the captured vision session; then every session captured (vision +
+#             static decoders 1,2,3,4,8) on those graphs
 #   fp32      export (fused attention, directly) + a short bench of the fp32 graphs, saving the same request's reply;
 #   masks     then fp16 vs fp32 on that reply: mask IoU (instances paired by query, semantic maps), score deltas
-#             (time permitting: ~130 s; before the A/B steps, which the first H200 run measured already)
-#   vision    the fp16 graphs with the vision session built for one image (SEGMENTER_VISION_STATIC), then the same
-#             session captured in a CUDA graph (+ SEGMENTER_CUDA_GRAPHS, dynamic decoder), then every session captured
-#             (vision + static decoders 1,2,3,4,8): 3 concepts, concurrency 1, the A/Bs against bench_fp16
+#             (time permitting: ~130 s; after the goal's levers above, so the first call may leave it to the rerun)
 #   graphs    the same fp16 graphs with CUDA graphs on static decoder sessions (SEGMENTER_CUDA_GRAPHS,
 #             DECODER_STATIC_BATCHES=1,2,4,8), 3 concepts, concurrency 1: the A/B against bench_fp16; then the static
 #             sessions without graphs (what the folded shapes alone do)
@@ -39,12 +42,13 @@
 #   last call:        carry [".gpu-bin", ".gpu/part<N-1>"]  command: bash segmenter-svc/bench/gpu-run.sh                         timeout_s 480
 # Then read files_at/summary.md and log.txt (the rest: cat results.tar.xz* | tar -xJ); give_back unless rerunning at
 # once (a rerun on the warm machine keeps /tmp/ort-gpu and /tmp/models: carry [".gpu-bin"] only, e.g.
-# `HF=0 BASE=0 SMOKE=0 FP32=0 GPU_RUN_BUDGET_S=<seconds left - 60> bash segmenter-svc/bench/gpu-run.sh`).
+# `HF=0 BASE=0 SMOKE=0 VISION_AB=0 ROPE_AB=0 GPU_RUN_BUDGET_S=<seconds left - 60> bash segmenter-svc/bench/gpu-run.sh`:
+# fp32 and the rest; add FP32=0 when the first call did fp32).
 #
 # Time: bounded at GPU_RUN_BUDGET_S (default 420 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
 # FP32=0|1 (1), ATTN_AB=0|1 (1: bench the eager-attention graphs too), BATCH_AB=0|1 (1), STATIC_AB=0|1 (1: CUDA graphs
-# on static decoder sessions, then the static sessions alone), PINNED_AB=0|1 (1), VISION_AB=0|1 (1), FP32_REQUESTS (5), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
+# on static decoder sessions, then the static sessions alone), PINNED_AB=0|1 (1), VISION_AB=0|1 (1), ROPE_AB=0|1 (1), FP32_REQUESTS (5), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
 # PROFILE=0|1 (1), REQUESTS (20), WARMUP (3), HF_RUNS (10), HF_MODES (bf16), HF_CONCEPTS (3), CONCEPTS (1,3,8),
 # CONCURRENCY (1,4), SMOKE=0|1 (1), HF=0|1 (1: 0 reuses the HF reference an earlier run kept in MODELS), BASE=0|1
 # (1: 0 reuses bench_fp16 likewise, the A/B steps' reference); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the GPU-mode path (assemble,
@@ -84,6 +88,7 @@ ATTN_AB=${ATTN_AB:-1}
 STATIC_AB=${STATIC_AB:-1}
 PINNED_AB=${PINNED_AB:-1}
 VISION_AB=${VISION_AB:-1}
+ROPE_AB=${ROPE_AB:-1}
 ENGINE_REF=${ENGINE_REF:-0}
 FP32_REQUESTS=${FP32_REQUESTS:-5}
 PROFILE=${PROFILE:-1}
@@ -333,35 +338,59 @@ if ((FP16_OK)); then
   fi
   fp16_fallback
 fi
-fp32_and_masks
-# The A/B steps, what the first H200 run (2026-12-04) did not measure first: the one-image vision session (vision is
-# 26 of the 50 ms) alone, captured, and with every session captured; then the pinned mask outputs (its first try
-# failed warm-up); then those it measured (CUDA graphs and static decoder sessions: slower than the dynamic decoder;
-# eager attention; batching 4 images).
-if ((FP16_OK)); then
-  if ((VISION_AB)); then
-    # The vision session built for one image (SEGMENTER_VISION_STATIC): ~1,600 small CPU nodes of shape arithmetic
-    # per vision run, which a fixed batch folds away.
+# The A/B steps, levers on the goal first (vision is 26 of the first run's 50 ms): the one-image vision session alone,
+# captured, then the RoPE-fused graphs alone and with the captured vision session, then everything captured; then
+# fp32 and the precision check; then the pinned mask outputs (its first try failed warm-up) and what the first run
+# measured (CUDA graphs and static decoder sessions: slower than the dynamic decoder; eager attention; batching).
+if ((FP16_OK)) && ((VISION_AB)); then
+  # The vision session built for one image (SEGMENTER_VISION_STATIC): ~1,600 small CPU nodes of shape arithmetic
+  # per vision run, which a fixed batch folds away.
+  if (($(left) >= 50)); then
+    bench fp16_vision_static fp16 60 --concepts 3 --concurrency 1 --vision-static --max-batch-images 1
+  else skip bench_fp16_vision_static "only $(left)s of the budget left"; fi
+  # The same session captured in a CUDA graph: one launch instead of ~2,200 kernel launches per vision run (the
+  # dynamic decoder reads the FPN levels from the fixed tensors the graph writes).
+  if ((!VGRAPHS_OK)); then
+    skip bench_fp16_vision_graphs "a captured vision session failed on the tiny model (smoke_vision_graphs)"
+  elif (($(left) >= 50)); then
+    bench fp16_vision_graphs fp16 60 --concepts 3 --concurrency 1 "${VGRAPHS[@]}"
+  else skip bench_fp16_vision_graphs "only $(left)s of the budget left"; fi
+fi
+# RoPE fused (export/fused_rope.py, no torch): a converted copy of the fp16 graphs, kept for reruns.
+ROPE_OK=0
+if ((FP16_OK)) && ((ROPE_AB)); then
+  rope_dir=$MODELS/sam3-$SIZE-fp16-rope
+  if [[ -s $rope_dir/manifest.json ]]; then
+    ROPE_OK=1; log "rope: $rope_dir is complete (manifest.json), reused"
+  elif (($(left) >= 80)); then
+    rm -rf "$rope_dir"
+    if step rope_fp16 60 "${PYCMD[@]}" segmenter-svc/export/fused_rope.py --src "$MODELS/sam3-$SIZE-fp16" --out "$rope_dir"; then
+      ROPE_OK=1
+    else rm -rf "$rope_dir"; fi
+  else skip rope_fp16 "only $(left)s of the budget left"; fi
+  if ((ROPE_OK)); then
     if (($(left) >= 50)); then
-      bench fp16_vision_static fp16 60 --concepts 3 --concurrency 1 --vision-static --max-batch-images 1
-    else skip bench_fp16_vision_static "only $(left)s of the budget left"; fi
-    # The same session captured in a CUDA graph: one launch instead of ~2,000 kernel launches per vision run (the
-    # dynamic decoder reads the FPN levels from the fixed tensors the graph writes). Then every session captured,
-    # with a 3-phrase static decoder so 3 concepts run unpadded.
+      bench fp16_rope fp16-rope 60 --concepts 3 --concurrency 1
+    else skip bench_fp16_rope "only $(left)s of the budget left"; fi
     if ((!VGRAPHS_OK)); then
-      skip bench_fp16_vision_graphs "a captured vision session failed on the tiny model (smoke_vision_graphs)"
-      skip bench_fp16_all_graphs "a captured vision session failed on the tiny model (smoke_vision_graphs)"
-    else
-      if (($(left) >= 50)); then
-        bench fp16_vision_graphs fp16 60 --concepts 3 --concurrency 1 "${VGRAPHS[@]}"
-      else skip bench_fp16_vision_graphs "only $(left)s of the budget left"; fi
-      if ((!GRAPHS_OK)); then
-        skip bench_fp16_all_graphs "CUDA graphs failed on the tiny model (smoke_graphs)"
-      elif (($(left) >= 50)); then
-        bench fp16_all_graphs fp16 60 --concepts 3 --concurrency 1 "${ALL_GRAPHS[@]}"
-      else skip bench_fp16_all_graphs "only $(left)s of the budget left"; fi
-    fi
+      skip bench_fp16_rope_vgraphs "a captured vision session failed on the tiny model (smoke_vision_graphs)"
+    elif (($(left) >= 50)); then
+      bench fp16_rope_vgraphs fp16-rope 60 --concepts 3 --concurrency 1 "${VGRAPHS[@]}"
+    else skip bench_fp16_rope_vgraphs "only $(left)s of the budget left"; fi
   fi
+fi
+# Everything captured: the vision session and static decoders 1,2,3,4,8 (3 concepts unpadded), on the RoPE-fused
+# graphs when they were made (its own label either way).
+if ((FP16_OK)) && ((VISION_AB)); then
+  if ((ROPE_OK)); then all=(fp16_rope_all_graphs fp16-rope); else all=(fp16_all_graphs fp16); fi
+  if ((!VGRAPHS_OK || !GRAPHS_OK)); then
+    skip "bench_${all[0]}" "CUDA graphs failed on the tiny model (smoke_vision_graphs or smoke_graphs)"
+  elif (($(left) >= 50)); then
+    bench "${all[0]}" "${all[1]}" 60 --concepts 3 --concurrency 1 "${ALL_GRAPHS[@]}"
+  else skip "bench_${all[0]}" "only $(left)s of the budget left"; fi
+fi
+fp32_and_masks
+if ((FP16_OK)); then
   if ((PINNED_AB)); then
     # Decoder mask outputs preallocated in pinned host memory (SEGMENTER_PINNED_OUTPUTS): the A/B against bench_fp16.
     if ((!PINNED_OK)); then
