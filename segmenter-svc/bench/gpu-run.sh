@@ -20,6 +20,8 @@
 #   rope      a copy of the fp16 graphs with the vision graph's RoPE fused (export/fused_rope.py, no torch), benched
 #             with default settings and with the captured vision session; then every session captured (vision +
 #             static decoders 1,2,3,4,8) on those graphs
+#   conv      cuDNN's convolution algorithms timed at warm-up (CUDNN_CONV_SEARCH=exhaustive), then NHWC convolutions
+#             (CUDA_PREFER_NHWC), 3 concepts, concurrency 1: the A/Bs against bench_fp16 (decoder p50)
 #   fp32      export (fused attention, directly) + a short bench of the fp32 graphs, saving the same request's reply;
 #   masks     then fp16 vs fp32 on that reply: mask IoU (instances paired by query, semantic maps), score deltas
 #             (time permitting: ~130 s; after the goal's levers above, so the first call may leave it to the rerun)
@@ -42,13 +44,13 @@
 #   last call:        carry [".gpu-bin", ".gpu/part<N-1>"]  command: bash segmenter-svc/bench/gpu-run.sh                         timeout_s 480
 # Then read files_at/summary.md and log.txt (the rest: cat results.tar.xz* | tar -xJ); give_back unless rerunning at
 # once (a rerun on the warm machine keeps /tmp/ort-gpu and /tmp/models: carry [".gpu-bin"] only, e.g.
-# `HF=0 BASE=0 SMOKE=0 VISION_AB=0 ROPE_AB=0 GPU_RUN_BUDGET_S=<seconds left - 60> bash segmenter-svc/bench/gpu-run.sh`:
+# `HF=0 BASE=0 SMOKE=0 VISION_AB=0 ROPE_AB=0 CONV_AB=0 GPU_RUN_BUDGET_S=<seconds left - 60> bash segmenter-svc/bench/gpu-run.sh`:
 # fp32 and the rest; add FP32=0 when the first call did fp32).
 #
 # Time: bounded at GPU_RUN_BUDGET_S (default 420 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
 # FP32=0|1 (1), ATTN_AB=0|1 (1: bench the eager-attention graphs too), BATCH_AB=0|1 (1), STATIC_AB=0|1 (1: CUDA graphs
-# on static decoder sessions, then the static sessions alone), PINNED_AB=0|1 (1), VISION_AB=0|1 (1), ROPE_AB=0|1 (1), FP32_REQUESTS (5), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
+# on static decoder sessions, then the static sessions alone), PINNED_AB=0|1 (1), VISION_AB=0|1 (1), ROPE_AB=0|1 (1), CONV_AB=0|1 (1), FP32_REQUESTS (5), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
 # PROFILE=0|1 (1), REQUESTS (20), WARMUP (3), HF_RUNS (10), HF_MODES (bf16), HF_CONCEPTS (3), CONCEPTS (1,3,8),
 # CONCURRENCY (1,4), SMOKE=0|1 (1), HF=0|1 (1: 0 reuses the HF reference an earlier run kept in MODELS), BASE=0|1
 # (1: 0 reuses bench_fp16 likewise, the A/B steps' reference); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the GPU-mode path (assemble,
@@ -89,6 +91,7 @@ STATIC_AB=${STATIC_AB:-1}
 PINNED_AB=${PINNED_AB:-1}
 VISION_AB=${VISION_AB:-1}
 ROPE_AB=${ROPE_AB:-1}
+CONV_AB=${CONV_AB:-1}
 ENGINE_REF=${ENGINE_REF:-0}
 FP32_REQUESTS=${FP32_REQUESTS:-5}
 PROFILE=${PROFILE:-1}
@@ -388,6 +391,16 @@ if ((FP16_OK)) && ((VISION_AB)); then
   elif (($(left) >= 50)); then
     bench "${all[0]}" "${all[1]}" 60 --concepts 3 --concurrency 1 "${ALL_GRAPHS[@]}"
   else skip "bench_${all[0]}" "only $(left)s of the budget left"; fi
+fi
+# cuDNN's convolution algorithms, timed at warm-up instead of ranked (CUDNN_CONV_SEARCH=exhaustive), then
+# convolutions in NHWC (CUDA_PREFER_NHWC): the decoder's mask head runs 3x3 convolutions over 288x288 maps per phrase.
+if ((FP16_OK)) && ((CONV_AB)); then
+  if (($(left) >= 50)); then
+    bench fp16_conv_exhaustive fp16 60 --concepts 3 --concurrency 1 --conv-search exhaustive
+  else skip bench_fp16_conv_exhaustive "only $(left)s of the budget left"; fi
+  if (($(left) >= 50)); then
+    bench fp16_nhwc fp16 60 --concepts 3 --concurrency 1 --prefer-nhwc
+  else skip bench_fp16_nhwc "only $(left)s of the budget left"; fi
 fi
 fp32_and_masks
 if ((FP16_OK)); then

@@ -15,6 +15,14 @@ pub enum Device {
     Auto,
 }
 
+/// cuDNN's convolution algorithm choice on CUDA (ONNX Runtime's `cudnn_conv_algo_search`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConvSearch {
+    Heuristic,
+    Exhaustive,
+    Default,
+}
+
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "segmenter-svc",
@@ -78,6 +86,18 @@ pub struct Config {
     /// session: vision, text, the decoder and each static decoder variant (DECODER_STATIC_BATCHES) may each reach it.
     #[arg(long, env = "CUDA_MEM_LIMIT_MB", default_value_t = 0)]
     pub cuda_mem_limit_mb: usize,
+
+    /// How cuDNN picks each convolution's algorithm on CUDA: `heuristic` (its own ranking, no trial runs: a quick
+    /// warm-up), `exhaustive` (every algorithm timed once per input shape, at warm-up: a slower start, possibly
+    /// faster convolutions; the decoder's mask head runs 3x3 convolutions over 288x288 maps per phrase) or `default`
+    /// (one fixed algorithm). Measured by the device bench before any change of default.
+    #[arg(long, env = "CUDNN_CONV_SEARCH", value_enum, default_value_t = ConvSearch::Heuristic)]
+    pub cudnn_conv_search: ConvSearch,
+
+    /// Let the CUDA provider run convolutions in NHWC layout (ONNX Runtime's `prefer_nhwc`), the layout fp16
+    /// tensor-core convolution kernels work in; ONNX Runtime adds the layout transposes. Off until measured.
+    #[arg(long, env = "CUDA_PREFER_NHWC", default_value_t = false, action = clap::ArgAction::Set)]
+    pub cuda_prefer_nhwc: bool,
 
     /// Write one ONNX Runtime profile (Chrome trace JSON) per session into this folder when the engine stops.
     /// Measurement only: profiling slows every run.

@@ -252,6 +252,8 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
         max_batch_images,
         decoder_chunk,
         intra_threads = provider.intra_threads(config.intra_threads).unwrap_or(0),
+        cudnn_conv_search = ?config.cudnn_conv_search,
+        cuda_prefer_nhwc = config.cuda_prefer_nhwc,
         "serving settings (0 intra threads: ONNX Runtime's default)"
     );
     let probe_tokens = tokenizer

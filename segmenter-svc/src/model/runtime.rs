@@ -15,7 +15,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorElementType;
 
-use crate::config::{Config, Device};
+use crate::config::{Config, ConvSearch, Device};
 use crate::error::ModelError;
 use crate::mask_plane::MaskOutput;
 use crate::model::cuda;
@@ -337,7 +337,12 @@ fn new_session(
         let mut cuda = ep::CUDA::default()
             .with_device_id(*device_id)
             .with_arena_extend_strategy(ep::ArenaExtendStrategy::SameAsRequested)
-            .with_conv_algorithm_search(ep::cuda::ConvAlgorithmSearch::Heuristic)
+            .with_conv_algorithm_search(match config.cudnn_conv_search {
+                ConvSearch::Heuristic => ep::cuda::ConvAlgorithmSearch::Heuristic,
+                ConvSearch::Exhaustive => ep::cuda::ConvAlgorithmSearch::Exhaustive,
+                ConvSearch::Default => ep::cuda::ConvAlgorithmSearch::Default,
+            })
+            .with_prefer_nhwc(config.cuda_prefer_nhwc)
             .with_tf32(true);
         if config.cuda_mem_limit_mb > 0 {
             cuda = cuda.with_memory_limit(config.cuda_mem_limit_mb << 20);

@@ -99,6 +99,12 @@ struct Args {
     /// --max-batch-images 1).
     #[arg(long)]
     vision_static: bool,
+    /// cuDNN's convolution algorithm choice (the server's CUDNN_CONV_SEARCH).
+    #[arg(long, value_enum, default_value_t = segmenter_svc::config::ConvSearch::Heuristic)]
+    conv_search: segmenter_svc::config::ConvSearch,
+    /// Convolutions in NHWC layout on CUDA (the server's CUDA_PREFER_NHWC).
+    #[arg(long)]
+    prefer_nhwc: bool,
     /// Also measure the engine called in-process (a second set of sessions, loaded after the gRPC runs): the
     /// `x engine` column.
     #[arg(long)]
@@ -200,6 +206,8 @@ async fn main() -> anyhow::Result<()> {
     config.fixed_vision_io = args.fixed_vision_io;
     config.pinned_outputs = args.pinned_outputs;
     config.vision_static = args.vision_static;
+    config.cudnn_conv_search = args.conv_search;
+    config.cuda_prefer_nhwc = args.prefer_nhwc;
     config.preallocated_decoder_outputs = args.preallocated_outputs;
     config.log_level = args.log_level.clone();
     config.queue_capacity = 256;
