@@ -308,7 +308,9 @@ impl Manifest {
         Ok(())
     }
 
-    /// A short stable id: clients key caches by it (masks from one export are not reusable with another).
+    /// A short stable id: clients key caches by it (masks from one export are not reusable with another). The
+    /// digest covers all three graphs: a rewrite of one of them alone (export/fused_rope.py converts only the vision
+    /// graph) computes in other kernels, and its masks may differ in rounding.
     pub fn model_id(&self) -> String {
         let source = self.source_model.rsplit('/').next().unwrap_or("sam3");
         let kind = self
@@ -316,13 +318,17 @@ impl Manifest {
             .as_deref()
             .map(|r| format!("random-{r}"))
             .unwrap_or_else(|| source.to_string());
-        let digest = self
-            .graphs
-            .decoder
-            .sha256
-            .get(..12)
-            .unwrap_or(&self.graphs.decoder.sha256);
-        format!("{kind}-{}-{}", self.precision, digest)
+        let graphs = &self.graphs;
+        let mut hasher = Sha256::new();
+        for (name, spec) in [
+            ("vision", &graphs.vision),
+            ("text", &graphs.text),
+            ("decoder", &graphs.decoder),
+        ] {
+            hasher.update(format!("{name}:{}\n", spec.sha256.to_ascii_lowercase()));
+        }
+        let digest = hex::encode(hasher.finalize());
+        format!("{kind}-{}-{}", self.precision, &digest[..12])
     }
 }
 
@@ -371,4 +377,30 @@ fn sha256_file(path: &Path) -> Result<String, ModelError> {
         hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundled() -> Manifest {
+        serde_json::from_str(include_str!("../../models/sam3-tiny/manifest.json")).unwrap()
+    }
+
+    #[test]
+    fn the_model_id_changes_with_any_graph() {
+        let base = bundled().model_id();
+        assert!(base.starts_with("random-tiny-fp32-"), "{base}");
+        assert_eq!(base, bundled().model_id(), "stable");
+        for graph in 0..3 {
+            let mut m = bundled();
+            let spec = match graph {
+                0 => &mut m.graphs.vision,
+                1 => &mut m.graphs.text,
+                _ => &mut m.graphs.decoder,
+            };
+            spec.sha256 = "0".repeat(64);
+            assert_ne!(m.model_id(), base, "graph {graph}");
+        }
+    }
 }
