@@ -88,7 +88,8 @@ pub struct Config {
     pub cuda_mem_limit_mb: usize,
 
     /// How cuDNN picks each convolution's algorithm on CUDA: `heuristic` (its own ranking, no trial runs: a quick
-    /// warm-up), `exhaustive` (every algorithm timed once per input shape, at warm-up: a slower start, possibly
+    /// warm-up), `exhaustive` (every algorithm timed once per input shape; the warm-up then runs every vision batch
+    /// size and every phrase count up to DECODER_CHUNK, so no request pays for a search: a slower start, possibly
     /// faster convolutions; the decoder's mask head runs 3x3 convolutions over 288x288 maps per phrase) or `default`
     /// (one fixed algorithm). Measured by the device bench before any change of default.
     #[arg(long, env = "CUDNN_CONV_SEARCH", value_enum, default_value_t = ConvSearch::Heuristic)]
