@@ -319,6 +319,19 @@ bench() {  # bench LABEL PRECISION TIMEOUT EXTRA...
 # fp16 graphs run with the memory pattern on since the exporter drops stale value_info shapes (export/fp16.py); that
 # fix is verified on the CPU only. Should the CUDA EP still fail with the buffer re-use error, say so and measure
 # the old workaround (the hint in the manifest) so the run still yields fp16 numbers.
+# checked LABEL PRECISION TIMEOUT EXTRA...: bench LABEL, saving its reply to the 3-concept request bench_fp16 saved,
+# then compare the two (masks_LABEL_vs_fp16): a speed setting or a graph rewrite must give bench_fp16's masks. The
+# CPU dry run checks only the plumbing (no captured graph, no CUDA kernels there).
+checked() {
+  local label=$1; shift
+  bench "$label" "$@" --masks-out "$OUT/masks_$label.pb"
+  if [[ -s $OUT/masks_fp16.pb && -s $OUT/masks_$label.pb ]]; then
+    step "masks_${label}_vs_fp16" 30 "$BENCH" --compare-masks "$OUT/masks_fp16.pb,$OUT/masks_$label.pb" \
+      --json-out "$OUT/agreement_${label}_vs_fp16.json" || true
+  else
+    skip "masks_${label}_vs_fp16" "a saved reply is missing (masks_fp16.pb or masks_$label.pb)"
+  fi
+}
 fp16_fallback() {
   grep -q "Shape mismatch attempting to re-use buffer" "$OUT/bench_fp16.log" 2>/dev/null || return 0
   log "FINDING: fp16 with the memory pattern on still fails on CUDA (buffer re-use); rerunning with disable_memory_pattern"
@@ -349,14 +362,14 @@ if ((FP16_OK)) && ((VISION_AB)); then
   # The vision session built for one image (SEGMENTER_VISION_STATIC): ~1,600 small CPU nodes of shape arithmetic
   # per vision run, which a fixed batch folds away.
   if (($(left) >= 50)); then
-    bench fp16_vision_static fp16 60 --concepts 3 --concurrency 1 --vision-static --max-batch-images 1
+    checked fp16_vision_static fp16 60 --concepts 3 --concurrency 1 --vision-static --max-batch-images 1
   else skip bench_fp16_vision_static "only $(left)s of the budget left"; fi
   # The same session captured in a CUDA graph: one launch instead of ~2,200 kernel launches per vision run (the
   # dynamic decoder reads the FPN levels from the fixed tensors the graph writes).
   if ((!VGRAPHS_OK)); then
     skip bench_fp16_vision_graphs "a captured vision session failed on the tiny model (smoke_vision_graphs)"
   elif (($(left) >= 50)); then
-    bench fp16_vision_graphs fp16 60 --concepts 3 --concurrency 1 "${VGRAPHS[@]}"
+    checked fp16_vision_graphs fp16 60 --concepts 3 --concurrency 1 "${VGRAPHS[@]}"
   else skip bench_fp16_vision_graphs "only $(left)s of the budget left"; fi
 fi
 # RoPE fused (export/fused_rope.py, no torch): a converted copy of the fp16 graphs, kept for reruns.
@@ -373,12 +386,12 @@ if ((FP16_OK)) && ((ROPE_AB)); then
   else skip rope_fp16 "only $(left)s of the budget left"; fi
   if ((ROPE_OK)); then
     if (($(left) >= 50)); then
-      bench fp16_rope fp16-rope 60 --concepts 3 --concurrency 1
+      checked fp16_rope fp16-rope 60 --concepts 3 --concurrency 1
     else skip bench_fp16_rope "only $(left)s of the budget left"; fi
     if ((!VGRAPHS_OK)); then
       skip bench_fp16_rope_vgraphs "a captured vision session failed on the tiny model (smoke_vision_graphs)"
     elif (($(left) >= 50)); then
-      bench fp16_rope_vgraphs fp16-rope 60 --concepts 3 --concurrency 1 "${VGRAPHS[@]}"
+      checked fp16_rope_vgraphs fp16-rope 60 --concepts 3 --concurrency 1 "${VGRAPHS[@]}"
     else skip bench_fp16_rope_vgraphs "only $(left)s of the budget left"; fi
   fi
 fi
@@ -389,17 +402,17 @@ if ((FP16_OK)) && ((VISION_AB)); then
   if ((!VGRAPHS_OK || !GRAPHS_OK)); then
     skip "bench_${all[0]}" "CUDA graphs failed on the tiny model (smoke_vision_graphs or smoke_graphs)"
   elif (($(left) >= 50)); then
-    bench "${all[0]}" "${all[1]}" 60 --concepts 3 --concurrency 1 "${ALL_GRAPHS[@]}"
+    checked "${all[0]}" "${all[1]}" 60 --concepts 3 --concurrency 1 "${ALL_GRAPHS[@]}"
   else skip "bench_${all[0]}" "only $(left)s of the budget left"; fi
 fi
 # cuDNN's convolution algorithms, timed at warm-up instead of ranked (CUDNN_CONV_SEARCH=exhaustive), then
 # convolutions in NHWC (CUDA_PREFER_NHWC): the decoder's mask head runs 3x3 convolutions over 288x288 maps per phrase.
 if ((FP16_OK)) && ((CONV_AB)); then
   if (($(left) >= 50)); then
-    bench fp16_conv_exhaustive fp16 60 --concepts 3 --concurrency 1 --conv-search exhaustive
+    checked fp16_conv_exhaustive fp16 60 --concepts 3 --concurrency 1 --conv-search exhaustive
   else skip bench_fp16_conv_exhaustive "only $(left)s of the budget left"; fi
   if (($(left) >= 50)); then
-    bench fp16_nhwc fp16 60 --concepts 3 --concurrency 1 --prefer-nhwc
+    checked fp16_nhwc fp16 60 --concepts 3 --concurrency 1 --prefer-nhwc
   else skip bench_fp16_nhwc "only $(left)s of the budget left"; fi
 fi
 fp32_and_masks
@@ -473,9 +486,13 @@ log "steps: ${STATUS[*]}"
 log "step times: $(IFS=';'; echo "${TIMES[*]}")"
 local benches=()
 for f in "$OUT"/bench_*.json; do [[ -e $f ]] && benches+=(--bench "$(basename "$f" .json | sed 's/^bench_//')=$f"); done
+local same=() g
+for g in "$OUT"/agreement_*_vs_fp16.json; do
+  [[ -e $g ]] && same+=(--same "$(basename "$g" .json | sed -e 's/^agreement_//' -e 's/_vs_fp16$//')=$g")
+done
 {
   "${PYCMD[@]:-python3}" segmenter-svc/bench/summarize.py --hf "$OUT/hf_reference.json" "${benches[@]}" \
-    --agreement "$OUT/agreement_fp16_vs_fp32.json" || true
+    --agreement "$OUT/agreement_fp16_vs_fp32.json" "${same[@]}" || true
   echo
   echo "Step times: $(IFS=';'; echo "${TIMES[*]}")"
   echo "Steps: ${STATUS[*]}"

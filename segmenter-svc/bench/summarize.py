@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     ap.add_argument("--goal-concepts", type=int, default=3)
     ap.add_argument("--agreement", type=Path, default=None,
                     help="segmenter-bench --compare-masks JSON (fp16 vs fp32 on one reply)")
+    ap.add_argument("--same", action="append", default=[],
+                    help="LABEL=segmenter-bench --compare-masks JSON of bench_fp16's reply against LABEL's (the same "
+                         "request on the same fp16 graphs with another setting, or the RoPE-fused copy)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -98,6 +101,9 @@ def main(argv=None) -> int:
     lines += ab_lines(dict(benches), args.goal_concepts)
     if args.agreement:
         lines.append(agreement_line(args.agreement))
+    for item in args.same:
+        label, _, path = item.partition("=")
+        lines.append(agreement_line(Path(path), reference="fp16", other=label, what="the same request"))
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:
@@ -152,17 +158,23 @@ def ab_lines(benches: dict, concepts: int) -> list[str]:
 MIN_MASK_IOU, MAX_SCORE_DELTA = 0.99, 0.02
 
 
-def agreement_line(path: Path) -> str:
-    """The precision check's verdict: pooled instance mask IoU and worst semantic map IoU against 0.99, score and
-    presence deltas against 0.02."""
+def agreement_line(path: Path, reference: str = "fp32", other: str = "fp16",
+                   what: str = "one 3-concept reply") -> str:
+    """A mask comparison's verdict (segmenter-bench --compare-masks REFERENCE,OTHER): pooled instance mask IoU and
+    worst semantic map IoU against 0.99, score and presence deltas against 0.02. fp16 against fp32 is the precision
+    check; a speed setting or graph rewrite against bench_fp16 shows that it computes the same masks (on the CPU
+    only the captured graph itself, or the CUDA kernels of a rewrite, cannot be checked)."""
     if not path.exists():
-        return "MASKS fp16 vs fp32: not measured (fp32 skipped or a saved reply missing; see log.txt)"
+        return (f"MASKS {other} vs {reference}: not measured (a bench skipped or a saved reply missing; "
+                f"see log.txt)")
     a = json.loads(path.read_text())
     ok = (a["instance_iou"] >= MIN_MASK_IOU and a["worst_semantic_iou"] >= MIN_MASK_IOU
           and a["max_score_delta"] <= MAX_SCORE_DELTA and a["max_presence_delta"] <= MAX_SCORE_DELTA)
-    return (f"MASKS fp16 vs fp32 (one 3-concept reply, every top-k instance): instance mask IoU {a['instance_iou']:.4f} "
+    return (f"MASKS {other} vs {reference} ({what}, every top-k instance): instance mask IoU "
+            f"{a['instance_iou']:.4f} "
             f"pooled (worst instance {a['worst_instance_iou']:.4f}), worst semantic map {a['worst_semantic_iou']:.4f}, "
-            f"{a['matched']} instances paired by query ({a['only_reference']} fp32 only, {a['only_other']} fp16 only), "
+            f"{a['matched']} instances paired by query ({a['only_reference']} {reference} only, {a['only_other']} "
+            f"{other} only), "
             f"score |d| max {a['max_score_delta']:.4f}, presence |d| max {a['max_presence_delta']:.4f}: "
             f"{'MET' if ok else 'MISSED'} (IoU >= {MIN_MASK_IOU}, |d| <= {MAX_SCORE_DELTA})")
 
