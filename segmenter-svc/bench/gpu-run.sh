@@ -227,7 +227,7 @@ if ((SMOKE)); then
   if smoke_tiny smoke_vision_graphs 40 "${VGRAPHS[@]}"; then
     VGRAPHS_OK=1
   else
-    log "FINDING: a captured vision session failed on the tiny model (see above); bench_fp16_vision_graphs and bench_fp16_all_graphs skipped"
+    log "FINDING: a captured vision session failed on the tiny model (see above); the benches that capture it are skipped"
   fi
   echo "$VGRAPHS_OK" > "$MODELS/vgraphs_ok"
   # The mask outputs in pinned memory (SEGMENTER_PINNED_OUTPUTS): the first H200 run's warm-up failed with every
@@ -397,7 +397,7 @@ if ((FP16_OK)) && ((ROPE_AB)); then
 fi
 # Everything captured: the vision session and static decoders 1,2,3,4,8 (3 concepts unpadded), on the RoPE-fused
 # graphs when they were made (its own label either way).
-if ((FP16_OK)) && ((VISION_AB)); then
+if ((FP16_OK)) && ((VISION_AB || ROPE_AB)); then
   if ((ROPE_OK)); then all=(fp16_rope_all_graphs fp16-rope); else all=(fp16_all_graphs fp16); fi
   if ((!VGRAPHS_OK || !GRAPHS_OK)); then
     skip "bench_${all[0]}" "CUDA graphs failed on the tiny model (smoke_vision_graphs or smoke_graphs)"
