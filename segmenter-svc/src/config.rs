@@ -88,9 +88,8 @@ pub struct Config {
     pub cuda_mem_limit_mb: usize,
 
     /// How cuDNN picks each convolution's algorithm on CUDA: `heuristic` (its own ranking, no trial runs: a quick
-    /// warm-up), `exhaustive` (every algorithm timed once per input shape; the warm-up then runs every vision batch
-    /// size and every phrase count up to DECODER_CHUNK, so no request pays for a search: a slower start, possibly
-    /// faster convolutions; the decoder's mask head runs 3x3 convolutions over 288x288 maps per phrase) or `default`
+    /// warm-up), `exhaustive` (every algorithm timed once per input shape, at warm-up, which on a GPU runs every
+    /// vision batch size and every phrase count up to DECODER_CHUNK: a slower start, possibly faster convolutions; the decoder's mask head runs 3x3 convolutions over 288x288 maps per phrase) or `default`
     /// (one fixed algorithm). Measured by the device bench before any change of default.
     #[arg(long, env = "CUDNN_CONV_SEARCH", value_enum, default_value_t = ConvSearch::Heuristic)]
     pub cudnn_conv_search: ConvSearch,
@@ -126,7 +125,8 @@ pub struct Config {
     pub queue_capacity: usize,
 
     /// Phrases per decoder run. The decoder's memory grows with it (≈3.7 GB per phrase on the CPU at full size),
-    /// so the CPU default is small. 0: 2 on the CPU, 8 on CUDA (the warm-up covers 1, 3, 8 and the chunk).
+    /// so the CPU default is small. 0: 2 on the CPU, 8 on CUDA (the warm-up covers every count up to the chunk on
+    /// CUDA; 1, 3, 8 and the chunk on the CPU).
     #[arg(long, env = "DECODER_CHUNK", default_value_t = 0)]
     pub decoder_chunk: usize,
 

@@ -271,7 +271,6 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
             max_queue_delay: config.max_queue_delay(),
             queue_capacity: config.queue_capacity,
             decoder_chunk,
-            warm_every_shape: config.cudnn_conv_search == crate::config::ConvSearch::Exhaustive,
             text_cache_entries: config.text_cache_entries,
             probe_tokens,
             reprobe_interval: config.reprobe_interval(),

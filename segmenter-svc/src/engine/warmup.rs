@@ -10,29 +10,27 @@ use super::{Decoders, Worker, bind_vision, decode_chunk, fpn_views, zero_images}
 use crate::model::runtime::Provider;
 use crate::postprocess::FilterParams;
 
-/// The vision batch sizes and decoder phrase counts to warm up: 1 image and, on a GPU, the largest batch; 1, 3 and 8
-/// phrases (the counts clients use most) and the decoder chunk, each capped at the chunk (a request never runs more
-/// phrases at once). On the CPU a full batch is not warmed up: at full size it would add ~2 minutes to every start
-/// (vision ≈ 28 s per image on 2 cores) to save one slower first batch. `every` (a GPU with cuDNN's exhaustive
-/// algorithm search, which times every algorithm at a shape's first run): every batch size and every count up to the
-/// chunk, so no request pays for a search.
+/// The vision batch sizes and decoder phrase counts to warm up. On a GPU every shape a request can run: each vision
+/// batch size up to MAX_BATCH_IMAGES and each phrase count up to the decoder chunk (a request never runs more
+/// phrases at once). A shape's first run is slow there (kernel choice, arena growth; with
+/// CUDNN_CONV_SEARCH=exhaustive cuDNN times every convolution algorithm): ~0.4 s per count at full size on an H200,
+/// ~2 s more startup for the counts between 1, 3 and 8, which the first requests with 2 or 4-7 concepts (or the first
+/// batch of 2-3 images) paid after SERVING before. On the CPU 1 image and 1, 3, 8 phrases and the chunk: a full
+/// batch would add ~2 minutes to every start at full size (vision ≈ 28 s per image on 2 cores) to save one slower
+/// first batch.
 pub(super) fn shapes(
     max_batch_images: usize,
     decoder_chunk: usize,
     gpu: bool,
-    every: bool,
 ) -> (Vec<usize>, Vec<usize>) {
     let chunk = decoder_chunk.max(1);
-    if gpu && every {
+    if gpu {
         return (
             (1..=max_batch_images.max(1)).collect(),
             (1..=chunk).collect(),
         );
     }
-    let mut vision = vec![1];
-    if gpu && max_batch_images > 1 {
-        vision.push(max_batch_images);
-    }
+    let vision = vec![1];
     let mut decoder: Vec<usize> = [1, 3, 8, chunk].into_iter().map(|n| n.min(chunk)).collect();
     decoder.sort_unstable();
     decoder.dedup();
@@ -53,7 +51,6 @@ impl Worker {
             self.settings.max_batch_images,
             self.settings.decoder_chunk,
             matches!(self.sessions.provider, Provider::Cuda(_)),
-            self.settings.warm_every_shape,
         );
         let s = self.settings.image_size;
         for &batch in vision_batches.iter().filter(|&&b| b > 1) {
@@ -205,18 +202,12 @@ mod tests {
 
     #[test]
     fn warm_up_shapes_cover_common_counts_and_the_configured_sizes() {
-        // CUDA defaults: one image per vision run, decoder chunk 8.
-        assert_eq!(shapes(1, 8, true, false), (vec![1], vec![1, 3, 8]));
-        assert_eq!(shapes(4, 16, true, false), (vec![1, 4], vec![1, 3, 8, 16]));
-        // CPU defaults: batches of 4 (not warmed up), decoder chunk 2.
-        assert_eq!(shapes(4, 2, false, false), (vec![1], vec![1, 2]));
-        assert_eq!(shapes(0, 0, true, false), (vec![1], vec![1]));
-        // cuDNN's exhaustive search on a GPU: every shape a request can run (on the CPU the switch changes nothing).
-        assert_eq!(
-            shapes(1, 8, true, true),
-            (vec![1], (1..=8).collect::<Vec<_>>())
-        );
-        assert_eq!(shapes(3, 2, true, true), (vec![1, 2, 3], vec![1, 2]));
-        assert_eq!(shapes(4, 2, false, true), (vec![1], vec![1, 2]));
+        // CUDA: every shape a request can run (defaults: one image per vision run, decoder chunk 8).
+        assert_eq!(shapes(1, 8, true), (vec![1], (1..=8).collect::<Vec<_>>()));
+        assert_eq!(shapes(3, 2, true), (vec![1, 2, 3], vec![1, 2]));
+        assert_eq!(shapes(0, 0, true), (vec![1], vec![1]));
+        // CPU: one image, the common counts and the chunk (defaults: batches of 4, chunk 2).
+        assert_eq!(shapes(4, 2, false), (vec![1], vec![1, 2]));
+        assert_eq!(shapes(4, 16, false), (vec![1], vec![1, 3, 8, 16]));
     }
 }

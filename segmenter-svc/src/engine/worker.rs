@@ -44,9 +44,6 @@ pub struct EngineSettings {
     pub max_queue_delay: Duration,
     pub queue_capacity: usize,
     pub decoder_chunk: usize,
-    /// Warm up every vision batch size and phrase count a request can run, not only the common ones: with
-    /// CUDNN_CONV_SEARCH=exhaustive, cuDNN times its algorithms at each new shape's first run.
-    pub warm_every_shape: bool,
     pub text_cache_entries: usize,
     /// Tokens of a phrase used for warm-up and health probes.
     pub probe_tokens: Tokens,
