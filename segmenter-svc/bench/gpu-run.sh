@@ -316,9 +316,6 @@ bench() {  # bench LABEL PRECISION TIMEOUT EXTRA...
     "${extra[@]}" > "$OUT/bench_$label.log" 2>&1 || true
   cat "$OUT/bench_$label.log"
 }
-# fp16 graphs run with the memory pattern on since the exporter drops stale value_info shapes (export/fp16.py); that
-# fix is verified on the CPU only. Should the CUDA EP still fail with the buffer re-use error, say so and measure
-# the old workaround (the hint in the manifest) so the run still yields fp16 numbers.
 # checked LABEL PRECISION TIMEOUT EXTRA...: bench LABEL, saving its reply to the 3-concept request bench_fp16 saved,
 # then compare the two (masks_LABEL_vs_fp16): a speed setting or a graph rewrite must give bench_fp16's masks. The
 # CPU dry run checks only the plumbing (no captured graph, no CUDA kernels there).
@@ -332,6 +329,9 @@ checked() {
     skip "masks_${label}_vs_fp16" "a saved reply is missing (masks_fp16.pb or masks_$label.pb)"
   fi
 }
+# fp16 graphs run with the memory pattern on since the exporter drops stale value_info shapes (export/fp16.py); that
+# fix is verified on the CPU only. Should the CUDA EP still fail with the buffer re-use error, say so and measure
+# the old workaround (the hint in the manifest) so the run still yields fp16 numbers.
 fp16_fallback() {
   grep -q "Shape mismatch attempting to re-use buffer" "$OUT/bench_fp16.log" 2>/dev/null || return 0
   log "FINDING: fp16 with the memory pattern on still fails on CUDA (buffer re-use); rerunning with disable_memory_pattern"
