@@ -500,7 +500,7 @@ done
   echo "Session builds, serving settings, warm-up per shape, ONNX Runtime's warnings (from log.txt, in order; repeats"
   echo "of the same line dropped):"
   grep -E 'ONNX Runtime session built|sessions ready|onnxruntime: |serving settings|warm-up|model loaded and warm|START bench|START smoke' \
-    "$OUT/log.txt" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[0-9T:.-]*Z *//' | awk '!seen[$0]++' | head -80 || true
+    "$OUT/log.txt" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[0-9T:.-]*Z *//' | awk '!seen[$0]++' | head -250 || true
   if compgen -G "$OUT/profile_fp16/*.json" >/dev/null; then echo; echo "ORT profiles: $(cd "$OUT" && ls profile_fp16/*.json | tr '\n' ' ')"; fi
 } > "$OUT/summary.md" 2>&1
 cat "$OUT/summary.md"
