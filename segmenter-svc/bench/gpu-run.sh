@@ -25,6 +25,8 @@
 #   fp32      export (fused attention, directly) + a short bench of the fp32 graphs, saving the same request's reply;
 #   masks     then fp16 vs fp32 on that reply: mask IoU (instances paired by query, semantic maps), score deltas
 #             (time permitting: ~130 s; after the goal's levers above, so the first call may leave it to the rerun)
+#   instances two inference threads with their own sessions (ENGINE_INSTANCES=2), 3 concepts, concurrency 4: the
+#             throughput A/B against bench_fp16's concurrency-4 row
 #   graphs    the same fp16 graphs with CUDA graphs on static decoder sessions (SEGMENTER_CUDA_GRAPHS,
 #             DECODER_STATIC_BATCHES=1,2,4,8), 3 concepts, concurrency 1: the A/B against bench_fp16; then the static
 #             sessions without graphs (what the folded shapes alone do)
@@ -50,7 +52,7 @@
 # Time: bounded at GPU_RUN_BUDGET_S (default 420 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
 # FP32=0|1 (1), ATTN_AB=0|1 (1: bench the eager-attention graphs too), BATCH_AB=0|1 (1), STATIC_AB=0|1 (1: CUDA graphs
-# on static decoder sessions, then the static sessions alone), PINNED_AB=0|1 (1), VISION_AB=0|1 (1), ROPE_AB=0|1 (1), CONV_AB=0|1 (1), FP32_REQUESTS (5), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
+# on static decoder sessions, then the static sessions alone), PINNED_AB=0|1 (1), VISION_AB=0|1 (1), ROPE_AB=0|1 (1), CONV_AB=0|1 (1), INSTANCES_AB=0|1 (1), FP32_REQUESTS (5), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
 # PROFILE=0|1 (1), REQUESTS (20), WARMUP (3), HF_RUNS (10), HF_MODES (bf16), HF_CONCEPTS (3), CONCEPTS (1,3,8),
 # CONCURRENCY (1,4), SMOKE=0|1 (1), HF=0|1 (1: 0 reuses the HF reference an earlier run kept in MODELS), BASE=0|1
 # (1: 0 reuses bench_fp16 likewise, the A/B steps' reference); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the GPU-mode path (assemble,
@@ -92,6 +94,7 @@ PINNED_AB=${PINNED_AB:-1}
 VISION_AB=${VISION_AB:-1}
 ROPE_AB=${ROPE_AB:-1}
 CONV_AB=${CONV_AB:-1}
+INSTANCES_AB=${INSTANCES_AB:-1}
 ENGINE_REF=${ENGINE_REF:-0}
 FP32_REQUESTS=${FP32_REQUESTS:-5}
 PROFILE=${PROFILE:-1}
@@ -424,6 +427,13 @@ if ((FP16_OK)); then
     elif (($(left) >= 50)); then
       bench fp16_pinned fp16 60 --concepts 3 --concurrency 1 "${PINNED[@]}"
     else skip bench_fp16_pinned "only $(left)s of the budget left"; fi
+  fi
+  if ((INSTANCES_AB)); then
+    # Two inference threads with their own sessions (ENGINE_INSTANCES=2) at concurrency 4: throughput against
+    # bench_fp16's concurrency-4 row (one thread runs text, vision and decoder of one request after the other).
+    if (($(left) >= 50)); then
+      bench fp16_instances2 fp16 60 --concepts 3 --concurrency 4 --engine-instances 2
+    else skip bench_fp16_instances2 "only $(left)s of the budget left"; fi
   fi
   if ((STATIC_AB)); then
     # CUDA graphs (A/B against bench_fp16's dynamic decoder), then the static sessions without graphs (what the

@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     if not goal_rows:
         lines.append(f"GOAL: no {args.goal_concepts}-concept concurrency-1 result to judge")
     lines += ab_lines(dict(benches), args.goal_concepts)
+    lines += throughput_lines(dict(benches), args.goal_concepts)
     if args.agreement:
         lines.append(agreement_line(args.agreement))
     for item in args.same:
@@ -151,6 +152,26 @@ def ab_lines(benches: dict, concepts: int) -> list[str]:
         part = f", {stage} p50 {sa:.1f} / {sb:.1f} ms = {sa / sb:.2f}x" if sa and sb else ""
         lines.append(f"A/B {what}, {concepts} concepts, concurrency 1: e2e p50 {ra['e2e_ms']['p50']:.1f} / "
                      f"{rb['e2e_ms']['p50']:.1f} ms = {ra['e2e_ms']['p50'] / rb['e2e_ms']['p50']:.2f}x{part}")
+    return lines
+
+
+# Throughput pairs at concurrency 4: (label A, label B, what A / B shows).
+THROUGHPUT_PAIRS = (("fp16_instances2", "fp16", "two inference threads (ENGINE_INSTANCES=2) / one"),)
+
+
+def throughput_lines(benches: dict, concepts: int, concurrency: int = 4) -> list[str]:
+    """One line per throughput pair present: images per second and p50 of A over B at `concepts`, `concurrency`."""
+    def row(label):
+        return next((r for r in benches.get(label, {}).get("results", [])
+                     if r["concepts"] == concepts and r["concurrency"] == concurrency), None)
+    lines = []
+    for a, b, what in THROUGHPUT_PAIRS:
+        ra, rb = row(a), row(b)
+        if not (ra and rb and ra.get("images_per_s") and rb.get("images_per_s")):
+            continue
+        lines.append(f"A/B {what}, {concepts} concepts, concurrency {concurrency}: {ra['images_per_s']:.1f} / "
+                     f"{rb['images_per_s']:.1f} img/s = {ra['images_per_s'] / rb['images_per_s']:.2f}x, e2e p50 "
+                     f"{ra['e2e_ms']['p50']:.1f} / {rb['e2e_ms']['p50']:.1f} ms")
     return lines
 
 

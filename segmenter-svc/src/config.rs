@@ -113,6 +113,14 @@ pub struct Config {
     #[arg(long, env = "MAX_BATCH_IMAGES", default_value_t = 0)]
     pub max_batch_images: usize,
 
+    /// Inference threads, each with its own set of ONNX Runtime sessions, queue (QUEUE_CAPACITY each) and text
+    /// cache (Triton's instance count). A request runs on the one with the least work waiting. On a GPU two
+    /// instances overlap the kernel launches of concurrent requests (throughput under load; one request's latency
+    /// is unchanged), at the cost of another set of sessions each: build time and device memory. 1 to 8; on the CPU
+    /// one instance already uses every core. Measured by the device bench before any change of default.
+    #[arg(long, env = "ENGINE_INSTANCES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub engine_instances: u32,
+
     /// How long the batcher waits for more images after the first one arrives, in milliseconds, 0 to 10000.
     #[arg(long, env = "MAX_QUEUE_DELAY_MS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub max_queue_delay_ms: u64,

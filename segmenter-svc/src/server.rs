@@ -202,10 +202,14 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
         &manifest.tokenizer,
         manifest.text_context_length as usize,
     )?;
-    let sessions = runtime::build_sessions(config, &manifest, &dir)?;
-    let provider = sessions.provider.clone();
+    // One set of sessions per inference thread (ENGINE_INSTANCES), built one after the other.
+    let sessions = (0..config.engine_instances)
+        .map(|_| runtime::build_sessions(config, &manifest, &dir))
+        .collect::<Result<Vec<_>, _>>()?;
+    let provider = sessions[0].provider.clone();
     tracing::info!(
         provider = %provider,
+        instances = config.engine_instances,
         model = %manifest.model_id(),
         random_init = manifest.random_init.as_deref().unwrap_or("none"),
         attention = manifest.attention.as_deref().unwrap_or("eager"),
@@ -277,7 +281,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
             faults: config.faults.clone(),
             decoder_topk: manifest.decoder_topk as usize,
             mask_output: manifest.mask_output(),
-            busy: Default::default(),
+            busy: engine::Busy::with_instances(config.engine_instances as usize),
         },
     )?;
     let stall_limit = Duration::from_secs(match config.run_stall_sec {

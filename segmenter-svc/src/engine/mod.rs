@@ -1,5 +1,6 @@
 //! The inference engine: one dedicated thread owns the ONNX Runtime sessions (`Session::run` needs `&mut`) and is
-//! fed by a bounded queue. Requests that arrive together share one vision-encoder run (dynamic batching with a
+//! fed by a bounded queue (with ENGINE_INSTANCES > 1, several such threads, each with its own sessions and queue:
+//! `instances`). Requests that arrive together share one vision-encoder run (dynamic batching with a
 //! maximum batch and a maximum queue delay); each image's concepts go through the decoder together, in chunks.
 //!
 //! Admission is fail-fast: a full queue answers RESOURCE_EXHAUSTED at once instead of growing latency without bound.
@@ -11,6 +12,7 @@
 
 mod busy;
 mod faults;
+mod instances;
 mod queue;
 mod text_cache;
 mod worker;
@@ -27,7 +29,8 @@ use crate::preprocess::Pixels;
 
 pub use busy::Busy;
 pub use faults::Faults;
-pub use worker::{EngineSettings, EngineThread, spawn};
+pub use instances::{EngineThread, spawn};
+pub use worker::EngineSettings;
 
 /// One image and its distinct phrases, ready for the model.
 pub struct Job {
@@ -57,14 +60,33 @@ pub struct JobOutput {
     pub vision_batch: usize,
 }
 
-/// Cheap to clone; every gRPC handler holds one.
+/// Cheap to clone; every gRPC handler holds one. Requests go to one of the engine's inference threads
+/// (ENGINE_INSTANCES, each with its own sessions and queue): the one with the fewest jobs waiting.
 #[derive(Clone)]
 pub struct EngineHandle {
+    instances: Arc<[Instance]>,
+    /// The instances' health combined (`instances::combine`); the one instance's own with ENGINE_INSTANCES=1.
+    health: watch::Receiver<Health>,
+    /// Every instance's run stamp.
+    busy: Busy,
+}
+
+/// One inference thread's side of the handle.
+#[derive(Clone)]
+struct Instance {
     /// Jobs waiting for the inference thread; one it has taken into the batch it is collecting no longer occupies
     /// the queue's room.
     queue: Arc<queue::JobQueue>,
     health: watch::Receiver<Health>,
+    /// Its run stamp (its slot of the engine's `Busy`).
     busy: Busy,
+}
+
+impl Instance {
+    /// What a new job would wait behind here: the jobs queued, plus the batch in progress.
+    fn load(&self) -> usize {
+        self.queue.len() + usize::from(self.busy.is_running())
+    }
 }
 
 /// What the engine knows about its own state; health checks and the gRPC service read it.
@@ -90,12 +112,22 @@ impl EngineHandle {
     /// (client gone, deadline passed; see `queue`).
     pub fn submit(&self, job: Job) -> Result<(), Error> {
         self.serving()?;
-        self.queue.push(job).map_err(|refused| match refused {
+        let instance = self
+            .instances
+            .iter()
+            .min_by_key(|i| i.load())
+            .expect("an engine has at least one instance");
+        instance.queue.push(job).map_err(|refused| match refused {
             queue::Refused::Full => Error::Overloaded {
-                capacity: self.queue.capacity(),
+                capacity: self.capacity(),
             },
             queue::Refused::Closed(why) => Error::NotServing(why),
         })
+    }
+
+    /// Jobs the engine's queues hold together (QUEUE_CAPACITY per instance).
+    fn capacity(&self) -> usize {
+        self.instances.iter().map(|i| i.queue.capacity()).sum()
     }
 
     /// Whether `submit` would take a job now: the engine is serving and the queue has room. Asked when a request
@@ -108,9 +140,9 @@ impl EngineHandle {
     /// same size (QUEUE_CAPACITY=0 holds one job).
     pub fn admissible(&self) -> Result<(), Error> {
         self.serving()?;
-        if !self.queue.has_room() {
+        if !self.instances.iter().any(|i| i.queue.has_room()) {
             return Err(Error::Overloaded {
-                capacity: self.queue.capacity(),
+                capacity: self.capacity(),
             });
         }
         Ok(())
@@ -134,8 +166,8 @@ impl EngineHandle {
         self.busy.clone()
     }
 
-    /// Jobs in the queue, waiting for the inference thread to take them.
+    /// Jobs in the queues, waiting for an inference thread to take them.
     pub fn queue_depth(&self) -> usize {
-        self.queue.len()
+        self.instances.iter().map(|i| i.queue.len()).sum()
     }
 }

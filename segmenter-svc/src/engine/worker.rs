@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::queue::{JobQueue, TakeError, drop_gone, is_gone as gone};
 use super::text_cache::TextCache;
-use super::{EngineHandle, Health, Job, JobOutput};
+use super::{Health, Instance, Job, JobOutput};
 use crate::error::Error;
 use crate::mask_plane::MaskOutput;
 use crate::model::fixed_io::FixedVision;
@@ -70,24 +70,29 @@ pub(super) fn answer(job: Job, result: Result<JobOutput, Error>) {
 /// How often an idle inference thread looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(100);
 
-/// The inference thread itself: stopped and joined when dropped (as TEI's `BackendThread`), so the sessions are
-/// released before `run` returns, even while a request task still holds an `EngineHandle`. The join waits for at
-/// most the batch in progress.
-pub struct EngineThread {
+/// One inference thread: stopped and joined when dropped (as TEI's `BackendThread`), so the sessions are released
+/// before `run` returns, even while a request task still holds an `EngineHandle`. The join waits for at most the
+/// batch in progress.
+pub(super) struct InstanceThread {
     stop: Arc<AtomicBool>,
     join: Option<JoinHandle<()>>,
 }
 
-impl EngineThread {
+impl InstanceThread {
+    /// Tells the thread to stop after its batch in progress, without waiting.
+    pub(super) fn ask_to_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
     /// Tells the thread to stop and lets it go without waiting for it: for a thread whose run never returns
     /// (`exit`), which a join would wait on for ever. It ends on its own if the run ever does.
-    pub fn detach(mut self) {
+    pub(super) fn detach(mut self) {
         self.stop.store(true, Ordering::SeqCst);
         drop(self.join.take());
     }
 }
 
-impl Drop for EngineThread {
+impl Drop for InstanceThread {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(join) = self.join.take()
@@ -98,39 +103,38 @@ impl Drop for EngineThread {
     }
 }
 
-/// Starts the inference thread. It warms the sessions up first (health stays WarmingUp until then) and stops when
-/// every handle has been dropped or the `EngineThread` is.
-pub fn spawn(
+/// Starts one inference thread (`name`), on a queue of its own. It warms the sessions up first (health stays
+/// WarmingUp until then) and stops when every handle has been dropped or the `InstanceThread` is.
+pub(super) fn spawn_instance(
+    name: String,
     sessions: Sessions,
     settings: EngineSettings,
-) -> std::io::Result<(EngineHandle, EngineThread)> {
+) -> std::io::Result<(Instance, InstanceThread)> {
     let queue = JobQueue::new(settings.queue_capacity);
     let (health_tx, health_rx) = watch::channel(Health::WarmingUp);
-    let handle = EngineHandle {
+    let handle = Instance {
         queue: queue.clone(),
         health: health_rx,
         busy: settings.busy.clone(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let stopping = stop.clone();
-    let join = std::thread::Builder::new()
-        .name("inference".into())
-        .spawn(move || {
-            // Dropped after `worker` (declared before it), on a return and on a panic alike. It borrows the queue:
-            // `JobQueue::take` tells that every handle is gone by this thread's reference being the only one.
-            let _closed_on_exit = CloseOnExit(&queue);
-            let mut worker = Worker {
-                cache: TextCache::new(settings.text_cache_entries),
-                sessions,
-                settings,
-                health: health_tx,
-                stop: stopping,
-            };
-            worker.run(&queue);
-        })?;
+    let join = std::thread::Builder::new().name(name).spawn(move || {
+        // Dropped after `worker` (declared before it), on a return and on a panic alike. It borrows the queue:
+        // `JobQueue::take` tells that every handle is gone by this thread's reference being the only one.
+        let _closed_on_exit = CloseOnExit(&queue);
+        let mut worker = Worker {
+            cache: TextCache::new(settings.text_cache_entries),
+            sessions,
+            settings,
+            health: health_tx,
+            stop: stopping,
+        };
+        worker.run(&queue);
+    })?;
     Ok((
         handle,
-        EngineThread {
+        InstanceThread {
             stop,
             join: Some(join),
         },

@@ -105,6 +105,9 @@ struct Args {
     /// Convolutions in NHWC layout on CUDA (the server's CUDA_PREFER_NHWC).
     #[arg(long)]
     prefer_nhwc: bool,
+    /// Inference threads with their own sessions (the server's ENGINE_INSTANCES).
+    #[arg(long, default_value_t = 1)]
+    engine_instances: u32,
     /// Also measure the engine called in-process (a second set of sessions, loaded after the gRPC runs): the
     /// `x engine` column.
     #[arg(long)]
@@ -208,6 +211,7 @@ async fn main() -> anyhow::Result<()> {
     config.vision_static = args.vision_static;
     config.cudnn_conv_search = args.conv_search;
     config.cuda_prefer_nhwc = args.prefer_nhwc;
+    config.engine_instances = args.engine_instances.clamp(1, 8);
     config.preallocated_decoder_outputs = args.preallocated_outputs;
     config.log_level = args.log_level.clone();
     config.queue_capacity = 256;
