@@ -72,7 +72,7 @@ fn describe() {
     );
     metrics::describe_gauge!(
         "segmenter_queue_depth",
-        "Requests waiting for the inference thread"
+        "Requests waiting for an inference thread (every ENGINE_INSTANCES queue together)"
     );
     metrics::describe_gauge!(
         "segmenter_inflight_requests",
@@ -80,7 +80,7 @@ fn describe() {
     );
     metrics::describe_gauge!(
         "segmenter_text_cache_entries",
-        "Phrases whose text features are cached"
+        "Phrases whose text features are cached (each ENGINE_INSTANCES thread has its own cache: their sum)"
     );
     metrics::describe_counter!(
         "segmenter_text_cache_total",

@@ -6,6 +6,9 @@
 //! The inference thread closes the queue as it ends (a stop or a panic): the jobs still in it and any pushed later
 //! are answered UNAVAILABLE at once (a client retries them on another replica), not left to wait for their deadline.
 //! A channel told its senders the same when its receiver went; a queue shared by reference has to be told.
+//!
+//! segmenter_queue_depth moves by what each change adds or takes (never set to one queue's length): with
+//! ENGINE_INSTANCES > 1 every inference thread has a queue, and the gauge is their sum.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -80,7 +83,7 @@ impl JobQueue {
         };
         let result = if jobs.len() < self.capacity {
             jobs.push_back(job);
-            metrics::gauge!("segmenter_queue_depth").set(jobs.len() as f64);
+            metrics::gauge!("segmenter_queue_depth").increment(1.0);
             self.arrived.notify_one();
             Ok(())
         } else {
@@ -98,7 +101,7 @@ impl JobQueue {
         queued.closed.get_or_insert_with(|| why.to_owned());
         let why = queued.closed.clone().unwrap_or_default();
         let left = std::mem::take(&mut queued.jobs);
-        metrics::gauge!("segmenter_queue_depth").set(0.0);
+        metrics::gauge!("segmenter_queue_depth").decrement(left.len() as f64);
         drop(queued);
         if !left.is_empty() {
             tracing::warn!(jobs = left.len(), reason = %why, "inference thread ended: queued requests answered UNAVAILABLE");
@@ -133,7 +136,7 @@ impl JobQueue {
         let mut queued = self.lock();
         loop {
             if let Some(job) = queued.jobs.pop_front() {
-                metrics::gauge!("segmenter_queue_depth").set(queued.jobs.len() as f64);
+                metrics::gauge!("segmenter_queue_depth").decrement(1.0);
                 return Ok(job);
             }
             // Handles are only cloned from handles: once none is left, none comes back.
@@ -173,7 +176,7 @@ fn drain_gone(jobs: &mut VecDeque<Job>) -> Vec<Job> {
     }
     *jobs = kept;
     if !gone.is_empty() {
-        metrics::gauge!("segmenter_queue_depth").set(jobs.len() as f64);
+        metrics::gauge!("segmenter_queue_depth").decrement(gone.len() as f64);
         tracing::debug!(
             dropped = gone.len(),
             "full queue: dropped requests nobody waits for"

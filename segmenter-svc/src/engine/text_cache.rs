@@ -31,9 +31,15 @@ impl TextCache {
         self.entries.peek(phrase).cloned()
     }
 
+    /// The gauge moves by what changed, not to this cache's size: with ENGINE_INSTANCES > 1 each inference thread
+    /// has a cache of its own, and the gauge is their sum.
     pub fn insert(&mut self, phrase: String, features: Arc<[f32]>) {
+        let before = self.entries.len();
         self.entries.put(phrase, features);
-        metrics::gauge!("segmenter_text_cache_entries").set(self.entries.len() as f64);
+        let grown = self.entries.len() as f64 - before as f64;
+        if grown != 0.0 {
+            metrics::gauge!("segmenter_text_cache_entries").increment(grown);
+        }
     }
 }
 
