@@ -135,7 +135,13 @@ async fn serve_prepared(
         },
     );
     tokio::pin!(server);
-    let stalled = || matches!(failure_slot.get(), Some(Failure::Stalled(_)));
+    // A run hung past RUN_STALL_SEC is not waited for, whatever ended the server: with ENGINE_INSTANCES > 1 one
+    // instance can turn Broken while another's run hangs, and joining that one would keep the process up for ever.
+    let hung = engine.busy();
+    let stalled = || {
+        matches!(failure_slot.get(), Some(Failure::Stalled(_)))
+            || hung.running_for().is_some_and(|t| t > stall_limit)
+    };
     tokio::select! {
         result = &mut server => result?,
         _ = async {
@@ -275,6 +281,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
             max_queue_delay: config.max_queue_delay(),
             queue_capacity: config.queue_capacity,
             decoder_chunk,
+            max_concepts: config.max_concepts,
             text_cache_entries: config.text_cache_entries,
             probe_tokens,
             reprobe_interval: config.reprobe_interval(),
@@ -305,8 +312,10 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
             max_image_pixels: config.max_image_pixels,
             max_message_bytes: config.max_message_bytes as u64,
             max_batch_images: max_batch_images as u32,
-            // What admission compares with (QUEUE_CAPACITY 0 is taken as 1), as max_batch_images is the effective value.
-            queue_capacity: config.queue_capacity.max(1) as u32,
+            // What admission compares with (QUEUE_CAPACITY 0 is taken as 1; one queue per ENGINE_INSTANCES thread),
+            // as max_batch_images is the effective value.
+            queue_capacity: (config.queue_capacity.max(1) * config.engine_instances as usize)
+                as u32,
             max_instances_per_concept: max_instances,
         }),
     };

@@ -190,6 +190,14 @@ async fn cuda_graphs_are_refused_where_they_cannot_work() {
         error.contains("SEGMENTER_CUDA_GRAPHS=true needs the CUDA provider"),
         "{error}"
     );
+    // With more than one inference thread (a capture fails while another instance runs).
+    config.engine_instances = 2;
+    let error = load_error(&config).await;
+    assert!(
+        error.contains("SEGMENTER_CUDA_GRAPHS=true needs ENGINE_INSTANCES=1 (it is 2)"),
+        "{error}"
+    );
+    config.engine_instances = 1;
     // With no session whose shapes are all fixed.
     config.decoder_static_batches = vec![];
     let error = load_error(&config).await;

@@ -112,17 +112,24 @@ impl EngineHandle {
     /// (client gone, deadline passed; see `queue`).
     pub fn submit(&self, job: Job) -> Result<(), Error> {
         self.serving()?;
-        let instance = self
-            .instances
-            .iter()
-            .min_by_key(|i| i.load())
-            .expect("an engine has at least one instance");
-        instance.queue.push(job).map_err(|refused| match refused {
-            queue::Refused::Full => Error::Overloaded {
-                capacity: self.capacity(),
-            },
-            queue::Refused::Closed(why) => Error::NotServing(why),
-        })
+        // The least loaded first; one whose queue is full hands the job to the next (`admissible` let the image be
+        // decoded because some instance had room).
+        let mut order: Vec<&Instance> = self.instances.iter().collect();
+        order.sort_by_key(|i| i.load());
+        let mut job = job;
+        for (n, instance) in order.iter().enumerate() {
+            match instance.queue.push_or_return(job) {
+                Ok(()) => return Ok(()),
+                Err((queue::Refused::Full, back)) if n + 1 < order.len() => job = back,
+                Err((queue::Refused::Full, _)) => {
+                    return Err(Error::Overloaded {
+                        capacity: self.capacity(),
+                    });
+                }
+                Err((queue::Refused::Closed(why), _)) => return Err(Error::NotServing(why)),
+            }
+        }
+        unreachable!("an engine has at least one instance")
     }
 
     /// Jobs the engine's queues hold together (QUEUE_CAPACITY per instance).

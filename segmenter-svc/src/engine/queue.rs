@@ -70,10 +70,18 @@ impl JobQueue {
     }
 
     /// Queues `job`, or refuses it: the queue is full of jobs someone still waits for, or it has been closed.
+    #[cfg(test)]
     pub fn push(&self, job: Job) -> Result<(), Refused> {
+        self.push_or_return(job).map_err(|(refused, _)| refused)
+    }
+
+    /// Queues `job`, or refuses it (the queue is full of jobs someone still waits for, or it has been closed) and
+    /// hands it back: another instance's queue may take it.
+    #[allow(clippy::result_large_err)] // the job moves back to the caller, as it moved in: no allocation per refusal
+    pub fn push_or_return(&self, job: Job) -> Result<(), (Refused, Job)> {
         let mut queued = self.lock();
         if let Some(why) = &queued.closed {
-            return Err(Refused::Closed(why.clone()));
+            return Err((Refused::Closed(why.clone()), job));
         }
         let jobs = &mut queued.jobs;
         let gone = if jobs.len() >= self.capacity {
@@ -87,7 +95,7 @@ impl JobQueue {
             self.arrived.notify_one();
             Ok(())
         } else {
-            Err(Refused::Full)
+            Err((Refused::Full, job))
         };
         drop(queued);
         gone.into_iter().for_each(drop_gone);

@@ -49,7 +49,8 @@ impl Worker {
         self.probe()?;
         let (vision_batches, phrase_counts) = shapes(
             self.settings.max_batch_images,
-            self.settings.decoder_chunk,
+            // One image never runs more phrases than MAX_CONCEPTS at once.
+            self.settings.decoder_chunk.min(self.settings.max_concepts),
             matches!(self.sessions.provider, Provider::Cuda(_)),
         );
         let s = self.settings.image_size;

@@ -44,6 +44,8 @@ pub struct EngineSettings {
     pub max_queue_delay: Duration,
     pub queue_capacity: usize,
     pub decoder_chunk: usize,
+    /// Most phrases one request has (MAX_CONCEPTS): the warm-up runs no larger phrase count.
+    pub max_concepts: usize,
     pub text_cache_entries: usize,
     /// Tokens of a phrase used for warm-up and health probes.
     pub probe_tokens: Tokens,

@@ -44,6 +44,14 @@ pub(crate) fn fixed_io_wanted(config: &Config, provider: &Provider) -> Result<Fi
                 .into(),
         );
     }
+    if config.cuda_graphs && config.engine_instances > 1 {
+        return refuse(format!(
+            "SEGMENTER_CUDA_GRAPHS=true needs ENGINE_INSTANCES=1 (it is {}): ONNX Runtime captures a CUDA graph in the \
+             process-wide capture mode, and another instance's run during a capture fails it (measured on an H200: \
+             every warm-up with 2 instances failed)",
+            config.engine_instances
+        ));
+    }
     if config.fixed_decoder_io && !statics {
         return refuse(
             "fixed-address decoder I/O needs DECODER_STATIC_BATCHES: only static-shape decoder sessions have it".into(),
