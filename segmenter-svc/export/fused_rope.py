@@ -20,8 +20,10 @@ Where the RoPE input is a head split, Transpose(Reshape(proj, [b,s,H,D]), [0,2,1
 [b,s,H·D] for MultiHeadAttention (Transpose [0,2,1,3] -> Reshape [0,0,-1], what fused_attention.py leaves), the node
 takes the 3-D [b, s, H·D] form instead and both transposes go as well.
 
-Opt-in until measured on a GPU (segmenter-svc/bench/gpu-run.sh benches a converted copy against the default
-graphs). Torch-free, like fused_attention.py; run it after fused_attention.py (or on any export it produced):
+Opt-in: export_sam3.py does not apply it yet (its fp32 full-size vision graph goes to external data, which this
+script does not take). Measured on an H200 (2026-12-04, segmenter-svc/bench/gpu-run.sh `bench_fp16_rope`): vision
+27.0 -> 23.5 ms at full size in fp16, 1 image + 3 concepts 52.4 -> 48.8 ms, the same masks. Torch-free, like
+fused_attention.py; run it after fused_attention.py (or on any export it produced):
 
     python fused_rope.py --model-dir /models/sam3                          # in place (vision graph, manifest)
     python fused_rope.py --src EXPORT --out /tmp/r --check                  # a converted copy, checked against the
