@@ -7,8 +7,9 @@
 #             with a captured one-image vision session (~5 s; a failure only skips the benches that capture it), and
 #             with the decoder's mask outputs in pinned memory (~5 s; a failure only skips the pinned bench)
 #   export    full-size random SAM3, fp16, all cores, with eager attention (sam3-full-fp16-eager), then the same
-#             graphs with fused attention (export/fused_attention.py, no torch: sam3-full-fp16, what the exporter
-#             writes by default); both kept in /tmp/models: a rerun on the warm machine skips them. Masks leave the
+#             graphs with fused attention (export/fused_attention.py, no torch: sam3-full-fp16, fused attention and
+#             traced RoPE, the exporter's default before 2026-12-04; its default now also fuses the RoPE, which the
+#             rope step below adds); both kept in /tmp/models: a rerun on the warm machine skips them. Masks leave the
 #             decoder as uint8 probabilities (--mask-output u8, the exporter's default; export/mask_output.py)
 #   hf        HF PyTorch bf16 autocast reference, 3 concepts, on the same GPU
 #   bench     segmenter-bench fp16 (fused attention) through gRPC (1, 3, 8 concepts; concurrency 1 and 4), then one
@@ -22,7 +23,7 @@
 #             static decoders 1,2,3,4,8) on those graphs
 #   conv      cuDNN's convolution algorithms timed at warm-up (CUDNN_CONV_SEARCH=exhaustive), then NHWC convolutions
 #             (CUDA_PREFER_NHWC), 3 concepts, concurrency 1: the A/Bs against bench_fp16 (decoder p50)
-#   fp32      export (fused attention, directly) + a short bench of the fp32 graphs, saving the same request's reply;
+#   fp32      export (fused attention, traced RoPE as sam3-full-fp16, directly) + a short bench of the fp32 graphs, saving the same request's reply;
 #   masks     then fp16 vs fp32 on that reply: mask IoU (instances paired by query, semantic maps), score deltas
 #             (time permitting: ~130 s; after the goal's levers above, so the first call may leave it to the rerun)
 #   instances two inference threads with their own sessions (ENGINE_INSTANCES=2), 3 concepts, concurrency 4: the
@@ -257,7 +258,7 @@ export_model() {  # export_model PRECISION TIMEOUT [direct]: skipped when the fo
   if [[ ${3:-} == direct ]]; then
     rm -rf "$dir"
     step "export_$1" "$2" env OMP_WAIT_POLICY=PASSIVE "${PYCMD[@]}" segmenter-svc/export/export_sam3.py --random-init "$SIZE" \
-      --seed 0 --precision "$1" --mask-output u8 --clip-bpe "$BPE" --out "$dir" > "$MODELS/export_$1.log" 2>&1 || rc=$?
+      --seed 0 --precision "$1" --mask-output u8 --rope traced --clip-bpe "$BPE" --out "$dir" > "$MODELS/export_$1.log" 2>&1 || rc=$?
     sed 's/^/  [export '"$1"'] /' "$MODELS/export_$1.log" | tail -40
     ((rc == 0)) || rm -rf "$dir"
     return "$rc"

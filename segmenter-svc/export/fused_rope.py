@@ -20,15 +20,15 @@ Where the RoPE input is a head split, Transpose(Reshape(proj, [b,s,H,D]), [0,2,1
 [b,s,H·D] for MultiHeadAttention (Transpose [0,2,1,3] -> Reshape [0,0,-1], what fused_attention.py leaves), the node
 takes the 3-D [b, s, H·D] form instead and both transposes go as well.
 
-Opt-in: export_sam3.py does not apply it yet (its fp32 full-size vision graph goes to external data, which this
-script does not take). Measured on an H200 (2026-12-04, segmenter-svc/bench/gpu-run.sh `bench_fp16_rope`): vision
+export_sam3.py applies `fuse_rope` by default, in memory before its save (`--rope traced` opts out); this script
+converts existing exports (not fp32 full-size ones: their vision graph is in external data). Measured on an H200 (2026-12-04, segmenter-svc/bench/gpu-run.sh `bench_fp16_rope`): vision
 27.0 -> 23.5 ms at full size in fp16, 1 image + 3 concepts 52.4 -> 48.8 ms, the same masks. Torch-free, like
 fused_attention.py; run it after fused_attention.py (or on any export it produced):
 
     python fused_rope.py --model-dir /models/sam3                          # in place (vision graph, manifest)
     python fused_rope.py --src EXPORT --out /tmp/r --check                  # a converted copy, checked against the
                                                                              # PyTorch references (exit 1 on failure)
-    python fused_rope.py --check-fixtures    # CI: converts the bundled tiny model and checks it
+    python fused_rope.py --check-fixtures    # CI: the eager fixture graphs, attention then RoPE fused, checked
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ import sam3_common as common
 from fused_attention import MS_DOMAIN, SWAP_SN, _drop_dead_nodes, _Graph, _perm
 
 HERE = Path(__file__).resolve().parent
-BUNDLED_MODEL = HERE.parent / "models" / "sam3-tiny"
 DEFAULT_FIXTURES = HERE.parent / "tests" / "fixtures" / "reference"
 POSITIONS = "fused_rope_position_ids"
 BSH_SHAPE = "fused_rope_bsh"
@@ -230,19 +229,24 @@ def convert_model_dir(src: Path, out: Path | None = None) -> dict:
 
 
 def check_fixtures(fixtures: Path) -> int:
-    """The bundled tiny model converted (every RoPE in the 3-D form: 2 per layer), then check_onnx.py on it."""
+    """The eager tiny graphs the repository keeps (fused_attention.py's fixture export), their attention fused, then
+    their RoPE (every application in the 3-D form: 2 per layer), then check_onnx.py on the result. Independent of
+    the bundled model, which a regeneration with today's exporter writes with its RoPE already fused."""
     import tempfile
 
     import check_onnx
+    import fused_attention
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "rope"
-        counts = convert_model_dir(BUNDLED_MODEL, out)
+        eager, attention, rope = Path(tmp) / "eager", Path(tmp) / "attention", Path(tmp) / "rope"
+        fused_attention.eager_fixture_export(eager)
+        fused_attention.convert_model_dir(eager, attention)
+        counts = convert_model_dir(attention, rope)
         print(f"fused RoPE: {counts}")
         if counts["rope"] == 0 or counts["bsh"] != counts["rope"]:
-            print("expected every RoPE of the bundled vision graph fused in the 3-D form", file=sys.stderr)
+            print("expected every RoPE of the fixture vision graph fused in the 3-D form", file=sys.stderr)
             return 1
-        return check_onnx.main(["--model-dir", str(out), "--fixtures", str(fixtures)])
+        return check_onnx.main(["--model-dir", str(rope), "--fixtures", str(fixtures)])
 
 
 def main(argv=None) -> int:
@@ -254,7 +258,7 @@ def main(argv=None) -> int:
                     help="run check_onnx.py's checks on the result (ORT vs the PyTorch references)")
     ap.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
     ap.add_argument("--check-fixtures", action="store_true",
-                    help="convert the bundled tiny model and check it against the references (CI)")
+                    help="convert the eager fixture graphs (attention, then RoPE) and check them (CI)")
     args = ap.parse_args(argv)
     if args.check_fixtures:
         return check_fixtures(args.fixtures)
