@@ -256,9 +256,10 @@ def _reads(node) -> list[str]:
     return names
 
 
-def convert_model_dir(src: Path, out: Path | None = None) -> dict:
-    """The vision and decoder graphs of an export with fused attention (in place, or into `out` with the other
-    files copied); the manifest records `"attention": "fused"` and the new checksums. Returns blocks per graph."""
+def rewrite_export(src: Path, out: Path | None, graphs, rewrite, marks: dict) -> dict:
+    """Rewrites `graphs` of an export in place, or into `out` with every other file copied: `rewrite(onnx_model)` on
+    each graph, then the new checksums and `marks` in the manifest. Returns what `rewrite` returned, per graph.
+    Shared by the torch-free converters (fused attention, fused RoPE)."""
     import onnx
 
     out = out or src
@@ -268,19 +269,26 @@ def convert_model_dir(src: Path, out: Path | None = None) -> dict:
         for name in [manifest["tokenizer"]["file"]] + [g["file"] for g in manifest["graphs"].values()] + [
                 x["file"] for g in manifest["graphs"].values() for x in g.get("external_data", [])]:
             shutil.copy2(src / name, out / name)
-    counts = {}
-    for name in FUSED_GRAPHS:
+    results = {}
+    for name in graphs:
         spec = manifest["graphs"][name]
         if spec.get("external_data"):
-            raise SystemExit("graphs with external data: re-export (export_sam3.py fuses attention by default)")
+            raise SystemExit(f"{name}: a graph with external data (an fp32 full-size export): re-export instead "
+                             "(export_sam3.py applies these rewrites by default)")
         path = out / spec["file"]
         model = onnx.load(str(path))
-        counts[name] = fuse_attention(model)
+        results[name] = rewrite(model)
         onnx.save_model(model, str(path))
         spec["sha256"] = common.sha256_file(path)
-    manifest["attention"] = "fused"
+    manifest.update(marks)
     common.write_json(out / "manifest.json", manifest)
-    return counts
+    return results
+
+
+def convert_model_dir(src: Path, out: Path | None = None) -> dict:
+    """The vision and decoder graphs of an export with fused attention (in place, or into `out` with the other
+    files copied); the manifest records `"attention": "fused"` and the new checksums. Returns blocks per graph."""
+    return rewrite_export(src, out, FUSED_GRAPHS, fuse_attention, {"attention": "fused"})
 
 
 def eager_fixture_export(dst: Path) -> None:

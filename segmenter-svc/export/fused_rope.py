@@ -35,15 +35,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
-import sam3_common as common
-from fused_attention import MS_DOMAIN, SWAP_SN, _drop_dead_nodes, _Graph, _perm
+from fused_attention import MS_DOMAIN, SWAP_SN, _drop_dead_nodes, _Graph, _perm, rewrite_export
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_FIXTURES = HERE.parent / "tests" / "fixtures" / "reference"
@@ -206,26 +203,7 @@ def fuse_rope(onnx_model) -> dict:
 def convert_model_dir(src: Path, out: Path | None = None) -> dict:
     """The vision graph of an export with fused RoPE (in place, or into `out` with the other files copied); the
     manifest records `"rope": "fused"` and the new checksum."""
-    import onnx
-
-    out = out or src
-    manifest = json.loads((src / "manifest.json").read_text())
-    if out != src:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in [manifest["tokenizer"]["file"]] + [g["file"] for g in manifest["graphs"].values()] + [
-                x["file"] for g in manifest["graphs"].values() for x in g.get("external_data", [])]:
-            shutil.copy2(src / name, out / name)
-    spec = manifest["graphs"]["vision"]
-    if spec.get("external_data"):
-        raise SystemExit("a vision graph with external data (an fp32 full-size export): convert the fp16 export")
-    path = out / spec["file"]
-    model = onnx.load(str(path))
-    counts = fuse_rope(model)
-    onnx.save_model(model, str(path))
-    spec["sha256"] = common.sha256_file(path)
-    manifest["rope"] = "fused"
-    common.write_json(out / "manifest.json", manifest)
-    return counts
+    return rewrite_export(src, out, ["vision"], fuse_rope, {"rope": "fused"})["vision"]
 
 
 def check_fixtures(fixtures: Path) -> int:
