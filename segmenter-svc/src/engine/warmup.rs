@@ -6,9 +6,26 @@
 
 use std::time::Instant;
 
-use super::{Decoders, Worker, bind_vision, decode_chunk, fpn_views, zero_images};
+use super::{Decoders, TEXT_RUN_MAX, Worker, bind_vision, decode_chunk, fpn_views, zero_images};
 use crate::model::runtime::Provider;
 use crate::postprocess::FilterParams;
+
+/// The text-encoder batch sizes above the decoder's counts to warm up: on a GPU every size a batch of new phrases can
+/// run at (up to TEXT_RUN_MAX, and no more than a full vision batch's MAX_CONCEPTS each can bring), so the first
+/// request with more new phrases than the decoder chunk does not pay the first run at its size after SERVING. The
+/// text encoder is small (~13 ms a run at full size on an H200): a few hundred ms more startup at most. On the CPU
+/// none (its first run at a shape is ~2x, not a kernel search).
+pub(super) fn text_counts(
+    decoder_counts_up_to: usize,
+    max_batch_images: usize,
+    max_concepts: usize,
+    gpu: bool,
+) -> std::ops::RangeInclusive<usize> {
+    let most = TEXT_RUN_MAX.min(max_batch_images.max(1).saturating_mul(max_concepts.max(1)));
+    // On the CPU an empty range: from past the last to the last.
+    let first = if gpu { decoder_counts_up_to + 1 } else { most + 1 };
+    first..=most
+}
 
 /// The vision batch sizes and decoder phrase counts to warm up. On a GPU every shape a request can run: each vision
 /// batch size up to MAX_BATCH_IMAGES and each phrase count up to the decoder chunk (a request never runs more
@@ -38,6 +55,29 @@ pub(super) fn shapes(
 }
 
 impl Worker {
+    /// The text encoder alone at each of `counts` phrases (the decoder warm-up runs it at the smaller counts).
+    fn warm_up_text(&mut self, counts: std::ops::RangeInclusive<usize>) -> ort::Result<()> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let first = *counts.start();
+        let mut last = first;
+        for n in counts {
+            if self.stopping() {
+                return Ok(());
+            }
+            self.encode_text(&vec![self.settings.probe_tokens.clone(); n])?;
+            last = n;
+        }
+        tracing::info!(
+            text_phrases = format!("{first}-{last}"),
+            ms = started.elapsed().as_millis() as u64,
+            "warm-up"
+        );
+        Ok(())
+    }
+
     /// Shutdown asked: warm-up stops between shapes (the caller then does not serve).
     fn stopping(&self) -> bool {
         self.stop.load(std::sync::atomic::Ordering::SeqCst)
@@ -47,12 +87,17 @@ impl Worker {
     /// warm-up: the engine reports Failed and never serves.
     pub(super) fn warm_up(&mut self) -> ort::Result<()> {
         self.probe()?;
-        let (vision_batches, phrase_counts) = shapes(
+        let gpu = matches!(self.sessions.provider, Provider::Cuda(_));
+        // One image never runs more phrases than MAX_CONCEPTS at once.
+        let decoder_counts_up_to = self.settings.decoder_chunk.min(self.settings.max_concepts);
+        let (vision_batches, phrase_counts) =
+            shapes(self.settings.max_batch_images, decoder_counts_up_to, gpu);
+        self.warm_up_text(text_counts(
+            decoder_counts_up_to.max(1),
             self.settings.max_batch_images,
-            // One image never runs more phrases than MAX_CONCEPTS at once.
-            self.settings.decoder_chunk.min(self.settings.max_concepts),
-            matches!(self.sessions.provider, Provider::Cuda(_)),
-        );
+            self.settings.max_concepts,
+            gpu,
+        ))?;
         let s = self.settings.image_size;
         for &batch in vision_batches.iter().filter(|&&b| b > 1) {
             if self.stopping() {
@@ -199,7 +244,7 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::shapes;
+    use super::{TEXT_RUN_MAX, shapes, text_counts};
 
     #[test]
     fn warm_up_shapes_cover_common_counts_and_the_configured_sizes() {
@@ -210,5 +255,17 @@ mod tests {
         // CPU: one image, the common counts and the chunk (defaults: batches of 4, chunk 2).
         assert_eq!(shapes(4, 2, false), (vec![1], vec![1, 2]));
         assert_eq!(shapes(4, 16, false), (vec![1], vec![1, 3, 8, 16]));
+    }
+
+    #[test]
+    fn text_warm_up_covers_every_new_phrase_count_above_the_decoder_chunk_on_a_gpu() {
+        // CUDA defaults: chunk 8, one image of up to 32 concepts: 9..=32.
+        assert_eq!(text_counts(8, 1, 32, true), 9..=32);
+        // Never more than a run takes, nor than a batch can bring.
+        assert_eq!(text_counts(8, 4, 32, true), 9..=TEXT_RUN_MAX);
+        assert_eq!(text_counts(8, 1, 12, true), 9..=12);
+        assert!(text_counts(8, 1, 8, true).is_empty());
+        // CPU: none.
+        assert!(text_counts(2, 4, 32, false).is_empty());
     }
 }

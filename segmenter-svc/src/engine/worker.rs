@@ -423,7 +423,7 @@ impl Worker {
             }
             hits.push(job_hits);
         }
-        for chunk in missing.chunks(32) {
+        for chunk in missing.chunks(TEXT_RUN_MAX) {
             let tokens: Vec<Tokens> = chunk.iter().map(|(_, t)| t.clone()).collect();
             let features = match self.encode_text(&tokens) {
                 Ok(features) => features,
@@ -567,7 +567,7 @@ impl Worker {
         Ok(())
     }
 
-    fn encode_text(&mut self, tokens: &[Tokens]) -> ort::Result<Vec<Arc<[f32]>>> {
+    pub(super) fn encode_text(&mut self, tokens: &[Tokens]) -> ort::Result<Vec<Arc<[f32]>>> {
         let n = tokens.len();
         let l = self.settings.context;
         let ids: Vec<i64> = tokens.iter().flat_map(|t| t.ids.iter().copied()).collect();
@@ -582,6 +582,9 @@ impl Worker {
         Ok(data.chunks_exact(per).map(Arc::from).collect())
     }
 }
+
+/// The most phrases one text-encoder run takes: a batch's new phrases run together, this many at a time.
+pub(super) const TEXT_RUN_MAX: usize = 32;
 
 /// `count` black images of side `size`, as the vision graph takes them (warm-up and probes).
 pub(super) fn zero_images(input: ImageInput, count: usize, size: usize) -> Pixels {
