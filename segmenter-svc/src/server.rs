@@ -210,7 +210,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
     )?;
     // One set of sessions per inference thread (ENGINE_INSTANCES), built one after the other.
     let sessions = (0..config.engine_instances)
-        .map(|_| runtime::build_sessions(config, &manifest, &dir))
+        .map(|instance| runtime::build_sessions(config, &manifest, &dir, instance))
         .collect::<Result<Vec<_>, _>>()?;
     let provider = sessions[0].provider.clone();
     tracing::info!(

@@ -76,3 +76,40 @@ async fn one_broken_instance_turns_the_server_not_serving() {
     assert!(err.message().contains("panic"), "{err:?}");
     server.stop().await.unwrap();
 }
+
+/// With ORT_PROFILE_DIR each instance writes its own three profiles, named so that one instance's cannot be taken
+/// for (or overwrite) another's: the first instance's as with one, the second's `<graph>-instance1_<time>.json`.
+#[tokio::test]
+async fn each_instance_writes_profiles_of_its_own() {
+    let profiles = tempfile::tempdir().unwrap();
+    let mut config = two_instances();
+    config.ort_profile_dir = Some(profiles.path().to_path_buf());
+    let server = TestServer::start(config).await;
+    assert_eq!(server.health().await, SERVING);
+    // Stopping the server stops the engines, which end profiling.
+    server.stop().await.unwrap();
+    let mut prefixes: Vec<String> = std::fs::read_dir(profiles.path())
+        .unwrap()
+        .map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(name.ends_with(".json"), "{name}");
+            // The prefix: all before `_<YYYY-MM-DD>_<time>.json`.
+            let date = name
+                .find("_20")
+                .unwrap_or_else(|| panic!("{name}: no timestamp"));
+            name[..date].to_string()
+        })
+        .collect();
+    prefixes.sort();
+    assert_eq!(
+        prefixes,
+        [
+            "decoder",
+            "decoder-instance1",
+            "text",
+            "text-instance1",
+            "vision",
+            "vision-instance1"
+        ]
+    );
+}

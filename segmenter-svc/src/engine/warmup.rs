@@ -23,7 +23,11 @@ pub(super) fn text_counts(
 ) -> std::ops::RangeInclusive<usize> {
     let most = TEXT_RUN_MAX.min(max_batch_images.max(1).saturating_mul(max_concepts.max(1)));
     // On the CPU an empty range: from past the last to the last.
-    let first = if gpu { decoder_counts_up_to + 1 } else { most + 1 };
+    let first = if gpu {
+        decoder_counts_up_to + 1
+    } else {
+        most + 1
+    };
     first..=most
 }
 

@@ -118,10 +118,12 @@ pub fn load_runtime(path: &Path) -> Result<Environment, ModelError> {
     })
 }
 
+/// The sessions of inference thread `instance` (0-based, ENGINE_INSTANCES).
 pub fn build_sessions(
     config: &Config,
     manifest: &Manifest,
     dir: &Path,
+    instance: u32,
 ) -> Result<Sessions, ModelError> {
     let env = load_runtime(&config.ort_dylib_path)?;
     let provider = choose_provider(config)?;
@@ -136,29 +138,41 @@ pub fn build_sessions(
     // folder) is refused here, at startup, not by the first request.
     // `fixed`: the graph's one symbolic dimension (B images for vision, N phrases for the decoder) and its size, for
     // a static-shape session.
-    let build =
-        |graph: &'static str,
-         spec: &manifest::GraphSpec,
-         fixed: Option<usize>|
-         -> Result<Session, ModelError> {
-            let path = manifest::safe_join(dir, &spec.file)?;
-            let started = Instant::now();
-            let session = new_session(&env, config, manifest, &provider, graph, &path, fixed)
-                .map_err(|e| ModelError::Session {
-                    graph,
-                    detail: e.to_string(),
-                })?;
-            tracing::info!(
-                graph,
-                provider = %provider,
-                fixed_size = fixed.unwrap_or(0),
-                build_ms = started.elapsed().as_millis() as u64,
-                "ONNX Runtime session built"
-            );
-            check_io(graph, &session, spec, manifest.mask_output())?;
-            check_sizes(graph, &session, manifest)?;
-            Ok(session)
-        };
+    let build = |graph: &'static str,
+                 spec: &manifest::GraphSpec,
+                 fixed: Option<usize>|
+     -> Result<Session, ModelError> {
+        let path = manifest::safe_join(dir, &spec.file)?;
+        let started = Instant::now();
+        // ONNX Runtime appends `_<timestamp>.json` to this prefix; the instance (past the first) names its own.
+        let profile = config.ort_profile_dir.as_ref().map(|d| match instance {
+            0 => d.join(graph),
+            i => d.join(format!("{graph}-instance{i}")),
+        });
+        let session = new_session(
+            &env,
+            config,
+            manifest,
+            &provider,
+            (graph, profile.as_deref()),
+            &path,
+            fixed,
+        )
+        .map_err(|e| ModelError::Session {
+            graph,
+            detail: e.to_string(),
+        })?;
+        tracing::info!(
+            graph,
+            provider = %provider,
+            fixed_size = fixed.unwrap_or(0),
+            build_ms = started.elapsed().as_millis() as u64,
+            "ONNX Runtime session built"
+        );
+        check_io(graph, &session, spec, manifest.mask_output())?;
+        check_sizes(graph, &session, manifest)?;
+        Ok(session)
+    };
     let vision = build("vision", &manifest.graphs.vision, vision_images)?;
     let text = build("text", &manifest.graphs.text, None)?;
     let decoder = build("decoder", &manifest.graphs.decoder, None)?;
@@ -283,7 +297,7 @@ fn new_session(
     config: &Config,
     manifest: &Manifest,
     provider: &Provider,
-    graph: &'static str,
+    (graph, profile): (&'static str, Option<&Path>),
     path: &Path,
     fixed_size: Option<usize>,
 ) -> ort::Result<Session> {
@@ -317,9 +331,9 @@ fn new_session(
         let symbol = if graph == "decoder" { "N" } else { "B" };
         builder = builder.with_dimension_override(symbol, n as i64)?;
     }
-    if let Some(dir) = config.ort_profile_dir.as_ref().filter(|_| !static_decoder) {
-        // ONNX Runtime appends `_<timestamp>.json` to this prefix (static decoder sessions are not profiled).
-        builder = builder.with_profiling(dir.join(graph))?;
+    if let Some(prefix) = profile.filter(|_| !static_decoder) {
+        // Static decoder sessions are not profiled.
+        builder = builder.with_profiling(prefix)?;
     }
     // ONNX Runtime's pool threads spin after each run by default. In a server the same cores also decode images and
     // answer gRPC: spinning starved those tasks and added ~25 ms per request on 2 cores (measured with
