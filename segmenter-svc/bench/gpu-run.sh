@@ -21,6 +21,8 @@
 #   rope      a copy of the fp16 graphs with the vision graph's RoPE fused (export/fused_rope.py, no torch), benched
 #             with default settings and with the captured vision session; then every session captured (vision +
 #             static decoders 1,2,3,4,8) on those graphs
+#   layers    a copy of those graphs (the RoPE-fused ones when made) with fused layers (export/fused_layers.py, no
+#             torch: residual Add + LayerNorm -> SkipLayerNormalization, q/k/v packed), 3 concepts, concurrency 1
 #   conv      cuDNN's convolution algorithms timed at warm-up (CUDNN_CONV_SEARCH=exhaustive), then NHWC convolutions
 #             (CUDA_PREFER_NHWC), 3 concepts, concurrency 1: the A/Bs against bench_fp16 (decoder p50)
 #   fp32      export (fused attention, traced RoPE as sam3-full-fp16, directly) + a short bench of the fp32 graphs, saving the same request's reply;
@@ -53,7 +55,7 @@
 # Time: bounded at GPU_RUN_BUDGET_S (default 420 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
 # FP32=0|1 (1), ATTN_AB=0|1 (1: bench the eager-attention graphs too), BATCH_AB=0|1 (1), STATIC_AB=0|1 (1: CUDA graphs
-# on static decoder sessions, then the static sessions alone), PINNED_AB=0|1 (1), VISION_AB=0|1 (1), ROPE_AB=0|1 (1), CONV_AB=0|1 (1), INSTANCES_AB=0|1 (1), FP32_REQUESTS (5), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
+# on static decoder sessions, then the static sessions alone), PINNED_AB=0|1 (1), VISION_AB=0|1 (1), ROPE_AB=0|1 (1), LAYERS_AB=0|1 (1), CONV_AB=0|1 (1), INSTANCES_AB=0|1 (1), FP32_REQUESTS (5), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
 # PROFILE=0|1 (1), REQUESTS (20), WARMUP (3), HF_RUNS (10), HF_MODES (bf16), HF_CONCEPTS (3), CONCEPTS (1,3,8),
 # CONCURRENCY (1,4), SMOKE=0|1 (1), HF=0|1 (1: 0 reuses the HF reference an earlier run kept in MODELS), BASE=0|1
 # (1: 0 reuses bench_fp16 likewise, the A/B steps' reference); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the GPU-mode path (assemble,
@@ -94,6 +96,7 @@ STATIC_AB=${STATIC_AB:-1}
 PINNED_AB=${PINNED_AB:-1}
 VISION_AB=${VISION_AB:-1}
 ROPE_AB=${ROPE_AB:-1}
+LAYERS_AB=${LAYERS_AB:-1}
 CONV_AB=${CONV_AB:-1}
 INSTANCES_AB=${INSTANCES_AB:-1}
 ENGINE_REF=${ENGINE_REF:-0}
@@ -397,6 +400,27 @@ if ((FP16_OK)) && ((ROPE_AB)); then
     elif (($(left) >= 50)); then
       checked fp16_rope_vgraphs fp16-rope 60 --concepts 3 --concurrency 1 "${VGRAPHS[@]}"
     else skip bench_fp16_rope_vgraphs "only $(left)s of the budget left"; fi
+  fi
+fi
+# Layers fused (export/fused_layers.py, no torch): residual Add + LayerNorm -> SkipLayerNormalization with the
+# branch's bias, q/k/v -> one MatMul + Add + Split, in both graphs; on the RoPE-fused copy when it was made.
+if ((FP16_OK)) && ((LAYERS_AB)); then
+  if ((ROPE_OK)); then layers_src=(fp16-rope fp16_rope_layers); else layers_src=(fp16 fp16_layers); fi
+  layers_dir=$MODELS/sam3-$SIZE-${layers_src[0]}-layers
+  LAYERS_OK=0
+  if [[ -s $layers_dir/manifest.json ]]; then
+    LAYERS_OK=1; log "layers: $layers_dir is complete (manifest.json), reused"
+  elif (($(left) >= 80)); then
+    rm -rf "$layers_dir"
+    if step layers_fp16 60 "${PYCMD[@]}" segmenter-svc/export/fused_layers.py --src "$MODELS/sam3-$SIZE-${layers_src[0]}" \
+        --out "$layers_dir"; then
+      LAYERS_OK=1
+    else rm -rf "$layers_dir"; fi
+  else skip layers_fp16 "only $(left)s of the budget left"; fi
+  if ((LAYERS_OK)); then
+    if (($(left) >= 50)); then
+      checked "${layers_src[1]}" "${layers_src[0]}-layers" 60 --concepts 3 --concurrency 1
+    else skip "bench_${layers_src[1]}" "only $(left)s of the budget left"; fi
   fi
 fi
 # Everything captured: the vision session and static decoders 1,2,3,4,8 (3 concepts unpadded), on the RoPE-fused
