@@ -383,16 +383,29 @@ if ((FP16_OK)) && ((VISION_AB)); then
     checked fp16_vision_graphs fp16 60 --concepts 3 --concurrency 1 "${VGRAPHS[@]}"
   else skip bench_fp16_vision_graphs "only $(left)s of the budget left"; fi
 fi
+# A converted copy is reused on a rerun only when it was made by today's converter from today's source export:
+# the stamp holds the converter scripts' and the source manifest's checksums (a fix to the converter, or a source
+# rebuilt since, converts again).
+conversion_stamp() {  # conversion_stamp SOURCE_DIR SCRIPT...
+  local src=$1; shift
+  (cd "$ROOT" && sha256sum "$@" segmenter-svc/export/fused_attention.py) | cut -d' ' -f1
+  sha256sum "$src/manifest.json" | cut -d' ' -f1
+}
+converted_copy_is_current() {  # converted_copy_is_current DIR SOURCE_DIR SCRIPT...
+  local dir=$1; shift
+  [[ -s $dir/manifest.json && -s $dir/.conversion-stamp ]] && [[ $(conversion_stamp "$@") == "$(cat "$dir/.conversion-stamp")" ]]
+}
 # RoPE fused (export/fused_rope.py, no torch): a converted copy of the fp16 graphs, kept for reruns.
 ROPE_OK=0
 if ((FP16_OK)) && ((ROPE_AB)); then
   rope_dir=$MODELS/sam3-$SIZE-fp16-rope
-  if [[ -s $rope_dir/manifest.json ]]; then
-    ROPE_OK=1; log "rope: $rope_dir is complete (manifest.json), reused"
+  rope_from=("$MODELS/sam3-$SIZE-fp16" segmenter-svc/export/fused_rope.py)
+  if converted_copy_is_current "$rope_dir" "${rope_from[@]}"; then
+    ROPE_OK=1; log "rope: $rope_dir is complete and current (its conversion stamp), reused"
   elif (($(left) >= 80)); then
     rm -rf "$rope_dir"
     if step rope_fp16 60 "${PYCMD[@]}" segmenter-svc/export/fused_rope.py --src "$MODELS/sam3-$SIZE-fp16" --out "$rope_dir"; then
-      ROPE_OK=1
+      ROPE_OK=1; conversion_stamp "${rope_from[@]}" > "$rope_dir/.conversion-stamp"
     else rm -rf "$rope_dir"; fi
   else skip rope_fp16 "only $(left)s of the budget left"; fi
   if ((ROPE_OK)); then
@@ -414,13 +427,14 @@ if ((FP16_OK)) && ((LAYERS_AB)); then
   if ((ROPE_OK)); then layers_src=(fp16-rope fp16_rope_layers); else layers_src=(fp16 fp16_layers); fi
   layers_dir=$MODELS/sam3-$SIZE-${layers_src[0]}-layers
   LAYERS_OK=0
-  if [[ -s $layers_dir/manifest.json ]]; then
-    LAYERS_OK=1; log "layers: $layers_dir is complete (manifest.json), reused"
+  layers_from=("$MODELS/sam3-$SIZE-${layers_src[0]}" segmenter-svc/export/fused_layers.py)
+  if converted_copy_is_current "$layers_dir" "${layers_from[@]}"; then
+    LAYERS_OK=1; log "layers: $layers_dir is complete and current (its conversion stamp), reused"
   elif (($(left) >= 80)); then
     rm -rf "$layers_dir"
     if step layers_fp16 60 "${PYCMD[@]}" segmenter-svc/export/fused_layers.py --src "$MODELS/sam3-$SIZE-${layers_src[0]}" \
         --out "$layers_dir"; then
-      LAYERS_OK=1
+      LAYERS_OK=1; conversion_stamp "${layers_from[@]}" > "$layers_dir/.conversion-stamp"
     else rm -rf "$layers_dir"; fi
   else skip layers_fp16 "only $(left)s of the budget left"; fi
   if ((LAYERS_OK)); then

@@ -21,8 +21,9 @@ projection as MatMul + Add). Here, per layer:
   a [C] constant and everything between it and the residual Add keeps channels last (Reshape with last dimension
   C, Transpose with the last axis last, Slice not on the last axis: the windowed layers' un-partition), so adding
   it later changes no value.
-- q/k/v: one MatMul with the three weight matrices side by side, one Add of the three biases, one Split (6 kernels
-  -> 3, and one GEMM three times as wide).
+- q/k/v of one attention block (MatMul + bias Add each, on one input, reaching the same MultiHeadAttention through
+  head reshapes and RoPE only): one MatMul with the weight matrices side by side, one Add, one Split (6 kernels
+  -> 3, and one GEMM three times as wide; q and k alone in a DETR self-attention, whose v reads another tensor).
 
 Every other node is kept, and the outputs are the same up to float rounding of the sums' order (checked on the CPU
 against the PyTorch references, and against the unconverted graphs). Torch-free, like fused_attention.py and
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fused_attention import MS_DOMAIN, _drop_dead_nodes, _Graph, _perm, rewrite_export
+from fused_attention import MS_DOMAIN, _drop_dead_nodes, _Graph, _perm, _reads, rewrite_export
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_FIXTURES = HERE.parent / "tests" / "fixtures" / "reference"
@@ -62,16 +63,44 @@ def _attr(node, name, default=None):
 
 
 def _array(g: _Graph, tensor: str):
-    """A constant tensor's value (an initializer, or an Identity of one: the exporter shares equal initializers
-    that way), else None."""
-    value = g.const(tensor) if tensor else None
-    return value if isinstance(value, np.ndarray) else None
+    """A constant tensor's value as stored: an initializer, a Constant node, or an Identity of either (the exporter
+    shares equal initializers that way); None for anything computed (an Unsqueeze or Cast of a constant changes its
+    shape or type, which the callers compare)."""
+    from onnx import numpy_helper
+
+    node = g.producer.get(tensor) if tensor else None
+    while node is not None and node.op_type == "Identity":
+        tensor, node = node.input[0], g.producer.get(node.input[0])
+    if not tensor:
+        return None
+    if tensor in g.initializers:
+        return g.initializers[tensor]
+    if node is not None and node.op_type == "Constant":
+        value = _attr(node, "value")
+        return numpy_helper.to_array(value) if value is not None else None
+    return None
+
+
+def _prepare(g: _Graph) -> None:
+    """What the rules below need besides producers and consumers: the tensors read inside subgraphs (If branches;
+    such a tensor has readers `consumers` does not list), and the tensors computed from the graph's inputs."""
+    g.subgraph_reads = {name for n in g.graph.node for name in _reads(n)[len(n.input):]}
+    dynamic = {i.name for i in g.graph.input} - set(g.initializers)
+    changed = True
+    while changed:  # a fixed point: the fp16 converter leaves nodes out of topological order
+        changed = False
+        for n in g.graph.node:
+            if any(i in dynamic for i in _reads(n)) and not all(o in dynamic for o in n.output if o):
+                dynamic.update(o for o in n.output if o)
+                changed = True
+    g.dynamic = dynamic
 
 
 def _single_reader(g: _Graph, tensor: str, graph_outputs: set[str]) -> bool:
-    """One node reads the values of `tensor` (Shape nodes read only its shape, which a folded bias keeps)."""
+    """One node reads the values of `tensor` (Shape nodes read only its shape, which a folded bias keeps), and no
+    subgraph does."""
     readers = [n for n in g.consumers.get(tensor, []) if n.op_type != "Shape"]
-    return len(readers) == 1 and tensor not in graph_outputs
+    return len(readers) == 1 and tensor not in graph_outputs and tensor not in g.subgraph_reads
 
 
 def _channel_bias(g: _Graph, tensor: str, channels: int, graph_outputs: set[str]):
@@ -133,6 +162,7 @@ def fuse_skip_layernorm(onnx_model) -> tuple[int, int]:
 
     graph = onnx_model.graph
     g = _Graph(graph)
+    _prepare(g)
     outputs = {o.name for o in graph.output}
     replacement, removed, rewired, fused, biases = {}, set(), {}, 0, 0
     for ln in list(graph.node):
@@ -141,8 +171,9 @@ def fuse_skip_layernorm(onnx_model) -> tuple[int, int]:
         if len([o for o in ln.output if o]) != 1:
             continue
         add = g.op(ln.input[0], "Add")
-        if add is None or id(add) in removed or id(add) in replacement or any(
-                _array(g, i) is not None or g.op(i, "Constant") for i in add.input):
+        # Both terms computed from the graph's inputs: a term made of constants alone (a position table) may be
+        # [1, S, C] against the stream's [B, S, C], and SkipLayerNormalization would give its shape to the output.
+        if add is None or id(add) in removed or id(add) in replacement or not all(i in g.dynamic for i in add.input):
             continue
         gamma = _array(g, ln.input[1])
         if gamma is None or gamma.ndim != 1:
@@ -204,13 +235,33 @@ def fuse_skip_layernorm(onnx_model) -> tuple[int, int]:
     return fused, biases
 
 
+def _attention_of(g: _Graph, tensor: str, graph_outputs: set[str]):
+    """The MultiHeadAttention node `tensor` feeds through head reshapes, transposes, casts and RoPE only (a
+    projection's way into its attention block), else None."""
+    for _ in range(8):
+        readers = [n for n in g.consumers.get(tensor, []) if n.op_type != "Shape"]
+        if len(readers) != 1 or tensor in graph_outputs or tensor in g.subgraph_reads:
+            return None
+        node = readers[0]
+        if node.op_type == "MultiHeadAttention":
+            return node
+        if node.op_type not in ("Reshape", "Transpose", "Cast", "RotaryEmbedding", "Squeeze", "Unsqueeze"):
+            return None
+        tensor = node.output[0]
+    return None
+
+
 def pack_projections(onnx_model) -> int:
-    """Three or more MatMul(x, W_i) + Add(., b_i) on one input x with [K, N_i] constant weights and [N_i] constant
-    biases (q/k/v) become MatMul(x, [W_1 .. W_n]) + Add + Split; returns how many groups."""
+    """Two or more MatMul(x, W_i) + Add(., b_i) on one input x, with [K, N_i] constant weights and [N_i] constant
+    biases, that feed one attention block (q/k/v of a ViT layer; q and k of a DETR self-attention, whose v reads
+    another tensor) become MatMul(x, [W_1 .. W_n]) + Add + Split; returns how many groups. Projections of one input
+    into different blocks (every decoder layer's k/v of the text features) are left alone: packed, all of them
+    would be computed before the first layer and held until the last."""
     from onnx import helper, numpy_helper
 
     graph = onnx_model.graph
     g = _Graph(graph)
+    _prepare(g)
     outputs = {o.name for o in graph.output}
     groups: dict[str, list] = {}
     for mm in graph.node:
@@ -225,10 +276,12 @@ def pack_projections(onnx_model) -> int:
         bias = _array(g, bias_name)
         if bias is None or bias.shape != (w.shape[1],) or bias.dtype != w.dtype:
             continue
-        groups.setdefault(mm.input[0], []).append((mm, add, w, bias))
+        attention = _attention_of(g, add.output[0], outputs)
+        if attention is not None:
+            groups.setdefault((mm.input[0], id(attention)), []).append((mm, add, w, bias))
     replacement, removed, packed = {}, set(), 0
-    for x, members in groups.items():
-        if len(members) < 3 or len({m[2].shape[0] for m in members}) != 1 or len({m[2].dtype for m in members}) != 1:
+    for (x, _), members in groups.items():
+        if len(members) < 2 or len({m[2].shape[0] for m in members}) != 1 or len({m[2].dtype for m in members}) != 1:
             continue
         tag = f"packed_proj_{packed}"
         weight = np.concatenate([m[2] for m in members], axis=1)
@@ -282,6 +335,48 @@ def convert_model_dir(src: Path, out: Path | None = None) -> dict:
     return rewrite_export(src, out, FUSED_GRAPHS, fuse_layers, {"layers": "fused"})
 
 
+def _synthetic_checks() -> list[str]:
+    """Two one-layer graphs run on the CPU provider at batch 2: a residual Add of two computed [B, S, C] terms must
+    fuse and keep its values; one whose term is made of constants alone ([1, S, C], broadcast over the batch) must
+    be left as it is (fused, the output took that term's batch of 1). Returns what failed."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    s, c = 5, 8
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, s, c)).astype(np.float32)
+
+    def build(term: str):
+        inits = [numpy_helper.from_array(rng.standard_normal((1, s, c)).astype(np.float32), "table"),
+                 numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+                 numpy_helper.from_array(np.linspace(0.5, 1.5, c).astype(np.float32), "gamma"),
+                 numpy_helper.from_array(np.linspace(-0.1, 0.1, c).astype(np.float32), "beta")]
+        nodes = [helper.make_node("Mul", ["table", "two"], ["const_term"]),
+                 helper.make_node("Sigmoid", ["x"], ["computed_term"]),
+                 helper.make_node("Relu", ["x"], ["stream"]),
+                 helper.make_node("Add", [term, "stream"], ["sum"]),
+                 helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-5)]
+        graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", s, c])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+    def run(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x})[0]
+
+    failed = []
+    for term, want in (("computed_term", 1), ("const_term", 0)):
+        model = build(term)
+        before = run(model)
+        got = fuse_skip_layernorm(model)[0]
+        after = run(model)
+        if got != want:
+            failed.append(f"{term}: {got} fused, expected {want}")
+        if after.shape != before.shape or np.abs(after - before).max() > 1e-5:
+            failed.append(f"{term}: output {after.shape} differs from {before.shape}")
+    return failed
+
+
 def check_fixtures(fixtures: Path) -> int:
     """The eager fixture graphs with attention, RoPE and then these fused, checked by check_onnx.py."""
     import tempfile
@@ -290,6 +385,11 @@ def check_fixtures(fixtures: Path) -> int:
     import fused_attention
     import fused_rope
 
+    failed = _synthetic_checks()
+    if failed:
+        print(f"synthetic graphs: {failed}", file=sys.stderr)
+        return 1
+    print("synthetic graphs: a residual of computed terms fused, a constant-only (broadcast) term left alone")
     with tempfile.TemporaryDirectory() as tmp:
         eager, attention, rope, layers = (Path(tmp) / n for n in ("eager", "attention", "rope", "layers"))
         fused_attention.eager_fixture_export(eager)

@@ -71,7 +71,7 @@ impl Worker {
             if self.stopping() {
                 return Ok(());
             }
-            self.encode_text(&vec![self.settings.probe_tokens.clone(); n])?;
+            self.run_text(&vec![self.settings.probe_tokens.clone(); n])?;
             last = n;
         }
         tracing::info!(
