@@ -56,6 +56,7 @@ import numpy as np
 import check_onnx
 import fp16
 import fused_attention
+import fused_layers
 import fused_rope
 import image_input as image_input_graph
 import mask_output as mask_output_graph
@@ -404,7 +405,8 @@ def _save_onnx(onnx_model, path: Path) -> list[Path]:
 
 
 def export_graphs(model, out: Path, precision: str, opset: int, topk: int, image_input: str,
-                  attention: str = "fused", mask_output: str = "u8", rope: str = "fused") -> dict:
+                  attention: str = "fused", mask_output: str = "u8", rope: str = "fused",
+                  layers: str = "plain") -> dict:
     import onnx
     import torch
 
@@ -466,6 +468,13 @@ def export_graphs(model, out: Path, precision: str, opset: int, topk: int, image
                     print(f"  {name}: {fused['rope']} RoPE applications fused into RotaryEmbedding", flush=True)
                     if fused["rope"] == 0:
                         raise SystemExit(f"{name}: no RoPE matched for fusing; export with --rope traced")
+                if layers == "fused":
+                    # In memory too, for the same reason; the projections are packed per MultiHeadAttention node.
+                    fused = fused_layers.fuse_layers(onnx_model)
+                    print(f"  {name}: layers fused {fused}", flush=True)
+                    if fused["skip_layernorm"] == 0:
+                        raise SystemExit(f"{name}: no residual LayerNorm matched for fusing; "
+                                         "export with --layers plain")
             if precision == "fp16":
                 onnx_model = fp16.to_fp16(onnx_model, name)
             if name == "vision" and image_input == "u8":
@@ -485,7 +494,7 @@ def export_graphs(model, out: Path, precision: str, opset: int, topk: int, image
 
 
 def write_manifest(out: Path, info: dict, dims: dict, precision: str, opset: int, graphs: dict, topk: int,
-                   attention: str = "fused", rope: str = "traced") -> dict:
+                   attention: str = "fused", rope: str = "traced", layers: str = "plain") -> dict:
     import torch
     import transformers
 
@@ -498,6 +507,7 @@ def write_manifest(out: Path, info: dict, dims: dict, precision: str, opset: int
         "opset": opset,
         "attention": attention,
         **({"rope": "fused"} if rope == "fused" and attention == "fused" else {}),
+        **({"layers": "fused"} if layers == "fused" and attention == "fused" else {}),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "image_size": dims["image_size"],
@@ -651,6 +661,10 @@ def parse_args(argv=None):
                     help="fused (default, with --attention fused): the vision graph's RoPE applications are "
                          "com.microsoft RotaryEmbedding nodes (fused_rope.py; on an H200 vision 27.0 -> 23.5 ms); "
                          "traced: the traced Mul/Split/Neg/Concat form, as exports before 2026-12-04")
+    ap.add_argument("--layers", choices=["plain", "fused"], default="plain",
+                    help="fused (with --attention fused): residual Add + LayerNorm as com.microsoft "
+                         "SkipLayerNormalization and each attention block's projections packed (fused_layers.py; "
+                         "not measured on a GPU yet); plain (default): as traced")
     ap.add_argument("--clip-bpe", default=None, help=f"path to {BPE_NAME} (default: found automatically, see above)")
     ap.add_argument("--parity-out", type=Path, default=None, help="run PyTorch vs ORT and write reference outputs here")
     ap.add_argument("--images", nargs="+", default=[], help="parity images (all get the same --concepts)")
@@ -661,6 +675,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.model is None and args.revision:
         ap.error("--revision needs --model")
+    if args.layers == "fused" and args.attention != "fused":
+        ap.error("--layers fused needs --attention fused (the projections are packed per MultiHeadAttention)")
     if args.parity_out and not (args.cases or (args.images and args.concepts)):
         ap.error("--parity-out needs --cases FILE or --images ... --concepts ...")
     return args
@@ -685,9 +701,9 @@ def main(argv=None) -> int:
 
     topk = min(max(args.topk, 0), model_dims(model)["num_queries"])
     graphs = export_graphs(model, args.out, args.precision, args.opset, topk, args.image_input, args.attention,
-                           args.mask_output, args.rope)
+                           args.mask_output, args.rope, args.layers)
     manifest = write_manifest(args.out, info, model_dims(model), args.precision, args.opset, graphs, topk,
-                              args.attention, args.rope)
+                              args.attention, args.rope, args.layers)
     print(f"manifest.json written: image_size={manifest['image_size']} mask_size={manifest['mask_size']} "
           f"queries={manifest['num_queries']} D={manifest['text_feature_dim']} C={manifest['fpn_channels']}")
 
