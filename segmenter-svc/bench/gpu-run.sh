@@ -23,6 +23,9 @@
 #             static decoders 1,2,3,4,8) on those graphs
 #   layers    a copy of those graphs (the RoPE-fused ones when made) with fused layers (export/fused_layers.py, no
 #             torch: residual Add + LayerNorm -> SkipLayerNormalization, q/k/v packed), 3 concepts, concurrency 1
+#   sdpa      the RoPE-fused graphs with cuDNN's fused attention, then the memory-efficient kernel only
+#             (CUDA_ATTENTION_KERNELS), 3 concepts, concurrency 1; then one request with ONNX Runtime's attention
+#             debug print: which kernel each MultiHeadAttention node ran (mha_kernels.txt, a summary line)
 #   conv      cuDNN's convolution algorithms timed at warm-up (CUDNN_CONV_SEARCH=exhaustive), then NHWC convolutions
 #             (CUDA_PREFER_NHWC), 3 concepts, concurrency 1: the A/Bs against bench_fp16 (decoder p50)
 #   fp32      export (fused attention, traced RoPE as sam3-full-fp16, directly) + a short bench of the fp32 graphs, saving the same request's reply;
@@ -49,12 +52,12 @@
 #   last call:        carry [".gpu-bin", ".gpu/part<N-1>"]  command: bash segmenter-svc/bench/gpu-run.sh                         timeout_s 480
 # Then read files_at/summary.md and log.txt (the rest: cat results.tar.xz* | tar -xJ); give_back unless rerunning at
 # once (a rerun on the warm machine keeps /tmp/ort-gpu and /tmp/models: carry [".gpu-bin"] only, e.g.
-# `HF=0 BASE=0 SMOKE=0 ROPE_AB=0 LAYERS_AB=0 FP32=1 GPU_RUN_BUDGET_S=<seconds left - 60> bash segmenter-svc/bench/gpu-run.sh`:
+# `HF=0 BASE=0 SMOKE=0 ROPE_AB=0 LAYERS_AB=0 SDPA_AB=0 FP32=1 GPU_RUN_BUDGET_S=<seconds left - 60> bash segmenter-svc/bench/gpu-run.sh`:
 # the fp32 export and the precision check, or any of the measured A/Bs switched on again).
 #
 # Time: bounded at GPU_RUN_BUDGET_S (default 420 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
-# ROPE_AB=0|1 (1), LAYERS_AB=0|1 (1): the levers not yet settled. Off by default since the second H200 run
+# ROPE_AB=0|1 (1), LAYERS_AB=0|1 (1), SDPA_AB=0|1 (1): the levers not yet settled. Off by default since the second H200 run
 # (2026-12-04) recorded their verdicts, 1 repeats them: FP32=0|1 (0: fp16 vs fp32 mask IoU met twice), ATTN_AB=0|1
 # (0: bench the eager-attention graphs too), BATCH_AB=0|1 (0), STATIC_AB=0|1 (0: CUDA graphs on static decoder
 # sessions, then the static sessions alone), PINNED_AB=0|1 (0: fails its warm-up), VISION_AB=0|1 (0: the one-image
@@ -101,6 +104,7 @@ PINNED_AB=${PINNED_AB:-0}
 VISION_AB=${VISION_AB:-0}
 ROPE_AB=${ROPE_AB:-1}
 LAYERS_AB=${LAYERS_AB:-1}
+SDPA_AB=${SDPA_AB:-1}
 CONV_AB=${CONV_AB:-0}
 INSTANCES_AB=${INSTANCES_AB:-0}
 ENGINE_REF=${ENGINE_REF:-0}
@@ -443,6 +447,26 @@ if ((FP16_OK)) && ((LAYERS_AB)); then
     else skip "bench_${layers_src[1]}" "only $(left)s of the budget left"; fi
   fi
 fi
+# Attention kernels (CUDA_ATTENTION_KERNELS, ONNX Runtime's sdpa_kernel) on the RoPE-fused graphs (the plain ones
+# when rope_fp16 did not run): cuDNN's fused attention instead of FlashAttention 2, then the memory-efficient kernel
+# only; then which kernel each MultiHeadAttention node ran with the default (ONNX Runtime's debug print, one request).
+if ((FP16_OK)) && ((SDPA_AB)); then
+  if ((ROPE_OK)); then sdpa=(fp16-rope fp16_rope); else sdpa=(fp16 fp16); fi
+  for kernels in cudnn efficient; do
+    if (($(left) >= 50)); then
+      checked "${sdpa[1]}_sdpa_$kernels" "${sdpa[0]}" 60 --concepts 3 --concurrency 1 --attention-kernels "$kernels"
+    else skip "bench_${sdpa[1]}_sdpa_$kernels" "only $(left)s of the budget left"; fi
+  done
+  if (($(left) >= 40)); then
+    step mha_kernels 45 env ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 "$BENCH" --device "$DEVICE" \
+      --model-dir "$MODELS/sam3-$SIZE-${sdpa[0]}" --image "$IMG" --requests 1 --warmup 0 --concepts 3 \
+      --concurrency 1 --json-out "$OUT/mha_kernels.json" --log-level "$BENCH_LOG" > "$OUT/mha_kernels.log" 2>&1 || true
+    # One line per MultiHeadAttention run: "Operator=MultiHeadAttention Node=... DataType=fp16 SdpaKernel=...".
+    { grep -ao 'SdpaKernel=[A-Z_]*' "$OUT/mha_kernels.log" || true; } | sort | uniq -c | awk '{print $2 " x" $1}' \
+      > "$OUT/mha_kernels.txt"
+    log "MHA kernels (${sdpa[0]}, default settings, warm-up + 1 request): $(tr '\n' ' ' < "$OUT/mha_kernels.txt")"
+  else skip mha_kernels "only $(left)s of the budget left"; fi
+fi
 # Everything captured: the vision session and static decoders 1,2,3,4,8 (3 concepts unpadded), on the RoPE-fused
 # graphs when they were made (its own label either way).
 if ((FP16_OK)) && ((VISION_AB)); then
@@ -518,7 +542,7 @@ pack() {
   (
     cd "$OUT"
     local files=() f
-    for f in bench_*.json bench_*.log hf_reference.json agreement_*.json masks_*.pb profile_fp16; do [[ -e $f ]] && files+=("$f"); done
+    for f in bench_*.json bench_*.log hf_reference.json agreement_*.json masks_*.pb mha_kernels.* profile_fp16; do [[ -e $f ]] && files+=("$f"); done
     ((${#files[@]})) || exit 0
     XZ_OPT=-T0 tar -cJf results.tar.xz "${files[@]}"
     if (($(stat -c %s results.tar.xz) > 60 * 1048576)); then
@@ -556,6 +580,10 @@ done
   echo "of the same line dropped):"
   grep -E 'ONNX Runtime session built|sessions ready|onnxruntime: |serving settings|warm-up|model loaded and warm|START bench|START smoke' \
     "$OUT/log.txt" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[0-9T:.-]*Z *//' | awk '!seen[$0]++' | head -250 || true
+  if [[ -e $OUT/mha_kernels.txt ]]; then
+    echo; echo "MultiHeadAttention kernels, default settings (runs of all nodes, warm-up + 1 request; none on the CPU):" \
+      "$(tr '\n' ' ' < "$OUT/mha_kernels.txt")"
+  fi
   if compgen -G "$OUT/profile_fp16/*.json" >/dev/null; then echo; echo "ORT profiles: $(cd "$OUT" && ls profile_fp16/*.json | tr '\n' ' ')"; fi
 } > "$OUT/summary.md" 2>&1
 cat "$OUT/summary.md"

@@ -23,6 +23,19 @@ pub enum ConvSearch {
     Default,
 }
 
+/// Which fused attention kernels ONNX Runtime's CUDA provider may pick for MultiHeadAttention (its `sdpa_kernel`
+/// option; one setting per process). Every choice keeps the unfused kernel as the last resort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttentionKernels {
+    /// ONNX Runtime's own choice: FlashAttention 2 where it applies (no attention bias), then its other fused
+    /// kernels; cuDNN's off.
+    Default,
+    /// cuDNN's fused attention (cuDNN's flash attention) instead of FlashAttention 2, the others as by default.
+    Cudnn,
+    /// Only the memory-efficient (CUTLASS) kernel, which also takes an attention bias.
+    Efficient,
+}
+
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "segmenter-svc",
@@ -98,6 +111,13 @@ pub struct Config {
     /// tensor-core convolution kernels work in; ONNX Runtime adds the layout transposes. Off until measured.
     #[arg(long, env = "CUDA_PREFER_NHWC", default_value_t = false, action = clap::ArgAction::Set)]
     pub cuda_prefer_nhwc: bool,
+
+    /// Which fused attention kernels the CUDA provider may use for MultiHeadAttention (ONNX Runtime's
+    /// `sdpa_kernel`): `default` (its own choice: FlashAttention 2 where it applies), `cudnn` (cuDNN's fused
+    /// attention instead of FlashAttention 2) or `efficient` (the memory-efficient kernel only). The unfused kernel
+    /// stays the last resort. Measured by the device bench before any change of default.
+    #[arg(long, env = "CUDA_ATTENTION_KERNELS", value_enum, default_value_t = AttentionKernels::Default)]
+    pub cuda_attention_kernels: AttentionKernels,
 
     /// Write one ONNX Runtime profile (Chrome trace JSON) per session into this folder when the engine stops.
     /// Measurement only: profiling slows every run.

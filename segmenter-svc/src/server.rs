@@ -264,6 +264,7 @@ fn load_blocking(config: &Config) -> anyhow::Result<Arc<Shared>> {
         intra_threads = provider.intra_threads(config.intra_threads).unwrap_or(0),
         cudnn_conv_search = ?config.cudnn_conv_search,
         cuda_prefer_nhwc = config.cuda_prefer_nhwc,
+        cuda_attention_kernels = ?config.cuda_attention_kernels,
         "serving settings (0 intra threads: ONNX Runtime's default)"
     );
     let probe_tokens = tokenizer

@@ -15,7 +15,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorElementType;
 
-use crate::config::{Config, ConvSearch, Device};
+use crate::config::{AttentionKernels, Config, ConvSearch, Device};
 use crate::error::ModelError;
 use crate::mask_plane::MaskOutput;
 use crate::model::cuda;
@@ -358,6 +358,9 @@ fn new_session(
             })
             .with_prefer_nhwc(config.cuda_prefer_nhwc)
             .with_tf32(true);
+        if let Some(kernels) = attention_backend(config.cuda_attention_kernels) {
+            cuda = cuda.with_attention_backend(kernels);
+        }
         if config.cuda_mem_limit_mb > 0 {
             cuda = cuda.with_memory_limit(config.cuda_mem_limit_mb << 20);
         }
@@ -370,6 +373,24 @@ fn new_session(
         builder = builder.with_execution_providers([cuda.build().error_on_failure()])?;
     }
     builder.commit_from_file(path)
+}
+
+/// ONNX Runtime's `sdpa_kernel` flags for CUDA_ATTENTION_KERNELS; None leaves its default. The unfused kernel
+/// (MATH) is in every set: ONNX Runtime cannot switch it off and falls back to it where no enabled kernel applies.
+fn attention_backend(kernels: AttentionKernels) -> Option<ep::cuda::AttentionBackend> {
+    use ep::cuda::AttentionBackend as B;
+    match kernels {
+        AttentionKernels::Default => None,
+        AttentionKernels::Cudnn => Some(
+            B::CUDNN_FLASH_ATTENTION
+                | B::EFFICIENT_ATTENTION
+                | B::TRT_FUSED_ATTENTION
+                | B::TRT_FLASH_ATTENTION
+                | B::TRT_CROSS_ATTENTION
+                | B::MATH,
+        ),
+        AttentionKernels::Efficient => Some(B::EFFICIENT_ATTENTION | B::MATH),
+    }
 }
 
 /// The element type the server feeds or reads for each tensor name: f32 everywhere (fp16 exports keep fp32 I/O)
@@ -490,4 +511,33 @@ fn check_io(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AttentionKernels, attention_backend};
+    use ort::ep::cuda::AttentionBackend as B;
+
+    /// What each CUDA_ATTENTION_KERNELS choice asks of ONNX Runtime: `default` leaves its choice alone, `cudnn` swaps
+    /// FlashAttention 2 for cuDNN's kernel and keeps the rest, `efficient` keeps the CUTLASS kernel only. The unfused
+    /// fallback is in every set (ONNX Runtime ignores MATH=0 anyway, with a warning).
+    #[test]
+    fn attention_kernel_choices_map_to_sdpa_kernel_flags() {
+        assert_eq!(attention_backend(AttentionKernels::Default), None);
+        assert_eq!(
+            attention_backend(AttentionKernels::Efficient),
+            Some(B::EFFICIENT_ATTENTION | B::MATH)
+        );
+        let cudnn = attention_backend(AttentionKernels::Cudnn).unwrap();
+        assert_eq!(
+            cudnn,
+            B::CUDNN_FLASH_ATTENTION
+                | B::EFFICIENT_ATTENTION
+                | B::TRT_FUSED_ATTENTION
+                | B::TRT_FLASH_ATTENTION
+                | B::TRT_CROSS_ATTENTION
+                | B::MATH
+        );
+        assert_ne!(cudnn | B::FLASH_ATTENTION, cudnn, "FlashAttention 2 is off");
+    }
 }

@@ -105,6 +105,9 @@ struct Args {
     /// Convolutions in NHWC layout on CUDA (the server's CUDA_PREFER_NHWC).
     #[arg(long)]
     prefer_nhwc: bool,
+    /// The fused attention kernels the CUDA provider may use (the server's CUDA_ATTENTION_KERNELS).
+    #[arg(long, value_enum, default_value_t = segmenter_svc::config::AttentionKernels::Default)]
+    attention_kernels: segmenter_svc::config::AttentionKernels,
     /// Inference threads with their own sessions (the server's ENGINE_INSTANCES).
     #[arg(long, default_value_t = 1)]
     engine_instances: u32,
@@ -211,6 +214,7 @@ async fn main() -> anyhow::Result<()> {
     config.vision_static = args.vision_static;
     config.cudnn_conv_search = args.conv_search;
     config.cuda_prefer_nhwc = args.prefer_nhwc;
+    config.cuda_attention_kernels = args.attention_kernels;
     config.engine_instances = args.engine_instances.clamp(1, 8);
     config.preallocated_decoder_outputs = args.preallocated_outputs;
     config.log_level = args.log_level.clone();
