@@ -210,18 +210,36 @@ def fuse_attention(onnx_model) -> int:
                                       num_heads=heads, scale=b["scale"]))
         nodes.append(helper.make_node("Reshape", [f"{tag}_out", shape], [b["out"].output[0]], name=f"{tag}_split"))
         replacement[id(b["out"])] = nodes
+    replace_nodes(graph, replacement, removed)
+    use_ms_domain(onnx_model)
+    return len(blocks)
+
+
+def replace_nodes(graph, replacement: dict, removed: set, rewired: dict | None = None) -> None:
+    """The graph's nodes with each node whose id is a key of `replacement` swapped for that list of nodes (in its
+    place, so the new nodes' inputs are ready there), the nodes in `removed` left out, inputs named in `rewired`
+    renamed, and what nothing reads any more dropped. Shared by the torch-free converters."""
     kept = []
     for n in graph.node:
         if id(n) in replacement:
             kept.extend(replacement[id(n)])
         elif id(n) not in removed:
             kept.append(n)
+    for n in kept if rewired else ():
+        for i, name in enumerate(n.input):
+            if name in rewired:
+                n.input[i] = rewired[name]
     del graph.node[:]
     graph.node.extend(kept)
     _drop_dead_nodes(graph)
+
+
+def use_ms_domain(onnx_model) -> None:
+    """Declares the com.microsoft opset the fused nodes come from, once."""
+    from onnx import helper
+
     if not any(o.domain == MS_DOMAIN for o in onnx_model.opset_import):
         onnx_model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return len(blocks)
 
 
 def _drop_dead_nodes(graph) -> None:
@@ -326,29 +344,39 @@ def check_fixtures(fixtures: Path) -> int:
         return check_onnx.main(["--model-dir", str(fused), "--fixtures", str(fixtures)])
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def converter_main(argv, doc: str, fixtures_help: str, check_fixtures, convert, report, nothing=None) -> int:
+    """The command line the converters share: --model-dir DIR (in place) or --src DIR --out DIR, --check (check_onnx.py
+    on the result), --check-fixtures (their CI check). `report(counts)` describes what was converted; `nothing(counts)`
+    says when nothing matched (exit 1)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, help="convert this export in place")
     ap.add_argument("--src", type=Path, help="convert a copy of this export ...")
     ap.add_argument("--out", type=Path, help="... into this folder")
     ap.add_argument("--check", action="store_true",
                     help="run check_onnx.py's checks on the result (ORT vs the PyTorch references)")
     ap.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
-    ap.add_argument("--check-fixtures", action="store_true",
-                    help="convert the eager tiny graphs kept under tests/fixtures and check them (CI)")
+    ap.add_argument("--check-fixtures", action="store_true", help=fixtures_help)
     args = ap.parse_args(argv)
     if args.check_fixtures:
         return check_fixtures(args.fixtures)
     if bool(args.model_dir) == bool(args.src and args.out):
         ap.error("give --model-dir DIR, or --src DIR --out DIR")
     target = args.model_dir or args.out
-    counts = convert_model_dir(args.model_dir or args.src, None if args.model_dir else args.out)
-    print(f"{target}: attention blocks fused per graph {counts}")
+    counts = convert(args.model_dir or args.src, None if args.model_dir else args.out)
+    print(f"{target}: {report(counts)}")
+    if nothing is not None and nothing(counts):
+        print(f"{nothing(counts)} (already converted?)", file=sys.stderr)
+        return 1
     if not args.check:
         return 0
     import check_onnx
 
     return check_onnx.main(["--model-dir", str(target), "--fixtures", str(args.fixtures)])
+
+
+def main(argv=None) -> int:
+    return converter_main(argv, __doc__, "convert the eager tiny graphs kept under tests/fixtures and check them (CI)",
+                          check_fixtures, convert_model_dir, lambda c: f"attention blocks fused per graph {c}")
 
 
 if __name__ == "__main__":

@@ -40,16 +40,14 @@ Not measured on a GPU yet: segmenter-svc/bench/gpu-run.sh runs it as the `layers
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from fused_attention import MS_DOMAIN, _drop_dead_nodes, _Graph, _perm, _reads, rewrite_export
+from fused_attention import (MS_DOMAIN, _Graph, _perm, _reads, converter_main, replace_nodes, rewrite_export,
+                             use_ms_domain)
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_FIXTURES = HERE.parent / "tests" / "fixtures" / "reference"
 FUSED_GRAPHS = ("vision", "decoder")
 
 
@@ -218,20 +216,8 @@ def fuse_skip_layernorm(onnx_model) -> tuple[int, int]:
         fused += 1
     if not fused:
         return 0, 0
-    kept = []
-    for n in graph.node:
-        if id(n) in replacement:
-            kept.extend(replacement[id(n)])
-        elif id(n) not in removed:
-            kept.append(n)
-    for n in kept:
-        for i, name in enumerate(n.input):
-            if name in rewired:
-                n.input[i] = rewired[name]
-    del graph.node[:]
-    graph.node.extend(kept)
-    _drop_dead_nodes(graph)
-    _uses_ms_domain(onnx_model)
+    replace_nodes(graph, replacement, removed, rewired)
+    use_ms_domain(onnx_model)
     return fused, biases
 
 
@@ -303,23 +289,8 @@ def pack_projections(onnx_model) -> int:
         packed += 1
     if not packed:
         return 0
-    kept = []
-    for n in graph.node:
-        if id(n) in replacement:
-            kept.extend(replacement[id(n)])
-        elif id(n) not in removed:
-            kept.append(n)
-    del graph.node[:]
-    graph.node.extend(kept)
-    _drop_dead_nodes(graph)
+    replace_nodes(graph, replacement, removed)
     return packed
-
-
-def _uses_ms_domain(onnx_model) -> None:
-    from onnx import helper
-
-    if not any(o.domain == MS_DOMAIN for o in onnx_model.opset_import):
-        onnx_model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def fuse_layers(onnx_model) -> dict:
@@ -405,31 +376,11 @@ def check_fixtures(fixtures: Path) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", type=Path, help="convert this export in place")
-    ap.add_argument("--src", type=Path, help="convert a copy of this export ...")
-    ap.add_argument("--out", type=Path, help="... into this folder")
-    ap.add_argument("--check", action="store_true",
-                    help="run check_onnx.py's checks on the result (ORT vs the PyTorch references)")
-    ap.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
-    ap.add_argument("--check-fixtures", action="store_true",
-                    help="convert the eager fixture graphs (attention, RoPE, then layers) and check them (CI)")
-    args = ap.parse_args(argv)
-    if args.check_fixtures:
-        return check_fixtures(args.fixtures)
-    if bool(args.model_dir) == bool(args.src and args.out):
-        ap.error("give --model-dir DIR, or --src DIR --out DIR")
-    target = args.model_dir or args.out
-    counts = convert_model_dir(args.model_dir or args.src, None if args.model_dir else args.out)
-    print(f"{target}: fused per graph {counts}")
-    if all(c["skip_layernorm"] == 0 and c["packed_projections"] == 0 for c in counts.values()):
-        print("nothing matched (already fused?)", file=sys.stderr)
-        return 1
-    if not args.check:
-        return 0
-    import check_onnx
-
-    return check_onnx.main(["--model-dir", str(target), "--fixtures", str(args.fixtures)])
+    return converter_main(
+        argv, __doc__, "convert the eager fixture graphs (attention, RoPE, then layers) and check them (CI)",
+        check_fixtures, convert_model_dir, lambda c: f"fused per graph {c}",
+        lambda c: "nothing matched" if all(
+            g["skip_layernorm"] == 0 and g["packed_projections"] == 0 for g in c.values()) else None)
 
 
 if __name__ == "__main__":

@@ -33,17 +33,15 @@ fused_attention.py; run it after fused_attention.py (or on any export it produce
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from fused_attention import MS_DOMAIN, SWAP_SN, _drop_dead_nodes, _Graph, _perm, rewrite_export
+from fused_attention import (MS_DOMAIN, SWAP_SN, _Graph, _perm, converter_main, replace_nodes, rewrite_export,
+                             use_ms_domain)
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_FIXTURES = HERE.parent / "tests" / "fixtures" / "reference"
 POSITIONS = "fused_rope_position_ids"
 BSH_SHAPE = "fused_rope_bsh"
 
@@ -186,17 +184,8 @@ def fuse_rope(onnx_model) -> dict:
             "RotaryEmbedding", [source, POSITIONS, cache(m["cos"], "cos"), cache(m["sin"], "sin")], [output],
             name=tag, domain=MS_DOMAIN, **attrs))
         replacement[id(add)] = nodes
-    kept = []
-    for n in graph.node:
-        if id(n) in replacement:
-            kept.extend(replacement[id(n)])
-        elif id(n) not in removed:
-            kept.append(n)
-    del graph.node[:]
-    graph.node.extend(kept)
-    _drop_dead_nodes(graph)
-    if not any(o.domain == MS_DOMAIN for o in onnx_model.opset_import):
-        onnx_model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    replace_nodes(graph, replacement, removed)
+    use_ms_domain(onnx_model)
     return {"rope": len(found), "bsh": bsh}
 
 
@@ -228,31 +217,10 @@ def check_fixtures(fixtures: Path) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", type=Path, help="convert this export in place")
-    ap.add_argument("--src", type=Path, help="convert a copy of this export ...")
-    ap.add_argument("--out", type=Path, help="... into this folder")
-    ap.add_argument("--check", action="store_true",
-                    help="run check_onnx.py's checks on the result (ORT vs the PyTorch references)")
-    ap.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
-    ap.add_argument("--check-fixtures", action="store_true",
-                    help="convert the eager fixture graphs (attention, then RoPE) and check them (CI)")
-    args = ap.parse_args(argv)
-    if args.check_fixtures:
-        return check_fixtures(args.fixtures)
-    if bool(args.model_dir) == bool(args.src and args.out):
-        ap.error("give --model-dir DIR, or --src DIR --out DIR")
-    target = args.model_dir or args.out
-    counts = convert_model_dir(args.model_dir or args.src, None if args.model_dir else args.out)
-    print(f"{target}: RoPE applications fused {counts}")
-    if counts["rope"] == 0:
-        print("no RoPE matched in the vision graph (already fused?)", file=sys.stderr)
-        return 1
-    if not args.check:
-        return 0
-    import check_onnx
-
-    return check_onnx.main(["--model-dir", str(target), "--fixtures", str(args.fixtures)])
+    return converter_main(
+        argv, __doc__, "convert the eager fixture graphs (attention, then RoPE) and check them (CI)", check_fixtures,
+        convert_model_dir, lambda c: f"RoPE applications fused {c}",
+        lambda c: "no RoPE matched in the vision graph" if c["rope"] == 0 else None)
 
 
 if __name__ == "__main__":
