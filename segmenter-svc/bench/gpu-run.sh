@@ -23,9 +23,15 @@
 #             static decoders 1,2,3,4,8) on those graphs
 #   layers    a copy of those graphs (the RoPE-fused ones when made) with fused layers (export/fused_layers.py, no
 #             torch: residual Add + LayerNorm -> SkipLayerNormalization, q/k/v packed), 3 concepts, concurrency 1
+#   rgb       the RoPE-fused graphs, 3 concepts, the photo sent as raw RGB (--send rgb: the orchestrator's phone
+#             photos, no decode and no resize on the server) instead of JPEG bytes
 #   sdpa      the RoPE-fused graphs with cuDNN's fused attention, then the memory-efficient kernel only
 #             (CUDA_ATTENTION_KERNELS), 3 concepts, concurrency 1; then one request with ONNX Runtime's attention
 #             debug print: which kernel each MultiHeadAttention node ran (mha_kernels.txt, a summary line)
+#   sections  where the time goes inside the decoder, then vision (SECTIONS=decoder,vision; empty: none): the
+#             RoPE-fused graphs cut into cumulative prefixes (bench/graph_sections.py), each timed on the serving
+#             settings (segmenter-bench --time-sections; decoder at 1 and 3 phrases), one table per graph in
+#             summary.md: DETR encoder, DETR decoder, box head + scoring, mask decoder, top-k; ViT quarters, neck
 #   conv      cuDNN's convolution algorithms timed at warm-up (CUDNN_CONV_SEARCH=exhaustive), then NHWC convolutions
 #             (CUDA_PREFER_NHWC), 3 concepts, concurrency 1: the A/Bs against bench_fp16 (decoder p50)
 #   fp32      export (fused attention, traced RoPE as sam3-full-fp16, directly) + a short bench of the fp32 graphs, saving the same request's reply;
@@ -49,15 +55,15 @@
 # DEVICE, back to back (the machine is given back after ~30 s idle and /tmp with it); prepare-device.sh prints the
 # exact calls. With N parts (.gpu/part0 .. part<N-1>):
 #   call k = 0..N-2:  carry [".gpu/part<k>"]               command: mkdir -p /tmp/gpu-parts && cp .gpu/part<k>/* /tmp/gpu-parts/   timeout_s 60
-#   last call:        carry [".gpu-bin", ".gpu/part<N-1>"]  command: bash segmenter-svc/bench/gpu-run.sh                         timeout_s 480
+#   last call:        carry [".gpu-bin", ".gpu/part<N-1>"]  command: bash segmenter-svc/bench/gpu-run.sh                         timeout_s 600
 # Then read files_at/summary.md and log.txt (the rest: cat results.tar.xz* | tar -xJ); give_back unless rerunning at
 # once (a rerun on the warm machine keeps /tmp/ort-gpu and /tmp/models: carry [".gpu-bin"] only, e.g.
-# `HF=0 BASE=0 SMOKE=0 ROPE_AB=0 LAYERS_AB=0 SDPA_AB=0 FP32=1 GPU_RUN_BUDGET_S=<seconds left - 60> bash segmenter-svc/bench/gpu-run.sh`:
+# `HF=0 BASE=0 SMOKE=0 ROPE_AB=0 LAYERS_AB=0 RGB_AB=0 SDPA_AB=0 FP32=1 GPU_RUN_BUDGET_S=<seconds left - 60> bash segmenter-svc/bench/gpu-run.sh`:
 # the fp32 export and the precision check, or any of the measured A/Bs switched on again).
 #
-# Time: bounded at GPU_RUN_BUDGET_S (default 420 s): every step has a timeout capped by what is left, later steps are
+# Time: bounded at GPU_RUN_BUDGET_S (default 540 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
-# ROPE_AB=0|1 (1), LAYERS_AB=0|1 (1), SDPA_AB=0|1 (1): the levers not yet settled. Off by default since the second H200 run
+# ROPE_AB=0|1 (1), LAYERS_AB=0|1 (1), RGB_AB=0|1 (1), SDPA_AB=0|1 (1): the levers not yet settled. Off by default since the second H200 run
 # (2026-12-04) recorded their verdicts, 1 repeats them: FP32=0|1 (0: fp16 vs fp32 mask IoU met twice), ATTN_AB=0|1
 # (0: bench the eager-attention graphs too), BATCH_AB=0|1 (0), STATIC_AB=0|1 (0: CUDA graphs on static decoder
 # sessions, then the static sessions alone), PINNED_AB=0|1 (0: fails its warm-up), VISION_AB=0|1 (0: the one-image
@@ -95,7 +101,7 @@ else
 fi
 HF_MODES=${HF_MODES:-bf16}
 HF_CONCEPTS=${HF_CONCEPTS:-3}
-BUDGET=${GPU_RUN_BUDGET_S:-420}
+BUDGET=${GPU_RUN_BUDGET_S:-540}
 FP32=${FP32:-0}
 BATCH_AB=${BATCH_AB:-0}
 ATTN_AB=${ATTN_AB:-0}
@@ -105,6 +111,8 @@ VISION_AB=${VISION_AB:-0}
 ROPE_AB=${ROPE_AB:-1}
 LAYERS_AB=${LAYERS_AB:-1}
 SDPA_AB=${SDPA_AB:-1}
+RGB_AB=${RGB_AB:-1}
+SECTIONS=${SECTIONS:-decoder,vision}
 CONV_AB=${CONV_AB:-0}
 INSTANCES_AB=${INSTANCES_AB:-0}
 ENGINE_REF=${ENGINE_REF:-0}
@@ -447,6 +455,15 @@ if ((FP16_OK)) && ((LAYERS_AB)); then
     else skip "bench_${layers_src[1]}" "only $(left)s of the budget left"; fi
   fi
 fi
+# The photo as raw RGB (segmenter-bench --send rgb): how the orchestrator sends every photo larger than 1008 per
+# side (a phone photo), downscaled to 1008 x 1008, so the segmenter neither decodes nor resizes it. The same
+# 3-concept load as bench_fp16_rope (or bench_fp16), whose JPEG the server decodes (~3.4 ms of its e2e).
+if ((FP16_OK)) && ((RGB_AB)); then
+  if ((ROPE_OK)); then rgb=(fp16-rope fp16_rope_rgb); else rgb=(fp16 fp16_rgb); fi
+  if (($(left) >= 50)); then
+    checked "${rgb[1]}" "${rgb[0]}" 60 --concepts 3 --concurrency 1 --send rgb
+  else skip "bench_${rgb[1]}" "only $(left)s of the budget left"; fi
+fi
 # Attention kernels (CUDA_ATTENTION_KERNELS, ONNX Runtime's sdpa_kernel) on the RoPE-fused graphs (the plain ones
 # when rope_fp16 did not run): cuDNN's fused attention instead of FlashAttention 2, then the memory-efficient kernel
 # only; then which kernel each MultiHeadAttention node ran with the default (ONNX Runtime's debug print, one request).
@@ -486,6 +503,38 @@ if ((FP16_OK)) && ((CONV_AB)); then
   if (($(left) >= 50)); then
     checked fp16_nhwc fp16 60 --concepts 3 --concurrency 1 --prefer-nhwc
   else skip bench_fp16_nhwc "only $(left)s of the budget left"; fi
+fi
+# Where the time goes inside each graph (bench/graph_sections.py, then segmenter-bench --time-sections): cumulative
+# prefixes of the RoPE-fused graphs (the plain ones when rope_fp16 did not run), each timed on the serving
+# settings; a section's time is its prefix's p50 minus the one before. The decoder at 1 and 3 phrases, then vision.
+# The prefixes are kept in $MODELS for a rerun (cut again when the graphs were converted since).
+sections() {  # sections GRAPH CUT_TIMEOUT TIME_TIMEOUT
+  local graph=$1 cut_t=$2 time_t=$3 src dir
+  if ((ROPE_OK)); then src=$MODELS/sam3-$SIZE-fp16-rope; else src=$MODELS/sam3-$SIZE-fp16; fi
+  dir=$MODELS/sections-$graph-$(basename "$src")
+  if (($(left) < cut_t + 20)); then skip "sections_$graph" "only $(left)s of the budget left"; return 0; fi
+  if ! converted_copy_is_current "$dir" "$src" segmenter-svc/bench/graph_sections.py; then
+    rm -rf "$dir"
+    step "sections_cut_$graph" "$cut_t" "${PYCMD[@]}" segmenter-svc/bench/graph_sections.py --model-dir "$src" \
+      --graph "$graph" --out "$dir" || { rm -rf "$dir"; return 0; }
+    # graph_sections.py writes no manifest: the stamp's manifest checksum is the source's.
+    cp "$src/manifest.json" "$dir/manifest.json"
+    conversion_stamp "$src" segmenter-svc/bench/graph_sections.py > "$dir/.conversion-stamp"
+  else log "sections: $dir is current (its stamp), reused"; fi
+  (($(left) >= 20)) || { skip "sections_$graph" "only $(left)s of the budget left"; return 0; }
+  step "sections_$graph" "$time_t" "$BENCH" --device "$DEVICE" --time-sections "$dir" --concepts 1,3 \
+    --warmup "$WARMUP" --requests "$REQUESTS" --json-out "$OUT/sections_$graph.json" --log-level "$BENCH_LOG" \
+    > "$OUT/sections_$graph.log" 2>&1 || true
+  cat "$OUT/sections_$graph.log"
+}
+if ((FP16_OK)); then
+  for graph in ${SECTIONS//,/ }; do
+    case $graph in
+      decoder) sections decoder 60 90 ;;
+      vision) sections vision 120 90 ;;
+      *) log "SECTIONS: unknown graph $graph (decoder, vision)" ;;
+    esac
+  done
 fi
 fp32_and_masks
 if ((FP16_OK)); then
@@ -542,7 +591,7 @@ pack() {
   (
     cd "$OUT"
     local files=() f
-    for f in bench_*.json bench_*.log hf_reference.json agreement_*.json masks_*.pb mha_kernels.* profile_fp16; do [[ -e $f ]] && files+=("$f"); done
+    for f in bench_*.json bench_*.log sections_*.json sections_*.log hf_reference.json agreement_*.json masks_*.pb mha_kernels.* profile_fp16; do [[ -e $f ]] && files+=("$f"); done
     ((${#files[@]})) || exit 0
     XZ_OPT=-T0 tar -cJf results.tar.xz "${files[@]}"
     if (($(stat -c %s results.tar.xz) > 60 * 1048576)); then
@@ -580,6 +629,12 @@ done
   echo "of the same line dropped):"
   grep -E 'ONNX Runtime session built|sessions ready|onnxruntime: |serving settings|warm-up|model loaded and warm|START bench|START smoke' \
     "$OUT/log.txt" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[0-9T:.-]*Z *//' | awk '!seen[$0]++' | head -250 || true
+  local sec
+  for sec in "$OUT"/sections_*.log; do
+    [[ -e $sec ]] || continue
+    echo; echo "Time per section ($(basename "$sec" .log); prefix p50 minus the one before, serving settings):"
+    grep -vE '^\s*$|^[0-9T:.-]+Z ' "$sec" || true
+  done
   if [[ -e $OUT/mha_kernels.txt ]]; then
     echo; echo "MultiHeadAttention kernels, default settings (runs of all nodes, warm-up + 1 request; none on the CPU):" \
       "$(tr '\n' ' ' < "$OUT/mha_kernels.txt")"

@@ -132,4 +132,4 @@ echo "Device calls, back to back (each within ~30 s of the previous one's end):"
 for ((k = 0; k < uploads; k++)); do
   echo "  run carry=[\".gpu/part$k\"] timeout_s=60 command: mkdir -p /tmp/gpu-parts && cp .gpu/part$k/* /tmp/gpu-parts/"
 done
-echo "  run carry=[$main_carry] timeout_s=480 command: bash segmenter-svc/bench/gpu-run.sh"
+echo "  run carry=[$main_carry] timeout_s=600 command: bash segmenter-svc/bench/gpu-run.sh"

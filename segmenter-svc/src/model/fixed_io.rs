@@ -178,7 +178,7 @@ impl FixedDecoder {
 }
 
 /// Copies host values into a fixed tensor of the same shape and element type (an owned source: see the module docs).
-fn copy_in<T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
+pub(crate) fn copy_in<T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
     values: Vec<T>,
     target: &mut DynTensor,
 ) -> ort::Result<()> {
@@ -188,7 +188,7 @@ fn copy_in<T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
 }
 
 /// The allocator of the provider's device memory for `session`: CUDA device memory, or the host's.
-fn allocator(session: &Session, provider: &Provider) -> ort::Result<Allocator> {
+pub(crate) fn allocator(session: &Session, provider: &Provider) -> ort::Result<Allocator> {
     match provider {
         Provider::Cuda(id) => Allocator::new(
             session,

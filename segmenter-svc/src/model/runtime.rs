@@ -246,6 +246,25 @@ pub fn build_sessions(
     })
 }
 
+/// One session of any graph file with the serving settings of `config` (provider, arena, attention kernels, threads,
+/// the manifest's hints) and every dimension left dynamic: what `graph_timing` times (a graph of the export, or a
+/// prefix of one that bench/graph_sections.py cut). `label` names it in ONNX Runtime's log lines.
+pub fn standalone_session(
+    config: &Config,
+    manifest: &Manifest,
+    path: &Path,
+    label: &'static str,
+) -> Result<(Session, Provider), ModelError> {
+    let env = load_runtime(&config.ort_dylib_path)?;
+    let provider = choose_provider(config)?;
+    let session = new_session(&env, config, manifest, &provider, (label, None), path, None)
+        .map_err(|e| ModelError::Session {
+            graph: label,
+            detail: format!("{}: {e}", path.display()),
+        })?;
+    Ok((session, provider))
+}
+
 fn choose_provider(config: &Config) -> Result<Provider, ModelError> {
     match config.device {
         Device::Cpu => Ok(Provider::Cpu),

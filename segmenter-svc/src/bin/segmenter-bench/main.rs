@@ -28,6 +28,30 @@ use segmenter_svc::postprocess::FilterParams;
 use serde_json::json;
 
 mod mask_agreement;
+mod sections;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum SendAs {
+    Encoded,
+    Rgb,
+}
+
+/// The request's image: the file's bytes, or its pixels decoded here (`--send rgb`).
+fn image_source(bytes: &[u8], send: SendAs) -> anyhow::Result<pb::image::Source> {
+    Ok(match send {
+        SendAs::Encoded => pb::image::Source::Encoded(bytes.to_vec()),
+        SendAs::Rgb => {
+            let rgb = image::load_from_memory(bytes)
+                .context("decoding --image for --send rgb")?
+                .into_rgb8();
+            pb::image::Source::Rgb(pb::RgbImage {
+                width: rgb.width(),
+                height: rgb.height(),
+                data: rgb.into_raw(),
+            })
+        }
+    })
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,6 +73,11 @@ struct Args {
         default_value = "segmenter-svc/tests/fixtures/reference/images/room_640x480.jpg"
     )]
     image: PathBuf,
+    /// How the image travels: `encoded` (the file's bytes: the server decodes them) or `rgb` (decoded here, sent as
+    /// raw RGB, as the orchestrator sends every photo larger than the model's square: the server neither decodes
+    /// nor, at the model's size, resizes). EXIF orientation is not applied in `rgb` mode.
+    #[arg(long, value_enum, default_value_t = SendAs::Encoded)]
+    send: SendAs,
     /// Concept counts to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,3,8")]
     concepts: Vec<usize>,
@@ -132,6 +161,11 @@ struct Args {
     masks_out: Option<PathBuf>,
     #[arg(long, default_value_t = 3)]
     masks_concepts: usize,
+    /// Time the graph prefixes bench/graph_sections.py wrote to this folder (sections.json) on --device with the
+    /// serving settings, at each of --concepts phrases (decoder) or one image (vision), --warmup then --requests
+    /// runs each; print what each section costs and write --json-out; nothing else runs.
+    #[arg(long)]
+    time_sections: Option<PathBuf>,
     /// REFERENCE,OTHER: compare two replies saved by --masks-out (mask IoU, score deltas), print one line and write
     /// --json-out; nothing else runs.
     #[arg(long, value_delimiter = ',')]
@@ -191,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let image = std::fs::read(&args.image)
         .with_context(|| format!("reading --image {}", args.image.display()))?;
+    let source = image_source(&image, args.send)?;
     let ort = std::env::var("ORT_DYLIB_PATH").context(
         "ORT_DYLIB_PATH must name libonnxruntime.so (bash .ci/setup installs one under .tools/)",
     )?;
@@ -222,6 +257,16 @@ async fn main() -> anyhow::Result<()> {
     // A failed warm-up must end the bench at once: no recovery probes that would keep it NOT_SERVING-but-trying.
     config.reprobe_interval_sec = 0;
     segmenter_svc::telemetry::init_logs(&args.log_level, "text");
+    if let Some(dir) = &args.time_sections {
+        return sections::run(
+            &config,
+            dir,
+            &args.concepts,
+            args.warmup,
+            args.requests,
+            args.json_out.as_deref(),
+        );
+    }
 
     let (addr, mut server) = match &args.addr {
         Some(addr) => (addr.clone(), None),
@@ -259,7 +304,7 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .into_inner();
     println!(
-        "model {} ({}), provider {}, image {}x{} -> {}², {} concepts sets, concurrency {:?}, {} requests each",
+        "model {} ({}), provider {}, image {}x{} sent {:?} -> {}², {} concepts sets, concurrency {:?}, {} requests each",
         info.model_id,
         if info.random_init.is_empty() {
             "real weights"
@@ -269,6 +314,7 @@ async fn main() -> anyhow::Result<()> {
         info.execution_provider,
         image_dims(&image).0,
         image_dims(&image).1,
+        args.send,
         info.image_size,
         args.concepts.len(),
         args.concurrency,
@@ -300,12 +346,12 @@ async fn main() -> anyhow::Result<()> {
     let mut grpc = Vec::new();
     for &n in &args.concepts {
         for &c in &args.concurrency {
-            let samples = run_config(&client, &image, n, c, args.warmup, args.requests).await?;
+            let samples = run_config(&client, &source, n, c, args.warmup, args.requests).await?;
             grpc.push((n, c, samples));
         }
     }
     if let Some(path) = &args.masks_out {
-        let request = mask_agreement::request(&image, concepts(args.masks_concepts));
+        let request = mask_agreement::request(source.clone(), concepts(args.masks_concepts));
         let reply = client.clone().segment(request).await?.into_inner();
         mask_agreement::save(path, &reply)?;
         println!(
@@ -513,7 +559,7 @@ async fn profile(
 
 async fn run_config(
     client: &pb::segmenter_client::SegmenterClient<tonic::transport::Channel>,
-    image: &[u8],
+    source: &pb::image::Source,
     n: usize,
     concurrency: usize,
     warmup: usize,
@@ -521,7 +567,7 @@ async fn run_config(
 ) -> anyhow::Result<(Samples, f64)> {
     let request = pb::SegmentRequest {
         image: Some(pb::Image {
-            source: Some(pb::image::Source::Encoded(image.to_vec())),
+            source: Some(source.clone()),
         }),
         concepts: concepts(n),
         ..Default::default()

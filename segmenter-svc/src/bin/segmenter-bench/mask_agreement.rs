@@ -13,10 +13,10 @@ use prost::Message;
 use serde::Serialize;
 
 /// The request whose reply is saved: every top-k instance and each concept's semantic map, as u8 probabilities.
-pub fn request(image: &[u8], concepts: Vec<String>) -> pb::SegmentRequest {
+pub fn request(source: pb::image::Source, concepts: Vec<String>) -> pb::SegmentRequest {
     pb::SegmentRequest {
         image: Some(pb::Image {
-            source: Some(pb::image::Source::Encoded(image.to_vec())),
+            source: Some(source),
         }),
         concepts,
         score_threshold: Some(0.0),

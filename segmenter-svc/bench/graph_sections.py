@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""Cuts an export's decoder (or vision) graph into cumulative prefixes, one per section of the model, so that
+segmenter-bench --time-sections can time each on the GPU: a prefix's time minus the one before it is what that
+section costs inside the real graph (same nodes, same fusions, same provider settings), with no per-node
+synchronisation.
+
+Why: ONNX Runtime's CUDA profile is no measure of where the time goes (a profiled vision run took ~212 ms against
+23.5 unprofiled on the H200), and the decoder's ~18 ms at 3 concepts is far above what its FLOPs and bytes need;
+capturing it in a CUDA graph saved only ~1.5 ms, so most of it is kernel time in some section. This says which.
+
+Sections follow the traced module paths in the node names (torch.onnx names each node after its module; the
+converters' fused nodes sit in place, inside their section):
+
+    decoder   inputs and position encodings | DETR encoder | DETR decoder | box head + scoring | mask decoder
+              (pixel decoder, masks) | top-k and outputs
+    vision    patch embedding | ViT layers in four quarters | FPN neck
+
+Prefix k holds every node before section k+1's first node and whatever those read (the fp16 converter's input
+casts sit at the end of the node list). Its outputs are the tensors it makes that later nodes read and no node of
+its own does (enough to keep each of its nodes): the same values the full graph computes there (checked by --check
+on the CPU). The last section's prefix is the graph itself.
+
+    python graph_sections.py --model-dir /tmp/models/sam3-full-fp16-rope --graph decoder --out /tmp/sections
+    segmenter-bench --time-sections /tmp/sections --device cuda --concepts 1,3
+    python graph_sections.py --check-fixtures     # CI: the bundled tiny model's prefixes against its full graphs
+
+Needs onnx (and onnxruntime + numpy for the checks); no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "models" / "sam3-tiny"
+
+DECODER_SECTIONS = (
+    ("inputs, position encodings", None),
+    ("DETR encoder", "/model/detr_encoder/"),
+    ("DETR decoder", "/model/detr_decoder/"),
+    ("box head, scoring", "/model/box_head/"),
+    ("mask decoder", "/model/mask_decoder/"),
+    ("top-k, outputs", "/TopK"),
+)
+
+
+def vision_sections(graph) -> tuple:
+    """Patch embedding, the ViT layers in four quarters, the neck; layer count read off the node names."""
+    layers = {int(m.group(1)) for n in graph.node if (m := re.match(r"/encoder/backbone/layers\.(\d+)/", n.name))}
+    if not layers:
+        raise SystemExit("no /encoder/backbone/layers.N/ nodes: not a SAM3 vision graph of this exporter")
+    count = max(layers) + 1
+    starts = sorted({round(q * count / 4) for q in range(4)})
+    out = [("patch embedding", None)]
+    for i, s in enumerate(starts):
+        end = (starts[i + 1] if i + 1 < len(starts) else count) - 1
+        out.append((f"ViT layers {s}-{end}", f"/encoder/backbone/layers.{s}/"))
+    out.append(("FPN neck", "/encoder/neck/"))
+    return tuple(out)
+
+
+def _subgraph_reads(node) -> set:
+    """Names a node's subgraphs (If/Loop bodies) read from the enclosing graph."""
+    reads = set()
+    for a in node.attribute:
+        for g in list(a.g and [a.g] or []) + list(a.graphs):
+            made = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                reads |= {i for i in n.input if i and i not in made}
+                reads |= _subgraph_reads(n) - made
+    return reads
+
+
+def _reads(node) -> set:
+    return {i for i in node.input if i} | _subgraph_reads(node)
+
+
+def boundaries(graph, sections) -> list[int]:
+    """The index (in the node list) of each section's first node, after the first section's 0."""
+    starts = [0]
+    for name, prefix in sections[1:]:
+        first = next((i for i, n in enumerate(graph.node) if n.name.startswith(prefix)), None)
+        if first is None:
+            raise SystemExit(f"section {name!r}: no node named {prefix}*")
+        if first <= starts[-1]:
+            raise SystemExit(f"section {name!r} starts before the section above it: node order unexpected")
+        starts.append(first)
+    return starts
+
+
+def prefix_nodes(graph, end: int) -> list[int]:
+    """Indices of the nodes before `end` and every node they read from, in the node list's order."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    keep = set(range(end))
+    todo = list(keep)
+    while todo:
+        for name in _reads(graph.node[todo.pop()]):
+            i = producer.get(name)
+            if i is not None and i not in keep:
+                keep.add(i)
+                todo.append(i)
+    return sorted(keep)
+
+
+def _input_dependent(graph) -> set:
+    """Tensors whose value depends on a graph input (the rest are constants)."""
+    varying = {i.name for i in graph.input}
+    changed = True  # the node list is in execution order but for the fp16 input casts at its end: repeat
+    while changed:
+        changed = False
+        for n in graph.node:
+            if any(r in varying for r in _reads(n)):
+                new = {o for o in n.output if o} - varying
+                if new:
+                    varying |= new
+                    changed = True
+    return varying
+
+
+def _needed(graph, keep: list[int], outputs: list[str]) -> list[int]:
+    """The nodes of `keep` that `outputs` need."""
+    producer = {o: i for i in keep for o in graph.node[i].output if o}
+    need, todo = set(), [producer[o] for o in outputs]
+    while todo:
+        i = todo.pop()
+        if i in need:
+            continue
+        need.add(i)
+        todo.extend(producer[r] for r in _reads(graph.node[i]) if r in producer)
+    return sorted(need)
+
+
+def _types(model, infer: bool) -> dict:
+    """Element type per tensor name: declared, inferred by onnx (`infer`: slow on a full-size vision graph, whose
+    value_info holds the types anyway), else (contrib ops onnx cannot infer) that of the node's first input, or the
+    Cast's target."""
+    import onnx
+
+    g = model.graph
+    types = {}
+    for v in list(g.input) + list(g.output) + list(g.value_info):
+        if v.type.tensor_type.elem_type:
+            types[v.name] = v.type.tensor_type.elem_type
+    for t in g.initializer:
+        types[t.name] = t.data_type
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False) if infer else onnx.ModelProto()
+        for v in inferred.graph.value_info:
+            if v.type.tensor_type.elem_type:
+                types.setdefault(v.name, v.type.tensor_type.elem_type)
+    except Exception as e:  # noqa: BLE001 - inference is a help, the fallback below covers the rest
+        print(f"shape inference failed ({e}); element types from the node inputs", file=sys.stderr)
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Constant" and a.name == "value":
+                types.setdefault(n.output[0], a.t.data_type)
+    int64, boolean = onnx.TensorProto.INT64, onnx.TensorProto.BOOL
+    fixed = {"Shape": int64, "Size": int64, "NonZero": int64, "ArgMax": int64, "ArgMin": int64, "Equal": boolean,
+             "Less": boolean, "LessOrEqual": boolean, "Greater": boolean, "GreaterOrEqual": boolean, "And": boolean,
+             "Or": boolean, "Not": boolean, "Xor": boolean, "IsNaN": boolean, "IsInf": boolean}
+    for _ in range(3):
+        for n in g.node:
+            to = next((a.i for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
+            src = types.get(n.input[0]) if n.input and n.input[0] else None
+            for k, o in enumerate(n.output):
+                if not o or o in types:
+                    continue
+                if n.op_type == "TopK" and k == 1:
+                    types[o] = int64
+                elif n.op_type == "Where" and types.get(n.input[1]):
+                    types[o] = types[n.input[1]]
+                elif n.op_type == "If":
+                    branch = next(a.g for a in n.attribute if a.name == "then_branch")
+                    types[o] = branch.output[k].type.tensor_type.elem_type
+                elif n.op_type == "ConstantOfShape":
+                    value = next((a.t for a in n.attribute if a.name == "value"), None)
+                    types[o] = value.data_type if value is not None else onnx.TensorProto.FLOAT
+                elif n.op_type in fixed or to or src:
+                    types[o] = fixed.get(n.op_type) or to or src
+    return types
+
+
+def cut(model, sections) -> list:
+    """The cumulative prefix models (one per section but the last, which is the graph itself), with their names."""
+    from onnx import helper
+
+    g = model.graph
+    starts = boundaries(g, sections)
+    # onnx's inference where it is cheap (every decoder; a full-size vision graph's value_info has the types).
+    types = _types(model, infer=model.ByteSize() < 500_000_000)
+    inits = {t.name: t for t in g.initializer}
+    graph_outputs = {o.name for o in g.output}
+    varying = _input_dependent(g)
+    prefixes = []
+    for k in range(1, len(sections)):
+        keep = prefix_nodes(g, starts[k])
+        kept = set(keep)
+        made = {o for i in keep for o in g.node[i].output if o}
+        later_reads = set()
+        for i, n in enumerate(g.node):
+            if i not in kept:
+                later_reads |= _reads(n)
+        # Only what no prefix node reads: enough to keep every prefix node (each has a path to one of these), and
+        # the fewest output copies (each costs a copy per run where the timing is made).
+        inside_reads = set().union(*(_reads(g.node[i]) for i in keep))
+        outs = sorted((made & (later_reads | graph_outputs) & varying) - inside_reads)
+        # Constant-only nodes feeding later sections are left to them (ONNX Runtime folds them at session build).
+        keep = _needed(g, keep, outs)
+        inside_reads = set().union(*(_reads(g.node[i]) for i in keep))
+        missing = [o for o in outs if o not in types]
+        if missing:
+            types = _types(model, infer=True)
+            missing = [o for o in outs if o not in types]
+        if missing:
+            raise SystemExit(f"prefix {k}: no element type known for {missing[:5]}")
+        reads = inside_reads
+        graph = helper.make_graph(
+            [g.node[i] for i in keep], f"{g.name}_prefix{k}",
+            [i for i in g.input if i.name in reads],
+            [helper.make_tensor_value_info(o, types[o], None) for o in outs],
+            [inits[n] for n in sorted(reads) if n in inits])
+        prefix = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+        prefixes.append((sections[k - 1][0], prefix, len(keep), len(outs)))
+    return prefixes
+
+
+def write_sections(model_dir: Path, graph_name: str, out: Path) -> dict:
+    """The prefixes of `graph_name` in `out`, and out/sections.json for segmenter-bench --time-sections."""
+    import onnx
+
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    spec = manifest["graphs"][graph_name]
+    full = (model_dir / spec["file"]).resolve()
+    model = onnx.load(str(full))
+    sections = DECODER_SECTIONS if graph_name == "decoder" else vision_sections(model.graph)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for k, (name, prefix, nodes, outputs) in enumerate(cut(model, sections), start=1):
+        path = out / f"{graph_name}.prefix{k}.onnx"
+        if prefix.ByteSize() > 1_800_000_000:
+            onnx.save_model(prefix, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(prefix, str(path))
+        entries.append({"section": name, "file": path.name, "nodes": nodes, "outputs": outputs})
+        print(f"{graph_name} prefix {k}: through {name!r}, {nodes} nodes, {outputs} outputs -> {path}")
+    entries.append({"section": sections[-1][0], "file": str(full), "nodes": len(model.graph.node),
+                    "outputs": len(model.graph.output)})
+    info = {"graph": graph_name, "model_dir": str(model_dir.resolve()), "precision": manifest["precision"],
+            "sections": entries}
+    (out / "sections.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+# --------------------------------------------------------------------------------------------------------------- check
+
+def _feeds(session, manifest: dict, n: int) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) else (n if i.name.startswith("text") else 1) for d in i.shape]
+        if i.type == "tensor(int64)":
+            mask = np.zeros(shape, np.int64)
+            mask[..., :4] = 1
+            feeds[i.name] = mask
+        elif i.type == "tensor(uint8)":
+            feeds[i.name] = rng.integers(0, 256, shape, dtype=np.uint8)
+        else:
+            dtype = np.float16 if i.type == "tensor(float16)" else np.float32
+            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def check(model_dir: Path, graph_name: str, out: Path) -> bool:
+    """Each prefix, run on the CPU, gives the values the full graph computes for the same tensors."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    info = write_sections(model_dir, graph_name, out)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    full = onnx.load(info["sections"][-1]["file"])
+    ok = True
+    for k, entry in enumerate(info["sections"][:-1], start=1):
+        prefix = ort.InferenceSession(str(out / entry["file"]), providers=["CPUExecutionProvider"])
+        names = [o.name for o in prefix.get_outputs()]
+        feeds = _feeds(prefix, manifest, 2)
+        got = prefix.run(names, feeds)
+        # The full graph with the prefix's outputs exposed, on the same inputs.
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(full)
+        present = {o.name for o in exposed.graph.output}
+        types = _types(full, infer=True)
+        for name in names:
+            if name not in present:
+                exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+        whole = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+        all_feeds = _feeds(whole, manifest, 2)
+        all_feeds.update(feeds)
+        want = whole.run(names, all_feeds)
+        worst = max((float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0)
+                    for a, b in zip(got, want))
+        same = all(a.shape == b.shape for a, b in zip(got, want)) and worst == 0.0
+        ok &= same
+        print(f"{graph_name} prefix {k} ({entry['section']}): {len(names)} outputs, max |d| {worst:.3g}: "
+              f"{'OK' if same else 'DIFFERS'}")
+    return ok
+
+
+def check_fixtures() -> int:
+    import tempfile
+
+    import onnx
+
+    ok = True
+    for graph_name in ("decoder", "vision"):
+        # The full-size vision graph is cut without onnx's inference: the fallback must give the same types.
+        model = onnx.load(str(BUNDLED / f"{graph_name}.onnx"))
+        quick, inferred = _types(model, infer=False), _types(model, infer=True)
+        wrong = sorted(k for k in quick if k in inferred and quick[k] != inferred[k])
+        print(f"{graph_name}: element types without inference {'agree' if not wrong else f'DIFFER at {wrong[:5]}'}")
+        ok &= not wrong
+        with tempfile.TemporaryDirectory() as tmp:
+            ok &= check(BUNDLED, graph_name, Path(tmp))
+    print("graph sections:", "OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", type=Path, help="an export (manifest.json and its graphs)")
+    ap.add_argument("--graph", choices=["decoder", "vision"], default="decoder")
+    ap.add_argument("--out", type=Path, help="folder for the prefixes and sections.json")
+    ap.add_argument("--check", action="store_true", help="also run each prefix and the full graph on the CPU and "
+                    "compare the values at the cut")
+    ap.add_argument("--check-fixtures", action="store_true", help="CI: --check on the bundled tiny model's graphs")
+    args = ap.parse_args(argv)
+    if args.check_fixtures:
+        return check_fixtures()
+    if not (args.model_dir and args.out):
+        ap.error("give --model-dir DIR --out DIR (or --check-fixtures)")
+    if args.check:
+        return 0 if check(args.model_dir, args.graph, args.out) else 1
+    write_sections(args.model_dir, args.graph, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

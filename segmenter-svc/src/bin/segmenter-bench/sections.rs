@@ -1,0 +1,115 @@
+//! `--time-sections DIR`: the cumulative prefixes that bench/graph_sections.py cut from one graph, each timed on the
+//! serving settings (model/graph_timing.rs), and each section's share: its prefix's p50 minus the one before.
+//! One table per phrase count (the decoder) or for one image (vision); JSON with --json-out.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use segmenter_svc::config::Config;
+use segmenter_svc::model::graph_timing::{GraphTiming, time_graph};
+use segmenter_svc::model::manifest::Manifest;
+
+#[derive(serde::Deserialize)]
+struct SectionsFile {
+    graph: String,
+    model_dir: PathBuf,
+    sections: Vec<Section>,
+}
+
+#[derive(serde::Deserialize)]
+struct Section {
+    section: String,
+    /// Relative to the sections folder, or absolute (the last one: the graph itself).
+    file: PathBuf,
+    nodes: usize,
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    size: usize,
+    section: String,
+    nodes: usize,
+    cumulative: GraphTiming,
+    /// This prefix's p50 minus the previous one's.
+    section_p50_ms: f64,
+}
+
+/// Times every prefix at each of `sizes` (phrases; vision is timed at one image whatever is asked) and prints a
+/// table per size.
+pub fn run(
+    config: &Config,
+    dir: &Path,
+    sizes: &[usize],
+    warmup: usize,
+    runs: usize,
+    json_out: Option<&Path>,
+) -> anyhow::Result<()> {
+    let listing = dir.join("sections.json");
+    let file: SectionsFile = serde_json::from_slice(
+        &std::fs::read(&listing).with_context(|| format!("reading {}", listing.display()))?,
+    )
+    .with_context(|| format!("parsing {}", listing.display()))?;
+    let manifest = Manifest::load(&file.model_dir)?;
+    let sizes: Vec<usize> = if file.graph == "vision" {
+        vec![1]
+    } else {
+        sizes.to_vec()
+    };
+    let mut rows = Vec::new();
+    for &size in &sizes {
+        println!(
+            "\n{} sections, {} ({}), {} {}, p50 of {runs} runs after {warmup}:",
+            file.graph,
+            file.model_dir.display(),
+            manifest.precision,
+            size,
+            if file.graph == "vision" {
+                "image"
+            } else {
+                "phrases"
+            }
+        );
+        println!(
+            "{:<28} {:>6} {:>10} {:>10} {:>10} {:>9}",
+            "through", "nodes", "prefix p50", "prefix min", "section", "build s"
+        );
+        let mut before = 0.0;
+        for section in &file.sections {
+            let path = if section.file.is_absolute() {
+                section.file.clone()
+            } else {
+                dir.join(&section.file)
+            };
+            let timing = time_graph(config, &manifest, &path, size, warmup, runs)
+                .with_context(|| format!("timing {}", path.display()))?;
+            let own = timing.p50_ms - before;
+            println!(
+                "{:<28} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>9.1}",
+                section.section,
+                section.nodes,
+                timing.p50_ms,
+                timing.min_ms,
+                own,
+                timing.build_ms / 1e3
+            );
+            before = timing.p50_ms;
+            rows.push(Row {
+                size,
+                section: section.section.clone(),
+                nodes: section.nodes,
+                cumulative: timing,
+                section_p50_ms: own,
+            });
+        }
+    }
+    if let Some(path) = json_out {
+        let json = serde_json::json!({
+            "graph": file.graph,
+            "model_dir": file.model_dir,
+            "precision": manifest.precision,
+            "sections": rows,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)?;
+    }
+    Ok(())
+}
