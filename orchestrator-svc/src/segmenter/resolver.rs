@@ -217,15 +217,18 @@ fn endpoint(
     tls: Option<&ClientTlsConfig>,
 ) -> Result<Endpoint, BoxError> {
     let origin: Uri = target.origin().parse()?;
-    let mut endpoint = Endpoint::from_shared(format!("{}://{addr}", target.scheme))?
-        .origin(origin)
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(deadline)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(keepalive)
-        .keep_alive_timeout(keepalive)
-        .keep_alive_while_idle(true)
-        .tcp_keepalive(Some(keepalive));
+    let mut endpoint = palette_service_kit::http2::client(Endpoint::from_shared(format!(
+        "{}://{addr}",
+        target.scheme
+    ))?)
+    .origin(origin)
+    .connect_timeout(Duration::from_secs(5))
+    .timeout(deadline)
+    .tcp_nodelay(true)
+    .http2_keep_alive_interval(keepalive)
+    .keep_alive_timeout(keepalive)
+    .keep_alive_while_idle(true)
+    .tcp_keepalive(Some(keepalive));
     if target.scheme == "https" {
         let tls = tls
             .cloned()

@@ -12,6 +12,7 @@ pub mod args;
 pub mod auth;
 pub mod health;
 pub mod healthcheck;
+pub mod http2;
 pub mod image_input;
 pub mod secret;
 pub mod server;

@@ -192,8 +192,9 @@ const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// streams until TCP keepalive noticed (minutes). Now: at most `max_streams` streams per connection (advertised as
 /// SETTINGS_MAX_CONCURRENT_STREAMS), GOAWAY after MAX_LOCAL_ERROR_RESETS resets, and a ping every
 /// KEEPALIVE_INTERVAL that closes the connection, releasing its streams, when unanswered for KEEPALIVE_TIMEOUT.
+/// Flow-control windows and frame size for multi-MB photos and replies: `http2`.
 fn builder(max_streams: u32, keepalive: Keepalive) -> Server {
-    Server::builder()
+    crate::http2::server(Server::builder())
         .max_concurrent_streams(max_streams)
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .http2_keepalive_interval(Some(keepalive.interval))

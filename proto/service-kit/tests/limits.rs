@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures::FutureExt;
-use palette_service_kit::{ServeArgs, Serving};
+use palette_service_kit::{ServeArgs, Serving, http2};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::Code;
@@ -307,7 +307,25 @@ async fn both_listeners_advertise_max_concurrent_streams() {
     );
 }
 
+#[tokio::test]
+async fn both_listeners_advertise_windows_and_frames_sized_for_photos() {
+    // A phone photo is ~3 MB of raw RGB: the stream window and frame size of `http2`, not hyper's 1 MiB and 16 KiB.
+    // (The connection window is raised by a WINDOW_UPDATE on stream 0, not a SETTINGS parameter.)
+    let running = start(&args()).await;
+    for addr in [running.addr, running.health_addr] {
+        let settings = server_settings(addr).await;
+        for wanted in [
+            (SETTINGS_INITIAL_WINDOW_SIZE, http2::STREAM_WINDOW),
+            (SETTINGS_MAX_FRAME_SIZE, http2::MAX_FRAME),
+        ] {
+            assert!(settings.contains(&wanted), "{addr}: {settings:?}");
+        }
+    }
+}
+
 const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
 
 /// The parameters of the server's SETTINGS frame (RFC 9113 §6.5), read after a plaintext HTTP/2 client preface.
 async fn server_settings(addr: SocketAddr) -> Vec<(u16, u32)> {

@@ -637,9 +637,12 @@ async fn connect_when_serving(
                 )),
             };
         }
-        if let Ok(channel) = tonic::transport::Endpoint::from_shared(addr.to_string())?
-            .connect()
-            .await
+        // The orchestrator's settings: what a photo sent as raw RGB crosses with.
+        if let Ok(channel) = palette_service_kit::http2::client(
+            tonic::transport::Endpoint::from_shared(addr.to_string())?.tcp_nodelay(true),
+        )
+        .connect()
+        .await
         {
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
             let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
