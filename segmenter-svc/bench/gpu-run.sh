@@ -58,7 +58,7 @@
 #   last call:        carry [".gpu-bin", ".gpu/part<N-1>"]  command: bash segmenter-svc/bench/gpu-run.sh                         timeout_s 600
 # Then read files_at/summary.md and log.txt (the rest: cat results.tar.xz* | tar -xJ); give_back unless rerunning at
 # once (a rerun on the warm machine keeps /tmp/ort-gpu and /tmp/models: carry [".gpu-bin"] only, e.g.
-# `HF=0 BASE=0 SMOKE=0 ROPE_AB=0 LAYERS_AB=0 RGB_AB=0 SDPA_AB=0 FP32=1 GPU_RUN_BUDGET_S=<seconds left - 60> bash segmenter-svc/bench/gpu-run.sh`:
+# `HF=0 BASE=0 SMOKE=0 ROPE_AB=0 LAYERS_AB=0 RGB_AB=0 SDPA_AB=0 SECTIONS= FP32=1 GPU_RUN_BUDGET_S=<seconds left - 60> bash segmenter-svc/bench/gpu-run.sh`:
 # the fp32 export and the precision check, or any of the measured A/Bs switched on again).
 #
 # Time: bounded at GPU_RUN_BUDGET_S (default 540 s): every step has a timeout capped by what is left, later steps are
@@ -112,7 +112,7 @@ ROPE_AB=${ROPE_AB:-1}
 LAYERS_AB=${LAYERS_AB:-1}
 SDPA_AB=${SDPA_AB:-1}
 RGB_AB=${RGB_AB:-1}
-SECTIONS=${SECTIONS:-decoder,vision}
+SECTIONS=${SECTIONS-decoder,vision}   # `-`, not `:-`: SECTIONS= (empty) runs none
 CONV_AB=${CONV_AB:-0}
 INSTANCES_AB=${INSTANCES_AB:-0}
 ENGINE_REF=${ENGINE_REF:-0}
@@ -512,8 +512,8 @@ sections() {  # sections GRAPH CUT_TIMEOUT TIME_TIMEOUT
   local graph=$1 cut_t=$2 time_t=$3 src dir
   if ((ROPE_OK)); then src=$MODELS/sam3-$SIZE-fp16-rope; else src=$MODELS/sam3-$SIZE-fp16; fi
   dir=$MODELS/sections-$graph-$(basename "$src")
-  if (($(left) < cut_t + 20)); then skip "sections_$graph" "only $(left)s of the budget left"; return 0; fi
   if ! converted_copy_is_current "$dir" "$src" segmenter-svc/bench/graph_sections.py; then
+    if (($(left) < cut_t + 20)); then skip "sections_$graph" "only $(left)s of the budget left"; return 0; fi
     rm -rf "$dir"
     step "sections_cut_$graph" "$cut_t" "${PYCMD[@]}" segmenter-svc/bench/graph_sections.py --model-dir "$src" \
       --graph "$graph" --out "$dir" || { rm -rf "$dir"; return 0; }
@@ -633,7 +633,8 @@ done
   for sec in "$OUT"/sections_*.log; do
     [[ -e $sec ]] || continue
     echo; echo "Time per section ($(basename "$sec" .log); prefix p50 minus the one before, serving settings):"
-    grep -vE '^\s*$|^[0-9T:.-]+Z ' "$sec" || true
+    # The tables only: the bench's log lines (ANSI-coloured, timestamped) and the step's own lines dropped.
+    sed -e 's/\x1b\[[0-9;]*m//g' "$sec" | grep -vE '^\s*$|^[0-9T:.-]+Z |^\[gpu-run' || true
   done
   if [[ -e $OUT/mha_kernels.txt ]]; then
     echo; echo "MultiHeadAttention kernels, default settings (runs of all nodes, warm-up + 1 request; none on the CPU):" \

@@ -135,9 +135,10 @@ def _needed(graph, keep: list[int], outputs: list[str]) -> list[int]:
 
 
 def _types(model, infer: bool) -> dict:
-    """Element type per tensor name: declared, inferred by onnx (`infer`: slow on a full-size vision graph, whose
-    value_info holds the types anyway), else (contrib ops onnx cannot infer) that of the node's first input, or the
-    Cast's target."""
+    """Element type per tensor name: declared, inferred by onnx (`infer`: slow on a full-size vision graph, which
+    export/fp16.py converts without shape inference, so its value_info holds few types), else per-op rules (the
+    type of the node's first input, Cast's target, int64 for Shape, bool for comparisons, ...). The rules alone must
+    agree with onnx's inference: --check compares them on the graphs it is given."""
     import onnx
 
     g = model.graph
@@ -184,14 +185,14 @@ def _types(model, infer: bool) -> dict:
     return types
 
 
-def cut(model, sections) -> list:
+def cut(model, sections, infer: bool | None = None) -> list:
     """The cumulative prefix models (one per section but the last, which is the graph itself), with their names."""
     from onnx import helper
 
     g = model.graph
     starts = boundaries(g, sections)
-    # onnx's inference where it is cheap (every decoder; a full-size vision graph's value_info has the types).
-    types = _types(model, infer=model.ByteSize() < 500_000_000)
+    # onnx's inference where it is cheap (every decoder); the per-op rules alone for a full-size vision graph.
+    types = _types(model, infer=infer if infer is not None else model.ByteSize() < 500_000_000)
     inits = {t.name: t for t in g.initializer}
     graph_outputs = {o.name for o in g.output}
     varying = _input_dependent(g)
@@ -212,7 +213,7 @@ def cut(model, sections) -> list:
         keep = _needed(g, keep, outs)
         inside_reads = set().union(*(_reads(g.node[i]) for i in keep))
         missing = [o for o in outs if o not in types]
-        if missing:
+        if missing and infer is not False:
             types = _types(model, infer=True)
             missing = [o for o in outs if o not in types]
         if missing:
@@ -228,7 +229,7 @@ def cut(model, sections) -> list:
     return prefixes
 
 
-def write_sections(model_dir: Path, graph_name: str, out: Path) -> dict:
+def write_sections(model_dir: Path, graph_name: str, out: Path, infer: bool | None = None) -> dict:
     """The prefixes of `graph_name` in `out`, and out/sections.json for segmenter-bench --time-sections."""
     import onnx
 
@@ -239,7 +240,7 @@ def write_sections(model_dir: Path, graph_name: str, out: Path) -> dict:
     sections = DECODER_SECTIONS if graph_name == "decoder" else vision_sections(model.graph)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
-    for k, (name, prefix, nodes, outputs) in enumerate(cut(model, sections), start=1):
+    for k, (name, prefix, nodes, outputs) in enumerate(cut(model, sections, infer), start=1):
         path = out / f"{graph_name}.prefix{k}.onnx"
         if prefix.ByteSize() > 1_800_000_000:
             onnx.save_model(prefix, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -277,16 +278,21 @@ def _feeds(session, manifest: dict, n: int) -> dict:
     return feeds
 
 
-def check(model_dir: Path, graph_name: str, out: Path) -> bool:
-    """Each prefix, run on the CPU, gives the values the full graph computes for the same tensors."""
+def check(model_dir: Path, graph_name: str, out: Path, infer: bool | None = None) -> bool:
+    """The per-op type rules agree with onnx's inference on this graph, and each prefix, run on the CPU, gives the
+    values the full graph computes for the same tensors."""
     import numpy as np
     import onnx
     import onnxruntime as ort
 
-    info = write_sections(model_dir, graph_name, out)
+    info = write_sections(model_dir, graph_name, out, infer)
     manifest = json.loads((model_dir / "manifest.json").read_text())
     full = onnx.load(info["sections"][-1]["file"])
-    ok = True
+    quick, inferred = _types(full, infer=False), _types(full, infer=True)
+    wrong = sorted(k for k in quick if k in inferred and quick[k] != inferred[k])
+    print(f"{graph_name}: element types by the per-op rules {'agree' if not wrong else f'DIFFER at {wrong[:5]}'} "
+          f"with onnx's inference ({len(quick)} tensors)")
+    ok = not wrong
     for k, entry in enumerate(info["sections"][:-1], start=1):
         prefix = ort.InferenceSession(str(out / entry["file"]), providers=["CPUExecutionProvider"])
         names = [o.name for o in prefix.get_outputs()]
@@ -304,9 +310,10 @@ def check(model_dir: Path, graph_name: str, out: Path) -> bool:
         all_feeds = _feeds(whole, manifest, 2)
         all_feeds.update(feeds)
         want = whole.run(names, all_feeds)
-        worst = max((float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0)
-                    for a, b in zip(got, want))
-        same = all(a.shape == b.shape for a, b in zip(got, want)) and worst == 0.0
+        same = all(a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+                   for a, b in zip(got, want))
+        worst = max((float(np.nanmax(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0)
+                    for a, b in zip(got, want) if a.shape == b.shape)
         ok &= same
         print(f"{graph_name} prefix {k} ({entry['section']}): {len(names)} outputs, max |d| {worst:.3g}: "
               f"{'OK' if same else 'DIFFERS'}")
@@ -316,16 +323,8 @@ def check(model_dir: Path, graph_name: str, out: Path) -> bool:
 def check_fixtures() -> int:
     import tempfile
 
-    import onnx
-
     ok = True
     for graph_name in ("decoder", "vision"):
-        # The full-size vision graph is cut without onnx's inference: the fallback must give the same types.
-        model = onnx.load(str(BUNDLED / f"{graph_name}.onnx"))
-        quick, inferred = _types(model, infer=False), _types(model, infer=True)
-        wrong = sorted(k for k in quick if k in inferred and quick[k] != inferred[k])
-        print(f"{graph_name}: element types without inference {'agree' if not wrong else f'DIFFER at {wrong[:5]}'}")
-        ok &= not wrong
         with tempfile.TemporaryDirectory() as tmp:
             ok &= check(BUNDLED, graph_name, Path(tmp))
     print("graph sections:", "OK" if ok else "FAILED")
@@ -340,14 +339,17 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="also run each prefix and the full graph on the CPU and "
                     "compare the values at the cut")
     ap.add_argument("--check-fixtures", action="store_true", help="CI: --check on the bundled tiny model's graphs")
+    ap.add_argument("--no-infer", action="store_true", help="cut with the per-op type rules alone (as a full-size "
+                    "vision graph is), not onnx's inference")
     args = ap.parse_args(argv)
     if args.check_fixtures:
         return check_fixtures()
     if not (args.model_dir and args.out):
         ap.error("give --model-dir DIR --out DIR (or --check-fixtures)")
+    infer = False if args.no_infer else None
     if args.check:
-        return 0 if check(args.model_dir, args.graph, args.out) else 1
-    write_sections(args.model_dir, args.graph, args.out)
+        return 0 if check(args.model_dir, args.graph, args.out, infer) else 1
+    write_sections(args.model_dir, args.graph, args.out, infer)
     return 0
 
 

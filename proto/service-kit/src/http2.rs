@@ -6,8 +6,10 @@
 //! segmenter-bench --send rgb on loopback (2 cores, 1008² photo, bundled model): 3.5-4.3 ms of the call outside the
 //! server's stages, 2.5-2.7 ms with these settings (the JPEG path, a 79 KB request, is unchanged at ~0.6 ms).
 //!
-//! Memory stays bounded: the connection window caps what one connection may have sent and not yet been read, whatever
-//! its number of streams (MAX_CONCURRENT_STREAMS).
+//! Memory stays bounded per connection: h2 enforces the connection window on receipt, so one connection may have at
+//! most CONNECTION_WINDOW (16 MiB) sent and not yet read, whatever its number of streams (MAX_CONCURRENT_STREAMS);
+//! hyper's default was 1 MiB. Only the API listener takes these settings: the health-only listener (HEALTH_ADDR,
+//! unauthenticated, never a large message) keeps hyper's.
 
 use tonic::transport::{Endpoint, Server};
 

@@ -159,7 +159,8 @@ impl Serving {
             ))
         });
         let _reload = self.reload.map(AbortOnDrop);
-        let mut api_server = builder(self.max_streams, self.keepalive);
+        // Photos and masks cross this listener only: the health-only one keeps hyper's small windows.
+        let mut api_server = crate::http2::server(builder(self.max_streams, self.keepalive));
         if let Some(tls) = self.tls {
             api_server = api_server.tls_config(tls)?;
         }
@@ -192,9 +193,9 @@ const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// streams until TCP keepalive noticed (minutes). Now: at most `max_streams` streams per connection (advertised as
 /// SETTINGS_MAX_CONCURRENT_STREAMS), GOAWAY after MAX_LOCAL_ERROR_RESETS resets, and a ping every
 /// KEEPALIVE_INTERVAL that closes the connection, releasing its streams, when unanswered for KEEPALIVE_TIMEOUT.
-/// Flow-control windows and frame size for multi-MB photos and replies: `http2`.
+/// The API listener adds flow-control windows and a frame size for multi-MB photos and replies (`http2`).
 fn builder(max_streams: u32, keepalive: Keepalive) -> Server {
-    crate::http2::server(Server::builder())
+    Server::builder()
         .max_concurrent_streams(max_streams)
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .http2_keepalive_interval(Some(keepalive.interval))

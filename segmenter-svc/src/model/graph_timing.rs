@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::Session;
 use ort::value::{DynTensor, TensorElementType};
 
 use crate::config::Config;
@@ -20,24 +21,27 @@ use crate::model::fixed_io::{allocator, copy_in, fixed_tensor};
 use crate::model::manifest::Manifest;
 use crate::model::runtime::{Provider, standalone_session};
 
-/// How long one graph took.
+/// How long one graph took at one size.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct GraphTiming {
+    /// The symbolic first dimension the inputs were made with (phrases, images).
+    pub size: usize,
+    /// Building the session (once for all sizes).
     pub build_ms: f64,
     pub runs: usize,
     pub p50_ms: f64,
     pub min_ms: f64,
 }
 
-/// Builds a session of `path`, runs it `warmup` times, then `runs` timed times.
+/// Builds one session of `path`, then at each of `sizes` runs it `warmup` times and `runs` timed times.
 pub fn time_graph(
     config: &Config,
     manifest: &Manifest,
     path: &Path,
-    size: usize,
+    sizes: &[usize],
     warmup: usize,
     runs: usize,
-) -> Result<GraphTiming, ModelError> {
+) -> Result<Vec<GraphTiming>, ModelError> {
     let started = Instant::now();
     let (mut session, provider) = standalone_session(config, manifest, path, "timing")?;
     let build_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -45,7 +49,31 @@ pub fn time_graph(
         graph: "timing",
         detail: format!("{}: {e}", path.display()),
     };
-    let device = allocator(&session, &provider).map_err(fail)?;
+    sizes
+        .iter()
+        .map(|&size| {
+            let (runs, p50_ms, min_ms) =
+                time_at(&mut session, &provider, size, warmup, runs).map_err(fail)?;
+            Ok(GraphTiming {
+                size,
+                build_ms,
+                runs,
+                p50_ms,
+                min_ms,
+            })
+        })
+        .collect()
+}
+
+/// Timed runs at one size: (runs, p50 ms, min ms).
+fn time_at(
+    session: &mut Session,
+    provider: &Provider,
+    size: usize,
+    warmup: usize,
+    runs: usize,
+) -> ort::Result<(usize, f64, f64)> {
+    let device = allocator(session, provider)?;
     let inputs = session
         .inputs()
         .iter()
@@ -54,16 +82,14 @@ pub fn time_graph(
             fill(&mut tensor)?;
             Ok((outlet.name().to_string(), tensor))
         })
-        .collect::<ort::Result<Vec<(String, DynTensor)>>>()
-        .map_err(fail)?;
+        .collect::<ort::Result<Vec<(String, DynTensor)>>>()?;
     let memory = match provider {
         Provider::Cuda(id) => MemoryInfo::new(
             AllocationDevice::CUDA,
-            id,
+            *id,
             AllocatorType::Device,
             MemoryType::Default,
-        )
-        .map_err(fail)?,
+        )?,
         Provider::Cpu => MemoryInfo::default(),
     };
     let outputs: Vec<String> = session
@@ -73,16 +99,16 @@ pub fn time_graph(
         .collect();
     let mut times = Vec::with_capacity(runs);
     for i in 0..warmup + runs.max(1) {
-        let mut binding = session.create_binding().map_err(fail)?;
+        let mut binding = session.create_binding()?;
         for (name, tensor) in &inputs {
-            binding.bind_input(name, tensor).map_err(fail)?;
+            binding.bind_input(name, tensor)?;
         }
         for name in &outputs {
-            binding.bind_output_to_device(name, &memory).map_err(fail)?;
+            binding.bind_output_to_device(name, &memory)?;
         }
         let t = Instant::now();
-        let out = session.run_binding(&binding).map_err(fail)?;
-        binding.synchronize_outputs().map_err(fail)?;
+        let out = session.run_binding(&binding)?;
+        binding.synchronize_outputs()?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         drop(out);
         if i >= warmup {
@@ -90,12 +116,7 @@ pub fn time_graph(
         }
     }
     times.sort_by(f64::total_cmp);
-    Ok(GraphTiming {
-        build_ms,
-        runs: times.len(),
-        p50_ms: times[times.len() / 2],
-        min_ms: times[0],
-    })
+    Ok((times.len(), times[times.len() / 2], times[0]))
 }
 
 /// Fixed pseudo-random values (xorshift): f32 in [-1, 1), u8 bytes; i64 as text masks (first four tokens on).

@@ -26,7 +26,6 @@ struct Section {
 
 #[derive(serde::Serialize)]
 struct Row {
-    size: usize,
     section: String,
     nodes: usize,
     cumulative: GraphTiming,
@@ -55,8 +54,21 @@ pub fn run(
     } else {
         sizes.to_vec()
     };
+    // Each prefix's session is built once and timed at every size.
+    let mut timings = Vec::with_capacity(file.sections.len());
+    for section in &file.sections {
+        let path = if section.file.is_absolute() {
+            section.file.clone()
+        } else {
+            dir.join(&section.file)
+        };
+        timings.push(
+            time_graph(config, &manifest, &path, &sizes, warmup, runs)
+                .with_context(|| format!("timing {}", path.display()))?,
+        );
+    }
     let mut rows = Vec::new();
-    for &size in &sizes {
+    for (i, &size) in sizes.iter().enumerate() {
         println!(
             "\n{} sections, {} ({}), {} {}, p50 of {runs} runs after {warmup}:",
             file.graph,
@@ -74,14 +86,8 @@ pub fn run(
             "through", "nodes", "prefix p50", "prefix min", "section", "build s"
         );
         let mut before = 0.0;
-        for section in &file.sections {
-            let path = if section.file.is_absolute() {
-                section.file.clone()
-            } else {
-                dir.join(&section.file)
-            };
-            let timing = time_graph(config, &manifest, &path, size, warmup, runs)
-                .with_context(|| format!("timing {}", path.display()))?;
+        for (section, timing) in file.sections.iter().zip(&timings) {
+            let timing = timing[i].clone();
             let own = timing.p50_ms - before;
             println!(
                 "{:<28} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>9.1}",
@@ -94,7 +100,6 @@ pub fn run(
             );
             before = timing.p50_ms;
             rows.push(Row {
-                size,
                 section: section.section.clone(),
                 nodes: section.nodes,
                 cumulative: timing,
