@@ -24,7 +24,8 @@ on the CPU). The last section's prefix is the graph itself.
     segmenter-bench --time-sections /tmp/sections --device cuda --concepts 1,3
     python graph_sections.py --check-fixtures     # CI: the bundled tiny model's prefixes against its full graphs
 
-Needs onnx (and onnxruntime + numpy for the checks); no torch.
+Needs onnx and numpy (and onnxruntime for the checks); no torch. Node inputs (If branches' outer reads included) are
+read as export/fused_attention.py reads them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "sam3-tiny"
+sys.path.insert(0, str(ROOT / "export"))
+import fused_attention  # noqa: E402 - the exporter's folder, added just above
 
 DECODER_SECTIONS = (
     ("inputs, position encodings", None),
@@ -63,20 +66,9 @@ def vision_sections(graph) -> tuple:
     return tuple(out)
 
 
-def _subgraph_reads(node) -> set:
-    """Names a node's subgraphs (If/Loop bodies) read from the enclosing graph."""
-    reads = set()
-    for a in node.attribute:
-        for g in list(a.g and [a.g] or []) + list(a.graphs):
-            made = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
-            for n in g.node:
-                reads |= {i for i in n.input if i and i not in made}
-                reads |= _subgraph_reads(n) - made
-    return reads
-
-
 def _reads(node) -> set:
-    return {i for i in node.input if i} | _subgraph_reads(node)
+    """A node's inputs and what its subgraphs (If branches) read, as fused_attention.py walks them."""
+    return set(fused_attention._reads(node)) - {""}
 
 
 def boundaries(graph, sections) -> list[int]:

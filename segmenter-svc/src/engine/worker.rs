@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::memory::MemoryInfo;
 use ort::session::{IoBinding, Session, SessionOutputs};
 use ort::value::{Shape, Tensor, TensorRef, TensorRefMut};
 use tokio::sync::watch;
@@ -16,7 +16,7 @@ use super::text_cache::TextCache;
 use super::{Health, Instance, Job, JobOutput};
 use crate::error::Error;
 use crate::mask_plane::MaskOutput;
-use crate::model::fixed_io::FixedVision;
+use crate::model::fixed_io::{FixedVision, device_memory};
 use crate::model::manifest::ImageInput;
 use crate::model::runtime::{Provider, Sessions};
 use crate::model::tokenizer::Tokens;
@@ -639,15 +639,7 @@ fn bind_vision(
             &Tensor::from_array(([count, 3, size, size], floats))?,
         )?,
     }
-    let memory = match provider {
-        Provider::Cuda(id) => MemoryInfo::new(
-            AllocationDevice::CUDA,
-            *id,
-            AllocatorType::Device,
-            MemoryType::Default,
-        )?,
-        Provider::Cpu => MemoryInfo::default(),
-    };
+    let memory = device_memory(provider)?;
     for name in ["fpn_0", "fpn_1", "fpn_2"] {
         binding.bind_output_to_device(name, &memory)?;
     }

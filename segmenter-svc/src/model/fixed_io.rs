@@ -187,18 +187,23 @@ pub(crate) fn copy_in<T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 
     source.upcast().copy_into(target)
 }
 
+/// The provider's device memory: CUDA device memory, or the host's (where outputs bound "to the device" go).
+pub(crate) fn device_memory(provider: &Provider) -> ort::Result<MemoryInfo<'static>> {
+    match provider {
+        Provider::Cuda(id) => MemoryInfo::new(
+            AllocationDevice::CUDA,
+            *id,
+            AllocatorType::Device,
+            MemoryType::Default,
+        ),
+        Provider::Cpu => Ok(MemoryInfo::default()),
+    }
+}
+
 /// The allocator of the provider's device memory for `session`: CUDA device memory, or the host's.
 pub(crate) fn allocator(session: &Session, provider: &Provider) -> ort::Result<Allocator> {
     match provider {
-        Provider::Cuda(id) => Allocator::new(
-            session,
-            MemoryInfo::new(
-                AllocationDevice::CUDA,
-                *id,
-                AllocatorType::Device,
-                MemoryType::Default,
-            )?,
-        ),
+        Provider::Cuda(_) => Allocator::new(session, device_memory(provider)?),
         Provider::Cpu => Ok(Allocator::default()),
     }
 }

@@ -11,13 +11,12 @@
 use std::path::Path;
 use std::time::Instant;
 
-use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::value::{DynTensor, TensorElementType};
 
 use crate::config::Config;
 use crate::error::ModelError;
-use crate::model::fixed_io::{allocator, copy_in, fixed_tensor};
+use crate::model::fixed_io::{allocator, copy_in, device_memory, fixed_tensor};
 use crate::model::manifest::Manifest;
 use crate::model::runtime::{Provider, standalone_session};
 
@@ -83,15 +82,7 @@ fn time_at(
             Ok((outlet.name().to_string(), tensor))
         })
         .collect::<ort::Result<Vec<(String, DynTensor)>>>()?;
-    let memory = match provider {
-        Provider::Cuda(id) => MemoryInfo::new(
-            AllocationDevice::CUDA,
-            *id,
-            AllocatorType::Device,
-            MemoryType::Default,
-        )?,
-        Provider::Cpu => MemoryInfo::default(),
-    };
+    let memory = device_memory(provider)?;
     let outputs: Vec<String> = session
         .outputs()
         .iter()
