@@ -31,7 +31,9 @@
 #   sections  where the time goes inside the decoder, then vision (SECTIONS=decoder,vision; empty: none): the
 #             RoPE-fused graphs cut into cumulative prefixes (bench/graph_sections.py), each timed on the serving
 #             settings (segmenter-bench --time-sections; decoder at 1 and 3 phrases), one table per graph in
-#             summary.md: DETR encoder, DETR decoder, box head + scoring, mask decoder, top-k; ViT quarters, neck
+#             summary.md: DETR encoder, DETR decoder, box head + scoring, mask decoder, top-k; patch embedding, ViT
+#             layers, neck. Then what each kernel family costs: the whole graph with one family passed through
+#             (attention, per section too; square-weight MatMuls; RoPE; LayerNorm; GroupNorm; same-shape convs)
 #   conv      cuDNN's convolution algorithms timed at warm-up (CUDNN_CONV_SEARCH=exhaustive), then NHWC convolutions
 #             (CUDA_PREFER_NHWC), 3 concepts, concurrency 1: the A/Bs against bench_fp16 (decoder p50)
 #   fp32      export (fused attention, traced RoPE as sam3-full-fp16, directly) + a short bench of the fp32 graphs, saving the same request's reply;
@@ -506,7 +508,9 @@ if ((FP16_OK)) && ((CONV_AB)); then
 fi
 # Where the time goes inside each graph (bench/graph_sections.py, then segmenter-bench --time-sections): cumulative
 # prefixes of the RoPE-fused graphs (the plain ones when rope_fp16 did not run), each timed on the serving
-# settings; a section's time is its prefix's p50 minus the one before. The decoder at 1 and 3 phrases, then vision.
+# settings; a section's time is its prefix's p50 minus the one before. Then the ablations (the graph with one family
+# of nodes passed through): a family's cost is the whole graph's p50 minus its ablation's. The decoder at 1 and 3
+# phrases, then vision (its cut writes ~6 GB: two prefixes and five ablations of the ~0.93 GB graph).
 # The prefixes are kept in $MODELS for a rerun (cut again when the graphs were converted since).
 sections() {  # sections GRAPH CUT_TIMEOUT TIME_TIMEOUT
   local graph=$1 cut_t=$2 time_t=$3 src dir
@@ -531,7 +535,7 @@ if ((FP16_OK)); then
   for graph in ${SECTIONS//,/ }; do
     case $graph in
       decoder) sections decoder 60 90 ;;
-      vision) sections vision 120 90 ;;
+      vision) sections vision 150 90 ;;
       *) log "SECTIONS: unknown graph $graph (decoder, vision)" ;;
     esac
   done

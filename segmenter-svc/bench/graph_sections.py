@@ -13,7 +13,10 @@ converters' fused nodes sit in place, inside their section):
 
     decoder   inputs and position encodings | DETR encoder | DETR decoder | box head + scoring | mask decoder
               (pixel decoder, masks) | top-k and outputs
-    vision    patch embedding | ViT layers in four quarters | FPN neck
+    vision    patch embedding | ViT layers | FPN neck
+
+Then the ablations (below): the whole graph with one kernel family passed through, so the bench can say what that
+family costs (attention, square-weight MatMuls, RoPE, LayerNorm, GroupNorm, same-shape convolutions).
 
 Prefix k holds every node before section k+1's first node and whatever those read (the fp16 converter's input
 casts sit at the end of the node list). Its outputs are the tensors it makes that later nodes read and no node of
@@ -22,7 +25,7 @@ on the CPU). The last section's prefix is the graph itself.
 
     python graph_sections.py --model-dir /tmp/models/sam3-full-fp16-rope --graph decoder --out /tmp/sections
     segmenter-bench --time-sections /tmp/sections --device cuda --concepts 1,3
-    python graph_sections.py --check-fixtures     # CI: the bundled tiny model's prefixes against its full graphs
+    python graph_sections.py --check-fixtures     # CI: the bundled tiny model's prefixes and ablations
 
 Needs onnx and numpy (and onnxruntime for the checks); no torch. Node inputs (If branches' outer reads included) are
 read as export/fused_attention.py reads them.
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -52,18 +54,12 @@ DECODER_SECTIONS = (
 
 
 def vision_sections(graph) -> tuple:
-    """Patch embedding, the ViT layers in four quarters, the neck; layer count read off the node names."""
-    layers = {int(m.group(1)) for n in graph.node if (m := re.match(r"/encoder/backbone/layers\.(\d+)/", n.name))}
-    if not layers:
+    """Patch embedding, the ViT layers, the neck. The layers are one section: they are alike but for the four
+    global-attention ones, and the attention ablation (below) prices those; quartering them cost four ~1 GB prefixes
+    per cut for a split that said little."""
+    if not any(n.name.startswith("/encoder/backbone/layers.0/") for n in graph.node):
         raise SystemExit("no /encoder/backbone/layers.N/ nodes: not a SAM3 vision graph of this exporter")
-    count = max(layers) + 1
-    starts = sorted({round(q * count / 4) for q in range(4)})
-    out = [("patch embedding", None)]
-    for i, s in enumerate(starts):
-        end = (starts[i + 1] if i + 1 < len(starts) else count) - 1
-        out.append((f"ViT layers {s}-{end}", f"/encoder/backbone/layers.{s}/"))
-    out.append(("FPN neck", "/encoder/neck/"))
-    return tuple(out)
+    return (("patch embedding", None), ("ViT layers", "/encoder/backbone/layers.0/"), ("FPN neck", "/encoder/neck/"))
 
 
 def _reads(node) -> set:
@@ -221,6 +217,123 @@ def cut(model, sections, infer: bool | None = None) -> list:
     return prefixes
 
 
+# ----------------------------------------------------------------------------------------------------------- ablations
+# A section's time says where, not what: a ViT layer is GEMMs, attention, norms and element-wise kernels alike. An
+# ablation is the whole graph with every node of one family replaced by a pass-through (Identity of its first
+# input, which ONNX Runtime removes at build): the full graph's time minus the ablation's is what that family's
+# kernels cost in place. Only shape-preserving families qualify, so every other kernel keeps its shapes and its
+# time (the values change; no kernel here takes data-dependent time). A replaced node's other inputs that nothing
+# else reads become graph outputs (left on the device, no copy), so their producers (the k/v projections, the
+# DETR decoder's box bias) still run and are not counted as the family's.
+
+
+def _same_shape_conv(node, inits: dict) -> bool:
+    """A 2-D convolution whose output has its input's shape: square weight (C_out = C_in), one group, stride and
+    dilation 1, odd kernel padded to "same"."""
+    weight = inits.get(node.input[1]) if len(node.input) > 1 else None
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or weight is None:
+        return False
+    dims = list(weight.dims)
+    if len(dims) != 4 or dims[0] != dims[1] or dims[2] % 2 == 0 or dims[3] % 2 == 0:
+        return False
+    attrs = {a.name: a for a in node.attribute}
+    ints = {k: list(a.ints) for k, a in attrs.items() if a.ints}
+    if (attrs["group"].i if "group" in attrs else 1) != 1:
+        return False
+    if ints.get("strides", [1, 1]) != [1, 1] or ints.get("dilations", [1, 1]) != [1, 1]:
+        return False
+    auto_pad = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return True
+    half = [(dims[2] - 1) // 2, (dims[3] - 1) // 2]
+    return auto_pad in ("NOTSET", "") and ints.get("pads", [0, 0, 0, 0]) == half + half
+
+
+def _square_matmul(node, inits: dict) -> bool:
+    """x @ W with a square weight (d x d): the attention projections and the like. GEMMs that change the width
+    (an MLP's) cannot pass through; their cost is this family's scaled by FLOPs, if the efficiency is alike."""
+    weight = inits.get(node.input[1]) if len(node.input) > 1 else None
+    return (node.op_type == "MatMul" and weight is not None and len(weight.dims) == 2
+            and weight.dims[0] == weight.dims[1])
+
+
+FAMILIES = (
+    ("attention (MultiHeadAttention)", lambda n, inits: n.op_type == "MultiHeadAttention"),
+    ("square-weight MatMul (projections)", _square_matmul),
+    ("RoPE (RotaryEmbedding)", lambda n, inits: n.op_type == "RotaryEmbedding"),
+    ("LayerNorm", lambda n, inits: n.op_type == "LayerNormalization"),
+    ("GroupNorm's InstanceNormalization", lambda n, inits: n.op_type == "InstanceNormalization"),
+    ("same-shape convolutions", _same_shape_conv),
+)
+
+
+def ablations(graph, sections) -> list[tuple[str, list[int]]]:
+    """(label, node indices) per family present in the graph; attention also per section when several sections
+    hold some (the DETR encoder's 5184-token self-attention and the DETR decoder's 200-query blocks differ in
+    kind). Nodes whose other outputs are read (LayerNorm's mean, attention's present key) are left out."""
+    inits = {t.name: t for t in graph.initializer}
+    read = set().union(*(_reads(n) for n in graph.node)) | {o.name for o in graph.output}
+    starts = boundaries(graph, sections) + [len(graph.node)]
+    out = []
+    for label, match in FAMILIES:
+        nodes = [i for i, n in enumerate(graph.node)
+                 if match(n, inits) and not any(o in read for o in n.output[1:] if o)]
+        if not nodes:
+            continue
+        out.append((label, nodes))
+        if label.startswith("attention"):
+            per = [(sections[k][0], [i for i in nodes if starts[k] <= i < starts[k + 1]])
+                   for k in range(len(sections))]
+            per = [(name, idx) for name, idx in per if idx]
+            if len(per) > 1:
+                out.extend((f"attention in {name}", idx) for name, idx in per)
+    return out
+
+
+def ablate(model, nodes: list[int], types: dict, varying: set):
+    """A copy of `model` with `nodes` replaced by Identity of their first input; returns (model, exposed outputs)."""
+    import onnx
+    from onnx import helper
+
+    g = model.graph
+    drop = set(nodes)
+    kept = [n for i, n in enumerate(g.node) if i not in drop]
+    freed = {x for i in drop for x in g.node[i].input[1:] if x}
+    still_read = set().union(*(_reads(n) for n in kept)) | {o.name for o in g.output}
+    exposed = sorted((freed & varying) - still_read)
+    missing = [o for o in exposed if o not in types]
+    if missing:
+        raise SystemExit(f"ablation: no element type known for {missing[:5]}")
+    variant = onnx.ModelProto()
+    variant.CopyFrom(model)
+    vg = variant.graph
+    del vg.node[:]
+    for i, n in enumerate(g.node):
+        vg.node.append(helper.make_node("Identity", [n.input[0]], [n.output[0]], name=f"{n.name}/ablated")
+                       if i in drop else n)
+    vg.output.extend(helper.make_tensor_value_info(o, types[o], None) for o in exposed)
+    # Constant-only nodes that fed only the replaced ones (a norm's scale as a Constant node) go too: ONNX Runtime
+    # would fold them into initializers nobody reads, and say so once per tensor.
+    outputs = {o.name for o in vg.output}
+    while True:
+        read = set().union(*(_reads(n) for n in vg.node)) | outputs
+        dead = [k for k, n in enumerate(vg.node)
+                if not any(o in read for o in n.output if o) and not any(o in varying for o in n.output if o)]
+        if not dead:
+            break
+        for k in reversed(dead):
+            del vg.node[k]
+    used = set().union(*(_reads(n) for n in vg.node))
+    weights = [t for t in vg.initializer if t.name in used]
+    del vg.initializer[:]
+    vg.initializer.extend(weights)
+    return variant, exposed
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-")
+
+
 def write_sections(model_dir: Path, graph_name: str, out: Path, infer: bool | None = None) -> dict:
     """The prefixes of `graph_name` in `out`, and out/sections.json for segmenter-bench --time-sections."""
     import onnx
@@ -243,8 +356,24 @@ def write_sections(model_dir: Path, graph_name: str, out: Path, infer: bool | No
         print(f"{graph_name} prefix {k}: through {name!r}, {nodes} nodes, {outputs} outputs -> {path}")
     entries.append({"section": sections[-1][0], "file": str(full), "nodes": len(model.graph.node),
                     "outputs": len(model.graph.output)})
+    variants = []
+    chosen = ablations(model.graph, sections)
+    if chosen:
+        types = _types(model, infer=infer if infer is not None else model.ByteSize() < 500_000_000)
+        varying = _input_dependent(model.graph)
+    for label, nodes in chosen:
+        variant, exposed = ablate(model, nodes, types, varying)
+        path = out / f"{graph_name}.without-{_slug(label)}.onnx"
+        if variant.ByteSize() > 1_800_000_000:
+            onnx.save_model(variant, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(variant, str(path))
+        variants.append({"without": label, "file": path.name, "replaced": len(nodes), "exposed": len(exposed)})
+        print(f"{graph_name} without {label}: {len(nodes)} nodes passed through, {len(exposed)} tensors exposed "
+              f"-> {path}")
     info = {"graph": graph_name, "model_dir": str(model_dir.resolve()), "precision": manifest["precision"],
-            "sections": entries}
+            "sections": entries, "ablations": variants}
     (out / "sections.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -309,6 +438,27 @@ def check(model_dir: Path, graph_name: str, out: Path, infer: bool | None = None
         ok &= same
         print(f"{graph_name} prefix {k} ({entry['section']}): {len(names)} outputs, max |d| {worst:.3g}: "
               f"{'OK' if same else 'DIFFERS'}")
+    # Each ablation runs and gives every output of the full graph its shape (the pass-throughs preserve shapes).
+    whole = ort.InferenceSession(str(info["sections"][-1]["file"]), providers=["CPUExecutionProvider"])
+    feeds = _feeds(whole, manifest, 2)
+    want = whole.run(None, feeds)
+    for entry in info["ablations"]:
+        variant = ort.InferenceSession(str(out / entry["file"]), providers=["CPUExecutionProvider"])
+        got = variant.run(None, feeds)
+        names = [o.name for o in variant.get_outputs()]
+        shaped = (names[:len(want)] == [o.name for o in whole.get_outputs()]
+                  and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(got, want)))
+        ok &= shaped and entry["replaced"] > 0
+        print(f"{graph_name} without {entry['without']}: {entry['replaced']} nodes passed through, "
+              f"{entry['exposed']} exposed, outputs shaped as the full graph's: {'OK' if shaped else 'DIFFER'}")
+    # RoPE is fused only in exports since 2026-12-04 (the bundled model's RoPE is traced).
+    common = {"attention (MultiHeadAttention)", "square-weight MatMul (projections)", "LayerNorm"}
+    expected = common | ({"GroupNorm's InstanceNormalization", "same-shape convolutions"}
+                         if graph_name == "decoder" else set())
+    found = {entry["without"] for entry in info["ablations"]}
+    if not expected <= found:
+        print(f"{graph_name}: no ablation for {sorted(expected - found)}: the exporter's graph changed?")
+        ok = False
     return ok
 
 

@@ -1,6 +1,7 @@
 //! `--time-sections DIR`: the cumulative prefixes that bench/graph_sections.py cut from one graph, each timed on the
-//! serving settings (model/graph_timing.rs), and each section's share: its prefix's p50 minus the one before.
-//! One table per phrase count (the decoder) or for one image (vision); JSON with --json-out.
+//! serving settings (model/graph_timing.rs), and each section's share: its prefix's p50 minus the one before; then
+//! its ablations (the whole graph with one family of nodes passed through), each family's cost: the whole graph's
+//! p50 minus the ablation's. Tables per phrase count (the decoder) or for one image (vision); JSON with --json-out.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +15,19 @@ struct SectionsFile {
     graph: String,
     model_dir: PathBuf,
     sections: Vec<Section>,
+    /// Absent in listings cut before ablations existed.
+    #[serde(default)]
+    ablations: Vec<Ablation>,
+}
+
+#[derive(serde::Deserialize)]
+struct Ablation {
+    /// The family passed through, e.g. "LayerNorm".
+    without: String,
+    /// Relative to the sections folder.
+    file: PathBuf,
+    /// How many nodes were passed through.
+    replaced: usize,
 }
 
 #[derive(serde::Deserialize)]
@@ -31,6 +45,15 @@ struct Row {
     cumulative: GraphTiming,
     /// This prefix's p50 minus the previous one's.
     section_p50_ms: f64,
+}
+
+#[derive(serde::Serialize)]
+struct AblationRow {
+    without: String,
+    replaced: usize,
+    timing: GraphTiming,
+    /// The whole graph's p50 minus this one's: what the family's kernels cost in place.
+    cost_p50_ms: f64,
 }
 
 /// Times every prefix at each of `sizes` (phrases; vision is timed at one image whatever is asked) and prints a
@@ -67,7 +90,16 @@ pub fn run(
                 .with_context(|| format!("timing {}", path.display()))?,
         );
     }
+    let mut ablated = Vec::with_capacity(file.ablations.len());
+    for ablation in &file.ablations {
+        let path = dir.join(&ablation.file);
+        ablated.push(
+            time_graph(config, &manifest, &path, &sizes, warmup, runs)
+                .with_context(|| format!("timing {}", path.display()))?,
+        );
+    }
     let mut rows = Vec::new();
+    let mut ablation_rows = Vec::new();
     for (i, &size) in sizes.iter().enumerate() {
         println!(
             "\n{} sections, {} ({}), {} {}, p50 of {runs} runs after {warmup}:",
@@ -106,6 +138,36 @@ pub fn run(
                 section_p50_ms: own,
             });
         }
+        if file.ablations.is_empty() {
+            continue;
+        }
+        // `before` is now the whole graph's p50 (the last "prefix" is the graph itself).
+        let whole = before;
+        println!(
+            "\nwhole graph {whole:.2} ms; each family's cost = whole minus the graph without it:"
+        );
+        println!(
+            "{:<42} {:>7} {:>11} {:>8} {:>6}",
+            "without", "passed", "p50 without", "cost", "share"
+        );
+        for (ablation, timing) in file.ablations.iter().zip(&ablated) {
+            let timing = timing[i].clone();
+            let cost = whole - timing.p50_ms;
+            println!(
+                "{:<42} {:>7} {:>11.2} {:>8.2} {:>5.0}%",
+                ablation.without,
+                ablation.replaced,
+                timing.p50_ms,
+                cost,
+                100.0 * cost / whole.max(f64::MIN_POSITIVE)
+            );
+            ablation_rows.push(AblationRow {
+                without: ablation.without.clone(),
+                replaced: ablation.replaced,
+                timing,
+                cost_p50_ms: cost,
+            });
+        }
     }
     if let Some(path) = json_out {
         let json = serde_json::json!({
@@ -113,6 +175,7 @@ pub fn run(
             "model_dir": file.model_dir,
             "precision": manifest.precision,
             "sections": rows,
+            "ablations": ablation_rows,
         });
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)?;
     }
