@@ -535,7 +535,7 @@ if ((FP16_OK)); then
   for graph in ${SECTIONS//,/ }; do
     case $graph in
       decoder) sections decoder 60 90 ;;
-      vision) sections vision 150 90 ;;
+      vision) sections vision 120 90 ;;
       *) log "SECTIONS: unknown graph $graph (decoder, vision)" ;;
     esac
   done
