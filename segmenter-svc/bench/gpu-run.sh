@@ -12,9 +12,9 @@
 #             rope step below adds); both kept in /tmp/models: a rerun on the warm machine skips them. Masks leave the
 #             decoder as uint8 probabilities (--mask-output u8, the exporter's default; export/mask_output.py)
 #   hf        HF PyTorch bf16 autocast reference, 3 concepts, on the same GPU
-#   bench     segmenter-bench fp16 (fused attention) through gRPC (1, 3, 8 concepts; concurrency 1 and 4), then one
-#             ONNX Runtime profile of 3 requests x 3 concepts (vision + text + decoder) into $OUT/profile_fp16/; saves
-#             its reply to one 3-concept request (masks_fp16.pb) for the precision check
+#   bench     segmenter-bench fp16 (fused attention) through gRPC (1, 3, 8 concepts; concurrency 1 and 4), with
+#             PROFILE=1 one ONNX Runtime profile of 3 requests x 3 concepts (vision + text + decoder) into
+#             $OUT/profile_fp16/; saves its reply to one 3-concept request (masks_fp16.pb) for the precision check
 #   vision    the fp16 graphs with the vision session built for one image (SEGMENTER_VISION_STATIC), then the same
 #             session captured in a CUDA graph (+ SEGMENTER_CUDA_GRAPHS, dynamic decoder): 3 concepts, concurrency 1,
 #             the A/Bs against bench_fp16
@@ -28,6 +28,8 @@
 #   sdpa      the RoPE-fused graphs with cuDNN's fused attention, then the memory-efficient kernel only
 #             (CUDA_ATTENTION_KERNELS), 3 concepts, concurrency 1; then one request with ONNX Runtime's attention
 #             debug print: which kernel each MultiHeadAttention node ran (mha_kernels.txt, a summary line)
+#   best      the levers above that won (by >= 2%, masks checked) combined, photo as raw RGB: the shipping path's
+#             GOAL line (summarize.py --choose-best; skipped when none won)
 #   sections  where the time goes inside the decoder, then vision (SECTIONS=decoder,vision; empty: none): the
 #             RoPE-fused graphs cut into cumulative prefixes (bench/graph_sections.py), each timed on the serving
 #             settings (segmenter-bench --time-sections; decoder at 1 and 3 phrases), one table per graph in
@@ -65,13 +67,14 @@
 #
 # Time: bounded at GPU_RUN_BUDGET_S (default 540 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
-# ROPE_AB=0|1 (1), LAYERS_AB=0|1 (1), RGB_AB=0|1 (1), SDPA_AB=0|1 (1): the levers not yet settled. Off by default since the second H200 run
+# ROPE_AB=0|1 (1), LAYERS_AB=0|1 (1), RGB_AB=0|1 (1), SDPA_AB=0|1 (1): the levers not yet settled; BEST=0|1 (1): their
+# winners combined on the raw-RGB path (bench_fp16_best; skipped when none won). Off by default since the second H200 run
 # (2026-12-04) recorded their verdicts, 1 repeats them: FP32=0|1 (0: fp16 vs fp32 mask IoU met twice), ATTN_AB=0|1
 # (0: bench the eager-attention graphs too), BATCH_AB=0|1 (0), STATIC_AB=0|1 (0: CUDA graphs on static decoder
 # sessions, then the static sessions alone), PINNED_AB=0|1 (0: fails its warm-up), VISION_AB=0|1 (0: the one-image
 # and captured vision sessions, and every session captured), CONV_AB=0|1 (0), INSTANCES_AB=0|1 (0). Also
 # FP32_REQUESTS (5), ENGINE_REF=0|1 (0: the in-process engine reference loads a second set of sessions),
-# PROFILE=0|1 (1), REQUESTS (20), WARMUP (3), HF_RUNS (10), HF_MODES (bf16), HF_CONCEPTS (3), CONCEPTS (1,3,8),
+# PROFILE=0|1 (0), REQUESTS (20), WARMUP (3), HF_RUNS (10), HF_MODES (bf16), HF_CONCEPTS (3), CONCEPTS (1,3,8),
 # CONCURRENCY (1,4), SMOKE=0|1 (1), HF=0|1 (1: 0 reuses the HF reference an earlier run kept in MODELS), BASE=0|1
 # (1: 0 reuses bench_fp16 likewise, the A/B steps' reference); PY, MODELS; BENCH_SIZE=tiny BENCH_DEVICE=cpu test the GPU-mode path (assemble,
 # env.sh, the GPU ORT library) on a machine without a GPU.
@@ -114,12 +117,13 @@ ROPE_AB=${ROPE_AB:-1}
 LAYERS_AB=${LAYERS_AB:-1}
 SDPA_AB=${SDPA_AB:-1}
 RGB_AB=${RGB_AB:-1}
+BEST=${BEST:-1}
 SECTIONS=${SECTIONS-decoder,vision}   # `-`, not `:-`: SECTIONS= (empty) runs none
 CONV_AB=${CONV_AB:-0}
 INSTANCES_AB=${INSTANCES_AB:-0}
 ENGINE_REF=${ENGINE_REF:-0}
 FP32_REQUESTS=${FP32_REQUESTS:-5}
-PROFILE=${PROFILE:-1}
+PROFILE=${PROFILE:-0}   # off since the section timings and ablations: a profiled vision run took ~212 ms against 23.5
 SMOKE=${SMOKE:-1}
 HF=${HF:-1}
 BASE=${BASE:-1}
@@ -486,6 +490,25 @@ if ((FP16_OK)) && ((SDPA_AB)); then
     log "MHA kernels (${sdpa[0]}, default settings, warm-up + 1 request): $(tr '\n' ' ' < "$OUT/mha_kernels.txt")"
   else skip mha_kernels "only $(left)s of the budget left"; fi
 fi
+# The production path with every lever this run found to pay, combined (summarize.py --choose-best: the layer-fused
+# graphs and/or an attention kernel set, each taken only when it beat its reference by >= 2% e2e with its masks
+# checked), the photo as raw RGB: the GOAL line for what would ship. Skipped when nothing beat the defaults:
+# bench_fp16_rope_rgb is then that figure.
+if ((FP16_OK)) && ((BEST)); then
+  if ((ROPE_OK)); then plain=fp16-rope; else plain=fp16; fi
+  read -r best_graphs best_kernels best_why < <("${PYCMD[@]}" segmenter-svc/bench/summarize.py --choose-best "$OUT" \
+    2>>"$OUT/log.txt" || true) || true
+  log "best: graphs=${best_graphs:-?} attention kernels=${best_kernels:-?} (${best_why:-summarize.py failed})"
+  if [[ -z ${best_graphs:-} || -z ${best_kernels:-} ]]; then
+    skip bench_fp16_best "summarize.py --choose-best gave no answer"
+  elif [[ $best_graphs == "$plain" && $best_kernels == default ]]; then
+    skip bench_fp16_best "no lever beat the defaults by 2%: the raw-RGB bench on $plain is the production figure"
+  elif [[ ! -s $MODELS/sam3-$SIZE-$best_graphs/manifest.json ]]; then
+    skip bench_fp16_best "$MODELS/sam3-$SIZE-$best_graphs is missing"
+  elif (($(left) >= 50)); then
+    checked fp16_best "$best_graphs" 60 --concepts 3 --concurrency 1 --send rgb --attention-kernels "$best_kernels"
+  else skip bench_fp16_best "only $(left)s of the budget left"; fi
+fi
 # Everything captured: the vision session and static decoders 1,2,3,4,8 (3 concepts unpadded), on the RoPE-fused
 # graphs when they were made (its own label either way).
 if ((FP16_OK)) && ((VISION_AB)); then
@@ -631,7 +654,7 @@ done
   echo
   echo "Session builds, serving settings, warm-up per shape, ONNX Runtime's warnings (from log.txt, in order; repeats"
   echo "of the same line dropped):"
-  grep -E 'ONNX Runtime session built|sessions ready|onnxruntime: |serving settings|warm-up|model loaded and warm|START bench|START smoke' \
+  grep -E 'ONNX Runtime session built|sessions ready|onnxruntime: |serving settings|warm-up|model loaded and warm|START bench|START smoke|\] best: ' \
     "$OUT/log.txt" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[0-9T:.-]*Z *//' | awk '!seen[$0]++' | head -250 || true
   local sec
   for sec in "$OUT"/sections_*.log; do
