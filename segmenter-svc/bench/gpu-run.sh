@@ -65,7 +65,7 @@
 # `HF=0 BASE=0 SMOKE=0 ROPE_AB=0 LAYERS_AB=0 RGB_AB=0 SDPA_AB=0 SECTIONS= FP32=1 GPU_RUN_BUDGET_S=<seconds left - 60> bash segmenter-svc/bench/gpu-run.sh`:
 # the fp32 export and the precision check, or any of the measured A/Bs switched on again).
 #
-# Time: bounded at GPU_RUN_BUDGET_S (default 540 s): every step has a timeout capped by what is left, later steps are
+# Time: bounded at GPU_RUN_BUDGET_S (default 560 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
 # ROPE_AB=0|1 (1), LAYERS_AB=0|1 (1), RGB_AB=0|1 (1), SDPA_AB=0|1 (1): the levers not yet settled; BEST=0|1 (1): their
 # winners combined on the raw-RGB path (bench_fp16_best; skipped when none won). Off by default since the second H200 run
@@ -106,7 +106,7 @@ else
 fi
 HF_MODES=${HF_MODES:-bf16}
 HF_CONCEPTS=${HF_CONCEPTS:-3}
-BUDGET=${GPU_RUN_BUDGET_S:-540}
+BUDGET=${GPU_RUN_BUDGET_S:-560}
 FP32=${FP32:-0}
 BATCH_AB=${BATCH_AB:-0}
 ATTN_AB=${ATTN_AB:-0}
@@ -497,6 +497,7 @@ fi
 if ((FP16_OK)) && ((BEST)); then
   if ((ROPE_OK)); then plain=fp16-rope; else plain=fp16; fi
   read -r best_graphs best_kernels best_why < <("${PYCMD[@]}" segmenter-svc/bench/summarize.py --choose-best "$OUT" \
+    --base "${plain//-/_}" \
     2>>"$OUT/log.txt" || true) || true
   log "best: graphs=${best_graphs:-?} attention kernels=${best_kernels:-?} (${best_why:-summarize.py failed})"
   if [[ -z ${best_graphs:-} || -z ${best_kernels:-} ]]; then
@@ -557,8 +558,8 @@ sections() {  # sections GRAPH CUT_TIMEOUT TIME_TIMEOUT
 if ((FP16_OK)); then
   for graph in ${SECTIONS//,/ }; do
     case $graph in
-      decoder) sections decoder 60 90 ;;
-      vision) sections vision 120 90 ;;
+      decoder) sections decoder 30 90 ;;
+      vision) sections vision 80 90 ;;
       *) log "SECTIONS: unknown graph $graph (decoder, vision)" ;;
     esac
   done
@@ -659,7 +660,8 @@ done
   local sec
   for sec in "$OUT"/sections_*.log; do
     [[ -e $sec ]] || continue
-    echo; echo "Time per section ($(basename "$sec" .log); prefix p50 minus the one before, serving settings):"
+    echo; echo "Time per section and per kernel family ($(basename "$sec" .log); a section: its prefix's p50 minus the" \
+      "one before; a family: the whole graph's p50 minus the graph's with that family passed through; serving settings):"
     # The tables only: the bench's log lines (ANSI-coloured, timestamped) and the step's own lines dropped.
     sed -e 's/\x1b\[[0-9;]*m//g' "$sec" | grep -vE '^\s*$|^[0-9T:.-]+Z |^\[gpu-run' || true
   done

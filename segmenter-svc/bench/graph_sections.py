@@ -300,16 +300,18 @@ def ablate(model, nodes: list[int], types: dict, varying: set):
     kept = [n for i, n in enumerate(g.node) if i not in drop]
     freed = {x for i in drop for x in g.node[i].input[1:] if x}
     still_read = set().union(*(_reads(n) for n in kept)) | {o.name for o in g.output}
-    exposed = sorted((freed & varying) - still_read)
+    # Graph inputs stay inputs: only tensors computed inside are exposed.
+    exposed = sorted((freed & varying) - still_read - {i.name for i in g.input})
     missing = [o for o in exposed if o not in types]
     if missing:
-        raise SystemExit(f"ablation: no element type known for {missing[:5]}")
+        raise KeyError(f"no element type known for {missing[:5]}")
     variant = onnx.ModelProto()
     variant.CopyFrom(model)
     vg = variant.graph
     del vg.node[:]
     for i, n in enumerate(g.node):
-        vg.node.append(helper.make_node("Identity", [n.input[0]], [n.output[0]], name=f"{n.name}/ablated")
+        vg.node.append(helper.make_node("Identity", [n.input[0]], [n.output[0]],
+                                        name=f"{n.name or n.output[0]}/ablated")
                        if i in drop else n)
     vg.output.extend(helper.make_tensor_value_info(o, types[o], None) for o in exposed)
     # Constant-only nodes that fed only the replaced ones (a norm's scale as a Constant node) go too: ONNX Runtime
@@ -362,7 +364,16 @@ def write_sections(model_dir: Path, graph_name: str, out: Path, infer: bool | No
         types = _types(model, infer=infer if infer is not None else model.ByteSize() < 500_000_000)
         varying = _input_dependent(model.graph)
     for label, nodes in chosen:
-        variant, exposed = ablate(model, nodes, types, varying)
+        try:
+            variant, exposed = ablate(model, nodes, types, varying)
+        except KeyError:
+            if infer is not False:  # as the cut does: onnx's inference, then give up on this one ablation only
+                types = _types(model, infer=True)
+            try:
+                variant, exposed = ablate(model, nodes, types, varying)
+            except KeyError as e:
+                print(f"{graph_name} without {label}: skipped ({e})", file=sys.stderr)
+                continue
         path = out / f"{graph_name}.without-{_slug(label)}.onnx"
         if variant.ByteSize() > 1_800_000_000:
             onnx.save_model(variant, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

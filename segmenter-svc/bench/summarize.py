@@ -35,12 +35,14 @@ def main(argv=None) -> int:
     ap.add_argument("--choose-best", type=Path, default=None, metavar="DIR",
                     help="print the graphs and attention kernels that won this run's A/Bs in DIR (gpu-run.sh's best "
                          "step) and exit")
+    ap.add_argument("--base", default=None, help="with --choose-best: the reference bench's label (fp16_rope when "
+                    "the RoPE-fused copy was made, else fp16); default: fp16_rope if its bench exists")
     ap.add_argument("--self-check", action="store_true", help="CI: check --choose-best's rules on made-up results")
     args = ap.parse_args(argv)
     if args.self_check:
         return self_check()
     if args.choose_best:
-        graphs, kernels, why = choose_best(args.choose_best, args.goal_concepts)
+        graphs, kernels, why = choose_best(args.choose_best, args.goal_concepts, args.base)
         print(graphs, kernels, why)
         return 0
 
@@ -221,7 +223,7 @@ def agreement_met(path: Path) -> bool:
             and a["max_score_delta"] <= MAX_SCORE_DELTA and a["max_presence_delta"] <= MAX_SCORE_DELTA)
 
 
-def choose_best(out: Path, concepts: int) -> tuple[str, str, str]:
+def choose_best(out: Path, concepts: int, base_label: str | None = None) -> tuple[str, str, str]:
     """The graph copy (a models-folder suffix) and attention kernels (CUDA_ATTENTION_KERNELS) that won this run's
     A/Bs at `concepts`, concurrency 1, each by at least MIN_GAIN with its masks checked against bench_fp16; and why,
     as one word-joined phrase. Levers combine when they change different things (graph rewrite, kernel choice)."""
@@ -233,7 +235,7 @@ def choose_best(out: Path, concepts: int) -> tuple[str, str, str]:
                 if r["concepts"] == concepts and r["concurrency"] == 1]
         return rows[0]["e2e_ms"]["p50"] if rows else None
 
-    base_label = "fp16_rope" if p50("fp16_rope") else "fp16"
+    base_label = base_label or ("fp16_rope" if p50("fp16_rope") else "fp16")
     base = p50(base_label)
     graphs, kernels = base_label.replace("_", "-"), "default"
     if base is None:
@@ -306,6 +308,13 @@ def self_check() -> int:
             got = choose_best(Path(tmp), 3)[:2]
         ok &= got == want
         print(f"choose_best {[b[:2] for b in benches]}: {got} {'OK' if got == want else f'WANTED {want}'}")
+    with tempfile.TemporaryDirectory() as tmp:  # the RoPE copy was made but its bench is missing: nothing chosen
+        write(Path(tmp), "fp16", 52.0, None)
+        write(Path(tmp), "fp16_rope_layers", 45.0, 0.999)
+        got = choose_best(Path(tmp), 3, "fp16_rope")[:2]
+        ok &= got == ("fp16-rope", "default")
+        print(f"choose_best with base fp16_rope and no bench of it: {got} "
+              f"{'OK' if got == ('fp16-rope', 'default') else 'WANTED (fp16-rope, default)'}")
     return 0 if ok else 1
 
 

@@ -57,7 +57,9 @@ struct AblationRow {
 }
 
 /// Times every prefix at each of `sizes` (phrases; vision is timed at one image whatever is asked) and prints a
-/// table per size.
+/// table per size; then every ablation, and a table per size of each family's cost. The section tables are printed
+/// before the ablations are timed, and an ablation that fails is reported and skipped: a later failure or the
+/// step's timeout keeps what was measured in the log.
 pub fn run(
     config: &Config,
     dir: &Path,
@@ -77,6 +79,11 @@ pub fn run(
     } else {
         sizes.to_vec()
     };
+    let unit = if file.graph == "vision" {
+        "image"
+    } else {
+        "phrases"
+    };
     // Each prefix's session is built once and timed at every size.
     let mut timings = Vec::with_capacity(file.sections.len());
     for section in &file.sections {
@@ -90,28 +97,15 @@ pub fn run(
                 .with_context(|| format!("timing {}", path.display()))?,
         );
     }
-    let mut ablated = Vec::with_capacity(file.ablations.len());
-    for ablation in &file.ablations {
-        let path = dir.join(&ablation.file);
-        ablated.push(
-            time_graph(config, &manifest, &path, &sizes, warmup, runs)
-                .with_context(|| format!("timing {}", path.display()))?,
-        );
-    }
     let mut rows = Vec::new();
-    let mut ablation_rows = Vec::new();
+    // The whole graph's p50 per size: the last "prefix" is the graph itself.
+    let mut whole = Vec::with_capacity(sizes.len());
     for (i, &size) in sizes.iter().enumerate() {
         println!(
-            "\n{} sections, {} ({}), {} {}, p50 of {runs} runs after {warmup}:",
+            "\n{} sections, {} ({}), {size} {unit}, p50 of {runs} runs after {warmup}:",
             file.graph,
             file.model_dir.display(),
             manifest.precision,
-            size,
-            if file.graph == "vision" {
-                "image"
-            } else {
-                "phrases"
-            }
         );
         println!(
             "{:<28} {:>6} {:>10} {:>10} {:>10} {:>9}",
@@ -138,28 +132,47 @@ pub fn run(
                 section_p50_ms: own,
             });
         }
-        if file.ablations.is_empty() {
-            continue;
+        whole.push(before);
+    }
+    let ablations = time_ablations(
+        config,
+        &manifest,
+        dir,
+        &file.ablations,
+        &sizes,
+        warmup,
+        runs,
+    );
+    let mut ablation_rows = Vec::new();
+    for (i, &size) in sizes.iter().enumerate() {
+        if ablations.is_empty() {
+            break;
         }
-        // `before` is now the whole graph's p50 (the last "prefix" is the graph itself).
-        let whole = before;
         println!(
-            "\nwhole graph {whole:.2} ms; each family's cost = whole minus the graph without it:"
+            "\n{} at {size} {unit}: whole graph {:.2} ms; each family's cost = the whole graph's p50 minus the \
+             graph's without it:",
+            file.graph, whole[i]
         );
         println!(
             "{:<42} {:>7} {:>11} {:>8} {:>6}",
             "without", "passed", "p50 without", "cost", "share"
         );
-        for (ablation, timing) in file.ablations.iter().zip(&ablated) {
-            let timing = timing[i].clone();
-            let cost = whole - timing.p50_ms;
+        for (ablation, timing) in &ablations {
+            let Some(timing) = timing.as_ref().map(|t| t[i].clone()) else {
+                println!(
+                    "{:<42} {:>7} {:>11}",
+                    ablation.without, ablation.replaced, "failed"
+                );
+                continue;
+            };
+            let cost = whole[i] - timing.p50_ms;
             println!(
                 "{:<42} {:>7} {:>11.2} {:>8.2} {:>5.0}%",
                 ablation.without,
                 ablation.replaced,
                 timing.p50_ms,
                 cost,
-                100.0 * cost / whole.max(f64::MIN_POSITIVE)
+                100.0 * cost / whole[i].max(f64::MIN_POSITIVE)
             );
             ablation_rows.push(AblationRow {
                 without: ablation.without.clone(),
@@ -180,4 +193,32 @@ pub fn run(
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)?;
     }
     Ok(())
+}
+
+/// Each ablation timed at every size; one that fails (a graph the provider refuses, say) is logged and left out.
+fn time_ablations<'a>(
+    config: &Config,
+    manifest: &Manifest,
+    dir: &Path,
+    ablations: &'a [Ablation],
+    sizes: &[usize],
+    warmup: usize,
+    runs: usize,
+) -> Vec<(&'a Ablation, Option<Vec<GraphTiming>>)> {
+    ablations
+        .iter()
+        .map(|ablation| {
+            let path = dir.join(&ablation.file);
+            let timing = time_graph(config, manifest, &path, sizes, warmup, runs)
+                .map_err(|e| {
+                    eprintln!(
+                        "ablation {:?} ({}) failed: {e}",
+                        ablation.without,
+                        path.display()
+                    )
+                })
+                .ok();
+            (ablation, timing)
+        })
+        .collect()
 }
