@@ -538,7 +538,12 @@ fi
 # The prefixes are kept in $MODELS for a rerun (cut again when the graphs were converted since).
 sections() {  # sections GRAPH CUT_TIMEOUT TIME_TIMEOUT
   local graph=$1 cut_t=$2 time_t=$3 src dir
-  if ((ROPE_OK)); then src=$MODELS/sam3-$SIZE-fp16-rope; else src=$MODELS/sam3-$SIZE-fp16; fi
+  # The RoPE-fused copy when this run made it, or an earlier call on this machine did (a rerun with ROPE_AB=0 and
+  # SECTIONS=vision measures what the first call had no time for, on the same graphs).
+  if ((ROPE_OK)) || converted_copy_is_current "$MODELS/sam3-$SIZE-fp16-rope" "$MODELS/sam3-$SIZE-fp16" \
+      segmenter-svc/export/fused_rope.py; then
+    src=$MODELS/sam3-$SIZE-fp16-rope
+  else src=$MODELS/sam3-$SIZE-fp16; fi
   dir=$MODELS/sections-$graph-$(basename "$src")
   if ! converted_copy_is_current "$dir" "$src" segmenter-svc/bench/graph_sections.py; then
     if (($(left) < cut_t + 20)); then skip "sections_$graph" "only $(left)s of the budget left"; return 0; fi
