@@ -36,6 +36,8 @@
 #             summary.md: DETR encoder, DETR decoder, box head + scoring, mask decoder, top-k; patch embedding, ViT
 #             layers, neck. Then what each kernel family costs: the whole graph with one family passed through
 #             (attention, per section too; square-weight MatMuls; RoPE; LayerNorm; GroupNorm; same-shape convs)
+#   shared    a copy of those graphs with the DETR encoder's first self-attention run once per image instead of once
+#             per phrase (export/shared_first_attention.py, no torch), 3 concepts, concurrency 1: the A/B against them
 #   conv      cuDNN's convolution algorithms timed at warm-up (CUDNN_CONV_SEARCH=exhaustive), then NHWC convolutions
 #             (CUDA_PREFER_NHWC), 3 concepts, concurrency 1: the A/Bs against bench_fp16 (decoder p50)
 #   fp32      export (fused attention, traced RoPE as sam3-full-fp16, directly) + a short bench of the fp32 graphs, saving the same request's reply;
@@ -62,13 +64,14 @@
 #   last call:        carry [".gpu-bin", ".gpu/part<N-1>"]  command: bash segmenter-svc/bench/gpu-run.sh                         timeout_s 600
 # Then read files_at/summary.md and log.txt (the rest: cat results.tar.xz* | tar -xJ); give_back unless rerunning at
 # once (a rerun on the warm machine keeps /tmp/ort-gpu and /tmp/models: carry [".gpu-bin"] only, e.g.
-# `HF=0 BASE=0 SMOKE=0 ROPE_AB=0 LAYERS_AB=0 RGB_AB=0 SDPA_AB=0 SECTIONS= FP32=1 GPU_RUN_BUDGET_S=<seconds left - 60> bash segmenter-svc/bench/gpu-run.sh`:
+# `HF=0 BASE=0 SMOKE=0 ROPE_AB=0 LAYERS_AB=0 RGB_AB=0 SDPA_AB=0 SHARED_AB=0 SECTIONS= FP32=1 GPU_RUN_BUDGET_S=<seconds left - 60> bash segmenter-svc/bench/gpu-run.sh`:
 # the fp32 export and the precision check, or any of the measured A/Bs switched on again).
 #
 # Time: bounded at GPU_RUN_BUDGET_S (default 560 s): every step has a timeout capped by what is left, later steps are
 # skipped when too little is left, and summary.md + log.txt are always written. Knobs (env): GPU_RUN_BUDGET_S,
 # ROPE_AB=0|1 (1), LAYERS_AB=0|1 (1), RGB_AB=0|1 (1), SDPA_AB=0|1 (1): the levers not yet settled; BEST=0|1 (1): their
-# winners combined on the raw-RGB path (bench_fp16_best; skipped when none won). Off by default since the second H200 run
+# winners combined on the raw-RGB path (bench_fp16_best; skipped when none won); SHARED_AB=0|1 (1): the DETR encoder's
+# first self-attention once per image (after the sections). Off by default since the second H200 run
 # (2026-12-04) recorded their verdicts, 1 repeats them: FP32=0|1 (0: fp16 vs fp32 mask IoU met twice), ATTN_AB=0|1
 # (0: bench the eager-attention graphs too), BATCH_AB=0|1 (0), STATIC_AB=0|1 (0: CUDA graphs on static decoder
 # sessions, then the static sessions alone), PINNED_AB=0|1 (0: fails its warm-up), VISION_AB=0|1 (0: the one-image
@@ -118,6 +121,7 @@ LAYERS_AB=${LAYERS_AB:-1}
 SDPA_AB=${SDPA_AB:-1}
 RGB_AB=${RGB_AB:-1}
 BEST=${BEST:-1}
+SHARED_AB=${SHARED_AB:-1}
 SECTIONS=${SECTIONS-decoder,vision}   # `-`, not `:-`: SECTIONS= (empty) runs none
 CONV_AB=${CONV_AB:-0}
 INSTANCES_AB=${INSTANCES_AB:-0}
@@ -568,6 +572,30 @@ if ((FP16_OK)); then
       *) log "SECTIONS: unknown graph $graph (decoder, vision)" ;;
     esac
   done
+fi
+# The DETR encoder's first self-attention once per image instead of once per phrase (export/shared_first_attention.py,
+# no torch): a converted copy of the RoPE-fused graphs (the plain ones when rope_fp16 did not run), kept for
+# reruns, 3 concepts, concurrency 1: the A/B against the same graphs unconverted (decoder p50). After the sections:
+# the smallest lever by its FLOPs (~5% of the decoder's at 3 phrases).
+if ((FP16_OK)) && ((SHARED_AB)); then
+  if ((ROPE_OK)); then shared=(fp16-rope fp16_rope_shared); else shared=(fp16 fp16_shared); fi
+  shared_dir=$MODELS/sam3-$SIZE-${shared[0]}-shared
+  shared_from=("$MODELS/sam3-$SIZE-${shared[0]}" segmenter-svc/export/shared_first_attention.py)
+  SHARED_OK=0
+  if converted_copy_is_current "$shared_dir" "${shared_from[@]}"; then
+    SHARED_OK=1; log "shared: $shared_dir is complete and current (its conversion stamp), reused"
+  elif (($(left) >= 70)); then
+    rm -rf "$shared_dir"
+    if step shared_fp16 60 "${PYCMD[@]}" segmenter-svc/export/shared_first_attention.py \
+        --src "$MODELS/sam3-$SIZE-${shared[0]}" --out "$shared_dir"; then
+      SHARED_OK=1; conversion_stamp "${shared_from[@]}" > "$shared_dir/.conversion-stamp"
+    else rm -rf "$shared_dir"; fi
+  else skip shared_fp16 "only $(left)s of the budget left"; fi
+  if ((SHARED_OK)); then
+    if (($(left) >= 50)); then
+      checked "${shared[1]}" "${shared[0]}-shared" 60 --concepts 3 --concurrency 1
+    else skip "bench_${shared[1]}" "only $(left)s of the budget left"; fi
+  fi
 fi
 fp32_and_masks
 if ((FP16_OK)); then

@@ -134,6 +134,9 @@ AB_PAIRS = (("fp16_vision_static", "fp16", "vision session for one image (B fixe
             ("fp16_rope_layers", "fp16_rope", "layers fused (SkipLayerNorm, packed q/k/v) / RoPE fused only",
              BOTH),
             ("fp16_layers", "fp16", "layers fused (SkipLayerNorm, packed q/k/v) / the default", BOTH),
+            ("fp16_rope_shared", "fp16_rope", "first DETR-encoder self-attention once per image / per phrase (RoPE "
+             "fused)", "decoder"),
+            ("fp16_shared", "fp16", "first DETR-encoder self-attention once per image / per phrase", "decoder"),
             ("fp16_rope_rgb", "fp16_rope", "photo as raw RGB (the orchestrator's phone photos) / JPEG bytes (RoPE fused)",
              "decode"),
             ("fp16_rgb", "fp16", "photo as raw RGB (the orchestrator's phone photos) / JPEG bytes", "decode"),
