@@ -132,9 +132,10 @@ impl JobService {
         task: ItemTask,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
-        let delivered = message
-            .info()
-            .map_or(1, |info| info.delivered.max(1) as u64);
+        let info = message.info().ok();
+        let delivered = info.as_ref().map_or(1, |info| info.delivered.max(1) as u64);
+        // JetStream's publish time: tells a later submission's task from the first's (`orphans`).
+        let published = info.map(|info| info.published);
         let renew = async {
             let mut every = tokio::time::interval(cluster.settings().progress_every());
             every.tick().await;
@@ -155,7 +156,11 @@ impl JobService {
                     tracing::info!(job_id = %task.job_id, idx = task.idx, delivered, "item task delivered again while held here (its lease ran out), or a second task of the item; waiting for the first to end");
                 })
                 .await;
-            (self.run_task(cluster, &task, delivered, permit).await, held)
+            (
+                self.run_task(cluster, &task, delivered, published, permit)
+                    .await,
+                held,
+            )
         };
         let (end, _held) = tokio::select! {
             ended = run => ended,
@@ -176,6 +181,7 @@ impl JobService {
         cluster: &Cluster,
         task: &ItemTask,
         delivered: u64,
+        published: Option<async_nats::datetime::DateTime>,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> TaskEnd {
         let idx = task.idx;
@@ -215,7 +221,7 @@ impl JobService {
                     break (unrunnable::stand_in(task, Some(&record)), Some(why));
                 }
                 Fetched::NotRecorded
-                    if cluster.orphans.waited(&item_job) < ORPHAN_AFTER
+                    if cluster.orphans.waited(&item_job, published) < ORPHAN_AFTER
                         || waiting_since.elapsed() < RECORD_GRACE => {}
                 Fetched::NotRecorded => {
                     tracing::warn!(job_id = %task.job_id, idx, "item task of a job never recorded (or of a spec replaced); dropped");
