@@ -6,11 +6,14 @@
 //! no record of the first job's items). `specHash` is the hash of the message's spec as it came (`message_hash`),
 //! so that a redelivery to a replica with other presets finds the records too; records of releases before it were
 //! keyed by the effective spec's hash, which is read as well. A later run of the same job reads the record
-//! before starting the item: a recorded item is taken as it ended, neither processed nor called back again. Outputs
+//! before starting the item (again after a storage error, `read_patiently`): a recorded item is taken as it ended,
+//! neither processed nor called back again. Outputs
 //! need no record: they are written under fixed keys, so a rerun overwrites them with the same objects.
 //!
 //! The one window left: a worker dying between the callback's delivery and the record's write; the rerun then
 //! sends that item's callback once more (callbacks carry a stable webhook id, so receivers can drop it).
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState, MaskKey, RuleOutput};
@@ -25,34 +28,69 @@ use crate::storage::{SharedStore, StorageError};
 /// An item record is a few KB (mostly mask keys); anything far larger is not one of ours.
 const MAX_RECORD_BYTES: u64 = 16 << 20;
 
+/// The waits before reading a record again after a storage error (`read_patiently`, before an item runs). An item
+/// whose record cannot be read runs again; with storage still down, that run ends FAILED, and a caller an earlier
+/// run told COMPLETED hears FAILED too. A blip (the backend's own retries spent) is waited out here; an outage
+/// longer than these ~8 s still runs the item again.
+const READ_AGAIN_AFTER: [Duration; 3] = [
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+    Duration::from_secs(5),
+];
+
 /// The recorded item `idx` of the job, if an earlier run recorded it. A record that cannot be read (storage down)
 /// counts as none: the item runs again, and outputs are overwritten with the same objects.
 pub async fn read(store: &SharedStore, plan: &JobPlan, idx: u32) -> Option<Item> {
+    read_waiting(store, plan, idx, &[]).await
+}
+
+/// `read`, reading a record again after a storage error (`READ_AGAIN_AFTER`): for an item about to run, where a
+/// record missed is a second, maybe different, callback.
+pub async fn read_patiently(store: &SharedStore, plan: &JobPlan, idx: u32) -> Option<Item> {
+    read_waiting(store, plan, idx, &READ_AGAIN_AFTER).await
+}
+
+async fn read_waiting(
+    store: &SharedStore,
+    plan: &JobPlan,
+    idx: u32,
+    waits: &[Duration],
+) -> Option<Item> {
     let effective = super::job::spec_hash(&plan.effective_spec);
     let hashes = plan.message_hash.iter().chain(std::iter::once(&effective));
     for spec_hash in hashes {
         let key = keys::item_marker(&plan.user_id, &plan.job_id, spec_hash, idx);
-        if let Some(found) = read_at(store, &key).await {
+        if let Some(found) = read_at(store, &key, waits).await {
             return found;
         }
     }
     None
 }
 
-/// The record at `key`: None when there is none, Some(None) when there is one this run cannot use.
-async fn read_at(store: &SharedStore, key: &str) -> Option<Option<Item>> {
-    match store.get_at_most(key, MAX_RECORD_BYTES).await {
-        Ok(bytes) => {
-            let item = decode(&bytes);
-            if item.is_none() {
-                tracing::warn!(%key, "unreadable item record; the item runs again");
+/// The record at `key`: None when there is none, Some(None) when there is one this run cannot use (undecodable,
+/// or storage still failing after `waits`).
+async fn read_at(store: &SharedStore, key: &str, waits: &[Duration]) -> Option<Option<Item>> {
+    let mut waits = waits.iter();
+    loop {
+        match store.get_at_most(key, MAX_RECORD_BYTES).await {
+            Ok(bytes) => {
+                let item = decode(&bytes);
+                if item.is_none() {
+                    tracing::warn!(%key, "unreadable item record; the item runs again");
+                }
+                return Some(item);
             }
-            Some(item)
-        }
-        Err(StorageError::NotFound(_)) => None,
-        Err(e) => {
-            tracing::warn!(%key, error = %Report(&e), "item record not readable; the item runs again");
-            Some(None)
+            Err(StorageError::NotFound(_)) => return None,
+            Err(e) => match waits.next() {
+                Some(&wait) => {
+                    tracing::warn!(%key, error = %Report(&e), wait_ms = wait.as_millis() as u64, "item record not readable; reading it again");
+                    tokio::time::sleep(wait).await;
+                }
+                None => {
+                    tracing::warn!(%key, error = %Report(&e), "item record not readable; the item runs again");
+                    return Some(None);
+                }
+            },
         }
     }
 }
@@ -385,6 +423,67 @@ mod tests {
             read(&store, &plan(png, Some("0".repeat(64))), 0)
                 .await
                 .is_some()
+        );
+    }
+
+    /// A store whose reads fail (`Unavailable`) a number of times before they reach the folder.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: crate::storage::LocalStore,
+        failures: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::storage::ObjectStore for Flaky {
+        async fn get_at_most(&self, key: &str, max: u64) -> Result<Bytes, StorageError> {
+            use std::sync::atomic::Ordering;
+            if self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(StorageError::unavailable(key, "injected 503"));
+            }
+            self.inner.get_at_most(key, max).await
+        }
+        async fn put(&self, key: &str, body: Bytes, ct: &str) -> Result<(), StorageError> {
+            self.inner.put(key, body, ct).await
+        }
+        async fn head(
+            &self,
+            key: &str,
+        ) -> Result<Option<crate::storage::ObjectMeta>, StorageError> {
+            self.inner.head(key).await
+        }
+    }
+
+    /// A redelivered item whose record reads fail for a moment is found recorded, not run again (with storage down
+    /// for that run too, it would have ended FAILED after its COMPLETED callback); an outage past the waits still
+    /// runs it, as `read` always does.
+    #[tokio::test(start_paused = true)]
+    async fn a_record_unreadable_for_a_moment_is_read_again_before_the_item_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = |failures| -> SharedStore {
+            std::sync::Arc::new(Flaky {
+                inner: crate::storage::LocalStore::new(dir.path()).unwrap(),
+                failures: std::sync::atomic::AtomicUsize::new(failures),
+            })
+        };
+        recorded(&flaky(0), plan(JobSpec::default(), None)).await;
+        let job = plan(JobSpec::default(), None);
+        assert!(
+            read(&flaky(1), &job, 0).await.is_none(),
+            "read: one failure is none"
+        );
+        assert!(
+            read_patiently(&flaky(READ_AGAIN_AFTER.len()), &job, 0)
+                .await
+                .is_some()
+        );
+        assert!(
+            read_patiently(&flaky(READ_AGAIN_AFTER.len() + 1), &job, 0)
+                .await
+                .is_none()
         );
     }
 }

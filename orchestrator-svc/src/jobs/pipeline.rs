@@ -242,7 +242,8 @@ impl Pipeline {
     ) {
         // A job run again (durable jobs): an item an earlier run finished and called back is taken from its record.
         if job.plan.durable_items
-            && let Some(recorded) = durable::read(self.runner.store(), &job.plan, idx).await
+            && let Some(recorded) =
+                durable::read_patiently(self.runner.store(), &job.plan, idx).await
         {
             drop((permit, waiting));
             if job.restore_item(idx, recorded) {
