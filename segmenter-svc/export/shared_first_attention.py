@@ -59,6 +59,21 @@ def _ancestors(g: _Graph, tensor: str) -> set:
     return seen
 
 
+def _input_dependent(graph) -> set:
+    """Tensors whose value depends on a graph input (the rest are constants)."""
+    varying = {i.name for i in graph.input}
+    changed = True
+    while changed:  # the node list is in execution order but for the fp16 converter's input casts at its end
+        changed = False
+        for n in graph.node:
+            if any(r in varying for r in _reads(n)):
+                new = {o for o in n.output if o} - varying
+                if new:
+                    varying |= new
+                    changed = True
+    return varying
+
+
 def _find(g: _Graph):
     """(layer input, position encoding, residual-sum node) of the first encoder layer's self-attention block, or
     None when the graph has no such block in the plain form."""
@@ -82,6 +97,8 @@ def share_first_attention(onnx_model) -> dict:
     import numpy as np
 
     graph = onnx_model.graph
+    if any(n.name.startswith("shared_first_attention") for n in graph.node):
+        return {"shared": 0, "reason": "already shared"}
     g = _Graph(graph)
     found = _find(g)
     if found is None:
@@ -89,9 +106,17 @@ def share_first_attention(onnx_model) -> dict:
     x, pos, residual = found
     block = _descendants(g, {x, pos}) & (_ancestors(g, residual.output[0]))
     inside = {o for n in graph.node if id(n) in block for o in n.output if o}
-    leaks = sorted({r for n in graph.node if id(n) not in block for r in _reads(n)} & (inside - {residual.output[0]}))
+    outside_reads = {r for n in graph.node if id(n) not in block for r in _reads(n)} | {o.name for o in graph.output}
+    leaks = sorted(outside_reads & (inside - {residual.output[0]}))
     if leaks:
         return {"shared": 0, "reason": f"read outside the block: {leaks[:3]}"}
+    # Whatever else the block reads must be the same for every phrase: weights, constants, shape arithmetic of
+    # constants. A tensor computed from a graph input other than through x and pos (the text) would differ by row.
+    varying = _input_dependent(graph)
+    reads = {r for n in graph.node if id(n) in block for r in _reads(n) if r}
+    per_phrase = sorted((reads - inside - {x, pos}) & varying)
+    if per_phrase:
+        return {"shared": 0, "reason": f"the block reads per-phrase tensors: {per_phrase[:3]}"}
     x1, pos1, small = "shared_first_attention_x", "shared_first_attention_pos", residual.output[0] + "_one_row"
     shape = "shared_first_attention_shape"
     graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), ROW0[0]),
@@ -109,10 +134,16 @@ def share_first_attention(onnx_model) -> dict:
             helper.make_node("Slice", [pos, ROW0[0], ROW0[1], ROW0[0]], [pos1], name=f"{tag}_pos_row0")]
     tail = [helper.make_node("Shape", [x], [shape], name=f"{tag}_shape"),
             helper.make_node("Expand", [small, shape], [out], name=f"{tag}_expand")]
-    # The Slices go before the block's first node, the Expand right after the residual sum: node order stays
-    # topological.
-    first = next(n for n in graph.node if id(n) in block)
-    replace_nodes(graph, {id(first): head + [first], id(residual): [residual] + tail}, set())
+    # The Slices go after whichever of x and pos is made later (before the first node when both are graph
+    # inputs), the Expand right after the residual sum: node order stays topological.
+    made = [k for k, n in enumerate(graph.node) if x in n.output or pos in n.output]
+    if made:
+        anchor = graph.node[max(made)]
+        placed = {id(anchor): [anchor] + head}
+    else:
+        placed = {id(graph.node[0]): head + [graph.node[0]]}
+    placed[id(residual)] = [residual] + tail
+    replace_nodes(graph, placed, set())
     return {"shared": 1, "nodes": len(block)}
 
 
@@ -172,6 +203,10 @@ def check_fixtures(fixtures: Path) -> int:
         counts = convert_model_dir(bundled, Path(tmp))
         print(f"shared first attention: {counts}")
         if not counts["shared"] or not _same_as_unconverted(bundled, Path(tmp)):
+            return 1
+        again = convert_model_dir(Path(tmp), Path(tmp) / "again")
+        if again["shared"] or again.get("reason") != "already shared":
+            print(f"a converted graph converted again: {again}", file=sys.stderr)
             return 1
         return check_onnx.main(["--model-dir", tmp, "--fixtures", str(fixtures)])
 

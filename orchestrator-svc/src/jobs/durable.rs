@@ -13,6 +13,7 @@
 //! The one window left: a worker dying between the callback's delivery and the record's write; the rerun then
 //! sends that item's callback once more (callbacks carry a stable webhook id, so receivers can drop it).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,35 +42,61 @@ const READ_AGAIN_AFTER: [Duration; 3] = [
 /// The recorded item `idx` of the job, if an earlier run recorded it. A record that cannot be read (storage down)
 /// counts as none: the item runs again, and outputs are overwritten with the same objects.
 pub async fn read(store: &SharedStore, plan: &JobPlan, idx: u32) -> Option<Item> {
-    read_waiting(store, plan, idx, &[]).await
+    read_waiting(store, plan, idx, &[]).await.0
 }
 
 /// `read`, reading a record again after a storage error (`READ_AGAIN_AFTER`): for an item about to run, where a
-/// record missed is a second, maybe different, callback.
-pub async fn read_patiently(store: &SharedStore, plan: &JobPlan, idx: u32) -> Option<Item> {
-    read_waiting(store, plan, idx, &READ_AGAIN_AFTER).await
+/// record missed is a second, maybe different, callback. `failing` is the job's: once one item's read spent its
+/// waits, the job's other items read once (as `read`) until a read succeeds, so an outage does not hold every
+/// item's permit through the waits in turn.
+pub async fn read_patiently(
+    store: &SharedStore,
+    plan: &JobPlan,
+    idx: u32,
+    failing: &AtomicBool,
+) -> Option<Item> {
+    let waits: &[Duration] = if failing.load(Ordering::Relaxed) {
+        &[]
+    } else {
+        &READ_AGAIN_AFTER
+    };
+    let (found, storage_failed) = read_waiting(store, plan, idx, waits).await;
+    failing.store(storage_failed, Ordering::Relaxed);
+    found
 }
 
+/// The record, and whether a read ended on a storage error.
 async fn read_waiting(
     store: &SharedStore,
     plan: &JobPlan,
     idx: u32,
     waits: &[Duration],
-) -> Option<Item> {
+) -> (Option<Item>, bool) {
     let effective = super::job::spec_hash(&plan.effective_spec);
     let hashes = plan.message_hash.iter().chain(std::iter::once(&effective));
     for spec_hash in hashes {
         let key = keys::item_marker(&plan.user_id, &plan.job_id, spec_hash, idx);
-        if let Some(found) = read_at(store, &key, waits).await {
-            return found;
+        match read_at(store, &key, waits).await {
+            Read::Missing => {}
+            Read::Found(item) => return (item.map(|item| *item), false),
+            Read::Failed => return (None, true),
         }
     }
-    None
+    (None, false)
 }
 
-/// The record at `key`: None when there is none, Some(None) when there is one this run cannot use (undecodable,
-/// or storage still failing after `waits`).
-async fn read_at(store: &SharedStore, key: &str, waits: &[Duration]) -> Option<Option<Item>> {
+enum Read {
+    /// No record under this key.
+    Missing,
+    /// A record; None when this run cannot use it (undecodable: the item runs again). Boxed: an Item is ~0.5 KB.
+    Found(Option<Box<Item>>),
+    /// Storage kept failing through the waits: counted as none, the item runs again.
+    Failed,
+}
+
+/// The record at `key`, read again after each of `waits` while storage fails (`Unavailable`; a key or size error
+/// will not change).
+async fn read_at(store: &SharedStore, key: &str, waits: &[Duration]) -> Read {
     let mut waits = waits.iter();
     loop {
         match store.get_at_most(key, MAX_RECORD_BYTES).await {
@@ -78,19 +105,23 @@ async fn read_at(store: &SharedStore, key: &str, waits: &[Duration]) -> Option<O
                 if item.is_none() {
                     tracing::warn!(%key, "unreadable item record; the item runs again");
                 }
-                return Some(item);
+                return Read::Found(item.map(Box::new));
             }
-            Err(StorageError::NotFound(_)) => return None,
-            Err(e) => match waits.next() {
+            Err(StorageError::NotFound(_)) => return Read::Missing,
+            Err(e @ StorageError::Unavailable { .. }) => match waits.next() {
                 Some(&wait) => {
                     tracing::warn!(%key, error = %Report(&e), wait_ms = wait.as_millis() as u64, "item record not readable; reading it again");
                     tokio::time::sleep(wait).await;
                 }
                 None => {
                     tracing::warn!(%key, error = %Report(&e), "item record not readable; the item runs again");
-                    return Some(None);
+                    return Read::Failed;
                 }
             },
+            Err(e) => {
+                tracing::warn!(%key, error = %Report(&e), "item record not readable; the item runs again");
+                return Read::Found(None);
+            }
         }
     }
 }
@@ -471,19 +502,35 @@ mod tests {
         };
         recorded(&flaky(0), plan(JobSpec::default(), None)).await;
         let job = plan(JobSpec::default(), None);
+        let all_waits: Duration = READ_AGAIN_AFTER.iter().sum();
         assert!(
             read(&flaky(1), &job, 0).await.is_none(),
             "read: one failure is none"
         );
+        let failing = AtomicBool::new(false);
+        let started = tokio::time::Instant::now();
+        let found = read_patiently(&flaky(READ_AGAIN_AFTER.len()), &job, 0, &failing).await;
+        assert!(found.is_some(), "found after the waits");
+        assert_eq!(started.elapsed(), all_waits, "every wait taken");
+        assert!(!failing.load(Ordering::Relaxed));
+        // Storage down past the waits: none (the item runs again), and the job's next reads do not wait ...
+        let started = tokio::time::Instant::now();
+        let store = flaky(READ_AGAIN_AFTER.len() + 2);
+        assert!(read_patiently(&store, &job, 0, &failing).await.is_none());
+        assert_eq!(started.elapsed(), all_waits);
+        assert!(failing.load(Ordering::Relaxed));
+        let started = tokio::time::Instant::now();
         assert!(
-            read_patiently(&flaky(READ_AGAIN_AFTER.len()), &job, 0)
-                .await
-                .is_some()
+            read_patiently(&store, &job, 0, &failing).await.is_none(),
+            "one read, failed"
         );
-        assert!(
-            read_patiently(&flaky(READ_AGAIN_AFTER.len() + 1), &job, 0)
-                .await
-                .is_none()
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "no waits while the job's reads fail"
         );
+        // ... until one succeeds: the waits are back.
+        assert!(read_patiently(&store, &job, 0, &failing).await.is_some());
+        assert!(!failing.load(Ordering::Relaxed));
     }
 }

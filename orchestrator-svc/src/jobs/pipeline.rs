@@ -241,16 +241,32 @@ impl Pipeline {
         waiting: Waiting,
     ) {
         // A job run again (durable jobs): an item an earlier run finished and called back is taken from its record.
-        if job.plan.durable_items
-            && let Some(recorded) =
-                durable::read_patiently(self.runner.store(), &job.plan, idx).await
-        {
-            drop((permit, waiting));
-            if job.restore_item(idx, recorded) {
-                job.durable_written.one_more();
-                tracing::info!("item already finished by an earlier run; not run again");
+        if job.plan.durable_items {
+            let read = durable::read_patiently(
+                self.runner.store(),
+                &job.plan,
+                idx,
+                &job.durable_reads_failing,
+            );
+            // The read may wait out a storage error for seconds: a cancel (which ends the pending item) or a
+            // shutdown (which leaves it to the queue's redelivery) does not wait for it, and nothing starts after.
+            let recorded = tokio::select! {
+                biased;
+                _ = job.cancel.cancelled() => return drop((permit, waiting)),
+                _ = self.stopping.cancelled() => return drop((permit, waiting)),
+                recorded = read => recorded,
+            };
+            if let Some(recorded) = recorded {
+                drop((permit, waiting));
+                if job.restore_item(idx, recorded) {
+                    job.durable_written.one_more();
+                    tracing::info!("item already finished by an earlier run; not run again");
+                }
+                return;
             }
-            return;
+            if self.is_stopping() {
+                return drop((permit, waiting));
+            }
         }
         // From here it runs (counted in flight), or it ended meanwhile (cancelled): waiting either way no longer.
         drop(waiting);
