@@ -417,19 +417,26 @@ converted_copy_is_current() {  # converted_copy_is_current DIR SOURCE_DIR SCRIPT
   local dir=$1; shift
   [[ -s $dir/manifest.json && -s $dir/.conversion-stamp ]] && [[ $(conversion_stamp "$@") == "$(cat "$dir/.conversion-stamp")" ]]
 }
+# converted_copy STEP MIN_LEFT SCRIPT SOURCE_DIR DIR: DIR is SOURCE_DIR converted by SCRIPT (a torch-free converter
+# of export/, --src/--out), reused when its stamp is current, else made by step STEP when MIN_LEFT seconds of the
+# budget are left; status 0 when DIR is ready.
+converted_copy() {
+  local name=$1 min_left=$2 script=$3 src=$4 dir=$5
+  if converted_copy_is_current "$dir" "$src" "$script"; then
+    log "$name: $dir is complete and current (its conversion stamp), reused"; return 0
+  fi
+  if (($(left) < min_left)); then skip "$name" "only $(left)s of the budget left"; return 1; fi
+  rm -rf "$dir"
+  if step "$name" 60 "${PYCMD[@]}" "$script" --src "$src" --out "$dir"; then
+    conversion_stamp "$src" "$script" > "$dir/.conversion-stamp"; return 0
+  fi
+  rm -rf "$dir"; return 1
+}
 # RoPE fused (export/fused_rope.py, no torch): a converted copy of the fp16 graphs, kept for reruns.
 ROPE_OK=0
 if ((FP16_OK)) && ((ROPE_AB)); then
-  rope_dir=$MODELS/sam3-$SIZE-fp16-rope
-  rope_from=("$MODELS/sam3-$SIZE-fp16" segmenter-svc/export/fused_rope.py)
-  if converted_copy_is_current "$rope_dir" "${rope_from[@]}"; then
-    ROPE_OK=1; log "rope: $rope_dir is complete and current (its conversion stamp), reused"
-  elif (($(left) >= 80)); then
-    rm -rf "$rope_dir"
-    if step rope_fp16 60 "${PYCMD[@]}" segmenter-svc/export/fused_rope.py --src "$MODELS/sam3-$SIZE-fp16" --out "$rope_dir"; then
-      ROPE_OK=1; conversion_stamp "${rope_from[@]}" > "$rope_dir/.conversion-stamp"
-    else rm -rf "$rope_dir"; fi
-  else skip rope_fp16 "only $(left)s of the budget left"; fi
+  converted_copy rope_fp16 80 segmenter-svc/export/fused_rope.py "$MODELS/sam3-$SIZE-fp16" \
+    "$MODELS/sam3-$SIZE-fp16-rope" && ROPE_OK=1
   if ((ROPE_OK)); then
     if (($(left) >= 50)); then
       checked fp16_rope fp16-rope 60 --concepts 3 --concurrency 1
@@ -447,19 +454,8 @@ fi
 # branch's bias, q/k/v -> one MatMul + Add + Split, in both graphs; on the RoPE-fused copy when it was made.
 if ((FP16_OK)) && ((LAYERS_AB)); then
   if ((ROPE_OK)); then layers_src=(fp16-rope fp16_rope_layers); else layers_src=(fp16 fp16_layers); fi
-  layers_dir=$MODELS/sam3-$SIZE-${layers_src[0]}-layers
-  LAYERS_OK=0
-  layers_from=("$MODELS/sam3-$SIZE-${layers_src[0]}" segmenter-svc/export/fused_layers.py)
-  if converted_copy_is_current "$layers_dir" "${layers_from[@]}"; then
-    LAYERS_OK=1; log "layers: $layers_dir is complete and current (its conversion stamp), reused"
-  elif (($(left) >= 80)); then
-    rm -rf "$layers_dir"
-    if step layers_fp16 60 "${PYCMD[@]}" segmenter-svc/export/fused_layers.py --src "$MODELS/sam3-$SIZE-${layers_src[0]}" \
-        --out "$layers_dir"; then
-      LAYERS_OK=1; conversion_stamp "${layers_from[@]}" > "$layers_dir/.conversion-stamp"
-    else rm -rf "$layers_dir"; fi
-  else skip layers_fp16 "only $(left)s of the budget left"; fi
-  if ((LAYERS_OK)); then
+  if converted_copy layers_fp16 80 segmenter-svc/export/fused_layers.py "$MODELS/sam3-$SIZE-${layers_src[0]}" \
+      "$MODELS/sam3-$SIZE-${layers_src[0]}-layers"; then
     if (($(left) >= 50)); then
       checked "${layers_src[1]}" "${layers_src[0]}-layers" 60 --concepts 3 --concurrency 1
     else skip "bench_${layers_src[1]}" "only $(left)s of the budget left"; fi
@@ -579,19 +575,8 @@ fi
 # the smallest lever by its FLOPs (~5% of the decoder's at 3 phrases).
 if ((FP16_OK)) && ((SHARED_AB)); then
   if ((ROPE_OK)); then shared=(fp16-rope fp16_rope_shared); else shared=(fp16 fp16_shared); fi
-  shared_dir=$MODELS/sam3-$SIZE-${shared[0]}-shared
-  shared_from=("$MODELS/sam3-$SIZE-${shared[0]}" segmenter-svc/export/shared_first_attention.py)
-  SHARED_OK=0
-  if converted_copy_is_current "$shared_dir" "${shared_from[@]}"; then
-    SHARED_OK=1; log "shared: $shared_dir is complete and current (its conversion stamp), reused"
-  elif (($(left) >= 70)); then
-    rm -rf "$shared_dir"
-    if step shared_fp16 60 "${PYCMD[@]}" segmenter-svc/export/shared_first_attention.py \
-        --src "$MODELS/sam3-$SIZE-${shared[0]}" --out "$shared_dir"; then
-      SHARED_OK=1; conversion_stamp "${shared_from[@]}" > "$shared_dir/.conversion-stamp"
-    else rm -rf "$shared_dir"; fi
-  else skip shared_fp16 "only $(left)s of the budget left"; fi
-  if ((SHARED_OK)); then
+  if converted_copy shared_fp16 70 segmenter-svc/export/shared_first_attention.py "$MODELS/sam3-$SIZE-${shared[0]}" \
+      "$MODELS/sam3-$SIZE-${shared[0]}-shared"; then
     if (($(left) >= 50)); then
       checked "${shared[1]}" "${shared[0]}-shared" 60 --concepts 3 --concurrency 1
     else skip "bench_${shared[1]}" "only $(left)s of the budget left"; fi

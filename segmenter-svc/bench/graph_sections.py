@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "sam3-tiny"
 sys.path.insert(0, str(ROOT / "export"))
 import fused_attention  # noqa: E402 - the exporter's folder, added just above
+import sam3_common as common  # noqa: E402
 
 DECODER_SECTIONS = (
     ("inputs, position encodings", None),
@@ -92,21 +93,6 @@ def prefix_nodes(graph, end: int) -> list[int]:
                 keep.add(i)
                 todo.append(i)
     return sorted(keep)
-
-
-def _input_dependent(graph) -> set:
-    """Tensors whose value depends on a graph input (the rest are constants)."""
-    varying = {i.name for i in graph.input}
-    changed = True  # the node list is in execution order but for the fp16 input casts at its end: repeat
-    while changed:
-        changed = False
-        for n in graph.node:
-            if any(r in varying for r in _reads(n)):
-                new = {o for o in n.output if o} - varying
-                if new:
-                    varying |= new
-                    changed = True
-    return varying
 
 
 def _needed(graph, keep: list[int], outputs: list[str]) -> list[int]:
@@ -183,7 +169,7 @@ def cut(model, sections, infer: bool | None = None) -> list:
     types = _types(model, infer=infer if infer is not None else model.ByteSize() < 500_000_000)
     inits = {t.name: t for t in g.initializer}
     graph_outputs = {o.name for o in g.output}
-    varying = _input_dependent(g)
+    varying = fused_attention.input_dependent(g)
     prefixes = []
     for k in range(1, len(sections)):
         keep = prefix_nodes(g, starts[k])
@@ -349,11 +335,7 @@ def write_sections(model_dir: Path, graph_name: str, out: Path, infer: bool | No
     entries = []
     for k, (name, prefix, nodes, outputs) in enumerate(cut(model, sections, infer), start=1):
         path = out / f"{graph_name}.prefix{k}.onnx"
-        if prefix.ByteSize() > 1_800_000_000:
-            onnx.save_model(prefix, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
-        else:
-            onnx.save_model(prefix, str(path))
+        common.save_onnx(prefix, path)
         entries.append({"section": name, "file": path.name, "nodes": nodes, "outputs": outputs})
         print(f"{graph_name} prefix {k}: through {name!r}, {nodes} nodes, {outputs} outputs -> {path}")
     entries.append({"section": sections[-1][0], "file": str(full), "nodes": len(model.graph.node),
@@ -362,7 +344,7 @@ def write_sections(model_dir: Path, graph_name: str, out: Path, infer: bool | No
     chosen = ablations(model.graph, sections)
     if chosen:
         types = _types(model, infer=infer if infer is not None else model.ByteSize() < 500_000_000)
-        varying = _input_dependent(model.graph)
+        varying = fused_attention.input_dependent(model.graph)
     for label, nodes in chosen:
         try:
             variant, exposed = ablate(model, nodes, types, varying)
@@ -375,11 +357,7 @@ def write_sections(model_dir: Path, graph_name: str, out: Path, infer: bool | No
                 print(f"{graph_name} without {label}: skipped ({e})", file=sys.stderr)
                 continue
         path = out / f"{graph_name}.without-{_slug(label)}.onnx"
-        if variant.ByteSize() > 1_800_000_000:
-            onnx.save_model(variant, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
-        else:
-            onnx.save_model(variant, str(path))
+        common.save_onnx(variant, path)
         variants.append({"without": label, "file": path.name, "replaced": len(nodes), "exposed": len(exposed)})
         print(f"{graph_name} without {label}: {len(nodes)} nodes passed through, {len(exposed)} tensors exposed "
               f"-> {path}")

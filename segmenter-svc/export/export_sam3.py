@@ -391,19 +391,6 @@ def _fix_io_shapes(onnx_model, spec: dict) -> None:
                     dim.dim_value = d
 
 
-def _save_onnx(onnx_model, path: Path) -> list[Path]:
-    import onnx
-
-    for stale in (path, path.with_name(path.name + ".data")):
-        stale.unlink(missing_ok=True)
-    if onnx_model.ByteSize() > 1_800_000_000:  # protobuf's 2 GB cap: weights go to an external file
-        onnx.save_model(onnx_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-        return [path.with_name(path.name + ".data")]
-    onnx.save_model(onnx_model, str(path))
-    return []
-
-
 def export_graphs(model, out: Path, precision: str, opset: int, topk: int, image_input: str,
                   attention: str = "fused", mask_output: str = "u8", rope: str = "fused",
                   layers: str = "plain") -> dict:
@@ -483,7 +470,7 @@ def export_graphs(model, out: Path, precision: str, opset: int, topk: int, image
                 mask_output_graph.to_u8_masks(onnx_model)
             _fix_io_shapes(onnx_model, spec)
             path = out / f"{name}.onnx"
-            external = _save_onnx(onnx_model, path)
+            external = common.save_onnx(onnx_model, path)
             del onnx_model
             entry = {"file": path.name, "sha256": common.sha256_file(path), **spec}
             if external:

@@ -264,6 +264,22 @@ def _drop_dead_nodes(graph) -> None:
         graph.initializer.remove(i)
 
 
+def input_dependent(graph) -> set:
+    """Tensors whose value depends on a graph input (the rest are constants). Shared by the converters and the bench's
+    graph sections."""
+    varying = {i.name for i in graph.input}
+    changed = True  # the node list is in execution order but for the fp16 converter's input casts at its end
+    while changed:
+        changed = False
+        for n in graph.node:
+            if any(r in varying for r in _reads(n)):
+                new = {o for o in n.output if o} - varying
+                if new:
+                    varying |= new
+                    changed = True
+    return varying
+
+
 def _reads(node) -> list[str]:
     """A node's inputs plus what its subgraphs (If branches) read from the outer scope."""
     names = list(node.input)

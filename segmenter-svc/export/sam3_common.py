@@ -264,5 +264,21 @@ def expected_instances(outputs: dict, concepts: list[str], threshold: float, wid
     return {"score_threshold": threshold, "image_width": width, "image_height": height, "concepts": result}
 
 
+def save_onnx(onnx_model, path: Path) -> list[Path]:
+    """Saves a graph; past protobuf's 2 GB cap (an fp32 full-size vision graph) its weights go to one external file
+    beside it, which is returned (empty list otherwise). Stale files of an earlier save are removed first."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    for stale in (path, data):
+        stale.unlink(missing_ok=True)
+    if onnx_model.ByteSize() > 1_800_000_000:
+        onnx.save_model(onnx_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return [data]
+    onnx.save_model(onnx_model, str(path))
+    return []
+
+
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")

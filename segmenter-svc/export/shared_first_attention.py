@@ -31,7 +31,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fused_attention import _Graph, _reads, converter_main, replace_nodes, rewrite_export
+from fused_attention import _Graph, _reads, converter_main, input_dependent, replace_nodes, rewrite_export
 
 LAYER = "/model/detr_encoder/layers.0/"
 ROW0 = ("shared_first_attention_zero", "shared_first_attention_one")
@@ -57,21 +57,6 @@ def _ancestors(g: _Graph, tensor: str) -> set:
             seen.add(id(node))
             todo.extend(i for i in _reads(node) if i)
     return seen
-
-
-def _input_dependent(graph) -> set:
-    """Tensors whose value depends on a graph input (the rest are constants)."""
-    varying = {i.name for i in graph.input}
-    changed = True
-    while changed:  # the node list is in execution order but for the fp16 converter's input casts at its end
-        changed = False
-        for n in graph.node:
-            if any(r in varying for r in _reads(n)):
-                new = {o for o in n.output if o} - varying
-                if new:
-                    varying |= new
-                    changed = True
-    return varying
 
 
 def _find(g: _Graph):
@@ -112,7 +97,7 @@ def share_first_attention(onnx_model) -> dict:
         return {"shared": 0, "reason": f"read outside the block: {leaks[:3]}"}
     # Whatever else the block reads must be the same for every phrase: weights, constants, shape arithmetic of
     # constants. A tensor computed from a graph input other than through x and pos (the text) would differ by row.
-    varying = _input_dependent(graph)
+    varying = input_dependent(graph)
     reads = {r for n in graph.node if id(n) in block for r in _reads(n) if r}
     per_phrase = sorted((reads - inside - {x, pos}) & varying)
     if per_phrase:
