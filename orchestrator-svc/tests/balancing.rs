@@ -3,12 +3,12 @@
 
 use palette_testing as common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::fake_segmenter;
 use common::orchestrator::{is_terminal, photo_jpeg, seed_spec, start};
+use common::partition::Partition;
 use palette_proto::orchestrator::v1::ItemState;
 
 fn calls(fake: &fake_segmenter::FakeSegmenter) -> usize {
@@ -238,50 +238,6 @@ async fn a_reply_over_the_segmenters_message_limit_is_not_retried() {
     assert_eq!(calls(&segmenter), 1, "one call, no retries");
 }
 
-/// A TCP proxy to `upstream` that, once `cut` is set, stops carrying bytes either way while keeping every connection
-/// open: a replica gone without a FIN or RST (a lost host, a partition).
-async fn blackholing_proxy(upstream: &str) -> (String, Arc<AtomicBool>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let cut = Arc::new(AtomicBool::new(false));
-    let upstream = upstream.trim_start_matches("http://").to_string();
-    let cut_flag = cut.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
-                continue;
-            };
-            let (client_read, client_write) = client.into_split();
-            let (server_read, server_write) = server.into_split();
-            tokio::spawn(pump(client_read, server_write, cut_flag.clone()));
-            tokio::spawn(pump(server_read, client_write, cut_flag.clone()));
-        }
-    });
-    (url, cut)
-}
-
-/// Copies `from` to `to` until either ends; while `cut`, reads and drops (the connection stays open, silent).
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    cut: Arc<AtomicBool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if cut.load(Ordering::SeqCst) {
-            continue;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// A replica that vanishes without closing its connections (no FIN, no RST: its host lost, a partition) holds
 /// the calls in flight on it: without HTTP/2 pings they waited for SEGMENTER_TIMEOUT_SEC and failed their items
 /// (DEADLINE_EXCEEDED is not retried). The unanswered ping (SEGMENTER_KEEPALIVE_SEC) closes the connection and the
@@ -292,8 +248,8 @@ async fn a_replica_gone_silent_mid_call_costs_a_retry_not_the_item() {
     let b = fake_segmenter::start().await;
     // a answers late, so calls are in flight on it when it goes silent.
     a.faults.delay_ms.store(3_000, Ordering::SeqCst);
-    let (a_url, cut) = blackholing_proxy(&a.url).await;
-    let mut orch = start(&format!("{a_url},{}", b.url), |c| {
+    let a_partition = Partition::start(&a.url).await;
+    let mut orch = start(&format!("{},{}", a_partition.url, b.url), |c| {
         c.limits.batch_concurrency = 4;
         c.segmenter.mask_cache_mb = 0;
         c.segmenter.segmenter_attempts = 4;
@@ -316,7 +272,7 @@ async fn a_replica_gone_silent_mid_call_costs_a_retry_not_the_item() {
         assert!(tokio::time::Instant::now() < deadline, "no call reached a");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    cut.store(true, Ordering::SeqCst);
+    a_partition.cut();
     let cut_at = std::time::Instant::now();
     let job = orch.wait_for("silent", is_terminal).await;
     for item in &job.items {
