@@ -15,6 +15,7 @@ use palette_proto::orchestrator::v1::{
 };
 use palette_testing::jobs::{get, is_settled, running, wait_for_within};
 use palette_testing::orchestrator::{put_distinct_inputs, seed_spec, string_struct};
+use palette_testing::partition::Partition;
 use palette_testing::process::{Process, orchestrator_env};
 use palette_testing::{fake_segmenter, nats, receiver::Receiver};
 
@@ -1087,12 +1088,14 @@ fn impatient(mut env: Vec<(String, String)>) -> Vec<(String, String)> {
     env
 }
 
-/// NATS does not answer (SIGSTOP) from the moment the item runs until well after it ended: its first record and its
-/// settled record both give up after NATS_STORE_PATIENCE_SEC, and the callback goes out all the same. The holder
-/// keeps the task, and once NATS answers writes the item's record itself: the item is not run again and not called
-/// back again, and the bucket shows it COMPLETED with its callback delivered. (Before, the holder found no record, or
-/// its own first record written late, callback pending: it put the task back, and the item ran a second time, or
-/// acknowledged it, and the record said "callback pending" for ever.)
+/// NATS does not answer (SIGSTOP) from the moment the item runs until well after it ended: its first record gives up
+/// after NATS_STORE_PATIENCE_SEC, and the item is not called back without it. The holder keeps the task, and once
+/// NATS answers writes the item's record itself and only then calls it back: the item is not run again, called back
+/// once, and the bucket shows it COMPLETED with its callback delivered. (Before, the holder found no record, or its
+/// own first record written late, callback pending: it put the task back, and the item ran a second time, or
+/// acknowledged it, and the record said "callback pending" for ever; later, it called back without the record,
+/// which told the receiver a second end of the item when another replica had ended it meanwhile: see
+/// `a_replica_cut_off_from_nats_does_not_call_back_an_end_another_replica_overruled`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_item_that_ended_while_nats_was_down_past_the_patience_is_recorded_once_it_answers() {
     const JOB: &str = "late-record";
@@ -1110,18 +1113,19 @@ async fn an_item_that_ended_while_nats_was_down_past_the_patience_is_recorded_on
     a.jobs_client().submit_job(seed_spec(JOB, 1)).await.unwrap();
     item_started(&segmenter).await;
     nats.freeze();
-    // Its first record (before the callback) and its settled record (after it) both given up.
+    // Its first record given up, and then retried by the task's holder.
     logged(
         &a,
         "item not recorded in the job store",
-        2,
+        1,
         Duration::from_secs(40),
     )
     .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         hooks.deliveries().len(),
-        1,
-        "called back without its record"
+        0,
+        "called back before its end was recorded"
     );
     nats.thaw();
     let delivered = CallbackState::Delivered as i32;
@@ -1131,13 +1135,85 @@ async fn an_item_that_ended_while_nats_was_down_past_the_patience_is_recorded_on
     .await
     .unwrap_or_else(|| panic!("never recorded with its callback settled:\n{}", a.log()));
     assert_eq!(item.state, ItemState::Completed as i32, "{item:?}");
-    // Logged just after the write this test saw.
     logged(&a, "item recorded late", 1, Duration::from_secs(10)).await;
     // Its task is released: nothing runs or calls it back again.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(segmenter.counters.segment_calls.load(Ordering::SeqCst), 1);
     hooks.assert_one_id_per_item(JOB, 1);
     assert_eq!(hooks.deliveries().len(), 1, "{:?}", hooks.deliveries());
+    assert_eq!(hooks.deliveries()[0].body["status"], "completed");
+}
+
+/// Replica A runs the item and is cut off from NATS (a partition: no FIN, no RST) while B still reaches it. The job
+/// is cancelled on B; A never hears of it, and its item ends COMPLETED there, its record unwritten. A's lease runs
+/// out, B takes the task and ends the item CANCELLED, recorded and called back. A does not call its end back without
+/// the record, and once it reaches NATS again finds B's end standing: the receiver is told one end of the item,
+/// CANCELLED. (Before, A called back COMPLETED after NATS_STORE_PATIENCE_SEC: two different ends of one item.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_from_nats_does_not_call_back_an_end_another_replica_overruled() {
+    const JOB: &str = "partitioned";
+    let Some(Shared {
+        nats,
+        dir,
+        segmenter,
+        hooks,
+        env,
+    }) = shared(JOB, 1, 8_000).await
+    else {
+        return;
+    };
+    let to_nats = Partition::start(&nats.url).await;
+    let with_patience = |mut env: Vec<(String, String)>| {
+        env.push(("NATS_STORE_PATIENCE_SEC".into(), "1".into()));
+        env
+    };
+    let mut a_env = with_patience(env.clone());
+    a_env.push(("NATS_URL".into(), to_nats.url.clone()));
+    let a = Process::start(binary(), &a_env, &dir.path().join("a.log")).await;
+    a.jobs_client().submit_job(seed_spec(JOB, 1)).await.unwrap();
+    item_started(&segmenter).await;
+    // Started only now, so the task is A's.
+    let b = Process::start(binary(), &with_patience(env), &dir.path().join("b.log")).await;
+    to_nats.cut();
+    b.jobs_client()
+        .cancel_job(CancelJobRequest {
+            user_id: USER.into(),
+            job_id: JOB.into(),
+        })
+        .await
+        .unwrap();
+    // B ends the item once A's 3 s lease has run out.
+    let cancelled = ItemState::Cancelled as i32;
+    recorded_item(&nats.url, JOB, Duration::from_secs(30), |i| {
+        i.state == cancelled
+    })
+    .await
+    .unwrap_or_else(|| panic!("B never ended the item:\n{}", b.log()));
+    // A's item ends COMPLETED (8 s Segment call), and its first record gives up.
+    logged(
+        &a,
+        "item not recorded in the job store",
+        1,
+        Duration::from_secs(40),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    to_nats.heal();
+    logged(
+        &a,
+        "item recorded meanwhile with another end; that one stands",
+        1,
+        Duration::from_secs(40),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deliveries = hooks.deliveries();
+    assert!(!deliveries.is_empty(), "never called back");
+    for d in &deliveries {
+        assert_eq!(d.body["status"], "cancelled", "{d:?}\nA:\n{}", a.log());
+    }
+    hooks.assert_one_id_per_item(JOB, 1);
+    assert_eq!(segmenter.counters.segment_calls.load(Ordering::SeqCst), 1);
 }
 
 /// NATS stops answering while the item's callback is retried (its first record written): the settled record gives

@@ -66,9 +66,9 @@ pub struct JobStoreArgs {
     /// running). One consumer-info request each time. Default 15 (Prometheus' and KEDA's usual interval).
     #[arg(long, env = "NATS_ITEM_BACKLOG_SEC", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub nats_item_backlog_sec: u64,
-    /// JOB_STORE=nats: seconds an item's record is written again while NATS does not answer, before the item is
-    /// reported (called back) without it; the task's holder then keeps asking and writes the record once NATS
-    /// answers. An outage shorter than this never makes an item run twice. Default 120.
+    /// JOB_STORE=nats: seconds an item's record is written again while NATS does not answer before the report gives
+    /// up; the task's holder then keeps asking, writes the record once NATS answers, and only then calls the item back
+    /// (never without its record). An outage shorter than this never makes an item run twice. Default 120.
     #[arg(long, env = "NATS_STORE_PATIENCE_SEC", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub nats_store_patience_sec: u64,
 }

@@ -150,7 +150,9 @@ impl Reporter {
 
     /// Records the terminal item, sends its callback, records it settled. When the last of these writes gives up
     /// (the job store unreachable for the whole store patience), the item as the store should hold it is kept in
-    /// `JobHandle::unrecorded`, for the holder of its task to write once the store answers (JOB_STORE=nats).
+    /// `JobHandle::unrecorded`, for the holder of its task to write once the store answers (JOB_STORE=nats); when
+    /// the first record of an item that just ended gives up, it is kept there before any callback, which the holder
+    /// sends once it has written it.
     pub async fn settle_now(&self, job: &Arc<JobHandle>, item: Item, report: ReportKind) {
         // Until the last record below is written, retention keeps the job (and its records).
         let _settling = job.settling();
@@ -163,7 +165,19 @@ impl Reporter {
             match keep(job_store, job, &item, report, self.store_patience).await {
                 Kept::Stored => {}
                 Kept::Conflict => return,
-                // Called back all the same: the end is real, only its record is late.
+                // JOB_STORE=nats: not called back before the store holds this end. The item's task may be another
+                // replica's by now (this one cut off from NATS past its lease), which ends the item there, maybe
+                // otherwise (a cancel this one never saw): called back here as well, the receiver was told two ends of
+                // one item. The task's holder writes it once NATS answers, and calls it back if this end stands
+                // (`cluster::late`).
+                Kept::Unwritten
+                    if report == ReportKind::First && !self.store_patience.is_zero() =>
+                {
+                    job.unrecorded.keep(item);
+                    return;
+                }
+                // Called back all the same, only the record late: a resend's first record exists already, and with
+                // JOB_STORE=local nobody but this process ends the item.
                 Kept::Unwritten => unrecorded = Some(item.clone()),
             }
         }

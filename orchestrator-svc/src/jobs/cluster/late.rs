@@ -1,44 +1,55 @@
 //! The end of a task whose item ended here (or was found recorded with its callback pending, and called back again):
-//! acknowledged only once the job store holds the item's terminal state.
+//! acknowledged only once the job store holds the item's terminal state, and called back only once it holds it.
 //!
 //! NATS unreachable for longer than NATS_STORE_PATIENCE_SEC while the item's report was written leaves the item
-//! reported (its callback sent or given up) without its record, or with its callback still pending there
-//! (`JobHandle::unrecorded`). The holder keeps the task, its lease renewed, asks the store until it answers
-//! (`patiently`), and then writes the record itself. Before, the task went back (its next holder found no record
-//! and ran the item again: a second run, a second callback), or, with only the settled record missing, was
-//! acknowledged (every replica showed the callback pending for ever, and only a job store's resume could resend it).
+//! without its record (not called back yet: `Reporter::settle_now`), or with its callback settled and the record
+//! still saying pending; either is kept in `JobHandle::unrecorded`. The holder keeps the task, its lease renewed,
+//! asks the store until it answers (`patiently`), and then writes the record itself. If this end stands, its
+//! callback goes out now; if another holder's does (this replica was cut off from NATS past its lease, and the next
+//! holder ended the item otherwise: a cancel this one never saw), that one was called back and this one never is.
+//! Before, the callback went out without the record, and the receiver could be told two ends of one item; earlier
+//! still, the task went back (its next holder ran the item again) or, with only the settled record missing, was
+//! acknowledged (every replica showed the callback pending for ever).
 
-use palette_proto::orchestrator::v1::Item;
+use std::sync::Arc;
+
+use palette_proto::orchestrator::v1::{CallbackState, Item};
 
 use super::patience::{Unread, patiently};
 use super::{Cluster, ItemTask, TaskEnd};
 use crate::jobs::job::{JobHandle, is_older_report};
+use crate::jobs::report::{ReportKind, Reporter};
 use crate::jobs::store::{JobStore, RecordKey, StoreError, Written};
 
 /// How the task of an item that ended here ends. `last`: the consumer's last delivery of the task (nothing is put
 /// back then: JetStream never delivers it again). `stopping`: this replica drains, and the task may go back.
 pub(super) async fn release(
     cluster: &Cluster,
+    reporter: &Reporter,
     task: &ItemTask,
-    job: &JobHandle,
+    job: &Arc<JobHandle>,
     last: bool,
     stopping: impl Fn() -> bool,
 ) -> TaskEnd {
     let key = task.job();
     let idx = task.idx;
-    if let Some(mine) = job.unrecorded.get(idx) {
-        return match patiently(task, &stopping, || write(cluster, &key, &mine)).await {
-            Ok(()) => {
-                job.unrecorded.written(&mine);
-                metrics::counter!("orchestrator_items_recorded_late_total").increment(1);
-                tracing::info!(job_id = %task.job_id, idx, "item recorded late, once the job store answered again");
-                TaskEnd::Done
-            }
+    // Again after a callback sent below, whose settled record may have given up in turn.
+    while let Some(mine) = job.unrecorded.get(idx) {
+        let stands = match patiently(task, &stopping, || write(cluster, &key, &mine)).await {
+            Ok(stands) => stands,
             // Recorded, if unreadable here.
-            Err(Unread::Corrupt(_)) => TaskEnd::Done,
+            Err(Unread::Corrupt(_)) => return TaskEnd::Done,
             // Its next holder finds the record missing (runs the item again) or pending (calls it back again).
-            Err(Unread::Stopping) => TaskEnd::Again(cluster.settings().progress_every()),
+            Err(Unread::Stopping) => return TaskEnd::Again(cluster.settings().progress_every()),
         };
+        job.unrecorded.written(&mine);
+        if stands == mine {
+            metrics::counter!("orchestrator_items_recorded_late_total").increment(1);
+            tracing::info!(job_id = %task.job_id, idx, "item recorded late, once the job store answered again");
+        }
+        if let Some(end) = call_back_recorded(cluster, reporter, task, job, stands, last).await {
+            return end;
+        }
     }
     match patiently(task, &stopping, || cluster.store().item(&key, idx)).await {
         // Unreadable here, but recorded all the same.
@@ -56,22 +67,68 @@ pub(super) async fn release(
     }
 }
 
+/// What the holder of a task does with its item as the job store records it ended (by this replica or another):
+/// taken into this replica's view, and, while its callback is not settled, called back (same webhook-id: receivers
+/// drop a duplicate). None once called back: its task is then released (`release`: its settled record may have
+/// given up). `last`: see `release`.
+pub(super) async fn call_back_recorded(
+    cluster: &Cluster,
+    reporter: &Reporter,
+    task: &ItemTask,
+    job: &Arc<JobHandle>,
+    recorded: Item,
+    last: bool,
+) -> Option<TaskEnd> {
+    let idx = task.idx;
+    job.apply_record(idx, recorded.clone());
+    if recorded.callback_state != CallbackState::Pending as i32 {
+        return Some(TaskEnd::Done);
+    }
+    let resend = if reporter.callbacks_on() {
+        tracing::info!(job_id = %task.job_id, idx, "item recorded, callback not settled: sending it");
+        recorded
+    } else if !last {
+        // Callbacks are off here (WORKERS_API_URL unset), not necessarily on every replica (a rolling change of it):
+        // put back for one that sends them. Acknowledged, it stayed PENDING on every replica.
+        tracing::info!(job_id = %task.job_id, idx, "item recorded, callback not settled, callbacks off here: put back for another replica");
+        return Some(TaskEnd::Again(cluster.settings().progress_every()));
+    } else {
+        // No replica that took it sends callbacks: none will be sent, so the record says so (as `resume` settles
+        // such an item on one orchestrator) rather than PENDING for ever.
+        let settled = not_configured(recorded);
+        job.apply_record(idx, settled.clone());
+        settled
+    };
+    reporter.settle_now(job, resend, ReportKind::Resend).await;
+    None
+}
+
+/// `item` with its callback settled as never to be sent (WORKERS_API_URL unset).
+fn not_configured(item: Item) -> Item {
+    Item {
+        callback_state: CallbackState::NotConfigured as i32,
+        ..item
+    }
+}
+
 /// Writes `mine`, the item as it ended here, unless the store holds another end of it (another holder's, whose
 /// lease began after this replica's ran out while NATS was down): this replica's own write that gave up may have
 /// been committed all the same (the same record: stored; its first record, callback pending: the settled one
-/// replaces it).
-async fn write(cluster: &Cluster, key: &RecordKey, mine: &Item) -> Result<(), StoreError> {
+/// replaces it). The item as the store holds it once written: `mine`, or the end that stands.
+async fn write(cluster: &Cluster, key: &RecordKey, mine: &Item) -> Result<Item, StoreError> {
     let store = cluster.store();
     let recorded = match store.put_first_item(key, mine, true).await? {
-        Written::Stored => return Ok(()),
+        Written::Stored => return Ok(mine.clone()),
         Written::Conflict(recorded) if is_older_report(&recorded, mine) => {
             match store.put_item(key, mine).await? {
-                Written::Stored => return Ok(()),
+                Written::Stored => return Ok(mine.clone()),
                 Written::Conflict(recorded) => recorded,
             }
         }
         Written::Conflict(recorded) => recorded,
     };
-    tracing::warn!(job_id = %key.job_id, idx = mine.idx, recorded = recorded.state, "item recorded meanwhile with another end; that one stands");
-    Ok(())
+    if recorded.state != mine.state {
+        tracing::warn!(job_id = %key.job_id, idx = mine.idx, recorded = recorded.state, "item recorded meanwhile with another end; that one stands");
+    }
+    Ok(*recorded)
 }

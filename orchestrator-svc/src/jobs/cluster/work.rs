@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use palette_proto::orchestrator::v1::{CallbackState, Item};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -24,7 +23,6 @@ use super::{Cluster, Fetched, ItemTask, TaskEnd, late, unrunnable};
 use crate::error::Report;
 use crate::jobs::give_up::TOO_MANY_DELIVERIES;
 use crate::jobs::job::{ItemOutcome, JobHandle};
-use crate::jobs::report::ReportKind;
 use crate::jobs::store::RunClaim;
 use crate::jobs::{JobKey, JobService};
 use crate::tasks::spawn_tracked;
@@ -244,7 +242,6 @@ impl JobService {
             tokio::time::sleep(if known { RECORD_POLL } else { ORPHAN_POLL }).await;
         };
         let reporter = self.pipeline.reporter();
-        let callbacks_on = reporter.callbacks_on();
         let recorded =
             match patiently(task, stopping, || cluster.store().item(&item_job, idx)).await {
                 Ok(recorded) => recorded,
@@ -255,27 +252,12 @@ impl JobService {
         if let Some(recorded) = recorded {
             // Ended already: by another replica, or here before a crash; only an unsettled callback is resent.
             let _slot = ending_slot(cluster, permit).await;
-            job.apply_record(idx, recorded.clone());
-            if recorded.callback_state != CallbackState::Pending as i32 {
-                return TaskEnd::Done;
+            if let Some(end) =
+                late::call_back_recorded(cluster, reporter, task, &job, recorded, last).await
+            {
+                return end;
             }
-            let resend = if callbacks_on {
-                tracing::info!(job_id = %task.job_id, idx, "item recorded, callback not settled: resending it");
-                recorded
-            } else if !last {
-                // Callbacks are off here (WORKERS_API_URL unset), not necessarily on every replica (a rolling change
-                // of it): put back for one that sends them. Acknowledged, it stayed PENDING on every replica.
-                tracing::info!(job_id = %task.job_id, idx, "item recorded, callback not settled, callbacks off here: put back for another replica");
-                return TaskEnd::Again(cluster.settings().progress_every());
-            } else {
-                // No replica that took it sends callbacks: none will be sent, so the record says so (as `resume`
-                // settles such an item on one orchestrator) rather than PENDING for ever.
-                let settled = not_configured(recorded);
-                job.apply_record(idx, settled.clone());
-                settled
-            };
-            reporter.settle_now(&job, resend, ReportKind::Resend).await;
-            return late::release(cluster, task, &job, last, stopping).await;
+            return late::release(cluster, reporter, task, &job, last, stopping).await;
         }
         if delivered > cluster.settings().max_deliveries {
             let outcome = ItemOutcome::Failed {
@@ -320,7 +302,7 @@ impl JobService {
             }
         }
         // Released only once the terminal state is recorded: a crash before that leaves the task to another replica.
-        late::release(cluster, task, &job, last, stopping).await
+        late::release(cluster, reporter, task, &job, last, stopping).await
     }
 
     /// Ends item `idx` here with `outcome`, if it is still open here, and reports it before returning (not when it
@@ -372,14 +354,6 @@ impl JobService {
             }
             fetched => fetched,
         })
-    }
-}
-
-/// `item` with its callback settled as never to be sent (WORKERS_API_URL unset).
-fn not_configured(item: Item) -> Item {
-    Item {
-        callback_state: CallbackState::NotConfigured as i32,
-        ..item
     }
 }
 

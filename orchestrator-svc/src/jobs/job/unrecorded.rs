@@ -1,7 +1,8 @@
 //! Items that ended here whose record the job store did not take within the store patience (JOB_STORE=nats, NATS
 //! unreachable for longer than NATS_STORE_PATIENCE_SEC while the item's report was written): each as the store should
-//! hold it, its callback sent or given up. The holder of the item's task keeps the task until the store answers and
-//! then writes it (`jobs::cluster::late`): putting the task back ran the item again (a second callback), and
+//! hold it, its callback not sent yet (its first record gave up) or settled (its settled record did). The holder of
+//! the item's task keeps the task until the store answers, then writes it and sends a callback not sent yet if this
+//! end stands (`jobs::cluster::late`): putting the task back ran the item again (a second callback), and
 //! acknowledging it with only the settled record missing left every replica showing the callback pending for ever.
 
 use std::collections::BTreeMap;
