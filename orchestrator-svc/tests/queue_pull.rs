@@ -178,18 +178,30 @@ impl Setup {
     /// Under `jobs-state/{user}/{job}/{specHash}/` (the job's one spec here; `masks/` beside it holds EditJob's
     /// records, not item records).
     fn marker_exists(&self, job: &str, idx: u32) -> bool {
+        self.marker(job, idx).is_some()
+    }
+
+    /// The item record's JSON, if written.
+    fn marker(&self, job: &str, idx: u32) -> Option<serde_json::Value> {
         let job_dir = self
             .dir
             .path()
             .join(format!("storage/jobs-state/{USER}/{job}"));
         let is_spec_hash =
             |name: &str| name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
-        std::fs::read_dir(job_dir).is_ok_and(|specs| {
-            specs.filter_map(Result::ok).any(|spec| {
-                is_spec_hash(&spec.file_name().to_string_lossy())
-                    && spec.path().join(format!("{idx}.json")).is_file()
-            })
-        })
+        std::fs::read_dir(job_dir)
+            .ok()?
+            .filter_map(Result::ok)
+            .filter(|spec| is_spec_hash(&spec.file_name().to_string_lossy()))
+            .find_map(|spec| std::fs::read(spec.path().join(format!("{idx}.json"))).ok())
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+    }
+
+    /// The item record's callback state ("" when there is no record).
+    fn marker_callback(&self, job: &str, idx: u32) -> String {
+        self.marker(job, idx)
+            .and_then(|record| record["callbackState"].as_str().map(str::to_string))
+            .unwrap_or_default()
     }
 }
 
@@ -428,9 +440,9 @@ async fn a_job_of_a_killed_orchestrator_is_finished_by_another_without_duplicate
     let js = s.jetstream().await;
     publish(&js, vec![seed_job(JOB, IMAGES)]).await;
 
-    // A finishes (and records) its first item, then dies mid-job.
+    // A finishes its first item (called back, recorded settled), then dies mid-job.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !s.marker_exists(JOB, 0) {
+    while s.marker_callback(JOB, 0) != "CALLBACK_STATE_DELIVERED" {
         a.assert_running("A");
         if tokio::time::Instant::now() >= deadline {
             // Seen once in many runs, not reproduced since: say where the job stood.
@@ -774,4 +786,59 @@ async fn a_job_refused_for_good_calls_back_each_item_failed() {
             d.body["error"]
         );
     }
+}
+
+/// The worker dies while an item's callback is being retried (the receiver answered 503): the item was recorded
+/// before its callback, callback pending. The redelivery to another worker finds that record and sends the callback
+/// again (same webhook-id), instead of running the item again: with the segmenter now failing, that run ended FAILED
+/// after the COMPLETED the receiver may have seen, two ends of one item. (Before, the record was written only once
+/// the callback settled.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_whose_worker_died_mid_callback_is_called_back_again_not_run_again() {
+    let Some(s) = setup().await else { return };
+    const JOB: &str = "qp-mid-callback";
+    // The first attempt is refused; its retry would come 30 s later.
+    let receiver = Receiver::start(SECRET, vec![(503, Some(30))]).await;
+    s.put_inputs(JOB, 1).await;
+    let mut a = Worker::start(s.config(&receiver, 2));
+    let js = s.jetstream().await;
+    publish(&js, vec![seed_job(JOB, 1)]).await;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        receiver.wait_until("the first attempt", |d| !d.is_empty()),
+    )
+    .await
+    .expect("called back");
+    assert_eq!(
+        s.marker_callback(JOB, 0),
+        "CALLBACK_STATE_PENDING",
+        "recorded before its callback"
+    );
+    a.kill();
+    let runs = s.segmenter.counters.segment_calls.load(Ordering::SeqCst);
+    assert_eq!(runs, 1);
+    // Any run now fails.
+    s.segmenter
+        .faults
+        .unavailable_first
+        .store(1_000, Ordering::SeqCst);
+    let mut b = Worker::start(s.config(&receiver, 2));
+    wait_deliveries(&[&receiver], 2).await;
+    wait_queue_drained(&js).await;
+    b.stop().await;
+    let deliveries = of_job(&receiver, JOB);
+    assert_eq!(deliveries.len(), 2, "{deliveries:?}");
+    for d in &deliveries {
+        assert_eq!(d.body["status"], "completed", "{d:?}");
+    }
+    assert_eq!(
+        deliveries[0].webhook_id, deliveries[1].webhook_id,
+        "the same callback again"
+    );
+    assert_eq!(
+        s.segmenter.counters.segment_calls.load(Ordering::SeqCst),
+        runs,
+        "not run again"
+    );
+    assert_eq!(s.marker_callback(JOB, 0), "CALLBACK_STATE_DELIVERED");
 }

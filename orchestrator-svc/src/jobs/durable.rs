@@ -1,19 +1,22 @@
 //! Durable item records for jobs that may run more than once (ADAPTER=queue_pull: a queue message is redelivered
 //! when the worker that held it died).
 //!
-//! When an item of such a job ends, its callback is sent (if callbacks are on) and THEN the item is written to
-//! `jobs-state/{userId}/{jobId}/{specHash}/{idx}.json` (`keys::item_marker`: a job id reused with another spec finds
-//! no record of the first job's items). `specHash` is the hash of the message's spec as it came (`message_hash`),
-//! so that a redelivery to a replica with other presets finds the records too; records of releases before it were
-//! keyed by the effective spec's hash, which is read as well. A later run of the same job reads the record
-//! before starting the item (again after a storage error, `read_patiently`): a recorded item is taken as it ended,
-//! neither processed nor called back again. Outputs
-//! need no record: they are written under fixed keys, so a rerun overwrites them with the same objects.
+//! When an item of such a job ends, it is written to `jobs-state/{userId}/{jobId}/{specHash}/{idx}.json`
+//! (`keys::item_marker`: a job id reused with another spec finds no record of the first job's items) BEFORE its
+//! callback is sent, callback pending, and again once the callback is settled. `specHash` is the hash of the
+//! message's spec as it came (`message_hash`), so that a redelivery to a replica with other presets finds the records
+//! too; records of releases before it were keyed by the effective spec's hash, which is read as well. A later run of
+//! the same job reads the record before starting the item, for as long as storage does not answer
+//! (`read_patiently`): a recorded item is taken as it ended and never run again; if its callback was still pending
+//! (the earlier run died while sending it), that callback is sent again, same webhook-id
+//! (`Reporter::restore_durable`). Outputs need no
+//! record: they are written under fixed keys, so a rerun overwrites them with the same objects.
 //!
-//! The one window left: a worker dying between the callback's delivery and the record's write; the rerun then
-//! sends that item's callback once more (callbacks carry a stable webhook id, so receivers can drop it).
+//! Before, the record was written only after the callback: a worker dying in between (a callback retried for
+//! minutes, a SIGKILL) left the item unrecorded, and the rerun could end it otherwise (FAILED after COMPLETED): two
+//! ends of one item. What is left: a record that cannot be written before the callback even after a few seconds'
+//! waits (storage down as the item ends), followed by the worker's death before the settled write.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,60 +32,48 @@ use crate::storage::{SharedStore, StorageError};
 /// An item record is a few KB (mostly mask keys); anything far larger is not one of ours.
 const MAX_RECORD_BYTES: u64 = 16 << 20;
 
-/// The waits before reading a record again after a storage error (`read_patiently`, before an item runs). An item
-/// whose record cannot be read runs again; with storage still down, that run ends FAILED, and a caller an earlier
-/// run told COMPLETED hears FAILED too. A blip (the backend's own retries spent) is waited out here; an outage
-/// longer than these ~8 s still runs the item again.
-const READ_AGAIN_AFTER: [Duration; 3] = [
+/// The waits before reading (or writing) a record again after a storage error; the last one repeats while reading.
+const AGAIN_AFTER: [Duration; 3] = [
     Duration::from_millis(500),
     Duration::from_secs(2),
     Duration::from_secs(5),
 ];
 
+/// While a record stays unreadable, one warning per this many waits (about a minute).
+const WARN_EVERY: usize = 12;
+
 /// The recorded item `idx` of the job, if an earlier run recorded it. A record that cannot be read (storage down)
-/// counts as none: the item runs again, and outputs are overwritten with the same objects.
+/// counts as none.
 pub async fn read(store: &SharedStore, plan: &JobPlan, idx: u32) -> Option<Item> {
-    read_waiting(store, plan, idx, &[]).await.0
+    read_waiting(store, plan, idx, false).await
 }
 
-/// `read`, reading a record again after a storage error (`READ_AGAIN_AFTER`): for an item about to run, where a
-/// record missed is a second, maybe different, callback. `failing` is the job's: once one item's read spent its
-/// waits, the job's other items read once (as `read`) until a read succeeds, so an outage does not hold every
-/// item's permit through the waits in turn.
-pub async fn read_patiently(
-    store: &SharedStore,
-    plan: &JobPlan,
-    idx: u32,
-    failing: &AtomicBool,
-) -> Option<Item> {
-    let waits: &[Duration] = if failing.load(Ordering::Relaxed) {
-        &[]
-    } else {
-        &READ_AGAIN_AFTER
-    };
-    let (found, storage_failed) = read_waiting(store, plan, idx, waits).await;
-    failing.store(storage_failed, Ordering::Relaxed);
-    found
+/// `read` for an item about to run (or to be given up), where a record missed is a second, maybe different, end of
+/// the item: read again while storage fails (`Unavailable`), for as long as it does. Nothing can run while storage is
+/// down anyway (the photos are there); a run then ended FAILED, after the COMPLETED callback an earlier run sent.
+/// Callers select it against their job's cancel and the shutdown.
+pub async fn read_patiently(store: &SharedStore, plan: &JobPlan, idx: u32) -> Option<Item> {
+    read_waiting(store, plan, idx, true).await
 }
 
-/// The record, and whether a read ended on a storage error.
+/// The record; `patient`: read again while storage fails.
 async fn read_waiting(
     store: &SharedStore,
     plan: &JobPlan,
     idx: u32,
-    waits: &[Duration],
-) -> (Option<Item>, bool) {
+    patient: bool,
+) -> Option<Item> {
     let effective = super::job::spec_hash(&plan.effective_spec);
     let hashes = plan.message_hash.iter().chain(std::iter::once(&effective));
     for spec_hash in hashes {
         let key = keys::item_marker(&plan.user_id, &plan.job_id, spec_hash, idx);
-        match read_at(store, &key, waits).await {
+        match read_at(store, &key, patient).await {
             Read::Missing => {}
-            Read::Found(item) => return (item.map(|item| *item), false),
-            Read::Failed => return (None, true),
+            Read::Found(item) => return item.map(|item| *item),
+            Read::Failed => return None,
         }
     }
-    (None, false)
+    None
 }
 
 enum Read {
@@ -90,34 +81,38 @@ enum Read {
     Missing,
     /// A record; None when this run cannot use it (undecodable: the item runs again). Boxed: an Item is ~0.5 KB.
     Found(Option<Box<Item>>),
-    /// Storage kept failing through the waits: counted as none, the item runs again.
+    /// Storage failed (and `patient` was false): counted as none.
     Failed,
 }
 
-/// The record at `key`, read again after each of `waits` while storage fails (`Unavailable`; a key or size error
-/// will not change).
-async fn read_at(store: &SharedStore, key: &str, waits: &[Duration]) -> Read {
-    let mut waits = waits.iter();
+/// The record at `key`; `patient`: read again after each of `AGAIN_AFTER` (the last repeating) while storage fails
+/// (`Unavailable`; a key or size error will not change).
+async fn read_at(store: &SharedStore, key: &str, patient: bool) -> Read {
+    let mut failures = 0usize;
     loop {
         match store.get_at_most(key, MAX_RECORD_BYTES).await {
             Ok(bytes) => {
                 let item = decode(&bytes);
                 if item.is_none() {
                     tracing::warn!(%key, "unreadable item record; the item runs again");
+                } else if failures > 0 {
+                    tracing::info!(%key, failures, "item record read after storage errors");
                 }
                 return Read::Found(item.map(Box::new));
             }
             Err(StorageError::NotFound(_)) => return Read::Missing,
-            Err(e @ StorageError::Unavailable { .. }) => match waits.next() {
-                Some(&wait) => {
-                    tracing::warn!(%key, error = %Report(&e), wait_ms = wait.as_millis() as u64, "item record not readable; reading it again");
-                    tokio::time::sleep(wait).await;
+            Err(e @ StorageError::Unavailable { .. }) if patient => {
+                let wait = AGAIN_AFTER[failures.min(AGAIN_AFTER.len() - 1)];
+                if failures.is_multiple_of(WARN_EVERY) {
+                    tracing::warn!(%key, error = %Report(&e), failures, wait_ms = wait.as_millis() as u64, "item record not readable; the item waits for it");
                 }
-                None => {
-                    tracing::warn!(%key, error = %Report(&e), "item record not readable; the item runs again");
-                    return Read::Failed;
-                }
-            },
+                failures += 1;
+                tokio::time::sleep(wait).await;
+            }
+            Err(e @ StorageError::Unavailable { .. }) => {
+                tracing::warn!(%key, error = %Report(&e), "item record not readable");
+                return Read::Failed;
+            }
             Err(e) => {
                 tracing::warn!(%key, error = %Report(&e), "item record not readable; the item runs again");
                 return Read::Found(None);
@@ -126,11 +121,28 @@ async fn read_at(store: &SharedStore, key: &str, waits: &[Duration]) -> Read {
     }
 }
 
-/// Records item `idx` of the job as it is now (terminal, callback settled).
-pub async fn write(store: &SharedStore, job: &JobHandle, idx: u32) {
+/// Records item `idx` of the job as it is now, before its callback (callback pending): written again after a storage
+/// error (`AGAIN_AFTER`, ~8 s) before the callback goes out all the same.
+pub async fn write_before_callback(store: &SharedStore, job: &JobHandle, idx: u32) {
+    let mut waits = AGAIN_AFTER.iter();
+    while !write(store, job, idx).await {
+        let Some(&wait) = waits.next() else {
+            tracing::warn!(
+                idx,
+                "item record not written before its callback; sent all the same (a rerun after a crash now could run the item again)"
+            );
+            return;
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Records item `idx` of the job as it is now (terminal); whether every copy was written.
+pub async fn write(store: &SharedStore, job: &JobHandle, idx: u32) -> bool {
     let Some(item) = job.item(idx) else {
-        return;
+        return true;
     };
+    let mut written = true;
     // Under the message's spec, and under the effective spec's hash too, where a replica of an older release (a
     // rolling upgrade) taking the redelivery looks.
     let body = Bytes::from(encode(&item));
@@ -143,8 +155,10 @@ pub async fn write(store: &SharedStore, job: &JobHandle, idx: u32) {
         let key = keys::item_marker(&job.plan.user_id, &job.plan.job_id, spec_hash, idx);
         if let Err(e) = store.put(&key, body.clone(), "application/json").await {
             tracing::warn!(%key, error = %Report(&e), "item record not written; a rerun of the job would run the item again");
+            written = false;
         }
     }
+    written
 }
 
 /// The stored form of a terminal item.

@@ -28,12 +28,12 @@ impl JobService {
         let reporter = self.pipeline.reporter();
         let mut ended = Vec::new();
         for idx in 0..job.plan.image_count {
+            // Read for as long as storage fails: a record missed turned an item an earlier run ended (and called
+            // back) into a FAILED one, its record overwritten.
             if let Some(recorded) =
-                durable::read(self.pipeline.object_store(), &job.plan, idx).await
+                durable::read_patiently(self.pipeline.object_store(), &job.plan, idx).await
             {
-                if job.restore_item(idx, recorded) {
-                    job.durable_written.one_more();
-                }
+                reporter.restore_durable(&job, idx, recorded);
                 continue;
             }
             let outcome = ItemOutcome::Failed {

@@ -74,9 +74,6 @@ pub struct JobHandle {
     /// The receiver answered 410 Gone for this job's callback URL: the job's later callbacks are not sent (this
     /// process's view; a restart or another replica learns it from its own first attempt).
     pub callbacks_gone: AtomicBool,
-    /// Durable jobs: an item record read spent its waits on storage errors (`durable::read_patiently`); the job's
-    /// other items read theirs once until one read succeeds, instead of each holding a permit through the waits.
-    pub durable_reads_failing: AtomicBool,
     /// Items that ended here whose record the job store did not take in time (`unrecorded`).
     pub unrecorded: unrecorded::Unrecorded,
     /// The uploaded swatches its items in flight share (`swatches`).
@@ -129,7 +126,6 @@ impl JobHandle {
             settling: AtomicUsize::new(0),
             durable_written: Default::default(),
             callbacks_gone: AtomicBool::new(false),
-            durable_reads_failing: AtomicBool::new(false),
             unrecorded: Default::default(),
             swatches: Default::default(),
             events,

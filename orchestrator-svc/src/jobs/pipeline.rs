@@ -240,16 +240,12 @@ impl Pipeline {
         permit: OwnedSemaphorePermit,
         waiting: Waiting,
     ) {
-        // A job run again (durable jobs): an item an earlier run finished and called back is taken from its record.
+        // A job run again (durable jobs): an item an earlier run finished is taken from its record (its callback sent
+        // again if that run died sending it), never run again.
         if job.plan.durable_items {
-            let read = durable::read_patiently(
-                self.runner.store(),
-                &job.plan,
-                idx,
-                &job.durable_reads_failing,
-            );
-            // The read may wait out a storage error for seconds: a cancel (which ends the pending item) or a
-            // shutdown (which leaves it to the queue's redelivery) does not wait for it, and nothing starts after.
+            let read = durable::read_patiently(self.runner.store(), &job.plan, idx);
+            // The read waits for as long as storage fails: a cancel (which ends the pending item) or a shutdown
+            // (which leaves it to the queue's redelivery) does not wait for it, and nothing starts after.
             let recorded = tokio::select! {
                 biased;
                 _ = job.cancel.cancelled() => return drop((permit, waiting)),
@@ -258,8 +254,7 @@ impl Pipeline {
             };
             if let Some(recorded) = recorded {
                 drop((permit, waiting));
-                if job.restore_item(idx, recorded) {
-                    job.durable_written.one_more();
+                if self.reporter.restore_durable(&job, idx, recorded) {
                     tracing::info!("item already finished by an earlier run; not run again");
                 }
                 return;

@@ -40,7 +40,8 @@ impl JobService {
             return 0;
         }
         let spec_hash = super::job::spec_hash(spec);
-        // Items an earlier delivery finished have their record (written before their callback): they were told.
+        // Items an earlier delivery finished have their record (written before their callback): they were told, or
+        // (their worker died mid-callback) their end is recorded, and no FAILED callback may contradict it.
         // Where the record cannot be looked up, the item is left out rather than maybe told twice.
         let store = self.pipeline.object_store();
         let mut open = Vec::new();

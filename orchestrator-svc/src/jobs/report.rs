@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
-use palette_proto::orchestrator::v1::{Item, ItemState};
+use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState};
 use tokio_util::task::TaskTracker;
 
 use super::durable;
@@ -87,10 +87,13 @@ impl Reporter {
     }
 
     /// Like `item_ended`, done before it returns (JOB_STORE=nats: the item's task is acknowledged only after).
-    pub async fn item_ended_now(&self, job: &Arc<JobHandle>, ended: Ended) {
+    /// `last_delivery`: the task's last delivery, so no other replica ends the item: should its record give up, it is
+    /// called back all the same (withheld, a drain could end before the store answers, and nobody would call it back).
+    pub async fn item_ended_now(&self, job: &Arc<JobHandle>, ended: Ended, last_delivery: bool) {
         let Ended { item, settling } = ended;
         count_ended(job, &item);
-        self.settle_now(job, item, ReportKind::First).await;
+        self.settle(job, item, ReportKind::First, !last_delivery)
+            .await;
         drop(settling);
     }
 
@@ -111,6 +114,36 @@ impl Reporter {
     /// webhook-ids), like `items_ended`.
     pub fn settle_all(&self, job: &Arc<JobHandle>, items: Vec<Item>) {
         self.spawn_settle_all(job, items, ReportKind::Resend);
+    }
+
+    /// Durable jobs: an item an earlier run recorded, taken as it ended (`JobHandle::restore_item`) and counted
+    /// written; a record whose callback was still pending (that run died while sending it) has it sent again, same
+    /// webhook-id, and is counted once recorded settled. False when the item was no longer open here.
+    pub fn restore_durable(&self, job: &Arc<JobHandle>, idx: u32, recorded: Item) -> bool {
+        let pending = recorded.callback_state == CallbackState::Pending as i32;
+        let recorded = if pending && !self.callbacks_on() {
+            // Callbacks were turned off (WORKERS_API_URL unset) since: none will be sent.
+            Item {
+                callback_state: CallbackState::NotConfigured as i32,
+                ..recorded
+            }
+        } else {
+            recorded
+        };
+        if !job.restore_item(idx, recorded) {
+            return false;
+        }
+        match job.item(idx) {
+            Some(item) if pending && self.callbacks_on() => {
+                tracing::info!(
+                    idx,
+                    "item recorded by an earlier run with its callback pending: sending it again"
+                );
+                self.settle_all(job, vec![item]);
+            }
+            _ => job.durable_written.one_more(),
+        }
+        true
     }
 
     /// Whether an ended item of `job` has anything to report: a record to write or a callback to send.
@@ -154,6 +187,17 @@ impl Reporter {
     /// the first record of an item that just ended gives up, it is kept there before any callback, which the holder
     /// sends once it has written it.
     pub async fn settle_now(&self, job: &Arc<JobHandle>, item: Item, report: ReportKind) {
+        self.settle(job, item, report, true).await;
+    }
+
+    /// `settle_now`; `withhold_unrecorded`: a first report whose record gives up is not called back (see there).
+    async fn settle(
+        &self,
+        job: &Arc<JobHandle>,
+        item: Item,
+        report: ReportKind,
+        withhold_unrecorded: bool,
+    ) {
         // Until the last record below is written, retention keeps the job (and its records).
         let _settling = job.settling();
         let store = job.plan.durable_items.then(|| self.store.clone());
@@ -171,15 +215,25 @@ impl Reporter {
                 // one item. The task's holder writes it once NATS answers, and calls it back if this end stands
                 // (`cluster::late`).
                 Kept::Unwritten
-                    if report == ReportKind::First && !self.store_patience.is_zero() =>
+                    if report == ReportKind::First
+                        && withhold_unrecorded
+                        && !self.store_patience.is_zero() =>
                 {
                     job.unrecorded.keep(item);
                     return;
                 }
-                // Called back all the same, only the record late: a resend's first record exists already, and with
-                // JOB_STORE=local nobody but this process ends the item.
+                // Called back all the same, only the record late: a resend's first record exists already, on a task's
+                // last delivery no other replica ends the item, and with JOB_STORE=local nobody but this process does.
                 Kept::Unwritten => unrecorded = Some(item.clone()),
             }
+        }
+        // Durable jobs: recorded before anyone is told (callback pending), so a rerun after a crash sends this callback
+        // again instead of running the item again, maybe to another end; recorded again below once settled.
+        if let Some(store) = &store
+            && self.callbacks.is_some()
+            && report == ReportKind::First
+        {
+            durable::write_before_callback(store, job, item.idx).await;
         }
         if let Some(sender) = &self.callbacks {
             let about = CallbackJob {
@@ -227,7 +281,7 @@ impl Reporter {
                 unrecorded = matches!(kept, Kept::Unwritten).then_some(settled);
             }
         }
-        // Durable jobs: recorded only once the callback is settled, so a rerun never sends it again.
+        // Durable jobs: recorded settled, so a rerun never sends it again (and only then counted written).
         if let Some(store) = store {
             durable::write(&store, job, item.idx).await;
             job.durable_written.one_more();
@@ -359,44 +413,4 @@ pub fn callback_body(job: CallbackJob<'_>, item: &Item) -> CallbackBody {
 }
 
 #[cfg(test)]
-mod tests {
-    use palette_proto::orchestrator::v1::JobSpec;
-
-    use super::*;
-    use crate::jobs::job::ItemOutcome;
-    use crate::jobs::validate::JobPlan;
-
-    /// What ADAPTER=queue_pull acknowledges its message after (`adapters::queue_pull::follow`): a durable item is
-    /// counted written only once its record is in storage, callbacks off included (settled at once).
-    #[tokio::test]
-    async fn a_durable_item_counts_as_written_once_its_record_is_stored() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
-        let reporter = Reporter::new(store.clone(), None, TaskTracker::new(), None);
-        let plan = JobPlan {
-            user_id: "u".into(),
-            job_id: "j".into(),
-            image_count: 1,
-            concepts: vec!["wall".into()],
-            rules: vec![],
-            effective_spec: JobSpec::default(),
-            durable_items: true,
-            message_hash: None,
-            source: None,
-            preset: None,
-        };
-        let job = Arc::new(JobHandle::new(plan, 1));
-        let mut written = job.durable_written.watch();
-        let item = job.finish_item(0, ItemOutcome::Cancelled, false).unwrap();
-        reporter.item_ended(&job, item);
-        tokio::time::timeout(Duration::from_secs(10), written.changed())
-            .await
-            .expect("counted")
-            .unwrap();
-        assert_eq!(*written.borrow(), 1);
-        assert!(
-            durable::read(&store, &job.plan, 0).await.is_some(),
-            "recorded before it is counted"
-        );
-    }
-}
+mod tests;

@@ -32,7 +32,7 @@ fn claims_dir() -> PathBuf {
 }
 
 /// Claims `port` for this process's lifetime; false when another live process holds it. Without a usable claims
-/// directory the probe bind alone decides, as before.
+/// directory (or locks) the probe bind alone decides, as before.
 fn claim(port: u16) -> bool {
     static HELD: Mutex<Vec<File>> = Mutex::new(Vec::new());
     let Ok(file) = File::options()
@@ -43,8 +43,11 @@ fn claim(port: u16) -> bool {
     else {
         return true;
     };
-    if file.try_lock().is_err() {
-        return false;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return false,
+        // No locks on this filesystem: the probe bind alone decides.
+        Err(std::fs::TryLockError::Error(_)) => return true,
     }
     HELD.lock().unwrap_or_else(|p| p.into_inner()).push(file);
     true

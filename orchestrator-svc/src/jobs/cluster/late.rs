@@ -19,7 +19,7 @@ use super::patience::{Unread, patiently};
 use super::{Cluster, ItemTask, TaskEnd};
 use crate::jobs::job::{JobHandle, is_older_report};
 use crate::jobs::report::{ReportKind, Reporter};
-use crate::jobs::store::{JobStore, RecordKey, StoreError, Written};
+use crate::jobs::store::{JobStore, RunKey, StoreError, Written};
 
 /// How the task of an item that ended here ends. `last`: the consumer's last delivery of the task (nothing is put
 /// back then: JetStream never delivers it again). `stopping`: this replica drains, and the task may go back.
@@ -33,17 +33,36 @@ pub(super) async fn release(
 ) -> TaskEnd {
     let key = task.job();
     let idx = task.idx;
+    let run = crate::jobs::store::run_of(job);
+    let mut counted = false;
     // Again after a callback sent below, whose settled record may have given up in turn.
     while let Some(mine) = job.unrecorded.get(idx) {
-        let stands = match patiently(task, &stopping, || write(cluster, &key, &mine)).await {
-            Ok(stands) => stands,
-            // Recorded, if unreadable here.
-            Err(Unread::Corrupt(_)) => return TaskEnd::Done,
+        let stands = match patiently(task, &stopping, || write(cluster, &run, &mine)).await {
+            Ok(Some(stands)) => stands,
+            // The run is gone (forgotten on another replica once its items ended there) or the job id runs again
+            // under the same spec: this end belongs to nobody now, and its record would be taken by the next run.
+            Ok(None) => {
+                job.unrecorded.written(&mine);
+                tracing::warn!(job_id = %task.job_id, idx, "item ended here while the job store was unreachable, but its job was forgotten (or submitted again) meanwhile; this end is dropped");
+                return TaskEnd::Done;
+            }
+            // Recorded, if unreadable here (the replica that wrote it reported it): this end is not called back.
+            Err(Unread::Corrupt(_)) => {
+                job.unrecorded.written(&mine);
+                job.record_callback(
+                    idx,
+                    false,
+                    0,
+                    Some("not sent from this replica: the job store holds a record of the item it cannot read".into()),
+                );
+                return TaskEnd::Done;
+            }
             // Its next holder finds the record missing (runs the item again) or pending (calls it back again).
             Err(Unread::Stopping) => return TaskEnd::Again(cluster.settings().progress_every()),
         };
         job.unrecorded.written(&mine);
-        if stands == mine {
+        if stands == mine && !counted {
+            counted = true;
             metrics::counter!("orchestrator_items_recorded_late_total").increment(1);
             tracing::info!(job_id = %task.job_id, idx, "item recorded late, once the job store answered again");
         }
@@ -114,14 +133,23 @@ fn not_configured(item: Item) -> Item {
 /// Writes `mine`, the item as it ended here, unless the store holds another end of it (another holder's, whose
 /// lease began after this replica's ran out while NATS was down): this replica's own write that gave up may have
 /// been committed all the same (the same record: stored; its first record, callback pending: the settled one
-/// replaces it). The item as the store holds it once written: `mine`, or the end that stands.
-async fn write(cluster: &Cluster, key: &RecordKey, mine: &Item) -> Result<Item, StoreError> {
+/// replaces it). The item as the store holds it once written: `mine`, or the end that stands; None when the job's
+/// record is no longer this run's (forgotten meanwhile, or a new run under the same key: item keys carry no seq).
+async fn write(cluster: &Cluster, run: &RunKey, mine: &Item) -> Result<Option<Item>, StoreError> {
     let store = cluster.store();
+    let key = &run.job;
+    let this_run = store
+        .job(&key.user_id, &key.job_id)
+        .await?
+        .is_some_and(|record| record.spec_hash == key.spec_hash && record.seq == run.seq);
+    if !this_run {
+        return Ok(None);
+    }
     let recorded = match store.put_first_item(key, mine, true).await? {
-        Written::Stored => return Ok(mine.clone()),
+        Written::Stored => return Ok(Some(mine.clone())),
         Written::Conflict(recorded) if is_older_report(&recorded, mine) => {
             match store.put_item(key, mine).await? {
-                Written::Stored => return Ok(mine.clone()),
+                Written::Stored => return Ok(Some(mine.clone())),
                 Written::Conflict(recorded) => recorded,
             }
         }
@@ -130,5 +158,5 @@ async fn write(cluster: &Cluster, key: &RecordKey, mine: &Item) -> Result<Item, 
     if recorded.state != mine.state {
         tracing::warn!(job_id = %key.job_id, idx = mine.idx, recorded = recorded.state, "item recorded meanwhile with another end; that one stands");
     }
-    Ok(*recorded)
+    Ok(Some(*recorded))
 }

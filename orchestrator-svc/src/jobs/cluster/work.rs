@@ -269,10 +269,10 @@ impl JobService {
                 ),
             };
             tracing::warn!(job_id = %task.job_id, idx, delivered, "item delivered too often; given up");
-            self.end_here(&job, idx, outcome).await;
+            self.end_here(&job, idx, outcome, last).await;
         } else if job.cancel.is_cancelled() {
             let _slot = ending_slot(cluster, permit).await;
-            self.end_here(&job, idx, ItemOutcome::Cancelled).await;
+            self.end_here(&job, idx, ItemOutcome::Cancelled, last).await;
         } else if let Some(why) = unrunnable {
             if delivered < cluster.settings().max_deliveries {
                 // During a rolling upgrade or config change another replica may read or plan it: put back (each
@@ -281,7 +281,8 @@ impl JobService {
                 return TaskEnd::Again(cluster.settings().progress_every());
             }
             tracing::error!(job_id = %task.job_id, idx, reason = %why, "recorded job cannot run on any replica that took it; its item fails");
-            self.end_here(&job, idx, unrunnable::outcome(&why)).await;
+            self.end_here(&job, idx, unrunnable::outcome(&why), last)
+                .await;
         } else if self.pipeline.is_stopping() {
             // Shutting down: another replica runs it (or, past NATS_MAX_DELIVERIES, gives it up: this is not the last
             // delivery, which ended the item above).
@@ -298,7 +299,7 @@ impl JobService {
             }
             if let Some(item) = self.pipeline.execute_item(&job, idx, permit, true).await {
                 metrics::counter!("orchestrator_item_tasks_run_total").increment(1);
-                reporter.item_ended_now(&job, item).await;
+                reporter.item_ended_now(&job, item, last).await;
             }
         }
         // Released only once the terminal state is recorded: a crash before that leaves the task to another replica.
@@ -306,11 +307,11 @@ impl JobService {
     }
 
     /// Ends item `idx` here with `outcome`, if it is still open here, and reports it before returning (not when it
-    /// ended here already: `late::release` then finds how).
-    async fn end_here(&self, job: &Arc<JobHandle>, idx: u32, outcome: ItemOutcome) {
+    /// ended here already: `late::release` then finds how). `last`: the task's last delivery.
+    async fn end_here(&self, job: &Arc<JobHandle>, idx: u32, outcome: ItemOutcome, last: bool) {
         let reporter = self.pipeline.reporter();
         if let Some(item) = job.finish_item(idx, outcome, reporter.callbacks_on()) {
-            reporter.item_ended_now(job, item).await;
+            reporter.item_ended_now(job, item, last).await;
         }
     }
 

@@ -160,11 +160,11 @@ impl crate::storage::ObjectStore for Flaky {
     }
 }
 
-/// A redelivered item whose record reads fail for a moment is found recorded, not run again (with storage down
-/// for that run too, it would have ended FAILED after its COMPLETED callback); an outage past the waits still
-/// runs it, as `read` always does.
+/// A redelivered item whose record reads fail is found recorded once storage answers, however long that takes: it
+/// is never run again for want of its record (with storage down, that run ended FAILED after the COMPLETED callback
+/// an earlier run sent). `read`, for what is not about to run, reads once.
 #[tokio::test(start_paused = true)]
-async fn a_record_unreadable_for_a_moment_is_read_again_before_the_item_runs() {
+async fn a_record_unreadable_for_a_while_is_read_again_until_storage_answers() {
     let dir = tempfile::tempdir().unwrap();
     let flaky = |failures| -> SharedStore {
         std::sync::Arc::new(Flaky {
@@ -174,34 +174,89 @@ async fn a_record_unreadable_for_a_moment_is_read_again_before_the_item_runs() {
     };
     recorded(&flaky(0), plan(JobSpec::default(), None)).await;
     let job = plan(JobSpec::default(), None);
-    let all_waits: Duration = READ_AGAIN_AFTER.iter().sum();
     assert!(
         read(&flaky(1), &job, 0).await.is_none(),
         "read: one failure is none"
     );
-    let failing = AtomicBool::new(false);
-    let started = tokio::time::Instant::now();
-    let found = read_patiently(&flaky(READ_AGAIN_AFTER.len()), &job, 0, &failing).await;
-    assert!(found.is_some(), "found after the waits");
-    assert_eq!(started.elapsed(), all_waits, "every wait taken");
-    assert!(!failing.load(Ordering::Relaxed));
-    // Storage down past the waits: none (the item runs again), and the job's next reads do not wait ...
-    let started = tokio::time::Instant::now();
-    let store = flaky(READ_AGAIN_AFTER.len() + 2);
-    assert!(read_patiently(&store, &job, 0, &failing).await.is_none());
-    assert_eq!(started.elapsed(), all_waits);
-    assert!(failing.load(Ordering::Relaxed));
-    let started = tokio::time::Instant::now();
-    assert!(
-        read_patiently(&store, &job, 0, &failing).await.is_none(),
-        "one read, failed"
+    for failures in [1, 3, 40] {
+        let started = tokio::time::Instant::now();
+        let found = read_patiently(&flaky(failures), &job, 0).await;
+        assert!(found.is_some(), "found after {failures} failures");
+        let waited: Duration = (0..failures)
+            .map(|n| AGAIN_AFTER[n.min(AGAIN_AFTER.len() - 1)])
+            .sum();
+        assert_eq!(
+            started.elapsed(),
+            waited,
+            "{failures} waits, the last repeating"
+        );
+    }
+    // A record never written: none, at once.
+    let other = plan(
+        JobSpec {
+            job_id: "another".into(),
+            ..Default::default()
+        },
+        None,
     );
-    assert_eq!(
-        started.elapsed(),
-        Duration::ZERO,
-        "no waits while the job's reads fail"
-    );
-    // ... until one succeeds: the waits are back.
-    assert!(read_patiently(&store, &job, 0, &failing).await.is_some());
-    assert!(!failing.load(Ordering::Relaxed));
+    let other = JobPlan {
+        job_id: "another".into(),
+        ..other
+    };
+    let started = tokio::time::Instant::now();
+    assert!(read_patiently(&flaky(0), &other, 0).await.is_none());
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
+/// A record that cannot be written before the callback is written again after the waits, then given up (the
+/// callback goes out all the same).
+#[tokio::test(start_paused = true)]
+async fn a_record_before_the_callback_is_written_again_after_a_storage_error() {
+    #[derive(Debug)]
+    struct FailingPuts {
+        inner: crate::storage::LocalStore,
+        failures: std::sync::atomic::AtomicUsize,
+    }
+    #[async_trait::async_trait]
+    impl crate::storage::ObjectStore for FailingPuts {
+        async fn get_at_most(&self, key: &str, max: u64) -> Result<Bytes, StorageError> {
+            self.inner.get_at_most(key, max).await
+        }
+        async fn put(&self, key: &str, body: Bytes, ct: &str) -> Result<(), StorageError> {
+            use std::sync::atomic::Ordering;
+            if self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(StorageError::unavailable(key, "injected 503"));
+            }
+            self.inner.put(key, body, ct).await
+        }
+        async fn head(
+            &self,
+            key: &str,
+        ) -> Result<Option<crate::storage::ObjectMeta>, StorageError> {
+            self.inner.head(key).await
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = |failures| -> SharedStore {
+        std::sync::Arc::new(FailingPuts {
+            inner: crate::storage::LocalStore::new(dir.path()).unwrap(),
+            failures: std::sync::atomic::AtomicUsize::new(failures),
+        })
+    };
+    let job = std::sync::Arc::new(JobHandle::new(plan(JobSpec::default(), None), 1));
+    drop(job.finish_item(0, super::super::job::ItemOutcome::Cancelled, true));
+    // One copy (no message hash): two failed puts, then written.
+    let started = tokio::time::Instant::now();
+    write_before_callback(&store(2), &job, 0).await;
+    assert_eq!(started.elapsed(), AGAIN_AFTER[0] + AGAIN_AFTER[1]);
+    let found = read(&store(0), &job.plan, 0).await.expect("recorded");
+    assert_eq!(found.callback_state, CallbackState::Pending as i32);
+    // Storage down throughout: every wait, then given up.
+    let started = tokio::time::Instant::now();
+    write_before_callback(&store(100), &job, 0).await;
+    assert_eq!(started.elapsed(), AGAIN_AFTER.iter().sum::<Duration>());
 }
