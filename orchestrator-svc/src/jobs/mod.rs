@@ -223,6 +223,7 @@ impl JobService {
         let source = edit::record::read_photos(store, &request.user_id, &request.source_job_id)
             .await
             .map_err(|e| e.of_photos(&request.source_job_id))?;
+        edit::check_not_the_photos_job(request, &source)?;
         let plan = edit::plan_edit(request, &source, &self.presets, self.limits)?;
         let spec = plan.effective_spec.clone();
         self.register(&spec, plan).await

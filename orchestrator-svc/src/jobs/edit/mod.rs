@@ -49,6 +49,27 @@ pub fn check_request(request: &EditJobRequest) -> Result<(), ApiError> {
     v.finish()
 }
 
+/// An EditJob's id is not the job whose photos and masks it reads: an edit of an edit reads the first job's, and
+/// writes outputs and previews under its own id; under that job's id it overwrote that job's results (and GetJob of
+/// it answered with the edit). (`check_request` compares with the source job id alone, before the source is read.)
+pub fn check_not_the_photos_job(
+    request: &EditJobRequest,
+    source: &PhotosRecord,
+) -> Result<(), ApiError> {
+    let mut v = Violations::default();
+    if request.job_id == source.photos_job_id {
+        v.add(
+            "job_id",
+            format!(
+                "must differ from {:?}, whose photos and masks this edit reads (through {:?}): an edit is a job of \
+                 its own",
+                source.photos_job_id, request.source_job_id
+            ),
+        );
+    }
+    v.finish()
+}
+
 /// The edit's plan: the source's concepts and image count with the request's rules, validated as a job spec is;
 /// a rule (or occluder) on a concept the source did not segment is a violation naming it.
 pub fn plan_edit(
@@ -338,6 +359,13 @@ mod tests {
         own.source_job_id = own.job_id.clone();
         assert_eq!(fields(check_request(&own).unwrap_err()), ["job_id"]);
         check_request(&request(rules())).unwrap();
+        // Nor the job whose photos its source (an edit) read: it overwrote that job's outputs and previews.
+        let mut photos_owner = request(rules());
+        photos_owner.job_id = source().photos_job_id;
+        let err = check_not_the_photos_job(&photos_owner, &source()).unwrap_err();
+        assert!(err.to_string().contains("whose photos and masks"), "{err}");
+        assert_eq!(fields(err), ["job_id"]);
+        check_not_the_photos_job(&request(rules()), &source()).unwrap();
     }
 
     #[test]

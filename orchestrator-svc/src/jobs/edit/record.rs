@@ -170,7 +170,21 @@ pub async fn read_photos(
     user_id: &str,
     job_id: &str,
 ) -> Result<PhotosRecord, RecordError> {
-    read_json(store, &keys::photos_record(user_id, job_id)).await
+    let key = keys::photos_record(user_id, job_id);
+    let record: PhotosRecord = read_json(store, &key).await?;
+    // Its ids make object and cache keys, as a request's do: checked as a request's are.
+    let problem = keys::id_problem(&record.photos_job_id)
+        .map(|p| format!("its photos job id {:?} {p}", record.photos_job_id))
+        .or_else(|| {
+            keys::id_problem(&record.run)
+                .filter(|_| !record.run.is_empty())
+                .map(|p| format!("its run {:?} {p}", record.run))
+        })
+        .or_else(|| (record.image_count == 0).then(|| "it has no images".to_string()));
+    match problem {
+        Some(reason) => Err(RecordError::Unreadable { key, reason }),
+        None => Ok(record),
+    }
 }
 
 /// The masks record of photo `idx` (key, JSON body), for the item to write once its masks are stored.
@@ -244,6 +258,49 @@ mod tests {
         };
         assert_eq!(record.unsegmented(&["floor", "wall"]), None);
         assert_eq!(record.unsegmented(&["wall", "sofa"]), Some("sofa"));
+    }
+
+    /// A photos record's ids make object and cache keys: one that would not pass as a request's id, or one without
+    /// images (PreviewEdit's index range), is unusable, not used.
+    #[tokio::test]
+    async fn a_photos_record_with_unsafe_ids_or_no_images_is_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore =
+            std::sync::Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
+        let good = PhotosRecord {
+            photos_job_id: "photos".into(),
+            concepts: vec!["wall".into()],
+            image_count: 2,
+            run: "0123abcd".into(),
+        };
+        let bad = [
+            PhotosRecord {
+                photos_job_id: "../other-user".into(),
+                ..good.clone()
+            },
+            PhotosRecord {
+                run: "a|b".into(),
+                ..good.clone()
+            },
+            PhotosRecord {
+                image_count: 0,
+                ..good.clone()
+            },
+        ];
+        let key = keys::photos_record("u", "j");
+        for (record, says) in bad.iter().zip(["photos job id", "run", "no images"]) {
+            let body = Bytes::from(serde_json::to_vec(record).unwrap());
+            store.put(&key, body, "application/json").await.unwrap();
+            match read_photos(&store, "u", "j").await {
+                Err(RecordError::Unreadable { reason, .. }) => {
+                    assert!(reason.contains(says), "{reason}")
+                }
+                other => panic!("{record:?}: {other:?}"),
+            }
+        }
+        let body = Bytes::from(serde_json::to_vec(&good).unwrap());
+        store.put(&key, body, "application/json").await.unwrap();
+        assert_eq!(read_photos(&store, "u", "j").await.unwrap(), good);
     }
 
     #[test]

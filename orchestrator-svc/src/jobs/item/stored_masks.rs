@@ -204,13 +204,23 @@ fn paste_max(
             entry.image_width, entry.image_height
         )));
     }
-    if entry.grid_width > 0 {
-        // A model grid: upsampled into the union over its rectangle, as the job that stored it did.
-        let at = mask_grid::read_placement(png)
-            .ok_or_else(|| bad("a grid mask without its placement chunk".into()))?;
-        let grid = mask_grid::decode(png, &at, width, height).map_err(bad)?;
-        mask_grid::upsample_rows(&grid, &at, |y, x, row| union.fold_row(y, x, row));
-        return Ok(());
+    // The PNG says what it is; the record only agrees with it while both are of one run. A PNG stored again by a
+    // later run of the job id (another MASK_LAYOUT) pasted as the record's layout painted the wrong region.
+    let other_run = || {
+        bad("the mask PNG was stored by another run of the job than its record (stored again since?); submit the \
+             job again to segment the photo"
+            .into())
+    };
+    match (entry.grid_width > 0, mask_grid::read_placement(png)) {
+        (true, Some(at)) => {
+            // A model grid: upsampled into the union over its rectangle, as the job that stored it did.
+            let grid = mask_grid::decode(png, &at, width, height).map_err(bad)?;
+            mask_grid::upsample_rows(&grid, &at, |y, x, row| union.fold_row(y, x, row));
+            return Ok(());
+        }
+        (true, None) => return Err(bad("a grid mask without its placement chunk".into())),
+        (false, Some(_)) => return Err(other_run()),
+        (false, None) => {}
     }
     // At most the photo's size: a crop is never larger (checked before decoding, see `mask_png::bounded`).
     let crop = mask_png::bounded::gray_within(png, width, height).map_err(bad)?;
@@ -319,6 +329,43 @@ mod tests {
                 job_union.into_image() == edit_union.into_image(),
                 "{layout:?}"
             );
+        }
+    }
+
+    /// A record and a PNG of different runs (the job id run again with another MASK_LAYOUT): a grid PNG under a
+    /// crop entry was pasted raw at (0, 0), the wrong region painted; now the item fails naming the mask.
+    #[test]
+    fn a_png_of_another_layout_than_its_record_is_refused() {
+        use crate::config::MaskLayout;
+        use crate::jobs::item::instance_masks::instance_mask;
+        use palette_rules::mask::{ModelMask, PixelBox};
+        let (w, h) = (301u32, 203u32);
+        let probs = vec![255u8; 12 * 9];
+        let model = ModelMask {
+            width: 12,
+            height: 9,
+            probs: &probs,
+        };
+        let bbox = PixelBox {
+            x0: 10.0,
+            y0: 20.0,
+            x1: 150.0,
+            y1: 120.0,
+        };
+        let grid = instance_mask(&model, bbox, (w, h), None, MaskLayout::Grid);
+        let crop = instance_mask(&model, bbox, (w, h), None, MaskLayout::Crop);
+        let grid_entry = StoredMask {
+            grid_width: grid.grid.0,
+            grid_height: grid.grid.1,
+            ..entry(w, h)
+        };
+        let mut union = UnionPlane::new(w, h);
+        for (entry, png, says) in [
+            (entry(w, h), &grid.png, "another run"),
+            (grid_entry, &crop.png, "placement chunk"),
+        ] {
+            let err = paste_max(&mut union, &entry, png, (w, h)).unwrap_err();
+            assert!(err.to_string().contains(says), "{err}");
         }
     }
 
