@@ -786,6 +786,18 @@ async fn a_job_refused_for_good_calls_back_each_item_failed() {
             d.body["error"]
         );
     }
+    // Each recorded with its end and its settled callback, so a later delivery to a replica that has the preset
+    // takes them as ended instead of running them; the item an earlier delivery recorded keeps its record.
+    for idx in [0, 1] {
+        let record = s.marker("qp-no-such-preset", idx).expect("recorded");
+        assert_eq!(record["state"], "ITEM_STATE_FAILED", "{record}");
+        assert_eq!(record["errorCode"], "invalid_job", "{record}");
+        assert_eq!(
+            record["callbackState"], "CALLBACK_STATE_DELIVERED",
+            "{record}"
+        );
+    }
+    assert_eq!(s.marker("qp-no-such-preset", 2), Some(json!({})));
 }
 
 /// The worker dies while an item's callback is being retried (the receiver answered 503): the item was recorded

@@ -124,11 +124,52 @@ async fn read_at(store: &SharedStore, key: &str, patient: bool) -> Read {
 /// Records item `idx` of the job as it is now, before its callback (callback pending): written again after a storage
 /// error (`AGAIN_AFTER`, ~8 s) before the callback goes out all the same.
 pub async fn write_before_callback(store: &SharedStore, job: &JobHandle, idx: u32) {
+    again_on_failure(|| write(store, job, idx)).await;
+}
+
+/// Records item `idx` of the job as it is now (terminal); whether every copy was written.
+pub async fn write(store: &SharedStore, job: &JobHandle, idx: u32) -> bool {
+    let Some(item) = job.item(idx) else {
+        return true;
+    };
+    // Under the message's spec, and under the effective spec's hash too, where a replica of an older release (a
+    // rolling upgrade) taking the redelivery looks.
+    let hashes = job
+        .plan
+        .message_hash
+        .iter()
+        .chain(std::iter::once(&job.spec_hash));
+    let mut written = true;
+    for spec_hash in hashes {
+        let key = keys::item_marker(&job.plan.user_id, &job.plan.job_id, spec_hash, idx);
+        written &= put(store, &key, &item).await;
+    }
+    written
+}
+
+/// Writes `item`'s record at `key`; whether it was written.
+pub async fn put(store: &SharedStore, key: &str, item: &Item) -> bool {
+    let body = Bytes::from(encode(item));
+    match store.put(key, body, "application/json").await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(%key, error = %Report(&e), "item record not written; a rerun of the job would run the item again");
+            false
+        }
+    }
+}
+
+/// `put` before the item's callback, as `write_before_callback`.
+pub async fn put_before_callback(store: &SharedStore, key: &str, item: &Item) {
+    again_on_failure(|| put(store, key, item)).await;
+}
+
+/// Runs `attempt` again after each of `AGAIN_AFTER` while it fails, then gives up.
+async fn again_on_failure<Fut: Future<Output = bool>>(attempt: impl Fn() -> Fut) {
     let mut waits = AGAIN_AFTER.iter();
-    while !write(store, job, idx).await {
+    while !attempt().await {
         let Some(&wait) = waits.next() else {
             tracing::warn!(
-                idx,
                 "item record not written before its callback; sent all the same (a rerun after a crash now could run the item again)"
             );
             return;
@@ -137,28 +178,28 @@ pub async fn write_before_callback(store: &SharedStore, job: &JobHandle, idx: u3
     }
 }
 
-/// Records item `idx` of the job as it is now (terminal); whether every copy was written.
-pub async fn write(store: &SharedStore, job: &JobHandle, idx: u32) -> bool {
-    let Some(item) = job.item(idx) else {
-        return true;
-    };
-    let mut written = true;
-    // Under the message's spec, and under the effective spec's hash too, where a replica of an older release (a
-    // rolling upgrade) taking the redelivery looks.
-    let body = Bytes::from(encode(&item));
-    let hashes = job
-        .plan
-        .message_hash
-        .iter()
-        .chain(std::iter::once(&job.spec_hash));
-    for spec_hash in hashes {
-        let key = keys::item_marker(&job.plan.user_id, &job.plan.job_id, spec_hash, idx);
-        if let Err(e) = store.put(&key, body.clone(), "application/json").await {
-            tracing::warn!(%key, error = %Report(&e), "item record not written; a rerun of the job would run the item again");
-            written = false;
+/// Whether a record exists at `key`, asked for as long as storage fails (`Unavailable`): a refused job's item with
+/// a record was told its end by an earlier delivery. Another error says nothing: counted as recorded, so the item
+/// is not told a FAILED end that may contradict one it was told.
+pub async fn exists_patiently(store: &SharedStore, key: &str) -> bool {
+    let mut failures = 0usize;
+    loop {
+        match store.head(key).await {
+            Ok(found) => return found.is_some(),
+            Err(e @ StorageError::Unavailable { .. }) => {
+                let wait = AGAIN_AFTER[failures.min(AGAIN_AFTER.len() - 1)];
+                if failures.is_multiple_of(WARN_EVERY) {
+                    tracing::warn!(%key, error = %Report(&e), failures, "item record not looked up; asking again");
+                }
+                failures += 1;
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = %Report(&e), "item record cannot be looked up; taken as recorded");
+                return true;
+            }
         }
     }
-    written
 }
 
 /// The stored form of a terminal item.

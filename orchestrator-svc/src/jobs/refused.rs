@@ -7,13 +7,19 @@
 //! finished (their record exists: they were called back; e.g. a replica with the job's preset ran part of it and
 //! stopped) and jobs that exist under the key are left alone.
 
-use futures::future::join_all;
-use palette_proto::orchestrator::v1::JobSpec;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{JobKey, JobService};
-use crate::callback::{CallbackBody, CallbackJob};
-use crate::error::{ApiError, Report};
+use futures::StreamExt;
+use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState, JobSpec};
+
+use super::report::callback_body;
+use super::{JobKey, JobService, durable};
+use crate::callback::CallbackJob;
+use crate::error::ApiError;
 use crate::keys;
+
+/// Refused items called back at once (CALLBACK_CONCURRENCY's default).
+const SENT_TOGETHER: usize = 16;
 
 /// `error_code` of the items of a queued job refused for good.
 pub const INVALID_JOB: &str = "invalid_job";
@@ -41,18 +47,14 @@ impl JobService {
         }
         let spec_hash = super::job::spec_hash(spec);
         // Items an earlier delivery finished have their record (written before their callback): they were told, or
-        // (their worker died mid-callback) their end is recorded, and no FAILED callback may contradict it.
-        // Where the record cannot be looked up, the item is left out rather than maybe told twice.
+        // (their worker died mid-callback) their end is recorded, and no FAILED callback may contradict it. Looked up
+        // for as long as storage fails: an item skipped here was never called back.
         let store = self.pipeline.object_store();
         let mut open = Vec::new();
         for idx in 0..spec.image_count {
             let key = keys::item_marker(&spec.user_id, &spec.job_id, &spec_hash, idx);
-            match store.head(&key).await {
-                Ok(None) => open.push(idx),
-                Ok(Some(_)) => {}
-                Err(e) => {
-                    tracing::warn!(%key, error = %Report(&e), "refused job: an item record cannot be looked up; not called back")
-                }
+            if !durable::exists_patiently(store, &key).await {
+                open.push(idx);
             }
         }
         let about = CallbackJob {
@@ -61,24 +63,45 @@ impl JobService {
             spec_hash: &spec_hash,
         };
         let message = format!("the job was refused: {error}");
-        let sends = open.iter().map(|&idx| {
-            let body = CallbackBody {
-                idx,
-                status: "failed",
-                output_key: None,
-                preview_key: None,
-                error: Some(message.clone()),
-                error_code: Some(INVALID_JOB.into()),
-                user_id: spec.user_id.clone(),
-                job_id: spec.job_id.clone(),
-                outputs: Vec::new(),
-                masks: Vec::new(),
-            };
-            let sender = sender.clone();
-            async move { sender.deliver(about, &body).await }
-        });
-        let outcomes = join_all(sends).await;
-        let delivered = outcomes.iter().filter(|o| o.delivered).count();
+        let item_of = |idx| Item {
+            idx,
+            state: ItemState::Failed as i32,
+            input_key: keys::input(&spec.user_id, &spec.job_id, idx),
+            error: message.clone(),
+            error_code: INVALID_JOB.into(),
+            callback_state: CallbackState::Pending as i32,
+            ..Default::default()
+        };
+        // Each recorded before it is called back and again once settled, as a run's items are: a later delivery to a
+        // replica that accepts the job (a rolling deploy finished; the Term lost) takes them as ended instead of
+        // running them and calling them back COMPLETED. At most CALLBACK_CONCURRENCY's default at once, not a
+        // future per item of a job of any size.
+        let delivered = AtomicUsize::new(0);
+        futures::stream::iter(open.iter().copied())
+            .for_each_concurrent(SENT_TOGETHER, |idx| {
+                let (sender, delivered, item) = (&sender, &delivered, item_of(idx));
+                let key = keys::item_marker(&spec.user_id, &spec.job_id, &spec_hash, idx);
+                async move {
+                    durable::put_before_callback(store, &key, &item).await;
+                    let outcome = sender.deliver(about, &callback_body(about, &item)).await;
+                    let settled = Item {
+                        callback_state: if outcome.delivered {
+                            CallbackState::Delivered as i32
+                        } else {
+                            CallbackState::Failed as i32
+                        },
+                        callback_attempts: outcome.attempts,
+                        callback_error: outcome.error.unwrap_or_default(),
+                        ..item
+                    };
+                    durable::put(store, &key, &settled).await;
+                    if outcome.delivered {
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+            .await;
+        let delivered = delivered.into_inner();
         tracing::warn!(
             job_id = %spec.job_id,
             items = open.len(),
