@@ -233,8 +233,8 @@ async fn handle(
     }
 }
 
-/// Takes jobs one at a time until `stop` turns true; a job in progress then is left unacknowledged, to be
-/// redelivered (its items in flight finish and are recorded during the drain).
+/// Takes jobs one at a time until `stop` turns true; a job in progress then keeps its lease while its items in
+/// flight here finish and are recorded, and is then put back (NAK) for another worker (`follow`).
 pub async fn run(
     mut settings: QueueSettings,
     service: Arc<JobService>,

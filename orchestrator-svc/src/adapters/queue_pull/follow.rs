@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use palette_proto::orchestrator::v1::{CallbackState, Job};
+use palette_proto::orchestrator::v1::{CallbackState, ItemState, Job};
 use tokio::sync::{broadcast, watch};
 
 use crate::error::BoxError;
@@ -78,7 +78,14 @@ pub(super) async fn follow<S: Fn() -> Job>(
     } = followed;
     let mut progress = tokio::time::interval(progress_every);
     progress.tick().await;
+    let mut draining = false;
     while !(finished(&job) && written(&job, &records)) {
+        if draining && settled_here(&job, &records) {
+            // Offered again at once rather than after the ack wait: another worker runs what is left.
+            tracing::info!(%job_id, "queue_pull: items in flight here ended and recorded; the job goes back to the queue");
+            acknowledge(message, AckKind::Nak(None), job_id).await;
+            return None;
+        }
         tokio::select! {
             event = events.recv() => match event {
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => job = snapshot(),
@@ -86,17 +93,31 @@ pub(super) async fn follow<S: Fn() -> Job>(
             },
             Ok(()) = records.changed() => job = snapshot(),
             _ = progress.tick() => acknowledge(message, AckKind::Progress, job_id).await,
-            // Shutting down: no item starts any more, so the job cannot finish here. Unacknowledged, it is
-            // redelivered after the ack wait, when the items in flight here have been recorded (or not: then they
-            // run again elsewhere).
-            () = stopped(stop) => {
-                tracing::info!(%job_id, "queue_pull: shutting down mid-job; the job is left to redelivery");
-                return None;
+            // Shutting down: no item starts any more, so the job cannot finish here. Its lease is still renewed
+            // while the items in flight here end and are recorded: renewals stopped at once, JetStream redelivered
+            // the job after the ack wait, maybe to a worker that then ran those items beside them (a grace longer
+            // than two thirds of the ack wait). The process's grace bounds the wait; past it the job goes back
+            // unacknowledged, as before.
+            () = stopped(stop), if !draining => {
+                tracing::info!(%job_id, "queue_pull: shutting down mid-job; the items in flight here finish, then the job goes back");
+                draining = true;
             }
         }
     }
     acknowledge(message, AckKind::Ack, job_id).await;
     Some(job)
+}
+
+/// Draining: no item of the job runs here any more and every one that ended has its durable record (callback
+/// settled), so a redelivery now runs nothing twice.
+fn settled_here(job: &Job, written: &watch::Receiver<u32>) -> bool {
+    let running = ItemState::Running as i32;
+    let ended = job
+        .items
+        .iter()
+        .filter(|i| crate::jobs::job::is_terminal(i.state))
+        .count();
+    job.items.iter().all(|i| i.state != running) && *written.borrow() as usize >= ended
 }
 
 /// Resolves once `stop` is true (or its sender is gone).
@@ -243,17 +264,63 @@ mod tests {
         );
     }
 
+    /// A shutdown mid-job keeps renewing the lease while the item running here ends and is recorded, then puts
+    /// the job back (NAK) for the item that never started: renewals stopped at once let JetStream hand the job to
+    /// another worker while the item still ran here.
     #[tokio::test(start_paused = true)]
-    async fn stopping_mid_job_leaves_the_message_unacknowledged() {
+    async fn stopping_mid_job_renews_until_the_items_here_are_recorded_then_puts_it_back() {
         let setup = start(Duration::from_secs(10));
+        {
+            let mut job = setup.state.lock().unwrap();
+            job.items.push(Item {
+                idx: 1,
+                state: ItemState::Pending as i32,
+                ..Default::default()
+            });
+        }
+        setup.events.send(0).unwrap();
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        setup.stop.send(true).unwrap();
+        tokio::time::sleep(Duration::from_secs(17)).await;
+        {
+            let mut job = setup.state.lock().unwrap();
+            job.items[0].state = ItemState::Completed as i32;
+            job.items[0].callback_state = CallbackState::Delivered as i32;
+        }
+        setup.events.send(0).unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            acks(&setup.message).len(),
+            3,
+            "still renewed: the item's record is being written"
+        );
+        setup.written.send(1).unwrap();
+        assert!(setup.follower.await.unwrap().is_none());
+        let progress = "Progress".to_string();
+        assert_eq!(
+            acks(&setup.message),
+            [
+                (10, progress.clone()),
+                (20, progress.clone()),
+                (30, progress),
+                (35, "Nak(None)".into())
+            ]
+        );
+    }
+
+    /// Nothing running here when the shutdown comes: put back at once.
+    #[tokio::test(start_paused = true)]
+    async fn stopping_with_nothing_running_here_puts_the_job_back_at_once() {
+        let setup = start(Duration::from_secs(10));
+        setup.state.lock().unwrap().items[0].state = ItemState::Pending as i32;
+        setup.events.send(0).unwrap();
         tokio::time::sleep(Duration::from_secs(15)).await;
         setup.stop.send(true).unwrap();
         assert!(setup.follower.await.unwrap().is_none());
-        assert_eq!(acks(&setup.message), [(10, "Progress".to_string())]);
-        // Finishing later sends nothing: the follower is gone.
-        settled(&mut setup.state.lock().unwrap());
-        let _ = setup.events.send(0);
-        assert_eq!(setup.message.acks.lock().unwrap().len(), 1);
+        assert_eq!(
+            acks(&setup.message),
+            [(10, "Progress".to_string()), (15, "Nak(None)".into())]
+        );
     }
 
     #[tokio::test(start_paused = true)]
