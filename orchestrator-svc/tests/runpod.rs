@@ -45,6 +45,8 @@ struct Inner {
     hold_progress: Duration,
     /// A job is answered only this long after it was handed out (counted in `takes` at once).
     hold_takes: Duration,
+    /// Result posts are answered 400 (as Runpod answers an output too large), recorded all the same.
+    refuse_results: bool,
 }
 
 #[derive(Clone)]
@@ -165,6 +167,9 @@ async fn done(
         }
         let progress = body.get("status").is_some();
         inner.posts.push((job, body));
+        if !progress && inner.refuse_results {
+            return StatusCode::BAD_REQUEST;
+        }
         if progress {
             inner.hold_progress
         } else {
@@ -761,4 +766,36 @@ async fn a_job_handed_out_while_stopping_gets_an_error_result() {
             .load(std::sync::atomic::Ordering::SeqCst),
         0
     );
+}
+
+/// A result Runpod refuses (400, as for an output over its size limit) is not posted again: the same body is refused
+/// each time, and six attempts with backoff only held the worker (and the next job) for half a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_result_is_not_posted_again() {
+    let segmenter = fake_segmenter::start().await;
+    let fake = FakeRunpod::start(vec![
+        json!({"id": "rp-refused", "input": seed_input("refused-job", 1)}),
+        json!({"id": "rp-next", "input": seed_input("next-job", 1)}),
+    ])
+    .await;
+    let base = fake.base();
+    let mut orch = start(&segmenter.url, |c| {
+        runpod_without_ping(c, &base);
+    })
+    .await;
+    for job in ["refused-job", "next-job"] {
+        orch.put_input("test-user", job, 0, photo_jpeg(96, 64))
+            .await;
+    }
+    {
+        let mut inner = fake.inner.lock().unwrap();
+        inner.refuse_results = true;
+        inner.open = true;
+    }
+    wait_until("the next job's result", || {
+        !fake.results_for("rp-next").is_empty()
+    })
+    .await;
+    assert_eq!(fake.results_for("rp-refused").len(), 1, "posted once");
+    orch.shutdown().await;
 }

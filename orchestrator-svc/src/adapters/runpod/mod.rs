@@ -163,19 +163,32 @@ impl Worker {
         }
     }
 
-    /// The final result, retried with backoff; a result that cannot be delivered is logged.
+    /// The final result, retried with backoff; a result that cannot be delivered is logged. A refusal (4xx other
+    /// than 408 and 429) is not retried: the same body is refused again.
     async fn post_result(&self, job_id: &str, body: &Json) {
         let sent = retried(
             RESULT_ATTEMPTS,
             self.jitter,
-            || self.post_once(job_id, body),
+            || async {
+                match self.post_once(job_id, body).await {
+                    Err(RunpodError::Status { status, .. })
+                        if (400..500).contains(&status) && status != 408 && status != 429 =>
+                    {
+                        Ok(Err(status))
+                    }
+                    posted => posted.map(Ok),
+                }
+            },
             |attempt, e| {
                 tracing::warn!(runpod_job = %job_id, attempt, error = %Report(e), "runpod: result post failed");
             },
         )
         .await;
         match sent {
-            Some(()) => tracing::info!(runpod_job = %job_id, "runpod: result sent"),
+            Some(Ok(())) => tracing::info!(runpod_job = %job_id, "runpod: result sent"),
+            Some(Err(status)) => {
+                tracing::error!(runpod_job = %job_id, status, "runpod: result refused; not sent again")
+            }
             None => tracing::error!(runpod_job = %job_id, "runpod: result not delivered"),
         }
     }

@@ -56,7 +56,7 @@ fn item_json(item: &Item) -> Json {
 pub const MAX_RESULT_BYTES: usize = 1 << 20;
 
 /// The final `output`: the whole job, every item's state, outputs and error; without `masks[]` when larger than
-/// `MAX_RESULT_BYTES`.
+/// `MAX_RESULT_BYTES`, and without `items[]` (`itemsOmitted: true`, counts kept) when still larger.
 pub fn result_json(job: &Job) -> Json {
     let mut result = job_json(job);
     if serde_json::to_vec(&result).map_or(0, |b| b.len()) > MAX_RESULT_BYTES {
@@ -68,6 +68,13 @@ pub fn result_json(job: &Job) -> Json {
             }
         }
         result["masksOmitted"] = json!(true);
+    }
+    // Still too large (thousands of images with many rules each): the counts alone, which Runpod takes; every
+    // item's end is in its callback and in GetJob. Retried as it was, a refused result never arrived, and the Runpod
+    // job stayed IN_PROGRESS until Runpod's own timeout.
+    if serde_json::to_vec(&result).map_or(0, |b| b.len()) > MAX_RESULT_BYTES {
+        result["items"] = json!([]);
+        result["itemsOmitted"] = json!(true);
     }
     result
 }
@@ -156,6 +163,29 @@ mod tests {
     }
 
     #[test]
+    fn a_result_still_too_large_without_masks_keeps_the_counts_only() {
+        let mut big = job(2_000, 0);
+        for item in &mut big.items {
+            item.outputs = (0..16)
+                .map(|r| RuleOutput {
+                    rule_id: format!("rule-{r}"),
+                    output_key: format!("outputs/u/j/rule-{r}/{}.jpg", item.idx),
+                    applied: true,
+                    not_applied_reason: String::new(),
+                })
+                .collect();
+        }
+        big.completed = 2_000;
+        let result = result_json(&big);
+        let bytes = serde_json::to_vec(&result).unwrap().len();
+        assert!(bytes <= MAX_RESULT_BYTES, "{bytes}");
+        assert_eq!(result["itemsOmitted"], json!(true));
+        assert_eq!(result["items"], json!([]));
+        assert_eq!(result["completed"], json!(2_000));
+        assert_eq!(result["imageCount"], json!(2_000));
+    }
+
+    #[test]
     fn a_result_too_large_for_runpod_leaves_the_masks_out() {
         let result = result_json(&job(500, 40));
         let bytes = serde_json::to_vec(&result).unwrap().len();
@@ -163,5 +193,6 @@ mod tests {
         assert_eq!(result["masksOmitted"], json!(true));
         assert!(result["items"][499].get("masks").is_none());
         assert_eq!(result["items"][499]["outputs"][0]["applied"], json!(true));
+        assert!(result.get("itemsOmitted").is_none());
     }
 }
