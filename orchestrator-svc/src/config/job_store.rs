@@ -68,7 +68,8 @@ pub struct JobStoreArgs {
     pub nats_item_backlog_sec: u64,
     /// JOB_STORE=nats: seconds an item's record is written again while NATS does not answer before the report gives
     /// up; the task's holder then keeps asking, writes the record once NATS answers, and only then calls the item back
-    /// (never without its record). An outage shorter than both this and the item lease never makes an item run twice.
+    /// (never without its record, but on a task's last delivery). An outage shorter than both this and the item
+    /// lease (NATS_ITEM_ACK_WAIT_SEC) never makes an item run twice.
     /// Default 120.
     #[arg(long, env = "NATS_STORE_PATIENCE_SEC", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub nats_store_patience_sec: u64,
