@@ -156,12 +156,15 @@ async fn handle(
             service.submit_durable(&spec).await
         }
     };
+    // The delivery that gives the job up is the consumer's last: put back now, it was never delivered again, and
+    // its open items never ended. It runs to its end (within the drain's grace).
+    let giving_up = !shared && delivered > settings.max_deliveries;
     match submit_patiently(
         &message,
         &job_id,
         progress_every,
         RETRY_PAUSE,
-        &mut stop,
+        (!giving_up).then_some(&mut stop),
         submit,
     )
     .await
@@ -184,8 +187,10 @@ async fn handle(
         Some(Err(e)) => {
             tracing::error!(%job_id, delivered, error = %e, "queue_pull: job refused on its last delivery; dropped");
             // Its caller hears nothing else: its items are called back FAILED where the refusal allows, the message
-            // kept by in-progress acks meanwhile (a receiver down takes minutes of retries); a shutdown leaves them
-            // to the next delivery.
+            // kept by in-progress acks meanwhile (a receiver down takes minutes of retries). A shutdown does not cut
+            // them short: put back, the next delivery could go to a replica that accepts the job and runs items
+            // already told FAILED (JOB_STORE=nats reads no item records). Past the drain's grace the message comes
+            // back after the ack wait, and a refusing delivery resends the callbacks still pending.
             let callbacks = service.call_back_refused(&spec, &e);
             tokio::pin!(callbacks);
             let mut progress = tokio::time::interval(progress_every);
@@ -194,10 +199,6 @@ async fn handle(
                 tokio::select! {
                     _ = &mut callbacks => break,
                     _ = progress.tick() => acknowledge(&message, AckKind::Progress, &job_id).await,
-                    () = follow::stopped(&mut stop) => {
-                        acknowledge(&message, AckKind::Nak(None), &job_id).await;
-                        return;
-                    }
                 }
             }
             acknowledge(&message, AckKind::Term, &job_id).await;

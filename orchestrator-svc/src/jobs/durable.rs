@@ -101,7 +101,7 @@ async fn read_at(store: &SharedStore, key: &str, patient: bool) -> Read {
                 return Read::Found(item.map(Box::new));
             }
             Err(StorageError::NotFound(_)) => return Read::Missing,
-            Err(e @ StorageError::Unavailable { .. }) if patient => {
+            Err(e) if patient && e.is_outage() => {
                 let wait = AGAIN_AFTER[failures.min(AGAIN_AFTER.len() - 1)];
                 if failures.is_multiple_of(WARN_EVERY) {
                     tracing::warn!(%key, error = %Report(&e), failures, wait_ms = wait.as_millis() as u64, "item record not readable; the item waits for it");
@@ -109,6 +109,8 @@ async fn read_at(store: &SharedStore, key: &str, patient: bool) -> Read {
                 failures += 1;
                 tokio::time::sleep(wait).await;
             }
+            // A refusal (403: a policy without s3:ListBucket answers a missing key so) will not change: the item
+            // runs, as for no record.
             Err(e @ StorageError::Unavailable { .. }) => {
                 tracing::warn!(%key, error = %Report(&e), "item record not readable");
                 return Read::Failed;
@@ -178,27 +180,13 @@ async fn again_on_failure<Fut: Future<Output = bool>>(attempt: impl Fn() -> Fut)
     }
 }
 
-/// Whether a record exists at `key`, asked for as long as storage fails (`Unavailable`): a refused job's item with
-/// a record was told its end by an earlier delivery. Another error says nothing: counted as recorded, so the item
-/// is not told a FAILED end that may contradict one it was told.
-pub async fn exists_patiently(store: &SharedStore, key: &str) -> bool {
-    let mut failures = 0usize;
-    loop {
-        match store.head(key).await {
-            Ok(found) => return found.is_some(),
-            Err(e @ StorageError::Unavailable { .. }) => {
-                let wait = AGAIN_AFTER[failures.min(AGAIN_AFTER.len() - 1)];
-                if failures.is_multiple_of(WARN_EVERY) {
-                    tracing::warn!(%key, error = %Report(&e), failures, "item record not looked up; asking again");
-                }
-                failures += 1;
-                tokio::time::sleep(wait).await;
-            }
-            Err(e) => {
-                tracing::warn!(%key, error = %Report(&e), "item record cannot be looked up; taken as recorded");
-                return true;
-            }
-        }
+/// The record at `key`, read for as long as storage is down (`StorageError::is_outage`): None when there is none
+/// (or the store refuses to say: 403, as a policy without s3:ListBucket answers a missing key), Some(None) when one
+/// exists that does not decode (a refused job's item: see `JobService::call_back_refused`).
+pub async fn read_key_patiently(store: &SharedStore, key: &str) -> Option<Option<Item>> {
+    match read_at(store, key, true).await {
+        Read::Found(item) => Some(item.map(|item| *item)),
+        Read::Missing | Read::Failed => None,
     }
 }
 

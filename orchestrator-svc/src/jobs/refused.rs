@@ -46,17 +46,7 @@ impl JobService {
             return 0;
         }
         let spec_hash = super::job::spec_hash(spec);
-        // Items an earlier delivery finished have their record (written before their callback): they were told, or
-        // (their worker died mid-callback) their end is recorded, and no FAILED callback may contradict it. Looked up
-        // for as long as storage fails: an item skipped here was never called back.
         let store = self.pipeline.object_store();
-        let mut open = Vec::new();
-        for idx in 0..spec.image_count {
-            let key = keys::item_marker(&spec.user_id, &spec.job_id, &spec_hash, idx);
-            if !durable::exists_patiently(store, &key).await {
-                open.push(idx);
-            }
-        }
         let about = CallbackJob {
             user_id: &spec.user_id,
             job_id: &spec.job_id,
@@ -72,17 +62,36 @@ impl JobService {
             callback_state: CallbackState::Pending as i32,
             ..Default::default()
         };
-        // Each recorded before it is called back and again once settled, as a run's items are: a later delivery to a
-        // replica that accepts the job (a rolling deploy finished; the Term lost) takes them as ended instead of
-        // running them and calling them back COMPLETED. At most CALLBACK_CONCURRENCY's default at once, not a
-        // future per item of a job of any size.
-        let delivered = AtomicUsize::new(0);
-        futures::stream::iter(open.iter().copied())
+        // Items an earlier delivery ended have their record, written before their callback: a settled one was told
+        // and is left alone; a pending one (its worker died mid-callback, or a shutdown cut this very refusal short)
+        // has its recorded end sent again, same webhook-id. Read for as long as storage is down: an item skipped
+        // here was never called back. The others are recorded FAILED invalid_job before they are called back and
+        // again once settled, as a run's items are: a later delivery to a replica that accepts the job (a rolling
+        // deploy finished; the Term lost) takes them as ended instead of running them and calling them back
+        // COMPLETED. At most CALLBACK_CONCURRENCY's default at once, not a future per item of a job of any size.
+        let (sent, delivered) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        futures::stream::iter(0..spec.image_count)
             .for_each_concurrent(SENT_TOGETHER, |idx| {
-                let (sender, delivered, item) = (&sender, &delivered, item_of(idx));
+                let (sender, sent, delivered) = (&sender, &sent, &delivered);
                 let key = keys::item_marker(&spec.user_id, &spec.job_id, &spec_hash, idx);
+                let item_of = &item_of;
                 async move {
-                    durable::put_before_callback(store, &key, &item).await;
+                    let item = match durable::read_key_patiently(store, &key).await {
+                        // Recorded and unreadable here (a newer release's record): its end may not be FAILED.
+                        Some(None) => return,
+                        Some(Some(recorded))
+                            if recorded.callback_state != CallbackState::Pending as i32 =>
+                        {
+                            return;
+                        }
+                        Some(Some(recorded)) => recorded,
+                        None => {
+                            let item = item_of(idx);
+                            durable::put_before_callback(store, &key, &item).await;
+                            item
+                        }
+                    };
+                    sent.fetch_add(1, Ordering::Relaxed);
                     let outcome = sender.deliver(about, &callback_body(about, &item)).await;
                     let settled = Item {
                         callback_state: if outcome.delivered {
@@ -104,7 +113,7 @@ impl JobService {
         let delivered = delivered.into_inner();
         tracing::warn!(
             job_id = %spec.job_id,
-            items = open.len(),
+            items = sent.into_inner(),
             delivered,
             "queue_pull: refused job's items called back FAILED invalid_job"
         );

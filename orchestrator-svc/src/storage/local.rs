@@ -65,7 +65,11 @@ impl LocalStore {
 }
 
 fn unavailable(what: &str, path: &Path, e: std::io::Error) -> StorageError {
-    StorageError::unavailable(format!("{what} {}", path.display()), e)
+    let context = format!("{what} {}", path.display());
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        return StorageError::refused(context, e);
+    }
+    StorageError::unavailable(context, e)
 }
 
 /// Runs one operation's file-system calls, all of them, on the blocking pool: one hand-off per object rather than

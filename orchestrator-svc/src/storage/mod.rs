@@ -39,6 +39,10 @@ pub enum StorageError {
         context: String,
         #[source]
         source: BoxError,
+        /// The store answered with a refusal (an HTTP 4xx such as 403 AccessDenied; a local permission error): an
+        /// answer that asking again will not change, unlike an outage. A policy without s3:ListBucket answers a
+        /// missing key so, which is why this is not NotFound either.
+        refused: bool,
     },
 }
 
@@ -47,7 +51,22 @@ impl StorageError {
         StorageError::Unavailable {
             context: context.into(),
             source: source.into(),
+            refused: false,
         }
+    }
+
+    /// `unavailable`, for a refusal (see `Unavailable::refused`).
+    pub fn refused(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StorageError::Unavailable {
+            context: context.into(),
+            source: source.into(),
+            refused: true,
+        }
+    }
+
+    /// An error that may pass if the same request is made again later: the store down, slow or unreachable.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, StorageError::Unavailable { refused: false, .. })
     }
 }
 

@@ -143,7 +143,7 @@ impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
 fn unavailable<E, R>(op: &str, key: &str, err: SdkError<E, R>) -> StorageError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
+    R: HasStatus + std::fmt::Debug + Send + Sync + 'static,
 {
     let context = match &err {
         SdkError::ServiceError(e) => format!(
@@ -153,6 +153,11 @@ where
         ),
         _ => format!("{op} {key}"),
     };
+    // A 4xx answer other than a timeout or throttling is the service's verdict on this request (403 AccessDenied:
+    // a policy without s3:ListBucket answers a missing key so), not an outage to wait out.
+    if status_of(&err).is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429) {
+        return StorageError::refused(context, err);
+    }
     StorageError::unavailable(context, err)
 }
 

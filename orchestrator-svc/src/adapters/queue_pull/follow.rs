@@ -83,7 +83,7 @@ pub(super) async fn follow<S: Fn() -> Job>(
         if draining && settled_here(&job, &records) {
             // Offered again at once rather than after the ack wait: another worker runs what is left.
             tracing::info!(%job_id, "queue_pull: items in flight here ended and recorded; the job goes back to the queue");
-            acknowledge(message, AckKind::Nak(None), job_id).await;
+            acknowledge(message, AckKind::Nak(Some(DRAINED_PUT_BACK)), job_id).await;
             return None;
         }
         tokio::select! {
@@ -108,16 +108,25 @@ pub(super) async fn follow<S: Fn() -> Job>(
     Some(job)
 }
 
-/// Draining: no item of the job runs here any more and every one that ended has its durable record (callback
-/// settled), so a redelivery now runs nothing twice.
+/// How long a job put back by a draining worker waits before it is offered again: a worker taking it at once is
+/// likely the next one a rolling restart stops, and each hop counts a delivery against NATS_MAX_DELIVERIES.
+const DRAINED_PUT_BACK: Duration = Duration::from_secs(5);
+
+/// Draining: no item of the job runs here any more and every one that ended has its callback settled and its
+/// durable record written, so a redelivery now runs nothing twice. (A job not run durably here, `written` at
+/// u32::MAX, is judged by its callbacks alone.)
 fn settled_here(job: &Job, written: &watch::Receiver<u32>) -> bool {
     let running = ItemState::Running as i32;
+    let pending = CallbackState::Pending as i32;
     let ended = job
         .items
         .iter()
         .filter(|i| crate::jobs::job::is_terminal(i.state))
         .count();
-    job.items.iter().all(|i| i.state != running) && *written.borrow() as usize >= ended
+    job.items
+        .iter()
+        .all(|i| i.state != running && i.callback_state != pending)
+        && *written.borrow() as usize >= ended
 }
 
 /// Resolves once `stop` is true (or its sender is gone).
@@ -303,7 +312,7 @@ mod tests {
                 (10, progress.clone()),
                 (20, progress.clone()),
                 (30, progress),
-                (35, "Nak(None)".into())
+                (35, "Nak(Some(5s))".into())
             ]
         );
     }
@@ -319,7 +328,7 @@ mod tests {
         assert!(setup.follower.await.unwrap().is_none());
         assert_eq!(
             acks(&setup.message),
-            [(10, "Progress".to_string()), (15, "Nak(None)".into())]
+            [(10, "Progress".to_string()), (15, "Nak(Some(5s))".into())]
         );
     }
 

@@ -15,13 +15,14 @@ use crate::error::ApiError;
 
 /// Submits with `submit` until it answers something other than "not now" (Overloaded, StoreUnavailable), waiting
 /// `pause` (or the registry's `retry_after`) in between; an in-progress ack goes out every `progress_every`
-/// meanwhile, the lease of the message. None, the message put back (NAK), when `stop` turns true first.
+/// meanwhile, the lease of the message. None, the message put back (NAK), when `stop` turns true first (never with
+/// no `stop`: a submission that must not be cut short).
 pub(super) async fn submit_patiently<T, Fut>(
     message: &dyn Acknowledge,
     job_id: &str,
     progress_every: Duration,
     pause: Duration,
-    stop: &mut watch::Receiver<bool>,
+    stop: Option<&mut watch::Receiver<bool>>,
     submit: impl Fn() -> Fut,
 ) -> Option<Result<T, ApiError>>
 where
@@ -50,7 +51,12 @@ where
     tokio::select! {
         done = submitting => Some(done),
         () = renew => unreachable!("renews until the submission ends"),
-        () = stopped(stop) => {
+        () = async {
+            match stop {
+                Some(stop) => stopped(stop).await,
+                None => std::future::pending().await,
+            }
+        } => {
             tracing::info!(%job_id, "queue_pull: shutting down before the job was taken; put back");
             acknowledge(message, AckKind::Nak(None), job_id).await;
             None
@@ -102,7 +108,7 @@ mod tests {
             "j",
             Duration::from_secs(3),
             Duration::from_secs(2),
-            &mut stopping,
+            Some(&mut stopping),
             || {
                 let n = calls.fetch_add(1, Ordering::SeqCst);
                 async move { if n < 5 { Err(unavailable()) } else { Ok(n) } }
@@ -128,7 +134,7 @@ mod tests {
             "j",
             Duration::from_secs(10),
             Duration::from_secs(2),
-            &mut stopping,
+            Some(&mut stopping),
             || {
                 let n = calls.fetch_add(1, Ordering::SeqCst);
                 async move {
@@ -158,7 +164,7 @@ mod tests {
             "j",
             Duration::from_secs(3),
             Duration::from_secs(2),
-            &mut stopping,
+            Some(&mut stopping),
             || async { Err(unavailable()) },
         );
         let stopper = async {

@@ -138,10 +138,15 @@ fn not_configured(item: Item) -> Item {
 async fn write(cluster: &Cluster, run: &RunKey, mine: &Item) -> Result<Option<Item>, StoreError> {
     let store = cluster.store();
     let key = &run.job;
-    let this_run = store
-        .job(&key.user_id, &key.job_id)
-        .await?
-        .is_some_and(|record| record.spec_hash == key.spec_hash && record.seq == run.seq);
+    let this_run = match store.job(&key.user_id, &key.job_id).await {
+        Ok(record) => {
+            record.is_some_and(|record| record.spec_hash == key.spec_hash && record.seq == run.seq)
+        }
+        // The job's record does not decode here (a newer release's): whose run it is cannot be told, and dropping
+        // the end left the item unrecorded for ever; written as before the check.
+        Err(StoreError::Corrupt { .. }) => true,
+        Err(e) => return Err(e),
+    };
     if !this_run {
         return Ok(None);
     }

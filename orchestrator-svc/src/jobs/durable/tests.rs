@@ -260,3 +260,38 @@ async fn a_record_before_the_callback_is_written_again_after_a_storage_error() {
     write_before_callback(&store(100), &job, 0).await;
     assert_eq!(started.elapsed(), AGAIN_AFTER.iter().sum::<Duration>());
 }
+
+/// A refusal (403: a policy without s3:ListBucket answers a missing key so; a local permission error) is an answer,
+/// not an outage: read once, counted as no record (the item runs, as before), never waited for.
+#[tokio::test(start_paused = true)]
+async fn a_refused_read_is_not_waited_for() {
+    #[derive(Debug)]
+    struct Refusing;
+    #[async_trait::async_trait]
+    impl crate::storage::ObjectStore for Refusing {
+        async fn get_at_most(&self, key: &str, _: u64) -> Result<Bytes, StorageError> {
+            Err(StorageError::refused(
+                format!("GET {key}: AccessDenied: Access Denied"),
+                "403",
+            ))
+        }
+        async fn put(&self, _: &str, _: Bytes, _: &str) -> Result<(), StorageError> {
+            Ok(())
+        }
+        async fn head(&self, _: &str) -> Result<Option<crate::storage::ObjectMeta>, StorageError> {
+            Ok(None)
+        }
+    }
+    let store: SharedStore = std::sync::Arc::new(Refusing);
+    let started = tokio::time::Instant::now();
+    assert!(
+        read_patiently(&store, &plan(JobSpec::default(), None), 0)
+            .await
+            .is_none()
+    );
+    assert_eq!(
+        read_key_patiently(&store, "jobs-state/u/j/h/0.json").await,
+        None
+    );
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
