@@ -13,9 +13,7 @@ use tokio_util::task::TaskTracker;
 use super::durable;
 use super::job::{Ended, JobHandle};
 use super::store::{self, SharedJobStore, Written};
-use crate::callback::{
-    CallbackBody, CallbackJob, CallbackSender, DeliveryOutcome, MaskRef, OutputRef,
-};
+use crate::callback::{CallbackJob, CallbackSender, DeliveryOutcome};
 use crate::error::Report;
 use crate::storage::SharedStore;
 use crate::tasks::spawn_tracked;
@@ -161,10 +159,36 @@ impl Reporter {
         let settling = job.settling();
         spawn_tracked(&self.tasks, "items_report", async move {
             futures::stream::iter(items)
-                .for_each_concurrent(ENDED_TOGETHER, |item| this.settle_now(&job, item, report))
+                .for_each_concurrent(ENDED_TOGETHER, |item| async {
+                    if report == ReportKind::First && job.plan.durable_items {
+                        this.settle_unless_recorded(&job, item).await;
+                    } else {
+                        this.settle_now(&job, item, report).await;
+                    }
+                })
                 .await;
             drop(settling);
         });
+    }
+
+    /// Durable jobs: an item ended together with others (a cancel) may not have had its record read yet (items read
+    /// it only when they start): an earlier run's end, recorded, stands over this one, and is taken into the view
+    /// (its callback sent again if it was pending) instead of being overwritten and called back otherwise (a
+    /// CANCELLED after the COMPLETED that run told).
+    async fn settle_unless_recorded(&self, job: &Arc<JobHandle>, item: Item) {
+        let idx = item.idx;
+        let Some(recorded) = durable::read_patiently(&self.store, &job.plan, idx).await else {
+            return self.settle_now(job, item, ReportKind::First).await;
+        };
+        tracing::info!(job_id = %job.plan.job_id, idx, "item ended by an earlier run of the job: that end stands");
+        let pending = recorded.callback_state == CallbackState::Pending as i32;
+        job.apply_record(idx, recorded);
+        match job.item(idx) {
+            Some(item) if pending && self.callbacks_on() => {
+                self.settle_now(job, item, ReportKind::Resend).await
+            }
+            _ => job.durable_written.one_more(),
+        }
     }
 
     fn spawn_settle(&self, job: &Arc<JobHandle>, item: Item, report: ReportKind) {
@@ -365,52 +389,8 @@ async fn keep(
     }
 }
 
-/// The callback body of a terminal item of `job`.
-pub fn callback_body(job: CallbackJob<'_>, item: &Item) -> CallbackBody {
-    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    let status = match ItemState::try_from(item.state) {
-        Ok(ItemState::Completed) => "completed",
-        Ok(ItemState::Failed) => "failed",
-        _ => "cancelled",
-    };
-    CallbackBody {
-        user_id: job.user_id.to_string(),
-        job_id: job.job_id.to_string(),
-        idx: item.idx,
-        status,
-        output_key: non_empty(&item.output_key),
-        preview_key: non_empty(&item.preview_key),
-        error: non_empty(&item.error),
-        error_code: non_empty(&item.error_code),
-        outputs: item
-            .outputs
-            .iter()
-            .map(|o| OutputRef {
-                rule_id: o.rule_id.clone(),
-                output_key: o.output_key.clone(),
-                applied: o.applied,
-                not_applied_reason: non_empty(&o.not_applied_reason),
-            })
-            .collect(),
-        masks: item
-            .masks
-            .iter()
-            .map(|m| MaskRef {
-                concept: m.concept.clone(),
-                instance: m.instance,
-                key: m.key.clone(),
-                x: m.x,
-                y: m.y,
-                width: m.width,
-                height: m.height,
-                image_width: m.image_width,
-                image_height: m.image_height,
-                grid_width: m.grid_width,
-                grid_height: m.grid_height,
-            })
-            .collect(),
-    }
-}
-
+mod body;
 #[cfg(test)]
 mod tests;
+
+pub use body::callback_body;

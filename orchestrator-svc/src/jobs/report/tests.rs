@@ -37,3 +37,57 @@ async fn a_durable_item_counts_as_written_once_its_record_is_stored() {
         "recorded before it is counted"
     );
 }
+
+/// A durable job cancelled before an item read its record (items read it only when they start): the earlier run's
+/// COMPLETED stands, taken into the view, and is neither overwritten with CANCELLED nor called back otherwise.
+#[tokio::test]
+async fn a_cancel_does_not_overwrite_an_earlier_runs_recorded_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
+    let reporter = Reporter::new(store.clone(), None, TaskTracker::new(), None);
+    let plan = || JobPlan {
+        user_id: "u".into(),
+        job_id: "j".into(),
+        image_count: 2,
+        concepts: vec!["wall".into()],
+        rules: vec![],
+        effective_spec: JobSpec::default(),
+        durable_items: true,
+        message_hash: None,
+        source: None,
+        preset: None,
+    };
+    // The earlier run: item 0 COMPLETED, recorded settled.
+    let earlier = Arc::new(JobHandle::new(plan(), 1));
+    assert!(earlier.start_item(0));
+    let done = earlier
+        .finish_item(0, ItemOutcome::Completed(Default::default()), false)
+        .unwrap();
+    drop(done);
+    assert!(durable::write(&store, &earlier, 0).await);
+    // This run: cancelled with both items still pending.
+    let job = Arc::new(JobHandle::new(plan(), 2));
+    let mut written = job.durable_written.watch();
+    let ended = job.cancel_pending(false);
+    assert_eq!(ended.len(), 2);
+    reporter.items_ended(&job, ended);
+    tokio::time::timeout(Duration::from_secs(10), written.wait_for(|n| *n >= 2))
+        .await
+        .expect("both counted")
+        .unwrap();
+    let state = |record: Option<Item>| record.unwrap().state;
+    assert_eq!(
+        state(durable::read(&store, &plan(), 0).await),
+        ItemState::Completed as i32,
+        "not overwritten"
+    );
+    assert_eq!(
+        state(durable::read(&store, &plan(), 1).await),
+        ItemState::Cancelled as i32
+    );
+    assert_eq!(
+        job.item(0).unwrap().state,
+        ItemState::Completed as i32,
+        "the view follows the record"
+    );
+}
