@@ -214,7 +214,9 @@ async fn handle(
         }
     };
     tracing::info!(%job_id, "queue_pull: job taken");
-    let (job, events) = handle.subscribe();
+    // Subscribed first: a change after it is an event, which reads the counts again.
+    let events = handle.subscribe().1;
+    let job = handle.progress();
     // A job this replica already runs without durable records (the same spec submitted over gRPC, or resumed from
     // JOB_STORE=local): `durable_written` never counts its items, so it is followed until it is finished. Should
     // this replica stop first, the redelivery runs it durably elsewhere, its ended items again.
@@ -226,7 +228,7 @@ async fn handle(
     let followed = Followed {
         job,
         events,
-        snapshot: || handle.snapshot(),
+        snapshot: || handle.progress(),
         written,
     };
     if let Some(job) = follow(&message, &job_id, progress_every, followed, &mut stop).await {

@@ -23,6 +23,7 @@ mod weight;
 mod written;
 pub use hash::{plan_hash, spec_hash};
 pub use settling::{Ended, Settling};
+pub use state::Progress;
 use state::State;
 use weight::{JOB_OVERHEAD_BYTES, approx_item_bytes};
 
@@ -139,6 +140,11 @@ impl JobHandle {
 
     pub fn snapshot(&self) -> Job {
         self.lock().job.clone()
+    }
+
+    /// The job's counts now, in O(1) (`Progress`).
+    pub fn progress(&self) -> Progress {
+        self.lock().progress()
     }
 
     /// Item `idx` as it is now (None when out of range): one item copied, not the job.

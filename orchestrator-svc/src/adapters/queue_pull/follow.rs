@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use palette_proto::orchestrator::v1::{CallbackState, ItemState, Job};
 use tokio::sync::{broadcast, watch};
 
 use crate::error::BoxError;
+use crate::jobs::job::Progress;
 
 /// The acknowledgements of the message a job came in: `jetstream::Message` in production.
 #[async_trait::async_trait]
@@ -37,18 +37,15 @@ pub(super) async fn acknowledge(message: &dyn Acknowledge, kind: AckKind, job_id
 }
 
 /// Every item terminal and no callback still being sent (durable items are recorded once theirs is settled).
-fn finished(job: &Job) -> bool {
-    crate::jobs::job::job_is_terminal(job)
-        && job
-            .items
-            .iter()
-            .all(|i| i.callback_state != CallbackState::Pending as i32)
+fn finished(job: &Progress) -> bool {
+    job.is_terminal() && job.callbacks_pending == 0
 }
 
-/// A job as `JobHandle::subscribe` gives it: the state now, a receiver of later changes, and how to read the state;
-/// and how many of its items have their durable record written (`JobHandle::durable_written`).
+/// A job followed: its counts now, a receiver of later changes (`JobHandle::subscribe`), and how to read its counts
+/// again (`JobHandle::progress`, O(1): not a snapshot of every item at every change); and how many of its items have
+/// their durable record written (`JobHandle::durable_written`).
 pub(super) struct Followed<S> {
-    pub(super) job: Job,
+    pub(super) job: Progress,
     pub(super) events: broadcast::Receiver<u32>,
     pub(super) snapshot: S,
     pub(super) written: watch::Receiver<u32>,
@@ -57,19 +54,19 @@ pub(super) struct Followed<S> {
 /// Every item's durable record written. Acknowledged when the callbacks were settled (with callbacks off, as soon as
 /// the last item ended), an ack that failed let the redelivery run again, and call back again, the items whose record
 /// was still being written.
-fn written(job: &Job, written: &watch::Receiver<u32>) -> bool {
-    *written.borrow() as usize >= job.items.len()
+fn written(job: &Progress, written: &watch::Receiver<u32>) -> bool {
+    *written.borrow() >= job.items
 }
 
 /// Follows the job until it is finished, sending an in-progress ack every `progress_every` meanwhile; then
 /// acknowledges it and returns the last state. None, and no final ack, when `stop` turns true first.
-pub(super) async fn follow<S: Fn() -> Job>(
+pub(super) async fn follow<S: Fn() -> Progress>(
     message: &dyn Acknowledge,
     job_id: &str,
     progress_every: Duration,
     followed: Followed<S>,
     stop: &mut watch::Receiver<bool>,
-) -> Option<Job> {
+) -> Option<Progress> {
     let Followed {
         mut job,
         mut events,
@@ -115,18 +112,8 @@ const DRAINED_PUT_BACK: Duration = Duration::from_secs(5);
 /// Draining: no item of the job runs here any more and every one that ended has its callback settled and its
 /// durable record written, so a redelivery now runs nothing twice. (A job not run durably here, `written` at
 /// u32::MAX, is judged by its callbacks alone.)
-fn settled_here(job: &Job, written: &watch::Receiver<u32>) -> bool {
-    let running = ItemState::Running as i32;
-    let pending = CallbackState::Pending as i32;
-    let ended = job
-        .items
-        .iter()
-        .filter(|i| crate::jobs::job::is_terminal(i.state))
-        .count();
-    job.items
-        .iter()
-        .all(|i| i.state != running && i.callback_state != pending)
-        && *written.borrow() as usize >= ended
+fn settled_here(job: &Progress, written: &watch::Receiver<u32>) -> bool {
+    job.running == 0 && job.callbacks_pending == 0 && *written.borrow() >= job.ended()
 }
 
 /// Resolves once `stop` is true (or its sender is gone).
@@ -139,7 +126,7 @@ pub(super) async fn stopped(stop: &mut watch::Receiver<bool>) {
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use palette_proto::orchestrator::v1::{Item, ItemState, JobState};
+    use palette_proto::orchestrator::v1::JobState;
     use tokio::time::Instant;
 
     use super::*;
@@ -159,32 +146,29 @@ mod tests {
         }
     }
 
-    fn running_job() -> Job {
-        Job {
-            job_id: "j".into(),
+    fn running_job() -> Progress {
+        Progress {
             state: JobState::Running as i32,
-            items: vec![Item {
-                state: ItemState::Running as i32,
-                ..Default::default()
-            }],
+            items: 1,
+            running: 1,
             ..Default::default()
         }
     }
 
-    fn settled(job: &mut Job) {
+    fn settled(job: &mut Progress) {
         job.state = JobState::Done as i32;
-        job.items[0].state = ItemState::Completed as i32;
-        job.items[0].callback_state = CallbackState::Delivered as i32;
+        job.running -= 1;
+        job.completed += 1;
     }
 
     struct Setup {
         message: Arc<Recorded>,
-        state: Arc<Mutex<Job>>,
+        state: Arc<Mutex<Progress>>,
         events: broadcast::Sender<u32>,
         /// Items whose durable record is written.
         written: watch::Sender<u32>,
         stop: watch::Sender<bool>,
-        follower: tokio::task::JoinHandle<Option<Job>>,
+        follower: tokio::task::JoinHandle<Option<Progress>>,
     }
 
     fn start(progress_every: Duration) -> Setup {
@@ -201,7 +185,7 @@ mod tests {
             events: receiver,
             snapshot: {
                 let state = state.clone();
-                move || state.lock().unwrap().clone()
+                move || *state.lock().unwrap()
             },
             written: records,
         };
@@ -279,22 +263,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stopping_mid_job_renews_until_the_items_here_are_recorded_then_puts_it_back() {
         let setup = start(Duration::from_secs(10));
-        {
-            let mut job = setup.state.lock().unwrap();
-            job.items.push(Item {
-                idx: 1,
-                state: ItemState::Pending as i32,
-                ..Default::default()
-            });
-        }
+        // A second item, not started.
+        setup.state.lock().unwrap().items = 2;
         setup.events.send(0).unwrap();
         tokio::time::sleep(Duration::from_secs(15)).await;
         setup.stop.send(true).unwrap();
         tokio::time::sleep(Duration::from_secs(17)).await;
         {
             let mut job = setup.state.lock().unwrap();
-            job.items[0].state = ItemState::Completed as i32;
-            job.items[0].callback_state = CallbackState::Delivered as i32;
+            job.running = 0;
+            job.completed = 1;
         }
         setup.events.send(0).unwrap();
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -321,7 +299,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stopping_with_nothing_running_here_puts_the_job_back_at_once() {
         let setup = start(Duration::from_secs(10));
-        setup.state.lock().unwrap().items[0].state = ItemState::Pending as i32;
+        setup.state.lock().unwrap().running = 0;
         setup.events.send(0).unwrap();
         tokio::time::sleep(Duration::from_secs(15)).await;
         setup.stop.send(true).unwrap();
@@ -344,9 +322,9 @@ mod tests {
         let (_stop, mut stopping) = watch::channel(false);
         let (_written, records) = watch::channel(1);
         let followed = Followed {
-            job: job.clone(),
+            job,
             events: receiver,
-            snapshot: move || job.clone(),
+            snapshot: move || job,
             written: records,
         };
         follow(

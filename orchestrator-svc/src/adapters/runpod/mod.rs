@@ -24,7 +24,6 @@ mod submit;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use palette_proto::orchestrator::v1::ItemState;
 use serde_json::{Value as Json, json};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
@@ -176,32 +175,25 @@ impl Worker {
                 return;
             }
         };
-        let (mut job, mut events) = handle.subscribe();
+        // Followed by its counts (`JobHandle::progress`, O(1)), not a snapshot of every item at every change; the
+        // whole job is read once, for the result. Subscribed first: a change after it is an event.
+        let mut events = handle.subscribe().1;
+        let mut job = handle.progress();
         let mut dirty = true;
         let mut next_post = Instant::now();
         let mut stopping = *stop.borrow();
-        while !crate::jobs::job::job_is_terminal(&job) {
+        while !job.is_terminal() {
             // Asked only once stopping: `select!` below evaluates every branch's expression, disabled or not, and
             // asking before the signal would take the job's start for the stop time (every SIGTERM more than
             // `result_within` into a job then cut its running images off at once).
             let result_by = stopping.then(|| self.result_by());
             let out_of_time = result_by.is_some_and(|by| Instant::now() >= by);
-            if stopping
-                && (out_of_time
-                    || !job
-                        .items
-                        .iter()
-                        .any(|i| i.state == ItemState::Running as i32))
-            {
-                let done = job
-                    .items
-                    .iter()
-                    .filter(|i| crate::jobs::job::is_terminal(i.state))
-                    .count();
+            if stopping && (out_of_time || job.running == 0) {
                 let error = format!(
-                    "the worker shut down before the job finished: {done} of {} images done; the rest were not \
+                    "the worker shut down before the job finished: {} of {} images done; the rest were not \
                      finished (GetJob on the orchestrator, or the per-image callbacks, tell their state)",
-                    job.items.len()
+                    job.ended(),
+                    job.items
                 );
                 tracing::warn!(runpod_job = %runpod_id, %error, "runpod: job left unfinished at shutdown");
                 self.post_result(runpod_id, &json!({ "error": error }))
@@ -211,14 +203,14 @@ impl Worker {
             tokio::select! {
                 _ = stop.changed(), if !stopping => {
                     stopping = true;
-                    job = handle.snapshot();
+                    job = handle.progress();
                 }
                 _ = tokio::time::sleep_until(result_by.unwrap_or_else(far_future)), if stopping => {
-                    job = handle.snapshot();
+                    job = handle.progress();
                 }
                 event = events.recv() => match event {
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        job = handle.snapshot();
+                        job = handle.progress();
                         dirty = true;
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
@@ -227,10 +219,10 @@ impl Worker {
                 // POST_TIMEOUT) would push the result past the grace period.
                 _ = tokio::time::sleep_until(next_post), if dirty && !stopping => {
                     tokio::select! {
-                        () = self.post_progress(runpod_id, &job) => {}
+                        () = self.post_progress(runpod_id, &handle.plan.job_id, &job) => {}
                         _ = stop.changed() => stopping = true,
                     }
-                    job = handle.snapshot();
+                    job = handle.progress();
                     dirty = false;
                     next_post = Instant::now() + PROGRESS_EVERY;
                 }

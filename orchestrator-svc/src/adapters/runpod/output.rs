@@ -1,6 +1,8 @@
 //! What a Runpod job reports: progress (counts) while it runs, the whole job when it ends.
 
 use palette_proto::orchestrator::v1::{Item, ItemState, Job, JobState};
+
+use crate::jobs::job::Progress;
 use serde_json::{Value as Json, json};
 
 fn job_state_name(state: i32) -> &'static str {
@@ -94,20 +96,15 @@ pub fn job_json(job: &Job) -> Json {
 }
 
 /// A progress `output`: counts only (a job may have hundreds of items).
-pub fn progress_json(job: &Job) -> Json {
-    let running = job
-        .items
-        .iter()
-        .filter(|i| i.state == ItemState::Running as i32)
-        .count();
+pub fn progress_json(job_id: &str, job: &Progress) -> Json {
     json!({
-        "jobId": job.job_id,
+        "jobId": job_id,
         "state": job_state_name(job.state),
-        "imageCount": job.items.len(),
+        "imageCount": job.items,
         "completed": job.completed,
         "failed": job.failed,
         "cancelled": job.cancelled,
-        "running": running,
+        "running": job.running,
     })
 }
 

@@ -2,7 +2,7 @@
 
 use serde_json::{Value as Json, json};
 
-use palette_proto::orchestrator::v1::Job;
+use crate::jobs::job::Progress;
 
 use super::backoff::retried;
 use super::output::progress_json;
@@ -68,8 +68,8 @@ impl Worker {
     }
 
     /// Progress is best effort: one attempt, logged on failure.
-    pub(super) async fn post_progress(&self, job_id: &str, job: &Job) {
-        let body = json!({"status": "IN_PROGRESS", "output": progress_json(job)});
+    pub(super) async fn post_progress(&self, job_id: &str, followed_job_id: &str, job: &Progress) {
+        let body = json!({"status": "IN_PROGRESS", "output": progress_json(followed_job_id, job)});
         if let Err(e) = self.post_once(job_id, &body).await {
             tracing::warn!(runpod_job = %job_id, error = %Report(&e), "runpod: progress post failed");
         }

@@ -61,3 +61,41 @@ impl State {
         } as i32;
     }
 }
+
+/// A job's counts at one moment, copied without its items: what a follower checks at every change. A snapshot of
+/// the job at each change cost O(items) per change, O(items²) per job (a 100,000-image job's items hold ~500 MB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    pub state: i32,
+    pub items: u32,
+    pub completed: u32,
+    pub failed: u32,
+    pub cancelled: u32,
+    pub running: u32,
+    pub callbacks_pending: u32,
+}
+
+impl Progress {
+    pub fn ended(&self) -> u32 {
+        self.completed + self.failed + self.cancelled
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        self.state == JobState::Done as i32 || self.state == JobState::Cancelled as i32
+    }
+}
+
+impl State {
+    pub(super) fn progress(&self) -> Progress {
+        let job = &self.job;
+        Progress {
+            state: job.state,
+            items: job.items.len() as u32,
+            completed: job.completed,
+            failed: job.failed,
+            cancelled: job.cancelled,
+            running: self.running,
+            callbacks_pending: self.callbacks_pending,
+        }
+    }
+}

@@ -223,3 +223,38 @@ fn counts_kept_at_each_change_match_counting_every_item() {
     }
     assert!(job.is_settled());
 }
+
+/// `progress` gives the counts a follower needs without copying the items: as counted over a snapshot.
+#[test]
+fn progress_matches_the_items() {
+    let job = job_of(4);
+    let counted = |job: &JobHandle| {
+        let j = job.snapshot();
+        let count = |f: &dyn Fn(&Item) -> bool| j.items.iter().filter(|i| f(i)).count() as u32;
+        Progress {
+            state: j.state,
+            items: j.items.len() as u32,
+            completed: j.completed,
+            failed: j.failed,
+            cancelled: j.cancelled,
+            running: count(&|i| i.state == ItemState::Running as i32),
+            callbacks_pending: count(&|i| i.callback_state == CallbackState::Pending as i32),
+        }
+    };
+    assert_eq!(job.progress(), counted(&job));
+    assert!(job.start_item(0) && job.start_item(1));
+    assert_eq!(job.progress().running, 2);
+    drop(job.finish_item(0, ItemOutcome::Cancelled, true));
+    drop(job.finish_item(2, ItemOutcome::Cancelled, false));
+    let progress = job.progress();
+    assert_eq!(progress, counted(&job));
+    assert_eq!(
+        (
+            progress.running,
+            progress.ended(),
+            progress.callbacks_pending
+        ),
+        (1, 2, 1)
+    );
+    assert!(!progress.is_terminal());
+}
