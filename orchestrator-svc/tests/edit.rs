@@ -354,3 +354,33 @@ async fn a_photo_replaced_after_its_masks_were_stored_is_not_edited_with_them() 
     let fine = PreviewEditRequest { idx: 0, ..preview };
     orch.client.preview_edit(fine).await.unwrap();
 }
+
+/// A retry of an EditJob whose answer was lost is the same edit even once the source's records are gone (or the
+/// source id ran again with other concepts): it was planned again from them first, and answered NOT_FOUND (or
+/// ALREADY_EXISTS) for the very request that made the edit. Another request under the edit's id is still planned,
+/// and refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_edit_is_the_edit_even_once_its_source_records_are_gone() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |_| {}).await;
+    finished_source(&mut orch, "room").await;
+    let request = edit("e", "room", vec![paint("p", "wall", "#334455")]);
+    orch.client.edit_job(request.clone()).await.unwrap();
+    let done = orch.wait_for("e", is_terminal).await;
+    std::fs::remove_file(
+        orch.store
+            .root()
+            .join(format!("jobs-state/{SEED_USER}/room/photos.json")),
+    )
+    .unwrap();
+    let again = orch.client.edit_job(request).await.expect("the same edit");
+    let again = again.into_inner();
+    assert_eq!(again.job_id, "e");
+    assert_eq!(again.completed, done.completed);
+    let other = orch
+        .client
+        .edit_job(edit("e", "room", vec![paint("p", "wall", "#112233")]))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::NotFound, "{other:?}");
+}

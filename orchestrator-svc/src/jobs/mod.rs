@@ -218,6 +218,12 @@ impl JobService {
     /// serves it; registered and run like a submitted job, without the segmenter.
     pub async fn edit(&self, request: &EditJobRequest) -> Result<Job, ApiError> {
         edit::check_request(request)?;
+        // A retry of an edit already registered (its answer lost) is answered from the registry: planned again from
+        // the source's records, it was NOT_FOUND once they were gone, or ALREADY_EXISTS once the source id ran again
+        // with other concepts, for the very request that made the edit.
+        if let Some(job) = self.registered_edit(request) {
+            return Ok(job);
+        }
         self.refuse_a_running_source(request).await?;
         let store = self.pipeline.store();
         let source = edit::record::read_photos(store, &request.user_id, &request.source_job_id)

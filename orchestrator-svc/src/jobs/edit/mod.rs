@@ -11,7 +11,7 @@ pub mod record;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use palette_proto::orchestrator::v1::{EditJobRequest, JobSpec};
+use palette_proto::orchestrator::v1::{EditJobRequest, Job, JobSpec};
 use palette_rules::preset::Preset;
 
 use super::JobService;
@@ -142,6 +142,27 @@ pub fn plan_edit(
 }
 
 impl JobService {
+    /// The edit `request` made, if this replica knows it: same id, same source, and the request's rules, preset and
+    /// output format as its plan took them (a request its validation changed, e.g. a concept written "Wall", is
+    /// planned again as any request is).
+    pub(super) fn registered_edit(&self, request: &EditJobRequest) -> Option<Job> {
+        let key = JobKey {
+            user_id: request.user_id.clone(),
+            job_id: request.job_id.clone(),
+        };
+        let job = self.registry.get(&key).ok()?;
+        let spec = &job.plan.effective_spec;
+        let same = job
+            .plan
+            .source
+            .as_ref()
+            .is_some_and(|s| s.source_job_id == request.source_job_id)
+            && spec.rules == request.rules
+            && spec.preset == request.preset
+            && spec.output_format == request.output_format;
+        same.then(|| job.snapshot())
+    }
+
     /// An edit of a job still running would fail every photo not segmented yet (`source_missing`, each called
     /// back): refused up front while this replica, or with JOB_STORE=nats the shared store, knows the source as
     /// running. A source known nowhere (ended and forgotten, or run by another JOB_STORE=local replica) is left to
