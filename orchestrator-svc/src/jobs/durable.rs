@@ -109,8 +109,12 @@ async fn read_at(store: &SharedStore, key: &str, patient: bool) -> Read {
                 failures += 1;
                 tokio::time::sleep(wait).await;
             }
-            // A refusal (403: a policy without s3:ListBucket answers a missing key so) will not change: the item
-            // runs, as for no record.
+            // A refusal (403: a policy without s3:ListBucket answers a missing key so) will not change: read as no
+            // record under this key (the next key is still asked: an older release's).
+            Err(e) if !e.is_outage() && matches!(e, StorageError::Unavailable { .. }) => {
+                tracing::debug!(%key, error = %Report(&e), "item record lookup refused; taken as none");
+                return Read::Missing;
+            }
             Err(e @ StorageError::Unavailable { .. }) => {
                 tracing::warn!(%key, error = %Report(&e), "item record not readable");
                 return Read::Failed;

@@ -221,7 +221,7 @@ impl JobService {
         // A retry of an edit already registered (its answer lost) is answered from the registry: planned again from
         // the source's records, it was NOT_FOUND once they were gone, or ALREADY_EXISTS once the source id ran again
         // with other concepts, for the very request that made the edit.
-        if let Some(job) = self.registered_edit(request) {
+        if let Some(job) = self.registered_edit(request).await {
             return Ok(job);
         }
         self.refuse_a_running_source(request).await?;

@@ -45,12 +45,14 @@ impl Pipeline {
     ) -> Self {
         let tasks = TaskTracker::new();
         Waiting::register();
+        let stopping = CancellationToken::new();
         Pipeline {
-            reporter: Reporter::new(runner.store().clone(), callbacks, tasks.clone(), None),
+            reporter: Reporter::new(runner.store().clone(), callbacks, tasks.clone(), None)
+                .with_stopping(stopping.clone()),
             runner: Arc::new(runner),
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             tasks,
-            stopping: CancellationToken::new(),
+            stopping,
             out_of_time: CancellationToken::new(),
         }
     }
@@ -63,7 +65,8 @@ impl Pipeline {
             self.reporter.callbacks().cloned(),
             self.tasks.clone(),
             job_store,
-        );
+        )
+        .with_stopping(self.stopping.clone());
         self
     }
 

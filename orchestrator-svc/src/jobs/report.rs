@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
-use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState};
+use palette_proto::orchestrator::v1::{Item, ItemState};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::durable;
@@ -33,6 +34,8 @@ pub struct Reporter {
     job_store: Option<SharedJobStore>,
     /// How long an item record is retried while the job store is unreachable (zero: written once).
     store_patience: Duration,
+    /// The pipeline's: a drain does not wait for a durable record read a storage outage holds up.
+    stopping: CancellationToken,
 }
 
 impl Reporter {
@@ -48,7 +51,14 @@ impl Reporter {
             tasks,
             job_store,
             store_patience: Duration::ZERO,
+            stopping: CancellationToken::new(),
         }
+    }
+
+    /// The pipeline's stop signal (see `stopping`).
+    pub(super) fn with_stopping(mut self, stopping: CancellationToken) -> Self {
+        self.stopping = stopping;
+        self
     }
 
     /// Item records are retried this long while the job store is unreachable.
@@ -114,36 +124,6 @@ impl Reporter {
         self.spawn_settle_all(job, items, ReportKind::Resend);
     }
 
-    /// Durable jobs: an item an earlier run recorded, taken as it ended (`JobHandle::restore_item`) and counted
-    /// written; a record whose callback was still pending (that run died while sending it) has it sent again, same
-    /// webhook-id, and is counted once recorded settled. False when the item was no longer open here.
-    pub fn restore_durable(&self, job: &Arc<JobHandle>, idx: u32, recorded: Item) -> bool {
-        let pending = recorded.callback_state == CallbackState::Pending as i32;
-        let recorded = if pending && !self.callbacks_on() {
-            // Callbacks were turned off (WORKERS_API_URL unset) since: none will be sent.
-            Item {
-                callback_state: CallbackState::NotConfigured as i32,
-                ..recorded
-            }
-        } else {
-            recorded
-        };
-        if !job.restore_item(idx, recorded) {
-            return false;
-        }
-        match job.item(idx) {
-            Some(item) if pending && self.callbacks_on() => {
-                tracing::info!(
-                    idx,
-                    "item recorded by an earlier run with its callback pending: sending it again"
-                );
-                self.settle_all(job, vec![item]);
-            }
-            _ => job.durable_written.one_more(),
-        }
-        true
-    }
-
     /// Whether an ended item of `job` has anything to report: a record to write or a callback to send.
     fn reports(&self, job: &JobHandle) -> bool {
         job.plan.durable_items || self.job_store_of(job).is_some() || self.callbacks.is_some()
@@ -160,7 +140,9 @@ impl Reporter {
         spawn_tracked(&self.tasks, "items_report", async move {
             futures::stream::iter(items)
                 .for_each_concurrent(ENDED_TOGETHER, |item| async {
-                    if report == ReportKind::First && job.plan.durable_items {
+                    // Only a cancel ends items that may not have read their record (a give-up read them all).
+                    let unread = item.state == ItemState::Cancelled as i32;
+                    if report == ReportKind::First && job.plan.durable_items && unread {
                         this.settle_unless_recorded(&job, item).await;
                     } else {
                         this.settle_now(&job, item, report).await;
@@ -169,26 +151,6 @@ impl Reporter {
                 .await;
             drop(settling);
         });
-    }
-
-    /// Durable jobs: an item ended together with others (a cancel) may not have had its record read yet (items read
-    /// it only when they start): an earlier run's end, recorded, stands over this one, and is taken into the view
-    /// (its callback sent again if it was pending) instead of being overwritten and called back otherwise (a
-    /// CANCELLED after the COMPLETED that run told).
-    async fn settle_unless_recorded(&self, job: &Arc<JobHandle>, item: Item) {
-        let idx = item.idx;
-        let Some(recorded) = durable::read_patiently(&self.store, &job.plan, idx).await else {
-            return self.settle_now(job, item, ReportKind::First).await;
-        };
-        tracing::info!(job_id = %job.plan.job_id, idx, "item ended by an earlier run of the job: that end stands");
-        let pending = recorded.callback_state == CallbackState::Pending as i32;
-        job.apply_record(idx, recorded);
-        match job.item(idx) {
-            Some(item) if pending && self.callbacks_on() => {
-                self.settle_now(job, item, ReportKind::Resend).await
-            }
-            _ => job.durable_written.one_more(),
-        }
     }
 
     fn spawn_settle(&self, job: &Arc<JobHandle>, item: Item, report: ReportKind) {
@@ -390,6 +352,7 @@ async fn keep(
 }
 
 mod body;
+mod earlier_runs;
 #[cfg(test)]
 mod tests;
 

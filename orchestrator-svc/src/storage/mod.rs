@@ -39,9 +39,10 @@ pub enum StorageError {
         context: String,
         #[source]
         source: BoxError,
-        /// The store answered with a refusal (an HTTP 4xx such as 403 AccessDenied; a local permission error): an
-        /// answer that asking again will not change, unlike an outage. A policy without s3:ListBucket answers a
-        /// missing key so, which is why this is not NotFound either.
+        /// The store refused this caller (S3 403 AccessDenied, or a bare 403 as HEAD answers; a local permission
+        /// error): an answer that asking again will not change, unlike an outage. A policy without s3:ListBucket
+        /// answers a missing key so, which is why this is not NotFound either. Credentials or bucket errors are
+        /// not refusals: they pass once fixed.
         refused: bool,
     },
 }

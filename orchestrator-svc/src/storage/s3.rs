@@ -153,9 +153,14 @@ where
         ),
         _ => format!("{op} {key}"),
     };
-    // A 4xx answer other than a timeout or throttling is the service's verdict on this request (403 AccessDenied:
-    // a policy without s3:ListBucket answers a missing key so), not an outage to wait out.
-    if status_of(&err).is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429) {
+    // 403 AccessDenied is this caller's policy speaking (one without s3:ListBucket answers a missing key so): asking
+    // again gets the same answer. Other 4xx are not: wrong or rotated credentials, a missing bucket, clock skew and
+    // throttling pass once fixed, and are waited out as outages where a caller waits.
+    let code = match &err {
+        SdkError::ServiceError(e) => e.err().code(),
+        _ => None,
+    };
+    if status_of(&err) == Some(403) && matches!(code, Some("AccessDenied") | None) {
         return StorageError::refused(context, err);
     }
     StorageError::unavailable(context, err)

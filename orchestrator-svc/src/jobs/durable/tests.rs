@@ -262,28 +262,40 @@ async fn a_record_before_the_callback_is_written_again_after_a_storage_error() {
 }
 
 /// A refusal (403: a policy without s3:ListBucket answers a missing key so; a local permission error) is an answer,
-/// not an outage: read once, counted as no record (the item runs, as before), never waited for.
+/// not an outage: never waited for, read as no record under that key, and the next key (an older release's, under
+/// the effective spec's hash) is still asked.
 #[tokio::test(start_paused = true)]
-async fn a_refused_read_is_not_waited_for() {
+async fn a_refused_read_is_not_waited_for_and_the_next_key_is_asked() {
+    /// A bucket policy without s3:ListBucket: a missing key answers 403, not 404.
     #[derive(Debug)]
-    struct Refusing;
+    struct NoListBucket(crate::storage::LocalStore);
     #[async_trait::async_trait]
-    impl crate::storage::ObjectStore for Refusing {
-        async fn get_at_most(&self, key: &str, _: u64) -> Result<Bytes, StorageError> {
-            Err(StorageError::refused(
-                format!("GET {key}: AccessDenied: Access Denied"),
-                "403",
-            ))
+    impl crate::storage::ObjectStore for NoListBucket {
+        async fn get_at_most(&self, key: &str, max: u64) -> Result<Bytes, StorageError> {
+            match self.0.get_at_most(key, max).await {
+                Err(StorageError::NotFound(_)) => Err(StorageError::refused(
+                    format!("GET {key}: AccessDenied: Access Denied"),
+                    "403",
+                )),
+                other => other,
+            }
         }
-        async fn put(&self, _: &str, _: Bytes, _: &str) -> Result<(), StorageError> {
-            Ok(())
+        async fn put(&self, key: &str, body: Bytes, ct: &str) -> Result<(), StorageError> {
+            self.0.put(key, body, ct).await
         }
-        async fn head(&self, _: &str) -> Result<Option<crate::storage::ObjectMeta>, StorageError> {
-            Ok(None)
+        async fn head(
+            &self,
+            key: &str,
+        ) -> Result<Option<crate::storage::ObjectMeta>, StorageError> {
+            self.0.head(key).await
         }
     }
-    let store: SharedStore = std::sync::Arc::new(Refusing);
+    let dir = tempfile::tempdir().unwrap();
+    let store: SharedStore = std::sync::Arc::new(NoListBucket(
+        crate::storage::LocalStore::new(dir.path()).unwrap(),
+    ));
     let started = tokio::time::Instant::now();
+    // Nothing recorded: none, at once.
     assert!(
         read_patiently(&store, &plan(JobSpec::default(), None), 0)
             .await
@@ -292,6 +304,14 @@ async fn a_refused_read_is_not_waited_for() {
     assert_eq!(
         read_key_patiently(&store, "jobs-state/u/j/h/0.json").await,
         None
+    );
+    // Recorded by an older release, under the effective spec's hash only: found behind the refused message key.
+    recorded(&store, plan(JobSpec::default(), None)).await;
+    let message = Some("f".repeat(64));
+    assert!(
+        read_patiently(&store, &plan(JobSpec::default(), message), 0)
+            .await
+            .is_some()
     );
     assert_eq!(started.elapsed(), Duration::ZERO);
 }

@@ -15,7 +15,7 @@ use palette_proto::orchestrator::v1::{EditJobRequest, Job, JobSpec};
 use palette_rules::preset::Preset;
 
 use super::JobService;
-use super::job::{is_terminal, job_is_terminal};
+use super::job::{JobHandle, is_terminal, job_is_terminal};
 use super::validate::{self, EditSource, JobKey, JobLimits, JobPlan, Violations};
 use crate::error::ApiError;
 use crate::keys;
@@ -144,23 +144,30 @@ pub fn plan_edit(
 impl JobService {
     /// The edit `request` made, if this replica knows it: same id, same source, and the request's rules, preset and
     /// output format as its plan took them (a request its validation changed, e.g. a concept written "Wall", is
-    /// planned again as any request is).
-    pub(super) fn registered_edit(&self, request: &EditJobRequest) -> Option<Job> {
+    /// planned again as any request is). Answered once the first call's record is written, as `register` answers a
+    /// retry: a first call whose record fails leaves nothing to answer with.
+    pub(super) async fn registered_edit(&self, request: &EditJobRequest) -> Option<Job> {
         let key = JobKey {
             user_id: request.user_id.clone(),
             job_id: request.job_id.clone(),
         };
-        let job = self.registry.get(&key).ok()?;
-        let spec = &job.plan.effective_spec;
-        let same = job
-            .plan
-            .source
-            .as_ref()
-            .is_some_and(|s| s.source_job_id == request.source_job_id)
-            && spec.rules == request.rules
-            && spec.preset == request.preset
-            && spec.output_format == request.output_format;
-        same.then(|| job.snapshot())
+        let made_by = |job: &JobHandle| {
+            let spec = &job.plan.effective_spec;
+            job.plan
+                .source
+                .as_ref()
+                .is_some_and(|s| s.source_job_id == request.source_job_id)
+                && spec.rules == request.rules
+                && spec.preset == request.preset
+                && spec.output_format == request.output_format
+        };
+        let job = self.registry.get(&key).ok().filter(|job| made_by(job))?;
+        if !job.recorded.wait().await {
+            return None;
+        }
+        // The registry's handle now: JOB_STORE=nats may have put the recorded run in this one's place.
+        let job = self.registry.get(&key).ok().filter(|job| made_by(job))?;
+        Some(job.snapshot())
     }
 
     /// An edit of a job still running would fail every photo not segmented yet (`source_missing`, each called

@@ -147,18 +147,19 @@ pub(in crate::jobs) async fn union_of(
     // Each PNG is folded as it arrives, in the record's order (max is order-free; errors name the first bad key):
     // at most FETCHES_IN_FLIGHT of them are held at once, not every instance of the concept (20 full-frame PNGs of
     // a 12 MP photo, outside the pixel budget, per item and per preview).
+    // Each fetch is a task of its own, so the fetches in flight go on while a PNG is folded.
     let mut fetched = stream::iter(entries)
         .map(|mask| {
             let store = store.clone();
-            async move {
+            tokio::spawn(async move {
                 let png = fetch_crop(&store, &mask, max_bytes).await?;
                 Ok::<_, ItemError>((mask, png))
-            }
+            })
         })
         .buffered(FETCHES_IN_FLIGHT);
     let mut union = UnionPlane::new(size.0, size.1);
     while let Some(next) = fetched.next().await {
-        let (entry, png) = next?;
+        let (entry, png) = next.map_err(ItemError::Worker)??;
         union = blocking(move || {
             let mut union = union;
             paste_max(&mut union, &entry, &png, size)?;

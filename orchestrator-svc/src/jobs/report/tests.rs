@@ -57,11 +57,12 @@ async fn a_cancel_does_not_overwrite_an_earlier_runs_recorded_end() {
         source: None,
         preset: None,
     };
-    // The earlier run: item 0 COMPLETED, recorded settled.
+    // The earlier run: item 0 COMPLETED, recorded with its callback pending (it died sending it); callbacks are off
+    // now, so none will be sent: settled NOT_CONFIGURED, not left pending (the job would never settle).
     let earlier = Arc::new(JobHandle::new(plan(), 1));
     assert!(earlier.start_item(0));
     let done = earlier
-        .finish_item(0, ItemOutcome::Completed(Default::default()), false)
+        .finish_item(0, ItemOutcome::Completed(Default::default()), true)
         .unwrap();
     drop(done);
     assert!(durable::write(&store, &earlier, 0).await);
@@ -90,4 +91,6 @@ async fn a_cancel_does_not_overwrite_an_earlier_runs_recorded_end() {
         ItemState::Completed as i32,
         "the view follows the record"
     );
+    assert_eq!(job.progress().callbacks_pending, 0);
+    assert!(job.is_settled());
 }

@@ -1,0 +1,76 @@
+//! Durable jobs (ADAPTER=queue_pull): items an earlier run of the job ended and recorded, whose end stands over
+//! anything this run would report for them.
+
+use std::sync::Arc;
+
+use palette_proto::orchestrator::v1::{CallbackState, Item};
+
+use super::{ReportKind, Reporter, durable};
+use crate::jobs::job::JobHandle;
+
+impl Reporter {
+    /// Durable jobs: an item an earlier run recorded, taken as it ended (`JobHandle::restore_item`) and counted
+    /// written; a record whose callback was still pending (that run died while sending it) has it sent again, same
+    /// webhook-id, and is counted once recorded settled. False when the item was no longer open here.
+    pub fn restore_durable(&self, job: &Arc<JobHandle>, idx: u32, recorded: Item) -> bool {
+        let pending = recorded.callback_state == CallbackState::Pending as i32;
+        let recorded = if pending && !self.callbacks_on() {
+            // Callbacks were turned off (WORKERS_API_URL unset) since: none will be sent.
+            Item {
+                callback_state: CallbackState::NotConfigured as i32,
+                ..recorded
+            }
+        } else {
+            recorded
+        };
+        if !job.restore_item(idx, recorded) {
+            return false;
+        }
+        match job.item(idx) {
+            Some(item) if pending && self.callbacks_on() => {
+                tracing::info!(
+                    idx,
+                    "item recorded by an earlier run with its callback pending: sending it again"
+                );
+                self.settle_all(job, vec![item]);
+            }
+            _ => job.durable_written.one_more(),
+        }
+        true
+    }
+
+    /// Durable jobs: an item ended together with others (a cancel) may not have had its record read yet (items read
+    /// it only when they start): an earlier run's end, recorded, stands over this one, and is taken into the view
+    /// (its callback sent again if it was pending) instead of being overwritten and called back otherwise (a
+    /// CANCELLED after the COMPLETED that run told).
+    pub(super) async fn settle_unless_recorded(&self, job: &Arc<JobHandle>, item: Item) {
+        let idx = item.idx;
+        // A drain does not wait for a read that a storage outage holds up: reported as before the read existed.
+        let read = durable::read_patiently(&self.store, &job.plan, idx);
+        let recorded = tokio::select! {
+            recorded = read => recorded,
+            () = self.stopping.cancelled() => None,
+        };
+        let Some(recorded) = recorded else {
+            return self.settle_now(job, item, ReportKind::First).await;
+        };
+        tracing::info!(job_id = %job.plan.job_id, idx, "item ended by an earlier run of the job: that end stands");
+        let pending = recorded.callback_state == CallbackState::Pending as i32;
+        let recorded = if pending && !self.callbacks_on() {
+            // Callbacks were turned off since: none will be sent (left PENDING, the job never settled).
+            Item {
+                callback_state: CallbackState::NotConfigured as i32,
+                ..recorded
+            }
+        } else {
+            recorded
+        };
+        job.apply_record(idx, recorded);
+        match job.item(idx) {
+            Some(item) if pending && self.callbacks_on() => {
+                self.settle_now(job, item, ReportKind::Resend).await
+            }
+            _ => job.durable_written.one_more(),
+        }
+    }
+}
