@@ -13,16 +13,7 @@ impl Reporter {
     /// written; a record whose callback was still pending (that run died while sending it) has it sent again, same
     /// webhook-id, and is counted once recorded settled. False when the item was no longer open here.
     pub fn restore_durable(&self, job: &Arc<JobHandle>, idx: u32, recorded: Item) -> bool {
-        let pending = recorded.callback_state == CallbackState::Pending as i32;
-        let recorded = if pending && !self.callbacks_on() {
-            // Callbacks were turned off (WORKERS_API_URL unset) since: none will be sent.
-            Item {
-                callback_state: CallbackState::NotConfigured as i32,
-                ..recorded
-            }
-        } else {
-            recorded
-        };
+        let (recorded, pending) = self.as_sendable(recorded);
         if !job.restore_item(idx, recorded) {
             return false;
         }
@@ -55,16 +46,7 @@ impl Reporter {
             return self.settle_now(job, item, ReportKind::First).await;
         };
         tracing::info!(job_id = %job.plan.job_id, idx, "item ended by an earlier run of the job: that end stands");
-        let pending = recorded.callback_state == CallbackState::Pending as i32;
-        let recorded = if pending && !self.callbacks_on() {
-            // Callbacks were turned off since: none will be sent (left PENDING, the job never settled).
-            Item {
-                callback_state: CallbackState::NotConfigured as i32,
-                ..recorded
-            }
-        } else {
-            recorded
-        };
+        let (recorded, pending) = self.as_sendable(recorded);
         job.apply_record(idx, recorded);
         match job.item(idx) {
             Some(item) if pending && self.callbacks_on() => {
@@ -72,5 +54,19 @@ impl Reporter {
             }
             _ => job.durable_written.one_more(),
         }
+    }
+
+    /// A recorded item as this process can settle it, and whether its callback was pending: with callbacks turned
+    /// off since (WORKERS_API_URL unset), NOT_CONFIGURED, as none will be sent (left PENDING, the job never settled).
+    fn as_sendable(&self, recorded: Item) -> (Item, bool) {
+        let pending = recorded.callback_state == CallbackState::Pending as i32;
+        if pending && !self.callbacks_on() {
+            let settled = Item {
+                callback_state: CallbackState::NotConfigured as i32,
+                ..recorded
+            };
+            return (settled, true);
+        }
+        (recorded, pending)
     }
 }

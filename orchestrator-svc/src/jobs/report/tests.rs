@@ -4,17 +4,12 @@ use super::*;
 use crate::jobs::job::ItemOutcome;
 use crate::jobs::validate::JobPlan;
 
-/// What ADAPTER=queue_pull acknowledges its message after (`adapters::queue_pull::follow`): a durable item is
-/// counted written only once its record is in storage, callbacks off included (settled at once).
-#[tokio::test]
-async fn a_durable_item_counts_as_written_once_its_record_is_stored() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
-    let reporter = Reporter::new(store.clone(), None, TaskTracker::new(), None);
-    let plan = JobPlan {
+/// A queue job's plan (durable items) of `image_count` images.
+fn durable_plan(image_count: u32) -> JobPlan {
+    JobPlan {
         user_id: "u".into(),
         job_id: "j".into(),
-        image_count: 1,
+        image_count,
         concepts: vec!["wall".into()],
         rules: vec![],
         effective_spec: JobSpec::default(),
@@ -22,8 +17,17 @@ async fn a_durable_item_counts_as_written_once_its_record_is_stored() {
         message_hash: None,
         source: None,
         preset: None,
-    };
-    let job = Arc::new(JobHandle::new(plan, 1));
+    }
+}
+
+/// What ADAPTER=queue_pull acknowledges its message after (`adapters::queue_pull::follow`): a durable item is
+/// counted written only once its record is in storage, callbacks off included (settled at once).
+#[tokio::test]
+async fn a_durable_item_counts_as_written_once_its_record_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
+    let reporter = Reporter::new(store.clone(), None, TaskTracker::new(), None);
+    let job = Arc::new(JobHandle::new(durable_plan(1), 1));
     let mut written = job.durable_written.watch();
     let item = job.finish_item(0, ItemOutcome::Cancelled, false).unwrap();
     reporter.item_ended(&job, item);
@@ -45,18 +49,7 @@ async fn a_cancel_does_not_overwrite_an_earlier_runs_recorded_end() {
     let dir = tempfile::tempdir().unwrap();
     let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
     let reporter = Reporter::new(store.clone(), None, TaskTracker::new(), None);
-    let plan = || JobPlan {
-        user_id: "u".into(),
-        job_id: "j".into(),
-        image_count: 2,
-        concepts: vec!["wall".into()],
-        rules: vec![],
-        effective_spec: JobSpec::default(),
-        durable_items: true,
-        message_hash: None,
-        source: None,
-        preset: None,
-    };
+    let plan = || durable_plan(2);
     // The earlier run: item 0 COMPLETED, recorded with its callback pending (it died sending it); callbacks are off
     // now, so none will be sent: settled NOT_CONFIGURED, not left pending (the job would never settle).
     let earlier = Arc::new(JobHandle::new(plan(), 1));
