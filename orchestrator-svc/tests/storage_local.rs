@@ -163,3 +163,44 @@ async fn only_regular_files_are_objects() {
         );
     }
 }
+
+/// `put_new` is create-only: of writers racing for one key exactly one writes, the object is whole and that
+/// writer's, and no temp file is left behind.
+#[tokio::test]
+async fn put_new_writes_only_where_no_object_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(LocalStore::new(dir.path()).unwrap());
+    let key = "jobs-state/u/j/h/0.json";
+    let racing = (0..16u8).map(|n| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let body = Bytes::from(vec![n; 4096]);
+            (
+                n,
+                store.put_new(key, body, "application/json").await.unwrap(),
+            )
+        })
+    });
+    let winners: Vec<u8> = futures::future::join_all(racing)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .filter_map(|(n, created)| created.then_some(n))
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one writer: {winners:?}");
+    assert_eq!(
+        store.get(key).await.unwrap(),
+        Bytes::from(vec![winners[0]; 4096])
+    );
+    let names: Vec<_> = std::fs::read_dir(dir.path().join("jobs-state/u/j/h"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["0.json"]);
+    assert!(matches!(
+        store
+            .put_new("../escape", Bytes::new(), "application/json")
+            .await,
+        Err(StorageError::InvalidKey(_))
+    ));
+}

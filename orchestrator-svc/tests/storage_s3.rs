@@ -76,6 +76,51 @@ async fn s3_backend_round_trip_against_seaweedfs() {
     ));
 }
 
+/// `put_new` is create-only against a real S3 server (`If-None-Match: *`): of writers racing for one key exactly
+/// one writes, and the object is that writer's. What makes a queue job's first recorded item end the only one.
+#[tokio::test]
+async fn put_new_writes_only_where_no_object_is() {
+    let Some(weed) = common::seaweed::start("palette-test") else {
+        return;
+    };
+    let store = std::sync::Arc::new(store(&weed, &weed.bucket));
+    wait_ready(&store).await;
+    let key = "jobs-state/u/j/h/0.json";
+    let racing = (0..8u8).map(|n| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let created = store
+                .put_new(key, Bytes::from(vec![b'0' + n]), "application/json")
+                .await
+                .unwrap();
+            (n, created)
+        })
+    });
+    let winners: Vec<u8> = futures::future::join_all(racing)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .filter_map(|(n, created)| created.then_some(n))
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one writer: {winners:?}");
+    assert_eq!(
+        store.get(key).await.unwrap(),
+        Bytes::from(vec![b'0' + winners[0]])
+    );
+    // A plain put still overwrites.
+    store
+        .put(key, Bytes::from_static(b"x"), "application/json")
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .put_new(key, Bytes::from_static(b"y"), "application/json")
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.get(key).await.unwrap(), Bytes::from_static(b"x"));
+}
+
 #[tokio::test]
 async fn a_missing_bucket_is_an_outage_not_a_missing_object() {
     let Some(weed) = common::seaweed::start("palette-test") else {

@@ -14,14 +14,21 @@
 //!
 //! Before, the record was written only after the callback: a worker dying in between (a callback retried for
 //! minutes, a SIGKILL) left the item unrecorded, and the rerun could end it otherwise (FAILED after COMPLETED): two
-//! ends of one item. What is left: a record that cannot be written before the callback even after a few seconds'
-//! waits (storage down as the item ends), followed by the worker's death before the settled write.
+//! ends of one item. The first record of an item is written only where none exists (`claim`: S3 `If-None-Match`),
+//! so two runs of one job at once (a worker cut off from NATS past its lease while the redelivery runs the job
+//! elsewhere) cannot both record, and call back, their own end: the second takes the first's. What is left: a record
+//! that cannot be written before the callback even after a few seconds' waits (storage down as the item ends),
+//! followed by the worker's death before the settled write; and an S3 service that ignores `If-None-Match`
+//! (overwrites, last writer wins, as before).
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState, MaskKey, RuleOutput};
-use serde::{Deserialize, Serialize};
+use palette_proto::orchestrator::v1::Item;
+
+mod codec;
+
+pub use codec::{decode, encode};
 
 use super::job::JobHandle;
 use super::validate::JobPlan;
@@ -127,10 +134,85 @@ async fn read_at(store: &SharedStore, key: &str, patient: bool) -> Read {
     }
 }
 
-/// Records item `idx` of the job as it is now, before its callback (callback pending): written again after a storage
-/// error (`AGAIN_AFTER`, ~8 s) before the callback goes out all the same.
-pub async fn write_before_callback(store: &SharedStore, job: &JobHandle, idx: u32) {
-    again_on_failure(|| write(store, job, idx)).await;
+/// What `claim` found.
+#[derive(Debug)]
+pub enum Claim {
+    /// The record is this run's end (or could not be written even after waits: the callback goes out all the same).
+    Ours,
+    /// Another run of the job recorded the item's end first: that end stands, this run's is neither recorded nor
+    /// called back. Boxed: an Item is ~0.2 KB.
+    Theirs(Box<Item>),
+}
+
+/// Records item `idx` of the job as it is now (it just ended here), first writer wins: only if no record of it
+/// exists (`ObjectStore::put_new`) under the first key `write` uses, then the other copy as `write` does. Written
+/// before its callback (callback pending; or the only record, callbacks off).
+///
+/// Two runs of one job can be at work at once: a worker cut off from NATS past its lease keeps running the job while
+/// the redelivery runs it elsewhere, and both can end an item that neither had recorded when it started (maybe
+/// otherwise: COMPLETED there, FAILED here as the segmenter went down). With plain writes the last writer's record
+/// stood and both callbacks went out: two ends of one item. With this, the first end recorded is the one that
+/// stands, and the other run takes it (`Theirs`).
+pub async fn claim(store: &SharedStore, job: &JobHandle, idx: u32) -> Claim {
+    let Some(item) = job.item(idx) else {
+        return Claim::Ours;
+    };
+    let mut keys = record_keys(job, idx);
+    let first = keys.remove(0);
+    let claim = claim_key(store, &first, &item).await;
+    if matches!(claim, Claim::Ours) {
+        for key in keys {
+            put(store, &key, &item).await;
+        }
+    }
+    claim
+}
+
+/// `claim` at one key (a refused job's items have one).
+pub async fn claim_key(store: &SharedStore, key: &str, item: &Item) -> Claim {
+    let body = Bytes::from(encode(item));
+    let mut waits = AGAIN_AFTER.iter();
+    loop {
+        let failed = match store.put_new(key, body.clone(), "application/json").await {
+            Ok(true) => return Claim::Ours,
+            Ok(false) => match read_at(store, key, true).await {
+                Read::Found(Some(recorded)) => return Claim::Theirs(recorded),
+                // Not a record this release reads (nor any end it could stand by): replaced, as a read takes it
+                // for none.
+                Read::Found(None) => {
+                    put(store, key, item).await;
+                    return Claim::Ours;
+                }
+                // Deleted since (a lifecycle rule), or a refusal to say: claimed again.
+                Read::Missing | Read::Failed => "the record there is gone".to_string(),
+            },
+            Err(e) if e.is_outage() => Report(&e).to_string(),
+            // Refused, or a key no store takes: asking again will not change it.
+            Err(e) => {
+                tracing::warn!(%key, error = %Report(&e), "item record not written; a rerun of the job would run the item again");
+                return Claim::Ours;
+            }
+        };
+        let Some(&wait) = waits.next() else {
+            tracing::warn!(
+                %key, error = %failed,
+                "item record not written before its callback; sent all the same (a rerun after a crash now could run the item again)"
+            );
+            return Claim::Ours;
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The keys of item `idx`'s record, the one read first first: under the message's spec, and under the effective
+/// spec's hash too, where a replica of an older release (a rolling upgrade) taking the redelivery looks.
+fn record_keys(job: &JobHandle, idx: u32) -> Vec<String> {
+    job.plan
+        .message_hash
+        .iter()
+        .chain(std::iter::once(&job.spec_hash))
+        .map(|spec_hash| keys::item_marker(&job.plan.user_id, &job.plan.job_id, spec_hash, idx))
+        .collect()
 }
 
 /// Records item `idx` of the job as it is now (terminal); whether every copy was written.
@@ -138,16 +220,8 @@ pub async fn write(store: &SharedStore, job: &JobHandle, idx: u32) -> bool {
     let Some(item) = job.item(idx) else {
         return true;
     };
-    // Under the message's spec, and under the effective spec's hash too, where a replica of an older release (a
-    // rolling upgrade) taking the redelivery looks.
-    let hashes = job
-        .plan
-        .message_hash
-        .iter()
-        .chain(std::iter::once(&job.spec_hash));
     let mut written = true;
-    for spec_hash in hashes {
-        let key = keys::item_marker(&job.plan.user_id, &job.plan.job_id, spec_hash, idx);
+    for key in record_keys(job, idx) {
         written &= put(store, &key, &item).await;
     }
     written
@@ -165,25 +239,6 @@ pub async fn put(store: &SharedStore, key: &str, item: &Item) -> bool {
     }
 }
 
-/// `put` before the item's callback, as `write_before_callback`.
-pub async fn put_before_callback(store: &SharedStore, key: &str, item: &Item) {
-    again_on_failure(|| put(store, key, item)).await;
-}
-
-/// Runs `attempt` again after each of `AGAIN_AFTER` while it fails, then gives up.
-async fn again_on_failure<Fut: Future<Output = bool>>(attempt: impl Fn() -> Fut) {
-    let mut waits = AGAIN_AFTER.iter();
-    while !attempt().await {
-        let Some(&wait) = waits.next() else {
-            tracing::warn!(
-                "item record not written before its callback; sent all the same (a rerun after a crash now could run the item again)"
-            );
-            return;
-        };
-        tokio::time::sleep(wait).await;
-    }
-}
-
 /// The record at `key`, read for as long as storage is down (`StorageError::is_outage`): None when there is none
 /// (or the store refuses to say: 403, as a policy without s3:ListBucket answers a missing key), Some(None) when one
 /// exists that does not decode (a refused job's item: see `JobService::call_back_refused`).
@@ -192,181 +247,6 @@ pub async fn read_key_patiently(store: &SharedStore, key: &str) -> Option<Option
         Read::Found(item) => Some(item.map(|item| *item)),
         Read::Missing | Read::Failed => None,
     }
-}
-
-/// The stored form of a terminal item.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Record {
-    idx: u32,
-    state: String,
-    #[serde(default)]
-    input_key: String,
-    #[serde(default)]
-    output_key: String,
-    #[serde(default)]
-    outputs: Vec<OutputRecord>,
-    #[serde(default)]
-    preview_key: String,
-    #[serde(default)]
-    masks: Vec<MaskRecord>,
-    #[serde(default)]
-    error: String,
-    #[serde(default)]
-    error_code: String,
-    #[serde(default)]
-    masks_reused: bool,
-    #[serde(default)]
-    callback_state: String,
-    #[serde(default)]
-    callback_attempts: u32,
-    #[serde(default)]
-    callback_error: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct OutputRecord {
-    rule_id: String,
-    output_key: String,
-    // Records written before these fields existed did not say: they read as applied, as they were reported then.
-    #[serde(default = "applied_by_default")]
-    applied: bool,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    not_applied_reason: String,
-}
-
-fn applied_by_default() -> bool {
-    true
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct MaskRecord {
-    concept: String,
-    instance: u32,
-    key: String,
-    score: f32,
-    /// The crop's placement (see `MaskKey`); absent, so zero, in records of full-frame masks from before crops.
-    #[serde(default)]
-    x: u32,
-    #[serde(default)]
-    y: u32,
-    #[serde(default)]
-    width: u32,
-    #[serde(default)]
-    height: u32,
-    #[serde(default)]
-    image_width: u32,
-    #[serde(default)]
-    image_height: u32,
-    #[serde(default)]
-    grid_width: u32,
-    #[serde(default)]
-    grid_height: u32,
-}
-
-/// The record of a terminal item, as JSON.
-pub fn encode(item: &Item) -> Vec<u8> {
-    let record = Record {
-        idx: item.idx,
-        state: ItemState::try_from(item.state)
-            .unwrap_or(ItemState::Unspecified)
-            .as_str_name()
-            .to_string(),
-        input_key: item.input_key.clone(),
-        output_key: item.output_key.clone(),
-        outputs: item
-            .outputs
-            .iter()
-            .map(|o| OutputRecord {
-                rule_id: o.rule_id.clone(),
-                output_key: o.output_key.clone(),
-                applied: o.applied,
-                not_applied_reason: o.not_applied_reason.clone(),
-            })
-            .collect(),
-        preview_key: item.preview_key.clone(),
-        masks: item
-            .masks
-            .iter()
-            .map(|m| MaskRecord {
-                concept: m.concept.clone(),
-                instance: m.instance,
-                key: m.key.clone(),
-                score: m.score,
-                x: m.x,
-                y: m.y,
-                width: m.width,
-                height: m.height,
-                image_width: m.image_width,
-                image_height: m.image_height,
-                grid_width: m.grid_width,
-                grid_height: m.grid_height,
-            })
-            .collect(),
-        error: item.error.clone(),
-        error_code: item.error_code.clone(),
-        masks_reused: item.masks_reused,
-        callback_state: CallbackState::try_from(item.callback_state)
-            .unwrap_or(CallbackState::Unspecified)
-            .as_str_name()
-            .to_string(),
-        callback_attempts: item.callback_attempts,
-        callback_error: item.callback_error.clone(),
-    };
-    serde_json::to_vec(&record).unwrap_or_default()
-}
-
-/// A record back as the item; None when it is not a record of a terminal item.
-pub fn decode(bytes: &[u8]) -> Option<Item> {
-    let record: Record = serde_json::from_slice(bytes).ok()?;
-    let state = ItemState::from_str_name(&record.state)? as i32;
-    if !super::job::is_terminal(state) {
-        return None;
-    }
-    Some(Item {
-        idx: record.idx,
-        state,
-        input_key: record.input_key,
-        output_key: record.output_key,
-        outputs: record
-            .outputs
-            .into_iter()
-            .map(|o| RuleOutput {
-                rule_id: o.rule_id,
-                output_key: o.output_key,
-                applied: o.applied,
-                not_applied_reason: o.not_applied_reason,
-            })
-            .collect(),
-        preview_key: record.preview_key,
-        masks: record
-            .masks
-            .into_iter()
-            .map(|m| MaskKey {
-                concept: m.concept,
-                instance: m.instance,
-                key: m.key,
-                score: m.score,
-                x: m.x,
-                y: m.y,
-                width: m.width,
-                height: m.height,
-                image_width: m.image_width,
-                image_height: m.image_height,
-                grid_width: m.grid_width,
-                grid_height: m.grid_height,
-            })
-            .collect(),
-        error: record.error,
-        error_code: record.error_code,
-        callback_state: CallbackState::from_str_name(&record.callback_state)
-            .unwrap_or(CallbackState::Delivered) as i32,
-        callback_attempts: record.callback_attempts,
-        callback_error: record.callback_error,
-        masks_reused: record.masks_reused,
-    })
 }
 
 #[cfg(test)]

@@ -85,11 +85,16 @@ impl JobService {
                             return;
                         }
                         Some(Some(recorded)) => recorded,
-                        None => {
-                            let item = item_of(idx);
-                            durable::put_before_callback(store, &key, &item).await;
-                            item
-                        }
+                        // First writer wins, as for a run's items: a delivery that ended the item meanwhile stands.
+                        None => match durable::claim_key(store, &key, &item_of(idx)).await {
+                            durable::Claim::Ours => item_of(idx),
+                            durable::Claim::Theirs(recorded)
+                                if recorded.callback_state == CallbackState::Pending as i32 =>
+                            {
+                                *recorded
+                            }
+                            durable::Claim::Theirs(_) => return,
+                        },
                     };
                     sent.fetch_add(1, Ordering::Relaxed);
                     let outcome = sender.deliver(about, &callback_body(about, &item)).await;

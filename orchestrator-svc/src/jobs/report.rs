@@ -214,12 +214,20 @@ impl Reporter {
             }
         }
         // Durable jobs: recorded before anyone is told (callback pending), so a rerun after a crash sends this callback
-        // again instead of running the item again, maybe to another end; recorded again below once settled.
+        // again instead of running the item again, maybe to another end; recorded again below once settled. First
+        // writer wins: another run of the job (a worker still at it after its lease passed on) that recorded the
+        // item's end first has told, or tells, that end: it stands here too, and this one is dropped.
+        let mut claimed = false;
         if let Some(store) = &store
-            && self.callbacks.is_some()
             && report == ReportKind::First
         {
-            durable::write_before_callback(store, job, item.idx).await;
+            match durable::claim(store, job, item.idx).await {
+                durable::Claim::Ours => claimed = true,
+                durable::Claim::Theirs(recorded) => {
+                    tracing::warn!(job_id = %job.plan.job_id, idx = item.idx, "item's end recorded first by another run of the job (two workers on one job): that end stands, this one is not called back");
+                    return self.take_recorded(job, item.idx, *recorded);
+                }
+            }
         }
         if let Some(sender) = &self.callbacks {
             let about = CallbackJob {
@@ -267,9 +275,12 @@ impl Reporter {
                 unrecorded = matches!(kept, Kept::Unwritten).then_some(settled);
             }
         }
-        // Durable jobs: recorded settled, so a rerun never sends it again (and only then counted written).
+        // Durable jobs: recorded settled, so a rerun never sends it again (and only then counted written). With
+        // callbacks off, the claim's record is the item as it stands.
         if let Some(store) = store {
-            durable::write(&store, job, item.idx).await;
+            if !(claimed && self.callbacks.is_none()) {
+                durable::write(&store, job, item.idx).await;
+            }
             job.durable_written.one_more();
         }
         // Kept only where a task's holder writes it (JOB_STORE=nats, the one store given a patience): with

@@ -128,25 +128,44 @@ impl LocalStore {
         Ok(Bytes::from(data))
     }
 
-    fn put_now(&self, key: &str, body: &[u8]) -> Result<(), StorageError> {
+    /// `body` written to a temp file beside `key`'s path (folders created, confined to the root): (temp, path).
+    fn staged(&self, key: &str, body: &[u8]) -> Result<(PathBuf, PathBuf), StorageError> {
         let path = self.path_of(key)?;
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         // Before creating folders (which would follow a linked folder out of the root) and after.
         self.confined(key, &dir)?;
         std::fs::create_dir_all(&dir).map_err(|e| unavailable("create", &dir, e))?;
         self.confined(key, &dir)?;
-        // Write beside the target and rename: readers see the old object or the whole new one, never a torn write
-        // (a process crash included; no fsync: a power loss may lose recent objects, as orchestrator.md says).
         let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
         if let Err(e) = std::fs::write(&tmp, body) {
             let _ = std::fs::remove_file(&tmp);
             return Err(unavailable("write", &tmp, e));
         }
+        Ok((tmp, path))
+    }
+
+    fn put_now(&self, key: &str, body: &[u8]) -> Result<(), StorageError> {
+        // Written beside the target and renamed: readers see the old object or the whole new one, never a torn write
+        // (a process crash included; no fsync: a power loss may lose recent objects, as orchestrator.md says).
+        let (tmp, path) = self.staged(key, body)?;
         if let Err(e) = std::fs::rename(&tmp, &path) {
             let _ = std::fs::remove_file(&tmp);
             return Err(unavailable("rename to", &path, e));
         }
         Ok(())
+    }
+
+    /// `put_now` unless an object is at `key` (false then): written beside it and hard-linked into place, which
+    /// fails when the name exists, so of two writers exactly one succeeds and readers never see a torn object.
+    fn put_new_now(&self, key: &str, body: &[u8]) -> Result<bool, StorageError> {
+        let (tmp, path) = self.staged(key, body)?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(unavailable("link to", &path, e)),
+        }
     }
 
     fn head_now(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
@@ -172,6 +191,15 @@ impl ObjectStore for LocalStore {
 
     async fn put(&self, key: &str, body: Bytes, _content_type: &str) -> Result<(), StorageError> {
         off_runtime(self, key, move |store, key| store.put_now(key, &body)).await
+    }
+
+    async fn put_new(
+        &self,
+        key: &str,
+        body: Bytes,
+        _content_type: &str,
+    ) -> Result<bool, StorageError> {
+        off_runtime(self, key, move |store, key| store.put_new_now(key, &body)).await
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {

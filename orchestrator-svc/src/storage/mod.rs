@@ -87,6 +87,26 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
         self.get_at_most(key, u64::MAX).await
     }
     async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StorageError>;
+
+    /// `put` only if no object is at `key`: true when this call wrote it, false when one was there (this call's
+    /// write was not made). Atomic in the real backends (S3 `If-None-Match: *`, honoured by R2, AWS S3 and
+    /// SeaweedFS; a local hard link), so of two writers racing for one key exactly one gets true: what makes the
+    /// first recorded end of a queue job's item the only one (`jobs::durable::claim`). A service that ignores the
+    /// header overwrites, as `put` does.
+    ///
+    /// This default (look, then put) is not atomic: for test stores only.
+    async fn put_new(
+        &self,
+        key: &str,
+        body: Bytes,
+        content_type: &str,
+    ) -> Result<bool, StorageError> {
+        if self.exists(key).await? {
+            return Ok(false);
+        }
+        self.put(key, body, content_type).await?;
+        Ok(true)
+    }
     /// None when the key does not exist.
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError>;
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::interceptors::InterceptorContext;
 use aws_sdk_s3::config::retry::{ClassifyRetry, RetryAction, RetryConfig};
 use aws_sdk_s3::config::timeout::TimeoutConfig;
@@ -11,6 +12,7 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::put_object::{PutObjectError, PutObjectOutput};
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 
@@ -113,6 +115,33 @@ impl S3Store {
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+}
+
+impl S3Store {
+    /// One PutObject; `if_none`: only if no object is at `key` (`If-None-Match: *`).
+    async fn put_object(
+        &self,
+        key: &str,
+        body: Bytes,
+        content_type: &str,
+        if_none: bool,
+    ) -> Result<PutObjectOutput, SdkError<PutObjectError, HttpResponse>> {
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(ByteStream::from(body));
+        if if_none {
+            request = request.if_none_match("*");
+        }
+        if self.sign_payload {
+            request.send().await
+        } else {
+            request.customize().disable_payload_signing().send().await
+        }
     }
 }
 
@@ -237,20 +266,27 @@ impl ObjectStore for S3Store {
 
     async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StorageError> {
         check_key(key)?;
-        let request = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .content_type(content_type)
-            .body(ByteStream::from(body));
-        let sent = if self.sign_payload {
-            request.send().await
-        } else {
-            request.customize().disable_payload_signing().send().await
-        };
-        sent.map_err(|err| unavailable("PUT", key, err))?;
+        self.put_object(key, body, content_type, false)
+            .await
+            .map_err(|err| unavailable("PUT", key, err))?;
         Ok(())
+    }
+
+    async fn put_new(
+        &self,
+        key: &str,
+        body: Bytes,
+        content_type: &str,
+    ) -> Result<bool, StorageError> {
+        check_key(key)?;
+        match self.put_object(key, body, content_type, true).await {
+            Ok(_) => Ok(true),
+            // 412: an object is there. (A retry of this very PUT whose first answer was lost also finds one: its
+            // own. Callers read what is there, so they see their own record.) 409 ConditionalRequestConflict (AWS:
+            // another conditional write of the key in flight) is an outage: asked again, it answers 412 or 200.
+            Err(err) if status_of(&err) == Some(412) => Ok(false),
+            Err(err) => Err(unavailable("PUT (if none)", key, err)),
+        }
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {

@@ -1,3 +1,5 @@
+use palette_proto::orchestrator::v1::{CallbackState, ItemState, MaskKey, RuleOutput};
+
 use super::*;
 
 #[test]
@@ -97,6 +99,38 @@ async fn recorded(store: &SharedStore, plan: JobPlan) {
     let job = std::sync::Arc::new(JobHandle::new(plan, 1));
     drop(job.finish_item(0, super::super::job::ItemOutcome::Cancelled, false));
     write(store, &job, 0).await;
+}
+
+/// Two runs of one job ending the same item (two workers on one job): the first end recorded is the item's; the
+/// other run gets it back (`Claim::Theirs`) and writes nothing, under either key.
+#[tokio::test]
+async fn the_first_recorded_end_of_an_item_stands() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: SharedStore =
+        std::sync::Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
+    let plan = || plan(JobSpec::default(), Some("f".repeat(64)));
+    let ended = |outcome| {
+        let job = std::sync::Arc::new(JobHandle::new(plan(), 1));
+        assert!(job.start_item(0));
+        drop(job.finish_item(0, outcome, true));
+        job
+    };
+    let first = ended(super::super::job::ItemOutcome::Completed(Default::default()));
+    let second = ended(super::super::job::ItemOutcome::Cancelled);
+    assert!(matches!(claim(&store, &first, 0).await, Claim::Ours));
+    match claim(&store, &second, 0).await {
+        Claim::Theirs(recorded) => assert_eq!(recorded.state, ItemState::Completed as i32),
+        Claim::Ours => panic!("the second end overwrote the first"),
+    }
+    // Both copies are the first end's: the message key's and the older release's.
+    let older = JobPlan {
+        message_hash: None,
+        ..plan()
+    };
+    for plan in [plan(), older] {
+        let found = read(&store, &plan, 0).await.expect("recorded");
+        assert_eq!(found.state, ItemState::Completed as i32);
+    }
 }
 
 /// Records are keyed by the message's spec: a redelivery planned with other presets (another effective spec)
@@ -240,24 +274,28 @@ async fn a_record_before_the_callback_is_written_again_after_a_storage_error() {
             self.inner.head(key).await
         }
     }
-    let dir = tempfile::tempdir().unwrap();
-    let store = |failures| -> SharedStore {
+    let (dir, empty) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let store_in = |dir: &tempfile::TempDir, failures| -> SharedStore {
         std::sync::Arc::new(FailingPuts {
             inner: crate::storage::LocalStore::new(dir.path()).unwrap(),
             failures: std::sync::atomic::AtomicUsize::new(failures),
         })
     };
+    let store = |failures| store_in(&dir, failures);
     let job = std::sync::Arc::new(JobHandle::new(plan(JobSpec::default(), None), 1));
     drop(job.finish_item(0, super::super::job::ItemOutcome::Cancelled, true));
     // One copy (no message hash): two failed puts, then written.
     let started = tokio::time::Instant::now();
-    write_before_callback(&store(2), &job, 0).await;
+    assert!(matches!(claim(&store(2), &job, 0).await, Claim::Ours));
     assert_eq!(started.elapsed(), AGAIN_AFTER[0] + AGAIN_AFTER[1]);
     let found = read(&store(0), &job.plan, 0).await.expect("recorded");
     assert_eq!(found.callback_state, CallbackState::Pending as i32);
-    // Storage down throughout: every wait, then given up.
+    // Storage down throughout (nothing recorded yet): every wait, then given up.
     let started = tokio::time::Instant::now();
-    write_before_callback(&store(100), &job, 0).await;
+    assert!(matches!(
+        claim(&store_in(&empty, 100), &job, 0).await,
+        Claim::Ours
+    ));
     assert_eq!(started.elapsed(), AGAIN_AFTER.iter().sum::<Duration>());
 }
 

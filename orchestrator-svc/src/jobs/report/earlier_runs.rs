@@ -46,12 +46,16 @@ impl Reporter {
             return self.settle_now(job, item, ReportKind::First).await;
         };
         tracing::info!(job_id = %job.plan.job_id, idx, "item ended by an earlier run of the job: that end stands");
+        self.take_recorded(job, idx, recorded);
+    }
+
+    /// Durable jobs: item `idx`, which ended here, was recorded by another run first: that end replaces this one in
+    /// the view, and its callback is sent (again, same webhook-id) if it was pending; otherwise it counts written.
+    pub(super) fn take_recorded(&self, job: &Arc<JobHandle>, idx: u32, recorded: Item) {
         let (recorded, pending) = self.as_sendable(recorded);
         job.apply_record(idx, recorded);
         match job.item(idx) {
-            Some(item) if pending && self.callbacks_on() => {
-                self.settle_now(job, item, ReportKind::Resend).await
-            }
+            Some(item) if pending && self.callbacks_on() => self.settle_all(job, vec![item]),
             _ => job.durable_written.one_more(),
         }
     }

@@ -87,3 +87,62 @@ async fn a_cancel_does_not_overwrite_an_earlier_runs_recorded_end() {
     assert_eq!(job.progress().callbacks_pending, 0);
     assert!(job.is_settled());
 }
+
+/// Two runs of one queue job at once (a worker cut off from NATS past its lease keeps running the job while the
+/// redelivery runs it elsewhere): the first end recorded is the item's, this run's other end is neither recorded nor
+/// called back, and the earlier run's end (its callback pending: that worker may die before sending it) is sent
+/// from here, once.
+#[tokio::test]
+async fn an_end_another_run_recorded_first_is_the_only_one_called_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
+    let receiver = palette_testing::receiver::Receiver::start("s", vec![]).await;
+    let policy = crate::callback::RetryPolicy {
+        max_attempts: 2,
+        base_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(100),
+        attempt_timeout: Duration::from_secs(5),
+    };
+    let sender = Arc::new(CallbackSender::new(&receiver.url(), "s", policy).unwrap());
+    let reporter = Reporter::new(store.clone(), Some(sender), TaskTracker::new(), None);
+    // The other worker: item 0 COMPLETED and recorded first, its callback not sent yet.
+    let other = Arc::new(JobHandle::new(durable_plan(1), 1));
+    assert!(other.start_item(0));
+    drop(other.finish_item(0, ItemOutcome::Completed(Default::default()), true));
+    assert!(matches!(
+        durable::claim(&store, &other, 0).await,
+        durable::Claim::Ours
+    ));
+    // This worker started the item before that record existed, and ends it FAILED.
+    let job = Arc::new(JobHandle::new(durable_plan(1), 2));
+    let mut written = job.durable_written.watch();
+    assert!(job.start_item(0));
+    let failed = ItemOutcome::Failed {
+        code: "segmenter_unavailable",
+        message: "down".into(),
+    };
+    let item = job.finish_item(0, failed, true).unwrap();
+    reporter.item_ended(&job, item);
+    tokio::time::timeout(Duration::from_secs(10), written.wait_for(|n| *n >= 1))
+        .await
+        .expect("counted")
+        .unwrap();
+    let states: Vec<String> = receiver
+        .deliveries()
+        .iter()
+        .map(|d| d.body["status"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(states, ["completed"], "the recorded end, once");
+    let recorded = durable::read(&store, &job.plan, 0).await.unwrap();
+    assert_eq!(
+        recorded.state,
+        ItemState::Completed as i32,
+        "not overwritten"
+    );
+    assert_eq!(
+        recorded.callback_state,
+        palette_proto::orchestrator::v1::CallbackState::Delivered as i32
+    );
+    assert_eq!(job.item(0).unwrap().state, ItemState::Completed as i32);
+    assert!(job.is_settled());
+}
