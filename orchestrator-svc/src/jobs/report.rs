@@ -88,7 +88,7 @@ impl Reporter {
     /// Metrics and the one callback of an item that just became terminal.
     pub fn item_ended(&self, job: &Arc<JobHandle>, ended: Ended) {
         let Ended { item, settling } = ended;
-        count_ended(job, &item);
+        count_ended_here(job, &item);
         self.spawn_settle(job, item, ReportKind::First);
         // Released once the report holds its own (`spawn_settle` takes it before returning), or has nothing to do.
         drop(settling);
@@ -99,7 +99,7 @@ impl Reporter {
     /// called back all the same (withheld, a drain could end before the store answers, and nobody would call it back).
     pub async fn item_ended_now(&self, job: &Arc<JobHandle>, ended: Ended, last_delivery: bool) {
         let Ended { item, settling } = ended;
-        count_ended(job, &item);
+        count_ended_here(job, &item);
         self.settle(job, item, ReportKind::First, !last_delivery)
             .await;
         drop(settling);
@@ -112,7 +112,7 @@ impl Reporter {
         let (items, settling): (Vec<Item>, Vec<_>) =
             ended.into_iter().map(|e| (e.item, e.settling)).unzip();
         for item in &items {
-            count_ended(job, item);
+            count_ended_here(job, item);
         }
         self.spawn_settle_all(job, items, ReportKind::First);
         drop(settling);
@@ -222,8 +222,12 @@ impl Reporter {
             && report == ReportKind::First
         {
             match durable::claim(store, job, item.idx).await {
-                durable::Claim::Ours => claimed = true,
+                durable::Claim::Ours => {
+                    claimed = true;
+                    count_ended(job, Some(&item));
+                }
                 durable::Claim::Theirs(recorded) => {
+                    count_ended(job, None);
                     tracing::warn!(job_id = %job.plan.job_id, idx = item.idx, "item's end recorded first by another run of the job (two workers on one job): that end stands, this one is not called back");
                     return self.take_recorded(job, item.idx, *recorded);
                 }
@@ -293,11 +297,22 @@ impl Reporter {
     }
 }
 
-fn count_ended(job: &JobHandle, item: &Item) {
-    let state = ItemState::try_from(item.state)
-        .map(|s| s.as_str_name())
-        .unwrap_or("UNKNOWN");
-    metrics::counter!("orchestrator_items_total", "state" => state).increment(1);
+/// `count_ended` as an item ends here, except a durable job's: counted once its end is the one recorded (another
+/// run's recorded end stands over it, and was counted where it happened).
+fn count_ended_here(job: &JobHandle, item: &Item) {
+    if !job.plan.durable_items {
+        count_ended(job, Some(item));
+    }
+}
+
+/// Counts the item's end (None: an end this process did not make) and the job's, the first time it is terminal.
+fn count_ended(job: &JobHandle, item: Option<&Item>) {
+    if let Some(item) = item {
+        let state = ItemState::try_from(item.state)
+            .map(|s| s.as_str_name())
+            .unwrap_or("UNKNOWN");
+        metrics::counter!("orchestrator_items_total", "state" => state).increment(1);
+    }
     if job.first_time_terminal() {
         metrics::counter!("orchestrator_jobs_finished_total").increment(1);
     }

@@ -46,6 +46,7 @@ impl Reporter {
             return self.settle_now(job, item, ReportKind::First).await;
         };
         tracing::info!(job_id = %job.plan.job_id, idx, "item ended by an earlier run of the job: that end stands");
+        super::count_ended(job, None);
         self.take_recorded(job, idx, recorded);
     }
 

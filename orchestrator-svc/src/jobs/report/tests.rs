@@ -94,6 +94,10 @@ async fn a_cancel_does_not_overwrite_an_earlier_runs_recorded_end() {
 /// from here, once.
 #[tokio::test]
 async fn an_end_another_run_recorded_first_is_the_only_one_called_back() {
+    // This thread's metrics (the test's runtime runs every task on it).
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let metrics = recorder.handle();
+    let _recording = metrics::set_default_local_recorder(&recorder);
     let dir = tempfile::tempdir().unwrap();
     let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
     let receiver = palette_testing::receiver::Receiver::start("s", vec![]).await;
@@ -145,4 +149,14 @@ async fn an_end_another_run_recorded_first_is_the_only_one_called_back() {
     );
     assert_eq!(job.item(0).unwrap().state, ItemState::Completed as i32);
     assert!(job.is_settled());
+    // Not counted here: this process's end did not stand (the other run's was counted where it happened).
+    let rendered = metrics.render();
+    assert!(
+        !rendered.contains("orchestrator_items_total{"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("orchestrator_jobs_finished_total 1"),
+        "{rendered}"
+    );
 }
