@@ -218,7 +218,17 @@ fn paste_max(
              job again to segment the photo"
             .into())
     };
+    // Nor may a PNG of the record's layout be another run's (the job id run again on the same photo, its record not
+    // yet rewritten, or its item failed after storing some masks; a model updated since): its own placement must
+    // be the record's, or the union mixed two runs' masks.
+    let placed = (entry.x, entry.y, entry.width, entry.height);
     match (entry.grid_width > 0, mask_grid::read_placement(png)) {
+        (true, Some(at))
+            if (at.x, at.y, at.width, at.height) != placed
+                || (at.image_width, at.image_height) != (width, height) =>
+        {
+            return Err(other_run());
+        }
         (true, Some(at)) => {
             // A model grid: upsampled into the union over its rectangle, as the job that stored it did.
             let grid = mask_grid::decode(png, &at, width, height).map_err(bad)?;
@@ -231,7 +241,22 @@ fn paste_max(
     }
     // At most the photo's size: a crop is never larger (checked before decoding, see `mask_png::bounded`).
     let crop = mask_png::bounded::gray_within(png, width, height).map_err(bad)?;
-    let (x, y) = mask_png::read_offset(png).unwrap_or((0, 0));
+    let offset = mask_png::read_offset(png);
+    // A crop says where it sits (a full-frame PNG does not: nothing to compare); records from before crops have no
+    // placement (width 0).
+    if let Some((x, y)) = offset
+        && entry.width > 0
+        && (i64::from(x), i64::from(y), crop.width(), crop.height())
+            != (
+                i64::from(entry.x),
+                i64::from(entry.y),
+                entry.width,
+                entry.height,
+            )
+    {
+        return Err(other_run());
+    }
+    let (x, y) = offset.unwrap_or((0, 0));
     let fits = x >= 0
         && y >= 0
         && x as u64 + u64::from(crop.width()) <= u64::from(width)

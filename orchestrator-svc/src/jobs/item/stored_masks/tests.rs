@@ -18,6 +18,17 @@ fn entry(width: u32, height: u32) -> StoredMask {
     }
 }
 
+/// `entry` as the job records a mask stored at `at`.
+fn placed(entry: StoredMask, at: Placement) -> StoredMask {
+    StoredMask {
+        x: at.x,
+        y: at.y,
+        width: at.width,
+        height: at.height,
+        ..entry
+    }
+}
+
 #[test]
 fn crops_fold_back_into_the_union_the_job_built() {
     let (w, h) = (20, 10);
@@ -32,11 +43,12 @@ fn crops_fold_back_into_the_union_the_job_built() {
     }
     let crop = |m: &GrayImage| {
         let at = nonzero_bounds(m).unwrap_or(Placement::EMPTY);
-        mask_png::encode_crop(m, at)
+        (placed(entry(w, h), at), mask_png::encode_crop(m, at))
     };
     let mut union = UnionPlane::new(w, h);
-    paste_max(&mut union, &entry(w, h), &crop(&a), (w, h)).unwrap();
-    paste_max(&mut union, &entry(w, h), &crop(&b), (w, h)).unwrap();
+    for (entry, png) in [crop(&a), crop(&b)] {
+        paste_max(&mut union, &entry, &png, (w, h)).unwrap();
+    }
     let union = union.into_image();
     let expected = GrayImage::from_fn(w, h, |x, y| {
         image::Luma([a.get_pixel(x, y)[0].max(b.get_pixel(x, y)[0])])
@@ -67,7 +79,7 @@ fn every_layout_folds_back_into_the_union_the_job_built() {
             let entry = StoredMask {
                 grid_width: stored.grid.0,
                 grid_height: stored.grid.1,
-                ..entry(w, h)
+                ..placed(entry(w, h), stored.placement)
             };
             let png = image::load_from_memory(&stored.png).unwrap();
             let size = match layout {
@@ -119,6 +131,47 @@ fn a_png_of_another_layout_than_its_record_is_refused() {
     ] {
         let err = paste_max(&mut union, &entry, png, (w, h)).unwrap_err();
         assert!(err.to_string().contains(says), "{err}");
+    }
+}
+
+/// A PNG of the record's own layout but another run's (the job id run again on the same photo: its record not yet
+/// rewritten, or its item failed after storing some masks): its placement is not the record's, and the union would
+/// have mixed two runs' masks; the item fails naming the mask.
+#[test]
+fn a_png_of_another_run_in_the_same_layout_is_refused() {
+    use crate::config::MaskLayout;
+    use crate::jobs::item::instance_masks::instance_mask;
+    use palette_rules::mask::{ModelMask, PixelBox};
+    let (w, h) = (301u32, 203u32);
+    // Two runs' masks of one instance: the later one's left third is empty (a model updated since).
+    let earlier = vec![255u8; 12 * 9];
+    let later: Vec<u8> = (0..12 * 9)
+        .map(|k| if k % 12 < 4 { 0 } else { 255 })
+        .collect();
+    let model = |probs| ModelMask {
+        width: 12,
+        height: 9,
+        probs,
+    };
+    let bbox = PixelBox {
+        x0: 10.0,
+        y0: 20.0,
+        x1: 150.0,
+        y1: 120.0,
+    };
+    for layout in [MaskLayout::Grid, MaskLayout::Crop] {
+        let recorded = instance_mask(&model(&earlier), bbox, (w, h), None, layout);
+        let stored_again = instance_mask(&model(&later), bbox, (w, h), None, layout);
+        assert_ne!(recorded.placement, stored_again.placement);
+        let entry = StoredMask {
+            grid_width: recorded.grid.0,
+            grid_height: recorded.grid.1,
+            ..placed(entry(w, h), recorded.placement)
+        };
+        let mut union = UnionPlane::new(w, h);
+        paste_max(&mut union, &entry, &recorded.png, (w, h)).unwrap();
+        let err = paste_max(&mut union, &entry, &stored_again.png, (w, h)).unwrap_err();
+        assert!(err.to_string().contains("another run"), "{layout:?}: {err}");
     }
 }
 
