@@ -498,3 +498,32 @@ async fn a_429_is_retried() {
     assert_eq!(got, Bytes::from_static(b"photo"));
     assert_eq!(answers.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+/// A service without conditional writes answers `If-None-Match` with 501 NotImplemented: `put_new` then writes as
+/// `put` does (last writer wins, as before it existed) instead of failing every item record as an outage. A fault
+/// injection: an HTTP server whose first answer is that 501.
+#[tokio::test]
+async fn put_new_on_a_service_without_conditional_writes_writes_plainly() {
+    let (store, answers) = scripted_s3(|n| {
+        let answer = if n == 0 {
+            let error = r#"<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code><Message>not here</Message></Error>"#;
+            format!(
+                "HTTP/1.1 501 Not Implemented\r\ncontent-type: application/xml\r\ncontent-length: {}\r\n\r\n{error}",
+                error.len()
+            )
+        } else {
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_string()
+        };
+        (answer.into_bytes(), false)
+    });
+    let created = store
+        .put_new(
+            "jobs-state/u/j/h/0.json",
+            Bytes::from_static(b"{}"),
+            "application/json",
+        )
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(answers.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

@@ -26,8 +26,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use palette_proto::orchestrator::v1::Item;
 
+mod claim;
 mod codec;
 
+pub use claim::{Claim, claim, claim_key};
 pub use codec::{decode, encode};
 
 use super::job::JobHandle;
@@ -40,7 +42,7 @@ use crate::storage::{SharedStore, StorageError};
 const MAX_RECORD_BYTES: u64 = 16 << 20;
 
 /// The waits before reading (or writing) a record again after a storage error; the last one repeats while reading.
-const AGAIN_AFTER: [Duration; 3] = [
+pub(super) const AGAIN_AFTER: [Duration; 3] = [
     Duration::from_millis(500),
     Duration::from_secs(2),
     Duration::from_secs(5),
@@ -83,7 +85,7 @@ async fn read_waiting(
     None
 }
 
-enum Read {
+pub(super) enum Read {
     /// No record under this key.
     Missing,
     /// A record; None when this run cannot use it (undecodable: the item runs again). Boxed: an Item is ~0.5 KB.
@@ -94,7 +96,7 @@ enum Read {
 
 /// The record at `key`; `patient`: read again after each of `AGAIN_AFTER` (the last repeating) while storage fails
 /// (`Unavailable`; a key or size error will not change).
-async fn read_at(store: &SharedStore, key: &str, patient: bool) -> Read {
+pub(super) async fn read_at(store: &SharedStore, key: &str, patient: bool) -> Read {
     let mut failures = 0usize;
     loop {
         match store.get_at_most(key, MAX_RECORD_BYTES).await {
@@ -134,79 +136,9 @@ async fn read_at(store: &SharedStore, key: &str, patient: bool) -> Read {
     }
 }
 
-/// What `claim` found.
-#[derive(Debug)]
-pub enum Claim {
-    /// The record is this run's end (or could not be written even after waits: the callback goes out all the same).
-    Ours,
-    /// Another run of the job recorded the item's end first: that end stands, this run's is neither recorded nor
-    /// called back. Boxed: an Item is ~0.2 KB.
-    Theirs(Box<Item>),
-}
-
-/// Records item `idx` of the job as it is now (it just ended here), first writer wins: only if no record of it
-/// exists (`ObjectStore::put_new`) under the first key `write` uses, then the other copy as `write` does. Written
-/// before its callback (callback pending; or the only record, callbacks off).
-///
-/// Two runs of one job can be at work at once: a worker cut off from NATS past its lease keeps running the job while
-/// the redelivery runs it elsewhere, and both can end an item that neither had recorded when it started (maybe
-/// otherwise: COMPLETED there, FAILED here as the segmenter went down). With plain writes the last writer's record
-/// stood and both callbacks went out: two ends of one item. With this, the first end recorded is the one that
-/// stands, and the other run takes it (`Theirs`).
-pub async fn claim(store: &SharedStore, job: &JobHandle, idx: u32) -> Claim {
-    let Some(item) = job.item(idx) else {
-        return Claim::Ours;
-    };
-    let mut keys = record_keys(job, idx);
-    let first = keys.remove(0);
-    let claim = claim_key(store, &first, &item).await;
-    if matches!(claim, Claim::Ours) {
-        for key in keys {
-            put(store, &key, &item).await;
-        }
-    }
-    claim
-}
-
-/// `claim` at one key (a refused job's items have one).
-pub async fn claim_key(store: &SharedStore, key: &str, item: &Item) -> Claim {
-    let body = Bytes::from(encode(item));
-    let mut waits = AGAIN_AFTER.iter();
-    loop {
-        let failed = match store.put_new(key, body.clone(), "application/json").await {
-            Ok(true) => return Claim::Ours,
-            Ok(false) => match read_at(store, key, true).await {
-                Read::Found(Some(recorded)) => return Claim::Theirs(recorded),
-                // Not a record this release reads (nor any end it could stand by): replaced, as a read takes it
-                // for none.
-                Read::Found(None) => {
-                    put(store, key, item).await;
-                    return Claim::Ours;
-                }
-                // Deleted since (a lifecycle rule), or a refusal to say: claimed again.
-                Read::Missing | Read::Failed => "the record there is gone".to_string(),
-            },
-            Err(e) if e.is_outage() => Report(&e).to_string(),
-            // Refused, or a key no store takes: asking again will not change it.
-            Err(e) => {
-                tracing::warn!(%key, error = %Report(&e), "item record not written; a rerun of the job would run the item again");
-                return Claim::Ours;
-            }
-        };
-        let Some(&wait) = waits.next() else {
-            tracing::warn!(
-                %key, error = %failed,
-                "item record not written before its callback; sent all the same (a rerun after a crash now could run the item again)"
-            );
-            return Claim::Ours;
-        };
-        tokio::time::sleep(wait).await;
-    }
-}
-
 /// The keys of item `idx`'s record, the one read first first: under the message's spec, and under the effective
 /// spec's hash too, where a replica of an older release (a rolling upgrade) taking the redelivery looks.
-fn record_keys(job: &JobHandle, idx: u32) -> Vec<String> {
+pub(super) fn record_keys(job: &JobHandle, idx: u32) -> Vec<String> {
     job.plan
         .message_hash
         .iter()

@@ -15,16 +15,36 @@ use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState, JobSpec};
 use super::report::callback_body;
 use super::{JobKey, JobService, durable};
 use crate::callback::CallbackJob;
-use crate::error::ApiError;
+use crate::error::{ApiError, FieldViolation};
 use crate::keys;
 
 /// Refused items called back at once (CALLBACK_CONCURRENCY's default).
 const SENT_TOGETHER: usize = 16;
 
+/// The spec's fields a callback is made of (its URL, webhook ids and items): a refusal naming one calls nothing back.
+const NAMES_THE_JOB: [&str; 3] = ["user_id", "job_id", "image_count"];
+
 /// `error_code` of the items of a queued job refused for good.
 pub const INVALID_JOB: &str = "invalid_job";
 
 impl JobService {
+    /// The refusal of a queued message that names a job (`spec_json::named_job`) but is not the seed's job JSON:
+    /// `reason` (the parse error) on the whole job, plus whatever its ids and image count break, judged as a
+    /// submission's are, so that `call_back_refused` calls back only a job they can name, and at most
+    /// MAX_IMAGES_PER_JOB items.
+    pub fn refusal_of_unreadable(&self, named: &JobSpec, reason: String) -> Vec<FieldViolation> {
+        let mut violations: Vec<FieldViolation> =
+            match super::validate::validate(named, &self.presets, self.limits) {
+                Err(ApiError::InvalidArgument(found)) => found
+                    .into_iter()
+                    .filter(|v| NAMES_THE_JOB.contains(&v.field.as_str()))
+                    .collect(),
+                _ => Vec::new(),
+            };
+        violations.push(FieldViolation::new("job", reason));
+        violations
+    }
+
     /// Calls back every item of `spec` FAILED `invalid_job` with `error` (when callbacks are on and the refusal
     /// allows: see the module); how many callbacks were delivered.
     pub async fn call_back_refused(&self, spec: &JobSpec, error: &ApiError) -> usize {
@@ -33,7 +53,7 @@ impl JobService {
         };
         let names_the_job = !violations
             .iter()
-            .any(|v| matches!(v.field.as_str(), "user_id" | "job_id" | "image_count"));
+            .any(|v| NAMES_THE_JOB.contains(&v.field.as_str()));
         let Some(sender) = self.pipeline.reporter().callbacks().cloned() else {
             return 0;
         };
@@ -70,11 +90,13 @@ impl JobService {
         // deploy finished; the Term lost) takes them as ended instead of running them and calling them back
         // COMPLETED. At most CALLBACK_CONCURRENCY's default at once, not a future per item of a job of any size.
         let (sent, delivered) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        // Not cut by a shutdown, as the reads above are not (see `adapters::queue_pull`).
+        let never = tokio_util::sync::CancellationToken::new();
         futures::stream::iter(0..spec.image_count)
             .for_each_concurrent(SENT_TOGETHER, |idx| {
                 let (sender, sent, delivered) = (&sender, &sent, &delivered);
                 let key = keys::item_marker(&spec.user_id, &spec.job_id, &spec_hash, idx);
-                let item_of = &item_of;
+                let (item_of, never) = (&item_of, &never);
                 async move {
                     let item = match durable::read_key_patiently(store, &key).await {
                         // Recorded and unreadable here (a newer release's record): its end may not be FAILED.
@@ -86,14 +108,14 @@ impl JobService {
                         }
                         Some(Some(recorded)) => recorded,
                         // First writer wins, as for a run's items: a delivery that ended the item meanwhile stands.
-                        None => match durable::claim_key(store, &key, &item_of(idx)).await {
-                            durable::Claim::Ours => item_of(idx),
+                        None => match durable::claim_key(store, &key, &item_of(idx), never).await {
+                            durable::Claim::Ours { .. } => item_of(idx),
                             durable::Claim::Theirs(recorded)
                                 if recorded.callback_state == CallbackState::Pending as i32 =>
                             {
                                 *recorded
                             }
-                            durable::Claim::Theirs(_) => return,
+                            durable::Claim::Theirs(_) | durable::Claim::Unread => return,
                         },
                     };
                     sent.fetch_add(1, Ordering::Relaxed);

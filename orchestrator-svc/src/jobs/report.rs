@@ -221,15 +221,19 @@ impl Reporter {
         if let Some(store) = &store
             && report == ReportKind::First
         {
-            match durable::claim(store, job, item.idx).await {
-                durable::Claim::Ours => {
-                    claimed = true;
+            match durable::claim(store, job, item.idx, &self.stopping).await {
+                durable::Claim::Ours { written } => {
+                    claimed = written;
                     count_ended(job, Some(&item));
                 }
                 durable::Claim::Theirs(recorded) => {
                     count_ended(job, None);
                     tracing::warn!(job_id = %job.plan.job_id, idx = item.idx, "item's end recorded first by another run of the job (two workers on one job): that end stands, this one is not called back");
                     return self.take_recorded(job, item.idx, *recorded);
+                }
+                durable::Claim::Unread => {
+                    count_ended(job, None);
+                    return self.leave_to_its_writer(job, item.idx);
                 }
             }
         }

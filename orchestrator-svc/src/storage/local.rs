@@ -164,7 +164,18 @@ impl LocalStore {
         match linked {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(unavailable("link to", &path, e)),
+            // A file system without hard links: looked, then written as `put_now` writes (not atomic; said once).
+            Err(e) => {
+                static SAID: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(path = %path.display(), error = %e, "no hard links in the storage folder: first records are looked for, then written (not atomic)");
+                }
+                if self.head_now(key)?.is_some() {
+                    return Ok(false);
+                }
+                self.put_now(key, body).map(|()| true)
+            }
         }
     }
 

@@ -1,12 +1,13 @@
 //! S3-compatible storage through aws-sdk-s3: Cloudflare R2 and any other S3 service.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::config::interceptors::InterceptorContext;
-use aws_sdk_s3::config::retry::{ClassifyRetry, RetryAction, RetryConfig};
+use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
@@ -16,8 +17,11 @@ use aws_sdk_s3::operation::put_object::{PutObjectError, PutObjectOutput};
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 
+mod answers;
+
 use super::{AccessCheck, ObjectMeta, ObjectStore, StorageError, check_key};
 use crate::config::S3Settings;
+use answers::{TooManyRequests, missing_key, status_of, unavailable, wrong_credentials_or_bucket};
 
 #[derive(Debug, Clone)]
 pub struct S3Store {
@@ -31,6 +35,8 @@ pub struct S3Store {
     /// STORAGE attempts (the SDK's retry count), also for a GET whose body fails while it is read: the SDK's retries
     /// end when the response headers arrive.
     attempts: u32,
+    /// Whether the warning that the service takes no conditional writes was logged (`put_new`).
+    said_no_conditional_writes: Arc<AtomicBool>,
 }
 
 /// How one GET ended: `Body` is a failure while reading the body (a reset, a stalled stream, a cut-short length),
@@ -38,25 +44,6 @@ pub struct S3Store {
 enum GetFailure {
     Final(StorageError),
     Body(StorageError),
-}
-
-/// HTTP 429 retried as throttling (with the SDK's back-off). R2 answers a bucket over its request rate with 429; the
-/// SDK's own classifiers know S3's `503 SlowDown` and AWS' throttling error codes, not a bare 429, so such a GET
-/// or PUT failed its item `storage_unavailable` at the first answer.
-#[derive(Debug)]
-struct TooManyRequests;
-
-impl ClassifyRetry for TooManyRequests {
-    fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
-        match ctx.response().map(|r| u16::from(r.status())) {
-            Some(429) => RetryAction::throttling_error(),
-            _ => RetryAction::NoActionIndicated,
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        "HTTP 429 Too Many Requests"
-    }
 }
 
 impl S3Store {
@@ -98,6 +85,7 @@ impl S3Store {
             bucket: settings.bucket,
             sign_payload,
             attempts: settings.max_attempts.max(1),
+            said_no_conditional_writes: Arc::default(),
         }
     }
 
@@ -143,56 +131,6 @@ impl S3Store {
             request.customize().disable_payload_signing().send().await
         }
     }
-}
-
-fn status_of<E, R>(err: &SdkError<E, R>) -> Option<u16>
-where
-    R: HasStatus,
-{
-    match err {
-        SdkError::ServiceError(e) => Some(e.raw().status_code()),
-        SdkError::ResponseError(e) => Some(e.raw().status_code()),
-        _ => None,
-    }
-}
-
-/// The raw HTTP response type of the SDK, reduced to what we read from it.
-trait HasStatus {
-    fn status_code(&self) -> u16;
-}
-
-impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
-    fn status_code(&self) -> u16 {
-        self.status().as_u16()
-    }
-}
-
-/// The operation and key, plus the service's error code and message where it answered with one (the SDK's own
-/// Display says only "service error"); transport failures are described by the error kept as the source.
-fn unavailable<E, R>(op: &str, key: &str, err: SdkError<E, R>) -> StorageError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: HasStatus + std::fmt::Debug + Send + Sync + 'static,
-{
-    let context = match &err {
-        SdkError::ServiceError(e) => format!(
-            "{op} {key}: {}: {}",
-            e.err().code().unwrap_or("unknown"),
-            e.err().message().unwrap_or("no message")
-        ),
-        _ => format!("{op} {key}"),
-    };
-    // 403 AccessDenied is this caller's policy speaking (one without s3:ListBucket answers a missing key so): asking
-    // again gets the same answer. Other 4xx are not: wrong or rotated credentials, a missing bucket, clock skew and
-    // throttling pass once fixed, and are waited out as outages where a caller waits.
-    let code = match &err {
-        SdkError::ServiceError(e) => e.err().code(),
-        _ => None,
-    };
-    if status_of(&err) == Some(403) && matches!(code, Some("AccessDenied") | None) {
-        return StorageError::refused(context, err);
-    }
-    StorageError::unavailable(context, err)
 }
 
 impl S3Store {
@@ -279,12 +217,24 @@ impl ObjectStore for S3Store {
         content_type: &str,
     ) -> Result<bool, StorageError> {
         check_key(key)?;
+        let body_again = body.clone();
         match self.put_object(key, body, content_type, true).await {
             Ok(_) => Ok(true),
             // 412: an object is there. (A retry of this very PUT whose first answer was lost also finds one: its
             // own. Callers read what is there, so they see their own record.) 409 ConditionalRequestConflict (AWS:
             // another conditional write of the key in flight) is an outage: asked again, it answers 412 or 200.
             Err(err) if status_of(&err) == Some(412) => Ok(false),
+            // A service without conditional writes: written as `put` writes, last writer wins (said once).
+            Err(err) if status_of(&err) == Some(501) || err.code() == Some("NotImplemented") => {
+                if !self
+                    .said_no_conditional_writes
+                    .swap(true, Ordering::Relaxed)
+                {
+                    tracing::warn!(%key, "the S3 service does not take If-None-Match writes (501): first records are plain writes, so two workers running one queue job can both record and call back an item (see docs/operations.md)");
+                }
+                self.put(key, body_again, content_type).await?;
+                Ok(true)
+            }
             Err(err) => Err(unavailable("PUT (if none)", key, err)),
         }
     }
@@ -339,32 +289,6 @@ impl ObjectStore for S3Store {
 /// with '.', so no job's key can be this one.
 const ACCESS_PROBE_KEY: &str = "inputs/.palette-access-check";
 
-/// Whether the service said the credentials or the bucket are wrong, not only that this key may not be read:
-/// unknown key id, wrong secret, expired or malformed credentials, a bucket that does not exist. AccessDenied is
-/// not among them (a policy without s3:ListBucket answers a missing key with it), nor is any 5xx.
-fn wrong_credentials_or_bucket<E, R>(err: &SdkError<E, R>) -> bool
-where
-    E: ProvideErrorMetadata,
-    R: HasStatus,
-{
-    let code = match err {
-        SdkError::ServiceError(e) => e.err().code(),
-        _ => return false,
-    };
-    matches!(
-        code,
-        Some(
-            "InvalidAccessKeyId"
-                | "SignatureDoesNotMatch"
-                | "InvalidToken"
-                | "ExpiredToken"
-                | "AuthorizationHeaderMalformed"
-                | "NoSuchBucket"
-                | "InvalidBucketName"
-        )
-    ) || status_of(err) == Some(401)
-}
-
 impl S3Store {
     /// After a HEAD's 404, which has no body to say what is missing: a one-byte GET says whether the key or the
     /// whole bucket is (a wrong R2_BUCKET_NAME must show as a storage outage of every item, not as every input
@@ -392,18 +316,4 @@ impl S3Store {
             })),
         }
     }
-}
-
-/// Whether a GET's error says the key does not exist: NoSuchKey, or a 404 that does not say NoSuchBucket (some
-/// services answer a missing key with a bare 404).
-fn missing_key<E, R>(err: &SdkError<E, R>) -> bool
-where
-    E: ProvideErrorMetadata,
-    R: HasStatus,
-{
-    let code = match err {
-        SdkError::ServiceError(e) => e.err().code(),
-        _ => None,
-    };
-    code == Some("NoSuchKey") || (status_of(err) == Some(404) && code != Some("NoSuchBucket"))
 }

@@ -2,6 +2,11 @@ use palette_proto::orchestrator::v1::{CallbackState, ItemState, MaskKey, RuleOut
 
 use super::*;
 
+/// A stop that never comes.
+fn never() -> tokio_util::sync::CancellationToken {
+    tokio_util::sync::CancellationToken::new()
+}
+
 #[test]
 fn records_round_trip() {
     let item = Item {
@@ -117,11 +122,19 @@ async fn the_first_recorded_end_of_an_item_stands() {
     };
     let first = ended(super::super::job::ItemOutcome::Completed(Default::default()));
     let second = ended(super::super::job::ItemOutcome::Cancelled);
-    assert!(matches!(claim(&store, &first, 0).await, Claim::Ours));
-    match claim(&store, &second, 0).await {
+    assert!(matches!(
+        claim(&store, &first, 0, &never()).await,
+        Claim::Ours { written: true }
+    ));
+    match claim(&store, &second, 0, &never()).await {
         Claim::Theirs(recorded) => assert_eq!(recorded.state, ItemState::Completed as i32),
-        Claim::Ours => panic!("the second end overwrote the first"),
+        Claim::Ours { .. } | Claim::Unread => panic!("the second end overwrote the first"),
     }
+    // The first run asking again (its first answer lost, the SDK's retry finds its own record): still its own.
+    assert!(matches!(
+        claim(&store, &first, 0, &never()).await,
+        Claim::Ours { written: true }
+    ));
     // Both copies are the first end's: the message key's and the older release's.
     let older = JobPlan {
         message_hash: None,
@@ -131,6 +144,48 @@ async fn the_first_recorded_end_of_an_item_stands() {
         let found = read(&store, &plan, 0).await.expect("recorded");
         assert_eq!(found.state, ItemState::Completed as i32);
     }
+}
+
+/// A record this release cannot read (a newer release's) is left alone and nothing is claimed (`Unread`); so is one
+/// that storage will not give back before the stop (left to the job's next delivery).
+#[tokio::test(start_paused = true)]
+async fn a_record_that_cannot_be_read_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let local: SharedStore =
+        std::sync::Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
+    let job = std::sync::Arc::new(JobHandle::new(plan(JobSpec::default(), None), 1));
+    drop(job.finish_item(0, super::super::job::ItemOutcome::Cancelled, true));
+    let key = keys::item_marker("u", "j", &job.spec_hash, 0);
+    local
+        .put(
+            &key,
+            Bytes::from_static(b"{\"state\": \"ITEM_STATE_NEWER\"}"),
+            "application/json",
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        claim(&local, &job, 0, &never()).await,
+        Claim::Unread
+    ));
+    assert_eq!(
+        local.get(&key).await.unwrap(),
+        Bytes::from_static(b"{\"state\": \"ITEM_STATE_NEWER\"}")
+    );
+    // Storage down for reads: the read waits, until the stop.
+    let down: SharedStore = std::sync::Arc::new(Flaky {
+        inner: crate::storage::LocalStore::new(dir.path()).unwrap(),
+        failures: std::sync::atomic::AtomicUsize::new(usize::MAX),
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopping = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        stopping.cancel();
+    });
+    let started = tokio::time::Instant::now();
+    assert!(matches!(claim(&down, &job, 0, &stop).await, Claim::Unread));
+    assert_eq!(started.elapsed(), Duration::from_secs(60));
 }
 
 /// Records are keyed by the message's spec: a redelivery planned with other presets (another effective spec)
@@ -286,15 +341,18 @@ async fn a_record_before_the_callback_is_written_again_after_a_storage_error() {
     drop(job.finish_item(0, super::super::job::ItemOutcome::Cancelled, true));
     // One copy (no message hash): two failed puts, then written.
     let started = tokio::time::Instant::now();
-    assert!(matches!(claim(&store(2), &job, 0).await, Claim::Ours));
+    assert!(matches!(
+        claim(&store(2), &job, 0, &never()).await,
+        Claim::Ours { written: true }
+    ));
     assert_eq!(started.elapsed(), AGAIN_AFTER[0] + AGAIN_AFTER[1]);
     let found = read(&store(0), &job.plan, 0).await.expect("recorded");
     assert_eq!(found.callback_state, CallbackState::Pending as i32);
     // Storage down throughout (nothing recorded yet): every wait, then given up.
     let started = tokio::time::Instant::now();
     assert!(matches!(
-        claim(&store_in(&empty, 100), &job, 0).await,
-        Claim::Ours
+        claim(&store_in(&empty, 100), &job, 0, &never()).await,
+        Claim::Ours { written: false }
     ));
     assert_eq!(started.elapsed(), AGAIN_AFTER.iter().sum::<Duration>());
 }

@@ -55,10 +55,33 @@ impl Reporter {
     pub(super) fn take_recorded(&self, job: &Arc<JobHandle>, idx: u32, recorded: Item) {
         let (recorded, pending) = self.as_sendable(recorded);
         job.apply_record(idx, recorded);
+        // What the view holds now: the record, or (when it kept its own) an end of the same state already settled.
         match job.item(idx) {
-            Some(item) if pending && self.callbacks_on() => self.settle_all(job, vec![item]),
+            Some(item)
+                if pending
+                    && self.callbacks_on()
+                    && item.callback_state == CallbackState::Pending as i32 =>
+            {
+                self.settle_all(job, vec![item])
+            }
             _ => job.durable_written.one_more(),
         }
+    }
+
+    /// Durable jobs: item `idx`, which ended here, has a record this process cannot use (`durable::Claim::Unread`):
+    /// its writer (a newer release) or the job's next delivery tells its end, not this process. Its callback is
+    /// settled here as not sent, and it counts written, so the job can be put back or acknowledged.
+    pub(super) fn leave_to_its_writer(&self, job: &Arc<JobHandle>, idx: u32) {
+        tracing::warn!(job_id = %job.plan.job_id, idx, "item has a record this process cannot read (a newer release's, or storage down at shutdown): its end is left to it, nothing sent from here");
+        if self.callbacks_on() {
+            job.record_callback(
+                idx,
+                false,
+                0,
+                Some("not sent: the item has a record this process cannot read; its writer or the job's next delivery tells its end".into()),
+            );
+        }
+        job.durable_written.one_more();
     }
 
     /// A recorded item as this process can settle it, and whether its callback was pending: with callbacks turned

@@ -114,8 +114,8 @@ async fn an_end_another_run_recorded_first_is_the_only_one_called_back() {
     assert!(other.start_item(0));
     drop(other.finish_item(0, ItemOutcome::Completed(Default::default()), true));
     assert!(matches!(
-        durable::claim(&store, &other, 0).await,
-        durable::Claim::Ours
+        durable::claim(&store, &other, 0, &CancellationToken::new()).await,
+        durable::Claim::Ours { written: true }
     ));
     // This worker started the item before that record existed, and ends it FAILED.
     let job = Arc::new(JobHandle::new(durable_plan(1), 2));
@@ -159,4 +159,41 @@ async fn an_end_another_run_recorded_first_is_the_only_one_called_back() {
         rendered.contains("orchestrator_jobs_finished_total 1"),
         "{rendered}"
     );
+}
+
+/// An item whose record this release cannot read (a newer release's, racing this run): nothing is sent from here and
+/// the record is left alone, yet the item counts settled, so queue_pull can acknowledge or put back the job.
+#[tokio::test]
+async fn an_item_whose_record_this_release_cannot_read_is_left_to_its_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
+    let receiver = palette_testing::receiver::Receiver::start("s", vec![]).await;
+    let policy = crate::callback::RetryPolicy {
+        max_attempts: 1,
+        base_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(100),
+        attempt_timeout: Duration::from_secs(5),
+    };
+    let sender = Arc::new(CallbackSender::new(&receiver.url(), "s", policy).unwrap());
+    let reporter = Reporter::new(store.clone(), Some(sender), TaskTracker::new(), None);
+    let job = Arc::new(JobHandle::new(durable_plan(1), 1));
+    let newer = bytes::Bytes::from_static(br#"{"idx": 0, "state": "ITEM_STATE_NEWER"}"#);
+    let key = crate::keys::item_marker("u", "j", &job.spec_hash, 0);
+    store
+        .put(&key, newer.clone(), "application/json")
+        .await
+        .unwrap();
+    let mut written = job.durable_written.watch();
+    assert!(job.start_item(0));
+    let item = job
+        .finish_item(0, ItemOutcome::Completed(Default::default()), true)
+        .unwrap();
+    reporter.item_ended(&job, item);
+    tokio::time::timeout(Duration::from_secs(10), written.wait_for(|n| *n >= 1))
+        .await
+        .expect("counted")
+        .unwrap();
+    assert!(receiver.deliveries().is_empty());
+    assert_eq!(store.get(&key).await.unwrap(), newer);
+    assert!(job.is_settled());
 }
