@@ -136,6 +136,21 @@ pub fn spec_from_bytes(bytes: &[u8]) -> Result<JobSpec, SpecError> {
     spec_from_input(&input)
 }
 
+/// The ids and image count of a message that is JSON but not the seed's job (an unknown field, a rule of the
+/// wrong shape): enough to tell the job's caller it was refused (`JobService::refusal_of_unreadable`). None when the
+/// message does not name them (a string user and job id, an integer image count; either spelling).
+pub fn named_job(bytes: &[u8]) -> Option<JobSpec> {
+    let input: Value = serde_json::from_slice(bytes).ok()?;
+    let field = |camel: &str, snake: &str| input.get(camel).or_else(|| input.get(snake));
+    let text = |camel, snake| field(camel, snake)?.as_str().map(str::to_string);
+    Some(JobSpec {
+        user_id: text("userId", "user_id")?,
+        job_id: text("jobId", "job_id")?,
+        image_count: u32::try_from(field("imageCount", "image_count")?.as_u64()?).ok()?,
+        ..Default::default()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +236,34 @@ mod tests {
         let json = struct_to_json(&s);
         assert_eq!(json["n"], serde_json::json!(3));
         assert_eq!(json["f"], serde_json::json!(0.5));
+    }
+
+    #[test]
+    fn a_message_that_is_not_a_job_may_still_name_one() {
+        let named =
+            named_job(br#"{"user_id": "u", "jobId": "j", "imageCount": 3, "rules": 7, "x": 1}"#)
+                .expect("named");
+        assert_eq!(
+            (
+                named.user_id.as_str(),
+                named.job_id.as_str(),
+                named.image_count
+            ),
+            ("u", "j", 3)
+        );
+        for unnamed in [
+            &b"not json"[..],
+            br#"{"jobId": 3, "userId": "u", "imageCount": 1}"#,
+            br#"{"jobId": "j", "imageCount": 1}"#,
+            br#"{"jobId": "j", "userId": "u", "imageCount": -1}"#,
+            br#"{"jobId": "j", "userId": "u", "imageCount": 5000000000}"#,
+            br#"[1, 2]"#,
+        ] {
+            assert!(
+                named_job(unnamed).is_none(),
+                "{}",
+                String::from_utf8_lossy(unnamed)
+            );
+        }
     }
 }

@@ -813,6 +813,58 @@ async fn a_job_refused_for_good_calls_back_each_item_failed() {
     assert_eq!(s.marker("qp-no-such-preset", 2), Some(json!({})));
 }
 
+/// A message that names a job but is not one (here an unknown field: a newer upstream's, which a newer replica may
+/// read) was terminated with a log line only, its caller never told. It is refused as a job is now: offered again
+/// until its deliveries run out (here one), then each item is called back FAILED `invalid_job` with the parse
+/// error; one whose ids cannot name a job still gets nothing, and the queue goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_names_a_job_but_is_not_one_calls_back_each_item_failed() {
+    let Some(s) = setup().await else { return };
+    let receiver = Receiver::start(SECRET, vec![]).await;
+    s.put_inputs("qp-after-unreadable", 1).await;
+    let mut config = s.config(&receiver, 30);
+    config.nats.nats_max_deliveries = 1;
+    let _worker = Worker::start(config);
+    let js = s.jetstream().await;
+    let mut newer: serde_json::Value =
+        serde_json::from_slice(&seed_job("qp-newer-upstream", 2)).unwrap();
+    newer["priority"] = json!("high");
+    let mut bad_id = newer.clone();
+    bad_id["jobId"] = json!("../qp-newer-upstream");
+    publish(
+        &js,
+        vec![
+            serde_json::to_vec(&newer).unwrap(),
+            serde_json::to_vec(&bad_id).unwrap(),
+            seed_job("qp-after-unreadable", 1),
+        ],
+    )
+    .await;
+    wait_deliveries(&[&receiver], 3).await;
+    wait_queue_drained(&js).await;
+    let deliveries = receiver.deliveries();
+    assert_eq!(deliveries.len(), 3);
+    let refused: Vec<_> = deliveries
+        .iter()
+        .filter(|d| d.job_id == "qp-newer-upstream")
+        .collect();
+    assert_eq!(refused.len(), 2);
+    for d in &refused {
+        assert_eq!(d.body["status"], "failed");
+        assert_eq!(d.body["error_code"], "invalid_job");
+        let error = d.body["error"].as_str().unwrap();
+        assert!(
+            error.contains("unknown field") && error.contains("priority"),
+            "{error}"
+        );
+    }
+    assert!(
+        deliveries
+            .iter()
+            .any(|d| d.job_id == "qp-after-unreadable" && d.body["status"] == "completed")
+    );
+}
+
 /// The worker dies while an item's callback is being retried (the receiver answered 503): the item was recorded
 /// before its callback, callback pending. The redelivery to another worker finds that record and sends the callback
 /// again (same webhook-id), instead of running the item again: with the segmenter now failing, that run ended FAILED

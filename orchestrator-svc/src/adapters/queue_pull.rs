@@ -5,9 +5,11 @@
 //!   orchestrator binds to the same consumer, so the stream's jobs are shared among them.
 //! - A message is the seed's job JSON (as the Runpod `input`, see `spec_json::spec_from_input`). One message is fetched
 //!   at a time, so no job waits in one orchestrator while another is idle.
-//! - A message that is not a valid job is terminated (`Term`: logged, never redelivered). One that is a job refused
-//!   for good (its last delivery: see below) has its items called back FAILED `invalid_job` first, where the
-//!   callback can name the job (`JobService::call_back_refused`).
+//! - A message that names no job (not JSON; no string user and job id and integer image count) is terminated
+//!   (`Term`: logged, never redelivered). One that names a job but is not the seed's job JSON (an unknown field: a
+//!   newer upstream's, which a newer replica may read) is refused as an invalid job is. A job refused for good (its
+//!   last delivery: see below) has its items called back FAILED `invalid_job` first, where the callback can name
+//!   the job (`JobService::call_back_refused`).
 //! - A valid job is submitted to the same `JobService` as gRPC SubmitJob (GetJob/WatchJob/CancelJob work on it)
 //!   with durable items (`jobs::durable`), followed until every item is terminal and its callback settled, then
 //!   acknowledged (double ack: the server confirms). While it runs an in-progress ack goes out every third of the
@@ -35,7 +37,7 @@ use tokio::sync::watch;
 
 pub use crate::config::QueueSettings;
 use crate::config::{adopt_consumer_limits, max_deliver_for};
-use crate::error::{BoxError, Report};
+use crate::error::{ApiError, BoxError, Report};
 use crate::jobs::{JobKey, JobService};
 use crate::spec_json::spec_from_bytes;
 use follow::{Followed, acknowledge, follow};
@@ -128,13 +130,22 @@ async fn handle(
     message: jetstream::Message,
     mut stop: watch::Receiver<bool>,
 ) {
-    let spec = match spec_from_bytes(&message.payload) {
-        Ok(spec) => spec,
-        Err(e) => {
-            tracing::error!(error = %Report(&e), "queue_pull: invalid job dropped");
-            acknowledge(&message, AckKind::Term, "").await;
-            return;
-        }
+    // A message that names a job but is not one (an unknown field: a newer upstream, which a newer replica may
+    // read) is refused as a job is, so its caller is told: offered again, then its items called back FAILED.
+    let (spec, unreadable) = match spec_from_bytes(&message.payload) {
+        Ok(spec) => (spec, None),
+        Err(e) => match crate::spec_json::named_job(&message.payload) {
+            Some(named) => {
+                let reason = Report(&e).to_string();
+                let refusal = service.refusal_of_unreadable(&named, reason);
+                (named, Some(refusal))
+            }
+            None => {
+                tracing::error!(error = %Report(&e), "queue_pull: invalid job dropped (it names no job to tell)");
+                acknowledge(&message, AckKind::Term, "").await;
+                return;
+            }
+        },
     };
     let job_id = spec.job_id.clone();
     let delivered = message
@@ -148,7 +159,9 @@ async fn handle(
     // the message has done its work. Otherwise this worker runs it, durably, and gives it up past the limit.
     let shared = service.shares_jobs();
     let submit = || async {
-        if shared {
+        if let Some(refusal) = &unreadable {
+            Err(ApiError::InvalidArgument(refusal.clone()))
+        } else if shared {
             service.submit_unchecked(&spec).await
         } else if delivered > settings.max_deliveries {
             service.give_up_durable(&spec, delivered - 1).await
