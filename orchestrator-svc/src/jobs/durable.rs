@@ -42,7 +42,7 @@ use crate::storage::{SharedStore, StorageError};
 const MAX_RECORD_BYTES: u64 = 16 << 20;
 
 /// The waits before reading (or writing) a record again after a storage error; the last one repeats while reading.
-pub(super) const AGAIN_AFTER: [Duration; 3] = [
+pub(crate) const AGAIN_AFTER: [Duration; 3] = [
     Duration::from_millis(500),
     Duration::from_secs(2),
     Duration::from_secs(5),

@@ -164,8 +164,8 @@ impl Pipeline {
 
     async fn run_job(self: Arc<Self>, job: Arc<JobHandle>) {
         // What a later edit of this job reads back. Without it the job still runs; only edits of it are refused.
-        if let Err(e) = edit::record::write_photos(self.runner.store(), &job.plan).await {
-            tracing::warn!(error = %Report(&e), "the job's photos record was not written: it cannot be edited");
+        if let Err(e) = edit::record::write_photos_patiently(self.runner.store(), &job.plan).await {
+            tracing::error!(error = %Report(&e), "the job's photos record was not written: edits of it are refused (or read an earlier run's record of this job id)");
         }
         // The items not ended yet (a resumed job's recorded ones are) wait here until they start: the backlog an
         // autoscaler reads (`orchestrator_items_waiting`). Whatever ends this loop, what is left goes back with it.

@@ -165,6 +165,25 @@ pub async fn write_photos(store: &SharedStore, plan: &JobPlan) -> Result<(), Sto
     put_json(store, &key, &record).await
 }
 
+/// `write_photos`, written again after 0.5, 2 and 5 s while storage fails (an outage: the SDK's own attempts are a
+/// second or two). Without the record the job still runs, but an edit of it is refused as an unknown job, or worse
+/// reads what an earlier run of the job id left there (an edit of another source: that source's photos).
+pub async fn write_photos_patiently(
+    store: &SharedStore,
+    plan: &JobPlan,
+) -> Result<(), StorageError> {
+    let mut waits = crate::jobs::durable::AGAIN_AFTER.iter();
+    loop {
+        match write_photos(store, plan).await {
+            Err(e) if e.is_outage() => match waits.next() {
+                Some(&wait) => tokio::time::sleep(wait).await,
+                None => return Err(e),
+            },
+            written => return written,
+        }
+    }
+}
+
 pub async fn read_photos(
     store: &SharedStore,
     user_id: &str,
@@ -248,6 +267,67 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Storage failing for a few seconds as the job starts: the photos record is written once it answers, so the job
+    /// can be edited; failing throughout, every wait and then the error.
+    #[tokio::test(start_paused = true)]
+    async fn the_photos_record_is_written_again_while_storage_fails() {
+        #[derive(Debug)]
+        struct FailingPuts(crate::storage::LocalStore, std::sync::atomic::AtomicUsize);
+        #[async_trait::async_trait]
+        impl crate::storage::ObjectStore for FailingPuts {
+            async fn get_at_most(&self, key: &str, max: u64) -> Result<Bytes, StorageError> {
+                self.0.get_at_most(key, max).await
+            }
+            async fn put(&self, key: &str, body: Bytes, ct: &str) -> Result<(), StorageError> {
+                use std::sync::atomic::Ordering;
+                if self
+                    .1
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return Err(StorageError::unavailable(key, "injected 503"));
+                }
+                self.0.put(key, body, ct).await
+            }
+            async fn head(
+                &self,
+                key: &str,
+            ) -> Result<Option<crate::storage::ObjectMeta>, StorageError> {
+                self.0.head(key).await
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = |failures| -> SharedStore {
+            std::sync::Arc::new(FailingPuts(
+                crate::storage::LocalStore::new(dir.path()).unwrap(),
+                std::sync::atomic::AtomicUsize::new(failures),
+            ))
+        };
+        let plan = JobPlan {
+            user_id: "u".into(),
+            job_id: "j".into(),
+            image_count: 2,
+            concepts: vec!["wall".into()],
+            rules: vec![],
+            effective_spec: Default::default(),
+            durable_items: false,
+            message_hash: None,
+            source: None,
+            preset: None,
+        };
+        let waits = crate::jobs::durable::AGAIN_AFTER;
+        let started = tokio::time::Instant::now();
+        write_photos_patiently(&store(2), &plan).await.unwrap();
+        assert_eq!(started.elapsed(), waits[0] + waits[1]);
+        assert_eq!(
+            read_photos(&store(0), "u", "j").await.unwrap().image_count,
+            2
+        );
+        let started = tokio::time::Instant::now();
+        assert!(write_photos_patiently(&store(100), &plan).await.is_err());
+        assert_eq!(started.elapsed(), waits.iter().sum::<std::time::Duration>());
+    }
 
     #[test]
     fn a_masks_record_names_the_concepts_its_run_did_not_segment() {
