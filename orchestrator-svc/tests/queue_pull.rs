@@ -490,6 +490,75 @@ async fn a_job_of_a_killed_orchestrator_is_finished_by_another_without_duplicate
     }
 }
 
+/// A worker cut off from NATS (a partition: its connection open, nothing passing) while it runs a job: its renewals
+/// go unconfirmed, and before its lease ends it hands the job over and starts none of its items any more, while the
+/// redelivery runs the rest on another worker. Before, it ran every item to the end beside that worker (each
+/// segmented twice; with first-wins records, still one end called back per item). Each item ends once, under one
+/// webhook-id over both receivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_nats_hands_its_job_over() {
+    let Some(s) = setup().await else { return };
+    const JOB: &str = "qp-cut-off";
+    const IMAGES: u32 = 8;
+    s.segmenter.faults.delay_ms.store(1_000, Ordering::SeqCst);
+    let (receiver_a, receiver_b) = (
+        Receiver::start(SECRET, vec![]).await,
+        Receiver::start(SECRET, vec![]).await,
+    );
+    s.put_inputs(JOB, IMAGES).await;
+    let partition = common::partition::Partition::start(&s.nats.url).await;
+    let mut config_a = s.config(&receiver_a, 3);
+    config_a.nats.nats_url = Some(partition.url.clone().into());
+    let mut a = Worker::start(config_a);
+    let js = s.jetstream().await;
+    publish(&js, vec![seed_job(JOB, IMAGES)]).await;
+    // A finishes its first item, then is cut off from NATS (storage and the receiver still within reach).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while s.marker_callback(JOB, 0) != "CALLBACK_STATE_DELIVERED" {
+        a.assert_running("A");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A never finished an item"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    partition.cut();
+    // B takes the job once A's lease (3 s) has run out, and runs what A left.
+    let mut b = Worker::start(s.config(&receiver_b, 3));
+    receiver::wait_until(
+        &[&receiver_a, &receiver_b],
+        "every item called back",
+        |all| per_item(all).len() == IMAGES as usize,
+    )
+    .await;
+    wait_queue_drained(&js).await;
+    b.stop().await;
+    // One end per item, under one webhook-id (a callback A recorded pending may be resent by B: the same id).
+    let mut ids: HashMap<u64, std::collections::BTreeSet<(String, String)>> = HashMap::new();
+    for d in receiver_a
+        .deliveries()
+        .iter()
+        .chain(&receiver_b.deliveries())
+    {
+        let end = (d.webhook_id.clone(), d.body["status"].to_string());
+        ids.entry(d.body["idx"].as_u64().unwrap())
+            .or_default()
+            .insert(end);
+    }
+    assert_eq!(ids.len(), IMAGES as usize);
+    assert!(ids.values().all(|ends| ends.len() == 1), "{ids:?}");
+    assert!(!receiver_b.deliveries().is_empty(), "B ran nothing");
+    // The work: each image segmented once, but for the item A had in flight as it handed over (B may take it before
+    // A records it). Without the hand-over, A ran on beside B: most of B's items were segmented twice.
+    let calls = s.segmenter.counters.segment_calls.load(Ordering::SeqCst);
+    assert!(
+        calls <= IMAGES as usize + 1,
+        "{calls} Segment calls for {IMAGES} images"
+    );
+    drop(partition);
+    a.kill();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_delivered_more_than_the_limit_is_given_up_with_a_failed_callback_per_open_item() {
     let Some(s) = setup().await else { return };

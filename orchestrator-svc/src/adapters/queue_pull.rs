@@ -40,7 +40,7 @@ use crate::config::{adopt_consumer_limits, max_deliver_for};
 use crate::error::{ApiError, BoxError, Report};
 use crate::jobs::{JobKey, JobService};
 use crate::spec_json::spec_from_bytes;
-use follow::{Followed, acknowledge, follow};
+use follow::{Followed, Left, acknowledge, follow};
 use retry::submit_patiently;
 
 /// How long one fetch waits for a message before asking again (and checking for shutdown).
@@ -244,8 +244,12 @@ async fn handle(
         snapshot: || handle.progress(),
         written,
     };
-    if let Some(job) = follow(&message, &job_id, progress_every, followed, &mut stop).await {
-        tracing::info!(%job_id, completed = job.completed, failed = job.failed, cancelled = job.cancelled, "queue_pull: job acknowledged");
+    match follow(&message, &job_id, progress_every, followed, &mut stop).await {
+        Left::Acked(job) => {
+            tracing::info!(%job_id, completed = job.completed, failed = job.failed, cancelled = job.cancelled, "queue_pull: job acknowledged");
+        }
+        Left::PutBack => {}
+        Left::HandedOver => service.hand_over(&handle),
     }
 }
 

@@ -14,6 +14,15 @@ use crate::error::ApiError;
 pub const TOO_MANY_DELIVERIES: &str = "too_many_deliveries";
 
 impl JobService {
+    /// ADAPTER=queue_pull: this worker's lease on `job`'s message ran out unrenewed (cut off from NATS), so the queue
+    /// gives the job to another worker. No item of it starts here any more (those in flight finish, and their first
+    /// records decide against the other worker's), and it leaves the registry: a later delivery of the job to this
+    /// worker starts a run of its own, reading what the others recorded.
+    pub fn hand_over(&self, job: &std::sync::Arc<super::job::JobHandle>) {
+        job.handed_over.cancel();
+        self.registry.remove(job);
+    }
+
     /// Like `submit_durable`, but runs nothing: open items end FAILED (`TOO_MANY_DELIVERIES`) with their callbacks.
     /// A job this process already runs is left as it is.
     pub async fn give_up_durable(&self, spec: &JobSpec, deliveries: u64) -> Result<Job, ApiError> {

@@ -5,9 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use palette_proto::orchestrator::v1::{
-    CallbackState, Item, ItemState, Job, JobState, MaskKey, RuleOutput,
-};
+use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState, Job, JobState};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -16,12 +14,14 @@ use super::validate::JobPlan;
 use crate::keys;
 
 mod hash;
+mod outcome;
 mod settling;
 mod state;
 mod unrecorded;
 mod weight;
 mod written;
 pub use hash::{plan_hash, spec_hash};
+pub use outcome::{ItemOutcome, ItemResult, is_terminal, job_is_terminal};
 pub use settling::{Ended, Settling};
 pub use state::Progress;
 use state::State;
@@ -29,28 +29,6 @@ use weight::{JOB_OVERHEAD_BYTES, approx_item_bytes};
 
 /// Events buffered per job for slow watchers; one that falls further behind gets a fresh snapshot instead.
 const EVENT_BUFFER: usize = 256;
-
-/// How one item ended.
-#[derive(Debug, Clone)]
-pub enum ItemOutcome {
-    Completed(ItemResult),
-    Failed { code: &'static str, message: String },
-    Cancelled,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct ItemResult {
-    pub outputs: Vec<RuleOutput>,
-    pub masks: Vec<MaskKey>,
-    pub preview_key: String,
-    pub masks_reused: bool,
-}
-
-pub fn is_terminal(state: i32) -> bool {
-    state == ItemState::Completed as i32
-        || state == ItemState::Failed as i32
-        || state == ItemState::Cancelled as i32
-}
 
 #[derive(Debug)]
 pub struct JobHandle {
@@ -61,6 +39,9 @@ pub struct JobHandle {
     /// edit its source's ids too): with the job id, the job store's key.
     pub spec_hash: String,
     pub cancel: CancellationToken,
+    /// Durable jobs: the queue gave the job to another worker (`JobService::hand_over`): none of its items starts
+    /// here any more, and none ends unstarted (the other worker runs them).
+    pub handed_over: CancellationToken,
     state: Mutex<State>,
     /// What `state` holds on the heap, roughly (see `approx_item_bytes`), kept up to date by every item change so
     /// the registry can weigh its jobs without walking their items.
@@ -120,6 +101,7 @@ impl JobHandle {
             plan: Arc::new(plan),
             seq,
             cancel: CancellationToken::new(),
+            handed_over: CancellationToken::new(),
             state: Mutex::new(state),
             approx_bytes: AtomicUsize::new(approx_bytes),
             finish_counted: AtomicBool::new(false),
@@ -408,10 +390,6 @@ pub(in crate::jobs) fn is_older_report(recorded: &Item, current: &Item) -> bool 
     recorded.state == current.state
         && recorded.callback_state == pending
         && current.callback_state != pending
-}
-
-pub fn job_is_terminal(job: &Job) -> bool {
-    job.state == JobState::Done as i32 || job.state == JobState::Cancelled as i32
 }
 
 #[cfg(test)]

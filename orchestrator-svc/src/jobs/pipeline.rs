@@ -185,6 +185,11 @@ impl Pipeline {
                     self.abandon_pending(&job);
                     break;
                 }
+                // Another worker runs the rest (ADAPTER=queue_pull, `JobService::hand_over`).
+                _ = job.handed_over.cancelled() => {
+                    tracing::warn!(job_id = %job.plan.job_id, "job handed over to another worker: its unstarted items are left to it");
+                    break;
+                }
                 permit = self.permits.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
@@ -253,6 +258,7 @@ impl Pipeline {
                 biased;
                 _ = job.cancel.cancelled() => return drop((permit, waiting)),
                 _ = self.stopping.cancelled() => return drop((permit, waiting)),
+                _ = job.handed_over.cancelled() => return drop((permit, waiting)),
                 recorded = read => recorded,
             };
             if let Some(recorded) = recorded {
@@ -262,7 +268,7 @@ impl Pipeline {
                 }
                 return;
             }
-            if self.is_stopping() {
+            if self.is_stopping() || job.handed_over.is_cancelled() {
                 return drop((permit, waiting));
             }
         }
