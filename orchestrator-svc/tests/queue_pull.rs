@@ -197,6 +197,19 @@ impl Setup {
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
     }
 
+    /// Waits until item 0 of `job` is recorded with its callback delivered, by `worker` (still running).
+    async fn wait_first_item_settled(&self, worker: &mut Worker, job: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while self.marker_callback(job, 0) != "CALLBACK_STATE_DELIVERED" {
+            worker.assert_running("the worker");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the worker never finished an item (its log is above)"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The item record's callback state ("" when there is no record).
     fn marker_callback(&self, job: &str, idx: u32) -> String {
         self.marker(job, idx)
@@ -513,15 +526,7 @@ async fn a_worker_cut_off_from_nats_hands_its_job_over() {
     let js = s.jetstream().await;
     publish(&js, vec![seed_job(JOB, IMAGES)]).await;
     // A finishes its first item, then is cut off from NATS (storage and the receiver still within reach).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while s.marker_callback(JOB, 0) != "CALLBACK_STATE_DELIVERED" {
-        a.assert_running("A");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "A never finished an item"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.wait_first_item_settled(&mut a, JOB).await;
     partition.cut();
     // B takes the job once A's lease (3 s) has run out, and runs what A left.
     let mut b = Worker::start(s.config(&receiver_b, 3));
@@ -579,16 +584,8 @@ async fn a_job_delivered_more_than_the_limit_is_given_up_with_a_failed_callback_
     let mut a = Worker::start(config(&receiver_a));
     let js = s.jetstream().await;
     publish(&js, vec![seed_job(JOB, IMAGES)]).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     // Recorded settled: a record written before its callback and not yet settled is resent by the next delivery.
-    while s.marker_callback(JOB, 0) != "CALLBACK_STATE_DELIVERED" {
-        a.assert_running("A");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "A never finished an item (its log is above)"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.wait_first_item_settled(&mut a, JOB).await;
     a.kill();
     let done_by_a = of_job(&receiver_a, JOB).len();
     // A request A wrote just before its death may still be on its way to the fake segmenter, which counts it on

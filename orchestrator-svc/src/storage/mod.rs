@@ -1,6 +1,8 @@
 //! Object storage behind one trait, so the pipeline does not care whether bytes live in R2, another S3 service or
 //! a local directory.
 
+#[cfg(test)]
+pub mod failing;
 mod local;
 mod s3;
 

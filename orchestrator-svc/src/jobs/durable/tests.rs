@@ -301,40 +301,9 @@ async fn a_record_unreadable_for_a_while_is_read_again_until_storage_answers() {
 /// callback goes out all the same).
 #[tokio::test(start_paused = true)]
 async fn a_record_before_the_callback_is_written_again_after_a_storage_error() {
-    #[derive(Debug)]
-    struct FailingPuts {
-        inner: crate::storage::LocalStore,
-        failures: std::sync::atomic::AtomicUsize,
-    }
-    #[async_trait::async_trait]
-    impl crate::storage::ObjectStore for FailingPuts {
-        async fn get_at_most(&self, key: &str, max: u64) -> Result<Bytes, StorageError> {
-            self.inner.get_at_most(key, max).await
-        }
-        async fn put(&self, key: &str, body: Bytes, ct: &str) -> Result<(), StorageError> {
-            use std::sync::atomic::Ordering;
-            if self
-                .failures
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                return Err(StorageError::unavailable(key, "injected 503"));
-            }
-            self.inner.put(key, body, ct).await
-        }
-        async fn head(
-            &self,
-            key: &str,
-        ) -> Result<Option<crate::storage::ObjectMeta>, StorageError> {
-            self.inner.head(key).await
-        }
-    }
     let (dir, empty) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let store_in = |dir: &tempfile::TempDir, failures| -> SharedStore {
-        std::sync::Arc::new(FailingPuts {
-            inner: crate::storage::LocalStore::new(dir.path()).unwrap(),
-            failures: std::sync::atomic::AtomicUsize::new(failures),
-        })
+    let store_in = |dir: &tempfile::TempDir, failures| {
+        crate::storage::failing::FailingPuts::shared(dir.path(), failures)
     };
     let store = |failures| store_in(&dir, failures);
     let job = std::sync::Arc::new(JobHandle::new(plan(JobSpec::default(), None), 1));

@@ -272,38 +272,8 @@ mod tests {
     /// can be edited; failing throughout, every wait and then the error.
     #[tokio::test(start_paused = true)]
     async fn the_photos_record_is_written_again_while_storage_fails() {
-        #[derive(Debug)]
-        struct FailingPuts(crate::storage::LocalStore, std::sync::atomic::AtomicUsize);
-        #[async_trait::async_trait]
-        impl crate::storage::ObjectStore for FailingPuts {
-            async fn get_at_most(&self, key: &str, max: u64) -> Result<Bytes, StorageError> {
-                self.0.get_at_most(key, max).await
-            }
-            async fn put(&self, key: &str, body: Bytes, ct: &str) -> Result<(), StorageError> {
-                use std::sync::atomic::Ordering;
-                if self
-                    .1
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                    .is_ok()
-                {
-                    return Err(StorageError::unavailable(key, "injected 503"));
-                }
-                self.0.put(key, body, ct).await
-            }
-            async fn head(
-                &self,
-                key: &str,
-            ) -> Result<Option<crate::storage::ObjectMeta>, StorageError> {
-                self.0.head(key).await
-            }
-        }
         let dir = tempfile::tempdir().unwrap();
-        let store = |failures| -> SharedStore {
-            std::sync::Arc::new(FailingPuts(
-                crate::storage::LocalStore::new(dir.path()).unwrap(),
-                std::sync::atomic::AtomicUsize::new(failures),
-            ))
-        };
+        let store = |failures| crate::storage::failing::FailingPuts::shared(dir.path(), failures);
         let plan = JobPlan {
             user_id: "u".into(),
             job_id: "j".into(),

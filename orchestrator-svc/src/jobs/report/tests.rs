@@ -4,6 +4,22 @@ use super::*;
 use crate::jobs::job::ItemOutcome;
 use crate::jobs::validate::JobPlan;
 
+/// A real callback receiver, and a reporter to it over `store`.
+async fn reporting_to_a_receiver(
+    store: &SharedStore,
+) -> (palette_testing::receiver::Receiver, Reporter) {
+    let receiver = palette_testing::receiver::Receiver::start("s", vec![]).await;
+    let policy = crate::callback::RetryPolicy {
+        max_attempts: 2,
+        base_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(100),
+        attempt_timeout: Duration::from_secs(5),
+    };
+    let sender = Arc::new(CallbackSender::new(&receiver.url(), "s", policy).unwrap());
+    let reporter = Reporter::new(store.clone(), Some(sender), TaskTracker::new(), None);
+    (receiver, reporter)
+}
+
 /// A queue job's plan (durable items) of `image_count` images.
 fn durable_plan(image_count: u32) -> JobPlan {
     JobPlan {
@@ -100,15 +116,7 @@ async fn an_end_another_run_recorded_first_is_the_only_one_called_back() {
     let _recording = metrics::set_default_local_recorder(&recorder);
     let dir = tempfile::tempdir().unwrap();
     let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
-    let receiver = palette_testing::receiver::Receiver::start("s", vec![]).await;
-    let policy = crate::callback::RetryPolicy {
-        max_attempts: 2,
-        base_delay: Duration::from_millis(50),
-        max_delay: Duration::from_millis(100),
-        attempt_timeout: Duration::from_secs(5),
-    };
-    let sender = Arc::new(CallbackSender::new(&receiver.url(), "s", policy).unwrap());
-    let reporter = Reporter::new(store.clone(), Some(sender), TaskTracker::new(), None);
+    let (receiver, reporter) = reporting_to_a_receiver(&store).await;
     // The other worker: item 0 COMPLETED and recorded first, its callback not sent yet.
     let other = Arc::new(JobHandle::new(durable_plan(1), 1));
     assert!(other.start_item(0));
@@ -167,15 +175,7 @@ async fn an_end_another_run_recorded_first_is_the_only_one_called_back() {
 async fn an_item_whose_record_this_release_cannot_read_is_left_to_its_writer() {
     let dir = tempfile::tempdir().unwrap();
     let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
-    let receiver = palette_testing::receiver::Receiver::start("s", vec![]).await;
-    let policy = crate::callback::RetryPolicy {
-        max_attempts: 1,
-        base_delay: Duration::from_millis(50),
-        max_delay: Duration::from_millis(100),
-        attempt_timeout: Duration::from_secs(5),
-    };
-    let sender = Arc::new(CallbackSender::new(&receiver.url(), "s", policy).unwrap());
-    let reporter = Reporter::new(store.clone(), Some(sender), TaskTracker::new(), None);
+    let (receiver, reporter) = reporting_to_a_receiver(&store).await;
     let job = Arc::new(JobHandle::new(durable_plan(1), 1));
     let newer = bytes::Bytes::from_static(br#"{"idx": 0, "state": "ITEM_STATE_NEWER"}"#);
     let key = crate::keys::item_marker("u", "j", &job.spec_hash, 0);
