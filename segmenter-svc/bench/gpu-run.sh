@@ -184,9 +184,9 @@ log "binaries built from: $(head -1 "$BIN/BUILD_INFO" 2>/dev/null || echo unknow
 # The device's copy of .git can be older than the build (it does not know the build's commit): no verdict there.
 if git rev-parse --git-dir >/dev/null 2>&1 && [[ -s $BIN/BUILD_INFO ]] \
   && git cat-file -e "$(head -1 "$BIN/BUILD_INFO")^{commit}" 2>/dev/null; then
-  local newest; newest=$(git log -1 --format=%H -- segmenter-svc/src proto Cargo.lock)
-  if ! git merge-base --is-ancestor "$newest" "$(head -1 "$BIN/BUILD_INFO")" 2>/dev/null; then
-    log "STALE: .gpu-bin was built before the last change to segmenter-svc/src ($newest): run prepare-device.sh"; return 2
+  # By content, not by history: a commit that touched Cargo.lock and one that undid it change nothing built.
+  if ! git diff --quiet "$(head -1 "$BIN/BUILD_INFO")" -- segmenter-svc/src proto Cargo.lock; then
+    log "STALE: segmenter-svc/src, proto or Cargo.lock differ from .gpu-bin's build ($(head -1 "$BIN/BUILD_INFO")): run prepare-device.sh"; return 2
   fi
 fi
 # segmenter-bench travels xz-compressed (the device has xz, not zstd): ~4x less of each call's 64 MiB.
