@@ -172,10 +172,12 @@ async fn handle(
     // The delivery that gives the job up is the consumer's last: put back now, it was never delivered again, and
     // its open items never ended. It runs to its end (within the drain's grace).
     let giving_up = !shared && delivered > settings.max_deliveries;
+    // When the last renewal the server confirmed was sent: the delivery, until one is.
+    let mut renewed = tokio::time::Instant::now();
     match submit_patiently(
         &message,
         &job_id,
-        progress_every,
+        (progress_every, &mut renewed),
         RETRY_PAUSE,
         (!giving_up).then_some(&mut stop),
         submit,
@@ -239,6 +241,7 @@ async fn handle(
         watch::channel(u32::MAX).1
     };
     let followed = Followed {
+        renewed,
         job,
         events,
         snapshot: || handle.progress(),
@@ -249,7 +252,10 @@ async fn handle(
             tracing::info!(%job_id, completed = job.completed, failed = job.failed, cancelled = job.cancelled, "queue_pull: job acknowledged");
         }
         Left::PutBack => {}
-        Left::HandedOver => service.hand_over(&handle),
+        // A job this replica runs without durable records (submitted over gRPC too) is its own to finish: only
+        // the message goes, unacknowledged, to the worker it is redelivered to.
+        Left::HandedOver if handle.plan.durable_items => service.hand_over(&handle),
+        Left::HandedOver => {}
     }
 }
 

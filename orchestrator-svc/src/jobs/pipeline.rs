@@ -163,7 +163,8 @@ impl Pipeline {
     }
 
     async fn run_job(self: Arc<Self>, job: Arc<JobHandle>) {
-        // What a later edit of this job reads back. Without it the job still runs; only edits of it are refused.
+        // What a later edit of this job reads back, written before any item starts, so it is there when the job is
+        // finished (an edit of a running job is refused). Without it the job still runs; only edits of it fail.
         if let Err(e) = edit::record::write_photos_patiently(self.runner.store(), &job.plan).await {
             tracing::error!(error = %Report(&e), "the job's photos record was not written: edits of it are refused (or read an earlier run's record of this job id)");
         }

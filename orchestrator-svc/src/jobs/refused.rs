@@ -5,7 +5,9 @@
 //! items), and a spec refused on its fields (`InvalidArgument`): a job id another spec holds (`JobExists`) would put
 //! FAILED callbacks on that other job's URL, and other refusals are not about the job. Items an earlier delivery
 //! finished (their record exists: they were called back; e.g. a replica with the job's preset ran part of it and
-//! stopped) and jobs that exist under the key are left alone.
+//! stopped) and jobs that exist under the key are left alone. A message that only names a job (it does not parse
+//! here: `refusal_of_unreadable`) is recorded under the hash of what it names: a newer release that read it recorded
+//! its items under its full spec's hash, which this one cannot compute (see docs/operations.md, durable intake).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -14,19 +14,28 @@ use crate::jobs::job::Progress;
 /// The acknowledgements of the message a job came in: `jetstream::Message` in production.
 #[async_trait::async_trait]
 pub trait Acknowledge: Send + Sync {
-    /// `AckKind::Ack` and `AckKind::Progress` are double acks (the server confirms them): an unconfirmed renewal is
-    /// how a worker cut off from NATS learns that its lease may be running out (`follow`).
+    /// `AckKind::Ack` is a double ack (the server confirms it); the others are sent and not waited for.
     async fn acknowledge(&self, kind: AckKind) -> Result<(), BoxError>;
+
+    /// An in-progress ack the server confirms (a double ack): an unconfirmed renewal is how a worker cut off from
+    /// NATS learns that its lease may be running out (`follow`).
+    async fn renew(&self) -> Result<(), BoxError> {
+        self.acknowledge(AckKind::Progress).await
+    }
 }
 
 #[async_trait::async_trait]
 impl Acknowledge for jetstream::Message {
     async fn acknowledge(&self, kind: AckKind) -> Result<(), BoxError> {
-        if matches!(kind, AckKind::Ack | AckKind::Progress) {
-            self.double_ack_with(kind).await
+        if matches!(kind, AckKind::Ack) {
+            self.double_ack().await
         } else {
             self.ack_with(kind).await
         }
+    }
+
+    async fn renew(&self) -> Result<(), BoxError> {
+        self.double_ack_with(AckKind::Progress).await
     }
 }
 
@@ -60,6 +69,8 @@ fn finished(job: &Progress) -> bool {
 /// again (`JobHandle::progress`, O(1): not a snapshot of every item at every change); and how many of its items have
 /// their durable record written (`JobHandle::durable_written`).
 pub(super) struct Followed<S> {
+    /// When the last renewal the server confirmed was sent (the delivery, when none was).
+    pub(super) renewed: tokio::time::Instant,
     pub(super) job: Progress,
     pub(super) events: broadcast::Receiver<u32>,
     pub(super) snapshot: S,
@@ -85,6 +96,7 @@ pub(super) async fn follow<S: Fn() -> Progress>(
     stop: &mut watch::Receiver<bool>,
 ) -> Left {
     let Followed {
+        mut renewed,
         mut job,
         mut events,
         snapshot,
@@ -93,8 +105,6 @@ pub(super) async fn follow<S: Fn() -> Progress>(
     let mut progress = tokio::time::interval(progress_every);
     progress.tick().await;
     let lease = progress_every * 3;
-    // The last renewal the server confirmed (the delivery itself, at first: the submission renewed it meanwhile).
-    let mut renewed = tokio::time::Instant::now();
     let mut draining = false;
     while !(finished(&job) && written(&job, &records)) {
         if draining && settled_here(&job, &records) {
@@ -110,9 +120,9 @@ pub(super) async fn follow<S: Fn() -> Progress>(
             },
             Ok(()) = records.changed() => job = snapshot(),
             // Confirmed within half a renewal period, or taken as unconfirmed (the client's own wait is 5 s, which
-            // at a short ack wait would overrun the lease).
-            _ = progress.tick() => match renew(message, progress_every / 2).await {
-                Ok(()) => renewed = tokio::time::Instant::now(),
+            // at a short ack wait would overrun the lease). Timed from the sending: the server applied it then or later.
+            _ = progress.tick() => match renew(message, progress_every / 2, &mut renewed).await {
+                Ok(()) => {}
                 Err(e) if renewed.elapsed() + progress_every >= lease => {
                     tracing::error!(%job_id, error = %e, unconfirmed_for_ms = renewed.elapsed().as_millis() as u64, "queue_pull: renewals unconfirmed until the lease ends: the job goes to another worker; no item of it starts here any more");
                     return Left::HandedOver;
@@ -134,10 +144,19 @@ pub(super) async fn follow<S: Fn() -> Progress>(
     Left::Acked(job)
 }
 
-/// One in-progress ack, confirmed by the server within `within`.
-async fn renew(message: &dyn Acknowledge, within: Duration) -> Result<(), BoxError> {
-    match tokio::time::timeout(within, message.acknowledge(AckKind::Progress)).await {
-        Ok(confirmed) => confirmed,
+/// One in-progress ack, confirmed by the server within `within`; `renewed` becomes the time it was sent when it is.
+pub(super) async fn renew(
+    message: &dyn Acknowledge,
+    within: Duration,
+    renewed: &mut tokio::time::Instant,
+) -> Result<(), BoxError> {
+    let sent = tokio::time::Instant::now();
+    match tokio::time::timeout(within, message.renew()).await {
+        Ok(Ok(())) => {
+            *renewed = sent;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(format!("not confirmed within {} ms", within.as_millis()).into()),
     }
 }

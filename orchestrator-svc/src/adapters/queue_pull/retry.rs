@@ -10,17 +10,18 @@ use std::time::Duration;
 use async_nats::jetstream::AckKind;
 use tokio::sync::watch;
 
-use super::follow::{Acknowledge, acknowledge, stopped};
+use super::follow::{Acknowledge, acknowledge, renew, stopped};
 use crate::error::ApiError;
 
 /// Submits with `submit` until it answers something other than "not now" (Overloaded, StoreUnavailable), waiting
 /// `pause` (or the registry's `retry_after`) in between; an in-progress ack goes out every `progress_every`
-/// meanwhile, the lease of the message. None, the message put back (NAK), when `stop` turns true first (never with
-/// no `stop`: a submission that must not be cut short).
+/// meanwhile, the lease of the message, confirmed by the server (`renewed`: when the last confirmed one was sent, for
+/// `follow` to go on from). None, the message put back (NAK), when `stop` turns true first (never with no `stop`: a
+/// submission that must not be cut short).
 pub(super) async fn submit_patiently<T, Fut>(
     message: &dyn Acknowledge,
     job_id: &str,
-    progress_every: Duration,
+    (progress_every, renewed): (Duration, &mut tokio::time::Instant),
     pause: Duration,
     stop: Option<&mut watch::Receiver<bool>>,
     submit: impl Fn() -> Fut,
@@ -45,7 +46,9 @@ where
         every.tick().await;
         loop {
             every.tick().await;
-            acknowledge(message, AckKind::Progress, job_id).await;
+            if let Err(e) = renew(message, progress_every / 2, renewed).await {
+                tracing::warn!(%job_id, error = %e, "queue_pull: renewal not confirmed while the job is submitted");
+            }
         }
     };
     tokio::select! {
@@ -103,10 +106,12 @@ mod tests {
         let message = recorded();
         let (_stop, mut stopping) = watch::channel(false);
         let calls = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let mut renewed = start;
         let got = submit_patiently(
             &message,
             "j",
-            Duration::from_secs(3),
+            (Duration::from_secs(3), &mut renewed),
             Duration::from_secs(2),
             Some(&mut stopping),
             || {
@@ -122,6 +127,8 @@ mod tests {
             *message.acks.lock().unwrap(),
             [(3, progress()), (6, progress()), (9, progress())]
         );
+        // The last confirmed renewal, which `follow` times the lease from.
+        assert_eq!(renewed - start, Duration::from_secs(9));
     }
 
     #[tokio::test(start_paused = true)]
@@ -132,7 +139,7 @@ mod tests {
         let got: Option<Result<(), ApiError>> = submit_patiently(
             &message,
             "j",
-            Duration::from_secs(10),
+            (Duration::from_secs(10), &mut tokio::time::Instant::now()),
             Duration::from_secs(2),
             Some(&mut stopping),
             || {
@@ -159,10 +166,11 @@ mod tests {
     async fn shutdown_puts_the_message_back() {
         let message = recorded();
         let (stop, mut stopping) = watch::channel(false);
+        let mut renewed = tokio::time::Instant::now();
         let submitting = submit_patiently::<(), _>(
             &message,
             "j",
-            Duration::from_secs(3),
+            (Duration::from_secs(3), &mut renewed),
             Duration::from_secs(2),
             Some(&mut stopping),
             || async { Err(unavailable()) },

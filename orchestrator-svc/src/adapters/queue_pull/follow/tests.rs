@@ -113,6 +113,7 @@ fn start(progress_every: Duration) -> Setup {
     let (stop, mut stopping) = watch::channel(false);
     let (written, records) = watch::channel(0);
     let followed = Followed {
+        renewed: Instant::now(),
         job: running_job(),
         events: receiver,
         snapshot: {
@@ -255,6 +256,7 @@ async fn a_job_already_finished_is_acknowledged_at_once() {
     let (_stop, mut stopping) = watch::channel(false);
     let (_written, records) = watch::channel(1);
     let followed = Followed {
+        renewed: Instant::now(),
         job,
         events: receiver,
         snapshot: move || job,
