@@ -931,6 +931,75 @@ async fn a_message_that_names_a_job_but_is_not_one_calls_back_each_item_failed()
     );
 }
 
+/// A CancelJob of a redelivered queue job one of whose items an earlier run had recorded COMPLETED: the answer shows
+/// that item COMPLETED, as it stands, no callback goes out for it, and the other items end CANCELLED, each called
+/// back once. (Here the item's record is read before the cancel either way, as the items ahead of it wait on the
+/// segmenter without holding their permit; `report::tests::a_cancel_reads_the_unstarted_items_records_first` pins
+/// the order for an item not started yet.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_answers_an_earlier_runs_recorded_end_as_it_stands() {
+    use palette_proto::orchestrator::v1::{CancelJobRequest, ItemState};
+    let Some(s) = setup().await else { return };
+    const JOB: &str = "qp-cancel-recorded";
+    const IMAGES: u32 = 4;
+    s.segmenter.faults.delay_ms.store(3_000, Ordering::SeqCst);
+    let receiver = Receiver::start(SECRET, vec![]).await;
+    s.put_inputs(JOB, IMAGES).await;
+    // The earlier run ended item 3 and told it (settled record), then stopped.
+    let message = seed_job(JOB, IMAGES);
+    let spec = orchestrator_svc::spec_json::spec_from_bytes(&message).unwrap();
+    let hash = orchestrator_svc::jobs::job::spec_hash(&spec);
+    let record = json!({"idx": 3, "state": "ITEM_STATE_COMPLETED", "outputKey": format!("outputs/{USER}/{JOB}/rule1/3.jpg"),
+        "callbackState": "CALLBACK_STATE_DELIVERED", "callbackAttempts": 1});
+    s.store
+        .put(
+            &format!("jobs-state/{USER}/{JOB}/{hash}/3.json"),
+            bytes::Bytes::from(serde_json::to_vec(&record).unwrap()),
+            "application/json",
+        )
+        .await
+        .unwrap();
+    let worker = Worker::start(s.config(&receiver, 30));
+    let js = s.jetstream().await;
+    publish(&js, vec![message]).await;
+    // Item 0 runs (3 s), the others wait.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while s.segmenter.counters.segment_calls.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "item 0 never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut client = JobsClient::connect(format!("http://{}", worker.addr))
+        .await
+        .unwrap();
+    let job = client
+        .cancel_job(CancelJobRequest {
+            user_id: USER.into(),
+            job_id: JOB.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let states: Vec<i32> = job.items.iter().map(|i| i.state).collect();
+    assert_eq!(states[3], ItemState::Completed as i32, "{states:?}");
+    for idx in [1, 2] {
+        assert_eq!(states[idx], ItemState::Cancelled as i32, "{states:?}");
+    }
+    receiver::wait_until(&[&receiver], "items 0-2 called back", |all| {
+        per_item(all).len() == 3
+    })
+    .await;
+    wait_queue_drained(&js).await;
+    let deliveries = receiver.deliveries();
+    assert!(
+        deliveries.iter().all(|d| d.body["idx"] != 3),
+        "item 3 called back again"
+    );
+    assert!(per_item(&deliveries).values().all(|&n| n == 1));
+}
+
 /// The worker dies while an item's callback is being retried (the receiver answered 503): the item was recorded
 /// before its callback, callback pending. The redelivery to another worker finds that record and sends the callback
 /// again (same webhook-id), instead of running the item again: with the segmenter now failing, that run ended FAILED

@@ -66,6 +66,10 @@ pub struct PreviewSettings {
     pub inputs: InputLimits,
 }
 
+/// How long a CancelJob of a queue job reads its unstarted items' records before it answers
+/// (`Reporter::take_recorded_before_cancel`).
+const CANCEL_READS_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl JobService {
     pub fn new(
         pipeline: Arc<Pipeline>,
@@ -297,6 +301,14 @@ impl JobService {
         {
             // Cancelled here all the same; after a restart its items would run again.
             tracing::warn!(job = %key, error = %crate::error::Report(&e), "cancellation not recorded");
+        }
+        // A queue job run again: what an earlier run recorded for its unstarted items stands, shown as such at once.
+        if job.plan.durable_items && !job.is_terminal() {
+            job.cancel.cancel();
+            let reporter = self.pipeline.reporter();
+            reporter
+                .take_recorded_before_cancel(&job, CANCEL_READS_WITHIN)
+                .await;
         }
         self.pipeline.cancel(&job);
         Ok(job.snapshot())

@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use palette_proto::orchestrator::v1::{CallbackState, Item};
+use std::time::Duration;
+
+use futures::StreamExt;
+use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState};
 
 use super::{ReportKind, Reporter, durable};
 use crate::jobs::job::JobHandle;
@@ -82,6 +85,31 @@ impl Reporter {
             );
         }
         job.durable_written.one_more();
+    }
+
+    /// Durable jobs, at a CancelJob: the items not started here (PENDING) may have been ended by an earlier run,
+    /// and read their record only when they start. Read now, before the cancel ends them, so the cancel's answer and
+    /// WatchJob show a recorded end as it stands rather than CANCELLED first (`settle_unless_recorded` would correct
+    /// the view, and the callbacks, a moment later). At most READ_TOGETHER at once and for at most `within`: the
+    /// items left unread then are checked the later way.
+    pub async fn take_recorded_before_cancel(&self, job: &Arc<JobHandle>, within: Duration) {
+        const READ_TOGETHER: usize = 16;
+        let pending: Vec<u32> = job
+            .snapshot()
+            .items
+            .iter()
+            .filter(|i| i.state == ItemState::Pending as i32)
+            .map(|i| i.idx)
+            .collect();
+        let reads =
+            futures::stream::iter(pending).for_each_concurrent(READ_TOGETHER, |idx| async move {
+                if let Some(recorded) = durable::read(&self.store, &job.plan, idx).await {
+                    self.restore_durable(job, idx, recorded);
+                }
+            });
+        if tokio::time::timeout(within, reads).await.is_err() {
+            tracing::info!(job_id = %job.plan.job_id, "cancel: not every unstarted item's record was read in time; the rest are checked as they are cancelled");
+        }
     }
 
     /// A recorded item as this process can settle it, and whether its callback was pending: with callbacks turned

@@ -268,3 +268,29 @@ async fn an_item_whose_record_this_release_cannot_read_is_left_to_its_writer() {
     assert_eq!(store.get(&key).await.unwrap(), newer);
     assert!(job.is_settled());
 }
+
+/// A CancelJob of a redelivered queue job reads the records of its unstarted items first (they read theirs only
+/// when they start): an earlier run's end is in the view before the cancel ends the rest, so the cancel's answer and
+/// WatchJob never show it CANCELLED first.
+#[tokio::test]
+async fn a_cancel_reads_the_unstarted_items_records_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
+    let reporter = Reporter::new(store.clone(), None, TaskTracker::new(), None);
+    let earlier = Arc::new(JobHandle::new(durable_plan(3), 1));
+    assert!(earlier.start_item(2));
+    drop(earlier.finish_item(2, ItemOutcome::Completed(Default::default()), true));
+    assert!(durable::write(&store, &earlier, 2).await);
+    let job = Arc::new(JobHandle::new(durable_plan(3), 2));
+    assert!(job.start_item(0));
+    reporter
+        .take_recorded_before_cancel(&job, Duration::from_secs(5))
+        .await;
+    assert_eq!(job.item(2).unwrap().state, ItemState::Completed as i32);
+    let ended: Vec<u32> = job
+        .cancel_pending(false)
+        .iter()
+        .map(|e| e.item.idx)
+        .collect();
+    assert_eq!(ended, [0, 1], "the recorded item is not cancelled");
+}
