@@ -931,18 +931,17 @@ async fn a_message_that_names_a_job_but_is_not_one_calls_back_each_item_failed()
     );
 }
 
-/// A CancelJob of a redelivered queue job one of whose items an earlier run had recorded COMPLETED: the answer shows
-/// that item COMPLETED, as it stands, no callback goes out for it, and the other items end CANCELLED, each called
-/// back once. (Here the item's record is read before the cancel either way, as the items ahead of it wait on the
-/// segmenter without holding their permit; `report::tests::a_cancel_reads_the_unstarted_items_records_first` pins
-/// the order for an item not started yet.)
+/// A CancelJob of a redelivered queue job one of whose unstarted items an earlier run had recorded COMPLETED: the
+/// answer shows that item COMPLETED, as it stands, not CANCELLED (items read their record only when they start, so
+/// the answer and WatchJob said CANCELLED until the record replaced it a moment later); no callback goes out for it,
+/// and the other items end CANCELLED, each called back once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_answers_an_earlier_runs_recorded_end_as_it_stands() {
     use palette_proto::orchestrator::v1::{CancelJobRequest, ItemState};
     let Some(s) = setup().await else { return };
     const JOB: &str = "qp-cancel-recorded";
     const IMAGES: u32 = 4;
-    s.segmenter.faults.delay_ms.store(3_000, Ordering::SeqCst);
+    s.segmenter.faults.delay_ms.store(5_000, Ordering::SeqCst);
     let receiver = Receiver::start(SECRET, vec![]).await;
     s.put_inputs(JOB, IMAGES).await;
     // The earlier run ended item 3 and told it (settled record), then stopped.
@@ -959,18 +958,29 @@ async fn a_cancel_answers_an_earlier_runs_recorded_end_as_it_stands() {
         )
         .await
         .unwrap();
-    let worker = Worker::start(s.config(&receiver, 30));
+    // A first worker takes the job and dies while item 0 is being segmented; the redelivery goes to `worker`, whose
+    // item 0 then runs (5 s) while the others wait.
+    let mut first = Worker::start(s.config(&receiver, 2));
     let js = s.jetstream().await;
     publish(&js, vec![message]).await;
-    // Item 0 runs (3 s), the others wait.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while s.segmenter.counters.segment_calls.load(Ordering::SeqCst) == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "item 0 never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let segments = s.segmenter.counters.clone();
+    let segmenting = |calls: usize| {
+        let segments = segments.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while segments.segment_calls.load(Ordering::SeqCst) < calls {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "item 0 never started"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    segmenting(1).await;
+    first.kill();
+    let worker = Worker::start(s.config(&receiver, 2));
+    segmenting(2).await;
     let mut client = JobsClient::connect(format!("http://{}", worker.addr))
         .await
         .unwrap();

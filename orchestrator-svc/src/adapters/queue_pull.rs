@@ -229,6 +229,11 @@ async fn handle(
         }
     };
     tracing::info!(%job_id, "queue_pull: job taken");
+    if delivered > 1 {
+        handle
+            .redelivered
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     // Subscribed first: a change after it is an event, which reads the counts again.
     let events = handle.subscribe().1;
     let job = handle.progress();

@@ -42,6 +42,9 @@ pub struct JobHandle {
     /// Durable jobs: the queue gave the job to another worker (`JobService::hand_over`): none of its items starts
     /// here any more, and none ends unstarted (the other worker runs them).
     pub handed_over: CancellationToken,
+    /// Durable jobs: this run is a redelivery, so earlier runs may have recorded items (`JobService::cancel` reads
+    /// the unstarted ones' records first only then).
+    pub redelivered: AtomicBool,
     state: Mutex<State>,
     /// What `state` holds on the heap, roughly (see `approx_item_bytes`), kept up to date by every item change so
     /// the registry can weigh its jobs without walking their items.
@@ -102,6 +105,7 @@ impl JobHandle {
             seq,
             cancel: CancellationToken::new(),
             handed_over: CancellationToken::new(),
+            redelivered: AtomicBool::new(false),
             state: Mutex::new(state),
             approx_bytes: AtomicUsize::new(approx_bytes),
             finish_counted: AtomicBool::new(false),

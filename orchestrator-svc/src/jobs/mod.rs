@@ -29,6 +29,7 @@ pub mod validate;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use palette_proto::orchestrator::v1::{
     EditJobRequest, Job, JobSpec, PreviewEditRequest, PreviewEditResponse,
@@ -303,12 +304,21 @@ impl JobService {
             tracing::warn!(job = %key, error = %crate::error::Report(&e), "cancellation not recorded");
         }
         // A queue job run again: what an earlier run recorded for its unstarted items stands, shown as such at once.
-        if job.plan.durable_items && !job.is_terminal() {
-            job.cancel.cancel();
-            let reporter = self.pipeline.reporter();
-            reporter
-                .take_recorded_before_cancel(&job, CANCEL_READS_WITHIN)
-                .await;
+        // In a task of its own, awaited: this call's future is dropped when its client gives up, and a cancel cut
+        // between stopping the items and ending them left them PENDING for ever.
+        if job.plan.durable_items && job.redelivered.load(Ordering::Relaxed) && !job.is_terminal() {
+            let (pipeline, cancelled) = (self.pipeline.clone(), job.clone());
+            let cancelling =
+                crate::tasks::spawn_tracked(self.pipeline.tasks(), "cancel", async move {
+                    cancelled.cancel.cancel();
+                    let reporter = pipeline.reporter();
+                    reporter
+                        .take_recorded_before_cancel(&cancelled, CANCEL_READS_WITHIN)
+                        .await;
+                    pipeline.cancel(&cancelled);
+                });
+            let _ = cancelling.await;
+            return Ok(job.snapshot());
         }
         self.pipeline.cancel(&job);
         Ok(job.snapshot())

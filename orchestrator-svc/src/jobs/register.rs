@@ -203,7 +203,12 @@ impl Registrar {
             return Err(e);
         }
         // What a later edit of this job reads back (`Pipeline::run_job` writes it for jobs run in one process).
-        edit::record::spawn_photos_record(self.pipeline.tasks(), self.pipeline.store(), &job.plan);
+        // Awaited, so the record is there before the job can finish (its item tasks are published already): an edit
+        // accepted then reads it. Storage failing holds SubmitJob for the retries (~8 s and the SDK's attempts).
+        if let Err(e) = edit::record::write_photos_patiently(self.pipeline.store(), &job.plan).await
+        {
+            tracing::error!(job_id = %job.plan.job_id, error = %crate::error::Report(&e), "the job's photos record was not written: edits of it are refused (or read an earlier run's record of this job id)");
+        }
         metrics::counter!("orchestrator_jobs_submitted_total").increment(1);
         tracing::info!(job_id = %job.plan.job_id, images = job.plan.image_count, "job accepted; items queued for every replica");
         Ok(job.snapshot())

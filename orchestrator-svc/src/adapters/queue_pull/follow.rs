@@ -102,8 +102,10 @@ pub(super) async fn follow<S: Fn() -> Progress>(
         snapshot,
         written: mut records,
     } = followed;
-    let mut progress = tokio::time::interval(progress_every);
-    progress.tick().await;
+    // Renewed one period after the last confirmed renewal (at once when that is past: the submission took long),
+    // then every period.
+    let mut progress = tokio::time::interval_at(renewed + progress_every, progress_every);
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let lease = progress_every * 3;
     let mut draining = false;
     while !(finished(&job) && written(&job, &records)) {

@@ -184,22 +184,6 @@ pub async fn write_photos_patiently(
     }
 }
 
-/// `write_photos_patiently` as a task of its own (tracked by `tasks`, so a drain waits for it), for JOB_STORE=nats's
-/// SubmitJob: it does not wait for it to answer (storage that hangs rather than refuses holds each write for the
-/// SDK's attempts x STORAGE_TIMEOUT_SEC), and the job's item tasks are published before it anyway.
-pub fn spawn_photos_record(
-    tasks: &tokio_util::task::TaskTracker,
-    store: &SharedStore,
-    plan: &std::sync::Arc<JobPlan>,
-) {
-    let (store, plan) = (store.clone(), plan.clone());
-    crate::tasks::spawn_tracked(tasks, "photos_record", async move {
-        if let Err(e) = write_photos_patiently(&store, &plan).await {
-            tracing::error!(job_id = %plan.job_id, error = %crate::error::Report(&e), "the job's photos record was not written: edits of it are refused (or read an earlier run's record of this job id)");
-        }
-    });
-}
-
 pub async fn read_photos(
     store: &SharedStore,
     user_id: &str,
