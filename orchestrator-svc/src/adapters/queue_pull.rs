@@ -17,6 +17,9 @@
 //! - An orchestrator that dies mid-job sends no more in-progress acks: after the ack wait JetStream redelivers the
 //!   message to another orchestrator, which skips the items the first one recorded (no second callback) and runs
 //!   the rest; outputs are written under fixed keys, so a rerun item overwrites them.
+//! - One cut off from NATS sees its renewals go unconfirmed and hands the job over before its lease ends
+//!   (`follow::Left::HandedOver`, `JobService::hand_over`): it starts none of the job's items any more. An item two
+//!   runs end anyway has one end, the first recorded (`jobs::durable::claim`).
 //! - With JOB_STORE=nats a valid job is submitted like a SubmitJob and acknowledged as soon as it is recorded: the
 //!   shared store then runs its items on every replica, with leases of its own (`jobs::cluster`).
 //! - A job that cannot be taken now (MAX_RETAINED_JOBS reached; JOB_STORE=nats: the store cannot record it) is

@@ -21,6 +21,8 @@ impl JobService {
     pub fn hand_over(&self, job: &std::sync::Arc<super::job::JobHandle>) {
         job.handed_over.cancel();
         self.registry.remove(job);
+        // The retained-jobs gauges, as a job forgotten would leave them.
+        self.registry.trim();
     }
 
     /// Like `submit_durable`, but runs nothing: open items end FAILED (`TOO_MANY_DELIVERIES`) with their callbacks.
