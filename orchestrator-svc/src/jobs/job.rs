@@ -138,6 +138,19 @@ impl JobHandle {
         self.lock().job.items.get(idx as usize).cloned()
     }
 
+    /// The indices of the items still PENDING (not started), read under the lock: no copy of the items.
+    pub fn pending_items(&self) -> Vec<u32> {
+        let pending = ItemState::Pending as i32;
+        let state = self.lock();
+        state
+            .job
+            .items
+            .iter()
+            .filter(|i| i.state == pending)
+            .map(|i| i.idx)
+            .collect()
+    }
+
     /// Item `idx` as it is now, with the job's state and counters (the job without its items and spec): one
     /// change, for a watcher that asked for changes only. Copies one item, not the whole job.
     pub fn change(&self, idx: u32) -> (Job, Option<Item>) {

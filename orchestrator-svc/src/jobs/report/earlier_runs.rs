@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use palette_proto::orchestrator::v1::{CallbackState, Item, ItemState};
+use palette_proto::orchestrator::v1::{CallbackState, Item};
 
 use super::{ReportKind, Reporter, durable};
 use crate::jobs::job::JobHandle;
@@ -94,13 +94,7 @@ impl Reporter {
     /// items left unread then are checked the later way.
     pub async fn take_recorded_before_cancel(&self, job: &Arc<JobHandle>, within: Duration) {
         const READ_TOGETHER: usize = 16;
-        let pending: Vec<u32> = job
-            .snapshot()
-            .items
-            .iter()
-            .filter(|i| i.state == ItemState::Pending as i32)
-            .map(|i| i.idx)
-            .collect();
+        let pending = job.pending_items();
         let reads =
             futures::stream::iter(pending).for_each_concurrent(READ_TOGETHER, |idx| async move {
                 if let Some(recorded) = durable::read(&self.store, &job.plan, idx).await {
