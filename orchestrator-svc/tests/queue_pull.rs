@@ -564,6 +564,54 @@ async fn a_worker_cut_off_from_nats_hands_its_job_over() {
     a.kill();
 }
 
+/// The queue gives a job handed over to any worker: here back to the one that handed it over (the only one), while
+/// the item it had in flight still runs there. The new run waits for that item's end and callback and takes it as
+/// recorded; before, it ran the item a second time beside the first run (segmented twice; the first record kept one
+/// end), or, the item's permit taken, called it back again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_handed_over_and_given_back_to_the_same_worker_runs_and_calls_back_no_item_twice() {
+    let Some(s) = setup().await else { return };
+    const JOB: &str = "qp-given-back";
+    const IMAGES: u32 = 1;
+    // The item is still in flight when the job comes back: the hand-over is at most 2.5 s after the cut (3 s lease),
+    // the heal 3.5 s after it, and the worker fetches again ~10 s after the hand-over (its NATS connection renewed).
+    s.segmenter.faults.delay_ms.store(20_000, Ordering::SeqCst);
+    let receiver = Receiver::start(SECRET, vec![]).await;
+    s.put_inputs(JOB, IMAGES).await;
+    let partition = common::partition::Partition::start(&s.nats.url).await;
+    let mut config = s.config(&receiver, 3);
+    config.nats.nats_url = Some(partition.url.clone().into());
+    // A permit free for the new run's item: it does not wait for the first run's item to end for want of one.
+    config.limits.batch_concurrency = 2;
+    let mut a = Worker::start(config);
+    let js = s.jetstream().await;
+    publish(&js, vec![seed_job(JOB, IMAGES)]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while s.segmenter.counters.in_flight.load(Ordering::SeqCst) == 0 {
+        a.assert_running("the worker");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the item never reached the segmenter"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    partition.cut();
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    partition.heal();
+    receiver::wait_until(&[&receiver], "every item called back", |all| {
+        per_item(all).len() == IMAGES as usize
+    })
+    .await;
+    wait_queue_drained(&js).await;
+    a.stop().await;
+    assert_one_callback_per_item(&[&receiver], JOB, IMAGES);
+    let calls = s.segmenter.counters.segment_calls.load(Ordering::SeqCst);
+    assert_eq!(
+        calls, IMAGES as usize,
+        "{calls} Segment calls for {IMAGES} images"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_delivered_more_than_the_limit_is_given_up_with_a_failed_callback_per_open_item() {
     let Some(s) = setup().await else { return };

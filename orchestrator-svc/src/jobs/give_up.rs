@@ -17,9 +17,11 @@ impl JobService {
     /// ADAPTER=queue_pull: this worker's lease on `job`'s message ran out unrenewed (cut off from NATS), so the queue
     /// gives the job to another worker. No item of it starts here any more (those in flight finish, and their first
     /// records decide against the other worker's), and it leaves the registry: a later delivery of the job to this
-    /// worker starts a run of its own, reading what the others recorded.
+    /// worker starts a run of its own, reading what the others recorded, and what this run records of the items it
+    /// still has in flight once they end (`handed_over`: before, it ran them a second time).
     pub fn hand_over(&self, job: &std::sync::Arc<super::job::JobHandle>) {
         job.handed_over.cancel();
+        self.pipeline.handed_over().keep(job);
         self.registry.remove(job);
         // The retained-jobs gauges, as a job forgotten would leave them.
         self.registry.trim();
@@ -39,6 +41,11 @@ impl JobService {
         let reporter = self.pipeline.reporter();
         let mut ended = Vec::new();
         for idx in 0..job.plan.image_count {
+            // An item a run handed over here still has in flight ends there (not FAILED here, its end unheard).
+            self.pipeline
+                .handed_over()
+                .wait_for_earlier_run(&job, idx)
+                .await;
             // Read for as long as storage fails: a record missed turned an item an earlier run ended (and called
             // back) into a FAILED one, its record overwritten.
             if let Some(recorded) =

@@ -18,6 +18,7 @@ mod outcome;
 mod settling;
 mod state;
 mod unrecorded;
+mod unsettled;
 mod weight;
 mod written;
 pub use hash::{plan_hash, spec_hash};
@@ -45,6 +46,8 @@ pub struct JobHandle {
     /// Durable jobs: this run is a redelivery, so earlier runs may have recorded items (`JobService::cancel` reads
     /// the unstarted ones' records first only then).
     pub redelivered: AtomicBool,
+    /// Durable jobs: items started here whose report is not settled yet (`unsettled`).
+    pub unsettled: unsettled::Unsettled,
     state: Mutex<State>,
     /// What `state` holds on the heap, roughly (see `approx_item_bytes`), kept up to date by every item change so
     /// the registry can weigh its jobs without walking their items.
@@ -106,6 +109,7 @@ impl JobHandle {
             cancel: CancellationToken::new(),
             handed_over: CancellationToken::new(),
             redelivered: AtomicBool::new(false),
+            unsettled: Default::default(),
             state: Mutex::new(state),
             approx_bytes: AtomicUsize::new(approx_bytes),
             finish_counted: AtomicBool::new(false),

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod durable;
 pub mod edit;
 mod give_up;
+mod handed_over;
 mod item;
 pub mod job;
 mod phrases;

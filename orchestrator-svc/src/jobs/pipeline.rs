@@ -35,6 +35,8 @@ pub struct Pipeline {
     /// Fired near the end of the grace period: items still running that nothing will run again (no job store, not
     /// from a queue) end FAILED now, so each still gets its callback before the process exits.
     out_of_time: CancellationToken,
+    /// Runs handed over whose items in flight a later run of the job waits for (`handed_over`).
+    handed_over: super::handed_over::HandedOverRuns,
 }
 
 impl Pipeline {
@@ -54,6 +56,7 @@ impl Pipeline {
             tasks,
             stopping,
             out_of_time: CancellationToken::new(),
+            handed_over: Default::default(),
         }
     }
 
@@ -87,6 +90,10 @@ impl Pipeline {
 
     pub(super) fn is_stopping(&self) -> bool {
         self.stopping.is_cancelled()
+    }
+
+    pub(super) fn handed_over(&self) -> &super::handed_over::HandedOverRuns {
+        &self.handed_over
     }
 
     pub(super) fn reporter(&self) -> &Reporter {
@@ -252,7 +259,11 @@ impl Pipeline {
         // A job run again (durable jobs): an item an earlier run finished is taken from its record (its callback sent
         // again if that run died sending it), never run again.
         if job.plan.durable_items {
-            let read = durable::read_patiently(self.runner.store(), &job.plan, idx);
+            // After an earlier run of the job that this worker handed over ends the item, if it has it in flight.
+            let read = async {
+                self.handed_over.wait_for_earlier_run(&job, idx).await;
+                durable::read_patiently(self.runner.store(), &job.plan, idx).await
+            };
             // The read waits for as long as storage fails: a cancel (which ends the pending item) or a shutdown
             // (which leaves it to the queue's redelivery) does not wait for it, and nothing starts after.
             let recorded = tokio::select! {
@@ -297,6 +308,9 @@ impl Pipeline {
         };
         if !started {
             return None;
+        }
+        if job.plan.durable_items {
+            job.unsettled.started(idx);
         }
         let _in_flight = InFlight::start();
         let stage = Stage::start("item");

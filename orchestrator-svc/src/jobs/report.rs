@@ -186,6 +186,9 @@ impl Reporter {
     ) {
         // Until the last record below is written, retention keeps the job (and its records).
         let _settling = job.settling();
+        // A later run of the job on this worker waits for this report before it reads the item's record (`jobs::handed_over`).
+        let _reporting = (job.plan.durable_items && report == ReportKind::First)
+            .then(|| job.unsettled.reporting(item.idx));
         let store = job.plan.durable_items.then(|| self.store.clone());
         let job_store = self.job_store_of(job).cloned();
         // The terminal state is committed before anyone is told: a crash before this line leaves no trace of it,
