@@ -18,10 +18,10 @@ impl JobService {
     /// gives the job to another worker. No item of it starts here any more (those in flight finish, and their first
     /// records decide against the other worker's), and it leaves the registry: a later delivery of the job to this
     /// worker starts a run of its own, reading what the others recorded, and what this run records of the items it
-    /// still has in flight once they end (`handed_over`: before, it ran them a second time).
+    /// still holds once they settle (`handed_over`: before, it ran them a second time, or called them back again).
     pub fn hand_over(&self, job: &std::sync::Arc<super::job::JobHandle>) {
         job.handed_over.cancel();
-        self.pipeline.handed_over().keep(job);
+        self.pipeline.keep_handed_over(job);
         self.registry.remove(job);
         // The retained-jobs gauges, as a job forgotten would leave them.
         self.registry.trim();
@@ -40,12 +40,9 @@ impl JobService {
         tracing::warn!(job_id = %job.plan.job_id, deliveries, "queue_pull: job delivered too often; giving up on its open items");
         let reporter = self.pipeline.reporter();
         let mut ended = Vec::new();
+        // Items a run handed over here still has in hand end there (not FAILED here, their end unheard).
+        self.pipeline.wait_for_handed_over_runs(&job).await;
         for idx in 0..job.plan.image_count {
-            // An item a run handed over here still has in flight ends there (not FAILED here, its end unheard).
-            self.pipeline
-                .handed_over()
-                .wait_for_earlier_run(&job, idx)
-                .await;
             // Read for as long as storage fails: a record missed turned an item an earlier run ended (and called
             // back) into a FAILED one, its record overwritten.
             if let Some(recorded) =

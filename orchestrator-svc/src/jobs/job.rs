@@ -26,6 +26,7 @@ pub use outcome::{ItemOutcome, ItemResult, is_terminal, job_is_terminal};
 pub use settling::{Ended, Settling};
 pub use state::Progress;
 use state::State;
+pub use unsettled::Held;
 use weight::{JOB_OVERHEAD_BYTES, approx_item_bytes};
 
 /// Events buffered per job for slow watchers; one that falls further behind gets a fresh snapshot instead.

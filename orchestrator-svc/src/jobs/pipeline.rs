@@ -92,8 +92,18 @@ impl Pipeline {
         self.stopping.is_cancelled()
     }
 
-    pub(super) fn handed_over(&self) -> &super::handed_over::HandedOverRuns {
-        &self.handed_over
+    /// `JobService::hand_over`: a later run of `job` here waits for the items it still holds (`handed_over`).
+    pub(super) fn keep_handed_over(&self, job: &Arc<JobHandle>) {
+        self.handed_over.keep(job);
+    }
+
+    /// `JobService::give_up_durable`: waits for every item earlier runs of `job` handed over here still hold (at
+    /// most `handed_over`'s bound; not past the start of a shutdown).
+    pub(super) async fn wait_for_handed_over_runs(&self, job: &Arc<JobHandle>) {
+        tokio::select! {
+            _ = self.handed_over.wait_for_all(job) => {}
+            _ = self.stopping.cancelled() => {}
+        }
     }
 
     pub(super) fn reporter(&self) -> &Reporter {
@@ -256,14 +266,34 @@ impl Pipeline {
         permit: OwnedSemaphorePermit,
         waiting: Waiting,
     ) {
+        // Held from here until its report settles: a later run of the job on this worker, should this one be handed
+        // over, waits for it (`handed_over`). Taken before the hand-over check below, so none slips between.
+        let _held = job.hold_unsettled(vec![idx]);
+        // An earlier run of the job that this worker handed over may still have the item in hand: waited for
+        // without a permit (other items run meanwhile), then its record tells the item's end.
+        let permit = if job.plan.durable_items && self.handed_over.holds(&job, idx) {
+            drop(permit);
+            let waited = async {
+                self.handed_over.wait_for_item(&job, idx).await;
+                self.permits.clone().acquire_owned().await
+            };
+            tokio::select! {
+                biased;
+                _ = job.cancel.cancelled() => return drop(waiting),
+                _ = self.stopping.cancelled() => return drop(waiting),
+                _ = job.handed_over.cancelled() => return drop(waiting),
+                permit = waited => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return drop(waiting),
+                },
+            }
+        } else {
+            permit
+        };
         // A job run again (durable jobs): an item an earlier run finished is taken from its record (its callback sent
         // again if that run died sending it), never run again.
         if job.plan.durable_items {
-            // After an earlier run of the job that this worker handed over ends the item, if it has it in flight.
-            let read = async {
-                self.handed_over.wait_for_earlier_run(&job, idx).await;
-                durable::read_patiently(self.runner.store(), &job.plan, idx).await
-            };
+            let read = durable::read_patiently(self.runner.store(), &job.plan, idx);
             // The read waits for as long as storage fails: a cancel (which ends the pending item) or a shutdown
             // (which leaves it to the queue's redelivery) does not wait for it, and nothing starts after.
             let recorded = tokio::select! {
@@ -308,9 +338,6 @@ impl Pipeline {
         };
         if !started {
             return None;
-        }
-        if job.plan.durable_items {
-            job.unsettled.started(idx);
         }
         let _in_flight = InFlight::start();
         let stage = Stage::start("item");

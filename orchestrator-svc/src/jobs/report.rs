@@ -137,6 +137,7 @@ impl Reporter {
         let job = job.clone();
         // Taken now, held until the last item's report is written (see `spawn_settle`).
         let settling = job.settling();
+        let held = job.hold_unsettled(items.iter().map(|item| item.idx).collect());
         spawn_tracked(&self.tasks, "items_report", async move {
             futures::stream::iter(items)
                 .for_each_concurrent(ENDED_TOGETHER, |item| async {
@@ -149,7 +150,7 @@ impl Reporter {
                     }
                 })
                 .await;
-            drop(settling);
+            drop((settling, held));
         });
     }
 
@@ -159,11 +160,13 @@ impl Reporter {
         }
         let this = self.clone();
         let job = job.clone();
-        // Taken now, not when the task first runs: retention must not forget the job in between.
+        // Taken now, not when the task first runs: retention must not forget the job in between, and a later run
+        // of a durable job handed over here must not take the item for settled (`JobHandle::hold_unsettled`).
         let settling = job.settling();
+        let held = job.hold_unsettled(vec![item.idx]);
         spawn_tracked(&self.tasks, "item_report", async move {
             this.settle_now(&job, item, report).await;
-            drop(settling);
+            drop((settling, held));
         });
     }
 
@@ -186,9 +189,6 @@ impl Reporter {
     ) {
         // Until the last record below is written, retention keeps the job (and its records).
         let _settling = job.settling();
-        // A later run of the job on this worker waits for this report before it reads the item's record (`jobs::handed_over`).
-        let _reporting = (job.plan.durable_items && report == ReportKind::First)
-            .then(|| job.unsettled.reporting(item.idx));
         let store = job.plan.durable_items.then(|| self.store.clone());
         let job_store = self.job_store_of(job).cloned();
         // The terminal state is committed before anyone is told: a crash before this line leaves no trace of it,
