@@ -376,6 +376,9 @@ async fn follow_health(
 ) {
     let not_serving = || report(&reporter, ServingStatus::NotServing);
     let mut stalled_before = false;
+    // Written only when it changes: tonic-health sends every write to each Watch stream, and the health protocol
+    // sends a Watch a message only on a change (a write every tick sent each watcher SERVING twice a second).
+    let mut reported = None;
     let mut tick = tokio::time::interval(WATCHDOG_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -394,7 +397,10 @@ async fn follow_health(
             Health::Serving if stalled.is_none() => ServingStatus::Serving,
             _ => ServingStatus::NotServing,
         };
-        report(&reporter, status).await;
+        if reported != Some(status) {
+            report(&reporter, status).await;
+            reported = Some(status);
+        }
         // Checked after writing: a SERVING written while the signal's NOT_SERVING went out is overwritten here.
         if draining.is_cancelled() {
             return not_serving().await;
@@ -425,6 +431,48 @@ mod tests {
             .await
             .unwrap();
         Reported::try_from(reply.into_inner().status).unwrap()
+    }
+
+    /// A Watch stream hears of a change only (the health protocol): the follower wrote the status on every tick,
+    /// and each watcher received SERVING twice a second.
+    #[tokio::test(start_paused = true)]
+    async fn a_health_watch_hears_each_change_once() {
+        use futures::StreamExt;
+        use tonic_health::pb::health_server::Health as _;
+        let (engine, health) = tokio::sync::watch::channel(Health::Serving);
+        let reporter = HealthReporter::new();
+        let service = HealthService::from_health_reporter(reporter.clone());
+        let draining = tokio_util::sync::CancellationToken::new();
+        let watchdog = Watchdog {
+            busy: Default::default(),
+            limit: Duration::from_secs(60),
+        };
+        let follower = tokio::spawn(follow_health(health, watchdog, reporter, draining.clone()));
+        // Registered by the follower's first write.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let mut watch = service
+            .watch(tonic::Request::new(HealthCheckRequest {
+                service: SERVICE_NAME.into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut heard = Vec::new();
+        let mut listen = async |heard: &mut Vec<i32>, for_how_long: Duration| {
+            let until = tokio::time::Instant::now() + for_how_long;
+            while let Ok(Some(reply)) = tokio::time::timeout_at(until, watch.next()).await {
+                heard.push(reply.unwrap().status);
+            }
+        };
+        listen(&mut heard, WATCHDOG_EVERY * 10).await;
+        engine.send_replace(Health::Failed("probe".into()));
+        listen(&mut heard, WATCHDOG_EVERY * 10).await;
+        let (serving, not_serving) = (Reported::Serving as i32, Reported::NotServing as i32);
+        assert_eq!(heard, [serving, not_serving]);
+        draining.cancel();
+        follower.await.unwrap();
     }
 
     /// The engine turning SERVING at the moment the drain begins (a warm-up that ends, a re-probe that passes) must

@@ -48,6 +48,28 @@ pub struct Shared {
     pub stall_limit: Duration,
 }
 
+impl Shared {
+    /// Refuses while a model run has been in progress longer than RUN_STALL_SEC: health says NOT_SERVING then (the
+    /// watchdog), and Segment answers as health says, UNAVAILABLE, instead of queuing requests behind a run that may
+    /// never return, each to wait out its deadline.
+    fn not_stalled(&self) -> Result<(), Error> {
+        match self.engine.busy().running_for() {
+            Some(running) if running > self.stall_limit => Err(Error::NotServing(format!(
+                "a model run has not returned for {} s (RUN_STALL_SEC {})",
+                running.as_secs(),
+                self.stall_limit.as_secs()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// `EngineHandle::admissible`, and not while a run is stalled (`not_stalled`).
+    fn admissible(&self) -> Result<(), Error> {
+        self.not_stalled()?;
+        self.engine.admissible()
+    }
+}
+
 #[derive(Clone)]
 pub struct SegmenterService {
     shared: Arc<Shared>,
@@ -201,12 +223,13 @@ async fn segment(
     // a place in the engine's queue. Nor does one the engine would refuse now (not serving, or no room in its
     // queue): asked here, before the wait for a pre-processing slot, and again once it has one (`prepare`).
     expired(deadline)?;
-    shared.engine.admissible()?;
+    shared.admissible()?;
     let (prepared, prep) = prepare(shared.clone(), request.image, deadline).await?;
     expired(deadline)?;
 
     let (reply, answer) = oneshot::channel();
     let image_size = (prepared.width, prepared.height);
+    shared.not_stalled()?;
     shared.engine.submit(Job {
         pixels: prepared.pixels,
         image_size,
@@ -519,7 +542,7 @@ async fn prepare(
     // which would be thrown away, and its slot goes to the next at once. The wait itself is bounded by the deadline
     // only: while the queue has room a decode is not wasted, and refusing it after a fixed wait would send clients
     // (which retry RESOURCE_EXHAUSTED a few times, on one replica as well as many) away from work about to be done.
-    shared.engine.admissible()?;
+    shared.admissible()?;
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let decoding = Instant::now();

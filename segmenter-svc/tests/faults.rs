@@ -455,7 +455,8 @@ async fn a_provider_that_breaks_during_the_rerun_is_unavailable_not_internal() {
 
 /// A run that does not return (a GPU fault that hangs a stream instead of failing it) changed nothing: health said
 /// SERVING while every request waited for its deadline. Past RUN_STALL_SEC health is NOT_SERVING until the run
-/// returns (1 s here, against a run held for 3 s).
+/// returns (1 s here, against a run held for 3 s), and Segment answers as health says: UNAVAILABLE at once, where a
+/// request was queued behind the run to wait out its deadline.
 #[tokio::test]
 async fn a_run_that_does_not_return_turns_health_not_serving_until_it_does() {
     let mut config = test_config();
@@ -463,11 +464,23 @@ async fn a_run_that_does_not_return_turns_health_not_serving_until_it_does() {
     let faults = config.faults.clone();
     let server = TestServer::start(config).await;
     let mut client = server.client().await;
+    let mut other = server.client().await;
     let req = || request(image_bytes("room_640x480.jpg"), &["wall"]);
     client.segment(req()).await.unwrap();
     faults.delay_next_run(Duration::from_secs(3));
     let held = tokio::spawn(async move { client.segment(req()).await });
     wait_health(&server, NOT_SERVING).await;
+    let started = std::time::Instant::now();
+    let refused = other.segment(req()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("has not returned"),
+        "{refused:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once"
+    );
     wait_health(&server, SERVING).await;
     assert!(
         held.await.unwrap().is_ok(),
