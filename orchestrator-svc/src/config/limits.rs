@@ -49,7 +49,8 @@ pub struct LimitArgs {
     pub max_input_pixels: u64,
     /// Megapixels of photos in flight over the whole process: an image starts once its pixels fit (BATCH_CONCURRENCY
     /// still caps the count); one larger than the whole budget runs alone. A job with a remove in fill mode counts four
-    /// times its photos' pixels; PreviewEdit's decodes, unions and renders count too. Unset: half the container's memory limit
+    /// times its photos' pixels, one whose rules use more than 8 concepts 1/24 more per concept past 8; PreviewEdit's
+    /// decodes, unions, renders and texture swatches count too. Unset: half the container's memory limit
     /// (cgroup v2 memory.max) at 24 bytes per pixel (4 GiB: 89 MP), or 200 MP where no limit is set.
     #[arg(long, env = "MAX_INFLIGHT_MEGAPIXELS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_inflight_megapixels: Option<u64>,

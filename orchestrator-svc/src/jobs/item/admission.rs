@@ -17,16 +17,22 @@ const UNIT: u64 = 1000;
 /// Measured: 69 bytes per crop pixel (a 6.3 MP crop of a 12 MP photo, peak RSS 49 -> 484 MB); rounded up.
 pub const FILL_BYTES_PER_PIXEL: u64 = 72;
 
-/// The pixels an item is admitted for: its photo's, and for a job with a fill that many again for every
+/// Concept planes (1 byte per pixel each, held until the item's last rule has run) that `BYTES_PER_PIXEL_IN_FLIGHT`
+/// covers: it was measured at ~10-12 bytes per pixel with 3 (recolour, tone, texture), so 24 leaves room for 8.
+pub const PLANES_IN_BUDGET: u64 = 8;
+
+/// The pixels an item is admitted for: its photo's; for a job with a fill that many again for every
 /// `BYTES_PER_PIXEL_IN_FLIGHT` the fill may add over the whole photo (4x: the fill's region is unknown before the
-/// masks are). Jobs without a fill are counted as before.
-pub fn item_pixels(photo_pixels: u64, fills: bool) -> u64 {
+/// masks are); and for rules on more than `PLANES_IN_BUDGET` concepts (targets and occluders, `planes`), a byte per
+/// pixel more for each (32 concepts: 2x). Jobs without a fill on a few concepts are counted as before.
+pub fn item_pixels(photo_pixels: u64, fills: bool, planes: usize) -> u64 {
     use crate::config::BYTES_PER_PIXEL_IN_FLIGHT as PER_PIXEL;
-    if fills {
-        photo_pixels.saturating_mul(PER_PIXEL + FILL_BYTES_PER_PIXEL) / PER_PIXEL
-    } else {
-        photo_pixels
+    let extra_planes = (planes as u64).saturating_sub(PLANES_IN_BUDGET);
+    let per_pixel = PER_PIXEL + extra_planes + if fills { FILL_BYTES_PER_PIXEL } else { 0 };
+    if per_pixel == PER_PIXEL {
+        return photo_pixels;
     }
+    photo_pixels.saturating_mul(per_pixel) / PER_PIXEL
 }
 
 /// The process's budget of pixels in flight.
@@ -104,10 +110,14 @@ mod tests {
     }
 
     #[test]
-    fn a_job_with_a_fill_is_counted_four_times_its_photo() {
-        assert_eq!(item_pixels(12_000_000, false), 12_000_000);
-        assert_eq!(item_pixels(12_000_000, true), 48_000_000);
-        assert_eq!(item_pixels(u64::MAX, true), u64::MAX / 24);
+    fn a_job_with_a_fill_or_many_concepts_is_counted_more_than_its_photo() {
+        assert_eq!(item_pixels(12_000_000, false, 3), 12_000_000);
+        assert_eq!(item_pixels(12_000_000, false, 8), 12_000_000);
+        assert_eq!(item_pixels(12_000_000, true, 3), 48_000_000);
+        // 16 rules on 32 concepts: a plane each, 24 more than the budget's bytes per pixel cover.
+        assert_eq!(item_pixels(12_000_000, false, 32), 24_000_000);
+        assert_eq!(item_pixels(12_000_000, true, 32), 60_000_000);
+        assert_eq!(item_pixels(u64::MAX, true, 3), u64::MAX / 24);
     }
 
     #[tokio::test]

@@ -23,9 +23,16 @@ pub const MAX_SIDE: u32 = 65_535;
 /// swatch pixel per photo pixel.
 pub const MAX_SWATCH_SIDE: u32 = 4096;
 
-/// A swatch decoded as a photo is (`decode_upright`), then scaled down to MAX_SWATCH_SIDE if it is larger.
+/// Most pixels a swatch may have, whatever MAX_INPUT_PIXELS allows photos. Its decode runs under the admission of
+/// the item that loads it, which counted that item's photo only: a 50 MP 16-bit RGBA upload took ~1 GB to decode
+/// and turn upright. 4096² (16.8 MP) stays within ~270 MB at worst (16 bytes per pixel), ~100 MB for 8-bit RGB,
+/// about the float copy the texture keeps of it; a long thin swatch is still scaled to MAX_SWATCH_SIDE.
+pub const MAX_SWATCH_PIXELS: u64 = MAX_SWATCH_SIDE as u64 * MAX_SWATCH_SIDE as u64;
+
+/// A swatch decoded as a photo is (`decode_upright`, at most MAX_SWATCH_PIXELS), then scaled down to
+/// MAX_SWATCH_SIDE if it is larger.
 pub fn decode_swatch(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ItemError> {
-    let swatch = decode_upright(bytes, max_pixels)?;
+    let swatch = decode_upright(bytes, max_pixels.min(MAX_SWATCH_PIXELS))?;
     let (w, h) = swatch.dimensions();
     let long = w.max(h);
     if long <= MAX_SWATCH_SIDE {

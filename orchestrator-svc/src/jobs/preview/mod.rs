@@ -142,7 +142,11 @@ impl PreviewService {
         let cache = self.cache.clone();
         let prefix = at.prefix();
         let (w, h) = loaded.photo.dimensions();
-        let pixels = item_pixels(u64::from(w) * u64::from(h), plan.fills());
+        let pixels = item_pixels(
+            u64::from(w) * u64::from(h),
+            plan.fills(),
+            plan.concepts_used_by_rules().len(),
+        );
         let rules = Arc::new(plan.rules);
         let idx = request.idx;
         self.admit(pixels, None)

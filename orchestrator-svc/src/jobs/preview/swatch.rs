@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use super::PreviewService;
 use super::cache::Cached;
-use crate::jobs::item::{ItemError, imaging};
+use crate::jobs::item::{ItemError, blocking, imaging};
 use crate::storage::StorageError;
 
 /// How long a cached swatch is used without looking at storage again.
@@ -53,14 +53,18 @@ impl PreviewService {
         let image = match cached {
             Some((image, was)) if was == sha256 => image,
             _ => {
-                let max_pixels = self.inputs.max_pixels;
-                tokio::task::spawn_blocking(move || {
-                    imaging::decode_swatch(&bytes, max_pixels)
-                        .map(|rgb| Arc::new(LinearSwatch::from_rgb(&rgb)))
-                })
-                .await
-                .map_err(ItemError::Worker)?
-                .map_err(|e| unusable(e.into()))?
+                let max_pixels = self.inputs.max_pixels.min(imaging::MAX_SWATCH_PIXELS);
+                // Admitted for its pixels while it decodes, as a photo is (no other admission is held here).
+                let pixels = imaging::admissible_pixels(&bytes, max_pixels)
+                    .map_err(|e| unusable(e.into()))?;
+                self.admit(pixels, None)
+                    .await
+                    .hold_while(blocking(move || {
+                        Ok(imaging::decode_swatch(&bytes, max_pixels)
+                            .map(|rgb| Arc::new(LinearSwatch::from_rgb(&rgb))))
+                    }))
+                    .await?
+                    .map_err(|e| unusable(e.into()))?
             }
         };
         self.cache.insert(

@@ -16,6 +16,20 @@ fn a_swatch_is_kept_at_most_max_swatch_side_long() {
 }
 
 #[test]
+fn a_swatch_over_max_swatch_pixels_is_refused_before_its_decode() {
+    let (w, h) = (MAX_SWATCH_SIDE + 1, MAX_SWATCH_SIDE);
+    let img = image::GrayImage::from_pixel(w, h, image::Luma([128]));
+    let mut png = Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let err = decode_swatch(png.get_ref(), 50_000_000).unwrap_err();
+    assert!(matches!(err, ItemError::InputTooLarge(_)), "{err:?}");
+    let square = image::GrayImage::from_pixel(MAX_SWATCH_SIDE, h, image::Luma([128]));
+    let mut png = Cursor::new(Vec::new());
+    square.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    assert!(decode_swatch(png.get_ref(), 50_000_000).is_ok());
+}
+
+#[test]
 fn a_16_bit_png_within_the_pixel_limit_decodes() {
     // 2900 x 2900 x 8 bytes is over 64 MB and over 4 bytes for each of 10 M pixels: refused before.
     let (w, h) = (2900, 2900);
