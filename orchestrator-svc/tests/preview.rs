@@ -8,7 +8,7 @@ use common::orchestrator::{
 };
 use orchestrator_svc::jobs::preview::render;
 use orchestrator_svc::storage::ObjectStore;
-use palette_proto::orchestrator::v1::{JobSpec, PreviewEditRequest, Rule};
+use palette_proto::orchestrator::v1::{EditJobRequest, JobSpec, PreviewEditRequest, Rule};
 use std::sync::atomic::Ordering;
 use tonic::Code;
 
@@ -363,6 +363,61 @@ async fn a_job_id_used_again_for_new_photos_is_previewed_from_them() {
         (second.width, second.height),
         (160, 160),
         "the new square photo, not the cached first one"
+    );
+}
+
+/// An edit's photos are its source's. Previewed after the source job ran again on a new photo, the edit showed the
+/// old photo for as long as it stayed cached (the edit's own run, the cache keys' prefix, had not changed), and once
+/// the photo left the cache, the old cached masks painted on the new one. Its photos' run is its source's now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_previewed_after_its_source_ran_again_on_a_new_photo_shows_the_new_one() {
+    let segmenter = fake_segmenter::start().await;
+    let mut orch = start(&segmenter.url, |c| c.limits.max_retained_jobs = 2).await;
+    finished(&mut orch, "room", vec![paint("#1F3A5F")]).await;
+    orch.client
+        .edit_job(EditJobRequest {
+            user_id: SEED_USER.into(),
+            job_id: "room-edit".into(),
+            source_job_id: "room".into(),
+            rules: vec![paint("#9CAF88")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let edit = orch.wait_for("room-edit", is_terminal).await;
+    assert_eq!(edit.completed, 1, "{edit:?}");
+    let before = orch
+        .client
+        .preview_edit(request("room-edit", vec![paint("#9CAF88")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((before.width, before.height), (160, 120));
+    // Another job makes `room` forgotten (two retained); its id then runs again on a square photo.
+    finished(&mut orch, "other", vec![paint("#1F3A5F")]).await;
+    orch.put_input(SEED_USER, "room", 0, photo_jpeg(480, 480))
+        .await;
+    orch.client
+        .submit_job(JobSpec {
+            rules: vec![paint("#B5651D")],
+            ..seed_spec("room", 1)
+        })
+        .await
+        .unwrap();
+    let job = orch.wait_for("room", is_terminal).await;
+    assert_eq!(job.completed, 1, "{job:?}");
+    // Kept as a real wait: the cached photos records are read again after their TTL (2 s), which has no event.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let after = orch
+        .client
+        .preview_edit(request("room-edit", vec![paint("#9CAF88")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (after.width, after.height),
+        (160, 160),
+        "the source's new square photo, not the cached first one"
     );
 }
 

@@ -25,7 +25,15 @@ pub const PLANES_IN_BUDGET: u64 = 8;
 /// `BYTES_PER_PIXEL_IN_FLIGHT` the fill may add over the whole photo (4x: the fill's region is unknown before the
 /// masks are); and for rules on more than `PLANES_IN_BUDGET` concepts (targets and occluders, `planes`), a byte per
 /// pixel more for each (32 concepts: 2x). Jobs without a fill on a few concepts are counted as before.
-pub fn item_pixels(photo_pixels: u64, fills: bool, planes: usize) -> u64 {
+pub fn item_pixels(photo_pixels: u64, plan: &crate::jobs::JobPlan) -> u64 {
+    pixels_for(
+        photo_pixels,
+        plan.fills(),
+        plan.concepts_used_by_rules().len(),
+    )
+}
+
+fn pixels_for(photo_pixels: u64, fills: bool, planes: usize) -> u64 {
     use crate::config::BYTES_PER_PIXEL_IN_FLIGHT as PER_PIXEL;
     let extra_planes = (planes as u64).saturating_sub(PLANES_IN_BUDGET);
     let per_pixel = PER_PIXEL + extra_planes + if fills { FILL_BYTES_PER_PIXEL } else { 0 };
@@ -111,13 +119,13 @@ mod tests {
 
     #[test]
     fn a_job_with_a_fill_or_many_concepts_is_counted_more_than_its_photo() {
-        assert_eq!(item_pixels(12_000_000, false, 3), 12_000_000);
-        assert_eq!(item_pixels(12_000_000, false, 8), 12_000_000);
-        assert_eq!(item_pixels(12_000_000, true, 3), 48_000_000);
+        assert_eq!(pixels_for(12_000_000, false, 3), 12_000_000);
+        assert_eq!(pixels_for(12_000_000, false, 8), 12_000_000);
+        assert_eq!(pixels_for(12_000_000, true, 3), 48_000_000);
         // 16 rules on 32 concepts: a plane each, 24 more than the budget's bytes per pixel cover.
-        assert_eq!(item_pixels(12_000_000, false, 32), 24_000_000);
-        assert_eq!(item_pixels(12_000_000, true, 32), 60_000_000);
-        assert_eq!(item_pixels(u64::MAX, true, 3), u64::MAX / 24);
+        assert_eq!(pixels_for(12_000_000, false, 32), 24_000_000);
+        assert_eq!(pixels_for(12_000_000, true, 32), 60_000_000);
+        assert_eq!(pixels_for(u64::MAX, true, 3), u64::MAX / 24);
     }
 
     #[tokio::test]

@@ -169,11 +169,7 @@ impl ItemRunner {
         let stage = Stage::start("admit");
         let photo_pixels =
             imaging::admissible_pixels(&bytes, self.limits.max_pixels).map_err(photo_error)?;
-        let pixels = admission::item_pixels(
-            photo_pixels,
-            plan.fills(),
-            plan.concepts_used_by_rules().len(),
-        );
+        let pixels = admission::item_pixels(photo_pixels, plan);
         let admitted = self.budget.admit(pixels).await;
         stage.finish();
         admitted

@@ -8,6 +8,7 @@
 
 mod cache;
 mod compose;
+mod load;
 pub mod render;
 mod request;
 mod swatch;
@@ -15,24 +16,20 @@ mod swatch;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use palette_proto::orchestrator::v1::{EditJobRequest, PreviewEditRequest, PreviewEditResponse};
 use palette_rules::preset::Preset;
 use palette_rules::{GrayImage, RgbImage};
-use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use super::edit::{self, record};
 use super::item::admission::{Admitted, item_pixels};
-use super::item::stored_masks::{read_record, union_of, usable_for};
-use super::item::{InputLimits, ItemError, PixelBudget, blocking, imaging};
+use super::item::{InputLimits, PixelBudget, blocking};
 use super::stage::Stage;
-use super::validate::{JobLimits, PlannedRule, Violations};
+use super::validate::{JobLimits, Violations};
 use crate::error::ApiError;
-use crate::keys;
 use crate::storage::SharedStore;
+use cache::Cached;
 pub use cache::PreviewCache;
-use cache::{Cached, PreviewPhoto};
 use compose::render_all;
 use request::{check_cutout_last, check_request, item_to_api};
 
@@ -64,6 +61,8 @@ struct Loaded {
     /// Each rule concept's and occluder's union mask at preview size (absent: no instance in the photo).
     masks: BTreeMap<String, Arc<GrayImage>>,
     swatches: Vec<Option<Arc<palette_rules::swatch::LinearSwatch>>>,
+    /// The cache keys' prefix for the photo's masks and regions (`PhotoRef::planes_prefix`).
+    planes_prefix: String,
 }
 
 impl PreviewService {
@@ -92,7 +91,21 @@ impl PreviewService {
         request: &PreviewEditRequest,
     ) -> Result<PreviewEditResponse, ApiError> {
         let (max_side, png) = check_request(request)?;
-        let source = self.photos_record(request).await?;
+        let source = self
+            .photos_record(&request.user_id, &request.job_id)
+            .await
+            .map_err(|e| e.of_photos(&request.job_id))?;
+        // An edit's photos are its source's: their run is that job's (run again on new photos, it has a new one,
+        // and the edit's own does not change). Its record gone, the edit's own run stands in.
+        let photos_run = match source.photos_job_id != request.job_id {
+            true => self
+                .photos_record(&request.user_id, &source.photos_job_id)
+                .await
+                .ok()
+                .filter(|photos| photos.photos_job_id == source.photos_job_id)
+                .map(|photos| photos.run.clone()),
+            false => None,
+        };
         if request.idx >= source.image_count {
             let mut v = Violations::default();
             v.add(
@@ -131,7 +144,7 @@ impl PreviewService {
         let at = PhotoRef {
             user_id: &request.user_id,
             photos_job_id: &source.photos_job_id,
-            run: &source.run,
+            run: photos_run.as_deref().unwrap_or(&source.run),
             idx: request.idx,
             max_side,
         };
@@ -140,13 +153,9 @@ impl PreviewService {
             .await
             .map_err(|e| item_to_api(&request.job_id, e))?;
         let cache = self.cache.clone();
-        let prefix = at.prefix();
+        let prefix = loaded.planes_prefix.clone();
         let (w, h) = loaded.photo.dimensions();
-        let pixels = item_pixels(
-            u64::from(w) * u64::from(h),
-            plan.fills(),
-            plan.concepts_used_by_rules().len(),
-        );
+        let pixels = item_pixels(u64::from(w) * u64::from(h), &plan);
         let rules = Arc::new(plan.rules);
         let idx = request.idx;
         self.admit(pixels, None)
@@ -158,154 +167,22 @@ impl PreviewService {
             .map_err(|e| item_to_api(&request.job_id, e))
     }
 
+    /// Job `job_id`'s photos record, cached for PHOTOS_RECORD_TTL.
     async fn photos_record(
         &self,
-        request: &PreviewEditRequest,
-    ) -> Result<Arc<record::PhotosRecord>, ApiError> {
-        let key = format!("r|{}|{}", request.user_id, request.job_id);
+        user_id: &str,
+        job_id: &str,
+    ) -> Result<Arc<record::PhotosRecord>, edit::record::RecordError> {
+        let key = format!("r|{user_id}|{job_id}");
         if let Some(Cached::Photos(r, read_at)) = self.cache.get(&key)
             && read_at.elapsed() < PHOTOS_RECORD_TTL
         {
             return Ok(r);
         }
-        let r = record::read_photos(&self.store, &request.user_id, &request.job_id)
-            .await
-            .map_err(|e| e.of_photos(&request.job_id))?;
-        let r = Arc::new(r);
+        let r = Arc::new(record::read_photos(&self.store, user_id, job_id).await?);
         self.cache
             .insert(key, Cached::Photos(r.clone(), tokio::time::Instant::now()));
         Ok(r)
-    }
-
-    /// The photo at preview size, the masks of `concepts`, the rules' swatches: from the cache, else from storage.
-    async fn load(
-        &self,
-        at: &PhotoRef<'_>,
-        concepts: &[&str],
-        rules: &[PlannedRule],
-    ) -> Result<Loaded, ItemError> {
-        let plane_key = |concept: &str| format!("{}|c|{concept}", at.prefix());
-        let cached: BTreeMap<&str, Arc<GrayImage>> = concepts
-            .iter()
-            .filter_map(|&c| match self.cache.get(&plane_key(c)) {
-                Some(Cached::Plane(p)) => Some((c, p)),
-                _ => None,
-            })
-            .collect();
-        // The photo and the masks record are read at once: two storage round trips in the time of one.
-        let need_record = concepts.iter().any(|c| !cached.contains_key(c));
-        let (photo, record) = tokio::join!(self.photo(at), async {
-            if need_record {
-                self.masks_record(at).await.map(Some)
-            } else {
-                Ok(None)
-            }
-        });
-        let (photo, record) = (photo?, record?);
-        let full_size = photo.full_size;
-        let record = match record {
-            Some(got) => {
-                let needed: Vec<&str> = concepts
-                    .iter()
-                    .copied()
-                    .filter(|c| !cached.contains_key(c))
-                    .collect();
-                Some(self.checked_record(at, got, &photo.sha256, &needed).await?)
-            }
-            None => None,
-        };
-        let preview_size = photo.rgb.dimensions();
-        let mut masks = BTreeMap::new();
-        for &concept in concepts {
-            let plane = match cached.get(concept) {
-                Some(p) => p.clone(),
-                None => {
-                    let key = plane_key(concept);
-                    let stored = record.as_deref().expect("read when a plane is not cached");
-                    let mut stage = Stage::preview("masks");
-                    let admitted = self
-                        .admit(
-                            u64::from(full_size.0) * u64::from(full_size.1),
-                            Some(&mut stage),
-                        )
-                        .await;
-                    let plane = admitted
-                        .hold_while(async {
-                            let union = union_of(
-                                &self.store,
-                                stored,
-                                concept,
-                                full_size,
-                                self.inputs.max_bytes,
-                            )
-                            .await?;
-                            // No instance: an empty plane, cached as such.
-                            Ok::<_, ItemError>(match union {
-                                Some(u) => {
-                                    blocking(move || Ok(render::downscale_gray(&u, preview_size)))
-                                        .await?
-                                }
-                                None => GrayImage::new(0, 0),
-                            })
-                        })
-                        .await?;
-                    let plane = Arc::new(plane);
-                    self.cache.insert(key, Cached::Plane(plane.clone()));
-                    stage.finish();
-                    plane
-                }
-            };
-            if plane.width() > 0 {
-                masks.insert(concept.to_string(), plane);
-            }
-        }
-        let mut swatches = Vec::new();
-        for rule in rules {
-            swatches.push(match rule.rule.texture_key() {
-                Some(key) => Some(self.swatch(&rule.rule_id, key).await?),
-                None => None,
-            });
-        }
-        Ok(Loaded {
-            photo: photo.rgb,
-            transparency: photo.transparency,
-            full_size,
-            masks,
-            swatches,
-        })
-    }
-
-    async fn photo(&self, at: &PhotoRef<'_>) -> Result<PreviewPhoto, ItemError> {
-        let key = format!("{}|p", at.prefix());
-        if let Some(Cached::Photo(p)) = self.cache.get(&key) {
-            return Ok(p);
-        }
-        let mut stage = Stage::preview("photo");
-        let input = keys::input(at.user_id, at.photos_job_id, at.idx);
-        let bytes: Bytes = self
-            .store
-            .get_at_most(&input, self.inputs.max_bytes)
-            .await?;
-        let (max_pixels, max_side) = (self.inputs.max_pixels, at.max_side);
-        let pixels = imaging::admissible_pixels(&bytes, max_pixels)?;
-        let admitted = self.admit(pixels, Some(&mut stage)).await;
-        let photo = admitted
-            .hold_while(blocking(move || {
-                let sha256: [u8; 32] = Sha256::digest(&bytes).into();
-                let (full, alpha) = imaging::decode_photo(&bytes, max_pixels)?;
-                let full_size = full.dimensions();
-                let to = render::preview_size(full_size, max_side);
-                Ok(PreviewPhoto {
-                    rgb: Arc::new(render::downscale_rgb(&full, to)),
-                    transparency: alpha.map(|a| Arc::new(render::downscale_gray(&a, to))),
-                    full_size,
-                    sha256,
-                })
-            }))
-            .await?;
-        self.cache.insert(key, Cached::Photo(photo.clone()));
-        stage.finish();
-        Ok(photo)
     }
 
     /// The pixel budget's admission, its wait recorded as the `admit` stage and left out of `within` (the stage
@@ -319,56 +196,6 @@ impl PreviewService {
         }
         wait.finish();
         admitted
-    }
-
-    /// The photo's masks record from the cache (true), else read (false); `checked_record` decides whether it is
-    /// usable, and caches it then.
-    async fn masks_record(
-        &self,
-        at: &PhotoRef<'_>,
-    ) -> Result<(Arc<record::MasksRecord>, bool), ItemError> {
-        if let Some(Cached::Masks(r)) = self.cache.get(&format!("m|{}", at.prefix())) {
-            return Ok((r, true));
-        }
-        let r = read_record(&self.store, at.user_id, at.photos_job_id, at.idx).await?;
-        Ok((Arc::new(r), false))
-    }
-
-    /// The masks record if it is of this photo and its run segmented `concepts` (`usable_for`). Only such a record is
-    /// cached: a job id run again writes its photos record (a new `run`, the cache keys' prefix) when it starts and
-    /// a photo's masks record only once its masks are stored, so a preview in between reads the earlier run's
-    /// record, which, cached, stood for the whole run. A cached record that lacks a concept (an earlier run's, of
-    /// the same photo, cached before) is read again.
-    async fn checked_record(
-        &self,
-        at: &PhotoRef<'_>,
-        (record, from_cache): (Arc<record::MasksRecord>, bool),
-        photo_sha256: &[u8; 32],
-        concepts: &[&str],
-    ) -> Result<Arc<record::MasksRecord>, ItemError> {
-        let check = |r: &record::MasksRecord| {
-            usable_for(
-                r,
-                photo_sha256,
-                concepts,
-                at.user_id,
-                at.photos_job_id,
-                at.idx,
-            )
-        };
-        let record = match check(&record) {
-            Ok(()) if from_cache => return Ok(record),
-            Ok(()) => record,
-            Err(_) if from_cache => {
-                let r = read_record(&self.store, at.user_id, at.photos_job_id, at.idx).await?;
-                check(&r)?;
-                Arc::new(r)
-            }
-            Err(e) => return Err(e),
-        };
-        self.cache
-            .insert(format!("m|{}", at.prefix()), Cached::Masks(record.clone()));
-        Ok(record)
     }
 }
 
@@ -388,5 +215,15 @@ impl PhotoRef<'_> {
             "{}|{}|{}|{}|{}",
             self.user_id, self.photos_job_id, self.run, self.idx, self.max_side
         )
+    }
+
+    fn photo_key(&self) -> String {
+        format!("{}|p", self.prefix())
+    }
+
+    /// The prefix of the masks' and regions' keys: the photo's, and the SHA-256 of the photo's bytes.
+    fn planes_prefix(&self, photo_sha256: &[u8; 32]) -> String {
+        let sha: String = photo_sha256.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}|{sha}", self.prefix())
     }
 }
