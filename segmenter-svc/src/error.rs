@@ -96,11 +96,40 @@ impl Error {
     }
 }
 
+/// The violations' text a status carries at most (at least one is shown, then "and N more"): the message and the
+/// BadRequest details (base64, in `grpc-status-details-bin`) both carry it, and gRPC clients commonly accept 8 KiB of
+/// trailers (grpc-java, C-core). 32 over-long phrases made ~11 KB.
+const VIOLATIONS_TEXT_SHOWN: usize = 2048;
+
+/// The violations a status shows (see VIOLATIONS_TEXT_SHOWN), and how many more there were.
+fn shown(mut violations: Vec<Violation>) -> (Vec<Violation>, usize) {
+    let mut text = 0;
+    let fit = violations
+        .iter()
+        .take_while(|v| {
+            text += v.field.len() + v.description.len() + 4;
+            text <= VIOLATIONS_TEXT_SHOWN
+        })
+        .count()
+        .max(1);
+    let more = violations.len().saturating_sub(fit);
+    violations.truncate(fit);
+    (violations, more)
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let message = error.to_string();
         match error {
             Error::InvalidArgument(violations) => {
+                let (violations, more) = shown(violations);
+                let message = match more {
+                    0 => message,
+                    more => format!(
+                        "invalid request: {}; and {more} more",
+                        describe(&violations)
+                    ),
+                };
                 let details = ErrorDetails::with_bad_request(
                     violations
                         .into_iter()
@@ -127,5 +156,39 @@ impl From<Error> for Status {
             Error::Inference(_) => Status::internal(message),
             Error::Model(_) => Status::failed_precondition(message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 32 phrases over the token limit: every violation was in the message and again in the details, ~11 KB of
+    /// trailers, over the 8 KiB common clients accept.
+    #[test]
+    fn many_violations_fit_the_trailers_common_clients_accept() {
+        let violations: Vec<Violation> = (0..32)
+            .map(|i| {
+                Violation::new(
+                    format!("concepts[{i}]"),
+                    "83 tokens with BOS/EOS; the model reads at most 32: shorten the phrase \"sofa 1234567890 \
+                     1234567890 1234567890 1234567890 1234567890\"",
+                )
+            })
+            .collect();
+        let status = Status::from(Error::InvalidArgument(violations));
+        let trailers = status.clone().into_http::<()>();
+        let bytes: usize = trailers
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum();
+        assert!(bytes < 8 * 1024, "{bytes} bytes of trailers");
+        assert!(status.message().ends_with("more"), "{}", status.message());
+        let shown = status.get_details_bad_request().unwrap().field_violations;
+        assert!(!shown.is_empty() && shown.len() < 32, "{}", shown.len());
+        // A few short ones are all shown.
+        let status = Status::from(Error::invalid("image", "required"));
+        assert_eq!(status.message(), "invalid request: image: required");
     }
 }

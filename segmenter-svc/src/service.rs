@@ -268,9 +268,10 @@ async fn segment(
         let _slot = slot;
         let stop = Stop { deadline, gone };
         encode(&checked, output, mask_size, image_size, &stop)
-    })
-    .await
-    .map_err(|e| Error::Inference(format!("encoding task failed: {e}")))?;
+    });
+    let concepts = by_deadline(deadline, concepts)
+        .await?
+        .map_err(|e| Error::Inference(format!("encoding task failed: {e}")))?;
     let (concepts, mut timings) = concepts?;
     timings.queue_ms += ms(prep.wait);
     timings.decode_ms = ms(prep.decode);
@@ -543,7 +544,7 @@ async fn prepare(
     // only: while the queue has room a decode is not wasted, and refusing it after a fixed wait would send clients
     // (which retry RESOURCE_EXHAUSTED a few times, on one replica as well as many) away from work about to be done.
     shared.admissible()?;
-    tokio::task::spawn_blocking(move || {
+    let prepared = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let decoding = Instant::now();
         let rgb = match source {
@@ -566,9 +567,18 @@ async fn prepare(
                 resize,
             },
         ))
-    })
-    .await
-    .map_err(|e| Error::Inference(format!("pre-processing task failed: {e}")))?
+    });
+    by_deadline(deadline, prepared)
+        .await?
+        .map_err(|e| Error::Inference(format!("pre-processing task failed: {e}")))?
+}
+
+/// `work` (a blocking task) until `deadline`: DEADLINE_EXCEEDED past it. The handler needs a timer of its own while it
+/// waits on a blocking thread: tonic's (from `grpc-timeout`) ended the call first, as CANCELLED ("Timeout expired").
+async fn by_deadline<T>(deadline: Instant, work: impl Future<Output = T>) -> Result<T, Error> {
+    tokio::time::timeout_at(deadline.into(), work)
+        .await
+        .map_err(|_| Error::DeadlineExceeded)
 }
 
 fn encode(
