@@ -98,12 +98,11 @@ impl Pipeline {
     }
 
     /// `JobService::give_up_durable`: waits for every item earlier runs of `job` handed over here still hold (at
-    /// most `handed_over`'s bound; not past the start of a shutdown).
+    /// most `handed_over`'s bound). A shutdown does not cut it short: those items run on through the drain, and an
+    /// item ended FAILED here first would stand over the end they record (the give-up's delivery is the job's last);
+    /// the drain's grace bounds it all.
     pub(super) async fn wait_for_handed_over_runs(&self, job: &Arc<JobHandle>) {
-        tokio::select! {
-            _ = self.handed_over.wait_for_all(job) => {}
-            _ = self.stopping.cancelled() => {}
-        }
+        self.handed_over.wait_for_all(job).await;
     }
 
     pub(super) fn reporter(&self) -> &Reporter {
