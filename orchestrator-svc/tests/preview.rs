@@ -326,6 +326,25 @@ async fn a_cold_preview_waits_for_its_pixels_in_the_shared_budget() {
     );
 }
 
+/// `room` forgotten behind another finished job, then run again (its id free) on a square 480x480 photo to the end,
+/// and the preview's cached photos records past their TTL.
+async fn room_run_again_on_a_square_photo(orch: &mut Orchestrator) {
+    finished(orch, "other", vec![paint("#1F3A5F")]).await;
+    orch.put_input(SEED_USER, "room", 0, photo_jpeg(480, 480))
+        .await;
+    orch.client
+        .submit_job(JobSpec {
+            rules: vec![paint("#B5651D")],
+            ..seed_spec("room", 1)
+        })
+        .await
+        .unwrap();
+    let job = orch.wait_for("room", is_terminal).await;
+    assert_eq!(job.completed, 1, "{job:?}");
+    // Kept as a real wait: the cached photos records are read again after their TTL (2 s), which has no event.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_id_used_again_for_new_photos_is_previewed_from_them() {
     let segmenter = fake_segmenter::start().await;
@@ -339,20 +358,7 @@ async fn a_job_id_used_again_for_new_photos_is_previewed_from_them() {
         .into_inner();
     assert_eq!((first.width, first.height), (160, 120));
     // Another job makes the first one forgotten (one retained); its id is then free for another spec and photo.
-    finished(&mut orch, "other", vec![paint("#1F3A5F")]).await;
-    orch.put_input(SEED_USER, "room", 0, photo_jpeg(480, 480))
-        .await;
-    orch.client
-        .submit_job(JobSpec {
-            rules: vec![paint("#B5651D")],
-            ..seed_spec("room", 1)
-        })
-        .await
-        .unwrap();
-    let job = orch.wait_for("room", is_terminal).await;
-    assert_eq!(job.completed, 1, "{job:?}");
-    // Kept as a real wait: the cached photos record is read again after its TTL (2 s), which has no event.
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    room_run_again_on_a_square_photo(&mut orch).await;
     let second = orch
         .client
         .preview_edit(request("room", vec![paint("#9CAF88")]))
@@ -394,20 +400,7 @@ async fn an_edit_previewed_after_its_source_ran_again_on_a_new_photo_shows_the_n
         .into_inner();
     assert_eq!((before.width, before.height), (160, 120));
     // Another job makes `room` forgotten (two retained); its id then runs again on a square photo.
-    finished(&mut orch, "other", vec![paint("#1F3A5F")]).await;
-    orch.put_input(SEED_USER, "room", 0, photo_jpeg(480, 480))
-        .await;
-    orch.client
-        .submit_job(JobSpec {
-            rules: vec![paint("#B5651D")],
-            ..seed_spec("room", 1)
-        })
-        .await
-        .unwrap();
-    let job = orch.wait_for("room", is_terminal).await;
-    assert_eq!(job.completed, 1, "{job:?}");
-    // Kept as a real wait: the cached photos records are read again after their TTL (2 s), which has no event.
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    room_run_again_on_a_square_photo(&mut orch).await;
     let after = orch
         .client
         .preview_edit(request("room-edit", vec![paint("#9CAF88")]))

@@ -88,25 +88,14 @@ impl Drop for Held {
 mod tests {
     use std::time::Duration;
 
-    use palette_proto::orchestrator::v1::JobSpec;
-
     use super::*;
     use crate::jobs::JobPlan;
 
     fn durable_job(job_id: &str, image_count: u32) -> Arc<JobHandle> {
-        let plan = JobPlan {
-            user_id: "u".into(),
-            job_id: job_id.into(),
-            image_count,
-            concepts: vec!["wall".into()],
-            rules: vec![],
-            effective_spec: JobSpec::default(),
-            durable_items: true,
-            message_hash: None,
-            source: None,
-            preset: None,
-        };
-        Arc::new(JobHandle::new(plan, 1))
+        Arc::new(JobHandle::new(
+            JobPlan::durable_for_tests(job_id, image_count),
+            1,
+        ))
     }
 
     #[tokio::test]

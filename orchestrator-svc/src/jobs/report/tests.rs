@@ -1,5 +1,3 @@
-use palette_proto::orchestrator::v1::JobSpec;
-
 use super::*;
 use crate::jobs::job::ItemOutcome;
 use crate::jobs::validate::JobPlan;
@@ -90,22 +88,6 @@ async fn reporting_to_a_receiver(
     (receiver, reporter)
 }
 
-/// A queue job's plan (durable items) of `image_count` images.
-fn durable_plan(image_count: u32) -> JobPlan {
-    JobPlan {
-        user_id: "u".into(),
-        job_id: "j".into(),
-        image_count,
-        concepts: vec!["wall".into()],
-        rules: vec![],
-        effective_spec: JobSpec::default(),
-        durable_items: true,
-        message_hash: None,
-        source: None,
-        preset: None,
-    }
-}
-
 /// What ADAPTER=queue_pull acknowledges its message after (`adapters::queue_pull::follow`): a durable item is
 /// counted written only once its record is in storage, callbacks off included (settled at once).
 #[tokio::test]
@@ -113,7 +95,7 @@ async fn a_durable_item_counts_as_written_once_its_record_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
     let reporter = Reporter::new(store.clone(), None, TaskTracker::new(), None);
-    let job = Arc::new(JobHandle::new(durable_plan(1), 1));
+    let job = Arc::new(JobHandle::new(JobPlan::durable_for_tests("j", 1), 1));
     let mut written = job.durable_written.watch();
     let item = job.finish_item(0, ItemOutcome::Cancelled, false).unwrap();
     reporter.item_ended(&job, item);
@@ -135,7 +117,7 @@ async fn a_cancel_does_not_overwrite_an_earlier_runs_recorded_end() {
     let dir = tempfile::tempdir().unwrap();
     let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
     let reporter = Reporter::new(store.clone(), None, TaskTracker::new(), None);
-    let plan = || durable_plan(2);
+    let plan = || JobPlan::durable_for_tests("j", 2);
     // The earlier run: item 0 COMPLETED, recorded with its callback pending (it died sending it); callbacks are off
     // now, so none will be sent: settled NOT_CONFIGURED, not left pending (the job would never settle).
     let earlier = Arc::new(JobHandle::new(plan(), 1));
@@ -187,7 +169,7 @@ async fn an_end_another_run_recorded_first_is_the_only_one_called_back() {
     let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
     let (receiver, reporter) = reporting_to_a_receiver(&store).await;
     // The other worker: item 0 COMPLETED and recorded first, its callback not sent yet.
-    let other = Arc::new(JobHandle::new(durable_plan(1), 1));
+    let other = Arc::new(JobHandle::new(JobPlan::durable_for_tests("j", 1), 1));
     assert!(other.start_item(0));
     drop(other.finish_item(0, ItemOutcome::Completed(Default::default()), true));
     assert!(matches!(
@@ -195,7 +177,7 @@ async fn an_end_another_run_recorded_first_is_the_only_one_called_back() {
         durable::Claim::Ours { written: true }
     ));
     // This worker started the item before that record existed, and ends it FAILED.
-    let job = Arc::new(JobHandle::new(durable_plan(1), 2));
+    let job = Arc::new(JobHandle::new(JobPlan::durable_for_tests("j", 1), 2));
     let mut written = job.durable_written.watch();
     assert!(job.start_item(0));
     let failed = ItemOutcome::Failed {
@@ -247,7 +229,7 @@ async fn an_item_whose_record_this_release_cannot_read_is_left_to_its_writer() {
     let dir = tempfile::tempdir().unwrap();
     let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
     let (receiver, reporter) = reporting_to_a_receiver(&store).await;
-    let job = Arc::new(JobHandle::new(durable_plan(1), 1));
+    let job = Arc::new(JobHandle::new(JobPlan::durable_for_tests("j", 1), 1));
     let newer = bytes::Bytes::from_static(br#"{"idx": 0, "state": "ITEM_STATE_NEWER"}"#);
     let key = crate::keys::item_marker("u", "j", &job.spec_hash, 0);
     store
@@ -277,11 +259,11 @@ async fn a_cancel_reads_the_unstarted_items_records_first() {
     let dir = tempfile::tempdir().unwrap();
     let store: SharedStore = Arc::new(crate::storage::LocalStore::new(dir.path()).unwrap());
     let reporter = Reporter::new(store.clone(), None, TaskTracker::new(), None);
-    let earlier = Arc::new(JobHandle::new(durable_plan(3), 1));
+    let earlier = Arc::new(JobHandle::new(JobPlan::durable_for_tests("j", 3), 1));
     assert!(earlier.start_item(2));
     drop(earlier.finish_item(2, ItemOutcome::Completed(Default::default()), true));
     assert!(durable::write(&store, &earlier, 2).await);
-    let job = Arc::new(JobHandle::new(durable_plan(3), 2));
+    let job = Arc::new(JobHandle::new(JobPlan::durable_for_tests("j", 3), 2));
     assert!(job.start_item(0));
     reporter
         .take_recorded_before_cancel(&job, Duration::from_secs(5))

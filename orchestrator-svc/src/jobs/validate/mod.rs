@@ -87,6 +87,25 @@ pub struct EditSource {
     pub photos_job_id: String,
 }
 
+#[cfg(test)]
+impl JobPlan {
+    /// A queue job's plan (durable items) of `image_count` images, no rules, for tests.
+    pub(crate) fn durable_for_tests(job_id: &str, image_count: u32) -> JobPlan {
+        JobPlan {
+            user_id: "u".into(),
+            job_id: job_id.into(),
+            image_count,
+            concepts: vec!["wall".into()],
+            rules: vec![],
+            effective_spec: Default::default(),
+            durable_items: true,
+            message_hash: None,
+            source: None,
+            preset: None,
+        }
+    }
+}
+
 impl JobPlan {
     /// Whether a rule fills its region from the photo around it: such an item holds more memory (`admission`).
     pub fn fills(&self) -> bool {
