@@ -49,6 +49,15 @@ impl Drain {
             signal.await;
             let _ = this.began.set(Instant::now());
             this.notify.notify_waiters();
+            // Items nothing resumes end FAILED, each with its callback, a margin before the grace ends, on a clock of
+            // their own: scheduled by `finish`, their end waited for the queue worker (a Runpod result post slow to
+            // be answered held it to the end of the grace) and the process exited with them unended, uncalled back.
+            let out_of_time = this.give_up_at();
+            let pipeline = parts.pipeline.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(out_of_time).await;
+                pipeline.out_of_time();
+            });
             tracing::info!(grace = ?this.grace, "shutting down: no new items; WatchJob streams end (UNAVAILABLE, draining)");
             parts.pipeline.stop_starting();
             parts.api.drain();
@@ -62,6 +71,15 @@ impl Drain {
         self.began
             .get()
             .map_or_else(|| Instant::now() + self.grace, |began| *began + self.grace)
+    }
+
+    /// When items nothing resumes are ended FAILED (`Pipeline::out_of_time`): a margin before the deadline, for their
+    /// callbacks.
+    fn give_up_at(&self) -> Instant {
+        let deadline = self.deadline();
+        deadline
+            .checked_sub(crate::config::results_margin(self.grace))
+            .unwrap_or(deadline)
     }
 
     /// Runs the server until it stops by itself, or until the grace period is over (its connections are then
@@ -97,10 +115,7 @@ impl Drain {
         pipeline.tasks().close();
         let in_flight = pipeline.tasks().wait();
         tokio::pin!(in_flight);
-        let give_up_at = deadline
-            .checked_sub(crate::config::results_margin(self.grace))
-            .unwrap_or(deadline);
-        if tokio::time::timeout_at(give_up_at, &mut in_flight)
+        if tokio::time::timeout_at(self.give_up_at(), &mut in_flight)
             .await
             .is_err()
         {

@@ -47,6 +47,8 @@ struct Inner {
     hold_takes: Duration,
     /// Result posts are answered 400 (as Runpod answers an output too large), recorded all the same.
     refuse_results: bool,
+    /// Result posts are answered only after this long (a slow Runpod API), recorded at once.
+    hold_results: Duration,
 }
 
 #[derive(Clone)]
@@ -173,7 +175,7 @@ async fn done(
         if progress {
             inner.hold_progress
         } else {
-            Duration::ZERO
+            inner.hold_results
         }
     };
     tokio::time::sleep(hold).await;
@@ -525,6 +527,57 @@ async fn a_runpod_workers_unstarted_images_are_called_back_failed_at_shutdown() 
         .collect();
     statuses.sort();
     assert_eq!(statuses, ["completed", "failed", "failed", "failed"]);
+}
+
+/// JOB_STORE=memory: an image still at the segmenter near the end of the grace ends FAILED with its callback, however
+/// long Runpod takes to answer the job's result (posted at the same time). That end waited for the queue worker,
+/// which a result post held to the end of the grace: the process exited with the image unended, never called back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_result_post_does_not_cost_the_running_image_its_callback() {
+    use std::sync::atomic::Ordering;
+    let segmenter = fake_segmenter::start().await;
+    segmenter.faults.delay_ms.store(30_000, Ordering::SeqCst);
+    let receiver = common::receiver::Receiver::start("supersecret123", vec![]).await;
+    let fake = FakeRunpod::start(vec![
+        json!({"id": "rp-held", "input": seed_input("held-job", 1)}),
+    ])
+    .await;
+    let base = fake.base();
+    let url = receiver.url();
+    let mut orch = start(&segmenter.url, move |c| {
+        runpod_without_ping(c, &base);
+        c.jobs.job_store = orchestrator_svc::config::JobStoreKind::Memory;
+        c.callbacks.workers_api_url = Some(url.into());
+        c.callbacks.gpu_callback_secret = Some("supersecret123".into());
+        c.shutdown_grace_sec = 4;
+    })
+    .await;
+    orch.put_input("test-user", "held-job", 0, photo_jpeg(96, 64))
+        .await;
+    {
+        let mut inner = fake.inner.lock().unwrap();
+        inner.hold_results = Duration::from_secs(20);
+        inner.open = true;
+    }
+    wait_until("segmentation started", || {
+        segmenter.counters.segment_calls.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let signalled = std::time::Instant::now();
+    orch.shutdown().await;
+    assert!(
+        signalled.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        signalled.elapsed()
+    );
+    assert_eq!(fake.results_for("rp-held").len(), 1);
+    let deliveries = receiver.deliveries();
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    assert_eq!(
+        deliveries[0].body["status"], "failed",
+        "{}",
+        deliveries[0].body
+    );
 }
 
 /// An image still at the segmenter when the drain's grace period is nearly over does not cost the job its result:
