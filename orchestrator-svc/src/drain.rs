@@ -49,10 +49,12 @@ impl Drain {
             signal.await;
             let _ = this.began.set(Instant::now());
             this.notify.notify_waiters();
-            // Items nothing resumes end FAILED, each with its callback, a margin before the grace ends, on a clock of
-            // their own: scheduled by `finish`, their end waited for the queue worker (a Runpod result post slow to
-            // be answered held it to the end of the grace) and the process exited with them unended, uncalled back.
-            let out_of_time = this.give_up_at();
+            // Items nothing resumes end FAILED, each with its callback: `finish` ends them a margin before the grace
+            // ends, once the queue worker has stopped (a Runpod worker posts its job's result at that margin first),
+            // and this clock at the latest half a margin before: the worker (a result post slow to be answered) or
+            // the server (connections still open) could hold `finish` up to the end of the grace, and the process
+            // exited with them unended, never called back.
+            let out_of_time = this.last_call();
             let pipeline = parts.pipeline.clone();
             tokio::spawn(async move {
                 tokio::time::sleep_until(out_of_time).await;
@@ -79,6 +81,15 @@ impl Drain {
         let deadline = self.deadline();
         deadline
             .checked_sub(crate::config::results_margin(self.grace))
+            .unwrap_or(deadline)
+    }
+
+    /// When items nothing resumes are ended FAILED whatever else the drain still waits for: half a margin before the
+    /// deadline.
+    fn last_call(&self) -> Instant {
+        let deadline = self.deadline();
+        deadline
+            .checked_sub(crate::config::results_margin(self.grace) / 2)
             .unwrap_or(deadline)
     }
 

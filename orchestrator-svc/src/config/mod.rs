@@ -117,7 +117,8 @@ pub struct Config {
     pub log_level: String,
     /// Seconds from SIGTERM to exit, at most: new items stop at once, WatchJob streams end with UNAVAILABLE
     /// ("draining"), then items in flight and their callbacks get what is left of it (with JOB_STORE=memory, items
-    /// still running a quarter of it before the end, at most 10 s, end FAILED with their callbacks). Default 30; keep
+    /// still running a quarter of it before the end, at most 10 s, end FAILED with their callbacks, once the queue
+    /// worker has stopped, and an eighth before it, at most 5 s, whatever the drain still waits for). Default 30; keep
     /// it under the platform's grace (Kubernetes terminationGracePeriodSeconds, compose stop_grace_period); at most
     /// 86400.
     #[arg(long, env = "SHUTDOWN_GRACE_SEC", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
