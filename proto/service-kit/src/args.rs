@@ -54,7 +54,7 @@ pub struct ServeArgs {
     pub max_concurrent_streams: u32,
 
     /// Most grpc.health.v1 Watch streams open at once, over both listeners (and at most 8 on one connection, so a
-    /// single client cannot take them all): health needs no token, and a Watch stays open until shutdown (~5 KB
+    /// single connection cannot take them all): health needs no token, and a Watch stays open until shutdown (~5 KB
     /// each). Beyond it Watch answers RESOURCE_EXHAUSTED (Check is never refused). Default 1024; a client doing
     /// client-side health checking holds one per connection.
     #[arg(long, env = "MAX_HEALTH_WATCHES", default_value_t = 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]

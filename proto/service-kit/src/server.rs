@@ -278,10 +278,28 @@ fn log_mode(
 /// as before that wait existed, so a flood of silent sockets never stops the listener from accepting.
 const MAX_SILENT_CONNECTIONS: usize = 1024;
 
+/// Bytes a client sends before the server answers anything: the HTTP/2 preface over plaintext (exactly this long),
+/// a TLS ClientHello (longer). A peer that sent fewer and went quiet was handed on after its first byte, and held a
+/// task and a descriptor for ever (hyper waits for the rest of the preface with no timer).
+const OPENING_BYTES: usize = 24;
+
+/// Resolves once OPENING_BYTES have arrived, or the peer closed (the server then reads the end). A peek returns as
+/// soon as any byte is there, so a short one is asked again after a pause.
+async fn opening_bytes(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let mut opening = [0u8; OPENING_BYTES];
+    loop {
+        match stream.peek(&mut opening).await? {
+            0 => return Ok(()),
+            n if n >= OPENING_BYTES => return Ok(()),
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
 /// Accepted connections with TCP_NODELAY (no Nagle / delayed-ACK stalls on small gRPC frames: they held small
 /// responses for ~40 ms, measured with segmenter-bench) and TCP keepalive (dead peers behind NAT or a load balancer
-/// are noticed), handed to the server once their first bytes arrive: one that sends nothing for `first_bytes_within`
-/// is closed. Without that, a plaintext connection that never sent the HTTP/2 preface held a task and a file
+/// are noticed), handed to the server once their opening bytes arrive (OPENING_BYTES): one that sends fewer within
+/// `first_bytes_within` is closed. Without that, a plaintext connection that never sent the HTTP/2 preface held a task and a file
 /// descriptor for ever (HTTP/2 keepalive starts after the preface; tonic's TLS handshake timeout covers TLS only).
 /// At most MAX_SILENT_CONNECTIONS wait at once.
 pub fn incoming(
@@ -306,13 +324,10 @@ pub fn incoming(
                     waiting.fetch_sub(1, Ordering::SeqCst);
                     return Some(Ok(stream));
                 }
-                // A peek returns once bytes (or the peer's FIN, which the server then reads as the end) have
-                // arrived; `readable` may wake without them.
-                let mut first = [0u8; 1];
-                let spoke = tokio::time::timeout(first_bytes_within, stream.peek(&mut first)).await;
+                let spoke = tokio::time::timeout(first_bytes_within, opening_bytes(&stream)).await;
                 waiting.fetch_sub(1, Ordering::SeqCst);
                 match spoke {
-                    Ok(Ok(_)) => Some(Ok(stream)),
+                    Ok(Ok(())) => Some(Ok(stream)),
                     Ok(Err(_)) | Err(_) => None,
                 }
             }
