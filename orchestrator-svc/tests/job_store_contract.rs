@@ -367,3 +367,34 @@ async fn a_first_item_write_whose_answer_was_lost_is_known_as_its_own_when_retri
     let other = store.put_first_item(&job.key(), &other, true).await;
     assert!(matches!(other, Ok(Written::Conflict(_))), "{other:?}");
 }
+
+/// Retention purges a forgotten job's items without tombstones. A second holder of an item's task (its lease passed
+/// on during a NATS blip) that ended the item after that found the key free: its end was recorded and called back
+/// after the first one (COMPLETED, then FAILED), and a later run of the job id took the record for its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_end_of_an_item_of_a_forgotten_job_is_not_recorded() {
+    let Some(server) = nats::start() else { return };
+    let store = NatsJobStore::open(&server.url, "palette-jobs")
+        .await
+        .unwrap();
+    let job = record("u", "forgotten", "h", 1);
+    store.create(&job).await.unwrap();
+    let done = item(1, ItemState::Completed, CallbackState::Delivered);
+    assert_eq!(
+        store.put_first_item(&job.key(), &done, false).await.unwrap(),
+        Written::Stored
+    );
+    store.forget(&[job.run()]).await.unwrap();
+    let late = item(1, ItemState::Failed, CallbackState::Pending);
+    assert_eq!(
+        store.put_first_item(&job.key(), &late, false).await.unwrap(),
+        Written::Forgotten
+    );
+    assert_eq!(store.item(&job.key(), 1).await.unwrap(), None);
+    // Another spec recorded under the id since: not this run's either.
+    store.create(&record("u", "forgotten", "h2", 2)).await.unwrap();
+    assert_eq!(
+        store.put_first_item(&job.key(), &late, true).await.unwrap(),
+        Written::Forgotten
+    );
+}

@@ -376,6 +376,10 @@ async fn keep(
             tracing::warn!(job_id = %key.job_id, idx = item.idx, recorded = recorded.state, "item already recorded (by another replica, or in another terminal state); not reported again");
             Kept::Conflict
         }
+        Ok(Written::Forgotten) => {
+            tracing::warn!(job_id = %key.job_id, idx = item.idx, "job no longer recorded (forgotten once its items had ended and been called back): this later end of the item is not reported");
+            Kept::Conflict
+        }
         Err(e) => {
             metrics::counter!("orchestrator_job_store_errors_total").increment(1);
             tracing::warn!(job_id = %key.job_id, idx = item.idx, error = %Report(&e), "item not recorded in the job store");

@@ -156,9 +156,12 @@ async fn write(cluster: &Cluster, run: &RunKey, mine: &Item) -> Result<Option<It
             match store.put_item(key, mine).await? {
                 Written::Stored => return Ok(Some(mine.clone())),
                 Written::Conflict(recorded) => recorded,
+                Written::Forgotten => return Ok(None),
             }
         }
         Written::Conflict(recorded) => recorded,
+        // Forgotten since the check above.
+        Written::Forgotten => return Ok(None),
     };
     if recorded.state != mine.state {
         tracing::warn!(job_id = %key.job_id, idx = mine.idx, recorded = recorded.state, "item recorded meanwhile with another end; that one stands");

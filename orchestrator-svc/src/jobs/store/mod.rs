@@ -59,6 +59,9 @@ pub enum Written {
     Stored,
     /// The item already ended in another terminal state, kept as recorded (returned).
     Conflict(Box<Item>),
+    /// `put_first_item`, JOB_STORE=nats: the job is no longer recorded (forgotten meanwhile): nothing written, and the
+    /// end is not reported (its item's first end was, before the job could be forgotten).
+    Forgotten,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -298,6 +298,16 @@ impl JobStore for NatsJobStore {
         item: &Item,
         retried: bool,
     ) -> Result<Written, StoreError> {
+        // Retention purges a forgotten job's items without tombstones: an end reported after that (a second holder of
+        // the item's task, its lease passed on during a NATS blip) found the key free, was recorded and called back
+        // after the first end was (COMPLETED, then FAILED), and a later run of the job id took it for its own.
+        match self.job(&job.user_id, &job.job_id).await {
+            Ok(Some(record)) if record.spec_hash == job.spec_hash => {}
+            Ok(_) => return Ok(Written::Forgotten),
+            // A record this release cannot decode (a newer release's): whose it is cannot be told; written as before.
+            Err(StoreError::Corrupt { .. }) => {}
+            Err(e) => return Err(e),
+        }
         let key = format!("{}{}", items_prefix(job), item.idx);
         for _ in 0..CAS_ATTEMPTS {
             if self
