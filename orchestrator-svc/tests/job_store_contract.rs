@@ -381,18 +381,27 @@ async fn a_first_end_of_an_item_of_a_forgotten_job_is_not_recorded() {
     store.create(&job).await.unwrap();
     let done = item(1, ItemState::Completed, CallbackState::Delivered);
     assert_eq!(
-        store.put_first_item(&job.key(), &done, false).await.unwrap(),
+        store
+            .put_first_item(&job.key(), &done, false)
+            .await
+            .unwrap(),
         Written::Stored
     );
     store.forget(&[job.run()]).await.unwrap();
     let late = item(1, ItemState::Failed, CallbackState::Pending);
     assert_eq!(
-        store.put_first_item(&job.key(), &late, false).await.unwrap(),
+        store
+            .put_first_item(&job.key(), &late, false)
+            .await
+            .unwrap(),
         Written::Forgotten
     );
     assert_eq!(store.item(&job.key(), 1).await.unwrap(), None);
     // Another spec recorded under the id since: not this run's either.
-    store.create(&record("u", "forgotten", "h2", 2)).await.unwrap();
+    store
+        .create(&record("u", "forgotten", "h2", 2))
+        .await
+        .unwrap();
     assert_eq!(
         store.put_first_item(&job.key(), &late, true).await.unwrap(),
         Written::Forgotten

@@ -1346,6 +1346,59 @@ async fn a_pending_callback_in_the_stream(
     cluster
 }
 
+/// The holder of a task whose item another holder recorded meanwhile (one whose lease this one's overlapped), that
+/// one's callback still pending, acknowledged the task: should the other holder die before its callback settled,
+/// nobody ever sent it. The task is put back now, and its next holder finds the callback settled, or sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_another_holder_recorded_is_called_back_should_that_holder_die_before_it() {
+    use orchestrator_svc::jobs::store::JobStore;
+    const JOB: &str = "pending-overruled";
+    let Some(Shared {
+        nats,
+        dir,
+        segmenter,
+        hooks,
+        env,
+    }) = shared(JOB, 1, 3_000).await
+    else {
+        return;
+    };
+    let cluster = as_the_replicas(&nats.url, 5).await;
+    let (key, record) = recorded_job(JOB);
+    cluster.publish_items(&key, 1).await.unwrap();
+    cluster.store().create(&record).await.unwrap();
+    let a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
+    item_started(&segmenter).await;
+    // The other holder records its end while A's run is at the segmenter, and dies before calling it back.
+    let theirs = palette_proto::orchestrator::v1::Item {
+        idx: 0,
+        state: ItemState::Completed as i32,
+        callback_state: CallbackState::Pending as i32,
+        output_key: format!("outputs/{USER}/{JOB}/paint/0.jpg"),
+        ..Default::default()
+    };
+    cluster
+        .store()
+        .put_first_item(&key, &theirs, false)
+        .await
+        .unwrap();
+    let deliveries = tokio::time::timeout(
+        Duration::from_secs(30),
+        hooks.wait_until("the recorded end called back", |d| !d.is_empty()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("never called back:\n{}", a.log()));
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    assert_eq!(deliveries[0].body["status"], "completed");
+    let delivered = CallbackState::Delivered as i32;
+    recorded_item(&nats.url, JOB, Duration::from_secs(30), |i| {
+        i.callback_state == delivered
+    })
+    .await
+    .expect("recorded delivered");
+    assert_eq!(segmenter.counters.segment_calls.load(Ordering::SeqCst), 1);
+}
+
 /// A replica with callbacks off (WORKERS_API_URL unset there, during a rolling change of it) takes the task of an
 /// item recorded with its callback pending: it puts the task back, and a replica that sends callbacks resends it.
 /// (It acknowledged it, and the callback stayed PENDING on every replica, never sent.)

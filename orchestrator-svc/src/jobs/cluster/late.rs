@@ -71,6 +71,19 @@ pub(super) async fn release(
         }
     }
     match patiently(task, &stopping, || cluster.store().item(&key, idx)).await {
+        // Recorded by another holder of the task (this replica's lease ran out, and its own end was refused) whose
+        // callback is not settled yet: that holder may die before it is, and acknowledged here, nobody would resend
+        // it. Put back: its next holder finds it settled, or resends it (same webhook-id); on the last delivery,
+        // resent from here.
+        Ok(Some(recorded)) if recorded.callback_state == CallbackState::Pending as i32 => {
+            if !last {
+                tracing::info!(job_id = %task.job_id, idx, "item recorded by another holder, its callback not settled yet: put back to be looked at again");
+                return TaskEnd::Again(cluster.settings().progress_every());
+            }
+            call_back_recorded(cluster, reporter, task, job, recorded, last)
+                .await
+                .unwrap_or(TaskEnd::Done)
+        }
         // Unreadable here, but recorded all the same.
         Ok(Some(_)) | Err(Unread::Corrupt(_)) => TaskEnd::Done,
         // Not recorded: a task of an item that runs or ended here under another of its tasks waited for that one
