@@ -341,6 +341,15 @@ impl JobService {
             let Some(record) = record else {
                 return Ok(Fetched::NotRecorded);
             };
+            // This replica's handle is its own submission's, and another try of it (a client retrying on another
+            // replica) recorded the job first, under its seq: the recorded run is the job, the one a cancel reaches
+            // (the watch swaps it in here, maybe not yet). Unplannable here, this handle stands in, as before.
+            if record.seq != job.seq
+                && let Fetched::Job(recorded) = self.fetch_recorded(cluster, &key).await?
+                && recorded.spec_hash == task.spec_hash
+            {
+                return Ok(Fetched::Job(recorded));
+            }
             // The record read now may be newer than this replica's view (its watch lags): a cancel recorded
             // meanwhile stops the item here instead of running it.
             if record.cancelled && !job.cancel.is_cancelled() {
