@@ -54,11 +54,14 @@ impl Drain {
             // and this clock at the latest half a margin before: the worker (a result post slow to be answered) or
             // the server (connections still open) could hold `finish` up to the end of the grace, and the process
             // exited with them unended, never called back.
+            // Weak: held, the pipeline (and its job store, a locked file) outlived a drain that ended before the timer.
             let out_of_time = this.last_call();
-            let pipeline = parts.pipeline.clone();
+            let pipeline = Arc::downgrade(&parts.pipeline);
             tokio::spawn(async move {
                 tokio::time::sleep_until(out_of_time).await;
-                pipeline.out_of_time();
+                if let Some(pipeline) = pipeline.upgrade() {
+                    pipeline.out_of_time();
+                }
             });
             tracing::info!(grace = ?this.grace, "shutting down: no new items; WatchJob streams end (UNAVAILABLE, draining)");
             parts.pipeline.stop_starting();
