@@ -2,6 +2,7 @@
 //! Clock, randomness, the base delay and the HTTP transport are injected so the tests run in milliseconds (the
 //! retry schedule itself on tokio's paused clock).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -59,7 +60,13 @@ enum Verdict {
     Stop(String),
     /// 410 Gone: final, and for the whole job.
     Gone(String),
+    /// Not sent: the job's receiver answered 410 Gone to another of its callbacks meanwhile.
+    GoneBefore,
 }
+
+/// Why a callback was not sent once its job's receiver answered 410 Gone.
+pub const NOT_SENT_GONE: &str =
+    "not sent: the receiver answered 410 Gone to this job's callback URL";
 
 pub struct CallbackSender {
     http: Arc<dyn Transport>,
@@ -173,6 +180,19 @@ impl CallbackSender {
     /// Sends one item's terminal event until it is accepted, refused for good, or attempts run out. Never fails:
     /// the outcome is returned for the item's record.
     pub async fn deliver(&self, job: CallbackJob<'_>, body: &CallbackBody) -> DeliveryOutcome {
+        self.deliver_unless_gone(job, body, &AtomicBool::new(false))
+            .await
+    }
+
+    /// `deliver`, for one of a job's callbacks sent together: `gone` is the job's, set by the first 410 Gone, and
+    /// asked before each attempt (once it has its place) by every callback of the job, so those waiting for a place
+    /// or out their backoff are not sent after it (a large cancel posted hundreds to a URL that said Gone).
+    pub async fn deliver_unless_gone(
+        &self,
+        job: CallbackJob<'_>,
+        body: &CallbackBody,
+        gone: &AtomicBool,
+    ) -> DeliveryOutcome {
         let job_id = job.job_id;
         let payload = match serde_json::to_vec(body) {
             Ok(p) => p,
@@ -190,9 +210,16 @@ impl CallbackSender {
         let mut last_error = String::new();
         let max_attempts = self.policy.max_attempts.max(1);
         for attempt in 1..=max_attempts {
-            let verdict = self.attempt(&url, &id, &payload).await;
-            let gone = matches!(verdict, Verdict::Gone(_));
+            let verdict = self.attempt(&url, &id, &payload, gone).await;
             let wait = match verdict {
+                Verdict::GoneBefore => {
+                    return DeliveryOutcome {
+                        delivered: false,
+                        attempts: attempt - 1,
+                        error: Some(NOT_SENT_GONE.into()),
+                        gone: true,
+                    };
+                }
                 Verdict::Delivered => {
                     metrics::counter!("orchestrator_callbacks_total", "outcome" => "delivered")
                         .increment(1);
@@ -203,14 +230,25 @@ impl CallbackSender {
                         gone: false,
                     };
                 }
-                Verdict::Stop(reason) | Verdict::Gone(reason) => {
+                Verdict::Gone(reason) => {
+                    gone.store(true, Ordering::Relaxed);
                     metrics::counter!("orchestrator_callbacks_total", "outcome" => "refused")
                         .increment(1);
                     return DeliveryOutcome {
                         delivered: false,
                         attempts: attempt,
                         error: Some(reason),
-                        gone,
+                        gone: true,
+                    };
+                }
+                Verdict::Stop(reason) => {
+                    metrics::counter!("orchestrator_callbacks_total", "outcome" => "refused")
+                        .increment(1);
+                    return DeliveryOutcome {
+                        delivered: false,
+                        attempts: attempt,
+                        error: Some(reason),
+                        gone: false,
                     };
                 }
                 Verdict::Retry(retry_after, reason) => {
@@ -251,13 +289,16 @@ impl CallbackSender {
         Duration::from_millis(rng.random_range(0..=millis))
     }
 
-    async fn attempt(&self, url: &str, id: &str, payload: &[u8]) -> Verdict {
+    async fn attempt(&self, url: &str, id: &str, payload: &[u8], gone: &AtomicBool) -> Verdict {
         // The place first, then the timestamp: signed before a long wait for a place, the attempt would reach the
         // receiver with a stale webhook-timestamp (Standard Webhooks receivers refuse one over ~5 minutes old).
         let _place = match &self.places {
             Some(places) => places.acquire().await.ok(),
             None => None,
         };
+        if gone.load(Ordering::Relaxed) {
+            return Verdict::GoneBefore;
+        }
         let timestamp = self.clock.now_unix();
         let mut headers = vec![("content-type", "application/json".to_string())];
         if let Some(secret) = &self.header_secret {

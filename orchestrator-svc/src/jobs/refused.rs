@@ -94,9 +94,11 @@ impl JobService {
         let (sent, delivered) = (AtomicUsize::new(0), AtomicUsize::new(0));
         // Not cut by a shutdown, as the reads above are not (see `adapters::queue_pull`).
         let never = tokio_util::sync::CancellationToken::new();
+        // Set by the first 410 Gone: the job's other callbacks are then not sent.
+        let gone = std::sync::atomic::AtomicBool::new(false);
         futures::stream::iter(0..spec.image_count)
             .for_each_concurrent(SENT_TOGETHER, |idx| {
-                let (sender, sent, delivered) = (&sender, &sent, &delivered);
+                let (sender, sent, delivered, gone) = (&sender, &sent, &delivered, &gone);
                 let key = keys::item_marker(&spec.user_id, &spec.job_id, &spec_hash, idx);
                 let (item_of, never) = (&item_of, &never);
                 async move {
@@ -121,7 +123,8 @@ impl JobService {
                         },
                     };
                     sent.fetch_add(1, Ordering::Relaxed);
-                    let outcome = sender.deliver(about, &callback_body(about, &item)).await;
+                    let body = callback_body(about, &item);
+                    let outcome = sender.deliver_unless_gone(about, &body, gone).await;
                     let settled = Item {
                         callback_state: if outcome.delivered {
                             CallbackState::Delivered as i32

@@ -3,7 +3,6 @@
 //! in object storage (written only once the callback is settled).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -14,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use super::durable;
 use super::job::{Ended, JobHandle};
 use super::store::{self, SharedJobStore, Written};
-use crate::callback::{CallbackJob, CallbackSender, DeliveryOutcome};
+use crate::callback::{CallbackJob, CallbackSender};
 use crate::error::Report;
 use crate::storage::SharedStore;
 use crate::tasks::spawn_tracked;
@@ -249,22 +248,11 @@ impl Reporter {
                 spec_hash: job.plan.message_hash.as_deref().unwrap_or(&job.spec_hash),
             };
             let body = callback_body(about, &item);
-            let outcome = if job.callbacks_gone.load(Ordering::Relaxed) {
-                DeliveryOutcome {
-                    delivered: false,
-                    attempts: 0,
-                    error: Some(
-                        "not sent: the receiver answered 410 Gone to this job's callback URL"
-                            .into(),
-                    ),
-                    gone: true,
-                }
-            } else {
-                sender.deliver(about, &body).await
-            };
-            if outcome.gone {
-                job.callbacks_gone.store(true, Ordering::Relaxed);
-            }
+            // Not sent once the receiver answered 410 Gone to another of this job's callbacks (this process's view;
+            // a restart or another replica learns it from its own first attempt).
+            let outcome = sender
+                .deliver_unless_gone(about, &body, &job.callbacks_gone)
+                .await;
             if !outcome.delivered {
                 tracing::warn!(job_id = %job.plan.job_id, idx = item.idx, error = ?outcome.error, "callback not delivered");
             }

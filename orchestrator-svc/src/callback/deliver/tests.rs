@@ -353,3 +353,47 @@ async fn during_a_rotation_both_keys_sign() {
     assert_eq!(signatures.split(' ').count(), 2, "{signatures}");
     assert!(sent[0].iter().all(|(n, _)| *n != "x-gpu-callback-secret"));
 }
+
+/// Answers 410 Gone to every POST, counting them.
+#[derive(Default)]
+struct AlwaysGone(std::sync::atomic::AtomicUsize);
+
+#[async_trait::async_trait]
+impl Transport for AlwaysGone {
+    async fn post(
+        &self,
+        _url: &str,
+        _headers: &[(&'static str, String)],
+        _body: Vec<u8>,
+    ) -> Result<Answer, BoxError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(Answer {
+            status: 410,
+            retry_after: None,
+        })
+    }
+}
+
+/// A job's callbacks sent together (a large cancel): once the receiver answered 410 Gone, those still waiting for a
+/// place are not sent. Before, only the callbacks that started after a 410 was recorded were held back: a cancel's
+/// 256 at once each posted and got their own 410.
+#[tokio::test]
+async fn after_a_410_the_jobs_callbacks_waiting_for_a_place_are_not_sent() {
+    let transport = Arc::new(AlwaysGone::default());
+    let sender = CallbackSender::new("http://unused", "s", policy())
+        .unwrap()
+        .with_transport(transport.clone())
+        .with_concurrency(2);
+    let gone = AtomicBool::new(false);
+    let one = body();
+    let outcomes =
+        futures::future::join_all((0..20).map(|_| sender.deliver_unless_gone(JOB, &one, &gone)))
+            .await;
+    let posted = transport.0.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(posted <= 2, "{posted} POSTs after the first 410");
+    assert!(outcomes.iter().all(|o| o.gone && !o.delivered));
+    let not_sent = outcomes.iter().filter(|o| o.attempts == 0).count();
+    assert_eq!(not_sent, 20 - posted);
+    assert!(gone.load(std::sync::atomic::Ordering::SeqCst));
+}
