@@ -1326,11 +1326,32 @@ async fn a_pending_callback_in_the_stream(
     job: &str,
     max_deliveries: u64,
 ) -> orchestrator_svc::jobs::cluster::Cluster {
+    let cluster = a_recorded_job_and_its_task(nats, job, max_deliveries).await;
+    record_completed_callback_pending(&cluster, job).await;
+    cluster
+}
+
+/// `job` (`seed_spec(job, 1)`) recorded as SubmitJob records it, its one item's task in the stream.
+async fn a_recorded_job_and_its_task(
+    nats: &str,
+    job: &str,
+    max_deliveries: u64,
+) -> orchestrator_svc::jobs::cluster::Cluster {
     use orchestrator_svc::jobs::store::JobStore;
     let cluster = as_the_replicas(nats, max_deliveries).await;
     let (key, record) = recorded_job(job);
     cluster.publish_items(&key, 1).await.unwrap();
     cluster.store().create(&record).await.unwrap();
+    cluster
+}
+
+/// `job`'s one item recorded COMPLETED with its callback pending, as a holder that died before calling it back
+/// leaves it.
+async fn record_completed_callback_pending(
+    cluster: &orchestrator_svc::jobs::cluster::Cluster,
+    job: &str,
+) {
+    use orchestrator_svc::jobs::store::JobStore;
     let item = palette_proto::orchestrator::v1::Item {
         idx: 0,
         state: ItemState::Completed as i32,
@@ -1338,12 +1359,12 @@ async fn a_pending_callback_in_the_stream(
         output_key: format!("outputs/{USER}/{job}/paint/0.jpg"),
         ..Default::default()
     };
+    let (key, _) = recorded_job(job);
     cluster
         .store()
         .put_first_item(&key, &item, false)
         .await
         .unwrap();
-    cluster
 }
 
 /// The holder of a task whose item another holder recorded meanwhile (one whose lease this one's overlapped), that
@@ -1351,7 +1372,6 @@ async fn a_pending_callback_in_the_stream(
 /// nobody ever sent it. The task is put back now, and its next holder finds the callback settled, or sends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_end_another_holder_recorded_is_called_back_should_that_holder_die_before_it() {
-    use orchestrator_svc::jobs::store::JobStore;
     const JOB: &str = "pending-overruled";
     let Some(Shared {
         nats,
@@ -1363,25 +1383,11 @@ async fn an_end_another_holder_recorded_is_called_back_should_that_holder_die_be
     else {
         return;
     };
-    let cluster = as_the_replicas(&nats.url, 5).await;
-    let (key, record) = recorded_job(JOB);
-    cluster.publish_items(&key, 1).await.unwrap();
-    cluster.store().create(&record).await.unwrap();
+    let cluster = a_recorded_job_and_its_task(&nats.url, JOB, 5).await;
     let a = Process::start(binary(), &env, &dir.path().join("a.log")).await;
     item_started(&segmenter).await;
     // The other holder records its end while A's run is at the segmenter, and dies before calling it back.
-    let theirs = palette_proto::orchestrator::v1::Item {
-        idx: 0,
-        state: ItemState::Completed as i32,
-        callback_state: CallbackState::Pending as i32,
-        output_key: format!("outputs/{USER}/{JOB}/paint/0.jpg"),
-        ..Default::default()
-    };
-    cluster
-        .store()
-        .put_first_item(&key, &theirs, false)
-        .await
-        .unwrap();
+    record_completed_callback_pending(&cluster, JOB).await;
     let deliveries = tokio::time::timeout(
         Duration::from_secs(30),
         hooks.wait_until("the recorded end called back", |d| !d.is_empty()),

@@ -355,6 +355,15 @@ async fn runpod_worker_runs_the_seed_job_and_survives_a_malformed_one() {
 }
 
 /// ADAPTER=runpod against `base` (the fake Runpod), no heartbeat.
+/// `runpod_without_ping` with the job store a Runpod worker has by default (memory: its disk goes with it) and item
+/// callbacks to `hooks` (secret "supersecret123").
+fn runpod_calling_back(c: &mut orchestrator_svc::Config, base: &str, hooks: String) {
+    runpod_without_ping(c, base);
+    c.jobs.job_store = orchestrator_svc::config::JobStoreKind::Memory;
+    c.callbacks.workers_api_url = Some(hooks.into());
+    c.callbacks.gpu_callback_secret = Some("supersecret123".into());
+}
+
 fn runpod_without_ping(c: &mut orchestrator_svc::Config, base: &str) {
     c.adapter = orchestrator_svc::config::Adapter::Runpod;
     c.runpod.runpod_pod_id = Some(POD.into());
@@ -489,10 +498,7 @@ async fn a_runpod_workers_unstarted_images_are_called_back_failed_at_shutdown() 
     let base = fake.base();
     let url = receiver.url();
     let mut orch = start(&segmenter.url, move |c| {
-        runpod_without_ping(c, &base);
-        c.jobs.job_store = orchestrator_svc::config::JobStoreKind::Memory;
-        c.callbacks.workers_api_url = Some(url.into());
-        c.callbacks.gpu_callback_secret = Some("supersecret123".into());
+        runpod_calling_back(c, &base, url);
         c.limits.batch_concurrency = 1;
         c.shutdown_grace_sec = 30;
     })
@@ -545,10 +551,7 @@ async fn a_slow_result_post_does_not_cost_the_running_image_its_callback() {
     let base = fake.base();
     let url = receiver.url();
     let mut orch = start(&segmenter.url, move |c| {
-        runpod_without_ping(c, &base);
-        c.jobs.job_store = orchestrator_svc::config::JobStoreKind::Memory;
-        c.callbacks.workers_api_url = Some(url.into());
-        c.callbacks.gpu_callback_secret = Some("supersecret123".into());
+        runpod_calling_back(c, &base, url);
         c.shutdown_grace_sec = 4;
     })
     .await;

@@ -211,6 +211,7 @@ impl CallbackSender {
         let max_attempts = self.policy.max_attempts.max(1);
         for attempt in 1..=max_attempts {
             let verdict = self.attempt(&url, &id, &payload, gone).await;
+            let said_gone = matches!(verdict, Verdict::Gone(_));
             let wait = match verdict {
                 Verdict::GoneBefore => {
                     return DeliveryOutcome {
@@ -230,25 +231,17 @@ impl CallbackSender {
                         gone: false,
                     };
                 }
-                Verdict::Gone(reason) => {
-                    gone.store(true, Ordering::Relaxed);
+                Verdict::Stop(reason) | Verdict::Gone(reason) => {
+                    if said_gone {
+                        gone.store(true, Ordering::Relaxed);
+                    }
                     metrics::counter!("orchestrator_callbacks_total", "outcome" => "refused")
                         .increment(1);
                     return DeliveryOutcome {
                         delivered: false,
                         attempts: attempt,
                         error: Some(reason),
-                        gone: true,
-                    };
-                }
-                Verdict::Stop(reason) => {
-                    metrics::counter!("orchestrator_callbacks_total", "outcome" => "refused")
-                        .increment(1);
-                    return DeliveryOutcome {
-                        delivered: false,
-                        attempts: attempt,
-                        error: Some(reason),
-                        gone: false,
+                        gone: said_gone,
                     };
                 }
                 Verdict::Retry(retry_after, reason) => {
